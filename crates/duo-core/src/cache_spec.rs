@@ -1,0 +1,143 @@
+//! Per-layer KV cache specs: each layer says, as data, how many KV heads keep a full
+//! cache and how many keep `sink + recent` entries, and can report its memory need at
+//! any sequence length. The engine sums the specs to plan memory before allocating.
+//!
+//! The formula (DuoAttention, ALGORITHM.md §1), per layer and sequence:
+//! `2 * head_dim * bytes * (n_retrieval * T + n_streaming * min(T, sink + recent))`.
+
+use crate::error::{CoreError, Result};
+use crate::pattern::HeadPattern;
+use serde::Serialize;
+
+/// The cache kind of one KV head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadKind {
+    /// Full KV cache: attends to every earlier token.
+    Retrieval,
+    /// Attention sinks plus a recent window: constant-size cache.
+    Streaming,
+}
+
+/// The streaming window: the first `sink` tokens and the last `recent` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Window {
+    /// Attention-sink tokens kept from the start of the sequence.
+    pub sink: usize,
+    /// Most recent tokens kept (the current token included).
+    pub recent: usize,
+}
+
+impl Window {
+    /// Checks the window is usable (`recent >= 1`).
+    pub fn new(sink: usize, recent: usize) -> Result<Self> {
+        if recent == 0 {
+            return Err(CoreError::InvalidSetting { name: "recent", value: "0".into(), expected: "at least 1" });
+        }
+        Ok(Self { sink, recent })
+    }
+
+    /// Entries a streaming head holds once the sequence is long.
+    pub fn capacity(&self) -> usize {
+        self.sink + self.recent
+    }
+}
+
+/// What one layer's cache holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerCacheSpec {
+    /// Kind of each KV head, in head order.
+    pub kinds: Vec<HeadKind>,
+    /// Dimension of one head.
+    pub head_dim: usize,
+    /// Bytes per stored element (4 for f32, 2 for f16/bf16).
+    pub bytes_per_element: usize,
+    /// The streaming window.
+    pub window: Window,
+}
+
+impl LayerCacheSpec {
+    /// Retrieval KV heads in this layer.
+    pub fn n_retrieval(&self) -> usize {
+        self.kinds.iter().filter(|k| **k == HeadKind::Retrieval).count()
+    }
+
+    /// Streaming KV heads in this layer.
+    pub fn n_streaming(&self) -> usize {
+        self.kinds.len() - self.n_retrieval()
+    }
+
+    /// Bytes of keys plus values for one head holding `entries` tokens.
+    pub fn bytes_per_head(&self, entries: usize) -> usize {
+        2 * self.head_dim * self.bytes_per_element * entries
+    }
+
+    /// Bytes held by the retrieval heads after `tokens` tokens.
+    pub fn retrieval_bytes(&self, tokens: usize) -> usize {
+        self.n_retrieval() * self.bytes_per_head(tokens)
+    }
+
+    /// Bytes held by the streaming heads after `tokens` tokens.
+    pub fn streaming_bytes(&self, tokens: usize) -> usize {
+        self.n_streaming() * self.bytes_per_head(tokens.min(self.window.capacity()))
+    }
+}
+
+/// The cache specs of a whole model: one per layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CachePlan {
+    /// One spec per layer.
+    pub layers: Vec<LayerCacheSpec>,
+}
+
+impl CachePlan {
+    /// Builds the plan for a head pattern.
+    pub fn new(pattern: &HeadPattern, head_dim: usize, bytes_per_element: usize, window: Window) -> Self {
+        let layers = (0..pattern.n_layers())
+            .map(|l| LayerCacheSpec {
+                kinds: pattern
+                    .layer(l)
+                    .iter()
+                    .map(|&r| if r { HeadKind::Retrieval } else { HeadKind::Streaming })
+                    .collect(),
+                head_dim,
+                bytes_per_element,
+                window,
+            })
+            .collect();
+        Self { layers }
+    }
+
+    /// Bytes held by retrieval heads over all layers after `tokens` tokens.
+    pub fn retrieval_bytes(&self, tokens: usize) -> usize {
+        self.layers.iter().map(|l| l.retrieval_bytes(tokens)).sum()
+    }
+
+    /// Bytes held by streaming heads over all layers after `tokens` tokens.
+    pub fn streaming_bytes(&self, tokens: usize) -> usize {
+        self.layers.iter().map(|l| l.streaming_bytes(tokens)).sum()
+    }
+
+    /// Total KV bytes after `tokens` tokens.
+    pub fn total_bytes(&self, tokens: usize) -> usize {
+        self.retrieval_bytes(tokens) + self.streaming_bytes(tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formula_matches_the_paper_and_streaming_saturates() {
+        let pattern = HeadPattern::from_rows(vec![vec![true, false, false], vec![false, false, false]]).unwrap();
+        let plan = CachePlan::new(&pattern, 64, 4, Window::new(64, 256).unwrap());
+        // 1 retrieval head, 5 streaming heads, f32.
+        assert_eq!(plan.retrieval_bytes(1000), 2 * 64 * 4 * 1000);
+        assert_eq!(plan.streaming_bytes(1000), 5 * 2 * 64 * 4 * 320);
+        assert_eq!(plan.streaming_bytes(100), 5 * 2 * 64 * 4 * 100);
+        assert_eq!(plan.streaming_bytes(8192), plan.streaming_bytes(320));
+        assert_eq!(plan.total_bytes(10), 6 * 2 * 64 * 4 * 10);
+        assert!(Window::new(4, 0).is_err());
+    }
+}
