@@ -1,0 +1,477 @@
+//! Attention over a set of key segments with a visibility rule.
+//!
+//! A query head attends to one or more *segments* of keys and values: the retrieval
+//! cache of its KV head, or the sink part and the ring part of a streaming cache, plus
+//! the keys of the chunk being processed. Each segment knows the absolute positions of
+//! its rows, and a [`Visibility`] rule decides which (query, key) pairs count:
+//!
+//! * [`Visibility::Causal`] — `j <= i` (full attention, retrieval heads);
+//! * [`Visibility::Lambda`] — `j <= i && (j < sink || i - j < recent)`, the Λ-shaped
+//!   streaming mask, applied from the first token;
+//! * [`Visibility::CachedAndCausal`] — every cached key, plus the chunk's keys causally:
+//!   the DuoAttention reference code's chunked prefill for streaming heads.
+//!
+//! [`attend`] is the fast kernel: for contiguous segments it computes the visible index
+//! ranges of each query row instead of testing every pair, so a streaming head's work
+//! is linear in the length; it runs a single-pass (online) softmax over blocks of keys.
+//! [`reference_attention`] materialises every score in `f64` and is the parity oracle.
+
+use crate::ops::fast_exp;
+use rayon::prelude::*;
+
+/// Which (query, key) pairs are visible, by absolute position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// `j <= i`.
+    Causal,
+    /// `j <= i && (j < sink || i - j < recent)`.
+    Lambda {
+        /// Leading tokens always visible.
+        sink: usize,
+        /// Window of most recent tokens, the current one included.
+        recent: usize,
+    },
+    /// Keys of cached segments are all visible; other keys causally.
+    CachedAndCausal,
+}
+
+impl Visibility {
+    /// The rule itself, for one pair.
+    #[inline]
+    pub fn sees(&self, i: usize, j: usize, cached: bool) -> bool {
+        match *self {
+            Visibility::Causal => j <= i,
+            Visibility::Lambda { sink, recent } => j <= i && (j < sink || i - j < recent),
+            Visibility::CachedAndCausal => cached || j <= i,
+        }
+    }
+}
+
+/// Absolute positions of a segment's rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// Row `r` is at position `start + r`.
+    Contiguous(usize),
+    /// Row `r` is at `positions[r]` (a ring buffer's order).
+    List(&'a [usize]),
+}
+
+/// Keys and values of consecutive rows, `row_stride` floats apart, `head_dim` used.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySegment<'a> {
+    /// Keys, row `r` at `keys[r * row_stride..][..head_dim]`.
+    pub keys: &'a [f32],
+    /// Values, laid out like the keys.
+    pub values: &'a [f32],
+    /// Distance between rows.
+    pub row_stride: usize,
+    /// Where each row sits in the sequence.
+    pub positions: Positions<'a>,
+    /// Whether the rows come from the cache (before the current chunk).
+    pub cached: bool,
+}
+
+impl KeySegment<'_> {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        match self.positions {
+            Positions::List(p) => p.len(),
+            Positions::Contiguous(_) => {
+                if self.keys.is_empty() { 0 } else { (self.keys.len() - 1) / self.row_stride + 1 }
+            }
+        }
+    }
+
+    /// True when the segment has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn position(&self, r: usize) -> usize {
+        match self.positions {
+            Positions::Contiguous(s) => s + r,
+            Positions::List(p) => p[r],
+        }
+    }
+}
+
+/// Query rows of one head at consecutive positions.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryBlock<'a> {
+    /// Row `r` at `queries[r * row_stride..][..head_dim]`.
+    pub queries: &'a [f32],
+    /// Distance between rows.
+    pub row_stride: usize,
+    /// Position of row 0.
+    pub first_position: usize,
+}
+
+impl QueryBlock<'_> {
+    fn rows(&self, head_dim: usize) -> usize {
+        if self.queries.len() < head_dim { 0 } else { (self.queries.len() - head_dim) / self.row_stride + 1 }
+    }
+}
+
+/// Keys scored per softmax block.
+const BLOCK: usize = 64;
+
+/// Attention of every query row over the visible keys; writes `out` rows of `head_dim`,
+/// `out_stride` apart. A row that sees no key gets zeros.
+pub fn attend(
+    q: QueryBlock<'_>,
+    segments: &[KeySegment<'_>],
+    vis: Visibility,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let rows = q.rows(head_dim);
+    let mut scores = [0.0f32; BLOCK];
+    let mut acc = vec![0.0f32; head_dim];
+    for r in 0..rows {
+        let i = q.first_position + r;
+        let qrow = &q.queries[r * q.row_stride..][..head_dim];
+        let mut m = f32::NEG_INFINITY;
+        let mut l = 0.0f32;
+        acc.fill(0.0);
+        for seg in segments {
+            let n = seg.len();
+            match seg.positions {
+                Positions::Contiguous(start) => {
+                    for (a, b) in visible_ranges(vis, i, start, n, seg.cached) {
+                        let mut j = a;
+                        while j < b {
+                            let e = (j + BLOCK).min(b);
+                            block_update(qrow, seg, j..e, scale, &mut scores, &mut m, &mut l, &mut acc);
+                            j = e;
+                        }
+                    }
+                }
+                Positions::List(_) => {
+                    // Small segments (a streaming ring): test each row.
+                    let mut idx = [0usize; BLOCK];
+                    let mut count = 0;
+                    for rr in 0..n {
+                        if vis.sees(i, seg.position(rr), seg.cached) {
+                            idx[count] = rr;
+                            count += 1;
+                            if count == BLOCK {
+                                gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc);
+                                count = 0;
+                            }
+                        }
+                    }
+                    if count > 0 {
+                        gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc);
+                    }
+                }
+            }
+        }
+        let o = &mut out[r * out_stride..][..head_dim];
+        if l > 0.0 {
+            let inv = 1.0 / l;
+            for (o, a) in o.iter_mut().zip(&acc) {
+                *o = a * inv;
+            }
+        } else {
+            o.fill(0.0);
+        }
+    }
+}
+
+/// Visible row ranges `[a, b)` (segment-relative) of a contiguous segment for query `i`.
+fn visible_ranges(vis: Visibility, i: usize, start: usize, n: usize, cached: bool) -> Vec<(usize, usize)> {
+    let end = start + n; // exclusive, absolute
+    let causal_end = end.min(i + 1);
+    let clip = |a: usize, b: usize| if b > a { Some((a - start, b - start)) } else { None };
+    match vis {
+        Visibility::Causal => clip(start, causal_end.max(start)).into_iter().collect(),
+        Visibility::CachedAndCausal => {
+            if cached { clip(start, end).into_iter().collect() } else { clip(start, causal_end.max(start)).into_iter().collect() }
+        }
+        Visibility::Lambda { sink, recent } => {
+            let sink_end = causal_end.min(sink).max(start);
+            let win_start = (i + 1).saturating_sub(recent).max(sink_end).max(start);
+            [clip(start, sink_end), clip(win_start, causal_end.max(win_start))].into_iter().flatten().collect()
+        }
+    }
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut s = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for k in 0..8 {
+            s[k] = a[c * 8 + k].mul_add(b[c * 8 + k], s[k]);
+        }
+    }
+    let mut t = s.iter().sum::<f32>();
+    for k in chunks * 8..a.len() {
+        t += a[k] * b[k];
+    }
+    t
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_update(
+    qrow: &[f32],
+    seg: &KeySegment<'_>,
+    rows: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut [f32; BLOCK],
+    m: &mut f32,
+    l: &mut f32,
+    acc: &mut [f32],
+) {
+    let hd = qrow.len();
+    let cnt = rows.len();
+    for (k, r) in rows.clone().enumerate() {
+        scores[k] = dot(qrow, &seg.keys[r * seg.row_stride..][..hd]) * scale;
+    }
+    softmax_accumulate(&mut scores[..cnt], m, l, acc, |k| &seg.values[(rows.start + k) * seg.row_stride..][..hd]);
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gathered_update(
+    qrow: &[f32],
+    seg: &KeySegment<'_>,
+    idx: &[usize],
+    scale: f32,
+    scores: &mut [f32; BLOCK],
+    m: &mut f32,
+    l: &mut f32,
+    acc: &mut [f32],
+) {
+    let hd = qrow.len();
+    for (k, &r) in idx.iter().enumerate() {
+        scores[k] = dot(qrow, &seg.keys[r * seg.row_stride..][..hd]) * scale;
+    }
+    softmax_accumulate(&mut scores[..idx.len()], m, l, acc, |k| &seg.values[idx[k] * seg.row_stride..][..hd]);
+}
+
+#[inline(always)]
+fn softmax_accumulate<'v>(scores: &mut [f32], m: &mut f32, l: &mut f32, acc: &mut [f32], value: impl Fn(usize) -> &'v [f32]) {
+    let bm = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if bm > *m {
+        let c = fast_exp(*m - bm);
+        *l *= c;
+        for a in acc.iter_mut() {
+            *a *= c;
+        }
+        *m = bm;
+    }
+    let mm = *m;
+    for s in scores.iter_mut() {
+        *s = fast_exp(*s - mm);
+    }
+    for (k, &p) in scores.iter().enumerate() {
+        *l += p;
+        for (a, v) in acc.iter_mut().zip(value(k)) {
+            *a = p.mul_add(*v, *a);
+        }
+    }
+}
+
+/// One query head's work inside [`attend_heads`].
+#[derive(Debug, Clone)]
+pub struct HeadJob<'a> {
+    /// The head's queries.
+    pub queries: QueryBlock<'a>,
+    /// Segments the head may see.
+    pub segments: Vec<KeySegment<'a>>,
+    /// The visibility rule.
+    pub visibility: Visibility,
+}
+
+/// Runs many heads in parallel; returns each head's output as `[rows, head_dim]`.
+/// Long query blocks are split in row tiles so both prefill and decode use all cores.
+pub fn attend_heads(jobs: &[HeadJob<'_>], head_dim: usize, scale: f32) -> Vec<Vec<f32>> {
+    const TILE: usize = 32;
+    let tiles: Vec<(usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(h, j)| {
+            let rows = j.queries.rows(head_dim);
+            (0..rows.div_ceil(TILE)).map(move |t| (h, t))
+        })
+        .collect();
+    let outs: Vec<(usize, usize, Vec<f32>)> = tiles
+        .par_iter()
+        .map(|&(h, t)| {
+            let job = &jobs[h];
+            let rows = job.queries.rows(head_dim);
+            let r0 = t * TILE;
+            let r1 = (r0 + TILE).min(rows);
+            let stride = job.queries.row_stride;
+            let q = QueryBlock {
+                queries: &job.queries.queries[r0 * stride..(r1 - 1) * stride + head_dim],
+                row_stride: stride,
+                first_position: job.queries.first_position + r0,
+            };
+            let mut out = vec![0.0f32; (r1 - r0) * head_dim];
+            attend(q, &job.segments, job.visibility, head_dim, scale, &mut out, head_dim);
+            (h, r0, out)
+        })
+        .collect();
+    let mut result: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.queries.rows(head_dim) * head_dim]).collect();
+    for (h, r0, out) in outs {
+        result[h][r0 * head_dim..r0 * head_dim + out.len()].copy_from_slice(&out);
+    }
+    result
+}
+
+/// The parity oracle: every score materialised, softmax in `f64`, the rule applied to
+/// every pair. Same inputs and output layout as [`attend`].
+pub fn reference_attention(
+    q: QueryBlock<'_>,
+    segments: &[KeySegment<'_>],
+    vis: Visibility,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    for r in 0..q.rows(head_dim) {
+        let i = q.first_position + r;
+        let qrow = &q.queries[r * q.row_stride..][..head_dim];
+        let mut pairs: Vec<(f64, &[f32])> = Vec::new();
+        for seg in segments {
+            for rr in 0..seg.len() {
+                if vis.sees(i, seg.position(rr), seg.cached) {
+                    let k = &seg.keys[rr * seg.row_stride..][..head_dim];
+                    let s: f64 = qrow.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale as f64;
+                    pairs.push((s, &seg.values[rr * seg.row_stride..][..head_dim]));
+                }
+            }
+        }
+        let o = &mut out[r * out_stride..][..head_dim];
+        if pairs.is_empty() {
+            o.fill(0.0);
+            continue;
+        }
+        let m = pairs.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = pairs.iter().map(|p| (p.0 - m).exp()).sum();
+        for (d, o) in o.iter_mut().enumerate() {
+            *o = (pairs.iter().map(|p| (p.0 - m).exp() * p.1[d] as f64).sum::<f64>() / z) as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect()
+    }
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt();
+        let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt().max(1e-12);
+        num / den
+    }
+
+    #[test]
+    fn fast_kernel_matches_reference_for_every_rule() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let hd = 24;
+        for &(cached_len, chunk, first) in &[(0usize, 37usize, 0usize), (53, 29, 53), (300, 1, 300), (5, 200, 5), (0, 1, 0)] {
+            let stride = hd * 3; // rows interleaved with other heads
+            let ck = random(cached_len * hd, &mut rng);
+            let cv = random(cached_len * hd, &mut rng);
+            let nk = random(chunk * stride, &mut rng);
+            let nv = random(chunk * stride, &mut rng);
+            let q = random(chunk * stride, &mut rng);
+            let segs = [
+                KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
+                KeySegment { keys: &nk[..], values: &nv[..], row_stride: stride, positions: Positions::Contiguous(first), cached: false },
+            ];
+            for vis in [
+                Visibility::Causal,
+                Visibility::CachedAndCausal,
+                Visibility::Lambda { sink: 4, recent: 16 },
+                Visibility::Lambda { sink: 0, recent: 1 },
+                Visibility::Lambda { sink: 64, recent: 7 },
+            ] {
+                let qb = QueryBlock { queries: &q, row_stride: stride, first_position: first };
+                let mut fast = vec![f32::NAN; chunk * hd];
+                let mut slow = vec![f32::NAN; chunk * hd];
+                attend(qb, &segs, vis, hd, 0.3, &mut fast, hd);
+                reference_attention(qb, &segs, vis, hd, 0.3, &mut slow, hd);
+                assert!(fast.iter().all(|x| x.is_finite()), "every output written");
+                let e = max_rel(&fast, &slow);
+                assert!(e < 1e-5, "{vis:?} cached={cached_len} chunk={chunk}: rel err {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn ring_segments_follow_their_positions() {
+        // A ring holding positions out of order gives the same result as sorted rows.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let hd = 8;
+        let k = random(5 * hd, &mut rng);
+        let v = random(5 * hd, &mut rng);
+        let q = random(hd, &mut rng);
+        let ring_pos = [12usize, 13, 9, 10, 11];
+        let ring = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::List(&ring_pos), cached: true };
+        let vis = Visibility::Lambda { sink: 0, recent: 4 }; // query at 13 sees 10..=13
+        let qb = QueryBlock { queries: &q, row_stride: hd, first_position: 13 };
+        let mut fast = vec![0.0; hd];
+        let mut slow = vec![0.0; hd];
+        attend(qb, &[ring], vis, hd, 1.0, &mut fast, hd);
+        reference_attention(qb, &[ring], vis, hd, 1.0, &mut slow, hd);
+        assert!(max_rel(&fast, &slow) < 1e-5);
+        // Sorted copy of the visible rows (positions 10, 11, 12, 13 = ring rows 3, 4, 0, 1).
+        let order = [3usize, 4, 0, 1];
+        let sk: Vec<f32> = order.iter().flat_map(|&r| k[r * hd..][..hd].to_vec()).collect();
+        let sv: Vec<f32> = order.iter().flat_map(|&r| v[r * hd..][..hd].to_vec()).collect();
+        let sorted = KeySegment { keys: &sk, values: &sv, row_stride: hd, positions: Positions::Contiguous(10), cached: true };
+        let mut dense = vec![0.0; hd];
+        reference_attention(qb, &[sorted], Visibility::Causal, hd, 1.0, &mut dense, hd);
+        assert!(max_rel(&fast, &dense) < 1e-5);
+    }
+
+    #[test]
+    fn lambda_ranges_are_exact() {
+        let vis = Visibility::Lambda { sink: 3, recent: 4 };
+        for i in 0..20 {
+            let mut got = vec![false; 20];
+            for (a, b) in visible_ranges(vis, i, 0, 20, false) {
+                for j in a..b {
+                    assert!(!got[j], "ranges overlap at {j}");
+                    got[j] = true;
+                }
+            }
+            let want: Vec<bool> = (0..20).map(|j| vis.sees(i, j, false)).collect();
+            assert_eq!(got, want, "query {i}");
+        }
+    }
+
+    #[test]
+    fn parallel_heads_equal_single_calls() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let hd = 16;
+        let (n, t) = (90, 70);
+        let k = random(n * hd, &mut rng);
+        let v = random(n * hd, &mut rng);
+        let q = random(t * hd, &mut rng);
+        let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
+        let qb = QueryBlock { queries: &q, row_stride: hd, first_position: 20 };
+        let jobs = vec![
+            HeadJob { queries: qb, segments: vec![seg], visibility: Visibility::Causal },
+            HeadJob { queries: qb, segments: vec![seg], visibility: Visibility::Lambda { sink: 2, recent: 5 } },
+        ];
+        let outs = attend_heads(&jobs, hd, 0.25);
+        for (job, out) in jobs.iter().zip(&outs) {
+            let mut single = vec![0.0; t * hd];
+            attend(job.queries, &job.segments, job.visibility, hd, 0.25, &mut single, hd);
+            assert_eq!(out, &single);
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The two per-head caches.
+
+use duo_core::cache_spec::Window;
+
+/// A full cache: every token's key and value, in position order.
+#[derive(Debug, Clone, Default)]
+pub struct RetrievalHead {
+    head_dim: usize,
+    /// Keys, `[len, head_dim]`.
+    pub keys: Vec<f32>,
+    /// Values, `[len, head_dim]`.
+    pub values: Vec<f32>,
+}
+
+impl RetrievalHead {
+    /// An empty cache for heads of `head_dim`.
+    pub fn new(head_dim: usize) -> Self {
+        Self { head_dim, keys: Vec::new(), values: Vec::new() }
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.keys.len() / self.head_dim
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Appends one token.
+    pub fn append(&mut self, key: &[f32], value: &[f32]) {
+        self.keys.extend_from_slice(&key[..self.head_dim]);
+        self.values.extend_from_slice(&value[..self.head_dim]);
+    }
+
+    /// Reserves room for `tokens` more tokens (one allocation instead of doublings).
+    pub fn reserve(&mut self, tokens: usize) {
+        self.keys.reserve_exact(tokens * self.head_dim);
+        self.values.reserve_exact(tokens * self.head_dim);
+    }
+}
+
+/// A constant-size cache: the first `sink` tokens, then a ring of the last `recent`.
+#[derive(Debug, Clone)]
+pub struct StreamingHead {
+    head_dim: usize,
+    window: Window,
+    /// Sink keys, `[<= sink, head_dim]`, positions `0..`.
+    pub sink_keys: Vec<f32>,
+    /// Sink values.
+    pub sink_values: Vec<f32>,
+    /// Ring keys, `[<= recent, head_dim]`, in slot order.
+    pub ring_keys: Vec<f32>,
+    /// Ring values.
+    pub ring_values: Vec<f32>,
+    /// Absolute position held in each ring slot.
+    pub ring_positions: Vec<usize>,
+    /// Slot the next token overwrites once the ring is full.
+    next_slot: usize,
+}
+
+impl StreamingHead {
+    /// An empty cache.
+    pub fn new(head_dim: usize, window: Window) -> Self {
+        Self {
+            head_dim,
+            window,
+            sink_keys: Vec::with_capacity(window.sink * head_dim),
+            sink_values: Vec::with_capacity(window.sink * head_dim),
+            ring_keys: Vec::with_capacity(window.recent * head_dim),
+            ring_values: Vec::with_capacity(window.recent * head_dim),
+            ring_positions: Vec::with_capacity(window.recent),
+            next_slot: 0,
+        }
+    }
+
+    /// Tokens held (sinks plus ring).
+    pub fn len(&self) -> usize {
+        self.sink_len() + self.ring_positions.len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sink tokens held.
+    pub fn sink_len(&self) -> usize {
+        self.sink_keys.len() / self.head_dim
+    }
+
+    /// Appends the token at `position`: into the sinks while they are not full, else
+    /// into the ring, overwriting its oldest slot once it holds `recent` tokens.
+    pub fn append(&mut self, key: &[f32], value: &[f32], position: usize) {
+        let hd = self.head_dim;
+        if self.sink_len() < self.window.sink {
+            self.sink_keys.extend_from_slice(&key[..hd]);
+            self.sink_values.extend_from_slice(&value[..hd]);
+        } else if self.ring_positions.len() < self.window.recent {
+            self.ring_keys.extend_from_slice(&key[..hd]);
+            self.ring_values.extend_from_slice(&value[..hd]);
+            self.ring_positions.push(position);
+        } else {
+            let s = self.next_slot;
+            self.ring_keys[s * hd..(s + 1) * hd].copy_from_slice(&key[..hd]);
+            self.ring_values[s * hd..(s + 1) * hd].copy_from_slice(&value[..hd]);
+            self.ring_positions[s] = position;
+            self.next_slot = (s + 1) % self.window.recent;
+        }
+    }
+
+    /// Positions held, sinks first, then the ring from oldest to newest.
+    pub fn positions_in_order(&self) -> Vec<usize> {
+        let mut out: Vec<usize> = (0..self.sink_len()).collect();
+        let n = self.ring_positions.len();
+        let oldest = if n < self.window.recent { 0 } else { self.next_slot };
+        out.extend((0..n).map(|k| self.ring_positions[(oldest + k) % n]));
+        out
+    }
+}
+
+/// One KV head's cache, of either kind.
+#[derive(Debug, Clone)]
+pub enum HeadCache {
+    /// Full cache.
+    Retrieval(RetrievalHead),
+    /// Sink + ring.
+    Streaming(StreamingHead),
+}
+
+impl HeadCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        match self {
+            HeadCache::Retrieval(h) => h.len(),
+            HeadCache::Streaming(h) => h.len(),
+        }
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(p: usize) -> [f32; 2] {
+        [p as f32, -(p as f32)]
+    }
+
+    #[test]
+    fn ring_contents_after_each_append() {
+        // sink 2, recent 3: the buffer contents spelled out after every token.
+        let mut h = StreamingHead::new(2, Window::new(2, 3).unwrap());
+        let expected: [(&[usize], &[usize], &[f32]); 8] = [
+            // (positions in order, ring slots' positions, ring keys' first column by slot)
+            (&[0], &[], &[]),
+            (&[0, 1], &[], &[]),
+            (&[0, 1, 2], &[2], &[2.0]),
+            (&[0, 1, 2, 3], &[2, 3], &[2.0, 3.0]),
+            (&[0, 1, 2, 3, 4], &[2, 3, 4], &[2.0, 3.0, 4.0]),
+            (&[0, 1, 3, 4, 5], &[5, 3, 4], &[5.0, 3.0, 4.0]),
+            (&[0, 1, 4, 5, 6], &[5, 6, 4], &[5.0, 6.0, 4.0]),
+            (&[0, 1, 5, 6, 7], &[5, 6, 7], &[5.0, 6.0, 7.0]),
+        ];
+        for (p, (order, slots, ring_first)) in expected.iter().enumerate() {
+            h.append(&row(p), &row(p + 100), p);
+            assert_eq!(h.positions_in_order(), *order, "after position {p}");
+            assert_eq!(h.ring_positions, *slots, "slots after position {p}");
+            let firsts: Vec<f32> = h.ring_keys.chunks(2).map(|r| r[0]).collect();
+            assert_eq!(firsts, *ring_first, "ring keys after position {p}");
+            let vfirsts: Vec<f32> = h.ring_values.chunks(2).map(|r| r[0] - 100.0).collect();
+            assert_eq!(vfirsts, *ring_first, "ring values after position {p}");
+            assert!(h.len() <= 5);
+        }
+        assert_eq!(h.sink_keys, vec![0.0, -0.0, 1.0, -1.0]);
+    }
+
+    #[test]
+    fn zero_sink_is_a_pure_ring() {
+        let mut h = StreamingHead::new(2, Window::new(0, 2).unwrap());
+        for p in 0..5 {
+            h.append(&row(p), &row(p), p);
+        }
+        assert_eq!(h.positions_in_order(), vec![3, 4]);
+        assert_eq!(h.sink_len(), 0);
+    }
+
+    #[test]
+    fn retrieval_keeps_everything_in_order() {
+        let mut h = RetrievalHead::new(2);
+        for p in 0..4 {
+            h.append(&row(p), &row(p));
+        }
+        assert_eq!(h.len(), 4);
+        assert_eq!(h.keys, vec![0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0]);
+    }
+}

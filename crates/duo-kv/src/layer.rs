@@ -1,0 +1,333 @@
+//! A layer's caches and the hybrid attention over them; a sequence's layers.
+
+use crate::cache::{HeadCache, RetrievalHead, StreamingHead};
+use duo_core::cache_spec::{CachePlan, HeadKind, LayerCacheSpec};
+use duo_kernels::attention::{attend_heads, HeadJob, KeySegment, Positions, QueryBlock, Visibility};
+use serde_json::json;
+
+/// How streaming heads see a prompt processed in chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillMode {
+    /// The Λ mask (`j < sink || i - j < recent`, causal) from the first token: a
+    /// streaming head never holds more than `sink + recent + chunk` entries and its
+    /// prefill work is linear in the length.
+    #[default]
+    Lambda,
+    /// The DuoAttention reference: the first chunk is dense on every head; later chunks
+    /// see the sinks and recent window of earlier chunks plus the whole current chunk.
+    Reference,
+}
+
+impl std::str::FromStr for PrefillMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lambda" => Ok(Self::Lambda),
+            "reference" => Ok(Self::Reference),
+            _ => Err(format!("unknown prefill mode `{s}` (expected `lambda` or `reference`)")),
+        }
+    }
+}
+
+/// Bytes held by a cache, split by head kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvBytes {
+    /// Held by retrieval heads.
+    pub retrieval: usize,
+    /// Held by streaming heads.
+    pub streaming: usize,
+}
+
+impl KvBytes {
+    /// Both kinds together.
+    pub fn total(&self) -> usize {
+        self.retrieval + self.streaming
+    }
+}
+
+/// The caches of one layer, one per KV head.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    spec: LayerCacheSpec,
+    heads: Vec<HeadCache>,
+}
+
+impl LayerKv {
+    /// Empty caches following `spec` (f32 storage).
+    pub fn new(spec: LayerCacheSpec) -> Self {
+        let heads = spec
+            .kinds
+            .iter()
+            .map(|k| match k {
+                HeadKind::Retrieval => HeadCache::Retrieval(RetrievalHead::new(spec.head_dim)),
+                HeadKind::Streaming => HeadCache::Streaming(StreamingHead::new(spec.head_dim, spec.window)),
+            })
+            .collect();
+        Self { spec, heads }
+    }
+
+    /// The spec this layer was built from.
+    pub fn spec(&self) -> &LayerCacheSpec {
+        &self.spec
+    }
+
+    /// The per-head caches.
+    pub fn heads(&self) -> &[HeadCache] {
+        &self.heads
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> KvBytes {
+        let mut b = KvBytes::default();
+        for h in &self.heads {
+            let bytes = self.spec.bytes_per_head(h.len());
+            match h {
+                HeadCache::Retrieval(_) => b.retrieval += bytes,
+                HeadCache::Streaming(_) => b.streaming += bytes,
+            }
+        }
+        b
+    }
+
+    /// Hybrid attention for a chunk of `t` tokens at `first_position..`, then caches
+    /// the chunk. `q` is `[t, n_heads * head_dim]` and `k`, `v` are
+    /// `[t, n_kv_heads * head_dim]`, all after RoPE. Returns `[t, n_heads * head_dim]`.
+    pub fn attend(&mut self, q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode) -> Vec<f32> {
+        let hd = self.spec.head_dim;
+        let n_kv = self.heads.len();
+        let kv_stride = n_kv * hd;
+        let q_stride = n_heads * hd;
+        let t = k.len() / kv_stride;
+        let group = n_heads / n_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        // Retrieval heads cache the chunk first and then attend causally over the cache.
+        for (g, head) in self.heads.iter_mut().enumerate() {
+            if let HeadCache::Retrieval(h) = head {
+                h.reserve(t);
+                for r in 0..t {
+                    h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..]);
+                }
+            }
+        }
+        let window = self.spec.window;
+        let out_heads = {
+            let mut jobs = Vec::with_capacity(n_heads);
+            for qh in 0..n_heads {
+                let g = qh / group;
+                let queries = QueryBlock { queries: &q[qh * hd..], row_stride: q_stride, first_position };
+                let queries = QueryBlock { queries: &queries.queries[..(t - 1) * q_stride + hd], ..queries };
+                let (segments, visibility) = match &self.heads[g] {
+                    HeadCache::Retrieval(h) => (
+                        vec![KeySegment { keys: &h.keys, values: &h.values, row_stride: hd, positions: Positions::Contiguous(0), cached: true }],
+                        Visibility::Causal,
+                    ),
+                    HeadCache::Streaming(h) => {
+                        let chunk = KeySegment {
+                            keys: &k[g * hd..(t - 1) * kv_stride + g * hd + hd],
+                            values: &v[g * hd..(t - 1) * kv_stride + g * hd + hd],
+                            row_stride: kv_stride,
+                            positions: Positions::Contiguous(first_position),
+                            cached: false,
+                        };
+                        let sink = KeySegment { keys: &h.sink_keys, values: &h.sink_values, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
+                        let ring = KeySegment { keys: &h.ring_keys, values: &h.ring_values, row_stride: hd, positions: Positions::List(&h.ring_positions), cached: true };
+                        let vis = match mode {
+                            PrefillMode::Lambda => Visibility::Lambda { sink: window.sink, recent: window.recent },
+                            PrefillMode::Reference => Visibility::CachedAndCausal,
+                        };
+                        (vec![sink, ring, chunk], vis)
+                    }
+                };
+                jobs.push(HeadJob { queries, segments, visibility });
+            }
+            attend_heads(&jobs, hd, scale)
+        };
+        // Streaming heads cache the chunk after attending (they may drop part of it).
+        for (g, head) in self.heads.iter_mut().enumerate() {
+            if let HeadCache::Streaming(h) = head {
+                for r in 0..t {
+                    h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..], first_position + r);
+                }
+            }
+        }
+        let mut out = vec![0.0f32; t * q_stride];
+        for (qh, o) in out_heads.iter().enumerate() {
+            for r in 0..t {
+                out[r * q_stride + qh * hd..][..hd].copy_from_slice(&o[r * hd..][..hd]);
+            }
+        }
+        out
+    }
+}
+
+/// The caches of one sequence: one [`LayerKv`] per layer, plus bookkeeping.
+#[derive(Debug, Clone)]
+pub struct SequenceKv {
+    layers: Vec<LayerKv>,
+    tokens: usize,
+    peak: KvBytes,
+    mode: PrefillMode,
+}
+
+impl SequenceKv {
+    /// Empty caches for a plan.
+    pub fn new(plan: &CachePlan, mode: PrefillMode) -> Self {
+        Self { layers: plan.layers.iter().cloned().map(LayerKv::new).collect(), tokens: 0, peak: KvBytes::default(), mode }
+    }
+
+    /// Tokens processed so far (the next token's position).
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The prefill mode.
+    pub fn mode(&self) -> PrefillMode {
+        self.mode
+    }
+
+    /// One layer's caches.
+    pub fn layer_mut(&mut self, l: usize) -> &mut LayerKv {
+        &mut self.layers[l]
+    }
+
+    /// The layers.
+    pub fn layers(&self) -> &[LayerKv] {
+        &self.layers
+    }
+
+    /// Records that a chunk of `t` tokens went through every layer.
+    pub fn advance(&mut self, t: usize) {
+        self.tokens += t;
+        let now = self.bytes();
+        self.peak.retrieval = self.peak.retrieval.max(now.retrieval);
+        self.peak.streaming = self.peak.streaming.max(now.streaming);
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> KvBytes {
+        self.layers.iter().map(LayerKv::bytes).fold(KvBytes::default(), |a, b| KvBytes {
+            retrieval: a.retrieval + b.retrieval,
+            streaming: a.streaming + b.streaming,
+        })
+    }
+
+    /// The most bytes held after any chunk.
+    pub fn peak_bytes(&self) -> KvBytes {
+        self.peak
+    }
+
+    /// A JSON summary (for logs and `--json` output).
+    pub fn summary(&self) -> serde_json::Value {
+        let b = self.bytes();
+        json!({"tokens": self.tokens, "retrieval_bytes": b.retrieval, "streaming_bytes": b.streaming})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duo_core::cache_spec::Window;
+    use duo_core::pattern::HeadPattern;
+    use duo_kernels::attention::reference_attention;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect()
+    }
+
+    /// Dense attention of the whole sequence with an explicit mask per KV head kind:
+    /// what the chunked, cached computation must reproduce.
+    fn dense_oracle(q: &[f32], k: &[f32], v: &[f32], n_heads: usize, kinds: &[HeadKind], hd: usize, mask: &dyn Fn(HeadKind, usize, usize) -> bool) -> Vec<f32> {
+        let n_kv = kinds.len();
+        let t = k.len() / (n_kv * hd);
+        let mut out = vec![0.0; t * n_heads * hd];
+        for qh in 0..n_heads {
+            let g = qh / (n_heads / n_kv);
+            for i in 0..t {
+                // Build the visible rows explicitly and run the f64 oracle on them.
+                let rows: Vec<usize> = (0..t).filter(|&j| mask(kinds[g], i, j)).collect();
+                let kk: Vec<f32> = rows.iter().flat_map(|&j| k[j * n_kv * hd + g * hd..][..hd].to_vec()).collect();
+                let vv: Vec<f32> = rows.iter().flat_map(|&j| v[j * n_kv * hd + g * hd..][..hd].to_vec()).collect();
+                let pos: Vec<usize> = rows.clone();
+                let seg = KeySegment { keys: &kk, values: &vv, row_stride: hd, positions: Positions::List(&pos), cached: true };
+                let qb = QueryBlock { queries: &q[i * n_heads * hd + qh * hd..][..hd], row_stride: hd, first_position: i };
+                let mut o = vec![0.0; hd];
+                reference_attention(qb, &[seg], Visibility::CachedAndCausal, hd, 1.0 / (hd as f32).sqrt(), &mut o, hd);
+                out[i * n_heads * hd + qh * hd..][..hd].copy_from_slice(&o);
+            }
+        }
+        out
+    }
+
+    fn run_chunked(pattern: &HeadPattern, window: Window, mode: PrefillMode, chunk: usize, q: &[f32], k: &[f32], v: &[f32], n_heads: usize, hd: usize) -> (Vec<f32>, SequenceKv) {
+        let plan = CachePlan::new(pattern, hd, 4, window);
+        let mut seq = SequenceKv::new(&plan, mode);
+        let n_kv = pattern.n_kv_heads();
+        let t = k.len() / (n_kv * hd);
+        let mut out = Vec::new();
+        let mut s = 0;
+        while s < t {
+            let e = (s + chunk).min(t);
+            let o = seq.layer_mut(0).attend(&q[s * n_heads * hd..e * n_heads * hd], &k[s * n_kv * hd..e * n_kv * hd], &v[s * n_kv * hd..e * n_kv * hd], s, n_heads, mode);
+            seq.advance(e - s);
+            out.extend(o);
+            s = e;
+        }
+        (out, seq)
+    }
+
+    fn rel(a: &[f32], b: &[f32]) -> f32 {
+        let n: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt();
+        n / b.iter().map(|y| y * y).sum::<f32>().sqrt()
+    }
+
+    #[test]
+    fn chunked_hybrid_attention_equals_dense_masked_attention() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let hd = 16;
+        let window = Window::new(3, 11).unwrap();
+        // (query heads, kv heads): MHA, GQA 2:1, GQA 3:1.
+        for &(n_heads, n_kv) in &[(2usize, 2usize), (4, 2), (6, 2)] {
+            let pattern = HeadPattern::from_rows(vec![(0..n_kv).map(|g| g % 2 == 0).collect()]).unwrap();
+            let kinds: Vec<HeadKind> = pattern.layer(0).iter().map(|&r| if r { HeadKind::Retrieval } else { HeadKind::Streaming }).collect();
+            for &t in &[1usize, 13, 47, 101] {
+                let q = random(t * n_heads * hd, &mut rng);
+                let k = random(t * n_kv * hd, &mut rng);
+                let v = random(t * n_kv * hd, &mut rng);
+                let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+                let want = dense_oracle(&q, &k, &v, n_heads, &kinds, hd, &lambda);
+                for &chunk in &[1usize, 7, 16, 1000] {
+                    let (got, seq) = run_chunked(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
+                    assert!(rel(&got, &want) < 1e-5, "lambda heads={n_heads}/{n_kv} t={t} chunk={chunk}");
+                    let b = seq.bytes();
+                    assert_eq!(b.retrieval, (n_kv / 2) * 2 * hd * 4 * t);
+                    assert_eq!(b.streaming, (n_kv - n_kv / 2) * 2 * hd * 4 * t.min(14));
+                    // Reference mode: a chunk sees all cached sink+recent entries and itself causally.
+                    let (got_ref, _) = run_chunked(&pattern, window, PrefillMode::Reference, chunk, &q, &k, &v, n_heads, hd);
+                    let reference = |kind: HeadKind, i: usize, j: usize| {
+                        if kind == HeadKind::Retrieval || j > i { return j <= i; }
+                        let chunk_start = i / chunk * chunk;
+                        j >= chunk_start || j < 3 || chunk_start - j <= 11
+                    };
+                    let want_ref = dense_oracle(&q, &k, &v, n_heads, &kinds, hd, &reference);
+                    assert!(rel(&got_ref, &want_ref) < 1e-5, "reference heads={n_heads}/{n_kv} t={t} chunk={chunk}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_retrieval_equals_full_attention() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (hd, n_heads, n_kv, t) = (8, 4, 2, 40);
+        let q = random(t * n_heads * hd, &mut rng);
+        let k = random(t * n_kv * hd, &mut rng);
+        let v = random(t * n_kv * hd, &mut rng);
+        let full = HeadPattern::all_retrieval(1, n_kv);
+        let (a, _) = run_chunked(&full, Window::new(2, 4).unwrap(), PrefillMode::Lambda, 40, &q, &k, &v, n_heads, hd);
+        let (b, _) = run_chunked(&full, Window::new(2, 4).unwrap(), PrefillMode::Reference, 9, &q, &k, &v, n_heads, hd);
+        let kinds = [HeadKind::Retrieval; 2];
+        let want = dense_oracle(&q, &k, &v, n_heads, &kinds, hd, &|_, i, j| j <= i);
+        assert!(rel(&a, &want) < 1e-5 && rel(&b, &want) < 1e-5);
+    }
+}
