@@ -1,1 +1,220 @@
-fn main() {}
+//! `duo`: run Llama-family models with DuoAttention / ZigzagAttention KV caches.
+//!
+//! Subcommands: `generate` (text from a prompt), `score` (teacher-forced log-probs and
+//! perplexity), `pattern show` (what a head pattern keeps, with a gate heatmap).
+
+mod args;
+mod bench;
+mod heatmap;
+
+use anyhow::{bail, Context, Result};
+use args::{GenerateArgs, MethodArgs, PatternCommand, ScoreArgs};
+use clap::{Parser, Subcommand};
+use duo_core::pattern::HeadGates;
+use duo_engine::{Runner, SamplingParams};
+use duo_model::{LoadedModel, Message};
+use serde_json::json;
+use std::io::{Read, Write};
+
+#[derive(Parser)]
+#[command(name = "duo", version, about = "Long-context LLM inference that keeps a full KV cache only for the heads that need it")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt.
+    Generate(GenerateArgs),
+    /// Teacher-forced scoring: log-probs of a continuation, or perplexity of a text.
+    Score(ScoreArgs),
+    /// Prefill and decode speed and KV bytes as the context grows, per method.
+    Bench(bench::BenchArgs),
+    /// Inspect head patterns.
+    #[command(subcommand)]
+    Pattern(PatternCommand),
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("DUO_LOG")).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Score(a) => score(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load(method: &MethodArgs) -> Result<(LoadedModel, duo_engine::ResolvedMethod)> {
+    let source = method.model_source()?;
+    let model = LoadedModel::load(&source).context("loading the model")?;
+    let resolved = method.spec()?.resolve(model.model.config())?;
+    Ok((model, resolved))
+}
+
+fn read_prompt(a: &GenerateArgs) -> Result<String> {
+    match (&a.prompt, &a.prompt_file) {
+        (Some(_), Some(_)) => bail!("give the prompt either as an argument or with --prompt-file, not both"),
+        (Some(p), None) => Ok(p.clone()),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display())),
+        (None, None) => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading the prompt from standard input")?;
+            Ok(s)
+        }
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        seed: a.method.seed,
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+    };
+    params.validate()?;
+    let prompt = read_prompt(&a)?;
+    let (model, method) = load(&a.method)?;
+    let ids = if a.chat {
+        let tpl = model.template.as_ref().context("--chat: this model ships no chat template")?;
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(Message { role: "system".into(), content: s.clone() });
+        }
+        messages.push(Message { role: "user".into(), content: prompt });
+        model.tokenizer.encode(&tpl.render(&messages, true)?, false)?
+    } else {
+        model.tokenizer.encode(&prompt, true)?
+    };
+    let runner = Runner::new(&model, method);
+    let stdout = std::io::stdout();
+    let gen = runner.generate(&ids, &params, |piece| {
+        if !a.json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    })?;
+    let pattern = &runner.method.pattern;
+    if a.json {
+        let out = json!({
+            "prompt_token_ids": gen.prompt_token_ids,
+            "completion_token_ids": gen.completion_token_ids,
+            "text": gen.text,
+            "finish_reason": gen.finish_reason,
+            "prefill_tokens_per_s": gen.prefill_tokens_per_s(),
+            "decode_tokens_per_s": gen.decode_tokens_per_s(),
+            "kv_cache_bytes": gen.peak_kv.total(),
+            "kv_cache_bytes_retrieval": gen.peak_kv.retrieval,
+            "kv_cache_bytes_streaming": gen.peak_kv.streaming,
+            "retrieval_kv_heads": pattern.retrieval_count(),
+            "streaming_kv_heads": pattern.streaming_count(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {:.1} tok/s prefill; {} new tokens, {:.1} tok/s decode; KV peak {:.2} MiB ({} retrieval / {} streaming KV heads); finish: {:?}]",
+            gen.prompt_token_ids.len(),
+            gen.prefill_tokens_per_s(),
+            gen.completion_token_ids.len(),
+            gen.decode_tokens_per_s(),
+            gen.peak_kv.total() as f64 / (1 << 20) as f64,
+            pattern.retrieval_count(),
+            pattern.streaming_count(),
+            gen.finish_reason
+        );
+    }
+    Ok(())
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let (model, method) = load(&a.method)?;
+    let runner = Runner::new(&model, method);
+    let scores = match (&a.prompt_file, &a.continuation_file, &a.text_file) {
+        (Some(p), Some(c), None) => {
+            let prompt = model.tokenizer.encode(&read(p)?, true)?;
+            let cont = model.tokenizer.encode(&read(c)?, false)?;
+            if cont.is_empty() {
+                bail!("the continuation is empty");
+            }
+            runner.score(&prompt, &cont)?
+        }
+        (None, None, Some(t)) => {
+            let ids = model.tokenizer.encode(&read(t)?, true)?;
+            runner.perplexity(&ids, a.window)?
+        }
+        _ => bail!("give --prompt-file and --continuation-file, or --text-file"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json!({
+            "tokens": scores.tokens,
+            "top1_accuracy": scores.top1_accuracy,
+            "mean_logprob": scores.mean_logprob,
+            "perplexity": scores.perplexity,
+            "kv_cache_bytes": scores.peak_kv.total(),
+        }))?);
+    } else {
+        for t in &scores.tokens {
+            let text = model.tokenizer.id_to_token(t.id).unwrap_or_default();
+            println!("{:>8} {:>24} logprob {:>9.4} rank {:>6}{}", t.id, format!("{text:?}"), t.logprob, t.rank, if t.top1 { "  top-1" } else { "" });
+        }
+        println!("tokens {}  top-1 accuracy {:.4}  mean logprob {:.4}  perplexity {:.4}", scores.tokens.len(), scores.top1_accuracy, scores.mean_logprob, scores.perplexity);
+    }
+    Ok(())
+}
+
+fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
+    let gates = HeadGates::load(&a.dir).with_context(|| format!("loading the pattern in {}", a.dir.display()))?;
+    let pattern = match a.threshold {
+        Some(t) => gates.binarise_threshold(t)?,
+        None => gates.binarise_sparsity(a.sparsity, a.layout.parse()?)?,
+    };
+    let per_layer = pattern.retrieval_per_layer();
+    let (layers, heads) = (gates.n_layers(), gates.n_kv_heads());
+    println!("pattern {}: {layers} layers x {heads} KV heads", a.dir.display());
+    match a.threshold {
+        Some(t) => println!("threshold {t}: {} retrieval / {} streaming KV heads", pattern.retrieval_count(), pattern.streaming_count()),
+        None => println!(
+            "sparsity {} ({} layout): {} retrieval / {} streaming KV heads (reference quantile threshold {:.7})",
+            a.sparsity,
+            a.layout,
+            pattern.retrieval_count(),
+            pattern.streaming_count(),
+            gates.quantile(a.sparsity)?
+        ),
+    }
+    println!("retrieval heads per layer: {per_layer:?}");
+    let pure_full = per_layer.iter().filter(|&&c| c == heads).count();
+    let pure_stream = per_layer.iter().filter(|&&c| c == 0).count();
+    println!("layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}", layers - pure_full - pure_stream);
+    let window = duo_core::cache_spec::Window::new(a.sink, a.recent)?;
+    let plan = duo_core::CachePlan::new(&pattern, a.head_dim, a.bytes_per_element, window);
+    let full = duo_core::CachePlan::new(&duo_core::HeadPattern::all_retrieval(layers, heads), a.head_dim, a.bytes_per_element, window);
+    let t = a.context;
+    println!(
+        "KV cache at {t} tokens (head_dim {}, {} bytes/element, sink {}, recent {}): {:.1} MiB vs {:.1} MiB full attention ({:.2}x less)",
+        a.head_dim,
+        a.bytes_per_element,
+        a.sink,
+        a.recent,
+        plan.total_bytes(t) as f64 / (1 << 20) as f64,
+        full.total_bytes(t) as f64 / (1 << 20) as f64,
+        full.total_bytes(t) as f64 / plan.total_bytes(t).max(1) as f64
+    );
+    let out = a.heatmap.clone().unwrap_or_else(|| a.dir.join("gates.png"));
+    heatmap::write_gate_heatmap(&out, gates.rows(), &pattern)?;
+    println!("gate heatmap: {}", out.display());
+    Ok(())
+}

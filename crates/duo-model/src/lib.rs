@@ -1,1 +1,81 @@
-//! placeholder
+//! Loading and running Llama-family models: checkpoints (GGUF, Hugging Face
+//! safetensors folders), tokenizers, chat templates, the default model, and the
+//! forward pass.
+//!
+//! ```no_run
+//! use duo_model::{LoadedModel, ModelSource};
+//! let m = LoadedModel::load(&ModelSource::Default).unwrap();
+//! let ids = m.tokenizer.encode("Hello", true).unwrap();
+//! assert!(!ids.is_empty());
+//! ```
+
+pub mod checkpoint;
+pub mod error;
+pub mod fetch;
+pub mod gguf;
+pub mod llama;
+pub mod template;
+pub mod tokenizer;
+
+pub use checkpoint::Checkpoint;
+pub use error::{ModelError, Result};
+pub use llama::{Logits, Model};
+pub use template::{ChatTemplate, Message};
+pub use tokenizer::TextTokenizer;
+
+use std::path::PathBuf;
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The default model (SmolLM2-135M-Instruct Q4_1), fetched on first use.
+    Default,
+    /// A GGUF file or a Hugging Face folder.
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for ModelSource {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(repo) = s.strip_prefix("hf:") {
+            return Err(ModelError::Fetch(format!(
+                "downloading `{repo}` from the Hugging Face hub is not available in this build; download the folder and pass its path"
+            )));
+        }
+        Ok(ModelSource::Path(PathBuf::from(s)))
+    }
+}
+
+/// A model with its tokenizer and chat template, ready to run.
+pub struct LoadedModel {
+    /// The network.
+    pub model: Model,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Its chat template, if it ships one.
+    pub template: Option<ChatTemplate>,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+}
+
+impl LoadedModel {
+    /// Loads a model, its tokenizer and its chat template.
+    pub fn load(source: &ModelSource) -> Result<Self> {
+        let path = match source {
+            ModelSource::Default => fetch::default_model()?,
+            ModelSource::Path(p) => p.clone(),
+        };
+        let ck = Checkpoint::open(&path)?;
+        let config = ck.config()?;
+        let tokenizer = ck.tokenizer()?;
+        let template = match ck.chat_template()? {
+            Some(src) => {
+                let name = |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
+                Some(ChatTemplate::new(&src, &name(&tokenizer.bos_token), &name(&tokenizer.eos_token))?)
+            }
+            None => None,
+        };
+        let model = Model::load(&ck, config)?;
+        Ok(Self { model, tokenizer, template, path })
+    }
+}

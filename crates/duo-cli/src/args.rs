@@ -1,0 +1,174 @@
+//! Command-line flags. Every command that runs a model takes the same model and
+//! attention-method flags ([`MethodArgs`]).
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use duo_engine::{Method, MethodSpec};
+use duo_model::ModelSource;
+use std::path::PathBuf;
+
+/// Model and attention-method flags shared by every command that runs a model.
+#[derive(Args, Debug, Clone)]
+pub struct MethodArgs {
+    /// GGUF file or Hugging Face model folder (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Which heads keep a full KV cache: full, duo, streaming, random.
+    #[arg(long, default_value = "full")]
+    pub method: String,
+    /// Head pattern folder (full_attention_heads.tsv + config.json).
+    #[arg(long)]
+    pub pattern: Option<PathBuf>,
+    /// Fraction of KV heads that become streaming heads (default 0.5).
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// Gate threshold instead of a sparsity: heads with gate >= T keep a full cache.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// head (DuoAttention) or layer (ZigzagAttention: whole layers).
+    #[arg(long, default_value = "head")]
+    pub layout: String,
+    /// Attention-sink tokens kept by streaming heads.
+    #[arg(long, default_value_t = 64)]
+    pub sink: usize,
+    /// Recent tokens kept by streaming heads.
+    #[arg(long, default_value_t = 256)]
+    pub recent: usize,
+    /// Seed for sampling and for `--method random`.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Streaming heads during prefill: lambda (sink + recent mask from the first token) or reference (dense first chunk).
+    #[arg(long, default_value = "lambda")]
+    pub prefill: String,
+    /// Prefill chunk size in tokens.
+    #[arg(long, default_value_t = 4096)]
+    pub chunk: usize,
+}
+
+impl MethodArgs {
+    /// The model to load.
+    pub fn model_source(&self) -> Result<ModelSource> {
+        Ok(match &self.model {
+            None => ModelSource::Default,
+            Some(s) => s.parse()?,
+        })
+    }
+
+    /// The attention method as the engine takes it.
+    pub fn spec(&self) -> Result<MethodSpec> {
+        Ok(MethodSpec {
+            method: self.method.parse::<Method>()?,
+            pattern: self.pattern.clone(),
+            sparsity: self.sparsity,
+            threshold: self.threshold,
+            layout: self.layout.parse()?,
+            sink: self.sink,
+            recent: self.recent,
+            seed: self.seed,
+            prefill: self.prefill.parse().map_err(anyhow::Error::msg)?,
+            chunk: self.chunk,
+        })
+    }
+}
+
+/// `duo generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// The prompt (else --prompt-file, else standard input).
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Minimum probability relative to the most likely token (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub method: MethodArgs,
+}
+
+/// `duo score`.
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// Prompt (context) file.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Continuation file: every token of it is scored.
+    #[arg(long)]
+    pub continuation_file: Option<PathBuf>,
+    /// Text file: perplexity of the whole text.
+    #[arg(long)]
+    pub text_file: Option<PathBuf>,
+    /// Window for --text-file, in tokens (capped at the context length).
+    #[arg(long, default_value_t = 2048)]
+    pub window: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub method: MethodArgs,
+}
+
+/// `duo pattern ...`.
+#[derive(Subcommand, Debug)]
+pub enum PatternCommand {
+    /// Per-layer retrieval counts, the KV budget, and a gate heatmap PNG.
+    Show(PatternShowArgs),
+}
+
+/// `duo pattern show`.
+#[derive(Args, Debug)]
+pub struct PatternShowArgs {
+    /// Pattern folder (or its full_attention_heads.tsv).
+    pub dir: PathBuf,
+    /// Fraction of KV heads that stream.
+    #[arg(long, default_value_t = 0.5)]
+    pub sparsity: f64,
+    /// Gate threshold instead of a sparsity.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// head or layer.
+    #[arg(long, default_value = "head")]
+    pub layout: String,
+    /// Context length for the KV budget.
+    #[arg(long, default_value_t = 32768)]
+    pub context: usize,
+    /// Head dimension for the KV budget.
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    /// Bytes per cached element (2 for bf16/f16, 4 for f32).
+    #[arg(long, default_value_t = 2)]
+    pub bytes_per_element: usize,
+    /// Sink tokens.
+    #[arg(long, default_value_t = 64)]
+    pub sink: usize,
+    /// Recent tokens.
+    #[arg(long, default_value_t = 256)]
+    pub recent: usize,
+    /// Where to write the heatmap (default: DIR/gates.png).
+    #[arg(long)]
+    pub heatmap: Option<PathBuf>,
+}

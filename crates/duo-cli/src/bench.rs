@@ -1,0 +1,124 @@
+//! `duo bench`: prefill throughput, decode time per token and KV bytes as the context
+//! grows, for several attention methods, side by side in one process.
+//!
+//! The prompt is a deterministic token sequence (seeded), so every method sees the same
+//! input; speed and memory do not depend on what the tokens say.
+
+use crate::args::MethodArgs;
+use anyhow::{Context, Result};
+use clap::Args;
+use duo_engine::Runner;
+use duo_model::{LoadedModel, Logits};
+use rand::{Rng, SeedableRng};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// `duo bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Context lengths (prompt tokens), comma-separated.
+    #[arg(long, default_value = "512,2048,8000", value_delimiter = ',')]
+    pub lengths: Vec<usize>,
+    /// Methods to compare, comma-separated: full, duo, layer (duo with --layout layer), streaming, random, random-layer.
+    #[arg(long, default_value = "full,random,random-layer,streaming", value_delimiter = ',')]
+    pub methods: Vec<String>,
+    /// Decode steps timed after each prefill.
+    #[arg(long, default_value_t = 32)]
+    pub decode_tokens: usize,
+    /// Write the table as CSV here too.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    #[command(flatten)]
+    pub method: MethodArgs,
+}
+
+struct Row {
+    method: String,
+    tokens: usize,
+    prefill_s: f64,
+    decode_ms: f64,
+    kv_retrieval: usize,
+    kv_streaming: usize,
+    retrieval_heads: usize,
+}
+
+fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
+    let mut m = base.clone();
+    match name {
+        "full" | "duo" | "streaming" | "random" => m.method = name.into(),
+        "layer" => {
+            m.method = "duo".into();
+            m.layout = "layer".into();
+        }
+        "random-layer" => {
+            m.method = "random".into();
+            m.layout = "layer".into();
+        }
+        other => anyhow::bail!("unknown bench method `{other}`"),
+    }
+    Ok(m)
+}
+
+/// Runs the benchmark and prints a markdown table.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let model = LoadedModel::load(&a.method.model_source()?).context("loading the model")?;
+    let c = model.model.config().clone();
+    let max_len = a.lengths.iter().copied().max().unwrap_or(0);
+    if max_len + a.decode_tokens > c.context_length {
+        anyhow::bail!("{} prompt tokens + {} decode tokens exceed the context length of {}", max_len, a.decode_tokens, c.context_length);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.method.seed);
+    let limit = (c.vocab_size as u32).min(model.tokenizer.vocab_size() as u32);
+    let prompt: Vec<u32> = (0..max_len).map(|_| rng.gen_range(100..limit.max(101))).collect();
+    let threads = rayon::current_num_threads();
+    eprintln!("duo bench: {} ({} layers, {} KV heads/layer), {threads} threads", model.path.display(), c.n_layers, c.n_kv_heads);
+    let mut rows = Vec::new();
+    for name in &a.methods {
+        let args = method_args(&a.method, name)?;
+        let resolved = args.spec()?.resolve(&c)?;
+        let runner = Runner::new(&model, resolved);
+        for &n in &a.lengths {
+            let mut kv = runner.method.new_cache();
+            let t0 = Instant::now();
+            let logits = runner.prefill(&prompt[..n], &mut kv, |_| {})?;
+            let prefill_s = t0.elapsed().as_secs_f64();
+            let mut next = duo_engine::sampler::argmax(&logits);
+            let t1 = Instant::now();
+            for _ in 0..a.decode_tokens {
+                let l = model.model.forward(&[next], &mut kv, Logits::Last)?;
+                next = duo_engine::sampler::argmax(&l);
+            }
+            let decode_ms = t1.elapsed().as_secs_f64() * 1000.0 / a.decode_tokens.max(1) as f64;
+            let b = kv.peak_bytes();
+            let row = Row { method: name.clone(), tokens: n, prefill_s, decode_ms, kv_retrieval: b.retrieval, kv_streaming: b.streaming, retrieval_heads: runner.method.pattern.retrieval_count() };
+            eprintln!("{:<13} {:>6} tokens: prefill {:>7.2} s ({:>7.1} tok/s), decode {:>7.2} ms/token, KV {:>8.2} MiB", name, n, prefill_s, n as f64 / prefill_s, decode_ms, (b.total()) as f64 / (1 << 20) as f64);
+            rows.push(row);
+        }
+    }
+    println!("| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token | decode tok/s | KV MiB (retrieval + streaming) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.2} | {:.1} | {:.2} | {:.1} | {:.2} ({:.2} + {:.2}) |",
+            r.method,
+            r.retrieval_heads,
+            r.tokens,
+            r.prefill_s,
+            r.tokens as f64 / r.prefill_s,
+            r.decode_ms,
+            1000.0 / r.decode_ms,
+            (r.kv_retrieval + r.kv_streaming) as f64 / (1 << 20) as f64,
+            r.kv_retrieval as f64 / (1 << 20) as f64,
+            r.kv_streaming as f64 / (1 << 20) as f64
+        );
+    }
+    if let Some(p) = &a.csv {
+        let mut f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+        writeln!(f, "method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,kv_bytes_retrieval,kv_bytes_streaming")?;
+        for r in &rows {
+            writeln!(f, "{},{},{},{:.4},{:.4},{},{}", r.method, r.retrieval_heads, r.tokens, r.prefill_s, r.decode_ms, r.kv_retrieval, r.kv_streaming)?;
+        }
+    }
+    Ok(())
+}

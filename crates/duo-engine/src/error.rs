@@ -1,0 +1,33 @@
+//! The error type of `duo-engine`.
+
+/// Errors raised by the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A parameter is outside its valid range.
+    #[error("invalid parameter `{name}`: {reason}")]
+    InvalidParameter {
+        /// The parameter as the user knows it.
+        name: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The request does not fit the model's context.
+    #[error("{prompt} prompt tokens + {max_tokens} new tokens exceed the context length of {context}")]
+    ContextLength {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Tokens requested.
+        max_tokens: usize,
+        /// The model's context length.
+        context: usize,
+    },
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] duo_model::ModelError),
+    /// A pattern or setting is invalid.
+    #[error(transparent)]
+    Core(#[from] duo_core::CoreError),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, EngineError>;

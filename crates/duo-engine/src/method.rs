@@ -1,0 +1,136 @@
+//! Attention methods at a stated KV budget, resolved into a head pattern.
+
+use crate::error::{EngineError, Result};
+use duo_core::cache_spec::{CachePlan, Window};
+use duo_core::config::ModelConfig;
+use duo_core::pattern::{HeadGates, HeadPattern, Layout};
+use duo_kv::{PrefillMode, SequenceKv};
+use std::path::PathBuf;
+
+/// Which heads keep a full cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// Every head (full attention).
+    #[default]
+    Full,
+    /// The heads a DuoAttention pattern selects.
+    Duo,
+    /// No head (StreamingLLM: every head keeps sink + recent).
+    Streaming,
+    /// Seeded random heads: as many per layer as the pattern selects (with `--pattern`),
+    /// else the same global count.
+    Random,
+}
+
+impl std::str::FromStr for Method {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "full" => Method::Full,
+            "duo" => Method::Duo,
+            "streaming" => Method::Streaming,
+            "random" => Method::Random,
+            _ => return Err(EngineError::InvalidParameter { name: "method", reason: format!("`{s}` is not one of full, duo, streaming, random") }),
+        })
+    }
+}
+
+/// Everything the user says about attention.
+#[derive(Debug, Clone)]
+pub struct MethodSpec {
+    /// The method.
+    pub method: Method,
+    /// A pattern folder or table (`full_attention_heads.tsv`).
+    pub pattern: Option<PathBuf>,
+    /// Fraction of KV heads that stream (default 0.5).
+    pub sparsity: Option<f64>,
+    /// Gate threshold instead of a sparsity.
+    pub threshold: Option<f32>,
+    /// Head or layer layout.
+    pub layout: Layout,
+    /// Attention-sink tokens.
+    pub sink: usize,
+    /// Recent-window tokens.
+    pub recent: usize,
+    /// Seed for `random`.
+    pub seed: u64,
+    /// How streaming heads see chunked prefill.
+    pub prefill: PrefillMode,
+    /// Prefill chunk size in tokens.
+    pub chunk: usize,
+}
+
+impl Default for MethodSpec {
+    fn default() -> Self {
+        Self { method: Method::Full, pattern: None, sparsity: None, threshold: None, layout: Layout::Head, sink: 64, recent: 256, seed: 0, prefill: PrefillMode::Lambda, chunk: 4096 }
+    }
+}
+
+/// A method resolved against a model.
+#[derive(Debug, Clone)]
+pub struct ResolvedMethod {
+    /// Which KV heads are retrieval heads.
+    pub pattern: HeadPattern,
+    /// The streaming window.
+    pub window: Window,
+    /// Prefill visibility for streaming heads.
+    pub prefill: PrefillMode,
+    /// Prefill chunk size.
+    pub chunk: usize,
+    /// The per-layer cache specs (f32 storage).
+    pub plan: CachePlan,
+}
+
+impl ResolvedMethod {
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> SequenceKv {
+        SequenceKv::new(&self.plan, self.prefill)
+    }
+}
+
+impl MethodSpec {
+    /// Resolves the method for a model, checking the pattern's shape.
+    pub fn resolve(&self, config: &ModelConfig) -> Result<ResolvedMethod> {
+        let (layers, kv) = (config.n_layers, config.n_kv_heads);
+        if self.chunk == 0 {
+            return Err(EngineError::InvalidParameter { name: "chunk", reason: "must be at least 1".into() });
+        }
+        if self.sparsity.is_some() && self.threshold.is_some() {
+            return Err(EngineError::InvalidParameter { name: "threshold", reason: "give either --sparsity or --threshold, not both".into() });
+        }
+        let window = Window::new(self.sink, self.recent)?;
+        let sparsity = self.sparsity.unwrap_or(0.5);
+        let binarise = |gates: &HeadGates| -> Result<HeadPattern> {
+            gates.check_shape(layers, kv)?;
+            Ok(match self.threshold {
+                Some(t) if self.layout == Layout::Head => gates.binarise_threshold(t)?,
+                Some(_) => return Err(EngineError::InvalidParameter { name: "threshold", reason: "--layout layer takes --sparsity".into() }),
+                None => gates.binarise_sparsity(sparsity, self.layout)?,
+            })
+        };
+        let load = || -> Result<Option<HeadGates>> { self.pattern.as_deref().map(HeadGates::load).transpose().map_err(Into::into) };
+        let pattern = match self.method {
+            Method::Full => HeadPattern::all_retrieval(layers, kv),
+            Method::Streaming => HeadPattern::all_streaming(layers, kv),
+            Method::Duo => {
+                let gates = load()?.ok_or(EngineError::InvalidParameter { name: "pattern", reason: "--method duo needs --pattern DIR (a folder with full_attention_heads.tsv)".into() })?;
+                binarise(&gates)?
+            }
+            Method::Random => match load()? {
+                Some(g) => HeadPattern::random_per_layer(&binarise(&g)?, self.seed),
+                None => {
+                    if self.layout == Layout::Layer {
+                        let full_layers = ((1.0 - sparsity) * layers as f64).round() as usize;
+                        let flat = HeadPattern::random_global(layers, 1, full_layers, self.seed);
+                        HeadPattern::from_rows((0..layers).map(|l| vec![flat.is_retrieval(l, 0); kv]).collect())?
+                    } else {
+                        let count = ((1.0 - sparsity) * (layers * kv) as f64).round() as usize;
+                        HeadPattern::random_global(layers, kv, count, self.seed)
+                    }
+                }
+            },
+        };
+        let plan = CachePlan::new(&pattern, config.head_dim, 4, window);
+        Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, plan })
+    }
+}

@@ -1,0 +1,268 @@
+//! Running a model over one sequence: chunked prefill, decode, and teacher-forced scoring.
+
+use crate::error::{EngineError, Result};
+use crate::method::ResolvedMethod;
+use crate::sampler::{argmax, Sampler, SamplingParams};
+use duo_kv::{KvBytes, SequenceKv};
+use duo_model::{LoadedModel, Logits};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The caller asked to stop.
+    Cancelled,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    /// Tokens of the prompt.
+    pub prompt_token_ids: Vec<u32>,
+    /// Tokens generated (a stop string's tokens included).
+    pub completion_token_ids: Vec<u32>,
+    /// Generated text (stop string cut).
+    pub text: String,
+    /// Why it stopped.
+    pub finish_reason: FinishReason,
+    /// Prefill seconds.
+    pub prefill_seconds: f64,
+    /// Decode seconds.
+    pub decode_seconds: f64,
+    /// Peak KV bytes, split by head kind.
+    #[serde(skip)]
+    pub peak_kv: KvBytes,
+}
+
+impl Generation {
+    /// Prompt tokens per second of prefill.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_token_ids.len() as f64 / self.prefill_seconds.max(1e-9)
+    }
+
+    /// Generated tokens per second of decode (the first token comes from prefill).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.completion_token_ids.len().saturating_sub(1) as f64 / self.decode_seconds.max(1e-9)
+    }
+}
+
+/// One scored continuation token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ScoredToken {
+    /// Token id.
+    pub id: u32,
+    /// Natural-log probability under the model.
+    pub logprob: f64,
+    /// 1 + number of tokens with a strictly higher logit.
+    pub rank: usize,
+    /// Whether it is the model's top-1 prediction.
+    pub top1: bool,
+}
+
+/// Teacher-forced scores of a continuation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scores {
+    /// One entry per scored token.
+    pub tokens: Vec<ScoredToken>,
+    /// Fraction of tokens that were the top-1 prediction.
+    pub top1_accuracy: f64,
+    /// Mean log-probability.
+    pub mean_logprob: f64,
+    /// `exp(-mean_logprob)`.
+    pub perplexity: f64,
+    /// Peak KV bytes while scoring.
+    #[serde(skip)]
+    pub peak_kv: KvBytes,
+}
+
+impl Scores {
+    fn from_tokens(tokens: Vec<ScoredToken>, peak_kv: KvBytes) -> Self {
+        let n = tokens.len().max(1) as f64;
+        let mean_logprob = tokens.iter().map(|t| t.logprob).sum::<f64>() / n;
+        let top1_accuracy = tokens.iter().filter(|t| t.top1).count() as f64 / n;
+        Self { tokens, top1_accuracy, mean_logprob, perplexity: (-mean_logprob).exp(), peak_kv }
+    }
+}
+
+/// Scores token `id` against one row of logits.
+pub fn score_token(logits: &[f32], id: u32) -> ScoredToken {
+    let target = logits[id as usize];
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = logits.iter().map(|&l| (l as f64 - m).exp()).sum();
+    let rank = 1 + logits.iter().filter(|&&l| l > target).count();
+    ScoredToken { id, logprob: target as f64 - m - z.ln(), rank, top1: rank == 1 && argmax(logits) == id }
+}
+
+/// Runs a model with one attention method.
+pub struct Runner<'m> {
+    /// The model.
+    pub model: &'m LoadedModel,
+    /// The attention method.
+    pub method: ResolvedMethod,
+}
+
+impl<'m> Runner<'m> {
+    /// A runner.
+    pub fn new(model: &'m LoadedModel, method: ResolvedMethod) -> Self {
+        Self { model, method }
+    }
+
+    fn check_fits(&self, prompt: usize, new: usize) -> Result<()> {
+        let context = self.model.model.config().context_length;
+        if prompt == 0 {
+            return Err(EngineError::InvalidParameter { name: "prompt", reason: "the prompt is empty".into() });
+        }
+        if prompt + new > context {
+            return Err(EngineError::ContextLength { prompt, max_tokens: new, context });
+        }
+        Ok(())
+    }
+
+    /// Prefills `tokens` in chunks into `kv`, returning the last position's logits.
+    pub fn prefill(&self, tokens: &[u32], kv: &mut SequenceKv, mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
+        let mut last = Vec::new();
+        let chunks: Vec<&[u32]> = tokens.chunks(self.method.chunk).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let which = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
+            last = self.model.model.forward(c, kv, which)?;
+            progress(c.len());
+        }
+        Ok(last)
+    }
+
+    /// Generates from `prompt`; `on_text` receives each new piece of text as it becomes
+    /// stable and returns `false` to cancel.
+    pub fn generate(&self, prompt: &[u32], params: &SamplingParams, mut on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
+        let mut sampler = Sampler::new(params.clone())?;
+        self.check_fits(prompt.len(), params.max_tokens)?;
+        let tok = &self.model.tokenizer;
+        let eos = &self.model.model.config().eos_token_ids;
+        let mut kv = self.method.new_cache();
+        let t0 = Instant::now();
+        let mut logits = self.prefill(prompt, &mut kv, |_| {})?;
+        let prefill_seconds = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut completion = Vec::new();
+        let mut emitted = 0usize; // bytes of text already handed out
+        let mut text = String::new();
+        let finish = loop {
+            let next = sampler.sample(&logits);
+            if eos.contains(&next) {
+                break FinishReason::Stop;
+            }
+            completion.push(next);
+            text = tok.decode(&completion)?;
+            if let Some(cut) = params.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+                break FinishReason::Stop;
+            }
+            // Hold back what may still change: a partial UTF-8 character, or a tail that
+            // could be the start of a stop string.
+            let hold = params.stop.iter().map(|s| longest_prefix_suffix(&text, s)).max().unwrap_or(0);
+            let mut stable = text.len() - hold;
+            while stable > emitted && (!text.is_char_boundary(stable) || text[..stable].ends_with('\u{FFFD}')) {
+                stable -= 1;
+            }
+            if stable > emitted {
+                if !on_text(&text[emitted..stable]) {
+                    break FinishReason::Cancelled;
+                }
+                emitted = stable;
+            }
+            if completion.len() >= params.max_tokens {
+                break FinishReason::Length;
+            }
+            logits = self.model.model.forward(&[next], &mut kv, Logits::Last)?;
+        };
+        if finish != FinishReason::Cancelled && emitted < text.len() {
+            on_text(&text[emitted..]);
+        }
+        Ok(Generation {
+            prompt_token_ids: prompt.to_vec(),
+            completion_token_ids: completion,
+            text,
+            finish_reason: finish,
+            prefill_seconds,
+            decode_seconds: t1.elapsed().as_secs_f64(),
+            peak_kv: kv.peak_bytes(),
+        })
+    }
+
+    /// Teacher-forced scores of `continuation` after `prompt`.
+    pub fn score(&self, prompt: &[u32], continuation: &[u32]) -> Result<Scores> {
+        self.check_fits(prompt.len(), continuation.len())?;
+        let mut kv = self.method.new_cache();
+        let logits = self.prefill(prompt, &mut kv, |_| {})?;
+        let mut out = Vec::with_capacity(continuation.len());
+        if let Some(&first) = continuation.first() {
+            out.push(score_token(&logits, first));
+        }
+        let vocab = self.model.model.config().vocab_size;
+        // Feed all but the last continuation token; each position predicts the next.
+        let fed = &continuation[..continuation.len().saturating_sub(1)];
+        let mut done = 0;
+        for c in fed.chunks(self.method.chunk.min(512)) {
+            let all = self.model.model.forward(c, &mut kv, Logits::All)?;
+            for (r, row) in all.chunks(vocab).enumerate() {
+                out.push(score_token(row, continuation[done + r + 1]));
+            }
+            done += c.len();
+        }
+        Ok(Scores::from_tokens(out, kv.peak_bytes()))
+    }
+
+    /// Perplexity of a whole text, in independent windows of at most `window` tokens
+    /// (the first token of each window is context only).
+    pub fn perplexity(&self, tokens: &[u32], window: usize) -> Result<Scores> {
+        let window = window.min(self.model.model.config().context_length).max(2);
+        let mut all = Vec::new();
+        let mut peak = KvBytes::default();
+        for w in tokens.chunks(window) {
+            if w.len() < 2 {
+                continue;
+            }
+            let s = self.score(&w[..1], &w[1..])?;
+            peak.retrieval = peak.retrieval.max(s.peak_kv.retrieval);
+            peak.streaming = peak.streaming.max(s.peak_kv.streaming);
+            all.extend(s.tokens);
+        }
+        Ok(Scores::from_tokens(all, peak))
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len()).rev().find(|&n| n <= text.len() && text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n])).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scoring_a_constructed_row() {
+        let logits = [0.0f32, 2.0, 1.0, 2.0];
+        let s = score_token(&logits, 2);
+        assert_eq!(s.rank, 3);
+        assert!(!s.top1);
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((s.logprob - (1.0 - z.ln())).abs() < 1e-9);
+        let best = score_token(&logits, 1);
+        assert!(best.top1 && best.rank == 1);
+        // A tie at the top: only the argmax (the first) counts as top-1.
+        assert!(!score_token(&logits, 3).top1);
+    }
+
+    #[test]
+    fn stop_prefix_hold_back() {
+        assert_eq!(longest_prefix_suffix("hello wor", "world"), 3);
+        assert_eq!(longest_prefix_suffix("hello", "xyz"), 0);
+        assert_eq!(longest_prefix_suffix("ab", "abc"), 2);
+    }
+}

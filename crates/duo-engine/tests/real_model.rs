@@ -1,0 +1,204 @@
+//! Tests on the real default model (SmolLM2-135M-Instruct Q4_1, fetched on first use):
+//! token-for-token parity with llama.cpp, the hybrid cache's byte accounting, and
+//! `duo` at sparsity 0 being exactly full attention.
+
+use duo_core::pattern::{HeadGates, HeadPattern, Layout};
+use duo_engine::{EngineError, Method, MethodSpec, Runner, SamplingParams};
+use duo_kv::PrefillMode;
+use duo_model::{LoadedModel, Logits, Message, ModelSource};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+fn model() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| LoadedModel::load(&ModelSource::Default).expect("default model loads"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixture() -> Value {
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/llama_cpp_smollm2.json")).expect("fixture");
+    serde_json::from_str(&text).expect("fixture json")
+}
+
+/// Rebuilds a case's prompt (long ones are cut from the essays in ../shared).
+fn case_text(case: &Value) -> Option<String> {
+    if let Some(t) = case["text"].as_str() {
+        return Some(t.to_string());
+    }
+    let chars = case["haystack_chars"].as_u64()? as usize;
+    let dir = repo().join("../shared/reference/niah-haystack-paul-graham");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "txt")).collect();
+    files.sort();
+    let texts: Vec<String> = files.iter().map(|p| std::fs::read_to_string(p).expect("essay")).collect();
+    Some(texts.join("\n\n").chars().take(chars).collect())
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+fn full() -> MethodSpec {
+    MethodSpec { chunk: 512, ..Default::default() }
+}
+
+fn last_logits(spec: &MethodSpec, prompt: &[u32]) -> Vec<f32> {
+    let m = model();
+    let method = spec.resolve(m.model.config()).expect("method");
+    let runner = Runner::new(m, method);
+    let mut kv = runner.method.new_cache();
+    runner.prefill(prompt, &mut kv, |_| {}).expect("prefill")
+}
+
+#[test]
+fn tokenizer_and_template_match_llama_cpp() {
+    let f = fixture();
+    let tok = &model().tokenizer;
+    let mut checked = 0;
+    for case in f["cases"].as_array().expect("cases") {
+        let Some(text) = case_text(case) else { continue };
+        assert_eq!(tok.encode(&text, true).expect("encode"), ids(&case["prompt_token_ids"]), "case {}", case["name"]);
+        checked += 1;
+        if case["name"] == "chat" {
+            let tpl = model().template.as_ref().expect("template in GGUF");
+            let msgs = [Message { role: "user".into(), content: "What is the best thing to do in San Francisco?".into() }];
+            assert_eq!(tpl.render(&msgs, true).expect("render"), text);
+        }
+    }
+    assert!(checked >= 4);
+}
+
+#[test]
+fn greedy_tokens_and_final_logits_match_llama_cpp() {
+    let f = fixture();
+    let m = model();
+    for case in f["cases"].as_array().expect("cases") {
+        let Some(text) = case_text(case) else { continue };
+        let name = case["name"].as_str().expect("name");
+        let prompt = m.tokenizer.encode(&text, true).expect("encode");
+        // Final-position logits: the top-64 of llama.cpp, value by value.
+        let ours = last_logits(&full(), &prompt);
+        let mut worst = 0.0f64;
+        for pair in case["top_logits"].as_array().expect("top") {
+            let (id, want) = (pair[0].as_u64().expect("id") as usize, pair[1].as_f64().expect("logit"));
+            worst = worst.max((ours[id] as f64 - want).abs());
+        }
+        assert!(worst < 0.05, "{name}: final logits differ by up to {worst}");
+        // Greedy continuation, token for token (llama.cpp's list ends with EOS when it stopped).
+        let want = ids(&case["greedy_token_ids"]);
+        let eos_stop = want.last() == Some(&2);
+        let n = want.len() - eos_stop as usize;
+        let params = SamplingParams { max_tokens: n.max(1), ..Default::default() };
+        let runner = Runner::new(m, full().resolve(m.model.config()).expect("method"));
+        let gen = runner.generate(&prompt, &params, |_| true).expect("generate");
+        assert_eq!(gen.completion_token_ids, want[..n].to_vec(), "{name}: greedy tokens");
+        eprintln!("{name}: {} prompt tokens, {} greedy tokens equal, top-64 logits within {worst:.4}", prompt.len(), n);
+    }
+}
+
+#[test]
+fn duo_at_sparsity_zero_is_full_attention() {
+    let m = model();
+    let c = m.model.config();
+    let dir = std::env::temp_dir().join(format!("duo-ones-{}", std::process::id()));
+    HeadGates::new(vec![vec![0.7; c.n_kv_heads]; c.n_layers]).expect("gates").save(&dir).expect("save");
+    let duo = MethodSpec { method: Method::Duo, pattern: Some(dir.clone()), sparsity: Some(0.0), ..full() };
+    let resolved = duo.resolve(c).expect("resolve");
+    assert_eq!(resolved.pattern, HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads));
+    let prompt = m.tokenizer.encode("The best thing to do in San Francisco is", true).expect("encode");
+    assert_eq!(last_logits(&duo, &prompt), last_logits(&full(), &prompt), "identical logits");
+    let params = SamplingParams { max_tokens: 12, ..Default::default() };
+    let a = Runner::new(m, resolved).generate(&prompt, &params, |_| true).expect("duo");
+    let b = Runner::new(m, full().resolve(c).expect("full")).generate(&prompt, &params, |_| true).expect("full");
+    assert_eq!(a.completion_token_ids, b.completion_token_ids);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn kv_bytes_follow_the_formula_and_streaming_stays_constant() {
+    let m = model();
+    let c = m.model.config();
+    let text: String = "The quick brown fox jumps over the lazy dog. ".repeat(200);
+    let all = m.tokenizer.encode(&text, true).expect("encode");
+    for layout in [Layout::Head, Layout::Layer] {
+        let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout, sink: 16, recent: 64, chunk: 100, seed: 3, ..Default::default() };
+        let method = spec.resolve(c).expect("resolve");
+        assert_eq!(method.pattern.retrieval_count(), if layout == Layout::Head { 45 } else { 15 * 3 });
+        let runner = Runner::new(m, method);
+        let mut streaming_at_limit = None;
+        for &n in &[10usize, 80, 333, 700] {
+            let mut kv = runner.method.new_cache();
+            runner.prefill(&all[..n], &mut kv, |_| {}).expect("prefill");
+            let b = kv.bytes();
+            assert_eq!(b.retrieval, runner.method.plan.retrieval_bytes(n), "n={n}");
+            assert_eq!(b.streaming, runner.method.plan.streaming_bytes(n), "n={n}");
+            let per_head = 2 * c.head_dim * 4;
+            let (r, s) = (runner.method.pattern.retrieval_count(), runner.method.pattern.streaming_count());
+            assert_eq!(b.total(), per_head * (r * n + s * n.min(80)), "ALGORITHM.md formula, n={n}");
+            if n >= 80 {
+                assert_eq!(*streaming_at_limit.get_or_insert(b.streaming), b.streaming, "streaming part constant");
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_prefill_matches_one_chunk_for_full_attention_and_lambda_differs_only_for_streaming() {
+    let m = model();
+    let text: String = "Remember the passkey: alpha bravo charlie. ".repeat(40);
+    let prompt = m.tokenizer.encode(&text, true).expect("encode");
+    let one = last_logits(&MethodSpec { chunk: 4096, ..full() }, &prompt);
+    for chunk in [1usize, 37, 128] {
+        let chunked = last_logits(&MethodSpec { chunk, ..full() }, &prompt);
+        let worst = one.iter().zip(&chunked).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 2e-2, "chunk {chunk}: {worst}");
+    }
+    // Streaming heads: reference mode's first chunk is dense, so with one chunk it equals full attention.
+    let stream_ref = last_logits(&MethodSpec { method: Method::Streaming, prefill: PrefillMode::Reference, chunk: 4096, sink: 4, recent: 16, ..Default::default() }, &prompt);
+    assert_eq!(stream_ref, one);
+    let stream_lambda = last_logits(&MethodSpec { method: Method::Streaming, chunk: 4096, sink: 4, recent: 16, ..Default::default() }, &prompt);
+    assert!(stream_lambda.iter().zip(&one).any(|(a, b)| (a - b).abs() > 1e-3), "the Λ mask changes the result");
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_an_error_with_both_numbers() {
+    let m = model();
+    let runner = Runner::new(m, full().resolve(m.model.config()).expect("method"));
+    let prompt = vec![100u32; 8000];
+    let params = SamplingParams { max_tokens: 500, ..Default::default() };
+    let err = runner.generate(&prompt, &params, |_| true).unwrap_err();
+    assert!(matches!(err, EngineError::ContextLength { prompt: 8000, max_tokens: 500, context: 8192 }));
+    let msg = err.to_string();
+    assert!(msg.contains("8000") && msg.contains("8192"), "{msg}");
+    let mut kv = runner.method.new_cache();
+    let e = m.model.forward(&[60000], &mut kv, Logits::Last).unwrap_err().to_string();
+    assert!(e.contains("60000") && e.contains("49152"), "{e}");
+}
+
+#[test]
+fn same_seed_same_text_and_stop_strings_cut() {
+    let m = model();
+    let runner = Runner::new(m, full().resolve(m.model.config()).expect("method"));
+    let prompt = m.tokenizer.encode("Once upon a time", true).expect("encode");
+    let sample = |seed| {
+        let p = SamplingParams { temperature: 0.9, top_p: 0.95, seed, max_tokens: 16, ..Default::default() };
+        runner.generate(&prompt, &p, |_| true).expect("generate").text
+    };
+    assert_eq!(sample(1), sample(1));
+    let greedy = runner.generate(&prompt, &SamplingParams { max_tokens: 16, ..Default::default() }, |_| true).expect("greedy");
+    let cut_at = greedy.text.char_indices().nth(6).map(|(i, _)| i).expect("text");
+    let stop = greedy.text[cut_at..cut_at + 3.min(greedy.text.len() - cut_at)].to_string();
+    let mut streamed = String::new();
+    let stopped = runner
+        .generate(&prompt, &SamplingParams { max_tokens: 16, stop: vec![stop.clone()], ..Default::default() }, |t| {
+            streamed.push_str(t);
+            true
+        })
+        .expect("stop");
+    assert_eq!(stopped.finish_reason, duo_engine::FinishReason::Stop);
+    assert_eq!(stopped.text, greedy.text[..greedy.text.find(&stop).expect("stop in text")]);
+    assert_eq!(streamed, stopped.text, "streamed pieces add up to the text, stop string excluded");
+}

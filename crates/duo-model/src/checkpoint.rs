@@ -1,0 +1,342 @@
+//! Checkpoints: a GGUF file or a Hugging Face model folder, behind one interface that
+//! yields the resolved [`ModelConfig`], tensors by their GGUF names, the tokenizer and
+//! the chat template.
+//!
+//! GGUF tensor names (`blk.N.attn_q.weight`, ...) are the canonical names; Hugging Face
+//! names are mapped onto them, so the model code reads one vocabulary.
+
+use crate::error::{ModelError, Result};
+use crate::gguf::{GgufFile, MetaValue};
+use crate::tokenizer::TextTokenizer;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+use duo_core::config::{Architecture, ModelConfig, RopeStyle};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A loaded checkpoint.
+#[derive(Debug)]
+pub enum Checkpoint {
+    /// A single GGUF file.
+    Gguf(GgufFile),
+    /// A Hugging Face folder with safetensors weights.
+    HfFolder(HfFolder),
+}
+
+impl Checkpoint {
+    /// Opens a GGUF file or a Hugging Face model folder.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Ok(Checkpoint::HfFolder(HfFolder::open(path)?))
+        } else if path.exists() {
+            Ok(Checkpoint::Gguf(GgufFile::open(path)?))
+        } else {
+            Err(ModelError::Io { path: path.into(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder") })
+        }
+    }
+
+    /// The resolved, validated configuration.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let c = match self {
+            Checkpoint::Gguf(g) => gguf_config(g)?,
+            Checkpoint::HfFolder(h) => h.config()?,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Whether a tensor exists (by GGUF name).
+    pub fn has(&self, name: &str) -> bool {
+        match self {
+            Checkpoint::Gguf(g) => g.tensors.contains_key(name),
+            Checkpoint::HfFolder(h) => h.index.contains_key(&hf_name(name)),
+        }
+    }
+
+    /// A weight matrix of `shape` (`[out, in]`), ready for matmuls.
+    pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Arc<QTensor>> {
+        match self {
+            Checkpoint::Gguf(g) => Ok(Arc::new(g.qtensor(name, shape)?)),
+            Checkpoint::HfFolder(h) => {
+                let t = h.tensor(name, shape)?;
+                Ok(Arc::new(QTensor::quantize(&t, GgmlDType::F32)?))
+            }
+        }
+    }
+
+    /// A vector or matrix in `f32`.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        match self {
+            Checkpoint::Gguf(g) => g.f32_tensor(name, shape),
+            Checkpoint::HfFolder(h) => Ok(h.tensor(name, shape)?.flatten_all()?.to_vec1::<f32>()?),
+        }
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        match self {
+            Checkpoint::Gguf(g) => TextTokenizer::from_gguf(g),
+            Checkpoint::HfFolder(h) => TextTokenizer::from_hf_folder(&h.dir),
+        }
+    }
+
+    /// The chat template shipped with the model, if any.
+    pub fn chat_template(&self) -> Result<Option<String>> {
+        match self {
+            Checkpoint::Gguf(g) => Ok(g.meta("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_owned)),
+            Checkpoint::HfFolder(h) => h.chat_template(),
+        }
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        match self {
+            Checkpoint::Gguf(g) => g.path(),
+            Checkpoint::HfFolder(h) => &h.dir,
+        }
+    }
+}
+
+/// Wraps a weight for matmuls.
+pub fn qmatmul(t: Arc<QTensor>) -> Result<QMatMul> {
+    Ok(QMatMul::from_arc(t)?)
+}
+
+fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
+    let arch_name = g.meta_str("general.architecture")?;
+    let architecture = match arch_name {
+        "llama" | "mistral" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        other => return Err(ModelError::Unsupported(format!("architecture `{other}` (supported: llama, mistral, qwen2)"))),
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let hidden = g.meta_u64(&key("embedding_length"))? as usize;
+    let n_heads = g.meta_u64(&key("attention.head_count"))? as usize;
+    let n_kv = g.meta(&key("attention.head_count_kv")).and_then(MetaValue::as_u64).map_or(n_heads, |v| v as usize);
+    let head_dim = g
+        .meta(&key("attention.key_length"))
+        .and_then(MetaValue::as_u64)
+        .map(|v| v as usize)
+        .unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 });
+    let vocab = g.tensors.get("token_embd.weight").map(|t| t.shape[0]).ok_or(ModelError::MissingTensor { name: "token_embd.weight".into() })?;
+    let rope_freq_factors = if g.tensors.contains_key("rope_freqs.weight") {
+        Some(g.f32_tensor("rope_freqs.weight", &[head_dim / 2])?)
+    } else {
+        None
+    };
+    if let Some(t) = g.meta(&key("rope.scaling.type")).and_then(MetaValue::as_str) {
+        if t != "none" {
+            return Err(ModelError::Unsupported(format!("RoPE scaling `{t}`")));
+        }
+    }
+    let eos = g.meta("tokenizer.ggml.eos_token_id").and_then(MetaValue::as_u64).map(|v| v as u32);
+    let mut eos_token_ids: Vec<u32> = eos.into_iter().collect();
+    if let Some(e) = g.meta("tokenizer.ggml.eot_token_id").and_then(MetaValue::as_u64) {
+        eos_token_ids.push(e as u32);
+    }
+    Ok(ModelConfig {
+        architecture,
+        n_layers: g.meta_u64(&key("block_count"))? as usize,
+        hidden_size: hidden,
+        n_heads,
+        n_kv_heads: n_kv,
+        head_dim,
+        intermediate_size: g.meta_u64(&key("feed_forward_length"))? as usize,
+        vocab_size: vocab,
+        context_length: g.meta_u64(&key("context_length"))? as usize,
+        rope_theta: g.meta(&key("rope.freq_base")).and_then(MetaValue::as_f64).unwrap_or(10000.0) as f32,
+        rope_style: if architecture == Architecture::Qwen2 { RopeStyle::HalfSplit } else { RopeStyle::Interleaved },
+        rope_freq_factors,
+        rms_norm_eps: g.meta(&key("attention.layer_norm_rms_epsilon")).and_then(MetaValue::as_f64).unwrap_or(1e-5) as f32,
+        tie_embeddings: !g.tensors.contains_key("output.weight"),
+        bos_token_id: g.meta("tokenizer.ggml.bos_token_id").and_then(MetaValue::as_u64).map(|v| v as u32),
+        eos_token_ids,
+    })
+}
+
+/// Maps a GGUF tensor name to its Hugging Face name.
+fn hf_name(name: &str) -> String {
+    let base = name.trim_end_matches(".weight").trim_end_matches(".bias");
+    let suffix = &name[base.len()..];
+    let mapped = match base {
+        "token_embd" => "model.embed_tokens".to_string(),
+        "output_norm" => "model.norm".to_string(),
+        "output" => "lm_head".to_string(),
+        _ => {
+            let rest = base.strip_prefix("blk.").unwrap_or(base);
+            let (layer, part) = rest.split_once('.').unwrap_or((rest, ""));
+            let p = match part {
+                "attn_norm" => "input_layernorm",
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "ffn_norm" => "post_attention_layernorm",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                other => other,
+            };
+            format!("model.layers.{layer}.{p}")
+        }
+    };
+    format!("{mapped}{suffix}")
+}
+
+/// A Hugging Face model folder: `config.json`, `*.safetensors` (one file or an index),
+/// `tokenizer.json`, `tokenizer_config.json`.
+#[derive(Debug)]
+pub struct HfFolder {
+    dir: PathBuf,
+    config_json: serde_json::Value,
+    /// Tensor name -> file holding it.
+    index: BTreeMap<String, PathBuf>,
+    files: std::sync::Mutex<BTreeMap<PathBuf, Arc<Vec<u8>>>>,
+}
+
+impl HfFolder {
+    fn open(dir: &Path) -> Result<Self> {
+        let read_json = |p: PathBuf| -> Result<serde_json::Value> {
+            let text = std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p.clone(), source })?;
+            serde_json::from_str(&text).map_err(|e| ModelError::Malformed { path: p, reason: e.to_string() })
+        };
+        let config_json = read_json(dir.join("config.json"))?;
+        let mut index = BTreeMap::new();
+        let idx_path = dir.join("model.safetensors.index.json");
+        if idx_path.exists() {
+            let idx = read_json(idx_path.clone())?;
+            let map = idx.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Malformed { path: idx_path.clone(), reason: "no `weight_map` object".into() })?;
+            for (name, file) in map {
+                let f = file.as_str().filter(|f| !f.contains('/') && !f.contains("..")).ok_or_else(|| ModelError::Malformed { path: idx_path.clone(), reason: format!("bad file name for `{name}`") })?;
+                index.insert(name.clone(), dir.join(f));
+            }
+        } else {
+            let single = dir.join("model.safetensors");
+            let bytes = std::fs::read(&single).map_err(|source| ModelError::Io { path: single.clone(), source })?;
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Malformed { path: single.clone(), reason: e.to_string() })?;
+            for name in st.names() {
+                index.insert(name.to_string(), single.clone());
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), config_json, index, files: Default::default() })
+    }
+
+    fn file(&self, path: &Path) -> Result<Arc<Vec<u8>>> {
+        let mut files = self.files.lock().map_err(|_| ModelError::Unsupported("poisoned file cache".into()))?;
+        if let Some(b) = files.get(path) {
+            return Ok(b.clone());
+        }
+        let bytes = Arc::new(std::fs::read(path).map_err(|source| ModelError::Io { path: path.into(), source })?);
+        files.insert(path.to_path_buf(), bytes.clone());
+        Ok(bytes)
+    }
+
+    fn tensor(&self, gguf_name: &str, shape: &[usize]) -> Result<Tensor> {
+        let name = hf_name(gguf_name);
+        let path = self.index.get(&name).ok_or(ModelError::MissingTensor { name: name.clone() })?;
+        let bytes = self.file(path)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Malformed { path: path.clone(), reason: e.to_string() })?;
+        let view = st.tensor(&name).map_err(|e| ModelError::Malformed { path: path.clone(), reason: e.to_string() })?;
+        if view.shape() != shape {
+            return Err(ModelError::TensorShape { name, got: view.shape().to_vec(), expected: shape.to_vec() });
+        }
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            d => return Err(ModelError::Unsupported(format!("tensor `{name}` has dtype {d:?}"))),
+        };
+        Ok(Tensor::from_raw_buffer(view.data(), dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    fn chat_template(&self) -> Result<Option<String>> {
+        let p = self.dir.join("tokenizer_config.json");
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Malformed { path: p, reason: e.to_string() })?;
+        Ok(match v.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take the default one.
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_owned),
+            _ => None,
+        })
+    }
+
+    fn config(&self) -> Result<ModelConfig> {
+        let c = &self.config_json;
+        let path = self.dir.join("config.json");
+        let bad = |m: String| ModelError::Malformed { path: path.clone(), reason: m };
+        let get_u = |k: &str| c.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| bad(format!("`{k}` is missing or not an integer")));
+        let archs: Vec<&str> = c.get("architectures").and_then(|a| a.as_array()).map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        let model_type = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let architecture = match model_type {
+            "llama" | "mistral" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            other => return Err(ModelError::Unsupported(format!("model_type `{other}` ({archs:?}); supported: llama, mistral, qwen2"))),
+        };
+        let hidden = get_u("hidden_size")?;
+        let n_heads = get_u("num_attention_heads")?;
+        let n_kv = c.get("num_key_value_heads").and_then(|v| v.as_u64()).map_or(n_heads, |v| v as usize);
+        let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 });
+        let theta = c.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32;
+        let rope_freq_factors = match c.get("rope_scaling").filter(|v| !v.is_null()) {
+            None => None,
+            Some(s) => {
+                let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("");
+                if ty != "llama3" {
+                    return Err(ModelError::Unsupported(format!("rope_scaling type `{ty}` (only `llama3` is supported)")));
+                }
+                let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).map(|v| v as f32).ok_or_else(|| bad(format!("rope_scaling.{k} missing")));
+                Some(ModelConfig::llama3_freq_factors(head_dim, theta, f("factor")?, f("low_freq_factor")?, f("high_freq_factor")?, f("original_max_position_embeddings")?))
+            }
+        };
+        let ids = |k: &str| -> Vec<u32> {
+            match c.get(k) {
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+                _ => vec![],
+            }
+        };
+        Ok(ModelConfig {
+            architecture,
+            n_layers: get_u("num_hidden_layers")?,
+            hidden_size: hidden,
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim,
+            intermediate_size: get_u("intermediate_size")?,
+            vocab_size: get_u("vocab_size")?,
+            context_length: get_u("max_position_embeddings")?,
+            rope_theta: theta,
+            rope_style: RopeStyle::HalfSplit,
+            rope_freq_factors,
+            rms_norm_eps: c.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
+            tie_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false) || !self.index.contains_key("lm_head.weight"),
+            bos_token_id: ids("bos_token_id").first().copied(),
+            eos_token_ids: ids("eos_token_id"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hf_name;
+
+    #[test]
+    fn gguf_names_map_to_hf_names() {
+        assert_eq!(hf_name("blk.3.attn_q.weight"), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias"), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("blk.12.ffn_down.weight"), "model.layers.12.mlp.down_proj.weight");
+        assert_eq!(hf_name("token_embd.weight"), "model.embed_tokens.weight");
+        assert_eq!(hf_name("output.weight"), "lm_head.weight");
+        assert_eq!(hf_name("output_norm.weight"), "model.norm.weight");
+    }
+}

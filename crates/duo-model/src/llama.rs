@@ -1,0 +1,190 @@
+//! The Llama-family forward pass (Llama 1/2/3/3.1, Mistral, SmolLM, Qwen2).
+//!
+//! Anatomy, as in the checkpoint: token embedding; per block RMSNorm -> q/k/v
+//! projections (+ bias for Qwen2) -> RoPE -> attention -> output projection -> residual,
+//! RMSNorm -> SwiGLU feed-forward -> residual; final RMSNorm; LM head (tied to the
+//! embedding when the checkpoint has no `output.weight`).
+//!
+//! The model owns no KV memory: attention goes through the [`SequenceKv`] the caller
+//! passes in, which decides per KV head between a full and a streaming cache.
+
+use crate::checkpoint::{qmatmul, Checkpoint};
+use crate::error::{ModelError, Result};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use duo_core::config::{ModelConfig, RopeStyle};
+use duo_kernels::ops::{rms_norm, swiglu, Rope};
+use duo_kv::SequenceKv;
+use std::sync::Arc;
+
+/// A projection: `y = x W^T (+ b)`.
+struct Linear {
+    weight: QMatMul, // [out, in]
+    bias: Option<Vec<f32>>, // [out]
+    out_dim: usize,
+}
+
+impl Linear {
+    fn load(ck: &Checkpoint, name: &str, out_dim: usize, in_dim: usize, with_bias: bool) -> Result<Self> {
+        let weight = qmatmul(ck.matrix(&format!("{name}.weight"), &[out_dim, in_dim])?)?;
+        let bias = if with_bias { Some(ck.f32(&format!("{name}.bias"), &[out_dim])?) } else { None };
+        Ok(Self { weight, bias, out_dim })
+    }
+
+    /// `x`: `[t, in]` -> `[t, out]`.
+    fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        let xt = Tensor::from_slice(x, (t, x.len() / t), &Device::Cpu)?;
+        let mut y = self.weight.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(b) = &self.bias {
+            for row in y.chunks_mut(self.out_dim) {
+                for (v, b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// One transformer block.
+struct Block {
+    attn_norm: Vec<f32>, // [hidden]
+    q: Linear,           // [n_heads * head_dim, hidden]
+    k: Linear,           // [n_kv_heads * head_dim, hidden]
+    v: Linear,           // [n_kv_heads * head_dim, hidden]
+    o: Linear,           // [hidden, n_heads * head_dim]
+    ffn_norm: Vec<f32>,  // [hidden]
+    gate: Linear,        // [ffn, hidden]
+    up: Linear,          // [ffn, hidden]
+    down: Linear,        // [hidden, ffn]
+}
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position's: `[vocab]`.
+    Last,
+    /// Every position's: `[t, vocab]`.
+    All,
+    /// None (a prefill chunk that is not the last).
+    None,
+}
+
+/// A loaded model.
+pub struct Model {
+    config: ModelConfig,
+    embed: Arc<QTensor>, // [vocab, hidden]
+    blocks: Vec<Block>,
+    norm: Vec<f32>,  // [hidden]
+    lm_head: QMatMul, // [vocab, hidden]
+    rope: Rope,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("config", &self.config).finish()
+    }
+}
+
+impl Model {
+    /// Loads every weight the configuration calls for, checking each shape.
+    pub fn load(ck: &Checkpoint, config: ModelConfig) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let bias = c.architecture == duo_core::Architecture::Qwen2;
+        let embed = ck.matrix("token_embd.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_embeddings { qmatmul(embed.clone())? } else { qmatmul(ck.matrix("output.weight", &[c.vocab_size, h])?)? };
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let p = format!("blk.{l}");
+            blocks.push(Block {
+                attn_norm: ck.f32(&format!("{p}.attn_norm.weight"), &[h])?,
+                q: Linear::load(ck, &format!("{p}.attn_q"), c.n_heads * hd, h, bias)?,
+                k: Linear::load(ck, &format!("{p}.attn_k"), c.n_kv_heads * hd, h, bias)?,
+                v: Linear::load(ck, &format!("{p}.attn_v"), c.n_kv_heads * hd, h, bias)?,
+                o: Linear::load(ck, &format!("{p}.attn_output"), h, c.n_heads * hd, false)?,
+                ffn_norm: ck.f32(&format!("{p}.ffn_norm.weight"), &[h])?,
+                gate: Linear::load(ck, &format!("{p}.ffn_gate"), c.intermediate_size, h, false)?,
+                up: Linear::load(ck, &format!("{p}.ffn_up"), c.intermediate_size, h, false)?,
+                down: Linear::load(ck, &format!("{p}.ffn_down"), h, c.intermediate_size, false)?,
+            });
+        }
+        let norm = ck.f32("output_norm.weight", &[h])?;
+        let rope = Rope::new(hd, c.rope_theta, c.rope_style == RopeStyle::HalfSplit, c.rope_freq_factors.as_deref());
+        Ok(Self { config, embed, blocks, norm, lm_head, rope })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Runs one chunk of `tokens` at positions `kv.tokens()..` through the model,
+    /// appending to `kv`, and returns the requested logits.
+    pub fn forward(&self, tokens: &[u32], kv: &mut SequenceKv, logits: Logits) -> Result<Vec<f32>> {
+        let hidden = self.hidden_states(tokens, kv)?;
+        self.logits(&hidden, tokens.len(), logits)
+    }
+
+    /// Like [`Model::forward`] but returns the final-norm hidden states `[t, hidden]`.
+    pub fn hidden_states(&self, tokens: &[u32], kv: &mut SequenceKv) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let t = tokens.len();
+        if t == 0 {
+            return Err(ModelError::Input("empty chunk".into()));
+        }
+        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        let start = kv.tokens();
+        if start + t > c.context_length {
+            return Err(ModelError::Input(format!(
+                "{} tokens exceed the model's context length of {}",
+                start + t,
+                c.context_length
+            )));
+        }
+        let ids = Tensor::from_slice(tokens, (t,), &Device::Cpu)?;
+        let mut x = self.embed.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?; // [t, hidden]
+        let mode = kv.mode();
+        for (l, b) in self.blocks.iter().enumerate() {
+            let mut hn = x.clone();
+            rms_norm(&mut hn, &b.attn_norm, c.rms_norm_eps);
+            let mut q = b.q.forward(&hn, t)?; // [t, n_heads * hd]
+            let mut k = b.k.forward(&hn, t)?; // [t, n_kv * hd]
+            let v = b.v.forward(&hn, t)?; // [t, n_kv * hd]
+            self.rope.apply(&mut q, c.n_heads, start);
+            self.rope.apply(&mut k, c.n_kv_heads, start);
+            let attn = kv.layer_mut(l).attend(&q, &k, &v, start, c.n_heads, mode); // [t, n_heads * hd]
+            let o = b.o.forward(&attn, t)?;
+            for (xi, oi) in x.iter_mut().zip(&o) {
+                *xi += oi;
+            }
+            let mut hn = x.clone();
+            rms_norm(&mut hn, &b.ffn_norm, c.rms_norm_eps);
+            let mut g = b.gate.forward(&hn, t)?;
+            let u = b.up.forward(&hn, t)?;
+            swiglu(&mut g, &u);
+            let d = b.down.forward(&g, t)?;
+            for (xi, di) in x.iter_mut().zip(&d) {
+                *xi += di;
+            }
+        }
+        kv.advance(t);
+        rms_norm(&mut x, &self.norm, c.rms_norm_eps);
+        Ok(x)
+    }
+
+    /// LM head over final-norm hidden states.
+    pub fn logits(&self, hidden: &[f32], t: usize, which: Logits) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let rows = match which {
+            Logits::None => return Ok(Vec::new()),
+            Logits::Last => &hidden[(t - 1) * h..],
+            Logits::All => hidden,
+        };
+        let n = rows.len() / h;
+        let xt = Tensor::from_slice(rows, (n, h), &Device::Cpu)?;
+        Ok(self.lm_head.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
