@@ -20,3 +20,4 @@
 
 pub mod attention;
 pub mod ops;
+pub mod quant;

@@ -8,10 +8,10 @@
 //! The model owns no KV memory: attention goes through the [`SequenceKv`] the caller
 //! passes in, which decides per KV head between a full and a streaming cache.
 
-use crate::checkpoint::{qmatmul, Checkpoint};
+use crate::checkpoint::{Checkpoint, Weight};
 use crate::error::{ModelError, Result};
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
 use duo_core::config::{ModelConfig, RopeStyle};
 use duo_kernels::ops::{rms_norm, swiglu, Rope};
 use duo_kv::SequenceKv;
@@ -19,22 +19,21 @@ use std::sync::Arc;
 
 /// A projection: `y = x W^T (+ b)`.
 struct Linear {
-    weight: QMatMul, // [out, in]
+    weight: Weight, // [out, in]
     bias: Option<Vec<f32>>, // [out]
     out_dim: usize,
 }
 
 impl Linear {
     fn load(ck: &Checkpoint, name: &str, out_dim: usize, in_dim: usize, with_bias: bool) -> Result<Self> {
-        let weight = qmatmul(ck.matrix(&format!("{name}.weight"), &[out_dim, in_dim])?)?;
+        let weight = ck.weight(&format!("{name}.weight"), &[out_dim, in_dim])?;
         let bias = if with_bias { Some(ck.f32(&format!("{name}.bias"), &[out_dim])?) } else { None };
         Ok(Self { weight, bias, out_dim })
     }
 
     /// `x`: `[t, in]` -> `[t, out]`.
     fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
-        let xt = Tensor::from_slice(x, (t, x.len() / t), &Device::Cpu)?;
-        let mut y = self.weight.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = self.weight.forward(x, t)?;
         if let Some(b) = &self.bias {
             for row in y.chunks_mut(self.out_dim) {
                 for (v, b) in row.iter_mut().zip(b) {
@@ -76,7 +75,7 @@ pub struct Model {
     embed: Arc<QTensor>, // [vocab, hidden]
     blocks: Vec<Block>,
     norm: Vec<f32>,  // [hidden]
-    lm_head: QMatMul, // [vocab, hidden]
+    lm_head: Weight, // [vocab, hidden]
     rope: Rope,
 }
 
@@ -93,7 +92,7 @@ impl Model {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let bias = c.architecture == duo_core::Architecture::Qwen2;
         let embed = ck.matrix("token_embd.weight", &[c.vocab_size, h])?;
-        let lm_head = if c.tie_embeddings { qmatmul(embed.clone())? } else { qmatmul(ck.matrix("output.weight", &[c.vocab_size, h])?)? };
+        let lm_head = ck.weight(if c.tie_embeddings { "token_embd.weight" } else { "output.weight" }, &[c.vocab_size, h])?;
         let mut blocks = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let p = format!("blk.{l}");
@@ -183,8 +182,6 @@ impl Model {
             Logits::Last => &hidden[(t - 1) * h..],
             Logits::All => hidden,
         };
-        let n = rows.len() / h;
-        let xt = Tensor::from_slice(rows, (n, h), &Device::Cpu)?;
-        Ok(self.lm_head.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?)
+        self.lm_head.forward(rows, rows.len() / h)
     }
 }
