@@ -34,10 +34,10 @@ impl RetrievalHead {
         self.values.extend_from_slice(&value[..self.head_dim]);
     }
 
-    /// Reserves room for `tokens` more tokens (one allocation instead of doublings).
+    /// Reserves room for `tokens` more tokens (amortised: capacity at least doubles).
     pub fn reserve(&mut self, tokens: usize) {
-        self.keys.reserve_exact(tokens * self.head_dim);
-        self.values.reserve_exact(tokens * self.head_dim);
+        self.keys.reserve(tokens * self.head_dim);
+        self.values.reserve(tokens * self.head_dim);
     }
 }
 
