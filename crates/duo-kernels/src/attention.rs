@@ -200,18 +200,18 @@ fn visible_ranges(vis: Visibility, i: usize, start: usize, n: usize, cached: boo
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Fixed-size chunks so the compiler drops bounds checks and vectorises.
     let mut s = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        let x: &[f32; 8] = x.try_into().expect("chunk of 8");
+        let y: &[f32; 8] = y.try_into().expect("chunk of 8");
         for k in 0..8 {
-            s[k] = a[c * 8 + k].mul_add(b[c * 8 + k], s[k]);
+            s[k] = x[k].mul_add(y[k], s[k]);
         }
     }
-    let mut t = s.iter().sum::<f32>();
-    for k in chunks * 8..a.len() {
-        t += a[k] * b[k];
-    }
-    t
+    s.iter().sum::<f32>() + tail
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -75,7 +75,7 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     // Two-step reduction r = x - n ln2, exact enough in f32.
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // Taylor/minimax polynomial for e^r on |r| <= ln2/2.

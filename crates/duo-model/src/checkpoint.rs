@@ -10,6 +10,7 @@ use crate::gguf::{GgufFile, MetaValue};
 use crate::tokenizer::TextTokenizer;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
+use duo_kernels::quant::{QuantKind, QuantMatrix};
 use candle_core::{DType, Device, Tensor};
 use duo_core::config::{Architecture, ModelConfig, RopeStyle};
 use std::collections::BTreeMap;
@@ -99,21 +100,49 @@ impl Checkpoint {
     }
 }
 
-/// A weight matrix ready for `y = x W^T` (candle's quantised or dense matmul).
-pub struct Weight(QMatMul);
+/// A weight matrix ready for `y = x W^T`: Q4_1 and Q8_0 run duo's own kernels (which
+/// quantise activations and sum block products as llama.cpp does); every other type runs
+/// candle's quantised or dense matmul.
+pub enum Weight {
+    /// duo's kernel.
+    Native(QuantMatrix),
+    /// candle's matmul.
+    Candle(QMatMul),
+}
 
 impl Weight {
     /// `x`: `[t, in]` -> `[t, out]`.
     pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
-        let xt = Tensor::from_slice(x, (t, x.len() / t), &Device::Cpu)?;
-        Ok(self.0.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?)
+        match self {
+            Weight::Native(m) => Ok(m.matmul(x, t)),
+            Weight::Candle(w) => {
+                let xt = Tensor::from_slice(x, (t, x.len() / t), &Device::Cpu)?;
+                Ok(w.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
     }
 }
 
 impl Checkpoint {
     /// A weight matrix of `shape` (`[out, in]`) for matmuls.
     pub fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        Ok(Weight(QMatMul::from_arc(self.matrix(name, shape)?)?))
+        if let Checkpoint::Gguf(g) = self {
+            let (info, bytes) = g.tensor_bytes(name)?;
+            let kind = match info.dtype {
+                GgmlDType::Q4_1 => Some(QuantKind::Q4_1),
+                GgmlDType::Q8_0 => Some(QuantKind::Q8_0),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                if info.shape != shape {
+                    return Err(ModelError::TensorShape { name: name.into(), got: info.shape.clone(), expected: shape.to_vec() });
+                }
+                let m = QuantMatrix::new(kind, shape[0], shape[1], bytes.to_vec())
+                    .map_err(|e| ModelError::Malformed { path: g.path().into(), reason: format!("tensor `{name}`: {e}") })?;
+                return Ok(Weight::Native(m));
+            }
+        }
+        Ok(Weight::Candle(QMatMul::from_arc(self.matrix(name, shape)?)?))
     }
 }
 
