@@ -177,7 +177,7 @@ impl<'a> Reader<'a> {
                     t => return Err(self.bad(format!("unknown array element type {t}"))),
                 };
                 let n = self.count("array", min)?;
-                let mut out = Vec::with_capacity(n);
+                let mut out = Vec::with_capacity(n.min(1 << 16)); // grows only as elements parse
                 for _ in 0..n {
                     out.push(self.value(inner, depth + 1)?);
                 }
@@ -240,7 +240,7 @@ impl GgufFile {
             let value = r.value(ty, 0)?;
             metadata.insert(key, value);
         }
-        let mut infos = Vec::with_capacity(n_tensors);
+        let mut infos = Vec::with_capacity(n_tensors.min(1 << 16));
         for _ in 0..n_tensors {
             let name = r.string()?;
             let n_dims = r.u32()? as usize;

@@ -93,7 +93,7 @@ impl Model {
         let bias = c.architecture == duo_core::Architecture::Qwen2;
         let embed = ck.matrix("token_embd.weight", &[c.vocab_size, h])?;
         let lm_head = ck.weight(if c.tie_embeddings { "token_embd.weight" } else { "output.weight" }, &[c.vocab_size, h])?;
-        let mut blocks = Vec::with_capacity(c.n_layers);
+        let mut blocks = Vec::new(); // not with_capacity: n_layers comes from the file
         for l in 0..c.n_layers {
             let p = format!("blk.{l}");
             blocks.push(Block {

@@ -369,3 +369,49 @@ proptest! {
         }
     }
 }
+
+/// The real default model's header (metadata, vocabulary, tensor directory), mutated at
+/// random: parsing, config resolution, tokenizer and model loading return errors or
+/// succeed, never panic.
+mod real_header {
+    use super::*;
+
+    fn real() -> &'static (Vec<u8>, usize) {
+        static R: std::sync::OnceLock<(Vec<u8>, usize)> = std::sync::OnceLock::new();
+        R.get_or_init(|| {
+            let path = duo_model::fetch::default_model().expect("default model");
+            let bytes = std::fs::read(path).expect("read");
+            let g = GgufFile::from_bytes(bytes.clone(), Path::new("real.gguf")).expect("real file parses");
+            let header_end = g.tensors.values().map(|t| t.offset).min().expect("tensors");
+            (bytes, header_end)
+        })
+    }
+
+    #[test]
+    fn real_header_truncations_are_errors() {
+        let (bytes, header_end) = real();
+        for cut in [0usize, 3, 4, 8, 23, 24, 1000, header_end / 2, header_end - 1, *header_end, bytes.len() - 1] {
+            let r = GgufFile::from_bytes(bytes[..cut].to_vec(), Path::new("cut.gguf"));
+            assert!(r.is_err(), "cut at {cut} of {} bytes parsed", bytes.len());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn mutated_real_headers_never_panic(edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6)) {
+            let (bytes, header_end) = real();
+            let mut b = bytes.clone();
+            for (pos, byte) in edits {
+                b[pos % header_end] = byte;
+            }
+            if let Ok(g) = GgufFile::from_bytes(b, Path::new("mutated-real.gguf")) {
+                let ck = Checkpoint::Gguf(g);
+                let _ = ck.tokenizer();
+                if let Ok(cfg) = ck.config() {
+                    let _ = duo_model::Model::load(&ck, cfg);
+                }
+            }
+        }
+    }
+}
