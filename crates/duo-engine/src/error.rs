@@ -21,6 +21,16 @@ pub enum EngineError {
         /// The model's context length.
         context: usize,
     },
+    /// The KV cache a request needs does not fit in the memory available.
+    #[error("the KV cache for {tokens} tokens needs {needed_mib:.1} MiB, but only {available_mib:.1} MiB of memory is available")]
+    KvMemory {
+        /// Tokens the sequence may reach.
+        tokens: usize,
+        /// MiB the cache plan needs at that length.
+        needed_mib: f64,
+        /// MiB available.
+        available_mib: f64,
+    },
     /// The model failed.
     #[error(transparent)]
     Model(#[from] duo_model::ModelError),

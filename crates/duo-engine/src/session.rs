@@ -143,7 +143,10 @@ impl<'m> Runner<'m> {
         self.check_fits(prompt.len(), params.max_tokens)?;
         let tok = &self.model.tokenizer;
         let eos = &self.model.model.config().eos_token_ids;
+        let total = prompt.len() + params.max_tokens;
+        check_kv_memory(self.method.plan.total_bytes(total), available_memory(), total)?;
         let mut kv = self.method.new_cache();
+        kv.reserve(total);
         let t0 = Instant::now();
         let mut logits = self.prefill(prompt, &mut kv, |_| {})?;
         let prefill_seconds = t0.elapsed().as_secs_f64();
@@ -236,6 +239,26 @@ impl<'m> Runner<'m> {
     }
 }
 
+/// Bytes of memory available to new allocations (Linux `MemAvailable`), if known.
+pub fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Errors when a cache plan needs more than the memory available (unknown: no check).
+pub fn check_kv_memory(needed: usize, available: Option<usize>, tokens: usize) -> Result<()> {
+    match available {
+        Some(avail) if needed > avail => Err(EngineError::KvMemory {
+            tokens,
+            needed_mib: needed as f64 / (1 << 20) as f64,
+            available_mib: avail as f64 / (1 << 20) as f64,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Length of the longest suffix of `text` that is a proper prefix of `stop`.
 fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
     (1..stop.len()).rev().find(|&n| n <= text.len() && text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n])).unwrap_or(0)
@@ -257,6 +280,15 @@ mod tests {
         assert!(best.top1 && best.rank == 1);
         // A tie at the top: only the argmax (the first) counts as top-1.
         assert!(!score_token(&logits, 3).top1);
+    }
+
+    #[test]
+    fn kv_memory_check_names_both_sizes() {
+        assert!(check_kv_memory(10 << 20, Some(20 << 20), 100).is_ok());
+        assert!(check_kv_memory(10 << 20, None, 100).is_ok());
+        let e = check_kv_memory(30 << 20, Some(20 << 20), 4096).unwrap_err().to_string();
+        assert!(e.contains("4096 tokens") && e.contains("30.0 MiB") && e.contains("20.0 MiB"), "{e}");
+        assert!(available_memory().is_some_and(|b| b > 0) || !std::path::Path::new("/proc/meminfo").exists());
     }
 
     #[test]

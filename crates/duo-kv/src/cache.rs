@@ -34,6 +34,18 @@ impl RetrievalHead {
         self.values.extend_from_slice(&value[..self.head_dim]);
     }
 
+    /// Makes the capacity at least `tokens` tokens in total, in one exact allocation.
+    pub fn reserve_total(&mut self, tokens: usize) {
+        let want = tokens * self.head_dim;
+        self.keys.reserve_exact(want.saturating_sub(self.keys.len()));
+        self.values.reserve_exact(want.saturating_sub(self.values.len()));
+    }
+
+    /// Capacity in tokens (allocated, not necessarily filled).
+    pub fn capacity(&self) -> usize {
+        self.keys.capacity() / self.head_dim
+    }
+
     /// Reserves room for `tokens` more tokens (amortised: capacity at least doubles).
     pub fn reserve(&mut self, tokens: usize) {
         self.keys.reserve(tokens * self.head_dim);
@@ -188,6 +200,20 @@ mod tests {
         }
         assert_eq!(h.positions_in_order(), vec![3, 4]);
         assert_eq!(h.sink_len(), 0);
+    }
+
+    #[test]
+    fn reserve_total_allocates_once() {
+        let mut h = RetrievalHead::new(2);
+        h.reserve_total(10);
+        let cap = h.capacity();
+        assert!(cap >= 10);
+        let ptr = h.keys.as_ptr();
+        for p in 0..10 {
+            h.append(&row(p), &row(p));
+        }
+        assert_eq!(h.keys.as_ptr(), ptr, "no reallocation within the reserved length");
+        assert_eq!(h.capacity(), cap);
     }
 
     #[test]

@@ -195,6 +195,18 @@ impl SequenceKv {
         &self.layers
     }
 
+    /// Reserves room for `tokens` tokens in every retrieval cache at once, so a sequence
+    /// whose length is known up front allocates its KV memory once.
+    pub fn reserve(&mut self, tokens: usize) {
+        for layer in &mut self.layers {
+            for head in &mut layer.heads {
+                if let HeadCache::Retrieval(h) = head {
+                    h.reserve_total(tokens);
+                }
+            }
+        }
+    }
+
     /// Records that a chunk of `t` tokens went through every layer.
     pub fn advance(&mut self, t: usize) {
         self.tokens += t;
