@@ -274,22 +274,27 @@ mod avx2 {
         let low = _mm_set1_epi8(0x0F);
         let bb = kind.block_bytes();
         let nb = acts.nb;
-        debug_assert_eq!(row.data.len(), nb * bb);
+        // The raw reads below stay inside these bounds.
+        assert!(row.data.len() == nb * bb && row.scales.len() == nb && row.mins.len() == nb);
+        assert!(acts.qs.len() >= out.len() * acts.k && acts.k >= nb * BLOCK);
+        assert!(acts.d.len() >= out.len() * nb && acts.s.len() >= out.len() * nb);
+        let (scales, mins) = (row.scales.as_ptr(), row.mins.as_ptr());
         for (ti, o) in out.iter_mut().enumerate() {
             let y_base = acts.qs.as_ptr().add(ti * acts.k);
+            let (yd, ys) = (acts.d.as_ptr().add(ti * nb), acts.s.as_ptr().add(ti * nb));
             let mut acc = _mm256_setzero_ps();
             let mut summs = 0.0f32;
             for b in 0..nb {
                 let blk = row.data.as_ptr().add(b * bb);
                 let y = _mm256_loadu_si256(y_base.add(b * BLOCK) as *const __m256i);
-                let d = _mm256_set1_ps(row.scales[b] * acts.d[ti * nb + b]);
+                let d = _mm256_set1_ps(*scales.add(b) * *yd.add(b));
                 let prod = match kind {
                     QuantKind::Q4_1 => {
                         let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
                         let lo = _mm_and_si128(q, low);
                         let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
                         let x = _mm256_set_m128i(hi, lo);
-                        summs += row.mins[b] * acts.s[ti * nb + b];
+                        summs += *mins.add(b) * *ys.add(b);
                         _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), ones)
                     }
                     QuantKind::Q8_0 => {
