@@ -86,10 +86,10 @@ impl ModelConfig {
                 self.n_layers, self.hidden_size, self.n_heads, self.n_kv_heads
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!("{} query heads are not a multiple of {} KV heads", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} must be even and positive", self.head_dim));
         }
         if self.intermediate_size == 0 || self.vocab_size == 0 || self.context_length == 0 {

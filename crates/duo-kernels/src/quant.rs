@@ -87,7 +87,7 @@ fn quantize_q8(x: &[f32], with_sum: bool) -> Q8 {
 impl QuantMatrix {
     /// Wraps raw GGUF bytes; errors if the size does not match the shape.
     pub fn new(kind: QuantKind, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return Err(format!("{cols} columns are not a multiple of {BLOCK}"));
         }
         let want = rows * cols / BLOCK * kind.block_bytes();

@@ -161,7 +161,7 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
         .meta(&key("attention.key_length"))
         .and_then(MetaValue::as_u64)
         .map(|v| v as usize)
-        .unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 });
+        .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
     let vocab = g.tensors.get("token_embd.weight").map(|t| t.shape[0]).ok_or(ModelError::MissingTensor { name: "token_embd.weight".into() })?;
     let rope_freq_factors = if g.tensors.contains_key("rope_freqs.weight") {
         Some(g.f32_tensor("rope_freqs.weight", &[head_dim / 2])?)
@@ -328,7 +328,7 @@ impl HfFolder {
         let hidden = get_u("hidden_size")?;
         let n_heads = get_u("num_attention_heads")?;
         let n_kv = c.get("num_key_value_heads").and_then(|v| v.as_u64()).map_or(n_heads, |v| v as usize);
-        let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 });
+        let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
         let theta = c.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32;
         let rope_freq_factors = match c.get("rope_scaling").filter(|v| !v.is_null()) {
             None => None,
