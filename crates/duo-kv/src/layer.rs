@@ -3,7 +3,6 @@
 use crate::cache::{HeadCache, RetrievalHead, StreamingHead};
 use duo_core::cache_spec::{CachePlan, HeadKind, LayerCacheSpec};
 use duo_kernels::attention::{attend_heads, HeadJob, KeySegment, Positions, QueryBlock, Visibility};
-use serde_json::json;
 
 /// How streaming heads see a prompt processed in chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -226,12 +225,6 @@ impl SequenceKv {
     /// The most bytes held after any chunk.
     pub fn peak_bytes(&self) -> KvBytes {
         self.peak
-    }
-
-    /// A JSON summary (for logs and `--json` output).
-    pub fn summary(&self) -> serde_json::Value {
-        let b = self.bytes();
-        json!({"tokens": self.tokens, "retrieval_bytes": b.retrieval, "streaming_bytes": b.streaming})
     }
 }
 

@@ -48,14 +48,6 @@ impl Checkpoint {
         Ok(c)
     }
 
-    /// Whether a tensor exists (by GGUF name).
-    pub fn has(&self, name: &str) -> bool {
-        match self {
-            Checkpoint::Gguf(g) => g.tensors.contains_key(name),
-            Checkpoint::HfFolder(h) => h.index.contains_key(&hf_name(name)),
-        }
-    }
-
     /// A weight matrix of `shape` (`[out, in]`), ready for matmuls.
     pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Arc<QTensor>> {
         match self {
