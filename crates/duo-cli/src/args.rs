@@ -29,10 +29,10 @@ pub struct MethodArgs {
     #[arg(long, default_value = "head")]
     pub layout: String,
     /// Attention-sink tokens kept by streaming heads.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = MethodSpec::default().sink)]
     pub sink: usize,
     /// Recent tokens kept by streaming heads.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = MethodSpec::default().recent)]
     pub recent: usize,
     /// Seed for sampling and for `--method random`.
     #[arg(long, default_value_t = 0)]
@@ -41,7 +41,7 @@ pub struct MethodArgs {
     #[arg(long, default_value = "lambda")]
     pub prefill: String,
     /// Prefill chunk size in tokens.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = MethodSpec::default().chunk)]
     pub chunk: usize,
 }
 
@@ -163,10 +163,10 @@ pub struct PatternShowArgs {
     #[arg(long, default_value_t = 2)]
     pub bytes_per_element: usize,
     /// Sink tokens.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = MethodSpec::default().sink)]
     pub sink: usize,
     /// Recent tokens.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = MethodSpec::default().recent)]
     pub recent: usize,
     /// Where to write the heatmap (default: DIR/gates.png).
     #[arg(long)]
