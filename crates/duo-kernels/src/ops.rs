@@ -39,6 +39,17 @@ impl Rope {
         Self { inv_freq, half_split }
     }
 
+    /// The inverse frequency of each rotated pair, `[head_dim / 2]`.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Whether pairs are `(i, i + head_dim / 2)` (Hugging Face layout) rather than
+    /// adjacent `(2i, 2i + 1)` (GGUF layout).
+    pub fn is_half_split(&self) -> bool {
+        self.half_split
+    }
+
     /// Rotates `heads` heads of `head_dim` in each row of `x` (`[rows, heads * head_dim]`),
     /// row `r` being at position `first_position + r`.
     pub fn apply(&self, x: &mut [f32], heads: usize, first_position: usize) {

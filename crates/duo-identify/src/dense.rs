@@ -1,0 +1,341 @@
+//! The model as differentiable candle tensors, for identification.
+//!
+//! Identification needs gradients through every layer, so it cannot use the inference
+//! engine's quantised kernels: weights are dequantised to `f32` once, and each layer is
+//! written with candle primitives that all have a backward pass (candle's fused
+//! `rms_norm`, `softmax_last_dim` and `rope` kernels silently drop gradients, so RMSNorm,
+//! softmax and RoPE are spelled out here).
+//!
+//! Attention runs over query blocks against only the keys a block can see, so a
+//! Λ-shaped (sink + recent) attention costs time and memory linear in the length, and
+//! full attention never materialises more than one block of scores.
+
+use crate::{IdentifyError, Result};
+use candle_core::{Device, Tensor, D};
+use duo_core::config::{ModelConfig, RopeStyle};
+use duo_kernels::ops::Rope;
+use duo_model::Checkpoint;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Which keys a query sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// Every earlier key and itself.
+    Causal,
+    /// The first `sink` keys and the last `recent` (itself included), causally.
+    Lambda {
+        /// Attention-sink tokens.
+        sink: usize,
+        /// Recent window, the query itself included.
+        recent: usize,
+    },
+}
+
+impl Span {
+    fn sees(self, i: usize, j: usize) -> bool {
+        j <= i
+            && match self {
+                Span::Causal => true,
+                Span::Lambda { sink, recent } => j < sink || i - j < recent,
+            }
+    }
+}
+
+/// One transformer block's weights, `[out, in]` as in the checkpoint.
+#[derive(Debug)]
+struct DenseLayer {
+    attn_norm: Tensor,
+    qkv: Tensor,              // [(n_heads + 2 n_kv) hd, hidden]
+    qkv_bias: Option<Tensor>, // [(n_heads + 2 n_kv) hd]
+    o: Tensor,                // [hidden, n_heads hd]
+    ffn_norm: Tensor,
+    gate_up: Tensor, // [2 ffn, hidden]
+    down: Tensor,    // [hidden, ffn]
+}
+
+/// A Llama-family model with `f32` weights on a candle device.
+#[derive(Debug)]
+pub struct DenseModel {
+    config: ModelConfig,
+    device: Device,
+    embed: Tensor, // [vocab, hidden]
+    layers: Vec<DenseLayer>,
+    norm: Tensor,
+    rope: Rope,
+}
+
+/// A layer's query, key and value, split by KV group.
+pub struct Qkv {
+    /// `[n_kv, group, t, hd]` after RoPE.
+    pub q: Tensor,
+    /// `[n_kv, t, hd]` after RoPE.
+    pub k: Tensor,
+    /// `[n_kv, t, hd]`.
+    pub v: Tensor,
+}
+
+impl DenseModel {
+    /// Dequantises a checkpoint onto `device`.
+    pub fn load(ck: &Checkpoint, device: &Device) -> Result<Self> {
+        let c = ck.config()?;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let mat = |name: &str, shape: &[usize]| -> Result<Tensor> { Ok(ck.matrix(name, shape)?.dequantize(device)?) };
+        let vec = |name: &str, n: usize| -> Result<Tensor> { Ok(Tensor::from_vec(ck.f32(name, &[n])?, (n,), device)?) };
+        let bias = c.architecture == duo_core::Architecture::Qwen2;
+        let mut layers = Vec::new();
+        for l in 0..c.n_layers {
+            let p = format!("blk.{l}");
+            let qkv = Tensor::cat(
+                &[
+                    mat(&format!("{p}.attn_q.weight"), &[c.n_heads * hd, h])?,
+                    mat(&format!("{p}.attn_k.weight"), &[c.n_kv_heads * hd, h])?,
+                    mat(&format!("{p}.attn_v.weight"), &[c.n_kv_heads * hd, h])?,
+                ],
+                0,
+            )?;
+            let qkv_bias = if bias {
+                Some(Tensor::cat(
+                    &[
+                        vec(&format!("{p}.attn_q.bias"), c.n_heads * hd)?,
+                        vec(&format!("{p}.attn_k.bias"), c.n_kv_heads * hd)?,
+                        vec(&format!("{p}.attn_v.bias"), c.n_kv_heads * hd)?,
+                    ],
+                    0,
+                )?)
+            } else {
+                None
+            };
+            let gate_up = Tensor::cat(
+                &[
+                    mat(&format!("{p}.ffn_gate.weight"), &[c.intermediate_size, h])?,
+                    mat(&format!("{p}.ffn_up.weight"), &[c.intermediate_size, h])?,
+                ],
+                0,
+            )?;
+            layers.push(DenseLayer {
+                attn_norm: vec(&format!("{p}.attn_norm.weight"), h)?,
+                qkv,
+                qkv_bias,
+                o: mat(&format!("{p}.attn_output.weight"), &[h, c.n_heads * hd])?,
+                ffn_norm: vec(&format!("{p}.ffn_norm.weight"), h)?,
+                gate_up,
+                down: mat(&format!("{p}.ffn_down.weight"), &[h, c.intermediate_size])?,
+            });
+        }
+        let embed = mat("token_embd.weight", &[c.vocab_size, h])?;
+        let norm = vec("output_norm.weight", h)?;
+        Ok(Self::assemble(c, device.clone(), embed, layers, norm))
+    }
+
+    /// A model of the given shape with seeded random weights (normal with std
+    /// `1/sqrt(fan_in)` for matrices, unit-variance embeddings, norms near 1): for tests and for speed measurements at real shapes.
+    pub fn random(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut mat = |rows: usize, cols: usize, std: f32| -> Result<Tensor> {
+            let std = if std == 0.0 { 1.0 / (cols as f32).sqrt() } else { std };
+            let data: Vec<f32> = (0..rows * cols).map(|_| normal(&mut rng) * std).collect();
+            Ok(Tensor::from_vec(data, (rows, cols), device)?)
+        };
+        let mut layers = Vec::new();
+        for _ in 0..c.n_layers {
+            let qkv = mat((c.n_heads + 2 * c.n_kv_heads) * hd, h, 0.0)?;
+            let o = mat(h, c.n_heads * hd, 0.0)?;
+            let gate_up = mat(2 * c.intermediate_size, h, 0.0)?;
+            let down = mat(h, c.intermediate_size, 0.0)?;
+            let attn_norm = (mat(1, h, 0.1)?.reshape(h)? + 1.0)?;
+            let ffn_norm = (mat(1, h, 0.1)?.reshape(h)? + 1.0)?;
+            layers.push(DenseLayer { attn_norm, qkv, qkv_bias: None, o, ffn_norm, gate_up, down });
+        }
+        let embed = mat(c.vocab_size, h, 1.0)?;
+        let norm = (mat(1, h, 0.1)?.reshape(h)? + 1.0)?;
+        Ok(Self::assemble(config, device.clone(), embed, layers, norm))
+    }
+
+    fn assemble(config: ModelConfig, device: Device, embed: Tensor, layers: Vec<DenseLayer>, norm: Tensor) -> Self {
+        let rope = Rope::new(
+            config.head_dim,
+            config.rope_theta,
+            config.rope_style == RopeStyle::HalfSplit,
+            config.rope_freq_factors.as_deref(),
+        );
+        Self { config, device, embed, layers, norm, rope }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token embeddings `[t, hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(IdentifyError::Invalid(format!("token id {bad} is outside the vocabulary")));
+        }
+        let ids = Tensor::from_slice(ids, (ids.len(),), &self.device)?;
+        Ok(self.embed.index_select(&ids, 0)?)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// RMSNorm, q/k/v projections and RoPE of layer `l` for `x` (`[t, hidden]`, positions 0..t).
+    pub fn qkv(&self, l: usize, x: &Tensor) -> Result<Qkv> {
+        let c = &self.config;
+        let layer = &self.layers[l];
+        let t = x.dim(0)?;
+        let (hd, nq, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
+        let hn = rms_norm(x, &layer.attn_norm, c.rms_norm_eps)?;
+        let mut qkv = hn.matmul(&layer.qkv.t()?)?;
+        if let Some(b) = &layer.qkv_bias {
+            qkv = qkv.broadcast_add(b)?;
+        }
+        let (cos, sin) = self.rope_tables(t)?;
+        let q = qkv.narrow(1, 0, nq * hd)?.reshape((t, nq, hd))?;
+        let k = qkv.narrow(1, nq * hd, nkv * hd)?.reshape((t, nkv, hd))?;
+        let v = qkv.narrow(1, (nq + nkv) * hd, nkv * hd)?.reshape((t, nkv, hd))?;
+        let q = self.apply_rope(&q, &cos, &sin)?; // [t, nq, hd]
+        let k = self.apply_rope(&k, &cos, &sin)?;
+        let group = nq / nkv;
+        let q = q.reshape((t, nkv, group, hd))?.permute((1, 2, 0, 3))?.contiguous()?;
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        Ok(Qkv { q, k, v })
+    }
+
+    /// The rest of layer `l` after attention: output projection, residual, feed-forward,
+    /// residual. `attn`: `[n_kv, group, t, hd]`; `x`: the layer input `[t, hidden]`.
+    pub fn finish_layer(&self, l: usize, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let layer = &self.layers[l];
+        let t = x.dim(0)?;
+        let attn = attn.permute((2, 0, 1, 3))?.reshape((t, c.n_heads * c.head_dim))?;
+        let x = (x + attn.matmul(&layer.o.t()?)?)?;
+        let hn = rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps)?;
+        let gu = hn.matmul(&layer.gate_up.t()?)?;
+        let ffn = c.intermediate_size;
+        let act = (gu.narrow(1, 0, ffn)?.silu()? * gu.narrow(1, ffn, ffn)?)?;
+        Ok((&x + act.matmul(&layer.down.t()?)?)?)
+    }
+
+    /// A whole full-attention layer (the unmodified model).
+    pub fn layer(&self, l: usize, x: &Tensor) -> Result<Tensor> {
+        let qkv = self.qkv(l, x)?;
+        let attn = attention(&qkv, Span::Causal, self.block())?;
+        self.finish_layer(l, x, &attn)
+    }
+
+    /// Final-norm hidden states of the unmodified model, `[t, hidden]`.
+    pub fn hidden_states(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut x = self.embed(ids)?;
+        for l in 0..self.config.n_layers {
+            x = self.layer(l, &x)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Query block size for attention.
+    pub fn block(&self) -> usize {
+        256
+    }
+
+    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let inv = self.rope.inv_freq();
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in 0..t {
+            for f in inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, 1, half), &self.device)?,
+            Tensor::from_vec(sin, (t, 1, half), &self.device)?,
+        ))
+    }
+
+    /// RoPE on `[t, heads, hd]` with `[t, 1, hd/2]` tables, in the checkpoint's pair layout.
+    fn apply_rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (t, heads, hd) = x.dims3()?;
+        let half = hd / 2;
+        if self.rope.is_half_split() {
+            let a = x.narrow(2, 0, half)?;
+            let b = x.narrow(2, half, half)?;
+            let ra = (a.broadcast_mul(cos)? - b.broadcast_mul(sin)?)?;
+            let rb = (a.broadcast_mul(sin)? + b.broadcast_mul(cos)?)?;
+            Ok(Tensor::cat(&[ra, rb], 2)?)
+        } else {
+            let pairs = x.reshape((t, heads, half, 2))?;
+            let a = pairs.narrow(3, 0, 1)?.squeeze(3)?;
+            let b = pairs.narrow(3, 1, 1)?.squeeze(3)?;
+            let ra = (a.broadcast_mul(cos)? - b.broadcast_mul(sin)?)?;
+            let rb = (a.broadcast_mul(sin)? + b.broadcast_mul(cos)?)?;
+            Ok(Tensor::stack(&[ra, rb], 3)?.reshape((t, heads, hd))?)
+        }
+    }
+}
+
+/// RMSNorm from differentiable primitives: `x / sqrt(mean(x^2) + eps) * w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let ms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?;
+    Ok(x.broadcast_div(&ms.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// Attention of every query over the keys `span` lets it see, processed in query
+/// blocks of `block`: `[n_kv, group, t, hd]`.
+pub fn attention(qkv: &Qkv, span: Span, block: usize) -> Result<Tensor> {
+    let (nkv, group, t, hd) = qkv.q.dims4()?;
+    let device = qkv.q.device();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::with_capacity(t.div_ceil(block));
+    for s in (0..t).step_by(block) {
+        let e = (s + block).min(t);
+        let b = e - s;
+        // Keys the block can see: [0, e) for causal; sinks plus a window for Λ.
+        let ranges: Vec<(usize, usize)> = match span {
+            Span::Causal => vec![(0, e)],
+            Span::Lambda { sink, recent } => {
+                let sink_end = sink.min(e);
+                let window = (s + 1).saturating_sub(recent).max(sink_end);
+                if window >= e { vec![(0, sink_end)] } else if window <= sink_end { vec![(0, e)] } else { vec![(0, sink_end), (window, e)] }
+            }
+        };
+        let keys: Vec<usize> = ranges.iter().flat_map(|&(a, z)| a..z).collect();
+        let pick = |x: &Tensor| -> Result<Tensor> {
+            let parts: Vec<Tensor> = ranges.iter().map(|&(a, z)| x.narrow(1, a, z - a)).collect::<candle_core::Result<_>>()?;
+            Ok(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 1)? })
+        };
+        let (kb, vb) = (pick(&qkv.k)?, pick(&qkv.v)?);
+        let mask: Vec<f32> = (s..e).flat_map(|i| keys.iter().map(move |&j| if span.sees(i, j) { 0.0 } else { -1e30 })).collect();
+        let mask = Tensor::from_vec(mask, (b, keys.len()), device)?;
+        let qb = qkv.q.narrow(2, s, b)?.contiguous()?.reshape((nkv, group * b, hd))?;
+        let scores = (qb.matmul(&kb.t()?)? * scale)?.reshape((nkv, group, b, keys.len()))?.broadcast_add(&mask)?;
+        let max = scores.max_keepdim(D::Minus1)?.detach();
+        let p = scores.broadcast_sub(&max)?.exp()?;
+        let p = p.broadcast_div(&p.sum_keepdim(D::Minus1)?)?;
+        let o = p.reshape((nkv, group * b, keys.len()))?.matmul(&vb)?.reshape((nkv, group, b, hd))?;
+        outs.push(o);
+    }
+    Ok(if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 2)? })
+}
+
+/// Standard normal by Box–Muller (the `rand_distr` crate is not worth a dependency here).
+fn normal(rng: &mut StdRng) -> f32 {
+    let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.gen();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}
+

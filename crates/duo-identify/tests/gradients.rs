@@ -1,0 +1,174 @@
+//! The gate gradients of the layer-by-layer backward pass against finite differences of
+//! the loss, and the attention blocks against a dense reference, on small random models.
+
+use candle_core::{Device, Tensor};
+use duo_core::{Architecture, ModelConfig, RopeStyle};
+use duo_identify::dense::{attention, Qkv};
+use duo_identify::{DenseModel, GateValues, GatedModel, Span};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn tiny(style: RopeStyle) -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Llama,
+        n_layers: 3,
+        hidden_size: 32,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        intermediate_size: 48,
+        vocab_size: 64,
+        context_length: 256,
+        rope_theta: 10000.0,
+        rope_style: style,
+        rope_freq_factors: None,
+        rms_norm_eps: 1e-5,
+        tie_embeddings: true,
+        bos_token_id: None,
+        eos_token_ids: vec![0],
+    }
+}
+
+fn ids(n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(0..64)).collect()
+}
+
+fn random_qkv(nkv: usize, group: usize, t: usize, hd: usize, seed: u64) -> Qkv {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+    let d = Device::Cpu;
+    Qkv {
+        q: Tensor::from_vec(r(nkv * group * t * hd), (nkv, group, t, hd), &d).expect("q"),
+        k: Tensor::from_vec(r(nkv * t * hd), (nkv, t, hd), &d).expect("k"),
+        v: Tensor::from_vec(r(nkv * t * hd), (nkv, t, hd), &d).expect("v"),
+    }
+}
+
+/// Dense f64 attention with an explicit visibility rule.
+fn reference(qkv: &Qkv, sees: impl Fn(usize, usize) -> bool) -> Vec<f32> {
+    let (nkv, group, t, hd) = qkv.q.dims4().expect("dims");
+    let q: Vec<f32> = qkv.q.flatten_all().and_then(|x| x.to_vec1()).expect("q");
+    let k: Vec<f32> = qkv.k.flatten_all().and_then(|x| x.to_vec1()).expect("k");
+    let v: Vec<f32> = qkv.v.flatten_all().and_then(|x| x.to_vec1()).expect("v");
+    let mut out = vec![0f32; q.len()];
+    for h in 0..nkv {
+        for g in 0..group {
+            for i in 0..t {
+                let qi = &q[((h * group + g) * t + i) * hd..][..hd];
+                let s: Vec<Option<f64>> = (0..t)
+                    .map(|j| {
+                        sees(i, j).then(|| {
+                            let kj = &k[(h * t + j) * hd..][..hd];
+                            qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (hd as f64).sqrt()
+                        })
+                    })
+                    .collect();
+                let m = s.iter().flatten().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().flatten().map(|x| (x - m).exp()).sum();
+                for (j, sj) in s.iter().enumerate() {
+                    if let Some(sj) = sj {
+                        let w = (sj - m).exp() / z;
+                        for d in 0..hd {
+                            out[((h * group + g) * t + i) * hd + d] += (w * v[(h * t + j) * hd + d] as f64) as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn blocked_attention_matches_dense_reference() {
+    let qkv = random_qkv(2, 3, 29, 8, 5);
+    for block in [1, 4, 7, 29, 64] {
+        let causal: Vec<f32> = attention(&qkv, Span::Causal, block).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("causal");
+        let want = reference(&qkv, |i, j| j <= i);
+        let err = causal.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-5, "causal block {block}: {err}");
+        for (sink, recent) in [(2, 3), (0, 5), (4, 1), (40, 2), (3, 40)] {
+            let got: Vec<f32> =
+                attention(&qkv, Span::Lambda { sink, recent }, block).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("lambda");
+            let want = reference(&qkv, |i, j| j <= i && (j < sink || i - j < recent));
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-5, "lambda {sink}/{recent} block {block}: {err}");
+        }
+    }
+}
+
+#[test]
+fn all_gates_open_reproduce_the_teacher() {
+    let model = DenseModel::random(tiny(RopeStyle::Interleaved), 1, &Device::Cpu).expect("model");
+    let gated = GatedModel::new(&model, Span::Lambda { sink: 2, recent: 4 });
+    let t = ids(40, 2);
+    let lg = gated.loss_and_grad(&t, 20..40, &GateValues::ones(3, 2), 0.05).expect("loss");
+    assert_eq!(lg.distill, 0.0);
+    // At the minimum of the distillation loss only the L1 term pulls: reg / n per gate.
+    for g in &lg.grad {
+        assert!((g - 0.05 / 6.0).abs() < 1e-7, "{:?}", lg.grad);
+    }
+    // Closing any one gate changes the output.
+    for i in 0..6 {
+        let mut gates = GateValues::ones(3, 2);
+        gates.values[i] = 0.0;
+        assert!(gated.loss(&t, 20..40, &gates, 0.0).expect("loss") > 1e-8, "gate {i}");
+    }
+}
+
+fn check_against_finite_differences(style: RopeStyle, per_layer: usize) {
+    let model = DenseModel::random(tiny(style), 11, &Device::Cpu).expect("model");
+    let gated = GatedModel::new(&model, Span::Lambda { sink: 2, recent: 5 });
+    let t = ids(48, 3);
+    let mut rng = StdRng::seed_from_u64(4);
+    let gates = GateValues { values: (0..3 * per_layer).map(|_| rng.gen_range(0.2..0.8)).collect(), per_layer };
+    let reg = 0.05;
+    let lg = gated.loss_and_grad(&t, 30..48, &gates, reg).expect("grad");
+    let base = gated.loss(&t, 30..48, &gates, reg).expect("loss");
+    assert!((base - lg.total()).abs() <= 1e-6 * base.abs().max(1e-3), "loss {base} vs {}", lg.total());
+    let eps = 1e-2f32;
+    for i in 0..gates.values.len() {
+        let mut plus = gates.clone();
+        plus.values[i] += eps;
+        let mut minus = gates.clone();
+        minus.values[i] -= eps;
+        let numeric = (gated.loss(&t, 30..48, &plus, reg).expect("+") - gated.loss(&t, 30..48, &minus, reg).expect("-")) / (2.0 * eps as f64);
+        let analytic = lg.grad[i] as f64;
+        let tol = 2e-3 * numeric.abs().max(analytic.abs()) + 2e-5;
+        assert!((numeric - analytic).abs() <= tol, "gate {i}: numeric {numeric:e}, analytic {analytic:e}");
+    }
+}
+
+#[test]
+fn head_gate_gradients_match_finite_differences() {
+    check_against_finite_differences(RopeStyle::Interleaved, 2);
+}
+
+#[test]
+fn layer_gate_gradients_match_finite_differences() {
+    check_against_finite_differences(RopeStyle::HalfSplit, 1);
+}
+
+#[test]
+fn identical_runs_give_identical_gradients() {
+    let model = DenseModel::random(tiny(RopeStyle::Interleaved), 7, &Device::Cpu).expect("model");
+    let gated = GatedModel::new(&model, Span::Lambda { sink: 1, recent: 3 });
+    let t = ids(33, 9);
+    let g = GateValues { values: vec![0.3, 0.9, 0.5, 0.1, 0.7, 0.2], per_layer: 2 };
+    let a = gated.loss_and_grad(&t, 10..33, &g, 0.05).expect("a");
+    let b = gated.loss_and_grad(&t, 10..33, &g, 0.05).expect("b");
+    assert_eq!(a.grad, b.grad);
+    assert_eq!(a.distill, b.distill);
+}
+
+#[test]
+fn wrong_gate_shapes_and_positions_are_errors() {
+    let model = DenseModel::random(tiny(RopeStyle::Interleaved), 7, &Device::Cpu).expect("model");
+    let gated = GatedModel::new(&model, Span::Lambda { sink: 1, recent: 3 });
+    let t = ids(10, 1);
+    assert!(gated.loss_and_grad(&t, 0..5, &GateValues::ones(3, 3), 0.0).is_err());
+    assert!(gated.loss_and_grad(&t, 0..5, &GateValues::ones(2, 2), 0.0).is_err());
+    assert!(gated.loss_and_grad(&t, 5..11, &GateValues::ones(3, 2), 0.0).is_err());
+    assert!(gated.loss_and_grad(&[70], 0..1, &GateValues::ones(3, 2), 0.0).is_err());
+}
