@@ -5,7 +5,9 @@
 
 mod args;
 mod bench;
-mod heatmap;
+mod eval;
+mod identify;
+mod plot;
 
 use anyhow::{bail, Context, Result};
 use args::{GenerateArgs, MethodArgs, PatternCommand, ScoreArgs};
@@ -31,6 +33,13 @@ enum Command {
     Score(ScoreArgs),
     /// Prefill and decode speed and KV bytes as the context grows, per method.
     Bench(bench::BenchArgs),
+    /// Passkey and needle-in-a-haystack grids over lengths, depths and methods.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
+    /// One long passkey prompt with full attention, DuoAttention and the layer layout.
+    Demo(eval::DemoArgs),
+    /// Learn which KV heads need a full cache (DuoAttention optimisation) and write a pattern.
+    Identify(identify::IdentifyArgs),
     /// Inspect head patterns.
     #[command(subcommand)]
     Pattern(PatternCommand),
@@ -43,6 +52,9 @@ fn main() {
         Command::Generate(a) => generate(a),
         Command::Score(a) => score(a),
         Command::Bench(a) => bench::run(a),
+        Command::Identify(a) => identify::run(a),
+        Command::Eval(c) => eval::run(c),
+        Command::Demo(a) => eval::demo(a),
         Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
     };
     if let Err(e) = result {
@@ -214,7 +226,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         full.total_bytes(t) as f64 / plan.total_bytes(t).max(1) as f64
     );
     let out = a.heatmap.clone().unwrap_or_else(|| a.dir.join("gates.png"));
-    heatmap::write_gate_heatmap(&out, gates.rows(), &pattern)?;
+    plot::gate_heatmap(&out, gates.rows(), &pattern)?;
     println!("gate heatmap: {}", out.display());
     Ok(())
 }

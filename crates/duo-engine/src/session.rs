@@ -202,22 +202,51 @@ impl<'m> Runner<'m> {
         self.check_fits(prompt.len(), continuation.len())?;
         let mut kv = self.method.new_cache();
         let logits = self.prefill(prompt, &mut kv, |_| {})?;
+        let tokens = self.score_after(&mut kv, &logits, continuation)?;
+        Ok(Scores::from_tokens(tokens, kv.peak_bytes()))
+    }
+
+    /// Teacher-forced scores of `continuation` given a cache already holding the prompt
+    /// and the logits of its last position; the cache advances over the continuation
+    /// (all but its last token).
+    pub fn score_after(&self, kv: &mut SequenceKv, logits: &[f32], continuation: &[u32]) -> Result<Vec<ScoredToken>> {
+        self.check_fits(kv.tokens().max(1), continuation.len())?;
         let mut out = Vec::with_capacity(continuation.len());
         if let Some(&first) = continuation.first() {
-            out.push(score_token(&logits, first));
+            out.push(score_token(logits, first));
         }
         let vocab = self.model.model.config().vocab_size;
         // Feed all but the last continuation token; each position predicts the next.
         let fed = &continuation[..continuation.len().saturating_sub(1)];
         let mut done = 0;
         for c in fed.chunks(self.method.chunk.min(512)) {
-            let all = self.model.model.forward(c, &mut kv, Logits::All)?;
+            let all = self.model.model.forward(c, kv, Logits::All)?;
             for (r, row) in all.chunks(vocab).enumerate() {
                 out.push(score_token(row, continuation[done + r + 1]));
             }
             done += c.len();
         }
-        Ok(Scores::from_tokens(out, kv.peak_bytes()))
+        Ok(out)
+    }
+
+    /// Greedy continuation of a cache whose last position produced `logits`: up to
+    /// `max_tokens` tokens, stopping at end-of-sequence.
+    pub fn greedy_after(&self, kv: &mut SequenceKv, logits: &[f32], max_tokens: usize) -> Result<Vec<u32>> {
+        self.check_fits(kv.tokens().max(1), max_tokens)?;
+        let eos = &self.model.model.config().eos_token_ids;
+        let mut out = Vec::with_capacity(max_tokens);
+        let mut logits = logits.to_vec();
+        while out.len() < max_tokens {
+            let next = argmax(&logits);
+            if eos.contains(&next) {
+                break;
+            }
+            out.push(next);
+            if out.len() < max_tokens {
+                logits = self.model.model.forward(&[next], kv, Logits::Last)?;
+            }
+        }
+        Ok(out)
     }
 
     /// Perplexity of a whole text, in independent windows of at most `window` tokens

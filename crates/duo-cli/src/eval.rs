@@ -1,0 +1,271 @@
+//! `duo eval passkey|niah` (grids over lengths × depths × methods, resumable, with
+//! heatmaps and a summary) and `duo demo` (one long passkey prompt, three methods).
+
+use crate::args::MethodArgs;
+use crate::plot;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use duo_engine::Runner;
+use duo_eval::store::Store;
+use duo_eval::summary::{grid, markdown, summarise};
+use duo_eval::{run_cell, EvalMethod, Grid, Task};
+use duo_model::{LoadedModel, ModelSource};
+use duo_tasks::Haystack;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+/// `duo eval ...`.
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Synthetic passkey retrieval (NATO-word passkeys, ALGORITHM.md §2).
+    Passkey(PasskeyArgs),
+    /// Needle in a haystack (ALGORITHM.md §6).
+    Niah(NiahArgs),
+}
+
+/// Flags shared by both grids.
+#[derive(Args, Debug)]
+pub struct GridArgs {
+    /// Context lengths in tokens, comma-separated.
+    #[arg(long, default_value = "1000,2000,4000,8000")]
+    pub lengths: String,
+    /// Needle depths in [0, 1], comma-separated.
+    #[arg(long, default_value = "0.1,0.3,0.5,0.7,0.9")]
+    pub depths: String,
+    /// Methods to compare at one KV budget: full,duo,layer,streaming,random.
+    #[arg(long, default_value = "full,duo,layer,streaming,random")]
+    pub methods: String,
+    /// Pattern for the layer method (default: --pattern, binarised by whole layers).
+    #[arg(long)]
+    pub layer_pattern: Option<PathBuf>,
+    /// Answer words given in the prompt before free generation.
+    #[arg(long, default_value_t = 4)]
+    pub hint_words: usize,
+    /// Output folder (results.jsonl, summary, heatmaps, command.txt).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Folder of .txt files for the haystack (passkey default: generated prose).
+    #[arg(long)]
+    pub haystack: Option<PathBuf>,
+    #[command(flatten)]
+    pub method: MethodArgs,
+}
+
+/// `duo eval passkey`.
+#[derive(Args, Debug)]
+pub struct PasskeyArgs {
+    /// Words per passkey.
+    #[arg(long, default_value_t = 32)]
+    pub words: usize,
+    #[command(flatten)]
+    pub grid: GridArgs,
+}
+
+/// `duo eval niah`.
+#[derive(Args, Debug)]
+pub struct NiahArgs {
+    /// The sentence hidden in the haystack.
+    #[arg(long, default_value = duo_eval::NEEDLE)]
+    pub needle: String,
+    /// The question asked after the haystack.
+    #[arg(long, default_value = duo_eval::QUESTION)]
+    pub question: String,
+    #[command(flatten)]
+    pub grid: GridArgs,
+}
+
+/// The SmolLM2 patterns shipped with duo: `(head, layer)` folders, when present
+/// (`$DUO_PATTERNS` or the repository's `patterns/SmolLM2-135M-Instruct`).
+pub fn shipped_patterns() -> Option<(PathBuf, PathBuf)> {
+    let root = std::env::var_os("DUO_PATTERNS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../patterns/SmolLM2-135M-Instruct"));
+    let (head, layer) = (root.join("head"), root.join("layer"));
+    (head.join(duo_core::pattern::GATES_FILE).exists() && layer.join(duo_core::pattern::GATES_FILE).exists()).then_some((head, layer))
+}
+
+fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
+    s.split(',').map(|v| v.trim().parse::<T>().map_err(|_| anyhow::anyhow!("`{v}` in --{what} is not a valid number"))).collect()
+}
+
+/// Runs `duo eval`.
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    let (task, g) = match cmd {
+        EvalCommand::Passkey(a) => (Task::Passkey { words: a.words }, a.grid),
+        EvalCommand::Niah(a) => (Task::Niah { needle: a.needle, question: a.question }, a.grid),
+    };
+    let methods = EvalMethod::parse_list(&g.methods)?;
+    let mut base = g.method.spec()?;
+    let mut layer_pattern = g.layer_pattern.clone();
+    if base.pattern.is_none() && matches!(g.method.model_source()?, ModelSource::Default) {
+        if let Some((head, layer)) = shipped_patterns() {
+            base.pattern = Some(head);
+            layer_pattern = layer_pattern.or(Some(layer));
+        }
+    }
+    let haystack = match (&g.haystack, &task) {
+        (Some(dir), _) => Haystack::from_dir(dir)?,
+        (None, Task::Passkey { .. }) => Haystack::Generated,
+        (None, Task::Niah { .. }) => {
+            let standard = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/niah-haystack-paul-graham");
+            if standard.is_dir() {
+                Haystack::from_dir(&standard)?
+            } else {
+                bail!("duo eval niah needs --haystack DIR (a folder of .txt files, such as the Paul Graham essays)")
+            }
+        }
+    };
+    let model = LoadedModel::load(&g.method.model_source()?).context("loading the model")?;
+    let grid_spec = Grid {
+        task,
+        haystack,
+        lengths: parse_list(&g.lengths, "lengths")?,
+        depths: parse_list(&g.depths, "depths")?,
+        hint_words: g.hint_words,
+        seed: g.method.seed,
+    };
+    grid_spec.validate(model.model.config().context_length)?;
+    // Resolve every method first: a missing or misshapen pattern fails before any work.
+    let mut runners = Vec::new();
+    for &m in &methods {
+        let spec = m.spec(&base, layer_pattern.as_ref());
+        let resolved = spec.resolve(model.model.config()).with_context(|| format!("method {}", m.name()))?;
+        runners.push((m, Runner::new(&model, resolved)));
+    }
+    std::fs::create_dir_all(&g.out).with_context(|| format!("creating {}", g.out.display()))?;
+    let command: Vec<String> = std::env::args().collect();
+    std::fs::write(g.out.join("command.txt"), format!("{}\n", command.join(" ")))?;
+    let task_name = grid_spec.task.name();
+    let mut store = Store::open(&g.out.join("results.jsonl"))?;
+
+    let total = grid_spec.lengths.len() * grid_spec.depths.len() * methods.len();
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("eval {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    for &length in &grid_spec.lengths {
+        for &depth in &grid_spec.depths {
+            let todo: Vec<&(EvalMethod, Runner)> = runners.iter().filter(|(m, _)| !store.has(task_name, *m, length, depth)).collect();
+            bar.inc((methods.len() - todo.len()) as u64);
+            if todo.is_empty() {
+                continue;
+            }
+            let cell = grid_spec.prompt(&model, length, depth)?;
+            for (m, runner) in todo {
+                bar.set_message(format!("{} len {length} depth {depth}", m.name()));
+                let r = run_cell(runner, &grid_spec, *m, length, depth, &cell)?;
+                bar.println(format!(
+                    "{:9} len {:5} depth {:.2}: generation {:.2} teacher-forced {:.2} KV {:.1} MiB | {}",
+                    m.name(),
+                    length,
+                    depth,
+                    r.generation,
+                    r.teacher_forced,
+                    r.kv_bytes as f64 / 1048576.0,
+                    r.answer.replace('\n', " ").chars().take(60).collect::<String>()
+                ));
+                store.push(r)?;
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish();
+    write_report(&g.out, task_name, store.results(), &methods, &grid_spec)?;
+    Ok(())
+}
+
+/// Summary (markdown + JSON) and heatmaps of every method.
+fn write_report(out: &Path, task: &str, results: &[duo_eval::CellResult], methods: &[EvalMethod], g: &Grid) -> Result<()> {
+    let results: Vec<duo_eval::CellResult> = results.iter().filter(|r| r.task == task).cloned().collect();
+    let summaries = summarise(&results, methods);
+    let table = markdown(&summaries);
+    std::fs::write(out.join("summary.md"), &table)?;
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summaries)?)?;
+    let rows: Vec<String> = g.depths.iter().map(|d| format!("{d}")).collect();
+    let cols: Vec<String> = g.lengths.iter().map(|l| format!("{l}")).collect();
+    for &m in methods {
+        for (teacher, kind) in [(true, "teacher"), (false, "generation")] {
+            let values = grid(&results, m, &g.lengths, &g.depths, teacher);
+            let title = format!("{} {} {} (DEPTH X LENGTH)", task, m.name(), if teacher { "TEACHER-FORCED" } else { "GENERATION" });
+            plot::score_grid(&out.join(format!("{task}-{}-{kind}.png", m.name())), &title, &rows, &cols, &values)?;
+        }
+    }
+    println!("{table}");
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// `duo demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 4000)]
+    pub length: usize,
+    /// Needle depth in [0, 1].
+    #[arg(long, default_value_t = 0.3)]
+    pub depth: f64,
+    /// Answer words given before generation (small models may not find a needle unprompted).
+    #[arg(long, default_value_t = 4)]
+    pub hint_words: usize,
+    /// Words per passkey.
+    #[arg(long, default_value_t = 16)]
+    pub words: usize,
+    #[command(flatten)]
+    pub method: MethodArgs,
+}
+
+/// Runs `duo demo`: one long passkey prompt with full attention, DuoAttention and the
+/// layer layout, printing answer, KV bytes and speed for each.
+pub fn demo(a: DemoArgs) -> Result<()> {
+    let source = a.method.model_source()?;
+    let mut base = a.method.spec()?;
+    let mut layer_pattern = None;
+    if base.pattern.is_none() {
+        match (&source, shipped_patterns()) {
+            (ModelSource::Default, Some((head, layer))) => {
+                base.pattern = Some(head);
+                layer_pattern = Some(layer);
+            }
+            _ => println!("no head pattern given and none shipped for this model: showing full attention and StreamingLLM only\n"),
+        }
+    }
+    let model = LoadedModel::load(&source).context("loading the model")?;
+    let grid = Grid {
+        task: Task::Passkey { words: a.words },
+        haystack: Haystack::Generated,
+        lengths: vec![a.length],
+        depths: vec![a.depth],
+        hint_words: a.hint_words,
+        seed: a.method.seed,
+    };
+    grid.validate(model.model.config().context_length)?;
+    let cell = grid.prompt(&model, a.length, a.depth)?;
+    println!(
+        "passkey prompt: {} tokens, needle at depth {:.0}%, {} hint words; expected passkey:\n  {}\n",
+        cell.prompt.len(),
+        a.depth * 100.0,
+        a.hint_words,
+        cell.words.join(" ")
+    );
+    let methods: Vec<EvalMethod> =
+        if base.pattern.is_some() { vec![EvalMethod::Full, EvalMethod::Duo, EvalMethod::Layer] } else { vec![EvalMethod::Full, EvalMethod::Streaming] };
+    println!("| method | retrieval KV heads | answer | words right | teacher-forced | KV MiB | prefill tok/s |");
+    println!("|---|---:|---|---:|---:|---:|---:|");
+    for m in methods {
+        let resolved = m.spec(&base, layer_pattern.as_ref()).resolve(model.model.config())?;
+        let heads = resolved.pattern.retrieval_count();
+        let all = resolved.pattern.n_layers() * resolved.pattern.n_kv_heads();
+        let runner = Runner::new(&model, resolved);
+        let r = run_cell(&runner, &grid, m, a.length, a.depth, &cell)?;
+        println!(
+            "| {} | {heads}/{all} | {} | {:.0}% | {:.0}% | {:.1} | {:.0} |",
+            m.name(),
+            r.answer.split_whitespace().take(a.words).collect::<Vec<_>>().join(" "),
+            r.generation * 100.0,
+            r.teacher_forced * 100.0,
+            r.kv_bytes as f64 / 1048576.0,
+            cell.prompt.len() as f64 / r.prefill_seconds
+        );
+    }
+    Ok(())
+}

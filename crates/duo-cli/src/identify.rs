@@ -1,0 +1,277 @@
+//! `duo identify`: learn which KV heads need a full cache and write a pattern folder
+//! (`full_attention_heads.tsv`, `config.json`, `gates.png`, `loss.png`, `state.json`).
+
+use crate::plot;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use duo_core::pattern::{HeadGates, Layout};
+use duo_identify::estimate::mass_outside;
+use duo_identify::{DenseModel, IdentifySettings, Span, TrainState, Trainer};
+use duo_model::{Checkpoint, ModelSource};
+use duo_tasks::Haystack;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Flags of `duo identify`.
+#[derive(Args, Debug)]
+pub struct IdentifyArgs {
+    /// GGUF file or Hugging Face model folder (default: SmolLM2-135M-Instruct Q4_1).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Optimisation steps (one sample each).
+    #[arg(long, default_value_t = IdentifySettings::default().steps)]
+    pub steps: usize,
+    /// Peak learning rate of AdamW.
+    #[arg(long, default_value_t = IdentifySettings::default().lr)]
+    pub lr: f64,
+    /// Weight of the L1 term mean(|gate|).
+    #[arg(long, default_value_t = IdentifySettings::default().reg)]
+    pub reg: f64,
+    /// Shortest sample in tokens.
+    #[arg(long, default_value_t = IdentifySettings::default().min_len)]
+    pub min_len: usize,
+    /// Longest sample in tokens (at most the model's context).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Number of evenly spaced sample lengths.
+    #[arg(long, default_value_t = IdentifySettings::default().length_count)]
+    pub length_count: usize,
+    /// Attention sinks of the student's streaming attention.
+    #[arg(long, default_value_t = IdentifySettings::default().sink)]
+    pub sink: usize,
+    /// Recent window of the student's streaming attention.
+    #[arg(long, default_value_t = IdentifySettings::default().recent)]
+    pub recent: usize,
+    /// head: one gate per KV head (DuoAttention); layer: one gate per layer (ZigzagAttention).
+    #[arg(long, default_value = "head")]
+    pub layout: String,
+    /// Seed of the synthetic data.
+    #[arg(long, default_value_t = IdentifySettings::default().seed)]
+    pub seed: u64,
+    /// Passkeys (needles) per sample.
+    #[arg(long, default_value_t = IdentifySettings::default().passkeys)]
+    pub passkeys: usize,
+    /// Words per passkey.
+    #[arg(long, default_value_t = IdentifySettings::default().words)]
+    pub passkey_words: usize,
+    /// Folder of .txt files to hide the passkeys in (default: duo's generated prose).
+    #[arg(long)]
+    pub haystack: Option<PathBuf>,
+    /// Save state.json every N steps.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_every: usize,
+    /// Continue from OUT/state.json.
+    #[arg(long)]
+    pub resume: bool,
+    /// Training-free estimate instead of the optimisation: attention mass outside sink + recent, averaged over STEPS samples.
+    #[arg(long)]
+    pub estimate: bool,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// The candle device named on the command line.
+pub fn device(name: &str) -> Result<candle_core::Device> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => cuda_device(),
+        other => bail!("unknown device `{other}`; use cpu or cuda"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<candle_core::Device> {
+    candle_core::Device::new_cuda(0).context("opening CUDA device 0")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<candle_core::Device> {
+    bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh")
+}
+
+/// A short description of the machine for records: CPU model and core count, or GPU.
+pub fn machine(device: &candle_core::Device) -> String {
+    if device.is_cuda() {
+        let name = std::process::Command::new("nvidia-smi")
+            .args(["--query-gpu=name", "--format=csv,noheader"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        return if name.is_empty() { "CUDA GPU".into() } else { name };
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpu}, {} threads", std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn model_path(model: &Option<String>) -> Result<PathBuf> {
+    let source = match model {
+        None => ModelSource::Default,
+        Some(s) => s.parse()?,
+    };
+    Ok(match source {
+        ModelSource::Default => duo_model::fetch::default_model()?,
+        ModelSource::Path(p) => p,
+    })
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}"))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
+/// Runs `duo identify`.
+pub fn run(a: IdentifyArgs) -> Result<()> {
+    let layer_gates = match a.layout.as_str() {
+        "head" => false,
+        "layer" => true,
+        other => bail!("--layout must be head or layer, not `{other}`"),
+    };
+    let device = device(&a.device)?;
+    let path = model_path(&a.model)?;
+    let ck = Checkpoint::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let config = ck.config()?;
+    let tokenizer = ck.tokenizer()?;
+    let haystack = match &a.haystack {
+        Some(dir) => Haystack::from_dir(dir)?,
+        None => Haystack::Generated,
+    };
+    let settings = IdentifySettings {
+        steps: a.steps,
+        lr: a.lr,
+        reg: a.reg,
+        min_len: a.min_len,
+        max_len: a.max_len.unwrap_or(config.context_length.min(32 * 1024)),
+        length_count: a.length_count,
+        sink: a.sink,
+        recent: a.recent,
+        layer_gates,
+        seed: a.seed,
+        passkeys: a.passkeys,
+        words: a.passkey_words,
+    };
+    settings.validate(config.context_length)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let state_path = a.out.join("state.json");
+    if !a.resume && !a.estimate && state_path.exists() {
+        bail!("{} already holds a run; pass --resume to continue it or choose another --out", a.out.display());
+    }
+    eprintln!("loading {} onto {} ...", path.display(), a.device);
+    let load_start = Instant::now();
+    let model = DenseModel::load(&ck, &device)?;
+    eprintln!("loaded in {:.1} s", load_start.elapsed().as_secs_f64());
+    let trainer = Trainer::new(&model, &tokenizer, &haystack, settings.clone())?;
+    let sha = duo_model::fetch::sha256_file(&path)?;
+    let command: Vec<String> = std::env::args().collect();
+    let started = Instant::now();
+
+    let (rows, record) = if a.estimate {
+        let bar = progress(settings.steps as u64, "estimating");
+        let mut sum = vec![vec![0f64; config.n_kv_heads]; config.n_layers];
+        for step in 0..settings.steps {
+            let sample = trainer.sample(step)?;
+            let mass = mass_outside(&model, &sample.ids, sample.qa.clone(), Span::Lambda { sink: settings.sink, recent: settings.recent })?;
+            for (s, m) in sum.iter_mut().zip(mass) {
+                for (s, m) in s.iter_mut().zip(m) {
+                    *s += m as f64;
+                }
+            }
+            bar.inc(1);
+        }
+        bar.finish();
+        let mut rows: Vec<Vec<f32>> = sum.iter().map(|r| r.iter().map(|s| (s / settings.steps as f64) as f32).collect()).collect();
+        if layer_gates {
+            for r in &mut rows {
+                let mean = r.iter().sum::<f32>() / r.len() as f32;
+                r.iter_mut().for_each(|v| *v = mean);
+            }
+        }
+        (rows, json!({"method": "attention mass outside sink + recent at the answer positions (training-free estimate)"}))
+    } else {
+        let mut state = if a.resume && state_path.exists() {
+            let s = TrainState::load(&state_path)?;
+            if s.settings != settings {
+                bail!("{} was made with different settings; use the same flags to resume", state_path.display());
+            }
+            eprintln!("resuming at step {}", s.step);
+            s
+        } else {
+            TrainState::new(settings.clone(), config.n_layers, config.n_kv_heads)
+        };
+        let bar = progress(settings.steps as u64, "identifying");
+        bar.set_position(state.step as u64);
+        while state.step < settings.steps {
+            let log = trainer.step(&mut state)?;
+            bar.set_message(format!("loss {:.5} (distill {:.5}) len {} {:.1}s/step", log.loss, log.distill, log.length, log.seconds));
+            bar.inc(1);
+            if state.step % a.checkpoint_every.max(1) == 0 || state.step == settings.steps {
+                state.save(&state_path)?;
+            }
+        }
+        bar.finish();
+        let losses: Vec<f64> = state.log.iter().map(|l| l.loss).collect();
+        plot::line_chart(
+            &a.out.join("loss.png"),
+            "identification loss",
+            "step",
+            "loss",
+            &[plot::Series { name: "total loss".into(), points: losses.iter().enumerate().map(|(i, &l)| (i as f64, l)).collect() }],
+        )?;
+        let seconds_per_step: Vec<(usize, f64)> = state.log.iter().map(|l| (l.length, l.seconds)).collect();
+        let rows = state.gate_values().rows(config.n_kv_heads);
+        (
+            rows,
+            json!({
+                "method": "DuoAttention optimisation (distillation + L1, AdamW)",
+                "final_loss": state.log.last().map(|l| l.loss),
+                "step_seconds_by_length": seconds_per_step,
+            }),
+        )
+    };
+
+    let mut gates = HeadGates::new(rows.clone())?;
+    gates.config = json!({
+        "sink_size": settings.sink,
+        "recent_size": settings.recent,
+        "model": path.file_name().map(|n| n.to_string_lossy().to_string()),
+        "model_sha256": sha,
+        "command": command.join(" "),
+        "settings": settings,
+        "haystack": haystack.describe(),
+        "device": a.device,
+        "machine": machine(&device),
+        "seconds": started.elapsed().as_secs_f64(),
+        "duo_version": env!("CARGO_PKG_VERSION"),
+        "run": record,
+    });
+    // The table keeps the raw (unclipped) values, as the reference writes them.
+    write_raw_table(&a.out, &rows)?;
+    std::fs::write(a.out.join("config.json"), serde_json::to_string_pretty(&gates.config)?)?;
+    let pattern = gates.binarise_sparsity(0.5, if layer_gates { Layout::Layer } else { Layout::Head })?;
+    plot::gate_heatmap(&a.out.join("gates.png"), gates.rows(), &pattern)?;
+    eprintln!("wrote {} (retrieval heads per layer at sparsity 0.5: {:?})", a.out.display(), pattern.retrieval_per_layer());
+    Ok(())
+}
+
+fn write_raw_table(dir: &Path, rows: &[Vec<f32>]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        let cells: Vec<String> = r.iter().map(|g| format!("{g:.18e}")).collect();
+        text.push_str(&cells.join("\t"));
+        text.push('\n');
+    }
+    let path = dir.join(duo_core::pattern::GATES_FILE);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
