@@ -10,7 +10,6 @@ use clap::Args;
 use duo_engine::Runner;
 use duo_model::{LoadedModel, Logits};
 use rand::{Rng, SeedableRng};
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -29,6 +28,9 @@ pub struct BenchArgs {
     /// Write the table as CSV here too.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// Output folder: bench.csv, bench.md and curves (prefill.png, decode.png, kv.png).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     #[command(flatten)]
     pub method: MethodArgs,
 }
@@ -62,7 +64,16 @@ fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
 
 /// Runs the benchmark and prints a markdown table.
 pub fn run(a: BenchArgs) -> Result<()> {
-    let model = LoadedModel::load(&a.method.model_source()?).context("loading the model")?;
+    let source = a.method.model_source()?;
+    let mut base = a.method.clone();
+    let mut layer_pattern = None;
+    if base.pattern.is_none() && matches!(source, duo_model::ModelSource::Default) {
+        if let Some((head, layer)) = crate::eval::shipped_patterns() {
+            base.pattern = Some(head);
+            layer_pattern = Some(layer);
+        }
+    }
+    let model = LoadedModel::load(&source).context("loading the model")?;
     let c = model.model.config().clone();
     let max_len = a.lengths.iter().copied().max().unwrap_or(0);
     if max_len + a.decode_tokens > c.context_length {
@@ -75,7 +86,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     eprintln!("duo bench: {} ({} layers, {} KV heads/layer), {threads} threads", model.path.display(), c.n_layers, c.n_kv_heads);
     let mut rows = Vec::new();
     for name in &a.methods {
-        let args = method_args(&a.method, name)?;
+        let mut args = method_args(&base, name)?;
+        if name == "layer" || name == "random-layer" {
+            if let Some(p) = &layer_pattern {
+                args.pattern = Some(p.clone());
+            }
+        }
         let resolved = args.spec()?.resolve(&c)?;
         let runner = Runner::new(&model, resolved);
         for &n in &a.lengths {
@@ -96,11 +112,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rows.push(row);
         }
     }
-    println!("| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token | decode tok/s | KV MiB (retrieval + streaming) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    let mut table = String::from(
+        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token | decode tok/s | KV MiB (retrieval + streaming) |\n|---|---|---|---|---|---|---|---|\n",
+    );
     for r in &rows {
-        println!(
-            "| {} | {} | {} | {:.2} | {:.1} | {:.2} | {:.1} | {:.2} ({:.2} + {:.2}) |",
+        table.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.1} | {:.2} | {:.1} | {:.2} ({:.2} + {:.2}) |\n",
             r.method,
             r.retrieval_heads,
             r.tokens,
@@ -111,14 +128,34 @@ pub fn run(a: BenchArgs) -> Result<()> {
             (r.kv_retrieval + r.kv_streaming) as f64 / (1 << 20) as f64,
             r.kv_retrieval as f64 / (1 << 20) as f64,
             r.kv_streaming as f64 / (1 << 20) as f64
-        );
+        ));
+    }
+    print!("{table}");
+    let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,kv_bytes_retrieval,kv_bytes_streaming\n");
+    for r in &rows {
+        csv.push_str(&format!("{},{},{},{:.4},{:.4},{},{}\n", r.method, r.retrieval_heads, r.tokens, r.prefill_s, r.decode_ms, r.kv_retrieval, r.kv_streaming));
     }
     if let Some(p) = &a.csv {
-        let mut f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
-        writeln!(f, "method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,kv_bytes_retrieval,kv_bytes_streaming")?;
-        for r in &rows {
-            writeln!(f, "{},{},{},{:.4},{:.4},{},{}", r.method, r.retrieval_heads, r.tokens, r.prefill_s, r.decode_ms, r.kv_retrieval, r.kv_streaming)?;
-        }
+        std::fs::write(p, &csv).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("bench.csv"), &csv)?;
+        let machine = crate::identify::machine(&candle_core::Device::Cpu);
+        std::fs::write(dir.join("bench.md"), format!("{} ({threads} threads)\n\n{table}", machine))?;
+        let curve = |f: &dyn Fn(&Row) -> f64| -> Vec<crate::plot::Series> {
+            a.methods
+                .iter()
+                .map(|m| crate::plot::Series {
+                    name: m.clone(),
+                    points: rows.iter().filter(|r| &r.method == m).map(|r| (r.tokens as f64, f(r))).collect(),
+                })
+                .collect()
+        };
+        crate::plot::line_chart(&dir.join("prefill.png"), "PREFILL TIME", "context tokens", "seconds", &curve(&|r| r.prefill_s))?;
+        crate::plot::line_chart(&dir.join("decode.png"), "DECODE TIME PER TOKEN", "context tokens", "ms per token", &curve(&|r| r.decode_ms))?;
+        crate::plot::line_chart(&dir.join("kv.png"), "PEAK KV CACHE", "context tokens", "MiB", &curve(&|r| (r.kv_retrieval + r.kv_streaming) as f64 / 1048576.0))?;
+        eprintln!("wrote {}", dir.display());
     }
     Ok(())
 }
