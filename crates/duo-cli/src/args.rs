@@ -56,9 +56,15 @@ impl MethodArgs {
 
     /// The attention method as the engine takes it.
     pub fn spec(&self) -> Result<MethodSpec> {
+        let method = self.method.parse::<Method>()?;
+        // The default model ships its own patterns: duo and random use them unless told otherwise.
+        let shipped = (self.pattern.is_none() && self.model.is_none() && matches!(method, Method::Duo | Method::Random))
+            .then(crate::eval::shipped_patterns)
+            .flatten()
+            .map(|(head, layer)| if self.layout == "layer" { layer } else { head });
         Ok(MethodSpec {
-            method: self.method.parse::<Method>()?,
-            pattern: self.pattern.clone(),
+            method,
+            pattern: self.pattern.clone().or(shipped),
             sparsity: self.sparsity,
             threshold: self.threshold,
             layout: self.layout.parse()?,

@@ -44,6 +44,9 @@ pub struct GridArgs {
     /// Output folder (results.jsonl, summary, heatmaps, command.txt).
     #[arg(long)]
     pub out: PathBuf,
+    /// Write the summary and heatmaps from the results already in OUT, running nothing.
+    #[arg(long)]
+    pub report_only: bool,
     /// Folder of .txt files for the haystack (passkey default: generated prose).
     #[arg(long)]
     pub haystack: Option<PathBuf>,
@@ -133,10 +136,14 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         runners.push((m, Runner::new(&model, resolved)));
     }
     std::fs::create_dir_all(&g.out).with_context(|| format!("creating {}", g.out.display()))?;
-    let command: Vec<String> = std::env::args().collect();
-    std::fs::write(g.out.join("command.txt"), format!("{}\n", command.join(" ")))?;
     let task_name = grid_spec.task.name();
     let mut store = Store::open(&g.out.join("results.jsonl"))?;
+    if g.report_only {
+        return write_report(&g.out, task_name, store.results(), &methods, &grid_spec);
+    }
+    let command: Vec<String> = std::env::args().collect();
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(g.out.join("command.txt"))?;
+    std::io::Write::write_all(&mut log, format!("{}\n", command.join(" ")).as_bytes())?;
 
     let total = grid_spec.lengths.len() * grid_spec.depths.len() * methods.len();
     let bar = ProgressBar::new(total as u64);
@@ -154,7 +161,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             for (m, runner) in todo {
                 bar.set_message(format!("{} len {length} depth {depth}", m.name()));
                 let r = run_cell(runner, &grid_spec, *m, length, depth, &cell)?;
-                bar.println(format!(
+                let line = format!(
                     "{:9} len {:5} depth {:.2}: generation {:.2} teacher-forced {:.2} KV {:.1} MiB | {}",
                     m.name(),
                     length,
@@ -163,7 +170,13 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
                     r.teacher_forced,
                     r.kv_bytes as f64 / 1048576.0,
                     r.answer.replace('\n', " ").chars().take(60).collect::<String>()
-                ));
+                );
+                // A hidden bar (output not a terminal) drops println: log to stderr then.
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 store.push(r)?;
                 bar.inc(1);
             }

@@ -17,9 +17,11 @@ use duo_kernels::ops::Rope;
 use duo_model::Checkpoint;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 /// Which keys a query sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Span {
     /// Every earlier key and itself.
     Causal,
@@ -294,9 +296,34 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(x.broadcast_div(&ms.sqrt()?)?.broadcast_mul(w)?)
 }
 
+/// The additive masks of attention blocks, keyed by (block start, block end, span).
+/// A mask depends only on its key, so one sequence's passes over all layers share them:
+/// built once on the host and uploaded once instead of once per layer and pass.
+#[derive(Debug, Default)]
+pub struct MaskCache {
+    masks: RefCell<HashMap<(usize, usize, Span), Tensor>>,
+}
+
+impl MaskCache {
+    fn get(&self, s: usize, e: usize, span: Span, keys: &[usize], device: &Device) -> Result<Tensor> {
+        if let Some(m) = self.masks.borrow().get(&(s, e, span)) {
+            return Ok(m.clone());
+        }
+        let mask: Vec<f32> = (s..e).flat_map(|i| keys.iter().map(move |&j| if span.sees(i, j) { 0.0 } else { -1e30 })).collect();
+        let mask = Tensor::from_vec(mask, (e - s, keys.len()), device)?;
+        self.masks.borrow_mut().insert((s, e, span), mask.clone());
+        Ok(mask)
+    }
+}
+
 /// Attention of every query over the keys `span` lets it see, processed in query
 /// blocks of `block`: `[n_kv, group, t, hd]`.
 pub fn attention(qkv: &Qkv, span: Span, block: usize) -> Result<Tensor> {
+    attention_with(qkv, span, block, &MaskCache::default())
+}
+
+/// [`attention`] with masks taken from (and added to) `masks`.
+pub fn attention_with(qkv: &Qkv, span: Span, block: usize, masks: &MaskCache) -> Result<Tensor> {
     let (nkv, group, t, hd) = qkv.q.dims4()?;
     let device = qkv.q.device();
     let scale = 1.0 / (hd as f64).sqrt();
@@ -319,8 +346,7 @@ pub fn attention(qkv: &Qkv, span: Span, block: usize) -> Result<Tensor> {
             Ok(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 1)? })
         };
         let (kb, vb) = (pick(&qkv.k)?, pick(&qkv.v)?);
-        let mask: Vec<f32> = (s..e).flat_map(|i| keys.iter().map(move |&j| if span.sees(i, j) { 0.0 } else { -1e30 })).collect();
-        let mask = Tensor::from_vec(mask, (b, keys.len()), device)?;
+        let mask = masks.get(s, e, span, &keys, device)?;
         let qb = qkv.q.narrow(2, s, b)?.contiguous()?.reshape((nkv, group * b, hd))?;
         let scores = (qb.matmul(&kb.t()?)? * scale)?.reshape((nkv, group, b, keys.len()))?.broadcast_add(&mask)?;
         let max = scores.max_keepdim(D::Minus1)?.detach();

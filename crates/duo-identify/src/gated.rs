@@ -12,7 +12,7 @@
 //! drops that layer's graph before the next. Peak memory is one layer's graph plus the
 //! stored inputs and teacher attention outputs.
 
-use crate::dense::{attention, DenseModel, Span};
+use crate::dense::{attention_with, DenseModel, MaskCache, Span};
 use crate::{IdentifyError, Result};
 use candle_core::{Tensor, Var};
 use std::ops::Range;
@@ -80,13 +80,13 @@ impl<'a> GatedModel<'a> {
         Self { model, streaming }
     }
 
-    fn teacher(&self, ids: &[u32], positions: &Range<usize>) -> Result<Teacher> {
+    fn teacher(&self, ids: &[u32], positions: &Range<usize>, masks: &MaskCache) -> Result<Teacher> {
         let m = self.model;
         let mut x = m.embed(ids)?;
         let mut full = Vec::with_capacity(m.config().n_layers);
         for l in 0..m.config().n_layers {
             let qkv = m.qkv(l, &x)?;
-            let a = attention(&qkv, Span::Causal, m.block())?;
+            let a = attention_with(&qkv, Span::Causal, m.block(), masks)?;
             x = m.finish_layer(l, &x, &a)?;
             full.push(a);
         }
@@ -95,10 +95,10 @@ impl<'a> GatedModel<'a> {
     }
 
     /// One student layer with gates `alpha` (`[per_layer]`).
-    fn student_layer(&self, l: usize, x: &Tensor, full: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+    fn student_layer(&self, l: usize, x: &Tensor, full: &Tensor, alpha: &Tensor, masks: &MaskCache) -> Result<Tensor> {
         let m = self.model;
         let qkv = m.qkv(l, x)?;
-        let stream = attention(&qkv, self.streaming, m.block())?;
+        let stream = attention_with(&qkv, self.streaming, m.block(), masks)?;
         let g = alpha.dim(0)?;
         let a = alpha.reshape((g, 1, 1, 1))?;
         let mixed = (full.broadcast_mul(&a)? + stream.broadcast_mul(&(1.0 - &a)?)?)?;
@@ -109,10 +109,11 @@ impl<'a> GatedModel<'a> {
     pub fn loss(&self, ids: &[u32], positions: Range<usize>, gates: &GateValues, reg: f64) -> Result<f64> {
         self.check(ids, &positions, gates)?;
         let m = self.model;
-        let teacher = self.teacher(ids, &positions)?;
+        let masks = MaskCache::default();
+        let teacher = self.teacher(ids, &positions, &masks)?;
         let mut x = m.embed(ids)?;
         for l in 0..m.config().n_layers {
-            x = self.student_layer(l, &x, &teacher.full[l], &self.alpha(gates, l)?)?;
+            x = self.student_layer(l, &x, &teacher.full[l], &self.alpha(gates, l)?, &masks)?;
         }
         let y = m.final_norm(&x)?.narrow(0, positions.start, positions.len())?;
         let distill = (y - &teacher.target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
@@ -148,14 +149,15 @@ impl<'a> GatedModel<'a> {
         self.check(ids, &positions, gates)?;
         let m = self.model;
         let layers = m.config().n_layers;
-        let teacher = self.teacher(ids, &positions)?;
+        let masks = MaskCache::default();
+        let teacher = self.teacher(ids, &positions, &masks)?;
         let alpha = |l: usize| self.alpha(gates, l);
 
         // No-grad student pass, keeping each layer's input.
         let mut inputs = Vec::with_capacity(layers);
         let mut x = m.embed(ids)?;
         for l in 0..layers {
-            let next = self.student_layer(l, &x, &teacher.full[l], &alpha(l)?)?;
+            let next = self.student_layer(l, &x, &teacher.full[l], &alpha(l)?, &masks)?;
             inputs.push(x);
             x = next;
         }
@@ -173,7 +175,7 @@ impl<'a> GatedModel<'a> {
         for l in (0..layers).rev() {
             let xl = Var::from_tensor(&inputs[l])?;
             let al = Var::from_tensor(&alpha(l)?)?;
-            let out = self.student_layer(l, xl.as_tensor(), &teacher.full[l], al.as_tensor())?;
+            let out = self.student_layer(l, xl.as_tensor(), &teacher.full[l], al.as_tensor(), &masks)?;
             let surrogate = (out * &upstream)?.sum_all()?;
             let grads = surrogate.backward()?;
             let ga = grads.get(al.as_tensor()).ok_or_else(|| IdentifyError::Gradient(format!("gates of layer {l}")))?;
