@@ -69,7 +69,7 @@ impl IdentifySettings {
         if self.steps == 0 {
             return bad("--steps must be at least 1".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.reg >= 0.0 && self.reg.is_finite()) {
+        if !(self.lr > 0.0 && self.lr.is_finite() && self.reg >= 0.0 && self.reg.is_finite()) {
             return bad(format!("--lr must be positive and --reg non-negative (got {} and {})", self.lr, self.reg));
         }
         if self.min_len == 0 || self.min_len > self.max_len {
@@ -168,8 +168,8 @@ impl TrainState {
     pub fn adamw(&mut self, grad: &[f32], lr: f64) {
         let t = (self.step + 1) as i32;
         let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
-        for i in 0..self.gates.len() {
-            let g = grad[i] as f64;
+        for (i, &g) in grad.iter().enumerate().take(self.gates.len()) {
+            let g = g as f64;
             self.m[i] = BETA1 * self.m[i] + (1.0 - BETA1) * g;
             self.v[i] = BETA2 * self.v[i] + (1.0 - BETA2) * g * g;
             let update = lr * (self.m[i] / c1) / ((self.v[i] / c2).sqrt() + EPS);
@@ -192,7 +192,7 @@ impl TrainState {
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let s: Self = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
         let n = s.gates.len();
-        if s.m.len() != n || s.v.len() != n || s.per_layer == 0 || n % s.per_layer != 0 || s.step > s.settings.steps {
+        if s.m.len() != n || s.v.len() != n || s.per_layer == 0 || !n.is_multiple_of(s.per_layer) || s.step > s.settings.steps {
             return Err(err("inconsistent state (gate, moment and step counts disagree)".into()));
         }
         Ok(s)
