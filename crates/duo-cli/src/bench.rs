@@ -142,7 +142,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("bench.csv"), &csv)?;
         let machine = crate::identify::machine(&candle_core::Device::Cpu);
-        std::fs::write(dir.join("bench.md"), format!("{} ({threads} threads)\n\n{table}", machine))?;
+        std::fs::write(dir.join("bench.md"), format!("{machine}\n\n{table}"))?;
         let curve = |f: &dyn Fn(&Row) -> f64| -> Vec<crate::plot::Series> {
             a.methods
                 .iter()
