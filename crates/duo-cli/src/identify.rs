@@ -11,7 +11,7 @@ use duo_model::{Checkpoint, ModelSource};
 use duo_tasks::Haystack;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Flags of `duo identify`.
@@ -257,21 +257,10 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
         "run": record,
     });
     // The table keeps the raw (unclipped) values, as the reference writes them.
-    write_raw_table(&a.out, &rows)?;
+    duo_core::pattern::write_table(&a.out, &rows)?;
     std::fs::write(a.out.join("config.json"), serde_json::to_string_pretty(&gates.config)?)?;
     let pattern = gates.binarise_sparsity(0.5, if layer_gates { Layout::Layer } else { Layout::Head })?;
     plot::gate_heatmap(&a.out.join("gates.png"), gates.rows(), &pattern)?;
     eprintln!("wrote {} (retrieval heads per layer at sparsity 0.5: {:?})", a.out.display(), pattern.retrieval_per_layer());
     Ok(())
-}
-
-fn write_raw_table(dir: &Path, rows: &[Vec<f32>]) -> Result<()> {
-    let mut text = String::new();
-    for r in rows {
-        let cells: Vec<String> = r.iter().map(|g| format!("{g:.18e}")).collect();
-        text.push_str(&cells.join("\t"));
-        text.push('\n');
-    }
-    let path = dir.join(duo_core::pattern::GATES_FILE);
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }

@@ -57,6 +57,21 @@ pub struct HeadGates {
     pub config: serde_json::Value,
 }
 
+/// Writes rows of gates as `full_attention_heads.tsv` in `dir` (created if missing), one
+/// tab-separated row per layer, exactly as given (raw optimiser output may lie slightly
+/// outside [0, 1]; readers clip on load).
+pub fn write_table(dir: &Path, rows: &[Vec<f32>]) -> Result<()> {
+    let io = |path: PathBuf| move |source| CoreError::Io { path, source };
+    std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
+    let mut text = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().map(|g| format!("{g:.18e}")).collect();
+        let _ = writeln!(text, "{}", cells.join("\t"));
+    }
+    let table = dir.join(GATES_FILE);
+    std::fs::write(&table, text).map_err(io(table.clone()))
+}
+
 impl HeadGates {
     /// Builds gates from rows, one per layer. Rows must be non-empty, of equal length
     /// and finite; values are clipped to [0, 1].
@@ -121,14 +136,7 @@ impl HeadGates {
     /// Writes the table and `config.json` into `dir` (created if missing).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let io = |path: PathBuf| move |source| CoreError::Io { path, source };
-        std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
-        let mut text = String::new();
-        for row in &self.gates {
-            let cells: Vec<String> = row.iter().map(|g| format!("{g:.18e}")).collect();
-            let _ = writeln!(text, "{}", cells.join("\t"));
-        }
-        let table = dir.join(GATES_FILE);
-        std::fs::write(&table, text).map_err(io(table.clone()))?;
+        write_table(dir, &self.gates)?;
         let config = dir.join(CONFIG_FILE);
         let json = serde_json::to_string_pretty(&self.config).map_err(|source| CoreError::Json { path: config.clone(), source })?;
         std::fs::write(&config, json).map_err(io(config.clone()))

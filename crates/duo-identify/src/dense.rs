@@ -35,7 +35,8 @@ pub enum Span {
 }
 
 impl Span {
-    fn sees(self, i: usize, j: usize) -> bool {
+    /// Whether query position `i` sees key position `j`.
+    pub fn sees(self, i: usize, j: usize) -> bool {
         j <= i
             && match self {
                 Span::Causal => true,

@@ -33,7 +33,7 @@ pub fn mass_outside(model: &DenseModel, ids: &[u32], positions: Range<usize>, wi
             for i in s..e {
                 for j in 0..keys {
                     mask.push(if j <= i { 0.0f32 } else { -1e30 });
-                    outside.push(if j <= i && !sees(window, i, j) { 1.0f32 } else { 0.0 });
+                    outside.push(if j <= i && !window.sees(i, j) { 1.0f32 } else { 0.0 });
                 }
             }
             let mask = Tensor::from_vec(mask, (b, keys), device)?;
@@ -55,12 +55,4 @@ pub fn mass_outside(model: &DenseModel, ids: &[u32], positions: Range<usize>, wi
         x = model.finish_layer(l, &x, &a)?;
     }
     Ok(out)
-}
-
-fn sees(span: Span, i: usize, j: usize) -> bool {
-    j <= i
-        && match span {
-            Span::Causal => true,
-            Span::Lambda { sink, recent } => j < sink || i - j < recent,
-        }
 }
