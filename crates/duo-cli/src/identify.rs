@@ -118,10 +118,7 @@ fn model_path(model: &Option<String>) -> Result<PathBuf> {
         None => ModelSource::Default,
         Some(s) => s.parse()?,
     };
-    Ok(match source {
-        ModelSource::Default => duo_model::fetch::default_model()?,
-        ModelSource::Path(p) => p,
-    })
+    Ok(source.local_path()?)
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {

@@ -1,13 +1,15 @@
 //! `duo`: run Llama-family models with DuoAttention / ZigzagAttention KV caches.
 //!
 //! Subcommands: `generate` (text from a prompt), `score` (teacher-forced log-probs and
-//! perplexity), `pattern show` (what a head pattern keeps, with a gate heatmap).
+//! perplexity), `bench`, `eval`, `demo`, `identify`, `pattern show` (what a head pattern
+//! keeps, with a gate heatmap) and `serve` (the OpenAI-compatible server).
 
 mod args;
 mod bench;
 mod eval;
 mod identify;
 mod plot;
+mod serve;
 
 use anyhow::{bail, Context, Result};
 use args::{GenerateArgs, MethodArgs, PatternCommand, ScoreArgs};
@@ -43,6 +45,8 @@ enum Command {
     /// Inspect head patterns.
     #[command(subcommand)]
     Pattern(PatternCommand),
+    /// OpenAI-compatible HTTP server with continuous batching.
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -56,6 +60,7 @@ fn main() {
         Command::Eval(c) => eval::run(c),
         Command::Demo(a) => eval::demo(a),
         Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
+        Command::Serve(a) => serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -31,6 +31,23 @@ pub enum EngineError {
         /// MiB available.
         available_mib: f64,
     },
+    /// A request's KV cache could never fit the server's KV budget.
+    #[error("the request needs {needed} bytes of KV cache, more than the budget of {budget} bytes")]
+    KvBudget {
+        /// Bytes the request's cache plan needs at its full length.
+        needed: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// Too many requests are waiting.
+    #[error("{waiting} requests are already waiting; try again later")]
+    QueueFull {
+        /// Requests waiting.
+        waiting: usize,
+    },
+    /// The engine thread has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
     /// The model failed.
     #[error(transparent)]
     Model(#[from] duo_model::ModelError),

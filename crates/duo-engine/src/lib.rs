@@ -4,15 +4,21 @@
 //! * [`method`] resolves `--method full|duo|streaming|random` (with pattern, sparsity,
 //!   layout, sink, recent, seed) into a head pattern and cache plan;
 //! * [`sampler`] draws tokens (greedy, temperature, top-k, top-p, min-p, seeded);
+//! * [`batch`] runs many requests together (continuous batching) for the server;
+//! * [`text`] turns tokens into streamed text with stop strings;
 //! * [`session`] runs chunked prefill and decode over a fresh hybrid KV cache and reports
 //!   speed and the peak KV bytes.
 
+pub mod batch;
 pub mod error;
 pub mod method;
 pub mod sampler;
 pub mod session;
+pub mod text;
 
+pub use batch::{BatchConfig, BatchEngine, BatchStats, Event, EventSink, Request, TokenLogprob};
 pub use error::{EngineError, Result};
 pub use method::{Method, MethodSpec, ResolvedMethod};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::{FinishReason, Generation, Runner, ScoredToken, Scores};
+pub use text::{TextStep, TextStream};

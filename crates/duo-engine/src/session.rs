@@ -3,6 +3,7 @@
 use crate::error::{EngineError, Result};
 use crate::method::ResolvedMethod;
 use crate::sampler::{argmax, Sampler, SamplingParams};
+use crate::text::TextStream;
 use duo_kv::{KvBytes, SequenceKv};
 use duo_model::{LoadedModel, Logits};
 use serde::Serialize;
@@ -151,41 +152,31 @@ impl<'m> Runner<'m> {
         let mut logits = self.prefill(prompt, &mut kv, |_| {})?;
         let prefill_seconds = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let mut completion = Vec::new();
-        let mut emitted = 0usize; // bytes of text already handed out
-        let mut text = String::new();
+        let mut stream = TextStream::new(params.stop.clone());
         let finish = loop {
             let next = sampler.sample(&logits);
             if eos.contains(&next) {
                 break FinishReason::Stop;
             }
-            completion.push(next);
-            text = tok.decode(&completion)?;
-            if let Some(cut) = params.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(cut);
+            let step = stream.push(tok, next)?;
+            if !step.delta.is_empty() && !on_text(&step.delta) {
+                break FinishReason::Cancelled;
+            }
+            if step.stopped {
                 break FinishReason::Stop;
             }
-            // Hold back what may still change: a partial UTF-8 character, or a tail that
-            // could be the start of a stop string.
-            let hold = params.stop.iter().map(|s| longest_prefix_suffix(&text, s)).max().unwrap_or(0);
-            let mut stable = text.len() - hold;
-            while stable > emitted && (!text.is_char_boundary(stable) || text[..stable].ends_with('\u{FFFD}')) {
-                stable -= 1;
-            }
-            if stable > emitted {
-                if !on_text(&text[emitted..stable]) {
-                    break FinishReason::Cancelled;
-                }
-                emitted = stable;
-            }
-            if completion.len() >= params.max_tokens {
+            if stream.tokens().len() >= params.max_tokens {
                 break FinishReason::Length;
             }
             logits = self.model.model.forward(&[next], &mut kv, Logits::Last)?;
         };
-        if finish != FinishReason::Cancelled && emitted < text.len() {
-            on_text(&text[emitted..]);
+        if finish != FinishReason::Cancelled {
+            let rest = stream.take_rest();
+            if !rest.is_empty() {
+                on_text(&rest);
+            }
         }
+        let (completion, text) = (stream.tokens().to_vec(), stream.text().to_string());
         Ok(Generation {
             prompt_token_ids: prompt.to_vec(),
             completion_token_ids: completion,
@@ -288,11 +279,6 @@ pub fn check_kv_memory(needed: usize, available: Option<usize>, tokens: usize) -
     }
 }
 
-/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
-fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
-    (1..stop.len()).rev().find(|&n| n <= text.len() && text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n])).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,12 +304,5 @@ mod tests {
         let e = check_kv_memory(30 << 20, Some(20 << 20), 4096).unwrap_err().to_string();
         assert!(e.contains("4096 tokens") && e.contains("30.0 MiB") && e.contains("20.0 MiB"), "{e}");
         assert!(available_memory().is_some_and(|b| b > 0) || !std::path::Path::new("/proc/meminfo").exists());
-    }
-
-    #[test]
-    fn stop_prefix_hold_back() {
-        assert_eq!(longest_prefix_suffix("hello wor", "world"), 3);
-        assert_eq!(longest_prefix_suffix("hello", "xyz"), 0);
-        assert_eq!(longest_prefix_suffix("ab", "abc"), 2);
     }
 }

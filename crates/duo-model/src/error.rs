@@ -49,8 +49,8 @@ pub enum ModelError {
     /// The input does not fit the model.
     #[error("{0}")]
     Input(String),
-    /// Fetching the default model failed.
-    #[error("fetching the default model: {0}")]
+    /// Fetching the default model or a hub model failed.
+    #[error("fetching the model: {0}")]
     Fetch(String),
     /// An invalid configuration.
     #[error(transparent)]

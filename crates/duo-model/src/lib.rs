@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod hub;
 pub mod llama;
 pub mod template;
 pub mod tokenizer;
@@ -32,17 +33,28 @@ pub enum ModelSource {
     Default,
     /// A GGUF file or a Hugging Face folder.
     Path(PathBuf),
+    /// A model on the Hugging Face hub, downloaded on first use.
+    Hub(hub::HubModel),
 }
 
 impl std::str::FromStr for ModelSource {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self> {
-        if let Some(repo) = s.strip_prefix("hf:") {
-            return Err(ModelError::Fetch(format!(
-                "downloading `{repo}` from the Hugging Face hub is not available in this build; download the folder and pass its path"
-            )));
+        if let Some(spec) = s.strip_prefix("hf:") {
+            return Ok(ModelSource::Hub(hub::HubModel::parse(spec)?));
         }
         Ok(ModelSource::Path(PathBuf::from(s)))
+    }
+}
+
+impl ModelSource {
+    /// The local file or folder, fetching the default model or a hub model first.
+    pub fn local_path(&self) -> Result<PathBuf> {
+        match self {
+            ModelSource::Default => fetch::default_model(),
+            ModelSource::Path(p) => Ok(p.clone()),
+            ModelSource::Hub(h) => h.download(),
+        }
     }
 }
 
@@ -61,10 +73,7 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads a model, its tokenizer and its chat template.
     pub fn load(source: &ModelSource) -> Result<Self> {
-        let path = match source {
-            ModelSource::Default => fetch::default_model()?,
-            ModelSource::Path(p) => p.clone(),
-        };
+        let path = source.local_path()?;
         let ck = Checkpoint::open(&path)?;
         let config = ck.config()?;
         let tokenizer = ck.tokenizer()?;

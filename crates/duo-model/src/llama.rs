@@ -127,34 +127,64 @@ impl Model {
 
     /// Like [`Model::forward`] but returns the final-norm hidden states `[t, hidden]`.
     pub fn hidden_states(&self, tokens: &[u32], kv: &mut SequenceKv) -> Result<Vec<f32>> {
+        self.run_segments(tokens, &mut [kv])
+    }
+
+    /// One decode step for several sequences at once: `tokens[i]` goes to `kvs[i]` at
+    /// that sequence's own position. The projections and the feed-forward run as one
+    /// matrix product over all rows, so the weights are read once per step for the whole
+    /// batch; attention runs per sequence over its own cache. Returns the logits
+    /// `[n, vocab]`; row `i` is exactly what `forward(&[tokens[i]], kvs[i], Logits::Last)`
+    /// gives alone (every kernel treats rows independently).
+    pub fn decode_batch(&self, tokens: &[u32], kvs: &mut [&mut SequenceKv]) -> Result<Vec<f32>> {
+        if tokens.len() != kvs.len() {
+            return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), kvs.len())));
+        }
+        let hidden = self.run_segments(tokens, kvs)?;
+        self.logits(&hidden, tokens.len(), Logits::All)
+    }
+
+    /// The blocks over consecutive segments of `tokens`: segment `i` has one token per
+    /// sequence when `seqs.len() == tokens.len()`, or all tokens when there is one sequence.
+    fn run_segments(&self, tokens: &[u32], seqs: &mut [&mut SequenceKv]) -> Result<Vec<f32>> {
         let c = &self.config;
         let t = tokens.len();
-        if t == 0 {
+        if t == 0 || seqs.is_empty() {
             return Err(ModelError::Input("empty chunk".into()));
         }
         if let Some(bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
         }
-        let start = kv.tokens();
-        if start + t > c.context_length {
-            return Err(ModelError::Input(format!(
-                "{} tokens exceed the model's context length of {}",
-                start + t,
-                c.context_length
-            )));
+        // Rows `ranges[i]` belong to `seqs[i]`, starting at position `starts[i]`.
+        let per = if seqs.len() == 1 { t } else { 1 };
+        let ranges: Vec<std::ops::Range<usize>> = (0..seqs.len()).map(|i| i * per..(i + 1) * per).collect();
+        let starts: Vec<usize> = seqs.iter().map(|kv| kv.tokens()).collect();
+        for (start, r) in starts.iter().zip(&ranges) {
+            if start + r.len() > c.context_length {
+                return Err(ModelError::Input(format!(
+                    "{} tokens exceed the model's context length of {}",
+                    start + r.len(),
+                    c.context_length
+                )));
+            }
         }
+        let (qd, kd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let ids = Tensor::from_slice(tokens, (t,), &Device::Cpu)?;
         let mut x = self.embed.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?; // [t, hidden]
-        let mode = kv.mode();
         for (l, b) in self.blocks.iter().enumerate() {
             let mut hn = x.clone();
             rms_norm(&mut hn, &b.attn_norm, c.rms_norm_eps);
             let mut q = b.q.forward(&hn, t)?; // [t, n_heads * hd]
             let mut k = b.k.forward(&hn, t)?; // [t, n_kv * hd]
             let v = b.v.forward(&hn, t)?; // [t, n_kv * hd]
-            self.rope.apply(&mut q, c.n_heads, start);
-            self.rope.apply(&mut k, c.n_kv_heads, start);
-            let attn = kv.layer_mut(l).attend(&q, &k, &v, start, c.n_heads, mode); // [t, n_heads * hd]
+            let mut attn = Vec::with_capacity(t * qd); // [t, n_heads * hd]
+            for ((kv, r), &start) in seqs.iter_mut().zip(&ranges).zip(&starts) {
+                let (qs, ks) = (&mut q[r.start * qd..r.end * qd], &mut k[r.start * kd..r.end * kd]);
+                self.rope.apply(qs, c.n_heads, start);
+                self.rope.apply(ks, c.n_kv_heads, start);
+                let mode = kv.mode();
+                attn.extend(kv.layer_mut(l).attend(qs, ks, &v[r.start * kd..r.end * kd], start, c.n_heads, mode));
+            }
             let o = b.o.forward(&attn, t)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
@@ -169,7 +199,9 @@ impl Model {
                 *xi += di;
             }
         }
-        kv.advance(t);
+        for (kv, r) in seqs.iter_mut().zip(&ranges) {
+            kv.advance(r.len());
+        }
         rms_norm(&mut x, &self.norm, c.rms_norm_eps);
         Ok(x)
     }

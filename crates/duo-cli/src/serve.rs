@@ -1,0 +1,109 @@
+//! `duo serve`: binds first (so `/health` answers 503 while the model loads), then loads
+//! the model on a blocking thread, starts the batching engine, and serves until Ctrl-C.
+
+use crate::args::MethodArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use duo_engine::{BatchConfig, BatchEngine};
+use duo_model::LoadedModel;
+use duo_serve::openai::Limits;
+use duo_serve::{AppState, Ready, ServeConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `duo serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to bind; anything other than loopback exposes the server to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route except /health.
+    #[arg(long, conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
+    /// Read the API key from a file (first line).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Name of the model in /v1/models and responses (default: the model file's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// KV-cache memory the running requests may reserve together, in MiB (default: half
+    /// of the memory available at start).
+    #[arg(long)]
+    pub kv_budget_mib: Option<f64>,
+    /// Requests that may wait for admission before new ones get 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_waiting: usize,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, default_value_t = Limits::default().max_tokens)]
+    pub max_tokens_limit: usize,
+    #[command(flatten)]
+    pub method: MethodArgs,
+}
+
+/// Runs the server until Ctrl-C.
+pub fn run(a: ServeArgs) -> Result<()> {
+    let api_key = match (&a.api_key, &a.api_key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading the API key file {}", f.display()))?;
+            Some(text.lines().next().unwrap_or("").trim().to_string())
+        }
+        (None, None) => None,
+    };
+    if api_key.as_deref() == Some("") {
+        bail!("the API key is empty");
+    }
+    let kv_budget = match a.kv_budget_mib {
+        Some(m) if m.is_finite() && m > 0.0 => (m * (1 << 20) as f64) as usize,
+        Some(m) => bail!("--kv-budget-mib must be positive (got {m})"),
+        None => duo_engine::session::available_memory().map_or(4 << 30, |b| b / 2),
+    };
+    if a.max_waiting == 0 || a.max_running == 0 {
+        bail!("--max-waiting and --max-running must be at least 1");
+    }
+    let source = a.method.model_source()?;
+    let spec = a.method.spec()?;
+    let model_id = a.served_model_name.clone().unwrap_or_else(|| match &a.method.model {
+        None => "SmolLM2-135M-Instruct".to_string(),
+        Some(m) => m.trim_end_matches('/').rsplit('/').next().unwrap_or(m).trim_end_matches(".gguf").to_string(),
+    });
+    let config = ServeConfig {
+        model_id,
+        api_key,
+        max_body_bytes: a.max_body_bytes,
+        limits: Limits { max_tokens: a.max_tokens_limit, ..Limits::default() },
+        seed: a.method.seed,
+    };
+    let state = AppState::new(config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await.with_context(|| format!("binding {}:{}", a.host, a.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!("duo: listening on http://{addr} (loading the model)");
+        let loading = state.clone();
+        let load = tokio::task::spawn_blocking(move || -> Result<()> {
+            let model = Arc::new(LoadedModel::load(&source).context("loading the model")?);
+            let method = spec.resolve(model.model.config())?;
+            let engine = BatchEngine::start(model.clone(), method, BatchConfig { kv_budget, max_waiting: a.max_waiting, max_running: a.max_running });
+            let _ = loading.ready.set(Ready { model, engine });
+            eprintln!("duo: ready (KV budget {:.1} MiB)", kv_budget as f64 / (1 << 20) as f64);
+            Ok(())
+        });
+        let server = axum::serve(listener, duo_serve::router(state)).with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        let server = tokio::spawn(async move { server.await });
+        load.await.context("the loading task")??;
+        server.await.context("the server task")?.context("serving")?;
+        Ok(())
+    })
+}

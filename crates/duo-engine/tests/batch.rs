@@ -1,0 +1,145 @@
+//! Continuous batching on the real default model: requests of different lengths run
+//! together give exactly the tokens each gives alone, and a request whose listener goes
+//! away frees its KV cache.
+
+use duo_core::pattern::Layout;
+use duo_engine::{BatchConfig, BatchEngine, Event, EventSink, FinishReason, Method, MethodSpec, Request, Runner, SamplingParams};
+use duo_model::{LoadedModel, ModelSource};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// Forwards events to a channel; after `close_after` tokens it reports itself closed.
+struct ChannelSink {
+    tx: mpsc::Sender<(usize, Event)>,
+    index: usize,
+    tokens: usize,
+    close_after: Option<usize>,
+}
+
+impl EventSink for ChannelSink {
+    fn send(&mut self, event: Event) -> bool {
+        if matches!(event, Event::Token { .. }) {
+            self.tokens += 1;
+        }
+        self.tx.send((self.index, event)).is_ok() && !self.is_closed()
+    }
+    fn is_closed(&self) -> bool {
+        self.close_after.is_some_and(|n| self.tokens >= n)
+    }
+}
+
+#[test]
+fn batched_requests_match_running_alone_and_free_their_kv() {
+    let model = Arc::new(LoadedModel::load(&ModelSource::Default).expect("default model"));
+    // Small windows and chunks, so streaming heads wrap and prefills interleave with decode.
+    let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout: Layout::Head, sink: 8, recent: 24, chunk: 48, ..Default::default() };
+    let method = spec.resolve(model.model.config()).expect("method");
+    let text = "The quick brown fox jumps over the lazy dog. Once upon a time in a small village by the sea, there lived an old fisherman who told stories every evening. ";
+    let base = model.tokenizer.encode(&text.repeat(8), true).expect("encode");
+    let cases: Vec<(Vec<u32>, SamplingParams)> = (0..7)
+        .map(|i| {
+            let prompt = base[..12 + i * 37].to_vec();
+            let temperature = if i % 3 == 2 { 0.8 } else { 0.0 };
+            (prompt, SamplingParams { max_tokens: 6 + 3 * i, temperature, seed: i as u64, ..Default::default() })
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|(p, params)| Runner::new(&model, method.clone()).generate(p, params, |_| true).expect("alone").completion_token_ids)
+        .collect();
+
+    let engine = BatchEngine::start(model.clone(), method.clone(), BatchConfig { kv_budget: 1 << 30, max_waiting: 64, max_running: 16 });
+    let (tx, rx) = mpsc::channel();
+    // One extra request that stops listening after 3 tokens.
+    let quitter = cases.len();
+    for (index, (prompt, params)) in cases.iter().enumerate().chain([(quitter, &(base[..200].to_vec(), SamplingParams { max_tokens: 40, ..Default::default() }))]) {
+        let close_after = (index == quitter).then_some(3);
+        let sink = Box::new(ChannelSink { tx: tx.clone(), index, tokens: 0, close_after });
+        engine.submit(Request { prompt: prompt.clone(), params: params.clone(), top_logprobs: None, sink }).expect("submit");
+    }
+    drop(tx);
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); cases.len() + 1];
+    let mut done = vec![false; cases.len() + 1];
+    while let Ok((i, event)) = rx.recv_timeout(Duration::from_secs(120)) {
+        match event {
+            Event::Token { id, .. } => {
+                assert!(!done[i], "token after Done for request {i}");
+                got[i].push(id)
+            }
+            Event::Done { finish_reason, completion_tokens, .. } => {
+                assert_eq!(completion_tokens, got[i].len());
+                assert!(finish_reason == FinishReason::Length || finish_reason == FinishReason::Stop);
+                done[i] = true;
+            }
+            Event::Failed(e) => panic!("request {i} failed: {e}"),
+        }
+        if done[..cases.len()].iter().all(|&d| d) {
+            break;
+        }
+    }
+    for (i, want) in alone.iter().enumerate() {
+        assert_eq!(&got[i], want, "request {i}: batched tokens differ from running alone");
+    }
+    assert_eq!(got[quitter].len(), 3, "the quitting request gets no token after it stopped listening");
+    assert!(!done[quitter]);
+    assert!(engine.stats().decode_steps.load(Ordering::SeqCst) < alone.iter().map(|a| a.len() as u64).sum::<u64>(), "decode steps were batched");
+    let t0 = Instant::now();
+    while engine.stats().running.load(Ordering::SeqCst) > 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = engine.stats();
+    assert_eq!(s.running.load(Ordering::SeqCst), 0);
+    assert_eq!(s.kv_retrieval.load(Ordering::SeqCst) + s.kv_streaming.load(Ordering::SeqCst), 0, "all KV freed");
+    assert_eq!(s.kv_reserved.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn admission_respects_the_budget_and_the_queue_bound() {
+    let model = Arc::new(LoadedModel::load(&ModelSource::Default).expect("default model"));
+    let method = MethodSpec::default().resolve(model.model.config()).expect("method");
+    let need = method.plan.total_bytes(100);
+    let engine = BatchEngine::start(model.clone(), method, BatchConfig { kv_budget: need, max_waiting: 2, max_running: 8 });
+    let params = SamplingParams { max_tokens: 50, ..Default::default() };
+    let err = engine.check(60, &params, None).unwrap_err().to_string();
+    assert!(err.contains("budget"), "{err}");
+    let err = engine.check(8150, &params, None).unwrap_err().to_string();
+    assert!(err.contains("8150") && err.contains("8192"), "{err}");
+    assert!(engine.check(0, &params, None).is_err());
+    assert!(engine.check(10, &SamplingParams { top_p: 0.0, ..params.clone() }, None).unwrap_err().to_string().contains("top_p"));
+    // Each request needs the whole budget, so they run one at a time and the rest wait.
+    let (tx, rx) = mpsc::channel();
+    let mut accepted = 0;
+    let mut refused = 0;
+    for index in 0..6 {
+        let sink = Box::new(ChannelSink { tx: tx.clone(), index, tokens: 0, close_after: None });
+        match engine.submit(Request { prompt: vec![1; 50], params: params.clone(), top_logprobs: Some(2), sink }) {
+            Ok(()) => accepted += 1,
+            Err(e) => {
+                assert!(e.to_string().contains("waiting"), "{e}");
+                refused += 1
+            }
+        }
+    }
+    drop(tx);
+    // At least `max_waiting` are taken (more if the engine admits one meanwhile).
+    assert!(accepted >= 2 && refused >= 1, "accepted {accepted}, refused {refused}");
+    let mut finished = 0;
+    let mut max_running = 0;
+    while let Ok((_, event)) = rx.recv_timeout(Duration::from_secs(120)) {
+        max_running = max_running.max(engine.stats().running.load(Ordering::SeqCst));
+        if let Event::Token { logprob, .. } = &event {
+            let lp = logprob.as_ref().expect("logprobs asked for");
+            assert_eq!(lp.top.len(), 2);
+            assert!(lp.logprob <= 0.0 && lp.top[0].1 >= lp.top[1].1);
+        }
+        if matches!(event, Event::Done { .. }) {
+            finished += 1;
+            if finished == accepted {
+                break;
+            }
+        }
+    }
+    assert_eq!(finished, accepted);
+    assert_eq!(max_running, 1, "the budget admits one request at a time");
+}

@@ -1,0 +1,436 @@
+//! The HTTP surface: routes, API-key check, body limit, and the bridge between engine
+//! events and responses (whole JSON objects or server-sent events).
+//!
+//! A request is refused as early as possible and before any work: 503 while the model
+//! loads, 401 without the key, 429 when the queue is full (before tokenising), 413 over
+//! the body limit, 400 for bad fields or a prompt that does not fit. A client that goes
+//! away drops its response stream, which closes the channel the engine writes to; the
+//! engine notices at its next step and frees the sequence's KV cache.
+
+use crate::error::{Result, ServeError};
+use crate::metrics::Metrics;
+use crate::openai::{finish_reason, logprobs_json, usage, Endpoint, GenerationRequest, Limits, Prompt, TokenLogprobs};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use duo_engine::{BatchEngine, Event, EventSink, FinishReason, Request};
+use duo_model::LoadedModel;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// Settings fixed for the server's life.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The model's name in `/v1/models` and responses.
+    pub model_id: String,
+    /// Required bearer token, if any.
+    pub api_key: Option<String>,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Bounds on request fields.
+    pub limits: Limits,
+    /// Seed for requests that give none.
+    pub seed: u64,
+}
+
+/// What exists once the model is loaded.
+pub struct Ready {
+    /// The model (shared with the engine thread).
+    pub model: Arc<LoadedModel>,
+    /// The engine.
+    pub engine: BatchEngine,
+}
+
+/// Shared by every handler.
+pub struct AppState {
+    /// Settings.
+    pub config: ServeConfig,
+    /// Set once the model has loaded; until then the API answers 503.
+    pub ready: OnceLock<Ready>,
+    /// Latency histograms and counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// A state whose model is still loading.
+    pub fn new(config: ServeConfig) -> Arc<Self> {
+        Arc::new(Self { config, ready: OnceLock::new(), metrics: Arc::new(Metrics::default()) })
+    }
+
+    fn ready(&self) -> Result<&Ready> {
+        self.ready.get().ok_or_else(ServeError::loading)
+    }
+}
+
+/// The router with every route.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    let api = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
+        .fallback(|| async { ServeError::not_found("no such route", "not_found") })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Hashes both sides first, so the comparison takes the same time whatever the key's
+/// length or content.
+fn keys_match(given: &str, expected: &str) -> bool {
+    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(expected.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_key(State(state): State<Arc<AppState>>, request: HttpRequest, next: Next) -> Response {
+    if let Some(key) = &state.config.api_key {
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        if !keys_match(given, key) {
+            return ServeError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.ready.get() {
+        Some(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        None => ServeError::loading().into_response(),
+    }
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Value>> {
+    let ready = state.ready()?;
+    let context = ready.model.model.config().context_length;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.config.model_id,
+            "object": "model",
+            "created": now(),
+            "owned_by": "duo",
+            "max_model_len": context,
+            "context_length": context,
+        }],
+    })))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response> {
+    let ready = state.ready()?;
+    let text = state.metrics.render(&state.config.model_id, ready.engine.stats(), ready.engine.config().kv_budget);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+fn body_bytes(body: std::result::Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes> {
+    body.map_err(|e| if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ServeError::too_large(limit) } else { ServeError::bad_request(e.body_text(), "invalid_body") })
+}
+
+async fn tokenize(State(state): State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Result<Json<Value>> {
+    let ready = state.ready()?;
+    let body = body_bytes(body, state.config.max_body_bytes)?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| ServeError::bad_request(format!("the body is not valid JSON: {e}"), "invalid_json"))?;
+    let endpoint = if v.get("messages").is_some() { Endpoint::Chat } else { Endpoint::Completion };
+    let prompt = match v.get("prompt") {
+        Some(Value::String(s)) => Prompt::Text(s.clone()),
+        _ if endpoint == Endpoint::Chat => GenerationRequest::parse(Endpoint::Chat, &body, &state.config.limits, 0)?.prompt,
+        _ => return Err(ServeError::invalid("prompt", "`prompt` must be a string (or give `messages`)")),
+    };
+    let tokens = tokens_of(&ready.model, &prompt)?;
+    let context = ready.model.model.config().context_length;
+    Ok(Json(json!({"count": tokens.len(), "max_model_len": context, "tokens": tokens})))
+}
+
+fn tokens_of(model: &LoadedModel, prompt: &Prompt) -> Result<Vec<u32>> {
+    let internal = |e: duo_model::ModelError| ServeError::internal(e.to_string());
+    match prompt {
+        Prompt::Text(t) => model.tokenizer.encode(t, true).map_err(internal),
+        Prompt::Tokens(ids) => {
+            let vocab = model.model.config().vocab_size;
+            match ids.iter().find(|&&id| id as usize >= vocab) {
+                Some(bad) => Err(ServeError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}"))),
+                None => Ok(ids.clone()),
+            }
+        }
+        Prompt::Chat(messages) => {
+            let template = model.template.as_ref().ok_or_else(|| ServeError::bad_request("this model ships no chat template; use /v1/completions", "no_chat_template"))?;
+            let text = template.render(messages, true).map_err(|e| ServeError::invalid("messages", e.to_string()))?;
+            model.tokenizer.encode(&text, false).map_err(internal)
+        }
+    }
+}
+
+async fn completions(state: State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Result<Response> {
+    generate(state, Endpoint::Completion, body).await
+}
+
+async fn chat_completions(state: State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Result<Response> {
+    generate(state, Endpoint::Chat, body).await
+}
+
+/// Forwards engine events to the handler and records latencies as tokens are made.
+struct HttpSink {
+    tx: mpsc::UnboundedSender<Event>,
+    metrics: Arc<Metrics>,
+    arrived: Instant,
+    last_token: Option<Instant>,
+}
+
+impl EventSink for HttpSink {
+    fn send(&mut self, event: Event) -> bool {
+        let now = Instant::now();
+        match &event {
+            Event::Token { .. } => {
+                match self.last_token {
+                    None => self.metrics.ttft.observe((now - self.arrived).as_secs_f64()),
+                    Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
+                }
+                self.last_token = Some(now);
+            }
+            Event::Done { finish_reason, .. } => {
+                self.metrics.e2e.observe((now - self.arrived).as_secs_f64());
+                let c = match finish_reason {
+                    FinishReason::Stop => &self.metrics.finished_stop,
+                    FinishReason::Length => &self.metrics.finished_length,
+                    FinishReason::Cancelled => &self.metrics.finished_abort,
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Failed(_) => {
+                self.metrics.finished_abort.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.tx.send(event).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl Drop for HttpSink {
+    fn drop(&mut self) {
+        // A request dropped before Done or Failed (its client went away) counts as aborted.
+        if self.tx.is_closed() {
+            self.metrics.finished_abort.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: std::result::Result<Bytes, BytesRejection>) -> Result<Response> {
+    let arrived = Instant::now();
+    let ready = state.ready()?;
+    if ready.engine.queue_full() {
+        state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+        return Err(ServeError::queue_full(ready.engine.stats().waiting.load(Ordering::SeqCst)));
+    }
+    let body = body_bytes(body, state.config.max_body_bytes)?;
+    let limits = state.config.limits;
+    let mut req = GenerationRequest::parse(endpoint, &body, &limits, state.config.seed)?;
+    if !req.ignored.is_empty() {
+        tracing::info!(fields = ?req.ignored, "ignoring request fields duo does not use");
+    }
+    if let Some(m) = &req.model {
+        if m != &state.config.model_id {
+            return Err(ServeError::not_found(format!("the model `{m}` does not exist; this server serves `{}`", state.config.model_id), "model_not_found"));
+        }
+    }
+    let prompt = tokens_of(&ready.model, &req.prompt)?;
+    let context = ready.model.model.config().context_length;
+    req.resolve_max_tokens(prompt.len(), context, &limits);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sink = Box::new(HttpSink { tx, metrics: state.metrics.clone(), arrived, last_token: None });
+    ready.engine.submit(Request { prompt, params: req.params.clone(), top_logprobs: req.logprobs, sink }).map_err(|e| {
+        if matches!(e, duo_engine::EngineError::QueueFull { .. }) {
+            state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+        ServeError::from(e)
+    })?;
+    let reply = Reply {
+        endpoint,
+        id: format!("{}-{:016x}", if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, request_id()),
+        created: now(),
+        model: state.config.model_id.clone(),
+        model_ref: ready.model.clone(),
+        logprobs: req.logprobs.is_some(),
+    };
+    if req.stream {
+        Ok(stream_response(reply, rx, req.include_usage))
+    } else {
+        whole_response(reply, rx).await
+    }
+}
+
+/// What every response of one request shares.
+struct Reply {
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    model: String,
+    model_ref: Arc<LoadedModel>,
+    logprobs: bool,
+}
+
+impl Reply {
+    fn token_logprobs(&self, id: u32, lp: &duo_engine::TokenLogprob) -> TokenLogprobs {
+        let text = |t: u32| self.model_ref.tokenizer.decode(&[t]).unwrap_or_default();
+        TokenLogprobs { token: text(id), logprob: lp.logprob, top: lp.top.iter().map(|&(t, l)| (text(t), l)).collect() }
+    }
+
+    fn object(&self) -> &'static str {
+        match self.endpoint {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Completion => "text_completion",
+        }
+    }
+
+    /// One streamed chunk: `text` as a delta, with optional logprobs and finish reason.
+    fn chunk(&self, text: &str, first: bool, logprobs: Option<Value>, finish: Option<&str>, include_usage: bool) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                let mut delta = json!({});
+                if first {
+                    delta["role"] = json!("assistant");
+                }
+                if !text.is_empty() || first {
+                    delta["content"] = json!(text);
+                }
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}),
+        };
+        let object = if self.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]});
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+}
+
+async fn whole_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response> {
+    let mut text = String::new();
+    let mut lps = Vec::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Token { id, text: t, logprob } => {
+                text.push_str(&t);
+                if let Some(lp) = logprob.filter(|_| reply.logprobs) {
+                    lps.push(reply.token_logprobs(id, &lp));
+                }
+            }
+            Event::Done { finish_reason: reason, text: t, prompt_tokens, completion_tokens } => {
+                text.push_str(&t);
+                let logprobs = reply.logprobs.then(|| logprobs_json(reply.endpoint, &lps, 0));
+                let choice = match reply.endpoint {
+                    Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
+                    Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
+                };
+                return Ok(Json(json!({
+                    "id": reply.id, "object": reply.object(), "created": reply.created, "model": reply.model,
+                    "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
+                }))
+                .into_response());
+            }
+            Event::Failed(message) => return Err(ServeError::internal(message)),
+        }
+    }
+    Err(ServeError::internal("the engine stopped before the request finished"))
+}
+
+fn stream_response(reply: Reply, rx: mpsc::UnboundedReceiver<Event>, include_usage: bool) -> Response {
+    struct St {
+        reply: Reply,
+        rx: mpsc::UnboundedReceiver<Event>,
+        pending: VecDeque<SseEvent>,
+        first: bool,
+        offset: usize,
+        done: bool,
+        include_usage: bool,
+    }
+    let data = |v: Value| SseEvent::default().data(v.to_string());
+    let st = St { reply, rx, pending: VecDeque::new(), first: true, offset: 0, done: false, include_usage };
+    let stream = futures_util::stream::unfold(st, move |mut st| async move {
+        loop {
+            if let Some(e) = st.pending.pop_front() {
+                return Some((Ok::<_, Infallible>(e), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.rx.recv().await {
+                Some(Event::Token { id, text, logprob }) => {
+                    let lp = logprob.filter(|_| st.reply.logprobs).map(|lp| logprobs_json(st.reply.endpoint, &[st.reply.token_logprobs(id, &lp)], st.offset));
+                    if text.is_empty() && lp.is_none() && !st.first {
+                        continue;
+                    }
+                    st.offset += text.len();
+                    st.pending.push_back(data(st.reply.chunk(&text, st.first, lp, None, st.include_usage)));
+                    st.first = false;
+                }
+                Some(Event::Done { finish_reason: reason, text, prompt_tokens, completion_tokens }) => {
+                    st.pending.push_back(data(st.reply.chunk(&text, st.first, None, Some(finish_reason(reason)), st.include_usage)));
+                    if st.include_usage {
+                        let r = &st.reply;
+                        let object = if r.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
+                        st.pending.push_back(data(json!({
+                            "id": r.id, "object": object, "created": r.created, "model": r.model, "choices": [],
+                            "usage": usage(prompt_tokens, completion_tokens),
+                        })));
+                    }
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
+                    st.done = true;
+                }
+                Some(Event::Failed(message)) => {
+                    st.pending.push_back(data(ServeError::internal(message).body()));
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
+                    st.done = true;
+                }
+                None => {
+                    st.pending.push_back(data(ServeError::internal("the engine stopped before the request finished").body()));
+                    st.done = true;
+                }
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn request_id() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    now().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_comparison() {
+        assert!(keys_match("secret", "secret"));
+        assert!(!keys_match("secret ", "secret"));
+        assert!(!keys_match("", "secret"));
+    }
+}

@@ -1,0 +1,295 @@
+"""Drives a running `duo serve` over loopback with the official `openai` client (and raw
+httpx for the error cases). Started by crates/duo-cli/tests/serve_openai.rs, which sets:
+
+  DUO_URL        main server (API key DUO_KEY, body limit 65536 bytes)
+  DUO_KEY        its API key
+  DUO_TIGHT_URL  a second server with --max-waiting 1 --max-running 1 and no key
+"""
+
+import os
+import re
+import threading
+import time
+import unittest
+
+import httpx
+import openai
+
+URL = os.environ["DUO_URL"]
+KEY = os.environ["DUO_KEY"]
+TIGHT = os.environ["DUO_TIGHT_URL"]
+
+WORDS = ("The harbour town woke slowly. Fishermen mended nets while gulls argued over the "
+         "morning catch, and the baker on the corner sold bread to anyone who asked politely. ")
+
+
+def client(url=URL, key=KEY):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def metrics(url=URL, key=KEY):
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        name = series.split("{")[0]
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', series))
+        key_ = name + "".join(f"|{k}={v}" for k, v in sorted(labels.items()) if k != "model_name" and k != "le")
+        if "_bucket" in name:
+            continue
+        values[key_] = float(value)
+    return values
+
+
+def wait_idle(url=URL, key=KEY, seconds=20):
+    """Waits until nothing runs and no KV is held; returns the last metrics."""
+    deadline = time.time() + seconds
+    while True:
+        m = metrics(url, key)
+        held = m["duo:kv_cache_bytes|heads=retrieval"] + m["duo:kv_cache_bytes|heads=streaming"]
+        if (m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0 and held == 0) or time.time() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def error_of(response):
+    body = response.json()
+    err = body["error"]
+    for field in ("message", "type", "param", "code"):
+        assert field in err, body
+    return err
+
+
+class Api(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        deadline = time.time() + 120
+        for url in (URL, TIGHT):
+            while httpx.get(url + "/health").status_code != 200:
+                assert time.time() < deadline, "server never became healthy"
+                time.sleep(0.1)
+        cls.model = client().models.list().data[0].id
+
+    def test_models_lists_the_context_length(self):
+        r = httpx.get(URL + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+        self.assertEqual(r["object"], "list")
+        self.assertEqual(r["data"][0]["id"], self.model)
+        self.assertEqual(r["data"][0]["max_model_len"], 8192)
+
+    def test_chat_whole_and_streamed_agree(self):
+        c = client()
+        messages = [{"role": "user", "content": "Name three colours."}]
+        whole = c.chat.completions.create(model=self.model, messages=messages, max_tokens=16, temperature=0)
+        text = whole.choices[0].message.content
+        self.assertTrue(text)
+        self.assertEqual(whole.choices[0].message.role, "assistant")
+        self.assertIn(whole.choices[0].finish_reason, ("stop", "length"))
+        u = whole.usage
+        self.assertEqual(u.total_tokens, u.prompt_tokens + u.completion_tokens)
+        chunks = list(c.chat.completions.create(model=self.model, messages=messages, max_tokens=16, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        self.assertEqual(streamed, text)
+        finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        self.assertEqual(finishes, [whole.choices[0].finish_reason])
+        self.assertEqual(chunks[-1].choices, [])
+        self.assertEqual(chunks[-1].usage.completion_tokens, u.completion_tokens)
+        self.assertEqual(chunks[-1].usage.prompt_tokens, u.prompt_tokens)
+
+    def test_completion_whole_and_streamed_agree_with_logprobs(self):
+        c = client()
+        whole = c.completions.create(model=self.model, prompt=WORDS, max_tokens=12, temperature=0, logprobs=2)
+        choice = whole.choices[0]
+        lp = choice.logprobs
+        self.assertEqual(len(lp.tokens), whole.usage.completion_tokens)
+        self.assertEqual("".join(lp.tokens), choice.text)
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            self.assertLessEqual(logprob, 0.0)
+            self.assertEqual(len(top), 2)
+            # Greedy: the chosen token is the most likely one.
+            self.assertAlmostEqual(max(top.values()), logprob, places=4)
+        streamed = list(c.completions.create(model=self.model, prompt=WORDS, max_tokens=12, temperature=0, stream=True))
+        self.assertEqual("".join(ch.choices[0].text for ch in streamed), choice.text)
+
+    def test_chat_logprobs(self):
+        r = client().chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Say hello."}],
+                                             max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        self.assertEqual(len(content), r.usage.completion_tokens)
+        for t in content:
+            tops = [x.logprob for x in t.top_logprobs]
+            self.assertEqual(len(tops), 3)
+            self.assertEqual(tops, sorted(tops, reverse=True))
+            self.assertAlmostEqual(tops[0], t.logprob, places=4)
+
+    def test_seeded_sampling_repeats(self):
+        c = client()
+        # top_k and min_p are not OpenAI fields: clients send them as extra body fields, as with vLLM.
+        runs = [c.completions.create(model=self.model, prompt=WORDS, max_tokens=20, temperature=0.9, top_p=0.95, seed=11,
+                                     extra_body={"top_k": 40, "min_p": 0.01}).choices[0].text for _ in range(2)]
+        self.assertEqual(runs[0], runs[1])
+
+    def test_stop_strings_cut_the_text(self):
+        c = client()
+        full = c.completions.create(model=self.model, prompt=WORDS, max_tokens=24, temperature=0).choices[0].text
+        stop = full[10:14]
+        self.assertTrue(stop.strip(), full)
+        r = c.completions.create(model=self.model, prompt=WORDS, max_tokens=24, temperature=0, stop=[stop])
+        self.assertEqual(r.choices[0].text, full[: full.find(stop)])
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+
+    def test_tokenize(self):
+        r = httpx.post(URL + "/tokenize", json={"prompt": "Hello world"}, headers={"Authorization": f"Bearer {KEY}"}).json()
+        self.assertEqual(r["count"], len(r["tokens"]))
+        self.assertGreater(r["count"], 1)
+        self.assertEqual(r["max_model_len"], 8192)
+
+    def test_unknown_fields_are_ignored(self):
+        r = httpx.post(URL + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": self.model, "prompt": "Hi", "max_tokens": 2, "frequency_penalty": 0.5, "user": "u"})
+        self.assertEqual(r.status_code, 200, r.text)
+
+
+class Errors(unittest.TestCase):
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def post(self, path, body, url=URL, headers=None):
+        return httpx.post(url + path, json=body, headers=self.auth if headers is None else headers, timeout=120)
+
+    def test_api_key_is_required_except_for_health(self):
+        self.assertEqual(httpx.get(URL + "/health").status_code, 200)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.get(URL + "/v1/models", headers=headers)
+            self.assertEqual(r.status_code, 401)
+            self.assertEqual(error_of(r)["type"], "authentication_error")
+        with self.assertRaises(openai.AuthenticationError):
+            client(key="wrong").models.list()
+
+    def test_invalid_parameters_are_named(self):
+        for field, value in [("temperature", 5), ("top_p", 0), ("top_k", -3), ("min_p", 2), ("max_tokens", 0), ("n", 3),
+                             ("stop", ["a", "b", "c", "d", "e"]), ("logprobs", 99), ("seed", "x")]:
+            r = self.post("/v1/completions", {"prompt": "Hi", field: value})
+            self.assertEqual(r.status_code, 400, (field, r.text))
+            self.assertEqual(error_of(r)["param"], field)
+        with self.assertRaises(openai.BadRequestError) as e:
+            client().chat.completions.create(model=client().models.list().data[0].id, messages=[{"role": "user", "content": "x"}], temperature=7)
+        self.assertEqual(e.exception.body["param"], "temperature")
+
+    def test_context_length_exceeded_names_both_numbers(self):
+        r = self.post("/v1/completions", {"prompt": [1] * 8000, "max_tokens": 500})
+        self.assertEqual(r.status_code, 400)
+        err = error_of(r)
+        self.assertEqual(err["code"], "context_length_exceeded")
+        self.assertIn("8192", err["message"])
+        self.assertIn("8500", err["message"])
+
+    def test_bad_bodies(self):
+        r = httpx.post(URL + "/v1/completions", content=b"{not json", headers={**self.auth, "Content-Type": "application/json"})
+        self.assertEqual(r.status_code, 400)
+        self.assertEqual(error_of(r)["code"], "invalid_json")
+        big = self.post("/v1/completions", {"prompt": "x" * 70000})
+        self.assertEqual(big.status_code, 413)
+        self.assertEqual(error_of(big)["code"], "request_too_large")
+        r = self.post("/v1/completions", {"model": "no-such-model", "prompt": "Hi"})
+        self.assertEqual(r.status_code, 404)
+        self.assertEqual(error_of(r)["code"], "model_not_found")
+        r = self.post("/v1/nothing", {})
+        self.assertEqual(r.status_code, 404)
+        error_of(r)
+        r = self.post("/v1/completions", {"prompt": [999999]})
+        self.assertEqual(r.status_code, 400)
+        self.assertEqual(error_of(r)["param"], "prompt")
+
+    def test_full_queue_answers_429_with_retry_after(self):
+        # The tight server runs one request and lets one wait: of six long requests sent
+        # together, some must be refused, each with Retry-After; the others complete.
+        results = []
+
+        def one():
+            r = httpx.post(TIGHT + "/v1/completions", json={"prompt": WORDS, "max_tokens": 40, "temperature": 0}, timeout=300)
+            results.append(r)
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        refused = [r for r in results if r.status_code == 429]
+        done = [r for r in results if r.status_code == 200]
+        self.assertGreaterEqual(len(refused), 1, [r.status_code for r in results])
+        self.assertGreaterEqual(len(done), 1)
+        self.assertEqual(len(refused) + len(done), 6)
+        for r in refused:
+            self.assertIn("retry-after", r.headers)
+            self.assertEqual(error_of(r)["code"], "queue_full")
+        texts = {r.json()["choices"][0]["text"] for r in done}
+        self.assertEqual(len(texts), 1, "the same greedy request gives the same text")
+
+    def test_disconnect_frees_the_kv_at_once(self):
+        before = wait_idle()
+        with httpx.stream("POST", URL + "/v1/completions", headers=self.auth,
+                          json={"prompt": WORDS * 4, "max_tokens": 400, "temperature": 0, "stream": True}) as r:
+            lines = r.iter_lines()
+            seen = 0
+            for line in lines:
+                if line.startswith("data: "):
+                    seen += 1
+                if seen == 3:
+                    break
+            mid = metrics()
+            self.assertEqual(mid["vllm:num_requests_running"], 1)
+            self.assertGreater(mid["duo:kv_cache_bytes|heads=retrieval"], 0)
+        after = wait_idle(seconds=5)
+        self.assertEqual(after["vllm:num_requests_running"], 0)
+        self.assertEqual(after["duo:kv_cache_bytes|heads=retrieval"] + after["duo:kv_cache_bytes|heads=streaming"], 0)
+        self.assertEqual(after["vllm:request_success_total|finished_reason=abort"], before["vllm:request_success_total|finished_reason=abort"] + 1)
+        self.assertLess(after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"], 400)
+
+
+class Load(unittest.TestCase):
+    def test_16_concurrent_streams_match_running_alone(self):
+        c = client()
+        model = c.models.list().data[0].id
+        requests = [((WORDS * (1 + i % 5))[: 60 + 37 * i], 8 + 2 * i) for i in range(16)]
+
+        def run_stream(prompt, max_tokens, out, i):
+            tokens, finishes, usage = [], [], None
+            for ch in c.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0,
+                                           stream=True, stream_options={"include_usage": True}):
+                if ch.usage is not None:
+                    usage = ch.usage
+                for choice in ch.choices:
+                    if choice.logprobs:
+                        tokens.extend(choice.logprobs.tokens)
+                    if choice.finish_reason:
+                        finishes.append(choice.finish_reason)
+            out[i] = (tokens, finishes, usage)
+
+        before = metrics()
+        together = [None] * 16
+        threads = [threading.Thread(target=run_stream, args=(p, n, together, i)) for i, (p, n) in enumerate(requests)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = metrics()
+        generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+        steps = after["duo:decode_steps_total"] - before["duo:decode_steps_total"]
+        self.assertEqual(generated, sum(len(t[0]) for t in together))
+        self.assertLess(steps, generated / 2, "decode steps were batched across requests")
+        for i, (prompt, max_tokens) in enumerate(requests):
+            alone = c.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0)
+            tokens, finishes, usage = together[i]
+            self.assertEqual(tokens, alone.choices[0].logprobs.tokens, f"request {i}: concurrent tokens differ from alone")
+            self.assertEqual(len(finishes), 1, f"request {i}: one finish reason")
+            self.assertEqual(usage.completion_tokens, len(tokens), f"request {i}: nothing lost or duplicated")
+        m = wait_idle()
+        self.assertEqual(m["duo:kv_cache_bytes|heads=retrieval"] + m["duo:kv_cache_bytes|heads=streaming"], 0)
+        self.assertEqual(m["vllm:num_requests_running"], 0)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
