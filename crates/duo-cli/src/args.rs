@@ -43,11 +43,21 @@ pub struct MethodArgs {
     /// Prefill chunk size in tokens.
     #[arg(long, default_value_t = MethodSpec::default().chunk)]
     pub chunk: usize,
+    /// A model of real shape with seeded random weights instead of a checkpoint
+    /// (llama-3-8b, llama-2-7b, smollm2-135m, or a config.json): `duo bench` only.
+    #[arg(long, conflicts_with = "model")]
+    pub random_weights: Option<String>,
 }
 
 impl MethodArgs {
     /// The model to load.
     pub fn model_source(&self) -> Result<ModelSource> {
+        if let Some(shape) = &self.random_weights {
+            anyhow::bail!(
+                "--random-weights {shape} builds a model with random weights, which has no accuracy, text or answers to report; \
+                 it is for speed and memory only: use it with `duo bench`"
+            );
+        }
         Ok(match &self.model {
             None => ModelSource::Default,
             Some(s) => s.parse()?,

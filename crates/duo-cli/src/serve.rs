@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// Prefill chunk in tokens: a long prompt is prefilled this many tokens at a time, with
+    /// the other requests' decode steps in between (smaller: steadier inter-token latency).
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, default_value_t = Limits::default().max_tokens)]
     pub max_tokens_limit: usize,
@@ -71,7 +75,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         bail!("--max-waiting and --max-running must be at least 1");
     }
     let source = a.method.model_source()?;
-    let spec = a.method.spec()?;
+    if a.method.chunk != duo_engine::MethodSpec::default().chunk {
+        bail!("duo serve sets its prefill chunk with --prefill-chunk (default 512), not --chunk");
+    }
+    if a.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be at least 1");
+    }
+    let spec = duo_engine::MethodSpec { chunk: a.prefill_chunk, ..a.method.spec()? };
     let model_id = a.served_model_name.clone().unwrap_or_else(|| match &a.method.model {
         None => "SmolLM2-135M-Instruct".to_string(),
         Some(m) => m.trim_end_matches('/').rsplit('/').next().unwrap_or(m).trim_end_matches(".gguf").to_string(),

@@ -306,59 +306,63 @@ impl HfFolder {
     }
 
     fn config(&self) -> Result<ModelConfig> {
-        let c = &self.config_json;
-        let path = self.dir.join("config.json");
-        let bad = |m: String| ModelError::Malformed { path: path.clone(), reason: m };
-        let get_u = |k: &str| c.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| bad(format!("`{k}` is missing or not an integer")));
-        let archs: Vec<&str> = c.get("architectures").and_then(|a| a.as_array()).map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
-        let model_type = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-        let architecture = match model_type {
-            "llama" | "mistral" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
-            other => return Err(ModelError::Unsupported(format!("model_type `{other}` ({archs:?}); supported: llama, mistral, qwen2"))),
-        };
-        let hidden = get_u("hidden_size")?;
-        let n_heads = get_u("num_attention_heads")?;
-        let n_kv = c.get("num_key_value_heads").and_then(|v| v.as_u64()).map_or(n_heads, |v| v as usize);
-        let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
-        let theta = c.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32;
-        let rope_freq_factors = match c.get("rope_scaling").filter(|v| !v.is_null()) {
-            None => None,
-            Some(s) => {
-                let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("");
-                if ty != "llama3" {
-                    return Err(ModelError::Unsupported(format!("rope_scaling type `{ty}` (only `llama3` is supported)")));
-                }
-                let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).map(|v| v as f32).ok_or_else(|| bad(format!("rope_scaling.{k} missing")));
-                Some(ModelConfig::llama3_freq_factors(head_dim, theta, f("factor")?, f("low_freq_factor")?, f("high_freq_factor")?, f("original_max_position_embeddings")?))
-            }
-        };
-        let ids = |k: &str| -> Vec<u32> {
-            match c.get(k) {
-                Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
-                _ => vec![],
-            }
-        };
-        Ok(ModelConfig {
-            architecture,
-            n_layers: get_u("num_hidden_layers")?,
-            hidden_size: hidden,
-            n_heads,
-            n_kv_heads: n_kv,
-            head_dim,
-            intermediate_size: get_u("intermediate_size")?,
-            vocab_size: get_u("vocab_size")?,
-            context_length: get_u("max_position_embeddings")?,
-            rope_theta: theta,
-            rope_style: RopeStyle::HalfSplit,
-            rope_freq_factors,
-            rms_norm_eps: c.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
-            tie_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false) || !self.index.contains_key("lm_head.weight"),
-            bos_token_id: ids("bos_token_id").first().copied(),
-            eos_token_ids: ids("eos_token_id"),
-        })
+        config_from_hf_json(&self.config_json, &self.dir.join("config.json"), self.index.contains_key("lm_head.weight"))
     }
+}
+
+/// A model configuration from a Hugging Face `config.json` (`path` is for messages;
+/// `has_lm_head`: whether the checkpoint has its own LM head, else it is tied).
+pub fn config_from_hf_json(c: &serde_json::Value, path: &Path, has_lm_head: bool) -> Result<ModelConfig> {
+    let bad = |m: String| ModelError::Malformed { path: path.to_path_buf(), reason: m };
+    let get_u = |k: &str| c.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| bad(format!("`{k}` is missing or not an integer")));
+    let archs: Vec<&str> = c.get("architectures").and_then(|a| a.as_array()).map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+    let model_type = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let architecture = match model_type {
+        "llama" | "mistral" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        other => return Err(ModelError::Unsupported(format!("model_type `{other}` ({archs:?}); supported: llama, mistral, qwen2"))),
+    };
+    let hidden = get_u("hidden_size")?;
+    let n_heads = get_u("num_attention_heads")?;
+    let n_kv = c.get("num_key_value_heads").and_then(|v| v.as_u64()).map_or(n_heads, |v| v as usize);
+    let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
+    let theta = c.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32;
+    let rope_freq_factors = match c.get("rope_scaling").filter(|v| !v.is_null()) {
+        None => None,
+        Some(s) => {
+            let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("");
+            if ty != "llama3" {
+                return Err(ModelError::Unsupported(format!("rope_scaling type `{ty}` (only `llama3` is supported)")));
+            }
+            let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).map(|v| v as f32).ok_or_else(|| bad(format!("rope_scaling.{k} missing")));
+            Some(ModelConfig::llama3_freq_factors(head_dim, theta, f("factor")?, f("low_freq_factor")?, f("high_freq_factor")?, f("original_max_position_embeddings")?))
+        }
+    };
+    let ids = |k: &str| -> Vec<u32> {
+        match c.get(k) {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            _ => vec![],
+        }
+    };
+    Ok(ModelConfig {
+        architecture,
+        n_layers: get_u("num_hidden_layers")?,
+        hidden_size: hidden,
+        n_heads,
+        n_kv_heads: n_kv,
+        head_dim,
+        intermediate_size: get_u("intermediate_size")?,
+        vocab_size: get_u("vocab_size")?,
+        context_length: get_u("max_position_embeddings")?,
+        rope_theta: theta,
+        rope_style: RopeStyle::HalfSplit,
+        rope_freq_factors,
+        rms_norm_eps: c.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
+        tie_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false) || !has_lm_head,
+        bos_token_id: ids("bos_token_id").first().copied(),
+        eos_token_ids: ids("eos_token_id"),
+    })
 }
 
 #[cfg(test)]

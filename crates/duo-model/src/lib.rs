@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod hub;
 pub mod llama;
+pub mod random;
 pub mod template;
 pub mod tokenizer;
 

@@ -113,6 +113,46 @@ impl Model {
         Ok(Self { config, embed, blocks, norm, lm_head, rope })
     }
 
+    /// A model of `config`'s shape with seeded random Q4_1 weights and unit norms (see
+    /// [`crate::random`]): for speed and memory measurements only.
+    pub fn random(config: ModelConfig, seed: u64) -> Result<Self> {
+        use crate::random::q4_1_matrix;
+        use duo_kernels::quant::{QuantKind, QuantMatrix};
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let mut next = 0u64;
+        let mut linear = |out_dim: usize, in_dim: usize| -> Result<Linear> {
+            next += 1;
+            let data = q4_1_matrix(out_dim, in_dim, seed.wrapping_mul(1_000_003).wrapping_add(next));
+            let m = QuantMatrix::new(QuantKind::Q4_1, out_dim, in_dim, data).map_err(ModelError::Input)?;
+            Ok(Linear { weight: Weight::Native(m), bias: None, out_dim })
+        };
+        let mut blocks = Vec::new();
+        for _ in 0..c.n_layers {
+            blocks.push(Block {
+                attn_norm: vec![1.0; h],
+                q: linear(c.n_heads * hd, h)?,
+                k: linear(c.n_kv_heads * hd, h)?,
+                v: linear(c.n_kv_heads * hd, h)?,
+                o: linear(h, c.n_heads * hd)?,
+                ffn_norm: vec![1.0; h],
+                gate: linear(c.intermediate_size, h)?,
+                up: linear(c.intermediate_size, h)?,
+                down: linear(h, c.intermediate_size)?,
+            });
+        }
+        let lm_head = linear(c.vocab_size, h)?.weight;
+        let embed_bytes = q4_1_matrix(c.vocab_size, h, seed.wrapping_mul(1_000_003));
+        let embed = Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            candle_core::quantized::GgmlDType::Q4_1,
+            &embed_bytes,
+            vec![c.vocab_size, h],
+            &Device::Cpu,
+        )?);
+        let rope = Rope::new(hd, c.rope_theta, c.rope_style == RopeStyle::HalfSplit, c.rope_freq_factors.as_deref());
+        Ok(Self { norm: vec![1.0; h], config, embed, blocks, lm_head, rope })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config

@@ -415,3 +415,41 @@ mod real_header {
         }
     }
 }
+
+#[test]
+fn random_weight_models_are_seeded_and_batched_decode_matches_one_at_a_time() {
+    use duo_model::Model;
+    let dir = tmp("random-shape");
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, r#"{"model_type":"llama","hidden_size":128,"num_attention_heads":4,"num_key_value_heads":2,"num_hidden_layers":2,"intermediate_size":256,"vocab_size":300,"max_position_embeddings":512}"#).expect("config");
+    let c = duo_model::random::shape(cfg.to_str().expect("utf-8")).expect("shape");
+    let vocab = c.vocab_size;
+    let plan = CachePlan::new(&HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads), c.head_dim, 4, Window::new(4, 8).expect("w"));
+    let fresh = || SequenceKv::new(&plan, PrefillMode::Lambda);
+    let a = Model::random(c.clone(), 5).expect("model");
+    let logits = |m: &Model, toks: &[u32]| m.forward(toks, &mut fresh(), Logits::Last).expect("forward");
+    let first = logits(&a, &[1, 2, 3]);
+    assert_eq!(first.len(), vocab);
+    assert!(first.iter().all(|x| x.is_finite()));
+    assert_eq!(first, logits(&Model::random(c.clone(), 5).expect("model"), &[1, 2, 3]), "same seed, same weights");
+    assert_ne!(first, logits(&Model::random(c.clone(), 6).expect("model"), &[1, 2, 3]), "another seed, other weights");
+    // One decode step for three sequences of different lengths, batched, equals each alone.
+    let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7, 8, 9, 10, 11, 12, 13], &[14]];
+    let next = [42u32, 7, 199];
+    let mut kvs: Vec<SequenceKv> = prompts
+        .iter()
+        .map(|p| {
+            let mut kv = fresh();
+            a.forward(p, &mut kv, Logits::None).expect("prefill");
+            kv
+        })
+        .collect();
+    let alone: Vec<Vec<f32>> = kvs.iter().zip(next).map(|(kv, t)| a.forward(&[t], &mut kv.clone(), Logits::Last).expect("alone")).collect();
+    let mut refs: Vec<&mut SequenceKv> = kvs.iter_mut().collect();
+    let batched = a.decode_batch(&next, &mut refs).expect("batch");
+    for (i, want) in alone.iter().enumerate() {
+        assert_eq!(&batched[i * vocab..(i + 1) * vocab], &want[..], "sequence {i}");
+    }
+    assert_eq!(kvs.iter().map(SequenceKv::tokens).collect::<Vec<_>>(), vec![4, 11, 2]);
+    assert!(a.decode_batch(&next[..2], &mut kvs.iter_mut().collect::<Vec<_>>()).is_err(), "token and sequence counts must match");
+}
