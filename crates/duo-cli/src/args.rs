@@ -68,7 +68,7 @@ impl MethodArgs {
     pub fn spec(&self) -> Result<MethodSpec> {
         let method = self.method.parse::<Method>()?;
         // The default model ships its own patterns: duo and random use them unless told otherwise.
-        let shipped = (self.pattern.is_none() && self.model.is_none() && matches!(method, Method::Duo | Method::Random))
+        let shipped = (self.pattern.is_none() && self.model.is_none() && self.random_weights.is_none() && matches!(method, Method::Duo | Method::Random))
             .then(crate::eval::shipped_patterns)
             .flatten()
             .map(|(head, layer)| if self.layout == "layer" { layer } else { head });

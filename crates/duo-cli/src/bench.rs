@@ -74,7 +74,6 @@ fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
 /// Runs the benchmark and prints a markdown table.
 pub fn run(a: BenchArgs) -> Result<()> {
     let mut base = a.method.clone();
-    base.random_weights = None;
     let mut layer_pattern = None;
     let (model, label, token_limit) = match &a.method.random_weights {
         Some(shape) => {
@@ -118,12 +117,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         for &n in &a.lengths {
             let mut kv = method.new_cache();
             let t0 = Instant::now();
-            let mut logits = Vec::new();
-            let chunks: Vec<&[u32]> = prompt[..n].chunks(method.chunk).collect();
-            for (i, chunk) in chunks.iter().enumerate() {
-                let which = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
-                logits = model.forward(chunk, &mut kv, which)?;
-            }
+            let logits = model.prefill(&prompt[..n], &mut kv, method.chunk, |_| {})?;
             let prefill_s = t0.elapsed().as_secs_f64();
             let mut next = duo_engine::sampler::argmax(&logits);
             let t1 = Instant::now();

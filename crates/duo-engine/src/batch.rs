@@ -114,6 +114,8 @@ pub struct BatchStats {
     pub generation_tokens: AtomicU64,
     /// Decode steps run (one per batch).
     pub decode_steps: AtomicU64,
+    /// False once the engine thread has stopped (it panicked, or the engine was dropped).
+    pub stopped: std::sync::atomic::AtomicBool,
 }
 
 /// The handle to the engine thread. Dropping it stops the thread once the running
@@ -128,13 +130,24 @@ pub struct BatchEngine {
 
 impl BatchEngine {
     /// Starts the engine thread.
-    pub fn start(model: Arc<LoadedModel>, method: ResolvedMethod, config: BatchConfig) -> Self {
+    pub fn start(model: Arc<LoadedModel>, method: ResolvedMethod, mut config: BatchConfig) -> Self {
+        config.max_running = config.max_running.max(1);
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(BatchStats::default());
         let worker = Worker { model: model.clone(), method: method.clone(), config, stats: stats.clone() };
         std::thread::Builder::new()
             .name("duo-engine".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || {
+                // Marks the engine stopped however the thread ends, panics included.
+                struct Stopped(Arc<BatchStats>);
+                impl Drop for Stopped {
+                    fn drop(&mut self) {
+                        self.0.stopped.store(true, Ordering::SeqCst);
+                    }
+                }
+                let _guard = Stopped(worker.stats.clone());
+                worker.run(rx)
+            })
             .expect("spawning the engine thread");
         Self { tx, stats, config, model, method }
     }
@@ -152,6 +165,32 @@ impl BatchEngine {
     /// KV bytes a sequence of `tokens` tokens reserves.
     pub fn kv_bytes_for(&self, tokens: usize) -> usize {
         self.method.plan.total_bytes(tokens)
+    }
+
+    /// True while the engine thread runs.
+    pub fn is_alive(&self) -> bool {
+        !self.stats.stopped.load(Ordering::SeqCst)
+    }
+
+    /// The most new tokens a request with `prompt` tokens may ask for within the KV budget
+    /// (0 if even the prompt does not fit).
+    pub fn max_new_tokens_within_budget(&self, prompt: usize) -> usize {
+        let fits = |n: usize| self.kv_bytes_for(prompt + n) <= self.config.kv_budget;
+        let context = self.model.model.config().context_length;
+        if !fits(0) {
+            return 0;
+        }
+        // Bytes grow with tokens: binary search for the last n that fits.
+        let (mut lo, mut hi) = (0usize, context.saturating_sub(prompt));
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
     }
 
     /// True when the queue is full (checked before tokenising, to refuse early).
@@ -182,6 +221,9 @@ impl BatchEngine {
 
     /// Queues a request. Errors (and sends nothing) when it is invalid or the queue is full.
     pub fn submit(&self, request: Request) -> Result<()> {
+        if !self.is_alive() {
+            return Err(EngineError::Stopped);
+        }
         self.check(request.prompt.len(), &request.params, request.top_logprobs)?;
         let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.config.max_waiting {

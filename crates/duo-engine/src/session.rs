@@ -126,15 +126,8 @@ impl<'m> Runner<'m> {
     }
 
     /// Prefills `tokens` in chunks into `kv`, returning the last position's logits.
-    pub fn prefill(&self, tokens: &[u32], kv: &mut SequenceKv, mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
-        let mut last = Vec::new();
-        let chunks: Vec<&[u32]> = tokens.chunks(self.method.chunk).collect();
-        for (i, c) in chunks.iter().enumerate() {
-            let which = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
-            last = self.model.model.forward(c, kv, which)?;
-            progress(c.len());
-        }
-        Ok(last)
+    pub fn prefill(&self, tokens: &[u32], kv: &mut SequenceKv, progress: impl FnMut(usize)) -> Result<Vec<f32>> {
+        Ok(self.model.model.prefill(tokens, kv, self.method.chunk, progress)?)
     }
 
     /// Generates from `prompt`; `on_text` receives each new piece of text as it becomes

@@ -106,6 +106,8 @@ fn admission_respects_the_budget_and_the_queue_bound() {
     let err = engine.check(8150, &params, None).unwrap_err().to_string();
     assert!(err.contains("8150") && err.contains("8192"), "{err}");
     assert!(engine.check(0, &params, None).is_err());
+    assert_eq!(engine.max_new_tokens_within_budget(60), 40, "full attention: bytes grow one token at a time");
+    assert_eq!(engine.max_new_tokens_within_budget(101), 0);
     assert!(engine.check(10, &SamplingParams { top_p: 0.0, ..params.clone() }, None).unwrap_err().to_string().contains("top_p"));
     // Each request needs the whole budget, so they run one at a time and the rest wait.
     let (tx, rx) = mpsc::channel();

@@ -31,8 +31,8 @@ impl HubModel {
             None => (spec, None),
         };
         let (repo, revision) = match repo_rev.split_once('@') {
-            Some((r, v)) if !v.is_empty() => (r, v.to_string()),
-            Some(_) => return Err(bad("empty revision after `@`")),
+            Some((_, v)) if v.split('/').any(|p| p.is_empty() || p == "." || p == "..") => return Err(bad("bad revision")),
+            Some((r, v)) => (r, v.to_string()),
             None => (repo_rev, "main".to_string()),
         };
         let parts: Vec<&str> = repo.split('/').collect();
@@ -47,10 +47,12 @@ impl HubModel {
     /// local path to load: the GGUF file, or the snapshot folder.
     pub fn download(&self) -> Result<PathBuf> {
         use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
-        let api = ApiBuilder::from_env()
-            .with_progress(true)
-            .build()
-            .map_err(|e| ModelError::Fetch(format!("hub client: {e}")))?;
+        let mut builder = ApiBuilder::from_env().with_progress(true);
+        // from_env reads a token saved by `huggingface-cli login`; HF_TOKEN overrides it.
+        if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+            builder = builder.with_token(Some(token));
+        }
+        let api = builder.build().map_err(|e| ModelError::Fetch(format!("hub client: {e}")))?;
         let repo = api.repo(Repo::with_revision(self.repo.clone(), RepoType::Model, self.revision.clone()));
         let get = |file: &str| {
             repo.get(file).map_err(|e| {
@@ -72,8 +74,9 @@ impl HubModel {
                     get(&shard)?;
                 }
             }
-            Err(_) => {
-                get("model.safetensors")?;
+            // No index: a single-file checkpoint. If that fails too, both reasons are shown.
+            Err(no_index) => {
+                get("model.safetensors").map_err(|e| ModelError::Fetch(format!("{e}; and {no_index}")))?;
             }
         }
         config
@@ -115,7 +118,8 @@ mod tests {
         assert_eq!((m.repo.as_str(), m.revision.as_str(), m.gguf), ("HuggingFaceTB/SmolLM2-135M-Instruct", "main", None));
         let m = HubModel::parse("org/name@v1.0:model-q4_0.gguf").unwrap();
         assert_eq!((m.revision.as_str(), m.gguf.as_deref()), ("v1.0", Some("model-q4_0.gguf")));
-        for bad in ["", "justname", "a/b/c", "../x", "a/..", "a/b@", "a/b:weights.bin", "a/b:../x.gguf", "a b/c"] {
+        assert_eq!(HubModel::parse("org/name@refs/pr/1").unwrap().revision, "refs/pr/1");
+        for bad in ["", "justname", "a/b/c", "../x", "a/..", "a/b@", "a/b@../../x", "a/b:weights.bin", "a/b:../x.gguf", "a b/c"] {
             assert!(HubModel::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

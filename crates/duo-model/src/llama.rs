@@ -165,6 +165,19 @@ impl Model {
         self.logits(&hidden, tokens.len(), logits)
     }
 
+    /// Prefills `tokens` into `kv` in chunks of `chunk` tokens and returns the last
+    /// position's logits; `progress` gets each chunk's length.
+    pub fn prefill(&self, tokens: &[u32], kv: &mut SequenceKv, chunk: usize, mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
+        let chunks: Vec<&[u32]> = tokens.chunks(chunk.max(1)).collect();
+        let mut last = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let which = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
+            last = self.forward(c, kv, which)?;
+            progress(c.len());
+        }
+        Ok(last)
+    }
+
     /// Like [`Model::forward`] but returns the final-norm hidden states `[t, hidden]`.
     pub fn hidden_states(&self, tokens: &[u32], kv: &mut SequenceKv) -> Result<Vec<f32>> {
         self.run_segments(tokens, &mut [kv])

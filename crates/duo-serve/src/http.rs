@@ -111,7 +111,12 @@ async fn require_key(State(state): State<Arc<AppState>>, request: HttpRequest, n
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     match state.ready.get() {
-        Some(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Some(r) if r.engine.is_alive() => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Some(_) => {
+            let mut e = ServeError::internal("the engine has stopped");
+            e.status = StatusCode::SERVICE_UNAVAILABLE;
+            e.into_response()
+        }
         None => ServeError::loading().into_response(),
     }
 }
@@ -190,6 +195,8 @@ struct HttpSink {
     metrics: Arc<Metrics>,
     arrived: Instant,
     last_token: Option<Instant>,
+    /// `Done` or `Failed` was sent: the request did not end by its client leaving.
+    ended: bool,
 }
 
 impl EventSink for HttpSink {
@@ -204,6 +211,7 @@ impl EventSink for HttpSink {
                 self.last_token = Some(now);
             }
             Event::Done { finish_reason, .. } => {
+                self.ended = true;
                 self.metrics.e2e.observe((now - self.arrived).as_secs_f64());
                 let c = match finish_reason {
                     FinishReason::Stop => &self.metrics.finished_stop,
@@ -213,6 +221,7 @@ impl EventSink for HttpSink {
                 c.fetch_add(1, Ordering::Relaxed);
             }
             Event::Failed(_) => {
+                self.ended = true;
                 self.metrics.finished_abort.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -227,7 +236,7 @@ impl EventSink for HttpSink {
 impl Drop for HttpSink {
     fn drop(&mut self) {
         // A request dropped before Done or Failed (its client went away) counts as aborted.
-        if self.tx.is_closed() {
+        if !self.ended {
             self.metrics.finished_abort.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -236,6 +245,9 @@ impl Drop for HttpSink {
 async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: std::result::Result<Bytes, BytesRejection>) -> Result<Response> {
     let arrived = Instant::now();
     let ready = state.ready()?;
+    if !ready.engine.is_alive() {
+        return Err(ServeError::internal("the engine has stopped; restart the server"));
+    }
     if ready.engine.queue_full() {
         state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
         return Err(ServeError::queue_full(ready.engine.stats().waiting.load(Ordering::SeqCst)));
@@ -244,18 +256,20 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
     let limits = state.config.limits;
     let mut req = GenerationRequest::parse(endpoint, &body, &limits, state.config.seed)?;
     if !req.ignored.is_empty() {
-        tracing::info!(fields = ?req.ignored, "ignoring request fields duo does not use");
+        tracing::warn!(fields = ?req.ignored, "ignoring request fields duo does not use");
     }
     if let Some(m) = &req.model {
         if m != &state.config.model_id {
             return Err(ServeError::not_found(format!("the model `{m}` does not exist; this server serves `{}`", state.config.model_id), "model_not_found"));
         }
     }
-    let prompt = tokens_of(&ready.model, &req.prompt)?;
+    // Tokenising (and rendering the template) is CPU work: off the async workers.
+    let (model, text) = (ready.model.clone(), req.prompt.clone());
+    let prompt = tokio::task::spawn_blocking(move || tokens_of(&model, &text)).await.map_err(|e| ServeError::internal(e.to_string()))??;
     let context = ready.model.model.config().context_length;
-    req.resolve_max_tokens(prompt.len(), context, &limits);
+    req.resolve_max_tokens(prompt.len(), context, ready.engine.max_new_tokens_within_budget(prompt.len()), &limits);
     let (tx, rx) = mpsc::unbounded_channel();
-    let sink = Box::new(HttpSink { tx, metrics: state.metrics.clone(), arrived, last_token: None });
+    let sink = Box::new(HttpSink { tx, metrics: state.metrics.clone(), arrived, last_token: None, ended: false });
     ready.engine.submit(Request { prompt, params: req.params.clone(), top_logprobs: req.logprobs, sink }).map_err(|e| {
         if matches!(e, duo_engine::EngineError::QueueFull { .. }) {
             state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
@@ -404,6 +418,7 @@ fn stream_response(reply: Reply, rx: mpsc::UnboundedReceiver<Event>, include_usa
                 }
                 None => {
                     st.pending.push_back(data(ServeError::internal("the engine stopped before the request finished").body()));
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.done = true;
                 }
             }

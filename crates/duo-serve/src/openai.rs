@@ -171,10 +171,12 @@ impl GenerationRequest {
         Ok(Self { endpoint, model, prompt, params, max_tokens, logprobs, stream, include_usage, ignored })
     }
 
-    /// Sets `params.max_tokens`: as asked, or what fits the context after the prompt (up
-    /// to the server's limit; at least 1, so a prompt that fills the context is refused).
-    pub fn resolve_max_tokens(&mut self, prompt_tokens: usize, context: usize, limits: &Limits) {
-        self.params.max_tokens = self.max_tokens.unwrap_or_else(|| context.saturating_sub(prompt_tokens).clamp(1, limits.max_tokens));
+    /// Sets `params.max_tokens`: as asked, or as many as fit the context after the prompt,
+    /// the server's limit and `within_budget` (the most new tokens whose KV cache fits the
+    /// budget) — at least 1, so a prompt that fills the context is refused, not truncated.
+    pub fn resolve_max_tokens(&mut self, prompt_tokens: usize, context: usize, within_budget: usize, limits: &Limits) {
+        self.params.max_tokens =
+            self.max_tokens.unwrap_or_else(|| context.saturating_sub(prompt_tokens).min(within_budget).clamp(1, limits.max_tokens));
     }
 }
 
@@ -387,10 +389,15 @@ mod tests {
         let mut r = parse(Endpoint::Completion, r#"{"prompt":[1,2,3]}"#).unwrap();
         assert_eq!(r.prompt, Prompt::Tokens(vec![1, 2, 3]));
         assert_eq!(r.params.seed, 7, "the server's seed when the request has none");
-        r.resolve_max_tokens(3, 100, &Limits::default());
+        r.resolve_max_tokens(3, 100, usize::MAX, &Limits::default());
         assert_eq!(r.params.max_tokens, 97);
-        r.resolve_max_tokens(3, 100_000, &Limits::default());
+        r.resolve_max_tokens(3, 100_000, usize::MAX, &Limits::default());
         assert_eq!(r.params.max_tokens, 4096);
+        r.resolve_max_tokens(3, 100_000, 500, &Limits::default());
+        assert_eq!(r.params.max_tokens, 500, "no more than the KV budget allows");
+        r.max_tokens = Some(9);
+        r.resolve_max_tokens(3, 100_000, 500, &Limits::default());
+        assert_eq!(r.params.max_tokens, 9);
     }
 
     #[test]
