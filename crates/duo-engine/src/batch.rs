@@ -356,7 +356,7 @@ impl Worker {
             let Some(logits) = s.logits.take() else { continue };
             let id = s.sampler.sample(&logits);
             if eos.contains(&id) {
-                finish(s, FinishReason::Stop);
+                finish(s, tok, FinishReason::Stop);
                 continue;
             }
             let logprob = s.top_logprobs.map(|n| token_logprob(&logits, id, n));
@@ -373,9 +373,9 @@ impl Worker {
                 continue;
             }
             if step.stopped {
-                finish(s, FinishReason::Stop);
+                finish(s, tok, FinishReason::Stop);
             } else if s.text.tokens().len() >= s.max_tokens {
-                finish(s, FinishReason::Length);
+                finish(s, tok, FinishReason::Length);
             } else {
                 next.push((i, id));
             }
@@ -423,8 +423,11 @@ impl Worker {
     }
 }
 
-fn finish(s: &mut Sequence, finish_reason: FinishReason) {
-    let text = s.text.take_rest();
+fn finish(s: &mut Sequence, tokenizer: &duo_model::TextTokenizer, finish_reason: FinishReason) {
+    let text = match s.text.finish(tokenizer) {
+        Ok(text) => text,
+        Err(e) => return fail(s, e.to_string()),
+    };
     s.sink.send(Event::Done { finish_reason, text, prompt_tokens: s.prompt.len(), completion_tokens: s.text.tokens().len() });
     s.finished = true;
 }

@@ -163,11 +163,9 @@ impl<'m> Runner<'m> {
             }
             logits = self.model.model.forward(&[next], &mut kv, Logits::Last)?;
         };
-        if finish != FinishReason::Cancelled {
-            let rest = stream.take_rest();
-            if !rest.is_empty() {
-                on_text(&rest);
-            }
+        let rest = stream.finish(tok)?;
+        if finish != FinishReason::Cancelled && !rest.is_empty() {
+            on_text(&rest);
         }
         let (completion, text) = (stream.tokens().to_vec(), stream.text().to_string());
         Ok(Generation {

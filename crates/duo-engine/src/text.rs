@@ -2,6 +2,11 @@
 //! out only once it can no longer change (a partial UTF-8 character, or a tail that may
 //! still become a stop string, is held back). `duo generate` and the server share it, so
 //! both stream exactly the same text.
+//!
+//! Decoding is incremental, so a long completion costs the same per token as a short one:
+//! only the tokens since the last complete piece of text are decoded again, together with
+//! the piece before them (`prefix_offset..read_offset`), because tokenizers decode a token
+//! differently at the start of a text (a SentencePiece word marker loses its space).
 
 use crate::error::Result;
 use duo_model::TextTokenizer;
@@ -20,22 +25,31 @@ pub struct TextStep {
 pub struct TextStream {
     stop: Vec<String>,
     tokens: Vec<u32>,
+    /// Decoded text of `tokens[..read_offset]` (stop string cut once found).
     text: String,
+    /// Bytes of `text` already handed out.
     emitted: usize,
+    /// Tokens before this one are in `text` and are not decoded again.
+    prefix_offset: usize,
+    /// Tokens before this one are in `text`.
+    read_offset: usize,
+    /// A stop string was found; the text is final.
+    stopped: bool,
 }
 
 impl TextStream {
     /// A stream that stops at any of `stop`.
     pub fn new(stop: Vec<String>) -> Self {
-        Self { stop, tokens: Vec::new(), text: String::new(), emitted: 0 }
+        Self { stop, tokens: Vec::new(), text: String::new(), emitted: 0, prefix_offset: 0, read_offset: 0, stopped: false }
     }
 
     /// Adds one token and returns the text that became stable.
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<TextStep> {
         self.tokens.push(id);
-        self.text = tokenizer.decode(&self.tokens)?;
+        self.decode_new(tokenizer, false)?;
         if let Some(cut) = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
             self.text.truncate(cut);
+            self.stopped = true;
             let delta = self.take_rest();
             return Ok(TextStep { delta, stopped: true });
         }
@@ -52,8 +66,39 @@ impl TextStream {
         Ok(TextStep { delta, stopped: false })
     }
 
+    /// Appends the text of the tokens since `read_offset` once it is complete (does not end
+    /// in a partial character), or unconditionally with `flush`.
+    fn decode_new(&mut self, tokenizer: &TextTokenizer, flush: bool) -> Result<()> {
+        if self.read_offset == self.tokens.len() {
+            return Ok(());
+        }
+        let before = tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let now = tokenizer.decode(&self.tokens[self.prefix_offset..])?;
+        let complete = now.len() > before.len() && !now.ends_with('\u{FFFD}');
+        if !(complete || flush) {
+            return Ok(());
+        }
+        match now.strip_prefix(before.as_str()) {
+            Some(new) => self.text.push_str(new),
+            // A tokenizer whose text of a window is not a prefix of the longer window's:
+            // decode everything (correct, just slower).
+            None => self.text = tokenizer.decode(&self.tokens)?,
+        }
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.tokens.len();
+        Ok(())
+    }
+
     /// Hands out whatever is still held back (at the end of generation).
-    pub fn take_rest(&mut self) -> String {
+    pub fn finish(&mut self, tokenizer: &TextTokenizer) -> Result<String> {
+        if !self.stopped {
+            self.decode_new(tokenizer, true)?;
+        }
+        Ok(self.take_rest())
+    }
+
+    /// Hands out the stable text not yet handed out.
+    fn take_rest(&mut self) -> String {
         let start = self.emitted.min(self.text.len());
         let rest = self.text[start..].to_string();
         self.emitted = self.text.len();

@@ -145,3 +145,39 @@ fn admission_respects_the_budget_and_the_queue_bound() {
     assert_eq!(finished, accepted);
     assert_eq!(max_running, 1, "the budget admits one request at a time");
 }
+
+#[test]
+fn streamed_text_equals_decoding_all_tokens_at_once() {
+    use duo_engine::TextStream;
+    use rand::{Rng, SeedableRng};
+    let model = LoadedModel::load(&ModelSource::Default).expect("default model");
+    let tok = &model.tokenizer;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut cases = vec![tok.encode("Ünïcödé — 東京タワー 🚀🚀 emoji, plain words and numbers 12345.\n\nNext paragraph.", false).expect("encode")];
+    // Random ids, byte tokens included: partial and invalid UTF-8 sequences.
+    cases.extend((0..30).map(|_| (0..50).map(|_| rng.gen_range(0..tok.vocab_size() as u32)).collect::<Vec<u32>>()));
+    for ids in &cases {
+        let mut stream = TextStream::new(Vec::new());
+        let mut out = String::new();
+        for &id in ids {
+            out += &stream.push(tok, id).expect("push").delta;
+        }
+        out += &stream.finish(tok).expect("finish");
+        let whole = tok.decode(ids).expect("decode");
+        assert_eq!(out, whole, "{ids:?}");
+        assert_eq!(stream.text(), whole);
+    }
+    // A stop string ends the text where it starts, also when it spans tokens.
+    let ids = tok.encode("alpha beta gamma STOP delta epsilon", false).expect("encode");
+    let mut stream = TextStream::new(vec!["a STO".into()]);
+    let mut out = String::new();
+    for &id in &ids {
+        let step = stream.push(tok, id).expect("push");
+        out += &step.delta;
+        if step.stopped {
+            break;
+        }
+    }
+    out += &stream.finish(tok).expect("finish");
+    assert_eq!(out, "alpha beta gamm");
+}
