@@ -50,7 +50,9 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("DUO_LOG")).with_writer(std::io::stderr).init();
+    // Warnings (e.g. the server's ignored request fields) show by default; DUO_LOG=info|debug for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate(a),

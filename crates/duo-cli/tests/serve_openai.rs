@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// The official client, and httpx for the raw error-case requests.
@@ -39,6 +39,8 @@ fn python() -> PathBuf {
 struct Server {
     child: Child,
     url: String,
+    /// Everything it wrote to standard error so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Server {
@@ -58,16 +60,19 @@ fn start(args: &[&str]) -> Server {
         .expect("duo serve starts");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let lines = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
             if let Some(addr) = line.split("listening on ").nth(1) {
                 let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
             }
             eprintln!("[server] {line}");
+            lines.lock().expect("log").push(line);
         }
     });
     let url = rx.recv_timeout(Duration::from_secs(120)).expect("the server prints its address");
-    Server { child, url }
+    Server { child, url, log }
 }
 
 /// `GET path` with a raw socket: (status, body).
@@ -105,4 +110,7 @@ fn openai_client_against_duo_serve() {
     eprintln!("{report}");
     assert!(out.status.success(), "the openai client suite failed:\n{report}");
     assert!(report.contains("OK"), "{report}");
+    // Unknown request fields are ignored with a log line naming them.
+    let log = main.log.lock().expect("log").join("\n");
+    assert!(log.contains("ignoring request fields") && log.contains("frequency_penalty"), "{log}");
 }
