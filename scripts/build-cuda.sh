@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds a CUDA-enabled `duo` for Hopper GPUs (H100/H200, sm_90) on a machine with no GPU
-# and no system CUDA, and packs it as .gpu/duo.xz for the GPU host.
+# and no system CUDA, packs it as .gpu/duo.xz for the GPU host, and prints the binary's
+# path (.gpu/duo) as its last line.
 #
 # - nvcc 13.0 comes from the Python package index (pinned: 13.5's PTX is too new for the
 #   host's driver 580), installed once under $DUO_CUDA_TOOLS (default ~/.cache/duo/cuda-13.0).
@@ -33,5 +34,6 @@ PATH=$cu/bin:$PATH CUDA_COMPUTE_CAP=90 CUDA_ROOT=$cu CUDA_PATH=$cu \
   cargo build --release -p duo-cli --features cuda --config "patch.crates-io.candle-core.path=\"$patched\""
 mkdir -p .gpu
 strip -o .gpu/duo target/cuda/release/duo
-xz -T2 -6 -f .gpu/duo
-ls -l .gpu/duo.xz
+xz -T2 -6 -f -k .gpu/duo
+echo "packed for the GPU host: $root/.gpu/duo.xz ($(du -h .gpu/duo.xz | cut -f1))" >&2
+echo "$root/.gpu/duo"

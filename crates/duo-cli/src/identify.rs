@@ -86,12 +86,21 @@ pub fn device(name: &str) -> Result<candle_core::Device> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_device() -> Result<candle_core::Device> {
-    candle_core::Device::new_cuda(0).context("opening CUDA device 0")
+pub(crate) fn cuda_device() -> Result<candle_core::Device> {
+    // The CUDA libraries are loaded at run time; where they are missing the loader panics
+    // inside cudarc. Turn that into an error (and keep its message off the terminal).
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(0));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(device) => device.context("opening CUDA device 0"),
+        Err(_) => bail!("no usable CUDA driver on this machine (libcuda.so.1 could not be loaded); run without --device cuda"),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device() -> Result<candle_core::Device> {
+pub(crate) fn cuda_device() -> Result<candle_core::Device> {
     bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh")
 }
 

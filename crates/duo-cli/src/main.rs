@@ -47,6 +47,12 @@ enum Command {
     Pattern(PatternCommand),
     /// OpenAI-compatible HTTP server with continuous batching.
     Serve(serve::ServeArgs),
+    /// Parity of duo's CUDA kernels against their CPU references on seeded random inputs (GPU host).
+    CudaCheck {
+        /// Seed of the random inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 fn main() {
@@ -63,11 +69,40 @@ fn main() {
         Command::Demo(a) => eval::demo(a),
         Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
         Command::Serve(a) => serve::run(a),
+        Command::CudaCheck { seed } => cuda_check(seed),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn cuda_check(seed: u64) -> Result<()> {
+    let device = identify::cuda_device()?;
+    #[cfg(feature = "cuda")]
+    {
+        let candle_core::Device::Cuda(dev) = &device else { bail!("not a CUDA device") };
+        let results = duo_cuda::check(dev, seed)?;
+        let mut failed = 0;
+        for r in &results {
+            println!("{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})", if r.ok() { "ok  " } else { "FAIL" }, r.case, r.max_abs_err, r.bound);
+            failed += usize::from(!r.ok());
+        }
+        if failed > 0 {
+            bail!("{failed} of {} kernel parity checks failed", results.len());
+        }
+        // One layer of Llama-3-8B (32 query / 8 KV heads of 128) at 128K tokens: every KV
+        // head retrieval, or half of them streaming (320 tokens), in one fused launch.
+        let full = vec![131_072u32; 8];
+        let duo: Vec<u32> = (0..8).map(|g| if g < 4 { 131_072 } else { 320 }).collect();
+        for (name, lens) in [("full", full), ("duo 0.5", duo)] {
+            let x = duo_cuda::decode_attention::random_input(seed, 32, 128, &lens);
+            let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(dev, &x, 50)?;
+            println!("time decode attention, Llama-3-8B layer at 128K, {name:<8}: {:.3} ms per launch, {:.0} MB of f32 KV read, {:.0} GB/s", ms, bytes as f64 / 1e6, bytes as f64 / ms / 1e6);
+        }
+    }
+    let _ = (device, seed);
+    Ok(())
 }
 
 fn load(method: &MethodArgs) -> Result<(LoadedModel, duo_engine::ResolvedMethod)> {

@@ -1,0 +1,360 @@
+//! One decode step of attention over a layer's hybrid KV cache, in one fused launch.
+//!
+//! A layer's KV heads are a mix of retrieval heads (every token) and streaming heads (sinks
+//! plus a ring of recent tokens). At decode time both are just "a list of cached keys and
+//! values" — softmax does not care about their order, and keys are cached after RoPE — so
+//! one kernel covers both: a table gives each KV head its rows' offset and count. A long
+//! retrieval cache is split across the sequence (split-K): grid `(KV heads, splits)`, each
+//! block reads its slice of one KV head's keys and values once for all the query heads that
+//! share it (GQA) and reduces them with an online softmax into partials (max, sum, weighted
+//! values); a second small kernel merges the partials. Streaming heads have few keys, so
+//! their blocks beyond the first split exit at once.
+//!
+//! Storage here is `f32` (as the CPU cache), accumulation `f32`; the parity bound against
+//! the `f64` reference is `1e-4` absolute on outputs of magnitude ~1.
+
+use crate::{CudaError, Result};
+
+/// Keys per split: each block reduces at most this many keys.
+pub const SPLIT: usize = 256;
+
+/// The inputs of one decode step of one layer.
+#[derive(Debug, Clone)]
+pub struct DecodeInput {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Dimension of a head: 64, 128 or 256.
+    pub head_dim: usize,
+    /// Queries, `[n_heads, head_dim]` (after RoPE).
+    pub q: Vec<f32>,
+    /// Every KV head's keys, rows of `head_dim`, one head after another.
+    pub keys: Vec<f32>,
+    /// Values, laid out as `keys`.
+    pub values: Vec<f32>,
+    /// Per KV head: first row in `keys`/`values`.
+    pub offsets: Vec<u32>,
+    /// Per KV head: rows cached (a retrieval head: every token; a streaming head: at most
+    /// sink + recent).
+    pub lens: Vec<u32>,
+}
+
+impl DecodeInput {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(CudaError::Input(m));
+        let (h, d, g) = (self.n_heads, self.head_dim, self.offsets.len());
+        if ![64, 128, 256].contains(&d) {
+            return bad(format!("head_dim {d} must be 64, 128 or 256"));
+        }
+        if g == 0 || h % g != 0 || self.lens.len() != g {
+            return bad(format!("{h} query heads for {g} KV heads ({} lengths)", self.lens.len()));
+        }
+        if self.q.len() != h * d || self.keys.len() != self.values.len() || !self.keys.len().is_multiple_of(d) {
+            return bad("q, keys or values have the wrong size".into());
+        }
+        let rows = self.keys.len() / d;
+        for (o, l) in self.offsets.iter().zip(&self.lens) {
+            if *l == 0 || (*o as usize + *l as usize) > rows {
+                return bad(format!("a KV head's rows {o}..{} are empty or past the {rows} rows", o + l));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The reference: softmax(q k^T / sqrt(d)) v per query head, in `f64`. Returns
+/// `[n_heads, head_dim]`.
+pub fn reference(x: &DecodeInput) -> Result<Vec<f32>> {
+    x.validate()?;
+    let (d, group) = (x.head_dim, x.n_heads / x.offsets.len());
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0.0f32; x.n_heads * d];
+    for h in 0..x.n_heads {
+        let g = h / group;
+        let (o, l) = (x.offsets[g] as usize, x.lens[g] as usize);
+        let q = &x.q[h * d..(h + 1) * d];
+        let scores: Vec<f64> = (o..o + l).map(|r| q.iter().zip(&x.keys[r * d..(r + 1) * d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
+        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let z: f64 = w.iter().sum();
+        for (i, r) in (o..o + l).enumerate() {
+            for c in 0..d {
+                out[h * d + c] += (w[i] / z * x.values[r * d + c] as f64) as f32;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Random inputs: `lens` per KV head, values ~ N(0, 1) like keys and queries.
+pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, lens: &[u32]) -> DecodeInput {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut normal = |n: usize| -> Vec<f32> {
+        (0..n).map(|_| {
+            // Box-Muller from two uniforms.
+            let (u, v): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        }).collect()
+    };
+    let rows: usize = lens.iter().map(|&l| l as usize).sum();
+    let mut offsets = Vec::with_capacity(lens.len());
+    let mut at = 0u32;
+    for &l in lens {
+        offsets.push(at);
+        at += l;
+    }
+    DecodeInput { n_heads, head_dim, q: normal(n_heads * head_dim), keys: normal(rows * head_dim), values: normal(rows * head_dim), offsets, lens: lens.to_vec() }
+}
+
+/// The CUDA source: a partial kernel (one block per KV head and split: the `GROUP` query
+/// heads that share a KV head are served from one read of its keys and values) and a merge.
+/// `GROUP` and `PER_LANE` (`head_dim / 32`) are compile-time constants, given to NVRTC per
+/// model shape.
+pub const SOURCE: &str = r#"
+#define WARPS 4
+// NVRTC has no math headers: negative infinity by its bits.
+#define NEG_INF __int_as_float(0xff800000)
+#define HEAD_DIM (PER_LANE * 32)
+
+// Loads this lane's PER_LANE consecutive floats of a row.
+__device__ __forceinline__ void load_row(const float* __restrict__ row, int lane, float* out) {
+#if PER_LANE % 4 == 0
+    const float4* p = reinterpret_cast<const float4*>(row + lane * PER_LANE);
+#pragma unroll
+    for (int i = 0; i < PER_LANE / 4; i++) { float4 x = p[i]; out[4*i] = x.x; out[4*i+1] = x.y; out[4*i+2] = x.z; out[4*i+3] = x.w; }
+#else
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++) out[i] = row[lane * PER_LANE + i];
+#endif
+}
+
+extern "C" __global__ void duo_decode_partial(
+    const float* __restrict__ q, const float* __restrict__ keys, const float* __restrict__ values,
+    const unsigned* __restrict__ offsets, const unsigned* __restrict__ lens,
+    int split, int n_splits, float scale,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
+{
+    const int g = blockIdx.x, s = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const unsigned len = lens[g], off = offsets[g];
+    const unsigned begin = (unsigned)s * split;
+    const unsigned end = min(len, begin + (unsigned)split);
+    float qr[GROUP][PER_LANE], acc[GROUP][PER_LANE], m[GROUP], l[GROUP];
+#pragma unroll
+    for (int j = 0; j < GROUP; j++) {
+        load_row(q + (size_t)(g * GROUP + j) * HEAD_DIM, lane, qr[j]);
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) { qr[j][i] *= scale; acc[j][i] = 0.f; }
+        m[j] = NEG_INF; l[j] = 0.f;
+    }
+    for (unsigned t = begin + warp; t < end; t += WARPS) {
+        float k[PER_LANE], v[PER_LANE];
+        load_row(keys + (size_t)(off + t) * HEAD_DIM, lane, k);
+        load_row(values + (size_t)(off + t) * HEAD_DIM, lane, v);
+#pragma unroll
+        for (int j = 0; j < GROUP; j++) {
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; i++) dot += qr[j][i] * k[i];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+            const float m_new = fmaxf(m[j], dot);
+            const float c = __expf(m[j] - m_new), p = __expf(dot - m_new);
+#pragma unroll
+            for (int i = 0; i < PER_LANE; i++) acc[j][i] = acc[j][i] * c + p * v[i];
+            l[j] = l[j] * c + p;
+            m[j] = m_new;
+        }
+    }
+    // Merge the warps of the block, one query head at a time.
+    __shared__ float sm[WARPS][GROUP], sl[WARPS][GROUP], sacc[WARPS][HEAD_DIM];
+#pragma unroll
+    for (int j = 0; j < GROUP; j++) {
+        if (lane == 0) { sm[warp][j] = m[j]; sl[warp][j] = l[j]; }
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) sacc[warp][lane * PER_LANE + i] = acc[j][i];
+        __syncthreads();
+        if (warp == 0) {
+            float mm = NEG_INF;
+            for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, sm[w][j]);
+            float ll = 0.f, out[PER_LANE];
+#pragma unroll
+            for (int i = 0; i < PER_LANE; i++) out[i] = 0.f;
+            for (int w = 0; w < WARPS; w++) {
+                const float c = sm[w][j] == NEG_INF ? 0.f : __expf(sm[w][j] - mm);
+                ll += sl[w][j] * c;
+#pragma unroll
+                for (int i = 0; i < PER_LANE; i++) out[i] += sacc[w][lane * PER_LANE + i] * c;
+            }
+            const size_t p = (size_t)(g * GROUP + j) * n_splits + s;
+            if (lane == 0) { part_m[p] = mm; part_l[p] = ll; }
+#pragma unroll
+            for (int i = 0; i < PER_LANE; i++) part_acc[p * HEAD_DIM + lane * PER_LANE + i] = out[i];
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void duo_decode_merge(
+    const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
+    int n_splits, float* __restrict__ out)
+{
+    const int h = blockIdx.x, c = threadIdx.x;
+    float mm = NEG_INF;
+    for (int s = 0; s < n_splits; s++) mm = fmaxf(mm, part_m[h * n_splits + s]);
+    float l = 0.f, a = 0.f;
+    for (int s = 0; s < n_splits; s++) {
+        const float ms = part_m[h * n_splits + s];
+        if (ms == NEG_INF) continue;
+        const float w = __expf(ms - mm);
+        l += part_l[h * n_splits + s] * w;
+        a += part_acc[((size_t)h * n_splits + s) * HEAD_DIM + c] * w;
+    }
+    out[h * HEAD_DIM + c] = a / l;
+}
+"#;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    #![allow(unsafe_code)] // kernel launches are unsafe calls by nature; arguments are checked first
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+    use candle_core::CudaDevice;
+    use crate::Parity;
+
+    fn driver(e: impl std::fmt::Display) -> CudaError {
+        CudaError::Driver(e.to_string())
+    }
+
+    /// Runs the fused decode attention on the GPU (copying inputs in and the output out).
+    pub fn decode_attention(dev: &CudaDevice, x: &DecodeInput) -> Result<Vec<f32>> {
+        Ok(run(dev, x, 1)?.0)
+    }
+
+    /// Milliseconds per launch pair (partial + merge), inputs already on the GPU, mean of
+    /// `iters` after one warm-up; and the KV bytes each launch reads.
+    pub fn time_decode_attention(dev: &CudaDevice, x: &DecodeInput, iters: usize) -> Result<(f64, usize)> {
+        let (_, ms) = run(dev, x, iters.max(1))?;
+        Ok((ms, x.lens.iter().map(|&l| l as usize).sum::<usize>() * x.head_dim * 4 * 2))
+    }
+
+    fn run(dev: &CudaDevice, x: &DecodeInput, iters: usize) -> Result<(Vec<f32>, f64)> {
+        x.validate()?;
+        let (h, d) = (x.n_heads, x.head_dim);
+        let group = h / x.offsets.len();
+        if group * d / 32 > 64 {
+            return Err(CudaError::Input(format!("{group} query heads per KV head of {d} dims need too many registers")));
+        }
+        // One compiled module per (group, head_dim), cached for the process.
+        static PTX: std::sync::Mutex<Vec<((usize, usize), String)>> = std::sync::Mutex::new(Vec::new());
+        let module = format!("duo_decode_attention_g{group}_d{d}");
+        let ptx = {
+            let mut cache = PTX.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.iter().find(|(k, _)| *k == (group, d)) {
+                Some((_, p)) => p.clone(),
+                None => {
+                    let opts = CompileOptions {
+                        arch: Some("sm_90"),
+                        options: vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", d / 32)],
+                        ..Default::default()
+                    };
+                    let p = compile_ptx_with_opts(SOURCE, opts).map_err(|e| CudaError::Compile { name: "decode_attention", log: e.to_string() })?.to_src();
+                    cache.push(((group, d), p.clone()));
+                    p
+                }
+            }
+        };
+        let partial = dev.get_or_load_custom_func("duo_decode_partial", &module, &ptx).map_err(driver)?;
+        let merge = dev.get_or_load_custom_func("duo_decode_merge", &module, &ptx).map_err(driver)?;
+        let max_len = *x.lens.iter().max().unwrap_or(&1) as usize;
+        let n_splits = max_len.div_ceil(SPLIT);
+        let q = dev.clone_htod(&x.q).map_err(driver)?;
+        let k = dev.clone_htod(&x.keys).map_err(driver)?;
+        let v = dev.clone_htod(&x.values).map_err(driver)?;
+        let offsets = dev.clone_htod(&x.offsets).map_err(driver)?;
+        let lens = dev.clone_htod(&x.lens).map_err(driver)?;
+        let mut part_m = dev.alloc_zeros::<f32>(h * n_splits).map_err(driver)?;
+        let mut part_l = dev.alloc_zeros::<f32>(h * n_splits).map_err(driver)?;
+        let mut part_acc = dev.alloc_zeros::<f32>(h * n_splits * d).map_err(driver)?;
+        let mut out = dev.alloc_zeros::<f32>(h * d).map_err(driver)?;
+        let (split, ns) = (SPLIT as i32, n_splits as i32);
+        let scale = 1.0f32 / (d as f32).sqrt();
+        let stream = dev.cuda_stream();
+        let mut started = std::time::Instant::now();
+        // One warm-up round when timing, then `iters` timed rounds.
+        for round in 0..iters + usize::from(iters > 1) {
+            if round == 1 {
+                stream.synchronize().map_err(driver)?;
+                started = std::time::Instant::now();
+            }
+            let mut b = partial.builder();
+            b.arg(&q).arg(&k).arg(&v).arg(&offsets).arg(&lens).arg(&split).arg(&ns).arg(&scale);
+            b.arg(&mut part_m).arg(&mut part_l).arg(&mut part_acc);
+            let cfg = LaunchConfig { grid_dim: (x.offsets.len() as u32, n_splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: argument types and order match the kernel; every buffer has the size
+            // the kernel indexes (validated above).
+            unsafe { b.launch(cfg) }.map_err(driver)?;
+            let mut b = merge.builder();
+            b.arg(&part_m).arg(&part_l).arg(&part_acc).arg(&ns).arg(&mut out);
+            let cfg = LaunchConfig { grid_dim: (h as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: as above.
+            unsafe { b.launch(cfg) }.map_err(driver)?;
+        }
+        stream.synchronize().map_err(driver)?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0 / iters as f64;
+        Ok((dev.clone_dtoh(&out).map_err(driver)?, ms))
+    }
+
+    /// Parity on random inputs: GQA and MHA groups, head dims 64 and 128, retrieval caches
+    /// from 1 to 40,000 tokens next to streaming caches of at most 320.
+    pub fn check(dev: &CudaDevice, seed: u64) -> Result<Vec<Parity>> {
+        let cases: [(usize, usize, &[u32]); 5] = [
+            (9, 64, &[1, 320, 57]),                              // SmolLM2-like: 3 KV heads, group 3
+            (32, 128, &[4096, 320, 4096, 320, 17, 320, 9000, 1]), // Llama-3-8B-like layer, mixed
+            (32, 128, &[40_000; 8]),                              // long retrieval caches
+            (8, 128, &[300, 320, 256, 257, 512, 1, 2, 3]),        // split boundaries, MHA
+            (4, 256, &[1000, 20]),                                // widest head
+        ];
+        let mut out = Vec::new();
+        for (i, (h, d, lens)) in cases.iter().enumerate() {
+            let x = random_input(seed + i as u64, *h, *d, lens);
+            let want = reference(&x)?;
+            let got = decode_attention(dev, &x)?;
+            let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
+            out.push(Parity { case: format!("decode attention: {h} heads x {d}, KV lens {lens:?}"), max_abs_err: err, bound: 1e-4 });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use gpu::{check, decode_attention, time_decode_attention};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_is_a_softmax_average() {
+        // One key: the output is its value. Two equal keys: the mean of their values.
+        let mut x = random_input(1, 2, 64, &[1, 2]);
+        let out = reference(&x).unwrap();
+        assert!(out[..64].iter().zip(&x.values[..64]).all(|(a, b)| (a - b).abs() < 1e-6));
+        let (k1, v1, v2) = (x.keys[64..128].to_vec(), x.values[64..128].to_vec(), x.values[128..192].to_vec());
+        x.keys[128..192].copy_from_slice(&k1);
+        let out = reference(&x).unwrap();
+        assert!(out[64..].iter().zip(v1.iter().zip(&v2)).all(|(o, (a, b))| (o - (a + b) / 2.0).abs() < 1e-5));
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        let x = random_input(1, 3, 64, &[4, 4]);
+        assert!(reference(&x).is_err(), "3 query heads cannot share 2 KV heads");
+        let mut x = random_input(1, 2, 64, &[4, 4]);
+        x.lens[1] = 9;
+        assert!(reference(&x).is_err());
+        let x = random_input(1, 2, 96, &[4, 4]);
+        assert!(reference(&x).is_err(), "head_dim must be 64, 128 or 256");
+    }
+}
