@@ -97,8 +97,15 @@ fn cuda_check(seed: u64) -> Result<()> {
         let duo: Vec<u32> = (0..8).map(|g| if g < 4 { 131_072 } else { 320 }).collect();
         for (name, lens) in [("full", full), ("duo 0.5", duo)] {
             let x = duo_cuda::decode_attention::random_input(seed, 32, 128, &lens);
-            let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(dev, &x, 50)?;
-            println!("time decode attention, Llama-3-8B layer at 128K, {name:<8}: {:.3} ms per launch, {:.0} MB of f32 KV read, {:.0} GB/s", ms, bytes as f64 / 1e6, bytes as f64 / ms / 1e6);
+            for split in [None, Some(256), Some(512), Some(1024), Some(2048)] {
+                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(dev, &x, split, 50)?;
+                let split = split.map_or_else(|| format!("auto ({})", duo_cuda::decode_attention::auto_split(&lens)), |s| s.to_string());
+                println!(
+                    "time decode attention, Llama-3-8B layer at 128K, {name:<8} split {split:>11}: {ms:.3} ms per launch, {:.0} MB of f32 KV read, {:.0} GB/s",
+                    bytes as f64 / 1e6,
+                    bytes as f64 / ms / 1e6
+                );
+            }
         }
     }
     let _ = (device, seed);

@@ -15,8 +15,20 @@
 
 use crate::{CudaError, Result};
 
-/// Keys per split: each block reduces at most this many keys.
-pub const SPLIT: usize = 256;
+/// Fewest keys per split.
+pub const MIN_SPLIT: usize = 256;
+
+/// Keys per split for a layer: about 512 blocks of work in all (counting each KV head by its
+/// length relative to the longest), and no more splits than the longest head has
+/// [`MIN_SPLIT`]s; rounded up to 64. Measured on the H100 at 128K tokens: fewer, longer
+/// splits leave the card idle; more, shorter ones cost more merging (BENCHMARKS.md).
+pub fn auto_split(lens: &[u32]) -> usize {
+    let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
+    // Work in units of the longest head: 8 full heads count 8, 4 long + 4 streaming about 4.
+    let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len as f64;
+    let n_splits = ((512.0 / heads).ceil() as usize).min(max_len.div_ceil(MIN_SPLIT)).max(1);
+    max_len.div_ceil(n_splits).div_ceil(64) * 64
+}
 
 /// The inputs of one decode step of one layer.
 #[derive(Debug, Clone)]
@@ -201,8 +213,10 @@ extern "C" __global__ void duo_decode_merge(
 {
     const int h = blockIdx.x, c = threadIdx.x;
     float mm = NEG_INF;
+#pragma unroll 8
     for (int s = 0; s < n_splits; s++) mm = fmaxf(mm, part_m[h * n_splits + s]);
     float l = 0.f, a = 0.f;
+#pragma unroll 8
     for (int s = 0; s < n_splits; s++) {
         const float ms = part_m[h * n_splits + s];
         if (ms == NEG_INF) continue;
@@ -229,17 +243,19 @@ mod gpu {
 
     /// Runs the fused decode attention on the GPU (copying inputs in and the output out).
     pub fn decode_attention(dev: &CudaDevice, x: &DecodeInput) -> Result<Vec<f32>> {
-        Ok(run(dev, x, 1)?.0)
+        Ok(run(dev, x, auto_split(&x.lens), 1)?.0)
     }
 
     /// Milliseconds per launch pair (partial + merge), inputs already on the GPU, mean of
-    /// `iters` after one warm-up; and the KV bytes each launch reads.
-    pub fn time_decode_attention(dev: &CudaDevice, x: &DecodeInput, iters: usize) -> Result<(f64, usize)> {
-        let (_, ms) = run(dev, x, iters.max(1))?;
+    /// `iters` after one warm-up; and the KV bytes each launch reads. `split`: keys per
+    /// split, or `None` for [`auto_split`].
+    pub fn time_decode_attention(dev: &CudaDevice, x: &DecodeInput, split: Option<usize>, iters: usize) -> Result<(f64, usize)> {
+        let split = split.unwrap_or_else(|| auto_split(&x.lens)).max(1);
+        let (_, ms) = run(dev, x, split, iters.max(1))?;
         Ok((ms, x.lens.iter().map(|&l| l as usize).sum::<usize>() * x.head_dim * 4 * 2))
     }
 
-    fn run(dev: &CudaDevice, x: &DecodeInput, iters: usize) -> Result<(Vec<f32>, f64)> {
+    fn run(dev: &CudaDevice, x: &DecodeInput, split: usize, iters: usize) -> Result<(Vec<f32>, f64)> {
         x.validate()?;
         let (h, d) = (x.n_heads, x.head_dim);
         let group = h / x.offsets.len();
@@ -268,7 +284,7 @@ mod gpu {
         let partial = dev.get_or_load_custom_func("duo_decode_partial", &module, &ptx).map_err(driver)?;
         let merge = dev.get_or_load_custom_func("duo_decode_merge", &module, &ptx).map_err(driver)?;
         let max_len = *x.lens.iter().max().unwrap_or(&1) as usize;
-        let n_splits = max_len.div_ceil(SPLIT);
+        let n_splits = max_len.div_ceil(split);
         let q = dev.clone_htod(&x.q).map_err(driver)?;
         let k = dev.clone_htod(&x.keys).map_err(driver)?;
         let v = dev.clone_htod(&x.values).map_err(driver)?;
@@ -278,7 +294,7 @@ mod gpu {
         let mut part_l = dev.alloc_zeros::<f32>(h * n_splits).map_err(driver)?;
         let mut part_acc = dev.alloc_zeros::<f32>(h * n_splits * d).map_err(driver)?;
         let mut out = dev.alloc_zeros::<f32>(h * d).map_err(driver)?;
-        let (split, ns) = (SPLIT as i32, n_splits as i32);
+        let (split, ns) = (split as i32, n_splits as i32);
         let scale = 1.0f32 / (d as f32).sqrt();
         let stream = dev.cuda_stream();
         let mut started = std::time::Instant::now();
@@ -334,6 +350,14 @@ pub use gpu::{check, decode_attention, time_decode_attention};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splits_give_about_512_blocks_of_long_work() {
+        assert_eq!(auto_split(&[131_072; 8]), 2048);
+        assert_eq!(auto_split(&[131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320]), 1024);
+        assert_eq!(auto_split(&[100, 320]), 192, "short caches: splits of at least 256 keys, rounded to 64");
+        assert_eq!(auto_split(&[1000, 20]), 256);
+    }
 
     #[test]
     fn reference_is_a_softmax_average() {
