@@ -95,13 +95,14 @@ fn cuda_check(seed: u64) -> Result<()> {
         // head retrieval, or half of them streaming (320 tokens), in one fused launch.
         let full = vec![131_072u32; 8];
         let duo: Vec<u32> = (0..8).map(|g| if g < 4 { 131_072 } else { 320 }).collect();
+        use duo_cuda::decode_attention::KvType;
         for (name, lens) in [("full", full), ("duo 0.5", duo)] {
             let x = duo_cuda::decode_attention::random_input(seed, 32, 128, &lens);
-            for split in [None, Some(256), Some(512), Some(1024), Some(2048)] {
-                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(dev, &x, split, 50)?;
+            for (kv, split) in [(KvType::F32, None), (KvType::F32, Some(512)), (KvType::F32, Some(2048)), (KvType::Bf16, None), (KvType::Bf16, Some(512)), (KvType::Bf16, Some(2048))] {
+                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(dev, &x, kv, split, 50)?;
                 let split = split.map_or_else(|| format!("auto ({})", duo_cuda::decode_attention::auto_split(&lens)), |s| s.to_string());
                 println!(
-                    "time decode attention, Llama-3-8B layer at 128K, {name:<8} split {split:>11}: {ms:.3} ms per launch, {:.0} MB of f32 KV read, {:.0} GB/s",
+                    "time decode attention, Llama-3-8B layer at 128K, {name:<8} {kv:?} KV, split {split:>11}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
                     bytes as f64 / 1e6,
                     bytes as f64 / ms / 1e6
                 );

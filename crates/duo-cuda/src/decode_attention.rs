@@ -10,10 +10,36 @@
 //! values); a second small kernel merges the partials. Streaming heads have few keys, so
 //! their blocks beyond the first split exit at once.
 //!
-//! Storage here is `f32` (as the CPU cache), accumulation `f32`; the parity bound against
-//! the `f64` reference is `1e-4` absolute on outputs of magnitude ~1.
+//! Storage is `f32` (as the CPU cache) or bf16 ([`KvType`]), accumulation `f32`; the parity
+//! bound against the `f64` reference (on the same rounded cache for bf16) is `1e-4` absolute
+//! on outputs of magnitude ~1.
 
 use crate::{CudaError, Result};
+
+/// How the cache stores keys and values on the GPU (accumulation is `f32` either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    /// 4 bytes per element, as the CPU cache.
+    F32,
+    /// 2 bytes per element: half the bytes a decode step reads.
+    Bf16,
+}
+
+impl KvType {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::Bf16 => 2,
+        }
+    }
+}
+
+/// `x` with keys and values rounded to bf16 (what the bf16 kernel sees), for the reference.
+pub fn rounded_to_bf16(x: &DecodeInput) -> DecodeInput {
+    let round = |v: &[f32]| v.iter().map(|&f| half::bf16::from_f32(f).to_f32()).collect();
+    DecodeInput { keys: round(&x.keys), values: round(&x.values), ..x.clone() }
+}
 
 /// Fewest keys per split.
 pub const MIN_SPLIT: usize = 256;
@@ -140,8 +166,22 @@ __device__ __forceinline__ void load_row(const float* __restrict__ row, int lane
 #endif
 }
 
+#ifdef KV_BF16
+// bf16 cache: two values per 32-bit load, widened to f32.
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 kv_t;
+__device__ __forceinline__ void load_kv(const kv_t* __restrict__ row, int lane, float* out) {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(row + lane * PER_LANE);
+#pragma unroll
+    for (int i = 0; i < PER_LANE / 2; i++) { float2 f = __bfloat1622float2(p[i]); out[2*i] = f.x; out[2*i+1] = f.y; }
+}
+#else
+typedef float kv_t;
+__device__ __forceinline__ void load_kv(const kv_t* __restrict__ row, int lane, float* out) { load_row(row, lane, out); }
+#endif
+
 extern "C" __global__ void duo_decode_partial(
-    const float* __restrict__ q, const float* __restrict__ keys, const float* __restrict__ values,
+    const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const unsigned* __restrict__ offsets, const unsigned* __restrict__ lens,
     int split, int n_splits, float scale,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
@@ -161,8 +201,8 @@ extern "C" __global__ void duo_decode_partial(
     }
     for (unsigned t = begin + warp; t < end; t += WARPS) {
         float k[PER_LANE], v[PER_LANE];
-        load_row(keys + (size_t)(off + t) * HEAD_DIM, lane, k);
-        load_row(values + (size_t)(off + t) * HEAD_DIM, lane, v);
+        load_kv(keys + (size_t)(off + t) * HEAD_DIM, lane, k);
+        load_kv(values + (size_t)(off + t) * HEAD_DIM, lane, v);
 #pragma unroll
         for (int j = 0; j < GROUP; j++) {
             float dot = 0.f;
@@ -232,7 +272,7 @@ extern "C" __global__ void duo_decode_merge(
 mod gpu {
     #![allow(unsafe_code)] // kernel launches are unsafe calls by nature; arguments are checked first
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
     use candle_core::CudaDevice;
     use crate::Parity;
@@ -242,84 +282,119 @@ mod gpu {
     }
 
     /// Runs the fused decode attention on the GPU (copying inputs in and the output out).
-    pub fn decode_attention(dev: &CudaDevice, x: &DecodeInput) -> Result<Vec<f32>> {
-        Ok(run(dev, x, auto_split(&x.lens), 1)?.0)
+    pub fn decode_attention(dev: &CudaDevice, x: &DecodeInput, kv: KvType) -> Result<Vec<f32>> {
+        Ok(run(dev, x, kv, auto_split(&x.lens), 1)?.0)
     }
 
     /// Milliseconds per launch pair (partial + merge), inputs already on the GPU, mean of
     /// `iters` after one warm-up; and the KV bytes each launch reads. `split`: keys per
     /// split, or `None` for [`auto_split`].
-    pub fn time_decode_attention(dev: &CudaDevice, x: &DecodeInput, split: Option<usize>, iters: usize) -> Result<(f64, usize)> {
+    pub fn time_decode_attention(dev: &CudaDevice, x: &DecodeInput, kv: KvType, split: Option<usize>, iters: usize) -> Result<(f64, usize)> {
         let split = split.unwrap_or_else(|| auto_split(&x.lens)).max(1);
-        let (_, ms) = run(dev, x, split, iters.max(1))?;
-        Ok((ms, x.lens.iter().map(|&l| l as usize).sum::<usize>() * x.head_dim * 4 * 2))
+        let (_, ms) = run(dev, x, kv, split, iters.max(1))?;
+        Ok((ms, x.lens.iter().map(|&l| l as usize).sum::<usize>() * x.head_dim * kv.bytes() * 2))
     }
 
-    fn run(dev: &CudaDevice, x: &DecodeInput, split: usize, iters: usize) -> Result<(Vec<f32>, f64)> {
+    fn run(dev: &CudaDevice, x: &DecodeInput, kv: KvType, split: usize, iters: usize) -> Result<(Vec<f32>, f64)> {
         x.validate()?;
         let (h, d) = (x.n_heads, x.head_dim);
         let group = h / x.offsets.len();
         if group * d / 32 > 64 {
             return Err(CudaError::Input(format!("{group} query heads per KV head of {d} dims need too many registers")));
         }
-        // One compiled module per (group, head_dim), cached for the process.
-        static PTX: std::sync::Mutex<Vec<((usize, usize), String)>> = std::sync::Mutex::new(Vec::new());
-        let module = format!("duo_decode_attention_g{group}_d{d}");
+        // One compiled module per (group, head_dim, KV type), cached for the process.
+        static PTX: std::sync::Mutex<Vec<((usize, usize, KvType), String)>> = std::sync::Mutex::new(Vec::new());
+        let module = format!("duo_decode_attention_g{group}_d{d}_{kv:?}");
         let ptx = {
             let mut cache = PTX.lock().unwrap_or_else(|p| p.into_inner());
-            match cache.iter().find(|(k, _)| *k == (group, d)) {
+            match cache.iter().find(|(k, _)| *k == (group, d, kv)) {
                 Some((_, p)) => p.clone(),
                 None => {
-                    let opts = CompileOptions {
-                        arch: Some("sm_90"),
-                        options: vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", d / 32)],
-                        ..Default::default()
-                    };
+                    let mut options = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", d / 32)];
+                    if kv == KvType::Bf16 {
+                        options.push("-DKV_BF16=1".into());
+                    }
+                    // NVRTC 13 has no built-in cuda_bf16.h: the toolkit's headers.
+                    let include_paths = vec!["/usr/local/cuda/include".into(), "/usr/local/cuda/include/cccl".into()];
+                    let opts = CompileOptions { arch: Some("sm_90"), options, include_paths, ..Default::default() };
                     let p = compile_ptx_with_opts(SOURCE, opts).map_err(|e| CudaError::Compile { name: "decode_attention", log: e.to_string() })?.to_src();
-                    cache.push(((group, d), p.clone()));
+                    cache.push(((group, d, kv), p.clone()));
                     p
                 }
             }
         };
-        let partial = dev.get_or_load_custom_func("duo_decode_partial", &module, &ptx).map_err(driver)?;
-        let merge = dev.get_or_load_custom_func("duo_decode_merge", &module, &ptx).map_err(driver)?;
+        let partial = dev.get_or_load_custom_func("duo_decode_partial", &module, &ptx).map_err(driver)?.into_cuda_function();
+        let merge = dev.get_or_load_custom_func("duo_decode_merge", &module, &ptx).map_err(driver)?.into_cuda_function();
         let max_len = *x.lens.iter().max().unwrap_or(&1) as usize;
         let n_splits = max_len.div_ceil(split);
-        let q = dev.clone_htod(&x.q).map_err(driver)?;
-        let k = dev.clone_htod(&x.keys).map_err(driver)?;
-        let v = dev.clone_htod(&x.values).map_err(driver)?;
-        let offsets = dev.clone_htod(&x.offsets).map_err(driver)?;
-        let lens = dev.clone_htod(&x.lens).map_err(driver)?;
-        let mut part_m = dev.alloc_zeros::<f32>(h * n_splits).map_err(driver)?;
-        let mut part_l = dev.alloc_zeros::<f32>(h * n_splits).map_err(driver)?;
-        let mut part_acc = dev.alloc_zeros::<f32>(h * n_splits * d).map_err(driver)?;
+        let launch = Launch { kv_heads: x.offsets.len(), heads: h, head_dim: d, n_splits, split: split as i32, scale: 1.0 / (d as f32).sqrt() };
+        let (q, offsets, lens) = (dev.clone_htod(&x.q).map_err(driver)?, dev.clone_htod(&x.offsets).map_err(driver)?, dev.clone_htod(&x.lens).map_err(driver)?);
         let mut out = dev.alloc_zeros::<f32>(h * d).map_err(driver)?;
-        let (split, ns) = (split as i32, n_splits as i32);
-        let scale = 1.0f32 / (d as f32).sqrt();
+        let ms = match kv {
+            KvType::F32 => {
+                let (k, v) = (dev.clone_htod(&x.keys).map_err(driver)?, dev.clone_htod(&x.values).map_err(driver)?);
+                rounds(dev, &partial, &merge, &launch, [&q], [&k, &v], [&offsets, &lens], &mut out, iters)?
+            }
+            KvType::Bf16 => {
+                let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect() };
+                let (k, v) = (dev.clone_htod(&bits(&x.keys)).map_err(driver)?, dev.clone_htod(&bits(&x.values)).map_err(driver)?);
+                rounds(dev, &partial, &merge, &launch, [&q], [&k, &v], [&offsets, &lens], &mut out, iters)?
+            }
+        };
+        Ok((dev.clone_dtoh(&out).map_err(driver)?, ms))
+    }
+
+    /// Shape of one layer's launch.
+    struct Launch {
+        kv_heads: usize,
+        heads: usize,
+        head_dim: usize,
+        n_splits: usize,
+        split: i32,
+        scale: f32,
+    }
+
+    /// Launches partial + merge `iters` times (after one warm-up round when timing) and
+    /// returns milliseconds per round. `T` is the cache element (`f32`, or bf16 bits).
+    #[allow(clippy::too_many_arguments)]
+    fn rounds<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        dev: &CudaDevice,
+        partial: &CudaFunction,
+        merge: &CudaFunction,
+        l: &Launch,
+        [q]: [&CudaSlice<f32>; 1],
+        [k, v]: [&CudaSlice<T>; 2],
+        [offsets, lens]: [&CudaSlice<u32>; 2],
+        out: &mut CudaSlice<f32>,
+        iters: usize,
+    ) -> Result<f64> {
+        let (h, d, ns) = (l.heads, l.head_dim, l.n_splits);
+        let mut part_m = dev.alloc_zeros::<f32>(h * ns).map_err(driver)?;
+        let mut part_l = dev.alloc_zeros::<f32>(h * ns).map_err(driver)?;
+        let mut part_acc = dev.alloc_zeros::<f32>(h * ns * d).map_err(driver)?;
+        let n_splits = ns as i32;
         let stream = dev.cuda_stream();
         let mut started = std::time::Instant::now();
-        // One warm-up round when timing, then `iters` timed rounds.
         for round in 0..iters + usize::from(iters > 1) {
             if round == 1 {
                 stream.synchronize().map_err(driver)?;
                 started = std::time::Instant::now();
             }
-            let mut b = partial.builder();
-            b.arg(&q).arg(&k).arg(&v).arg(&offsets).arg(&lens).arg(&split).arg(&ns).arg(&scale);
+            let mut b = stream.launch_builder(partial);
+            b.arg(q).arg(k).arg(v).arg(offsets).arg(lens).arg(&l.split).arg(&n_splits).arg(&l.scale);
             b.arg(&mut part_m).arg(&mut part_l).arg(&mut part_acc);
-            let cfg = LaunchConfig { grid_dim: (x.offsets.len() as u32, n_splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: argument types and order match the kernel; every buffer has the size
-            // the kernel indexes (validated above).
+            let cfg = LaunchConfig { grid_dim: (l.kv_heads as u32, ns as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: argument types and order match the kernel (compiled for this element
+            // type); every buffer has the size the kernel indexes (validated by the caller).
             unsafe { b.launch(cfg) }.map_err(driver)?;
-            let mut b = merge.builder();
-            b.arg(&part_m).arg(&part_l).arg(&part_acc).arg(&ns).arg(&mut out);
+            let mut b = stream.launch_builder(merge);
+            b.arg(&part_m).arg(&part_l).arg(&part_acc).arg(&n_splits).arg(&mut *out);
             let cfg = LaunchConfig { grid_dim: (h as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: as above.
             unsafe { b.launch(cfg) }.map_err(driver)?;
         }
         stream.synchronize().map_err(driver)?;
-        let ms = started.elapsed().as_secs_f64() * 1000.0 / iters as f64;
-        Ok((dev.clone_dtoh(&out).map_err(driver)?, ms))
+        Ok(started.elapsed().as_secs_f64() * 1000.0 / iters as f64)
     }
 
     /// Parity on random inputs: GQA and MHA groups, head dims 64 and 128, retrieval caches
@@ -333,12 +408,15 @@ mod gpu {
             (4, 256, &[1000, 20]),                                // widest head
         ];
         let mut out = Vec::new();
-        for (i, (h, d, lens)) in cases.iter().enumerate() {
-            let x = random_input(seed + i as u64, *h, *d, lens);
-            let want = reference(&x)?;
-            let got = decode_attention(dev, &x)?;
-            let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
-            out.push(Parity { case: format!("decode attention: {h} heads x {d}, KV lens {lens:?}"), max_abs_err: err, bound: 1e-4 });
+        for kv in [KvType::F32, KvType::Bf16] {
+            for (i, (h, d, lens)) in cases.iter().enumerate() {
+                let x = random_input(seed + i as u64, *h, *d, lens);
+                // The bf16 kernel is compared with the reference on the same rounded cache.
+                let want = reference(&if kv == KvType::Bf16 { rounded_to_bf16(&x) } else { x.clone() })?;
+                let got = decode_attention(dev, &x, kv)?;
+                let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
+                out.push(Parity { case: format!("decode attention {kv:?}: {h} heads x {d}, KV lens {lens:?}"), max_abs_err: err, bound: 1e-4 });
+            }
         }
         Ok(out)
     }
