@@ -44,16 +44,17 @@ pub fn rounded_to_bf16(x: &DecodeInput) -> DecodeInput {
 /// Fewest keys per split.
 pub const MIN_SPLIT: usize = 256;
 
-/// Keys per split for a layer: about 512 blocks of work in all (counting each KV head by its
-/// length relative to the longest), and no more splits than the longest head has
-/// [`MIN_SPLIT`]s; rounded up to 64. Measured on the H100 at 128K tokens: fewer, longer
-/// splits leave the card idle; more, shorter ones cost more merging (BENCHMARKS.md).
+/// Keys per split for a layer: enough blocks to give each of the H100's 132 multiprocessors
+/// two (counting each KV head by its length relative to the longest), but splits of 256 to
+/// 2048 keys, rounded up to 64. Measured on the H100 at 128K tokens (BENCHMARKS.md): 2048-key
+/// splits beat 512 and 1024 for both a full and a duo layer; shorter caches need shorter
+/// splits to fill the card.
 pub fn auto_split(lens: &[u32]) -> usize {
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
     // Work in units of the longest head: 8 full heads count 8, 4 long + 4 streaming about 4.
     let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len as f64;
-    let n_splits = ((512.0 / heads).ceil() as usize).min(max_len.div_ceil(MIN_SPLIT)).max(1);
-    max_len.div_ceil(n_splits).div_ceil(64) * 64
+    let want = (max_len as f64 * heads / 264.0).ceil() as usize;
+    want.clamp(MIN_SPLIT, 2048).div_ceil(64) * 64
 }
 
 /// The inputs of one decode step of one layer.
@@ -145,7 +146,8 @@ pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, lens: &[u32]) ->
 }
 
 /// The CUDA source: a partial kernel (one block per KV head and split: the `GROUP` query
-/// heads that share a KV head are served from one read of its keys and values) and a merge.
+/// heads that share a KV head are served from one read of its keys and values; a warp takes
+/// 4 keys at a time, 8 lanes each) and a merge.
 /// `GROUP` and `PER_LANE` (`head_dim / 32`) are compile-time constants, given to NVRTC per
 /// model shape.
 pub const SOURCE: &str = r#"
@@ -154,31 +156,31 @@ pub const SOURCE: &str = r#"
 #define NEG_INF __int_as_float(0xff800000)
 #define HEAD_DIM (PER_LANE * 32)
 
-// Loads this lane's PER_LANE consecutive floats of a row.
-__device__ __forceinline__ void load_row(const float* __restrict__ row, int lane, float* out) {
-#if PER_LANE % 4 == 0
-    const float4* p = reinterpret_cast<const float4*>(row + lane * PER_LANE);
-#pragma unroll
-    for (int i = 0; i < PER_LANE / 4; i++) { float4 x = p[i]; out[4*i] = x.x; out[4*i+1] = x.y; out[4*i+2] = x.z; out[4*i+3] = x.w; }
-#else
-#pragma unroll
-    for (int i = 0; i < PER_LANE; i++) out[i] = row[lane * PER_LANE + i];
-#endif
-}
-
 #ifdef KV_BF16
-// bf16 cache: two values per 32-bit load, widened to f32.
 #include <cuda_bf16.h>
 typedef __nv_bfloat16 kv_t;
-__device__ __forceinline__ void load_kv(const kv_t* __restrict__ row, int lane, float* out) {
-    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(row + lane * PER_LANE);
-#pragma unroll
-    for (int i = 0; i < PER_LANE / 2; i++) { float2 f = __bfloat1622float2(p[i]); out[2*i] = f.x; out[2*i+1] = f.y; }
-}
 #else
 typedef float kv_t;
-__device__ __forceinline__ void load_kv(const kv_t* __restrict__ row, int lane, float* out) { load_row(row, lane, out); }
 #endif
+
+// A warp works on KPW keys at a time, LANES lanes per key, DIMS dimensions per lane: the
+// dot product of a key needs only log2(LANES) shuffles per query head.
+#define KPW 4
+#define LANES (32 / KPW)
+#define DIMS (HEAD_DIM / LANES)
+
+// Loads DIMS consecutive elements of a row starting at dimension `first`, widened to f32.
+__device__ __forceinline__ void load_part(const kv_t* __restrict__ row, int first, float* out) {
+#ifdef KV_BF16
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(row + first);
+#pragma unroll
+    for (int i = 0; i < DIMS / 2; i++) { float2 f = __bfloat1622float2(p[i]); out[2*i] = f.x; out[2*i+1] = f.y; }
+#else
+    const float4* p = reinterpret_cast<const float4*>(row + first);
+#pragma unroll
+    for (int i = 0; i < DIMS / 4; i++) { float4 x = p[i]; out[4*i] = x.x; out[4*i+1] = x.y; out[4*i+2] = x.z; out[4*i+3] = x.w; }
+#endif
+}
 
 extern "C" __global__ void duo_decode_partial(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
@@ -188,51 +190,63 @@ extern "C" __global__ void duo_decode_partial(
 {
     const int g = blockIdx.x, s = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int sub = lane / LANES, first = (lane % LANES) * DIMS;
     const unsigned len = lens[g], off = offsets[g];
     const unsigned begin = (unsigned)s * split;
     const unsigned end = min(len, begin + (unsigned)split);
-    float qr[GROUP][PER_LANE], acc[GROUP][PER_LANE], m[GROUP], l[GROUP];
+    float qr[GROUP][DIMS], acc[GROUP][DIMS], m[GROUP], l[GROUP];
 #pragma unroll
     for (int j = 0; j < GROUP; j++) {
-        load_row(q + (size_t)(g * GROUP + j) * HEAD_DIM, lane, qr[j]);
 #pragma unroll
-        for (int i = 0; i < PER_LANE; i++) { qr[j][i] *= scale; acc[j][i] = 0.f; }
+        for (int i = 0; i < DIMS; i++) { qr[j][i] = q[(size_t)(g * GROUP + j) * HEAD_DIM + first + i] * scale; acc[j][i] = 0.f; }
         m[j] = NEG_INF; l[j] = 0.f;
     }
-    for (unsigned t = begin + warp; t < end; t += WARPS) {
-        float k[PER_LANE], v[PER_LANE];
-        load_kv(keys + (size_t)(off + t) * HEAD_DIM, lane, k);
-        load_kv(values + (size_t)(off + t) * HEAD_DIM, lane, v);
+    // Every lane runs the same number of steps (shuffles need the whole warp); a lane whose
+    // key is past the end takes part in the reductions and changes nothing.
+    for (unsigned t0 = begin + warp * KPW; t0 < end; t0 += WARPS * KPW) {
+        const unsigned t = t0 + sub;
+        const bool valid = t < end;
+        float k[DIMS], v[DIMS];
+        if (valid) {
+            load_part(keys + (size_t)(off + t) * HEAD_DIM, first, k);
+            load_part(values + (size_t)(off + t) * HEAD_DIM, first, v);
+        } else {
+#pragma unroll
+            for (int i = 0; i < DIMS; i++) { k[i] = 0.f; v[i] = 0.f; }
+        }
 #pragma unroll
         for (int j = 0; j < GROUP; j++) {
             float dot = 0.f;
 #pragma unroll
-            for (int i = 0; i < PER_LANE; i++) dot += qr[j][i] * k[i];
+            for (int i = 0; i < DIMS; i++) dot += qr[j][i] * k[i];
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
-            const float m_new = fmaxf(m[j], dot);
-            const float c = __expf(m[j] - m_new), p = __expf(dot - m_new);
+            for (int o = LANES / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+            if (valid) {
+                const float m_new = fmaxf(m[j], dot);
+                const float c = __expf(m[j] - m_new), p = __expf(dot - m_new);
 #pragma unroll
-            for (int i = 0; i < PER_LANE; i++) acc[j][i] = acc[j][i] * c + p * v[i];
-            l[j] = l[j] * c + p;
-            m[j] = m_new;
+                for (int i = 0; i < DIMS; i++) acc[j][i] = acc[j][i] * c + p * v[i];
+                l[j] = l[j] * c + p;
+                m[j] = m_new;
+            }
         }
     }
-    // Merge the warps of the block, one query head at a time.
-    __shared__ float sm[WARPS][GROUP], sl[WARPS][GROUP], sacc[WARPS][HEAD_DIM];
+    // Merge the WARPS * KPW partial states of the block, one query head at a time.
+    __shared__ float sm[WARPS * KPW][GROUP], sl[WARPS * KPW][GROUP], sacc[WARPS * KPW][HEAD_DIM];
+    const int state = warp * KPW + sub;
 #pragma unroll
     for (int j = 0; j < GROUP; j++) {
-        if (lane == 0) { sm[warp][j] = m[j]; sl[warp][j] = l[j]; }
+        if (lane % LANES == 0) { sm[state][j] = m[j]; sl[state][j] = l[j]; }
 #pragma unroll
-        for (int i = 0; i < PER_LANE; i++) sacc[warp][lane * PER_LANE + i] = acc[j][i];
+        for (int i = 0; i < DIMS; i++) sacc[state][first + i] = acc[j][i];
         __syncthreads();
         if (warp == 0) {
             float mm = NEG_INF;
-            for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, sm[w][j]);
+            for (int w = 0; w < WARPS * KPW; w++) mm = fmaxf(mm, sm[w][j]);
             float ll = 0.f, out[PER_LANE];
 #pragma unroll
             for (int i = 0; i < PER_LANE; i++) out[i] = 0.f;
-            for (int w = 0; w < WARPS; w++) {
+            for (int w = 0; w < WARPS * KPW; w++) {
                 const float c = sm[w][j] == NEG_INF ? 0.f : __expf(sm[w][j] - mm);
                 ll += sl[w][j] * c;
 #pragma unroll
@@ -299,7 +313,7 @@ mod gpu {
         x.validate()?;
         let (h, d) = (x.n_heads, x.head_dim);
         let group = h / x.offsets.len();
-        if group * d / 32 > 64 {
+        if group * d / 8 > 64 {
             return Err(CudaError::Input(format!("{group} query heads per KV head of {d} dims need too many registers")));
         }
         // One compiled module per (group, head_dim, KV type), cached for the process.
@@ -430,10 +444,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splits_give_about_512_blocks_of_long_work() {
+    fn splits_fill_the_card_within_256_to_2048_keys() {
         assert_eq!(auto_split(&[131_072; 8]), 2048);
-        assert_eq!(auto_split(&[131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320]), 1024);
-        assert_eq!(auto_split(&[100, 320]), 192, "short caches: splits of at least 256 keys, rounded to 64");
+        assert_eq!(auto_split(&[131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320]), 2048);
+        assert_eq!(auto_split(&[16_384; 8]), 512, "16K: 32 splits of each of 8 heads fill the card");
+        assert_eq!(auto_split(&[100, 320]), 256, "short caches: one split of at least 256 keys");
         assert_eq!(auto_split(&[1000, 20]), 256);
     }
 
