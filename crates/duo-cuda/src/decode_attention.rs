@@ -172,9 +172,18 @@ typedef float kv_t;
 // Loads DIMS consecutive elements of a row starting at dimension `first`, widened to f32.
 __device__ __forceinline__ void load_part(const kv_t* __restrict__ row, int first, float* out) {
 #ifdef KV_BF16
-    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(row + first);
+    // 16-byte loads of 8 bf16 each; a bf16 is the top half of an f32.
+    const uint4* p = reinterpret_cast<const uint4*>(row + first);
 #pragma unroll
-    for (int i = 0; i < DIMS / 2; i++) { float2 f = __bfloat1622float2(p[i]); out[2*i] = f.x; out[2*i+1] = f.y; }
+    for (int i = 0; i < DIMS / 8; i++) {
+        const uint4 u = p[i];
+        const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            out[8*i + 2*j] = __uint_as_float(w[j] << 16);
+            out[8*i + 2*j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+        }
+    }
 #else
     const float4* p = reinterpret_cast<const float4*>(row + first);
 #pragma unroll
