@@ -356,12 +356,12 @@ mod gpu {
         let ms = match kv {
             KvType::F32 => {
                 let (k, v) = (dev.clone_htod(&x.keys).map_err(driver)?, dev.clone_htod(&x.values).map_err(driver)?);
-                rounds(dev, &partial, &merge, &launch, [&q], [&k, &v], [&offsets, &lens], &mut out, iters)?
+                rounds(dev, &partial, &merge, &launch, &q, &k, &v, &offsets, &lens, &mut out, iters)?
             }
             KvType::Bf16 => {
                 let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect() };
                 let (k, v) = (dev.clone_htod(&bits(&x.keys)).map_err(driver)?, dev.clone_htod(&bits(&x.values)).map_err(driver)?);
-                rounds(dev, &partial, &merge, &launch, [&q], [&k, &v], [&offsets, &lens], &mut out, iters)?
+                rounds(dev, &partial, &merge, &launch, &q, &k, &v, &offsets, &lens, &mut out, iters)?
             }
         };
         Ok((dev.clone_dtoh(&out).map_err(driver)?, ms))
@@ -385,9 +385,11 @@ mod gpu {
         partial: &CudaFunction,
         merge: &CudaFunction,
         l: &Launch,
-        [q]: [&CudaSlice<f32>; 1],
-        [k, v]: [&CudaSlice<T>; 2],
-        [offsets, lens]: [&CudaSlice<u32>; 2],
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        offsets: &CudaSlice<u32>,
+        lens: &CudaSlice<u32>,
         out: &mut CudaSlice<f32>,
         iters: usize,
     ) -> Result<f64> {

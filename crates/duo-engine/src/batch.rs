@@ -202,15 +202,9 @@ impl BatchEngine {
     /// KV budget.
     pub fn check(&self, prompt: usize, params: &SamplingParams, top_logprobs: Option<usize>) -> Result<()> {
         params.validate()?;
-        if prompt == 0 {
-            return Err(EngineError::InvalidParameter { name: "prompt", reason: "the prompt is empty".into() });
-        }
+        crate::session::check_fits(self.model.model.config().context_length, prompt, params.max_tokens)?;
         if top_logprobs.is_some_and(|n| n > self.model.model.config().vocab_size) {
             return Err(EngineError::InvalidParameter { name: "top_logprobs", reason: "more than the vocabulary".into() });
-        }
-        let context = self.model.model.config().context_length;
-        if prompt + params.max_tokens > context {
-            return Err(EngineError::ContextLength { prompt, max_tokens: params.max_tokens, context });
         }
         let needed = self.kv_bytes_for(prompt + params.max_tokens);
         if needed > self.config.kv_budget {
@@ -355,29 +349,24 @@ impl Worker {
         for (i, s) in running.iter_mut().enumerate() {
             let Some(logits) = s.logits.take() else { continue };
             let id = s.sampler.sample(&logits);
-            if eos.contains(&id) {
-                finish(s, tok, FinishReason::Stop);
-                continue;
-            }
-            let logprob = s.top_logprobs.map(|n| token_logprob(&logits, id, n));
-            let step = match s.text.push(tok, id) {
-                Ok(step) => step,
+            let accepted = match s.text.accept(tok, id, eos, s.max_tokens) {
+                Ok(a) => a,
                 Err(e) => {
                     fail(s, e.to_string());
                     continue;
                 }
             };
-            self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
-            if !s.sink.send(Event::Token { id, text: step.delta, logprob }) {
-                s.finished = true;
-                continue;
+            if let Some(text) = accepted.delta {
+                let logprob = s.top_logprobs.map(|n| token_logprob(&logits, id, n));
+                self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+                if !s.sink.send(Event::Token { id, text, logprob }) {
+                    s.finished = true;
+                    continue;
+                }
             }
-            if step.stopped {
-                finish(s, tok, FinishReason::Stop);
-            } else if s.text.tokens().len() >= s.max_tokens {
-                finish(s, tok, FinishReason::Length);
-            } else {
-                next.push((i, id));
+            match accepted.finish {
+                Some(reason) => finish(s, tok, reason),
+                None => next.push((i, id)),
             }
         }
         if next.is_empty() {

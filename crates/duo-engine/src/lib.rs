@@ -21,4 +21,4 @@ pub use error::{EngineError, Result};
 pub use method::{Method, MethodSpec, ResolvedMethod};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::{FinishReason, Generation, Runner, ScoredToken, Scores};
-pub use text::{TextStep, TextStream};
+pub use text::{Accepted, TextStep, TextStream};

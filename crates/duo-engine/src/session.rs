@@ -115,14 +115,7 @@ impl<'m> Runner<'m> {
     }
 
     fn check_fits(&self, prompt: usize, new: usize) -> Result<()> {
-        let context = self.model.model.config().context_length;
-        if prompt == 0 {
-            return Err(EngineError::InvalidParameter { name: "prompt", reason: "the prompt is empty".into() });
-        }
-        if prompt + new > context {
-            return Err(EngineError::ContextLength { prompt, max_tokens: new, context });
-        }
-        Ok(())
+        check_fits(self.model.model.config().context_length, prompt, new)
     }
 
     /// Prefills `tokens` in chunks into `kv`, returning the last position's logits.
@@ -148,18 +141,12 @@ impl<'m> Runner<'m> {
         let mut stream = TextStream::new(params.stop.clone());
         let finish = loop {
             let next = sampler.sample(&logits);
-            if eos.contains(&next) {
-                break FinishReason::Stop;
-            }
-            let step = stream.push(tok, next)?;
-            if !step.delta.is_empty() && !on_text(&step.delta) {
+            let accepted = stream.accept(tok, next, eos, params.max_tokens)?;
+            if accepted.delta.as_deref().is_some_and(|d| !d.is_empty() && !on_text(d)) {
                 break FinishReason::Cancelled;
             }
-            if step.stopped {
-                break FinishReason::Stop;
-            }
-            if stream.tokens().len() >= params.max_tokens {
-                break FinishReason::Length;
+            if let Some(reason) = accepted.finish {
+                break reason;
             }
             logits = self.model.model.forward(&[next], &mut kv, Logits::Last)?;
         };
@@ -248,6 +235,17 @@ impl<'m> Runner<'m> {
         }
         Ok(Scores::from_tokens(all, peak))
     }
+}
+
+/// Errors unless a non-empty prompt plus `new` tokens fit a context of `context` tokens.
+pub(crate) fn check_fits(context: usize, prompt: usize, new: usize) -> Result<()> {
+    if prompt == 0 {
+        return Err(EngineError::InvalidParameter { name: "prompt", reason: "the prompt is empty".into() });
+    }
+    if prompt + new > context {
+        return Err(EngineError::ContextLength { prompt, max_tokens: new, context });
+    }
+    Ok(())
 }
 
 /// Bytes of memory available to new allocations (Linux `MemAvailable`), if known.

@@ -9,6 +9,7 @@
 //! differently at the start of a text (a SentencePiece word marker loses its space).
 
 use crate::error::Result;
+use crate::session::FinishReason;
 use duo_model::TextTokenizer;
 
 /// What one new token did to the text.
@@ -18,6 +19,16 @@ pub struct TextStep {
     pub delta: String,
     /// A stop string appeared: the text is final (the stop string cut).
     pub stopped: bool,
+}
+
+/// What a sampled token did to a completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// Newly stable text; `None` for an end-of-sequence token, which is not part of the
+    /// completion.
+    pub delta: Option<String>,
+    /// Set when the completion ends with this token.
+    pub finish: Option<FinishReason>,
 }
 
 /// The text of a completion as its tokens arrive.
@@ -41,6 +52,24 @@ impl TextStream {
     /// A stream that stops at any of `stop`.
     pub fn new(stop: Vec<String>) -> Self {
         Self { stop, tokens: Vec::new(), text: String::new(), emitted: 0, prefix_offset: 0, read_offset: 0, stopped: false }
+    }
+
+    /// Takes one sampled token: an end-of-sequence token ends the completion; any other is
+    /// added, and the completion ends at a stop string or after `max_tokens` tokens. The
+    /// one decision shared by `duo generate` and the batching engine.
+    pub fn accept(&mut self, tokenizer: &TextTokenizer, id: u32, eos: &[u32], max_tokens: usize) -> Result<Accepted> {
+        if eos.contains(&id) {
+            return Ok(Accepted { delta: None, finish: Some(FinishReason::Stop) });
+        }
+        let step = self.push(tokenizer, id)?;
+        let finish = if step.stopped {
+            Some(FinishReason::Stop)
+        } else if self.tokens.len() >= max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        Ok(Accepted { delta: Some(step.delta), finish })
     }
 
     /// Adds one token and returns the text that became stable.

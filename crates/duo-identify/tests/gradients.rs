@@ -176,21 +176,8 @@ fn wrong_gate_shapes_and_positions_are_errors() {
 /// A word-level tokenizer (NATO words and a few others; everything else `<unk>`) whose
 /// ids fit the tiny model's vocabulary.
 fn word_tokenizer() -> duo_model::TextTokenizer {
-    let mut vocab = serde_json::Map::new();
-    let words = ["<unk>", "<s>", "Passkey", ":", "?", ",", "."].into_iter().chain(duo_tasks::passkey::NATO);
-    for (i, w) in words.enumerate() {
-        vocab.insert(w.to_string(), serde_json::json!(i));
-    }
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    let dir = std::env::temp_dir().join(format!("duo-identify-tok-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("tokenizer.json"), json.to_string()).expect("write");
-    std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": "<s>", "add_bos_token": true}"#).expect("write");
-    duo_model::TextTokenizer::from_hf_folder(&dir).expect("tokenizer")
+    let words: Vec<&str> = ["<unk>", "<s>", "Passkey", ":", "?", ",", "."].into_iter().chain(duo_tasks::passkey::NATO).collect();
+    duo_model::TextTokenizer::word_level(&words, "<unk>", "<s>").expect("tokenizer")
 }
 
 #[test]

@@ -84,6 +84,24 @@ impl TextTokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// A word-level tokenizer over `words` (whitespace-split; token id = position in
+    /// `words`; anything else becomes `unk`), with `bos` added to plain prompts. Built in
+    /// memory: for tests and tools that need a tiny, exactly predictable vocabulary.
+    pub fn word_level(words: &[&str], unk: &str, bos: &str) -> Result<Self> {
+        let vocab: serde_json::Map<String, serde_json::Value> = words.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::json!(i))).collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": unk}
+        });
+        let inner: Tokenizer = json.to_string().parse().map_err(tk_err)?;
+        let bos_token = inner.token_to_id(bos).map(|id| (id, bos.to_string()));
+        if bos_token.is_none() {
+            return Err(ModelError::Tokenizer(format!("`{bos}` is not one of the words")));
+        }
+        Ok(Self { inner, bos_token, eos_token: None, add_bos: true })
+    }
+
     /// Loads `tokenizer.json` (and special tokens from `tokenizer_config.json`).
     pub fn from_hf_folder(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");

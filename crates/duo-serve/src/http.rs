@@ -307,10 +307,11 @@ impl Reply {
         TokenLogprobs { token: text(id), logprob: lp.logprob, top: lp.top.iter().map(|&(t, l)| (text(t), l)).collect() }
     }
 
-    fn object(&self) -> &'static str {
+    /// The `object` of a whole response and of a streamed chunk.
+    fn objects(&self) -> (&'static str, &'static str) {
         match self.endpoint {
-            Endpoint::Chat => "chat.completion",
-            Endpoint::Completion => "text_completion",
+            Endpoint::Chat => ("chat.completion", "chat.completion.chunk"),
+            Endpoint::Completion => ("text_completion", "text_completion"),
         }
     }
 
@@ -329,8 +330,7 @@ impl Reply {
             }
             Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}),
         };
-        let object = if self.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
-        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]});
+        let mut v = json!({"id": self.id, "object": self.objects().1, "created": self.created, "model": self.model, "choices": [choice]});
         if include_usage {
             v["usage"] = Value::Null;
         }
@@ -357,7 +357,7 @@ async fn whole_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<Event>) ->
                     Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
                 };
                 return Ok(Json(json!({
-                    "id": reply.id, "object": reply.object(), "created": reply.created, "model": reply.model,
+                    "id": reply.id, "object": reply.objects().0, "created": reply.created, "model": reply.model,
                     "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
                 }))
                 .into_response());
@@ -402,9 +402,8 @@ fn stream_response(reply: Reply, rx: mpsc::UnboundedReceiver<Event>, include_usa
                     st.pending.push_back(data(st.reply.chunk(&text, st.first, None, Some(finish_reason(reason)), st.include_usage)));
                     if st.include_usage {
                         let r = &st.reply;
-                        let object = if r.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
                         st.pending.push_back(data(json!({
-                            "id": r.id, "object": object, "created": r.created, "model": r.model, "choices": [],
+                            "id": r.id, "object": r.objects().1, "created": r.created, "model": r.model, "choices": [],
                             "usage": usage(prompt_tokens, completion_tokens),
                         })));
                     }

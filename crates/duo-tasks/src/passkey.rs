@@ -190,23 +190,8 @@ pub(crate) mod tests {
     /// A word-level tokenizer that knows the NATO words and a few others; everything else
     /// is `<unk>`. Enough to check the assembly of samples.
     pub(crate) fn word_tokenizer() -> TextTokenizer {
-        let mut vocab = serde_json::Map::new();
-        let words = ["<unk>", "<s>", "Passkey", ":", "?", ",", "."].into_iter().chain(NATO);
-        for (i, w) in words.enumerate() {
-            vocab.insert(w.to_string(), serde_json::json!(i));
-        }
-        let json = serde_json::json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-        });
-        let dir = std::env::temp_dir().join(format!("duo-word-tok-{}-{:?}", std::process::id(), std::thread::current().id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join("tokenizer.json"), json.to_string()).expect("write");
-        std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": "<s>", "add_bos_token": true}"#).expect("write");
-        let t = TextTokenizer::from_hf_folder(&dir).expect("tokenizer");
-        std::fs::remove_dir_all(&dir).ok();
-        t
+        let words: Vec<&str> = ["<unk>", "<s>", "Passkey", ":", "?", ",", "."].into_iter().chain(NATO).collect();
+        TextTokenizer::word_level(&words, "<unk>", "<s>").expect("tokenizer")
     }
 
     #[test]
