@@ -32,6 +32,13 @@ pub struct BenchArgs {
     /// Output folder: bench.csv, bench.md and curves (prefill.png, decode.png, kv.png, memory.png).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// cpu, or cuda (a binary built by scripts/build-cuda.sh, with --random-weights).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// With --device cuda: contexts longer than this get seeded random KV instead of a
+    /// prefill, and only their decode is timed.
+    #[arg(long, default_value_t = usize::MAX)]
+    pub max_prefill: usize,
     #[command(flatten)]
     pub method: MethodArgs,
 }
@@ -54,7 +61,7 @@ fn resident_bytes() -> usize {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<usize>().ok()).map_or(0, |kib| kib * 1024)
 }
 
-fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
+pub(crate) fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
     let mut m = base.clone();
     match name {
         "full" | "duo" | "streaming" | "random" => m.method = name.into(),
@@ -73,6 +80,14 @@ fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
 
 /// Runs the benchmark and prints a markdown table.
 pub fn run(a: BenchArgs) -> Result<()> {
+    match a.device.as_str() {
+        "cpu" => {}
+        #[cfg(feature = "cuda")]
+        "cuda" => return crate::bench_cuda::run(&a),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => anyhow::bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh"),
+        other => anyhow::bail!("unknown --device `{other}` (expected cpu or cuda)"),
+    }
     let mut base = a.method.clone();
     let mut layer_pattern = None;
     let (model, label, token_limit) = match &a.method.random_weights {

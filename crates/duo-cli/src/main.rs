@@ -6,6 +6,8 @@
 
 mod args;
 mod bench;
+#[cfg(feature = "cuda")]
+mod bench_cuda;
 mod eval;
 mod identify;
 mod plot;
@@ -78,11 +80,11 @@ fn main() {
 }
 
 fn cuda_check(seed: u64) -> Result<()> {
-    let device = identify::cuda_device()?;
     #[cfg(feature = "cuda")]
     {
-        let candle_core::Device::Cuda(dev) = &device else { bail!("not a CUDA device") };
-        let results = duo_cuda::check(dev, seed)?;
+        let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(0)?);
+        println!("{}", gpu.name());
+        let results = duo_cuda::check(&gpu, seed)?;
         let mut failed = 0;
         for r in &results {
             println!("{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})", if r.ok() { "ok  " } else { "FAIL" }, r.case, r.max_abs_err, r.bound);
@@ -92,14 +94,14 @@ fn cuda_check(seed: u64) -> Result<()> {
             bail!("{failed} of {} kernel parity checks failed", results.len());
         }
         // One layer of Llama-3-8B (32 query / 8 KV heads of 128) at 128K tokens: every KV
-        // head retrieval, or half of them streaming (320 tokens), in one fused launch.
+        // head retrieval, or half of them streaming (384 tokens), in one fused launch.
         let full = vec![131_072u32; 8];
-        let duo: Vec<u32> = (0..8).map(|g| if g < 4 { 131_072 } else { 320 }).collect();
+        let duo: Vec<u32> = (0..8).map(|g| if g < 4 { 131_072 } else { 384 }).collect();
         use duo_cuda::decode_attention::KvType;
         for (name, lens) in [("full", full), ("duo 0.5", duo)] {
             let x = duo_cuda::decode_attention::random_input(seed, 32, 128, &lens);
-            for (kv, split) in [(KvType::F32, None), (KvType::F32, Some(512)), (KvType::F32, Some(2048)), (KvType::Bf16, None), (KvType::Bf16, Some(512)), (KvType::Bf16, Some(2048))] {
-                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(dev, &x, kv, split, 50)?;
+            for (kv, split) in [(KvType::F32, None), (KvType::Bf16, None), (KvType::Bf16, Some(1024))] {
+                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, &x, kv, split, 50)?;
                 let split = split.map_or_else(|| format!("auto ({})", duo_cuda::decode_attention::auto_split(&lens)), |s| s.to_string());
                 println!(
                     "time decode attention, Llama-3-8B layer at 128K, {name:<8} {kv:?} KV, split {split:>11}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
@@ -108,9 +110,19 @@ fn cuda_check(seed: u64) -> Result<()> {
                 );
             }
         }
+        for (name, kinds) in [("full", [true; 8]), ("duo 0.5", [true, true, true, true, false, false, false, false])] {
+            for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
+                let (ms, flops) = duo_cuda::time_prefill_attention(&gpu, &kinds, t, first, 3)?;
+                println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}: {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);
+            }
+        }
+        Ok(())
     }
-    let _ = (device, seed);
-    Ok(())
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = seed;
+        bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh")
+    }
 }
 
 fn load(method: &MethodArgs) -> Result<(LoadedModel, duo_engine::ResolvedMethod)> {

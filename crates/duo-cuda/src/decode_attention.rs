@@ -157,8 +157,7 @@ pub const SOURCE: &str = r#"
 #define HEAD_DIM (PER_LANE * 32)
 
 #ifdef KV_BF16
-#include <cuda_bf16.h>
-typedef __nv_bfloat16 kv_t;
+typedef unsigned short kv_t;
 #else
 typedef float kv_t;
 #endif
@@ -169,38 +168,55 @@ typedef float kv_t;
 #define LANES (32 / KPW)
 #define DIMS (HEAD_DIM / LANES)
 
-// Loads DIMS consecutive elements of a row starting at dimension `first`, widened to f32.
-__device__ __forceinline__ void load_part(const kv_t* __restrict__ row, int first, float* out) {
-#ifdef KV_BF16
-    // 16-byte loads of 8 bf16 each; a bf16 is the top half of an f32.
+// A lane's part of a row, DIMS elements from dimension `first`, as raw 16-byte words: loads
+// are issued one iteration ahead of their use, so each warp keeps two steps of keys and values
+// in flight (one step alone leaves too few bytes in flight to saturate HBM).
+#define RAW_N (DIMS * (int)sizeof(kv_t) / 16)
+__device__ __forceinline__ void load_raw(const kv_t* __restrict__ row, int first, uint4* r) {
     const uint4* p = reinterpret_cast<const uint4*>(row + first);
 #pragma unroll
-    for (int i = 0; i < DIMS / 8; i++) {
-        const uint4 u = p[i];
-        const unsigned w[4] = {u.x, u.y, u.z, u.w};
+    for (int i = 0; i < RAW_N; i++) r[i] = p[i];
+}
+
+// Widens raw words to f32 (a bf16 is the top half of an f32).
+__device__ __forceinline__ void unpack(const uint4* r, float* out) {
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            out[8*i + 2*j] = __uint_as_float(w[j] << 16);
-            out[8*i + 2*j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-        }
-    }
+    for (int i = 0; i < RAW_N; i++) {
+        const unsigned w[4] = {r[i].x, r[i].y, r[i].z, r[i].w};
+#ifdef KV_BF16
+#pragma unroll
+        for (int j = 0; j < 4; j++) { out[8*i + 2*j] = __uint_as_float(w[j] << 16); out[8*i + 2*j + 1] = __uint_as_float(w[j] & 0xffff0000u); }
 #else
-    const float4* p = reinterpret_cast<const float4*>(row + first);
 #pragma unroll
-    for (int i = 0; i < DIMS / 4; i++) { float4 x = p[i]; out[4*i] = x.x; out[4*i+1] = x.y; out[4*i+2] = x.z; out[4*i+3] = x.w; }
+        for (int j = 0; j < 4; j++) out[4*i + j] = __uint_as_float(w[j]);
 #endif
+    }
+}
+
+// The rows a KV head shows a decode step when `n` tokens are cached (the current one
+// included): logical row `t < len` is physical row `off + t + (t >= sinks ? gap : 0)`.
+__device__ __forceinline__ void visible_rows(int4 e, int n, int win, int* len, int* sinks, int* gap) {
+    if (e.w == 0) { *len = n; *sinks = n; *gap = 0; }
+    else if (e.w == 2) { *len = e.z; *sinks = e.z; *gap = 0; }
+    else {
+        const int s = min(n, e.y), w = n > e.y ? n - win : 0, v = min(w, e.z);
+        *len = s + v; *sinks = s; *gap = w - v;
+    }
 }
 
 extern "C" __global__ void duo_decode_partial(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
-    const unsigned* __restrict__ offsets, const unsigned* __restrict__ lens,
+    const int4* __restrict__ heads, const int* __restrict__ state,
     int split, int n_splits, float scale,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
     const int g = blockIdx.x, s = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int sub = lane / LANES, first = (lane % LANES) * DIMS;
-    const unsigned len = lens[g], off = offsets[g];
+    const int4 e = heads[g];
+    int len_i, sinks, gap;
+    visible_rows(e, state[0] + 1, state[1], &len_i, &sinks, &gap);
+    const unsigned len = len_i, off = e.x;
     const unsigned begin = (unsigned)s * split;
     const unsigned end = min(len, begin + (unsigned)split);
     float qr[GROUP][DIMS], acc[GROUP][DIMS], m[GROUP], l[GROUP];
@@ -212,13 +228,30 @@ extern "C" __global__ void duo_decode_partial(
     }
     // Every lane runs the same number of steps (shuffles need the whole warp); a lane whose
     // key is past the end takes part in the reductions and changes nothing.
-    for (unsigned t0 = begin + warp * KPW; t0 < end; t0 += WARPS * KPW) {
+    const unsigned stride = WARPS * KPW;
+    uint4 kr[RAW_N], vr[RAW_N];
+    {
+        const unsigned t = begin + warp * KPW + sub;
+        if (t < end) {
+            const size_t row = (size_t)off + t + (t >= (unsigned)sinks ? gap : 0);
+            load_raw(keys + row * HEAD_DIM, first, kr);
+            load_raw(values + row * HEAD_DIM, first, vr);
+        }
+    }
+    for (unsigned t0 = begin + warp * KPW; t0 < end; t0 += stride) {
         const unsigned t = t0 + sub;
         const bool valid = t < end;
+        uint4 kn[RAW_N], vn[RAW_N];
+        const unsigned tn = t + stride;
+        if (tn < end) {
+            const size_t row = (size_t)off + tn + (tn >= (unsigned)sinks ? gap : 0);
+            load_raw(keys + row * HEAD_DIM, first, kn);
+            load_raw(values + row * HEAD_DIM, first, vn);
+        }
         float k[DIMS], v[DIMS];
         if (valid) {
-            load_part(keys + (size_t)(off + t) * HEAD_DIM, first, k);
-            load_part(values + (size_t)(off + t) * HEAD_DIM, first, v);
+            unpack(kr, k);
+            unpack(vr, v);
         } else {
 #pragma unroll
             for (int i = 0; i < DIMS; i++) { k[i] = 0.f; v[i] = 0.f; }
@@ -231,23 +264,31 @@ extern "C" __global__ void duo_decode_partial(
 #pragma unroll
             for (int o = LANES / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
             if (valid) {
-                const float m_new = fmaxf(m[j], dot);
-                const float c = __expf(m[j] - m_new), p = __expf(dot - m_new);
+                // Rescale only when the running maximum grows (rare after the first keys).
+                if (dot > m[j]) {
+                    const float c = __expf(m[j] - dot);
 #pragma unroll
-                for (int i = 0; i < DIMS; i++) acc[j][i] = acc[j][i] * c + p * v[i];
-                l[j] = l[j] * c + p;
-                m[j] = m_new;
+                    for (int i = 0; i < DIMS; i++) acc[j][i] *= c;
+                    l[j] *= c;
+                    m[j] = dot;
+                }
+                const float p = __expf(dot - m[j]);
+#pragma unroll
+                for (int i = 0; i < DIMS; i++) acc[j][i] += p * v[i];
+                l[j] += p;
             }
         }
+#pragma unroll
+        for (int i = 0; i < RAW_N; i++) { kr[i] = kn[i]; vr[i] = vn[i]; }
     }
     // Merge the WARPS * KPW partial states of the block, one query head at a time.
     __shared__ float sm[WARPS * KPW][GROUP], sl[WARPS * KPW][GROUP], sacc[WARPS * KPW][HEAD_DIM];
-    const int state = warp * KPW + sub;
+    const int slot = warp * KPW + sub;
 #pragma unroll
     for (int j = 0; j < GROUP; j++) {
-        if (lane % LANES == 0) { sm[state][j] = m[j]; sl[state][j] = l[j]; }
+        if (lane % LANES == 0) { sm[slot][j] = m[j]; sl[slot][j] = l[j]; }
 #pragma unroll
-        for (int i = 0; i < DIMS; i++) sacc[state][first + i] = acc[j][i];
+        for (int i = 0; i < DIMS; i++) sacc[slot][first + i] = acc[j][i];
         __syncthreads();
         if (warp == 0) {
             float mm = NEG_INF;
@@ -272,7 +313,7 @@ extern "C" __global__ void duo_decode_partial(
 
 extern "C" __global__ void duo_decode_merge(
     const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
-    int n_splits, float* __restrict__ out)
+    int n_splits, float* __restrict__ out, unsigned short* __restrict__ out_bf16)
 {
     const int h = blockIdx.x, c = threadIdx.x;
     float mm = NEG_INF;
@@ -287,144 +328,79 @@ extern "C" __global__ void duo_decode_merge(
         l += part_l[h * n_splits + s] * w;
         a += part_acc[((size_t)h * n_splits + s) * HEAD_DIM + c] * w;
     }
-    out[h * HEAD_DIM + c] = a / l;
+    const float r = a / l;
+    if (out) out[h * HEAD_DIM + c] = r;
+    if (out_bf16) {
+        unsigned u = __float_as_uint(r);
+        u += 0x7fffu + ((u >> 16) & 1u);
+        out_bf16[h * HEAD_DIM + c] = (unsigned short)(u >> 16);
+    }
 }
 "#;
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    #![allow(unsafe_code)] // kernel launches are unsafe calls by nature; arguments are checked first
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-    use candle_core::CudaDevice;
+    use crate::prefill_attention::HeadEntry;
+    use crate::runtime::{DecodeLaunch, Gpu};
     use crate::Parity;
 
-    fn driver(e: impl std::fmt::Display) -> CudaError {
-        CudaError::Driver(e.to_string())
-    }
-
     /// Runs the fused decode attention on the GPU (copying inputs in and the output out).
-    pub fn decode_attention(dev: &CudaDevice, x: &DecodeInput, kv: KvType) -> Result<Vec<f32>> {
-        Ok(run(dev, x, kv, auto_split(&x.lens), 1)?.0)
+    pub fn decode_attention(gpu: &Gpu, x: &DecodeInput, kv: KvType) -> Result<Vec<f32>> {
+        Ok(run(gpu, x, kv, auto_split(&x.lens), 1)?.0)
     }
 
     /// Milliseconds per launch pair (partial + merge), inputs already on the GPU, mean of
     /// `iters` after one warm-up; and the KV bytes each launch reads. `split`: keys per
     /// split, or `None` for [`auto_split`].
-    pub fn time_decode_attention(dev: &CudaDevice, x: &DecodeInput, kv: KvType, split: Option<usize>, iters: usize) -> Result<(f64, usize)> {
+    pub fn time_decode_attention(gpu: &Gpu, x: &DecodeInput, kv: KvType, split: Option<usize>, iters: usize) -> Result<(f64, usize)> {
         let split = split.unwrap_or_else(|| auto_split(&x.lens)).max(1);
-        let (_, ms) = run(dev, x, kv, split, iters.max(1))?;
+        let (_, ms) = run(gpu, x, kv, split, iters.max(1))?;
         Ok((ms, x.lens.iter().map(|&l| l as usize).sum::<usize>() * x.head_dim * kv.bytes() * 2))
     }
 
-    fn run(dev: &CudaDevice, x: &DecodeInput, kv: KvType, split: usize, iters: usize) -> Result<(Vec<f32>, f64)> {
+    fn run(gpu: &Gpu, x: &DecodeInput, kv: KvType, split: usize, iters: usize) -> Result<(Vec<f32>, f64)> {
         x.validate()?;
-        let (h, d) = (x.n_heads, x.head_dim);
-        let group = h / x.offsets.len();
-        if group * d / 8 > 64 {
-            return Err(CudaError::Input(format!("{group} query heads per KV head of {d} dims need too many registers")));
-        }
-        // One compiled module per (group, head_dim, KV type), cached for the process.
-        static PTX: std::sync::Mutex<Vec<((usize, usize, KvType), String)>> = std::sync::Mutex::new(Vec::new());
-        let module = format!("duo_decode_attention_g{group}_d{d}_{kv:?}");
-        let ptx = {
-            let mut cache = PTX.lock().unwrap_or_else(|p| p.into_inner());
-            match cache.iter().find(|(k, _)| *k == (group, d, kv)) {
-                Some((_, p)) => p.clone(),
-                None => {
-                    let mut options = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", d / 32)];
-                    if kv == KvType::Bf16 {
-                        options.push("-DKV_BF16=1".into());
-                    }
-                    // NVRTC 13 has no built-in cuda_bf16.h: the toolkit's headers.
-                    let include_paths = vec!["/usr/local/cuda/include".into(), "/usr/local/cuda/include/cccl".into()];
-                    let opts = CompileOptions { arch: Some("sm_90"), options, include_paths, ..Default::default() };
-                    let p = compile_ptx_with_opts(SOURCE, opts).map_err(|e| CudaError::Compile { name: "decode_attention", log: e.to_string() })?.to_src();
-                    cache.push(((group, d, kv), p.clone()));
-                    p
-                }
-            }
-        };
-        let partial = dev.get_or_load_custom_func("duo_decode_partial", &module, &ptx).map_err(driver)?.into_cuda_function();
-        let merge = dev.get_or_load_custom_func("duo_decode_merge", &module, &ptx).map_err(driver)?.into_cuda_function();
+        let (h, d, g) = (x.n_heads, x.head_dim, x.offsets.len());
         let max_len = *x.lens.iter().max().unwrap_or(&1) as usize;
-        let n_splits = max_len.div_ceil(split);
-        let launch = Launch { kv_heads: x.offsets.len(), heads: h, head_dim: d, n_splits, split: split as i32, scale: 1.0 / (d as f32).sqrt() };
-        let (q, offsets, lens) = (dev.clone_htod(&x.q).map_err(driver)?, dev.clone_htod(&x.offsets).map_err(driver)?, dev.clone_htod(&x.lens).map_err(driver)?);
-        let mut out = dev.alloc_zeros::<f32>(h * d).map_err(driver)?;
-        let ms = match kv {
+        let launch = DecodeLaunch { n_kv: g, group: h / g, head_dim: d, split, n_splits: max_len.div_ceil(split), kv };
+        // Each head shows exactly its own rows.
+        let table: Vec<[i32; 4]> = x.offsets.iter().zip(&x.lens).map(|(&o, &l)| [o as i32, 0, l as i32, HeadEntry::FIXED]).collect();
+        let heads = gpu.upload(&table.concat())?;
+        let state = gpu.upload(&[0i32, 0])?;
+        let q = gpu.upload(&x.q)?;
+        let out = gpu.zeros::<f32>(h * d)?;
+        let ns = launch.n_splits;
+        let (pm, pl, pa) = (gpu.zeros::<f32>(h * ns)?, gpu.zeros::<f32>(h * ns)?, gpu.zeros::<f32>(h * ns * d)?);
+        let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect() };
+        let (k32, v32, k16, v16);
+        let (kc, vc) = match kv {
             KvType::F32 => {
-                let (k, v) = (dev.clone_htod(&x.keys).map_err(driver)?, dev.clone_htod(&x.values).map_err(driver)?);
-                rounds(dev, &partial, &merge, &launch, &q, &k, &v, &offsets, &lens, &mut out, iters)?
+                (k32, v32) = (gpu.upload(&x.keys)?, gpu.upload(&x.values)?);
+                (gpu.addr(&k32), gpu.addr(&v32))
             }
             KvType::Bf16 => {
-                let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect() };
-                let (k, v) = (dev.clone_htod(&bits(&x.keys)).map_err(driver)?, dev.clone_htod(&bits(&x.values)).map_err(driver)?);
-                rounds(dev, &partial, &merge, &launch, &q, &k, &v, &offsets, &lens, &mut out, iters)?
+                (k16, v16) = (gpu.upload(&bits(&x.keys))?, gpu.upload(&bits(&x.values))?);
+                (gpu.addr(&k16), gpu.addr(&v16))
             }
         };
-        Ok((dev.clone_dtoh(&out).map_err(driver)?, ms))
-    }
-
-    /// Shape of one layer's launch.
-    struct Launch {
-        kv_heads: usize,
-        heads: usize,
-        head_dim: usize,
-        n_splits: usize,
-        split: i32,
-        scale: f32,
-    }
-
-    /// Launches partial + merge `iters` times (after one warm-up round when timing) and
-    /// returns milliseconds per round. `T` is the cache element (`f32`, or bf16 bits).
-    #[allow(clippy::too_many_arguments)]
-    fn rounds<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-        dev: &CudaDevice,
-        partial: &CudaFunction,
-        merge: &CudaFunction,
-        l: &Launch,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<T>,
-        v: &CudaSlice<T>,
-        offsets: &CudaSlice<u32>,
-        lens: &CudaSlice<u32>,
-        out: &mut CudaSlice<f32>,
-        iters: usize,
-    ) -> Result<f64> {
-        let (h, d, ns) = (l.heads, l.head_dim, l.n_splits);
-        let mut part_m = dev.alloc_zeros::<f32>(h * ns).map_err(driver)?;
-        let mut part_l = dev.alloc_zeros::<f32>(h * ns).map_err(driver)?;
-        let mut part_acc = dev.alloc_zeros::<f32>(h * ns * d).map_err(driver)?;
-        let n_splits = ns as i32;
-        let stream = dev.cuda_stream();
+        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
         let mut started = std::time::Instant::now();
         for round in 0..iters + usize::from(iters > 1) {
             if round == 1 {
-                stream.synchronize().map_err(driver)?;
+                gpu.sync()?;
                 started = std::time::Instant::now();
             }
-            let mut b = stream.launch_builder(partial);
-            b.arg(q).arg(k).arg(v).arg(offsets).arg(lens).arg(&l.split).arg(&n_splits).arg(&l.scale);
-            b.arg(&mut part_m).arg(&mut part_l).arg(&mut part_acc);
-            let cfg = LaunchConfig { grid_dim: (l.kv_heads as u32, ns as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: argument types and order match the kernel (compiled for this element
-            // type); every buffer has the size the kernel indexes (validated by the caller).
-            unsafe { b.launch(cfg) }.map_err(driver)?;
-            let mut b = stream.launch_builder(merge);
-            b.arg(&part_m).arg(&part_l).arg(&part_acc).arg(&n_splits).arg(&mut *out);
-            let cfg = LaunchConfig { grid_dim: (h as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: as above.
-            unsafe { b.launch(cfg) }.map_err(driver)?;
+            gpu.decode_attention(&launch, gpu.addr(&q), kc, vc, gpu.addr(&heads), gpu.addr(&state), parts, gpu.addr(&out), 0)?;
         }
-        stream.synchronize().map_err(driver)?;
-        Ok(started.elapsed().as_secs_f64() * 1000.0 / iters as f64)
+        gpu.sync()?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0 / iters as f64;
+        Ok((gpu.download(&out)?, ms))
     }
 
     /// Parity on random inputs: GQA and MHA groups, head dims 64 and 128, retrieval caches
     /// from 1 to 40,000 tokens next to streaming caches of at most 320.
-    pub fn check(dev: &CudaDevice, seed: u64) -> Result<Vec<Parity>> {
+    pub fn check(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         let cases: [(usize, usize, &[u32]); 5] = [
             (9, 64, &[1, 320, 57]),                              // SmolLM2-like: 3 KV heads, group 3
             (32, 128, &[4096, 320, 4096, 320, 17, 320, 9000, 1]), // Llama-3-8B-like layer, mixed
@@ -438,7 +414,7 @@ mod gpu {
                 let x = random_input(seed + i as u64, *h, *d, lens);
                 // The bf16 kernel is compared with the reference on the same rounded cache.
                 let want = reference(&if kv == KvType::Bf16 { rounded_to_bf16(&x) } else { x.clone() })?;
-                let got = decode_attention(dev, &x, kv)?;
+                let got = decode_attention(gpu, &x, kv)?;
                 let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
                 out.push(Parity { case: format!("decode attention {kv:?}: {h} heads x {d}, KV lens {lens:?}"), max_abs_err: err, bound: 1e-4 });
             }
@@ -448,7 +424,7 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{check, decode_attention, time_decode_attention};
+pub use gpu::{check as check_kernel, decode_attention, time_decode_attention};
 
 #[cfg(test)]
 mod tests {

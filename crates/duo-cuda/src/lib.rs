@@ -1,14 +1,31 @@
-//! duo's own CUDA kernels, compiled with NVRTC when first used (so the binary needs no CUDA
-//! toolkit at build time beyond what candle's CUDA feature needs, and none at all without
-//! the `cuda` feature).
+//! duo's CUDA backend: its own kernels, compiled with NVRTC when first used, cuBLAS for the
+//! matrix products, and a Llama-family model that runs on them. The driver, NVRTC and cuBLAS
+//! are loaded at run time, so building needs no CUDA toolkit, and without the `cuda` feature
+//! none of this touches the GPU.
 //!
 //! Every kernel has a plain CPU reference here, built in every configuration, and a parity
 //! check on seeded random inputs ([`check`]) that the GPU host runs (`duo cuda-check`).
 //!
+//! * [`ops`]: random weights, embedding, RMSNorm, RoPE + KV append, SiLU×up, argmax, window
+//!   compaction.
+//! * [`prefill_attention`]: a chunk's attention on the tensor cores, causal for retrieval
+//!   heads and Λ-shaped for streaming heads, in one launch per layer.
 //! * [`decode_attention`]: one decode step of attention for a whole layer, retrieval and
 //!   streaming heads in one launch, split across the sequence for long caches.
+//! * [`model`]: weights, the hybrid cache, chunked prefill, the decode step as a CUDA graph.
 
 pub mod decode_attention;
+pub mod model;
+pub mod ops;
+pub mod prefill_attention;
+#[cfg(feature = "cuda")]
+pub mod runtime;
+#[cfg(feature = "cuda")]
+mod checks;
+#[cfg(feature = "cuda")]
+pub use checks::{check, time_prefill_attention};
+#[cfg(feature = "cuda")]
+pub use runtime::Gpu;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +44,7 @@ pub enum CudaError {
         /// NVRTC's log.
         log: String,
     },
-    /// The driver or candle failed.
+    /// The driver, NVRTC or cuBLAS failed.
     #[error("CUDA: {0}")]
     Driver(String),
 }
@@ -53,8 +70,3 @@ impl Parity {
     }
 }
 
-/// Runs every kernel's parity check on seeded random inputs against its CPU reference.
-#[cfg(feature = "cuda")]
-pub fn check(device: &candle_core::CudaDevice, seed: u64) -> Result<Vec<Parity>> {
-    decode_attention::check(device, seed)
-}

@@ -1,0 +1,612 @@
+//! A Llama-family model on one GPU: bf16 weights, a hybrid bf16 KV cache, chunked prefill,
+//! and a decode step replayed as one CUDA graph.
+//!
+//! Cache layout, per layer: each KV head owns a region of rows. A retrieval head's region has
+//! a row per possible token (`max_tokens`). A streaming head's region has `sink` rows for the
+//! first tokens, then a *window* of consecutive positions with `recent + slack` rows: new
+//! tokens are appended at the window's end, and only when it is full are its last `recent`
+//! rows moved to its front (one small launch for all heads, every `slack` tokens), instead of
+//! a ring that would need position lists. Every streaming head sees the same tokens, so one
+//! window start serves them all, and a step's positions are two integers in device memory
+//! (`state`), which lets the decode step be captured once and replayed.
+//!
+//! Invariants: after any call, `tokens()` positions are cached; streaming windows hold at most
+//! `recent + slack` rows; a decode step reads `tokens() + 1 <= max_tokens`.
+//!
+//! [`reference_logits`] is the plain CPU forward pass (same seeded weights, same bf16
+//! rounding points, attention in `f64`) that the GPU model is checked against.
+
+use crate::ops::{hash_uniform, rms_norm_ref, rope_ref, round_bf16, silu_mul_ref, uniform_bf16};
+use crate::prefill_attention::HeadEntry;
+use crate::{CudaError, Result};
+
+/// The shape of the model the GPU runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuConfig {
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Residual width.
+    pub hidden: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// KV heads.
+    pub n_kv_heads: usize,
+    /// Dimension of a head (64 or 128).
+    pub head_dim: usize,
+    /// MLP width.
+    pub ffn: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// RoPE inverse frequencies, `[head_dim / 2]`.
+    pub inv_freq: Vec<f32>,
+    /// RoPE pairs `(i, i + d/2)` (Hugging Face) rather than `(2i, 2i+1)`.
+    pub half_split: bool,
+}
+
+impl GpuConfig {
+    /// From a model configuration (Llama architecture).
+    pub fn from_model(c: &duo_core::config::ModelConfig) -> Self {
+        let scale = c.rope_theta.powf(-2.0 / c.head_dim as f32);
+        let mut f = 1.0f32;
+        let inv_freq = (0..c.head_dim / 2)
+            .map(|i| {
+                let v = f / c.rope_freq_factors.as_ref().map_or(1.0, |ff| ff[i]);
+                f *= scale;
+                v
+            })
+            .collect();
+        Self {
+            n_layers: c.n_layers,
+            hidden: c.hidden_size,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            ffn: c.intermediate_size,
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps,
+            inv_freq,
+            half_split: c.rope_style == duo_core::config::RopeStyle::HalfSplit,
+        }
+    }
+
+    fn qkv_dim(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+
+    fn validate(&self) -> Result<()> {
+        if ![64, 128].contains(&self.head_dim) || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 || self.inv_freq.len() * 2 != self.head_dim {
+            return Err(CudaError::Input(format!("unsupported shape: {} heads / {} KV heads of {} dims", self.n_heads, self.n_kv_heads, self.head_dim)));
+        }
+        Ok(())
+    }
+
+    /// Bytes of bf16 weights on the GPU (no embedding table for random weights).
+    pub fn weight_bytes(&self) -> usize {
+        let (h, f) = (self.hidden, self.ffn);
+        let per_layer = self.qkv_dim() * h + h * self.n_heads * self.head_dim + 2 * f * h + h * f;
+        2 * (self.n_layers * per_layer + self.vocab * h) + 4 * (2 * self.n_layers + 1) * h
+    }
+}
+
+/// Which heads keep what, and how big the caches are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheLayout {
+    /// `[layer][kv head]`: true for a retrieval head.
+    pub retrieval: Vec<Vec<bool>>,
+    /// Sink tokens of streaming heads.
+    pub sink: usize,
+    /// Recent window of streaming heads (the current token included).
+    pub recent: usize,
+    /// Prefill chunk (rows of the activation buffers).
+    pub chunk: usize,
+    /// Most tokens a sequence may hold.
+    pub max_tokens: usize,
+}
+
+impl CacheLayout {
+    /// Window rows beyond `recent`: tokens appended between two compactions.
+    pub fn slack(&self) -> usize {
+        self.chunk.max(2048)
+    }
+
+    /// Rows of one head's region.
+    pub fn head_rows(&self, retrieval: bool) -> usize {
+        if retrieval { self.max_tokens } else { self.sink + self.recent + self.slack() }
+    }
+
+    /// The layer's head table.
+    pub fn heads(&self, layer: usize) -> Vec<HeadEntry> {
+        let mut at = 0;
+        self.retrieval[layer]
+            .iter()
+            .map(|&r| {
+                let e = if r { HeadEntry::retrieval(at) } else { HeadEntry::streaming(at, self.sink, self.recent) };
+                at += self.head_rows(r);
+                e
+            })
+            .collect()
+    }
+
+    /// Rows of the layer's cache.
+    pub fn layer_rows(&self, layer: usize) -> usize {
+        self.retrieval[layer].iter().map(|&r| self.head_rows(r)).sum()
+    }
+
+    /// Bytes the caches take on the GPU (keys and values, bf16).
+    pub fn allocated_bytes(&self, head_dim: usize) -> usize {
+        (0..self.retrieval.len()).map(|l| self.layer_rows(l)).sum::<usize>() * head_dim * 2 * 2
+    }
+
+    /// Bytes of cache that hold tokens when `n` are cached (the formula of the method).
+    pub fn used_bytes(&self, head_dim: usize, n: usize) -> usize {
+        let per = head_dim * 2 * 2;
+        self.retrieval.iter().flatten().map(|&r| if r { n } else { n.min(self.sink + self.recent) }).sum::<usize>() * per
+    }
+
+    fn validate(&self, c: &GpuConfig) -> Result<()> {
+        if self.retrieval.len() != c.n_layers || self.retrieval.iter().any(|l| l.len() != c.n_kv_heads) {
+            return Err(CudaError::Input(format!("the head pattern is not {} layers x {} KV heads", c.n_layers, c.n_kv_heads)));
+        }
+        if self.recent == 0 || self.chunk == 0 || self.max_tokens == 0 {
+            return Err(CudaError::Input("recent window, chunk and max_tokens must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Seeds of the random weights: one per tensor.
+fn tensor_seed(seed: u64, layer: usize, k: u64) -> u64 {
+    seed.wrapping_mul(1_000_003).wrapping_add(layer as u64 * 16 + k)
+}
+const EMBED: u64 = 1_000_000;
+const LM_HEAD: u64 = 1_000_001;
+
+/// Uniform scale giving unit-variance outputs for unit-variance inputs.
+fn scale_for(in_dim: usize) -> f32 {
+    (3.0 / in_dim as f32).sqrt()
+}
+
+/// The CPU reference: logits at every position of `tokens` from position `from` on
+/// (`[tokens.len() - from, vocab]`), for the seeded random model and the layout's masks.
+/// Meant for small shapes (it keeps every weight in `f32`).
+pub fn reference_logits(c: &GpuConfig, layout: &CacheLayout, seed: u64, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
+    c.validate()?;
+    layout.validate(c)?;
+    let (h, d, nh, ng, f) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
+    let t = tokens.len();
+    let matmul = |x: &[f32], w: &[f32], out_dim: usize, in_dim: usize| -> Vec<f32> {
+        x.chunks(in_dim).flat_map(|row| (0..out_dim).map(move |o| row.iter().zip(&w[o * in_dim..][..in_dim]).map(|(a, b)| a * b).sum::<f32>())).collect()
+    };
+    let mut x: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&tok| (0..h as u64).map(move |i| round_bf16(hash_uniform(tensor_seed(seed, 0, EMBED), tok as u64 * h as u64 + i))))
+        .collect();
+    let ones = vec![1.0f32; h.max(f)];
+    let scale = 1.0 / (d as f64).sqrt();
+    for l in 0..c.n_layers {
+        let wqkv = uniform_bf16(tensor_seed(seed, l, 0), c.qkv_dim() * h, scale_for(h));
+        let wo = uniform_bf16(tensor_seed(seed, l, 1), h * nh * d, scale_for(nh * d));
+        let wgu = uniform_bf16(tensor_seed(seed, l, 2), 2 * f * h, scale_for(h));
+        let wd = uniform_bf16(tensor_seed(seed, l, 3), h * f, scale_for(f));
+        let xn = rms_norm_ref(&x, &ones[..h], c.eps);
+        let mut qkv = matmul(&xn, &wqkv, c.qkv_dim(), h);
+        for (p, row) in qkv.chunks_mut(c.qkv_dim()).enumerate() {
+            for hd in 0..nh + ng {
+                rope_ref(&mut row[hd * d..][..d], p, &c.inv_freq, c.half_split);
+            }
+            for v in &mut row[nh * d..] {
+                *v = round_bf16(*v); // keys and values are cached as bf16
+            }
+        }
+        let mut att = vec![0.0f32; t * nh * d];
+        for qh in 0..nh {
+            let g = qh / (nh / ng);
+            let e = if layout.retrieval[l][g] { HeadEntry::retrieval(0) } else { HeadEntry::streaming(0, layout.sink, layout.recent) };
+            for i in 0..t {
+                let q = &qkv[i * c.qkv_dim() + qh * d..][..d];
+                let seen: Vec<usize> = (0..=i).filter(|&j| e.visible(i, j)).collect();
+                let s: Vec<f64> = seen.iter().map(|&j| q.iter().zip(&qkv[j * c.qkv_dim() + (nh + g) * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for k in 0..d {
+                    let v: f64 = w.iter().zip(&seen).map(|(wi, &j)| wi * qkv[j * c.qkv_dim() + (nh + ng + g) * d + k] as f64).sum();
+                    att[(i * nh + qh) * d + k] = round_bf16((v / z) as f32);
+                }
+            }
+        }
+        for (xi, o) in x.iter_mut().zip(matmul(&att, &wo, h, nh * d)) {
+            *xi += o;
+        }
+        let xn = rms_norm_ref(&x, &ones[..h], c.eps);
+        let act = silu_mul_ref(&matmul(&xn, &wgu, 2 * f, h), f);
+        for (xi, o) in x.iter_mut().zip(matmul(&act, &wd, h, f)) {
+            *xi += o;
+        }
+    }
+    let head = uniform_bf16(tensor_seed(seed, 0, LM_HEAD), c.vocab * h, scale_for(h));
+    let xn = rms_norm_ref(&x[from * h..], &ones[..h], c.eps);
+    Ok(matmul(&xn, &head, c.vocab, h))
+}
+
+#[cfg(feature = "cuda")]
+pub use gpu::*;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use crate::decode_attention::{auto_split, KvType, MIN_SPLIT};
+    use crate::runtime::{driver, DecodeLaunch, Gpu};
+    use crate::Parity;
+    use cudarc::driver::{sys as drv, CudaGraph, CudaSlice};
+    use std::sync::Arc;
+
+    struct LayerWeights {
+        attn_norm: CudaSlice<f32>,
+        qkv: CudaSlice<u16>,
+        o: CudaSlice<u16>,
+        ffn_norm: CudaSlice<f32>,
+        gate_up: CudaSlice<u16>,
+        down: CudaSlice<u16>,
+    }
+
+    /// The model's weights on the GPU.
+    pub struct GpuWeights {
+        /// The shape.
+        pub config: GpuConfig,
+        seed: u64,
+        layers: Vec<LayerWeights>,
+        norm: CudaSlice<f32>,
+        lm_head: CudaSlice<u16>,
+        inv_freq: CudaSlice<f32>,
+    }
+
+    impl GpuWeights {
+        /// Seeded random bf16 weights (uniform, unit-variance outputs) and unit norms,
+        /// generated on the GPU. The embedding table is not stored: rows are generated from
+        /// the token id when needed.
+        pub fn random(gpu: &Gpu, config: GpuConfig, seed: u64) -> Result<Self> {
+            config.validate()?;
+            let c = &config;
+            let (h, f) = (c.hidden, c.ffn);
+            let random = |n: usize, s: u64, in_dim: usize| -> Result<CudaSlice<u16>> {
+                let b = gpu.zeros::<u16>(n)?;
+                gpu.fill_uniform(gpu.addr(&b), n, s, scale_for(in_dim))?;
+                Ok(b)
+            };
+            let ones = gpu.upload(&vec![1.0f32; h])?;
+            let mut layers = Vec::with_capacity(c.n_layers);
+            for l in 0..c.n_layers {
+                layers.push(LayerWeights {
+                    attn_norm: gpu.upload(&vec![1.0f32; h])?,
+                    qkv: random(c.qkv_dim() * h, tensor_seed(seed, l, 0), h)?,
+                    o: random(h * c.n_heads * c.head_dim, tensor_seed(seed, l, 1), c.n_heads * c.head_dim)?,
+                    ffn_norm: gpu.upload(&vec![1.0f32; h])?,
+                    gate_up: random(2 * f * h, tensor_seed(seed, l, 2), h)?,
+                    down: random(h * f, tensor_seed(seed, l, 3), f)?,
+                });
+            }
+            let lm_head = random(c.vocab * h, tensor_seed(seed, 0, LM_HEAD), h)?;
+            let inv_freq = gpu.upload(&c.inv_freq)?;
+            gpu.sync()?;
+            Ok(Self { config, seed, layers, norm: ones, lm_head, inv_freq })
+        }
+    }
+
+    struct LayerCache {
+        keys: CudaSlice<u16>,
+        values: CudaSlice<u16>,
+        heads: CudaSlice<i32>,
+        streaming_offsets: CudaSlice<i32>,
+        n_streaming: usize,
+    }
+
+    struct Buffers {
+        tokens: CudaSlice<i32>,
+        state: CudaSlice<i32>,
+        x: CudaSlice<f32>,
+        xn: CudaSlice<u16>,
+        qkv: CudaSlice<f32>,
+        q: CudaSlice<f32>,
+        att: CudaSlice<u16>,
+        gu: CudaSlice<f32>,
+        act: CudaSlice<u16>,
+        logits: CudaSlice<f32>,
+        next: CudaSlice<i32>,
+        part_m: CudaSlice<f32>,
+        part_l: CudaSlice<f32>,
+        part_acc: CudaSlice<f32>,
+        _blas_workspace: CudaSlice<u8>,
+    }
+
+    /// One sequence on the GPU: its caches, activation buffers and the captured decode step.
+    pub struct GpuSequence {
+        gpu: Arc<Gpu>,
+        w: Arc<GpuWeights>,
+        layout: CacheLayout,
+        caches: Vec<LayerCache>,
+        b: Buffers,
+        tokens: usize,
+        window_start: usize,
+        graph: Option<(Vec<DecodeLaunch>, CudaGraph)>,
+        pending: Option<Vec<DecodeLaunch>>,
+        /// Decode steps replayed from the graph (the rest ran launch by launch).
+        pub graph_steps: usize,
+    }
+
+    impl GpuSequence {
+        /// Allocates the caches and buffers of one sequence.
+        pub fn new(gpu: Arc<Gpu>, w: Arc<GpuWeights>, layout: CacheLayout) -> Result<Self> {
+            let c = &w.config;
+            layout.validate(c)?;
+            let mut caches = Vec::with_capacity(c.n_layers);
+            for l in 0..c.n_layers {
+                let rows = layout.layer_rows(l);
+                let table = layout.heads(l);
+                let flat: Vec<i32> = table.iter().flat_map(|e| [e.offset, e.sink, e.recent, e.kind]).collect();
+                let streaming: Vec<i32> = table.iter().filter(|e| e.kind == HeadEntry::STREAMING).map(|e| e.offset).collect();
+                caches.push(LayerCache {
+                    keys: gpu.zeros(rows * c.head_dim)?,
+                    values: gpu.zeros(rows * c.head_dim)?,
+                    heads: gpu.upload(&flat)?,
+                    n_streaming: streaming.len(),
+                    streaming_offsets: gpu.upload(&if streaming.is_empty() { vec![0] } else { streaming })?,
+                });
+            }
+            let t = layout.chunk;
+            let max_splits = layout.max_tokens.div_ceil(MIN_SPLIT) + 1;
+            let qd = c.n_heads * c.head_dim;
+            let b = Buffers {
+                tokens: gpu.zeros(t)?,
+                state: gpu.zeros(2)?,
+                x: gpu.zeros(t * c.hidden)?,
+                xn: gpu.zeros(t * c.hidden)?,
+                qkv: gpu.zeros(t * c.qkv_dim())?,
+                q: gpu.zeros(t * qd)?,
+                att: gpu.zeros(t * qd)?,
+                gu: gpu.zeros(t * 2 * c.ffn)?,
+                act: gpu.zeros(t * c.ffn)?,
+                logits: gpu.zeros(c.vocab)?,
+                next: gpu.zeros(1)?,
+                part_m: gpu.zeros(c.n_heads * max_splits)?,
+                part_l: gpu.zeros(c.n_heads * max_splits)?,
+                part_acc: gpu.zeros(c.n_heads * max_splits * c.head_dim)?,
+                _blas_workspace: gpu.zeros(32 << 20)?,
+            };
+            gpu.set_blas_workspace(gpu.addr(&b._blas_workspace), 32 << 20)?;
+            gpu.sync()?;
+            Ok(Self { gpu, w, window_start: layout.sink, layout, caches, b, tokens: 0, graph: None, pending: None, graph_steps: 0 })
+        }
+
+        /// Tokens cached.
+        pub fn tokens(&self) -> usize {
+            self.tokens
+        }
+
+        /// The layout.
+        pub fn layout(&self) -> &CacheLayout {
+            &self.layout
+        }
+
+        /// Logits of the last position processed.
+        pub fn logits(&self) -> Result<Vec<f32>> {
+            self.gpu.download(&self.b.logits)
+        }
+
+        /// The greedy next token (argmax of the last logits).
+        pub fn next_token(&self) -> Result<u32> {
+            Ok(self.gpu.download(&self.b.next)?[0] as u32)
+        }
+
+        /// Makes room for `t` more tokens: checks the length and compacts streaming windows.
+        fn make_room(&mut self, t: usize) -> Result<()> {
+            let (n, s, r) = (self.tokens, self.layout.sink, self.layout.recent);
+            if n + t > self.layout.max_tokens {
+                return Err(CudaError::Input(format!("{} tokens exceed this sequence's {} tokens", n + t, self.layout.max_tokens)));
+            }
+            if t > self.layout.chunk.max(1) && t > 1 {
+                return Err(CudaError::Input(format!("a chunk of {t} tokens is longer than the buffers' {}", self.layout.chunk)));
+            }
+            let w = if n > s { n - self.window_start } else { 0 };
+            if w + t > r + self.layout.slack() {
+                let keep = w.min(r);
+                for lc in self.caches.iter().filter(|lc| lc.n_streaming > 0) {
+                    self.gpu.compact_window(self.gpu.addr(&lc.keys), self.gpu.addr(&lc.values), self.gpu.addr(&lc.streaming_offsets), lc.n_streaming, s + w - keep, s, keep, self.w.config.head_dim)?;
+                }
+                self.window_start += w - keep;
+            }
+            Ok(())
+        }
+
+        fn set_state(&mut self) -> Result<()> {
+            let st = [self.tokens as i32, self.window_start as i32];
+            self.gpu.write(&st, &mut self.b.state)
+        }
+
+        /// Every launch of one forward over `t` tokens whose ids are at `tokens`; decode
+        /// (`Some`) uses the split-K decode attention with these launch shapes.
+        fn forward(&self, t: usize, tokens: u64, decode: Option<&[DecodeLaunch]>) -> Result<()> {
+            let (g, c, b) = (&*self.gpu, &self.w.config, &self.b);
+            let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
+            let a = |s: &CudaSlice<f32>| g.addr(s);
+            let a16 = |s: &CudaSlice<u16>| g.addr(s);
+            let seed = tensor_seed(self.w.seed, 0, EMBED);
+            g.embed(tokens, 0, seed, 1.0, a(&b.x), h, t)?;
+            for (l, (lw, lc)) in self.w.layers.iter().zip(&self.caches).enumerate() {
+                g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), t, h, c.eps)?;
+                g.gemm(a16(&b.xn), a16(&lw.qkv), a(&b.qkv), t, h, kvd, 0.0)?;
+                let (kc, vc, heads, state) = (a16(&lc.keys), a16(&lc.values), g.addr(&lc.heads), g.addr(&b.state));
+                g.rope_append(a(&b.qkv), state, a(&self.w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, a(&b.q), kc, vc, t)?;
+                match decode {
+                    Some(shapes) => {
+                        let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
+                        g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, state, parts, 0, a16(&b.att))?;
+                    }
+                    None => g.prefill_attention(a(&b.q), kc, vc, heads, state, t, c.n_heads, c.n_heads / c.n_kv_heads, c.head_dim, a16(&b.att))?,
+                }
+                g.gemm(a16(&b.att), a16(&lw.o), a(&b.x), t, qd, h, 1.0)?;
+                g.rms_norm(a(&b.x), a(&lw.ffn_norm), a16(&b.xn), t, h, c.eps)?;
+                g.gemm(a16(&b.xn), a16(&lw.gate_up), a(&b.gu), t, h, 2 * c.ffn, 0.0)?;
+                g.silu_mul(a(&b.gu), a16(&b.act), t, c.ffn)?;
+                g.gemm(a16(&b.act), a16(&lw.down), a(&b.x), t, c.ffn, h, 1.0)?;
+            }
+            let last = a(&b.x) + ((t - 1) * h * 4) as u64;
+            g.rms_norm(last, a(&self.w.norm), a16(&b.xn), 1, h, c.eps)?;
+            g.gemm(a16(&b.xn), a16(&self.w.lm_head), a(&b.logits), 1, h, c.vocab, 0.0)?;
+            g.argmax(a(&b.logits), c.vocab, g.addr(&b.next))
+        }
+
+        /// Prefills `tokens` in chunks; `progress` gets the tokens done after each chunk.
+        /// Leaves the last position's logits and greedy next token.
+        pub fn prefill(&mut self, tokens: &[u32], mut progress: impl FnMut(usize)) -> Result<()> {
+            if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.w.config.vocab) {
+                return Err(CudaError::Input(format!("token id {bad} is outside the vocabulary of {}", self.w.config.vocab)));
+            }
+            for (i, chunk) in tokens.chunks(self.layout.chunk).enumerate() {
+                let t = chunk.len();
+                self.make_room(t)?;
+                self.set_state()?;
+                let ids: Vec<i32> = chunk.iter().map(|&x| x as i32).collect();
+                self.gpu.write(&ids, &mut self.b.tokens)?;
+                self.forward(t, self.gpu.addr(&self.b.tokens), None)?;
+                self.tokens += t;
+                self.gpu.sync()?;
+                progress((i * self.layout.chunk + t).min(tokens.len()));
+            }
+            Ok(())
+        }
+
+        /// Pretends `n` tokens were prefilled: every cache row gets seeded random keys and
+        /// values (what a decode step reads does not depend on what they say), and the next
+        /// input token is `token`. For decode measurements at lengths whose prefill would take
+        /// too long.
+        pub fn fill_synthetic(&mut self, n: usize, token: u32, seed: u64) -> Result<()> {
+            if n + 1 > self.layout.max_tokens {
+                return Err(CudaError::Input(format!("{n} tokens leave no room in {}", self.layout.max_tokens)));
+            }
+            for (l, lc) in self.caches.iter().enumerate() {
+                let len = self.layout.layer_rows(l) * self.w.config.head_dim;
+                self.gpu.fill_uniform(self.gpu.addr(&lc.keys), len, seed.wrapping_add(2 * l as u64), 1.0)?;
+                self.gpu.fill_uniform(self.gpu.addr(&lc.values), len, seed.wrapping_add(2 * l as u64 + 1), 1.0)?;
+            }
+            let (s, r) = (self.layout.sink, self.layout.recent);
+            self.tokens = n;
+            self.window_start = if n > s { n - (n - s).min(r) } else { s };
+            self.gpu.write(&[token as i32], &mut self.b.next)?;
+            self.gpu.sync()
+        }
+
+        /// Decode launch shapes for the current length, constant over a bucket of 2048
+        /// tokens (so a captured graph is reused until the length leaves the bucket).
+        fn shapes(&self) -> Vec<DecodeLaunch> {
+            let c = &self.w.config;
+            let bucket = (self.tokens + 1).div_ceil(2048) * 2048;
+            let short = (self.layout.sink + self.layout.recent) as u32;
+            self.caches
+                .iter()
+                .enumerate()
+                .map(|(l, _)| {
+                    let lens: Vec<u32> = self.layout.retrieval[l].iter().map(|&r| if r { bucket as u32 } else { short.min(bucket as u32) }).collect();
+                    let split = auto_split(&lens);
+                    let max_len = *lens.iter().max().unwrap_or(&1) as usize;
+                    DecodeLaunch { n_kv: c.n_kv_heads, group: c.n_heads / c.n_kv_heads, head_dim: c.head_dim, split, n_splits: max_len.div_ceil(split), kv: KvType::Bf16 }
+                })
+                .collect()
+        }
+
+        /// One decode step on the token the last step chose (or `token`): appends it and
+        /// leaves the logits and the greedy next token on the GPU. Replays the captured graph
+        /// when the launch shapes are unchanged; the first step of new shapes runs launch by
+        /// launch and the next one captures.
+        pub fn decode_step(&mut self, token: Option<u32>) -> Result<()> {
+            if let Some(tok) = token {
+                if tok as usize >= self.w.config.vocab {
+                    return Err(CudaError::Input(format!("token id {tok} is outside the vocabulary of {}", self.w.config.vocab)));
+                }
+                self.gpu.write(&[tok as i32], &mut self.b.next)?;
+            }
+            self.make_room(1)?;
+            self.set_state()?;
+            let shapes = self.shapes();
+            let next = self.gpu.addr(&self.b.next);
+            if self.graph.as_ref().is_some_and(|(s, _)| *s == shapes) {
+                self.graph.as_ref().map(|(_, g)| g.launch()).transpose().map_err(driver)?;
+                self.graph_steps += 1;
+            } else if self.pending.as_ref() == Some(&shapes) {
+                self.graph = None;
+                let stream = &self.gpu.stream;
+                stream.begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver)?;
+                let captured = self.forward(1, next, Some(&shapes));
+                let graph = stream.end_capture(drv::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(driver)?;
+                captured?;
+                let graph = graph.ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?;
+                graph.launch().map_err(driver)?;
+                self.graph = Some((shapes, graph));
+                self.pending = None;
+                self.graph_steps += 1;
+            } else {
+                self.forward(1, next, Some(&shapes))?;
+                self.pending = Some(shapes);
+            }
+            self.tokens += 1;
+            Ok(())
+        }
+
+        /// `decode_step` then waits and returns the greedy next token.
+        pub fn decode(&mut self, token: Option<u32>) -> Result<u32> {
+            self.decode_step(token)?;
+            self.next_token()
+        }
+    }
+
+    /// The whole model against [`reference_logits`]: a small mixed layout (retrieval and
+    /// streaming heads in one layer, a streaming-only layer), prefill in chunks that force
+    /// window compactions, then decode steps (the first ones launch by launch, the rest from
+    /// the captured graph). Error: max |gpu - cpu| over all compared logits, relative to the
+    /// largest |logit|; bound 2e-2 (bf16 activations), and every greedy token must agree
+    /// where the reference's top two logits differ by more than that.
+    pub fn check_model(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
+        let mut out = Vec::new();
+        for (name, heads, kv, d, half) in [("GQA", 4, 2, 64, true), ("MHA", 2, 2, 128, false)] {
+            let theta: f32 = 10_000.0;
+            let inv_freq: Vec<f32> = (0..d / 2).map(|i| theta.powf(-2.0 * i as f32 / d as f32)).collect();
+            let config = GpuConfig { n_layers: 3, hidden: 128, n_heads: heads, n_kv_heads: kv, head_dim: d, ffn: 256, vocab: 300, eps: 1e-5, inv_freq, half_split: half };
+            let layout = CacheLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, chunk: 48, max_tokens: 4096 };
+            let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
+            // 3000 tokens: windows of 40 + slack 2048 compact during prefill and decode.
+            let prompt: Vec<u32> = (0..2990u64).map(|i| (hash_uniform(seed, i).abs() * 299.0) as u32).collect();
+            let mut seq = GpuSequence::new(gpu.clone(), w, layout.clone())?;
+            seq.prefill(&prompt, |_| {})?;
+            let mut got = seq.logits()?;
+            let mut all = prompt.clone();
+            let mut tokens_agree = true;
+            for step in 0..10 {
+                let next = seq.next_token()?;
+                all.push(next);
+                seq.decode_step(Some(next))?;
+                got.extend(seq.logits()?);
+                let _ = step;
+            }
+            let want = reference_logits(&config, &layout, seed, &all, prompt.len() - 1)?;
+            let top = want.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+            let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max) / top;
+            for (wr, gr) in want.chunks(config.vocab).zip(got.chunks(config.vocab)) {
+                let mut sorted: Vec<(usize, f32)> = wr.iter().copied().enumerate().collect();
+                sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let g_best = gr.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+                if (sorted[0].1 - sorted[1].1) as f64 > 2e-2 * top && g_best != sorted[0].0 {
+                    tokens_agree = false;
+                }
+            }
+            let graph_steps = seq.graph_steps;
+            out.push(Parity {
+                case: format!("whole model {name} ({heads} heads / {kv} KV of {d}), 2990-token chunked prefill + 10 decode steps ({graph_steps} from the graph), greedy tokens agree: {tokens_agree}"),
+                max_abs_err: if tokens_agree && graph_steps > 0 { err } else { f64::INFINITY },
+                bound: 2e-2,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,241 @@
+//! The small kernels of a transformer step, each with a plain CPU reference: seeded random
+//! weights, token embedding, RMSNorm, RoPE with the KV append into the hybrid cache, SiLU×up,
+//! argmax and the streaming-window compaction.
+//!
+//! Conventions shared by every kernel here and by the attention kernels:
+//! * bf16 values travel as their raw bits (`unsigned short`) and are rounded to nearest even,
+//!   exactly as [`half::bf16::from_f32`] does, so CPU references can reproduce them bit for bit.
+//! * The residual stream and every matrix-product output are `f32`; matrix-product inputs
+//!   (normalised activations, attention outputs, SiLU×up) are bf16.
+//! * A step's positions live in device memory, `state = [first position, window start]`, so a
+//!   captured CUDA graph replays for any position.
+//!
+//! The cache layout (see [`crate::model`]): each KV head owns rows `off..`; a retrieval head's
+//! row `r` holds position `r`; a streaming head's rows are its `sink` first positions, then a
+//! window of consecutive positions starting at `window start` (the same for every streaming
+//! head, since all see the same tokens).
+
+/// The kernels' CUDA source (compiled once per process with NVRTC).
+pub const SOURCE: &str = r#"
+typedef unsigned short bf16_t;
+__device__ __forceinline__ float bf(bf16_t b) { return __uint_as_float(((unsigned)b) << 16); }
+__device__ __forceinline__ bf16_t to_bf(float f) {
+    unsigned u = __float_as_uint(f);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+// splitmix64 of (seed, index), mapped to [-1, 1): the same function as `hash_uniform` in Rust.
+__device__ __forceinline__ float hash_uniform(unsigned long long seed, unsigned long long i) {
+    unsigned long long z = seed * 0x9E3779B97F4A7C15ull + i * 0xD1B54A32D192ED03ull;
+    z ^= z >> 30; z *= 0xBF58476D1CE4E5B9ull; z ^= z >> 27; z *= 0x94D049BB133111EBull; z ^= z >> 31;
+    return (float)(z >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+}
+
+extern "C" __global__ void fill_uniform_bf16(bf16_t* out, unsigned long long n, unsigned long long seed, float scale) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = to_bf(hash_uniform(seed, i) * scale);
+}
+
+// x[t] = the embedding of tokens[t]: a row of the table, or (table == 0) the seeded random row.
+extern "C" __global__ void embed(const int* tokens, const bf16_t* table, unsigned long long seed, float scale, float* x, int hidden) {
+    const int t = blockIdx.x;
+    const unsigned long long row = (unsigned long long)tokens[t] * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        x[(size_t)t * hidden + i] = table ? bf(table[row + i]) : bf(to_bf(hash_uniform(seed, row + i) * scale));
+}
+
+// out[t] = bf16(x[t] / rms(x[t]) * w), one block of 256 threads per row.
+extern "C" __global__ void rms_norm(const float* x, const float* w, bf16_t* out, int dim, float eps) {
+    const float* row = x + (size_t)blockIdx.x * dim;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += row[i] * row[i];
+    __shared__ float part[8];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+    __syncthreads();
+    float total = 0.f;
+    for (int i = 0; i < blockDim.x / 32; i++) total += part[i];
+    const float scale = rsqrtf(total / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        out[(size_t)blockIdx.x * dim + i] = to_bf(row[i] * scale * w[i]);
+}
+
+// The row of a KV head's cache that holds `pos` (see the module docs).
+__device__ __forceinline__ long long cache_row(int4 head, int pos, int win) {
+    return head.w == 1 && pos >= head.y ? (long long)head.y + (pos - win) : (long long)pos;
+}
+
+// Rotates the chunk's queries and keys (position state[0] + t), writes queries as f32 and
+// keys/values as bf16 into the cache rows of their positions. qkv rows are
+// [q (heads * D) | k (kv * D) | v (kv * D)]. Grid (T, heads + kv), D/2 threads.
+extern "C" __global__ void rope_append(const float* qkv, const int* state, const float* inv_freq,
+    const int4* heads, int n_heads, int n_kv, int head_dim, int half_split,
+    float* q_out, bf16_t* kc, bf16_t* vc)
+{
+    const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
+    const int pos = state[0] + t;
+    const float* row = qkv + (size_t)t * (n_heads + 2 * n_kv) * head_dim;
+    const float* x = h < n_heads ? row + h * head_dim : row + (n_heads + (h - n_heads)) * head_dim;
+    const int a = half_split ? i : 2 * i, b = half_split ? i + half : 2 * i + 1;
+    float s, c;
+    sincosf((float)pos * inv_freq[i], &s, &c);
+    const float x0 = x[a], x1 = x[b];
+    const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+    if (h < n_heads) {
+        float* q = q_out + (size_t)t * n_heads * head_dim + h * head_dim;
+        q[a] = y0; q[b] = y1;
+    } else {
+        const int g = h - n_heads;
+        const size_t r = (size_t)(heads[g].x + cache_row(heads[g], pos, state[1])) * head_dim;
+        kc[r + a] = to_bf(y0); kc[r + b] = to_bf(y1);
+        const float* v = row + (n_heads + n_kv + g) * head_dim;
+        vc[r + a] = to_bf(v[a]); vc[r + b] = to_bf(v[b]);
+    }
+}
+
+// out[t, i] = bf16(silu(gate) * up), rows of gu being [gate (inter) | up (inter)].
+extern "C" __global__ void silu_mul(const float* gu, bf16_t* out, int rows, int inter) {
+    const size_t n = (size_t)rows * inter;
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = k / inter, i = k % inter;
+        const float g = gu[t * 2 * inter + i], u = gu[t * 2 * inter + inter + i];
+        out[k] = to_bf(g / (1.f + expf(-g)) * u);
+    }
+}
+
+// The index of the largest value (the lowest index among equals). One block of 1024 threads.
+extern "C" __global__ void argmax(const float* x, int n, int* out) {
+    float best = __int_as_float(0xff800000); int at = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        if (x[i] > best || (x[i] == best && i < at)) { best = x[i]; at = i; }
+    __shared__ float sb[1024]; __shared__ int si[1024];
+    sb[threadIdx.x] = best; si[threadIdx.x] = at;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            const float b = sb[threadIdx.x + s]; const int j = si[threadIdx.x + s];
+            if (b > sb[threadIdx.x] || (b == sb[threadIdx.x] && j < si[threadIdx.x])) { sb[threadIdx.x] = b; si[threadIdx.x] = j; }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *out = si[0];
+}
+
+// Moves `rows` rows at `src` to `dst < src` inside each listed head's region of the key and
+// the value cache (blockIdx.y: 0 keys, 1 values). Rows go in ascending batches, each read
+// whole before it is written, so overlapping ranges are safe. 256 threads.
+extern "C" __global__ void compact_window(bf16_t* kc, bf16_t* vc, const int* head_offsets, int src, int dst, int rows, int head_dim) {
+    bf16_t* base = (blockIdx.y == 0 ? kc : vc) + (size_t)head_offsets[blockIdx.x] * head_dim;
+    uint4* from = reinterpret_cast<uint4*>(base + (size_t)src * head_dim);
+    uint4* to = reinterpret_cast<uint4*>(base + (size_t)dst * head_dim);
+    const int per_row = head_dim / 8, batch = blockDim.x / per_row;
+    for (int r0 = 0; r0 < rows; r0 += batch) {
+        const int r = r0 + threadIdx.x / per_row, c = threadIdx.x % per_row;
+        const bool live = threadIdx.x < batch * per_row && r < rows;
+        uint4 v;
+        if (live) v = from[(size_t)r * per_row + c];
+        __syncthreads();
+        if (live) to[(size_t)r * per_row + c] = v;
+        __syncthreads();
+    }
+}
+"#;
+
+/// splitmix64 of `(seed, i)` mapped to `[-1, 1)`: the seeded random weights, identical on the
+/// CPU and the GPU.
+pub fn hash_uniform(seed: u64, i: u64) -> f32 {
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    z ^= z >> 30;
+    z = z.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^= z >> 27;
+    z = z.wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 * (1.0 / 16_777_216.0) * 2.0 - 1.0
+}
+
+/// `x` rounded to bf16 and back.
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// The seeded random bf16 tensor `fill_uniform_bf16` writes, as `f32`.
+pub fn uniform_bf16(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    (0..n as u64).map(|i| round_bf16(hash_uniform(seed, i) * scale)).collect()
+}
+
+/// RMSNorm of each row of `x` times `w`, rounded to bf16 (the kernel's output).
+pub fn rms_norm_ref(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    x.chunks(d)
+        .flat_map(|row| {
+            let ms = row.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / d as f64;
+            let s = 1.0 / (ms + eps as f64).sqrt();
+            row.iter().zip(w).map(move |(v, w)| round_bf16((*v as f64 * s) as f32 * w)).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// RoPE of one head's vector at `pos` (pairs `(i, i + d/2)` when `half_split`, else `(2i, 2i+1)`).
+pub fn rope_ref(x: &mut [f32], pos: usize, inv_freq: &[f32], half_split: bool) {
+    let half = inv_freq.len();
+    for (i, f) in inv_freq.iter().enumerate() {
+        let (a, b) = if half_split { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let ang = pos as f32 * f;
+        let (s, c) = (ang.sin(), ang.cos());
+        let (x0, x1) = (x[a], x[b]);
+        x[a] = x0 * c - x1 * s;
+        x[b] = x0 * s + x1 * c;
+    }
+}
+
+/// `bf16(silu(gate) * up)` for rows of `[gate | up]`.
+pub fn silu_mul_ref(gu: &[f32], inter: usize) -> Vec<f32> {
+    gu.chunks(2 * inter)
+        .flat_map(|row| (0..inter).map(move |i| round_bf16(row[i] / (1.0 + (-row[i]).exp()) * row[inter + i])))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_is_uniform_in_minus_one_one_and_seeded() {
+        let v: Vec<f32> = (0..10_000).map(|i| hash_uniform(7, i)).collect();
+        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        assert!(mean.abs() < 0.03, "mean {mean}");
+        assert_ne!(hash_uniform(7, 3), hash_uniform(8, 3));
+        assert_eq!(hash_uniform(7, 3), hash_uniform(7, 3));
+    }
+
+    #[test]
+    fn rms_norm_of_a_constant_row_is_the_weight() {
+        let out = rms_norm_ref(&[3.0; 8], &[0.5; 8], 0.0);
+        assert!(out.iter().all(|v| (v - 0.5).abs() < 1e-3));
+    }
+
+    #[test]
+    fn rope_at_zero_is_identity_and_keeps_the_norm() {
+        let inv: Vec<f32> = (0..4).map(|i| 10_000f32.powf(-(i as f32) / 4.0)).collect();
+        let x0 = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        for half in [true, false] {
+            let mut x = x0.clone();
+            rope_ref(&mut x, 0, &inv, half);
+            assert_eq!(x, x0);
+            rope_ref(&mut x, 1234, &inv, half);
+            let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+            assert!((n(&x) - n(&x0)).abs() < 1e-3);
+            assert_ne!(x, x0);
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_its_definition() {
+        let out = silu_mul_ref(&[0.0, 2.0, 3.0, -1.0], 2);
+        assert_eq!(out[0], 0.0);
+        assert!((out[1] - round_bf16(2.0 / (1.0 + (-2f32).exp()) * -1.0)).abs() < 1e-6);
+    }
+}

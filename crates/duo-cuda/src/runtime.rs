@@ -1,0 +1,327 @@
+//! The GPU handle: one context and stream, cuBLAS, and every kernel compiled once, with one
+//! typed launcher per kernel. Launchers take raw device addresses (`u64`) so that a model can
+//! keep buffers of any type and a captured CUDA graph sees plain values.
+//!
+//! Event tracking of the driver wrapper is off: everything runs on this one stream, in
+//! order, which is also what stream capture needs.
+#![allow(unsafe_code)] // kernel launches and cuBLAS calls are unsafe by nature; sizes are checked by callers
+
+use crate::decode_attention::KvType;
+use crate::{CudaError, Result};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use std::sync::{Arc, Mutex};
+
+pub(crate) fn driver(e: impl std::fmt::Display) -> CudaError {
+    CudaError::Driver(e.to_string())
+}
+
+/// The device address of a buffer.
+pub fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+
+/// Pushes the arguments and launches on the GPU's stream.
+macro_rules! launch {
+    ($gpu:expr, $f:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {
+        launch!(smem 0; $gpu, $f, $grid, $block, $($arg),*)
+    };
+    (smem $smem:expr; $gpu:expr, $f:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {{
+        let mut b = $gpu.stream.launch_builder(&$f);
+        $( b.arg($arg); )*
+        let cfg = LaunchConfig { grid_dim: $grid, block_dim: ($block, 1, 1), shared_mem_bytes: $smem };
+        // SAFETY: each launcher pushes the arguments its kernel declares, in order; callers
+        // pass addresses of buffers of the sizes the kernel indexes.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(driver)
+    }};
+}
+
+type DecodeKernels = (CudaFunction, CudaFunction);
+
+/// One GPU: context, stream, cuBLAS and the compiled kernels.
+pub struct Gpu {
+    /// The context (device 0 unless told otherwise).
+    pub ctx: Arc<CudaContext>,
+    /// The one stream everything runs on.
+    pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    ops: Arc<CudaModule>,
+    decode: Mutex<Vec<((usize, usize, KvType), DecodeKernels)>>,
+    prefill: Mutex<Vec<(usize, CudaFunction)>>,
+}
+
+fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
+    let opts = CompileOptions { arch: Some("sm_90"), options, ..Default::default() };
+    compile_ptx_with_opts(source, opts).map_err(|e| CudaError::Compile { name, log: e.to_string() })
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Where no driver can be loaded this is an error, not a panic.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // The driver library is loaded on first use; where it is missing the loader panics.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(|| CudaContext::new(ordinal));
+        std::panic::set_hook(hook);
+        let ctx = match opened {
+            Ok(c) => c.map_err(driver)?,
+            Err(_) => return Err(CudaError::Driver("no usable CUDA driver on this machine (libcuda.so.1 could not be loaded)".into())),
+        };
+        // SAFETY: this crate runs all work on one stream, in order; no cross-stream events needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(driver)?;
+        let ops = ctx.load_module(compile(crate::ops::SOURCE, "ops", vec![])?).map_err(driver)?;
+        Ok(Self { ctx, stream, blas, ops, decode: Mutex::new(Vec::new()), prefill: Mutex::new(Vec::new()) })
+    }
+
+    /// The card's name.
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "CUDA GPU".into())
+    }
+
+    /// Bytes in use on the device (all processes) and the card's total.
+    pub fn memory_used(&self) -> Result<(usize, usize)> {
+        let (free, total) = self.ctx.mem_get_info().map_err(driver)?;
+        Ok((total - free, total))
+    }
+
+    /// Waits for the stream.
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver)
+    }
+
+    /// A zeroed buffer.
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| CudaError::Driver(format!("allocating {} bytes: {e}", n * std::mem::size_of::<T>())))
+    }
+
+    /// A buffer holding `v`.
+    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(v).map_err(driver)
+    }
+
+    /// Copies `v` into `dst` (in stream order).
+    pub fn write<T: cudarc::driver::DeviceRepr>(&self, v: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+        self.stream.memcpy_htod(v, dst).map_err(driver)
+    }
+
+    /// The buffer's contents.
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(s).map_err(driver)
+    }
+
+    /// The device address of `s`.
+    pub fn addr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        addr(s, &self.stream)
+    }
+
+    fn op(&self, name: &str) -> Result<CudaFunction> {
+        self.ops.load_function(name).map_err(driver)
+    }
+
+    /// `n` seeded uniform bf16 values in `[-scale, scale)` at `out`.
+    pub fn fill_uniform(&self, out: u64, n: usize, seed: u64, scale: f32) -> Result<()> {
+        let f = self.op("fill_uniform_bf16")?;
+        let n64 = n as u64;
+        launch!(self, f, (4096, 1, 1), 256, &out, &n64, &seed, &scale)
+    }
+
+    /// `x[t] = embedding(tokens[t])` for `t` tokens: rows of `table` (bf16), or, where `table`
+    /// is 0, the seeded random rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn embed(&self, tokens: u64, table: u64, seed: u64, scale: f32, x: u64, hidden: usize, t: usize) -> Result<()> {
+        let f = self.op("embed")?;
+        let h = hidden as i32;
+        launch!(self, f, (t as u32, 1, 1), 256, &tokens, &table, &seed, &scale, &x, &h)
+    }
+
+    /// RMSNorm of `rows` rows of `x` (f32) times `w` (f32) into `out` (bf16).
+    pub fn rms_norm(&self, x: u64, w: u64, out: u64, rows: usize, dim: usize, eps: f32) -> Result<()> {
+        let f = self.op("rms_norm")?;
+        let d = dim as i32;
+        launch!(self, f, (rows as u32, 1, 1), 256, &x, &w, &out, &d, &eps)
+    }
+
+    /// RoPE of `t` rows of `qkv` at positions `state[0]..`; queries to `q` (f32), keys and
+    /// values to their cache rows (bf16).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_append(&self, qkv: u64, state: u64, inv_freq: u64, heads: u64, n_heads: usize, n_kv: usize, head_dim: usize, half_split: bool, q: u64, kc: u64, vc: u64, t: usize) -> Result<()> {
+        let f = self.op("rope_append")?;
+        let (h, g, d, hs) = (n_heads as i32, n_kv as i32, head_dim as i32, i32::from(half_split));
+        let threads = (head_dim / 2) as u32;
+        launch!(self, f, (t as u32, (n_heads + n_kv) as u32, 1), threads, &qkv, &state, &inv_freq, &heads, &h, &g, &d, &hs, &q, &kc, &vc)
+    }
+
+    /// `out = bf16(silu(gate) * up)` for `rows` rows of `[gate | up]`.
+    pub fn silu_mul(&self, gu: u64, out: u64, rows: usize, inter: usize) -> Result<()> {
+        let f = self.op("silu_mul")?;
+        let (r, i) = (rows as i32, inter as i32);
+        let blocks = (rows * inter).div_ceil(256).min(8192) as u32;
+        launch!(self, f, (blocks, 1, 1), 256, &gu, &out, &r, &i)
+    }
+
+    /// `*out = argmax(x[..n])` (i32).
+    pub fn argmax(&self, x: u64, n: usize, out: u64) -> Result<()> {
+        let f = self.op("argmax")?;
+        let n = n as i32;
+        launch!(self, f, (1, 1, 1), 1024, &x, &n, &out)
+    }
+
+    /// Moves `rows` rows from row `src` to row `dst` of each head listed in `head_offsets`
+    /// (i32 row offsets, `n_heads` of them), keys and values.
+    #[allow(clippy::too_many_arguments)]
+    pub fn compact_window(&self, kc: u64, vc: u64, head_offsets: u64, n_heads: usize, src: usize, dst: usize, rows: usize, head_dim: usize) -> Result<()> {
+        let f = self.op("compact_window")?;
+        let (s, d, r, hd) = (src as i32, dst as i32, rows as i32, head_dim as i32);
+        launch!(self, f, (n_heads as u32, 2, 1), 256, &kc, &vc, &head_offsets, &s, &d, &r, &hd)
+    }
+
+    /// `y[t, out] = x[t, in] W[out, in]^T + beta * y`: bf16 inputs, f32 output and accumulation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(&self, x: u64, w: u64, y: u64, t: usize, in_dim: usize, out_dim: usize, beta: f32) -> Result<()> {
+        let alpha = 1.0f32;
+        // Column-major view: Y^T (out x t) = W (out x in, stored as in x out) ^T * X^T (in x t).
+        // SAFETY: the caller's buffers hold t*in, out*in bf16 and t*out f32 values.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                out_dim as i32,
+                t as i32,
+                in_dim as i32,
+                (&alpha as *const f32).cast(),
+                w as *const std::ffi::c_void,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                in_dim as i32,
+                x as *const std::ffi::c_void,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                in_dim as i32,
+                (&beta as *const f32).cast(),
+                y as *mut std::ffi::c_void,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                out_dim as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        }
+        .map_err(driver)
+    }
+
+    fn decode_kernels(&self, group: usize, head_dim: usize, kv: KvType) -> Result<DecodeKernels> {
+        let mut cache = self.decode.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, k)) = cache.iter().find(|(key, _)| *key == (group, head_dim, kv)) {
+            return Ok(k.clone());
+        }
+        let mut options = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", head_dim / 32)];
+        if kv == KvType::Bf16 {
+            options.push("-DKV_BF16=1".into());
+        }
+        let m = self.ctx.load_module(compile(crate::decode_attention::SOURCE, "decode_attention", options)?).map_err(driver)?;
+        let k = (m.load_function("duo_decode_partial").map_err(driver)?, m.load_function("duo_decode_merge").map_err(driver)?);
+        cache.push(((group, head_dim, kv), k.clone()));
+        Ok(k)
+    }
+
+    /// One decode step of attention for a layer: partials over `(n_kv, n_splits)` blocks, then
+    /// the merge into `out` (f32, or 0) and `out_bf16` (or 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention(&self, a: &DecodeLaunch, q: u64, kc: u64, vc: u64, heads: u64, state: u64, parts: (u64, u64, u64), out: u64, out_bf16: u64) -> Result<()> {
+        if a.group * a.head_dim / 8 > 64 {
+            return Err(CudaError::Input(format!("{} query heads per KV head of {} dims need too many registers", a.group, a.head_dim)));
+        }
+        let (partial, merge) = self.decode_kernels(a.group, a.head_dim, a.kv)?;
+        let (split, ns, scale) = (a.split as i32, a.n_splits as i32, 1.0 / (a.head_dim as f32).sqrt());
+        let (pm, pl, pa) = parts;
+        launch!(self, partial, (a.n_kv as u32, a.n_splits as u32, 1), 128, &q, &kc, &vc, &heads, &state, &split, &ns, &scale, &pm, &pl, &pa)?;
+        let threads = a.head_dim as u32;
+        launch!(self, merge, ((a.n_kv * a.group) as u32, 1, 1), threads, &pm, &pl, &pa, &ns, &out, &out_bf16)
+    }
+
+    fn prefill_kernel(&self, head_dim: usize) -> Result<CudaFunction> {
+        let mut cache = self.prefill.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, k)) = cache.iter().find(|(d, _)| *d == head_dim) {
+            return Ok(k.clone());
+        }
+        let m = self.ctx.load_module(compile(crate::prefill_attention::SOURCE, "prefill_attention", vec![format!("-DHEAD_DIM={head_dim}")])?).map_err(driver)?;
+        let k = m.load_function("duo_prefill_attention").map_err(driver)?;
+        // Two stages of K and V tiles exceed the 48 KiB a kernel gets without asking.
+        // SAFETY: the function was just loaded from its module.
+        unsafe {
+            cudarc::driver::result::function::set_function_attribute(
+                k.cu_function(),
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                prefill_smem_bytes(head_dim) as i32,
+            )
+        }
+        .map_err(driver)?;
+        cache.push((head_dim, k.clone()));
+        Ok(k)
+    }
+
+    /// Prefill attention of `t` queries (`q`, f32 `[t, n_heads * head_dim]`) over the layer's
+    /// cache into `out` (bf16, same shape).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_attention(&self, q: u64, kc: u64, vc: u64, heads: u64, state: u64, t: usize, n_heads: usize, group: usize, head_dim: usize, out: u64) -> Result<()> {
+        let f = self.prefill_kernel(head_dim)?;
+        let (tt, h, g) = (t as i32, n_heads as i32, group as i32);
+        let scale_log2 = std::f32::consts::LOG2_E / (head_dim as f32).sqrt();
+        let smem = prefill_smem_bytes(head_dim) as u32;
+        launch!(smem smem; self, f, (t.div_ceil(64) as u32, n_heads as u32, 1), 128, &q, &kc, &vc, &heads, &state, &tt, &h, &g, &scale_log2, &out)
+    }
+}
+
+/// Dynamic shared memory of the prefill kernel: two stages of 64-row K and V tiles.
+fn prefill_smem_bytes(head_dim: usize) -> usize {
+    4 * 64 * (head_dim + 8) * 2
+}
+
+/// The shape of one layer's decode-attention launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLaunch {
+    /// KV heads.
+    pub n_kv: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+    /// 64, 128 or 256.
+    pub head_dim: usize,
+    /// Keys per split.
+    pub split: usize,
+    /// Splits (grid y); blocks past a head's rows exit at once.
+    pub n_splits: usize,
+    /// Cache element type.
+    pub kv: KvType,
+}
+
+impl Gpu {
+    /// Gives cuBLAS a fixed workspace, so that captured products allocate nothing.
+    pub fn set_blas_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: `ptr` is a live allocation of `bytes` owned by the caller for as long as
+        // products run with this handle.
+        let status = unsafe { blas_sys::cublasSetWorkspace_v2(*self.blas.handle(), ptr as *mut std::ffi::c_void, bytes) };
+        if status == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(CudaError::Driver(format!("cublasSetWorkspace: {status:?}"))) }
+    }
+}
+
+impl Gpu {
+    /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written, per
+    /// second), from copies of 2 GiB: the bandwidth floor of a step is the bytes it must read
+    /// divided by this.
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        let n = 1usize << 30; // 2 GiB of u16
+        let src = self.zeros::<u16>(n)?;
+        let mut dst = self.zeros::<u16>(n)?;
+        self.stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
+        self.sync()?;
+        let reps = 10;
+        let started = std::time::Instant::now();
+        for _ in 0..reps {
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
+        }
+        self.sync()?;
+        Ok((2 * 2 * n * reps) as f64 / started.elapsed().as_secs_f64())
+    }
+}
