@@ -39,7 +39,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let gc = GpuConfig::from_model(&config);
     let max_len = a.lengths.iter().copied().max().unwrap_or(0);
     if max_len + a.decode_tokens > config.context_length {
-        anyhow::bail!("{} prompt tokens + {} decode tokens exceed the context length of {}", max_len, a.decode_tokens, config.context_length);
+        // Random weights say nothing anyway; speed and memory past the trained length are
+        // what "up to what fits" asks for.
+        eprintln!("note: {max_len} tokens exceed {shape}'s trained context of {}; measuring speed and memory only", config.context_length);
     }
     let gpu = Arc::new(Gpu::new(0)?);
     let card = gpu.name();

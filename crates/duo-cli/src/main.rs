@@ -100,11 +100,11 @@ fn cuda_check(seed: u64) -> Result<()> {
         use duo_cuda::decode_attention::KvType;
         for (name, lens) in [("full", full), ("duo 0.5", duo)] {
             let x = duo_cuda::decode_attention::random_input(seed, 32, 128, &lens);
-            for (kv, split) in [(KvType::F32, None), (KvType::Bf16, None), (KvType::Bf16, Some(1024))] {
-                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, &x, kv, split, 50)?;
+            for (kv, split, kpw) in [(KvType::F32, None, 4), (KvType::Bf16, None, 4), (KvType::Bf16, None, 2), (KvType::Bf16, Some(1024), 2)] {
+                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, &x, kv, split, kpw, 50)?;
                 let split = split.map_or_else(|| format!("auto ({})", duo_cuda::decode_attention::auto_split(&lens)), |s| s.to_string());
                 println!(
-                    "time decode attention, Llama-3-8B layer at 128K, {name:<8} {kv:?} KV, split {split:>11}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
+                    "time decode attention, Llama-3-8B layer at 128K, {name:<8} {kv:?} KV, {kpw} keys/warp, split {split:>11}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
                     bytes as f64 / 1e6,
                     bytes as f64 / ms / 1e6
                 );

@@ -41,6 +41,12 @@ pub fn rounded_to_bf16(x: &DecodeInput) -> DecodeInput {
     DecodeInput { keys: round(&x.keys), values: round(&x.values), ..x.clone() }
 }
 
+/// Whether a warp may read `kpw` keys at once for heads of `head_dim`: each lane takes
+/// `head_dim * kpw / 32` elements, which must fill whole 16-byte loads, and at most 4 keys.
+pub fn keys_per_warp_fits(head_dim: usize, kpw: usize, kv: KvType) -> bool {
+    [1, 2, 4].contains(&kpw) && head_dim * kpw / 32 * kv.bytes() >= 16 && (head_dim * kpw / 32 * kv.bytes()).is_multiple_of(16)
+}
+
 /// Fewest keys per split.
 pub const MIN_SPLIT: usize = 256;
 
@@ -164,7 +170,9 @@ typedef float kv_t;
 
 // A warp works on KPW keys at a time, LANES lanes per key, DIMS dimensions per lane: the
 // dot product of a key needs only log2(LANES) shuffles per query head.
+#ifndef KPW
 #define KPW 4
+#endif
 #define LANES (32 / KPW)
 #define DIMS (HEAD_DIM / LANES)
 
@@ -345,25 +353,29 @@ mod gpu {
     use crate::runtime::{DecodeLaunch, Gpu};
     use crate::Parity;
 
-    /// Runs the fused decode attention on the GPU (copying inputs in and the output out).
-    pub fn decode_attention(gpu: &Gpu, x: &DecodeInput, kv: KvType) -> Result<Vec<f32>> {
-        Ok(run(gpu, x, kv, auto_split(&x.lens), 1)?.0)
+    /// Runs the fused decode attention on the GPU (copying inputs in and the output out),
+    /// a warp reading `keys_per_warp` keys at once.
+    pub fn decode_attention(gpu: &Gpu, x: &DecodeInput, kv: KvType, keys_per_warp: usize) -> Result<Vec<f32>> {
+        Ok(run(gpu, x, kv, auto_split(&x.lens), keys_per_warp, 1)?.0)
     }
 
     /// Milliseconds per launch pair (partial + merge), inputs already on the GPU, mean of
     /// `iters` after one warm-up; and the KV bytes each launch reads. `split`: keys per
     /// split, or `None` for [`auto_split`].
-    pub fn time_decode_attention(gpu: &Gpu, x: &DecodeInput, kv: KvType, split: Option<usize>, iters: usize) -> Result<(f64, usize)> {
+    pub fn time_decode_attention(gpu: &Gpu, x: &DecodeInput, kv: KvType, split: Option<usize>, keys_per_warp: usize, iters: usize) -> Result<(f64, usize)> {
         let split = split.unwrap_or_else(|| auto_split(&x.lens)).max(1);
-        let (_, ms) = run(gpu, x, kv, split, iters.max(1))?;
+        let (_, ms) = run(gpu, x, kv, split, keys_per_warp, iters.max(1))?;
         Ok((ms, x.lens.iter().map(|&l| l as usize).sum::<usize>() * x.head_dim * kv.bytes() * 2))
     }
 
-    fn run(gpu: &Gpu, x: &DecodeInput, kv: KvType, split: usize, iters: usize) -> Result<(Vec<f32>, f64)> {
+    fn run(gpu: &Gpu, x: &DecodeInput, kv: KvType, split: usize, keys_per_warp: usize, iters: usize) -> Result<(Vec<f32>, f64)> {
+        if !keys_per_warp_fits(x.head_dim, keys_per_warp, kv) {
+            return Err(CudaError::Input(format!("{keys_per_warp} keys per warp do not suit heads of {} ({kv:?})", x.head_dim)));
+        }
         x.validate()?;
         let (h, d, g) = (x.n_heads, x.head_dim, x.offsets.len());
         let max_len = *x.lens.iter().max().unwrap_or(&1) as usize;
-        let launch = DecodeLaunch { n_kv: g, group: h / g, head_dim: d, split, n_splits: max_len.div_ceil(split), kv };
+        let launch = DecodeLaunch { n_kv: g, group: h / g, head_dim: d, split, n_splits: max_len.div_ceil(split), kv, keys_per_warp };
         // Each head shows exactly its own rows.
         let table: Vec<[i32; 4]> = x.offsets.iter().zip(&x.lens).map(|(&o, &l)| [o as i32, 0, l as i32, HeadEntry::FIXED]).collect();
         let heads = gpu.upload(&table.concat())?;
@@ -414,9 +426,11 @@ mod gpu {
                 let x = random_input(seed + i as u64, *h, *d, lens);
                 // The bf16 kernel is compared with the reference on the same rounded cache.
                 let want = reference(&if kv == KvType::Bf16 { rounded_to_bf16(&x) } else { x.clone() })?;
-                let got = decode_attention(gpu, &x, kv)?;
-                let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
-                out.push(Parity { case: format!("decode attention {kv:?}: {h} heads x {d}, KV lens {lens:?}"), max_abs_err: err, bound: 1e-4 });
+                for kpw in [4, 2, 1].into_iter().filter(|&k| keys_per_warp_fits(*d, k, kv)) {
+                    let got = decode_attention(gpu, &x, kv, kpw)?;
+                    let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
+                    out.push(Parity { case: format!("decode attention {kv:?}, {kpw} keys/warp: {h} heads x {d}, KV lens {lens:?}"), max_abs_err: err, bound: 1e-4 });
+                }
             }
         }
         Ok(out)

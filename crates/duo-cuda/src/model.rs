@@ -237,7 +237,10 @@ pub use gpu::*;
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use crate::decode_attention::{auto_split, KvType, MIN_SPLIT};
+    use crate::decode_attention::{auto_split, keys_per_warp_fits, KvType, MIN_SPLIT};
+
+    /// Keys a warp of the decode kernel reads at once, where the head size allows.
+    pub const DECODE_KEYS_PER_WARP: usize = 2;
     use crate::runtime::{driver, DecodeLaunch, Gpu};
     use crate::Parity;
     use cudarc::driver::{sys as drv, CudaGraph, CudaSlice};
@@ -511,7 +514,8 @@ mod gpu {
                     let lens: Vec<u32> = self.layout.retrieval[l].iter().map(|&r| if r { bucket as u32 } else { short.min(bucket as u32) }).collect();
                     let split = auto_split(&lens);
                     let max_len = *lens.iter().max().unwrap_or(&1) as usize;
-                    DecodeLaunch { n_kv: c.n_kv_heads, group: c.n_heads / c.n_kv_heads, head_dim: c.head_dim, split, n_splits: max_len.div_ceil(split), kv: KvType::Bf16 }
+                    let keys_per_warp = [DECODE_KEYS_PER_WARP, 4].into_iter().find(|&k| keys_per_warp_fits(c.head_dim, k, KvType::Bf16)).unwrap_or(4);
+                    DecodeLaunch { n_kv: c.n_kv_heads, group: c.n_heads / c.n_kv_heads, head_dim: c.head_dim, split, n_splits: max_len.div_ceil(split), kv: KvType::Bf16, keys_per_warp }
                 })
                 .collect()
         }

@@ -48,7 +48,7 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     blas: CudaBlas,
     ops: Arc<CudaModule>,
-    decode: Mutex<Vec<((usize, usize, KvType), DecodeKernels)>>,
+    decode: Mutex<Vec<((usize, usize, KvType, usize), DecodeKernels)>>,
     prefill: Mutex<Vec<(usize, CudaFunction)>>,
 }
 
@@ -211,18 +211,18 @@ impl Gpu {
         .map_err(driver)
     }
 
-    fn decode_kernels(&self, group: usize, head_dim: usize, kv: KvType) -> Result<DecodeKernels> {
+    fn decode_kernels(&self, group: usize, head_dim: usize, kv: KvType, kpw: usize) -> Result<DecodeKernels> {
         let mut cache = self.decode.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, k)) = cache.iter().find(|(key, _)| *key == (group, head_dim, kv)) {
+        if let Some((_, k)) = cache.iter().find(|(key, _)| *key == (group, head_dim, kv, kpw)) {
             return Ok(k.clone());
         }
-        let mut options = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", head_dim / 32)];
+        let mut options = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", head_dim / 32), format!("-DKPW={kpw}")];
         if kv == KvType::Bf16 {
             options.push("-DKV_BF16=1".into());
         }
         let m = self.ctx.load_module(compile(crate::decode_attention::SOURCE, "decode_attention", options)?).map_err(driver)?;
         let k = (m.load_function("duo_decode_partial").map_err(driver)?, m.load_function("duo_decode_merge").map_err(driver)?);
-        cache.push(((group, head_dim, kv), k.clone()));
+        cache.push(((group, head_dim, kv, kpw), k.clone()));
         Ok(k)
     }
 
@@ -230,10 +230,10 @@ impl Gpu {
     /// the merge into `out` (f32, or 0) and `out_bf16` (or 0).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(&self, a: &DecodeLaunch, q: u64, kc: u64, vc: u64, heads: u64, state: u64, parts: (u64, u64, u64), out: u64, out_bf16: u64) -> Result<()> {
-        if a.group * a.head_dim / 8 > 64 {
+        if ![1, 2, 4].contains(&a.keys_per_warp) || a.group * a.head_dim * a.keys_per_warp / 32 > 64 {
             return Err(CudaError::Input(format!("{} query heads per KV head of {} dims need too many registers", a.group, a.head_dim)));
         }
-        let (partial, merge) = self.decode_kernels(a.group, a.head_dim, a.kv)?;
+        let (partial, merge) = self.decode_kernels(a.group, a.head_dim, a.kv, a.keys_per_warp)?;
         let (split, ns, scale) = (a.split as i32, a.n_splits as i32, 1.0 / (a.head_dim as f32).sqrt());
         let (pm, pl, pa) = parts;
         launch!(self, partial, (a.n_kv as u32, a.n_splits as u32, 1), 128, &q, &kc, &vc, &heads, &state, &split, &ns, &scale, &pm, &pl, &pa)?;
@@ -294,6 +294,8 @@ pub struct DecodeLaunch {
     pub n_splits: usize,
     /// Cache element type.
     pub kv: KvType,
+    /// Keys a warp reads at once (1, 2 or 4): fewer keys, more lanes per key, fewer registers.
+    pub keys_per_warp: usize,
 }
 
 impl Gpu {
