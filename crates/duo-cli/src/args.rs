@@ -122,6 +122,10 @@ pub struct GenerateArgs {
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// cpu, or cuda (a binary built by scripts/build-cuda.sh): the model runs on the GPU
+    /// with bf16 weights and KV cache.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     #[command(flatten)]
     pub method: MethodArgs,
 }

@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// prefill, and only their decode is timed.
     #[arg(long, default_value_t = usize::MAX)]
     pub max_prefill: usize,
+    /// With --device cuda: rows of scripts/torch_baseline.py (its --out JSON) to show beside
+    /// duo's in the table and the curves.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
     #[command(flatten)]
     pub method: MethodArgs,
 }

@@ -117,6 +117,32 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             drop(seq);
         }
     }
+    let mut names = a.methods.clone();
+    if let Some(path) = &a.baseline {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let rows_json: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{} is not a JSON list of baseline rows", path.display()))?;
+        for r in rows_json {
+            let tokens = r["context"].as_u64().context("a baseline row without `context`")? as usize;
+            let engine = r["engine"].as_str().unwrap_or("baseline").to_string();
+            if let Some(e) = r["error"].as_str() {
+                eprintln!("{engine} {tokens:>8} tokens: {e}");
+                continue;
+            }
+            let kv_bytes = tokens * gc.n_layers * gc.n_kv_heads * gc.head_dim * 2 * 2;
+            rows.push(Row {
+                method: "pytorch".into(),
+                retrieval_heads: gc.n_layers * gc.n_kv_heads,
+                tokens,
+                prefill_s: r["prefill_s"].as_f64(),
+                decode_ms: r["decode_ms_per_token"].as_f64().context("a baseline row without `decode_ms_per_token`")?,
+                kv_bytes,
+                gpu_bytes: (r["device_used_gib"].as_f64().unwrap_or(0.0) * GIB) as usize,
+                floor_ms: (gc.weight_bytes() + kv_bytes) as f64 / bandwidth * 1000.0,
+                graph_steps: 0,
+            });
+        }
+        names.push("pytorch".into());
+    }
     let mut table = String::from("| method | retrieval KV heads | context | prefill s | decode ms/token | floor ms | over floor | KV GiB | GPU GiB in use |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         table.push_str(&format!(
@@ -156,7 +182,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         std::fs::write(dir.join("bench.csv"), &csv)?;
         std::fs::write(dir.join("bench.md"), format!("{shape} (random bf16 weights); {card}; copy bandwidth {:.0} GB/s\n\n{table}", bandwidth / 1e9))?;
         let curve = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<crate::plot::Series> {
-            a.methods
+            names
                 .iter()
                 .map(|m| crate::plot::Series { name: m.clone(), points: rows.iter().filter(|r| &r.method == m).filter_map(|r| Some((r.tokens as f64, f(r)?))).collect() })
                 .collect()

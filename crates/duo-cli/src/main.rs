@@ -8,6 +8,8 @@ mod args;
 mod bench;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod eval;
 mod identify;
 mod plot;
@@ -54,6 +56,10 @@ enum Command {
         /// Seed of the random inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Also run this checkpoint (path, hf:..., or `default`) on the GPU and on the CPU
+        /// (full attention and its shipped duo pattern) and compare logits and greedy tokens.
+        #[arg(long)]
+        model: Option<String>,
     },
 }
 
@@ -71,7 +77,7 @@ fn main() {
         Command::Demo(a) => eval::demo(a),
         Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
         Command::Serve(a) => serve::run(a),
-        Command::CudaCheck { seed } => cuda_check(seed),
+        Command::CudaCheck { seed, model } => cuda_check(seed, model),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -79,11 +85,14 @@ fn main() {
     }
 }
 
-fn cuda_check(seed: u64) -> Result<()> {
+fn cuda_check(seed: u64, model: Option<String>) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
         let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(0)?);
         println!("{}", gpu.name());
+        if let Some(m) = model {
+            return checkpoint_check(&gpu, &m);
+        }
         let results = duo_cuda::check(&gpu, seed)?;
         let mut failed = 0;
         for r in &results {
@@ -120,9 +129,62 @@ fn cuda_check(seed: u64) -> Result<()> {
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = seed;
+        let _ = (seed, model);
         bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh")
     }
+}
+
+/// A real checkpoint on the GPU against the CPU engine: a ~1,000-token prompt (longer than
+/// the streaming window) prefilled in chunks, then 16 greedy tokens each way, for full
+/// attention and for the model's shipped duo pattern.
+#[cfg(feature = "cuda")]
+fn checkpoint_check(gpu: &std::sync::Arc<duo_cuda::Gpu>, model: &str) -> Result<()> {
+    use duo_cuda::model::{GpuConfig, GpuSequence, GpuWeights};
+    let source = if model == "default" { duo_model::ModelSource::Default } else { model.parse()? };
+    let loaded = LoadedModel::load(&source).context("loading the model")?;
+    let c = loaded.model.config().clone();
+    let text = "The quick brown fox jumps over the lazy dog while the river keeps flowing to the sea. ".repeat(50) + "What does the fox do?";
+    let ids = loaded.tokenizer.encode(&text, true)?;
+    let weights = std::sync::Arc::new(GpuWeights::from_host(gpu, GpuConfig::from_model(&c), &gpu::host_weights(&loaded.model)?)?);
+    let mut specs = vec![("full", duo_engine::MethodSpec { chunk: 256, ..Default::default() })];
+    if let Some((head, _)) = eval::shipped_patterns() {
+        specs.push(("duo (shipped pattern)", duo_engine::MethodSpec { method: duo_engine::Method::Duo, pattern: Some(head), chunk: 256, ..Default::default() }));
+    }
+    let mut failed = 0;
+    for (name, spec) in specs {
+        let method = spec.resolve(&c)?;
+        let mut kv = method.new_cache();
+        let cpu_logits = loaded.model.prefill(&ids, &mut kv, method.chunk, |_| {})?;
+        let mut seq = GpuSequence::new(gpu.clone(), weights.clone(), gpu::layout(&method, c.n_layers, ids.len() + 20)?)?;
+        seq.prefill(&ids, |_| {})?;
+        let gpu_logits = seq.logits()?;
+        let top = cpu_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = cpu_logits.iter().zip(&gpu_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) / top;
+        let (mut cpu_tok, mut gpu_tok) = (duo_engine::sampler::argmax(&cpu_logits), seq.next_token()?);
+        let (mut cpu_out, mut gpu_out) = (vec![cpu_tok], vec![gpu_tok]);
+        for _ in 0..15 {
+            cpu_tok = duo_engine::sampler::argmax(&loaded.model.forward(&[cpu_tok], &mut kv, duo_model::Logits::Last)?);
+            gpu_tok = seq.decode(Some(gpu_tok))?;
+            cpu_out.push(cpu_tok);
+            gpu_out.push(gpu_tok);
+        }
+        let agree = cpu_out.iter().zip(&gpu_out).take_while(|(a, b)| a == b).count();
+        // The CPU multiplies Q4_1 weights by 8-bit quantised activations; the GPU bf16
+        // weights (dequantised) by bf16 activations: the two differ by quantisation noise.
+        let ok = err < 0.05 && agree >= 8;
+        failed += usize::from(!ok);
+        println!(
+            "{} checkpoint {name:<22} {} prompt tokens: max |gpu - cpu| / max |logit| = {err:.3e} (bound 5e-2); greedy tokens agree for {agree} of 16 (need 8); {} decode steps from the graph",
+            if ok { "ok  " } else { "FAIL" },
+            ids.len(),
+            seq.graph_steps
+        );
+        println!("     cpu: {:?}\n     gpu: {:?}", loaded.tokenizer.decode(&cpu_out)?, loaded.tokenizer.decode(&gpu_out)?);
+    }
+    if failed > 0 {
+        bail!("{failed} checkpoint comparisons failed");
+    }
+    Ok(())
 }
 
 fn load(method: &MethodArgs) -> Result<(LoadedModel, duo_engine::ResolvedMethod)> {
@@ -156,6 +218,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
         stop: a.stop.clone(),
     };
     params.validate()?;
+    match a.device.as_str() {
+        "cpu" => {}
+        "cuda" if cfg!(feature = "cuda") => {}
+        "cuda" => bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh"),
+        other => bail!("unknown --device `{other}` (expected cpu or cuda)"),
+    }
     let prompt = read_prompt(&a)?;
     let (model, method) = load(&a.method)?;
     let ids = if a.chat {
@@ -169,6 +237,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         model.tokenizer.encode(&prompt, true)?
     };
+    #[cfg(feature = "cuda")]
+    if a.device == "cuda" {
+        return gpu::generate(&a, &params, &ids, &model, &method);
+    }
     let runner = Runner::new(&model, method);
     let stdout = std::io::stdout();
     let gen = runner.generate(&ids, &params, |piece| {

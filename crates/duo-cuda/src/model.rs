@@ -156,6 +156,71 @@ impl CacheLayout {
     }
 }
 
+/// A checkpoint's weights in `f32` on the host, row-major `[out, in]`, as the GPU loads them
+/// (rounded to bf16 on upload).
+#[derive(Debug, Clone, Default)]
+pub struct HostWeights {
+    /// Token embeddings, `[vocab, hidden]`.
+    pub embed: Vec<f32>,
+    /// The blocks.
+    pub layers: Vec<HostLayer>,
+    /// Final RMSNorm weight, `[hidden]`.
+    pub norm: Vec<f32>,
+    /// LM head `[vocab, hidden]`; `None` when tied to the embeddings.
+    pub lm_head: Option<Vec<f32>>,
+}
+
+/// One block's weights.
+#[derive(Debug, Clone, Default)]
+pub struct HostLayer {
+    /// RMSNorm before attention.
+    pub attn_norm: Vec<f32>,
+    /// Query, key and value projections stacked: `[(heads + 2 kv) * head_dim, hidden]`.
+    pub qkv: Vec<f32>,
+    /// Output projection `[hidden, heads * head_dim]`.
+    pub o: Vec<f32>,
+    /// RMSNorm before the MLP.
+    pub ffn_norm: Vec<f32>,
+    /// Gate and up projections stacked: `[2 * ffn, hidden]`.
+    pub gate_up: Vec<f32>,
+    /// Down projection `[hidden, ffn]`.
+    pub down: Vec<f32>,
+}
+
+impl HostWeights {
+    /// Checks every size against the shape.
+    pub fn validate(&self, c: &GpuConfig) -> Result<()> {
+        let (h, f, qd) = (c.hidden, c.ffn, c.n_heads * c.head_dim);
+        let bad = |what: &str, got: usize, want: usize| Err(CudaError::Input(format!("{what} has {got} values, the shape needs {want}")));
+        if self.embed.len() != c.vocab * h {
+            return bad("the embedding table", self.embed.len(), c.vocab * h);
+        }
+        if self.layers.len() != c.n_layers || self.norm.len() != h {
+            return bad("the layer list", self.layers.len(), c.n_layers);
+        }
+        if let Some(head) = &self.lm_head {
+            if head.len() != c.vocab * h {
+                return bad("the LM head", head.len(), c.vocab * h);
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            for (what, got, want) in [
+                ("attn_norm", l.attn_norm.len(), h),
+                ("qkv", l.qkv.len(), c.qkv_dim() * h),
+                ("o", l.o.len(), h * qd),
+                ("ffn_norm", l.ffn_norm.len(), h),
+                ("gate_up", l.gate_up.len(), 2 * f * h),
+                ("down", l.down.len(), h * f),
+            ] {
+                if got != want {
+                    return bad(&format!("layer {i} {what}"), got, want);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Seeds of the random weights: one per tensor.
 fn tensor_seed(seed: u64, layer: usize, k: u64) -> u64 {
     seed.wrapping_mul(1_000_003).wrapping_add(layer as u64 * 16 + k)
@@ -262,7 +327,10 @@ mod gpu {
         seed: u64,
         layers: Vec<LayerWeights>,
         norm: CudaSlice<f32>,
-        lm_head: CudaSlice<u16>,
+        /// The embedding table; `None` for random weights (rows generated from the token id).
+        embed: Option<CudaSlice<u16>>,
+        /// `None` when tied to `embed`.
+        lm_head: Option<CudaSlice<u16>>,
         inv_freq: CudaSlice<f32>,
     }
 
@@ -294,7 +362,30 @@ mod gpu {
             let lm_head = random(c.vocab * h, tensor_seed(seed, 0, LM_HEAD), h)?;
             let inv_freq = gpu.upload(&c.inv_freq)?;
             gpu.sync()?;
-            Ok(Self { config, seed, layers, norm: ones, lm_head, inv_freq })
+            Ok(Self { config, seed, layers, norm: ones, embed: None, lm_head: Some(lm_head), inv_freq })
+        }
+
+        /// A checkpoint's weights, rounded to bf16 (norms stay `f32`).
+        pub fn from_host(gpu: &Gpu, config: GpuConfig, w: &HostWeights) -> Result<Self> {
+            config.validate()?;
+            w.validate(&config)?;
+            let bf = |v: &[f32]| -> Result<CudaSlice<u16>> { gpu.upload(&v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<u16>>()) };
+            let layers = w
+                .layers
+                .iter()
+                .map(|l| {
+                    Ok(LayerWeights { attn_norm: gpu.upload(&l.attn_norm)?, qkv: bf(&l.qkv)?, o: bf(&l.o)?, ffn_norm: gpu.upload(&l.ffn_norm)?, gate_up: bf(&l.gate_up)?, down: bf(&l.down)? })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let embed = Some(bf(&w.embed)?);
+            let lm_head = w.lm_head.as_deref().map(bf).transpose()?;
+            let (norm, inv_freq) = (gpu.upload(&w.norm)?, gpu.upload(&config.inv_freq)?);
+            gpu.sync()?;
+            Ok(Self { config, seed: 0, layers, norm, embed, lm_head, inv_freq })
+        }
+
+        fn lm_head(&self) -> &CudaSlice<u16> {
+            self.lm_head.as_ref().or(self.embed.as_ref()).expect("random weights have an LM head; checkpoints an embedding table")
         }
     }
 
@@ -436,7 +527,7 @@ mod gpu {
             let a = |s: &CudaSlice<f32>| g.addr(s);
             let a16 = |s: &CudaSlice<u16>| g.addr(s);
             let seed = tensor_seed(self.w.seed, 0, EMBED);
-            g.embed(tokens, 0, seed, 1.0, a(&b.x), h, t)?;
+            g.embed(tokens, self.w.embed.as_ref().map_or(0, |e| a16(e)), seed, 1.0, a(&b.x), h, t)?;
             for (l, (lw, lc)) in self.w.layers.iter().zip(&self.caches).enumerate() {
                 g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), t, h, c.eps)?;
                 g.gemm(a16(&b.xn), a16(&lw.qkv), a(&b.qkv), t, h, kvd, 0.0)?;
@@ -457,7 +548,7 @@ mod gpu {
             }
             let last = a(&b.x) + ((t - 1) * h * 4) as u64;
             g.rms_norm(last, a(&self.w.norm), a16(&b.xn), 1, h, c.eps)?;
-            g.gemm(a16(&b.xn), a16(&self.w.lm_head), a(&b.logits), 1, h, c.vocab, 0.0)?;
+            g.gemm(a16(&b.xn), a16(self.w.lm_head()), a(&b.logits), 1, h, c.vocab, 0.0)?;
             g.argmax(a(&b.logits), c.vocab, g.addr(&b.next))
         }
 

@@ -155,7 +155,7 @@ pub fn reference(x: &PrefillInput) -> Result<Vec<f32>> {
 /// The CUDA source. `HEAD_DIM` is given to NVRTC per model.
 pub const SOURCE: &str = r#"
 typedef unsigned short bf16_t;
-#define BQ 64
+#define BQ 128
 #define BK 64
 #define KPAD (HEAD_DIM + 8)
 #define VPAD (BK + 8)
@@ -195,11 +195,12 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
 
-// Shared memory: two stages of K and V tiles, rows padded to KPAD (conflict-free ldmatrix).
+// Shared memory: the block's queries (bf16, pre-scaled), then two stages of K and V tiles;
+// rows padded to KPAD so that ldmatrix reads are free of bank conflicts.
 #define STAGE_ELEMS (BK * KPAD)
-#define SMEM_BYTES (4 * STAGE_ELEMS * 2)
+#define Q_ELEMS (BQ * KPAD)
 
-extern "C" __global__ void __launch_bounds__(128) duo_prefill_attention(
+extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
     const float* __restrict__ q, const bf16_t* __restrict__ keys, const bf16_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ state, int T, int n_heads, int group,
     float scale_log2, bf16_t* __restrict__ out)
@@ -211,28 +212,33 @@ extern "C" __global__ void __launch_bounds__(128) duo_prefill_attention(
     const int n = p0 + T;
     const int rows = e.w == 0 ? n : min(n, e.y) + (n > e.y ? n - win : 0);
     const int q_lo = p0 + qt * BQ, q_hi = min(n, q_lo + BQ) - 1;
-    const int ra = qt * BQ + warp * 16 + gr, rb = ra + 8;   // chunk rows of this lane's two queries
-    const int pa = p0 + ra, pb = p0 + rb;
+    // This lane's four query rows (chunk rows): m-tile mt, half hf -> warp*32 + mt*16 + hf*8 + gr.
+    const int row0 = qt * BQ + warp * 32 + gr;
     const size_t qs = (size_t)n_heads * HEAD_DIM;
 
-    unsigned qf[HEAD_DIM / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
-        const int c0 = kk * 16 + 2 * tq, c1 = c0 + 8;
-        const float* qa = q + (size_t)ra * qs + h * HEAD_DIM;
-        const float* qb = q + (size_t)rb * qs + h * HEAD_DIM;
-        const bool va = ra < T, vb = rb < T;
-        qf[kk][0] = va ? pack(qa[c0] * scale_log2, qa[c0 + 1] * scale_log2) : 0u;
-        qf[kk][1] = vb ? pack(qb[c0] * scale_log2, qb[c0 + 1] * scale_log2) : 0u;
-        qf[kk][2] = va ? pack(qa[c1] * scale_log2, qa[c1 + 1] * scale_log2) : 0u;
-        qf[kk][3] = vb ? pack(qb[c1] * scale_log2, qb[c1 + 1] * scale_log2) : 0u;
-    }
-    float o[HEAD_DIM / 8][4];
-#pragma unroll
-    for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][0] = 0.f; o[i][1] = 0.f; o[i][2] = 0.f; o[i][3] = 0.f; }
-    float ma = NEG_INF, mb = NEG_INF, la = 0.f, lb = 0.f;
-
     extern __shared__ __align__(16) bf16_t smem[];
+    bf16_t* qsm = smem;
+    // Queries to shared memory as bf16, scaled for exp2.
+    for (int i = threadIdx.x; i < BQ * HEAD_DIM / 2; i += blockDim.x) {
+        const int r = i / (HEAD_DIM / 2), c = (i % (HEAD_DIM / 2)) * 2;
+        const int qr = qt * BQ + r;
+        unsigned v = 0u;
+        if (qr < T) {
+            const float2 x = *reinterpret_cast<const float2*>(q + (size_t)qr * qs + h * HEAD_DIM + c);
+            v = pack(x.x * scale_log2, x.y * scale_log2);
+        }
+        *reinterpret_cast<unsigned*>(qsm + r * KPAD + c) = v;
+    }
+
+    float o[2][HEAD_DIM / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int i = 0; i < HEAD_DIM / 8; i++) { o[mt][i][0] = 0.f; o[mt][i][1] = 0.f; o[mt][i][2] = 0.f; o[mt][i][3] = 0.f; }
+    float m[4], l[4];  // per row: mt * 2 + hf
+#pragma unroll
+    for (int x = 0; x < 4; x++) { m[x] = NEG_INF; l[x] = 0.f; }
+
     const bf16_t* kbase = keys + (size_t)e.x * HEAD_DIM;
     const bf16_t* vbase = values + (size_t)e.x * HEAD_DIM;
 
@@ -247,8 +253,8 @@ extern "C" __global__ void __launch_bounds__(128) duo_prefill_attention(
         return rows;
     };
     auto load_tile = [&](int r0, int stage) {
-        bf16_t* ks = smem + stage * STAGE_ELEMS;
-        bf16_t* vs = smem + (2 + stage) * STAGE_ELEMS;
+        bf16_t* ks = smem + Q_ELEMS + stage * STAGE_ELEMS;
+        bf16_t* vs = smem + Q_ELEMS + (2 + stage) * STAGE_ELEMS;
         for (int i = threadIdx.x; i < BK * HEAD_DIM / 8; i += blockDim.x) {
             const int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
             const bool live = r0 + r < rows;
@@ -267,69 +273,96 @@ extern "C" __global__ void __launch_bounds__(128) duo_prefill_attention(
         cp_async_commit();
         cp_async_wait_1();
         __syncthreads();
-        const bf16_t* ks = smem + stage * STAGE_ELEMS;
-        const bf16_t* vs = smem + (2 + stage) * STAGE_ELEMS;
+        const bf16_t* ks = smem + Q_ELEMS + stage * STAGE_ELEMS;
+        const bf16_t* vs = smem + Q_ELEMS + (2 + stage) * STAGE_ELEMS;
         const int r0 = cur, r1 = min(rows, r0 + BK) - 1;
         const int kp_lo = row_pos(e, r0, win), kp_hi = row_pos(e, r1, win);
 
-        float s[BK / 8][4];
+        float s[2][BK / 8][4];
 #pragma unroll
-        for (int j = 0; j < BK / 8; j++) { s[j][0] = 0.f; s[j][1] = 0.f; s[j][2] = 0.f; s[j][3] = 0.f; }
+        for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-        for (int j = 0; j < BK / 8; j++) {
+            for (int j = 0; j < BK / 8; j++) { s[mt][j][0] = 0.f; s[mt][j][1] = 0.f; s[mt][j][2] = 0.f; s[mt][j][3] = 0.f; }
 #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 16; kk += 2) {
-                // Keys 8j..8j+7; dims 16kk.. (b0, b1) and 16(kk+1).. (b0, b1).
+        for (int kk = 0; kk < HEAD_DIM / 16; kk += 2) {
+            // A fragments of both m-tiles for dims 16kk.. and 16(kk+1)..
+            unsigned a[2][2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int d2 = 0; d2 < 2; d2++)
+                    ldmatrix_x4(a[mt][d2], qsm + (warp * 32 + mt * 16 + (lane & 15)) * KPAD + (kk + d2) * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int j = 0; j < BK / 8; j++) {
                 unsigned b[4];
                 ldmatrix_x4(b, ks + (8 * j + (lane & 7)) * KPAD + kk * 16 + (lane >> 3) * 8);
-                mma(s[j], qf[kk], b[0], b[1]);
-                mma(s[j], qf[kk + 1], b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma(s[mt][j], a[mt][0], b[0], b[1]);
+                    mma(s[mt][j], a[mt][1], b[2], b[3]);
+                }
             }
         }
         const bool full = r0 + BK <= rows && kp_hi <= q_lo && (e.w == 0 || r1 < e.y || q_hi - kp_lo < e.z);
         if (!full) {
 #pragma unroll
-            for (int j = 0; j < BK / 8; j++) {
+            for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-                for (int x = 0; x < 4; x++) {
-                    const int r = r0 + 8 * j + 2 * tq + (x & 1);
-                    const int qp = x < 2 ? pa : pb;
-                    const int kp = row_pos(e, r, win);
-                    const bool vis = r < rows && kp <= qp && (e.w == 0 || kp < e.y || qp - kp < e.z);
-                    if (!vis) s[j][x] = NEG_INF;
+                for (int j = 0; j < BK / 8; j++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++) {
+                        const int r = r0 + 8 * j + 2 * tq + (x & 1);
+                        const int qp = p0 + row0 + mt * 16 + (x >> 1) * 8;
+                        const int kp = row_pos(e, r, win);
+                        const bool vis = r < rows && kp <= qp && (e.w == 0 || kp < e.y || qp - kp < e.z);
+                        if (!vis) s[mt][j][x] = NEG_INF;
+                    }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int x = mt * 2 + hf;
+                float mx = NEG_INF;
+#pragma unroll
+                for (int j = 0; j < BK / 8; j++) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hf], s[mt][j][2 * hf + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                const float nm = fmaxf(m[x], mx);
+                const float c = nm == NEG_INF ? 1.f : exp2f(m[x] - nm);
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < BK / 8; j++) {
+                    s[mt][j][2 * hf] = nm == NEG_INF ? 0.f : exp2f(s[mt][j][2 * hf] - nm);
+                    s[mt][j][2 * hf + 1] = nm == NEG_INF ? 0.f : exp2f(s[mt][j][2 * hf + 1] - nm);
+                    sum += s[mt][j][2 * hf] + s[mt][j][2 * hf + 1];
                 }
+                l[x] = l[x] * c + sum;
+                m[x] = nm;
+#pragma unroll
+                for (int i = 0; i < HEAD_DIM / 8; i++) { o[mt][i][2 * hf] *= c; o[mt][i][2 * hf + 1] *= c; }
             }
         }
-        float xa = NEG_INF, xb = NEG_INF;
-#pragma unroll
-        for (int j = 0; j < BK / 8; j++) { xa = fmaxf(xa, fmaxf(s[j][0], s[j][1])); xb = fmaxf(xb, fmaxf(s[j][2], s[j][3])); }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) { xa = fmaxf(xa, __shfl_xor_sync(0xffffffff, xa, off)); xb = fmaxf(xb, __shfl_xor_sync(0xffffffff, xb, off)); }
-        const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
-        const float ca = na == NEG_INF ? 1.f : exp2f(ma - na), cb = nb == NEG_INF ? 1.f : exp2f(mb - nb);
-        float sa = 0.f, sb = 0.f;
-#pragma unroll
-        for (int j = 0; j < BK / 8; j++) {
-            s[j][0] = na == NEG_INF ? 0.f : exp2f(s[j][0] - na);
-            s[j][1] = na == NEG_INF ? 0.f : exp2f(s[j][1] - na);
-            s[j][2] = nb == NEG_INF ? 0.f : exp2f(s[j][2] - nb);
-            s[j][3] = nb == NEG_INF ? 0.f : exp2f(s[j][3] - nb);
-            sa += s[j][0] + s[j][1]; sb += s[j][2] + s[j][3];
-        }
-        la = la * ca + sa; lb = lb * cb + sb; ma = na; mb = nb;
-#pragma unroll
-        for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][0] *= ca; o[i][1] *= ca; o[i][2] *= cb; o[i][3] *= cb; }
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
-            const unsigned a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
-                                   pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned pa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                pa[mt][0] = pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int i = 0; i < HEAD_DIM / 8; i += 2) {
                 // Keys 16kk..16kk+15 (rows), dims 8i.. and 8(i+1).. (columns), transposed.
                 unsigned b[4];
                 ldmatrix_x4_trans(b, vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * KPAD + (i + (lane >> 4)) * 8);
-                mma(o[i], a, b[0], b[1]);
-                mma(o[i + 1], a, b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma(o[mt][i], pa[mt], b[0], b[1]);
+                    mma(o[mt][i + 1], pa[mt], b[2], b[3]);
+                }
             }
         }
         __syncthreads();  // the next iteration loads into this stage
@@ -337,13 +370,21 @@ extern "C" __global__ void __launch_bounds__(128) duo_prefill_attention(
         cur = nxt;
     }
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1) { la += __shfl_xor_sync(0xffffffff, la, off); lb += __shfl_xor_sync(0xffffffff, lb, off); }
-    const float ia = la > 0.f ? 1.f / la : 0.f, ib = lb > 0.f ? 1.f / lb : 0.f;
+    for (int mt = 0; mt < 2; mt++) {
 #pragma unroll
-    for (int i = 0; i < HEAD_DIM / 8; i++) {
-        const int c = 8 * i + 2 * tq;
-        if (ra < T) *reinterpret_cast<unsigned*>(out + (size_t)ra * qs + h * HEAD_DIM + c) = pack(o[i][0] * ia, o[i][1] * ia);
-        if (rb < T) *reinterpret_cast<unsigned*>(out + (size_t)rb * qs + h * HEAD_DIM + c) = pack(o[i][2] * ib, o[i][3] * ib);
+        for (int hf = 0; hf < 2; hf++) {
+            const int x = mt * 2 + hf;
+            float sum = l[x];
+            sum += __shfl_xor_sync(0xffffffff, sum, 1);
+            sum += __shfl_xor_sync(0xffffffff, sum, 2);
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            const int r = row0 + mt * 16 + hf * 8;
+            if (r < T) {
+#pragma unroll
+                for (int i = 0; i < HEAD_DIM / 8; i++)
+                    *reinterpret_cast<unsigned*>(out + (size_t)r * qs + h * HEAD_DIM + 8 * i + 2 * tq) = pack(o[mt][i][2 * hf] * inv, o[mt][i][2 * hf + 1] * inv);
+            }
+        }
     }
 }
 "#;

@@ -270,13 +270,14 @@ impl Gpu {
         let (tt, h, g) = (t as i32, n_heads as i32, group as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (head_dim as f32).sqrt();
         let smem = prefill_smem_bytes(head_dim) as u32;
-        launch!(smem smem; self, f, (t.div_ceil(64) as u32, n_heads as u32, 1), 128, &q, &kc, &vc, &heads, &state, &tt, &h, &g, &scale_log2, &out)
+        launch!(smem smem; self, f, (t.div_ceil(128) as u32, n_heads as u32, 1), 128, &q, &kc, &vc, &heads, &state, &tt, &h, &g, &scale_log2, &out)
     }
 }
 
-/// Dynamic shared memory of the prefill kernel: two stages of 64-row K and V tiles.
+/// Dynamic shared memory of the prefill kernel: 128 queries and two stages of 64-row K and V
+/// tiles, rows padded by 8 elements.
 fn prefill_smem_bytes(head_dim: usize) -> usize {
-    4 * 64 * (head_dim + 8) * 2
+    (128 + 4 * 64) * (head_dim + 8) * 2
 }
 
 /// The shape of one layer's decode-attention launch.
