@@ -166,7 +166,18 @@ __device__ __forceinline__ unsigned short to_bf(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
 }
-__device__ __forceinline__ unsigned pack(float lo, float hi) { return (unsigned)to_bf(lo) | ((unsigned)to_bf(hi) << 16); }
+// Two f32 to a bf16 pair (round to nearest even, as to_bf) in one instruction.
+__device__ __forceinline__ unsigned pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// 2^x on the special-function unit (inputs here are <= 0; -inf gives 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
 
 __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -284,22 +295,21 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
 #pragma unroll
             for (int j = 0; j < BK / 8; j++) { s[mt][j][0] = 0.f; s[mt][j][1] = 0.f; s[mt][j][2] = 0.f; s[mt][j][3] = 0.f; }
 #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; kk += 2) {
-            // A fragments of both m-tiles for dims 16kk.. and 16(kk+1)..
-            unsigned a[2][2][4];
+        for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
+            // A fragments of both m-tiles for dims 16kk..16kk+15.
+            unsigned a[2][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
+                ldmatrix_x4(a[mt], qsm + (warp * 32 + mt * 16 + (lane & 15)) * KPAD + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
-                for (int d2 = 0; d2 < 2; d2++)
-                    ldmatrix_x4(a[mt][d2], qsm + (warp * 32 + mt * 16 + (lane & 15)) * KPAD + (kk + d2) * 16 + (lane >> 4) * 8);
-#pragma unroll
-            for (int j = 0; j < BK / 8; j++) {
+            for (int jp = 0; jp < BK / 16; jp++) {
+                // Keys 16jp..16jp+7 (b0, b1) and 16jp+8..16jp+15 (b2, b3), dims 16kk..
                 unsigned b[4];
-                ldmatrix_x4(b, ks + (8 * j + (lane & 7)) * KPAD + kk * 16 + (lane >> 3) * 8);
+                ldmatrix_x4(b, ks + (16 * jp + (lane & 7) + ((lane >> 4) & 1) * 8) * KPAD + kk * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++) {
-                    mma(s[mt][j], a[mt][0], b[0], b[1]);
-                    mma(s[mt][j], a[mt][1], b[2], b[3]);
+                    mma(s[mt][2 * jp], a[mt], b[0], b[1]);
+                    mma(s[mt][2 * jp + 1], a[mt], b[2], b[3]);
                 }
             }
         }
@@ -329,12 +339,15 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
                 const float nm = fmaxf(m[x], mx);
-                const float c = nm == NEG_INF ? 1.f : exp2f(m[x] - nm);
+                // A row that has seen no key yet subtracts 0: exp2(-inf) = 0 everywhere, and
+                // its output and sum are still zero, so scaling them by 0 changes nothing.
+                const float base = nm == NEG_INF ? 0.f : nm;
+                const float c = fast_exp2(m[x] - base);
                 float sum = 0.f;
 #pragma unroll
                 for (int j = 0; j < BK / 8; j++) {
-                    s[mt][j][2 * hf] = nm == NEG_INF ? 0.f : exp2f(s[mt][j][2 * hf] - nm);
-                    s[mt][j][2 * hf + 1] = nm == NEG_INF ? 0.f : exp2f(s[mt][j][2 * hf + 1] - nm);
+                    s[mt][j][2 * hf] = fast_exp2(s[mt][j][2 * hf] - base);
+                    s[mt][j][2 * hf + 1] = fast_exp2(s[mt][j][2 * hf + 1] - base);
                     sum += s[mt][j][2 * hf] + s[mt][j][2 * hf + 1];
                 }
                 l[x] = l[x] * c + sum;
