@@ -86,10 +86,7 @@ pub(crate) fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.device.as_str() {
         "cpu" => {}
-        #[cfg(feature = "cuda")]
         "cuda" => return crate::bench_cuda::run(&a),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => anyhow::bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh"),
         other => anyhow::bail!("unknown --device `{other}` (expected cpu or cuda)"),
     }
     let mut base = a.method.clone();

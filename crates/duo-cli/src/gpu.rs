@@ -44,7 +44,7 @@ pub fn layout(method: &ResolvedMethod, layers: usize, max_tokens: usize) -> Resu
 }
 
 /// Generates on the GPU and prints as `duo generate` does.
-pub fn generate(a: &GenerateArgs, params: &SamplingParams, ids: &[u32], model: &LoadedModel, method: &ResolvedMethod) -> Result<()> {
+pub fn generate(gpu: Arc<Gpu>, a: &GenerateArgs, params: &SamplingParams, ids: &[u32], model: &LoadedModel, method: &ResolvedMethod) -> Result<()> {
     let c = model.model.config();
     if ids.is_empty() {
         bail!("the prompt is empty");
@@ -53,7 +53,6 @@ pub fn generate(a: &GenerateArgs, params: &SamplingParams, ids: &[u32], model: &
         bail!("{} prompt tokens + {} max_tokens exceed the model's context of {} tokens", ids.len(), params.max_tokens, c.context_length);
     }
     let layout = layout(method, c.n_layers, ids.len() + params.max_tokens + 1)?;
-    let gpu = Arc::new(Gpu::new(0)?);
     let weights = Arc::new(GpuWeights::from_host(&gpu, GpuConfig::from_model(c), &host_weights(&model.model)?)?);
     let mut seq = GpuSequence::new(gpu.clone(), weights, layout)?;
     let t0 = Instant::now();

@@ -6,9 +6,7 @@
 
 mod args;
 mod bench;
-#[cfg(feature = "cuda")]
 mod bench_cuda;
-#[cfg(feature = "cuda")]
 mod gpu;
 mod eval;
 mod identify;
@@ -86,58 +84,49 @@ fn main() {
 }
 
 fn cuda_check(seed: u64, model: Option<String>) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
-        let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(0)?);
-        println!("{}", gpu.name());
-        if let Some(m) = model {
-            return checkpoint_check(&gpu, &m);
-        }
-        let results = duo_cuda::check(&gpu, seed)?;
-        let mut failed = 0;
-        for r in &results {
-            println!("{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})", if r.ok() { "ok  " } else { "FAIL" }, r.case, r.max_abs_err, r.bound);
-            failed += usize::from(!r.ok());
-        }
-        if failed > 0 {
-            bail!("{failed} of {} kernel parity checks failed", results.len());
-        }
-        // One layer of Llama-3-8B (32 query / 8 KV heads of 128) at 128K tokens: every KV
-        // head retrieval, or half of them streaming (384 tokens), in one fused launch.
-        let full = vec![131_072u32; 8];
-        let duo: Vec<u32> = (0..8).map(|g| if g < 4 { 131_072 } else { 384 }).collect();
-        use duo_cuda::decode_attention::KvType;
-        for (name, lens) in [("full", full), ("duo 0.5", duo)] {
-            let x = duo_cuda::decode_attention::random_input(seed, 32, 128, &lens);
-            for (kv, split, kpw) in [(KvType::F32, None, 4), (KvType::Bf16, None, 4), (KvType::Bf16, None, 2), (KvType::Bf16, Some(1024), 2)] {
-                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, &x, kv, split, kpw, 50)?;
-                let split = split.map_or_else(|| format!("auto ({})", duo_cuda::decode_attention::auto_split(&lens)), |s| s.to_string());
-                println!(
-                    "time decode attention, Llama-3-8B layer at 128K, {name:<8} {kv:?} KV, {kpw} keys/warp, split {split:>11}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
-                    bytes as f64 / 1e6,
-                    bytes as f64 / ms / 1e6
-                );
-            }
-        }
-        for (name, kinds) in [("full", [true; 8]), ("duo 0.5", [true, true, true, true, false, false, false, false])] {
-            for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
-                let (ms, flops) = duo_cuda::time_prefill_attention(&gpu, &kinds, t, first, 3)?;
-                println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}: {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);
-            }
-        }
-        Ok(())
+    let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(0)?);
+    println!("{}", gpu.name());
+    if let Some(m) = model {
+        return checkpoint_check(&gpu, &m);
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (seed, model);
-        bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh")
+    let results = duo_cuda::check(&gpu, seed)?;
+    let mut failed = 0;
+    for r in &results {
+        println!("{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})", if r.ok() { "ok  " } else { "FAIL" }, r.case, r.max_abs_err, r.bound);
+        failed += usize::from(!r.ok());
     }
+    if failed > 0 {
+        bail!("{failed} of {} kernel parity checks failed", results.len());
+    }
+    // One layer of Llama-3-8B (32 query / 8 KV heads of 128) at 128K tokens: every KV
+    // head retrieval, or half of them streaming (384 tokens), in one fused launch.
+    let full = vec![131_072u32; 8];
+    let duo: Vec<u32> = (0..8).map(|g| if g < 4 { 131_072 } else { 384 }).collect();
+    use duo_cuda::decode_attention::KvType;
+    for (name, lens) in [("full", full), ("duo 0.5", duo)] {
+        let x = duo_cuda::decode_attention::random_input(seed, 32, 128, &lens);
+        for (kv, split, kpw) in [(KvType::F32, None, 4), (KvType::Bf16, None, 4), (KvType::Bf16, None, 2), (KvType::Bf16, Some(1024), 2)] {
+            let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, &x, kv, split, kpw, 50)?;
+            let split = split.map_or_else(|| format!("auto ({})", duo_cuda::decode_attention::auto_split(&lens)), |s| s.to_string());
+            println!(
+                "time decode attention, Llama-3-8B layer at 128K, {name:<8} {kv:?} KV, {kpw} keys/warp, split {split:>11}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
+                bytes as f64 / 1e6,
+                bytes as f64 / ms / 1e6
+            );
+        }
+    }
+    for (name, kinds) in [("full", [true; 8]), ("duo 0.5", [true, true, true, true, false, false, false, false])] {
+        for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
+            let (ms, flops) = duo_cuda::time_prefill_attention(&gpu, &kinds, t, first, 3)?;
+            println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}: {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);
+        }
+    }
+    Ok(())
 }
 
 /// A real checkpoint on the GPU against the CPU engine: a ~1,000-token prompt (longer than
 /// the streaming window) prefilled in chunks, then 16 greedy tokens each way, for full
 /// attention and for the model's shipped duo pattern.
-#[cfg(feature = "cuda")]
 fn checkpoint_check(gpu: &std::sync::Arc<duo_cuda::Gpu>, model: &str) -> Result<()> {
     use duo_cuda::model::{GpuConfig, GpuSequence, GpuWeights};
     let source = if model == "default" { duo_model::ModelSource::Default } else { model.parse()? };
@@ -220,10 +209,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
     params.validate()?;
     match a.device.as_str() {
         "cpu" => {}
-        "cuda" if cfg!(feature = "cuda") => {}
-        "cuda" => bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh"),
+        "cuda" => {}
         other => bail!("unknown --device `{other}` (expected cpu or cuda)"),
     }
+    // The GPU first: without a driver, fail before loading anything.
+    let gpu = if a.device == "cuda" { Some(std::sync::Arc::new(duo_cuda::Gpu::new(0)?)) } else { None };
     let prompt = read_prompt(&a)?;
     let (model, method) = load(&a.method)?;
     let ids = if a.chat {
@@ -237,9 +227,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         model.tokenizer.encode(&prompt, true)?
     };
-    #[cfg(feature = "cuda")]
-    if a.device == "cuda" {
-        return gpu::generate(&a, &params, &ids, &model, &method);
+    if let Some(gpu) = gpu {
+        return gpu::generate(gpu, &a, &params, &ids, &model, &method);
     }
     let runner = Runner::new(&model, method);
     let stdout = std::io::stdout();

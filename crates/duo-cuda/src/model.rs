@@ -76,7 +76,7 @@ impl GpuConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if ![64, 128].contains(&self.head_dim) || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 || self.inv_freq.len() * 2 != self.head_dim {
+        if ![64, 128].contains(&self.head_dim) || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) || self.inv_freq.len() * 2 != self.head_dim {
             return Err(CudaError::Input(format!("unsupported shape: {} heads / {} KV heads of {} dims", self.n_heads, self.n_kv_heads, self.head_dim)));
         }
         Ok(())
@@ -294,6 +294,90 @@ pub fn reference_logits(c: &GpuConfig, layout: &CacheLayout, seed: u64, tokens: 
     let head = uniform_bf16(tensor_seed(seed, 0, LM_HEAD), c.vocab * h, scale_for(h));
     let xn = rms_norm_ref(&x[from * h..], &ones[..h], c.eps);
     Ok(matmul(&xn, &head, c.vocab, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> (GpuConfig, CacheLayout) {
+        let inv_freq: Vec<f32> = (0..32).map(|i| 10_000f32.powf(-(i as f32) / 32.0)).collect();
+        let c = GpuConfig { n_layers: 2, hidden: 64, n_heads: 4, n_kv_heads: 2, head_dim: 64, ffn: 96, vocab: 50, eps: 1e-5, inv_freq, half_split: true };
+        let l = CacheLayout { retrieval: vec![vec![true, false], vec![false, false]], sink: 2, recent: 5, chunk: 8, max_tokens: 100 };
+        (c, l)
+    }
+
+    #[test]
+    fn layout_rows_offsets_and_bytes_follow_the_heads() {
+        let (_, l) = tiny();
+        assert_eq!(l.slack(), 2048, "at least 2048 window rows between compactions");
+        assert_eq!(l.head_rows(true), 100);
+        assert_eq!(l.head_rows(false), 2 + 5 + 2048);
+        let heads = l.heads(0);
+        assert_eq!((heads[0].offset, heads[0].kind), (0, HeadEntry::RETRIEVAL));
+        assert_eq!((heads[1].offset, heads[1].kind, heads[1].sink, heads[1].recent), (100, HeadEntry::STREAMING, 2, 5));
+        assert_eq!(l.layer_rows(1), 2 * 2055);
+        // 40 tokens: the retrieval head holds 40, each of the 3 streaming heads 2 + 5.
+        assert_eq!(l.used_bytes(64, 40), (40 + 3 * 7) * 64 * 2 * 2);
+        assert_eq!(l.allocated_bytes(64), (100 + 2055 + 2 * 2055) * 64 * 2 * 2);
+    }
+
+    #[test]
+    fn a_window_longer_than_the_text_is_full_attention() {
+        let (c, l) = tiny();
+        let tokens: Vec<u32> = (0..12).map(|i| (i * 7 % 50) as u32).collect();
+        let full = CacheLayout { retrieval: vec![vec![true; 2]; 2], ..l.clone() };
+        let wide = CacheLayout { recent: 64, ..l.clone() };
+        let a = reference_logits(&c, &full, 3, &tokens, 0).unwrap();
+        let b = reference_logits(&c, &wide, 3, &tokens, 0).unwrap();
+        assert_eq!(a, b, "every key is within the window: streaming heads see what retrieval heads see");
+        let narrow = reference_logits(&c, &l, 3, &tokens, 0).unwrap();
+        assert_eq!(narrow[..7 * 50], a[..7 * 50], "positions 0..7 see everything within sink + recent");
+        assert_ne!(narrow[11 * 50..], a[11 * 50..], "position 11 has lost keys 2..6");
+        assert_eq!(a.len(), 12 * 50);
+        assert!(a.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn wrong_shapes_are_refused() {
+        let (c, l) = tiny();
+        let bad = CacheLayout { retrieval: vec![vec![true; 3]; 2], ..l.clone() };
+        assert!(reference_logits(&c, &bad, 0, &[1, 2], 0).is_err());
+        let bad = GpuConfig { head_dim: 96, ..c.clone() };
+        assert!(reference_logits(&bad, &l, 0, &[1, 2], 0).is_err());
+        let w = HostWeights { embed: vec![0.0; 50 * 64], layers: vec![HostLayer::default(); 2], norm: vec![1.0; 64], lm_head: None };
+        let err = w.validate(&c).unwrap_err().to_string();
+        assert!(err.contains("layer 0 attn_norm"), "{err}");
+    }
+
+    #[test]
+    fn rope_tables_follow_the_model_config() {
+        let mut mc = duo_core::config::ModelConfig {
+            architecture: duo_core::config::Architecture::Llama,
+            n_layers: 1,
+            hidden_size: 64,
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 64,
+            intermediate_size: 64,
+            vocab_size: 10,
+            context_length: 128,
+            rope_theta: 10_000.0,
+            rope_style: duo_core::config::RopeStyle::HalfSplit,
+            rope_freq_factors: None,
+            rms_norm_eps: 1e-5,
+            tie_embeddings: true,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        };
+        let g = GpuConfig::from_model(&mc);
+        assert_eq!(g.inv_freq.len(), 32);
+        assert_eq!(g.inv_freq[0], 1.0);
+        assert!((g.inv_freq[1] - 10_000f32.powf(-2.0 / 64.0)).abs() < 1e-7);
+        assert!(g.half_split);
+        mc.rope_freq_factors = Some(vec![2.0; 32]);
+        assert_eq!(GpuConfig::from_model(&mc).inv_freq[0], 0.5, "frequency factors divide");
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -527,7 +611,7 @@ mod gpu {
             let a = |s: &CudaSlice<f32>| g.addr(s);
             let a16 = |s: &CudaSlice<u16>| g.addr(s);
             let seed = tensor_seed(self.w.seed, 0, EMBED);
-            g.embed(tokens, self.w.embed.as_ref().map_or(0, |e| a16(e)), seed, 1.0, a(&b.x), h, t)?;
+            g.embed(tokens, self.w.embed.as_ref().map_or(0, &a16), seed, 1.0, a(&b.x), h, t)?;
             for (l, (lw, lc)) in self.w.layers.iter().zip(&self.caches).enumerate() {
                 g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), t, h, c.eps)?;
                 g.gemm(a16(&b.xn), a16(&lw.qkv), a(&b.qkv), t, h, kvd, 0.0)?;

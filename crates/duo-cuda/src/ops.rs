@@ -236,6 +236,6 @@ mod tests {
     fn silu_mul_matches_its_definition() {
         let out = silu_mul_ref(&[0.0, 2.0, 3.0, -1.0], 2);
         assert_eq!(out[0], 0.0);
-        assert!((out[1] - round_bf16(2.0 / (1.0 + (-2f32).exp()) * -1.0)).abs() < 1e-6);
+        assert!((out[1] - round_bf16(-(2.0 / (1.0 + (-2f32).exp())))).abs() < 1e-6);
     }
 }

@@ -403,6 +403,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
 "#;
 
 /// Random problems for the parity check: a cache of `heads` laid out as given, `t` queries.
+#[allow(clippy::too_many_arguments)]
 pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, heads: Vec<HeadEntry>, cache_rows: usize, t: usize, first_position: usize, window_start: usize) -> PrefillInput {
     let r = |k: u64, n: usize, round: bool| -> Vec<f32> {
         (0..n as u64).map(|i| {
@@ -427,7 +428,8 @@ pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, heads: Vec<HeadE
 pub fn cases(seed: u64) -> Vec<(String, PrefillInput)> {
     let mut out = Vec::new();
     // (heads, dim, kinds (true = retrieval), first position, chunk, sink, recent, window start)
-    let specs: [(usize, usize, &[bool], usize, usize, usize, usize, usize); 5] = [
+    type Case = (usize, usize, &'static [bool], usize, usize, usize, usize, usize);
+    let specs: [Case; 5] = [
         (4, 128, &[true, false], 0, 200, 8, 40, 8),          // first chunk: sinks fill, then window
         (8, 128, &[true, false], 1000, 130, 16, 100, 900),   // later chunk, window of 100 + 130
         (3, 64, &[false, true, false], 300, 77, 4, 64, 236), // SmolLM2-like MHA, window start past sinks

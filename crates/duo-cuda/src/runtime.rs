@@ -39,6 +39,8 @@ macro_rules! launch {
 }
 
 type DecodeKernels = (CudaFunction, CudaFunction);
+/// A compiled decode kernel pair is specific to (group, head_dim, KV type, keys per warp).
+type DecodeKey = (usize, usize, KvType, usize);
 
 /// One GPU: context, stream, cuBLAS and the compiled kernels.
 pub struct Gpu {
@@ -48,7 +50,7 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     blas: CudaBlas,
     ops: Arc<CudaModule>,
-    decode: Mutex<Vec<((usize, usize, KvType, usize), DecodeKernels)>>,
+    decode: Mutex<Vec<(DecodeKey, DecodeKernels)>>,
     prefill: Mutex<Vec<(usize, CudaFunction)>>,
 }
 

@@ -1,0 +1,53 @@
+//! Without a CUDA driver (as on CI), every GPU entry point fails with one clear message,
+//! before loading a model or writing anything, and never with a panic.
+
+use std::process::Command;
+
+fn duo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_duo")).args(args).output().expect("duo runs")
+}
+
+fn gpu_present() -> bool {
+    duo_cuda::Gpu::new(0).is_ok()
+}
+
+#[test]
+fn gpu_commands_fail_clearly_without_a_driver() {
+    if gpu_present() {
+        eprintln!("a CUDA driver is present: the no-driver behaviour cannot be checked here");
+        return;
+    }
+    let out_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda-absent-{}", std::process::id()));
+    let out = out_dir.to_str().expect("utf-8");
+    let cases: [&[&str]; 3] = [
+        &["cuda-check"],
+        &["bench", "--device", "cuda", "--random-weights", "smollm2-135m", "--lengths", "64", "--out", out],
+        &["generate", "--device", "cuda", "--model", "/nonexistent/model.gguf", "Hello"],
+    ];
+    for args in cases {
+        let o = duo(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} must fail without a driver");
+        assert!(err.contains("no usable CUDA driver"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        // generate opened the GPU before the (missing) model: the error is the driver's.
+        assert!(!err.contains("/nonexistent"), "{args:?} touched the model first: {err}");
+    }
+    assert!(!out_dir.exists(), "a failed GPU bench writes nothing");
+}
+
+#[test]
+fn unknown_devices_are_refused() {
+    for args in [&["bench", "--device", "tpu"][..], &["generate", "--device", "tpu", "Hello"][..]] {
+        let o = duo(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("unknown --device `tpu`"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn gpu_bench_needs_random_weights() {
+    let o = duo(&["bench", "--device", "cuda", "--lengths", "64"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--random-weights"), "{err}");
+}
