@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// duo's in the table and the curves.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// With --device cuda: run each decode step launch by launch instead of replaying a
+    /// captured CUDA graph (to measure what the graph saves).
+    #[arg(long)]
+    pub no_graph: bool,
     #[command(flatten)]
     pub method: MethodArgs,
 }

@@ -75,7 +75,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 max_tokens: n + a.decode_tokens + 1,
             };
             let mut seq = match GpuSequence::new(gpu.clone(), weights.clone(), layout.clone()) {
-                Ok(s) => s,
+                Ok(mut s) => {
+                    s.use_graph = !a.no_graph;
+                    s
+                }
                 Err(e) => {
                     eprintln!("{name:<8} {n:>8} tokens: does not fit ({e})");
                     continue;

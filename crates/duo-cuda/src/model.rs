@@ -512,6 +512,9 @@ mod gpu {
         pending: Option<Vec<DecodeLaunch>>,
         /// Decode steps replayed from the graph (the rest ran launch by launch).
         pub graph_steps: usize,
+        /// Capture and replay the decode step (default); off, every step runs launch by
+        /// launch (to measure what the graph saves).
+        pub use_graph: bool,
     }
 
     impl GpuSequence {
@@ -555,7 +558,7 @@ mod gpu {
             };
             gpu.set_blas_workspace(gpu.addr(&b._blas_workspace), 32 << 20)?;
             gpu.sync()?;
-            Ok(Self { gpu, w, window_start: layout.sink, layout, caches, b, tokens: 0, graph: None, pending: None, graph_steps: 0 })
+            Ok(Self { gpu, w, window_start: layout.sink, layout, caches, b, tokens: 0, graph: None, pending: None, graph_steps: 0, use_graph: true })
         }
 
         /// Tokens cached.
@@ -677,10 +680,11 @@ mod gpu {
         }
 
         /// Decode launch shapes for the current length, constant over a bucket of 2048
-        /// tokens (so a captured graph is reused until the length leaves the bucket).
+        /// tokens (so a captured graph is reused until the length leaves the bucket). The
+        /// bucket never exceeds `max_tokens`, so the splits always fit the partial buffers.
         fn shapes(&self) -> Vec<DecodeLaunch> {
             let c = &self.w.config;
-            let bucket = (self.tokens + 1).div_ceil(2048) * 2048;
+            let bucket = ((self.tokens + 1).div_ceil(2048) * 2048).min(self.layout.max_tokens);
             let short = (self.layout.sink + self.layout.recent) as u32;
             self.caches
                 .iter()
@@ -709,8 +713,14 @@ mod gpu {
             self.make_room(1)?;
             self.set_state()?;
             let shapes = self.shapes();
+            let max_splits = self.b.part_m.len() / self.w.config.n_heads;
+            if let Some(s) = shapes.iter().find(|s| s.n_splits > max_splits) {
+                return Err(CudaError::Input(format!("{} decode splits exceed the {max_splits} the buffers hold", s.n_splits)));
+            }
             let next = self.gpu.addr(&self.b.next);
-            if self.graph.as_ref().is_some_and(|(s, _)| *s == shapes) {
+            if !self.use_graph {
+                self.forward(1, next, Some(&shapes))?;
+            } else if self.graph.as_ref().is_some_and(|(s, _)| *s == shapes) {
                 self.graph.as_ref().map(|(_, g)| g.launch()).transpose().map_err(driver)?;
                 self.graph_steps += 1;
             } else if self.pending.as_ref() == Some(&shapes) {
@@ -748,14 +758,16 @@ mod gpu {
     /// where the reference's top two logits differ by more than that.
     pub fn check_model(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
         let mut out = Vec::new();
-        for (name, heads, kv, d, half) in [("GQA", 4, 2, 64, true), ("MHA", 2, 2, 128, false)] {
+        // (name, heads, KV heads, head dim, half-split RoPE, prompt tokens, max_tokens)
+        for (name, heads, kv, d, half, prompt_len, max_tokens) in [("GQA", 4, 2, 64, true, 2990, 4096), ("MHA", 2, 2, 128, false, 2990, 4096), ("GQA, short sequence", 4, 2, 64, true, 90, 101)] {
             let theta: f32 = 10_000.0;
             let inv_freq: Vec<f32> = (0..d / 2).map(|i| theta.powf(-2.0 * i as f32 / d as f32)).collect();
             let config = GpuConfig { n_layers: 3, hidden: 128, n_heads: heads, n_kv_heads: kv, head_dim: d, ffn: 256, vocab: 300, eps: 1e-5, inv_freq, half_split: half };
-            let layout = CacheLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, chunk: 48, max_tokens: 4096 };
+            let layout = CacheLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, chunk: 48, max_tokens };
             let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
-            // 3000 tokens: windows of 40 + slack 2048 compact during prefill and decode.
-            let prompt: Vec<u32> = (0..2990u64).map(|i| (hash_uniform(seed, i).abs() * 299.0) as u32).collect();
+            // 3000 tokens: windows of 40 + slack 2048 compact during prefill and decode; the
+            // short sequence keeps the decode splits within buffers sized by max_tokens.
+            let prompt: Vec<u32> = (0..prompt_len as u64).map(|i| (hash_uniform(seed, i).abs() * 299.0) as u32).collect();
             let mut seq = GpuSequence::new(gpu.clone(), w, layout.clone())?;
             seq.prefill(&prompt, |_| {})?;
             let mut got = seq.logits()?;
@@ -781,7 +793,7 @@ mod gpu {
             }
             let graph_steps = seq.graph_steps;
             out.push(Parity {
-                case: format!("whole model {name} ({heads} heads / {kv} KV of {d}), 2990-token chunked prefill + 10 decode steps ({graph_steps} from the graph), greedy tokens agree: {tokens_agree}"),
+                case: format!("whole model {name} ({heads} heads / {kv} KV of {d}), {prompt_len}-token chunked prefill + 10 decode steps ({graph_steps} from the graph, max_tokens {max_tokens}), greedy tokens agree: {tokens_agree}"),
                 max_abs_err: if tokens_agree && graph_steps > 0 { err } else { f64::INFINITY },
                 bound: 2e-2,
             });
