@@ -85,9 +85,9 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         let inv: Vec<f32> = (0..d / 2).map(|i| 500_000f32.powf(-2.0 * i as f32 / d as f32)).collect();
         let heads = [HeadEntry::retrieval(0), HeadEntry::streaming(1100, 4, 16)];
         let rows = 1100 + 4 + 16 + 64;
-        let qkv = random(seed + 3, t * (nh + 2 * ng) * d, 2.0);
+        let qkv: Vec<f32> = random(seed + 3, t * (nh + 2 * ng) * d, 2.0).into_iter().map(round_bf16).collect();
         let table: Vec<i32> = heads.iter().flat_map(|e| [e.offset, e.sink, e.recent, e.kind]).collect();
-        let (qkvg, st, invg, hg) = (gpu.upload(&qkv)?, gpu.upload(&[p0 as i32, win as i32])?, gpu.upload(&inv)?, gpu.upload(&table)?);
+        let (qkvg, st, invg, hg) = (gpu.upload(&f32_to_bf16(&qkv))?, gpu.upload(&[p0 as i32, win as i32])?, gpu.upload(&inv)?, gpu.upload(&table)?);
         let (qg, kg, vg) = (gpu.zeros::<f32>(t * nh * d)?, gpu.zeros::<u16>(rows * d)?, gpu.zeros::<u16>(rows * d)?);
         gpu.rope_append(gpu.addr(&qkvg), gpu.addr(&st), gpu.addr(&invg), gpu.addr(&hg), nh, ng, d, half_split, gpu.addr(&qg), gpu.addr(&kg), gpu.addr(&vg), t)?;
         let (gq, gk, gv) = (gpu.download(&qg)?, bf16_to_f32(&gpu.download(&kg)?), bf16_to_f32(&gpu.download(&vg)?));
@@ -118,8 +118,8 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
 
     // SiLU x up.
     let (rows, inter) = (3usize, 14336usize);
-    let gu = random(seed + 4, rows * 2 * inter, 6.0);
-    let (gug, og) = (gpu.upload(&gu)?, gpu.zeros::<u16>(rows * inter)?);
+    let gu: Vec<f32> = random(seed + 4, rows * 2 * inter, 6.0).into_iter().map(round_bf16).collect();
+    let (gug, og) = (gpu.upload(&f32_to_bf16(&gu))?, gpu.zeros::<u16>(rows * inter)?);
     gpu.silu_mul(gpu.addr(&gug), gpu.addr(&og), rows, inter)?;
     let got = bf16_to_f32(&gpu.download(&og)?);
     out.push(Parity { case: format!("silu_mul: {rows} rows of {inter} (bf16 out)"), max_abs_err: max_err(&silu_mul_ref(&gu, inter), &got), bound: 0.25 });
@@ -154,10 +154,16 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     let wv: Vec<f32> = random(seed + 8, m * k, 0.02).into_iter().map(round_bf16).collect();
     let y0 = random(seed + 9, t * m, 1.0);
     let (xg, wg, yg) = (gpu.upload(&f32_to_bf16(&xv))?, gpu.upload(&f32_to_bf16(&wv))?, gpu.upload(&y0)?);
-    gpu.gemm(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yg), t, k, m, 1.0)?;
+    gpu.gemm(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yg), t, k, m, 1.0, false)?;
     let got = gpu.download(&yg)?;
     let want: Vec<f32> = (0..t * m).map(|i| y0[i] + (0..k).map(|j| xv[(i / m) * k + j] as f64 * wv[(i % m) * k + j] as f64).sum::<f64>() as f32).collect();
     out.push(Parity { case: format!("gemm (cuBLAS): [{t} x {k}] x [{m} x {k}]^T + y"), max_abs_err: max_err(&want, &got), bound: 1e-3 });
+    // The same product written as bf16: within one bf16 rounding (2^-8 relative, |y| < 2).
+    let yb = gpu.zeros::<u16>(t * m)?;
+    gpu.gemm(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yb), t, k, m, 0.0, true)?;
+    let got = bf16_to_f32(&gpu.download(&yb)?);
+    let want: Vec<f32> = want.iter().zip(&y0).map(|(w, y)| w - y).collect();
+    out.push(Parity { case: format!("gemm (cuBLAS, bf16 out): [{t} x {k}] x [{m} x {k}]^T"), max_abs_err: max_err(&want, &got), bound: 1e-2 });
     Ok(out)
 }
 

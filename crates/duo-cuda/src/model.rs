@@ -256,7 +256,8 @@ pub fn reference_logits(c: &GpuConfig, layout: &CacheLayout, seed: u64, tokens: 
         let wgu = uniform_bf16(tensor_seed(seed, l, 2), 2 * f * h, scale_for(h));
         let wd = uniform_bf16(tensor_seed(seed, l, 3), h * f, scale_for(f));
         let xn = rms_norm_ref(&x, &ones[..h], c.eps);
-        let mut qkv = matmul(&xn, &wqkv, c.qkv_dim(), h);
+        // The qkv and gate/up products come out of the GPU's matmuls as bf16.
+        let mut qkv: Vec<f32> = matmul(&xn, &wqkv, c.qkv_dim(), h).into_iter().map(round_bf16).collect();
         for (p, row) in qkv.chunks_mut(c.qkv_dim()).enumerate() {
             for hd in 0..nh + ng {
                 rope_ref(&mut row[hd * d..][..d], p, &c.inv_freq, c.half_split);
@@ -286,7 +287,8 @@ pub fn reference_logits(c: &GpuConfig, layout: &CacheLayout, seed: u64, tokens: 
             *xi += o;
         }
         let xn = rms_norm_ref(&x, &ones[..h], c.eps);
-        let act = silu_mul_ref(&matmul(&xn, &wgu, 2 * f, h), f);
+        let gu: Vec<f32> = matmul(&xn, &wgu, 2 * f, h).into_iter().map(round_bf16).collect();
+        let act = silu_mul_ref(&gu, f);
         for (xi, o) in x.iter_mut().zip(matmul(&act, &wd, h, f)) {
             *xi += o;
         }
@@ -486,10 +488,10 @@ mod gpu {
         state: CudaSlice<i32>,
         x: CudaSlice<f32>,
         xn: CudaSlice<u16>,
-        qkv: CudaSlice<f32>,
+        qkv: CudaSlice<u16>,
         q: CudaSlice<f32>,
         att: CudaSlice<u16>,
-        gu: CudaSlice<f32>,
+        gu: CudaSlice<u16>,
         act: CudaSlice<u16>,
         logits: CudaSlice<f32>,
         next: CudaSlice<i32>,
@@ -617,9 +619,9 @@ mod gpu {
             g.embed(tokens, self.w.embed.as_ref().map_or(0, &a16), seed, 1.0, a(&b.x), h, t)?;
             for (l, (lw, lc)) in self.w.layers.iter().zip(&self.caches).enumerate() {
                 g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), t, h, c.eps)?;
-                g.gemm(a16(&b.xn), a16(&lw.qkv), a(&b.qkv), t, h, kvd, 0.0)?;
+                g.gemm(a16(&b.xn), a16(&lw.qkv), a16(&b.qkv), t, h, kvd, 0.0, true)?;
                 let (kc, vc, heads, state) = (a16(&lc.keys), a16(&lc.values), g.addr(&lc.heads), g.addr(&b.state));
-                g.rope_append(a(&b.qkv), state, a(&self.w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, a(&b.q), kc, vc, t)?;
+                g.rope_append(a16(&b.qkv), state, a(&self.w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, a(&b.q), kc, vc, t)?;
                 match decode {
                     Some(shapes) => {
                         let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
@@ -627,15 +629,15 @@ mod gpu {
                     }
                     None => g.prefill_attention(a(&b.q), kc, vc, heads, state, t, c.n_heads, c.n_heads / c.n_kv_heads, c.head_dim, a16(&b.att))?,
                 }
-                g.gemm(a16(&b.att), a16(&lw.o), a(&b.x), t, qd, h, 1.0)?;
+                g.gemm(a16(&b.att), a16(&lw.o), a(&b.x), t, qd, h, 1.0, false)?;
                 g.rms_norm(a(&b.x), a(&lw.ffn_norm), a16(&b.xn), t, h, c.eps)?;
-                g.gemm(a16(&b.xn), a16(&lw.gate_up), a(&b.gu), t, h, 2 * c.ffn, 0.0)?;
-                g.silu_mul(a(&b.gu), a16(&b.act), t, c.ffn)?;
-                g.gemm(a16(&b.act), a16(&lw.down), a(&b.x), t, c.ffn, h, 1.0)?;
+                g.gemm(a16(&b.xn), a16(&lw.gate_up), a16(&b.gu), t, h, 2 * c.ffn, 0.0, true)?;
+                g.silu_mul(a16(&b.gu), a16(&b.act), t, c.ffn)?;
+                g.gemm(a16(&b.act), a16(&lw.down), a(&b.x), t, c.ffn, h, 1.0, false)?;
             }
             let last = a(&b.x) + ((t - 1) * h * 4) as u64;
             g.rms_norm(last, a(&self.w.norm), a16(&b.xn), 1, h, c.eps)?;
-            g.gemm(a16(&b.xn), a16(self.w.lm_head()), a(&b.logits), 1, h, c.vocab, 0.0)?;
+            g.gemm(a16(&b.xn), a16(self.w.lm_head()), a(&b.logits), 1, h, c.vocab, 0.0, false)?;
             g.argmax(a(&b.logits), c.vocab, g.addr(&b.next))
         }
 

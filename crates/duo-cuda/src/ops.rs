@@ -5,8 +5,9 @@
 //! Conventions shared by every kernel here and by the attention kernels:
 //! * bf16 values travel as their raw bits (`unsigned short`) and are rounded to nearest even,
 //!   exactly as [`half::bf16::from_f32`] does, so CPU references can reproduce them bit for bit.
-//! * The residual stream and every matrix-product output are `f32`; matrix-product inputs
-//!   (normalised activations, attention outputs, SiLU×up) are bf16.
+//! * The residual stream is `f32` (the output and down products accumulate into it);
+//!   matrix-product inputs (normalised activations, attention outputs, SiLU×up) and the
+//!   qkv and gate/up products' outputs are bf16, as in a bf16 PyTorch model.
 //! * A step's positions live in device memory, `state = [first position, window start]`, so a
 //!   captured CUDA graph replays for any position.
 //!
@@ -68,20 +69,20 @@ __device__ __forceinline__ long long cache_row(int4 head, int pos, int win) {
 }
 
 // Rotates the chunk's queries and keys (position state[0] + t), writes queries as f32 and
-// keys/values as bf16 into the cache rows of their positions. qkv rows are
+// keys/values as bf16 into the cache rows of their positions. qkv rows (bf16) are
 // [q (heads * D) | k (kv * D) | v (kv * D)]. Grid (T, heads + kv), D/2 threads.
-extern "C" __global__ void rope_append(const float* qkv, const int* state, const float* inv_freq,
+extern "C" __global__ void rope_append(const bf16_t* qkv, const int* state, const float* inv_freq,
     const int4* heads, int n_heads, int n_kv, int head_dim, int half_split,
     float* q_out, bf16_t* kc, bf16_t* vc)
 {
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
     const int pos = state[0] + t;
-    const float* row = qkv + (size_t)t * (n_heads + 2 * n_kv) * head_dim;
-    const float* x = h < n_heads ? row + h * head_dim : row + (n_heads + (h - n_heads)) * head_dim;
+    const bf16_t* row = qkv + (size_t)t * (n_heads + 2 * n_kv) * head_dim;
+    const bf16_t* x = row + h * head_dim;
     const int a = half_split ? i : 2 * i, b = half_split ? i + half : 2 * i + 1;
     float s, c;
     sincosf((float)pos * inv_freq[i], &s, &c);
-    const float x0 = x[a], x1 = x[b];
+    const float x0 = bf(x[a]), x1 = bf(x[b]);
     const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
     if (h < n_heads) {
         float* q = q_out + (size_t)t * n_heads * head_dim + h * head_dim;
@@ -90,17 +91,17 @@ extern "C" __global__ void rope_append(const float* qkv, const int* state, const
         const int g = h - n_heads;
         const size_t r = (size_t)(heads[g].x + cache_row(heads[g], pos, state[1])) * head_dim;
         kc[r + a] = to_bf(y0); kc[r + b] = to_bf(y1);
-        const float* v = row + (n_heads + n_kv + g) * head_dim;
-        vc[r + a] = to_bf(v[a]); vc[r + b] = to_bf(v[b]);
+        const bf16_t* v = row + (n_heads + n_kv + g) * head_dim;
+        vc[r + a] = v[a]; vc[r + b] = v[b];
     }
 }
 
-// out[t, i] = bf16(silu(gate) * up), rows of gu being [gate (inter) | up (inter)].
-extern "C" __global__ void silu_mul(const float* gu, bf16_t* out, int rows, int inter) {
+// out[t, i] = bf16(silu(gate) * up), rows of gu (bf16) being [gate (inter) | up (inter)].
+extern "C" __global__ void silu_mul(const bf16_t* gu, bf16_t* out, int rows, int inter) {
     const size_t n = (size_t)rows * inter;
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
         const size_t t = k / inter, i = k % inter;
-        const float g = gu[t * 2 * inter + i], u = gu[t * 2 * inter + inter + i];
+        const float g = bf(gu[t * 2 * inter + i]), u = bf(gu[t * 2 * inter + inter + i]);
         out[k] = to_bf(g / (1.f + expf(-g)) * u);
     }
 }

@@ -181,9 +181,11 @@ impl Gpu {
         launch!(self, f, (n_heads as u32, 2, 1), 256, &kc, &vc, &head_offsets, &s, &d, &r, &hd)
     }
 
-    /// `y[t, out] = x[t, in] W[out, in]^T + beta * y`: bf16 inputs, f32 output and accumulation.
+    /// `y[t, out] = x[t, in] W[out, in]^T + beta * y`: bf16 inputs, f32 accumulation, `y` in
+    /// f32 or (`y_bf16`) bf16.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&self, x: u64, w: u64, y: u64, t: usize, in_dim: usize, out_dim: usize, beta: f32) -> Result<()> {
+    pub fn gemm(&self, x: u64, w: u64, y: u64, t: usize, in_dim: usize, out_dim: usize, beta: f32, y_bf16: bool) -> Result<()> {
+        let y_type = if y_bf16 { blas_sys::cudaDataType_t::CUDA_R_16BF } else { blas_sys::cudaDataType_t::CUDA_R_32F };
         let alpha = 1.0f32;
         // Column-major view: Y^T (out x t) = W (out x in, stored as in x out) ^T * X^T (in x t).
         // SAFETY: the caller's buffers hold t*in, out*in bf16 and t*out f32 values.
@@ -204,7 +206,7 @@ impl Gpu {
                 in_dim as i32,
                 (&beta as *const f32).cast(),
                 y as *mut std::ffi::c_void,
-                blas_sys::cudaDataType_t::CUDA_R_32F,
+                y_type,
                 out_dim as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
