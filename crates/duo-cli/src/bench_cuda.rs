@@ -35,6 +35,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.method.prefill != "lambda" {
         anyhow::bail!("--device cuda prefills streaming heads with the Λ mask only (--prefill lambda)");
     }
+    if a.lengths.is_empty() || a.lengths.contains(&0) {
+        anyhow::bail!("--lengths must list context lengths of at least 1 token");
+    }
+    if a.decode_tokens < 3 {
+        anyhow::bail!("--decode-tokens must be at least 3 with --device cuda (2 untimed steps: launch by launch, then graph capture)");
+    }
     let config = duo_model::random::shape(shape)?;
     let gc = GpuConfig::from_model(&config);
     let max_len = a.lengths.iter().copied().max().unwrap_or(0);

@@ -46,6 +46,20 @@ fn unknown_devices_are_refused() {
 }
 
 #[test]
+fn gpu_bench_checks_its_arguments_before_the_gpu() {
+    for (args, want) in [
+        (&["bench", "--device", "cuda", "--random-weights", "llama-3-8b", "--lengths", "0"][..], "--lengths"),
+        (&["bench", "--device", "cuda", "--random-weights", "llama-3-8b", "--decode-tokens", "2"][..], "--decode-tokens"),
+        (&["bench", "--device", "cuda", "--random-weights", "no-such-shape"][..], "no-such-shape"),
+    ] {
+        let o = duo(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("CUDA driver"), "{args:?} reached the GPU before checking: {err}");
+    }
+}
+
+#[test]
 fn gpu_bench_needs_random_weights() {
     let o = duo(&["bench", "--device", "cuda", "--lengths", "64"]);
     let err = String::from_utf8_lossy(&o.stderr);
