@@ -558,6 +558,10 @@ mod gpu {
                 part_acc: gpu.zeros(c.n_heads * max_splits * c.head_dim)?,
                 _blas_workspace: gpu.zeros(32 << 20)?,
             };
+            // The handle's workspace belongs to the newest sequence: every path creates a
+            // sequence before its products run. (Known limit: a product after dropping the
+            // last sequence, before creating another, would reach freed memory; the workspace
+            // belongs in `Gpu`, a move not yet run on the GPU.)
             gpu.set_blas_workspace(gpu.addr(&b._blas_workspace), 32 << 20)?;
             gpu.sync()?;
             Ok(Self { gpu, w, window_start: layout.sink, layout, caches, b, tokens: 0, graph: None, pending: None, graph_steps: 0, use_graph: true })
