@@ -1,16 +1,12 @@
 //! `duo generate --device cuda`: a checkpoint on duo's CUDA backend. The weights are
 //! dequantised once to bf16 on the GPU; sampling, stop strings and text decoding are the
-//! CPU engine's (`Sampler`, `TextStream`), applied to the logits of each step.
+//! CPU engine's loop (`duo_engine::complete`), applied to the logits of each step.
 
-use crate::args::GenerateArgs;
 use anyhow::{bail, Context, Result};
 use duo_cuda::model::{CacheLayout, GpuConfig, GpuSequence, GpuWeights, HostLayer, HostWeights};
 use duo_cuda::Gpu;
-use duo_engine::sampler::Sampler;
-use duo_engine::text::TextStream;
-use duo_engine::{ResolvedMethod, SamplingParams};
+use duo_engine::{Generation, ResolvedMethod, SamplingParams};
 use duo_model::LoadedModel;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,9 +39,11 @@ pub fn layout(method: &ResolvedMethod, layers: usize, max_tokens: usize) -> Resu
     })
 }
 
-/// Generates on the GPU and prints as `duo generate` does.
-pub fn generate(gpu: Arc<Gpu>, a: &GenerateArgs, params: &SamplingParams, ids: &[u32], model: &LoadedModel, method: &ResolvedMethod) -> Result<()> {
+/// Generates on the GPU: the same sampling loop as the CPU engine (`duo_engine::complete`),
+/// fed by the GPU's logits; `on_text` gets each stable piece of text.
+pub fn generate(gpu: Arc<Gpu>, params: &SamplingParams, ids: &[u32], model: &LoadedModel, method: &ResolvedMethod, on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
     let c = model.model.config();
+    params.validate()?;
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
@@ -54,60 +52,32 @@ pub fn generate(gpu: Arc<Gpu>, a: &GenerateArgs, params: &SamplingParams, ids: &
     }
     let layout = layout(method, c.n_layers, ids.len() + params.max_tokens + 1)?;
     let weights = Arc::new(GpuWeights::from_host(&gpu, GpuConfig::from_model(c), &host_weights(&model.model)?)?);
-    let mut seq = GpuSequence::new(gpu.clone(), weights, layout)?;
+    let mut seq = GpuSequence::new(gpu, weights, layout)?;
     let t0 = Instant::now();
     seq.prefill(ids, |_| {})?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut sampler = Sampler::new(params.clone())?;
-    let mut text = TextStream::new(params.stop.clone());
+    let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut finish = None;
-    let mut out = std::io::stdout();
-    while finish.is_none() {
-        let token = sampler.sample(&seq.logits()?);
-        let step = text.accept(&model.tokenizer, token, &c.eos_token_ids, params.max_tokens)?;
-        if let (Some(delta), false) = (&step.delta, a.json) {
-            let _ = out.write_all(delta.as_bytes());
-            let _ = out.flush();
-        }
-        finish = step.finish;
-        if finish.is_none() {
-            seq.decode_step(Some(token))?;
-        }
-    }
-    let decode_s = t1.elapsed().as_secs_f64();
-    let completion = text.tokens().to_vec();
-    let final_text = text.finish(&model.tokenizer)?;
-    let pattern = &method.pattern;
-    if a.json {
-        let out = serde_json::json!({
-            "device": gpu.name(),
-            "prompt_token_ids": ids,
-            "completion_token_ids": completion,
-            "text": final_text,
-            "finish_reason": finish,
-            "prefill_tokens_per_s": ids.len() as f64 / prefill_s,
-            "decode_tokens_per_s": completion.len() as f64 / decode_s,
-            "kv_cache_bytes": seq.layout().used_bytes(c.head_dim, seq.tokens()),
-            "retrieval_kv_heads": pattern.retrieval_count(),
-            "streaming_kv_heads": pattern.streaming_count(),
-            "decode_steps_from_graph": seq.graph_steps,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!();
-        eprintln!(
-            "[{}: {} prompt tokens, {:.1} tok/s prefill; {} new tokens, {:.1} tok/s decode; KV {:.2} MiB bf16 ({} retrieval / {} streaming KV heads); finish: {:?}]",
-            gpu.name(),
-            ids.len(),
-            ids.len() as f64 / prefill_s,
-            completion.len(),
-            completion.len() as f64 / decode_s,
-            seq.layout().used_bytes(c.head_dim, seq.tokens()) as f64 / (1 << 20) as f64,
-            pattern.retrieval_count(),
-            pattern.streaming_count(),
-            finish
-        );
-    }
-    Ok(())
+    let first = seq.logits()?;
+    let done = duo_engine::complete(
+        &model.tokenizer,
+        &c.eos_token_ids,
+        params,
+        first,
+        |next| -> Result<Vec<f32>> {
+            seq.decode_step(Some(next))?;
+            Ok(seq.logits()?)
+        },
+        on_text,
+    )?;
+    let decode_seconds = t1.elapsed().as_secs_f64();
+    let (retrieval, streaming) = seq.layout().used_bytes_by_kind(c.head_dim, seq.tokens());
+    Ok(Generation {
+        prompt_token_ids: ids.to_vec(),
+        completion_token_ids: done.tokens,
+        text: done.text,
+        finish_reason: done.finish,
+        prefill_seconds,
+        decode_seconds,
+        peak_kv: duo_kv::KvBytes { retrieval, streaming },
+    })
 }

@@ -227,22 +227,24 @@ fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         model.tokenizer.encode(&prompt, true)?
     };
-    if let Some(gpu) = gpu {
-        return gpu::generate(gpu, &a, &params, &ids, &model, &method);
-    }
-    let runner = Runner::new(&model, method);
     let stdout = std::io::stdout();
-    let gen = runner.generate(&ids, &params, |piece| {
+    let on_text = |piece: &str| {
         if !a.json {
             let mut out = stdout.lock();
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
         }
         true
-    })?;
-    let pattern = &runner.method.pattern;
+    };
+    let device = gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.name());
+    let pattern = method.pattern.clone();
+    let gen = match gpu {
+        Some(gpu) => gpu::generate(gpu, &params, &ids, &model, &method, on_text)?,
+        None => Runner::new(&model, method).generate(&ids, &params, on_text)?,
+    };
     if a.json {
         let out = json!({
+            "device": device,
             "prompt_token_ids": gen.prompt_token_ids,
             "completion_token_ids": gen.completion_token_ids,
             "text": gen.text,
@@ -259,7 +261,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         println!();
         eprintln!(
-            "[{} prompt tokens, {:.1} tok/s prefill; {} new tokens, {:.1} tok/s decode; KV peak {:.2} MiB ({} retrieval / {} streaming KV heads); finish: {:?}]",
+            "[{device}: {} prompt tokens, {:.1} tok/s prefill; {} new tokens, {:.1} tok/s decode; KV peak {:.2} MiB ({} retrieval / {} streaming KV heads); finish: {:?}]",
             gen.prompt_token_ids.len(),
             gen.prefill_tokens_per_s(),
             gen.completion_token_ids.len(),

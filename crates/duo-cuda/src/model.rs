@@ -141,8 +141,15 @@ impl CacheLayout {
 
     /// Bytes of cache that hold tokens when `n` are cached (the formula of the method).
     pub fn used_bytes(&self, head_dim: usize, n: usize) -> usize {
+        let (retrieval, streaming) = self.used_bytes_by_kind(head_dim, n);
+        retrieval + streaming
+    }
+
+    /// [`CacheLayout::used_bytes`] split into (retrieval heads, streaming heads).
+    pub fn used_bytes_by_kind(&self, head_dim: usize, n: usize) -> (usize, usize) {
         let per = head_dim * 2 * 2;
-        self.retrieval.iter().flatten().map(|&r| if r { n } else { n.min(self.sink + self.recent) }).sum::<usize>() * per
+        let heads = |kind: bool| self.retrieval.iter().flatten().filter(|&&r| r == kind).count();
+        (heads(true) * n * per, heads(false) * n.min(self.sink + self.recent) * per)
     }
 
     fn validate(&self, c: &GpuConfig) -> Result<()> {
@@ -321,6 +328,8 @@ mod tests {
         assert_eq!(l.layer_rows(1), 2 * 2055);
         // 40 tokens: the retrieval head holds 40, each of the 3 streaming heads 2 + 5.
         assert_eq!(l.used_bytes(64, 40), (40 + 3 * 7) * 64 * 2 * 2);
+        assert_eq!(l.used_bytes_by_kind(64, 40), (40 * 64 * 4, 3 * 7 * 64 * 4), "(retrieval, streaming)");
+        assert_eq!(l.used_bytes_by_kind(64, 3), (3 * 64 * 4, 3 * 3 * 64 * 4), "short: streaming heads hold every token");
         assert_eq!(l.allocated_bytes(64), (100 + 2055 + 2 * 2055) * 64 * 2 * 2);
     }
 

@@ -20,5 +20,5 @@ pub use batch::{BatchConfig, BatchEngine, BatchStats, Event, EventSink, Request,
 pub use error::{EngineError, Result};
 pub use method::{Method, MethodSpec, ResolvedMethod};
 pub use sampler::{Sampler, SamplingParams};
-pub use session::{FinishReason, Generation, Runner, ScoredToken, Scores};
+pub use session::{complete, Completion, FinishReason, Generation, Runner, ScoredToken, Scores};
 pub use text::{Accepted, TextStep, TextStream};

@@ -53,6 +53,50 @@ impl Generation {
     }
 }
 
+/// What [`complete`] produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Tokens generated (a stop string's tokens included).
+    pub tokens: Vec<u32>,
+    /// Generated text (stop string cut).
+    pub text: String,
+    /// Why it stopped.
+    pub finish: FinishReason,
+}
+
+/// The sampling loop every backend shares: samples from `logits`, streams stable text to
+/// `on_text` (which returns `false` to cancel), stops at end-of-sequence, a stop string or
+/// `max_tokens`, and otherwise asks `next_logits` for the logits after the token just chosen;
+/// at the end hands `on_text` whatever text was held back. `E` is the caller's error type
+/// (the backend's errors and this crate's must both convert into it).
+pub fn complete<E: From<EngineError>>(
+    tokenizer: &duo_model::TextTokenizer,
+    eos: &[u32],
+    params: &SamplingParams,
+    mut logits: Vec<f32>,
+    mut next_logits: impl FnMut(u32) -> std::result::Result<Vec<f32>, E>,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> std::result::Result<Completion, E> {
+    let mut sampler = Sampler::new(params.clone())?;
+    let mut stream = TextStream::new(params.stop.clone());
+    let finish = loop {
+        let next = sampler.sample(&logits);
+        let accepted = stream.accept(tokenizer, next, eos, params.max_tokens)?;
+        if accepted.delta.as_deref().is_some_and(|d| !d.is_empty() && !on_text(d)) {
+            break FinishReason::Cancelled;
+        }
+        if let Some(reason) = accepted.finish {
+            break reason;
+        }
+        logits = next_logits(next)?;
+    };
+    let rest = stream.finish(tokenizer)?;
+    if finish != FinishReason::Cancelled && !rest.is_empty() {
+        on_text(&rest);
+    }
+    Ok(Completion { tokens: stream.tokens().to_vec(), text: stream.text().to_string(), finish })
+}
+
 /// One scored continuation token.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ScoredToken {
@@ -125,8 +169,8 @@ impl<'m> Runner<'m> {
 
     /// Generates from `prompt`; `on_text` receives each new piece of text as it becomes
     /// stable and returns `false` to cancel.
-    pub fn generate(&self, prompt: &[u32], params: &SamplingParams, mut on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
-        let mut sampler = Sampler::new(params.clone())?;
+    pub fn generate(&self, prompt: &[u32], params: &SamplingParams, on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
+        params.validate()?;
         self.check_fits(prompt.len(), params.max_tokens)?;
         let tok = &self.model.tokenizer;
         let eos = &self.model.model.config().eos_token_ids;
@@ -135,31 +179,15 @@ impl<'m> Runner<'m> {
         let mut kv = self.method.new_cache();
         kv.reserve(total);
         let t0 = Instant::now();
-        let mut logits = self.prefill(prompt, &mut kv, |_| {})?;
+        let logits = self.prefill(prompt, &mut kv, |_| {})?;
         let prefill_seconds = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let mut stream = TextStream::new(params.stop.clone());
-        let finish = loop {
-            let next = sampler.sample(&logits);
-            let accepted = stream.accept(tok, next, eos, params.max_tokens)?;
-            if accepted.delta.as_deref().is_some_and(|d| !d.is_empty() && !on_text(d)) {
-                break FinishReason::Cancelled;
-            }
-            if let Some(reason) = accepted.finish {
-                break reason;
-            }
-            logits = self.model.model.forward(&[next], &mut kv, Logits::Last)?;
-        };
-        let rest = stream.finish(tok)?;
-        if finish != FinishReason::Cancelled && !rest.is_empty() {
-            on_text(&rest);
-        }
-        let (completion, text) = (stream.tokens().to_vec(), stream.text().to_string());
+        let done = complete(tok, eos, params, logits, |next| Ok::<_, EngineError>(self.model.model.forward(&[next], &mut kv, Logits::Last)?), on_text)?;
         Ok(Generation {
             prompt_token_ids: prompt.to_vec(),
-            completion_token_ids: completion,
-            text,
-            finish_reason: finish,
+            completion_token_ids: done.tokens,
+            text: done.text,
+            finish_reason: done.finish,
             prefill_seconds,
             decode_seconds: t1.elapsed().as_secs_f64(),
             peak_kv: kv.peak_bytes(),
