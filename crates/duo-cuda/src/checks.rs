@@ -1,6 +1,6 @@
 //! Parity of every kernel against its CPU reference on seeded random inputs (`duo cuda-check`).
 
-use crate::ops::{hash_uniform, rms_norm_ref, rope_ref, round_bf16, silu_mul_ref};
+use crate::ops::{bf16_bits, hash_uniform, rms_norm_ref, rope_ref, round_bf16, silu_mul_ref};
 use crate::prefill_attention::{self, HeadEntry};
 use crate::runtime::Gpu;
 use crate::{decode_attention, model, Parity, Result};
@@ -15,10 +15,6 @@ fn max_err(want: &[f32], got: &[f32]) -> f64 {
 
 fn bf16_to_f32(v: &[u16]) -> Vec<f32> {
     v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect()
-}
-
-fn f32_to_bf16(v: &[f32]) -> Vec<u16> {
-    v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect()
 }
 
 fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
@@ -40,9 +36,9 @@ fn prefill(gpu: &Gpu, case: &str, x: &prefill_attention::PrefillInput) -> Result
     let want = prefill_attention::reference(x)?;
     let (t, h, d) = (x.tokens(), x.n_heads, x.head_dim);
     let q = gpu.upload(&x.q)?;
-    let k = gpu.upload(&f32_to_bf16(&x.keys))?;
-    let v = gpu.upload(&f32_to_bf16(&x.values))?;
-    let table: Vec<i32> = x.heads.iter().flat_map(|e| [e.offset, e.sink, e.recent, e.kind]).collect();
+    let k = gpu.upload(&bf16_bits(&x.keys))?;
+    let v = gpu.upload(&bf16_bits(&x.values))?;
+    let table = HeadEntry::table(&x.heads);
     let heads = gpu.upload(&table)?;
     let state = gpu.upload(&[x.first_position as i32, x.window_start as i32])?;
     let o = gpu.zeros::<u16>(t * h * d)?;
@@ -86,8 +82,8 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         let heads = [HeadEntry::retrieval(0), HeadEntry::streaming(1100, 4, 16)];
         let rows = 1100 + 4 + 16 + 64;
         let qkv: Vec<f32> = random(seed + 3, t * (nh + 2 * ng) * d, 2.0).into_iter().map(round_bf16).collect();
-        let table: Vec<i32> = heads.iter().flat_map(|e| [e.offset, e.sink, e.recent, e.kind]).collect();
-        let (qkvg, st, invg, hg) = (gpu.upload(&f32_to_bf16(&qkv))?, gpu.upload(&[p0 as i32, win as i32])?, gpu.upload(&inv)?, gpu.upload(&table)?);
+        let table = HeadEntry::table(&heads);
+        let (qkvg, st, invg, hg) = (gpu.upload(&bf16_bits(&qkv))?, gpu.upload(&[p0 as i32, win as i32])?, gpu.upload(&inv)?, gpu.upload(&table)?);
         let (qg, kg, vg) = (gpu.zeros::<f32>(t * nh * d)?, gpu.zeros::<u16>(rows * d)?, gpu.zeros::<u16>(rows * d)?);
         gpu.rope_append(gpu.addr(&qkvg), gpu.addr(&st), gpu.addr(&invg), gpu.addr(&hg), nh, ng, d, half_split, gpu.addr(&qg), gpu.addr(&kg), gpu.addr(&vg), t)?;
         let (gq, gk, gv) = (gpu.download(&qg)?, bf16_to_f32(&gpu.download(&kg)?), bf16_to_f32(&gpu.download(&vg)?));
@@ -119,7 +115,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     // SiLU x up.
     let (rows, inter) = (3usize, 14336usize);
     let gu: Vec<f32> = random(seed + 4, rows * 2 * inter, 6.0).into_iter().map(round_bf16).collect();
-    let (gug, og) = (gpu.upload(&f32_to_bf16(&gu))?, gpu.zeros::<u16>(rows * inter)?);
+    let (gug, og) = (gpu.upload(&bf16_bits(&gu))?, gpu.zeros::<u16>(rows * inter)?);
     gpu.silu_mul(gpu.addr(&gug), gpu.addr(&og), rows, inter)?;
     let got = bf16_to_f32(&gpu.download(&og)?);
     out.push(Parity { case: format!("silu_mul: {rows} rows of {inter} (bf16 out)"), max_abs_err: max_err(&silu_mul_ref(&gu, inter), &got), bound: 0.25 });
@@ -136,7 +132,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     // Window compaction with overlapping source and destination.
     let (d, rows, src, dst, keep) = (128usize, 600usize, 150usize, 4usize, 256usize);
     let data = random(seed + 6, 2 * rows * d, 1.0);
-    let bits = f32_to_bf16(&data);
+    let bits = bf16_bits(&data);
     let (kg, vg) = (gpu.upload(&bits[..rows * d])?, gpu.upload(&bits[rows * d..])?);
     let offs = gpu.upload(&[0i32])?;
     gpu.compact_window(gpu.addr(&kg), gpu.addr(&vg), gpu.addr(&offs), 1, src, dst, keep, d)?;
@@ -153,7 +149,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     let xv: Vec<f32> = random(seed + 7, t * k, 1.0).into_iter().map(round_bf16).collect();
     let wv: Vec<f32> = random(seed + 8, m * k, 0.02).into_iter().map(round_bf16).collect();
     let y0 = random(seed + 9, t * m, 1.0);
-    let (xg, wg, yg) = (gpu.upload(&f32_to_bf16(&xv))?, gpu.upload(&f32_to_bf16(&wv))?, gpu.upload(&y0)?);
+    let (xg, wg, yg) = (gpu.upload(&bf16_bits(&xv))?, gpu.upload(&bf16_bits(&wv))?, gpu.upload(&y0)?);
     gpu.gemm(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yg), t, k, m, 1.0, false)?;
     let got = gpu.download(&yg)?;
     let want: Vec<f32> = (0..t * m).map(|i| y0[i] + (0..k).map(|j| xv[(i / m) * k + j] as f64 * wv[(i % m) * k + j] as f64).sum::<f64>() as f32).collect();
@@ -186,7 +182,7 @@ pub fn time_prefill_attention(gpu: &Gpu, retrieval: &[bool], t: usize, first: us
         })
         .collect();
     let window_start = n - (recent + t).min(n - sink);
-    let table: Vec<i32> = heads.iter().flat_map(|e| [e.offset, e.sink, e.recent, e.kind]).collect();
+    let table = HeadEntry::table(&heads);
     let (k, v) = (gpu.zeros::<u16>(at * d)?, gpu.zeros::<u16>(at * d)?);
     gpu.fill_uniform(gpu.addr(&k), at * d, 1, 1.0)?;
     gpu.fill_uniform(gpu.addr(&v), at * d, 2, 1.0)?;

@@ -378,14 +378,13 @@ mod gpu {
         let max_len = *x.lens.iter().max().unwrap_or(&1) as usize;
         let launch = DecodeLaunch { n_kv: g, group: h / g, head_dim: d, split, n_splits: max_len.div_ceil(split), kv, keys_per_warp };
         // Each head shows exactly its own rows.
-        let table: Vec<[i32; 4]> = x.offsets.iter().zip(&x.lens).map(|(&o, &l)| [o as i32, 0, l as i32, HeadEntry::FIXED]).collect();
-        let heads = gpu.upload(&table.concat())?;
+        let table: Vec<HeadEntry> = x.offsets.iter().zip(&x.lens).map(|(&o, &l)| HeadEntry::fixed(o as usize, l as usize)).collect();
+        let heads = gpu.upload(&HeadEntry::table(&table))?;
         let state = gpu.upload(&[0i32, 0])?;
         let q = gpu.upload(&x.q)?;
         let out = gpu.zeros::<f32>(h * d)?;
         let ns = launch.n_splits;
         let (pm, pl, pa) = (gpu.zeros::<f32>(h * ns)?, gpu.zeros::<f32>(h * ns)?, gpu.zeros::<f32>(h * ns * d)?);
-        let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect() };
         let (k32, v32, k16, v16);
         let (kc, vc) = match kv {
             KvType::F32 => {
@@ -393,7 +392,7 @@ mod gpu {
                 (gpu.addr(&k32), gpu.addr(&v32))
             }
             KvType::Bf16 => {
-                (k16, v16) = (gpu.upload(&bits(&x.keys))?, gpu.upload(&bits(&x.values))?);
+                (k16, v16) = (gpu.upload(&crate::ops::bf16_bits(&x.keys))?, gpu.upload(&crate::ops::bf16_bits(&x.values))?);
                 (gpu.addr(&k16), gpu.addr(&v16))
             }
         };

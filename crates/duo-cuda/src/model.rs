@@ -46,17 +46,11 @@ pub struct GpuConfig {
 }
 
 impl GpuConfig {
-    /// From a model configuration (Llama architecture).
+    /// From a model configuration (Llama architecture). The RoPE table is the CPU engine's
+    /// own, so both rotate by exactly the same angles.
     pub fn from_model(c: &duo_core::config::ModelConfig) -> Self {
-        let scale = c.rope_theta.powf(-2.0 / c.head_dim as f32);
-        let mut f = 1.0f32;
-        let inv_freq = (0..c.head_dim / 2)
-            .map(|i| {
-                let v = f / c.rope_freq_factors.as_ref().map_or(1.0, |ff| ff[i]);
-                f *= scale;
-                v
-            })
-            .collect();
+        let half_split = c.rope_style == duo_core::config::RopeStyle::HalfSplit;
+        let inv_freq = duo_kernels::ops::Rope::new(c.head_dim, c.rope_theta, half_split, c.rope_freq_factors.as_deref()).inv_freq().to_vec();
         Self {
             n_layers: c.n_layers,
             hidden: c.hidden_size,
@@ -67,7 +61,7 @@ impl GpuConfig {
             vocab: c.vocab_size,
             eps: c.rms_norm_eps,
             inv_freq,
-            half_split: c.rope_style == duo_core::config::RopeStyle::HalfSplit,
+            half_split,
         }
     }
 
@@ -464,7 +458,7 @@ mod gpu {
         pub fn from_host(gpu: &Gpu, config: GpuConfig, w: &HostWeights) -> Result<Self> {
             config.validate()?;
             w.validate(&config)?;
-            let bf = |v: &[f32]| -> Result<CudaSlice<u16>> { gpu.upload(&v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<u16>>()) };
+            let bf = |v: &[f32]| gpu.upload(&crate::ops::bf16_bits(v));
             let layers = w
                 .layers
                 .iter()
@@ -537,12 +531,11 @@ mod gpu {
             for l in 0..c.n_layers {
                 let rows = layout.layer_rows(l);
                 let table = layout.heads(l);
-                let flat: Vec<i32> = table.iter().flat_map(|e| [e.offset, e.sink, e.recent, e.kind]).collect();
                 let streaming: Vec<i32> = table.iter().filter(|e| e.kind == HeadEntry::STREAMING).map(|e| e.offset).collect();
                 caches.push(LayerCache {
                     keys: gpu.zeros(rows * c.head_dim)?,
                     values: gpu.zeros(rows * c.head_dim)?,
-                    heads: gpu.upload(&flat)?,
+                    heads: gpu.upload(&HeadEntry::table(&table))?,
                     n_streaming: streaming.len(),
                     streaming_offsets: gpu.upload(&if streaming.is_empty() { vec![0] } else { streaming })?,
                 });
@@ -602,7 +595,7 @@ mod gpu {
             if n + t > self.layout.max_tokens {
                 return Err(CudaError::Input(format!("{} tokens exceed this sequence's {} tokens", n + t, self.layout.max_tokens)));
             }
-            if t > self.layout.chunk.max(1) && t > 1 {
+            if t > 1 && t > self.layout.chunk {
                 return Err(CudaError::Input(format!("a chunk of {t} tokens is longer than the buffers' {}", self.layout.chunk)));
             }
             let w = if n > s { n - self.window_start } else { 0 };

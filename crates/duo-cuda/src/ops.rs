@@ -161,6 +161,11 @@ pub fn round_bf16(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
+/// `v` as bf16 bits (round to nearest even), the form the GPU buffers hold.
+pub fn bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()
+}
+
 /// The seeded random bf16 tensor `fill_uniform_bf16` writes, as `f32`.
 pub fn uniform_bf16(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     (0..n as u64).map(|i| round_bf16(hash_uniform(seed, i) * scale)).collect()

@@ -52,6 +52,16 @@ impl HeadEntry {
         Self { offset: offset as i32, sink: sink as i32, recent: recent as i32, kind: Self::STREAMING }
     }
 
+    /// A fixed head of `rows` rows at `offset`, all visible (decode only).
+    pub fn fixed(offset: usize, rows: usize) -> Self {
+        Self { offset: offset as i32, sink: 0, recent: rows as i32, kind: Self::FIXED }
+    }
+
+    /// A layer's entries as the kernels read them: one `int4` per KV head.
+    pub fn table(heads: &[HeadEntry]) -> Vec<i32> {
+        heads.iter().flat_map(|e| [e.offset, e.sink, e.recent, e.kind]).collect()
+    }
+
     /// Rows this head holds when `n` tokens have been cached and the window starts at `win`.
     pub fn rows(&self, n: usize, win: usize) -> usize {
         match self.kind {

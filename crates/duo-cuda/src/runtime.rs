@@ -276,6 +276,32 @@ impl Gpu {
         let smem = prefill_smem_bytes(head_dim) as u32;
         launch!(smem smem; self, f, (t.div_ceil(128) as u32, n_heads as u32, 1), 128, &q, &kc, &vc, &heads, &state, &tt, &h, &g, &scale_log2, &out)
     }
+
+    /// Gives cuBLAS a fixed workspace, so that captured products allocate nothing.
+    pub fn set_blas_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: `ptr` is a live allocation of `bytes` owned by the caller for as long as
+        // products run with this handle.
+        let status = unsafe { blas_sys::cublasSetWorkspace_v2(*self.blas.handle(), ptr as *mut std::ffi::c_void, bytes) };
+        if status == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(CudaError::Driver(format!("cublasSetWorkspace: {status:?}"))) }
+    }
+
+    /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written, per
+    /// second), from copies of 2 GiB: the bandwidth floor of a step is the bytes it must read
+    /// divided by this.
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        let n = 1usize << 30; // 2 GiB of u16
+        let src = self.zeros::<u16>(n)?;
+        let mut dst = self.zeros::<u16>(n)?;
+        self.stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
+        self.sync()?;
+        let reps = 10;
+        let started = std::time::Instant::now();
+        for _ in 0..reps {
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
+        }
+        self.sync()?;
+        Ok((2 * 2 * n * reps) as f64 / started.elapsed().as_secs_f64())
+    }
 }
 
 /// Dynamic shared memory of the prefill kernel: 128 queries and two stages of 64-row K and V
@@ -301,34 +327,4 @@ pub struct DecodeLaunch {
     pub kv: KvType,
     /// Keys a warp reads at once (1, 2 or 4): fewer keys, more lanes per key, fewer registers.
     pub keys_per_warp: usize,
-}
-
-impl Gpu {
-    /// Gives cuBLAS a fixed workspace, so that captured products allocate nothing.
-    pub fn set_blas_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
-        // SAFETY: `ptr` is a live allocation of `bytes` owned by the caller for as long as
-        // products run with this handle.
-        let status = unsafe { blas_sys::cublasSetWorkspace_v2(*self.blas.handle(), ptr as *mut std::ffi::c_void, bytes) };
-        if status == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(CudaError::Driver(format!("cublasSetWorkspace: {status:?}"))) }
-    }
-}
-
-impl Gpu {
-    /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written, per
-    /// second), from copies of 2 GiB: the bandwidth floor of a step is the bytes it must read
-    /// divided by this.
-    pub fn copy_bandwidth(&self) -> Result<f64> {
-        let n = 1usize << 30; // 2 GiB of u16
-        let src = self.zeros::<u16>(n)?;
-        let mut dst = self.zeros::<u16>(n)?;
-        self.stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
-        self.sync()?;
-        let reps = 10;
-        let started = std::time::Instant::now();
-        for _ in 0..reps {
-            self.stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
-        }
-        self.sync()?;
-        Ok((2 * 2 * n * reps) as f64 / started.elapsed().as_secs_f64())
-    }
 }
