@@ -54,6 +54,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let bandwidth = gpu.copy_bandwidth()?;
     eprintln!("duo bench: {card}, copy bandwidth {:.0} GB/s; building {shape} with seeded random bf16 weights ...", bandwidth / 1e9);
     let weights = Arc::new(GpuWeights::random(&gpu, gc.clone(), a.method.seed)?);
+    // The bandwidth floor of a decode step: every weight and every cached key and value read once.
+    let floor_ms = |kv_bytes: usize| (gc.weight_bytes() + kv_bytes) as f64 / bandwidth * 1000.0;
     let (idle, total) = gpu.memory_used()?;
     eprintln!("weights {:.2} GiB; device memory in use {:.2} of {:.2} GiB", gc.weight_bytes() as f64 / GIB, idle as f64 / GIB, total as f64 / GIB);
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.method.seed);
@@ -101,15 +103,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             // Two untimed steps: the first runs launch by launch, the second captures the graph.
             let mut next = seq.decode(None)?;
             next = seq.decode(Some(next))?;
+            let timed = a.decode_tokens - 2; // at least 1: checked above
             let t1 = Instant::now();
-            for _ in 0..a.decode_tokens.saturating_sub(2) {
+            for _ in 0..timed {
                 next = seq.decode(Some(next))?;
             }
-            let steps = a.decode_tokens.saturating_sub(2).max(1);
-            let decode_ms = t1.elapsed().as_secs_f64() * 1000.0 / steps as f64;
+            let decode_ms = t1.elapsed().as_secs_f64() * 1000.0 / timed as f64;
             let kv_bytes = layout.used_bytes(gc.head_dim, seq.tokens());
             let (used, _) = gpu.memory_used()?;
-            let floor_ms = (gc.weight_bytes() + kv_bytes) as f64 / bandwidth * 1000.0;
+            let floor_ms = floor_ms(kv_bytes);
             let row = Row { method: name.clone(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s, decode_ms, kv_bytes, gpu_bytes: used, floor_ms, graph_steps: seq.graph_steps };
             eprintln!(
                 "{:<8} {:>8} tokens: prefill {}, decode {:>7.2} ms/token (floor {:.2}, {:.2}x), KV {:>6.2} GiB, GPU {:>6.2} GiB",
@@ -123,7 +125,6 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 used as f64 / GIB
             );
             rows.push(row);
-            drop(seq);
         }
     }
     let mut names = a.methods.clone();
@@ -146,7 +147,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 decode_ms: r["decode_ms_per_token"].as_f64().context("a baseline row without `decode_ms_per_token`")?,
                 kv_bytes,
                 gpu_bytes: (r["device_used_gib"].as_f64().unwrap_or(0.0) * GIB) as usize,
-                floor_ms: (gc.weight_bytes() + kv_bytes) as f64 / bandwidth * 1000.0,
+                floor_ms: floor_ms(kv_bytes),
                 graph_steps: 0,
             });
         }
