@@ -1,9 +1,9 @@
 //! Command-line flags. Every command that runs a model takes the same model and
 //! attention-method flags ([`MethodArgs`]).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use duo_engine::{Method, MethodSpec};
+use duo_engine::{Device, Engine, Method, MethodSpec, PatternSource, ResolvedMethod};
 use duo_model::ModelSource;
 use std::path::PathBuf;
 
@@ -47,6 +47,10 @@ pub struct MethodArgs {
     /// (llama-3-8b, llama-2-7b, smollm2-135m, or a config.json): `duo bench` only.
     #[arg(long, conflicts_with = "model")]
     pub random_weights: Option<String>,
+    /// Where the model runs: cpu, cuda (GPU 0) or cuda:N (bf16 weights and KV cache on duo's
+    /// CUDA backend).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 impl MethodArgs {
@@ -64,17 +68,21 @@ impl MethodArgs {
         })
     }
 
+    /// Where the head pattern comes from: `--pattern`, else the patterns shipped for the
+    /// default model (the one place that default is decided), else none.
+    pub fn pattern_source(&self) -> Option<PatternSource> {
+        match (&self.pattern, &self.model, &self.random_weights) {
+            (Some(p), _, _) => Some(PatternSource::Path(p.clone())),
+            (None, None, None) => Some(PatternSource::Shipped),
+            _ => None,
+        }
+    }
+
     /// The attention method as the engine takes it.
     pub fn spec(&self) -> Result<MethodSpec> {
-        let method = self.method.parse::<Method>()?;
-        // The default model ships its own patterns: duo and random use them unless told otherwise.
-        let shipped = (self.pattern.is_none() && self.model.is_none() && self.random_weights.is_none() && matches!(method, Method::Duo | Method::Random))
-            .then(crate::eval::shipped_patterns)
-            .flatten()
-            .map(|(head, layer)| if self.layout == "layer" { layer } else { head });
         Ok(MethodSpec {
-            method,
-            pattern: self.pattern.clone().or(shipped),
+            method: self.method.parse::<Method>()?,
+            pattern: self.pattern_source(),
             sparsity: self.sparsity,
             threshold: self.threshold,
             layout: self.layout.parse()?,
@@ -84,6 +92,16 @@ impl MethodArgs {
             prefill: self.prefill.parse().map_err(anyhow::Error::msg)?,
             chunk: self.chunk,
         })
+    }
+
+    /// Loads the model onto `--device` (the device is opened first: without a driver this
+    /// fails before any model file is read) and resolves the method against it.
+    pub fn load(&self) -> Result<(Engine, ResolvedMethod)> {
+        let spec = self.spec()?;
+        let source = self.model_source()?;
+        let engine = Engine::load(&source, self.device).with_context(|| format!("loading the model onto {}", self.device))?;
+        let resolved = spec.resolve(engine.config())?;
+        Ok((engine, resolved))
     }
 }
 
@@ -122,10 +140,6 @@ pub struct GenerateArgs {
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// cpu, or cuda (a binary built by scripts/build-cuda.sh): the model runs on the GPU
-    /// with bf16 weights and KV cache.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     #[command(flatten)]
     pub method: MethodArgs,
 }

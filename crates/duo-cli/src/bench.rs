@@ -1,15 +1,20 @@
-//! `duo bench`: prefill throughput, decode time per token and KV bytes as the context
-//! grows, for several attention methods, side by side in one process.
+//! `duo bench`: prefill time, decode time per token, KV bytes and memory in use as the
+//! context grows, for several attention methods, side by side in one process, on any
+//! backend (`--device cpu|cuda|cuda:N`): every row runs through the engine's backend seam.
 //!
 //! The prompt is a deterministic token sequence (seeded), so every method sees the same
 //! input; speed and memory do not depend on what the tokens say. With
 //! `--random-weights SHAPE` the model is built with seeded random weights of a real shape
-//! (e.g. Llama-3-8B), to measure scales whose checkpoints are not on the machine.
+//! (e.g. Llama-3-8B), to measure scales whose checkpoints are not on the machine. Contexts
+//! longer than `--max-prefill` get seeded random keys and values instead of a prefill
+//! (backends that support it: CUDA), and only their decode is timed. Where the backend
+//! measures its copy bandwidth (CUDA), each row shows the bandwidth floor of a decode step:
+//! the weight bytes read per step plus the KV bytes held, over that bandwidth.
 
 use crate::args::MethodArgs;
 use anyhow::{Context, Result};
 use clap::Args;
-use duo_model::{LoadedModel, Logits, Model};
+use duo_engine::backend::{self, Backend, Device};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,7 +28,8 @@ pub struct BenchArgs {
     /// Methods to compare, comma-separated: full, duo, layer (duo with --layout layer), streaming, random, random-layer.
     #[arg(long, default_value = "full,random,random-layer,streaming", value_delimiter = ',')]
     pub methods: Vec<String>,
-    /// Decode steps timed after each prefill.
+    /// Decode steps after each prefill; on the GPU the first two are untimed (launch by
+    /// launch, then the CUDA graph's capture).
     #[arg(long, default_value_t = 32)]
     pub decode_tokens: usize,
     /// Write the table as CSV here too.
@@ -32,41 +38,28 @@ pub struct BenchArgs {
     /// Output folder: bench.csv, bench.md and curves (prefill.png, decode.png, kv.png, memory.png).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// cpu, or cuda (a binary built by scripts/build-cuda.sh, with --random-weights).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// With --device cuda: contexts longer than this get seeded random KV instead of a
-    /// prefill, and only their decode is timed.
+    /// Contexts longer than this get seeded random KV instead of a prefill, and only their
+    /// decode is timed (CUDA).
     #[arg(long, default_value_t = usize::MAX)]
     pub max_prefill: usize,
-    /// With --device cuda: rows of scripts/torch_baseline.py (its --out JSON) to show beside
-    /// duo's in the table and the curves.
+    /// Rows of scripts/torch_baseline.py (its --out JSON) to show beside duo's in the table
+    /// and the curves.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
-    /// With --device cuda: run each decode step launch by launch instead of replaying a
-    /// captured CUDA graph (to measure what the graph saves).
-    #[arg(long)]
-    pub no_graph: bool,
     #[command(flatten)]
     pub method: MethodArgs,
 }
 
 struct Row {
     method: String,
-    tokens: usize,
-    prefill_s: f64,
-    decode_ms: f64,
-    kv_retrieval: usize,
-    kv_streaming: usize,
     retrieval_heads: usize,
-    /// Resident memory of the whole process with this run's cache alive.
-    rss: usize,
-}
-
-/// Resident set size of this process (Linux `VmRSS`), 0 where unknown.
-fn resident_bytes() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<usize>().ok()).map_or(0, |kib| kib * 1024)
+    tokens: usize,
+    prefill_s: Option<f64>,
+    decode_ms: f64,
+    kv_bytes: usize,
+    /// Process memory (CPU) or device memory in use (GPU) with this run's cache alive.
+    memory: usize,
+    floor_ms: Option<f64>,
 }
 
 pub(crate) fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
@@ -86,99 +79,181 @@ pub(crate) fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
     Ok(m)
 }
 
+/// Untimed decode steps before timing on the GPU (the first runs launch by launch, the
+/// second captures the CUDA graph).
+fn warm_steps(device: Device) -> usize {
+    if matches!(device, Device::Cuda(_)) { 2 } else { 0 }
+}
+
 /// Runs the benchmark and prints a markdown table.
 pub fn run(a: BenchArgs) -> Result<()> {
-    match a.device.as_str() {
-        "cpu" => {}
-        "cuda" => return crate::bench_cuda::run(&a),
-        other => anyhow::bail!("unknown --device `{other}` (expected cpu or cuda)"),
+    let device = a.method.device;
+    if a.lengths.is_empty() || a.lengths.contains(&0) {
+        anyhow::bail!("--lengths must list context lengths of at least 1 token");
     }
-    let mut base = a.method.clone();
-    let mut layer_pattern = None;
-    let (model, label, token_limit) = match &a.method.random_weights {
-        Some(shape) => {
-            let config = duo_model::random::shape(shape)?;
-            eprintln!("duo bench: building {shape} with seeded random weights (seed {}) ...", a.method.seed);
+    if a.decode_tokens < warm_steps(device) + 1 {
+        anyhow::bail!("--decode-tokens must be at least {} on {device} ({} untimed steps, then at least one timed)", warm_steps(device) + 1, warm_steps(device));
+    }
+    for name in &a.methods {
+        method_args(&a.method, name)?.spec()?;
+    }
+    // Shapes and arguments are checked before any device is opened or model read.
+    let random_config = a.method.random_weights.as_deref().map(duo_model::random::shape).transpose()?;
+    let (engine, backend_box, label, token_limit);
+    match (&a.method.random_weights, random_config) {
+        (Some(shape), Some(config)) => {
+            eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed);
             let vocab = config.vocab_size;
-            (Model::random(config, a.method.seed)?, format!("{shape} (random weights)"), vocab)
+            backend_box = Some(backend::random(device, config, a.method.seed)?);
+            engine = None;
+            label = format!("{shape} (random weights)");
+            token_limit = vocab;
         }
-        None => {
-            let source = a.method.model_source()?;
-            if base.pattern.is_none() && matches!(source, duo_model::ModelSource::Default) {
-                if let Some((head, layer)) = crate::eval::shipped_patterns() {
-                    base.pattern = Some(head);
-                    layer_pattern = Some(layer);
-                }
-            }
-            let loaded = LoadedModel::load(&source).context("loading the model")?;
-            let limit = loaded.tokenizer.vocab_size().min(loaded.model.config().vocab_size);
-            (loaded.model, loaded.path.display().to_string(), limit)
+        _ => {
+            let (e, _) = a.method.load()?;
+            token_limit = e.tokenizer.vocab_size().min(e.config().vocab_size);
+            label = e.path.display().to_string();
+            engine = Some(e);
+            backend_box = None;
         }
+    }
+    let b: &dyn Backend = match (&engine, &backend_box) {
+        (Some(e), _) => e.backend(),
+        (None, Some(b)) => b.as_ref(),
+        (None, None) => anyhow::bail!("no model"),
     };
-    let c = model.config().clone();
+    let c = b.config().clone();
     let max_len = a.lengths.iter().copied().max().unwrap_or(0);
     if max_len + a.decode_tokens > c.context_length {
-        anyhow::bail!("{} prompt tokens + {} decode tokens exceed the context length of {}", max_len, a.decode_tokens, c.context_length);
+        if a.method.random_weights.is_none() {
+            anyhow::bail!("{} prompt tokens + {} decode tokens exceed the context length of {}", max_len, a.decode_tokens, c.context_length);
+        }
+        // Random weights say nothing anyway; speed and memory past the trained length are
+        // what "up to what fits" asks for.
+        eprintln!("note: {max_len} tokens exceed the trained context of {}; measuring speed and memory only", c.context_length);
     }
+    let floor = b.decode_floor()?;
+    let machine = b.describe();
+    if let Some((weights, bw)) = floor {
+        eprintln!("duo bench: {label} on {machine}; copy bandwidth {:.0} GB/s; {:.2} GiB of weights read per decode step", bw / 1e9, weights as f64 / GIB);
+    } else {
+        eprintln!("duo bench: {label} ({} layers, {} KV heads/layer) on {machine}", c.n_layers, c.n_kv_heads);
+    }
+    let floor_ms = |kv: usize| floor.map(|(w, bw)| (w + kv) as f64 / bw * 1000.0);
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.method.seed);
     let limit = token_limit as u32;
-    let prompt: Vec<u32> = (0..max_len).map(|_| rng.gen_range(100.min(limit - 1)..limit)).collect();
-    let threads = rayon::current_num_threads();
-    eprintln!("duo bench: {label} ({} layers, {} KV heads/layer), {threads} threads", c.n_layers, c.n_kv_heads);
+    let prompt: Vec<u32> = (0..max_len.min(a.max_prefill)).map(|_| rng.gen_range(100.min(limit - 1)..limit)).collect();
     let mut rows = Vec::new();
     for name in &a.methods {
-        let mut args = method_args(&base, name)?;
-        if name == "layer" || name == "random-layer" {
-            if let Some(p) = &layer_pattern {
-                args.pattern = Some(p.clone());
-            }
+        let method = method_args(&a.method, name)?.spec()?.resolve(&c)?;
+        let plan = backend::kv_plan(b, &method);
+        // Warm-up on a short sequence: compiles GPU kernels and lets cuBLAS pick its algorithms.
+        if warm_steps(device) > 0 {
+            let mut seq = b.new_sequence(&method, 256)?;
+            let logits = b.forward(seq.as_mut(), &prompt[..64.min(prompt.len())], duo_engine::backend::Logits::Last)?;
+            let t = b.greedy_step(seq.as_mut(), duo_engine::sampler::argmax(&logits))?;
+            b.greedy_step(seq.as_mut(), t)?;
         }
-        let method = args.spec()?.resolve(&c)?;
         for &n in &a.lengths {
-            let mut kv = method.new_cache();
-            let t0 = Instant::now();
-            let logits = model.prefill(&prompt[..n], &mut kv, method.chunk, |_| {})?;
-            let prefill_s = t0.elapsed().as_secs_f64();
-            let mut next = duo_engine::sampler::argmax(&logits);
-            let t1 = Instant::now();
-            for _ in 0..a.decode_tokens {
-                let l = model.forward(&[next], &mut kv, Logits::Last)?;
-                next = duo_engine::sampler::argmax(&l);
+            let mut seq = match b.new_sequence(&method, n + a.decode_tokens) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{name:<13} {n:>8} tokens: does not fit ({e})");
+                    continue;
+                }
+            };
+            let (prefill_s, mut next) = if n <= a.max_prefill {
+                let t0 = Instant::now();
+                let logits = b.forward(seq.as_mut(), &prompt[..n], duo_engine::backend::Logits::Last)?;
+                (Some(t0.elapsed().as_secs_f64()), duo_engine::sampler::argmax(&logits))
+            } else {
+                b.fill_synthetic(seq.as_mut(), n, 1000, a.method.seed)?;
+                (None, 1000)
+            };
+            for _ in 0..warm_steps(device) {
+                next = b.greedy_step(seq.as_mut(), next)?;
             }
-            let decode_ms = t1.elapsed().as_secs_f64() * 1000.0 / a.decode_tokens.max(1) as f64;
-            let b = kv.peak_bytes();
-            let rss = resident_bytes();
-            let row = Row { method: name.clone(), tokens: n, prefill_s, decode_ms, kv_retrieval: b.retrieval, kv_streaming: b.streaming, retrieval_heads: method.pattern.retrieval_count(), rss };
+            let timed = a.decode_tokens - warm_steps(device);
+            let t1 = Instant::now();
+            for _ in 0..timed {
+                next = b.greedy_step(seq.as_mut(), next)?;
+            }
+            let decode_ms = t1.elapsed().as_secs_f64() * 1000.0 / timed as f64;
+            let kv_bytes = plan.total_bytes(seq.tokens());
+            let row = Row { method: name.clone(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s, decode_ms, kv_bytes, memory: b.memory_in_use().unwrap_or(0), floor_ms: floor_ms(kv_bytes) };
             eprintln!(
-                "{:<13} {:>6} tokens: prefill {:>7.2} s ({:>7.1} tok/s), decode {:>7.2} ms/token, KV {:>8.2} MiB, process {:>8.1} MiB",
-                name, n, prefill_s, n as f64 / prefill_s, decode_ms, (b.total()) as f64 / (1 << 20) as f64, rss as f64 / (1 << 20) as f64
+                "{:<13} {:>8} tokens: prefill {}, decode {:>8.2} ms/token{}, KV {:>9.2} MiB, memory in use {:>9.1} MiB",
+                name,
+                n,
+                prefill_s.map_or("synthetic KV".into(), |s| format!("{s:>8.2} s ({:>8.1} tok/s)", n as f64 / s)),
+                decode_ms,
+                row.floor_ms.map_or(String::new(), |f| format!(" (floor {f:.2}, {:.2}x)", decode_ms / f)),
+                kv_bytes as f64 / MIB,
+                row.memory as f64 / MIB
             );
             rows.push(row);
         }
     }
+    let mut names = a.methods.clone();
+    if let Some(path) = &a.baseline {
+        rows.extend(baseline_rows(path, &c, b.kv_element_bytes(), &floor_ms)?);
+        names.push("pytorch".into());
+    }
+    write(&a, &rows, &names, &format!("{label}; {machine}"))
+}
+
+/// The rows of a PyTorch baseline JSON (scripts/torch_baseline.py).
+fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, element: usize, floor_ms: &dyn Fn(usize) -> Option<f64>) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let rows_json: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{} is not a JSON list of baseline rows", path.display()))?;
+    let mut rows = Vec::new();
+    for r in rows_json {
+        let tokens = r["context"].as_u64().context("a baseline row without `context`")? as usize;
+        if let Some(e) = r["error"].as_str() {
+            eprintln!("pytorch {tokens:>8} tokens: {e}");
+            continue;
+        }
+        let kv_bytes = tokens * c.n_layers * c.n_kv_heads * c.head_dim * 2 * element;
+        rows.push(Row {
+            method: "pytorch".into(),
+            retrieval_heads: c.n_layers * c.n_kv_heads,
+            tokens,
+            prefill_s: r["prefill_s"].as_f64(),
+            decode_ms: r["decode_ms_per_token"].as_f64().context("a baseline row without `decode_ms_per_token`")?,
+            kv_bytes,
+            memory: (r["device_used_gib"].as_f64().unwrap_or(0.0) * GIB) as usize,
+            floor_ms: floor_ms(kv_bytes),
+        });
+    }
+    Ok(rows)
+}
+
+/// The table (stdout and `--out`), the CSV and the curves.
+fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<()> {
+    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String, none: &str| v.map_or(none.to_string(), f);
     let mut table = String::from(
-        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token | decode tok/s | KV MiB (retrieval + streaming) | process MiB |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token | floor ms | over floor | KV MiB | memory in use MiB |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for r in &rows {
+    for r in rows {
         table.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.1} | {:.2} | {:.1} | {:.2} ({:.2} + {:.2}) | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.2} | {:.1} |\n",
             r.method,
             r.retrieval_heads,
             r.tokens,
-            r.prefill_s,
-            r.tokens as f64 / r.prefill_s,
+            opt(r.prefill_s, &|s| format!("{s:.2}"), "(synthetic KV)"),
+            opt(r.prefill_s, &|s| format!("{:.1}", r.tokens as f64 / s), "-"),
             r.decode_ms,
-            1000.0 / r.decode_ms,
-            (r.kv_retrieval + r.kv_streaming) as f64 / (1 << 20) as f64,
-            r.kv_retrieval as f64 / (1 << 20) as f64,
-            r.kv_streaming as f64 / (1 << 20) as f64,
-            r.rss as f64 / (1 << 20) as f64
+            opt(r.floor_ms, &|f| format!("{f:.2}"), "-"),
+            opt(r.floor_ms, &|f| format!("{:.2}x", r.decode_ms / f), "-"),
+            r.kv_bytes as f64 / MIB,
+            r.memory as f64 / MIB
         ));
     }
     print!("{table}");
-    let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,kv_bytes_retrieval,kv_bytes_streaming,process_bytes\n");
-    for r in &rows {
-        csv.push_str(&format!("{},{},{},{:.4},{:.4},{},{},{}\n", r.method, r.retrieval_heads, r.tokens, r.prefill_s, r.decode_ms, r.kv_retrieval, r.kv_streaming, r.rss));
+    let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,floor_ms,kv_bytes,memory_bytes\n");
+    for r in rows {
+        let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
+        csv.push_str(&format!("{},{},{},{},{:.4},{},{},{}\n", r.method, r.retrieval_heads, r.tokens, f(r.prefill_s), r.decode_ms, f(r.floor_ms), r.kv_bytes, r.memory));
     }
     if let Some(p) = &a.csv {
         std::fs::write(p, &csv).with_context(|| format!("writing {}", p.display()))?;
@@ -186,22 +261,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("bench.csv"), &csv)?;
-        let machine = crate::identify::machine(&candle_core::Device::Cpu);
-        std::fs::write(dir.join("bench.md"), format!("{label}; {machine}\n\n{table}"))?;
-        let curve = |f: &dyn Fn(&Row) -> f64| -> Vec<crate::plot::Series> {
-            a.methods
-                .iter()
-                .map(|m| crate::plot::Series {
-                    name: m.clone(),
-                    points: rows.iter().filter(|r| &r.method == m).map(|r| (r.tokens as f64, f(r))).collect(),
-                })
-                .collect()
+        std::fs::write(dir.join("bench.md"), format!("{title}\n\n{table}"))?;
+        let curve = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<crate::plot::Series> {
+            names.iter().map(|m| crate::plot::Series { name: m.clone(), points: rows.iter().filter(|r| &r.method == m).filter_map(|r| Some((r.tokens as f64, f(r)?))).collect() }).collect()
         };
         crate::plot::line_chart(&dir.join("prefill.png"), "PREFILL TIME", "context tokens", "seconds", &curve(&|r| r.prefill_s))?;
-        crate::plot::line_chart(&dir.join("decode.png"), "DECODE TIME PER TOKEN", "context tokens", "ms per token", &curve(&|r| r.decode_ms))?;
-        crate::plot::line_chart(&dir.join("kv.png"), "PEAK KV CACHE", "context tokens", "MiB", &curve(&|r| (r.kv_retrieval + r.kv_streaming) as f64 / 1048576.0))?;
-        crate::plot::line_chart(&dir.join("memory.png"), "PROCESS MEMORY", "context tokens", "MiB", &curve(&|r| r.rss as f64 / 1048576.0))?;
+        crate::plot::line_chart(&dir.join("decode.png"), "DECODE TIME PER TOKEN", "context tokens", "ms per token", &curve(&|r| Some(r.decode_ms)))?;
+        crate::plot::line_chart(&dir.join("kv.png"), "KV CACHE", "context tokens", "MiB", &curve(&|r| Some(r.kv_bytes as f64 / MIB)))?;
+        crate::plot::line_chart(&dir.join("memory.png"), "MEMORY IN USE", "context tokens", "MiB", &curve(&|r| Some(r.memory as f64 / MIB)))?;
         eprintln!("wrote {}", dir.display());
     }
     Ok(())
 }
+
+const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;

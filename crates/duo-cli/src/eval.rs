@@ -9,7 +9,7 @@ use duo_engine::Runner;
 use duo_eval::store::Store;
 use duo_eval::summary::{grid, markdown, summarise};
 use duo_eval::{run_cell, EvalMethod, Grid, Task};
-use duo_model::{LoadedModel, ModelSource};
+
 use duo_tasks::Haystack;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -77,16 +77,6 @@ pub struct NiahArgs {
     pub grid: GridArgs,
 }
 
-/// The SmolLM2 patterns shipped with duo: `(head, layer)` folders, when present
-/// (`$DUO_PATTERNS` or the repository's `patterns/SmolLM2-135M-Instruct`).
-pub fn shipped_patterns() -> Option<(PathBuf, PathBuf)> {
-    let root = std::env::var_os("DUO_PATTERNS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../patterns/SmolLM2-135M-Instruct"));
-    let (head, layer) = (root.join("head"), root.join("layer"));
-    (head.join(duo_core::pattern::GATES_FILE).exists() && layer.join(duo_core::pattern::GATES_FILE).exists()).then_some((head, layer))
-}
-
 fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',').map(|v| v.trim().parse::<T>().map_err(|_| anyhow::anyhow!("`{v}` in --{what} is not a valid number"))).collect()
 }
@@ -98,14 +88,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Niah(a) => (Task::Niah { needle: a.needle, question: a.question }, a.grid),
     };
     let methods = EvalMethod::parse_list(&g.methods)?;
-    let mut base = g.method.spec()?;
-    let mut layer_pattern = g.layer_pattern.clone();
-    if base.pattern.is_none() && matches!(g.method.model_source()?, ModelSource::Default) {
-        if let Some((head, layer)) = shipped_patterns() {
-            base.pattern = Some(head);
-            layer_pattern = layer_pattern.or(Some(layer));
-        }
-    }
+    let base = g.method.spec()?;
+    let layer_pattern = g.layer_pattern.clone();
     let haystack = match (&g.haystack, &task) {
         (Some(dir), _) => Haystack::from_dir(dir)?,
         (None, Task::Passkey { .. }) => Haystack::Generated,
@@ -118,7 +102,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             }
         }
     };
-    let model = LoadedModel::load(&g.method.model_source()?).context("loading the model")?;
+    let (model, _) = g.method.load()?;
     let grid_spec = Grid {
         task,
         haystack,
@@ -127,12 +111,12 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         hint_words: g.hint_words,
         seed: g.method.seed,
     };
-    grid_spec.validate(model.model.config().context_length)?;
+    grid_spec.validate(model.config().context_length)?;
     // Resolve every method first: a missing or misshapen pattern fails before any work.
     let mut runners = Vec::new();
     for &m in &methods {
         let spec = m.spec(&base, layer_pattern.as_ref());
-        let resolved = spec.resolve(model.model.config()).with_context(|| format!("method {}", m.name()))?;
+        let resolved = spec.resolve(model.config()).with_context(|| format!("method {}", m.name()))?;
         runners.push((m, Runner::new(&model, resolved)));
     }
     std::fs::create_dir_all(&g.out).with_context(|| format!("creating {}", g.out.display()))?;
@@ -157,7 +141,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             if todo.is_empty() {
                 continue;
             }
-            let cell = grid_spec.prompt(&model, length, depth)?;
+            let cell = grid_spec.prompt(&model.tokenizer, length, depth)?;
             for (m, runner) in todo {
                 bar.set_message(format!("{} len {length} depth {depth}", m.name()));
                 let r = run_cell(runner, &grid_spec, *m, length, depth, &cell)?;
@@ -230,19 +214,12 @@ pub struct DemoArgs {
 /// Runs `duo demo`: one long passkey prompt with full attention, DuoAttention and the
 /// layer layout, printing answer, KV bytes and speed for each.
 pub fn demo(a: DemoArgs) -> Result<()> {
-    let source = a.method.model_source()?;
-    let mut base = a.method.spec()?;
-    let mut layer_pattern = None;
+    let base = a.method.spec()?;
     if base.pattern.is_none() {
-        match (&source, shipped_patterns()) {
-            (ModelSource::Default, Some((head, layer))) => {
-                base.pattern = Some(head);
-                layer_pattern = Some(layer);
-            }
-            _ => println!("no head pattern given and none shipped for this model: showing full attention and StreamingLLM only\n"),
-        }
+        println!("no head pattern given and none shipped for this model: showing full attention and StreamingLLM only\n");
     }
-    let model = LoadedModel::load(&source).context("loading the model")?;
+    let (model, _) = a.method.load()?;
+    println!("running on {}\n", model.backend().describe());
     let grid = Grid {
         task: Task::Passkey { words: a.words },
         haystack: Haystack::Generated,
@@ -251,8 +228,8 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         hint_words: a.hint_words,
         seed: a.method.seed,
     };
-    grid.validate(model.model.config().context_length)?;
-    let cell = grid.prompt(&model, a.length, a.depth)?;
+    grid.validate(model.config().context_length)?;
+    let cell = grid.prompt(&model.tokenizer, a.length, a.depth)?;
     println!(
         "passkey prompt: {} tokens, needle at depth {:.0}%, {} hint words; expected passkey:\n  {}\n",
         cell.prompt.len(),
@@ -265,7 +242,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     println!("| method | retrieval KV heads | answer | words right | teacher-forced | KV MiB | prefill tok/s |");
     println!("|---|---:|---|---:|---:|---:|---:|");
     for m in methods {
-        let resolved = m.spec(&base, layer_pattern.as_ref()).resolve(model.model.config())?;
+        let resolved = m.spec(&base, None).resolve(model.config())?;
         let heads = resolved.pattern.retrieval_count();
         let all = resolved.pattern.n_layers() * resolved.pattern.n_kv_heads();
         let runner = Runner::new(&model, resolved);

@@ -71,36 +71,36 @@ pub struct IdentifyArgs {
     /// Training-free estimate instead of the optimisation: attention mass outside sink + recent, averaged over STEPS samples.
     #[arg(long)]
     pub estimate: bool,
-    /// cpu or cuda.
+    /// cpu, cuda or cuda:N (the gradient passes run on candle: a GPU needs the binary of
+    /// scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: duo_engine::Device,
 }
 
-/// The candle device named on the command line.
-pub fn device(name: &str) -> Result<candle_core::Device> {
-    match name {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => cuda_device(),
-        other => bail!("unknown device `{other}`; use cpu or cuda"),
+/// The candle device for duo's device flag.
+pub fn device(d: duo_engine::Device) -> Result<candle_core::Device> {
+    match d {
+        duo_engine::Device::Cpu => Ok(candle_core::Device::Cpu),
+        duo_engine::Device::Cuda(n) => cuda_device(n),
     }
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) fn cuda_device() -> Result<candle_core::Device> {
+pub(crate) fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
     // The CUDA libraries are loaded at run time; where they are missing the loader panics
     // inside cudarc. Turn that into an error (and keep its message off the terminal).
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(0));
+    let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal));
     std::panic::set_hook(hook);
     match opened {
-        Ok(device) => device.context("opening CUDA device 0"),
+        Ok(device) => device.with_context(|| format!("opening CUDA device {ordinal}")),
         Err(_) => bail!("no usable CUDA driver on this machine (libcuda.so.1 could not be loaded); run without --device cuda"),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-pub(crate) fn cuda_device() -> Result<candle_core::Device> {
+pub(crate) fn cuda_device(_ordinal: usize) -> Result<candle_core::Device> {
     bail!("this duo binary was built without CUDA; build it with scripts/build-cuda.sh")
 }
 
@@ -145,7 +145,7 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
         "layer" => true,
         other => bail!("--layout must be head or layer, not `{other}`"),
     };
-    let device = device(&a.device)?;
+    let device = device(a.device)?;
     let path = model_path(&a.model)?;
     let ck = Checkpoint::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let config = ck.config()?;
@@ -256,7 +256,7 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
         "command": command.join(" "),
         "settings": settings,
         "haystack": haystack.describe(),
-        "device": a.device,
+        "device": a.device.to_string(),
         "machine": machine(&device),
         "seconds": started.elapsed().as_secs_f64(),
         "duo_version": env!("CARGO_PKG_VERSION"),

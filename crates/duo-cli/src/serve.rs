@@ -5,7 +5,6 @@ use crate::args::MethodArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use duo_engine::{BatchConfig, BatchEngine};
-use duo_model::LoadedModel;
 use duo_serve::openai::Limits;
 use duo_serve::{AppState, Ready, ServeConfig};
 use std::path::PathBuf;
@@ -67,14 +66,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         bail!("the API key is empty");
     }
     let kv_budget = match a.kv_budget_mib {
-        Some(m) if m.is_finite() && m > 0.0 => (m * (1 << 20) as f64) as usize,
+        Some(m) if m.is_finite() && m > 0.0 => Some((m * (1 << 20) as f64) as usize),
         Some(m) => bail!("--kv-budget-mib must be positive (got {m})"),
-        None => duo_engine::session::available_memory().map_or(4 << 30, |b| b / 2),
+        None => None,
     };
     if a.max_waiting == 0 || a.max_running == 0 {
         bail!("--max-waiting and --max-running must be at least 1");
     }
-    let source = a.method.model_source()?;
+    a.method.model_source()?;
     if a.method.chunk != duo_engine::MethodSpec::default().chunk {
         bail!("duo serve sets its prefill chunk with --prefill-chunk (default 512), not --chunk");
     }
@@ -101,8 +100,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         eprintln!("duo: listening on http://{addr} (loading the model)");
         let loading = state.clone();
         let load = tokio::task::spawn_blocking(move || -> Result<()> {
-            let model = Arc::new(LoadedModel::load(&source).context("loading the model")?);
-            let method = spec.resolve(model.model.config())?;
+            let (model, _) = a.method.load()?;
+            let model = Arc::new(model);
+            let method = spec.resolve(model.config())?;
+            // Half of what is free once the weights are in, unless told.
+            let kv_budget = kv_budget.unwrap_or_else(|| model.backend().available_memory().map_or(4 << 30, |b| b / 2));
             let engine = BatchEngine::start(model.clone(), method, BatchConfig { kv_budget, max_waiting: a.max_waiting, max_running: a.max_running });
             let _ = loading.ready.set(Ready { model, engine });
             eprintln!("duo: ready (KV budget {:.1} MiB)", kv_budget as f64 / (1 << 20) as f64);

@@ -107,6 +107,18 @@ impl HeadGates {
             (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
         };
         let text = std::fs::read_to_string(&table).map_err(|source| CoreError::Io { path: table.clone(), source })?;
+        let config_path = dir.join(CONFIG_FILE);
+        let config = if config_path.exists() {
+            Some(std::fs::read_to_string(&config_path).map_err(|source| CoreError::Io { path: config_path.clone(), source })?)
+        } else {
+            None
+        };
+        Self::parse(&text, config.as_deref(), &table)
+    }
+
+    /// Gates from the text of a `full_attention_heads.tsv` and, if given, of its
+    /// `config.json`; `table` names the source in errors.
+    pub fn parse(text: &str, config: Option<&str>, table: &Path) -> Result<Self> {
         let mut rows = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -117,18 +129,17 @@ impl HeadGates {
                 .enumerate()
                 .map(|(c, v)| {
                     v.trim().parse::<f32>().map_err(|_| CoreError::MalformedPattern {
-                        path: table.clone(),
+                        path: table.to_path_buf(),
                         reason: format!("line {}, column {}: `{}` is not a number", i + 1, c + 1, v.trim()),
                     })
                 })
                 .collect::<Result<Vec<f32>>>()?;
             rows.push(row);
         }
-        let mut gates = Self::from_rows(rows, &table)?;
-        let config_path = dir.join(CONFIG_FILE);
-        if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path).map_err(|source| CoreError::Io { path: config_path.clone(), source })?;
-            gates.config = serde_json::from_str(&text).map_err(|source| CoreError::Json { path: config_path, source })?;
+        let mut gates = Self::from_rows(rows, table)?;
+        if let Some(text) = config {
+            let config_path = table.with_file_name(CONFIG_FILE);
+            gates.config = serde_json::from_str(text).map_err(|source| CoreError::Json { path: config_path, source })?;
         }
         Ok(gates)
     }

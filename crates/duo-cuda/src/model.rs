@@ -133,19 +133,6 @@ impl CacheLayout {
         (0..self.retrieval.len()).map(|l| self.layer_rows(l)).sum::<usize>() * head_dim * 2 * 2
     }
 
-    /// Bytes of cache that hold tokens when `n` are cached (the formula of the method).
-    pub fn used_bytes(&self, head_dim: usize, n: usize) -> usize {
-        let (retrieval, streaming) = self.used_bytes_by_kind(head_dim, n);
-        retrieval + streaming
-    }
-
-    /// [`CacheLayout::used_bytes`] split into (retrieval heads, streaming heads).
-    pub fn used_bytes_by_kind(&self, head_dim: usize, n: usize) -> (usize, usize) {
-        let per = head_dim * 2 * 2;
-        let heads = |kind: bool| self.retrieval.iter().flatten().filter(|&&r| r == kind).count();
-        (heads(true) * n * per, heads(false) * n.min(self.sink + self.recent) * per)
-    }
-
     fn validate(&self, c: &GpuConfig) -> Result<()> {
         if self.retrieval.len() != c.n_layers || self.retrieval.iter().any(|l| l.len() != c.n_kv_heads) {
             return Err(CudaError::Input(format!("the head pattern is not {} layers x {} KV heads", c.n_layers, c.n_kv_heads)));
@@ -157,65 +144,68 @@ impl CacheLayout {
     }
 }
 
-/// A checkpoint's weights in `f32` on the host, row-major `[out, in]`, as the GPU loads them
-/// (rounded to bf16 on upload).
-#[derive(Debug, Clone, Default)]
-pub struct HostWeights {
-    /// Token embeddings, `[vocab, hidden]`.
-    pub embed: Vec<f32>,
-    /// The blocks.
-    pub layers: Vec<HostLayer>,
-    /// Final RMSNorm weight, `[hidden]`.
-    pub norm: Vec<f32>,
-    /// LM head `[vocab, hidden]`; `None` when tied to the embeddings.
-    pub lm_head: Option<Vec<f32>>,
-}
-
-/// One block's weights.
+/// One block's weights on the host as the GPU takes them: matrices as bf16 bits, row-major
+/// `[out, in]`, norms in `f32`.
 #[derive(Debug, Clone, Default)]
 pub struct HostLayer {
     /// RMSNorm before attention.
     pub attn_norm: Vec<f32>,
     /// Query, key and value projections stacked: `[(heads + 2 kv) * head_dim, hidden]`.
-    pub qkv: Vec<f32>,
+    pub qkv: Vec<u16>,
     /// Output projection `[hidden, heads * head_dim]`.
-    pub o: Vec<f32>,
+    pub o: Vec<u16>,
     /// RMSNorm before the MLP.
     pub ffn_norm: Vec<f32>,
     /// Gate and up projections stacked: `[2 * ffn, hidden]`.
-    pub gate_up: Vec<f32>,
+    pub gate_up: Vec<u16>,
     /// Down projection `[hidden, ffn]`.
-    pub down: Vec<f32>,
+    pub down: Vec<u16>,
 }
 
-impl HostWeights {
-    /// Checks every size against the shape.
-    pub fn validate(&self, c: &GpuConfig) -> Result<()> {
-        let (h, f, qd) = (c.hidden, c.ffn, c.n_heads * c.head_dim);
-        let bad = |what: &str, got: usize, want: usize| Err(CudaError::Input(format!("{what} has {got} values, the shape needs {want}")));
+/// The weights outside the blocks on the host (matrices as bf16 bits).
+#[derive(Debug, Clone, Default)]
+pub struct HostGlobals {
+    /// Token embeddings, `[vocab, hidden]`.
+    pub embed: Vec<u16>,
+    /// Final RMSNorm weight, `[hidden]`.
+    pub norm: Vec<f32>,
+    /// LM head `[vocab, hidden]`; `None` when tied to the embeddings.
+    pub lm_head: Option<Vec<u16>>,
+}
+
+fn size_error(what: &str, got: usize, want: usize) -> CudaError {
+    CudaError::Input(format!("{what} has {got} values, the shape needs {want}"))
+}
+
+impl HostGlobals {
+    fn validate(&self, c: &GpuConfig) -> Result<()> {
+        let h = c.hidden;
         if self.embed.len() != c.vocab * h {
-            return bad("the embedding table", self.embed.len(), c.vocab * h);
+            return Err(size_error("the embedding table", self.embed.len(), c.vocab * h));
         }
-        if self.layers.len() != c.n_layers || self.norm.len() != h {
-            return bad("the layer list", self.layers.len(), c.n_layers);
+        if self.norm.len() != h {
+            return Err(size_error("the final norm", self.norm.len(), h));
         }
-        if let Some(head) = &self.lm_head {
-            if head.len() != c.vocab * h {
-                return bad("the LM head", head.len(), c.vocab * h);
-            }
+        match &self.lm_head {
+            Some(head) if head.len() != c.vocab * h => Err(size_error("the LM head", head.len(), c.vocab * h)),
+            _ => Ok(()),
         }
-        for (i, l) in self.layers.iter().enumerate() {
-            for (what, got, want) in [
-                ("attn_norm", l.attn_norm.len(), h),
-                ("qkv", l.qkv.len(), c.qkv_dim() * h),
-                ("o", l.o.len(), h * qd),
-                ("ffn_norm", l.ffn_norm.len(), h),
-                ("gate_up", l.gate_up.len(), 2 * f * h),
-                ("down", l.down.len(), h * f),
-            ] {
-                if got != want {
-                    return bad(&format!("layer {i} {what}"), got, want);
-                }
+    }
+}
+
+impl HostLayer {
+    fn validate(&self, c: &GpuConfig, i: usize) -> Result<()> {
+        let (h, f, qd) = (c.hidden, c.ffn, c.n_heads * c.head_dim);
+        for (what, got, want) in [
+            ("attn_norm", self.attn_norm.len(), h),
+            ("qkv", self.qkv.len(), c.qkv_dim() * h),
+            ("o", self.o.len(), h * qd),
+            ("ffn_norm", self.ffn_norm.len(), h),
+            ("gate_up", self.gate_up.len(), 2 * f * h),
+            ("down", self.down.len(), h * f),
+        ] {
+            if got != want {
+                return Err(size_error(&format!("layer {i} {what}"), got, want));
             }
         }
         Ok(())
@@ -228,6 +218,73 @@ fn tensor_seed(seed: u64, layer: usize, k: u64) -> u64 {
 }
 const EMBED: u64 = 1_000_000;
 const LM_HEAD: u64 = 1_000_001;
+
+/// One tensor of the seeded random model (`GpuWeights::random`), for writing it to a
+/// checkpoint: the same values the GPU generates, computed on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RandomTensor {
+    /// Token embeddings `[vocab, hidden]` (the GPU generates rows from the token id).
+    Embed,
+    /// Block `l`'s stacked q/k/v projection `[(heads + 2 kv) * head_dim, hidden]`.
+    Qkv(usize),
+    /// Block `l`'s output projection `[hidden, heads * head_dim]`.
+    O(usize),
+    /// Block `l`'s stacked gate/up projection `[2 * ffn, hidden]`.
+    GateUp(usize),
+    /// Block `l`'s down projection `[hidden, ffn]`.
+    Down(usize),
+    /// The LM head `[vocab, hidden]`.
+    LmHead,
+}
+
+impl RandomTensor {
+    /// `(rows, columns)`.
+    pub fn shape(self, c: &GpuConfig) -> (usize, usize) {
+        let (h, f, qd) = (c.hidden, c.ffn, c.n_heads * c.head_dim);
+        match self {
+            RandomTensor::Embed | RandomTensor::LmHead => (c.vocab, h),
+            RandomTensor::Qkv(_) => (c.qkv_dim(), h),
+            RandomTensor::O(_) => (h, qd),
+            RandomTensor::GateUp(_) => (2 * f, h),
+            RandomTensor::Down(_) => (h, f),
+        }
+    }
+
+    /// The generator's seed and uniform scale for this tensor.
+    fn seed_scale(self, seed: u64, c: &GpuConfig) -> (u64, f32) {
+        let (rows, cols) = self.shape(c);
+        let _ = rows;
+        match self {
+            RandomTensor::Embed => (tensor_seed(seed, 0, EMBED), 1.0),
+            RandomTensor::LmHead => (tensor_seed(seed, 0, LM_HEAD), scale_for(cols)),
+            RandomTensor::Qkv(l) => (tensor_seed(seed, l, 0), scale_for(cols)),
+            RandomTensor::O(l) => (tensor_seed(seed, l, 1), scale_for(cols)),
+            RandomTensor::GateUp(l) => (tensor_seed(seed, l, 2), scale_for(cols)),
+            RandomTensor::Down(l) => (tensor_seed(seed, l, 3), scale_for(cols)),
+        }
+    }
+
+    /// Rows `rows` of the tensor as bf16 bits, row-major (computed on all cores).
+    pub fn bf16_rows(self, c: &GpuConfig, seed: u64, rows: std::ops::Range<usize>) -> Vec<u16> {
+        let (s, scale) = self.seed_scale(seed, c);
+        let cols = self.shape(c).1;
+        let (start, n) = ((rows.start * cols) as u64, rows.len() * cols);
+        let mut out = vec![0u16; n];
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let per = n.div_ceil(threads).max(1 << 16);
+        std::thread::scope(|scope| {
+            for (k, part) in out.chunks_mut(per).enumerate() {
+                scope.spawn(move || {
+                    let base = start + (k * per) as u64;
+                    for (i, v) in part.iter_mut().enumerate() {
+                        *v = half::bf16::from_f32(crate::ops::hash_uniform(s, base + i as u64) * scale).to_bits();
+                    }
+                });
+            }
+        });
+        out
+    }
+}
 
 /// Uniform scale giving unit-variance outputs for unit-variance inputs.
 fn scale_for(in_dim: usize) -> f32 {
@@ -321,9 +378,6 @@ mod tests {
         assert_eq!((heads[1].offset, heads[1].kind, heads[1].sink, heads[1].recent), (100, HeadEntry::STREAMING, 2, 5));
         assert_eq!(l.layer_rows(1), 2 * 2055);
         // 40 tokens: the retrieval head holds 40, each of the 3 streaming heads 2 + 5.
-        assert_eq!(l.used_bytes(64, 40), (40 + 3 * 7) * 64 * 2 * 2);
-        assert_eq!(l.used_bytes_by_kind(64, 40), (40 * 64 * 4, 3 * 7 * 64 * 4), "(retrieval, streaming)");
-        assert_eq!(l.used_bytes_by_kind(64, 3), (3 * 64 * 4, 3 * 3 * 64 * 4), "short: streaming heads hold every token");
         assert_eq!(l.allocated_bytes(64), (100 + 2055 + 2 * 2055) * 64 * 2 * 2);
     }
 
@@ -350,8 +404,7 @@ mod tests {
         assert!(reference_logits(&c, &bad, 0, &[1, 2], 0).is_err());
         let bad = GpuConfig { head_dim: 96, ..c.clone() };
         assert!(reference_logits(&bad, &l, 0, &[1, 2], 0).is_err());
-        let w = HostWeights { embed: vec![0.0; 50 * 64], layers: vec![HostLayer::default(); 2], norm: vec![1.0; 64], lm_head: None };
-        let err = w.validate(&c).unwrap_err().to_string();
+        let err = HostLayer::default().validate(&c, 0).unwrap_err().to_string();
         assert!(err.contains("layer 0 attn_norm"), "{err}");
     }
 
@@ -395,9 +448,9 @@ mod gpu {
 
     /// Keys a warp of the decode kernel reads at once, where the head size allows.
     pub const DECODE_KEYS_PER_WARP: usize = 2;
-    use crate::runtime::{driver, DecodeLaunch, Gpu};
+    use crate::runtime::{driver, DecodeLaunch, Gpu, StepGraph};
     use crate::Parity;
-    use cudarc::driver::{sys as drv, CudaGraph, CudaSlice};
+    use cudarc::driver::{sys as drv, CudaSlice};
     use std::sync::Arc;
 
     struct LayerWeights {
@@ -454,23 +507,34 @@ mod gpu {
             Ok(Self { config, seed, layers, norm: ones, embed: None, lm_head: Some(lm_head), inv_freq })
         }
 
-        /// A checkpoint's weights, rounded to bf16 (norms stay `f32`).
-        pub fn from_host(gpu: &Gpu, config: GpuConfig, w: &HostWeights) -> Result<Self> {
+        /// Uploads a checkpoint: the global tensors first, then block by block: `layer(l)`
+        /// yields block `l` on the host, uploaded before the next block is asked for, so the
+        /// host holds one block at a time.
+        pub fn load(gpu: &Gpu, config: GpuConfig, globals: HostGlobals, mut layer: impl FnMut(usize) -> Result<HostLayer>) -> Result<Self> {
             config.validate()?;
-            w.validate(&config)?;
-            let bf = |v: &[f32]| gpu.upload(&crate::ops::bf16_bits(v));
-            let layers = w
-                .layers
-                .iter()
-                .map(|l| {
-                    Ok(LayerWeights { attn_norm: gpu.upload(&l.attn_norm)?, qkv: bf(&l.qkv)?, o: bf(&l.o)?, ffn_norm: gpu.upload(&l.ffn_norm)?, gate_up: bf(&l.gate_up)?, down: bf(&l.down)? })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let embed = Some(bf(&w.embed)?);
-            let lm_head = w.lm_head.as_deref().map(bf).transpose()?;
-            let (norm, inv_freq) = (gpu.upload(&w.norm)?, gpu.upload(&config.inv_freq)?);
-            gpu.sync()?;
+            let c = &config;
+            globals.validate(c)?;
+            let embed = Some(gpu.upload(&globals.embed)?);
+            let lm_head = globals.lm_head.as_deref().map(|w| gpu.upload(w)).transpose()?;
+            let (norm, inv_freq) = (gpu.upload(&globals.norm)?, gpu.upload(&config.inv_freq)?);
+            drop(globals);
+            let mut layers = Vec::with_capacity(c.n_layers);
+            for l in 0..c.n_layers {
+                let w = layer(l)?;
+                w.validate(c, l)?;
+                let up = |v: &[u16]| gpu.upload(v);
+                layers.push(LayerWeights { attn_norm: gpu.upload(&w.attn_norm)?, qkv: up(&w.qkv)?, o: up(&w.o)?, ffn_norm: gpu.upload(&w.ffn_norm)?, gate_up: up(&w.gate_up)?, down: up(&w.down)? });
+                gpu.sync()?;
+            }
             Ok(Self { config, seed: 0, layers, norm, embed, lm_head, inv_freq })
+        }
+
+        /// Bytes of the weights on the GPU.
+        pub fn bytes(&self) -> usize {
+            let c = &self.config;
+            let embed = if self.embed.is_some() { c.vocab * c.hidden * 2 } else { 0 };
+            let head = if self.lm_head.is_some() { c.vocab * c.hidden * 2 } else { 0 };
+            c.weight_bytes() - 2 * c.vocab * c.hidden + embed + head
         }
 
         fn lm_head(&self) -> &CudaSlice<u16> {
@@ -501,7 +565,30 @@ mod gpu {
         part_m: CudaSlice<f32>,
         part_l: CudaSlice<f32>,
         part_acc: CudaSlice<f32>,
-        _blas_workspace: CudaSlice<u8>,
+    }
+
+    impl Buffers {
+        fn new(gpu: &Gpu, c: &GpuConfig, layout: &CacheLayout) -> Result<Self> {
+            let t = layout.chunk;
+            let max_splits = layout.max_tokens.div_ceil(MIN_SPLIT) + 1;
+            let qd = c.n_heads * c.head_dim;
+            Ok(Self {
+                tokens: gpu.zeros(t)?,
+                state: gpu.zeros(2)?,
+                x: gpu.zeros(t * c.hidden)?,
+                xn: gpu.zeros(t * c.hidden)?,
+                qkv: gpu.zeros(t * c.qkv_dim())?,
+                q: gpu.zeros(t * qd)?,
+                att: gpu.zeros(t * qd)?,
+                gu: gpu.zeros(t * 2 * c.ffn)?,
+                act: gpu.zeros(t * c.ffn)?,
+                logits: gpu.zeros(c.vocab)?,
+                next: gpu.zeros(1)?,
+                part_m: gpu.zeros(c.n_heads * max_splits)?,
+                part_l: gpu.zeros(c.n_heads * max_splits)?,
+                part_acc: gpu.zeros(c.n_heads * max_splits * c.head_dim)?,
+            })
+        }
     }
 
     /// One sequence on the GPU: its caches, activation buffers and the captured decode step.
@@ -513,14 +600,19 @@ mod gpu {
         b: Buffers,
         tokens: usize,
         window_start: usize,
-        graph: Option<(Vec<DecodeLaunch>, CudaGraph)>,
+        graph: Option<(Vec<DecodeLaunch>, StepGraph)>,
         pending: Option<Vec<DecodeLaunch>>,
         /// Decode steps replayed from the graph (the rest ran launch by launch).
         pub graph_steps: usize,
         /// Capture and replay the decode step (default); off, every step runs launch by
         /// launch (to measure what the graph saves).
         pub use_graph: bool,
+        /// `[ROW_BLOCK, vocab]` logits of several rows (scoring), allocated on first use.
+        row_logits: Option<CudaSlice<f32>>,
     }
+
+    /// Rows whose logits one LM-head product computes when every row's logits are asked for.
+    const ROW_BLOCK: usize = 256;
 
     impl GpuSequence {
         /// Allocates the caches and buffers of one sequence.
@@ -540,33 +632,52 @@ mod gpu {
                     streaming_offsets: gpu.upload(&if streaming.is_empty() { vec![0] } else { streaming })?,
                 });
             }
-            let t = layout.chunk;
-            let max_splits = layout.max_tokens.div_ceil(MIN_SPLIT) + 1;
-            let qd = c.n_heads * c.head_dim;
-            let b = Buffers {
-                tokens: gpu.zeros(t)?,
-                state: gpu.zeros(2)?,
-                x: gpu.zeros(t * c.hidden)?,
-                xn: gpu.zeros(t * c.hidden)?,
-                qkv: gpu.zeros(t * c.qkv_dim())?,
-                q: gpu.zeros(t * qd)?,
-                att: gpu.zeros(t * qd)?,
-                gu: gpu.zeros(t * 2 * c.ffn)?,
-                act: gpu.zeros(t * c.ffn)?,
-                logits: gpu.zeros(c.vocab)?,
-                next: gpu.zeros(1)?,
-                part_m: gpu.zeros(c.n_heads * max_splits)?,
-                part_l: gpu.zeros(c.n_heads * max_splits)?,
-                part_acc: gpu.zeros(c.n_heads * max_splits * c.head_dim)?,
-                _blas_workspace: gpu.zeros(32 << 20)?,
-            };
-            // The handle's workspace belongs to the newest sequence: every path creates a
-            // sequence before its products run. (Known limit: a product after dropping the
-            // last sequence, before creating another, would reach freed memory; the workspace
-            // belongs in `Gpu`, a move not yet run on the GPU.)
-            gpu.set_blas_workspace(gpu.addr(&b._blas_workspace), 32 << 20)?;
+            let b = Buffers::new(&gpu, c, &layout)?;
             gpu.sync()?;
-            Ok(Self { gpu, w, window_start: layout.sink, layout, caches, b, tokens: 0, graph: None, pending: None, graph_steps: 0, use_graph: true })
+            Ok(Self { gpu, w, window_start: layout.sink, layout, caches, b, tokens: 0, graph: None, pending: None, graph_steps: 0, use_graph: true, row_logits: None })
+        }
+
+        /// A copy of this sequence: the same cached tokens, the same last logits, its own
+        /// buffers (device-to-device copies; the decode graph is captured anew).
+        pub fn fork(&self) -> Result<Self> {
+            let mut copy = Self::new(self.gpu.clone(), self.w.clone(), self.layout.clone())?;
+            let s = &self.gpu.stream;
+            for (dst, src) in copy.caches.iter_mut().zip(&self.caches) {
+                s.memcpy_dtod(&src.keys, &mut dst.keys).map_err(driver)?;
+                s.memcpy_dtod(&src.values, &mut dst.values).map_err(driver)?;
+            }
+            s.memcpy_dtod(&self.b.logits, &mut copy.b.logits).map_err(driver)?;
+            s.memcpy_dtod(&self.b.next, &mut copy.b.next).map_err(driver)?;
+            copy.tokens = self.tokens;
+            copy.window_start = self.window_start;
+            copy.use_graph = self.use_graph;
+            self.gpu.sync()?;
+            Ok(copy)
+        }
+
+        /// Logits of each of the last `t` positions processed (`t` at most the last chunk's
+        /// length), `[t, vocab]`: the final norm and LM head over the residual rows the last
+        /// forward left, `ROW_BLOCK` rows per product.
+        pub fn last_rows_logits(&mut self, t: usize) -> Result<Vec<f32>> {
+            let c = &self.w.config;
+            if t == 0 || t > self.layout.chunk.max(1) {
+                return Err(CudaError::Input(format!("logits of {t} rows: at most one chunk ({})", self.layout.chunk)));
+            }
+            if self.row_logits.is_none() {
+                self.row_logits = Some(self.gpu.zeros(ROW_BLOCK * c.vocab)?);
+            }
+            let (g, b) = (&*self.gpu, &self.b);
+            let buf = self.row_logits.as_ref().ok_or_else(|| CudaError::Driver("row logits buffer".into()))?;
+            let mut out = Vec::with_capacity(t * c.vocab);
+            for r0 in (0..t).step_by(ROW_BLOCK) {
+                let rows = ROW_BLOCK.min(t - r0);
+                let x = g.addr(&b.x) + (r0 * c.hidden * 4) as u64;
+                g.rms_norm(x, g.addr(&self.w.norm), g.addr(&b.xn), rows, c.hidden, c.eps)?;
+                g.gemm(g.addr(&b.xn), g.addr(self.w.lm_head()), g.addr(buf), rows, c.hidden, c.vocab, 0.0, false)?;
+                let all = g.download(buf)?;
+                out.extend_from_slice(&all[..rows * c.vocab]);
+            }
+            Ok(out)
         }
 
         /// Tokens cached.
@@ -729,7 +840,7 @@ mod gpu {
             if !self.use_graph {
                 self.forward(1, next, Some(&shapes))?;
             } else if self.graph.as_ref().is_some_and(|(s, _)| *s == shapes) {
-                self.graph.as_ref().map(|(_, g)| g.launch()).transpose().map_err(driver)?;
+                self.graph.as_ref().map(|(_, g)| g.launch()).transpose()?;
                 self.graph_steps += 1;
             } else if self.pending.as_ref() == Some(&shapes) {
                 self.graph = None;
@@ -738,8 +849,8 @@ mod gpu {
                 let captured = self.forward(1, next, Some(&shapes));
                 let graph = stream.end_capture(drv::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(driver)?;
                 captured?;
-                let graph = graph.ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?;
-                graph.launch().map_err(driver)?;
+                let graph = StepGraph::new(graph.ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?);
+                graph.launch()?;
                 self.graph = Some((shapes, graph));
                 self.pending = None;
                 self.graph_steps += 1;

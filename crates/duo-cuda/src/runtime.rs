@@ -9,7 +9,7 @@
 use crate::decode_attention::KvType;
 use crate::{CudaError, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use std::sync::{Arc, Mutex};
 
@@ -52,7 +52,13 @@ pub struct Gpu {
     ops: Arc<CudaModule>,
     decode: Mutex<Vec<(DecodeKey, DecodeKernels)>>,
     prefill: Mutex<Vec<(usize, CudaFunction)>>,
+    /// cuBLAS's fixed workspace (so captured products allocate nothing); it lives as long as
+    /// the handle that uses it.
+    _blas_workspace: CudaSlice<u8>,
 }
+
+/// Bytes of cuBLAS's workspace.
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
     let opts = CompileOptions { arch: Some("sm_90"), options, ..Default::default() };
@@ -76,7 +82,10 @@ impl Gpu {
         let stream = ctx.new_stream().map_err(driver)?;
         let blas = CudaBlas::new(stream.clone()).map_err(driver)?;
         let ops = ctx.load_module(compile(crate::ops::SOURCE, "ops", vec![])?).map_err(driver)?;
-        Ok(Self { ctx, stream, blas, ops, decode: Mutex::new(Vec::new()), prefill: Mutex::new(Vec::new()) })
+        let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver)?;
+        let gpu = Self { ctx, stream, blas, ops, decode: Mutex::new(Vec::new()), prefill: Mutex::new(Vec::new()), _blas_workspace: workspace };
+        gpu.set_blas_workspace(gpu.addr(&gpu._blas_workspace), BLAS_WORKSPACE)?;
+        Ok(gpu)
     }
 
     /// The card's name.
@@ -278,7 +287,7 @@ impl Gpu {
     }
 
     /// Gives cuBLAS a fixed workspace, so that captured products allocate nothing.
-    pub fn set_blas_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
+    fn set_blas_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
         // SAFETY: `ptr` is a live allocation of `bytes` owned by the caller for as long as
         // products run with this handle.
         let status = unsafe { blas_sys::cublasSetWorkspace_v2(*self.blas.handle(), ptr as *mut std::ffi::c_void, bytes) };
@@ -327,4 +336,26 @@ pub struct DecodeLaunch {
     pub kv: KvType,
     /// Keys a warp reads at once (1, 2 or 4): fewer keys, more lanes per key, fewer registers.
     pub keys_per_warp: usize,
+}
+
+/// A captured decode step that may move between threads with its sequence (cudarc leaves
+/// graphs `!Send`).
+pub struct StepGraph(CudaGraph);
+
+// SAFETY: the graph is only launched through `StepGraph::launch`, which (in cudarc) binds the
+// graph's context to the calling thread before launching on the graph's own stream; it is
+// never used from two threads at once (it is owned, and `launch` takes `&self` of an owned
+// value held by one sequence).
+unsafe impl Send for StepGraph {}
+
+impl StepGraph {
+    /// Wraps a captured graph.
+    pub fn new(graph: CudaGraph) -> Self {
+        Self(graph)
+    }
+
+    /// Replays it on its stream.
+    pub fn launch(&self) -> Result<()> {
+        self.0.launch().map_err(driver)
+    }
 }

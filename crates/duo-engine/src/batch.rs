@@ -5,7 +5,7 @@
 //! ones; they then join the running batch between two decode steps. Each iteration of the
 //! engine loop does at most one prefill chunk (of the oldest sequence still prefilling),
 //! then one decode step for every sequence that has logits waiting, as a single
-//! [`duo_model::Model::decode_batch`] call. So a long prompt is prefilled in chunks
+//! [`crate::Backend::decode_batch`] call. So a long prompt is prefilled in chunks
 //! interleaved with the other sequences' decode steps, and the weights are read once per
 //! step for the whole batch.
 //!
@@ -20,8 +20,9 @@ use crate::method::ResolvedMethod;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::session::FinishReason;
 use crate::text::TextStream;
-use duo_kv::SequenceKv;
-use duo_model::{LoadedModel, Logits};
+use crate::backend::{kv_plan, Logits, Sequence};
+use crate::engine::Engine;
+use duo_core::cache_spec::CachePlan;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -124,17 +125,18 @@ pub struct BatchEngine {
     tx: mpsc::Sender<Request>,
     stats: Arc<BatchStats>,
     config: BatchConfig,
-    model: Arc<LoadedModel>,
-    method: ResolvedMethod,
+    engine: Arc<Engine>,
+    plan: CachePlan,
 }
 
 impl BatchEngine {
     /// Starts the engine thread.
-    pub fn start(model: Arc<LoadedModel>, method: ResolvedMethod, mut config: BatchConfig) -> Self {
+    pub fn start(engine: Arc<Engine>, method: ResolvedMethod, mut config: BatchConfig) -> Self {
         config.max_running = config.max_running.max(1);
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(BatchStats::default());
-        let worker = Worker { model: model.clone(), method: method.clone(), config, stats: stats.clone() };
+        let plan = kv_plan(engine.backend(), &method);
+        let worker = Worker { engine: engine.clone(), method, plan: plan.clone(), config, stats: stats.clone() };
         std::thread::Builder::new()
             .name("duo-engine".into())
             .spawn(move || {
@@ -149,7 +151,7 @@ impl BatchEngine {
                 worker.run(rx)
             })
             .expect("spawning the engine thread");
-        Self { tx, stats, config, model, method }
+        Self { tx, stats, config, engine, plan }
     }
 
     /// The counters.
@@ -164,7 +166,7 @@ impl BatchEngine {
 
     /// KV bytes a sequence of `tokens` tokens reserves.
     pub fn kv_bytes_for(&self, tokens: usize) -> usize {
-        self.method.plan.total_bytes(tokens)
+        self.plan.total_bytes(tokens)
     }
 
     /// True while the engine thread runs.
@@ -176,7 +178,7 @@ impl BatchEngine {
     /// (0 if even the prompt does not fit).
     pub fn max_new_tokens_within_budget(&self, prompt: usize) -> usize {
         let fits = |n: usize| self.kv_bytes_for(prompt + n) <= self.config.kv_budget;
-        let context = self.model.model.config().context_length;
+        let context = self.engine.config().context_length;
         if !fits(0) {
             return 0;
         }
@@ -202,8 +204,8 @@ impl BatchEngine {
     /// KV budget.
     pub fn check(&self, prompt: usize, params: &SamplingParams, top_logprobs: Option<usize>) -> Result<()> {
         params.validate()?;
-        crate::session::check_fits(self.model.model.config().context_length, prompt, params.max_tokens)?;
-        if top_logprobs.is_some_and(|n| n > self.model.model.config().vocab_size) {
+        crate::session::check_fits(self.engine.config().context_length, prompt, params.max_tokens)?;
+        if top_logprobs.is_some_and(|n| n > self.engine.config().vocab_size) {
             return Err(EngineError::InvalidParameter { name: "top_logprobs", reason: "more than the vocabulary".into() });
         }
         let needed = self.kv_bytes_for(prompt + params.max_tokens);
@@ -233,13 +235,13 @@ impl BatchEngine {
 }
 
 /// A running sequence.
-struct Sequence {
+struct Running {
     prompt: Vec<u32>,
     top_logprobs: Option<usize>,
     sink: Box<dyn EventSink>,
     sampler: Sampler,
     max_tokens: usize,
-    kv: SequenceKv,
+    kv: Box<dyn Sequence>,
     reserved: usize,
     prefilled: usize,
     /// Logits of the next position, once the prompt is in.
@@ -249,8 +251,9 @@ struct Sequence {
 }
 
 struct Worker {
-    model: Arc<LoadedModel>,
+    engine: Arc<Engine>,
     method: ResolvedMethod,
+    plan: CachePlan,
     config: BatchConfig,
     stats: Arc<BatchStats>,
 }
@@ -258,7 +261,7 @@ struct Worker {
 impl Worker {
     fn run(self, rx: mpsc::Receiver<Request>) {
         let mut waiting: VecDeque<Request> = VecDeque::new();
-        let mut running: Vec<Sequence> = Vec::new();
+        let mut running: Vec<Running> = Vec::new();
         loop {
             if running.is_empty() && waiting.is_empty() {
                 match rx.recv() {
@@ -284,11 +287,11 @@ impl Worker {
     }
 
     /// Moves waiting requests into the batch, oldest first, while their KV fits.
-    fn admit(&self, waiting: &mut VecDeque<Request>, running: &mut Vec<Sequence>) {
+    fn admit(&self, waiting: &mut VecDeque<Request>, running: &mut Vec<Running>) {
         let mut reserved: usize = running.iter().map(|s| s.reserved).sum();
         while let Some(front) = waiting.front() {
             let total = front.prompt.len() + front.params.max_tokens;
-            let need = self.method.plan.total_bytes(total);
+            let need = self.plan.total_bytes(total);
             if running.len() >= self.config.max_running || reserved + need > self.config.kv_budget {
                 break;
             }
@@ -302,10 +305,15 @@ impl Worker {
                     continue;
                 }
             };
-            let mut kv = self.method.new_cache();
-            kv.reserve(total);
+            let kv = match self.engine.backend().new_sequence(&self.method, total) {
+                Ok(kv) => kv,
+                Err(e) => {
+                    sink.send(Event::Failed(e.to_string()));
+                    continue;
+                }
+            };
             reserved += need;
-            running.push(Sequence {
+            running.push(Running {
                 prompt: r.prompt,
                 top_logprobs: r.top_logprobs,
                 sink,
@@ -324,11 +332,11 @@ impl Worker {
     }
 
     /// Runs the next prefill chunk of a sequence (the same chunks as when it runs alone).
-    fn prefill_chunk(&self, s: &mut Sequence) {
+    fn prefill_chunk(&self, s: &mut Running) {
         let end = (s.prefilled + self.method.chunk).min(s.prompt.len());
         let last = end == s.prompt.len();
         let which = if last { Logits::Last } else { Logits::None };
-        match self.model.model.forward(&s.prompt[s.prefilled..end], &mut s.kv, which) {
+        match self.engine.backend().forward(s.kv.as_mut(), &s.prompt[s.prefilled..end], which) {
             Ok(logits) => {
                 self.stats.prompt_tokens.fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
                 s.prefilled = end;
@@ -342,9 +350,9 @@ impl Worker {
 
     /// Samples a token for every sequence with logits, reports it, and runs the
     /// continuing ones through the model as one batch.
-    fn decode_step(&self, running: &mut [Sequence]) {
-        let eos = &self.model.model.config().eos_token_ids;
-        let tok = &self.model.tokenizer;
+    fn decode_step(&self, running: &mut [Running]) {
+        let eos = &self.engine.config().eos_token_ids;
+        let tok = &self.engine.tokenizer;
         let mut next: Vec<(usize, u32)> = Vec::new();
         for (i, s) in running.iter_mut().enumerate() {
             let Some(logits) = s.logits.take() else { continue };
@@ -373,16 +381,16 @@ impl Worker {
             return;
         }
         let tokens: Vec<u32> = next.iter().map(|&(_, id)| id).collect();
-        let mut kvs: Vec<&mut SequenceKv> = Vec::with_capacity(next.len());
+        let mut kvs: Vec<&mut dyn Sequence> = Vec::with_capacity(next.len());
         let mut chosen = next.iter().map(|&(i, _)| i).peekable();
         for (i, s) in running.iter_mut().enumerate() {
             if chosen.peek() == Some(&i) {
                 chosen.next();
-                kvs.push(&mut s.kv);
+                kvs.push(s.kv.as_mut());
             }
         }
         self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-        match self.model.model.decode_batch(&tokens, &mut kvs) {
+        match self.engine.backend().decode_batch(&tokens, &mut kvs) {
             Ok(logits) => {
                 let vocab = logits.len() / tokens.len();
                 for (row, &(i, _)) in next.iter().enumerate() {
@@ -397,7 +405,7 @@ impl Worker {
         }
     }
 
-    fn publish(&self, running: &[Sequence]) {
+    fn publish(&self, running: &[Running]) {
         let (mut r, mut s, mut reserved) = (0, 0, 0);
         for seq in running {
             let b = seq.kv.bytes();
@@ -412,7 +420,7 @@ impl Worker {
     }
 }
 
-fn finish(s: &mut Sequence, tokenizer: &duo_model::TextTokenizer, finish_reason: FinishReason) {
+fn finish(s: &mut Running, tokenizer: &duo_model::TextTokenizer, finish_reason: FinishReason) {
     let text = match s.text.finish(tokenizer) {
         Ok(text) => text,
         Err(e) => return fail(s, e.to_string()),
@@ -421,7 +429,7 @@ fn finish(s: &mut Sequence, tokenizer: &duo_model::TextTokenizer, finish_reason:
     s.finished = true;
 }
 
-fn fail(s: &mut Sequence, message: String) {
+fn fail(s: &mut Running, message: String) {
     s.sink.send(Event::Failed(message));
     s.finished = true;
 }

@@ -51,6 +51,12 @@ pub enum EngineError {
     /// The model failed.
     #[error(transparent)]
     Model(#[from] duo_model::ModelError),
+    /// The backend failed or refused.
+    #[error("{0}")]
+    Backend(String),
+    /// The CUDA backend failed.
+    #[error(transparent)]
+    Cuda(#[from] duo_cuda::CudaError),
     /// A pattern or setting is invalid.
     #[error(transparent)]
     Core(#[from] duo_core::CoreError),

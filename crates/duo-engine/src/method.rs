@@ -35,13 +35,42 @@ impl std::str::FromStr for Method {
     }
 }
 
+/// Where a head pattern comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatternSource {
+    /// A folder with `full_attention_heads.tsv` (and `config.json`), or the table itself.
+    Path(PathBuf),
+    /// The patterns shipped for the default model (compiled in): the head layout's or the
+    /// layer layout's optimisation, following the method's layout.
+    Shipped,
+}
+
+impl PatternSource {
+    /// Loads the gates (`layout` picks the shipped table).
+    pub fn load(&self, layout: Layout) -> Result<HeadGates> {
+        match self {
+            PatternSource::Path(p) => Ok(HeadGates::load(p)?),
+            PatternSource::Shipped => crate::shipped::gates(layout),
+        }
+    }
+}
+
+impl std::fmt::Display for PatternSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PatternSource::Path(p) => write!(f, "{}", p.display()),
+            PatternSource::Shipped => write!(f, "the shipped SmolLM2-135M-Instruct patterns"),
+        }
+    }
+}
+
 /// Everything the user says about attention.
 #[derive(Debug, Clone)]
 pub struct MethodSpec {
     /// The method.
     pub method: Method,
-    /// A pattern folder or table (`full_attention_heads.tsv`).
-    pub pattern: Option<PathBuf>,
+    /// Where the head pattern comes from.
+    pub pattern: Option<PatternSource>,
     /// Fraction of KV heads that stream (default 0.5).
     pub sparsity: Option<f64>,
     /// Gate threshold instead of a sparsity.
@@ -108,7 +137,7 @@ impl MethodSpec {
                 None => gates.binarise_sparsity(sparsity, self.layout)?,
             })
         };
-        let load = || -> Result<Option<HeadGates>> { self.pattern.as_deref().map(HeadGates::load).transpose().map_err(Into::into) };
+        let load = || -> Result<Option<HeadGates>> { self.pattern.as_ref().map(|p| p.load(self.layout)).transpose() };
         let pattern = match self.method {
             Method::Full => HeadPattern::all_retrieval(layers, kv),
             Method::Streaming => HeadPattern::all_streaming(layers, kv),

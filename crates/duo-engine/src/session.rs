@@ -4,8 +4,9 @@ use crate::error::{EngineError, Result};
 use crate::method::ResolvedMethod;
 use crate::sampler::{argmax, Sampler, SamplingParams};
 use crate::text::TextStream;
-use duo_kv::{KvBytes, SequenceKv};
-use duo_model::{LoadedModel, Logits};
+use crate::backend::{kv_plan, Backend, Logits, Sequence};
+use crate::engine::Engine;
+use duo_kv::KvBytes;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -144,27 +145,53 @@ pub fn score_token(logits: &[f32], id: u32) -> ScoredToken {
     ScoredToken { id, logprob: target as f64 - m - z.ln(), rank, top1: rank == 1 && argmax(logits) == id }
 }
 
-/// Runs a model with one attention method.
+/// Runs a model with one attention method, one sequence at a time, on the engine's backend.
 pub struct Runner<'m> {
-    /// The model.
-    pub model: &'m LoadedModel,
+    /// The model on its backend.
+    pub engine: &'m Engine,
     /// The attention method.
     pub method: ResolvedMethod,
 }
 
 impl<'m> Runner<'m> {
     /// A runner.
-    pub fn new(model: &'m LoadedModel, method: ResolvedMethod) -> Self {
-        Self { model, method }
+    pub fn new(engine: &'m Engine, method: ResolvedMethod) -> Self {
+        Self { engine, method }
+    }
+
+    fn backend(&self) -> &'m dyn Backend {
+        self.engine.backend()
     }
 
     fn check_fits(&self, prompt: usize, new: usize) -> Result<()> {
-        check_fits(self.model.model.config().context_length, prompt, new)
+        check_fits(self.engine.config().context_length, prompt, new)
     }
 
-    /// Prefills `tokens` in chunks into `kv`, returning the last position's logits.
-    pub fn prefill(&self, tokens: &[u32], kv: &mut SequenceKv, progress: impl FnMut(usize)) -> Result<Vec<f32>> {
-        Ok(self.model.model.prefill(tokens, kv, self.method.chunk, progress)?)
+    /// An empty sequence with room for `tokens` tokens, after checking that its cache fits
+    /// the backend's free memory.
+    pub fn new_sequence(&self, tokens: usize) -> Result<Box<dyn Sequence>> {
+        let b = self.backend();
+        check_kv_memory(kv_plan(b, &self.method).total_bytes(tokens), b.available_memory(), tokens)?;
+        b.new_sequence(&self.method, tokens)
+    }
+
+    /// Prefills `tokens` in chunks of the method's size into `seq`, returning the last
+    /// position's logits; `progress` gets each chunk's length.
+    pub fn prefill(&self, tokens: &[u32], seq: &mut dyn Sequence, mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
+        let chunks: Vec<&[u32]> = tokens.chunks(self.method.chunk.max(1)).collect();
+        let mut last = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let which = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
+            last = self.backend().forward(seq, c, which)?;
+            progress(c.len());
+        }
+        Ok(last)
+    }
+
+    /// Runs `tokens` after what `seq` holds and returns the last position's logits.
+    pub fn extend(&self, seq: &mut dyn Sequence, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_fits(seq.tokens().max(1), tokens.len())?;
+        self.backend().forward(seq, tokens, Logits::Last)
     }
 
     /// Generates from `prompt`; `on_text` receives each new piece of text as it becomes
@@ -172,17 +199,15 @@ impl<'m> Runner<'m> {
     pub fn generate(&self, prompt: &[u32], params: &SamplingParams, on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
         params.validate()?;
         self.check_fits(prompt.len(), params.max_tokens)?;
-        let tok = &self.model.tokenizer;
-        let eos = &self.model.model.config().eos_token_ids;
-        let total = prompt.len() + params.max_tokens;
-        check_kv_memory(self.method.plan.total_bytes(total), available_memory(), total)?;
-        let mut kv = self.method.new_cache();
-        kv.reserve(total);
+        let tok = &self.engine.tokenizer;
+        let eos = &self.engine.config().eos_token_ids;
+        let mut seq = self.new_sequence(prompt.len() + params.max_tokens)?;
         let t0 = Instant::now();
-        let logits = self.prefill(prompt, &mut kv, |_| {})?;
+        let logits = self.prefill(prompt, seq.as_mut(), |_| {})?;
         let prefill_seconds = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let done = complete(tok, eos, params, logits, |next| Ok::<_, EngineError>(self.model.model.forward(&[next], &mut kv, Logits::Last)?), on_text)?;
+        let backend = self.backend();
+        let done = complete(tok, eos, params, logits, |next| backend.forward(seq.as_mut(), &[next], Logits::Last), on_text)?;
         Ok(Generation {
             prompt_token_ids: prompt.to_vec(),
             completion_token_ids: done.tokens,
@@ -190,34 +215,34 @@ impl<'m> Runner<'m> {
             finish_reason: done.finish,
             prefill_seconds,
             decode_seconds: t1.elapsed().as_secs_f64(),
-            peak_kv: kv.peak_bytes(),
+            peak_kv: seq.peak_bytes(),
         })
     }
 
     /// Teacher-forced scores of `continuation` after `prompt`.
     pub fn score(&self, prompt: &[u32], continuation: &[u32]) -> Result<Scores> {
         self.check_fits(prompt.len(), continuation.len())?;
-        let mut kv = self.method.new_cache();
-        let logits = self.prefill(prompt, &mut kv, |_| {})?;
-        let tokens = self.score_after(&mut kv, &logits, continuation)?;
-        Ok(Scores::from_tokens(tokens, kv.peak_bytes()))
+        let mut seq = self.new_sequence(prompt.len() + continuation.len())?;
+        let logits = self.prefill(prompt, seq.as_mut(), |_| {})?;
+        let tokens = self.score_after(seq.as_mut(), &logits, continuation)?;
+        Ok(Scores::from_tokens(tokens, seq.peak_bytes()))
     }
 
-    /// Teacher-forced scores of `continuation` given a cache already holding the prompt
-    /// and the logits of its last position; the cache advances over the continuation
+    /// Teacher-forced scores of `continuation` given a sequence already holding the prompt
+    /// and the logits of its last position; the sequence advances over the continuation
     /// (all but its last token).
-    pub fn score_after(&self, kv: &mut SequenceKv, logits: &[f32], continuation: &[u32]) -> Result<Vec<ScoredToken>> {
-        self.check_fits(kv.tokens().max(1), continuation.len())?;
+    pub fn score_after(&self, seq: &mut dyn Sequence, logits: &[f32], continuation: &[u32]) -> Result<Vec<ScoredToken>> {
+        self.check_fits(seq.tokens().max(1), continuation.len())?;
         let mut out = Vec::with_capacity(continuation.len());
         if let Some(&first) = continuation.first() {
             out.push(score_token(logits, first));
         }
-        let vocab = self.model.model.config().vocab_size;
+        let vocab = self.engine.config().vocab_size;
         // Feed all but the last continuation token; each position predicts the next.
         let fed = &continuation[..continuation.len().saturating_sub(1)];
         let mut done = 0;
         for c in fed.chunks(self.method.chunk.min(512)) {
-            let all = self.model.model.forward(c, kv, Logits::All)?;
+            let all = self.backend().forward(seq, c, Logits::All)?;
             for (r, row) in all.chunks(vocab).enumerate() {
                 out.push(score_token(row, continuation[done + r + 1]));
             }
@@ -226,21 +251,17 @@ impl<'m> Runner<'m> {
         Ok(out)
     }
 
-    /// Greedy continuation of a cache whose last position produced `logits`: up to
+    /// Greedy continuation of a sequence whose last position produced `logits`: up to
     /// `max_tokens` tokens, stopping at end-of-sequence.
-    pub fn greedy_after(&self, kv: &mut SequenceKv, logits: &[f32], max_tokens: usize) -> Result<Vec<u32>> {
-        self.check_fits(kv.tokens().max(1), max_tokens)?;
-        let eos = &self.model.model.config().eos_token_ids;
+    pub fn greedy_after(&self, seq: &mut dyn Sequence, logits: &[f32], max_tokens: usize) -> Result<Vec<u32>> {
+        self.check_fits(seq.tokens().max(1), max_tokens)?;
+        let eos = &self.engine.config().eos_token_ids;
         let mut out = Vec::with_capacity(max_tokens);
-        let mut logits = logits.to_vec();
-        while out.len() < max_tokens {
-            let next = argmax(&logits);
-            if eos.contains(&next) {
-                break;
-            }
+        let mut next = argmax(logits);
+        while out.len() < max_tokens && !eos.contains(&next) {
             out.push(next);
             if out.len() < max_tokens {
-                logits = self.model.model.forward(&[next], kv, Logits::Last)?;
+                next = self.backend().greedy_step(seq, next)?;
             }
         }
         Ok(out)
@@ -249,7 +270,7 @@ impl<'m> Runner<'m> {
     /// Perplexity of a whole text, in independent windows of at most `window` tokens
     /// (the first token of each window is context only).
     pub fn perplexity(&self, tokens: &[u32], window: usize) -> Result<Scores> {
-        let window = window.min(self.model.model.config().context_length).max(2);
+        let window = window.min(self.engine.config().context_length).max(2);
         let mut all = Vec::new();
         let mut peak = KvBytes::default();
         for w in tokens.chunks(window) {
@@ -274,14 +295,6 @@ pub(crate) fn check_fits(context: usize, prompt: usize, new: usize) -> Result<()
         return Err(EngineError::ContextLength { prompt, max_tokens: new, context });
     }
     Ok(())
-}
-
-/// Bytes of memory available to new allocations (Linux `MemAvailable`), if known.
-pub fn available_memory() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Errors when a cache plan needs more than the memory available (unknown: no check).
@@ -320,6 +333,5 @@ mod tests {
         assert!(check_kv_memory(10 << 20, None, 100).is_ok());
         let e = check_kv_memory(30 << 20, Some(20 << 20), 4096).unwrap_err().to_string();
         assert!(e.contains("4096 tokens") && e.contains("30.0 MiB") && e.contains("20.0 MiB"), "{e}");
-        assert!(available_memory().is_some_and(|b| b > 0) || !std::path::Path::new("/proc/meminfo").exists());
     }
 }

@@ -3,8 +3,8 @@
 //! away frees its KV cache.
 
 use duo_core::pattern::Layout;
-use duo_engine::{BatchConfig, BatchEngine, Event, EventSink, FinishReason, Method, MethodSpec, Request, Runner, SamplingParams};
-use duo_model::{LoadedModel, ModelSource};
+use duo_engine::{BatchConfig, BatchEngine, Device, Engine, Event, EventSink, FinishReason, Method, MethodSpec, Request, Runner, SamplingParams};
+use duo_model::ModelSource;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -31,10 +31,10 @@ impl EventSink for ChannelSink {
 
 #[test]
 fn batched_requests_match_running_alone_and_free_their_kv() {
-    let model = Arc::new(LoadedModel::load(&ModelSource::Default).expect("default model"));
+    let model = Arc::new(Engine::load(&ModelSource::Default, Device::Cpu).expect("default model"));
     // Small windows and chunks, so streaming heads wrap and prefills interleave with decode.
     let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout: Layout::Head, sink: 8, recent: 24, chunk: 48, ..Default::default() };
-    let method = spec.resolve(model.model.config()).expect("method");
+    let method = spec.resolve(model.config()).expect("method");
     let text = "The quick brown fox jumps over the lazy dog. Once upon a time in a small village by the sea, there lived an old fisherman who told stories every evening. ";
     let base = model.tokenizer.encode(&text.repeat(8), true).expect("encode");
     let cases: Vec<(Vec<u32>, SamplingParams)> = (0..7)
@@ -96,8 +96,8 @@ fn batched_requests_match_running_alone_and_free_their_kv() {
 
 #[test]
 fn admission_respects_the_budget_and_the_queue_bound() {
-    let model = Arc::new(LoadedModel::load(&ModelSource::Default).expect("default model"));
-    let method = MethodSpec::default().resolve(model.model.config()).expect("method");
+    let model = Arc::new(Engine::load(&ModelSource::Default, Device::Cpu).expect("default model"));
+    let method = MethodSpec::default().resolve(model.config()).expect("method");
     let need = method.plan.total_bytes(100);
     let engine = BatchEngine::start(model.clone(), method, BatchConfig { kv_budget: need, max_waiting: 2, max_running: 8 });
     let params = SamplingParams { max_tokens: 50, ..Default::default() };
@@ -150,7 +150,7 @@ fn admission_respects_the_budget_and_the_queue_bound() {
 fn streamed_text_equals_decoding_all_tokens_at_once() {
     use duo_engine::TextStream;
     use rand::{Rng, SeedableRng};
-    let model = LoadedModel::load(&ModelSource::Default).expect("default model");
+    let model = Engine::load(&ModelSource::Default, Device::Cpu).expect("default model");
     let tok = &model.tokenizer;
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let mut cases = vec![tok.encode("Ünïcödé — 東京タワー 🚀🚀 emoji, plain words and numbers 12345.\n\nNext paragraph.", false).expect("encode")];

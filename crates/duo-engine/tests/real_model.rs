@@ -3,16 +3,16 @@
 //! `duo` at sparsity 0 being exactly full attention.
 
 use duo_core::pattern::{HeadGates, HeadPattern, Layout};
-use duo_engine::{EngineError, Method, MethodSpec, Runner, SamplingParams};
+use duo_engine::{Device, Engine, EngineError, Method, MethodSpec, PatternSource, Runner, SamplingParams};
 use duo_kv::PrefillMode;
-use duo_model::{LoadedModel, Logits, Message, ModelSource};
+use duo_model::{Logits, Message, ModelSource};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-fn model() -> &'static LoadedModel {
-    static M: OnceLock<LoadedModel> = OnceLock::new();
-    M.get_or_init(|| LoadedModel::load(&ModelSource::Default).expect("default model loads"))
+fn model() -> &'static Engine {
+    static M: OnceLock<Engine> = OnceLock::new();
+    M.get_or_init(|| Engine::load(&ModelSource::Default, Device::Cpu).expect("default model loads"))
 }
 
 fn repo() -> PathBuf {
@@ -47,10 +47,10 @@ fn full() -> MethodSpec {
 
 fn last_logits(spec: &MethodSpec, prompt: &[u32]) -> Vec<f32> {
     let m = model();
-    let method = spec.resolve(m.model.config()).expect("method");
+    let method = spec.resolve(m.config()).expect("method");
     let runner = Runner::new(m, method);
-    let mut kv = runner.method.new_cache();
-    runner.prefill(prompt, &mut kv, |_| {}).expect("prefill")
+    let mut kv = runner.new_sequence(prompt.len()).expect("sequence");
+    runner.prefill(prompt, kv.as_mut(), |_| {}).expect("prefill")
 }
 
 #[test]
@@ -102,7 +102,7 @@ fn greedy_tokens_and_final_logits_match_llama_cpp() {
         let eos_stop = want.last() == Some(&2);
         let n = want.len() - eos_stop as usize;
         let params = SamplingParams { max_tokens: n.max(1), ..Default::default() };
-        let runner = Runner::new(m, full().resolve(m.model.config()).expect("method"));
+        let runner = Runner::new(m, full().resolve(m.config()).expect("method"));
         let gen = runner.generate(&prompt, &params, |_| true).expect("generate");
         let same = gen.completion_token_ids.iter().zip(&want).take_while(|(a, b)| a == b).count();
         eprintln!("{name}: {} prompt tokens; greedy equal for {same}/{n} tokens; top-64 logits within {worst:.3}", prompt.len());
@@ -116,10 +116,10 @@ fn greedy_tokens_and_final_logits_match_llama_cpp() {
 #[test]
 fn duo_at_sparsity_zero_is_full_attention() {
     let m = model();
-    let c = m.model.config();
+    let c = m.config();
     let dir = std::env::temp_dir().join(format!("duo-ones-{}", std::process::id()));
     HeadGates::new(vec![vec![0.7; c.n_kv_heads]; c.n_layers]).expect("gates").save(&dir).expect("save");
-    let duo = MethodSpec { method: Method::Duo, pattern: Some(dir.clone()), sparsity: Some(0.0), ..full() };
+    let duo = MethodSpec { method: Method::Duo, pattern: Some(PatternSource::Path(dir.clone())), sparsity: Some(0.0), ..full() };
     let resolved = duo.resolve(c).expect("resolve");
     assert_eq!(resolved.pattern, HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads));
     let prompt = m.tokenizer.encode("The best thing to do in San Francisco is", true).expect("encode");
@@ -134,7 +134,7 @@ fn duo_at_sparsity_zero_is_full_attention() {
 #[test]
 fn kv_bytes_follow_the_formula_and_streaming_stays_constant() {
     let m = model();
-    let c = m.model.config();
+    let c = m.config();
     let text: String = "The quick brown fox jumps over the lazy dog. ".repeat(200);
     let all = m.tokenizer.encode(&text, true).expect("encode");
     for layout in [Layout::Head, Layout::Layer] {
@@ -145,8 +145,8 @@ fn kv_bytes_follow_the_formula_and_streaming_stays_constant() {
         let runner = Runner::new(m, method);
         let mut streaming_at_limit = None;
         for &n in &[10usize, 80, 333, 700] {
-            let mut kv = runner.method.new_cache();
-            runner.prefill(&all[..n], &mut kv, |_| {}).expect("prefill");
+            let mut kv = runner.new_sequence(n).expect("sequence");
+            runner.prefill(&all[..n], kv.as_mut(), |_| {}).expect("prefill");
             let b = kv.bytes();
             assert_eq!(b.retrieval, runner.method.plan.retrieval_bytes(n), "n={n}");
             assert_eq!(b.streaming, runner.method.plan.streaming_bytes(n), "n={n}");
@@ -181,22 +181,22 @@ fn chunked_prefill_matches_one_chunk_for_full_attention_and_lambda_differs_only_
 #[test]
 fn prompt_longer_than_the_context_is_an_error_with_both_numbers() {
     let m = model();
-    let runner = Runner::new(m, full().resolve(m.model.config()).expect("method"));
+    let runner = Runner::new(m, full().resolve(m.config()).expect("method"));
     let prompt = vec![100u32; 8000];
     let params = SamplingParams { max_tokens: 500, ..Default::default() };
     let err = runner.generate(&prompt, &params, |_| true).unwrap_err();
     assert!(matches!(err, EngineError::ContextLength { prompt: 8000, max_tokens: 500, context: 8192 }));
     let msg = err.to_string();
     assert!(msg.contains("8000") && msg.contains("8192"), "{msg}");
-    let mut kv = runner.method.new_cache();
-    let e = m.model.forward(&[60000], &mut kv, Logits::Last).unwrap_err().to_string();
+    let mut kv = runner.new_sequence(1).expect("sequence");
+    let e = m.backend().forward(kv.as_mut(), &[60000], Logits::Last).unwrap_err().to_string();
     assert!(e.contains("60000") && e.contains("49152"), "{e}");
 }
 
 #[test]
 fn same_seed_same_text_and_stop_strings_cut() {
     let m = model();
-    let runner = Runner::new(m, full().resolve(m.model.config()).expect("method"));
+    let runner = Runner::new(m, full().resolve(m.config()).expect("method"));
     let prompt = m.tokenizer.encode("Once upon a time", true).expect("encode");
     let sample = |seed| {
         let p = SamplingParams { temperature: 0.9, top_p: 0.95, seed, max_tokens: 16, ..Default::default() };

@@ -16,7 +16,7 @@ pub mod summary;
 
 use duo_core::pattern::Layout;
 use duo_engine::{Method, MethodSpec, Runner};
-use duo_model::LoadedModel;
+use duo_model::TextTokenizer;
 use duo_tasks::{Haystack, PasskeySpec};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -110,7 +110,7 @@ impl EvalMethod {
                 s.method = Method::Duo;
                 s.layout = Layout::Layer;
                 if let Some(p) = layer_pattern {
-                    s.pattern = Some(p.clone());
+                    s.pattern = Some(duo_engine::PatternSource::Path(p.clone()));
                 }
             }
             EvalMethod::Random => {
@@ -233,8 +233,7 @@ impl Grid {
     }
 
     /// The prompt of a cell: the same for every method.
-    pub fn prompt(&self, model: &LoadedModel, length: usize, depth: f64) -> Result<CellPrompt> {
-        let tok = &model.tokenizer;
+    pub fn prompt(&self, tok: &TextTokenizer, length: usize, depth: f64) -> Result<CellPrompt> {
         let mut rng = self.rng(length, depth);
         match &self.task {
             Task::Passkey { words } => {
@@ -250,15 +249,14 @@ impl Grid {
                     words: a.words.iter().map(|w| w.to_string()).collect(),
                 })
             }
-            Task::Niah { needle, question } => niah_prompt(model, &self.haystack, needle, question, length, depth, &mut rng),
+            Task::Niah { needle, question } => niah_prompt(tok, &self.haystack, needle, question, length, depth, &mut rng),
         }
     }
 }
 
 /// Needle prompt: haystack with the needle inserted after the sentence end nearest
 /// before the depth, then the question and "Answer:"; the answer is the needle itself.
-fn niah_prompt(model: &LoadedModel, haystack: &Haystack, needle: &str, question: &str, length: usize, depth: f64, rng: &mut StdRng) -> Result<CellPrompt> {
-    let tok = &model.tokenizer;
+fn niah_prompt(tok: &TextTokenizer, haystack: &Haystack, needle: &str, question: &str, length: usize, depth: f64, rng: &mut StdRng) -> Result<CellPrompt> {
     let bos = tok.encode("", true)?;
     let needle_ids = tok.encode(&format!(" {needle}"), false)?;
     let question_ids = tok.encode(&format!("\n\nQuestion: {question}\nAnswer:"), false)?;
@@ -299,26 +297,25 @@ pub fn run_cell(runner: &Runner, grid: &Grid, method: EvalMethod, length: usize,
     let hint_tokens = cell.word_spans.get(hint).map_or(cell.answer.len(), |r| r.start);
     let expected_words: Vec<&str> = cell.words[hint..].iter().map(String::as_str).collect();
     let gen_budget = cell.answer.len() - hint_tokens + 4;
-    let mut kv = runner.method.new_cache();
-    kv.reserve(cell.prompt.len() + cell.answer.len() + gen_budget);
+    let mut kv = runner.new_sequence(cell.prompt.len() + cell.answer.len() + gen_budget)?;
     let t0 = Instant::now();
-    let logits = runner.prefill(&cell.prompt, &mut kv, |_| {})?;
+    let logits = runner.prefill(&cell.prompt, kv.as_mut(), |_| {})?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
 
     // Teacher-forced, from a copy of the prefilled cache.
-    let mut tf_kv = kv.clone();
-    let scored = runner.score_after(&mut tf_kv, &logits, &cell.answer)?;
+    let mut tf_kv = kv.fork()?;
+    let scored = runner.score_after(tf_kv.as_mut(), &logits, &cell.answer)?;
     let after_first = &scored[1.min(scored.len())..];
     let teacher_forced = if after_first.is_empty() { 0.0 } else { after_first.iter().filter(|t| t.top1).count() as f64 / after_first.len() as f64 };
 
     // Free generation after the hint.
     let logits = if hint_tokens > 0 {
-        runner.model.model.forward(&cell.answer[..hint_tokens], &mut kv, duo_model::Logits::Last)?
+        runner.extend(kv.as_mut(), &cell.answer[..hint_tokens])?
     } else {
         logits
     };
-    let generated = runner.greedy_after(&mut kv, &logits, gen_budget)?;
-    let text = runner.model.tokenizer.decode(&generated)?;
+    let generated = runner.greedy_after(kv.as_mut(), &logits, gen_budget)?;
+    let text = runner.engine.tokenizer.decode(&generated)?;
     let expected = expected_words.join(" ");
     let generation = match grid.task {
         Task::Passkey { .. } => duo_tasks::score::passkey_match(&expected_words, &text),

@@ -2,21 +2,21 @@
 //! prompt for every method, full attention finding a passkey that a tiny streaming window
 //! cannot see, and the KV bytes each method reports.
 
-use duo_engine::{MethodSpec, Runner};
+use duo_engine::{Device, Engine, MethodSpec, Runner};
 use duo_eval::{run_cell, EvalMethod, Grid, Task};
-use duo_model::{LoadedModel, ModelSource};
+use duo_model::ModelSource;
 use duo_tasks::Haystack;
 
 #[test]
 fn full_attention_retrieves_what_a_small_window_cannot() {
-    let model = LoadedModel::load(&ModelSource::Default).expect("default model");
+    let model = Engine::load(&ModelSource::Default, Device::Cpu).expect("default model");
     let grid = Grid { task: Task::Passkey { words: 8 }, haystack: Haystack::Generated, lengths: vec![500], depths: vec![0.1], hint_words: 2, seed: 3 };
-    grid.validate(model.model.config().context_length).expect("valid grid");
-    let cell = grid.prompt(&model, 500, 0.1).expect("prompt");
+    grid.validate(model.config().context_length).expect("valid grid");
+    let cell = grid.prompt(&model.tokenizer, 500, 0.1).expect("prompt");
     assert_eq!(cell.prompt.len() + cell.answer.len(), 500);
-    assert_eq!(grid.prompt(&model, 500, 0.1).expect("again"), cell, "cells are seeded");
+    assert_eq!(grid.prompt(&model.tokenizer, 500, 0.1).expect("again"), cell, "cells are seeded");
     let base = MethodSpec { sink: 4, recent: 32, ..Default::default() };
-    let c = model.model.config();
+    let c = model.config();
     let run = |m: EvalMethod| {
         let resolved = m.spec(&base, None).resolve(c).expect("resolve");
         run_cell(&Runner::new(&model, resolved), &grid, m, 500, 0.1, &cell).expect("cell")

@@ -17,6 +17,47 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The canonical (GGUF) tensor names of the Llama family, the one place they are spelled;
+/// Hugging Face names are mapped onto them ([`hf_name`]).
+pub mod names {
+    /// Token embeddings `[vocab, hidden]`.
+    pub const EMBED: &str = "token_embd.weight";
+    /// Final RMSNorm `[hidden]`.
+    pub const OUTPUT_NORM: &str = "output_norm.weight";
+    /// LM head `[vocab, hidden]` (absent when tied to the embeddings).
+    pub const LM_HEAD: &str = "output.weight";
+    /// RoPE frequency factors (Llama 3.1 in GGUF files).
+    pub const ROPE_FREQS: &str = "rope_freqs.weight";
+    /// Block parts, for [`block`].
+    pub const ATTN_NORM: &str = "attn_norm";
+    /// Query projection.
+    pub const Q: &str = "attn_q";
+    /// Key projection.
+    pub const K: &str = "attn_k";
+    /// Value projection.
+    pub const V: &str = "attn_v";
+    /// Output projection.
+    pub const O: &str = "attn_output";
+    /// RMSNorm before the MLP.
+    pub const FFN_NORM: &str = "ffn_norm";
+    /// MLP gate projection.
+    pub const GATE: &str = "ffn_gate";
+    /// MLP up projection.
+    pub const UP: &str = "ffn_up";
+    /// MLP down projection.
+    pub const DOWN: &str = "ffn_down";
+
+    /// The weight of `part` in block `layer` (`blk.3.attn_q.weight`).
+    pub fn block(layer: usize, part: &str) -> String {
+        format!("blk.{layer}.{part}.weight")
+    }
+
+    /// The bias of `part` in block `layer` (Qwen2's q/k/v).
+    pub fn block_bias(layer: usize, part: &str) -> String {
+        format!("blk.{layer}.{part}.bias")
+    }
+}
+
 /// A loaded checkpoint.
 #[derive(Debug)]
 pub enum Checkpoint {
@@ -64,6 +105,19 @@ impl Checkpoint {
         match self {
             Checkpoint::Gguf(g) => g.f32_tensor(name, shape),
             Checkpoint::HfFolder(h) => Ok(h.tensor(name, shape)?.flatten_all()?.to_vec1::<f32>()?),
+        }
+    }
+
+    /// A matrix or vector as bf16 bits (what the GPU keeps): bf16 safetensors are copied as
+    /// they are, other types converted (round to nearest even) or dequantised, one tensor at
+    /// a time.
+    pub fn bf16(&self, name: &str, shape: &[usize]) -> Result<Vec<u16>> {
+        match self {
+            Checkpoint::Gguf(g) => {
+                let t = g.qtensor(name, shape)?.dequantize(&Device::Cpu)?.flatten_all()?;
+                Ok(t.to_vec1::<f32>()?.into_iter().map(|v| half::bf16::from_f32(v).to_bits()).collect())
+            }
+            Checkpoint::HfFolder(h) => h.bf16(name, shape),
         }
     }
 
@@ -164,9 +218,9 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
         .and_then(MetaValue::as_u64)
         .map(|v| v as usize)
         .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
-    let vocab = g.tensors.get("token_embd.weight").map(|t| t.shape[0]).ok_or(ModelError::MissingTensor { name: "token_embd.weight".into() })?;
-    let rope_freq_factors = if g.tensors.contains_key("rope_freqs.weight") {
-        Some(g.f32_tensor("rope_freqs.weight", &[head_dim / 2])?)
+    let vocab = g.tensors.get(names::EMBED).map(|t| t.shape[0]).ok_or(ModelError::MissingTensor { name: names::EMBED.into() })?;
+    let rope_freq_factors = if g.tensors.contains_key(names::ROPE_FREQS) {
+        Some(g.f32_tensor(names::ROPE_FREQS, &[head_dim / 2])?)
     } else {
         None
     };
@@ -194,7 +248,7 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
         rope_style: if architecture == Architecture::Qwen2 { RopeStyle::HalfSplit } else { RopeStyle::Interleaved },
         rope_freq_factors,
         rms_norm_eps: g.meta(&key("attention.layer_norm_rms_epsilon")).and_then(MetaValue::as_f64).unwrap_or(1e-5) as f32,
-        tie_embeddings: !g.tensors.contains_key("output.weight"),
+        tie_embeddings: !g.tensors.contains_key(names::LM_HEAD),
         bos_token_id: g.meta("tokenizer.ggml.bos_token_id").and_then(MetaValue::as_u64).map(|v| v as u32),
         eos_token_ids,
     })
@@ -237,7 +291,18 @@ pub struct HfFolder {
     config_json: serde_json::Value,
     /// Tensor name -> file holding it.
     index: BTreeMap<String, PathBuf>,
-    files: std::sync::Mutex<BTreeMap<PathBuf, Arc<Vec<u8>>>>,
+    files: std::sync::Mutex<BTreeMap<PathBuf, Arc<memmap2::Mmap>>>,
+}
+
+/// Maps a weight file into memory (read-only): tensors are read from the page cache one at a
+/// time, never copied whole onto the heap.
+#[allow(unsafe_code)]
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+    // SAFETY: the map is read-only and lives as long as the checkpoint; duo never writes
+    // model files, and a file changed by another program while loaded is outside its contract
+    // (as for every engine that maps weights).
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.into(), source })
 }
 
 impl HfFolder {
@@ -258,7 +323,7 @@ impl HfFolder {
             }
         } else {
             let single = dir.join("model.safetensors");
-            let bytes = std::fs::read(&single).map_err(|source| ModelError::Io { path: single.clone(), source })?;
+            let bytes = map_file(&single)?;
             let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Malformed { path: single.clone(), reason: e.to_string() })?;
             for name in st.names() {
                 index.insert(name.to_string(), single.clone());
@@ -267,17 +332,18 @@ impl HfFolder {
         Ok(Self { dir: dir.to_path_buf(), config_json, index, files: Default::default() })
     }
 
-    fn file(&self, path: &Path) -> Result<Arc<Vec<u8>>> {
+    fn file(&self, path: &Path) -> Result<Arc<memmap2::Mmap>> {
         let mut files = self.files.lock().map_err(|_| ModelError::Unsupported("poisoned file cache".into()))?;
         if let Some(b) = files.get(path) {
             return Ok(b.clone());
         }
-        let bytes = Arc::new(std::fs::read(path).map_err(|source| ModelError::Io { path: path.into(), source })?);
+        let bytes = Arc::new(map_file(path)?);
         files.insert(path.to_path_buf(), bytes.clone());
         Ok(bytes)
     }
 
-    fn tensor(&self, gguf_name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// Calls `f` with the raw little-endian bytes and type of a tensor, checked against `shape`.
+    fn with_tensor<T>(&self, gguf_name: &str, shape: &[usize], f: impl FnOnce(&[u8], DType) -> Result<T>) -> Result<T> {
         let name = hf_name(gguf_name);
         let path = self.index.get(&name).ok_or(ModelError::MissingTensor { name: name.clone() })?;
         let bytes = self.file(path)?;
@@ -292,7 +358,22 @@ impl HfFolder {
             safetensors::Dtype::BF16 => DType::BF16,
             d => return Err(ModelError::Unsupported(format!("tensor `{name}` has dtype {d:?}"))),
         };
-        Ok(Tensor::from_raw_buffer(view.data(), dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?)
+        f(view.data(), dtype)
+    }
+
+    fn tensor(&self, gguf_name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.with_tensor(gguf_name, shape, |data, dtype| Ok(Tensor::from_raw_buffer(data, dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?))
+    }
+
+    fn bf16(&self, gguf_name: &str, shape: &[usize]) -> Result<Vec<u16>> {
+        self.with_tensor(gguf_name, shape, |data, dtype| {
+            let words = |n: usize| data.chunks_exact(n);
+            Ok(match dtype {
+                DType::BF16 => words(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
+                DType::F16 => words(2).map(|b| half::bf16::from_f32(half::f16::from_le_bytes([b[0], b[1]]).to_f32()).to_bits()).collect(),
+                _ => words(4).map(|b| half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_bits()).collect(),
+            })
+        })
     }
 
     fn chat_template(&self) -> Result<Option<String>> {

@@ -59,7 +59,41 @@ impl ModelSource {
     }
 }
 
-/// A model with its tokenizer and chat template, ready to run.
+/// An opened checkpoint with its configuration, tokenizer and chat template, before any
+/// weight is loaded: what every backend loads its weights from.
+pub struct ModelFiles {
+    /// The weights, not yet read.
+    pub checkpoint: Checkpoint,
+    /// The resolved configuration.
+    pub config: duo_core::config::ModelConfig,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Its chat template, if it ships one.
+    pub template: Option<ChatTemplate>,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+}
+
+impl ModelFiles {
+    /// Opens a model (fetching the default or a hub model first), reads its configuration,
+    /// rebuilds its tokenizer and compiles its chat template.
+    pub fn open(source: &ModelSource) -> Result<Self> {
+        let path = source.local_path()?;
+        let checkpoint = Checkpoint::open(&path)?;
+        let config = checkpoint.config()?;
+        let tokenizer = checkpoint.tokenizer()?;
+        let template = match checkpoint.chat_template()? {
+            Some(src) => {
+                let name = |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
+                Some(ChatTemplate::new(&src, &name(&tokenizer.bos_token), &name(&tokenizer.eos_token))?)
+            }
+            None => None,
+        };
+        Ok(Self { checkpoint, config, tokenizer, template, path })
+    }
+}
+
+/// A model with its tokenizer and chat template, loaded for the CPU.
 pub struct LoadedModel {
     /// The network.
     pub model: Model,
@@ -74,18 +108,8 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads a model, its tokenizer and its chat template.
     pub fn load(source: &ModelSource) -> Result<Self> {
-        let path = source.local_path()?;
-        let ck = Checkpoint::open(&path)?;
-        let config = ck.config()?;
-        let tokenizer = ck.tokenizer()?;
-        let template = match ck.chat_template()? {
-            Some(src) => {
-                let name = |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
-                Some(ChatTemplate::new(&src, &name(&tokenizer.bos_token), &name(&tokenizer.eos_token))?)
-            }
-            None => None,
-        };
-        let model = Model::load(&ck, config)?;
-        Ok(Self { model, tokenizer, template, path })
+        let f = ModelFiles::open(source)?;
+        let model = Model::load(&f.checkpoint, f.config)?;
+        Ok(Self { model, tokenizer: f.tokenizer, template: f.template, path: f.path })
     }
 }

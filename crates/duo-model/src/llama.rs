@@ -8,7 +8,7 @@
 //! The model owns no KV memory: attention goes through the [`SequenceKv`] the caller
 //! passes in, which decides per KV head between a full and a streaming cache.
 
-use crate::checkpoint::{Checkpoint, Weight};
+use crate::checkpoint::{names, Checkpoint, Weight};
 use crate::error::{ModelError, Result};
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
@@ -25,9 +25,9 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(ck: &Checkpoint, name: &str, out_dim: usize, in_dim: usize, with_bias: bool) -> Result<Self> {
-        let weight = ck.weight(&format!("{name}.weight"), &[out_dim, in_dim])?;
-        let bias = if with_bias { Some(ck.f32(&format!("{name}.bias"), &[out_dim])?) } else { None };
+    fn load(ck: &Checkpoint, layer: usize, part: &str, out_dim: usize, in_dim: usize, with_bias: bool) -> Result<Self> {
+        let weight = ck.weight(&names::block(layer, part), &[out_dim, in_dim])?;
+        let bias = if with_bias { Some(ck.f32(&names::block_bias(layer, part), &[out_dim])?) } else { None };
         Ok(Self { weight, bias, out_dim })
     }
 
@@ -127,24 +127,23 @@ impl Model {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let bias = c.architecture == duo_core::Architecture::Qwen2;
-        let embed = ck.matrix("token_embd.weight", &[c.vocab_size, h])?;
-        let lm_head = ck.weight(if c.tie_embeddings { "token_embd.weight" } else { "output.weight" }, &[c.vocab_size, h])?;
+        let embed = ck.matrix(names::EMBED, &[c.vocab_size, h])?;
+        let lm_head = ck.weight(if c.tie_embeddings { names::EMBED } else { names::LM_HEAD }, &[c.vocab_size, h])?;
         let mut blocks = Vec::new(); // not with_capacity: n_layers comes from the file
         for l in 0..c.n_layers {
-            let p = format!("blk.{l}");
             blocks.push(Block {
-                attn_norm: ck.f32(&format!("{p}.attn_norm.weight"), &[h])?,
-                q: Linear::load(ck, &format!("{p}.attn_q"), c.n_heads * hd, h, bias)?,
-                k: Linear::load(ck, &format!("{p}.attn_k"), c.n_kv_heads * hd, h, bias)?,
-                v: Linear::load(ck, &format!("{p}.attn_v"), c.n_kv_heads * hd, h, bias)?,
-                o: Linear::load(ck, &format!("{p}.attn_output"), h, c.n_heads * hd, false)?,
-                ffn_norm: ck.f32(&format!("{p}.ffn_norm.weight"), &[h])?,
-                gate: Linear::load(ck, &format!("{p}.ffn_gate"), c.intermediate_size, h, false)?,
-                up: Linear::load(ck, &format!("{p}.ffn_up"), c.intermediate_size, h, false)?,
-                down: Linear::load(ck, &format!("{p}.ffn_down"), h, c.intermediate_size, false)?,
+                attn_norm: ck.f32(&names::block(l, names::ATTN_NORM), &[h])?,
+                q: Linear::load(ck, l, names::Q, c.n_heads * hd, h, bias)?,
+                k: Linear::load(ck, l, names::K, c.n_kv_heads * hd, h, bias)?,
+                v: Linear::load(ck, l, names::V, c.n_kv_heads * hd, h, bias)?,
+                o: Linear::load(ck, l, names::O, h, c.n_heads * hd, false)?,
+                ffn_norm: ck.f32(&names::block(l, names::FFN_NORM), &[h])?,
+                gate: Linear::load(ck, l, names::GATE, c.intermediate_size, h, false)?,
+                up: Linear::load(ck, l, names::UP, c.intermediate_size, h, false)?,
+                down: Linear::load(ck, l, names::DOWN, h, c.intermediate_size, false)?,
             });
         }
-        let norm = ck.f32("output_norm.weight", &[h])?;
+        let norm = ck.f32(names::OUTPUT_NORM, &[h])?;
         let rope = Rope::new(hd, c.rope_theta, c.rope_style == RopeStyle::HalfSplit, c.rope_freq_factors.as_deref());
         Ok(Self { config, embed, blocks, norm, lm_head, rope })
     }

@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use duo_engine::{BatchEngine, Event, EventSink, FinishReason, Request};
-use duo_model::LoadedModel;
+use duo_engine::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
@@ -48,7 +48,7 @@ pub struct ServeConfig {
 /// What exists once the model is loaded.
 pub struct Ready {
     /// The model (shared with the engine thread).
-    pub model: Arc<LoadedModel>,
+    pub model: Arc<Engine>,
     /// The engine.
     pub engine: BatchEngine,
 }
@@ -123,7 +123,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Value>> {
     let ready = state.ready()?;
-    let context = ready.model.model.config().context_length;
+    let context = ready.model.config().context_length;
     Ok(Json(json!({
         "object": "list",
         "data": [{
@@ -158,16 +158,16 @@ async fn tokenize(State(state): State<Arc<AppState>>, body: std::result::Result<
         _ => return Err(ServeError::invalid("prompt", "`prompt` must be a string (or give `messages`)")),
     };
     let tokens = tokens_of(&ready.model, &prompt)?;
-    let context = ready.model.model.config().context_length;
+    let context = ready.model.config().context_length;
     Ok(Json(json!({"count": tokens.len(), "max_model_len": context, "tokens": tokens})))
 }
 
-fn tokens_of(model: &LoadedModel, prompt: &Prompt) -> Result<Vec<u32>> {
+fn tokens_of(model: &Engine, prompt: &Prompt) -> Result<Vec<u32>> {
     let internal = |e: duo_model::ModelError| ServeError::internal(e.to_string());
     match prompt {
         Prompt::Text(t) => model.tokenizer.encode(t, true).map_err(internal),
         Prompt::Tokens(ids) => {
-            let vocab = model.model.config().vocab_size;
+            let vocab = model.config().vocab_size;
             match ids.iter().find(|&&id| id as usize >= vocab) {
                 Some(bad) => Err(ServeError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}"))),
                 None => Ok(ids.clone()),
@@ -266,7 +266,7 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
     // Tokenising (and rendering the template) is CPU work: off the async workers.
     let (model, text) = (ready.model.clone(), req.prompt.clone());
     let prompt = tokio::task::spawn_blocking(move || tokens_of(&model, &text)).await.map_err(|e| ServeError::internal(e.to_string()))??;
-    let context = ready.model.model.config().context_length;
+    let context = ready.model.config().context_length;
     req.resolve_max_tokens(prompt.len(), context, ready.engine.max_new_tokens_within_budget(prompt.len()), &limits);
     let (tx, rx) = mpsc::unbounded_channel();
     let sink = Box::new(HttpSink { tx, metrics: state.metrics.clone(), arrived, last_token: None, ended: false });
@@ -297,7 +297,7 @@ struct Reply {
     id: String,
     created: u64,
     model: String,
-    model_ref: Arc<LoadedModel>,
+    model_ref: Arc<Engine>,
     logprobs: bool,
 }
 

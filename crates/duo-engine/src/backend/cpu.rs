@@ -1,0 +1,118 @@
+//! The CPU backend: duo's quantised kernels (`duo_model::Model`) over `f32` hybrid caches
+//! (`duo_kv::SequenceKv`).
+
+use super::{downcast, Backend, Logits, Sequence};
+use crate::error::Result;
+use crate::method::ResolvedMethod;
+use duo_core::config::ModelConfig;
+use duo_kv::{KvBytes, SequenceKv};
+use duo_model::Model;
+use std::any::Any;
+
+/// A model on the CPU.
+pub struct CpuBackend {
+    model: Model,
+}
+
+impl CpuBackend {
+    /// Wraps a loaded CPU model.
+    pub fn new(model: Model) -> Self {
+        Self { model }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+}
+
+/// A CPU sequence: its hybrid cache and the prefill chunk of its method.
+struct CpuSequence {
+    kv: SequenceKv,
+    chunk: usize,
+}
+
+impl Sequence for CpuSequence {
+    fn tokens(&self) -> usize {
+        self.kv.tokens()
+    }
+    fn bytes(&self) -> KvBytes {
+        self.kv.bytes()
+    }
+    fn peak_bytes(&self) -> KvBytes {
+        self.kv.peak_bytes()
+    }
+    fn fork(&self) -> Result<Box<dyn Sequence>> {
+        Ok(Box::new(CpuSequence { kv: self.kv.clone(), chunk: self.chunk }))
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl Backend for CpuBackend {
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon_threads())
+    }
+
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn kv_element_bytes(&self) -> usize {
+        4
+    }
+
+    fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>> {
+        let mut kv = method.new_cache();
+        kv.reserve(max_tokens);
+        Ok(Box::new(CpuSequence { kv, chunk: method.chunk }))
+    }
+
+    fn forward(&self, seq: &mut dyn Sequence, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
+        let s = downcast::<CpuSequence>(seq, "CPU")?;
+        match logits {
+            // Chunks of the method's size, as a prefill runs alone.
+            Logits::Last | Logits::None => {
+                let chunks: Vec<&[u32]> = tokens.chunks(s.chunk.max(1)).collect();
+                let mut last = Vec::new();
+                for (i, c) in chunks.iter().enumerate() {
+                    let which = if i + 1 == chunks.len() { logits } else { Logits::None };
+                    last = self.model.forward(c, &mut s.kv, which)?;
+                }
+                Ok(last)
+            }
+            Logits::All => {
+                let mut all = Vec::with_capacity(tokens.len() * self.model.config().vocab_size);
+                for c in tokens.chunks(s.chunk.max(1)) {
+                    all.extend(self.model.forward(c, &mut s.kv, Logits::All)?);
+                }
+                Ok(all)
+            }
+        }
+    }
+
+    fn decode_batch(&self, tokens: &[u32], seqs: &mut [&mut dyn Sequence]) -> Result<Vec<f32>> {
+        let mut kvs = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            kvs.push(&mut downcast::<CpuSequence>(&mut **s, "CPU")?.kv);
+        }
+        Ok(self.model.decode_batch(tokens, &mut kvs)?)
+    }
+
+    fn available_memory(&self) -> Option<usize> {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    fn memory_in_use(&self) -> Option<usize> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<usize>().ok()).map(|kib| kib * 1024)
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

@@ -1,0 +1,183 @@
+//! The seam between the engine and the hardware it runs on.
+//!
+//! Everything above this module (generation, scoring, continuous batching, evaluation,
+//! benchmarks) is written once against [`Backend`] and [`Sequence`]; below it, each backend
+//! owns its weights and its KV memory:
+//!
+//! * [`cpu::CpuBackend`]: duo's quantised CPU kernels over an `f32` hybrid cache
+//!   (`duo_kv::SequenceKv`);
+//! * [`cuda::CudaBackend`]: duo's CUDA kernels over a bf16 hybrid cache on one GPU
+//!   (`duo_cuda::model::GpuSequence`).
+//!
+//! A sequence is an opaque, owned cache ([`Sequence`]); the backend that made it is the only
+//! one that runs it (it downcasts and refuses another backend's sequence with an error).
+//! Bytes held are always the method's formula at the sequence's length (`CachePlan`, with the
+//! backend's element size), so every backend reports memory the same way.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::error::{EngineError, Result};
+use crate::method::ResolvedMethod;
+use duo_core::cache_spec::CachePlan;
+use duo_core::config::ModelConfig;
+use duo_kv::KvBytes;
+pub use duo_model::Logits;
+use std::any::Any;
+
+/// Where a model runs: `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// duo's CPU kernels.
+    #[default]
+    Cpu,
+    /// duo's CUDA backend on GPU `N`.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || EngineError::InvalidParameter { name: "device", reason: format!("`{s}` is not one of cpu, cuda, cuda:N") };
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda).ok_or_else(bad),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// One sequence's KV cache on some backend: owned, movable between threads, copyable.
+pub trait Sequence: Send {
+    /// Tokens cached (the next token's position).
+    fn tokens(&self) -> usize;
+    /// Bytes held now, by head kind.
+    fn bytes(&self) -> KvBytes;
+    /// The most bytes held after any chunk.
+    fn peak_bytes(&self) -> KvBytes;
+    /// An independent copy holding the same tokens (one prefill, many continuations).
+    fn fork(&self) -> Result<Box<dyn Sequence>>;
+    /// For the backend that made it.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// A model loaded on some hardware: makes sequences and runs tokens through them.
+pub trait Backend: Send + Sync {
+    /// What runs the model, for people (`cpu (2 threads)`, `NVIDIA H200 (cuda:0)`).
+    fn describe(&self) -> String;
+    /// The model's configuration.
+    fn config(&self) -> &ModelConfig;
+    /// Bytes of one cached key or value element (4 for `f32`, 2 for bf16).
+    fn kv_element_bytes(&self) -> usize;
+    /// An empty sequence for `method`, with room for `max_tokens` tokens.
+    fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>>;
+    /// Runs `tokens` at positions `seq.tokens()..` (any length: the backend chunks as the
+    /// method says), appending them to the cache, and returns the requested logits.
+    fn forward(&self, seq: &mut dyn Sequence, tokens: &[u32], logits: Logits) -> Result<Vec<f32>>;
+    /// Appends `token` and returns the greedy next token (backends may avoid copying logits).
+    fn greedy_step(&self, seq: &mut dyn Sequence, token: u32) -> Result<u32> {
+        Ok(crate::sampler::argmax(&self.forward(seq, &[token], Logits::Last)?))
+    }
+    /// One decode step for several sequences: `tokens[i]` goes to `seqs[i]`; returns the
+    /// logits `[n, vocab]`, row `i` equal to what `seqs[i]` alone would give.
+    fn decode_batch(&self, tokens: &[u32], seqs: &mut [&mut dyn Sequence]) -> Result<Vec<f32>> {
+        if tokens.len() != seqs.len() {
+            return Err(EngineError::Backend(format!("{} tokens for {} sequences", tokens.len(), seqs.len())));
+        }
+        let mut out = Vec::new();
+        for (t, s) in tokens.iter().zip(seqs.iter_mut()) {
+            out.extend(self.forward(&mut **s, &[*t], Logits::Last)?);
+        }
+        Ok(out)
+    }
+    /// Bytes free for new KV caches, where known.
+    fn available_memory(&self) -> Option<usize>;
+    /// Bytes the process (CPU) or the device (GPU) has in use now, where known.
+    fn memory_in_use(&self) -> Option<usize>;
+    /// Pretends `tokens` tokens were prefilled (seeded random keys and values) and that the
+    /// next input is `next`: for decode measurements at lengths whose prefill would take too
+    /// long. Backends without it say so.
+    fn fill_synthetic(&self, _seq: &mut dyn Sequence, _tokens: usize, _next: u32, _seed: u64) -> Result<()> {
+        Err(EngineError::Backend(format!("{} cannot fill caches with synthetic tokens", self.describe())))
+    }
+    /// The bandwidth floor of a decode step: weight bytes read per step and the measured
+    /// copy bandwidth (bytes per second), where the backend measures it.
+    fn decode_floor(&self) -> Result<Option<(usize, f64)>> {
+        Ok(None)
+    }
+}
+
+/// The method's cache plan with `backend`'s element size: the one formula for bytes held.
+pub fn kv_plan(backend: &dyn Backend, method: &ResolvedMethod) -> CachePlan {
+    CachePlan::new(&method.pattern, backend.config().head_dim, backend.kv_element_bytes(), method.window)
+}
+
+/// Bytes held after `tokens` tokens under `plan`, by head kind.
+pub fn plan_bytes(plan: &CachePlan, tokens: usize) -> KvBytes {
+    KvBytes { retrieval: plan.retrieval_bytes(tokens), streaming: plan.streaming_bytes(tokens) }
+}
+
+/// The sequence as the concrete type `T`, or an error naming the backend.
+pub(crate) fn downcast<'a, T: 'static>(seq: &'a mut dyn Sequence, backend: &str) -> Result<&'a mut T> {
+    seq.as_any_mut().downcast_mut::<T>().ok_or_else(|| EngineError::Backend(format!("this sequence was not made by the {backend} backend")))
+}
+
+/// A device opened before any model file is read, so that a missing driver is the first
+/// error a user sees.
+pub enum OpenedDevice {
+    /// The CPU (nothing to open).
+    Cpu,
+    /// A GPU and its ordinal.
+    Cuda(std::sync::Arc<duo_cuda::Gpu>, usize),
+}
+
+/// Opens `device`.
+pub fn open(device: Device) -> Result<OpenedDevice> {
+    Ok(match device {
+        Device::Cpu => OpenedDevice::Cpu,
+        Device::Cuda(n) => OpenedDevice::Cuda(std::sync::Arc::new(duo_cuda::Gpu::new(n)?), n),
+    })
+}
+
+/// Loads a checkpoint onto an opened device.
+pub fn load(device: OpenedDevice, checkpoint: &duo_model::Checkpoint, config: ModelConfig) -> Result<Box<dyn Backend>> {
+    Ok(match device {
+        OpenedDevice::Cpu => Box::new(cpu::CpuBackend::new(duo_model::Model::load(checkpoint, config)?)),
+        OpenedDevice::Cuda(gpu, n) => Box::new(cuda::CudaBackend::load(gpu, n, checkpoint, config)?),
+    })
+}
+
+/// A model of `config`'s shape with seeded random weights on `device` (speed and memory
+/// only; the CPU stores Q4_1 weights, the GPU bf16).
+pub fn random(device: Device, config: ModelConfig, seed: u64) -> Result<Box<dyn Backend>> {
+    Ok(match open(device)? {
+        OpenedDevice::Cpu => Box::new(cpu::CpuBackend::new(duo_model::Model::random(config, seed)?)),
+        OpenedDevice::Cuda(gpu, n) => Box::new(cuda::CudaBackend::random(gpu, n, config, seed)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+        assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU", "cuda:-1", ""] {
+            let e = bad.parse::<Device>().unwrap_err().to_string();
+            assert!(e.contains("cpu, cuda, cuda:N"), "{bad}: {e}");
+        }
+    }
+}

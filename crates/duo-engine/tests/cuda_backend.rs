@@ -1,0 +1,124 @@
+//! The CUDA backend against the CPU engine on the real default model (SmolLM2-135M-Instruct:
+//! Q4_1 weights and 8-bit activations on the CPU, the same weights dequantised to bf16 on the
+//! GPU), through the one backend seam. These tests need a GPU: without a CUDA driver (as on
+//! CI) each prints "skipped: no CUDA driver" and returns.
+
+use duo_core::pattern::Layout;
+use duo_engine::backend::{kv_plan, plan_bytes, Logits};
+use duo_engine::{Device, Engine, Method, MethodSpec, PatternSource, ResolvedMethod, Runner, SamplingParams};
+use duo_model::ModelSource;
+use rand::SeedableRng;
+use std::sync::OnceLock;
+
+fn gpu_present(test: &str) -> bool {
+    let present = duo_cuda::Gpu::new(0).is_ok();
+    if !present {
+        eprintln!("{test}: skipped: no CUDA driver");
+    }
+    present
+}
+
+fn engines() -> &'static (Engine, Engine) {
+    static E: OnceLock<(Engine, Engine)> = OnceLock::new();
+    E.get_or_init(|| {
+        let cpu = Engine::load(&ModelSource::Default, Device::Cpu).expect("CPU model");
+        let gpu = Engine::load(&ModelSource::Default, Device::Cuda(0)).expect("GPU model");
+        (cpu, gpu)
+    })
+}
+
+/// full, duo (head layout) and layer at sparsity 0.5 with the shipped patterns.
+fn methods(e: &Engine) -> Vec<(&'static str, ResolvedMethod)> {
+    let base = MethodSpec { pattern: Some(PatternSource::Shipped), chunk: 1024, ..Default::default() };
+    [("full", Method::Full, Layout::Head), ("duo", Method::Duo, Layout::Head), ("layer", Method::Duo, Layout::Layer)]
+        .into_iter()
+        .map(|(name, method, layout)| (name, MethodSpec { method, layout, ..base.clone() }.resolve(e.config()).expect("method")))
+        .collect()
+}
+
+/// Ten prompts of 30 to 4,000 tokens of seeded prose.
+fn prompts(e: &Engine) -> Vec<Vec<u32>> {
+    let hay = duo_tasks::Haystack::Generated;
+    [30usize, 100, 250, 500, 800, 1200, 1800, 2500, 3200, 4000]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+            let mut ids = e.tokenizer.encode("", true).expect("bos");
+            ids.extend(hay.tokens(&e.tokenizer, n - ids.len(), &mut rng).expect("prose"));
+            ids
+        })
+        .collect()
+}
+
+#[test]
+fn gpu_greedy_tokens_match_the_cpu_engine() {
+    if !gpu_present("gpu_greedy_tokens_match_the_cpu_engine") {
+        return;
+    }
+    let (cpu, gpu) = engines();
+    let params = SamplingParams { max_tokens: 16, ..Default::default() };
+    let (mut equal, mut total, mut worst) = (0usize, 0usize, 16usize);
+    for ((name, cm), (_, gm)) in methods(cpu).into_iter().zip(methods(gpu)) {
+        for p in prompts(cpu) {
+            let a = Runner::new(cpu, cm.clone()).generate(&p, &params, |_| true).expect("cpu").completion_token_ids;
+            let b = Runner::new(gpu, gm.clone()).generate(&p, &params, |_| true).expect("gpu").completion_token_ids;
+            // Positions equal before the first difference (after it the texts diverge).
+            let same = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+            eprintln!("{name:<6} {:>5} prompt tokens: {same:>2}/{} greedy tokens equal", p.len(), a.len().max(b.len()));
+            equal += same;
+            total += a.len().max(b.len());
+            worst = worst.min(same);
+        }
+    }
+    eprintln!("greedy tokens equal before the first difference: {equal} of {total} ({:.3}); worst prompt {worst}", equal as f64 / total as f64);
+    assert!(equal * 16 >= total * 15, "{equal} of {total} greedy tokens equal: fewer than 15 in 16");
+}
+
+#[test]
+fn gpu_scores_match_the_cpu_engine_and_forks_are_independent() {
+    if !gpu_present("gpu_scores_match_the_cpu_engine_and_forks_are_independent") {
+        return;
+    }
+    let (cpu, gpu) = engines();
+    let all = &prompts(cpu)[7]; // 2,500 tokens
+    let (prompt, cont) = all.split_at(all.len() - 300);
+    for ((name, cm), (_, gm)) in methods(cpu).into_iter().zip(methods(gpu)) {
+        let a = Runner::new(cpu, cm).score(prompt, cont).expect("cpu");
+        let runner = Runner::new(gpu, gm);
+        let b = runner.score(prompt, cont).expect("gpu");
+        let diffs: Vec<f64> = a.tokens.iter().zip(&b.tokens).map(|(x, y)| (x.logprob - y.logprob).abs()).collect();
+        let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+        let max = diffs.iter().copied().fold(0.0, f64::max);
+        eprintln!("{name:<6} logprobs of {} tokens: mean |gpu - cpu| {mean:.4}, max {max:.4}; mean logprob cpu {:.4} gpu {:.4}", diffs.len(), a.mean_logprob, b.mean_logprob);
+        assert!(mean <= 0.05, "{name}: mean logprob difference {mean}");
+        assert!((a.mean_logprob - b.mean_logprob).abs() <= 0.05, "{name}");
+
+        // One prefill, two continuations from copies: each equals a fresh run.
+        let mut seq = runner.new_sequence(all.len() + 4).expect("sequence");
+        let logits = runner.prefill(prompt, seq.as_mut(), |_| {}).expect("prefill");
+        let mut copy = seq.fork().expect("fork");
+        let first = runner.score_after(copy.as_mut(), &logits, cont).expect("fork score");
+        let greedy = runner.greedy_after(seq.as_mut(), &logits, 4).expect("greedy after fork");
+        assert_eq!(first.iter().map(|t| t.logprob).collect::<Vec<_>>(), b.tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(), "{name}: a fork scores as a fresh sequence");
+        let fresh = Runner::new(gpu, runner.method.clone()).generate(prompt, &SamplingParams { max_tokens: 4, ..Default::default() }, |_| true).expect("fresh");
+        assert_eq!(greedy, fresh.completion_token_ids, "{name}: the original is untouched by its fork");
+        // Bytes held: the method's formula with bf16 elements.
+        let plan = kv_plan(gpu.backend(), &runner.method);
+        assert_eq!(copy.bytes(), plan_bytes(&plan, prompt.len() + cont.len() - 1), "{name}");
+    }
+}
+
+#[test]
+fn a_cpu_sequence_is_refused_by_the_gpu_backend() {
+    if !gpu_present("a_cpu_sequence_is_refused_by_the_gpu_backend") {
+        return;
+    }
+    let (cpu, gpu) = engines();
+    let m = MethodSpec::default().resolve(cpu.config()).expect("method");
+    let mut seq = cpu.backend().new_sequence(&m, 10).expect("cpu sequence");
+    let e = gpu.backend().forward(seq.as_mut(), &[1, 2, 3], Logits::Last).err().expect("refused").to_string();
+    assert!(e.contains("not made by the CUDA backend"), "{e}");
+    let e = gpu.backend().forward(gpu.backend().new_sequence(&m, 10).expect("gpu").as_mut(), &[60_000], Logits::Last).err().expect("bad id").to_string();
+    assert!(e.contains("60000"), "{e}");
+}
