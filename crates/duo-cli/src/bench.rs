@@ -56,7 +56,7 @@ struct Row {
     tokens: usize,
     prefill_s: Option<f64>,
     decode_ms: f64,
-    kv_bytes: usize,
+    kv: duo_kv::KvBytes,
     /// Process memory (CPU) or device memory in use (GPU) with this run's cache alive.
     memory: usize,
     floor_ms: Option<f64>,
@@ -100,6 +100,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // Shapes and arguments are checked before any device is opened or model read.
     let random_config = a.method.random_weights.as_deref().map(duo_model::random::shape).transpose()?;
     let (engine, backend_box, label, token_limit);
+    let load = Load::start();
     match (&a.method.random_weights, random_config) {
         (Some(shape), Some(config)) => {
             eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed);
@@ -117,6 +118,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             backend_box = None;
         }
     }
+    let load = load.finish();
+    eprintln!("duo bench: loaded in {:.2} s; peak anonymous host memory during the load {:.0} MiB (RssAnon, file-backed pages of memory-mapped weights excluded)", load.0, load.1 as f64 / MIB);
     let b: &dyn Backend = match (&engine, &backend_box) {
         (Some(e), _) => e.backend(),
         (None, Some(b)) => b.as_ref(),
@@ -179,8 +182,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 next = b.greedy_step(seq.as_mut(), next)?;
             }
             let decode_ms = t1.elapsed().as_secs_f64() * 1000.0 / timed as f64;
-            let kv_bytes = plan.total_bytes(seq.tokens());
-            let row = Row { method: name.clone(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s, decode_ms, kv_bytes, memory: b.memory_in_use().unwrap_or(0), floor_ms: floor_ms(kv_bytes) };
+            let kv = backend::plan_bytes(&plan, seq.tokens());
+            let kv_bytes = kv.total();
+            let row = Row { method: name.clone(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: floor_ms(kv_bytes) };
             eprintln!(
                 "{:<13} {:>8} tokens: prefill {}, decode {:>8.2} ms/token{}, KV {:>9.2} MiB, memory in use {:>9.1} MiB",
                 name,
@@ -199,7 +203,42 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rows.extend(baseline_rows(path, &c, b.kv_element_bytes(), &floor_ms)?);
         names.push("pytorch".into());
     }
-    write(&a, &rows, &names, &format!("{label}; {machine}"))
+    write(&a, &rows, &names, &format!("{label}; {machine}; loaded in {:.2} s, peak anonymous host memory during the load {:.0} MiB", load.0, load.1 as f64 / MIB))
+}
+
+/// Times a model load and samples the process's anonymous memory (`RssAnon`) meanwhile.
+struct Load {
+    started: Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<usize>,
+}
+
+fn rss_anon() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("RssAnon:")).and_then(|v| v.split_whitespace().next()?.parse::<usize>().ok()).map_or(0, |kib| kib * 1024)
+}
+
+impl Load {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = rss_anon();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_anon());
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak.max(rss_anon())
+        });
+        Self { started: Instant::now(), stop, sampler }
+    }
+
+    /// Seconds and the peak anonymous bytes.
+    fn finish(self) -> (f64, usize) {
+        let secs = self.started.elapsed().as_secs_f64();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (secs, self.sampler.join().unwrap_or(0))
+    }
 }
 
 /// The rows of a PyTorch baseline JSON (scripts/torch_baseline.py).
@@ -220,7 +259,7 @@ fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, elem
             tokens,
             prefill_s: r["prefill_s"].as_f64(),
             decode_ms: r["decode_ms_per_token"].as_f64().context("a baseline row without `decode_ms_per_token`")?,
-            kv_bytes,
+            kv: duo_kv::KvBytes { retrieval: kv_bytes, streaming: 0 },
             memory: (r["device_used_gib"].as_f64().unwrap_or(0.0) * GIB) as usize,
             floor_ms: floor_ms(kv_bytes),
         });
@@ -232,11 +271,11 @@ fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, elem
 fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<()> {
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String, none: &str| v.map_or(none.to_string(), f);
     let mut table = String::from(
-        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token | floor ms | over floor | KV MiB | memory in use MiB |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token | floor ms | over floor | KV MiB (retrieval + streaming) | memory in use MiB |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.2} | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.2} ({:.2} + {:.2}) | {:.1} |\n",
             r.method,
             r.retrieval_heads,
             r.tokens,
@@ -245,15 +284,17 @@ fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<(
             r.decode_ms,
             opt(r.floor_ms, &|f| format!("{f:.2}"), "-"),
             opt(r.floor_ms, &|f| format!("{:.2}x", r.decode_ms / f), "-"),
-            r.kv_bytes as f64 / MIB,
+            r.kv.total() as f64 / MIB,
+            r.kv.retrieval as f64 / MIB,
+            r.kv.streaming as f64 / MIB,
             r.memory as f64 / MIB
         ));
     }
     print!("{table}");
-    let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,floor_ms,kv_bytes,memory_bytes\n");
+    let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,floor_ms,kv_bytes_retrieval,kv_bytes_streaming,memory_bytes\n");
     for r in rows {
         let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
-        csv.push_str(&format!("{},{},{},{},{:.4},{},{},{}\n", r.method, r.retrieval_heads, r.tokens, f(r.prefill_s), r.decode_ms, f(r.floor_ms), r.kv_bytes, r.memory));
+        csv.push_str(&format!("{},{},{},{},{:.4},{},{},{},{}\n", r.method, r.retrieval_heads, r.tokens, f(r.prefill_s), r.decode_ms, f(r.floor_ms), r.kv.retrieval, r.kv.streaming, r.memory));
     }
     if let Some(p) = &a.csv {
         std::fs::write(p, &csv).with_context(|| format!("writing {}", p.display()))?;
@@ -267,7 +308,7 @@ fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<(
         };
         crate::plot::line_chart(&dir.join("prefill.png"), "PREFILL TIME", "context tokens", "seconds", &curve(&|r| r.prefill_s))?;
         crate::plot::line_chart(&dir.join("decode.png"), "DECODE TIME PER TOKEN", "context tokens", "ms per token", &curve(&|r| Some(r.decode_ms)))?;
-        crate::plot::line_chart(&dir.join("kv.png"), "KV CACHE", "context tokens", "MiB", &curve(&|r| Some(r.kv_bytes as f64 / MIB)))?;
+        crate::plot::line_chart(&dir.join("kv.png"), "KV CACHE", "context tokens", "MiB", &curve(&|r| Some(r.kv.total() as f64 / MIB)))?;
         crate::plot::line_chart(&dir.join("memory.png"), "MEMORY IN USE", "context tokens", "MiB", &curve(&|r| Some(r.memory as f64 / MIB)))?;
         eprintln!("wrote {}", dir.display());
     }

@@ -54,7 +54,7 @@ fn bench_measures_a_random_model_of_the_given_shape() {
     for r in &rows {
         let (method, context): (&str, usize) = (&r[0], r[2].parse().expect("context"));
         let tokens = context + 2; // prompt plus decode steps
-        let (retrieval, streaming, process): (usize, usize, usize) = (r[5].parse().expect("r"), r[6].parse().expect("s"), r[7].parse().expect("p"));
+        let (retrieval, streaming, process): (usize, usize, usize) = (r[6].parse().expect("r"), r[7].parse().expect("s"), r[8].parse().expect("p"));
         match method {
             "full" => assert_eq!((retrieval, streaming), (2 * 2 * per_head_token * tokens, 0), "{r:?}"),
             "streaming" => assert_eq!((retrieval, streaming), (0, 2 * 2 * per_head_token * 12), "{r:?}"),

@@ -27,6 +27,7 @@ pub fn check(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
     for (case, x) in prefill_attention::cases(seed) {
         out.push(prefill(gpu, &case, &x)?);
     }
+    out.extend(dequant(gpu, seed)?);
     out.extend(decode_attention::check_kernel(gpu, seed)?);
     out.extend(model::check_model(gpu, seed)?);
     Ok(out)
@@ -45,6 +46,24 @@ fn prefill(gpu: &Gpu, case: &str, x: &prefill_attention::PrefillInput) -> Result
     gpu.prefill_attention(gpu.addr(&q), gpu.addr(&k), gpu.addr(&v), gpu.addr(&heads), gpu.addr(&state), t, h, h / x.heads.len(), d, gpu.addr(&o))?;
     let got = bf16_to_f32(&gpu.download(&o)?);
     Ok(Parity { case: case.into(), max_abs_err: max_err(&want, &got), bound: 1e-2 })
+}
+
+/// GGUF blocks of every type the GPU takes, dequantised to bf16: bit-identical to the CPU
+/// reference rounded to bf16.
+fn dequant(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
+    use crate::dequant::{random_blocks, reference, QuantType};
+    let mut out = Vec::new();
+    for ty in [QuantType::F32, QuantType::F16, QuantType::Bf16, QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q4K, QuantType::Q6K] {
+        let n = 256 * 1031;
+        let bytes = random_blocks(ty, n, seed ^ 0xde9)?;
+        let want: Vec<f32> = reference(ty, &bytes, n)?.into_iter().map(round_bf16).collect();
+        let raw = gpu.upload(&bytes)?;
+        let buf = gpu.upload(&vec![0xffffu16; n])?; // poisoned: every value must be written
+        gpu.dequant_bf16(gpu.addr(&raw), gpu.addr(&buf), n, ty)?;
+        let got = bf16_to_f32(&gpu.download(&buf)?);
+        out.push(Parity { case: format!("dequant {ty:?} -> bf16: {n} values"), max_abs_err: max_err(&want, &got), bound: 0.0 });
+    }
+    Ok(out)
 }
 
 fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {

@@ -6,6 +6,7 @@
 //! Every kernel has a plain CPU reference here, built in every configuration, and a parity
 //! check on seeded random inputs ([`check`]) that the GPU host runs (`duo cuda-check`).
 //!
+//! * [`dequant`]: GGUF blocks (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) to bf16.
 //! * [`ops`]: random weights, embedding, RMSNorm, RoPE + KV append, SiLU×up, argmax, window
 //!   compaction.
 //! * [`prefill_attention`]: a chunk's attention on the tensor cores, causal for retrieval
@@ -15,6 +16,7 @@
 //! * [`model`]: weights, the hybrid cache, chunked prefill, the decode step as a CUDA graph.
 
 pub mod decode_attention;
+pub mod dequant;
 pub mod model;
 pub mod ops;
 pub mod prefill_attention;

@@ -144,65 +144,78 @@ impl CacheLayout {
     }
 }
 
-/// One block's weights on the host as the GPU takes them: matrices as bf16 bits, row-major
-/// `[out, in]`, norms in `f32`.
-#[derive(Debug, Clone, Default)]
-pub struct HostLayer {
-    /// RMSNorm before attention.
-    pub attn_norm: Vec<f32>,
-    /// Query, key and value projections stacked: `[(heads + 2 kv) * head_dim, hidden]`.
-    pub qkv: Vec<u16>,
-    /// Output projection `[hidden, heads * head_dim]`.
-    pub o: Vec<u16>,
-    /// RMSNorm before the MLP.
-    pub ffn_norm: Vec<f32>,
-    /// Gate and up projections stacked: `[2 * ffn, hidden]`.
-    pub gate_up: Vec<u16>,
-    /// Down projection `[hidden, ffn]`.
-    pub down: Vec<u16>,
+/// A weight matrix (or a row range of a stacked one) as the host hands it to the GPU.
+#[derive(Debug, Clone)]
+pub enum HostMatrix<'a> {
+    /// bf16 bits, row-major.
+    Bf16(Vec<u16>),
+    /// Raw GGUF blocks (rows of whole blocks), dequantised to bf16 on the GPU.
+    Blocks(crate::dequant::QuantType, &'a [u8]),
 }
 
-/// The weights outside the blocks on the host (matrices as bf16 bits).
+impl HostMatrix<'_> {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            HostMatrix::Bf16(v) => v.len(),
+            HostMatrix::Blocks(ty, bytes) => {
+                let (per, size) = ty.block();
+                bytes.len() / size * per
+            }
+        }
+    }
+
+    /// True when it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One block's weights on the host as the GPU takes them; the stacked matrices are lists of
+/// row ranges (q, k, v; gate, up), placed one after the other on the GPU.
 #[derive(Debug, Clone, Default)]
-pub struct HostGlobals {
+pub struct HostLayer<'a> {
+    /// RMSNorm before attention.
+    pub attn_norm: Vec<f32>,
+    /// Query, key and value projections, stacked to `[(heads + 2 kv) * head_dim, hidden]`.
+    pub qkv: Vec<HostMatrix<'a>>,
+    /// Output projection `[hidden, heads * head_dim]`.
+    pub o: Vec<HostMatrix<'a>>,
+    /// RMSNorm before the MLP.
+    pub ffn_norm: Vec<f32>,
+    /// Gate and up projections, stacked to `[2 * ffn, hidden]`.
+    pub gate_up: Vec<HostMatrix<'a>>,
+    /// Down projection `[hidden, ffn]`.
+    pub down: Vec<HostMatrix<'a>>,
+}
+
+/// A matrix outside the blocks, asked for by [`GpuWeights::load`] one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GlobalMatrix {
     /// Token embeddings, `[vocab, hidden]`.
-    pub embed: Vec<u16>,
-    /// Final RMSNorm weight, `[hidden]`.
-    pub norm: Vec<f32>,
-    /// LM head `[vocab, hidden]`; `None` when tied to the embeddings.
-    pub lm_head: Option<Vec<u16>>,
+    Embed,
+    /// The LM head `[vocab, hidden]` (`None` when tied to the embeddings).
+    LmHead,
 }
 
 fn size_error(what: &str, got: usize, want: usize) -> CudaError {
     CudaError::Input(format!("{what} has {got} values, the shape needs {want}"))
 }
 
-impl HostGlobals {
-    fn validate(&self, c: &GpuConfig) -> Result<()> {
-        let h = c.hidden;
-        if self.embed.len() != c.vocab * h {
-            return Err(size_error("the embedding table", self.embed.len(), c.vocab * h));
-        }
-        if self.norm.len() != h {
-            return Err(size_error("the final norm", self.norm.len(), h));
-        }
-        match &self.lm_head {
-            Some(head) if head.len() != c.vocab * h => Err(size_error("the LM head", head.len(), c.vocab * h)),
-            _ => Ok(()),
-        }
-    }
+fn parts_len(parts: &[HostMatrix]) -> usize {
+    parts.iter().map(HostMatrix::len).sum()
 }
 
-impl HostLayer {
+impl HostLayer<'_> {
     fn validate(&self, c: &GpuConfig, i: usize) -> Result<()> {
         let (h, f, qd) = (c.hidden, c.ffn, c.n_heads * c.head_dim);
         for (what, got, want) in [
             ("attn_norm", self.attn_norm.len(), h),
-            ("qkv", self.qkv.len(), c.qkv_dim() * h),
-            ("o", self.o.len(), h * qd),
+            ("qkv", parts_len(&self.qkv), c.qkv_dim() * h),
+            ("o", parts_len(&self.o), h * qd),
             ("ffn_norm", self.ffn_norm.len(), h),
-            ("gate_up", self.gate_up.len(), 2 * f * h),
-            ("down", self.down.len(), h * f),
+            ("gate_up", parts_len(&self.gate_up), 2 * f * h),
+            ("down", parts_len(&self.down), h * f),
         ] {
             if got != want {
                 return Err(size_error(&format!("layer {i} {what}"), got, want));
@@ -453,6 +466,31 @@ mod gpu {
     use cudarc::driver::{sys as drv, CudaSlice};
     use std::sync::Arc;
 
+    /// One bf16 buffer holding `parts` one after the other: bf16 parts copied, GGUF blocks
+    /// uploaded as they are and dequantised in place by the GPU.
+    fn upload_parts(gpu: &Gpu, parts: &[HostMatrix]) -> Result<CudaSlice<u16>> {
+        let mut out = gpu.zeros::<u16>(parts_len(parts))?;
+        let mut at = 0;
+        for p in parts {
+            let n = p.len();
+            match p {
+                HostMatrix::Bf16(v) => {
+                    let mut view = out.slice_mut(at..at + n);
+                    gpu.stream.memcpy_htod(v, &mut view).map_err(driver)?;
+                }
+                HostMatrix::Blocks(ty, bytes) => {
+                    let raw = gpu.upload(bytes)?;
+                    gpu.dequant_bf16(gpu.addr(&raw), gpu.addr(&out) + (at * 2) as u64, n, *ty)?;
+                    // The raw blocks are freed when `raw` drops: wait for the kernel first.
+                    gpu.sync()?;
+                }
+            }
+            at += n;
+        }
+        gpu.sync()?;
+        Ok(out)
+    }
+
     struct LayerWeights {
         attn_norm: CudaSlice<f32>,
         qkv: CudaSlice<u16>,
@@ -507,25 +545,46 @@ mod gpu {
             Ok(Self { config, seed, layers, norm: ones, embed: None, lm_head: Some(lm_head), inv_freq })
         }
 
-        /// Uploads a checkpoint: the global tensors first, then block by block: `layer(l)`
-        /// yields block `l` on the host, uploaded before the next block is asked for, so the
-        /// host holds one block at a time.
-        pub fn load(gpu: &Gpu, config: GpuConfig, globals: HostGlobals, mut layer: impl FnMut(usize) -> Result<HostLayer>) -> Result<Self> {
+        /// Uploads a checkpoint one tensor at a time: `matrix` yields the embedding table and
+        /// then the LM head (or `None`, tied), `layer(l)` block `l`; each is uploaded (GGUF
+        /// blocks dequantised on the GPU) and dropped before the next is asked for, so the
+        /// host holds one at a time.
+        pub fn load<'a>(
+            gpu: &Gpu,
+            config: GpuConfig,
+            norm: Vec<f32>,
+            mut matrix: impl FnMut(GlobalMatrix) -> Result<Option<HostMatrix<'a>>>,
+            mut layer: impl FnMut(usize) -> Result<HostLayer<'a>>,
+        ) -> Result<Self> {
             config.validate()?;
             let c = &config;
-            globals.validate(c)?;
-            let embed = Some(gpu.upload(&globals.embed)?);
-            let lm_head = globals.lm_head.as_deref().map(|w| gpu.upload(w)).transpose()?;
-            let (norm, inv_freq) = (gpu.upload(&globals.norm)?, gpu.upload(&config.inv_freq)?);
-            drop(globals);
+            if norm.len() != c.hidden {
+                return Err(size_error("the final norm", norm.len(), c.hidden));
+            }
+            let mut global = |which: GlobalMatrix| -> Result<Option<CudaSlice<u16>>> {
+                let Some(w) = matrix(which)? else { return Ok(None) };
+                if w.len() != c.vocab * c.hidden {
+                    return Err(size_error(if which == GlobalMatrix::Embed { "the embedding table" } else { "the LM head" }, w.len(), c.vocab * c.hidden));
+                }
+                Ok(Some(upload_parts(gpu, &[w])?))
+            };
+            let embed = Some(global(GlobalMatrix::Embed)?.ok_or_else(|| CudaError::Input("a checkpoint needs an embedding table".into()))?);
+            let lm_head = global(GlobalMatrix::LmHead)?;
+            let (norm, inv_freq) = (gpu.upload(&norm)?, gpu.upload(&config.inv_freq)?);
             let mut layers = Vec::with_capacity(c.n_layers);
             for l in 0..c.n_layers {
                 let w = layer(l)?;
                 w.validate(c, l)?;
-                let up = |v: &[u16]| gpu.upload(v);
-                layers.push(LayerWeights { attn_norm: gpu.upload(&w.attn_norm)?, qkv: up(&w.qkv)?, o: up(&w.o)?, ffn_norm: gpu.upload(&w.ffn_norm)?, gate_up: up(&w.gate_up)?, down: up(&w.down)? });
-                gpu.sync()?;
+                layers.push(LayerWeights {
+                    attn_norm: gpu.upload(&w.attn_norm)?,
+                    qkv: upload_parts(gpu, &w.qkv)?,
+                    o: upload_parts(gpu, &w.o)?,
+                    ffn_norm: gpu.upload(&w.ffn_norm)?,
+                    gate_up: upload_parts(gpu, &w.gate_up)?,
+                    down: upload_parts(gpu, &w.down)?,
+                });
             }
+            gpu.sync()?;
             Ok(Self { config, seed: 0, layers, norm, embed, lm_head, inv_freq })
         }
 

@@ -52,6 +52,7 @@ pub struct Gpu {
     ops: Arc<CudaModule>,
     decode: Mutex<Vec<(DecodeKey, DecodeKernels)>>,
     prefill: Mutex<Vec<(usize, CudaFunction)>>,
+    dequant: Mutex<Option<CudaFunction>>,
     /// cuBLAS's fixed workspace (so captured products allocate nothing); it lives as long as
     /// the handle that uses it.
     _blas_workspace: CudaSlice<u8>,
@@ -83,7 +84,7 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(driver)?;
         let ops = ctx.load_module(compile(crate::ops::SOURCE, "ops", vec![])?).map_err(driver)?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver)?;
-        let gpu = Self { ctx, stream, blas, ops, decode: Mutex::new(Vec::new()), prefill: Mutex::new(Vec::new()), _blas_workspace: workspace };
+        let gpu = Self { ctx, stream, blas, ops, decode: Mutex::new(Vec::new()), prefill: Mutex::new(Vec::new()), dequant: Mutex::new(None), _blas_workspace: workspace };
         gpu.set_blas_workspace(gpu.addr(&gpu._blas_workspace), BLAS_WORKSPACE)?;
         Ok(gpu)
     }
@@ -284,6 +285,25 @@ impl Gpu {
         let scale_log2 = std::f32::consts::LOG2_E / (head_dim as f32).sqrt();
         let smem = prefill_smem_bytes(head_dim) as u32;
         launch!(smem smem; self, f, (t.div_ceil(128) as u32, n_heads as u32, 1), 128, &q, &kc, &vc, &heads, &state, &tt, &h, &g, &scale_log2, &out)
+    }
+
+    /// Dequantises `n` values of type `ty` from the raw GGUF blocks at `src` into bf16 at `out`.
+    pub fn dequant_bf16(&self, src: u64, out: u64, n: usize, ty: crate::dequant::QuantType) -> Result<()> {
+        let f = {
+            let mut cached = self.dequant.lock().unwrap_or_else(|p| p.into_inner());
+            match cached.as_ref() {
+                Some(f) => f.clone(),
+                None => {
+                    let m = self.ctx.load_module(compile(crate::dequant::SOURCE, "dequant", vec![])?).map_err(driver)?;
+                    let f = m.load_function("dequant_bf16").map_err(driver)?;
+                    *cached = Some(f.clone());
+                    f
+                }
+            }
+        };
+        let (n64, kind) = (n as u64, ty.code());
+        let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
+        launch!(self, f, (blocks.max(1), 1, 1), 256, &src, &out, &n64, &kind)
     }
 
     /// Gives cuBLAS a fixed workspace, so that captured products allocate nothing.

@@ -121,6 +121,21 @@ impl Checkpoint {
         }
     }
 
+    /// A GGUF tensor's type and raw bytes (checked against `shape`), for backends that
+    /// dequantise on their own device; `None` for Hugging Face folders.
+    pub fn gguf_blocks(&self, name: &str, shape: &[usize]) -> Result<Option<(GgmlDType, &[u8])>> {
+        match self {
+            Checkpoint::Gguf(g) => {
+                let (info, bytes) = g.tensor_bytes(name)?;
+                if info.shape != shape {
+                    return Err(ModelError::TensorShape { name: name.into(), got: info.shape.clone(), expected: shape.to_vec() });
+                }
+                Ok(Some((info.dtype, bytes)))
+            }
+            Checkpoint::HfFolder(_) => Ok(None),
+        }
+    }
+
     /// The tokenizer.
     pub fn tokenizer(&self) -> Result<TextTokenizer> {
         match self {
@@ -297,7 +312,7 @@ pub struct HfFolder {
 /// Maps a weight file into memory (read-only): tensors are read from the page cache one at a
 /// time, never copied whole onto the heap.
 #[allow(unsafe_code)]
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let file = std::fs::File::open(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
     // SAFETY: the map is read-only and lives as long as the checkpoint; duo never writes
     // model files, and a file changed by another program while loaded is outside its contract

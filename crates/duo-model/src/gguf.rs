@@ -94,7 +94,24 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, MetaValue>,
     /// Tensor directory, by name.
     pub tensors: BTreeMap<String, TensorInfo>,
-    bytes: Vec<u8>,
+    bytes: FileBytes,
+}
+
+/// A GGUF file's bytes: memory-mapped when opened from disk (tensors are read from the page
+/// cache, never copied whole onto the heap), owned when parsed from memory.
+enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Owned(v) => v,
+        }
+    }
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -214,12 +231,21 @@ fn dtype_from_id(id: u32) -> Option<GgmlDType> {
 impl GgufFile {
     /// Reads and validates a GGUF file.
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        Self::from_bytes(bytes, path)
+        let len = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?.len();
+        if len < 1 << 16 {
+            // Too small to be worth a map (and an empty file cannot be mapped).
+            let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+            return Self::from_bytes(bytes, path);
+        }
+        Self::parse(FileBytes::Mapped(crate::checkpoint::map_file(path)?), path)
     }
 
     /// Parses and validates GGUF bytes (`path` is only used in messages).
     pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<Self> {
+        Self::parse(FileBytes::Owned(bytes), path)
+    }
+
+    fn parse(bytes: FileBytes, path: &Path) -> Result<Self> {
         let mut r = Reader { bytes: &bytes, pos: 0, path };
         let magic = r.take(4)?;
         if magic != MAGIC {

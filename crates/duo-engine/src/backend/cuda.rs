@@ -11,7 +11,8 @@ use crate::error::{EngineError, Result};
 use crate::method::ResolvedMethod;
 use duo_core::cache_spec::CachePlan;
 use duo_core::config::ModelConfig;
-use duo_cuda::model::{CacheLayout, GpuConfig, GpuSequence, GpuWeights, HostGlobals, HostLayer};
+use duo_cuda::dequant::QuantType;
+use duo_cuda::model::{CacheLayout, GlobalMatrix, GpuConfig, GpuSequence, GpuWeights, HostLayer, HostMatrix};
 use duo_cuda::Gpu;
 use duo_kv::{KvBytes, PrefillMode};
 use duo_model::checkpoint::names;
@@ -27,6 +28,22 @@ pub struct CudaBackend {
     ordinal: usize,
 }
 
+/// The GPU's dequantisation of a GGUF type, where it has one.
+pub fn gpu_type(ty: candle_core::quantized::GgmlDType) -> Option<QuantType> {
+    use candle_core::quantized::GgmlDType as G;
+    Some(match ty {
+        G::F32 => QuantType::F32,
+        G::F16 => QuantType::F16,
+        G::BF16 => QuantType::Bf16,
+        G::Q8_0 => QuantType::Q8_0,
+        G::Q4_0 => QuantType::Q4_0,
+        G::Q4_1 => QuantType::Q4_1,
+        G::Q4K => QuantType::Q4K,
+        G::Q6K => QuantType::Q6K,
+        _ => return None,
+    })
+}
+
 fn supported(config: &ModelConfig) -> Result<()> {
     if config.architecture != duo_core::Architecture::Llama {
         return Err(EngineError::Backend(format!("the CUDA backend runs the Llama architecture (no projection biases); this model is {:?}", config.architecture)));
@@ -40,24 +57,37 @@ impl CudaBackend {
         supported(&config)?;
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let globals = HostGlobals {
-            embed: ck.bf16(names::EMBED, &[c.vocab_size, h])?,
-            norm: ck.f32(names::OUTPUT_NORM, &[h])?,
-            lm_head: if c.tie_embeddings { None } else { Some(ck.bf16(names::LM_HEAD, &[c.vocab_size, h])?) },
+        let cuda_err = |e: duo_model::ModelError| duo_cuda::CudaError::Input(e.to_string());
+        // GGUF blocks of the types the GPU dequantises go up as they are; everything else is
+        // converted to bf16 on the host, one tensor at a time.
+        let get = |name: &str, rows: usize, cols: usize| -> duo_cuda::Result<HostMatrix<'_>> {
+            if let Some((ty, bytes)) = ck.gguf_blocks(name, &[rows, cols]).map_err(cuda_err)? {
+                if let Some(q) = gpu_type(ty) {
+                    return Ok(HostMatrix::Blocks(q, bytes));
+                }
+            }
+            ck.bf16(name, &[rows, cols]).map(HostMatrix::Bf16).map_err(cuda_err)
         };
-        let layer = |l: usize| -> duo_cuda::Result<HostLayer> {
-            let get = |part: &str, out: usize, inp: usize| ck.bf16(&names::block(l, part), &[out, inp]).map_err(|e| duo_cuda::CudaError::Input(e.to_string()));
-            let vec = |part: &str| ck.f32(&names::block(l, part), &[h]).map_err(|e| duo_cuda::CudaError::Input(e.to_string()));
+        let matrix = |which: GlobalMatrix| -> duo_cuda::Result<Option<HostMatrix<'_>>> {
+            match which {
+                GlobalMatrix::Embed => get(names::EMBED, c.vocab_size, h).map(Some),
+                GlobalMatrix::LmHead if c.tie_embeddings => Ok(None),
+                GlobalMatrix::LmHead => get(names::LM_HEAD, c.vocab_size, h).map(Some),
+            }
+        };
+        let layer = |l: usize| -> duo_cuda::Result<HostLayer<'_>> {
+            let m = |part: &str, out: usize, inp: usize| get(&names::block(l, part), out, inp);
+            let vec = |part: &str| ck.f32(&names::block(l, part), &[h]).map_err(cuda_err);
             Ok(HostLayer {
                 attn_norm: vec(names::ATTN_NORM)?,
-                qkv: [get(names::Q, c.n_heads * hd, h)?, get(names::K, c.n_kv_heads * hd, h)?, get(names::V, c.n_kv_heads * hd, h)?].concat(),
-                o: get(names::O, h, c.n_heads * hd)?,
+                qkv: vec![m(names::Q, c.n_heads * hd, h)?, m(names::K, c.n_kv_heads * hd, h)?, m(names::V, c.n_kv_heads * hd, h)?],
+                o: vec![m(names::O, h, c.n_heads * hd)?],
                 ffn_norm: vec(names::FFN_NORM)?,
-                gate_up: [get(names::GATE, c.intermediate_size, h)?, get(names::UP, c.intermediate_size, h)?].concat(),
-                down: get(names::DOWN, h, c.intermediate_size)?,
+                gate_up: vec![m(names::GATE, c.intermediate_size, h)?, m(names::UP, c.intermediate_size, h)?],
+                down: vec![m(names::DOWN, h, c.intermediate_size)?],
             })
         };
-        let weights = GpuWeights::load(&gpu, GpuConfig::from_model(c), globals, layer)?;
+        let weights = GpuWeights::load(&gpu, GpuConfig::from_model(c), ck.f32(names::OUTPUT_NORM, &[h])?, matrix, layer)?;
         Ok(Self { gpu, weights: Arc::new(weights), config, ordinal })
     }
 
