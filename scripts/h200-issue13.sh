@@ -7,7 +7,8 @@
 #   scripts/h200-issue13.sh a   kernel parity; random checkpoint written and loaded; bench
 #                               --random-weights vs --model DIR (same seed, same weights)
 #   scripts/h200-issue13.sh part1   only leaves the model's first part in /tmp (before b)
-#   scripts/h200-issue13.sh b   SmolLM2 on the GPU vs the CPU engine (test binary), demo,
+#   scripts/h200-issue13.sh b   kernel parity (dequantisation included); SmolLM2 and small
+#                               GGUF files of every GPU type vs the CPU engine (test binary), demo,
 #                               passkey and needle grids on the GPU, generate, serve
 set -uo pipefail
 step=$1
@@ -38,9 +39,9 @@ else
   export DUO_CACHE=/tmp/duo/cache; mkdir -p $DUO_CACHE
   cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
-  M=(--model /tmp/duo/model.gguf)
+  timeout 240 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"; grep -E "^FAIL|dequant" "$OUT/cuda-check.txt"
   ( cd /tmp/duo && timeout 600 ./cuda_backend --nocapture --test-threads 1 ) > "$OUT/cuda-backend-tests.txt" 2>&1
-  echo "cuda_backend tests exit $?"; grep -E "same greedy token|logprobs of|test result|panicked" "$OUT/cuda-backend-tests.txt"
+  echo "cuda_backend tests exit $?"; grep -E "same greedy token|logprobs of|test result|panicked|next token cpu" "$OUT/cuda-backend-tests.txt"
   /usr/bin/time -f "demo wall %e s" $D demo --device cuda > "$OUT/demo-cuda.txt" 2>&1; tail -6 "$OUT/demo-cuda.txt"
   $D generate --device cuda --chat --max-tokens 40 "Tell me about the sea." > "$OUT/generate.txt" 2>&1; tail -2 "$OUT/generate.txt"
   grid=(--sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.1,0.3,0.5,0.7,0.9 --methods full,duo,layer,streaming,random --device cuda)

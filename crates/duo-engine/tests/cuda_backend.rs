@@ -127,3 +127,59 @@ fn a_cpu_sequence_is_refused_by_the_gpu_backend() {
     let e = gpu.backend().forward(gpu.backend().new_sequence(&m, 10).expect("gpu").as_mut(), &[60_000], Logits::Last).err().expect("bad id").to_string();
     assert!(e.contains("60000"), "{e}");
 }
+
+/// A small model written as a GGUF file of each type the GPU dequantises, loaded by both
+/// backends: the GPU (raw blocks dequantised on the device) computes the CPU engine's logits
+/// (same blocks, the CPU's kernels) within bf16 rounding and picks the same next token.
+#[test]
+fn gguf_files_of_every_gpu_type_load_onto_the_gpu() {
+    use candle_core::quantized::GgmlDType as G;
+    use duo_model::gguf::writer::{byte_vocab, small_llama, SmallLlama};
+    use rand::Rng;
+    if !gpu_present("gguf_files_of_every_gpu_type_load_onto_the_gpu") {
+        return;
+    }
+    // Widths that are whole K-quant blocks (256).
+    let shape = SmallLlama { layers: 2, hidden: 256, heads: 4, kv_heads: 2, ffn: 512, context: 512 };
+    let (h, hd) = (shape.hidden, shape.hidden / shape.heads);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut named = std::collections::BTreeMap::new();
+    let mut put = |name: String, dims: Vec<usize>, scale: f32, offset: f32| {
+        let n = dims.iter().product();
+        named.insert(name, (dims, (0..n).map(|_| offset + scale * rng.gen_range(-1.0f32..1.0)).collect::<Vec<f32>>()));
+    };
+    put("token_embd.weight".into(), vec![byte_vocab().0.len(), h], 1.0, 0.0);
+    put("output_norm.weight".into(), vec![h], 0.2, 1.0);
+    for l in 0..shape.layers {
+        put(format!("blk.{l}.attn_norm.weight"), vec![h], 0.2, 1.0);
+        put(format!("blk.{l}.ffn_norm.weight"), vec![h], 0.2, 1.0);
+        put(format!("blk.{l}.attn_q.weight"), vec![shape.heads * hd, h], 0.08, 0.0);
+        put(format!("blk.{l}.attn_k.weight"), vec![shape.kv_heads * hd, h], 0.08, 0.0);
+        put(format!("blk.{l}.attn_v.weight"), vec![shape.kv_heads * hd, h], 0.08, 0.0);
+        put(format!("blk.{l}.attn_output.weight"), vec![h, shape.heads * hd], 0.08, 0.0);
+        put(format!("blk.{l}.ffn_gate.weight"), vec![shape.ffn, h], 0.08, 0.0);
+        put(format!("blk.{l}.ffn_up.weight"), vec![shape.ffn, h], 0.08, 0.0);
+        put(format!("blk.{l}.ffn_down.weight"), vec![h, shape.ffn], 0.06, 0.0);
+    }
+    let dir = std::env::temp_dir().join(format!("duo-gpu-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let tokens: Vec<u32> = (0..300).map(|i| (i * 37 % 250) as u32).collect();
+    for ty in [G::F32, G::F16, G::BF16, G::Q8_0, G::Q4_0, G::Q4_1, G::Q4K, G::Q6K] {
+        let path = dir.join(format!("{ty:?}.gguf"));
+        std::fs::write(&path, small_llama(&shape, &named, ty).expect("gguf")).expect("write");
+        let source = ModelSource::Path(path);
+        let (cpu, gpu) = (Engine::load(&source, Device::Cpu).expect("cpu"), Engine::load(&source, Device::Cuda(0)).expect("gpu"));
+        let m = MethodSpec { chunk: 128, ..Default::default() }.resolve(cpu.config()).expect("method");
+        let run = |e: &Engine| {
+            let mut s = e.backend().new_sequence(&m, tokens.len()).expect("sequence");
+            e.backend().forward(s.as_mut(), &tokens, Logits::Last).expect("forward")
+        };
+        let (a, b) = (run(&cpu), run(&gpu));
+        let top = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) / top;
+        eprintln!("{ty:?}: max |gpu - cpu| / max |logit| = {err:.4}; next token cpu {} gpu {}", duo_engine::sampler::argmax(&a), duo_engine::sampler::argmax(&b));
+        assert!(err < 5e-2, "{ty:?}: {err}");
+        assert_eq!(duo_engine::sampler::argmax(&a), duo_engine::sampler::argmax(&b), "{ty:?}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -372,7 +372,87 @@ impl GgufFile {
 /// Writes a GGUF file (version 3) — used by tests and tools to make small models.
 pub mod writer {
     use super::MetaValue;
-    use candle_core::quantized::GgmlDType;
+    use crate::error::Result;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use std::collections::BTreeMap;
+
+    /// The shape of a model written by [`small_llama`].
+    #[derive(Debug, Clone, Copy)]
+    pub struct SmallLlama {
+        /// Blocks.
+        pub layers: usize,
+        /// Residual width.
+        pub hidden: usize,
+        /// Query heads.
+        pub heads: usize,
+        /// KV heads.
+        pub kv_heads: usize,
+        /// MLP width.
+        pub ffn: usize,
+        /// Context length.
+        pub context: usize,
+    }
+
+    /// A byte-level GPT-2 vocabulary: the 256 byte symbols, two merges (`he`, `ll`), then
+    /// `<s>` and `</s>`. Returns (tokens, merges).
+    pub fn byte_vocab() -> (Vec<String>, Vec<String>) {
+        // GPT-2 byte-to-unicode map.
+        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+        let mut cs = bs.clone();
+        let mut n = 0;
+        for b in 0..256u32 {
+            if !bs.contains(&b) {
+                bs.push(b);
+                cs.push(256 + n);
+                n += 1;
+            }
+        }
+        let mut pairs: Vec<(u32, u32)> = bs.into_iter().zip(cs).collect();
+        pairs.sort();
+        let mut tokens: Vec<String> = pairs.iter().filter_map(|&(_, c)| char::from_u32(c)).map(|c| c.to_string()).collect();
+        tokens.extend(["he".to_string(), "ll".to_string(), "<s>".to_string(), "</s>".to_string()]);
+        (tokens, vec!["h e".into(), "l l".into()])
+    }
+
+    /// A whole GGUF file of a small Llama-architecture model with the [`byte_vocab`]
+    /// tokenizer and a chat template: `named` holds every weight by its GGUF name with its
+    /// shape and `f32` values (tied embeddings: no `output.weight` needed); vectors are
+    /// written as F32, matrices quantised to `matrix_type` (candle's quantisation).
+    pub fn small_llama(shape: &SmallLlama, named: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, matrix_type: GgmlDType) -> Result<Vec<u8>> {
+        let (tokens, merges) = byte_vocab();
+        let strs = |v: &[String]| MetaValue::Array(v.iter().map(|s| MetaValue::String(s.clone())).collect());
+        let n = tokens.len();
+        let mut types = vec![MetaValue::I64(1); n];
+        types[n - 2] = MetaValue::I64(3);
+        types[n - 1] = MetaValue::I64(3);
+        let meta = vec![
+            ("general.architecture", MetaValue::String("llama".into())),
+            ("llama.block_count", MetaValue::U64(shape.layers as u64)),
+            ("llama.embedding_length", MetaValue::U64(shape.hidden as u64)),
+            ("llama.feed_forward_length", MetaValue::U64(shape.ffn as u64)),
+            ("llama.attention.head_count", MetaValue::U64(shape.heads as u64)),
+            ("llama.attention.head_count_kv", MetaValue::U64(shape.kv_heads as u64)),
+            ("llama.context_length", MetaValue::U64(shape.context as u64)),
+            ("llama.rope.freq_base", MetaValue::F64(10000.0)),
+            ("llama.attention.layer_norm_rms_epsilon", MetaValue::F64(1e-5)),
+            ("tokenizer.ggml.model", MetaValue::String("gpt2".into())),
+            ("tokenizer.ggml.pre", MetaValue::String("smollm".into())),
+            ("tokenizer.ggml.tokens", strs(&tokens)),
+            ("tokenizer.ggml.merges", strs(&merges)),
+            ("tokenizer.ggml.token_type", MetaValue::Array(types)),
+            ("tokenizer.ggml.bos_token_id", MetaValue::U64((n - 2) as u64)),
+            ("tokenizer.ggml.eos_token_id", MetaValue::U64((n - 1) as u64)),
+            ("tokenizer.chat_template", MetaValue::String("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}".into())),
+        ];
+        let mut tensors = Vec::with_capacity(named.len());
+        for (name, (dims, data)) in named {
+            let dtype = if dims.len() == 1 { GgmlDType::F32 } else { matrix_type };
+            let t = candle_core::Tensor::from_slice(data, dims.as_slice(), &candle_core::Device::Cpu)?;
+            let bytes = QTensor::quantize(&t, dtype)?.data()?.to_vec();
+            tensors.push(TensorData { name: name.clone(), shape: dims.clone(), dtype, bytes });
+        }
+        Ok(to_bytes(&meta, &tensors))
+    }
 
     /// A tensor to write: name, shape (outermost first), type and raw bytes.
     pub struct TensorData {

@@ -2,13 +2,12 @@
 //! tensor types and the same weights as a Hugging Face safetensors folder, checked
 //! against an independent, naive forward pass; and hostile GGUF files.
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
 use duo_core::cache_spec::Window;
 use duo_core::pattern::HeadPattern;
 use duo_core::CachePlan;
 use duo_kv::{PrefillMode, SequenceKv};
-use duo_model::gguf::writer::{to_bytes, TensorData};
+use duo_model::gguf::writer::{small_llama, to_bytes, SmallLlama};
 use duo_model::gguf::{GgufFile, MetaValue};
 use duo_model::{Checkpoint, LoadedModel, Logits, ModelError, ModelSource};
 use proptest::prelude::*;
@@ -23,24 +22,8 @@ const HD: usize = 64;
 const FFN: usize = 512;
 const LAYERS: usize = 2;
 
-/// Byte-level vocabulary: the 256 byte symbols, two merges, BOS and EOS.
 fn vocab() -> (Vec<String>, Vec<String>) {
-    // GPT-2 byte-to-unicode map.
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut pairs: Vec<(u32, u32)> = bs.into_iter().zip(cs).collect();
-    pairs.sort();
-    let mut tokens: Vec<String> = pairs.iter().map(|&(_, c)| char::from_u32(c).expect("char").to_string()).collect();
-    tokens.extend(["he".to_string(), "ll".to_string(), "<s>".to_string(), "</s>".to_string()]);
-    (tokens, vec!["h e".into(), "l l".into()])
+    duo_model::gguf::writer::byte_vocab()
 }
 
 struct Weights {
@@ -88,11 +71,6 @@ fn permute_rows(w: &[f32], heads: usize) -> Vec<f32> {
     out
 }
 
-fn quantise(data: &[f32], shape: &[usize], dtype: GgmlDType) -> Vec<u8> {
-    let t = Tensor::from_slice(data, shape, &Device::Cpu).expect("tensor");
-    QTensor::quantize(&t, dtype).expect("quantize").data().expect("data").to_vec()
-}
-
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("duo-loader-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).expect("tmp");
@@ -100,41 +78,17 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn write_gguf(w: &Weights, path: &Path, matrix_type: GgmlDType) {
-    let (tokens, merges) = vocab();
-    let strs = |v: &[String]| MetaValue::Array(v.iter().map(|s| MetaValue::String(s.clone())).collect());
-    let mut types = vec![MetaValue::I64(1); tokens.len()];
-    let n = tokens.len();
-    types[n - 2] = MetaValue::I64(3);
-    types[n - 1] = MetaValue::I64(3);
-    let meta = vec![
-        ("general.architecture", MetaValue::String("llama".into())),
-        ("llama.block_count", MetaValue::U64(LAYERS as u64)),
-        ("llama.embedding_length", MetaValue::U64(H as u64)),
-        ("llama.feed_forward_length", MetaValue::U64(FFN as u64)),
-        ("llama.attention.head_count", MetaValue::U64(NH as u64)),
-        ("llama.attention.head_count_kv", MetaValue::U64(NKV as u64)),
-        ("llama.context_length", MetaValue::U64(512)),
-        ("llama.rope.freq_base", MetaValue::F64(10000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", MetaValue::F64(1e-5)),
-        ("tokenizer.ggml.model", MetaValue::String("gpt2".into())),
-        ("tokenizer.ggml.pre", MetaValue::String("smollm".into())),
-        ("tokenizer.ggml.tokens", strs(&tokens)),
-        ("tokenizer.ggml.merges", strs(&merges)),
-        ("tokenizer.ggml.token_type", MetaValue::Array(types)),
-        ("tokenizer.ggml.bos_token_id", MetaValue::U64((n - 2) as u64)),
-        ("tokenizer.ggml.eos_token_id", MetaValue::U64((n - 1) as u64)),
-        ("tokenizer.chat_template", MetaValue::String("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}".into())),
-    ];
-    let tensors: Vec<TensorData> = w
+    // GGUF keeps q and k in interleaved-RoPE row order.
+    let named = w
         .named
         .iter()
         .map(|(name, (shape, data))| {
             let data = if name.contains("attn_q") { permute_rows(data, NH) } else if name.contains("attn_k") { permute_rows(data, NKV) } else { data.clone() };
-            let dtype = if shape.len() == 1 { GgmlDType::F32 } else { matrix_type };
-            TensorData { name: name.clone(), shape: shape.clone(), dtype, bytes: quantise(&data, shape, dtype) }
+            (name.clone(), (shape.clone(), data))
         })
         .collect();
-    std::fs::write(path, to_bytes(&meta, &tensors)).expect("write gguf");
+    let shape = SmallLlama { layers: LAYERS, hidden: H, heads: NH, kv_heads: NKV, ffn: FFN, context: 512 };
+    std::fs::write(path, small_llama(&shape, &named, matrix_type).expect("gguf bytes")).expect("write gguf");
 }
 
 fn hf_name(gguf: &str) -> String {
