@@ -41,6 +41,21 @@ impl Window {
     pub fn capacity(&self) -> usize {
         self.sink + self.recent
     }
+
+    /// Whether a streaming head's query at position `i` sees the key at position `j`: the Λ
+    /// rule, [`lambda_sees`].
+    pub fn sees(&self, i: usize, j: usize) -> bool {
+        lambda_sees(self.sink, self.recent, i, j)
+    }
+}
+
+/// The Λ visibility rule of streaming heads (ALGORITHM.md §1), written once for every
+/// implementation (CPU kernels, GPU kernels' references, identification): the query at `i`
+/// sees the key at `j` when it is not in the future and is one of the first `sink` tokens
+/// or among the `recent` most recent (the query itself included).
+#[inline]
+pub fn lambda_sees(sink: usize, recent: usize, i: usize, j: usize) -> bool {
+    j <= i && (j < sink || i - j < recent)
 }
 
 /// What one layer's cache holds.
@@ -139,5 +154,10 @@ mod tests {
         assert_eq!(plan.streaming_bytes(8192), plan.streaming_bytes(320));
         assert_eq!(plan.total_bytes(10), 6 * 2 * 64 * 4 * 10);
         assert!(Window::new(4, 0).is_err());
+        // Λ: sinks 0..2 and the 3 most recent, never the future.
+        let w = Window::new(2, 3).unwrap();
+        let seen: Vec<usize> = (0..10).filter(|&j| w.sees(7, j)).collect();
+        assert_eq!(seen, vec![0, 1, 5, 6, 7]);
+        assert!(!w.sees(3, 4) && w.sees(0, 0));
     }
 }

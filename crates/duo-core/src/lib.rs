@@ -2,7 +2,8 @@
 //! (which KV heads keep a full cache), per-layer KV cache specs with their memory
 //! arithmetic, and the core error type.
 //!
-//! Nothing here computes tensors. Keeping these types free of numerics means the
+//! Nothing here computes tensors (the seeded weight generator of [`random_weights`] only
+//! produces numbers). Keeping these types free of numerics means the
 //! pattern format, the binarisation rule and the memory formula can be tested
 //! exhaustively and reused by the engine, the identification code and the server.
 //!
@@ -17,6 +18,7 @@ pub mod cache_spec;
 pub mod config;
 pub mod error;
 pub mod pattern;
+pub mod random_weights;
 
 pub use cache_spec::{CachePlan, HeadKind, LayerCacheSpec};
 pub use config::{Architecture, ModelConfig, RopeStyle};

@@ -17,6 +17,7 @@
 //! rounding points, attention in `f64`) that the GPU model is checked against.
 
 use crate::ops::{hash_uniform, rms_norm_ref, rope_ref, round_bf16, silu_mul_ref, uniform_bf16};
+use duo_core::random_weights::{scale_for, RandomTensor};
 use crate::prefill_attention::HeadEntry;
 use crate::{CudaError, Result};
 
@@ -225,84 +226,7 @@ impl HostLayer<'_> {
     }
 }
 
-/// Seeds of the random weights: one per tensor.
-fn tensor_seed(seed: u64, layer: usize, k: u64) -> u64 {
-    seed.wrapping_mul(1_000_003).wrapping_add(layer as u64 * 16 + k)
-}
-const EMBED: u64 = 1_000_000;
-const LM_HEAD: u64 = 1_000_001;
 
-/// One tensor of the seeded random model (`GpuWeights::random`), for writing it to a
-/// checkpoint: the same values the GPU generates, computed on the CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RandomTensor {
-    /// Token embeddings `[vocab, hidden]` (the GPU generates rows from the token id).
-    Embed,
-    /// Block `l`'s stacked q/k/v projection `[(heads + 2 kv) * head_dim, hidden]`.
-    Qkv(usize),
-    /// Block `l`'s output projection `[hidden, heads * head_dim]`.
-    O(usize),
-    /// Block `l`'s stacked gate/up projection `[2 * ffn, hidden]`.
-    GateUp(usize),
-    /// Block `l`'s down projection `[hidden, ffn]`.
-    Down(usize),
-    /// The LM head `[vocab, hidden]`.
-    LmHead,
-}
-
-impl RandomTensor {
-    /// `(rows, columns)`.
-    pub fn shape(self, c: &GpuConfig) -> (usize, usize) {
-        let (h, f, qd) = (c.hidden, c.ffn, c.n_heads * c.head_dim);
-        match self {
-            RandomTensor::Embed | RandomTensor::LmHead => (c.vocab, h),
-            RandomTensor::Qkv(_) => (c.qkv_dim(), h),
-            RandomTensor::O(_) => (h, qd),
-            RandomTensor::GateUp(_) => (2 * f, h),
-            RandomTensor::Down(_) => (h, f),
-        }
-    }
-
-    /// The generator's seed and uniform scale for this tensor.
-    fn seed_scale(self, seed: u64, c: &GpuConfig) -> (u64, f32) {
-        let (rows, cols) = self.shape(c);
-        let _ = rows;
-        match self {
-            RandomTensor::Embed => (tensor_seed(seed, 0, EMBED), 1.0),
-            RandomTensor::LmHead => (tensor_seed(seed, 0, LM_HEAD), scale_for(cols)),
-            RandomTensor::Qkv(l) => (tensor_seed(seed, l, 0), scale_for(cols)),
-            RandomTensor::O(l) => (tensor_seed(seed, l, 1), scale_for(cols)),
-            RandomTensor::GateUp(l) => (tensor_seed(seed, l, 2), scale_for(cols)),
-            RandomTensor::Down(l) => (tensor_seed(seed, l, 3), scale_for(cols)),
-        }
-    }
-
-    /// Rows `rows` of the tensor as bf16 bits, row-major (computed on all cores).
-    pub fn bf16_rows(self, c: &GpuConfig, seed: u64, rows: std::ops::Range<usize>) -> Vec<u16> {
-        let (s, scale) = self.seed_scale(seed, c);
-        let cols = self.shape(c).1;
-        let (start, n) = ((rows.start * cols) as u64, rows.len() * cols);
-        let mut out = vec![0u16; n];
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-        let per = n.div_ceil(threads).max(1 << 16);
-        std::thread::scope(|scope| {
-            for (k, part) in out.chunks_mut(per).enumerate() {
-                scope.spawn(move || {
-                    let base = start + (k * per) as u64;
-                    for (i, v) in part.iter_mut().enumerate() {
-                        *v = half::bf16::from_f32(crate::ops::hash_uniform(s, base + i as u64) * scale).to_bits();
-                    }
-                });
-            }
-        });
-        out
-    }
-}
-
-/// Uniform scale giving unit-variance outputs for unit-variance inputs.
-fn scale_for(in_dim: usize) -> f32 {
-    (3.0 / in_dim as f32).sqrt()
-}
 
 /// The CPU reference: logits at every position of `tokens` from position `from` on
 /// (`[tokens.len() - from, vocab]`), for the seeded random model and the layout's masks.
@@ -317,15 +241,15 @@ pub fn reference_logits(c: &GpuConfig, layout: &CacheLayout, seed: u64, tokens: 
     };
     let mut x: Vec<f32> = tokens
         .iter()
-        .flat_map(|&tok| (0..h as u64).map(move |i| round_bf16(hash_uniform(tensor_seed(seed, 0, EMBED), tok as u64 * h as u64 + i))))
+        .flat_map(|&tok| (0..h as u64).map(move |i| round_bf16(hash_uniform(RandomTensor::Embed.seed(seed), tok as u64 * h as u64 + i))))
         .collect();
     let ones = vec![1.0f32; h.max(f)];
     let scale = 1.0 / (d as f64).sqrt();
     for l in 0..c.n_layers {
-        let wqkv = uniform_bf16(tensor_seed(seed, l, 0), c.qkv_dim() * h, scale_for(h));
-        let wo = uniform_bf16(tensor_seed(seed, l, 1), h * nh * d, scale_for(nh * d));
-        let wgu = uniform_bf16(tensor_seed(seed, l, 2), 2 * f * h, scale_for(h));
-        let wd = uniform_bf16(tensor_seed(seed, l, 3), h * f, scale_for(f));
+        let wqkv = uniform_bf16(RandomTensor::Qkv(l).seed(seed), c.qkv_dim() * h, scale_for(h));
+        let wo = uniform_bf16(RandomTensor::O(l).seed(seed), h * nh * d, scale_for(nh * d));
+        let wgu = uniform_bf16(RandomTensor::GateUp(l).seed(seed), 2 * f * h, scale_for(h));
+        let wd = uniform_bf16(RandomTensor::Down(l).seed(seed), h * f, scale_for(f));
         let xn = rms_norm_ref(&x, &ones[..h], c.eps);
         // The qkv and gate/up products come out of the GPU's matmuls as bf16.
         let mut qkv: Vec<f32> = matmul(&xn, &wqkv, c.qkv_dim(), h).into_iter().map(round_bf16).collect();
@@ -364,7 +288,7 @@ pub fn reference_logits(c: &GpuConfig, layout: &CacheLayout, seed: u64, tokens: 
             *xi += o;
         }
     }
-    let head = uniform_bf16(tensor_seed(seed, 0, LM_HEAD), c.vocab * h, scale_for(h));
+    let head = uniform_bf16(RandomTensor::LmHead.seed(seed), c.vocab * h, scale_for(h));
     let xn = rms_norm_ref(&x[from * h..], &ones[..h], c.eps);
     Ok(matmul(&xn, &head, c.vocab, h))
 }
@@ -532,14 +456,14 @@ mod gpu {
             for l in 0..c.n_layers {
                 layers.push(LayerWeights {
                     attn_norm: gpu.upload(&vec![1.0f32; h])?,
-                    qkv: random(c.qkv_dim() * h, tensor_seed(seed, l, 0), h)?,
-                    o: random(h * c.n_heads * c.head_dim, tensor_seed(seed, l, 1), c.n_heads * c.head_dim)?,
+                    qkv: random(c.qkv_dim() * h, RandomTensor::Qkv(l).seed(seed), h)?,
+                    o: random(h * c.n_heads * c.head_dim, RandomTensor::O(l).seed(seed), c.n_heads * c.head_dim)?,
                     ffn_norm: gpu.upload(&vec![1.0f32; h])?,
-                    gate_up: random(2 * f * h, tensor_seed(seed, l, 2), h)?,
-                    down: random(h * f, tensor_seed(seed, l, 3), f)?,
+                    gate_up: random(2 * f * h, RandomTensor::GateUp(l).seed(seed), h)?,
+                    down: random(h * f, RandomTensor::Down(l).seed(seed), f)?,
                 });
             }
-            let lm_head = random(c.vocab * h, tensor_seed(seed, 0, LM_HEAD), h)?;
+            let lm_head = random(c.vocab * h, RandomTensor::LmHead.seed(seed), h)?;
             let inv_freq = gpu.upload(&c.inv_freq)?;
             gpu.sync()?;
             Ok(Self { config, seed, layers, norm: ones, embed: None, lm_head: Some(lm_head), inv_freq })
@@ -791,7 +715,7 @@ mod gpu {
             let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
             let a = |s: &CudaSlice<f32>| g.addr(s);
             let a16 = |s: &CudaSlice<u16>| g.addr(s);
-            let seed = tensor_seed(self.w.seed, 0, EMBED);
+            let seed = RandomTensor::Embed.seed(self.w.seed);
             g.embed(tokens, self.w.embed.as_ref().map_or(0, &a16), seed, 1.0, a(&b.x), h, t)?;
             for (l, (lw, lc)) in self.w.layers.iter().zip(&self.caches).enumerate() {
                 g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), t, h, c.eps)?;

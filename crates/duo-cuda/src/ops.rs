@@ -144,17 +144,7 @@ extern "C" __global__ void compact_window(bf16_t* kc, bf16_t* vc, const int* hea
 }
 "#;
 
-/// splitmix64 of `(seed, i)` mapped to `[-1, 1)`: the seeded random weights, identical on the
-/// CPU and the GPU.
-pub fn hash_uniform(seed: u64, i: u64) -> f32 {
-    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    z ^= z >> 30;
-    z = z.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z ^= z >> 27;
-    z = z.wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 40) as f32 * (1.0 / 16_777_216.0) * 2.0 - 1.0
-}
+pub use duo_core::random_weights::hash_uniform;
 
 /// `x` rounded to bf16 and back.
 pub fn round_bf16(x: f32) -> f32 {

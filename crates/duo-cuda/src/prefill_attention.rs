@@ -81,7 +81,7 @@ impl HeadEntry {
 
     /// Whether a query at `q` sees the key at `k`.
     pub fn visible(&self, q: usize, k: usize) -> bool {
-        k <= q && (self.kind != Self::STREAMING || k < self.sink as usize || q - k < self.recent as usize)
+        if self.kind == Self::STREAMING { duo_core::cache_spec::lambda_sees(self.sink as usize, self.recent as usize, q, k) } else { k <= q }
     }
 }
 

@@ -3,15 +3,16 @@
 //! weights, so that the ordinary loader is exercised at 7-8B scale where no real checkpoint
 //! can be had.
 //!
-//! The values come from the CUDA backend's own generator (`duo_cuda::model::RandomTensor`):
-//! a folder written with seed `s` holds exactly the weights `--random-weights SHAPE --seed s`
-//! builds on the GPU (norms 1, the LM head untied), so a benchmark through the loader and one
-//! through `--random-weights` run the same model. Files are written tensor by tensor (the
+//! The values come from the one generator of random weights (`duo_core::random_weights`),
+//! rounded to bf16: a folder written with seed `s` holds exactly the weights
+//! `--random-weights SHAPE --seed s` builds on the GPU (norms 1, the LM head untied; the CPU
+//! builds the same values as Q4_1), so a benchmark through the loader and one through
+//! `--random-weights` run the same model. Files are written tensor by tensor (the
 //! host holds one tensor at a time) in shards of at most [`SHARD_BYTES`].
 
 use crate::error::{EngineError, Result};
 use duo_core::config::ModelConfig;
-use duo_cuda::model::{GpuConfig, RandomTensor};
+use duo_core::random_weights::RandomTensor;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -42,11 +43,11 @@ impl Entry {
 }
 
 /// The tensors of the checkpoint in file order, with their Hugging Face names.
-fn entries(c: &GpuConfig) -> Vec<Entry> {
-    let (h, qd, kd, f) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn);
+fn entries(c: &ModelConfig) -> Vec<Entry> {
+    let (h, qd, kd, f) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size);
     let matrix = |name: String, t: RandomTensor, rows: std::ops::Range<usize>| Entry { shape: [rows.len(), t.shape(c).1], rank: 2, name, source: Source::Rows(t, rows) };
     let ones = |name: String| Entry { name, shape: [h, 1], rank: 1, source: Source::Ones(h) };
-    let mut out = vec![matrix("model.embed_tokens.weight".into(), RandomTensor::Embed, 0..c.vocab)];
+    let mut out = vec![matrix("model.embed_tokens.weight".into(), RandomTensor::Embed, 0..c.vocab_size)];
     for l in 0..c.n_layers {
         let p = format!("model.layers.{l}");
         out.push(ones(format!("{p}.input_layernorm.weight")));
@@ -60,7 +61,7 @@ fn entries(c: &GpuConfig) -> Vec<Entry> {
         out.push(matrix(format!("{p}.mlp.down_proj.weight"), RandomTensor::Down(l), 0..h));
     }
     out.push(ones("model.norm.weight".into()));
-    out.push(matrix("lm_head.weight".into(), RandomTensor::LmHead, 0..c.vocab));
+    out.push(matrix("lm_head.weight".into(), RandomTensor::LmHead, 0..c.vocab_size));
     out
 }
 
@@ -83,8 +84,7 @@ pub fn write(config: &ModelConfig, seed: u64, dir: &Path, mut progress: impl FnM
     if config.architecture != duo_core::Architecture::Llama {
         return Err(EngineError::InvalidParameter { name: "shape", reason: "random checkpoints are of the Llama architecture".into() });
     }
-    let gc = GpuConfig::from_model(config);
-    let all = entries(&gc);
+    let all = entries(config);
     let total: usize = all.iter().map(Entry::bytes).sum();
     let mut shards: Vec<Vec<Entry>> = vec![Vec::new()];
     let mut in_shard = 0;
@@ -123,7 +123,7 @@ pub fn write(config: &ModelConfig, seed: u64, dir: &Path, mut progress: impl FnM
         file.write_all(text.as_bytes()).map_err(io(&path))?;
         for e in shard {
             let values = match &e.source {
-                Source::Rows(t, rows) => t.bf16_rows(&gc, seed, rows.clone()),
+                Source::Rows(t, rows) => t.rows(config, seed, rows.clone()).into_iter().map(|v| half::bf16::from_f32(v).to_bits()).collect(),
                 Source::Ones(n) => vec![half::bf16::ONE.to_bits(); *n],
             };
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -204,21 +204,21 @@ mod tests {
         let mut seq = engine.backend().new_sequence(&method, 40).expect("sequence");
         let ours = engine.backend().forward(seq.as_mut(), &tokens, Logits::Last).expect("forward");
         let layout = duo_cuda::model::CacheLayout { retrieval: vec![vec![true]; 2], sink: 4, recent: 64, chunk: 64, max_tokens: 64 };
-        let want = duo_cuda::model::reference_logits(&GpuConfig::from_model(got), &layout, 7, &tokens, 39).expect("reference");
+        let gc = duo_cuda::model::GpuConfig::from_model(got);
+        let want = duo_cuda::model::reference_logits(&gc, &layout, 7, &tokens, 39).expect("reference");
         let top = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let err = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) / top;
         assert!(err < 3e-2, "relative logit error {err}");
         assert_eq!(crate::sampler::argmax(&ours), crate::sampler::argmax(&want));
         // A different seed is a different model.
-        let other = duo_cuda::model::reference_logits(&GpuConfig::from_model(got), &layout, 8, &tokens, 39).expect("reference");
+        let other = duo_cuda::model::reference_logits(&gc, &layout, 8, &tokens, 39).expect("reference");
         assert!(other.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-3));
         std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]
     fn shards_split_at_the_limit_and_names_follow_hugging_face() {
-        let gc = GpuConfig::from_model(&tiny());
-        let e = entries(&gc);
+        let e = entries(&tiny());
         assert_eq!(e.len(), 1 + 2 * 9 + 2);
         assert_eq!(e[2].name, "model.layers.0.self_attn.q_proj.weight");
         assert_eq!(e[3].shape, [64, 128], "k_proj: one KV head of 64");
@@ -226,5 +226,40 @@ mod tests {
         // Embedding + LM head 2 x 300 x 128, per layer q 128 + k 64 + v 64 + o 128 rows of 128,
         // gate + up 2 x 96 x 128, down 128 x 96, and three norms of ones.
         assert_eq!(total, 2 * (2 * 300 * 128 + 2 * ((128 + 64 + 64 + 128) * 128 + 2 * 96 * 128 + 128 * 96 + 2 * 128) + 128));
+    }
+}
+
+#[cfg(test)]
+mod one_generator {
+    use super::*;
+    use crate::backend::{self, Logits};
+    use crate::{Device, Engine, MethodSpec};
+
+    /// `--random-weights` on the CPU (Q4_1 of the generator's values) and a written checkpoint
+    /// of the same seed loaded by the ordinary loader (bf16 of the same values) are the same
+    /// model up to Q4_1 rounding; another seed is another model.
+    #[test]
+    fn cpu_random_weights_are_the_checkpoints_weights() {
+        let mut c = duo_model::random::shape("llama-3-8b").expect("preset");
+        (c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size, c.context_length, c.rope_theta) = (2, 128, 2, 1, 64, 96, 300, 512, 10_000.0);
+        let dir = std::env::temp_dir().join(format!("duo-one-generator-{}", std::process::id()));
+        write(&c, 5, &dir, |_, _| {}).expect("write");
+        let loaded = Engine::load(&duo_model::ModelSource::Path(dir.clone()), Device::Cpu).expect("load");
+        let tokens: Vec<u32> = (0..30).map(|i| (i * 53 % 300) as u32).collect();
+        let run = |b: &dyn backend::Backend| {
+            let m = MethodSpec::default().resolve(b.config()).expect("full");
+            let mut s = b.new_sequence(&m, 30).expect("sequence");
+            b.forward(s.as_mut(), &tokens, Logits::Last).expect("forward")
+        };
+        let want = run(loaded.backend());
+        let rel = |a: &[f32]| {
+            let n: f32 = a.iter().zip(&want).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+            n / want.iter().map(|y| y * y).sum::<f32>().sqrt()
+        };
+        let same = rel(&run(backend::random(Device::Cpu, c.clone(), 5).expect("random").as_ref()));
+        let other = rel(&run(backend::random(Device::Cpu, c.clone(), 6).expect("random").as_ref()));
+        assert!(same < 0.15, "same seed: relative difference {same} (Q4_1 rounding only)");
+        assert!(other > 0.5, "another seed is another model: {other}");
+        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -37,11 +37,10 @@ pub enum Span {
 impl Span {
     /// Whether query position `i` sees key position `j`.
     pub fn sees(self, i: usize, j: usize) -> bool {
-        j <= i
-            && match self {
-                Span::Causal => true,
-                Span::Lambda { sink, recent } => j < sink || i - j < recent,
-            }
+        match self {
+            Span::Causal => j <= i,
+            Span::Lambda { sink, recent } => duo_core::cache_spec::lambda_sees(sink, recent, i, j),
+        }
     }
 }
 

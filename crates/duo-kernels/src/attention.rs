@@ -41,7 +41,7 @@ impl Visibility {
     pub fn sees(&self, i: usize, j: usize, cached: bool) -> bool {
         match *self {
             Visibility::Causal => j <= i,
-            Visibility::Lambda { sink, recent } => j <= i && (j < sink || i - j < recent),
+            Visibility::Lambda { sink, recent } => duo_core::cache_spec::lambda_sees(sink, recent, i, j),
             Visibility::CachedAndCausal => cached || j <= i,
         }
     }

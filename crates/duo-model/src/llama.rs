@@ -148,36 +148,45 @@ impl Model {
         Ok(Self { config, embed, blocks, norm, lm_head, rope })
     }
 
-    /// A model of `config`'s shape with seeded random Q4_1 weights and unit norms (see
-    /// [`crate::random`]): for speed and memory measurements only.
+    /// A model of `config`'s shape with seeded random weights and unit norms: the values of
+    /// the one generator (`duo_core::random_weights`, the GPU's and `duo random-checkpoint`'s),
+    /// rounded to bf16 and stored as Q4_1 (the default model's type, so the CPU kernels run as
+    /// on real checkpoints). For speed and memory measurements only.
     pub fn random(config: ModelConfig, seed: u64) -> Result<Self> {
-        use crate::random::q4_1_matrix;
+        use duo_core::random_weights::RandomTensor;
         use duo_kernels::quant::{QuantKind, QuantMatrix};
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let mut next = 0u64;
-        let mut linear = |out_dim: usize, in_dim: usize| -> Result<Linear> {
-            next += 1;
-            let data = q4_1_matrix(out_dim, in_dim, seed.wrapping_mul(1_000_003).wrapping_add(next));
-            let m = QuantMatrix::new(QuantKind::Q4_1, out_dim, in_dim, data).map_err(ModelError::Input)?;
-            Ok(Linear { weight: Weight::Native(m), bias: None, out_dim })
+        let (qd, kd, f) = (c.n_heads * hd, c.n_kv_heads * hd, c.intermediate_size);
+        // Rows `rows` of a generated tensor, quantised to Q4_1 bytes.
+        let q4_1 = |t: RandomTensor, rows: std::ops::Range<usize>| -> Result<(usize, usize, Vec<u8>)> {
+            let cols = t.shape(c).1;
+            let n = rows.len();
+            let values: Vec<f32> = t.rows(c, seed, rows).into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect();
+            let q = QTensor::quantize(&Tensor::from_vec(values, (n, cols), &Device::Cpu)?, candle_core::quantized::GgmlDType::Q4_1)?;
+            Ok((n, cols, q.data()?.to_vec()))
+        };
+        let linear = |t: RandomTensor, rows: std::ops::Range<usize>| -> Result<Linear> {
+            let (n, cols, bytes) = q4_1(t, rows)?;
+            let m = QuantMatrix::new(QuantKind::Q4_1, n, cols, bytes).map_err(ModelError::Input)?;
+            Ok(Linear { weight: Weight::Native(m), bias: None, out_dim: n })
         };
         let mut blocks = Vec::new();
-        for _ in 0..c.n_layers {
+        for l in 0..c.n_layers {
             blocks.push(Block {
                 attn_norm: vec![1.0; h],
-                q: linear(c.n_heads * hd, h)?,
-                k: linear(c.n_kv_heads * hd, h)?,
-                v: linear(c.n_kv_heads * hd, h)?,
-                o: linear(h, c.n_heads * hd)?,
+                q: linear(RandomTensor::Qkv(l), 0..qd)?,
+                k: linear(RandomTensor::Qkv(l), qd..qd + kd)?,
+                v: linear(RandomTensor::Qkv(l), qd + kd..qd + 2 * kd)?,
+                o: linear(RandomTensor::O(l), 0..h)?,
                 ffn_norm: vec![1.0; h],
-                gate: linear(c.intermediate_size, h)?,
-                up: linear(c.intermediate_size, h)?,
-                down: linear(h, c.intermediate_size)?,
+                gate: linear(RandomTensor::GateUp(l), 0..f)?,
+                up: linear(RandomTensor::GateUp(l), f..2 * f)?,
+                down: linear(RandomTensor::Down(l), 0..h)?,
             });
         }
-        let lm_head = linear(c.vocab_size, h)?.weight;
-        let embed_bytes = q4_1_matrix(c.vocab_size, h, seed.wrapping_mul(1_000_003));
+        let lm_head = linear(RandomTensor::LmHead, 0..c.vocab_size)?.weight;
+        let (_, _, embed_bytes) = q4_1(RandomTensor::Embed, 0..c.vocab_size)?;
         let embed = Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
             candle_core::quantized::GgmlDType::Q4_1,
             &embed_bytes,
@@ -185,6 +194,8 @@ impl Model {
             &Device::Cpu,
         )?);
         let rope = Rope::new(hd, c.rope_theta, c.rope_style == RopeStyle::HalfSplit, c.rope_freq_factors.as_deref());
+        let mut config = config;
+        config.tie_embeddings = false;
         Ok(Self { norm: vec![1.0; h], config, embed, blocks, lm_head, rope })
     }
 
