@@ -94,7 +94,9 @@ pub fn write(config: &ModelConfig, seed: u64, dir: &Path, mut progress: impl FnM
             in_shard = 0;
         }
         in_shard += e.bytes();
-        shards.last_mut().map(|s| s.push(e));
+        if let Some(s) = shards.last_mut() {
+            s.push(e);
+        }
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let n = shards.len();
@@ -115,7 +117,7 @@ pub fn write(config: &ModelConfig, seed: u64, dir: &Path, mut progress: impl FnM
         }
         header.insert("__metadata__".into(), serde_json::json!({"format": "pt", "generator": format!("duo random-checkpoint, seed {seed}")}));
         let mut text = serde_json::Value::Object(header).to_string();
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
         let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&path).map_err(io(&path))?);

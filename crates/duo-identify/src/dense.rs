@@ -14,6 +14,7 @@ use crate::{IdentifyError, Result};
 use candle_core::{Device, Tensor, D};
 use duo_core::config::{ModelConfig, RopeStyle};
 use duo_kernels::ops::Rope;
+use duo_model::checkpoint::names;
 use duo_model::Checkpoint;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -87,46 +88,27 @@ impl DenseModel {
         let bias = c.architecture == duo_core::Architecture::Qwen2;
         let mut layers = Vec::new();
         for l in 0..c.n_layers {
-            let p = format!("blk.{l}");
-            let qkv = Tensor::cat(
-                &[
-                    mat(&format!("{p}.attn_q.weight"), &[c.n_heads * hd, h])?,
-                    mat(&format!("{p}.attn_k.weight"), &[c.n_kv_heads * hd, h])?,
-                    mat(&format!("{p}.attn_v.weight"), &[c.n_kv_heads * hd, h])?,
-                ],
-                0,
-            )?;
+            let w = |part: &str| names::block(l, part);
+            let b = |part: &str| names::block_bias(l, part);
+            let qkv = Tensor::cat(&[mat(&w(names::Q), &[c.n_heads * hd, h])?, mat(&w(names::K), &[c.n_kv_heads * hd, h])?, mat(&w(names::V), &[c.n_kv_heads * hd, h])?], 0)?;
             let qkv_bias = if bias {
-                Some(Tensor::cat(
-                    &[
-                        vec(&format!("{p}.attn_q.bias"), c.n_heads * hd)?,
-                        vec(&format!("{p}.attn_k.bias"), c.n_kv_heads * hd)?,
-                        vec(&format!("{p}.attn_v.bias"), c.n_kv_heads * hd)?,
-                    ],
-                    0,
-                )?)
+                Some(Tensor::cat(&[vec(&b(names::Q), c.n_heads * hd)?, vec(&b(names::K), c.n_kv_heads * hd)?, vec(&b(names::V), c.n_kv_heads * hd)?], 0)?)
             } else {
                 None
             };
-            let gate_up = Tensor::cat(
-                &[
-                    mat(&format!("{p}.ffn_gate.weight"), &[c.intermediate_size, h])?,
-                    mat(&format!("{p}.ffn_up.weight"), &[c.intermediate_size, h])?,
-                ],
-                0,
-            )?;
+            let gate_up = Tensor::cat(&[mat(&w(names::GATE), &[c.intermediate_size, h])?, mat(&w(names::UP), &[c.intermediate_size, h])?], 0)?;
             layers.push(DenseLayer {
-                attn_norm: vec(&format!("{p}.attn_norm.weight"), h)?,
+                attn_norm: vec(&w(names::ATTN_NORM), h)?,
                 qkv,
                 qkv_bias,
-                o: mat(&format!("{p}.attn_output.weight"), &[h, c.n_heads * hd])?,
-                ffn_norm: vec(&format!("{p}.ffn_norm.weight"), h)?,
+                o: mat(&w(names::O), &[h, c.n_heads * hd])?,
+                ffn_norm: vec(&w(names::FFN_NORM), h)?,
                 gate_up,
-                down: mat(&format!("{p}.ffn_down.weight"), &[h, c.intermediate_size])?,
+                down: mat(&w(names::DOWN), &[h, c.intermediate_size])?,
             });
         }
-        let embed = mat("token_embd.weight", &[c.vocab_size, h])?;
-        let norm = vec("output_norm.weight", h)?;
+        let embed = mat(names::EMBED, &[c.vocab_size, h])?;
+        let norm = vec(names::OUTPUT_NORM, h)?;
         Ok(Self::assemble(c, device.clone(), embed, layers, norm))
     }
 
