@@ -34,9 +34,11 @@ pub struct MethodArgs {
     /// Recent tokens kept by streaming heads.
     #[arg(long, default_value_t = MethodSpec::default().recent)]
     pub recent: usize,
-    /// Seed for sampling and for `--method random`.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed for sampling, data generation and `--method random` (default 0, so every command
+    /// is deterministic; `duo serve` without it samples each request without a `seed` with a
+    /// fresh one, as OpenAI's API does).
+    #[arg(long = "seed")]
+    pub seed_arg: Option<u64>,
     /// Streaming heads during prefill: lambda (sink + recent mask from the first token) or reference (dense first chunk).
     #[arg(long, default_value = "lambda")]
     pub prefill: String,
@@ -68,6 +70,11 @@ impl MethodArgs {
         })
     }
 
+    /// The seed (0 unless `--seed` says otherwise).
+    pub fn seed(&self) -> u64 {
+        self.seed_arg.unwrap_or(0)
+    }
+
     /// Where the head pattern comes from: `--pattern`, else the patterns shipped for the
     /// default model (the one place that default is decided), else none.
     pub fn pattern_source(&self) -> Option<PatternSource> {
@@ -88,7 +95,7 @@ impl MethodArgs {
             layout: self.layout.parse()?,
             sink: self.sink,
             recent: self.recent,
-            seed: self.seed,
+            seed: self.seed(),
             prefill: self.prefill.parse().map_err(anyhow::Error::msg)?,
             chunk: self.chunk,
         })

@@ -103,9 +103,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let load = Load::start();
     match (&a.method.random_weights, random_config) {
         (Some(shape), Some(config)) => {
-            eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed);
+            eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed());
             let vocab = config.vocab_size;
-            backend_box = Some(backend::random(device, config, a.method.seed)?);
+            backend_box = Some(backend::random(device, config, a.method.seed())?);
             engine = None;
             label = format!("{shape} (random weights)");
             token_limit = vocab;
@@ -143,7 +143,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         eprintln!("duo bench: {label} ({} layers, {} KV heads/layer) on {machine}", c.n_layers, c.n_kv_heads);
     }
     let floor_ms = |kv: usize| floor.map(|(w, bw)| (w + kv) as f64 / bw * 1000.0);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(a.method.seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.method.seed());
     let limit = token_limit as u32;
     let prompt: Vec<u32> = (0..max_len.min(a.max_prefill)).map(|_| rng.gen_range(100.min(limit - 1)..limit)).collect();
     let mut rows = Vec::new();
@@ -170,7 +170,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let logits = b.forward(seq.as_mut(), &prompt[..n], duo_engine::backend::Logits::Last)?;
                 (Some(t0.elapsed().as_secs_f64()), duo_engine::sampler::argmax(&logits))
             } else {
-                b.fill_synthetic(seq.as_mut(), n, 1000, a.method.seed)?;
+                b.fill_synthetic(seq.as_mut(), n, 1000, a.method.seed())?;
                 (None, 1000)
             };
             for _ in 0..warm_steps(device) {

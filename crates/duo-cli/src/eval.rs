@@ -109,7 +109,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         lengths: parse_list(&g.lengths, "lengths")?,
         depths: parse_list(&g.depths, "depths")?,
         hint_words: g.hint_words,
-        seed: g.method.seed,
+        seed: g.method.seed(),
     };
     grid_spec.validate(model.config().context_length)?;
     // Resolve every method first: a missing or misshapen pattern fails before any work.
@@ -226,7 +226,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         lengths: vec![a.length],
         depths: vec![a.depth],
         hint_words: a.hint_words,
-        seed: a.method.seed,
+        seed: a.method.seed(),
     };
     grid.validate(model.config().context_length)?;
     let cell = grid.prompt(&model.tokenizer, a.length, a.depth)?;

@@ -165,7 +165,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         top_k: a.top_k,
         top_p: a.top_p,
         min_p: a.min_p,
-        seed: a.method.seed,
+        seed: a.method.seed(),
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
     };
@@ -179,7 +179,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             messages.push(Message { role: "system".into(), content: s.clone() });
         }
         messages.push(Message { role: "user".into(), content: prompt });
-        model.tokenizer.encode(&tpl.render(&messages, true)?, false)?
+        model.tokenizer.encode_chat(&tpl.render_pieces(&messages, true)?)?
     } else {
         model.tokenizer.encode(&prompt, true)?
     };

@@ -90,7 +90,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         api_key,
         max_body_bytes: a.max_body_bytes,
         limits: Limits { max_tokens: a.max_tokens_limit, ..Limits::default() },
-        seed: a.method.seed,
+        seed: a.method.seed_arg,
     };
     let state = AppState::new(config);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;

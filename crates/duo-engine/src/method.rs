@@ -127,6 +127,13 @@ impl MethodSpec {
         if self.sparsity.is_some() && self.threshold.is_some() {
             return Err(EngineError::InvalidParameter { name: "threshold", reason: "give either --sparsity or --threshold, not both".into() });
         }
+        // Windows beyond the context would never fill; bounding them here keeps every
+        // allocation derived from them (CPU rings, GPU window rows) within the model's size.
+        for (name, value) in [("sink", self.sink), ("recent", self.recent)] {
+            if value > config.context_length {
+                return Err(EngineError::InvalidParameter { name, reason: format!("{value} tokens exceed the model's context of {}", config.context_length) });
+            }
+        }
         let window = Window::new(self.sink, self.recent)?;
         let sparsity = self.sparsity.unwrap_or(0.5);
         let binarise = |gates: &HeadGates| -> Result<HeadPattern> {
@@ -161,5 +168,21 @@ impl MethodSpec {
         };
         let plan = CachePlan::new(&pattern, config.head_dim, 4, window);
         Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, plan })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_longer_than_the_context_are_refused_by_name() {
+        let config = duo_model::random::shape("smollm2-135m").expect("preset");
+        for (sink, recent, name) in [(1usize << 40, 256, "sink"), (64, usize::MAX, "recent"), (8193, 1, "sink")] {
+            let e = MethodSpec { sink, recent, ..Default::default() }.resolve(&config).unwrap_err();
+            assert!(matches!(e, EngineError::InvalidParameter { name: n, .. } if n == name), "{e}");
+            assert!(e.to_string().contains("8192"), "{e}");
+        }
+        assert!(MethodSpec { sink: 8192, recent: 8192, ..Default::default() }.resolve(&config).is_ok());
     }
 }

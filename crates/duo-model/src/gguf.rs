@@ -228,6 +228,38 @@ fn dtype_from_id(id: u32) -> Option<GgmlDType> {
     })
 }
 
+/// Checks that the tensor table describes the data section exactly: every tensor starts at
+/// an aligned offset, the first at the section's start and each next one right after the
+/// previous one's bytes (as its type and shape give them) plus alignment padding, with at
+/// most one alignment unit of padding after the last. A tensor whose type or shape was
+/// changed, or whose offset was moved, no longer tiles the section: its bytes would overlap
+/// a neighbour's, or leave a gap, and it would load as garbage.
+fn check_tiling(tensors: &BTreeMap<String, TensorInfo>, data_start: usize, alignment: usize, file_len: usize) -> std::result::Result<(), String> {
+    let mut order: Vec<&TensorInfo> = tensors.values().collect();
+    order.sort_by_key(|t| (t.offset, t.name.as_str()));
+    let mut expected = data_start;
+    let mut previous: Option<&TensorInfo> = None;
+    for t in order {
+        if (t.offset - data_start) % alignment != 0 {
+            return Err(format!("tensor `{}` starts at data offset {}, not a multiple of the alignment {alignment}", t.name, t.offset - data_start));
+        }
+        if t.offset != expected {
+            let after = previous.map_or("the start of the data section".to_string(), |p| format!("`{}` ({:?} {:?}, {} bytes)", p.name, p.dtype, p.shape, p.size));
+            let how = if t.offset < expected { "overlaps" } else { "leaves a gap after" };
+            return Err(format!("tensor `{}` at data offset {} {how} {after}: the tensor table does not match the data (a changed type, shape or offset)", t.name, t.offset - data_start));
+        }
+        expected = (t.offset + t.size).div_ceil(alignment) * alignment;
+        previous = Some(t);
+    }
+    if let Some(p) = previous {
+        let end = p.offset + p.size;
+        if file_len > end.div_ceil(alignment) * alignment + alignment {
+            return Err(format!("{} bytes follow the last tensor `{}` ({:?} {:?}): the tensor table does not describe them", file_len - end, p.name, p.dtype, p.shape));
+        }
+    }
+    Ok(())
+}
+
 impl GgufFile {
     /// Reads and validates a GGUF file.
     pub fn open(path: &Path) -> Result<Self> {
@@ -319,6 +351,7 @@ impl GgufFile {
                 }
             }
         }
+        check_tiling(&tensors, data_start, alignment, bytes.len()).map_err(|reason| ModelError::Malformed { path: path.to_path_buf(), reason })?;
         Ok(Self { path: path.to_path_buf(), version, metadata, tensors, bytes })
     }
 

@@ -30,6 +30,8 @@ const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer with special tokens matched as plain text (for message contents).
+    literal: Tokenizer,
     /// Start-of-sequence token, if the model uses one.
     pub bos_token: Option<(u32, String)>,
     /// End-of-sequence token.
@@ -49,6 +51,28 @@ fn tk_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl TextTokenizer {
+    fn assemble(inner: Tokenizer, bos_token: Option<(u32, String)>, eos_token: Option<(u32, String)>, add_bos: bool) -> Self {
+        let mut literal = inner.clone();
+        literal.set_encode_special_tokens(true);
+        Self { inner, literal, bos_token, eos_token, add_bos }
+    }
+
+    /// Token ids of a rendered conversation: the template's pieces with its special markers
+    /// recognised, message contents as plain text (a user who types `<|im_start|>` gets the
+    /// characters, not the control token; Hugging Face's `split_special_tokens`).
+    pub fn encode_chat(&self, pieces: &[crate::template::Piece]) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for p in pieces {
+            let enc = match p {
+                crate::template::Piece::Template(t) => self.inner.encode(t.as_str(), false),
+                crate::template::Piece::Content(t) => self.literal.encode(t.as_str(), false),
+            }
+            .map_err(tk_err)?;
+            ids.extend_from_slice(enc.get_ids());
+        }
+        Ok(ids)
+    }
+
     /// Encodes text; special-token text (`<|im_start|>`) becomes its token.
     /// Adds BOS first when `add_bos` is set and the text does not already start with it.
     pub fn encode(&self, text: &str, with_bos: bool) -> Result<Vec<u32>> {
@@ -99,7 +123,7 @@ impl TextTokenizer {
         if bos_token.is_none() {
             return Err(ModelError::Tokenizer(format!("`{bos}` is not one of the words")));
         }
-        Ok(Self { inner, bos_token, eos_token: None, add_bos: true })
+        Ok(Self::assemble(inner, bos_token, None, true))
     }
 
     /// Loads `tokenizer.json` (and special tokens from `tokenizer_config.json`).
@@ -118,7 +142,8 @@ impl TextTokenizer {
             Some((inner.token_to_id(&s)?, s))
         };
         let add_bos = cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
-        Ok(Self { bos_token: token("bos_token"), eos_token: token("eos_token"), add_bos, inner })
+        let (bos, eos) = (token("bos_token"), token("eos_token"));
+        Ok(Self::assemble(inner, bos, eos, add_bos))
     }
 
     /// Rebuilds the tokenizer embedded in a GGUF file.
@@ -165,7 +190,8 @@ impl TextTokenizer {
             .meta("tokenizer.ggml.add_bos_token")
             .map(|v| matches!(v, MetaValue::Bool(true)))
             .unwrap_or(kind == "llama");
-        Ok(Self { inner: tok, bos_token: id("tokenizer.ggml.bos_token_id"), eos_token: id("tokenizer.ggml.eos_token_id"), add_bos })
+        let (bos, eos) = (id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"));
+        Ok(Self::assemble(tok, bos, eos, add_bos))
     }
 }
 

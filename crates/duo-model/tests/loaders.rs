@@ -302,6 +302,40 @@ fn hostile_headers_give_errors() {
     assert!(e.contains("runs past the end"), "{e}");
 }
 
+/// Where a tensor's record (type id, then data offset) sits in a GGUF header.
+fn tensor_record(b: &[u8], name: &str) -> (usize, usize) {
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend(name.as_bytes());
+    let at = b.windows(key.len()).position(|w| w == key).expect("the tensor's record") + key.len();
+    let dims = u32::from_le_bytes(b[at..at + 4].try_into().expect("dims")) as usize;
+    let ty = at + 4 + 8 * dims;
+    (ty, ty + 4)
+}
+
+#[test]
+fn tensor_tables_that_do_not_describe_the_data_are_refused() {
+    let good = small_gguf_bytes();
+    let parse = |b: Vec<u8>| GgufFile::from_bytes(b, Path::new("test.gguf")).map(|_| ()).map_err(|e| e.to_string());
+    assert!(parse(good.clone()).is_ok());
+    // (tensor, new type id): Q4_1 -> F32 (bigger: overlaps), Q4_1 -> BF16, F32 -> Q8_0 (smaller: a gap).
+    for (name, ty) in [("blk.0.attn_q.weight", 0u32), ("blk.1.ffn_up.weight", 30), ("blk.0.attn_norm.weight", 8)] {
+        let mut b = good.clone();
+        let (at, _) = tensor_record(&b, name);
+        b[at..at + 4].copy_from_slice(&ty.to_le_bytes());
+        let e = parse(b).expect_err(name);
+        assert!(e.contains("does not match the data") || e.contains("runs past") || e.contains("follow the last tensor") || e.contains("not describe"), "{name}: {e}");
+    }
+    // A data offset moved by one byte: misaligned; by one alignment unit: overlapping.
+    for delta in [1u64, 32] {
+        let mut b = good.clone();
+        let (_, at) = tensor_record(&b, "blk.0.ffn_down.weight");
+        let off = u64::from_le_bytes(b[at..at + 8].try_into().expect("offset")) + delta;
+        b[at..at + 8].copy_from_slice(&off.to_le_bytes());
+        let e = parse(b).expect_err("moved offset");
+        assert!(e.contains("blk.0.ffn_down.weight") || e.contains("does not match"), "{delta}: {e}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
     /// Random byte mutations in the header region: parsing and loading never panic.

@@ -41,8 +41,9 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Bounds on request fields.
     pub limits: Limits,
-    /// Seed for requests that give none.
-    pub seed: u64,
+    /// Seed for requests that give none (`--seed`); `None`: a fresh seed per request, as
+    /// OpenAI's API samples.
+    pub seed: Option<u64>,
 }
 
 /// What exists once the model is loaded.
@@ -101,7 +102,14 @@ fn keys_match(given: &str, expected: &str) -> bool {
 
 async fn require_key(State(state): State<Arc<AppState>>, request: HttpRequest, next: Next) -> Response {
     if let Some(key) = &state.config.api_key {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        // The scheme is case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer`, `BEARER`.
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         if !keys_match(given, key) {
             return ServeError::unauthorized().into_response();
         }
@@ -154,7 +162,7 @@ async fn tokenize(State(state): State<Arc<AppState>>, body: std::result::Result<
     let endpoint = if v.get("messages").is_some() { Endpoint::Chat } else { Endpoint::Completion };
     let prompt = match v.get("prompt") {
         Some(Value::String(s)) => Prompt::Text(s.clone()),
-        _ if endpoint == Endpoint::Chat => GenerationRequest::parse(Endpoint::Chat, &body, &state.config.limits, 0)?.prompt,
+        _ if endpoint == Endpoint::Chat => GenerationRequest::parse(Endpoint::Chat, &body, &state.config.limits, Some(0))?.prompt,
         _ => return Err(ServeError::invalid("prompt", "`prompt` must be a string (or give `messages`)")),
     };
     let tokens = tokens_of(&ready.model, &prompt)?;
@@ -175,8 +183,8 @@ fn tokens_of(model: &Engine, prompt: &Prompt) -> Result<Vec<u32>> {
         }
         Prompt::Chat(messages) => {
             let template = model.template.as_ref().ok_or_else(|| ServeError::bad_request("this model ships no chat template; use /v1/completions", "no_chat_template"))?;
-            let text = template.render(messages, true).map_err(|e| ServeError::invalid("messages", e.to_string()))?;
-            model.tokenizer.encode(&text, false).map_err(internal)
+            let pieces = template.render_pieces(messages, true).map_err(|e| ServeError::invalid("messages", e.to_string()))?;
+            model.tokenizer.encode_chat(&pieces).map_err(internal)
         }
     }
 }
@@ -197,6 +205,9 @@ struct HttpSink {
     last_token: Option<Instant>,
     /// `Done` or `Failed` was sent: the request did not end by its client leaving.
     ended: bool,
+    /// The engine took the request (set after `submit` returns): a request refused at
+    /// submission (429, 400) was never running, so dropping it is no abort.
+    accepted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EventSink for HttpSink {
@@ -235,8 +246,8 @@ impl EventSink for HttpSink {
 
 impl Drop for HttpSink {
     fn drop(&mut self) {
-        // A request dropped before Done or Failed (its client went away) counts as aborted.
-        if !self.ended {
+        // A running request dropped before Done or Failed (its client went away) counts as aborted.
+        if !self.ended && self.accepted.load(Ordering::SeqCst) {
             self.metrics.finished_abort.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -269,13 +280,15 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
     let context = ready.model.config().context_length;
     req.resolve_max_tokens(prompt.len(), context, ready.engine.max_new_tokens_within_budget(prompt.len()), &limits);
     let (tx, rx) = mpsc::unbounded_channel();
-    let sink = Box::new(HttpSink { tx, metrics: state.metrics.clone(), arrived, last_token: None, ended: false });
+    let accepted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sink = Box::new(HttpSink { tx, metrics: state.metrics.clone(), arrived, last_token: None, ended: false, accepted: accepted.clone() });
     ready.engine.submit(Request { prompt, params: req.params.clone(), top_logprobs: req.logprobs, sink }).map_err(|e| {
         if matches!(e, duo_engine::EngineError::QueueFull { .. }) {
             state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
         }
         ServeError::from(e)
     })?;
+    accepted.store(true, Ordering::SeqCst);
     let reply = Reply {
         endpoint,
         id: format!("{}-{:016x}", if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, request_id()),
