@@ -3,11 +3,13 @@ httpx for the error cases). Started by crates/duo-cli/tests/serve_openai.rs, whi
 
   DUO_URL        main server (API key DUO_KEY, body limit 65536 bytes)
   DUO_KEY        its API key
-  DUO_TIGHT_URL  a second server with --max-waiting 1 --max-running 1 and no key
+  DUO_TIGHT_URL  a second server with --max-waiting 1 --max-running 1 and no key,
+                 --timeout-keep-alive 1 --timeout-read 1
 """
 
 import os
 import re
+import socket
 import threading
 import time
 import unittest
@@ -272,6 +274,54 @@ class Errors(unittest.TestCase):
         self.assertEqual(after["duo:kv_cache_bytes|heads=retrieval"] + after["duo:kv_cache_bytes|heads=streaming"], 0)
         self.assertEqual(after["vllm:request_success_total|finished_reason=abort"], before["vllm:request_success_total|finished_reason=abort"] + 1)
         self.assertLess(after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"], 400)
+
+
+class Timeouts(unittest.TestCase):
+    """Hostile-but-fair connections against the tight server (1 s header and body timeouts)."""
+
+    def connect(self):
+        host, port = TIGHT.removeprefix("http://").split(":")
+        s = socket.create_connection((host, int(port)), timeout=10)
+        self.addCleanup(s.close)
+        return s
+
+    def read_all(self, s):
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+    def test_a_silent_connection_is_closed(self):
+        s = self.connect()
+        started = time.monotonic()
+        self.assertEqual(self.read_all(s), b"", "nothing is sent to a client that sent nothing")
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_headers_that_never_end_are_cut_off(self):
+        s = self.connect()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        self.read_all(s)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_a_body_that_never_comes_gets_408(self):
+        s = self.connect()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{")
+        started = time.monotonic()
+        reply = self.read_all(s).decode()
+        self.assertIn(" 408 ", reply.split("\r\n")[0], reply)
+        self.assertIn("request_timeout", reply)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_a_huge_content_length_gets_413_at_once(self):
+        s = self.connect()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20000000\r\n\r\n")
+        started = time.monotonic()
+        reply = s.recv(65536).decode()
+        self.assertIn(" 413 ", reply.split("\r\n")[0], reply)
+        self.assertLess(time.monotonic() - started, 0.9, "answered before the read timeout")
 
 
 class Load(unittest.TestCase):

@@ -45,6 +45,13 @@ pub struct ServeArgs {
     /// the other requests' decode steps in between (smaller: steadier inter-token latency).
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Seconds a connection may take to send a request's headers, counted from when it waits
+    /// for one (so also how long an idle kept-alive connection stays open).
+    #[arg(long, default_value_t = 5.0)]
+    pub timeout_keep_alive: f64,
+    /// Seconds a request's body may take to arrive once its headers are in.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout_read: f64,
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, default_value_t = Limits::default().max_tokens)]
     pub max_tokens_limit: usize,
@@ -70,6 +77,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         Some(m) => bail!("--kv-budget-mib must be positive (got {m})"),
         None => None,
     };
+    for (name, secs) in [("--timeout-keep-alive", a.timeout_keep_alive), ("--timeout-read", a.timeout_read)] {
+        if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+            bail!("{name} must be between 0 and 86400 seconds (got {secs})");
+        }
+    }
     if a.max_waiting == 0 || a.max_running == 0 {
         bail!("--max-waiting and --max-running must be at least 1");
     }
@@ -91,6 +103,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         limits: Limits { max_tokens: a.max_tokens_limit, ..Limits::default() },
         seed: a.method.seed_arg,
+        header_timeout: std::time::Duration::from_secs_f64(a.timeout_keep_alive),
+        body_timeout: std::time::Duration::from_secs_f64(a.timeout_read),
     };
     let state = AppState::new(config);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
@@ -110,10 +124,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
             eprintln!("duo: ready (KV budget {:.1} MiB)", kv_budget as f64 / (1 << 20) as f64);
             Ok(())
         });
-        let server = axum::serve(listener, duo_serve::router(state)).with_graceful_shutdown(async {
+        let header_timeout = state.config.header_timeout;
+        let server = duo_serve::serve(listener, duo_serve::router(state), header_timeout, async {
             let _ = tokio::signal::ctrl_c().await;
         });
-        let server = tokio::spawn(async move { server.await });
+        let server = tokio::spawn(server);
         load.await.context("the loading task")??;
         server.await.context("the server task")?.context("serving")?;
         Ok(())

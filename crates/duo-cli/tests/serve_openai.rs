@@ -98,7 +98,7 @@ fn openai_client_against_duo_serve() {
     let (status, body) = get(&main.url, "/health");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"code\":\"loading\""), "{body}");
-    let tight = start(&["--max-waiting", "1", "--max-running", "1"]);
+    let tight = start(&["--max-waiting", "1", "--max-running", "1", "--timeout-keep-alive", "1", "--timeout-read", "1"]);
     let out = Command::new(&py)
         .arg(repo().join("tests/serve/test_openai.py"))
         .env("DUO_URL", &main.url)

@@ -240,7 +240,7 @@ fn check_tiling(tensors: &BTreeMap<String, TensorInfo>, data_start: usize, align
     let mut expected = data_start;
     let mut previous: Option<&TensorInfo> = None;
     for t in order {
-        if (t.offset - data_start) % alignment != 0 {
+        if !(t.offset - data_start).is_multiple_of(alignment) {
             return Err(format!("tensor `{}` starts at data offset {}, not a multiple of the alignment {alignment}", t.name, t.offset - data_start));
         }
         if t.offset != expected {

@@ -51,6 +51,13 @@ impl ServeError {
         Self { status: StatusCode::NOT_FOUND, message: message.into(), kind: "invalid_request_error", param: None, code: Some(code) }
     }
 
+    /// 408: the body did not arrive in time.
+    pub fn timeout(after: std::time::Duration) -> Self {
+        let mut e = Self::bad_request(format!("the request body did not arrive within {:.0} s", after.as_secs_f64()), "request_timeout");
+        e.status = StatusCode::REQUEST_TIMEOUT;
+        e
+    }
+
     /// 413.
     pub fn too_large(limit: usize) -> Self {
         Self {

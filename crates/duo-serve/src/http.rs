@@ -41,6 +41,11 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Bounds on request fields.
     pub limits: Limits,
+    /// Longest wait for a request's headers, counted from the moment the connection waits
+    /// for a request (so also the idle time of a kept-alive connection): `--timeout-keep-alive`.
+    pub header_timeout: std::time::Duration,
+    /// Longest wait for a request's whole body once its headers are in: `--timeout-read`.
+    pub body_timeout: std::time::Duration,
     /// Seed for requests that give none (`--seed`); `None`: a fresh seed per request, as
     /// OpenAI's API samples.
     pub seed: Option<u64>,
@@ -90,7 +95,55 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(api)
         .fallback(|| async { ServeError::not_found("no such route", "not_found") })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .with_state(state)
+}
+
+/// Reads a request's whole body before any route sees it: a `Content-Length` over the limit
+/// is answered with 413 at once (nothing read), a body that does not arrive within the read
+/// timeout with 408, a body that grows past the limit with 413.
+async fn read_body(State(state): State<Arc<AppState>>, request: HttpRequest, next: Next) -> Response {
+    let limit = state.config.max_body_bytes;
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ServeError::too_large(limit).into_response();
+    }
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(state.config.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => ServeError::timeout(state.config.body_timeout).into_response(),
+        Ok(Err(_)) => ServeError::too_large(limit).into_response(),
+        Ok(Ok(bytes)) => next.run(HttpRequest::from_parts(parts, axum::body::Body::from(bytes))).await,
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves: one HTTP/1.1 connection per
+/// task, with the header (and keep-alive idle) timeout of `config` enforced by hyper's
+/// timer, so a client that opens a connection and sends nothing is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, header_timeout: std::time::Duration, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of file descriptors and the like: wait a moment, keep serving.
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return Ok(()),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!("connection closed: {e}");
+            }
+        });
+    }
 }
 
 /// Hashes both sides first, so the comparison takes the same time whatever the key's

@@ -16,4 +16,4 @@ pub mod metrics;
 pub mod openai;
 
 pub use error::{Result, ServeError};
-pub use http::{router, AppState, Ready, ServeConfig};
+pub use http::{router, serve, AppState, Ready, ServeConfig};

@@ -77,10 +77,13 @@ const KNOWN: &[&str] = &[
     "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs",
 ];
 
+/// Whether a field's value is its neutral default.
+type IsNeutral = fn(&Value) -> bool;
+
 /// Fields that change what is generated and that duo does not implement yet, with the
 /// test for their neutral value: a request that sets one to anything else is refused with
 /// 400 naming it, never answered as if it had not been sent.
-const UNSUPPORTED: &[(&str, fn(&Value) -> bool)] = &[
+const UNSUPPORTED: &[(&str, IsNeutral)] = &[
     ("response_format", |v| v.is_null() || v.get("type").and_then(Value::as_str) == Some("text")),
     ("tools", |v| v.is_null() || v.as_array().is_some_and(Vec::is_empty)),
     ("tool_choice", |v| v.is_null() || v.as_str() == Some("none")),
