@@ -154,11 +154,29 @@ class Api(unittest.TestCase):
         r = httpx.post(URL + "/v1/completions", headers=auth,
                        json={"model": self.model, "prompt": "Hi", "max_tokens": 2, "frequency_penalty": 0, "user": "u"})
         self.assertEqual(r.status_code, 200, r.text)
-        for field, value in [("frequency_penalty", 0.5), ("presence_penalty", 1), ("logit_bias", {"5": 3}), ("echo", True),
+        for field, value in [("best_of", 2), ("suffix", "x"), ("presence_penalty", 3), ("logit_bias", {"999999": 1}), ("echo", "yes"),
                              ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}])]:
             r = httpx.post(URL + "/v1/completions", headers=auth, json={"prompt": "Hi", "max_tokens": 2, field: value})
             self.assertEqual(r.status_code, 400, (field, r.text))
             self.assertEqual(error_of(r)["param"], field)
+
+    def test_logit_bias_penalties_and_echo(self):
+        auth = {"Authorization": f"Bearer {KEY}"}
+        ok = httpx.post(URL + "/tokenize", json={"prompt": " ok"}, headers=auth).json()["tokens"][-1]
+        r = httpx.post(URL + "/v1/completions", headers=auth,
+                       json={"prompt": "Hi", "max_tokens": 3, "temperature": 0, "logit_bias": {str(ok): 100}}).json()
+        self.assertEqual(r["choices"][0]["text"], " ok" * 3, r)
+        # A strong presence penalty forbids a second " ok" even with the bias pushing it.
+        r = httpx.post(URL + "/v1/completions", headers=auth,
+                       json={"prompt": "Hi", "max_tokens": 2, "temperature": 0, "logit_bias": {str(ok): 5}, "presence_penalty": 2,
+                             "frequency_penalty": 2}).json()
+        self.assertLessEqual(r["choices"][0]["text"].count(" ok"), 1, r)
+        c = client()
+        plain = c.completions.create(model=self.model, prompt=WORDS, max_tokens=8, temperature=0).choices[0].text
+        echoed = c.completions.create(model=self.model, prompt=WORDS, max_tokens=8, temperature=0, echo=True).choices[0].text
+        self.assertEqual(echoed, WORDS + plain)
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(model=self.model, prompt=WORDS, max_tokens=8, temperature=0, echo=True, stream=True) if ch.choices)
+        self.assertEqual(streamed, echoed)
 
     def test_requests_without_a_seed_sample_afresh(self):
         # The server was started without --seed: like OpenAI's API, each request without a

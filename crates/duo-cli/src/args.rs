@@ -112,6 +112,11 @@ impl MethodArgs {
     }
 }
 
+fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
+    let (id, b) = s.split_once('=').ok_or_else(|| format!("`{s}` is not ID=BIAS"))?;
+    Ok((id.trim().parse().map_err(|_| format!("`{id}` is not a token id"))?, b.trim().parse().map_err(|_| format!("`{b}` is not a number"))?))
+}
+
 /// `duo generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -144,6 +149,18 @@ pub struct GenerateArgs {
     /// Stop when the text contains this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Subtracted once from the logit of each token already generated (OpenAI's, -2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of each token already generated (-2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// Divides (or multiplies, if negative) the logits of tokens in the prompt or generated (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Bias a token's logit: `ID=BIAS`, BIAS in [-100, 100] (repeatable).
+    #[arg(long, value_parser = parse_bias, allow_negative_numbers = true)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,

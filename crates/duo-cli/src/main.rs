@@ -168,6 +168,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
         seed: a.method.seed(),
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        repetition_penalty: a.repetition_penalty,
+        logit_bias: a.logit_bias.clone(),
     };
     params.validate()?;
     let prompt = read_prompt(&a)?;

@@ -205,6 +205,9 @@ impl BatchEngine {
     pub fn check(&self, prompt: usize, params: &SamplingParams, top_logprobs: Option<usize>) -> Result<()> {
         params.validate()?;
         crate::session::check_fits(self.engine.config().context_length, prompt, params.max_tokens)?;
+        if let Some((id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= self.engine.config().vocab_size) {
+            return Err(EngineError::InvalidParameter { name: "logit_bias", reason: format!("token id {id} is outside the vocabulary of {}", self.engine.config().vocab_size) });
+        }
         if top_logprobs.is_some_and(|n| n > self.engine.config().vocab_size) {
             return Err(EngineError::InvalidParameter { name: "top_logprobs", reason: "more than the vocabulary".into() });
         }
@@ -299,7 +302,7 @@ impl Worker {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             let mut sink = r.sink;
             let sampler = match Sampler::new(r.params.clone()) {
-                Ok(s) => s,
+                Ok(s) => s.with_prompt(&r.prompt),
                 Err(e) => {
                     sink.send(Event::Failed(e.to_string()));
                     continue;

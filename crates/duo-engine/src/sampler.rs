@@ -1,5 +1,8 @@
-//! Token sampling: greedy at temperature 0; otherwise temperature, then top-k, top-p
-//! and min-p filters, then a draw from a seeded generator (same seed, same text).
+//! Token sampling: the logits are first adjusted (OpenAI's `logit_bias`, presence and
+//! frequency penalties over the tokens generated so far, and the multiplicative repetition
+//! penalty over prompt and generated tokens, as vLLM applies them); then greedy at
+//! temperature 0, otherwise temperature, top-k, top-p and min-p filters and a draw from a
+//! seeded generator (same seed, same text).
 
 use crate::error::{EngineError, Result};
 use rand::rngs::StdRng;
@@ -22,11 +25,32 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     /// Generation stops when the text contains one of these (the stop string is cut).
     pub stop: Vec<String>,
+    /// Subtracted once from the logit of every token already generated, in [-2, 2].
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of every token already generated, in [-2, 2].
+    pub frequency_penalty: f32,
+    /// Divides positive and multiplies negative logits of tokens in the prompt or generated,
+    /// in (0, 2]; 1 is off.
+    pub repetition_penalty: f32,
+    /// Added to the logits of these token ids, each in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0, max_tokens: 128, stop: Vec::new() }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+            max_tokens: 128,
+            stop: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+        }
     }
 }
 
@@ -49,7 +73,23 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "stop strings must not be empty".into());
         }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return bad(name, format!("{v} is not between -2 and 2"));
+            }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 2.0) {
+            return bad("repetition_penalty", format!("{} is not in (0, 2]", self.repetition_penalty));
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(b))) {
+            return bad("logit_bias", format!("the bias {b} of token {id} is not between -100 and 100"));
+        }
         Ok(())
+    }
+
+    /// Whether the logits are adjusted before sampling.
+    fn adjusts(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0 || !self.logit_bias.is_empty()
     }
 }
 
@@ -58,6 +98,10 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often each token was generated (kept only when a penalty needs it).
+    generated: std::collections::HashMap<u32, u32>,
+    /// Tokens of the prompt (for the repetition penalty).
+    prompt: std::collections::HashSet<u32>,
 }
 
 impl Sampler {
@@ -65,7 +109,45 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self { params, rng, generated: Default::default(), prompt: Default::default() })
+    }
+
+    /// The prompt the generation continues (the repetition penalty covers its tokens).
+    pub fn with_prompt(mut self, prompt: &[u32]) -> Self {
+        if self.params.repetition_penalty != 1.0 {
+            self.prompt = prompt.iter().copied().collect();
+        }
+        self
+    }
+
+    /// `logits` after the bias and penalties (a copy; the raw logits stay what logprobs report).
+    fn adjusted(&self, logits: &[f32]) -> Vec<f32> {
+        let p = &self.params;
+        let mut out = logits.to_vec();
+        for &(id, b) in &p.logit_bias {
+            if let Some(l) = out.get_mut(id as usize) {
+                *l += b;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            for &id in self.prompt.iter().chain(self.generated.keys()) {
+                if let Some(l) = out.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+            // A token in both the prompt and the output was penalised twice: undo once.
+            for &id in self.generated.keys().filter(|id| self.prompt.contains(id)) {
+                if let Some(l) = out.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
+                }
+            }
+        }
+        for (&id, &n) in &self.generated {
+            if let Some(l) = out.get_mut(id as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+            }
+        }
+        out
     }
 
     /// The parameters.
@@ -73,8 +155,18 @@ impl Sampler {
         &self.params
     }
 
-    /// Chooses the next token from raw logits.
+    /// Chooses the next token from raw logits (and remembers it for the penalties).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if !self.params.adjusts() {
+            return self.draw(logits);
+        }
+        let adjusted = self.adjusted(logits);
+        let id = self.draw(&adjusted);
+        *self.generated.entry(id).or_insert(0) += 1;
+        id
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -194,6 +286,63 @@ mod tests {
             f(&mut p);
             let e = Sampler::new(p).unwrap_err().to_string();
             assert!(e.contains(name), "{e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod penalty_tests {
+    use super::*;
+
+    fn greedy(extra: impl FnOnce(&mut SamplingParams)) -> Sampler {
+        let mut p = SamplingParams::default();
+        extra(&mut p);
+        Sampler::new(p).expect("valid")
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice() {
+        let logits = [1.0f32, 3.0, 2.0];
+        assert_eq!(greedy(|_| {}).sample(&logits), 1);
+        assert_eq!(greedy(|p| p.logit_bias = vec![(2, 1.5)]).sample(&logits), 2);
+        assert_eq!(greedy(|p| p.logit_bias = vec![(1, -100.0)]).sample(&logits), 2, "a ban");
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_follow_what_was_generated() {
+        let logits = [0.0f32, 2.0, 1.5];
+        // Presence 1: after token 1 once, its logit drops to 1.0 < 1.5.
+        let mut s = greedy(|p| p.presence_penalty = 1.0);
+        assert_eq!((s.sample(&logits), s.sample(&logits)), (1, 2));
+        // Frequency 0.3: 2.0 - 0.3 = 1.7 still wins, after twice 1.4 loses.
+        let mut s = greedy(|p| p.frequency_penalty = 0.3);
+        assert_eq!([s.sample(&logits), s.sample(&logits), s.sample(&logits)], [1, 1, 2]);
+        // Negative values encourage repeats.
+        let mut s = greedy(|p| p.presence_penalty = -1.0);
+        assert_eq!([s.sample(&[2.0, 1.9]), s.sample(&[1.9, 2.0])], [0, 0]);
+    }
+
+    #[test]
+    fn repetition_penalty_covers_the_prompt_and_divides_or_multiplies() {
+        let logits = [1.0f32, 1.8, -0.5];
+        let s = greedy(|p| p.repetition_penalty = 2.0).with_prompt(&[1, 2]);
+        let a = s.adjusted(&logits);
+        assert_eq!(a, vec![1.0, 0.9, -1.0], "positive divided, negative multiplied, others untouched");
+        let mut s = s;
+        assert_eq!(s.sample(&logits), 0);
+        // Token 0 now generated once too: penalised once, not twice.
+        assert_eq!(s.adjusted(&logits)[0], 0.5);
+    }
+
+    #[test]
+    fn penalty_ranges_are_checked_by_name() {
+        for (p, name) in [
+            (SamplingParams { presence_penalty: 2.5, ..Default::default() }, "presence_penalty"),
+            (SamplingParams { frequency_penalty: f32::NAN, ..Default::default() }, "frequency_penalty"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
+            (SamplingParams { logit_bias: vec![(3, 101.0)], ..Default::default() }, "logit_bias"),
+        ] {
+            assert!(matches!(p.validate(), Err(EngineError::InvalidParameter { name: n, .. }) if n == name), "{name}");
         }
     }
 }

@@ -65,7 +65,8 @@ pub struct Completion {
     pub finish: FinishReason,
 }
 
-/// The sampling loop every backend shares: samples from `logits`, streams stable text to
+/// The sampling loop every backend shares: samples from `logits` (the next position's
+/// after `prompt`), streams stable text to
 /// `on_text` (which returns `false` to cancel), stops at end-of-sequence, a stop string or
 /// `max_tokens`, and otherwise asks `next_logits` for the logits after the token just chosen;
 /// at the end hands `on_text` whatever text was held back. `E` is the caller's error type
@@ -74,11 +75,12 @@ pub fn complete<E: From<EngineError>>(
     tokenizer: &duo_model::TextTokenizer,
     eos: &[u32],
     params: &SamplingParams,
+    prompt: &[u32],
     mut logits: Vec<f32>,
     mut next_logits: impl FnMut(u32) -> std::result::Result<Vec<f32>, E>,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> std::result::Result<Completion, E> {
-    let mut sampler = Sampler::new(params.clone())?;
+    let mut sampler = Sampler::new(params.clone())?.with_prompt(prompt);
     let mut stream = TextStream::new(params.stop.clone());
     let finish = loop {
         let next = sampler.sample(&logits);
@@ -198,6 +200,10 @@ impl<'m> Runner<'m> {
     /// stable and returns `false` to cancel.
     pub fn generate(&self, prompt: &[u32], params: &SamplingParams, on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
         params.validate()?;
+        let vocab = self.engine.config().vocab_size;
+        if let Some((id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            return Err(EngineError::InvalidParameter { name: "logit_bias", reason: format!("token id {id} is outside the vocabulary of {vocab}") });
+        }
         self.check_fits(prompt.len(), params.max_tokens)?;
         let tok = &self.engine.tokenizer;
         let eos = &self.engine.config().eos_token_ids;
@@ -207,7 +213,7 @@ impl<'m> Runner<'m> {
         let prefill_seconds = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let backend = self.backend();
-        let done = complete(tok, eos, params, logits, |next| backend.forward(seq.as_mut(), &[next], Logits::Last), on_text)?;
+        let done = complete(tok, eos, params, prompt, logits, |next| backend.forward(seq.as_mut(), &[next], Logits::Last), on_text)?;
         Ok(Generation {
             prompt_token_ids: prompt.to_vec(),
             completion_token_ids: done.tokens,

@@ -349,7 +349,9 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
         model: state.config.model_id.clone(),
         model_ref: ready.model.clone(),
         logprobs: req.logprobs.is_some(),
+        echo: None,
     };
+    let reply = if req.echo { Reply { echo: Some(prompt_text(&ready.model, &req.prompt)?), ..reply } } else { reply };
     if req.stream {
         Ok(stream_response(reply, rx, req.include_usage))
     } else {
@@ -365,6 +367,8 @@ struct Reply {
     model: String,
     model_ref: Arc<Engine>,
     logprobs: bool,
+    /// The prompt's text, sent before the completion (`echo`).
+    echo: Option<String>,
 }
 
 impl Reply {
@@ -404,8 +408,17 @@ impl Reply {
     }
 }
 
+/// The text of a completions prompt, for `echo`.
+fn prompt_text(model: &Engine, prompt: &Prompt) -> Result<String> {
+    match prompt {
+        Prompt::Text(t) => Ok(t.clone()),
+        Prompt::Tokens(ids) => model.tokenizer.decode(ids).map_err(|e| ServeError::internal(e.to_string())),
+        Prompt::Chat(_) => Err(ServeError::invalid("echo", "`echo` is a completions field")),
+    }
+}
+
 async fn whole_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response> {
-    let mut text = String::new();
+    let mut text = reply.echo.clone().unwrap_or_default();
     let mut lps = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
@@ -460,11 +473,20 @@ fn stream_response(reply: Reply, rx: mpsc::UnboundedReceiver<Event>, include_usa
                     if text.is_empty() && lp.is_none() && !st.first {
                         continue;
                     }
+                    let text = match st.reply.echo.take().filter(|_| st.first) {
+                        Some(prompt) => prompt + &text,
+                        None => text,
+                    };
                     st.offset += text.len();
                     st.pending.push_back(data(st.reply.chunk(&text, st.first, lp, None, st.include_usage)));
                     st.first = false;
                 }
                 Some(Event::Done { finish_reason: reason, text, prompt_tokens, completion_tokens }) => {
+                    // A completion that ended before its first token still echoes its prompt.
+                    let text = match st.reply.echo.take() {
+                        Some(prompt) => prompt + &text,
+                        None => text,
+                    };
                     st.pending.push_back(data(st.reply.chunk(&text, st.first, None, Some(finish_reason(reason)), st.include_usage)));
                     if st.include_usage {
                         let r = &st.reply;

@@ -68,13 +68,16 @@ pub struct GenerationRequest {
     pub stream: bool,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
+    /// Completions: the prompt's text comes back before the completion (`echo`).
+    pub echo: bool,
     /// Fields duo does not use.
     pub ignored: Vec<String>,
 }
 
 const KNOWN: &[&str] = &[
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-    "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs",
+    "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "echo",
 ];
 
 /// Whether a field's value is its neutral default.
@@ -89,12 +92,7 @@ const UNSUPPORTED: &[(&str, IsNeutral)] = &[
     ("tool_choice", |v| v.is_null() || v.as_str() == Some("none")),
     ("functions", |v| v.is_null() || v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| v.is_null() || v.as_str() == Some("none")),
-    ("logit_bias", |v| v.is_null() || v.as_object().is_some_and(|m| m.is_empty())),
-    ("presence_penalty", |v| v.is_null() || v.as_f64() == Some(0.0)),
-    ("frequency_penalty", |v| v.is_null() || v.as_f64() == Some(0.0)),
-    ("repetition_penalty", |v| v.is_null() || v.as_f64() == Some(1.0)),
     ("best_of", |v| v.is_null() || v.as_u64() == Some(1)),
-    ("echo", |v| v.is_null() || v.as_bool() == Some(false)),
     ("suffix", |v| v.is_null() || v.as_str() == Some("")),
 ];
 
@@ -204,8 +202,38 @@ impl GenerationRequest {
             }
         };
         let model = f.string("model")?;
-        let params = SamplingParams { temperature: temperature as f32, top_k, top_p: top_p as f32, min_p: min_p as f32, seed, max_tokens: 1, stop };
-        Ok(Self { endpoint, model, prompt, params, max_tokens, logprobs, stream, include_usage, ignored })
+        let penalty = |name: &'static str, default: f64, range: std::ops::RangeInclusive<f64>| -> Result<f32> {
+            let v = f.float(name)?.unwrap_or(default);
+            if !range.contains(&v) || (name == "repetition_penalty" && v <= 0.0) {
+                return Err(ServeError::invalid(name, format!("{v} is not in {}{}, {}]", if name == "repetition_penalty" { "(" } else { "[" }, range.start(), range.end())));
+            }
+            Ok(v as f32)
+        };
+        let presence_penalty = penalty("presence_penalty", 0.0, -2.0..=2.0)?;
+        let frequency_penalty = penalty("frequency_penalty", 0.0, -2.0..=2.0)?;
+        let repetition_penalty = penalty("repetition_penalty", 1.0, 0.0..=2.0)?;
+        let logit_bias = parse_logit_bias(obj.get("logit_bias"))?;
+        let params = SamplingParams {
+            temperature: temperature as f32,
+            top_k,
+            top_p: top_p as f32,
+            min_p: min_p as f32,
+            seed,
+            max_tokens: 1,
+            stop,
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
+            logit_bias,
+        };
+        let echo = f.bool("echo")?.unwrap_or(false);
+        if echo && endpoint == Endpoint::Chat {
+            return Err(ServeError::invalid("echo", "`echo` is a completions field"));
+        }
+        if echo && logprobs.is_some() {
+            return Err(ServeError::invalid("echo", "`echo` with `logprobs` (the prompt's log-probabilities) is not supported yet"));
+        }
+        Ok(Self { endpoint, model, prompt, params, max_tokens, logprobs, stream, include_usage, echo, ignored })
     }
 
     /// Sets `params.max_tokens`: as asked, or as many as fit the context after the prompt,
@@ -238,6 +266,28 @@ impl Fields<'_> {
     fn string(&self, name: &str) -> Result<Option<String>> {
         self.get(name).map(|v| v.as_str().map(String::from).ok_or_else(|| ServeError::invalid(name, format!("`{name}` must be a string")))).transpose()
     }
+}
+
+/// `logit_bias`: an object from token ids (as strings, OpenAI's form) to biases in
+/// [-100, 100]; at most 300 entries (OpenAI's bound). Ids are checked against the vocabulary
+/// by the engine.
+fn parse_logit_bias(v: Option<&Value>) -> Result<Vec<(u32, f32)>> {
+    let bad = |why: String| ServeError::invalid("logit_bias", why);
+    let map = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(bad("`logit_bias` must be an object from token ids to numbers".into())),
+    };
+    if map.len() > 300 {
+        return Err(bad(format!("{} entries; at most 300", map.len())));
+    }
+    map.iter()
+        .map(|(k, b)| {
+            let id: u32 = k.trim().parse().map_err(|_| bad(format!("`{}` is not a token id", k.chars().take(20).collect::<String>())))?;
+            let b = b.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| bad(format!("the bias of token {id} must be a number in [-100, 100]")))?;
+            Ok((id, b as f32))
+        })
+        .collect()
 }
 
 fn parse_messages(v: Option<&Value>) -> Result<Vec<Message>> {
@@ -398,10 +448,6 @@ mod tests {
             ("response_format", r#"{"type":"json_object"}"#),
             ("tools", r#"[{"type":"function","function":{"name":"f"}}]"#),
             ("tool_choice", r#""required""#),
-            ("logit_bias", r#"{"50":100}"#),
-            ("presence_penalty", "0.5"),
-            ("frequency_penalty", "-1"),
-            ("repetition_penalty", "1.2"),
             ("best_of", "3"),
             ("echo", "true"),
         ] {
@@ -410,8 +456,17 @@ mod tests {
             assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(field)), "{field}: {e}");
         }
         // Their default values change nothing and pass.
-        let ok = parse(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"hi"}],"presence_penalty":0,"frequency_penalty":0.0,"logit_bias":{},"tools":[],"response_format":{"type":"text"},"echo":false,"best_of":1,"user":"u1"}"#).unwrap();
+        let ok = parse(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"hi"}],"tools":[],"response_format":{"type":"text"},"echo":false,"best_of":1,"user":"u1"}"#).unwrap();
         assert_eq!(ok.ignored, vec!["user"], "only fields that change nothing are ignored");
+        // The penalties and logit_bias are honoured and checked.
+        let r = parse(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"hi"}],"presence_penalty":0.5,"frequency_penalty":-1,"repetition_penalty":1.2,"logit_bias":{"50":100,"7":-3.5}}"#).unwrap();
+        assert_eq!((r.params.presence_penalty, r.params.frequency_penalty, r.params.repetition_penalty), (0.5, -1.0, 1.2));
+        assert_eq!(r.params.logit_bias, vec![(50, 100.0), (7, -3.5)]);
+        for (field, value) in [("presence_penalty", "2.5"), ("frequency_penalty", "-3"), ("repetition_penalty", "0"), ("logit_bias", r#"{"x":1}"#), ("logit_bias", r#"{"5":101}"#), ("logit_bias", "[1]")] {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"{field}":{value}}}"#);
+            let e = parse(Endpoint::Chat, &body).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(field)), "{field} {value}: {e}");
+        }
     }
 
     #[test]
