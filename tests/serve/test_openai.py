@@ -178,6 +178,25 @@ class Api(unittest.TestCase):
         streamed = "".join(ch.choices[0].text for ch in c.completions.create(model=self.model, prompt=WORDS, max_tokens=8, temperature=0, echo=True, stream=True) if ch.choices)
         self.assertEqual(streamed, echoed)
 
+    def test_n_choices(self):
+        c = client()
+        r = c.completions.create(model=self.model, prompt=WORDS, max_tokens=12, temperature=1.0, seed=5, n=3)
+        self.assertEqual([ch.index for ch in r.choices], [0, 1, 2])
+        self.assertEqual(len({ch.text for ch in r.choices}), 3, "independent samples differ")
+        self.assertTrue(12 < r.usage.completion_tokens <= 36, r.usage)
+        # Choice i is the request with seed + i alone.
+        alone = c.completions.create(model=self.model, prompt=WORDS, max_tokens=12, temperature=1.0, seed=6).choices[0].text
+        self.assertEqual(r.choices[1].text, alone)
+        # Streamed: each chunk names its choice; the texts add up to the whole response's.
+        parts = {}
+        for ch in c.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=10,
+                                            temperature=1.0, seed=9, n=2, stream=True):
+            for choice in ch.choices:
+                parts[choice.index] = parts.get(choice.index, "") + (choice.delta.content or "")
+        whole = c.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=10,
+                                          temperature=1.0, seed=9, n=2)
+        self.assertEqual([parts[0], parts[1]], [ch.message.content for ch in whole.choices])
+
     def test_requests_without_a_seed_sample_afresh(self):
         # The server was started without --seed: like OpenAI's API, each request without a
         # seed gets a fresh one, so two identical requests at temperature 1 differ.
@@ -205,7 +224,7 @@ class Errors(unittest.TestCase):
             client(key="wrong").models.list()
 
     def test_invalid_parameters_are_named(self):
-        for field, value in [("temperature", 5), ("top_p", 0), ("top_k", -3), ("min_p", 2), ("max_tokens", 0), ("n", 3),
+        for field, value in [("temperature", 5), ("top_p", 0), ("top_k", -3), ("min_p", 2), ("max_tokens", 0), ("n", 17), ("n", 0),
                              ("stop", ["a", "b", "c", "d", "e"]), ("logprobs", 99), ("seed", "x")]:
             r = self.post("/v1/completions", {"prompt": "Hi", field: value})
             self.assertEqual(r.status_code, 400, (field, r.text))

@@ -332,16 +332,33 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
     let prompt = tokio::task::spawn_blocking(move || tokens_of(&model, &text)).await.map_err(|e| ServeError::internal(e.to_string()))??;
     let context = ready.model.config().context_length;
     req.resolve_max_tokens(prompt.len(), context, ready.engine.max_new_tokens_within_budget(prompt.len()), &limits);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let accepted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sink = Box::new(HttpSink { tx, metrics: state.metrics.clone(), arrived, last_token: None, ended: false, accepted: accepted.clone() });
-    ready.engine.submit(Request { prompt, params: req.params.clone(), top_logprobs: req.logprobs, sink }).map_err(|e| {
-        if matches!(e, duo_engine::EngineError::QueueFull { .. }) {
-            state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
-        }
-        ServeError::from(e)
-    })?;
-    accepted.store(true, Ordering::SeqCst);
+    // `n` choices are `n` requests of the engine: choice `i` samples with seed + i, and all
+    // events come back on one channel tagged with their choice.
+    let (merged_tx, rx) = mpsc::unbounded_channel::<(usize, Event)>();
+    for i in 0..req.n {
+        let (tx, mut choice_rx) = mpsc::unbounded_channel();
+        let accepted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sink = Box::new(HttpSink { tx, metrics: state.metrics.clone(), arrived, last_token: None, ended: false, accepted: accepted.clone() });
+        let params = duo_engine::SamplingParams { seed: req.params.seed.wrapping_add(i as u64), ..req.params.clone() };
+        ready.engine.submit(Request { prompt: prompt.clone(), params, top_logprobs: req.logprobs, sink }).map_err(|e| {
+            if matches!(e, duo_engine::EngineError::QueueFull { .. }) {
+                state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+            ServeError::from(e)
+        })?;
+        accepted.store(true, Ordering::SeqCst);
+        // Forwards this choice's events; when the client goes (the merged receiver is
+        // dropped) it stops, dropping `choice_rx`, and the engine frees the sequence.
+        let merged = merged_tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = choice_rx.recv().await {
+                if merged.send((i, e)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(merged_tx);
     let reply = Reply {
         endpoint,
         id: format!("{}-{:016x}", if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, request_id()),
@@ -353,9 +370,9 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
     };
     let reply = if req.echo { Reply { echo: Some(prompt_text(&ready.model, &req.prompt)?), ..reply } } else { reply };
     if req.stream {
-        Ok(stream_response(reply, rx, req.include_usage))
+        Ok(stream_response(reply, rx, req.n, req.include_usage))
     } else {
-        whole_response(reply, rx).await
+        whole_response(reply, rx, req.n).await
     }
 }
 
@@ -386,7 +403,7 @@ impl Reply {
     }
 
     /// One streamed chunk: `text` as a delta, with optional logprobs and finish reason.
-    fn chunk(&self, text: &str, first: bool, logprobs: Option<Value>, finish: Option<&str>, include_usage: bool) -> Value {
+    fn chunk(&self, index: usize, text: &str, first: bool, logprobs: Option<Value>, finish: Option<&str>, include_usage: bool) -> Value {
         let choice = match self.endpoint {
             Endpoint::Chat => {
                 let mut delta = json!({});
@@ -396,9 +413,9 @@ impl Reply {
                 if !text.is_empty() || first {
                     delta["content"] = json!(text);
                 }
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
-            Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}),
+            Endpoint::Completion => json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}),
         };
         let mut v = json!({"id": self.id, "object": self.objects().1, "created": self.created, "model": self.model, "choices": [choice]});
         if include_usage {
@@ -417,29 +434,35 @@ fn prompt_text(model: &Engine, prompt: &Prompt) -> Result<String> {
     }
 }
 
-async fn whole_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response> {
-    let mut text = reply.echo.clone().unwrap_or_default();
-    let mut lps = Vec::new();
-    while let Some(event) = rx.recv().await {
+async fn whole_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<(usize, Event)>, n: usize) -> Result<Response> {
+    let mut texts = vec![reply.echo.clone().unwrap_or_default(); n];
+    let mut lps: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); n];
+    let mut choices: Vec<Option<Value>> = vec![None; n];
+    let mut completion_tokens = 0;
+    while let Some((i, event)) = rx.recv().await {
         match event {
             Event::Token { id, text: t, logprob } => {
-                text.push_str(&t);
+                texts[i].push_str(&t);
                 if let Some(lp) = logprob.filter(|_| reply.logprobs) {
-                    lps.push(reply.token_logprobs(id, &lp));
+                    lps[i].push(reply.token_logprobs(id, &lp));
                 }
             }
-            Event::Done { finish_reason: reason, text: t, prompt_tokens, completion_tokens } => {
-                text.push_str(&t);
-                let logprobs = reply.logprobs.then(|| logprobs_json(reply.endpoint, &lps, 0));
-                let choice = match reply.endpoint {
-                    Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
-                    Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
-                };
-                return Ok(Json(json!({
-                    "id": reply.id, "object": reply.objects().0, "created": reply.created, "model": reply.model,
-                    "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
-                }))
-                .into_response());
+            Event::Done { finish_reason: reason, text: t, prompt_tokens, completion_tokens: c } => {
+                texts[i].push_str(&t);
+                completion_tokens += c;
+                let logprobs = reply.logprobs.then(|| logprobs_json(reply.endpoint, &lps[i], 0));
+                let text = std::mem::take(&mut texts[i]);
+                choices[i] = Some(match reply.endpoint {
+                    Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
+                    Endpoint::Completion => json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
+                });
+                if choices.iter().all(Option::is_some) {
+                    return Ok(Json(json!({
+                        "id": reply.id, "object": reply.objects().0, "created": reply.created, "model": reply.model,
+                        "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+                    }))
+                    .into_response());
+                }
             }
             Event::Failed(message) => return Err(ServeError::internal(message)),
         }
@@ -447,18 +470,27 @@ async fn whole_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<Event>) ->
     Err(ServeError::internal("the engine stopped before the request finished"))
 }
 
-fn stream_response(reply: Reply, rx: mpsc::UnboundedReceiver<Event>, include_usage: bool) -> Response {
-    struct St {
-        reply: Reply,
-        rx: mpsc::UnboundedReceiver<Event>,
-        pending: VecDeque<SseEvent>,
+fn stream_response(reply: Reply, rx: mpsc::UnboundedReceiver<(usize, Event)>, n: usize, include_usage: bool) -> Response {
+    /// Where one choice stands.
+    #[derive(Clone)]
+    struct Choice {
         first: bool,
         offset: usize,
+        echo: Option<String>,
+        done: bool,
+    }
+    struct St {
+        reply: Reply,
+        rx: mpsc::UnboundedReceiver<(usize, Event)>,
+        pending: VecDeque<SseEvent>,
+        choices: Vec<Choice>,
+        completion_tokens: usize,
         done: bool,
         include_usage: bool,
     }
     let data = |v: Value| SseEvent::default().data(v.to_string());
-    let st = St { reply, rx, pending: VecDeque::new(), first: true, offset: 0, done: false, include_usage };
+    let choice = Choice { first: true, offset: 0, echo: reply.echo.clone(), done: false };
+    let st = St { reply, rx, pending: VecDeque::new(), choices: vec![choice; n], completion_tokens: 0, done: false, include_usage };
     let stream = futures_util::stream::unfold(st, move |mut st| async move {
         loop {
             if let Some(e) = st.pending.pop_front() {
@@ -468,37 +500,43 @@ fn stream_response(reply: Reply, rx: mpsc::UnboundedReceiver<Event>, include_usa
                 return None;
             }
             match st.rx.recv().await {
-                Some(Event::Token { id, text, logprob }) => {
-                    let lp = logprob.filter(|_| st.reply.logprobs).map(|lp| logprobs_json(st.reply.endpoint, &[st.reply.token_logprobs(id, &lp)], st.offset));
-                    if text.is_empty() && lp.is_none() && !st.first {
+                Some((i, Event::Token { id, text, logprob })) => {
+                    let c = &mut st.choices[i];
+                    let lp = logprob.filter(|_| st.reply.logprobs).map(|lp| logprobs_json(st.reply.endpoint, &[st.reply.token_logprobs(id, &lp)], c.offset));
+                    if text.is_empty() && lp.is_none() && !c.first {
                         continue;
                     }
-                    let text = match st.reply.echo.take().filter(|_| st.first) {
+                    let text = match c.echo.take() {
                         Some(prompt) => prompt + &text,
                         None => text,
                     };
-                    st.offset += text.len();
-                    st.pending.push_back(data(st.reply.chunk(&text, st.first, lp, None, st.include_usage)));
-                    st.first = false;
+                    c.offset += text.len();
+                    st.pending.push_back(data(st.reply.chunk(i, &text, c.first, lp, None, st.include_usage)));
+                    c.first = false;
                 }
-                Some(Event::Done { finish_reason: reason, text, prompt_tokens, completion_tokens }) => {
+                Some((i, Event::Done { finish_reason: reason, text, prompt_tokens, completion_tokens })) => {
+                    let c = &mut st.choices[i];
                     // A completion that ended before its first token still echoes its prompt.
-                    let text = match st.reply.echo.take() {
+                    let text = match c.echo.take() {
                         Some(prompt) => prompt + &text,
                         None => text,
                     };
-                    st.pending.push_back(data(st.reply.chunk(&text, st.first, None, Some(finish_reason(reason)), st.include_usage)));
-                    if st.include_usage {
-                        let r = &st.reply;
-                        st.pending.push_back(data(json!({
-                            "id": r.id, "object": r.objects().1, "created": r.created, "model": r.model, "choices": [],
-                            "usage": usage(prompt_tokens, completion_tokens),
-                        })));
+                    st.pending.push_back(data(st.reply.chunk(i, &text, c.first, None, Some(finish_reason(reason)), st.include_usage)));
+                    c.done = true;
+                    st.completion_tokens += completion_tokens;
+                    if st.choices.iter().all(|c| c.done) {
+                        if st.include_usage {
+                            let r = &st.reply;
+                            st.pending.push_back(data(json!({
+                                "id": r.id, "object": r.objects().1, "created": r.created, "model": r.model, "choices": [],
+                                "usage": usage(prompt_tokens, st.completion_tokens),
+                            })));
+                        }
+                        st.pending.push_back(SseEvent::default().data("[DONE]"));
+                        st.done = true;
                     }
-                    st.pending.push_back(SseEvent::default().data("[DONE]"));
-                    st.done = true;
                 }
-                Some(Event::Failed(message)) => {
+                Some((_, Event::Failed(message))) => {
                     st.pending.push_back(data(ServeError::internal(message).body()));
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.done = true;

@@ -41,11 +41,13 @@ pub struct Limits {
     pub max_stop_bytes: usize,
     /// Largest `top_logprobs` (chat) or `logprobs` (completions).
     pub max_top_logprobs: usize,
+    /// Most choices (`n`) one request may ask for.
+    pub max_choices: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_tokens: 4096, max_stop: 4, max_stop_bytes: 256, max_top_logprobs: 20 }
+        Self { max_tokens: 4096, max_stop: 4, max_stop_bytes: 256, max_top_logprobs: 20, max_choices: 16 }
     }
 }
 
@@ -70,6 +72,8 @@ pub struct GenerationRequest {
     pub include_usage: bool,
     /// Completions: the prompt's text comes back before the completion (`echo`).
     pub echo: bool,
+    /// Choices to generate (`n`): independent samples of the same prompt.
+    pub n: usize,
     /// Fields duo does not use.
     pub ignored: Vec<String>,
 }
@@ -163,11 +167,11 @@ impl GenerationRequest {
             Some(s) => s as u64,
             None => seed.unwrap_or_else(rand::random),
         };
-        if let Some(n) = f.int("n")? {
-            if n != 1 {
-                return Err(ServeError::invalid("n", format!("n = {n} is not supported; only n = 1")));
-            }
-        }
+        let n = match f.int("n")? {
+            None => 1,
+            Some(n) if (1..=limits.max_choices as i64).contains(&n) => n as usize,
+            Some(n) => return Err(ServeError::invalid("n", format!("n = {n} is not between 1 and the server's limit of {}", limits.max_choices))),
+        };
         let stop = parse_stop(obj.get("stop"), limits)?;
         let stream = f.bool("stream")?.unwrap_or(false);
         let include_usage = match obj.get("stream_options") {
@@ -233,7 +237,7 @@ impl GenerationRequest {
         if echo && logprobs.is_some() {
             return Err(ServeError::invalid("echo", "`echo` with `logprobs` (the prompt's log-probabilities) is not supported yet"));
         }
-        Ok(Self { endpoint, model, prompt, params, max_tokens, logprobs, stream, include_usage, echo, ignored })
+        Ok(Self { endpoint, model, prompt, params, max_tokens, logprobs, stream, include_usage, echo, n, ignored })
     }
 
     /// Sets `params.max_tokens`: as asked, or as many as fit the context after the prompt,
@@ -495,7 +499,8 @@ mod tests {
             (Endpoint::Completion, r#"{"prompt":"x","min_p":1.5}"#, "min_p"),
             (Endpoint::Completion, r#"{"prompt":"x","max_tokens":0}"#, "max_tokens"),
             (Endpoint::Completion, r#"{"prompt":"x","max_tokens":100000}"#, "max_tokens"),
-            (Endpoint::Completion, r#"{"prompt":"x","n":2}"#, "n"),
+            (Endpoint::Completion, r#"{"prompt":"x","n":17}"#, "n"),
+            (Endpoint::Completion, r#"{"prompt":"x","n":0}"#, "n"),
             (Endpoint::Completion, r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#, "stop"),
             (Endpoint::Completion, r#"{"prompt":"x","stop":[""]}"#, "stop"),
             (Endpoint::Completion, r#"{"prompt":"x","logprobs":50}"#, "logprobs"),
