@@ -155,7 +155,8 @@ class Api(unittest.TestCase):
                        json={"model": self.model, "prompt": "Hi", "max_tokens": 2, "frequency_penalty": 0, "user": "u"})
         self.assertEqual(r.status_code, 200, r.text)
         for field, value in [("best_of", 2), ("suffix", "x"), ("presence_penalty", 3), ("logit_bias", {"999999": 1}), ("echo", "yes"),
-                             ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}])]:
+                             ("response_format", {"type": "regex"}), ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+                             ("tools", [{"type": "function", "function": {"name": "f"}}])]:
             r = httpx.post(URL + "/v1/completions", headers=auth, json={"prompt": "Hi", "max_tokens": 2, field: value})
             self.assertEqual(r.status_code, 400, (field, r.text))
             self.assertEqual(error_of(r)["param"], field)
@@ -196,6 +197,30 @@ class Api(unittest.TestCase):
         whole = c.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=10,
                                           temperature=1.0, seed=9, n=2)
         self.assertEqual([parts[0], parts[1]], [ch.message.content for ch in whole.choices])
+
+    def test_structured_output_follows_the_schema(self):
+        import json
+        schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                                   "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                                   "city": {"type": "string", "enum": ["Paris", "Rome", "Lima"]}},
+                  "required": ["name", "age", "city"], "additionalProperties": False}
+        c = client()
+        valid = 0
+        for i in range(20):
+            r = c.chat.completions.create(model=self.model, max_tokens=96, temperature=0.9, seed=i,
+                                          messages=[{"role": "user", "content": f"Invent person number {i}: name, age and city, as JSON."}],
+                                          response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+            v = json.loads(r.choices[0].message.content)
+            ok = (set(v) == {"name", "age", "city"} and isinstance(v["name"], str) and len(v["name"]) <= 24
+                  and isinstance(v["age"], int) and 0 <= v["age"] <= 150 and v["city"] in ("Paris", "Rome", "Lima"))
+            self.assertTrue(ok, v)
+            self.assertEqual(r.choices[0].finish_reason, "stop")
+            valid += ok
+        self.assertEqual(valid, 20)
+        r = c.chat.completions.create(model=self.model, max_tokens=64, temperature=0,
+                                      messages=[{"role": "user", "content": "The weather as JSON."}], response_format={"type": "json_object"})
+        if r.choices[0].finish_reason == "stop":
+            self.assertIsInstance(json.loads(r.choices[0].message.content), dict)
 
     def test_requests_without_a_seed_sample_afresh(self):
         # The server was started without --seed: like OpenAI's API, each request without a

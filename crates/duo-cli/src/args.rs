@@ -158,6 +158,12 @@ pub struct GenerateArgs {
     /// Divides (or multiplies, if negative) the logits of tokens in the prompt or generated (1: off).
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
+    /// Constrain the output to JSON matching this JSON Schema file (structured output).
+    #[arg(long, conflicts_with = "json_object")]
+    pub json_schema: Option<PathBuf>,
+    /// Constrain the output to a JSON object.
+    #[arg(long)]
+    pub json_object: bool,
     /// Bias a token's logit: `ID=BIAS`, BIAS in [-100, 100] (repeatable).
     #[arg(long, value_parser = parse_bias, allow_negative_numbers = true)]
     pub logit_bias: Vec<(u32, f32)>,

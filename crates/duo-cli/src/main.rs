@@ -172,6 +172,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
         frequency_penalty: a.frequency_penalty,
         repetition_penalty: a.repetition_penalty,
         logit_bias: a.logit_bias.clone(),
+        structured: match (&a.json_schema, a.json_object) {
+            (Some(p), _) => Some(duo_engine::constraint::Structured::JsonSchema(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)),
+            (None, true) => Some(duo_engine::constraint::Structured::JsonObject),
+            (None, false) => None,
+        },
     };
     params.validate()?;
     let prompt = read_prompt(&a)?;

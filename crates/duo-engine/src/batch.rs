@@ -208,6 +208,10 @@ impl BatchEngine {
         if let Some((id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= self.engine.config().vocab_size) {
             return Err(EngineError::InvalidParameter { name: "logit_bias", reason: format!("token id {id} is outside the vocabulary of {}", self.engine.config().vocab_size) });
         }
+        if let Some(what) = &params.structured {
+            // Compiles the grammar once to refuse a bad schema before queueing.
+            self.engine.constraint(what)?;
+        }
         if top_logprobs.is_some_and(|n| n > self.engine.config().vocab_size) {
             return Err(EngineError::InvalidParameter { name: "top_logprobs", reason: "more than the vocabulary".into() });
         }
@@ -301,9 +305,10 @@ impl Worker {
             let Some(r) = waiting.pop_front() else { break };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             let mut sink = r.sink;
-            let sampler = match Sampler::new(r.params.clone()) {
-                Ok(s) => s.with_prompt(&r.prompt),
-                Err(e) => {
+            let constraint = r.params.structured.as_ref().map(|what| self.engine.constraint(what)).transpose();
+            let sampler = match (Sampler::new(r.params.clone()), constraint) {
+                (Ok(s), Ok(c)) => s.with_prompt(&r.prompt).with_constraint(c),
+                (Err(e), _) | (_, Err(e)) => {
                     sink.send(Event::Failed(e.to_string()));
                     continue;
                 }
@@ -359,7 +364,13 @@ impl Worker {
         let mut next: Vec<(usize, u32)> = Vec::new();
         for (i, s) in running.iter_mut().enumerate() {
             let Some(logits) = s.logits.take() else { continue };
-            let id = s.sampler.sample(&logits);
+            let id = match s.sampler.sample(&logits) {
+                Ok(id) => id,
+                Err(e) => {
+                    fail(s, e.to_string());
+                    continue;
+                }
+            };
             let accepted = match s.text.accept(tok, id, eos, s.max_tokens) {
                 Ok(a) => a,
                 Err(e) => {

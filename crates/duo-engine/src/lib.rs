@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod constraint;
 pub mod engine;
 pub mod error;
 pub mod method;

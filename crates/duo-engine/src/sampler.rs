@@ -34,6 +34,8 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// Added to the logits of these token ids, each in [-100, 100].
     pub logit_bias: Vec<(u32, f32)>,
+    /// Output constrained to a grammar (structured output), if any.
+    pub structured: Option<crate::constraint::Structured>,
 }
 
 impl Default for SamplingParams {
@@ -50,6 +52,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
             logit_bias: Vec::new(),
+            structured: None,
         }
     }
 }
@@ -102,6 +105,8 @@ pub struct Sampler {
     generated: std::collections::HashMap<u32, u32>,
     /// Tokens of the prompt (for the repetition penalty).
     prompt: std::collections::HashSet<u32>,
+    /// The grammar the output must follow, if any.
+    constraint: Option<crate::constraint::Constraint>,
 }
 
 impl Sampler {
@@ -109,7 +114,13 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Self { params, rng, generated: Default::default(), prompt: Default::default() })
+        Ok(Self { params, rng, generated: Default::default(), prompt: Default::default(), constraint: None })
+    }
+
+    /// Constrains the output to a grammar.
+    pub fn with_constraint(mut self, constraint: Option<crate::constraint::Constraint>) -> Self {
+        self.constraint = constraint;
+        self
     }
 
     /// The prompt the generation continues (the repetition penalty covers its tokens).
@@ -155,15 +166,24 @@ impl Sampler {
         &self.params
     }
 
-    /// Chooses the next token from raw logits (and remembers it for the penalties).
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if !self.params.adjusts() {
-            return self.draw(logits);
+    /// Chooses the next token from raw logits (and remembers it for the penalties and the
+    /// grammar). Errors only when a grammar constraint fails.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        if !self.params.adjusts() && self.constraint.is_none() {
+            return Ok(self.draw(logits));
         }
-        let adjusted = self.adjusted(logits);
+        let mut adjusted = if self.params.adjusts() { self.adjusted(logits) } else { logits.to_vec() };
+        if let Some(c) = &mut self.constraint {
+            c.mask(&mut adjusted)?;
+        }
         let id = self.draw(&adjusted);
-        *self.generated.entry(id).or_insert(0) += 1;
-        id
+        if self.params.adjusts() {
+            *self.generated.entry(id).or_insert(0) += 1;
+        }
+        if let Some(c) = &mut self.constraint {
+            c.advance(id)?;
+        }
+        Ok(id)
     }
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
@@ -243,7 +263,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(SamplingParams::default()).unwrap();
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).unwrap(), 1);
     }
 
     #[test]
@@ -264,7 +284,7 @@ mod tests {
         let logits = [0.0f32, 1.0, 2.0, 3.0];
         let draws = |seed| {
             let mut s = sampler(|p| p.seed = seed);
-            (0..4000).map(|_| s.sample(&logits)).collect::<Vec<u32>>()
+            (0..4000).map(|_| s.sample(&logits).unwrap()).collect::<Vec<u32>>()
         };
         let a = draws(5);
         assert_eq!(a, draws(5));
@@ -303,9 +323,9 @@ mod penalty_tests {
     #[test]
     fn logit_bias_moves_the_choice() {
         let logits = [1.0f32, 3.0, 2.0];
-        assert_eq!(greedy(|_| {}).sample(&logits), 1);
-        assert_eq!(greedy(|p| p.logit_bias = vec![(2, 1.5)]).sample(&logits), 2);
-        assert_eq!(greedy(|p| p.logit_bias = vec![(1, -100.0)]).sample(&logits), 2, "a ban");
+        assert_eq!(greedy(|_| {}).sample(&logits).unwrap(), 1);
+        assert_eq!(greedy(|p| p.logit_bias = vec![(2, 1.5)]).sample(&logits).unwrap(), 2);
+        assert_eq!(greedy(|p| p.logit_bias = vec![(1, -100.0)]).sample(&logits).unwrap(), 2, "a ban");
     }
 
     #[test]
@@ -313,13 +333,13 @@ mod penalty_tests {
         let logits = [0.0f32, 2.0, 1.5];
         // Presence 1: after token 1 once, its logit drops to 1.0 < 1.5.
         let mut s = greedy(|p| p.presence_penalty = 1.0);
-        assert_eq!((s.sample(&logits), s.sample(&logits)), (1, 2));
+        assert_eq!((s.sample(&logits).unwrap(), s.sample(&logits).unwrap()), (1, 2));
         // Frequency 0.3: 2.0 - 0.3 = 1.7 still wins, after twice 1.4 loses.
         let mut s = greedy(|p| p.frequency_penalty = 0.3);
-        assert_eq!([s.sample(&logits), s.sample(&logits), s.sample(&logits)], [1, 1, 2]);
+        assert_eq!([s.sample(&logits).unwrap(), s.sample(&logits).unwrap(), s.sample(&logits).unwrap()], [1, 1, 2]);
         // Negative values encourage repeats.
         let mut s = greedy(|p| p.presence_penalty = -1.0);
-        assert_eq!([s.sample(&[2.0, 1.9]), s.sample(&[1.9, 2.0])], [0, 0]);
+        assert_eq!([s.sample(&[2.0, 1.9]).unwrap(), s.sample(&[1.9, 2.0]).unwrap()], [0, 0]);
     }
 
     #[test]
@@ -329,7 +349,7 @@ mod penalty_tests {
         let a = s.adjusted(&logits);
         assert_eq!(a, vec![1.0, 0.9, -1.0], "positive divided, negative multiplied, others untouched");
         let mut s = s;
-        assert_eq!(s.sample(&logits), 0);
+        assert_eq!(s.sample(&logits).unwrap(), 0);
         // Token 0 now generated once too: penalised once, not twice.
         assert_eq!(s.adjusted(&logits)[0], 0.5);
     }

@@ -71,19 +71,21 @@ pub struct Completion {
 /// `max_tokens`, and otherwise asks `next_logits` for the logits after the token just chosen;
 /// at the end hands `on_text` whatever text was held back. `E` is the caller's error type
 /// (the backend's errors and this crate's must both convert into it).
+#[allow(clippy::too_many_arguments)]
 pub fn complete<E: From<EngineError>>(
     tokenizer: &duo_model::TextTokenizer,
     eos: &[u32],
     params: &SamplingParams,
     prompt: &[u32],
+    constraint: Option<crate::constraint::Constraint>,
     mut logits: Vec<f32>,
     mut next_logits: impl FnMut(u32) -> std::result::Result<Vec<f32>, E>,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> std::result::Result<Completion, E> {
-    let mut sampler = Sampler::new(params.clone())?.with_prompt(prompt);
+    let mut sampler = Sampler::new(params.clone())?.with_prompt(prompt).with_constraint(constraint);
     let mut stream = TextStream::new(params.stop.clone());
     let finish = loop {
-        let next = sampler.sample(&logits);
+        let next = sampler.sample(&logits)?;
         let accepted = stream.accept(tokenizer, next, eos, params.max_tokens)?;
         if accepted.delta.as_deref().is_some_and(|d| !d.is_empty() && !on_text(d)) {
             break FinishReason::Cancelled;
@@ -213,7 +215,8 @@ impl<'m> Runner<'m> {
         let prefill_seconds = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let backend = self.backend();
-        let done = complete(tok, eos, params, prompt, logits, |next| backend.forward(seq.as_mut(), &[next], Logits::Last), on_text)?;
+        let constraint = params.structured.as_ref().map(|what| self.engine.constraint(what)).transpose()?;
+        let done = complete(tok, eos, params, prompt, constraint, logits, |next| backend.forward(seq.as_mut(), &[next], Logits::Last), on_text)?;
         Ok(Generation {
             prompt_token_ids: prompt.to_vec(),
             completion_token_ids: done.tokens,

@@ -238,3 +238,31 @@ fn control_tokens_typed_in_a_message_stay_text() {
         m.tokenizer.encode(&tpl.render(&plain, true).expect("render"), false).expect("encode")
     );
 }
+
+#[test]
+fn structured_output_follows_the_json_schema() {
+    use duo_engine::constraint::Structured;
+    let m = model();
+    let tpl = m.template.as_ref().expect("template");
+    let runner = Runner::new(m, full().resolve(m.config()).expect("method"));
+    let schema = r#"{"type":"object","properties":{"name":{"type":"string","maxLength":24},"age":{"type":"integer","minimum":0,"maximum":150}},"required":["name","age"],"additionalProperties":false}"#;
+    for (i, who) in ["a pirate", "a baker", "a pilot"].iter().enumerate() {
+        let messages = vec![Message { role: "user".into(), content: format!("Describe {who} as JSON with a name and an age.") }];
+        let prompt = m.tokenizer.encode_chat(&tpl.render_pieces(&messages, true).expect("render")).expect("encode");
+        let params = SamplingParams { max_tokens: 96, temperature: 0.8, seed: i as u64, structured: Some(Structured::JsonSchema(schema.into())), ..Default::default() };
+        let gen = runner.generate(&prompt, &params, |_| true).expect("generate");
+        let v: Value = serde_json::from_str(&gen.text).unwrap_or_else(|e| panic!("{who}: {e}: {:?}", gen.text));
+        let obj = v.as_object().expect("an object");
+        assert_eq!(obj.len(), 2, "{v}");
+        assert!(obj["name"].as_str().is_some_and(|n| n.chars().count() <= 24), "{v}");
+        assert!(obj["age"].as_u64().is_some_and(|a| a <= 150), "{v}");
+        assert_eq!(gen.finish_reason, duo_engine::FinishReason::Stop, "the grammar ends the text: {v}");
+    }
+    let params = SamplingParams { max_tokens: 64, structured: Some(Structured::JsonObject), ..Default::default() };
+    let prompt = m.tokenizer.encode("The weather today, as JSON:", true).expect("encode");
+    let gen = runner.generate(&prompt, &params, |_| true).expect("generate");
+    assert!(serde_json::from_str::<Value>(&gen.text).is_ok_and(|v| v.is_object()) || gen.finish_reason == duo_engine::FinishReason::Length, "{:?}", gen.text);
+    let bad = SamplingParams { structured: Some(Structured::JsonSchema("{not json".into())), ..Default::default() };
+    let e = runner.generate(&prompt, &bad, |_| true).unwrap_err();
+    assert!(matches!(e, EngineError::InvalidParameter { name: "response_format", .. }), "{e}");
+}

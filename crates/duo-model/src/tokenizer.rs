@@ -73,6 +73,12 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// The tokenizer in Hugging Face's `tokenizer.json` form (for grammar engines that need
+    /// every token's bytes).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(tk_err)
+    }
+
     /// Encodes text; special-token text (`<|im_start|>`) becomes its token.
     /// Adds BOS first when `add_bos` is set and the text does not already start with it.
     pub fn encode(&self, text: &str, with_bos: bool) -> Result<Vec<u32>> {

@@ -81,7 +81,7 @@ pub struct GenerationRequest {
 const KNOWN: &[&str] = &[
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "logit_bias", "echo",
+    "repetition_penalty", "logit_bias", "echo", "response_format",
 ];
 
 /// Whether a field's value is its neutral default.
@@ -91,7 +91,6 @@ type IsNeutral = fn(&Value) -> bool;
 /// test for their neutral value: a request that sets one to anything else is refused with
 /// 400 naming it, never answered as if it had not been sent.
 const UNSUPPORTED: &[(&str, IsNeutral)] = &[
-    ("response_format", |v| v.is_null() || v.get("type").and_then(Value::as_str) == Some("text")),
     ("tools", |v| v.is_null() || v.as_array().is_some_and(Vec::is_empty)),
     ("tool_choice", |v| v.is_null() || v.as_str() == Some("none")),
     ("functions", |v| v.is_null() || v.as_array().is_some_and(Vec::is_empty)),
@@ -217,6 +216,7 @@ impl GenerationRequest {
         let frequency_penalty = penalty("frequency_penalty", 0.0, -2.0..=2.0)?;
         let repetition_penalty = penalty("repetition_penalty", 1.0, 0.0..=2.0)?;
         let logit_bias = parse_logit_bias(obj.get("logit_bias"))?;
+        let structured = parse_response_format(obj.get("response_format"))?;
         let params = SamplingParams {
             temperature: temperature as f32,
             top_k,
@@ -229,6 +229,7 @@ impl GenerationRequest {
             frequency_penalty,
             repetition_penalty,
             logit_bias,
+            structured,
         };
         let echo = f.bool("echo")?.unwrap_or(false);
         if echo && endpoint == Endpoint::Chat {
@@ -269,6 +270,26 @@ impl Fields<'_> {
     }
     fn string(&self, name: &str) -> Result<Option<String>> {
         self.get(name).map(|v| v.as_str().map(String::from).ok_or_else(|| ServeError::invalid(name, format!("`{name}` must be a string")))).transpose()
+    }
+}
+
+/// `response_format`: `text` (the default), `json_object` (any JSON object) or
+/// `json_schema` (`{"json_schema": {"name": ..., "schema": {...}}}`), enforced by a grammar.
+fn parse_response_format(v: Option<&Value>) -> Result<Option<duo_engine::constraint::Structured>> {
+    use duo_engine::constraint::Structured;
+    let bad = |why: &str| ServeError::invalid("response_format", why.to_string());
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Structured::JsonObject)),
+        Some("json_schema") => {
+            let schema = v.get("json_schema").and_then(|j| j.get("schema")).ok_or_else(|| bad("`json_schema` needs `json_schema.schema`"))?;
+            if !schema.is_object() {
+                return Err(bad("`json_schema.schema` must be a JSON Schema object"));
+            }
+            Ok(Some(Structured::JsonSchema(schema.to_string())))
+        }
+        _ => Err(bad("`type` must be text, json_object or json_schema")),
     }
 }
 
@@ -449,7 +470,8 @@ mod tests {
         }
         assert!(parse(Endpoint::Chat, r#"{"messages":[{"role":"tool","content":"42"}]}"#).is_ok());
         for (field, value) in [
-            ("response_format", r#"{"type":"json_object"}"#),
+            ("response_format", r#"{"type":"regex"}"#),
+            ("response_format", r#"{"type":"json_schema"}"#),
             ("tools", r#"[{"type":"function","function":{"name":"f"}}]"#),
             ("tool_choice", r#""required""#),
             ("best_of", "3"),
