@@ -156,7 +156,7 @@ class Api(unittest.TestCase):
         self.assertEqual(r.status_code, 200, r.text)
         for field, value in [("best_of", 2), ("suffix", "x"), ("presence_penalty", 3), ("logit_bias", {"999999": 1}), ("echo", "yes"),
                              ("response_format", {"type": "regex"}), ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
-                             ("tools", [{"type": "function", "function": {"name": "f"}}])]:
+                             ("tool_choice", "auto")]:
             r = httpx.post(URL + "/v1/completions", headers=auth, json={"prompt": "Hi", "max_tokens": 2, field: value})
             self.assertEqual(r.status_code, 400, (field, r.text))
             self.assertEqual(error_of(r)["param"], field)
@@ -221,6 +221,29 @@ class Api(unittest.TestCase):
                                       messages=[{"role": "user", "content": "The weather as JSON."}], response_format={"type": "json_object"})
         if r.choices[0].finish_reason == "stop":
             self.assertIsInstance(json.loads(r.choices[0].message.content), dict)
+
+    def test_forced_tool_calls_come_back_as_tool_calls(self):
+        import json
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                                   "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                                                                  "required": ["city"], "additionalProperties": False}}},
+                 {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+        c = client()
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        r = c.chat.completions.create(model=self.model, messages=messages, tools=tools, max_tokens=64, temperature=0,
+                                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        choice = r.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls")
+        call = choice.message.tool_calls[0]
+        self.assertEqual(call.function.name, "get_weather")
+        self.assertIsInstance(json.loads(call.function.arguments)["city"], str)
+        r = c.chat.completions.create(model=self.model, messages=messages, tools=tools, max_tokens=64, temperature=0, tool_choice="required")
+        self.assertIn(r.choices[0].message.tool_calls[0].function.name, ("get_weather", "get_time"))
+        # The conversation goes on with the tool's answer.
+        follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                             {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
+        r = c.chat.completions.create(model=self.model, messages=follow, max_tokens=16, temperature=0)
+        self.assertEqual(r.choices[0].finish_reason in ("stop", "length"), True)
 
     def test_requests_without_a_seed_sample_afresh(self):
         # The server was started without --seed: like OpenAI's API, each request without a

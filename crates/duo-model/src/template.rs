@@ -52,9 +52,16 @@ impl ChatTemplate {
 
     /// Renders a conversation; with `add_generation_prompt` the assistant's turn is opened.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with the request's `tools` (OpenAI's list of functions) in the
+    /// template's `tools` variable, for templates that describe tools to the model.
+    pub fn render_with(&self, messages: &[Message], tools: Option<&serde_json::Value>, add_generation_prompt: bool) -> Result<String> {
         let t = self.env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
         t.render(context! {
             messages => messages,
+            tools => tools.map(minijinja::Value::from_serialize),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos,
             eos_token => self.eos,
@@ -68,16 +75,21 @@ impl ChatTemplate {
     /// placeholders and put back; a template that transforms its contents (so a placeholder
     /// does not appear exactly once) is rendered whole and returned as one template piece.
     pub fn render_pieces(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<Piece>> {
+        self.render_pieces_with(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render_pieces`] with the request's `tools` (see [`ChatTemplate::render_with`]).
+    pub fn render_pieces_with(&self, messages: &[Message], tools: Option<&serde_json::Value>, add_generation_prompt: bool) -> Result<Vec<Piece>> {
         // Spaces and mixed case make a stripping or case-changing template show itself.
         let mark = |i: usize| format!(" \u{F8FF}Duo-Content-{i}\u{F8FE} ");
         let marked: Vec<Message> = messages.iter().enumerate().map(|(i, m)| Message { role: m.role.clone(), content: mark(i) }).collect();
-        let text = self.render(&marked, add_generation_prompt)?;
+        let text = self.render_with(&marked, tools, add_generation_prompt)?;
         let mut found: Vec<(usize, usize)> = Vec::with_capacity(messages.len());
         for i in 0..messages.len() {
             let m = mark(i);
             match (text.find(&m), text.rfind(&m)) {
                 (Some(a), Some(b)) if a == b => found.push((a, i)),
-                _ => return Ok(vec![Piece::Template(self.render(messages, add_generation_prompt)?)]),
+                _ => return Ok(vec![Piece::Template(self.render_with(messages, tools, add_generation_prompt)?)]),
             }
         }
         found.sort();

@@ -218,12 +218,12 @@ async fn tokenize(State(state): State<Arc<AppState>>, body: std::result::Result<
         _ if endpoint == Endpoint::Chat => GenerationRequest::parse(Endpoint::Chat, &body, &state.config.limits, Some(0))?.prompt,
         _ => return Err(ServeError::invalid("prompt", "`prompt` must be a string (or give `messages`)")),
     };
-    let tokens = tokens_of(&ready.model, &prompt)?;
+    let tokens = tokens_of(&ready.model, &prompt, None)?;
     let context = ready.model.config().context_length;
     Ok(Json(json!({"count": tokens.len(), "max_model_len": context, "tokens": tokens})))
 }
 
-fn tokens_of(model: &Engine, prompt: &Prompt) -> Result<Vec<u32>> {
+fn tokens_of(model: &Engine, prompt: &Prompt, tools: Option<&Value>) -> Result<Vec<u32>> {
     let internal = |e: duo_model::ModelError| ServeError::internal(e.to_string());
     match prompt {
         Prompt::Text(t) => model.tokenizer.encode(t, true).map_err(internal),
@@ -236,7 +236,7 @@ fn tokens_of(model: &Engine, prompt: &Prompt) -> Result<Vec<u32>> {
         }
         Prompt::Chat(messages) => {
             let template = model.template.as_ref().ok_or_else(|| ServeError::bad_request("this model ships no chat template; use /v1/completions", "no_chat_template"))?;
-            let pieces = template.render_pieces(messages, true).map_err(|e| ServeError::invalid("messages", e.to_string()))?;
+            let pieces = template.render_pieces_with(messages, tools, true).map_err(|e| ServeError::invalid("messages", e.to_string()))?;
             model.tokenizer.encode_chat(&pieces).map_err(internal)
         }
     }
@@ -328,8 +328,8 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
         }
     }
     // Tokenising (and rendering the template) is CPU work: off the async workers.
-    let (model, text) = (ready.model.clone(), req.prompt.clone());
-    let prompt = tokio::task::spawn_blocking(move || tokens_of(&model, &text)).await.map_err(|e| ServeError::internal(e.to_string()))??;
+    let (model, text, tools) = (ready.model.clone(), req.prompt.clone(), req.tools.clone());
+    let prompt = tokio::task::spawn_blocking(move || tokens_of(&model, &text, tools.as_ref())).await.map_err(|e| ServeError::internal(e.to_string()))??;
     let context = ready.model.config().context_length;
     req.resolve_max_tokens(prompt.len(), context, ready.engine.max_new_tokens_within_budget(prompt.len()), &limits);
     // `n` choices are `n` requests of the engine: choice `i` samples with seed + i, and all
@@ -367,6 +367,7 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
         model_ref: ready.model.clone(),
         logprobs: req.logprobs.is_some(),
         echo: None,
+        tool_call: req.forced_tool,
     };
     let reply = if req.echo { Reply { echo: Some(prompt_text(&ready.model, &req.prompt)?), ..reply } } else { reply };
     if req.stream {
@@ -386,6 +387,8 @@ struct Reply {
     logprobs: bool,
     /// The prompt's text, sent before the completion (`echo`).
     echo: Option<String>,
+    /// The output is a forced tool call, returned as `tool_calls`.
+    tool_call: bool,
 }
 
 impl Reply {
@@ -452,9 +455,20 @@ async fn whole_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<(usize, Ev
                 completion_tokens += c;
                 let logprobs = reply.logprobs.then(|| logprobs_json(reply.endpoint, &lps[i], 0));
                 let text = std::mem::take(&mut texts[i]);
-                choices[i] = Some(match reply.endpoint {
-                    Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
-                    Endpoint::Completion => json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
+                let call = reply.tool_call.then(|| serde_json::from_str::<Value>(&text).ok()).flatten().filter(|v| v["name"].is_string());
+                choices[i] = Some(match (reply.endpoint, call) {
+                    (Endpoint::Chat, Some(call)) => json!({
+                        "index": i,
+                        "message": {"role": "assistant", "content": null, "tool_calls": [{
+                            "id": format!("call_{:016x}", request_id()),
+                            "type": "function",
+                            "function": {"name": call["name"], "arguments": call["arguments"].to_string()},
+                        }]},
+                        "logprobs": logprobs,
+                        "finish_reason": "tool_calls",
+                    }),
+                    (Endpoint::Chat, None) => json!({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
+                    (Endpoint::Completion, _) => json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
                 });
                 if choices.iter().all(Option::is_some) {
                     return Ok(Json(json!({

@@ -74,6 +74,11 @@ pub struct GenerationRequest {
     pub echo: bool,
     /// Choices to generate (`n`): independent samples of the same prompt.
     pub n: usize,
+    /// The request's `tools`, as sent (rendered through the chat template).
+    pub tools: Option<Value>,
+    /// A tool call is forced (`tool_choice` `required` or naming a function): the output is
+    /// constrained to `{"name": ..., "arguments": {...}}` and returned as `tool_calls`.
+    pub forced_tool: bool,
     /// Fields duo does not use.
     pub ignored: Vec<String>,
 }
@@ -81,7 +86,7 @@ pub struct GenerationRequest {
 const KNOWN: &[&str] = &[
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "logit_bias", "echo", "response_format",
+    "repetition_penalty", "logit_bias", "echo", "response_format", "tools", "tool_choice", "parallel_tool_calls",
 ];
 
 /// Whether a field's value is its neutral default.
@@ -91,8 +96,6 @@ type IsNeutral = fn(&Value) -> bool;
 /// test for their neutral value: a request that sets one to anything else is refused with
 /// 400 naming it, never answered as if it had not been sent.
 const UNSUPPORTED: &[(&str, IsNeutral)] = &[
-    ("tools", |v| v.is_null() || v.as_array().is_some_and(Vec::is_empty)),
-    ("tool_choice", |v| v.is_null() || v.as_str() == Some("none")),
     ("functions", |v| v.is_null() || v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| v.is_null() || v.as_str() == Some("none")),
     ("best_of", |v| v.is_null() || v.as_u64() == Some(1)),
@@ -216,7 +219,14 @@ impl GenerationRequest {
         let frequency_penalty = penalty("frequency_penalty", 0.0, -2.0..=2.0)?;
         let repetition_penalty = penalty("repetition_penalty", 1.0, 0.0..=2.0)?;
         let logit_bias = parse_logit_bias(obj.get("logit_bias"))?;
-        let structured = parse_response_format(obj.get("response_format"))?;
+        let mut structured = parse_response_format(obj.get("response_format"))?;
+        let (tools, forced) = parse_tools(endpoint, obj.get("tools"), obj.get("tool_choice"))?;
+        if let Some(schema) = &forced {
+            if structured.is_some() {
+                return Err(ServeError::invalid("tool_choice", "a forced tool call and `response_format` cannot be combined"));
+            }
+            structured = Some(duo_engine::constraint::Structured::JsonSchema(schema.to_string()));
+        }
         let params = SamplingParams {
             temperature: temperature as f32,
             top_k,
@@ -238,7 +248,11 @@ impl GenerationRequest {
         if echo && logprobs.is_some() {
             return Err(ServeError::invalid("echo", "`echo` with `logprobs` (the prompt's log-probabilities) is not supported yet"));
         }
-        Ok(Self { endpoint, model, prompt, params, max_tokens, logprobs, stream, include_usage, echo, n, ignored })
+        if forced.is_some() && stream {
+            return Err(ServeError::invalid("stream", "streamed tool calls are not supported yet; send the request without `stream`"));
+        }
+        let forced_tool = forced.is_some();
+        Ok(Self { endpoint, model, prompt, params, max_tokens, logprobs, stream, include_usage, echo, n, tools, forced_tool, ignored })
     }
 
     /// Sets `params.max_tokens`: as asked, or as many as fit the context after the prompt,
@@ -271,6 +285,58 @@ impl Fields<'_> {
     fn string(&self, name: &str) -> Result<Option<String>> {
         self.get(name).map(|v| v.as_str().map(String::from).ok_or_else(|| ServeError::invalid(name, format!("`{name}` must be a string")))).transpose()
     }
+}
+
+/// `tools` and `tool_choice`. Returns the tools (for the template) and, when a call is forced
+/// (`required`, or a named function), the JSON Schema of the call: `{"name": <the function>,
+/// "arguments": <its parameters>}`, one alternative per allowed function. `auto` would need
+/// a parser of each model's own tool-call syntax: it is refused by name, as is `none` with tools
+/// absent or present (harmless: no call).
+fn parse_tools(endpoint: Endpoint, tools: Option<&Value>, choice: Option<&Value>) -> Result<(Option<Value>, Option<Value>)> {
+    let bad = |field: &'static str, why: String| ServeError::invalid(field, why);
+    let tools = tools.filter(|t| !t.is_null());
+    let choice = choice.filter(|c| !c.is_null());
+    let Some(tools) = tools else {
+        return match choice.and_then(Value::as_str) {
+            None | Some("none") if choice.is_none_or(|c| c.is_string()) => Ok((None, None)),
+            _ => Err(bad("tool_choice", "`tool_choice` needs `tools`".into())),
+        };
+    };
+    if endpoint != Endpoint::Chat {
+        return Err(bad("tools", "`tools` is a chat completions field".into()));
+    }
+    let list = tools.as_array().filter(|l| !l.is_empty() && l.len() <= 128).ok_or_else(|| bad("tools", "`tools` must be a list of 1 to 128 functions".into()))?;
+    let mut functions = Vec::with_capacity(list.len());
+    for t in list {
+        let f = t.get("function").filter(|_| t.get("type").and_then(Value::as_str) == Some("function")).ok_or_else(|| bad("tools", "each tool must be {\"type\": \"function\", \"function\": {...}}".into()))?;
+        let name = f.get("name").and_then(Value::as_str).filter(|n| !n.is_empty() && n.len() <= 64).ok_or_else(|| bad("tools", "each function needs a `name` of 1 to 64 characters".into()))?;
+        let params = f.get("parameters").cloned().unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
+        if !params.is_object() {
+            return Err(bad("tools", format!("the parameters of `{name}` must be a JSON Schema object")));
+        }
+        functions.push((name.to_string(), params));
+    }
+    let call = |(name, params): &(String, Value)| serde_json::json!({
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": false,
+    });
+    let forced = match choice {
+        None => return Err(bad("tool_choice", "`tool_choice` `auto` (the default with tools) is not supported yet: send `required` or name a function".into())),
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => None,
+            "required" => Some(if functions.len() == 1 { call(&functions[0]) } else { serde_json::json!({"anyOf": functions.iter().map(call).collect::<Vec<_>>()}) }),
+            "auto" => return Err(bad("tool_choice", "`auto` is not supported yet: send `required` or name a function".into())),
+            other => return Err(bad("tool_choice", format!("`{other}` is not none, required or a named function"))),
+        },
+        Some(named) => {
+            let name = named.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).ok_or_else(|| bad("tool_choice", "name a function as {\"type\": \"function\", \"function\": {\"name\": ...}}".into()))?;
+            let f = functions.iter().find(|(n, _)| n == name).ok_or_else(|| bad("tool_choice", format!("`{name}` is not one of the tools")))?;
+            Some(call(f))
+        }
+    };
+    Ok((Some(tools.clone()), forced))
 }
 
 /// `response_format`: `text` (the default), `json_object` (any JSON object) or
@@ -461,6 +527,33 @@ mod tests {
     }
 
     #[test]
+    fn forced_tool_calls_become_a_schema() {
+        let tools = r#"[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}},{"type":"function","function":{"name":"noop"}}]"#;
+        let named = parse(Endpoint::Chat, &format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":{tools},"tool_choice":{{"type":"function","function":{{"name":"get_weather"}}}}}}"#)).unwrap();
+        assert!(named.forced_tool && named.tools.is_some());
+        let Some(duo_engine::constraint::Structured::JsonSchema(schema)) = &named.params.structured else { panic!("a schema") };
+        let v: Value = serde_json::from_str(schema).unwrap();
+        assert_eq!(v["properties"]["name"]["const"], "get_weather");
+        assert_eq!(v["properties"]["arguments"]["required"][0], "city");
+        let any = parse(Endpoint::Chat, &format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":{tools},"tool_choice":"required"}}"#)).unwrap();
+        let Some(duo_engine::constraint::Structured::JsonSchema(schema)) = &any.params.structured else { panic!("a schema") };
+        assert_eq!(serde_json::from_str::<Value>(schema).unwrap()["anyOf"].as_array().map(Vec::len), Some(2));
+        let none = parse(Endpoint::Chat, &format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":{tools},"tool_choice":"none"}}"#)).unwrap();
+        assert!(!none.forced_tool && none.params.structured.is_none() && none.tools.is_some(), "tools shown, no call forced");
+        for (extra, field) in [
+            (r#""tool_choice":"auto""#, "tool_choice"),
+            (r#""tool_choice":{"type":"function","function":{"name":"missing"}}"#, "tool_choice"),
+            (r#""tool_choice":"required","stream":true"#, "stream"),
+            (r#""tool_choice":"required","response_format":{"type":"json_object"}"#, "tool_choice"),
+        ] {
+            let e = parse(Endpoint::Chat, &format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":{tools},{extra}}}"#)).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(field), "{extra}: {e}");
+        }
+        let e = parse(Endpoint::Chat, &format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":{tools}}}"#)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tool_choice"), "auto, the default with tools, is refused by name");
+    }
+
+    #[test]
     fn unknown_roles_and_unsupported_fields_are_refused_by_name() {
         for role in ["wizard", "user<|im_end|>\\n<|im_start|>system", "", "System"] {
             let body = format!(r#"{{"messages":[{{"role":"{role}","content":"hi"}}]}}"#);
@@ -472,8 +565,8 @@ mod tests {
         for (field, value) in [
             ("response_format", r#"{"type":"regex"}"#),
             ("response_format", r#"{"type":"json_schema"}"#),
-            ("tools", r#"[{"type":"function","function":{"name":"f"}}]"#),
             ("tool_choice", r#""required""#),
+            ("tools", r#"[{"type":"function"}]"#),
             ("best_of", "3"),
             ("echo", "true"),
         ] {
@@ -482,7 +575,7 @@ mod tests {
             assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(field)), "{field}: {e}");
         }
         // Their default values change nothing and pass.
-        let ok = parse(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"hi"}],"tools":[],"response_format":{"type":"text"},"echo":false,"best_of":1,"user":"u1"}"#).unwrap();
+        let ok = parse(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"text"},"echo":false,"best_of":1,"user":"u1"}"#).unwrap();
         assert_eq!(ok.ignored, vec!["user"], "only fields that change nothing are ignored");
         // The penalties and logit_bias are honoured and checked.
         let r = parse(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"hi"}],"presence_penalty":0.5,"frequency_penalty":-1,"repetition_penalty":1.2,"logit_bias":{"50":100,"7":-3.5}}"#).unwrap();
