@@ -68,6 +68,11 @@ enum Command {
     },
 }
 
+/// Every allocation goes through the budget allocator, so that untrusted work (chat
+/// templates from model files) can be given a memory budget (`duo_model::budget`).
+#[global_allocator]
+static ALLOCATOR: duo_model::budget::BudgetAllocator = duo_model::budget::BudgetAllocator;
+
 fn main() {
     // Warnings (e.g. the server's ignored request fields) show by default; DUO_LOG=info|debug for more.
     let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

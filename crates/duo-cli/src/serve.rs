@@ -115,6 +115,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let loading = state.clone();
         let load = tokio::task::spawn_blocking(move || -> Result<()> {
             let (model, _) = a.method.load()?;
+            // A chat template that cannot render a plain conversation (or overruns its
+            // budget) is refused now, not on the first request.
+            if let Some(t) = &model.template {
+                t.render(&[duo_model::Message { role: "user".into(), content: "Hello".into() }], true).context("the model's chat template")?;
+            }
             let model = Arc::new(model);
             let method = spec.resolve(model.config())?;
             // Half of what is free once the weights are in, unless told.

@@ -143,7 +143,7 @@ fn gguf_files_of_every_gpu_type_load_onto_the_gpu() {
         return;
     }
     // Widths that are whole K-quant blocks (256).
-    let shape = SmallLlama { layers: 2, hidden: 256, heads: 4, kv_heads: 2, ffn: 512, context: 512 };
+    let shape = SmallLlama { layers: 2, hidden: 256, heads: 4, kv_heads: 2, ffn: 512, context: 512, template: None };
     let (h, hd) = (shape.hidden, shape.hidden / shape.heads);
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut named = std::collections::BTreeMap::new();

@@ -410,7 +410,7 @@ pub mod writer {
     use std::collections::BTreeMap;
 
     /// The shape of a model written by [`small_llama`].
-    #[derive(Debug, Clone, Copy)]
+    #[derive(Debug, Clone, Copy, Default)]
     pub struct SmallLlama {
         /// Blocks.
         pub layers: usize,
@@ -424,6 +424,8 @@ pub mod writer {
         pub ffn: usize,
         /// Context length.
         pub context: usize,
+        /// The chat template (`None`: a small role/content one).
+        pub template: Option<&'static str>,
     }
 
     /// A byte-level GPT-2 vocabulary: the 256 byte symbols, two merges (`he`, `ll`), then
@@ -475,7 +477,7 @@ pub mod writer {
             ("tokenizer.ggml.token_type", MetaValue::Array(types)),
             ("tokenizer.ggml.bos_token_id", MetaValue::U64((n - 2) as u64)),
             ("tokenizer.ggml.eos_token_id", MetaValue::U64((n - 1) as u64)),
-            ("tokenizer.chat_template", MetaValue::String("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}".into())),
+            ("tokenizer.chat_template", MetaValue::String(shape.template.unwrap_or("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}").into())),
         ];
         let mut tensors = Vec::with_capacity(named.len());
         for (name, (dims, data)) in named {

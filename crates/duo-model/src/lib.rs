@@ -9,6 +9,7 @@
 //! assert!(!ids.is_empty());
 //! ```
 
+pub mod budget;
 pub mod checkpoint;
 pub mod error;
 pub mod fetch;

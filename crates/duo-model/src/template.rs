@@ -22,6 +22,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// Set once a rendering overran its memory budget: the template is not run again (each
+    /// overrun leaves its stopped thread holding up to the budget).
+    spent: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -33,6 +36,13 @@ impl std::fmt::Debug for ChatTemplate {
 /// Instructions a template may execute (minijinja fuel): generous for real templates,
 /// bounded for hostile ones.
 const FUEL: u64 = 5_000_000;
+
+/// Memory one rendering may hold (real templates need kilobytes; this leaves room for long
+/// conversations).
+pub const MEMORY: usize = 256 << 20;
+
+/// Time one rendering may take.
+pub const TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl ChatTemplate {
     /// Compiles `source`; `bos`/`eos` are exposed as `bos_token`/`eos_token`.
@@ -47,7 +57,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned("chat", source.to_owned()).map_err(|e| ModelError::Template(e.to_string()))?;
-        Ok(Self { env, bos: bos.into(), eos: eos.into() })
+        Ok(Self { env, bos: bos.into(), eos: eos.into(), spent: Default::default() })
     }
 
     /// Renders a conversation; with `add_generation_prompt` the assistant's turn is opened.
@@ -57,16 +67,38 @@ impl ChatTemplate {
 
     /// [`ChatTemplate::render`] with the request's `tools` (OpenAI's list of functions) in the
     /// template's `tools` variable, for templates that describe tools to the model.
+    ///
+    /// The template runs under a budget ([`crate::budget`]: [`MEMORY`] bytes, [`TIME`]), so a
+    /// hostile template that builds ever larger strings fails with an error instead of
+    /// exhausting the machine.
     pub fn render_with(&self, messages: &[Message], tools: Option<&serde_json::Value>, add_generation_prompt: bool) -> Result<String> {
-        let t = self.env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
-        t.render(context! {
-            messages => messages,
-            tools => tools.map(minijinja::Value::from_serialize),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos,
-            eos_token => self.eos,
-        })
-        .map_err(|e| ModelError::Template(e.to_string()))
+        use std::sync::atomic::Ordering;
+        if self.spent.load(Ordering::SeqCst) {
+            return Err(ModelError::Template("the chat template overran its memory budget before and is not run again".into()));
+        }
+        let (env, bos, eos) = (self.env.clone(), self.bos.clone(), self.eos.clone());
+        let (messages, tools) = (messages.to_vec(), tools.cloned());
+        let rendered = crate::budget::run(MEMORY, TIME, move || {
+            let t = env.get_template("chat").map_err(|e| e.to_string())?;
+            t.render(context! {
+                messages => messages,
+                tools => tools.map(minijinja::Value::from_serialize),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos,
+                eos_token => eos,
+            })
+            .map_err(|e| e.to_string())
+        });
+        match rendered {
+            Ok(Ok(text)) => Ok(text),
+            Ok(Err(e)) => Err(ModelError::Template(e)),
+            Err(e) => {
+                if matches!(e, crate::budget::BudgetError::Memory(_)) {
+                    self.spent.store(true, Ordering::SeqCst);
+                }
+                Err(ModelError::Template(format!("the chat template was stopped: {e}")))
+            }
+        }
     }
 
     /// Renders a conversation as pieces: the template's own text and each message's content

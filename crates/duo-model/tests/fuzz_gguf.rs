@@ -21,7 +21,7 @@ const INPUTS: usize = 30_000;
 const BUDGET: Duration = Duration::from_secs(120);
 
 fn model(ty: GgmlDType) -> Vec<u8> {
-    let shape = SmallLlama { layers: 2, hidden: 256, heads: 4, kv_heads: 2, ffn: 256, context: 256 };
+    let shape = SmallLlama { layers: 2, hidden: 256, heads: 4, kv_heads: 2, ffn: 256, context: 256, template: None };
     let mut rng = StdRng::seed_from_u64(1);
     let mut named = BTreeMap::new();
     let mut put = |name: String, dims: Vec<usize>| {

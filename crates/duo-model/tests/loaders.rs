@@ -87,7 +87,7 @@ fn write_gguf(w: &Weights, path: &Path, matrix_type: GgmlDType) {
             (name.clone(), (shape.clone(), data))
         })
         .collect();
-    let shape = SmallLlama { layers: LAYERS, hidden: H, heads: NH, kv_heads: NKV, ffn: FFN, context: 512 };
+    let shape = SmallLlama { layers: LAYERS, hidden: H, heads: NH, kv_heads: NKV, ffn: FFN, context: 512, template: None };
     std::fs::write(path, small_llama(&shape, &named, matrix_type).expect("gguf bytes")).expect("write gguf");
 }
 

@@ -1,0 +1,53 @@
+//! Hostile-but-fair inputs to the `duo` binary, each of which once took the process down:
+//! a chat template that doubles a string 64 times (19 GB), window sizes of 2^40 and 2^64 - 1
+//! tokens (an abort on a 256 TiB allocation, a capacity-overflow panic). Each must now end
+//! with an error that names the problem, a non-zero exit, and no panic or abort.
+
+use candle_core::quantized::GgmlDType;
+use duo_model::gguf::writer::{byte_vocab, small_llama, SmallLlama};
+use std::collections::BTreeMap;
+use std::process::Command;
+
+/// Runs `duo` under a 4 GiB address-space limit, so that a runaway allocation fails fast.
+fn duo(args: &[&str]) -> (bool, String) {
+    let cmd = format!("ulimit -v 4194304; exec \"$0\" \"$@\"");
+    let out = Command::new("bash").arg("-c").arg(cmd).arg(env!("CARGO_BIN_EXE_duo")).args(args).output().expect("duo runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn model_with_template(template: &'static str) -> std::path::PathBuf {
+    let shape = SmallLlama { layers: 1, hidden: 64, heads: 2, kv_heads: 1, ffn: 64, context: 512, template: Some(template) };
+    let mut named = BTreeMap::new();
+    let mut put = |name: &str, dims: Vec<usize>| {
+        let n: usize = dims.iter().product();
+        named.insert(name.to_string(), (dims, (0..n).map(|i| ((i * 7919 % 97) as f32 - 48.0) / 500.0).collect::<Vec<f32>>()));
+    };
+    put("token_embd.weight", vec![byte_vocab().0.len(), 64]);
+    put("output_norm.weight", vec![64]);
+    for (part, dims) in [("attn_norm", vec![64]), ("ffn_norm", vec![64]), ("attn_q", vec![64, 64]), ("attn_k", vec![32, 64]), ("attn_v", vec![32, 64]), ("attn_output", vec![64, 64]), ("ffn_gate", vec![64, 64]), ("ffn_up", vec![64, 64]), ("ffn_down", vec![64, 64])] {
+        put(&format!("blk.0.{part}.weight"), dims);
+    }
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bomb-{}.gguf", std::process::id()));
+    std::fs::write(&path, small_llama(&shape, &named, GgmlDType::F32).expect("gguf")).expect("write");
+    path
+}
+
+#[test]
+fn a_string_doubling_chat_template_fails_cleanly() {
+    let path = model_with_template("{% set s = namespace(v='a') %}{% for i in range(64) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}");
+    let (ok, err) = duo(&["generate", "--model", path.to_str().expect("utf-8"), "--chat", "--max-tokens", "2", "hi"]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("chat template") && err.contains("memory"), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("memory allocation of"), "{err}");
+    std::fs::remove_file(path).ok();
+}
+
+#[test]
+fn window_sizes_beyond_the_context_are_refused() {
+    for (flag, value) in [("--sink", "1099511627776"), ("--sink", "18446744073709551615"), ("--recent", "1099511627776")] {
+        let (ok, err) = duo(&["generate", flag, value, "--max-tokens", "2", "hi"]);
+        assert!(!ok, "{flag} {value}: {err}");
+        assert!(err.contains(&flag[2..]) && err.contains("context"), "{flag} {value}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("memory allocation of"), "{err}");
+    }
+}
