@@ -10,7 +10,7 @@ use std::process::Command;
 
 /// Runs `duo` under a 4 GiB address-space limit, so that a runaway allocation fails fast.
 fn duo(args: &[&str]) -> (bool, String) {
-    let cmd = format!("ulimit -v 4194304; exec \"$0\" \"$@\"");
+    let cmd = "ulimit -v 4194304; exec \"$0\" \"$@\"";
     let out = Command::new("bash").arg("-c").arg(cmd).arg(env!("CARGO_BIN_EXE_duo")).args(args).output().expect("duo runs");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
