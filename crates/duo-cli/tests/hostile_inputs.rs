@@ -8,11 +8,18 @@ use duo_model::gguf::writer::{byte_vocab, small_llama, SmallLlama};
 use std::collections::BTreeMap;
 use std::process::Command;
 
-/// Runs `duo` under a 4 GiB address-space limit, so that a runaway allocation fails fast.
-fn duo(args: &[&str]) -> (bool, String) {
-    let cmd = "ulimit -v 4194304; exec \"$0\" \"$@\"";
-    let out = Command::new("bash").arg("-c").arg(cmd).arg(env!("CARGO_BIN_EXE_duo")).args(args).output().expect("duo runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+/// Runs `duo` under a 4 GiB address-space limit (a runaway allocation fails fast) and
+/// returns (success, standard error, peak resident memory in MiB, from the kernel's rusage).
+fn duo(args: &[&str]) -> (bool, String, f64) {
+    let script = "import resource, subprocess, sys\n\
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n\
+        r = subprocess.run(sys.argv[1:], stderr=subprocess.PIPE)\n\
+        sys.stderr.buffer.write(r.stderr)\n\
+        print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n\
+        sys.exit(r.returncode)";
+    let out = Command::new("python3").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_duo")).args(args).output().expect("python3 runs duo");
+    let peak_kib: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(f64::INFINITY);
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), peak_kib / 1024.0)
 }
 
 fn model_with_template(template: &'static str) -> std::path::PathBuf {
@@ -35,9 +42,10 @@ fn model_with_template(template: &'static str) -> std::path::PathBuf {
 #[test]
 fn a_string_doubling_chat_template_fails_cleanly() {
     let path = model_with_template("{% set s = namespace(v='a') %}{% for i in range(64) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}");
-    let (ok, err) = duo(&["generate", "--model", path.to_str().expect("utf-8"), "--chat", "--max-tokens", "2", "hi"]);
+    let (ok, err, peak) = duo(&["generate", "--model", path.to_str().expect("utf-8"), "--chat", "--max-tokens", "2", "hi"]);
     assert!(!ok, "{err}");
     assert!(err.contains("chat template") && err.contains("memory"), "{err}");
+    assert!(peak < 1024.0, "peak resident memory {peak:.0} MiB");
     assert!(!err.contains("panicked") && !err.contains("memory allocation of"), "{err}");
     std::fs::remove_file(path).ok();
 }
@@ -45,9 +53,12 @@ fn a_string_doubling_chat_template_fails_cleanly() {
 #[test]
 fn window_sizes_beyond_the_context_are_refused() {
     for (flag, value) in [("--sink", "1099511627776"), ("--sink", "18446744073709551615"), ("--recent", "1099511627776")] {
-        let (ok, err) = duo(&["generate", flag, value, "--max-tokens", "2", "hi"]);
+        let (ok, err, _) = duo(&["generate", flag, value, "--max-tokens", "2", "hi"]);
         assert!(!ok, "{flag} {value}: {err}");
         assert!(err.contains(&flag[2..]) && err.contains("context"), "{flag} {value}: {err}");
         assert!(!err.contains("panicked") && !err.contains("memory allocation of"), "{err}");
     }
+    // The server refuses them at start-up, before it is ready, not on its first request.
+    let (ok, err, _) = duo(&["serve", "--port", "0", "--sink", "1099511627776"]);
+    assert!(!ok && err.contains("sink") && !err.contains("ready"), "{err}");
 }
