@@ -21,6 +21,20 @@ pub enum EvalCommand {
     Passkey(PasskeyArgs),
     /// Needle in a haystack (ALGORITHM.md §6).
     Niah(NiahArgs),
+    /// RULER-style tasks: needles with numbers and UUIDs, multi-key, multi-value,
+    /// multi-query, variable tracking, common- and frequent-word extraction.
+    Ruler(RulerArgs),
+}
+
+/// `duo eval ruler`.
+#[derive(Args, Debug)]
+pub struct RulerArgs {
+    /// Tasks, comma-separated, or `all`: single-number, single-uuid, multi-key, multi-value,
+    /// multi-query, variable-tracking, common-words, frequent-words.
+    #[arg(long, default_value = "all")]
+    pub tasks: String,
+    #[command(flatten)]
+    pub grid: GridArgs,
 }
 
 /// Flags shared by both grids.
@@ -83,17 +97,18 @@ fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
 
 /// Runs `duo eval`.
 pub fn run(cmd: EvalCommand) -> Result<()> {
-    let (task, g) = match cmd {
-        EvalCommand::Passkey(a) => (Task::Passkey { words: a.words }, a.grid),
-        EvalCommand::Niah(a) => (Task::Niah { needle: a.needle, question: a.question }, a.grid),
+    let (tasks, g, per_task_folders) = match cmd {
+        EvalCommand::Passkey(a) => (vec![Task::Passkey { words: a.words }], a.grid, false),
+        EvalCommand::Niah(a) => (vec![Task::Niah { needle: a.needle, question: a.question }], a.grid, false),
+        EvalCommand::Ruler(a) => (duo_tasks::RulerTask::parse_list(&a.tasks)?.into_iter().map(Task::Ruler).collect(), a.grid, true),
     };
     let methods = EvalMethod::parse_list(&g.methods)?;
     let base = g.method.spec()?;
-    let layer_pattern = g.layer_pattern.clone();
-    let haystack = match (&g.haystack, &task) {
-        (Some(dir), _) => Haystack::from_dir(dir)?,
-        (None, Task::Passkey { .. }) => Haystack::Generated,
-        (None, Task::Niah { .. }) => {
+    let needs_corpus = tasks.iter().any(|t| matches!(t, Task::Niah { .. }));
+    let haystack = match &g.haystack {
+        Some(dir) => Haystack::from_dir(dir)?,
+        None if !needs_corpus => Haystack::Generated,
+        None => {
             let standard = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/niah-haystack-paul-graham");
             if standard.is_dir() {
                 Haystack::from_dir(&standard)?
@@ -102,31 +117,57 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             }
         }
     };
+    let lengths = parse_list(&g.lengths, "lengths")?;
+    let depths = parse_list(&g.depths, "depths")?;
     let (model, _) = g.method.load()?;
-    let grid_spec = Grid {
-        task,
-        haystack,
-        lengths: parse_list(&g.lengths, "lengths")?,
-        depths: parse_list(&g.depths, "depths")?,
-        hint_words: g.hint_words,
-        seed: g.method.seed(),
-    };
-    grid_spec.validate(model.config().context_length)?;
     // Resolve every method first: a missing or misshapen pattern fails before any work.
     let mut runners = Vec::new();
     for &m in &methods {
-        let spec = m.spec(&base, layer_pattern.as_ref());
+        let spec = m.spec(&base, g.layer_pattern.as_ref());
         let resolved = spec.resolve(model.config()).with_context(|| format!("method {}", m.name()))?;
         runners.push((m, Runner::new(&model, resolved)));
     }
-    std::fs::create_dir_all(&g.out).with_context(|| format!("creating {}", g.out.display()))?;
+    let mut table = Vec::new();
+    for task in tasks {
+        let out = if per_task_folders { g.out.join(task.name()) } else { g.out.clone() };
+        let grid = Grid { task, haystack: haystack.clone(), lengths: lengths.clone(), depths: depths.clone(), hint_words: g.hint_words, seed: g.method.seed() };
+        grid.validate(model.config().context_length)?;
+        let results = run_grid(&model, &runners, &methods, &grid, &out, g.report_only)?;
+        table.push((grid.task.name(), summarise(&results, &methods)));
+    }
+    if per_task_folders {
+        let text = ruler_table(&table, &methods);
+        std::fs::write(g.out.join("summary.md"), &text)?;
+        println!("{text}");
+    }
+    Ok(())
+}
+
+/// Task rows x method columns: teacher-forced / generation means over every cell.
+fn ruler_table(table: &[(&str, Vec<duo_eval::summary::MethodSummary>)], methods: &[EvalMethod]) -> String {
+    let mut text = format!("| task | {} |\n|---|{}\n", methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(" | "), "---|".repeat(methods.len()));
+    for (task, summaries) in table {
+        let cells: Vec<String> = methods
+            .iter()
+            .map(|m| summaries.iter().find(|s| s.method == *m).map_or("-".into(), |s| format!("{:.2} / {:.2}", s.teacher_forced, s.generation)))
+            .collect();
+        text.push_str(&format!("| {task} | {} |\n", cells.join(" | ")));
+    }
+    text.push_str("\nEach cell: teacher-forced / generation mean over all lengths and depths.\n");
+    text
+}
+
+/// Runs (or resumes) one grid into `out` and writes its report; returns the grid's results.
+fn run_grid(model: &duo_engine::Engine, runners: &[(EvalMethod, Runner)], methods: &[EvalMethod], grid_spec: &Grid, out: &Path, report_only: bool) -> Result<Vec<duo_eval::CellResult>> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let task_name = grid_spec.task.name();
-    let mut store = Store::open(&g.out.join("results.jsonl"))?;
-    if g.report_only {
-        return write_report(&g.out, task_name, store.results(), &methods, &grid_spec);
+    let mut store = Store::open(&out.join("results.jsonl"))?;
+    if report_only {
+        write_report(out, task_name, store.results(), methods, grid_spec)?;
+        return Ok(store.results().iter().filter(|r| r.task == task_name).cloned().collect());
     }
     let command: Vec<String> = std::env::args().collect();
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(g.out.join("command.txt"))?;
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(out.join("command.txt"))?;
     std::io::Write::write_all(&mut log, format!("{}\n", command.join(" ")).as_bytes())?;
 
     let total = grid_spec.lengths.len() * grid_spec.depths.len() * methods.len();
@@ -143,10 +184,10 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             }
             let cell = grid_spec.prompt(&model.tokenizer, length, depth)?;
             for (m, runner) in todo {
-                bar.set_message(format!("{} len {length} depth {depth}", m.name()));
-                let r = run_cell(runner, &grid_spec, *m, length, depth, &cell)?;
+                bar.set_message(format!("{task_name} {} len {length} depth {depth}", m.name()));
+                let r = run_cell(runner, grid_spec, *m, length, depth, &cell)?;
                 let line = format!(
-                    "{:9} len {:5} depth {:.2}: generation {:.2} teacher-forced {:.2} KV {:.1} MiB | {}",
+                    "{task_name} {:9} len {:5} depth {:.2}: generation {:.2} teacher-forced {:.2} KV {:.1} MiB | {}",
                     m.name(),
                     length,
                     depth,
@@ -167,8 +208,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         }
     }
     bar.finish();
-    write_report(&g.out, task_name, store.results(), &methods, &grid_spec)?;
-    Ok(())
+    write_report(out, task_name, store.results(), methods, grid_spec)?;
+    Ok(store.results().iter().filter(|r| r.task == task_name).cloned().collect())
 }
 
 /// Summary (markdown + JSON) and heatmaps of every method.

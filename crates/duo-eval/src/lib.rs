@@ -137,6 +137,8 @@ pub enum Task {
         /// The question asked after the haystack.
         question: String,
     },
+    /// A RULER-style task (`duo_tasks::ruler`); answers are generated without hints.
+    Ruler(duo_tasks::RulerTask),
 }
 
 impl Task {
@@ -145,6 +147,7 @@ impl Task {
         match self {
             Task::Passkey { .. } => "passkey",
             Task::Niah { .. } => "niah",
+            Task::Ruler(t) => t.name(),
         }
     }
 }
@@ -250,6 +253,10 @@ impl Grid {
                 })
             }
             Task::Niah { needle, question } => niah_prompt(tok, &self.haystack, needle, question, length, depth, &mut rng),
+            Task::Ruler(t) => {
+                let s = duo_tasks::ruler::build(*t, tok, &self.haystack, length, depth, &mut rng)?;
+                Ok(CellPrompt { prompt: s.prompt, answer: s.answer, word_spans: s.answer_spans, words: s.answers })
+            }
         }
     }
 }
@@ -293,7 +300,8 @@ fn niah_prompt(tok: &TextTokenizer, haystack: &Haystack, needle: &str, question:
 
 /// Scores one cell with one method.
 pub fn run_cell(runner: &Runner, grid: &Grid, method: EvalMethod, length: usize, depth: f64, cell: &CellPrompt) -> Result<CellResult> {
-    let hint = grid.hint_words.min(cell.words.len().saturating_sub(1));
+    // RULER's answers are generated unaided (a hint would give the first answers away).
+    let hint = if matches!(grid.task, Task::Ruler(_)) { 0 } else { grid.hint_words.min(cell.words.len().saturating_sub(1)) };
     let hint_tokens = cell.word_spans.get(hint).map_or(cell.answer.len(), |r| r.start);
     let expected_words: Vec<&str> = cell.words[hint..].iter().map(String::as_str).collect();
     let gen_budget = cell.answer.len() - hint_tokens + 4;
@@ -320,6 +328,7 @@ pub fn run_cell(runner: &Runner, grid: &Grid, method: EvalMethod, length: usize,
     let generation = match grid.task {
         Task::Passkey { .. } => duo_tasks::score::passkey_match(&expected_words, &text),
         Task::Niah { .. } => duo_tasks::score::needle_recall(&expected, &text),
+        Task::Ruler(_) => duo_tasks::ruler::match_all(&cell.words[hint..], &text),
     };
     let (a, b) = (kv.peak_bytes(), tf_kv.peak_bytes());
     let peak = if a.total() >= b.total() { a } else { b };

@@ -33,3 +33,29 @@ fn full_attention_retrieves_what_a_small_window_cannot() {
     assert_eq!(streaming.kv_bytes_retrieval, 0);
     assert_eq!(full.expected.split_whitespace().count(), 6, "the hint words are not scored");
 }
+
+#[test]
+fn ruler_tasks_have_exact_lengths_and_separate_full_from_streaming() {
+    use duo_tasks::RulerTask;
+    let model = Engine::load(&ModelSource::Default, Device::Cpu).expect("default model");
+    let c = model.config();
+    let base = MethodSpec { sink: 4, recent: 32, ..Default::default() };
+    for task in RulerTask::ALL {
+        let grid = Grid { task: Task::Ruler(task), haystack: Haystack::Generated, lengths: vec![600], depths: vec![0.3], hint_words: 4, seed: 5 };
+        let cell = grid.prompt(&model.tokenizer, 600, 0.3).expect("prompt");
+        assert_eq!(cell.prompt.len() + cell.answer.len(), 600, "{task:?}");
+        assert!(!cell.words.is_empty() && cell.word_spans.len() == cell.words.len(), "{task:?}");
+        let text = model.tokenizer.decode(&cell.prompt).expect("decode");
+        if matches!(task, RulerTask::SingleNumber | RulerTask::SingleUuid | RulerTask::MultiKey | RulerTask::MultiValue) {
+            assert!(cell.words.iter().all(|w| text.contains(w.as_str())), "{task:?}: the answers are in the context");
+        }
+        assert_eq!(grid.prompt(&model.tokenizer, 600, 0.3).expect("again"), cell, "seeded");
+    }
+    // The single needle: full attention reads it back, a 36-token window cannot.
+    let grid = Grid { task: Task::Ruler(RulerTask::SingleNumber), haystack: Haystack::Generated, lengths: vec![600], depths: vec![0.3], hint_words: 4, seed: 5 };
+    let cell = grid.prompt(&model.tokenizer, 600, 0.3).expect("prompt");
+    let run = |m: EvalMethod| run_cell(&Runner::new(&model, m.spec(&base, None).resolve(c).expect("resolve")), &grid, m, 600, 0.3, &cell).expect("cell");
+    let (full, streaming) = (run(EvalMethod::Full), run(EvalMethod::Streaming));
+    assert!(full.teacher_forced >= 0.8 && full.generation == 1.0, "{full:?}");
+    assert!(streaming.generation < full.generation, "{streaming:?}");
+}

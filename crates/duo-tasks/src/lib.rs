@@ -8,10 +8,12 @@
 
 pub mod haystack;
 pub mod passkey;
+pub mod ruler;
 pub mod score;
 
 pub use haystack::Haystack;
 pub use passkey::{PasskeySample, PasskeySpec};
+pub use ruler::{RulerSample, RulerTask};
 
 /// Errors of task construction.
 #[derive(Debug, thiserror::Error)]
