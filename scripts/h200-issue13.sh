@@ -6,7 +6,8 @@
 # .gpu/model.part2 + .gpu/niah (call b). Results go to $OUT.
 #   scripts/h200-issue13.sh a   kernel parity; random checkpoint written and loaded; bench
 #                               --random-weights vs --model DIR (same seed, same weights)
-#   scripts/h200-issue13.sh part1   only leaves the model's first part in /tmp (before b)
+#   scripts/h200-issue13.sh part1   only leaves the model's first part in /tmp (before b or c)
+#   scripts/h200-issue13.sh c   the RULER-style table on the GPU (issue 18's task suite)
 #   scripts/h200-issue13.sh b   kernel parity (dequantisation included); SmolLM2 and small
 #                               GGUF files of every GPU type vs the CPU engine (test binary), demo,
 #                               passkey and needle grids on the GPU, generate, serve
@@ -32,6 +33,16 @@ elif [ "$step" = a ]; then
     /usr/bin/time -v $D bench "${src[@]}" "${common[@]}" --out "$OUT/bench-$run" > "$OUT/bench-$run.txt" 2>&1
     echo "== $run"; grep -E "loaded in|tokens:|Maximum resident" "$OUT/bench-$run.txt"
   done
+elif [ "$step" = c ]; then
+  cp .gpu/model.part2 /tmp/duo/model.part2
+  cat /tmp/duo/model.part1 /tmp/duo/model.part2 > /tmp/duo/model.gguf
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
+  export DUO_CACHE=/tmp/duo/cache; mkdir -p $DUO_CACHE
+  cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
+  /usr/bin/time -f "ruler wall %e s" $D eval ruler --device cuda --sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.2,0.5,0.8 \
+    --methods full,duo,layer,streaming,random --haystack .gpu/niah --out "$OUT/ruler" > "$OUT/ruler.txt" 2>&1
+  tail -16 "$OUT/ruler.txt"
+  tar czf "$OUT/ruler.tgz" -C "$OUT" ruler && rm -rf "$OUT/ruler"
 else
   cp .gpu/model.part2 /tmp/duo/model.part2
   cat /tmp/duo/model.part1 /tmp/duo/model.part2 > /tmp/duo/model.gguf
