@@ -158,13 +158,21 @@ impl Model {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (qd, kd, f) = (c.n_heads * hd, c.n_kv_heads * hd, c.intermediate_size);
-        // Rows `rows` of a generated tensor, quantised to Q4_1 bytes.
+        // Rows `rows` of a generated tensor, quantised to Q4_1 bytes 1,024 rows at a time (Q4_1
+        // blocks lie within rows, so the bytes are those of the whole matrix, without it ever
+        // existing in f32).
         let q4_1 = |t: RandomTensor, rows: std::ops::Range<usize>| -> Result<(usize, usize, Vec<u8>)> {
             let cols = t.shape(c).1;
             let n = rows.len();
-            let values: Vec<f32> = t.rows(c, seed, rows).into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect();
-            let q = QTensor::quantize(&Tensor::from_vec(values, (n, cols), &Device::Cpu)?, candle_core::quantized::GgmlDType::Q4_1)?;
-            Ok((n, cols, q.data()?.to_vec()))
+            let mut bytes = Vec::new();
+            for start in rows.clone().step_by(1024) {
+                let part = start..(start + 1024).min(rows.end);
+                let len = part.len();
+                let values: Vec<f32> = t.rows(c, seed, part).into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect();
+                let q = QTensor::quantize(&Tensor::from_vec(values, (len, cols), &Device::Cpu)?, candle_core::quantized::GgmlDType::Q4_1)?;
+                bytes.extend_from_slice(&q.data()?);
+            }
+            Ok((n, cols, bytes))
         };
         let linear = |t: RandomTensor, rows: std::ops::Range<usize>| -> Result<Linear> {
             let (n, cols, bytes) = q4_1(t, rows)?;
