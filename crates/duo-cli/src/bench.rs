@@ -170,7 +170,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let logits = b.forward(seq.as_mut(), &prompt[..n], duo_engine::backend::Logits::Last)?;
                 (Some(t0.elapsed().as_secs_f64()), duo_engine::sampler::argmax(&logits))
             } else {
-                b.fill_synthetic(seq.as_mut(), n, 1000, a.method.seed())?;
+                b.fill_synthetic(seq.as_mut(), n, a.method.seed())?;
                 (None, 1000)
             };
             for _ in 0..warm_steps(device) {

@@ -512,14 +512,6 @@ mod gpu {
             Ok(Self { config, seed: 0, layers, norm, embed, lm_head, inv_freq })
         }
 
-        /// Bytes of the weights on the GPU.
-        pub fn bytes(&self) -> usize {
-            let c = &self.config;
-            let embed = if self.embed.is_some() { c.vocab * c.hidden * 2 } else { 0 };
-            let head = if self.lm_head.is_some() { c.vocab * c.hidden * 2 } else { 0 };
-            c.weight_bytes() - 2 * c.vocab * c.hidden + embed + head
-        }
-
         fn lm_head(&self) -> &CudaSlice<u16> {
             self.lm_head.as_ref().or(self.embed.as_ref()).expect("random weights have an LM head; checkpoints an embedding table")
         }
@@ -587,9 +579,6 @@ mod gpu {
         pending: Option<Vec<DecodeLaunch>>,
         /// Decode steps replayed from the graph (the rest ran launch by launch).
         pub graph_steps: usize,
-        /// Capture and replay the decode step (default); off, every step runs launch by
-        /// launch (to measure what the graph saves).
-        pub use_graph: bool,
         /// `[ROW_BLOCK, vocab]` logits of several rows (scoring), allocated on first use.
         row_logits: Option<CudaSlice<f32>>,
     }
@@ -617,7 +606,7 @@ mod gpu {
             }
             let b = Buffers::new(&gpu, c, &layout)?;
             gpu.sync()?;
-            Ok(Self { gpu, w, window_start: layout.sink, layout, caches, b, tokens: 0, graph: None, pending: None, graph_steps: 0, use_graph: true, row_logits: None })
+            Ok(Self { gpu, w, window_start: layout.sink, layout, caches, b, tokens: 0, graph: None, pending: None, graph_steps: 0, row_logits: None })
         }
 
         /// A copy of this sequence: the same cached tokens, the same last logits, its own
@@ -633,7 +622,6 @@ mod gpu {
             s.memcpy_dtod(&self.b.next, &mut copy.b.next).map_err(driver)?;
             copy.tokens = self.tokens;
             copy.window_start = self.window_start;
-            copy.use_graph = self.use_graph;
             self.gpu.sync()?;
             Ok(copy)
         }
@@ -762,10 +750,9 @@ mod gpu {
         }
 
         /// Pretends `n` tokens were prefilled: every cache row gets seeded random keys and
-        /// values (what a decode step reads does not depend on what they say), and the next
-        /// input token is `token`. For decode measurements at lengths whose prefill would take
-        /// too long.
-        pub fn fill_synthetic(&mut self, n: usize, token: u32, seed: u64) -> Result<()> {
+        /// values (what a decode step reads does not depend on what they say). For decode
+        /// measurements at lengths whose prefill would take too long.
+        pub fn fill_synthetic(&mut self, n: usize, seed: u64) -> Result<()> {
             if n + 1 > self.layout.max_tokens {
                 return Err(CudaError::Input(format!("{n} tokens leave no room in {}", self.layout.max_tokens)));
             }
@@ -777,7 +764,6 @@ mod gpu {
             let (s, r) = (self.layout.sink, self.layout.recent);
             self.tokens = n;
             self.window_start = if n > s { n - (n - s).min(r) } else { s };
-            self.gpu.write(&[token as i32], &mut self.b.next)?;
             self.gpu.sync()
         }
 
@@ -801,17 +787,15 @@ mod gpu {
                 .collect()
         }
 
-        /// One decode step on the token the last step chose (or `token`): appends it and
+        /// One decode step on `token`: appends it and
         /// leaves the logits and the greedy next token on the GPU. Replays the captured graph
         /// when the launch shapes are unchanged; the first step of new shapes runs launch by
         /// launch and the next one captures.
-        pub fn decode_step(&mut self, token: Option<u32>) -> Result<()> {
-            if let Some(tok) = token {
-                if tok as usize >= self.w.config.vocab {
-                    return Err(CudaError::Input(format!("token id {tok} is outside the vocabulary of {}", self.w.config.vocab)));
-                }
-                self.gpu.write(&[tok as i32], &mut self.b.next)?;
+        pub fn decode_step(&mut self, token: u32) -> Result<()> {
+            if token as usize >= self.w.config.vocab {
+                return Err(CudaError::Input(format!("token id {token} is outside the vocabulary of {}", self.w.config.vocab)));
             }
+            self.gpu.write(&[token as i32], &mut self.b.next)?;
             self.make_room(1)?;
             self.set_state()?;
             let shapes = self.shapes();
@@ -820,9 +804,7 @@ mod gpu {
                 return Err(CudaError::Input(format!("{} decode splits exceed the {max_splits} the buffers hold", s.n_splits)));
             }
             let next = self.gpu.addr(&self.b.next);
-            if !self.use_graph {
-                self.forward(1, next, Some(&shapes))?;
-            } else if self.graph.as_ref().is_some_and(|(s, _)| *s == shapes) {
+            if self.graph.as_ref().is_some_and(|(s, _)| *s == shapes) {
                 self.graph.as_ref().map(|(_, g)| g.launch()).transpose()?;
                 self.graph_steps += 1;
             } else if self.pending.as_ref() == Some(&shapes) {
@@ -843,12 +825,6 @@ mod gpu {
             }
             self.tokens += 1;
             Ok(())
-        }
-
-        /// `decode_step` then waits and returns the greedy next token.
-        pub fn decode(&mut self, token: Option<u32>) -> Result<u32> {
-            self.decode_step(token)?;
-            self.next_token()
         }
     }
 
@@ -878,7 +854,7 @@ mod gpu {
             for step in 0..10 {
                 let next = seq.next_token()?;
                 all.push(next);
-                seq.decode_step(Some(next))?;
+                seq.decode_step(next)?;
                 got.extend(seq.logits()?);
                 let _ = step;
             }

@@ -55,15 +55,6 @@ impl PatternSource {
     }
 }
 
-impl std::fmt::Display for PatternSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PatternSource::Path(p) => write!(f, "{}", p.display()),
-            PatternSource::Shipped => write!(f, "the shipped SmolLM2-135M-Instruct patterns"),
-        }
-    }
-}
-
 /// Everything the user says about attention.
 #[derive(Debug, Clone)]
 pub struct MethodSpec {

@@ -172,16 +172,6 @@ pub enum Weight {
 }
 
 impl Weight {
-    /// The matrix dequantised to `f32`, row-major `[out, in]` (for backends that keep dense
-    /// weights, such as the GPU's bf16).
-    pub fn dense(&self) -> Result<Vec<f32>> {
-        match self {
-            Weight::Native(m) => Ok((0..m.rows()).flat_map(|r| m.dequantize_row(r)).collect()),
-            Weight::Candle(QMatMul::QTensor(q)) => Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
-            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-        }
-    }
-
     /// `x`: `[t, in]` -> `[t, out]`.
     pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
         match self {

@@ -22,7 +22,7 @@ pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;
 pub use error::{ModelError, Result};
-pub use llama::{DenseBlock, DenseWeights, Logits, Model};
+pub use llama::{Logits, Model};
 pub use template::{ChatTemplate, Message, Piece};
 pub use tokenizer::TextTokenizer;
 

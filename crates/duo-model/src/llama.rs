@@ -58,42 +58,6 @@ struct Block {
     down: Linear,        // [hidden, ffn]
 }
 
-/// One block's weights dequantised to `f32`, row-major `[out, in]`.
-#[derive(Debug, Clone)]
-pub struct DenseBlock {
-    /// RMSNorm before attention, `[hidden]`.
-    pub attn_norm: Vec<f32>,
-    /// Query, key and value projections.
-    pub q: Vec<f32>,
-    /// Key projection.
-    pub k: Vec<f32>,
-    /// Value projection.
-    pub v: Vec<f32>,
-    /// Output projection.
-    pub o: Vec<f32>,
-    /// RMSNorm before the MLP.
-    pub ffn_norm: Vec<f32>,
-    /// MLP gate projection.
-    pub gate: Vec<f32>,
-    /// MLP up projection.
-    pub up: Vec<f32>,
-    /// MLP down projection.
-    pub down: Vec<f32>,
-}
-
-/// Every weight of a model dequantised to `f32`: what a dense backend (the GPU) loads.
-#[derive(Debug, Clone)]
-pub struct DenseWeights {
-    /// Token embeddings, `[vocab, hidden]`.
-    pub embed: Vec<f32>,
-    /// The blocks.
-    pub blocks: Vec<DenseBlock>,
-    /// Final RMSNorm.
-    pub norm: Vec<f32>,
-    /// LM head, `None` when tied to the embeddings.
-    pub lm_head: Option<Vec<f32>>,
-}
-
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -212,52 +176,11 @@ impl Model {
         &self.config
     }
 
-    /// Every weight dequantised to `f32`. Fails for projections with biases (Qwen2), which
-    /// dense backends do not take.
-    pub fn dense_weights(&self) -> Result<DenseWeights> {
-        if self.blocks.iter().any(|b| b.q.bias.is_some() || b.k.bias.is_some() || b.v.bias.is_some()) {
-            return Err(ModelError::Input("projections with biases (Qwen2) have no dense export".into()));
-        }
-        let blocks = self
-            .blocks
-            .iter()
-            .map(|b| {
-                Ok(DenseBlock {
-                    attn_norm: b.attn_norm.clone(),
-                    q: b.q.weight.dense()?,
-                    k: b.k.weight.dense()?,
-                    v: b.v.weight.dense()?,
-                    o: b.o.weight.dense()?,
-                    ffn_norm: b.ffn_norm.clone(),
-                    gate: b.gate.weight.dense()?,
-                    up: b.up.weight.dense()?,
-                    down: b.down.weight.dense()?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let embed = self.embed.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-        let lm_head = if self.config.tie_embeddings { None } else { Some(self.lm_head.dense()?) };
-        Ok(DenseWeights { embed, blocks, norm: self.norm.clone(), lm_head })
-    }
-
     /// Runs one chunk of `tokens` at positions `kv.tokens()..` through the model,
     /// appending to `kv`, and returns the requested logits.
     pub fn forward(&self, tokens: &[u32], kv: &mut SequenceKv, logits: Logits) -> Result<Vec<f32>> {
         let hidden = self.hidden_states(tokens, kv)?;
         self.logits(&hidden, tokens.len(), logits)
-    }
-
-    /// Prefills `tokens` into `kv` in chunks of `chunk` tokens and returns the last
-    /// position's logits; `progress` gets each chunk's length.
-    pub fn prefill(&self, tokens: &[u32], kv: &mut SequenceKv, chunk: usize, mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
-        let chunks: Vec<&[u32]> = tokens.chunks(chunk.max(1)).collect();
-        let mut last = Vec::new();
-        for (i, c) in chunks.iter().enumerate() {
-            let which = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
-            last = self.forward(c, kv, which)?;
-            progress(c.len());
-        }
-        Ok(last)
     }
 
     /// Like [`Model::forward`] but returns the final-norm hidden states `[t, hidden]`.

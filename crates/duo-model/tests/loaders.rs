@@ -441,34 +441,3 @@ fn random_weight_models_are_seeded_and_batched_decode_matches_one_at_a_time() {
     assert_eq!(kvs.iter().map(SequenceKv::tokens).collect::<Vec<_>>(), vec![4, 11, 2]);
     assert!(a.decode_batch(&next[..2], &mut kvs.iter_mut().collect::<Vec<_>>()).is_err(), "token and sequence counts must match");
 }
-
-#[test]
-fn dense_weights_are_the_files_weights() {
-    let w = random_weights(4, vocab().0.len());
-    let dir = tmp("dense");
-    for (dtype, tol) in [(GgmlDType::F32, 0.0f32), (GgmlDType::Q4_1, 0.02)] {
-        let path = dir.join(format!("{dtype:?}.gguf"));
-        write_gguf(&w, &path, dtype);
-        let m = LoadedModel::load(&ModelSource::Path(path)).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
-        let d = m.model.dense_weights().expect("dense export");
-        assert_eq!(d.blocks.len(), LAYERS);
-        assert!(d.lm_head.is_none(), "tied embeddings export no separate LM head");
-        let close = |name: &str, got: &[f32]| {
-            let want = &w.named[name].1;
-            assert_eq!(got.len(), want.len(), "{dtype:?} {name}");
-            let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(err <= tol, "{dtype:?} {name}: max error {err} over {tol}");
-        };
-        // Norms stay f32 in every file; matrices carry the file type's rounding.
-        assert_eq!(d.norm, w.named["output_norm.weight"].1);
-        assert_eq!(d.blocks[1].ffn_norm, w.named["blk.1.ffn_norm.weight"].1);
-        close("blk.0.attn_v.weight", &d.blocks[0].v);
-        close("blk.1.ffn_down.weight", &d.blocks[1].down);
-        close("blk.1.ffn_gate.weight", &d.blocks[1].gate);
-        close("blk.0.attn_output.weight", &d.blocks[0].o);
-        if dtype == GgmlDType::F32 {
-            close("token_embd.weight", &d.embed);
-        }
-    }
-    std::fs::remove_dir_all(dir).ok();
-}

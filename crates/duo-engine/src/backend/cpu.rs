@@ -19,11 +19,6 @@ impl CpuBackend {
     pub fn new(model: Model) -> Self {
         Self { model }
     }
-
-    /// The model.
-    pub fn model(&self) -> &Model {
-        &self.model
-    }
 }
 
 /// A CPU sequence: its hybrid cache and the prefill chunk of its method.
@@ -71,25 +66,20 @@ impl Backend for CpuBackend {
 
     fn forward(&self, seq: &mut dyn Sequence, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         let s = downcast::<CpuSequence>(seq, "CPU")?;
-        match logits {
-            // Chunks of the method's size, as a prefill runs alone.
-            Logits::Last | Logits::None => {
-                let chunks: Vec<&[u32]> = tokens.chunks(s.chunk.max(1)).collect();
-                let mut last = Vec::new();
-                for (i, c) in chunks.iter().enumerate() {
-                    let which = if i + 1 == chunks.len() { logits } else { Logits::None };
-                    last = self.model.forward(c, &mut s.kv, which)?;
-                }
-                Ok(last)
-            }
-            Logits::All => {
-                let mut all = Vec::with_capacity(tokens.len() * self.model.config().vocab_size);
-                for c in tokens.chunks(s.chunk.max(1)) {
-                    all.extend(self.model.forward(c, &mut s.kv, Logits::All)?);
-                }
-                Ok(all)
+        // Chunks of the method's size, as a prefill runs alone; logits from the last chunk
+        // only, or from every chunk for `All`.
+        let chunks: Vec<&[u32]> = tokens.chunks(s.chunk.max(1)).collect();
+        let mut out = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let which = if logits == Logits::All || i + 1 == chunks.len() { logits } else { Logits::None };
+            let got = self.model.forward(c, &mut s.kv, which)?;
+            if logits == Logits::All {
+                out.extend(got);
+            } else {
+                out = got;
             }
         }
+        Ok(out)
     }
 
     fn decode_batch(&self, tokens: &[u32], seqs: &mut [&mut dyn Sequence]) -> Result<Vec<f32>> {

@@ -98,11 +98,6 @@ impl CudaBackend {
         Ok(Self { gpu, weights: Arc::new(weights), config, ordinal })
     }
 
-    /// The GPU.
-    pub fn gpu(&self) -> &Arc<Gpu> {
-        &self.gpu
-    }
-
     /// The cache layout of `method` for sequences of up to `max_tokens` tokens.
     pub fn layout(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<CacheLayout> {
         if method.prefill != PrefillMode::Lambda {
@@ -148,7 +143,7 @@ impl CudaSequence {
     /// are prefill chunks.
     fn run(&mut self, tokens: &[u32]) -> Result<()> {
         if tokens.len() == 1 && self.seq.tokens() > 0 {
-            self.seq.decode_step(Some(tokens[0]))?;
+            self.seq.decode_step(tokens[0])?;
         } else {
             self.seq.prefill(tokens, |_| {})?;
         }
@@ -216,8 +211,8 @@ impl Backend for CudaBackend {
         self.gpu.memory_used().ok().map(|(used, _)| used)
     }
 
-    fn fill_synthetic(&self, seq: &mut dyn Sequence, tokens: usize, next: u32, seed: u64) -> Result<()> {
-        Ok(downcast::<CudaSequence>(seq, "CUDA")?.seq.fill_synthetic(tokens, next, seed)?)
+    fn fill_synthetic(&self, seq: &mut dyn Sequence, tokens: usize, seed: u64) -> Result<()> {
+        Ok(downcast::<CudaSequence>(seq, "CUDA")?.seq.fill_synthetic(tokens, seed)?)
     }
 
     fn decode_floor(&self) -> Result<Option<(usize, f64)>> {

@@ -103,10 +103,9 @@ pub trait Backend: Send + Sync {
     fn available_memory(&self) -> Option<usize>;
     /// Bytes the process (CPU) or the device (GPU) has in use now, where known.
     fn memory_in_use(&self) -> Option<usize>;
-    /// Pretends `tokens` tokens were prefilled (seeded random keys and values) and that the
-    /// next input is `next`: for decode measurements at lengths whose prefill would take too
-    /// long. Backends without it say so.
-    fn fill_synthetic(&self, _seq: &mut dyn Sequence, _tokens: usize, _next: u32, _seed: u64) -> Result<()> {
+    /// Pretends `tokens` tokens were prefilled (seeded random keys and values): for decode
+    /// measurements at lengths whose prefill would take too long. Backends without it say so.
+    fn fill_synthetic(&self, _seq: &mut dyn Sequence, _tokens: usize, _seed: u64) -> Result<()> {
         Err(EngineError::Backend(format!("{} cannot fill caches with synthetic tokens", self.describe())))
     }
     /// The bandwidth floor of a decode step: weight bytes read per step and the measured
