@@ -214,8 +214,7 @@ struct Load {
 }
 
 fn rss_anon() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("RssAnon:")).and_then(|v| v.split_whitespace().next()?.parse::<usize>().ok()).map_or(0, |kib| kib * 1024)
+    duo_engine::backend::cpu::proc_bytes("/proc/self/status", "RssAnon").unwrap_or(0)
 }
 
 impl Load {

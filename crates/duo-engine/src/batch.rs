@@ -21,6 +21,7 @@ use crate::sampler::{Sampler, SamplingParams};
 use crate::session::FinishReason;
 use crate::text::TextStream;
 use crate::backend::{kv_plan, Logits, Sequence};
+use crate::constraint::Constraint;
 use crate::engine::Engine;
 use duo_core::cache_spec::CachePlan;
 use std::collections::VecDeque;
@@ -122,7 +123,7 @@ pub struct BatchStats {
 /// The handle to the engine thread. Dropping it stops the thread once the running
 /// requests are done.
 pub struct BatchEngine {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Queued>,
     stats: Arc<BatchStats>,
     config: BatchConfig,
     engine: Arc<Engine>,
@@ -203,15 +204,17 @@ impl BatchEngine {
     /// Checks that a request can ever run: a prompt, valid parameters, the context, and the
     /// KV budget.
     pub fn check(&self, prompt: usize, params: &SamplingParams, top_logprobs: Option<usize>) -> Result<()> {
+        self.checked(prompt, params, top_logprobs).map(|_| ())
+    }
+
+    /// [`BatchEngine::check`], returning the request's compiled grammar (structured output),
+    /// which travels with it to admission: a bad schema is refused before queueing, and the
+    /// grammar is compiled once.
+    fn checked(&self, prompt: usize, params: &SamplingParams, top_logprobs: Option<usize>) -> Result<Option<Constraint>> {
         params.validate()?;
         crate::session::check_fits(self.engine.config().context_length, prompt, params.max_tokens)?;
-        if let Some((id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= self.engine.config().vocab_size) {
-            return Err(EngineError::InvalidParameter { name: "logit_bias", reason: format!("token id {id} is outside the vocabulary of {}", self.engine.config().vocab_size) });
-        }
-        if let Some(what) = &params.structured {
-            // Compiles the grammar once to refuse a bad schema before queueing.
-            self.engine.constraint(what)?;
-        }
+        params.check_vocab(self.engine.config().vocab_size)?;
+        let constraint = params.structured.as_ref().map(|what| self.engine.constraint(what)).transpose()?;
         if top_logprobs.is_some_and(|n| n > self.engine.config().vocab_size) {
             return Err(EngineError::InvalidParameter { name: "top_logprobs", reason: "more than the vocabulary".into() });
         }
@@ -219,7 +222,7 @@ impl BatchEngine {
         if needed > self.config.kv_budget {
             return Err(EngineError::KvBudget { needed, budget: self.config.kv_budget });
         }
-        Ok(())
+        Ok(constraint)
     }
 
     /// Queues a request. Errors (and sends nothing) when it is invalid or the queue is full.
@@ -227,18 +230,24 @@ impl BatchEngine {
         if !self.is_alive() {
             return Err(EngineError::Stopped);
         }
-        self.check(request.prompt.len(), &request.params, request.top_logprobs)?;
+        let constraint = self.checked(request.prompt.len(), &request.params, request.top_logprobs)?;
         let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.config.max_waiting {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::QueueFull { waiting });
         }
-        if self.tx.send(request).is_err() {
+        if self.tx.send(Queued { request, constraint }).is_err() {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Stopped);
         }
         Ok(())
     }
+}
+
+/// A request on its way to admission, with its compiled grammar.
+struct Queued {
+    request: Request,
+    constraint: Option<Constraint>,
 }
 
 /// A running sequence.
@@ -266,8 +275,8 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, rx: mpsc::Receiver<Request>) {
-        let mut waiting: VecDeque<Request> = VecDeque::new();
+    fn run(self, rx: mpsc::Receiver<Queued>) {
+        let mut waiting: VecDeque<Queued> = VecDeque::new();
         let mut running: Vec<Running> = Vec::new();
         loop {
             if running.is_empty() && waiting.is_empty() {
@@ -280,7 +289,7 @@ impl Worker {
                 waiting.push_back(r);
             }
             let before = waiting.len();
-            waiting.retain(|r| !r.sink.is_closed());
+            waiting.retain(|q| !q.request.sink.is_closed());
             self.stats.waiting.fetch_sub(before - waiting.len(), Ordering::SeqCst);
             running.retain(|s| !s.finished && !s.sink.is_closed());
             self.admit(&mut waiting, &mut running);
@@ -294,21 +303,20 @@ impl Worker {
     }
 
     /// Moves waiting requests into the batch, oldest first, while their KV fits.
-    fn admit(&self, waiting: &mut VecDeque<Request>, running: &mut Vec<Running>) {
+    fn admit(&self, waiting: &mut VecDeque<Queued>, running: &mut Vec<Running>) {
         let mut reserved: usize = running.iter().map(|s| s.reserved).sum();
         while let Some(front) = waiting.front() {
-            let total = front.prompt.len() + front.params.max_tokens;
+            let total = front.request.prompt.len() + front.request.params.max_tokens;
             let need = self.plan.total_bytes(total);
             if running.len() >= self.config.max_running || reserved + need > self.config.kv_budget {
                 break;
             }
-            let Some(r) = waiting.pop_front() else { break };
+            let Some(Queued { request: r, constraint }) = waiting.pop_front() else { break };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             let mut sink = r.sink;
-            let constraint = r.params.structured.as_ref().map(|what| self.engine.constraint(what)).transpose();
-            let sampler = match (Sampler::new(r.params.clone()), constraint) {
-                (Ok(s), Ok(c)) => s.with_prompt(&r.prompt).with_constraint(c),
-                (Err(e), _) | (_, Err(e)) => {
+            let sampler = match Sampler::new(r.params.clone()) {
+                Ok(s) => s.with_prompt(&r.prompt).with_constraint(constraint),
+                Err(e) => {
                     sink.send(Event::Failed(e.to_string()));
                     continue;
                 }

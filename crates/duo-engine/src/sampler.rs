@@ -90,6 +90,15 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Checks the token ids the parameters name (`logit_bias`) against a vocabulary of
+    /// `vocab` tokens.
+    pub fn check_vocab(&self, vocab: usize) -> Result<()> {
+        match self.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            Some((id, _)) => Err(EngineError::InvalidParameter { name: "logit_bias", reason: format!("token id {id} is outside the vocabulary of {vocab}") }),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the logits are adjusted before sampling.
     fn adjusts(&self) -> bool {
         self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0 || !self.logit_bias.is_empty()

@@ -202,10 +202,7 @@ impl<'m> Runner<'m> {
     /// stable and returns `false` to cancel.
     pub fn generate(&self, prompt: &[u32], params: &SamplingParams, on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
         params.validate()?;
-        let vocab = self.engine.config().vocab_size;
-        if let Some((id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
-            return Err(EngineError::InvalidParameter { name: "logit_bias", reason: format!("token id {id} is outside the vocabulary of {vocab}") });
-        }
+        params.check_vocab(self.engine.config().vocab_size)?;
         self.check_fits(prompt.len(), params.max_tokens)?;
         let tok = &self.engine.tokenizer;
         let eos = &self.engine.config().eos_token_ids;

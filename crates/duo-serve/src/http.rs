@@ -252,7 +252,11 @@ async fn chat_completions(state: State<Arc<AppState>>, body: std::result::Result
 
 /// Forwards engine events to the handler and records latencies as tokens are made.
 struct HttpSink {
-    tx: mpsc::UnboundedSender<Event>,
+    /// The response's channel, shared by the request's choices (`n`): events are tagged
+    /// with their choice.
+    tx: mpsc::UnboundedSender<(usize, Event)>,
+    /// This sink's choice.
+    choice: usize,
     metrics: Arc<Metrics>,
     arrived: Instant,
     last_token: Option<Instant>,
@@ -289,7 +293,7 @@ impl EventSink for HttpSink {
                 self.metrics.finished_abort.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.tx.send(event).is_ok()
+        self.tx.send((self.choice, event)).is_ok()
     }
 
     fn is_closed(&self) -> bool {
@@ -333,12 +337,12 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
     let context = ready.model.config().context_length;
     req.resolve_max_tokens(prompt.len(), context, ready.engine.max_new_tokens_within_budget(prompt.len()), &limits);
     // `n` choices are `n` requests of the engine: choice `i` samples with seed + i, and all
-    // events come back on one channel tagged with their choice.
-    let (merged_tx, rx) = mpsc::unbounded_channel::<(usize, Event)>();
+    // events come back on one channel tagged with their choice (a client that leaves closes
+    // it for every choice).
+    let (tx, rx) = mpsc::unbounded_channel::<(usize, Event)>();
     for i in 0..req.n {
-        let (tx, mut choice_rx) = mpsc::unbounded_channel();
         let accepted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sink = Box::new(HttpSink { tx, metrics: state.metrics.clone(), arrived, last_token: None, ended: false, accepted: accepted.clone() });
+        let sink = Box::new(HttpSink { tx: tx.clone(), choice: i, metrics: state.metrics.clone(), arrived, last_token: None, ended: false, accepted: accepted.clone() });
         let params = duo_engine::SamplingParams { seed: req.params.seed.wrapping_add(i as u64), ..req.params.clone() };
         ready.engine.submit(Request { prompt: prompt.clone(), params, top_logprobs: req.logprobs, sink }).map_err(|e| {
             if matches!(e, duo_engine::EngineError::QueueFull { .. }) {
@@ -347,18 +351,8 @@ async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: 
             ServeError::from(e)
         })?;
         accepted.store(true, Ordering::SeqCst);
-        // Forwards this choice's events; when the client goes (the merged receiver is
-        // dropped) it stops, dropping `choice_rx`, and the engine frees the sequence.
-        let merged = merged_tx.clone();
-        tokio::spawn(async move {
-            while let Some(e) = choice_rx.recv().await {
-                if merged.send((i, e)).is_err() {
-                    break;
-                }
-            }
-        });
     }
-    drop(merged_tx);
+    drop(tx);
     let reply = Reply {
         endpoint,
         id: format!("{}-{:016x}", if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, request_id()),

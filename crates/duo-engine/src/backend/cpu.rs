@@ -47,7 +47,7 @@ impl Sequence for CpuSequence {
 
 impl Backend for CpuBackend {
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", rayon_threads())
+        format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
     fn config(&self) -> &ModelConfig {
@@ -91,18 +91,36 @@ impl Backend for CpuBackend {
     }
 
     fn available_memory(&self) -> Option<usize> {
-        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
+        proc_bytes("/proc/meminfo", "MemAvailable")
     }
 
     fn memory_in_use(&self) -> Option<usize> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<usize>().ok()).map(|kib| kib * 1024)
+        proc_bytes("/proc/self/status", "VmRSS")
     }
 }
 
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// A `KEY:  N kB` line of a Linux `/proc` file (`/proc/meminfo`, `/proc/self/status`), in
+/// bytes; `None` where the file or the key is missing.
+pub fn proc_bytes(file: &str, key: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let kib: usize = text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proc_bytes;
+
+    #[test]
+    fn proc_lines_are_read_by_exact_key() {
+        if !std::path::Path::new("/proc/meminfo").exists() {
+            return;
+        }
+        let total = proc_bytes("/proc/meminfo", "MemTotal").expect("MemTotal");
+        assert!(total > 1 << 20 && total.is_multiple_of(1024));
+        assert!(proc_bytes("/proc/meminfo", "MemAvailable").is_some_and(|a| a <= total));
+        assert_eq!(proc_bytes("/proc/meminfo", "Mem"), None, "a prefix of a key is not the key");
+        assert_eq!(proc_bytes("/proc/meminfo", "NoSuchKey"), None);
+        assert_eq!(proc_bytes("/no/such/file", "MemTotal"), None);
+    }
 }
