@@ -93,6 +93,46 @@ impl RandomTensor {
     }
 }
 
+/// A projection of one block, as the Llama family names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    /// Query.
+    Q,
+    /// Key.
+    K,
+    /// Value.
+    V,
+    /// Attention output.
+    O,
+    /// MLP gate.
+    Gate,
+    /// MLP up.
+    Up,
+    /// MLP down.
+    Down,
+}
+
+impl Projection {
+    /// Every projection of a block, in checkpoint order.
+    pub const ALL: [Projection; 7] = [Projection::Q, Projection::K, Projection::V, Projection::O, Projection::Gate, Projection::Up, Projection::Down];
+
+    /// Where block `layer`'s projection lies in the generated tensors: q, k and v are row
+    /// ranges of the stacked `Qkv`, gate and up of `GateUp` (the GPU keeps them stacked; the CPU
+    /// and checkpoints split them).
+    pub fn source(self, layer: usize, c: &ModelConfig) -> (RandomTensor, std::ops::Range<usize>) {
+        let (h, qd, kd, f) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size);
+        match self {
+            Projection::Q => (RandomTensor::Qkv(layer), 0..qd),
+            Projection::K => (RandomTensor::Qkv(layer), qd..qd + kd),
+            Projection::V => (RandomTensor::Qkv(layer), qd + kd..qd + 2 * kd),
+            Projection::O => (RandomTensor::O(layer), 0..h),
+            Projection::Gate => (RandomTensor::GateUp(layer), 0..f),
+            Projection::Up => (RandomTensor::GateUp(layer), f..2 * f),
+            Projection::Down => (RandomTensor::Down(layer), 0..h),
+        }
+    }
+}
+
 /// Uniform scale giving unit-variance outputs for unit-variance inputs.
 pub fn scale_for(in_dim: usize) -> f32 {
     (3.0 / in_dim as f32).sqrt()
@@ -133,6 +173,12 @@ mod tests {
         assert_eq!(RandomTensor::Qkv(1).rows(&c, 9, 2..5), all[2 * cols..5 * cols].to_vec());
         assert_ne!(RandomTensor::Qkv(0).rows(&c, 9, 0..1), all[..cols].to_vec(), "layers differ");
         assert_eq!(RandomTensor::Embed.scale(64), 1.0);
+        // The projections tile the stacked tensors exactly.
+        let rows = |p: Projection| Projection::source(p, 1, &c).1;
+        assert_eq!((rows(Projection::Q), rows(Projection::K), rows(Projection::V)), (0..64, 64..96, 96..128));
+        assert_eq!(RandomTensor::Qkv(1).shape(&c).0, 128);
+        assert_eq!((rows(Projection::Gate), rows(Projection::Up)), (0..96, 96..192));
+        assert_eq!(RandomTensor::GateUp(1).shape(&c).0, 192);
         assert_eq!(RandomTensor::Down(0).scale(96), (3.0f32 / 96.0).sqrt());
     }
 }

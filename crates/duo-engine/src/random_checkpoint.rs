@@ -12,7 +12,8 @@
 
 use crate::error::{EngineError, Result};
 use duo_core::config::ModelConfig;
-use duo_core::random_weights::RandomTensor;
+use duo_core::random_weights::{Projection, RandomTensor};
+use duo_model::checkpoint::{hf_name, names};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -42,26 +43,25 @@ impl Entry {
     }
 }
 
-/// The tensors of the checkpoint in file order, with their Hugging Face names.
+/// The tensors of the checkpoint in file order, with their Hugging Face names (the
+/// canonical names mapped by the loader's own table).
 fn entries(c: &ModelConfig) -> Vec<Entry> {
-    let (h, qd, kd, f) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size);
-    let matrix = |name: String, t: RandomTensor, rows: std::ops::Range<usize>| Entry { shape: [rows.len(), t.shape(c).1], rank: 2, name, source: Source::Rows(t, rows) };
-    let ones = |name: String| Entry { name, shape: [h, 1], rank: 1, source: Source::Ones(h) };
-    let mut out = vec![matrix("model.embed_tokens.weight".into(), RandomTensor::Embed, 0..c.vocab_size)];
+    let h = c.hidden_size;
+    let matrix = |name: &str, t: RandomTensor, rows: std::ops::Range<usize>| Entry { shape: [rows.len(), t.shape(c).1], rank: 2, name: hf_name(name), source: Source::Rows(t, rows) };
+    let ones = |name: &str| Entry { name: hf_name(name), shape: [h, 1], rank: 1, source: Source::Ones(h) };
+    let mut out = vec![matrix(names::EMBED, RandomTensor::Embed, 0..c.vocab_size)];
     for l in 0..c.n_layers {
-        let p = format!("model.layers.{l}");
-        out.push(ones(format!("{p}.input_layernorm.weight")));
-        out.push(matrix(format!("{p}.self_attn.q_proj.weight"), RandomTensor::Qkv(l), 0..qd));
-        out.push(matrix(format!("{p}.self_attn.k_proj.weight"), RandomTensor::Qkv(l), qd..qd + kd));
-        out.push(matrix(format!("{p}.self_attn.v_proj.weight"), RandomTensor::Qkv(l), qd + kd..qd + 2 * kd));
-        out.push(matrix(format!("{p}.self_attn.o_proj.weight"), RandomTensor::O(l), 0..h));
-        out.push(ones(format!("{p}.post_attention_layernorm.weight")));
-        out.push(matrix(format!("{p}.mlp.gate_proj.weight"), RandomTensor::GateUp(l), 0..f));
-        out.push(matrix(format!("{p}.mlp.up_proj.weight"), RandomTensor::GateUp(l), f..2 * f));
-        out.push(matrix(format!("{p}.mlp.down_proj.weight"), RandomTensor::Down(l), 0..h));
+        out.push(ones(&names::block(l, names::ATTN_NORM)));
+        for p in Projection::ALL {
+            if p == Projection::Gate {
+                out.push(ones(&names::block(l, names::FFN_NORM)));
+            }
+            let (t, rows) = p.source(l, c);
+            out.push(matrix(&names::block(l, names::projection(p)), t, rows));
+        }
     }
-    out.push(ones("model.norm.weight".into()));
-    out.push(matrix("lm_head.weight".into(), RandomTensor::LmHead, 0..c.vocab_size));
+    out.push(ones(names::OUTPUT_NORM));
+    out.push(matrix(names::LM_HEAD, RandomTensor::LmHead, 0..c.vocab_size));
     out
 }
 

@@ -47,6 +47,20 @@ pub mod names {
     /// MLP down projection.
     pub const DOWN: &str = "ffn_down";
 
+    /// The block part that holds a projection.
+    pub fn projection(p: duo_core::random_weights::Projection) -> &'static str {
+        use duo_core::random_weights::Projection as P;
+        match p {
+            P::Q => Q,
+            P::K => K,
+            P::V => V,
+            P::O => O,
+            P::Gate => GATE,
+            P::Up => UP,
+            P::Down => DOWN,
+        }
+    }
+
     /// The weight of `part` in block `layer` (`blk.3.attn_q.weight`).
     pub fn block(layer: usize, part: &str) -> String {
         format!("blk.{layer}.{part}.weight")
@@ -260,7 +274,7 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
 }
 
 /// Maps a GGUF tensor name to its Hugging Face name.
-fn hf_name(name: &str) -> String {
+pub fn hf_name(name: &str) -> String {
     let base = name.trim_end_matches(".weight").trim_end_matches(".bias");
     let suffix = &name[base.len()..];
     let mapped = match base {

@@ -117,11 +117,10 @@ impl Model {
     /// rounded to bf16 and stored as Q4_1 (the default model's type, so the CPU kernels run as
     /// on real checkpoints). For speed and memory measurements only.
     pub fn random(config: ModelConfig, seed: u64) -> Result<Self> {
-        use duo_core::random_weights::RandomTensor;
+        use duo_core::random_weights::{Projection, RandomTensor};
         use duo_kernels::quant::{QuantKind, QuantMatrix};
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let (qd, kd, f) = (c.n_heads * hd, c.n_kv_heads * hd, c.intermediate_size);
         // Rows `rows` of a generated tensor, quantised to Q4_1 bytes 1,024 rows at a time (Q4_1
         // blocks lie within rows, so the bytes are those of the whole matrix, without it ever
         // existing in f32).
@@ -138,26 +137,27 @@ impl Model {
             }
             Ok((n, cols, bytes))
         };
-        let linear = |t: RandomTensor, rows: std::ops::Range<usize>| -> Result<Linear> {
+        let linear = |(t, rows): (RandomTensor, std::ops::Range<usize>)| -> Result<Linear> {
             let (n, cols, bytes) = q4_1(t, rows)?;
             let m = QuantMatrix::new(QuantKind::Q4_1, n, cols, bytes).map_err(ModelError::Input)?;
             Ok(Linear { weight: Weight::Native(m), bias: None, out_dim: n })
         };
         let mut blocks = Vec::new();
         for l in 0..c.n_layers {
+            let part = |p: Projection| linear(p.source(l, c));
             blocks.push(Block {
                 attn_norm: vec![1.0; h],
-                q: linear(RandomTensor::Qkv(l), 0..qd)?,
-                k: linear(RandomTensor::Qkv(l), qd..qd + kd)?,
-                v: linear(RandomTensor::Qkv(l), qd + kd..qd + 2 * kd)?,
-                o: linear(RandomTensor::O(l), 0..h)?,
+                q: part(Projection::Q)?,
+                k: part(Projection::K)?,
+                v: part(Projection::V)?,
+                o: part(Projection::O)?,
                 ffn_norm: vec![1.0; h],
-                gate: linear(RandomTensor::GateUp(l), 0..f)?,
-                up: linear(RandomTensor::GateUp(l), f..2 * f)?,
-                down: linear(RandomTensor::Down(l), 0..h)?,
+                gate: part(Projection::Gate)?,
+                up: part(Projection::Up)?,
+                down: part(Projection::Down)?,
             });
         }
-        let lm_head = linear(RandomTensor::LmHead, 0..c.vocab_size)?.weight;
+        let lm_head = linear((RandomTensor::LmHead, 0..c.vocab_size))?.weight;
         let (_, _, embed_bytes) = q4_1(RandomTensor::Embed, 0..c.vocab_size)?;
         let embed = Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
             candle_core::quantized::GgmlDType::Q4_1,
