@@ -99,32 +99,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     // Shapes and arguments are checked before any device is opened or model read.
     let random_config = a.method.random_weights.as_deref().map(duo_model::random::shape).transpose()?;
-    let (engine, backend_box, label, token_limit);
     let load = Load::start();
-    match (&a.method.random_weights, random_config) {
+    let (backend, label, token_limit): (Box<dyn Backend>, String, usize) = match (&a.method.random_weights, random_config) {
         (Some(shape), Some(config)) => {
             eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed());
             let vocab = config.vocab_size;
-            backend_box = Some(backend::random(device, config, a.method.seed())?);
-            engine = None;
-            label = format!("{shape} (random weights)");
-            token_limit = vocab;
+            (backend::random(device, config, a.method.seed())?, format!("{shape} (random weights)"), vocab)
         }
         _ => {
             let (e, _) = a.method.load()?;
-            token_limit = e.tokenizer.vocab_size().min(e.config().vocab_size);
-            label = e.path.display().to_string();
-            engine = Some(e);
-            backend_box = None;
+            let limit = e.tokenizer.vocab_size().min(e.config().vocab_size);
+            (e.backend, e.path.display().to_string(), limit)
         }
-    }
+    };
     let load = load.finish();
     eprintln!("duo bench: loaded in {:.2} s; peak anonymous host memory during the load {:.0} MiB (RssAnon, file-backed pages of memory-mapped weights excluded)", load.0, load.1 as f64 / MIB);
-    let b: &dyn Backend = match (&engine, &backend_box) {
-        (Some(e), _) => e.backend(),
-        (None, Some(b)) => b.as_ref(),
-        (None, None) => anyhow::bail!("no model"),
-    };
+    let b: &dyn Backend = backend.as_ref();
     let c = b.config().clone();
     let max_len = a.lengths.iter().copied().max().unwrap_or(0);
     if max_len + a.decode_tokens > c.context_length {
