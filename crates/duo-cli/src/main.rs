@@ -125,18 +125,15 @@ fn cuda_check(seed: u64) -> Result<()> {
     if failed > 0 {
         bail!("{failed} of {} kernel parity checks failed", results.len());
     }
-    // One layer of Llama-3-8B (32 query / 8 KV heads of 128) at 128K tokens: every KV
-    // head retrieval, or half of them streaming (384 tokens), in one fused launch.
-    let full = vec![131_072u32; 8];
-    let duo: Vec<u32> = (0..8).map(|g| if g < 4 { 131_072 } else { 384 }).collect();
-    use duo_cuda::decode_attention::KvType;
-    for (name, lens) in [("full", full), ("duo 0.5", duo)] {
-        let x = duo_cuda::decode_attention::random_input(seed, 32, 128, &lens);
-        for (kv, split, kpw) in [(KvType::F32, None, 4), (KvType::Bf16, None, 4), (KvType::Bf16, None, 2), (KvType::Bf16, Some(1024), 2)] {
-            let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, &x, kv, split, kpw, 50)?;
-            let split = split.map_or_else(|| format!("auto ({})", duo_cuda::decode_attention::auto_split(&lens)), |s| s.to_string());
+    // One layer of Llama-3-8B (32 query / 8 KV heads of 128): every KV head retrieval, or
+    // half of them streaming (64 + 256 tokens), in one fused launch over a paged pool; one
+    // sequence at 128K with blocks of 16 to 256 tokens (the block size), then batches.
+    let duo = [true, true, true, true, false, false, false, false];
+    for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
+        for (tokens, rows, block) in [(131_072usize, 1usize, 16usize), (131_072, 1, 64), (131_072, 1, 256), (4096, 32, 16), (4096, 32, 64), (32_768, 16, 64)] {
+            let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, 32, 128, &kinds, tokens, rows, block, None, 2, 50)?;
             println!(
-                "time decode attention, Llama-3-8B layer at 128K, {name:<8} {kv:?} KV, {kpw} keys/warp, split {split:>11}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
+                "time decode attention, Llama-3-8B layer, {name:<8} {rows:>2} x {tokens:>6} tokens, blocks of {block:>3}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
                 bytes as f64 / 1e6,
                 bytes as f64 / ms / 1e6
             );
@@ -182,6 +179,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             (None, true) => Some(duo_engine::constraint::Structured::JsonObject),
             (None, false) => None,
         },
+        ignore_eos: false,
     };
     params.validate()?;
     let prompt = read_prompt(&a)?;

@@ -35,9 +35,25 @@ pub struct ServeArgs {
     /// Requests that may wait for admission before new ones get 429.
     #[arg(long, default_value_t = 64)]
     pub max_waiting: usize,
-    /// Sequences decoded together at most.
-    #[arg(long, default_value_t = 32)]
-    pub max_running: usize,
+    /// Sequences decoded together at most (vLLM's --max-num-seqs; default 32 on the CPU,
+    /// 256 on a GPU).
+    #[arg(long, alias = "max-num-seqs")]
+    pub max_running: Option<usize>,
+    /// GPU: the fraction of the card's memory duo may use, weights included; the KV pool is
+    /// what remains of it after the weights and the step buffers.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// GPU: rows one engine step may run, decode rows plus a prefill chunk (default: the
+    /// prefill chunk plus --max-running, so a chunk always runs beside every decode row).
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
+    /// GPU: positions per KV block (a power of two from 8 to 1024).
+    #[arg(long, default_value_t = 64)]
+    pub block_size: usize,
+    /// GPU: exactly this many KV blocks (within the memory fraction), for tests and
+    /// preemption experiments.
+    #[arg(long)]
+    pub num_gpu_blocks_override: Option<usize>,
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
@@ -82,8 +98,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
             bail!("{name} must be between 0 and 86400 seconds (got {secs})");
         }
     }
-    if a.max_waiting == 0 || a.max_running == 0 {
+    let on_gpu = a.method.device != duo_engine::Device::Cpu;
+    let max_running = a.max_running.unwrap_or(if on_gpu { 256 } else { 32 });
+    if a.max_waiting == 0 || max_running == 0 {
         bail!("--max-waiting and --max-running must be at least 1");
+    }
+    if !(a.gpu_memory_utilization > 0.0 && a.gpu_memory_utilization <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1] (got {})", a.gpu_memory_utilization);
+    }
+    if !a.block_size.is_power_of_two() || !(8..=1024).contains(&a.block_size) {
+        bail!("--block-size must be a power of two from 8 to 1024 (got {})", a.block_size);
+    }
+    let max_num_batched_tokens = a.max_num_batched_tokens.unwrap_or(a.prefill_chunk + max_running);
+    if max_num_batched_tokens < a.prefill_chunk.min(max_num_batched_tokens).max(1) || max_num_batched_tokens == 0 {
+        bail!("--max-num-batched-tokens must be at least 1");
     }
     a.method.model_source()?;
     if a.method.chunk != duo_engine::MethodSpec::default().chunk {
@@ -122,11 +150,25 @@ pub fn run(a: ServeArgs) -> Result<()> {
             }
             let model = Arc::new(model);
             let method = spec.resolve(model.config())?;
-            // Half of what is free once the weights are in, unless told.
+            // GPU: one pool of paged blocks from --gpu-memory-utilization. CPU: half of what is
+            // free once the weights are in, unless told.
+            let options = duo_engine::PoolOptions { gpu_memory_utilization: a.gpu_memory_utilization, max_num_seqs: max_running, max_num_batched_tokens, block_size: a.block_size, blocks_override: a.num_gpu_blocks_override };
+            let pool = model.backend().kv_pool(&method, &options)?;
             let kv_budget = kv_budget.unwrap_or_else(|| model.backend().available_memory().map_or(4 << 30, |b| b / 2));
-            let engine = BatchEngine::start(model.clone(), method, BatchConfig { kv_budget, max_waiting: a.max_waiting, max_running: a.max_running });
+            let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget, max_waiting: a.max_waiting, max_running }, pool.clone());
+            match &pool {
+                Some(p) => eprintln!(
+                    "duo: ready on {} (KV pool: {} blocks of {} tokens, {:.2} GiB; up to {} sequences, {} rows per step)",
+                    model.backend().describe(),
+                    p.total_blocks(),
+                    p.block_tokens(),
+                    (p.total_blocks() * p.block_bytes()) as f64 / (1u64 << 30) as f64,
+                    engine.config().max_running,
+                    p.max_rows()
+                ),
+                None => eprintln!("duo: ready (KV budget {:.1} MiB)", kv_budget as f64 / (1 << 20) as f64),
+            }
             let _ = loading.ready.set(Ready { model, engine });
-            eprintln!("duo: ready (KV budget {:.1} MiB)", kv_budget as f64 / (1 << 20) as f64);
             Ok(())
         });
         let header_timeout = state.config.header_timeout;

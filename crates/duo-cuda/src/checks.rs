@@ -1,6 +1,7 @@
 //! Parity of every kernel against its CPU reference on seeded random inputs (`duo cuda-check`).
 
 use crate::ops::{bf16_bits, hash_uniform, rms_norm_ref, rope_ref, round_bf16, silu_mul_ref};
+use crate::paged::{PagedLayout, Tables};
 use crate::prefill_attention::{self, HeadEntry};
 use crate::runtime::Gpu;
 use crate::{decode_attention, model, Parity, Result};
@@ -24,8 +25,8 @@ fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 /// Runs every parity check; each result says what was compared and its bound.
 pub fn check(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
     let mut out = ops(gpu, seed)?;
-    for (case, x) in prefill_attention::cases(seed) {
-        out.push(prefill(gpu, &case, &x)?);
+    for (case, x, layout) in prefill_attention::cases(seed) {
+        out.push(prefill(gpu, &case, &x, &layout, seed)?);
     }
     out.extend(dequant(gpu, seed)?);
     out.extend(decode_attention::check_kernel(gpu, seed)?);
@@ -33,17 +34,39 @@ pub fn check(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
     Ok(out)
 }
 
-fn prefill(gpu: &Gpu, case: &str, x: &prefill_attention::PrefillInput) -> Result<Parity> {
+/// One slot's tables with blocks in a seeded shuffled order, and the pool's size in blocks.
+fn shuffled_tables(layout: &PagedLayout, tokens: usize, seed: u64) -> (Tables, usize) {
+    use rand::{seq::SliceRandom, SeedableRng};
+    let total = layout.blocks_for(tokens) + 5;
+    let mut perm: Vec<u32> = (0..total as u32).collect();
+    perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let streaming = perm[..layout.streaming_blocks()].to_vec();
+    let retrieval = perm[layout.streaming_blocks()..layout.blocks_for(tokens)].to_vec();
+    (Tables { retrieval, streaming }, total)
+}
+
+fn prefill(gpu: &Gpu, case: &str, x: &prefill_attention::PrefillInput, layout: &PagedLayout, seed: u64) -> Result<Parity> {
     let want = prefill_attention::reference(x)?;
-    let (t, h, d) = (x.tokens(), x.n_heads, x.head_dim);
+    let (t, h, d, n) = (x.tokens(), x.n_heads, x.head_dim, x.positions());
+    let (tables, blocks) = shuffled_tables(layout, n, seed);
+    // Unused rows are poisoned; positions are written in order, so each ring keeps the latest.
+    let rows = blocks * layout.group() * layout.block_tokens;
+    let (mut keys, mut values) = (vec![300.0f32; rows * d], vec![300.0f32; rows * d]);
+    for (g, &e) in x.heads.iter().enumerate() {
+        for p in 0..n {
+            let r = tables.row(layout, e, p);
+            keys[r * d..][..d].copy_from_slice(&x.keys[(g * n + p) * d..][..d]);
+            values[r * d..][..d].copy_from_slice(&x.values[(g * n + p) * d..][..d]);
+        }
+    }
     let q = gpu.upload(&x.q)?;
-    let k = gpu.upload(&bf16_bits(&x.keys))?;
-    let v = gpu.upload(&bf16_bits(&x.values))?;
-    let table = HeadEntry::table(&x.heads);
-    let heads = gpu.upload(&table)?;
-    let state = gpu.upload(&[x.first_position as i32, x.window_start as i32])?;
+    let k = gpu.upload(&bf16_bits(&keys))?;
+    let v = gpu.upload(&bf16_bits(&values))?;
+    let heads = gpu.upload(&HeadEntry::table(&x.heads))?;
+    let tab = gpu.upload(&decode_attention::table_rows(layout, &[tables]))?;
+    let state = gpu.upload(&[0i32, x.first_position as i32])?;
     let o = gpu.zeros::<u16>(t * h * d)?;
-    gpu.prefill_attention(gpu.addr(&q), gpu.addr(&k), gpu.addr(&v), gpu.addr(&heads), gpu.addr(&state), t, h, h / x.heads.len(), d, gpu.addr(&o))?;
+    gpu.prefill_attention(gpu.addr(&q), gpu.addr(&k), gpu.addr(&v), gpu.addr(&heads), gpu.addr(&state), layout.paged_args(gpu.addr(&tab)), t, h, h / x.heads.len(), d, gpu.addr(&o))?;
     let got = bf16_to_f32(&gpu.download(&o)?);
     Ok(Parity { case: case.into(), max_abs_err: max_err(&want, &got), bound: 1e-2 })
 }
@@ -94,41 +117,54 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         out.push(Parity { case: format!("rms_norm: {rows} rows of {dim} (bf16 out)"), max_abs_err: max_err(&rms_norm_ref(&xv, &wv, 1e-5), &got), bound: 4e-2 });
     }
 
-    // RoPE + append into a mixed cache at positions past the sinks and window start.
+    // RoPE + append into a paged cache: rows of two sequences at their own positions
+    // (one past its streaming sinks, its ring wrapped), and a padding row that writes nothing.
     for (half_split, d) in [(true, 128usize), (false, 64)] {
-        let (nh, ng, t, p0, win) = (4usize, 2usize, 3usize, 1000usize, 990usize);
+        let (nh, ng) = (4usize, 2usize);
         let inv: Vec<f32> = (0..d / 2).map(|i| 500_000f32.powf(-2.0 * i as f32 / d as f32)).collect();
-        let heads = [HeadEntry::retrieval(0), HeadEntry::streaming(1100, 4, 16)];
-        let rows = 1100 + 4 + 16 + 64;
+        let layout = PagedLayout { retrieval: vec![vec![true, false]], sink: 4, recent: 16, block_tokens: 16, max_chunk: 8, max_tokens: 1200 };
+        let rows_at: [(i32, usize); 4] = [(0, 1000), (0, 1001), (1, 2), (-1, 7)];
+        let t = rows_at.len();
+        let (t0, blocks0) = shuffled_tables(&layout, 1002, seed);
+        let t1 = Tables { retrieval: (blocks0 as u32..blocks0 as u32 + 1).collect(), streaming: (blocks0 as u32 + 1..blocks0 as u32 + 1 + layout.streaming_blocks() as u32).collect() };
+        let blocks = blocks0 + 1 + layout.streaming_blocks();
+        let tables = [t0, t1];
+        let heads = layout.heads(0);
+        let pool_rows = blocks * layout.group() * layout.block_tokens;
         let qkv: Vec<f32> = random(seed + 3, t * (nh + 2 * ng) * d, 2.0).into_iter().map(round_bf16).collect();
-        let table = HeadEntry::table(&heads);
-        let (qkvg, st, invg, hg) = (gpu.upload(&bf16_bits(&qkv))?, gpu.upload(&[p0 as i32, win as i32])?, gpu.upload(&inv)?, gpu.upload(&table)?);
-        let (qg, kg, vg) = (gpu.zeros::<f32>(t * nh * d)?, gpu.zeros::<u16>(rows * d)?, gpu.zeros::<u16>(rows * d)?);
-        gpu.rope_append(gpu.addr(&qkvg), gpu.addr(&st), gpu.addr(&invg), gpu.addr(&hg), nh, ng, d, half_split, gpu.addr(&qg), gpu.addr(&kg), gpu.addr(&vg), t)?;
-        let (gq, gk, gv) = (gpu.download(&qg)?, bf16_to_f32(&gpu.download(&kg)?), bf16_to_f32(&gpu.download(&vg)?));
+        let slots: Vec<i32> = rows_at.iter().map(|r| r.0).collect();
+        let pos: Vec<i32> = rows_at.iter().map(|r| r.1 as i32).collect();
+        let (qkvg, sg, pg, invg, hg) = (gpu.upload(&bf16_bits(&qkv))?, gpu.upload(&slots)?, gpu.upload(&pos)?, gpu.upload(&inv)?, gpu.upload(&HeadEntry::table(&heads))?);
+        let tab = gpu.upload(&decode_attention::table_rows(&layout, &tables))?;
+        let poison = vec![0x7f7fu16; pool_rows * d];
+        let (qg, kg, vg) = (gpu.zeros::<f32>(t * nh * d)?, gpu.upload(&poison)?, gpu.upload(&poison)?);
+        gpu.rope_append(gpu.addr(&qkvg), gpu.addr(&sg), gpu.addr(&pg), gpu.addr(&invg), gpu.addr(&hg), nh, ng, d, half_split, gpu.addr(&qg), gpu.addr(&kg), gpu.addr(&vg), t, layout.paged_args(gpu.addr(&tab)))?;
+        let (gq, gk_bits, gv_bits) = (gpu.download(&qg)?, gpu.download(&kg)?, gpu.download(&vg)?);
+        let (gk, gv) = (bf16_to_f32(&gk_bits), bf16_to_f32(&gv_bits));
         let mut err = 0.0f64;
+        let mut written = std::collections::HashSet::new();
         let stride = (nh + 2 * ng) * d;
-        for r in 0..t {
-            let pos = p0 + r;
+        for (r, &(slot, pos)) in rows_at.iter().enumerate() {
             for hh in 0..nh + ng {
                 let mut v = qkv[r * stride + hh * d..][..d].to_vec();
                 rope_ref(&mut v, pos, &inv, half_split);
-                let got: Vec<f32> = if hh < nh {
-                    gq[(r * nh + hh) * d..][..d].to_vec()
-                } else {
-                    let e = heads[hh - nh];
-                    let row = e.offset as usize + if e.kind == HeadEntry::STREAMING { e.sink as usize + pos - win } else { pos };
+                if hh < nh {
+                    err = err.max(max_err(&v, &gq[(r * nh + hh) * d..][..d]));
+                } else if slot >= 0 {
+                    let row = tables[slot as usize].row(&layout, heads[hh - nh], pos);
+                    written.insert(row);
                     let values: Vec<f32> = qkv[r * stride + (nh + ng + hh - nh) * d..][..d].iter().map(|&x| round_bf16(x)).collect();
                     err = err.max(max_err(&values, &gv[row * d..][..d]));
-                    v = v.iter().map(|&x| round_bf16(x)).collect();
-                    gk[row * d..][..d].to_vec()
-                };
-                // Angles near 1000 rad: sin/cos of the GPU and the CPU differ by a few ulp, and
-                // a cached key may round to the neighbouring bf16 (2^-6 for |x| < 4).
-                err = err.max(max_err(&v, &got));
+                    let keys: Vec<f32> = v.iter().map(|&x| round_bf16(x)).collect();
+                    // Angles near 1000 rad: sin/cos of the GPU and the CPU differ by a few ulp,
+                    // and a cached key may round to the neighbouring bf16 (2^-6 for |x| < 4).
+                    err = err.max(max_err(&keys, &gk[row * d..][..d]));
+                }
             }
         }
-        out.push(Parity { case: format!("rope_append: {nh} q + {ng} kv heads of {d}, positions {p0}.., half_split {half_split}"), max_abs_err: err, bound: 2e-2 });
+        // Every other row is untouched (the padding row wrote nothing).
+        let stray = (0..pool_rows).filter(|r| !written.contains(r)).filter(|&r| gk_bits[r * d..][..d].iter().chain(&gv_bits[r * d..][..d]).any(|&b| b != 0x7f7f)).count();
+        out.push(Parity { case: format!("rope_append (paged): {nh} q + {ng} kv heads of {d}, two sequences and a padding row, half_split {half_split}; rows written elsewhere: {stray}"), max_abs_err: if stray == 0 { err } else { f64::INFINITY }, bound: 2e-2 });
     }
 
     // SiLU x up.
@@ -148,20 +184,36 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     let got = gpu.download(&ig)?[0];
     out.push(Parity { case: format!("argmax over 128256 with a tie: {got} (want 70000)"), max_abs_err: (got - 70_000).abs() as f64, bound: 0.0 });
 
-    // Window compaction with overlapping source and destination.
-    let (d, rows, src, dst, keep) = (128usize, 600usize, 150usize, 4usize, 256usize);
-    let data = random(seed + 6, 2 * rows * d, 1.0);
-    let bits = bf16_bits(&data);
-    let (kg, vg) = (gpu.upload(&bits[..rows * d])?, gpu.upload(&bits[rows * d..])?);
-    let offs = gpu.upload(&[0i32])?;
-    gpu.compact_window(gpu.addr(&kg), gpu.addr(&vg), gpu.addr(&offs), 1, src, dst, keep, d)?;
-    let (gk, gv) = (gpu.download(&kg)?, gpu.download(&vg)?);
-    let mut want_k = bits[..rows * d].to_vec();
-    want_k.copy_within(src * d..(src + keep) * d, dst * d);
-    let mut want_v = bits[rows * d..].to_vec();
-    want_v.copy_within(src * d..(src + keep) * d, dst * d);
-    let wrong = gk.iter().zip(&want_k).chain(gv.iter().zip(&want_v)).filter(|(a, b)| a != b).count();
-    out.push(Parity { case: format!("compact_window: {keep} rows from {src} to {dst} (overlapping), elements wrong"), max_abs_err: wrong as f64, bound: 0.0 });
+    // Block copies and table updates.
+    let elems = 3 * 64;
+    let data: Vec<u16> = bf16_bits(&random(seed + 6, 2 * 4 * elems, 1.0));
+    let (sk, sv) = (gpu.upload(&data[..4 * elems])?, gpu.upload(&data[4 * elems..])?);
+    let (dk, dv) = (gpu.zeros::<u16>(4 * elems)?, gpu.zeros::<u16>(4 * elems)?);
+    let pairs = gpu.upload(&[2i32, 0, 0, 3])?;
+    gpu.copy_blocks(gpu.addr(&sk), gpu.addr(&sv), gpu.addr(&dk), gpu.addr(&dv), gpu.addr(&pairs), 2, elems)?;
+    let (gk, gv) = (gpu.download(&dk)?, gpu.download(&dv)?);
+    let mut want_k = vec![0u16; 4 * elems];
+    want_k[..elems].copy_from_slice(&data[2 * elems..3 * elems]);
+    want_k[3 * elems..].copy_from_slice(&data[..elems]);
+    let mut want_v = vec![0u16; 4 * elems];
+    want_v[..elems].copy_from_slice(&data[6 * elems..7 * elems]);
+    want_v[3 * elems..].copy_from_slice(&data[4 * elems..5 * elems]);
+    let tab = gpu.upload(&[0i32; 10])?;
+    let patch = gpu.upload(&[7i32, 42, 1, -5])?;
+    gpu.scatter_i32(gpu.addr(&tab), gpu.addr(&patch), 2)?;
+    let mut want_tab = [0i32; 10];
+    want_tab[7] = 42;
+    want_tab[1] = -5;
+    let wrong = gk.iter().zip(&want_k).chain(gv.iter().zip(&want_v)).filter(|(a, b)| a != b).count() + gpu.download(&tab)?.iter().zip(&want_tab).filter(|(a, b)| a != b).count();
+    out.push(Parity { case: "copy_blocks and scatter_i32: elements wrong".into(), max_abs_err: wrong as f64, bound: 0.0 });
+
+    // Argmax of several rows at once.
+    let rows3: Vec<f32> = random(seed + 10, 3 * 1000, 1.0);
+    let want: Vec<i32> = rows3.chunks(1000).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as i32).collect();
+    let (lg, ig) = (gpu.upload(&rows3)?, gpu.zeros::<i32>(3)?);
+    gpu.argmax_rows(gpu.addr(&lg), 1000, 3, gpu.addr(&ig))?;
+    let wrong = gpu.download(&ig)?.iter().zip(&want).filter(|(a, b)| a != b).count();
+    out.push(Parity { case: "argmax_rows: 3 rows of 1000, rows wrong".into(), max_abs_err: wrong as f64, bound: 0.0 });
 
     // cuBLAS product: bf16 in, f32 out, accumulate into y (beta = 1).
     let (t, k, m) = (5usize, 4096usize, 300usize);
@@ -183,32 +235,26 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
 }
 
 /// Milliseconds of one prefill-attention launch for a Llama-3-8B layer (32 query / 8 KV
-/// heads of 128): a chunk of `t` queries at positions `first..first + t` over a cache of
-/// random keys, KV heads retrieval where `retrieval[g]` (else streaming, sink 128 + recent
-/// 256). Also returns the multiply-adds of the causal attention of the retrieval heads x 2
-/// x 2 (FLOPs as usually counted), so that time can be read as TFLOPS.
+/// heads of 128): a chunk of `t` queries at positions `first..first + t` over a paged cache
+/// (blocks of 64) of random keys, KV heads retrieval where `retrieval[g]` (else streaming,
+/// sink 128 + recent 256). Also returns the multiply-adds of the causal attention of the
+/// retrieval heads x 2 x 2 (FLOPs as usually counted), so that time can be read as TFLOPS.
 pub fn time_prefill_attention(gpu: &Gpu, retrieval: &[bool], t: usize, first: usize, iters: usize) -> Result<(f64, f64)> {
     let (h, d) = (32usize, 128usize);
     let n = first + t;
-    let (sink, recent) = (128usize, 256usize);
-    let mut at = 0;
-    let heads: Vec<HeadEntry> = retrieval
-        .iter()
-        .map(|&r| {
-            let e = if r { HeadEntry::retrieval(at) } else { HeadEntry::streaming(at, sink, recent) };
-            at += if r { n } else { sink + recent + t };
-            e
-        })
-        .collect();
-    let window_start = n - (recent + t).min(n - sink);
-    let table = HeadEntry::table(&heads);
-    let (k, v) = (gpu.zeros::<u16>(at * d)?, gpu.zeros::<u16>(at * d)?);
-    gpu.fill_uniform(gpu.addr(&k), at * d, 1, 1.0)?;
-    gpu.fill_uniform(gpu.addr(&v), at * d, 2, 1.0)?;
+    let layout = PagedLayout { retrieval: vec![retrieval.to_vec()], sink: 128, recent: 256, block_tokens: 64, max_chunk: t, max_tokens: n };
+    let (tables, blocks) = shuffled_tables(&layout, n, 1);
+    let elems = blocks * layout.block_elems(d);
+    let (k, v) = (gpu.zeros::<u16>(elems)?, gpu.zeros::<u16>(elems)?);
+    gpu.fill_uniform(gpu.addr(&k), elems, 1, 1.0)?;
+    gpu.fill_uniform(gpu.addr(&v), elems, 2, 1.0)?;
     let q = gpu.zeros::<f32>(t * h * d)?;
     let out = gpu.zeros::<u16>(t * h * d)?;
-    let (tab, state) = (gpu.upload(&table)?, gpu.upload(&[first as i32, window_start as i32])?);
-    let run = || gpu.prefill_attention(gpu.addr(&q), gpu.addr(&k), gpu.addr(&v), gpu.addr(&tab), gpu.addr(&state), t, h, h / retrieval.len(), d, gpu.addr(&out));
+    let heads = gpu.upload(&HeadEntry::table(&layout.heads(0)))?;
+    let tab = gpu.upload(&decode_attention::table_rows(&layout, &[tables]))?;
+    let state = gpu.upload(&[0i32, first as i32])?;
+    let args = layout.paged_args(gpu.addr(&tab));
+    let run = || gpu.prefill_attention(gpu.addr(&q), gpu.addr(&k), gpu.addr(&v), gpu.addr(&heads), gpu.addr(&state), args, t, h, h / retrieval.len(), d, gpu.addr(&out));
     run()?;
     gpu.sync()?;
     let started = std::time::Instant::now();

@@ -1,10 +1,12 @@
-//! One decode step of attention over a layer's hybrid KV cache, in one fused launch.
+//! One decode step of attention over a layer's hybrid KV cache for every running sequence,
+//! in one fused launch.
 //!
 //! A layer's KV heads are a mix of retrieval heads (every token) and streaming heads (sinks
 //! plus a ring of recent tokens). At decode time both are just "a list of cached keys and
 //! values" — softmax does not care about their order, and keys are cached after RoPE — so
-//! one kernel covers both: a table gives each KV head its rows' offset and count. A long
-//! retrieval cache is split across the sequence (split-K): grid `(KV heads, splits)`, each
+//! one kernel covers both: the head's kind says which positions it sees, and each position's
+//! row is found through the sequence's block table ([`crate::paged`]). A long retrieval cache
+//! is split across the sequence (split-K): grid `(KV heads, splits, sequences)`, each
 //! block reads its slice of one KV head's keys and values once for all the query heads that
 //! share it (GQA) and reduces them with an online softmax into partials (max, sum, weighted
 //! values); a second small kernel merges the partials. Streaming heads have few keys, so
@@ -14,6 +16,7 @@
 //! bound against the `f64` reference (on the same rounded cache for bf16) is `1e-4` absolute
 //! on outputs of magnitude ~1.
 
+use crate::prefill_attention::HeadEntry;
 use crate::{CudaError, Result};
 
 /// How the cache stores keys and values on the GPU (accumulation is `f32` either way).
@@ -64,75 +67,80 @@ pub fn auto_split(lens: &[u32]) -> usize {
     want.clamp(MIN_SPLIT, 2048).div_ceil(64) * 64
 }
 
-/// The inputs of one decode step of one layer.
+/// The inputs of one decode step of one layer for several sequences (decode rows).
 #[derive(Debug, Clone)]
 pub struct DecodeInput {
     /// Query heads.
     pub n_heads: usize,
     /// Dimension of a head: 64, 128 or 256.
     pub head_dim: usize,
-    /// Queries, `[n_heads, head_dim]` (after RoPE).
+    /// Per KV head: retrieval, or streaming with its sink and recent window (offsets unused).
+    pub heads: Vec<HeadEntry>,
+    /// Per decode row: tokens cached, its own included (its position is `tokens - 1`).
+    pub tokens: Vec<usize>,
+    /// Queries, `[rows, n_heads, head_dim]` (after RoPE).
     pub q: Vec<f32>,
-    /// Every KV head's keys, rows of `head_dim`, one head after another.
+    /// Keys of every position of every row and KV head: `[row][kv head][position][head_dim]`.
     pub keys: Vec<f32>,
     /// Values, laid out as `keys`.
     pub values: Vec<f32>,
-    /// Per KV head: first row in `keys`/`values`.
-    pub offsets: Vec<u32>,
-    /// Per KV head: rows cached (a retrieval head: every token; a streaming head: at most
-    /// sink + recent).
-    pub lens: Vec<u32>,
 }
 
 impl DecodeInput {
+    /// Where row `b`'s keys of KV head `g` start in `keys`.
+    pub fn key_offset(&self, b: usize, g: usize) -> usize {
+        let before: usize = self.tokens[..b].iter().sum();
+        (before * self.heads.len() + g * self.tokens[b]) * self.head_dim
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CudaError::Input(m));
-        let (h, d, g) = (self.n_heads, self.head_dim, self.offsets.len());
+        let (h, d, g) = (self.n_heads, self.head_dim, self.heads.len());
         if ![64, 128, 256].contains(&d) {
             return bad(format!("head_dim {d} must be 64, 128 or 256"));
         }
-        if g == 0 || h % g != 0 || self.lens.len() != g {
-            return bad(format!("{h} query heads for {g} KV heads ({} lengths)", self.lens.len()));
+        if g == 0 || h % g != 0 {
+            return bad(format!("{h} query heads for {g} KV heads"));
         }
-        if self.q.len() != h * d || self.keys.len() != self.values.len() || !self.keys.len().is_multiple_of(d) {
-            return bad("q, keys or values have the wrong size".into());
-        }
-        let rows = self.keys.len() / d;
-        for (o, l) in self.offsets.iter().zip(&self.lens) {
-            if *l == 0 || (*o as usize + *l as usize) > rows {
-                return bad(format!("a KV head's rows {o}..{} are empty or past the {rows} rows", o + l));
-            }
+        let total: usize = self.tokens.iter().sum();
+        if self.tokens.contains(&0) || self.q.len() != self.tokens.len() * h * d || self.keys.len() != total * g * d || self.values.len() != self.keys.len() {
+            return bad("q, keys or values have the wrong size (or a row has no token)".into());
         }
         Ok(())
     }
 }
 
-/// The reference: softmax(q k^T / sqrt(d)) v per query head, in `f64`. Returns
-/// `[n_heads, head_dim]`.
+/// The reference: per row and query head, softmax(q k^T / sqrt(d)) v over the positions its KV
+/// head sees at the row's position (all, or sinks + recent), in `f64`. Returns
+/// `[rows, n_heads, head_dim]`.
 pub fn reference(x: &DecodeInput) -> Result<Vec<f32>> {
     x.validate()?;
-    let (d, group) = (x.head_dim, x.n_heads / x.offsets.len());
+    let (h, d, group) = (x.n_heads, x.head_dim, x.n_heads / x.heads.len());
     let scale = 1.0 / (d as f64).sqrt();
-    let mut out = vec![0.0f32; x.n_heads * d];
-    for h in 0..x.n_heads {
-        let g = h / group;
-        let (o, l) = (x.offsets[g] as usize, x.lens[g] as usize);
-        let q = &x.q[h * d..(h + 1) * d];
-        let scores: Vec<f64> = (o..o + l).map(|r| q.iter().zip(&x.keys[r * d..(r + 1) * d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
-        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-        let z: f64 = w.iter().sum();
-        for (i, r) in (o..o + l).enumerate() {
-            for c in 0..d {
-                out[h * d + c] += (w[i] / z * x.values[r * d + c] as f64) as f32;
+    let mut out = vec![0.0f32; x.tokens.len() * h * d];
+    for (b, &n) in x.tokens.iter().enumerate() {
+        for qh in 0..h {
+            let g = qh / group;
+            let e = x.heads[g];
+            let base = x.key_offset(b, g);
+            let q = &x.q[(b * h + qh) * d..][..d];
+            let seen: Vec<usize> = (0..n).filter(|&p| e.visible(n - 1, p)).collect();
+            let scores: Vec<f64> = seen.iter().map(|&p| q.iter().zip(&x.keys[base + p * d..][..d]).map(|(a, k)| *a as f64 * *k as f64).sum::<f64>() * scale).collect();
+            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for (wi, &p) in w.iter().zip(&seen) {
+                for c in 0..d {
+                    out[(b * h + qh) * d + c] += (wi / z * x.values[base + p * d + c] as f64) as f32;
+                }
             }
         }
     }
     Ok(out)
 }
 
-/// Random inputs: `lens` per KV head, values ~ N(0, 1) like keys and queries.
-pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, lens: &[u32]) -> DecodeInput {
+/// Random inputs: keys, values and queries ~ N(0, 1).
+pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, heads: Vec<HeadEntry>, tokens: &[usize]) -> DecodeInput {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut normal = |n: usize| -> Vec<f32> {
@@ -142,14 +150,9 @@ pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, lens: &[u32]) ->
             ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
         }).collect()
     };
-    let rows: usize = lens.iter().map(|&l| l as usize).sum();
-    let mut offsets = Vec::with_capacity(lens.len());
-    let mut at = 0u32;
-    for &l in lens {
-        offsets.push(at);
-        at += l;
-    }
-    DecodeInput { n_heads, head_dim, q: normal(n_heads * head_dim), keys: normal(rows * head_dim), values: normal(rows * head_dim), offsets, lens: lens.to_vec() }
+    let total: usize = tokens.iter().sum();
+    let g = heads.len();
+    DecodeInput { n_heads, head_dim, q: normal(tokens.len() * n_heads * head_dim), keys: normal(total * g * head_dim), values: normal(total * g * head_dim), heads, tokens: tokens.to_vec() }
 }
 
 /// The CUDA source: a partial kernel (one block per KV head and split: the `GROUP` query
@@ -159,6 +162,8 @@ pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, lens: &[u32]) ->
 /// model shape.
 pub const SOURCE: &str = r#"
 #define WARPS 4
+// Block-table entries a split may keep in shared memory.
+#define TAB_MAX 72
 // NVRTC has no math headers: negative infinity by its bits.
 #define NEG_INF __int_as_float(0xff800000)
 #define HEAD_DIM (PER_LANE * 32)
@@ -202,32 +207,54 @@ __device__ __forceinline__ void unpack(const uint4* r, float* out) {
     }
 }
 
-// The rows a KV head shows a decode step when `n` tokens are cached (the current one
-// included): logical row `t < len` is physical row `off + t + (t >= sinks ? gap : 0)`.
-__device__ __forceinline__ void visible_rows(int4 e, int n, int win, int* len, int* sinks, int* gap) {
+// The positions a KV head shows a decode step when `n` tokens are cached (the current one
+// included): logical index `t < len` is position `t + (t >= sinks ? gap : 0)`. A retrieval
+// head sees all `n`; a streaming head its sinks and the last `recent` positions.
+__device__ __forceinline__ void visible_positions(int4 e, int n, int* len, int* sinks, int* gap) {
     if (e.w == 0) { *len = n; *sinks = n; *gap = 0; }
-    else if (e.w == 2) { *len = e.z; *sinks = e.z; *gap = 0; }
     else {
-        const int s = min(n, e.y), w = n > e.y ? n - win : 0, v = min(w, e.z);
-        *len = s + v; *sinks = s; *gap = w - v;
+        const int s = min(n, e.y), v = n > e.y ? min(n - e.y, e.z) : 0;
+        *len = s + v; *sinks = s; *gap = n - v - s;
     }
 }
 
+// Grid (KV heads, splits, decode rows): row b is sequence slot row_slot[b] at position
+// row_pos[b] (its own token already appended); a negative slot is padding.
 extern "C" __global__ void duo_decode_partial(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
-    const int4* __restrict__ heads, const int* __restrict__ state,
+    const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
     int split, int n_splits, float scale,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
-    const int g = blockIdx.x, s = blockIdx.y;
+    const int g = blockIdx.x, s = blockIdx.y, b = blockIdx.z;
+    const int seq_slot = row_slot[b];
+    if (seq_slot < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int sub = lane / LANES, first = (lane % LANES) * DIMS;
     const int4 e = heads[g];
+    const int n_heads = gridDim.x * GROUP;
+    q += (size_t)b * n_heads * HEAD_DIM;
     int len_i, sinks, gap;
-    visible_rows(e, state[0] + 1, state[1], &len_i, &sinks, &gap);
-    const unsigned len = len_i, off = e.x;
+    visible_positions(e, row_pos[b] + 1, &len_i, &sinks, &gap);
+    const unsigned len = len_i;
     const unsigned begin = (unsigned)s * split;
     const unsigned end = min(len, begin + (unsigned)split);
+    // A retrieval head's split covers consecutive positions: its block-table entries go to
+    // shared memory first, so no key load waits on a table load from global memory.
+    __shared__ int stab[TAB_MAX];
+    const int tab0 = begin >> pg.block_log2;
+    const bool shared_tab = e.w == 0 && (split >> pg.block_log2) + 2 <= TAB_MAX;
+    if (shared_tab) {
+        const int* trow = pg.tables + (size_t)seq_slot * pg.stride;
+        const int last = begin < end ? (int)((end - 1) >> pg.block_log2) : tab0 - 1;
+        for (int i = threadIdx.x; tab0 + i <= last; i += blockDim.x) stab[i] = trow[tab0 + i];
+    }
+    __syncthreads();
+    const int bmask = (1 << pg.block_log2) - 1;
+    auto row_of = [&](unsigned pos) -> size_t {
+        if (shared_tab) return (((size_t)stab[(pos >> pg.block_log2) - tab0] * pg.group + e.x) << pg.block_log2) + (pos & bmask);
+        return (size_t)kv_row(pg, e, seq_slot, pos);
+    };
     float qr[GROUP][DIMS], acc[GROUP][DIMS], m[GROUP], l[GROUP];
 #pragma unroll
     for (int j = 0; j < GROUP; j++) {
@@ -242,7 +269,7 @@ extern "C" __global__ void duo_decode_partial(
     {
         const unsigned t = begin + warp * KPW + sub;
         if (t < end) {
-            const size_t row = (size_t)off + t + (t >= (unsigned)sinks ? gap : 0);
+            const size_t row = row_of(t + (t >= (unsigned)sinks ? gap : 0));
             load_raw(keys + row * HEAD_DIM, first, kr);
             load_raw(values + row * HEAD_DIM, first, vr);
         }
@@ -253,7 +280,7 @@ extern "C" __global__ void duo_decode_partial(
         uint4 kn[RAW_N], vn[RAW_N];
         const unsigned tn = t + stride;
         if (tn < end) {
-            const size_t row = (size_t)off + tn + (tn >= (unsigned)sinks ? gap : 0);
+            const size_t row = row_of(tn + (tn >= (unsigned)sinks ? gap : 0));
             load_raw(keys + row * HEAD_DIM, first, kn);
             load_raw(values + row * HEAD_DIM, first, vn);
         }
@@ -311,7 +338,7 @@ extern "C" __global__ void duo_decode_partial(
 #pragma unroll
                 for (int i = 0; i < PER_LANE; i++) out[i] += sacc[w][lane * PER_LANE + i] * c;
             }
-            const size_t p = (size_t)(g * GROUP + j) * n_splits + s;
+            const size_t p = ((size_t)b * n_heads + g * GROUP + j) * n_splits + s;
             if (lane == 0) { part_m[p] = mm; part_l[p] = ll; }
 #pragma unroll
             for (int i = 0; i < PER_LANE; i++) part_acc[p * HEAD_DIM + lane * PER_LANE + i] = out[i];
@@ -347,89 +374,184 @@ extern "C" __global__ void duo_decode_merge(
 }
 "#;
 
+/// Keys per split for one decode launch over `rows` sequences whose KV heads show `lens`
+/// (at the longest row): [`auto_split`] with every row counted, so a large batch takes
+/// longer splits and fewer blocks per sequence.
+pub fn batch_split(lens: &[u32], rows: usize) -> usize {
+    let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
+    let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len as f64 * rows.max(1) as f64;
+    let want = (max_len as f64 * heads / 528.0).ceil() as usize;
+    want.clamp(MIN_SPLIT, 2048).div_ceil(64) * 64
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
+    use crate::paged::{Allocator, PagedLayout, Tables};
     use crate::prefill_attention::HeadEntry;
     use crate::runtime::{DecodeLaunch, Gpu};
     use crate::Parity;
 
-    /// Runs the fused decode attention on the GPU (copying inputs in and the output out),
-    /// a warp reading `keys_per_warp` keys at once.
-    pub fn decode_attention(gpu: &Gpu, x: &DecodeInput, kv: KvType, keys_per_warp: usize) -> Result<Vec<f32>> {
-        Ok(run(gpu, x, kv, auto_split(&x.lens), keys_per_warp, 1)?.0)
+    /// A one-layer layout for `kinds` (true = retrieval) whose streaming heads keep `sink` +
+    /// `recent`, blocks of `block_tokens`, rows of up to `max_tokens`.
+    pub fn layer_layout(kinds: &[bool], sink: usize, recent: usize, block_tokens: usize, max_tokens: usize) -> PagedLayout {
+        PagedLayout { retrieval: vec![kinds.to_vec()], sink, recent, block_tokens, max_chunk: 1, max_tokens }
     }
 
-    /// Milliseconds per launch pair (partial + merge), inputs already on the GPU, mean of
-    /// `iters` after one warm-up; and the KV bytes each launch reads. `split`: keys per
-    /// split, or `None` for [`auto_split`].
-    pub fn time_decode_attention(gpu: &Gpu, x: &DecodeInput, kv: KvType, split: Option<usize>, keys_per_warp: usize, iters: usize) -> Result<(f64, usize)> {
-        let split = split.unwrap_or_else(|| auto_split(&x.lens)).max(1);
-        let (_, ms) = run(gpu, x, kv, split, keys_per_warp, iters.max(1))?;
-        Ok((ms, x.lens.iter().map(|&l| l as usize).sum::<usize>() * x.head_dim * kv.bytes() * 2))
+    /// Every row's tables, with blocks handed out in a seeded shuffled order (so no row's
+    /// blocks are contiguous), and the pool's size in blocks.
+    fn place_tables(layout: &PagedLayout, tokens: &[usize], seed: u64) -> (Vec<Tables>, usize) {
+        use rand::{seq::SliceRandom, SeedableRng};
+        let total: usize = tokens.iter().map(|&n| layout.blocks_for(n)).sum::<usize>() + 3;
+        let mut perm: Vec<u32> = (0..total as u32).collect();
+        perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        let mut alloc = Allocator::new(total, tokens.len());
+        let tables = tokens
+            .iter()
+            .map(|&n| {
+                let streaming = alloc.take(layout.streaming_blocks()).unwrap_or_default().iter().map(|&b| perm[b as usize]).collect();
+                let retrieval = alloc.take(layout.retrieval_blocks(n)).unwrap_or_default().iter().map(|&b| perm[b as usize]).collect();
+                Tables { retrieval, streaming }
+            })
+            .collect();
+        (tables, total)
     }
 
-    fn run(gpu: &Gpu, x: &DecodeInput, kv: KvType, split: usize, keys_per_warp: usize, iters: usize) -> Result<(Vec<f32>, f64)> {
+    /// The device form of per-row tables: one row of `table_stride` entries per slot.
+    pub fn table_rows(layout: &PagedLayout, tables: &[Tables]) -> Vec<i32> {
+        let stride = layout.table_stride();
+        let mut out = vec![0i32; tables.len() * stride];
+        for (slot, t) in tables.iter().enumerate() {
+            for (j, &b) in t.retrieval.iter().enumerate() {
+                out[slot * stride + j] = b as i32;
+            }
+            for (k, &b) in t.streaming.iter().enumerate() {
+                out[slot * stride + layout.max_blocks() + k] = b as i32;
+            }
+        }
+        out
+    }
+
+    /// The launch shape for rows of `tokens` (each with its own token cached).
+    fn launch_for(x_heads: &[HeadEntry], n_heads: usize, head_dim: usize, tokens: &[usize], kv: KvType, split: Option<usize>, keys_per_warp: usize) -> DecodeLaunch {
+        let max_n = *tokens.iter().max().unwrap_or(&1);
+        let lens: Vec<u32> = x_heads.iter().map(|e| if e.kind == HeadEntry::RETRIEVAL { max_n as u32 } else { (max_n as u32).min((e.sink + e.recent) as u32) }).collect();
+        let split = split.unwrap_or_else(|| batch_split(&lens, tokens.len())).max(1);
+        let max_len = *lens.iter().max().unwrap_or(&1) as usize;
+        DecodeLaunch { n_kv: x_heads.len(), group: n_heads / x_heads.len(), head_dim, split, n_splits: max_len.div_ceil(split), rows: tokens.len(), kv, keys_per_warp }
+    }
+
+    /// Runs the fused decode attention on the GPU over a paged pool of `block_tokens`
+    /// (copying inputs in and the output out), a warp reading `keys_per_warp` keys at once.
+    /// `x.heads` must be `layer_layout`'s heads.
+    pub fn decode_attention(gpu: &Gpu, x: &DecodeInput, layout: &PagedLayout, kv: KvType, keys_per_warp: usize, seed: u64) -> Result<Vec<f32>> {
         if !keys_per_warp_fits(x.head_dim, keys_per_warp, kv) {
             return Err(CudaError::Input(format!("{keys_per_warp} keys per warp do not suit heads of {} ({kv:?})", x.head_dim)));
         }
         x.validate()?;
-        let (h, d, g) = (x.n_heads, x.head_dim, x.offsets.len());
-        let max_len = *x.lens.iter().max().unwrap_or(&1) as usize;
-        let launch = DecodeLaunch { n_kv: g, group: h / g, head_dim: d, split, n_splits: max_len.div_ceil(split), kv, keys_per_warp };
-        // Each head shows exactly its own rows.
-        let table: Vec<HeadEntry> = x.offsets.iter().zip(&x.lens).map(|(&o, &l)| HeadEntry::fixed(o as usize, l as usize)).collect();
-        let heads = gpu.upload(&HeadEntry::table(&table))?;
-        let state = gpu.upload(&[0i32, 0])?;
-        let q = gpu.upload(&x.q)?;
-        let out = gpu.zeros::<f32>(h * d)?;
-        let ns = launch.n_splits;
-        let (pm, pl, pa) = (gpu.zeros::<f32>(h * ns)?, gpu.zeros::<f32>(h * ns)?, gpu.zeros::<f32>(h * ns * d)?);
+        let (h, d) = (x.n_heads, x.head_dim);
+        let (tables, blocks) = place_tables(layout, &x.tokens, seed);
+        // Unused rows are poisoned: a read outside a row's blocks shows in the result.
+        let rows = blocks * layout.group() * layout.block_tokens;
+        let (mut keys, mut values) = (vec![1e3f32; rows * d], vec![1e3f32; rows * d]);
+        for (b, &n) in x.tokens.iter().enumerate() {
+            for (g, &e) in x.heads.iter().enumerate() {
+                let base = x.key_offset(b, g);
+                for p in 0..n {
+                    // In order of position: the ring keeps the latest.
+                    let r = tables[b].row(layout, e, p);
+                    keys[r * d..][..d].copy_from_slice(&x.keys[base + p * d..][..d]);
+                    values[r * d..][..d].copy_from_slice(&x.values[base + p * d..][..d]);
+                }
+            }
+        }
+        let launch = launch_for(&x.heads, h, d, &x.tokens, kv, None, keys_per_warp);
+        let heads = gpu.upload(&HeadEntry::table(&x.heads))?;
+        let tab = gpu.upload(&table_rows(layout, &tables))?;
+        let slots: Vec<i32> = (0..x.tokens.len() as i32).collect();
+        let pos: Vec<i32> = x.tokens.iter().map(|&n| n as i32 - 1).collect();
+        let (slots, pos, q) = (gpu.upload(&slots)?, gpu.upload(&pos)?, gpu.upload(&x.q)?);
+        let out = gpu.zeros::<f32>(x.tokens.len() * h * d)?;
+        let parts_n = x.tokens.len() * h * launch.n_splits;
+        let (pm, pl, pa) = (gpu.zeros::<f32>(parts_n)?, gpu.zeros::<f32>(parts_n)?, gpu.zeros::<f32>(parts_n * d)?);
         let (k32, v32, k16, v16);
         let (kc, vc) = match kv {
             KvType::F32 => {
-                (k32, v32) = (gpu.upload(&x.keys)?, gpu.upload(&x.values)?);
+                (k32, v32) = (gpu.upload(&keys)?, gpu.upload(&values)?);
                 (gpu.addr(&k32), gpu.addr(&v32))
             }
             KvType::Bf16 => {
-                (k16, v16) = (gpu.upload(&crate::ops::bf16_bits(&x.keys))?, gpu.upload(&crate::ops::bf16_bits(&x.values))?);
+                (k16, v16) = (gpu.upload(&crate::ops::bf16_bits(&keys))?, gpu.upload(&crate::ops::bf16_bits(&values))?);
                 (gpu.addr(&k16), gpu.addr(&v16))
             }
         };
         let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
-        let mut started = std::time::Instant::now();
-        for round in 0..iters + usize::from(iters > 1) {
-            if round == 1 {
-                gpu.sync()?;
-                started = std::time::Instant::now();
-            }
-            gpu.decode_attention(&launch, gpu.addr(&q), kc, vc, gpu.addr(&heads), gpu.addr(&state), parts, gpu.addr(&out), 0)?;
-        }
-        gpu.sync()?;
-        let ms = started.elapsed().as_secs_f64() * 1000.0 / iters as f64;
-        Ok((gpu.download(&out)?, ms))
+        gpu.decode_attention(&launch, gpu.addr(&q), kc, vc, gpu.addr(&heads), gpu.addr(&slots), gpu.addr(&pos), layout.paged_args(gpu.addr(&tab)), parts, gpu.addr(&out), 0)?;
+        gpu.download(&out)
     }
 
-    /// Parity on random inputs: GQA and MHA groups, head dims 64 and 128, retrieval caches
-    /// from 1 to 40,000 tokens next to streaming caches of at most 320.
+    /// Milliseconds per launch pair (partial + merge) of bf16 decode attention for a layer of
+    /// `kinds` (true = retrieval; streaming heads keep 64 + 256) over `rows` sequences of
+    /// `tokens` tokens in a pool of `block_tokens`-token blocks filled with random values;
+    /// mean of `iters` after one warm-up. Also the KV bytes each launch reads.
+    #[allow(clippy::too_many_arguments)]
+    pub fn time_decode_attention(gpu: &Gpu, n_heads: usize, head_dim: usize, kinds: &[bool], tokens: usize, rows: usize, block_tokens: usize, split: Option<usize>, keys_per_warp: usize, iters: usize) -> Result<(f64, usize)> {
+        let layout = layer_layout(kinds, 64, 256, block_tokens, tokens);
+        let all = vec![tokens; rows];
+        let (tables, blocks) = place_tables(&layout, &all, 7);
+        let elems = blocks * layout.block_elems(head_dim);
+        let (k, v) = (gpu.zeros::<u16>(elems)?, gpu.zeros::<u16>(elems)?);
+        gpu.fill_uniform(gpu.addr(&k), elems, 1, 1.0)?;
+        gpu.fill_uniform(gpu.addr(&v), elems, 2, 1.0)?;
+        let heads_v = layout.heads(0);
+        let launch = launch_for(&heads_v, n_heads, head_dim, &all, KvType::Bf16, split, keys_per_warp);
+        let heads = gpu.upload(&HeadEntry::table(&heads_v))?;
+        let tab = gpu.upload(&table_rows(&layout, &tables))?;
+        let slots = gpu.upload(&(0..rows as i32).collect::<Vec<_>>())?;
+        let pos = gpu.upload(&vec![tokens as i32 - 1; rows])?;
+        let q = gpu.zeros::<f32>(rows * n_heads * head_dim)?;
+        let out = gpu.zeros::<u16>(rows * n_heads * head_dim)?;
+        let parts_n = rows * n_heads * launch.n_splits;
+        let (pm, pl, pa) = (gpu.zeros::<f32>(parts_n)?, gpu.zeros::<f32>(parts_n)?, gpu.zeros::<f32>(parts_n * head_dim)?);
+        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
+        let args = layout.paged_args(gpu.addr(&tab));
+        let run = || gpu.decode_attention(&launch, gpu.addr(&q), gpu.addr(&k), gpu.addr(&v), gpu.addr(&heads), gpu.addr(&slots), gpu.addr(&pos), args, parts, 0, gpu.addr(&out));
+        run()?;
+        gpu.sync()?;
+        let started = std::time::Instant::now();
+        for _ in 0..iters.max(1) {
+            run()?;
+        }
+        gpu.sync()?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0 / iters.max(1) as f64;
+        let per_row: usize = heads_v.iter().map(|e| if e.kind == HeadEntry::RETRIEVAL { tokens } else { tokens.min(320) }).sum();
+        Ok((ms, rows * per_row * head_dim * 2 * 2))
+    }
+
+    /// Parity on random inputs over shuffled paged pools: GQA and MHA groups, head dims 64,
+    /// 128 and 256, several rows of different lengths in one launch, retrieval caches from 1 to
+    /// 40,000 tokens next to streaming heads (sinks + recent), blocks of 16 to 128 tokens.
     pub fn check(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
-        let cases: [(usize, usize, &[u32]); 5] = [
-            (9, 64, &[1, 320, 57]),                              // SmolLM2-like: 3 KV heads, group 3
-            (32, 128, &[4096, 320, 4096, 320, 17, 320, 9000, 1]), // Llama-3-8B-like layer, mixed
-            (32, 128, &[40_000; 8]),                              // long retrieval caches
-            (8, 128, &[300, 320, 256, 257, 512, 1, 2, 3]),        // split boundaries, MHA
-            (4, 256, &[1000, 20]),                                // widest head
+        // (query heads, head dim, kinds, sink, recent, block tokens, row lengths)
+        type Case = (usize, usize, &'static [bool], usize, usize, usize, &'static [usize]);
+        let cases: [Case; 5] = [
+            (9, 64, &[true, false, true], 64, 256, 64, &[1, 57, 320, 1000]),                  // SmolLM2-like
+            (32, 128, &[true, false, true, false, false, false, true, false], 64, 256, 16, &[4096, 9000, 17]), // Llama-3-8B-like, mixed
+            (32, 128, &[true; 8], 64, 256, 128, &[40_000]),                                    // one long row
+            (8, 128, &[true, false, true, false, true, false, true, false], 16, 100, 32, &[300, 256, 257, 513, 1, 2, 3]), // boundaries, MHA
+            (4, 256, &[true, false], 8, 20, 64, &[1000, 21]),                                   // widest head
         ];
         let mut out = Vec::new();
         for kv in [KvType::F32, KvType::Bf16] {
-            for (i, (h, d, lens)) in cases.iter().enumerate() {
-                let x = random_input(seed + i as u64, *h, *d, lens);
+            for (i, (h, d, kinds, sink, recent, bt, tokens)) in cases.iter().enumerate() {
+                let layout = layer_layout(kinds, *sink, *recent, *bt, *tokens.iter().max().unwrap_or(&1));
+                let x = random_input(seed + i as u64, *h, *d, layout.heads(0), tokens);
                 // The bf16 kernel is compared with the reference on the same rounded cache.
                 let want = reference(&if kv == KvType::Bf16 { rounded_to_bf16(&x) } else { x.clone() })?;
                 for kpw in [4, 2, 1].into_iter().filter(|&k| keys_per_warp_fits(*d, k, kv)) {
-                    let got = decode_attention(gpu, &x, kv, kpw)?;
+                    let got = decode_attention(gpu, &x, &layout, kv, kpw, seed + i as u64)?;
                     let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
-                    out.push(Parity { case: format!("decode attention {kv:?}, {kpw} keys/warp: {h} heads x {d}, KV lens {lens:?}"), max_abs_err: err, bound: 1e-4 });
+                    out.push(Parity { case: format!("paged decode attention {kv:?}, {kpw} keys/warp, blocks of {bt}: {h} heads x {d}, kinds {kinds:?}, rows {tokens:?}"), max_abs_err: err, bound: 1e-4 });
                 }
             }
         }
@@ -438,7 +560,7 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{check as check_kernel, decode_attention, time_decode_attention};
+pub use gpu::{check as check_kernel, decode_attention, layer_layout, table_rows, time_decode_attention};
 
 #[cfg(test)]
 mod tests {
@@ -455,25 +577,51 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_counts_every_row() {
+        assert_eq!(batch_split(&[131_072; 8], 1), auto_split(&[131_072; 8]));
+        assert_eq!(batch_split(&[16_384; 8], 1), 256);
+        assert_eq!(batch_split(&[16_384; 8], 64), 2048, "64 rows fill the card with long splits");
+        assert_eq!(batch_split(&[1000, 320], 8), 256);
+    }
+
+    fn heads(kinds: &[bool], sink: usize, recent: usize) -> Vec<HeadEntry> {
+        kinds.iter().enumerate().map(|(i, &r)| if r { HeadEntry::retrieval(i) } else { HeadEntry::streaming(i, sink, recent) }).collect()
+    }
+
+    #[test]
     fn reference_is_a_softmax_average() {
-        // One key: the output is its value. Two equal keys: the mean of their values.
-        let mut x = random_input(1, 2, 64, &[1, 2]);
+        // Row 0 has one token: the output is its value. Row 1 has two equal keys: the mean.
+        let mut x = random_input(1, 2, 64, heads(&[true, true], 0, 0), &[1, 2]);
         let out = reference(&x).unwrap();
-        assert!(out[..64].iter().zip(&x.values[..64]).all(|(a, b)| (a - b).abs() < 1e-6));
-        let (k1, v1, v2) = (x.keys[64..128].to_vec(), x.values[64..128].to_vec(), x.values[128..192].to_vec());
-        x.keys[128..192].copy_from_slice(&k1);
+        let v0 = x.key_offset(0, 0);
+        assert!(out[..64].iter().zip(&x.values[v0..v0 + 64]).all(|(a, b)| (a - b).abs() < 1e-6));
+        let at = x.key_offset(1, 1);
+        let k1 = x.keys[at..at + 64].to_vec();
+        x.keys[at + 64..at + 128].copy_from_slice(&k1);
+        let (a, b) = (x.values[at..at + 64].to_vec(), x.values[at + 64..at + 128].to_vec());
         let out = reference(&x).unwrap();
-        assert!(out[64..].iter().zip(v1.iter().zip(&v2)).all(|(o, (a, b))| (o - (a + b) / 2.0).abs() < 1e-5));
+        let row1_head1 = &out[(2 + 1) * 64..(2 + 2) * 64];
+        assert!(row1_head1.iter().zip(a.iter().zip(&b)).all(|(o, (a, b))| (o - (a + b) / 2.0).abs() < 1e-5));
+    }
+
+    #[test]
+    fn a_streaming_head_sees_only_sinks_and_recent() {
+        // 6 tokens, sink 1, recent 2: positions 0, 4, 5 are seen; 1..4 poisoned.
+        let mut x = random_input(2, 1, 64, heads(&[false], 1, 2), &[6]);
+        for p in 1..4 {
+            x.values[p * 64..(p + 1) * 64].fill(1e6);
+        }
+        assert!(reference(&x).unwrap().iter().all(|v| v.abs() < 100.0));
     }
 
     #[test]
     fn bad_shapes_are_refused() {
-        let x = random_input(1, 3, 64, &[4, 4]);
+        let x = random_input(1, 3, 64, heads(&[true, true], 0, 0), &[4, 4]);
         assert!(reference(&x).is_err(), "3 query heads cannot share 2 KV heads");
-        let mut x = random_input(1, 2, 64, &[4, 4]);
-        x.lens[1] = 9;
+        let mut x = random_input(1, 2, 64, heads(&[true, true], 0, 0), &[4, 4]);
+        x.tokens[1] = 9;
         assert!(reference(&x).is_err());
-        let x = random_input(1, 2, 96, &[4, 4]);
+        let x = random_input(1, 2, 96, heads(&[true, true], 0, 0), &[4, 4]);
         assert!(reference(&x).is_err(), "head_dim must be 64, 128 or 256");
     }
 }

@@ -7,18 +7,25 @@
 //! check on seeded random inputs ([`check`]) that the GPU host runs (`duo cuda-check`).
 //!
 //! * [`dequant`]: GGUF blocks (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) to bf16.
-//! * [`ops`]: random weights, embedding, RMSNorm, RoPE + KV append, SiLU×up, argmax, window
-//!   compaction.
+//! * [`ops`]: random weights, embedding, RMSNorm, RoPE + KV append, SiLU×up, argmax, block
+//!   tables and block copies.
+//! * [`paged`]: the paged KV layout (blocks shared by all sequences, rings for streaming
+//!   heads), its allocator and the row lookup every cache kernel shares.
 //! * [`prefill_attention`]: a chunk's attention on the tensor cores, causal for retrieval
 //!   heads and Λ-shaped for streaming heads, in one launch per layer.
 //! * [`decode_attention`]: one decode step of attention for a whole layer, retrieval and
 //!   streaming heads in one launch, split across the sequence for long caches.
-//! * [`model`]: weights, the hybrid cache, chunked prefill, the decode step as a CUDA graph.
+//! * [`model`]: the weights on the GPU and the whole-model CPU reference.
+//! * [`pool`]: a pool of KV blocks and the batched step over many sequences (decode rows and
+//!   a prefill chunk in one forward pass; decode-only steps replayed as CUDA graphs).
 
 pub mod decode_attention;
 pub mod dequant;
 pub mod model;
 pub mod ops;
+pub mod paged;
+#[cfg(feature = "cuda")]
+pub mod pool;
 pub mod prefill_attention;
 #[cfg(feature = "cuda")]
 pub mod runtime;
@@ -45,6 +52,14 @@ pub enum CudaError {
         name: &'static str,
         /// NVRTC's log.
         log: String,
+    },
+    /// A step needs more KV blocks than the pool has free (nothing was changed).
+    #[error("the KV pool has {free} free blocks; this step needs {needed}")]
+    PoolFull {
+        /// Blocks the step needs.
+        needed: usize,
+        /// Blocks free.
+        free: usize,
     },
     /// The driver, NVRTC or cuBLAS failed.
     #[error("CUDA: {0}")]

@@ -1,6 +1,6 @@
 //! The small kernels of a transformer step, each with a plain CPU reference: seeded random
-//! weights, token embedding, RMSNorm, RoPE with the KV append into the hybrid cache, SiLU×up,
-//! argmax and the streaming-window compaction.
+//! weights, token embedding, RMSNorm, RoPE with the KV append into the paged cache, SiLU×up,
+//! argmax, block-table updates and block copies.
 //!
 //! Conventions shared by every kernel here and by the attention kernels:
 //! * bf16 values travel as their raw bits (`unsigned short`) and are rounded to nearest even,
@@ -8,13 +8,10 @@
 //! * The residual stream is `f32` (the output and down products accumulate into it);
 //!   matrix-product inputs (normalised activations, attention outputs, SiLU×up) and the
 //!   qkv and gate/up products' outputs are bf16, as in a bf16 PyTorch model.
-//! * A step's positions live in device memory, `state = [first position, window start]`, so a
-//!   captured CUDA graph replays for any position.
+//! * A step's rows (their sequence slot and position) and the block tables live in device
+//!   memory, so a captured CUDA graph replays for any positions and any blocks.
 //!
-//! The cache layout (see [`crate::model`]): each KV head owns rows `off..`; a retrieval head's
-//! row `r` holds position `r`; a streaming head's rows are its `sink` first positions, then a
-//! window of consecutive positions starting at `window start` (the same for every streaming
-//! head, since all see the same tokens).
+//! The cache layout is [`crate::paged`]'s: rows are found through a slot's block table.
 
 /// The kernels' CUDA source (compiled once per process with NVRTC).
 pub const SOURCE: &str = r#"
@@ -63,20 +60,17 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, bf16_t* out,
         out[(size_t)blockIdx.x * dim + i] = to_bf(row[i] * scale * w[i]);
 }
 
-// The row of a KV head's cache that holds `pos` (see the module docs).
-__device__ __forceinline__ long long cache_row(int4 head, int pos, int win) {
-    return head.w == 1 && pos >= head.y ? (long long)head.y + (pos - win) : (long long)pos;
-}
-
-// Rotates the chunk's queries and keys (position state[0] + t), writes queries as f32 and
-// keys/values as bf16 into the cache rows of their positions. qkv rows (bf16) are
-// [q (heads * D) | k (kv * D) | v (kv * D)]. Grid (T, heads + kv), D/2 threads.
-extern "C" __global__ void rope_append(const bf16_t* qkv, const int* state, const float* inv_freq,
+// Rotates the step's queries and keys (row t: sequence slot row_slot[t], position
+// row_pos[t]), writes queries as f32 and keys/values as bf16 into the paged cache rows of
+// their positions (`kv_row`). qkv rows (bf16) are [q (heads * D) | k (kv * D) | v (kv * D)].
+// A row whose slot is negative is padding: nothing is written to the cache.
+// Grid (T, heads + kv), D/2 threads.
+extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, const int* row_pos, const float* inv_freq,
     const int4* heads, int n_heads, int n_kv, int head_dim, int half_split,
-    float* q_out, bf16_t* kc, bf16_t* vc)
+    float* q_out, bf16_t* kc, bf16_t* vc, Paged pg)
 {
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
-    const int pos = state[0] + t;
+    const int slot = row_slot[t], pos = row_pos[t];
     const bf16_t* row = qkv + (size_t)t * (n_heads + 2 * n_kv) * head_dim;
     const bf16_t* x = row + h * head_dim;
     const int a = half_split ? i : 2 * i, b = half_split ? i + half : 2 * i + 1;
@@ -87,13 +81,26 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* state, cons
     if (h < n_heads) {
         float* q = q_out + (size_t)t * n_heads * head_dim + h * head_dim;
         q[a] = y0; q[b] = y1;
-    } else {
+    } else if (slot >= 0) {
         const int g = h - n_heads;
-        const size_t r = (size_t)(heads[g].x + cache_row(heads[g], pos, state[1])) * head_dim;
+        const size_t r = (size_t)kv_row(pg, heads[g], slot, pos) * head_dim;
         kc[r + a] = to_bf(y0); kc[r + b] = to_bf(y1);
         const bf16_t* v = row + (n_heads + n_kv + g) * head_dim;
         vc[r + a] = v[a]; vc[r + b] = v[b];
     }
+}
+
+// dst[pairs[2i]] = pairs[2i + 1] for i < n: block-table updates in one launch.
+extern "C" __global__ void scatter_i32(int* dst, const int* pairs, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) dst[pairs[2 * i]] = pairs[2 * i + 1];
+}
+
+// Copies whole blocks of `elems` bf16 values: block pairs[2i] of (sk, sv) to block
+// pairs[2i + 1] of (dk, dv). Grid (n, 2): y = 0 keys, 1 values; 256 threads.
+extern "C" __global__ void copy_blocks(const bf16_t* sk, const bf16_t* sv, bf16_t* dk, bf16_t* dv, const int* pairs, long long elems) {
+    const uint4* from = reinterpret_cast<const uint4*>((blockIdx.y == 0 ? sk : sv) + (size_t)pairs[2 * blockIdx.x] * elems);
+    uint4* to = reinterpret_cast<uint4*>((blockIdx.y == 0 ? dk : dv) + (size_t)pairs[2 * blockIdx.x + 1] * elems);
+    for (long long i = threadIdx.x; i < elems / 8; i += blockDim.x) to[i] = from[i];
 }
 
 // out[t, i] = bf16(silu(gate) * up), rows of gu (bf16) being [gate (inter) | up (inter)].
@@ -106,8 +113,11 @@ extern "C" __global__ void silu_mul(const bf16_t* gu, bf16_t* out, int rows, int
     }
 }
 
-// The index of the largest value (the lowest index among equals). One block of 1024 threads.
+// The index of the largest value of each row of n (the lowest index among equals). One block
+// of 1024 threads per row.
 extern "C" __global__ void argmax(const float* x, int n, int* out) {
+    x += (size_t)blockIdx.x * n;
+    out += blockIdx.x;
     float best = __int_as_float(0xff800000); int at = 0x7fffffff;
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         if (x[i] > best || (x[i] == best && i < at)) { best = x[i]; at = i; }
@@ -124,24 +134,6 @@ extern "C" __global__ void argmax(const float* x, int n, int* out) {
     if (threadIdx.x == 0) *out = si[0];
 }
 
-// Moves `rows` rows at `src` to `dst < src` inside each listed head's region of the key and
-// the value cache (blockIdx.y: 0 keys, 1 values). Rows go in ascending batches, each read
-// whole before it is written, so overlapping ranges are safe. 256 threads.
-extern "C" __global__ void compact_window(bf16_t* kc, bf16_t* vc, const int* head_offsets, int src, int dst, int rows, int head_dim) {
-    bf16_t* base = (blockIdx.y == 0 ? kc : vc) + (size_t)head_offsets[blockIdx.x] * head_dim;
-    uint4* from = reinterpret_cast<uint4*>(base + (size_t)src * head_dim);
-    uint4* to = reinterpret_cast<uint4*>(base + (size_t)dst * head_dim);
-    const int per_row = head_dim / 8, batch = blockDim.x / per_row;
-    for (int r0 = 0; r0 < rows; r0 += batch) {
-        const int r = r0 + threadIdx.x / per_row, c = threadIdx.x % per_row;
-        const bool live = threadIdx.x < batch * per_row && r < rows;
-        uint4 v;
-        if (live) v = from[(size_t)r * per_row + c];
-        __syncthreads();
-        if (live) to[(size_t)r * per_row + c] = v;
-        __syncthreads();
-    }
-}
 "#;
 
 pub use duo_core::random_weights::hash_uniform;

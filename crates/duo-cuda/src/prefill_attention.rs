@@ -8,10 +8,12 @@
 //!
 //! The mask is by position. A retrieval head sees every cached position up to the query's
 //! (causal). A streaming head sees the Λ shape: `k <= q && (k < sink || q - k < recent)` —
-//! the same rule as the CPU's `Visibility::Lambda`. Rows' positions only increase, so the walk
-//! stops at the first tile past the last query, and a streaming head skips every tile that
-//! holds neither sinks nor keys within `recent` of some query: its work per query is constant,
-//! not proportional to the context. Fully visible tiles skip the per-element mask.
+//! the same rule as the CPU's `Visibility::Lambda`. The kernel walks a head's positions in
+//! order (a streaming head: its sinks, then its ring from the oldest position it holds), each
+//! row found through the sequence's block table ([`crate::paged`]); so the walk stops at the
+//! first tile past the last query, and a streaming head skips every tile that holds neither
+//! sinks nor keys within `recent` of some query: its work per query is constant, not
+//! proportional to the context. Fully visible tiles skip the per-element mask.
 //!
 //! The chunk's keys and values are in the cache before this runs (see [`crate::ops`]), so the
 //! kernel reads one source per head. The parity bound against the `f64` reference is `1e-2`
@@ -19,64 +21,40 @@
 
 use crate::{CudaError, Result};
 
-/// How one KV head's cache is laid out and masked, as the kernels read it (`int4`).
+/// How one KV head is cached and masked, as the kernels read it (`int4`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct HeadEntry {
-    /// First row of the head's region in the layer's cache.
+    /// The head's index among the model's retrieval heads (a retrieval head) or streaming
+    /// heads (a streaming head): its unit within a block (see [`crate::paged`]).
     pub offset: i32,
     /// Sink tokens (streaming heads).
     pub sink: i32,
-    /// Recent window, the current token included (streaming heads); for
-    /// [`HeadEntry::FIXED`] heads, the number of rows.
+    /// Recent window, the current token included (streaming heads).
     pub recent: i32,
-    /// [`HeadEntry::RETRIEVAL`], [`HeadEntry::STREAMING`] or [`HeadEntry::FIXED`].
+    /// [`HeadEntry::RETRIEVAL`] or [`HeadEntry::STREAMING`].
     pub kind: i32,
 }
 
 impl HeadEntry {
-    /// Row `r` holds position `r`.
+    /// Keeps every position.
     pub const RETRIEVAL: i32 = 0;
-    /// Sinks, then a window of consecutive positions from the window start.
+    /// Keeps the sinks and a ring of the latest positions.
     pub const STREAMING: i32 = 1;
-    /// Decode only: exactly `recent` rows, all visible (standalone kernel checks).
-    pub const FIXED: i32 = 2;
 
-    /// A retrieval head at `offset`.
-    pub fn retrieval(offset: usize) -> Self {
-        Self { offset: offset as i32, sink: 0, recent: 0, kind: Self::RETRIEVAL }
+    /// The retrieval head of index `index`.
+    pub fn retrieval(index: usize) -> Self {
+        Self { offset: index as i32, sink: 0, recent: 0, kind: Self::RETRIEVAL }
     }
 
-    /// A streaming head at `offset`.
-    pub fn streaming(offset: usize, sink: usize, recent: usize) -> Self {
-        Self { offset: offset as i32, sink: sink as i32, recent: recent as i32, kind: Self::STREAMING }
-    }
-
-    /// A fixed head of `rows` rows at `offset`, all visible (decode only).
-    pub fn fixed(offset: usize, rows: usize) -> Self {
-        Self { offset: offset as i32, sink: 0, recent: rows as i32, kind: Self::FIXED }
+    /// The streaming head of index `index`.
+    pub fn streaming(index: usize, sink: usize, recent: usize) -> Self {
+        Self { offset: index as i32, sink: sink as i32, recent: recent as i32, kind: Self::STREAMING }
     }
 
     /// A layer's entries as the kernels read them: one `int4` per KV head.
     pub fn table(heads: &[HeadEntry]) -> Vec<i32> {
         heads.iter().flat_map(|e| [e.offset, e.sink, e.recent, e.kind]).collect()
-    }
-
-    /// Rows this head holds when `n` tokens have been cached and the window starts at `win`.
-    pub fn rows(&self, n: usize, win: usize) -> usize {
-        match self.kind {
-            Self::RETRIEVAL => n,
-            Self::FIXED => self.recent as usize,
-            _ => {
-                let s = self.sink as usize;
-                n.min(s) + if n > s { n - win } else { 0 }
-            }
-        }
-    }
-
-    /// Position held by row `r`.
-    pub fn position(&self, r: usize, win: usize) -> usize {
-        if self.kind == Self::STREAMING && r >= self.sink as usize { win + r - self.sink as usize } else { r }
     }
 
     /// Whether a query at `q` sees the key at `k`.
@@ -85,7 +63,7 @@ impl HeadEntry {
     }
 }
 
-/// One layer's prefill attention problem.
+/// One layer's prefill attention problem: a chunk of queries after a cached prefix.
 #[derive(Debug, Clone)]
 pub struct PrefillInput {
     /// Query heads.
@@ -94,22 +72,26 @@ pub struct PrefillInput {
     pub head_dim: usize,
     /// Queries of the chunk, `[t, n_heads * head_dim]`, after RoPE.
     pub q: Vec<f32>,
-    /// The layer's key cache (bf16 values held as `f32`), rows of `head_dim`.
+    /// Keys of every position up to the chunk's end (bf16 values held as `f32`):
+    /// `[kv head][position][head_dim]`.
     pub keys: Vec<f32>,
-    /// The value cache, laid out as `keys`.
+    /// Values, laid out as `keys`.
     pub values: Vec<f32>,
     /// Per KV head.
     pub heads: Vec<HeadEntry>,
     /// Position of the chunk's first query.
     pub first_position: usize,
-    /// Streaming window start.
-    pub window_start: usize,
 }
 
 impl PrefillInput {
     /// Queries in the chunk.
     pub fn tokens(&self) -> usize {
         self.q.len() / (self.n_heads * self.head_dim)
+    }
+
+    /// Positions cached once the chunk is in.
+    pub fn positions(&self) -> usize {
+        self.first_position + self.tokens()
     }
 
     fn validate(&self) -> Result<()> {
@@ -121,40 +103,35 @@ impl PrefillInput {
         if g == 0 || h % g != 0 || self.q.is_empty() || !self.q.len().is_multiple_of(h * d) {
             return bad(format!("{h} query heads for {g} KV heads, {} query values", self.q.len()));
         }
-        let n = self.first_position + self.tokens();
-        let rows = self.keys.len() / d;
-        for e in &self.heads {
-            if e.kind == HeadEntry::FIXED || e.offset < 0 || e.offset as usize + e.rows(n, self.window_start) > rows || self.values.len() != self.keys.len() {
-                return bad(format!("head {e:?} does not fit the {rows} cache rows"));
-            }
+        if self.keys.len() != g * self.positions() * d || self.values.len() != self.keys.len() {
+            return bad(format!("keys and values must hold {} positions of {g} heads", self.positions()));
         }
         Ok(())
     }
 }
 
-/// The reference: per query, softmax over its visible cached keys, in `f64`. Returns
+/// The reference: per query, softmax over the keys its head sees, in `f64`. Returns
 /// `[t, n_heads * head_dim]`.
 pub fn reference(x: &PrefillInput) -> Result<Vec<f32>> {
     x.validate()?;
-    let (h, d, t) = (x.n_heads, x.head_dim, x.tokens());
+    let (h, d, t, n) = (x.n_heads, x.head_dim, x.tokens(), x.positions());
     let group = h / x.heads.len();
-    let n = x.first_position + t;
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0.0f32; t * h * d];
     for qh in 0..h {
-        let e = x.heads[qh / group];
-        let rows = e.rows(n, x.window_start);
+        let g = qh / group;
+        let e = x.heads[g];
         for i in 0..t {
             let qp = x.first_position + i;
             let q = &x.q[(i * h + qh) * d..][..d];
-            let seen: Vec<usize> = (0..rows).filter(|&r| e.visible(qp, e.position(r, x.window_start))).map(|r| e.offset as usize + r).collect();
-            let s: Vec<f64> = seen.iter().map(|&r| q.iter().zip(&x.keys[r * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
+            let seen: Vec<usize> = (0..=qp).filter(|&p| e.visible(qp, p)).map(|p| (g * n + p) * d).collect();
+            let s: Vec<f64> = seen.iter().map(|&at| q.iter().zip(&x.keys[at..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
             let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
             let z: f64 = w.iter().sum();
-            for (wi, &r) in w.iter().zip(&seen) {
+            for (wi, &at) in w.iter().zip(&seen) {
                 for c in 0..d {
-                    out[(i * h + qh) * d + c] += (wi / z * x.values[r * d + c] as f64) as f32;
+                    out[(i * h + qh) * d + c] += (wi / z * x.values[at + c] as f64) as f32;
                 }
             }
         }
@@ -221,16 +198,20 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
 #define STAGE_ELEMS (BK * KPAD)
 #define Q_ELEMS (BQ * KPAD)
 
+// `state = [slot, first position]`: the chunk's sequence and where it starts. A streaming
+// head's ring holds positions from `win = max(sink, n - cap)`; its rows (in the order the
+// kernel walks them) are the sinks, then `win..n`.
 extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
     const float* __restrict__ q, const bf16_t* __restrict__ keys, const bf16_t* __restrict__ values,
-    const int4* __restrict__ heads, const int* __restrict__ state, int T, int n_heads, int group,
+    const int4* __restrict__ heads, const int* __restrict__ state, Paged pg, int T, int n_heads, int group,
     float scale_log2, bf16_t* __restrict__ out)
 {
     const int h = blockIdx.y, qt = gridDim.x - 1 - blockIdx.x;  // longest query tiles first
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
-    const int p0 = state[0], win = state[1];
+    const int slot = state[0], p0 = state[1];
     const int4 e = heads[h / group];
     const int n = p0 + T;
+    const int win = e.w == 1 ? max(e.y, n - pg.cap) : 0;
     const int rows = e.w == 0 ? n : min(n, e.y) + (n > e.y ? n - win : 0);
     const int q_lo = p0 + qt * BQ, q_hi = min(n, q_lo + BQ) - 1;
     // This lane's four query rows (chunk rows): m-tile mt, half hf -> warp*32 + mt*16 + hf*8 + gr.
@@ -260,9 +241,6 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
 #pragma unroll
     for (int x = 0; x < 4; x++) { m[x] = NEG_INF; l[x] = 0.f; }
 
-    const bf16_t* kbase = keys + (size_t)e.x * HEAD_DIM;
-    const bf16_t* vbase = values + (size_t)e.x * HEAD_DIM;
-
     // The next tile at or after row r that some query sees (rows' positions only increase),
     // or `rows` when there is none.
     auto next_tile = [&](int r) -> int {
@@ -279,9 +257,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         for (int i = threadIdx.x; i < BK * HEAD_DIM / 8; i += blockDim.x) {
             const int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
             const bool live = r0 + r < rows;
-            const size_t at = (size_t)(live ? r0 + r : 0) * HEAD_DIM + c;
-            cp_async16(ks + r * KPAD + c, kbase + at, live ? 16 : 0);
-            cp_async16(vs + r * KPAD + c, vbase + at, live ? 16 : 0);
+            const size_t at = (size_t)(live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * HEAD_DIM + c;
+            cp_async16(ks + r * KPAD + c, keys + at, live ? 16 : 0);
+            cp_async16(vs + r * KPAD + c, values + at, live ? 16 : 0);
         }
     };
 
@@ -412,51 +390,37 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
 }
 "#;
 
-/// Random problems for the parity check: a cache of `heads` laid out as given, `t` queries.
-#[allow(clippy::too_many_arguments)]
-pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, heads: Vec<HeadEntry>, cache_rows: usize, t: usize, first_position: usize, window_start: usize) -> PrefillInput {
+/// A random problem: `t` queries at `first_position..` over keys of every position.
+pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, heads: Vec<HeadEntry>, t: usize, first_position: usize) -> PrefillInput {
     let r = |k: u64, n: usize, round: bool| -> Vec<f32> {
         (0..n as u64).map(|i| {
             let v = crate::ops::hash_uniform(seed.wrapping_mul(31).wrapping_add(k), i) * 1.7;
             if round { crate::ops::round_bf16(v) } else { v }
         }).collect()
     };
-    PrefillInput {
-        n_heads,
-        head_dim,
-        q: r(1, t * n_heads * head_dim, false),
-        keys: r(2, cache_rows * head_dim, true),
-        values: r(3, cache_rows * head_dim, true),
-        heads,
-        first_position,
-        window_start,
-    }
+    let cached = heads.len() * (first_position + t) * head_dim;
+    PrefillInput { n_heads, head_dim, q: r(1, t * n_heads * head_dim, false), keys: r(2, cached, true), values: r(3, cached, true), heads, first_position }
 }
 
-/// The parity cases: first chunks, later chunks, streaming windows with and without gaps,
-/// GQA and MHA, head dims 64 and 128, lengths off the tile size.
-pub fn cases(seed: u64) -> Vec<(String, PrefillInput)> {
+/// The parity cases, each with its one-layer paged layout: first chunks, later chunks,
+/// streaming rings that have wrapped, GQA and MHA, head dims 64 and 128, lengths off the
+/// tile and block sizes.
+pub fn cases(seed: u64) -> Vec<(String, PrefillInput, crate::paged::PagedLayout)> {
     let mut out = Vec::new();
-    // (heads, dim, kinds (true = retrieval), first position, chunk, sink, recent, window start)
+    // (heads, dim, kinds (true = retrieval), first position, chunk, sink, recent, block tokens)
     type Case = (usize, usize, &'static [bool], usize, usize, usize, usize, usize);
     let specs: [Case; 5] = [
-        (4, 128, &[true, false], 0, 200, 8, 40, 8),          // first chunk: sinks fill, then window
-        (8, 128, &[true, false], 1000, 130, 16, 100, 900),   // later chunk, window of 100 + 130
-        (3, 64, &[false, true, false], 300, 77, 4, 64, 236), // SmolLM2-like MHA, window start past sinks
-        (2, 64, &[true, true], 0, 1, 4, 16, 4),             // one token
-        (32, 128, &[true, false, true, false, false, true, false, false], 4000, 256, 64, 256, 3700),
+        (4, 128, &[true, false], 0, 200, 8, 40, 64),             // first chunk: sinks fill, then the ring
+        (8, 128, &[true, false], 1000, 130, 16, 100, 16),        // later chunk, ring wrapped
+        (3, 64, &[false, true, false], 300, 77, 4, 64, 32),      // SmolLM2-like MHA
+        (2, 64, &[true, true], 0, 1, 4, 16, 64),                 // one token
+        (32, 128, &[true, false, true, false, false, true, false, false], 4000, 256, 64, 256, 64),
     ];
-    for (i, (h, d, kinds, p0, t, sink, recent, win)) in specs.iter().enumerate() {
+    for (i, (h, d, kinds, p0, t, sink, recent, bt)) in specs.iter().enumerate() {
         let n = p0 + t;
-        let mut heads = Vec::new();
-        let mut at = 0;
-        for &retrieval in kinds.iter() {
-            let e = if retrieval { HeadEntry::retrieval(at) } else { HeadEntry::streaming(at, *sink, *recent) };
-            at += e.rows(n, *win) + 3; // gaps between regions catch reads past a head's rows
-            heads.push(e);
-        }
-        let x = random_input(seed + i as u64, *h, *d, heads, at, *t, *p0, *win);
-        out.push((format!("prefill attention: {h} heads x {d}, kinds {kinds:?}, positions {p0}..{n}, sink {sink} recent {recent} window from {win}"), x));
+        let layout = crate::paged::PagedLayout { retrieval: vec![kinds.to_vec()], sink: *sink, recent: *recent, block_tokens: *bt, max_chunk: *t, max_tokens: n };
+        let x = random_input(seed + i as u64, *h, *d, layout.heads(0), *t, *p0);
+        out.push((format!("paged prefill attention: {h} heads x {d}, kinds {kinds:?}, positions {p0}..{n}, sink {sink} recent {recent}, blocks of {bt}"), x, layout));
     }
     out
 }
@@ -466,16 +430,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn streaming_rows_and_positions_follow_the_window() {
+    fn streaming_heads_see_the_lambda() {
         let e = HeadEntry::streaming(0, 4, 8);
-        assert_eq!(e.rows(3, 4), 3, "fewer tokens than sinks");
-        assert_eq!(e.rows(20, 10), 4 + 10);
-        assert_eq!(e.position(2, 10), 2);
-        assert_eq!(e.position(4, 10), 10);
-        assert_eq!(e.position(13, 10), 19);
         assert!(e.visible(19, 12) && !e.visible(19, 11) && e.visible(19, 3) && !e.visible(19, 20));
         let r = HeadEntry::retrieval(5);
-        assert_eq!((r.rows(20, 10), r.position(13, 10)), (20, 13));
         assert!(r.visible(19, 0) && !r.visible(3, 4));
     }
 
@@ -486,16 +444,17 @@ mod tests {
         let out = reference(x).unwrap();
         let d = x.head_dim;
         for qh in 0..x.n_heads {
-            let e = x.heads[qh / (x.n_heads / x.heads.len())];
-            let v = &x.values[e.offset as usize * d..][..d];
+            let g = qh / (x.n_heads / x.heads.len());
+            let v = &x.values[g * d..][..d];
             assert!(out[qh * d..][..d].iter().zip(v).all(|(a, b)| (a - b).abs() < 1e-6));
         }
     }
 
     #[test]
     fn every_case_is_valid() {
-        for (name, x) in cases(1) {
+        for (name, x, layout) in cases(1) {
             assert!(x.validate().is_ok(), "{name}");
+            assert!(layout.cap() >= layout.recent + x.tokens() - 1, "{name}: the ring keeps what the chunk sees");
         }
         let mut x = cases(1).remove(0).1;
         x.keys.truncate(64);

@@ -7,6 +7,7 @@
 #![allow(unsafe_code)] // kernel launches and cuBLAS calls are unsafe by nature; sizes are checked by callers
 
 use crate::decode_attention::KvType;
+use crate::paged::{PagedArgs, PREFIX};
 use crate::{CudaError, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -61,9 +62,39 @@ pub struct Gpu {
 /// Bytes of cuBLAS's workspace.
 const BLAS_WORKSPACE: usize = 32 << 20;
 
+// SAFETY: `PagedArgs` is `#[repr(C)]` with the field order, types and alignment of the CUDA
+// `struct Paged` it is passed as (two 8-byte-aligned words of pointer then `int`s).
+unsafe impl cudarc::driver::DeviceRepr for PagedArgs {}
+
+/// Compiles `source` after the paged-cache helper ([`PREFIX`]).
 fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
     let opts = CompileOptions { arch: Some("sm_90"), options, ..Default::default() };
-    compile_ptx_with_opts(source, opts).map_err(|e| CudaError::Compile { name, log: e.to_string() })
+    compile_ptx_with_opts(format!("{PREFIX}{source}"), opts).map_err(|e| CudaError::Compile { name, log: e.to_string() })
+}
+
+/// Compiles every kernel source with each set of options duo uses, without a device: the
+/// build check that NVRTC accepts them (`None` where NVRTC cannot be loaded here).
+pub fn compile_all() -> Option<Result<usize>> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let loaded = std::panic::catch_unwind(|| compile("extern \"C\" __global__ void k() {}", "probe", vec![]).is_ok());
+    std::panic::set_hook(hook);
+    if !matches!(loaded, Ok(true)) {
+        return None;
+    }
+    let mut jobs: Vec<(&'static str, &'static str, Vec<String>)> = vec![("ops", crate::ops::SOURCE, vec![]), ("dequant", crate::dequant::SOURCE, vec![])];
+    for d in [64, 128] {
+        jobs.push(("prefill_attention", crate::prefill_attention::SOURCE, vec![format!("-DHEAD_DIM={d}")]));
+    }
+    for (group, d, kpw, bf16) in [(3, 64, 4, true), (4, 128, 2, true), (4, 128, 4, false), (1, 256, 1, true)] {
+        let mut o = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", d / 32), format!("-DKPW={kpw}")];
+        if bf16 {
+            o.push("-DKV_BF16=1".into());
+        }
+        jobs.push(("decode_attention", crate::decode_attention::SOURCE, o));
+    }
+    let n = jobs.len();
+    Some(jobs.into_iter().try_for_each(|(name, src, o)| compile(src, name, o).map(|_| ())).map(|_| n))
 }
 
 impl Gpu {
@@ -157,14 +188,14 @@ impl Gpu {
         launch!(self, f, (rows as u32, 1, 1), 256, &x, &w, &out, &d, &eps)
     }
 
-    /// RoPE of `t` rows of `qkv` at positions `state[0]..`; queries to `q` (f32), keys and
-    /// values to their cache rows (bf16).
+    /// RoPE of `t` rows of `qkv` (row `i`: slot `row_slot[i]`, position `row_pos[i]`);
+    /// queries to `q` (f32), keys and values to their paged cache rows (bf16).
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_append(&self, qkv: u64, state: u64, inv_freq: u64, heads: u64, n_heads: usize, n_kv: usize, head_dim: usize, half_split: bool, q: u64, kc: u64, vc: u64, t: usize) -> Result<()> {
+    pub fn rope_append(&self, qkv: u64, row_slot: u64, row_pos: u64, inv_freq: u64, heads: u64, n_heads: usize, n_kv: usize, head_dim: usize, half_split: bool, q: u64, kc: u64, vc: u64, t: usize, paged: PagedArgs) -> Result<()> {
         let f = self.op("rope_append")?;
         let (h, g, d, hs) = (n_heads as i32, n_kv as i32, head_dim as i32, i32::from(half_split));
         let threads = (head_dim / 2) as u32;
-        launch!(self, f, (t as u32, (n_heads + n_kv) as u32, 1), threads, &qkv, &state, &inv_freq, &heads, &h, &g, &d, &hs, &q, &kc, &vc)
+        launch!(self, f, (t as u32, (n_heads + n_kv) as u32, 1), threads, &qkv, &row_slot, &row_pos, &inv_freq, &heads, &h, &g, &d, &hs, &q, &kc, &vc, &paged)
     }
 
     /// `out = bf16(silu(gate) * up)` for `rows` rows of `[gate | up]`.
@@ -177,18 +208,33 @@ impl Gpu {
 
     /// `*out = argmax(x[..n])` (i32).
     pub fn argmax(&self, x: u64, n: usize, out: u64) -> Result<()> {
-        let f = self.op("argmax")?;
-        let n = n as i32;
-        launch!(self, f, (1, 1, 1), 1024, &x, &n, &out)
+        self.argmax_rows(x, n, 1, out)
     }
 
-    /// Moves `rows` rows from row `src` to row `dst` of each head listed in `head_offsets`
-    /// (i32 row offsets, `n_heads` of them), keys and values.
+    /// `out[r] = argmax(x[r * n..(r + 1) * n])` for `rows` rows (i32).
+    pub fn argmax_rows(&self, x: u64, n: usize, rows: usize, out: u64) -> Result<()> {
+        let f = self.op("argmax")?;
+        let n = n as i32;
+        launch!(self, f, (rows as u32, 1, 1), 1024, &x, &n, &out)
+    }
+
+    /// `dst[pairs[2i]] = pairs[2i + 1]` for `n` pairs (i32): block-table updates.
+    pub fn scatter_i32(&self, dst: u64, pairs: u64, n: usize) -> Result<()> {
+        let f = self.op("scatter_i32")?;
+        let n = n as i32;
+        launch!(self, f, (((n as u32).div_ceil(256)).max(1), 1, 1), 256, &dst, &pairs, &n)
+    }
+
+    /// Copies `n` whole blocks of `elems` bf16 values each: block `pairs[2i]` of the source
+    /// keys and values to block `pairs[2i + 1]` of the destination's.
     #[allow(clippy::too_many_arguments)]
-    pub fn compact_window(&self, kc: u64, vc: u64, head_offsets: u64, n_heads: usize, src: usize, dst: usize, rows: usize, head_dim: usize) -> Result<()> {
-        let f = self.op("compact_window")?;
-        let (s, d, r, hd) = (src as i32, dst as i32, rows as i32, head_dim as i32);
-        launch!(self, f, (n_heads as u32, 2, 1), 256, &kc, &vc, &head_offsets, &s, &d, &r, &hd)
+    pub fn copy_blocks(&self, src_k: u64, src_v: u64, dst_k: u64, dst_v: u64, pairs: u64, n: usize, elems: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.op("copy_blocks")?;
+        let e = elems as i64;
+        launch!(self, f, (n as u32, 2, 1), 256, &src_k, &src_v, &dst_k, &dst_v, &pairs, &e)
     }
 
     /// `y[t, out] = x[t, in] W[out, in]^T + beta * y`: bf16 inputs, f32 accumulation, `y` in
@@ -240,19 +286,20 @@ impl Gpu {
         Ok(k)
     }
 
-    /// One decode step of attention for a layer: partials over `(n_kv, n_splits)` blocks, then
-    /// the merge into `out` (f32, or 0) and `out_bf16` (or 0).
+    /// One decode step of attention for a layer and `a.rows` sequences (row `b`: slot
+    /// `row_slot[b]` at position `row_pos[b]`): partials over `(n_kv, n_splits, rows)`
+    /// blocks, then the merge into `out` (f32, or 0) and `out_bf16` (or 0).
     #[allow(clippy::too_many_arguments)]
-    pub fn decode_attention(&self, a: &DecodeLaunch, q: u64, kc: u64, vc: u64, heads: u64, state: u64, parts: (u64, u64, u64), out: u64, out_bf16: u64) -> Result<()> {
+    pub fn decode_attention(&self, a: &DecodeLaunch, q: u64, kc: u64, vc: u64, heads: u64, row_slot: u64, row_pos: u64, paged: PagedArgs, parts: (u64, u64, u64), out: u64, out_bf16: u64) -> Result<()> {
         if ![1, 2, 4].contains(&a.keys_per_warp) || a.group * a.head_dim * a.keys_per_warp / 32 > 64 {
             return Err(CudaError::Input(format!("{} query heads per KV head of {} dims need too many registers", a.group, a.head_dim)));
         }
         let (partial, merge) = self.decode_kernels(a.group, a.head_dim, a.kv, a.keys_per_warp)?;
         let (split, ns, scale) = (a.split as i32, a.n_splits as i32, 1.0 / (a.head_dim as f32).sqrt());
         let (pm, pl, pa) = parts;
-        launch!(self, partial, (a.n_kv as u32, a.n_splits as u32, 1), 128, &q, &kc, &vc, &heads, &state, &split, &ns, &scale, &pm, &pl, &pa)?;
+        launch!(self, partial, (a.n_kv as u32, a.n_splits as u32, a.rows as u32), 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &scale, &pm, &pl, &pa)?;
         let threads = a.head_dim as u32;
-        launch!(self, merge, ((a.n_kv * a.group) as u32, 1, 1), threads, &pm, &pl, &pa, &ns, &out, &out_bf16)
+        launch!(self, merge, ((a.rows * a.n_kv * a.group) as u32, 1, 1), threads, &pm, &pl, &pa, &ns, &out, &out_bf16)
     }
 
     fn prefill_kernel(&self, head_dim: usize) -> Result<CudaFunction> {
@@ -276,15 +323,15 @@ impl Gpu {
         Ok(k)
     }
 
-    /// Prefill attention of `t` queries (`q`, f32 `[t, n_heads * head_dim]`) over the layer's
-    /// cache into `out` (bf16, same shape).
+    /// Prefill attention of `t` queries (`q`, f32 `[t, n_heads * head_dim]`) of the sequence
+    /// `state = [slot, first position]` over its paged cache into `out` (bf16, same shape).
     #[allow(clippy::too_many_arguments)]
-    pub fn prefill_attention(&self, q: u64, kc: u64, vc: u64, heads: u64, state: u64, t: usize, n_heads: usize, group: usize, head_dim: usize, out: u64) -> Result<()> {
+    pub fn prefill_attention(&self, q: u64, kc: u64, vc: u64, heads: u64, state: u64, paged: PagedArgs, t: usize, n_heads: usize, group: usize, head_dim: usize, out: u64) -> Result<()> {
         let f = self.prefill_kernel(head_dim)?;
         let (tt, h, g) = (t as i32, n_heads as i32, group as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (head_dim as f32).sqrt();
         let smem = prefill_smem_bytes(head_dim) as u32;
-        launch!(smem smem; self, f, (t.div_ceil(128) as u32, n_heads as u32, 1), 128, &q, &kc, &vc, &heads, &state, &tt, &h, &g, &scale_log2, &out)
+        launch!(smem smem; self, f, (t.div_ceil(128) as u32, n_heads as u32, 1), 128, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out)
     }
 
     /// Dequantises `n` values of type `ty` from the raw GGUF blocks at `src` into bf16 at `out`.
@@ -352,13 +399,15 @@ pub struct DecodeLaunch {
     pub split: usize,
     /// Splits (grid y); blocks past a head's rows exit at once.
     pub n_splits: usize,
+    /// Decode rows, one sequence each (grid z).
+    pub rows: usize,
     /// Cache element type.
     pub kv: KvType,
     /// Keys a warp reads at once (1, 2 or 4): fewer keys, more lanes per key, fewer registers.
     pub keys_per_warp: usize,
 }
 
-/// A captured decode step that may move between threads with its sequence (cudarc leaves
+/// A captured decode step that may move between threads with its pool (cudarc leaves
 /// graphs `!Send`).
 pub struct StepGraph(CudaGraph);
 

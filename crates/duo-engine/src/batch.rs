@@ -20,7 +20,7 @@ use crate::method::ResolvedMethod;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::session::FinishReason;
 use crate::text::TextStream;
-use crate::backend::{kv_plan, Logits, Sequence};
+use crate::backend::{kv_plan, KvPool, Logits, Sequence};
 use crate::constraint::Constraint;
 use crate::engine::Engine;
 use duo_core::cache_spec::CachePlan;
@@ -116,6 +116,27 @@ pub struct BatchStats {
     pub generation_tokens: AtomicU64,
     /// Decode steps run (one per batch).
     pub decode_steps: AtomicU64,
+    /// Sequences preempted (their blocks freed, to be recomputed) because the KV pool ran out.
+    pub preemptions: AtomicU64,
+    /// KV blocks of the pool (0 without a pool).
+    pub kv_blocks_total: AtomicUsize,
+    /// KV blocks held by running sequences.
+    pub kv_blocks_used: AtomicUsize,
+    /// The most sequences that ran at once.
+    pub peak_running: AtomicUsize,
+    /// Steps that ran only decode rows (no prefill chunk), their rows and their time in
+    /// microseconds: decode throughput is rows / time.
+    pub decode_only_steps: AtomicU64,
+    /// Rows of those steps.
+    pub decode_only_rows: AtomicU64,
+    /// Microseconds of those steps (the backend's step, sampling excluded).
+    pub decode_only_micros: AtomicU64,
+    /// The latest decode-only step with the most rows: its rows, microseconds and the KV
+    /// bytes its sequences held (what it read), for its bandwidth floor.
+    pub widest_step: std::sync::Mutex<(usize, u64, usize)>,
+    /// Bytes of weights a step reads and the device's measured copy bandwidth (bytes/s),
+    /// where the backend knows them: the floor of a decode step.
+    pub floor: std::sync::Mutex<Option<(usize, f64)>>,
     /// False once the engine thread has stopped (it panicked, or the engine was dropped).
     pub stopped: std::sync::atomic::AtomicBool,
 }
@@ -128,16 +149,33 @@ pub struct BatchEngine {
     config: BatchConfig,
     engine: Arc<Engine>,
     plan: CachePlan,
+    pool: Option<Arc<dyn KvPool>>,
 }
 
 impl BatchEngine {
-    /// Starts the engine thread.
-    pub fn start(engine: Arc<Engine>, method: ResolvedMethod, mut config: BatchConfig) -> Self {
+    /// Starts the engine thread; each sequence reserves its KV bytes (the CPU).
+    pub fn start(engine: Arc<Engine>, method: ResolvedMethod, config: BatchConfig) -> Self {
+        Self::start_with_pool(engine, method, config, None)
+    }
+
+    /// Starts the engine thread over `pool` where given: sequences take blocks as they grow,
+    /// admission is by free blocks, and when the pool runs out the youngest sequence is
+    /// preempted (its blocks freed) and later recomputed. `config.kv_budget` is then the
+    /// pool's bytes and `config.max_running` at most its sequences.
+    pub fn start_with_pool(engine: Arc<Engine>, method: ResolvedMethod, mut config: BatchConfig, pool: Option<Arc<dyn KvPool>>) -> Self {
         config.max_running = config.max_running.max(1);
+        if let Some(p) = &pool {
+            config.kv_budget = p.total_blocks() * p.block_bytes();
+            config.max_running = config.max_running.min(p.max_seqs());
+        }
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(BatchStats::default());
         let plan = kv_plan(engine.backend(), &method);
-        let worker = Worker { engine: engine.clone(), method, plan: plan.clone(), config, stats: stats.clone() };
+        if let Some(p) = &pool {
+            stats.kv_blocks_total.store(p.total_blocks(), Ordering::SeqCst);
+            *stats.floor.lock().unwrap_or_else(|e| e.into_inner()) = engine.backend().decode_floor().ok().flatten();
+        }
+        let worker = Worker { engine: engine.clone(), method, plan: plan.clone(), config, stats: stats.clone(), pool: pool.clone() };
         std::thread::Builder::new()
             .name("duo-engine".into())
             .spawn(move || {
@@ -149,10 +187,13 @@ impl BatchEngine {
                     }
                 }
                 let _guard = Stopped(worker.stats.clone());
-                worker.run(rx)
+                match worker.pool.clone() {
+                    Some(pool) => worker.run_paged(rx, pool),
+                    None => worker.run(rx),
+                }
             })
             .expect("spawning the engine thread");
-        Self { tx, stats, config, engine, plan }
+        Self { tx, stats, config, engine, plan, pool }
     }
 
     /// The counters.
@@ -165,9 +206,13 @@ impl BatchEngine {
         self.config
     }
 
-    /// KV bytes a sequence of `tokens` tokens reserves.
+    /// KV bytes a sequence of `tokens` tokens reserves (with a pool: the bytes of the blocks
+    /// it holds at that length).
     pub fn kv_bytes_for(&self, tokens: usize) -> usize {
-        self.plan.total_bytes(tokens)
+        match &self.pool {
+            Some(p) => p.blocks_for(tokens) * p.block_bytes(),
+            None => self.plan.total_bytes(tokens),
+        }
     }
 
     /// True while the engine thread runs.
@@ -257,8 +302,17 @@ struct Running {
     sink: Box<dyn EventSink>,
     sampler: Sampler,
     max_tokens: usize,
-    kv: Box<dyn Sequence>,
+    /// The cache (`None` while preempted).
+    kv: Option<Box<dyn Sequence>>,
     reserved: usize,
+    /// Order of arrival: the youngest is preempted first and resumed last.
+    arrival: u64,
+    /// Tokens generated so far.
+    generated: Vec<u32>,
+    /// Generated tokens to feed again, unsampled, after a preemption (the recompute).
+    forced: VecDeque<u32>,
+    /// The token to append in the next step.
+    pending: Option<u32>,
     prefilled: usize,
     /// Logits of the next position, once the prompt is in.
     logits: Option<Vec<f32>>,
@@ -272,6 +326,7 @@ struct Worker {
     plan: CachePlan,
     config: BatchConfig,
     stats: Arc<BatchStats>,
+    pool: Option<Arc<dyn KvPool>>,
 }
 
 impl Worker {
@@ -329,19 +384,7 @@ impl Worker {
                 }
             };
             reserved += need;
-            running.push(Running {
-                prompt: r.prompt,
-                top_logprobs: r.top_logprobs,
-                sink,
-                sampler,
-                max_tokens: r.params.max_tokens,
-                kv,
-                reserved: need,
-                prefilled: 0,
-                logits: None,
-                text: TextStream::new(r.params.stop),
-                finished: false,
-            });
+            running.push(Running::new(r.prompt, r.top_logprobs, sink, sampler, r.params.max_tokens, Some(kv), need, 0, r.params.stop));
         }
         self.stats.kv_reserved.store(reserved, Ordering::SeqCst);
         self.stats.running.store(running.len(), Ordering::SeqCst);
@@ -352,7 +395,8 @@ impl Worker {
         let end = (s.prefilled + self.method.chunk).min(s.prompt.len());
         let last = end == s.prompt.len();
         let which = if last { Logits::Last } else { Logits::None };
-        match self.engine.backend().forward(s.kv.as_mut(), &s.prompt[s.prefilled..end], which) {
+        let Some(kv) = s.kv.as_mut() else { return };
+        match self.engine.backend().forward(kv.as_mut(), &s.prompt[s.prefilled..end], which) {
             Ok(logits) => {
                 self.stats.prompt_tokens.fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
                 s.prefilled = end;
@@ -371,32 +415,8 @@ impl Worker {
         let tok = &self.engine.tokenizer;
         let mut next: Vec<(usize, u32)> = Vec::new();
         for (i, s) in running.iter_mut().enumerate() {
-            let Some(logits) = s.logits.take() else { continue };
-            let id = match s.sampler.sample(&logits) {
-                Ok(id) => id,
-                Err(e) => {
-                    fail(s, e.to_string());
-                    continue;
-                }
-            };
-            let accepted = match s.text.accept(tok, id, eos, s.max_tokens) {
-                Ok(a) => a,
-                Err(e) => {
-                    fail(s, e.to_string());
-                    continue;
-                }
-            };
-            if let Some(text) = accepted.delta {
-                let logprob = s.top_logprobs.map(|n| token_logprob(&logits, id, n));
-                self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
-                if !s.sink.send(Event::Token { id, text, logprob }) {
-                    s.finished = true;
-                    continue;
-                }
-            }
-            match accepted.finish {
-                Some(reason) => finish(s, tok, reason),
-                None => next.push((i, id)),
+            if let Some(id) = self.sample_one(s, tok, eos) {
+                next.push((i, id));
             }
         }
         if next.is_empty() {
@@ -408,7 +428,9 @@ impl Worker {
         for (i, s) in running.iter_mut().enumerate() {
             if chosen.peek() == Some(&i) {
                 chosen.next();
-                kvs.push(s.kv.as_mut());
+                if let Some(kv) = s.kv.as_mut() {
+                    kvs.push(kv.as_mut());
+                }
             }
         }
         self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
@@ -427,10 +449,52 @@ impl Worker {
         }
     }
 
+    /// Takes the sequence's waiting logits and picks its next token: a forced one (replaying
+    /// a preempted sequence, not reported again) or a sampled one (reported). Returns the
+    /// token to append, or `None` when there were no logits or the sequence finished.
+    fn sample_one(&self, s: &mut Running, tok: &duo_model::TextTokenizer, eos: &[u32]) -> Option<u32> {
+        let logits = s.logits.take()?;
+        if let Some(id) = s.forced.pop_front() {
+            return Some(id);
+        }
+        let id = match s.sampler.sample(&logits) {
+            Ok(id) => id,
+            Err(e) => {
+                fail(s, e.to_string());
+                return None;
+            }
+        };
+        let eos = if s.sampler.params().ignore_eos { &[][..] } else { eos };
+        let accepted = match s.text.accept(tok, id, eos, s.max_tokens) {
+            Ok(a) => a,
+            Err(e) => {
+                fail(s, e.to_string());
+                return None;
+            }
+        };
+        s.generated.push(id);
+        if let Some(text) = accepted.delta {
+            let logprob = s.top_logprobs.map(|n| token_logprob(&logits, id, n));
+            self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+            if !s.sink.send(Event::Token { id, text, logprob }) {
+                s.finished = true;
+                return None;
+            }
+        }
+        match accepted.finish {
+            Some(reason) => {
+                finish(s, tok, reason);
+                None
+            }
+            None => Some(id),
+        }
+    }
+
     fn publish(&self, running: &[Running]) {
         let (mut r, mut s, mut reserved) = (0, 0, 0);
         for seq in running {
-            let b = seq.kv.bytes();
+            let Some(kv) = &seq.kv else { continue };
+            let b = kv.bytes();
             r += b.retrieval;
             s += b.streaming;
             reserved += seq.reserved;
@@ -439,6 +503,248 @@ impl Worker {
         self.stats.kv_streaming.store(s, Ordering::SeqCst);
         self.stats.kv_reserved.store(reserved, Ordering::SeqCst);
         self.stats.running.store(running.len(), Ordering::SeqCst);
+    }
+}
+
+impl Running {
+    #[allow(clippy::too_many_arguments)]
+    fn new(prompt: Vec<u32>, top_logprobs: Option<usize>, sink: Box<dyn EventSink>, sampler: Sampler, max_tokens: usize, kv: Option<Box<dyn Sequence>>, reserved: usize, arrival: u64, stop: Vec<String>) -> Self {
+        Self {
+            prompt,
+            top_logprobs,
+            sink,
+            sampler,
+            max_tokens,
+            kv,
+            reserved,
+            arrival,
+            generated: Vec::new(),
+            forced: VecDeque::new(),
+            pending: None,
+            prefilled: 0,
+            logits: None,
+            text: TextStream::new(stop),
+            finished: false,
+        }
+    }
+
+    fn live(&self) -> bool {
+        !self.finished && !self.sink.is_closed()
+    }
+}
+
+/// The paged engine loop (a backend with a [`KvPool`]).
+impl Worker {
+    fn run_paged(self, rx: mpsc::Receiver<Queued>, pool: Arc<dyn KvPool>) {
+        let mut waiting: VecDeque<Queued> = VecDeque::new();
+        let mut running: Vec<Running> = Vec::new();
+        let mut arrivals = 0u64;
+        let tok = &self.engine.tokenizer;
+        let eos = self.engine.config().eos_token_ids.clone();
+        loop {
+            if running.is_empty() && waiting.is_empty() {
+                match rx.recv() {
+                    Ok(r) => waiting.push_back(r),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(r) = rx.try_recv() {
+                waiting.push_back(r);
+            }
+            let before = waiting.len();
+            waiting.retain(|q| !q.request.sink.is_closed());
+            self.stats.waiting.fetch_sub(before - waiting.len(), Ordering::SeqCst);
+            running.retain(Running::live);
+            self.admit_paged(&*pool, &mut waiting, &mut running, &mut arrivals);
+            for s in running.iter_mut().filter(|s| s.kv.is_some()) {
+                if s.pending.is_none() {
+                    s.pending = self.sample_one(s, tok, &eos);
+                }
+            }
+            running.retain(Running::live);
+            self.paged_step(&*pool, &mut running);
+            running.retain(Running::live);
+            self.publish_paged(&*pool, &running);
+        }
+    }
+
+    /// Resumes preempted sequences (oldest first), then admits waiting requests, while the
+    /// blocks of their prompt (and of what running prompts still need) fit the free blocks,
+    /// less a 1% watermark, and a sequence slot is free.
+    fn admit_paged(&self, pool: &dyn KvPool, waiting: &mut VecDeque<Queued>, running: &mut Vec<Running>, arrivals: &mut u64) {
+        let mut active = running.iter().filter(|s| s.kv.is_some()).count();
+        let mut committed = 0usize;
+        for s in running.iter_mut() {
+            let remaining = s.prompt.len() - s.prefilled;
+            if let (Some(kv), true) = (s.kv.as_mut(), remaining > 0) {
+                committed += pool.blocks_needed(kv.as_mut(), remaining + 1).unwrap_or(0);
+            }
+        }
+        let watermark = pool.total_blocks() / 100;
+        let mut free = pool.free_blocks().saturating_sub(committed + watermark);
+        let limit = self.config.max_running.min(pool.max_seqs());
+        // Preempted sequences first, oldest first.
+        let mut order: Vec<usize> = (0..running.len()).filter(|&i| running[i].kv.is_none()).collect();
+        order.sort_by_key(|&i| running[i].arrival);
+        for i in order {
+            let need = pool.blocks_for(running[i].prompt.len() + 1);
+            if active >= limit || need > free {
+                return;
+            }
+            match pool.new_sequence() {
+                Ok(kv) => {
+                    let s = &mut running[i];
+                    s.kv = Some(kv);
+                    s.prefilled = 0;
+                    s.forced = s.generated.iter().copied().collect();
+                    s.logits = None;
+                    s.pending = None;
+                    free -= need;
+                    active += 1;
+                }
+                Err(_) => return,
+            }
+        }
+        while let Some(front) = waiting.front() {
+            let need = pool.blocks_for(front.request.prompt.len() + 1);
+            if active >= limit || need > free {
+                break;
+            }
+            let Some(Queued { request: r, constraint }) = waiting.pop_front() else { break };
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            let mut sink = r.sink;
+            let sampler = match Sampler::new(r.params.clone()) {
+                Ok(s) => s.with_prompt(&r.prompt).with_constraint(constraint),
+                Err(e) => {
+                    sink.send(Event::Failed(e.to_string()));
+                    continue;
+                }
+            };
+            let kv = match pool.new_sequence() {
+                Ok(kv) => kv,
+                Err(e) => {
+                    sink.send(Event::Failed(e.to_string()));
+                    continue;
+                }
+            };
+            *arrivals += 1;
+            free -= need;
+            active += 1;
+            running.push(Running::new(r.prompt, r.top_logprobs, sink, sampler, r.params.max_tokens, Some(kv), 0, *arrivals, r.params.stop));
+        }
+    }
+
+    /// One step: the pending token of every running sequence, and the next prefill chunk of
+    /// the oldest sequence still prefilling (the same chunks as alone). When the blocks the
+    /// step needs are not free, the youngest sequence is preempted until they are.
+    fn paged_step(&self, pool: &dyn KvPool, running: &mut [Running]) {
+        let chunk_size = self.method.chunk.min(pool.max_chunk()).max(1);
+        loop {
+            let decoding = running.iter().filter(|s| s.kv.is_some() && s.pending.is_some()).count();
+            let mut need = 0usize;
+            let mut prefill_seen = false;
+            for s in running.iter_mut() {
+                let Some(kv) = s.kv.as_mut() else { continue };
+                if s.pending.is_some() {
+                    need += pool.blocks_needed(kv.as_mut(), 1).unwrap_or(0);
+                } else if !prefill_seen && s.prefilled < s.prompt.len() {
+                    let end = (s.prefilled + chunk_size).min(s.prompt.len());
+                    if decoding + end - s.prefilled > pool.max_rows() {
+                        continue;
+                    }
+                    prefill_seen = true;
+                    need += pool.blocks_needed(kv.as_mut(), end - s.prefilled).unwrap_or(0);
+                }
+            }
+            if need <= pool.free_blocks() {
+                break;
+            }
+            let active: Vec<usize> = (0..running.len()).filter(|&i| running[i].kv.is_some()).collect();
+            let Some(&victim) = active.iter().max_by_key(|&&i| running[i].arrival) else { return };
+            if active.len() == 1 {
+                fail(&mut running[victim], format!("the KV pool ({} blocks) cannot hold this request", pool.total_blocks()));
+                return;
+            }
+            let s = &mut running[victim];
+            s.kv = None;
+            s.pending = None;
+            s.logits = None;
+            self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        }
+        let decoding = running.iter().filter(|s| s.kv.is_some() && s.pending.is_some()).count();
+        let mut rows: Vec<(&mut dyn Sequence, u32)> = Vec::new();
+        let mut row_of: Vec<usize> = Vec::new();
+        let mut prefill: Option<(usize, usize, bool)> = None;
+        let mut chunk: Option<(&mut dyn Sequence, &[u32], bool)> = None;
+        for (i, s) in running.iter_mut().enumerate() {
+            let Running { kv: Some(kv), pending, prompt, prefilled, .. } = s else { continue };
+            if let Some(t) = *pending {
+                rows.push((kv.as_mut(), t));
+                row_of.push(i);
+            } else if prefill.is_none() && *prefilled < prompt.len() {
+                let end = (*prefilled + chunk_size).min(prompt.len());
+                if decoding + end - *prefilled > pool.max_rows() {
+                    continue; // the chunk waits for a step with room
+                }
+                let last = end == prompt.len();
+                prefill = Some((i, end, last));
+                chunk = Some((kv.as_mut(), &prompt[*prefilled..end], last));
+            }
+        }
+        if rows.is_empty() && chunk.is_none() {
+            return;
+        }
+        if !rows.is_empty() {
+            self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+        }
+        let decode_only = chunk.is_none();
+        let kv_read: usize = rows.iter().map(|(s, _)| s.bytes().total()).sum();
+        let n_rows = rows.len();
+        let started = std::time::Instant::now();
+        let result = pool.step(&mut rows, chunk);
+        let micros = started.elapsed().as_micros() as u64;
+        drop(rows);
+        if decode_only && result.is_ok() {
+            self.stats.decode_only_steps.fetch_add(1, Ordering::Relaxed);
+            self.stats.decode_only_rows.fetch_add(n_rows as u64, Ordering::Relaxed);
+            self.stats.decode_only_micros.fetch_add(micros, Ordering::Relaxed);
+            let mut w = self.stats.widest_step.lock().unwrap_or_else(|e| e.into_inner());
+            if n_rows >= w.0 {
+                *w = (n_rows, micros, kv_read);
+            }
+        }
+        match result {
+            Ok(out) => {
+                let vocab = self.engine.config().vocab_size;
+                for (r, &i) in row_of.iter().enumerate() {
+                    running[i].pending = None;
+                    running[i].logits = Some(out.decode[r * vocab..(r + 1) * vocab].to_vec());
+                }
+                if let Some((i, end, last)) = prefill {
+                    let s = &mut running[i];
+                    self.stats.prompt_tokens.fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
+                    s.prefilled = end;
+                    if last {
+                        s.logits = Some(out.prefill);
+                    }
+                }
+            }
+            Err(e) => {
+                for i in row_of.into_iter().chain(prefill.map(|p| p.0)) {
+                    fail(&mut running[i], e.to_string());
+                }
+            }
+        }
+    }
+
+    fn publish_paged(&self, pool: &dyn KvPool, running: &[Running]) {
+        self.publish(running);
+        let active = running.iter().filter(|s| s.kv.is_some()).count();
+        self.stats.running.store(active, Ordering::SeqCst);
+        self.stats.peak_running.fetch_max(active, Ordering::SeqCst);
+        let used = pool.total_blocks() - pool.free_blocks();
+        self.stats.kv_blocks_used.store(used, Ordering::SeqCst);
+        self.stats.kv_reserved.store(used * pool.block_bytes(), Ordering::SeqCst);
     }
 }
 

@@ -23,7 +23,7 @@ pub mod session;
 pub mod shipped;
 pub mod text;
 
-pub use backend::{Backend, Device, Sequence};
+pub use backend::{Backend, Device, KvPool, PoolOptions, PoolStep, Sequence};
 pub use engine::Engine;
 pub use batch::{BatchConfig, BatchEngine, BatchStats, Event, EventSink, Request, TokenLogprob};
 pub use error::{EngineError, Result};

@@ -36,6 +36,9 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// Output constrained to a grammar (structured output), if any.
     pub structured: Option<crate::constraint::Structured>,
+    /// Keep generating past end-of-sequence tokens until `max_tokens` (vLLM's `ignore_eos`,
+    /// for benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -53,6 +56,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             logit_bias: Vec::new(),
             structured: None,
+            ignore_eos: false,
         }
     }
 }

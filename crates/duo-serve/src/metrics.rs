@@ -106,6 +106,21 @@ impl Metrics {
         metric("vllm:prompt_tokens_total", "counter", "Prompt tokens prefilled.", engine.prompt_tokens.load(Ordering::SeqCst).to_string(), "");
         metric("vllm:generation_tokens_total", "counter", "Tokens generated.", engine.generation_tokens.load(Ordering::SeqCst).to_string(), "");
         metric("duo:decode_steps_total", "counter", "Batched decode steps run.", engine.decode_steps.load(Ordering::SeqCst).to_string(), "");
+        metric("vllm:num_preemptions_total", "counter", "Sequences preempted (blocks freed, recomputed later) because the KV pool ran out.", engine.preemptions.load(Ordering::SeqCst).to_string(), "");
+        metric("duo:kv_blocks_total", "gauge", "KV blocks of the GPU pool (0 without a pool).", get(&engine.kv_blocks_total), "");
+        metric("duo:kv_blocks_used", "gauge", "KV blocks held by running sequences.", get(&engine.kv_blocks_used), "");
+        metric("duo:num_requests_running_peak", "gauge", "The most sequences that ran at once.", get(&engine.peak_running), "");
+        metric("duo:decode_only_steps_total", "counter", "Steps that ran decode rows only.", engine.decode_only_steps.load(Ordering::SeqCst).to_string(), "");
+        metric("duo:decode_only_rows_total", "counter", "Rows (tokens) of decode-only steps.", engine.decode_only_rows.load(Ordering::SeqCst).to_string(), "");
+        metric("duo:decode_only_seconds_total", "counter", "Time of decode-only steps.", (engine.decode_only_micros.load(Ordering::SeqCst) as f64 / 1e6).to_string(), "");
+        let (rows, micros, kv) = *engine.widest_step.lock().unwrap_or_else(|e| e.into_inner());
+        metric("duo:widest_decode_step_rows", "gauge", "Rows of the latest decode-only step with the most rows.", rows.to_string(), "");
+        metric("duo:widest_decode_step_seconds", "gauge", "Its time.", (micros as f64 / 1e6).to_string(), "");
+        metric("duo:widest_decode_step_kv_bytes", "gauge", "KV bytes its sequences held.", kv.to_string(), "");
+        if let Some((weights, bandwidth)) = *engine.floor.lock().unwrap_or_else(|e| e.into_inner()) {
+            metric("duo:weight_bytes", "gauge", "Bytes of weights a step reads.", weights.to_string(), "");
+            metric("duo:copy_bandwidth_bytes_per_second", "gauge", "Measured device copy bandwidth.", format!("{bandwidth:.0}"), "");
+        }
         metric("duo:kv_cache_reserved_bytes", "gauge", "KV bytes reserved by running requests at their full length.", get(&engine.kv_reserved), "");
         metric("duo:kv_cache_budget_bytes", "gauge", "KV bytes the running requests may reserve together.", kv_budget.to_string(), "");
         let _ = writeln!(out, "# HELP duo:kv_cache_bytes KV cache bytes held now, by head kind.\n# TYPE duo:kv_cache_bytes gauge");

@@ -87,6 +87,7 @@ const KNOWN: &[&str] = &[
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "echo", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+    "ignore_eos",
 ];
 
 /// Whether a field's value is its neutral default.
@@ -240,6 +241,7 @@ impl GenerationRequest {
             repetition_penalty,
             logit_bias,
             structured,
+            ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
         };
         let echo = f.bool("echo")?.unwrap_or(false);
         if echo && endpoint == Endpoint::Chat {

@@ -6,13 +6,15 @@
 //! safetensors bf16 matrix is copied as it is; other types are converted or dequantised one
 //! tensor at a time) and uploaded block by block, so the host never holds the whole model.
 
-use super::{downcast, kv_plan, plan_bytes, Backend, Logits, Sequence};
+use super::{downcast, kv_plan, plan_bytes, Backend, Logits, PoolOptions, PoolStep, Sequence};
 use crate::error::{EngineError, Result};
 use crate::method::ResolvedMethod;
 use duo_core::cache_spec::CachePlan;
 use duo_core::config::ModelConfig;
 use duo_cuda::dequant::QuantType;
-use duo_cuda::model::{CacheLayout, GlobalMatrix, GpuConfig, GpuSequence, GpuWeights, HostLayer, HostMatrix};
+use duo_cuda::model::{GlobalMatrix, GpuConfig, GpuWeights, HostLayer, HostMatrix};
+use duo_cuda::paged::PagedLayout;
+use duo_cuda::pool::{bucket, DecodeRow, KvPool, PagedSeq, PoolConfig, PrefillChunk, RowLogits};
 use duo_cuda::Gpu;
 use duo_kv::{KvBytes, PrefillMode};
 use duo_model::checkpoint::names;
@@ -26,6 +28,9 @@ pub struct CudaBackend {
     weights: Arc<GpuWeights>,
     config: ModelConfig,
     ordinal: usize,
+    /// Device memory in use before the weights were loaded (other processes and this
+    /// process's context): what `--gpu-memory-utilization` does not charge to duo.
+    used_before: usize,
 }
 
 /// The GPU's dequantisation of a GGUF type, where it has one.
@@ -55,6 +60,7 @@ impl CudaBackend {
     /// Loads a checkpoint onto `gpu` (device `ordinal`).
     pub fn load(gpu: Arc<Gpu>, ordinal: usize, ck: &Checkpoint, config: ModelConfig) -> Result<Self> {
         supported(&config)?;
+        let used_before = gpu.memory_used()?.0;
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let cuda_err = |e: duo_model::ModelError| duo_cuda::CudaError::Input(e.to_string());
@@ -88,34 +94,41 @@ impl CudaBackend {
             })
         };
         let weights = GpuWeights::load(&gpu, GpuConfig::from_model(c), ck.f32(names::OUTPUT_NORM, &[h])?, matrix, layer)?;
-        Ok(Self { gpu, weights: Arc::new(weights), config, ordinal })
+        Ok(Self { gpu, weights: Arc::new(weights), config, ordinal, used_before })
     }
 
     /// Seeded random bf16 weights of `config`'s shape, generated on the GPU.
     pub fn random(gpu: Arc<Gpu>, ordinal: usize, config: ModelConfig, seed: u64) -> Result<Self> {
         supported(&config)?;
+        let used_before = gpu.memory_used()?.0;
         let weights = GpuWeights::random(&gpu, GpuConfig::from_model(&config), seed)?;
-        Ok(Self { gpu, weights: Arc::new(weights), config, ordinal })
+        Ok(Self { gpu, weights: Arc::new(weights), config, ordinal, used_before })
     }
 
-    /// The cache layout of `method` for sequences of up to `max_tokens` tokens.
-    pub fn layout(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<CacheLayout> {
+    /// The paged layout of `method`: blocks of `block_tokens`, prefill chunks up to
+    /// `max_chunk`, sequences up to `max_tokens`.
+    pub fn layout(&self, method: &ResolvedMethod, block_tokens: usize, max_chunk: usize, max_tokens: usize) -> Result<PagedLayout> {
         if method.prefill != PrefillMode::Lambda {
             return Err(EngineError::InvalidParameter { name: "prefill", reason: "the CUDA backend prefills streaming heads with the Λ mask only (--prefill lambda)".into() });
         }
-        Ok(CacheLayout {
+        Ok(PagedLayout {
             retrieval: (0..self.config.n_layers).map(|l| method.pattern.layer(l).to_vec()).collect(),
             sink: method.window.sink,
             recent: method.window.recent,
-            chunk: method.chunk.min(max_tokens).max(1),
+            block_tokens,
+            max_chunk: max_chunk.max(1),
             max_tokens,
         })
     }
 }
 
-/// A GPU sequence and the plan its bytes are counted by.
+/// Positions per block of a single sequence's pool.
+const SINGLE_BLOCK_TOKENS: usize = 64;
+
+/// A sequence on the GPU (in its own pool, or in a serving pool) and the plan its bytes are
+/// counted by.
 struct CudaSequence {
-    seq: GpuSequence,
+    seq: PagedSeq,
     plan: CachePlan,
 }
 
@@ -131,7 +144,10 @@ impl Sequence for CudaSequence {
         self.bytes()
     }
     fn fork(&self) -> Result<Box<dyn Sequence>> {
-        Ok(Box::new(CudaSequence { seq: self.seq.fork()?, plan: self.plan.clone() }))
+        let pool = self.seq.pool();
+        // A serving pool's sequence forks inside it; a single sequence into a pool of its own.
+        let into = if pool.config().max_seqs > 1 { pool.clone() } else { KvPool::single(pool.gpu().clone(), pool.weights().clone(), pool.layout().clone())? };
+        Ok(Box::new(CudaSequence { seq: pool.copy_to(&self.seq, &into)?, plan: self.plan.clone() }))
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
@@ -139,15 +155,27 @@ impl Sequence for CudaSequence {
 }
 
 impl CudaSequence {
-    /// Runs `tokens`: one token after a cached prefix is a decode step (the CUDA graph), more
-    /// are prefill chunks.
-    fn run(&mut self, tokens: &[u32]) -> Result<()> {
-        if tokens.len() == 1 && self.seq.tokens() > 0 {
-            self.seq.decode_step(tokens[0])?;
-        } else {
-            self.seq.prefill(tokens, |_| {})?;
+    /// Runs `tokens`: one token after a cached prefix is a decode step (a replayed CUDA graph),
+    /// more are prefill chunks. Returns the logits asked for.
+    fn run(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
+        let pool = self.seq.pool().clone();
+        if tokens.len() == 1 && self.seq.tokens() > 0 && logits != Logits::None {
+            return Ok(pool.step(&mut [DecodeRow { seq: &mut self.seq, token: tokens[0] }], None, false)?.decode);
         }
-        Ok(())
+        let chunk = pool.layout().max_chunk;
+        let mut out = Vec::new();
+        for (i, c) in tokens.chunks(chunk).enumerate() {
+            let last = (i + 1) * chunk >= tokens.len();
+            let rows = match logits {
+                Logits::None => RowLogits::None,
+                Logits::Last if last => RowLogits::Last,
+                Logits::Last => RowLogits::None,
+                Logits::All => RowLogits::All,
+            };
+            let got = pool.step(&mut [], Some(PrefillChunk { seq: &mut self.seq, tokens: c, logits: rows }), false)?;
+            out.extend(got.prefill);
+        }
+        Ok(out)
     }
 }
 
@@ -166,41 +194,45 @@ impl Backend for CudaBackend {
 
     fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>> {
         // One row more than asked: a decode step reads its own token's row.
-        let layout = self.layout(method, max_tokens + 1)?;
-        let seq = GpuSequence::new(self.gpu.clone(), self.weights.clone(), layout)?;
-        Ok(Box::new(CudaSequence { seq, plan: kv_plan(self, method) }))
+        let layout = self.layout(method, SINGLE_BLOCK_TOKENS, method.chunk.min(max_tokens), max_tokens + 1)?;
+        let pool = KvPool::single(self.gpu.clone(), self.weights.clone(), layout)?;
+        Ok(Box::new(CudaSequence { seq: pool.sequence()?, plan: kv_plan(self, method) }))
     }
 
     fn forward(&self, seq: &mut dyn Sequence, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
-        let s = downcast::<CudaSequence>(seq, "CUDA")?;
         if tokens.is_empty() {
             return Err(EngineError::InvalidParameter { name: "tokens", reason: "an empty chunk".into() });
         }
-        match logits {
-            Logits::None => {
-                s.run(tokens)?;
-                Ok(Vec::new())
-            }
-            Logits::Last => {
-                s.run(tokens)?;
-                Ok(s.seq.logits()?)
-            }
-            Logits::All => {
-                let chunk = s.seq.layout().chunk;
-                let mut out = Vec::with_capacity(tokens.len() * self.config.vocab_size);
-                for c in tokens.chunks(chunk) {
-                    s.run(c)?;
-                    out.extend(s.seq.last_rows_logits(c.len())?);
-                }
-                Ok(out)
-            }
-        }
+        downcast::<CudaSequence>(seq, "CUDA")?.run(tokens, logits)
     }
 
     fn greedy_step(&self, seq: &mut dyn Sequence, token: u32) -> Result<u32> {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
-        s.run(&[token])?;
-        Ok(s.seq.next_token()?)
+        let pool = s.seq.pool().clone();
+        let out = pool.step(&mut [DecodeRow { seq: &mut s.seq, token }], None, true)?;
+        Ok(out.next[0])
+    }
+
+    fn decode_batch(&self, tokens: &[u32], seqs: &mut [&mut dyn Sequence]) -> Result<Vec<f32>> {
+        if tokens.len() != seqs.len() {
+            return Err(EngineError::Backend(format!("{} tokens for {} sequences", tokens.len(), seqs.len())));
+        }
+        let mut rows = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            rows.push(&mut downcast::<CudaSequence>(&mut **s, "CUDA")?.seq);
+        }
+        let Some(first) = rows.first().map(|s| s.pool().clone()) else { return Ok(Vec::new()) };
+        if rows.iter().all(|s| Arc::ptr_eq(s.pool(), &first)) && rows.len() <= first.config().max_rows {
+            let mut rows: Vec<DecodeRow> = rows.into_iter().zip(tokens).map(|(seq, &token)| DecodeRow { seq, token }).collect();
+            return Ok(first.step(&mut rows, None, false)?.decode);
+        }
+        // Sequences of different pools: one step each.
+        let mut out = Vec::new();
+        for (seq, &token) in rows.into_iter().zip(tokens) {
+            let pool = seq.pool().clone();
+            out.extend(pool.step(&mut [DecodeRow { seq, token }], None, false)?.decode);
+        }
+        Ok(out)
     }
 
     fn available_memory(&self) -> Option<usize> {
@@ -212,10 +244,103 @@ impl Backend for CudaBackend {
     }
 
     fn fill_synthetic(&self, seq: &mut dyn Sequence, tokens: usize, seed: u64) -> Result<()> {
-        Ok(downcast::<CudaSequence>(seq, "CUDA")?.seq.fill_synthetic(tokens, seed)?)
+        let s = downcast::<CudaSequence>(seq, "CUDA")?;
+        let pool = s.seq.pool().clone();
+        Ok(pool.fill_synthetic(&mut s.seq, tokens, seed)?)
     }
 
     fn decode_floor(&self) -> Result<Option<(usize, f64)>> {
         Ok(Some((self.weights.config.weight_bytes(), self.gpu.copy_bandwidth()?)))
+    }
+
+    fn kv_pool(&self, method: &ResolvedMethod, o: &PoolOptions) -> Result<Option<Arc<dyn super::KvPool>>> {
+        if !(o.gpu_memory_utilization > 0.0 && o.gpu_memory_utilization <= 1.0) {
+            return Err(EngineError::InvalidParameter { name: "gpu_memory_utilization", reason: format!("{} is not in (0, 1]", o.gpu_memory_utilization) });
+        }
+        if o.max_num_seqs == 0 || o.max_num_batched_tokens == 0 {
+            return Err(EngineError::InvalidParameter { name: "max_num_seqs", reason: "sequences and batched tokens must be positive".into() });
+        }
+        let chunk = method.chunk.min(o.max_num_batched_tokens);
+        let layout = self.layout(method, o.block_size, chunk, self.config.context_length + 1)?;
+        // A decode-only step pads its rows to the graph bucket of the running sequences.
+        let rows = o.max_num_batched_tokens.max(bucket(o.max_num_seqs)).max(chunk);
+        let mut config = PoolConfig { blocks: 0, max_seqs: o.max_num_seqs, max_rows: rows, graphs: true };
+        let (used, total) = self.gpu.memory_used()?;
+        // vLLM's meaning: this process may use the fraction of the card; less what it holds
+        // now (weights; its context is counted with other processes' memory at load), the step
+        // buffers and tables, and room for cuBLAS and captured graphs; never more than is free.
+        let ours = used.saturating_sub(self.used_before);
+        let allowed = (o.gpu_memory_utilization * total as f64) as usize;
+        let overhead = KvPool::overhead_bytes(&self.weights, &layout, &config) + (768 << 20);
+        let budget = allowed.saturating_sub(ours + overhead).min((total - used).saturating_sub(overhead));
+        config.blocks = budget / layout.block_bytes(self.config.head_dim);
+        if let Some(n) = o.blocks_override {
+            if n * layout.block_bytes(self.config.head_dim) > budget {
+                return Err(EngineError::InvalidParameter { name: "num_gpu_blocks_override", reason: format!("{n} blocks need more than the {:.2} GiB the memory fraction leaves", budget as f64 / (1u64 << 30) as f64) });
+            }
+            config.blocks = n;
+        }
+        if config.blocks < layout.blocks_for(layout.max_chunk + 1) {
+            return Err(EngineError::Backend(format!(
+                "--gpu-memory-utilization {} leaves {:.2} GiB for KV blocks on this {:.1} GiB card ({:.2} GiB in use): not one sequence's first chunk fits",
+                o.gpu_memory_utilization,
+                budget as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64,
+                used as f64 / (1u64 << 30) as f64
+            )));
+        }
+        let pool = KvPool::new(self.gpu.clone(), self.weights.clone(), layout, config)?;
+        Ok(Some(Arc::new(ServingPool { pool, plan: kv_plan(self, method) })))
+    }
+}
+
+/// The serving pool as the engine sees it.
+struct ServingPool {
+    pool: Arc<KvPool>,
+    plan: CachePlan,
+}
+
+impl super::KvPool for ServingPool {
+    fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
+        Ok(Box::new(CudaSequence { seq: self.pool.sequence()?, plan: self.plan.clone() }))
+    }
+    fn blocks_for(&self, tokens: usize) -> usize {
+        self.pool.layout().blocks_for(tokens)
+    }
+    fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize) -> Result<usize> {
+        Ok(self.pool.blocks_needed(&downcast::<CudaSequence>(seq, "CUDA")?.seq, more))
+    }
+    fn free_blocks(&self) -> usize {
+        self.pool.free_blocks()
+    }
+    fn total_blocks(&self) -> usize {
+        self.pool.config().blocks
+    }
+    fn block_bytes(&self) -> usize {
+        self.pool.block_bytes()
+    }
+    fn block_tokens(&self) -> usize {
+        self.pool.layout().block_tokens
+    }
+    fn max_rows(&self) -> usize {
+        self.pool.config().max_rows
+    }
+    fn max_seqs(&self) -> usize {
+        self.pool.config().max_seqs
+    }
+    fn max_chunk(&self) -> usize {
+        self.pool.layout().max_chunk
+    }
+    fn step(&self, decode: &mut [(&mut dyn Sequence, u32)], prefill: Option<(&mut dyn Sequence, &[u32], bool)>) -> Result<PoolStep> {
+        let mut rows = Vec::with_capacity(decode.len());
+        for (s, token) in decode.iter_mut() {
+            rows.push(DecodeRow { seq: &mut downcast::<CudaSequence>(&mut **s, "CUDA")?.seq, token: *token });
+        }
+        let chunk = match prefill {
+            Some((s, tokens, last)) => Some(PrefillChunk { seq: &mut downcast::<CudaSequence>(s, "CUDA")?.seq, tokens, logits: if last { RowLogits::Last } else { RowLogits::None } }),
+            None => None,
+        };
+        let out = self.pool.step(&mut rows, chunk, false)?;
+        Ok(PoolStep { decode: out.decode, prefill: out.prefill })
     }
 }

@@ -24,6 +24,7 @@ use duo_core::config::ModelConfig;
 use duo_kv::KvBytes;
 pub use duo_model::Logits;
 use std::any::Any;
+use std::sync::Arc;
 
 /// Where a model runs: `cpu`, `cuda` (device 0) or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -113,6 +114,71 @@ pub trait Backend: Send + Sync {
     fn decode_floor(&self) -> Result<Option<(usize, f64)>> {
         Ok(None)
     }
+    /// One shared KV pool for serving `method`, where the backend pages its caches (CUDA);
+    /// `None` where each sequence owns its memory (CPU: the server reserves bytes instead).
+    fn kv_pool(&self, _method: &ResolvedMethod, _options: &PoolOptions) -> Result<Option<Arc<dyn KvPool>>> {
+        Ok(None)
+    }
+}
+
+/// How a serving pool is sized (vLLM's names and meanings).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolOptions {
+    /// Fraction of the device's memory duo may use, weights included.
+    pub gpu_memory_utilization: f64,
+    /// Sequences that may run at once.
+    pub max_num_seqs: usize,
+    /// Rows one step may run (decode rows plus a prefill chunk).
+    pub max_num_batched_tokens: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Exactly this many blocks instead of what the memory fraction leaves (vLLM's
+    /// `--num-gpu-blocks-override`: tests and preemption experiments).
+    pub blocks_override: Option<usize>,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self { gpu_memory_utilization: 0.9, max_num_seqs: 256, max_num_batched_tokens: 1024, block_size: 64, blocks_override: None }
+    }
+}
+
+/// What a pool's step returns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolStep {
+    /// Logits of each decode row, `[rows, vocab]`.
+    pub decode: Vec<f32>,
+    /// The prefill chunk's logits (its last row, when asked for).
+    pub prefill: Vec<f32>,
+}
+
+/// A pool of KV blocks that many sequences draw from as they grow (vLLM's paged cache), and
+/// the batched step that runs them: the serving engine's view of a paging backend.
+pub trait KvPool: Send + Sync {
+    /// A new, empty sequence in the pool (it takes blocks as it grows).
+    fn new_sequence(&self) -> Result<Box<dyn Sequence>>;
+    /// Blocks a sequence of `tokens` tokens holds.
+    fn blocks_for(&self, tokens: usize) -> usize;
+    /// Blocks `seq` must take to grow by `more` tokens.
+    fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize) -> Result<usize>;
+    /// Blocks free now.
+    fn free_blocks(&self) -> usize;
+    /// Blocks in the pool.
+    fn total_blocks(&self) -> usize;
+    /// Bytes of one block.
+    fn block_bytes(&self) -> usize;
+    /// Positions per block.
+    fn block_tokens(&self) -> usize;
+    /// Rows one step may run.
+    fn max_rows(&self) -> usize;
+    /// Sequences that may exist at once.
+    fn max_seqs(&self) -> usize;
+    /// Longest prefill chunk of a step.
+    fn max_chunk(&self) -> usize;
+    /// One step: token `decode[i].1` appended to sequence `decode[i].0`, and a prefill chunk
+    /// of one more sequence (with its last row's logits when `last`). Fails, changing nothing,
+    /// when the blocks it needs are not free.
+    fn step(&self, decode: &mut [(&mut dyn Sequence, u32)], prefill: Option<(&mut dyn Sequence, &[u32], bool)>) -> Result<PoolStep>;
 }
 
 /// The method's cache plan with `backend`'s element size: the one formula for bytes held.

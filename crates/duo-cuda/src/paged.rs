@@ -1,0 +1,357 @@
+//! The paged KV layout: one pool of fixed-size blocks on the GPU that every sequence's
+//! retrieval and streaming heads draw from, and the address arithmetic the kernels share.
+//!
+//! Why this shape:
+//! * Every retrieval head of a sequence grows by the same token at the same time, so a
+//!   *block* is `block_tokens` positions for **all** the model's retrieval heads (of every
+//!   layer): a *unit* is one head's `block_tokens` rows, and a block is `group()` consecutive
+//!   units. A sequence then needs one block table (not one per layer and head), a block is
+//!   taken every `block_tokens` tokens and returned when the sequence ends, and blocks of any
+//!   sequence are interchangeable, so the pool never fragments.
+//! * Streaming heads keep a constant region per sequence: `sink` rows (padded to a whole
+//!   unit), then a ring of `cap()` rows holding the latest positions. A ring needs no
+//!   compaction copies: position `p >= sink` lives at row `sink_pad + (p - sink) % cap`.
+//!   `cap >= recent + max_chunk` keeps every key that a prefill chunk's queries see.
+//!   The region is `window_units()` units per streaming head, packed into whole blocks of the
+//!   same pool (`streaming_blocks()`), taken when the sequence starts.
+//! * Tables live in device memory, one row per *slot* (a running sequence), so a captured
+//!   step and the kernels read them without host involvement: `[retrieval blocks | streaming
+//!   blocks]` of `table_stride()` entries.
+//!
+//! [`PREFIX`] is the CUDA helper every kernel that touches the cache includes; [`Tables`]
+//! computes the same row on the host, and the tests check that live rows never collide.
+
+use crate::prefill_attention::HeadEntry;
+use crate::{CudaError, Result};
+
+/// Which heads keep what, and how the pool is cut.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PagedLayout {
+    /// `[layer][kv head]`: true for a retrieval head.
+    pub retrieval: Vec<Vec<bool>>,
+    /// Sink tokens of streaming heads.
+    pub sink: usize,
+    /// Recent window of streaming heads (the current token included).
+    pub recent: usize,
+    /// Positions per block (a power of two).
+    pub block_tokens: usize,
+    /// Longest prefill chunk a step may run for one sequence.
+    pub max_chunk: usize,
+    /// Most tokens one sequence may hold (the width of its block table).
+    pub max_tokens: usize,
+}
+
+impl PagedLayout {
+    /// Retrieval heads of the whole model.
+    pub fn n_retrieval(&self) -> usize {
+        self.retrieval.iter().flatten().filter(|&&r| r).count()
+    }
+
+    /// Streaming heads of the whole model.
+    pub fn n_streaming(&self) -> usize {
+        self.retrieval.iter().flatten().filter(|&&r| !r).count()
+    }
+
+    /// Units per block: one per retrieval head (per streaming head when there is none).
+    pub fn group(&self) -> usize {
+        match self.n_retrieval() {
+            0 => self.n_streaming().max(1),
+            n => n,
+        }
+    }
+
+    /// Sink rows rounded up to whole units.
+    pub fn sink_pad(&self) -> usize {
+        self.sink.div_ceil(self.block_tokens) * self.block_tokens
+    }
+
+    /// Rows of a streaming head's ring.
+    pub fn cap(&self) -> usize {
+        (self.recent + self.max_chunk).div_ceil(self.block_tokens) * self.block_tokens
+    }
+
+    /// Units of one streaming head's region (sinks and ring).
+    pub fn window_units(&self) -> usize {
+        (self.sink_pad() + self.cap()) / self.block_tokens
+    }
+
+    /// Blocks holding a sequence's streaming regions.
+    pub fn streaming_blocks(&self) -> usize {
+        (self.n_streaming() * self.window_units()).div_ceil(self.group())
+    }
+
+    /// Retrieval blocks of a sequence of `tokens` tokens.
+    pub fn retrieval_blocks(&self, tokens: usize) -> usize {
+        if self.n_retrieval() == 0 { 0 } else { tokens.div_ceil(self.block_tokens) }
+    }
+
+    /// Blocks a sequence of `tokens` tokens holds (streaming regions included).
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        self.streaming_blocks() + self.retrieval_blocks(tokens)
+    }
+
+    /// Retrieval entries of a table row.
+    pub fn max_blocks(&self) -> usize {
+        self.max_tokens.div_ceil(self.block_tokens).max(1)
+    }
+
+    /// Entries of one slot's table row: retrieval blocks, then streaming blocks.
+    pub fn table_stride(&self) -> usize {
+        self.max_blocks() + self.streaming_blocks()
+    }
+
+    /// Elements (bf16) of one block, keys or values.
+    pub fn block_elems(&self, head_dim: usize) -> usize {
+        self.group() * self.block_tokens * head_dim
+    }
+
+    /// Bytes of one block, keys and values.
+    pub fn block_bytes(&self, head_dim: usize) -> usize {
+        self.block_elems(head_dim) * 2 * 2
+    }
+
+    /// The layer's head table: each head's index among the model's retrieval (or streaming)
+    /// heads, in layer order.
+    pub fn heads(&self, layer: usize) -> Vec<HeadEntry> {
+        let before = |want: bool| self.retrieval[..layer].iter().flatten().filter(|&&r| r == want).count();
+        let (mut ret, mut st) = (before(true), before(false));
+        self.retrieval[layer]
+            .iter()
+            .map(|&r| {
+                if r {
+                    ret += 1;
+                    HeadEntry::retrieval(ret - 1)
+                } else {
+                    st += 1;
+                    HeadEntry::streaming(st - 1, self.sink, self.recent)
+                }
+            })
+            .collect()
+    }
+
+    /// Checks the shape against the model's layers and KV heads.
+    pub fn validate(&self, n_layers: usize, n_kv_heads: usize) -> Result<()> {
+        if self.retrieval.len() != n_layers || self.retrieval.iter().any(|l| l.len() != n_kv_heads) {
+            return Err(CudaError::Input(format!("the head pattern is not {n_layers} layers x {n_kv_heads} KV heads")));
+        }
+        if !self.block_tokens.is_power_of_two() || !(8..=1024).contains(&self.block_tokens) {
+            return Err(CudaError::Input(format!("block size {} must be a power of two from 8 to 1024", self.block_tokens)));
+        }
+        if self.recent == 0 || self.max_chunk == 0 || self.max_tokens == 0 {
+            return Err(CudaError::Input("recent window, chunk and max_tokens must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The kernels' view of the pool, for tables at `tables` (device address).
+    pub fn paged_args(&self, tables: u64) -> PagedArgs {
+        PagedArgs {
+            tables,
+            stride: self.table_stride() as i32,
+            streaming_at: self.max_blocks() as i32,
+            group: self.group() as i32,
+            window_units: self.window_units() as i32,
+            sink_pad: self.sink_pad() as i32,
+            cap: self.cap() as i32,
+            block_log2: self.block_tokens.trailing_zeros() as i32,
+        }
+    }
+}
+
+/// What a kernel needs to find a cached row: the same fields as `struct Paged` in [`PREFIX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct PagedArgs {
+    /// Device address of the tables (`i32`, one row of `stride` per slot).
+    pub tables: u64,
+    /// Entries per slot.
+    pub stride: i32,
+    /// Where a row's streaming entries start.
+    pub streaming_at: i32,
+    /// Units per block.
+    pub group: i32,
+    /// Units per streaming head.
+    pub window_units: i32,
+    /// Sink rows, padded to a unit.
+    pub sink_pad: i32,
+    /// Ring rows.
+    pub cap: i32,
+    /// log2 of the block size.
+    pub block_log2: i32,
+}
+
+/// The CUDA side of [`PagedArgs`] and the row lookup. `kv_row` returns the pool row (units
+/// times `block_tokens` plus the row in the unit) that holds `pos` for KV head `e` of `slot`.
+pub const PREFIX: &str = r#"
+struct Paged { const int* tables; int stride, streaming_at, group, window_units, sink_pad, cap, block_log2; };
+__device__ __forceinline__ long long kv_row(const Paged& p, int4 e, int slot, int pos) {
+    const int mask = (1 << p.block_log2) - 1;
+    const int* row = p.tables + (size_t)slot * p.stride;
+    int unit, r;
+    if (e.w == 0) {
+        unit = row[pos >> p.block_log2] * p.group + e.x;
+        r = pos & mask;
+    } else {
+        const int at = pos < e.y ? pos : p.sink_pad + (pos - e.y) % p.cap;
+        const int k = e.x * p.window_units + (at >> p.block_log2);
+        unit = row[p.streaming_at + k / p.group] * p.group + k % p.group;
+        r = at & mask;
+    }
+    return ((long long)unit << p.block_log2) + r;
+}
+"#;
+
+/// One slot's table row on the host, and the same lookup as `kv_row`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tables {
+    /// Retrieval blocks, in order of position.
+    pub retrieval: Vec<u32>,
+    /// Blocks of the streaming regions.
+    pub streaming: Vec<u32>,
+}
+
+impl Tables {
+    /// The pool row holding `pos` for head `e` (the reference of `kv_row`).
+    pub fn row(&self, layout: &PagedLayout, e: HeadEntry, pos: usize) -> usize {
+        let (bt, g) = (layout.block_tokens, layout.group());
+        let (unit, r) = if e.kind == HeadEntry::RETRIEVAL {
+            (self.retrieval[pos / bt] as usize * g + e.offset as usize, pos % bt)
+        } else {
+            let at = if pos < e.sink as usize { pos } else { layout.sink_pad() + (pos - e.sink as usize) % layout.cap() };
+            let k = e.offset as usize * layout.window_units() + at / bt;
+            (self.streaming[k / g] as usize * g + k % g, at % bt)
+        };
+        unit * bt + r
+    }
+}
+
+/// Free blocks and slots of a pool (host side). Blocks are handed out lowest first on a
+/// fresh pool and reused last-freed first.
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    blocks: Vec<u32>,
+    slots: Vec<u32>,
+    total_blocks: usize,
+}
+
+impl Allocator {
+    /// `blocks` blocks and `slots` slots, all free.
+    pub fn new(blocks: usize, slots: usize) -> Self {
+        Self { blocks: (0..blocks as u32).rev().collect(), slots: (0..slots as u32).rev().collect(), total_blocks: blocks }
+    }
+
+    /// Blocks free.
+    pub fn free_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks in the pool.
+    pub fn total_blocks(&self) -> usize {
+        self.total_blocks
+    }
+
+    /// Slots free.
+    pub fn free_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// `n` blocks, or `None` (and nothing taken) when fewer are free.
+    pub fn take(&mut self, n: usize) -> Option<Vec<u32>> {
+        if n > self.blocks.len() {
+            return None;
+        }
+        let at = self.blocks.len() - n;
+        let mut got = self.blocks.split_off(at);
+        got.reverse();
+        Some(got)
+    }
+
+    /// Returns blocks.
+    pub fn give(&mut self, blocks: &[u32]) {
+        self.blocks.extend(blocks.iter().rev());
+    }
+
+    /// A slot, or `None`.
+    pub fn take_slot(&mut self) -> Option<u32> {
+        self.slots.pop()
+    }
+
+    /// Returns a slot.
+    pub fn give_slot(&mut self, slot: u32) {
+        self.slots.push(slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> PagedLayout {
+        PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 1000 }
+    }
+
+    #[test]
+    fn sizes_follow_the_heads() {
+        let l = layout();
+        assert_eq!((l.n_retrieval(), l.n_streaming(), l.group()), (2, 4, 2));
+        assert_eq!((l.sink_pad(), l.cap(), l.window_units()), (16, 96, 7));
+        assert_eq!(l.streaming_blocks(), 14, "4 heads x 7 units in blocks of 2 units");
+        assert_eq!(l.blocks_for(0), 14);
+        assert_eq!(l.blocks_for(17), 16);
+        assert_eq!((l.max_blocks(), l.table_stride()), (63, 77));
+        assert_eq!(l.block_bytes(64), 2 * 16 * 64 * 4);
+        let h = l.heads(2);
+        assert_eq!((h[0].kind, h[0].offset, h[1].kind, h[1].offset), (HeadEntry::STREAMING, 3, HeadEntry::RETRIEVAL, 1));
+        let full = PagedLayout { retrieval: vec![vec![true; 2]; 3], ..l.clone() };
+        assert_eq!((full.group(), full.streaming_blocks()), (6, 0));
+        let streaming = PagedLayout { retrieval: vec![vec![false; 2]; 3], ..l };
+        assert_eq!((streaming.group(), streaming.retrieval_blocks(500)), (6, 0));
+    }
+
+    #[test]
+    fn live_rows_never_collide_within_or_across_sequences() {
+        let l = layout();
+        let mut alloc = Allocator::new(200, 2);
+        let mut seqs = Vec::new();
+        for _ in 0..2 {
+            let n = 700;
+            let streaming = alloc.take(l.streaming_blocks()).unwrap();
+            let retrieval = alloc.take(l.retrieval_blocks(n)).unwrap();
+            seqs.push((Tables { retrieval, streaming }, n));
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (s, (t, n)) in seqs.iter().enumerate() {
+            for layer in 0..3 {
+                for (g, e) in l.heads(layer).into_iter().enumerate() {
+                    // What a chunk of max_chunk tokens ending at n needs: every position for a
+                    // retrieval head; sinks and the last recent + chunk for a streaming head.
+                    let live: Vec<usize> = if e.kind == HeadEntry::RETRIEVAL { (0..*n).collect() } else { (0..l.sink).chain(n - l.recent - l.max_chunk + 1..*n).collect() };
+                    for p in live {
+                        let row = t.row(&l, e, p);
+                        assert!(row < 200 * l.group() * l.block_tokens);
+                        if let Some(prev) = seen.insert(row, (s, layer, g, p)) {
+                            panic!("row {row} holds {prev:?} and {:?}", (s, layer, g, p));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_allocator_never_hands_out_a_block_twice() {
+        let mut a = Allocator::new(10, 1);
+        let x = a.take(4).unwrap();
+        assert_eq!(x, vec![0, 1, 2, 3]);
+        assert!(a.take(7).is_none(), "only 6 free");
+        assert_eq!(a.free_blocks(), 6);
+        let y = a.take(6).unwrap();
+        a.give(&x);
+        let z = a.take(4).unwrap();
+        let mut all: Vec<u32> = y.iter().chain(&z).copied().collect();
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert_eq!(a.take_slot(), Some(0));
+        assert_eq!(a.take_slot(), None);
+    }
+}

@@ -1,0 +1,618 @@
+//! Many sequences on one GPU: a pool of paged KV blocks ([`crate::paged`]) and the batched
+//! step that runs them.
+//!
+//! A [`KvPool`] owns the cache memory of every sequence it makes ([`PagedSeq`]), the block
+//! tables (device memory, one row per slot) and the activation buffers of one step. A step
+//! ([`KvPool::step`]) runs, as one forward pass, one decode row for each of several sequences
+//! and optionally a prefill chunk of one more: the projections are one product over all rows,
+//! the decode attention is one launch per layer over every decode row's blocks, the prefill
+//! chunk's attention one more. Blocks are taken as sequences grow and given back when a
+//! [`PagedSeq`] is dropped; a step that needs more blocks than are free fails with
+//! [`CudaError::PoolFull`] before it changes anything, so the caller can preempt and retry.
+//!
+//! Decode-only steps are captured as CUDA graphs per batch bucket (rows padded to the bucket
+//! with rows of slot -1 that write nothing) and per launch shape, and replayed: every value a
+//! step changes (tokens, slots, positions, tables) is in device memory at a fixed address.
+//!
+//! Invariant: a sequence's rows are computed from its own tokens, blocks and positions only;
+//! nothing a kernel does for row `i` reads another row.
+
+use crate::decode_attention::{keys_per_warp_fits, KvType, MIN_SPLIT};
+use crate::model::{GpuWeights, DECODE_KEYS_PER_WARP};
+use crate::paged::{Allocator, PagedLayout, Tables};
+use crate::prefill_attention::HeadEntry;
+use crate::runtime::{driver, DecodeLaunch, Gpu, StepGraph};
+use crate::{CudaError, Result};
+use cudarc::driver::{sys as drv, CudaSlice};
+use std::sync::{Arc, Mutex};
+
+/// How big a pool is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// KV blocks.
+    pub blocks: usize,
+    /// Sequences that may exist at once (slots of the block tables).
+    pub max_seqs: usize,
+    /// Rows one step may run: decode rows plus a prefill chunk.
+    pub max_rows: usize,
+    /// Capture decode-only steps as CUDA graphs.
+    pub graphs: bool,
+}
+
+/// Which logits a prefill chunk returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowLogits {
+    /// None (a chunk before the last).
+    None,
+    /// The last row's.
+    Last,
+    /// Every row's (scoring).
+    All,
+}
+
+/// One decode row of a step: `token` appended to `seq`.
+pub struct DecodeRow<'a> {
+    /// The sequence.
+    pub seq: &'a mut PagedSeq,
+    /// Its next token.
+    pub token: u32,
+}
+
+/// The prefill chunk of a step.
+pub struct PrefillChunk<'a> {
+    /// The sequence.
+    pub seq: &'a mut PagedSeq,
+    /// Tokens at positions `seq.tokens()..`.
+    pub tokens: &'a [u32],
+    /// Which logits to return.
+    pub logits: RowLogits,
+}
+
+/// What a step returns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOut {
+    /// Logits of each decode row, `[rows, vocab]` (empty when the step was greedy).
+    pub decode: Vec<f32>,
+    /// The greedy next token of each decode row (greedy steps only).
+    pub next: Vec<u32>,
+    /// The prefill chunk's logits as asked.
+    pub prefill: Vec<f32>,
+}
+
+/// Rows whose logits one LM-head product computes when a chunk's every row is asked for.
+const ROW_BLOCK: usize = 256;
+
+/// (row, split) pairs the partial buffers hold: splits are lengthened until a step fits.
+const PART_PAIRS: usize = 16_384;
+
+/// Keys per decode split. One constant for every row and every batch, so that a row's
+/// partial sums, and so its logits, do not depend on what else runs in the step (a split
+/// that followed the batch, as `batch_split` would, reorders the sums).
+pub const DECODE_SPLIT: usize = 512;
+
+/// Graphs kept at once (each holds its launches' parameters; old ones are dropped).
+const MAX_GRAPHS: usize = 24;
+
+/// The padded row count of a decode-only step with `b` rows (the graph bucket).
+pub fn bucket(b: usize) -> usize {
+    match b {
+        0..=8 => b.max(1).next_power_of_two(),
+        _ => b.div_ceil(16) * 16,
+    }
+}
+
+struct Buffers {
+    meta: CudaSlice<i32>,
+    x: CudaSlice<f32>,
+    xn: CudaSlice<u16>,
+    qkv: CudaSlice<u16>,
+    q: CudaSlice<f32>,
+    att: CudaSlice<u16>,
+    gu: CudaSlice<u16>,
+    act: CudaSlice<u16>,
+    logits: CudaSlice<f32>,
+    next: CudaSlice<i32>,
+    part_m: CudaSlice<f32>,
+    part_l: CudaSlice<f32>,
+    part_acc: CudaSlice<f32>,
+    patches: CudaSlice<i32>,
+}
+
+/// Logit rows a step computes at once: every decode row and a chunk's last row.
+fn logit_rows(c: &PoolConfig) -> usize {
+    (c.max_seqs + 1).min(c.max_rows + 1).max(ROW_BLOCK.min(c.max_rows))
+}
+
+impl Buffers {
+    fn new(gpu: &Gpu, w: &GpuWeights, c: &PoolConfig) -> Result<Self> {
+        let g = &w.config;
+        let r = c.max_rows;
+        let qd = g.n_heads * g.head_dim;
+        Ok(Self {
+            meta: gpu.zeros(3 * r + 2)?,
+            x: gpu.zeros(r * g.hidden)?,
+            xn: gpu.zeros(r * g.hidden)?,
+            qkv: gpu.zeros(r * g.qkv_dim())?,
+            q: gpu.zeros(r * qd)?,
+            att: gpu.zeros(r * qd)?,
+            gu: gpu.zeros(r * 2 * g.ffn)?,
+            act: gpu.zeros(r * g.ffn)?,
+            logits: gpu.zeros(logit_rows(c) * g.vocab)?,
+            next: gpu.zeros(logit_rows(c))?,
+            part_m: gpu.zeros(PART_PAIRS * g.n_heads)?,
+            part_l: gpu.zeros(PART_PAIRS * g.n_heads)?,
+            part_acc: gpu.zeros(PART_PAIRS * g.n_heads * g.head_dim)?,
+            patches: gpu.zeros(2 * 1024)?,
+        })
+    }
+
+    /// Bytes of a pool's step buffers (for sizing the pool before allocating it).
+    fn bytes(w: &GpuWeights, c: &PoolConfig) -> usize {
+        let g = &w.config;
+        let (r, qd) = (c.max_rows, g.n_heads * g.head_dim);
+        4 * (3 * r + 2) + r * (4 * g.hidden + 2 * g.hidden + 2 * g.qkv_dim() + 4 * qd + 2 * qd + 4 * g.ffn + 2 * g.ffn) + logit_rows(c) * (4 * g.vocab + 4) + PART_PAIRS * g.n_heads * (8 + 4 * g.head_dim) + 8 * 1024
+    }
+}
+
+/// Launch shapes that key a captured graph: padded rows and each layer's decode launch.
+type GraphKey = (usize, Vec<DecodeLaunch>);
+
+struct State {
+    alloc: Allocator,
+    b: Buffers,
+    graphs: Vec<(GraphKey, StepGraph)>,
+    pending: Option<GraphKey>,
+    graph_steps: u64,
+}
+
+/// A pool of KV blocks with the sequences it holds and the buffers of one step.
+pub struct KvPool {
+    gpu: Arc<Gpu>,
+    w: Arc<GpuWeights>,
+    layout: PagedLayout,
+    config: PoolConfig,
+    keys: CudaSlice<u16>,
+    values: CudaSlice<u16>,
+    tables: CudaSlice<i32>,
+    heads: Vec<CudaSlice<i32>>,
+    state: Mutex<State>,
+}
+
+/// One sequence in a pool: its slot, its blocks, its length. Dropping it returns its blocks.
+pub struct PagedSeq {
+    pool: Arc<KvPool>,
+    slot: u32,
+    tables: Tables,
+    tokens: usize,
+}
+
+impl PagedSeq {
+    /// Tokens cached.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Blocks held.
+    pub fn blocks(&self) -> usize {
+        self.tables.retrieval.len() + self.tables.streaming.len()
+    }
+
+    /// The pool it lives in.
+    pub fn pool(&self) -> &Arc<KvPool> {
+        &self.pool
+    }
+}
+
+impl Drop for PagedSeq {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        st.alloc.give(&self.tables.retrieval);
+        st.alloc.give(&self.tables.streaming);
+        st.alloc.give_slot(self.slot);
+    }
+}
+
+impl KvPool {
+    /// Bytes a pool of `config` takes besides its blocks (tables and step buffers).
+    pub fn overhead_bytes(w: &GpuWeights, layout: &PagedLayout, config: &PoolConfig) -> usize {
+        Buffers::bytes(w, config) + 4 * config.max_seqs * layout.table_stride()
+    }
+
+    /// Allocates a pool: `config.blocks` blocks of `layout`, tables for `config.max_seqs`
+    /// sequences, buffers for `config.max_rows` rows.
+    pub fn new(gpu: Arc<Gpu>, w: Arc<GpuWeights>, layout: PagedLayout, config: PoolConfig) -> Result<Arc<Self>> {
+        let c = &w.config;
+        layout.validate(c.n_layers, c.n_kv_heads)?;
+        if config.max_seqs == 0 || config.max_rows == 0 {
+            return Err(CudaError::Input("a pool needs at least one sequence and one row".into()));
+        }
+        if layout.max_chunk > config.max_rows {
+            return Err(CudaError::Input(format!("prefill chunks of {} tokens exceed the {} rows of a step", layout.max_chunk, config.max_rows)));
+        }
+        let elems = config.blocks * layout.block_elems(c.head_dim);
+        let keys = gpu.zeros::<u16>(elems)?;
+        let values = gpu.zeros::<u16>(elems)?;
+        let tables = gpu.zeros::<i32>(config.max_seqs * layout.table_stride())?;
+        let heads = (0..c.n_layers).map(|l| gpu.upload(&HeadEntry::table(&layout.heads(l)))).collect::<Result<Vec<_>>>()?;
+        let b = Buffers::new(&gpu, &w, &config)?;
+        gpu.sync()?;
+        let state = State { alloc: Allocator::new(config.blocks, config.max_seqs), b, graphs: Vec::new(), pending: None, graph_steps: 0 };
+        Ok(Arc::new(Self { gpu, w, layout, config, keys, values, tables, heads, state: Mutex::new(state) }))
+    }
+
+    /// A pool for one sequence of up to `layout.max_tokens` tokens (and its forks made
+    /// elsewhere): exactly the blocks that length needs.
+    pub fn single(gpu: Arc<Gpu>, w: Arc<GpuWeights>, layout: PagedLayout) -> Result<Arc<Self>> {
+        let config = PoolConfig { blocks: layout.blocks_for(layout.max_tokens), max_seqs: 1, max_rows: layout.max_chunk, graphs: true };
+        Self::new(gpu, w, layout, config)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &PagedLayout {
+        &self.layout
+    }
+
+    /// The size.
+    pub fn config(&self) -> PoolConfig {
+        self.config
+    }
+
+    /// Blocks free now.
+    pub fn free_blocks(&self) -> usize {
+        self.lock().alloc.free_blocks()
+    }
+
+    /// The GPU.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &Arc<GpuWeights> {
+        &self.w
+    }
+
+    /// The model's vocabulary.
+    pub fn vocab(&self) -> usize {
+        self.w.config.vocab
+    }
+
+    /// Bytes of one block (keys and values).
+    pub fn block_bytes(&self) -> usize {
+        self.layout.block_bytes(self.w.config.head_dim)
+    }
+
+    /// Decode steps replayed from a captured graph so far.
+    pub fn graph_steps(&self) -> u64 {
+        self.lock().graph_steps
+    }
+
+    /// A new, empty sequence (its blocks are taken by the steps that grow it).
+    pub fn sequence(self: &Arc<Self>) -> Result<PagedSeq> {
+        let slot = self.lock().alloc.take_slot().ok_or_else(|| CudaError::Input(format!("all {} sequence slots of the pool are in use", self.config.max_seqs)))?;
+        Ok(PagedSeq { pool: self.clone(), slot, tables: Tables::default(), tokens: 0 })
+    }
+
+    /// Blocks `seq` must take to hold `more` more tokens.
+    pub fn blocks_needed(&self, seq: &PagedSeq, more: usize) -> usize {
+        self.layout.blocks_for(seq.tokens + more).saturating_sub(seq.blocks())
+    }
+
+    fn owns(&self, seq: &PagedSeq) -> Result<()> {
+        if std::ptr::eq(Arc::as_ptr(&seq.pool), self) {
+            Ok(())
+        } else {
+            Err(CudaError::Input("this sequence belongs to another pool".into()))
+        }
+    }
+
+    /// Takes the blocks each `(sequence, new tokens)` needs, all or none, and returns the
+    /// table entries to write (`[index, block]` pairs).
+    fn grow(&self, alloc: &mut Allocator, grows: &mut [(&mut PagedSeq, usize)]) -> Result<Vec<i32>> {
+        let needed: usize = grows.iter().map(|(s, more)| self.blocks_needed(s, *more)).sum();
+        if needed > alloc.free_blocks() {
+            return Err(CudaError::PoolFull { needed, free: alloc.free_blocks() });
+        }
+        let (stride, at) = (self.layout.table_stride(), self.layout.max_blocks());
+        let mut pairs = Vec::new();
+        for (s, more) in grows.iter_mut() {
+            let row = s.slot as usize * stride;
+            if s.tables.streaming.len() < self.layout.streaming_blocks() {
+                let got = alloc.take(self.layout.streaming_blocks() - s.tables.streaming.len()).ok_or(CudaError::PoolFull { needed, free: 0 })?;
+                for b in got {
+                    pairs.extend([(row + at + s.tables.streaming.len()) as i32, b as i32]);
+                    s.tables.streaming.push(b);
+                }
+            }
+            let want = self.layout.retrieval_blocks(s.tokens + *more);
+            if want > s.tables.retrieval.len() {
+                let got = alloc.take(want - s.tables.retrieval.len()).ok_or(CudaError::PoolFull { needed, free: 0 })?;
+                for b in got {
+                    pairs.extend([(row + s.tables.retrieval.len()) as i32, b as i32]);
+                    s.tables.retrieval.push(b);
+                }
+            }
+        }
+        Ok(pairs)
+    }
+
+    fn write_tables(&self, b: &mut Buffers, pairs: &[i32]) -> Result<()> {
+        for chunk in pairs.chunks(b.patches.len()) {
+            self.gpu.write(chunk, &mut b.patches)?;
+            self.gpu.scatter_i32(self.gpu.addr(&self.tables), self.gpu.addr(&b.patches), chunk.len() / 2)?;
+        }
+        Ok(())
+    }
+
+    /// One step: a decode row for each of `decode`, then `prefill`'s chunk, as one forward
+    /// pass. With `greedy`, decode rows return their argmax token instead of logits.
+    /// Fails with [`CudaError::PoolFull`] (changing nothing) when the blocks the step needs
+    /// are not free.
+    pub fn step(&self, decode: &mut [DecodeRow], prefill: Option<PrefillChunk>, greedy: bool) -> Result<StepOut> {
+        let c = &self.w.config;
+        let bsz = decode.len();
+        let chunk = prefill.as_ref().map_or(0, |p| p.tokens.len());
+        if bsz + chunk == 0 {
+            return Ok(StepOut::default());
+        }
+        if let Some(p) = &prefill {
+            if p.tokens.is_empty() {
+                return Err(CudaError::Input("an empty prefill chunk".into()));
+            }
+        }
+        let padded = if prefill.is_none() && self.config.graphs { bucket(bsz) } else { bsz };
+        if padded + chunk > self.config.max_rows || chunk > self.layout.max_chunk {
+            return Err(CudaError::Input(format!("{bsz} decode rows and a chunk of {chunk} exceed the step's {} rows (chunks up to {})", self.config.max_rows, self.layout.max_chunk)));
+        }
+        let mut slots_seen = std::collections::HashSet::new();
+        for r in decode.iter() {
+            self.owns(r.seq)?;
+            if r.token as usize >= c.vocab {
+                return Err(CudaError::Input(format!("token id {} is outside the vocabulary of {}", r.token, c.vocab)));
+            }
+            if r.seq.tokens + 1 > self.layout.max_tokens {
+                return Err(CudaError::Input(format!("{} tokens exceed this sequence's {} tokens", r.seq.tokens + 1, self.layout.max_tokens)));
+            }
+            slots_seen.insert(r.seq.slot);
+        }
+        if let Some(p) = &prefill {
+            self.owns(p.seq)?;
+            if let Some(bad) = p.tokens.iter().find(|&&t| t as usize >= c.vocab) {
+                return Err(CudaError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
+            }
+            if p.seq.tokens + chunk > self.layout.max_tokens {
+                return Err(CudaError::Input(format!("{} tokens exceed this sequence's {} tokens", p.seq.tokens + chunk, self.layout.max_tokens)));
+            }
+            slots_seen.insert(p.seq.slot);
+        }
+        if slots_seen.len() != bsz + usize::from(prefill.is_some()) {
+            return Err(CudaError::Input("a sequence appears twice in one step".into()));
+        }
+
+        let mut st = self.lock();
+        let st = &mut *st;
+        let mut prefill = prefill;
+        let pairs = {
+            let mut grows: Vec<(&mut PagedSeq, usize)> = decode.iter_mut().map(|r| (&mut *r.seq, 1)).collect();
+            if let Some(p) = prefill.as_mut() {
+                grows.push((&mut *p.seq, chunk));
+            }
+            self.grow(&mut st.alloc, &mut grows)?
+        };
+        self.run(st, decode, prefill, pairs, padded, greedy)
+    }
+
+    fn run(&self, st: &mut State, decode: &mut [DecodeRow], prefill: Option<PrefillChunk>, pairs: Vec<i32>, padded: usize, greedy: bool) -> Result<StepOut> {
+        let (g, c) = (&*self.gpu, &self.w.config);
+        let bsz = decode.len();
+        let chunk = prefill.as_ref().map_or(0, |p| p.tokens.len());
+        let rows = padded + chunk;
+        self.write_tables(&mut st.b, &pairs)?;
+        // Row metadata: tokens, slots, positions, then the prefill chunk's [slot, first].
+        let mut meta = vec![0i32; 3 * rows + 2];
+        for (i, r) in decode.iter().enumerate() {
+            meta[i] = r.token as i32;
+            meta[rows + i] = r.seq.slot as i32;
+            meta[2 * rows + i] = r.seq.tokens as i32;
+        }
+        for i in bsz..padded {
+            meta[rows + i] = -1;
+        }
+        if let Some(p) = &prefill {
+            for (j, &t) in p.tokens.iter().enumerate() {
+                let i = padded + j;
+                meta[i] = t as i32;
+                meta[rows + i] = p.seq.slot as i32;
+                meta[2 * rows + i] = (p.seq.tokens + j) as i32;
+            }
+            meta[3 * rows] = p.seq.slot as i32;
+            meta[3 * rows + 1] = p.seq.tokens as i32;
+        }
+        g.write(&meta, &mut st.b.meta)?;
+
+        let shapes = if bsz > 0 { self.shapes(decode.iter().map(|r| r.seq.tokens + 1).max().unwrap_or(1), padded) } else { Vec::new() };
+        if let Some(s) = shapes.first() {
+            if s.n_splits * s.rows > PART_PAIRS {
+                return Err(CudaError::Input(format!("{} decode splits of {} rows exceed the partial buffers", s.n_splits, s.rows)));
+            }
+        }
+        let logit_rows = if bsz > 0 { padded } else { 0 };
+        if prefill.is_none() && self.config.graphs {
+            let key: GraphKey = (padded, shapes.clone());
+            if let Some(i) = st.graphs.iter().position(|(k, _)| *k == key) {
+                st.graphs[i].1.launch()?;
+                st.graph_steps += 1;
+            } else if st.pending.as_ref() == Some(&key) {
+                let stream = &g.stream;
+                stream.begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver)?;
+                let captured = self.forward(&st.b, rows, padded, &shapes, 0, logit_rows);
+                let graph = stream.end_capture(drv::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(driver)?;
+                captured?;
+                let graph = StepGraph::new(graph.ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?);
+                graph.launch()?;
+                if st.graphs.len() >= MAX_GRAPHS {
+                    st.graphs.remove(0);
+                }
+                st.graphs.push((key, graph));
+                st.pending = None;
+                st.graph_steps += 1;
+            } else {
+                self.forward(&st.b, rows, padded, &shapes, 0, logit_rows)?;
+                st.pending = Some(key);
+            }
+        } else {
+            self.forward(&st.b, rows, padded, &shapes, chunk, logit_rows)?;
+        }
+
+        let mut out = StepOut::default();
+        if bsz > 0 {
+            if greedy {
+                g.argmax_rows(g.addr(&st.b.logits), c.vocab, bsz, g.addr(&st.b.next))?;
+                let ids = g.stream.clone_dtoh(&st.b.next.slice(0..bsz)).map_err(driver)?;
+                out.next = ids.into_iter().map(|i| i as u32).collect();
+            } else {
+                out.decode = g.stream.clone_dtoh(&st.b.logits.slice(0..bsz * c.vocab)).map_err(driver)?;
+            }
+        }
+        if let Some(p) = &prefill {
+            out.prefill = match p.logits {
+                RowLogits::None => Vec::new(),
+                RowLogits::Last => self.row_logits(&st.b, rows - 1, 1)?,
+                RowLogits::All => self.row_logits(&st.b, padded, chunk)?,
+            };
+        }
+        g.sync()?;
+        for r in decode.iter_mut() {
+            r.seq.tokens += 1;
+        }
+        if let Some(p) = prefill {
+            p.seq.tokens += chunk;
+        }
+        Ok(out)
+    }
+
+    /// Logits of `n` consecutive rows from `first`, `ROW_BLOCK` rows per LM-head product.
+    fn row_logits(&self, b: &Buffers, first: usize, n: usize) -> Result<Vec<f32>> {
+        let (g, c) = (&*self.gpu, &self.w.config);
+        let per = ROW_BLOCK.min(b.logits.len() / c.vocab).max(1);
+        let mut out = Vec::with_capacity(n * c.vocab);
+        for r0 in (0..n).step_by(per) {
+            let k = per.min(n - r0);
+            let x = g.addr(&b.x) + ((first + r0) * c.hidden * 4) as u64;
+            g.rms_norm(x, g.addr(&self.w.norm), g.addr(&b.xn), k, c.hidden, c.eps)?;
+            g.gemm(g.addr(&b.xn), g.addr(self.w.lm_head()), g.addr(&b.logits), k, c.hidden, c.vocab, 0.0, false)?;
+            out.extend(g.stream.clone_dtoh(&b.logits.slice(0..k * c.vocab)).map_err(driver)?);
+        }
+        Ok(out)
+    }
+
+    /// Decode launch shapes for rows of up to `max_n` tokens: lengths rounded up to 2048
+    /// (so shapes, and captured graphs, change rarely as sequences grow), splits of
+    /// [`DECODE_SPLIT`] keys, lengthened only when the partial buffers cannot hold every
+    /// (row, split) (then rows are no longer independent of the batch, bit for bit).
+    fn shapes(&self, max_n: usize, rows: usize) -> Vec<DecodeLaunch> {
+        let c = &self.w.config;
+        let bucket_n = (max_n.div_ceil(2048) * 2048).min(self.layout.max_tokens).max(max_n);
+        let short = (self.layout.sink + self.layout.recent).min(bucket_n) as u32;
+        let keys_per_warp = [DECODE_KEYS_PER_WARP, 4].into_iter().find(|&k| keys_per_warp_fits(c.head_dim, k, KvType::Bf16)).unwrap_or(4);
+        (0..c.n_layers)
+            .map(|l| {
+                let lens: Vec<u32> = self.layout.retrieval[l].iter().map(|&r| if r { bucket_n as u32 } else { short }).collect();
+                let max_len = *lens.iter().max().unwrap_or(&1) as usize;
+                let mut split = DECODE_SPLIT;
+                if max_len.div_ceil(split) * rows > PART_PAIRS {
+                    split = (max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT)).div_ceil(64) * 64;
+                }
+                DecodeLaunch { n_kv: c.n_kv_heads, group: c.n_heads / c.n_kv_heads, head_dim: c.head_dim, split, n_splits: max_len.div_ceil(split), rows, kv: KvType::Bf16, keys_per_warp }
+            })
+            .collect()
+    }
+
+    /// Every launch of one forward over `rows` rows: decode rows `0..decode_rows` (the
+    /// `shapes` launches), then a prefill chunk of `chunk` rows; then the final norm and LM
+    /// head over the first `logit_rows` rows.
+    fn forward(&self, b: &Buffers, rows: usize, decode_rows: usize, shapes: &[DecodeLaunch], chunk: usize, logit_rows: usize) -> Result<()> {
+        let (g, c, w) = (&*self.gpu, &self.w.config, &*self.w);
+        let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
+        let a = |s: &CudaSlice<f32>| g.addr(s);
+        let a16 = |s: &CudaSlice<u16>| g.addr(s);
+        let meta = g.addr(&b.meta);
+        let (tokens, slots, pos, pre) = (meta, meta + 4 * rows as u64, meta + 8 * rows as u64, meta + 12 * rows as u64);
+        let paged = self.layout.paged_args(g.addr(&self.tables));
+        let (kc, vc) = (a16(&self.keys), a16(&self.values));
+        g.embed(tokens, w.embed.as_ref().map_or(0, &a16), w.embed_seed(), 1.0, a(&b.x), h, rows)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            let heads = g.addr(&self.heads[l]);
+            g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), rows, h, c.eps)?;
+            g.gemm(a16(&b.xn), a16(&lw.qkv), a16(&b.qkv), rows, h, kvd, 0.0, true)?;
+            g.rope_append(a16(&b.qkv), slots, pos, a(&w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, a(&b.q), kc, vc, rows, paged)?;
+            if decode_rows > 0 {
+                let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
+                g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, paged, parts, 0, a16(&b.att))?;
+            }
+            if chunk > 0 {
+                let q = a(&b.q) + (decode_rows * qd * 4) as u64;
+                let out = a16(&b.att) + (decode_rows * qd * 2) as u64;
+                g.prefill_attention(q, kc, vc, heads, pre, paged, chunk, c.n_heads, c.n_heads / c.n_kv_heads, c.head_dim, out)?;
+            }
+            g.gemm(a16(&b.att), a16(&lw.o), a(&b.x), rows, qd, h, 1.0, false)?;
+            g.rms_norm(a(&b.x), a(&lw.ffn_norm), a16(&b.xn), rows, h, c.eps)?;
+            g.gemm(a16(&b.xn), a16(&lw.gate_up), a16(&b.gu), rows, h, 2 * c.ffn, 0.0, true)?;
+            g.silu_mul(a16(&b.gu), a16(&b.act), rows, c.ffn)?;
+            g.gemm(a16(&b.act), a16(&lw.down), a(&b.x), rows, c.ffn, h, 1.0, false)?;
+        }
+        if logit_rows > 0 {
+            g.rms_norm(a(&b.x), a(&w.norm), a16(&b.xn), logit_rows, h, c.eps)?;
+            g.gemm(a16(&b.xn), a16(w.lm_head()), a(&b.logits), logit_rows, h, c.vocab, 0.0, false)?;
+        }
+        Ok(())
+    }
+
+    /// Pretends `n` tokens were prefilled into the empty `seq`: takes its blocks and fills
+    /// them with seeded random keys and values (what a decode step reads does not depend on
+    /// what they say). For decode measurements at lengths whose prefill would take too long.
+    pub fn fill_synthetic(&self, seq: &mut PagedSeq, n: usize, seed: u64) -> Result<()> {
+        self.owns(seq)?;
+        if seq.tokens != 0 || n + 1 > self.layout.max_tokens {
+            return Err(CudaError::Input(format!("synthetic tokens go into an empty sequence with room for one more ({n} of {})", self.layout.max_tokens)));
+        }
+        let mut st = self.lock();
+        let st = &mut *st;
+        let pairs = self.grow(&mut st.alloc, &mut [(&mut *seq, n)])?;
+        self.write_tables(&mut st.b, &pairs)?;
+        let elems = self.layout.block_elems(self.w.config.head_dim);
+        let (g, k, v) = (&*self.gpu, self.gpu.addr(&self.keys), self.gpu.addr(&self.values));
+        for (i, &blk) in seq.tables.retrieval.iter().chain(&seq.tables.streaming).enumerate() {
+            let at = (blk as usize * elems * 2) as u64;
+            g.fill_uniform(k + at, elems, seed.wrapping_add(2 * i as u64), 1.0)?;
+            g.fill_uniform(v + at, elems, seed.wrapping_add(2 * i as u64 + 1), 1.0)?;
+        }
+        seq.tokens = n;
+        g.sync()
+    }
+
+    /// A copy of `seq` in `into` (this pool or another of the same layout): the same tokens
+    /// in blocks of its own.
+    pub fn copy_to(&self, seq: &PagedSeq, into: &Arc<KvPool>) -> Result<PagedSeq> {
+        self.owns(seq)?;
+        if into.layout != self.layout || !Arc::ptr_eq(&into.w, &self.w) {
+            return Err(CudaError::Input("a sequence is copied only into a pool of the same model and layout".into()));
+        }
+        let mut copy = into.sequence()?;
+        let mut st = into.lock();
+        let st = &mut *st;
+        let pairs = into.grow(&mut st.alloc, &mut [(&mut copy, seq.tokens)])?;
+        into.write_tables(&mut st.b, &pairs)?;
+        let block_pairs: Vec<i32> = seq.tables.retrieval.iter().zip(&copy.tables.retrieval).chain(seq.tables.streaming.iter().zip(&copy.tables.streaming)).flat_map(|(&s, &d)| [s as i32, d as i32]).collect();
+        let g = &*self.gpu;
+        let list = g.upload(&block_pairs)?;
+        g.copy_blocks(g.addr(&self.keys), g.addr(&self.values), g.addr(&into.keys), g.addr(&into.values), g.addr(&list), block_pairs.len() / 2, self.layout.block_elems(self.w.config.head_dim))?;
+        g.sync()?;
+        copy.tokens = seq.tokens;
+        Ok(copy)
+    }
+}
