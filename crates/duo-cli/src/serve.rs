@@ -110,7 +110,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         bail!("--block-size must be a power of two from 8 to 1024 (got {})", a.block_size);
     }
     let max_num_batched_tokens = a.max_num_batched_tokens.unwrap_or(a.prefill_chunk + max_running);
-    if max_num_batched_tokens < a.prefill_chunk.min(max_num_batched_tokens).max(1) || max_num_batched_tokens == 0 {
+    if max_num_batched_tokens == 0 {
         bail!("--max-num-batched-tokens must be at least 1");
     }
     a.method.model_source()?;

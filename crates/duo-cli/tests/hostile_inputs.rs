@@ -62,3 +62,23 @@ fn window_sizes_beyond_the_context_are_refused() {
     let (ok, err, _) = duo(&["serve", "--port", "0", "--sink", "1099511627776"]);
     assert!(!ok && err.contains("sink") && !err.contains("ready"), "{err}");
 }
+
+#[test]
+fn bad_gpu_pool_flags_are_refused_before_anything_loads() {
+    for (args, names) in [
+        (&["--gpu-memory-utilization", "1.5"][..], "gpu-memory-utilization"),
+        (&["--gpu-memory-utilization", "0"][..], "gpu-memory-utilization"),
+        (&["--gpu-memory-utilization", "NaN"][..], "gpu-memory-utilization"),
+        (&["--block-size", "48"][..], "block-size"),
+        (&["--block-size", "4096"][..], "block-size"),
+        (&["--max-num-batched-tokens", "0"][..], "max-num-batched-tokens"),
+        (&["--max-running", "0"][..], "max-running"),
+    ] {
+        let mut all = vec!["serve", "--port", "0", "--device", "cuda"];
+        all.extend_from_slice(args);
+        let (ok, err, _) = duo(&all);
+        assert!(!ok, "{args:?}: {err}");
+        assert!(err.contains(names) && !err.contains("listening"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
