@@ -333,28 +333,35 @@ impl Worker {
     fn run(self, rx: mpsc::Receiver<Queued>) {
         let mut waiting: VecDeque<Queued> = VecDeque::new();
         let mut running: Vec<Running> = Vec::new();
-        loop {
-            if running.is_empty() && waiting.is_empty() {
-                match rx.recv() {
-                    Ok(r) => waiting.push_back(r),
-                    Err(_) => return,
-                }
-            }
-            while let Ok(r) = rx.try_recv() {
-                waiting.push_back(r);
-            }
-            let before = waiting.len();
-            waiting.retain(|q| !q.request.sink.is_closed());
-            self.stats.waiting.fetch_sub(before - waiting.len(), Ordering::SeqCst);
-            running.retain(|s| !s.finished && !s.sink.is_closed());
+        while self.intake(&rx, &mut waiting, &mut running) {
             self.admit(&mut waiting, &mut running);
             if let Some(s) = running.iter_mut().find(|s| s.logits.is_none()) {
                 self.prefill_chunk(s);
             }
             self.decode_step(&mut running);
-            running.retain(|s| !s.finished && !s.sink.is_closed());
+            running.retain(Running::live);
             self.publish(&running);
         }
+    }
+
+    /// Takes new requests (waiting for one when idle) and drops the ones whose listener went
+    /// away, waiting or running (a running one's cache is freed there and then). False once
+    /// the engine is idle and its handle dropped.
+    fn intake(&self, rx: &mpsc::Receiver<Queued>, waiting: &mut VecDeque<Queued>, running: &mut Vec<Running>) -> bool {
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(r) => waiting.push_back(r),
+                Err(_) => return false,
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            waiting.push_back(r);
+        }
+        let before = waiting.len();
+        waiting.retain(|q| !q.request.sink.is_closed());
+        self.stats.waiting.fetch_sub(before - waiting.len(), Ordering::SeqCst);
+        running.retain(Running::live);
+        true
     }
 
     /// Moves waiting requests into the batch, oldest first, while their KV fits.
@@ -541,20 +548,7 @@ impl Worker {
         let mut arrivals = 0u64;
         let tok = &self.engine.tokenizer;
         let eos = self.engine.config().eos_token_ids.clone();
-        loop {
-            if running.is_empty() && waiting.is_empty() {
-                match rx.recv() {
-                    Ok(r) => waiting.push_back(r),
-                    Err(_) => return,
-                }
-            }
-            while let Ok(r) = rx.try_recv() {
-                waiting.push_back(r);
-            }
-            let before = waiting.len();
-            waiting.retain(|q| !q.request.sink.is_closed());
-            self.stats.waiting.fetch_sub(before - waiting.len(), Ordering::SeqCst);
-            running.retain(Running::live);
+        while self.intake(&rx, &mut waiting, &mut running) {
             self.admit_paged(&*pool, &mut waiting, &mut running, &mut arrivals);
             for s in running.iter_mut().filter(|s| s.kv.is_some()) {
                 if s.pending.is_none() {
