@@ -118,9 +118,10 @@ struct Buffers {
     patches: CudaSlice<i32>,
 }
 
-/// Logit rows a step computes at once: every decode row and a chunk's last row.
+/// Logit rows a step computes at once: every decode row (a decode-only step's padded to
+/// its bucket) and a chunk's last row, or a block of a chunk's rows.
 fn logit_rows(c: &PoolConfig) -> usize {
-    (c.max_seqs + 1).min(c.max_rows + 1).max(ROW_BLOCK.min(c.max_rows))
+    bucket(c.max_seqs).max(c.max_seqs + 1).max(ROW_BLOCK.min(c.max_rows))
 }
 
 impl Buffers {
@@ -162,6 +163,8 @@ struct State {
     b: Buffers,
     graphs: Vec<(GraphKey, StepGraph)>,
     pending: Option<GraphKey>,
+    /// Keys whose capture failed: their steps run launch by launch.
+    uncapturable: Vec<GraphKey>,
     graph_steps: u64,
 }
 
@@ -236,7 +239,7 @@ impl KvPool {
         let heads = (0..c.n_layers).map(|l| gpu.upload(&HeadEntry::table(&layout.heads(l)))).collect::<Result<Vec<_>>>()?;
         let b = Buffers::new(&gpu, &w, &config)?;
         gpu.sync()?;
-        let state = State { alloc: Allocator::new(config.blocks, config.max_seqs), b, graphs: Vec::new(), pending: None, graph_steps: 0 };
+        let state = State { alloc: Allocator::new(config.blocks, config.max_seqs), b, graphs: Vec::new(), pending: None, uncapturable: Vec::new(), graph_steps: 0 };
         Ok(Arc::new(Self { gpu, w, layout, config, keys, values, tables, heads, state: Mutex::new(state) }))
     }
 
@@ -365,7 +368,7 @@ impl KvPool {
             }
         }
         let padded = if prefill.is_none() && self.config.graphs { bucket(bsz) } else { bsz };
-        if padded + chunk > self.config.max_rows || chunk > self.layout.max_chunk {
+        if padded + chunk > self.config.max_rows || chunk > self.layout.max_chunk || padded > logit_rows(&self.config) {
             return Err(CudaError::Input(format!("{bsz} decode rows and a chunk of {chunk} exceed the step's {} rows (chunks up to {})", self.config.max_rows, self.layout.max_chunk)));
         }
         let mut slots_seen = std::collections::HashSet::new();
@@ -441,8 +444,8 @@ impl KvPool {
             }
         }
         let logit_rows = if bsz > 0 { padded } else { 0 };
-        if prefill.is_none() && self.config.graphs {
-            let key: GraphKey = (padded, shapes.clone());
+        let key: GraphKey = (padded, shapes.clone());
+        if prefill.is_none() && self.config.graphs && !st.uncapturable.contains(&key) {
             if let Some(i) = st.graphs.iter().position(|(k, _)| *k == key) {
                 st.graphs[i].1.launch()?;
                 st.graph_steps += 1;
@@ -450,16 +453,24 @@ impl KvPool {
                 let stream = &g.stream;
                 stream.begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver)?;
                 let captured = self.forward(&st.b, rows, padded, &shapes, 0, logit_rows);
-                let graph = stream.end_capture(drv::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(driver)?;
-                captured?;
-                let graph = StepGraph::new(graph.ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?);
-                graph.launch()?;
-                if st.graphs.len() >= MAX_GRAPHS {
-                    st.graphs.remove(0);
-                }
-                st.graphs.push((key, graph));
+                let ended = stream.end_capture(drv::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(driver);
                 st.pending = None;
-                st.graph_steps += 1;
+                match (captured, ended) {
+                    (Ok(()), Ok(Some(graph))) => {
+                        let graph = StepGraph::new(graph);
+                        graph.launch()?;
+                        if st.graphs.len() >= MAX_GRAPHS {
+                            st.graphs.remove(0);
+                        }
+                        st.graphs.push((key, graph));
+                        st.graph_steps += 1;
+                    }
+                    // This shape is not captured again; the step runs launch by launch.
+                    _ => {
+                        st.uncapturable.push(key);
+                        self.forward(&st.b, rows, padded, &shapes, 0, logit_rows)?;
+                    }
+                }
             } else {
                 self.forward(&st.b, rows, padded, &shapes, 0, logit_rows)?;
                 st.pending = Some(key);

@@ -313,6 +313,8 @@ struct Running {
     forced: VecDeque<u32>,
     /// The token to append in the next step.
     pending: Option<u32>,
+    /// Resumed after a preemption (its prompt is being recomputed, not counted again).
+    resumed: bool,
     prefilled: usize,
     /// Logits of the next position, once the prompt is in.
     logits: Option<Vec<f32>>,
@@ -528,6 +530,7 @@ impl Running {
             generated: Vec::new(),
             forced: VecDeque::new(),
             pending: None,
+            resumed: false,
             prefilled: 0,
             logits: None,
             text: TextStream::new(stop),
@@ -574,14 +577,17 @@ impl Worker {
                 committed += pool.blocks_needed(kv.as_mut(), remaining + 1).unwrap_or(0);
             }
         }
-        let watermark = pool.total_blocks() / 100;
+        // A 1% watermark leaves running sequences room to grow; an idle pool takes any request
+        // that fits it whole (the request was checked against the pool at submission).
+        let watermark = if active == 0 { 0 } else { pool.total_blocks() / 100 };
         let mut free = pool.free_blocks().saturating_sub(committed + watermark);
         let limit = self.config.max_running.min(pool.max_seqs());
         // Preempted sequences first, oldest first.
         let mut order: Vec<usize> = (0..running.len()).filter(|&i| running[i].kv.is_none()).collect();
         order.sort_by_key(|&i| running[i].arrival);
         for i in order {
-            let need = pool.blocks_for(running[i].prompt.len() + 1);
+            // Room for its prompt and the tokens it replays, so the recompute is not cut short.
+            let need = pool.blocks_for(running[i].prompt.len() + running[i].generated.len() + 1);
             if active >= limit || need > free {
                 return;
             }
@@ -593,7 +599,8 @@ impl Worker {
                     s.forced = s.generated.iter().copied().collect();
                     s.logits = None;
                     s.pending = None;
-                    free -= need;
+                    s.resumed = true;
+                    free = free.saturating_sub(need);
                     active += 1;
                 }
                 Err(_) => return,
@@ -636,25 +643,28 @@ impl Worker {
         loop {
             let decoding = running.iter().filter(|s| s.kv.is_some() && s.pending.is_some()).count();
             let mut need = 0usize;
-            let mut prefill_seen = false;
-            for s in running.iter_mut() {
+            let mut prefill_at = None;
+            for (i, s) in running.iter_mut().enumerate() {
                 let Some(kv) = s.kv.as_mut() else { continue };
                 if s.pending.is_some() {
                     need += pool.blocks_needed(kv.as_mut(), 1).unwrap_or(0);
-                } else if !prefill_seen && s.prefilled < s.prompt.len() {
+                } else if prefill_at.is_none() && s.prefilled < s.prompt.len() {
                     let end = (s.prefilled + chunk_size).min(s.prompt.len());
                     if decoding + end - s.prefilled > pool.max_rows() {
                         continue;
                     }
-                    prefill_seen = true;
+                    prefill_at = Some(i);
                     need += pool.blocks_needed(kv.as_mut(), end - s.prefilled).unwrap_or(0);
                 }
             }
             if need <= pool.free_blocks() {
                 break;
             }
+            // The youngest sequence whose preemption helps: one that holds blocks or takes
+            // part in this step (a just-admitted one waiting for its turn frees nothing).
             let active: Vec<usize> = (0..running.len()).filter(|&i| running[i].kv.is_some()).collect();
-            let Some(&victim) = active.iter().max_by_key(|&&i| running[i].arrival) else { return };
+            let helps = |i: usize| running[i].pending.is_some() || prefill_at == Some(i) || running[i].kv.as_ref().is_some_and(|kv| kv.tokens() > 0);
+            let Some(&victim) = active.iter().filter(|&&i| helps(i)).max_by_key(|&&i| running[i].arrival) else { return };
             if active.len() == 1 {
                 fail(&mut running[victim], format!("the KV pool ({} blocks) cannot hold this request", pool.total_blocks()));
                 return;
@@ -716,7 +726,9 @@ impl Worker {
                 }
                 if let Some((i, end, last)) = prefill {
                     let s = &mut running[i];
-                    self.stats.prompt_tokens.fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
+                    if !s.resumed {
+                        self.stats.prompt_tokens.fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
+                    }
                     s.prefilled = end;
                     if last {
                         s.logits = Some(out.prefill);

@@ -201,3 +201,20 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
     }
     assert_eq!(free.load(Ordering::SeqCst), total, "every block came back");
 }
+
+#[test]
+fn a_request_that_fills_the_whole_idle_pool_runs() {
+    let model = Arc::new(Engine::load(&ModelSource::Default, Device::Cpu).expect("default model"));
+    let method = MethodSpec { chunk: 64, ..Default::default() }.resolve(model.config()).expect("method");
+    // 100 blocks of 2 tokens (one for the streaming heads): 197 tokens take all 100, more
+    // than the 1% watermark leaves while anything else runs.
+    let free = Arc::new(AtomicUsize::new(100));
+    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total: 100, block: 2 });
+    let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget: 0, max_waiting: 4, max_running: 4 }, Some(pool));
+    let params = SamplingParams { max_tokens: 1, ..Default::default() };
+    assert!(engine.check(198, &params, None).is_err(), "199 tokens need 1 + 100 blocks");
+    let (tx, rx) = mpsc::channel();
+    engine.submit(Request { prompt: vec![42; 196], params, top_logprobs: None, sink: Box::new(ChannelSink { tx, index: 0 }) }).expect("fits the pool");
+    let finished = (0..4).any(|_| matches!(rx.recv_timeout(Duration::from_secs(60)), Ok((_, Event::Done { .. }))));
+    assert!(finished, "admitted and finished");
+}

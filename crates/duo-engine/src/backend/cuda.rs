@@ -222,7 +222,7 @@ impl Backend for CudaBackend {
             rows.push(&mut downcast::<CudaSequence>(&mut **s, "CUDA")?.seq);
         }
         let Some(first) = rows.first().map(|s| s.pool().clone()) else { return Ok(Vec::new()) };
-        if rows.iter().all(|s| Arc::ptr_eq(s.pool(), &first)) && rows.len() <= first.config().max_rows {
+        if rows.iter().all(|s| Arc::ptr_eq(s.pool(), &first)) && bucket(rows.len()) <= first.config().max_rows && rows.len() <= first.config().max_seqs {
             let mut rows: Vec<DecodeRow> = rows.into_iter().zip(tokens).map(|(seq, &token)| DecodeRow { seq, token }).collect();
             return Ok(first.step(&mut rows, None, false)?.decode);
         }
