@@ -211,11 +211,16 @@ struct Acts<'a> {
 fn row_dot(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mut [f32]) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     {
-        // SAFETY: the build enables AVX2 and FMA (cfg above); every pointer read stays
-        // inside the slices, whose lengths `QuantMatrix::new` and `matmul` checked.
+        // SAFETY: the build enables AVX2 and FMA (cfg above), AVX-VNNI is used only where the
+        // CPU reports it; every pointer read stays inside the slices, whose lengths the
+        // kernels check on entry.
         #[allow(unsafe_code)]
         unsafe {
-            avx2::row_dot(kind, row, acts, out)
+            if avx2::has_vnni() {
+                avx2::row_dot_vnni(kind, row, acts, out)
+            } else {
+                avx2::row_dot(kind, row, acts, out)
+            }
         }
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
@@ -257,6 +262,15 @@ fn portable_row_dot(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mu
 mod avx2 {
     //! The block dot products as llama.cpp's AVX2 path computes them: integer products
     //! with `maddubs`/`madd`, one `f32` FMA per block into 8 lanes, the lanes summed last.
+    //!
+    //! Two things make it faster without changing a bit of any result:
+    //! * Tokens go four at a time: a weight block is loaded (and its nibbles unpacked) once
+    //!   for four tokens' activations, each token keeping its own accumulator, so every
+    //!   (row, token) pair sees exactly the operations, in the same order, that it sees alone.
+    //! * Where the CPU has AVX-VNNI, one `vpdpbusd` replaces `maddubs` + `madd`: it sums the
+    //!   same four byte products into each 32-bit lane, and no `maddubs` pair here can
+    //!   saturate 16 bits (|4-bit x 8-bit| x 2 <= 3,810; |8-bit| x 127 x 2 <= 32,512), so the
+    //!   integers, and so the floats, are identical.
     use super::{Acts, QuantKind, RowRef, BLOCK};
     use std::arch::x86_64::*;
 
@@ -269,45 +283,112 @@ mod avx2 {
         _mm_cvtss_f32(res)
     }
 
-    pub(super) unsafe fn row_dot(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mut [f32]) {
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm_set1_epi8(0x0F);
-        let bb = kind.block_bytes();
-        let nb = acts.nb;
-        // The raw reads below stay inside these bounds.
+    /// Checks the bounds every raw read below relies on.
+    fn check(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &[f32]) {
+        let (bb, nb) = (kind.block_bytes(), acts.nb);
         assert!(row.data.len() == nb * bb && row.scales.len() == nb && row.mins.len() == nb);
         assert!(acts.qs.len() >= out.len() * acts.k && acts.k >= nb * BLOCK);
         assert!(acts.d.len() >= out.len() * nb && acts.s.len() >= out.len() * nb);
-        let (scales, mins) = (row.scales.as_ptr(), row.mins.as_ptr());
-        for (ti, o) in out.iter_mut().enumerate() {
-            let y_base = acts.qs.as_ptr().add(ti * acts.k);
-            let (yd, ys) = (acts.d.as_ptr().add(ti * nb), acts.s.as_ptr().add(ti * nb));
-            let mut acc = _mm256_setzero_ps();
-            let mut summs = 0.0f32;
-            for b in 0..nb {
-                let blk = row.data.as_ptr().add(b * bb);
-                let y = _mm256_loadu_si256(y_base.add(b * BLOCK) as *const __m256i);
-                let d = _mm256_set1_ps(*scales.add(b) * *yd.add(b));
-                let prod = match kind {
-                    QuantKind::Q4_1 => {
-                        let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
-                        let lo = _mm_and_si128(q, low);
-                        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-                        let x = _mm256_set_m128i(hi, lo);
-                        summs += *mins.add(b) * *ys.add(b);
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), ones)
-                    }
-                    QuantKind::Q8_0 => {
-                        let x = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                        let ax = _mm256_sign_epi8(x, x);
-                        let sy = _mm256_sign_epi8(y, x);
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones)
-                    }
-                };
-                acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc);
+    }
+
+    /// A weight block as the dot product takes it: Q4_1 nibbles as unsigned bytes, Q8_0 as
+    /// its absolute values (the activations then take its signs).
+    #[inline(always)]
+    unsafe fn weights(kind: QuantKind, blk: *const u8) -> (__m256i, __m256i) {
+        match kind {
+            QuantKind::Q4_1 => {
+                let low = _mm_set1_epi8(0x0F);
+                let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
+                let lo = _mm_and_si128(q, low);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+                let x = _mm256_set_m128i(hi, lo);
+                (x, x)
             }
-            *o = hsum(acc) + summs;
+            QuantKind::Q8_0 => {
+                let x = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                (_mm256_sign_epi8(x, x), x)
+            }
         }
+    }
+
+    /// The activations of a block as the dot product takes them (Q8_0: with the weights' signs).
+    #[inline(always)]
+    unsafe fn acts_for(kind: QuantKind, y: *const i8, signs: __m256i) -> __m256i {
+        let y = _mm256_loadu_si256(y as *const __m256i);
+        match kind {
+            QuantKind::Q4_1 => y,
+            QuantKind::Q8_0 => _mm256_sign_epi8(y, signs),
+        }
+    }
+
+    /// One kernel per integer dot product: `$dot(x, y)` gives the 8 lanes of 4-byte sums.
+    macro_rules! kernel {
+        ($(#[$doc:meta])* $name:ident, $features:literal, |$x:ident, $y:ident| $dot:expr) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mut [f32]) {
+                check(kind, row, acts, out);
+                let (bb, nb, t) = (kind.block_bytes(), acts.nb, out.len());
+                let (data, scales, mins) = (row.data.as_ptr(), row.scales.as_ptr(), row.mins.as_ptr());
+                let (qs, yd, ys) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
+                let mut ti = 0;
+                // Four tokens per weight block.
+                while ti + 4 <= t {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut summs = [0.0f32; 4];
+                    for b in 0..nb {
+                        let (wx, signs) = weights(kind, data.add(b * bb));
+                        for k in 0..4 {
+                            let tok = ti + k;
+                            let $x = wx;
+                            let $y = acts_for(kind, qs.add(tok * acts.k + b * BLOCK), signs);
+                            let prod: __m256i = $dot;
+                            let d = _mm256_set1_ps(*scales.add(b) * *yd.add(tok * nb + b));
+                            if kind == QuantKind::Q4_1 {
+                                summs[k] += *mins.add(b) * *ys.add(tok * nb + b);
+                            }
+                            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[k]);
+                        }
+                    }
+                    for k in 0..4 {
+                        out[ti + k] = hsum(acc[k]) + summs[k];
+                    }
+                    ti += 4;
+                }
+                // The rest one at a time (a decode step is one token).
+                for tok in ti..t {
+                    let mut acc = _mm256_setzero_ps();
+                    let mut summs = 0.0f32;
+                    for b in 0..nb {
+                        let (wx, signs) = weights(kind, data.add(b * bb));
+                        let $x = wx;
+                        let $y = acts_for(kind, qs.add(tok * acts.k + b * BLOCK), signs);
+                        let prod: __m256i = $dot;
+                        let d = _mm256_set1_ps(*scales.add(b) * *yd.add(tok * nb + b));
+                        if kind == QuantKind::Q4_1 {
+                            summs += *mins.add(b) * *ys.add(tok * nb + b);
+                        }
+                        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc);
+                    }
+                    out[tok] = hsum(acc) + summs;
+                }
+            }
+        };
+    }
+
+    kernel!(
+        /// `maddubs` + `madd` (AVX2).
+        row_dot, "avx2,fma", |x, y| _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+    );
+    kernel!(
+        /// `vpdpbusd` (AVX-VNNI): the same integers in one instruction.
+        row_dot_vnni, "avx2,fma,avxvnni", |x, y| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x, y)
+    );
+
+    /// Whether this CPU has AVX-VNNI (checked once; `DUO_NO_VNNI` turns it off).
+    pub(super) fn has_vnni() -> bool {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VNNI.get_or_init(|| std::env::var_os("DUO_NO_VNNI").is_none() && is_x86_feature_detected!("avxvnni"))
     }
 }
 
@@ -359,6 +440,58 @@ mod tests {
                     for ti in 0..t {
                         let f = fast[ti * rows + r];
                         assert!((f - portable[ti]).abs() <= 1e-4 * portable[ti].abs().max(1.0), "{kind:?} row {r}: {f} vs {}", portable[ti]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Four tokens at a time, and AVX-VNNI where the CPU has it, give every token the bits it
+    /// gets alone from the AVX2 kernel, on random blocks and on the extremes (all nibbles 15,
+    /// Q8_0 bytes of -128, activations of +-127).
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    #[test]
+    #[allow(unsafe_code)]
+    fn tiles_and_vnni_give_each_token_its_bits_alone() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (rows, cols, t) = (6usize, 576usize, 11usize);
+        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
+            for extreme in [false, true] {
+                let mut m = random_matrix(kind, rows, cols, &mut rng);
+                let mut x: Vec<f32> = (0..t * cols).map(|_| rng.gen_range(-3.0..3.0)).collect();
+                if extreme {
+                    let bb = kind.block_bytes();
+                    for blk in m.data.chunks_mut(bb) {
+                        let first = if kind == QuantKind::Q4_1 { 4 } else { 2 };
+                        blk[first..].fill(if kind == QuantKind::Q4_1 { 0xFF } else { 0x80 });
+                    }
+                    for (i, v) in x.iter_mut().enumerate() {
+                        *v = if i % 2 == 0 { 5.0 } else { -5.0 };
+                    }
+                }
+                let q: Vec<Q8> = x.chunks(cols).map(|r| quantize_q8(r, kind == QuantKind::Q4_1)).collect();
+                let qs: Vec<i8> = q.iter().flat_map(|a| a.qs.clone()).collect();
+                let ds: Vec<f32> = q.iter().flat_map(|a| a.d.clone()).collect();
+                let ss: Vec<f32> = q.iter().flat_map(|a| a.s.clone()).collect();
+                let (nb, bb) = (cols / BLOCK, kind.block_bytes());
+                for r in 0..rows {
+                    let row = RowRef { data: &m.data[r * nb * bb..(r + 1) * nb * bb], scales: &m.scales[r * nb..(r + 1) * nb], mins: &m.mins[r * nb..(r + 1) * nb] };
+                    let acts = Acts { qs: &qs, d: &ds, s: &ss, k: cols, nb };
+                    let mut tiled = vec![0.0f32; t];
+                    // SAFETY: the build has AVX2 and FMA; the kernel checks the slices.
+                    unsafe { avx2::row_dot(kind, &row, &acts, &mut tiled) };
+                    for ti in 0..t {
+                        let one = Acts { qs: &qs[ti * cols..(ti + 1) * cols], d: &ds[ti * nb..(ti + 1) * nb], s: &ss[ti * nb..(ti + 1) * nb], k: cols, nb };
+                        let mut alone = [0.0f32];
+                        // SAFETY: as above.
+                        unsafe { avx2::row_dot(kind, &row, &one, &mut alone) };
+                        assert_eq!(tiled[ti].to_bits(), alone[0].to_bits(), "{kind:?} extreme {extreme} row {r} token {ti}");
+                    }
+                    if avx2::has_vnni() {
+                        let mut vnni = vec![0.0f32; t];
+                        // SAFETY: the CPU reports AVX-VNNI.
+                        unsafe { avx2::row_dot_vnni(kind, &row, &acts, &mut vnni) };
+                        assert_eq!(vnni.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), tiled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{kind:?} extreme {extreme} row {r}");
                     }
                 }
             }
