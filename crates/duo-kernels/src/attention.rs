@@ -127,6 +127,7 @@ pub fn attend(
     out_stride: usize,
 ) {
     let rows = q.rows(head_dim);
+    let wide = rows >= 8;
     let mut scores = [0.0f32; BLOCK];
     let mut acc = vec![0.0f32; head_dim];
     for r in 0..rows {
@@ -143,7 +144,7 @@ pub fn attend(
                         let mut j = a;
                         while j < b {
                             let e = (j + BLOCK).min(b);
-                            block_update(qrow, seg, j..e, scale, &mut scores, &mut m, &mut l, &mut acc);
+                            block_update(qrow, seg, j..e, scale, &mut scores, &mut m, &mut l, &mut acc, wide);
                             j = e;
                         }
                     }
@@ -157,13 +158,13 @@ pub fn attend(
                             idx[count] = rr;
                             count += 1;
                             if count == BLOCK {
-                                gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc);
+                                gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc, wide);
                                 count = 0;
                             }
                         }
                     }
                     if count > 0 {
-                        gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc);
+                        gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc, wide);
                     }
                 }
             }
@@ -214,6 +215,96 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s.iter().sum::<f32>() + tail
 }
 
+/// `scores[k] = dot(qrow, key(row(k))) * scale` for `k < n`; with `wide`, eight keys at a
+/// time where the head dimension is a multiple of 8 (the same bits as [`dot`], see
+/// `simd::dot8`). Prefill (many query rows) gains from it; a single decode row, which only
+/// streams the cache from memory, measured slower with it (BENCHMARKS.md), so it keeps
+/// one key at a time.
+#[inline(always)]
+fn score_rows(qrow: &[f32], seg: &KeySegment<'_>, n: usize, row: impl Fn(usize) -> usize, scale: f32, scores: &mut [f32], wide: bool) {
+    let hd = qrow.len();
+    let key = |k: usize| &seg.keys[row(k) * seg.row_stride..][..hd];
+    let mut k = 0;
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if wide && hd.is_multiple_of(8) {
+        while k + 8 <= n {
+            let d = simd::dot8(qrow, [key(k), key(k + 1), key(k + 2), key(k + 3), key(k + 4), key(k + 5), key(k + 6), key(k + 7)]);
+            for (i, v) in d.into_iter().enumerate() {
+                scores[k + i] = v * scale;
+            }
+            k += 8;
+        }
+    }
+    for (k, sc) in scores.iter_mut().enumerate().take(n).skip(k) {
+        *sc = dot(qrow, key(k)) * scale;
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[allow(unsafe_code)]
+mod simd {
+    //! Eight dot products at once, bit for bit [`super::dot`]: each key's 8 lanes take the
+    //! same fused multiply-adds in the same order; then, instead of summing a key's lanes
+    //! one after another (seven dependent scalar adds per key), the 8 x 8 lanes are
+    //! transposed so that one vector add sums lane `i` of all eight keys, in the same lane
+    //! order `dot` uses.
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    pub(super) fn dot8(a: &[f32], b: [&[f32]; 8]) -> [f32; 8] {
+        let n = a.len();
+        assert!(n.is_multiple_of(8) && b.iter().all(|r| r.len() >= n));
+        let mut out = [0.0f32; 8];
+        // SAFETY: AVX2 and FMA are enabled for the whole build (cfg above); every load reads
+        // 8 floats at `c + 8 <= n` of slices checked above; the store writes `out`'s 8.
+        unsafe {
+            let mut s = [_mm256_setzero_ps(); 8];
+            let mut c = 0;
+            while c < n {
+                let x = _mm256_loadu_ps(a.as_ptr().add(c));
+                for j in 0..8 {
+                    s[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[j].as_ptr().add(c)), s[j]);
+                }
+                c += 8;
+            }
+            // Transpose: t[i] holds lane i of every key.
+            let u0 = _mm256_unpacklo_ps(s[0], s[1]);
+            let u1 = _mm256_unpackhi_ps(s[0], s[1]);
+            let u2 = _mm256_unpacklo_ps(s[2], s[3]);
+            let u3 = _mm256_unpackhi_ps(s[2], s[3]);
+            let u4 = _mm256_unpacklo_ps(s[4], s[5]);
+            let u5 = _mm256_unpackhi_ps(s[4], s[5]);
+            let u6 = _mm256_unpacklo_ps(s[6], s[7]);
+            let u7 = _mm256_unpackhi_ps(s[6], s[7]);
+            let v0 = _mm256_shuffle_ps::<0x44>(u0, u2);
+            let v1 = _mm256_shuffle_ps::<0xEE>(u0, u2);
+            let v2 = _mm256_shuffle_ps::<0x44>(u1, u3);
+            let v3 = _mm256_shuffle_ps::<0xEE>(u1, u3);
+            let v4 = _mm256_shuffle_ps::<0x44>(u4, u6);
+            let v5 = _mm256_shuffle_ps::<0xEE>(u4, u6);
+            let v6 = _mm256_shuffle_ps::<0x44>(u5, u7);
+            let v7 = _mm256_shuffle_ps::<0xEE>(u5, u7);
+            let t = [
+                _mm256_permute2f128_ps::<0x20>(v0, v4),
+                _mm256_permute2f128_ps::<0x20>(v1, v5),
+                _mm256_permute2f128_ps::<0x20>(v2, v6),
+                _mm256_permute2f128_ps::<0x20>(v3, v7),
+                _mm256_permute2f128_ps::<0x31>(v0, v4),
+                _mm256_permute2f128_ps::<0x31>(v1, v5),
+                _mm256_permute2f128_ps::<0x31>(v2, v6),
+                _mm256_permute2f128_ps::<0x31>(v3, v7),
+            ];
+            // dot sums lanes 0, 1, ..., 7 in order, starting from 0.0 (`Iterator::sum`).
+            let mut sum = _mm256_add_ps(_mm256_setzero_ps(), t[0]);
+            for ti in &t[1..] {
+                sum = _mm256_add_ps(sum, *ti);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr(), sum);
+        }
+        out
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block_update(
@@ -225,12 +316,11 @@ fn block_update(
     m: &mut f32,
     l: &mut f32,
     acc: &mut [f32],
+    wide: bool,
 ) {
     let hd = qrow.len();
     let cnt = rows.len();
-    for (k, r) in rows.clone().enumerate() {
-        scores[k] = dot(qrow, &seg.keys[r * seg.row_stride..][..hd]) * scale;
-    }
+    score_rows(qrow, seg, cnt, |k| rows.start + k, scale, &mut scores[..], wide);
     softmax_accumulate(&mut scores[..cnt], m, l, acc, |k| &seg.values[(rows.start + k) * seg.row_stride..][..hd]);
 }
 
@@ -245,11 +335,10 @@ fn gathered_update(
     m: &mut f32,
     l: &mut f32,
     acc: &mut [f32],
+    wide: bool,
 ) {
     let hd = qrow.len();
-    for (k, &r) in idx.iter().enumerate() {
-        scores[k] = dot(qrow, &seg.keys[r * seg.row_stride..][..hd]) * scale;
-    }
+    score_rows(qrow, seg, idx.len(), |k| idx[k], scale, &mut scores[..], wide);
     softmax_accumulate(&mut scores[..idx.len()], m, l, acc, |k| &seg.values[idx[k] * seg.row_stride..][..hd]);
 }
 
@@ -268,12 +357,35 @@ fn softmax_accumulate<'v>(scores: &mut [f32], m: &mut f32, l: &mut f32, acc: &mu
     for s in scores.iter_mut() {
         *s = fast_exp(*s - mm);
     }
+    // The weighted values, 64 dimensions at a time kept in registers across the block's keys
+    // (each element still takes its keys' multiply-adds in key order); the weights' sum in
+    // key order rides along with the first pass, where the multiply-adds hide its latency.
+    const W: usize = 64;
+    let whole = acc.len() / W * W;
+    let mut sum = *l;
+    for c in (0..whole).step_by(W) {
+        let mut local = [0.0f32; W];
+        local.copy_from_slice(&acc[c..c + W]);
+        for (k, &p) in scores.iter().enumerate() {
+            if c == 0 {
+                sum += p;
+            }
+            let v: &[f32; W] = value(k)[c..c + W].try_into().expect("64 values");
+            for i in 0..W {
+                local[i] = p.mul_add(v[i], local[i]);
+            }
+        }
+        acc[c..c + W].copy_from_slice(&local);
+    }
     for (k, &p) in scores.iter().enumerate() {
-        *l += p;
-        for (a, v) in acc.iter_mut().zip(value(k)) {
+        if whole == 0 {
+            sum += p;
+        }
+        for (a, v) in acc[whole..].iter_mut().zip(&value(k)[whole..]) {
             *a = p.mul_add(*v, *a);
         }
     }
+    *l = sum;
 }
 
 /// One query head's work inside [`attend_heads`].
@@ -406,6 +518,24 @@ mod tests {
                 assert!(fast.iter().all(|x| x.is_finite()), "every output written");
                 let e = max_rel(&fast, &slow);
                 assert!(e < 1e-5, "{vis:?} cached={cached_len} chunk={chunk}: rel err {e}");
+            }
+        }
+    }
+
+    /// Eight keys at a time give the bits `dot` gives one at a time, and the whole kernel
+    /// the bits of the one-key-at-a-time kernel.
+    #[test]
+    fn eight_dots_at_once_are_eight_dots() {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            for n in [64usize, 128, 8, 256] {
+                let a = random(n, &mut rng);
+                let bs: Vec<Vec<f32>> = (0..8).map(|_| random(n, &mut rng).into_iter().map(|x| x * 1e3).collect()).collect();
+                let got = simd::dot8(&a, std::array::from_fn(|j| bs[j].as_slice()));
+                for (g, b) in got.iter().zip(&bs) {
+                    assert_eq!(g.to_bits(), dot(&a, b).to_bits(), "n {n}");
+                }
             }
         }
     }
