@@ -52,6 +52,7 @@ pub struct QuantMatrix {
 }
 
 /// Activations quantised to 8 bits, per block of 32.
+#[cfg(test)]
 struct Q8 {
     qs: Vec<i8>,
     d: Vec<f32>,
@@ -63,25 +64,28 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// Quantises `x` (length a multiple of 32) as llama.cpp's `quantize_row_q8_1`.
+#[cfg(test)]
 fn quantize_q8(x: &[f32], with_sum: bool) -> Q8 {
     let nb = x.len() / BLOCK;
     let mut q = Q8 { qs: vec![0; x.len()], d: vec![0.0; nb], s: vec![0.0; nb] };
-    for b in 0..nb {
-        let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+    quantize_into(x, &mut q.qs, &mut q.d, &mut q.s, with_sum);
+    q
+}
+
+/// [`quantize_q8`] of one row into preallocated slices.
+fn quantize_into(x: &[f32], qs: &mut [i8], ds: &mut [f32], ss: &mut [f32], with_sum: bool) {
+    for ((xs, q), (d_out, s_out)) in x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)).zip(ds.iter_mut().zip(ss.iter_mut())) {
         let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
-        for (o, v) in q.qs[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(xs) {
+        for (o, v) in q.iter_mut().zip(xs) {
             *o = (v * id).round_ties_even() as i8;
             sum += *o as i32;
         }
-        q.d[b] = f16::from_f32(d).to_f32();
-        if with_sum {
-            q.s[b] = f16::from_f32(d * sum as f32).to_f32();
-        }
+        *d_out = f16::from_f32(d).to_f32();
+        *s_out = if with_sum { f16::from_f32(d * sum as f32).to_f32() } else { 0.0 };
     }
-    q
 }
 
 impl QuantMatrix {
@@ -141,18 +145,13 @@ impl QuantMatrix {
     /// `y = x W^T` for `x` of `[t, cols]`; returns `[t, rows]`.
     pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
-        let q: Vec<Q8> = x.chunks(k).map(|row| quantize_q8(row, self.kind == QuantKind::Q4_1)).collect();
         let bb = self.kind.block_bytes();
         let nb = k / BLOCK;
         assert_eq!(x.len(), t * k, "activations must be [t, cols]");
-        // Activations of all tokens side by side: qs [t][k], d and s [t][nb].
-        let mut qs = Vec::with_capacity(t * k);
-        let (mut ds, mut ss) = (Vec::with_capacity(t * nb), Vec::with_capacity(t * nb));
-        for qa in &q {
-            qs.extend_from_slice(&qa.qs);
-            ds.extend_from_slice(&qa.d);
-            ss.extend_from_slice(&qa.s);
-        }
+        // Activations of all tokens side by side, quantised in parallel: qs [t][k], d and s [t][nb].
+        let (mut qs, mut ds, mut ss) = (vec![0i8; t * k], vec![0.0f32; t * nb], vec![0.0f32; t * nb]);
+        let with_sum = self.kind == QuantKind::Q4_1;
+        x.par_chunks(k).zip(qs.par_chunks_mut(k)).zip(ds.par_chunks_mut(nb).zip(ss.par_chunks_mut(nb))).for_each(|((row, q), (d, s))| quantize_into(row, q, d, s, with_sum));
         const ROWS: usize = 16;
         // Computed as [rows][t], then transposed.
         let mut out_t = vec![0.0f32; n * t];
@@ -168,12 +167,21 @@ impl QuantMatrix {
                 row_dot(self.kind, &row, &acts, acc);
             }
         });
+        // Back to [t][rows], in tiles of 32 x 32 so both sides stay in cache.
+        const TB: usize = 32;
         let mut out = vec![0.0f32; t * n];
-        for r in 0..n {
-            for ti in 0..t {
-                out[ti * n + r] = out_t[r * t + ti];
+        out.par_chunks_mut(TB * n).enumerate().for_each(|(c, rows_out)| {
+            let t0 = c * TB;
+            let tn = rows_out.len() / n;
+            for r0 in (0..n).step_by(TB) {
+                for r in r0..(r0 + TB).min(n) {
+                    let src = &out_t[r * t + t0..][..tn];
+                    for (ti, v) in src.iter().enumerate() {
+                        rows_out[ti * n + r] = *v;
+                    }
+                }
             }
-        }
+        });
         out
     }
 
