@@ -74,6 +74,7 @@ enum Command {
 static ALLOCATOR: duo_model::budget::BudgetAllocator = duo_model::budget::BudgetAllocator;
 
 fn main() {
+    duo_model::budget::keep_step_buffers_mapped();
     // Warnings (e.g. the server's ignored request fields) show by default; DUO_LOG=info|debug for more.
     let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();

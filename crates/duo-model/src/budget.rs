@@ -10,6 +10,7 @@
 //!
 //! The accounting lives in [`BudgetAllocator`], which the binary installs as its global
 //! allocator (`duo` does); in a program without it, [`run`] still enforces the time limit.
+//! [`keep_step_buffers_mapped`] tunes the system allocator under it for inference.
 
 #![allow(unsafe_code)] // a global allocator is unsafe by nature; it forwards to `System`
 
@@ -25,6 +26,22 @@ thread_local! {
     static ACTIVE: Cell<bool> = const { Cell::new(false) };
     /// Raised when this thread's budget is spent (owned by the thread's closure state).
     static TRIPPED: Cell<*const AtomicBool> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Keeps a model step's buffers (up to 64 MiB each) in the heap and up to 64 MiB of freed
+/// heap mapped, instead of glibc's defaults (fresh pages from the kernel for every buffer
+/// over 128 KiB to 32 MiB, returned as soon as freed): each prefill chunk allocates and frees
+/// the same megabytes of activations, and zeroing fresh pages took about 10% of a CPU
+/// prefill. Bounded: at most 64 MiB more stays resident than is in use. Elsewhere than
+/// glibc it does nothing.
+pub fn keep_step_buffers_mapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only sets glibc allocator parameters; it is called before the
+    // program's threads allocate much, and both values are within glibc's accepted range.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
 }
 
 /// Why budgeted work did not finish.
