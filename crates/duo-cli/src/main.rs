@@ -23,6 +23,9 @@ use std::io::{Read, Write};
 #[derive(Parser)]
 #[command(name = "duo", version, about = "Long-context LLM inference that keeps a full KV cache only for the heads that need it")]
 struct Cli {
+    /// CPU threads for the CPU backend's kernels (default: every core this process may use).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,6 +82,17 @@ fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        let set = if (1..=4096).contains(&n) {
+            rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| e.to_string())
+        } else {
+            Err(format!("must be from 1 to 4096 (got {n})"))
+        };
+        if let Err(e) = set {
+            eprintln!("error: --threads: {e}");
+            std::process::exit(2);
+        }
+    }
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Score(a) => score(a),

@@ -82,3 +82,9 @@ fn bad_gpu_pool_flags_are_refused_before_anything_loads() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn a_thread_count_of_zero_is_refused() {
+    let (ok, err, _) = duo(&["--threads", "0", "generate", "hi"]);
+    assert!(!ok && err.contains("--threads") && err.contains("1 to 4096"), "{err}");
+}
