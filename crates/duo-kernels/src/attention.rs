@@ -129,28 +129,52 @@ pub fn attend(
     let rows = q.rows(head_dim);
     let wide = rows >= 8;
     let mut scores = [0.0f32; BLOCK];
-    let mut acc = vec![0.0f32; head_dim];
-    for r in 0..rows {
-        let i = q.first_position + r;
-        let qrow = &q.queries[r * q.row_stride..][..head_dim];
-        let mut m = f32::NEG_INFINITY;
-        let mut l = 0.0f32;
-        acc.fill(0.0);
-        for seg in segments {
-            let n = seg.len();
-            match seg.positions {
-                Positions::Contiguous(start) => {
-                    for (a, b) in visible_ranges(vis, i, start, n, seg.cached) {
-                        let mut j = a;
-                        while j < b {
-                            let e = (j + BLOCK).min(b);
-                            block_update(qrow, seg, j..e, scale, &mut scores, &mut m, &mut l, &mut acc, wide);
-                            j = e;
+    // Each row's online-softmax state; segments are taken one after another for all rows, so
+    // every row still sees its segments, ranges and blocks in the order it would alone.
+    let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
+    let mut acc = vec![0.0f32; rows * head_dim];
+    let qrow = |r: usize| &q.queries[r * q.row_stride..][..head_dim];
+    for seg in segments {
+        let n = seg.len();
+        match seg.positions {
+            Positions::Contiguous(start) => {
+                let ranges: Vec<Vec<(usize, usize)>> = (0..rows).map(|r| visible_ranges(vis, q.first_position + r, start, n, seg.cached)).collect();
+                let first = ranges.iter().find_map(|rg| rg.first().map(|x| x.0));
+                let lockstep = ranges.iter().all(|rg| rg.len() <= 1 && rg.first().is_none_or(|x| Some(x.0) == first));
+                if let (true, Some(a)) = (lockstep, first) {
+                    // One range per row, all from the same key (causal rules): the rows walk
+                    // the same blocks together, so a block of keys and values is read once
+                    // for all of them, each row stopping at its own end.
+                    let end = ranges.iter().filter_map(|rg| rg.first().map(|x| x.1)).max().unwrap_or(a);
+                    let mut j = a;
+                    while j < end {
+                        for (r, rg) in ranges.iter().enumerate() {
+                            let Some(&(_, b)) = rg.first() else { continue };
+                            if j < b {
+                                let e = (j + BLOCK).min(b);
+                                block_update(qrow(r), seg, j..e, scale, &mut scores, &mut m[r], &mut l[r], &mut acc[r * head_dim..(r + 1) * head_dim], wide);
+                            }
+                        }
+                        j += BLOCK;
+                    }
+                } else {
+                    for (r, rg) in ranges.iter().enumerate() {
+                        for &(a, b) in rg {
+                            let mut j = a;
+                            while j < b {
+                                let e = (j + BLOCK).min(b);
+                                block_update(qrow(r), seg, j..e, scale, &mut scores, &mut m[r], &mut l[r], &mut acc[r * head_dim..(r + 1) * head_dim], wide);
+                                j = e;
+                            }
                         }
                     }
                 }
-                Positions::List(_) => {
-                    // Small segments (a streaming ring): test each row.
+            }
+            Positions::List(_) => {
+                // Small segments (a streaming ring): test each row.
+                for r in 0..rows {
+                    let i = q.first_position + r;
+                    let row_acc = &mut acc[r * head_dim..(r + 1) * head_dim];
                     let mut idx = [0usize; BLOCK];
                     let mut count = 0;
                     for rr in 0..n {
@@ -158,21 +182,23 @@ pub fn attend(
                             idx[count] = rr;
                             count += 1;
                             if count == BLOCK {
-                                gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc, wide);
+                                gathered_update(qrow(r), seg, &idx[..count], scale, &mut scores, &mut m[r], &mut l[r], row_acc, wide);
                                 count = 0;
                             }
                         }
                     }
                     if count > 0 {
-                        gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc, wide);
+                        gathered_update(qrow(r), seg, &idx[..count], scale, &mut scores, &mut m[r], &mut l[r], row_acc, wide);
                     }
                 }
             }
         }
+    }
+    for r in 0..rows {
         let o = &mut out[r * out_stride..][..head_dim];
-        if l > 0.0 {
-            let inv = 1.0 / l;
-            for (o, a) in o.iter_mut().zip(&acc) {
+        if l[r] > 0.0 {
+            let inv = 1.0 / l[r];
+            for (o, a) in o.iter_mut().zip(&acc[r * head_dim..(r + 1) * head_dim]) {
                 *o = a * inv;
             }
         } else {
@@ -536,6 +562,95 @@ mod tests {
                 for (g, b) in got.iter().zip(&bs) {
                     assert_eq!(g.to_bits(), dot(&a, b).to_bits(), "n {n}");
                 }
+            }
+        }
+    }
+
+    /// The kernel as it was before rows walked blocks together: one row at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_row_by_row(
+        q: QueryBlock<'_>,
+        segments: &[KeySegment<'_>],
+        vis: Visibility,
+        head_dim: usize,
+        scale: f32,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let rows = q.rows(head_dim);
+        let wide = rows >= 8;
+        let mut scores = [0.0f32; BLOCK];
+        let mut acc = vec![0.0f32; head_dim];
+        for r in 0..rows {
+            let i = q.first_position + r;
+            let qrow = &q.queries[r * q.row_stride..][..head_dim];
+            let mut m = f32::NEG_INFINITY;
+            let mut l = 0.0f32;
+            acc.fill(0.0);
+            for seg in segments {
+                let n = seg.len();
+                match seg.positions {
+                    Positions::Contiguous(start) => {
+                        for (a, b) in visible_ranges(vis, i, start, n, seg.cached) {
+                            let mut j = a;
+                            while j < b {
+                                let e = (j + BLOCK).min(b);
+                                block_update(qrow, seg, j..e, scale, &mut scores, &mut m, &mut l, &mut acc, wide);
+                                j = e;
+                            }
+                        }
+                    }
+                    Positions::List(_) => {
+                        // Small segments (a streaming ring): test each row.
+                        let mut idx = [0usize; BLOCK];
+                        let mut count = 0;
+                        for rr in 0..n {
+                            if vis.sees(i, seg.position(rr), seg.cached) {
+                                idx[count] = rr;
+                                count += 1;
+                                if count == BLOCK {
+                                    gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc, wide);
+                                    count = 0;
+                                }
+                            }
+                        }
+                        if count > 0 {
+                            gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc, wide);
+                        }
+                    }
+                }
+            }
+            let o = &mut out[r * out_stride..][..head_dim];
+            if l > 0.0 {
+                let inv = 1.0 / l;
+                for (o, a) in o.iter_mut().zip(&acc) {
+                    *o = a * inv;
+                }
+            } else {
+                o.fill(0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn rows_in_lockstep_give_each_row_its_bits_alone() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let hd = 64;
+        for vis in [Visibility::Causal, Visibility::CachedAndCausal, Visibility::Lambda { sink: 4, recent: 40 }] {
+            for (cached, chunk, first) in [(300usize, 37usize, 300usize), (0, 70, 0), (129, 8, 129)] {
+                let (ck, cv) = (random(cached * hd, &mut rng), random(cached * hd, &mut rng));
+                let (nk, nv) = (random(chunk * hd, &mut rng), random(chunk * hd, &mut rng));
+                let qs = random(chunk * hd, &mut rng);
+                let segs = [
+                    KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
+                    KeySegment { keys: &nk, values: &nv, row_stride: hd, positions: Positions::Contiguous(cached), cached: false },
+                ];
+                let segs = if cached == 0 { &segs[1..] } else { &segs[..] };
+                let q = QueryBlock { queries: &qs, row_stride: hd, first_position: first };
+                let (mut got, mut want) = (vec![0.0f32; chunk * hd], vec![0.0f32; chunk * hd]);
+                attend(q.clone(), segs, vis, hd, 0.125, &mut got, hd);
+                attend_row_by_row(q, segs, vis, hd, 0.125, &mut want, hd);
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{vis:?} cached {cached} chunk {chunk}");
             }
         }
     }
