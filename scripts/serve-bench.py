@@ -25,6 +25,7 @@ import platform
 import random
 import re
 import subprocess
+import sys
 import threading
 import time
 
@@ -80,6 +81,22 @@ def one(url, prompt, max_tokens, out):
                         FIRSTS[0] += 1
     out.append({"ttft": times[0] - t0, "e2e": times[-1] - t0, "tokens": len(times),
                 "itl": [b - a for a, b in zip(times, times[1:])]})
+
+
+def probe_ttft(url, prompt):
+    """Time to first token of one streamed request, measured in a separate Python process so
+    that the benchmark's own streaming threads (and their GIL) do not delay it; also the
+    server's own count of running requests when it arrived."""
+    code = ("import httpx, json, sys, time\n"
+            "url, prompt = sys.argv[1], json.loads(sys.stdin.read())\n"
+            "t0 = time.perf_counter()\n"
+            "with httpx.stream('POST', url + '/v1/completions', timeout=3600, json={'prompt': prompt, 'max_tokens': 2, 'temperature': 0, 'stream': True, 'ignore_eos': True}) as r:\n"
+            "    for line in r.iter_lines():\n"
+            "        if line.startswith('data: ') and line != 'data: [DONE]' and json.loads(line[6:])['choices']:\n"
+            "            print(time.perf_counter() - t0); break\n")
+    running = metric(httpx.get(url + "/metrics").text, "vllm:num_requests_running")
+    out = subprocess.run([sys.executable, "-c", code, url], input=json.dumps(prompt), capture_output=True, text=True, check=True)
+    return float(out.stdout.strip()), int(running)
 
 
 def pct(xs, p):
@@ -140,19 +157,19 @@ def main():
             # the idle server afterwards (its prefill alone).
             probe_rng = random.Random(a.seed + 1)
             probe = [probe_rng.randrange(a.random_prompts or 1000, a.vocab) for _ in range(a.probe_tokens)]
-            busy = []
+            busy = None
             while FIRSTS[0] < a.requests and any(t.is_alive() for t in threads):
                 time.sleep(0.05)
             if a.probe_tokens:
-                one(url, probe, 2, busy)
+                busy = probe_ttft(url, probe)
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
             done = True
             w.join()
-            idle = []
+            idle = None
             if a.probe_tokens:
-                one(url, probe, 2, idle)
+                idle = probe_ttft(url, probe)
             m = httpx.get(url + "/metrics").text
             peak_running = max(peak_running, metric(m, "duo:num_requests_running_peak"))
             weights, bandwidth = metric(m, "duo:weight_bytes"), metric(m, "duo:copy_bandwidth_bytes_per_second")
@@ -178,8 +195,9 @@ def main():
                 "decode_only_tok_per_s": round(dec_rows / dec_s, 1) if dec_s else 0,
                 "widest_step_rows": int(wide_rows), "widest_step_ms": round(1000 * wide_s, 2), "widest_step_floor_ms": round(1000 * floor_s, 2),
                 "widest_step_over_floor": round(wide_s / floor_s, 2) if floor_s else 0,
-                "probe_tokens": a.probe_tokens, "probe_ttft_busy_s": round(busy[0]["ttft"], 3) if busy else 0,
-                "probe_ttft_idle_s": round(idle[0]["ttft"], 3) if idle else 0, "command": cmd,
+                "probe_tokens": a.probe_tokens, "probe_ttft_busy_s": round(busy[0], 3) if busy else 0,
+                "probe_running_when_sent": busy[1] if busy else 0,
+                "probe_ttft_idle_s": round(idle[0], 3) if idle else 0, "command": cmd,
             })
             print(json.dumps(rows[-1]), flush=True)
         finally:
