@@ -366,6 +366,23 @@ impl Worker {
         true
     }
 
+    /// Turns an admitted request into a running sequence with the cache `make_kv` gives
+    /// (`reserved` bytes counted against the budget, `arrival` its order); a request whose
+    /// sampler or cache cannot be made fails, reported to its listener, instead.
+    fn start(&self, q: Queued, make_kv: impl FnOnce() -> Result<Box<dyn Sequence>>, reserved: usize, arrival: u64) -> Option<Running> {
+        let Queued { request: r, constraint } = q;
+        self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        let mut sink = r.sink;
+        let made = Sampler::new(r.params.clone()).and_then(|s| Ok((s.with_prompt(&r.prompt).with_constraint(constraint), make_kv()?)));
+        match made {
+            Ok((sampler, kv)) => Some(Running::new(r.prompt, r.top_logprobs, sink, sampler, r.params.max_tokens, Some(kv), reserved, arrival, r.params.stop)),
+            Err(e) => {
+                sink.send(Event::Failed(e.to_string()));
+                None
+            }
+        }
+    }
+
     /// Moves waiting requests into the batch, oldest first, while their KV fits.
     fn admit(&self, waiting: &mut VecDeque<Queued>, running: &mut Vec<Running>) {
         let mut reserved: usize = running.iter().map(|s| s.reserved).sum();
@@ -375,25 +392,11 @@ impl Worker {
             if running.len() >= self.config.max_running || reserved + need > self.config.kv_budget {
                 break;
             }
-            let Some(Queued { request: r, constraint }) = waiting.pop_front() else { break };
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            let mut sink = r.sink;
-            let sampler = match Sampler::new(r.params.clone()) {
-                Ok(s) => s.with_prompt(&r.prompt).with_constraint(constraint),
-                Err(e) => {
-                    sink.send(Event::Failed(e.to_string()));
-                    continue;
-                }
-            };
-            let kv = match self.engine.backend().new_sequence(&self.method, total) {
-                Ok(kv) => kv,
-                Err(e) => {
-                    sink.send(Event::Failed(e.to_string()));
-                    continue;
-                }
-            };
-            reserved += need;
-            running.push(Running::new(r.prompt, r.top_logprobs, sink, sampler, r.params.max_tokens, Some(kv), need, 0, r.params.stop));
+            let Some(q) = waiting.pop_front() else { break };
+            if let Some(s) = self.start(q, || self.engine.backend().new_sequence(&self.method, total), need, 0) {
+                reserved += need;
+                running.push(s);
+            }
         }
         self.stats.kv_reserved.store(reserved, Ordering::SeqCst);
         self.stats.running.store(running.len(), Ordering::SeqCst);
@@ -611,27 +614,13 @@ impl Worker {
             if active >= limit || need > free {
                 break;
             }
-            let Some(Queued { request: r, constraint }) = waiting.pop_front() else { break };
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            let mut sink = r.sink;
-            let sampler = match Sampler::new(r.params.clone()) {
-                Ok(s) => s.with_prompt(&r.prompt).with_constraint(constraint),
-                Err(e) => {
-                    sink.send(Event::Failed(e.to_string()));
-                    continue;
-                }
-            };
-            let kv = match pool.new_sequence() {
-                Ok(kv) => kv,
-                Err(e) => {
-                    sink.send(Event::Failed(e.to_string()));
-                    continue;
-                }
-            };
-            *arrivals += 1;
-            free -= need;
-            active += 1;
-            running.push(Running::new(r.prompt, r.top_logprobs, sink, sampler, r.params.max_tokens, Some(kv), 0, *arrivals, r.params.stop));
+            let Some(q) = waiting.pop_front() else { break };
+            if let Some(s) = self.start(q, || pool.new_sequence(), 0, *arrivals + 1) {
+                *arrivals += 1;
+                free -= need;
+                active += 1;
+                running.push(s);
+            }
         }
     }
 
