@@ -103,16 +103,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_waiting == 0 || max_running == 0 {
         bail!("--max-waiting and --max-running must be at least 1");
     }
-    if !(a.gpu_memory_utilization > 0.0 && a.gpu_memory_utilization <= 1.0) {
-        bail!("--gpu-memory-utilization must be in (0, 1] (got {})", a.gpu_memory_utilization);
-    }
-    if !a.block_size.is_power_of_two() || !(8..=1024).contains(&a.block_size) {
-        bail!("--block-size must be a power of two from 8 to 1024 (got {})", a.block_size);
-    }
-    let max_num_batched_tokens = a.max_num_batched_tokens.unwrap_or(a.prefill_chunk + max_running);
-    if max_num_batched_tokens == 0 {
-        bail!("--max-num-batched-tokens must be at least 1");
-    }
+    let options = duo_engine::PoolOptions {
+        gpu_memory_utilization: a.gpu_memory_utilization,
+        max_num_seqs: max_running,
+        max_num_batched_tokens: a.max_num_batched_tokens.unwrap_or(a.prefill_chunk + max_running),
+        block_size: a.block_size,
+        blocks_override: a.num_gpu_blocks_override,
+    };
+    options.validate()?;
     a.method.model_source()?;
     if a.method.chunk != duo_engine::MethodSpec::default().chunk {
         bail!("duo serve sets its prefill chunk with --prefill-chunk (default 512), not --chunk");
@@ -152,7 +150,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
             let method = spec.resolve(model.config())?;
             // GPU: one pool of paged blocks from --gpu-memory-utilization. CPU: half of what is
             // free once the weights are in, unless told.
-            let options = duo_engine::PoolOptions { gpu_memory_utilization: a.gpu_memory_utilization, max_num_seqs: max_running, max_num_batched_tokens, block_size: a.block_size, blocks_override: a.num_gpu_blocks_override };
             let pool = model.backend().kv_pool(&method, &options)?;
             let kv_budget = kv_budget.unwrap_or_else(|| model.backend().available_memory().map_or(4 << 30, |b| b / 2));
             let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget, max_waiting: a.max_waiting, max_running }, pool.clone());

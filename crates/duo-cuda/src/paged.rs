@@ -24,6 +24,11 @@
 use crate::prefill_attention::HeadEntry;
 use crate::{CudaError, Result};
 
+/// Whether `n` positions per block is a size the kernels take: a power of two from 8 to 1024.
+pub fn block_tokens_ok(n: usize) -> bool {
+    n.is_power_of_two() && (8..=1024).contains(&n)
+}
+
 /// Which heads keep what, and how the pool is cut.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PagedLayout {
@@ -134,7 +139,7 @@ impl PagedLayout {
         if self.retrieval.len() != n_layers || self.retrieval.iter().any(|l| l.len() != n_kv_heads) {
             return Err(CudaError::Input(format!("the head pattern is not {n_layers} layers x {n_kv_heads} KV heads")));
         }
-        if !self.block_tokens.is_power_of_two() || !(8..=1024).contains(&self.block_tokens) {
+        if !block_tokens_ok(self.block_tokens) {
             return Err(CudaError::Input(format!("block size {} must be a power of two from 8 to 1024", self.block_tokens)));
         }
         if self.recent == 0 || self.max_chunk == 0 || self.max_tokens == 0 {

@@ -254,12 +254,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_pool(&self, method: &ResolvedMethod, o: &PoolOptions) -> Result<Option<Arc<dyn super::KvPool>>> {
-        if !(o.gpu_memory_utilization > 0.0 && o.gpu_memory_utilization <= 1.0) {
-            return Err(EngineError::InvalidParameter { name: "gpu_memory_utilization", reason: format!("{} is not in (0, 1]", o.gpu_memory_utilization) });
-        }
-        if o.max_num_seqs == 0 || o.max_num_batched_tokens == 0 {
-            return Err(EngineError::InvalidParameter { name: "max_num_seqs", reason: "sequences and batched tokens must be positive".into() });
-        }
+        o.validate()?;
         let chunk = method.chunk.min(o.max_num_batched_tokens);
         let layout = self.layout(method, o.block_size, chunk, self.config.context_length + 1)?;
         // A decode-only step pads its rows to the graph bucket of the running sequences.

@@ -137,6 +137,26 @@ pub struct PoolOptions {
     pub blocks_override: Option<usize>,
 }
 
+impl PoolOptions {
+    /// Checks every field, naming the flag that sets it.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name: &'static str, reason: String| Err(EngineError::InvalidParameter { name, reason });
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return bad("gpu-memory-utilization", format!("must be in (0, 1] (got {})", self.gpu_memory_utilization));
+        }
+        if !duo_cuda::paged::block_tokens_ok(self.block_size) {
+            return bad("block-size", format!("must be a power of two from 8 to 1024 (got {})", self.block_size));
+        }
+        if self.max_num_seqs == 0 {
+            return bad("max-num-seqs", "must be at least 1".into());
+        }
+        if self.max_num_batched_tokens == 0 {
+            return bad("max-num-batched-tokens", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for PoolOptions {
     fn default() -> Self {
         Self { gpu_memory_utilization: 0.9, max_num_seqs: 256, max_num_batched_tokens: 1024, block_size: 64, blocks_override: None }
