@@ -229,6 +229,9 @@ impl KvPool {
         if config.max_seqs == 0 || config.max_rows == 0 {
             return Err(CudaError::Input("a pool needs at least one sequence and one row".into()));
         }
+        if bucket(config.max_seqs) > PART_PAIRS {
+            return Err(CudaError::Input(format!("{} sequences exceed the {PART_PAIRS} decode rows the partial buffers hold", config.max_seqs)));
+        }
         if layout.max_chunk > config.max_rows {
             return Err(CudaError::Input(format!("prefill chunks of {} tokens exceed the {} rows of a step", layout.max_chunk, config.max_rows)));
         }
@@ -372,29 +375,20 @@ impl KvPool {
             return Err(CudaError::Input(format!("{bsz} decode rows and a chunk of {chunk} exceed the step's {} rows (chunks up to {})", self.config.max_rows, self.layout.max_chunk)));
         }
         let mut slots_seen = std::collections::HashSet::new();
-        for r in decode.iter() {
-            self.owns(r.seq)?;
-            if r.token as usize >= c.vocab {
-                return Err(CudaError::Input(format!("token id {} is outside the vocabulary of {}", r.token, c.vocab)));
-            }
-            if r.seq.tokens + 1 > self.layout.max_tokens {
-                return Err(CudaError::Input(format!("{} tokens exceed this sequence's {} tokens", r.seq.tokens + 1, self.layout.max_tokens)));
-            }
-            slots_seen.insert(r.seq.slot);
-        }
-        if let Some(p) = &prefill {
-            self.owns(p.seq)?;
-            if let Some(bad) = p.tokens.iter().find(|&&t| t as usize >= c.vocab) {
+        for (seq, tokens) in decode.iter().map(|r| (&*r.seq, std::slice::from_ref(&r.token))).chain(prefill.as_ref().map(|p| (&*p.seq, p.tokens))) {
+            self.owns(seq)?;
+            if let Some(bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
                 return Err(CudaError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
             }
-            if p.seq.tokens + chunk > self.layout.max_tokens {
-                return Err(CudaError::Input(format!("{} tokens exceed this sequence's {} tokens", p.seq.tokens + chunk, self.layout.max_tokens)));
+            if seq.tokens + tokens.len() > self.layout.max_tokens {
+                return Err(CudaError::Input(format!("{} tokens exceed this sequence's {} tokens", seq.tokens + tokens.len(), self.layout.max_tokens)));
             }
-            slots_seen.insert(p.seq.slot);
+            if !slots_seen.insert(seq.slot) {
+                return Err(CudaError::Input("a sequence appears twice in one step".into()));
+            }
         }
-        if slots_seen.len() != bsz + usize::from(prefill.is_some()) {
-            return Err(CudaError::Input("a sequence appears twice in one step".into()));
-        }
+        // Launch shapes before any block is taken: a step that cannot run changes nothing.
+        let shapes = if bsz > 0 { self.shapes(decode.iter().map(|r| r.seq.tokens + 1).max().unwrap_or(1), padded) } else { Vec::new() };
 
         let mut st = self.lock();
         let st = &mut *st;
@@ -406,10 +400,11 @@ impl KvPool {
             }
             self.grow(&mut st.alloc, &mut grows)?
         };
-        self.run(st, decode, prefill, pairs, padded, greedy)
+        self.run(st, decode, prefill, pairs, padded, shapes, greedy)
     }
 
-    fn run(&self, st: &mut State, decode: &mut [DecodeRow], prefill: Option<PrefillChunk>, pairs: Vec<i32>, padded: usize, greedy: bool) -> Result<StepOut> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, st: &mut State, decode: &mut [DecodeRow], prefill: Option<PrefillChunk>, pairs: Vec<i32>, padded: usize, shapes: Vec<DecodeLaunch>, greedy: bool) -> Result<StepOut> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let bsz = decode.len();
         let chunk = prefill.as_ref().map_or(0, |p| p.tokens.len());
@@ -437,12 +432,6 @@ impl KvPool {
         }
         g.write(&meta, &mut st.b.meta)?;
 
-        let shapes = if bsz > 0 { self.shapes(decode.iter().map(|r| r.seq.tokens + 1).max().unwrap_or(1), padded) } else { Vec::new() };
-        if let Some(s) = shapes.first() {
-            if s.n_splits * s.rows > PART_PAIRS {
-                return Err(CudaError::Input(format!("{} decode splits of {} rows exceed the partial buffers", s.n_splits, s.rows)));
-            }
-        }
         let logit_rows = if bsz > 0 { padded } else { 0 };
         let key: GraphKey = (padded, shapes.clone());
         if prefill.is_none() && self.config.graphs && !st.uncapturable.contains(&key) {
@@ -538,6 +527,8 @@ impl KvPool {
                 if max_len.div_ceil(split) * rows > PART_PAIRS {
                     split = (max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT)).div_ceil(64) * 64;
                 }
+                // Holds because a pool never has more rows than PART_PAIRS (checked in `new`).
+                debug_assert!(max_len.div_ceil(split) * rows <= PART_PAIRS);
                 DecodeLaunch { n_kv: c.n_kv_heads, group: c.n_heads / c.n_kv_heads, head_dim: c.head_dim, split, n_splits: max_len.div_ceil(split), rows, kv: KvType::Bf16, keys_per_warp }
             })
             .collect()
