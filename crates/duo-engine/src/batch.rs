@@ -629,25 +629,21 @@ impl Worker {
     /// step needs are not free, the youngest sequence is preempted until they are.
     fn paged_step(&self, pool: &dyn KvPool, running: &mut [Running]) {
         let chunk_size = self.method.chunk.min(pool.max_chunk()).max(1);
-        loop {
-            let decoding = running.iter().filter(|s| s.kv.is_some() && s.pending.is_some()).count();
+        let prefill = loop {
+            let prefill = next_prefill(running, chunk_size, pool.max_rows());
+            let prefill_at = prefill.map(|p| p.0);
             let mut need = 0usize;
-            let mut prefill_at = None;
             for (i, s) in running.iter_mut().enumerate() {
                 let Some(kv) = s.kv.as_mut() else { continue };
-                if s.pending.is_some() {
-                    need += pool.blocks_needed(kv.as_mut(), 1).unwrap_or(0);
-                } else if prefill_at.is_none() && s.prefilled < s.prompt.len() {
-                    let end = (s.prefilled + chunk_size).min(s.prompt.len());
-                    if decoding + end - s.prefilled > pool.max_rows() {
-                        continue;
-                    }
-                    prefill_at = Some(i);
-                    need += pool.blocks_needed(kv.as_mut(), end - s.prefilled).unwrap_or(0);
-                }
+                let more = match (s.pending, prefill) {
+                    (Some(_), _) => 1,
+                    (None, Some((at, end))) if at == i => end - s.prefilled,
+                    _ => continue,
+                };
+                need += pool.blocks_needed(kv.as_mut(), more).unwrap_or(0);
             }
             if need <= pool.free_blocks() {
-                break;
+                break prefill;
             }
             // The youngest sequence whose preemption helps: one that holds blocks or takes
             // part in this step (a just-admitted one waiting for its turn frees nothing).
@@ -663,25 +659,17 @@ impl Worker {
             s.pending = None;
             s.logits = None;
             self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
-        }
-        let decoding = running.iter().filter(|s| s.kv.is_some() && s.pending.is_some()).count();
+        };
         let mut rows: Vec<(&mut dyn Sequence, u32)> = Vec::new();
         let mut row_of: Vec<usize> = Vec::new();
-        let mut prefill: Option<(usize, usize, bool)> = None;
         let mut chunk: Option<(&mut dyn Sequence, &[u32], bool)> = None;
         for (i, s) in running.iter_mut().enumerate() {
             let Running { kv: Some(kv), pending, prompt, prefilled, .. } = s else { continue };
             if let Some(t) = *pending {
                 rows.push((kv.as_mut(), t));
                 row_of.push(i);
-            } else if prefill.is_none() && *prefilled < prompt.len() {
-                let end = (*prefilled + chunk_size).min(prompt.len());
-                if decoding + end - *prefilled > pool.max_rows() {
-                    continue; // the chunk waits for a step with room
-                }
-                let last = end == prompt.len();
-                prefill = Some((i, end, last));
-                chunk = Some((kv.as_mut(), &prompt[*prefilled..end], last));
+            } else if let Some((_, end)) = prefill.filter(|p| p.0 == i) {
+                chunk = Some((kv.as_mut(), &prompt[*prefilled..end], end == prompt.len()));
             }
         }
         if rows.is_empty() && chunk.is_none() {
@@ -713,13 +701,13 @@ impl Worker {
                     running[i].pending = None;
                     running[i].logits = Some(out.decode[r * vocab..(r + 1) * vocab].to_vec());
                 }
-                if let Some((i, end, last)) = prefill {
+                if let Some((i, end)) = prefill {
                     let s = &mut running[i];
                     if !s.resumed {
                         self.stats.prompt_tokens.fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
                     }
                     s.prefilled = end;
-                    if last {
+                    if end == s.prompt.len() {
                         s.logits = Some(out.prefill);
                     }
                 }
@@ -741,6 +729,19 @@ impl Worker {
         self.stats.kv_blocks_used.store(used, Ordering::SeqCst);
         self.stats.kv_reserved.store(used * pool.block_bytes(), Ordering::SeqCst);
     }
+}
+
+/// The sequence whose next prefill chunk a step runs, and where that chunk ends: the first
+/// still prefilling whose chunk (the same chunks as alone) fits beside every decode row;
+/// one that does not fit waits for a step with room.
+fn next_prefill(running: &[Running], chunk_size: usize, max_rows: usize) -> Option<(usize, usize)> {
+    let decoding = running.iter().filter(|s| s.kv.is_some() && s.pending.is_some()).count();
+    running
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.kv.is_some() && s.pending.is_none() && s.prefilled < s.prompt.len())
+        .map(|(i, s)| (i, (s.prefilled + chunk_size).min(s.prompt.len())))
+        .find(|&(i, end)| decoding + end - running[i].prefilled <= max_rows)
 }
 
 fn finish(s: &mut Running, tokenizer: &duo_model::TextTokenizer, finish_reason: FinishReason) {
