@@ -13,10 +13,7 @@
 #                               passkey and needle grids on the GPU, generate, serve
 set -uo pipefail
 step=$1
-D=/tmp/duo/duo
-mkdir -p /tmp/duo "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-for f in duo cuda_backend; do xz -dc ".gpu/bin/$f.xz" > "/tmp/duo/$f" && chmod +x "/tmp/duo/$f"; done
+source "$(dirname "$0")/h200-common.sh"
 if [ "$step" = part1 ]; then
   cp .gpu/model.part1 /tmp/duo/model.part1 && ls -la /tmp/duo
 elif [ "$step" = a ]; then
@@ -34,22 +31,13 @@ elif [ "$step" = a ]; then
     echo "== $run"; grep -E "loaded in|tokens:|Maximum resident" "$OUT/bench-$run.txt"
   done
 elif [ "$step" = c ]; then
-  cp .gpu/model.part2 /tmp/duo/model.part2
-  cat /tmp/duo/model.part1 /tmp/duo/model.part2 > /tmp/duo/model.gguf
-  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
-  export DUO_CACHE=/tmp/duo/cache; mkdir -p $DUO_CACHE
-  cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
+  join_model
   /usr/bin/time -f "ruler wall %e s" $D eval ruler --device cuda --sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.2,0.5,0.8 \
     --methods full,duo,layer,streaming,random --haystack .gpu/niah --out "$OUT/ruler" > "$OUT/ruler.txt" 2>&1
   tail -16 "$OUT/ruler.txt"
   tar czf "$OUT/ruler.tgz" -C "$OUT" ruler && rm -rf "$OUT/ruler"
 else
-  cp .gpu/model.part2 /tmp/duo/model.part2
-  cat /tmp/duo/model.part1 /tmp/duo/model.part2 > /tmp/duo/model.gguf
-  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
-  export DUO_CACHE=/tmp/duo/cache; mkdir -p $DUO_CACHE
-  cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
-  sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
+  join_model
   timeout 240 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"; grep -E "^FAIL|dequant" "$OUT/cuda-check.txt"
   ( cd /tmp/duo && timeout 600 ./cuda_backend --nocapture --test-threads 1 ) > "$OUT/cuda-backend-tests.txt" 2>&1
   echo "cuda_backend tests exit $?"; grep -E "same greedy token|logprobs of|test result|panicked|next token cpu" "$OUT/cuda-backend-tests.txt"

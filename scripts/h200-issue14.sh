@@ -12,10 +12,7 @@
 #            --gpu-memory-utilization; WL = workload name (see below)
 set -uo pipefail
 step=$1
-D=/tmp/duo/duo
-mkdir -p /tmp/duo "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-for f in duo cuda_backend; do [ -f ".gpu/bin/$f.xz" ] && xz -dc ".gpu/bin/$f.xz" > "/tmp/duo/$f" && chmod +x "/tmp/duo/$f"; done
+source "$(dirname "$0")/h200-common.sh"
 venv() {
   python3 -m venv --system-site-packages /tmp/venv > /dev/null
   /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels openai==3.57.0 httpx==0.28.1 > /dev/null 2>&1
@@ -34,12 +31,7 @@ elif [ "$step" = a ]; then
   timeout 400 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"
   grep -E "^FAIL|whole model|batching|time decode" "$OUT/cuda-check.txt"
 elif [ "$step" = b ]; then
-  cp .gpu/model.part2 /tmp/duo/model.part2
-  cat /tmp/duo/model.part1 /tmp/duo/model.part2 > /tmp/duo/model.gguf
-  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
-  export DUO_CACHE=/tmp/duo/cache; mkdir -p $DUO_CACHE
-  cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
-  sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
+  join_model
   venv
   only_check=${2:-}
   serve 8123 --method duo --gpu-memory-utilization 0.15

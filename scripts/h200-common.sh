@@ -1,0 +1,19 @@
+# Shared by the scripts/h200-issue*.sh steps (sourced, not run): the GPU host's set-up.
+# Needs $OUT (the device tool's output folder) and .gpu/ carried as each script says.
+D=/tmp/duo/duo
+mkdir -p /tmp/duo "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# The stripped, xz-packed binaries built on the build machine (those that were carried).
+for f in duo cuda_backend; do [ -f ".gpu/bin/$f.xz" ] && xz -dc ".gpu/bin/$f.xz" > "/tmp/duo/$f" && chmod +x "/tmp/duo/$f"; done
+
+# The default model from its two parts (part 1 left in /tmp by the previous call, part 2
+# carried by this one), checked, and put where duo looks for it.
+join_model() {
+  cp .gpu/model.part2 /tmp/duo/model.part2
+  cat /tmp/duo/model.part1 /tmp/duo/model.part2 > /tmp/duo/model.gguf
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
+  export DUO_CACHE=/tmp/duo/cache
+  mkdir -p $DUO_CACHE
+  cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
+}
