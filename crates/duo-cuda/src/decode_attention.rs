@@ -53,20 +53,6 @@ pub fn keys_per_warp_fits(head_dim: usize, kpw: usize, kv: KvType) -> bool {
 /// Fewest keys per split.
 pub const MIN_SPLIT: usize = 256;
 
-/// Keys per split for a layer: enough blocks to give each of the H100's 132 multiprocessors
-/// four (the two-keys-per-warp kernel fits four blocks per multiprocessor; each KV head counts
-/// by its length relative to the longest), but splits of 256 to 2048 keys, rounded up to 64.
-/// Measured on the H100 at 128K tokens (BENCHMARKS.md): a full layer is fastest with
-/// 2048-key splits (512 blocks), a duo layer with 1024 (its 4 long heads give 512 blocks);
-/// with 2048 the duo layer leaves half the card idle (0.198 vs 0.137 ms).
-pub fn auto_split(lens: &[u32]) -> usize {
-    let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
-    // Work in units of the longest head: 8 full heads count 8, 4 long + 4 streaming about 4.
-    let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len as f64;
-    let want = (max_len as f64 * heads / 528.0).ceil() as usize;
-    want.clamp(MIN_SPLIT, 2048).div_ceil(64) * 64
-}
-
 /// The inputs of one decode step of one layer for several sequences (decode rows).
 #[derive(Debug, Clone)]
 pub struct DecodeInput {
@@ -375,10 +361,17 @@ extern "C" __global__ void duo_decode_merge(
 "#;
 
 /// Keys per split for one decode launch over `rows` sequences whose KV heads show `lens`
-/// (at the longest row): [`auto_split`] with every row counted, so a large batch takes
-/// longer splits and fewer blocks per sequence.
+/// (at the longest row): enough blocks to give each of the H100's 132 multiprocessors four
+/// (the two-keys-per-warp kernel fits four blocks per multiprocessor; each KV head counts by
+/// its length relative to the longest, each row counts once), but splits of 256 to 2048
+/// keys, rounded up to 64. Measured on the H100 at 128K tokens, one row (BENCHMARKS.md): a
+/// full layer is fastest with 2048-key splits (512 blocks), a duo layer with 1024 (its 4 long
+/// heads give 512 blocks); with 2048 the duo layer leaves half the card idle (0.198 vs 0.137
+/// ms). The serving pool uses one constant split instead (rows independent of the batch);
+/// this is the kernel timings' choice.
 pub fn batch_split(lens: &[u32], rows: usize) -> usize {
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
+    // Work in units of the longest head: 8 full heads count 8, 4 long + 4 streaming about 4.
     let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len as f64 * rows.max(1) as f64;
     let want = (max_len as f64 * heads / 528.0).ceil() as usize;
     want.clamp(MIN_SPLIT, 2048).div_ceil(64) * 64
@@ -568,19 +561,18 @@ mod tests {
 
     #[test]
     fn splits_fill_the_card_within_256_to_2048_keys() {
-        assert_eq!(auto_split(&[131_072; 8]), 2048);
-        assert_eq!(auto_split(&[131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320]), 1024, "4 long heads: 128 splits each");
-        assert_eq!(auto_split(&[16_384; 8]), 256, "16K: 64 splits of each of 8 heads fill the card");
-        assert_eq!(auto_split(&[1_000_000; 8]), 2048, "long caches: the largest split, many waves");
-        assert_eq!(auto_split(&[100, 320]), 256, "short caches: one split of at least 256 keys");
-        assert_eq!(auto_split(&[1000, 20]), 256);
+        assert_eq!(batch_split(&[131_072; 8], 1), 2048);
+        assert_eq!(batch_split(&[131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320], 1), 1024, "4 long heads: 128 splits each");
+        assert_eq!(batch_split(&[16_384; 8], 1), 256, "16K: 64 splits of each of 8 heads fill the card");
+        assert_eq!(batch_split(&[1_000_000; 8], 1), 2048, "long caches: the largest split, many waves");
+        assert_eq!(batch_split(&[100, 320], 1), 256, "short caches: one split of at least 256 keys");
+        assert_eq!(batch_split(&[1000, 20], 1), 256);
     }
 
     #[test]
     fn a_batch_counts_every_row() {
-        assert_eq!(batch_split(&[131_072; 8], 1), auto_split(&[131_072; 8]));
-        assert_eq!(batch_split(&[16_384; 8], 1), 256);
         assert_eq!(batch_split(&[16_384; 8], 64), 2048, "64 rows fill the card with long splits");
+        assert_eq!(batch_split(&[16_384; 8], 4), 1024, "4 rows: 4 x 8 x 16,384 / 528 keys, rounded up to 64");
         assert_eq!(batch_split(&[1000, 320], 8), 256);
     }
 
