@@ -303,8 +303,6 @@ mod gpu {
     use cudarc::driver::CudaSlice;
     use std::sync::Arc;
 
-    /// Keys a warp of the decode kernel reads at once, where the head size allows.
-    pub const DECODE_KEYS_PER_WARP: usize = 2;
 
     /// One bf16 buffer holding `parts` one after the other: bf16 parts copied, GGUF blocks
     /// uploaded as they are and dequantised in place by the GPU.

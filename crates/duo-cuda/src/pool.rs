@@ -18,7 +18,7 @@
 //! nothing a kernel does for row `i` reads another row.
 
 use crate::decode_attention::{batch_split, keys_per_warp_fits, KvType, MIN_SPLIT};
-use crate::model::{GpuWeights, DECODE_KEYS_PER_WARP};
+use crate::model::GpuWeights;
 use crate::paged::{Allocator, PagedLayout, Tables};
 use crate::prefill_attention::HeadEntry;
 use crate::runtime::{driver, DecodeLaunch, Gpu, StepGraph};
@@ -84,6 +84,9 @@ const ROW_BLOCK: usize = 256;
 
 /// (row, split) pairs the partial buffers hold: splits are lengthened until a step fits.
 const PART_PAIRS: usize = 16_384;
+
+/// Keys a warp of the decode kernel reads at once, where the head size allows.
+const DECODE_KEYS_PER_WARP: usize = 2;
 
 /// Keys per decode split in a pool shared by several sequences. One constant for every row
 /// and every batch, so that a row's partial sums, and so its logits, do not depend on what
