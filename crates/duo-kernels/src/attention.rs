@@ -648,7 +648,7 @@ mod tests {
                 let segs = if cached == 0 { &segs[1..] } else { &segs[..] };
                 let q = QueryBlock { queries: &qs, row_stride: hd, first_position: first };
                 let (mut got, mut want) = (vec![0.0f32; chunk * hd], vec![0.0f32; chunk * hd]);
-                attend(q.clone(), segs, vis, hd, 0.125, &mut got, hd);
+                attend(q, segs, vis, hd, 0.125, &mut got, hd);
                 attend_row_by_row(q, segs, vis, hd, 0.125, &mut want, hd);
                 assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{vis:?} cached {cached} chunk {chunk}");
             }
