@@ -106,7 +106,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let options = duo_engine::PoolOptions {
         gpu_memory_utilization: a.gpu_memory_utilization,
         max_num_seqs: max_running,
-        max_num_batched_tokens: a.max_num_batched_tokens.unwrap_or(a.prefill_chunk + max_running),
+        max_num_batched_tokens: a.max_num_batched_tokens.unwrap_or(a.prefill_chunk.saturating_add(max_running)),
         block_size: a.block_size,
         blocks_override: a.num_gpu_blocks_override,
     };

@@ -72,6 +72,8 @@ fn bad_gpu_pool_flags_are_refused_before_anything_loads() {
         (&["--block-size", "48"][..], "block-size"),
         (&["--block-size", "4096"][..], "block-size"),
         (&["--max-num-batched-tokens", "0"][..], "max-num-batched-tokens"),
+        (&["--max-num-batched-tokens", "18446744073709551615"][..], "max-num-batched-tokens"),
+        (&["--max-running", "1000000"][..], "max-num-seqs"),
         (&["--max-running", "0"][..], "max-running"),
     ] {
         let mut all = vec!["serve", "--port", "0", "--device", "cuda"];

@@ -85,6 +85,13 @@ const ROW_BLOCK: usize = 256;
 /// (row, split) pairs the partial buffers hold: splits are lengthened until a step fits.
 const PART_PAIRS: usize = 16_384;
 
+/// Most sequences one pool holds: a decode step's rows must fit the partial buffers.
+pub const MAX_SEQS: usize = PART_PAIRS;
+
+/// Most rows one step may run (decode rows and a prefill chunk): far beyond what a step's
+/// buffers on any card allow, so a larger request is a mistake, not a configuration.
+pub const MAX_ROWS: usize = 1 << 20;
+
 /// Keys a warp of the decode kernel reads at once, where the head size allows.
 const DECODE_KEYS_PER_WARP: usize = 2;
 
@@ -235,7 +242,7 @@ impl KvPool {
         if config.max_seqs == 0 || config.max_rows == 0 {
             return Err(CudaError::Input("a pool needs at least one sequence and one row".into()));
         }
-        if bucket(config.max_seqs) > PART_PAIRS {
+        if config.max_seqs > MAX_SEQS || bucket(config.max_seqs) > PART_PAIRS || config.max_rows > MAX_ROWS {
             return Err(CudaError::Input(format!("{} sequences exceed the {PART_PAIRS} decode rows the partial buffers hold", config.max_seqs)));
         }
         if layout.max_chunk > config.max_rows {

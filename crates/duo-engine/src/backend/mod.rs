@@ -147,11 +147,11 @@ impl PoolOptions {
         if !duo_cuda::paged::block_tokens_ok(self.block_size) {
             return bad("block-size", format!("must be a power of two from 8 to 1024 (got {})", self.block_size));
         }
-        if self.max_num_seqs == 0 {
-            return bad("max-num-seqs", "must be at least 1".into());
+        if !(1..=duo_cuda::pool::MAX_SEQS).contains(&self.max_num_seqs) {
+            return bad("max-num-seqs", format!("must be from 1 to {} (got {})", duo_cuda::pool::MAX_SEQS, self.max_num_seqs));
         }
-        if self.max_num_batched_tokens == 0 {
-            return bad("max-num-batched-tokens", "must be at least 1".into());
+        if !(1..=duo_cuda::pool::MAX_ROWS).contains(&self.max_num_batched_tokens) {
+            return bad("max-num-batched-tokens", format!("must be from 1 to {} (got {})", duo_cuda::pool::MAX_ROWS, self.max_num_batched_tokens));
         }
         Ok(())
     }
