@@ -103,6 +103,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Ruler(a) => (duo_tasks::RulerTask::parse_list(&a.tasks)?.into_iter().map(Task::Ruler).collect(), a.grid, true),
     };
     let methods = EvalMethod::parse_list(&g.methods)?;
+    // What cannot be evaluated at all (random weights) is refused before anything else.
+    g.method.model_source()?;
     let base = g.method.spec()?;
     let needs_corpus = tasks.iter().any(|t| matches!(t, Task::Niah { .. }));
     let haystack = match &g.haystack {
