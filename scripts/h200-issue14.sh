@@ -34,6 +34,10 @@ elif [ "$step" = b ]; then
   join_model
   venv
   only_check=${2:-}
+  if [ "$only_check" = check ]; then
+    timeout 200 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"
+    grep -E "^FAIL|whole model|batching" "$OUT/cuda-check.txt" | cut -c1-260
+  fi
   serve 8123 --method duo --gpu-memory-utilization 0.15
   serve 8124 --method duo --gpu-memory-utilization 0.15 --num-gpu-blocks-override 150 --max-running 12
   timeout 300 /tmp/venv/bin/python scripts/serve-check.py --url http://127.0.0.1:8123 --tiny-url http://127.0.0.1:8124 \
