@@ -3,7 +3,7 @@
 # the repository root on the GPU host with .gpu/ carried: .gpu/bin/{duo,cuda_backend}.xz
 # (stripped release binaries built here), .gpu/wheels (openai + httpx wheels for Python 3.12),
 # .gpu/niah, .gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k, and .gpu/model.part1 (step a) or
-# .gpu/model.part2 (step b). Results go to $OUT.
+# .gpu/model.part2 (step b; .gpu/wheels-httpx instead of .gpu/wheels for "b check"). Results go to $OUT.
 #   a        kernel parity (paged kernels, the whole model, continuous batching vs alone) and
 #            decode-attention timings by block size; leaves the model's first part in /tmp
 #   b        SmolLM2 served on the GPU: 32 concurrent mixed-length requests vs alone, a tiny pool
@@ -15,8 +15,13 @@ step=$1
 source "$(dirname "$0")/h200-common.sh"
 venv() {
   python3 -m venv --system-site-packages /tmp/venv > /dev/null
-  /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels openai==3.57.0 httpx==0.28.1 > /dev/null 2>&1
-  /tmp/venv/bin/python -c "import openai, httpx; print('openai', openai.__version__, 'httpx', httpx.__version__)"
+  # .gpu/wheels: openai and httpx; .gpu/wheels-httpx: httpx alone (for calls short of room).
+  if [ -d .gpu/wheels ]; then
+    /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels openai==3.57.0 httpx==0.28.1 > /dev/null 2>&1
+  else
+    /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels-httpx httpx==0.28.1 > /dev/null 2>&1
+  fi
+  /tmp/venv/bin/python -c "import httpx; print('httpx', httpx.__version__)"
 }
 serve() { # port, then duo serve flags; waits for /health
   local port=$1; shift

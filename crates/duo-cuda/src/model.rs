@@ -509,7 +509,7 @@ mod gpu {
         let layout = |max_tokens: usize| PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens };
         let prompt = |n: usize, salt: u64| -> Vec<u32> { (0..n as u64).map(|i| (hash_uniform(seed ^ salt, i).abs() * 299.0) as u32).collect() };
         // (name, heads, KV heads, head dim, half-split RoPE, prompt tokens, max_tokens)
-        for (name, heads, kv, d, half, prompt_len, max_tokens) in [("GQA", 4, 2, 64, true, 2990, 4096), ("MHA", 2, 2, 128, false, 2990, 4096), ("GQA, short sequence", 4, 2, 64, true, 90, 101)] {
+        for (name, heads, kv, d, half, prompt_len, max_tokens) in [("GQA", 4, 2, 64, true, 2990, 4096), ("MHA", 2, 2, 128, false, 2990, 4096), ("GQA, short sequence", 4, 2, 64, true, 90, 131)] {
             let config = config(heads, kv, d, half);
             let layout = layout(max_tokens);
             let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
