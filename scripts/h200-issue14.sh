@@ -3,7 +3,7 @@
 # the repository root on the GPU host with .gpu/ carried: .gpu/bin/{duo,cuda_backend}.xz
 # (stripped release binaries built here), .gpu/wheels (openai + httpx wheels for Python 3.12),
 # .gpu/niah, .gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k, and .gpu/model.part1 (step a) or
-# .gpu/model.part2 (step b). Results go to $OUT.
+# .gpu/model.part2 (step b; .gpu/wheels-httpx instead of .gpu/wheels for "b check"). Results go to $OUT.
 #   a        kernel parity (paged kernels, the whole model, continuous batching vs alone) and
 #            decode-attention timings by block size; leaves the model's first part in /tmp
 #   b        SmolLM2 served on the GPU: 32 concurrent mixed-length requests vs alone, a tiny pool
@@ -15,8 +15,13 @@ step=$1
 source "$(dirname "$0")/h200-common.sh"
 venv() {
   python3 -m venv --system-site-packages /tmp/venv > /dev/null
-  /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels openai==3.57.0 httpx==0.28.1 > /dev/null 2>&1
-  /tmp/venv/bin/python -c "import openai, httpx; print('openai', openai.__version__, 'httpx', httpx.__version__)"
+  # .gpu/wheels: openai and httpx; .gpu/wheels-httpx: httpx alone (for calls short of room).
+  if [ -d .gpu/wheels ]; then
+    /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels openai==3.57.0 httpx==0.28.1 > /dev/null 2>&1
+  else
+    /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels-httpx httpx==0.28.1 > /dev/null 2>&1
+  fi
+  /tmp/venv/bin/python -c "import httpx; print('httpx', httpx.__version__)"
 }
 serve() { # port, then duo serve flags; waits for /health
   local port=$1; shift
@@ -34,6 +39,10 @@ elif [ "$step" = b ]; then
   join_model
   venv
   only_check=${2:-}
+  if [ "$only_check" = check ]; then
+    timeout 200 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"
+    grep -E "^FAIL|whole model|batching" "$OUT/cuda-check.txt" | cut -c1-260
+  fi
   serve 8123 --method duo --gpu-memory-utilization 0.15
   serve 8124 --method duo --gpu-memory-utilization 0.15 --num-gpu-blocks-override 150 --max-running 12
   timeout 300 /tmp/venv/bin/python scripts/serve-check.py --url http://127.0.0.1:8123 --tiny-url http://127.0.0.1:8124 \

@@ -1,7 +1,7 @@
 //! Parity of every kernel against its CPU reference on seeded random inputs (`duo cuda-check`).
 
 use crate::ops::{bf16_bits, hash_uniform, rms_norm_ref, rope_ref, round_bf16, silu_mul_ref};
-use crate::paged::{PagedLayout, Tables};
+use crate::paged::{PagedLayout, Ring, Tables};
 use crate::prefill_attention::{self, HeadEntry};
 use crate::runtime::Gpu;
 use crate::{decode_attention, model, Parity, Result};
@@ -37,12 +37,13 @@ pub fn check(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
 /// One slot's tables with blocks in a seeded shuffled order, and the pool's size in blocks.
 fn shuffled_tables(layout: &PagedLayout, tokens: usize, seed: u64) -> (Tables, usize) {
     use rand::{seq::SliceRandom, SeedableRng};
-    let total = layout.blocks_for(tokens) + 5;
+    let total = layout.blocks_for(tokens, Ring::Prefill) + 5;
     let mut perm: Vec<u32> = (0..total as u32).collect();
     perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-    let streaming = perm[..layout.streaming_blocks()].to_vec();
-    let retrieval = perm[layout.streaming_blocks()..layout.blocks_for(tokens)].to_vec();
-    (Tables { retrieval, streaming }, total)
+    let sb = layout.streaming_blocks(Ring::Prefill);
+    let streaming = perm[..sb].to_vec();
+    let retrieval = perm[sb..layout.blocks_for(tokens, Ring::Prefill)].to_vec();
+    (Tables { retrieval, streaming, cap: layout.ring_rows(Ring::Prefill) }, total)
 }
 
 fn prefill(gpu: &Gpu, case: &str, x: &prefill_attention::PrefillInput, layout: &PagedLayout, seed: u64) -> Result<Parity> {
@@ -126,8 +127,9 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         let rows_at: [(i32, usize); 4] = [(0, 1000), (0, 1001), (1, 2), (-1, 7)];
         let t = rows_at.len();
         let (t0, blocks0) = shuffled_tables(&layout, 1002, seed);
-        let t1 = Tables { retrieval: (blocks0 as u32..blocks0 as u32 + 1).collect(), streaming: (blocks0 as u32 + 1..blocks0 as u32 + 1 + layout.streaming_blocks() as u32).collect() };
-        let blocks = blocks0 + 1 + layout.streaming_blocks();
+        let sb = layout.streaming_blocks(Ring::Prefill);
+        let t1 = Tables { retrieval: (blocks0 as u32..blocks0 as u32 + 1).collect(), streaming: (blocks0 as u32 + 1..(blocks0 + 1 + sb) as u32).collect(), cap: layout.ring_rows(Ring::Prefill) };
+        let blocks = blocks0 + 1 + sb;
         let tables = [t0, t1];
         let heads = layout.heads(0);
         let pool_rows = blocks * layout.group() * layout.block_tokens;

@@ -380,7 +380,7 @@ pub fn batch_split(lens: &[u32], rows: usize) -> usize {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use crate::paged::{Allocator, PagedLayout, Tables};
+    use crate::paged::{Allocator, PagedLayout, Ring, Tables};
     use crate::prefill_attention::HeadEntry;
     use crate::runtime::{DecodeLaunch, Gpu};
     use crate::Parity;
@@ -395,16 +395,16 @@ mod gpu {
     /// blocks are contiguous), and the pool's size in blocks.
     fn place_tables(layout: &PagedLayout, tokens: &[usize], seed: u64) -> (Vec<Tables>, usize) {
         use rand::{seq::SliceRandom, SeedableRng};
-        let total: usize = tokens.iter().map(|&n| layout.blocks_for(n)).sum::<usize>() + 3;
+        let total: usize = tokens.iter().map(|&n| layout.blocks_for(n, Ring::Decode)).sum::<usize>() + 3;
         let mut perm: Vec<u32> = (0..total as u32).collect();
         perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
         let mut alloc = Allocator::new(total, tokens.len());
         let tables = tokens
             .iter()
             .map(|&n| {
-                let streaming = alloc.take(layout.streaming_blocks()).unwrap_or_default().iter().map(|&b| perm[b as usize]).collect();
+                let streaming = alloc.take(layout.streaming_blocks(Ring::Decode)).unwrap_or_default().iter().map(|&b| perm[b as usize]).collect();
                 let retrieval = alloc.take(layout.retrieval_blocks(n)).unwrap_or_default().iter().map(|&b| perm[b as usize]).collect();
-                Tables { retrieval, streaming }
+                Tables { retrieval, streaming, cap: layout.ring_rows(Ring::Decode) }
             })
             .collect();
         (tables, total)
@@ -412,17 +412,7 @@ mod gpu {
 
     /// The device form of per-row tables: one row of `table_stride` entries per slot.
     pub fn table_rows(layout: &PagedLayout, tables: &[Tables]) -> Vec<i32> {
-        let stride = layout.table_stride();
-        let mut out = vec![0i32; tables.len() * stride];
-        for (slot, t) in tables.iter().enumerate() {
-            for (j, &b) in t.retrieval.iter().enumerate() {
-                out[slot * stride + j] = b as i32;
-            }
-            for (k, &b) in t.streaming.iter().enumerate() {
-                out[slot * stride + layout.max_blocks() + k] = b as i32;
-            }
-        }
-        out
+        tables.iter().flat_map(|t| t.device_row(layout)).collect()
     }
 
     /// The launch shape for rows of `tokens` (each with its own token cached).

@@ -297,6 +297,7 @@ pub use gpu::*;
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
+    use crate::paged::Ring;
     use crate::pool::{DecodeRow, KvPool, PagedSeq, PoolConfig, PrefillChunk, RowLogits};
     use crate::runtime::{driver, Gpu};
     use crate::Parity;
@@ -464,12 +465,16 @@ mod gpu {
     /// steps; returns the logits of the last prompt position and of each decode step, and
     /// every token (prompt and generated).
     fn run_alone(pool: &Arc<KvPool>, prompt: &[u32], chunk: usize, steps: usize) -> Result<(Vec<f32>, Vec<u32>)> {
-        let vocab = pool.vocab();
         let mut seq = pool.sequence()?;
+        run_seq(pool, &mut seq, prompt, chunk, steps)
+    }
+
+    fn run_seq(pool: &Arc<KvPool>, seq: &mut PagedSeq, prompt: &[u32], chunk: usize, steps: usize) -> Result<(Vec<f32>, Vec<u32>)> {
+        let vocab = pool.vocab();
         let mut logits = Vec::new();
         for (i, c) in prompt.chunks(chunk).enumerate() {
             let last = (i + 1) * chunk >= prompt.len();
-            let out = pool.step(&mut [], Some(PrefillChunk { seq: &mut seq, tokens: c, logits: if last { RowLogits::Last } else { RowLogits::None } }), false)?;
+            let out = pool.step(&mut [], Some(PrefillChunk { seq: &mut *seq, tokens: c, logits: if last { RowLogits::Last } else { RowLogits::None } }), false)?;
             logits = out.prefill;
         }
         let mut all_logits = logits.clone();
@@ -477,7 +482,7 @@ mod gpu {
         for _ in 0..steps {
             let next = argmax_rows(&logits, vocab)[0];
             tokens.push(next);
-            logits = pool.step(&mut [DecodeRow { seq: &mut seq, token: next }], None, false)?.decode;
+            logits = pool.step(&mut [DecodeRow { seq: &mut *seq, token: next }], None, false)?.decode;
             all_logits.extend_from_slice(&logits);
         }
         Ok((all_logits, tokens))
@@ -504,19 +509,28 @@ mod gpu {
         let layout = |max_tokens: usize| PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens };
         let prompt = |n: usize, salt: u64| -> Vec<u32> { (0..n as u64).map(|i| (hash_uniform(seed ^ salt, i).abs() * 299.0) as u32).collect() };
         // (name, heads, KV heads, head dim, half-split RoPE, prompt tokens, max_tokens)
-        for (name, heads, kv, d, half, prompt_len, max_tokens) in [("GQA", 4, 2, 64, true, 2990, 4096), ("MHA", 2, 2, 128, false, 2990, 4096), ("GQA, short sequence", 4, 2, 64, true, 90, 101)] {
+        for (name, heads, kv, d, half, prompt_len, max_tokens) in [("GQA", 4, 2, 64, true, 2990, 4096), ("MHA", 2, 2, 128, false, 2990, 4096), ("GQA, short sequence", 4, 2, 64, true, 90, 131)] {
             let config = config(heads, kv, d, half);
             let layout = layout(max_tokens);
             let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
             let pool = KvPool::single(gpu.clone(), w, layout.clone())?;
             let p = prompt(prompt_len, 0);
-            let (got, tokens) = run_alone(&pool, &p, 48, 10)?;
+            let mut seq = pool.sequence()?;
+            let (mut got, mut tokens) = run_seq(&pool, &mut seq, &p, 48, 10)?;
+            // Decoding shrank the streaming rings to `recent` rows; a later chunk (scoring a
+            // continuation) grows them again, moving the last `recent` positions each time.
+            let decode_blocks = seq.blocks();
+            let tail = prompt(30, 9);
+            let more = pool.step(&mut [], Some(PrefillChunk { seq: &mut seq, tokens: &tail, logits: RowLogits::All }), false)?;
+            got.extend(more.prefill);
+            tokens.extend(&tail);
+            let ring_ok = decode_blocks == layout.blocks_for(prompt_len + 10, Ring::Decode) && seq.blocks() == layout.blocks_for(prompt_len + 40, Ring::Prefill);
             let want = reference_logits(&config, &layout, seed, &tokens, prompt_len - 1)?;
             let (err, agree) = compare(&want, &got, config.vocab, 2e-2);
             let graph_steps = pool.graph_steps();
             out.push(Parity {
-                case: format!("whole model {name} ({heads} heads / {kv} KV of {d}), {prompt_len}-token chunked prefill + 10 decode steps ({graph_steps} from graphs, max_tokens {max_tokens}), greedy tokens agree: {agree}"),
-                max_abs_err: if agree && graph_steps > 0 { err } else { f64::INFINITY },
+                case: format!("whole model {name} ({heads} heads / {kv} KV of {d}), {prompt_len}-token chunked prefill + 10 decode steps ({graph_steps} from graphs, max_tokens {max_tokens}) + a 30-token chunk, greedy tokens agree: {agree}, blocks as the rings resize: {ring_ok}"),
+                max_abs_err: if agree && graph_steps > 0 && ring_ok { err } else { f64::INFINITY },
                 bound: 2e-2,
             });
         }
@@ -526,7 +540,7 @@ mod gpu {
         let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
         let layout = layout(2048);
         let (lens, steps) = ([700usize, 150, 1200], 12usize);
-        let blocks: usize = lens.iter().map(|&n| layout.blocks_for(n + steps)).sum();
+        let blocks: usize = lens.iter().map(|&n| layout.blocks_for(n + steps, Ring::Prefill)).sum();
         let shared = KvPool::new(gpu.clone(), w.clone(), layout.clone(), PoolConfig { blocks, max_seqs: 4, max_rows: 64, graphs: true })?;
         let prompts: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &n)| prompt(n, i as u64 + 1)).collect();
         let mut seqs: Vec<PagedSeq> = (0..lens.len()).map(|_| shared.sequence()).collect::<Result<_>>()?;

@@ -95,6 +95,26 @@ extern "C" __global__ void scatter_i32(int* dst, const int* pairs, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) dst[pairs[2 * i]] = pairs[2 * i + 1];
 }
 
+// Moves the ring rows of positions first..first+count of every streaming head of `slot`
+// between a ring of `cap` rows and `scratch` ([head][keys, values][count][head_dim]):
+// to_scratch = 1 reads the ring, 0 writes it. A ring changes size in two launches (out
+// with the old size, in with the new), so rows that overlap are never read after being
+// overwritten. Grid (streaming heads, 2): y = 0 keys, 1 values; 128 threads.
+extern "C" __global__ void ring_move(bf16_t* kc, bf16_t* vc, bf16_t* scratch, Paged pg, int slot, int cap, int sink,
+    int first, int count, int head_dim, int to_scratch)
+{
+    const int h = blockIdx.x;
+    bf16_t* cache = blockIdx.y == 0 ? kc : vc;
+    const int4 e = make_int4(h, sink, 0, 1);
+    for (int i = 0; i < count; i++) {
+        bf16_t* ring = cache + (size_t)kv_row_cap(pg, e, slot, first + i, cap) * head_dim;
+        bf16_t* s = scratch + (((size_t)h * 2 + blockIdx.y) * count + i) * head_dim;
+        for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
+            if (to_scratch) s[c] = ring[c]; else ring[c] = s[c];
+        }
+    }
+}
+
 // Copies whole blocks of `elems` bf16 values: block pairs[2i] of (sk, sv) to block
 // pairs[2i + 1] of (dk, dv). Grid (n, 2): y = 0 keys, 1 values; 256 threads.
 extern "C" __global__ void copy_blocks(const bf16_t* sk, const bf16_t* sv, bf16_t* dk, bf16_t* dv, const int* pairs, long long elems) {

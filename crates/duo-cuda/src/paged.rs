@@ -9,14 +9,18 @@
 //!   taken every `block_tokens` tokens and returned when the sequence ends, and blocks of any
 //!   sequence are interchangeable, so the pool never fragments.
 //! * Streaming heads keep a constant region per sequence: `sink` rows (padded to a whole
-//!   unit), then a ring of `cap()` rows holding the latest positions. A ring needs no
+//!   unit), then a ring of `cap` rows holding the latest positions. A ring needs no
 //!   compaction copies: position `p >= sink` lives at row `sink_pad + (p - sink) % cap`.
-//!   `cap >= recent + max_chunk` keeps every key that a prefill chunk's queries see.
-//!   The region is `window_units()` units per streaming head, packed into whole blocks of the
-//!   same pool (`streaming_blocks()`), taken when the sequence starts.
+//!   While a sequence prefills, `cap >= recent + max_chunk` keeps every key a chunk's queries
+//!   see ([`Ring::Prefill`]); once it decodes, `recent` rows are enough ([`Ring::Decode`]):
+//!   the pool moves the last `recent` positions into the smaller ring and gives the rest of
+//!   the region back, so a decoding sequence holds no prefill-sized ring.
+//! * A streaming region is packed unit-major (ring unit `u` of every streaming head, then
+//!   unit `u + 1`), so the decode ring is a prefix of the prefill ring's blocks: shrinking
+//!   frees the tail blocks, growing appends them.
 //! * Tables live in device memory, one row per *slot* (a running sequence), so a captured
 //!   step and the kernels read them without host involvement: `[retrieval blocks | streaming
-//!   blocks]` of `table_stride()` entries.
+//!   blocks | ring rows]` of `table_stride()` entries.
 //!
 //! [`PREFIX`] is the CUDA helper every kernel that touches the cache includes; [`Tables`]
 //! computes the same row on the host, and the tests check that live rows never collide.
@@ -70,19 +74,23 @@ impl PagedLayout {
         self.sink.div_ceil(self.block_tokens) * self.block_tokens
     }
 
-    /// Rows of a streaming head's ring.
-    pub fn cap(&self) -> usize {
-        (self.recent + self.max_chunk).div_ceil(self.block_tokens) * self.block_tokens
+    /// Rows of a streaming head's ring while prefilling or decoding.
+    pub fn ring_rows(&self, ring: Ring) -> usize {
+        let rows = match ring {
+            Ring::Prefill => self.recent + self.max_chunk,
+            Ring::Decode => self.recent,
+        };
+        rows.div_ceil(self.block_tokens).max(1) * self.block_tokens
     }
 
     /// Units of one streaming head's region (sinks and ring).
-    pub fn window_units(&self) -> usize {
-        (self.sink_pad() + self.cap()) / self.block_tokens
+    pub fn head_units(&self, ring: Ring) -> usize {
+        (self.sink_pad() + self.ring_rows(ring)) / self.block_tokens
     }
 
     /// Blocks holding a sequence's streaming regions.
-    pub fn streaming_blocks(&self) -> usize {
-        (self.n_streaming() * self.window_units()).div_ceil(self.group())
+    pub fn streaming_blocks(&self, ring: Ring) -> usize {
+        (self.n_streaming() * self.head_units(ring)).div_ceil(self.group())
     }
 
     /// Retrieval blocks of a sequence of `tokens` tokens.
@@ -90,9 +98,9 @@ impl PagedLayout {
         if self.n_retrieval() == 0 { 0 } else { tokens.div_ceil(self.block_tokens) }
     }
 
-    /// Blocks a sequence of `tokens` tokens holds (streaming regions included).
-    pub fn blocks_for(&self, tokens: usize) -> usize {
-        self.streaming_blocks() + self.retrieval_blocks(tokens)
+    /// Blocks a sequence of `tokens` tokens holds with its rings sized for `ring`.
+    pub fn blocks_for(&self, tokens: usize, ring: Ring) -> usize {
+        self.streaming_blocks(ring) + self.retrieval_blocks(tokens)
     }
 
     /// Retrieval entries of a table row.
@@ -100,9 +108,10 @@ impl PagedLayout {
         self.max_tokens.div_ceil(self.block_tokens).max(1)
     }
 
-    /// Entries of one slot's table row: retrieval blocks, then streaming blocks.
+    /// Entries of one slot's table row: retrieval blocks, streaming blocks (prefill-sized),
+    /// then the rows of the slot's rings now.
     pub fn table_stride(&self) -> usize {
-        self.max_blocks() + self.streaming_blocks()
+        self.max_blocks() + self.streaming_blocks(Ring::Prefill) + 1
     }
 
     /// Elements (bf16) of one block, keys or values.
@@ -155,9 +164,8 @@ impl PagedLayout {
             stride: self.table_stride() as i32,
             streaming_at: self.max_blocks() as i32,
             group: self.group() as i32,
-            window_units: self.window_units() as i32,
+            n_streaming: self.n_streaming() as i32,
             sink_pad: self.sink_pad() as i32,
-            cap: self.cap() as i32,
             block_log2: self.block_tokens.trailing_zeros() as i32,
         }
     }
@@ -175,21 +183,30 @@ pub struct PagedArgs {
     pub streaming_at: i32,
     /// Units per block.
     pub group: i32,
-    /// Units per streaming head.
-    pub window_units: i32,
+    /// Streaming heads of the model (the stride of the unit-major packing).
+    pub n_streaming: i32,
     /// Sink rows, padded to a unit.
     pub sink_pad: i32,
-    /// Ring rows.
-    pub cap: i32,
     /// log2 of the block size.
     pub block_log2: i32,
 }
 
+/// Which ring size a sequence's streaming heads use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ring {
+    /// `recent + max_chunk` rows: every key a prefill chunk's queries see.
+    Prefill,
+    /// `recent` rows: what a decode step sees.
+    Decode,
+}
+
 /// The CUDA side of [`PagedArgs`] and the row lookup. `kv_row` returns the pool row (units
-/// times `block_tokens` plus the row in the unit) that holds `pos` for KV head `e` of `slot`.
+/// times `block_tokens` plus the row in the unit) that holds `pos` for KV head `e` of `slot`;
+/// `kv_row_cap` the same for a streaming ring of `cap` rows (the slot's own, in the last
+/// entry of its table row, for `kv_row`).
 pub const PREFIX: &str = r#"
-struct Paged { const int* tables; int stride, streaming_at, group, window_units, sink_pad, cap, block_log2; };
-__device__ __forceinline__ long long kv_row(const Paged& p, int4 e, int slot, int pos) {
+struct Paged { const int* tables; int stride, streaming_at, group, n_streaming, sink_pad, block_log2; };
+__device__ __forceinline__ long long kv_row_cap(const Paged& p, int4 e, int slot, int pos, int cap) {
     const int mask = (1 << p.block_log2) - 1;
     const int* row = p.tables + (size_t)slot * p.stride;
     int unit, r;
@@ -197,12 +214,18 @@ __device__ __forceinline__ long long kv_row(const Paged& p, int4 e, int slot, in
         unit = row[pos >> p.block_log2] * p.group + e.x;
         r = pos & mask;
     } else {
-        const int at = pos < e.y ? pos : p.sink_pad + (pos - e.y) % p.cap;
-        const int k = e.x * p.window_units + (at >> p.block_log2);
+        const int at = pos < e.y ? pos : p.sink_pad + (pos - e.y) % cap;
+        const int k = (at >> p.block_log2) * p.n_streaming + e.x;
         unit = row[p.streaming_at + k / p.group] * p.group + k % p.group;
         r = at & mask;
     }
     return ((long long)unit << p.block_log2) + r;
+}
+__device__ __forceinline__ int slot_cap(const Paged& p, int slot) {
+    return p.tables[(size_t)slot * p.stride + p.stride - 1];
+}
+__device__ __forceinline__ long long kv_row(const Paged& p, int4 e, int slot, int pos) {
+    return kv_row_cap(p, e, slot, pos, e.w == 0 ? 1 : slot_cap(p, slot));
 }
 "#;
 
@@ -213,6 +236,8 @@ pub struct Tables {
     pub retrieval: Vec<u32>,
     /// Blocks of the streaming regions.
     pub streaming: Vec<u32>,
+    /// Rows of the streaming rings now (0 before the sequence's first step).
+    pub cap: usize,
 }
 
 impl Tables {
@@ -222,11 +247,24 @@ impl Tables {
         let (unit, r) = if e.kind == HeadEntry::RETRIEVAL {
             (self.retrieval[pos / bt] as usize * g + e.offset as usize, pos % bt)
         } else {
-            let at = if pos < e.sink as usize { pos } else { layout.sink_pad() + (pos - e.sink as usize) % layout.cap() };
-            let k = e.offset as usize * layout.window_units() + at / bt;
+            let at = if pos < e.sink as usize { pos } else { layout.sink_pad() + (pos - e.sink as usize) % self.cap };
+            let k = (at / bt) * layout.n_streaming() + e.offset as usize;
             (self.streaming[k / g] as usize * g + k % g, at % bt)
         };
         unit * bt + r
+    }
+
+    /// The device form of one slot's table row.
+    pub fn device_row(&self, layout: &PagedLayout) -> Vec<i32> {
+        let mut out = vec![0i32; layout.table_stride()];
+        for (j, &b) in self.retrieval.iter().enumerate() {
+            out[j] = b as i32;
+        }
+        for (k, &b) in self.streaming.iter().enumerate() {
+            out[layout.max_blocks() + k] = b as i32;
+        }
+        out[layout.table_stride() - 1] = self.cap as i32;
+        out
     }
 }
 
@@ -291,6 +329,96 @@ impl Allocator {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_decode_ring_is_a_prefix_of_the_prefill_ring() {
+        let l = layout();
+        let small = Tables { retrieval: vec![], streaming: (0..l.streaming_blocks(Ring::Decode) as u32).collect(), cap: l.ring_rows(Ring::Decode) };
+        let big = Tables { streaming: (0..l.streaming_blocks(Ring::Prefill) as u32).collect(), cap: l.ring_rows(Ring::Prefill), ..small.clone() };
+        for layer in 0..3 {
+            for e in l.heads(layer).into_iter().filter(|e| e.kind == HeadEntry::STREAMING) {
+                // The same unit-major packing: sinks sit in the same rows either way.
+                for p in 0..l.sink {
+                    assert_eq!(small.row(&l, e, p), big.row(&l, e, p));
+                }
+            }
+        }
+        assert_eq!(small.device_row(&l).last(), Some(&48));
+    }
+
+    /// The pool's ring resizing, emulated on the host with the kernels' lookup: write every
+    /// position of a prompt through the prefill-sized ring, move the last `recent` positions
+    /// into the decode-sized ring (out with the old size, in with the new, as `ring_move`),
+    /// append decode positions, grow again; every position a query may still see must hold
+    /// its own value throughout.
+    #[test]
+    fn resizing_rings_keeps_every_position_a_query_sees() {
+        let l = layout();
+        let mut alloc = Allocator::new(100, 1);
+        let value = |h: usize, p: usize| (h * 100_000 + p) as i64;
+        let rows = 100 * l.group() * l.block_tokens;
+        let mut pool = vec![-1i64; rows];
+        let heads: Vec<HeadEntry> = (0..3).flat_map(|layer| l.heads(layer)).filter(|e| e.kind == HeadEntry::STREAMING).collect();
+        let mut t = Tables { retrieval: vec![], streaming: alloc.take(l.streaming_blocks(Ring::Prefill)).unwrap(), cap: l.ring_rows(Ring::Prefill) };
+        let write = |pool: &mut Vec<i64>, t: &Tables, from: usize, to: usize| {
+            for e in &heads {
+                for p in from..to {
+                    pool[t.row(&l, *e, p)] = value(e.offset as usize, p);
+                }
+            }
+        };
+        let check = |pool: &Vec<i64>, t: &Tables, n: usize, chunk: usize| {
+            // Sinks, and every position the chunk just written (its first query included) sees.
+            let lo = (n - chunk + 1).saturating_sub(l.recent).max(l.sink);
+            for e in &heads {
+                for p in (0..l.sink.min(n)).chain(lo..n) {
+                    assert_eq!(pool[t.row(&l, *e, p)], value(e.offset as usize, p), "head {} position {p} with {n} cached (chunk {chunk})", e.offset);
+                }
+            }
+        };
+        let resize = |pool: &mut Vec<i64>, t: &mut Tables, alloc: &mut Allocator, n: usize, ring: Ring| {
+            let first = l.sink.max(n.saturating_sub(l.recent));
+            let moved: Vec<Vec<i64>> = heads.iter().map(|e| (first..n).map(|p| pool[t.row(&l, *e, p)]).collect()).collect();
+            let want = l.streaming_blocks(ring);
+            if want > t.streaming.len() {
+                t.streaming.extend(alloc.take(want - t.streaming.len()).unwrap());
+            } else {
+                let tail = t.streaming.split_off(want);
+                for &b in &tail {
+                    // A freed block may be reused by anyone: poison it.
+                    let rows = l.group() * l.block_tokens;
+                    pool[b as usize * rows..(b as usize + 1) * rows].fill(-7);
+                }
+                alloc.give(&tail);
+            }
+            t.cap = l.ring_rows(ring);
+            for (e, vals) in heads.iter().zip(&moved) {
+                for (p, v) in (first..n).zip(vals) {
+                    pool[t.row(&l, *e, p)] = *v;
+                }
+            }
+        };
+        // Prefill 300 positions in chunks of 48, then 50 decode rows, then a 48-token chunk.
+        let mut n = 0;
+        while n < 300 {
+            let end = (n + l.max_chunk).min(300);
+            write(&mut pool, &t, n, end);
+            let chunk = end - n;
+            n = end;
+            check(&pool, &t, n, chunk);
+        }
+        resize(&mut pool, &mut t, &mut alloc, n, Ring::Decode);
+        assert_eq!(t.streaming.len(), l.streaming_blocks(Ring::Decode));
+        for _ in 0..50 {
+            write(&mut pool, &t, n, n + 1);
+            n += 1;
+            check(&pool, &t, n, 1);
+        }
+        resize(&mut pool, &mut t, &mut alloc, n, Ring::Prefill);
+        write(&mut pool, &t, n, n + l.max_chunk);
+        n += l.max_chunk;
+        check(&pool, &t, n, l.max_chunk);
+    }
+
     fn layout() -> PagedLayout {
         PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 1000 }
     }
@@ -299,16 +427,19 @@ mod tests {
     fn sizes_follow_the_heads() {
         let l = layout();
         assert_eq!((l.n_retrieval(), l.n_streaming(), l.group()), (2, 4, 2));
-        assert_eq!((l.sink_pad(), l.cap(), l.window_units()), (16, 96, 7));
-        assert_eq!(l.streaming_blocks(), 14, "4 heads x 7 units in blocks of 2 units");
-        assert_eq!(l.blocks_for(0), 14);
-        assert_eq!(l.blocks_for(17), 16);
-        assert_eq!((l.max_blocks(), l.table_stride()), (63, 77));
+        assert_eq!((l.sink_pad(), l.ring_rows(Ring::Prefill), l.head_units(Ring::Prefill)), (16, 96, 7));
+        assert_eq!((l.ring_rows(Ring::Decode), l.head_units(Ring::Decode)), (48, 4), "recent 40 in whole units of 16");
+        assert_eq!(l.streaming_blocks(Ring::Prefill), 14, "4 heads x 7 units in blocks of 2 units");
+        assert_eq!(l.streaming_blocks(Ring::Decode), 8);
+        assert_eq!(l.blocks_for(0, Ring::Prefill), 14);
+        assert_eq!(l.blocks_for(17, Ring::Prefill), 16);
+        assert_eq!(l.blocks_for(17, Ring::Decode), 10);
+        assert_eq!((l.max_blocks(), l.table_stride()), (63, 78));
         assert_eq!(l.block_bytes(64), 2 * 16 * 64 * 4);
         let h = l.heads(2);
         assert_eq!((h[0].kind, h[0].offset, h[1].kind, h[1].offset), (HeadEntry::STREAMING, 3, HeadEntry::RETRIEVAL, 1));
         let full = PagedLayout { retrieval: vec![vec![true; 2]; 3], ..l.clone() };
-        assert_eq!((full.group(), full.streaming_blocks()), (6, 0));
+        assert_eq!((full.group(), full.streaming_blocks(Ring::Prefill)), (6, 0));
         let streaming = PagedLayout { retrieval: vec![vec![false; 2]; 3], ..l };
         assert_eq!((streaming.group(), streaming.retrieval_blocks(500)), (6, 0));
     }
@@ -316,13 +447,13 @@ mod tests {
     #[test]
     fn live_rows_never_collide_within_or_across_sequences() {
         let l = layout();
-        let mut alloc = Allocator::new(200, 2);
+        let mut alloc = Allocator::new(200, 3);
         let mut seqs = Vec::new();
-        for _ in 0..2 {
-            let n = 700;
-            let streaming = alloc.take(l.streaming_blocks()).unwrap();
+        // Two sequences with prefill-sized rings, one with a decode-sized ring.
+        for (n, ring) in [(700, Ring::Prefill), (700, Ring::Prefill), (300, Ring::Decode)] {
+            let streaming = alloc.take(l.streaming_blocks(ring)).unwrap();
             let retrieval = alloc.take(l.retrieval_blocks(n)).unwrap();
-            seqs.push((Tables { retrieval, streaming }, n));
+            seqs.push((Tables { retrieval, streaming, cap: l.ring_rows(ring) }, n));
         }
         let mut seen = std::collections::HashMap::new();
         for (s, (t, n)) in seqs.iter().enumerate() {
@@ -330,10 +461,15 @@ mod tests {
                 for (g, e) in l.heads(layer).into_iter().enumerate() {
                     // What a chunk of max_chunk tokens ending at n needs: every position for a
                     // retrieval head; sinks and the last recent + chunk for a streaming head.
-                    let live: Vec<usize> = if e.kind == HeadEntry::RETRIEVAL { (0..*n).collect() } else { (0..l.sink).chain(n - l.recent - l.max_chunk + 1..*n).collect() };
+                    let chunk = if t.cap == l.ring_rows(Ring::Prefill) { l.max_chunk } else { 1 };
+                    let live: Vec<usize> = if e.kind == HeadEntry::RETRIEVAL { (0..*n).collect() } else { (0..l.sink).chain(n - l.recent - chunk + 1..*n).collect() };
                     for p in live {
                         let row = t.row(&l, e, p);
                         assert!(row < 200 * l.group() * l.block_tokens);
+                        if e.kind == HeadEntry::STREAMING && t.cap == l.ring_rows(Ring::Decode) {
+                            // A decode-sized ring lives in the first blocks of the region.
+                            assert!(t.streaming[..l.streaming_blocks(Ring::Decode)].contains(&((row / l.block_tokens / l.group()) as u32)));
+                        }
                         if let Some(prev) = seen.insert(row, (s, layer, g, p)) {
                             panic!("row {row} holds {prev:?} and {:?}", (s, layer, g, p));
                         }

@@ -19,7 +19,7 @@
 
 use crate::decode_attention::{batch_split, keys_per_warp_fits, KvType, MIN_SPLIT};
 use crate::model::GpuWeights;
-use crate::paged::{Allocator, PagedLayout, Tables};
+use crate::paged::{Allocator, PagedLayout, Ring, Tables};
 use crate::prefill_attention::HeadEntry;
 use crate::runtime::{driver, DecodeLaunch, Gpu, StepGraph};
 use crate::{CudaError, Result};
@@ -129,6 +129,8 @@ struct Buffers {
     part_l: CudaSlice<f32>,
     part_acc: CudaSlice<f32>,
     patches: CudaSlice<i32>,
+    /// Ring rows on their way between two ring sizes: `[streaming head][k, v][recent][d]`.
+    scratch: CudaSlice<u16>,
 }
 
 /// Logit rows a step computes at once: every decode row (a decode-only step's padded to
@@ -138,7 +140,7 @@ fn logit_rows(c: &PoolConfig) -> usize {
 }
 
 impl Buffers {
-    fn new(gpu: &Gpu, w: &GpuWeights, c: &PoolConfig) -> Result<Self> {
+    fn new(gpu: &Gpu, w: &GpuWeights, c: &PoolConfig, layout: &PagedLayout) -> Result<Self> {
         let g = &w.config;
         let r = c.max_rows;
         let qd = g.n_heads * g.head_dim;
@@ -157,14 +159,19 @@ impl Buffers {
             part_l: gpu.zeros(PART_PAIRS * g.n_heads)?,
             part_acc: gpu.zeros(PART_PAIRS * g.n_heads * g.head_dim)?,
             patches: gpu.zeros(2 * 1024)?,
+            scratch: gpu.zeros(Self::scratch_elems(w, layout))?,
         })
     }
 
+    fn scratch_elems(w: &GpuWeights, layout: &PagedLayout) -> usize {
+        layout.n_streaming() * 2 * layout.recent * w.config.head_dim
+    }
+
     /// Bytes of a pool's step buffers (for sizing the pool before allocating it).
-    fn bytes(w: &GpuWeights, c: &PoolConfig) -> usize {
+    fn bytes(w: &GpuWeights, c: &PoolConfig, layout: &PagedLayout) -> usize {
         let g = &w.config;
         let (r, qd) = (c.max_rows, g.n_heads * g.head_dim);
-        4 * (3 * r + 2) + r * (4 * g.hidden + 2 * g.hidden + 2 * g.qkv_dim() + 4 * qd + 2 * qd + 4 * g.ffn + 2 * g.ffn) + logit_rows(c) * (4 * g.vocab + 4) + PART_PAIRS * g.n_heads * (8 + 4 * g.head_dim) + 8 * 1024
+        4 * (3 * r + 2) + r * (4 * g.hidden + 2 * g.hidden + 2 * g.qkv_dim() + 4 * qd + 2 * qd + 4 * g.ffn + 2 * g.ffn) + logit_rows(c) * (4 * g.vocab + 4) + PART_PAIRS * g.n_heads * (8 + 4 * g.head_dim) + 8 * 1024 + 2 * Self::scratch_elems(w, layout)
     }
 }
 
@@ -231,7 +238,7 @@ impl Drop for PagedSeq {
 impl KvPool {
     /// Bytes a pool of `config` takes besides its blocks (tables and step buffers).
     pub fn overhead_bytes(w: &GpuWeights, layout: &PagedLayout, config: &PoolConfig) -> usize {
-        Buffers::bytes(w, config) + 4 * config.max_seqs * layout.table_stride()
+        Buffers::bytes(w, config, layout) + 4 * config.max_seqs * layout.table_stride()
     }
 
     /// Allocates a pool: `config.blocks` blocks of `layout`, tables for `config.max_seqs`
@@ -253,7 +260,7 @@ impl KvPool {
         let values = gpu.zeros::<u16>(elems)?;
         let tables = gpu.zeros::<i32>(config.max_seqs * layout.table_stride())?;
         let heads = (0..c.n_layers).map(|l| gpu.upload(&HeadEntry::table(&layout.heads(l)))).collect::<Result<Vec<_>>>()?;
-        let b = Buffers::new(&gpu, &w, &config)?;
+        let b = Buffers::new(&gpu, &w, &config, &layout)?;
         gpu.sync()?;
         let state = State { alloc: Allocator::new(config.blocks, config.max_seqs), b, graphs: Vec::new(), pending: None, uncapturable: Vec::new(), graph_steps: 0 };
         Ok(Arc::new(Self { gpu, w, layout, config, keys, values, tables, heads, state: Mutex::new(state) }))
@@ -262,7 +269,7 @@ impl KvPool {
     /// A pool for one sequence of up to `layout.max_tokens` tokens (and its forks made
     /// elsewhere): exactly the blocks that length needs.
     pub fn single(gpu: Arc<Gpu>, w: Arc<GpuWeights>, layout: PagedLayout) -> Result<Arc<Self>> {
-        let config = PoolConfig { blocks: layout.blocks_for(layout.max_tokens), max_seqs: 1, max_rows: layout.max_chunk, graphs: true };
+        let config = PoolConfig { blocks: layout.blocks_for(layout.max_tokens, Ring::Prefill), max_seqs: 1, max_rows: layout.max_chunk, graphs: true };
         Self::new(gpu, w, layout, config)
     }
 
@@ -316,9 +323,23 @@ impl KvPool {
         Ok(PagedSeq { pool: self.clone(), slot, tables: Tables::default(), tokens: 0 })
     }
 
-    /// Blocks `seq` must take to hold `more` more tokens.
-    pub fn blocks_needed(&self, seq: &PagedSeq, more: usize) -> usize {
-        self.layout.blocks_for(seq.tokens + more).saturating_sub(seq.blocks())
+    /// Blocks `seq` must take to hold `more` more tokens with rings sized for `ring`.
+    pub fn blocks_needed(&self, seq: &PagedSeq, more: usize, ring: Ring) -> usize {
+        self.layout.blocks_for(seq.tokens + more, ring).saturating_sub(seq.blocks())
+    }
+
+    /// Blocks `seq` gives back when its rings shrink to `ring`'s size.
+    fn blocks_freed(&self, seq: &PagedSeq, ring: Ring) -> usize {
+        if seq.tables.cap == 0 { 0 } else { seq.tables.streaming.len().saturating_sub(self.layout.streaming_blocks(ring)) }
+    }
+
+    /// The ring size `seq` uses now (`None` before its first step).
+    fn ring_of(&self, seq: &PagedSeq) -> Option<Ring> {
+        match seq.tables.cap {
+            0 => None,
+            c if c == self.layout.ring_rows(Ring::Decode) => Some(Ring::Decode),
+            _ => Some(Ring::Prefill),
+        }
     }
 
     fn owns(&self, seq: &PagedSeq) -> Result<()> {
@@ -329,34 +350,76 @@ impl KvPool {
         }
     }
 
-    /// Takes the blocks each `(sequence, new tokens)` needs, all or none, and returns the
-    /// table entries to write (`[index, block]` pairs).
-    fn grow(&self, alloc: &mut Allocator, grows: &mut [(&mut PagedSeq, usize)]) -> Result<Vec<i32>> {
-        let needed: usize = grows.iter().map(|(s, more)| self.blocks_needed(s, *more)).sum();
-        if needed > alloc.free_blocks() {
-            return Err(CudaError::PoolFull { needed, free: alloc.free_blocks() });
+    /// Gives each `(sequence, new tokens, ring)` the blocks it needs, all or none: first
+    /// resizes rings (shrinking ones give their tail blocks back, growing ones take more; the
+    /// last `recent` positions move), then takes retrieval blocks; writes every table change.
+    fn grow(&self, st: &mut State, grows: &mut [(&mut PagedSeq, usize, Ring)]) -> Result<()> {
+        let needed: usize = grows.iter().map(|(s, more, ring)| self.blocks_needed(s, *more, *ring)).sum();
+        let freed: usize = grows.iter().map(|(s, _, ring)| self.blocks_freed(s, *ring)).sum();
+        let free = st.alloc.free_blocks();
+        if needed > free + freed {
+            return Err(CudaError::PoolFull { needed: needed - freed.min(needed), free });
         }
-        let (stride, at) = (self.layout.table_stride(), self.layout.max_blocks());
-        let mut pairs = Vec::new();
-        for (s, more) in grows.iter_mut() {
-            let row = s.slot as usize * stride;
-            if s.tables.streaming.len() < self.layout.streaming_blocks() {
-                let got = alloc.take(self.layout.streaming_blocks() - s.tables.streaming.len()).ok_or(CudaError::PoolFull { needed, free: 0 })?;
-                for b in got {
-                    pairs.extend([(row + at + s.tables.streaming.len()) as i32, b as i32]);
-                    s.tables.streaming.push(b);
+        // Shrinking rings first: the blocks they free may serve the others.
+        for want in [Ring::Decode, Ring::Prefill] {
+            for (s, _, ring) in grows.iter_mut() {
+                if *ring == want {
+                    self.resize_rings(st, s, want)?;
                 }
             }
+        }
+        let stride = self.layout.table_stride();
+        let mut pairs = Vec::new();
+        for (s, more, _) in grows.iter_mut() {
+            let row = s.slot as usize * stride;
             let want = self.layout.retrieval_blocks(s.tokens + *more);
             if want > s.tables.retrieval.len() {
-                let got = alloc.take(want - s.tables.retrieval.len()).ok_or(CudaError::PoolFull { needed, free: 0 })?;
+                let got = st.alloc.take(want - s.tables.retrieval.len()).ok_or(CudaError::PoolFull { needed, free: 0 })?;
                 for b in got {
                     pairs.extend([(row + s.tables.retrieval.len()) as i32, b as i32]);
                     s.tables.retrieval.push(b);
                 }
             }
         }
-        Ok(pairs)
+        self.write_tables(&mut st.b, &pairs)
+    }
+
+    /// Gives `s` rings of `ring`'s size: takes or returns the tail blocks of its streaming
+    /// region and moves its last `recent` positions from the old ring to the new one.
+    fn resize_rings(&self, st: &mut State, s: &mut PagedSeq, ring: Ring) -> Result<()> {
+        let cap = self.layout.ring_rows(ring);
+        if s.tables.cap == cap {
+            return Ok(());
+        }
+        let (g, l) = (&*self.gpu, &self.layout);
+        let row = s.slot as usize * l.table_stride();
+        let paged = l.paged_args(g.addr(&self.tables));
+        let first = l.sink.max(s.tokens.saturating_sub(l.recent));
+        let count = s.tokens.saturating_sub(first);
+        let (kc, vc, scratch) = (g.addr(&self.keys), g.addr(&self.values), g.addr(&st.b.scratch));
+        let moving = s.tables.cap != 0 && count > 0;
+        if moving {
+            g.ring_move(kc, vc, scratch, paged, l.n_streaming(), s.slot as usize, s.tables.cap, l.sink, first, count, self.w.config.head_dim, true)?;
+        }
+        let want = l.streaming_blocks(ring);
+        let mut pairs = Vec::new();
+        if want > s.tables.streaming.len() {
+            let got = st.alloc.take(want - s.tables.streaming.len()).ok_or(CudaError::PoolFull { needed: want - s.tables.streaming.len(), free: st.alloc.free_blocks() })?;
+            for b in got {
+                pairs.extend([(row + l.max_blocks() + s.tables.streaming.len()) as i32, b as i32]);
+                s.tables.streaming.push(b);
+            }
+        } else {
+            let tail = s.tables.streaming.split_off(want);
+            st.alloc.give(&tail);
+        }
+        s.tables.cap = cap;
+        pairs.extend([(row + l.table_stride() - 1) as i32, cap as i32]);
+        self.write_tables(&mut st.b, &pairs)?;
+        if moving {
+            g.ring_move(kc, vc, scratch, paged, l.n_streaming(), s.slot as usize, cap, l.sink, first, count, self.w.config.head_dim, false)?;
+        }
+        Ok(())
     }
 
     fn write_tables(&self, b: &mut Buffers, pairs: &[i32]) -> Result<()> {
@@ -406,23 +469,21 @@ impl KvPool {
         let mut st = self.lock();
         let st = &mut *st;
         let mut prefill = prefill;
-        let pairs = {
-            let mut grows: Vec<(&mut PagedSeq, usize)> = decode.iter_mut().map(|r| (&mut *r.seq, 1)).collect();
+        {
+            let mut grows: Vec<(&mut PagedSeq, usize, Ring)> = decode.iter_mut().map(|r| (&mut *r.seq, 1, Ring::Decode)).collect();
             if let Some(p) = prefill.as_mut() {
-                grows.push((&mut *p.seq, chunk));
+                grows.push((&mut *p.seq, chunk, Ring::Prefill));
             }
-            self.grow(&mut st.alloc, &mut grows)?
-        };
-        self.run(st, decode, prefill, pairs, padded, shapes, greedy)
+            self.grow(st, &mut grows)?;
+        }
+        self.run(st, decode, prefill, padded, shapes, greedy)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run(&self, st: &mut State, decode: &mut [DecodeRow], prefill: Option<PrefillChunk>, pairs: Vec<i32>, padded: usize, shapes: Vec<DecodeLaunch>, greedy: bool) -> Result<StepOut> {
+    fn run(&self, st: &mut State, decode: &mut [DecodeRow], prefill: Option<PrefillChunk>, padded: usize, shapes: Vec<DecodeLaunch>, greedy: bool) -> Result<StepOut> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let bsz = decode.len();
         let chunk = prefill.as_ref().map_or(0, |p| p.tokens.len());
         let rows = padded + chunk;
-        self.write_tables(&mut st.b, &pairs)?;
         // Row metadata: tokens, slots, positions, then the prefill chunk's [slot, first].
         let mut meta = vec![0i32; 3 * rows + 2];
         for (i, r) in decode.iter().enumerate() {
@@ -598,8 +659,7 @@ impl KvPool {
         }
         let mut st = self.lock();
         let st = &mut *st;
-        let pairs = self.grow(&mut st.alloc, &mut [(&mut *seq, n)])?;
-        self.write_tables(&mut st.b, &pairs)?;
+        self.grow(st, &mut [(&mut *seq, n, Ring::Decode)])?;
         let elems = self.layout.block_elems(self.w.config.head_dim);
         let (g, k, v) = (&*self.gpu, self.gpu.addr(&self.keys), self.gpu.addr(&self.values));
         for (i, &blk) in seq.tables.retrieval.iter().chain(&seq.tables.streaming).enumerate() {
@@ -621,8 +681,8 @@ impl KvPool {
         let mut copy = into.sequence()?;
         let mut st = into.lock();
         let st = &mut *st;
-        let pairs = into.grow(&mut st.alloc, &mut [(&mut copy, seq.tokens)])?;
-        into.write_tables(&mut st.b, &pairs)?;
+        let ring = self.ring_of(seq).unwrap_or(Ring::Prefill);
+        into.grow(st, &mut [(&mut copy, seq.tokens, ring)])?;
         let block_pairs: Vec<i32> = seq.tables.retrieval.iter().zip(&copy.tables.retrieval).chain(seq.tables.streaming.iter().zip(&copy.tables.streaming)).flat_map(|(&s, &d)| [s as i32, d as i32]).collect();
         let g = &*self.gpu;
         let list = g.upload(&block_pairs)?;

@@ -211,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
     const int slot = state[0], p0 = state[1];
     const int4 e = heads[h / group];
     const int n = p0 + T;
-    const int win = e.w == 1 ? max(e.y, n - pg.cap) : 0;
+    const int win = e.w == 1 ? max(e.y, n - slot_cap(pg, slot)) : 0;
     const int rows = e.w == 0 ? n : min(n, e.y) + (n > e.y ? n - win : 0);
     const int q_lo = p0 + qt * BQ, q_hi = min(n, q_lo + BQ) - 1;
     // This lane's four query rows (chunk rows): m-tile mt, half hf -> warp*32 + mt*16 + hf*8 + gr.
@@ -454,7 +454,7 @@ mod tests {
     fn every_case_is_valid() {
         for (name, x, layout) in cases(1) {
             assert!(x.validate().is_ok(), "{name}");
-            assert!(layout.cap() >= layout.recent + x.tokens() - 1, "{name}: the ring keeps what the chunk sees");
+            assert!(layout.ring_rows(crate::paged::Ring::Prefill) >= layout.recent + x.tokens() - 1, "{name}: the ring keeps what the chunk sees");
         }
         let mut x = cases(1).remove(0).1;
         x.keys.truncate(64);

@@ -225,6 +225,19 @@ impl Gpu {
         launch!(self, f, (((n as u32).div_ceil(256)).max(1), 1, 1), 256, &dst, &pairs, &n)
     }
 
+    /// Moves the ring rows of positions `first..first + count` of every streaming head of
+    /// `slot` between its ring (of `cap` rows) and `scratch`: out of the ring when
+    /// `to_scratch`, into it otherwise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ring_move(&self, kc: u64, vc: u64, scratch: u64, paged: PagedArgs, n_streaming: usize, slot: usize, cap: usize, sink: usize, first: usize, count: usize, head_dim: usize, to_scratch: bool) -> Result<()> {
+        if n_streaming == 0 || count == 0 {
+            return Ok(());
+        }
+        let f = self.op("ring_move")?;
+        let (sl, c, sk, fi, co, hd, ts) = (slot as i32, cap as i32, sink as i32, first as i32, count as i32, head_dim as i32, i32::from(to_scratch));
+        launch!(self, f, (n_streaming as u32, 2, 1), 128, &kc, &vc, &scratch, &paged, &sl, &c, &sk, &fi, &co, &hd, &ts)
+    }
+
     /// Copies `n` whole blocks of `elems` bf16 values each: block `pairs[2i]` of the source
     /// keys and values to block `pairs[2i + 1]` of the destination's.
     #[allow(clippy::too_many_arguments)]

@@ -577,7 +577,7 @@ impl Worker {
         for s in running.iter_mut() {
             let remaining = s.prompt.len() - s.prefilled;
             if let (Some(kv), true) = (s.kv.as_mut(), remaining > 0) {
-                committed += pool.blocks_needed(kv.as_mut(), remaining + 1).unwrap_or(0);
+                committed += pool.blocks_needed(kv.as_mut(), remaining + 1, false).unwrap_or(0);
             }
         }
         // A 1% watermark leaves running sequences room to grow; an idle pool takes any request
@@ -640,7 +640,7 @@ impl Worker {
                     (None, Some((at, end))) if at == i => end - s.prefilled,
                     _ => continue,
                 };
-                need += pool.blocks_needed(kv.as_mut(), more).unwrap_or(0);
+                need += pool.blocks_needed(kv.as_mut(), more, s.pending.is_some()).unwrap_or(0);
             }
             if need <= pool.free_blocks() {
                 break prefill;

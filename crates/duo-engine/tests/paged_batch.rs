@@ -77,7 +77,7 @@ impl KvPool for CpuBlockPool {
     fn blocks_for(&self, tokens: usize) -> usize {
         1 + tokens.div_ceil(self.block)
     }
-    fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize) -> duo_engine::Result<usize> {
+    fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize, _decode: bool) -> duo_engine::Result<usize> {
         let s = blocked(seq);
         Ok(self.blocks_for(s.tokens() + more).saturating_sub(s.held))
     }
@@ -103,7 +103,7 @@ impl KvPool for CpuBlockPool {
         self.method.chunk
     }
     fn step(&self, decode: &mut [(&mut dyn Sequence, u32)], prefill: Option<(&mut dyn Sequence, &[u32], bool)>) -> duo_engine::Result<PoolStep> {
-        let need: usize = decode.iter_mut().map(|(s, _)| self.blocks_needed(&mut **s, 1).unwrap_or(0)).sum();
+        let need: usize = decode.iter_mut().map(|(s, _)| self.blocks_needed(&mut **s, 1, true).unwrap_or(0)).sum();
         if need > self.free_blocks() {
             return Err(EngineError::Backend("pool full".into()));
         }

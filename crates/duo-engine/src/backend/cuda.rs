@@ -13,7 +13,7 @@ use duo_core::cache_spec::CachePlan;
 use duo_core::config::ModelConfig;
 use duo_cuda::dequant::QuantType;
 use duo_cuda::model::{GlobalMatrix, GpuConfig, GpuWeights, HostLayer, HostMatrix};
-use duo_cuda::paged::PagedLayout;
+use duo_cuda::paged::{PagedLayout, Ring};
 use duo_cuda::pool::{bucket, DecodeRow, KvPool, PagedSeq, PoolConfig, PrefillChunk, RowLogits};
 use duo_cuda::Gpu;
 use duo_kv::{KvBytes, PrefillMode};
@@ -275,7 +275,7 @@ impl Backend for CudaBackend {
             }
             config.blocks = n;
         }
-        if config.blocks < layout.blocks_for(layout.max_chunk + 1) {
+        if config.blocks < layout.blocks_for(layout.max_chunk + 1, Ring::Prefill) {
             return Err(EngineError::Backend(format!(
                 "--gpu-memory-utilization {} leaves {:.2} GiB for KV blocks on this {:.1} GiB card ({:.2} GiB in use): not one sequence's first chunk fits",
                 o.gpu_memory_utilization,
@@ -300,10 +300,11 @@ impl super::KvPool for ServingPool {
         Ok(Box::new(CudaSequence { seq: self.pool.sequence()?, plan: self.plan.clone() }))
     }
     fn blocks_for(&self, tokens: usize) -> usize {
-        self.pool.layout().blocks_for(tokens)
+        self.pool.layout().blocks_for(tokens, Ring::Prefill)
     }
-    fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize) -> Result<usize> {
-        Ok(self.pool.blocks_needed(&downcast::<CudaSequence>(seq, "CUDA")?.seq, more))
+    fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize, decode: bool) -> Result<usize> {
+        let ring = if decode { Ring::Decode } else { Ring::Prefill };
+        Ok(self.pool.blocks_needed(&downcast::<CudaSequence>(seq, "CUDA")?.seq, more, ring))
     }
     fn free_blocks(&self) -> usize {
         self.pool.free_blocks()

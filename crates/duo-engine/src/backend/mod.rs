@@ -177,10 +177,11 @@ pub struct PoolStep {
 pub trait KvPool: Send + Sync {
     /// A new, empty sequence in the pool (it takes blocks as it grows).
     fn new_sequence(&self) -> Result<Box<dyn Sequence>>;
-    /// Blocks a sequence of `tokens` tokens holds.
+    /// Blocks a sequence of `tokens` tokens holds while prefilling (the most it holds).
     fn blocks_for(&self, tokens: usize) -> usize;
-    /// Blocks `seq` must take to grow by `more` tokens.
-    fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize) -> Result<usize>;
+    /// Blocks `seq` must take to grow by `more` tokens in a decode row (`decode`) or a
+    /// prefill chunk (a decoding sequence may hold less than a prefilling one).
+    fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize, decode: bool) -> Result<usize>;
     /// Blocks free now.
     fn free_blocks(&self) -> usize;
     /// Blocks in the pool.
