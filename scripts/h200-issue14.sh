@@ -4,8 +4,9 @@
 # (stripped release binaries built here), .gpu/wheels (openai + httpx wheels for Python 3.12),
 # .gpu/niah, .gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k, and .gpu/model.part1 (step a) or
 # .gpu/model.part2 (step b; .gpu/wheels-httpx instead of .gpu/wheels for "b check"). Results go to $OUT.
-#   a        kernel parity (paged kernels, the whole model, continuous batching vs alone) and
-#            decode-attention timings by block size; leaves the model's first part in /tmp
+#   a        kernel parity (paged kernels, the whole model, continuous batching vs alone),
+#            decode-attention timings (tensor-core and CUDA-core kernels, by block size and
+#            split) beside PyTorch's SDPA; leaves the model's first part in /tmp
 #   b        SmolLM2 served on the GPU: 32 concurrent mixed-length requests vs alone, a tiny pool
 #            with preemptions, a disconnect, the openai-client test suite; the CUDA backend tests
 #   c WL     Llama-3-8B-shaped random checkpoint served with full, duo 0.5 and layer 0.5 at one
@@ -35,6 +36,8 @@ elif [ "$step" = a ]; then
   cp .gpu/model.part1 /tmp/duo/model.part1
   timeout 400 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"
   grep -E "^FAIL|whole model|batching|time decode" "$OUT/cuda-check.txt"
+  # PyTorch's decode attention on the same shapes, and the copy bandwidth, in the same call.
+  timeout 120 python3 scripts/torch_decode_attention.py --out "$OUT/decode-attention-torch.json" 2>&1 | tee "$OUT/decode-attention-torch.txt"
 elif [ "$step" = b ]; then
   join_model
   venv

@@ -143,15 +143,24 @@ fn cuda_check(seed: u64) -> Result<()> {
     // One layer of Llama-3-8B (32 query / 8 KV heads of 128): every KV head retrieval, or
     // half of them streaming (64 + 256 tokens), in one fused launch over a paged pool; one
     // sequence at 128K with blocks of 16 to 256 tokens (the block size), then batches.
+    println!("copy bandwidth {:.0} GB/s (read + written)", gpu.copy_bandwidth()? / 1e9);
     let duo = [true, true, true, true, false, false, false, false];
     for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
-        for (tokens, rows, block) in [(131_072usize, 1usize, 16usize), (131_072, 1, 64), (131_072, 1, 256), (4096, 32, 16), (4096, 32, 64), (32_768, 16, 64)] {
-            let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, 32, 128, &kinds, tokens, rows, block, None, 2, 50)?;
-            println!(
-                "time decode attention, Llama-3-8B layer, {name:<8} {rows:>2} x {tokens:>6} tokens, blocks of {block:>3}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
-                bytes as f64 / 1e6,
-                bytes as f64 / ms / 1e6
-            );
+        for (tokens, rows, block) in [(131_072usize, 1usize, 16usize), (131_072, 1, 64), (131_072, 1, 256), (4096, 32, 16), (4096, 32, 64), (32_768, 16, 64), (16_384, 25, 64)] {
+            // The tensor-core kernel the engine runs beside the CUDA-core one (its reference
+            // path), same pool, same call; then the constant split of a shared serving pool.
+            use duo_cuda::decode_attention::DecodeKernel;
+            let split = duo_cuda::pool::DECODE_SPLIT;
+            for (kernel, split) in [(DecodeKernel::Cores(2), None), (DecodeKernel::Tensor, None), (DecodeKernel::Cores(2), Some(split)), (DecodeKernel::Tensor, Some(split))] {
+                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, 32, 128, &kinds, tokens, rows, block, split, kernel, 50)?;
+                let split = split.map_or("by batch".to_string(), |s| format!("of {s}"));
+                println!(
+                    "time decode attention, Llama-3-8B layer, {name:<8} {rows:>2} x {tokens:>6} tokens, blocks of {block:>3}, {:<8} splits {split:<8}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
+                    format!("{kernel:?}"),
+                    bytes as f64 / 1e6,
+                    bytes as f64 / ms / 1e6
+                );
+            }
         }
     }
     for (name, kinds) in [("full", [true; 8]), ("duo 0.5", [true, true, true, true, false, false, false, false])] {

@@ -50,6 +50,43 @@ pub fn keys_per_warp_fits(head_dim: usize, kpw: usize, kv: KvType) -> bool {
     [1, 2, 4].contains(&kpw) && head_dim * kpw / 32 * kv.bytes() >= 16 && (head_dim * kpw / 32 * kv.bytes()).is_multiple_of(16)
 }
 
+/// Which partial kernel a decode launch runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// CUDA cores, a warp reading this many keys at once (1, 2 or 4; see
+    /// [`keys_per_warp_fits`]): every head size and cache type.
+    Cores(usize),
+    /// Tensor cores over `cp.async`-pipelined tiles ([`TENSOR_SOURCE`]): bf16 caches, heads of
+    /// 64 or 128, at most 16 query heads per KV head.
+    Tensor,
+}
+
+impl DecodeKernel {
+    /// Whether this kernel takes heads of `head_dim` with `group` query heads per KV head
+    /// over a `kv` cache.
+    pub fn fits(self, head_dim: usize, group: usize, kv: KvType) -> bool {
+        match self {
+            DecodeKernel::Cores(kpw) => keys_per_warp_fits(head_dim, kpw, kv) && group * head_dim * kpw / 32 <= 64,
+            DecodeKernel::Tensor => kv == KvType::Bf16 && [64, 128].contains(&head_dim) && (1..=16).contains(&group),
+        }
+    }
+
+    /// The fastest kernel that fits (the tensor-core one where it does; measured in
+    /// BENCHMARKS.md), else CUDA cores with `keys_per_warp` (or 4) keys per warp.
+    pub fn best(head_dim: usize, group: usize, kv: KvType, keys_per_warp: usize) -> DecodeKernel {
+        if DecodeKernel::Tensor.fits(head_dim, group, kv) {
+            return DecodeKernel::Tensor;
+        }
+        [keys_per_warp, 4, 2, 1].into_iter().map(DecodeKernel::Cores).find(|k| k.fits(head_dim, group, kv)).unwrap_or(DecodeKernel::Cores(1))
+    }
+}
+
+/// Dynamic shared memory of the tensor-core partial kernel: three stages of 64-key K and V
+/// tiles, rows padded by 8 elements (the merge reuses them).
+pub fn tensor_smem_bytes(head_dim: usize) -> usize {
+    3 * 2 * 64 * (head_dim + 8) * 2
+}
+
 /// Fewest keys per split.
 pub const MIN_SPLIT: usize = 256;
 
@@ -141,18 +178,64 @@ pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, heads: Vec<HeadE
     DecodeInput { n_heads, head_dim, q: normal(tokens.len() * n_heads * head_dim), keys: normal(total * g * head_dim), values: normal(total * g * head_dim), heads, tokens: tokens.to_vec() }
 }
 
-/// The CUDA source: a partial kernel (one block per KV head and split: the `GROUP` query
-/// heads that share a KV head are served from one read of its keys and values; a warp takes
-/// 4 keys at a time, 8 lanes each) and a merge.
-/// `GROUP` and `PER_LANE` (`head_dim / 32`) are compile-time constants, given to NVRTC per
-/// model shape.
-pub const SOURCE: &str = r#"
+/// What both decode kernels share (compiled before either): `HEAD_DIM` from `PER_LANE`, the
+/// positions a head shows a step, and the merge of the splits' partials.
+pub const COMMON_SOURCE: &str = r#"
+// NVRTC has no math headers: negative infinity by its bits.
+#ifndef NEG_INF
+#define NEG_INF __int_as_float(0xff800000)
+#endif
+#define HEAD_DIM (PER_LANE * 32)
+
+// The positions a KV head shows a decode step when `n` tokens are cached (the current one
+// included): logical index `t < len` is position `t + (t >= sinks ? gap : 0)`. A retrieval
+// head sees all `n`; a streaming head its sinks and the last `recent` positions.
+__device__ __forceinline__ void visible_positions(int4 e, int n, int* len, int* sinks, int* gap) {
+    if (e.w == 0) { *len = n; *sinks = n; *gap = 0; }
+    else {
+        const int s = min(n, e.y), v = n > e.y ? min(n - e.y, e.z) : 0;
+        *len = s + v; *sinks = s; *gap = n - v - s;
+    }
+}
+
+// Merges the splits of one (row, query head): grid rows x query heads, HEAD_DIM threads.
+// Partial maxima are in natural-log units.
+extern "C" __global__ void duo_decode_merge(
+    const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
+    int n_splits, float* __restrict__ out, unsigned short* __restrict__ out_bf16)
+{
+    const int h = blockIdx.x, c = threadIdx.x;
+    float mm = NEG_INF;
+#pragma unroll 8
+    for (int s = 0; s < n_splits; s++) mm = fmaxf(mm, part_m[h * n_splits + s]);
+    float l = 0.f, a = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < n_splits; s++) {
+        const float ms = part_m[h * n_splits + s];
+        if (ms == NEG_INF) continue;
+        const float w = __expf(ms - mm);
+        l += part_l[h * n_splits + s] * w;
+        a += part_acc[((size_t)h * n_splits + s) * HEAD_DIM + c] * w;
+    }
+    const float r = a / l;
+    if (out) out[h * HEAD_DIM + c] = r;
+    if (out_bf16) {
+        unsigned u = __float_as_uint(r);
+        u += 0x7fffu + ((u >> 16) & 1u);
+        out_bf16[h * HEAD_DIM + c] = (unsigned short)(u >> 16);
+    }
+}
+"#;
+
+/// The CUDA-core partial kernel (after [`COMMON_SOURCE`]): one block per KV head and split
+/// (the `GROUP` query heads that share a KV head are served from one read of its keys and
+/// values; a warp takes `KPW` keys at a time). `GROUP`, `PER_LANE` (`head_dim / 32`) and
+/// `KPW` are compile-time constants, given to NVRTC per model shape. Every head size and
+/// both cache types; the reference path of [`TENSOR_SOURCE`].
+pub const CORES_SOURCE: &str = r#"
 #define WARPS 4
 // Block-table entries a split may keep in shared memory.
 #define TAB_MAX 72
-// NVRTC has no math headers: negative infinity by its bits.
-#define NEG_INF __int_as_float(0xff800000)
-#define HEAD_DIM (PER_LANE * 32)
 
 #ifdef KV_BF16
 typedef unsigned short kv_t;
@@ -190,17 +273,6 @@ __device__ __forceinline__ void unpack(const uint4* r, float* out) {
 #pragma unroll
         for (int j = 0; j < 4; j++) out[4*i + j] = __uint_as_float(w[j]);
 #endif
-    }
-}
-
-// The positions a KV head shows a decode step when `n` tokens are cached (the current one
-// included): logical index `t < len` is position `t + (t >= sinks ? gap : 0)`. A retrieval
-// head sees all `n`; a streaming head its sinks and the last `recent` positions.
-__device__ __forceinline__ void visible_positions(int4 e, int n, int* len, int* sinks, int* gap) {
-    if (e.w == 0) { *len = n; *sinks = n; *gap = 0; }
-    else {
-        const int s = min(n, e.y), v = n > e.y ? min(n - e.y, e.z) : 0;
-        *len = s + v; *sinks = s; *gap = n - v - s;
     }
 }
 
@@ -333,29 +405,181 @@ extern "C" __global__ void duo_decode_partial(
     }
 }
 
-extern "C" __global__ void duo_decode_merge(
-    const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
-    int n_splits, float* __restrict__ out, unsigned short* __restrict__ out_bf16)
+"#;
+
+/// The tensor-core partial kernel (after [`crate::prefill_attention::TENSOR_CORE_HELPERS`]
+/// and [`COMMON_SOURCE`]): bf16 caches, heads of 64 or 128, up to 16 query heads per KV head.
+///
+/// A block (4 warps) walks its split in tiles of 64 keys that `cp.async` brings into shared
+/// memory three stages deep, so two tiles (64 KiB for heads of 128) are in flight while one is
+/// reduced: enough bytes in flight per multiprocessor to stream HBM, without the registers a
+/// CUDA-core loop spends holding loads. The `GROUP` query heads of the KV head are the rows
+/// of an m16n8k16 `mma.sync` (padded to 16), each warp takes 16 keys of a tile: `Q K^T` and
+/// `P V` are two short runs of tensor-core instructions instead of `GROUP x HEAD_DIM` FMAs
+/// per key. Queries and softmax weights enter as bf16 (as in the prefill kernel), so its
+/// parity bound is the prefill kernel's `1e-2`.
+pub const TENSOR_SOURCE: &str = r#"
+#define TILE 64
+#define STAGES 3
+#define TPAD (HEAD_DIM + 8)
+#define TILE_ELEMS (TILE * TPAD)
+
+extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
+    const float* __restrict__ q, const bf16_t* __restrict__ keys, const bf16_t* __restrict__ values,
+    const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
+    int split, int n_splits, float scale_log2,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
-    const int h = blockIdx.x, c = threadIdx.x;
-    float mm = NEG_INF;
-#pragma unroll 8
-    for (int s = 0; s < n_splits; s++) mm = fmaxf(mm, part_m[h * n_splits + s]);
-    float l = 0.f, a = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < n_splits; s++) {
-        const float ms = part_m[h * n_splits + s];
-        if (ms == NEG_INF) continue;
-        const float w = __expf(ms - mm);
-        l += part_l[h * n_splits + s] * w;
-        a += part_acc[((size_t)h * n_splits + s) * HEAD_DIM + c] * w;
+    const int g = blockIdx.x, s = blockIdx.y, b = blockIdx.z;
+    const int seq_slot = row_slot[b];
+    if (seq_slot < 0) return;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int4 e = heads[g];
+    const int n_heads = gridDim.x * GROUP;
+    int len, sinks, gap;
+    visible_positions(e, row_pos[b] + 1, &len, &sinks, &gap);
+    const int begin = s * split, end = min(len, begin + split);
+    const size_t p_first = ((size_t)b * n_heads + g * GROUP) * n_splits + s;  // row 0's partial
+    if (begin >= end) {
+        // A split past this head's keys: an empty partial, which the merge skips.
+        if (threadIdx.x < GROUP) { part_m[p_first + (size_t)threadIdx.x * n_splits] = NEG_INF; part_l[p_first + (size_t)threadIdx.x * n_splits] = 0.f; }
+        return;
     }
-    const float r = a / l;
-    if (out) out[h * HEAD_DIM + c] = r;
-    if (out_bf16) {
-        unsigned u = __float_as_uint(r);
-        u += 0x7fffu + ((u >> 16) & 1u);
-        out_bf16[h * HEAD_DIM + c] = (unsigned short)(u >> 16);
+
+    // The queries as A fragments (rows = the GROUP query heads, zero beyond), scaled for exp2.
+    const float* qb = q + ((size_t)b * n_heads + g * GROUP) * HEAD_DIM;
+    unsigned qa[HEAD_DIM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const int r = gr + (x & 1) * 8, c = kk * 16 + (x >> 1) * 8 + 2 * tq;
+            qa[kk][x] = r < GROUP ? pack(qb[r * HEAD_DIM + c] * scale_log2, qb[r * HEAD_DIM + c + 1] * scale_log2) : 0u;
+        }
+    }
+
+    extern __shared__ __align__(16) bf16_t smem[];
+    const int n_tiles = (end - begin + TILE - 1) / TILE;
+    auto load_tile = [&](int tile) {
+        bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS;
+        bf16_t* vs = ks + TILE_ELEMS;
+        const int t0 = begin + tile * TILE;
+#pragma unroll
+        for (int j = 0; j < TILE * HEAD_DIM / 8 / 128; j++) {
+            const int i = threadIdx.x + j * 128;
+            const int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
+            const int t = t0 + r;
+            const bool live = t < end;
+            const size_t at = live ? (size_t)kv_row(pg, e, seq_slot, t + (t >= sinks ? gap : 0)) * HEAD_DIM + c : 0;
+            cp_async16(ks + r * TPAD + c, keys + at, live ? 16 : 0);
+            cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
+        }
+    };
+#pragma unroll
+    for (int t = 0; t < STAGES - 1; t++) {
+        if (t < n_tiles) load_tile(t);
+        cp_async_commit();
+    }
+
+    float o[HEAD_DIM / 8][4];
+#pragma unroll
+    for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][0] = 0.f; o[i][1] = 0.f; o[i][2] = 0.f; o[i][3] = 0.f; }
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows gr and gr + 8
+
+    for (int tile = 0; tile < n_tiles; tile++) {
+        cp_async_wait_1();   // this tile's group is in (one newer may still fly)
+        __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
+        if (tile + STAGES - 1 < n_tiles) load_tile(tile + STAGES - 1);
+        cp_async_commit();
+        const bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS + warp * 16 * TPAD;
+        const bf16_t* vs = ks + TILE_ELEMS;
+        // Scores of this warp's 16 keys: n-tile j holds keys 8j..8j+7.
+        float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
+            unsigned kb[4];
+            ldmatrix_x4(kb, ks + ((lane & 7) + ((lane >> 4) & 1) * 8) * TPAD + kk * 16 + ((lane >> 3) & 1) * 8);
+            mma(sc[0], qa[kk], kb[0], kb[1]);
+            mma(sc[1], qa[kk], kb[2], kb[3]);
+        }
+        const int k0 = begin + tile * TILE + warp * 16;
+        if (k0 + 16 > end) {
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int x = 0; x < 4; x++)
+                    if (k0 + 8 * j + 2 * tq + (x & 1) >= end) sc[j][x] = NEG_INF;
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float mx = fmaxf(fmaxf(sc[0][2 * hf], sc[0][2 * hf + 1]), fmaxf(sc[1][2 * hf], sc[1][2 * hf + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float nm = fmaxf(m[hf], mx);
+            // A row that has seen no key yet subtracts 0: exp2(-inf) = 0 and its sums stay 0.
+            const float base = nm == NEG_INF ? 0.f : nm;
+            const float c = fast_exp2(m[hf] - base);
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                sc[j][2 * hf] = fast_exp2(sc[j][2 * hf] - base);
+                sc[j][2 * hf + 1] = fast_exp2(sc[j][2 * hf + 1] - base);
+                sum += sc[j][2 * hf] + sc[j][2 * hf + 1];
+            }
+            l[hf] = l[hf] * c + sum;
+            m[hf] = nm;
+#pragma unroll
+            for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][2 * hf] *= c; o[i][2 * hf + 1] *= c; }
+        }
+        // P (16 rows x 16 keys) as an A fragment, straight from the score fragments.
+        const unsigned pa[4] = {pack(sc[0][0], sc[0][1]), pack(sc[0][2], sc[0][3]), pack(sc[1][0], sc[1][1]), pack(sc[1][2], sc[1][3])};
+#pragma unroll
+        for (int i = 0; i < HEAD_DIM / 8; i += 2) {
+            // Keys 0..15 of the warp (rows), dims 8i.. and 8(i+1).. (columns), transposed.
+            unsigned vb[4];
+            ldmatrix_x4_trans(vb, vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * TPAD + (i + (lane >> 4)) * 8);
+            mma(o[i], pa, vb[0], vb[1]);
+            mma(o[i + 1], pa, vb[2], vb[3]);
+        }
+    }
+    cp_async_wait_0();
+    __syncthreads();  // the stages are reused for the merge below
+
+    // Merge the 4 warps' states per query head; maxima leave in natural-log units.
+    float* wm = reinterpret_cast<float*>(smem);    // [4][16]
+    float* wl = wm + 4 * 16;                        // [4][16]
+    float* wo = wl + 4 * 16;                        // [4][GROUP][HEAD_DIM]
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float sum = l[hf];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        const int r = gr + 8 * hf;
+        if (r < GROUP) {
+            if (tq == 0) { wm[warp * 16 + r] = m[hf]; wl[warp * 16 + r] = sum; }
+#pragma unroll
+            for (int i = 0; i < HEAD_DIM / 8; i++) {
+                wo[(warp * GROUP + r) * HEAD_DIM + 8 * i + 2 * tq] = o[i][2 * hf];
+                wo[(warp * GROUP + r) * HEAD_DIM + 8 * i + 2 * tq + 1] = o[i][2 * hf + 1];
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += 128) {
+        const int r = idx / HEAD_DIM, c = idx % HEAD_DIM;
+        float mm = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < 4; w++) mm = fmaxf(mm, wm[w * 16 + r]);
+        float ll = 0.f, acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            const float cw = wm[w * 16 + r] == NEG_INF ? 0.f : fast_exp2(wm[w * 16 + r] - mm);
+            ll += wl[w * 16 + r] * cw;
+            acc += wo[(w * GROUP + r) * HEAD_DIM + c] * cw;
+        }
+        const size_t p = p_first + (size_t)r * n_splits;
+        part_acc[p * HEAD_DIM + c] = acc;
+        if (c == 0) { part_m[p] = mm * 0.69314718056f; part_l[p] = ll; }
     }
 }
 "#;
@@ -416,22 +640,22 @@ mod gpu {
     }
 
     /// The launch shape for rows of `tokens` (each with its own token cached).
-    fn launch_for(x_heads: &[HeadEntry], n_heads: usize, head_dim: usize, tokens: &[usize], kv: KvType, split: Option<usize>, keys_per_warp: usize) -> DecodeLaunch {
+    fn launch_for(x_heads: &[HeadEntry], n_heads: usize, head_dim: usize, tokens: &[usize], kv: KvType, split: Option<usize>, kernel: DecodeKernel) -> DecodeLaunch {
         let max_n = *tokens.iter().max().unwrap_or(&1);
         let lens: Vec<u32> = x_heads.iter().map(|e| if e.kind == HeadEntry::RETRIEVAL { max_n as u32 } else { (max_n as u32).min((e.sink + e.recent) as u32) }).collect();
         let split = split.unwrap_or_else(|| batch_split(&lens, tokens.len())).max(1);
         let max_len = *lens.iter().max().unwrap_or(&1) as usize;
-        DecodeLaunch { n_kv: x_heads.len(), group: n_heads / x_heads.len(), head_dim, split, n_splits: max_len.div_ceil(split), rows: tokens.len(), kv, keys_per_warp }
+        DecodeLaunch { n_kv: x_heads.len(), group: n_heads / x_heads.len(), head_dim, split, n_splits: max_len.div_ceil(split), rows: tokens.len(), kv, kernel }
     }
 
     /// Runs the fused decode attention on the GPU over a paged pool of `block_tokens`
-    /// (copying inputs in and the output out), a warp reading `keys_per_warp` keys at once.
+    /// (copying inputs in and the output out) with `kernel`.
     /// `x.heads` must be `layer_layout`'s heads.
-    pub fn decode_attention(gpu: &Gpu, x: &DecodeInput, layout: &PagedLayout, kv: KvType, keys_per_warp: usize, seed: u64) -> Result<Vec<f32>> {
-        if !keys_per_warp_fits(x.head_dim, keys_per_warp, kv) {
-            return Err(CudaError::Input(format!("{keys_per_warp} keys per warp do not suit heads of {} ({kv:?})", x.head_dim)));
-        }
+    pub fn decode_attention(gpu: &Gpu, x: &DecodeInput, layout: &PagedLayout, kv: KvType, kernel: DecodeKernel, seed: u64) -> Result<Vec<f32>> {
         x.validate()?;
+        if !kernel.fits(x.head_dim, x.n_heads / x.heads.len(), kv) {
+            return Err(CudaError::Input(format!("{kernel:?} does not suit heads of {} ({} per KV head, {kv:?})", x.head_dim, x.n_heads / x.heads.len())));
+        }
         let (h, d) = (x.n_heads, x.head_dim);
         let (tables, blocks) = place_tables(layout, &x.tokens, seed);
         // Unused rows are poisoned: a read outside a row's blocks shows in the result.
@@ -448,7 +672,7 @@ mod gpu {
                 }
             }
         }
-        let launch = launch_for(&x.heads, h, d, &x.tokens, kv, None, keys_per_warp);
+        let launch = launch_for(&x.heads, h, d, &x.tokens, kv, None, kernel);
         let heads = gpu.upload(&HeadEntry::table(&x.heads))?;
         let tab = gpu.upload(&table_rows(layout, &tables))?;
         let slots: Vec<i32> = (0..x.tokens.len() as i32).collect();
@@ -478,7 +702,7 @@ mod gpu {
     /// `tokens` tokens in a pool of `block_tokens`-token blocks filled with random values;
     /// mean of `iters` after one warm-up. Also the KV bytes each launch reads.
     #[allow(clippy::too_many_arguments)]
-    pub fn time_decode_attention(gpu: &Gpu, n_heads: usize, head_dim: usize, kinds: &[bool], tokens: usize, rows: usize, block_tokens: usize, split: Option<usize>, keys_per_warp: usize, iters: usize) -> Result<(f64, usize)> {
+    pub fn time_decode_attention(gpu: &Gpu, n_heads: usize, head_dim: usize, kinds: &[bool], tokens: usize, rows: usize, block_tokens: usize, split: Option<usize>, kernel: DecodeKernel, iters: usize) -> Result<(f64, usize)> {
         let layout = layer_layout(kinds, 64, 256, block_tokens, tokens);
         let all = vec![tokens; rows];
         let (tables, blocks) = place_tables(&layout, &all, 7);
@@ -487,7 +711,7 @@ mod gpu {
         gpu.fill_uniform(gpu.addr(&k), elems, 1, 1.0)?;
         gpu.fill_uniform(gpu.addr(&v), elems, 2, 1.0)?;
         let heads_v = layout.heads(0);
-        let launch = launch_for(&heads_v, n_heads, head_dim, &all, KvType::Bf16, split, keys_per_warp);
+        let launch = launch_for(&heads_v, n_heads, head_dim, &all, KvType::Bf16, split, kernel);
         let heads = gpu.upload(&HeadEntry::table(&heads_v))?;
         let tab = gpu.upload(&table_rows(&layout, &tables))?;
         let slots = gpu.upload(&(0..rows as i32).collect::<Vec<_>>())?;
@@ -517,8 +741,9 @@ mod gpu {
     pub fn check(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         // (query heads, head dim, kinds, sink, recent, block tokens, row lengths)
         type Case = (usize, usize, &'static [bool], usize, usize, usize, &'static [usize]);
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
             (9, 64, &[true, false, true], 64, 256, 64, &[1, 57, 320, 1000]),                  // SmolLM2-like
+            (32, 64, &[true, false], 4, 40, 64, &[700, 5, 2049]),                             // 16 query heads per KV head
             (32, 128, &[true, false, true, false, false, false, true, false], 64, 256, 16, &[4096, 9000, 17]), // Llama-3-8B-like, mixed
             (32, 128, &[true; 8], 64, 256, 128, &[40_000]),                                    // one long row
             (8, 128, &[true, false, true, false, true, false, true, false], 16, 100, 32, &[300, 256, 257, 513, 1, 2, 3]), // boundaries, MHA
@@ -531,10 +756,14 @@ mod gpu {
                 let x = random_input(seed + i as u64, *h, *d, layout.heads(0), tokens);
                 // The bf16 kernel is compared with the reference on the same rounded cache.
                 let want = reference(&if kv == KvType::Bf16 { rounded_to_bf16(&x) } else { x.clone() })?;
-                for kpw in [4, 2, 1].into_iter().filter(|&k| keys_per_warp_fits(*d, k, kv)) {
-                    let got = decode_attention(gpu, &x, &layout, kv, kpw, seed + i as u64)?;
+                let group = h / kinds.len();
+                let kernels = [DecodeKernel::Tensor, DecodeKernel::Cores(4), DecodeKernel::Cores(2), DecodeKernel::Cores(1)];
+                for kernel in kernels.into_iter().filter(|k| k.fits(*d, group, kv)) {
+                    let got = decode_attention(gpu, &x, &layout, kv, kernel, seed + i as u64)?;
                     let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
-                    out.push(Parity { case: format!("paged decode attention {kv:?}, {kpw} keys/warp, blocks of {bt}: {h} heads x {d}, kinds {kinds:?}, rows {tokens:?}"), max_abs_err: err, bound: 1e-4 });
+                    // The tensor-core kernel rounds queries and softmax weights to bf16.
+                    let bound = if kernel == DecodeKernel::Tensor { 1e-2 } else { 1e-4 };
+                    out.push(Parity { case: format!("paged decode attention {kv:?}, {kernel:?}, blocks of {bt}: {h} heads x {d}, kinds {kinds:?}, rows {tokens:?}"), max_abs_err: err, bound });
                 }
             }
         }
@@ -557,6 +786,18 @@ mod tests {
         assert_eq!(batch_split(&[1_000_000; 8], 1), 2048, "long caches: the largest split, many waves");
         assert_eq!(batch_split(&[100, 320], 1), 256, "short caches: one split of at least 256 keys");
         assert_eq!(batch_split(&[1000, 20], 1), 256);
+    }
+
+    #[test]
+    fn the_tensor_core_kernel_where_it_fits() {
+        assert_eq!(DecodeKernel::best(128, 4, KvType::Bf16, 2), DecodeKernel::Tensor, "Llama-3-8B");
+        assert_eq!(DecodeKernel::best(64, 3, KvType::Bf16, 2), DecodeKernel::Tensor, "SmolLM2");
+        assert_eq!(DecodeKernel::best(128, 1, KvType::Bf16, 2), DecodeKernel::Tensor, "MHA");
+        assert_eq!(DecodeKernel::best(128, 4, KvType::F32, 2), DecodeKernel::Cores(2), "f32 caches: CUDA cores");
+        assert_eq!(DecodeKernel::best(256, 1, KvType::Bf16, 2), DecodeKernel::Cores(2), "heads of 256: CUDA cores");
+        assert!(!DecodeKernel::Tensor.fits(128, 17, KvType::Bf16), "at most 16 query heads per KV head");
+        assert!(!DecodeKernel::Cores(4).fits(128, 8, KvType::Bf16), "8 x 128 x 4 / 32 values per lane are too many registers");
+        assert!(DecodeKernel::Cores(2).fits(128, 8, KvType::Bf16));
     }
 
     #[test]

@@ -587,7 +587,10 @@ mod gpu {
         }
         let (mut err, mut same_tokens, mut top) = (0.0f64, true, 0.0f64);
         for (i, p) in prompts.iter().enumerate() {
-            let alone = KvPool::single(gpu.clone(), w.clone(), PagedLayout { max_tokens: lens[i] + steps + 1, ..layout.clone() })?;
+            // Alone in a pool of the same kind (a shared pool's constant split): a pool of one
+            // sequence splits by length, which reorders the partial sums.
+            let config = PoolConfig { blocks: layout.blocks_for(lens[i] + steps, Ring::Prefill), max_seqs: 4, max_rows: 64, graphs: true };
+            let alone = KvPool::new(gpu.clone(), w.clone(), layout.clone(), config)?;
             let (want, want_tokens) = run_alone(&alone, p, 48, steps)?;
             let got = &all[i];
             top = want.iter().fold(top, |m, v| m.max(v.abs() as f64));

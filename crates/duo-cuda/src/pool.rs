@@ -17,7 +17,7 @@
 //! Invariant: a sequence's rows are computed from its own tokens, blocks and positions only;
 //! nothing a kernel does for row `i` reads another row.
 
-use crate::decode_attention::{batch_split, keys_per_warp_fits, KvType, MIN_SPLIT};
+use crate::decode_attention::{batch_split, DecodeKernel, KvType, MIN_SPLIT};
 use crate::model::GpuWeights;
 use crate::paged::{Allocator, PagedLayout, Ring, Tables};
 use crate::prefill_attention::HeadEntry;
@@ -92,7 +92,8 @@ pub const MAX_SEQS: usize = PART_PAIRS;
 /// buffers on any card allow, so a larger request is a mistake, not a configuration.
 pub const MAX_ROWS: usize = 1 << 20;
 
-/// Keys a warp of the decode kernel reads at once, where the head size allows.
+/// Keys a warp of the CUDA-core decode kernel reads at once, where the head size allows (heads
+/// the tensor-core kernel does not take).
 const DECODE_KEYS_PER_WARP: usize = 2;
 
 /// Keys per decode split in a pool shared by several sequences. One constant for every row
@@ -593,7 +594,7 @@ impl KvPool {
         let c = &self.w.config;
         let bucket_n = (max_n.div_ceil(2048) * 2048).min(self.layout.max_tokens).max(max_n);
         let short = (self.layout.sink + self.layout.recent).min(bucket_n) as u32;
-        let keys_per_warp = [DECODE_KEYS_PER_WARP, 4].into_iter().find(|&k| keys_per_warp_fits(c.head_dim, k, KvType::Bf16)).unwrap_or(4);
+        let kernel = DecodeKernel::best(c.head_dim, c.n_heads / c.n_kv_heads, KvType::Bf16, DECODE_KEYS_PER_WARP);
         (0..c.n_layers)
             .map(|l| {
                 let lens: Vec<u32> = self.layout.retrieval[l].iter().map(|&r| if r { bucket_n as u32 } else { short }).collect();
@@ -604,7 +605,7 @@ impl KvPool {
                 }
                 // Holds because a pool never has more rows than PART_PAIRS (checked in `new`).
                 debug_assert!(max_len.div_ceil(split) * rows <= PART_PAIRS);
-                DecodeLaunch { n_kv: c.n_kv_heads, group: c.n_heads / c.n_kv_heads, head_dim: c.head_dim, split, n_splits: max_len.div_ceil(split), rows, kv: KvType::Bf16, keys_per_warp }
+                DecodeLaunch { n_kv: c.n_kv_heads, group: c.n_heads / c.n_kv_heads, head_dim: c.head_dim, split, n_splits: max_len.div_ceil(split), rows, kv: KvType::Bf16, kernel }
             })
             .collect()
     }

@@ -139,14 +139,13 @@ pub fn reference(x: &PrefillInput) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// The CUDA source. `HEAD_DIM` is given to NVRTC per model.
-pub const SOURCE: &str = r#"
+/// The tensor-core helpers the prefill kernel and the tensor-core decode kernel share: bf16
+/// packing, `ex2`, `mma.sync` m16n8k16, `cp.async` and `ldmatrix`. Compiled before either.
+pub const TENSOR_CORE_HELPERS: &str = r#"
 typedef unsigned short bf16_t;
-#define BQ 128
-#define BK 64
-#define KPAD (HEAD_DIM + 8)
-#define VPAD (BK + 8)
+#ifndef NEG_INF
 #define NEG_INF __int_as_float(0xff800000)
+#endif
 
 __device__ __forceinline__ unsigned short to_bf(float f) {
     unsigned u = __float_as_uint(f);
@@ -172,8 +171,6 @@ __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, un
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ int row_pos(int4 e, int r, int win) { return e.w == 1 && r >= e.y ? win + r - e.y : r; }
-
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 // 16 bytes global -> shared without passing through registers; `bytes` 0 writes zeros.
@@ -182,6 +179,7 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // Four 8x8 bf16 matrices from shared memory, rows addressed by lanes 0-7, 8-15, 16-23, 24-31.
 __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
@@ -192,6 +190,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
+
+"#;
+
+/// The CUDA source (after [`TENSOR_CORE_HELPERS`]). `HEAD_DIM` is given to NVRTC per model.
+pub const SOURCE: &str = r#"
+#define BQ 128
+#define BK 64
+#define KPAD (HEAD_DIM + 8)
+#define VPAD (BK + 8)
+
+__device__ __forceinline__ int row_pos(int4 e, int r, int win) { return e.w == 1 && r >= e.y ? win + r - e.y : r; }
 
 // Shared memory: the block's queries (bf16, pre-scaled), then two stages of K and V tiles;
 // rows padded to KPAD so that ldmatrix reads are free of bank conflicts.

@@ -6,7 +6,7 @@
 //! order, which is also what stream capture needs.
 #![allow(unsafe_code)] // kernel launches and cuBLAS calls are unsafe by nature; sizes are checked by callers
 
-use crate::decode_attention::KvType;
+use crate::decode_attention::{tensor_smem_bytes, DecodeKernel, KvType};
 use crate::paged::{PagedArgs, PREFIX};
 use crate::{CudaError, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -40,8 +40,8 @@ macro_rules! launch {
 }
 
 type DecodeKernels = (CudaFunction, CudaFunction);
-/// A compiled decode kernel pair is specific to (group, head_dim, KV type, keys per warp).
-type DecodeKey = (usize, usize, KvType, usize);
+/// A compiled decode kernel pair is specific to (group, head_dim, KV type, kernel).
+type DecodeKey = (usize, usize, KvType, DecodeKernel);
 
 /// One GPU: context, stream, cuBLAS and the compiled kernels.
 pub struct Gpu {
@@ -72,6 +72,28 @@ fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cud
     compile_ptx_with_opts(format!("{PREFIX}{source}"), opts).map_err(|e| CudaError::Compile { name, log: e.to_string() })
 }
 
+/// The prefill kernel's source, after the tensor-core helpers it uses.
+fn prefill_source() -> String {
+    format!("{}{}", crate::prefill_attention::TENSOR_CORE_HELPERS, crate::prefill_attention::SOURCE)
+}
+
+/// A decode kernel pair's source and NVRTC options.
+fn decode_source(group: usize, head_dim: usize, kv: KvType, kernel: DecodeKernel) -> (String, Vec<String>) {
+    use crate::decode_attention::{COMMON_SOURCE, CORES_SOURCE, TENSOR_SOURCE};
+    let mut options = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", head_dim / 32)];
+    let source = match kernel {
+        DecodeKernel::Cores(kpw) => {
+            options.push(format!("-DKPW={kpw}"));
+            if kv == KvType::Bf16 {
+                options.push("-DKV_BF16=1".into());
+            }
+            format!("{COMMON_SOURCE}{CORES_SOURCE}")
+        }
+        DecodeKernel::Tensor => format!("{}{COMMON_SOURCE}{TENSOR_SOURCE}", crate::prefill_attention::TENSOR_CORE_HELPERS),
+    };
+    (source, options)
+}
+
 /// Compiles every kernel source with each set of options duo uses, without a device: the
 /// build check that NVRTC accepts them (`None` where NVRTC cannot be loaded here).
 pub fn compile_all() -> Option<Result<usize>> {
@@ -82,19 +104,26 @@ pub fn compile_all() -> Option<Result<usize>> {
     if !matches!(loaded, Ok(true)) {
         return None;
     }
-    let mut jobs: Vec<(&'static str, &'static str, Vec<String>)> = vec![("ops", crate::ops::SOURCE, vec![]), ("dequant", crate::dequant::SOURCE, vec![])];
+    let mut jobs: Vec<(&'static str, String, Vec<String>)> = vec![("ops", crate::ops::SOURCE.into(), vec![]), ("dequant", crate::dequant::SOURCE.into(), vec![])];
     for d in [64, 128] {
-        jobs.push(("prefill_attention", crate::prefill_attention::SOURCE, vec![format!("-DHEAD_DIM={d}")]));
+        jobs.push(("prefill_attention", prefill_source(), vec![format!("-DHEAD_DIM={d}")]));
     }
-    for (group, d, kpw, bf16) in [(3, 64, 4, true), (4, 128, 2, true), (4, 128, 4, false), (1, 256, 1, true)] {
-        let mut o = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", d / 32), format!("-DKPW={kpw}")];
-        if bf16 {
-            o.push("-DKV_BF16=1".into());
-        }
-        jobs.push(("decode_attention", crate::decode_attention::SOURCE, o));
+    let decode = [
+        (3, 64, KvType::Bf16, DecodeKernel::Cores(4)),
+        (4, 128, KvType::Bf16, DecodeKernel::Cores(2)),
+        (4, 128, KvType::F32, DecodeKernel::Cores(4)),
+        (1, 256, KvType::Bf16, DecodeKernel::Cores(1)),
+        (3, 64, KvType::Bf16, DecodeKernel::Tensor),
+        (4, 128, KvType::Bf16, DecodeKernel::Tensor),
+        (16, 64, KvType::Bf16, DecodeKernel::Tensor),
+        (1, 128, KvType::Bf16, DecodeKernel::Tensor),
+    ];
+    for (group, d, kv, kernel) in decode {
+        let (src, o) = decode_source(group, d, kv, kernel);
+        jobs.push(("decode_attention", src, o));
     }
     let n = jobs.len();
-    Some(jobs.into_iter().try_for_each(|(name, src, o)| compile(src, name, o).map(|_| ())).map(|_| n))
+    Some(jobs.into_iter().try_for_each(|(name, src, o)| compile(&src, name, o).map(|_| ())).map(|_| n))
 }
 
 impl Gpu {
@@ -284,18 +313,28 @@ impl Gpu {
         .map_err(driver)
     }
 
-    fn decode_kernels(&self, group: usize, head_dim: usize, kv: KvType, kpw: usize) -> Result<DecodeKernels> {
+    fn decode_kernels(&self, group: usize, head_dim: usize, kv: KvType, kernel: DecodeKernel) -> Result<DecodeKernels> {
         let mut cache = self.decode.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, k)) = cache.iter().find(|(key, _)| *key == (group, head_dim, kv, kpw)) {
+        if let Some((_, k)) = cache.iter().find(|(key, _)| *key == (group, head_dim, kv, kernel)) {
             return Ok(k.clone());
         }
-        let mut options = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", head_dim / 32), format!("-DKPW={kpw}")];
-        if kv == KvType::Bf16 {
-            options.push("-DKV_BF16=1".into());
+        let (source, options) = decode_source(group, head_dim, kv, kernel);
+        let m = self.ctx.load_module(compile(&source, "decode_attention", options)?).map_err(driver)?;
+        let partial = m.load_function(if kernel == DecodeKernel::Tensor { "duo_decode_partial_tc" } else { "duo_decode_partial" }).map_err(driver)?;
+        if kernel == DecodeKernel::Tensor {
+            // Three stages of K and V tiles exceed the 48 KiB a kernel gets without asking.
+            // SAFETY: the function was just loaded from its module.
+            unsafe {
+                cudarc::driver::result::function::set_function_attribute(
+                    partial.cu_function(),
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    tensor_smem_bytes(head_dim) as i32,
+                )
+            }
+            .map_err(driver)?;
         }
-        let m = self.ctx.load_module(compile(crate::decode_attention::SOURCE, "decode_attention", options)?).map_err(driver)?;
-        let k = (m.load_function("duo_decode_partial").map_err(driver)?, m.load_function("duo_decode_merge").map_err(driver)?);
-        cache.push(((group, head_dim, kv, kpw), k.clone()));
+        let k = (partial, m.load_function("duo_decode_merge").map_err(driver)?);
+        cache.push(((group, head_dim, kv, kernel), k.clone()));
         Ok(k)
     }
 
@@ -304,13 +343,20 @@ impl Gpu {
     /// blocks, then the merge into `out` (f32, or 0) and `out_bf16` (or 0).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(&self, a: &DecodeLaunch, q: u64, kc: u64, vc: u64, heads: u64, row_slot: u64, row_pos: u64, paged: PagedArgs, parts: (u64, u64, u64), out: u64, out_bf16: u64) -> Result<()> {
-        if ![1, 2, 4].contains(&a.keys_per_warp) || a.group * a.head_dim * a.keys_per_warp / 32 > 64 {
-            return Err(CudaError::Input(format!("{} query heads per KV head of {} dims need too many registers", a.group, a.head_dim)));
+        if !a.kernel.fits(a.head_dim, a.group, a.kv) {
+            return Err(CudaError::Input(format!("{:?} does not suit {} query heads per KV head of {} dims ({:?})", a.kernel, a.group, a.head_dim, a.kv)));
         }
-        let (partial, merge) = self.decode_kernels(a.group, a.head_dim, a.kv, a.keys_per_warp)?;
-        let (split, ns, scale) = (a.split as i32, a.n_splits as i32, 1.0 / (a.head_dim as f32).sqrt());
+        let (partial, merge) = self.decode_kernels(a.group, a.head_dim, a.kv, a.kernel)?;
+        let (split, ns) = (a.split as i32, a.n_splits as i32);
         let (pm, pl, pa) = parts;
-        launch!(self, partial, (a.n_kv as u32, a.n_splits as u32, a.rows as u32), 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &scale, &pm, &pl, &pa)?;
+        let grid = (a.n_kv as u32, a.n_splits as u32, a.rows as u32);
+        if a.kernel == DecodeKernel::Tensor {
+            let (scale_log2, smem) = (std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(), tensor_smem_bytes(a.head_dim) as u32);
+            launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &scale_log2, &pm, &pl, &pa)?;
+        } else {
+            let scale = 1.0 / (a.head_dim as f32).sqrt();
+            launch!(self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &scale, &pm, &pl, &pa)?;
+        }
         let threads = a.head_dim as u32;
         launch!(self, merge, ((a.rows * a.n_kv * a.group) as u32, 1, 1), threads, &pm, &pl, &pa, &ns, &out, &out_bf16)
     }
@@ -320,7 +366,7 @@ impl Gpu {
         if let Some((_, k)) = cache.iter().find(|(d, _)| *d == head_dim) {
             return Ok(k.clone());
         }
-        let m = self.ctx.load_module(compile(crate::prefill_attention::SOURCE, "prefill_attention", vec![format!("-DHEAD_DIM={head_dim}")])?).map_err(driver)?;
+        let m = self.ctx.load_module(compile(&prefill_source(), "prefill_attention", vec![format!("-DHEAD_DIM={head_dim}")])?).map_err(driver)?;
         let k = m.load_function("duo_prefill_attention").map_err(driver)?;
         // Two stages of K and V tiles exceed the 48 KiB a kernel gets without asking.
         // SAFETY: the function was just loaded from its module.
@@ -416,8 +462,8 @@ pub struct DecodeLaunch {
     pub rows: usize,
     /// Cache element type.
     pub kv: KvType,
-    /// Keys a warp reads at once (1, 2 or 4): fewer keys, more lanes per key, fewer registers.
-    pub keys_per_warp: usize,
+    /// The partial kernel.
+    pub kernel: DecodeKernel,
 }
 
 /// A captured decode step that may move between threads with its pool (cudarc leaves
