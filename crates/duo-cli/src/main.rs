@@ -163,6 +163,18 @@ fn cuda_check(seed: u64) -> Result<()> {
             }
         }
     }
+    // Split lengths of the tensor-core kernel: one long row (a pool of one sequence) and a
+    // wide batch (a shared pool's constant split).
+    for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
+        for (tokens, rows) in [(131_072usize, 1usize), (524_288, 1), (16_384, 25), (4096, 64)] {
+            let mut line = format!("split sweep, tensor cores, Llama-3-8B layer, {name:<8} {rows:>2} x {tokens:>6} tokens:");
+            for split in [512usize, 1024, 2048, 4096, 8192] {
+                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, 32, 128, &kinds, tokens, rows, 64, Some(split), duo_cuda::decode_attention::DecodeKernel::Tensor, 30)?;
+                line += &format!(" {split}: {ms:.3} ms {:.0} GB/s;", bytes as f64 / ms / 1e6);
+            }
+            println!("{line}");
+        }
+    }
     for (name, kinds) in [("full", [true; 8]), ("duo 0.5", [true, true, true, true, false, false, false, false])] {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
             let (ms, flops) = duo_cuda::time_prefill_attention(&gpu, &kinds, t, first, 3)?;

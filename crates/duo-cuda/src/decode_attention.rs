@@ -601,6 +601,23 @@ pub fn batch_split(lens: &[u32], rows: usize) -> usize {
     want.clamp(MIN_SPLIT, 2048).div_ceil(64) * 64
 }
 
+/// Keys per split for `kernel` over `rows` rows whose KV heads show `lens` (at the longest
+/// row), in a pool whose rows need not be independent of the batch. The tensor-core kernel
+/// holds two blocks per multiprocessor (264 on the H200); one row runs fastest with about one
+/// wave of blocks, splits a power of two from 512 to 8,192 keys (measured on the H200 over
+/// 512-8,192, BENCHMARKS.md: full 128K 4,096 is best, 0.148 ms against 0.158 at 2,048; duo
+/// 128K 2,048, 0.087 against 0.109 at 1,024; 512K 8,192 for both). A batch, and the CUDA-core
+/// kernel, take [`batch_split`] (many waves; at 25 x 16K within 3% of the best split).
+pub fn split_for(kernel: DecodeKernel, lens: &[u32], rows: usize) -> usize {
+    if kernel != DecodeKernel::Tensor || rows > 1 {
+        return batch_split(lens, rows);
+    }
+    let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as f64;
+    let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len;
+    let want = (max_len * heads / 264.0).max(1.0);
+    (1usize << (want.log2().round() as u32)).clamp(512, 8192)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
@@ -643,7 +660,7 @@ mod gpu {
     fn launch_for(x_heads: &[HeadEntry], n_heads: usize, head_dim: usize, tokens: &[usize], kv: KvType, split: Option<usize>, kernel: DecodeKernel) -> DecodeLaunch {
         let max_n = *tokens.iter().max().unwrap_or(&1);
         let lens: Vec<u32> = x_heads.iter().map(|e| if e.kind == HeadEntry::RETRIEVAL { max_n as u32 } else { (max_n as u32).min((e.sink + e.recent) as u32) }).collect();
-        let split = split.unwrap_or_else(|| batch_split(&lens, tokens.len())).max(1);
+        let split = split.unwrap_or_else(|| split_for(kernel, &lens, tokens.len())).max(1);
         let max_len = *lens.iter().max().unwrap_or(&1) as usize;
         DecodeLaunch { n_kv: x_heads.len(), group: n_heads / x_heads.len(), head_dim, split, n_splits: max_len.div_ceil(split), rows: tokens.len(), kv, kernel }
     }
@@ -798,6 +815,17 @@ mod tests {
         assert!(!DecodeKernel::Tensor.fits(128, 17, KvType::Bf16), "at most 16 query heads per KV head");
         assert!(!DecodeKernel::Cores(4).fits(128, 8, KvType::Bf16), "8 x 128 x 4 / 32 values per lane are too many registers");
         assert!(DecodeKernel::Cores(2).fits(128, 8, KvType::Bf16));
+    }
+
+    #[test]
+    fn one_row_on_tensor_cores_takes_about_one_wave() {
+        let duo_128k = [131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320];
+        assert_eq!(split_for(DecodeKernel::Tensor, &[131_072; 8], 1), 4096, "8 x 32 blocks");
+        assert_eq!(split_for(DecodeKernel::Tensor, &duo_128k, 1), 2048, "4 long heads x 64 blocks");
+        assert_eq!(split_for(DecodeKernel::Tensor, &[524_288; 8], 1), 8192, "the longest split");
+        assert_eq!(split_for(DecodeKernel::Tensor, &[4096; 8], 1), 512, "the shortest split");
+        assert_eq!(split_for(DecodeKernel::Tensor, &[16_384; 8], 25), batch_split(&[16_384; 8], 25), "a batch: many waves");
+        assert_eq!(split_for(DecodeKernel::Cores(2), &[131_072; 8], 1), batch_split(&[131_072; 8], 1));
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! Invariant: a sequence's rows are computed from its own tokens, blocks and positions only;
 //! nothing a kernel does for row `i` reads another row.
 
-use crate::decode_attention::{batch_split, DecodeKernel, KvType, MIN_SPLIT};
+use crate::decode_attention::{split_for, DecodeKernel, KvType, MIN_SPLIT};
 use crate::model::GpuWeights;
 use crate::paged::{Allocator, PagedLayout, Ring, Tables};
 use crate::prefill_attention::HeadEntry;
@@ -99,10 +99,11 @@ const DECODE_KEYS_PER_WARP: usize = 2;
 /// Keys per decode split in a pool shared by several sequences. One constant for every row
 /// and every batch, so that a row's partial sums, and so its logits, do not depend on what
 /// else runs in the step (a split that followed the batch, as `batch_split` does, reorders
-/// the sums). A pool of one sequence has nothing to be independent of and takes
-/// `batch_split`'s length, measured faster at long contexts (BENCHMARKS.md: 2048-key splits
-/// against fixed 512 at 128K, 0.421 vs 0.508 ms for a full layer on the H100).
-pub const DECODE_SPLIT: usize = 512;
+/// the sums). 2,048 was the best or within 5% of the best constant from 512 to 8,192 for
+/// the tensor-core kernel on the H200 at 25 x 16K and 64 x 4K rows, and 1.4-1.7x faster than
+/// 512 for one long row (BENCHMARKS.md, issue 16). A pool of one sequence has nothing to be
+/// independent of and takes `split_for`'s length.
+pub const DECODE_SPLIT: usize = 2048;
 
 /// Graphs kept at once (each holds its launches' parameters; old ones are dropped).
 const MAX_GRAPHS: usize = 24;
@@ -587,7 +588,7 @@ impl KvPool {
 
     /// Decode launch shapes for rows of up to `max_n` tokens: lengths rounded up to 2048
     /// (so shapes, and captured graphs, change rarely as sequences grow), splits of
-    /// [`DECODE_SPLIT`] keys (a pool of one sequence: `batch_split`'s), lengthened only when
+    /// [`DECODE_SPLIT`] keys (a pool of one sequence: `split_for`'s), lengthened only when
     /// the partial buffers cannot hold every (row, split) (then rows are no longer
     /// independent of the batch, bit for bit).
     fn shapes(&self, max_n: usize, rows: usize) -> Vec<DecodeLaunch> {
@@ -599,7 +600,7 @@ impl KvPool {
             .map(|l| {
                 let lens: Vec<u32> = self.layout.retrieval[l].iter().map(|&r| if r { bucket_n as u32 } else { short }).collect();
                 let max_len = *lens.iter().max().unwrap_or(&1) as usize;
-                let mut split = if self.config.max_seqs == 1 { batch_split(&lens, rows) } else { DECODE_SPLIT };
+                let mut split = if self.config.max_seqs == 1 { split_for(kernel, &lens, rows) } else { DECODE_SPLIT };
                 if max_len.div_ceil(split) * rows > PART_PAIRS {
                     split = (max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT)).div_ceil(64) * 64;
                 }
