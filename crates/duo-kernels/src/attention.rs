@@ -142,10 +142,17 @@ pub fn attend(
                 let first = ranges.iter().find_map(|rg| rg.first().map(|x| x.0));
                 let lockstep = ranges.iter().all(|rg| rg.len() <= 1 && rg.first().is_none_or(|x| Some(x.0) == first));
                 if let (true, Some(a)) = (lockstep, first) {
+                    let ends: Vec<usize> = ranges.iter().map(|rg| rg.first().map_or(a, |x| x.1)).collect();
+                    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+                    if rows >= tiled::MIN_ROWS && head_dim.is_multiple_of(16) {
+                        // Many rows over the same keys: matrix products on register tiles.
+                        tiled::causal_rows(&|r| qrow(r), seg, a, &ends, scale, &mut m, &mut l, &mut acc);
+                        continue;
+                    }
                     // One range per row, all from the same key (causal rules): the rows walk
                     // the same blocks together, so a block of keys and values is read once
                     // for all of them, each row stopping at its own end.
-                    let end = ranges.iter().filter_map(|rg| rg.first().map(|x| x.1)).max().unwrap_or(a);
+                    let end = ends.iter().copied().max().unwrap_or(a);
                     let mut j = a;
                     while j < end {
                         for (r, rg) in ranges.iter().enumerate() {
@@ -331,6 +338,183 @@ mod simd {
     }
 }
 
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[allow(unsafe_code)]
+mod tiled {
+    //! Prefill attention of many query rows over the same keys as two small matrix products
+    //! per block of 64 keys. The key block is transposed once (`[dim][key]`), so scores of 4
+    //! rows x 16 keys accumulate in 8 registers with one broadcast per row and two key loads
+    //! per dimension; the weighted values of 4 rows x 16 dimensions likewise, one broadcast
+    //! weight per row and two value loads per key. The row-at-a-time path spends a load per
+    //! multiply-add and transposes every eight scores; this one reuses each load for four
+    //! rows. Sums run in a different order than the row-at-a-time path (each score one
+    //! chain over the dimensions), so a row's bits differ from it in the last places; the
+    //! result is still per row (no row's numbers depend on another's), and the same rows
+    //! give the same bits whatever else runs.
+    use super::{KeySegment, BLOCK};
+    use crate::ops::fast_exp;
+    use std::arch::x86_64::*;
+
+    /// Fewest rows for which the tiles pay.
+    pub(super) const MIN_ROWS: usize = 8;
+    /// Rows per register tile.
+    const R: usize = 4;
+
+    /// Folds the keys `start..ends[r]` of `seg` (segment rows) into row `r`'s online-softmax
+    /// state (`m[r]`, `l[r]`, `acc[r]`), for every row, in blocks of [`BLOCK`] keys from `start`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn causal_rows<'q>(qrow: &dyn Fn(usize) -> &'q [f32], seg: &KeySegment<'_>, start: usize, ends: &[usize], scale: f32, m: &mut [f32], l: &mut [f32], acc: &mut [f32]) {
+        let rows = ends.len();
+        let hd = acc.len() / rows.max(1);
+        assert!(hd.is_multiple_of(16) && acc.len() == rows * hd && m.len() == rows && l.len() == rows);
+        let end = ends.iter().copied().max().unwrap_or(start);
+        if end <= start {
+            return;
+        }
+        let key = |k: usize| &seg.keys[k * seg.row_stride..][..hd];
+        let mut kt = vec![0.0f32; hd * BLOCK]; // [dim][key]
+        let mut p = vec![0.0f32; rows.div_ceil(R) * R * BLOCK]; // scores, then weights
+        let mut j = start;
+        while j < end {
+            let e = (j + BLOCK).min(end);
+            let nk = e - j;
+            let strips = nk.div_ceil(16);
+            for k in 0..nk {
+                for (d, &x) in key(j + k).iter().enumerate() {
+                    kt[d * BLOCK + k] = x;
+                }
+            }
+            for k in nk..strips * 16 {
+                for d in 0..hd {
+                    kt[d * BLOCK + k] = 0.0;
+                }
+            }
+            for g in (0..rows).step_by(R) {
+                let group = g..(g + R).min(rows);
+                if group.clone().all(|r| ends[r] <= j) {
+                    continue;
+                }
+                let qs: [&[f32]; R] = std::array::from_fn(|i| qrow((g + i).min(rows - 1)));
+                let tile = &mut p[g * BLOCK..(g + R) * BLOCK];
+                scores(&qs, &kt, hd, strips, scale, tile);
+                // Online softmax per row over its visible keys of the block; weights past a
+                // row's end are zero, so the value product can run over the whole group.
+                let mut used = 0;
+                for r in group.clone() {
+                    let row = &mut tile[(r - g) * BLOCK..(r - g + 1) * BLOCK];
+                    let c = ends[r].min(e).saturating_sub(j);
+                    if c == 0 {
+                        row[..strips * 16].fill(0.0);
+                        continue;
+                    }
+                    used = used.max(c);
+                    let bm = row[..c].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let row_acc = &mut acc[r * hd..(r + 1) * hd];
+                    if bm > m[r] {
+                        let f = fast_exp(m[r] - bm);
+                        l[r] *= f;
+                        row_acc.iter_mut().for_each(|a| *a *= f);
+                        m[r] = bm;
+                    }
+                    let mm = m[r];
+                    for x in row[..c].iter_mut() {
+                        *x = fast_exp(*x - mm);
+                    }
+                    row[c..strips * 16].fill(0.0);
+                    // Eight partial sums (the weights past `c` are zero), then their total.
+                    let mut part = [0.0f32; 8];
+                    for w in row[..strips * 16].chunks_exact(8) {
+                        for (p, x) in part.iter_mut().zip(w) {
+                            *p += x;
+                        }
+                    }
+                    l[r] += part.iter().sum::<f32>();
+                }
+                let mut outs: [&mut [f32]; R] = Default::default();
+                let mut rest = &mut acc[g * hd..];
+                for (i, o) in outs.iter_mut().enumerate() {
+                    if g + i < rows {
+                        let (head, tail) = rest.split_at_mut(hd);
+                        *o = head;
+                        rest = tail;
+                    }
+                }
+                if used > 0 {
+                    // Rows j..j + used of the segment, `row_stride` apart, `hd` used of the last.
+                    let vals = &seg.values[j * seg.row_stride..(j + used - 1) * seg.row_stride + hd];
+                    weighted_values(tile, vals, seg.row_stride, used, hd, &mut outs);
+                }
+            }
+            j = e;
+        }
+    }
+
+    /// `tile[r][k] = scale * q_r . key k` for 4 rows and `strips` strips of 16 keys of `kt`.
+    fn scores(qs: &[&[f32]; R], kt: &[f32], hd: usize, strips: usize, scale: f32, tile: &mut [f32]) {
+        assert!(kt.len() >= hd * BLOCK && tile.len() >= R * BLOCK && strips * 16 <= BLOCK && qs.iter().all(|q| q.len() >= hd));
+        // SAFETY: AVX2 and FMA are enabled for the whole build (cfg on the module); loads read
+        // kt[d * BLOCK + s .. + 16] with d < hd, s + 16 <= BLOCK, and q[d] with d < hd, all
+        // inside the slices checked above; stores write tile[r * BLOCK + s .. + 16], r < 4.
+        unsafe {
+            let sc = _mm256_set1_ps(scale);
+            for s in (0..strips * 16).step_by(16) {
+                let mut a = [[_mm256_setzero_ps(); 2]; R];
+                for d in 0..hd {
+                    let k0 = _mm256_loadu_ps(kt.as_ptr().add(d * BLOCK + s));
+                    let k1 = _mm256_loadu_ps(kt.as_ptr().add(d * BLOCK + s + 8));
+                    for r in 0..R {
+                        let q = _mm256_broadcast_ss(&*qs[r].as_ptr().add(d));
+                        a[r][0] = _mm256_fmadd_ps(q, k0, a[r][0]);
+                        a[r][1] = _mm256_fmadd_ps(q, k1, a[r][1]);
+                    }
+                }
+                for (r, ar) in a.iter().enumerate() {
+                    _mm256_storeu_ps(tile.as_mut_ptr().add(r * BLOCK + s), _mm256_mul_ps(ar[0], sc));
+                    _mm256_storeu_ps(tile.as_mut_ptr().add(r * BLOCK + s + 8), _mm256_mul_ps(ar[1], sc));
+                }
+            }
+        }
+    }
+
+    /// `outs[r] += sum_k w[r][k] * value k` for the rows present and the first `n` value rows
+    /// of `vals` (`stride` apart), in key order per element.
+    fn weighted_values(w: &[f32], vals: &[f32], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
+        assert!(w.len() >= R * BLOCK && n <= BLOCK && n >= 1 && vals.len() >= (n - 1) * stride + hd);
+        let present = outs.iter().filter(|o| !o.is_empty()).count();
+        assert!(outs[..present].iter().all(|o| o.len() >= hd));
+        // SAFETY: AVX2/FMA as above; value loads read vals[k * stride + c .. + 16] with k < n,
+        // c + 16 <= hd, inside the length checked above; weights w[r * BLOCK + k] with r < 4,
+        // k < n <= BLOCK; outputs are read and written at [c .. c + 16] only for the
+        // `present` rows, each at least hd long.
+        unsafe {
+            for c in (0..hd).step_by(16) {
+                let mut a = [[_mm256_setzero_ps(); 2]; R];
+                for r in 0..present {
+                    a[r][0] = _mm256_loadu_ps(outs[r].as_ptr().add(c));
+                    a[r][1] = _mm256_loadu_ps(outs[r].as_ptr().add(c + 8));
+                }
+                let mut v = vals.as_ptr().add(c);
+                for k in 0..n {
+                    let v0 = _mm256_loadu_ps(v);
+                    let v1 = _mm256_loadu_ps(v.add(8));
+                    for r in 0..R {
+                        let p = _mm256_broadcast_ss(&*w.as_ptr().add(r * BLOCK + k));
+                        a[r][0] = _mm256_fmadd_ps(p, v0, a[r][0]);
+                        a[r][1] = _mm256_fmadd_ps(p, v1, a[r][1]);
+                    }
+                    if k + 1 < n {
+                        v = v.add(stride);
+                    }
+                }
+                for r in 0..present {
+                    _mm256_storeu_ps(outs[r].as_mut_ptr().add(c), a[r][0]);
+                    _mm256_storeu_ps(outs[r].as_mut_ptr().add(c + 8), a[r][1]);
+                }
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block_update(
@@ -426,7 +610,10 @@ pub struct HeadJob<'a> {
 }
 
 /// Runs many heads in parallel; returns each head's output as `[rows, head_dim]`.
-/// Long query blocks are split in row tiles so both prefill and decode use all cores.
+/// Long query blocks are split in row tiles so both prefill and decode use all cores; the
+/// last tile takes the remainder (32 to 63 rows), so a block of at least 8 rows never
+/// leaves a tile too short for the register-tiled path, and each row gets the bits a single
+/// [`attend`] over the whole block gives it.
 pub fn attend_heads(jobs: &[HeadJob<'_>], head_dim: usize, scale: f32) -> Vec<Vec<f32>> {
     const TILE: usize = 32;
     let tiles: Vec<(usize, usize)> = jobs
@@ -434,7 +621,8 @@ pub fn attend_heads(jobs: &[HeadJob<'_>], head_dim: usize, scale: f32) -> Vec<Ve
         .enumerate()
         .flat_map(|(h, j)| {
             let rows = j.queries.rows(head_dim);
-            (0..rows.div_ceil(TILE)).map(move |t| (h, t))
+            let n = if rows == 0 { 0 } else { (rows / TILE).max(1) };
+            (0..n).map(move |t| (h, t))
         })
         .collect();
     let outs: Vec<(usize, usize, Vec<f32>)> = tiles
@@ -443,7 +631,7 @@ pub fn attend_heads(jobs: &[HeadJob<'_>], head_dim: usize, scale: f32) -> Vec<Ve
             let job = &jobs[h];
             let rows = job.queries.rows(head_dim);
             let r0 = t * TILE;
-            let r1 = (r0 + TILE).min(rows);
+            let r1 = if t + 1 == (rows / TILE).max(1) { rows } else { r0 + TILE };
             let stride = job.queries.row_stride;
             let q = QueryBlock {
                 queries: &job.queries.queries[r0 * stride..(r1 - 1) * stride + head_dim],
@@ -633,24 +821,66 @@ mod tests {
     }
 
     #[test]
-    fn rows_in_lockstep_give_each_row_its_bits_alone() {
+    fn rows_in_lockstep_match_each_row_alone() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let hd = 64;
-        for vis in [Visibility::Causal, Visibility::CachedAndCausal, Visibility::Lambda { sink: 4, recent: 40 }] {
-            for (cached, chunk, first) in [(300usize, 37usize, 300usize), (0, 70, 0), (129, 8, 129)] {
+        for hd in [64, 24] {
+            for vis in [Visibility::Causal, Visibility::CachedAndCausal, Visibility::Lambda { sink: 4, recent: 40 }] {
+                for (cached, chunk, first) in [(300usize, 37usize, 300usize), (0, 70, 0), (129, 8, 129)] {
+                    let (ck, cv) = (random(cached * hd, &mut rng), random(cached * hd, &mut rng));
+                    let (nk, nv) = (random(chunk * hd, &mut rng), random(chunk * hd, &mut rng));
+                    let qs = random(chunk * hd, &mut rng);
+                    let segs = [
+                        KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
+                        KeySegment { keys: &nk, values: &nv, row_stride: hd, positions: Positions::Contiguous(cached), cached: false },
+                    ];
+                    let segs = if cached == 0 { &segs[1..] } else { &segs[..] };
+                    let q = QueryBlock { queries: &qs, row_stride: hd, first_position: first };
+                    let (mut got, mut want, mut exact) = (vec![0.0f32; chunk * hd], vec![0.0f32; chunk * hd], vec![0.0f32; chunk * hd]);
+                    attend(q, segs, vis, hd, 0.125, &mut got, hd);
+                    attend_row_by_row(q, segs, vis, hd, 0.125, &mut want, hd);
+                    reference_attention(q, segs, vis, hd, 0.125, &mut exact, hd);
+                    // Rows taken together (register tiles where head_dim allows) sum in another
+                    // order than one row at a time; both stay as close to the f64 reference.
+                    assert!(max_rel(&got, &want) < 2e-6, "{vis:?} hd {hd} cached {cached} chunk {chunk}: {}", max_rel(&got, &want));
+                    assert!(max_rel(&got, &exact) < 2e-6 && max_rel(&want, &exact) < 2e-6, "{vis:?} hd {hd} cached {cached} chunk {chunk}");
+                    if hd % 16 != 0 {
+                        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "without tiles the bits are the row's alone");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn register_tiles_match_the_reference_and_keep_rows_independent() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        for hd in [64usize, 128] {
+            // Cached prefixes off the 64-key blocks, chunks off the 4-row tiles and 16-key strips.
+            for (cached, chunk) in [(0usize, 8usize), (0, 130), (77, 41), (1000, 66), (64, 9)] {
+                let stride = hd * 2; // rows interleaved with another head's
                 let (ck, cv) = (random(cached * hd, &mut rng), random(cached * hd, &mut rng));
-                let (nk, nv) = (random(chunk * hd, &mut rng), random(chunk * hd, &mut rng));
-                let qs = random(chunk * hd, &mut rng);
+                let (nk, nv) = (random(chunk * stride, &mut rng), random(chunk * stride, &mut rng));
+                let qs = random(chunk * stride, &mut rng);
                 let segs = [
                     KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
-                    KeySegment { keys: &nk, values: &nv, row_stride: hd, positions: Positions::Contiguous(cached), cached: false },
+                    KeySegment { keys: &nk, values: &nv, row_stride: stride, positions: Positions::Contiguous(cached), cached: false },
                 ];
                 let segs = if cached == 0 { &segs[1..] } else { &segs[..] };
-                let q = QueryBlock { queries: &qs, row_stride: hd, first_position: first };
-                let (mut got, mut want) = (vec![0.0f32; chunk * hd], vec![0.0f32; chunk * hd]);
-                attend(q, segs, vis, hd, 0.125, &mut got, hd);
-                attend_row_by_row(q, segs, vis, hd, 0.125, &mut want, hd);
-                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{vis:?} cached {cached} chunk {chunk}");
+                for vis in [Visibility::Causal, Visibility::CachedAndCausal] {
+                    let q = QueryBlock { queries: &qs, row_stride: stride, first_position: cached };
+                    let (mut got, mut exact) = (vec![f32::NAN; chunk * hd], vec![0.0f32; chunk * hd]);
+                    attend(q, segs, vis, hd, 0.09, &mut got, hd);
+                    reference_attention(q, segs, vis, hd, 0.09, &mut exact, hd);
+                    assert!(got.iter().all(|x| x.is_finite()), "every output written");
+                    assert!(max_rel(&got, &exact) < 2e-6, "{vis:?} hd {hd} cached {cached} chunk {chunk}: {}", max_rel(&got, &exact));
+                    // The same rows from row 3 on (other tile neighbours), where at least 8 remain.
+                    if chunk >= 11 {
+                        let sub = QueryBlock { queries: &qs[3 * stride..], row_stride: stride, first_position: cached + 3 };
+                        let mut part = vec![0.0f32; (chunk - 3) * hd];
+                        attend(sub, segs, vis, hd, 0.09, &mut part, hd);
+                        assert!(part.iter().zip(&got[3 * hd..]).all(|(a, b)| a.to_bits() == b.to_bits()), "a row's bits do not depend on its neighbours");
+                    }
+                }
             }
         }
     }
