@@ -408,7 +408,7 @@ mod tiled {
                         continue;
                     }
                     used = used.max(c);
-                    let bm = row[..c].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let bm = max_of(&row[..c]);
                     let row_acc = &mut acc[r * hd..(r + 1) * hd];
                     if bm > m[r] {
                         let f = fast_exp(m[r] - bm);
@@ -416,10 +416,7 @@ mod tiled {
                         row_acc.iter_mut().for_each(|a| *a *= f);
                         m[r] = bm;
                     }
-                    let mm = m[r];
-                    for x in row[..c].iter_mut() {
-                        *x = fast_exp(*x - mm);
-                    }
+                    exp_minus(&mut row[..c.div_ceil(8) * 8], m[r]);
                     row[c..strips * 16].fill(0.0);
                     // Eight partial sums (the weights past `c` are zero), then their total.
                     let mut part = [0.0f32; 8];
@@ -446,6 +443,49 @@ mod tiled {
                 }
             }
             j = e;
+        }
+    }
+
+    /// The largest of `x` (not empty).
+    fn max_of(x: &[f32]) -> f32 {
+        let whole = x.len() / 8 * 8;
+        let mut best = x[whole..].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if whole > 0 {
+            // SAFETY: AVX2 as above; loads read x[i .. i + 8] with i + 8 <= whole <= x.len().
+            unsafe {
+                let mut v = _mm256_loadu_ps(x.as_ptr());
+                for i in (8..whole).step_by(8) {
+                    v = _mm256_max_ps(v, _mm256_loadu_ps(x.as_ptr().add(i)));
+                }
+                let mut lanes = [0.0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                best = lanes.iter().copied().fold(best, f32::max);
+            }
+        }
+        best
+    }
+
+    /// `x[i] = e^(x[i] - m)` for a length that is a multiple of 8: [`fast_exp`]'s clamp,
+    /// reduction and polynomial, eight lanes at a time.
+    fn exp_minus(x: &mut [f32], m: f32) {
+        assert!(x.len().is_multiple_of(8));
+        // SAFETY: AVX2/FMA as above; each load and store touches x[i .. i + 8], i + 8 <= len.
+        unsafe {
+            let (lo, hi) = (_mm256_set1_ps(-87.0), _mm256_set1_ps(88.0));
+            let (log2e, c1, c2) = (_mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.693_145_75), _mm256_set1_ps(1.428_606_8e-6));
+            let coef = [0.001_393_8f32, 0.008_333_6, 0.041_666_5, 0.166_666_67, 0.5, 1.0, 1.0].map(|c| _mm256_set1_ps(c));
+            let mv = _mm256_set1_ps(m);
+            for i in (0..x.len()).step_by(8) {
+                let v = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), mv), lo), hi);
+                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(v, log2e));
+                let r = _mm256_fnmadd_ps(n, c2, _mm256_fnmadd_ps(n, c1, v));
+                let mut p = coef[0];
+                for c in &coef[1..] {
+                    p = _mm256_fmadd_ps(p, r, *c);
+                }
+                let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+                _mm256_storeu_ps(x.as_mut_ptr().add(i), _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+            }
         }
     }
 
@@ -881,6 +921,27 @@ mod tests {
                         assert!(part.iter().zip(&got[3 * hd..]).all(|(a, b)| a.to_bits() == b.to_bits()), "a row's bits do not depend on its neighbours");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn parallel_heads_match_the_reference_at_every_length() {
+        // Nine query heads of 64 over one cache (SmolLM2's shape), row tiles of 32 to 63 rows.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (hd, qstride) = (64usize, 576usize);
+        for t in (1..40).chain([63, 64, 65, 97, 361]) {
+            let (k, v) = (random(t * hd, &mut rng), random(t * hd, &mut rng));
+            let q: Vec<f32> = random(t * qstride, &mut rng).into_iter().map(|x| x * 3.0).collect();
+            let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
+            let jobs: Vec<HeadJob> = (0..9)
+                .map(|h| HeadJob { queries: QueryBlock { queries: &q[h * hd..(t - 1) * qstride + h * hd + hd], row_stride: qstride, first_position: 0 }, segments: vec![seg], visibility: Visibility::Causal })
+                .collect();
+            let got = attend_heads(&jobs, hd, 0.125);
+            for (h, job) in jobs.iter().enumerate() {
+                let mut want = vec![0.0f32; t * hd];
+                reference_attention(job.queries, &[seg], Visibility::Causal, hd, 0.125, &mut want, hd);
+                assert!(max_rel(&got[h], &want) < 2e-6, "t {t} head {h}: {}", max_rel(&got[h], &want));
             }
         }
     }
