@@ -12,12 +12,28 @@ use std::any::Any;
 /// A model on the CPU.
 pub struct CpuBackend {
     model: Model,
+    /// Where every forward pass runs: a pool of as many threads as rayon's global one (all
+    /// cores, or `--threads`). The pass itself runs on one of its workers, so the caller's
+    /// thread sleeps instead of competing for a core with the workers between parallel
+    /// sections (on 2 cores, a third busy thread made decode spend about a third of its
+    /// cycles in the scheduler; BENCHMARKS.md, issue 20).
+    pool: Option<rayon::ThreadPool>,
 }
 
 impl CpuBackend {
     /// Wraps a loaded CPU model.
     pub fn new(model: Model) -> Self {
-        Self { model }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).thread_name(|i| format!("duo-cpu-{i}")).build().ok();
+        Self { model, pool }
+    }
+
+    /// Runs `f` on a worker of the backend's pool (on the calling thread if the pool could
+    /// not be made).
+    fn on_pool<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
     }
 }
 
@@ -72,7 +88,8 @@ impl Backend for CpuBackend {
         let mut out = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
             let which = if logits == Logits::All || i + 1 == chunks.len() { logits } else { Logits::None };
-            let got = self.model.forward(c, &mut s.kv, which)?;
+            let kv = &mut s.kv;
+            let got = self.on_pool(|| self.model.forward(c, kv, which))?;
             if logits == Logits::All {
                 out.extend(got);
             } else {
@@ -87,7 +104,7 @@ impl Backend for CpuBackend {
         for s in seqs.iter_mut() {
             kvs.push(&mut downcast::<CpuSequence>(&mut **s, "CPU")?.kv);
         }
-        Ok(self.model.decode_batch(tokens, &mut kvs)?)
+        Ok(self.on_pool(|| self.model.decode_batch(tokens, &mut kvs))?)
     }
 
     fn available_memory(&self) -> Option<usize> {
