@@ -175,6 +175,7 @@ def main():
             weights, bandwidth = metric(m, "duo:weight_bytes"), metric(m, "duo:copy_bandwidth_bytes_per_second")
             wide_rows, wide_s, wide_kv = metric(m, "duo:widest_decode_step_rows"), metric(m, "duo:widest_decode_step_seconds"), metric(m, "duo:widest_decode_step_kv_bytes")
             dec_rows, dec_s = metric(m, "duo:decode_only_rows_total"), metric(m, "duo:decode_only_seconds_total")
+            fw_steps, fw_rows, fw_s = metric(m, "duo:full_width_decode_steps"), metric(m, "duo:full_width_decode_rows"), metric(m, "duo:full_width_decode_seconds")
             floor_s = (weights + wide_kv) / bandwidth if bandwidth else 0.0
             itl = [x for r in results for x in r["itl"]]
             gen = sum(r["tokens"] for r in results)
@@ -193,6 +194,8 @@ def main():
                 # Decode throughput with the batch full: every running sequence gains a token per step.
                 "decode_tok_per_s_full_batch": round(peak_running / pct(itl, 50), 1),
                 "decode_only_tok_per_s": round(dec_rows / dec_s, 1) if dec_s else 0,
+                # Decode-only steps with the batch full (as many rows as the widest step), averaged.
+                "full_batch_steps": int(fw_steps), "full_batch_decode_tok_per_s": round(fw_steps * fw_rows / fw_s, 1) if fw_s else 0,
                 "widest_step_rows": int(wide_rows), "widest_step_ms": round(1000 * wide_s, 2), "widest_step_floor_ms": round(1000 * floor_s, 2),
                 "widest_step_over_floor": round(wide_s / floor_s, 2) if floor_s else 0,
                 "probe_tokens": a.probe_tokens, "probe_ttft_busy_s": round(busy[0], 3) if busy else 0,
@@ -208,7 +211,7 @@ def main():
         w.writeheader()
         w.writerows(rows)
     cols = ["method", "peak_running", "peak_kv_mib", "pool_blocks", "peak_blocks_used", "preemptions", "wall_s", "output_tok_per_s",
-            "total_tok_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_ms", "itl_p99_ms", "decode_only_tok_per_s", "widest_step_rows", "widest_step_ms", "widest_step_floor_ms",
+            "total_tok_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_ms", "itl_p99_ms", "decode_only_tok_per_s", "full_batch_decode_tok_per_s", "full_batch_steps", "widest_step_rows", "widest_step_ms", "widest_step_floor_ms",
             "widest_step_over_floor", "probe_ttft_busy_s", "probe_ttft_idle_s", "e2e_p50_s", "decode_steps"]
     with open(os.path.join(a.out, "summary.md"), "w") as f:
         f.write(f"{a.requests} streamed requests of {a.prompt_tokens} prompt tokens + {a.max_tokens} greedy tokens, sent at once; "

@@ -97,6 +97,38 @@ pub struct BatchConfig {
     pub max_running: usize,
 }
 
+/// A tally of the decode-only steps that ran as many rows as the widest one so far. A wider
+/// step starts it again, so once a load has filled the batch it holds that batch's steps
+/// only: their rows over their time is the decode throughput with the batch full (a single
+/// step's time, as in `widest_step`, varies by a few percent from step to step).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FullWidthSteps {
+    /// Rows of each tallied step.
+    pub rows_per_step: usize,
+    /// Steps tallied.
+    pub steps: u64,
+    /// Their total time in microseconds.
+    pub micros: u64,
+}
+
+impl FullWidthSteps {
+    /// Counts a decode-only step of `rows` rows that took `micros`.
+    pub fn record(&mut self, rows: usize, micros: u64) {
+        if rows > self.rows_per_step {
+            *self = FullWidthSteps { rows_per_step: rows, steps: 0, micros: 0 };
+        }
+        if rows == self.rows_per_step {
+            self.steps += 1;
+            self.micros += micros;
+        }
+    }
+
+    /// Tokens per second of the tallied steps (`None` before any).
+    pub fn tokens_per_second(&self) -> Option<f64> {
+        (self.micros > 0).then(|| (self.rows_per_step as u64 * self.steps) as f64 * 1e6 / self.micros as f64)
+    }
+}
+
 /// Live counters, shared with whoever exports metrics.
 #[derive(Debug, Default)]
 pub struct BatchStats {
@@ -134,6 +166,9 @@ pub struct BatchStats {
     /// The latest decode-only step with the most rows: its rows, microseconds and the KV
     /// bytes its sequences held (what it read), for its bandwidth floor.
     pub widest_step: std::sync::Mutex<(usize, u64, usize)>,
+    /// Decode-only steps as wide as the widest so far (the batch full): the decode
+    /// throughput with the batch full, averaged over every such step.
+    pub full_width: std::sync::Mutex<FullWidthSteps>,
     /// Bytes of weights a step reads and the device's measured copy bandwidth (bytes/s),
     /// where the backend knows them: the floor of a decode step.
     pub floor: std::sync::Mutex<Option<(usize, f64)>>,
@@ -693,6 +728,7 @@ impl Worker {
             if n_rows >= w.0 {
                 *w = (n_rows, micros, kv_read);
             }
+            self.stats.full_width.lock().unwrap_or_else(|e| e.into_inner()).record(n_rows, micros);
         }
         match result {
             Ok(out) => {
@@ -778,6 +814,20 @@ pub fn token_logprob(logits: &[f32], id: u32, n: usize) -> TokenLogprob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_width_steps_restart_at_a_wider_step() {
+        let mut f = FullWidthSteps::default();
+        assert_eq!(f.tokens_per_second(), None);
+        f.record(3, 1000);
+        f.record(5, 2000);
+        f.record(4, 9999); // narrower: not counted
+        f.record(5, 3000);
+        assert_eq!(f, FullWidthSteps { rows_per_step: 5, steps: 2, micros: 5000 });
+        assert_eq!(f.tokens_per_second(), Some(2000.0), "10 rows in 5 ms");
+        f.record(6, 1000);
+        assert_eq!(f, FullWidthSteps { rows_per_step: 6, steps: 1, micros: 1000 });
+    }
 
     #[test]
     fn logprobs_of_a_constructed_row() {

@@ -195,6 +195,10 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
     let s = engine.stats();
     assert!(s.preemptions.load(Ordering::SeqCst) > 0, "6 x (1 + 8) blocks do not fit 36: someone was preempted");
     assert!(s.peak_running.load(Ordering::SeqCst) >= 3, "several ran at once");
+    let widest = s.widest_step.lock().unwrap().0;
+    let full = *s.full_width.lock().unwrap();
+    assert!(full.steps >= 1 && full.rows_per_step == widest && widest >= 2, "the full batch's decode steps are tallied: {full:?}, widest {widest}");
+    assert!(full.tokens_per_second().is_some_and(|t| t > 0.0));
     let t0 = Instant::now();
     while free.load(Ordering::SeqCst) < total && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(10));
