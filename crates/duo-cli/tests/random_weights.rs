@@ -9,15 +9,32 @@ fn duo(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_duo")).args(args).output().expect("duo runs")
 }
 
-fn tmp(name: &str) -> PathBuf {
+/// A fresh folder under the target's temporary folder, removed when dropped.
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> TmpDir {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).expect("tmp dir");
-    d
+    TmpDir(d)
 }
 
 #[test]
 fn accuracy_commands_refuse_random_weights() {
-    let out = tmp("refused").join("eval");
+    let dir = tmp("refused");
+    let out = dir.join("eval");
     let out = out.to_str().expect("utf-8");
     let cases: [&[&str]; 5] = [
         &["eval", "passkey", "--random-weights", "llama-3-8b", "--lengths", "1000", "--out", out],
