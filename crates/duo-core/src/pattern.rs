@@ -450,7 +450,7 @@ mod tests {
     #[test]
     fn save_then_load_round_trips() {
         let dir = std::env::temp_dir().join(format!("duo-pattern-rt-{}", std::process::id()));
-        let mut g = HeadGates::new(vec![vec![0.123456789, 1.0], vec![0.0, 0.5]]).unwrap();
+        let mut g = HeadGates::new(vec![vec![0.123_456_79, 1.0], vec![0.0, 0.5]]).unwrap();
         g.config = serde_json::json!({"sink_size": 128, "seed": 7});
         g.save(&dir).unwrap();
         let back = HeadGates::load(&dir).unwrap();

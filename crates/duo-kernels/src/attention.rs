@@ -502,10 +502,10 @@ mod tiled {
                 for d in 0..hd {
                     let k0 = _mm256_loadu_ps(kt.as_ptr().add(d * BLOCK + s));
                     let k1 = _mm256_loadu_ps(kt.as_ptr().add(d * BLOCK + s + 8));
-                    for r in 0..R {
-                        let q = _mm256_broadcast_ss(&*qs[r].as_ptr().add(d));
-                        a[r][0] = _mm256_fmadd_ps(q, k0, a[r][0]);
-                        a[r][1] = _mm256_fmadd_ps(q, k1, a[r][1]);
+                    for (ar, q) in a.iter_mut().zip(qs) {
+                        let q = _mm256_broadcast_ss(&*q.as_ptr().add(d));
+                        ar[0] = _mm256_fmadd_ps(q, k0, ar[0]);
+                        ar[1] = _mm256_fmadd_ps(q, k1, ar[1]);
                     }
                 }
                 for (r, ar) in a.iter().enumerate() {
@@ -519,7 +519,7 @@ mod tiled {
     /// `outs[r] += sum_k w[r][k] * value k` for the rows present and the first `n` value rows
     /// of `vals` (`stride` apart), in key order per element.
     fn weighted_values(w: &[f32], vals: &[f32], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
-        assert!(w.len() >= R * BLOCK && n <= BLOCK && n >= 1 && vals.len() >= (n - 1) * stride + hd);
+        assert!(w.len() >= R * BLOCK && (1..=BLOCK).contains(&n) && vals.len() >= (n - 1) * stride + hd);
         let present = outs.iter().filter(|o| !o.is_empty()).count();
         assert!(outs[..present].iter().all(|o| o.len() >= hd));
         // SAFETY: AVX2/FMA as above; value loads read vals[k * stride + c .. + 16] with k < n,
@@ -537,10 +537,10 @@ mod tiled {
                 for k in 0..n {
                     let v0 = _mm256_loadu_ps(v);
                     let v1 = _mm256_loadu_ps(v.add(8));
-                    for r in 0..R {
+                    for (r, ar) in a.iter_mut().enumerate() {
                         let p = _mm256_broadcast_ss(&*w.as_ptr().add(r * BLOCK + k));
-                        a[r][0] = _mm256_fmadd_ps(p, v0, a[r][0]);
-                        a[r][1] = _mm256_fmadd_ps(p, v1, a[r][1]);
+                        ar[0] = _mm256_fmadd_ps(p, v0, ar[0]);
+                        ar[1] = _mm256_fmadd_ps(p, v1, ar[1]);
                     }
                     if k + 1 < n {
                         v = v.add(stride);
@@ -979,9 +979,9 @@ mod tests {
         for i in 0..20 {
             let mut got = vec![false; 20];
             for (a, b) in visible_ranges(vis, i, 0, 20, false) {
-                for j in a..b {
-                    assert!(!got[j], "ranges overlap at {j}");
-                    got[j] = true;
+                for (j, seen) in got.iter_mut().enumerate().take(b).skip(a) {
+                    assert!(!*seen, "ranges overlap at {j}");
+                    *seen = true;
                 }
             }
             let want: Vec<bool> = (0..20).map(|j| vis.sees(i, j, false)).collect();

@@ -264,6 +264,7 @@ mod tests {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_chunked(pattern: &HeadPattern, window: Window, mode: PrefillMode, chunk: usize, q: &[f32], k: &[f32], v: &[f32], n_heads: usize, hd: usize) -> (Vec<f32>, SequenceKv) {
         let plan = CachePlan::new(pattern, hd, 4, window);
         let mut seq = SequenceKv::new(&plan, mode);
