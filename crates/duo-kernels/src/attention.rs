@@ -144,7 +144,10 @@ pub fn attend(
                 if let (true, Some(a)) = (lockstep, first) {
                     let ends: Vec<usize> = ranges.iter().map(|rg| rg.first().map_or(a, |x| x.1)).collect();
                     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-                    if rows >= tiled::MIN_ROWS && head_dim.is_multiple_of(16) {
+                    // Not under the Λ rule: there a row's window start moves with its position,
+                    // so whether rows share one start depends on which rows are together, and
+                    // the path (and a row's bits) would follow the tiling.
+                    if rows >= tiled::MIN_ROWS && head_dim.is_multiple_of(16) && !matches!(vis, Visibility::Lambda { .. }) {
                         // Many rows over the same keys: matrix products on register tiles.
                         tiled::causal_rows(&|r| qrow(r), seg, a, &ends, scale, &mut m, &mut l, &mut acc);
                         continue;
@@ -653,7 +656,8 @@ pub struct HeadJob<'a> {
 /// Long query blocks are split in row tiles so both prefill and decode use all cores; the
 /// last tile takes the remainder (32 to 63 rows), so a block of at least 8 rows never
 /// leaves a tile too short for the register-tiled path, and each row gets the bits a single
-/// [`attend`] over the whole block gives it.
+/// [`attend`] over the whole block gives it (the tiled path runs under causal rules only,
+/// where every tile of a block makes the same choice).
 pub fn attend_heads(jobs: &[HeadJob<'_>], head_dim: usize, scale: f32) -> Vec<Vec<f32>> {
     const TILE: usize = 32;
     let tiles: Vec<(usize, usize)> = jobs
@@ -943,6 +947,28 @@ mod tests {
                 reference_attention(job.queries, &[seg], Visibility::Causal, hd, 0.125, &mut want, hd);
                 assert!(max_rel(&got[h], &want) < 2e-6, "t {t} head {h}: {}", max_rel(&got[h], &want));
             }
+        }
+    }
+
+    #[test]
+    fn lambda_rows_get_the_same_bits_in_any_tiling() {
+        // A streaming head's chunk after its sinks: in the chunk segment the first 256 rows'
+        // windows all start at the chunk's first key, the block's later rows' do not. Tiles of
+        // 32 rows and one call over all 512 must still agree bit for bit.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let (hd, t, first) = (64usize, 512usize, 512usize);
+        let (sk, sv) = (random(4 * hd, &mut rng), random(4 * hd, &mut rng));
+        let (k, v, q) = (random(t * hd, &mut rng), random(t * hd, &mut rng), random(t * hd, &mut rng));
+        let segs = vec![
+            KeySegment { keys: &sk, values: &sv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
+            KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(first), cached: false },
+        ];
+        for vis in [Visibility::Lambda { sink: 4, recent: 256 }, Visibility::Causal] {
+            let qb = QueryBlock { queries: &q, row_stride: hd, first_position: first };
+            let tiles = attend_heads(&[HeadJob { queries: qb, segments: segs.clone(), visibility: vis }], hd, 0.125);
+            let mut single = vec![0.0f32; t * hd];
+            attend(qb, &segs, vis, hd, 0.125, &mut single, hd);
+            assert!(tiles[0].iter().zip(&single).all(|(a, b)| a.to_bits() == b.to_bits()), "{vis:?}");
         }
     }
 
