@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use duo_engine::{Device, Engine, Method, MethodSpec, PatternSource, ResolvedMethod};
+use duo_engine::{Device, Engine, KvDtype, Method, MethodSpec, PatternSource, ResolvedMethod};
 use duo_model::ModelSource;
 use std::path::PathBuf;
 
@@ -53,6 +53,10 @@ pub struct MethodArgs {
     /// CUDA backend).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Element type of the KV cache: f32 (the CPU's default) or f16 (half the memory) on the
+    /// CPU; bf16 on the GPU.
+    #[arg(long)]
+    pub kv_dtype: Option<String>,
 }
 
 impl MethodArgs {
@@ -87,6 +91,12 @@ impl MethodArgs {
 
     /// The attention method as the engine takes it.
     pub fn spec(&self) -> Result<MethodSpec> {
+        let kv_dtype: Option<KvDtype> = self.kv_dtype.as_deref().map(str::parse).transpose()?;
+        match (self.device, kv_dtype) {
+            (Device::Cpu, Some(KvDtype::Bf16)) => anyhow::bail!("--kv-dtype bf16 is the GPU's cache; on the CPU it is f32 (the default) or f16"),
+            (Device::Cuda(_), Some(d)) if d != KvDtype::Bf16 => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default)", self.kv_dtype.as_deref().unwrap_or_default()),
+            _ => {}
+        }
         Ok(MethodSpec {
             method: self.method.parse::<Method>()?,
             pattern: self.pattern_source(),
@@ -98,6 +108,7 @@ impl MethodArgs {
             seed: self.seed(),
             prefill: self.prefill.parse().map_err(anyhow::Error::msg)?,
             chunk: self.chunk,
+            kv_dtype,
         })
     }
 

@@ -90,3 +90,16 @@ fn a_thread_count_of_zero_is_refused() {
     let (ok, err, _) = duo(&["--threads", "0", "generate", "hi"]);
     assert!(!ok && err.contains("--threads") && err.contains("1 to 4096"), "{err}");
 }
+
+#[test]
+fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
+    for (args, want) in [
+        (&["generate", "--kv-dtype", "fp8", "hi"][..], "not one of f32, f16 (CPU) or bf16 (GPU)"),
+        (&["generate", "--kv-dtype", "bf16", "hi"][..], "on the CPU it is f32 (the default) or f16"),
+        (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16"),
+    ] {
+        let (ok, err, _) = duo(args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("loading"), "refused before the model loads: {err}");
+    }
+}

@@ -27,7 +27,7 @@ pub use backend::{Backend, Device, KvPool, PoolOptions, PoolStep, Sequence};
 pub use engine::Engine;
 pub use batch::{BatchConfig, BatchEngine, BatchStats, Event, EventSink, Request, TokenLogprob};
 pub use error::{EngineError, Result};
-pub use method::{Method, MethodSpec, PatternSource, ResolvedMethod};
+pub use method::{KvDtype, Method, MethodSpec, PatternSource, ResolvedMethod};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::{complete, Completion, FinishReason, Generation, Runner, ScoredToken, Scores};
 pub use text::{Accepted, TextStep, TextStream};

@@ -35,6 +35,40 @@ impl std::str::FromStr for Method {
     }
 }
 
+/// How the KV cache stores keys and values. The CPU backend caches `f32` (the default) or
+/// `f16` (half the memory; attention still computes in `f32`); the CUDA backend caches bf16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    /// 4 bytes per element.
+    F32,
+    /// 2 bytes per element: IEEE half precision.
+    F16,
+    /// 2 bytes per element: bfloat16.
+    Bf16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 | KvDtype::Bf16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" => KvDtype::F32,
+            "f16" => KvDtype::F16,
+            "bf16" => KvDtype::Bf16,
+            _ => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("`{s}` is not one of f32, f16 (CPU) or bf16 (GPU)") }),
+        })
+    }
+}
+
 /// Where a head pattern comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PatternSource {
@@ -78,11 +112,14 @@ pub struct MethodSpec {
     pub prefill: PrefillMode,
     /// Prefill chunk size in tokens.
     pub chunk: usize,
+    /// Element type of the KV cache (`None`: the backend's own, f32 on the CPU, bf16 on
+    /// the GPU).
+    pub kv_dtype: Option<KvDtype>,
 }
 
 impl Default for MethodSpec {
     fn default() -> Self {
-        Self { method: Method::Full, pattern: None, sparsity: None, threshold: None, layout: Layout::Head, sink: 64, recent: 256, seed: 0, prefill: PrefillMode::Lambda, chunk: 4096 }
+        Self { method: Method::Full, pattern: None, sparsity: None, threshold: None, layout: Layout::Head, sink: 64, recent: 256, seed: 0, prefill: PrefillMode::Lambda, chunk: 4096, kv_dtype: None }
     }
 }
 
@@ -97,7 +134,9 @@ pub struct ResolvedMethod {
     pub prefill: PrefillMode,
     /// Prefill chunk size.
     pub chunk: usize,
-    /// The per-layer cache specs (f32 storage).
+    /// The cache's element type as asked (`None`: the backend's own).
+    pub kv_dtype: Option<KvDtype>,
+    /// The per-layer cache specs of a CPU cache: f32 elements, or f16 when asked.
     pub plan: CachePlan,
 }
 
@@ -157,8 +196,12 @@ impl MethodSpec {
                 }
             },
         };
-        let plan = CachePlan::new(&pattern, config.head_dim, 4, window);
-        Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, plan })
+        let cpu_bytes = match self.kv_dtype {
+            Some(KvDtype::F16) => 2,
+            _ => 4,
+        };
+        let plan = CachePlan::new(&pattern, config.head_dim, cpu_bytes, window);
+        Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, kv_dtype: self.kv_dtype, plan })
     }
 }
 

@@ -187,6 +187,26 @@ fn chunked_prefill_matches_one_chunk_for_full_attention_and_lambda_differs_only_
 }
 
 #[test]
+fn an_f16_cache_holds_half_the_bytes_and_keeps_the_logits() {
+    let m = model();
+    let text: String = "The passkey is 7 3 1 9. Remember it. ".repeat(30);
+    let prompt = m.tokenizer.encode(&text, true).expect("encode");
+    let f16 = MethodSpec { kv_dtype: Some(duo_engine::KvDtype::F16), ..full() };
+    let (a, b) = (last_logits(&full(), &prompt), last_logits(&f16, &prompt));
+    let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+    eprintln!("f16 cache: mean logit difference {mean}");
+    assert!(mean < 0.2 && mean > 0.0, "rounded keys and values move the logits a little: {mean}");
+    assert_eq!(duo_engine::sampler::argmax(&a), duo_engine::sampler::argmax(&b));
+    let bytes = |spec: &MethodSpec| {
+        let runner = Runner::new(m, spec.resolve(m.config()).expect("method"));
+        let mut kv = runner.new_sequence(prompt.len()).expect("sequence");
+        runner.prefill(&prompt, kv.as_mut(), |_| {}).expect("prefill");
+        kv.bytes().total()
+    };
+    assert_eq!(bytes(&f16) * 2, bytes(&full()));
+}
+
+#[test]
 fn prompt_longer_than_the_context_is_an_error_with_both_numbers() {
     let m = model();
     let runner = Runner::new(m, full().resolve(m.config()).expect("method"));

@@ -19,6 +19,73 @@
 use crate::ops::fast_exp;
 use rayon::prelude::*;
 
+/// How a cache stores a key or value element: `f32`, or `half::f16` for half the bytes.
+/// Attention computes in `f32` either way; an element is widened where it is read, so an
+/// `f32` cache gives exactly the bits it gave before caches could be `f16`.
+pub trait KvElem: Copy + Send + Sync + std::fmt::Debug + PartialEq + 'static {
+    /// Bytes per element.
+    const BYTES: usize;
+    /// The element nearest `x`.
+    fn from_f32(x: f32) -> Self;
+    /// Its value (exact).
+    fn to_f32(self) -> f32;
+    /// `x` as elements: borrowed where they are `f32`, rounded into a new buffer otherwise.
+    fn from_f32_slice(x: &[f32]) -> std::borrow::Cow<'_, [Self]>;
+    /// Eight elements from `p`, widened.
+    ///
+    /// # Safety
+    /// `p` must point to eight readable elements.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    #[allow(unsafe_code)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    const BYTES: usize = 4;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32_slice(x: &[f32]) -> std::borrow::Cow<'_, [Self]> {
+        std::borrow::Cow::Borrowed(x)
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees eight readable floats at `p`.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    const BYTES: usize = 2;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32_slice(x: &[f32]) -> std::borrow::Cow<'_, [Self]> {
+        std::borrow::Cow::Owned(x.iter().map(|&v| half::f16::from_f32(v)).collect())
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees eight readable halves (16 bytes) at `p`; F16C is
+        // enabled for the build (cfg above).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
 /// Which (query, key) pairs are visible, by absolute position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Visibility {
@@ -56,13 +123,13 @@ pub enum Positions<'a> {
     List(&'a [usize]),
 }
 
-/// Keys and values of consecutive rows, `row_stride` floats apart, `head_dim` used.
+/// Keys and values of consecutive rows, `row_stride` elements apart, `head_dim` used.
 #[derive(Debug, Clone, Copy)]
-pub struct KeySegment<'a> {
+pub struct KeySegment<'a, E: KvElem = f32> {
     /// Keys, row `r` at `keys[r * row_stride..][..head_dim]`.
-    pub keys: &'a [f32],
+    pub keys: &'a [E],
     /// Values, laid out like the keys.
-    pub values: &'a [f32],
+    pub values: &'a [E],
     /// Distance between rows.
     pub row_stride: usize,
     /// Where each row sits in the sequence.
@@ -71,7 +138,7 @@ pub struct KeySegment<'a> {
     pub cached: bool,
 }
 
-impl KeySegment<'_> {
+impl<E: KvElem> KeySegment<'_, E> {
     /// Number of rows.
     pub fn len(&self) -> usize {
         match self.positions {
@@ -117,9 +184,9 @@ const BLOCK: usize = 64;
 
 /// Attention of every query row over the visible keys; writes `out` rows of `head_dim`,
 /// `out_stride` apart. A row that sees no key gets zeros.
-pub fn attend(
+pub fn attend<E: KvElem>(
     q: QueryBlock<'_>,
-    segments: &[KeySegment<'_>],
+    segments: &[KeySegment<'_, E>],
     vis: Visibility,
     head_dim: usize,
     scale: f32,
@@ -236,16 +303,28 @@ fn visible_ranges(vis: Visibility, i: usize, start: usize, n: usize, cached: boo
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Fixed-size chunks so the compiler drops bounds checks and vectorises.
+fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
+    // Eight lanes of multiply-adds over the chunks of 8, then the lanes summed in order.
     let mut s = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        let x: &[f32; 8] = x.try_into().expect("chunk of 8");
-        let y: &[f32; 8] = y.try_into().expect("chunk of 8");
+    let whole = a.len().min(b.len()) / 8 * 8;
+    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y.to_f32()).sum();
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    #[allow(unsafe_code)]
+    // SAFETY: AVX2, FMA and F16C are enabled for the build (cfg); loads read a[c..c + 8] and
+    // b[c..c + 8] with c + 8 <= whole <= both lengths; the store writes s's 8 lanes. Each lane
+    // takes the same fused multiply-adds, in the same order, as the scalar form below.
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut v = _mm256_setzero_ps();
+        for c in (0..whole).step_by(8) {
+            v = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(c)), E::load8(b.as_ptr().add(c)), v);
+        }
+        _mm256_storeu_ps(s.as_mut_ptr(), v);
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    for c in (0..whole).step_by(8) {
         for k in 0..8 {
-            s[k] = x[k].mul_add(y[k], s[k]);
+            s[k] = a[c + k].mul_add(b[c + k].to_f32(), s[k]);
         }
     }
     s.iter().sum::<f32>() + tail
@@ -257,11 +336,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// streams the cache from memory, measured slower with it (BENCHMARKS.md), so it keeps
 /// one key at a time.
 #[inline(always)]
-fn score_rows(qrow: &[f32], seg: &KeySegment<'_>, n: usize, row: impl Fn(usize) -> usize, scale: f32, scores: &mut [f32], wide: bool) {
+fn score_rows<E: KvElem>(qrow: &[f32], seg: &KeySegment<'_, E>, n: usize, row: impl Fn(usize) -> usize, scale: f32, scores: &mut [f32], wide: bool) {
     let hd = qrow.len();
     let key = |k: usize| &seg.keys[row(k) * seg.row_stride..][..hd];
     let mut k = 0;
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     if wide && hd.is_multiple_of(8) {
         while k + 8 <= n {
             let d = simd::dot8(qrow, [key(k), key(k + 1), key(k + 2), key(k + 3), key(k + 4), key(k + 5), key(k + 6), key(k + 7)]);
@@ -276,7 +355,7 @@ fn score_rows(qrow: &[f32], seg: &KeySegment<'_>, n: usize, row: impl Fn(usize) 
     }
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
 #[allow(unsafe_code)]
 mod simd {
     //! Eight dot products at once, bit for bit [`super::dot`]: each key's 8 lanes take the
@@ -284,14 +363,15 @@ mod simd {
     //! one after another (seven dependent scalar adds per key), the 8 x 8 lanes are
     //! transposed so that one vector add sums lane `i` of all eight keys, in the same lane
     //! order `dot` uses.
+    use super::KvElem;
     use std::arch::x86_64::*;
 
     #[inline(always)]
-    pub(super) fn dot8(a: &[f32], b: [&[f32]; 8]) -> [f32; 8] {
+    pub(super) fn dot8<E: KvElem>(a: &[f32], b: [&[E]; 8]) -> [f32; 8] {
         let n = a.len();
         assert!(n.is_multiple_of(8) && b.iter().all(|r| r.len() >= n));
         let mut out = [0.0f32; 8];
-        // SAFETY: AVX2 and FMA are enabled for the whole build (cfg above); every load reads
+        // SAFETY: AVX2, FMA and F16C are enabled for the whole build (cfg above); every load reads
         // 8 floats at `c + 8 <= n` of slices checked above; the store writes `out`'s 8.
         unsafe {
             let mut s = [_mm256_setzero_ps(); 8];
@@ -299,7 +379,7 @@ mod simd {
             while c < n {
                 let x = _mm256_loadu_ps(a.as_ptr().add(c));
                 for j in 0..8 {
-                    s[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[j].as_ptr().add(c)), s[j]);
+                    s[j] = _mm256_fmadd_ps(x, E::load8(b[j].as_ptr().add(c)), s[j]);
                 }
                 c += 8;
             }
@@ -341,7 +421,7 @@ mod simd {
     }
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
 #[allow(unsafe_code)]
 mod tiled {
     //! Prefill attention of many query rows over the same keys as two small matrix products
@@ -354,7 +434,7 @@ mod tiled {
     //! chain over the dimensions), so a row's bits differ from it in the last places; the
     //! result is still per row (no row's numbers depend on another's), and the same rows
     //! give the same bits whatever else runs.
-    use super::{KeySegment, BLOCK};
+    use super::{KeySegment, KvElem, BLOCK};
     use crate::ops::fast_exp;
     use std::arch::x86_64::*;
 
@@ -366,7 +446,7 @@ mod tiled {
     /// Folds the keys `start..ends[r]` of `seg` (segment rows) into row `r`'s online-softmax
     /// state (`m[r]`, `l[r]`, `acc[r]`), for every row, in blocks of [`BLOCK`] keys from `start`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn causal_rows<'q>(qrow: &dyn Fn(usize) -> &'q [f32], seg: &KeySegment<'_>, start: usize, ends: &[usize], scale: f32, m: &mut [f32], l: &mut [f32], acc: &mut [f32]) {
+    pub(super) fn causal_rows<'q, E: KvElem>(qrow: &dyn Fn(usize) -> &'q [f32], seg: &KeySegment<'_, E>, start: usize, ends: &[usize], scale: f32, m: &mut [f32], l: &mut [f32], acc: &mut [f32]) {
         let rows = ends.len();
         let hd = acc.len() / rows.max(1);
         assert!(hd.is_multiple_of(16) && acc.len() == rows * hd && m.len() == rows && l.len() == rows);
@@ -384,7 +464,7 @@ mod tiled {
             let strips = nk.div_ceil(16);
             for k in 0..nk {
                 for (d, &x) in key(j + k).iter().enumerate() {
-                    kt[d * BLOCK + k] = x;
+                    kt[d * BLOCK + k] = x.to_f32();
                 }
             }
             for k in nk..strips * 16 {
@@ -521,7 +601,7 @@ mod tiled {
 
     /// `outs[r] += sum_k w[r][k] * value k` for the rows present and the first `n` value rows
     /// of `vals` (`stride` apart), in key order per element.
-    fn weighted_values(w: &[f32], vals: &[f32], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
+    fn weighted_values<E: KvElem>(w: &[f32], vals: &[E], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
         assert!(w.len() >= R * BLOCK && (1..=BLOCK).contains(&n) && vals.len() >= (n - 1) * stride + hd);
         let present = outs.iter().filter(|o| !o.is_empty()).count();
         assert!(outs[..present].iter().all(|o| o.len() >= hd));
@@ -538,8 +618,8 @@ mod tiled {
                 }
                 let mut v = vals.as_ptr().add(c);
                 for k in 0..n {
-                    let v0 = _mm256_loadu_ps(v);
-                    let v1 = _mm256_loadu_ps(v.add(8));
+                    let v0 = E::load8(v);
+                    let v1 = E::load8(v.add(8));
                     for (r, ar) in a.iter_mut().enumerate() {
                         let p = _mm256_broadcast_ss(&*w.as_ptr().add(r * BLOCK + k));
                         ar[0] = _mm256_fmadd_ps(p, v0, ar[0]);
@@ -560,9 +640,9 @@ mod tiled {
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn block_update(
+fn block_update<E: KvElem>(
     qrow: &[f32],
-    seg: &KeySegment<'_>,
+    seg: &KeySegment<'_, E>,
     rows: std::ops::Range<usize>,
     scale: f32,
     scores: &mut [f32; BLOCK],
@@ -579,9 +659,9 @@ fn block_update(
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn gathered_update(
+fn gathered_update<E: KvElem>(
     qrow: &[f32],
-    seg: &KeySegment<'_>,
+    seg: &KeySegment<'_, E>,
     idx: &[usize],
     scale: f32,
     scores: &mut [f32; BLOCK],
@@ -596,7 +676,7 @@ fn gathered_update(
 }
 
 #[inline(always)]
-fn softmax_accumulate<'v>(scores: &mut [f32], m: &mut f32, l: &mut f32, acc: &mut [f32], value: impl Fn(usize) -> &'v [f32]) {
+fn softmax_accumulate<'v, E: KvElem>(scores: &mut [f32], m: &mut f32, l: &mut f32, acc: &mut [f32], value: impl Fn(usize) -> &'v [E]) {
     let bm = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if bm > *m {
         let c = fast_exp(*m - bm);
@@ -623,10 +703,8 @@ fn softmax_accumulate<'v>(scores: &mut [f32], m: &mut f32, l: &mut f32, acc: &mu
             if c == 0 {
                 sum += p;
             }
-            let v: &[f32; W] = value(k)[c..c + W].try_into().expect("64 values");
-            for i in 0..W {
-                local[i] = p.mul_add(v[i], local[i]);
-            }
+            let v: &[E; W] = value(k)[c..c + W].try_into().expect("64 values");
+            weighted_add(p, v, &mut local);
         }
         acc[c..c + W].copy_from_slice(&local);
     }
@@ -635,19 +713,40 @@ fn softmax_accumulate<'v>(scores: &mut [f32], m: &mut f32, l: &mut f32, acc: &mu
             sum += p;
         }
         for (a, v) in acc[whole..].iter_mut().zip(&value(k)[whole..]) {
-            *a = p.mul_add(*v, *a);
+            *a = p.mul_add(v.to_f32(), *a);
         }
     }
     *l = sum;
 }
 
+/// `local[i] = p * v[i] + local[i]` (fused) for 64 elements.
+#[inline(always)]
+fn weighted_add<E: KvElem>(p: f32, v: &[E; 64], local: &mut [f32; 64]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    #[allow(unsafe_code)]
+    // SAFETY: AVX2, FMA and F16C are enabled for the build (cfg); every load and store
+    // touches 8 of the 64 elements of `v` or `local`.
+    unsafe {
+        use std::arch::x86_64::*;
+        let pv = _mm256_set1_ps(p);
+        for i in (0..64).step_by(8) {
+            let x = _mm256_fmadd_ps(pv, E::load8(v.as_ptr().add(i)), _mm256_loadu_ps(local.as_ptr().add(i)));
+            _mm256_storeu_ps(local.as_mut_ptr().add(i), x);
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    for i in 0..64 {
+        local[i] = p.mul_add(v[i].to_f32(), local[i]);
+    }
+}
+
 /// One query head's work inside [`attend_heads`].
 #[derive(Debug, Clone)]
-pub struct HeadJob<'a> {
+pub struct HeadJob<'a, E: KvElem = f32> {
     /// The head's queries.
     pub queries: QueryBlock<'a>,
     /// Segments the head may see.
-    pub segments: Vec<KeySegment<'a>>,
+    pub segments: Vec<KeySegment<'a, E>>,
     /// The visibility rule.
     pub visibility: Visibility,
 }
@@ -658,7 +757,7 @@ pub struct HeadJob<'a> {
 /// leaves a tile too short for the register-tiled path, and each row gets the bits a single
 /// [`attend`] over the whole block gives it (the tiled path runs under causal rules only,
 /// where every tile of a block makes the same choice).
-pub fn attend_heads(jobs: &[HeadJob<'_>], head_dim: usize, scale: f32) -> Vec<Vec<f32>> {
+pub fn attend_heads<E: KvElem>(jobs: &[HeadJob<'_, E>], head_dim: usize, scale: f32) -> Vec<Vec<f32>> {
     const TILE: usize = 32;
     let tiles: Vec<(usize, usize)> = jobs
         .iter()
@@ -696,9 +795,9 @@ pub fn attend_heads(jobs: &[HeadJob<'_>], head_dim: usize, scale: f32) -> Vec<Ve
 
 /// The parity oracle: every score materialised, softmax in `f64`, the rule applied to
 /// every pair. Same inputs and output layout as [`attend`].
-pub fn reference_attention(
+pub fn reference_attention<E: KvElem>(
     q: QueryBlock<'_>,
-    segments: &[KeySegment<'_>],
+    segments: &[KeySegment<'_, E>],
     vis: Visibility,
     head_dim: usize,
     scale: f32,
@@ -708,12 +807,12 @@ pub fn reference_attention(
     for r in 0..q.rows(head_dim) {
         let i = q.first_position + r;
         let qrow = &q.queries[r * q.row_stride..][..head_dim];
-        let mut pairs: Vec<(f64, &[f32])> = Vec::new();
+        let mut pairs: Vec<(f64, &[E])> = Vec::new();
         for seg in segments {
             for rr in 0..seg.len() {
                 if vis.sees(i, seg.position(rr), seg.cached) {
                     let k = &seg.keys[rr * seg.row_stride..][..head_dim];
-                    let s: f64 = qrow.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale as f64;
+                    let s: f64 = qrow.iter().zip(k).map(|(a, b)| *a as f64 * b.to_f32() as f64).sum::<f64>() * scale as f64;
                     pairs.push((s, &seg.values[rr * seg.row_stride..][..head_dim]));
                 }
             }
@@ -726,7 +825,7 @@ pub fn reference_attention(
         let m = pairs.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = pairs.iter().map(|p| (p.0 - m).exp()).sum();
         for (d, o) in o.iter_mut().enumerate() {
-            *o = (pairs.iter().map(|p| (p.0 - m).exp() * p.1[d] as f64).sum::<f64>() / z) as f32;
+            *o = (pairs.iter().map(|p| (p.0 - m).exp() * p.1[d].to_f32() as f64).sum::<f64>() / z) as f32;
         }
     }
 }

@@ -1,18 +1,20 @@
-//! The two per-head caches.
+//! The two per-head caches, over `f32` or `f16` elements ([`KvElem`]): keys and values
+//! arrive as `f32` and are rounded once, when cached.
 
 use duo_core::cache_spec::Window;
+use duo_kernels::attention::KvElem;
 
 /// A full cache: every token's key and value, in position order.
 #[derive(Debug, Clone, Default)]
-pub struct RetrievalHead {
+pub struct RetrievalHead<E: KvElem = f32> {
     head_dim: usize,
     /// Keys, `[len, head_dim]`.
-    pub keys: Vec<f32>,
+    pub keys: Vec<E>,
     /// Values, `[len, head_dim]`.
-    pub values: Vec<f32>,
+    pub values: Vec<E>,
 }
 
-impl RetrievalHead {
+impl<E: KvElem> RetrievalHead<E> {
     /// An empty cache for heads of `head_dim`.
     pub fn new(head_dim: usize) -> Self {
         Self { head_dim, keys: Vec::new(), values: Vec::new() }
@@ -30,8 +32,8 @@ impl RetrievalHead {
 
     /// Appends one token.
     pub fn append(&mut self, key: &[f32], value: &[f32]) {
-        self.keys.extend_from_slice(&key[..self.head_dim]);
-        self.values.extend_from_slice(&value[..self.head_dim]);
+        self.keys.extend(key[..self.head_dim].iter().map(|&x| E::from_f32(x)));
+        self.values.extend(value[..self.head_dim].iter().map(|&x| E::from_f32(x)));
     }
 
     /// Makes the capacity at least `tokens` tokens in total, in one exact allocation.
@@ -55,24 +57,24 @@ impl RetrievalHead {
 
 /// A constant-size cache: the first `sink` tokens, then a ring of the last `recent`.
 #[derive(Debug, Clone)]
-pub struct StreamingHead {
+pub struct StreamingHead<E: KvElem = f32> {
     head_dim: usize,
     window: Window,
     /// Sink keys, `[<= sink, head_dim]`, positions `0..`.
-    pub sink_keys: Vec<f32>,
+    pub sink_keys: Vec<E>,
     /// Sink values.
-    pub sink_values: Vec<f32>,
+    pub sink_values: Vec<E>,
     /// Ring keys, `[<= recent, head_dim]`, in slot order.
-    pub ring_keys: Vec<f32>,
+    pub ring_keys: Vec<E>,
     /// Ring values.
-    pub ring_values: Vec<f32>,
+    pub ring_values: Vec<E>,
     /// Absolute position held in each ring slot.
     pub ring_positions: Vec<usize>,
     /// Slot the next token overwrites once the ring is full.
     next_slot: usize,
 }
 
-impl StreamingHead {
+impl<E: KvElem> StreamingHead<E> {
     /// An empty cache.
     pub fn new(head_dim: usize, window: Window) -> Self {
         Self {
@@ -106,17 +108,22 @@ impl StreamingHead {
     /// into the ring, overwriting its oldest slot once it holds `recent` tokens.
     pub fn append(&mut self, key: &[f32], value: &[f32], position: usize) {
         let hd = self.head_dim;
+        let (key, value) = (key[..hd].iter().map(|&x| E::from_f32(x)), value[..hd].iter().map(|&x| E::from_f32(x)));
         if self.sink_len() < self.window.sink {
-            self.sink_keys.extend_from_slice(&key[..hd]);
-            self.sink_values.extend_from_slice(&value[..hd]);
+            self.sink_keys.extend(key);
+            self.sink_values.extend(value);
         } else if self.ring_positions.len() < self.window.recent {
-            self.ring_keys.extend_from_slice(&key[..hd]);
-            self.ring_values.extend_from_slice(&value[..hd]);
+            self.ring_keys.extend(key);
+            self.ring_values.extend(value);
             self.ring_positions.push(position);
         } else {
             let s = self.next_slot;
-            self.ring_keys[s * hd..(s + 1) * hd].copy_from_slice(&key[..hd]);
-            self.ring_values[s * hd..(s + 1) * hd].copy_from_slice(&value[..hd]);
+            for (d, x) in self.ring_keys[s * hd..(s + 1) * hd].iter_mut().zip(key) {
+                *d = x;
+            }
+            for (d, x) in self.ring_values[s * hd..(s + 1) * hd].iter_mut().zip(value) {
+                *d = x;
+            }
             self.ring_positions[s] = position;
             self.next_slot = (s + 1) % self.window.recent;
         }
@@ -134,14 +141,14 @@ impl StreamingHead {
 
 /// One KV head's cache, of either kind.
 #[derive(Debug, Clone)]
-pub enum HeadCache {
+pub enum HeadCache<E: KvElem = f32> {
     /// Full cache.
-    Retrieval(RetrievalHead),
+    Retrieval(RetrievalHead<E>),
     /// Sink + ring.
-    Streaming(StreamingHead),
+    Streaming(StreamingHead<E>),
 }
 
-impl HeadCache {
+impl<E: KvElem> HeadCache<E> {
     /// Tokens held.
     pub fn len(&self) -> usize {
         match self {
@@ -167,7 +174,7 @@ mod tests {
     #[test]
     fn ring_contents_after_each_append() {
         // sink 2, recent 3: the buffer contents spelled out after every token.
-        let mut h = StreamingHead::new(2, Window::new(2, 3).unwrap());
+        let mut h: StreamingHead = StreamingHead::new(2, Window::new(2, 3).unwrap());
         let expected: [(&[usize], &[usize], &[f32]); 8] = [
             // (positions in order, ring slots' positions, ring keys' first column by slot)
             (&[0], &[], &[]),
@@ -194,7 +201,7 @@ mod tests {
 
     #[test]
     fn zero_sink_is_a_pure_ring() {
-        let mut h = StreamingHead::new(2, Window::new(0, 2).unwrap());
+        let mut h: StreamingHead = StreamingHead::new(2, Window::new(0, 2).unwrap());
         for p in 0..5 {
             h.append(&row(p), &row(p), p);
         }
@@ -204,7 +211,7 @@ mod tests {
 
     #[test]
     fn reserve_total_allocates_once() {
-        let mut h = RetrievalHead::new(2);
+        let mut h: RetrievalHead = RetrievalHead::new(2);
         h.reserve_total(10);
         let cap = h.capacity();
         assert!(cap >= 10);
@@ -217,8 +224,23 @@ mod tests {
     }
 
     #[test]
+    fn f16_heads_round_once_when_caching() {
+        let mut h: RetrievalHead<half::f16> = RetrievalHead::new(2);
+        h.append(&[1.0, 0.1], &[65504.0, -3.0e-8]);
+        assert_eq!(h.keys, vec![half::f16::from_f32(1.0), half::f16::from_f32(0.1)]);
+        assert_eq!(h.keys[1].to_f32(), 0.099_975_586, "0.1 to the nearest half");
+        assert_eq!(h.values[0].to_f32(), 65504.0);
+        let mut s: StreamingHead<half::f16> = StreamingHead::new(1, Window::new(1, 1).unwrap());
+        for p in 0..3 {
+            s.append(&[p as f32 + 0.25], &[-(p as f32)], p);
+        }
+        assert_eq!(s.sink_keys[0].to_f32(), 0.25);
+        assert_eq!((s.ring_keys[0].to_f32(), s.ring_positions[0]), (2.25, 2));
+    }
+
+    #[test]
     fn retrieval_keeps_everything_in_order() {
-        let mut h = RetrievalHead::new(2);
+        let mut h: RetrievalHead = RetrievalHead::new(2);
         for p in 0..4 {
             h.append(&row(p), &row(p));
         }

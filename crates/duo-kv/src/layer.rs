@@ -2,7 +2,8 @@
 
 use crate::cache::{HeadCache, RetrievalHead, StreamingHead};
 use duo_core::cache_spec::{CachePlan, HeadKind, LayerCacheSpec};
-use duo_kernels::attention::{attend_heads, HeadJob, KeySegment, Positions, QueryBlock, Visibility};
+use duo_kernels::attention::{attend_heads, HeadJob, KeySegment, KvElem, Positions, QueryBlock, Visibility};
+use half::f16;
 
 /// How streaming heads see a prompt processed in chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -48,20 +49,58 @@ impl KvBytes {
 #[derive(Debug, Clone)]
 pub struct LayerKv {
     spec: LayerCacheSpec,
-    heads: Vec<HeadCache>,
+    heads: LayerHeads,
+}
+
+/// A layer's heads in the element type its spec asks for: 4 bytes `f32`, 2 bytes `f16`.
+#[derive(Debug, Clone)]
+enum LayerHeads {
+    F32(Vec<HeadCache<f32>>),
+    F16(Vec<HeadCache<f16>>),
+}
+
+fn new_heads<E: KvElem>(spec: &LayerCacheSpec) -> Vec<HeadCache<E>> {
+    spec.kinds
+        .iter()
+        .map(|k| match k {
+            HeadKind::Retrieval => HeadCache::Retrieval(RetrievalHead::new(spec.head_dim)),
+            HeadKind::Streaming => HeadCache::Streaming(StreamingHead::new(spec.head_dim, spec.window)),
+        })
+        .collect()
+}
+
+/// Bytes held by `heads` under `spec`.
+fn heads_bytes<E: KvElem>(spec: &LayerCacheSpec, heads: &[HeadCache<E>]) -> KvBytes {
+    let mut b = KvBytes::default();
+    for h in heads {
+        let bytes = spec.bytes_per_head(h.len());
+        match h {
+            HeadCache::Retrieval(_) => b.retrieval += bytes,
+            HeadCache::Streaming(_) => b.streaming += bytes,
+        }
+    }
+    b
+}
+
+fn reserve_heads<E: KvElem>(heads: &mut [HeadCache<E>], tokens: usize) {
+    for head in heads {
+        if let HeadCache::Retrieval(h) = head {
+            h.reserve_total(tokens);
+        }
+    }
 }
 
 impl LayerKv {
-    /// Empty caches following `spec` (f32 storage).
+    /// Empty caches following `spec`: `f32` elements for 4 bytes per element, `f16` for 2.
+    ///
+    /// # Panics
+    /// On another element size (the plans of the CPU backend are 4 or 2 bytes).
     pub fn new(spec: LayerCacheSpec) -> Self {
-        let heads = spec
-            .kinds
-            .iter()
-            .map(|k| match k {
-                HeadKind::Retrieval => HeadCache::Retrieval(RetrievalHead::new(spec.head_dim)),
-                HeadKind::Streaming => HeadCache::Streaming(StreamingHead::new(spec.head_dim, spec.window)),
-            })
-            .collect();
+        let heads = match spec.bytes_per_element {
+            4 => LayerHeads::F32(new_heads(&spec)),
+            2 => LayerHeads::F16(new_heads(&spec)),
+            b => panic!("a CPU cache holds 4-byte (f32) or 2-byte (f16) elements, not {b}-byte ones"),
+        };
         Self { spec, heads }
     }
 
@@ -70,94 +109,113 @@ impl LayerKv {
         &self.spec
     }
 
-    /// The per-head caches.
-    pub fn heads(&self) -> &[HeadCache] {
-        &self.heads
+    /// Tokens held by each KV head.
+    pub fn head_lens(&self) -> Vec<usize> {
+        match &self.heads {
+            LayerHeads::F32(h) => h.iter().map(HeadCache::len).collect(),
+            LayerHeads::F16(h) => h.iter().map(HeadCache::len).collect(),
+        }
     }
 
     /// Bytes held now.
     pub fn bytes(&self) -> KvBytes {
-        let mut b = KvBytes::default();
-        for h in &self.heads {
-            let bytes = self.spec.bytes_per_head(h.len());
-            match h {
-                HeadCache::Retrieval(_) => b.retrieval += bytes,
-                HeadCache::Streaming(_) => b.streaming += bytes,
-            }
+        match &self.heads {
+            LayerHeads::F32(h) => heads_bytes(&self.spec, h),
+            LayerHeads::F16(h) => heads_bytes(&self.spec, h),
         }
-        b
+    }
+
+    fn reserve(&mut self, tokens: usize) {
+        match &mut self.heads {
+            LayerHeads::F32(h) => reserve_heads(h, tokens),
+            LayerHeads::F16(h) => reserve_heads(h, tokens),
+        }
     }
 
     /// Hybrid attention for a chunk of `t` tokens at `first_position..`, then caches
     /// the chunk. `q` is `[t, n_heads * head_dim]` and `k`, `v` are
     /// `[t, n_kv_heads * head_dim]`, all after RoPE. Returns `[t, n_heads * head_dim]`.
     pub fn attend(&mut self, q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode) -> Vec<f32> {
-        let hd = self.spec.head_dim;
-        let n_kv = self.heads.len();
-        let kv_stride = n_kv * hd;
-        let q_stride = n_heads * hd;
-        let t = k.len() / kv_stride;
-        let group = n_heads / n_kv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        // Retrieval heads cache the chunk first and then attend causally over the cache.
-        for (g, head) in self.heads.iter_mut().enumerate() {
-            if let HeadCache::Retrieval(h) = head {
-                h.reserve(t);
-                for r in 0..t {
-                    h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..]);
-                }
-            }
+        match &mut self.heads {
+            LayerHeads::F32(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode),
+            LayerHeads::F16(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode),
         }
-        let window = self.spec.window;
-        let out_heads = {
-            let mut jobs = Vec::with_capacity(n_heads);
-            for qh in 0..n_heads {
-                let g = qh / group;
-                let queries = QueryBlock { queries: &q[qh * hd..], row_stride: q_stride, first_position };
-                let queries = QueryBlock { queries: &queries.queries[..(t - 1) * q_stride + hd], ..queries };
-                let (segments, visibility) = match &self.heads[g] {
-                    HeadCache::Retrieval(h) => (
-                        vec![KeySegment { keys: &h.keys, values: &h.values, row_stride: hd, positions: Positions::Contiguous(0), cached: true }],
-                        Visibility::Causal,
-                    ),
-                    HeadCache::Streaming(h) => {
-                        let chunk = KeySegment {
-                            keys: &k[g * hd..(t - 1) * kv_stride + g * hd + hd],
-                            values: &v[g * hd..(t - 1) * kv_stride + g * hd + hd],
-                            row_stride: kv_stride,
-                            positions: Positions::Contiguous(first_position),
-                            cached: false,
-                        };
-                        let sink = KeySegment { keys: &h.sink_keys, values: &h.sink_values, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
-                        let ring = KeySegment { keys: &h.ring_keys, values: &h.ring_values, row_stride: hd, positions: Positions::List(&h.ring_positions), cached: true };
-                        let vis = match mode {
-                            PrefillMode::Lambda => Visibility::Lambda { sink: window.sink, recent: window.recent },
-                            PrefillMode::Reference => Visibility::CachedAndCausal,
-                        };
-                        (vec![sink, ring, chunk], vis)
-                    }
-                };
-                jobs.push(HeadJob { queries, segments, visibility });
-            }
-            attend_heads(&jobs, hd, scale)
-        };
-        // Streaming heads cache the chunk after attending (they may drop part of it).
-        for (g, head) in self.heads.iter_mut().enumerate() {
-            if let HeadCache::Streaming(h) = head {
-                for r in 0..t {
-                    h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..], first_position + r);
-                }
-            }
-        }
-        let mut out = vec![0.0f32; t * q_stride];
-        for (qh, o) in out_heads.iter().enumerate() {
-            for r in 0..t {
-                out[r * q_stride + qh * hd..][..hd].copy_from_slice(&o[r * hd..][..hd]);
-            }
-        }
-        out
     }
 }
+
+/// [`LayerKv::attend`] over heads of element type `E`. A streaming head's chunk segment is
+/// the chunk rounded to `E` too, so a query sees the chunk's keys as later queries will see
+/// them from the cache.
+#[allow(clippy::too_many_arguments)]
+fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode) -> Vec<f32> {
+    let hd = spec.head_dim;
+    let n_kv = heads.len();
+    let kv_stride = n_kv * hd;
+    let q_stride = n_heads * hd;
+    let t = k.len() / kv_stride;
+    let group = n_heads / n_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Retrieval heads cache the chunk first and then attend causally over the cache.
+    for (g, head) in heads.iter_mut().enumerate() {
+        if let HeadCache::Retrieval(h) = head {
+            h.reserve(t);
+            for r in 0..t {
+                h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..]);
+            }
+        }
+    }
+    let window = spec.window;
+    // The chunk as the cache will hold it (borrowed for f32), for streaming heads.
+    let any_streaming = heads.iter().any(|h| matches!(h, HeadCache::Streaming(_)));
+    let (kc, vc) = if any_streaming { (E::from_f32_slice(k), E::from_f32_slice(v)) } else { (E::from_f32_slice(&[]), E::from_f32_slice(&[])) };
+    let out_heads = {
+        let mut jobs = Vec::with_capacity(n_heads);
+        for qh in 0..n_heads {
+            let g = qh / group;
+            let queries = QueryBlock { queries: &q[qh * hd..], row_stride: q_stride, first_position };
+            let queries = QueryBlock { queries: &queries.queries[..(t - 1) * q_stride + hd], ..queries };
+            let (segments, visibility) = match &heads[g] {
+                HeadCache::Retrieval(h) => (
+                    vec![KeySegment { keys: &h.keys, values: &h.values, row_stride: hd, positions: Positions::Contiguous(0), cached: true }],
+                    Visibility::Causal,
+                ),
+                HeadCache::Streaming(h) => {
+                    let chunk = KeySegment {
+                        keys: &kc[g * hd..(t - 1) * kv_stride + g * hd + hd],
+                        values: &vc[g * hd..(t - 1) * kv_stride + g * hd + hd],
+                        row_stride: kv_stride,
+                        positions: Positions::Contiguous(first_position),
+                        cached: false,
+                    };
+                    let sink = KeySegment { keys: &h.sink_keys, values: &h.sink_values, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
+                    let ring = KeySegment { keys: &h.ring_keys, values: &h.ring_values, row_stride: hd, positions: Positions::List(&h.ring_positions), cached: true };
+                    let vis = match mode {
+                        PrefillMode::Lambda => Visibility::Lambda { sink: window.sink, recent: window.recent },
+                        PrefillMode::Reference => Visibility::CachedAndCausal,
+                    };
+                    (vec![sink, ring, chunk], vis)
+                }
+            };
+            jobs.push(HeadJob { queries, segments, visibility });
+        }
+        attend_heads(&jobs, hd, scale)
+    };
+    // Streaming heads cache the chunk after attending (they may drop part of it).
+    for (g, head) in heads.iter_mut().enumerate() {
+        if let HeadCache::Streaming(h) = head {
+            for r in 0..t {
+                h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..], first_position + r);
+            }
+        }
+    }
+    let mut out = vec![0.0f32; t * q_stride];
+    for (qh, o) in out_heads.iter().enumerate() {
+        for r in 0..t {
+            out[r * q_stride + qh * hd..][..hd].copy_from_slice(&o[r * hd..][..hd]);
+        }
+    }
+    out
+    }
 
 /// The caches of one sequence: one [`LayerKv`] per layer, plus bookkeeping.
 #[derive(Debug, Clone)]
@@ -198,11 +256,7 @@ impl SequenceKv {
     /// whose length is known up front allocates its KV memory once.
     pub fn reserve(&mut self, tokens: usize) {
         for layer in &mut self.layers {
-            for head in &mut layer.heads {
-                if let HeadCache::Retrieval(h) = head {
-                    h.reserve_total(tokens);
-                }
-            }
+            layer.reserve(tokens);
         }
     }
 
@@ -266,7 +320,12 @@ mod tests {
 
     #[allow(clippy::too_many_arguments)]
     fn run_chunked(pattern: &HeadPattern, window: Window, mode: PrefillMode, chunk: usize, q: &[f32], k: &[f32], v: &[f32], n_heads: usize, hd: usize) -> (Vec<f32>, SequenceKv) {
-        let plan = CachePlan::new(pattern, hd, 4, window);
+        run_chunked_bytes(pattern, window, mode, chunk, q, k, v, n_heads, hd, 4)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_chunked_bytes(pattern: &HeadPattern, window: Window, mode: PrefillMode, chunk: usize, q: &[f32], k: &[f32], v: &[f32], n_heads: usize, hd: usize, bytes: usize) -> (Vec<f32>, SequenceKv) {
+        let plan = CachePlan::new(pattern, hd, bytes, window);
         let mut seq = SequenceKv::new(&plan, mode);
         let n_kv = pattern.n_kv_heads();
         let t = k.len() / (n_kv * hd);
@@ -318,6 +377,32 @@ mod tests {
                     let want_ref = dense_oracle(&q, &k, &v, n_heads, &kinds, hd, &reference);
                     assert!(rel(&got_ref, &want_ref) < 1e-5, "reference heads={n_heads}/{n_kv} t={t} chunk={chunk}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_caches_attend_over_the_rounded_keys_and_hold_half_the_bytes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        // Heads of 64 (the register-tiled prefill path) and 16; GQA 3:1 with both kinds.
+        for (hd, t) in [(64usize, 150usize), (16, 47)] {
+            let (n_heads, n_kv) = (6usize, 2usize);
+            let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
+            let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
+            let window = Window::new(3, 11).unwrap();
+            let q = random(t * n_heads * hd, &mut rng);
+            let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect() };
+            let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
+            let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+            let want = dense_oracle(&q, &round(k.clone()), &round(v.clone()), n_heads, &kinds, hd, &lambda);
+            for chunk in [1usize, 16, 1000] {
+                let (got, seq) = run_chunked_bytes(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd, 2);
+                assert!(rel(&got, &want) < 1e-5, "hd {hd} chunk {chunk}: {}", rel(&got, &want));
+                let b = seq.bytes();
+                assert_eq!((b.retrieval, b.streaming), (2 * hd * 2 * t, 2 * hd * 2 * t.min(14)), "half the bytes of f32");
+                // And not the unrounded cache's result (the rounding is real).
+                let (f32_out, _) = run_chunked(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
+                assert!(rel(&got, &f32_out) > 1e-6);
             }
         }
     }

@@ -1,9 +1,9 @@
-//! The CPU backend: duo's quantised kernels (`duo_model::Model`) over `f32` hybrid caches
-//! (`duo_kv::SequenceKv`).
+//! The CPU backend: duo's quantised kernels (`duo_model::Model`) over `f32` (or, with
+//! `--kv-dtype f16`, `f16`) hybrid caches (`duo_kv::SequenceKv`).
 
 use super::{downcast, Backend, Logits, Sequence};
-use crate::error::Result;
-use crate::method::ResolvedMethod;
+use crate::error::{EngineError, Result};
+use crate::method::{KvDtype, ResolvedMethod};
 use duo_core::config::ModelConfig;
 use duo_kv::{KvBytes, SequenceKv};
 use duo_model::Model;
@@ -70,11 +70,15 @@ impl Backend for CpuBackend {
         self.model.config()
     }
 
+    /// The default element (`--kv-dtype f16` halves it; see `kv_plan`).
     fn kv_element_bytes(&self) -> usize {
         4
     }
 
     fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>> {
+        if method.kv_dtype == Some(KvDtype::Bf16) {
+            return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: "the CPU backend caches f32 or f16 (bf16 is the GPU's)".into() });
+        }
         let mut kv = method.new_cache();
         kv.reserve(max_tokens);
         Ok(Box::new(CpuSequence { kv, chunk: method.chunk }))

@@ -111,6 +111,9 @@ impl CudaBackend {
         if method.prefill != PrefillMode::Lambda {
             return Err(EngineError::InvalidParameter { name: "prefill", reason: "the CUDA backend prefills streaming heads with the Λ mask only (--prefill lambda)".into() });
         }
+        if let Some(d) = method.kv_dtype.filter(|&d| d != crate::method::KvDtype::Bf16) {
+            return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("the CUDA backend caches bf16, not {d:?} (--kv-dtype bf16)") });
+        }
         Ok(PagedLayout {
             retrieval: (0..self.config.n_layers).map(|l| method.pattern.layer(l).to_vec()).collect(),
             sink: method.window.sink,

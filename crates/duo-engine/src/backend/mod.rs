@@ -202,9 +202,11 @@ pub trait KvPool: Send + Sync {
     fn step(&self, decode: &mut [(&mut dyn Sequence, u32)], prefill: Option<(&mut dyn Sequence, &[u32], bool)>) -> Result<PoolStep>;
 }
 
-/// The method's cache plan with `backend`'s element size: the one formula for bytes held.
+/// The method's cache plan with its element size (the method's `--kv-dtype`, else the
+/// backend's own): the one formula for bytes held.
 pub fn kv_plan(backend: &dyn Backend, method: &ResolvedMethod) -> CachePlan {
-    CachePlan::new(&method.pattern, backend.config().head_dim, backend.kv_element_bytes(), method.window)
+    let bytes = method.kv_dtype.map_or(backend.kv_element_bytes(), |d| d.bytes());
+    CachePlan::new(&method.pattern, backend.config().head_dim, bytes, method.window)
 }
 
 /// Bytes held after `tokens` tokens under `plan`, by head kind.
