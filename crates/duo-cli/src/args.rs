@@ -235,8 +235,15 @@ pub struct PatternShowArgs {
     #[arg(long, default_value_t = 128)]
     pub head_dim: usize,
     /// Bytes per cached element (2 for bf16/f16, 4 for f32).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, conflicts_with = "kv_dtype")]
     pub bytes_per_element: usize,
+    /// The cache's element type instead of --bytes-per-element: f32, f16 or bf16.
+    #[arg(long)]
+    pub kv_dtype: Option<String>,
+    /// Also print the longest context whose KV cache fits in this many GiB, with this
+    /// pattern and with full attention (weights and activations not counted).
+    #[arg(long)]
+    pub memory_gib: Option<f64>,
     /// Sink tokens.
     #[arg(long, default_value_t = MethodSpec::default().sink)]
     pub sink: usize,

@@ -313,6 +313,23 @@ fn score(a: ScoreArgs) -> Result<()> {
     Ok(())
 }
 
+/// The most tokens `t` with `plan.total_bytes(t) <= budget` (0 when not even the streaming
+/// heads' windows fit), by bisection over a count that only grows with `t`.
+fn longest_context(plan: &duo_core::CachePlan, budget: usize) -> usize {
+    if plan.total_bytes(1) > budget {
+        return 0;
+    }
+    let (mut lo, mut hi) = (1usize, 1usize << 40);
+    if plan.total_bytes(hi) <= budget {
+        return hi;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if plan.total_bytes(mid) <= budget { lo = mid } else { hi = mid }
+    }
+    lo
+}
+
 fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let gates = HeadGates::load(&a.dir).with_context(|| format!("loading the pattern in {}", a.dir.display()))?;
     let pattern = match a.threshold {
@@ -338,19 +355,39 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let pure_stream = per_layer.iter().filter(|&&c| c == 0).count();
     println!("layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}", layers - pure_full - pure_stream);
     let window = duo_core::cache_spec::Window::new(a.sink, a.recent)?;
-    let plan = duo_core::CachePlan::new(&pattern, a.head_dim, a.bytes_per_element, window);
-    let full = duo_core::CachePlan::new(&duo_core::HeadPattern::all_retrieval(layers, heads), a.head_dim, a.bytes_per_element, window);
+    let bytes = match &a.kv_dtype {
+        Some(d) => d.parse::<duo_engine::KvDtype>()?.bytes(),
+        None => a.bytes_per_element,
+    };
+    if bytes == 0 {
+        bail!("--bytes-per-element must be at least 1");
+    }
+    let plan = duo_core::CachePlan::new(&pattern, a.head_dim, bytes, window);
+    let full = duo_core::CachePlan::new(&duo_core::HeadPattern::all_retrieval(layers, heads), a.head_dim, bytes, window);
     let t = a.context;
     println!(
         "KV cache at {t} tokens (head_dim {}, {} bytes/element, sink {}, recent {}): {:.1} MiB vs {:.1} MiB full attention ({:.2}x less)",
         a.head_dim,
-        a.bytes_per_element,
+        bytes,
         a.sink,
         a.recent,
         plan.total_bytes(t) as f64 / (1 << 20) as f64,
         full.total_bytes(t) as f64 / (1 << 20) as f64,
         full.total_bytes(t) as f64 / plan.total_bytes(t).max(1) as f64
     );
+    if let Some(gib) = a.memory_gib {
+        if !(gib.is_finite() && gib > 0.0) {
+            bail!("--memory-gib must be a positive number of GiB (got {gib})");
+        }
+        let budget = (gib * (1u64 << 30) as f64) as usize;
+        let (ours, theirs) = (longest_context(&plan, budget), longest_context(&full, budget));
+        println!(
+            "longest context whose KV fits in {gib} GiB ({bytes} bytes/element): {} tokens with this pattern, {} with full attention ({:.2}x)",
+            ours,
+            theirs,
+            ours as f64 / theirs.max(1) as f64
+        );
+    }
     let out = a.heatmap.clone().unwrap_or_else(|| a.dir.join("gates.png"));
     plot::gate_heatmap(&out, gates.rows(), &pattern)?;
     println!("gate heatmap: {}", out.display());

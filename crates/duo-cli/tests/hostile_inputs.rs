@@ -103,3 +103,26 @@ fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
         assert!(!err.contains("loading"), "refused before the model loads: {err}");
     }
 }
+
+#[test]
+fn pattern_show_prints_the_longest_context_that_fits() {
+    // SmolLM2's shipped head pattern at 0.5: 45 retrieval heads of 64 (f32: 2 x 64 x 4 bytes
+    // per token each) and 45 streaming heads holding 64 + 256 tokens; full attention 90 heads.
+    let heatmap = std::env::temp_dir().join(format!("duo-gates-{}.png", std::process::id()));
+    let pattern = concat!(env!("CARGO_MANIFEST_DIR"), "/../../patterns/SmolLM2-135M-Instruct/head");
+    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
+        .args(["pattern", "show", pattern, "--kv-dtype", "f32", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
+        .output()
+        .expect("duo runs");
+    let _ = std::fs::remove_file(&heatmap);
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (per_token, streaming, full_per_token) = (45 * 2 * 64 * 4, 45 * 320 * 2 * 64 * 4, 90 * 2 * 64 * 4);
+    let ours = ((1usize << 30) - streaming) / per_token;
+    let full = (1usize << 30) / full_per_token;
+    assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")), "{out}");
+    let (ok, err, _) = duo(&["pattern", "show", pattern, "--memory-gib", "0"]);
+    assert!(!ok && err.contains("positive number of GiB"), "{err}");
+    let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype", "int4", "--memory-gib", "1"]);
+    assert!(!ok && err.contains("not one of"), "{err}");
+}
