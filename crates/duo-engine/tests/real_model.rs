@@ -76,15 +76,21 @@ fn tokenizer_and_template_match_llama_cpp() {
 /// weights to 1e-4; yet llama.cpp's logits still differ from duo's by up to about 0.55
 /// (cause not yet found; attention/RoPE are the suspects, since one-token prompts agree
 /// within 0.06). Greedy decoding therefore agrees until the first near-tie. Measured on
-/// 2026-11-26: 5, 24, 24, 10, 18 and 24 of 24 greedy tokens equal on the six prompts.
-/// Asserted: the same final-position top-1 for every prompt, top-64 logits within 1.0,
-/// at least the first 5 greedy tokens equal for every prompt, and the whole 24-token
-/// continuation equal for at least a third of the prompts.
+/// 2026-11-26: 5, 24, 24, 10, 18 and 24 of 24 greedy tokens equal on the six prompts; since
+/// the register-tiled prefill attention (2026-11-30, sums in another order): 5, 20, 24, 10,
+/// 14 and 24, with the final logits as close as before (within 0.25-0.41). Teacher-forced
+/// along llama.cpp's own greedy path, its token is duo's top-1 at 138 of 144 steps and
+/// within 0.19 logits of it at the other 6 (near-ties, where free generations part).
+/// Asserted: the same final-position top-1 for every prompt, top-64 logits within 1.0, at
+/// least the first 5 greedy tokens equal for every prompt, llama.cpp's every greedy token
+/// within 0.5 logits of duo's top-1 and equal to it at 90% of the steps, and at least one
+/// whole 24-token continuation equal. (The two essay prompts need ../shared beside the
+/// checkout; without them four prompts are checked.)
 #[test]
 fn greedy_tokens_and_final_logits_match_llama_cpp() {
     let f = fixture();
     let m = model();
-    let (mut cases, mut full_matches) = (0, 0);
+    let (mut cases, mut full_matches, mut steps, mut agree) = (0, 0, 0, 0);
     for case in f["cases"].as_array().expect("cases") {
         let Some(text) = case_text(case) else { continue };
         let name = case["name"].as_str().expect("name");
@@ -105,12 +111,27 @@ fn greedy_tokens_and_final_logits_match_llama_cpp() {
         let runner = Runner::new(m, full().resolve(m.config()).expect("method"));
         let gen = runner.generate(&prompt, &params, |_| true).expect("generate");
         let same = gen.completion_token_ids.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        eprintln!("{name}: {} prompt tokens; greedy equal for {same}/{n} tokens; top-64 logits within {worst:.3}", prompt.len());
+        // Along llama.cpp's own greedy path (teacher-forced): its token is our top-1, or a
+        // near tie with it. Free generations part at the first near tie and never meet again,
+        // so how far they run together measures luck as much as agreement.
+        let mut kv = runner.new_sequence(prompt.len() + n).expect("sequence");
+        let mut logits = runner.prefill(&prompt, kv.as_mut(), |_| {}).expect("prefill");
+        let (mut top1, mut widest) = (0usize, 0.0f32);
+        for &t in &want[..n] {
+            let best = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            top1 += (duo_engine::sampler::argmax(&logits) == t) as usize;
+            widest = widest.max(best - logits[t as usize]);
+            logits = m.backend().forward(kv.as_mut(), &[t], Logits::Last).expect("step");
+        }
+        eprintln!("{name}: {} prompt tokens; greedy equal for {same}/{n} tokens; llama.cpp's token our top-1 at {top1}/{n} steps (else within {widest:.3}); top-64 logits within {worst:.3}", prompt.len());
         assert!(same >= n.min(5), "{name}: only {same} greedy tokens equal");
+        assert!(widest < 0.5, "{name}: a llama.cpp greedy token {widest} below our top-1");
         cases += 1;
         full_matches += (same == n) as usize;
+        (steps, agree) = (steps + n, agree + top1);
     }
-    assert!(cases >= 4 && 3 * full_matches >= cases, "{full_matches} of {cases} continuations fully equal");
+    eprintln!("{full_matches} of {cases} free continuations equal to the end; llama.cpp's tokens our top-1 at {agree} of {steps} steps");
+    assert!(cases >= 4 && full_matches >= 1 && 10 * agree >= 9 * steps, "{full_matches} of {cases} continuations fully equal, top-1 at {agree} of {steps} steps");
 }
 
 #[test]
