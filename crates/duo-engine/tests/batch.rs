@@ -147,6 +147,22 @@ fn admission_respects_the_budget_and_the_queue_bound() {
 }
 
 #[test]
+fn an_f16_cache_fits_twice_the_tokens_in_the_same_budget() {
+    let model = Arc::new(Engine::load(&ModelSource::Default, Device::Cpu).expect("default model"));
+    let f32_method = MethodSpec::default().resolve(model.config()).expect("method");
+    let f16_method = MethodSpec { kv_dtype: Some(duo_engine::KvDtype::F16), ..Default::default() }.resolve(model.config()).expect("method");
+    let budget = f32_method.plan.total_bytes(100);
+    assert_eq!(f16_method.plan.total_bytes(200), budget, "half the bytes per token");
+    let config = BatchConfig { kv_budget: budget, max_waiting: 2, max_running: 8 };
+    let (a, b) = (BatchEngine::start(model.clone(), f32_method, config.clone()), BatchEngine::start(model.clone(), f16_method, config));
+    assert_eq!(a.max_new_tokens_within_budget(60), 40);
+    assert_eq!(b.max_new_tokens_within_budget(60), 140);
+    let params = SamplingParams { max_tokens: 50, ..Default::default() };
+    assert!(a.check(150, &params, None).unwrap_err().to_string().contains("budget"));
+    assert!(b.check(150, &params, None).is_ok(), "200 tokens of f16 fit where 100 of f32 do");
+}
+
+#[test]
 fn streamed_text_equals_decoding_all_tokens_at_once() {
     use duo_engine::TextStream;
     use rand::{Rng, SeedableRng};
