@@ -154,7 +154,7 @@ fn an_f16_cache_fits_twice_the_tokens_in_the_same_budget() {
     let budget = f32_method.plan.total_bytes(100);
     assert_eq!(f16_method.plan.total_bytes(200), budget, "half the bytes per token");
     let config = BatchConfig { kv_budget: budget, max_waiting: 2, max_running: 8 };
-    let (a, b) = (BatchEngine::start(model.clone(), f32_method, config.clone()), BatchEngine::start(model.clone(), f16_method, config));
+    let (a, b) = (BatchEngine::start(model.clone(), f32_method, config), BatchEngine::start(model.clone(), f16_method, config));
     assert_eq!(a.max_new_tokens_within_budget(60), 40);
     assert_eq!(b.max_new_tokens_within_budget(60), 140);
     let params = SamplingParams { max_tokens: 50, ..Default::default() };
