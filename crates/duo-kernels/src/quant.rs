@@ -224,7 +224,9 @@ fn row_dot(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mut [f32]) 
         // kernels check on entry.
         #[allow(unsafe_code)]
         unsafe {
-            if avx2::has_vnni() {
+            if out.len() >= 8 && avx2::has_avx512_vnni() {
+                avx2::row_dot_vnni512(kind, row, acts, out)
+            } else if avx2::has_vnni() {
                 avx2::row_dot_vnni(kind, row, acts, out)
             } else {
                 avx2::row_dot(kind, row, acts, out)
@@ -393,6 +395,65 @@ mod avx2 {
         row_dot_vnni, "avx2,fma,avxvnni", |x, y| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x, y)
     );
 
+    /// The AVX-512 VNNI kernel: two tokens per 512-bit register (token `2k` in the low
+    /// half, `2k + 1` in the high half), eight tokens per weight block. Each half takes the
+    /// 256-bit kernel's operations on the same values in the same order (`vpdpbusd` on the
+    /// same bytes, the same scale, one fused multiply-add per block, the same final sum), so
+    /// every token gets the bits it gets alone; what changes is that one instruction serves
+    /// two tokens and a weight block is unpacked once for eight. Tokens past the last eight
+    /// go to the 256-bit kernel.
+    #[target_feature(enable = "avx2,fma,avxvnni,avx512f,avx512bw,avx512dq,avx512vnni")]
+    pub(super) unsafe fn row_dot_vnni512(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mut [f32]) {
+        check(kind, row, acts, out);
+        let (bb, nb, t) = (kind.block_bytes(), acts.nb, out.len());
+        let (data, scales, mins) = (row.data.as_ptr(), row.scales.as_ptr(), row.mins.as_ptr());
+        let (qs, yd, ys) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
+        let mut ti = 0;
+        while ti + 8 <= t {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut summs = [0.0f32; 8];
+            for b in 0..nb {
+                let (wx, signs) = weights(kind, data.add(b * bb));
+                let w2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(wx), wx);
+                for (k, acc_k) in acc.iter_mut().enumerate() {
+                    let (t0, t1) = (ti + 2 * k, ti + 2 * k + 1);
+                    let y0 = acts_for(kind, qs.add(t0 * acts.k + b * BLOCK), signs);
+                    let y1 = acts_for(kind, qs.add(t1 * acts.k + b * BLOCK), signs);
+                    let y = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y0), y1);
+                    let prod = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w2, y);
+                    let (d0, d1) = (*scales.add(b) * *yd.add(t0 * nb + b), *scales.add(b) * *yd.add(t1 * nb + b));
+                    let d = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1));
+                    if kind == QuantKind::Q4_1 {
+                        summs[2 * k] += *mins.add(b) * *ys.add(t0 * nb + b);
+                        summs[2 * k + 1] += *mins.add(b) * *ys.add(t1 * nb + b);
+                    }
+                    *acc_k = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(prod), *acc_k);
+                }
+            }
+            for (k, acc_k) in acc.iter().enumerate() {
+                out[ti + 2 * k] = hsum(_mm512_castps512_ps256(*acc_k)) + summs[2 * k];
+                out[ti + 2 * k + 1] = hsum(_mm512_extractf32x8_ps::<1>(*acc_k)) + summs[2 * k + 1];
+            }
+            ti += 8;
+        }
+        if ti < t {
+            row_dot_vnni(kind, row, &Acts { qs: &acts.qs[ti * acts.k..], d: &acts.d[ti * nb..], s: &acts.s[ti * nb..], k: acts.k, nb }, &mut out[ti..]);
+        }
+    }
+
+    /// Whether this CPU has AVX-512 with VNNI (checked once; `DUO_NO_AVX512` turns it off).
+    pub(super) fn has_avx512_vnni() -> bool {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| {
+            std::env::var_os("DUO_NO_AVX512").is_none()
+                && has_vnni()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vnni")
+        })
+    }
+
     /// Whether this CPU has AVX-VNNI (checked once; `DUO_NO_VNNI` turns it off).
     pub(super) fn has_vnni() -> bool {
         static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -494,6 +555,12 @@ mod tests {
                         // SAFETY: as above.
                         unsafe { avx2::row_dot(kind, &row, &one, &mut alone) };
                         assert_eq!(tiled[ti].to_bits(), alone[0].to_bits(), "{kind:?} extreme {extreme} row {r} token {ti}");
+                    }
+                    if avx2::has_avx512_vnni() {
+                        let mut wide = vec![0.0f32; t];
+                        // SAFETY: the CPU reports AVX-512 F/BW/DQ/VNNI and AVX-VNNI.
+                        unsafe { avx2::row_dot_vnni512(kind, &row, &acts, &mut wide) };
+                        assert_eq!(wide.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), tiled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{kind:?} extreme {extreme} row {r}: AVX-512");
                     }
                     if avx2::has_vnni() {
                         let mut vnni = vec![0.0f32; t];
