@@ -152,19 +152,42 @@ impl QuantMatrix {
         let (mut qs, mut ds, mut ss) = (vec![0i8; t * k], vec![0.0f32; t * nb], vec![0.0f32; t * nb]);
         let with_sum = self.kind == QuantKind::Q4_1;
         x.par_chunks(k).zip(qs.par_chunks_mut(k)).zip(ds.par_chunks_mut(nb).zip(ss.par_chunks_mut(nb))).for_each(|((row, q), (d, s))| quantize_into(row, q, d, s, with_sum));
+        // Tokens go in tiles of TT: a tile's activations (TT x k bytes) stay in L1 while the
+        // ROWS weight rows of a work item run over them, instead of every row streaming all
+        // tokens' activations from L2 (a token's arithmetic does not depend on its tile).
+        const TT: usize = 64;
+        let tiles: Vec<(usize, usize)> = (0..t).step_by(TT).map(|t0| (t0, (t - t0).min(TT))).collect();
+        // The AVX-512 kernel's scales, block-major within each tile.
+        let (dt, st) = if t >= 8 && wide_kernel() {
+            let per_tile = |x: &[f32]| -> Vec<f32> { tiles.iter().flat_map(|&(t0, tn)| transpose(&x[t0 * nb..(t0 + tn) * nb], tn, nb)).collect() };
+            (per_tile(&ds), per_tile(&ss))
+        } else {
+            (Vec::new(), Vec::new())
+        };
         const ROWS: usize = 16;
         // Computed as [rows][t], then transposed.
         let mut out_t = vec![0.0f32; n * t];
         out_t.par_chunks_mut(ROWS * t).enumerate().for_each(|(c, chunk)| {
-            for (ri, acc) in chunk.chunks_mut(t).enumerate() {
-                let r = c * ROWS + ri;
-                let row = RowRef {
-                    data: &self.data[r * nb * bb..(r + 1) * nb * bb],
-                    scales: &self.scales[r * nb..(r + 1) * nb],
-                    mins: &self.mins[r * nb..(r + 1) * nb],
+            for &(t0, tn) in &tiles {
+                let (b0, b1) = (t0 * nb, (t0 + tn) * nb);
+                let acts = Acts {
+                    qs: &qs[t0 * k..(t0 + tn) * k],
+                    d: &ds[b0..b1],
+                    s: &ss[b0..b1],
+                    dt: if dt.is_empty() { &[] } else { &dt[b0..b1] },
+                    st: if st.is_empty() { &[] } else { &st[b0..b1] },
+                    k,
+                    nb,
                 };
-                let acts = Acts { qs: &qs, d: &ds, s: &ss, k, nb };
-                row_dot(self.kind, &row, &acts, acc);
+                for (ri, acc) in chunk.chunks_mut(t).enumerate() {
+                    let r = c * ROWS + ri;
+                    let row = RowRef {
+                        data: &self.data[r * nb * bb..(r + 1) * nb * bb],
+                        scales: &self.scales[r * nb..(r + 1) * nb],
+                        mins: &self.mins[r * nb..(r + 1) * nb],
+                    };
+                    row_dot(self.kind, &row, &acts, &mut acc[t0..t0 + tn]);
+                }
             }
         });
         // Back to [t][rows], in tiles of 32 x 32 so both sides stay in cache.
@@ -206,13 +229,36 @@ struct RowRef<'a> {
     mins: &'a [f32],
 }
 
-/// Quantised activations of all tokens: `qs` `[t][k]`, `d`/`s` `[t][nb]`.
+/// Quantised activations of all tokens: `qs` `[t][k]`, `d`/`s` `[t][nb]`; `dt`/`st` the same
+/// scales `[nb][t]` (block-major, for kernels that take several tokens' scales in one load;
+/// empty where not made).
 struct Acts<'a> {
     qs: &'a [i8],
     d: &'a [f32],
     s: &'a [f32],
+    dt: &'a [f32],
+    st: &'a [f32],
     k: usize,
     nb: usize,
+}
+
+/// `[rows][cols]` to `[cols][rows]`.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = x[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Whether `row_dot` takes the AVX-512 kernel for 8 tokens or more (which reads `Acts::dt`).
+fn wide_kernel() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    return avx2::has_avx512_vnni();
+    #[allow(unreachable_code)]
+    false
 }
 
 /// `out[ti]` = row . activations of token `ti`, for every token.
@@ -224,7 +270,7 @@ fn row_dot(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mut [f32]) 
         // kernels check on entry.
         #[allow(unsafe_code)]
         unsafe {
-            if out.len() >= 8 && avx2::has_avx512_vnni() {
+            if out.len() >= 8 && !acts.dt.is_empty() && avx2::has_avx512_vnni() {
                 avx2::row_dot_vnni512(kind, row, acts, out)
             } else if avx2::has_vnni() {
                 avx2::row_dot_vnni(kind, row, acts, out)
@@ -407,37 +453,44 @@ mod avx2 {
         check(kind, row, acts, out);
         let (bb, nb, t) = (kind.block_bytes(), acts.nb, out.len());
         let (data, scales, mins) = (row.data.as_ptr(), row.scales.as_ptr(), row.mins.as_ptr());
-        let (qs, yd, ys) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
+        let qs = acts.qs.as_ptr();
+        assert!(acts.dt.len() >= nb * t && acts.st.len() >= nb * t, "block-major scales");
+        let (dt, st) = (acts.dt.as_ptr(), acts.st.as_ptr());
+        // Lanes 0-7 take scale 2k, lanes 8-15 scale 2k + 1, of eight tokens' scales.
+        let pick: [__m512i; 4] = std::array::from_fn(|k| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi32(2 * k as i32)), _mm256_set1_epi32(2 * k as i32 + 1)));
         let mut ti = 0;
         while ti + 8 <= t {
             let mut acc = [_mm512_setzero_ps(); 4];
-            let mut summs = [0.0f32; 8];
+            let mut summs = _mm256_setzero_ps();
             for b in 0..nb {
                 let (wx, signs) = weights(kind, data.add(b * bb));
                 let w2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(wx), wx);
+                // The eight tokens' block scales in one load: the products the 256-bit kernel
+                // forms one token at a time.
+                let d8 = _mm256_mul_ps(_mm256_set1_ps(*scales.add(b)), _mm256_loadu_ps(dt.add(b * t + ti)));
+                if kind == QuantKind::Q4_1 {
+                    summs = _mm256_add_ps(summs, _mm256_mul_ps(_mm256_set1_ps(*mins.add(b)), _mm256_loadu_ps(st.add(b * t + ti))));
+                }
                 for (k, acc_k) in acc.iter_mut().enumerate() {
                     let (t0, t1) = (ti + 2 * k, ti + 2 * k + 1);
                     let y0 = acts_for(kind, qs.add(t0 * acts.k + b * BLOCK), signs);
                     let y1 = acts_for(kind, qs.add(t1 * acts.k + b * BLOCK), signs);
                     let y = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y0), y1);
                     let prod = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w2, y);
-                    let (d0, d1) = (*scales.add(b) * *yd.add(t0 * nb + b), *scales.add(b) * *yd.add(t1 * nb + b));
-                    let d = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1));
-                    if kind == QuantKind::Q4_1 {
-                        summs[2 * k] += *mins.add(b) * *ys.add(t0 * nb + b);
-                        summs[2 * k + 1] += *mins.add(b) * *ys.add(t1 * nb + b);
-                    }
+                    let d = _mm512_permutexvar_ps(pick[k], _mm512_castps256_ps512(d8));
                     *acc_k = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(prod), *acc_k);
                 }
             }
+            let mut sm = [0.0f32; 8];
+            _mm256_storeu_ps(sm.as_mut_ptr(), summs);
             for (k, acc_k) in acc.iter().enumerate() {
-                out[ti + 2 * k] = hsum(_mm512_castps512_ps256(*acc_k)) + summs[2 * k];
-                out[ti + 2 * k + 1] = hsum(_mm512_extractf32x8_ps::<1>(*acc_k)) + summs[2 * k + 1];
+                out[ti + 2 * k] = hsum(_mm512_castps512_ps256(*acc_k)) + sm[2 * k];
+                out[ti + 2 * k + 1] = hsum(_mm512_extractf32x8_ps::<1>(*acc_k)) + sm[2 * k + 1];
             }
             ti += 8;
         }
         if ti < t {
-            row_dot_vnni(kind, row, &Acts { qs: &acts.qs[ti * acts.k..], d: &acts.d[ti * nb..], s: &acts.s[ti * nb..], k: acts.k, nb }, &mut out[ti..]);
+            row_dot_vnni(kind, row, &Acts { qs: &acts.qs[ti * acts.k..], d: &acts.d[ti * nb..], s: &acts.s[ti * nb..], dt: &[], st: &[], k: acts.k, nb }, &mut out[ti..]);
         }
     }
 
@@ -503,7 +556,7 @@ mod tests {
                 let bb = kind.block_bytes();
                 for r in 0..rows {
                     let row = RowRef { data: &m.data[r * nb * bb..(r + 1) * nb * bb], scales: &m.scales[r * nb..(r + 1) * nb], mins: &m.mins[r * nb..(r + 1) * nb] };
-                    let acts = Acts { qs: &qs, d: &ds, s: &ss, k: cols, nb };
+                    let acts = Acts { qs: &qs, d: &ds, s: &ss, dt: &[], st: &[], k: cols, nb };
                     let mut portable = vec![0.0f32; t];
                     portable_row_dot(kind, &row, &acts, &mut portable);
                     for ti in 0..t {
@@ -545,12 +598,13 @@ mod tests {
                 let (nb, bb) = (cols / BLOCK, kind.block_bytes());
                 for r in 0..rows {
                     let row = RowRef { data: &m.data[r * nb * bb..(r + 1) * nb * bb], scales: &m.scales[r * nb..(r + 1) * nb], mins: &m.mins[r * nb..(r + 1) * nb] };
-                    let acts = Acts { qs: &qs, d: &ds, s: &ss, k: cols, nb };
+                    let (dt, st) = (transpose(&ds, t, nb), transpose(&ss, t, nb));
+                    let acts = Acts { qs: &qs, d: &ds, s: &ss, dt: &dt, st: &st, k: cols, nb };
                     let mut tiled = vec![0.0f32; t];
                     // SAFETY: the build has AVX2 and FMA; the kernel checks the slices.
                     unsafe { avx2::row_dot(kind, &row, &acts, &mut tiled) };
                     for ti in 0..t {
-                        let one = Acts { qs: &qs[ti * cols..(ti + 1) * cols], d: &ds[ti * nb..(ti + 1) * nb], s: &ss[ti * nb..(ti + 1) * nb], k: cols, nb };
+                        let one = Acts { qs: &qs[ti * cols..(ti + 1) * cols], d: &ds[ti * nb..(ti + 1) * nb], s: &ss[ti * nb..(ti + 1) * nb], dt: &[], st: &[], k: cols, nb };
                         let mut alone = [0.0f32];
                         // SAFETY: as above.
                         unsafe { avx2::row_dot(kind, &row, &one, &mut alone) };
