@@ -441,7 +441,7 @@ mod tiled {
     /// Fewest rows for which the tiles pay.
     pub(super) const MIN_ROWS: usize = 8;
     /// Rows per register tile.
-    const R: usize = 4;
+    pub(super) const R: usize = 4;
 
     /// Folds the keys `start..ends[r]` of `seg` (segment rows) into row `r`'s online-softmax
     /// state (`m[r]`, `l[r]`, `acc[r]`), for every row, in blocks of [`BLOCK`] keys from `start`.
@@ -479,7 +479,12 @@ mod tiled {
                 }
                 let qs: [&[f32]; R] = std::array::from_fn(|i| qrow((g + i).min(rows - 1)));
                 let tile = &mut p[g * BLOCK..(g + R) * BLOCK];
-                scores(&qs, &kt, hd, strips, scale, tile);
+                if wide512() && strips % 2 == 0 {
+                    // SAFETY: the CPU reports AVX-512 F and DQ (checked once in `wide512`).
+                    unsafe { scores512(&qs, &kt, hd, strips, scale, tile) };
+                } else {
+                    scores(&qs, &kt, hd, strips, scale, tile);
+                }
                 // Online softmax per row over its visible keys of the block; weights past a
                 // row's end are zero, so the value product can run over the whole group.
                 let mut used = 0;
@@ -522,7 +527,12 @@ mod tiled {
                 if used > 0 {
                     // Rows j..j + used of the segment, `row_stride` apart, `hd` used of the last.
                     let vals = &seg.values[j * seg.row_stride..(j + used - 1) * seg.row_stride + hd];
-                    weighted_values(tile, vals, seg.row_stride, used, hd, &mut outs);
+                    if wide512() && hd.is_multiple_of(32) {
+                        // SAFETY: as above.
+                        unsafe { weighted_values512(tile, vals, seg.row_stride, used, hd, &mut outs) };
+                    } else {
+                        weighted_values(tile, vals, seg.row_stride, used, hd, &mut outs);
+                    }
                 }
             }
             j = e;
@@ -572,8 +582,80 @@ mod tiled {
         }
     }
 
+    /// Whether the CPU has AVX-512 F and DQ (checked once; `DUO_NO_AVX512` turns it off).
+    /// The 512-bit forms below give every score and every output element the same chain of
+    /// fused multiply-adds as the 256-bit ones, so the same bits: a wider register only holds
+    /// more independent chains.
+    pub(super) fn wide512() -> bool {
+        static W: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *W.get_or_init(|| std::env::var_os("DUO_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq"))
+    }
+
+    /// [`scores`] on 512-bit registers: 4 rows x 32 keys per pass (`strips` even).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq")]
+    pub(super) unsafe fn scores512(qs: &[&[f32]; R], kt: &[f32], hd: usize, strips: usize, scale: f32, tile: &mut [f32]) {
+        assert!(kt.len() >= hd * BLOCK && tile.len() >= R * BLOCK && strips * 16 <= BLOCK && strips.is_multiple_of(2) && qs.iter().all(|q| q.len() >= hd));
+        // SAFETY: as in `scores`; each 512-bit load reads kt[d * BLOCK + s .. + 16] with
+        // s + 32 <= strips * 16 <= BLOCK.
+        unsafe {
+            let sc = _mm512_set1_ps(scale);
+            for s in (0..strips * 16).step_by(32) {
+                let mut a = [[_mm512_setzero_ps(); 2]; R];
+                for d in 0..hd {
+                    let k0 = _mm512_loadu_ps(kt.as_ptr().add(d * BLOCK + s));
+                    let k1 = _mm512_loadu_ps(kt.as_ptr().add(d * BLOCK + s + 16));
+                    for (ar, q) in a.iter_mut().zip(qs) {
+                        let q = _mm512_set1_ps(*q.as_ptr().add(d));
+                        ar[0] = _mm512_fmadd_ps(q, k0, ar[0]);
+                        ar[1] = _mm512_fmadd_ps(q, k1, ar[1]);
+                    }
+                }
+                for (r, ar) in a.iter().enumerate() {
+                    _mm512_storeu_ps(tile.as_mut_ptr().add(r * BLOCK + s), _mm512_mul_ps(ar[0], sc));
+                    _mm512_storeu_ps(tile.as_mut_ptr().add(r * BLOCK + s + 16), _mm512_mul_ps(ar[1], sc));
+                }
+            }
+        }
+    }
+
+    /// [`weighted_values`] on 512-bit registers: 4 rows x 32 dimensions per pass (`hd` a
+    /// multiple of 32).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq")]
+    pub(super) unsafe fn weighted_values512<E: KvElem>(w: &[f32], vals: &[E], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
+        assert!(w.len() >= R * BLOCK && (1..=BLOCK).contains(&n) && vals.len() >= (n - 1) * stride + hd && hd.is_multiple_of(32));
+        let present = outs.iter().filter(|o| !o.is_empty()).count();
+        assert!(outs[..present].iter().all(|o| o.len() >= hd));
+        // SAFETY: as in `weighted_values`, with c + 32 <= hd.
+        unsafe {
+            let load16 = |p: *const E| _mm512_insertf32x8::<1>(_mm512_castps256_ps512(E::load8(p)), E::load8(p.add(8)));
+            for c in (0..hd).step_by(32) {
+                let mut a = [[_mm512_setzero_ps(); 2]; R];
+                for r in 0..present {
+                    a[r][0] = _mm512_loadu_ps(outs[r].as_ptr().add(c));
+                    a[r][1] = _mm512_loadu_ps(outs[r].as_ptr().add(c + 16));
+                }
+                let mut v = vals.as_ptr().add(c);
+                for k in 0..n {
+                    let (v0, v1) = (load16(v), load16(v.add(16)));
+                    for (r, ar) in a.iter_mut().enumerate() {
+                        let p = _mm512_set1_ps(*w.as_ptr().add(r * BLOCK + k));
+                        ar[0] = _mm512_fmadd_ps(p, v0, ar[0]);
+                        ar[1] = _mm512_fmadd_ps(p, v1, ar[1]);
+                    }
+                    if k + 1 < n {
+                        v = v.add(stride);
+                    }
+                }
+                for r in 0..present {
+                    _mm512_storeu_ps(outs[r].as_mut_ptr().add(c), a[r][0]);
+                    _mm512_storeu_ps(outs[r].as_mut_ptr().add(c + 16), a[r][1]);
+                }
+            }
+        }
+    }
+
     /// `tile[r][k] = scale * q_r . key k` for 4 rows and `strips` strips of 16 keys of `kt`.
-    fn scores(qs: &[&[f32]; R], kt: &[f32], hd: usize, strips: usize, scale: f32, tile: &mut [f32]) {
+    pub(super) fn scores(qs: &[&[f32]; R], kt: &[f32], hd: usize, strips: usize, scale: f32, tile: &mut [f32]) {
         assert!(kt.len() >= hd * BLOCK && tile.len() >= R * BLOCK && strips * 16 <= BLOCK && qs.iter().all(|q| q.len() >= hd));
         // SAFETY: AVX2 and FMA are enabled for the whole build (cfg on the module); loads read
         // kt[d * BLOCK + s .. + 16] with d < hd, s + 16 <= BLOCK, and q[d] with d < hd, all
@@ -601,7 +683,7 @@ mod tiled {
 
     /// `outs[r] += sum_k w[r][k] * value k` for the rows present and the first `n` value rows
     /// of `vals` (`stride` apart), in key order per element.
-    fn weighted_values<E: KvElem>(w: &[f32], vals: &[E], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
+    pub(super) fn weighted_values<E: KvElem>(w: &[f32], vals: &[E], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
         assert!(w.len() >= R * BLOCK && (1..=BLOCK).contains(&n) && vals.len() >= (n - 1) * stride + hd);
         let present = outs.iter().filter(|o| !o.is_empty()).count();
         assert!(outs[..present].iter().all(|o| o.len() >= hd));
@@ -1068,6 +1150,51 @@ mod tests {
             let mut single = vec![0.0f32; t * hd];
             attend(qb, &segs, vis, hd, 0.125, &mut single, hd);
             assert!(tiles[0].iter().zip(&single).all(|(a, b)| a.to_bits() == b.to_bits()), "{vis:?}");
+        }
+    }
+
+    /// The 512-bit tiles give the 256-bit tiles' bits (each score and each output element
+    /// is the same chain of fused multiply-adds), for f32 and f16 values.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    #[test]
+    #[allow(unsafe_code)]
+    fn wide_tiles_give_the_narrow_tiles_bits() {
+        if !tiled::wide512() {
+            eprintln!("no AVX-512 on this CPU: nothing to compare");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+        for hd in [64usize, 128] {
+            let kt = random(hd * BLOCK, &mut rng);
+            let q: Vec<Vec<f32>> = (0..tiled::R).map(|_| random(hd, &mut rng)).collect();
+            let qs: [&[f32]; tiled::R] = std::array::from_fn(|i| q[i].as_slice());
+            let (mut a, mut b) = (vec![0.0f32; tiled::R * BLOCK], vec![0.0f32; tiled::R * BLOCK]);
+            tiled::scores(&qs, &kt, hd, 4, 0.125, &mut a);
+            // SAFETY: the CPU reports AVX-512 F and DQ.
+            unsafe { tiled::scores512(&qs, &kt, hd, 4, 0.125, &mut b) };
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "scores, hd {hd}");
+            let w = random(tiled::R * BLOCK, &mut rng);
+            let (stride, n) = (hd * 3, 61);
+            let vals = random((n - 1) * stride + hd, &mut rng);
+            let vals16: Vec<half::f16> = vals.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let base = random(tiled::R * hd, &mut rng);
+            let run = |wide: bool, f16: bool| -> Vec<f32> {
+                let mut o = base.clone();
+                let mut it = o.chunks_mut(hd);
+                let mut outs: [&mut [f32]; tiled::R] = std::array::from_fn(|_| it.next().expect("row"));
+                match (wide, f16) {
+                    // SAFETY: as above.
+                    (true, false) => unsafe { tiled::weighted_values512(&w, &vals, stride, n, hd, &mut outs) },
+                    (true, true) => unsafe { tiled::weighted_values512(&w, &vals16, stride, n, hd, &mut outs) },
+                    (false, false) => tiled::weighted_values(&w, &vals, stride, n, hd, &mut outs),
+                    (false, true) => tiled::weighted_values(&w, &vals16, stride, n, hd, &mut outs),
+                }
+                o
+            };
+            for f16 in [false, true] {
+                let (x, y) = (run(false, f16), run(true, f16));
+                assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "values, hd {hd}, f16 {f16}");
+            }
         }
     }
 
