@@ -479,7 +479,7 @@ mod tiled {
                 }
                 let qs: [&[f32]; R] = std::array::from_fn(|i| qrow((g + i).min(rows - 1)));
                 let tile = &mut p[g * BLOCK..(g + R) * BLOCK];
-                if wide512() && strips % 2 == 0 {
+                if wide512() && strips.is_multiple_of(2) {
                     // SAFETY: the CPU reports AVX-512 F and DQ (checked once in `wide512`).
                     unsafe { scores512(&qs, &kt, hd, strips, scale, tile) };
                 } else {
