@@ -72,6 +72,19 @@ fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cud
     compile_ptx_with_opts(format!("{PREFIX}{source}"), opts).map_err(|e| CudaError::Compile { name, log: e.to_string() })
 }
 
+/// Lets `f` take `bytes` of dynamic shared memory (beyond the 48 KiB it gets without asking).
+fn allow_dynamic_smem(f: &CudaFunction, bytes: usize) -> Result<()> {
+    // SAFETY: `f` is a function of a loaded module; the attribute only raises a limit.
+    unsafe {
+        cudarc::driver::result::function::set_function_attribute(
+            f.cu_function(),
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+    }
+    .map_err(driver)
+}
+
 /// The prefill kernel's source, after the tensor-core helpers it uses.
 fn prefill_source() -> String {
     format!("{}{}", crate::prefill_attention::TENSOR_CORE_HELPERS, crate::prefill_attention::SOURCE)
@@ -323,15 +336,7 @@ impl Gpu {
         let partial = m.load_function(if kernel == DecodeKernel::Tensor { "duo_decode_partial_tc" } else { "duo_decode_partial" }).map_err(driver)?;
         if kernel == DecodeKernel::Tensor {
             // Three stages of K and V tiles exceed the 48 KiB a kernel gets without asking.
-            // SAFETY: the function was just loaded from its module.
-            unsafe {
-                cudarc::driver::result::function::set_function_attribute(
-                    partial.cu_function(),
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    tensor_smem_bytes(head_dim) as i32,
-                )
-            }
-            .map_err(driver)?;
+            allow_dynamic_smem(&partial, tensor_smem_bytes(head_dim))?;
         }
         let k = (partial, m.load_function("duo_decode_merge").map_err(driver)?);
         cache.push(((group, head_dim, kv, kernel), k.clone()));
@@ -369,15 +374,7 @@ impl Gpu {
         let m = self.ctx.load_module(compile(&prefill_source(), "prefill_attention", vec![format!("-DHEAD_DIM={head_dim}")])?).map_err(driver)?;
         let k = m.load_function("duo_prefill_attention").map_err(driver)?;
         // Two stages of K and V tiles exceed the 48 KiB a kernel gets without asking.
-        // SAFETY: the function was just loaded from its module.
-        unsafe {
-            cudarc::driver::result::function::set_function_attribute(
-                k.cu_function(),
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                prefill_smem_bytes(head_dim) as i32,
-            )
-        }
-        .map_err(driver)?;
+        allow_dynamic_smem(&k, prefill_smem_bytes(head_dim))?;
         cache.push((head_dim, k.clone()));
         Ok(k)
     }
