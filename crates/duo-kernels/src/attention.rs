@@ -479,11 +479,12 @@ mod tiled {
                 }
                 let qs: [&[f32]; R] = std::array::from_fn(|i| qrow((g + i).min(rows - 1)));
                 let tile = &mut p[g * BLOCK..(g + R) * BLOCK];
+                // SAFETY: AVX2, FMA and F16C are enabled for the build (cfg on the module);
+                // the CPU reports AVX-512 F and DQ where `wide512` says so.
                 if wide512() && strips.is_multiple_of(2) {
-                    // SAFETY: the CPU reports AVX-512 F and DQ (checked once in `wide512`).
                     unsafe { scores512(&qs, &kt, hd, strips, scale, tile) };
                 } else {
-                    scores(&qs, &kt, hd, strips, scale, tile);
+                    unsafe { scores(&qs, &kt, hd, strips, scale, tile) };
                 }
                 // Online softmax per row over its visible keys of the block; weights past a
                 // row's end are zero, so the value product can run over the whole group.
@@ -527,11 +528,11 @@ mod tiled {
                 if used > 0 {
                     // Rows j..j + used of the segment, `row_stride` apart, `hd` used of the last.
                     let vals = &seg.values[j * seg.row_stride..(j + used - 1) * seg.row_stride + hd];
+                    // SAFETY: as for the scores above.
                     if wide512() && hd.is_multiple_of(32) {
-                        // SAFETY: as above.
                         unsafe { weighted_values512(tile, vals, seg.row_stride, used, hd, &mut outs) };
                     } else {
-                        weighted_values(tile, vals, seg.row_stride, used, hd, &mut outs);
+                        unsafe { weighted_values(tile, vals, seg.row_stride, used, hd, &mut outs) };
                     }
                 }
             }
@@ -591,133 +592,97 @@ mod tiled {
         *W.get_or_init(|| std::env::var_os("DUO_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq"))
     }
 
-    /// [`scores`] on 512-bit registers: 4 rows x 32 keys per pass (`strips` even).
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq")]
-    pub(super) unsafe fn scores512(qs: &[&[f32]; R], kt: &[f32], hd: usize, strips: usize, scale: f32, tile: &mut [f32]) {
-        assert!(kt.len() >= hd * BLOCK && tile.len() >= R * BLOCK && strips * 16 <= BLOCK && strips.is_multiple_of(2) && qs.iter().all(|q| q.len() >= hd));
-        // SAFETY: as in `scores`; each 512-bit load reads kt[d * BLOCK + s .. + 16] with
-        // s + 32 <= strips * 16 <= BLOCK.
-        unsafe {
-            let sc = _mm512_set1_ps(scale);
-            for s in (0..strips * 16).step_by(32) {
-                let mut a = [[_mm512_setzero_ps(); 2]; R];
-                for d in 0..hd {
-                    let k0 = _mm512_loadu_ps(kt.as_ptr().add(d * BLOCK + s));
-                    let k1 = _mm512_loadu_ps(kt.as_ptr().add(d * BLOCK + s + 16));
-                    for (ar, q) in a.iter_mut().zip(qs) {
-                        let q = _mm512_set1_ps(*q.as_ptr().add(d));
-                        ar[0] = _mm512_fmadd_ps(q, k0, ar[0]);
-                        ar[1] = _mm512_fmadd_ps(q, k1, ar[1]);
+    /// The two tile products, one body for each register width: `$w` lanes per register,
+    /// so a pass covers 4 rows x `2 $w` keys (scores) or dimensions (values). Every score and
+    /// every output element is the same chain of fused multiply-adds at either width, so
+    /// both give the same bits (tested): a wider register only holds more chains.
+    macro_rules! tile_kernels {
+        ($scores:ident, $values:ident, $features:literal, $w:literal, $v:ty,
+         zero: $zero:path, load: $load:path, set1: $set1:path, fmadd: $fmadd:path, mul: $mul:path, store: $store:path,
+         load_kv: |$p:ident| $load_kv:expr) => {
+            /// `tile[r][k] = scale * q_r . key k` for 4 rows and `strips` strips of 16 keys of
+            /// `kt` (`strips * 16` a multiple of twice the register width).
+            ///
+            /// # Safety
+            /// The CPU must have the features the function enables.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $scores(qs: &[&[f32]; R], kt: &[f32], hd: usize, strips: usize, scale: f32, tile: &mut [f32]) {
+                assert!(kt.len() >= hd * BLOCK && tile.len() >= R * BLOCK && strips * 16 <= BLOCK && (strips * 16).is_multiple_of(2 * $w) && qs.iter().all(|q| q.len() >= hd));
+                // SAFETY: the features are the caller's promise; loads read kt[d * BLOCK + s ..
+                // + 2w] with d < hd, s + 2w <= strips * 16 <= BLOCK, and q[d] with d < hd, all
+                // inside the slices checked above; stores write tile[r * BLOCK + s .. + 2w], r < 4.
+                unsafe {
+                    let sc = $set1(scale);
+                    for s in (0..strips * 16).step_by(2 * $w) {
+                        let mut a: [[$v; 2]; R] = [[$zero(); 2]; R];
+                        for d in 0..hd {
+                            let k0 = $load(kt.as_ptr().add(d * BLOCK + s));
+                            let k1 = $load(kt.as_ptr().add(d * BLOCK + s + $w));
+                            for (ar, q) in a.iter_mut().zip(qs) {
+                                let q = $set1(*q.as_ptr().add(d));
+                                ar[0] = $fmadd(q, k0, ar[0]);
+                                ar[1] = $fmadd(q, k1, ar[1]);
+                            }
+                        }
+                        for (r, ar) in a.iter().enumerate() {
+                            $store(tile.as_mut_ptr().add(r * BLOCK + s), $mul(ar[0], sc));
+                            $store(tile.as_mut_ptr().add(r * BLOCK + s + $w), $mul(ar[1], sc));
+                        }
                     }
                 }
-                for (r, ar) in a.iter().enumerate() {
-                    _mm512_storeu_ps(tile.as_mut_ptr().add(r * BLOCK + s), _mm512_mul_ps(ar[0], sc));
-                    _mm512_storeu_ps(tile.as_mut_ptr().add(r * BLOCK + s + 16), _mm512_mul_ps(ar[1], sc));
+            }
+
+            /// `outs[r] += sum_k w[r][k] * value k` for the rows present and the first `n`
+            /// value rows of `vals` (`stride` apart), in key order per element (`hd` a
+            /// multiple of twice the register width).
+            ///
+            /// # Safety
+            /// The CPU must have the features the function enables.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $values<E: KvElem>(w: &[f32], vals: &[E], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
+                assert!(w.len() >= R * BLOCK && (1..=BLOCK).contains(&n) && vals.len() >= (n - 1) * stride + hd && hd.is_multiple_of(2 * $w));
+                let present = outs.iter().filter(|o| !o.is_empty()).count();
+                assert!(outs[..present].iter().all(|o| o.len() >= hd));
+                // SAFETY: the features are the caller's promise; value loads read vals[k * stride
+                // + c .. + 2w] with k < n, c + 2w <= hd, inside the length checked above; weights
+                // w[r * BLOCK + k] with r < 4, k < n <= BLOCK; outputs are read and written at
+                // [c .. c + 2w] only for the `present` rows, each at least hd long.
+                unsafe {
+                    for c in (0..hd).step_by(2 * $w) {
+                        let mut a: [[$v; 2]; R] = [[$zero(); 2]; R];
+                        for r in 0..present {
+                            a[r][0] = $load(outs[r].as_ptr().add(c));
+                            a[r][1] = $load(outs[r].as_ptr().add(c + $w));
+                        }
+                        let mut v = vals.as_ptr().add(c);
+                        for k in 0..n {
+                            let v0 = { let $p = v; $load_kv };
+                            let v1 = { let $p = v.add($w); $load_kv };
+                            for (r, ar) in a.iter_mut().enumerate() {
+                                let p = $set1(*w.as_ptr().add(r * BLOCK + k));
+                                ar[0] = $fmadd(p, v0, ar[0]);
+                                ar[1] = $fmadd(p, v1, ar[1]);
+                            }
+                            if k + 1 < n {
+                                v = v.add(stride);
+                            }
+                        }
+                        for r in 0..present {
+                            $store(outs[r].as_mut_ptr().add(c), a[r][0]);
+                            $store(outs[r].as_mut_ptr().add(c + $w), a[r][1]);
+                        }
+                    }
                 }
             }
-        }
+        };
     }
 
-    /// [`weighted_values`] on 512-bit registers: 4 rows x 32 dimensions per pass (`hd` a
-    /// multiple of 32).
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq")]
-    pub(super) unsafe fn weighted_values512<E: KvElem>(w: &[f32], vals: &[E], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
-        assert!(w.len() >= R * BLOCK && (1..=BLOCK).contains(&n) && vals.len() >= (n - 1) * stride + hd && hd.is_multiple_of(32));
-        let present = outs.iter().filter(|o| !o.is_empty()).count();
-        assert!(outs[..present].iter().all(|o| o.len() >= hd));
-        // SAFETY: as in `weighted_values`, with c + 32 <= hd.
-        unsafe {
-            let load16 = |p: *const E| _mm512_insertf32x8::<1>(_mm512_castps256_ps512(E::load8(p)), E::load8(p.add(8)));
-            for c in (0..hd).step_by(32) {
-                let mut a = [[_mm512_setzero_ps(); 2]; R];
-                for r in 0..present {
-                    a[r][0] = _mm512_loadu_ps(outs[r].as_ptr().add(c));
-                    a[r][1] = _mm512_loadu_ps(outs[r].as_ptr().add(c + 16));
-                }
-                let mut v = vals.as_ptr().add(c);
-                for k in 0..n {
-                    let (v0, v1) = (load16(v), load16(v.add(16)));
-                    for (r, ar) in a.iter_mut().enumerate() {
-                        let p = _mm512_set1_ps(*w.as_ptr().add(r * BLOCK + k));
-                        ar[0] = _mm512_fmadd_ps(p, v0, ar[0]);
-                        ar[1] = _mm512_fmadd_ps(p, v1, ar[1]);
-                    }
-                    if k + 1 < n {
-                        v = v.add(stride);
-                    }
-                }
-                for r in 0..present {
-                    _mm512_storeu_ps(outs[r].as_mut_ptr().add(c), a[r][0]);
-                    _mm512_storeu_ps(outs[r].as_mut_ptr().add(c + 16), a[r][1]);
-                }
-            }
-        }
-    }
-
-    /// `tile[r][k] = scale * q_r . key k` for 4 rows and `strips` strips of 16 keys of `kt`.
-    pub(super) fn scores(qs: &[&[f32]; R], kt: &[f32], hd: usize, strips: usize, scale: f32, tile: &mut [f32]) {
-        assert!(kt.len() >= hd * BLOCK && tile.len() >= R * BLOCK && strips * 16 <= BLOCK && qs.iter().all(|q| q.len() >= hd));
-        // SAFETY: AVX2 and FMA are enabled for the whole build (cfg on the module); loads read
-        // kt[d * BLOCK + s .. + 16] with d < hd, s + 16 <= BLOCK, and q[d] with d < hd, all
-        // inside the slices checked above; stores write tile[r * BLOCK + s .. + 16], r < 4.
-        unsafe {
-            let sc = _mm256_set1_ps(scale);
-            for s in (0..strips * 16).step_by(16) {
-                let mut a = [[_mm256_setzero_ps(); 2]; R];
-                for d in 0..hd {
-                    let k0 = _mm256_loadu_ps(kt.as_ptr().add(d * BLOCK + s));
-                    let k1 = _mm256_loadu_ps(kt.as_ptr().add(d * BLOCK + s + 8));
-                    for (ar, q) in a.iter_mut().zip(qs) {
-                        let q = _mm256_broadcast_ss(&*q.as_ptr().add(d));
-                        ar[0] = _mm256_fmadd_ps(q, k0, ar[0]);
-                        ar[1] = _mm256_fmadd_ps(q, k1, ar[1]);
-                    }
-                }
-                for (r, ar) in a.iter().enumerate() {
-                    _mm256_storeu_ps(tile.as_mut_ptr().add(r * BLOCK + s), _mm256_mul_ps(ar[0], sc));
-                    _mm256_storeu_ps(tile.as_mut_ptr().add(r * BLOCK + s + 8), _mm256_mul_ps(ar[1], sc));
-                }
-            }
-        }
-    }
-
-    /// `outs[r] += sum_k w[r][k] * value k` for the rows present and the first `n` value rows
-    /// of `vals` (`stride` apart), in key order per element.
-    pub(super) fn weighted_values<E: KvElem>(w: &[f32], vals: &[E], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
-        assert!(w.len() >= R * BLOCK && (1..=BLOCK).contains(&n) && vals.len() >= (n - 1) * stride + hd);
-        let present = outs.iter().filter(|o| !o.is_empty()).count();
-        assert!(outs[..present].iter().all(|o| o.len() >= hd));
-        // SAFETY: AVX2/FMA as above; value loads read vals[k * stride + c .. + 16] with k < n,
-        // c + 16 <= hd, inside the length checked above; weights w[r * BLOCK + k] with r < 4,
-        // k < n <= BLOCK; outputs are read and written at [c .. c + 16] only for the
-        // `present` rows, each at least hd long.
-        unsafe {
-            for c in (0..hd).step_by(16) {
-                let mut a = [[_mm256_setzero_ps(); 2]; R];
-                for r in 0..present {
-                    a[r][0] = _mm256_loadu_ps(outs[r].as_ptr().add(c));
-                    a[r][1] = _mm256_loadu_ps(outs[r].as_ptr().add(c + 8));
-                }
-                let mut v = vals.as_ptr().add(c);
-                for k in 0..n {
-                    let v0 = E::load8(v);
-                    let v1 = E::load8(v.add(8));
-                    for (r, ar) in a.iter_mut().enumerate() {
-                        let p = _mm256_broadcast_ss(&*w.as_ptr().add(r * BLOCK + k));
-                        ar[0] = _mm256_fmadd_ps(p, v0, ar[0]);
-                        ar[1] = _mm256_fmadd_ps(p, v1, ar[1]);
-                    }
-                    if k + 1 < n {
-                        v = v.add(stride);
-                    }
-                }
-                for r in 0..present {
-                    _mm256_storeu_ps(outs[r].as_mut_ptr().add(c), a[r][0]);
-                    _mm256_storeu_ps(outs[r].as_mut_ptr().add(c + 8), a[r][1]);
-                }
-            }
-        }
-    }
+    tile_kernels!(scores, weighted_values, "avx2,fma,f16c", 8, __m256,
+        zero: _mm256_setzero_ps, load: _mm256_loadu_ps, set1: _mm256_set1_ps, fmadd: _mm256_fmadd_ps, mul: _mm256_mul_ps, store: _mm256_storeu_ps,
+        load_kv: |p| E::load8(p));
+    tile_kernels!(scores512, weighted_values512, "avx2,fma,f16c,avx512f,avx512dq", 16, __m512,
+        zero: _mm512_setzero_ps, load: _mm512_loadu_ps, set1: _mm512_set1_ps, fmadd: _mm512_fmadd_ps, mul: _mm512_mul_ps, store: _mm512_storeu_ps,
+        load_kv: |p| _mm512_insertf32x8::<1>(_mm512_castps256_ps512(E::load8(p)), E::load8(p.add(8))));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1169,8 +1134,9 @@ mod tests {
             let q: Vec<Vec<f32>> = (0..tiled::R).map(|_| random(hd, &mut rng)).collect();
             let qs: [&[f32]; tiled::R] = std::array::from_fn(|i| q[i].as_slice());
             let (mut a, mut b) = (vec![0.0f32; tiled::R * BLOCK], vec![0.0f32; tiled::R * BLOCK]);
-            tiled::scores(&qs, &kt, hd, 4, 0.125, &mut a);
-            // SAFETY: the CPU reports AVX-512 F and DQ.
+            // SAFETY: the build enables AVX2, FMA and F16C; the CPU reports AVX-512 F and DQ.
+            unsafe { tiled::scores(&qs, &kt, hd, 4, 0.125, &mut a) };
+            // SAFETY: as above.
             unsafe { tiled::scores512(&qs, &kt, hd, 4, 0.125, &mut b) };
             assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "scores, hd {hd}");
             let w = random(tiled::R * BLOCK, &mut rng);
@@ -1186,8 +1152,8 @@ mod tests {
                     // SAFETY: as above.
                     (true, false) => unsafe { tiled::weighted_values512(&w, &vals, stride, n, hd, &mut outs) },
                     (true, true) => unsafe { tiled::weighted_values512(&w, &vals16, stride, n, hd, &mut outs) },
-                    (false, false) => tiled::weighted_values(&w, &vals, stride, n, hd, &mut outs),
-                    (false, true) => tiled::weighted_values(&w, &vals16, stride, n, hd, &mut outs),
+                    (false, false) => unsafe { tiled::weighted_values(&w, &vals, stride, n, hd, &mut outs) },
+                    (false, true) => unsafe { tiled::weighted_values(&w, &vals16, stride, n, hd, &mut outs) },
                 }
                 o
             };
