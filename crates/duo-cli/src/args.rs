@@ -93,8 +93,14 @@ impl MethodArgs {
     pub fn spec(&self) -> Result<MethodSpec> {
         let kv_dtype: Option<KvDtype> = self.kv_dtype.as_deref().map(str::parse).transpose()?;
         match (self.device, kv_dtype) {
-            (Device::Cpu, Some(KvDtype::Bf16)) => anyhow::bail!("--kv-dtype bf16 is the GPU's cache; on the CPU it is f32 (the default) or f16"),
-            (Device::Cuda(_), Some(d)) if d != KvDtype::Bf16 => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default)", self.kv_dtype.as_deref().unwrap_or_default()),
+            (Device::Cpu, Some(d)) if d.is_gpu() => anyhow::bail!(
+                "--kv-dtype {}: a GPU cache; on the CPU it is f32 (the default) or f16",
+                self.kv_dtype.as_deref().unwrap_or_default()
+            ),
+            (Device::Cuda(_), Some(d)) if !d.is_gpu() => anyhow::bail!(
+                "--kv-dtype {}: the CUDA backend caches bf16 (its default) or fp8",
+                self.kv_dtype.as_deref().unwrap_or_default()
+            ),
             _ => {}
         }
         Ok(MethodSpec {
@@ -117,15 +123,25 @@ impl MethodArgs {
     pub fn load(&self) -> Result<(Engine, ResolvedMethod)> {
         let spec = self.spec()?;
         let source = self.model_source()?;
-        let engine = Engine::load(&source, self.device).with_context(|| format!("loading the model onto {}", self.device))?;
+        let engine = Engine::load(&source, self.device)
+            .with_context(|| format!("loading the model onto {}", self.device))?;
         let resolved = spec.resolve(engine.config())?;
         Ok((engine, resolved))
     }
 }
 
 fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
-    let (id, b) = s.split_once('=').ok_or_else(|| format!("`{s}` is not ID=BIAS"))?;
-    Ok((id.trim().parse().map_err(|_| format!("`{id}` is not a token id"))?, b.trim().parse().map_err(|_| format!("`{b}` is not a number"))?))
+    let (id, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not ID=BIAS"))?;
+    Ok((
+        id.trim()
+            .parse()
+            .map_err(|_| format!("`{id}` is not a token id"))?,
+        b.trim()
+            .parse()
+            .map_err(|_| format!("`{b}` is not a number"))?,
+    ))
 }
 
 /// `duo generate`.
@@ -237,7 +253,8 @@ pub struct PatternShowArgs {
     /// Bytes per cached element (2 for bf16/f16, 4 for f32).
     #[arg(long, default_value_t = 2, conflicts_with = "kv_dtype")]
     pub bytes_per_element: usize,
-    /// The cache's element type instead of --bytes-per-element: f32, f16 or bf16.
+    /// The cache's element type instead of --bytes-per-element: f32, f16, bf16 or fp8 (one
+    /// byte and a 4-byte scale per row of head_dim).
     #[arg(long)]
     pub kv_dtype: Option<String>,
     /// Also print the longest context whose KV cache fits in this many GiB, with this

@@ -21,7 +21,11 @@ use serde_json::json;
 use std::io::{Read, Write};
 
 #[derive(Parser)]
-#[command(name = "duo", version, about = "Long-context LLM inference that keeps a full KV cache only for the heads that need it")]
+#[command(
+    name = "duo",
+    version,
+    about = "Long-context LLM inference that keeps a full KV cache only for the heads that need it"
+)]
 struct Cli {
     /// CPU threads for the CPU backend's kernels (default: every core this process may use).
     #[arg(long, global = true)]
@@ -79,12 +83,19 @@ static ALLOCATOR: duo_model::budget::BudgetAllocator = duo_model::budget::Budget
 fn main() {
     duo_model::budget::keep_step_buffers_mapped();
     // Warnings (e.g. the server's ignored request fields) show by default; DUO_LOG=info|debug for more.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         let set = if (1..=4096).contains(&n) {
-            rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| e.to_string())
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .map_err(|e| e.to_string())
         } else {
             Err(format!("must be from 1 to 4096 (got {n})"))
         };
@@ -113,18 +124,36 @@ fn main() {
 
 fn random_checkpoint(shape: &str, out: &std::path::Path, seed: u64) -> Result<()> {
     let config = duo_model::random::shape(shape)?;
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        bail!("{} exists and is not empty; give a new folder", out.display());
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{} exists and is not empty; give a new folder",
+            out.display()
+        );
     }
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("writing {bar:30} {bytes}/{total_bytes} [{elapsed_precise} < {eta_precise}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "writing {bar:30} {bytes}/{total_bytes} [{elapsed_precise} < {eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let t0 = std::time::Instant::now();
     let w = duo_engine::random_checkpoint::write(&config, seed, out, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    println!("{shape} (seed {seed}): {:.2} GiB of bf16 weights in {} file(s) in {}, written in {:.1} s", w.bytes as f64 / (1u64 << 30) as f64, w.files.len(), out.display(), t0.elapsed().as_secs_f64());
+    println!(
+        "{shape} (seed {seed}): {:.2} GiB of bf16 weights in {} file(s) in {}, written in {:.1} s",
+        w.bytes as f64 / (1u64 << 30) as f64,
+        w.files.len(),
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -134,28 +163,55 @@ fn cuda_check(seed: u64) -> Result<()> {
     let results = duo_cuda::check(&gpu, seed)?;
     let mut failed = 0;
     for r in &results {
-        println!("{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})", if r.ok() { "ok  " } else { "FAIL" }, r.case, r.max_abs_err, r.bound);
+        println!(
+            "{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})",
+            if r.ok() { "ok  " } else { "FAIL" },
+            r.case,
+            r.max_abs_err,
+            r.bound
+        );
         failed += usize::from(!r.ok());
     }
     if failed > 0 {
         bail!("{failed} of {} kernel parity checks failed", results.len());
     }
     // One layer of Llama-3-8B (32 query / 8 KV heads of 128): every KV head retrieval, or
-    // half of them streaming (64 + 256 tokens), in one fused launch over a paged pool; one
-    // sequence at 128K with blocks of 16 to 256 tokens (the block size), then batches.
-    println!("copy bandwidth {:.0} GB/s (read + written)", gpu.copy_bandwidth()? / 1e9);
+    // half of them streaming (64 + 256 tokens), in one fused launch over a paged pool (blocks
+    // of 64); bf16 and fp8 caches side by side on the tensor cores, the CUDA-core kernel (the
+    // reference path) beside them; one long sequence, then batches.
+    use duo_cuda::decode_attention::{time_decode_attention, DecodeKernel, KvType};
+    println!(
+        "copy bandwidth {:.0} GB/s (read + written)",
+        gpu.copy_bandwidth()? / 1e9
+    );
     let duo = [true, true, true, true, false, false, false, false];
     for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
-        for (tokens, rows, block) in [(131_072usize, 1usize, 16usize), (131_072, 1, 64), (131_072, 1, 256), (4096, 32, 16), (4096, 32, 64), (32_768, 16, 64), (16_384, 25, 64)] {
-            // The tensor-core kernel the engine runs beside the CUDA-core one (its reference
-            // path), same pool, same call; then the constant split of a shared serving pool.
-            use duo_cuda::decode_attention::DecodeKernel;
-            let split = duo_cuda::pool::DECODE_SPLIT;
-            for (kernel, split) in [(DecodeKernel::Cores(2), None), (DecodeKernel::Tensor, None), (DecodeKernel::Cores(2), Some(split)), (DecodeKernel::Tensor, Some(split))] {
-                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, 32, 128, &kinds, tokens, rows, block, split, kernel, 50)?;
-                let split = split.map_or("by batch".to_string(), |s| format!("of {s}"));
+        for (tokens, rows) in [
+            (131_072usize, 1usize),
+            (524_288, 1),
+            (16_384, 25),
+            (4096, 64),
+        ] {
+            let mut bf16_ms = 0.0;
+            for (kernel, kv) in [
+                (DecodeKernel::Cores(2), KvType::Bf16),
+                (DecodeKernel::Tensor, KvType::Bf16),
+                (DecodeKernel::Tensor, KvType::Fp8),
+            ] {
+                let split = (rows > 1).then_some(duo_cuda::pool::DECODE_SPLIT);
+                let (ms, bytes) = time_decode_attention(
+                    &gpu, 32, 128, &kinds, tokens, rows, 64, split, kernel, kv, 50,
+                )?;
+                if kernel == DecodeKernel::Tensor && kv == KvType::Bf16 {
+                    bf16_ms = ms;
+                }
+                let vs = if kv == KvType::Fp8 {
+                    format!(", {:.2}x the bf16 time", ms / bf16_ms)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "time decode attention, Llama-3-8B layer, {name:<8} {rows:>2} x {tokens:>6} tokens, blocks of {block:>3}, {:<8} splits {split:<8}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s",
+                    "time decode attention, Llama-3-8B layer, {name:<8} {rows:>2} x {tokens:>6} tokens, {:<8} {kv:?}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s{vs}",
                     format!("{kernel:?}"),
                     bytes as f64 / 1e6,
                     bytes as f64 / ms / 1e6
@@ -163,22 +219,33 @@ fn cuda_check(seed: u64) -> Result<()> {
             }
         }
     }
-    // Split lengths of the tensor-core kernel: one long row (a pool of one sequence) and a
-    // wide batch (a shared pool's constant split).
+    // Split lengths of one long row over an fp8 cache (half the bytes of bf16 per split).
     for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
-        for (tokens, rows) in [(131_072usize, 1usize), (524_288, 1), (16_384, 25), (4096, 64)] {
-            let mut line = format!("split sweep, tensor cores, Llama-3-8B layer, {name:<8} {rows:>2} x {tokens:>6} tokens:");
-            for split in [512usize, 1024, 2048, 4096, 8192] {
-                let (ms, bytes) = duo_cuda::decode_attention::time_decode_attention(&gpu, 32, 128, &kinds, tokens, rows, 64, Some(split), duo_cuda::decode_attention::DecodeKernel::Tensor, 30)?;
-                line += &format!(" {split}: {ms:.3} ms {:.0} GB/s;", bytes as f64 / ms / 1e6);
-            }
-            println!("{line}");
+        let mut line = format!("split sweep, fp8, Llama-3-8B layer, {name:<8} 1 x 131072 tokens:");
+        for split in [1024usize, 2048, 4096, 8192] {
+            let (ms, bytes) = time_decode_attention(
+                &gpu,
+                32,
+                128,
+                &kinds,
+                131_072,
+                1,
+                64,
+                Some(split),
+                DecodeKernel::Tensor,
+                KvType::Fp8,
+                30,
+            )?;
+            line += &format!(" {split}: {ms:.3} ms {:.0} GB/s;", bytes as f64 / ms / 1e6);
         }
+        println!("{line}");
     }
-    for (name, kinds) in [("full", [true; 8]), ("duo 0.5", [true, true, true, true, false, false, false, false])] {
+    for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
-            let (ms, flops) = duo_cuda::time_prefill_attention(&gpu, &kinds, t, first, 3)?;
-            println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}: {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);
+            for kv in [KvType::Bf16, KvType::Fp8] {
+                let (ms, flops) = duo_cuda::time_prefill_attention(&gpu, &kinds, t, first, kv, 3)?;
+                println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}, {kv:?}: {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);
+            }
         }
     }
     Ok(())
@@ -186,12 +253,18 @@ fn cuda_check(seed: u64) -> Result<()> {
 
 fn read_prompt(a: &GenerateArgs) -> Result<String> {
     match (&a.prompt, &a.prompt_file) {
-        (Some(_), Some(_)) => bail!("give the prompt either as an argument or with --prompt-file, not both"),
+        (Some(_), Some(_)) => {
+            bail!("give the prompt either as an argument or with --prompt-file, not both")
+        }
         (Some(p), None) => Ok(p.clone()),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display())),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
+        }
         (None, None) => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("reading the prompt from standard input")?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the prompt from standard input")?;
             Ok(s)
         }
     }
@@ -211,7 +284,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         repetition_penalty: a.repetition_penalty,
         logit_bias: a.logit_bias.clone(),
         structured: match (&a.json_schema, a.json_object) {
-            (Some(p), _) => Some(duo_engine::constraint::Structured::JsonSchema(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)),
+            (Some(p), _) => Some(duo_engine::constraint::Structured::JsonSchema(
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )),
             (None, true) => Some(duo_engine::constraint::Structured::JsonObject),
             (None, false) => None,
         },
@@ -221,13 +296,24 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let prompt = read_prompt(&a)?;
     let (model, method) = a.method.load()?;
     let ids = if a.chat {
-        let tpl = model.template.as_ref().context("--chat: this model ships no chat template")?;
+        let tpl = model
+            .template
+            .as_ref()
+            .context("--chat: this model ships no chat template")?;
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
-            messages.push(Message { role: "system".into(), content: s.clone() });
+            messages.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        messages.push(Message { role: "user".into(), content: prompt });
-        model.tokenizer.encode_chat(&tpl.render_pieces(&messages, true)?)?
+        messages.push(Message {
+            role: "user".into(),
+            content: prompt,
+        });
+        model
+            .tokenizer
+            .encode_chat(&tpl.render_pieces(&messages, true)?)?
     } else {
         model.tokenizer.encode(&prompt, true)?
     };
@@ -277,7 +363,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn score(a: ScoreArgs) -> Result<()> {
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
     let (model, method) = a.method.load()?;
     let runner = Runner::new(&model, method);
     let scores = match (&a.prompt_file, &a.continuation_file, &a.text_file) {
@@ -296,19 +384,35 @@ fn score(a: ScoreArgs) -> Result<()> {
         _ => bail!("give --prompt-file and --continuation-file, or --text-file"),
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&json!({
-            "tokens": scores.tokens,
-            "top1_accuracy": scores.top1_accuracy,
-            "mean_logprob": scores.mean_logprob,
-            "perplexity": scores.perplexity,
-            "kv_cache_bytes": scores.peak_kv.total(),
-        }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "tokens": scores.tokens,
+                "top1_accuracy": scores.top1_accuracy,
+                "mean_logprob": scores.mean_logprob,
+                "perplexity": scores.perplexity,
+                "kv_cache_bytes": scores.peak_kv.total(),
+            }))?
+        );
     } else {
         for t in &scores.tokens {
             let text = model.tokenizer.id_to_token(t.id).unwrap_or_default();
-            println!("{:>8} {:>24} logprob {:>9.4} rank {:>6}{}", t.id, format!("{text:?}"), t.logprob, t.rank, if t.top1 { "  top-1" } else { "" });
+            println!(
+                "{:>8} {:>24} logprob {:>9.4} rank {:>6}{}",
+                t.id,
+                format!("{text:?}"),
+                t.logprob,
+                t.rank,
+                if t.top1 { "  top-1" } else { "" }
+            );
         }
-        println!("tokens {}  top-1 accuracy {:.4}  mean logprob {:.4}  perplexity {:.4}", scores.tokens.len(), scores.top1_accuracy, scores.mean_logprob, scores.perplexity);
+        println!(
+            "tokens {}  top-1 accuracy {:.4}  mean logprob {:.4}  perplexity {:.4}",
+            scores.tokens.len(),
+            scores.top1_accuracy,
+            scores.mean_logprob,
+            scores.perplexity
+        );
     }
     Ok(())
 }
@@ -325,20 +429,28 @@ fn longest_context(plan: &duo_core::CachePlan, budget: usize) -> usize {
     }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if plan.total_bytes(mid) <= budget { lo = mid } else { hi = mid }
+        if plan.total_bytes(mid) <= budget {
+            lo = mid
+        } else {
+            hi = mid
+        }
     }
     lo
 }
 
 fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
-    let gates = HeadGates::load(&a.dir).with_context(|| format!("loading the pattern in {}", a.dir.display()))?;
+    let gates = HeadGates::load(&a.dir)
+        .with_context(|| format!("loading the pattern in {}", a.dir.display()))?;
     let pattern = match a.threshold {
         Some(t) => gates.binarise_threshold(t)?,
         None => gates.binarise_sparsity(a.sparsity, a.layout.parse()?)?,
     };
     let per_layer = pattern.retrieval_per_layer();
     let (layers, heads) = (gates.n_layers(), gates.n_kv_heads());
-    println!("pattern {}: {layers} layers x {heads} KV heads", a.dir.display());
+    println!(
+        "pattern {}: {layers} layers x {heads} KV heads",
+        a.dir.display()
+    );
     match a.threshold {
         Some(t) => println!("threshold {t}: {} retrieval / {} streaming KV heads", pattern.retrieval_count(), pattern.streaming_count()),
         None => println!(
@@ -353,22 +465,42 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     println!("retrieval heads per layer: {per_layer:?}");
     let pure_full = per_layer.iter().filter(|&&c| c == heads).count();
     let pure_stream = per_layer.iter().filter(|&&c| c == 0).count();
-    println!("layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}", layers - pure_full - pure_stream);
+    println!(
+        "layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}",
+        layers - pure_full - pure_stream
+    );
     let window = duo_core::cache_spec::Window::new(a.sink, a.recent)?;
-    let bytes = match &a.kv_dtype {
-        Some(d) => d.parse::<duo_engine::KvDtype>()?.bytes(),
-        None => a.bytes_per_element,
+    let (bytes, scales) = match &a.kv_dtype {
+        Some(d) => {
+            let d = d.parse::<duo_engine::KvDtype>()?;
+            (d.bytes(), d.scale_bytes())
+        }
+        None => (a.bytes_per_element, 0),
     };
     if bytes == 0 {
         bail!("--bytes-per-element must be at least 1");
     }
-    let plan = duo_core::CachePlan::new(&pattern, a.head_dim, bytes, window);
-    let full = duo_core::CachePlan::new(&duo_core::HeadPattern::all_retrieval(layers, heads), a.head_dim, bytes, window);
-    let t = a.context;
-    println!(
-        "KV cache at {t} tokens (head_dim {}, {} bytes/element, sink {}, recent {}): {:.1} MiB vs {:.1} MiB full attention ({:.2}x less)",
+    if !(1..=4096).contains(&a.head_dim) {
+        bail!("--head-dim must be from 1 to 4096 (got {})", a.head_dim);
+    }
+    let plan =
+        duo_core::CachePlan::new(&pattern, a.head_dim, bytes, window).with_row_scales(scales);
+    let full = duo_core::CachePlan::new(
+        &duo_core::HeadPattern::all_retrieval(layers, heads),
         a.head_dim,
         bytes,
+        window,
+    )
+    .with_row_scales(scales);
+    let t = a.context;
+    let element = if scales > 0 {
+        format!("{bytes} byte/element + {scales}-byte scale per row")
+    } else {
+        format!("{bytes} bytes/element")
+    };
+    println!(
+        "KV cache at {t} tokens (head_dim {}, {element}, sink {}, recent {}): {:.1} MiB vs {:.1} MiB full attention ({:.2}x less)",
+        a.head_dim,
         a.sink,
         a.recent,
         plan.total_bytes(t) as f64 / (1 << 20) as f64,
@@ -380,9 +512,12 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
             bail!("--memory-gib must be a positive number of GiB (got {gib})");
         }
         let budget = (gib * (1u64 << 30) as f64) as usize;
-        let (ours, theirs) = (longest_context(&plan, budget), longest_context(&full, budget));
+        let (ours, theirs) = (
+            longest_context(&plan, budget),
+            longest_context(&full, budget),
+        );
         println!(
-            "longest context whose KV fits in {gib} GiB ({bytes} bytes/element): {} tokens with this pattern, {} with full attention ({:.2}x)",
+            "longest context whose KV fits in {gib} GiB ({element}): {} tokens with this pattern, {} with full attention ({:.2}x)",
             ours,
             theirs,
             ours as f64 / theirs.max(1) as f64

@@ -32,7 +32,11 @@ impl Window {
     /// Checks the window is usable (`recent >= 1`).
     pub fn new(sink: usize, recent: usize) -> Result<Self> {
         if recent == 0 {
-            return Err(CoreError::InvalidSetting { name: "recent", value: "0".into(), expected: "at least 1" });
+            return Err(CoreError::InvalidSetting {
+                name: "recent",
+                value: "0".into(),
+                expected: "at least 1",
+            });
         }
         Ok(Self { sink, recent })
     }
@@ -65,8 +69,11 @@ pub struct LayerCacheSpec {
     pub kinds: Vec<HeadKind>,
     /// Dimension of one head.
     pub head_dim: usize,
-    /// Bytes per stored element (4 for f32, 2 for f16/bf16).
+    /// Bytes per stored element (4 for f32, 2 for f16/bf16, 1 for fp8).
     pub bytes_per_element: usize,
+    /// Bytes of scales per cached row (one position of one head, keys or values): 4 for an
+    /// fp8 cache's row scale, else 0.
+    pub scale_bytes_per_row: usize,
     /// The streaming window.
     pub window: Window,
 }
@@ -74,7 +81,10 @@ pub struct LayerCacheSpec {
 impl LayerCacheSpec {
     /// Retrieval KV heads in this layer.
     pub fn n_retrieval(&self) -> usize {
-        self.kinds.iter().filter(|k| **k == HeadKind::Retrieval).count()
+        self.kinds
+            .iter()
+            .filter(|k| **k == HeadKind::Retrieval)
+            .count()
     }
 
     /// Streaming KV heads in this layer.
@@ -84,7 +94,7 @@ impl LayerCacheSpec {
 
     /// Bytes of keys plus values for one head holding `entries` tokens.
     pub fn bytes_per_head(&self, entries: usize) -> usize {
-        2 * self.head_dim * self.bytes_per_element * entries
+        2 * (self.head_dim * self.bytes_per_element + self.scale_bytes_per_row) * entries
     }
 
     /// Bytes held by the retrieval heads after `tokens` tokens.
@@ -107,20 +117,40 @@ pub struct CachePlan {
 
 impl CachePlan {
     /// Builds the plan for a head pattern.
-    pub fn new(pattern: &HeadPattern, head_dim: usize, bytes_per_element: usize, window: Window) -> Self {
+    pub fn new(
+        pattern: &HeadPattern,
+        head_dim: usize,
+        bytes_per_element: usize,
+        window: Window,
+    ) -> Self {
         let layers = (0..pattern.n_layers())
             .map(|l| LayerCacheSpec {
                 kinds: pattern
                     .layer(l)
                     .iter()
-                    .map(|&r| if r { HeadKind::Retrieval } else { HeadKind::Streaming })
+                    .map(|&r| {
+                        if r {
+                            HeadKind::Retrieval
+                        } else {
+                            HeadKind::Streaming
+                        }
+                    })
                     .collect(),
                 head_dim,
                 bytes_per_element,
+                scale_bytes_per_row: 0,
                 window,
             })
             .collect();
         Self { layers }
+    }
+
+    /// The same plan for a cache that also keeps `bytes` of scales per row (fp8: 4).
+    pub fn with_row_scales(mut self, bytes: usize) -> Self {
+        for l in &mut self.layers {
+            l.scale_bytes_per_row = bytes;
+        }
+        self
     }
 
     /// Bytes held by retrieval heads over all layers after `tokens` tokens.
@@ -145,7 +175,9 @@ mod tests {
 
     #[test]
     fn formula_matches_the_paper_and_streaming_saturates() {
-        let pattern = HeadPattern::from_rows(vec![vec![true, false, false], vec![false, false, false]]).unwrap();
+        let pattern =
+            HeadPattern::from_rows(vec![vec![true, false, false], vec![false, false, false]])
+                .unwrap();
         let plan = CachePlan::new(&pattern, 64, 4, Window::new(64, 256).unwrap());
         // 1 retrieval head, 5 streaming heads, f32.
         assert_eq!(plan.retrieval_bytes(1000), 2 * 64 * 4 * 1000);

@@ -1,5 +1,6 @@
 //! Parity of every kernel against its CPU reference on seeded random inputs (`duo cuda-check`).
 
+use crate::decode_attention::KvType;
 use crate::ops::{bf16_bits, hash_uniform, rms_norm_ref, rope_ref, round_bf16, silu_mul_ref};
 use crate::paged::{PagedLayout, Ring, Tables};
 use crate::prefill_attention::{self, HeadEntry};
@@ -11,15 +12,22 @@ fn max_err(want: &[f32], got: &[f32]) -> f64 {
     if want.len() != got.len() {
         return f64::INFINITY;
     }
-    want.iter().zip(got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max)
+    want.iter()
+        .zip(got)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max)
 }
 
 fn bf16_to_f32(v: &[u16]) -> Vec<f32> {
-    v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect()
+    v.iter()
+        .map(|&b| half::bf16::from_bits(b).to_f32())
+        .collect()
 }
 
 fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    (0..n as u64).map(|i| hash_uniform(seed, i) * scale).collect()
+    (0..n as u64)
+        .map(|i| hash_uniform(seed, i) * scale)
+        .collect()
 }
 
 /// Runs every parity check; each result says what was compared and its bound.
@@ -27,6 +35,22 @@ pub fn check(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
     let mut out = ops(gpu, seed)?;
     for (case, x, layout) in prefill_attention::cases(seed) {
         out.push(prefill(gpu, &case, &x, &layout, seed)?);
+        // The same problem over an fp8 cache, against the reference on the dequantised cache.
+        let fp8 = prefill_attention::PrefillInput {
+            keys: crate::fp8::round_rows(&x.keys, x.head_dim),
+            values: crate::fp8::round_rows(&x.values, x.head_dim),
+            ..x.clone()
+        };
+        out.push(prefill(
+            gpu,
+            &format!("{case}, fp8 cache"),
+            &fp8,
+            &PagedLayout {
+                kv: KvType::Fp8,
+                ..layout
+            },
+            seed,
+        )?);
     }
     out.extend(dequant(gpu, seed)?);
     out.extend(decode_attention::check_kernel(gpu, seed)?);
@@ -43,10 +67,23 @@ fn shuffled_tables(layout: &PagedLayout, tokens: usize, seed: u64) -> (Tables, u
     let sb = layout.streaming_blocks(Ring::Prefill);
     let streaming = perm[..sb].to_vec();
     let retrieval = perm[sb..layout.blocks_for(tokens, Ring::Prefill)].to_vec();
-    (Tables { retrieval, streaming, cap: layout.ring_rows(Ring::Prefill) }, total)
+    (
+        Tables {
+            retrieval,
+            streaming,
+            cap: layout.ring_rows(Ring::Prefill),
+        },
+        total,
+    )
 }
 
-fn prefill(gpu: &Gpu, case: &str, x: &prefill_attention::PrefillInput, layout: &PagedLayout, seed: u64) -> Result<Parity> {
+fn prefill(
+    gpu: &Gpu,
+    case: &str,
+    x: &prefill_attention::PrefillInput,
+    layout: &PagedLayout,
+    seed: u64,
+) -> Result<Parity> {
     let want = prefill_attention::reference(x)?;
     let (t, h, d, n) = (x.tokens(), x.n_heads, x.head_dim, x.positions());
     let (tables, blocks) = shuffled_tables(layout, n, seed);
@@ -61,15 +98,54 @@ fn prefill(gpu: &Gpu, case: &str, x: &prefill_attention::PrefillInput, layout: &
         }
     }
     let q = gpu.upload(&x.q)?;
-    let k = gpu.upload(&bf16_bits(&keys))?;
-    let v = gpu.upload(&bf16_bits(&values))?;
     let heads = gpu.upload(&HeadEntry::table(&x.heads))?;
     let tab = gpu.upload(&decode_attention::table_rows(layout, &[tables]))?;
     let state = gpu.upload(&[0i32, x.first_position as i32])?;
     let o = gpu.zeros::<u16>(t * h * d)?;
-    gpu.prefill_attention(gpu.addr(&q), gpu.addr(&k), gpu.addr(&v), gpu.addr(&heads), gpu.addr(&state), layout.paged_args(gpu.addr(&tab)), t, h, h / x.heads.len(), d, gpu.addr(&o))?;
+    let mut paged = layout.paged_args(gpu.addr(&tab));
+    // The cache as stored: bf16 bits, or e4m3 bytes with row scales (the keys and values
+    // given are already what fp8 holds, so quantising them again is exact).
+    let (k, v, _scales) = if layout.kv == KvType::Fp8 {
+        let ((kb, ks), (vb, vs)) = (
+            crate::fp8::quantise_rows(&keys, d),
+            crate::fp8::quantise_rows(&values, d),
+        );
+        let scales = (gpu.upload(&ks)?, gpu.upload(&vs)?);
+        paged = paged.with_scales(gpu.addr(&scales.0), gpu.addr(&scales.1));
+        (gpu.upload(&kb)?, gpu.upload(&vb)?, Some(scales))
+    } else {
+        let bytes = |v: &[f32]| {
+            bf16_bits(v)
+                .iter()
+                .flat_map(|b| b.to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        (
+            gpu.upload(&bytes(&keys))?,
+            gpu.upload(&bytes(&values))?,
+            None,
+        )
+    };
+    gpu.prefill_attention(
+        gpu.addr(&q),
+        gpu.addr(&k),
+        gpu.addr(&v),
+        gpu.addr(&heads),
+        gpu.addr(&state),
+        paged,
+        t,
+        h,
+        h / x.heads.len(),
+        d,
+        layout.kv,
+        gpu.addr(&o),
+    )?;
     let got = bf16_to_f32(&gpu.download(&o)?);
-    Ok(Parity { case: case.into(), max_abs_err: max_err(&want, &got), bound: 1e-2 })
+    Ok(Parity {
+        case: case.into(),
+        max_abs_err: max_err(&want, &got),
+        bound: 1e-2,
+    })
 }
 
 /// GGUF blocks of every type the GPU takes, dequantised to bf16: bit-identical to the CPU
@@ -77,15 +153,31 @@ fn prefill(gpu: &Gpu, case: &str, x: &prefill_attention::PrefillInput, layout: &
 fn dequant(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     use crate::dequant::{random_blocks, reference, QuantType};
     let mut out = Vec::new();
-    for ty in [QuantType::F32, QuantType::F16, QuantType::Bf16, QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q4K, QuantType::Q6K] {
+    for ty in [
+        QuantType::F32,
+        QuantType::F16,
+        QuantType::Bf16,
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q4K,
+        QuantType::Q6K,
+    ] {
         let n = 256 * 1031;
         let bytes = random_blocks(ty, n, seed ^ 0xde9)?;
-        let want: Vec<f32> = reference(ty, &bytes, n)?.into_iter().map(round_bf16).collect();
+        let want: Vec<f32> = reference(ty, &bytes, n)?
+            .into_iter()
+            .map(round_bf16)
+            .collect();
         let raw = gpu.upload(&bytes)?;
         let buf = gpu.upload(&vec![0xffffu16; n])?; // poisoned: every value must be written
         gpu.dequant_bf16(gpu.addr(&raw), gpu.addr(&buf), n, ty)?;
         let got = bf16_to_f32(&gpu.download(&buf)?);
-        out.push(Parity { case: format!("dequant {ty:?} -> bf16: {n} values"), max_abs_err: max_err(&want, &got), bound: 0.0 });
+        out.push(Parity {
+            case: format!("dequant {ty:?} -> bf16: {n} values"),
+            max_abs_err: max_err(&want, &got),
+            bound: 0.0,
+        });
     }
     Ok(out)
 }
@@ -97,53 +189,142 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     let buf = gpu.zeros::<u16>(n)?;
     gpu.fill_uniform(gpu.addr(&buf), n, seed, 0.37)?;
     let got = bf16_to_f32(&gpu.download(&buf)?);
-    out.push(Parity { case: format!("fill_uniform_bf16: {n} values"), max_abs_err: max_err(&crate::ops::uniform_bf16(seed, n, 0.37), &got), bound: 0.0 });
+    out.push(Parity {
+        case: format!("fill_uniform_bf16: {n} values"),
+        max_abs_err: max_err(&crate::ops::uniform_bf16(seed, n, 0.37), &got),
+        bound: 0.0,
+    });
 
     // Embedding of random rows by token id.
     let (hidden, toks) = (96, [5i32, 0, 77, 5]);
     let t = gpu.upload(&toks)?;
     let x = gpu.zeros::<f32>(toks.len() * hidden)?;
     gpu.embed(gpu.addr(&t), 0, seed, 1.0, gpu.addr(&x), hidden, toks.len())?;
-    let want: Vec<f32> = toks.iter().flat_map(|&k| (0..hidden as u64).map(move |i| round_bf16(hash_uniform(seed, k as u64 * hidden as u64 + i)))).collect();
-    out.push(Parity { case: "embed: random rows by token id".into(), max_abs_err: max_err(&want, &gpu.download(&x)?), bound: 0.0 });
+    let want: Vec<f32> = toks
+        .iter()
+        .flat_map(|&k| {
+            (0..hidden as u64)
+                .map(move |i| round_bf16(hash_uniform(seed, k as u64 * hidden as u64 + i)))
+        })
+        .collect();
+    out.push(Parity {
+        case: "embed: random rows by token id".into(),
+        max_abs_err: max_err(&want, &gpu.download(&x)?),
+        bound: 0.0,
+    });
 
     // RMSNorm, rows of 4096 and 576.
     for (rows, dim) in [(3usize, 4096usize), (5, 576)] {
         let xv = random(seed + 1, rows * dim, 3.0);
         let wv = random(seed + 2, dim, 1.5);
-        let (xg, wg, og) = (gpu.upload(&xv)?, gpu.upload(&wv)?, gpu.zeros::<u16>(rows * dim)?);
+        let (xg, wg, og) = (
+            gpu.upload(&xv)?,
+            gpu.upload(&wv)?,
+            gpu.zeros::<u16>(rows * dim)?,
+        );
         gpu.rms_norm(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&og), rows, dim, 1e-5)?;
         let got = bf16_to_f32(&gpu.download(&og)?);
         // One bf16 rounding step apart at most (sum order differs): 2^-8 relative of ~|w x / rms|.
-        out.push(Parity { case: format!("rms_norm: {rows} rows of {dim} (bf16 out)"), max_abs_err: max_err(&rms_norm_ref(&xv, &wv, 1e-5), &got), bound: 4e-2 });
+        out.push(Parity {
+            case: format!("rms_norm: {rows} rows of {dim} (bf16 out)"),
+            max_abs_err: max_err(&rms_norm_ref(&xv, &wv, 1e-5), &got),
+            bound: 4e-2,
+        });
     }
 
     // RoPE + append into a paged cache: rows of two sequences at their own positions
-    // (one past its streaming sinks, its ring wrapped), and a padding row that writes nothing.
-    for (half_split, d) in [(true, 128usize), (false, 64)] {
+    // (one past its streaming sinks, its ring wrapped), and a padding row that writes nothing;
+    // bf16 caches, then fp8 caches (e4m3 bytes and a scale per row).
+    for (half_split, d, kv) in [
+        (true, 128usize, KvType::Bf16),
+        (false, 64, KvType::Bf16),
+        (true, 128, KvType::Fp8),
+        (false, 64, KvType::Fp8),
+    ] {
         let (nh, ng) = (4usize, 2usize);
-        let inv: Vec<f32> = (0..d / 2).map(|i| 500_000f32.powf(-2.0 * i as f32 / d as f32)).collect();
-        let layout = PagedLayout { retrieval: vec![vec![true, false]], sink: 4, recent: 16, block_tokens: 16, max_chunk: 8, max_tokens: 1200 };
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 500_000f32.powf(-2.0 * i as f32 / d as f32))
+            .collect();
+        let layout = PagedLayout {
+            retrieval: vec![vec![true, false]],
+            sink: 4,
+            recent: 16,
+            block_tokens: 16,
+            max_chunk: 8,
+            max_tokens: 1200,
+            kv,
+        };
         let rows_at: [(i32, usize); 4] = [(0, 1000), (0, 1001), (1, 2), (-1, 7)];
         let t = rows_at.len();
         let (t0, blocks0) = shuffled_tables(&layout, 1002, seed);
         let sb = layout.streaming_blocks(Ring::Prefill);
-        let t1 = Tables { retrieval: (blocks0 as u32..blocks0 as u32 + 1).collect(), streaming: (blocks0 as u32 + 1..(blocks0 + 1 + sb) as u32).collect(), cap: layout.ring_rows(Ring::Prefill) };
+        let t1 = Tables {
+            retrieval: (blocks0 as u32..blocks0 as u32 + 1).collect(),
+            streaming: (blocks0 as u32 + 1..(blocks0 + 1 + sb) as u32).collect(),
+            cap: layout.ring_rows(Ring::Prefill),
+        };
         let blocks = blocks0 + 1 + sb;
         let tables = [t0, t1];
         let heads = layout.heads(0);
         let pool_rows = blocks * layout.group() * layout.block_tokens;
-        let qkv: Vec<f32> = random(seed + 3, t * (nh + 2 * ng) * d, 2.0).into_iter().map(round_bf16).collect();
+        let qkv: Vec<f32> = random(seed + 3, t * (nh + 2 * ng) * d, 2.0)
+            .into_iter()
+            .map(round_bf16)
+            .collect();
         let slots: Vec<i32> = rows_at.iter().map(|r| r.0).collect();
         let pos: Vec<i32> = rows_at.iter().map(|r| r.1 as i32).collect();
-        let (qkvg, sg, pg, invg, hg) = (gpu.upload(&bf16_bits(&qkv))?, gpu.upload(&slots)?, gpu.upload(&pos)?, gpu.upload(&inv)?, gpu.upload(&HeadEntry::table(&heads))?);
+        let (qkvg, sg, pg, invg, hg) = (
+            gpu.upload(&bf16_bits(&qkv))?,
+            gpu.upload(&slots)?,
+            gpu.upload(&pos)?,
+            gpu.upload(&inv)?,
+            gpu.upload(&HeadEntry::table(&heads))?,
+        );
         let tab = gpu.upload(&decode_attention::table_rows(&layout, &tables))?;
-        let poison = vec![0x7f7fu16; pool_rows * d];
-        let (qg, kg, vg) = (gpu.zeros::<f32>(t * nh * d)?, gpu.upload(&poison)?, gpu.upload(&poison)?);
-        gpu.rope_append(gpu.addr(&qkvg), gpu.addr(&sg), gpu.addr(&pg), gpu.addr(&invg), gpu.addr(&hg), nh, ng, d, half_split, gpu.addr(&qg), gpu.addr(&kg), gpu.addr(&vg), t, layout.paged_args(gpu.addr(&tab)))?;
-        let (gq, gk_bits, gv_bits) = (gpu.download(&qg)?, gpu.download(&kg)?, gpu.download(&vg)?);
-        let (gk, gv) = (bf16_to_f32(&gk_bits), bf16_to_f32(&gv_bits));
-        let mut err = 0.0f64;
+        // Poison: 0x7f7f as bf16, NaN as e4m3; scales -1.
+        let poison = vec![0x7fu8; pool_rows * d * kv.bytes()];
+        let (qg, kg, vg) = (
+            gpu.zeros::<f32>(t * nh * d)?,
+            gpu.upload(&poison)?,
+            gpu.upload(&poison)?,
+        );
+        let (ksg, vsg) = (
+            gpu.upload(&vec![-1.0f32; pool_rows])?,
+            gpu.upload(&vec![-1.0f32; pool_rows])?,
+        );
+        let mut paged = layout.paged_args(gpu.addr(&tab));
+        if kv == KvType::Fp8 {
+            paged = paged.with_scales(gpu.addr(&ksg), gpu.addr(&vsg));
+        }
+        gpu.rope_append(
+            gpu.addr(&qkvg),
+            gpu.addr(&sg),
+            gpu.addr(&pg),
+            gpu.addr(&invg),
+            gpu.addr(&hg),
+            nh,
+            ng,
+            d,
+            half_split,
+            gpu.addr(&qg),
+            gpu.addr(&kg),
+            gpu.addr(&vg),
+            t,
+            paged,
+        )?;
+        let (gq, gk_bytes, gv_bytes) = (gpu.download(&qg)?, gpu.download(&kg)?, gpu.download(&vg)?);
+        let (gks, gvs) = (gpu.download(&ksg)?, gpu.download(&vsg)?);
+        let cached = |bytes: &[u8], scales: &[f32]| -> Vec<f32> {
+            match kv {
+                KvType::Fp8 => crate::fp8::dequantise_rows(bytes, scales, d),
+                _ => bytes
+                    .chunks(2)
+                    .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                    .collect(),
+            }
+        };
+        let (gk, gv) = (cached(&gk_bytes, &gks), cached(&gv_bytes, &gvs));
+        let (mut err, mut scales_off) = (0.0f64, 0usize);
         let mut written = std::collections::HashSet::new();
         let stride = (nh + 2 * ng) * d;
         for (r, &(slot, pos)) in rows_at.iter().enumerate() {
@@ -155,27 +336,83 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
                 } else if slot >= 0 {
                     let row = tables[slot as usize].row(&layout, heads[hh - nh], pos);
                     written.insert(row);
-                    let values: Vec<f32> = qkv[r * stride + (nh + ng + hh - nh) * d..][..d].iter().map(|&x| round_bf16(x)).collect();
-                    err = err.max(max_err(&values, &gv[row * d..][..d]));
-                    let keys: Vec<f32> = v.iter().map(|&x| round_bf16(x)).collect();
-                    // Angles near 1000 rad: sin/cos of the GPU and the CPU differ by a few ulp,
-                    // and a cached key may round to the neighbouring bf16 (2^-6 for |x| < 4).
-                    err = err.max(max_err(&keys, &gk[row * d..][..d]));
+                    let values = &qkv[r * stride + (nh + ng + hh - nh) * d..][..d];
+                    if kv == KvType::Fp8 {
+                        // Values (bf16 inputs) quantise exactly as the host does. Keys come
+                        // from a rotation whose sin/cos differ by a few ulp between GPU and
+                        // CPU: within half an e4m3 step (1/16 of the value) of the exact
+                        // rotation, measured relative to the row's largest key; their scale
+                        // is the host's, or its neighbour where the largest key moved by an ulp
+                        // across a power of two.
+                        err = err.max(max_err(
+                            &crate::fp8::round_rows(values, d),
+                            &gv[row * d..][..d],
+                        ));
+                        let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                        let rel = v
+                            .iter()
+                            .zip(&gk[row * d..][..d])
+                            .map(|(x, g)| {
+                                ((x - g).abs() - x.abs() / 16.0).max(0.0) as f64 / amax as f64
+                            })
+                            .fold(0.0, f64::max);
+                        err = err.max(rel);
+                        let want = crate::fp8::row_scale(amax);
+                        scales_off +=
+                            usize::from(![want, want * 2.0, want / 2.0].contains(&gks[row]));
+                        scales_off += usize::from(
+                            gvs[row]
+                                != crate::fp8::row_scale(
+                                    values.iter().fold(0.0f32, |m, x| m.max(x.abs())),
+                                ),
+                        );
+                    } else {
+                        let values: Vec<f32> = values.iter().map(|&x| round_bf16(x)).collect();
+                        err = err.max(max_err(&values, &gv[row * d..][..d]));
+                        let keys: Vec<f32> = v.iter().map(|&x| round_bf16(x)).collect();
+                        // Angles near 1000 rad: sin/cos of the GPU and the CPU differ by a few
+                        // ulp, and a cached key may round to the neighbouring bf16 (2^-6 for |x| < 4).
+                        err = err.max(max_err(&keys, &gk[row * d..][..d]));
+                    }
                 }
             }
         }
         // Every other row is untouched (the padding row wrote nothing).
-        let stray = (0..pool_rows).filter(|r| !written.contains(r)).filter(|&r| gk_bits[r * d..][..d].iter().chain(&gv_bits[r * d..][..d]).any(|&b| b != 0x7f7f)).count();
-        out.push(Parity { case: format!("rope_append (paged): {nh} q + {ng} kv heads of {d}, two sequences and a padding row, half_split {half_split}; rows written elsewhere: {stray}"), max_abs_err: if stray == 0 { err } else { f64::INFINITY }, bound: 2e-2 });
+        let row_bytes = d * kv.bytes();
+        let stray = (0..pool_rows)
+            .filter(|r| !written.contains(r))
+            .filter(|&r| {
+                gk_bytes[r * row_bytes..][..row_bytes]
+                    .iter()
+                    .chain(&gv_bytes[r * row_bytes..][..row_bytes])
+                    .any(|&b| b != 0x7f)
+                    || (kv == KvType::Fp8 && (gks[r] != -1.0 || gvs[r] != -1.0))
+            })
+            .count();
+        out.push(Parity {
+            case: format!("rope_append (paged, {kv:?}): {nh} q + {ng} kv heads of {d}, two sequences and a padding row, half_split {half_split}; rows written elsewhere: {stray}, scales off: {scales_off}"),
+            max_abs_err: if stray == 0 && scales_off == 0 { err } else { f64::INFINITY },
+            bound: 2e-2,
+        });
     }
 
     // SiLU x up.
     let (rows, inter) = (3usize, 14336usize);
-    let gu: Vec<f32> = random(seed + 4, rows * 2 * inter, 6.0).into_iter().map(round_bf16).collect();
-    let (gug, og) = (gpu.upload(&bf16_bits(&gu))?, gpu.zeros::<u16>(rows * inter)?);
+    let gu: Vec<f32> = random(seed + 4, rows * 2 * inter, 6.0)
+        .into_iter()
+        .map(round_bf16)
+        .collect();
+    let (gug, og) = (
+        gpu.upload(&bf16_bits(&gu))?,
+        gpu.zeros::<u16>(rows * inter)?,
+    );
     gpu.silu_mul(gpu.addr(&gug), gpu.addr(&og), rows, inter)?;
     let got = bf16_to_f32(&gpu.download(&og)?);
-    out.push(Parity { case: format!("silu_mul: {rows} rows of {inter} (bf16 out)"), max_abs_err: max_err(&silu_mul_ref(&gu, inter), &got), bound: 0.25 });
+    out.push(Parity {
+        case: format!("silu_mul: {rows} rows of {inter} (bf16 out)"),
+        max_abs_err: max_err(&silu_mul_ref(&gu, inter), &got),
+        bound: 0.25,
+    });
 
     // Argmax over a vocabulary with a tie (the lower index wins).
     let mut logits = random(seed + 5, 128_256, 10.0);
@@ -184,15 +421,30 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     let (lg, ig) = (gpu.upload(&logits)?, gpu.zeros::<i32>(1)?);
     gpu.argmax(gpu.addr(&lg), logits.len(), gpu.addr(&ig))?;
     let got = gpu.download(&ig)?[0];
-    out.push(Parity { case: format!("argmax over 128256 with a tie: {got} (want 70000)"), max_abs_err: (got - 70_000).abs() as f64, bound: 0.0 });
+    out.push(Parity {
+        case: format!("argmax over 128256 with a tie: {got} (want 70000)"),
+        max_abs_err: (got - 70_000).abs() as f64,
+        bound: 0.0,
+    });
 
     // Block copies and table updates.
     let elems = 3 * 64;
     let data: Vec<u16> = bf16_bits(&random(seed + 6, 2 * 4 * elems, 1.0));
-    let (sk, sv) = (gpu.upload(&data[..4 * elems])?, gpu.upload(&data[4 * elems..])?);
+    let (sk, sv) = (
+        gpu.upload(&data[..4 * elems])?,
+        gpu.upload(&data[4 * elems..])?,
+    );
     let (dk, dv) = (gpu.zeros::<u16>(4 * elems)?, gpu.zeros::<u16>(4 * elems)?);
     let pairs = gpu.upload(&[2i32, 0, 0, 3])?;
-    gpu.copy_blocks(gpu.addr(&sk), gpu.addr(&sv), gpu.addr(&dk), gpu.addr(&dv), gpu.addr(&pairs), 2, elems)?;
+    gpu.copy_blocks(
+        gpu.addr(&sk),
+        gpu.addr(&sv),
+        gpu.addr(&dk),
+        gpu.addr(&dv),
+        gpu.addr(&pairs),
+        2,
+        elems,
+    )?;
     let (gk, gv) = (gpu.download(&dk)?, gpu.download(&dv)?);
     let mut want_k = vec![0u16; 4 * elems];
     want_k[..elems].copy_from_slice(&data[2 * elems..3 * elems]);
@@ -206,33 +458,108 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     let mut want_tab = [0i32; 10];
     want_tab[7] = 42;
     want_tab[1] = -5;
-    let wrong = gk.iter().zip(&want_k).chain(gv.iter().zip(&want_v)).filter(|(a, b)| a != b).count() + gpu.download(&tab)?.iter().zip(&want_tab).filter(|(a, b)| a != b).count();
-    out.push(Parity { case: "copy_blocks and scatter_i32: elements wrong".into(), max_abs_err: wrong as f64, bound: 0.0 });
+    let wrong = gk
+        .iter()
+        .zip(&want_k)
+        .chain(gv.iter().zip(&want_v))
+        .filter(|(a, b)| a != b)
+        .count()
+        + gpu
+            .download(&tab)?
+            .iter()
+            .zip(&want_tab)
+            .filter(|(a, b)| a != b)
+            .count();
+    out.push(Parity {
+        case: "copy_blocks and scatter_i32: elements wrong".into(),
+        max_abs_err: wrong as f64,
+        bound: 0.0,
+    });
 
     // Argmax of several rows at once.
     let rows3: Vec<f32> = random(seed + 10, 3 * 1000, 1.0);
-    let want: Vec<i32> = rows3.chunks(1000).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as i32).collect();
+    let want: Vec<i32> = rows3
+        .chunks(1000)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                .0 as i32
+        })
+        .collect();
     let (lg, ig) = (gpu.upload(&rows3)?, gpu.zeros::<i32>(3)?);
     gpu.argmax_rows(gpu.addr(&lg), 1000, 3, gpu.addr(&ig))?;
-    let wrong = gpu.download(&ig)?.iter().zip(&want).filter(|(a, b)| a != b).count();
-    out.push(Parity { case: "argmax_rows: 3 rows of 1000, rows wrong".into(), max_abs_err: wrong as f64, bound: 0.0 });
+    let wrong = gpu
+        .download(&ig)?
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a != b)
+        .count();
+    out.push(Parity {
+        case: "argmax_rows: 3 rows of 1000, rows wrong".into(),
+        max_abs_err: wrong as f64,
+        bound: 0.0,
+    });
 
     // cuBLAS product: bf16 in, f32 out, accumulate into y (beta = 1).
     let (t, k, m) = (5usize, 4096usize, 300usize);
-    let xv: Vec<f32> = random(seed + 7, t * k, 1.0).into_iter().map(round_bf16).collect();
-    let wv: Vec<f32> = random(seed + 8, m * k, 0.02).into_iter().map(round_bf16).collect();
+    let xv: Vec<f32> = random(seed + 7, t * k, 1.0)
+        .into_iter()
+        .map(round_bf16)
+        .collect();
+    let wv: Vec<f32> = random(seed + 8, m * k, 0.02)
+        .into_iter()
+        .map(round_bf16)
+        .collect();
     let y0 = random(seed + 9, t * m, 1.0);
-    let (xg, wg, yg) = (gpu.upload(&bf16_bits(&xv))?, gpu.upload(&bf16_bits(&wv))?, gpu.upload(&y0)?);
-    gpu.gemm(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yg), t, k, m, 1.0, false)?;
+    let (xg, wg, yg) = (
+        gpu.upload(&bf16_bits(&xv))?,
+        gpu.upload(&bf16_bits(&wv))?,
+        gpu.upload(&y0)?,
+    );
+    gpu.gemm(
+        gpu.addr(&xg),
+        gpu.addr(&wg),
+        gpu.addr(&yg),
+        t,
+        k,
+        m,
+        1.0,
+        false,
+    )?;
     let got = gpu.download(&yg)?;
-    let want: Vec<f32> = (0..t * m).map(|i| y0[i] + (0..k).map(|j| xv[(i / m) * k + j] as f64 * wv[(i % m) * k + j] as f64).sum::<f64>() as f32).collect();
-    out.push(Parity { case: format!("gemm (cuBLAS): [{t} x {k}] x [{m} x {k}]^T + y"), max_abs_err: max_err(&want, &got), bound: 1e-3 });
+    let want: Vec<f32> = (0..t * m)
+        .map(|i| {
+            y0[i]
+                + (0..k)
+                    .map(|j| xv[(i / m) * k + j] as f64 * wv[(i % m) * k + j] as f64)
+                    .sum::<f64>() as f32
+        })
+        .collect();
+    out.push(Parity {
+        case: format!("gemm (cuBLAS): [{t} x {k}] x [{m} x {k}]^T + y"),
+        max_abs_err: max_err(&want, &got),
+        bound: 1e-3,
+    });
     // The same product written as bf16: within one bf16 rounding (2^-8 relative, |y| < 2).
     let yb = gpu.zeros::<u16>(t * m)?;
-    gpu.gemm(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yb), t, k, m, 0.0, true)?;
+    gpu.gemm(
+        gpu.addr(&xg),
+        gpu.addr(&wg),
+        gpu.addr(&yb),
+        t,
+        k,
+        m,
+        0.0,
+        true,
+    )?;
     let got = bf16_to_f32(&gpu.download(&yb)?);
     let want: Vec<f32> = want.iter().zip(&y0).map(|(w, y)| w - y).collect();
-    out.push(Parity { case: format!("gemm (cuBLAS, bf16 out): [{t} x {k}] x [{m} x {k}]^T"), max_abs_err: max_err(&want, &got), bound: 1e-2 });
+    out.push(Parity {
+        case: format!("gemm (cuBLAS, bf16 out): [{t} x {k}] x [{m} x {k}]^T"),
+        max_abs_err: max_err(&want, &got),
+        bound: 1e-2,
+    });
     Ok(out)
 }
 
@@ -241,22 +568,69 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
 /// (blocks of 64) of random keys, KV heads retrieval where `retrieval[g]` (else streaming,
 /// sink 128 + recent 256). Also returns the multiply-adds of the causal attention of the
 /// retrieval heads x 2 x 2 (FLOPs as usually counted), so that time can be read as TFLOPS.
-pub fn time_prefill_attention(gpu: &Gpu, retrieval: &[bool], t: usize, first: usize, iters: usize) -> Result<(f64, f64)> {
+pub fn time_prefill_attention(
+    gpu: &Gpu,
+    retrieval: &[bool],
+    t: usize,
+    first: usize,
+    kv: KvType,
+    iters: usize,
+) -> Result<(f64, f64)> {
     let (h, d) = (32usize, 128usize);
     let n = first + t;
-    let layout = PagedLayout { retrieval: vec![retrieval.to_vec()], sink: 128, recent: 256, block_tokens: 64, max_chunk: t, max_tokens: n };
+    let layout = PagedLayout {
+        retrieval: vec![retrieval.to_vec()],
+        sink: 128,
+        recent: 256,
+        block_tokens: 64,
+        max_chunk: t,
+        max_tokens: n,
+        kv,
+    };
     let (tables, blocks) = shuffled_tables(&layout, n, 1);
     let elems = blocks * layout.block_elems(d);
-    let (k, v) = (gpu.zeros::<u16>(elems)?, gpu.zeros::<u16>(elems)?);
-    gpu.fill_uniform(gpu.addr(&k), elems, 1, 1.0)?;
-    gpu.fill_uniform(gpu.addr(&v), elems, 2, 1.0)?;
+    let (k, v) = (
+        gpu.zeros::<u8>(elems * kv.bytes())?,
+        gpu.zeros::<u8>(elems * kv.bytes())?,
+    );
+    let (ks, vs) = (
+        gpu.zeros::<f32>(blocks * layout.block_rows())?,
+        gpu.zeros::<f32>(blocks * layout.block_rows())?,
+    );
+    if kv == KvType::Fp8 {
+        gpu.fill_uniform_e4m3(gpu.addr(&k), elems, 1)?;
+        gpu.fill_uniform_e4m3(gpu.addr(&v), elems, 2)?;
+        gpu.fill_f32(gpu.addr(&ks), blocks * layout.block_rows(), 1.0 / 256.0)?;
+        gpu.fill_f32(gpu.addr(&vs), blocks * layout.block_rows(), 1.0 / 256.0)?;
+    } else {
+        gpu.fill_uniform(gpu.addr(&k), elems, 1, 1.0)?;
+        gpu.fill_uniform(gpu.addr(&v), elems, 2, 1.0)?;
+    }
     let q = gpu.zeros::<f32>(t * h * d)?;
     let out = gpu.zeros::<u16>(t * h * d)?;
     let heads = gpu.upload(&HeadEntry::table(&layout.heads(0)))?;
     let tab = gpu.upload(&decode_attention::table_rows(&layout, &[tables]))?;
     let state = gpu.upload(&[0i32, first as i32])?;
-    let args = layout.paged_args(gpu.addr(&tab));
-    let run = || gpu.prefill_attention(gpu.addr(&q), gpu.addr(&k), gpu.addr(&v), gpu.addr(&heads), gpu.addr(&state), args, t, h, h / retrieval.len(), d, gpu.addr(&out));
+    let mut args = layout.paged_args(gpu.addr(&tab));
+    if kv == KvType::Fp8 {
+        args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
+    }
+    let run = || {
+        gpu.prefill_attention(
+            gpu.addr(&q),
+            gpu.addr(&k),
+            gpu.addr(&v),
+            gpu.addr(&heads),
+            gpu.addr(&state),
+            args,
+            t,
+            h,
+            h / retrieval.len(),
+            d,
+            kv,
+            gpu.addr(&out),
+        )
+    };
     run()?;
     gpu.sync()?;
     let started = std::time::Instant::now();
@@ -266,6 +640,10 @@ pub fn time_prefill_attention(gpu: &Gpu, retrieval: &[bool], t: usize, first: us
     gpu.sync()?;
     let ms = started.elapsed().as_secs_f64() * 1000.0 / iters as f64;
     let pairs = (first * t + t * (t + 1) / 2) as f64; // visible (query, key) pairs of a causal head
-    let flops = 4.0 * pairs * d as f64 * (h / retrieval.len()) as f64 * retrieval.iter().filter(|&&r| r).count() as f64;
+    let flops = 4.0
+        * pairs
+        * d as f64
+        * (h / retrieval.len()) as f64
+        * retrieval.iter().filter(|&&r| r).count() as f64;
     Ok((ms, flops))
 }

@@ -26,6 +26,9 @@ pub enum KvType {
     F32,
     /// 2 bytes per element: half the bytes a decode step reads.
     Bf16,
+    /// 1 byte per element (e4m3) and an `f32` scale per row ([`crate::fp8`]): the
+    /// tensor-core kernels only.
+    Fp8,
 }
 
 impl KvType {
@@ -34,20 +37,50 @@ impl KvType {
         match self {
             KvType::F32 => 4,
             KvType::Bf16 => 2,
+            KvType::Fp8 => 1,
         }
+    }
+
+    /// Bytes of scales per cached row (one row: `head_dim` keys or values).
+    pub fn scale_bytes(self) -> usize {
+        if self == KvType::Fp8 {
+            4
+        } else {
+            0
+        }
+    }
+}
+
+/// `x` with keys and values as the fp8 cache holds them (row scales and e4m3 rounding), for
+/// the reference.
+pub fn rounded_to_fp8(x: &DecodeInput) -> DecodeInput {
+    DecodeInput {
+        keys: crate::fp8::round_rows(&x.keys, x.head_dim),
+        values: crate::fp8::round_rows(&x.values, x.head_dim),
+        ..x.clone()
     }
 }
 
 /// `x` with keys and values rounded to bf16 (what the bf16 kernel sees), for the reference.
 pub fn rounded_to_bf16(x: &DecodeInput) -> DecodeInput {
-    let round = |v: &[f32]| v.iter().map(|&f| half::bf16::from_f32(f).to_f32()).collect();
-    DecodeInput { keys: round(&x.keys), values: round(&x.values), ..x.clone() }
+    let round = |v: &[f32]| {
+        v.iter()
+            .map(|&f| half::bf16::from_f32(f).to_f32())
+            .collect()
+    };
+    DecodeInput {
+        keys: round(&x.keys),
+        values: round(&x.values),
+        ..x.clone()
+    }
 }
 
 /// Whether a warp may read `kpw` keys at once for heads of `head_dim`: each lane takes
 /// `head_dim * kpw / 32` elements, which must fill whole 16-byte loads, and at most 4 keys.
 pub fn keys_per_warp_fits(head_dim: usize, kpw: usize, kv: KvType) -> bool {
-    [1, 2, 4].contains(&kpw) && head_dim * kpw / 32 * kv.bytes() >= 16 && (head_dim * kpw / 32 * kv.bytes()).is_multiple_of(16)
+    [1, 2, 4].contains(&kpw)
+        && head_dim * kpw / 32 * kv.bytes() >= 16
+        && (head_dim * kpw / 32 * kv.bytes()).is_multiple_of(16)
 }
 
 /// Which partial kernel a decode launch runs.
@@ -66,8 +99,14 @@ impl DecodeKernel {
     /// over a `kv` cache.
     pub fn fits(self, head_dim: usize, group: usize, kv: KvType) -> bool {
         match self {
-            DecodeKernel::Cores(kpw) => keys_per_warp_fits(head_dim, kpw, kv) && group * head_dim * kpw / 32 <= 64,
-            DecodeKernel::Tensor => kv == KvType::Bf16 && [64, 128].contains(&head_dim) && (1..=16).contains(&group),
+            DecodeKernel::Cores(kpw) => {
+                kv != KvType::Fp8
+                    && keys_per_warp_fits(head_dim, kpw, kv)
+                    && group * head_dim * kpw / 32 <= 64
+            }
+            DecodeKernel::Tensor => {
+                kv != KvType::F32 && [64, 128].contains(&head_dim) && (1..=16).contains(&group)
+            }
         }
     }
 
@@ -77,14 +116,25 @@ impl DecodeKernel {
         if DecodeKernel::Tensor.fits(head_dim, group, kv) {
             return DecodeKernel::Tensor;
         }
-        [keys_per_warp, 4, 2, 1].into_iter().map(DecodeKernel::Cores).find(|k| k.fits(head_dim, group, kv)).unwrap_or(DecodeKernel::Cores(1))
+        [keys_per_warp, 4, 2, 1]
+            .into_iter()
+            .map(DecodeKernel::Cores)
+            .find(|k| k.fits(head_dim, group, kv))
+            .unwrap_or(DecodeKernel::Cores(1))
     }
 }
 
 /// Dynamic shared memory of the tensor-core partial kernel: three stages of 64-key K and V
-/// tiles, rows padded by 8 elements (the merge reuses them).
-pub fn tensor_smem_bytes(head_dim: usize) -> usize {
-    3 * 2 * 64 * (head_dim + 8) * 2
+/// tiles, rows padded by 8 elements (the merge reuses them). An fp8 cache's stages hold its
+/// bytes (rows padded by 16) and row scales, and each warp has its 16 keys' K and V
+/// dequantised to f16 beside them.
+pub fn tensor_smem_bytes(head_dim: usize, kv: KvType) -> usize {
+    match kv {
+        KvType::Fp8 => {
+            3 * 2 * 64 * (head_dim + 16) + 3 * 2 * 64 * 4 + 4 * 2 * 16 * (head_dim + 8) * 2
+        }
+        _ => 3 * 2 * 64 * (head_dim + 8) * 2,
+    }
 }
 
 /// Fewest keys per split.
@@ -126,7 +176,11 @@ impl DecodeInput {
             return bad(format!("{h} query heads for {g} KV heads"));
         }
         let total: usize = self.tokens.iter().sum();
-        if self.tokens.contains(&0) || self.q.len() != self.tokens.len() * h * d || self.keys.len() != total * g * d || self.values.len() != self.keys.len() {
+        if self.tokens.contains(&0)
+            || self.q.len() != self.tokens.len() * h * d
+            || self.keys.len() != total * g * d
+            || self.values.len() != self.keys.len()
+        {
             return bad("q, keys or values have the wrong size (or a row has no token)".into());
         }
         Ok(())
@@ -148,13 +202,23 @@ pub fn reference(x: &DecodeInput) -> Result<Vec<f32>> {
             let base = x.key_offset(b, g);
             let q = &x.q[(b * h + qh) * d..][..d];
             let seen: Vec<usize> = (0..n).filter(|&p| e.visible(n - 1, p)).collect();
-            let scores: Vec<f64> = seen.iter().map(|&p| q.iter().zip(&x.keys[base + p * d..][..d]).map(|(a, k)| *a as f64 * *k as f64).sum::<f64>() * scale).collect();
+            let scores: Vec<f64> = seen
+                .iter()
+                .map(|&p| {
+                    q.iter()
+                        .zip(&x.keys[base + p * d..][..d])
+                        .map(|(a, k)| *a as f64 * *k as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
             let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let z: f64 = w.iter().sum();
             for (wi, &p) in w.iter().zip(&seen) {
                 for c in 0..d {
-                    out[(b * h + qh) * d + c] += (wi / z * x.values[base + p * d + c] as f64) as f32;
+                    out[(b * h + qh) * d + c] +=
+                        (wi / z * x.values[base + p * d + c] as f64) as f32;
                 }
             }
         }
@@ -163,19 +227,35 @@ pub fn reference(x: &DecodeInput) -> Result<Vec<f32>> {
 }
 
 /// Random inputs: keys, values and queries ~ N(0, 1).
-pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, heads: Vec<HeadEntry>, tokens: &[usize]) -> DecodeInput {
+pub fn random_input(
+    seed: u64,
+    n_heads: usize,
+    head_dim: usize,
+    heads: Vec<HeadEntry>,
+    tokens: &[usize],
+) -> DecodeInput {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut normal = |n: usize| -> Vec<f32> {
-        (0..n).map(|_| {
-            // Box-Muller from two uniforms.
-            let (u, v): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
-            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-        }).collect()
+        (0..n)
+            .map(|_| {
+                // Box-Muller from two uniforms.
+                let (u, v): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect()
     };
     let total: usize = tokens.iter().sum();
     let g = heads.len();
-    DecodeInput { n_heads, head_dim, q: normal(tokens.len() * n_heads * head_dim), keys: normal(total * g * head_dim), values: normal(total * g * head_dim), heads, tokens: tokens.to_vec() }
+    DecodeInput {
+        n_heads,
+        head_dim,
+        q: normal(tokens.len() * n_heads * head_dim),
+        keys: normal(total * g * head_dim),
+        values: normal(total * g * head_dim),
+        heads,
+        tokens: tokens.to_vec(),
+    }
 }
 
 /// What both decode kernels share (compiled before either): `HEAD_DIM` from `PER_LANE`, the
@@ -423,9 +503,22 @@ pub const TENSOR_SOURCE: &str = r#"
 #define STAGES 3
 #define TPAD (HEAD_DIM + 8)
 #define TILE_ELEMS (TILE * TPAD)
+#ifdef KV_FP8
+// An fp8 cache: stages hold raw rows (bytes, padded by 16) and their scales; the tensor cores
+// run in f16 (see TENSOR_CORE_HELPERS).
+typedef unsigned char kv_t;
+#define RPAD (HEAD_DIM + 16)
+#define RAW_TILE (TILE * RPAD)
+#define PACK pack_h
+#define MMA mma_h
+#else
+typedef bf16_t kv_t;
+#define PACK pack
+#define MMA mma
+#endif
 
 extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
-    const float* __restrict__ q, const bf16_t* __restrict__ keys, const bf16_t* __restrict__ values,
+    const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
     int split, int n_splits, float scale_log2,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
@@ -454,12 +547,38 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
 #pragma unroll
         for (int x = 0; x < 4; x++) {
             const int r = gr + (x & 1) * 8, c = kk * 16 + (x >> 1) * 8 + 2 * tq;
-            qa[kk][x] = r < GROUP ? pack(qb[r * HEAD_DIM + c] * scale_log2, qb[r * HEAD_DIM + c + 1] * scale_log2) : 0u;
+            qa[kk][x] = r < GROUP ? PACK(qb[r * HEAD_DIM + c] * scale_log2, qb[r * HEAD_DIM + c + 1] * scale_log2) : 0u;
         }
     }
 
-    extern __shared__ __align__(16) bf16_t smem[];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
     const int n_tiles = (end - begin + TILE - 1) / TILE;
+#ifdef KV_FP8
+    unsigned char* raw = smem_raw;                                         // [STAGES][K, V][TILE][RPAD]
+    float* scl = reinterpret_cast<float*>(smem_raw + STAGES * 2 * RAW_TILE);  // [STAGES][K, V][TILE]
+    bf16_t* conv = reinterpret_cast<bf16_t*>(scl + STAGES * 2 * TILE) + warp * 2 * 16 * TPAD;  // this warp's K, V (f16)
+    auto load_tile = [&](int tile) {
+        unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE;
+        unsigned char* vr = kr + RAW_TILE;
+        const int t0 = begin + tile * TILE;
+#pragma unroll
+        for (int j = 0; j < TILE * HEAD_DIM / 16 / 128; j++) {
+            const int i = threadIdx.x + j * 128;
+            const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
+            const int t = t0 + r;
+            const bool live = t < end;
+            const size_t at = live ? (size_t)kv_row(pg, e, seq_slot, t + (t >= sinks ? gap : 0)) * HEAD_DIM + c : 0;
+            cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
+            cp_async16(vr + r * RPAD + c, values + at, live ? 16 : 0);
+        }
+        // Row scales: threads 0-63 the keys', 64-127 the values'.
+        const int r = threadIdx.x % TILE, t = t0 + r;
+        const bool live = t < end;
+        const long long row = live ? kv_row(pg, e, seq_slot, t + (t >= sinks ? gap : 0)) : 0;
+        cp_async4(scl + ((tile % STAGES) * 2 + threadIdx.x / TILE) * TILE + r, (threadIdx.x < TILE ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
+    };
+#else
+    bf16_t* smem = reinterpret_cast<bf16_t*>(smem_raw);
     auto load_tile = [&](int tile) {
         bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS;
         bf16_t* vs = ks + TILE_ELEMS;
@@ -475,6 +594,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
         }
     };
+#endif
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) {
         if (t < n_tiles) load_tile(t);
@@ -491,17 +611,44 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
         __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
         if (tile + STAGES - 1 < n_tiles) load_tile(tile + STAGES - 1);
         cp_async_commit();
+#ifdef KV_FP8
+        // This warp's 16 keys and values dequantised to f16 beside the stages: values times
+        // their row scale (exact, powers of two); the keys' scales multiply the scores.
+        const float* ksc = scl + (tile % STAGES) * 2 * TILE + warp * 16;
+        {
+            const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + warp * 16 * RPAD;
+            __syncwarp();  // the previous tile's fragments are read
+#pragma unroll
+            for (int j = 0; j < HEAD_DIM / 32; j++) {
+                const int i = lane + 32 * j;
+                const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
+                dequant16<false>(kr + r * RPAD + c, 0u, conv + r * TPAD + c);
+                dequant16<true>(kr + RAW_TILE + r * RPAD + c, scale_h2(ksc[TILE + r]), conv + 16 * TPAD + r * TPAD + c);
+            }
+            __syncwarp();
+        }
+        const bf16_t* ks = conv;
+        const bf16_t* vs = conv + 16 * TPAD;
+#else
         const bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS + warp * 16 * TPAD;
         const bf16_t* vs = ks + TILE_ELEMS;
+#endif
         // Scores of this warp's 16 keys: n-tile j holds keys 8j..8j+7.
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
             unsigned kb[4];
             ldmatrix_x4(kb, ks + ((lane & 7) + ((lane >> 4) & 1) * 8) * TPAD + kk * 16 + ((lane >> 3) & 1) * 8);
-            mma(sc[0], qa[kk], kb[0], kb[1]);
-            mma(sc[1], qa[kk], kb[2], kb[3]);
+            MMA(sc[0], qa[kk], kb[0], kb[1]);
+            MMA(sc[1], qa[kk], kb[2], kb[3]);
         }
+#ifdef KV_FP8
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const float2 s2 = *reinterpret_cast<const float2*>(ksc + 8 * j + 2 * tq);
+            sc[j][0] *= s2.x; sc[j][1] *= s2.y; sc[j][2] *= s2.x; sc[j][3] *= s2.y;
+        }
+#endif
         const int k0 = begin + tile * TILE + warp * 16;
         if (k0 + 16 > end) {
 #pragma unroll
@@ -532,21 +679,21 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][2 * hf] *= c; o[i][2 * hf + 1] *= c; }
         }
         // P (16 rows x 16 keys) as an A fragment, straight from the score fragments.
-        const unsigned pa[4] = {pack(sc[0][0], sc[0][1]), pack(sc[0][2], sc[0][3]), pack(sc[1][0], sc[1][1]), pack(sc[1][2], sc[1][3])};
+        const unsigned pa[4] = {PACK(sc[0][0], sc[0][1]), PACK(sc[0][2], sc[0][3]), PACK(sc[1][0], sc[1][1]), PACK(sc[1][2], sc[1][3])};
 #pragma unroll
         for (int i = 0; i < HEAD_DIM / 8; i += 2) {
             // Keys 0..15 of the warp (rows), dims 8i.. and 8(i+1).. (columns), transposed.
             unsigned vb[4];
             ldmatrix_x4_trans(vb, vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * TPAD + (i + (lane >> 4)) * 8);
-            mma(o[i], pa, vb[0], vb[1]);
-            mma(o[i + 1], pa, vb[2], vb[3]);
+            MMA(o[i], pa, vb[0], vb[1]);
+            MMA(o[i + 1], pa, vb[2], vb[3]);
         }
     }
     cp_async_wait_0();
     __syncthreads();  // the stages are reused for the merge below
 
     // Merge the 4 warps' states per query head; maxima leave in natural-log units.
-    float* wm = reinterpret_cast<float*>(smem);    // [4][16]
+    float* wm = reinterpret_cast<float*>(smem_raw);  // [4][16]
     float* wl = wm + 4 * 16;                        // [4][16]
     float* wo = wl + 4 * 16;                        // [4][GROUP][HEAD_DIM]
 #pragma unroll
@@ -628,24 +775,56 @@ mod gpu {
 
     /// A one-layer layout for `kinds` (true = retrieval) whose streaming heads keep `sink` +
     /// `recent`, blocks of `block_tokens`, rows of up to `max_tokens`.
-    pub fn layer_layout(kinds: &[bool], sink: usize, recent: usize, block_tokens: usize, max_tokens: usize) -> PagedLayout {
-        PagedLayout { retrieval: vec![kinds.to_vec()], sink, recent, block_tokens, max_chunk: 1, max_tokens }
+    pub fn layer_layout(
+        kinds: &[bool],
+        sink: usize,
+        recent: usize,
+        block_tokens: usize,
+        max_tokens: usize,
+    ) -> PagedLayout {
+        PagedLayout {
+            retrieval: vec![kinds.to_vec()],
+            sink,
+            recent,
+            block_tokens,
+            max_chunk: 1,
+            max_tokens,
+            kv: KvType::Bf16,
+        }
     }
 
     /// Every row's tables, with blocks handed out in a seeded shuffled order (so no row's
     /// blocks are contiguous), and the pool's size in blocks.
     fn place_tables(layout: &PagedLayout, tokens: &[usize], seed: u64) -> (Vec<Tables>, usize) {
         use rand::{seq::SliceRandom, SeedableRng};
-        let total: usize = tokens.iter().map(|&n| layout.blocks_for(n, Ring::Decode)).sum::<usize>() + 3;
+        let total: usize = tokens
+            .iter()
+            .map(|&n| layout.blocks_for(n, Ring::Decode))
+            .sum::<usize>()
+            + 3;
         let mut perm: Vec<u32> = (0..total as u32).collect();
         perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
         let mut alloc = Allocator::new(total, tokens.len());
         let tables = tokens
             .iter()
             .map(|&n| {
-                let streaming = alloc.take(layout.streaming_blocks(Ring::Decode)).unwrap_or_default().iter().map(|&b| perm[b as usize]).collect();
-                let retrieval = alloc.take(layout.retrieval_blocks(n)).unwrap_or_default().iter().map(|&b| perm[b as usize]).collect();
-                Tables { retrieval, streaming, cap: layout.ring_rows(Ring::Decode) }
+                let streaming = alloc
+                    .take(layout.streaming_blocks(Ring::Decode))
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|&b| perm[b as usize])
+                    .collect();
+                let retrieval = alloc
+                    .take(layout.retrieval_blocks(n))
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|&b| perm[b as usize])
+                    .collect();
+                Tables {
+                    retrieval,
+                    streaming,
+                    cap: layout.ring_rows(Ring::Decode),
+                }
             })
             .collect();
         (tables, total)
@@ -657,21 +836,60 @@ mod gpu {
     }
 
     /// The launch shape for rows of `tokens` (each with its own token cached).
-    fn launch_for(x_heads: &[HeadEntry], n_heads: usize, head_dim: usize, tokens: &[usize], kv: KvType, split: Option<usize>, kernel: DecodeKernel) -> DecodeLaunch {
+    fn launch_for(
+        x_heads: &[HeadEntry],
+        n_heads: usize,
+        head_dim: usize,
+        tokens: &[usize],
+        kv: KvType,
+        split: Option<usize>,
+        kernel: DecodeKernel,
+    ) -> DecodeLaunch {
         let max_n = *tokens.iter().max().unwrap_or(&1);
-        let lens: Vec<u32> = x_heads.iter().map(|e| if e.kind == HeadEntry::RETRIEVAL { max_n as u32 } else { (max_n as u32).min((e.sink + e.recent) as u32) }).collect();
-        let split = split.unwrap_or_else(|| split_for(kernel, &lens, tokens.len())).max(1);
+        let lens: Vec<u32> = x_heads
+            .iter()
+            .map(|e| {
+                if e.kind == HeadEntry::RETRIEVAL {
+                    max_n as u32
+                } else {
+                    (max_n as u32).min((e.sink + e.recent) as u32)
+                }
+            })
+            .collect();
+        let split = split
+            .unwrap_or_else(|| split_for(kernel, &lens, tokens.len()))
+            .max(1);
         let max_len = *lens.iter().max().unwrap_or(&1) as usize;
-        DecodeLaunch { n_kv: x_heads.len(), group: n_heads / x_heads.len(), head_dim, split, n_splits: max_len.div_ceil(split), rows: tokens.len(), kv, kernel }
+        DecodeLaunch {
+            n_kv: x_heads.len(),
+            group: n_heads / x_heads.len(),
+            head_dim,
+            split,
+            n_splits: max_len.div_ceil(split),
+            rows: tokens.len(),
+            kv,
+            kernel,
+        }
     }
 
     /// Runs the fused decode attention on the GPU over a paged pool of `block_tokens`
     /// (copying inputs in and the output out) with `kernel`.
     /// `x.heads` must be `layer_layout`'s heads.
-    pub fn decode_attention(gpu: &Gpu, x: &DecodeInput, layout: &PagedLayout, kv: KvType, kernel: DecodeKernel, seed: u64) -> Result<Vec<f32>> {
+    pub fn decode_attention(
+        gpu: &Gpu,
+        x: &DecodeInput,
+        layout: &PagedLayout,
+        kv: KvType,
+        kernel: DecodeKernel,
+        seed: u64,
+    ) -> Result<Vec<f32>> {
         x.validate()?;
         if !kernel.fits(x.head_dim, x.n_heads / x.heads.len(), kv) {
-            return Err(CudaError::Input(format!("{kernel:?} does not suit heads of {} ({} per KV head, {kv:?})", x.head_dim, x.n_heads / x.heads.len())));
+            return Err(CudaError::Input(format!(
+                "{kernel:?} does not suit heads of {} ({} per KV head, {kv:?})",
+                x.head_dim,
+                x.n_heads / x.heads.len()
+            )));
         }
         let (h, d) = (x.n_heads, x.head_dim);
         let (tables, blocks) = place_tables(layout, &x.tokens, seed);
@@ -697,38 +915,112 @@ mod gpu {
         let (slots, pos, q) = (gpu.upload(&slots)?, gpu.upload(&pos)?, gpu.upload(&x.q)?);
         let out = gpu.zeros::<f32>(x.tokens.len() * h * d)?;
         let parts_n = x.tokens.len() * h * launch.n_splits;
-        let (pm, pl, pa) = (gpu.zeros::<f32>(parts_n)?, gpu.zeros::<f32>(parts_n)?, gpu.zeros::<f32>(parts_n * d)?);
-        let (k32, v32, k16, v16);
+        let (pm, pl, pa) = (
+            gpu.zeros::<f32>(parts_n)?,
+            gpu.zeros::<f32>(parts_n)?,
+            gpu.zeros::<f32>(parts_n * d)?,
+        );
+        let (k32, v32, k16, v16, k8, v8, ks, vs);
+        let mut paged = layout.paged_args(gpu.addr(&tab));
         let (kc, vc) = match kv {
             KvType::F32 => {
                 (k32, v32) = (gpu.upload(&keys)?, gpu.upload(&values)?);
                 (gpu.addr(&k32), gpu.addr(&v32))
             }
             KvType::Bf16 => {
-                (k16, v16) = (gpu.upload(&crate::ops::bf16_bits(&keys))?, gpu.upload(&crate::ops::bf16_bits(&values))?);
+                (k16, v16) = (
+                    gpu.upload(&crate::ops::bf16_bits(&keys))?,
+                    gpu.upload(&crate::ops::bf16_bits(&values))?,
+                );
                 (gpu.addr(&k16), gpu.addr(&v16))
+            }
+            KvType::Fp8 => {
+                let ((kb, ksc), (vb, vsc)) = (
+                    crate::fp8::quantise_rows(&keys, d),
+                    crate::fp8::quantise_rows(&values, d),
+                );
+                (k8, v8, ks, vs) = (
+                    gpu.upload(&kb)?,
+                    gpu.upload(&vb)?,
+                    gpu.upload(&ksc)?,
+                    gpu.upload(&vsc)?,
+                );
+                paged = paged.with_scales(gpu.addr(&ks), gpu.addr(&vs));
+                (gpu.addr(&k8), gpu.addr(&v8))
             }
         };
         let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
-        gpu.decode_attention(&launch, gpu.addr(&q), kc, vc, gpu.addr(&heads), gpu.addr(&slots), gpu.addr(&pos), layout.paged_args(gpu.addr(&tab)), parts, gpu.addr(&out), 0)?;
+        gpu.decode_attention(
+            &launch,
+            gpu.addr(&q),
+            kc,
+            vc,
+            gpu.addr(&heads),
+            gpu.addr(&slots),
+            gpu.addr(&pos),
+            paged,
+            parts,
+            gpu.addr(&out),
+            0,
+        )?;
         gpu.download(&out)
     }
 
-    /// Milliseconds per launch pair (partial + merge) of bf16 decode attention for a layer of
-    /// `kinds` (true = retrieval; streaming heads keep 64 + 256) over `rows` sequences of
-    /// `tokens` tokens in a pool of `block_tokens`-token blocks filled with random values;
-    /// mean of `iters` after one warm-up. Also the KV bytes each launch reads.
+    /// Milliseconds per launch pair (partial + merge) of decode attention over a `kv` cache
+    /// (bf16 or fp8) for a layer of `kinds` (true = retrieval; streaming heads keep 64 + 256)
+    /// over `rows` sequences of `tokens` tokens in a pool of `block_tokens`-token blocks
+    /// filled with random values; mean of `iters` after one warm-up. Also the KV bytes each
+    /// launch reads (row scales included).
     #[allow(clippy::too_many_arguments)]
-    pub fn time_decode_attention(gpu: &Gpu, n_heads: usize, head_dim: usize, kinds: &[bool], tokens: usize, rows: usize, block_tokens: usize, split: Option<usize>, kernel: DecodeKernel, iters: usize) -> Result<(f64, usize)> {
-        let layout = layer_layout(kinds, 64, 256, block_tokens, tokens);
+    pub fn time_decode_attention(
+        gpu: &Gpu,
+        n_heads: usize,
+        head_dim: usize,
+        kinds: &[bool],
+        tokens: usize,
+        rows: usize,
+        block_tokens: usize,
+        split: Option<usize>,
+        kernel: DecodeKernel,
+        kv: KvType,
+        iters: usize,
+    ) -> Result<(f64, usize)> {
+        let layout = PagedLayout {
+            kv,
+            ..layer_layout(kinds, 64, 256, block_tokens, tokens)
+        };
         let all = vec![tokens; rows];
         let (tables, blocks) = place_tables(&layout, &all, 7);
         let elems = blocks * layout.block_elems(head_dim);
-        let (k, v) = (gpu.zeros::<u16>(elems)?, gpu.zeros::<u16>(elems)?);
-        gpu.fill_uniform(gpu.addr(&k), elems, 1, 1.0)?;
-        gpu.fill_uniform(gpu.addr(&v), elems, 2, 1.0)?;
+        let (k, v) = (
+            gpu.zeros::<u8>(elems * kv.bytes())?,
+            gpu.zeros::<u8>(elems * kv.bytes())?,
+        );
+        let scale_rows = if kv == KvType::Fp8 {
+            blocks * layout.block_rows()
+        } else {
+            1
+        };
+        let (ks, vs) = (gpu.zeros::<f32>(scale_rows)?, gpu.zeros::<f32>(scale_rows)?);
+        match kv {
+            KvType::Fp8 => {
+                gpu.fill_uniform_e4m3(gpu.addr(&k), elems, 1)?;
+                gpu.fill_uniform_e4m3(gpu.addr(&v), elems, 2)?;
+                gpu.fill_f32(gpu.addr(&ks), scale_rows, 1.0 / 256.0)?;
+                gpu.fill_f32(gpu.addr(&vs), scale_rows, 1.0 / 256.0)?;
+            }
+            KvType::Bf16 => {
+                gpu.fill_uniform(gpu.addr(&k), elems, 1, 1.0)?;
+                gpu.fill_uniform(gpu.addr(&v), elems, 2, 1.0)?;
+            }
+            KvType::F32 => {
+                return Err(CudaError::Input(
+                    "timed decode attention takes bf16 or fp8 caches".into(),
+                ))
+            }
+        }
         let heads_v = layout.heads(0);
-        let launch = launch_for(&heads_v, n_heads, head_dim, &all, KvType::Bf16, split, kernel);
+        let launch = launch_for(&heads_v, n_heads, head_dim, &all, kv, split, kernel);
         let heads = gpu.upload(&HeadEntry::table(&heads_v))?;
         let tab = gpu.upload(&table_rows(&layout, &tables))?;
         let slots = gpu.upload(&(0..rows as i32).collect::<Vec<_>>())?;
@@ -736,10 +1028,31 @@ mod gpu {
         let q = gpu.zeros::<f32>(rows * n_heads * head_dim)?;
         let out = gpu.zeros::<u16>(rows * n_heads * head_dim)?;
         let parts_n = rows * n_heads * launch.n_splits;
-        let (pm, pl, pa) = (gpu.zeros::<f32>(parts_n)?, gpu.zeros::<f32>(parts_n)?, gpu.zeros::<f32>(parts_n * head_dim)?);
+        let (pm, pl, pa) = (
+            gpu.zeros::<f32>(parts_n)?,
+            gpu.zeros::<f32>(parts_n)?,
+            gpu.zeros::<f32>(parts_n * head_dim)?,
+        );
         let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
-        let args = layout.paged_args(gpu.addr(&tab));
-        let run = || gpu.decode_attention(&launch, gpu.addr(&q), gpu.addr(&k), gpu.addr(&v), gpu.addr(&heads), gpu.addr(&slots), gpu.addr(&pos), args, parts, 0, gpu.addr(&out));
+        let mut args = layout.paged_args(gpu.addr(&tab));
+        if kv == KvType::Fp8 {
+            args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
+        }
+        let run = || {
+            gpu.decode_attention(
+                &launch,
+                gpu.addr(&q),
+                gpu.addr(&k),
+                gpu.addr(&v),
+                gpu.addr(&heads),
+                gpu.addr(&slots),
+                gpu.addr(&pos),
+                args,
+                parts,
+                0,
+                gpu.addr(&out),
+            )
+        };
         run()?;
         gpu.sync()?;
         let started = std::time::Instant::now();
@@ -748,8 +1061,20 @@ mod gpu {
         }
         gpu.sync()?;
         let ms = started.elapsed().as_secs_f64() * 1000.0 / iters.max(1) as f64;
-        let per_row: usize = heads_v.iter().map(|e| if e.kind == HeadEntry::RETRIEVAL { tokens } else { tokens.min(320) }).sum();
-        Ok((ms, rows * per_row * head_dim * 2 * 2))
+        let per_row: usize = heads_v
+            .iter()
+            .map(|e| {
+                if e.kind == HeadEntry::RETRIEVAL {
+                    tokens
+                } else {
+                    tokens.min(320)
+                }
+            })
+            .sum();
+        Ok((
+            ms,
+            rows * per_row * (head_dim * kv.bytes() + kv.scale_bytes()) * 2,
+        ))
     }
 
     /// Parity on random inputs over shuffled paged pools: GQA and MHA groups, head dims 64,
@@ -757,29 +1082,85 @@ mod gpu {
     /// 40,000 tokens next to streaming heads (sinks + recent), blocks of 16 to 128 tokens.
     pub fn check(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         // (query heads, head dim, kinds, sink, recent, block tokens, row lengths)
-        type Case = (usize, usize, &'static [bool], usize, usize, usize, &'static [usize]);
+        type Case = (
+            usize,
+            usize,
+            &'static [bool],
+            usize,
+            usize,
+            usize,
+            &'static [usize],
+        );
         let cases: [Case; 6] = [
-            (9, 64, &[true, false, true], 64, 256, 64, &[1, 57, 320, 1000]),                  // SmolLM2-like
-            (32, 64, &[true, false], 4, 40, 64, &[700, 5, 2049]),                             // 16 query heads per KV head
-            (32, 128, &[true, false, true, false, false, false, true, false], 64, 256, 16, &[4096, 9000, 17]), // Llama-3-8B-like, mixed
-            (32, 128, &[true; 8], 64, 256, 128, &[40_000]),                                    // one long row
-            (8, 128, &[true, false, true, false, true, false, true, false], 16, 100, 32, &[300, 256, 257, 513, 1, 2, 3]), // boundaries, MHA
-            (4, 256, &[true, false], 8, 20, 64, &[1000, 21]),                                   // widest head
+            (
+                9,
+                64,
+                &[true, false, true],
+                64,
+                256,
+                64,
+                &[1, 57, 320, 1000],
+            ), // SmolLM2-like
+            (32, 64, &[true, false], 4, 40, 64, &[700, 5, 2049]), // 16 query heads per KV head
+            (
+                32,
+                128,
+                &[true, false, true, false, false, false, true, false],
+                64,
+                256,
+                16,
+                &[4096, 9000, 17],
+            ), // Llama-3-8B-like, mixed
+            (32, 128, &[true; 8], 64, 256, 128, &[40_000]),       // one long row
+            (
+                8,
+                128,
+                &[true, false, true, false, true, false, true, false],
+                16,
+                100,
+                32,
+                &[300, 256, 257, 513, 1, 2, 3],
+            ), // boundaries, MHA
+            (4, 256, &[true, false], 8, 20, 64, &[1000, 21]),     // widest head
         ];
         let mut out = Vec::new();
-        for kv in [KvType::F32, KvType::Bf16] {
+        for kv in [KvType::F32, KvType::Bf16, KvType::Fp8] {
             for (i, (h, d, kinds, sink, recent, bt, tokens)) in cases.iter().enumerate() {
-                let layout = layer_layout(kinds, *sink, *recent, *bt, *tokens.iter().max().unwrap_or(&1));
+                let layout = layer_layout(
+                    kinds,
+                    *sink,
+                    *recent,
+                    *bt,
+                    *tokens.iter().max().unwrap_or(&1),
+                );
                 let x = random_input(seed + i as u64, *h, *d, layout.heads(0), tokens);
-                // The bf16 kernel is compared with the reference on the same rounded cache.
-                let want = reference(&if kv == KvType::Bf16 { rounded_to_bf16(&x) } else { x.clone() })?;
+                // Kernels over a rounded or quantised cache are compared with the reference on
+                // the same cache.
+                let want = reference(&match kv {
+                    KvType::F32 => x.clone(),
+                    KvType::Bf16 => rounded_to_bf16(&x),
+                    KvType::Fp8 => rounded_to_fp8(&x),
+                })?;
                 let group = h / kinds.len();
-                let kernels = [DecodeKernel::Tensor, DecodeKernel::Cores(4), DecodeKernel::Cores(2), DecodeKernel::Cores(1)];
+                let kernels = [
+                    DecodeKernel::Tensor,
+                    DecodeKernel::Cores(4),
+                    DecodeKernel::Cores(2),
+                    DecodeKernel::Cores(1),
+                ];
                 for kernel in kernels.into_iter().filter(|k| k.fits(*d, group, kv)) {
                     let got = decode_attention(gpu, &x, &layout, kv, kernel, seed + i as u64)?;
-                    let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
+                    let err = want
+                        .iter()
+                        .zip(&got)
+                        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                        .fold(0.0, f64::max);
                     // The tensor-core kernel rounds queries and softmax weights to bf16.
-                    let bound = if kernel == DecodeKernel::Tensor { 1e-2 } else { 1e-4 };
+                    let bound = if kernel == DecodeKernel::Tensor {
+                        1e-2
+                    } else {
+                        1e-4
+                    };
                     out.push(Parity { case: format!("paged decode attention {kv:?}, {kernel:?}, blocks of {bt}: {h} heads x {d}, kinds {kinds:?}, rows {tokens:?}"), max_abs_err: err, bound });
                 }
             }
@@ -789,7 +1170,9 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{check as check_kernel, decode_attention, layer_layout, table_rows, time_decode_attention};
+pub use gpu::{
+    check as check_kernel, decode_attention, layer_layout, table_rows, time_decode_attention,
+};
 
 #[cfg(test)]
 mod tests {
@@ -798,45 +1181,132 @@ mod tests {
     #[test]
     fn splits_fill_the_card_within_256_to_2048_keys() {
         assert_eq!(batch_split(&[131_072; 8], 1), 2048);
-        assert_eq!(batch_split(&[131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320], 1), 1024, "4 long heads: 128 splits each");
-        assert_eq!(batch_split(&[16_384; 8], 1), 256, "16K: 64 splits of each of 8 heads fill the card");
-        assert_eq!(batch_split(&[1_000_000; 8], 1), 2048, "long caches: the largest split, many waves");
-        assert_eq!(batch_split(&[100, 320], 1), 256, "short caches: one split of at least 256 keys");
+        assert_eq!(
+            batch_split(&[131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320], 1),
+            1024,
+            "4 long heads: 128 splits each"
+        );
+        assert_eq!(
+            batch_split(&[16_384; 8], 1),
+            256,
+            "16K: 64 splits of each of 8 heads fill the card"
+        );
+        assert_eq!(
+            batch_split(&[1_000_000; 8], 1),
+            2048,
+            "long caches: the largest split, many waves"
+        );
+        assert_eq!(
+            batch_split(&[100, 320], 1),
+            256,
+            "short caches: one split of at least 256 keys"
+        );
         assert_eq!(batch_split(&[1000, 20], 1), 256);
     }
 
     #[test]
     fn the_tensor_core_kernel_where_it_fits() {
-        assert_eq!(DecodeKernel::best(128, 4, KvType::Bf16, 2), DecodeKernel::Tensor, "Llama-3-8B");
-        assert_eq!(DecodeKernel::best(64, 3, KvType::Bf16, 2), DecodeKernel::Tensor, "SmolLM2");
-        assert_eq!(DecodeKernel::best(128, 1, KvType::Bf16, 2), DecodeKernel::Tensor, "MHA");
-        assert_eq!(DecodeKernel::best(128, 4, KvType::F32, 2), DecodeKernel::Cores(2), "f32 caches: CUDA cores");
-        assert_eq!(DecodeKernel::best(256, 1, KvType::Bf16, 2), DecodeKernel::Cores(2), "heads of 256: CUDA cores");
-        assert!(!DecodeKernel::Tensor.fits(128, 17, KvType::Bf16), "at most 16 query heads per KV head");
-        assert!(!DecodeKernel::Cores(4).fits(128, 8, KvType::Bf16), "8 x 128 x 4 / 32 values per lane are too many registers");
+        assert_eq!(
+            DecodeKernel::best(128, 4, KvType::Bf16, 2),
+            DecodeKernel::Tensor,
+            "Llama-3-8B"
+        );
+        assert_eq!(
+            DecodeKernel::best(64, 3, KvType::Bf16, 2),
+            DecodeKernel::Tensor,
+            "SmolLM2"
+        );
+        assert_eq!(
+            DecodeKernel::best(128, 1, KvType::Bf16, 2),
+            DecodeKernel::Tensor,
+            "MHA"
+        );
+        assert_eq!(
+            DecodeKernel::best(128, 4, KvType::F32, 2),
+            DecodeKernel::Cores(2),
+            "f32 caches: CUDA cores"
+        );
+        assert_eq!(
+            DecodeKernel::best(256, 1, KvType::Bf16, 2),
+            DecodeKernel::Cores(2),
+            "heads of 256: CUDA cores"
+        );
+        assert!(
+            !DecodeKernel::Tensor.fits(128, 17, KvType::Bf16),
+            "at most 16 query heads per KV head"
+        );
+        assert!(
+            !DecodeKernel::Cores(4).fits(128, 8, KvType::Bf16),
+            "8 x 128 x 4 / 32 values per lane are too many registers"
+        );
         assert!(DecodeKernel::Cores(2).fits(128, 8, KvType::Bf16));
+        assert_eq!(DecodeKernel::best(128, 4, KvType::Fp8, 2), DecodeKernel::Tensor, "fp8 caches: tensor cores");
+        assert!(!DecodeKernel::Cores(1).fits(128, 4, KvType::Fp8), "no CUDA-core kernel reads fp8");
+        assert!(!DecodeKernel::Tensor.fits(256, 1, KvType::Fp8) && !DecodeKernel::Tensor.fits(128, 4, KvType::F32));
+        assert!(tensor_smem_bytes(128, KvType::Fp8) * 2 <= 227 * 1024, "two fp8 blocks fit a multiprocessor");
     }
 
     #[test]
     fn one_row_on_tensor_cores_takes_about_one_wave() {
         let duo_128k = [131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320];
-        assert_eq!(split_for(DecodeKernel::Tensor, &[131_072; 8], 1), 4096, "8 x 32 blocks");
-        assert_eq!(split_for(DecodeKernel::Tensor, &duo_128k, 1), 2048, "4 long heads x 64 blocks");
-        assert_eq!(split_for(DecodeKernel::Tensor, &[524_288; 8], 1), 8192, "the longest split");
-        assert_eq!(split_for(DecodeKernel::Tensor, &[4096; 8], 1), 512, "the shortest split");
-        assert_eq!(split_for(DecodeKernel::Tensor, &[16_384; 8], 25), batch_split(&[16_384; 8], 25), "a batch: many waves");
-        assert_eq!(split_for(DecodeKernel::Cores(2), &[131_072; 8], 1), batch_split(&[131_072; 8], 1));
+        assert_eq!(
+            split_for(DecodeKernel::Tensor, &[131_072; 8], 1),
+            4096,
+            "8 x 32 blocks"
+        );
+        assert_eq!(
+            split_for(DecodeKernel::Tensor, &duo_128k, 1),
+            2048,
+            "4 long heads x 64 blocks"
+        );
+        assert_eq!(
+            split_for(DecodeKernel::Tensor, &[524_288; 8], 1),
+            8192,
+            "the longest split"
+        );
+        assert_eq!(
+            split_for(DecodeKernel::Tensor, &[4096; 8], 1),
+            512,
+            "the shortest split"
+        );
+        assert_eq!(
+            split_for(DecodeKernel::Tensor, &[16_384; 8], 25),
+            batch_split(&[16_384; 8], 25),
+            "a batch: many waves"
+        );
+        assert_eq!(
+            split_for(DecodeKernel::Cores(2), &[131_072; 8], 1),
+            batch_split(&[131_072; 8], 1)
+        );
     }
 
     #[test]
     fn a_batch_counts_every_row() {
-        assert_eq!(batch_split(&[16_384; 8], 64), 2048, "64 rows fill the card with long splits");
-        assert_eq!(batch_split(&[16_384; 8], 4), 1024, "4 rows: 4 x 8 x 16,384 / 528 keys, rounded up to 64");
+        assert_eq!(
+            batch_split(&[16_384; 8], 64),
+            2048,
+            "64 rows fill the card with long splits"
+        );
+        assert_eq!(
+            batch_split(&[16_384; 8], 4),
+            1024,
+            "4 rows: 4 x 8 x 16,384 / 528 keys, rounded up to 64"
+        );
         assert_eq!(batch_split(&[1000, 320], 8), 256);
     }
 
     fn heads(kinds: &[bool], sink: usize, recent: usize) -> Vec<HeadEntry> {
-        kinds.iter().enumerate().map(|(i, &r)| if r { HeadEntry::retrieval(i) } else { HeadEntry::streaming(i, sink, recent) }).collect()
+        kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| {
+                if r {
+                    HeadEntry::retrieval(i)
+                } else {
+                    HeadEntry::streaming(i, sink, recent)
+                }
+            })
+            .collect()
     }
 
     #[test]
@@ -845,14 +1315,23 @@ mod tests {
         let mut x = random_input(1, 2, 64, heads(&[true, true], 0, 0), &[1, 2]);
         let out = reference(&x).unwrap();
         let v0 = x.key_offset(0, 0);
-        assert!(out[..64].iter().zip(&x.values[v0..v0 + 64]).all(|(a, b)| (a - b).abs() < 1e-6));
+        assert!(out[..64]
+            .iter()
+            .zip(&x.values[v0..v0 + 64])
+            .all(|(a, b)| (a - b).abs() < 1e-6));
         let at = x.key_offset(1, 1);
         let k1 = x.keys[at..at + 64].to_vec();
         x.keys[at + 64..at + 128].copy_from_slice(&k1);
-        let (a, b) = (x.values[at..at + 64].to_vec(), x.values[at + 64..at + 128].to_vec());
+        let (a, b) = (
+            x.values[at..at + 64].to_vec(),
+            x.values[at + 64..at + 128].to_vec(),
+        );
         let out = reference(&x).unwrap();
         let row1_head1 = &out[(2 + 1) * 64..(2 + 2) * 64];
-        assert!(row1_head1.iter().zip(a.iter().zip(&b)).all(|(o, (a, b))| (o - (a + b) / 2.0).abs() < 1e-5));
+        assert!(row1_head1
+            .iter()
+            .zip(a.iter().zip(&b))
+            .all(|(o, (a, b))| (o - (a + b) / 2.0).abs() < 1e-5));
     }
 
     #[test]
@@ -868,7 +1347,10 @@ mod tests {
     #[test]
     fn bad_shapes_are_refused() {
         let x = random_input(1, 3, 64, heads(&[true, true], 0, 0), &[4, 4]);
-        assert!(reference(&x).is_err(), "3 query heads cannot share 2 KV heads");
+        assert!(
+            reference(&x).is_err(),
+            "3 query heads cannot share 2 KV heads"
+        );
         let mut x = random_input(1, 2, 64, heads(&[true, true], 0, 0), &[4, 4]);
         x.tokens[1] = 9;
         assert!(reference(&x).is_err());

@@ -7,6 +7,8 @@
 //! check on seeded random inputs ([`check`]) that the GPU host runs (`duo cuda-check`).
 //!
 //! * [`dequant`]: GGUF blocks (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) to bf16.
+//! * [`fp8`]: the e4m3 row format of fp8 KV caches (bytes and a power-of-two scale per row),
+//!   on the host, exactly as the kernels quantise.
 //! * [`ops`]: random weights, embedding, RMSNorm, RoPE + KV append, SiLU×up, argmax, block
 //!   tables and block copies.
 //! * [`paged`]: the paged KV layout (blocks shared by all sequences, rings for streaming
@@ -19,8 +21,11 @@
 //! * [`pool`]: a pool of KV blocks and the batched step over many sequences (decode rows and
 //!   a prefill chunk in one forward pass; decode-only steps replayed as CUDA graphs).
 
+#[cfg(feature = "cuda")]
+mod checks;
 pub mod decode_attention;
 pub mod dequant;
+pub mod fp8;
 pub mod model;
 pub mod ops;
 pub mod paged;
@@ -29,8 +34,6 @@ pub mod pool;
 pub mod prefill_attention;
 #[cfg(feature = "cuda")]
 pub mod runtime;
-#[cfg(feature = "cuda")]
-mod checks;
 #[cfg(feature = "cuda")]
 pub use checks::{check, time_prefill_attention};
 #[cfg(feature = "cuda")]
@@ -86,4 +89,3 @@ impl Parity {
         self.max_abs_err <= self.bound
     }
 }
-

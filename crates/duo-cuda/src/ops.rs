@@ -60,14 +60,60 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, bf16_t* out,
         out[(size_t)blockIdx.x * dim + i] = to_bf(row[i] * scale * w[i]);
 }
 
+// The largest of every thread's `v` in the block (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+    __syncthreads();
+    float m = 0.f;
+    for (int i = 0; i < (int)blockDim.x / 32; i++) m = fmaxf(m, part[i]);
+    __syncthreads();  // part is reused by the next call
+    return m;
+}
+
+// The power-of-two scale of an fp8 row whose largest magnitude is `amax`: the smallest with
+// amax / scale <= 448, its exponent clamped to [-24, 15] (crate::fp8::row_scale).
+__device__ float fp8_row_scale(float amax) {
+    const unsigned u = __float_as_uint(amax);
+    const int biased = (int)((u >> 23) & 0xffu);
+    if (amax == 0.f || biased == 0) return 1.f;
+    const int e = min(15, max(-24, biased - 135 + ((u & 0x7fffffu) > 0x600000u ? 1 : 0)));
+    return __uint_as_float((unsigned)(e + 127) << 23);
+}
+
+// Two values to e4m3 bytes (round to nearest even, saturating): `lo` in the low byte.
+__device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Stores elements a and b of a cached row: bf16, or (pg.kscale set) e4m3 with the row's
+// scale, which thread 0 writes to `scales[row]`. Every thread of the block calls it.
+__device__ __forceinline__ void store_row_pair(void* cache, float* scales, size_t row, int head_dim, int a, int b, float x0, float x1) {
+    if (scales) {
+        const float s = fp8_row_scale(block_max(fmaxf(fabsf(x0), fabsf(x1))));
+        const float inv = 1.f / s;
+        const unsigned short p = e4m3x2(x0 * inv, x1 * inv);
+        unsigned char* c = (unsigned char*)cache + row * head_dim;
+        c[a] = (unsigned char)(p & 0xffu); c[b] = (unsigned char)(p >> 8);
+        if (threadIdx.x == 0) scales[row] = s;
+    } else {
+        bf16_t* c = (bf16_t*)cache + row * head_dim;
+        c[a] = to_bf(x0); c[b] = to_bf(x1);
+    }
+}
+
 // Rotates the step's queries and keys (row t: sequence slot row_slot[t], position
-// row_pos[t]), writes queries as f32 and keys/values as bf16 into the paged cache rows of
-// their positions (`kv_row`). qkv rows (bf16) are [q (heads * D) | k (kv * D) | v (kv * D)].
+// row_pos[t]), writes queries as f32 and keys/values into the paged cache rows of their
+// positions (`kv_row`): bf16, or fp8 with a scale per row where pg.kscale is set (keys are
+// quantised from their f32 rotation). qkv rows (bf16) are [q (heads * D) | k (kv * D) | v (kv * D)].
 // A row whose slot is negative is padding: nothing is written to the cache.
 // Grid (T, heads + kv), D/2 threads.
 extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, const int* row_pos, const float* inv_freq,
     const int4* heads, int n_heads, int n_kv, int head_dim, int half_split,
-    float* q_out, bf16_t* kc, bf16_t* vc, Paged pg)
+    float* q_out, void* kc, void* vc, Paged pg)
 {
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
     const int slot = row_slot[t], pos = row_pos[t];
@@ -83,10 +129,10 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, c
         q[a] = y0; q[b] = y1;
     } else if (slot >= 0) {
         const int g = h - n_heads;
-        const size_t r = (size_t)kv_row(pg, heads[g], slot, pos) * head_dim;
-        kc[r + a] = to_bf(y0); kc[r + b] = to_bf(y1);
+        const size_t r = (size_t)kv_row(pg, heads[g], slot, pos);
+        store_row_pair(kc, pg.kscale, r, head_dim, a, b, y0, y1);
         const bf16_t* v = row + (n_heads + n_kv + g) * head_dim;
-        vc[r + a] = v[a]; vc[r + b] = v[b];
+        store_row_pair(vc, pg.vscale, r, head_dim, a, b, bf(v[a]), bf(v[b]));
     }
 }
 
@@ -96,26 +142,48 @@ extern "C" __global__ void scatter_i32(int* dst, const int* pairs, int n) {
 }
 
 // Moves the ring rows of positions first..first+count of every streaming head of `slot`
-// between a ring of `cap` rows and `scratch` ([head][keys, values][count][head_dim]):
+// between a ring of `cap` rows and `scratch` ([head][keys, values][count][row], then an fp8
+// cache's row scales [head][keys, values][count]); a row is `row_u16` 16-bit words.
 // to_scratch = 1 reads the ring, 0 writes it. A ring changes size in two launches (out
 // with the old size, in with the new), so rows that overlap are never read after being
 // overwritten. Grid (streaming heads, 2): y = 0 keys, 1 values; 128 threads.
-extern "C" __global__ void ring_move(bf16_t* kc, bf16_t* vc, bf16_t* scratch, Paged pg, int slot, int cap, int sink,
-    int first, int count, int head_dim, int to_scratch)
+extern "C" __global__ void ring_move(unsigned short* kc, unsigned short* vc, unsigned short* scratch, Paged pg, int slot, int cap, int sink,
+    int first, int count, int row_u16, int to_scratch)
 {
     const int h = blockIdx.x;
-    bf16_t* cache = blockIdx.y == 0 ? kc : vc;
+    unsigned short* cache = blockIdx.y == 0 ? kc : vc;
+    float* scales = blockIdx.y == 0 ? pg.kscale : pg.vscale;
+    float* scratch_scales = reinterpret_cast<float*>(scratch + (size_t)gridDim.x * 2 * count * row_u16);
     const int4 e = make_int4(h, sink, 0, 1);
     for (int i = 0; i < count; i++) {
-        bf16_t* ring = cache + (size_t)kv_row_cap(pg, e, slot, first + i, cap) * head_dim;
-        bf16_t* s = scratch + (((size_t)h * 2 + blockIdx.y) * count + i) * head_dim;
-        for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
+        const long long row = kv_row_cap(pg, e, slot, first + i, cap);
+        unsigned short* ring = cache + (size_t)row * row_u16;
+        const size_t at = ((size_t)h * 2 + blockIdx.y) * count + i;
+        unsigned short* s = scratch + at * row_u16;
+        for (int c = threadIdx.x; c < row_u16; c += blockDim.x) {
             if (to_scratch) s[c] = ring[c]; else ring[c] = s[c];
+        }
+        if (scales && threadIdx.x == 0) {
+            if (to_scratch) scratch_scales[at] = scales[row]; else scales[row] = scratch_scales[at];
         }
     }
 }
 
-// Copies whole blocks of `elems` bf16 values: block pairs[2i] of (sk, sv) to block
+// n values in [-1, 1) times 2^8 as e4m3 bytes (synthetic fp8 caches; their rows take the scale
+// 2^-8).
+extern "C" __global__ void fill_uniform_e4m3(unsigned char* out, unsigned long long n, unsigned long long seed) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = (unsigned char)(e4m3x2(hash_uniform(seed, i) * 256.f, 0.f) & 0xffu);
+}
+
+extern "C" __global__ void fill_f32(float* out, unsigned long long n, float value) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = value;
+}
+
+// Copies whole blocks of `elems` 16-bit words: block pairs[2i] of (sk, sv) to block
 // pairs[2i + 1] of (dk, dv). Grid (n, 2): y = 0 keys, 1 values; 256 threads.
 extern "C" __global__ void copy_blocks(const bf16_t* sk, const bf16_t* sv, bf16_t* dk, bf16_t* dv, const int* pairs, long long elems) {
     const uint4* from = reinterpret_cast<const uint4*>((blockIdx.y == 0 ? sk : sv) + (size_t)pairs[2 * blockIdx.x] * elems);
@@ -165,12 +233,16 @@ pub fn round_bf16(x: f32) -> f32 {
 
 /// `v` as bf16 bits (round to nearest even), the form the GPU buffers hold.
 pub fn bf16_bits(v: &[f32]) -> Vec<u16> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect()
 }
 
 /// The seeded random bf16 tensor `fill_uniform_bf16` writes, as `f32`.
 pub fn uniform_bf16(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    (0..n as u64).map(|i| round_bf16(hash_uniform(seed, i) * scale)).collect()
+    (0..n as u64)
+        .map(|i| round_bf16(hash_uniform(seed, i) * scale))
+        .collect()
 }
 
 /// RMSNorm of each row of `x` times `w`, rounded to bf16 (the kernel's output).
@@ -180,7 +252,10 @@ pub fn rms_norm_ref(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         .flat_map(|row| {
             let ms = row.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / d as f64;
             let s = 1.0 / (ms + eps as f64).sqrt();
-            row.iter().zip(w).map(move |(v, w)| round_bf16((*v as f64 * s) as f32 * w)).collect::<Vec<_>>()
+            row.iter()
+                .zip(w)
+                .map(move |(v, w)| round_bf16((*v as f64 * s) as f32 * w))
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -189,7 +264,11 @@ pub fn rms_norm_ref(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 pub fn rope_ref(x: &mut [f32], pos: usize, inv_freq: &[f32], half_split: bool) {
     let half = inv_freq.len();
     for (i, f) in inv_freq.iter().enumerate() {
-        let (a, b) = if half_split { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let (a, b) = if half_split {
+            (i, i + half)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
         let ang = pos as f32 * f;
         let (s, c) = (ang.sin(), ang.cos());
         let (x0, x1) = (x[a], x[b]);
@@ -201,7 +280,9 @@ pub fn rope_ref(x: &mut [f32], pos: usize, inv_freq: &[f32], half_split: bool) {
 /// `bf16(silu(gate) * up)` for rows of `[gate | up]`.
 pub fn silu_mul_ref(gu: &[f32], inter: usize) -> Vec<f32> {
     gu.chunks(2 * inter)
-        .flat_map(|row| (0..inter).map(move |i| round_bf16(row[i] / (1.0 + (-row[i]).exp()) * row[inter + i])))
+        .flat_map(|row| {
+            (0..inter).map(move |i| round_bf16(row[i] / (1.0 + (-row[i]).exp()) * row[inter + i]))
+        })
         .collect()
 }
 

@@ -138,7 +138,9 @@ struct Buffers {
 /// Logit rows a step computes at once: every decode row (a decode-only step's padded to
 /// its bucket) and a chunk's last row, or a block of a chunk's rows.
 fn logit_rows(c: &PoolConfig) -> usize {
-    bucket(c.max_seqs).max(c.max_seqs + 1).max(ROW_BLOCK.min(c.max_rows))
+    bucket(c.max_seqs)
+        .max(c.max_seqs + 1)
+        .max(ROW_BLOCK.min(c.max_rows))
 }
 
 impl Buffers {
@@ -165,15 +167,28 @@ impl Buffers {
         })
     }
 
+    /// 16-bit words of the ring scratch: rows, then (fp8) a scale of two words per row.
     fn scratch_elems(w: &GpuWeights, layout: &PagedLayout) -> usize {
-        layout.n_streaming() * 2 * layout.recent * w.config.head_dim
+        let row_words = w.config.head_dim * layout.kv.bytes() / 2 + layout.kv.scale_bytes() / 2;
+        layout.n_streaming() * 2 * layout.recent * row_words
     }
 
     /// Bytes of a pool's step buffers (for sizing the pool before allocating it).
     fn bytes(w: &GpuWeights, c: &PoolConfig, layout: &PagedLayout) -> usize {
         let g = &w.config;
         let (r, qd) = (c.max_rows, g.n_heads * g.head_dim);
-        4 * (3 * r + 2) + r * (4 * g.hidden + 2 * g.hidden + 2 * g.qkv_dim() + 4 * qd + 2 * qd + 4 * g.ffn + 2 * g.ffn) + logit_rows(c) * (4 * g.vocab + 4) + PART_PAIRS * g.n_heads * (8 + 4 * g.head_dim) + 8 * 1024 + 2 * Self::scratch_elems(w, layout)
+        4 * (3 * r + 2)
+            + r * (4 * g.hidden
+                + 2 * g.hidden
+                + 2 * g.qkv_dim()
+                + 4 * qd
+                + 2 * qd
+                + 4 * g.ffn
+                + 2 * g.ffn)
+            + logit_rows(c) * (4 * g.vocab + 4)
+            + PART_PAIRS * g.n_heads * (8 + 4 * g.head_dim)
+            + 8 * 1024
+            + 2 * Self::scratch_elems(w, layout)
     }
 }
 
@@ -196,8 +211,12 @@ pub struct KvPool {
     w: Arc<GpuWeights>,
     layout: PagedLayout,
     config: PoolConfig,
-    keys: CudaSlice<u16>,
-    values: CudaSlice<u16>,
+    /// Keys and values of every block (bf16 or e4m3 bytes, per the layout).
+    keys: CudaSlice<u8>,
+    values: CudaSlice<u8>,
+    /// Row scales of an fp8 cache (one `f32` per pool row), else one unused value.
+    key_scales: CudaSlice<f32>,
+    value_scales: CudaSlice<f32>,
     tables: CudaSlice<i32>,
     heads: Vec<CudaSlice<i32>>,
     state: Mutex<State>,
@@ -245,33 +264,104 @@ impl KvPool {
 
     /// Allocates a pool: `config.blocks` blocks of `layout`, tables for `config.max_seqs`
     /// sequences, buffers for `config.max_rows` rows.
-    pub fn new(gpu: Arc<Gpu>, w: Arc<GpuWeights>, layout: PagedLayout, config: PoolConfig) -> Result<Arc<Self>> {
+    pub fn new(
+        gpu: Arc<Gpu>,
+        w: Arc<GpuWeights>,
+        layout: PagedLayout,
+        config: PoolConfig,
+    ) -> Result<Arc<Self>> {
         let c = &w.config;
         layout.validate(c.n_layers, c.n_kv_heads)?;
         if config.max_seqs == 0 || config.max_rows == 0 {
-            return Err(CudaError::Input("a pool needs at least one sequence and one row".into()));
+            return Err(CudaError::Input(
+                "a pool needs at least one sequence and one row".into(),
+            ));
         }
-        if config.max_seqs > MAX_SEQS || bucket(config.max_seqs) > PART_PAIRS || config.max_rows > MAX_ROWS {
-            return Err(CudaError::Input(format!("{} sequences exceed the {PART_PAIRS} decode rows the partial buffers hold", config.max_seqs)));
+        if config.max_seqs > MAX_SEQS
+            || bucket(config.max_seqs) > PART_PAIRS
+            || config.max_rows > MAX_ROWS
+        {
+            return Err(CudaError::Input(format!(
+                "{} sequences exceed the {PART_PAIRS} decode rows the partial buffers hold",
+                config.max_seqs
+            )));
         }
         if layout.max_chunk > config.max_rows {
-            return Err(CudaError::Input(format!("prefill chunks of {} tokens exceed the {} rows of a step", layout.max_chunk, config.max_rows)));
+            return Err(CudaError::Input(format!(
+                "prefill chunks of {} tokens exceed the {} rows of a step",
+                layout.max_chunk, config.max_rows
+            )));
         }
-        let elems = config.blocks * layout.block_elems(c.head_dim);
-        let keys = gpu.zeros::<u16>(elems)?;
-        let values = gpu.zeros::<u16>(elems)?;
+        if layout.kv == KvType::F32
+            || (layout.kv == KvType::Fp8
+                && !DecodeKernel::Tensor.fits(c.head_dim, c.n_heads / c.n_kv_heads, KvType::Fp8))
+        {
+            return Err(CudaError::Input(format!(
+                "a {:?} KV cache is not supported here: pools cache bf16, or fp8 for heads of 64 or 128 dims with at most 16 query heads per KV head (these: {} dims, {})",
+                layout.kv,
+                c.head_dim,
+                c.n_heads / c.n_kv_heads
+            )));
+        }
+        let bytes = config.blocks * layout.block_elems(c.head_dim) * layout.kv.bytes();
+        let keys = gpu.zeros::<u8>(bytes)?;
+        let values = gpu.zeros::<u8>(bytes)?;
+        let scale_rows = if layout.kv == KvType::Fp8 {
+            config.blocks * layout.block_rows()
+        } else {
+            1
+        };
+        let (key_scales, value_scales) =
+            (gpu.zeros::<f32>(scale_rows)?, gpu.zeros::<f32>(scale_rows)?);
         let tables = gpu.zeros::<i32>(config.max_seqs * layout.table_stride())?;
-        let heads = (0..c.n_layers).map(|l| gpu.upload(&HeadEntry::table(&layout.heads(l)))).collect::<Result<Vec<_>>>()?;
+        let heads = (0..c.n_layers)
+            .map(|l| gpu.upload(&HeadEntry::table(&layout.heads(l))))
+            .collect::<Result<Vec<_>>>()?;
         let b = Buffers::new(&gpu, &w, &config, &layout)?;
         gpu.sync()?;
-        let state = State { alloc: Allocator::new(config.blocks, config.max_seqs), b, graphs: Vec::new(), pending: None, uncapturable: Vec::new(), graph_steps: 0 };
-        Ok(Arc::new(Self { gpu, w, layout, config, keys, values, tables, heads, state: Mutex::new(state) }))
+        let state = State {
+            alloc: Allocator::new(config.blocks, config.max_seqs),
+            b,
+            graphs: Vec::new(),
+            pending: None,
+            uncapturable: Vec::new(),
+            graph_steps: 0,
+        };
+        Ok(Arc::new(Self {
+            gpu,
+            w,
+            layout,
+            config,
+            keys,
+            values,
+            key_scales,
+            value_scales,
+            tables,
+            heads,
+            state: Mutex::new(state),
+        }))
+    }
+
+    /// The kernels' view of this pool (with its row scales where the cache is fp8).
+    fn paged(&self) -> crate::paged::PagedArgs {
+        let g = &*self.gpu;
+        let args = self.layout.paged_args(g.addr(&self.tables));
+        if self.layout.kv == KvType::Fp8 {
+            args.with_scales(g.addr(&self.key_scales), g.addr(&self.value_scales))
+        } else {
+            args
+        }
     }
 
     /// A pool for one sequence of up to `layout.max_tokens` tokens (and its forks made
     /// elsewhere): exactly the blocks that length needs.
     pub fn single(gpu: Arc<Gpu>, w: Arc<GpuWeights>, layout: PagedLayout) -> Result<Arc<Self>> {
-        let config = PoolConfig { blocks: layout.blocks_for(layout.max_tokens, Ring::Prefill), max_seqs: 1, max_rows: layout.max_chunk, graphs: true };
+        let config = PoolConfig {
+            blocks: layout.blocks_for(layout.max_tokens, Ring::Prefill),
+            max_seqs: 1,
+            max_rows: layout.max_chunk,
+            graphs: true,
+        };
         Self::new(gpu, w, layout, config)
     }
 
@@ -321,18 +411,37 @@ impl KvPool {
 
     /// A new, empty sequence (its blocks are taken by the steps that grow it).
     pub fn sequence(self: &Arc<Self>) -> Result<PagedSeq> {
-        let slot = self.lock().alloc.take_slot().ok_or_else(|| CudaError::Input(format!("all {} sequence slots of the pool are in use", self.config.max_seqs)))?;
-        Ok(PagedSeq { pool: self.clone(), slot, tables: Tables::default(), tokens: 0 })
+        let slot = self.lock().alloc.take_slot().ok_or_else(|| {
+            CudaError::Input(format!(
+                "all {} sequence slots of the pool are in use",
+                self.config.max_seqs
+            ))
+        })?;
+        Ok(PagedSeq {
+            pool: self.clone(),
+            slot,
+            tables: Tables::default(),
+            tokens: 0,
+        })
     }
 
     /// Blocks `seq` must take to hold `more` more tokens with rings sized for `ring`.
     pub fn blocks_needed(&self, seq: &PagedSeq, more: usize, ring: Ring) -> usize {
-        self.layout.blocks_for(seq.tokens + more, ring).saturating_sub(seq.blocks())
+        self.layout
+            .blocks_for(seq.tokens + more, ring)
+            .saturating_sub(seq.blocks())
     }
 
     /// Blocks `seq` gives back when its rings shrink to `ring`'s size.
     fn blocks_freed(&self, seq: &PagedSeq, ring: Ring) -> usize {
-        if seq.tables.cap == 0 { 0 } else { seq.tables.streaming.len().saturating_sub(self.layout.streaming_blocks(ring)) }
+        if seq.tables.cap == 0 {
+            0
+        } else {
+            seq.tables
+                .streaming
+                .len()
+                .saturating_sub(self.layout.streaming_blocks(ring))
+        }
     }
 
     /// The ring size `seq` uses now (`None` before its first step).
@@ -348,7 +457,9 @@ impl KvPool {
         if std::ptr::eq(Arc::as_ptr(&seq.pool), self) {
             Ok(())
         } else {
-            Err(CudaError::Input("this sequence belongs to another pool".into()))
+            Err(CudaError::Input(
+                "this sequence belongs to another pool".into(),
+            ))
         }
     }
 
@@ -356,11 +467,20 @@ impl KvPool {
     /// resizes rings (shrinking ones give their tail blocks back, growing ones take more; the
     /// last `recent` positions move), then takes retrieval blocks; writes every table change.
     fn grow(&self, st: &mut State, grows: &mut [(&mut PagedSeq, usize, Ring)]) -> Result<()> {
-        let needed: usize = grows.iter().map(|(s, more, ring)| self.blocks_needed(s, *more, *ring)).sum();
-        let freed: usize = grows.iter().map(|(s, _, ring)| self.blocks_freed(s, *ring)).sum();
+        let needed: usize = grows
+            .iter()
+            .map(|(s, more, ring)| self.blocks_needed(s, *more, *ring))
+            .sum();
+        let freed: usize = grows
+            .iter()
+            .map(|(s, _, ring)| self.blocks_freed(s, *ring))
+            .sum();
         let free = st.alloc.free_blocks();
         if needed > free + freed {
-            return Err(CudaError::PoolFull { needed: needed - freed.min(needed), free });
+            return Err(CudaError::PoolFull {
+                needed: needed - freed.min(needed),
+                free,
+            });
         }
         // Shrinking rings first: the blocks they free may serve the others.
         for want in [Ring::Decode, Ring::Prefill] {
@@ -376,7 +496,10 @@ impl KvPool {
             let row = s.slot as usize * stride;
             let want = self.layout.retrieval_blocks(s.tokens + *more);
             if want > s.tables.retrieval.len() {
-                let got = st.alloc.take(want - s.tables.retrieval.len()).ok_or(CudaError::PoolFull { needed, free: 0 })?;
+                let got = st
+                    .alloc
+                    .take(want - s.tables.retrieval.len())
+                    .ok_or(CudaError::PoolFull { needed, free: 0 })?;
                 for b in got {
                     pairs.extend([(row + s.tables.retrieval.len()) as i32, b as i32]);
                     s.tables.retrieval.push(b);
@@ -395,20 +518,47 @@ impl KvPool {
         }
         let (g, l) = (&*self.gpu, &self.layout);
         let row = s.slot as usize * l.table_stride();
-        let paged = l.paged_args(g.addr(&self.tables));
+        let paged = self.paged();
+        let row_bytes = self.w.config.head_dim * l.kv.bytes();
         let first = l.sink.max(s.tokens.saturating_sub(l.recent));
         let count = s.tokens.saturating_sub(first);
-        let (kc, vc, scratch) = (g.addr(&self.keys), g.addr(&self.values), g.addr(&st.b.scratch));
+        let (kc, vc, scratch) = (
+            g.addr(&self.keys),
+            g.addr(&self.values),
+            g.addr(&st.b.scratch),
+        );
         let moving = s.tables.cap != 0 && count > 0;
         if moving {
-            g.ring_move(kc, vc, scratch, paged, l.n_streaming(), s.slot as usize, s.tables.cap, l.sink, first, count, self.w.config.head_dim, true)?;
+            g.ring_move(
+                kc,
+                vc,
+                scratch,
+                paged,
+                l.n_streaming(),
+                s.slot as usize,
+                s.tables.cap,
+                l.sink,
+                first,
+                count,
+                row_bytes,
+                true,
+            )?;
         }
         let want = l.streaming_blocks(ring);
         let mut pairs = Vec::new();
         if want > s.tables.streaming.len() {
-            let got = st.alloc.take(want - s.tables.streaming.len()).ok_or(CudaError::PoolFull { needed: want - s.tables.streaming.len(), free: st.alloc.free_blocks() })?;
+            let got =
+                st.alloc
+                    .take(want - s.tables.streaming.len())
+                    .ok_or(CudaError::PoolFull {
+                        needed: want - s.tables.streaming.len(),
+                        free: st.alloc.free_blocks(),
+                    })?;
             for b in got {
-                pairs.extend([(row + l.max_blocks() + s.tables.streaming.len()) as i32, b as i32]);
+                pairs.extend([
+                    (row + l.max_blocks() + s.tables.streaming.len()) as i32,
+                    b as i32,
+                ]);
                 s.tables.streaming.push(b);
             }
         } else {
@@ -419,7 +569,20 @@ impl KvPool {
         pairs.extend([(row + l.table_stride() - 1) as i32, cap as i32]);
         self.write_tables(&mut st.b, &pairs)?;
         if moving {
-            g.ring_move(kc, vc, scratch, paged, l.n_streaming(), s.slot as usize, cap, l.sink, first, count, self.w.config.head_dim, false)?;
+            g.ring_move(
+                kc,
+                vc,
+                scratch,
+                paged,
+                l.n_streaming(),
+                s.slot as usize,
+                cap,
+                l.sink,
+                first,
+                count,
+                row_bytes,
+                false,
+            )?;
         }
         Ok(())
     }
@@ -427,7 +590,11 @@ impl KvPool {
     fn write_tables(&self, b: &mut Buffers, pairs: &[i32]) -> Result<()> {
         for chunk in pairs.chunks(b.patches.len()) {
             self.gpu.write(chunk, &mut b.patches)?;
-            self.gpu.scatter_i32(self.gpu.addr(&self.tables), self.gpu.addr(&b.patches), chunk.len() / 2)?;
+            self.gpu.scatter_i32(
+                self.gpu.addr(&self.tables),
+                self.gpu.addr(&b.patches),
+                chunk.len() / 2,
+            )?;
         }
         Ok(())
     }
@@ -436,7 +603,12 @@ impl KvPool {
     /// pass. With `greedy`, decode rows return their argmax token instead of logits.
     /// Fails with [`CudaError::PoolFull`] (changing nothing) when the blocks the step needs
     /// are not free.
-    pub fn step(&self, decode: &mut [DecodeRow], prefill: Option<PrefillChunk>, greedy: bool) -> Result<StepOut> {
+    pub fn step(
+        &self,
+        decode: &mut [DecodeRow],
+        prefill: Option<PrefillChunk>,
+        greedy: bool,
+    ) -> Result<StepOut> {
         let c = &self.w.config;
         let bsz = decode.len();
         let chunk = prefill.as_ref().map_or(0, |p| p.tokens.len());
@@ -448,31 +620,61 @@ impl KvPool {
                 return Err(CudaError::Input("an empty prefill chunk".into()));
             }
         }
-        let padded = if prefill.is_none() && self.config.graphs { bucket(bsz) } else { bsz };
-        if padded + chunk > self.config.max_rows || chunk > self.layout.max_chunk || padded > logit_rows(&self.config) {
+        let padded = if prefill.is_none() && self.config.graphs {
+            bucket(bsz)
+        } else {
+            bsz
+        };
+        if padded + chunk > self.config.max_rows
+            || chunk > self.layout.max_chunk
+            || padded > logit_rows(&self.config)
+        {
             return Err(CudaError::Input(format!("{bsz} decode rows and a chunk of {chunk} exceed the step's {} rows (chunks up to {})", self.config.max_rows, self.layout.max_chunk)));
         }
         let mut slots_seen = std::collections::HashSet::new();
-        for (seq, tokens) in decode.iter().map(|r| (&*r.seq, std::slice::from_ref(&r.token))).chain(prefill.as_ref().map(|p| (&*p.seq, p.tokens))) {
+        for (seq, tokens) in decode
+            .iter()
+            .map(|r| (&*r.seq, std::slice::from_ref(&r.token)))
+            .chain(prefill.as_ref().map(|p| (&*p.seq, p.tokens)))
+        {
             self.owns(seq)?;
             if let Some(bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-                return Err(CudaError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
+                return Err(CudaError::Input(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    c.vocab
+                )));
             }
             if seq.tokens + tokens.len() > self.layout.max_tokens {
-                return Err(CudaError::Input(format!("{} tokens exceed this sequence's {} tokens", seq.tokens + tokens.len(), self.layout.max_tokens)));
+                return Err(CudaError::Input(format!(
+                    "{} tokens exceed this sequence's {} tokens",
+                    seq.tokens + tokens.len(),
+                    self.layout.max_tokens
+                )));
             }
             if !slots_seen.insert(seq.slot) {
-                return Err(CudaError::Input("a sequence appears twice in one step".into()));
+                return Err(CudaError::Input(
+                    "a sequence appears twice in one step".into(),
+                ));
             }
         }
         // Launch shapes before any block is taken: a step that cannot run changes nothing.
-        let shapes = if bsz > 0 { self.shapes(decode.iter().map(|r| r.seq.tokens + 1).max().unwrap_or(1), padded) } else { Vec::new() };
+        let shapes = if bsz > 0 {
+            self.shapes(
+                decode.iter().map(|r| r.seq.tokens + 1).max().unwrap_or(1),
+                padded,
+            )
+        } else {
+            Vec::new()
+        };
 
         let mut st = self.lock();
         let st = &mut *st;
         let mut prefill = prefill;
         {
-            let mut grows: Vec<(&mut PagedSeq, usize, Ring)> = decode.iter_mut().map(|r| (&mut *r.seq, 1, Ring::Decode)).collect();
+            let mut grows: Vec<(&mut PagedSeq, usize, Ring)> = decode
+                .iter_mut()
+                .map(|r| (&mut *r.seq, 1, Ring::Decode))
+                .collect();
             if let Some(p) = prefill.as_mut() {
                 grows.push((&mut *p.seq, chunk, Ring::Prefill));
             }
@@ -481,7 +683,15 @@ impl KvPool {
         self.run(st, decode, prefill, padded, shapes, greedy)
     }
 
-    fn run(&self, st: &mut State, decode: &mut [DecodeRow], prefill: Option<PrefillChunk>, padded: usize, shapes: Vec<DecodeLaunch>, greedy: bool) -> Result<StepOut> {
+    fn run(
+        &self,
+        st: &mut State,
+        decode: &mut [DecodeRow],
+        prefill: Option<PrefillChunk>,
+        padded: usize,
+        shapes: Vec<DecodeLaunch>,
+        greedy: bool,
+    ) -> Result<StepOut> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let bsz = decode.len();
         let chunk = prefill.as_ref().map_or(0, |p| p.tokens.len());
@@ -516,7 +726,9 @@ impl KvPool {
                 st.graph_steps += 1;
             } else if st.pending.as_ref() == Some(&key) {
                 let stream = &g.stream;
-                stream.begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver)?;
+                stream
+                    .begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(driver)?;
                 let captured = self.forward(&st.b, rows, padded, &shapes, 0, logit_rows);
                 let ended = stream.end_capture(drv::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(driver);
                 st.pending = None;
@@ -548,10 +760,16 @@ impl KvPool {
         if bsz > 0 {
             if greedy {
                 g.argmax_rows(g.addr(&st.b.logits), c.vocab, bsz, g.addr(&st.b.next))?;
-                let ids = g.stream.clone_dtoh(&st.b.next.slice(0..bsz)).map_err(driver)?;
+                let ids = g
+                    .stream
+                    .clone_dtoh(&st.b.next.slice(0..bsz))
+                    .map_err(driver)?;
                 out.next = ids.into_iter().map(|i| i as u32).collect();
             } else {
-                out.decode = g.stream.clone_dtoh(&st.b.logits.slice(0..bsz * c.vocab)).map_err(driver)?;
+                out.decode = g
+                    .stream
+                    .clone_dtoh(&st.b.logits.slice(0..bsz * c.vocab))
+                    .map_err(driver)?;
             }
         }
         if let Some(p) = &prefill {
@@ -580,8 +798,21 @@ impl KvPool {
             let k = per.min(n - r0);
             let x = g.addr(&b.x) + ((first + r0) * c.hidden * 4) as u64;
             g.rms_norm(x, g.addr(&self.w.norm), g.addr(&b.xn), k, c.hidden, c.eps)?;
-            g.gemm(g.addr(&b.xn), g.addr(self.w.lm_head()), g.addr(&b.logits), k, c.hidden, c.vocab, 0.0, false)?;
-            out.extend(g.stream.clone_dtoh(&b.logits.slice(0..k * c.vocab)).map_err(driver)?);
+            g.gemm(
+                g.addr(&b.xn),
+                g.addr(self.w.lm_head()),
+                g.addr(&b.logits),
+                k,
+                c.hidden,
+                c.vocab,
+                0.0,
+                false,
+            )?;
+            out.extend(
+                g.stream
+                    .clone_dtoh(&b.logits.slice(0..k * c.vocab))
+                    .map_err(driver)?,
+            );
         }
         Ok(out)
     }
@@ -593,20 +824,45 @@ impl KvPool {
     /// independent of the batch, bit for bit).
     fn shapes(&self, max_n: usize, rows: usize) -> Vec<DecodeLaunch> {
         let c = &self.w.config;
-        let bucket_n = (max_n.div_ceil(2048) * 2048).min(self.layout.max_tokens).max(max_n);
+        let bucket_n = (max_n.div_ceil(2048) * 2048)
+            .min(self.layout.max_tokens)
+            .max(max_n);
         let short = (self.layout.sink + self.layout.recent).min(bucket_n) as u32;
-        let kernel = DecodeKernel::best(c.head_dim, c.n_heads / c.n_kv_heads, KvType::Bf16, DECODE_KEYS_PER_WARP);
+        let kernel = DecodeKernel::best(
+            c.head_dim,
+            c.n_heads / c.n_kv_heads,
+            self.layout.kv,
+            DECODE_KEYS_PER_WARP,
+        );
         (0..c.n_layers)
             .map(|l| {
-                let lens: Vec<u32> = self.layout.retrieval[l].iter().map(|&r| if r { bucket_n as u32 } else { short }).collect();
+                let lens: Vec<u32> = self.layout.retrieval[l]
+                    .iter()
+                    .map(|&r| if r { bucket_n as u32 } else { short })
+                    .collect();
                 let max_len = *lens.iter().max().unwrap_or(&1) as usize;
-                let mut split = if self.config.max_seqs == 1 { split_for(kernel, &lens, rows) } else { DECODE_SPLIT };
+                let mut split = if self.config.max_seqs == 1 {
+                    split_for(kernel, &lens, rows)
+                } else {
+                    DECODE_SPLIT
+                };
                 if max_len.div_ceil(split) * rows > PART_PAIRS {
-                    split = (max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT)).div_ceil(64) * 64;
+                    split = (max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT))
+                        .div_ceil(64)
+                        * 64;
                 }
                 // Holds because a pool never has more rows than PART_PAIRS (checked in `new`).
                 debug_assert!(max_len.div_ceil(split) * rows <= PART_PAIRS);
-                DecodeLaunch { n_kv: c.n_kv_heads, group: c.n_heads / c.n_kv_heads, head_dim: c.head_dim, split, n_splits: max_len.div_ceil(split), rows, kv: KvType::Bf16, kernel }
+                DecodeLaunch {
+                    n_kv: c.n_kv_heads,
+                    group: c.n_heads / c.n_kv_heads,
+                    head_dim: c.head_dim,
+                    split,
+                    n_splits: max_len.div_ceil(split),
+                    rows,
+                    kv: self.layout.kv,
+                    kernel,
+                }
             })
             .collect()
     }
@@ -614,39 +870,136 @@ impl KvPool {
     /// Every launch of one forward over `rows` rows: decode rows `0..decode_rows` (the
     /// `shapes` launches), then a prefill chunk of `chunk` rows; then the final norm and LM
     /// head over the first `logit_rows` rows.
-    fn forward(&self, b: &Buffers, rows: usize, decode_rows: usize, shapes: &[DecodeLaunch], chunk: usize, logit_rows: usize) -> Result<()> {
+    fn forward(
+        &self,
+        b: &Buffers,
+        rows: usize,
+        decode_rows: usize,
+        shapes: &[DecodeLaunch],
+        chunk: usize,
+        logit_rows: usize,
+    ) -> Result<()> {
         let (g, c, w) = (&*self.gpu, &self.w.config, &*self.w);
         let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
         let a = |s: &CudaSlice<f32>| g.addr(s);
         let a16 = |s: &CudaSlice<u16>| g.addr(s);
         let meta = g.addr(&b.meta);
-        let (tokens, slots, pos, pre) = (meta, meta + 4 * rows as u64, meta + 8 * rows as u64, meta + 12 * rows as u64);
-        let paged = self.layout.paged_args(g.addr(&self.tables));
-        let (kc, vc) = (a16(&self.keys), a16(&self.values));
-        g.embed(tokens, w.embed.as_ref().map_or(0, &a16), w.embed_seed(), 1.0, a(&b.x), h, rows)?;
+        let (tokens, slots, pos, pre) = (
+            meta,
+            meta + 4 * rows as u64,
+            meta + 8 * rows as u64,
+            meta + 12 * rows as u64,
+        );
+        let paged = self.paged();
+        let (kc, vc) = (g.addr(&self.keys), g.addr(&self.values));
+        g.embed(
+            tokens,
+            w.embed.as_ref().map_or(0, &a16),
+            w.embed_seed(),
+            1.0,
+            a(&b.x),
+            h,
+            rows,
+        )?;
         for (l, lw) in w.layers.iter().enumerate() {
             let heads = g.addr(&self.heads[l]);
             g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), rows, h, c.eps)?;
-            g.gemm(a16(&b.xn), a16(&lw.qkv), a16(&b.qkv), rows, h, kvd, 0.0, true)?;
-            g.rope_append(a16(&b.qkv), slots, pos, a(&w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, a(&b.q), kc, vc, rows, paged)?;
+            g.gemm(
+                a16(&b.xn),
+                a16(&lw.qkv),
+                a16(&b.qkv),
+                rows,
+                h,
+                kvd,
+                0.0,
+                true,
+            )?;
+            g.rope_append(
+                a16(&b.qkv),
+                slots,
+                pos,
+                a(&w.inv_freq),
+                heads,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                c.half_split,
+                a(&b.q),
+                kc,
+                vc,
+                rows,
+                paged,
+            )?;
             if decode_rows > 0 {
                 let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
-                g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, paged, parts, 0, a16(&b.att))?;
+                g.decode_attention(
+                    &shapes[l],
+                    a(&b.q),
+                    kc,
+                    vc,
+                    heads,
+                    slots,
+                    pos,
+                    paged,
+                    parts,
+                    0,
+                    a16(&b.att),
+                )?;
             }
             if chunk > 0 {
                 let q = a(&b.q) + (decode_rows * qd * 4) as u64;
                 let out = a16(&b.att) + (decode_rows * qd * 2) as u64;
-                g.prefill_attention(q, kc, vc, heads, pre, paged, chunk, c.n_heads, c.n_heads / c.n_kv_heads, c.head_dim, out)?;
+                g.prefill_attention(
+                    q,
+                    kc,
+                    vc,
+                    heads,
+                    pre,
+                    paged,
+                    chunk,
+                    c.n_heads,
+                    c.n_heads / c.n_kv_heads,
+                    c.head_dim,
+                    self.layout.kv,
+                    out,
+                )?;
             }
             g.gemm(a16(&b.att), a16(&lw.o), a(&b.x), rows, qd, h, 1.0, false)?;
             g.rms_norm(a(&b.x), a(&lw.ffn_norm), a16(&b.xn), rows, h, c.eps)?;
-            g.gemm(a16(&b.xn), a16(&lw.gate_up), a16(&b.gu), rows, h, 2 * c.ffn, 0.0, true)?;
+            g.gemm(
+                a16(&b.xn),
+                a16(&lw.gate_up),
+                a16(&b.gu),
+                rows,
+                h,
+                2 * c.ffn,
+                0.0,
+                true,
+            )?;
             g.silu_mul(a16(&b.gu), a16(&b.act), rows, c.ffn)?;
-            g.gemm(a16(&b.act), a16(&lw.down), a(&b.x), rows, c.ffn, h, 1.0, false)?;
+            g.gemm(
+                a16(&b.act),
+                a16(&lw.down),
+                a(&b.x),
+                rows,
+                c.ffn,
+                h,
+                1.0,
+                false,
+            )?;
         }
         if logit_rows > 0 {
             g.rms_norm(a(&b.x), a(&w.norm), a16(&b.xn), logit_rows, h, c.eps)?;
-            g.gemm(a16(&b.xn), a16(w.lm_head()), a(&b.logits), logit_rows, h, c.vocab, 0.0, false)?;
+            g.gemm(
+                a16(&b.xn),
+                a16(w.lm_head()),
+                a(&b.logits),
+                logit_rows,
+                h,
+                c.vocab,
+                0.0,
+                false,
+            )?;
         }
         Ok(())
     }
@@ -657,17 +1010,46 @@ impl KvPool {
     pub fn fill_synthetic(&self, seq: &mut PagedSeq, n: usize, seed: u64) -> Result<()> {
         self.owns(seq)?;
         if seq.tokens != 0 || n + 1 > self.layout.max_tokens {
-            return Err(CudaError::Input(format!("synthetic tokens go into an empty sequence with room for one more ({n} of {})", self.layout.max_tokens)));
+            return Err(CudaError::Input(format!(
+                "synthetic tokens go into an empty sequence with room for one more ({n} of {})",
+                self.layout.max_tokens
+            )));
         }
         let mut st = self.lock();
         let st = &mut *st;
         self.grow(st, &mut [(&mut *seq, n, Ring::Decode)])?;
-        let elems = self.layout.block_elems(self.w.config.head_dim);
-        let (g, k, v) = (&*self.gpu, self.gpu.addr(&self.keys), self.gpu.addr(&self.values));
-        for (i, &blk) in seq.tables.retrieval.iter().chain(&seq.tables.streaming).enumerate() {
-            let at = (blk as usize * elems * 2) as u64;
-            g.fill_uniform(k + at, elems, seed.wrapping_add(2 * i as u64), 1.0)?;
-            g.fill_uniform(v + at, elems, seed.wrapping_add(2 * i as u64 + 1), 1.0)?;
+        let (elems, rows) = (
+            self.layout.block_elems(self.w.config.head_dim),
+            self.layout.block_rows(),
+        );
+        let (g, k, v) = (
+            &*self.gpu,
+            self.gpu.addr(&self.keys),
+            self.gpu.addr(&self.values),
+        );
+        let (ks, vs) = (g.addr(&self.key_scales), g.addr(&self.value_scales));
+        for (i, &blk) in seq
+            .tables
+            .retrieval
+            .iter()
+            .chain(&seq.tables.streaming)
+            .enumerate()
+        {
+            let at = (blk as usize * elems * self.layout.kv.bytes()) as u64;
+            let (sk, sv) = (
+                seed.wrapping_add(2 * i as u64),
+                seed.wrapping_add(2 * i as u64 + 1),
+            );
+            if self.layout.kv == KvType::Fp8 {
+                g.fill_uniform_e4m3(k + at, elems, sk)?;
+                g.fill_uniform_e4m3(v + at, elems, sv)?;
+                let s_at = (blk as usize * rows * 4) as u64;
+                g.fill_f32(ks + s_at, rows, 1.0 / 256.0)?;
+                g.fill_f32(vs + s_at, rows, 1.0 / 256.0)?;
+            } else {
+                g.fill_uniform(k + at, elems, sk, 1.0)?;
+                g.fill_uniform(v + at, elems, sv, 1.0)?;
+            }
         }
         seq.tokens = n;
         g.sync()
@@ -678,17 +1060,47 @@ impl KvPool {
     pub fn copy_to(&self, seq: &PagedSeq, into: &Arc<KvPool>) -> Result<PagedSeq> {
         self.owns(seq)?;
         if into.layout != self.layout || !Arc::ptr_eq(&into.w, &self.w) {
-            return Err(CudaError::Input("a sequence is copied only into a pool of the same model and layout".into()));
+            return Err(CudaError::Input(
+                "a sequence is copied only into a pool of the same model and layout".into(),
+            ));
         }
         let mut copy = into.sequence()?;
         let mut st = into.lock();
         let st = &mut *st;
         let ring = self.ring_of(seq).unwrap_or(Ring::Prefill);
         into.grow(st, &mut [(&mut copy, seq.tokens, ring)])?;
-        let block_pairs: Vec<i32> = seq.tables.retrieval.iter().zip(&copy.tables.retrieval).chain(seq.tables.streaming.iter().zip(&copy.tables.streaming)).flat_map(|(&s, &d)| [s as i32, d as i32]).collect();
+        let block_pairs: Vec<i32> = seq
+            .tables
+            .retrieval
+            .iter()
+            .zip(&copy.tables.retrieval)
+            .chain(seq.tables.streaming.iter().zip(&copy.tables.streaming))
+            .flat_map(|(&s, &d)| [s as i32, d as i32])
+            .collect();
         let g = &*self.gpu;
         let list = g.upload(&block_pairs)?;
-        g.copy_blocks(g.addr(&self.keys), g.addr(&self.values), g.addr(&into.keys), g.addr(&into.values), g.addr(&list), block_pairs.len() / 2, self.layout.block_elems(self.w.config.head_dim))?;
+        let words = self.layout.block_elems(self.w.config.head_dim) * self.layout.kv.bytes() / 2;
+        g.copy_blocks(
+            g.addr(&self.keys),
+            g.addr(&self.values),
+            g.addr(&into.keys),
+            g.addr(&into.values),
+            g.addr(&list),
+            block_pairs.len() / 2,
+            words,
+        )?;
+        if self.layout.kv == KvType::Fp8 {
+            // Scales: an f32 is two 16-bit words.
+            g.copy_blocks(
+                g.addr(&self.key_scales),
+                g.addr(&self.value_scales),
+                g.addr(&into.key_scales),
+                g.addr(&into.value_scales),
+                g.addr(&list),
+                block_pairs.len() / 2,
+                2 * self.layout.block_rows(),
+            )?;
+        }
         g.sync()?;
         copy.tokens = seq.tokens;
         Ok(copy)

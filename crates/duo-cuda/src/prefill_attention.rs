@@ -44,22 +44,39 @@ impl HeadEntry {
 
     /// The retrieval head of index `index`.
     pub fn retrieval(index: usize) -> Self {
-        Self { offset: index as i32, sink: 0, recent: 0, kind: Self::RETRIEVAL }
+        Self {
+            offset: index as i32,
+            sink: 0,
+            recent: 0,
+            kind: Self::RETRIEVAL,
+        }
     }
 
     /// The streaming head of index `index`.
     pub fn streaming(index: usize, sink: usize, recent: usize) -> Self {
-        Self { offset: index as i32, sink: sink as i32, recent: recent as i32, kind: Self::STREAMING }
+        Self {
+            offset: index as i32,
+            sink: sink as i32,
+            recent: recent as i32,
+            kind: Self::STREAMING,
+        }
     }
 
     /// A layer's entries as the kernels read them: one `int4` per KV head.
     pub fn table(heads: &[HeadEntry]) -> Vec<i32> {
-        heads.iter().flat_map(|e| [e.offset, e.sink, e.recent, e.kind]).collect()
+        heads
+            .iter()
+            .flat_map(|e| [e.offset, e.sink, e.recent, e.kind])
+            .collect()
     }
 
     /// Whether a query at `q` sees the key at `k`.
     pub fn visible(&self, q: usize, k: usize) -> bool {
-        if self.kind == Self::STREAMING { duo_core::cache_spec::lambda_sees(self.sink as usize, self.recent as usize, q, k) } else { k <= q }
+        if self.kind == Self::STREAMING {
+            duo_core::cache_spec::lambda_sees(self.sink as usize, self.recent as usize, q, k)
+        } else {
+            k <= q
+        }
     }
 }
 
@@ -101,10 +118,16 @@ impl PrefillInput {
             return bad(format!("prefill head_dim {d} must be 64 or 128"));
         }
         if g == 0 || h % g != 0 || self.q.is_empty() || !self.q.len().is_multiple_of(h * d) {
-            return bad(format!("{h} query heads for {g} KV heads, {} query values", self.q.len()));
+            return bad(format!(
+                "{h} query heads for {g} KV heads, {} query values",
+                self.q.len()
+            ));
         }
         if self.keys.len() != g * self.positions() * d || self.values.len() != self.keys.len() {
-            return bad(format!("keys and values must hold {} positions of {g} heads", self.positions()));
+            return bad(format!(
+                "keys and values must hold {} positions of {g} heads",
+                self.positions()
+            ));
         }
         Ok(())
     }
@@ -124,8 +147,20 @@ pub fn reference(x: &PrefillInput) -> Result<Vec<f32>> {
         for i in 0..t {
             let qp = x.first_position + i;
             let q = &x.q[(i * h + qh) * d..][..d];
-            let seen: Vec<usize> = (0..=qp).filter(|&p| e.visible(qp, p)).map(|p| (g * n + p) * d).collect();
-            let s: Vec<f64> = seen.iter().map(|&at| q.iter().zip(&x.keys[at..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
+            let seen: Vec<usize> = (0..=qp)
+                .filter(|&p| e.visible(qp, p))
+                .map(|p| (g * n + p) * d)
+                .collect();
+            let s: Vec<f64> = seen
+                .iter()
+                .map(|&at| {
+                    q.iter()
+                        .zip(&x.keys[at..][..d])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
             let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
             let z: f64 = w.iter().sum();
@@ -173,9 +208,50 @@ __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, un
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
+// The f16 twins of pack and mma: over an fp8 cache the tensor cores run in f16, since e4m3
+// values times a power-of-two row scale are exact in f16 (crate::fp8).
+__device__ __forceinline__ unsigned pack_h(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ void mma_h(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// A row scale as an f16 pair (exact: scales are powers of two within f16's range).
+__device__ __forceinline__ unsigned scale_h2(float s) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %1;" : "=r"(r) : "f"(s));
+    return r;
+}
+// 16 e4m3 bytes to 16 f16 (both in shared memory), times the f16 pair `s2` where SCALED.
+template <bool SCALED>
+__device__ __forceinline__ void dequant16(const unsigned char* src, unsigned s2, unsigned short* dst) {
+    const uint4 x = *reinterpret_cast<const uint4*>(src);
+    const unsigned w[4] = {x.x, x.y, x.z, x.w};
+    unsigned h[8];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h[2 * i]) : "h"((unsigned short)(w[i] & 0xffffu)));
+        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h[2 * i + 1]) : "h"((unsigned short)(w[i] >> 16)));
+        if (SCALED) {
+            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h[2 * i]) : "r"(s2));
+            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h[2 * i + 1]) : "r"(s2));
+        }
+    }
+    *reinterpret_cast<uint4*>(dst) = make_uint4(h[0], h[1], h[2], h[3]);
+    *reinterpret_cast<uint4*>(dst + 8) = make_uint4(h[4], h[5], h[6], h[7]);
+}
+
 // 16 bytes global -> shared without passing through registers; `bytes` 0 writes zeros.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+// 4 bytes global -> shared (the L1-allocating form: `cg` copies 16 bytes only).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
@@ -206,12 +282,25 @@ __device__ __forceinline__ int row_pos(int4 e, int r, int win) { return e.w == 1
 // rows padded to KPAD so that ldmatrix reads are free of bank conflicts.
 #define STAGE_ELEMS (BK * KPAD)
 #define Q_ELEMS (BQ * KPAD)
+#ifdef KV_FP8
+// An fp8 cache: two stages of raw rows (bytes, padded by 16) and their scales after the
+// queries, then the tile's K and V dequantised to f16 (the tensor cores run in f16).
+typedef unsigned char kv_t;
+#define RPAD (HEAD_DIM + 16)
+#define RAW_TILE (BK * RPAD)
+#define PACK pack_h
+#define MMA mma_h
+#else
+typedef bf16_t kv_t;
+#define PACK pack
+#define MMA mma
+#endif
 
 // `state = [slot, first position]`: the chunk's sequence and where it starts. A streaming
 // head's ring holds positions from `win = max(sink, n - cap)`; its rows (in the order the
 // kernel walks them) are the sinks, then `win..n`.
 extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
-    const float* __restrict__ q, const bf16_t* __restrict__ keys, const bf16_t* __restrict__ values,
+    const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ state, Paged pg, int T, int n_heads, int group,
     float scale_log2, bf16_t* __restrict__ out)
 {
@@ -236,7 +325,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         unsigned v = 0u;
         if (qr < T) {
             const float2 x = *reinterpret_cast<const float2*>(q + (size_t)qr * qs + h * HEAD_DIM + c);
-            v = pack(x.x * scale_log2, x.y * scale_log2);
+            v = PACK(x.x * scale_log2, x.y * scale_log2);
         }
         *reinterpret_cast<unsigned*>(qsm + r * KPAD + c) = v;
     }
@@ -260,6 +349,26 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         }
         return rows;
     };
+#ifdef KV_FP8
+    unsigned char* raw = reinterpret_cast<unsigned char*>(smem + Q_ELEMS);        // [2][K, V][BK][RPAD]
+    float* scl = reinterpret_cast<float*>(raw + 4 * RAW_TILE);                    // [2][K, V][BK]
+    bf16_t* conv = reinterpret_cast<bf16_t*>(scl + 4 * BK);                        // K, V: [BK][KPAD] each (f16)
+    auto load_tile = [&](int r0, int stage) {
+        unsigned char* kr = raw + stage * 2 * RAW_TILE;
+        for (int i = threadIdx.x; i < BK * HEAD_DIM / 16; i += blockDim.x) {
+            const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
+            const bool live = r0 + r < rows;
+            const size_t at = (size_t)(live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * HEAD_DIM + c;
+            cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
+            cp_async16(kr + RAW_TILE + r * RPAD + c, values + at, live ? 16 : 0);
+        }
+        // Row scales: threads 0-63 the keys', 64-127 the values'.
+        const int r = threadIdx.x % BK;
+        const bool live = r0 + r < rows;
+        const long long row = live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0;
+        cp_async4(scl + (stage * 2 + threadIdx.x / BK) * BK + r, (threadIdx.x < BK ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
+    };
+#else
     auto load_tile = [&](int r0, int stage) {
         bf16_t* ks = smem + Q_ELEMS + stage * STAGE_ELEMS;
         bf16_t* vs = smem + Q_ELEMS + (2 + stage) * STAGE_ELEMS;
@@ -271,6 +380,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
             cp_async16(vs + r * KPAD + c, values + at, live ? 16 : 0);
         }
     };
+#endif
 
     int cur = next_tile(0), stage = 0;
     if (cur < rows) load_tile(cur, 0);
@@ -281,8 +391,20 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         cp_async_commit();
         cp_async_wait_1();
         __syncthreads();
+#ifdef KV_FP8
+        // The tile's keys and values to f16, each row times its scale.
+        for (int i = threadIdx.x; i < 2 * BK * HEAD_DIM / 16; i += blockDim.x) {
+            const int kv = i / (BK * HEAD_DIM / 16), j = i % (BK * HEAD_DIM / 16);
+            const int r = j / (HEAD_DIM / 16), c = (j % (HEAD_DIM / 16)) * 16;
+            dequant16<true>(raw + (stage * 2 + kv) * RAW_TILE + r * RPAD + c, scale_h2(scl[(stage * 2 + kv) * BK + r]), conv + (kv * BK + r) * KPAD + c);
+        }
+        __syncthreads();
+        const bf16_t* ks = conv;
+        const bf16_t* vs = conv + BK * KPAD;
+#else
         const bf16_t* ks = smem + Q_ELEMS + stage * STAGE_ELEMS;
         const bf16_t* vs = smem + Q_ELEMS + (2 + stage) * STAGE_ELEMS;
+#endif
         const int r0 = cur, r1 = min(rows, r0 + BK) - 1;
         const int kp_lo = row_pos(e, r0, win), kp_hi = row_pos(e, r1, win);
 
@@ -305,8 +427,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
                 ldmatrix_x4(b, ks + (16 * jp + (lane & 7) + ((lane >> 4) & 1) * 8) * KPAD + kk * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++) {
-                    mma(s[mt][2 * jp], a[mt], b[0], b[1]);
-                    mma(s[mt][2 * jp + 1], a[mt], b[2], b[3]);
+                    MMA(s[mt][2 * jp], a[mt], b[0], b[1]);
+                    MMA(s[mt][2 * jp + 1], a[mt], b[2], b[3]);
                 }
             }
         }
@@ -358,10 +480,10 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
             unsigned pa[2][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
-                pa[mt][0] = pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                pa[mt][1] = pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                pa[mt][2] = pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                pa[mt][3] = pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                pa[mt][0] = PACK(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = PACK(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = PACK(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = PACK(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
             }
 #pragma unroll
             for (int i = 0; i < HEAD_DIM / 8; i += 2) {
@@ -370,8 +492,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
                 ldmatrix_x4_trans(b, vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * KPAD + (i + (lane >> 4)) * 8);
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++) {
-                    mma(o[mt][i], pa[mt], b[0], b[1]);
-                    mma(o[mt][i + 1], pa[mt], b[2], b[3]);
+                    MMA(o[mt][i], pa[mt], b[0], b[1]);
+                    MMA(o[mt][i + 1], pa[mt], b[2], b[3]);
                 }
             }
         }
@@ -400,15 +522,36 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
 "#;
 
 /// A random problem: `t` queries at `first_position..` over keys of every position.
-pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, heads: Vec<HeadEntry>, t: usize, first_position: usize) -> PrefillInput {
+pub fn random_input(
+    seed: u64,
+    n_heads: usize,
+    head_dim: usize,
+    heads: Vec<HeadEntry>,
+    t: usize,
+    first_position: usize,
+) -> PrefillInput {
     let r = |k: u64, n: usize, round: bool| -> Vec<f32> {
-        (0..n as u64).map(|i| {
-            let v = crate::ops::hash_uniform(seed.wrapping_mul(31).wrapping_add(k), i) * 1.7;
-            if round { crate::ops::round_bf16(v) } else { v }
-        }).collect()
+        (0..n as u64)
+            .map(|i| {
+                let v = crate::ops::hash_uniform(seed.wrapping_mul(31).wrapping_add(k), i) * 1.7;
+                if round {
+                    crate::ops::round_bf16(v)
+                } else {
+                    v
+                }
+            })
+            .collect()
     };
     let cached = heads.len() * (first_position + t) * head_dim;
-    PrefillInput { n_heads, head_dim, q: r(1, t * n_heads * head_dim, false), keys: r(2, cached, true), values: r(3, cached, true), heads, first_position }
+    PrefillInput {
+        n_heads,
+        head_dim,
+        q: r(1, t * n_heads * head_dim, false),
+        keys: r(2, cached, true),
+        values: r(3, cached, true),
+        heads,
+        first_position,
+    }
 }
 
 /// The parity cases, each with its one-layer paged layout: first chunks, later chunks,
@@ -417,17 +560,43 @@ pub fn random_input(seed: u64, n_heads: usize, head_dim: usize, heads: Vec<HeadE
 pub fn cases(seed: u64) -> Vec<(String, PrefillInput, crate::paged::PagedLayout)> {
     let mut out = Vec::new();
     // (heads, dim, kinds (true = retrieval), first position, chunk, sink, recent, block tokens)
-    type Case = (usize, usize, &'static [bool], usize, usize, usize, usize, usize);
+    type Case = (
+        usize,
+        usize,
+        &'static [bool],
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+    );
     let specs: [Case; 5] = [
-        (4, 128, &[true, false], 0, 200, 8, 40, 64),             // first chunk: sinks fill, then the ring
-        (8, 128, &[true, false], 1000, 130, 16, 100, 16),        // later chunk, ring wrapped
-        (3, 64, &[false, true, false], 300, 77, 4, 64, 32),      // SmolLM2-like MHA
-        (2, 64, &[true, true], 0, 1, 4, 16, 64),                 // one token
-        (32, 128, &[true, false, true, false, false, true, false, false], 4000, 256, 64, 256, 64),
+        (4, 128, &[true, false], 0, 200, 8, 40, 64), // first chunk: sinks fill, then the ring
+        (8, 128, &[true, false], 1000, 130, 16, 100, 16), // later chunk, ring wrapped
+        (3, 64, &[false, true, false], 300, 77, 4, 64, 32), // SmolLM2-like MHA
+        (2, 64, &[true, true], 0, 1, 4, 16, 64),     // one token
+        (
+            32,
+            128,
+            &[true, false, true, false, false, true, false, false],
+            4000,
+            256,
+            64,
+            256,
+            64,
+        ),
     ];
     for (i, (h, d, kinds, p0, t, sink, recent, bt)) in specs.iter().enumerate() {
         let n = p0 + t;
-        let layout = crate::paged::PagedLayout { retrieval: vec![kinds.to_vec()], sink: *sink, recent: *recent, block_tokens: *bt, max_chunk: *t, max_tokens: n };
+        let layout = crate::paged::PagedLayout {
+            retrieval: vec![kinds.to_vec()],
+            sink: *sink,
+            recent: *recent,
+            block_tokens: *bt,
+            max_chunk: *t,
+            max_tokens: n,
+            kv: crate::decode_attention::KvType::Bf16,
+        };
         let x = random_input(seed + i as u64, *h, *d, layout.heads(0), *t, *p0);
         out.push((format!("paged prefill attention: {h} heads x {d}, kinds {kinds:?}, positions {p0}..{n}, sink {sink} recent {recent}, blocks of {bt}"), x, layout));
     }
@@ -455,7 +624,10 @@ mod tests {
         for qh in 0..x.n_heads {
             let g = qh / (x.n_heads / x.heads.len());
             let v = &x.values[g * d..][..d];
-            assert!(out[qh * d..][..d].iter().zip(v).all(|(a, b)| (a - b).abs() < 1e-6));
+            assert!(out[qh * d..][..d]
+                .iter()
+                .zip(v)
+                .all(|(a, b)| (a - b).abs() < 1e-6));
         }
     }
 
@@ -463,7 +635,10 @@ mod tests {
     fn every_case_is_valid() {
         for (name, x, layout) in cases(1) {
             assert!(x.validate().is_ok(), "{name}");
-            assert!(layout.ring_rows(crate::paged::Ring::Prefill) >= layout.recent + x.tokens() - 1, "{name}: the ring keeps what the chunk sees");
+            assert!(
+                layout.ring_rows(crate::paged::Ring::Prefill) >= layout.recent + x.tokens() - 1,
+                "{name}: the ring keeps what the chunk sees"
+            );
         }
         let mut x = cases(1).remove(0).1;
         x.keys.truncate(64);

@@ -10,7 +10,10 @@ use crate::decode_attention::{tensor_smem_bytes, DecodeKernel, KvType};
 use crate::paged::{PagedArgs, PREFIX};
 use crate::{CudaError, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +25,6 @@ pub(crate) fn driver(e: impl std::fmt::Display) -> CudaError {
 pub fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
 }
-
 
 /// Pushes the arguments and launches on the GPU's stream.
 macro_rules! launch {
@@ -52,7 +54,7 @@ pub struct Gpu {
     blas: CudaBlas,
     ops: Arc<CudaModule>,
     decode: Mutex<Vec<(DecodeKey, DecodeKernels)>>,
-    prefill: Mutex<Vec<(usize, CudaFunction)>>,
+    prefill: Mutex<Vec<((usize, KvType), CudaFunction)>>,
     dequant: Mutex<Option<CudaFunction>>,
     /// cuBLAS's fixed workspace (so captured products allocate nothing); it lives as long as
     /// the handle that uses it.
@@ -68,8 +70,15 @@ unsafe impl cudarc::driver::DeviceRepr for PagedArgs {}
 
 /// Compiles `source` after the paged-cache helper ([`PREFIX`]).
 fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
-    let opts = CompileOptions { arch: Some("sm_90"), options, ..Default::default() };
-    compile_ptx_with_opts(format!("{PREFIX}{source}"), opts).map_err(|e| CudaError::Compile { name, log: e.to_string() })
+    let opts = CompileOptions {
+        arch: Some("sm_90"),
+        options,
+        ..Default::default()
+    };
+    compile_ptx_with_opts(format!("{PREFIX}{source}"), opts).map_err(|e| CudaError::Compile {
+        name,
+        log: e.to_string(),
+    })
 }
 
 /// Lets `f` take `bytes` of dynamic shared memory (beyond the 48 KiB it gets without asking).
@@ -85,15 +94,36 @@ fn allow_dynamic_smem(f: &CudaFunction, bytes: usize) -> Result<()> {
     .map_err(driver)
 }
 
+/// The prefill kernel's NVRTC options for heads of `head_dim` over a `kv` cache.
+fn prefill_options(head_dim: usize, kv: KvType) -> Vec<String> {
+    let mut o = vec![format!("-DHEAD_DIM={head_dim}")];
+    if kv == KvType::Fp8 {
+        o.push("-DKV_FP8=1".into());
+    }
+    o
+}
+
 /// The prefill kernel's source, after the tensor-core helpers it uses.
 fn prefill_source() -> String {
-    format!("{}{}", crate::prefill_attention::TENSOR_CORE_HELPERS, crate::prefill_attention::SOURCE)
+    format!(
+        "{}{}",
+        crate::prefill_attention::TENSOR_CORE_HELPERS,
+        crate::prefill_attention::SOURCE
+    )
 }
 
 /// A decode kernel pair's source and NVRTC options.
-fn decode_source(group: usize, head_dim: usize, kv: KvType, kernel: DecodeKernel) -> (String, Vec<String>) {
+fn decode_source(
+    group: usize,
+    head_dim: usize,
+    kv: KvType,
+    kernel: DecodeKernel,
+) -> (String, Vec<String>) {
     use crate::decode_attention::{COMMON_SOURCE, CORES_SOURCE, TENSOR_SOURCE};
-    let mut options = vec![format!("-DGROUP={group}"), format!("-DPER_LANE={}", head_dim / 32)];
+    let mut options = vec![
+        format!("-DGROUP={group}"),
+        format!("-DPER_LANE={}", head_dim / 32),
+    ];
     let source = match kernel {
         DecodeKernel::Cores(kpw) => {
             options.push(format!("-DKPW={kpw}"));
@@ -102,7 +132,15 @@ fn decode_source(group: usize, head_dim: usize, kv: KvType, kernel: DecodeKernel
             }
             format!("{COMMON_SOURCE}{CORES_SOURCE}")
         }
-        DecodeKernel::Tensor => format!("{}{COMMON_SOURCE}{TENSOR_SOURCE}", crate::prefill_attention::TENSOR_CORE_HELPERS),
+        DecodeKernel::Tensor => {
+            if kv == KvType::Fp8 {
+                options.push("-DKV_FP8=1".into());
+            }
+            format!(
+                "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
+                crate::prefill_attention::TENSOR_CORE_HELPERS
+            )
+        }
     };
     (source, options)
 }
@@ -112,14 +150,25 @@ fn decode_source(group: usize, head_dim: usize, kv: KvType, kernel: DecodeKernel
 pub fn compile_all() -> Option<Result<usize>> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let loaded = std::panic::catch_unwind(|| compile("extern \"C\" __global__ void k() {}", "probe", vec![]).is_ok());
+    let loaded = std::panic::catch_unwind(|| {
+        compile("extern \"C\" __global__ void k() {}", "probe", vec![]).is_ok()
+    });
     std::panic::set_hook(hook);
     if !matches!(loaded, Ok(true)) {
         return None;
     }
-    let mut jobs: Vec<(&'static str, String, Vec<String>)> = vec![("ops", crate::ops::SOURCE.into(), vec![]), ("dequant", crate::dequant::SOURCE.into(), vec![])];
+    let mut jobs: Vec<(&'static str, String, Vec<String>)> = vec![
+        ("ops", crate::ops::SOURCE.into(), vec![]),
+        ("dequant", crate::dequant::SOURCE.into(), vec![]),
+    ];
     for d in [64, 128] {
-        jobs.push(("prefill_attention", prefill_source(), vec![format!("-DHEAD_DIM={d}")]));
+        for kv in [KvType::Bf16, KvType::Fp8] {
+            jobs.push((
+                "prefill_attention",
+                prefill_source(),
+                prefill_options(d, kv),
+            ));
+        }
     }
     let decode = [
         (3, 64, KvType::Bf16, DecodeKernel::Cores(4)),
@@ -130,13 +179,20 @@ pub fn compile_all() -> Option<Result<usize>> {
         (4, 128, KvType::Bf16, DecodeKernel::Tensor),
         (16, 64, KvType::Bf16, DecodeKernel::Tensor),
         (1, 128, KvType::Bf16, DecodeKernel::Tensor),
+        (3, 64, KvType::Fp8, DecodeKernel::Tensor),
+        (4, 128, KvType::Fp8, DecodeKernel::Tensor),
+        (16, 128, KvType::Fp8, DecodeKernel::Tensor),
     ];
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
         jobs.push(("decode_attention", src, o));
     }
     let n = jobs.len();
-    Some(jobs.into_iter().try_for_each(|(name, src, o)| compile(&src, name, o).map(|_| ())).map(|_| n))
+    Some(
+        jobs.into_iter()
+            .try_for_each(|(name, src, o)| compile(&src, name, o).map(|_| ()))
+            .map(|_| n),
+    )
 }
 
 impl Gpu {
@@ -149,15 +205,31 @@ impl Gpu {
         std::panic::set_hook(hook);
         let ctx = match opened {
             Ok(c) => c.map_err(driver)?,
-            Err(_) => return Err(CudaError::Driver("no usable CUDA driver on this machine (libcuda.so.1 could not be loaded)".into())),
+            Err(_) => {
+                return Err(CudaError::Driver(
+                    "no usable CUDA driver on this machine (libcuda.so.1 could not be loaded)"
+                        .into(),
+                ))
+            }
         };
         // SAFETY: this crate runs all work on one stream, in order; no cross-stream events needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver)?;
         let blas = CudaBlas::new(stream.clone()).map_err(driver)?;
-        let ops = ctx.load_module(compile(crate::ops::SOURCE, "ops", vec![])?).map_err(driver)?;
+        let ops = ctx
+            .load_module(compile(crate::ops::SOURCE, "ops", vec![])?)
+            .map_err(driver)?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver)?;
-        let gpu = Self { ctx, stream, blas, ops, decode: Mutex::new(Vec::new()), prefill: Mutex::new(Vec::new()), dequant: Mutex::new(None), _blas_workspace: workspace };
+        let gpu = Self {
+            ctx,
+            stream,
+            blas,
+            ops,
+            decode: Mutex::new(Vec::new()),
+            prefill: Mutex::new(Vec::new()),
+            dequant: Mutex::new(None),
+            _blas_workspace: workspace,
+        };
         gpu.set_blas_workspace(gpu.addr(&gpu._blas_workspace), BLAS_WORKSPACE)?;
         Ok(gpu)
     }
@@ -179,8 +251,16 @@ impl Gpu {
     }
 
     /// A zeroed buffer.
-    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| CudaError::Driver(format!("allocating {} bytes: {e}", n * std::mem::size_of::<T>())))
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
+            CudaError::Driver(format!(
+                "allocating {} bytes: {e}",
+                n * std::mem::size_of::<T>()
+            ))
+        })
     }
 
     /// A buffer holding `v`.
@@ -189,12 +269,19 @@ impl Gpu {
     }
 
     /// Copies `v` into `dst` (in stream order).
-    pub fn write<T: cudarc::driver::DeviceRepr>(&self, v: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+    pub fn write<T: cudarc::driver::DeviceRepr>(
+        &self,
+        v: &[T],
+        dst: &mut CudaSlice<T>,
+    ) -> Result<()> {
         self.stream.memcpy_htod(v, dst).map_err(driver)
     }
 
     /// The buffer's contents.
-    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        s: &CudaSlice<T>,
+    ) -> Result<Vec<T>> {
         self.stream.clone_dtoh(s).map_err(driver)
     }
 
@@ -217,27 +304,95 @@ impl Gpu {
     /// `x[t] = embedding(tokens[t])` for `t` tokens: rows of `table` (bf16), or, where `table`
     /// is 0, the seeded random rows.
     #[allow(clippy::too_many_arguments)]
-    pub fn embed(&self, tokens: u64, table: u64, seed: u64, scale: f32, x: u64, hidden: usize, t: usize) -> Result<()> {
+    pub fn embed(
+        &self,
+        tokens: u64,
+        table: u64,
+        seed: u64,
+        scale: f32,
+        x: u64,
+        hidden: usize,
+        t: usize,
+    ) -> Result<()> {
         let f = self.op("embed")?;
         let h = hidden as i32;
-        launch!(self, f, (t as u32, 1, 1), 256, &tokens, &table, &seed, &scale, &x, &h)
+        launch!(
+            self,
+            f,
+            (t as u32, 1, 1),
+            256,
+            &tokens,
+            &table,
+            &seed,
+            &scale,
+            &x,
+            &h
+        )
     }
 
     /// RMSNorm of `rows` rows of `x` (f32) times `w` (f32) into `out` (bf16).
-    pub fn rms_norm(&self, x: u64, w: u64, out: u64, rows: usize, dim: usize, eps: f32) -> Result<()> {
+    pub fn rms_norm(
+        &self,
+        x: u64,
+        w: u64,
+        out: u64,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
         let f = self.op("rms_norm")?;
         let d = dim as i32;
         launch!(self, f, (rows as u32, 1, 1), 256, &x, &w, &out, &d, &eps)
     }
 
     /// RoPE of `t` rows of `qkv` (row `i`: slot `row_slot[i]`, position `row_pos[i]`);
-    /// queries to `q` (f32), keys and values to their paged cache rows (bf16).
+    /// queries to `q` (f32), keys and values to their paged cache rows (bf16, or fp8 with row
+    /// scales where `paged` has them).
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_append(&self, qkv: u64, row_slot: u64, row_pos: u64, inv_freq: u64, heads: u64, n_heads: usize, n_kv: usize, head_dim: usize, half_split: bool, q: u64, kc: u64, vc: u64, t: usize, paged: PagedArgs) -> Result<()> {
+    pub fn rope_append(
+        &self,
+        qkv: u64,
+        row_slot: u64,
+        row_pos: u64,
+        inv_freq: u64,
+        heads: u64,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+        half_split: bool,
+        q: u64,
+        kc: u64,
+        vc: u64,
+        t: usize,
+        paged: PagedArgs,
+    ) -> Result<()> {
         let f = self.op("rope_append")?;
-        let (h, g, d, hs) = (n_heads as i32, n_kv as i32, head_dim as i32, i32::from(half_split));
+        let (h, g, d, hs) = (
+            n_heads as i32,
+            n_kv as i32,
+            head_dim as i32,
+            i32::from(half_split),
+        );
         let threads = (head_dim / 2) as u32;
-        launch!(self, f, (t as u32, (n_heads + n_kv) as u32, 1), threads, &qkv, &row_slot, &row_pos, &inv_freq, &heads, &h, &g, &d, &hs, &q, &kc, &vc, &paged)
+        launch!(
+            self,
+            f,
+            (t as u32, (n_heads + n_kv) as u32, 1),
+            threads,
+            &qkv,
+            &row_slot,
+            &row_pos,
+            &inv_freq,
+            &heads,
+            &h,
+            &g,
+            &d,
+            &hs,
+            &q,
+            &kc,
+            &vc,
+            &paged
+        )
     }
 
     /// `out = bf16(silu(gate) * up)` for `rows` rows of `[gate | up]`.
@@ -264,39 +419,135 @@ impl Gpu {
     pub fn scatter_i32(&self, dst: u64, pairs: u64, n: usize) -> Result<()> {
         let f = self.op("scatter_i32")?;
         let n = n as i32;
-        launch!(self, f, (((n as u32).div_ceil(256)).max(1), 1, 1), 256, &dst, &pairs, &n)
+        launch!(
+            self,
+            f,
+            (((n as u32).div_ceil(256)).max(1), 1, 1),
+            256,
+            &dst,
+            &pairs,
+            &n
+        )
     }
 
     /// Moves the ring rows of positions `first..first + count` of every streaming head of
     /// `slot` between its ring (of `cap` rows) and `scratch`: out of the ring when
-    /// `to_scratch`, into it otherwise.
+    /// `to_scratch`, into it otherwise. A row is `row_bytes` bytes (even); an fp8 cache's
+    /// row scales move too (after the rows in `scratch`).
     #[allow(clippy::too_many_arguments)]
-    pub fn ring_move(&self, kc: u64, vc: u64, scratch: u64, paged: PagedArgs, n_streaming: usize, slot: usize, cap: usize, sink: usize, first: usize, count: usize, head_dim: usize, to_scratch: bool) -> Result<()> {
+    pub fn ring_move(
+        &self,
+        kc: u64,
+        vc: u64,
+        scratch: u64,
+        paged: PagedArgs,
+        n_streaming: usize,
+        slot: usize,
+        cap: usize,
+        sink: usize,
+        first: usize,
+        count: usize,
+        row_bytes: usize,
+        to_scratch: bool,
+    ) -> Result<()> {
         if n_streaming == 0 || count == 0 {
             return Ok(());
         }
         let f = self.op("ring_move")?;
-        let (sl, c, sk, fi, co, hd, ts) = (slot as i32, cap as i32, sink as i32, first as i32, count as i32, head_dim as i32, i32::from(to_scratch));
-        launch!(self, f, (n_streaming as u32, 2, 1), 128, &kc, &vc, &scratch, &paged, &sl, &c, &sk, &fi, &co, &hd, &ts)
+        let (sl, c, sk, fi, co, hd, ts) = (
+            slot as i32,
+            cap as i32,
+            sink as i32,
+            first as i32,
+            count as i32,
+            (row_bytes / 2) as i32,
+            i32::from(to_scratch),
+        );
+        launch!(
+            self,
+            f,
+            (n_streaming as u32, 2, 1),
+            128,
+            &kc,
+            &vc,
+            &scratch,
+            &paged,
+            &sl,
+            &c,
+            &sk,
+            &fi,
+            &co,
+            &hd,
+            &ts
+        )
     }
 
-    /// Copies `n` whole blocks of `elems` bf16 values each: block `pairs[2i]` of the source
+    /// `n` seeded uniform values in `[-1, 1)` times 256 as e4m3 bytes at `out` (a synthetic
+    /// fp8 cache whose rows have the scale 2^-8).
+    pub fn fill_uniform_e4m3(&self, out: u64, n: usize, seed: u64) -> Result<()> {
+        let f = self.op("fill_uniform_e4m3")?;
+        let n64 = n as u64;
+        launch!(self, f, (4096, 1, 1), 256, &out, &n64, &seed)
+    }
+
+    /// `n` copies of `value` (f32) at `out`.
+    pub fn fill_f32(&self, out: u64, n: usize, value: f32) -> Result<()> {
+        let f = self.op("fill_f32")?;
+        let n64 = n as u64;
+        launch!(self, f, (1024, 1, 1), 256, &out, &n64, &value)
+    }
+
+    /// Copies `n` whole blocks of `elems` 16-bit words each (a multiple of 8): block `pairs[2i]` of the source
     /// keys and values to block `pairs[2i + 1]` of the destination's.
     #[allow(clippy::too_many_arguments)]
-    pub fn copy_blocks(&self, src_k: u64, src_v: u64, dst_k: u64, dst_v: u64, pairs: u64, n: usize, elems: usize) -> Result<()> {
+    pub fn copy_blocks(
+        &self,
+        src_k: u64,
+        src_v: u64,
+        dst_k: u64,
+        dst_v: u64,
+        pairs: u64,
+        n: usize,
+        elems: usize,
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
         let f = self.op("copy_blocks")?;
         let e = elems as i64;
-        launch!(self, f, (n as u32, 2, 1), 256, &src_k, &src_v, &dst_k, &dst_v, &pairs, &e)
+        launch!(
+            self,
+            f,
+            (n as u32, 2, 1),
+            256,
+            &src_k,
+            &src_v,
+            &dst_k,
+            &dst_v,
+            &pairs,
+            &e
+        )
     }
 
     /// `y[t, out] = x[t, in] W[out, in]^T + beta * y`: bf16 inputs, f32 accumulation, `y` in
     /// f32 or (`y_bf16`) bf16.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&self, x: u64, w: u64, y: u64, t: usize, in_dim: usize, out_dim: usize, beta: f32, y_bf16: bool) -> Result<()> {
-        let y_type = if y_bf16 { blas_sys::cudaDataType_t::CUDA_R_16BF } else { blas_sys::cudaDataType_t::CUDA_R_32F };
+    pub fn gemm(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        t: usize,
+        in_dim: usize,
+        out_dim: usize,
+        beta: f32,
+        y_bf16: bool,
+    ) -> Result<()> {
+        let y_type = if y_bf16 {
+            blas_sys::cudaDataType_t::CUDA_R_16BF
+        } else {
+            blas_sys::cudaDataType_t::CUDA_R_32F
+        };
         let alpha = 1.0f32;
         // Column-major view: Y^T (out x t) = W (out x in, stored as in x out) ^T * X^T (in x t).
         // SAFETY: the caller's buffers hold t*in, out*in bf16 and t*out f32 values.
@@ -326,19 +577,40 @@ impl Gpu {
         .map_err(driver)
     }
 
-    fn decode_kernels(&self, group: usize, head_dim: usize, kv: KvType, kernel: DecodeKernel) -> Result<DecodeKernels> {
+    fn decode_kernels(
+        &self,
+        group: usize,
+        head_dim: usize,
+        kv: KvType,
+        kernel: DecodeKernel,
+    ) -> Result<DecodeKernels> {
         let mut cache = self.decode.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, k)) = cache.iter().find(|(key, _)| *key == (group, head_dim, kv, kernel)) {
+        if let Some((_, k)) = cache
+            .iter()
+            .find(|(key, _)| *key == (group, head_dim, kv, kernel))
+        {
             return Ok(k.clone());
         }
         let (source, options) = decode_source(group, head_dim, kv, kernel);
-        let m = self.ctx.load_module(compile(&source, "decode_attention", options)?).map_err(driver)?;
-        let partial = m.load_function(if kernel == DecodeKernel::Tensor { "duo_decode_partial_tc" } else { "duo_decode_partial" }).map_err(driver)?;
+        let m = self
+            .ctx
+            .load_module(compile(&source, "decode_attention", options)?)
+            .map_err(driver)?;
+        let partial = m
+            .load_function(if kernel == DecodeKernel::Tensor {
+                "duo_decode_partial_tc"
+            } else {
+                "duo_decode_partial"
+            })
+            .map_err(driver)?;
         if kernel == DecodeKernel::Tensor {
             // Three stages of K and V tiles exceed the 48 KiB a kernel gets without asking.
-            allow_dynamic_smem(&partial, tensor_smem_bytes(head_dim))?;
+            allow_dynamic_smem(&partial, tensor_smem_bytes(head_dim, kv))?;
         }
-        let k = (partial, m.load_function("duo_decode_merge").map_err(driver)?);
+        let k = (
+            partial,
+            m.load_function("duo_decode_merge").map_err(driver)?,
+        );
         cache.push(((group, head_dim, kv, kernel), k.clone()));
         Ok(k)
     }
@@ -347,57 +619,134 @@ impl Gpu {
     /// `row_slot[b]` at position `row_pos[b]`): partials over `(n_kv, n_splits, rows)`
     /// blocks, then the merge into `out` (f32, or 0) and `out_bf16` (or 0).
     #[allow(clippy::too_many_arguments)]
-    pub fn decode_attention(&self, a: &DecodeLaunch, q: u64, kc: u64, vc: u64, heads: u64, row_slot: u64, row_pos: u64, paged: PagedArgs, parts: (u64, u64, u64), out: u64, out_bf16: u64) -> Result<()> {
+    pub fn decode_attention(
+        &self,
+        a: &DecodeLaunch,
+        q: u64,
+        kc: u64,
+        vc: u64,
+        heads: u64,
+        row_slot: u64,
+        row_pos: u64,
+        paged: PagedArgs,
+        parts: (u64, u64, u64),
+        out: u64,
+        out_bf16: u64,
+    ) -> Result<()> {
         if !a.kernel.fits(a.head_dim, a.group, a.kv) {
-            return Err(CudaError::Input(format!("{:?} does not suit {} query heads per KV head of {} dims ({:?})", a.kernel, a.group, a.head_dim, a.kv)));
+            return Err(CudaError::Input(format!(
+                "{:?} does not suit {} query heads per KV head of {} dims ({:?})",
+                a.kernel, a.group, a.head_dim, a.kv
+            )));
+        }
+        if (a.kv == KvType::Fp8) != (paged.kscale != 0) {
+            return Err(CudaError::Input(format!(
+                "decode attention over a {:?} cache (row scales given: {})",
+                a.kv,
+                paged.kscale != 0
+            )));
         }
         let (partial, merge) = self.decode_kernels(a.group, a.head_dim, a.kv, a.kernel)?;
         let (split, ns) = (a.split as i32, a.n_splits as i32);
         let (pm, pl, pa) = parts;
         let grid = (a.n_kv as u32, a.n_splits as u32, a.rows as u32);
         if a.kernel == DecodeKernel::Tensor {
-            let (scale_log2, smem) = (std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(), tensor_smem_bytes(a.head_dim) as u32);
+            let (scale_log2, smem) = (
+                std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(),
+                tensor_smem_bytes(a.head_dim, a.kv) as u32,
+            );
             launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &scale_log2, &pm, &pl, &pa)?;
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
-            launch!(self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &scale, &pm, &pl, &pa)?;
+            launch!(
+                self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged,
+                &split, &ns, &scale, &pm, &pl, &pa
+            )?;
         }
         let threads = a.head_dim as u32;
-        launch!(self, merge, ((a.rows * a.n_kv * a.group) as u32, 1, 1), threads, &pm, &pl, &pa, &ns, &out, &out_bf16)
+        launch!(
+            self,
+            merge,
+            ((a.rows * a.n_kv * a.group) as u32, 1, 1),
+            threads,
+            &pm,
+            &pl,
+            &pa,
+            &ns,
+            &out,
+            &out_bf16
+        )
     }
 
-    fn prefill_kernel(&self, head_dim: usize) -> Result<CudaFunction> {
+    fn prefill_kernel(&self, head_dim: usize, kv: KvType) -> Result<CudaFunction> {
         let mut cache = self.prefill.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, k)) = cache.iter().find(|(d, _)| *d == head_dim) {
+        if let Some((_, k)) = cache.iter().find(|(key, _)| *key == (head_dim, kv)) {
             return Ok(k.clone());
         }
-        let m = self.ctx.load_module(compile(&prefill_source(), "prefill_attention", vec![format!("-DHEAD_DIM={head_dim}")])?).map_err(driver)?;
+        let m = self
+            .ctx
+            .load_module(compile(
+                &prefill_source(),
+                "prefill_attention",
+                prefill_options(head_dim, kv),
+            )?)
+            .map_err(driver)?;
         let k = m.load_function("duo_prefill_attention").map_err(driver)?;
         // Two stages of K and V tiles exceed the 48 KiB a kernel gets without asking.
-        allow_dynamic_smem(&k, prefill_smem_bytes(head_dim))?;
-        cache.push((head_dim, k.clone()));
+        allow_dynamic_smem(&k, prefill_smem_bytes(head_dim, kv))?;
+        cache.push(((head_dim, kv), k.clone()));
         Ok(k)
     }
 
     /// Prefill attention of `t` queries (`q`, f32 `[t, n_heads * head_dim]`) of the sequence
-    /// `state = [slot, first position]` over its paged cache into `out` (bf16, same shape).
+    /// `state = [slot, first position]` over its paged cache (bf16, or fp8 with the row
+    /// scales `paged` points to) into `out` (bf16, same shape).
     #[allow(clippy::too_many_arguments)]
-    pub fn prefill_attention(&self, q: u64, kc: u64, vc: u64, heads: u64, state: u64, paged: PagedArgs, t: usize, n_heads: usize, group: usize, head_dim: usize, out: u64) -> Result<()> {
-        let f = self.prefill_kernel(head_dim)?;
+    pub fn prefill_attention(
+        &self,
+        q: u64,
+        kc: u64,
+        vc: u64,
+        heads: u64,
+        state: u64,
+        paged: PagedArgs,
+        t: usize,
+        n_heads: usize,
+        group: usize,
+        head_dim: usize,
+        kv: KvType,
+        out: u64,
+    ) -> Result<()> {
+        if kv == KvType::F32 || (kv == KvType::Fp8) != (paged.kscale != 0) {
+            return Err(CudaError::Input(format!(
+                "prefill attention over a {kv:?} cache (row scales given: {})",
+                paged.kscale != 0
+            )));
+        }
+        let f = self.prefill_kernel(head_dim, kv)?;
         let (tt, h, g) = (t as i32, n_heads as i32, group as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (head_dim as f32).sqrt();
-        let smem = prefill_smem_bytes(head_dim) as u32;
+        let smem = prefill_smem_bytes(head_dim, kv) as u32;
         launch!(smem smem; self, f, (t.div_ceil(128) as u32, n_heads as u32, 1), 128, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out)
     }
 
     /// Dequantises `n` values of type `ty` from the raw GGUF blocks at `src` into bf16 at `out`.
-    pub fn dequant_bf16(&self, src: u64, out: u64, n: usize, ty: crate::dequant::QuantType) -> Result<()> {
+    pub fn dequant_bf16(
+        &self,
+        src: u64,
+        out: u64,
+        n: usize,
+        ty: crate::dequant::QuantType,
+    ) -> Result<()> {
         let f = {
             let mut cached = self.dequant.lock().unwrap_or_else(|p| p.into_inner());
             match cached.as_ref() {
                 Some(f) => f.clone(),
                 None => {
-                    let m = self.ctx.load_module(compile(crate::dequant::SOURCE, "dequant", vec![])?).map_err(driver)?;
+                    let m = self
+                        .ctx
+                        .load_module(compile(crate::dequant::SOURCE, "dequant", vec![])?)
+                        .map_err(driver)?;
                     let f = m.load_function("dequant_bf16").map_err(driver)?;
                     *cached = Some(f.clone());
                     f
@@ -413,8 +762,18 @@ impl Gpu {
     fn set_blas_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
         // SAFETY: `ptr` is a live allocation of `bytes` owned by the caller for as long as
         // products run with this handle.
-        let status = unsafe { blas_sys::cublasSetWorkspace_v2(*self.blas.handle(), ptr as *mut std::ffi::c_void, bytes) };
-        if status == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(CudaError::Driver(format!("cublasSetWorkspace: {status:?}"))) }
+        let status = unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                *self.blas.handle(),
+                ptr as *mut std::ffi::c_void,
+                bytes,
+            )
+        };
+        if status == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(CudaError::Driver(format!("cublasSetWorkspace: {status:?}")))
+        }
     }
 
     /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written, per
@@ -437,9 +796,18 @@ impl Gpu {
 }
 
 /// Dynamic shared memory of the prefill kernel: 128 queries and two stages of 64-row K and V
-/// tiles, rows padded by 8 elements.
-fn prefill_smem_bytes(head_dim: usize) -> usize {
-    (128 + 4 * 64) * (head_dim + 8) * 2
+/// tiles, rows padded by 8 elements; over an fp8 cache the stages hold bytes (rows padded by
+/// 16) and row scales, and one tile of K and V dequantised to f16 follows.
+fn prefill_smem_bytes(head_dim: usize, kv: KvType) -> usize {
+    match kv {
+        KvType::Fp8 => {
+            128 * (head_dim + 8) * 2
+                + 4 * 64 * (head_dim + 16)
+                + 4 * 64 * 4
+                + 2 * 64 * (head_dim + 8) * 2
+        }
+        _ => (128 + 4 * 64) * (head_dim + 8) * 2,
+    }
 }
 
 /// The shape of one layer's decode-attention launch.

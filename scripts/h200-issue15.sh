@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# fp8 KV caches on the H200 (issue 15) and the GPU host's 16 CPU cores against llama.cpp
+# (issue 20), in two calls of the device tool, from the repository root on the GPU host.
+#   a   carry .gpu/bin (duo.xz), .gpu/model.part1, .gpu/llama (llama-cpp-python's site
+#       packages, site.tar.xz, built here for AVX2): kernel parity (fp8 decode, prefill, RoPE
+#       append, whole model, batching), decode and prefill attention bf16 vs fp8 beside
+#       PyTorch's SDPA; leaves the model's first part and llama.cpp in /tmp
+#   b   carry .gpu/bin, .gpu/bin2 (cuda_backend.xz), .gpu/model.part2, .gpu/niah,
+#       .gpu/wheels-httpx: duo and llama.cpp on 16 CPU threads (and duo's thread scaling); the passkey and
+#       needle grids on the GPU with bf16 and fp8 caches; an fp8 server under serve-check;
+#       the decode step of a Llama-3-8B-shaped model, bf16 vs fp8, and the longest contexts
+set -uo pipefail
+step=$1
+source "$(dirname "$0")/h200-common.sh"
+[ -f .gpu/bin2/cuda_backend.xz ] && xz -dc .gpu/bin2/cuda_backend.xz > /tmp/duo/cuda_backend && chmod +x /tmp/duo/cuda_backend
+lscpu | grep -E "Model name|^CPU\(s\)|Thread|Flags" | sed 's/\(Flags:\).*\(avx512[a-z_]*\).*/\1 ... avx512 present .../' > "$OUT/cpu.txt"
+grep -m1 -o "avx512_vnni\|avx512vnni" /proc/cpuinfo | head -1 >> "$OUT/cpu.txt"; head -3 "$OUT/cpu.txt"
+if [ "$step" = a ]; then
+  cp .gpu/model.part1 /tmp/duo/model.part1
+  timeout 300 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"
+  grep -E "^FAIL|Fp8|fp8" "$OUT/cuda-check.txt" | cut -c1-240 | head -40
+  grep -E "time decode|split sweep|time prefill" "$OUT/cuda-check.txt"
+  timeout 120 python3 scripts/torch_decode_attention.py --out "$OUT/decode-attention-torch.json" 2>&1 | tee "$OUT/decode-attention-torch.txt" | tail -8
+  # llama.cpp's build for the next call (it needs the whole model, which step b joins).
+  mkdir -p /tmp/llama && tar -xJf .gpu/llama/site.tar.xz -C /tmp/llama && ls /tmp/llama
+elif [ "$step" = b ]; then
+  join_model
+  M=$DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
+  # The CPU: duo and llama.cpp side by side on 16 threads, then duo's thread scaling.
+  timeout 200 $D bench --lengths 2048,8000 --methods full --decode-tokens 32 --threads 16 --out "$OUT/cpu16-full" > "$OUT/cpu16-duo.txt" 2>&1; echo "duo cpu exit $?"; grep "^|" "$OUT/cpu16-duo.txt"
+  timeout 100 $D bench --lengths 8000 --methods duo --sparsity 0.5 --decode-tokens 32 --threads 16 --out "$OUT/cpu16-duo05" > "$OUT/cpu16-duo05.txt" 2>&1; grep "^|" "$OUT/cpu16-duo05.txt"
+  for t in 1 2 4 8 16; do
+    timeout 100 $D bench --lengths 2048 --methods full --decode-tokens 16 --threads $t --out "$OUT/cpu-scaling-$t" > "$OUT/cpu-scaling-$t.txt" 2>&1; echo "threads $t: $(grep '| full' "$OUT/cpu-scaling-$t.txt" | head -1)"
+  done
+  if [ -d /tmp/llama/llama_cpp ]; then
+    PYTHONPATH=/tmp/llama timeout 200 python3 scripts/llama_cpp_bench.py "$M" --lengths 2048,8000 --decode 32 --threads 16 2>&1 | tee "$OUT/llama16.txt"
+    PYTHONPATH=/tmp/llama timeout 200 python3 scripts/llama_cpp_bench.py "$M" --lengths 2048,8000 --decode 32 --threads 16 --default-config 2>&1 | tee "$OUT/llama16-default.txt"
+  fi
+  # The GPU grids, bf16 and fp8 caches, same cells.
+  for kv in bf16 fp8; do
+    for task in passkey niah; do
+      extra=""; [ $task = niah ] && extra="--haystack .gpu/niah"; [ $task = passkey ] && extra="--words 32"
+      timeout 200 $D eval $task --device cuda --kv-dtype $kv --sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.1,0.3,0.5,0.7,0.9 \
+        --methods full,duo,layer $extra --out "$OUT/grid-$kv-$task" > "$OUT/grid-$kv-$task.txt" 2>&1; echo "$kv $task exit $?"
+    done
+  done
+  # A server with an fp8 cache: concurrent requests equal alone, preemptions, a disconnect.
+  python3 -m venv --system-site-packages /tmp/venv > /dev/null && /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels-httpx httpx==0.28.1 > /dev/null 2>&1
+  $D serve --device cuda --kv-dtype fp8 --port 8123 --method duo --gpu-memory-utilization 0.15 > "$OUT/serve-8123.txt" 2>&1 &
+  $D serve --device cuda --kv-dtype fp8 --port 8124 --method duo --gpu-memory-utilization 0.15 --num-gpu-blocks-override 150 --max-running 12 > "$OUT/serve-8124.txt" 2>&1 &
+  for p in 8123 8124; do for i in $(seq 120); do curl -sf "localhost:$p/health" > /dev/null && break; sleep 0.5; done; done
+  timeout 240 /tmp/venv/bin/python scripts/serve-check.py --url http://127.0.0.1:8123 --tiny-url http://127.0.0.1:8124 \
+    --haystack .gpu/niah --out "$OUT/serve-check-fp8.json" > "$OUT/serve-check-fp8.txt" 2>&1; echo "serve-check fp8 exit $?"; tail -5 "$OUT/serve-check-fp8.txt" | cut -c1-600
+  kill %1 %2; wait
+  ( cd /tmp/duo && DUO_CACHE=/tmp/duo/cache timeout 200 ./cuda_backend --test-threads 1 ) > "$OUT/cuda-backend-tests.txt" 2>&1
+  echo "cuda_backend tests exit $?"; grep -E "test result|panicked" "$OUT/cuda-backend-tests.txt"
+  # The decode step of Llama-3-8B's shape, bf16 vs fp8 (synthetic KV), and the longest contexts.
+  for kv in bf16 fp8; do
+    timeout 150 $D bench --device cuda --random-weights llama-3-8b --kv-dtype $kv --methods full,duo,layer --sparsity 0.5 --lengths 32768,131072,524288 \
+      --max-prefill 0 --decode-tokens 8 --out "$OUT/step-$kv" > "$OUT/step-$kv.txt" 2>&1; echo "step $kv exit $?"; grep "^|" "$OUT/step-$kv.txt"
+  done
+  for spec in "fp8 duo 3900000" "fp8 full 1950000" "fp8 layer 3900000"; do
+    set -- $spec
+    timeout 120 $D bench --device cuda --random-weights llama-3-8b --kv-dtype $1 --methods $2 --sparsity 0.5 --lengths $3 --max-prefill 0 --decode-tokens 4 \
+      --out "$OUT/longest-$1-$2" > "$OUT/longest-$1-$2.txt" 2>&1; echo "longest $spec exit $?"; grep -E "^\| (full|duo|layer)|error" "$OUT/longest-$1-$2.txt"
+  done
+fi
