@@ -26,22 +26,24 @@ if [ "$step" = a ]; then
 elif [ "$step" = b ]; then
   join_model
   M=$DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
-  # The CPU: duo and llama.cpp side by side on 16 threads, then duo's thread scaling.
-  timeout 200 $D bench --lengths 2048,8000 --methods full --decode-tokens 32 --threads 16 --out "$OUT/cpu16-full" > "$OUT/cpu16-duo.txt" 2>&1; echo "duo cpu exit $?"; grep "^|" "$OUT/cpu16-duo.txt"
-  timeout 100 $D bench --lengths 8000 --methods duo --sparsity 0.5 --decode-tokens 32 --threads 16 --out "$OUT/cpu16-duo05" > "$OUT/cpu16-duo05.txt" 2>&1; grep "^|" "$OUT/cpu16-duo05.txt"
-  for t in 1 2 4 8 16; do
-    timeout 100 $D bench --lengths 2048 --methods full --decode-tokens 16 --threads $t --out "$OUT/cpu-scaling-$t" > "$OUT/cpu-scaling-$t.txt" 2>&1; echo "threads $t: $(grep '| full' "$OUT/cpu-scaling-$t.txt" | head -1)"
-  done
-  if [ -d /tmp/llama/llama_cpp ]; then
-    PYTHONPATH=/tmp/llama timeout 200 python3 scripts/llama_cpp_bench.py "$M" --lengths 2048,8000 --decode 32 --threads 16 2>&1 | tee "$OUT/llama16.txt"
-    PYTHONPATH=/tmp/llama timeout 200 python3 scripts/llama_cpp_bench.py "$M" --lengths 2048,8000 --decode 32 --threads 16 --default-config 2>&1 | tee "$OUT/llama16-default.txt"
+  if [ "${CPU:-0}" = 1 ]; then
+    # The CPU: duo and llama.cpp side by side on 16 threads, then duo's thread scaling.
+    timeout 200 $D bench --lengths 2048,8000 --methods full --decode-tokens 32 --threads 16 --out "$OUT/cpu16-full" > "$OUT/cpu16-duo.txt" 2>&1; echo "duo cpu exit $?"; grep "^|" "$OUT/cpu16-duo.txt"
+    timeout 100 $D bench --lengths 8000 --methods duo --sparsity 0.5 --decode-tokens 32 --threads 16 --out "$OUT/cpu16-duo05" > "$OUT/cpu16-duo05.txt" 2>&1; grep "^|" "$OUT/cpu16-duo05.txt"
+    for t in 1 2 4 8 16; do
+      timeout 100 $D bench --lengths 2048 --methods full --decode-tokens 16 --threads $t --out "$OUT/cpu-scaling-$t" > "$OUT/cpu-scaling-$t.txt" 2>&1; echo "threads $t: $(grep '| full' "$OUT/cpu-scaling-$t.txt" | head -1)"
+    done
+    if [ -d /tmp/llama/llama_cpp ]; then
+      PYTHONPATH=/tmp/llama timeout 200 python3 scripts/llama_cpp_bench.py "$M" --lengths 2048,8000 --decode 32 --threads 16 2>&1 | tee "$OUT/llama16.txt"
+      PYTHONPATH=/tmp/llama timeout 200 python3 scripts/llama_cpp_bench.py "$M" --lengths 2048,8000 --decode 32 --threads 16 --default-config 2>&1 | tee "$OUT/llama16-default.txt"
+    fi
   fi
   # The GPU grids, bf16 and fp8 caches, same cells.
   for kv in bf16 fp8; do
     for task in passkey niah; do
       extra=""; [ $task = niah ] && extra="--haystack .gpu/niah"; [ $task = passkey ] && extra="--words 32"
       timeout 200 $D eval $task --device cuda --kv-dtype $kv --sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.1,0.3,0.5,0.7,0.9 \
-        --methods full,duo,layer $extra --out "$OUT/grid-$kv-$task" > "$OUT/grid-$kv-$task.txt" 2>&1; echo "$kv $task exit $?"
+        --methods full,duo,layer $extra --out "$OUT/grid-$kv-$task" > "$OUT/grid-$kv-$task.txt" 2>&1; echo "$kv $task exit $?"; grep -E "^\| (full|duo|layer) " "$OUT/grid-$kv-$task/summary.md" | cut -c1-200
     done
   done
   # A server with an fp8 cache: concurrent requests equal alone, preemptions, a disconnect.
@@ -65,3 +67,5 @@ elif [ "$step" = b ]; then
       --out "$OUT/longest-$1-$2" > "$OUT/longest-$1-$2.txt" 2>&1; echo "longest $spec exit $?"; grep -E "^\| (full|duo|layer)|error" "$OUT/longest-$1-$2.txt"
   done
 fi
+# Everything in one archive (the device tool brings back 8 files at most).
+tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/" && ls -la "$OUT"

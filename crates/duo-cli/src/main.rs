@@ -72,6 +72,12 @@ enum Command {
         /// Seed of the random inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Only these groups of checks, comma-separated: ops, prefill, dequant, decode, model.
+        #[arg(long)]
+        only: Option<String>,
+        /// Parity only: no kernel timings.
+        #[arg(long)]
+        no_timings: bool,
     },
 }
 
@@ -113,7 +119,7 @@ fn main() {
         Command::Demo(a) => eval::demo(a),
         Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
         Command::Serve(a) => serve::run(a),
-        Command::CudaCheck { seed } => cuda_check(seed),
+        Command::CudaCheck { seed, only, no_timings } => cuda_check(seed, only.as_deref(), no_timings),
         Command::RandomCheckpoint { shape, out, seed } => random_checkpoint(&shape, &out, seed),
     };
     if let Err(e) = result {
@@ -157,23 +163,28 @@ fn random_checkpoint(shape: &str, out: &std::path::Path, seed: u64) -> Result<()
     Ok(())
 }
 
-fn cuda_check(seed: u64) -> Result<()> {
+fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
     let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(0)?);
     println!("{}", gpu.name());
-    let results = duo_cuda::check(&gpu, seed)?;
-    let mut failed = 0;
-    for r in &results {
-        println!(
-            "{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})",
-            if r.ok() { "ok  " } else { "FAIL" },
-            r.case,
-            r.max_abs_err,
-            r.bound
-        );
-        failed += usize::from(!r.ok());
+    let groups: Vec<&str> = only.map_or(duo_cuda::CHECK_GROUPS.to_vec(), |o| o.split(',').map(str::trim).collect());
+    if let Some(bad) = groups.iter().find(|g| !duo_cuda::CHECK_GROUPS.contains(g)) {
+        bail!("--only {bad}: the groups are {}", duo_cuda::CHECK_GROUPS.join(", "));
+    }
+    let (mut failed, mut total) = (0, 0);
+    for group in groups {
+        // Each group's results as it ends, so that a fault names the group it happened in.
+        println!("checking {group}");
+        for r in duo_cuda::check_group(&gpu, group, seed)? {
+            println!("{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})", if r.ok() { "ok  " } else { "FAIL" }, r.case, r.max_abs_err, r.bound);
+            failed += usize::from(!r.ok());
+            total += 1;
+        }
     }
     if failed > 0 {
-        bail!("{failed} of {} kernel parity checks failed", results.len());
+        bail!("{failed} of {total} kernel parity checks failed");
+    }
+    if no_timings {
+        return Ok(());
     }
     // One layer of Llama-3-8B (32 query / 8 KV heads of 128): every KV head retrieval, or
     // half of them streaming (64 + 256 tokens), in one fused launch over a paged pool (blocks

@@ -30,32 +30,38 @@ fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// The groups of parity checks, in the order [`check`] runs them.
+pub const CHECK_GROUPS: [&str; 5] = ["ops", "prefill", "dequant", "decode", "model"];
+
 /// Runs every parity check; each result says what was compared and its bound.
 pub fn check(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
-    let mut out = ops(gpu, seed)?;
-    for (case, x, layout) in prefill_attention::cases(seed) {
-        out.push(prefill(gpu, &case, &x, &layout, seed)?);
-        // The same problem over an fp8 cache, against the reference on the dequantised cache.
-        let fp8 = prefill_attention::PrefillInput {
-            keys: crate::fp8::round_rows(&x.keys, x.head_dim),
-            values: crate::fp8::round_rows(&x.values, x.head_dim),
-            ..x.clone()
-        };
-        out.push(prefill(
-            gpu,
-            &format!("{case}, fp8 cache"),
-            &fp8,
-            &PagedLayout {
-                kv: KvType::Fp8,
-                ..layout
-            },
-            seed,
-        )?);
+    let mut out = Vec::new();
+    for group in CHECK_GROUPS {
+        out.extend(check_group(gpu, group, seed)?);
     }
-    out.extend(dequant(gpu, seed)?);
-    out.extend(decode_attention::check_kernel(gpu, seed)?);
-    out.extend(model::check_model(gpu, seed)?);
     Ok(out)
+}
+
+/// One group of [`CHECK_GROUPS`]: the small kernels, prefill attention (bf16 and fp8 caches),
+/// GGUF dequantisation, decode attention, or the whole model and its pools.
+pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>> {
+    match group {
+        "ops" => ops(gpu, seed),
+        "prefill" => {
+            let mut out = Vec::new();
+            for (case, x, layout) in prefill_attention::cases(seed) {
+                out.push(prefill(gpu, &case, &x, &layout, seed)?);
+                // The same problem over an fp8 cache, against the reference on the dequantised cache.
+                let fp8 = prefill_attention::PrefillInput { keys: crate::fp8::round_rows(&x.keys, x.head_dim), values: crate::fp8::round_rows(&x.values, x.head_dim), ..x.clone() };
+                out.push(prefill(gpu, &format!("{case}, fp8 cache"), &fp8, &PagedLayout { kv: KvType::Fp8, ..layout }, seed)?);
+            }
+            Ok(out)
+        }
+        "dequant" => dequant(gpu, seed),
+        "decode" => decode_attention::check_kernel(gpu, seed),
+        "model" => model::check_model(gpu, seed),
+        other => Err(crate::CudaError::Input(format!("no check group {other}: the groups are {}", CHECK_GROUPS.join(", ")))),
+    }
 }
 
 /// One slot's tables with blocks in a seeded shuffled order, and the pool's size in blocks.

@@ -125,13 +125,13 @@ impl DecodeKernel {
 }
 
 /// Dynamic shared memory of the tensor-core partial kernel: three stages of 64-key K and V
-/// tiles, rows padded by 8 elements (the merge reuses them). An fp8 cache's stages hold its
-/// bytes (rows padded by 16) and row scales, and each warp has its 16 keys' K and V
+/// tiles, rows padded by 8 elements (the merge reuses them). An fp8 cache has five stages of
+/// its bytes (rows padded by 16) and row scales, and each warp its 16 keys' values
 /// dequantised to f16 beside them.
 pub fn tensor_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     match kv {
         KvType::Fp8 => {
-            3 * 2 * 64 * (head_dim + 16) + 3 * 2 * 64 * 4 + 4 * 2 * 16 * (head_dim + 8) * 2
+            5 * 2 * 64 * (head_dim + 16) + 5 * 2 * 64 * 4 + 4 * 16 * (head_dim + 8) * 2
         }
         _ => 3 * 2 * 64 * (head_dim + 8) * 2,
     }
@@ -500,18 +500,21 @@ extern "C" __global__ void duo_decode_partial(
 /// parity bound is the prefill kernel's `1e-2`.
 pub const TENSOR_SOURCE: &str = r#"
 #define TILE 64
-#define STAGES 3
 #define TPAD (HEAD_DIM + 8)
 #define TILE_ELEMS (TILE * TPAD)
 #ifdef KV_FP8
 // An fp8 cache: stages hold raw rows (bytes, padded by 16) and their scales; the tensor cores
-// run in f16 (see TENSOR_CORE_HELPERS).
+// run in f16 (see TENSOR_CORE_HELPERS). A stage is half a bf16 stage, so five stages keep as
+// many bytes in flight as bf16's three (a stream at the copy bandwidth needs them: measured,
+// three fp8 stages read at half the bandwidth).
+#define STAGES 5
 typedef unsigned char kv_t;
 #define RPAD (HEAD_DIM + 16)
 #define RAW_TILE (TILE * RPAD)
 #define PACK pack_h
 #define MMA mma_h
 #else
+#define STAGES 3
 typedef bf16_t kv_t;
 #define PACK pack
 #define MMA mma
@@ -546,7 +549,13 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
     for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
 #pragma unroll
         for (int x = 0; x < 4; x++) {
+#ifdef KV_FP8
+            // Dims permuted (the same for keys, below): lane tq's k-slots of product kk take
+            // dims (HEAD_DIM / 4) tq + 4 kk .. + 3, so that its key bytes are contiguous.
+            const int r = gr + (x & 1) * 8, c = (HEAD_DIM / 4) * tq + 4 * kk + (x >> 1) * 2;
+#else
             const int r = gr + (x & 1) * 8, c = kk * 16 + (x >> 1) * 8 + 2 * tq;
+#endif
             qa[kk][x] = r < GROUP ? PACK(qb[r * HEAD_DIM + c] * scale_log2, qb[r * HEAD_DIM + c + 1] * scale_log2) : 0u;
         }
     }
@@ -556,7 +565,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
 #ifdef KV_FP8
     unsigned char* raw = smem_raw;                                         // [STAGES][K, V][TILE][RPAD]
     float* scl = reinterpret_cast<float*>(smem_raw + STAGES * 2 * RAW_TILE);  // [STAGES][K, V][TILE]
-    bf16_t* conv = reinterpret_cast<bf16_t*>(scl + STAGES * 2 * TILE) + warp * 2 * 16 * TPAD;  // this warp's K, V (f16)
+    bf16_t* conv = reinterpret_cast<bf16_t*>(scl + STAGES * 2 * TILE) + warp * 16 * TPAD;  // this warp's V (f16)
     auto load_tile = [&](int tile) {
         unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE;
         unsigned char* vr = kr + RAW_TILE;
@@ -607,34 +616,46 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows gr and gr + 8
 
     for (int tile = 0; tile < n_tiles; tile++) {
-        cp_async_wait_1();   // this tile's group is in (one newer may still fly)
+        cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
         __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
         if (tile + STAGES - 1 < n_tiles) load_tile(tile + STAGES - 1);
         cp_async_commit();
+        // Scores of this warp's 16 keys: n-tile j holds keys 8j..8j+7.
+        float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #ifdef KV_FP8
-        // This warp's 16 keys and values dequantised to f16 beside the stages: values times
-        // their row scale (exact, powers of two); the keys' scales multiply the scores.
+        // Keys straight from their bytes: lane (gr, tq) holds keys gr and gr + 8, dims
+        // (HEAD_DIM / 4) tq.. (the permutation of the queries above), four per product, each
+        // pair an f16x2 B register. Values go to f16 in shared memory (times their row scale,
+        // exact: powers of two), as P V reads them transposed; the keys' scales multiply the
+        // scores.
         const float* ksc = scl + (tile % STAGES) * 2 * TILE + warp * 16;
+        const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + warp * 16 * RPAD;
         {
-            const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + warp * 16 * RPAD;
-            __syncwarp();  // the previous tile's fragments are read
+            __syncwarp();  // the previous tile's value fragments are read
 #pragma unroll
             for (int j = 0; j < HEAD_DIM / 32; j++) {
                 const int i = lane + 32 * j;
                 const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
-                dequant16<false>(kr + r * RPAD + c, 0u, conv + r * TPAD + c);
-                dequant16<true>(kr + RAW_TILE + r * RPAD + c, scale_h2(ksc[TILE + r]), conv + 16 * TPAD + r * TPAD + c);
+                dequant16<true>(kr + RAW_TILE + r * RPAD + c, scale_h2(ksc[TILE + r]), conv + r * TPAD + c);
             }
             __syncwarp();
         }
-        const bf16_t* ks = conv;
-        const bf16_t* vs = conv + 16 * TPAD;
+        const bf16_t* vs = conv;
+        const unsigned char* kq = kr + (HEAD_DIM / 4) * tq;
+#pragma unroll
+        for (int h16 = 0; h16 < HEAD_DIM / 64; h16++) {
+            const uint4 a = *reinterpret_cast<const uint4*>(kq + gr * RPAD + 16 * h16);
+            const uint4 b = *reinterpret_cast<const uint4*>(kq + (gr + 8) * RPAD + 16 * h16);
+            const unsigned wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                MMA(sc[0], qa[4 * h16 + j], e4m3x2_h(wa[j] & 0xffffu), e4m3x2_h(wa[j] >> 16));
+                MMA(sc[1], qa[4 * h16 + j], e4m3x2_h(wb[j] & 0xffffu), e4m3x2_h(wb[j] >> 16));
+            }
+        }
 #else
         const bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS + warp * 16 * TPAD;
         const bf16_t* vs = ks + TILE_ELEMS;
-#endif
-        // Scores of this warp's 16 keys: n-tile j holds keys 8j..8j+7.
-        float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
             unsigned kb[4];
@@ -642,6 +663,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             MMA(sc[0], qa[kk], kb[0], kb[1]);
             MMA(sc[1], qa[kk], kb[2], kb[3]);
         }
+#endif
 #ifdef KV_FP8
 #pragma unroll
         for (int j = 0; j < 2; j++) {

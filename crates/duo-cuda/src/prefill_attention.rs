@@ -220,6 +220,12 @@ __device__ __forceinline__ void mma_h(float* d, const unsigned* a, unsigned b0, 
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// Two e4m3 bytes (the low 16 bits of x) to an f16 pair, exactly.
+__device__ __forceinline__ unsigned e4m3x2_h(unsigned x) {
+    unsigned r;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)x));
+    return r;
+}
 // A row scale as an f16 pair (exact: scales are powers of two within f16's range).
 __device__ __forceinline__ unsigned scale_h2(float s) {
     unsigned r;
@@ -255,6 +261,8 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, int bytes)
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 __device__ __forceinline__ void cp_async_wait_0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // Four 8x8 bf16 matrices from shared memory, rows addressed by lanes 0-7, 8-15, 16-23, 24-31.
