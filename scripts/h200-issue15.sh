@@ -38,33 +38,41 @@ elif [ "$step" = b ]; then
       PYTHONPATH=/tmp/llama timeout 200 python3 scripts/llama_cpp_bench.py "$M" --lengths 2048,8000 --decode 32 --threads 16 --default-config 2>&1 | tee "$OUT/llama16-default.txt"
     fi
   fi
-  # The GPU grids, bf16 and fp8 caches, same cells.
-  for kv in bf16 fp8; do
+  # The GPU grids with each cache type, same cells (KVS, default: all three).
+  for kv in ${KVS:-bf16 fp8 int8}; do
     for task in passkey niah; do
       extra=""; [ $task = niah ] && extra="--haystack .gpu/niah"; [ $task = passkey ] && extra="--words 32"
       timeout 200 $D eval $task --device cuda --kv-dtype $kv --sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.1,0.3,0.5,0.7,0.9 \
         --methods full,duo,layer $extra --out "$OUT/grid-$kv-$task" > "$OUT/grid-$kv-$task.txt" 2>&1; echo "$kv $task exit $?"; grep -E "^\| (full|duo|layer) " "$OUT/grid-$kv-$task/summary.md" | cut -c1-200
     done
   done
-  # A server with an fp8 cache: concurrent requests equal alone, preemptions, a disconnect.
+  # Servers with a byte cache (SERVE_KV, default int8): concurrent requests equal alone,
+  # preemptions in a tiny pool, a disconnect. Started one after the other (each counts the
+  # memory the other holds).
   python3 -m venv --system-site-packages /tmp/venv > /dev/null && /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels-httpx httpx==0.28.1 > /dev/null 2>&1
-  $D serve --device cuda --kv-dtype fp8 --port 8123 --method duo --gpu-memory-utilization 0.15 > "$OUT/serve-8123.txt" 2>&1 &
-  $D serve --device cuda --kv-dtype fp8 --port 8124 --method duo --gpu-memory-utilization 0.15 --num-gpu-blocks-override 150 --max-running 12 > "$OUT/serve-8124.txt" 2>&1 &
-  for p in 8123 8124; do for i in $(seq 120); do curl -sf "localhost:$p/health" > /dev/null && break; sleep 0.5; done; done
+  kvs=${SERVE_KV:-int8}
+  $D serve --device cuda --kv-dtype $kvs --port 8123 --method duo --gpu-memory-utilization 0.15 > "$OUT/serve-8123.txt" 2>&1 &
+  for i in $(seq 120); do curl -sf localhost:8123/health > /dev/null && break; sleep 0.5; done
+  $D serve --device cuda --kv-dtype $kvs --port 8124 --method duo --gpu-memory-utilization 0.3 --num-gpu-blocks-override 150 --max-running 12 > "$OUT/serve-8124.txt" 2>&1 &
+  for i in $(seq 120); do curl -sf localhost:8124/health > /dev/null && break; sleep 0.5; done
+  grep -h ready "$OUT/serve-8123.txt" "$OUT/serve-8124.txt"
   timeout 240 /tmp/venv/bin/python scripts/serve-check.py --url http://127.0.0.1:8123 --tiny-url http://127.0.0.1:8124 \
-    --haystack .gpu/niah --out "$OUT/serve-check-fp8.json" > "$OUT/serve-check-fp8.txt" 2>&1; echo "serve-check fp8 exit $?"; tail -5 "$OUT/serve-check-fp8.txt" | cut -c1-600
+    --haystack .gpu/niah --out "$OUT/serve-check-$kvs.json" > "$OUT/serve-check-$kvs.txt" 2>&1; echo "serve-check $kvs exit $?"; tail -6 "$OUT/serve-check-$kvs.txt" | cut -c1-400
+  curl -s localhost:8123/metrics | grep -E "^(vllm|duo):(num_requests|kv_blocks|num_preemptions|kv_cache)" | head -8
   kill %1 %2; wait
   ( cd /tmp/duo && DUO_CACHE=/tmp/duo/cache timeout 200 ./cuda_backend --test-threads 1 ) > "$OUT/cuda-backend-tests.txt" 2>&1
   echo "cuda_backend tests exit $?"; grep -E "test result|panicked" "$OUT/cuda-backend-tests.txt"
-  # The decode step of Llama-3-8B's shape, bf16 vs fp8 (synthetic KV), and the longest contexts.
-  for kv in bf16 fp8; do
-    timeout 150 $D bench --device cuda --random-weights llama-3-8b --kv-dtype $kv --methods full,duo,layer --sparsity 0.5 --lengths 32768,131072,524288 \
-      --max-prefill 0 --decode-tokens 8 --out "$OUT/step-$kv" > "$OUT/step-$kv.txt" 2>&1; echo "step $kv exit $?"; grep "^|" "$OUT/step-$kv.txt"
+  # The decode step of Llama-3-8B's shape with each cache type (synthetic KV, the official
+  # pattern at 0.5), then the longest contexts of the byte caches.
+  P=.gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k
+  for kv in bf16 fp8 int8; do
+    timeout 150 $D bench --device cuda --random-weights llama-3-8b --pattern $P --kv-dtype $kv --methods full,duo,layer --sparsity 0.5 --lengths 32768,131072,524288 \
+      --max-prefill 0 --decode-tokens 8 --out "$OUT/step-$kv" > "$OUT/step-$kv.txt" 2>&1; echo "step $kv exit $?"; grep -E "^\| (full|duo|layer)" "$OUT/step-$kv.txt"
   done
-  for spec in "fp8 duo 3900000" "fp8 full 1950000" "fp8 layer 3900000"; do
+  for spec in "int8 duo 3700000,3800000" "int8 full 1850000,1900000" "int8 layer 3700000,3800000"; do
     set -- $spec
-    timeout 120 $D bench --device cuda --random-weights llama-3-8b --kv-dtype $1 --methods $2 --sparsity 0.5 --lengths $3 --max-prefill 0 --decode-tokens 4 \
-      --out "$OUT/longest-$1-$2" > "$OUT/longest-$1-$2.txt" 2>&1; echo "longest $spec exit $?"; grep -E "^\| (full|duo|layer)|error" "$OUT/longest-$1-$2.txt"
+    timeout 150 $D bench --device cuda --random-weights llama-3-8b --pattern $P --kv-dtype $1 --methods $2 --sparsity 0.5 --lengths $3 --max-prefill 0 --decode-tokens 4 \
+      --out "$OUT/longest-$1-$2" > "$OUT/longest-$1-$2.txt" 2>&1; echo "longest $spec exit $?"; grep -E "^\| (full|duo|layer)|does not fit|error" "$OUT/longest-$1-$2.txt" | cut -c1-300
   done
 fi
 # Everything in one archive (the device tool brings back 8 files at most).

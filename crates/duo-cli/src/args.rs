@@ -54,7 +54,8 @@ pub struct MethodArgs {
     #[arg(long, default_value = "cpu")]
     pub device: Device,
     /// Element type of the KV cache: f32 (the CPU's default) or f16 (half the memory) on the
-    /// CPU; bf16 on the GPU.
+    /// CPU; bf16 (the GPU's default), fp8 (e4m3) or int8 on the GPU (one byte per element and
+    /// a 4-byte scale per row of head_dim: about half of bf16).
     #[arg(long)]
     pub kv_dtype: Option<String>,
 }
@@ -98,7 +99,7 @@ impl MethodArgs {
                 self.kv_dtype.as_deref().unwrap_or_default()
             ),
             (Device::Cuda(_), Some(d)) if !d.is_gpu() => anyhow::bail!(
-                "--kv-dtype {}: the CUDA backend caches bf16 (its default) or fp8",
+                "--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8 or int8",
                 self.kv_dtype.as_deref().unwrap_or_default()
             ),
             _ => {}
@@ -253,8 +254,8 @@ pub struct PatternShowArgs {
     /// Bytes per cached element (2 for bf16/f16, 4 for f32).
     #[arg(long, default_value_t = 2, conflicts_with = "kv_dtype")]
     pub bytes_per_element: usize,
-    /// The cache's element type instead of --bytes-per-element: f32, f16, bf16 or fp8 (one
-    /// byte and a 4-byte scale per row of head_dim).
+    /// The cache's element type instead of --bytes-per-element: f32, f16, bf16, fp8 or int8
+    /// (one byte and a 4-byte scale per row of head_dim).
     #[arg(long)]
     pub kv_dtype: Option<String>,
     /// Also print the longest context whose KV cache fits in this many GiB, with this

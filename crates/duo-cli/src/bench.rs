@@ -164,7 +164,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let floor_ms = |kv: usize| floor.map(|(w, bw)| (w + kv) as f64 / bw * 1000.0);
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.method.seed());
     let limit = token_limit as u32;
-    let prompt: Vec<u32> = (0..max_len.min(a.max_prefill))
+    // At least the warm-up's 64 tokens, also when every length gets synthetic KV.
+    let prompt: Vec<u32> = (0..max_len.min(a.max_prefill).max(64))
         .map(|_| rng.gen_range(100.min(limit - 1)..limit))
         .collect();
     let mut rows = Vec::new();

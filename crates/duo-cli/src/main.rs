@@ -119,7 +119,11 @@ fn main() {
         Command::Demo(a) => eval::demo(a),
         Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
         Command::Serve(a) => serve::run(a),
-        Command::CudaCheck { seed, only, no_timings } => cuda_check(seed, only.as_deref(), no_timings),
+        Command::CudaCheck {
+            seed,
+            only,
+            no_timings,
+        } => cuda_check(seed, only.as_deref(), no_timings),
         Command::RandomCheckpoint { shape, out, seed } => random_checkpoint(&shape, &out, seed),
     };
     if let Err(e) = result {
@@ -166,16 +170,27 @@ fn random_checkpoint(shape: &str, out: &std::path::Path, seed: u64) -> Result<()
 fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
     let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(0)?);
     println!("{}", gpu.name());
-    let groups: Vec<&str> = only.map_or(duo_cuda::CHECK_GROUPS.to_vec(), |o| o.split(',').map(str::trim).collect());
+    let groups: Vec<&str> = only.map_or(duo_cuda::CHECK_GROUPS.to_vec(), |o| {
+        o.split(',').map(str::trim).collect()
+    });
     if let Some(bad) = groups.iter().find(|g| !duo_cuda::CHECK_GROUPS.contains(g)) {
-        bail!("--only {bad}: the groups are {}", duo_cuda::CHECK_GROUPS.join(", "));
+        bail!(
+            "--only {bad}: the groups are {}",
+            duo_cuda::CHECK_GROUPS.join(", ")
+        );
     }
     let (mut failed, mut total) = (0, 0);
     for group in groups {
         // Each group's results as it ends, so that a fault names the group it happened in.
         println!("checking {group}");
         for r in duo_cuda::check_group(&gpu, group, seed)? {
-            println!("{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})", if r.ok() { "ok  " } else { "FAIL" }, r.case, r.max_abs_err, r.bound);
+            println!(
+                "{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})",
+                if r.ok() { "ok  " } else { "FAIL" },
+                r.case,
+                r.max_abs_err,
+                r.bound
+            );
             failed += usize::from(!r.ok());
             total += 1;
         }
@@ -208,6 +223,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
                 (DecodeKernel::Cores(2), KvType::Bf16),
                 (DecodeKernel::Tensor, KvType::Bf16),
                 (DecodeKernel::Tensor, KvType::Fp8),
+                (DecodeKernel::Tensor, KvType::Int8),
             ] {
                 let split = (rows > 1).then_some(duo_cuda::pool::DECODE_SPLIT);
                 let (ms, bytes) = time_decode_attention(
@@ -216,7 +232,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
                 if kernel == DecodeKernel::Tensor && kv == KvType::Bf16 {
                     bf16_ms = ms;
                 }
-                let vs = if kv == KvType::Fp8 {
+                let vs = if kv.is_bytes() {
                     format!(", {:.2}x the bf16 time", ms / bf16_ms)
                 } else {
                     String::new()
@@ -253,7 +269,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
     }
     for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
-            for kv in [KvType::Bf16, KvType::Fp8] {
+            for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8] {
                 let (ms, flops) = duo_cuda::time_prefill_attention(&gpu, &kinds, t, first, kv, 3)?;
                 println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}, {kv:?}: {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);
             }

@@ -188,7 +188,7 @@ fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
     for (args, want) in [
         (
             &["generate", "--kv-dtype", "int4", "hi"][..],
-            "not one of f32, f16 (CPU) or bf16, fp8 (GPU)",
+            "not one of f32, f16 (CPU) or bf16, fp8, int8 (GPU)",
         ),
         (
             &["generate", "--kv-dtype", "fp8", "hi"][..],
@@ -208,7 +208,7 @@ fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
                 "--lengths",
                 "64",
             ][..],
-            "the CUDA backend caches bf16 (its default) or fp8",
+            "the CUDA backend caches bf16 (its default), fp8 or int8",
         ),
     ] {
         let (ok, err, _) = duo(args);

@@ -51,16 +51,34 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
             let mut out = Vec::new();
             for (case, x, layout) in prefill_attention::cases(seed) {
                 out.push(prefill(gpu, &case, &x, &layout, seed)?);
-                // The same problem over an fp8 cache, against the reference on the dequantised cache.
-                let fp8 = prefill_attention::PrefillInput { keys: crate::fp8::round_rows(&x.keys, x.head_dim), values: crate::fp8::round_rows(&x.values, x.head_dim), ..x.clone() };
-                out.push(prefill(gpu, &format!("{case}, fp8 cache"), &fp8, &PagedLayout { kv: KvType::Fp8, ..layout }, seed)?);
+                // The same problem over byte caches, against the reference on the dequantised cache.
+                for kv in [KvType::Fp8, KvType::Int8] {
+                    let xq = prefill_attention::PrefillInput {
+                        keys: kv.round_rows(&x.keys, x.head_dim),
+                        values: kv.round_rows(&x.values, x.head_dim),
+                        ..x.clone()
+                    };
+                    out.push(prefill(
+                        gpu,
+                        &format!("{case}, {kv:?} cache"),
+                        &xq,
+                        &PagedLayout {
+                            kv,
+                            ..layout.clone()
+                        },
+                        seed,
+                    )?);
+                }
             }
             Ok(out)
         }
         "dequant" => dequant(gpu, seed),
         "decode" => decode_attention::check_kernel(gpu, seed),
         "model" => model::check_model(gpu, seed),
-        other => Err(crate::CudaError::Input(format!("no check group {other}: the groups are {}", CHECK_GROUPS.join(", ")))),
+        other => Err(crate::CudaError::Input(format!(
+            "no check group {other}: the groups are {}",
+            CHECK_GROUPS.join(", ")
+        ))),
     }
 }
 
@@ -109,12 +127,12 @@ fn prefill(
     let state = gpu.upload(&[0i32, x.first_position as i32])?;
     let o = gpu.zeros::<u16>(t * h * d)?;
     let mut paged = layout.paged_args(gpu.addr(&tab));
-    // The cache as stored: bf16 bits, or e4m3 bytes with row scales (the keys and values
-    // given are already what fp8 holds, so quantising them again is exact).
-    let (k, v, _scales) = if layout.kv == KvType::Fp8 {
+    // The cache as stored: bf16 bits, or bytes with row scales (the keys and values given
+    // are already what the byte cache holds, so quantising them again gives the same values).
+    let (k, v, _scales) = if layout.kv.is_bytes() {
         let ((kb, ks), (vb, vs)) = (
-            crate::fp8::quantise_rows(&keys, d),
-            crate::fp8::quantise_rows(&values, d),
+            layout.kv.quantise_rows(&keys, d)?,
+            layout.kv.quantise_rows(&values, d)?,
         );
         let scales = (gpu.upload(&ks)?, gpu.upload(&vs)?);
         paged = paged.with_scales(gpu.addr(&scales.0), gpu.addr(&scales.1));
@@ -246,6 +264,8 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         (false, 64, KvType::Bf16),
         (true, 128, KvType::Fp8),
         (false, 64, KvType::Fp8),
+        (true, 128, KvType::Int8),
+        (false, 64, KvType::Int8),
     ] {
         let (nh, ng) = (4usize, 2usize);
         let inv: Vec<f32> = (0..d / 2)
@@ -299,7 +319,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             gpu.upload(&vec![-1.0f32; pool_rows])?,
         );
         let mut paged = layout.paged_args(gpu.addr(&tab));
-        if kv == KvType::Fp8 {
+        if kv.is_bytes() {
             paged = paged.with_scales(gpu.addr(&ksg), gpu.addr(&vsg));
         }
         gpu.rope_append(
@@ -322,7 +342,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         let (gks, gvs) = (gpu.download(&ksg)?, gpu.download(&vsg)?);
         let cached = |bytes: &[u8], scales: &[f32]| -> Vec<f32> {
             match kv {
-                KvType::Fp8 => crate::fp8::dequantise_rows(bytes, scales, d),
+                KvType::Fp8 | KvType::Int8 => kv.dequantise_rows(bytes, scales, d),
                 _ => bytes
                     .chunks(2)
                     .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
@@ -343,35 +363,43 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
                     let row = tables[slot as usize].row(&layout, heads[hh - nh], pos);
                     written.insert(row);
                     let values = &qkv[r * stride + (nh + ng + hh - nh) * d..][..d];
-                    if kv == KvType::Fp8 {
+                    if kv.is_bytes() {
                         // Values (bf16 inputs) quantise exactly as the host does. Keys come
                         // from a rotation whose sin/cos differ by a few ulp between GPU and
-                        // CPU: within half an e4m3 step (1/16 of the value) of the exact
-                        // rotation, measured relative to the row's largest key; their scale
-                        // is the host's, or its neighbour where the largest key moved by an ulp
-                        // across a power of two.
-                        err = err.max(max_err(
-                            &crate::fp8::round_rows(values, d),
-                            &gv[row * d..][..d],
-                        ));
+                        // CPU: within half a step of the exact rotation (e4m3: 1/16 of the
+                        // value; int8: half the row's scale), measured relative to the row's
+                        // largest key; their scale is the host's (fp8: or its neighbour where
+                        // the largest key moved by an ulp across a power of two; int8: within
+                        // a few ulp).
+                        err = err.max(max_err(&kv.round_rows(values, d), &gv[row * d..][..d]));
                         let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                        let vmax = values.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                        let (want, want_v) = if kv == KvType::Fp8 {
+                            (crate::fp8::row_scale(amax), crate::fp8::row_scale(vmax))
+                        } else {
+                            (crate::int8::row_scale(amax), crate::int8::row_scale(vmax))
+                        };
+                        let half_step = |x: f32| {
+                            if kv == KvType::Fp8 {
+                                x.abs() / 16.0
+                            } else {
+                                want * 0.5 * (1.0 + 1e-5)
+                            }
+                        };
                         let rel = v
                             .iter()
                             .zip(&gk[row * d..][..d])
                             .map(|(x, g)| {
-                                ((x - g).abs() - x.abs() / 16.0).max(0.0) as f64 / amax as f64
+                                ((x - g).abs() - half_step(*x)).max(0.0) as f64 / amax as f64
                             })
                             .fold(0.0, f64::max);
                         err = err.max(rel);
-                        let want = crate::fp8::row_scale(amax);
-                        scales_off +=
-                            usize::from(![want, want * 2.0, want / 2.0].contains(&gks[row]));
-                        scales_off += usize::from(
-                            gvs[row]
-                                != crate::fp8::row_scale(
-                                    values.iter().fold(0.0f32, |m, x| m.max(x.abs())),
-                                ),
-                        );
+                        let key_scale_ok = if kv == KvType::Fp8 {
+                            [want, want * 2.0, want / 2.0].contains(&gks[row])
+                        } else {
+                            (gks[row] - want).abs() <= want * 1e-5
+                        };
+                        scales_off += usize::from(!key_scale_ok) + usize::from(gvs[row] != want_v);
                     } else {
                         let values: Vec<f32> = values.iter().map(|&x| round_bf16(x)).collect();
                         err = err.max(max_err(&values, &gv[row * d..][..d]));
@@ -392,7 +420,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
                     .iter()
                     .chain(&gv_bytes[r * row_bytes..][..row_bytes])
                     .any(|&b| b != 0x7f)
-                    || (kv == KvType::Fp8 && (gks[r] != -1.0 || gvs[r] != -1.0))
+                    || (kv.is_bytes() && (gks[r] != -1.0 || gvs[r] != -1.0))
             })
             .count();
         out.push(Parity {
@@ -603,7 +631,7 @@ pub fn time_prefill_attention(
         gpu.zeros::<f32>(blocks * layout.block_rows())?,
         gpu.zeros::<f32>(blocks * layout.block_rows())?,
     );
-    if kv == KvType::Fp8 {
+    if kv.is_bytes() {
         gpu.fill_uniform_e4m3(gpu.addr(&k), elems, 1)?;
         gpu.fill_uniform_e4m3(gpu.addr(&v), elems, 2)?;
         gpu.fill_f32(gpu.addr(&ks), blocks * layout.block_rows(), 1.0 / 256.0)?;
@@ -618,7 +646,7 @@ pub fn time_prefill_attention(
     let tab = gpu.upload(&decode_attention::table_rows(&layout, &[tables]))?;
     let state = gpu.upload(&[0i32, first as i32])?;
     let mut args = layout.paged_args(gpu.addr(&tab));
-    if kv == KvType::Fp8 {
+    if kv.is_bytes() {
         args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
     }
     let run = || {

@@ -29,6 +29,9 @@ pub enum KvType {
     /// 1 byte per element (e4m3) and an `f32` scale per row ([`crate::fp8`]): the
     /// tensor-core kernels only.
     Fp8,
+    /// 1 byte per element (int8) and an `f32` scale per row ([`crate::int8`]): the
+    /// tensor-core kernels only.
+    Int8,
 }
 
 impl KvType {
@@ -37,40 +40,77 @@ impl KvType {
         match self {
             KvType::F32 => 4,
             KvType::Bf16 => 2,
-            KvType::Fp8 => 1,
+            KvType::Fp8 | KvType::Int8 => 1,
         }
+    }
+
+    /// Whether the cache holds a byte per element and a scale per row (fp8 or int8).
+    pub fn is_bytes(self) -> bool {
+        matches!(self, KvType::Fp8 | KvType::Int8)
     }
 
     /// Bytes of scales per cached row (one row: `head_dim` keys or values).
     pub fn scale_bytes(self) -> usize {
-        if self == KvType::Fp8 {
+        if self.is_bytes() {
             4
         } else {
             0
         }
     }
-}
 
-/// `x` with keys and values as the fp8 cache holds them (row scales and e4m3 rounding), for
-/// the reference.
-pub fn rounded_to_fp8(x: &DecodeInput) -> DecodeInput {
-    DecodeInput {
-        keys: crate::fp8::round_rows(&x.keys, x.head_dim),
-        values: crate::fp8::round_rows(&x.values, x.head_dim),
-        ..x.clone()
+    /// How the kernels tell the byte formats apart (`Paged::kv_format`): 1 e4m3, 2 int8, else 0.
+    pub fn format_code(self) -> i32 {
+        match self {
+            KvType::Fp8 => 1,
+            KvType::Int8 => 2,
+            _ => 0,
+        }
+    }
+
+    /// Rows of `head_dim` values as a byte cache stores them: bytes, then a scale per row
+    /// (exactly as the kernels quantise). Not a byte cache: an input error.
+    pub fn quantise_rows(self, values: &[f32], head_dim: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+        match self {
+            KvType::Fp8 => Ok(crate::fp8::quantise_rows(values, head_dim)),
+            KvType::Int8 => Ok(crate::int8::quantise_rows(values, head_dim)),
+            _ => Err(CudaError::Input(format!(
+                "a {self:?} cache has no bytes and scales"
+            ))),
+        }
+    }
+
+    /// `values` as this cache holds them (rounded, or quantised and dequantised by rows of
+    /// `head_dim`): what a kernel over this cache sees.
+    pub fn round_rows(self, values: &[f32], head_dim: usize) -> Vec<f32> {
+        match self {
+            KvType::F32 => values.to_vec(),
+            KvType::Bf16 => values
+                .iter()
+                .map(|&f| half::bf16::from_f32(f).to_f32())
+                .collect(),
+            KvType::Fp8 => crate::fp8::round_rows(values, head_dim),
+            KvType::Int8 => {
+                let (b, s) = crate::int8::quantise_rows(values, head_dim);
+                crate::int8::dequantise_rows(&b, &s, head_dim)
+            }
+        }
+    }
+
+    /// Bytes and scales back to values (a byte cache; others give their input's length of zeros).
+    pub fn dequantise_rows(self, bytes: &[u8], scales: &[f32], head_dim: usize) -> Vec<f32> {
+        match self {
+            KvType::Fp8 => crate::fp8::dequantise_rows(bytes, scales, head_dim),
+            KvType::Int8 => crate::int8::dequantise_rows(bytes, scales, head_dim),
+            _ => vec![0.0; bytes.len()],
+        }
     }
 }
 
-/// `x` with keys and values rounded to bf16 (what the bf16 kernel sees), for the reference.
-pub fn rounded_to_bf16(x: &DecodeInput) -> DecodeInput {
-    let round = |v: &[f32]| {
-        v.iter()
-            .map(|&f| half::bf16::from_f32(f).to_f32())
-            .collect()
-    };
+/// `x` with keys and values as a `kv` cache holds them, for the reference.
+pub fn rounded_to(kv: KvType, x: &DecodeInput) -> DecodeInput {
     DecodeInput {
-        keys: round(&x.keys),
-        values: round(&x.values),
+        keys: kv.round_rows(&x.keys, x.head_dim),
+        values: kv.round_rows(&x.values, x.head_dim),
         ..x.clone()
     }
 }
@@ -100,7 +140,7 @@ impl DecodeKernel {
     pub fn fits(self, head_dim: usize, group: usize, kv: KvType) -> bool {
         match self {
             DecodeKernel::Cores(kpw) => {
-                kv != KvType::Fp8
+                !kv.is_bytes()
                     && keys_per_warp_fits(head_dim, kpw, kv)
                     && group * head_dim * kpw / 32 <= 64
             }
@@ -130,7 +170,7 @@ impl DecodeKernel {
 /// dequantised to f16 beside them.
 pub fn tensor_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     match kv {
-        KvType::Fp8 => {
+        KvType::Fp8 | KvType::Int8 => {
             5 * 2 * 64 * (head_dim + 16) + 5 * 2 * 64 * 4 + 4 * 16 * (head_dim + 8) * 2
         }
         _ => 3 * 2 * 64 * (head_dim + 8) * 2,
@@ -502,11 +542,11 @@ pub const TENSOR_SOURCE: &str = r#"
 #define TILE 64
 #define TPAD (HEAD_DIM + 8)
 #define TILE_ELEMS (TILE * TPAD)
-#ifdef KV_FP8
-// An fp8 cache: stages hold raw rows (bytes, padded by 16) and their scales; the tensor cores
-// run in f16 (see TENSOR_CORE_HELPERS). A stage is half a bf16 stage, so five stages keep as
-// many bytes in flight as bf16's three (a stream at the copy bandwidth needs them: measured,
-// three fp8 stages read at half the bandwidth).
+#ifdef KV_BYTES
+// A byte cache (fp8 or int8): stages hold raw rows (bytes, padded by 16) and their scales;
+// the tensor cores run in f16 (see TENSOR_CORE_HELPERS). A stage is half a bf16 stage, so
+// five stages keep as many bytes in flight as bf16's three (a stream at the copy bandwidth
+// needs them: measured, three fp8 stages read at half the bandwidth).
 #define STAGES 5
 typedef unsigned char kv_t;
 #define RPAD (HEAD_DIM + 16)
@@ -549,7 +589,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
     for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
 #pragma unroll
         for (int x = 0; x < 4; x++) {
-#ifdef KV_FP8
+#ifdef KV_BYTES
             // Dims permuted (the same for keys, below): lane tq's k-slots of product kk take
             // dims (HEAD_DIM / 4) tq + 4 kk .. + 3, so that its key bytes are contiguous.
             const int r = gr + (x & 1) * 8, c = (HEAD_DIM / 4) * tq + 4 * kk + (x >> 1) * 2;
@@ -562,7 +602,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int n_tiles = (end - begin + TILE - 1) / TILE;
-#ifdef KV_FP8
+#ifdef KV_BYTES
     unsigned char* raw = smem_raw;                                         // [STAGES][K, V][TILE][RPAD]
     float* scl = reinterpret_cast<float*>(smem_raw + STAGES * 2 * RAW_TILE);  // [STAGES][K, V][TILE]
     bf16_t* conv = reinterpret_cast<bf16_t*>(scl + STAGES * 2 * TILE) + warp * 16 * TPAD;  // this warp's V (f16)
@@ -622,7 +662,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
         cp_async_commit();
         // Scores of this warp's 16 keys: n-tile j holds keys 8j..8j+7.
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#ifdef KV_FP8
+#ifdef KV_BYTES
         // Keys straight from their bytes: lane (gr, tq) holds keys gr and gr + 8, dims
         // (HEAD_DIM / 4) tq.. (the permutation of the queries above), four per product, each
         // pair an f16x2 B register. Values go to f16 in shared memory (times their row scale,
@@ -649,8 +689,8 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             const unsigned wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                MMA(sc[0], qa[4 * h16 + j], e4m3x2_h(wa[j] & 0xffffu), e4m3x2_h(wa[j] >> 16));
-                MMA(sc[1], qa[4 * h16 + j], e4m3x2_h(wb[j] & 0xffffu), e4m3x2_h(wb[j] >> 16));
+                MMA(sc[0], qa[4 * h16 + j], bytes2_h(wa[j] & 0xffffu), bytes2_h(wa[j] >> 16));
+                MMA(sc[1], qa[4 * h16 + j], bytes2_h(wb[j] & 0xffffu), bytes2_h(wb[j] >> 16));
             }
         }
 #else
@@ -664,7 +704,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             MMA(sc[1], qa[kk], kb[2], kb[3]);
         }
 #endif
-#ifdef KV_FP8
+#ifdef KV_BYTES
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             const float2 s2 = *reinterpret_cast<const float2*>(ksc + 8 * j + 2 * tq);
@@ -956,11 +996,9 @@ mod gpu {
                 );
                 (gpu.addr(&k16), gpu.addr(&v16))
             }
-            KvType::Fp8 => {
-                let ((kb, ksc), (vb, vsc)) = (
-                    crate::fp8::quantise_rows(&keys, d),
-                    crate::fp8::quantise_rows(&values, d),
-                );
+            KvType::Fp8 | KvType::Int8 => {
+                let ((kb, ksc), (vb, vsc)) =
+                    (kv.quantise_rows(&keys, d)?, kv.quantise_rows(&values, d)?);
                 (k8, v8, ks, vs) = (
                     gpu.upload(&kb)?,
                     gpu.upload(&vb)?,
@@ -1018,14 +1056,14 @@ mod gpu {
             gpu.zeros::<u8>(elems * kv.bytes())?,
             gpu.zeros::<u8>(elems * kv.bytes())?,
         );
-        let scale_rows = if kv == KvType::Fp8 {
+        let scale_rows = if kv.is_bytes() {
             blocks * layout.block_rows()
         } else {
             1
         };
         let (ks, vs) = (gpu.zeros::<f32>(scale_rows)?, gpu.zeros::<f32>(scale_rows)?);
         match kv {
-            KvType::Fp8 => {
+            KvType::Fp8 | KvType::Int8 => {
                 gpu.fill_uniform_e4m3(gpu.addr(&k), elems, 1)?;
                 gpu.fill_uniform_e4m3(gpu.addr(&v), elems, 2)?;
                 gpu.fill_f32(gpu.addr(&ks), scale_rows, 1.0 / 256.0)?;
@@ -1057,7 +1095,7 @@ mod gpu {
         );
         let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
         let mut args = layout.paged_args(gpu.addr(&tab));
-        if kv == KvType::Fp8 {
+        if kv.is_bytes() {
             args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
         }
         let run = || {
@@ -1146,7 +1184,7 @@ mod gpu {
             (4, 256, &[true, false], 8, 20, 64, &[1000, 21]),     // widest head
         ];
         let mut out = Vec::new();
-        for kv in [KvType::F32, KvType::Bf16, KvType::Fp8] {
+        for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8] {
             for (i, (h, d, kinds, sink, recent, bt, tokens)) in cases.iter().enumerate() {
                 let layout = layer_layout(
                     kinds,
@@ -1158,11 +1196,7 @@ mod gpu {
                 let x = random_input(seed + i as u64, *h, *d, layout.heads(0), tokens);
                 // Kernels over a rounded or quantised cache are compared with the reference on
                 // the same cache.
-                let want = reference(&match kv {
-                    KvType::F32 => x.clone(),
-                    KvType::Bf16 => rounded_to_bf16(&x),
-                    KvType::Fp8 => rounded_to_fp8(&x),
-                })?;
+                let want = reference(&rounded_to(kv, &x))?;
                 let group = h / kinds.len();
                 let kernels = [
                     DecodeKernel::Tensor,
@@ -1262,10 +1296,23 @@ mod tests {
             "8 x 128 x 4 / 32 values per lane are too many registers"
         );
         assert!(DecodeKernel::Cores(2).fits(128, 8, KvType::Bf16));
-        assert_eq!(DecodeKernel::best(128, 4, KvType::Fp8, 2), DecodeKernel::Tensor, "fp8 caches: tensor cores");
-        assert!(!DecodeKernel::Cores(1).fits(128, 4, KvType::Fp8), "no CUDA-core kernel reads fp8");
-        assert!(!DecodeKernel::Tensor.fits(256, 1, KvType::Fp8) && !DecodeKernel::Tensor.fits(128, 4, KvType::F32));
-        assert!(tensor_smem_bytes(128, KvType::Fp8) * 2 <= 227 * 1024, "two fp8 blocks fit a multiprocessor");
+        assert_eq!(
+            DecodeKernel::best(128, 4, KvType::Fp8, 2),
+            DecodeKernel::Tensor,
+            "fp8 caches: tensor cores"
+        );
+        assert!(
+            !DecodeKernel::Cores(1).fits(128, 4, KvType::Fp8),
+            "no CUDA-core kernel reads fp8"
+        );
+        assert!(
+            !DecodeKernel::Tensor.fits(256, 1, KvType::Fp8)
+                && !DecodeKernel::Tensor.fits(128, 4, KvType::F32)
+        );
+        assert!(
+            tensor_smem_bytes(128, KvType::Fp8) * 2 <= 227 * 1024,
+            "two fp8 blocks fit a multiprocessor"
+        );
     }
 
     #[test]

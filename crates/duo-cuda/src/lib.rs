@@ -8,7 +8,8 @@
 //!
 //! * [`dequant`]: GGUF blocks (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) to bf16.
 //! * [`fp8`]: the e4m3 row format of fp8 KV caches (bytes and a power-of-two scale per row),
-//!   on the host, exactly as the kernels quantise.
+//!   on the host, exactly as the kernels quantise; [`int8`]: the same for int8 rows (bytes and
+//!   `amax / 127` per row).
 //! * [`ops`]: random weights, embedding, RMSNorm, RoPE + KV append, SiLU×up, argmax, block
 //!   tables and block copies.
 //! * [`paged`]: the paged KV layout (blocks shared by all sequences, rings for streaming
@@ -26,6 +27,7 @@ mod checks;
 pub mod decode_attention;
 pub mod dequant;
 pub mod fp8;
+pub mod int8;
 pub mod model;
 pub mod ops;
 pub mod paged;

@@ -228,10 +228,10 @@ pub fn reference_logits(
             for hd in 0..nh + ng {
                 rope_ref(&mut row[hd * d..][..d], p, &c.inv_freq, c.half_split);
             }
-            // Keys and values as the cache holds them: bf16, or fp8 rows (keys quantised from
+            // Keys and values as the cache holds them: bf16, or byte rows (keys quantised from
             // their f32 rotation, as the GPU does).
-            if layout.kv == crate::decode_attention::KvType::Fp8 {
-                let cached = crate::fp8::round_rows(&row[nh * d..], d);
+            if layout.kv.is_bytes() {
+                let cached = layout.kv.round_rows(&row[nh * d..], d);
                 row[nh * d..].copy_from_slice(&cached);
             } else {
                 for v in &mut row[nh * d..] {
@@ -745,6 +745,17 @@ mod gpu {
             ("GQA, short sequence", 4, 2, 64, true, 90, 131, KvType::Bf16),
             ("GQA, fp8 cache", 4, 2, 64, true, 2990, 4096, KvType::Fp8),
             ("MHA, fp8 cache", 2, 2, 128, false, 2990, 4096, KvType::Fp8),
+            ("GQA, int8 cache", 4, 2, 64, true, 2990, 4096, KvType::Int8),
+            (
+                "MHA, int8 cache",
+                2,
+                2,
+                128,
+                false,
+                2990,
+                4096,
+                KvType::Int8,
+            ),
         ];
         for (name, heads, kv, d, half, prompt_len, max_tokens, cache) in cases {
             let config = config(heads, kv, d, half);
@@ -784,7 +795,7 @@ mod gpu {
         // Continuous batching in one pool against each sequence alone, bf16 and fp8 caches.
         let config = config(4, 2, 64, true);
         let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
-        for cache in [KvType::Bf16, KvType::Fp8] {
+        for cache in [KvType::Bf16, KvType::Fp8, KvType::Int8] {
             let layout = layout(2048, cache);
             let (lens, steps) = ([700usize, 150, 1200], 12usize);
             let blocks: usize = lens

@@ -89,10 +89,18 @@ __device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
     return r;
 }
 
-// Stores elements a and b of a cached row: bf16, or (pg.kscale set) e4m3 with the row's
-// scale, which thread 0 writes to `scales[row]`. Every thread of the block calls it.
-__device__ __forceinline__ void store_row_pair(void* cache, float* scales, size_t row, int head_dim, int a, int b, float x0, float x1) {
-    if (scales) {
+// Stores elements a and b of a cached row: bf16, or (scales set) bytes with the row's scale,
+// which thread 0 writes to `scales[row]`: e4m3 (format 1) or int8 (format 2: amax / 127,
+// round to nearest even, as crate::int8). Every thread of the block calls it.
+__device__ __forceinline__ void store_row_pair(void* cache, float* scales, int format, size_t row, int head_dim, int a, int b, float x0, float x1) {
+    if (scales && format == 2) {
+        const float amax = block_max(fmaxf(fabsf(x0), fabsf(x1)));
+        const float s = amax > 0.f && amax <= 3.402823e38f ? amax / 127.f : 1.f;
+        signed char* c = (signed char*)cache + row * head_dim;
+        c[a] = (signed char)max(-127, min(127, __float2int_rn(x0 / s)));
+        c[b] = (signed char)max(-127, min(127, __float2int_rn(x1 / s)));
+        if (threadIdx.x == 0) scales[row] = s;
+    } else if (scales) {
         const float s = fp8_row_scale(block_max(fmaxf(fabsf(x0), fabsf(x1))));
         const float inv = 1.f / s;
         const unsigned short p = e4m3x2(x0 * inv, x1 * inv);
@@ -130,9 +138,9 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, c
     } else if (slot >= 0) {
         const int g = h - n_heads;
         const size_t r = (size_t)kv_row(pg, heads[g], slot, pos);
-        store_row_pair(kc, pg.kscale, r, head_dim, a, b, y0, y1);
+        store_row_pair(kc, pg.kscale, pg.kv_format, r, head_dim, a, b, y0, y1);
         const bf16_t* v = row + (n_heads + n_kv + g) * head_dim;
-        store_row_pair(vc, pg.vscale, r, head_dim, a, b, bf(v[a]), bf(v[b]));
+        store_row_pair(vc, pg.vscale, pg.kv_format, r, head_dim, a, b, bf(v[a]), bf(v[b]));
     }
 }
 

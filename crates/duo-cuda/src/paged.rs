@@ -195,6 +195,7 @@ impl PagedLayout {
             n_streaming: self.n_streaming() as i32,
             sink_pad: self.sink_pad() as i32,
             block_log2: self.block_tokens.trailing_zeros() as i32,
+            kv_format: self.kv.format_code(),
         }
     }
 }
@@ -221,6 +222,8 @@ pub struct PagedArgs {
     pub sink_pad: i32,
     /// log2 of the block size.
     pub block_log2: i32,
+    /// A byte cache's format ([`KvType::format_code`]): 1 e4m3, 2 int8, else 0.
+    pub kv_format: i32,
 }
 
 impl PagedArgs {
@@ -248,7 +251,7 @@ pub enum Ring {
 /// `kv_row_cap` the same for a streaming ring of `cap` rows (the slot's own, in the last
 /// entry of its table row, for `kv_row`).
 pub const PREFIX: &str = r#"
-struct Paged { const int* tables; float* kscale; float* vscale; int stride, streaming_at, group, n_streaming, sink_pad, block_log2; };
+struct Paged { const int* tables; float* kscale; float* vscale; int stride, streaming_at, group, n_streaming, sink_pad, block_log2, kv_format; };
 __device__ __forceinline__ long long kv_row_cap(const Paged& p, int4 e, int slot, int pos, int cap) {
     const int mask = (1 << p.block_log2) - 1;
     const int* row = p.tables + (size_t)slot * p.stride;

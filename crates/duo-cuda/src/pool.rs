@@ -293,8 +293,8 @@ impl KvPool {
             )));
         }
         if layout.kv == KvType::F32
-            || (layout.kv == KvType::Fp8
-                && !DecodeKernel::Tensor.fits(c.head_dim, c.n_heads / c.n_kv_heads, KvType::Fp8))
+            || (layout.kv.is_bytes()
+                && !DecodeKernel::Tensor.fits(c.head_dim, c.n_heads / c.n_kv_heads, layout.kv))
         {
             return Err(CudaError::Input(format!(
                 "a {:?} KV cache is not supported here: pools cache bf16, or fp8 for heads of 64 or 128 dims with at most 16 query heads per KV head (these: {} dims, {})",
@@ -306,7 +306,7 @@ impl KvPool {
         let bytes = config.blocks * layout.block_elems(c.head_dim) * layout.kv.bytes();
         let keys = gpu.zeros::<u8>(bytes)?;
         let values = gpu.zeros::<u8>(bytes)?;
-        let scale_rows = if layout.kv == KvType::Fp8 {
+        let scale_rows = if layout.kv.is_bytes() {
             config.blocks * layout.block_rows()
         } else {
             1
@@ -346,7 +346,7 @@ impl KvPool {
     fn paged(&self) -> crate::paged::PagedArgs {
         let g = &*self.gpu;
         let args = self.layout.paged_args(g.addr(&self.tables));
-        if self.layout.kv == KvType::Fp8 {
+        if self.layout.kv.is_bytes() {
             args.with_scales(g.addr(&self.key_scales), g.addr(&self.value_scales))
         } else {
             args
@@ -1040,7 +1040,7 @@ impl KvPool {
                 seed.wrapping_add(2 * i as u64),
                 seed.wrapping_add(2 * i as u64 + 1),
             );
-            if self.layout.kv == KvType::Fp8 {
+            if self.layout.kv.is_bytes() {
                 g.fill_uniform_e4m3(k + at, elems, sk)?;
                 g.fill_uniform_e4m3(v + at, elems, sv)?;
                 let s_at = (blk as usize * rows * 4) as u64;
@@ -1089,7 +1089,7 @@ impl KvPool {
             block_pairs.len() / 2,
             words,
         )?;
-        if self.layout.kv == KvType::Fp8 {
+        if self.layout.kv.is_bytes() {
             // Scales: an f32 is two 16-bit words.
             g.copy_blocks(
                 g.addr(&self.key_scales),

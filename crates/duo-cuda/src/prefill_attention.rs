@@ -220,10 +220,19 @@ __device__ __forceinline__ void mma_h(float* d, const unsigned* a, unsigned b0, 
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// Two e4m3 bytes (the low 16 bits of x) to an f16 pair, exactly.
-__device__ __forceinline__ unsigned e4m3x2_h(unsigned x) {
+#if defined(KV_FP8) || defined(KV_INT8)
+#define KV_BYTES 1
+#endif
+// Two cache bytes (the low 16 bits of x) to an f16 pair, exactly: e4m3 by conversion; int8
+// (two's complement) as f16 1024 + (b ^ 0x80) built by a byte permute, less 1152.
+__device__ __forceinline__ unsigned bytes2_h(unsigned x) {
     unsigned r;
+#ifdef KV_INT8
+    r = __byte_perm(x ^ 0x8080u, 0x64646464u, 0x4140);
+    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
+#else
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)x));
+#endif
     return r;
 }
 // A row scale as an f16 pair (exact: scales are powers of two within f16's range).
@@ -232,7 +241,7 @@ __device__ __forceinline__ unsigned scale_h2(float s) {
     asm("cvt.rn.f16x2.f32 %0, %1, %1;" : "=r"(r) : "f"(s));
     return r;
 }
-// 16 e4m3 bytes to 16 f16 (both in shared memory), times the f16 pair `s2` where SCALED.
+// 16 cache bytes to 16 f16 (both in shared memory), times the f16 pair `s2` where SCALED.
 template <bool SCALED>
 __device__ __forceinline__ void dequant16(const unsigned char* src, unsigned s2, unsigned short* dst) {
     const uint4 x = *reinterpret_cast<const uint4*>(src);
@@ -240,8 +249,8 @@ __device__ __forceinline__ void dequant16(const unsigned char* src, unsigned s2,
     unsigned h[8];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h[2 * i]) : "h"((unsigned short)(w[i] & 0xffffu)));
-        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h[2 * i + 1]) : "h"((unsigned short)(w[i] >> 16)));
+        h[2 * i] = bytes2_h(w[i] & 0xffffu);
+        h[2 * i + 1] = bytes2_h(w[i] >> 16);
         if (SCALED) {
             asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h[2 * i]) : "r"(s2));
             asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h[2 * i + 1]) : "r"(s2));
@@ -290,9 +299,9 @@ __device__ __forceinline__ int row_pos(int4 e, int r, int win) { return e.w == 1
 // rows padded to KPAD so that ldmatrix reads are free of bank conflicts.
 #define STAGE_ELEMS (BK * KPAD)
 #define Q_ELEMS (BQ * KPAD)
-#ifdef KV_FP8
-// An fp8 cache: two stages of raw rows (bytes, padded by 16) and their scales after the
-// queries, then the tile's K and V dequantised to f16 (the tensor cores run in f16).
+#ifdef KV_BYTES
+// A byte cache (fp8 or int8): two stages of raw rows (bytes, padded by 16) and their scales
+// after the queries, then the tile's K and V dequantised to f16 (the tensor cores run in f16).
 typedef unsigned char kv_t;
 #define RPAD (HEAD_DIM + 16)
 #define RAW_TILE (BK * RPAD)
@@ -357,7 +366,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         }
         return rows;
     };
-#ifdef KV_FP8
+#ifdef KV_BYTES
     unsigned char* raw = reinterpret_cast<unsigned char*>(smem + Q_ELEMS);        // [2][K, V][BK][RPAD]
     float* scl = reinterpret_cast<float*>(raw + 4 * RAW_TILE);                    // [2][K, V][BK]
     bf16_t* conv = reinterpret_cast<bf16_t*>(scl + 4 * BK);                        // K, V: [BK][KPAD] each (f16)
@@ -399,7 +408,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         cp_async_commit();
         cp_async_wait_1();
         __syncthreads();
-#ifdef KV_FP8
+#ifdef KV_BYTES
         // The tile's keys and values to f16, each row times its scale.
         for (int i = threadIdx.x; i < 2 * BK * HEAD_DIM / 16; i += blockDim.x) {
             const int kv = i / (BK * HEAD_DIM / 16), j = i % (BK * HEAD_DIM / 16);

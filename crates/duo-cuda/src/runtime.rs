@@ -94,12 +94,19 @@ fn allow_dynamic_smem(f: &CudaFunction, bytes: usize) -> Result<()> {
     .map_err(driver)
 }
 
+/// The kernels' define for a byte cache's format.
+fn byte_format_option(kv: KvType) -> Option<String> {
+    match kv {
+        KvType::Fp8 => Some("-DKV_FP8=1".into()),
+        KvType::Int8 => Some("-DKV_INT8=1".into()),
+        _ => None,
+    }
+}
+
 /// The prefill kernel's NVRTC options for heads of `head_dim` over a `kv` cache.
 fn prefill_options(head_dim: usize, kv: KvType) -> Vec<String> {
     let mut o = vec![format!("-DHEAD_DIM={head_dim}")];
-    if kv == KvType::Fp8 {
-        o.push("-DKV_FP8=1".into());
-    }
+    o.extend(byte_format_option(kv));
     o
 }
 
@@ -133,9 +140,7 @@ fn decode_source(
             format!("{COMMON_SOURCE}{CORES_SOURCE}")
         }
         DecodeKernel::Tensor => {
-            if kv == KvType::Fp8 {
-                options.push("-DKV_FP8=1".into());
-            }
+            options.extend(byte_format_option(kv));
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS
@@ -162,7 +167,7 @@ pub fn compile_all() -> Option<Result<usize>> {
         ("dequant", crate::dequant::SOURCE.into(), vec![]),
     ];
     for d in [64, 128] {
-        for kv in [KvType::Bf16, KvType::Fp8] {
+        for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8] {
             jobs.push((
                 "prefill_attention",
                 prefill_source(),
@@ -182,6 +187,8 @@ pub fn compile_all() -> Option<Result<usize>> {
         (3, 64, KvType::Fp8, DecodeKernel::Tensor),
         (4, 128, KvType::Fp8, DecodeKernel::Tensor),
         (16, 128, KvType::Fp8, DecodeKernel::Tensor),
+        (3, 64, KvType::Int8, DecodeKernel::Tensor),
+        (4, 128, KvType::Int8, DecodeKernel::Tensor),
     ];
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
@@ -639,7 +646,7 @@ impl Gpu {
                 a.kernel, a.group, a.head_dim, a.kv
             )));
         }
-        if (a.kv == KvType::Fp8) != (paged.kscale != 0) {
+        if a.kv.is_bytes() != (paged.kscale != 0) {
             return Err(CudaError::Input(format!(
                 "decode attention over a {:?} cache (row scales given: {})",
                 a.kv,
@@ -717,7 +724,7 @@ impl Gpu {
         kv: KvType,
         out: u64,
     ) -> Result<()> {
-        if kv == KvType::F32 || (kv == KvType::Fp8) != (paged.kscale != 0) {
+        if kv == KvType::F32 || kv.is_bytes() != (paged.kscale != 0) {
             return Err(CudaError::Input(format!(
                 "prefill attention over a {kv:?} cache (row scales given: {})",
                 paged.kscale != 0
@@ -800,7 +807,7 @@ impl Gpu {
 /// 16) and row scales, and one tile of K and V dequantised to f16 follows.
 fn prefill_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     match kv {
-        KvType::Fp8 => {
+        KvType::Fp8 | KvType::Int8 => {
             128 * (head_dim + 8) * 2
                 + 4 * 64 * (head_dim + 16)
                 + 4 * 64 * 4

@@ -42,8 +42,8 @@ impl std::str::FromStr for Method {
 
 /// How the KV cache stores keys and values. The CPU backend caches `f32` (the default) or
 /// `f16` (half the memory; attention still computes in `f32`); the CUDA backend caches bf16
-/// (the default) or fp8 (e4m3 with a power-of-two scale per row: half of bf16's bytes plus 4
-/// per row).
+/// (the default), fp8 (e4m3 with a power-of-two scale per row: half of bf16's bytes plus 4
+/// per row) or int8 (the same bytes, a scale of `amax / 127` per row: more accurate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvDtype {
     /// 4 bytes per element.
@@ -54,6 +54,8 @@ pub enum KvDtype {
     Bf16,
     /// 1 byte per element (e4m3) and a 4-byte scale per row of `head_dim`.
     Fp8,
+    /// 1 byte per element (int8) and a 4-byte scale per row of `head_dim`.
+    Int8,
 }
 
 impl KvDtype {
@@ -62,13 +64,13 @@ impl KvDtype {
         match self {
             KvDtype::F32 => 4,
             KvDtype::F16 | KvDtype::Bf16 => 2,
-            KvDtype::Fp8 => 1,
+            KvDtype::Fp8 | KvDtype::Int8 => 1,
         }
     }
 
     /// Bytes of scales per cached row (one position of one head, keys or values).
     pub fn scale_bytes(self) -> usize {
-        if self == KvDtype::Fp8 {
+        if matches!(self, KvDtype::Fp8 | KvDtype::Int8) {
             4
         } else {
             0
@@ -77,7 +79,7 @@ impl KvDtype {
 
     /// Whether the CUDA backend caches this type (else the CPU backend does).
     pub fn is_gpu(self) -> bool {
-        matches!(self, KvDtype::Bf16 | KvDtype::Fp8)
+        matches!(self, KvDtype::Bf16 | KvDtype::Fp8 | KvDtype::Int8)
     }
 }
 
@@ -89,10 +91,11 @@ impl std::str::FromStr for KvDtype {
             "f16" => KvDtype::F16,
             "bf16" => KvDtype::Bf16,
             "fp8" => KvDtype::Fp8,
+            "int8" => KvDtype::Int8,
             _ => {
                 return Err(EngineError::InvalidParameter {
                     name: "kv-dtype",
-                    reason: format!("`{s}` is not one of f32, f16 (CPU) or bf16, fp8 (GPU)"),
+                    reason: format!("`{s}` is not one of f32, f16 (CPU) or bf16, fp8, int8 (GPU)"),
                 })
             }
         })

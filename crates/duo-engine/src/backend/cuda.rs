@@ -153,10 +153,11 @@ impl CudaBackend {
         let kv = match method.kv_dtype {
             None | Some(KvDtype::Bf16) => KvType::Bf16,
             Some(KvDtype::Fp8) => KvType::Fp8,
+            Some(KvDtype::Int8) => KvType::Int8,
             Some(d) => {
                 return Err(EngineError::InvalidParameter {
                     name: "kv-dtype",
-                    reason: format!("the CUDA backend caches bf16 or fp8, not {d:?}"),
+                    reason: format!("the CUDA backend caches bf16, fp8 or int8, not {d:?}"),
                 })
             }
         };
