@@ -602,6 +602,35 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int n_tiles = (end - begin + TILE - 1) / TILE;
+    // A tile is copied in 16-byte chunks, NCH per thread; chunk j of this thread holds key
+    // row (threadIdx.x + 128 j) / CPR of the tile.
+#ifdef KV_BYTES
+#define CPR (HEAD_DIM / 16)
+#else
+#define CPR (HEAD_DIM / 8)
+#endif
+#define NCH (TILE * CPR / 128)
+    const int cap = e.w == 0 ? 1 : slot_cap(pg, seq_slot);
+    const int* trow = pg.tables + (size_t)seq_slot * pg.stride;
+    auto pos_of = [&](int t) { return t + (t >= sinks ? gap : 0); };
+    // The block-table entries of the next tile to copy, loaded one tile ahead: their latency
+    // then hides behind a tile's compute instead of stalling the copies that need them.
+    int ent[NCH];
+#ifdef KV_BYTES
+    int sent;  // the entry of the row whose scale this thread copies
+#endif
+    auto fetch_entries = [&](int tile) {
+        const int t0 = begin + tile * TILE;
+#pragma unroll
+        for (int j = 0; j < NCH; j++) {
+            const int t = t0 + (threadIdx.x + j * 128) / CPR;
+            ent[j] = t < end ? trow[kv_entry_at(pg, e, pos_of(t), cap)] : 0;
+        }
+#ifdef KV_BYTES
+        const int t = t0 + threadIdx.x % TILE;
+        sent = t < end ? trow[kv_entry_at(pg, e, pos_of(t), cap)] : 0;
+#endif
+    };
 #ifdef KV_BYTES
     unsigned char* raw = smem_raw;                                         // [STAGES][K, V][TILE][RPAD]
     float* scl = reinterpret_cast<float*>(smem_raw + STAGES * 2 * RAW_TILE);  // [STAGES][K, V][TILE]
@@ -611,19 +640,19 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
         unsigned char* vr = kr + RAW_TILE;
         const int t0 = begin + tile * TILE;
 #pragma unroll
-        for (int j = 0; j < TILE * HEAD_DIM / 16 / 128; j++) {
+        for (int j = 0; j < NCH; j++) {
             const int i = threadIdx.x + j * 128;
-            const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
+            const int r = i / CPR, c = (i % CPR) * 16;
             const int t = t0 + r;
             const bool live = t < end;
-            const size_t at = live ? (size_t)kv_row(pg, e, seq_slot, t + (t >= sinks ? gap : 0)) * HEAD_DIM + c : 0;
+            const size_t at = live ? (size_t)kv_row_from(pg, e, pos_of(t), cap, ent[j]) * HEAD_DIM + c : 0;
             cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vr + r * RPAD + c, values + at, live ? 16 : 0);
         }
         // Row scales: threads 0-63 the keys', 64-127 the values'.
         const int r = threadIdx.x % TILE, t = t0 + r;
         const bool live = t < end;
-        const long long row = live ? kv_row(pg, e, seq_slot, t + (t >= sinks ? gap : 0)) : 0;
+        const long long row = live ? kv_row_from(pg, e, pos_of(t), cap, sent) : 0;
         cp_async4(scl + ((tile % STAGES) * 2 + threadIdx.x / TILE) * TILE + r, (threadIdx.x < TILE ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
     };
 #else
@@ -633,20 +662,24 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
         bf16_t* vs = ks + TILE_ELEMS;
         const int t0 = begin + tile * TILE;
 #pragma unroll
-        for (int j = 0; j < TILE * HEAD_DIM / 8 / 128; j++) {
+        for (int j = 0; j < NCH; j++) {
             const int i = threadIdx.x + j * 128;
-            const int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
+            const int r = i / CPR, c = (i % CPR) * 8;
             const int t = t0 + r;
             const bool live = t < end;
-            const size_t at = live ? (size_t)kv_row(pg, e, seq_slot, t + (t >= sinks ? gap : 0)) * HEAD_DIM + c : 0;
+            const size_t at = live ? (size_t)kv_row_from(pg, e, pos_of(t), cap, ent[j]) * HEAD_DIM + c : 0;
             cp_async16(ks + r * TPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
         }
     };
 #endif
+    fetch_entries(0);
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) {
-        if (t < n_tiles) load_tile(t);
+        if (t < n_tiles) {
+            load_tile(t);
+            fetch_entries(t + 1);
+        }
         cp_async_commit();
     }
 
@@ -658,7 +691,10 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
     for (int tile = 0; tile < n_tiles; tile++) {
         cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
         __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
-        if (tile + STAGES - 1 < n_tiles) load_tile(tile + STAGES - 1);
+        if (tile + STAGES - 1 < n_tiles) {
+            load_tile(tile + STAGES - 1);
+            fetch_entries(tile + STAGES);
+        }
         cp_async_commit();
         // Scores of this warp's 16 keys: n-tile j holds keys 8j..8j+7.
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};

@@ -252,20 +252,28 @@ pub enum Ring {
 /// entry of its table row, for `kv_row`).
 pub const PREFIX: &str = r#"
 struct Paged { const int* tables; float* kscale; float* vscale; int stride, streaming_at, group, n_streaming, sink_pad, block_log2, kv_format; };
-__device__ __forceinline__ long long kv_row_cap(const Paged& p, int4 e, int slot, int pos, int cap) {
+// kv_row_cap in two halves, so that a kernel may load a table entry early and finish the row
+// later: the entry's index in the slot's table row, then the row from the entry.
+__device__ __forceinline__ int kv_entry_at(const Paged& p, int4 e, int pos, int cap) {
+    if (e.w == 0) return pos >> p.block_log2;
+    const int at = pos < e.y ? pos : p.sink_pad + (pos - e.y) % cap;
+    return p.streaming_at + ((at >> p.block_log2) * p.n_streaming + e.x) / p.group;
+}
+__device__ __forceinline__ long long kv_row_from(const Paged& p, int4 e, int pos, int cap, int entry) {
     const int mask = (1 << p.block_log2) - 1;
-    const int* row = p.tables + (size_t)slot * p.stride;
     int unit, r;
     if (e.w == 0) {
-        unit = row[pos >> p.block_log2] * p.group + e.x;
+        unit = entry * p.group + e.x;
         r = pos & mask;
     } else {
         const int at = pos < e.y ? pos : p.sink_pad + (pos - e.y) % cap;
-        const int k = (at >> p.block_log2) * p.n_streaming + e.x;
-        unit = row[p.streaming_at + k / p.group] * p.group + k % p.group;
+        unit = entry * p.group + ((at >> p.block_log2) * p.n_streaming + e.x) % p.group;
         r = at & mask;
     }
     return ((long long)unit << p.block_log2) + r;
+}
+__device__ __forceinline__ long long kv_row_cap(const Paged& p, int4 e, int slot, int pos, int cap) {
+    return kv_row_from(p, e, pos, cap, p.tables[(size_t)slot * p.stride + kv_entry_at(p, e, pos, cap)]);
 }
 __device__ __forceinline__ int slot_cap(const Paged& p, int slot) {
     return p.tables[(size_t)slot * p.stride + p.stride - 1];
