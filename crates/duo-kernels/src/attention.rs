@@ -219,6 +219,68 @@ pub fn attend<E: KvElem>(
     out_stride: usize,
 ) {
     let rows = q.rows(head_dim);
+    let state = attend_state(q, segments, vis, head_dim, scale);
+    for r in 0..rows {
+        state.write_row(r, head_dim, &mut out[r * out_stride..][..head_dim]);
+    }
+}
+
+/// The online-softmax state of query rows after some keys: per row the running maximum
+/// score `m`, the sum of `exp(score - m)` `l`, and the weighted sum of values `acc` (rows of
+/// `head_dim`). States over disjoint sets of keys merge into the state over their union.
+#[derive(Debug, Clone)]
+pub struct SoftmaxState {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl SoftmaxState {
+    /// Folds `other` (the same rows over other keys) into this state.
+    pub fn merge(&mut self, other: &SoftmaxState, head_dim: usize) {
+        for r in 0..self.m.len() {
+            let (mo, lo) = (other.m[r], other.l[r]);
+            if lo == 0.0 {
+                continue;
+            }
+            let m = self.m[r].max(mo);
+            let (a, b) = ((self.m[r] - m).exp(), (mo - m).exp());
+            self.l[r] = self.l[r] * a + lo * b;
+            for (x, y) in self.acc[r * head_dim..(r + 1) * head_dim]
+                .iter_mut()
+                .zip(&other.acc[r * head_dim..(r + 1) * head_dim])
+            {
+                *x = *x * a + y * b;
+            }
+            self.m[r] = m;
+        }
+    }
+
+    /// Row `r`'s attention output (zeros where it saw no key).
+    pub fn write_row(&self, r: usize, head_dim: usize, out: &mut [f32]) {
+        if self.l[r] > 0.0 {
+            let inv = 1.0 / self.l[r];
+            for (o, a) in out
+                .iter_mut()
+                .zip(&self.acc[r * head_dim..(r + 1) * head_dim])
+            {
+                *o = a * inv;
+            }
+        } else {
+            out.fill(0.0);
+        }
+    }
+}
+
+/// [`attend`]'s work before the outputs are normalised: the softmax state of every row.
+pub fn attend_state<E: KvElem>(
+    q: QueryBlock<'_>,
+    segments: &[KeySegment<'_, E>],
+    vis: Visibility,
+    head_dim: usize,
+    scale: f32,
+) -> SoftmaxState {
+    let rows = q.rows(head_dim);
     let wide = rows >= 8;
     let mut scores = [0.0f32; BLOCK];
     // Each row's online-softmax state; segments are taken one after another for all rows, so
@@ -359,17 +421,7 @@ pub fn attend<E: KvElem>(
             }
         }
     }
-    for r in 0..rows {
-        let o = &mut out[r * out_stride..][..head_dim];
-        if l[r] > 0.0 {
-            let inv = 1.0 / l[r];
-            for (o, a) in o.iter_mut().zip(&acc[r * head_dim..(r + 1) * head_dim]) {
-                *o = a * inv;
-            }
-        } else {
-            o.fill(0.0);
-        }
-    }
+    SoftmaxState { m, l, acc }
 }
 
 /// Visible row ranges `[a, b)` (segment-relative) of a contiguous segment for query `i`.
@@ -1074,63 +1126,150 @@ pub struct HeadJob<'a, E: KvElem = f32> {
     pub visibility: Visibility,
 }
 
+/// Keys per part when one query row (a decode step) is split across threads: a head's
+/// contiguous keys are cut into parts of this many rows, each part's softmax state is
+/// computed on its own thread and the states are merged in order. Without it a decode step
+/// has one task per query head (9 for SmolLM2), which leaves most of 16 cores idle
+/// (BENCHMARKS.md, issue 20). A constant, so a row's parts, and its bits, follow its own keys
+/// only: never the batch or the number of threads.
+pub const DECODE_PART_KEYS: usize = 512;
+
+/// A single row's segments cut into parts for [`attend_heads`]: rings and other short
+/// segments together first, then each contiguous segment in pieces of [`DECODE_PART_KEYS`].
+fn decode_parts<'a, E: KvElem>(
+    segments: &[KeySegment<'a, E>],
+    head_dim: usize,
+) -> Vec<Vec<KeySegment<'a, E>>> {
+    let (mut small, mut parts) = (Vec::new(), Vec::new());
+    for seg in segments {
+        let n = seg.len();
+        match seg.positions {
+            Positions::Contiguous(start) if n > DECODE_PART_KEYS => {
+                for a in (0..n).step_by(DECODE_PART_KEYS) {
+                    let b = (a + DECODE_PART_KEYS).min(n);
+                    let (lo, hi) = (a * seg.row_stride, (b - 1) * seg.row_stride + head_dim);
+                    parts.push(vec![KeySegment {
+                        keys: &seg.keys[lo..hi],
+                        values: &seg.values[lo..hi],
+                        positions: Positions::Contiguous(start + a),
+                        ..*seg
+                    }]);
+                }
+            }
+            _ => small.push(*seg),
+        }
+    }
+    if !small.is_empty() {
+        parts.insert(0, small);
+    }
+    parts
+}
+
 /// Runs many heads in parallel; returns each head's output as `[rows, head_dim]`.
 /// Long query blocks are split in row tiles so both prefill and decode use all cores; the
 /// last tile takes the remainder (32 to 63 rows), so a block of at least 8 rows never
 /// leaves a tile too short for the register-tiled path, and each row gets the bits a single
 /// [`attend`] over the whole block gives it (the tiled path runs under causal rules only,
-/// where every tile of a block makes the same choice).
+/// where every tile of a block makes the same choice). A single row (a decode step) over
+/// many keys is split by keys instead ([`DECODE_PART_KEYS`]).
 pub fn attend_heads<E: KvElem>(
     jobs: &[HeadJob<'_, E>],
     head_dim: usize,
     scale: f32,
 ) -> Vec<Vec<f32>> {
     const TILE: usize = 32;
-    let tiles: Vec<(usize, usize)> = jobs
+    enum Task {
+        Rows(usize, usize),
+        Part(usize, usize),
+    }
+    enum Done {
+        Rows(usize, usize, Vec<f32>),
+        Part(usize, SoftmaxState),
+    }
+    let parts: Vec<Vec<Vec<KeySegment<'_, E>>>> = jobs
+        .iter()
+        .map(|j| {
+            if j.queries.rows(head_dim) == 1 {
+                decode_parts(&j.segments, head_dim)
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    let tasks: Vec<Task> = jobs
         .iter()
         .enumerate()
         .flat_map(|(h, j)| {
             let rows = j.queries.rows(head_dim);
-            let n = if rows == 0 { 0 } else { (rows / TILE).max(1) };
-            (0..n).map(move |t| (h, t))
+            let split: Vec<Task> = if parts[h].len() > 1 {
+                (0..parts[h].len()).map(|p| Task::Part(h, p)).collect()
+            } else {
+                let n = if rows == 0 { 0 } else { (rows / TILE).max(1) };
+                (0..n).map(|t| Task::Rows(h, t)).collect()
+            };
+            split
         })
         .collect();
-    let outs: Vec<(usize, usize, Vec<f32>)> = tiles
+    let outs: Vec<Done> = tasks
         .par_iter()
-        .map(|&(h, t)| {
-            let job = &jobs[h];
-            let rows = job.queries.rows(head_dim);
-            let r0 = t * TILE;
-            let r1 = if t + 1 == (rows / TILE).max(1) {
-                rows
-            } else {
-                r0 + TILE
-            };
-            let stride = job.queries.row_stride;
-            let q = QueryBlock {
-                queries: &job.queries.queries[r0 * stride..(r1 - 1) * stride + head_dim],
-                row_stride: stride,
-                first_position: job.queries.first_position + r0,
-            };
-            let mut out = vec![0.0f32; (r1 - r0) * head_dim];
-            attend(
-                q,
-                &job.segments,
-                job.visibility,
-                head_dim,
-                scale,
-                &mut out,
-                head_dim,
-            );
-            (h, r0, out)
+        .map(|task| match *task {
+            Task::Part(h, p) => {
+                let job = &jobs[h];
+                Done::Part(
+                    h,
+                    attend_state(job.queries, &parts[h][p], job.visibility, head_dim, scale),
+                )
+            }
+            Task::Rows(h, t) => {
+                let job = &jobs[h];
+                let rows = job.queries.rows(head_dim);
+                let r0 = t * TILE;
+                let r1 = if t + 1 == (rows / TILE).max(1) {
+                    rows
+                } else {
+                    r0 + TILE
+                };
+                let stride = job.queries.row_stride;
+                let q = QueryBlock {
+                    queries: &job.queries.queries[r0 * stride..(r1 - 1) * stride + head_dim],
+                    row_stride: stride,
+                    first_position: job.queries.first_position + r0,
+                };
+                let mut out = vec![0.0f32; (r1 - r0) * head_dim];
+                attend(
+                    q,
+                    &job.segments,
+                    job.visibility,
+                    head_dim,
+                    scale,
+                    &mut out,
+                    head_dim,
+                );
+                Done::Rows(h, r0, out)
+            }
         })
         .collect();
     let mut result: Vec<Vec<f32>> = jobs
         .iter()
         .map(|j| vec![0.0; j.queries.rows(head_dim) * head_dim])
         .collect();
-    for (h, r0, out) in outs {
-        result[h][r0 * head_dim..r0 * head_dim + out.len()].copy_from_slice(&out);
+    let mut states: Vec<Option<SoftmaxState>> = (0..jobs.len()).map(|_| None).collect();
+    // Parts come back in task order: each head's states merge in the order of its keys.
+    for done in outs {
+        match done {
+            Done::Rows(h, r0, out) => {
+                result[h][r0 * head_dim..r0 * head_dim + out.len()].copy_from_slice(&out)
+            }
+            Done::Part(h, st) => match &mut states[h] {
+                Some(s) => s.merge(&st, head_dim),
+                none => *none = Some(st),
+            },
+        }
+    }
+    for (h, st) in states.into_iter().enumerate() {
+        if let Some(st) = st {
+            st.write_row(0, head_dim, &mut result[h][..head_dim]);
+        }
     }
     result
 }
@@ -1816,6 +1955,96 @@ mod tests {
                 hd,
             );
             assert_eq!(out, &single);
+        }
+    }
+
+    #[test]
+    fn a_decode_row_split_by_keys_matches_the_reference_and_its_own_bits() {
+        // One row per head (a decode step) over a ring of sinks and recent keys plus a long
+        // contiguous cache, at lengths around the part size: split across threads by keys,
+        // merged in order; the same within a batch of other heads as alone.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let hd = 64usize;
+        for n in [
+            DECODE_PART_KEYS,
+            DECODE_PART_KEYS + 1,
+            2 * DECODE_PART_KEYS,
+            3000,
+        ] {
+            assert_eq!(
+                decode_parts::<f32>(
+                    &[KeySegment {
+                        keys: &vec![0.0; n * hd],
+                        values: &vec![0.0; n * hd],
+                        row_stride: hd,
+                        positions: Positions::Contiguous(0),
+                        cached: true
+                    }],
+                    hd
+                )
+                .len(),
+                n.div_ceil(DECODE_PART_KEYS)
+            );
+            let (k, v) = (random(n * hd, &mut rng), random(n * hd, &mut rng));
+            let (rk, rv) = (random(4 * hd, &mut rng), random(4 * hd, &mut rng));
+            let ring_pos = [n + 3, n, n + 1, n + 2];
+            let q: Vec<f32> = random(hd, &mut rng).into_iter().map(|x| x * 3.0).collect();
+            let segments = vec![
+                KeySegment {
+                    keys: &rk,
+                    values: &rv,
+                    row_stride: hd,
+                    positions: Positions::List(&ring_pos),
+                    cached: true,
+                },
+                KeySegment {
+                    keys: &k,
+                    values: &v,
+                    row_stride: hd,
+                    positions: Positions::Contiguous(0),
+                    cached: true,
+                },
+            ];
+            let qb = QueryBlock {
+                queries: &q,
+                row_stride: hd,
+                first_position: n + 3,
+            };
+            for vis in [
+                Visibility::Causal,
+                Visibility::Lambda {
+                    sink: 4,
+                    recent: 700,
+                },
+            ] {
+                let job = HeadJob {
+                    queries: qb,
+                    segments: segments.clone(),
+                    visibility: vis,
+                };
+                let alone = attend_heads(std::slice::from_ref(&job), hd, 0.125);
+                let mut want = vec![0.0f32; hd];
+                reference_attention(qb, &segments, vis, hd, 0.125, &mut want, hd);
+                assert!(
+                    max_rel(&alone[0], &want) < 1e-5,
+                    "n {n} {vis:?}: {}",
+                    max_rel(&alone[0], &want)
+                );
+                let other = HeadJob {
+                    queries: QueryBlock {
+                        queries: &k[..3 * hd],
+                        row_stride: hd,
+                        first_position: 0,
+                    },
+                    segments: segments[1..].to_vec(),
+                    visibility: Visibility::Causal,
+                };
+                let batch = attend_heads(&[other, job], hd, 0.125);
+                assert_eq!(
+                    batch[1], alone[0],
+                    "n {n} {vis:?}: a row's bits do not depend on the batch"
+                );
+            }
         }
     }
 }
