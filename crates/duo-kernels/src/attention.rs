@@ -183,7 +183,9 @@ impl<E: KvElem> KeySegment<'_, E> {
     }
 }
 
-/// Query rows of one head at consecutive positions.
+/// Query rows of one head at consecutive positions, or (`shared_position`) the query heads
+/// that share one KV head at one position (a decode step's group, so that each key and value
+/// is read from memory once for all of them).
 #[derive(Debug, Clone, Copy)]
 pub struct QueryBlock<'a> {
     /// Row `r` at `queries[r * row_stride..][..head_dim]`.
@@ -192,9 +194,20 @@ pub struct QueryBlock<'a> {
     pub row_stride: usize,
     /// Position of row 0.
     pub first_position: usize,
+    /// Every row is at `first_position` (rows are heads, not positions).
+    pub shared_position: bool,
 }
 
 impl QueryBlock<'_> {
+    /// The position of row `r`.
+    fn position(&self, r: usize) -> usize {
+        if self.shared_position {
+            self.first_position
+        } else {
+            self.first_position + r
+        }
+    }
+
     fn rows(&self, head_dim: usize) -> usize {
         if self.queries.len() < head_dim {
             0
@@ -281,7 +294,9 @@ pub fn attend_state<E: KvElem>(
     scale: f32,
 ) -> SoftmaxState {
     let rows = q.rows(head_dim);
-    let wide = rows >= 8;
+    // Rows that share a position (a decode step's query heads) take the one-row paths only,
+    // so each gets the bits it would get alone.
+    let wide = rows >= 8 && !q.shared_position;
     let mut scores = [0.0f32; BLOCK];
     // Each row's online-softmax state; segments are taken one after another for all rows, so
     // every row still sees its segments, ranges and blocks in the order it would alone.
@@ -293,7 +308,7 @@ pub fn attend_state<E: KvElem>(
         match seg.positions {
             Positions::Contiguous(start) => {
                 let ranges: Vec<Vec<(usize, usize)>> = (0..rows)
-                    .map(|r| visible_ranges(vis, q.first_position + r, start, n, seg.cached))
+                    .map(|r| visible_ranges(vis, q.position(r), start, n, seg.cached))
                     .collect();
                 let first = ranges.iter().find_map(|rg| rg.first().map(|x| x.0));
                 let lockstep = ranges
@@ -313,6 +328,7 @@ pub fn attend_state<E: KvElem>(
                     // so whether rows share one start depends on which rows are together, and
                     // the path (and a row's bits) would follow the tiling.
                     if rows >= tiled::MIN_ROWS
+                        && !q.shared_position
                         && head_dim.is_multiple_of(16)
                         && !matches!(vis, Visibility::Lambda { .. })
                     {
@@ -380,7 +396,7 @@ pub fn attend_state<E: KvElem>(
             Positions::List(_) => {
                 // Small segments (a streaming ring): test each row.
                 for r in 0..rows {
-                    let i = q.first_position + r;
+                    let i = q.position(r);
                     let row_acc = &mut acc[r * head_dim..(r + 1) * head_dim];
                     let mut idx = [0usize; BLOCK];
                     let mut count = 0;
@@ -1126,7 +1142,7 @@ pub struct HeadJob<'a, E: KvElem = f32> {
     pub visibility: Visibility,
 }
 
-/// Keys per part when one query row (a decode step) is split across threads: a head's
+/// Keys per part when one query position (a decode step) is split across threads: a head's
 /// contiguous keys are cut into parts of this many rows, each part's softmax state is
 /// computed on its own thread and the states are merged in order. Without it a decode step
 /// has one task per query head (9 for SmolLM2), which leaves most of 16 cores idle
@@ -1189,7 +1205,8 @@ pub fn attend_heads<E: KvElem>(
     let parts: Vec<Vec<Vec<KeySegment<'_, E>>>> = jobs
         .iter()
         .map(|j| {
-            if j.queries.rows(head_dim) == 1 {
+            let rows = j.queries.rows(head_dim);
+            if rows == 1 || (rows > 0 && j.queries.shared_position) {
                 decode_parts(&j.segments, head_dim)
             } else {
                 Vec::new()
@@ -1233,7 +1250,8 @@ pub fn attend_heads<E: KvElem>(
                 let q = QueryBlock {
                     queries: &job.queries.queries[r0 * stride..(r1 - 1) * stride + head_dim],
                     row_stride: stride,
-                    first_position: job.queries.first_position + r0,
+                    first_position: job.queries.position(r0),
+                    shared_position: job.queries.shared_position,
                 };
                 let mut out = vec![0.0f32; (r1 - r0) * head_dim];
                 attend(
@@ -1268,7 +1286,9 @@ pub fn attend_heads<E: KvElem>(
     }
     for (h, st) in states.into_iter().enumerate() {
         if let Some(st) = st {
-            st.write_row(0, head_dim, &mut result[h][..head_dim]);
+            for (r, out) in result[h].chunks_mut(head_dim).enumerate() {
+                st.write_row(r, head_dim, out);
+            }
         }
     }
     result
@@ -1286,7 +1306,7 @@ pub fn reference_attention<E: KvElem>(
     out_stride: usize,
 ) {
     for r in 0..q.rows(head_dim) {
-        let i = q.first_position + r;
+        let i = q.position(r);
         let qrow = &q.queries[r * q.row_stride..][..head_dim];
         let mut pairs: Vec<(f64, &[E])> = Vec::new();
         for seg in segments {
@@ -1390,6 +1410,7 @@ mod tests {
                     queries: &q,
                     row_stride: stride,
                     first_position: first,
+                    shared_position: false,
                 };
                 let mut fast = vec![f32::NAN; chunk * hd];
                 let mut slow = vec![f32::NAN; chunk * hd];
@@ -1445,7 +1466,7 @@ mod tests {
         let mut scores = [0.0f32; BLOCK];
         let mut acc = vec![0.0f32; head_dim];
         for r in 0..rows {
-            let i = q.first_position + r;
+            let i = q.position(r);
             let qrow = &q.queries[r * q.row_stride..][..head_dim];
             let mut m = f32::NEG_INFINITY;
             let mut l = 0.0f32;
@@ -1564,6 +1585,7 @@ mod tests {
                         queries: &qs,
                         row_stride: hd,
                         first_position: first,
+                        shared_position: false,
                     };
                     let (mut got, mut want, mut exact) = (
                         vec![0.0f32; chunk * hd],
@@ -1632,6 +1654,7 @@ mod tests {
                         queries: &qs,
                         row_stride: stride,
                         first_position: cached,
+                        shared_position: false,
                     };
                     let (mut got, mut exact) =
                         (vec![f32::NAN; chunk * hd], vec![0.0f32; chunk * hd]);
@@ -1649,6 +1672,7 @@ mod tests {
                             queries: &qs[3 * stride..],
                             row_stride: stride,
                             first_position: cached + 3,
+                            shared_position: false,
                         };
                         let mut part = vec![0.0f32; (chunk - 3) * hd];
                         attend(sub, segs, vis, hd, 0.09, &mut part, hd);
@@ -1688,6 +1712,7 @@ mod tests {
                         queries: &q[h * hd..(t - 1) * qstride + h * hd + hd],
                         row_stride: qstride,
                         first_position: 0,
+                        shared_position: false,
                     },
                     segments: vec![seg],
                     visibility: Visibility::Causal,
@@ -1754,6 +1779,7 @@ mod tests {
                 queries: &q,
                 row_stride: hd,
                 first_position: first,
+                shared_position: false,
             };
             let tiles = attend_heads(
                 &[HeadJob {
@@ -1866,6 +1892,7 @@ mod tests {
             queries: &q,
             row_stride: hd,
             first_position: 13,
+            shared_position: false,
         };
         let mut fast = vec![0.0; hd];
         let mut slow = vec![0.0; hd];
@@ -1929,6 +1956,7 @@ mod tests {
             queries: &q,
             row_stride: hd,
             first_position: 20,
+            shared_position: false,
         };
         let jobs = vec![
             HeadJob {
@@ -2009,6 +2037,7 @@ mod tests {
                 queries: &q,
                 row_stride: hd,
                 first_position: n + 3,
+                shared_position: false,
             };
             for vis in [
                 Visibility::Causal,
@@ -2035,6 +2064,7 @@ mod tests {
                         queries: &k[..3 * hd],
                         row_stride: hd,
                         first_position: 0,
+                        shared_position: false,
                     },
                     segments: segments[1..].to_vec(),
                     visibility: Visibility::Causal,
@@ -2044,6 +2074,58 @@ mod tests {
                     batch[1], alone[0],
                     "n {n} {vis:?}: a row's bits do not depend on the batch"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn query_heads_grouped_at_one_position_keep_their_own_bits() {
+        // Three query heads sharing a KV head, one decode position: one grouped job (each key
+        // read once for the three) against one job per head, short and split-by-keys caches.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let hd = 64usize;
+        for n in [37usize, 3 * DECODE_PART_KEYS + 5] {
+            let (k, v) = (random(n * hd, &mut rng), random(n * hd, &mut rng));
+            let q = random(3 * hd, &mut rng);
+            let seg = KeySegment {
+                keys: &k,
+                values: &v,
+                row_stride: hd,
+                positions: Positions::Contiguous(0),
+                cached: true,
+            };
+            for vis in [
+                Visibility::Causal,
+                Visibility::Lambda {
+                    sink: 4,
+                    recent: 300,
+                },
+            ] {
+                let grouped = HeadJob {
+                    queries: QueryBlock {
+                        queries: &q,
+                        row_stride: hd,
+                        first_position: n - 1,
+                        shared_position: true,
+                    },
+                    segments: vec![seg],
+                    visibility: vis,
+                };
+                let alone: Vec<HeadJob> = (0..3)
+                    .map(|h| HeadJob {
+                        queries: QueryBlock {
+                            queries: &q[h * hd..(h + 1) * hd],
+                            row_stride: hd,
+                            first_position: n - 1,
+                            shared_position: false,
+                        },
+                        segments: vec![seg],
+                        visibility: vis,
+                    })
+                    .collect();
+                let got = attend_heads(std::slice::from_ref(&grouped), hd, 0.125);
+                let want: Vec<f32> = attend_heads(&alone, hd, 0.125).concat();
+                assert_eq!(got[0], want, "n {n} {vis:?}");
             }
         }
     }

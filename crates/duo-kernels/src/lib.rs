@@ -14,7 +14,7 @@
 //! let v = [1.0f32, 2.0, 3.0, 4.0];
 //! let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
 //! let mut out = [0.0f32; 2];
-//! attend(QueryBlock { queries: &q, row_stride: hd, first_position: 1 }, &[seg], Visibility::Causal, hd, 1.0, &mut out, hd);
+//! attend(QueryBlock { queries: &q, row_stride: hd, first_position: 1, shared_position: false }, &[seg], Visibility::Causal, hd, 1.0, &mut out, hd);
 //! assert!(out[0] > 1.0 && out[0] < 3.0);
 //! ```
 

@@ -201,18 +201,33 @@ fn attend_layer<E: KvElem>(
     } else {
         (E::from_f32_slice(&[]), E::from_f32_slice(&[]))
     };
+    // A decode step (one position) attends once per KV head for all the query heads that
+    // share it, so each cached key and value is read once for the group (each head's rows keep
+    // the bits they get alone); a chunk attends once per query head over its positions.
+    let grouped = t == 1 && group > 1;
     let out_heads = {
         let mut jobs = Vec::with_capacity(n_heads);
-        for qh in 0..n_heads {
-            let g = qh / group;
-            let queries = QueryBlock {
-                queries: &q[qh * hd..],
-                row_stride: q_stride,
-                first_position,
-            };
-            let queries = QueryBlock {
-                queries: &queries.queries[..(t - 1) * q_stride + hd],
-                ..queries
+        for job in 0..if grouped { n_kv } else { n_heads } {
+            let (g, queries) = if grouped {
+                (
+                    job,
+                    QueryBlock {
+                        queries: &q[job * group * hd..(job + 1) * group * hd],
+                        row_stride: hd,
+                        first_position,
+                        shared_position: true,
+                    },
+                )
+            } else {
+                (
+                    job / group,
+                    QueryBlock {
+                        queries: &q[job * hd..(t - 1) * q_stride + job * hd + hd],
+                        row_stride: q_stride,
+                        first_position,
+                        shared_position: false,
+                    },
+                )
             };
             let (segments, visibility) = match &heads[g] {
                 HeadCache::Retrieval(h) => (
@@ -278,9 +293,16 @@ fn attend_layer<E: KvElem>(
         }
     }
     let mut out = vec![0.0f32; t * q_stride];
-    for (qh, o) in out_heads.iter().enumerate() {
-        for r in 0..t {
-            out[r * q_stride + qh * hd..][..hd].copy_from_slice(&o[r * hd..][..hd]);
+    if grouped {
+        // One position: job g's rows are query heads g * group.. in order.
+        for (g, o) in out_heads.iter().enumerate() {
+            out[g * group * hd..][..group * hd].copy_from_slice(o);
+        }
+    } else {
+        for (qh, o) in out_heads.iter().enumerate() {
+            for r in 0..t {
+                out[r * q_stride + qh * hd..][..hd].copy_from_slice(&o[r * hd..][..hd]);
+            }
         }
     }
     out
@@ -410,6 +432,7 @@ mod tests {
                     queries: &q[i * n_heads * hd + qh * hd..][..hd],
                     row_stride: hd,
                     first_position: i,
+                    shared_position: false,
                 };
                 let mut o = vec![0.0; hd];
                 reference_attention(
