@@ -92,35 +92,15 @@ pub struct NiahArgs {
 }
 
 fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
-    s.split(',')
-        .map(|v| {
-            v.trim()
-                .parse::<T>()
-                .map_err(|_| anyhow::anyhow!("`{v}` in --{what} is not a valid number"))
-        })
-        .collect()
+    s.split(',').map(|v| v.trim().parse::<T>().map_err(|_| anyhow::anyhow!("`{v}` in --{what} is not a valid number"))).collect()
 }
 
 /// Runs `duo eval`.
 pub fn run(cmd: EvalCommand) -> Result<()> {
     let (tasks, g, per_task_folders) = match cmd {
         EvalCommand::Passkey(a) => (vec![Task::Passkey { words: a.words }], a.grid, false),
-        EvalCommand::Niah(a) => (
-            vec![Task::Niah {
-                needle: a.needle,
-                question: a.question,
-            }],
-            a.grid,
-            false,
-        ),
-        EvalCommand::Ruler(a) => (
-            duo_tasks::RulerTask::parse_list(&a.tasks)?
-                .into_iter()
-                .map(Task::Ruler)
-                .collect(),
-            a.grid,
-            true,
-        ),
+        EvalCommand::Niah(a) => (vec![Task::Niah { needle: a.needle, question: a.question }], a.grid, false),
+        EvalCommand::Ruler(a) => (duo_tasks::RulerTask::parse_list(&a.tasks)?.into_iter().map(Task::Ruler).collect(), a.grid, true),
     };
     let methods = EvalMethod::parse_list(&g.methods)?;
     // What cannot be evaluated at all (random weights) is refused before anything else.
@@ -131,8 +111,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         Some(dir) => Haystack::from_dir(dir)?,
         None if !needs_corpus => Haystack::Generated,
         None => {
-            let standard = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../../shared/reference/niah-haystack-paul-graham");
+            let standard = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/niah-haystack-paul-graham");
             if standard.is_dir() {
                 Haystack::from_dir(&standard)?
             } else {
@@ -147,26 +126,13 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     let mut runners = Vec::new();
     for &m in &methods {
         let spec = m.spec(&base, g.layer_pattern.as_ref());
-        let resolved = spec
-            .resolve(model.config())
-            .with_context(|| format!("method {}", m.name()))?;
+        let resolved = spec.resolve(model.config()).with_context(|| format!("method {}", m.name()))?;
         runners.push((m, Runner::new(&model, resolved)));
     }
     let mut table = Vec::new();
     for task in tasks {
-        let out = if per_task_folders {
-            g.out.join(task.name())
-        } else {
-            g.out.clone()
-        };
-        let grid = Grid {
-            task,
-            haystack: haystack.clone(),
-            lengths: lengths.clone(),
-            depths: depths.clone(),
-            hint_words: g.hint_words,
-            seed: g.method.seed(),
-        };
+        let out = if per_task_folders { g.out.join(task.name()) } else { g.out.clone() };
+        let grid = Grid { task, haystack: haystack.clone(), lengths: lengths.clone(), depths: depths.clone(), hint_words: g.hint_words, seed: g.method.seed() };
         grid.validate(model.config().context_length)?;
         let results = run_grid(&model, &runners, &methods, &grid, &out, g.report_only)?;
         table.push((grid.task.name(), summarise(&results, &methods)));
@@ -180,30 +146,12 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 }
 
 /// Task rows x method columns: teacher-forced / generation means over every cell.
-fn ruler_table(
-    table: &[(&str, Vec<duo_eval::summary::MethodSummary>)],
-    methods: &[EvalMethod],
-) -> String {
-    let mut text = format!(
-        "| task | {} |\n|---|{}\n",
-        methods
-            .iter()
-            .map(|m| m.name())
-            .collect::<Vec<_>>()
-            .join(" | "),
-        "---|".repeat(methods.len())
-    );
+fn ruler_table(table: &[(&str, Vec<duo_eval::summary::MethodSummary>)], methods: &[EvalMethod]) -> String {
+    let mut text = format!("| task | {} |\n|---|{}\n", methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(" | "), "---|".repeat(methods.len()));
     for (task, summaries) in table {
         let cells: Vec<String> = methods
             .iter()
-            .map(|m| {
-                summaries
-                    .iter()
-                    .find(|s| s.method == *m)
-                    .map_or("-".into(), |s| {
-                        format!("{:.2} / {:.2}", s.teacher_forced, s.generation)
-                    })
-            })
+            .map(|m| summaries.iter().find(|s| s.method == *m).map_or("-".into(), |s| format!("{:.2} / {:.2}", s.teacher_forced, s.generation)))
             .collect();
         text.push_str(&format!("| {task} | {} |\n", cells.join(" | ")));
     }
@@ -212,57 +160,33 @@ fn ruler_table(
 }
 
 /// Runs (or resumes) one grid into `out` and writes its report; returns the grid's results.
-fn run_grid(
-    model: &duo_engine::Engine,
-    runners: &[(EvalMethod, Runner)],
-    methods: &[EvalMethod],
-    grid_spec: &Grid,
-    out: &Path,
-    report_only: bool,
-) -> Result<Vec<duo_eval::CellResult>> {
+fn run_grid(model: &duo_engine::Engine, runners: &[(EvalMethod, Runner)], methods: &[EvalMethod], grid_spec: &Grid, out: &Path, report_only: bool) -> Result<Vec<duo_eval::CellResult>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let task_name = grid_spec.task.name();
     let mut store = Store::open(&out.join("results.jsonl"))?;
     if report_only {
         write_report(out, task_name, store.results(), methods, grid_spec)?;
-        return Ok(store
-            .results()
-            .iter()
-            .filter(|r| r.task == task_name)
-            .cloned()
-            .collect());
+        return Ok(store.results().iter().filter(|r| r.task == task_name).cloned().collect());
     }
     let command: Vec<String> = std::env::args().collect();
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out.join("command.txt"))?;
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(out.join("command.txt"))?;
     std::io::Write::write_all(&mut log, format!("{}\n", command.join(" ")).as_bytes())?;
 
     let total = grid_spec.lengths.len() * grid_spec.depths.len() * methods.len();
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
-        ProgressStyle::with_template(
-            "eval {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("eval {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     for &length in &grid_spec.lengths {
         for &depth in &grid_spec.depths {
-            let todo: Vec<&(EvalMethod, Runner)> = runners
-                .iter()
-                .filter(|(m, _)| !store.has(task_name, *m, length, depth))
-                .collect();
+            let todo: Vec<&(EvalMethod, Runner)> = runners.iter().filter(|(m, _)| !store.has(task_name, *m, length, depth)).collect();
             bar.inc((methods.len() - todo.len()) as u64);
             if todo.is_empty() {
                 continue;
             }
             let cell = grid_spec.prompt(&model.tokenizer, length, depth)?;
             for (m, runner) in todo {
-                bar.set_message(format!(
-                    "{task_name} {} len {length} depth {depth}",
-                    m.name()
-                ));
+                bar.set_message(format!("{task_name} {} len {length} depth {depth}", m.name()));
                 let r = run_cell(runner, grid_spec, *m, length, depth, &cell)?;
                 let line = format!(
                     "{task_name} {:9} len {:5} depth {:.2}: generation {:.2} teacher-forced {:.2} KV {:.1} MiB | {}",
@@ -287,53 +211,23 @@ fn run_grid(
     }
     bar.finish();
     write_report(out, task_name, store.results(), methods, grid_spec)?;
-    Ok(store
-        .results()
-        .iter()
-        .filter(|r| r.task == task_name)
-        .cloned()
-        .collect())
+    Ok(store.results().iter().filter(|r| r.task == task_name).cloned().collect())
 }
 
 /// Summary (markdown + JSON) and heatmaps of every method.
-fn write_report(
-    out: &Path,
-    task: &str,
-    results: &[duo_eval::CellResult],
-    methods: &[EvalMethod],
-    g: &Grid,
-) -> Result<()> {
-    let results: Vec<duo_eval::CellResult> =
-        results.iter().filter(|r| r.task == task).cloned().collect();
+fn write_report(out: &Path, task: &str, results: &[duo_eval::CellResult], methods: &[EvalMethod], g: &Grid) -> Result<()> {
+    let results: Vec<duo_eval::CellResult> = results.iter().filter(|r| r.task == task).cloned().collect();
     let summaries = summarise(&results, methods);
     let table = markdown(&summaries);
     std::fs::write(out.join("summary.md"), &table)?;
-    std::fs::write(
-        out.join("summary.json"),
-        serde_json::to_string_pretty(&summaries)?,
-    )?;
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summaries)?)?;
     let rows: Vec<String> = g.depths.iter().map(|d| format!("{d}")).collect();
     let cols: Vec<String> = g.lengths.iter().map(|l| format!("{l}")).collect();
     for &m in methods {
         for (teacher, kind) in [(true, "teacher"), (false, "generation")] {
             let values = grid(&results, m, &g.lengths, &g.depths, teacher);
-            let title = format!(
-                "{} {} {} (DEPTH X LENGTH)",
-                task,
-                m.name(),
-                if teacher {
-                    "TEACHER-FORCED"
-                } else {
-                    "GENERATION"
-                }
-            );
-            plot::score_grid(
-                &out.join(format!("{task}-{}-{kind}.png", m.name())),
-                &title,
-                &rows,
-                &cols,
-                &values,
-            )?;
+            let title = format!("{} {} {} (DEPTH X LENGTH)", task, m.name(), if teacher { "TEACHER-FORCED" } else { "GENERATION" });
+            plot::score_grid(&out.join(format!("{task}-{}-{kind}.png", m.name())), &title, &rows, &cols, &values)?;
         }
     }
     println!("{table}");
@@ -386,11 +280,8 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         a.hint_words,
         cell.words.join(" ")
     );
-    let methods: Vec<EvalMethod> = if base.pattern.is_some() {
-        vec![EvalMethod::Full, EvalMethod::Duo, EvalMethod::Layer]
-    } else {
-        vec![EvalMethod::Full, EvalMethod::Streaming]
-    };
+    let methods: Vec<EvalMethod> =
+        if base.pattern.is_some() { vec![EvalMethod::Full, EvalMethod::Duo, EvalMethod::Layer] } else { vec![EvalMethod::Full, EvalMethod::Streaming] };
     println!("| method | retrieval KV heads | answer | words right | teacher-forced | KV MiB | prefill tok/s |");
     println!("|---|---:|---|---:|---:|---:|---:|");
     for m in methods {
@@ -402,11 +293,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         println!(
             "| {} | {heads}/{all} | {} | {:.0}% | {:.0}% | {:.1} | {:.0} |",
             m.name(),
-            r.answer
-                .split_whitespace()
-                .take(a.words)
-                .collect::<Vec<_>>()
-                .join(" "),
+            r.answer.split_whitespace().take(a.words).collect::<Vec<_>>().join(" "),
             r.generation * 100.0,
             r.teacher_forced * 100.0,
             r.kv_bytes as f64 / 1048576.0,

@@ -113,25 +113,13 @@ pub fn machine(device: &candle_core::Device) -> String {
             .ok()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        return if name.is_empty() {
-            "CUDA GPU".into()
-        } else {
-            name
-        };
+        return if name.is_empty() { "CUDA GPU".into() } else { name };
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
         .unwrap_or_else(|| "unknown CPU".into());
-    format!(
-        "{cpu}, {} threads",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    )
+    format!("{cpu}, {} threads", std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn model_path(model: &Option<String>) -> Result<PathBuf> {
@@ -144,10 +132,8 @@ fn model_path(model: &Option<String>) -> Result<PathBuf> {
 
 fn progress(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
-    let style = ProgressStyle::with_template(&format!(
-        "{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}"
-    ))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}"))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar
 }
@@ -186,10 +172,7 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let state_path = a.out.join("state.json");
     if !a.resume && !a.estimate && state_path.exists() {
-        bail!(
-            "{} already holds a run; pass --resume to continue it or choose another --out",
-            a.out.display()
-        );
+        bail!("{} already holds a run; pass --resume to continue it or choose another --out", a.out.display());
     }
     eprintln!("loading {} onto {} ...", path.display(), a.device);
     let load_start = Instant::now();
@@ -205,15 +188,7 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
         let mut sum = vec![vec![0f64; config.n_kv_heads]; config.n_layers];
         for step in 0..settings.steps {
             let sample = trainer.sample(step)?;
-            let mass = mass_outside(
-                &model,
-                &sample.ids,
-                sample.qa.clone(),
-                Span::Lambda {
-                    sink: settings.sink,
-                    recent: settings.recent,
-                },
-            )?;
+            let mass = mass_outside(&model, &sample.ids, sample.qa.clone(), Span::Lambda { sink: settings.sink, recent: settings.recent })?;
             for (s, m) in sum.iter_mut().zip(mass) {
                 for (s, m) in s.iter_mut().zip(m) {
                     *s += m as f64;
@@ -222,32 +197,19 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
             bar.inc(1);
         }
         bar.finish();
-        let mut rows: Vec<Vec<f32>> = sum
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .map(|s| (s / settings.steps as f64) as f32)
-                    .collect()
-            })
-            .collect();
+        let mut rows: Vec<Vec<f32>> = sum.iter().map(|r| r.iter().map(|s| (s / settings.steps as f64) as f32).collect()).collect();
         if layer_gates {
             for r in &mut rows {
                 let mean = r.iter().sum::<f32>() / r.len() as f32;
                 r.iter_mut().for_each(|v| *v = mean);
             }
         }
-        (
-            rows,
-            json!({"method": "attention mass outside sink + recent at the answer positions (training-free estimate)"}),
-        )
+        (rows, json!({"method": "attention mass outside sink + recent at the answer positions (training-free estimate)"}))
     } else {
         let mut state = if a.resume && state_path.exists() {
             let s = TrainState::load(&state_path)?;
             if s.settings != settings {
-                bail!(
-                    "{} was made with different settings; use the same flags to resume",
-                    state_path.display()
-                );
+                bail!("{} was made with different settings; use the same flags to resume", state_path.display());
             }
             eprintln!("resuming at step {}", s.step);
             s
@@ -258,10 +220,7 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
         bar.set_position(state.step as u64);
         while state.step < settings.steps {
             let log = trainer.step(&mut state)?;
-            bar.set_message(format!(
-                "loss {:.5} (distill {:.5}) len {} {:.1}s/step",
-                log.loss, log.distill, log.length, log.seconds
-            ));
+            bar.set_message(format!("loss {:.5} (distill {:.5}) len {} {:.1}s/step", log.loss, log.distill, log.length, log.seconds));
             bar.inc(1);
             if state.step % a.checkpoint_every.max(1) == 0 || state.step == settings.steps {
                 state.save(&state_path)?;
@@ -274,17 +233,9 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
             "identification loss",
             "step",
             "loss",
-            &[plot::Series {
-                name: "total loss".into(),
-                points: losses
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &l)| (i as f64, l))
-                    .collect(),
-            }],
+            &[plot::Series { name: "total loss".into(), points: losses.iter().enumerate().map(|(i, &l)| (i as f64, l)).collect() }],
         )?;
-        let seconds_per_step: Vec<(usize, f64)> =
-            state.log.iter().map(|l| (l.length, l.seconds)).collect();
+        let seconds_per_step: Vec<(usize, f64)> = state.log.iter().map(|l| (l.length, l.seconds)).collect();
         let rows = state.gate_values().rows(config.n_kv_heads);
         (
             rows,
@@ -313,23 +264,9 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
     });
     // The table keeps the raw (unclipped) values, as the reference writes them.
     duo_core::pattern::write_table(&a.out, &rows)?;
-    std::fs::write(
-        a.out.join("config.json"),
-        serde_json::to_string_pretty(&gates.config)?,
-    )?;
-    let pattern = gates.binarise_sparsity(
-        0.5,
-        if layer_gates {
-            Layout::Layer
-        } else {
-            Layout::Head
-        },
-    )?;
+    std::fs::write(a.out.join("config.json"), serde_json::to_string_pretty(&gates.config)?)?;
+    let pattern = gates.binarise_sparsity(0.5, if layer_gates { Layout::Layer } else { Layout::Head })?;
     plot::gate_heatmap(&a.out.join("gates.png"), gates.rows(), &pattern)?;
-    eprintln!(
-        "wrote {} (retrieval heads per layer at sparsity 0.5: {:?})",
-        a.out.display(),
-        pattern.retrieval_per_layer()
-    );
+    eprintln!("wrote {} (retrieval heads per layer at sparsity 0.5: {:?})", a.out.display(), pattern.retrieval_per_layer());
     Ok(())
 }

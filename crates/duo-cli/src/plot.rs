@@ -21,25 +21,13 @@ const BLACK: Rgb = [0, 0, 0];
 const GREY: Rgb = [200, 200, 200];
 
 /// Line colours, in series order.
-const PALETTE: [Rgb; 8] = [
-    [31, 119, 180],
-    [214, 39, 40],
-    [44, 160, 44],
-    [255, 127, 14],
-    [148, 103, 189],
-    [140, 86, 75],
-    [227, 119, 194],
-    [23, 190, 207],
-];
+const PALETTE: [Rgb; 8] =
+    [[31, 119, 180], [214, 39, 40], [44, 160, 44], [255, 127, 14], [148, 103, 189], [140, 86, 75], [227, 119, 194], [23, 190, 207]];
 
 impl Canvas {
     /// A white canvas.
     pub fn new(w: usize, h: usize) -> Self {
-        Self {
-            w,
-            h,
-            px: vec![255; w * h * 3],
-        }
+        Self { w, h, px: vec![255; w * h * 3] }
     }
 
     fn set(&mut self, x: i64, y: i64, c: Rgb) {
@@ -87,13 +75,7 @@ impl Canvas {
             for (r, bits) in rows.iter().enumerate() {
                 for col in 0..5 {
                     if bits & (0x10 >> col) != 0 {
-                        self.rect(
-                            x + (n as i64 * 6 + col) * scale,
-                            y + r as i64 * scale,
-                            scale,
-                            scale,
-                            c,
-                        );
+                        self.rect(x + (n as i64 * 6 + col) * scale, y + r as i64 * scale, scale, scale, c);
                     }
                 }
             }
@@ -106,13 +88,7 @@ impl Canvas {
             for (r, bits) in glyph(ch).iter().enumerate() {
                 for col in 0..5 {
                     if bits & (0x10 >> col) != 0 {
-                        self.rect(
-                            x + r as i64 * scale,
-                            y - (n as i64 * 6 + col + 1) * scale,
-                            scale,
-                            scale,
-                            c,
-                        );
+                        self.rect(x + r as i64 * scale, y - (n as i64 * 6 + col + 1) * scale, scale, scale, c);
                     }
                 }
             }
@@ -124,10 +100,8 @@ impl Canvas {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let file =
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        let mut enc =
-            png::Encoder::new(std::io::BufWriter::new(file), self.w as u32, self.h as u32);
+        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), self.w as u32, self.h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         enc.write_header()?.write_image_data(&self.px)?;
@@ -153,11 +127,7 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = (hi - lo).max(1e-12);
     let raw = span / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| span / s <= 6.0)
-        .unwrap_or(10.0 * mag);
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| span / s <= 6.0).unwrap_or(10.0 * mag);
     let mut v = (lo / step).ceil() * step;
     let mut out = Vec::new();
     while v <= hi + step * 1e-9 {
@@ -182,20 +152,11 @@ fn label(v: f64) -> String {
 }
 
 /// A line chart with axes, ticks, axis labels and a legend.
-pub fn line_chart(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-) -> Result<()> {
+pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
     let (w, h) = (900i64, 560i64);
     let (left, right, top, bottom) = (90i64, 30i64, 50i64, 70i64);
     let mut c = Canvas::new(w as usize, h as usize);
-    let pts = series
-        .iter()
-        .flat_map(|s| s.points.iter())
-        .filter(|(x, y)| x.is_finite() && y.is_finite());
+    let pts = series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in pts {
         x0 = x0.min(x);
@@ -232,28 +193,11 @@ pub fn line_chart(
     c.line((left, top), (left, top + ph), 2, BLACK);
     c.line((left, top + ph), (left + pw, top + ph), 2, BLACK);
     c.text((w - text_width(title, 3)) / 2, 12, title, 3, BLACK);
-    c.text(
-        left + (pw - text_width(x_label, 2)) / 2,
-        h - 30,
-        x_label,
-        2,
-        BLACK,
-    );
-    c.text_up(
-        14,
-        top + (ph + text_width(y_label, 2)) / 2,
-        y_label,
-        2,
-        BLACK,
-    );
+    c.text(left + (pw - text_width(x_label, 2)) / 2, h - 30, x_label, 2, BLACK);
+    c.text_up(14, top + (ph + text_width(y_label, 2)) / 2, y_label, 2, BLACK);
     for (i, s) in series.iter().enumerate() {
         let col = PALETTE[i % PALETTE.len()];
-        let p: Vec<(i64, i64)> = s
-            .points
-            .iter()
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-            .map(|&(x, y)| (sx(x), sy(y)))
-            .collect();
+        let p: Vec<(i64, i64)> = s.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|&(x, y)| (sx(x), sy(y))).collect();
         for seg in p.windows(2) {
             c.line(seg[0], seg[1], 3, col);
         }
@@ -272,13 +216,7 @@ pub fn line_chart(
 
 /// A colour ramp close to viridis (dark blue at 0, yellow at 1).
 fn viridis(v: f32) -> Rgb {
-    let stops: [[f32; 3]; 5] = [
-        [68., 1., 84.],
-        [59., 82., 139.],
-        [33., 145., 140.],
-        [94., 201., 98.],
-        [253., 231., 37.],
-    ];
+    let stops: [[f32; 3]; 5] = [[68., 1., 84.], [59., 82., 139.], [33., 145., 140.], [94., 201., 98.], [253., 231., 37.]];
     let x = v.clamp(0.0, 1.0) * 4.0;
     let i = (x.floor() as usize).min(3);
     let f = x - i as f32;
@@ -292,15 +230,7 @@ fn viridis(v: f32) -> Rgb {
 /// Red (0) through yellow to green (1), as needle-in-a-haystack figures colour scores.
 fn red_green(v: f64) -> Rgb {
     let v = v.clamp(0.0, 1.0) as f32;
-    let (r, g, b) = if v < 0.5 {
-        (230.0, 80.0 + 340.0 * v, 60.0)
-    } else {
-        (
-            230.0 - 360.0 * (v - 0.5),
-            250.0 - 60.0 * (v - 0.5),
-            60.0 + 40.0 * (v - 0.5),
-        )
-    };
+    let (r, g, b) = if v < 0.5 { (230.0, 80.0 + 340.0 * v, 60.0) } else { (230.0 - 360.0 * (v - 0.5), 250.0 - 60.0 * (v - 0.5), 60.0 + 40.0 * (v - 0.5)) };
     [r.round() as u8, g.round() as u8, b.round() as u8]
 }
 
@@ -330,17 +260,7 @@ pub fn gate_heatmap(path: &Path, gates: &[Vec<f32>], pattern: &HeadPattern) -> R
         for (k, &g) in row.iter().enumerate() {
             let x = left + k as i64 * cell;
             c.rect(x, y, cell, cell, [20, 20, 20]);
-            c.rect(
-                x + 1,
-                y + 1,
-                cell - 2,
-                cell - 2,
-                if pattern.is_retrieval(l, k) {
-                    WHITE
-                } else {
-                    [20, 20, 20]
-                },
-            );
+            c.rect(x + 1, y + 1, cell - 2, cell - 2, if pattern.is_retrieval(l, k) { WHITE } else { [20, 20, 20] });
             c.rect(x + 3, y + 3, cell - 6, cell - 6, viridis(g));
         }
     }
@@ -357,22 +277,10 @@ pub fn gate_heatmap(path: &Path, gates: &[Vec<f32>], pattern: &HeadPattern) -> R
 
 /// A score grid: rows (for example depths) by columns (for example lengths), each cell
 /// coloured red to green by its score in [0, 1] and labelled with it; missing cells grey.
-pub fn score_grid(
-    path: &Path,
-    title: &str,
-    row_labels: &[String],
-    col_labels: &[String],
-    values: &[Vec<Option<f64>>],
-) -> Result<()> {
+pub fn score_grid(path: &Path, title: &str, row_labels: &[String], col_labels: &[String], values: &[Vec<Option<f64>>]) -> Result<()> {
     let cell_w = 64i64;
     let cell_h = 36i64;
-    let left = 20
-        + row_labels
-            .iter()
-            .map(|s| text_width(s, 2))
-            .max()
-            .unwrap_or(0)
-        + 12;
+    let left = 20 + row_labels.iter().map(|s| text_width(s, 2)).max().unwrap_or(0) + 12;
     let top = 70i64;
     let cols = col_labels.len() as i64;
     let rows = row_labels.len() as i64;
@@ -381,43 +289,19 @@ pub fn score_grid(
     let mut c = Canvas::new(w as usize, h as usize);
     c.text(20, 14, title, 2, BLACK);
     for (j, s) in col_labels.iter().enumerate() {
-        c.text(
-            left + j as i64 * cell_w + (cell_w - text_width(s, 2)) / 2,
-            top - 22,
-            s,
-            2,
-            BLACK,
-        );
+        c.text(left + j as i64 * cell_w + (cell_w - text_width(s, 2)) / 2, top - 22, s, 2, BLACK);
     }
     for (i, s) in row_labels.iter().enumerate() {
         let y = top + i as i64 * cell_h;
-        c.text(
-            left - 12 - text_width(s, 2),
-            y + (cell_h - 14) / 2,
-            s,
-            2,
-            BLACK,
-        );
+        c.text(left - 12 - text_width(s, 2), y + (cell_h - 14) / 2, s, 2, BLACK);
         for j in 0..cols as usize {
             let x = left + j as i64 * cell_w;
             let v = values.get(i).and_then(|r| r.get(j)).copied().flatten();
             c.rect(x, y, cell_w, cell_h, WHITE);
-            c.rect(
-                x + 1,
-                y + 1,
-                cell_w - 2,
-                cell_h - 2,
-                v.map_or(GREY, red_green),
-            );
+            c.rect(x + 1, y + 1, cell_w - 2, cell_h - 2, v.map_or(GREY, red_green));
             if let Some(v) = v {
                 let s = format!("{:.0}", v * 100.0);
-                c.text(
-                    x + (cell_w - text_width(&s, 2)) / 2,
-                    y + (cell_h - 14) / 2,
-                    &s,
-                    2,
-                    BLACK,
-                );
+                c.text(x + (cell_w - text_width(&s, 2)) / 2, y + (cell_h - 14) / 2, &s, 2, BLACK);
             }
         }
     }
@@ -491,9 +375,7 @@ mod tests {
     use super::*;
 
     fn png_info(path: &Path) -> (u32, u32, Vec<u8>) {
-        let dec = png::Decoder::new(std::io::BufReader::new(
-            std::fs::File::open(path).expect("open"),
-        ));
+        let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).expect("open")));
         let mut reader = dec.read_info().expect("valid PNG header");
         let mut buf = vec![0; reader.output_buffer_size()];
         let info = reader.next_frame(&mut buf).expect("valid PNG data");
@@ -508,23 +390,13 @@ mod tests {
     #[test]
     fn score_grid_is_a_png_of_the_expected_size_with_coloured_cells() {
         let path = tmp("grid.png");
-        let rows: Vec<String> = ["0.1", "0.5", "0.9"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let rows: Vec<String> = ["0.1", "0.5", "0.9"].iter().map(|s| s.to_string()).collect();
         let cols: Vec<String> = ["1000", "2000"].iter().map(|s| s.to_string()).collect();
-        let values = vec![
-            vec![Some(1.0), Some(0.0)],
-            vec![None, Some(0.5)],
-            vec![Some(1.0), Some(1.0)],
-        ];
+        let values = vec![vec![Some(1.0), Some(0.0)], vec![None, Some(0.5)], vec![Some(1.0), Some(1.0)]];
         score_grid(&path, "TEST", &rows, &cols, &values).expect("grid");
         let (w, h, px) = png_info(&path);
         let left = 20 + text_width("0.1", 2) + 12;
-        assert_eq!(
-            w as i64,
-            (left + 2 * 64 + 20).max(text_width("TEST", 2) + 40)
-        );
+        assert_eq!(w as i64, (left + 2 * 64 + 20).max(text_width("TEST", 2) + 40));
         assert_eq!(h as i64, 70 + 3 * 36 + 50);
         // The top-left cell's corner (inside the border, away from the label) is green, the next red.
         let at = |x: i64, y: i64| -> [u8; 3] {
@@ -540,20 +412,12 @@ mod tests {
     #[test]
     fn line_chart_and_gate_heatmap_are_valid_pngs() {
         let path = tmp("line.png");
-        let s = [Series {
-            name: "a".into(),
-            points: vec![(0.0, 1.0), (1.0, 0.5), (2.0, 0.25)],
-        }];
+        let s = [Series { name: "a".into(), points: vec![(0.0, 1.0), (1.0, 0.5), (2.0, 0.25)] }];
         line_chart(&path, "T", "X", "Y", &s).expect("chart");
         assert_eq!(png_info(&path).0, 900);
         let path2 = tmp("gates.png");
         let pattern = HeadPattern::all_retrieval(3, 2);
-        gate_heatmap(
-            &path2,
-            &[vec![0.0, 1.0], vec![0.5, 0.5], vec![1.0, 0.0]],
-            &pattern,
-        )
-        .expect("heatmap");
+        gate_heatmap(&path2, &[vec![0.0, 1.0], vec![0.5, 0.5], vec![1.0, 0.0]], &pattern).expect("heatmap");
         let (_, h, _) = png_info(&path2);
         assert_eq!(h as i64, 60 + 3 * 18 + 30);
         std::fs::remove_file(&path).ok();

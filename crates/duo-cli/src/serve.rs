@@ -80,8 +80,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let api_key = match (&a.api_key, &a.api_key_file) {
         (Some(k), _) => Some(k.clone()),
         (None, Some(f)) => {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("reading the API key file {}", f.display()))?;
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading the API key file {}", f.display()))?;
             Some(text.lines().next().unwrap_or("").trim().to_string())
         }
         (None, None) => None,
@@ -94,10 +93,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         Some(m) => bail!("--kv-budget-mib must be positive (got {m})"),
         None => None,
     };
-    for (name, secs) in [
-        ("--timeout-keep-alive", a.timeout_keep_alive),
-        ("--timeout-read", a.timeout_read),
-    ] {
+    for (name, secs) in [("--timeout-keep-alive", a.timeout_keep_alive), ("--timeout-read", a.timeout_read)] {
         if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
             bail!("{name} must be between 0 and 86400 seconds (got {secs})");
         }
@@ -110,9 +106,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let options = duo_engine::PoolOptions {
         gpu_memory_utilization: a.gpu_memory_utilization,
         max_num_seqs: max_running,
-        max_num_batched_tokens: a
-            .max_num_batched_tokens
-            .unwrap_or(a.prefill_chunk.saturating_add(max_running)),
+        max_num_batched_tokens: a.max_num_batched_tokens.unwrap_or(a.prefill_chunk.saturating_add(max_running)),
         block_size: a.block_size,
         blocks_override: a.num_gpu_blocks_override,
     };
@@ -124,41 +118,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.prefill_chunk == 0 {
         bail!("--prefill-chunk must be at least 1");
     }
-    let spec = duo_engine::MethodSpec {
-        chunk: a.prefill_chunk,
-        ..a.method.spec()?
-    };
-    let model_id = a
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| match &a.method.model {
-            None => "SmolLM2-135M-Instruct".to_string(),
-            Some(m) => m
-                .trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or(m)
-                .trim_end_matches(".gguf")
-                .to_string(),
-        });
+    let spec = duo_engine::MethodSpec { chunk: a.prefill_chunk, ..a.method.spec()? };
+    let model_id = a.served_model_name.clone().unwrap_or_else(|| match &a.method.model {
+        None => "SmolLM2-135M-Instruct".to_string(),
+        Some(m) => m.trim_end_matches('/').rsplit('/').next().unwrap_or(m).trim_end_matches(".gguf").to_string(),
+    });
     let config = ServeConfig {
         model_id,
         api_key,
         max_body_bytes: a.max_body_bytes,
-        limits: Limits {
-            max_tokens: a.max_tokens_limit,
-            ..Limits::default()
-        },
+        limits: Limits { max_tokens: a.max_tokens_limit, ..Limits::default() },
         seed: a.method.seed_arg,
         header_timeout: std::time::Duration::from_secs_f64(a.timeout_keep_alive),
         body_timeout: std::time::Duration::from_secs_f64(a.timeout_read),
     };
     let state = AppState::new(config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await.with_context(|| format!("binding {}:{}", a.host, a.port))?;
         let addr = listener.local_addr()?;

@@ -4,10 +4,7 @@
 use std::process::Command;
 
 fn duo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_duo"))
-        .args(args)
-        .output()
-        .expect("duo runs")
+    Command::new(env!("CARGO_BIN_EXE_duo")).args(args).output().expect("duo runs")
 }
 
 fn gpu_present() -> bool {
@@ -18,73 +15,19 @@ fn gpu_present() -> bool {
 fn gpu_commands_fail_clearly_without_a_driver() {
     if gpu_present() {
         use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "gpu_commands_fail_clearly_without_a_driver: skipped: a CUDA driver is present"
-        );
+        let _ = writeln!(std::io::stderr(), "gpu_commands_fail_clearly_without_a_driver: skipped: a CUDA driver is present");
         return;
     }
-    let out_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("cuda-absent-{}", std::process::id()));
+    let out_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda-absent-{}", std::process::id()));
     let out = out_dir.to_str().expect("utf-8");
     let cases: [&[&str]; 7] = [
         &["cuda-check"],
-        &[
-            "bench",
-            "--device",
-            "cuda",
-            "--random-weights",
-            "smollm2-135m",
-            "--lengths",
-            "64",
-            "--out",
-            out,
-        ],
-        &[
-            "bench",
-            "--device",
-            "cuda:1",
-            "--model",
-            "/nonexistent/model.gguf",
-            "--lengths",
-            "64",
-            "--out",
-            out,
-        ],
-        &[
-            "generate",
-            "--device",
-            "cuda",
-            "--model",
-            "/nonexistent/model.gguf",
-            "Hello",
-        ],
-        &[
-            "score",
-            "--device",
-            "cuda",
-            "--model",
-            "/nonexistent/model.gguf",
-            "--text-file",
-            "/nonexistent/t.txt",
-        ],
-        &[
-            "demo",
-            "--device",
-            "cuda",
-            "--model",
-            "/nonexistent/model.gguf",
-        ],
-        &[
-            "eval",
-            "passkey",
-            "--device",
-            "cuda",
-            "--model",
-            "/nonexistent/model.gguf",
-            "--out",
-            out,
-        ],
+        &["bench", "--device", "cuda", "--random-weights", "smollm2-135m", "--lengths", "64", "--out", out],
+        &["bench", "--device", "cuda:1", "--model", "/nonexistent/model.gguf", "--lengths", "64", "--out", out],
+        &["generate", "--device", "cuda", "--model", "/nonexistent/model.gguf", "Hello"],
+        &["score", "--device", "cuda", "--model", "/nonexistent/model.gguf", "--text-file", "/nonexistent/t.txt"],
+        &["demo", "--device", "cuda", "--model", "/nonexistent/model.gguf"],
+        &["eval", "passkey", "--device", "cuda", "--model", "/nonexistent/model.gguf", "--out", out],
     ];
     for args in cases {
         let o = duo(args);
@@ -93,75 +36,30 @@ fn gpu_commands_fail_clearly_without_a_driver() {
         assert!(err.contains("no usable CUDA driver"), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
         // Every command opened the GPU before the (missing) model: the error is the driver's.
-        assert!(
-            !err.contains("/nonexistent"),
-            "{args:?} touched the model first: {err}"
-        );
+        assert!(!err.contains("/nonexistent"), "{args:?} touched the model first: {err}");
     }
     assert!(!out_dir.exists(), "a failed GPU bench writes nothing");
 }
 
 #[test]
 fn unknown_devices_are_refused() {
-    for args in [
-        &["bench", "--device", "tpu"][..],
-        &["generate", "--device", "tpu", "Hello"][..],
-        &["serve", "--device", "cuda:x"][..],
-        &["identify", "--out", "x", "--device", "gpu"][..],
-    ] {
+    for args in [&["bench", "--device", "tpu"][..], &["generate", "--device", "tpu", "Hello"][..], &["serve", "--device", "cuda:x"][..], &["identify", "--out", "x", "--device", "gpu"][..]] {
         let o = duo(args);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && err.contains("is not one of cpu, cuda, cuda:N"),
-            "{args:?}: {err}"
-        );
+        assert!(!o.status.success() && err.contains("is not one of cpu, cuda, cuda:N"), "{args:?}: {err}");
     }
 }
 
 #[test]
 fn gpu_bench_checks_its_arguments_before_the_gpu() {
     for (args, want) in [
-        (
-            &[
-                "bench",
-                "--device",
-                "cuda",
-                "--random-weights",
-                "llama-3-8b",
-                "--lengths",
-                "0",
-            ][..],
-            "--lengths",
-        ),
-        (
-            &[
-                "bench",
-                "--device",
-                "cuda",
-                "--random-weights",
-                "llama-3-8b",
-                "--decode-tokens",
-                "2",
-            ][..],
-            "--decode-tokens",
-        ),
-        (
-            &[
-                "bench",
-                "--device",
-                "cuda",
-                "--random-weights",
-                "no-such-shape",
-            ][..],
-            "no-such-shape",
-        ),
+        (&["bench", "--device", "cuda", "--random-weights", "llama-3-8b", "--lengths", "0"][..], "--lengths"),
+        (&["bench", "--device", "cuda", "--random-weights", "llama-3-8b", "--decode-tokens", "2"][..], "--decode-tokens"),
+        (&["bench", "--device", "cuda", "--random-weights", "no-such-shape"][..], "no-such-shape"),
     ] {
         let o = duo(args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
-        assert!(
-            !err.contains("CUDA driver"),
-            "{args:?} reached the GPU before checking: {err}"
-        );
+        assert!(!err.contains("CUDA driver"), "{args:?} reached the GPU before checking: {err}");
     }
 }

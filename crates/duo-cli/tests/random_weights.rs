@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn duo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_duo"))
-        .args(args)
-        .output()
-        .expect("duo runs")
+    Command::new(env!("CARGO_BIN_EXE_duo")).args(args).output().expect("duo runs")
 }
 
 /// A fresh folder under the target's temporary folder, removed when dropped.
@@ -29,8 +26,7 @@ impl Drop for TmpDir {
 }
 
 fn tmp(name: &str) -> TmpDir {
-    let d =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).expect("tmp dir");
     TmpDir(d)
 }
@@ -41,47 +37,19 @@ fn accuracy_commands_refuse_random_weights() {
     let out = dir.join("eval");
     let out = out.to_str().expect("utf-8");
     let cases: [&[&str]; 5] = [
-        &[
-            "eval",
-            "passkey",
-            "--random-weights",
-            "llama-3-8b",
-            "--lengths",
-            "1000",
-            "--out",
-            out,
-        ],
-        &[
-            "eval",
-            "niah",
-            "--random-weights",
-            "llama-2-7b",
-            "--out",
-            out,
-        ],
+        &["eval", "passkey", "--random-weights", "llama-3-8b", "--lengths", "1000", "--out", out],
+        &["eval", "niah", "--random-weights", "llama-2-7b", "--out", out],
         &["generate", "--random-weights", "llama-3-8b", "Hello"],
-        &[
-            "score",
-            "--random-weights",
-            "llama-3-8b",
-            "--text-file",
-            "/dev/null",
-        ],
+        &["score", "--random-weights", "llama-3-8b", "--text-file", "/dev/null"],
         &["serve", "--random-weights", "llama-3-8b", "--port", "0"],
     ];
     for args in cases {
         let out = duo(args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} must fail");
-        assert!(
-            err.contains("random weights") && err.contains("duo bench"),
-            "{args:?}: {err}"
-        );
+        assert!(err.contains("random weights") && err.contains("duo bench"), "{args:?}: {err}");
     }
-    assert!(
-        !std::path::Path::new(out).exists(),
-        "a refused eval writes nothing"
-    );
+    assert!(!std::path::Path::new(out).exists(), "a refused eval writes nothing");
 }
 
 #[test]
@@ -92,54 +60,21 @@ fn bench_measures_a_random_model_of_the_given_shape() {
     std::fs::write(&cfg, r#"{"model_type":"llama","hidden_size":128,"num_attention_heads":4,"num_key_value_heads":2,"num_hidden_layers":2,"intermediate_size":256,"vocab_size":512,"max_position_embeddings":1024}"#).expect("config");
     let out_dir = dir.join("out");
     let out = duo(&[
-        "bench",
-        "--random-weights",
-        cfg.to_str().expect("utf-8"),
-        "--lengths",
-        "40,80",
-        "--decode-tokens",
-        "2",
-        "--methods",
-        "full,streaming",
-        "--sink",
-        "4",
-        "--recent",
-        "8",
-        "--out",
-        out_dir.to_str().expect("utf-8"),
+        "bench", "--random-weights", cfg.to_str().expect("utf-8"), "--lengths", "40,80", "--decode-tokens", "2",
+        "--methods", "full,streaming", "--sink", "4", "--recent", "8", "--out", out_dir.to_str().expect("utf-8"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let csv = std::fs::read_to_string(out_dir.join("bench.csv")).expect("bench.csv");
-    let rows: Vec<Vec<String>> = csv
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').map(String::from).collect())
-        .collect();
+    let rows: Vec<Vec<String>> = csv.lines().skip(1).map(|l| l.split(',').map(String::from).collect()).collect();
     assert_eq!(rows.len(), 4);
     let per_head_token = 2 * 32 * 4;
     for r in &rows {
         let (method, context): (&str, usize) = (&r[0], r[2].parse().expect("context"));
         let tokens = context + 2; // prompt plus decode steps
-        let (retrieval, streaming, process): (usize, usize, usize) = (
-            r[6].parse().expect("r"),
-            r[7].parse().expect("s"),
-            r[8].parse().expect("p"),
-        );
+        let (retrieval, streaming, process): (usize, usize, usize) = (r[6].parse().expect("r"), r[7].parse().expect("s"), r[8].parse().expect("p"));
         match method {
-            "full" => assert_eq!(
-                (retrieval, streaming),
-                (2 * 2 * per_head_token * tokens, 0),
-                "{r:?}"
-            ),
-            "streaming" => assert_eq!(
-                (retrieval, streaming),
-                (0, 2 * 2 * per_head_token * 12),
-                "{r:?}"
-            ),
+            "full" => assert_eq!((retrieval, streaming), (2 * 2 * per_head_token * tokens, 0), "{r:?}"),
+            "streaming" => assert_eq!((retrieval, streaming), (0, 2 * 2 * per_head_token * 12), "{r:?}"),
             other => panic!("unexpected method {other}"),
         }
         assert!(process > 1 << 20, "process memory is reported: {r:?}");

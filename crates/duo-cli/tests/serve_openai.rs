@@ -26,25 +26,9 @@ fn python() -> PathBuf {
     let py = venv.join("bin/python");
     let marker = venv.join(format!("{}.installed", PACKAGES.join("+")));
     if !marker.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 -m venv")
-            .success();
+        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 -m venv").success();
         assert!(ok, "python3 -m venv failed");
-        let ok = Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(PACKAGES)
-            .status()
-            .expect("pip")
-            .success();
+        let ok = Command::new(&py).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PACKAGES).status().expect("pip").success();
         assert!(ok, "pip install {PACKAGES:?} failed");
         std::fs::write(&marker, "").expect("marker");
     }
@@ -87,9 +71,7 @@ fn start(args: &[&str]) -> Server {
             lines.lock().expect("log").push(line);
         }
     });
-    let url = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("the server prints its address");
+    let url = rx.recv_timeout(Duration::from_secs(120)).expect("the server prints its address");
     Server { child, url, log }
 }
 
@@ -97,18 +79,10 @@ fn start(args: &[&str]) -> Server {
 fn get(url: &str, path: &str) -> (u16, String) {
     let host = url.trim_start_matches("http://");
     let mut s = TcpStream::connect(host).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("write");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read");
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
 }
@@ -119,28 +93,12 @@ fn openai_client_against_duo_serve() {
     // Fetch the default model before timing anything (first use downloads it).
     duo_model::fetch::default_model().expect("default model");
     let key = "test-key-123";
-    let main = start(&[
-        "--api-key",
-        key,
-        "--max-body-bytes",
-        "65536",
-        "--max-running",
-        "16",
-    ]);
+    let main = start(&["--api-key", key, "--max-body-bytes", "65536", "--max-running", "16"]);
     // Right after binding the model is still loading: /health says so.
     let (status, body) = get(&main.url, "/health");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"code\":\"loading\""), "{body}");
-    let tight = start(&[
-        "--max-waiting",
-        "1",
-        "--max-running",
-        "1",
-        "--timeout-keep-alive",
-        "1",
-        "--timeout-read",
-        "1",
-    ]);
+    let tight = start(&["--max-waiting", "1", "--max-running", "1", "--timeout-keep-alive", "1", "--timeout-read", "1"]);
     let out = Command::new(&py)
         .arg(repo().join("tests/serve/test_openai.py"))
         .env("DUO_URL", &main.url)
@@ -148,21 +106,11 @@ fn openai_client_against_duo_serve() {
         .env("DUO_TIGHT_URL", &tight.url)
         .output()
         .expect("python runs");
-    let report = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{report}");
-    assert!(
-        out.status.success(),
-        "the openai client suite failed:\n{report}"
-    );
+    assert!(out.status.success(), "the openai client suite failed:\n{report}");
     assert!(report.contains("OK"), "{report}");
     // Unknown request fields that change nothing are ignored with a log line naming them.
     let log = main.log.lock().expect("log").join("\n");
-    assert!(
-        log.contains("ignoring request fields") && log.contains("\"user\""),
-        "{log}"
-    );
+    assert!(log.contains("ignoring request fields") && log.contains("\"user\""), "{log}");
 }

@@ -80,46 +80,30 @@ impl ModelConfig {
     /// Checks every invariant the forward pass relies on.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CoreError::InvalidConfig(m));
-        if self.n_layers == 0 || self.hidden_size == 0 || self.n_heads == 0 || self.n_kv_heads == 0
-        {
+        if self.n_layers == 0 || self.hidden_size == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
             return bad(format!(
                 "layers ({}), hidden size ({}), heads ({}) and KV heads ({}) must all be positive",
                 self.n_layers, self.hidden_size, self.n_heads, self.n_kv_heads
             ));
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return bad(format!(
-                "{} query heads are not a multiple of {} KV heads",
-                self.n_heads, self.n_kv_heads
-            ));
+            return bad(format!("{} query heads are not a multiple of {} KV heads", self.n_heads, self.n_kv_heads));
         }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
-            return bad(format!(
-                "head dimension {} must be even and positive",
-                self.head_dim
-            ));
+            return bad(format!("head dimension {} must be even and positive", self.head_dim));
         }
         if self.intermediate_size == 0 || self.vocab_size == 0 || self.context_length == 0 {
-            return bad(
-                "feed-forward size, vocabulary size and context length must be positive".into(),
-            );
+            return bad("feed-forward size, vocabulary size and context length must be positive".into());
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad(format!("rope theta {} must be positive", self.rope_theta));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return bad(format!(
-                "RMSNorm epsilon {} must be positive",
-                self.rms_norm_eps
-            ));
+            return bad(format!("RMSNorm epsilon {} must be positive", self.rms_norm_eps));
         }
         if let Some(f) = &self.rope_freq_factors {
             if f.len() != self.head_dim / 2 {
-                return bad(format!(
-                    "{} RoPE frequency factors, expected head_dim/2 = {}",
-                    f.len(),
-                    self.head_dim / 2
-                ));
+                return bad(format!("{} RoPE frequency factors, expected head_dim/2 = {}", f.len(), self.head_dim / 2));
             }
             if f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
                 return bad("RoPE frequency factors must be positive".into());
@@ -150,8 +134,7 @@ impl ModelConfig {
                 } else if wavelen > low_wavelen {
                     factor
                 } else {
-                    let smooth = (original_context / wavelen - low_freq_factor)
-                        / (high_freq_factor - low_freq_factor);
+                    let smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                     // new_freq = (1 - s) * freq / factor + s * freq, so the divisor is freq / new_freq.
                     1.0 / ((1.0 - smooth) / factor + smooth)
                 }
@@ -192,10 +175,7 @@ mod tests {
         assert_eq!(c.group_size(), 3);
         c.n_kv_heads = 4;
         let e = c.validate().unwrap_err().to_string();
-        assert!(
-            e.contains("9 query heads") && e.contains("4 KV heads"),
-            "{e}"
-        );
+        assert!(e.contains("9 query heads") && e.contains("4 KV heads"), "{e}");
     }
 
     #[test]
@@ -205,13 +185,7 @@ mod tests {
         assert_eq!(f.len(), 64);
         assert_eq!(f[0], 1.0); // highest frequency untouched
         assert!((f[63] - 8.0).abs() < 1e-6); // lowest frequency divided by the factor
-        assert!(
-            f.windows(2).all(|w| w[0] <= w[1] + 1e-6),
-            "divisors grow with wavelength"
-        );
-        assert!(
-            f.iter().any(|&x| x > 1.0 && x < 8.0),
-            "a smooth band exists"
-        );
+        assert!(f.windows(2).all(|w| w[0] <= w[1] + 1e-6), "divisors grow with wavelength");
+        assert!(f.iter().any(|&x| x > 1.0 && x < 8.0), "a smooth band exists");
     }
 }

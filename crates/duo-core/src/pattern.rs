@@ -44,11 +44,7 @@ impl std::str::FromStr for Layout {
         match s {
             "head" => Ok(Layout::Head),
             "layer" => Ok(Layout::Layer),
-            _ => Err(CoreError::InvalidSetting {
-                name: "layout",
-                value: s.into(),
-                expected: "`head` or `layer`",
-            }),
+            _ => Err(CoreError::InvalidSetting { name: "layout", value: s.into(), expected: "`head` or `layer`" }),
         }
     }
 }
@@ -84,10 +80,7 @@ impl HeadGates {
     }
 
     fn from_rows(rows: Vec<Vec<f32>>, path: &Path) -> Result<Self> {
-        let malformed = |reason: String| CoreError::MalformedPattern {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let malformed = |reason: String| CoreError::MalformedPattern { path: path.to_path_buf(), reason };
         if rows.is_empty() {
             return Err(malformed("no layers".into()));
         }
@@ -97,50 +90,26 @@ impl HeadGates {
         }
         for (l, row) in rows.iter().enumerate() {
             if row.len() != width {
-                return Err(malformed(format!(
-                    "layer {l} has {} heads, layer 0 has {width}",
-                    row.len()
-                )));
+                return Err(malformed(format!("layer {l} has {} heads, layer 0 has {width}", row.len())));
             }
             if let Some(h) = row.iter().position(|g| !g.is_finite()) {
-                return Err(malformed(format!(
-                    "gate (layer {l}, head {h}) is not a finite number"
-                )));
+                return Err(malformed(format!("gate (layer {l}, head {h}) is not a finite number")));
             }
         }
-        let gates = rows
-            .into_iter()
-            .map(|r| r.into_iter().map(|g| g.clamp(0.0, 1.0)).collect())
-            .collect();
-        Ok(Self {
-            gates,
-            config: serde_json::Value::Object(Default::default()),
-        })
+        let gates = rows.into_iter().map(|r| r.into_iter().map(|g| g.clamp(0.0, 1.0)).collect()).collect();
+        Ok(Self { gates, config: serde_json::Value::Object(Default::default()) })
     }
 
     /// Reads `full_attention_heads.tsv` (and `config.json` when present) from a folder,
     /// or the table itself when `path` is a file.
     pub fn load(path: &Path) -> Result<Self> {
-        let (dir, table) = if path.is_dir() {
-            (path.to_path_buf(), path.join(GATES_FILE))
-        } else {
-            (
-                path.parent().map(Path::to_path_buf).unwrap_or_default(),
-                path.to_path_buf(),
-            )
+        let (dir, table) = if path.is_dir() { (path.to_path_buf(), path.join(GATES_FILE)) } else {
+            (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
         };
-        let text = std::fs::read_to_string(&table).map_err(|source| CoreError::Io {
-            path: table.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&table).map_err(|source| CoreError::Io { path: table.clone(), source })?;
         let config_path = dir.join(CONFIG_FILE);
         let config = if config_path.exists() {
-            Some(
-                std::fs::read_to_string(&config_path).map_err(|source| CoreError::Io {
-                    path: config_path.clone(),
-                    source,
-                })?,
-            )
+            Some(std::fs::read_to_string(&config_path).map_err(|source| CoreError::Io { path: config_path.clone(), source })?)
         } else {
             None
         };
@@ -159,17 +128,10 @@ impl HeadGates {
                 .split('\t')
                 .enumerate()
                 .map(|(c, v)| {
-                    v.trim()
-                        .parse::<f32>()
-                        .map_err(|_| CoreError::MalformedPattern {
-                            path: table.to_path_buf(),
-                            reason: format!(
-                                "line {}, column {}: `{}` is not a number",
-                                i + 1,
-                                c + 1,
-                                v.trim()
-                            ),
-                        })
+                    v.trim().parse::<f32>().map_err(|_| CoreError::MalformedPattern {
+                        path: table.to_path_buf(),
+                        reason: format!("line {}, column {}: `{}` is not a number", i + 1, c + 1, v.trim()),
+                    })
                 })
                 .collect::<Result<Vec<f32>>>()?;
             rows.push(row);
@@ -177,10 +139,7 @@ impl HeadGates {
         let mut gates = Self::from_rows(rows, table)?;
         if let Some(text) = config {
             let config_path = table.with_file_name(CONFIG_FILE);
-            gates.config = serde_json::from_str(text).map_err(|source| CoreError::Json {
-                path: config_path,
-                source,
-            })?;
+            gates.config = serde_json::from_str(text).map_err(|source| CoreError::Json { path: config_path, source })?;
         }
         Ok(gates)
     }
@@ -190,11 +149,7 @@ impl HeadGates {
         let io = |path: PathBuf| move |source| CoreError::Io { path, source };
         write_table(dir, &self.gates)?;
         let config = dir.join(CONFIG_FILE);
-        let json =
-            serde_json::to_string_pretty(&self.config).map_err(|source| CoreError::Json {
-                path: config.clone(),
-                source,
-            })?;
+        let json = serde_json::to_string_pretty(&self.config).map_err(|source| CoreError::Json { path: config.clone(), source })?;
         std::fs::write(&config, json).map_err(io(config.clone()))
     }
 
@@ -239,19 +194,9 @@ impl HeadGates {
     /// Every head whose gate is `>= threshold` becomes a retrieval head.
     pub fn binarise_threshold(&self, threshold: f32) -> Result<HeadPattern> {
         if !threshold.is_finite() {
-            return Err(CoreError::InvalidSetting {
-                name: "threshold",
-                value: threshold.to_string(),
-                expected: "a finite number",
-            });
+            return Err(CoreError::InvalidSetting { name: "threshold", value: threshold.to_string(), expected: "a finite number" });
         }
-        Ok(HeadPattern {
-            retrieval: self
-                .gates
-                .iter()
-                .map(|r| r.iter().map(|&g| g >= threshold).collect())
-                .collect(),
-        })
+        Ok(HeadPattern { retrieval: self.gates.iter().map(|r| r.iter().map(|&g| g >= threshold).collect()).collect() })
     }
 
     /// Exactly `round((1 - sparsity) * N)` retrieval heads (see the module docs for
@@ -263,9 +208,7 @@ impl HeadGates {
         match layout {
             Layout::Head => {
                 let keep = ((1.0 - sparsity) * (layers * heads) as f64).round() as usize;
-                let mut order: Vec<(usize, usize)> = (0..layers)
-                    .flat_map(|l| (0..heads).map(move |h| (l, h)))
-                    .collect();
+                let mut order: Vec<(usize, usize)> = (0..layers).flat_map(|l| (0..heads).map(move |h| (l, h))).collect();
                 // Stable sort: equal gates keep their (layer, head) order.
                 order.sort_by(|a, b| self.gates[b.0][b.1].total_cmp(&self.gates[a.0][a.1]));
                 for &(l, h) in order.iter().take(keep) {
@@ -274,11 +217,7 @@ impl HeadGates {
             }
             Layout::Layer => {
                 let keep = ((1.0 - sparsity) * layers as f64).round() as usize;
-                let means: Vec<f64> = self
-                    .gates
-                    .iter()
-                    .map(|r| r.iter().map(|&g| g as f64).sum::<f64>() / heads as f64)
-                    .collect();
+                let means: Vec<f64> = self.gates.iter().map(|r| r.iter().map(|&g| g as f64).sum::<f64>() / heads as f64).collect();
                 let mut order: Vec<usize> = (0..layers).collect();
                 order.sort_by(|&a, &b| means[b].total_cmp(&means[a]));
                 for &l in order.iter().take(keep) {
@@ -294,29 +233,15 @@ fn check_fraction(name: &'static str, v: f64) -> Result<()> {
     if (0.0..=1.0).contains(&v) {
         Ok(())
     } else {
-        Err(CoreError::InvalidSetting {
-            name,
-            value: v.to_string(),
-            expected: "a fraction between 0 and 1",
-        })
+        Err(CoreError::InvalidSetting { name, value: v.to_string(), expected: "a fraction between 0 and 1" })
     }
 }
 
-fn check_shape(
-    pattern_layers: usize,
-    pattern_kv_heads: usize,
-    model_layers: usize,
-    model_kv_heads: usize,
-) -> Result<()> {
+fn check_shape(pattern_layers: usize, pattern_kv_heads: usize, model_layers: usize, model_kv_heads: usize) -> Result<()> {
     if pattern_layers == model_layers && pattern_kv_heads == model_kv_heads {
         Ok(())
     } else {
-        Err(CoreError::PatternShape {
-            pattern_layers,
-            pattern_kv_heads,
-            model_layers,
-            model_kv_heads,
-        })
+        Err(CoreError::PatternShape { pattern_layers, pattern_kv_heads, model_layers, model_kv_heads })
     }
 }
 
@@ -329,25 +254,19 @@ pub struct HeadPattern {
 impl HeadPattern {
     /// Every head is a retrieval head (full attention).
     pub fn all_retrieval(layers: usize, kv_heads: usize) -> Self {
-        Self {
-            retrieval: vec![vec![true; kv_heads]; layers],
-        }
+        Self { retrieval: vec![vec![true; kv_heads]; layers] }
     }
 
     /// Every head is a streaming head (StreamingLLM).
     pub fn all_streaming(layers: usize, kv_heads: usize) -> Self {
-        Self {
-            retrieval: vec![vec![false; kv_heads]; layers],
-        }
+        Self { retrieval: vec![vec![false; kv_heads]; layers] }
     }
 
     /// Builds a pattern from explicit rows.
     pub fn from_rows(retrieval: Vec<Vec<bool>>) -> Result<Self> {
         let w = retrieval.first().map(Vec::len).unwrap_or(0);
         if w == 0 || retrieval.iter().any(|r| r.len() != w) {
-            return Err(CoreError::InvalidConfig(
-                "a head pattern needs equal, non-empty rows".into(),
-            ));
+            return Err(CoreError::InvalidConfig("a head pattern needs equal, non-empty rows".into()));
         }
         Ok(Self { retrieval })
     }
@@ -406,10 +325,7 @@ impl HeadPattern {
 
     /// Retrieval heads in each layer.
     pub fn retrieval_per_layer(&self) -> Vec<usize> {
-        self.retrieval
-            .iter()
-            .map(|r| r.iter().filter(|&&x| x).count())
-            .collect()
+        self.retrieval.iter().map(|r| r.iter().filter(|&&x| x).count()).collect()
     }
 
     /// Retrieval heads in the whole model.
@@ -438,11 +354,8 @@ mod tests {
     use super::*;
 
     fn official(name: &str) -> Option<HeadGates> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/reference/duo-attention-patterns")
-            .join(name);
-        dir.exists()
-            .then(|| HeadGates::load(&dir).expect("official pattern loads"))
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/duo-attention-patterns").join(name);
+        dir.exists().then(|| HeadGates::load(&dir).expect("official pattern loads"))
     }
 
     #[test]
@@ -460,48 +373,30 @@ mod tests {
             let Some(g) = official(name) else { continue };
             seen += 1;
             assert_eq!((g.n_layers(), g.n_kv_heads()), (l, h), "{name}");
-            assert!(
-                g.rows().iter().flatten().all(|&x| (0.0..=1.0).contains(&x)),
-                "{name}: clipped"
-            );
+            assert!(g.rows().iter().flatten().all(|&x| (0.0..=1.0).contains(&x)), "{name}: clipped");
             assert_eq!(g.config["sink_size"], 128, "{name}: config.json read");
             g.check_shape(l, h).unwrap();
-            assert!(matches!(
-                g.check_shape(l, h + 1),
-                Err(CoreError::PatternShape { .. })
-            ));
+            assert!(matches!(g.check_shape(l, h + 1), Err(CoreError::PatternShape { .. })));
         }
-        assert!(
-            seen == 6 || std::env::var("CI").is_err(),
-            "official patterns must be present in CI"
-        );
+        assert!(seen == 6 || std::env::var("CI").is_err(), "official patterns must be present in CI");
     }
 
     #[test]
     fn llama3_gradient_1048k_matches_the_published_sanity_figures() {
-        let Some(g) = official("Llama-3-8B-Instruct-Gradient-1048k") else {
-            return;
-        };
+        let Some(g) = official("Llama-3-8B-Instruct-Gradient-1048k") else { return };
         let t = g.quantile(0.5).unwrap();
         assert_eq!(t, 0.9609375);
-        let ties: Vec<(usize, usize)> = (0..32)
-            .flat_map(|l| (0..8).map(move |h| (l, h)))
-            .filter(|&(l, h)| g.gate(l, h) == t)
-            .collect();
+        let ties: Vec<(usize, usize)> =
+            (0..32).flat_map(|l| (0..8).map(move |h| (l, h))).filter(|&(l, h)| g.gate(l, h) == t).collect();
         assert_eq!(ties, vec![(2, 3), (25, 4), (31, 7)]);
         let by_threshold = g.binarise_threshold(t).unwrap();
-        let listed = [
-            1, 1, 3, 2, 2, 4, 2, 4, 6, 4, 5, 3, 2, 6, 5, 5, 5, 6, 3, 5, 6, 3, 3, 6, 4, 5, 3, 4, 6,
-            5, 8, 3,
-        ];
+        let listed = [1, 1, 3, 2, 2, 4, 2, 4, 6, 4, 5, 3, 2, 6, 5, 5, 5, 6, 3, 5, 6, 3, 3, 6, 4, 5, 3, 4, 6, 5, 8, 3];
         assert_eq!(by_threshold.retrieval_per_layer(), listed);
         assert_eq!(by_threshold.retrieval_count(), 130);
         // Exact budget: 128 heads; the tie-break keeps the lowest (layer, head), (2, 3).
         let exact = g.binarise_sparsity(0.5, Layout::Head).unwrap();
         assert_eq!(exact.retrieval_count(), 128);
-        assert!(
-            exact.is_retrieval(2, 3) && !exact.is_retrieval(25, 4) && !exact.is_retrieval(31, 7)
-        );
+        assert!(exact.is_retrieval(2, 3) && !exact.is_retrieval(25, 4) && !exact.is_retrieval(31, 7));
         let mut expected = listed.to_vec();
         expected[25] -= 1;
         expected[31] -= 1;
@@ -510,13 +405,7 @@ mod tests {
 
     #[test]
     fn layer_layout_keeps_whole_layers_with_the_same_budget() {
-        let g = HeadGates::new(vec![
-            vec![0.75, 0.25],
-            vec![0.25, 0.25],
-            vec![1.0, 0.875],
-            vec![0.5, 0.5],
-        ])
-        .unwrap();
+        let g = HeadGates::new(vec![vec![0.75, 0.25], vec![0.25, 0.25], vec![1.0, 0.875], vec![0.5, 0.5]]).unwrap();
         let p = g.binarise_sparsity(0.5, Layout::Layer).unwrap();
         assert!(p.is_layer_exclusive());
         // Means 0.5, 0.25, 0.9375, 0.5: layer 2 first, then the tie at 0.5 goes to layer 0.
@@ -538,14 +427,8 @@ mod tests {
         assert_eq!(p.retrieval_count(), 3);
         assert_eq!(p.layer(0), &[true, true, false]);
         assert_eq!(p.layer(1), &[true, false, false]);
-        assert_eq!(
-            g.binarise_sparsity(0.0, Layout::Head).unwrap(),
-            HeadPattern::all_retrieval(2, 3)
-        );
-        assert_eq!(
-            g.binarise_sparsity(1.0, Layout::Head).unwrap(),
-            HeadPattern::all_streaming(2, 3)
-        );
+        assert_eq!(g.binarise_sparsity(0.0, Layout::Head).unwrap(), HeadPattern::all_retrieval(2, 3));
+        assert_eq!(g.binarise_sparsity(1.0, Layout::Head).unwrap(), HeadPattern::all_streaming(2, 3));
         assert!(g.binarise_sparsity(1.5, Layout::Head).is_err());
     }
 
@@ -577,8 +460,7 @@ mod tests {
 
     #[test]
     fn random_patterns_are_seeded_and_keep_counts() {
-        let like = HeadPattern::from_rows(vec![vec![true, false, false], vec![true, true, false]])
-            .unwrap();
+        let like = HeadPattern::from_rows(vec![vec![true, false, false], vec![true, true, false]]).unwrap();
         let a = HeadPattern::random_per_layer(&like, 3);
         assert_eq!(a.retrieval_per_layer(), vec![1, 2]);
         assert_eq!(a, HeadPattern::random_per_layer(&like, 3));

@@ -13,9 +13,7 @@ use crate::config::ModelConfig;
 
 /// SplitMix64 of `(seed, i)` mapped to `[-1, 1)` with 24 bits of resolution.
 pub fn hash_uniform(seed: u64, i: u64) -> f32 {
-    let mut z = seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(i.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i.wrapping_mul(0xD1B5_4A32_D192_ED03));
     z ^= z >> 30;
     z = z.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z ^= z >> 27;
@@ -44,12 +42,7 @@ pub enum RandomTensor {
 impl RandomTensor {
     /// `(rows, columns)` for a model of `c`'s shape.
     pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
-        let (h, f, qd, kd) = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.n_heads * c.head_dim,
-            c.n_kv_heads * c.head_dim,
-        );
+        let (h, f, qd, kd) = (c.hidden_size, c.intermediate_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         match self {
             RandomTensor::Embed | RandomTensor::LmHead => (c.vocab_size, h),
             RandomTensor::Qkv(_) => (qd + 2 * kd, h),
@@ -69,17 +62,12 @@ impl RandomTensor {
             RandomTensor::GateUp(l) => (l, 2),
             RandomTensor::Down(l) => (l, 3),
         };
-        seed.wrapping_mul(1_000_003)
-            .wrapping_add(layer as u64 * 16 + k)
+        seed.wrapping_mul(1_000_003).wrapping_add(layer as u64 * 16 + k)
     }
 
     /// The tensor's uniform scale when its rows have `cols` values (the embedding's is 1).
     pub fn scale(self, cols: usize) -> f32 {
-        if self == RandomTensor::Embed {
-            1.0
-        } else {
-            scale_for(cols)
-        }
+        if self == RandomTensor::Embed { 1.0 } else { scale_for(cols) }
     }
 
     /// Rows `rows` of the tensor, row-major, as `f32` (backends round to their own type),
@@ -126,26 +114,13 @@ pub enum Projection {
 
 impl Projection {
     /// Every projection of a block, in checkpoint order.
-    pub const ALL: [Projection; 7] = [
-        Projection::Q,
-        Projection::K,
-        Projection::V,
-        Projection::O,
-        Projection::Gate,
-        Projection::Up,
-        Projection::Down,
-    ];
+    pub const ALL: [Projection; 7] = [Projection::Q, Projection::K, Projection::V, Projection::O, Projection::Gate, Projection::Up, Projection::Down];
 
     /// Where block `layer`'s projection lies in the generated tensors: q, k and v are row
     /// ranges of the stacked `Qkv`, gate and up of `GateUp` (the GPU keeps them stacked; the CPU
     /// and checkpoints split them).
     pub fn source(self, layer: usize, c: &ModelConfig) -> (RandomTensor, std::ops::Range<usize>) {
-        let (h, qd, kd, f) = (
-            c.hidden_size,
-            c.n_heads * c.head_dim,
-            c.n_kv_heads * c.head_dim,
-            c.intermediate_size,
-        );
+        let (h, qd, kd, f) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size);
         match self {
             Projection::Q => (RandomTensor::Qkv(layer), 0..qd),
             Projection::K => (RandomTensor::Qkv(layer), qd..qd + kd),
@@ -173,10 +148,7 @@ mod tests {
         assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         let var = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
-        assert!(
-            mean.abs() < 0.01 && (var - 1.0 / 3.0).abs() < 0.01,
-            "mean {mean}, var {var}"
-        );
+        assert!(mean.abs() < 0.01 && (var - 1.0 / 3.0).abs() < 0.01, "mean {mean}, var {var}");
         assert_ne!(hash_uniform(3, 5), hash_uniform(4, 5));
         let c = ModelConfig {
             architecture: crate::config::Architecture::Llama,
@@ -198,31 +170,14 @@ mod tests {
         };
         let all = RandomTensor::Qkv(1).rows(&c, 9, 0..RandomTensor::Qkv(1).shape(&c).0);
         let cols = RandomTensor::Qkv(1).shape(&c).1;
-        assert_eq!(
-            RandomTensor::Qkv(1).rows(&c, 9, 2..5),
-            all[2 * cols..5 * cols].to_vec()
-        );
-        assert_ne!(
-            RandomTensor::Qkv(0).rows(&c, 9, 0..1),
-            all[..cols].to_vec(),
-            "layers differ"
-        );
+        assert_eq!(RandomTensor::Qkv(1).rows(&c, 9, 2..5), all[2 * cols..5 * cols].to_vec());
+        assert_ne!(RandomTensor::Qkv(0).rows(&c, 9, 0..1), all[..cols].to_vec(), "layers differ");
         assert_eq!(RandomTensor::Embed.scale(64), 1.0);
         // The projections tile the stacked tensors exactly.
         let rows = |p: Projection| Projection::source(p, 1, &c).1;
-        assert_eq!(
-            (
-                rows(Projection::Q),
-                rows(Projection::K),
-                rows(Projection::V)
-            ),
-            (0..64, 64..96, 96..128)
-        );
+        assert_eq!((rows(Projection::Q), rows(Projection::K), rows(Projection::V)), (0..64, 64..96, 96..128));
         assert_eq!(RandomTensor::Qkv(1).shape(&c).0, 128);
-        assert_eq!(
-            (rows(Projection::Gate), rows(Projection::Up)),
-            (0..96, 96..192)
-        );
+        assert_eq!((rows(Projection::Gate), rows(Projection::Up)), (0..96, 96..192));
         assert_eq!(RandomTensor::GateUp(1).shape(&c).0, 192);
         assert_eq!(RandomTensor::Down(0).scale(96), (3.0f32 / 96.0).sqrt());
     }

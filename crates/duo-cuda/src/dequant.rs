@@ -56,9 +56,7 @@ impl QuantType {
     pub fn bytes_for(self, n: usize) -> Result<usize> {
         let (per, bytes) = self.block();
         if !n.is_multiple_of(per) {
-            return Err(CudaError::Input(format!(
-                "{n} values are not whole {self:?} blocks of {per}"
-            )));
+            return Err(CudaError::Input(format!("{n} values are not whole {self:?} blocks of {per}")));
         }
         Ok(n / per * bytes)
     }
@@ -71,26 +69,14 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 /// The CPU dequantisation of `n` values of type `ty` (checked against the byte count).
 pub fn reference(ty: QuantType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     if ty.bytes_for(n)? != bytes.len() {
-        return Err(CudaError::Input(format!(
-            "{n} {ty:?} values take {} bytes, not {}",
-            ty.bytes_for(n)?,
-            bytes.len()
-        )));
+        return Err(CudaError::Input(format!("{n} {ty:?} values take {} bytes, not {}", ty.bytes_for(n)?, bytes.len())));
     }
     let (per, size) = ty.block();
     let mut out = Vec::with_capacity(n);
     match ty {
-        QuantType::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
+        QuantType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         QuantType::F16 => out.extend((0..n).map(|i| f16_at(bytes, 2 * i))),
-        QuantType::Bf16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
+        QuantType::Bf16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
         _ => {
             for b in bytes.chunks_exact(size) {
                 for j in 0..per {
@@ -99,11 +85,7 @@ pub fn reference(ty: QuantType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                         QuantType::Q4_0 | QuantType::Q4_1 => {
                             let q = b[size - 16 + (j & 15)];
                             let nib = if j < 16 { q & 0xF } else { q >> 4 } as f32;
-                            if ty == QuantType::Q4_0 {
-                                f16_at(b, 0) * (nib - 8.0)
-                            } else {
-                                f16_at(b, 0) * nib + f16_at(b, 2)
-                            }
+                            if ty == QuantType::Q4_0 { f16_at(b, 0) * (nib - 8.0) } else { f16_at(b, 0) * nib + f16_at(b, 2) }
                         }
                         QuantType::Q4K => {
                             let (g, w) = (j / 64, j % 64);
@@ -115,15 +97,9 @@ pub fn reference(ty: QuantType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                         _ => {
                             let (h, r) = (j / 128, j % 128);
                             let (quarter, l) = (r / 32, r % 32);
-                            let low = if quarter & 1 == 1 {
-                                b[64 * h + l + 32]
-                            } else {
-                                b[64 * h + l]
-                            };
+                            let low = if quarter & 1 == 1 { b[64 * h + l + 32] } else { b[64 * h + l] };
                             let nib = if quarter < 2 { low & 0xF } else { low >> 4 } as i32;
-                            let q = (nib
-                                | ((((b[128 + 32 * h + l] >> (2 * quarter)) & 3) as i32) << 4))
-                                - 32;
+                            let q = (nib | ((((b[128 + 32 * h + l] >> (2 * quarter)) & 3) as i32) << 4)) - 32;
                             let sc = b[192 + 8 * h + l / 16 + 2 * quarter] as i8;
                             f16_at(b, 208) * sc as f32 * q as f32
                         }
@@ -140,23 +116,16 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
 /// Seeded random blocks of `ty` for `n` values, with finite scales of a trained model's size.
 pub fn random_blocks(ty: QuantType, n: usize, seed: u64) -> Result<Vec<u8>> {
     let len = ty.bytes_for(n)?;
-    let mut bytes: Vec<u8> = (0..len as u64)
-        .map(|i| (crate::ops::hash_uniform(seed, i).to_bits() >> 7) as u8)
-        .collect();
+    let mut bytes: Vec<u8> = (0..len as u64).map(|i| (crate::ops::hash_uniform(seed, i).to_bits() >> 7) as u8).collect();
     let (per, size) = ty.block();
-    let put_f16 = |b: &mut [u8], at: usize, v: f32| {
-        b[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes())
-    };
+    let put_f16 = |b: &mut [u8], at: usize, v: f32| b[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
     match ty {
         QuantType::F32 => {
             for (k, c) in bytes.chunks_exact_mut(4).enumerate() {
@@ -170,10 +139,7 @@ pub fn random_blocks(ty: QuantType, n: usize, seed: u64) -> Result<Vec<u8>> {
         }
         QuantType::Bf16 => {
             for (k, c) in bytes.chunks_exact_mut(2).enumerate() {
-                c.copy_from_slice(
-                    &half::bf16::from_f32(crate::ops::hash_uniform(seed, k as u64) * 0.1)
-                        .to_le_bytes(),
-                );
+                c.copy_from_slice(&half::bf16::from_f32(crate::ops::hash_uniform(seed, k as u64) * 0.1).to_le_bytes());
             }
         }
         _ => {
@@ -201,10 +167,7 @@ mod tests {
         assert_eq!(QuantType::Q6K.bytes_for(256).unwrap(), 210);
         assert!(QuantType::Q8_0.bytes_for(33).is_err(), "not whole blocks");
         let b = random_blocks(QuantType::Q4_1, 64, 1).unwrap();
-        assert!(
-            reference(QuantType::Q4_1, &b[..39], 64).is_err(),
-            "short data"
-        );
+        assert!(reference(QuantType::Q4_1, &b[..39], 64).is_err(), "short data");
     }
 
     #[test]

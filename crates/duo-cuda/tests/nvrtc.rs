@@ -17,23 +17,12 @@ fn every_kernel_compiles() {
         assert!(n >= 8, "{n} compilations");
         return;
     }
-    assert!(
-        std::env::var_os(CHILD).is_none(),
-        "NVRTC from the package index could not be loaded"
-    );
+    assert!(std::env::var_os(CHILD).is_none(), "NVRTC from the package index could not be loaded");
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-13.0");
     let lib = dir.join("nvidia/cu13/lib");
     if !lib.join("libnvrtc.so.13").exists() {
         let ok = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-deps",
-                "--target",
-            ])
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--target"])
             .arg(&dir)
             .arg("nvidia-cuda-nvrtc==13.0.*")
             .status()
@@ -42,21 +31,11 @@ fn every_kernel_compiles() {
         assert!(ok, "pip install nvidia-cuda-nvrtc==13.0.* failed");
     }
     let out = Command::new(std::env::current_exe().expect("the test binary"))
-        .args([
-            "--exact",
-            "every_kernel_compiles",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
+        .args(["--exact", "every_kernel_compiles", "--nocapture", "--test-threads", "1"])
         .env("LD_LIBRARY_PATH", &lib)
         .env(CHILD, "1")
         .output()
         .expect("running the test again");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("1 passed"), "{text}");
 }

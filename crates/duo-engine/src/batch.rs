@@ -15,14 +15,14 @@
 //! else is running, and every kernel treats rows independently, so a request's tokens are
 //! the same alone or in any batch.
 
-use crate::backend::{kv_plan, KvPool, Logits, Sequence};
-use crate::constraint::Constraint;
-use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::method::ResolvedMethod;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::session::FinishReason;
 use crate::text::TextStream;
+use crate::backend::{kv_plan, KvPool, Logits, Sequence};
+use crate::constraint::Constraint;
+use crate::engine::Engine;
 use duo_core::cache_spec::CachePlan;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -115,11 +115,7 @@ impl FullWidthSteps {
     /// Counts a decode-only step of `rows` rows that took `micros`.
     pub fn record(&mut self, rows: usize, micros: u64) {
         if rows > self.rows_per_step {
-            *self = FullWidthSteps {
-                rows_per_step: rows,
-                steps: 0,
-                micros: 0,
-            };
+            *self = FullWidthSteps { rows_per_step: rows, steps: 0, micros: 0 };
         }
         if rows == self.rows_per_step {
             self.steps += 1;
@@ -129,8 +125,7 @@ impl FullWidthSteps {
 
     /// Tokens per second of the tallied steps (`None` before any).
     pub fn tokens_per_second(&self) -> Option<f64> {
-        (self.micros > 0)
-            .then(|| (self.rows_per_step as u64 * self.steps) as f64 * 1e6 / self.micros as f64)
+        (self.micros > 0).then(|| (self.rows_per_step as u64 * self.steps) as f64 * 1e6 / self.micros as f64)
     }
 }
 
@@ -202,12 +197,7 @@ impl BatchEngine {
     /// admission is by free blocks, and when the pool runs out the youngest sequence is
     /// preempted (its blocks freed) and later recomputed. `config.kv_budget` is then the
     /// pool's bytes and `config.max_running` at most its sequences.
-    pub fn start_with_pool(
-        engine: Arc<Engine>,
-        method: ResolvedMethod,
-        mut config: BatchConfig,
-        pool: Option<Arc<dyn KvPool>>,
-    ) -> Self {
+    pub fn start_with_pool(engine: Arc<Engine>, method: ResolvedMethod, mut config: BatchConfig, pool: Option<Arc<dyn KvPool>>) -> Self {
         config.max_running = config.max_running.max(1);
         if let Some(p) = &pool {
             config.kv_budget = p.total_blocks() * p.block_bytes();
@@ -217,20 +207,10 @@ impl BatchEngine {
         let stats = Arc::new(BatchStats::default());
         let plan = kv_plan(engine.backend(), &method);
         if let Some(p) = &pool {
-            stats
-                .kv_blocks_total
-                .store(p.total_blocks(), Ordering::SeqCst);
-            *stats.floor.lock().unwrap_or_else(|e| e.into_inner()) =
-                engine.backend().decode_floor().ok().flatten();
+            stats.kv_blocks_total.store(p.total_blocks(), Ordering::SeqCst);
+            *stats.floor.lock().unwrap_or_else(|e| e.into_inner()) = engine.backend().decode_floor().ok().flatten();
         }
-        let worker = Worker {
-            engine: engine.clone(),
-            method,
-            plan: plan.clone(),
-            config,
-            stats: stats.clone(),
-            pool: pool.clone(),
-        };
+        let worker = Worker { engine: engine.clone(), method, plan: plan.clone(), config, stats: stats.clone(), pool: pool.clone() };
         std::thread::Builder::new()
             .name("duo-engine".into())
             .spawn(move || {
@@ -248,14 +228,7 @@ impl BatchEngine {
                 }
             })
             .expect("spawning the engine thread");
-        Self {
-            tx,
-            stats,
-            config,
-            engine,
-            plan,
-            pool,
-        }
+        Self { tx, stats, config, engine, plan, pool }
     }
 
     /// The counters.
@@ -310,48 +283,24 @@ impl BatchEngine {
 
     /// Checks that a request can ever run: a prompt, valid parameters, the context, and the
     /// KV budget.
-    pub fn check(
-        &self,
-        prompt: usize,
-        params: &SamplingParams,
-        top_logprobs: Option<usize>,
-    ) -> Result<()> {
+    pub fn check(&self, prompt: usize, params: &SamplingParams, top_logprobs: Option<usize>) -> Result<()> {
         self.checked(prompt, params, top_logprobs).map(|_| ())
     }
 
     /// [`BatchEngine::check`], returning the request's compiled grammar (structured output),
     /// which travels with it to admission: a bad schema is refused before queueing, and the
     /// grammar is compiled once.
-    fn checked(
-        &self,
-        prompt: usize,
-        params: &SamplingParams,
-        top_logprobs: Option<usize>,
-    ) -> Result<Option<Constraint>> {
+    fn checked(&self, prompt: usize, params: &SamplingParams, top_logprobs: Option<usize>) -> Result<Option<Constraint>> {
         params.validate()?;
-        crate::session::check_fits(
-            self.engine.config().context_length,
-            prompt,
-            params.max_tokens,
-        )?;
+        crate::session::check_fits(self.engine.config().context_length, prompt, params.max_tokens)?;
         params.check_vocab(self.engine.config().vocab_size)?;
-        let constraint = params
-            .structured
-            .as_ref()
-            .map(|what| self.engine.constraint(what))
-            .transpose()?;
+        let constraint = params.structured.as_ref().map(|what| self.engine.constraint(what)).transpose()?;
         if top_logprobs.is_some_and(|n| n > self.engine.config().vocab_size) {
-            return Err(EngineError::InvalidParameter {
-                name: "top_logprobs",
-                reason: "more than the vocabulary".into(),
-            });
+            return Err(EngineError::InvalidParameter { name: "top_logprobs", reason: "more than the vocabulary".into() });
         }
         let needed = self.kv_bytes_for(prompt + params.max_tokens);
         if needed > self.config.kv_budget {
-            return Err(EngineError::KvBudget {
-                needed,
-                budget: self.config.kv_budget,
-            });
+            return Err(EngineError::KvBudget { needed, budget: self.config.kv_budget });
         }
         Ok(constraint)
     }
@@ -361,21 +310,13 @@ impl BatchEngine {
         if !self.is_alive() {
             return Err(EngineError::Stopped);
         }
-        let constraint =
-            self.checked(request.prompt.len(), &request.params, request.top_logprobs)?;
+        let constraint = self.checked(request.prompt.len(), &request.params, request.top_logprobs)?;
         let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.config.max_waiting {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::QueueFull { waiting });
         }
-        if self
-            .tx
-            .send(Queued {
-                request,
-                constraint,
-            })
-            .is_err()
-        {
+        if self.tx.send(Queued { request, constraint }).is_err() {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Stopped);
         }
@@ -443,12 +384,7 @@ impl Worker {
     /// Takes new requests (waiting for one when idle) and drops the ones whose listener went
     /// away, waiting or running (a running one's cache is freed there and then). False once
     /// the engine is idle and its handle dropped.
-    fn intake(
-        &self,
-        rx: &mpsc::Receiver<Queued>,
-        waiting: &mut VecDeque<Queued>,
-        running: &mut Vec<Running>,
-    ) -> bool {
+    fn intake(&self, rx: &mpsc::Receiver<Queued>, waiting: &mut VecDeque<Queued>, running: &mut Vec<Running>) -> bool {
         if running.is_empty() && waiting.is_empty() {
             match rx.recv() {
                 Ok(r) => waiting.push_back(r),
@@ -460,9 +396,7 @@ impl Worker {
         }
         let before = waiting.len();
         waiting.retain(|q| !q.request.sink.is_closed());
-        self.stats
-            .waiting
-            .fetch_sub(before - waiting.len(), Ordering::SeqCst);
+        self.stats.waiting.fetch_sub(before - waiting.len(), Ordering::SeqCst);
         running.retain(Running::live);
         true
     }
@@ -470,37 +404,13 @@ impl Worker {
     /// Turns an admitted request into a running sequence with the cache `make_kv` gives
     /// (`reserved` bytes counted against the budget, `arrival` its order); a request whose
     /// sampler or cache cannot be made fails, reported to its listener, instead.
-    fn start(
-        &self,
-        q: Queued,
-        make_kv: impl FnOnce() -> Result<Box<dyn Sequence>>,
-        reserved: usize,
-        arrival: u64,
-    ) -> Option<Running> {
-        let Queued {
-            request: r,
-            constraint,
-        } = q;
+    fn start(&self, q: Queued, make_kv: impl FnOnce() -> Result<Box<dyn Sequence>>, reserved: usize, arrival: u64) -> Option<Running> {
+        let Queued { request: r, constraint } = q;
         self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
         let mut sink = r.sink;
-        let made = Sampler::new(r.params.clone()).and_then(|s| {
-            Ok((
-                s.with_prompt(&r.prompt).with_constraint(constraint),
-                make_kv()?,
-            ))
-        });
+        let made = Sampler::new(r.params.clone()).and_then(|s| Ok((s.with_prompt(&r.prompt).with_constraint(constraint), make_kv()?)));
         match made {
-            Ok((sampler, kv)) => Some(Running::new(
-                r.prompt,
-                r.top_logprobs,
-                sink,
-                sampler,
-                r.params.max_tokens,
-                Some(kv),
-                reserved,
-                arrival,
-                r.params.stop,
-            )),
+            Ok((sampler, kv)) => Some(Running::new(r.prompt, r.top_logprobs, sink, sampler, r.params.max_tokens, Some(kv), reserved, arrival, r.params.stop)),
             Err(e) => {
                 sink.send(Event::Failed(e.to_string()));
                 None
@@ -518,12 +428,7 @@ impl Worker {
                 break;
             }
             let Some(q) = waiting.pop_front() else { break };
-            if let Some(s) = self.start(
-                q,
-                || self.engine.backend().new_sequence(&self.method, total),
-                need,
-                0,
-            ) {
+            if let Some(s) = self.start(q, || self.engine.backend().new_sequence(&self.method, total), need, 0) {
                 reserved += need;
                 running.push(s);
             }
@@ -538,15 +443,9 @@ impl Worker {
         let last = end == s.prompt.len();
         let which = if last { Logits::Last } else { Logits::None };
         let Some(kv) = s.kv.as_mut() else { return };
-        match self
-            .engine
-            .backend()
-            .forward(kv.as_mut(), &s.prompt[s.prefilled..end], which)
-        {
+        match self.engine.backend().forward(kv.as_mut(), &s.prompt[s.prefilled..end], which) {
             Ok(logits) => {
-                self.stats
-                    .prompt_tokens
-                    .fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
+                self.stats.prompt_tokens.fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
                 s.prefilled = end;
                 if last {
                     s.logits = Some(logits);
@@ -600,12 +499,7 @@ impl Worker {
     /// Takes the sequence's waiting logits and picks its next token: a forced one (replaying
     /// a preempted sequence, not reported again) or a sampled one (reported). Returns the
     /// token to append, or `None` when there were no logits or the sequence finished.
-    fn sample_one(
-        &self,
-        s: &mut Running,
-        tok: &duo_model::TextTokenizer,
-        eos: &[u32],
-    ) -> Option<u32> {
+    fn sample_one(&self, s: &mut Running, tok: &duo_model::TextTokenizer, eos: &[u32]) -> Option<u32> {
         let logits = s.logits.take()?;
         if let Some(id) = s.forced.pop_front() {
             return Some(id);
@@ -617,11 +511,7 @@ impl Worker {
                 return None;
             }
         };
-        let eos = if s.sampler.params().ignore_eos {
-            &[][..]
-        } else {
-            eos
-        };
+        let eos = if s.sampler.params().ignore_eos { &[][..] } else { eos };
         let accepted = match s.text.accept(tok, id, eos, s.max_tokens) {
             Ok(a) => a,
             Err(e) => {
@@ -665,17 +555,7 @@ impl Worker {
 
 impl Running {
     #[allow(clippy::too_many_arguments)]
-    fn new(
-        prompt: Vec<u32>,
-        top_logprobs: Option<usize>,
-        sink: Box<dyn EventSink>,
-        sampler: Sampler,
-        max_tokens: usize,
-        kv: Option<Box<dyn Sequence>>,
-        reserved: usize,
-        arrival: u64,
-        stop: Vec<String>,
-    ) -> Self {
+    fn new(prompt: Vec<u32>, top_logprobs: Option<usize>, sink: Box<dyn EventSink>, sampler: Sampler, max_tokens: usize, kv: Option<Box<dyn Sequence>>, reserved: usize, arrival: u64, stop: Vec<String>) -> Self {
         Self {
             prompt,
             top_logprobs,
@@ -726,36 +606,22 @@ impl Worker {
     /// Resumes preempted sequences (oldest first), then admits waiting requests, while the
     /// blocks of their prompt (and of what running prompts still need) fit the free blocks,
     /// less a 1% watermark, and a sequence slot is free.
-    fn admit_paged(
-        &self,
-        pool: &dyn KvPool,
-        waiting: &mut VecDeque<Queued>,
-        running: &mut Vec<Running>,
-        arrivals: &mut u64,
-    ) {
+    fn admit_paged(&self, pool: &dyn KvPool, waiting: &mut VecDeque<Queued>, running: &mut Vec<Running>, arrivals: &mut u64) {
         let mut active = running.iter().filter(|s| s.kv.is_some()).count();
         let mut committed = 0usize;
         for s in running.iter_mut() {
             let remaining = s.prompt.len() - s.prefilled;
             if let (Some(kv), true) = (s.kv.as_mut(), remaining > 0) {
-                committed += pool
-                    .blocks_needed(kv.as_mut(), remaining + 1, false)
-                    .unwrap_or(0);
+                committed += pool.blocks_needed(kv.as_mut(), remaining + 1, false).unwrap_or(0);
             }
         }
         // A 1% watermark leaves running sequences room to grow; an idle pool takes any request
         // that fits it whole (the request was checked against the pool at submission).
-        let watermark = if active == 0 {
-            0
-        } else {
-            pool.total_blocks() / 100
-        };
+        let watermark = if active == 0 { 0 } else { pool.total_blocks() / 100 };
         let mut free = pool.free_blocks().saturating_sub(committed + watermark);
         let limit = self.config.max_running.min(pool.max_seqs());
         // Preempted sequences first, oldest first.
-        let mut order: Vec<usize> = (0..running.len())
-            .filter(|&i| running[i].kv.is_none())
-            .collect();
+        let mut order: Vec<usize> = (0..running.len()).filter(|&i| running[i].kv.is_none()).collect();
         order.sort_by_key(|&i| running[i].arrival);
         for i in order {
             // Room for its prompt and the tokens it replays, so the recompute is not cut short.
@@ -809,38 +675,18 @@ impl Worker {
                     (None, Some((at, end))) if at == i => end - s.prefilled,
                     _ => continue,
                 };
-                need += pool
-                    .blocks_needed(kv.as_mut(), more, s.pending.is_some())
-                    .unwrap_or(0);
+                need += pool.blocks_needed(kv.as_mut(), more, s.pending.is_some()).unwrap_or(0);
             }
             if need <= pool.free_blocks() {
                 break prefill;
             }
             // The youngest sequence whose preemption helps: one that holds blocks or takes
             // part in this step (a just-admitted one waiting for its turn frees nothing).
-            let active: Vec<usize> = (0..running.len())
-                .filter(|&i| running[i].kv.is_some())
-                .collect();
-            let helps = |i: usize| {
-                running[i].pending.is_some()
-                    || prefill_at == Some(i)
-                    || running[i].kv.as_ref().is_some_and(|kv| kv.tokens() > 0)
-            };
-            let Some(&victim) = active
-                .iter()
-                .filter(|&&i| helps(i))
-                .max_by_key(|&&i| running[i].arrival)
-            else {
-                return;
-            };
+            let active: Vec<usize> = (0..running.len()).filter(|&i| running[i].kv.is_some()).collect();
+            let helps = |i: usize| running[i].pending.is_some() || prefill_at == Some(i) || running[i].kv.as_ref().is_some_and(|kv| kv.tokens() > 0);
+            let Some(&victim) = active.iter().filter(|&&i| helps(i)).max_by_key(|&&i| running[i].arrival) else { return };
             if active.len() == 1 {
-                fail(
-                    &mut running[victim],
-                    format!(
-                        "the KV pool ({} blocks) cannot hold this request",
-                        pool.total_blocks()
-                    ),
-                );
+                fail(&mut running[victim], format!("the KV pool ({} blocks) cannot hold this request", pool.total_blocks()));
                 return;
             }
             let s = &mut running[victim];
@@ -853,16 +699,7 @@ impl Worker {
         let mut row_of: Vec<usize> = Vec::new();
         let mut chunk: Option<(&mut dyn Sequence, &[u32], bool)> = None;
         for (i, s) in running.iter_mut().enumerate() {
-            let Running {
-                kv: Some(kv),
-                pending,
-                prompt,
-                prefilled,
-                ..
-            } = s
-            else {
-                continue;
-            };
+            let Running { kv: Some(kv), pending, prompt, prefilled, .. } = s else { continue };
             if let Some(t) = *pending {
                 rows.push((kv.as_mut(), t));
                 row_of.push(i);
@@ -885,25 +722,13 @@ impl Worker {
         drop(rows);
         if decode_only && result.is_ok() {
             self.stats.decode_only_steps.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .decode_only_rows
-                .fetch_add(n_rows as u64, Ordering::Relaxed);
-            self.stats
-                .decode_only_micros
-                .fetch_add(micros, Ordering::Relaxed);
-            let mut w = self
-                .stats
-                .widest_step
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            self.stats.decode_only_rows.fetch_add(n_rows as u64, Ordering::Relaxed);
+            self.stats.decode_only_micros.fetch_add(micros, Ordering::Relaxed);
+            let mut w = self.stats.widest_step.lock().unwrap_or_else(|e| e.into_inner());
             if n_rows >= w.0 {
                 *w = (n_rows, micros, kv_read);
             }
-            self.stats
-                .full_width
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(n_rows, micros);
+            self.stats.full_width.lock().unwrap_or_else(|e| e.into_inner()).record(n_rows, micros);
         }
         match result {
             Ok(out) => {
@@ -915,9 +740,7 @@ impl Worker {
                 if let Some((i, end)) = prefill {
                     let s = &mut running[i];
                     if !s.resumed {
-                        self.stats
-                            .prompt_tokens
-                            .fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
+                        self.stats.prompt_tokens.fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
                     }
                     s.prefilled = end;
                     if end == s.prompt.len() {
@@ -940,9 +763,7 @@ impl Worker {
         self.stats.peak_running.fetch_max(active, Ordering::SeqCst);
         let used = pool.total_blocks() - pool.free_blocks();
         self.stats.kv_blocks_used.store(used, Ordering::SeqCst);
-        self.stats
-            .kv_reserved
-            .store(used * pool.block_bytes(), Ordering::SeqCst);
+        self.stats.kv_reserved.store(used * pool.block_bytes(), Ordering::SeqCst);
     }
 }
 
@@ -950,10 +771,7 @@ impl Worker {
 /// still prefilling whose chunk (the same chunks as alone) fits beside every decode row;
 /// one that does not fit waits for a step with room.
 fn next_prefill(running: &[Running], chunk_size: usize, max_rows: usize) -> Option<(usize, usize)> {
-    let decoding = running
-        .iter()
-        .filter(|s| s.kv.is_some() && s.pending.is_some())
-        .count();
+    let decoding = running.iter().filter(|s| s.kv.is_some() && s.pending.is_some()).count();
     running
         .iter()
         .enumerate()
@@ -967,12 +785,7 @@ fn finish(s: &mut Running, tokenizer: &duo_model::TextTokenizer, finish_reason: 
         Ok(text) => text,
         Err(e) => return fail(s, e.to_string()),
     };
-    s.sink.send(Event::Done {
-        finish_reason,
-        text,
-        prompt_tokens: s.prompt.len(),
-        completion_tokens: s.text.tokens().len(),
-    });
+    s.sink.send(Event::Done { finish_reason, text, prompt_tokens: s.prompt.len(), completion_tokens: s.text.tokens().len() });
     s.finished = true;
 }
 
@@ -984,36 +797,18 @@ fn fail(s: &mut Running, message: String) {
 /// Log-probability of `id` and the `n` most likely tokens under raw `logits`.
 pub fn token_logprob(logits: &[f32], id: u32, n: usize) -> TokenLogprob {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = m + logits
-        .iter()
-        .map(|&l| (l as f64 - m).exp())
-        .sum::<f64>()
-        .ln();
+    let lse = m + logits.iter().map(|&l| (l as f64 - m).exp()).sum::<f64>().ln();
     let lp = |l: f32| (l as f64 - lse) as f32;
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
     if n > 0 {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let k = n.min(idx.len());
-        idx.select_nth_unstable_by(k - 1, |&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
+        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
         idx.truncate(k);
-        idx.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        top = idx
-            .into_iter()
-            .map(|i| (i, lp(logits[i as usize])))
-            .collect();
+        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        top = idx.into_iter().map(|i| (i, lp(logits[i as usize]))).collect();
     }
-    TokenLogprob {
-        logprob: lp(logits[id as usize]),
-        top,
-    }
+    TokenLogprob { logprob: lp(logits[id as usize]), top }
 }
 
 #[cfg(test)]
@@ -1028,24 +823,10 @@ mod tests {
         f.record(5, 2000);
         f.record(4, 9999); // narrower: not counted
         f.record(5, 3000);
-        assert_eq!(
-            f,
-            FullWidthSteps {
-                rows_per_step: 5,
-                steps: 2,
-                micros: 5000
-            }
-        );
+        assert_eq!(f, FullWidthSteps { rows_per_step: 5, steps: 2, micros: 5000 });
         assert_eq!(f.tokens_per_second(), Some(2000.0), "10 rows in 5 ms");
         f.record(6, 1000);
-        assert_eq!(
-            f,
-            FullWidthSteps {
-                rows_per_step: 6,
-                steps: 1,
-                micros: 1000
-            }
-        );
+        assert_eq!(f, FullWidthSteps { rows_per_step: 6, steps: 1, micros: 1000 });
     }
 
     #[test]

@@ -26,18 +26,14 @@ impl Structured {
     fn grammar(&self) -> Result<TopLevelGrammar> {
         let schema = match self {
             Structured::JsonObject => serde_json::json!({"type": "object"}),
-            Structured::JsonSchema(text) => serde_json::from_str(text)
-                .map_err(|e| bad(format!("the JSON schema is not JSON: {e}")))?,
+            Structured::JsonSchema(text) => serde_json::from_str(text).map_err(|e| bad(format!("the JSON schema is not JSON: {e}")))?,
         };
         Ok(TopLevelGrammar::from_json_schema(schema))
     }
 }
 
 fn bad(reason: String) -> EngineError {
-    EngineError::InvalidParameter {
-        name: "response_format",
-        reason,
-    }
+    EngineError::InvalidParameter { name: "response_format", reason }
 }
 
 /// Builds constraints for one model's vocabulary (the token trie is built once).
@@ -48,27 +44,19 @@ pub struct ConstraintFactory {
 impl ConstraintFactory {
     /// For `tokenizer`'s tokens in a model of `vocab_size` ids ending turns with `eos`.
     pub fn new(tokenizer: &duo_model::TextTokenizer, vocab_size: usize, eos: u32) -> Result<Self> {
-        let json: serde_json::Value = serde_json::from_str(&tokenizer.to_json()?)
-            .map_err(|e| EngineError::Backend(format!("the tokenizer's JSON: {e}")))?;
-        let mut words = llguidance::token_bytes_from_tokenizer_json(&json)
-            .map_err(|e| EngineError::Backend(format!("token bytes: {e}")))?;
+        let json: serde_json::Value = serde_json::from_str(&tokenizer.to_json()?).map_err(|e| EngineError::Backend(format!("the tokenizer's JSON: {e}")))?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| EngineError::Backend(format!("token bytes: {e}")))?;
         words.resize(vocab_size.max(words.len()), Vec::new());
         let trie = TokTrie::from(&TokRxInfo::new(words.len() as u32, eos), &words);
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
-        let mut factory = ParserFactory::new_simple(&env)
-            .map_err(|e| EngineError::Backend(format!("grammar engine: {e}")))?;
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| EngineError::Backend(format!("grammar engine: {e}")))?;
         factory.quiet();
-        Ok(Self {
-            factory: Arc::new(factory),
-        })
+        Ok(Self { factory: Arc::new(factory) })
     }
 
     /// A fresh constraint for `what`; an invalid schema is an error naming `response_format`.
     pub fn constraint(&self, what: &Structured) -> Result<Constraint> {
-        let parser = self
-            .factory
-            .create_parser(what.grammar()?)
-            .map_err(|e| bad(e.to_string()))?;
+        let parser = self.factory.create_parser(what.grammar()?).map_err(|e| bad(e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(bad(e));
@@ -84,9 +72,7 @@ pub struct Constraint {
 
 impl Clone for Constraint {
     fn clone(&self) -> Self {
-        Self {
-            matcher: self.matcher.deep_clone(),
-        }
+        Self { matcher: self.matcher.deep_clone() }
     }
 }
 
@@ -99,10 +85,7 @@ impl std::fmt::Debug for Constraint {
 impl Constraint {
     /// Sets the logits of tokens the grammar does not allow next to `-inf`.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let allowed = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| EngineError::Backend(format!("grammar: {e}")))?;
+        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| EngineError::Backend(format!("grammar: {e}")))?;
         for (id, l) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(id as u32) {
                 *l = f32::NEG_INFINITY;
@@ -116,8 +99,6 @@ impl Constraint {
         if self.matcher.is_stopped() {
             return Ok(());
         }
-        self.matcher
-            .consume_token(token)
-            .map_err(|e| EngineError::Backend(format!("grammar: {e}")))
+        self.matcher.consume_token(token).map_err(|e| EngineError::Backend(format!("grammar: {e}")))
     }
 }

@@ -18,8 +18,7 @@ pub struct Engine {
     /// What runs it.
     pub backend: Box<dyn Backend>,
     /// Grammar constraints for structured output, built on first use.
-    constraints:
-        std::sync::OnceLock<std::result::Result<crate::constraint::ConstraintFactory, String>>,
+    constraints: std::sync::OnceLock<std::result::Result<crate::constraint::ConstraintFactory, String>>,
 }
 
 impl Engine {
@@ -29,34 +28,19 @@ impl Engine {
         let opened = backend::open(device)?;
         let f = ModelFiles::open(source)?;
         let backend = backend::load(opened, &f.checkpoint, f.config)?;
-        Ok(Self {
-            tokenizer: f.tokenizer,
-            template: f.template,
-            path: f.path,
-            backend,
-            constraints: Default::default(),
-        })
+        Ok(Self { tokenizer: f.tokenizer, template: f.template, path: f.path, backend, constraints: Default::default() })
     }
 
     /// A fresh grammar constraint for structured output (the token trie is built on first use).
-    pub fn constraint(
-        &self,
-        what: &crate::constraint::Structured,
-    ) -> Result<crate::constraint::Constraint> {
+    pub fn constraint(&self, what: &crate::constraint::Structured) -> Result<crate::constraint::Constraint> {
         let factory = self.constraints.get_or_init(|| {
             let c = self.config();
-            let eos = *c
-                .eos_token_ids
-                .first()
-                .ok_or("the model names no end-of-sequence token")?;
-            crate::constraint::ConstraintFactory::new(&self.tokenizer, c.vocab_size, eos)
-                .map_err(|e| e.to_string())
+            let eos = *c.eos_token_ids.first().ok_or("the model names no end-of-sequence token")?;
+            crate::constraint::ConstraintFactory::new(&self.tokenizer, c.vocab_size, eos).map_err(|e| e.to_string())
         });
         match factory {
             Ok(f) => f.constraint(what),
-            Err(e) => Err(crate::error::EngineError::Backend(format!(
-                "structured output is not available for this model: {e}"
-            ))),
+            Err(e) => Err(crate::error::EngineError::Backend(format!("structured output is not available for this model: {e}"))),
         }
     }
 

@@ -12,9 +12,7 @@ pub enum EngineError {
         reason: String,
     },
     /// The request does not fit the model's context.
-    #[error(
-        "{prompt} prompt tokens + {max_tokens} new tokens exceed the context length of {context}"
-    )]
+    #[error("{prompt} prompt tokens + {max_tokens} new tokens exceed the context length of {context}")]
     ContextLength {
         /// Prompt tokens.
         prompt: usize,
@@ -34,9 +32,7 @@ pub enum EngineError {
         available_mib: f64,
     },
     /// A request's KV cache could never fit the server's KV budget.
-    #[error(
-        "the request needs {needed} bytes of KV cache, more than the budget of {budget} bytes"
-    )]
+    #[error("the request needs {needed} bytes of KV cache, more than the budget of {budget} bytes")]
     KvBudget {
         /// Bytes the request's cache plan needs at its full length.
         needed: usize,

@@ -24,8 +24,8 @@ pub mod shipped;
 pub mod text;
 
 pub use backend::{Backend, Device, KvPool, PoolOptions, PoolStep, Sequence};
-pub use batch::{BatchConfig, BatchEngine, BatchStats, Event, EventSink, Request, TokenLogprob};
 pub use engine::Engine;
+pub use batch::{BatchConfig, BatchEngine, BatchStats, Event, EventSink, Request, TokenLogprob};
 pub use error::{EngineError, Result};
 pub use method::{KvDtype, Method, MethodSpec, PatternSource, ResolvedMethod};
 pub use sampler::{Sampler, SamplingParams};

@@ -66,10 +66,7 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |name, reason: String| Err(EngineError::InvalidParameter { name, reason });
         if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
-            return bad(
-                "temperature",
-                format!("{} is not between 0 and 100", self.temperature),
-            );
+            return bad("temperature", format!("{} is not between 0 and 100", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("{} is not in (0, 1]", self.top_p));
@@ -83,29 +80,16 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "stop strings must not be empty".into());
         }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
                 return bad(name, format!("{v} is not between -2 and 2"));
             }
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 2.0) {
-            return bad(
-                "repetition_penalty",
-                format!("{} is not in (0, 2]", self.repetition_penalty),
-            );
+            return bad("repetition_penalty", format!("{} is not in (0, 2]", self.repetition_penalty));
         }
-        if let Some((id, b)) = self
-            .logit_bias
-            .iter()
-            .find(|(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(b)))
-        {
-            return bad(
-                "logit_bias",
-                format!("the bias {b} of token {id} is not between -100 and 100"),
-            );
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(b))) {
+            return bad("logit_bias", format!("the bias {b} of token {id} is not between -100 and 100"));
         }
         Ok(())
     }
@@ -114,20 +98,14 @@ impl SamplingParams {
     /// `vocab` tokens.
     pub fn check_vocab(&self, vocab: usize) -> Result<()> {
         match self.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
-            Some((id, _)) => Err(EngineError::InvalidParameter {
-                name: "logit_bias",
-                reason: format!("token id {id} is outside the vocabulary of {vocab}"),
-            }),
+            Some((id, _)) => Err(EngineError::InvalidParameter { name: "logit_bias", reason: format!("token id {id} is outside the vocabulary of {vocab}") }),
             None => Ok(()),
         }
     }
 
     /// Whether the logits are adjusted before sampling.
     fn adjusts(&self) -> bool {
-        self.presence_penalty != 0.0
-            || self.frequency_penalty != 0.0
-            || self.repetition_penalty != 1.0
-            || !self.logit_bias.is_empty()
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0 || !self.logit_bias.is_empty()
     }
 }
 
@@ -149,13 +127,7 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Self {
-            params,
-            rng,
-            generated: Default::default(),
-            prompt: Default::default(),
-            constraint: None,
-        })
+        Ok(Self { params, rng, generated: Default::default(), prompt: Default::default(), constraint: None })
     }
 
     /// Constrains the output to a grammar.
@@ -184,21 +156,13 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &id in self.prompt.iter().chain(self.generated.keys()) {
                 if let Some(l) = out.get_mut(id as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
                 }
             }
             // A token in both the prompt and the output was penalised twice: undo once.
             for &id in self.generated.keys().filter(|id| self.prompt.contains(id)) {
                 if let Some(l) = out.get_mut(id as usize) {
-                    *l = if *l > 0.0 {
-                        *l * p.repetition_penalty
-                    } else {
-                        *l / p.repetition_penalty
-                    };
+                    *l = if *l > 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
                 }
             }
         }
@@ -221,11 +185,7 @@ impl Sampler {
         if !self.params.adjusts() && self.constraint.is_none() {
             return Ok(self.draw(logits));
         }
-        let mut adjusted = if self.params.adjusts() {
-            self.adjusted(logits)
-        } else {
-            logits.to_vec()
-        };
+        let mut adjusted = if self.params.adjusts() { self.adjusted(logits) } else { logits.to_vec() };
         if let Some(c) = &mut self.constraint {
             c.mask(&mut adjusted)?;
         }
@@ -257,11 +217,7 @@ impl Sampler {
     /// The distribution after temperature and filters, most likely first, summing to 1.
     pub fn filtered_probs(&self, logits: &[f32]) -> Vec<(u32, f64)> {
         let t = self.params.temperature.max(1e-6) as f64;
-        let mut cand: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l as f64 / t))
-            .collect();
+        let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64 / t)).collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
             cand.truncate(self.params.top_k);
@@ -312,10 +268,7 @@ mod tests {
     use super::*;
 
     fn sampler(f: impl FnOnce(&mut SamplingParams)) -> Sampler {
-        let mut p = SamplingParams {
-            temperature: 1.0,
-            ..Default::default()
-        };
+        let mut p = SamplingParams { temperature: 1.0, ..Default::default() };
         f(&mut p);
         Sampler::new(p).unwrap()
     }
@@ -329,14 +282,7 @@ mod tests {
     #[test]
     fn filters_cut_the_distribution() {
         let logits = [0.0f32, 1.0, 2.0, 3.0];
-        assert_eq!(
-            sampler(|p| p.top_k = 2)
-                .filtered_probs(&logits)
-                .iter()
-                .map(|x| x.0)
-                .collect::<Vec<_>>(),
-            vec![3, 2]
-        );
+        assert_eq!(sampler(|p| p.top_k = 2).filtered_probs(&logits).iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2]);
         // Softmax of [0,1,2,3]: 0.032, 0.087, 0.237, 0.644. top_p 0.8 keeps 3 and 2.
         assert_eq!(sampler(|p| p.top_p = 0.8).filtered_probs(&logits).len(), 2);
         // min_p 0.3: keep tokens with p >= 0.193: 3 and 2.
@@ -351,9 +297,7 @@ mod tests {
         let logits = [0.0f32, 1.0, 2.0, 3.0];
         let draws = |seed| {
             let mut s = sampler(|p| p.seed = seed);
-            (0..4000)
-                .map(|_| s.sample(&logits).unwrap())
-                .collect::<Vec<u32>>()
+            (0..4000).map(|_| s.sample(&logits).unwrap()).collect::<Vec<u32>>()
         };
         let a = draws(5);
         assert_eq!(a, draws(5));
@@ -365,21 +309,11 @@ mod tests {
     #[test]
     fn invalid_parameters_are_named() {
         for (f, name) in [
-            (
-                Box::new(|p: &mut SamplingParams| p.temperature = -1.0)
-                    as Box<dyn Fn(&mut SamplingParams)>,
-                "temperature",
-            ),
+            (Box::new(|p: &mut SamplingParams| p.temperature = -1.0) as Box<dyn Fn(&mut SamplingParams)>, "temperature"),
             (Box::new(|p: &mut SamplingParams| p.top_p = 0.0), "top_p"),
             (Box::new(|p: &mut SamplingParams| p.min_p = 2.0), "min_p"),
-            (
-                Box::new(|p: &mut SamplingParams| p.max_tokens = 0),
-                "max_tokens",
-            ),
-            (
-                Box::new(|p: &mut SamplingParams| p.temperature = f32::NAN),
-                "temperature",
-            ),
+            (Box::new(|p: &mut SamplingParams| p.max_tokens = 0), "max_tokens"),
+            (Box::new(|p: &mut SamplingParams| p.temperature = f32::NAN), "temperature"),
         ] {
             let mut p = SamplingParams::default();
             f(&mut p);
@@ -403,19 +337,8 @@ mod penalty_tests {
     fn logit_bias_moves_the_choice() {
         let logits = [1.0f32, 3.0, 2.0];
         assert_eq!(greedy(|_| {}).sample(&logits).unwrap(), 1);
-        assert_eq!(
-            greedy(|p| p.logit_bias = vec![(2, 1.5)])
-                .sample(&logits)
-                .unwrap(),
-            2
-        );
-        assert_eq!(
-            greedy(|p| p.logit_bias = vec![(1, -100.0)])
-                .sample(&logits)
-                .unwrap(),
-            2,
-            "a ban"
-        );
+        assert_eq!(greedy(|p| p.logit_bias = vec![(2, 1.5)]).sample(&logits).unwrap(), 2);
+        assert_eq!(greedy(|p| p.logit_bias = vec![(1, -100.0)]).sample(&logits).unwrap(), 2, "a ban");
     }
 
     #[test]
@@ -423,29 +346,13 @@ mod penalty_tests {
         let logits = [0.0f32, 2.0, 1.5];
         // Presence 1: after token 1 once, its logit drops to 1.0 < 1.5.
         let mut s = greedy(|p| p.presence_penalty = 1.0);
-        assert_eq!(
-            (s.sample(&logits).unwrap(), s.sample(&logits).unwrap()),
-            (1, 2)
-        );
+        assert_eq!((s.sample(&logits).unwrap(), s.sample(&logits).unwrap()), (1, 2));
         // Frequency 0.3: 2.0 - 0.3 = 1.7 still wins, after twice 1.4 loses.
         let mut s = greedy(|p| p.frequency_penalty = 0.3);
-        assert_eq!(
-            [
-                s.sample(&logits).unwrap(),
-                s.sample(&logits).unwrap(),
-                s.sample(&logits).unwrap()
-            ],
-            [1, 1, 2]
-        );
+        assert_eq!([s.sample(&logits).unwrap(), s.sample(&logits).unwrap(), s.sample(&logits).unwrap()], [1, 1, 2]);
         // Negative values encourage repeats.
         let mut s = greedy(|p| p.presence_penalty = -1.0);
-        assert_eq!(
-            [
-                s.sample(&[2.0, 1.9]).unwrap(),
-                s.sample(&[1.9, 2.0]).unwrap()
-            ],
-            [0, 0]
-        );
+        assert_eq!([s.sample(&[2.0, 1.9]).unwrap(), s.sample(&[1.9, 2.0]).unwrap()], [0, 0]);
     }
 
     #[test]
@@ -453,11 +360,7 @@ mod penalty_tests {
         let logits = [1.0f32, 1.8, -0.5];
         let s = greedy(|p| p.repetition_penalty = 2.0).with_prompt(&[1, 2]);
         let a = s.adjusted(&logits);
-        assert_eq!(
-            a,
-            vec![1.0, 0.9, -1.0],
-            "positive divided, negative multiplied, others untouched"
-        );
+        assert_eq!(a, vec![1.0, 0.9, -1.0], "positive divided, negative multiplied, others untouched");
         let mut s = s;
         assert_eq!(s.sample(&logits).unwrap(), 0);
         // Token 0 now generated once too: penalised once, not twice.
@@ -467,39 +370,12 @@ mod penalty_tests {
     #[test]
     fn penalty_ranges_are_checked_by_name() {
         for (p, name) in [
-            (
-                SamplingParams {
-                    presence_penalty: 2.5,
-                    ..Default::default()
-                },
-                "presence_penalty",
-            ),
-            (
-                SamplingParams {
-                    frequency_penalty: f32::NAN,
-                    ..Default::default()
-                },
-                "frequency_penalty",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: 0.0,
-                    ..Default::default()
-                },
-                "repetition_penalty",
-            ),
-            (
-                SamplingParams {
-                    logit_bias: vec![(3, 101.0)],
-                    ..Default::default()
-                },
-                "logit_bias",
-            ),
+            (SamplingParams { presence_penalty: 2.5, ..Default::default() }, "presence_penalty"),
+            (SamplingParams { frequency_penalty: f32::NAN, ..Default::default() }, "frequency_penalty"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
+            (SamplingParams { logit_bias: vec![(3, 101.0)], ..Default::default() }, "logit_bias"),
         ] {
-            assert!(
-                matches!(p.validate(), Err(EngineError::InvalidParameter { name: n, .. }) if n == name),
-                "{name}"
-            );
+            assert!(matches!(p.validate(), Err(EngineError::InvalidParameter { name: n, .. }) if n == name), "{name}");
         }
     }
 }

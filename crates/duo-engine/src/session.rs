@@ -1,11 +1,11 @@
 //! Running a model over one sequence: chunked prefill, decode, and teacher-forced scoring.
 
-use crate::backend::{kv_plan, Backend, Logits, Sequence};
-use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::method::ResolvedMethod;
 use crate::sampler::{argmax, Sampler, SamplingParams};
 use crate::text::TextStream;
+use crate::backend::{kv_plan, Backend, Logits, Sequence};
+use crate::engine::Engine;
 use duo_kv::KvBytes;
 use serde::Serialize;
 use std::time::Instant;
@@ -82,18 +82,12 @@ pub fn complete<E: From<EngineError>>(
     mut next_logits: impl FnMut(u32) -> std::result::Result<Vec<f32>, E>,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> std::result::Result<Completion, E> {
-    let mut sampler = Sampler::new(params.clone())?
-        .with_prompt(prompt)
-        .with_constraint(constraint);
+    let mut sampler = Sampler::new(params.clone())?.with_prompt(prompt).with_constraint(constraint);
     let mut stream = TextStream::new(params.stop.clone());
     let finish = loop {
         let next = sampler.sample(&logits)?;
         let accepted = stream.accept(tokenizer, next, eos, params.max_tokens)?;
-        if accepted
-            .delta
-            .as_deref()
-            .is_some_and(|d| !d.is_empty() && !on_text(d))
-        {
+        if accepted.delta.as_deref().is_some_and(|d| !d.is_empty() && !on_text(d)) {
             break FinishReason::Cancelled;
         }
         if let Some(reason) = accepted.finish {
@@ -105,11 +99,7 @@ pub fn complete<E: From<EngineError>>(
     if finish != FinishReason::Cancelled && !rest.is_empty() {
         on_text(&rest);
     }
-    Ok(Completion {
-        tokens: stream.tokens().to_vec(),
-        text: stream.text().to_string(),
-        finish,
-    })
+    Ok(Completion { tokens: stream.tokens().to_vec(), text: stream.text().to_string(), finish })
 }
 
 /// One scored continuation token.
@@ -146,13 +136,7 @@ impl Scores {
         let n = tokens.len().max(1) as f64;
         let mean_logprob = tokens.iter().map(|t| t.logprob).sum::<f64>() / n;
         let top1_accuracy = tokens.iter().filter(|t| t.top1).count() as f64 / n;
-        Self {
-            tokens,
-            top1_accuracy,
-            mean_logprob,
-            perplexity: (-mean_logprob).exp(),
-            peak_kv,
-        }
+        Self { tokens, top1_accuracy, mean_logprob, perplexity: (-mean_logprob).exp(), peak_kv }
     }
 }
 
@@ -162,12 +146,7 @@ pub fn score_token(logits: &[f32], id: u32) -> ScoredToken {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let z: f64 = logits.iter().map(|&l| (l as f64 - m).exp()).sum();
     let rank = 1 + logits.iter().filter(|&&l| l > target).count();
-    ScoredToken {
-        id,
-        logprob: target as f64 - m - z.ln(),
-        rank,
-        top1: rank == 1 && argmax(logits) == id,
-    }
+    ScoredToken { id, logprob: target as f64 - m - z.ln(), rank, top1: rank == 1 && argmax(logits) == id }
 }
 
 /// Runs a model with one attention method, one sequence at a time, on the engine's backend.
@@ -196,30 +175,17 @@ impl<'m> Runner<'m> {
     /// the backend's free memory.
     pub fn new_sequence(&self, tokens: usize) -> Result<Box<dyn Sequence>> {
         let b = self.backend();
-        check_kv_memory(
-            kv_plan(b, &self.method).total_bytes(tokens),
-            b.available_memory(),
-            tokens,
-        )?;
+        check_kv_memory(kv_plan(b, &self.method).total_bytes(tokens), b.available_memory(), tokens)?;
         b.new_sequence(&self.method, tokens)
     }
 
     /// Prefills `tokens` in chunks of the method's size into `seq`, returning the last
     /// position's logits; `progress` gets each chunk's length.
-    pub fn prefill(
-        &self,
-        tokens: &[u32],
-        seq: &mut dyn Sequence,
-        mut progress: impl FnMut(usize),
-    ) -> Result<Vec<f32>> {
+    pub fn prefill(&self, tokens: &[u32], seq: &mut dyn Sequence, mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
         let chunks: Vec<&[u32]> = tokens.chunks(self.method.chunk.max(1)).collect();
         let mut last = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
-            let which = if i + 1 == chunks.len() {
-                Logits::Last
-            } else {
-                Logits::None
-            };
+            let which = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
             last = self.backend().forward(seq, c, which)?;
             progress(c.len());
         }
@@ -234,12 +200,7 @@ impl<'m> Runner<'m> {
 
     /// Generates from `prompt`; `on_text` receives each new piece of text as it becomes
     /// stable and returns `false` to cancel.
-    pub fn generate(
-        &self,
-        prompt: &[u32],
-        params: &SamplingParams,
-        on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Generation> {
+    pub fn generate(&self, prompt: &[u32], params: &SamplingParams, on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
         params.validate()?;
         params.check_vocab(self.engine.config().vocab_size)?;
         self.check_fits(prompt.len(), params.max_tokens)?;
@@ -251,21 +212,8 @@ impl<'m> Runner<'m> {
         let prefill_seconds = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let backend = self.backend();
-        let constraint = params
-            .structured
-            .as_ref()
-            .map(|what| self.engine.constraint(what))
-            .transpose()?;
-        let done = complete(
-            tok,
-            eos,
-            params,
-            prompt,
-            constraint,
-            logits,
-            |next| backend.forward(seq.as_mut(), &[next], Logits::Last),
-            on_text,
-        )?;
+        let constraint = params.structured.as_ref().map(|what| self.engine.constraint(what)).transpose()?;
+        let done = complete(tok, eos, params, prompt, constraint, logits, |next| backend.forward(seq.as_mut(), &[next], Logits::Last), on_text)?;
         Ok(Generation {
             prompt_token_ids: prompt.to_vec(),
             completion_token_ids: done.tokens,
@@ -289,12 +237,7 @@ impl<'m> Runner<'m> {
     /// Teacher-forced scores of `continuation` given a sequence already holding the prompt
     /// and the logits of its last position; the sequence advances over the continuation
     /// (all but its last token).
-    pub fn score_after(
-        &self,
-        seq: &mut dyn Sequence,
-        logits: &[f32],
-        continuation: &[u32],
-    ) -> Result<Vec<ScoredToken>> {
+    pub fn score_after(&self, seq: &mut dyn Sequence, logits: &[f32], continuation: &[u32]) -> Result<Vec<ScoredToken>> {
         self.check_fits(seq.tokens().max(1), continuation.len())?;
         let mut out = Vec::with_capacity(continuation.len());
         if let Some(&first) = continuation.first() {
@@ -316,12 +259,7 @@ impl<'m> Runner<'m> {
 
     /// Greedy continuation of a sequence whose last position produced `logits`: up to
     /// `max_tokens` tokens, stopping at end-of-sequence.
-    pub fn greedy_after(
-        &self,
-        seq: &mut dyn Sequence,
-        logits: &[f32],
-        max_tokens: usize,
-    ) -> Result<Vec<u32>> {
+    pub fn greedy_after(&self, seq: &mut dyn Sequence, logits: &[f32], max_tokens: usize) -> Result<Vec<u32>> {
         self.check_fits(seq.tokens().max(1), max_tokens)?;
         let eos = &self.engine.config().eos_token_ids;
         let mut out = Vec::with_capacity(max_tokens);
@@ -357,17 +295,10 @@ impl<'m> Runner<'m> {
 /// Errors unless a non-empty prompt plus `new` tokens fit a context of `context` tokens.
 pub(crate) fn check_fits(context: usize, prompt: usize, new: usize) -> Result<()> {
     if prompt == 0 {
-        return Err(EngineError::InvalidParameter {
-            name: "prompt",
-            reason: "the prompt is empty".into(),
-        });
+        return Err(EngineError::InvalidParameter { name: "prompt", reason: "the prompt is empty".into() });
     }
     if prompt + new > context {
-        return Err(EngineError::ContextLength {
-            prompt,
-            max_tokens: new,
-            context,
-        });
+        return Err(EngineError::ContextLength { prompt, max_tokens: new, context });
     }
     Ok(())
 }
@@ -406,12 +337,7 @@ mod tests {
     fn kv_memory_check_names_both_sizes() {
         assert!(check_kv_memory(10 << 20, Some(20 << 20), 100).is_ok());
         assert!(check_kv_memory(10 << 20, None, 100).is_ok());
-        let e = check_kv_memory(30 << 20, Some(20 << 20), 4096)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("4096 tokens") && e.contains("30.0 MiB") && e.contains("20.0 MiB"),
-            "{e}"
-        );
+        let e = check_kv_memory(30 << 20, Some(20 << 20), 4096).unwrap_err().to_string();
+        assert!(e.contains("4096 tokens") && e.contains("30.0 MiB") && e.contains("20.0 MiB"), "{e}");
     }
 }

@@ -51,32 +51,15 @@ pub struct TextStream {
 impl TextStream {
     /// A stream that stops at any of `stop`.
     pub fn new(stop: Vec<String>) -> Self {
-        Self {
-            stop,
-            tokens: Vec::new(),
-            text: String::new(),
-            emitted: 0,
-            prefix_offset: 0,
-            read_offset: 0,
-            stopped: false,
-        }
+        Self { stop, tokens: Vec::new(), text: String::new(), emitted: 0, prefix_offset: 0, read_offset: 0, stopped: false }
     }
 
     /// Takes one sampled token: an end-of-sequence token ends the completion; any other is
     /// added, and the completion ends at a stop string or after `max_tokens` tokens. The
     /// one decision shared by `duo generate` and the batching engine.
-    pub fn accept(
-        &mut self,
-        tokenizer: &TextTokenizer,
-        id: u32,
-        eos: &[u32],
-        max_tokens: usize,
-    ) -> Result<Accepted> {
+    pub fn accept(&mut self, tokenizer: &TextTokenizer, id: u32, eos: &[u32], max_tokens: usize) -> Result<Accepted> {
         if eos.contains(&id) {
-            return Ok(Accepted {
-                delta: None,
-                finish: Some(FinishReason::Stop),
-            });
+            return Ok(Accepted { delta: None, finish: Some(FinishReason::Stop) });
         }
         let step = self.push(tokenizer, id)?;
         let finish = if step.stopped {
@@ -86,40 +69,22 @@ impl TextStream {
         } else {
             None
         };
-        Ok(Accepted {
-            delta: Some(step.delta),
-            finish,
-        })
+        Ok(Accepted { delta: Some(step.delta), finish })
     }
 
     /// Adds one token and returns the text that became stable.
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<TextStep> {
         self.tokens.push(id);
         self.decode_new(tokenizer, false)?;
-        if let Some(cut) = self
-            .stop
-            .iter()
-            .filter_map(|s| self.text.find(s.as_str()))
-            .min()
-        {
+        if let Some(cut) = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
             self.text.truncate(cut);
             self.stopped = true;
             let delta = self.take_rest();
-            return Ok(TextStep {
-                delta,
-                stopped: true,
-            });
+            return Ok(TextStep { delta, stopped: true });
         }
-        let hold = self
-            .stop
-            .iter()
-            .map(|s| longest_prefix_suffix(&self.text, s))
-            .max()
-            .unwrap_or(0);
+        let hold = self.stop.iter().map(|s| longest_prefix_suffix(&self.text, s)).max().unwrap_or(0);
         let mut stable = self.text.len() - hold;
-        while stable > self.emitted
-            && (!self.text.is_char_boundary(stable) || self.text[..stable].ends_with('\u{FFFD}'))
-        {
+        while stable > self.emitted && (!self.text.is_char_boundary(stable) || self.text[..stable].ends_with('\u{FFFD}')) {
             stable -= 1;
         }
         let mut delta = String::new();
@@ -127,10 +92,7 @@ impl TextStream {
             delta = self.text[self.emitted..stable].to_string();
             self.emitted = stable;
         }
-        Ok(TextStep {
-            delta,
-            stopped: false,
-        })
+        Ok(TextStep { delta, stopped: false })
     }
 
     /// Appends the text of the tokens since `read_offset` once it is complete (does not end
@@ -187,12 +149,7 @@ impl TextStream {
 fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
     (1..stop.len())
         .rev()
-        .find(|&n| {
-            n <= text.len()
-                && text.is_char_boundary(text.len() - n)
-                && stop.is_char_boundary(n)
-                && text.ends_with(&stop[..n])
-        })
+        .find(|&n| n <= text.len() && text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
         .unwrap_or(0)
 }
 

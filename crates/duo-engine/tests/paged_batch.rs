@@ -4,10 +4,7 @@
 //! they give alone; every block comes back when the requests end.
 
 use duo_core::pattern::Layout;
-use duo_engine::{
-    BatchConfig, BatchEngine, Device, Engine, EngineError, Event, EventSink, KvPool, Method,
-    MethodSpec, PoolStep, Request, ResolvedMethod, Runner, SamplingParams, Sequence,
-};
+use duo_engine::{BatchConfig, BatchEngine, Device, Engine, EngineError, Event, EventSink, KvPool, Method, MethodSpec, PoolStep, Request, ResolvedMethod, Runner, SamplingParams, Sequence};
 use duo_kv::KvBytes;
 use duo_model::{Logits, ModelSource};
 use std::any::Any;
@@ -56,9 +53,7 @@ struct CpuBlockPool {
 }
 
 fn blocked(s: &mut dyn Sequence) -> &mut Blocked {
-    s.as_any_mut()
-        .downcast_mut::<Blocked>()
-        .expect("a sequence of this pool")
+    s.as_any_mut().downcast_mut::<Blocked>().expect("a sequence of this pool")
 }
 
 impl CpuBlockPool {
@@ -77,21 +72,12 @@ impl CpuBlockPool {
 impl KvPool for CpuBlockPool {
     fn new_sequence(&self) -> duo_engine::Result<Box<dyn Sequence>> {
         let inner = self.engine.backend().new_sequence(&self.method, 1024)?;
-        Ok(Box::new(Blocked {
-            inner,
-            held: 0,
-            free: self.free.clone(),
-        }))
+        Ok(Box::new(Blocked { inner, held: 0, free: self.free.clone() }))
     }
     fn blocks_for(&self, tokens: usize) -> usize {
         1 + tokens.div_ceil(self.block)
     }
-    fn blocks_needed(
-        &self,
-        seq: &mut dyn Sequence,
-        more: usize,
-        _decode: bool,
-    ) -> duo_engine::Result<usize> {
+    fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize, _decode: bool) -> duo_engine::Result<usize> {
         let s = blocked(seq);
         Ok(self.blocks_for(s.tokens() + more).saturating_sub(s.held))
     }
@@ -116,15 +102,8 @@ impl KvPool for CpuBlockPool {
     fn max_chunk(&self) -> usize {
         self.method.chunk
     }
-    fn step(
-        &self,
-        decode: &mut [(&mut dyn Sequence, u32)],
-        prefill: Option<(&mut dyn Sequence, &[u32], bool)>,
-    ) -> duo_engine::Result<PoolStep> {
-        let need: usize = decode
-            .iter_mut()
-            .map(|(s, _)| self.blocks_needed(&mut **s, 1, true).unwrap_or(0))
-            .sum();
+    fn step(&self, decode: &mut [(&mut dyn Sequence, u32)], prefill: Option<(&mut dyn Sequence, &[u32], bool)>) -> duo_engine::Result<PoolStep> {
+        let need: usize = decode.iter_mut().map(|(s, _)| self.blocks_needed(&mut **s, 1, true).unwrap_or(0)).sum();
         if need > self.free_blocks() {
             return Err(EngineError::Backend("pool full".into()));
         }
@@ -143,11 +122,7 @@ impl KvPool for CpuBlockPool {
         if let Some((s, tokens, last)) = prefill {
             let b = blocked(s);
             self.grow(b, tokens.len())?;
-            out.prefill = backend.forward(
-                b.inner.as_mut(),
-                tokens,
-                if last { Logits::Last } else { Logits::None },
-            )?;
+            out.prefill = backend.forward(b.inner.as_mut(), tokens, if last { Logits::Last } else { Logits::None })?;
         }
         Ok(out)
     }
@@ -170,99 +145,32 @@ impl EventSink for ChannelSink {
 #[test]
 fn preempted_requests_resume_with_the_tokens_they_give_alone() {
     let model = Arc::new(Engine::load(&ModelSource::Default, Device::Cpu).expect("default model"));
-    let spec = MethodSpec {
-        method: Method::Random,
-        sparsity: Some(0.5),
-        layout: Layout::Head,
-        sink: 8,
-        recent: 24,
-        chunk: 32,
-        ..Default::default()
-    };
+    let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout: Layout::Head, sink: 8, recent: 24, chunk: 32, ..Default::default() };
     let method = spec.resolve(model.config()).expect("method");
     let text = "The harbour town woke slowly. Fishermen mended nets while gulls argued over the morning catch. ";
-    let base = model
-        .tokenizer
-        .encode(&text.repeat(10), true)
-        .expect("encode");
+    let base = model.tokenizer.encode(&text.repeat(10), true).expect("encode");
     // Short prompts that all fit at admission, then long generations that do not fit together.
     let cases: Vec<(Vec<u32>, SamplingParams)> = (0..6)
         .map(|i| {
             let temperature = if i % 2 == 1 { 0.9 } else { 0.0 };
-            (
-                base[..20 + 9 * i].to_vec(),
-                SamplingParams {
-                    max_tokens: 70,
-                    temperature,
-                    seed: 40 + i as u64,
-                    ignore_eos: true,
-                    ..Default::default()
-                },
-            )
+            (base[..20 + 9 * i].to_vec(), SamplingParams { max_tokens: 70, temperature, seed: 40 + i as u64, ignore_eos: true, ..Default::default() })
         })
         .collect();
     let alone: Vec<Vec<u32>> = cases
         .iter()
-        .map(|(p, params)| {
-            Runner::new(&model, method.clone())
-                .generate(p, params, |_| true)
-                .expect("alone")
-                .completion_token_ids
-        })
+        .map(|(p, params)| Runner::new(&model, method.clone()).generate(p, params, |_| true).expect("alone").completion_token_ids)
         .collect();
 
     let total = 36;
     let free = Arc::new(AtomicUsize::new(total));
-    let pool = Arc::new(CpuBlockPool {
-        engine: model.clone(),
-        method: method.clone(),
-        free: free.clone(),
-        total,
-        block: 16,
-    });
-    let engine = BatchEngine::start_with_pool(
-        model.clone(),
-        method,
-        BatchConfig {
-            kv_budget: 0,
-            max_waiting: 16,
-            max_running: 8,
-        },
-        Some(pool),
-    );
-    assert_eq!(
-        engine.kv_bytes_for(100),
-        (1 + 7) * 1024,
-        "bytes are the blocks held"
-    );
-    let err = engine
-        .check(
-            600,
-            &SamplingParams {
-                max_tokens: 10,
-                ..Default::default()
-            },
-            None,
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("budget"),
-        "a request larger than the whole pool is refused: {err}"
-    );
+    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total, block: 16 });
+    let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget: 0, max_waiting: 16, max_running: 8 }, Some(pool));
+    assert_eq!(engine.kv_bytes_for(100), (1 + 7) * 1024, "bytes are the blocks held");
+    let err = engine.check(600, &SamplingParams { max_tokens: 10, ..Default::default() }, None).unwrap_err().to_string();
+    assert!(err.contains("budget"), "a request larger than the whole pool is refused: {err}");
     let (tx, rx) = mpsc::channel();
     for (index, (prompt, params)) in cases.iter().enumerate() {
-        engine
-            .submit(Request {
-                prompt: prompt.clone(),
-                params: params.clone(),
-                top_logprobs: None,
-                sink: Box::new(ChannelSink {
-                    tx: tx.clone(),
-                    index,
-                }),
-            })
-            .expect("submit");
+        engine.submit(Request { prompt: prompt.clone(), params: params.clone(), top_logprobs: None, sink: Box::new(ChannelSink { tx: tx.clone(), index }) }).expect("submit");
     }
     drop(tx);
     let mut got: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
@@ -270,14 +178,8 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
     while let Ok((i, event)) = rx.recv_timeout(Duration::from_secs(300)) {
         match event {
             Event::Token { id, .. } => got[i].push(id),
-            Event::Done {
-                completion_tokens, ..
-            } => {
-                assert_eq!(
-                    completion_tokens,
-                    got[i].len(),
-                    "request {i}: replayed tokens are not reported twice"
-                );
+            Event::Done { completion_tokens, .. } => {
+                assert_eq!(completion_tokens, got[i].len(), "request {i}: replayed tokens are not reported twice");
                 done += 1;
                 if done == cases.len() {
                     break;
@@ -288,26 +190,14 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
     }
     assert_eq!(done, cases.len());
     for (i, want) in alone.iter().enumerate() {
-        assert_eq!(
-            &got[i], want,
-            "request {i}: tokens differ from running alone"
-        );
+        assert_eq!(&got[i], want, "request {i}: tokens differ from running alone");
     }
     let s = engine.stats();
-    assert!(
-        s.preemptions.load(Ordering::SeqCst) > 0,
-        "6 x (1 + 8) blocks do not fit 36: someone was preempted"
-    );
-    assert!(
-        s.peak_running.load(Ordering::SeqCst) >= 3,
-        "several ran at once"
-    );
+    assert!(s.preemptions.load(Ordering::SeqCst) > 0, "6 x (1 + 8) blocks do not fit 36: someone was preempted");
+    assert!(s.peak_running.load(Ordering::SeqCst) >= 3, "several ran at once");
     let widest = s.widest_step.lock().unwrap().0;
     let full = *s.full_width.lock().unwrap();
-    assert!(
-        full.steps >= 1 && full.rows_per_step == widest && widest >= 2,
-        "the full batch's decode steps are tallied: {full:?}, widest {widest}"
-    );
+    assert!(full.steps >= 1 && full.rows_per_step == widest && widest >= 2, "the full batch's decode steps are tallied: {full:?}, widest {widest}");
     assert!(full.tokens_per_second().is_some_and(|t| t > 0.0));
     let t0 = Instant::now();
     while free.load(Ordering::SeqCst) < total && t0.elapsed() < Duration::from_secs(10) {
@@ -319,54 +209,16 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
 #[test]
 fn a_request_that_fills_the_whole_idle_pool_runs() {
     let model = Arc::new(Engine::load(&ModelSource::Default, Device::Cpu).expect("default model"));
-    let method = MethodSpec {
-        chunk: 64,
-        ..Default::default()
-    }
-    .resolve(model.config())
-    .expect("method");
+    let method = MethodSpec { chunk: 64, ..Default::default() }.resolve(model.config()).expect("method");
     // 100 blocks of 2 tokens (one for the streaming heads): 197 tokens take all 100, more
     // than the 1% watermark leaves while anything else runs.
     let free = Arc::new(AtomicUsize::new(100));
-    let pool = Arc::new(CpuBlockPool {
-        engine: model.clone(),
-        method: method.clone(),
-        free: free.clone(),
-        total: 100,
-        block: 2,
-    });
-    let engine = BatchEngine::start_with_pool(
-        model.clone(),
-        method,
-        BatchConfig {
-            kv_budget: 0,
-            max_waiting: 4,
-            max_running: 4,
-        },
-        Some(pool),
-    );
-    let params = SamplingParams {
-        max_tokens: 1,
-        ..Default::default()
-    };
-    assert!(
-        engine.check(198, &params, None).is_err(),
-        "199 tokens need 1 + 100 blocks"
-    );
+    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total: 100, block: 2 });
+    let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget: 0, max_waiting: 4, max_running: 4 }, Some(pool));
+    let params = SamplingParams { max_tokens: 1, ..Default::default() };
+    assert!(engine.check(198, &params, None).is_err(), "199 tokens need 1 + 100 blocks");
     let (tx, rx) = mpsc::channel();
-    engine
-        .submit(Request {
-            prompt: vec![42; 196],
-            params,
-            top_logprobs: None,
-            sink: Box::new(ChannelSink { tx, index: 0 }),
-        })
-        .expect("fits the pool");
-    let finished = (0..4).any(|_| {
-        matches!(
-            rx.recv_timeout(Duration::from_secs(60)),
-            Ok((_, Event::Done { .. }))
-        )
-    });
+    engine.submit(Request { prompt: vec![42; 196], params, top_logprobs: None, sink: Box::new(ChannelSink { tx, index: 0 }) }).expect("fits the pool");
+    let finished = (0..4).any(|_| matches!(rx.recv_timeout(Duration::from_secs(60)), Ok((_, Event::Done { .. }))));
     assert!(finished, "admitted and finished");
 }

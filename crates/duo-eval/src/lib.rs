@@ -89,9 +89,7 @@ impl EvalMethod {
                 "layer" => Ok(EvalMethod::Layer),
                 "streaming" => Ok(EvalMethod::Streaming),
                 "random" => Ok(EvalMethod::Random),
-                other => Err(EvalError::Invalid(format!(
-                    "unknown method `{other}`; use full, duo, layer, streaming, random"
-                ))),
+                other => Err(EvalError::Invalid(format!("unknown method `{other}`; use full, duo, layer, streaming, random"))),
             })
             .collect()
     }
@@ -222,14 +220,10 @@ impl Grid {
     /// Checks lengths and depths against a model's context.
     pub fn validate(&self, context: usize) -> Result<()> {
         if self.lengths.is_empty() || self.depths.is_empty() {
-            return Err(EvalError::Invalid(
-                "give at least one length and one depth".into(),
-            ));
+            return Err(EvalError::Invalid("give at least one length and one depth".into()));
         }
         if let Some(l) = self.lengths.iter().find(|&&l| l > context || l < 64) {
-            return Err(EvalError::Invalid(format!(
-                "length {l} must be between 64 and the model's context of {context}"
-            )));
+            return Err(EvalError::Invalid(format!("length {l} must be between 64 and the model's context of {context}")));
         }
         if let Some(d) = self.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
             return Err(EvalError::Invalid(format!("depth {d} must be in [0, 1]")));
@@ -238,11 +232,7 @@ impl Grid {
     }
 
     fn rng(&self, length: usize, depth: f64) -> StdRng {
-        StdRng::seed_from_u64(
-            self.seed
-                ^ (length as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ depth.to_bits().rotate_left(17),
-        )
+        StdRng::seed_from_u64(self.seed ^ (length as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ depth.to_bits().rotate_left(17))
     }
 
     /// The prompt of a cell: the same for every method.
@@ -250,19 +240,11 @@ impl Grid {
         let mut rng = self.rng(length, depth);
         match &self.task {
             Task::Passkey { words } => {
-                let spec = PasskeySpec {
-                    passkeys: 1,
-                    words: *words,
-                    depth_range: (depth, depth),
-                };
+                let spec = PasskeySpec { passkeys: 1, words: *words, depth_range: (depth, depth) };
                 let s = spec.sample_at(tok, &self.haystack, length, &[depth], &mut rng)?;
                 let a = &s.answers[0];
                 let span = a.span();
-                let word_spans = a
-                    .word_spans
-                    .iter()
-                    .map(|r| r.start - span.start..r.end - span.start)
-                    .collect();
+                let word_spans = a.word_spans.iter().map(|r| r.start - span.start..r.end - span.start).collect();
                 Ok(CellPrompt {
                     prompt: s.ids[..span.start].to_vec(),
                     answer: s.ids[span.clone()].to_vec(),
@@ -270,23 +252,10 @@ impl Grid {
                     words: a.words.iter().map(|w| w.to_string()).collect(),
                 })
             }
-            Task::Niah { needle, question } => niah_prompt(
-                tok,
-                &self.haystack,
-                needle,
-                question,
-                length,
-                depth,
-                &mut rng,
-            ),
+            Task::Niah { needle, question } => niah_prompt(tok, &self.haystack, needle, question, length, depth, &mut rng),
             Task::Ruler(t) => {
                 let s = duo_tasks::ruler::build(*t, tok, &self.haystack, length, depth, &mut rng)?;
-                Ok(CellPrompt {
-                    prompt: s.prompt,
-                    answer: s.answer,
-                    word_spans: s.answer_spans,
-                    words: s.answers,
-                })
+                Ok(CellPrompt { prompt: s.prompt, answer: s.answer, word_spans: s.answer_spans, words: s.answers })
             }
         }
     }
@@ -294,15 +263,7 @@ impl Grid {
 
 /// Needle prompt: haystack with the needle inserted after the sentence end nearest
 /// before the depth, then the question and "Answer:"; the answer is the needle itself.
-fn niah_prompt(
-    tok: &TextTokenizer,
-    haystack: &Haystack,
-    needle: &str,
-    question: &str,
-    length: usize,
-    depth: f64,
-    rng: &mut StdRng,
-) -> Result<CellPrompt> {
+fn niah_prompt(tok: &TextTokenizer, haystack: &Haystack, needle: &str, question: &str, length: usize, depth: f64, rng: &mut StdRng) -> Result<CellPrompt> {
     let bos = tok.encode("", true)?;
     let needle_ids = tok.encode(&format!(" {needle}"), false)?;
     let question_ids = tok.encode(&format!("\n\nQuestion: {question}\nAnswer:"), false)?;
@@ -316,9 +277,7 @@ fn niah_prompt(
     }
     let fixed = bos.len() + needle_ids.len() + question_ids.len() + answer.len();
     if fixed + 16 > length {
-        return Err(EvalError::Invalid(format!(
-            "length {length} cannot hold the needle, question and answer ({fixed} tokens)"
-        )));
+        return Err(EvalError::Invalid(format!("length {length} cannot hold the needle, question and answer ({fixed} tokens)")));
     }
     let hay = haystack.tokens(tok, length - fixed, rng)?;
     let mut cut = ((depth * hay.len() as f64).round() as usize).min(hay.len());
@@ -336,33 +295,14 @@ fn niah_prompt(
     prompt.extend_from_slice(&needle_ids);
     prompt.extend_from_slice(&hay[cut..]);
     prompt.extend_from_slice(&question_ids);
-    Ok(CellPrompt {
-        prompt,
-        answer,
-        word_spans,
-        words,
-    })
+    Ok(CellPrompt { prompt, answer, word_spans, words })
 }
 
 /// Scores one cell with one method.
-pub fn run_cell(
-    runner: &Runner,
-    grid: &Grid,
-    method: EvalMethod,
-    length: usize,
-    depth: f64,
-    cell: &CellPrompt,
-) -> Result<CellResult> {
+pub fn run_cell(runner: &Runner, grid: &Grid, method: EvalMethod, length: usize, depth: f64, cell: &CellPrompt) -> Result<CellResult> {
     // RULER's answers are generated unaided (a hint would give the first answers away).
-    let hint = if matches!(grid.task, Task::Ruler(_)) {
-        0
-    } else {
-        grid.hint_words.min(cell.words.len().saturating_sub(1))
-    };
-    let hint_tokens = cell
-        .word_spans
-        .get(hint)
-        .map_or(cell.answer.len(), |r| r.start);
+    let hint = if matches!(grid.task, Task::Ruler(_)) { 0 } else { grid.hint_words.min(cell.words.len().saturating_sub(1)) };
+    let hint_tokens = cell.word_spans.get(hint).map_or(cell.answer.len(), |r| r.start);
     let expected_words: Vec<&str> = cell.words[hint..].iter().map(String::as_str).collect();
     let gen_budget = cell.answer.len() - hint_tokens + 4;
     let mut kv = runner.new_sequence(cell.prompt.len() + cell.answer.len() + gen_budget)?;
@@ -374,11 +314,7 @@ pub fn run_cell(
     let mut tf_kv = kv.fork()?;
     let scored = runner.score_after(tf_kv.as_mut(), &logits, &cell.answer)?;
     let after_first = &scored[1.min(scored.len())..];
-    let teacher_forced = if after_first.is_empty() {
-        0.0
-    } else {
-        after_first.iter().filter(|t| t.top1).count() as f64 / after_first.len() as f64
-    };
+    let teacher_forced = if after_first.is_empty() { 0.0 } else { after_first.iter().filter(|t| t.top1).count() as f64 / after_first.len() as f64 };
 
     // Free generation after the hint.
     let logits = if hint_tokens > 0 {

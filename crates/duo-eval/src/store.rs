@@ -13,10 +13,7 @@ pub struct Store {
 
 /// Identity of a cell: task, method, length, depth (compared exactly).
 fn same_cell(r: &CellResult, task: &str, method: EvalMethod, length: usize, depth: f64) -> bool {
-    r.task == task
-        && r.method == method
-        && r.length == length
-        && r.depth.to_bits() == depth.to_bits()
+    r.task == task && r.method == method && r.length == length && r.depth.to_bits() == depth.to_bits()
 }
 
 impl Store {
@@ -25,64 +22,38 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self> {
         let mut results = Vec::new();
         if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|e| EvalError::Store {
-                path: path.into(),
-                reason: e.to_string(),
-            })?;
+            let text = std::fs::read_to_string(path).map_err(|e| EvalError::Store { path: path.into(), reason: e.to_string() })?;
             let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
             for (i, line) in lines.iter().enumerate() {
                 match serde_json::from_str::<CellResult>(line) {
                     Ok(r) => results.push(r),
                     Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
-                    Err(e) => {
-                        return Err(EvalError::Store {
-                            path: path.into(),
-                            reason: format!("line {}: {e}", i + 1),
-                        })
-                    }
+                    Err(e) => return Err(EvalError::Store { path: path.into(), reason: format!("line {}: {e}", i + 1) }),
                 }
             }
             // Rewrite without a dropped partial line so appends start on a fresh line.
             if !text.is_empty() && !text.ends_with('\n') {
                 let mut clean = String::new();
                 for r in &results {
-                    clean.push_str(&serde_json::to_string(r).map_err(|e| EvalError::Store {
-                        path: path.into(),
-                        reason: e.to_string(),
-                    })?);
+                    clean.push_str(&serde_json::to_string(r).map_err(|e| EvalError::Store { path: path.into(), reason: e.to_string() })?);
                     clean.push('\n');
                 }
-                std::fs::write(path, clean).map_err(|e| EvalError::Store {
-                    path: path.into(),
-                    reason: e.to_string(),
-                })?;
+                std::fs::write(path, clean).map_err(|e| EvalError::Store { path: path.into(), reason: e.to_string() })?;
             }
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            results,
-        })
+        Ok(Self { path: path.to_path_buf(), results })
     }
 
     /// Whether the cell is already done.
     pub fn has(&self, task: &str, method: EvalMethod, length: usize, depth: f64) -> bool {
-        self.results
-            .iter()
-            .any(|r| same_cell(r, task, method, length, depth))
+        self.results.iter().any(|r| same_cell(r, task, method, length, depth))
     }
 
     /// Appends one result (and flushes it to disk).
     pub fn push(&mut self, r: CellResult) -> Result<()> {
-        let err = |e: String| EvalError::Store {
-            path: self.path.clone(),
-            reason: e,
-        };
+        let err = |e: String| EvalError::Store { path: self.path.clone(), reason: e };
         let line = serde_json::to_string(&r).map_err(|e| err(e.to_string()))?;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| err(e.to_string()))?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).map_err(|e| err(e.to_string()))?;
         writeln!(f, "{line}").map_err(|e| err(e.to_string()))?;
         self.results.push(r);
         Ok(())
@@ -123,15 +94,10 @@ mod tests {
         std::fs::remove_file(&path).ok();
         let mut s = Store::open(&path).expect("open");
         assert!(!s.has("passkey", EvalMethod::Full, 1000, 0.5));
-        s.push(result(EvalMethod::Full, 1000, 0.5, 1.0))
-            .expect("push");
-        s.push(result(EvalMethod::Duo, 1000, 0.5, 0.5))
-            .expect("push");
+        s.push(result(EvalMethod::Full, 1000, 0.5, 1.0)).expect("push");
+        s.push(result(EvalMethod::Duo, 1000, 0.5, 0.5)).expect("push");
         // An interrupted write leaves half a line.
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .expect("append");
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).expect("append");
         write!(f, "{{\"task\": \"passk").expect("write");
         drop(f);
         let mut s = Store::open(&path).expect("reopen");
@@ -140,8 +106,7 @@ mod tests {
         assert!(s.has("passkey", EvalMethod::Duo, 1000, 0.5));
         assert!(!s.has("passkey", EvalMethod::Duo, 1000, 0.1));
         assert!(!s.has("niah", EvalMethod::Full, 1000, 0.5));
-        s.push(result(EvalMethod::Streaming, 2000, 0.1, 0.0))
-            .expect("push");
+        s.push(result(EvalMethod::Streaming, 2000, 0.1, 0.0)).expect("push");
         let s = Store::open(&path).expect("reopen");
         assert_eq!(s.results().len(), 3);
         // A corrupt line in the middle is an error, not silently skipped.

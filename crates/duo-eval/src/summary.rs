@@ -39,12 +39,7 @@ pub fn summarise(results: &[CellResult], methods: &[EvalMethod]) -> Vec<MethodSu
                 generation: rs.iter().map(|r| r.generation).sum::<f64>() / n,
                 teacher_forced: rs.iter().map(|r| r.teacher_forced).sum::<f64>() / n,
                 mean_kv_bytes: rs.iter().map(|r| r.kv_bytes as f64).sum::<f64>() / n,
-                kv_bytes_at_longest: rs
-                    .iter()
-                    .filter(|r| r.length == longest)
-                    .map(|r| r.kv_bytes)
-                    .max()
-                    .unwrap_or(0),
+                kv_bytes_at_longest: rs.iter().filter(|r| r.length == longest).map(|r| r.kv_bytes).max().unwrap_or(0),
                 longest,
             })
         })
@@ -71,13 +66,7 @@ pub fn markdown(summaries: &[MethodSummary]) -> String {
 
 /// Score grid of one method: rows are `depths`, columns `lengths`; `None` where the cell
 /// has not run. `teacher` picks the teacher-forced score, else the generation score.
-pub fn grid(
-    results: &[CellResult],
-    method: EvalMethod,
-    lengths: &[usize],
-    depths: &[f64],
-    teacher: bool,
-) -> Vec<Vec<Option<f64>>> {
+pub fn grid(results: &[CellResult], method: EvalMethod, lengths: &[usize], depths: &[f64], teacher: bool) -> Vec<Vec<Option<f64>>> {
     depths
         .iter()
         .map(|&d| {
@@ -86,16 +75,8 @@ pub fn grid(
                 .map(|&l| {
                     results
                         .iter()
-                        .find(|r| {
-                            r.method == method && r.length == l && r.depth.to_bits() == d.to_bits()
-                        })
-                        .map(|r| {
-                            if teacher {
-                                r.teacher_forced
-                            } else {
-                                r.generation
-                            }
-                        })
+                        .find(|r| r.method == method && r.length == l && r.depth.to_bits() == d.to_bits())
+                        .map(|r| if teacher { r.teacher_forced } else { r.generation })
                 })
                 .collect()
         })
@@ -130,25 +111,13 @@ mod tests {
             r(EvalMethod::Full, 2000, 0.5, 0.0, 0.7, 200),
             r(EvalMethod::Streaming, 1000, 0.5, 0.0, 0.1, 50),
         ];
-        let s = summarise(
-            &rs,
-            &[EvalMethod::Full, EvalMethod::Duo, EvalMethod::Streaming],
-        );
+        let s = summarise(&rs, &[EvalMethod::Full, EvalMethod::Duo, EvalMethod::Streaming]);
         assert_eq!(s.len(), 2, "methods without results are left out");
         assert_eq!(s[0].cells, 2);
         assert!((s[0].generation - 0.5).abs() < 1e-12 && (s[0].teacher_forced - 0.8).abs() < 1e-12);
         assert_eq!((s[0].kv_bytes_at_longest, s[0].longest), (200, 2000));
-        let g = grid(
-            &rs,
-            EvalMethod::Full,
-            &[1000, 2000, 4000],
-            &[0.1, 0.5],
-            true,
-        );
-        assert_eq!(
-            g,
-            vec![vec![None, None, None], vec![Some(0.9), Some(0.7), None]]
-        );
+        let g = grid(&rs, EvalMethod::Full, &[1000, 2000, 4000], &[0.1, 0.5], true);
+        assert_eq!(g, vec![vec![None, None, None], vec![Some(0.9), Some(0.7), None]]);
         assert!(markdown(&s).contains("| streaming | 1 | 0.000 | 0.100 |"));
     }
 }

@@ -83,44 +83,20 @@ impl DenseModel {
     pub fn load(ck: &Checkpoint, device: &Device) -> Result<Self> {
         let c = ck.config()?;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let mat = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            Ok(ck.matrix(name, shape)?.dequantize(device)?)
-        };
-        let vec = |name: &str, n: usize| -> Result<Tensor> {
-            Ok(Tensor::from_vec(ck.f32(name, &[n])?, (n,), device)?)
-        };
+        let mat = |name: &str, shape: &[usize]| -> Result<Tensor> { Ok(ck.matrix(name, shape)?.dequantize(device)?) };
+        let vec = |name: &str, n: usize| -> Result<Tensor> { Ok(Tensor::from_vec(ck.f32(name, &[n])?, (n,), device)?) };
         let bias = c.architecture == duo_core::Architecture::Qwen2;
         let mut layers = Vec::new();
         for l in 0..c.n_layers {
             let w = |part: &str| names::block(l, part);
             let b = |part: &str| names::block_bias(l, part);
-            let qkv = Tensor::cat(
-                &[
-                    mat(&w(names::Q), &[c.n_heads * hd, h])?,
-                    mat(&w(names::K), &[c.n_kv_heads * hd, h])?,
-                    mat(&w(names::V), &[c.n_kv_heads * hd, h])?,
-                ],
-                0,
-            )?;
+            let qkv = Tensor::cat(&[mat(&w(names::Q), &[c.n_heads * hd, h])?, mat(&w(names::K), &[c.n_kv_heads * hd, h])?, mat(&w(names::V), &[c.n_kv_heads * hd, h])?], 0)?;
             let qkv_bias = if bias {
-                Some(Tensor::cat(
-                    &[
-                        vec(&b(names::Q), c.n_heads * hd)?,
-                        vec(&b(names::K), c.n_kv_heads * hd)?,
-                        vec(&b(names::V), c.n_kv_heads * hd)?,
-                    ],
-                    0,
-                )?)
+                Some(Tensor::cat(&[vec(&b(names::Q), c.n_heads * hd)?, vec(&b(names::K), c.n_kv_heads * hd)?, vec(&b(names::V), c.n_kv_heads * hd)?], 0)?)
             } else {
                 None
             };
-            let gate_up = Tensor::cat(
-                &[
-                    mat(&w(names::GATE), &[c.intermediate_size, h])?,
-                    mat(&w(names::UP), &[c.intermediate_size, h])?,
-                ],
-                0,
-            )?;
+            let gate_up = Tensor::cat(&[mat(&w(names::GATE), &[c.intermediate_size, h])?, mat(&w(names::UP), &[c.intermediate_size, h])?], 0)?;
             layers.push(DenseLayer {
                 attn_norm: vec(&w(names::ATTN_NORM), h)?,
                 qkv,
@@ -144,11 +120,7 @@ impl DenseModel {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let mut rng = StdRng::seed_from_u64(seed);
         let mut mat = |rows: usize, cols: usize, std: f32| -> Result<Tensor> {
-            let std = if std == 0.0 {
-                1.0 / (cols as f32).sqrt()
-            } else {
-                std
-            };
+            let std = if std == 0.0 { 1.0 / (cols as f32).sqrt() } else { std };
             let data: Vec<f32> = (0..rows * cols).map(|_| normal(&mut rng) * std).collect();
             Ok(Tensor::from_vec(data, (rows, cols), device)?)
         };
@@ -160,42 +132,21 @@ impl DenseModel {
             let down = mat(h, c.intermediate_size, 0.0)?;
             let attn_norm = (mat(1, h, 0.1)?.reshape(h)? + 1.0)?;
             let ffn_norm = (mat(1, h, 0.1)?.reshape(h)? + 1.0)?;
-            layers.push(DenseLayer {
-                attn_norm,
-                qkv,
-                qkv_bias: None,
-                o,
-                ffn_norm,
-                gate_up,
-                down,
-            });
+            layers.push(DenseLayer { attn_norm, qkv, qkv_bias: None, o, ffn_norm, gate_up, down });
         }
         let embed = mat(c.vocab_size, h, 1.0)?;
         let norm = (mat(1, h, 0.1)?.reshape(h)? + 1.0)?;
         Ok(Self::assemble(config, device.clone(), embed, layers, norm))
     }
 
-    fn assemble(
-        config: ModelConfig,
-        device: Device,
-        embed: Tensor,
-        layers: Vec<DenseLayer>,
-        norm: Tensor,
-    ) -> Self {
+    fn assemble(config: ModelConfig, device: Device, embed: Tensor, layers: Vec<DenseLayer>, norm: Tensor) -> Self {
         let rope = Rope::new(
             config.head_dim,
             config.rope_theta,
             config.rope_style == RopeStyle::HalfSplit,
             config.rope_freq_factors.as_deref(),
         );
-        Self {
-            config,
-            device,
-            embed,
-            layers,
-            norm,
-            rope,
-        }
+        Self { config, device, embed, layers, norm, rope }
     }
 
     /// The configuration.
@@ -210,13 +161,8 @@ impl DenseModel {
 
     /// Token embeddings `[t, hidden]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        if let Some(bad) = ids
-            .iter()
-            .find(|&&id| id as usize >= self.config.vocab_size)
-        {
-            return Err(IdentifyError::Invalid(format!(
-                "token id {bad} is outside the vocabulary"
-            )));
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(IdentifyError::Invalid(format!("token id {bad} is outside the vocabulary")));
         }
         let ids = Tensor::from_slice(ids, (ids.len(),), &self.device)?;
         Ok(self.embed.index_select(&ids, 0)?)
@@ -241,16 +187,11 @@ impl DenseModel {
         let (cos, sin) = self.rope_tables(t)?;
         let q = qkv.narrow(1, 0, nq * hd)?.reshape((t, nq, hd))?;
         let k = qkv.narrow(1, nq * hd, nkv * hd)?.reshape((t, nkv, hd))?;
-        let v = qkv
-            .narrow(1, (nq + nkv) * hd, nkv * hd)?
-            .reshape((t, nkv, hd))?;
+        let v = qkv.narrow(1, (nq + nkv) * hd, nkv * hd)?.reshape((t, nkv, hd))?;
         let q = self.apply_rope(&q, &cos, &sin)?; // [t, nq, hd]
         let k = self.apply_rope(&k, &cos, &sin)?;
         let group = nq / nkv;
-        let q = q
-            .reshape((t, nkv, group, hd))?
-            .permute((1, 2, 0, 3))?
-            .contiguous()?;
+        let q = q.reshape((t, nkv, group, hd))?.permute((1, 2, 0, 3))?.contiguous()?;
         let k = k.transpose(0, 1)?.contiguous()?;
         let v = v.transpose(0, 1)?.contiguous()?;
         Ok(Qkv { q, k, v })
@@ -262,9 +203,7 @@ impl DenseModel {
         let c = &self.config;
         let layer = &self.layers[l];
         let t = x.dim(0)?;
-        let attn = attn
-            .permute((2, 0, 1, 3))?
-            .reshape((t, c.n_heads * c.head_dim))?;
+        let attn = attn.permute((2, 0, 1, 3))?.reshape((t, c.n_heads * c.head_dim))?;
         let x = (x + attn.matmul(&layer.o.t()?)?)?;
         let hn = rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps)?;
         let gu = hn.matmul(&layer.gate_up.t()?)?;
@@ -348,23 +287,11 @@ pub struct MaskCache {
 }
 
 impl MaskCache {
-    fn get(
-        &self,
-        s: usize,
-        e: usize,
-        span: Span,
-        keys: &[usize],
-        device: &Device,
-    ) -> Result<Tensor> {
+    fn get(&self, s: usize, e: usize, span: Span, keys: &[usize], device: &Device) -> Result<Tensor> {
         if let Some(m) = self.masks.borrow().get(&(s, e, span)) {
             return Ok(m.clone());
         }
-        let mask: Vec<f32> = (s..e)
-            .flat_map(|i| {
-                keys.iter()
-                    .map(move |&j| if span.sees(i, j) { 0.0 } else { -1e30 })
-            })
-            .collect();
+        let mask: Vec<f32> = (s..e).flat_map(|i| keys.iter().map(move |&j| if span.sees(i, j) { 0.0 } else { -1e30 })).collect();
         let mask = Tensor::from_vec(mask, (e - s, keys.len()), device)?;
         self.masks.borrow_mut().insert((s, e, span), mask.clone());
         Ok(mask)
@@ -392,51 +319,25 @@ pub fn attention_with(qkv: &Qkv, span: Span, block: usize, masks: &MaskCache) ->
             Span::Lambda { sink, recent } => {
                 let sink_end = sink.min(e);
                 let window = (s + 1).saturating_sub(recent).max(sink_end);
-                if window >= e {
-                    vec![(0, sink_end)]
-                } else if window <= sink_end {
-                    vec![(0, e)]
-                } else {
-                    vec![(0, sink_end), (window, e)]
-                }
+                if window >= e { vec![(0, sink_end)] } else if window <= sink_end { vec![(0, e)] } else { vec![(0, sink_end), (window, e)] }
             }
         };
         let keys: Vec<usize> = ranges.iter().flat_map(|&(a, z)| a..z).collect();
         let pick = |x: &Tensor| -> Result<Tensor> {
-            let parts: Vec<Tensor> = ranges
-                .iter()
-                .map(|&(a, z)| x.narrow(1, a, z - a))
-                .collect::<candle_core::Result<_>>()?;
-            Ok(if parts.len() == 1 {
-                parts[0].clone()
-            } else {
-                Tensor::cat(&parts, 1)?
-            })
+            let parts: Vec<Tensor> = ranges.iter().map(|&(a, z)| x.narrow(1, a, z - a)).collect::<candle_core::Result<_>>()?;
+            Ok(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 1)? })
         };
         let (kb, vb) = (pick(&qkv.k)?, pick(&qkv.v)?);
         let mask = masks.get(s, e, span, &keys, device)?;
-        let qb = qkv
-            .q
-            .narrow(2, s, b)?
-            .contiguous()?
-            .reshape((nkv, group * b, hd))?;
-        let scores = (qb.matmul(&kb.t()?)? * scale)?
-            .reshape((nkv, group, b, keys.len()))?
-            .broadcast_add(&mask)?;
+        let qb = qkv.q.narrow(2, s, b)?.contiguous()?.reshape((nkv, group * b, hd))?;
+        let scores = (qb.matmul(&kb.t()?)? * scale)?.reshape((nkv, group, b, keys.len()))?.broadcast_add(&mask)?;
         let max = scores.max_keepdim(D::Minus1)?.detach();
         let p = scores.broadcast_sub(&max)?.exp()?;
         let p = p.broadcast_div(&p.sum_keepdim(D::Minus1)?)?;
-        let o = p
-            .reshape((nkv, group * b, keys.len()))?
-            .matmul(&vb)?
-            .reshape((nkv, group, b, hd))?;
+        let o = p.reshape((nkv, group * b, keys.len()))?.matmul(&vb)?.reshape((nkv, group, b, hd))?;
         outs.push(o);
     }
-    Ok(if outs.len() == 1 {
-        outs.remove(0)
-    } else {
-        Tensor::cat(&outs, 2)?
-    })
+    Ok(if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 2)? })
 }
 
 /// Standard normal by Box–Muller (the `rand_distr` crate is not worth a dependency here).
@@ -445,3 +346,4 @@ fn normal(rng: &mut StdRng) -> f32 {
     let u2: f32 = rng.gen();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
+

@@ -13,12 +13,7 @@ use std::ops::Range;
 
 /// Mean attention mass outside `window` at `positions`, per (layer, KV head):
 /// `[layer][kv_head]`, each in [0, 1].
-pub fn mass_outside(
-    model: &DenseModel,
-    ids: &[u32],
-    positions: Range<usize>,
-    window: Span,
-) -> Result<Vec<Vec<f32>>> {
+pub fn mass_outside(model: &DenseModel, ids: &[u32], positions: Range<usize>, window: Span) -> Result<Vec<Vec<f32>>> {
     let c = model.config();
     let device = model.device();
     let mut x = model.embed(ids)?;
@@ -38,32 +33,18 @@ pub fn mass_outside(
             for i in s..e {
                 for j in 0..keys {
                     mask.push(if j <= i { 0.0f32 } else { -1e30 });
-                    outside.push(if j <= i && !window.sees(i, j) {
-                        1.0f32
-                    } else {
-                        0.0
-                    });
+                    outside.push(if j <= i && !window.sees(i, j) { 1.0f32 } else { 0.0 });
                 }
             }
             let mask = Tensor::from_vec(mask, (b, keys), device)?;
             let outside = Tensor::from_vec(outside, (b, keys), device)?;
-            let qb = qkv
-                .q
-                .narrow(2, s, b)?
-                .contiguous()?
-                .reshape((nkv, group * b, hd))?;
+            let qb = qkv.q.narrow(2, s, b)?.contiguous()?.reshape((nkv, group * b, hd))?;
             let kb = qkv.k.narrow(1, 0, keys)?;
-            let scores = (qb.matmul(&kb.t()?)? * scale)?
-                .reshape((nkv, group, b, keys))?
-                .broadcast_add(&mask)?;
+            let scores = (qb.matmul(&kb.t()?)? * scale)?.reshape((nkv, group, b, keys))?.broadcast_add(&mask)?;
             let max = scores.max_keepdim(D::Minus1)?;
             let p = scores.broadcast_sub(&max)?.exp()?;
             let p = p.broadcast_div(&p.sum_keepdim(D::Minus1)?)?;
-            let mass = p
-                .broadcast_mul(&outside)?
-                .sum(D::Minus1)?
-                .sum(D::Minus1)?
-                .sum(D::Minus1)?; // [nkv]
+            let mass = p.broadcast_mul(&outside)?.sum(D::Minus1)?.sum(D::Minus1)?.sum(D::Minus1)?; // [nkv]
             for (t, m) in total.iter_mut().zip(mass.to_vec1::<f32>()?) {
                 *t += m as f64;
             }

@@ -30,21 +30,14 @@ pub struct GateValues {
 impl GateValues {
     /// All gates at 1 (the unmodified model).
     pub fn ones(layers: usize, per_layer: usize) -> Self {
-        Self {
-            values: vec![1.0; layers * per_layer],
-            per_layer,
-        }
+        Self { values: vec![1.0; layers * per_layer], per_layer }
     }
 
     /// One row per layer, one value per KV head (a shared layer gate is repeated).
     pub fn rows(&self, kv_heads: usize) -> Vec<Vec<f32>> {
         self.values
             .chunks(self.per_layer)
-            .map(|g| {
-                (0..kv_heads)
-                    .map(|h| if self.per_layer == 1 { g[0] } else { g[h] })
-                    .collect()
-            })
+            .map(|g| (0..kv_heads).map(|h| if self.per_layer == 1 { g[0] } else { g[h] }).collect())
             .collect()
     }
 }
@@ -97,21 +90,12 @@ impl<'a> GatedModel<'a> {
             x = m.finish_layer(l, &x, &a)?;
             full.push(a);
         }
-        let target = m
-            .final_norm(&x)?
-            .narrow(0, positions.start, positions.len())?;
+        let target = m.final_norm(&x)?.narrow(0, positions.start, positions.len())?;
         Ok(Teacher { full, target })
     }
 
     /// One student layer with gates `alpha` (`[per_layer]`).
-    fn student_layer(
-        &self,
-        l: usize,
-        x: &Tensor,
-        full: &Tensor,
-        alpha: &Tensor,
-        masks: &MaskCache,
-    ) -> Result<Tensor> {
+    fn student_layer(&self, l: usize, x: &Tensor, full: &Tensor, alpha: &Tensor, masks: &MaskCache) -> Result<Tensor> {
         let m = self.model;
         let qkv = m.qkv(l, x)?;
         let stream = attention_with(&qkv, self.streaming, m.block(), masks)?;
@@ -122,13 +106,7 @@ impl<'a> GatedModel<'a> {
     }
 
     /// The total loss alone (no backward pass): for checks and evaluation.
-    pub fn loss(
-        &self,
-        ids: &[u32],
-        positions: Range<usize>,
-        gates: &GateValues,
-        reg: f64,
-    ) -> Result<f64> {
+    pub fn loss(&self, ids: &[u32], positions: Range<usize>, gates: &GateValues, reg: f64) -> Result<f64> {
         self.check(ids, &positions, gates)?;
         let m = self.model;
         let masks = MaskCache::default();
@@ -137,13 +115,8 @@ impl<'a> GatedModel<'a> {
         for l in 0..m.config().n_layers {
             x = self.student_layer(l, &x, &teacher.full[l], &self.alpha(gates, l)?, &masks)?;
         }
-        let y = m
-            .final_norm(&x)?
-            .narrow(0, positions.start, positions.len())?;
-        let distill = (y - &teacher.target)?
-            .sqr()?
-            .mean_all()?
-            .to_scalar::<f32>()? as f64;
+        let y = m.final_norm(&x)?.narrow(0, positions.start, positions.len())?;
+        let distill = (y - &teacher.target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
         let n = gates.values.len() as f64;
         Ok(distill + reg * gates.values.iter().map(|a| a.abs() as f64).sum::<f64>() / n)
     }
@@ -156,9 +129,7 @@ impl<'a> GatedModel<'a> {
     fn check(&self, ids: &[u32], positions: &Range<usize>, gates: &GateValues) -> Result<()> {
         let c = self.model.config();
         let layers = c.n_layers;
-        if gates.values.len() != layers * gates.per_layer
-            || !(gates.per_layer == 1 || gates.per_layer == c.n_kv_heads)
-        {
+        if gates.values.len() != layers * gates.per_layer || !(gates.per_layer == 1 || gates.per_layer == c.n_kv_heads) {
             return Err(IdentifyError::Invalid(format!(
                 "{} gates ({} per layer) do not fit {layers} layers of {} KV heads",
                 gates.values.len(),
@@ -167,23 +138,14 @@ impl<'a> GatedModel<'a> {
             )));
         }
         if positions.is_empty() || positions.end > ids.len() {
-            return Err(IdentifyError::Invalid(format!(
-                "loss positions {positions:?} outside a sample of {} tokens",
-                ids.len()
-            )));
+            return Err(IdentifyError::Invalid(format!("loss positions {positions:?} outside a sample of {} tokens", ids.len())));
         }
         Ok(())
     }
 
     /// Distillation loss and gate gradients on one sample; `positions` are the loss
     /// positions, `reg` the L1 weight.
-    pub fn loss_and_grad(
-        &self,
-        ids: &[u32],
-        positions: Range<usize>,
-        gates: &GateValues,
-        reg: f64,
-    ) -> Result<LossAndGrad> {
+    pub fn loss_and_grad(&self, ids: &[u32], positions: Range<usize>, gates: &GateValues, reg: f64) -> Result<LossAndGrad> {
         self.check(ids, &positions, gates)?;
         let m = self.model;
         let layers = m.config().n_layers;
@@ -202,40 +164,26 @@ impl<'a> GatedModel<'a> {
 
         // Loss on the final hidden states, and its gradient with respect to them.
         let xv = Var::from_tensor(&x)?;
-        let y = m
-            .final_norm(xv.as_tensor())?
-            .narrow(0, positions.start, positions.len())?;
+        let y = m.final_norm(xv.as_tensor())?.narrow(0, positions.start, positions.len())?;
         let distill_t = (y - &teacher.target)?.sqr()?.mean_all()?;
         let distill = distill_t.to_scalar::<f32>()? as f64;
         let grads = distill_t.backward()?;
-        let mut upstream = grads
-            .get(xv.as_tensor())
-            .ok_or_else(|| IdentifyError::Gradient("final hidden states".into()))?
-            .clone();
+        let mut upstream = grads.get(xv.as_tensor()).ok_or_else(|| IdentifyError::Gradient("final hidden states".into()))?.clone();
 
         // Layer by layer, last to first.
         let mut grad = vec![0f32; gates.values.len()];
         for l in (0..layers).rev() {
             let xl = Var::from_tensor(&inputs[l])?;
             let al = Var::from_tensor(&alpha(l)?)?;
-            let out =
-                self.student_layer(l, xl.as_tensor(), &teacher.full[l], al.as_tensor(), &masks)?;
+            let out = self.student_layer(l, xl.as_tensor(), &teacher.full[l], al.as_tensor(), &masks)?;
             let surrogate = (out * &upstream)?.sum_all()?;
             let grads = surrogate.backward()?;
-            let ga = grads
-                .get(al.as_tensor())
-                .ok_or_else(|| IdentifyError::Gradient(format!("gates of layer {l}")))?;
-            for (dst, v) in grad[l * gates.per_layer..]
-                .iter_mut()
-                .zip(ga.to_vec1::<f32>()?)
-            {
+            let ga = grads.get(al.as_tensor()).ok_or_else(|| IdentifyError::Gradient(format!("gates of layer {l}")))?;
+            for (dst, v) in grad[l * gates.per_layer..].iter_mut().zip(ga.to_vec1::<f32>()?) {
                 *dst = v;
             }
             if l > 0 {
-                upstream = grads
-                    .get(xl.as_tensor())
-                    .ok_or_else(|| IdentifyError::Gradient(format!("input of layer {l}")))?
-                    .clone();
+                upstream = grads.get(xl.as_tensor()).ok_or_else(|| IdentifyError::Gradient(format!("input of layer {l}")))?.clone();
             }
         }
 
@@ -243,19 +191,9 @@ impl<'a> GatedModel<'a> {
         let n = gates.values.len() as f64;
         let regulariser = reg * gates.values.iter().map(|a| a.abs() as f64).sum::<f64>() / n;
         for (g, a) in grad.iter_mut().zip(&gates.values) {
-            let sign = if *a > 0.0 {
-                1.0
-            } else if *a < 0.0 {
-                -1.0
-            } else {
-                0.0
-            };
+            let sign = if *a > 0.0 { 1.0 } else if *a < 0.0 { -1.0 } else { 0.0 };
             *g += (reg * sign / n) as f32;
         }
-        Ok(LossAndGrad {
-            distill,
-            regulariser,
-            grad,
-        })
+        Ok(LossAndGrad { distill, regulariser, grad })
     }
 }

@@ -18,7 +18,7 @@ pub mod train;
 
 pub use dense::{DenseModel, Span};
 pub use gated::{GateValues, GatedModel};
-pub use train::{IdentifySettings, TrainState, Trainer};
+pub use train::{IdentifySettings, Trainer, TrainState};
 
 /// Errors of identification.
 #[derive(Debug, thiserror::Error)]

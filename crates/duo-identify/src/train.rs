@@ -70,22 +70,13 @@ impl IdentifySettings {
             return bad("--steps must be at least 1".into());
         }
         if !(self.lr > 0.0 && self.lr.is_finite() && self.reg >= 0.0 && self.reg.is_finite()) {
-            return bad(format!(
-                "--lr must be positive and --reg non-negative (got {} and {})",
-                self.lr, self.reg
-            ));
+            return bad(format!("--lr must be positive and --reg non-negative (got {} and {})", self.lr, self.reg));
         }
         if self.min_len == 0 || self.min_len > self.max_len {
-            return bad(format!(
-                "--min-len {} must be positive and at most --max-len {}",
-                self.min_len, self.max_len
-            ));
+            return bad(format!("--min-len {} must be positive and at most --max-len {}", self.min_len, self.max_len));
         }
         if self.max_len > context_length {
-            return bad(format!(
-                "--max-len {} exceeds the model's context length of {context_length}",
-                self.max_len
-            ));
+            return bad(format!("--max-len {} exceeds the model's context length of {context_length}", self.max_len));
         }
         if self.length_count == 0 || self.recent == 0 {
             return bad("--length-count and --recent must be at least 1".into());
@@ -99,11 +90,8 @@ impl IdentifySettings {
             return vec![self.max_len];
         }
         let span = (self.max_len - self.min_len) as f64;
-        let mut v: Vec<usize> = (0..self.length_count)
-            .map(|i| {
-                self.min_len + (span * i as f64 / (self.length_count - 1) as f64).round() as usize
-            })
-            .collect();
+        let mut v: Vec<usize> =
+            (0..self.length_count).map(|i| self.min_len + (span * i as f64 / (self.length_count - 1) as f64).round() as usize).collect();
         v.dedup();
         v
     }
@@ -119,11 +107,7 @@ impl IdentifySettings {
 
     /// The passkey task of this run.
     pub fn passkey_spec(&self) -> PasskeySpec {
-        PasskeySpec {
-            passkeys: self.passkeys,
-            words: self.words,
-            ..Default::default()
-        }
+        PasskeySpec { passkeys: self.passkeys, words: self.words, ..Default::default() }
     }
 }
 
@@ -172,23 +156,12 @@ impl TrainState {
     pub fn new(settings: IdentifySettings, layers: usize, kv_heads: usize) -> Self {
         let per_layer = if settings.layer_gates { 1 } else { kv_heads };
         let n = layers * per_layer;
-        Self {
-            settings,
-            step: 0,
-            gates: vec![1.0; n],
-            per_layer,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-            log: Vec::new(),
-        }
+        Self { settings, step: 0, gates: vec![1.0; n], per_layer, m: vec![0.0; n], v: vec![0.0; n], log: Vec::new() }
     }
 
     /// The gates as [`GateValues`].
     pub fn gate_values(&self) -> GateValues {
-        GateValues {
-            values: self.gates.clone(),
-            per_layer: self.per_layer,
-        }
+        GateValues { values: self.gates.clone(), per_layer: self.per_layer }
     }
 
     /// One AdamW update (no weight decay) with learning rate `lr`.
@@ -206,10 +179,7 @@ impl TrainState {
 
     /// Writes the state as JSON (to a temporary file, then renamed).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let err = |reason: String| IdentifyError::Checkpoint {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let err = |reason: String| IdentifyError::Checkpoint { path: path.to_path_buf(), reason };
         let json = serde_json::to_string(self).map_err(|e| err(e.to_string()))?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, json).map_err(|e| err(e.to_string()))?;
@@ -218,22 +188,12 @@ impl TrainState {
 
     /// Reads a state written by [`TrainState::save`].
     pub fn load(path: &Path) -> Result<Self> {
-        let err = |reason: String| IdentifyError::Checkpoint {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let err = |reason: String| IdentifyError::Checkpoint { path: path.to_path_buf(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let s: Self = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
         let n = s.gates.len();
-        if s.m.len() != n
-            || s.v.len() != n
-            || s.per_layer == 0
-            || !n.is_multiple_of(s.per_layer)
-            || s.step > s.settings.steps
-        {
-            return Err(err(
-                "inconsistent state (gate, moment and step counts disagree)".into(),
-            ));
+        if s.m.len() != n || s.v.len() != n || s.per_layer == 0 || !n.is_multiple_of(s.per_layer) || s.step > s.settings.steps {
+            return Err(err("inconsistent state (gate, moment and step counts disagree)".into()));
         }
         Ok(s)
     }
@@ -250,72 +210,34 @@ pub struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     /// Checks the settings against the model.
-    pub fn new(
-        model: &'a DenseModel,
-        tokenizer: &'a TextTokenizer,
-        haystack: &'a Haystack,
-        settings: IdentifySettings,
-    ) -> Result<Self> {
+    pub fn new(model: &'a DenseModel, tokenizer: &'a TextTokenizer, haystack: &'a Haystack, settings: IdentifySettings) -> Result<Self> {
         settings.validate(model.config().context_length)?;
-        let gated = GatedModel::new(
-            model,
-            Span::Lambda {
-                sink: settings.sink,
-                recent: settings.recent,
-            },
-        );
-        Ok(Self {
-            gated,
-            model,
-            tokenizer,
-            haystack,
-            settings,
-        })
+        let gated = GatedModel::new(model, Span::Lambda { sink: settings.sink, recent: settings.recent });
+        Ok(Self { gated, model, tokenizer, haystack, settings })
     }
 
     /// The sample of step `step`.
     pub fn sample(&self, step: usize) -> Result<PasskeySample> {
-        let mut rng = StdRng::seed_from_u64(
-            self.settings.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        let mut rng = StdRng::seed_from_u64(self.settings.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let lengths = self.settings.lengths();
         let length = lengths[rng.gen_range(0..lengths.len())];
-        Ok(self
-            .settings
-            .passkey_spec()
-            .sample(self.tokenizer, self.haystack, length, &mut rng)?)
+        Ok(self.settings.passkey_spec().sample(self.tokenizer, self.haystack, length, &mut rng)?)
     }
 
     /// Loss and gradient of step `step`'s sample at the given gates.
-    pub fn loss_and_grad(
-        &self,
-        step: usize,
-        gates: &GateValues,
-    ) -> Result<(PasskeySample, LossAndGrad)> {
+    pub fn loss_and_grad(&self, step: usize, gates: &GateValues) -> Result<(PasskeySample, LossAndGrad)> {
         let sample = self.sample(step)?;
-        let lg =
-            self.gated
-                .loss_and_grad(&sample.ids, sample.qa.clone(), gates, self.settings.reg)?;
+        let lg = self.gated.loss_and_grad(&sample.ids, sample.qa.clone(), gates, self.settings.reg)?;
         Ok((sample, lg))
     }
 
     /// Runs the next step of `state`: clamp, loss and gradient, AdamW.
     pub fn step(&self, state: &mut TrainState) -> Result<StepLog> {
         if state.settings != self.settings {
-            return Err(IdentifyError::Invalid(
-                "the checkpoint was made with different settings".into(),
-            ));
+            return Err(IdentifyError::Invalid("the checkpoint was made with different settings".into()));
         }
-        if state.per_layer
-            != if self.settings.layer_gates {
-                1
-            } else {
-                self.model.config().n_kv_heads
-            }
-        {
-            return Err(IdentifyError::Invalid(
-                "the checkpoint's gate layout does not fit this model".into(),
-            ));
+        if state.per_layer != if self.settings.layer_gates { 1 } else { self.model.config().n_kv_heads } {
+            return Err(IdentifyError::Invalid("the checkpoint's gate layout does not fit this model".into()));
         }
         let start = Instant::now();
         for g in &mut state.gates {
@@ -344,15 +266,8 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_holds_and_decays_with_floor() {
-        let s = IdentifySettings {
-            steps: 100,
-            lr: 0.02,
-            ..Default::default()
-        };
-        assert!(
-            (s.lr_at(0) - 0.002).abs() < 1e-12,
-            "first step floored at 0.1 lr"
-        );
+        let s = IdentifySettings { steps: 100, lr: 0.02, ..Default::default() };
+        assert!((s.lr_at(0) - 0.002).abs() < 1e-12, "first step floored at 0.1 lr");
         assert!((s.lr_at(9) - 0.01).abs() < 1e-12);
         assert!((s.lr_at(19) - 0.02).abs() < 1e-12);
         assert!((s.lr_at(50) - 0.02).abs() < 1e-12);
@@ -362,22 +277,11 @@ mod tests {
 
     #[test]
     fn lengths_are_evenly_spaced_and_bounded() {
-        let s = IdentifySettings {
-            min_len: 1000,
-            max_len: 2000,
-            length_count: 5,
-            ..Default::default()
-        };
+        let s = IdentifySettings { min_len: 1000, max_len: 2000, length_count: 5, ..Default::default() };
         assert_eq!(s.lengths(), vec![1000, 1250, 1500, 1750, 2000]);
         assert!(s.validate(4096).is_ok());
         assert!(s.validate(1500).is_err());
-        assert!(IdentifySettings {
-            min_len: 3000,
-            max_len: 2000,
-            ..Default::default()
-        }
-        .validate(8192)
-        .is_err());
+        assert!(IdentifySettings { min_len: 3000, max_len: 2000, ..Default::default() }.validate(8192).is_err());
     }
 
     #[test]

@@ -60,26 +60,17 @@ fn reference(qkv: &Qkv, sees: impl Fn(usize, usize) -> bool) -> Vec<f32> {
                     .map(|j| {
                         sees(i, j).then(|| {
                             let kj = &k[(h * t + j) * hd..][..hd];
-                            qi.iter()
-                                .zip(kj)
-                                .map(|(a, b)| *a as f64 * *b as f64)
-                                .sum::<f64>()
-                                / (hd as f64).sqrt()
+                            qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (hd as f64).sqrt()
                         })
                     })
                     .collect();
-                let m = s
-                    .iter()
-                    .flatten()
-                    .cloned()
-                    .fold(f64::NEG_INFINITY, f64::max);
+                let m = s.iter().flatten().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().flatten().map(|x| (x - m).exp()).sum();
                 for (j, sj) in s.iter().enumerate() {
                     if let Some(sj) = sj {
                         let w = (sj - m).exp() / z;
                         for d in 0..hd {
-                            out[((h * group + g) * t + i) * hd + d] +=
-                                (w * v[(h * t + j) * hd + d] as f64) as f32;
+                            out[((h * group + g) * t + i) * hd + d] += (w * v[(h * t + j) * hd + d] as f64) as f32;
                         }
                     }
                 }
@@ -93,26 +84,15 @@ fn reference(qkv: &Qkv, sees: impl Fn(usize, usize) -> bool) -> Vec<f32> {
 fn blocked_attention_matches_dense_reference() {
     let qkv = random_qkv(2, 3, 29, 8, 5);
     for block in [1, 4, 7, 29, 64] {
-        let causal: Vec<f32> = attention(&qkv, Span::Causal, block)
-            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
-            .expect("causal");
+        let causal: Vec<f32> = attention(&qkv, Span::Causal, block).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("causal");
         let want = reference(&qkv, |i, j| j <= i);
-        let err = causal
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = causal.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(err < 1e-5, "causal block {block}: {err}");
         for (sink, recent) in [(2, 3), (0, 5), (4, 1), (40, 2), (3, 40)] {
-            let got: Vec<f32> = attention(&qkv, Span::Lambda { sink, recent }, block)
-                .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
-                .expect("lambda");
+            let got: Vec<f32> =
+                attention(&qkv, Span::Lambda { sink, recent }, block).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("lambda");
             let want = reference(&qkv, |i, j| j <= i && (j < sink || i - j < recent));
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 1e-5, "lambda {sink}/{recent} block {block}: {err}");
         }
     }
@@ -123,9 +103,7 @@ fn all_gates_open_reproduce_the_teacher() {
     let model = DenseModel::random(tiny(RopeStyle::Interleaved), 1, &Device::Cpu).expect("model");
     let gated = GatedModel::new(&model, Span::Lambda { sink: 2, recent: 4 });
     let t = ids(40, 2);
-    let lg = gated
-        .loss_and_grad(&t, 20..40, &GateValues::ones(3, 2), 0.05)
-        .expect("loss");
+    let lg = gated.loss_and_grad(&t, 20..40, &GateValues::ones(3, 2), 0.05).expect("loss");
     assert_eq!(lg.distill, 0.0);
     // At the minimum of the distillation loss only the L1 term pulls: reg / n per gate.
     for g in &lg.grad {
@@ -135,10 +113,7 @@ fn all_gates_open_reproduce_the_teacher() {
     for i in 0..6 {
         let mut gates = GateValues::ones(3, 2);
         gates.values[i] = 0.0;
-        assert!(
-            gated.loss(&t, 20..40, &gates, 0.0).expect("loss") > 1e-8,
-            "gate {i}"
-        );
+        assert!(gated.loss(&t, 20..40, &gates, 0.0).expect("loss") > 1e-8, "gate {i}");
     }
 }
 
@@ -147,35 +122,21 @@ fn check_against_finite_differences(style: RopeStyle, per_layer: usize) {
     let gated = GatedModel::new(&model, Span::Lambda { sink: 2, recent: 5 });
     let t = ids(48, 3);
     let mut rng = StdRng::seed_from_u64(4);
-    let gates = GateValues {
-        values: (0..3 * per_layer)
-            .map(|_| rng.gen_range(0.2..0.8))
-            .collect(),
-        per_layer,
-    };
+    let gates = GateValues { values: (0..3 * per_layer).map(|_| rng.gen_range(0.2..0.8)).collect(), per_layer };
     let reg = 0.05;
     let lg = gated.loss_and_grad(&t, 30..48, &gates, reg).expect("grad");
     let base = gated.loss(&t, 30..48, &gates, reg).expect("loss");
-    assert!(
-        (base - lg.total()).abs() <= 1e-6 * base.abs().max(1e-3),
-        "loss {base} vs {}",
-        lg.total()
-    );
+    assert!((base - lg.total()).abs() <= 1e-6 * base.abs().max(1e-3), "loss {base} vs {}", lg.total());
     let eps = 1e-2f32;
     for i in 0..gates.values.len() {
         let mut plus = gates.clone();
         plus.values[i] += eps;
         let mut minus = gates.clone();
         minus.values[i] -= eps;
-        let numeric = (gated.loss(&t, 30..48, &plus, reg).expect("+")
-            - gated.loss(&t, 30..48, &minus, reg).expect("-"))
-            / (2.0 * eps as f64);
+        let numeric = (gated.loss(&t, 30..48, &plus, reg).expect("+") - gated.loss(&t, 30..48, &minus, reg).expect("-")) / (2.0 * eps as f64);
         let analytic = lg.grad[i] as f64;
         let tol = 2e-3 * numeric.abs().max(analytic.abs()) + 2e-5;
-        assert!(
-            (numeric - analytic).abs() <= tol,
-            "gate {i}: numeric {numeric:e}, analytic {analytic:e}"
-        );
+        assert!((numeric - analytic).abs() <= tol, "gate {i}: numeric {numeric:e}, analytic {analytic:e}");
     }
 }
 
@@ -194,10 +155,7 @@ fn identical_runs_give_identical_gradients() {
     let model = DenseModel::random(tiny(RopeStyle::Interleaved), 7, &Device::Cpu).expect("model");
     let gated = GatedModel::new(&model, Span::Lambda { sink: 1, recent: 3 });
     let t = ids(33, 9);
-    let g = GateValues {
-        values: vec![0.3, 0.9, 0.5, 0.1, 0.7, 0.2],
-        per_layer: 2,
-    };
+    let g = GateValues { values: vec![0.3, 0.9, 0.5, 0.1, 0.7, 0.2], per_layer: 2 };
     let a = gated.loss_and_grad(&t, 10..33, &g, 0.05).expect("a");
     let b = gated.loss_and_grad(&t, 10..33, &g, 0.05).expect("b");
     assert_eq!(a.grad, b.grad);
@@ -209,27 +167,16 @@ fn wrong_gate_shapes_and_positions_are_errors() {
     let model = DenseModel::random(tiny(RopeStyle::Interleaved), 7, &Device::Cpu).expect("model");
     let gated = GatedModel::new(&model, Span::Lambda { sink: 1, recent: 3 });
     let t = ids(10, 1);
-    assert!(gated
-        .loss_and_grad(&t, 0..5, &GateValues::ones(3, 3), 0.0)
-        .is_err());
-    assert!(gated
-        .loss_and_grad(&t, 0..5, &GateValues::ones(2, 2), 0.0)
-        .is_err());
-    assert!(gated
-        .loss_and_grad(&t, 5..11, &GateValues::ones(3, 2), 0.0)
-        .is_err());
-    assert!(gated
-        .loss_and_grad(&[70], 0..1, &GateValues::ones(3, 2), 0.0)
-        .is_err());
+    assert!(gated.loss_and_grad(&t, 0..5, &GateValues::ones(3, 3), 0.0).is_err());
+    assert!(gated.loss_and_grad(&t, 0..5, &GateValues::ones(2, 2), 0.0).is_err());
+    assert!(gated.loss_and_grad(&t, 5..11, &GateValues::ones(3, 2), 0.0).is_err());
+    assert!(gated.loss_and_grad(&[70], 0..1, &GateValues::ones(3, 2), 0.0).is_err());
 }
 
 /// A word-level tokenizer (NATO words and a few others; everything else `<unk>`) whose
 /// ids fit the tiny model's vocabulary.
 fn word_tokenizer() -> duo_model::TextTokenizer {
-    let words: Vec<&str> = ["<unk>", "<s>", "Passkey", ":", "?", ",", "."]
-        .into_iter()
-        .chain(duo_tasks::passkey::NATO)
-        .collect();
+    let words: Vec<&str> = ["<unk>", "<s>", "Passkey", ":", "?", ",", "."].into_iter().chain(duo_tasks::passkey::NATO).collect();
     duo_model::TextTokenizer::word_level(&words, "<unk>", "<s>").expect("tokenizer")
 }
 
@@ -261,40 +208,20 @@ fn training_is_deterministic_and_resumes_exactly() {
     run(3, &mut a);
     let mut b = TrainState::new(settings.clone(), 3, 2);
     run(3, &mut b);
-    let history = |s: &TrainState| {
-        s.log
-            .iter()
-            .map(|l| (l.step, l.length, l.loss, l.distill, l.lr))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(
-        (&a.gates, &a.m, &a.v, history(&a)),
-        (&b.gates, &b.m, &b.v, history(&b)),
-        "same seed and settings, same run"
-    );
-    assert!(
-        a.gates.iter().all(|g| *g < 1.0),
-        "gates moved: {:?}",
-        a.gates
-    );
+    let history = |s: &TrainState| s.log.iter().map(|l| (l.step, l.length, l.loss, l.distill, l.lr)).collect::<Vec<_>>();
+    assert_eq!((&a.gates, &a.m, &a.v, history(&a)), (&b.gates, &b.m, &b.v, history(&b)), "same seed and settings, same run");
+    assert!(a.gates.iter().all(|g| *g < 1.0), "gates moved: {:?}", a.gates);
     // Interrupt after one step, save, load, finish: the same run.
-    let path =
-        std::env::temp_dir().join(format!("duo-identify-resume-{}.json", std::process::id()));
+    let path = std::env::temp_dir().join(format!("duo-identify-resume-{}.json", std::process::id()));
     let mut c = TrainState::new(settings.clone(), 3, 2);
     run(1, &mut c);
     c.save(&path).expect("save");
     let mut d = TrainState::load(&path).expect("load");
     run(2, &mut d);
-    assert_eq!(
-        (&d.gates, &d.m, &d.v, history(&d)),
-        (&a.gates, &a.m, &a.v, history(&a))
-    );
+    assert_eq!((&d.gates, &d.m, &d.v, history(&d)), (&a.gates, &a.m, &a.v, history(&a)));
     std::fs::remove_file(&path).ok();
     // A different seed draws different samples and ends elsewhere.
-    let other = IdentifySettings {
-        seed: 7,
-        ..settings
-    };
+    let other = IdentifySettings { seed: 7, ..settings };
     let trainer2 = Trainer::new(&model, &tok, &hay, other.clone()).expect("trainer");
     let mut e = TrainState::new(other, 3, 2);
     for _ in 0..3 {

@@ -26,12 +26,7 @@ pub struct Rope {
 
 impl Rope {
     /// Builds the table. `freq_factors` (Llama 3.1 scaling) divide the frequencies.
-    pub fn new(
-        head_dim: usize,
-        theta: f32,
-        half_split: bool,
-        freq_factors: Option<&[f32]>,
-    ) -> Self {
+    pub fn new(head_dim: usize, theta: f32, half_split: bool, freq_factors: Option<&[f32]>) -> Self {
         let scale = theta.powf(-2.0 / head_dim as f32);
         let mut f = 1.0f32;
         let inv_freq = (0..head_dim / 2)
@@ -41,10 +36,7 @@ impl Rope {
                 v
             })
             .collect();
-        Self {
-            inv_freq,
-            half_split,
-        }
+        Self { inv_freq, half_split }
     }
 
     /// The inverse frequency of each rotated pair, `[head_dim / 2]`.
@@ -62,43 +54,31 @@ impl Rope {
     /// row `r` being at position `first_position + r`.
     pub fn apply(&self, x: &mut [f32], heads: usize, first_position: usize) {
         let hd = self.inv_freq.len() * 2;
-        x.par_chunks_mut(heads * hd)
-            .enumerate()
-            .for_each(|(r, row)| {
-                let pos = (first_position + r) as f32;
-                let (cos, sin): (Vec<f32>, Vec<f32>) = self
-                    .inv_freq
-                    .iter()
-                    .map(|f| {
-                        let a = pos * f;
-                        (a.cos(), a.sin())
-                    })
-                    .unzip();
-                for head in row.chunks_mut(hd) {
-                    for i in 0..hd / 2 {
-                        let (a, b) = if self.half_split {
-                            (i, i + hd / 2)
-                        } else {
-                            (2 * i, 2 * i + 1)
-                        };
-                        let (x0, x1) = (head[a], head[b]);
-                        head[a] = x0 * cos[i] - x1 * sin[i];
-                        head[b] = x0 * sin[i] + x1 * cos[i];
-                    }
+        x.par_chunks_mut(heads * hd).enumerate().for_each(|(r, row)| {
+            let pos = (first_position + r) as f32;
+            let (cos, sin): (Vec<f32>, Vec<f32>) = self.inv_freq.iter().map(|f| {
+                let a = pos * f;
+                (a.cos(), a.sin())
+            }).unzip();
+            for head in row.chunks_mut(hd) {
+                for i in 0..hd / 2 {
+                    let (a, b) = if self.half_split { (i, i + hd / 2) } else { (2 * i, 2 * i + 1) };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos[i] - x1 * sin[i];
+                    head[b] = x0 * sin[i] + x1 * cos[i];
                 }
-            });
+            }
+        });
     }
 }
 
 /// `gate = silu(gate) * up`, element-wise, in place.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    gate.par_chunks_mut(4096)
-        .zip(up.par_chunks(4096))
-        .for_each(|(g, u)| {
-            for (g, u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        });
+    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    });
 }
 
 /// `exp(x)` to within a few ulp for `x <= 0`, written without branches so that loops
@@ -111,9 +91,7 @@ pub fn fast_exp(x: f32) -> f32 {
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // Taylor/minimax polynomial for e^r on |r| <= ln2/2.
     let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (0.166_666_67 + r * (0.041_666_5 + r * (0.008_333_6 + r * 0.001_393_8)))));
+        + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_5 + r * (0.008_333_6 + r * 0.001_393_8)))));
     let bits = ((n as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
@@ -162,10 +140,7 @@ mod tests {
                 rope.apply(&mut k, 1, pk);
                 q.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>()
             };
-            assert!(
-                (dot_at(10, 7) - dot_at(103, 100)).abs() < 1e-4,
-                "half_split={half}"
-            );
+            assert!((dot_at(10, 7) - dot_at(103, 100)).abs() < 1e-4, "half_split={half}");
             let mut q = base.clone();
             rope.apply(&mut q, 1, 5);
             let n0: f32 = base.iter().map(|v| v * v).sum();

@@ -67,22 +67,14 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 #[cfg(test)]
 fn quantize_q8(x: &[f32], with_sum: bool) -> Q8 {
     let nb = x.len() / BLOCK;
-    let mut q = Q8 {
-        qs: vec![0; x.len()],
-        d: vec![0.0; nb],
-        s: vec![0.0; nb],
-    };
+    let mut q = Q8 { qs: vec![0; x.len()], d: vec![0.0; nb], s: vec![0.0; nb] };
     quantize_into(x, &mut q.qs, &mut q.d, &mut q.s, with_sum);
     q
 }
 
 /// [`quantize_q8`] of one row into preallocated slices.
 fn quantize_into(x: &[f32], qs: &mut [i8], ds: &mut [f32], ss: &mut [f32], with_sum: bool) {
-    for ((xs, q), (d_out, s_out)) in x
-        .chunks_exact(BLOCK)
-        .zip(qs.chunks_exact_mut(BLOCK))
-        .zip(ds.iter_mut().zip(ss.iter_mut()))
-    {
+    for ((xs, q), (d_out, s_out)) in x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)).zip(ds.iter_mut().zip(ss.iter_mut())) {
         let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -92,11 +84,7 @@ fn quantize_into(x: &[f32], qs: &mut [i8], ds: &mut [f32], ss: &mut [f32], with_
             sum += *o as i32;
         }
         *d_out = f16::from_f32(d).to_f32();
-        *s_out = if with_sum {
-            f16::from_f32(d * sum as f32).to_f32()
-        } else {
-            0.0
-        };
+        *s_out = if with_sum { f16::from_f32(d * sum as f32).to_f32() } else { 0.0 };
     }
 }
 
@@ -108,31 +96,12 @@ impl QuantMatrix {
         }
         let want = rows * cols / BLOCK * kind.block_bytes();
         if data.len() != want {
-            return Err(format!(
-                "{} bytes for a {rows}x{cols} {kind:?} matrix, expected {want}",
-                data.len()
-            ));
+            return Err(format!("{} bytes for a {rows}x{cols} {kind:?} matrix, expected {want}", data.len()));
         }
         let bb = kind.block_bytes();
         let scales = data.chunks_exact(bb).map(|b| f16_at(b, 0)).collect();
-        let mins = data
-            .chunks_exact(bb)
-            .map(|b| {
-                if kind == QuantKind::Q4_1 {
-                    f16_at(b, 2)
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        Ok(Self {
-            kind,
-            rows,
-            cols,
-            data,
-            scales,
-            mins,
-        })
+        let mins = data.chunks_exact(bb).map(|b| if kind == QuantKind::Q4_1 { f16_at(b, 2) } else { 0.0 }).collect();
+        Ok(Self { kind, rows, cols, data, scales, mins })
     }
 
     /// Output size.
@@ -180,29 +149,17 @@ impl QuantMatrix {
         let nb = k / BLOCK;
         assert_eq!(x.len(), t * k, "activations must be [t, cols]");
         // Activations of all tokens side by side, quantised in parallel: qs [t][k], d and s [t][nb].
-        let (mut qs, mut ds, mut ss) =
-            (vec![0i8; t * k], vec![0.0f32; t * nb], vec![0.0f32; t * nb]);
+        let (mut qs, mut ds, mut ss) = (vec![0i8; t * k], vec![0.0f32; t * nb], vec![0.0f32; t * nb]);
         let with_sum = self.kind == QuantKind::Q4_1;
-        x.par_chunks(k)
-            .zip(qs.par_chunks_mut(k))
-            .zip(ds.par_chunks_mut(nb).zip(ss.par_chunks_mut(nb)))
-            .for_each(|((row, q), (d, s))| quantize_into(row, q, d, s, with_sum));
+        x.par_chunks(k).zip(qs.par_chunks_mut(k)).zip(ds.par_chunks_mut(nb).zip(ss.par_chunks_mut(nb))).for_each(|((row, q), (d, s))| quantize_into(row, q, d, s, with_sum));
         // Tokens go in tiles of TT: a tile's activations (TT x k bytes) stay in L1 while the
         // ROWS weight rows of a work item run over them, instead of every row streaming all
         // tokens' activations from L2 (a token's arithmetic does not depend on its tile).
         const TT: usize = 64;
-        let tiles: Vec<(usize, usize)> = (0..t)
-            .step_by(TT)
-            .map(|t0| (t0, (t - t0).min(TT)))
-            .collect();
+        let tiles: Vec<(usize, usize)> = (0..t).step_by(TT).map(|t0| (t0, (t - t0).min(TT))).collect();
         // The AVX-512 kernel's scales, block-major within each tile.
         let (dt, st) = if t >= 8 && wide_kernel() {
-            let per_tile = |x: &[f32]| -> Vec<f32> {
-                tiles
-                    .iter()
-                    .flat_map(|&(t0, tn)| transpose(&x[t0 * nb..(t0 + tn) * nb], tn, nb))
-                    .collect()
-            };
+            let per_tile = |x: &[f32]| -> Vec<f32> { tiles.iter().flat_map(|&(t0, tn)| transpose(&x[t0 * nb..(t0 + tn) * nb], tn, nb)).collect() };
             (per_tile(&ds), per_tile(&ss))
         } else {
             (Vec::new(), Vec::new())
@@ -210,49 +167,44 @@ impl QuantMatrix {
         const ROWS: usize = 16;
         // Computed as [rows][t], then transposed.
         let mut out_t = vec![0.0f32; n * t];
-        out_t
-            .par_chunks_mut(ROWS * t)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for &(t0, tn) in &tiles {
-                    let (b0, b1) = (t0 * nb, (t0 + tn) * nb);
-                    let acts = Acts {
-                        qs: &qs[t0 * k..(t0 + tn) * k],
-                        d: &ds[b0..b1],
-                        s: &ss[b0..b1],
-                        dt: if dt.is_empty() { &[] } else { &dt[b0..b1] },
-                        st: if st.is_empty() { &[] } else { &st[b0..b1] },
-                        k,
-                        nb,
+        out_t.par_chunks_mut(ROWS * t).enumerate().for_each(|(c, chunk)| {
+            for &(t0, tn) in &tiles {
+                let (b0, b1) = (t0 * nb, (t0 + tn) * nb);
+                let acts = Acts {
+                    qs: &qs[t0 * k..(t0 + tn) * k],
+                    d: &ds[b0..b1],
+                    s: &ss[b0..b1],
+                    dt: if dt.is_empty() { &[] } else { &dt[b0..b1] },
+                    st: if st.is_empty() { &[] } else { &st[b0..b1] },
+                    k,
+                    nb,
+                };
+                for (ri, acc) in chunk.chunks_mut(t).enumerate() {
+                    let r = c * ROWS + ri;
+                    let row = RowRef {
+                        data: &self.data[r * nb * bb..(r + 1) * nb * bb],
+                        scales: &self.scales[r * nb..(r + 1) * nb],
+                        mins: &self.mins[r * nb..(r + 1) * nb],
                     };
-                    for (ri, acc) in chunk.chunks_mut(t).enumerate() {
-                        let r = c * ROWS + ri;
-                        let row = RowRef {
-                            data: &self.data[r * nb * bb..(r + 1) * nb * bb],
-                            scales: &self.scales[r * nb..(r + 1) * nb],
-                            mins: &self.mins[r * nb..(r + 1) * nb],
-                        };
-                        row_dot(self.kind, &row, &acts, &mut acc[t0..t0 + tn]);
-                    }
+                    row_dot(self.kind, &row, &acts, &mut acc[t0..t0 + tn]);
                 }
-            });
+            }
+        });
         // Back to [t][rows], in tiles of 32 x 32 so both sides stay in cache.
         const TB: usize = 32;
         let mut out = vec![0.0f32; t * n];
-        out.par_chunks_mut(TB * n)
-            .enumerate()
-            .for_each(|(c, rows_out)| {
-                let t0 = c * TB;
-                let tn = rows_out.len() / n;
-                for r0 in (0..n).step_by(TB) {
-                    for r in r0..(r0 + TB).min(n) {
-                        let src = &out_t[r * t + t0..][..tn];
-                        for (ti, v) in src.iter().enumerate() {
-                            rows_out[ti * n + r] = *v;
-                        }
+        out.par_chunks_mut(TB * n).enumerate().for_each(|(c, rows_out)| {
+            let t0 = c * TB;
+            let tn = rows_out.len() / n;
+            for r0 in (0..n).step_by(TB) {
+                for r in r0..(r0 + TB).min(n) {
+                    let src = &out_t[r * t + t0..][..tn];
+                    for (ti, v) in src.iter().enumerate() {
+                        rows_out[ti * n + r] = *v;
                     }
                 }
-            });
+            }
+        });
         out
     }
 
@@ -263,11 +215,7 @@ impl QuantMatrix {
         for ti in 0..t {
             let xr = &x[ti * self.cols..(ti + 1) * self.cols];
             for (r, wr) in w.iter().enumerate() {
-                out[ti * self.rows + r] = wr
-                    .iter()
-                    .zip(xr)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum::<f64>() as f32;
+                out[ti * self.rows + r] = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
             }
         }
         out
@@ -307,11 +255,7 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Whether `row_dot` takes the AVX-512 kernel for 8 tokens or more (which reads `Acts::dt`).
 fn wide_kernel() -> bool {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     return avx2::has_avx512_vnni();
     #[allow(unreachable_code)]
     false
@@ -319,11 +263,7 @@ fn wide_kernel() -> bool {
 
 /// `out[ti]` = row . activations of token `ti`, for every token.
 fn row_dot(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mut [f32]) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     {
         // SAFETY: the build enables AVX2 and FMA (cfg above), AVX-VNNI is used only where the
         // CPU reports it; every pointer read stays inside the slices, whose lengths the
@@ -339,11 +279,7 @@ fn row_dot(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mut [f32]) 
             }
         }
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
     portable_row_dot(kind, row, acts, out)
 }
 
@@ -377,11 +313,7 @@ fn portable_row_dot(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mu
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 #[allow(unsafe_code)]
 mod avx2 {
     //! The block dot products as llama.cpp's AVX2 path computes them: integer products
@@ -517,28 +449,15 @@ mod avx2 {
     /// two tokens and a weight block is unpacked once for eight. Tokens past the last eight
     /// go to the 256-bit kernel.
     #[target_feature(enable = "avx2,fma,avxvnni,avx512f,avx512bw,avx512dq,avx512vnni")]
-    pub(super) unsafe fn row_dot_vnni512(
-        kind: QuantKind,
-        row: &RowRef<'_>,
-        acts: &Acts<'_>,
-        out: &mut [f32],
-    ) {
+    pub(super) unsafe fn row_dot_vnni512(kind: QuantKind, row: &RowRef<'_>, acts: &Acts<'_>, out: &mut [f32]) {
         check(kind, row, acts, out);
         let (bb, nb, t) = (kind.block_bytes(), acts.nb, out.len());
         let (data, scales, mins) = (row.data.as_ptr(), row.scales.as_ptr(), row.mins.as_ptr());
         let qs = acts.qs.as_ptr();
-        assert!(
-            acts.dt.len() >= nb * t && acts.st.len() >= nb * t,
-            "block-major scales"
-        );
+        assert!(acts.dt.len() >= nb * t && acts.st.len() >= nb * t, "block-major scales");
         let (dt, st) = (acts.dt.as_ptr(), acts.st.as_ptr());
         // Lanes 0-7 take scale 2k, lanes 8-15 scale 2k + 1, of eight tokens' scales.
-        let pick: [__m512i; 4] = std::array::from_fn(|k| {
-            _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_set1_epi32(2 * k as i32)),
-                _mm256_set1_epi32(2 * k as i32 + 1),
-            )
-        });
+        let pick: [__m512i; 4] = std::array::from_fn(|k| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi32(2 * k as i32)), _mm256_set1_epi32(2 * k as i32 + 1)));
         let mut ti = 0;
         while ti + 8 <= t {
             let mut acc = [_mm512_setzero_ps(); 4];
@@ -548,18 +467,9 @@ mod avx2 {
                 let w2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(wx), wx);
                 // The eight tokens' block scales in one load: the products the 256-bit kernel
                 // forms one token at a time.
-                let d8 = _mm256_mul_ps(
-                    _mm256_set1_ps(*scales.add(b)),
-                    _mm256_loadu_ps(dt.add(b * t + ti)),
-                );
+                let d8 = _mm256_mul_ps(_mm256_set1_ps(*scales.add(b)), _mm256_loadu_ps(dt.add(b * t + ti)));
                 if kind == QuantKind::Q4_1 {
-                    summs = _mm256_add_ps(
-                        summs,
-                        _mm256_mul_ps(
-                            _mm256_set1_ps(*mins.add(b)),
-                            _mm256_loadu_ps(st.add(b * t + ti)),
-                        ),
-                    );
+                    summs = _mm256_add_ps(summs, _mm256_mul_ps(_mm256_set1_ps(*mins.add(b)), _mm256_loadu_ps(st.add(b * t + ti))));
                 }
                 for (k, acc_k) in acc.iter_mut().enumerate() {
                     let (t0, t1) = (ti + 2 * k, ti + 2 * k + 1);
@@ -580,20 +490,7 @@ mod avx2 {
             ti += 8;
         }
         if ti < t {
-            row_dot_vnni(
-                kind,
-                row,
-                &Acts {
-                    qs: &acts.qs[ti * acts.k..],
-                    d: &acts.d[ti * nb..],
-                    s: &acts.s[ti * nb..],
-                    dt: &[],
-                    st: &[],
-                    k: acts.k,
-                    nb,
-                },
-                &mut out[ti..],
-            );
+            row_dot_vnni(kind, row, &Acts { qs: &acts.qs[ti * acts.k..], d: &acts.d[ti * nb..], s: &acts.s[ti * nb..], dt: &[], st: &[], k: acts.k, nb }, &mut out[ti..]);
         }
     }
 
@@ -613,9 +510,7 @@ mod avx2 {
     /// Whether this CPU has AVX-VNNI (checked once; `DUO_NO_VNNI` turns it off).
     pub(super) fn has_vnni() -> bool {
         static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *VNNI.get_or_init(|| {
-            std::env::var_os("DUO_NO_VNNI").is_none() && is_x86_feature_detected!("avxvnni")
-        })
+        *VNNI.get_or_init(|| std::env::var_os("DUO_NO_VNNI").is_none() && is_x86_feature_detected!("avxvnni"))
     }
 }
 
@@ -648,53 +543,25 @@ mod tests {
                 let x: Vec<f32> = (0..t * cols).map(|_| rng.gen_range(-3.0..3.0)).collect();
                 let fast = m.matmul(&x, t);
                 let slow = m.reference_matmul(&x, t);
-                let num: f32 = fast
-                    .iter()
-                    .zip(&slow)
-                    .map(|(a, b)| (a - b).powi(2))
-                    .sum::<f32>()
-                    .sqrt();
+                let num: f32 = fast.iter().zip(&slow).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
                 let den: f32 = slow.iter().map(|b| b * b).sum::<f32>().sqrt();
                 // 8-bit activations: about 0.5% relative error.
-                assert!(
-                    num / den < 1e-2,
-                    "{kind:?} {rows}x{cols} t={t}: {}",
-                    num / den
-                );
+                assert!(num / den < 1e-2, "{kind:?} {rows}x{cols} t={t}: {}", num / den);
                 // The SIMD path and the portable path agree up to summation order.
-                let q: Vec<Q8> = x
-                    .chunks(cols)
-                    .map(|r| quantize_q8(r, kind == QuantKind::Q4_1))
-                    .collect();
+                let q: Vec<Q8> = x.chunks(cols).map(|r| quantize_q8(r, kind == QuantKind::Q4_1)).collect();
                 let qs: Vec<i8> = q.iter().flat_map(|a| a.qs.clone()).collect();
                 let ds: Vec<f32> = q.iter().flat_map(|a| a.d.clone()).collect();
                 let ss: Vec<f32> = q.iter().flat_map(|a| a.s.clone()).collect();
                 let nb = cols / BLOCK;
                 let bb = kind.block_bytes();
                 for r in 0..rows {
-                    let row = RowRef {
-                        data: &m.data[r * nb * bb..(r + 1) * nb * bb],
-                        scales: &m.scales[r * nb..(r + 1) * nb],
-                        mins: &m.mins[r * nb..(r + 1) * nb],
-                    };
-                    let acts = Acts {
-                        qs: &qs,
-                        d: &ds,
-                        s: &ss,
-                        dt: &[],
-                        st: &[],
-                        k: cols,
-                        nb,
-                    };
+                    let row = RowRef { data: &m.data[r * nb * bb..(r + 1) * nb * bb], scales: &m.scales[r * nb..(r + 1) * nb], mins: &m.mins[r * nb..(r + 1) * nb] };
+                    let acts = Acts { qs: &qs, d: &ds, s: &ss, dt: &[], st: &[], k: cols, nb };
                     let mut portable = vec![0.0f32; t];
                     portable_row_dot(kind, &row, &acts, &mut portable);
                     for ti in 0..t {
                         let f = fast[ti * rows + r];
-                        assert!(
-                            (f - portable[ti]).abs() <= 1e-4 * portable[ti].abs().max(1.0),
-                            "{kind:?} row {r}: {f} vs {}",
-                            portable[ti]
-                        );
+                        assert!((f - portable[ti]).abs() <= 1e-4 * portable[ti].abs().max(1.0), "{kind:?} row {r}: {f} vs {}", portable[ti]);
                     }
                 }
             }
@@ -704,11 +571,7 @@ mod tests {
     /// Four tokens at a time, and AVX-VNNI where the CPU has it, give every token the bits it
     /// gets alone from the AVX2 kernel, on random blocks and on the extremes (all nibbles 15,
     /// Q8_0 bytes of -128, activations of +-127).
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     #[test]
     #[allow(unsafe_code)]
     fn tiles_and_vnni_give_each_token_its_bits_alone() {
@@ -728,71 +591,36 @@ mod tests {
                         *v = if i % 2 == 0 { 5.0 } else { -5.0 };
                     }
                 }
-                let q: Vec<Q8> = x
-                    .chunks(cols)
-                    .map(|r| quantize_q8(r, kind == QuantKind::Q4_1))
-                    .collect();
+                let q: Vec<Q8> = x.chunks(cols).map(|r| quantize_q8(r, kind == QuantKind::Q4_1)).collect();
                 let qs: Vec<i8> = q.iter().flat_map(|a| a.qs.clone()).collect();
                 let ds: Vec<f32> = q.iter().flat_map(|a| a.d.clone()).collect();
                 let ss: Vec<f32> = q.iter().flat_map(|a| a.s.clone()).collect();
                 let (nb, bb) = (cols / BLOCK, kind.block_bytes());
                 for r in 0..rows {
-                    let row = RowRef {
-                        data: &m.data[r * nb * bb..(r + 1) * nb * bb],
-                        scales: &m.scales[r * nb..(r + 1) * nb],
-                        mins: &m.mins[r * nb..(r + 1) * nb],
-                    };
+                    let row = RowRef { data: &m.data[r * nb * bb..(r + 1) * nb * bb], scales: &m.scales[r * nb..(r + 1) * nb], mins: &m.mins[r * nb..(r + 1) * nb] };
                     let (dt, st) = (transpose(&ds, t, nb), transpose(&ss, t, nb));
-                    let acts = Acts {
-                        qs: &qs,
-                        d: &ds,
-                        s: &ss,
-                        dt: &dt,
-                        st: &st,
-                        k: cols,
-                        nb,
-                    };
+                    let acts = Acts { qs: &qs, d: &ds, s: &ss, dt: &dt, st: &st, k: cols, nb };
                     let mut tiled = vec![0.0f32; t];
                     // SAFETY: the build has AVX2 and FMA; the kernel checks the slices.
                     unsafe { avx2::row_dot(kind, &row, &acts, &mut tiled) };
                     for ti in 0..t {
-                        let one = Acts {
-                            qs: &qs[ti * cols..(ti + 1) * cols],
-                            d: &ds[ti * nb..(ti + 1) * nb],
-                            s: &ss[ti * nb..(ti + 1) * nb],
-                            dt: &[],
-                            st: &[],
-                            k: cols,
-                            nb,
-                        };
+                        let one = Acts { qs: &qs[ti * cols..(ti + 1) * cols], d: &ds[ti * nb..(ti + 1) * nb], s: &ss[ti * nb..(ti + 1) * nb], dt: &[], st: &[], k: cols, nb };
                         let mut alone = [0.0f32];
                         // SAFETY: as above.
                         unsafe { avx2::row_dot(kind, &row, &one, &mut alone) };
-                        assert_eq!(
-                            tiled[ti].to_bits(),
-                            alone[0].to_bits(),
-                            "{kind:?} extreme {extreme} row {r} token {ti}"
-                        );
+                        assert_eq!(tiled[ti].to_bits(), alone[0].to_bits(), "{kind:?} extreme {extreme} row {r} token {ti}");
                     }
                     if avx2::has_avx512_vnni() {
                         let mut wide = vec![0.0f32; t];
                         // SAFETY: the CPU reports AVX-512 F/BW/DQ/VNNI and AVX-VNNI.
                         unsafe { avx2::row_dot_vnni512(kind, &row, &acts, &mut wide) };
-                        assert_eq!(
-                            wide.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                            tiled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                            "{kind:?} extreme {extreme} row {r}: AVX-512"
-                        );
+                        assert_eq!(wide.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), tiled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{kind:?} extreme {extreme} row {r}: AVX-512");
                     }
                     if avx2::has_vnni() {
                         let mut vnni = vec![0.0f32; t];
                         // SAFETY: the CPU reports AVX-VNNI.
                         unsafe { avx2::row_dot_vnni(kind, &row, &acts, &mut vnni) };
-                        assert_eq!(
-                            vnni.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                            tiled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                            "{kind:?} extreme {extreme} row {r}"
-                        );
+                        assert_eq!(vnni.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), tiled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{kind:?} extreme {extreme} row {r}");
                     }
                 }
             }

@@ -17,11 +17,7 @@ pub struct RetrievalHead<E: KvElem = f32> {
 impl<E: KvElem> RetrievalHead<E> {
     /// An empty cache for heads of `head_dim`.
     pub fn new(head_dim: usize) -> Self {
-        Self {
-            head_dim,
-            keys: Vec::new(),
-            values: Vec::new(),
-        }
+        Self { head_dim, keys: Vec::new(), values: Vec::new() }
     }
 
     /// Tokens held.
@@ -36,19 +32,15 @@ impl<E: KvElem> RetrievalHead<E> {
 
     /// Appends one token.
     pub fn append(&mut self, key: &[f32], value: &[f32]) {
-        self.keys
-            .extend(key[..self.head_dim].iter().map(|&x| E::from_f32(x)));
-        self.values
-            .extend(value[..self.head_dim].iter().map(|&x| E::from_f32(x)));
+        self.keys.extend(key[..self.head_dim].iter().map(|&x| E::from_f32(x)));
+        self.values.extend(value[..self.head_dim].iter().map(|&x| E::from_f32(x)));
     }
 
     /// Makes the capacity at least `tokens` tokens in total, in one exact allocation.
     pub fn reserve_total(&mut self, tokens: usize) {
         let want = tokens * self.head_dim;
-        self.keys
-            .reserve_exact(want.saturating_sub(self.keys.len()));
-        self.values
-            .reserve_exact(want.saturating_sub(self.values.len()));
+        self.keys.reserve_exact(want.saturating_sub(self.keys.len()));
+        self.values.reserve_exact(want.saturating_sub(self.values.len()));
     }
 
     /// Capacity in tokens (allocated, not necessarily filled).
@@ -116,10 +108,7 @@ impl<E: KvElem> StreamingHead<E> {
     /// into the ring, overwriting its oldest slot once it holds `recent` tokens.
     pub fn append(&mut self, key: &[f32], value: &[f32], position: usize) {
         let hd = self.head_dim;
-        let (key, value) = (
-            key[..hd].iter().map(|&x| E::from_f32(x)),
-            value[..hd].iter().map(|&x| E::from_f32(x)),
-        );
+        let (key, value) = (key[..hd].iter().map(|&x| E::from_f32(x)), value[..hd].iter().map(|&x| E::from_f32(x)));
         if self.sink_len() < self.window.sink {
             self.sink_keys.extend(key);
             self.sink_values.extend(value);
@@ -144,11 +133,7 @@ impl<E: KvElem> StreamingHead<E> {
     pub fn positions_in_order(&self) -> Vec<usize> {
         let mut out: Vec<usize> = (0..self.sink_len()).collect();
         let n = self.ring_positions.len();
-        let oldest = if n < self.window.recent {
-            0
-        } else {
-            self.next_slot
-        };
+        let oldest = if n < self.window.recent { 0 } else { self.next_slot };
         out.extend((0..n).map(|k| self.ring_positions[(oldest + k) % n]));
         out
     }
@@ -234,11 +219,7 @@ mod tests {
         for p in 0..10 {
             h.append(&row(p), &row(p));
         }
-        assert_eq!(
-            h.keys.as_ptr(),
-            ptr,
-            "no reallocation within the reserved length"
-        );
+        assert_eq!(h.keys.as_ptr(), ptr, "no reallocation within the reserved length");
         assert_eq!(h.capacity(), cap);
     }
 
@@ -246,10 +227,7 @@ mod tests {
     fn f16_heads_round_once_when_caching() {
         let mut h: RetrievalHead<half::f16> = RetrievalHead::new(2);
         h.append(&[1.0, 0.1], &[65504.0, -3.0e-8]);
-        assert_eq!(
-            h.keys,
-            vec![half::f16::from_f32(1.0), half::f16::from_f32(0.1)]
-        );
+        assert_eq!(h.keys, vec![half::f16::from_f32(1.0), half::f16::from_f32(0.1)]);
         assert_eq!(h.keys[1].to_f32(), 0.099_975_586, "0.1 to the nearest half");
         assert_eq!(h.values[0].to_f32(), 65504.0);
         let mut s: StreamingHead<half::f16> = StreamingHead::new(1, Window::new(1, 1).unwrap());

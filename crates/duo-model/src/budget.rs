@@ -67,10 +67,7 @@ fn charge(bytes: usize) -> bool {
     if !ACTIVE.try_with(Cell::get).unwrap_or(false) {
         return true;
     }
-    let left = REMAINING
-        .try_with(Cell::get)
-        .unwrap_or(isize::MAX)
-        .saturating_sub(bytes as isize);
+    let left = REMAINING.try_with(Cell::get).unwrap_or(isize::MAX).saturating_sub(bytes as isize);
     if left < 0 {
         return false;
     }
@@ -137,26 +134,20 @@ unsafe impl GlobalAlloc for BudgetAllocator {
 }
 
 /// Runs `f` on its own thread with `bytes` of memory and `time` to finish.
-pub fn run<T: Send + 'static>(
-    bytes: usize,
-    time: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, BudgetError> {
+pub fn run<T: Send + 'static>(bytes: usize, time: Duration, f: impl FnOnce() -> T + Send + 'static) -> Result<T, BudgetError> {
     let tripped = Arc::new(AtomicBool::new(false));
     let flag = tripped.clone();
     let (tx, rx) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("duo-budget".into())
-        .spawn(move || {
-            TRIPPED.with(|t| t.set(Arc::as_ptr(&flag)));
-            REMAINING.with(|r| r.set(bytes.min(isize::MAX as usize) as isize));
-            ACTIVE.with(|a| a.set(true));
-            let out = f();
-            ACTIVE.with(|a| a.set(false));
-            let _ = tx.send(out);
-            TRIPPED.with(|t| t.set(std::ptr::null()));
-            drop(flag);
-        });
+    let spawned = std::thread::Builder::new().name("duo-budget".into()).spawn(move || {
+        TRIPPED.with(|t| t.set(Arc::as_ptr(&flag)));
+        REMAINING.with(|r| r.set(bytes.min(isize::MAX as usize) as isize));
+        ACTIVE.with(|a| a.set(true));
+        let out = f();
+        ACTIVE.with(|a| a.set(false));
+        let _ = tx.send(out);
+        TRIPPED.with(|t| t.set(std::ptr::null()));
+        drop(flag);
+    });
     if spawned.is_err() {
         return Err(BudgetError::Panicked);
     }
@@ -164,9 +155,7 @@ pub fn run<T: Send + 'static>(
     loop {
         match rx.recv_timeout(Duration::from_millis(5)) {
             Ok(out) => return Ok(out),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(BudgetError::Panicked)
-            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(BudgetError::Panicked),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if tripped.load(Ordering::SeqCst) {
                     return Err(BudgetError::Memory(bytes >> 20));

@@ -10,9 +10,9 @@ use crate::gguf::{GgufFile, MetaValue};
 use crate::tokenizer::TextTokenizer;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
+use duo_kernels::quant::{QuantKind, QuantMatrix};
 use candle_core::{DType, Device, Tensor};
 use duo_core::config::{Architecture, ModelConfig, RopeStyle};
-use duo_kernels::quant::{QuantKind, QuantMatrix};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,10 +89,7 @@ impl Checkpoint {
         } else if path.exists() {
             Ok(Checkpoint::Gguf(GgufFile::open(path)?))
         } else {
-            Err(ModelError::Io {
-                path: path.into(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
-            })
+            Err(ModelError::Io { path: path.into(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder") })
         }
     }
 
@@ -121,9 +118,7 @@ impl Checkpoint {
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         match self {
             Checkpoint::Gguf(g) => g.f32_tensor(name, shape),
-            Checkpoint::HfFolder(h) => {
-                Ok(h.tensor(name, shape)?.flatten_all()?.to_vec1::<f32>()?)
-            }
+            Checkpoint::HfFolder(h) => Ok(h.tensor(name, shape)?.flatten_all()?.to_vec1::<f32>()?),
         }
     }
 
@@ -133,14 +128,8 @@ impl Checkpoint {
     pub fn bf16(&self, name: &str, shape: &[usize]) -> Result<Vec<u16>> {
         match self {
             Checkpoint::Gguf(g) => {
-                let t = g
-                    .qtensor(name, shape)?
-                    .dequantize(&Device::Cpu)?
-                    .flatten_all()?;
-                Ok(t.to_vec1::<f32>()?
-                    .into_iter()
-                    .map(|v| half::bf16::from_f32(v).to_bits())
-                    .collect())
+                let t = g.qtensor(name, shape)?.dequantize(&Device::Cpu)?.flatten_all()?;
+                Ok(t.to_vec1::<f32>()?.into_iter().map(|v| half::bf16::from_f32(v).to_bits()).collect())
             }
             Checkpoint::HfFolder(h) => h.bf16(name, shape),
         }
@@ -153,11 +142,7 @@ impl Checkpoint {
             Checkpoint::Gguf(g) => {
                 let (info, bytes) = g.tensor_bytes(name)?;
                 if info.shape != shape {
-                    return Err(ModelError::TensorShape {
-                        name: name.into(),
-                        got: info.shape.clone(),
-                        expected: shape.to_vec(),
-                    });
+                    return Err(ModelError::TensorShape { name: name.into(), got: info.shape.clone(), expected: shape.to_vec() });
                 }
                 Ok(Some((info.dtype, bytes)))
             }
@@ -176,10 +161,7 @@ impl Checkpoint {
     /// The chat template shipped with the model, if any.
     pub fn chat_template(&self) -> Result<Option<String>> {
         match self {
-            Checkpoint::Gguf(g) => Ok(g
-                .meta("tokenizer.chat_template")
-                .and_then(MetaValue::as_str)
-                .map(str::to_owned)),
+            Checkpoint::Gguf(g) => Ok(g.meta("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_owned)),
             Checkpoint::HfFolder(h) => h.chat_template(),
         }
     }
@@ -228,25 +210,14 @@ impl Checkpoint {
             };
             if let Some(kind) = kind {
                 if info.shape != shape {
-                    return Err(ModelError::TensorShape {
-                        name: name.into(),
-                        got: info.shape.clone(),
-                        expected: shape.to_vec(),
-                    });
+                    return Err(ModelError::TensorShape { name: name.into(), got: info.shape.clone(), expected: shape.to_vec() });
                 }
-                let m =
-                    QuantMatrix::new(kind, shape[0], shape[1], bytes.to_vec()).map_err(|e| {
-                        ModelError::Malformed {
-                            path: g.path().into(),
-                            reason: format!("tensor `{name}`: {e}"),
-                        }
-                    })?;
+                let m = QuantMatrix::new(kind, shape[0], shape[1], bytes.to_vec())
+                    .map_err(|e| ModelError::Malformed { path: g.path().into(), reason: format!("tensor `{name}`: {e}") })?;
                 return Ok(Weight::Native(m));
             }
         }
-        Ok(Weight::Candle(QMatMul::from_arc(
-            self.matrix(name, shape)?,
-        )?))
+        Ok(Weight::Candle(QMatMul::from_arc(self.matrix(name, shape)?)?))
     }
 }
 
@@ -255,53 +226,31 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
     let architecture = match arch_name {
         "llama" | "mistral" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
-        other => {
-            return Err(ModelError::Unsupported(format!(
-                "architecture `{other}` (supported: llama, mistral, qwen2)"
-            )))
-        }
+        other => return Err(ModelError::Unsupported(format!("architecture `{other}` (supported: llama, mistral, qwen2)"))),
     };
     let key = |k: &str| format!("{arch_name}.{k}");
     let hidden = g.meta_u64(&key("embedding_length"))? as usize;
     let n_heads = g.meta_u64(&key("attention.head_count"))? as usize;
-    let n_kv = g
-        .meta(&key("attention.head_count_kv"))
-        .and_then(MetaValue::as_u64)
-        .map_or(n_heads, |v| v as usize);
+    let n_kv = g.meta(&key("attention.head_count_kv")).and_then(MetaValue::as_u64).map_or(n_heads, |v| v as usize);
     let head_dim = g
         .meta(&key("attention.key_length"))
         .and_then(MetaValue::as_u64)
         .map(|v| v as usize)
         .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
-    let vocab =
-        g.tensors
-            .get(names::EMBED)
-            .map(|t| t.shape[0])
-            .ok_or(ModelError::MissingTensor {
-                name: names::EMBED.into(),
-            })?;
+    let vocab = g.tensors.get(names::EMBED).map(|t| t.shape[0]).ok_or(ModelError::MissingTensor { name: names::EMBED.into() })?;
     let rope_freq_factors = if g.tensors.contains_key(names::ROPE_FREQS) {
         Some(g.f32_tensor(names::ROPE_FREQS, &[head_dim / 2])?)
     } else {
         None
     };
-    if let Some(t) = g
-        .meta(&key("rope.scaling.type"))
-        .and_then(MetaValue::as_str)
-    {
+    if let Some(t) = g.meta(&key("rope.scaling.type")).and_then(MetaValue::as_str) {
         if t != "none" {
             return Err(ModelError::Unsupported(format!("RoPE scaling `{t}`")));
         }
     }
-    let eos = g
-        .meta("tokenizer.ggml.eos_token_id")
-        .and_then(MetaValue::as_u64)
-        .map(|v| v as u32);
+    let eos = g.meta("tokenizer.ggml.eos_token_id").and_then(MetaValue::as_u64).map(|v| v as u32);
     let mut eos_token_ids: Vec<u32> = eos.into_iter().collect();
-    if let Some(e) = g
-        .meta("tokenizer.ggml.eot_token_id")
-        .and_then(MetaValue::as_u64)
-    {
+    if let Some(e) = g.meta("tokenizer.ggml.eot_token_id").and_then(MetaValue::as_u64) {
         eos_token_ids.push(e as u32);
     }
     Ok(ModelConfig {
@@ -314,25 +263,12 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
         intermediate_size: g.meta_u64(&key("feed_forward_length"))? as usize,
         vocab_size: vocab,
         context_length: g.meta_u64(&key("context_length"))? as usize,
-        rope_theta: g
-            .meta(&key("rope.freq_base"))
-            .and_then(MetaValue::as_f64)
-            .unwrap_or(10000.0) as f32,
-        rope_style: if architecture == Architecture::Qwen2 {
-            RopeStyle::HalfSplit
-        } else {
-            RopeStyle::Interleaved
-        },
+        rope_theta: g.meta(&key("rope.freq_base")).and_then(MetaValue::as_f64).unwrap_or(10000.0) as f32,
+        rope_style: if architecture == Architecture::Qwen2 { RopeStyle::HalfSplit } else { RopeStyle::Interleaved },
         rope_freq_factors,
-        rms_norm_eps: g
-            .meta(&key("attention.layer_norm_rms_epsilon"))
-            .and_then(MetaValue::as_f64)
-            .unwrap_or(1e-5) as f32,
+        rms_norm_eps: g.meta(&key("attention.layer_norm_rms_epsilon")).and_then(MetaValue::as_f64).unwrap_or(1e-5) as f32,
         tie_embeddings: !g.tensors.contains_key(names::LM_HEAD),
-        bos_token_id: g
-            .meta("tokenizer.ggml.bos_token_id")
-            .and_then(MetaValue::as_u64)
-            .map(|v| v as u32),
+        bos_token_id: g.meta("tokenizer.ggml.bos_token_id").and_then(MetaValue::as_u64).map(|v| v as u32),
         eos_token_ids,
     })
 }
@@ -381,79 +317,42 @@ pub struct HfFolder {
 /// time, never copied whole onto the heap.
 #[allow(unsafe_code)]
 pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
-        path: path.into(),
-        source,
-    })?;
+    let file = std::fs::File::open(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
     // SAFETY: the map is read-only and lives as long as the checkpoint; duo never writes
     // model files, and a file changed by another program while loaded is outside its contract
     // (as for every engine that maps weights).
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io {
-        path: path.into(),
-        source,
-    })
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.into(), source })
 }
 
 impl HfFolder {
     fn open(dir: &Path) -> Result<Self> {
         let read_json = |p: PathBuf| -> Result<serde_json::Value> {
-            let text = std::fs::read_to_string(&p).map_err(|source| ModelError::Io {
-                path: p.clone(),
-                source,
-            })?;
-            serde_json::from_str(&text).map_err(|e| ModelError::Malformed {
-                path: p,
-                reason: e.to_string(),
-            })
+            let text = std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p.clone(), source })?;
+            serde_json::from_str(&text).map_err(|e| ModelError::Malformed { path: p, reason: e.to_string() })
         };
         let config_json = read_json(dir.join("config.json"))?;
         let mut index = BTreeMap::new();
         let idx_path = dir.join("model.safetensors.index.json");
         if idx_path.exists() {
             let idx = read_json(idx_path.clone())?;
-            let map = idx
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::Malformed {
-                    path: idx_path.clone(),
-                    reason: "no `weight_map` object".into(),
-                })?;
+            let map = idx.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Malformed { path: idx_path.clone(), reason: "no `weight_map` object".into() })?;
             for (name, file) in map {
-                let f = file
-                    .as_str()
-                    .filter(|f| !f.contains('/') && !f.contains(".."))
-                    .ok_or_else(|| ModelError::Malformed {
-                        path: idx_path.clone(),
-                        reason: format!("bad file name for `{name}`"),
-                    })?;
+                let f = file.as_str().filter(|f| !f.contains('/') && !f.contains("..")).ok_or_else(|| ModelError::Malformed { path: idx_path.clone(), reason: format!("bad file name for `{name}`") })?;
                 index.insert(name.clone(), dir.join(f));
             }
         } else {
             let single = dir.join("model.safetensors");
             let bytes = map_file(&single)?;
-            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-                ModelError::Malformed {
-                    path: single.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Malformed { path: single.clone(), reason: e.to_string() })?;
             for name in st.names() {
                 index.insert(name.to_string(), single.clone());
             }
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            config_json,
-            index,
-            files: Default::default(),
-        })
+        Ok(Self { dir: dir.to_path_buf(), config_json, index, files: Default::default() })
     }
 
     fn file(&self, path: &Path) -> Result<Arc<memmap2::Mmap>> {
-        let mut files = self
-            .files
-            .lock()
-            .map_err(|_| ModelError::Unsupported("poisoned file cache".into()))?;
+        let mut files = self.files.lock().map_err(|_| ModelError::Unsupported("poisoned file cache".into()))?;
         if let Some(b) = files.get(path) {
             return Ok(b.clone());
         }
@@ -463,51 +362,26 @@ impl HfFolder {
     }
 
     /// Calls `f` with the raw little-endian bytes and type of a tensor, checked against `shape`.
-    fn with_tensor<T>(
-        &self,
-        gguf_name: &str,
-        shape: &[usize],
-        f: impl FnOnce(&[u8], DType) -> Result<T>,
-    ) -> Result<T> {
+    fn with_tensor<T>(&self, gguf_name: &str, shape: &[usize], f: impl FnOnce(&[u8], DType) -> Result<T>) -> Result<T> {
         let name = hf_name(gguf_name);
-        let path = self
-            .index
-            .get(&name)
-            .ok_or(ModelError::MissingTensor { name: name.clone() })?;
+        let path = self.index.get(&name).ok_or(ModelError::MissingTensor { name: name.clone() })?;
         let bytes = self.file(path)?;
-        let st =
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Malformed {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        let view = st.tensor(&name).map_err(|e| ModelError::Malformed {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Malformed { path: path.clone(), reason: e.to_string() })?;
+        let view = st.tensor(&name).map_err(|e| ModelError::Malformed { path: path.clone(), reason: e.to_string() })?;
         if view.shape() != shape {
-            return Err(ModelError::TensorShape {
-                name,
-                got: view.shape().to_vec(),
-                expected: shape.to_vec(),
-            });
+            return Err(ModelError::TensorShape { name, got: view.shape().to_vec(), expected: shape.to_vec() });
         }
         let dtype = match view.dtype() {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
-            d => {
-                return Err(ModelError::Unsupported(format!(
-                    "tensor `{name}` has dtype {d:?}"
-                )))
-            }
+            d => return Err(ModelError::Unsupported(format!("tensor `{name}` has dtype {d:?}"))),
         };
         f(view.data(), dtype)
     }
 
     fn tensor(&self, gguf_name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.with_tensor(gguf_name, shape, |data, dtype| {
-            Ok(Tensor::from_raw_buffer(data, dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?)
-        })
+        self.with_tensor(gguf_name, shape, |data, dtype| Ok(Tensor::from_raw_buffer(data, dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?))
     }
 
     fn bf16(&self, gguf_name: &str, shape: &[usize]) -> Result<Vec<u16>> {
@@ -515,17 +389,8 @@ impl HfFolder {
             let words = |n: usize| data.chunks_exact(n);
             Ok(match dtype {
                 DType::BF16 => words(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
-                DType::F16 => words(2)
-                    .map(|b| {
-                        half::bf16::from_f32(half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                            .to_bits()
-                    })
-                    .collect(),
-                _ => words(4)
-                    .map(|b| {
-                        half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_bits()
-                    })
-                    .collect(),
+                DType::F16 => words(2).map(|b| half::bf16::from_f32(half::f16::from_le_bytes([b[0], b[1]]).to_f32()).to_bits()).collect(),
+                _ => words(4).map(|b| half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_bits()).collect(),
             })
         })
     }
@@ -535,15 +400,8 @@ impl HfFolder {
         if !p.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&p).map_err(|source| ModelError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::Malformed {
-                path: p,
-                reason: e.to_string(),
-            })?;
+        let text = std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Malformed { path: p, reason: e.to_string() })?;
         Ok(match v.get("chat_template") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             // A list of named templates: take the default one.
@@ -558,100 +416,42 @@ impl HfFolder {
     }
 
     fn config(&self) -> Result<ModelConfig> {
-        config_from_hf_json(
-            &self.config_json,
-            &self.dir.join("config.json"),
-            self.index.contains_key("lm_head.weight"),
-        )
+        config_from_hf_json(&self.config_json, &self.dir.join("config.json"), self.index.contains_key("lm_head.weight"))
     }
 }
 
 /// A model configuration from a Hugging Face `config.json` (`path` is for messages;
 /// `has_lm_head`: whether the checkpoint has its own LM head, else it is tied).
-pub fn config_from_hf_json(
-    c: &serde_json::Value,
-    path: &Path,
-    has_lm_head: bool,
-) -> Result<ModelConfig> {
-    let bad = |m: String| ModelError::Malformed {
-        path: path.to_path_buf(),
-        reason: m,
-    };
-    let get_u = |k: &str| {
-        c.get(k)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| bad(format!("`{k}` is missing or not an integer")))
-    };
-    let archs: Vec<&str> = c
-        .get("architectures")
-        .and_then(|a| a.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-        .unwrap_or_default();
+pub fn config_from_hf_json(c: &serde_json::Value, path: &Path, has_lm_head: bool) -> Result<ModelConfig> {
+    let bad = |m: String| ModelError::Malformed { path: path.to_path_buf(), reason: m };
+    let get_u = |k: &str| c.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| bad(format!("`{k}` is missing or not an integer")));
+    let archs: Vec<&str> = c.get("architectures").and_then(|a| a.as_array()).map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
     let model_type = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
     let architecture = match model_type {
         "llama" | "mistral" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
-        other => {
-            return Err(ModelError::Unsupported(format!(
-                "model_type `{other}` ({archs:?}); supported: llama, mistral, qwen2"
-            )))
-        }
+        other => return Err(ModelError::Unsupported(format!("model_type `{other}` ({archs:?}); supported: llama, mistral, qwen2"))),
     };
     let hidden = get_u("hidden_size")?;
     let n_heads = get_u("num_attention_heads")?;
-    let n_kv = c
-        .get("num_key_value_heads")
-        .and_then(|v| v.as_u64())
-        .map_or(n_heads, |v| v as usize);
-    let head_dim = c
-        .get("head_dim")
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize)
-        .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
-    let theta = c
-        .get("rope_theta")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(10000.0) as f32;
+    let n_kv = c.get("num_key_value_heads").and_then(|v| v.as_u64()).map_or(n_heads, |v| v as usize);
+    let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
+    let theta = c.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32;
     let rope_freq_factors = match c.get("rope_scaling").filter(|v| !v.is_null()) {
         None => None,
         Some(s) => {
-            let ty = s
-                .get("rope_type")
-                .or_else(|| s.get("type"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
+            let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("");
             if ty != "llama3" {
-                return Err(ModelError::Unsupported(format!(
-                    "rope_scaling type `{ty}` (only `llama3` is supported)"
-                )));
+                return Err(ModelError::Unsupported(format!("rope_scaling type `{ty}` (only `llama3` is supported)")));
             }
-            let f = |k: &str| {
-                s.get(k)
-                    .and_then(|v| v.as_f64())
-                    .map(|v| v as f32)
-                    .ok_or_else(|| bad(format!("rope_scaling.{k} missing")))
-            };
-            Some(ModelConfig::llama3_freq_factors(
-                head_dim,
-                theta,
-                f("factor")?,
-                f("low_freq_factor")?,
-                f("high_freq_factor")?,
-                f("original_max_position_embeddings")?,
-            ))
+            let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).map(|v| v as f32).ok_or_else(|| bad(format!("rope_scaling.{k} missing")));
+            Some(ModelConfig::llama3_freq_factors(head_dim, theta, f("factor")?, f("low_freq_factor")?, f("high_freq_factor")?, f("original_max_position_embeddings")?))
         }
     };
     let ids = |k: &str| -> Vec<u32> {
         match c.get(k) {
-            Some(serde_json::Value::Number(n)) => {
-                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
-            }
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect(),
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
             _ => vec![],
         }
     };
@@ -668,15 +468,8 @@ pub fn config_from_hf_json(
         rope_theta: theta,
         rope_style: RopeStyle::HalfSplit,
         rope_freq_factors,
-        rms_norm_eps: c
-            .get("rms_norm_eps")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(1e-5) as f32,
-        tie_embeddings: c
-            .get("tie_word_embeddings")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
-            || !has_lm_head,
+        rms_norm_eps: c.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
+        tie_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false) || !has_lm_head,
         bos_token_id: ids("bos_token_id").first().copied(),
         eos_token_ids: ids("eos_token_id"),
     })
@@ -688,18 +481,9 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf_names() {
-        assert_eq!(
-            hf_name("blk.3.attn_q.weight"),
-            "model.layers.3.self_attn.q_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_k.bias"),
-            "model.layers.0.self_attn.k_proj.bias"
-        );
-        assert_eq!(
-            hf_name("blk.12.ffn_down.weight"),
-            "model.layers.12.mlp.down_proj.weight"
-        );
+        assert_eq!(hf_name("blk.3.attn_q.weight"), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias"), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("blk.12.ffn_down.weight"), "model.layers.12.mlp.down_proj.weight");
         assert_eq!(hf_name("token_embd.weight"), "model.embed_tokens.weight");
         assert_eq!(hf_name("output.weight"), "lm_head.weight");
         assert_eq!(hf_name("output_norm.weight"), "model.norm.weight");

@@ -116,10 +116,7 @@ impl std::ops::Deref for FileBytes {
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufFile")
-            .field("path", &self.path)
-            .field("tensors", &self.tensors.len())
-            .finish()
+        f.debug_struct("GgufFile").field("path", &self.path).field("tensors", &self.tensors.len()).finish()
     }
 }
 
@@ -131,10 +128,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn bad(&self, reason: impl Into<String>) -> ModelError {
-        ModelError::Malformed {
-            path: self.path.to_path_buf(),
-            reason: format!("{} (at byte {})", reason.into(), self.pos),
-        }
+        ModelError::Malformed { path: self.path.to_path_buf(), reason: format!("{} (at byte {})", reason.into(), self.pos) }
     }
 
     fn remaining(&self) -> usize {
@@ -143,10 +137,7 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if n > self.remaining() {
-            return Err(self.bad(format!(
-                "needs {n} more bytes, only {} remain (file truncated?)",
-                self.remaining()
-            )));
+            return Err(self.bad(format!("needs {n} more bytes, only {} remain (file truncated?)", self.remaining())));
         }
         let s = &self.bytes[self.pos..self.pos + n];
         self.pos += n;
@@ -154,25 +145,18 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
 
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
 
     /// A count of items each at least `min_size` bytes long: must fit in what remains.
     fn count(&mut self, what: &str, min_size: usize) -> Result<usize> {
         let n = self.u64()?;
         if n > (self.remaining() / min_size.max(1)) as u64 {
-            return Err(self.bad(format!(
-                "{what} count {n} cannot fit in the {} bytes that remain",
-                self.remaining()
-            )));
+            return Err(self.bad(format!("{what} count {n} cannot fit in the {} bytes that remain", self.remaining())));
         }
         Ok(n as usize)
     }
@@ -250,36 +234,18 @@ fn dtype_from_id(id: u32) -> Option<GgmlDType> {
 /// most one alignment unit of padding after the last. A tensor whose type or shape was
 /// changed, or whose offset was moved, no longer tiles the section: its bytes would overlap
 /// a neighbour's, or leave a gap, and it would load as garbage.
-fn check_tiling(
-    tensors: &BTreeMap<String, TensorInfo>,
-    data_start: usize,
-    alignment: usize,
-    file_len: usize,
-) -> std::result::Result<(), String> {
+fn check_tiling(tensors: &BTreeMap<String, TensorInfo>, data_start: usize, alignment: usize, file_len: usize) -> std::result::Result<(), String> {
     let mut order: Vec<&TensorInfo> = tensors.values().collect();
     order.sort_by_key(|t| (t.offset, t.name.as_str()));
     let mut expected = data_start;
     let mut previous: Option<&TensorInfo> = None;
     for t in order {
         if !(t.offset - data_start).is_multiple_of(alignment) {
-            return Err(format!(
-                "tensor `{}` starts at data offset {}, not a multiple of the alignment {alignment}",
-                t.name,
-                t.offset - data_start
-            ));
+            return Err(format!("tensor `{}` starts at data offset {}, not a multiple of the alignment {alignment}", t.name, t.offset - data_start));
         }
         if t.offset != expected {
-            let after = previous.map_or("the start of the data section".to_string(), |p| {
-                format!(
-                    "`{}` ({:?} {:?}, {} bytes)",
-                    p.name, p.dtype, p.shape, p.size
-                )
-            });
-            let how = if t.offset < expected {
-                "overlaps"
-            } else {
-                "leaves a gap after"
-            };
+            let after = previous.map_or("the start of the data section".to_string(), |p| format!("`{}` ({:?} {:?}, {} bytes)", p.name, p.dtype, p.shape, p.size));
+            let how = if t.offset < expected { "overlaps" } else { "leaves a gap after" };
             return Err(format!("tensor `{}` at data offset {} {how} {after}: the tensor table does not match the data (a changed type, shape or offset)", t.name, t.offset - data_start));
         }
         expected = (t.offset + t.size).div_ceil(alignment) * alignment;
@@ -297,18 +263,10 @@ fn check_tiling(
 impl GgufFile {
     /// Reads and validates a GGUF file.
     pub fn open(path: &Path) -> Result<Self> {
-        let len = std::fs::metadata(path)
-            .map_err(|source| ModelError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
+        let len = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?.len();
         if len < 1 << 16 {
             // Too small to be worth a map (and an empty file cannot be mapped).
-            let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
             return Self::from_bytes(bytes, path);
         }
         Self::parse(FileBytes::Mapped(crate::checkpoint::map_file(path)?), path)
@@ -320,11 +278,7 @@ impl GgufFile {
     }
 
     fn parse(bytes: FileBytes, path: &Path) -> Result<Self> {
-        let mut r = Reader {
-            bytes: &bytes,
-            pos: 0,
-            path,
-        };
+        let mut r = Reader { bytes: &bytes, pos: 0, path };
         let magic = r.take(4)?;
         if magic != MAGIC {
             return Err(r.bad(format!("bad magic {magic:?}, expected \"GGUF\"")));
@@ -349,9 +303,7 @@ impl GgufFile {
             let name = r.string()?;
             let n_dims = r.u32()? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(r.bad(format!(
-                    "tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
-                )));
+                return Err(r.bad(format!("tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
             }
             let mut shape = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -363,11 +315,7 @@ impl GgufFile {
             }
             shape.reverse();
             let ty = r.u32()?;
-            let dtype = dtype_from_id(ty).ok_or_else(|| {
-                r.bad(format!(
-                    "tensor `{name}` has unknown or unsupported type {ty}"
-                ))
-            })?;
+            let dtype = dtype_from_id(ty).ok_or_else(|| r.bad(format!("tensor `{name}` has unknown or unsupported type {ty}")))?;
             let offset = r.u64()?;
             infos.push((name, shape, dtype, offset));
         }
@@ -381,18 +329,13 @@ impl GgufFile {
         let data_start = r.pos.div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, shape, dtype, offset) in infos {
-            let elems = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| r.bad(format!("tensor `{name}` is too large")))?;
+            let elems = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| r.bad(format!("tensor `{name}` is too large")))?;
             let block = dtype.block_size();
             if elems % block != 0 || shape.last().is_some_and(|&inner| inner % block != 0) {
                 return Err(r.bad(format!("tensor `{name}` of {elems} elements does not divide into {dtype:?} blocks of {block}")));
             }
             let size = elems / block * dtype.type_size();
-            let start = (offset as usize)
-                .checked_add(data_start)
-                .filter(|_| offset < u64::MAX / 2);
+            let start = (offset as usize).checked_add(data_start).filter(|_| offset < u64::MAX / 2);
             let end = start.and_then(|s| s.checked_add(size));
             match (start, end) {
                 (Some(s), Some(e)) if e <= bytes.len() => {
@@ -408,19 +351,8 @@ impl GgufFile {
                 }
             }
         }
-        check_tiling(&tensors, data_start, alignment, bytes.len()).map_err(|reason| {
-            ModelError::Malformed {
-                path: path.to_path_buf(),
-                reason,
-            }
-        })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            version,
-            metadata,
-            tensors,
-            bytes,
-        })
+        check_tiling(&tensors, data_start, alignment, bytes.len()).map_err(|reason| ModelError::Malformed { path: path.to_path_buf(), reason })?;
+        Ok(Self { path: path.to_path_buf(), version, metadata, tensors, bytes })
     }
 
     /// The file this was read from.
@@ -435,31 +367,21 @@ impl GgufFile {
 
     /// A required unsigned metadata value.
     pub fn meta_u64(&self, key: &str) -> Result<u64> {
-        self.meta(key)
-            .and_then(MetaValue::as_u64)
-            .ok_or_else(|| self.malformed(format!("metadata `{key}` is missing or not an integer")))
+        self.meta(key).and_then(MetaValue::as_u64).ok_or_else(|| self.malformed(format!("metadata `{key}` is missing or not an integer")))
     }
 
     /// A required string metadata value.
     pub fn meta_str(&self, key: &str) -> Result<&str> {
-        self.meta(key)
-            .and_then(MetaValue::as_str)
-            .ok_or_else(|| self.malformed(format!("metadata `{key}` is missing or not a string")))
+        self.meta(key).and_then(MetaValue::as_str).ok_or_else(|| self.malformed(format!("metadata `{key}` is missing or not a string")))
     }
 
     fn malformed(&self, reason: String) -> ModelError {
-        ModelError::Malformed {
-            path: self.path.clone(),
-            reason,
-        }
+        ModelError::Malformed { path: self.path.clone(), reason }
     }
 
     /// The raw bytes of a tensor.
     pub fn tensor_bytes(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
+        let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
         Ok((info, &self.bytes[info.offset..info.offset + info.size]))
     }
 
@@ -467,23 +389,16 @@ impl GgufFile {
     pub fn qtensor(&self, name: &str, expected: &[usize]) -> Result<QTensor> {
         let (info, data) = self.tensor_bytes(name)?;
         if info.shape != expected {
-            return Err(ModelError::TensorShape {
-                name: name.into(),
-                got: info.shape.clone(),
-                expected: expected.to_vec(),
-            });
+            return Err(ModelError::TensorShape { name: name.into(), got: info.shape.clone(), expected: expected.to_vec() });
         }
-        qtensor_from_ggml(info.dtype, data, info.shape.clone(), &Device::Cpu).map_err(|e| {
-            ModelError::Unsupported(format!("tensor `{name}` of type {:?}: {e}", info.dtype))
-        })
+        qtensor_from_ggml(info.dtype, data, info.shape.clone(), &Device::Cpu)
+            .map_err(|e| ModelError::Unsupported(format!("tensor `{name}` of type {:?}: {e}", info.dtype)))
     }
 
     /// A tensor dequantised to `f32`, checked against `expected`.
     pub fn f32_tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let q = self.qtensor(name, expected)?;
-        Ok(q.dequantize(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
+        Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
     }
 }
 
@@ -517,10 +432,7 @@ pub mod writer {
     /// `<s>` and `</s>`. Returns (tokens, merges).
     pub fn byte_vocab() -> (Vec<String>, Vec<String>) {
         // GPT-2 byte-to-unicode map.
-        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-            .chain(0xA1..=0xAC)
-            .chain(0xAE..=0xFF)
-            .collect();
+        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
         let mut cs = bs.clone();
         let mut n = 0;
         for b in 0..256u32 {
@@ -532,17 +444,8 @@ pub mod writer {
         }
         let mut pairs: Vec<(u32, u32)> = bs.into_iter().zip(cs).collect();
         pairs.sort();
-        let mut tokens: Vec<String> = pairs
-            .iter()
-            .filter_map(|&(_, c)| char::from_u32(c))
-            .map(|c| c.to_string())
-            .collect();
-        tokens.extend([
-            "he".to_string(),
-            "ll".to_string(),
-            "<s>".to_string(),
-            "</s>".to_string(),
-        ]);
+        let mut tokens: Vec<String> = pairs.iter().filter_map(|&(_, c)| char::from_u32(c)).map(|c| c.to_string()).collect();
+        tokens.extend(["he".to_string(), "ll".to_string(), "<s>".to_string(), "</s>".to_string()]);
         (tokens, vec!["h e".into(), "l l".into()])
     }
 
@@ -550,15 +453,9 @@ pub mod writer {
     /// tokenizer and a chat template: `named` holds every weight by its GGUF name with its
     /// shape and `f32` values (tied embeddings: no `output.weight` needed); vectors are
     /// written as F32, matrices quantised to `matrix_type` (candle's quantisation).
-    pub fn small_llama(
-        shape: &SmallLlama,
-        named: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-        matrix_type: GgmlDType,
-    ) -> Result<Vec<u8>> {
+    pub fn small_llama(shape: &SmallLlama, named: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, matrix_type: GgmlDType) -> Result<Vec<u8>> {
         let (tokens, merges) = byte_vocab();
-        let strs = |v: &[String]| {
-            MetaValue::Array(v.iter().map(|s| MetaValue::String(s.clone())).collect())
-        };
+        let strs = |v: &[String]| MetaValue::Array(v.iter().map(|s| MetaValue::String(s.clone())).collect());
         let n = tokens.len();
         let mut types = vec![MetaValue::I64(1); n];
         types[n - 2] = MetaValue::I64(3);
@@ -566,69 +463,28 @@ pub mod writer {
         let meta = vec![
             ("general.architecture", MetaValue::String("llama".into())),
             ("llama.block_count", MetaValue::U64(shape.layers as u64)),
-            (
-                "llama.embedding_length",
-                MetaValue::U64(shape.hidden as u64),
-            ),
-            (
-                "llama.feed_forward_length",
-                MetaValue::U64(shape.ffn as u64),
-            ),
-            (
-                "llama.attention.head_count",
-                MetaValue::U64(shape.heads as u64),
-            ),
-            (
-                "llama.attention.head_count_kv",
-                MetaValue::U64(shape.kv_heads as u64),
-            ),
+            ("llama.embedding_length", MetaValue::U64(shape.hidden as u64)),
+            ("llama.feed_forward_length", MetaValue::U64(shape.ffn as u64)),
+            ("llama.attention.head_count", MetaValue::U64(shape.heads as u64)),
+            ("llama.attention.head_count_kv", MetaValue::U64(shape.kv_heads as u64)),
             ("llama.context_length", MetaValue::U64(shape.context as u64)),
             ("llama.rope.freq_base", MetaValue::F64(10000.0)),
-            (
-                "llama.attention.layer_norm_rms_epsilon",
-                MetaValue::F64(1e-5),
-            ),
+            ("llama.attention.layer_norm_rms_epsilon", MetaValue::F64(1e-5)),
             ("tokenizer.ggml.model", MetaValue::String("gpt2".into())),
             ("tokenizer.ggml.pre", MetaValue::String("smollm".into())),
             ("tokenizer.ggml.tokens", strs(&tokens)),
             ("tokenizer.ggml.merges", strs(&merges)),
             ("tokenizer.ggml.token_type", MetaValue::Array(types)),
-            (
-                "tokenizer.ggml.bos_token_id",
-                MetaValue::U64((n - 2) as u64),
-            ),
-            (
-                "tokenizer.ggml.eos_token_id",
-                MetaValue::U64((n - 1) as u64),
-            ),
-            (
-                "tokenizer.chat_template",
-                MetaValue::String(
-                    shape
-                        .template
-                        .unwrap_or(
-                            "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
-                        )
-                        .into(),
-                ),
-            ),
+            ("tokenizer.ggml.bos_token_id", MetaValue::U64((n - 2) as u64)),
+            ("tokenizer.ggml.eos_token_id", MetaValue::U64((n - 1) as u64)),
+            ("tokenizer.chat_template", MetaValue::String(shape.template.unwrap_or("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}").into())),
         ];
         let mut tensors = Vec::with_capacity(named.len());
         for (name, (dims, data)) in named {
-            let dtype = if dims.len() == 1 {
-                GgmlDType::F32
-            } else {
-                matrix_type
-            };
-            let t =
-                candle_core::Tensor::from_slice(data, dims.as_slice(), &candle_core::Device::Cpu)?;
+            let dtype = if dims.len() == 1 { GgmlDType::F32 } else { matrix_type };
+            let t = candle_core::Tensor::from_slice(data, dims.as_slice(), &candle_core::Device::Cpu)?;
             let bytes = QTensor::quantize(&t, dtype)?.data()?.to_vec();
-            tensors.push(TensorData {
-                name: name.clone(),
-                shape: dims.clone(),
-                dtype,
-                bytes,
-            });
+            tensors.push(TensorData { name: name.clone(), shape: dims.clone(), dtype, bytes });
         }
         Ok(to_bytes(&meta, &tensors))
     }

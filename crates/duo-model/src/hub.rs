@@ -24,39 +24,23 @@ pub struct HubModel {
 impl HubModel {
     /// Parses `ORG/NAME[@REVISION][:FILE.gguf]` (without the `hf:` prefix).
     pub fn parse(spec: &str) -> Result<Self> {
-        let bad = |why: &str| {
-            ModelError::Fetch(format!(
-                "`hf:{spec}`: {why}; expected hf:ORG/NAME[@REVISION][:FILE.gguf]"
-            ))
-        };
+        let bad = |why: &str| ModelError::Fetch(format!("`hf:{spec}`: {why}; expected hf:ORG/NAME[@REVISION][:FILE.gguf]"));
         let (repo_rev, gguf) = match spec.split_once(':') {
             Some((r, f)) if f.ends_with(".gguf") && !f.contains("..") => (r, Some(f.to_string())),
             Some(_) => return Err(bad("only a .gguf file may be named after `:`")),
             None => (spec, None),
         };
         let (repo, revision) = match repo_rev.split_once('@') {
-            Some((_, v)) if v.split('/').any(|p| p.is_empty() || p == "." || p == "..") => {
-                return Err(bad("bad revision"))
-            }
+            Some((_, v)) if v.split('/').any(|p| p.is_empty() || p == "." || p == "..") => return Err(bad("bad revision")),
             Some((r, v)) => (r, v.to_string()),
             None => (repo_rev, "main".to_string()),
         };
         let parts: Vec<&str> = repo.split('/').collect();
-        let valid = |p: &str| {
-            !p.is_empty()
-                && p != "."
-                && p != ".."
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        };
+        let valid = |p: &str| !p.is_empty() && p != "." && p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if parts.len() != 2 || !parts.iter().all(|p| valid(p)) {
             return Err(bad("the repository must be ORG/NAME"));
         }
-        Ok(Self {
-            repo: repo.to_string(),
-            revision,
-            gguf,
-        })
+        Ok(Self { repo: repo.to_string(), revision, gguf })
     }
 
     /// Downloads what the model needs (skipping files already cached) and returns the
@@ -68,14 +52,8 @@ impl HubModel {
         if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
             builder = builder.with_token(Some(token));
         }
-        let api = builder
-            .build()
-            .map_err(|e| ModelError::Fetch(format!("hub client: {e}")))?;
-        let repo = api.repo(Repo::with_revision(
-            self.repo.clone(),
-            RepoType::Model,
-            self.revision.clone(),
-        ));
+        let api = builder.build().map_err(|e| ModelError::Fetch(format!("hub client: {e}")))?;
+        let repo = api.repo(Repo::with_revision(self.repo.clone(), RepoType::Model, self.revision.clone()));
         let get = |file: &str| {
             repo.get(file).map_err(|e| {
                 ModelError::Fetch(format!(
@@ -98,42 +76,31 @@ impl HubModel {
             }
             // No index: a single-file checkpoint. If that fails too, both reasons are shown.
             Err(no_index) => {
-                get("model.safetensors")
-                    .map_err(|e| ModelError::Fetch(format!("{e}; and {no_index}")))?;
+                get("model.safetensors").map_err(|e| ModelError::Fetch(format!("{e}; and {no_index}")))?;
             }
         }
-        config.parent().map(PathBuf::from).ok_or_else(|| {
-            ModelError::Fetch(format!("hf:{}: cached file has no folder", self.repo))
-        })
+        config
+            .parent()
+            .map(PathBuf::from)
+            .ok_or_else(|| ModelError::Fetch(format!("hf:{}: cached file has no folder", self.repo)))
     }
 }
 
 /// The distinct shard files named by a `model.safetensors.index.json`.
 fn shard_names(index: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
-        path: index.into(),
-        source,
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Malformed {
-        path: index.into(),
-        reason: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io { path: index.into(), source })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::Malformed { path: index.into(), reason: e.to_string() })?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| ModelError::Malformed {
-            path: index.into(),
-            reason: "no `weight_map` object".into(),
-        })?;
+        .ok_or_else(|| ModelError::Malformed { path: index.into(), reason: "no `weight_map` object".into() })?;
     let mut names: Vec<String> = Vec::new();
     for f in map.values() {
         let f = f
             .as_str()
             .filter(|f| f.ends_with(".safetensors") && !f.contains('/') && !f.contains(".."))
-            .ok_or_else(|| ModelError::Malformed {
-                path: index.into(),
-                reason: format!("bad shard name {f}"),
-            })?;
+            .ok_or_else(|| ModelError::Malformed { path: index.into(), reason: format!("bad shard name {f}") })?;
         if !names.iter().any(|n| n == f) {
             names.push(f.to_string());
         }
@@ -148,31 +115,11 @@ mod tests {
     #[test]
     fn parses_repo_revision_and_file() {
         let m = HubModel::parse("HuggingFaceTB/SmolLM2-135M-Instruct").unwrap();
-        assert_eq!(
-            (m.repo.as_str(), m.revision.as_str(), m.gguf),
-            ("HuggingFaceTB/SmolLM2-135M-Instruct", "main", None)
-        );
+        assert_eq!((m.repo.as_str(), m.revision.as_str(), m.gguf), ("HuggingFaceTB/SmolLM2-135M-Instruct", "main", None));
         let m = HubModel::parse("org/name@v1.0:model-q4_0.gguf").unwrap();
-        assert_eq!(
-            (m.revision.as_str(), m.gguf.as_deref()),
-            ("v1.0", Some("model-q4_0.gguf"))
-        );
-        assert_eq!(
-            HubModel::parse("org/name@refs/pr/1").unwrap().revision,
-            "refs/pr/1"
-        );
-        for bad in [
-            "",
-            "justname",
-            "a/b/c",
-            "../x",
-            "a/..",
-            "a/b@",
-            "a/b@../../x",
-            "a/b:weights.bin",
-            "a/b:../x.gguf",
-            "a b/c",
-        ] {
+        assert_eq!((m.revision.as_str(), m.gguf.as_deref()), ("v1.0", Some("model-q4_0.gguf")));
+        assert_eq!(HubModel::parse("org/name@refs/pr/1").unwrap().revision, "refs/pr/1");
+        for bad in ["", "justname", "a/b/c", "../x", "a/..", "a/b@", "a/b@../../x", "a/b:weights.bin", "a/b:../x.gguf", "a b/c"] {
             assert!(HubModel::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -183,15 +130,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("duo-hub-test-{}", std::process::id()));
         std::env::set_var("HF_HOME", &dir);
         std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
-        let err = HubModel::parse("org/name")
-            .unwrap()
-            .download()
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("hf:org/name@main") && err.contains("config.json"),
-            "{err}"
-        );
+        let err = HubModel::parse("org/name").unwrap().download().unwrap_err().to_string();
+        assert!(err.contains("hf:org/name@main") && err.contains("config.json"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -200,15 +140,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("duo-shards-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("index.json");
-        std::fs::write(
-            &p,
-            r#"{"weight_map":{"a":"m-1.safetensors","b":"m-2.safetensors","c":"m-1.safetensors"}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            shard_names(&p).unwrap(),
-            vec!["m-1.safetensors", "m-2.safetensors"]
-        );
+        std::fs::write(&p, r#"{"weight_map":{"a":"m-1.safetensors","b":"m-2.safetensors","c":"m-1.safetensors"}}"#).unwrap();
+        assert_eq!(shard_names(&p).unwrap(), vec!["m-1.safetensors", "m-2.safetensors"]);
         std::fs::write(&p, r#"{"weight_map":{"a":"../../etc/passwd.safetensors"}}"#).unwrap();
         assert!(shard_names(&p).is_err());
         let _ = std::fs::remove_dir_all(dir);

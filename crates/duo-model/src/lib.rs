@@ -85,23 +85,12 @@ impl ModelFiles {
         let tokenizer = checkpoint.tokenizer()?;
         let template = match checkpoint.chat_template()? {
             Some(src) => {
-                let name =
-                    |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
-                Some(ChatTemplate::new(
-                    &src,
-                    &name(&tokenizer.bos_token),
-                    &name(&tokenizer.eos_token),
-                )?)
+                let name = |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
+                Some(ChatTemplate::new(&src, &name(&tokenizer.bos_token), &name(&tokenizer.eos_token))?)
             }
             None => None,
         };
-        Ok(Self {
-            checkpoint,
-            config,
-            tokenizer,
-            template,
-            path,
-        })
+        Ok(Self { checkpoint, config, tokenizer, template, path })
     }
 }
 
@@ -122,11 +111,6 @@ impl LoadedModel {
     pub fn load(source: &ModelSource) -> Result<Self> {
         let f = ModelFiles::open(source)?;
         let model = Model::load(&f.checkpoint, f.config)?;
-        Ok(Self {
-            model,
-            tokenizer: f.tokenizer,
-            template: f.template,
-            path: f.path,
-        })
+        Ok(Self { model, tokenizer: f.tokenizer, template: f.template, path: f.path })
     }
 }

@@ -19,31 +19,16 @@ use std::sync::Arc;
 
 /// A projection: `y = x W^T (+ b)`.
 struct Linear {
-    weight: Weight,         // [out, in]
+    weight: Weight, // [out, in]
     bias: Option<Vec<f32>>, // [out]
     out_dim: usize,
 }
 
 impl Linear {
-    fn load(
-        ck: &Checkpoint,
-        layer: usize,
-        part: &str,
-        out_dim: usize,
-        in_dim: usize,
-        with_bias: bool,
-    ) -> Result<Self> {
+    fn load(ck: &Checkpoint, layer: usize, part: &str, out_dim: usize, in_dim: usize, with_bias: bool) -> Result<Self> {
         let weight = ck.weight(&names::block(layer, part), &[out_dim, in_dim])?;
-        let bias = if with_bias {
-            Some(ck.f32(&names::block_bias(layer, part), &[out_dim])?)
-        } else {
-            None
-        };
-        Ok(Self {
-            weight,
-            bias,
-            out_dim,
-        })
+        let bias = if with_bias { Some(ck.f32(&names::block_bias(layer, part), &[out_dim])?) } else { None };
+        Ok(Self { weight, bias, out_dim })
     }
 
     /// `x`: `[t, in]` -> `[t, out]`.
@@ -96,9 +81,7 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model")
-            .field("config", &self.config)
-            .finish()
+        f.debug_struct("Model").field("config", &self.config).finish()
     }
 }
 
@@ -109,14 +92,7 @@ impl Model {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let bias = c.architecture == duo_core::Architecture::Qwen2;
         let embed = ck.matrix(names::EMBED, &[c.vocab_size, h])?;
-        let lm_head = ck.weight(
-            if c.tie_embeddings {
-                names::EMBED
-            } else {
-                names::LM_HEAD
-            },
-            &[c.vocab_size, h],
-        )?;
+        let lm_head = ck.weight(if c.tie_embeddings { names::EMBED } else { names::LM_HEAD }, &[c.vocab_size, h])?;
         let mut blocks = Vec::new(); // not with_capacity: n_layers comes from the file
         for l in 0..c.n_layers {
             blocks.push(Block {
@@ -132,20 +108,8 @@ impl Model {
             });
         }
         let norm = ck.f32(names::OUTPUT_NORM, &[h])?;
-        let rope = Rope::new(
-            hd,
-            c.rope_theta,
-            c.rope_style == RopeStyle::HalfSplit,
-            c.rope_freq_factors.as_deref(),
-        );
-        Ok(Self {
-            config,
-            embed,
-            blocks,
-            norm,
-            lm_head,
-            rope,
-        })
+        let rope = Rope::new(hd, c.rope_theta, c.rope_style == RopeStyle::HalfSplit, c.rope_freq_factors.as_deref());
+        Ok(Self { config, embed, blocks, norm, lm_head, rope })
     }
 
     /// A model of `config`'s shape with seeded random weights and unit norms: the values of
@@ -160,35 +124,23 @@ impl Model {
         // Rows `rows` of a generated tensor, quantised to Q4_1 bytes 1,024 rows at a time (Q4_1
         // blocks lie within rows, so the bytes are those of the whole matrix, without it ever
         // existing in f32).
-        let q4_1 =
-            |t: RandomTensor, rows: std::ops::Range<usize>| -> Result<(usize, usize, Vec<u8>)> {
-                let cols = t.shape(c).1;
-                let n = rows.len();
-                let mut bytes = Vec::new();
-                for start in rows.clone().step_by(1024) {
-                    let part = start..(start + 1024).min(rows.end);
-                    let len = part.len();
-                    let values: Vec<f32> = t
-                        .rows(c, seed, part)
-                        .into_iter()
-                        .map(|v| half::bf16::from_f32(v).to_f32())
-                        .collect();
-                    let q = QTensor::quantize(
-                        &Tensor::from_vec(values, (len, cols), &Device::Cpu)?,
-                        candle_core::quantized::GgmlDType::Q4_1,
-                    )?;
-                    bytes.extend_from_slice(&q.data()?);
-                }
-                Ok((n, cols, bytes))
-            };
+        let q4_1 = |t: RandomTensor, rows: std::ops::Range<usize>| -> Result<(usize, usize, Vec<u8>)> {
+            let cols = t.shape(c).1;
+            let n = rows.len();
+            let mut bytes = Vec::new();
+            for start in rows.clone().step_by(1024) {
+                let part = start..(start + 1024).min(rows.end);
+                let len = part.len();
+                let values: Vec<f32> = t.rows(c, seed, part).into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect();
+                let q = QTensor::quantize(&Tensor::from_vec(values, (len, cols), &Device::Cpu)?, candle_core::quantized::GgmlDType::Q4_1)?;
+                bytes.extend_from_slice(&q.data()?);
+            }
+            Ok((n, cols, bytes))
+        };
         let linear = |(t, rows): (RandomTensor, std::ops::Range<usize>)| -> Result<Linear> {
             let (n, cols, bytes) = q4_1(t, rows)?;
             let m = QuantMatrix::new(QuantKind::Q4_1, n, cols, bytes).map_err(ModelError::Input)?;
-            Ok(Linear {
-                weight: Weight::Native(m),
-                bias: None,
-                out_dim: n,
-            })
+            Ok(Linear { weight: Weight::Native(m), bias: None, out_dim: n })
         };
         let mut blocks = Vec::new();
         for l in 0..c.n_layers {
@@ -213,22 +165,10 @@ impl Model {
             vec![c.vocab_size, h],
             &Device::Cpu,
         )?);
-        let rope = Rope::new(
-            hd,
-            c.rope_theta,
-            c.rope_style == RopeStyle::HalfSplit,
-            c.rope_freq_factors.as_deref(),
-        );
+        let rope = Rope::new(hd, c.rope_theta, c.rope_style == RopeStyle::HalfSplit, c.rope_freq_factors.as_deref());
         let mut config = config;
         config.tie_embeddings = false;
-        Ok(Self {
-            norm: vec![1.0; h],
-            config,
-            embed,
-            blocks,
-            lm_head,
-            rope,
-        })
+        Ok(Self { norm: vec![1.0; h], config, embed, blocks, lm_head, rope })
     }
 
     /// The configuration.
@@ -256,11 +196,7 @@ impl Model {
     /// gives alone (every kernel treats rows independently).
     pub fn decode_batch(&self, tokens: &[u32], kvs: &mut [&mut SequenceKv]) -> Result<Vec<f32>> {
         if tokens.len() != kvs.len() {
-            return Err(ModelError::Input(format!(
-                "{} tokens for {} sequences",
-                tokens.len(),
-                kvs.len()
-            )));
+            return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), kvs.len())));
         }
         let hidden = self.run_segments(tokens, kvs)?;
         self.logits(&hidden, tokens.len(), Logits::All)
@@ -275,15 +211,11 @@ impl Model {
             return Err(ModelError::Input("empty chunk".into()));
         }
         if let Some(bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                c.vocab_size
-            )));
+            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
         }
         // Rows `ranges[i]` belong to `seqs[i]`, starting at position `starts[i]`.
         let per = if seqs.len() == 1 { t } else { 1 };
-        let ranges: Vec<std::ops::Range<usize>> =
-            (0..seqs.len()).map(|i| i * per..(i + 1) * per).collect();
+        let ranges: Vec<std::ops::Range<usize>> = (0..seqs.len()).map(|i| i * per..(i + 1) * per).collect();
         let starts: Vec<usize> = seqs.iter().map(|kv| kv.tokens()).collect();
         for (start, r) in starts.iter().zip(&ranges) {
             if start + r.len() > c.context_length {
@@ -296,11 +228,7 @@ impl Model {
         }
         let (qd, kd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let ids = Tensor::from_slice(tokens, (t,), &Device::Cpu)?;
-        let mut x = self
-            .embed
-            .embedding(&ids)?
-            .flatten_all()?
-            .to_vec1::<f32>()?; // [t, hidden]
+        let mut x = self.embed.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?; // [t, hidden]
         for (l, b) in self.blocks.iter().enumerate() {
             let mut hn = x.clone();
             rms_norm(&mut hn, &b.attn_norm, c.rms_norm_eps);
@@ -309,21 +237,11 @@ impl Model {
             let v = b.v.forward(&hn, t)?; // [t, n_kv * hd]
             let mut attn = Vec::with_capacity(t * qd); // [t, n_heads * hd]
             for ((kv, r), &start) in seqs.iter_mut().zip(&ranges).zip(&starts) {
-                let (qs, ks) = (
-                    &mut q[r.start * qd..r.end * qd],
-                    &mut k[r.start * kd..r.end * kd],
-                );
+                let (qs, ks) = (&mut q[r.start * qd..r.end * qd], &mut k[r.start * kd..r.end * kd]);
                 self.rope.apply(qs, c.n_heads, start);
                 self.rope.apply(ks, c.n_kv_heads, start);
                 let mode = kv.mode();
-                attn.extend(kv.layer_mut(l).attend(
-                    qs,
-                    ks,
-                    &v[r.start * kd..r.end * kd],
-                    start,
-                    c.n_heads,
-                    mode,
-                ));
+                attn.extend(kv.layer_mut(l).attend(qs, ks, &v[r.start * kd..r.end * kd], start, c.n_heads, mode));
             }
             let o = b.o.forward(&attn, t)?;
             for (xi, oi) in x.iter_mut().zip(&o) {

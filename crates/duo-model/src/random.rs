@@ -41,26 +41,12 @@ pub fn shape(spec: &str) -> Result<ModelConfig> {
         "llama-3-8b" => llama(32, 4096, 32, 8, 14336, 128256, 1_048_576, 3.5807e9),
         // Llama-2-7B-32K-Instruct: Llama-2-7B with a 32K context.
         "llama-2-7b" => llama(32, 4096, 32, 32, 11008, 32000, 32768, 10000.0),
-        "smollm2-135m" => ModelConfig {
-            tie_embeddings: true,
-            rope_style: RopeStyle::Interleaved,
-            ..llama(30, 576, 9, 3, 1536, 49152, 8192, 100000.0)
-        },
+        "smollm2-135m" => ModelConfig { tie_embeddings: true, rope_style: RopeStyle::Interleaved, ..llama(30, 576, 9, 3, 1536, 49152, 8192, 100000.0) },
         path if path.ends_with(".json") => {
             let p = Path::new(path);
-            let text = std::fs::read_to_string(p).map_err(|source| ModelError::Io {
-                path: p.into(),
-                source,
-            })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::Malformed {
-                    path: p.into(),
-                    reason: e.to_string(),
-                })?;
-            let tied = v
-                .get("tie_word_embeddings")
-                .and_then(|t| t.as_bool())
-                .unwrap_or(false);
+            let text = std::fs::read_to_string(p).map_err(|source| ModelError::Io { path: p.into(), source })?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Malformed { path: p.into(), reason: e.to_string() })?;
+            let tied = v.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false);
             crate::checkpoint::config_from_hf_json(&v, p, !tied)?
         }
         other => {
@@ -71,13 +57,8 @@ pub fn shape(spec: &str) -> Result<ModelConfig> {
         }
     };
     config.validate()?;
-    if config.hidden_size % 32 != 0
-        || config.intermediate_size % 32 != 0
-        || (config.n_heads * config.head_dim) % 32 != 0
-    {
-        return Err(ModelError::Unsupported(
-            "random weights need widths that are multiples of 32 (Q4_1 blocks)".into(),
-        ));
+    if config.hidden_size % 32 != 0 || config.intermediate_size % 32 != 0 || (config.n_heads * config.head_dim) % 32 != 0 {
+        return Err(ModelError::Unsupported("random weights need widths that are multiples of 32 (Q4_1 blocks)".into()));
     }
     Ok(config)
 }
@@ -89,25 +70,10 @@ mod tests {
     #[test]
     fn presets_have_the_published_shapes() {
         let l3 = shape("llama-3-8b").unwrap();
-        assert_eq!(
-            (
-                l3.n_layers,
-                l3.n_heads,
-                l3.n_kv_heads,
-                l3.head_dim,
-                l3.intermediate_size
-            ),
-            (32, 32, 8, 128, 14336)
-        );
+        assert_eq!((l3.n_layers, l3.n_heads, l3.n_kv_heads, l3.head_dim, l3.intermediate_size), (32, 32, 8, 128, 14336));
         let l2 = shape("llama-2-7b").unwrap();
-        assert_eq!(
-            (l2.n_kv_heads, l2.vocab_size, l2.context_length),
-            (32, 32000, 32768)
-        );
-        assert!(shape("gpt-5")
-            .unwrap_err()
-            .to_string()
-            .contains("llama-3-8b"));
+        assert_eq!((l2.n_kv_heads, l2.vocab_size, l2.context_length), (32, 32000, 32768));
+        assert!(shape("gpt-5").unwrap_err().to_string().contains("llama-3-8b"));
         assert!(shape("/no/such/config.json").is_err());
     }
 }

@@ -21,10 +21,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-    Tokenizer,
-};
+use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -45,9 +42,7 @@ pub struct TextTokenizer {
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextTokenizer")
-            .field("vocab", &self.inner.get_vocab_size(true))
-            .finish()
+        f.debug_struct("TextTokenizer").field("vocab", &self.inner.get_vocab_size(true)).finish()
     }
 }
 
@@ -56,21 +51,10 @@ fn tk_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl TextTokenizer {
-    fn assemble(
-        inner: Tokenizer,
-        bos_token: Option<(u32, String)>,
-        eos_token: Option<(u32, String)>,
-        add_bos: bool,
-    ) -> Self {
+    fn assemble(inner: Tokenizer, bos_token: Option<(u32, String)>, eos_token: Option<(u32, String)>, add_bos: bool) -> Self {
         let mut literal = inner.clone();
         literal.set_encode_special_tokens(true);
-        Self {
-            inner,
-            literal,
-            bos_token,
-            eos_token,
-            add_bos,
-        }
+        Self { inner, literal, bos_token, eos_token, add_bos }
     }
 
     /// Token ids of a rendered conversation: the template's pieces with its special markers
@@ -134,11 +118,7 @@ impl TextTokenizer {
     /// `words`; anything else becomes `unk`), with `bos` added to plain prompts. Built in
     /// memory: for tests and tools that need a tiny, exactly predictable vocabulary.
     pub fn word_level(words: &[&str], unk: &str, bos: &str) -> Result<Self> {
-        let vocab: serde_json::Map<String, serde_json::Value> = words
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
-            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = words.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::json!(i))).collect();
         let json = serde_json::json!({
             "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
             "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
@@ -147,9 +127,7 @@ impl TextTokenizer {
         let inner: Tokenizer = json.to_string().parse().map_err(tk_err)?;
         let bos_token = inner.token_to_id(bos).map(|id| (id, bos.to_string()));
         if bos_token.is_none() {
-            return Err(ModelError::Tokenizer(format!(
-                "`{bos}` is not one of the words"
-            )));
+            return Err(ModelError::Tokenizer(format!("`{bos}` is not one of the words")));
         }
         Ok(Self::assemble(inner, bos_token, None, true))
     }
@@ -157,8 +135,7 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` (and special tokens from `tokenizer_config.json`).
     pub fn from_hf_folder(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = Tokenizer::from_file(&path)
-            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
         let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -170,10 +147,7 @@ impl TextTokenizer {
             };
             Some((inner.token_to_id(&s)?, s))
         };
-        let add_bos = cfg
-            .get("add_bos_token")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        let add_bos = cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
         let (bos, eos) = (token("bos_token"), token("eos_token"));
         Ok(Self::assemble(inner, bos, eos, add_bos))
     }
@@ -181,17 +155,8 @@ impl TextTokenizer {
     /// Rebuilds the tokenizer embedded in a GGUF file.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let strings = |key: &str| -> Result<Vec<String>> {
-            let arr = g
-                .meta(key)
-                .and_then(MetaValue::as_array)
-                .ok_or_else(|| ModelError::Tokenizer(format!("GGUF has no `{key}` array")))?;
-            arr.iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| ModelError::Tokenizer(format!("`{key}` holds a non-string")))
-                })
-                .collect()
+            let arr = g.meta(key).and_then(MetaValue::as_array).ok_or_else(|| ModelError::Tokenizer(format!("GGUF has no `{key}` array")))?;
+            arr.iter().map(|v| v.as_str().map(str::to_owned).ok_or_else(|| ModelError::Tokenizer(format!("`{key}` holds a non-string")))).collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let types: Vec<u64> = g
@@ -199,36 +164,24 @@ impl TextTokenizer {
             .and_then(MetaValue::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_else(|| vec![1; tokens.len()]);
-        let kind = g
-            .meta("tokenizer.ggml.model")
-            .and_then(MetaValue::as_str)
-            .unwrap_or("");
+        let kind = g.meta("tokenizer.ggml.model").and_then(MetaValue::as_str).unwrap_or("");
         let mut tok = match kind {
             "gpt2" => {
                 let merges = strings("tokenizer.ggml.merges")?;
-                let pre = g
-                    .meta("tokenizer.ggml.pre")
-                    .and_then(MetaValue::as_str)
-                    .unwrap_or("default");
+                let pre = g.meta("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default");
                 gpt2_tokenizer(&tokens, &merges, pre)?
             }
             "llama" => {
                 let scores: Vec<f64> = g
                     .meta("tokenizer.ggml.scores")
                     .and_then(MetaValue::as_array)
-                    .ok_or_else(|| {
-                        ModelError::Tokenizer("SentencePiece vocabulary without scores".into())
-                    })?
+                    .ok_or_else(|| ModelError::Tokenizer("SentencePiece vocabulary without scores".into()))?
                     .iter()
                     .map(|v| v.as_f64().unwrap_or(0.0))
                     .collect();
                 spm_tokenizer(&tokens, &scores, &types)?
             }
-            other => {
-                return Err(ModelError::Unsupported(format!(
-                    "tokenizer model `{other}` (supported: gpt2, llama)"
-                )))
-            }
+            other => return Err(ModelError::Unsupported(format!("tokenizer model `{other}` (supported: gpt2, llama)"))),
         };
         // Control (3) and user-defined (4) tokens are matched as whole strings.
         let specials: Vec<AddedToken> = tokens
@@ -238,20 +191,12 @@ impl TextTokenizer {
             .map(|(s, &t)| AddedToken::from(s.clone(), t == 3))
             .collect();
         tok.add_special_tokens(specials).map_err(tk_err)?;
-        let id = |k: &str| {
-            g.meta(k)
-                .and_then(MetaValue::as_u64)
-                .map(|v| v as u32)
-                .and_then(|i| tokens.get(i as usize).map(|s| (i, s.clone())))
-        };
+        let id = |k: &str| g.meta(k).and_then(MetaValue::as_u64).map(|v| v as u32).and_then(|i| tokens.get(i as usize).map(|s| (i, s.clone())));
         let add_bos = g
             .meta("tokenizer.ggml.add_bos_token")
             .map(|v| matches!(v, MetaValue::Bool(true)))
             .unwrap_or(kind == "llama");
-        let (bos, eos) = (
-            id("tokenizer.ggml.bos_token_id"),
-            id("tokenizer.ggml.eos_token_id"),
-        );
+        let (bos, eos) = (id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"));
         Ok(Self::assemble(tok, bos, eos, add_bos))
     }
 }
@@ -268,47 +213,19 @@ fn vocab_map(tokens: &[String]) -> tokenizers::models::bpe::Vocab {
 fn gpt2_tokenizer(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
     let merges: Vec<(String, String)> = merges
         .iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
-        })
+        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens"))))
         .collect::<Result<_>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab_map(tokens), merges)
-        .build()
-        .map_err(tk_err)?;
+    let bpe = BPE::builder().vocab_and_merges(vocab_map(tokens), merges).build().map_err(tk_err)?;
     let mut tok = Tokenizer::new(bpe);
     let pre_tok: PreTokenizerWrapper = match pre {
-        "smollm" => PreSequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into(),
+        "smollm" => PreSequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
         "gpt-2" | "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
         "llama-bpe" | "llama3" | "qwen2" => {
-            let re = if pre == "qwen2" {
-                QWEN2_REGEX
-            } else {
-                LLAMA3_REGEX
-            };
-            let split = Split::new(
-                SplitPattern::Regex(re.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(tk_err)?;
-            PreSequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into()
+            let re = if pre == "qwen2" { QWEN2_REGEX } else { LLAMA3_REGEX };
+            let split = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false).map_err(tk_err)?;
+            PreSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
         }
-        other => {
-            return Err(ModelError::Unsupported(format!(
-                "GGUF pre-tokenizer `{other}` (supported: smollm, gpt-2, llama-bpe, qwen2)"
-            )))
-        }
+        other => return Err(ModelError::Unsupported(format!("GGUF pre-tokenizer `{other}` (supported: smollm, gpt-2, llama-bpe, qwen2)"))),
     };
     tok.with_pre_tokenizer(Some(pre_tok));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
@@ -317,11 +234,7 @@ fn gpt2_tokenizer(tokens: &[String], merges: &[String], pre: &str) -> Result<Tok
 
 fn spm_tokenizer(tokens: &[String], scores: &[f64], types: &[u64]) -> Result<Tokenizer> {
     if scores.len() != tokens.len() {
-        return Err(ModelError::Tokenizer(format!(
-            "{} scores for {} tokens",
-            scores.len(),
-            tokens.len()
-        )));
+        return Err(ModelError::Tokenizer(format!("{} scores for {} tokens", scores.len(), tokens.len())));
     }
     let vocab = vocab_map(tokens);
     // Every split of a normal piece into two pieces of the vocabulary is a merge;
@@ -339,28 +252,15 @@ fn spm_tokenizer(tokens: &[String], scores: &[f64], types: &[u64]) -> Result<Tok
         }
     }
     merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.3.cmp(&y.3)).then(x.1.cmp(&y.1)));
-    let merges: Vec<(String, String)> = merges
-        .into_iter()
-        .map(|(_, a, b, _)| (tokens[a as usize].clone(), tokens[b as usize].clone()))
-        .collect();
-    let unk = tokens
-        .iter()
-        .position(|t| t == "<unk>")
-        .map(|_| "<unk>".to_string());
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(true)
-        .fuse_unk(true);
+    let merges: Vec<(String, String)> = merges.into_iter().map(|(_, a, b, _)| (tokens[a as usize].clone(), tokens[b as usize].clone())).collect();
+    let unk = tokens.iter().position(|t| t == "<unk>").map(|_| "<unk>".to_string());
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
     if let Some(u) = unk {
         builder = builder.unk_token(u);
     }
     let mut tok = Tokenizer::new(builder.build().map_err(tk_err)?);
-    let norm: Vec<NormalizerWrapper> = vec![
-        Prepend::new("▁".into()).into(),
-        Replace::new(" ", "▁").map_err(tk_err)?.into(),
-    ];
-    tok.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norm)))
-        .map_err(tk_err)?;
+    let norm: Vec<NormalizerWrapper> = vec![Prepend::new("▁".into()).into(), Replace::new(" ", "▁").map_err(tk_err)?.into()];
+    tok.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norm))).map_err(tk_err)?;
     let dec: Vec<DecoderWrapper> = vec![
         Replace::new("▁", " ").map_err(tk_err)?.into(),
         ByteFallback::default().into(),
@@ -384,15 +284,11 @@ mod tests {
             tokens.push(format!("<0x{b:02X}>"));
             types.push(6);
         }
-        for p in [
-            "▁", "h", "e", "l", "o", "▁h", "he", "ll", "▁he", "llo", "▁hello",
-        ] {
+        for p in ["▁", "h", "e", "l", "o", "▁h", "he", "ll", "▁he", "llo", "▁hello"] {
             tokens.push(p.into());
             types.push(1);
         }
-        let scores: Vec<f64> = (0..tokens.len())
-            .map(|i| if i < 259 { 0.0 } else { i as f64 })
-            .collect();
+        let scores: Vec<f64> = (0..tokens.len()).map(|i| if i < 259 { 0.0 } else { i as f64 }).collect();
         let tok = spm_tokenizer(&tokens, &scores, &types).unwrap();
         let id = |s: &str| tokens.iter().position(|t| t == s).unwrap() as u32;
         let enc = tok.encode("hello", false).unwrap();
@@ -407,14 +303,8 @@ mod tests {
     #[test]
     fn gpt2_vocabulary_with_smollm_digits() {
         // Byte-level BPE: "Ġ" is the byte-level space. Digits are split one by one.
-        let tokens: Vec<String> = ["a", "b", "Ġ", "1", "2", "ab", "Ġab", "12"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let merges: Vec<String> = ["a b", "Ġ ab", "1 2"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let tokens: Vec<String> = ["a", "b", "Ġ", "1", "2", "ab", "Ġab", "12"].iter().map(|s| s.to_string()).collect();
+        let merges: Vec<String> = ["a b", "Ġ ab", "1 2"].iter().map(|s| s.to_string()).collect();
         let tok = gpt2_tokenizer(&tokens, &merges, "smollm").unwrap();
         let enc = tok.encode("ab ab12", false).unwrap();
         // "12" must not merge: the smollm pre-tokenizer isolates each digit.

@@ -21,43 +21,17 @@ const INPUTS: usize = 30_000;
 const BUDGET: Duration = Duration::from_secs(120);
 
 fn model(ty: GgmlDType) -> Vec<u8> {
-    let shape = SmallLlama {
-        layers: 2,
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        ffn: 256,
-        context: 256,
-        template: None,
-    };
+    let shape = SmallLlama { layers: 2, hidden: 256, heads: 4, kv_heads: 2, ffn: 256, context: 256, template: None };
     let mut rng = StdRng::seed_from_u64(1);
     let mut named = BTreeMap::new();
     let mut put = |name: String, dims: Vec<usize>| {
         let n: usize = dims.iter().product();
-        named.insert(
-            name,
-            (
-                dims,
-                (0..n)
-                    .map(|_| rng.gen_range(-0.1f32..0.1))
-                    .collect::<Vec<f32>>(),
-            ),
-        );
+        named.insert(name, (dims, (0..n).map(|_| rng.gen_range(-0.1f32..0.1)).collect::<Vec<f32>>()));
     };
     put("token_embd.weight".into(), vec![byte_vocab().0.len(), 256]);
     put("output_norm.weight".into(), vec![256]);
     for l in 0..2 {
-        for (part, dims) in [
-            ("attn_norm", vec![256]),
-            ("ffn_norm", vec![256]),
-            ("attn_q", vec![256, 256]),
-            ("attn_k", vec![128, 256]),
-            ("attn_v", vec![128, 256]),
-            ("attn_output", vec![256, 256]),
-            ("ffn_gate", vec![256, 256]),
-            ("ffn_up", vec![256, 256]),
-            ("ffn_down", vec![256, 256]),
-        ] {
+        for (part, dims) in [("attn_norm", vec![256]), ("ffn_norm", vec![256]), ("attn_q", vec![256, 256]), ("attn_k", vec![128, 256]), ("attn_v", vec![128, 256]), ("attn_output", vec![256, 256]), ("ffn_gate", vec![256, 256]), ("ffn_up", vec![256, 256]), ("ffn_down", vec![256, 256])] {
             put(format!("blk.{l}.{part}.weight"), dims);
         }
     }
@@ -85,8 +59,7 @@ fn mutate(seed: &[u8], types: &[usize], header_end: usize, rng: &mut StdRng) -> 
         // A tensor's type id: another real type or nonsense.
         0 => {
             let at = types[rng.gen_range(0..types.len())];
-            let ty: u32 =
-                [0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30, 99, u32::MAX][rng.gen_range(0..15)];
+            let ty: u32 = [0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30, 99, u32::MAX][rng.gen_range(0..15)];
             b[at..at + 4].copy_from_slice(&ty.to_le_bytes());
         }
         // A tensor's data offset moved.
@@ -135,23 +108,12 @@ fn mutate(seed: &[u8], types: &[usize], header_end: usize, rng: &mut StdRng) -> 
 
 #[test]
 fn fuzzed_gguf_files_fail_cleanly() {
-    let seeds: Vec<Vec<u8>> = [
-        GgmlDType::Q4_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::F16,
-    ]
-    .into_iter()
-    .map(model)
-    .collect();
+    let seeds: Vec<Vec<u8>> = [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::F16].into_iter().map(model).collect();
     let prepared: Vec<(Vec<usize>, usize)> = seeds
         .iter()
         .map(|s| {
             let g = GgufFile::from_bytes(s.clone(), Path::new("seed.gguf")).expect("seed parses");
-            (
-                type_fields(s),
-                g.tensors.values().map(|t| t.offset).min().expect("tensors"),
-            )
+            (type_fields(s), g.tensors.values().map(|t| t.offset).min().expect("tensors"))
         })
         .collect();
     let mut rng = StdRng::seed_from_u64(2026);
@@ -181,14 +143,7 @@ fn fuzzed_gguf_files_fail_cleanly() {
         }
     }
     std::panic::set_hook(hook);
-    let peak = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default();
+    let peak = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().to_string())).unwrap_or_default();
     let _ = writeln!(
         std::io::stderr(),
         "fuzzed GGUF files: {tried} inputs in {:.1} s: {errors} clean errors, {loaded} loaded, {} panics; peak memory {peak}",
@@ -196,12 +151,6 @@ fn fuzzed_gguf_files_fail_cleanly() {
         panics.len()
     );
     assert!(panics.is_empty(), "inputs {panics:?} panicked");
-    assert!(
-        tried >= 10_000,
-        "only {tried} inputs within the time budget"
-    );
-    assert!(
-        errors > tried / 2,
-        "most mutations must be refused ({errors} of {tried})"
-    );
+    assert!(tried >= 10_000, "only {tried} inputs within the time budget");
+    assert!(errors > tried / 2, "most mutations must be refused ({errors} of {tried})");
 }

@@ -35,9 +35,7 @@ fn random_weights(seed: u64, vocab: usize) -> Weights {
     let mut named = BTreeMap::new();
     let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
         let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| offset + scale * rng.gen_range(-1.0f32..1.0))
-            .collect();
+        let data = (0..n).map(|_| offset + scale * rng.gen_range(-1.0f32..1.0)).collect();
         named.insert(name, (shape, data));
     };
     put("token_embd.weight".into(), vec![vocab, H], 1.0, 0.0);
@@ -49,12 +47,7 @@ fn random_weights(seed: u64, vocab: usize) -> Weights {
         put(format!("{p}.attn_q.weight"), vec![NH * HD, H], 0.08, 0.0);
         put(format!("{p}.attn_k.weight"), vec![NKV * HD, H], 0.08, 0.0);
         put(format!("{p}.attn_v.weight"), vec![NKV * HD, H], 0.08, 0.0);
-        put(
-            format!("{p}.attn_output.weight"),
-            vec![H, NH * HD],
-            0.08,
-            0.0,
-        );
+        put(format!("{p}.attn_output.weight"), vec![H, NH * HD], 0.08, 0.0);
         put(format!("{p}.ffn_gate.weight"), vec![FFN, H], 0.08, 0.0);
         put(format!("{p}.ffn_up.weight"), vec![FFN, H], 0.08, 0.0);
         put(format!("{p}.ffn_down.weight"), vec![H, FFN], 0.06, 0.0);
@@ -71,8 +64,7 @@ fn permute_rows(w: &[f32], heads: usize) -> Vec<f32> {
             for (half, dst) in [(0, 2 * i), (1, 2 * i + 1)] {
                 let src_row = h * HD + half * HD / 2 + i;
                 let dst_row = h * HD + dst;
-                out[dst_row * H..(dst_row + 1) * H]
-                    .copy_from_slice(&w[src_row * H..(src_row + 1) * H]);
+                out[dst_row * H..(dst_row + 1) * H].copy_from_slice(&w[src_row * H..(src_row + 1) * H]);
             }
         }
     }
@@ -91,45 +83,19 @@ fn write_gguf(w: &Weights, path: &Path, matrix_type: GgmlDType) {
         .named
         .iter()
         .map(|(name, (shape, data))| {
-            let data = if name.contains("attn_q") {
-                permute_rows(data, NH)
-            } else if name.contains("attn_k") {
-                permute_rows(data, NKV)
-            } else {
-                data.clone()
-            };
+            let data = if name.contains("attn_q") { permute_rows(data, NH) } else if name.contains("attn_k") { permute_rows(data, NKV) } else { data.clone() };
             (name.clone(), (shape.clone(), data))
         })
         .collect();
-    let shape = SmallLlama {
-        layers: LAYERS,
-        hidden: H,
-        heads: NH,
-        kv_heads: NKV,
-        ffn: FFN,
-        context: 512,
-        template: None,
-    };
-    std::fs::write(
-        path,
-        small_llama(&shape, &named, matrix_type).expect("gguf bytes"),
-    )
-    .expect("write gguf");
+    let shape = SmallLlama { layers: LAYERS, hidden: H, heads: NH, kv_heads: NKV, ffn: FFN, context: 512, template: None };
+    std::fs::write(path, small_llama(&shape, &named, matrix_type).expect("gguf bytes")).expect("write gguf");
 }
 
 fn hf_name(gguf: &str) -> String {
     let map = [
-        ("token_embd", "model.embed_tokens"),
-        ("output_norm", "model.norm"),
-        ("attn_norm", "input_layernorm"),
-        ("ffn_norm", "post_attention_layernorm"),
-        ("attn_q", "self_attn.q_proj"),
-        ("attn_k", "self_attn.k_proj"),
-        ("attn_v", "self_attn.v_proj"),
-        ("attn_output", "self_attn.o_proj"),
-        ("ffn_gate", "mlp.gate_proj"),
-        ("ffn_up", "mlp.up_proj"),
-        ("ffn_down", "mlp.down_proj"),
+        ("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+        ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+        ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"),
     ];
     let mut s = gguf.replace("blk.", "model.layers.");
     for (a, b) in map {
@@ -143,25 +109,15 @@ fn write_hf_folder(w: &Weights, dir: &Path, tokenizer_from: &Path) {
         .named
         .iter()
         .map(|(name, (shape, data))| {
-            let bf: Vec<u8> = data
-                .iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                .collect();
+            let bf: Vec<u8> = data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
             (hf_name(name), shape.clone(), bf)
         })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b)
-                    .expect("view"),
-            )
-        })
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).expect("view")))
         .collect();
-    safetensors::tensor::serialize_to_file(views, None, &dir.join("model.safetensors"))
-        .expect("safetensors");
+    safetensors::tensor::serialize_to_file(views, None, &dir.join("model.safetensors")).expect("safetensors");
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "num_attention_heads": NH,
         "num_key_value_heads": NKV, "num_hidden_layers": LAYERS, "intermediate_size": FFN, "vocab_size": vocab().0.len(),
@@ -170,52 +126,23 @@ fn write_hf_folder(w: &Weights, dir: &Path, tokenizer_from: &Path) {
     });
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
     let ck = Checkpoint::open(tokenizer_from).expect("gguf");
-    ck.tokenizer()
-        .expect("tok")
-        .save_json(&dir.join("tokenizer.json"))
-        .expect("save tok");
+    ck.tokenizer().expect("tok").save_json(&dir.join("tokenizer.json")).expect("save tok");
     std::fs::write(dir.join("tokenizer_config.json"), r#"{"chat_template": "{% for m in messages %}[{{ m.content }}]{% endfor %}", "bos_token": "<s>", "eos_token": "</s>"}"#).expect("tc");
 }
 
 /// An independent, naive forward pass (f64, half-split RoPE on Hugging Face weights).
 fn naive_logits(w: &Weights, tokens: &[u32], round_bf16: bool) -> Vec<f64> {
     let g = |n: &str| -> Vec<f64> {
-        w.named[n]
-            .1
-            .iter()
-            .map(|&v| {
-                if round_bf16 {
-                    half::bf16::from_f32(v).to_f32() as f64
-                } else {
-                    v as f64
-                }
-            })
-            .collect()
+        w.named[n].1.iter().map(|&v| if round_bf16 { half::bf16::from_f32(v).to_f32() as f64 } else { v as f64 }).collect()
     };
     let t = tokens.len();
     let emb = g("token_embd.weight");
-    let mut x: Vec<Vec<f64>> = tokens
-        .iter()
-        .map(|&id| emb[id as usize * H..(id as usize + 1) * H].to_vec())
-        .collect();
+    let mut x: Vec<Vec<f64>> = tokens.iter().map(|&id| emb[id as usize * H..(id as usize + 1) * H].to_vec()).collect();
     let norm = |v: &[f64], wt: &[f64]| {
         let r = (v.iter().map(|a| a * a).sum::<f64>() / v.len() as f64 + 1e-5).sqrt();
-        v.iter()
-            .zip(wt)
-            .map(|(a, b)| a / r * b)
-            .collect::<Vec<f64>>()
+        v.iter().zip(wt).map(|(a, b)| a / r * b).collect::<Vec<f64>>()
     };
-    let mv = |m: &[f64], v: &[f64], out: usize| {
-        (0..out)
-            .map(|o| {
-                m[o * v.len()..(o + 1) * v.len()]
-                    .iter()
-                    .zip(v)
-                    .map(|(a, b)| a * b)
-                    .sum()
-            })
-            .collect::<Vec<f64>>()
-    };
+    let mv = |m: &[f64], v: &[f64], out: usize| (0..out).map(|o| m[o * v.len()..(o + 1) * v.len()].iter().zip(v).map(|(a, b)| a * b).sum()).collect::<Vec<f64>>();
     let rope = |v: &mut [f64], heads: usize, pos: usize| {
         for h in 0..heads {
             for i in 0..HD / 2 {
@@ -228,44 +155,16 @@ fn naive_logits(w: &Weights, tokens: &[u32], round_bf16: bool) -> Vec<f64> {
     };
     for l in 0..LAYERS {
         let p = |s: &str| format!("blk.{l}.{s}.weight");
-        let (wq, wk, wv, wo) = (
-            g(&p("attn_q")),
-            g(&p("attn_k")),
-            g(&p("attn_v")),
-            g(&p("attn_output")),
-        );
+        let (wq, wk, wv, wo) = (g(&p("attn_q")), g(&p("attn_k")), g(&p("attn_v")), g(&p("attn_output")));
         let hs: Vec<Vec<f64>> = x.iter().map(|v| norm(v, &g(&p("attn_norm")))).collect();
-        let q: Vec<Vec<f64>> = hs
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let mut q = mv(&wq, h, NH * HD);
-                rope(&mut q, NH, i);
-                q
-            })
-            .collect();
-        let k: Vec<Vec<f64>> = hs
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let mut k = mv(&wk, h, NKV * HD);
-                rope(&mut k, NKV, i);
-                k
-            })
-            .collect();
+        let q: Vec<Vec<f64>> = hs.iter().enumerate().map(|(i, h)| { let mut q = mv(&wq, h, NH * HD); rope(&mut q, NH, i); q }).collect();
+        let k: Vec<Vec<f64>> = hs.iter().enumerate().map(|(i, h)| { let mut k = mv(&wk, h, NKV * HD); rope(&mut k, NKV, i); k }).collect();
         let v: Vec<Vec<f64>> = hs.iter().map(|h| mv(&wv, h, NKV * HD)).collect();
         for i in 0..t {
             let mut att = vec![0.0; NH * HD];
             for h in 0..NH {
                 let g_ = h / (NH / NKV);
-                let s: Vec<f64> = (0..=i)
-                    .map(|j| {
-                        (0..HD)
-                            .map(|d| q[i][h * HD + d] * k[j][g_ * HD + d])
-                            .sum::<f64>()
-                            / (HD as f64).sqrt()
-                    })
-                    .collect();
+                let s: Vec<f64> = (0..=i).map(|j| (0..HD).map(|d| q[i][h * HD + d] * k[j][g_ * HD + d]).sum::<f64>() / (HD as f64).sqrt()).collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|a| (a - m).exp()).sum();
                 for (j, sj) in s.iter().enumerate() {
@@ -281,11 +180,7 @@ fn naive_logits(w: &Weights, tokens: &[u32], round_bf16: bool) -> Vec<f64> {
             let hn = norm(&x[i], &g(&p("ffn_norm")));
             let gate = mv(&g(&p("ffn_gate")), &hn, FFN);
             let up = mv(&g(&p("ffn_up")), &hn, FFN);
-            let act: Vec<f64> = gate
-                .iter()
-                .zip(&up)
-                .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
-                .collect();
+            let act: Vec<f64> = gate.iter().zip(&up).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect();
             let d_ = mv(&g(&p("ffn_down")), &act, H);
             for d in 0..H {
                 x[i][d] += d_[d];
@@ -298,26 +193,13 @@ fn naive_logits(w: &Weights, tokens: &[u32], round_bf16: bool) -> Vec<f64> {
 
 fn run(model: &LoadedModel, tokens: &[u32]) -> Vec<f32> {
     let c = model.model.config();
-    let plan = CachePlan::new(
-        &HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads),
-        c.head_dim,
-        4,
-        Window::new(4, 8).expect("w"),
-    );
+    let plan = CachePlan::new(&HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads), c.head_dim, 4, Window::new(4, 8).expect("w"));
     let mut kv = SequenceKv::new(&plan, PrefillMode::Lambda);
-    model
-        .model
-        .forward(tokens, &mut kv, Logits::Last)
-        .expect("forward")
+    model.model.forward(tokens, &mut kv, Logits::Last).expect("forward")
 }
 
 fn rel(a: &[f32], b: &[f64]) -> f64 {
-    let n: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum::<f64>().sqrt();
     n / b.iter().map(|y| y * y).sum::<f64>().sqrt()
 }
 
@@ -341,19 +223,9 @@ fn gguf_of_every_tensor_type_matches_a_naive_forward() {
     ] {
         let path = dir.join(format!("{dtype:?}.gguf"));
         write_gguf(&w, &path, dtype);
-        let m = LoadedModel::load(&ModelSource::Path(path))
-            .unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+        let m = LoadedModel::load(&ModelSource::Path(path)).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
         let c = m.model.config();
-        assert_eq!(
-            (
-                c.n_layers,
-                c.n_heads,
-                c.n_kv_heads,
-                c.head_dim,
-                c.vocab_size
-            ),
-            (LAYERS, NH, NKV, HD, vocab().0.len())
-        );
+        assert_eq!((c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size), (LAYERS, NH, NKV, HD, vocab().0.len()));
         assert!(c.tie_embeddings);
         let e = rel(&run(&m, &tokens), &want);
         assert!(e < tol, "{dtype:?}: relative error {e} over {tol}");
@@ -373,66 +245,28 @@ fn hf_safetensors_folder_matches_the_same_weights_in_gguf() {
     let m = LoadedModel::load(&ModelSource::Path(folder.clone())).expect("hf folder loads");
     let tokens = m.tokenizer.encode("hello there", false).expect("encode");
     let from_gguf = LoadedModel::load(&ModelSource::Path(gguf)).expect("gguf");
-    assert_eq!(
-        tokens,
-        from_gguf
-            .tokenizer
-            .encode("hello there", false)
-            .expect("encode"),
-        "same tokens via tokenizer.json"
-    );
-    assert!(
-        tokens.contains(&256) && tokens.contains(&257),
-        "merges applied: {tokens:?}"
-    );
+    assert_eq!(tokens, from_gguf.tokenizer.encode("hello there", false).expect("encode"), "same tokens via tokenizer.json");
+    assert!(tokens.contains(&256) && tokens.contains(&257), "merges applied: {tokens:?}");
     let want = naive_logits(&w, &tokens, true);
     let e = rel(&run(&m, &tokens), &want);
     assert!(e < 1e-4, "HF folder vs naive (bf16 weights): {e}");
-    let tpl = m
-        .template
-        .as_ref()
-        .expect("template from tokenizer_config.json");
-    assert_eq!(
-        tpl.render(
-            &[duo_model::Message {
-                role: "user".into(),
-                content: "x".into()
-            }],
-            false
-        )
-        .expect("render"),
-        "[x]"
-    );
+    let tpl = m.template.as_ref().expect("template from tokenizer_config.json");
+    assert_eq!(tpl.render(&[duo_model::Message { role: "user".into(), content: "x".into() }], false).expect("render"), "[x]");
     // A tensor of the wrong shape in config.json terms is a clear error.
-    let cfg = std::fs::read_to_string(folder.join("config.json"))
-        .expect("cfg")
-        .replace("\"intermediate_size\":512", "\"intermediate_size\":500");
+    let cfg = std::fs::read_to_string(folder.join("config.json")).expect("cfg").replace("\"intermediate_size\":512", "\"intermediate_size\":500");
     std::fs::write(folder.join("config.json"), cfg).expect("write");
-    let err = LoadedModel::load(&ModelSource::Path(folder))
-        .err()
-        .expect("shape mismatch")
-        .to_string();
-    assert!(
-        err.contains("mlp.gate_proj") && err.contains("500"),
-        "{err}"
-    );
+    let err = LoadedModel::load(&ModelSource::Path(folder)).err().expect("shape mismatch").to_string();
+    assert!(err.contains("mlp.gate_proj") && err.contains("500"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
 fn unsupported_architecture_is_named() {
     let dir = tmp("arch");
-    let bytes = to_bytes(
-        &[("general.architecture", MetaValue::String("gptneox".into()))],
-        &[],
-    );
+    let bytes = to_bytes(&[("general.architecture", MetaValue::String("gptneox".into()))], &[]);
     let p = dir.join("x.gguf");
     std::fs::write(&p, bytes).expect("write");
-    let e = Checkpoint::open(&p)
-        .expect("parses")
-        .config()
-        .unwrap_err()
-        .to_string();
+    let e = Checkpoint::open(&p).expect("parses").config().unwrap_err().to_string();
     assert!(e.contains("gptneox") && e.contains("supported"), "{e}");
     std::fs::remove_dir_all(dir).ok();
 }
@@ -464,9 +298,7 @@ fn hostile_headers_give_errors() {
     for cut in (0..good.len()).step_by(good.len() / 97 + 1) {
         assert!(parse(good[..cut].to_vec()).is_err(), "cut at {cut}");
     }
-    let e = parse(good[..good.len() - 100].to_vec())
-        .unwrap_err()
-        .to_string();
+    let e = parse(good[..good.len() - 100].to_vec()).unwrap_err().to_string();
     assert!(e.contains("runs past the end"), "{e}");
 }
 
@@ -474,11 +306,7 @@ fn hostile_headers_give_errors() {
 fn tensor_record(b: &[u8], name: &str) -> (usize, usize) {
     let mut key = (name.len() as u64).to_le_bytes().to_vec();
     key.extend(name.as_bytes());
-    let at = b
-        .windows(key.len())
-        .position(|w| w == key)
-        .expect("the tensor's record")
-        + key.len();
+    let at = b.windows(key.len()).position(|w| w == key).expect("the tensor's record") + key.len();
     let dims = u32::from_le_bytes(b[at..at + 4].try_into().expect("dims")) as usize;
     let ty = at + 4 + 8 * dims;
     (ty, ty + 4)
@@ -487,29 +315,15 @@ fn tensor_record(b: &[u8], name: &str) -> (usize, usize) {
 #[test]
 fn tensor_tables_that_do_not_describe_the_data_are_refused() {
     let good = small_gguf_bytes();
-    let parse = |b: Vec<u8>| {
-        GgufFile::from_bytes(b, Path::new("test.gguf"))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
+    let parse = |b: Vec<u8>| GgufFile::from_bytes(b, Path::new("test.gguf")).map(|_| ()).map_err(|e| e.to_string());
     assert!(parse(good.clone()).is_ok());
     // (tensor, new type id): Q4_1 -> F32 (bigger: overlaps), Q4_1 -> BF16, F32 -> Q8_0 (smaller: a gap).
-    for (name, ty) in [
-        ("blk.0.attn_q.weight", 0u32),
-        ("blk.1.ffn_up.weight", 30),
-        ("blk.0.attn_norm.weight", 8),
-    ] {
+    for (name, ty) in [("blk.0.attn_q.weight", 0u32), ("blk.1.ffn_up.weight", 30), ("blk.0.attn_norm.weight", 8)] {
         let mut b = good.clone();
         let (at, _) = tensor_record(&b, name);
         b[at..at + 4].copy_from_slice(&ty.to_le_bytes());
         let e = parse(b).expect_err(name);
-        assert!(
-            e.contains("does not match the data")
-                || e.contains("runs past")
-                || e.contains("follow the last tensor")
-                || e.contains("not describe"),
-            "{name}: {e}"
-        );
+        assert!(e.contains("does not match the data") || e.contains("runs past") || e.contains("follow the last tensor") || e.contains("not describe"), "{name}: {e}");
     }
     // A data offset moved by one byte: misaligned; by one alignment unit: overlapping.
     for delta in [1u64, 32] {
@@ -518,10 +332,7 @@ fn tensor_tables_that_do_not_describe_the_data_are_refused() {
         let off = u64::from_le_bytes(b[at..at + 8].try_into().expect("offset")) + delta;
         b[at..at + 8].copy_from_slice(&off.to_le_bytes());
         let e = parse(b).expect_err("moved offset");
-        assert!(
-            e.contains("blk.0.ffn_down.weight") || e.contains("does not match"),
-            "{delta}: {e}"
-        );
+        assert!(e.contains("blk.0.ffn_down.weight") || e.contains("does not match"), "{delta}: {e}");
     }
 }
 
@@ -558,8 +369,7 @@ mod real_header {
         R.get_or_init(|| {
             let path = duo_model::fetch::default_model().expect("default model");
             let bytes = std::fs::read(path).expect("read");
-            let g = GgufFile::from_bytes(bytes.clone(), Path::new("real.gguf"))
-                .expect("real file parses");
+            let g = GgufFile::from_bytes(bytes.clone(), Path::new("real.gguf")).expect("real file parses");
             let header_end = g.tensors.values().map(|t| t.offset).min().expect("tensors");
             (bytes, header_end)
         })
@@ -568,19 +378,7 @@ mod real_header {
     #[test]
     fn real_header_truncations_are_errors() {
         let (bytes, header_end) = real();
-        for cut in [
-            0usize,
-            3,
-            4,
-            8,
-            23,
-            24,
-            1000,
-            header_end / 2,
-            header_end - 1,
-            *header_end,
-            bytes.len() - 1,
-        ] {
+        for cut in [0usize, 3, 4, 8, 23, 24, 1000, header_end / 2, header_end - 1, *header_end, bytes.len() - 1] {
             let r = GgufFile::from_bytes(bytes[..cut].to_vec(), Path::new("cut.gguf"));
             assert!(r.is_err(), "cut at {cut} of {} bytes parsed", bytes.len());
         }
@@ -614,31 +412,15 @@ fn random_weight_models_are_seeded_and_batched_decode_matches_one_at_a_time() {
     std::fs::write(&cfg, r#"{"model_type":"llama","hidden_size":128,"num_attention_heads":4,"num_key_value_heads":2,"num_hidden_layers":2,"intermediate_size":256,"vocab_size":300,"max_position_embeddings":512}"#).expect("config");
     let c = duo_model::random::shape(cfg.to_str().expect("utf-8")).expect("shape");
     let vocab = c.vocab_size;
-    let plan = CachePlan::new(
-        &HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads),
-        c.head_dim,
-        4,
-        Window::new(4, 8).expect("w"),
-    );
+    let plan = CachePlan::new(&HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads), c.head_dim, 4, Window::new(4, 8).expect("w"));
     let fresh = || SequenceKv::new(&plan, PrefillMode::Lambda);
     let a = Model::random(c.clone(), 5).expect("model");
-    let logits = |m: &Model, toks: &[u32]| {
-        m.forward(toks, &mut fresh(), Logits::Last)
-            .expect("forward")
-    };
+    let logits = |m: &Model, toks: &[u32]| m.forward(toks, &mut fresh(), Logits::Last).expect("forward");
     let first = logits(&a, &[1, 2, 3]);
     assert_eq!(first.len(), vocab);
     assert!(first.iter().all(|x| x.is_finite()));
-    assert_eq!(
-        first,
-        logits(&Model::random(c.clone(), 5).expect("model"), &[1, 2, 3]),
-        "same seed, same weights"
-    );
-    assert_ne!(
-        first,
-        logits(&Model::random(c.clone(), 6).expect("model"), &[1, 2, 3]),
-        "another seed, other weights"
-    );
+    assert_eq!(first, logits(&Model::random(c.clone(), 5).expect("model"), &[1, 2, 3]), "same seed, same weights");
+    assert_ne!(first, logits(&Model::random(c.clone(), 6).expect("model"), &[1, 2, 3]), "another seed, other weights");
     // One decode step for three sequences of different lengths, batched, equals each alone.
     let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7, 8, 9, 10, 11, 12, 13], &[14]];
     let next = [42u32, 7, 199];
@@ -650,30 +432,12 @@ fn random_weight_models_are_seeded_and_batched_decode_matches_one_at_a_time() {
             kv
         })
         .collect();
-    let alone: Vec<Vec<f32>> = kvs
-        .iter()
-        .zip(next)
-        .map(|(kv, t)| {
-            a.forward(&[t], &mut kv.clone(), Logits::Last)
-                .expect("alone")
-        })
-        .collect();
+    let alone: Vec<Vec<f32>> = kvs.iter().zip(next).map(|(kv, t)| a.forward(&[t], &mut kv.clone(), Logits::Last).expect("alone")).collect();
     let mut refs: Vec<&mut SequenceKv> = kvs.iter_mut().collect();
     let batched = a.decode_batch(&next, &mut refs).expect("batch");
     for (i, want) in alone.iter().enumerate() {
-        assert_eq!(
-            &batched[i * vocab..(i + 1) * vocab],
-            &want[..],
-            "sequence {i}"
-        );
+        assert_eq!(&batched[i * vocab..(i + 1) * vocab], &want[..], "sequence {i}");
     }
-    assert_eq!(
-        kvs.iter().map(SequenceKv::tokens).collect::<Vec<_>>(),
-        vec![4, 11, 2]
-    );
-    assert!(
-        a.decode_batch(&next[..2], &mut kvs.iter_mut().collect::<Vec<_>>())
-            .is_err(),
-        "token and sequence counts must match"
-    );
+    assert_eq!(kvs.iter().map(SequenceKv::tokens).collect::<Vec<_>>(), vec![4, 11, 2]);
+    assert!(a.decode_batch(&next[..2], &mut kvs.iter_mut().collect::<Vec<_>>()).is_err(), "token and sequence counts must match");
 }

@@ -10,10 +10,7 @@ static ALLOCATOR: duo_model::budget::BudgetAllocator = duo_model::budget::Budget
 
 fn peak_rss_mib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()).map_or(0.0, |kib| kib / 1024.0)
 }
 
 #[test]
@@ -24,35 +21,16 @@ fn a_template_that_doubles_a_string_is_stopped_within_its_budget() {
     ];
     for src in bombs {
         let t = ChatTemplate::new(src, "", "").expect("compiles");
-        let m = vec![Message {
-            role: "user".into(),
-            content: "hi".into(),
-        }];
+        let m = vec![Message { role: "user".into(), content: "hi".into() }];
         let e = t.render(&m, true).expect_err("stopped").to_string();
-        assert!(
-            e.contains("template") && (e.contains("memory") || e.contains("longer")),
-            "{e}"
-        );
+        assert!(e.contains("template") && (e.contains("memory") || e.contains("longer")), "{e}");
         let again = t.render(&m, true).expect_err("not run again").to_string();
         assert!(again.contains("not run again"), "{again}");
     }
     let peak = peak_rss_mib();
     assert!(peak < 1024.0, "peak resident memory {peak:.0} MiB");
     // A real template still renders, before and after.
-    let chatml = ChatTemplate::new(
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
-        "",
-        "",
-    )
-    .expect("chatml");
-    let text = chatml
-        .render(
-            &[Message {
-                role: "user".into(),
-                content: "x".repeat(100_000),
-            }],
-            false,
-        )
-        .expect("renders");
+    let chatml = ChatTemplate::new("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}", "", "").expect("chatml");
+    let text = chatml.render(&[Message { role: "user".into(), content: "x".repeat(100_000) }], false).expect("renders");
     assert!(text.len() > 100_000);
 }

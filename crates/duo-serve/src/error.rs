@@ -27,24 +27,12 @@ pub type Result<T> = std::result::Result<T, ServeError>;
 impl ServeError {
     /// 400 naming the parameter.
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            kind: "invalid_request_error",
-            param: Some(param.into()),
-            code: Some("invalid_parameter"),
-        }
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: Some(param.into()), code: Some("invalid_parameter") }
     }
 
     /// 400 about the request as a whole.
     pub fn bad_request(message: impl Into<String>, code: &'static str) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            kind: "invalid_request_error",
-            param: None,
-            code: Some(code),
-        }
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: None, code: Some(code) }
     }
 
     /// 401.
@@ -60,24 +48,12 @@ impl ServeError {
 
     /// 404.
     pub fn not_found(message: impl Into<String>, code: &'static str) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            message: message.into(),
-            kind: "invalid_request_error",
-            param: None,
-            code: Some(code),
-        }
+        Self { status: StatusCode::NOT_FOUND, message: message.into(), kind: "invalid_request_error", param: None, code: Some(code) }
     }
 
     /// 408: the body did not arrive in time.
     pub fn timeout(after: std::time::Duration) -> Self {
-        let mut e = Self::bad_request(
-            format!(
-                "the request body did not arrive within {:.0} s",
-                after.as_secs_f64()
-            ),
-            "request_timeout",
-        );
+        let mut e = Self::bad_request(format!("the request body did not arrive within {:.0} s", after.as_secs_f64()), "request_timeout");
         e.status = StatusCode::REQUEST_TIMEOUT;
         e
     }
@@ -106,24 +82,12 @@ impl ServeError {
 
     /// 503 while the model loads.
     pub fn loading() -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the model is still loading".into(),
-            kind: "service_unavailable",
-            param: None,
-            code: Some("loading"),
-        }
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: "the model is still loading".into(), kind: "service_unavailable", param: None, code: Some("loading") }
     }
 
     /// 500.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: message.into(),
-            kind: "server_error",
-            param: None,
-            code: None,
-        }
+        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", param: None, code: None }
     }
 
     /// The JSON body.
@@ -156,11 +120,8 @@ impl From<EngineError> for ServeError {
 impl IntoResponse for ServeError {
     fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body())).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS
-            || self.status == StatusCode::SERVICE_UNAVAILABLE
-        {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if self.status == StatusCode::TOO_MANY_REQUESTS || self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         r
     }

@@ -9,9 +9,7 @@
 
 use crate::error::{Result, ServeError};
 use crate::metrics::Metrics;
-use crate::openai::{
-    finish_reason, logprobs_json, usage, Endpoint, GenerationRequest, Limits, Prompt, TokenLogprobs,
-};
+use crate::openai::{finish_reason, logprobs_json, usage, Endpoint, GenerationRequest, Limits, Prompt, TokenLogprobs};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
@@ -21,8 +19,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use duo_engine::Engine;
 use duo_engine::{BatchEngine, Event, EventSink, FinishReason, Request};
+use duo_engine::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
@@ -74,11 +72,7 @@ pub struct AppState {
 impl AppState {
     /// A state whose model is still loading.
     pub fn new(config: ServeConfig) -> Arc<Self> {
-        Arc::new(Self {
-            config,
-            ready: OnceLock::new(),
-            metrics: Arc::new(Metrics::default()),
-        })
+        Arc::new(Self { config, ready: OnceLock::new(), metrics: Arc::new(Metrics::default()) })
     }
 
     fn ready(&self) -> Result<&Ready> {
@@ -108,17 +102,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// Reads a request's whole body before any route sees it: a `Content-Length` over the limit
 /// is answered with 413 at once (nothing read), a body that does not arrive within the read
 /// timeout with 408, a body that grows past the limit with 413.
-async fn read_body(
-    State(state): State<Arc<AppState>>,
-    request: HttpRequest,
-    next: Next,
-) -> Response {
+async fn read_body(State(state): State<Arc<AppState>>, request: HttpRequest, next: Next) -> Response {
     let limit = state.config.max_body_bytes;
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return ServeError::too_large(limit).into_response();
     }
@@ -126,25 +112,14 @@ async fn read_body(
     match tokio::time::timeout(state.config.body_timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => ServeError::timeout(state.config.body_timeout).into_response(),
         Ok(Err(_)) => ServeError::too_large(limit).into_response(),
-        Ok(Ok(bytes)) => {
-            next.run(HttpRequest::from_parts(
-                parts,
-                axum::body::Body::from(bytes),
-            ))
-            .await
-        }
+        Ok(Ok(bytes)) => next.run(HttpRequest::from_parts(parts, axum::body::Body::from(bytes))).await,
     }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves: one HTTP/1.1 connection per
 /// task, with the header (and keep-alive idle) timeout of `config` enforced by hyper's
 /// timer, so a client that opens a connection and sends nothing is dropped.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    header_timeout: std::time::Duration,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> std::io::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, header_timeout: std::time::Duration, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     tokio::pin!(shutdown);
     loop {
@@ -163,14 +138,8 @@ pub async fn serve(
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(true);
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!("connection closed: {e}");
             }
         });
@@ -180,21 +149,11 @@ pub async fn serve(
 /// Hashes both sides first, so the comparison takes the same time whatever the key's
 /// length or content.
 fn keys_match(given: &str, expected: &str) -> bool {
-    let (a, b) = (
-        Sha256::digest(given.as_bytes()),
-        Sha256::digest(expected.as_bytes()),
-    );
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(expected.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_key(
-    State(state): State<Arc<AppState>>,
-    request: HttpRequest,
-    next: Next,
-) -> Response {
+async fn require_key(State(state): State<Arc<AppState>>, request: HttpRequest, next: Next) -> Response {
     if let Some(key) = &state.config.api_key {
         // The scheme is case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer`, `BEARER`.
         let given = request
@@ -213,9 +172,7 @@ async fn require_key(
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     match state.ready.get() {
-        Some(r) if r.engine.is_alive() => {
-            (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
-        }
+        Some(r) if r.engine.is_alive() => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
         Some(_) => {
             let mut e = ServeError::internal("the engine has stopped");
             e.status = StatusCode::SERVICE_UNAVAILABLE;
@@ -243,62 +200,27 @@ async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Value>> {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response> {
     let ready = state.ready()?;
-    let text = state.metrics.render(
-        &state.config.model_id,
-        ready.engine.stats(),
-        ready.engine.config().kv_budget,
-    );
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+    let text = state.metrics.render(&state.config.model_id, ready.engine.stats(), ready.engine.config().kv_budget);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 
 fn body_bytes(body: std::result::Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ServeError::too_large(limit)
-        } else {
-            ServeError::bad_request(e.body_text(), "invalid_body")
-        }
-    })
+    body.map_err(|e| if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ServeError::too_large(limit) } else { ServeError::bad_request(e.body_text(), "invalid_body") })
 }
 
-async fn tokenize(
-    State(state): State<Arc<AppState>>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>> {
+async fn tokenize(State(state): State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Result<Json<Value>> {
     let ready = state.ready()?;
     let body = body_bytes(body, state.config.max_body_bytes)?;
-    let v: Value = serde_json::from_slice(&body).map_err(|e| {
-        ServeError::bad_request(format!("the body is not valid JSON: {e}"), "invalid_json")
-    })?;
-    let endpoint = if v.get("messages").is_some() {
-        Endpoint::Chat
-    } else {
-        Endpoint::Completion
-    };
+    let v: Value = serde_json::from_slice(&body).map_err(|e| ServeError::bad_request(format!("the body is not valid JSON: {e}"), "invalid_json"))?;
+    let endpoint = if v.get("messages").is_some() { Endpoint::Chat } else { Endpoint::Completion };
     let prompt = match v.get("prompt") {
         Some(Value::String(s)) => Prompt::Text(s.clone()),
-        _ if endpoint == Endpoint::Chat => {
-            GenerationRequest::parse(Endpoint::Chat, &body, &state.config.limits, Some(0))?.prompt
-        }
-        _ => {
-            return Err(ServeError::invalid(
-                "prompt",
-                "`prompt` must be a string (or give `messages`)",
-            ))
-        }
+        _ if endpoint == Endpoint::Chat => GenerationRequest::parse(Endpoint::Chat, &body, &state.config.limits, Some(0))?.prompt,
+        _ => return Err(ServeError::invalid("prompt", "`prompt` must be a string (or give `messages`)")),
     };
     let tokens = tokens_of(&ready.model, &prompt, None)?;
     let context = ready.model.config().context_length;
-    Ok(Json(
-        json!({"count": tokens.len(), "max_model_len": context, "tokens": tokens}),
-    ))
+    Ok(Json(json!({"count": tokens.len(), "max_model_len": context, "tokens": tokens})))
 }
 
 fn tokens_of(model: &Engine, prompt: &Prompt, tools: Option<&Value>) -> Result<Vec<u32>> {
@@ -308,39 +230,23 @@ fn tokens_of(model: &Engine, prompt: &Prompt, tools: Option<&Value>) -> Result<V
         Prompt::Tokens(ids) => {
             let vocab = model.config().vocab_size;
             match ids.iter().find(|&&id| id as usize >= vocab) {
-                Some(bad) => Err(ServeError::invalid(
-                    "prompt",
-                    format!("token id {bad} is outside the vocabulary of {vocab}"),
-                )),
+                Some(bad) => Err(ServeError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}"))),
                 None => Ok(ids.clone()),
             }
         }
         Prompt::Chat(messages) => {
-            let template = model.template.as_ref().ok_or_else(|| {
-                ServeError::bad_request(
-                    "this model ships no chat template; use /v1/completions",
-                    "no_chat_template",
-                )
-            })?;
-            let pieces = template
-                .render_pieces_with(messages, tools, true)
-                .map_err(|e| ServeError::invalid("messages", e.to_string()))?;
+            let template = model.template.as_ref().ok_or_else(|| ServeError::bad_request("this model ships no chat template; use /v1/completions", "no_chat_template"))?;
+            let pieces = template.render_pieces_with(messages, tools, true).map_err(|e| ServeError::invalid("messages", e.to_string()))?;
             model.tokenizer.encode_chat(&pieces).map_err(internal)
         }
     }
 }
 
-async fn completions(
-    state: State<Arc<AppState>>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Result<Response> {
+async fn completions(state: State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Result<Response> {
     generate(state, Endpoint::Completion, body).await
 }
 
-async fn chat_completions(
-    state: State<Arc<AppState>>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Result<Response> {
+async fn chat_completions(state: State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Result<Response> {
     generate(state, Endpoint::Chat, body).await
 }
 
@@ -367,10 +273,7 @@ impl EventSink for HttpSink {
         match &event {
             Event::Token { .. } => {
                 match self.last_token {
-                    None => self
-                        .metrics
-                        .ttft
-                        .observe((now - self.arrived).as_secs_f64()),
+                    None => self.metrics.ttft.observe((now - self.arrived).as_secs_f64()),
                     Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
                 }
                 self.last_token = Some(now);
@@ -407,26 +310,15 @@ impl Drop for HttpSink {
     }
 }
 
-async fn generate(
-    State(state): State<Arc<AppState>>,
-    endpoint: Endpoint,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Result<Response> {
+async fn generate(State(state): State<Arc<AppState>>, endpoint: Endpoint, body: std::result::Result<Bytes, BytesRejection>) -> Result<Response> {
     let arrived = Instant::now();
     let ready = state.ready()?;
     if !ready.engine.is_alive() {
-        return Err(ServeError::internal(
-            "the engine has stopped; restart the server",
-        ));
+        return Err(ServeError::internal("the engine has stopped; restart the server"));
     }
     if ready.engine.queue_full() {
-        state
-            .metrics
-            .rejected_queue_full
-            .fetch_add(1, Ordering::Relaxed);
-        return Err(ServeError::queue_full(
-            ready.engine.stats().waiting.load(Ordering::SeqCst),
-        ));
+        state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+        return Err(ServeError::queue_full(ready.engine.stats().waiting.load(Ordering::SeqCst)));
     }
     let body = body_bytes(body, state.config.max_body_bytes)?;
     let limits = state.config.limits;
@@ -436,77 +328,34 @@ async fn generate(
     }
     if let Some(m) = &req.model {
         if m != &state.config.model_id {
-            return Err(ServeError::not_found(
-                format!(
-                    "the model `{m}` does not exist; this server serves `{}`",
-                    state.config.model_id
-                ),
-                "model_not_found",
-            ));
+            return Err(ServeError::not_found(format!("the model `{m}` does not exist; this server serves `{}`", state.config.model_id), "model_not_found"));
         }
     }
     // Tokenising (and rendering the template) is CPU work: off the async workers.
     let (model, text, tools) = (ready.model.clone(), req.prompt.clone(), req.tools.clone());
-    let prompt = tokio::task::spawn_blocking(move || tokens_of(&model, &text, tools.as_ref()))
-        .await
-        .map_err(|e| ServeError::internal(e.to_string()))??;
+    let prompt = tokio::task::spawn_blocking(move || tokens_of(&model, &text, tools.as_ref())).await.map_err(|e| ServeError::internal(e.to_string()))??;
     let context = ready.model.config().context_length;
-    req.resolve_max_tokens(
-        prompt.len(),
-        context,
-        ready.engine.max_new_tokens_within_budget(prompt.len()),
-        &limits,
-    );
+    req.resolve_max_tokens(prompt.len(), context, ready.engine.max_new_tokens_within_budget(prompt.len()), &limits);
     // `n` choices are `n` requests of the engine: choice `i` samples with seed + i, and all
     // events come back on one channel tagged with their choice (a client that leaves closes
     // it for every choice).
     let (tx, rx) = mpsc::unbounded_channel::<(usize, Event)>();
     for i in 0..req.n {
         let accepted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sink = Box::new(HttpSink {
-            tx: tx.clone(),
-            choice: i,
-            metrics: state.metrics.clone(),
-            arrived,
-            last_token: None,
-            ended: false,
-            accepted: accepted.clone(),
-        });
-        let params = duo_engine::SamplingParams {
-            seed: req.params.seed.wrapping_add(i as u64),
-            ..req.params.clone()
-        };
-        ready
-            .engine
-            .submit(Request {
-                prompt: prompt.clone(),
-                params,
-                top_logprobs: req.logprobs,
-                sink,
-            })
-            .map_err(|e| {
-                if matches!(e, duo_engine::EngineError::QueueFull { .. }) {
-                    state
-                        .metrics
-                        .rejected_queue_full
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                ServeError::from(e)
-            })?;
+        let sink = Box::new(HttpSink { tx: tx.clone(), choice: i, metrics: state.metrics.clone(), arrived, last_token: None, ended: false, accepted: accepted.clone() });
+        let params = duo_engine::SamplingParams { seed: req.params.seed.wrapping_add(i as u64), ..req.params.clone() };
+        ready.engine.submit(Request { prompt: prompt.clone(), params, top_logprobs: req.logprobs, sink }).map_err(|e| {
+            if matches!(e, duo_engine::EngineError::QueueFull { .. }) {
+                state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+            ServeError::from(e)
+        })?;
         accepted.store(true, Ordering::SeqCst);
     }
     drop(tx);
     let reply = Reply {
         endpoint,
-        id: format!(
-            "{}-{:016x}",
-            if endpoint == Endpoint::Chat {
-                "chatcmpl"
-            } else {
-                "cmpl"
-            },
-            request_id()
-        ),
+        id: format!("{}-{:016x}", if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, request_id()),
         created: now(),
         model: state.config.model_id.clone(),
         model_ref: ready.model.clone(),
@@ -514,14 +363,7 @@ async fn generate(
         echo: None,
         tool_call: req.forced_tool,
     };
-    let reply = if req.echo {
-        Reply {
-            echo: Some(prompt_text(&ready.model, &req.prompt)?),
-            ..reply
-        }
-    } else {
-        reply
-    };
+    let reply = if req.echo { Reply { echo: Some(prompt_text(&ready.model, &req.prompt)?), ..reply } } else { reply };
     if req.stream {
         Ok(stream_response(reply, rx, req.n, req.include_usage))
     } else {
@@ -546,11 +388,7 @@ struct Reply {
 impl Reply {
     fn token_logprobs(&self, id: u32, lp: &duo_engine::TokenLogprob) -> TokenLogprobs {
         let text = |t: u32| self.model_ref.tokenizer.decode(&[t]).unwrap_or_default();
-        TokenLogprobs {
-            token: text(id),
-            logprob: lp.logprob,
-            top: lp.top.iter().map(|&(t, l)| (text(t), l)).collect(),
-        }
+        TokenLogprobs { token: text(id), logprob: lp.logprob, top: lp.top.iter().map(|&(t, l)| (text(t), l)).collect() }
     }
 
     /// The `object` of a whole response and of a streamed chunk.
@@ -562,15 +400,7 @@ impl Reply {
     }
 
     /// One streamed chunk: `text` as a delta, with optional logprobs and finish reason.
-    fn chunk(
-        &self,
-        index: usize,
-        text: &str,
-        first: bool,
-        logprobs: Option<Value>,
-        finish: Option<&str>,
-        include_usage: bool,
-    ) -> Value {
+    fn chunk(&self, index: usize, text: &str, first: bool, logprobs: Option<Value>, finish: Option<&str>, include_usage: bool) -> Value {
         let choice = match self.endpoint {
             Endpoint::Chat => {
                 let mut delta = json!({});
@@ -582,9 +412,7 @@ impl Reply {
                 }
                 json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
-            Endpoint::Completion => {
-                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
-            }
+            Endpoint::Completion => json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}),
         };
         let mut v = json!({"id": self.id, "object": self.objects().1, "created": self.created, "model": self.model, "choices": [choice]});
         if include_usage {
@@ -598,52 +426,30 @@ impl Reply {
 fn prompt_text(model: &Engine, prompt: &Prompt) -> Result<String> {
     match prompt {
         Prompt::Text(t) => Ok(t.clone()),
-        Prompt::Tokens(ids) => model
-            .tokenizer
-            .decode(ids)
-            .map_err(|e| ServeError::internal(e.to_string())),
+        Prompt::Tokens(ids) => model.tokenizer.decode(ids).map_err(|e| ServeError::internal(e.to_string())),
         Prompt::Chat(_) => Err(ServeError::invalid("echo", "`echo` is a completions field")),
     }
 }
 
-async fn whole_response(
-    reply: Reply,
-    mut rx: mpsc::UnboundedReceiver<(usize, Event)>,
-    n: usize,
-) -> Result<Response> {
+async fn whole_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<(usize, Event)>, n: usize) -> Result<Response> {
     let mut texts = vec![reply.echo.clone().unwrap_or_default(); n];
     let mut lps: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); n];
     let mut choices: Vec<Option<Value>> = vec![None; n];
     let mut completion_tokens = 0;
     while let Some((i, event)) = rx.recv().await {
         match event {
-            Event::Token {
-                id,
-                text: t,
-                logprob,
-            } => {
+            Event::Token { id, text: t, logprob } => {
                 texts[i].push_str(&t);
                 if let Some(lp) = logprob.filter(|_| reply.logprobs) {
                     lps[i].push(reply.token_logprobs(id, &lp));
                 }
             }
-            Event::Done {
-                finish_reason: reason,
-                text: t,
-                prompt_tokens,
-                completion_tokens: c,
-            } => {
+            Event::Done { finish_reason: reason, text: t, prompt_tokens, completion_tokens: c } => {
                 texts[i].push_str(&t);
                 completion_tokens += c;
-                let logprobs = reply
-                    .logprobs
-                    .then(|| logprobs_json(reply.endpoint, &lps[i], 0));
+                let logprobs = reply.logprobs.then(|| logprobs_json(reply.endpoint, &lps[i], 0));
                 let text = std::mem::take(&mut texts[i]);
-                let call = reply
-                    .tool_call
-                    .then(|| serde_json::from_str::<Value>(&text).ok())
-                    .flatten()
-                    .filter(|v| v["name"].is_string());
+                let call = reply.tool_call.then(|| serde_json::from_str::<Value>(&text).ok()).flatten().filter(|v| v["name"].is_string());
                 choices[i] = Some(match (reply.endpoint, call) {
                     (Endpoint::Chat, Some(call)) => json!({
                         "index": i,
@@ -655,12 +461,8 @@ async fn whole_response(
                         "logprobs": logprobs,
                         "finish_reason": "tool_calls",
                     }),
-                    (Endpoint::Chat, None) => {
-                        json!({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason(reason)})
-                    }
-                    (Endpoint::Completion, _) => {
-                        json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)})
-                    }
+                    (Endpoint::Chat, None) => json!({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
+                    (Endpoint::Completion, _) => json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}),
                 });
                 if choices.iter().all(Option::is_some) {
                     return Ok(Json(json!({
@@ -673,17 +475,10 @@ async fn whole_response(
             Event::Failed(message) => return Err(ServeError::internal(message)),
         }
     }
-    Err(ServeError::internal(
-        "the engine stopped before the request finished",
-    ))
+    Err(ServeError::internal("the engine stopped before the request finished"))
 }
 
-fn stream_response(
-    reply: Reply,
-    rx: mpsc::UnboundedReceiver<(usize, Event)>,
-    n: usize,
-    include_usage: bool,
-) -> Response {
+fn stream_response(reply: Reply, rx: mpsc::UnboundedReceiver<(usize, Event)>, n: usize, include_usage: bool) -> Response {
     /// Where one choice stands.
     #[derive(Clone)]
     struct Choice {
@@ -702,21 +497,8 @@ fn stream_response(
         include_usage: bool,
     }
     let data = |v: Value| SseEvent::default().data(v.to_string());
-    let choice = Choice {
-        first: true,
-        offset: 0,
-        echo: reply.echo.clone(),
-        done: false,
-    };
-    let st = St {
-        reply,
-        rx,
-        pending: VecDeque::new(),
-        choices: vec![choice; n],
-        completion_tokens: 0,
-        done: false,
-        include_usage,
-    };
+    let choice = Choice { first: true, offset: 0, echo: reply.echo.clone(), done: false };
+    let st = St { reply, rx, pending: VecDeque::new(), choices: vec![choice; n], completion_tokens: 0, done: false, include_usage };
     let stream = futures_util::stream::unfold(st, move |mut st| async move {
         loop {
             if let Some(e) = st.pending.pop_front() {
@@ -728,13 +510,7 @@ fn stream_response(
             match st.rx.recv().await {
                 Some((i, Event::Token { id, text, logprob })) => {
                     let c = &mut st.choices[i];
-                    let lp = logprob.filter(|_| st.reply.logprobs).map(|lp| {
-                        logprobs_json(
-                            st.reply.endpoint,
-                            &[st.reply.token_logprobs(id, &lp)],
-                            c.offset,
-                        )
-                    });
+                    let lp = logprob.filter(|_| st.reply.logprobs).map(|lp| logprobs_json(st.reply.endpoint, &[st.reply.token_logprobs(id, &lp)], c.offset));
                     if text.is_empty() && lp.is_none() && !c.first {
                         continue;
                     }
@@ -743,39 +519,17 @@ fn stream_response(
                         None => text,
                     };
                     c.offset += text.len();
-                    st.pending.push_back(data(st.reply.chunk(
-                        i,
-                        &text,
-                        c.first,
-                        lp,
-                        None,
-                        st.include_usage,
-                    )));
+                    st.pending.push_back(data(st.reply.chunk(i, &text, c.first, lp, None, st.include_usage)));
                     c.first = false;
                 }
-                Some((
-                    i,
-                    Event::Done {
-                        finish_reason: reason,
-                        text,
-                        prompt_tokens,
-                        completion_tokens,
-                    },
-                )) => {
+                Some((i, Event::Done { finish_reason: reason, text, prompt_tokens, completion_tokens })) => {
                     let c = &mut st.choices[i];
                     // A completion that ended before its first token still echoes its prompt.
                     let text = match c.echo.take() {
                         Some(prompt) => prompt + &text,
                         None => text,
                     };
-                    st.pending.push_back(data(st.reply.chunk(
-                        i,
-                        &text,
-                        c.first,
-                        None,
-                        Some(finish_reason(reason)),
-                        st.include_usage,
-                    )));
+                    st.pending.push_back(data(st.reply.chunk(i, &text, c.first, None, Some(finish_reason(reason)), st.include_usage)));
                     c.done = true;
                     st.completion_tokens += completion_tokens;
                     if st.choices.iter().all(|c| c.done) {
@@ -791,32 +545,23 @@ fn stream_response(
                     }
                 }
                 Some((_, Event::Failed(message))) => {
-                    st.pending
-                        .push_back(data(ServeError::internal(message).body()));
+                    st.pending.push_back(data(ServeError::internal(message).body()));
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.done = true;
                 }
                 None => {
-                    st.pending.push_back(data(
-                        ServeError::internal("the engine stopped before the request finished")
-                            .body(),
-                    ));
+                    st.pending.push_back(data(ServeError::internal("the engine stopped before the request finished").body()));
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.done = true;
                 }
             }
         }
     });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn request_id() -> u64 {

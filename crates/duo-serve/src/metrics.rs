@@ -23,13 +23,7 @@ struct HistogramCounts {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            inner: Mutex::new(HistogramCounts {
-                buckets: vec![0; bounds.len()],
-                ..Default::default()
-            }),
-        }
+        Self { bounds, inner: Mutex::new(HistogramCounts { buckets: vec![0; bounds.len()], ..Default::default() }) }
     }
 
     /// Records one observation.
@@ -61,15 +55,9 @@ impl Histogram {
     }
 }
 
-const TTFT: &[f64] = &[
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0,
-];
-const ITL: &[f64] = &[
-    0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
-];
-const E2E: &[f64] = &[
-    0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
-];
+const TTFT: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0];
+const ITL: &[f64] = &[0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5];
+const E2E: &[f64] = &[0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0];
 
 /// The server's own counters (the engine keeps the rest in [`BatchStats`]).
 #[derive(Debug)]
@@ -107,225 +95,51 @@ impl Default for Metrics {
 impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self, model: &str, engine: &BatchStats, kv_budget: usize) -> String {
-        let labels = format!(
-            "model_name=\"{}\"",
-            model.replace('\\', "\\\\").replace('"', "\\\"")
-        );
+        let labels = format!("model_name=\"{}\"", model.replace('\\', "\\\\").replace('"', "\\\""));
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String, extra: &str| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}{extra}}} {value}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}{extra}}} {value}");
         };
         let get = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::SeqCst).to_string();
-        metric(
-            "vllm:num_requests_running",
-            "gauge",
-            "Requests in the running batch.",
-            get(&engine.running),
-            "",
-        );
-        metric(
-            "vllm:num_requests_waiting",
-            "gauge",
-            "Requests waiting for admission.",
-            get(&engine.waiting),
-            "",
-        );
-        metric(
-            "vllm:prompt_tokens_total",
-            "counter",
-            "Prompt tokens prefilled.",
-            engine.prompt_tokens.load(Ordering::SeqCst).to_string(),
-            "",
-        );
-        metric(
-            "vllm:generation_tokens_total",
-            "counter",
-            "Tokens generated.",
-            engine.generation_tokens.load(Ordering::SeqCst).to_string(),
-            "",
-        );
-        metric(
-            "duo:decode_steps_total",
-            "counter",
-            "Batched decode steps run.",
-            engine.decode_steps.load(Ordering::SeqCst).to_string(),
-            "",
-        );
-        metric(
-            "vllm:num_preemptions_total",
-            "counter",
-            "Sequences preempted (blocks freed, recomputed later) because the KV pool ran out.",
-            engine.preemptions.load(Ordering::SeqCst).to_string(),
-            "",
-        );
-        metric(
-            "duo:kv_blocks_total",
-            "gauge",
-            "KV blocks of the GPU pool (0 without a pool).",
-            get(&engine.kv_blocks_total),
-            "",
-        );
-        metric(
-            "duo:kv_blocks_used",
-            "gauge",
-            "KV blocks held by running sequences.",
-            get(&engine.kv_blocks_used),
-            "",
-        );
-        metric(
-            "duo:num_requests_running_peak",
-            "gauge",
-            "The most sequences that ran at once.",
-            get(&engine.peak_running),
-            "",
-        );
-        metric(
-            "duo:decode_only_steps_total",
-            "counter",
-            "Steps that ran decode rows only.",
-            engine.decode_only_steps.load(Ordering::SeqCst).to_string(),
-            "",
-        );
-        metric(
-            "duo:decode_only_rows_total",
-            "counter",
-            "Rows (tokens) of decode-only steps.",
-            engine.decode_only_rows.load(Ordering::SeqCst).to_string(),
-            "",
-        );
-        metric(
-            "duo:decode_only_seconds_total",
-            "counter",
-            "Time of decode-only steps.",
-            (engine.decode_only_micros.load(Ordering::SeqCst) as f64 / 1e6).to_string(),
-            "",
-        );
+        metric("vllm:num_requests_running", "gauge", "Requests in the running batch.", get(&engine.running), "");
+        metric("vllm:num_requests_waiting", "gauge", "Requests waiting for admission.", get(&engine.waiting), "");
+        metric("vllm:prompt_tokens_total", "counter", "Prompt tokens prefilled.", engine.prompt_tokens.load(Ordering::SeqCst).to_string(), "");
+        metric("vllm:generation_tokens_total", "counter", "Tokens generated.", engine.generation_tokens.load(Ordering::SeqCst).to_string(), "");
+        metric("duo:decode_steps_total", "counter", "Batched decode steps run.", engine.decode_steps.load(Ordering::SeqCst).to_string(), "");
+        metric("vllm:num_preemptions_total", "counter", "Sequences preempted (blocks freed, recomputed later) because the KV pool ran out.", engine.preemptions.load(Ordering::SeqCst).to_string(), "");
+        metric("duo:kv_blocks_total", "gauge", "KV blocks of the GPU pool (0 without a pool).", get(&engine.kv_blocks_total), "");
+        metric("duo:kv_blocks_used", "gauge", "KV blocks held by running sequences.", get(&engine.kv_blocks_used), "");
+        metric("duo:num_requests_running_peak", "gauge", "The most sequences that ran at once.", get(&engine.peak_running), "");
+        metric("duo:decode_only_steps_total", "counter", "Steps that ran decode rows only.", engine.decode_only_steps.load(Ordering::SeqCst).to_string(), "");
+        metric("duo:decode_only_rows_total", "counter", "Rows (tokens) of decode-only steps.", engine.decode_only_rows.load(Ordering::SeqCst).to_string(), "");
+        metric("duo:decode_only_seconds_total", "counter", "Time of decode-only steps.", (engine.decode_only_micros.load(Ordering::SeqCst) as f64 / 1e6).to_string(), "");
         let (rows, micros, kv) = *engine.widest_step.lock().unwrap_or_else(|e| e.into_inner());
-        metric(
-            "duo:widest_decode_step_rows",
-            "gauge",
-            "Rows of the latest decode-only step with the most rows.",
-            rows.to_string(),
-            "",
-        );
-        metric(
-            "duo:widest_decode_step_seconds",
-            "gauge",
-            "Its time.",
-            (micros as f64 / 1e6).to_string(),
-            "",
-        );
-        metric(
-            "duo:widest_decode_step_kv_bytes",
-            "gauge",
-            "KV bytes its sequences held.",
-            kv.to_string(),
-            "",
-        );
+        metric("duo:widest_decode_step_rows", "gauge", "Rows of the latest decode-only step with the most rows.", rows.to_string(), "");
+        metric("duo:widest_decode_step_seconds", "gauge", "Its time.", (micros as f64 / 1e6).to_string(), "");
+        metric("duo:widest_decode_step_kv_bytes", "gauge", "KV bytes its sequences held.", kv.to_string(), "");
         let full = *engine.full_width.lock().unwrap_or_else(|e| e.into_inner());
-        metric(
-            "duo:full_width_decode_steps",
-            "gauge",
-            "Decode-only steps as wide as the widest (the batch full); restarts at a wider step.",
-            full.steps.to_string(),
-            "",
-        );
-        metric(
-            "duo:full_width_decode_rows",
-            "gauge",
-            "Rows of each of those steps.",
-            full.rows_per_step.to_string(),
-            "",
-        );
-        metric(
-            "duo:full_width_decode_seconds",
-            "gauge",
-            "Their total time.",
-            (full.micros as f64 / 1e6).to_string(),
-            "",
-        );
-        if let Some((weights, bandwidth)) = *engine.floor.lock().unwrap_or_else(|e| e.into_inner())
-        {
-            metric(
-                "duo:weight_bytes",
-                "gauge",
-                "Bytes of weights a step reads.",
-                weights.to_string(),
-                "",
-            );
-            metric(
-                "duo:copy_bandwidth_bytes_per_second",
-                "gauge",
-                "Measured device copy bandwidth.",
-                format!("{bandwidth:.0}"),
-                "",
-            );
+        metric("duo:full_width_decode_steps", "gauge", "Decode-only steps as wide as the widest (the batch full); restarts at a wider step.", full.steps.to_string(), "");
+        metric("duo:full_width_decode_rows", "gauge", "Rows of each of those steps.", full.rows_per_step.to_string(), "");
+        metric("duo:full_width_decode_seconds", "gauge", "Their total time.", (full.micros as f64 / 1e6).to_string(), "");
+        if let Some((weights, bandwidth)) = *engine.floor.lock().unwrap_or_else(|e| e.into_inner()) {
+            metric("duo:weight_bytes", "gauge", "Bytes of weights a step reads.", weights.to_string(), "");
+            metric("duo:copy_bandwidth_bytes_per_second", "gauge", "Measured device copy bandwidth.", format!("{bandwidth:.0}"), "");
         }
-        metric(
-            "duo:kv_cache_reserved_bytes",
-            "gauge",
-            "KV bytes reserved by running requests at their full length.",
-            get(&engine.kv_reserved),
-            "",
-        );
-        metric(
-            "duo:kv_cache_budget_bytes",
-            "gauge",
-            "KV bytes the running requests may reserve together.",
-            kv_budget.to_string(),
-            "",
-        );
+        metric("duo:kv_cache_reserved_bytes", "gauge", "KV bytes reserved by running requests at their full length.", get(&engine.kv_reserved), "");
+        metric("duo:kv_cache_budget_bytes", "gauge", "KV bytes the running requests may reserve together.", kv_budget.to_string(), "");
         let _ = writeln!(out, "# HELP duo:kv_cache_bytes KV cache bytes held now, by head kind.\n# TYPE duo:kv_cache_bytes gauge");
-        let _ = writeln!(
-            out,
-            "duo:kv_cache_bytes{{{labels},heads=\"retrieval\"}} {}",
-            get(&engine.kv_retrieval)
-        );
-        let _ = writeln!(
-            out,
-            "duo:kv_cache_bytes{{{labels},heads=\"streaming\"}} {}",
-            get(&engine.kv_streaming)
-        );
-        let reasons = [
-            ("stop", &self.finished_stop),
-            ("length", &self.finished_length),
-            ("abort", &self.finished_abort),
-        ];
+        let _ = writeln!(out, "duo:kv_cache_bytes{{{labels},heads=\"retrieval\"}} {}", get(&engine.kv_retrieval));
+        let _ = writeln!(out, "duo:kv_cache_bytes{{{labels},heads=\"streaming\"}} {}", get(&engine.kv_streaming));
+        let reasons = [("stop", &self.finished_stop), ("length", &self.finished_length), ("abort", &self.finished_abort)];
         let _ = writeln!(out, "# HELP vllm:request_success_total Finished requests by finish reason.\n# TYPE vllm:request_success_total counter");
         for (r, c) in reasons {
-            let _ = writeln!(
-                out,
-                "vllm:request_success_total{{{labels},finished_reason=\"{r}\"}} {}",
-                c.load(Ordering::SeqCst)
-            );
+            let _ = writeln!(out, "vllm:request_success_total{{{labels},finished_reason=\"{r}\"}} {}", c.load(Ordering::SeqCst));
         }
         let _ = writeln!(out, "# HELP duo:requests_rejected_total Requests refused because the queue was full.\n# TYPE duo:requests_rejected_total counter");
-        let _ = writeln!(
-            out,
-            "duo:requests_rejected_total{{{labels}}} {}",
-            self.rejected_queue_full.load(Ordering::SeqCst)
-        );
-        self.ttft.render(
-            &mut out,
-            "vllm:time_to_first_token_seconds",
-            "Time to first token.",
-            &labels,
-        );
-        self.itl.render(
-            &mut out,
-            "vllm:inter_token_latency_seconds",
-            "Time between consecutive output tokens.",
-            &labels,
-        );
-        self.e2e.render(
-            &mut out,
-            "vllm:e2e_request_latency_seconds",
-            "Request latency from arrival to the last token.",
-            &labels,
-        );
+        let _ = writeln!(out, "duo:requests_rejected_total{{{labels}}} {}", self.rejected_queue_full.load(Ordering::SeqCst));
+        self.ttft.render(&mut out, "vllm:time_to_first_token_seconds", "Time to first token.", &labels);
+        self.itl.render(&mut out, "vllm:inter_token_latency_seconds", "Time between consecutive output tokens.", &labels);
+        self.e2e.render(&mut out, "vllm:e2e_request_latency_seconds", "Request latency from arrival to the last token.", &labels);
         out
     }
 }

@@ -29,10 +29,7 @@ fn seeds() -> Vec<(Endpoint, Value)> {
             json!({"model": "m", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "logprobs": 2, "echo": false, "seed": 1,
                    "stop": "x", "n": 1, "stream": false, "suffix": "", "best_of": 1}),
         ),
-        (
-            Endpoint::Completion,
-            json!({"prompt": [1, 2, 3, 4], "max_completion_tokens": 4}),
-        ),
+        (Endpoint::Completion, json!({"prompt": [1, 2, 3, 4], "max_completion_tokens": 4})),
     ]
 }
 
@@ -118,14 +115,9 @@ fn fuzzed_requests_are_accepted_or_refused_with_a_named_4xx() {
         let (endpoint, seed) = &seeds[tried % seeds.len()];
         let body = mutate(seed, &mut rng);
         tried += 1;
-        match std::panic::catch_unwind(|| {
-            GenerationRequest::parse(*endpoint, &body, &limits, Some(1))
-        }) {
+        match std::panic::catch_unwind(|| GenerationRequest::parse(*endpoint, &body, &limits, Some(1))) {
             Ok(Ok(r)) => {
-                assert!(
-                    r.params.validate().is_ok(),
-                    "an accepted request has valid sampling parameters"
-                );
+                assert!(r.params.validate().is_ok(), "an accepted request has valid sampling parameters");
                 ok += 1;
             }
             Ok(Err(e)) => {
@@ -133,23 +125,11 @@ fn fuzzed_requests_are_accepted_or_refused_with_a_named_4xx() {
                 assert!(!e.to_string().is_empty());
                 refused += 1;
             }
-            Err(_) => panics.push(
-                String::from_utf8_lossy(&body)
-                    .chars()
-                    .take(200)
-                    .collect::<String>(),
-            ),
+            Err(_) => panics.push(String::from_utf8_lossy(&body).chars().take(200).collect::<String>()),
         }
     }
     std::panic::set_hook(hook);
-    let peak = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default();
+    let peak = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().to_string())).unwrap_or_default();
     let _ = writeln!(
         std::io::stderr(),
         "fuzzed requests: {tried} bodies in {:.1} s: {refused} refused with a named 4xx, {ok} accepted, {} panics; peak memory {peak}",

@@ -53,10 +53,7 @@ impl Haystack {
         if text.is_empty() {
             return Err(TaskError::EmptyHaystack(dir.to_path_buf()));
         }
-        Ok(Haystack::Corpus {
-            dir: dir.to_path_buf(),
-            text,
-        })
+        Ok(Haystack::Corpus { dir: dir.to_path_buf(), text })
     }
 
     /// A short name for reports: `generated` or the folder.
@@ -69,12 +66,7 @@ impl Haystack {
 
     /// Exactly `n` tokens of filler (no BOS). Generated text is new for every draw of
     /// `rng`; a corpus is read from a random starting paragraph, wrapping around.
-    pub fn tokens(
-        &self,
-        tokenizer: &TextTokenizer,
-        n: usize,
-        rng: &mut StdRng,
-    ) -> Result<Vec<u32>> {
+    pub fn tokens(&self, tokenizer: &TextTokenizer, n: usize, rng: &mut StdRng) -> Result<Vec<u32>> {
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -97,10 +89,8 @@ impl Haystack {
 /// `chars` characters of the corpus from a random paragraph start, repeating the corpus
 /// as often as needed.
 fn corpus_window(text: &str, chars: usize, rng: &mut StdRng) -> String {
-    let starts: Vec<usize> = std::iter::once(0)
-        .chain(text.match_indices("\n\n").map(|(i, _)| i + 2))
-        .filter(|&i| i < text.len())
-        .collect();
+    let starts: Vec<usize> =
+        std::iter::once(0).chain(text.match_indices("\n\n").map(|(i, _)| i + 2)).filter(|&i| i < text.len()).collect();
     let start = starts[rng.gen_range(0..starts.len())];
     let mut out = String::with_capacity(chars + 64);
     let mut piece = &text[start..];
@@ -113,66 +103,29 @@ fn corpus_window(text: &str, chars: usize, rng: &mut StdRng) -> String {
 }
 
 const NAMES: &[&str] = &[
-    "Maren", "Tobias", "Ilse", "Corwin", "Odile", "Bram", "Sefa", "Lorcan", "Wren", "Emmet",
-    "Talia", "Isak", "Petra", "Anselm", "Noor", "Gideon",
+    "Maren", "Tobias", "Ilse", "Corwin", "Odile", "Bram", "Sefa", "Lorcan", "Wren", "Emmet", "Talia", "Isak",
+    "Petra", "Anselm", "Noor", "Gideon",
 ];
 const PLACES: &[&str] = &[
-    "the ferry landing",
-    "the old mill",
-    "the covered market",
-    "the chapel on the hill",
-    "the boatyard",
-    "the reading room",
-    "the orchard",
-    "the tannery lane",
-    "the lock gates",
-    "the bakery by the bridge",
-    "the schoolhouse",
-    "the salt warehouse",
+    "the ferry landing", "the old mill", "the covered market", "the chapel on the hill", "the boatyard",
+    "the reading room", "the orchard", "the tannery lane", "the lock gates", "the bakery by the bridge",
+    "the schoolhouse", "the salt warehouse",
 ];
 const THINGS: &[&str] = &[
-    "a ledger of river tolls",
-    "a basket of pears",
-    "a broken lantern",
-    "a map of the marshes",
-    "a bundle of letters",
-    "a copper kettle",
-    "a set of brass weights",
-    "a coil of tarred rope",
-    "a box of seed potatoes",
-    "a fiddle with two strings",
-    "a jar of honey",
-    "a sketch of the weir",
+    "a ledger of river tolls", "a basket of pears", "a broken lantern", "a map of the marshes", "a bundle of letters",
+    "a copper kettle", "a set of brass weights", "a coil of tarred rope", "a box of seed potatoes",
+    "a fiddle with two strings", "a jar of honey", "a sketch of the weir",
 ];
 const VERBS: &[&str] = &[
-    "carried",
-    "mended",
-    "counted",
-    "sold",
-    "borrowed",
-    "painted",
-    "returned",
-    "weighed",
-    "hid",
-    "described",
-    "forgot",
-    "admired",
+    "carried", "mended", "counted", "sold", "borrowed", "painted", "returned", "weighed", "hid", "described",
+    "forgot", "admired",
 ];
 const TIMES: &[&str] = &[
-    "early in the morning",
-    "after the spring floods",
-    "on market day",
-    "before the frost",
-    "late one evening",
-    "during the harvest",
-    "while the bells rang",
-    "in the dry summer",
-    "at the turn of the tide",
-    "on a grey afternoon",
+    "early in the morning", "after the spring floods", "on market day", "before the frost", "late one evening",
+    "during the harvest", "while the bells rang", "in the dry summer", "at the turn of the tide", "on a grey afternoon",
 ];
 const FEELINGS: &[&str] = &[
-    "patient", "restless", "cheerful", "doubtful", "stubborn", "generous", "tired", "curious",
-    "careful", "proud",
+    "patient", "restless", "cheerful", "doubtful", "stubborn", "generous", "tired", "curious", "careful", "proud",
 ];
 const REMARKS: &[&str] = &[
     "Nobody in town could agree on why this mattered.",
@@ -208,48 +161,16 @@ fn pick<'a>(rng: &mut StdRng, list: &[&'a str]) -> &'a str {
 fn sentence(rng: &mut StdRng) -> String {
     let (a, b) = (pick(rng, NAMES), pick(rng, NAMES));
     match rng.gen_range(0..6) {
-        0 => format!(
-            "{a} {} {} near {} {}.",
-            pick(rng, VERBS),
-            pick(rng, THINGS),
-            pick(rng, PLACES),
-            pick(rng, TIMES)
-        ),
-        1 => format!(
-            "{} {a} and {b} met at {} and talked about {}.",
-            capitalise(pick(rng, TIMES)),
-            pick(rng, PLACES),
-            pick(rng, THINGS)
-        ),
-        2 => format!(
-            "{a} was {} that day, and {b} noticed it at once.",
-            pick(rng, FEELINGS)
-        ),
-        3 => format!(
-            "At {} there was {}, which {a} {} twice.",
-            pick(rng, PLACES),
-            pick(rng, THINGS),
-            pick(rng, VERBS)
-        ),
+        0 => format!("{a} {} {} near {} {}.", pick(rng, VERBS), pick(rng, THINGS), pick(rng, PLACES), pick(rng, TIMES)),
+        1 => format!("{} {a} and {b} met at {} and talked about {}.", capitalise(pick(rng, TIMES)), pick(rng, PLACES), pick(rng, THINGS)),
+        2 => format!("{a} was {} that day, and {b} noticed it at once.", pick(rng, FEELINGS)),
+        3 => format!("At {} there was {}, which {a} {} twice.", pick(rng, PLACES), pick(rng, THINGS), pick(rng, VERBS)),
         4 => pick(rng, REMARKS).to_string(),
-        _ => format!(
-            "{a} said that {} had been {} ever since {b} {} {}.",
-            pick(rng, PLACES),
-            pick(rng, FEELINGS_PLACE),
-            pick(rng, VERBS),
-            pick(rng, THINGS)
-        ),
+        _ => format!("{a} said that {} had been {} ever since {b} {} {}.", pick(rng, PLACES), pick(rng, FEELINGS_PLACE), pick(rng, VERBS), pick(rng, THINGS)),
     }
 }
 
-const FEELINGS_PLACE: &[&str] = &[
-    "quieter",
-    "busier",
-    "colder",
-    "cleaner",
-    "stranger",
-    "more crowded",
-];
+const FEELINGS_PLACE: &[&str] = &["quieter", "busier", "colder", "cleaner", "stranger", "more crowded"];
 
 fn capitalise(s: &str) -> String {
     let mut c = s.chars();
@@ -281,10 +202,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..20 {
             let w = corpus_window(text, 100, &mut rng);
-            assert!(
-                w.starts_with("alpha") || w.starts_with("beta") || w.starts_with("gamma"),
-                "{w}"
-            );
+            assert!(w.starts_with("alpha") || w.starts_with("beta") || w.starts_with("gamma"), "{w}");
             assert!(w.len() >= 100);
         }
     }
@@ -293,10 +211,7 @@ mod tests {
     fn empty_folder_is_an_error() {
         let dir = std::env::temp_dir().join(format!("duo-empty-haystack-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
-        assert!(matches!(
-            Haystack::from_dir(&dir),
-            Err(TaskError::EmptyHaystack(_))
-        ));
+        assert!(matches!(Haystack::from_dir(&dir), Err(TaskError::EmptyHaystack(_))));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -18,17 +18,14 @@ use std::ops::Range;
 
 /// The 26 NATO spelling-alphabet words passkeys are drawn from.
 pub const NATO: [&str; 26] = [
-    "Alfa", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India", "Juliett",
-    "Kilo", "Lima", "Mike", "November", "Oscar", "Papa", "Quebec", "Romeo", "Sierra", "Tango",
-    "Uniform", "Victor", "Whiskey", "Xray", "Yankee", "Zulu",
+    "Alfa", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India", "Juliett", "Kilo", "Lima", "Mike",
+    "November", "Oscar", "Papa", "Quebec", "Romeo", "Sierra", "Tango", "Uniform", "Victor", "Whiskey", "Xray", "Yankee",
+    "Zulu",
 ];
 
 /// "first", "second", ... ("11th" and on past ten).
 pub fn ordinal(i: usize) -> String {
-    const WORDS: [&str; 10] = [
-        "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
-        "tenth",
-    ];
+    const WORDS: [&str; 10] = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"];
     match WORDS.get(i) {
         Some(w) => (*w).to_string(),
         None => format!("{}th", i + 1),
@@ -48,11 +45,7 @@ pub struct PasskeySpec {
 
 impl Default for PasskeySpec {
     fn default() -> Self {
-        Self {
-            passkeys: 10,
-            words: 32,
-            depth_range: (0.05, 0.95),
-        }
+        Self { passkeys: 10, words: 32, depth_range: (0.05, 0.95) }
     }
 }
 
@@ -93,31 +86,19 @@ impl PasskeySpec {
     pub fn validate(&self) -> Result<()> {
         let (lo, hi) = self.depth_range;
         if self.passkeys == 0 || self.words == 0 {
-            return Err(TaskError::Invalid(
-                "a passkey task needs at least one passkey of at least one word".into(),
-            ));
+            return Err(TaskError::Invalid("a passkey task needs at least one passkey of at least one word".into()));
         }
         if !(0.0..=1.0).contains(&lo) || !(0.0..=1.0).contains(&hi) || lo > hi {
-            return Err(TaskError::Invalid(format!(
-                "depth range {lo}..{hi} must lie in [0, 1] and be ordered"
-            )));
+            return Err(TaskError::Invalid(format!("depth range {lo}..{hi} must lie in [0, 1] and be ordered")));
         }
         Ok(())
     }
 
     /// A sample of exactly `length` tokens with depths drawn from `depth_range`.
-    pub fn sample(
-        &self,
-        tokenizer: &TextTokenizer,
-        haystack: &Haystack,
-        length: usize,
-        rng: &mut StdRng,
-    ) -> Result<PasskeySample> {
+    pub fn sample(&self, tokenizer: &TextTokenizer, haystack: &Haystack, length: usize, rng: &mut StdRng) -> Result<PasskeySample> {
         self.validate()?;
         let (lo, hi) = self.depth_range;
-        let mut depths: Vec<f64> = (0..self.passkeys)
-            .map(|_| if hi > lo { rng.gen_range(lo..hi) } else { lo })
-            .collect();
+        let mut depths: Vec<f64> = (0..self.passkeys).map(|_| if hi > lo { rng.gen_range(lo..hi) } else { lo }).collect();
         depths.sort_by(f64::total_cmp);
         self.sample_at(tokenizer, haystack, length, &depths, rng)
     }
@@ -134,38 +115,18 @@ impl PasskeySpec {
     ) -> Result<PasskeySample> {
         self.validate()?;
         if depths.len() != self.passkeys || depths.iter().any(|d| !(0.0..=1.0).contains(d)) {
-            return Err(TaskError::Invalid(format!(
-                "need {} depths in [0, 1], got {depths:?}",
-                self.passkeys
-            )));
+            return Err(TaskError::Invalid(format!("need {} depths in [0, 1], got {depths:?}", self.passkeys)));
         }
         let mut depths = depths.to_vec();
         depths.sort_by(f64::total_cmp);
-        let passkeys: Vec<Vec<&'static str>> = (0..self.passkeys)
-            .map(|_| {
-                (0..self.words)
-                    .map(|_| NATO[rng.gen_range(0..NATO.len())])
-                    .collect()
-            })
-            .collect();
+        let passkeys: Vec<Vec<&'static str>> =
+            (0..self.passkeys).map(|_| (0..self.words).map(|_| NATO[rng.gen_range(0..NATO.len())]).collect()).collect();
         let words: Vec<Vec<Vec<u32>>> = passkeys
             .iter()
-            .map(|p| {
-                p.iter()
-                    .map(|w| tokenizer.encode(&format!(" {w}"), false))
-                    .collect::<std::result::Result<_, _>>()
-            })
+            .map(|p| p.iter().map(|w| tokenizer.encode(&format!(" {w}"), false)).collect::<std::result::Result<_, _>>())
             .collect::<std::result::Result<_, _>>()?;
         let needle_heads: Vec<Vec<u32>> = (0..self.passkeys)
-            .map(|i| {
-                tokenizer.encode(
-                    &format!(
-                        "\n\nRemember this sequence of words, it's the {} passkey to the vault:",
-                        ordinal(i)
-                    ),
-                    false,
-                )
-            })
+            .map(|i| tokenizer.encode(&format!("\n\nRemember this sequence of words, it's the {} passkey to the vault:", ordinal(i)), false))
             .collect::<std::result::Result<_, _>>()?;
         let needle_tail = tokenizer.encode("\n\n", false)?;
         let questions: Vec<Vec<u32>> = (0..self.passkeys)
@@ -177,10 +138,7 @@ impl PasskeySpec {
             })
             .collect::<std::result::Result<_, _>>()?;
         let bos: Vec<u32> = tokenizer.encode("", true)?;
-        let answer_tokens: usize = words
-            .iter()
-            .map(|w| w.iter().map(Vec::len).sum::<usize>())
-            .sum();
+        let answer_tokens: usize = words.iter().map(|w| w.iter().map(Vec::len).sum::<usize>()).sum();
         let needed = bos.len()
             + needle_heads.iter().map(Vec::len).sum::<usize>()
             + needle_tail.len() * self.passkeys
@@ -190,10 +148,7 @@ impl PasskeySpec {
             return Err(TaskError::TooShort { length, needed });
         }
         let hay = haystack.tokens(tokenizer, length - needed, rng)?;
-        let cuts: Vec<usize> = depths
-            .iter()
-            .map(|d| ((d * hay.len() as f64).round() as usize).min(hay.len()))
-            .collect();
+        let cuts: Vec<usize> = depths.iter().map(|d| ((d * hay.len() as f64).round() as usize).min(hay.len())).collect();
 
         let mut ids = bos;
         let mut needles = Vec::with_capacity(self.passkeys);
@@ -220,19 +175,10 @@ impl PasskeySpec {
                 ids.extend_from_slice(w);
                 word_spans.push(s..ids.len());
             }
-            answers.push(Answer {
-                words: passkeys[i].clone(),
-                word_spans,
-                needle,
-            });
+            answers.push(Answer { words: passkeys[i].clone(), word_spans, needle });
         }
         debug_assert_eq!(ids.len(), length);
-        Ok(PasskeySample {
-            qa: qa_start..ids.len(),
-            ids,
-            answers,
-            depths,
-        })
+        Ok(PasskeySample { qa: qa_start..ids.len(), ids, answers, depths })
     }
 }
 
@@ -244,10 +190,7 @@ pub(crate) mod tests {
     /// A word-level tokenizer that knows the NATO words and a few others; everything else
     /// is `<unk>`. Enough to check the assembly of samples.
     pub(crate) fn word_tokenizer() -> TextTokenizer {
-        let words: Vec<&str> = ["<unk>", "<s>", "Passkey", ":", "?", ",", "."]
-            .into_iter()
-            .chain(NATO)
-            .collect();
+        let words: Vec<&str> = ["<unk>", "<s>", "Passkey", ":", "?", ",", "."].into_iter().chain(NATO).collect();
         TextTokenizer::word_level(&words, "<unk>", "<s>").expect("tokenizer")
     }
 
@@ -255,14 +198,7 @@ pub(crate) mod tests {
     fn samples_have_exact_length_spans_and_answers() {
         let tok = word_tokenizer();
         let spec = PasskeySpec::default();
-        let s = spec
-            .sample(
-                &tok,
-                &Haystack::Generated,
-                4000,
-                &mut StdRng::seed_from_u64(3),
-            )
-            .expect("sample");
+        let s = spec.sample(&tok, &Haystack::Generated, 4000, &mut StdRng::seed_from_u64(3)).expect("sample");
         assert_eq!(s.ids.len(), 4000);
         assert_eq!(s.ids[0], 1, "BOS first");
         assert_eq!(s.qa.end, 4000);
@@ -272,57 +208,23 @@ pub(crate) mod tests {
             assert_eq!(a.words.len(), 32);
             // Each answer word is its own NATO token, and the same words sit inside the needle.
             let answer_ids: Vec<u32> = a.span().map(|p| s.ids[p]).collect();
-            let expected: Vec<u32> = a
-                .words
-                .iter()
-                .map(|w| 7 + NATO.iter().position(|n| n == w).expect("nato") as u32)
-                .collect();
+            let expected: Vec<u32> = a.words.iter().map(|w| 7 + NATO.iter().position(|n| n == w).expect("nato") as u32).collect();
             assert_eq!(answer_ids, expected);
             let needle = &s.ids[a.needle.clone()];
-            assert!(needle
-                .windows(expected.len())
-                .any(|w| w == expected.as_slice()));
+            assert!(needle.windows(expected.len()).any(|w| w == expected.as_slice()));
             assert!(a.needle.end <= s.qa.start && a.span().start >= s.qa.start);
         }
         // Needles appear in order.
-        assert!(s
-            .answers
-            .windows(2)
-            .all(|w| w[0].needle.end <= w[1].needle.start));
+        assert!(s.answers.windows(2).all(|w| w[0].needle.end <= w[1].needle.start));
     }
 
     #[test]
     fn samples_are_seeded() {
         let tok = word_tokenizer();
-        let spec = PasskeySpec {
-            passkeys: 2,
-            words: 5,
-            ..Default::default()
-        };
-        let a = spec
-            .sample(
-                &tok,
-                &Haystack::Generated,
-                500,
-                &mut StdRng::seed_from_u64(9),
-            )
-            .expect("a");
-        let b = spec
-            .sample(
-                &tok,
-                &Haystack::Generated,
-                500,
-                &mut StdRng::seed_from_u64(9),
-            )
-            .expect("b");
-        let c = spec
-            .sample(
-                &tok,
-                &Haystack::Generated,
-                500,
-                &mut StdRng::seed_from_u64(10),
-            )
-            .expect("c");
+        let spec = PasskeySpec { passkeys: 2, words: 5, ..Default::default() };
+        let a = spec.sample(&tok, &Haystack::Generated, 500, &mut StdRng::seed_from_u64(9)).expect("a");
+        let b = spec.sample(&tok, &Haystack::Generated, 500, &mut StdRng::seed_from_u64(9)).expect("b");
+        let c = spec.sample(&tok, &Haystack::Generated, 500, &mut StdRng::seed_from_u64(10)).expect("c");
         assert_eq!(a, b);
         assert_ne!(a.answers, c.answers);
     }
@@ -330,18 +232,10 @@ pub(crate) mod tests {
     #[test]
     fn fixed_depths_place_the_needle() {
         let tok = word_tokenizer();
-        let spec = PasskeySpec {
-            passkeys: 1,
-            words: 4,
-            ..Default::default()
-        };
+        let spec = PasskeySpec { passkeys: 1, words: 4, ..Default::default() };
         let mut rng = StdRng::seed_from_u64(1);
-        let early = spec
-            .sample_at(&tok, &Haystack::Generated, 1000, &[0.0], &mut rng)
-            .expect("early");
-        let late = spec
-            .sample_at(&tok, &Haystack::Generated, 1000, &[1.0], &mut rng)
-            .expect("late");
+        let early = spec.sample_at(&tok, &Haystack::Generated, 1000, &[0.0], &mut rng).expect("early");
+        let late = spec.sample_at(&tok, &Haystack::Generated, 1000, &[1.0], &mut rng).expect("late");
         assert_eq!(early.answers[0].needle.start, 1);
         assert_eq!(late.answers[0].needle.end, late.qa.start);
     }
@@ -351,20 +245,9 @@ pub(crate) mod tests {
         let tok = word_tokenizer();
         let spec = PasskeySpec::default();
         let mut rng = StdRng::seed_from_u64(1);
-        assert!(matches!(
-            spec.sample(&tok, &Haystack::Generated, 100, &mut rng),
-            Err(TaskError::TooShort { .. })
-        ));
-        let bad = PasskeySpec {
-            depth_range: (0.9, 0.1),
-            ..Default::default()
-        };
-        assert!(matches!(
-            bad.sample(&tok, &Haystack::Generated, 5000, &mut rng),
-            Err(TaskError::Invalid(_))
-        ));
-        assert!(spec
-            .sample_at(&tok, &Haystack::Generated, 5000, &[0.5], &mut rng)
-            .is_err());
+        assert!(matches!(spec.sample(&tok, &Haystack::Generated, 100, &mut rng), Err(TaskError::TooShort { .. })));
+        let bad = PasskeySpec { depth_range: (0.9, 0.1), ..Default::default() };
+        assert!(matches!(bad.sample(&tok, &Haystack::Generated, 5000, &mut rng), Err(TaskError::Invalid(_))));
+        assert!(spec.sample_at(&tok, &Haystack::Generated, 5000, &[0.5], &mut rng).is_err());
     }
 }

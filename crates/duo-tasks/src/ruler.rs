@@ -75,16 +75,9 @@ impl RulerTask {
         }
         s.split(',')
             .map(|t| {
-                Self::ALL
-                    .into_iter()
-                    .find(|x| x.name() == t.trim())
-                    .ok_or_else(|| {
-                        TaskError::Invalid(format!(
-                            "unknown RULER task `{}`; use all or {}",
-                            t.trim(),
-                            Self::ALL.map(RulerTask::name).join(", ")
-                        ))
-                    })
+                Self::ALL.into_iter().find(|x| x.name() == t.trim()).ok_or_else(|| {
+                    TaskError::Invalid(format!("unknown RULER task `{}`; use all or {}", t.trim(), Self::ALL.map(RulerTask::name).join(", ")))
+                })
             })
             .collect()
     }
@@ -104,19 +97,16 @@ pub struct RulerSample {
 }
 
 const KEYS: &[&str] = &[
-    "lantern", "harbour", "violet", "granite", "meadow", "compass", "saffron", "thimble",
-    "orchard", "falcon", "juniper", "quartz", "ember", "willow", "cobalt", "pepper", "marble",
-    "tundra", "velvet", "acorn", "beacon", "cypress",
+    "lantern", "harbour", "violet", "granite", "meadow", "compass", "saffron", "thimble", "orchard", "falcon", "juniper",
+    "quartz", "ember", "willow", "cobalt", "pepper", "marble", "tundra", "velvet", "acorn", "beacon", "cypress",
 ];
 
 const WORDS: &[&str] = &[
-    "apple", "river", "stone", "cloud", "bread", "chair", "window", "garden", "candle", "mirror",
-    "basket", "ladder", "pencil", "carpet", "button", "bottle", "pillow", "rocket", "saddle",
-    "tunnel", "violin", "wallet", "zipper", "anchor", "blanket", "cactus", "donkey", "engine",
-    "feather", "guitar", "hammer", "island", "jacket", "kettle", "lemon", "magnet", "needle",
-    "onion", "parrot", "quilt", "ribbon", "spoon", "tiger", "umbrella", "vessel", "walrus",
-    "yogurt", "zebra", "bucket", "cherry", "dragon", "eagle", "forest", "glove", "helmet", "igloo",
-    "jungle", "koala", "locket", "mango",
+    "apple", "river", "stone", "cloud", "bread", "chair", "window", "garden", "candle", "mirror", "basket", "ladder", "pencil",
+    "carpet", "button", "bottle", "pillow", "rocket", "saddle", "tunnel", "violin", "wallet", "zipper", "anchor", "blanket",
+    "cactus", "donkey", "engine", "feather", "guitar", "hammer", "island", "jacket", "kettle", "lemon", "magnet", "needle",
+    "onion", "parrot", "quilt", "ribbon", "spoon", "tiger", "umbrella", "vessel", "walrus", "yogurt", "zebra", "bucket",
+    "cherry", "dragon", "eagle", "forest", "glove", "helmet", "igloo", "jungle", "koala", "locket", "mango",
 ];
 
 fn number(rng: &mut StdRng) -> String {
@@ -124,25 +114,12 @@ fn number(rng: &mut StdRng) -> String {
 }
 
 fn uuid(rng: &mut StdRng) -> String {
-    let h = |n: usize, rng: &mut StdRng| {
-        (0..n)
-            .map(|_| char::from_digit(rng.gen_range(0..16), 16).unwrap_or('0'))
-            .collect::<String>()
-    };
-    format!(
-        "{}-{}-{}-{}-{}",
-        h(8, rng),
-        h(4, rng),
-        h(4, rng),
-        h(4, rng),
-        h(12, rng)
-    )
+    let h = |n: usize, rng: &mut StdRng| (0..n).map(|_| char::from_digit(rng.gen_range(0..16), 16).unwrap_or('0')).collect::<String>();
+    format!("{}-{}-{}-{}-{}", h(8, rng), h(4, rng), h(4, rng), h(4, rng), h(12, rng))
 }
 
 fn var_name(rng: &mut StdRng) -> String {
-    (0..5)
-        .map(|_| (b'A' + rng.gen_range(0..26u8)) as char)
-        .collect()
+    (0..5).map(|_| (b'A' + rng.gen_range(0..26u8)) as char).collect()
 }
 
 fn needle(key: &str, value: &str, uuid: bool) -> String {
@@ -157,11 +134,7 @@ fn insert(tok: &TextTokenizer, filler: &[u32], facts: &[(f64, Vec<u32>)]) -> Res
     for (depth, ids) in facts {
         let mut cut = ((depth * filler.len() as f64).round() as usize).min(filler.len());
         let floor = cut.saturating_sub(200);
-        while cut > floor
-            && cut < filler.len()
-            && cut > 0
-            && !tok.decode(&filler[cut - 1..cut])?.trim_end().ends_with('.')
-        {
+        while cut > floor && cut < filler.len() && cut > 0 && !tok.decode(&filler[cut - 1..cut])?.trim_end().ends_with('.') {
             cut -= 1;
         }
         cuts.push((cut, ids));
@@ -180,28 +153,13 @@ fn insert(tok: &TextTokenizer, filler: &[u32], facts: &[(f64, Vec<u32>)]) -> Res
 
 /// Builds `task` as a prompt of `length` tokens (prompt plus answer) with its main fact at
 /// `depth` in [0, 1]; `haystack` is the filler of the retrieval tasks.
-pub fn build(
-    task: RulerTask,
-    tok: &TextTokenizer,
-    haystack: &Haystack,
-    length: usize,
-    depth: f64,
-    rng: &mut StdRng,
-) -> Result<RulerSample> {
+pub fn build(task: RulerTask, tok: &TextTokenizer, haystack: &Haystack, length: usize, depth: f64, rng: &mut StdRng) -> Result<RulerSample> {
     let bos = tok.encode("", true)?;
     let mut keys: Vec<&str> = KEYS.to_vec();
     keys.shuffle(rng);
     // (facts with their depths, question with answer prefix, answers)
     let spread = |n: usize, main: f64| -> Vec<f64> {
-        (0..n)
-            .map(|i| {
-                if i == 0 {
-                    main
-                } else {
-                    (main + i as f64 / n as f64).fract()
-                }
-            })
-            .collect()
+        (0..n).map(|i| if i == 0 { main } else { (main + i as f64 / n as f64).fract() }).collect()
     };
     let (facts, question, answers): (Vec<(f64, String)>, String, Vec<String>) = match task {
         RulerTask::SingleNumber | RulerTask::SingleUuid => {
@@ -244,52 +202,31 @@ pub fn build(
         RulerTask::VariableTracking => {
             let value = rng.gen_range(10_000..100_000u32).to_string();
             let names: Vec<String> = (0..4).map(|_| var_name(rng)).collect();
-            let d: Vec<f64> = (0..4)
-                .map(|i| (depth + i as f64 * 0.15).min(0.98))
-                .collect();
+            let d: Vec<f64> = (0..4).map(|i| (depth + i as f64 * 0.15).min(0.98)).collect();
             let mut facts = vec![(d[0], format!(" VAR {} = {value}.", names[0]))];
             for i in 1..4 {
                 facts.push((d[i], format!(" VAR {} = VAR {}.", names[i], names[i - 1])));
             }
             (facts, format!("\n\nQuestion: Find all variables that are assigned the value {value} in the text above. Answer: According to the chain(s) of variable assignment in the text above, 4 variables are assigned the value {value}, they are:"), names)
         }
-        RulerTask::CommonWords | RulerTask::FrequentWords => {
-            return aggregation(task, tok, length, rng, &bos)
-        }
+        RulerTask::CommonWords | RulerTask::FrequentWords => return aggregation(task, tok, length, rng, &bos),
     };
-    let fact_ids: Vec<(f64, Vec<u32>)> = facts
-        .iter()
-        .map(|(d, t)| Ok((*d, tok.encode(t, false)?)))
-        .collect::<Result<_>>()?;
+    let fact_ids: Vec<(f64, Vec<u32>)> = facts.iter().map(|(d, t)| Ok((*d, tok.encode(t, false)?))).collect::<Result<_>>()?;
     let question_ids = tok.encode(&question, false)?;
     let (answer, answer_spans) = answer_tokens(tok, &answers)?;
-    let fixed = bos.len()
-        + fact_ids.iter().map(|f| f.1.len()).sum::<usize>()
-        + question_ids.len()
-        + answer.len();
+    let fixed = bos.len() + fact_ids.iter().map(|f| f.1.len()).sum::<usize>() + question_ids.len() + answer.len();
     if fixed + 16 > length {
-        return Err(TaskError::TooShort {
-            length,
-            needed: fixed,
-        });
+        return Err(TaskError::TooShort { length, needed: fixed });
     }
     let filler = haystack.tokens(tok, length - fixed, rng)?;
     let mut prompt = bos;
     prompt.extend(insert(tok, &filler, &fact_ids)?);
     prompt.extend(question_ids);
-    Ok(RulerSample {
-        prompt,
-        answer,
-        answer_spans,
-        answers,
-    })
+    Ok(RulerSample { prompt, answer, answer_spans, answers })
 }
 
 /// The answers as one continuation, " a, b, c", with each answer's token span.
-fn answer_tokens(
-    tok: &TextTokenizer,
-    answers: &[String],
-) -> Result<(Vec<u32>, Vec<std::ops::Range<usize>>)> {
+fn answer_tokens(tok: &TextTokenizer, answers: &[String]) -> Result<(Vec<u32>, Vec<std::ops::Range<usize>>)> {
     let mut ids = Vec::new();
     let mut spans = Vec::with_capacity(answers.len());
     for (i, a) in answers.iter().enumerate() {
@@ -302,30 +239,14 @@ fn answer_tokens(
 }
 
 /// Common-word and frequent-word extraction: the context is the list itself.
-fn aggregation(
-    task: RulerTask,
-    tok: &TextTokenizer,
-    length: usize,
-    rng: &mut StdRng,
-    bos: &[u32],
-) -> Result<RulerSample> {
+fn aggregation(task: RulerTask, tok: &TextTokenizer, length: usize, rng: &mut StdRng, bos: &[u32]) -> Result<RulerSample> {
     let mut vocab: Vec<String> = match task {
         RulerTask::CommonWords => WORDS.iter().map(|w| w.to_string()).collect(),
-        _ => (0..200)
-            .map(|_| {
-                (0..rng.gen_range(4..7))
-                    .map(|_| (b'a' + rng.gen_range(0..26u8)) as char)
-                    .collect()
-            })
-            .collect(),
+        _ => (0..200).map(|_| (0..rng.gen_range(4..7)).map(|_| (b'a' + rng.gen_range(0..26u8)) as char).collect()).collect(),
     };
     vocab.shuffle(rng);
     vocab.dedup();
-    let top = if task == RulerTask::CommonWords {
-        10
-    } else {
-        3
-    };
+    let top = if task == RulerTask::CommonWords { 10 } else { 3 };
     let answers: Vec<String> = vocab[..top].to_vec();
     let (question, intro) = match task {
         RulerTask::CommonWords => (
@@ -340,24 +261,12 @@ fn aggregation(
     let (answer, answer_spans) = answer_tokens(tok, &answers)?;
     let head = tok.encode(intro, false)?;
     let q = tok.encode(&question, false)?;
-    let budget = length
-        .checked_sub(bos.len() + head.len() + q.len() + answer.len() + 8)
-        .filter(|&b| b > 64)
-        .ok_or(TaskError::TooShort {
-            length,
-            needed: bos.len() + head.len() + q.len() + answer.len() + 72,
-        })?;
+    let budget = length.checked_sub(bos.len() + head.len() + q.len() + answer.len() + 8).filter(|&b| b > 64).ok_or(TaskError::TooShort { length, needed: bos.len() + head.len() + q.len() + answer.len() + 72 })?;
     // Draw words until the budget is used: the answers far more often than the rest
     // (common words: 12 times as often; coded words: a Zipf law with the answers first).
     let weight = |i: usize| -> f64 {
         match task {
-            RulerTask::CommonWords => {
-                if i < top {
-                    12.0
-                } else {
-                    1.0
-                }
-            }
+            RulerTask::CommonWords => if i < top { 12.0 } else { 1.0 },
             _ => 1.0 / (i as f64 + 1.0).powf(1.4),
         }
     };
@@ -391,12 +300,7 @@ fn aggregation(
         prompt.extend_from_slice(&pad[..1]);
     }
     prompt.extend(q);
-    Ok(RulerSample {
-        prompt,
-        answer,
-        answer_spans,
-        answers,
-    })
+    Ok(RulerSample { prompt, answer, answer_spans, answers })
 }
 
 /// Fraction of `answers` found in `generated` (case-insensitive), RULER's "string match all".
@@ -405,11 +309,7 @@ pub fn match_all(answers: &[String], generated: &str) -> f64 {
         return 0.0;
     }
     let g = generated.to_lowercase();
-    answers
-        .iter()
-        .filter(|a| g.contains(&a.to_lowercase()))
-        .count() as f64
-        / answers.len() as f64
+    answers.iter().filter(|a| g.contains(&a.to_lowercase())).count() as f64 / answers.len() as f64
 }
 
 #[cfg(test)]
@@ -420,14 +320,8 @@ mod tests {
     #[test]
     fn names_round_trip_and_scores_count_answers() {
         assert_eq!(RulerTask::parse_list("all").unwrap().len(), 8);
-        assert_eq!(
-            RulerTask::parse_list("multi-key, common-words").unwrap(),
-            vec![RulerTask::MultiKey, RulerTask::CommonWords]
-        );
-        assert!(RulerTask::parse_list("nope")
-            .unwrap_err()
-            .to_string()
-            .contains("single-number"));
+        assert_eq!(RulerTask::parse_list("multi-key, common-words").unwrap(), vec![RulerTask::MultiKey, RulerTask::CommonWords]);
+        assert!(RulerTask::parse_list("nope").unwrap_err().to_string().contains("single-number"));
         let a = vec!["1234567".to_string(), "7654321".into()];
         assert_eq!(match_all(&a, "It is 1234567 and then 7654321."), 1.0);
         assert_eq!(match_all(&a, "1234567"), 0.5);

@@ -7,10 +7,7 @@
 /// Lower-cased words with leading and trailing punctuation removed.
 pub fn words(text: &str) -> Vec<String> {
     text.split_whitespace()
-        .map(|w| {
-            w.trim_matches(|c: char| !c.is_alphanumeric())
-                .to_lowercase()
-        })
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase())
         .filter(|w| !w.is_empty())
         .collect()
 }
@@ -34,11 +31,7 @@ pub fn passkey_match(expected: &[&str], generated: &str) -> f64 {
         return 0.0;
     }
     let got = words(generated);
-    expected
-        .iter()
-        .enumerate()
-        .filter(|(i, w)| got.get(*i).is_some_and(|g| g == &w.to_lowercase()))
-        .count() as f64
+    expected.iter().enumerate().filter(|(i, w)| got.get(*i).is_some_and(|g| g == &w.to_lowercase())).count() as f64
         / expected.len() as f64
 }
 
@@ -66,10 +59,7 @@ mod tests {
     #[test]
     fn perfect_and_wrong_passkeys() {
         let key = ["Alfa", "Bravo", "Charlie", "Delta"];
-        assert_eq!(
-            passkey_match(&key, " Alfa Bravo Charlie Delta\n\nmore text"),
-            1.0
-        );
+        assert_eq!(passkey_match(&key, " Alfa Bravo Charlie Delta\n\nmore text"), 1.0);
         assert_eq!(passkey_match(&key, "Zulu Zulu Zulu Zulu"), 0.0);
         assert_eq!(passkey_match(&key, "Alfa Charlie Charlie Delta"), 0.75);
         // A missing word shifts the rest: position matters.
