@@ -24,6 +24,61 @@ pub enum EvalCommand {
     /// RULER-style tasks: needles with numbers and UUIDs, multi-key, multi-value,
     /// multi-query, variable tracking, common- and frequent-word extraction.
     Ruler(RulerArgs),
+    /// Score against KV bytes from finished runs (for example one per sparsity): a PNG with
+    /// one line per method, and the table on standard output. Runs nothing.
+    Curve(CurveArgs),
+}
+
+/// `duo eval curve`.
+#[derive(Args, Debug)]
+pub struct CurveArgs {
+    /// Output folders of finished `duo eval` runs (each holds summary.json).
+    #[arg(required = true, num_args = 1..)]
+    pub runs: Vec<PathBuf>,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Which score: teacher-forced or generation.
+    #[arg(long, default_value = "teacher-forced")]
+    pub score: String,
+    /// The chart's title.
+    #[arg(long, default_value = "score against KV cache")]
+    pub title: String,
+}
+
+/// `duo eval curve`: each run's summary as points (mean KV MiB per cell, score), one line per
+/// method in order of bytes.
+fn curve(a: CurveArgs) -> Result<()> {
+    let key = match a.score.as_str() {
+        "teacher-forced" => "teacher_forced",
+        "generation" => "generation",
+        other => bail!("--score {other}: teacher-forced or generation"),
+    };
+    let mut lines: Vec<plot::Series> = Vec::new();
+    let mut table = format!("| run | method | mean KV MiB | {} |\n|---|---|---|---|\n", a.score);
+    for run in &a.runs {
+        let path = run.join("summary.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {} (a finished `duo eval` run's folder?)", path.display()))?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{} is not a summary", path.display()))?;
+        for row in rows {
+            let (Some(method), Some(score), Some(bytes)) = (row["method"].as_str(), row[key].as_f64(), row["mean_kv_bytes"].as_f64()) else {
+                bail!("{}: an entry without method, {key} or mean_kv_bytes", path.display());
+            };
+            let mib = bytes / (1u64 << 20) as f64;
+            table += &format!("| {} | {method} | {mib:.1} | {score:.3} |\n", run.display());
+            match lines.iter_mut().find(|s| s.name == method) {
+                Some(s) => s.points.push((mib, score)),
+                None => lines.push(plot::Series { name: method.to_string(), points: vec![(mib, score)] }),
+            }
+        }
+    }
+    for s in &mut lines {
+        s.points.sort_by(|p, q| p.0.total_cmp(&q.0));
+    }
+    plot::line_chart(&a.out, &a.title, "mean KV cache per cell (MiB)", &a.score, &lines)?;
+    print!("{table}");
+    println!("chart: {}", a.out.display());
+    Ok(())
 }
 
 /// `duo eval ruler`.
@@ -98,6 +153,7 @@ fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
 /// Runs `duo eval`.
 pub fn run(cmd: EvalCommand) -> Result<()> {
     let (tasks, g, per_task_folders) = match cmd {
+        EvalCommand::Curve(a) => return curve(a),
         EvalCommand::Passkey(a) => (vec![Task::Passkey { words: a.words }], a.grid, false),
         EvalCommand::Niah(a) => (vec![Task::Niah { needle: a.needle, question: a.question }], a.grid, false),
         EvalCommand::Ruler(a) => (duo_tasks::RulerTask::parse_list(&a.tasks)?.into_iter().map(Task::Ruler).collect(), a.grid, true),

@@ -305,3 +305,35 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     ]);
     assert!(!ok && err.contains("not one of"), "{err}");
 }
+
+#[test]
+fn eval_curve_draws_score_against_kv_bytes_from_finished_runs() {
+    let root = std::env::temp_dir().join(format!("duo-curve-{}", std::process::id()));
+    let (a, b) = (root.join("s025"), root.join("s075"));
+    for (dir, duo_mib, duo_score) in [(&a, 300.0, 0.8), (&b, 100.0, 0.5)] {
+        std::fs::create_dir_all(dir).expect("temp dir");
+        let summary = format!(
+            r#"[{{"method":"full","cells":5,"generation":0.5,"teacher_forced":0.9,"mean_kv_bytes":{},"kv_bytes_at_longest":1,"longest":8000}},
+                {{"method":"duo","cells":5,"generation":0.4,"teacher_forced":{duo_score},"mean_kv_bytes":{},"kv_bytes_at_longest":1,"longest":8000}}]"#,
+            400.0 * 1048576.0,
+            duo_mib * 1048576.0
+        );
+        std::fs::write(dir.join("summary.json"), summary).expect("write summary");
+    }
+    let png = root.join("curve.png");
+    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
+        .args(["eval", "curve", a.to_str().unwrap(), b.to_str().unwrap(), "--out", png.to_str().unwrap()])
+        .output()
+        .expect("duo runs");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(out.contains("| duo | 300.0 | 0.800 |") && out.contains("| duo | 100.0 | 0.500 |") && out.contains("| full | 400.0 | 0.900 |"), "{out}");
+    let bytes = std::fs::read(&png).expect("the chart is written");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // A folder without a summary, and an unknown score, are refused with their reason.
+    let (ok, err, _) = duo(&["eval", "curve", root.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    assert!(!ok && err.contains("summary.json"), "{err}");
+    let (ok, err, _) = duo(&["eval", "curve", a.to_str().unwrap(), "--out", png.to_str().unwrap(), "--score", "f1"]);
+    assert!(!ok && err.contains("teacher-forced or generation"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
