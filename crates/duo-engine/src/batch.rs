@@ -537,19 +537,23 @@ impl Worker {
         }
     }
 
+    /// Bytes held by head kind, and (CPU) the running requests' reservations.
     fn publish(&self, running: &[Running]) {
-        let (mut r, mut s, mut reserved) = (0, 0, 0);
-        for seq in running {
-            let Some(kv) = &seq.kv else { continue };
+        self.publish_held(running);
+        self.stats.kv_reserved.store(running.iter().filter(|s| s.kv.is_some()).map(|s| s.reserved).sum(), Ordering::SeqCst);
+        self.stats.running.store(running.len(), Ordering::SeqCst);
+    }
+
+    /// Bytes the running sequences hold now, by head kind.
+    fn publish_held(&self, running: &[Running]) {
+        let (mut r, mut s) = (0, 0);
+        for kv in running.iter().filter_map(|seq| seq.kv.as_ref()) {
             let b = kv.bytes();
             r += b.retrieval;
             s += b.streaming;
-            reserved += seq.reserved;
         }
         self.stats.kv_retrieval.store(r, Ordering::SeqCst);
         self.stats.kv_streaming.store(s, Ordering::SeqCst);
-        self.stats.kv_reserved.store(reserved, Ordering::SeqCst);
-        self.stats.running.store(running.len(), Ordering::SeqCst);
     }
 }
 
@@ -756,8 +760,10 @@ impl Worker {
         }
     }
 
+    /// The GPU pool's figures: sequences holding blocks, and the bytes of the blocks in use
+    /// (nothing is reserved ahead there).
     fn publish_paged(&self, pool: &dyn KvPool, running: &[Running]) {
-        self.publish(running);
+        self.publish_held(running);
         let active = running.iter().filter(|s| s.kv.is_some()).count();
         self.stats.running.store(active, Ordering::SeqCst);
         self.stats.peak_running.fetch_max(active, Ordering::SeqCst);

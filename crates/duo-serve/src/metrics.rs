@@ -125,7 +125,7 @@ impl Metrics {
             metric("duo:weight_bytes", "gauge", "Bytes of weights a step reads.", weights.to_string(), "");
             metric("duo:copy_bandwidth_bytes_per_second", "gauge", "Measured device copy bandwidth.", format!("{bandwidth:.0}"), "");
         }
-        metric("duo:kv_cache_reserved_bytes", "gauge", "KV bytes reserved by running requests at their full length.", get(&engine.kv_reserved), "");
+        metric("duo:kv_cache_reserved_bytes", "gauge", "KV bytes reserved by running requests at their full length (CPU), or in the GPU pool's blocks in use (CUDA: blocks are taken as sequences grow).", get(&engine.kv_reserved), "");
         metric("duo:kv_cache_budget_bytes", "gauge", "KV bytes the running requests may reserve together.", kv_budget.to_string(), "");
         let _ = writeln!(out, "# HELP duo:kv_cache_bytes KV cache bytes held now, by head kind.\n# TYPE duo:kv_cache_bytes gauge");
         let _ = writeln!(out, "duo:kv_cache_bytes{{{labels},heads=\"retrieval\"}} {}", get(&engine.kv_retrieval));
