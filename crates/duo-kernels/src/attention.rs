@@ -314,6 +314,23 @@ pub fn attend_state<E: KvElem>(
                 let lockstep = ranges
                     .iter()
                     .all(|rg| rg.len() <= 1 && rg.first().is_none_or(|x| Some(x.0) == first));
+                #[cfg(all(
+                    target_arch = "x86_64",
+                    target_feature = "avx2",
+                    target_feature = "fma"
+                ))]
+                if let Visibility::Lambda { sink, recent } = vis {
+                    if rows >= tiled::MIN_ROWS && !q.shared_position && head_dim.is_multiple_of(16) {
+                        // Many rows under the Λ rule: the sinks, then each row's window, on
+                        // register tiles with per-row ranges (blocks aligned to the segment,
+                        // so a row's bits do not follow the tiling).
+                        let (sinks, windows): (Vec<_>, Vec<_>) = (0..rows).map(|r| lambda_ranges(sink, recent, q.position(r), start, n)).unzip();
+                        for part in [&sinks, &windows] {
+                            tiled::ranged_rows(&|r| qrow(r), seg, part, scale, &mut m, &mut l, &mut acc);
+                        }
+                        continue;
+                    }
+                }
                 if let (true, Some(a)) = (lockstep, first) {
                     let ends: Vec<usize> = ranges
                         .iter()
@@ -438,6 +455,15 @@ pub fn attend_state<E: KvElem>(
         }
     }
     SoftmaxState { m, l, acc }
+}
+
+/// A query's two ranges under the Λ rule (segment-relative, each possibly empty): its sinks,
+/// then its recent window; the ranges [`visible_ranges`] gives, in the same order.
+fn lambda_ranges(sink: usize, recent: usize, i: usize, start: usize, n: usize) -> ((usize, usize), (usize, usize)) {
+    let causal_end = (start + n).min(i + 1).max(start);
+    let sink_end = causal_end.min(sink).max(start);
+    let win_start = (i + 1).saturating_sub(recent).max(sink_end).max(start);
+    ((0, sink_end - start), (win_start - start, causal_end.max(win_start) - start))
 }
 
 /// Visible row ranges `[a, b)` (segment-relative) of a contiguous segment for query `i`.
@@ -675,7 +701,7 @@ mod tiled {
     pub(super) const R: usize = 4;
 
     /// Folds the keys `start..ends[r]` of `seg` (segment rows) into row `r`'s online-softmax
-    /// state (`m[r]`, `l[r]`, `acc[r]`), for every row, in blocks of [`BLOCK`] keys from `start`.
+    /// state (`m[r]`, `l[r]`, `acc[r]`), for every row, in blocks of [`BLOCK`] keys.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn causal_rows<'q, E: KvElem>(
         qrow: &dyn Fn(usize) -> &'q [f32],
@@ -687,15 +713,36 @@ mod tiled {
         l: &mut [f32],
         acc: &mut [f32],
     ) {
-        let rows = ends.len();
+        let ranges: Vec<(usize, usize)> = ends.iter().map(|&e| (start, e)).collect();
+        ranged_rows(qrow, seg, &ranges, scale, m, l, acc);
+    }
+
+    /// Folds the keys `ranges[r].0..ranges[r].1` of `seg` (segment rows) into row `r`'s
+    /// online-softmax state, for every row. Blocks of [`BLOCK`] keys are aligned to the
+    /// segment (not to the rows' ranges), so a row meets the same blocks in the same order
+    /// whatever rows it is tiled with, and keeps its bits (a block's keys outside a row's range
+    /// get zero weight and leave its sums as they were). The Λ rule's windows start at each
+    /// row's own key: that is why the alignment matters.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn ranged_rows<'q, E: KvElem>(
+        qrow: &dyn Fn(usize) -> &'q [f32],
+        seg: &KeySegment<'_, E>,
+        ranges: &[(usize, usize)],
+        scale: f32,
+        m: &mut [f32],
+        l: &mut [f32],
+        acc: &mut [f32],
+    ) {
+        let rows = ranges.len();
         let hd = acc.len() / rows.max(1);
         assert!(
             hd.is_multiple_of(16) && acc.len() == rows * hd && m.len() == rows && l.len() == rows
         );
-        let end = ends.iter().copied().max().unwrap_or(start);
-        if end <= start {
+        let live = || ranges.iter().filter(|r| r.1 > r.0);
+        let (Some(start), Some(end)) = (live().map(|r| r.0).min(), live().map(|r| r.1).max()) else {
             return;
-        }
+        };
+        let start = start / BLOCK * BLOCK;
         let key = |k: usize| &seg.keys[k * seg.row_stride..][..hd];
         let mut kt = vec![0.0f32; hd * BLOCK]; // [dim][key]
         let mut p = vec![0.0f32; rows.div_ceil(R) * R * BLOCK]; // scores, then weights
@@ -714,9 +761,17 @@ mod tiled {
                     kt[d * BLOCK + k] = 0.0;
                 }
             }
+            // A row's visible keys of the block: `lo..hi` (block-relative, empty when lo >= hi).
+            let seen = |r: usize| {
+                let (a, b) = ranges[r];
+                (a.max(j).saturating_sub(j), b.min(e).saturating_sub(j))
+            };
             for g in (0..rows).step_by(R) {
                 let group = g..(g + R).min(rows);
-                if group.clone().all(|r| ends[r] <= j) {
+                if group.clone().all(|r| {
+                    let (lo, hi) = seen(r);
+                    hi <= lo
+                }) {
                     continue;
                 }
                 let qs: [&[f32]; R] = std::array::from_fn(|i| qrow((g + i).min(rows - 1)));
@@ -733,13 +788,13 @@ mod tiled {
                 let mut used = 0;
                 for r in group.clone() {
                     let row = &mut tile[(r - g) * BLOCK..(r - g + 1) * BLOCK];
-                    let c = ends[r].min(e).saturating_sub(j);
-                    if c == 0 {
+                    let (lo, c) = seen(r);
+                    if c <= lo {
                         row[..strips * 16].fill(0.0);
                         continue;
                     }
                     used = used.max(c);
-                    let bm = max_of(&row[..c]);
+                    let bm = max_of(&row[lo..c]);
                     let row_acc = &mut acc[r * hd..(r + 1) * hd];
                     if bm > m[r] {
                         let f = fast_exp(m[r] - bm);
@@ -748,6 +803,7 @@ mod tiled {
                         m[r] = bm;
                     }
                     exp_minus(&mut row[..c.div_ceil(8) * 8], m[r]);
+                    row[..lo].fill(0.0);
                     row[c..strips * 16].fill(0.0);
                     // Eight partial sums (the weights past `c` are zero), then their total.
                     let mut part = [0.0f32; 8];
@@ -1649,7 +1705,13 @@ mod tests {
                     },
                 ];
                 let segs = if cached == 0 { &segs[1..] } else { &segs[..] };
-                for vis in [Visibility::Causal, Visibility::CachedAndCausal] {
+                // The Λ rule too: windows shorter and longer than a tile, sinks across a block.
+                for vis in [
+                    Visibility::Causal,
+                    Visibility::CachedAndCausal,
+                    Visibility::Lambda { sink: 4, recent: 40 },
+                    Visibility::Lambda { sink: 70, recent: 9 },
+                ] {
                     let q = QueryBlock {
                         queries: &qs,
                         row_stride: stride,
