@@ -341,9 +341,7 @@ pub fn attend_state<E: KvElem>(
                         target_feature = "avx2",
                         target_feature = "fma"
                     ))]
-                    // Not under the Λ rule: there a row's window start moves with its position,
-                    // so whether rows share one start depends on which rows are together, and
-                    // the path (and a row's bits) would follow the tiling.
+                    // (The Λ rule took its own tiled path above: per-row ranges.)
                     if rows >= tiled::MIN_ROWS
                         && !q.shared_position
                         && head_dim.is_multiple_of(16)
@@ -1241,8 +1239,8 @@ fn decode_parts<'a, E: KvElem>(
 /// Long query blocks are split in row tiles so both prefill and decode use all cores; the
 /// last tile takes the remainder (32 to 63 rows), so a block of at least 8 rows never
 /// leaves a tile too short for the register-tiled path, and each row gets the bits a single
-/// [`attend`] over the whole block gives it (the tiled path runs under causal rules only,
-/// where every tile of a block makes the same choice). A single row (a decode step) over
+/// [`attend`] over the whole block gives it (every tile of at least 8 rows takes the tiled
+/// path, whose blocks are aligned to the segment). A single row (a decode step) over
 /// many keys is split by keys instead ([`DECODE_PART_KEYS`]).
 pub fn attend_heads<E: KvElem>(
     jobs: &[HeadJob<'_, E>],
