@@ -631,15 +631,14 @@ pub fn time_prefill_attention(
         gpu.zeros::<f32>(blocks * layout.block_rows())?,
         gpu.zeros::<f32>(blocks * layout.block_rows())?,
     );
-    if kv.is_bytes() {
-        gpu.fill_uniform_e4m3(gpu.addr(&k), elems, 1)?;
-        gpu.fill_uniform_e4m3(gpu.addr(&v), elems, 2)?;
-        gpu.fill_f32(gpu.addr(&ks), blocks * layout.block_rows(), 1.0 / 256.0)?;
-        gpu.fill_f32(gpu.addr(&vs), blocks * layout.block_rows(), 1.0 / 256.0)?;
-    } else {
-        gpu.fill_uniform(gpu.addr(&k), elems, 1, 1.0)?;
-        gpu.fill_uniform(gpu.addr(&v), elems, 2, 1.0)?;
-    }
+    gpu.fill_synthetic_rows(
+        kv,
+        (gpu.addr(&k), gpu.addr(&v)),
+        (gpu.addr(&ks), gpu.addr(&vs)),
+        blocks * layout.block_rows(),
+        d,
+        (1, 2),
+    )?;
     let q = gpu.zeros::<f32>(t * h * d)?;
     let out = gpu.zeros::<u16>(t * h * d)?;
     let heads = gpu.upload(&HeadEntry::table(&layout.heads(0)))?;

@@ -1098,23 +1098,19 @@ mod gpu {
             1
         };
         let (ks, vs) = (gpu.zeros::<f32>(scale_rows)?, gpu.zeros::<f32>(scale_rows)?);
-        match kv {
-            KvType::Fp8 | KvType::Int8 => {
-                gpu.fill_uniform_e4m3(gpu.addr(&k), elems, 1)?;
-                gpu.fill_uniform_e4m3(gpu.addr(&v), elems, 2)?;
-                gpu.fill_f32(gpu.addr(&ks), scale_rows, 1.0 / 256.0)?;
-                gpu.fill_f32(gpu.addr(&vs), scale_rows, 1.0 / 256.0)?;
-            }
-            KvType::Bf16 => {
-                gpu.fill_uniform(gpu.addr(&k), elems, 1, 1.0)?;
-                gpu.fill_uniform(gpu.addr(&v), elems, 2, 1.0)?;
-            }
-            KvType::F32 => {
-                return Err(CudaError::Input(
-                    "timed decode attention takes bf16 or fp8 caches".into(),
-                ))
-            }
+        if kv == KvType::F32 {
+            return Err(CudaError::Input(
+                "timed decode attention takes bf16 or byte caches".into(),
+            ));
         }
+        gpu.fill_synthetic_rows(
+            kv,
+            (gpu.addr(&k), gpu.addr(&v)),
+            (gpu.addr(&ks), gpu.addr(&vs)),
+            blocks * layout.block_rows(),
+            head_dim,
+            (1, 2),
+        )?;
         let heads_v = layout.heads(0);
         let launch = launch_for(&heads_v, n_heads, head_dim, &all, kv, split, kernel);
         let heads = gpu.upload(&HeadEntry::table(&heads_v))?;

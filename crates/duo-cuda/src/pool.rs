@@ -1040,16 +1040,15 @@ impl KvPool {
                 seed.wrapping_add(2 * i as u64),
                 seed.wrapping_add(2 * i as u64 + 1),
             );
-            if self.layout.kv.is_bytes() {
-                g.fill_uniform_e4m3(k + at, elems, sk)?;
-                g.fill_uniform_e4m3(v + at, elems, sv)?;
-                let s_at = (blk as usize * rows * 4) as u64;
-                g.fill_f32(ks + s_at, rows, 1.0 / 256.0)?;
-                g.fill_f32(vs + s_at, rows, 1.0 / 256.0)?;
-            } else {
-                g.fill_uniform(k + at, elems, sk, 1.0)?;
-                g.fill_uniform(v + at, elems, sv, 1.0)?;
-            }
+            let s_at = (blk as usize * rows * 4) as u64;
+            g.fill_synthetic_rows(
+                self.layout.kv,
+                (k + at, v + at),
+                (ks + s_at, vs + s_at),
+                rows,
+                self.w.config.head_dim,
+                (sk, sv),
+            )?;
         }
         seq.tokens = n;
         g.sync()

@@ -497,6 +497,37 @@ impl Gpu {
         launch!(self, f, (4096, 1, 1), 256, &out, &n64, &seed)
     }
 
+    /// Seeded random keys and values for `rows` cache rows of `head_dim` (a `kv` cache: bf16
+    /// values in [-1, 1), or bytes with every row's scale 2^-8 at `scales`), for measurements
+    /// whose timing does not depend on what the cache says.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fill_synthetic_rows(
+        &self,
+        kv: KvType,
+        (keys, values): (u64, u64),
+        (kscale, vscale): (u64, u64),
+        rows: usize,
+        head_dim: usize,
+        (sk, sv): (u64, u64),
+    ) -> Result<()> {
+        let elems = rows * head_dim;
+        match kv {
+            KvType::Fp8 | KvType::Int8 => {
+                self.fill_uniform_e4m3(keys, elems, sk)?;
+                self.fill_uniform_e4m3(values, elems, sv)?;
+                self.fill_f32(kscale, rows, 1.0 / 256.0)?;
+                self.fill_f32(vscale, rows, 1.0 / 256.0)
+            }
+            KvType::Bf16 => {
+                self.fill_uniform(keys, elems, sk, 1.0)?;
+                self.fill_uniform(values, elems, sv, 1.0)
+            }
+            KvType::F32 => Err(CudaError::Input(
+                "synthetic caches are bf16 or bytes".into(),
+            )),
+        }
+    }
+
     /// `n` copies of `value` (f32) at `out`.
     pub fn fill_f32(&self, out: u64, n: usize, value: f32) -> Result<()> {
         let f = self.op("fill_f32")?;
