@@ -75,7 +75,7 @@ fn curve(a: CurveArgs) -> Result<()> {
     for s in &mut lines {
         s.points.sort_by(|p, q| p.0.total_cmp(&q.0));
     }
-    plot::line_chart(&a.out, &a.title, "mean KV cache per cell (MiB)", &a.score, &lines)?;
+    plot::line_chart_in(&a.out, &a.title, "mean KV cache per cell (MiB)", &a.score, &lines, Some((0.0, 1.0)))?;
     print!("{table}");
     println!("chart: {}", a.out.display());
     Ok(())

@@ -153,6 +153,12 @@ fn label(v: f64) -> String {
 
 /// A line chart with axes, ticks, axis labels and a legend.
 pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+    line_chart_in(path, title, x_label, y_label, series, None)
+}
+
+/// [`line_chart`] with the y axis spanning at least `y_span` (scores: 0 to 1), and the x
+/// axis padded so that no point sits on an axis.
+pub fn line_chart_in(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], y_span: Option<(f64, f64)>) -> Result<()> {
     let (w, h) = (900i64, 560i64);
     let (left, right, top, bottom) = (90i64, 30i64, 50i64, 70i64);
     let mut c = Canvas::new(w as usize, h as usize);
@@ -166,6 +172,10 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     }
     if x0 > x1 {
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if let Some((lo, hi)) = y_span {
+        let pad = (x1 - x0).max(1e-9) * 0.05;
+        (x0, x1, y0, y1) = (x0 - pad, x1 + pad, y0.min(lo), y1.max(hi));
     }
     if y0 > 0.0 && y0 < 0.5 * y1 {
         y0 = 0.0;
