@@ -192,4 +192,15 @@ mod tests {
         assert_eq!(seen, vec![0, 1, 5, 6, 7]);
         assert!(!w.sees(3, 4) && w.sees(0, 0));
     }
+
+    #[test]
+    fn a_byte_cache_counts_its_row_scales() {
+        // fp8/int8: one byte per element and a 4-byte scale per row (keys and values each).
+        let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
+        let plan = CachePlan::new(&pattern, 128, 1, Window::new(64, 256).unwrap()).with_row_scales(4);
+        assert_eq!(plan.retrieval_bytes(1000), 2 * (128 + 4) * 1000);
+        assert_eq!(plan.streaming_bytes(1000), 2 * (128 + 4) * 320);
+        let bf16 = CachePlan::new(&pattern, 128, 2, Window::new(64, 256).unwrap());
+        assert!(plan.total_bytes(100_000) < bf16.total_bytes(100_000) * 53 / 100, "about half of bf16, scales included");
+    }
 }
