@@ -75,25 +75,28 @@ pub fn quantise_row(row: &[f32]) -> (Vec<u8>, f32) {
 
 /// Rows of `head_dim` values quantised: all bytes, then one scale per row.
 pub fn quantise_rows(values: &[f32], head_dim: usize) -> (Vec<u8>, Vec<f32>) {
-    let (mut bytes, mut scales) = (
-        Vec::with_capacity(values.len()),
-        Vec::with_capacity(values.len() / head_dim),
-    );
-    for row in values.chunks(head_dim) {
-        let (b, s) = quantise_row(row);
+    quantise_rows_with(values, head_dim, quantise_row)
+}
+
+/// What quantised rows hold: `e4m3 * scale` per value.
+pub fn dequantise_rows(bytes: &[u8], scales: &[f32], head_dim: usize) -> Vec<f32> {
+    dequantise_rows_with(bytes, scales, head_dim, e4m3_to_f32)
+}
+
+/// Rows of `head_dim` values through a row quantiser (any byte format with a row scale).
+pub(crate) fn quantise_rows_with(values: &[f32], head_dim: usize, row: impl Fn(&[f32]) -> (Vec<u8>, f32)) -> (Vec<u8>, Vec<f32>) {
+    let (mut bytes, mut scales) = (Vec::with_capacity(values.len()), Vec::with_capacity(values.len() / head_dim));
+    for r in values.chunks(head_dim) {
+        let (b, s) = row(r);
         bytes.extend(b);
         scales.push(s);
     }
     (bytes, scales)
 }
 
-/// What quantised rows hold: `e4m3 * scale` per value.
-pub fn dequantise_rows(bytes: &[u8], scales: &[f32], head_dim: usize) -> Vec<f32> {
-    bytes
-        .chunks(head_dim)
-        .zip(scales)
-        .flat_map(|(row, &s)| row.iter().map(move |&b| e4m3_to_f32(b) * s))
-        .collect()
+/// Bytes and row scales back to values: `value(byte) * scale`.
+pub(crate) fn dequantise_rows_with(bytes: &[u8], scales: &[f32], head_dim: usize, value: impl Fn(u8) -> f32 + Copy) -> Vec<f32> {
+    bytes.chunks(head_dim).zip(scales).flat_map(|(row, &s)| row.iter().map(move |&b| value(b) * s)).collect()
 }
 
 /// `values` as the fp8 cache holds them (quantised and dequantised, row by row).

@@ -30,25 +30,12 @@ pub fn quantise_row(row: &[f32]) -> (Vec<u8>, f32) {
 
 /// Rows of `head_dim` values quantised: all bytes, then one scale per row.
 pub fn quantise_rows(values: &[f32], head_dim: usize) -> (Vec<u8>, Vec<f32>) {
-    let (mut bytes, mut scales) = (
-        Vec::with_capacity(values.len()),
-        Vec::with_capacity(values.len() / head_dim),
-    );
-    for row in values.chunks(head_dim) {
-        let (b, s) = quantise_row(row);
-        bytes.extend(b);
-        scales.push(s);
-    }
-    (bytes, scales)
+    crate::fp8::quantise_rows_with(values, head_dim, quantise_row)
 }
 
 /// What quantised rows hold: `byte * scale` per value.
 pub fn dequantise_rows(bytes: &[u8], scales: &[f32], head_dim: usize) -> Vec<f32> {
-    bytes
-        .chunks(head_dim)
-        .zip(scales)
-        .flat_map(|(row, &s)| row.iter().map(move |&b| b as i8 as f32 * s))
-        .collect()
+    crate::fp8::dequantise_rows_with(bytes, scales, head_dim, |b| b as i8 as f32)
 }
 
 #[cfg(test)]
