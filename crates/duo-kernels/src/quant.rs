@@ -51,6 +51,27 @@ pub struct QuantMatrix {
     mins: Vec<f32>,
 }
 
+impl QuantMatrix {
+    /// The rows of `parts` one after another, as one matrix (each output row is computed
+    /// alone, so a product with the stack gives every row the bits it gets from its own
+    /// part); the parts back when they differ in type or width.
+    pub fn stack(parts: Vec<QuantMatrix>) -> Result<QuantMatrix, Vec<QuantMatrix>> {
+        let Some(first) = parts.first() else { return Err(parts) };
+        let (kind, cols) = (first.kind, first.cols);
+        if parts.iter().any(|p| p.kind != kind || p.cols != cols) {
+            return Err(parts);
+        }
+        let mut out = QuantMatrix { kind, rows: 0, cols, data: Vec::new(), scales: Vec::new(), mins: Vec::new() };
+        for p in parts {
+            out.rows += p.rows;
+            out.data.extend(p.data);
+            out.scales.extend(p.scales);
+            out.mins.extend(p.mins);
+        }
+        Ok(out)
+    }
+}
+
 /// Activations quantised to 8 bits, per block of 32.
 #[cfg(test)]
 struct Q8 {
@@ -144,6 +165,14 @@ impl QuantMatrix {
 
     /// `y = x W^T` for `x` of `[t, cols]`; returns `[t, rows]`.
     pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
+        self.matmul_parts(x, t, &[self.rows]).pop().unwrap_or_default()
+    }
+
+    /// [`QuantMatrix::matmul`] with the output rows cut into consecutive parts of `dims`
+    /// rows (summing to the matrix's rows): each part's `[t, dims[i]]`, written straight from
+    /// the product (a stack of projections, [`QuantMatrix::stack`], without a copy to split it).
+    pub fn matmul_parts(&self, x: &[f32], t: usize, dims: &[usize]) -> Vec<Vec<f32>> {
+        assert_eq!(dims.iter().sum::<usize>(), self.rows, "parts must cover the rows");
         let (n, k) = (self.rows, self.cols);
         let bb = self.kind.block_bytes();
         let nb = k / BLOCK;
@@ -190,22 +219,29 @@ impl QuantMatrix {
                 }
             }
         });
-        // Back to [t][rows], in tiles of 32 x 32 so both sides stay in cache.
+        // Back to [t][rows] of each part, in tiles of 32 x 32 so both sides stay in cache.
         const TB: usize = 32;
-        let mut out = vec![0.0f32; t * n];
-        out.par_chunks_mut(TB * n).enumerate().for_each(|(c, rows_out)| {
-            let t0 = c * TB;
-            let tn = rows_out.len() / n;
-            for r0 in (0..n).step_by(TB) {
-                for r in r0..(r0 + TB).min(n) {
-                    let src = &out_t[r * t + t0..][..tn];
-                    for (ti, v) in src.iter().enumerate() {
-                        rows_out[ti * n + r] = *v;
+        let mut first = 0;
+        dims.iter()
+            .map(|&d| {
+                let rows = first..first + d;
+                first += d;
+                let mut out = vec![0.0f32; t * d];
+                out.par_chunks_mut(TB * d.max(1)).enumerate().for_each(|(c, rows_out)| {
+                    let t0 = c * TB;
+                    let tn = rows_out.len() / d.max(1);
+                    for r0 in rows.clone().step_by(TB) {
+                        for r in r0..(r0 + TB).min(rows.end) {
+                            let src = &out_t[r * t + t0..][..tn];
+                            for (ti, v) in src.iter().enumerate() {
+                                rows_out[ti * d + r - rows.start] = *v;
+                            }
+                        }
                     }
-                }
-            }
-        });
-        out
+                });
+                out
+            })
+            .collect()
     }
 
     /// The parity oracle: dequantised weights times unquantised activations, in `f64`.
@@ -625,6 +661,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_stack_of_projections_gives_each_part_its_own_bits() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let parts = [72usize, 24, 40];
+        let mats: Vec<QuantMatrix> = parts.iter().map(|&r| random_matrix(QuantKind::Q4_1, r, 256, &mut rng)).collect();
+        for t in [1usize, 3, 70] {
+            let x: Vec<f32> = (0..t * 256).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let want: Vec<Vec<f32>> = mats.iter().map(|m| m.matmul(&x, t)).collect();
+            let stack = QuantMatrix::stack(mats.clone()).expect("same type and width");
+            assert_eq!(stack.matmul_parts(&x, t, &parts), want, "t {t}");
+        }
+        let mixed = vec![random_matrix(QuantKind::Q4_1, 8, 64, &mut rng), random_matrix(QuantKind::Q8_0, 8, 64, &mut rng)];
+        assert_eq!(QuantMatrix::stack(mixed).map(|_| ()).unwrap_err().len(), 2, "different types stay apart");
     }
 
     #[test]

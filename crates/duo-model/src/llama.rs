@@ -46,15 +46,84 @@ impl Linear {
 }
 
 /// One transformer block.
+/// Projections of the same input: one product over their stacked rows where duo's kernel
+/// runs them all (the input quantised once, one parallel section instead of one per part:
+/// a decode step on many cores is mostly such sections), else one product each. Every
+/// output row is computed alone either way, so the outputs are the same bits.
+enum Stacked {
+    /// The stacked matrix, its (zero-filled where a part has none) bias, and each part's rows.
+    One(Linear, Vec<usize>),
+    /// Parts whose weights cannot stack (different types or a candle matmul).
+    Each(Vec<Linear>),
+}
+
+impl Stacked {
+    fn new(parts: Vec<Linear>) -> Self {
+        let dims: Vec<usize> = parts.iter().map(|p| p.out_dim).collect();
+        if parts.len() < 2 || !parts.iter().all(|p| matches!(p.weight, Weight::Native(_))) {
+            return Stacked::Each(parts);
+        }
+        let bias = parts.iter().any(|p| p.bias.is_some()).then(|| parts.iter().flat_map(|p| p.bias.clone().unwrap_or_else(|| vec![0.0; p.out_dim])).collect());
+        let mut keep = Vec::new();
+        let mats: Vec<duo_kernels::quant::QuantMatrix> = parts
+            .into_iter()
+            .filter_map(|p| match p.weight {
+                Weight::Native(m) => Some(m),
+                other => {
+                    keep.push(other);
+                    None
+                }
+            })
+            .collect();
+        match duo_kernels::quant::QuantMatrix::stack(mats) {
+            Ok(m) => Stacked::One(Linear { weight: Weight::Native(m), bias, out_dim: dims.iter().sum() }, dims),
+            Err(mats) => {
+                // Back to one product each, with their own biases.
+                let mut off = 0;
+                Stacked::Each(
+                    mats.into_iter()
+                        .zip(&dims)
+                        .map(|(m, &d)| {
+                            let b = bias.as_ref().map(|b: &Vec<f32>| b[off..off + d].to_vec());
+                            off += d;
+                            Linear { weight: Weight::Native(m), bias: b, out_dim: d }
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// `x`: `[t, in]` -> each part's `[t, out_i]`.
+    fn forward(&self, x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Stacked::Each(parts) => parts.iter().map(|p| p.forward(x, t)).collect(),
+            Stacked::One(all, dims) => {
+                let Weight::Native(m) = &all.weight else { return Err(ModelError::Input("a stacked projection is duo's kernel".into())) };
+                let mut parts = m.matmul_parts(x, t, dims);
+                if let Some(bias) = &all.bias {
+                    let mut off = 0;
+                    for (part, &d) in parts.iter_mut().zip(dims) {
+                        for row in part.chunks_mut(d) {
+                            for (v, b) in row.iter_mut().zip(&bias[off..off + d]) {
+                                *v += b;
+                            }
+                        }
+                        off += d;
+                    }
+                }
+                Ok(parts)
+            }
+        }
+    }
+}
+
 struct Block {
     attn_norm: Vec<f32>, // [hidden]
-    q: Linear,           // [n_heads * head_dim, hidden]
-    k: Linear,           // [n_kv_heads * head_dim, hidden]
-    v: Linear,           // [n_kv_heads * head_dim, hidden]
+    qkv: Stacked,        // q [n_heads * head_dim], k and v [n_kv_heads * head_dim] of [hidden]
     o: Linear,           // [hidden, n_heads * head_dim]
     ffn_norm: Vec<f32>,  // [hidden]
-    gate: Linear,        // [ffn, hidden]
-    up: Linear,          // [ffn, hidden]
+    gate_up: Stacked,    // gate and up, [ffn] of [hidden] each
     down: Linear,        // [hidden, ffn]
 }
 
@@ -97,13 +166,17 @@ impl Model {
         for l in 0..c.n_layers {
             blocks.push(Block {
                 attn_norm: ck.f32(&names::block(l, names::ATTN_NORM), &[h])?,
-                q: Linear::load(ck, l, names::Q, c.n_heads * hd, h, bias)?,
-                k: Linear::load(ck, l, names::K, c.n_kv_heads * hd, h, bias)?,
-                v: Linear::load(ck, l, names::V, c.n_kv_heads * hd, h, bias)?,
+                qkv: Stacked::new(vec![
+                    Linear::load(ck, l, names::Q, c.n_heads * hd, h, bias)?,
+                    Linear::load(ck, l, names::K, c.n_kv_heads * hd, h, bias)?,
+                    Linear::load(ck, l, names::V, c.n_kv_heads * hd, h, bias)?,
+                ]),
                 o: Linear::load(ck, l, names::O, h, c.n_heads * hd, false)?,
                 ffn_norm: ck.f32(&names::block(l, names::FFN_NORM), &[h])?,
-                gate: Linear::load(ck, l, names::GATE, c.intermediate_size, h, false)?,
-                up: Linear::load(ck, l, names::UP, c.intermediate_size, h, false)?,
+                gate_up: Stacked::new(vec![
+                    Linear::load(ck, l, names::GATE, c.intermediate_size, h, false)?,
+                    Linear::load(ck, l, names::UP, c.intermediate_size, h, false)?,
+                ]),
                 down: Linear::load(ck, l, names::DOWN, h, c.intermediate_size, false)?,
             });
         }
@@ -147,13 +220,10 @@ impl Model {
             let part = |p: Projection| linear(p.source(l, c));
             blocks.push(Block {
                 attn_norm: vec![1.0; h],
-                q: part(Projection::Q)?,
-                k: part(Projection::K)?,
-                v: part(Projection::V)?,
+                qkv: Stacked::new(vec![part(Projection::Q)?, part(Projection::K)?, part(Projection::V)?]),
                 o: part(Projection::O)?,
                 ffn_norm: vec![1.0; h],
-                gate: part(Projection::Gate)?,
-                up: part(Projection::Up)?,
+                gate_up: Stacked::new(vec![part(Projection::Gate)?, part(Projection::Up)?]),
                 down: part(Projection::Down)?,
             });
         }
@@ -232,9 +302,8 @@ impl Model {
         for (l, b) in self.blocks.iter().enumerate() {
             let mut hn = x.clone();
             rms_norm(&mut hn, &b.attn_norm, c.rms_norm_eps);
-            let mut q = b.q.forward(&hn, t)?; // [t, n_heads * hd]
-            let mut k = b.k.forward(&hn, t)?; // [t, n_kv * hd]
-            let v = b.v.forward(&hn, t)?; // [t, n_kv * hd]
+            // [t, n_heads * hd], [t, n_kv * hd], [t, n_kv * hd]
+            let [mut q, mut k, v]: [Vec<f32>; 3] = b.qkv.forward(&hn, t)?.try_into().map_err(|_| ModelError::Input("q, k and v: three projections".into()))?;
             let mut attn = Vec::with_capacity(t * qd); // [t, n_heads * hd]
             for ((kv, r), &start) in seqs.iter_mut().zip(&ranges).zip(&starts) {
                 let (qs, ks) = (&mut q[r.start * qd..r.end * qd], &mut k[r.start * kd..r.end * kd]);
@@ -249,8 +318,7 @@ impl Model {
             }
             let mut hn = x.clone();
             rms_norm(&mut hn, &b.ffn_norm, c.rms_norm_eps);
-            let mut g = b.gate.forward(&hn, t)?;
-            let u = b.up.forward(&hn, t)?;
+            let [mut g, u]: [Vec<f32>; 2] = b.gate_up.forward(&hn, t)?.try_into().map_err(|_| ModelError::Input("gate and up: two projections".into()))?;
             swiglu(&mut g, &u);
             let d = b.down.forward(&g, t)?;
             for (xi, di) in x.iter_mut().zip(&d) {
