@@ -216,7 +216,8 @@ pub fn line_chart_in(path: &Path, title: &str, x_label: &str, y_label: &str, ser
                 c.rect(x - 4, y - 4, 9, 9, col);
             }
         }
-        let ly = top + 10 + i as i64 * 22;
+        // Scores (a fixed y span) sit high: their legend goes to the bottom right.
+        let ly = if y_span.is_some() { top + ph - 12 - (series.len() - i) as i64 * 22 } else { top + 10 + i as i64 * 22 };
         let lx = left + pw - 20 - text_width(&s.name, 2) - 30;
         c.rect(lx, ly + 3, 22, 8, col);
         c.text(lx + 30, ly, &s.name, 2, BLACK);
