@@ -94,14 +94,8 @@ impl MethodArgs {
     pub fn spec(&self) -> Result<MethodSpec> {
         let kv_dtype: Option<KvDtype> = self.kv_dtype.as_deref().map(str::parse).transpose()?;
         match (self.device, kv_dtype) {
-            (Device::Cpu, Some(d)) if d.is_gpu() => anyhow::bail!(
-                "--kv-dtype {}: a GPU cache; on the CPU it is f32 (the default) or f16",
-                self.kv_dtype.as_deref().unwrap_or_default()
-            ),
-            (Device::Cuda(_), Some(d)) if !d.is_gpu() => anyhow::bail!(
-                "--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8 or int8",
-                self.kv_dtype.as_deref().unwrap_or_default()
-            ),
+            (Device::Cpu, Some(d)) if d.is_gpu() => anyhow::bail!("--kv-dtype {}: a GPU cache; on the CPU it is f32 (the default) or f16", self.kv_dtype.as_deref().unwrap_or_default()),
+            (Device::Cuda(_), Some(d)) if !d.is_gpu() => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8 or int8", self.kv_dtype.as_deref().unwrap_or_default()),
             _ => {}
         }
         Ok(MethodSpec {
@@ -124,25 +118,15 @@ impl MethodArgs {
     pub fn load(&self) -> Result<(Engine, ResolvedMethod)> {
         let spec = self.spec()?;
         let source = self.model_source()?;
-        let engine = Engine::load(&source, self.device)
-            .with_context(|| format!("loading the model onto {}", self.device))?;
+        let engine = Engine::load(&source, self.device).with_context(|| format!("loading the model onto {}", self.device))?;
         let resolved = spec.resolve(engine.config())?;
         Ok((engine, resolved))
     }
 }
 
 fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
-    let (id, b) = s
-        .split_once('=')
-        .ok_or_else(|| format!("`{s}` is not ID=BIAS"))?;
-    Ok((
-        id.trim()
-            .parse()
-            .map_err(|_| format!("`{id}` is not a token id"))?,
-        b.trim()
-            .parse()
-            .map_err(|_| format!("`{b}` is not a number"))?,
-    ))
+    let (id, b) = s.split_once('=').ok_or_else(|| format!("`{s}` is not ID=BIAS"))?;
+    Ok((id.trim().parse().map_err(|_| format!("`{id}` is not a token id"))?, b.trim().parse().map_err(|_| format!("`{b}` is not a number"))?))
 }
 
 /// `duo generate`.

@@ -26,11 +26,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "512,2048,8000", value_delimiter = ',')]
     pub lengths: Vec<usize>,
     /// Methods to compare, comma-separated: full, duo, layer (duo with --layout layer), streaming, random, random-layer.
-    #[arg(
-        long,
-        default_value = "full,random,random-layer,streaming",
-        value_delimiter = ','
-    )]
+    #[arg(long, default_value = "full,random,random-layer,streaming", value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Decode steps after each prefill; on the GPU the first two are untimed (launch by
     /// launch, then the CUDA graph's capture).
@@ -86,11 +82,7 @@ pub(crate) fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
 /// Untimed decode steps before timing on the GPU (the first runs launch by launch, the
 /// second captures the CUDA graph).
 fn warm_steps(device: Device) -> usize {
-    if matches!(device, Device::Cuda(_)) {
-        2
-    } else {
-        0
-    }
+    if matches!(device, Device::Cuda(_)) { 2 } else { 0 }
 }
 
 /// Runs the benchmark and prints a markdown table.
@@ -106,33 +98,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
         method_args(&a.method, name)?.spec()?;
     }
     // Shapes and arguments are checked before any device is opened or model read.
-    let random_config = a
-        .method
-        .random_weights
-        .as_deref()
-        .map(duo_model::random::shape)
-        .transpose()?;
+    let random_config = a.method.random_weights.as_deref().map(duo_model::random::shape).transpose()?;
     let load = Load::start();
-    let (backend, label, token_limit): (Box<dyn Backend>, String, usize) =
-        match (&a.method.random_weights, random_config) {
-            (Some(shape), Some(config)) => {
-                eprintln!(
-                "duo bench: building {shape} with seeded random weights (seed {}) on {device} ...",
-                a.method.seed()
-            );
-                let vocab = config.vocab_size;
-                (
-                    backend::random(device, config, a.method.seed())?,
-                    format!("{shape} (random weights)"),
-                    vocab,
-                )
-            }
-            _ => {
-                let (e, _) = a.method.load()?;
-                let limit = e.tokenizer.vocab_size().min(e.config().vocab_size);
-                (e.backend, e.path.display().to_string(), limit)
-            }
-        };
+    let (backend, label, token_limit): (Box<dyn Backend>, String, usize) = match (&a.method.random_weights, random_config) {
+        (Some(shape), Some(config)) => {
+            eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed());
+            let vocab = config.vocab_size;
+            (backend::random(device, config, a.method.seed())?, format!("{shape} (random weights)"), vocab)
+        }
+        _ => {
+            let (e, _) = a.method.load()?;
+            let limit = e.tokenizer.vocab_size().min(e.config().vocab_size);
+            (e.backend, e.path.display().to_string(), limit)
+        }
+    };
     let load = load.finish();
     eprintln!("duo bench: loaded in {:.2} s; peak anonymous host memory during the load {:.0} MiB (RssAnon, file-backed pages of memory-mapped weights excluded)", load.0, load.1 as f64 / MIB);
     let b: &dyn Backend = backend.as_ref();
@@ -140,12 +119,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let max_len = a.lengths.iter().copied().max().unwrap_or(0);
     if max_len + a.decode_tokens > c.context_length {
         if a.method.random_weights.is_none() {
-            anyhow::bail!(
-                "{} prompt tokens + {} decode tokens exceed the context length of {}",
-                max_len,
-                a.decode_tokens,
-                c.context_length
-            );
+            anyhow::bail!("{} prompt tokens + {} decode tokens exceed the context length of {}", max_len, a.decode_tokens, c.context_length);
         }
         // Random weights say nothing anyway; speed and memory past the trained length are
         // what "up to what fits" asks for.
@@ -156,18 +130,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some((weights, bw)) = floor {
         eprintln!("duo bench: {label} on {machine}; copy bandwidth {:.0} GB/s; {:.2} GiB of weights read per decode step", bw / 1e9, weights as f64 / GIB);
     } else {
-        eprintln!(
-            "duo bench: {label} ({} layers, {} KV heads/layer) on {machine}",
-            c.n_layers, c.n_kv_heads
-        );
+        eprintln!("duo bench: {label} ({} layers, {} KV heads/layer) on {machine}", c.n_layers, c.n_kv_heads);
     }
     let floor_ms = |kv: usize| floor.map(|(w, bw)| (w + kv) as f64 / bw * 1000.0);
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.method.seed());
     let limit = token_limit as u32;
     // At least the warm-up's 64 tokens, also when every length gets synthetic KV.
-    let prompt: Vec<u32> = (0..max_len.min(a.max_prefill).max(64))
-        .map(|_| rng.gen_range(100.min(limit - 1)..limit))
-        .collect();
+    let prompt: Vec<u32> = (0..max_len.min(a.max_prefill).max(64)).map(|_| rng.gen_range(100.min(limit - 1)..limit)).collect();
     let mut rows = Vec::new();
     for name in &a.methods {
         let method = method_args(&a.method, name)?.spec()?.resolve(&c)?;
@@ -175,11 +144,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // Warm-up on a short sequence: compiles GPU kernels and lets cuBLAS pick its algorithms.
         if warm_steps(device) > 0 {
             let mut seq = b.new_sequence(&method, 256)?;
-            let logits = b.forward(
-                seq.as_mut(),
-                &prompt[..64.min(prompt.len())],
-                duo_engine::backend::Logits::Last,
-            )?;
+            let logits = b.forward(seq.as_mut(), &prompt[..64.min(prompt.len())], duo_engine::backend::Logits::Last)?;
             let t = b.greedy_step(seq.as_mut(), duo_engine::sampler::argmax(&logits))?;
             b.greedy_step(seq.as_mut(), t)?;
         }
@@ -193,15 +158,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             };
             let (prefill_s, mut next) = if n <= a.max_prefill {
                 let t0 = Instant::now();
-                let logits = b.forward(
-                    seq.as_mut(),
-                    &prompt[..n],
-                    duo_engine::backend::Logits::Last,
-                )?;
-                (
-                    Some(t0.elapsed().as_secs_f64()),
-                    duo_engine::sampler::argmax(&logits),
-                )
+                let logits = b.forward(seq.as_mut(), &prompt[..n], duo_engine::backend::Logits::Last)?;
+                (Some(t0.elapsed().as_secs_f64()), duo_engine::sampler::argmax(&logits))
             } else {
                 b.fill_synthetic(seq.as_mut(), n, a.method.seed())?;
                 (None, 1000)
@@ -217,16 +175,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let decode_ms = t1.elapsed().as_secs_f64() * 1000.0 / timed as f64;
             let kv = backend::plan_bytes(&plan, seq.tokens());
             let kv_bytes = kv.total();
-            let row = Row {
-                method: name.clone(),
-                retrieval_heads: method.pattern.retrieval_count(),
-                tokens: n,
-                prefill_s,
-                decode_ms,
-                kv,
-                memory: b.memory_in_use().unwrap_or(0),
-                floor_ms: floor_ms(kv_bytes),
-            };
+            let row = Row { method: name.clone(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: floor_ms(kv_bytes) };
             eprintln!(
                 "{:<13} {:>8} tokens: prefill {}, decode {:>8.2} ms/token{}, KV {:>9.2} MiB, memory in use {:>9.1} MiB",
                 name,
@@ -271,11 +220,7 @@ impl Load {
             }
             peak.max(rss_anon())
         });
-        Self {
-            started: Instant::now(),
-            stop,
-            sampler,
-        }
+        Self { started: Instant::now(), stop, sampler }
     }
 
     /// Seconds and the peak anonymous bytes.
@@ -287,21 +232,12 @@ impl Load {
 }
 
 /// The rows of a PyTorch baseline JSON (scripts/torch_baseline.py).
-fn baseline_rows(
-    path: &std::path::Path,
-    c: &duo_core::config::ModelConfig,
-    element: usize,
-    floor_ms: &dyn Fn(usize) -> Option<f64>,
-) -> Result<Vec<Row>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let rows_json: Vec<serde_json::Value> = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a JSON list of baseline rows", path.display()))?;
+fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, element: usize, floor_ms: &dyn Fn(usize) -> Option<f64>) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let rows_json: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{} is not a JSON list of baseline rows", path.display()))?;
     let mut rows = Vec::new();
     for r in rows_json {
-        let tokens = r["context"]
-            .as_u64()
-            .context("a baseline row without `context`")? as usize;
+        let tokens = r["context"].as_u64().context("a baseline row without `context`")? as usize;
         if let Some(e) = r["error"].as_str() {
             eprintln!("pytorch {tokens:>8} tokens: {e}");
             continue;
@@ -312,13 +248,8 @@ fn baseline_rows(
             retrieval_heads: c.n_layers * c.n_kv_heads,
             tokens,
             prefill_s: r["prefill_s"].as_f64(),
-            decode_ms: r["decode_ms_per_token"]
-                .as_f64()
-                .context("a baseline row without `decode_ms_per_token`")?,
-            kv: duo_kv::KvBytes {
-                retrieval: kv_bytes,
-                streaming: 0,
-            },
+            decode_ms: r["decode_ms_per_token"].as_f64().context("a baseline row without `decode_ms_per_token`")?,
+            kv: duo_kv::KvBytes { retrieval: kv_bytes, streaming: 0 },
             memory: (r["device_used_gib"].as_f64().unwrap_or(0.0) * GIB) as usize,
             floor_ms: floor_ms(kv_bytes),
         });
@@ -353,18 +284,7 @@ fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<(
     let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,floor_ms,kv_bytes_retrieval,kv_bytes_streaming,memory_bytes\n");
     for r in rows {
         let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
-        csv.push_str(&format!(
-            "{},{},{},{},{:.4},{},{},{},{}\n",
-            r.method,
-            r.retrieval_heads,
-            r.tokens,
-            f(r.prefill_s),
-            r.decode_ms,
-            f(r.floor_ms),
-            r.kv.retrieval,
-            r.kv.streaming,
-            r.memory
-        ));
+        csv.push_str(&format!("{},{},{},{},{:.4},{},{},{},{}\n", r.method, r.retrieval_heads, r.tokens, f(r.prefill_s), r.decode_ms, f(r.floor_ms), r.kv.retrieval, r.kv.streaming, r.memory));
     }
     if let Some(p) = &a.csv {
         std::fs::write(p, &csv).with_context(|| format!("writing {}", p.display()))?;
@@ -374,46 +294,12 @@ fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<(
         std::fs::write(dir.join("bench.csv"), &csv)?;
         std::fs::write(dir.join("bench.md"), format!("{title}\n\n{table}"))?;
         let curve = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<crate::plot::Series> {
-            names
-                .iter()
-                .map(|m| crate::plot::Series {
-                    name: m.clone(),
-                    points: rows
-                        .iter()
-                        .filter(|r| &r.method == m)
-                        .filter_map(|r| Some((r.tokens as f64, f(r)?)))
-                        .collect(),
-                })
-                .collect()
+            names.iter().map(|m| crate::plot::Series { name: m.clone(), points: rows.iter().filter(|r| &r.method == m).filter_map(|r| Some((r.tokens as f64, f(r)?))).collect() }).collect()
         };
-        crate::plot::line_chart(
-            &dir.join("prefill.png"),
-            "PREFILL TIME",
-            "context tokens",
-            "seconds",
-            &curve(&|r| r.prefill_s),
-        )?;
-        crate::plot::line_chart(
-            &dir.join("decode.png"),
-            "DECODE TIME PER TOKEN",
-            "context tokens",
-            "ms per token",
-            &curve(&|r| Some(r.decode_ms)),
-        )?;
-        crate::plot::line_chart(
-            &dir.join("kv.png"),
-            "KV CACHE",
-            "context tokens",
-            "MiB",
-            &curve(&|r| Some(r.kv.total() as f64 / MIB)),
-        )?;
-        crate::plot::line_chart(
-            &dir.join("memory.png"),
-            "MEMORY IN USE",
-            "context tokens",
-            "MiB",
-            &curve(&|r| Some(r.memory as f64 / MIB)),
-        )?;
+        crate::plot::line_chart(&dir.join("prefill.png"), "PREFILL TIME", "context tokens", "seconds", &curve(&|r| r.prefill_s))?;
+        crate::plot::line_chart(&dir.join("decode.png"), "DECODE TIME PER TOKEN", "context tokens", "ms per token", &curve(&|r| Some(r.decode_ms)))?;
+        crate::plot::line_chart(&dir.join("kv.png"), "KV CACHE", "context tokens", "MiB", &curve(&|r| Some(r.kv.total() as f64 / MIB)))?;
+        crate::plot::line_chart(&dir.join("memory.png"), "MEMORY IN USE", "context tokens", "MiB", &curve(&|r| Some(r.memory as f64 / MIB)))?;
         eprintln!("wrote {}", dir.display());
     }
     Ok(())

@@ -21,11 +21,7 @@ use serde_json::json;
 use std::io::{Read, Write};
 
 #[derive(Parser)]
-#[command(
-    name = "duo",
-    version,
-    about = "Long-context LLM inference that keeps a full KV cache only for the heads that need it"
-)]
+#[command(name = "duo", version, about = "Long-context LLM inference that keeps a full KV cache only for the heads that need it")]
 struct Cli {
     /// CPU threads for the CPU backend's kernels (default: every core this process may use).
     #[arg(long, global = true)]
@@ -89,19 +85,12 @@ static ALLOCATOR: duo_model::budget::BudgetAllocator = duo_model::budget::Budget
 fn main() {
     duo_model::budget::keep_step_buffers_mapped();
     // Warnings (e.g. the server's ignored request fields) show by default; DUO_LOG=info|debug for more.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         let set = if (1..=4096).contains(&n) {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build_global()
-                .map_err(|e| e.to_string())
+            rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| e.to_string())
         } else {
             Err(format!("must be from 1 to 4096 (got {n})"))
         };
@@ -119,11 +108,7 @@ fn main() {
         Command::Demo(a) => eval::demo(a),
         Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
         Command::Serve(a) => serve::run(a),
-        Command::CudaCheck {
-            seed,
-            only,
-            no_timings,
-        } => cuda_check(seed, only.as_deref(), no_timings),
+        Command::CudaCheck { seed, only, no_timings } => cuda_check(seed, only.as_deref(), no_timings),
         Command::RandomCheckpoint { shape, out, seed } => random_checkpoint(&shape, &out, seed),
     };
     if let Err(e) = result {
@@ -134,36 +119,18 @@ fn main() {
 
 fn random_checkpoint(shape: &str, out: &std::path::Path, seed: u64) -> Result<()> {
     let config = duo_model::random::shape(shape)?;
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        bail!(
-            "{} exists and is not empty; give a new folder",
-            out.display()
-        );
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{} exists and is not empty; give a new folder", out.display());
     }
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "writing {bar:30} {bytes}/{total_bytes} [{elapsed_precise} < {eta_precise}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template("writing {bar:30} {bytes}/{total_bytes} [{elapsed_precise} < {eta_precise}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let t0 = std::time::Instant::now();
     let w = duo_engine::random_checkpoint::write(&config, seed, out, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    println!(
-        "{shape} (seed {seed}): {:.2} GiB of bf16 weights in {} file(s) in {}, written in {:.1} s",
-        w.bytes as f64 / (1u64 << 30) as f64,
-        w.files.len(),
-        out.display(),
-        t0.elapsed().as_secs_f64()
-    );
+    println!("{shape} (seed {seed}): {:.2} GiB of bf16 weights in {} file(s) in {}, written in {:.1} s", w.bytes as f64 / (1u64 << 30) as f64, w.files.len(), out.display(), t0.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -280,18 +247,12 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
 
 fn read_prompt(a: &GenerateArgs) -> Result<String> {
     match (&a.prompt, &a.prompt_file) {
-        (Some(_), Some(_)) => {
-            bail!("give the prompt either as an argument or with --prompt-file, not both")
-        }
+        (Some(_), Some(_)) => bail!("give the prompt either as an argument or with --prompt-file, not both"),
         (Some(p), None) => Ok(p.clone()),
-        (None, Some(f)) => {
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
-        }
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display())),
         (None, None) => {
             let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading the prompt from standard input")?;
+            std::io::stdin().read_to_string(&mut s).context("reading the prompt from standard input")?;
             Ok(s)
         }
     }
@@ -311,9 +272,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         repetition_penalty: a.repetition_penalty,
         logit_bias: a.logit_bias.clone(),
         structured: match (&a.json_schema, a.json_object) {
-            (Some(p), _) => Some(duo_engine::constraint::Structured::JsonSchema(
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-            )),
+            (Some(p), _) => Some(duo_engine::constraint::Structured::JsonSchema(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)),
             (None, true) => Some(duo_engine::constraint::Structured::JsonObject),
             (None, false) => None,
         },
@@ -323,24 +282,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let prompt = read_prompt(&a)?;
     let (model, method) = a.method.load()?;
     let ids = if a.chat {
-        let tpl = model
-            .template
-            .as_ref()
-            .context("--chat: this model ships no chat template")?;
+        let tpl = model.template.as_ref().context("--chat: this model ships no chat template")?;
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
-            messages.push(Message {
-                role: "system".into(),
-                content: s.clone(),
-            });
+            messages.push(Message { role: "system".into(), content: s.clone() });
         }
-        messages.push(Message {
-            role: "user".into(),
-            content: prompt,
-        });
-        model
-            .tokenizer
-            .encode_chat(&tpl.render_pieces(&messages, true)?)?
+        messages.push(Message { role: "user".into(), content: prompt });
+        model.tokenizer.encode_chat(&tpl.render_pieces(&messages, true)?)?
     } else {
         model.tokenizer.encode(&prompt, true)?
     };
@@ -390,9 +338,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn score(a: ScoreArgs) -> Result<()> {
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-    };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let (model, method) = a.method.load()?;
     let runner = Runner::new(&model, method);
     let scores = match (&a.prompt_file, &a.continuation_file, &a.text_file) {
@@ -411,35 +357,19 @@ fn score(a: ScoreArgs) -> Result<()> {
         _ => bail!("give --prompt-file and --continuation-file, or --text-file"),
     };
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "tokens": scores.tokens,
-                "top1_accuracy": scores.top1_accuracy,
-                "mean_logprob": scores.mean_logprob,
-                "perplexity": scores.perplexity,
-                "kv_cache_bytes": scores.peak_kv.total(),
-            }))?
-        );
+        println!("{}", serde_json::to_string_pretty(&json!({
+            "tokens": scores.tokens,
+            "top1_accuracy": scores.top1_accuracy,
+            "mean_logprob": scores.mean_logprob,
+            "perplexity": scores.perplexity,
+            "kv_cache_bytes": scores.peak_kv.total(),
+        }))?);
     } else {
         for t in &scores.tokens {
             let text = model.tokenizer.id_to_token(t.id).unwrap_or_default();
-            println!(
-                "{:>8} {:>24} logprob {:>9.4} rank {:>6}{}",
-                t.id,
-                format!("{text:?}"),
-                t.logprob,
-                t.rank,
-                if t.top1 { "  top-1" } else { "" }
-            );
+            println!("{:>8} {:>24} logprob {:>9.4} rank {:>6}{}", t.id, format!("{text:?}"), t.logprob, t.rank, if t.top1 { "  top-1" } else { "" });
         }
-        println!(
-            "tokens {}  top-1 accuracy {:.4}  mean logprob {:.4}  perplexity {:.4}",
-            scores.tokens.len(),
-            scores.top1_accuracy,
-            scores.mean_logprob,
-            scores.perplexity
-        );
+        println!("tokens {}  top-1 accuracy {:.4}  mean logprob {:.4}  perplexity {:.4}", scores.tokens.len(), scores.top1_accuracy, scores.mean_logprob, scores.perplexity);
     }
     Ok(())
 }
@@ -456,28 +386,20 @@ fn longest_context(plan: &duo_core::CachePlan, budget: usize) -> usize {
     }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if plan.total_bytes(mid) <= budget {
-            lo = mid
-        } else {
-            hi = mid
-        }
+        if plan.total_bytes(mid) <= budget { lo = mid } else { hi = mid }
     }
     lo
 }
 
 fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
-    let gates = HeadGates::load(&a.dir)
-        .with_context(|| format!("loading the pattern in {}", a.dir.display()))?;
+    let gates = HeadGates::load(&a.dir).with_context(|| format!("loading the pattern in {}", a.dir.display()))?;
     let pattern = match a.threshold {
         Some(t) => gates.binarise_threshold(t)?,
         None => gates.binarise_sparsity(a.sparsity, a.layout.parse()?)?,
     };
     let per_layer = pattern.retrieval_per_layer();
     let (layers, heads) = (gates.n_layers(), gates.n_kv_heads());
-    println!(
-        "pattern {}: {layers} layers x {heads} KV heads",
-        a.dir.display()
-    );
+    println!("pattern {}: {layers} layers x {heads} KV heads", a.dir.display());
     match a.threshold {
         Some(t) => println!("threshold {t}: {} retrieval / {} streaming KV heads", pattern.retrieval_count(), pattern.streaming_count()),
         None => println!(
@@ -492,10 +414,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     println!("retrieval heads per layer: {per_layer:?}");
     let pure_full = per_layer.iter().filter(|&&c| c == heads).count();
     let pure_stream = per_layer.iter().filter(|&&c| c == 0).count();
-    println!(
-        "layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}",
-        layers - pure_full - pure_stream
-    );
+    println!("layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}", layers - pure_full - pure_stream);
     let window = duo_core::cache_spec::Window::new(a.sink, a.recent)?;
     let (bytes, scales) = match &a.kv_dtype {
         Some(d) => {

@@ -32,11 +32,7 @@ impl Window {
     /// Checks the window is usable (`recent >= 1`).
     pub fn new(sink: usize, recent: usize) -> Result<Self> {
         if recent == 0 {
-            return Err(CoreError::InvalidSetting {
-                name: "recent",
-                value: "0".into(),
-                expected: "at least 1",
-            });
+            return Err(CoreError::InvalidSetting { name: "recent", value: "0".into(), expected: "at least 1" });
         }
         Ok(Self { sink, recent })
     }
@@ -81,10 +77,7 @@ pub struct LayerCacheSpec {
 impl LayerCacheSpec {
     /// Retrieval KV heads in this layer.
     pub fn n_retrieval(&self) -> usize {
-        self.kinds
-            .iter()
-            .filter(|k| **k == HeadKind::Retrieval)
-            .count()
+        self.kinds.iter().filter(|k| **k == HeadKind::Retrieval).count()
     }
 
     /// Streaming KV heads in this layer.
@@ -117,24 +110,13 @@ pub struct CachePlan {
 
 impl CachePlan {
     /// Builds the plan for a head pattern.
-    pub fn new(
-        pattern: &HeadPattern,
-        head_dim: usize,
-        bytes_per_element: usize,
-        window: Window,
-    ) -> Self {
+    pub fn new(pattern: &HeadPattern, head_dim: usize, bytes_per_element: usize, window: Window) -> Self {
         let layers = (0..pattern.n_layers())
             .map(|l| LayerCacheSpec {
                 kinds: pattern
                     .layer(l)
                     .iter()
-                    .map(|&r| {
-                        if r {
-                            HeadKind::Retrieval
-                        } else {
-                            HeadKind::Streaming
-                        }
-                    })
+                    .map(|&r| if r { HeadKind::Retrieval } else { HeadKind::Streaming })
                     .collect(),
                 head_dim,
                 bytes_per_element,
@@ -175,9 +157,7 @@ mod tests {
 
     #[test]
     fn formula_matches_the_paper_and_streaming_saturates() {
-        let pattern =
-            HeadPattern::from_rows(vec![vec![true, false, false], vec![false, false, false]])
-                .unwrap();
+        let pattern = HeadPattern::from_rows(vec![vec![true, false, false], vec![false, false, false]]).unwrap();
         let plan = CachePlan::new(&pattern, 64, 4, Window::new(64, 256).unwrap());
         // 1 retrieval head, 5 streaming heads, f32.
         assert_eq!(plan.retrieval_bytes(1000), 2 * 64 * 4 * 1000);

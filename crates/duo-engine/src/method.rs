@@ -30,12 +30,7 @@ impl std::str::FromStr for Method {
             "duo" => Method::Duo,
             "streaming" => Method::Streaming,
             "random" => Method::Random,
-            _ => {
-                return Err(EngineError::InvalidParameter {
-                    name: "method",
-                    reason: format!("`{s}` is not one of full, duo, streaming, random"),
-                })
-            }
+            _ => return Err(EngineError::InvalidParameter { name: "method", reason: format!("`{s}` is not one of full, duo, streaming, random") }),
         })
     }
 }
@@ -70,11 +65,7 @@ impl KvDtype {
 
     /// Bytes of scales per cached row (one position of one head, keys or values).
     pub fn scale_bytes(self) -> usize {
-        if matches!(self, KvDtype::Fp8 | KvDtype::Int8) {
-            4
-        } else {
-            0
-        }
+        if matches!(self, KvDtype::Fp8 | KvDtype::Int8) { 4 } else { 0 }
     }
 
     /// Whether the CUDA backend caches this type (else the CPU backend does).
@@ -92,12 +83,7 @@ impl std::str::FromStr for KvDtype {
             "bf16" => KvDtype::Bf16,
             "fp8" => KvDtype::Fp8,
             "int8" => KvDtype::Int8,
-            _ => {
-                return Err(EngineError::InvalidParameter {
-                    name: "kv-dtype",
-                    reason: format!("`{s}` is not one of f32, f16 (CPU) or bf16, fp8, int8 (GPU)"),
-                })
-            }
+            _ => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("`{s}` is not one of f32, f16 (CPU) or bf16, fp8, int8 (GPU)") }),
         })
     }
 }
@@ -152,19 +138,7 @@ pub struct MethodSpec {
 
 impl Default for MethodSpec {
     fn default() -> Self {
-        Self {
-            method: Method::Full,
-            pattern: None,
-            sparsity: None,
-            threshold: None,
-            layout: Layout::Head,
-            sink: 64,
-            recent: 256,
-            seed: 0,
-            prefill: PrefillMode::Lambda,
-            chunk: 4096,
-            kv_dtype: None,
-        }
+        Self { method: Method::Full, pattern: None, sparsity: None, threshold: None, layout: Layout::Head, sink: 64, recent: 256, seed: 0, prefill: PrefillMode::Lambda, chunk: 4096, kv_dtype: None }
     }
 }
 
@@ -197,28 +171,16 @@ impl MethodSpec {
     pub fn resolve(&self, config: &ModelConfig) -> Result<ResolvedMethod> {
         let (layers, kv) = (config.n_layers, config.n_kv_heads);
         if self.chunk == 0 {
-            return Err(EngineError::InvalidParameter {
-                name: "chunk",
-                reason: "must be at least 1".into(),
-            });
+            return Err(EngineError::InvalidParameter { name: "chunk", reason: "must be at least 1".into() });
         }
         if self.sparsity.is_some() && self.threshold.is_some() {
-            return Err(EngineError::InvalidParameter {
-                name: "threshold",
-                reason: "give either --sparsity or --threshold, not both".into(),
-            });
+            return Err(EngineError::InvalidParameter { name: "threshold", reason: "give either --sparsity or --threshold, not both".into() });
         }
         // Windows beyond the context would never fill; bounding them here keeps every
         // allocation derived from them (CPU rings, GPU window rows) within the model's size.
         for (name, value) in [("sink", self.sink), ("recent", self.recent)] {
             if value > config.context_length {
-                return Err(EngineError::InvalidParameter {
-                    name,
-                    reason: format!(
-                        "{value} tokens exceed the model's context of {}",
-                        config.context_length
-                    ),
-                });
+                return Err(EngineError::InvalidParameter { name, reason: format!("{value} tokens exceed the model's context of {}", config.context_length) });
             }
         }
         let window = Window::new(self.sink, self.recent)?;
@@ -227,31 +189,16 @@ impl MethodSpec {
             gates.check_shape(layers, kv)?;
             Ok(match self.threshold {
                 Some(t) if self.layout == Layout::Head => gates.binarise_threshold(t)?,
-                Some(_) => {
-                    return Err(EngineError::InvalidParameter {
-                        name: "threshold",
-                        reason: "--layout layer takes --sparsity".into(),
-                    })
-                }
+                Some(_) => return Err(EngineError::InvalidParameter { name: "threshold", reason: "--layout layer takes --sparsity".into() }),
                 None => gates.binarise_sparsity(sparsity, self.layout)?,
             })
         };
-        let load = || -> Result<Option<HeadGates>> {
-            self.pattern
-                .as_ref()
-                .map(|p| p.load(self.layout))
-                .transpose()
-        };
+        let load = || -> Result<Option<HeadGates>> { self.pattern.as_ref().map(|p| p.load(self.layout)).transpose() };
         let pattern = match self.method {
             Method::Full => HeadPattern::all_retrieval(layers, kv),
             Method::Streaming => HeadPattern::all_streaming(layers, kv),
             Method::Duo => {
-                let gates = load()?.ok_or(EngineError::InvalidParameter {
-                    name: "pattern",
-                    reason:
-                        "--method duo needs --pattern DIR (a folder with full_attention_heads.tsv)"
-                            .into(),
-                })?;
+                let gates = load()?.ok_or(EngineError::InvalidParameter { name: "pattern", reason: "--method duo needs --pattern DIR (a folder with full_attention_heads.tsv)".into() })?;
                 binarise(&gates)?
             }
             Method::Random => match load()? {
@@ -260,11 +207,7 @@ impl MethodSpec {
                     if self.layout == Layout::Layer {
                         let full_layers = ((1.0 - sparsity) * layers as f64).round() as usize;
                         let flat = HeadPattern::random_global(layers, 1, full_layers, self.seed);
-                        HeadPattern::from_rows(
-                            (0..layers)
-                                .map(|l| vec![flat.is_retrieval(l, 0); kv])
-                                .collect(),
-                        )?
+                        HeadPattern::from_rows((0..layers).map(|l| vec![flat.is_retrieval(l, 0); kv]).collect())?
                     } else {
                         let count = ((1.0 - sparsity) * (layers * kv) as f64).round() as usize;
                         HeadPattern::random_global(layers, kv, count, self.seed)
@@ -277,14 +220,7 @@ impl MethodSpec {
             _ => 4,
         };
         let plan = CachePlan::new(&pattern, config.head_dim, cpu_bytes, window);
-        Ok(ResolvedMethod {
-            pattern,
-            window,
-            prefill: self.prefill,
-            chunk: self.chunk,
-            kv_dtype: self.kv_dtype,
-            plan,
-        })
+        Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, kv_dtype: self.kv_dtype, plan })
     }
 }
 
@@ -295,30 +231,11 @@ mod tests {
     #[test]
     fn windows_longer_than_the_context_are_refused_by_name() {
         let config = duo_model::random::shape("smollm2-135m").expect("preset");
-        for (sink, recent, name) in [
-            (1usize << 40, 256, "sink"),
-            (64, usize::MAX, "recent"),
-            (8193, 1, "sink"),
-        ] {
-            let e = MethodSpec {
-                sink,
-                recent,
-                ..Default::default()
-            }
-            .resolve(&config)
-            .unwrap_err();
-            assert!(
-                matches!(e, EngineError::InvalidParameter { name: n, .. } if n == name),
-                "{e}"
-            );
+        for (sink, recent, name) in [(1usize << 40, 256, "sink"), (64, usize::MAX, "recent"), (8193, 1, "sink")] {
+            let e = MethodSpec { sink, recent, ..Default::default() }.resolve(&config).unwrap_err();
+            assert!(matches!(e, EngineError::InvalidParameter { name: n, .. } if n == name), "{e}");
             assert!(e.to_string().contains("8192"), "{e}");
         }
-        assert!(MethodSpec {
-            sink: 8192,
-            recent: 8192,
-            ..Default::default()
-        }
-        .resolve(&config)
-        .is_ok());
+        assert!(MethodSpec { sink: 8192, recent: 8192, ..Default::default() }.resolve(&config).is_ok());
     }
 }

@@ -47,18 +47,8 @@ impl Entry {
 /// canonical names mapped by the loader's own table).
 fn entries(c: &ModelConfig) -> Vec<Entry> {
     let h = c.hidden_size;
-    let matrix = |name: &str, t: RandomTensor, rows: std::ops::Range<usize>| Entry {
-        shape: [rows.len(), t.shape(c).1],
-        rank: 2,
-        name: hf_name(name),
-        source: Source::Rows(t, rows),
-    };
-    let ones = |name: &str| Entry {
-        name: hf_name(name),
-        shape: [h, 1],
-        rank: 1,
-        source: Source::Ones(h),
-    };
+    let matrix = |name: &str, t: RandomTensor, rows: std::ops::Range<usize>| Entry { shape: [rows.len(), t.shape(c).1], rank: 2, name: hf_name(name), source: Source::Rows(t, rows) };
+    let ones = |name: &str| Entry { name: hf_name(name), shape: [h, 1], rank: 1, source: Source::Ones(h) };
     let mut out = vec![matrix(names::EMBED, RandomTensor::Embed, 0..c.vocab_size)];
     for l in 0..c.n_layers {
         out.push(ones(&names::block(l, names::ATTN_NORM)));
@@ -71,11 +61,7 @@ fn entries(c: &ModelConfig) -> Vec<Entry> {
         }
     }
     out.push(ones(names::OUTPUT_NORM));
-    out.push(matrix(
-        names::LM_HEAD,
-        RandomTensor::LmHead,
-        0..c.vocab_size,
-    ));
+    out.push(matrix(names::LM_HEAD, RandomTensor::LmHead, 0..c.vocab_size));
     out
 }
 
@@ -94,17 +80,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
 
 /// Writes the checkpoint of `config`'s shape (Llama architecture) with `seed` into `dir`;
 /// `progress` gets (bytes written, bytes in all).
-pub fn write(
-    config: &ModelConfig,
-    seed: u64,
-    dir: &Path,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Written> {
+pub fn write(config: &ModelConfig, seed: u64, dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Written> {
     if config.architecture != duo_core::Architecture::Llama {
-        return Err(EngineError::InvalidParameter {
-            name: "shape",
-            reason: "random checkpoints are of the Llama architecture".into(),
-        });
+        return Err(EngineError::InvalidParameter { name: "shape", reason: "random checkpoints are of the Llama architecture".into() });
     }
     let all = entries(config);
     let total: usize = all.iter().map(Entry::bytes).sum();
@@ -126,11 +104,7 @@ pub fn write(
     let mut files = Vec::new();
     let mut done = 0;
     for (i, shard) in shards.iter().enumerate() {
-        let name = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
-        };
+        let name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
         let path = dir.join(&name);
         // Header: every tensor's type, shape and byte range, then the data in that order.
         let mut header = serde_json::Map::new();
@@ -146,20 +120,12 @@ pub fn write(
         while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
-        let mut file = std::io::BufWriter::with_capacity(
-            8 << 20,
-            std::fs::File::create(&path).map_err(io(&path))?,
-        );
-        file.write_all(&(text.len() as u64).to_le_bytes())
-            .map_err(io(&path))?;
+        let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&path).map_err(io(&path))?);
+        file.write_all(&(text.len() as u64).to_le_bytes()).map_err(io(&path))?;
         file.write_all(text.as_bytes()).map_err(io(&path))?;
         for e in shard {
             let values = match &e.source {
-                Source::Rows(t, rows) => t
-                    .rows(config, seed, rows.clone())
-                    .into_iter()
-                    .map(|v| half::bf16::from_f32(v).to_bits())
-                    .collect(),
+                Source::Rows(t, rows) => t.rows(config, seed, rows.clone()).into_iter().map(|v| half::bf16::from_f32(v).to_bits()).collect(),
                 Source::Ones(n) => vec![half::bf16::ONE.to_bits(); *n],
             };
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -171,8 +137,7 @@ pub fn write(
         files.push(path);
     }
     if n > 1 {
-        let index =
-            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let p = dir.join("model.safetensors.index.json");
         std::fs::write(&p, index.to_string()).map_err(io(&p))?;
     }
@@ -189,17 +154,7 @@ pub fn write(
     std::fs::write(&p, serde_json::to_string_pretty(&hf).unwrap_or_default()).map_err(io(&p))?;
     // A word-level vocabulary of the model's size: `<unk>`, `<s>`, `</s>`, then `w3`, `w4`, ...
     let vocab: serde_json::Map<String, serde_json::Value> = (0..c.vocab_size)
-        .map(|i| {
-            (
-                match i {
-                    0 => "<unk>".to_string(),
-                    1 => "<s>".into(),
-                    2 => "</s>".into(),
-                    _ => format!("w{i}"),
-                },
-                serde_json::json!(i),
-            )
-        })
+        .map(|i| (match i { 0 => "<unk>".to_string(), 1 => "<s>".into(), 2 => "</s>".into(), _ => format!("w{i}") }, serde_json::json!(i)))
         .collect();
     let tok = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
@@ -209,15 +164,8 @@ pub fn write(
     let p = dir.join("tokenizer.json");
     std::fs::write(&p, tok.to_string()).map_err(io(&p))?;
     let p = dir.join("tokenizer_config.json");
-    std::fs::write(
-        &p,
-        r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}"#,
-    )
-    .map_err(io(&p))?;
-    Ok(Written {
-        files,
-        bytes: total,
-    })
+    std::fs::write(&p, r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}"#).map_err(io(&p))?;
+    Ok(Written { files, bytes: total })
 }
 
 #[cfg(test)]
@@ -247,57 +195,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("duo-random-ck-{}", std::process::id()));
         let w = write(&c, 7, &dir, |_, _| {}).expect("write");
         assert_eq!(w.files.len(), 1);
-        let engine = Engine::load(&duo_model::ModelSource::Path(dir.clone()), Device::Cpu)
-            .expect("the ordinary loader reads it");
+        let engine = Engine::load(&duo_model::ModelSource::Path(dir.clone()), Device::Cpu).expect("the ordinary loader reads it");
         let got = engine.config();
-        assert_eq!(
-            (
-                got.n_layers,
-                got.hidden_size,
-                got.n_heads,
-                got.n_kv_heads,
-                got.vocab_size,
-                got.tie_embeddings
-            ),
-            (2, 128, 2, 1, 300, false)
-        );
+        assert_eq!((got.n_layers, got.hidden_size, got.n_heads, got.n_kv_heads, got.vocab_size, got.tie_embeddings), (2, 128, 2, 1, 300, false));
         // The CPU engine on the loaded folder against the CUDA backend's CPU reference of
         // `--random-weights` with the same seed: the same model, so the same logits up to bf16
         // rounding of the GPU's intermediates.
         let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 300) as u32).collect();
         let method = MethodSpec::default().resolve(got).expect("full");
-        let mut seq = engine
-            .backend()
-            .new_sequence(&method, 40)
-            .expect("sequence");
-        let ours = engine
-            .backend()
-            .forward(seq.as_mut(), &tokens, Logits::Last)
-            .expect("forward");
-        let layout = duo_cuda::paged::PagedLayout {
-            retrieval: vec![vec![true]; 2],
-            sink: 4,
-            recent: 64,
-            block_tokens: 16,
-            max_chunk: 64,
-            max_tokens: 64,
-            kv: duo_cuda::decode_attention::KvType::Bf16,
-        };
+        let mut seq = engine.backend().new_sequence(&method, 40).expect("sequence");
+        let ours = engine.backend().forward(seq.as_mut(), &tokens, Logits::Last).expect("forward");
+        let layout = duo_cuda::paged::PagedLayout { retrieval: vec![vec![true]; 2], sink: 4, recent: 64, block_tokens: 16, max_chunk: 64, max_tokens: 64, kv: duo_cuda::decode_attention::KvType::Bf16 };
         let gc = duo_cuda::model::GpuConfig::from_model(got);
-        let want =
-            duo_cuda::model::reference_logits(&gc, &layout, 7, &tokens, 39).expect("reference");
+        let want = duo_cuda::model::reference_logits(&gc, &layout, 7, &tokens, 39).expect("reference");
         let top = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let err = ours
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max)
-            / top;
+        let err = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) / top;
         assert!(err < 3e-2, "relative logit error {err}");
         assert_eq!(crate::sampler::argmax(&ours), crate::sampler::argmax(&want));
         // A different seed is a different model.
-        let other =
-            duo_cuda::model::reference_logits(&gc, &layout, 8, &tokens, 39).expect("reference");
+        let other = duo_cuda::model::reference_logits(&gc, &layout, 8, &tokens, 39).expect("reference");
         assert!(other.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-3));
         std::fs::remove_dir_all(dir).ok();
     }
@@ -311,12 +227,7 @@ mod tests {
         let total: usize = e.iter().map(Entry::bytes).sum();
         // Embedding + LM head 2 x 300 x 128, per layer q 128 + k 64 + v 64 + o 128 rows of 128,
         // gate + up 2 x 96 x 128, down 128 x 96, and three norms of ones.
-        assert_eq!(
-            total,
-            2 * (2 * 300 * 128
-                + 2 * ((128 + 64 + 64 + 128) * 128 + 2 * 96 * 128 + 128 * 96 + 2 * 128)
-                + 128)
-        );
+        assert_eq!(total, 2 * (2 * 300 * 128 + 2 * ((128 + 64 + 64 + 128) * 128 + 2 * 96 * 128 + 128 * 96 + 2 * 128) + 128));
     }
 }
 
@@ -332,48 +243,24 @@ mod one_generator {
     #[test]
     fn cpu_random_weights_are_the_checkpoints_weights() {
         let mut c = duo_model::random::shape("llama-3-8b").expect("preset");
-        (
-            c.n_layers,
-            c.hidden_size,
-            c.n_heads,
-            c.n_kv_heads,
-            c.head_dim,
-            c.intermediate_size,
-            c.vocab_size,
-            c.context_length,
-            c.rope_theta,
-        ) = (2, 128, 2, 1, 64, 96, 300, 512, 10_000.0);
+        (c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size, c.context_length, c.rope_theta) = (2, 128, 2, 1, 64, 96, 300, 512, 10_000.0);
         let dir = std::env::temp_dir().join(format!("duo-one-generator-{}", std::process::id()));
         write(&c, 5, &dir, |_, _| {}).expect("write");
-        let loaded =
-            Engine::load(&duo_model::ModelSource::Path(dir.clone()), Device::Cpu).expect("load");
+        let loaded = Engine::load(&duo_model::ModelSource::Path(dir.clone()), Device::Cpu).expect("load");
         let tokens: Vec<u32> = (0..30).map(|i| (i * 53 % 300) as u32).collect();
         let run = |b: &dyn backend::Backend| {
             let m = MethodSpec::default().resolve(b.config()).expect("full");
             let mut s = b.new_sequence(&m, 30).expect("sequence");
-            b.forward(s.as_mut(), &tokens, Logits::Last)
-                .expect("forward")
+            b.forward(s.as_mut(), &tokens, Logits::Last).expect("forward")
         };
         let want = run(loaded.backend());
         let rel = |a: &[f32]| {
-            let n: f32 = a
-                .iter()
-                .zip(&want)
-                .map(|(x, y)| (x - y) * (x - y))
-                .sum::<f32>()
-                .sqrt();
+            let n: f32 = a.iter().zip(&want).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
             n / want.iter().map(|y| y * y).sum::<f32>().sqrt()
         };
-        let same = rel(&run(backend::random(Device::Cpu, c.clone(), 5)
-            .expect("random")
-            .as_ref()));
-        let other = rel(&run(backend::random(Device::Cpu, c.clone(), 6)
-            .expect("random")
-            .as_ref()));
-        assert!(
-            same < 0.15,
-            "same seed: relative difference {same} (Q4_1 rounding only)"
-        );
+        let same = rel(&run(backend::random(Device::Cpu, c.clone(), 5).expect("random").as_ref()));
+        let other = rel(&run(backend::random(Device::Cpu, c.clone(), 6).expect("random").as_ref()));
+        assert!(same < 0.15, "same seed: relative difference {same} (Q4_1 rounding only)");
         assert!(other > 0.5, "another seed is another model: {other}");
         std::fs::remove_dir_all(dir).ok();
     }

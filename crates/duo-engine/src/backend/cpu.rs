@@ -23,11 +23,7 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Wraps a loaded CPU model.
     pub fn new(model: Model) -> Self {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(rayon::current_num_threads())
-            .thread_name(|i| format!("duo-cpu-{i}"))
-            .build()
-            .ok();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).thread_name(|i| format!("duo-cpu-{i}")).build().ok();
         Self { model, pool }
     }
 
@@ -58,10 +54,7 @@ impl Sequence for CpuSequence {
         self.kv.peak_bytes()
     }
     fn fork(&self) -> Result<Box<dyn Sequence>> {
-        Ok(Box::new(CpuSequence {
-            kv: self.kv.clone(),
-            chunk: self.chunk,
-        }))
+        Ok(Box::new(CpuSequence { kv: self.kv.clone(), chunk: self.chunk }))
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
@@ -82,23 +75,13 @@ impl Backend for CpuBackend {
         4
     }
 
-    fn new_sequence(
-        &self,
-        method: &ResolvedMethod,
-        max_tokens: usize,
-    ) -> Result<Box<dyn Sequence>> {
+    fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>> {
         if let Some(d) = method.kv_dtype.filter(|d| d.is_gpu()) {
-            return Err(EngineError::InvalidParameter {
-                name: "kv-dtype",
-                reason: format!("the CPU backend caches f32 or f16 ({d:?} is the GPU's)"),
-            });
+            return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("the CPU backend caches f32 or f16 ({d:?} is the GPU's)") });
         }
         let mut kv = method.new_cache();
         kv.reserve(max_tokens);
-        Ok(Box::new(CpuSequence {
-            kv,
-            chunk: method.chunk,
-        }))
+        Ok(Box::new(CpuSequence { kv, chunk: method.chunk }))
     }
 
     fn forward(&self, seq: &mut dyn Sequence, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
@@ -108,11 +91,7 @@ impl Backend for CpuBackend {
         let chunks: Vec<&[u32]> = tokens.chunks(s.chunk.max(1)).collect();
         let mut out = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
-            let which = if logits == Logits::All || i + 1 == chunks.len() {
-                logits
-            } else {
-                Logits::None
-            };
+            let which = if logits == Logits::All || i + 1 == chunks.len() { logits } else { Logits::None };
             let kv = &mut s.kv;
             let got = self.on_pool(|| self.model.forward(c, kv, which))?;
             if logits == Logits::All {
@@ -145,13 +124,7 @@ impl Backend for CpuBackend {
 /// bytes; `None` where the file or the key is missing.
 pub fn proc_bytes(file: &str, key: &str) -> Option<usize> {
     let text = std::fs::read_to_string(file).ok()?;
-    let kib: usize = text
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
+    let kib: usize = text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?.split_whitespace().next()?.parse().ok()?;
     Some(kib * 1024)
 }
 
@@ -167,11 +140,7 @@ mod tests {
         let total = proc_bytes("/proc/meminfo", "MemTotal").expect("MemTotal");
         assert!(total > 1 << 20 && total.is_multiple_of(1024));
         assert!(proc_bytes("/proc/meminfo", "MemAvailable").is_some_and(|a| a <= total));
-        assert_eq!(
-            proc_bytes("/proc/meminfo", "Mem"),
-            None,
-            "a prefix of a key is not the key"
-        );
+        assert_eq!(proc_bytes("/proc/meminfo", "Mem"), None, "a prefix of a key is not the key");
         assert_eq!(proc_bytes("/proc/meminfo", "NoSuchKey"), None);
         assert_eq!(proc_bytes("/no/such/file", "MemTotal"), None);
     }

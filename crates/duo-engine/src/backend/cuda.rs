@@ -59,12 +59,7 @@ fn supported(config: &ModelConfig) -> Result<()> {
 
 impl CudaBackend {
     /// Loads a checkpoint onto `gpu` (device `ordinal`).
-    pub fn load(
-        gpu: Arc<Gpu>,
-        ordinal: usize,
-        ck: &Checkpoint,
-        config: ModelConfig,
-    ) -> Result<Self> {
+    pub fn load(gpu: Arc<Gpu>, ordinal: usize, ck: &Checkpoint, config: ModelConfig) -> Result<Self> {
         supported(&config)?;
         let used_before = gpu.memory_used()?.0;
         let c = &config;
@@ -78,9 +73,7 @@ impl CudaBackend {
                     return Ok(HostMatrix::Blocks(q, bytes));
                 }
             }
-            ck.bf16(name, &[rows, cols])
-                .map(HostMatrix::Bf16)
-                .map_err(cuda_err)
+            ck.bf16(name, &[rows, cols]).map(HostMatrix::Bf16).map_err(cuda_err)
         };
         let matrix = |which: GlobalMatrix| -> duo_cuda::Result<Option<HostMatrix<'_>>> {
             match which {
@@ -94,34 +87,15 @@ impl CudaBackend {
             let vec = |part: &str| ck.f32(&names::block(l, part), &[h]).map_err(cuda_err);
             Ok(HostLayer {
                 attn_norm: vec(names::ATTN_NORM)?,
-                qkv: vec![
-                    m(names::Q, c.n_heads * hd, h)?,
-                    m(names::K, c.n_kv_heads * hd, h)?,
-                    m(names::V, c.n_kv_heads * hd, h)?,
-                ],
+                qkv: vec![m(names::Q, c.n_heads * hd, h)?, m(names::K, c.n_kv_heads * hd, h)?, m(names::V, c.n_kv_heads * hd, h)?],
                 o: vec![m(names::O, h, c.n_heads * hd)?],
                 ffn_norm: vec(names::FFN_NORM)?,
-                gate_up: vec![
-                    m(names::GATE, c.intermediate_size, h)?,
-                    m(names::UP, c.intermediate_size, h)?,
-                ],
+                gate_up: vec![m(names::GATE, c.intermediate_size, h)?, m(names::UP, c.intermediate_size, h)?],
                 down: vec![m(names::DOWN, h, c.intermediate_size)?],
             })
         };
-        let weights = GpuWeights::load(
-            &gpu,
-            GpuConfig::from_model(c),
-            ck.f32(names::OUTPUT_NORM, &[h])?,
-            matrix,
-            layer,
-        )?;
-        Ok(Self {
-            gpu,
-            weights: Arc::new(weights),
-            config,
-            ordinal,
-            used_before,
-        })
+        let weights = GpuWeights::load(&gpu, GpuConfig::from_model(c), ck.f32(names::OUTPUT_NORM, &[h])?, matrix, layer)?;
+        Ok(Self { gpu, weights: Arc::new(weights), config, ordinal, used_before })
     }
 
     /// Seeded random bf16 weights of `config`'s shape, generated on the GPU.
@@ -129,24 +103,12 @@ impl CudaBackend {
         supported(&config)?;
         let used_before = gpu.memory_used()?.0;
         let weights = GpuWeights::random(&gpu, GpuConfig::from_model(&config), seed)?;
-        Ok(Self {
-            gpu,
-            weights: Arc::new(weights),
-            config,
-            ordinal,
-            used_before,
-        })
+        Ok(Self { gpu, weights: Arc::new(weights), config, ordinal, used_before })
     }
 
     /// The paged layout of `method`: blocks of `block_tokens`, prefill chunks up to
     /// `max_chunk`, sequences up to `max_tokens`.
-    pub fn layout(
-        &self,
-        method: &ResolvedMethod,
-        block_tokens: usize,
-        max_chunk: usize,
-        max_tokens: usize,
-    ) -> Result<PagedLayout> {
+    pub fn layout(&self, method: &ResolvedMethod, block_tokens: usize, max_chunk: usize, max_tokens: usize) -> Result<PagedLayout> {
         if method.prefill != PrefillMode::Lambda {
             return Err(EngineError::InvalidParameter { name: "prefill", reason: "the CUDA backend prefills streaming heads with the Λ mask only (--prefill lambda)".into() });
         }
@@ -154,17 +116,10 @@ impl CudaBackend {
             None | Some(KvDtype::Bf16) => KvType::Bf16,
             Some(KvDtype::Fp8) => KvType::Fp8,
             Some(KvDtype::Int8) => KvType::Int8,
-            Some(d) => {
-                return Err(EngineError::InvalidParameter {
-                    name: "kv-dtype",
-                    reason: format!("the CUDA backend caches bf16, fp8 or int8, not {d:?}"),
-                })
-            }
+            Some(d) => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("the CUDA backend caches bf16, fp8 or int8, not {d:?}") }),
         };
         Ok(PagedLayout {
-            retrieval: (0..self.config.n_layers)
-                .map(|l| method.pattern.layer(l).to_vec())
-                .collect(),
+            retrieval: (0..self.config.n_layers).map(|l| method.pattern.layer(l).to_vec()).collect(),
             sink: method.window.sink,
             recent: method.window.recent,
             block_tokens,
@@ -199,19 +154,8 @@ impl Sequence for CudaSequence {
     fn fork(&self) -> Result<Box<dyn Sequence>> {
         let pool = self.seq.pool();
         // A serving pool's sequence forks inside it; a single sequence into a pool of its own.
-        let into = if pool.config().max_seqs > 1 {
-            pool.clone()
-        } else {
-            KvPool::single(
-                pool.gpu().clone(),
-                pool.weights().clone(),
-                pool.layout().clone(),
-            )?
-        };
-        Ok(Box::new(CudaSequence {
-            seq: pool.copy_to(&self.seq, &into)?,
-            plan: self.plan.clone(),
-        }))
+        let into = if pool.config().max_seqs > 1 { pool.clone() } else { KvPool::single(pool.gpu().clone(), pool.weights().clone(), pool.layout().clone())? };
+        Ok(Box::new(CudaSequence { seq: pool.copy_to(&self.seq, &into)?, plan: self.plan.clone() }))
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
@@ -224,16 +168,7 @@ impl CudaSequence {
     fn run(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         let pool = self.seq.pool().clone();
         if tokens.len() == 1 && self.seq.tokens() > 0 && logits != Logits::None {
-            return Ok(pool
-                .step(
-                    &mut [DecodeRow {
-                        seq: &mut self.seq,
-                        token: tokens[0],
-                    }],
-                    None,
-                    false,
-                )?
-                .decode);
+            return Ok(pool.step(&mut [DecodeRow { seq: &mut self.seq, token: tokens[0] }], None, false)?.decode);
         }
         let chunk = pool.layout().max_chunk;
         let mut out = Vec::new();
@@ -245,15 +180,7 @@ impl CudaSequence {
                 Logits::Last => RowLogits::None,
                 Logits::All => RowLogits::All,
             };
-            let got = pool.step(
-                &mut [],
-                Some(PrefillChunk {
-                    seq: &mut self.seq,
-                    tokens: c,
-                    logits: rows,
-                }),
-                false,
-            )?;
+            let got = pool.step(&mut [], Some(PrefillChunk { seq: &mut self.seq, tokens: c, logits: rows }), false)?;
             out.extend(got.prefill);
         }
         Ok(out)
@@ -273,31 +200,16 @@ impl Backend for CudaBackend {
         2
     }
 
-    fn new_sequence(
-        &self,
-        method: &ResolvedMethod,
-        max_tokens: usize,
-    ) -> Result<Box<dyn Sequence>> {
+    fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>> {
         // One row more than asked: a decode step reads its own token's row.
-        let layout = self.layout(
-            method,
-            SINGLE_BLOCK_TOKENS,
-            method.chunk.min(max_tokens),
-            max_tokens + 1,
-        )?;
+        let layout = self.layout(method, SINGLE_BLOCK_TOKENS, method.chunk.min(max_tokens), max_tokens + 1)?;
         let pool = KvPool::single(self.gpu.clone(), self.weights.clone(), layout)?;
-        Ok(Box::new(CudaSequence {
-            seq: pool.sequence()?,
-            plan: kv_plan(self, method),
-        }))
+        Ok(Box::new(CudaSequence { seq: pool.sequence()?, plan: kv_plan(self, method) }))
     }
 
     fn forward(&self, seq: &mut dyn Sequence, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         if tokens.is_empty() {
-            return Err(EngineError::InvalidParameter {
-                name: "tokens",
-                reason: "an empty chunk".into(),
-            });
+            return Err(EngineError::InvalidParameter { name: "tokens", reason: "an empty chunk".into() });
         }
         downcast::<CudaSequence>(seq, "CUDA")?.run(tokens, logits)
     }
@@ -305,60 +217,34 @@ impl Backend for CudaBackend {
     fn greedy_step(&self, seq: &mut dyn Sequence, token: u32) -> Result<u32> {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
         let pool = s.seq.pool().clone();
-        let out = pool.step(
-            &mut [DecodeRow {
-                seq: &mut s.seq,
-                token,
-            }],
-            None,
-            true,
-        )?;
+        let out = pool.step(&mut [DecodeRow { seq: &mut s.seq, token }], None, true)?;
         Ok(out.next[0])
     }
 
     fn decode_batch(&self, tokens: &[u32], seqs: &mut [&mut dyn Sequence]) -> Result<Vec<f32>> {
         if tokens.len() != seqs.len() {
-            return Err(EngineError::Backend(format!(
-                "{} tokens for {} sequences",
-                tokens.len(),
-                seqs.len()
-            )));
+            return Err(EngineError::Backend(format!("{} tokens for {} sequences", tokens.len(), seqs.len())));
         }
         let mut rows = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
             rows.push(&mut downcast::<CudaSequence>(&mut **s, "CUDA")?.seq);
         }
-        let Some(first) = rows.first().map(|s| s.pool().clone()) else {
-            return Ok(Vec::new());
-        };
-        if rows.iter().all(|s| Arc::ptr_eq(s.pool(), &first))
-            && bucket(rows.len()) <= first.config().max_rows
-            && rows.len() <= first.config().max_seqs
-        {
-            let mut rows: Vec<DecodeRow> = rows
-                .into_iter()
-                .zip(tokens)
-                .map(|(seq, &token)| DecodeRow { seq, token })
-                .collect();
+        let Some(first) = rows.first().map(|s| s.pool().clone()) else { return Ok(Vec::new()) };
+        if rows.iter().all(|s| Arc::ptr_eq(s.pool(), &first)) && bucket(rows.len()) <= first.config().max_rows && rows.len() <= first.config().max_seqs {
+            let mut rows: Vec<DecodeRow> = rows.into_iter().zip(tokens).map(|(seq, &token)| DecodeRow { seq, token }).collect();
             return Ok(first.step(&mut rows, None, false)?.decode);
         }
         // Sequences of different pools: one step each.
         let mut out = Vec::new();
         for (seq, &token) in rows.into_iter().zip(tokens) {
             let pool = seq.pool().clone();
-            out.extend(
-                pool.step(&mut [DecodeRow { seq, token }], None, false)?
-                    .decode,
-            );
+            out.extend(pool.step(&mut [DecodeRow { seq, token }], None, false)?.decode);
         }
         Ok(out)
     }
 
     fn available_memory(&self) -> Option<usize> {
-        self.gpu
-            .memory_used()
-            .ok()
-            .map(|(used, total)| total - used)
+        self.gpu.memory_used().ok().map(|(used, total)| total - used)
     }
 
     fn memory_in_use(&self) -> Option<usize> {
@@ -372,31 +258,16 @@ impl Backend for CudaBackend {
     }
 
     fn decode_floor(&self) -> Result<Option<(usize, f64)>> {
-        Ok(Some((
-            self.weights.config.weight_bytes(),
-            self.gpu.copy_bandwidth()?,
-        )))
+        Ok(Some((self.weights.config.weight_bytes(), self.gpu.copy_bandwidth()?)))
     }
 
-    fn kv_pool(
-        &self,
-        method: &ResolvedMethod,
-        o: &PoolOptions,
-    ) -> Result<Option<Arc<dyn super::KvPool>>> {
+    fn kv_pool(&self, method: &ResolvedMethod, o: &PoolOptions) -> Result<Option<Arc<dyn super::KvPool>>> {
         o.validate()?;
         let chunk = method.chunk.min(o.max_num_batched_tokens);
         let layout = self.layout(method, o.block_size, chunk, self.config.context_length + 1)?;
         // A decode-only step pads its rows to the graph bucket of the running sequences.
-        let rows = o
-            .max_num_batched_tokens
-            .max(bucket(o.max_num_seqs))
-            .max(chunk);
-        let mut config = PoolConfig {
-            blocks: 0,
-            max_seqs: o.max_num_seqs,
-            max_rows: rows,
-            graphs: true,
-        };
+        let rows = o.max_num_batched_tokens.max(bucket(o.max_num_seqs)).max(chunk);
+        let mut config = PoolConfig { blocks: 0, max_seqs: o.max_num_seqs, max_rows: rows, graphs: true };
         let (used, total) = self.gpu.memory_used()?;
         // vLLM's meaning: this process may use the fraction of the card; less what it holds
         // now (weights; its context is counted with other processes' memory at load), the step
@@ -404,19 +275,11 @@ impl Backend for CudaBackend {
         let ours = used.saturating_sub(self.used_before);
         let allowed = (o.gpu_memory_utilization * total as f64) as usize;
         let overhead = KvPool::overhead_bytes(&self.weights, &layout, &config) + (768 << 20);
-        let budget = allowed
-            .saturating_sub(ours + overhead)
-            .min((total - used).saturating_sub(overhead));
+        let budget = allowed.saturating_sub(ours + overhead).min((total - used).saturating_sub(overhead));
         config.blocks = budget / layout.block_bytes(self.config.head_dim);
         if let Some(n) = o.blocks_override {
             if n * layout.block_bytes(self.config.head_dim) > budget {
-                return Err(EngineError::InvalidParameter {
-                    name: "num_gpu_blocks_override",
-                    reason: format!(
-                        "{n} blocks need more than the {:.2} GiB the memory fraction leaves",
-                        budget as f64 / (1u64 << 30) as f64
-                    ),
-                });
+                return Err(EngineError::InvalidParameter { name: "num_gpu_blocks_override", reason: format!("{n} blocks need more than the {:.2} GiB the memory fraction leaves", budget as f64 / (1u64 << 30) as f64) });
             }
             config.blocks = n;
         }
@@ -430,10 +293,7 @@ impl Backend for CudaBackend {
             )));
         }
         let pool = KvPool::new(self.gpu.clone(), self.weights.clone(), layout, config)?;
-        Ok(Some(Arc::new(ServingPool {
-            pool,
-            plan: kv_plan(self, method),
-        })))
+        Ok(Some(Arc::new(ServingPool { pool, plan: kv_plan(self, method) })))
     }
 }
 
@@ -445,19 +305,14 @@ struct ServingPool {
 
 impl super::KvPool for ServingPool {
     fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
-        Ok(Box::new(CudaSequence {
-            seq: self.pool.sequence()?,
-            plan: self.plan.clone(),
-        }))
+        Ok(Box::new(CudaSequence { seq: self.pool.sequence()?, plan: self.plan.clone() }))
     }
     fn blocks_for(&self, tokens: usize) -> usize {
         self.pool.layout().blocks_for(tokens, Ring::Prefill)
     }
     fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize, decode: bool) -> Result<usize> {
         let ring = if decode { Ring::Decode } else { Ring::Prefill };
-        Ok(self
-            .pool
-            .blocks_needed(&downcast::<CudaSequence>(seq, "CUDA")?.seq, more, ring))
+        Ok(self.pool.blocks_needed(&downcast::<CudaSequence>(seq, "CUDA")?.seq, more, ring))
     }
     fn free_blocks(&self) -> usize {
         self.pool.free_blocks()
@@ -480,34 +335,16 @@ impl super::KvPool for ServingPool {
     fn max_chunk(&self) -> usize {
         self.pool.layout().max_chunk
     }
-    fn step(
-        &self,
-        decode: &mut [(&mut dyn Sequence, u32)],
-        prefill: Option<(&mut dyn Sequence, &[u32], bool)>,
-    ) -> Result<PoolStep> {
+    fn step(&self, decode: &mut [(&mut dyn Sequence, u32)], prefill: Option<(&mut dyn Sequence, &[u32], bool)>) -> Result<PoolStep> {
         let mut rows = Vec::with_capacity(decode.len());
         for (s, token) in decode.iter_mut() {
-            rows.push(DecodeRow {
-                seq: &mut downcast::<CudaSequence>(&mut **s, "CUDA")?.seq,
-                token: *token,
-            });
+            rows.push(DecodeRow { seq: &mut downcast::<CudaSequence>(&mut **s, "CUDA")?.seq, token: *token });
         }
         let chunk = match prefill {
-            Some((s, tokens, last)) => Some(PrefillChunk {
-                seq: &mut downcast::<CudaSequence>(s, "CUDA")?.seq,
-                tokens,
-                logits: if last {
-                    RowLogits::Last
-                } else {
-                    RowLogits::None
-                },
-            }),
+            Some((s, tokens, last)) => Some(PrefillChunk { seq: &mut downcast::<CudaSequence>(s, "CUDA")?.seq, tokens, logits: if last { RowLogits::Last } else { RowLogits::None } }),
             None => None,
         };
         let out = self.pool.step(&mut rows, chunk, false)?;
-        Ok(PoolStep {
-            decode: out.decode,
-            prefill: out.prefill,
-        })
+        Ok(PoolStep { decode: out.decode, prefill: out.prefill })
     }
 }

@@ -39,18 +39,11 @@ pub enum Device {
 impl std::str::FromStr for Device {
     type Err = EngineError;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || EngineError::InvalidParameter {
-            name: "device",
-            reason: format!("`{s}` is not one of cpu, cuda, cuda:N"),
-        };
+        let bad = || EngineError::InvalidParameter { name: "device", reason: format!("`{s}` is not one of cpu, cuda, cuda:N") };
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(bad),
+            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda).ok_or_else(bad),
         }
     }
 }
@@ -87,28 +80,19 @@ pub trait Backend: Send + Sync {
     /// Bytes of one cached key or value element (4 for `f32`, 2 for bf16).
     fn kv_element_bytes(&self) -> usize;
     /// An empty sequence for `method`, with room for `max_tokens` tokens.
-    fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize)
-        -> Result<Box<dyn Sequence>>;
+    fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>>;
     /// Runs `tokens` at positions `seq.tokens()..` (any length: the backend chunks as the
     /// method says), appending them to the cache, and returns the requested logits.
     fn forward(&self, seq: &mut dyn Sequence, tokens: &[u32], logits: Logits) -> Result<Vec<f32>>;
     /// Appends `token` and returns the greedy next token (backends may avoid copying logits).
     fn greedy_step(&self, seq: &mut dyn Sequence, token: u32) -> Result<u32> {
-        Ok(crate::sampler::argmax(&self.forward(
-            seq,
-            &[token],
-            Logits::Last,
-        )?))
+        Ok(crate::sampler::argmax(&self.forward(seq, &[token], Logits::Last)?))
     }
     /// One decode step for several sequences: `tokens[i]` goes to `seqs[i]`; returns the
     /// logits `[n, vocab]`, row `i` equal to what `seqs[i]` alone would give.
     fn decode_batch(&self, tokens: &[u32], seqs: &mut [&mut dyn Sequence]) -> Result<Vec<f32>> {
         if tokens.len() != seqs.len() {
-            return Err(EngineError::Backend(format!(
-                "{} tokens for {} sequences",
-                tokens.len(),
-                seqs.len()
-            )));
+            return Err(EngineError::Backend(format!("{} tokens for {} sequences", tokens.len(), seqs.len())));
         }
         let mut out = Vec::new();
         for (t, s) in tokens.iter().zip(seqs.iter_mut()) {
@@ -123,10 +107,7 @@ pub trait Backend: Send + Sync {
     /// Pretends `tokens` tokens were prefilled (seeded random keys and values): for decode
     /// measurements at lengths whose prefill would take too long. Backends without it say so.
     fn fill_synthetic(&self, _seq: &mut dyn Sequence, _tokens: usize, _seed: u64) -> Result<()> {
-        Err(EngineError::Backend(format!(
-            "{} cannot fill caches with synthetic tokens",
-            self.describe()
-        )))
+        Err(EngineError::Backend(format!("{} cannot fill caches with synthetic tokens", self.describe())))
     }
     /// The bandwidth floor of a decode step: weight bytes read per step and the measured
     /// copy bandwidth (bytes per second), where the backend measures it.
@@ -135,11 +116,7 @@ pub trait Backend: Send + Sync {
     }
     /// One shared KV pool for serving `method`, where the backend pages its caches (CUDA);
     /// `None` where each sequence owns its memory (CPU: the server reserves bytes instead).
-    fn kv_pool(
-        &self,
-        _method: &ResolvedMethod,
-        _options: &PoolOptions,
-    ) -> Result<Option<Arc<dyn KvPool>>> {
+    fn kv_pool(&self, _method: &ResolvedMethod, _options: &PoolOptions) -> Result<Option<Arc<dyn KvPool>>> {
         Ok(None)
     }
 }
@@ -163,43 +140,18 @@ pub struct PoolOptions {
 impl PoolOptions {
     /// Checks every field, naming the flag that sets it.
     pub fn validate(&self) -> Result<()> {
-        let bad = |name: &'static str, reason: String| {
-            Err(EngineError::InvalidParameter { name, reason })
-        };
+        let bad = |name: &'static str, reason: String| Err(EngineError::InvalidParameter { name, reason });
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
-            return bad(
-                "gpu-memory-utilization",
-                format!("must be in (0, 1] (got {})", self.gpu_memory_utilization),
-            );
+            return bad("gpu-memory-utilization", format!("must be in (0, 1] (got {})", self.gpu_memory_utilization));
         }
         if !duo_cuda::paged::block_tokens_ok(self.block_size) {
-            return bad(
-                "block-size",
-                format!(
-                    "must be a power of two from 8 to 1024 (got {})",
-                    self.block_size
-                ),
-            );
+            return bad("block-size", format!("must be a power of two from 8 to 1024 (got {})", self.block_size));
         }
         if !(1..=duo_cuda::pool::MAX_SEQS).contains(&self.max_num_seqs) {
-            return bad(
-                "max-num-seqs",
-                format!(
-                    "must be from 1 to {} (got {})",
-                    duo_cuda::pool::MAX_SEQS,
-                    self.max_num_seqs
-                ),
-            );
+            return bad("max-num-seqs", format!("must be from 1 to {} (got {})", duo_cuda::pool::MAX_SEQS, self.max_num_seqs));
         }
         if !(1..=duo_cuda::pool::MAX_ROWS).contains(&self.max_num_batched_tokens) {
-            return bad(
-                "max-num-batched-tokens",
-                format!(
-                    "must be from 1 to {} (got {})",
-                    duo_cuda::pool::MAX_ROWS,
-                    self.max_num_batched_tokens
-                ),
-            );
+            return bad("max-num-batched-tokens", format!("must be from 1 to {} (got {})", duo_cuda::pool::MAX_ROWS, self.max_num_batched_tokens));
         }
         Ok(())
     }
@@ -207,13 +159,7 @@ impl PoolOptions {
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        Self {
-            gpu_memory_utilization: 0.9,
-            max_num_seqs: 256,
-            max_num_batched_tokens: 1024,
-            block_size: 64,
-            blocks_override: None,
-        }
+        Self { gpu_memory_utilization: 0.9, max_num_seqs: 256, max_num_batched_tokens: 1024, block_size: 64, blocks_override: None }
     }
 }
 
@@ -253,47 +199,25 @@ pub trait KvPool: Send + Sync {
     /// One step: token `decode[i].1` appended to sequence `decode[i].0`, and a prefill chunk
     /// of one more sequence (with its last row's logits when `last`). Fails, changing nothing,
     /// when the blocks it needs are not free.
-    fn step(
-        &self,
-        decode: &mut [(&mut dyn Sequence, u32)],
-        prefill: Option<(&mut dyn Sequence, &[u32], bool)>,
-    ) -> Result<PoolStep>;
+    fn step(&self, decode: &mut [(&mut dyn Sequence, u32)], prefill: Option<(&mut dyn Sequence, &[u32], bool)>) -> Result<PoolStep>;
 }
 
 /// The method's cache plan with its element size (the method's `--kv-dtype`, else the
 /// backend's own): the one formula for bytes held.
 pub fn kv_plan(backend: &dyn Backend, method: &ResolvedMethod) -> CachePlan {
-    let bytes = method
-        .kv_dtype
-        .map_or(backend.kv_element_bytes(), |d| d.bytes());
+    let bytes = method.kv_dtype.map_or(backend.kv_element_bytes(), |d| d.bytes());
     let scales = method.kv_dtype.map_or(0, |d| d.scale_bytes());
-    CachePlan::new(
-        &method.pattern,
-        backend.config().head_dim,
-        bytes,
-        method.window,
-    )
-    .with_row_scales(scales)
+    CachePlan::new(&method.pattern, backend.config().head_dim, bytes, method.window).with_row_scales(scales)
 }
 
 /// Bytes held after `tokens` tokens under `plan`, by head kind.
 pub fn plan_bytes(plan: &CachePlan, tokens: usize) -> KvBytes {
-    KvBytes {
-        retrieval: plan.retrieval_bytes(tokens),
-        streaming: plan.streaming_bytes(tokens),
-    }
+    KvBytes { retrieval: plan.retrieval_bytes(tokens), streaming: plan.streaming_bytes(tokens) }
 }
 
 /// The sequence as the concrete type `T`, or an error naming the backend.
-pub(crate) fn downcast<'a, T: 'static>(
-    seq: &'a mut dyn Sequence,
-    backend: &str,
-) -> Result<&'a mut T> {
-    seq.as_any_mut().downcast_mut::<T>().ok_or_else(|| {
-        EngineError::Backend(format!(
-            "this sequence was not made by the {backend} backend"
-        ))
-    })
+pub(crate) fn downcast<'a, T: 'static>(seq: &'a mut dyn Sequence, backend: &str) -> Result<&'a mut T> {
+    seq.as_any_mut().downcast_mut::<T>().ok_or_else(|| EngineError::Backend(format!("this sequence was not made by the {backend} backend")))
 }
 
 /// A device opened before any model file is read, so that a missing driver is the first
@@ -314,18 +238,10 @@ pub fn open(device: Device) -> Result<OpenedDevice> {
 }
 
 /// Loads a checkpoint onto an opened device.
-pub fn load(
-    device: OpenedDevice,
-    checkpoint: &duo_model::Checkpoint,
-    config: ModelConfig,
-) -> Result<Box<dyn Backend>> {
+pub fn load(device: OpenedDevice, checkpoint: &duo_model::Checkpoint, config: ModelConfig) -> Result<Box<dyn Backend>> {
     Ok(match device {
-        OpenedDevice::Cpu => Box::new(cpu::CpuBackend::new(duo_model::Model::load(
-            checkpoint, config,
-        )?)),
-        OpenedDevice::Cuda(gpu, n) => {
-            Box::new(cuda::CudaBackend::load(gpu, n, checkpoint, config)?)
-        }
+        OpenedDevice::Cpu => Box::new(cpu::CpuBackend::new(duo_model::Model::load(checkpoint, config)?)),
+        OpenedDevice::Cuda(gpu, n) => Box::new(cuda::CudaBackend::load(gpu, n, checkpoint, config)?),
     })
 }
 
@@ -333,9 +249,7 @@ pub fn load(
 /// only; the CPU stores Q4_1 weights, the GPU bf16).
 pub fn random(device: Device, config: ModelConfig, seed: u64) -> Result<Box<dyn Backend>> {
     Ok(match open(device)? {
-        OpenedDevice::Cpu => Box::new(cpu::CpuBackend::new(duo_model::Model::random(
-            config, seed,
-        )?)),
+        OpenedDevice::Cpu => Box::new(cpu::CpuBackend::new(duo_model::Model::random(config, seed)?)),
         OpenedDevice::Cuda(gpu, n) => Box::new(cuda::CudaBackend::random(gpu, n, config, seed)?),
     })
 }
