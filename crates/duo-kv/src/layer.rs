@@ -2,9 +2,7 @@
 
 use crate::cache::{HeadCache, RetrievalHead, StreamingHead};
 use duo_core::cache_spec::{CachePlan, HeadKind, LayerCacheSpec};
-use duo_kernels::attention::{
-    attend_heads, HeadJob, KeySegment, KvElem, Positions, QueryBlock, Visibility,
-};
+use duo_kernels::attention::{attend_heads, HeadJob, KeySegment, KvElem, Positions, QueryBlock, Visibility};
 use half::f16;
 
 /// How streaming heads see a prompt processed in chunks.
@@ -26,9 +24,7 @@ impl std::str::FromStr for PrefillMode {
         match s {
             "lambda" => Ok(Self::Lambda),
             "reference" => Ok(Self::Reference),
-            _ => Err(format!(
-                "unknown prefill mode `{s}` (expected `lambda` or `reference`)"
-            )),
+            _ => Err(format!("unknown prefill mode `{s}` (expected `lambda` or `reference`)")),
         }
     }
 }
@@ -68,9 +64,7 @@ fn new_heads<E: KvElem>(spec: &LayerCacheSpec) -> Vec<HeadCache<E>> {
         .iter()
         .map(|k| match k {
             HeadKind::Retrieval => HeadCache::Retrieval(RetrievalHead::new(spec.head_dim)),
-            HeadKind::Streaming => {
-                HeadCache::Streaming(StreamingHead::new(spec.head_dim, spec.window))
-            }
+            HeadKind::Streaming => HeadCache::Streaming(StreamingHead::new(spec.head_dim, spec.window)),
         })
         .collect()
 }
@@ -105,9 +99,7 @@ impl LayerKv {
         let heads = match spec.bytes_per_element {
             4 => LayerHeads::F32(new_heads(&spec)),
             2 => LayerHeads::F16(new_heads(&spec)),
-            b => {
-                panic!("a CPU cache holds 4-byte (f32) or 2-byte (f16) elements, not {b}-byte ones")
-            }
+            b => panic!("a CPU cache holds 4-byte (f32) or 2-byte (f16) elements, not {b}-byte ones"),
         };
         Self { spec, heads }
     }
@@ -143,22 +135,10 @@ impl LayerKv {
     /// Hybrid attention for a chunk of `t` tokens at `first_position..`, then caches
     /// the chunk. `q` is `[t, n_heads * head_dim]` and `k`, `v` are
     /// `[t, n_kv_heads * head_dim]`, all after RoPE. Returns `[t, n_heads * head_dim]`.
-    pub fn attend(
-        &mut self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        first_position: usize,
-        n_heads: usize,
-        mode: PrefillMode,
-    ) -> Vec<f32> {
+    pub fn attend(&mut self, q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode) -> Vec<f32> {
         match &mut self.heads {
-            LayerHeads::F32(h) => {
-                attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode)
-            }
-            LayerHeads::F16(h) => {
-                attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode)
-            }
+            LayerHeads::F32(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode),
+            LayerHeads::F16(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode),
         }
     }
 }
@@ -167,16 +147,7 @@ impl LayerKv {
 /// the chunk rounded to `E` too, so a query sees the chunk's keys as later queries will see
 /// them from the cache.
 #[allow(clippy::too_many_arguments)]
-fn attend_layer<E: KvElem>(
-    spec: &LayerCacheSpec,
-    heads: &mut [HeadCache<E>],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    first_position: usize,
-    n_heads: usize,
-    mode: PrefillMode,
-) -> Vec<f32> {
+fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode) -> Vec<f32> {
     let hd = spec.head_dim;
     let n_kv = heads.len();
     let kv_stride = n_kv * hd;
@@ -196,11 +167,7 @@ fn attend_layer<E: KvElem>(
     let window = spec.window;
     // The chunk as the cache will hold it (borrowed for f32), for streaming heads.
     let any_streaming = heads.iter().any(|h| matches!(h, HeadCache::Streaming(_)));
-    let (kc, vc) = if any_streaming {
-        (E::from_f32_slice(k), E::from_f32_slice(v))
-    } else {
-        (E::from_f32_slice(&[]), E::from_f32_slice(&[]))
-    };
+    let (kc, vc) = if any_streaming { (E::from_f32_slice(k), E::from_f32_slice(v)) } else { (E::from_f32_slice(&[]), E::from_f32_slice(&[])) };
     // A decode step (one position) attends once per KV head for all the query heads that
     // share it, so each cached key and value is read once for the group (each head's rows keep
     // the bits they get alone); a chunk attends once per query head over its positions.
@@ -209,35 +176,13 @@ fn attend_layer<E: KvElem>(
         let mut jobs = Vec::with_capacity(n_heads);
         for job in 0..if grouped { n_kv } else { n_heads } {
             let (g, queries) = if grouped {
-                (
-                    job,
-                    QueryBlock {
-                        queries: &q[job * group * hd..(job + 1) * group * hd],
-                        row_stride: hd,
-                        first_position,
-                        shared_position: true,
-                    },
-                )
+                (job, QueryBlock { queries: &q[job * group * hd..(job + 1) * group * hd], row_stride: hd, first_position, shared_position: true })
             } else {
-                (
-                    job / group,
-                    QueryBlock {
-                        queries: &q[job * hd..(t - 1) * q_stride + job * hd + hd],
-                        row_stride: q_stride,
-                        first_position,
-                        shared_position: false,
-                    },
-                )
+                (job / group, QueryBlock { queries: &q[job * hd..(t - 1) * q_stride + job * hd + hd], row_stride: q_stride, first_position, shared_position: false })
             };
             let (segments, visibility) = match &heads[g] {
                 HeadCache::Retrieval(h) => (
-                    vec![KeySegment {
-                        keys: &h.keys,
-                        values: &h.values,
-                        row_stride: hd,
-                        positions: Positions::Contiguous(0),
-                        cached: true,
-                    }],
+                    vec![KeySegment { keys: &h.keys, values: &h.values, row_stride: hd, positions: Positions::Contiguous(0), cached: true }],
                     Visibility::Causal,
                 ),
                 HeadCache::Streaming(h) => {
@@ -248,35 +193,16 @@ fn attend_layer<E: KvElem>(
                         positions: Positions::Contiguous(first_position),
                         cached: false,
                     };
-                    let sink = KeySegment {
-                        keys: &h.sink_keys,
-                        values: &h.sink_values,
-                        row_stride: hd,
-                        positions: Positions::Contiguous(0),
-                        cached: true,
-                    };
-                    let ring = KeySegment {
-                        keys: &h.ring_keys,
-                        values: &h.ring_values,
-                        row_stride: hd,
-                        positions: Positions::List(&h.ring_positions),
-                        cached: true,
-                    };
+                    let sink = KeySegment { keys: &h.sink_keys, values: &h.sink_values, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
+                    let ring = KeySegment { keys: &h.ring_keys, values: &h.ring_values, row_stride: hd, positions: Positions::List(&h.ring_positions), cached: true };
                     let vis = match mode {
-                        PrefillMode::Lambda => Visibility::Lambda {
-                            sink: window.sink,
-                            recent: window.recent,
-                        },
+                        PrefillMode::Lambda => Visibility::Lambda { sink: window.sink, recent: window.recent },
                         PrefillMode::Reference => Visibility::CachedAndCausal,
                     };
                     (vec![sink, ring, chunk], vis)
                 }
             };
-            jobs.push(HeadJob {
-                queries,
-                segments,
-                visibility,
-            });
+            jobs.push(HeadJob { queries, segments, visibility });
         }
         attend_heads(&jobs, hd, scale)
     };
@@ -284,11 +210,7 @@ fn attend_layer<E: KvElem>(
     for (g, head) in heads.iter_mut().enumerate() {
         if let HeadCache::Streaming(h) = head {
             for r in 0..t {
-                h.append(
-                    &k[r * kv_stride + g * hd..],
-                    &v[r * kv_stride + g * hd..],
-                    first_position + r,
-                );
+                h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..], first_position + r);
             }
         }
     }
@@ -306,7 +228,7 @@ fn attend_layer<E: KvElem>(
         }
     }
     out
-}
+    }
 
 /// The caches of one sequence: one [`LayerKv`] per layer, plus bookkeeping.
 #[derive(Debug, Clone)]
@@ -320,12 +242,7 @@ pub struct SequenceKv {
 impl SequenceKv {
     /// Empty caches for a plan.
     pub fn new(plan: &CachePlan, mode: PrefillMode) -> Self {
-        Self {
-            layers: plan.layers.iter().cloned().map(LayerKv::new).collect(),
-            tokens: 0,
-            peak: KvBytes::default(),
-            mode,
-        }
+        Self { layers: plan.layers.iter().cloned().map(LayerKv::new).collect(), tokens: 0, peak: KvBytes::default(), mode }
     }
 
     /// Tokens processed so far (the next token's position).
@@ -366,13 +283,10 @@ impl SequenceKv {
 
     /// Bytes held now.
     pub fn bytes(&self) -> KvBytes {
-        self.layers
-            .iter()
-            .map(LayerKv::bytes)
-            .fold(KvBytes::default(), |a, b| KvBytes {
-                retrieval: a.retrieval + b.retrieval,
-                streaming: a.streaming + b.streaming,
-            })
+        self.layers.iter().map(LayerKv::bytes).fold(KvBytes::default(), |a, b| KvBytes {
+            retrieval: a.retrieval + b.retrieval,
+            streaming: a.streaming + b.streaming,
+        })
     }
 
     /// The most bytes held after any chunk.
@@ -395,15 +309,7 @@ mod tests {
 
     /// Dense attention of the whole sequence with an explicit mask per KV head kind:
     /// what the chunked, cached computation must reproduce.
-    fn dense_oracle(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n_heads: usize,
-        kinds: &[HeadKind],
-        hd: usize,
-        mask: &dyn Fn(HeadKind, usize, usize) -> bool,
-    ) -> Vec<f32> {
+    fn dense_oracle(q: &[f32], k: &[f32], v: &[f32], n_heads: usize, kinds: &[HeadKind], hd: usize, mask: &dyn Fn(HeadKind, usize, usize) -> bool) -> Vec<f32> {
         let n_kv = kinds.len();
         let t = k.len() / (n_kv * hd);
         let mut out = vec![0.0; t * n_heads * hd];
@@ -412,38 +318,13 @@ mod tests {
             for i in 0..t {
                 // Build the visible rows explicitly and run the f64 oracle on them.
                 let rows: Vec<usize> = (0..t).filter(|&j| mask(kinds[g], i, j)).collect();
-                let kk: Vec<f32> = rows
-                    .iter()
-                    .flat_map(|&j| k[j * n_kv * hd + g * hd..][..hd].to_vec())
-                    .collect();
-                let vv: Vec<f32> = rows
-                    .iter()
-                    .flat_map(|&j| v[j * n_kv * hd + g * hd..][..hd].to_vec())
-                    .collect();
+                let kk: Vec<f32> = rows.iter().flat_map(|&j| k[j * n_kv * hd + g * hd..][..hd].to_vec()).collect();
+                let vv: Vec<f32> = rows.iter().flat_map(|&j| v[j * n_kv * hd + g * hd..][..hd].to_vec()).collect();
                 let pos: Vec<usize> = rows.clone();
-                let seg = KeySegment {
-                    keys: &kk,
-                    values: &vv,
-                    row_stride: hd,
-                    positions: Positions::List(&pos),
-                    cached: true,
-                };
-                let qb = QueryBlock {
-                    queries: &q[i * n_heads * hd + qh * hd..][..hd],
-                    row_stride: hd,
-                    first_position: i,
-                    shared_position: false,
-                };
+                let seg = KeySegment { keys: &kk, values: &vv, row_stride: hd, positions: Positions::List(&pos), cached: true };
+                let qb = QueryBlock { queries: &q[i * n_heads * hd + qh * hd..][..hd], row_stride: hd, first_position: i, shared_position: false };
                 let mut o = vec![0.0; hd];
-                reference_attention(
-                    qb,
-                    &[seg],
-                    Visibility::CachedAndCausal,
-                    hd,
-                    1.0 / (hd as f32).sqrt(),
-                    &mut o,
-                    hd,
-                );
+                reference_attention(qb, &[seg], Visibility::CachedAndCausal, hd, 1.0 / (hd as f32).sqrt(), &mut o, hd);
                 out[i * n_heads * hd + qh * hd..][..hd].copy_from_slice(&o);
             }
         }
@@ -451,33 +332,12 @@ mod tests {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_chunked(
-        pattern: &HeadPattern,
-        window: Window,
-        mode: PrefillMode,
-        chunk: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n_heads: usize,
-        hd: usize,
-    ) -> (Vec<f32>, SequenceKv) {
+    fn run_chunked(pattern: &HeadPattern, window: Window, mode: PrefillMode, chunk: usize, q: &[f32], k: &[f32], v: &[f32], n_heads: usize, hd: usize) -> (Vec<f32>, SequenceKv) {
         run_chunked_bytes(pattern, window, mode, chunk, q, k, v, n_heads, hd, 4)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_chunked_bytes(
-        pattern: &HeadPattern,
-        window: Window,
-        mode: PrefillMode,
-        chunk: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n_heads: usize,
-        hd: usize,
-        bytes: usize,
-    ) -> (Vec<f32>, SequenceKv) {
+    fn run_chunked_bytes(pattern: &HeadPattern, window: Window, mode: PrefillMode, chunk: usize, q: &[f32], k: &[f32], v: &[f32], n_heads: usize, hd: usize, bytes: usize) -> (Vec<f32>, SequenceKv) {
         let plan = CachePlan::new(pattern, hd, bytes, window);
         let mut seq = SequenceKv::new(&plan, mode);
         let n_kv = pattern.n_kv_heads();
@@ -486,14 +346,7 @@ mod tests {
         let mut s = 0;
         while s < t {
             let e = (s + chunk).min(t);
-            let o = seq.layer_mut(0).attend(
-                &q[s * n_heads * hd..e * n_heads * hd],
-                &k[s * n_kv * hd..e * n_kv * hd],
-                &v[s * n_kv * hd..e * n_kv * hd],
-                s,
-                n_heads,
-                mode,
-            );
+            let o = seq.layer_mut(0).attend(&q[s * n_heads * hd..e * n_heads * hd], &k[s * n_kv * hd..e * n_kv * hd], &v[s * n_kv * hd..e * n_kv * hd], s, n_heads, mode);
             seq.advance(e - s);
             out.extend(o);
             s = e;
@@ -502,12 +355,7 @@ mod tests {
     }
 
     fn rel(a: &[f32], b: &[f32]) -> f32 {
-        let n: f32 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).powi(2))
-            .sum::<f32>()
-            .sqrt();
+        let n: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt();
         n / b.iter().map(|y| y * y).sum::<f32>().sqrt()
     }
 
@@ -518,70 +366,29 @@ mod tests {
         let window = Window::new(3, 11).unwrap();
         // (query heads, kv heads): MHA, GQA 2:1, GQA 3:1.
         for &(n_heads, n_kv) in &[(2usize, 2usize), (4, 2), (6, 2)] {
-            let pattern =
-                HeadPattern::from_rows(vec![(0..n_kv).map(|g| g % 2 == 0).collect()]).unwrap();
-            let kinds: Vec<HeadKind> = pattern
-                .layer(0)
-                .iter()
-                .map(|&r| {
-                    if r {
-                        HeadKind::Retrieval
-                    } else {
-                        HeadKind::Streaming
-                    }
-                })
-                .collect();
+            let pattern = HeadPattern::from_rows(vec![(0..n_kv).map(|g| g % 2 == 0).collect()]).unwrap();
+            let kinds: Vec<HeadKind> = pattern.layer(0).iter().map(|&r| if r { HeadKind::Retrieval } else { HeadKind::Streaming }).collect();
             for &t in &[1usize, 13, 47, 101] {
                 let q = random(t * n_heads * hd, &mut rng);
                 let k = random(t * n_kv * hd, &mut rng);
                 let v = random(t * n_kv * hd, &mut rng);
-                let lambda = |kind: HeadKind, i: usize, j: usize| {
-                    j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11)
-                };
+                let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
                 let want = dense_oracle(&q, &k, &v, n_heads, &kinds, hd, &lambda);
                 for &chunk in &[1usize, 7, 16, 1000] {
-                    let (got, seq) = run_chunked(
-                        &pattern,
-                        window,
-                        PrefillMode::Lambda,
-                        chunk,
-                        &q,
-                        &k,
-                        &v,
-                        n_heads,
-                        hd,
-                    );
-                    assert!(
-                        rel(&got, &want) < 1e-5,
-                        "lambda heads={n_heads}/{n_kv} t={t} chunk={chunk}"
-                    );
+                    let (got, seq) = run_chunked(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
+                    assert!(rel(&got, &want) < 1e-5, "lambda heads={n_heads}/{n_kv} t={t} chunk={chunk}");
                     let b = seq.bytes();
                     assert_eq!(b.retrieval, (n_kv / 2) * 2 * hd * 4 * t);
                     assert_eq!(b.streaming, (n_kv - n_kv / 2) * 2 * hd * 4 * t.min(14));
                     // Reference mode: a chunk sees all cached sink+recent entries and itself causally.
-                    let (got_ref, _) = run_chunked(
-                        &pattern,
-                        window,
-                        PrefillMode::Reference,
-                        chunk,
-                        &q,
-                        &k,
-                        &v,
-                        n_heads,
-                        hd,
-                    );
+                    let (got_ref, _) = run_chunked(&pattern, window, PrefillMode::Reference, chunk, &q, &k, &v, n_heads, hd);
                     let reference = |kind: HeadKind, i: usize, j: usize| {
-                        if kind == HeadKind::Retrieval || j > i {
-                            return j <= i;
-                        }
+                        if kind == HeadKind::Retrieval || j > i { return j <= i; }
                         let chunk_start = i / chunk * chunk;
                         j >= chunk_start || j < 3 || chunk_start - j <= 11
                     };
                     let want_ref = dense_oracle(&q, &k, &v, n_heads, &kinds, hd, &reference);
-                    assert!(
-                        rel(&got_ref, &want_ref) < 1e-5,
-                        "reference heads={n_heads}/{n_kv} t={t} chunk={chunk}"
-                    );
+                    assert!(rel(&got_ref, &want_ref) < 1e-5, "reference heads={n_heads}/{n_kv} t={t} chunk={chunk}");
                 }
             }
         }
@@ -597,63 +404,17 @@ mod tests {
             let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
             let window = Window::new(3, 11).unwrap();
             let q = random(t * n_heads * hd, &mut rng);
-            let round = |x: Vec<f32>| -> Vec<f32> {
-                x.into_iter()
-                    .map(|v| half::f16::from_f32(v).to_f32())
-                    .collect()
-            };
-            let (k, v) = (
-                random(t * n_kv * hd, &mut rng),
-                random(t * n_kv * hd, &mut rng),
-            );
-            let lambda = |kind: HeadKind, i: usize, j: usize| {
-                j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11)
-            };
-            let want = dense_oracle(
-                &q,
-                &round(k.clone()),
-                &round(v.clone()),
-                n_heads,
-                &kinds,
-                hd,
-                &lambda,
-            );
+            let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect() };
+            let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
+            let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+            let want = dense_oracle(&q, &round(k.clone()), &round(v.clone()), n_heads, &kinds, hd, &lambda);
             for chunk in [1usize, 16, 1000] {
-                let (got, seq) = run_chunked_bytes(
-                    &pattern,
-                    window,
-                    PrefillMode::Lambda,
-                    chunk,
-                    &q,
-                    &k,
-                    &v,
-                    n_heads,
-                    hd,
-                    2,
-                );
-                assert!(
-                    rel(&got, &want) < 1e-5,
-                    "hd {hd} chunk {chunk}: {}",
-                    rel(&got, &want)
-                );
+                let (got, seq) = run_chunked_bytes(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd, 2);
+                assert!(rel(&got, &want) < 1e-5, "hd {hd} chunk {chunk}: {}", rel(&got, &want));
                 let b = seq.bytes();
-                assert_eq!(
-                    (b.retrieval, b.streaming),
-                    (2 * hd * 2 * t, 2 * hd * 2 * t.min(14)),
-                    "half the bytes of f32"
-                );
+                assert_eq!((b.retrieval, b.streaming), (2 * hd * 2 * t, 2 * hd * 2 * t.min(14)), "half the bytes of f32");
                 // And not the unrounded cache's result (the rounding is real).
-                let (f32_out, _) = run_chunked(
-                    &pattern,
-                    window,
-                    PrefillMode::Lambda,
-                    chunk,
-                    &q,
-                    &k,
-                    &v,
-                    n_heads,
-                    hd,
-                );
+                let (f32_out, _) = run_chunked(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
                 assert!(rel(&got, &f32_out) > 1e-6);
             }
         }
@@ -667,28 +428,8 @@ mod tests {
         let k = random(t * n_kv * hd, &mut rng);
         let v = random(t * n_kv * hd, &mut rng);
         let full = HeadPattern::all_retrieval(1, n_kv);
-        let (a, _) = run_chunked(
-            &full,
-            Window::new(2, 4).unwrap(),
-            PrefillMode::Lambda,
-            40,
-            &q,
-            &k,
-            &v,
-            n_heads,
-            hd,
-        );
-        let (b, _) = run_chunked(
-            &full,
-            Window::new(2, 4).unwrap(),
-            PrefillMode::Reference,
-            9,
-            &q,
-            &k,
-            &v,
-            n_heads,
-            hd,
-        );
+        let (a, _) = run_chunked(&full, Window::new(2, 4).unwrap(), PrefillMode::Lambda, 40, &q, &k, &v, n_heads, hd);
+        let (b, _) = run_chunked(&full, Window::new(2, 4).unwrap(), PrefillMode::Reference, 9, &q, &k, &v, n_heads, hd);
         let kinds = [HeadKind::Retrieval; 2];
         let want = dense_oracle(&q, &k, &v, n_heads, &kinds, hd, &|_, i, j| j <= i);
         assert!(rel(&a, &want) < 1e-5 && rel(&b, &want) < 1e-5);
