@@ -17,148 +17,62 @@ fn duo(args: &[&str]) -> (bool, String, f64) {
         sys.stderr.buffer.write(r.stderr)\n\
         print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n\
         sys.exit(r.returncode)";
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(env!("CARGO_BIN_EXE_duo"))
-        .args(args)
-        .output()
-        .expect("python3 runs duo");
-    let peak_kib: f64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(f64::INFINITY);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        peak_kib / 1024.0,
-    )
+    let out = Command::new("python3").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_duo")).args(args).output().expect("python3 runs duo");
+    let peak_kib: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(f64::INFINITY);
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), peak_kib / 1024.0)
 }
 
 fn model_with_template(template: &'static str) -> std::path::PathBuf {
-    let shape = SmallLlama {
-        layers: 1,
-        hidden: 64,
-        heads: 2,
-        kv_heads: 1,
-        ffn: 64,
-        context: 512,
-        template: Some(template),
-    };
+    let shape = SmallLlama { layers: 1, hidden: 64, heads: 2, kv_heads: 1, ffn: 64, context: 512, template: Some(template) };
     let mut named = BTreeMap::new();
     let mut put = |name: &str, dims: Vec<usize>| {
         let n: usize = dims.iter().product();
-        named.insert(
-            name.to_string(),
-            (
-                dims,
-                (0..n)
-                    .map(|i| ((i * 7919 % 97) as f32 - 48.0) / 500.0)
-                    .collect::<Vec<f32>>(),
-            ),
-        );
+        named.insert(name.to_string(), (dims, (0..n).map(|i| ((i * 7919 % 97) as f32 - 48.0) / 500.0).collect::<Vec<f32>>()));
     };
     put("token_embd.weight", vec![byte_vocab().0.len(), 64]);
     put("output_norm.weight", vec![64]);
-    for (part, dims) in [
-        ("attn_norm", vec![64]),
-        ("ffn_norm", vec![64]),
-        ("attn_q", vec![64, 64]),
-        ("attn_k", vec![32, 64]),
-        ("attn_v", vec![32, 64]),
-        ("attn_output", vec![64, 64]),
-        ("ffn_gate", vec![64, 64]),
-        ("ffn_up", vec![64, 64]),
-        ("ffn_down", vec![64, 64]),
-    ] {
+    for (part, dims) in [("attn_norm", vec![64]), ("ffn_norm", vec![64]), ("attn_q", vec![64, 64]), ("attn_k", vec![32, 64]), ("attn_v", vec![32, 64]), ("attn_output", vec![64, 64]), ("ffn_gate", vec![64, 64]), ("ffn_up", vec![64, 64]), ("ffn_down", vec![64, 64])] {
         put(&format!("blk.0.{part}.weight"), dims);
     }
-    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("bomb-{}.gguf", std::process::id()));
-    std::fs::write(
-        &path,
-        small_llama(&shape, &named, GgmlDType::F32).expect("gguf"),
-    )
-    .expect("write");
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bomb-{}.gguf", std::process::id()));
+    std::fs::write(&path, small_llama(&shape, &named, GgmlDType::F32).expect("gguf")).expect("write");
     path
 }
 
 #[test]
 fn a_string_doubling_chat_template_fails_cleanly() {
     let path = model_with_template("{% set s = namespace(v='a') %}{% for i in range(64) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}");
-    let (ok, err, peak) = duo(&[
-        "generate",
-        "--model",
-        path.to_str().expect("utf-8"),
-        "--chat",
-        "--max-tokens",
-        "2",
-        "hi",
-    ]);
+    let (ok, err, peak) = duo(&["generate", "--model", path.to_str().expect("utf-8"), "--chat", "--max-tokens", "2", "hi"]);
     assert!(!ok, "{err}");
-    assert!(
-        err.contains("chat template") && err.contains("memory"),
-        "{err}"
-    );
+    assert!(err.contains("chat template") && err.contains("memory"), "{err}");
     assert!(peak < 1024.0, "peak resident memory {peak:.0} MiB");
-    assert!(
-        !err.contains("panicked") && !err.contains("memory allocation of"),
-        "{err}"
-    );
+    assert!(!err.contains("panicked") && !err.contains("memory allocation of"), "{err}");
     std::fs::remove_file(path).ok();
 }
 
 #[test]
 fn window_sizes_beyond_the_context_are_refused() {
-    for (flag, value) in [
-        ("--sink", "1099511627776"),
-        ("--sink", "18446744073709551615"),
-        ("--recent", "1099511627776"),
-    ] {
+    for (flag, value) in [("--sink", "1099511627776"), ("--sink", "18446744073709551615"), ("--recent", "1099511627776")] {
         let (ok, err, _) = duo(&["generate", flag, value, "--max-tokens", "2", "hi"]);
         assert!(!ok, "{flag} {value}: {err}");
-        assert!(
-            err.contains(&flag[2..]) && err.contains("context"),
-            "{flag} {value}: {err}"
-        );
-        assert!(
-            !err.contains("panicked") && !err.contains("memory allocation of"),
-            "{err}"
-        );
+        assert!(err.contains(&flag[2..]) && err.contains("context"), "{flag} {value}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("memory allocation of"), "{err}");
     }
     // The server refuses them at start-up, before it is ready, not on its first request.
     let (ok, err, _) = duo(&["serve", "--port", "0", "--sink", "1099511627776"]);
-    assert!(
-        !ok && err.contains("sink") && !err.contains("ready"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("sink") && !err.contains("ready"), "{err}");
 }
 
 #[test]
 fn bad_gpu_pool_flags_are_refused_before_anything_loads() {
     for (args, names) in [
-        (
-            &["--gpu-memory-utilization", "1.5"][..],
-            "gpu-memory-utilization",
-        ),
-        (
-            &["--gpu-memory-utilization", "0"][..],
-            "gpu-memory-utilization",
-        ),
-        (
-            &["--gpu-memory-utilization", "NaN"][..],
-            "gpu-memory-utilization",
-        ),
+        (&["--gpu-memory-utilization", "1.5"][..], "gpu-memory-utilization"),
+        (&["--gpu-memory-utilization", "0"][..], "gpu-memory-utilization"),
+        (&["--gpu-memory-utilization", "NaN"][..], "gpu-memory-utilization"),
         (&["--block-size", "48"][..], "block-size"),
         (&["--block-size", "4096"][..], "block-size"),
-        (
-            &["--max-num-batched-tokens", "0"][..],
-            "max-num-batched-tokens",
-        ),
-        (
-            &["--max-num-batched-tokens", "18446744073709551615"][..],
-            "max-num-batched-tokens",
-        ),
+        (&["--max-num-batched-tokens", "0"][..], "max-num-batched-tokens"),
+        (&["--max-num-batched-tokens", "18446744073709551615"][..], "max-num-batched-tokens"),
         (&["--max-running", "1000000"][..], "max-num-seqs"),
         (&["--max-running", "0"][..], "max-running"),
     ] {
@@ -166,10 +80,7 @@ fn bad_gpu_pool_flags_are_refused_before_anything_loads() {
         all.extend_from_slice(args);
         let (ok, err, _) = duo(&all);
         assert!(!ok, "{args:?}: {err}");
-        assert!(
-            err.contains(names) && !err.contains("listening"),
-            "{args:?}: {err}"
-        );
+        assert!(err.contains(names) && !err.contains("listening"), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
 }
@@ -177,46 +88,20 @@ fn bad_gpu_pool_flags_are_refused_before_anything_loads() {
 #[test]
 fn a_thread_count_of_zero_is_refused() {
     let (ok, err, _) = duo(&["--threads", "0", "generate", "hi"]);
-    assert!(
-        !ok && err.contains("--threads") && err.contains("1 to 4096"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("--threads") && err.contains("1 to 4096"), "{err}");
 }
 
 #[test]
 fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
     for (args, want) in [
-        (
-            &["generate", "--kv-dtype", "int4", "hi"][..],
-            "not one of f32, f16 (CPU) or bf16, fp8, int8 (GPU)",
-        ),
-        (
-            &["generate", "--kv-dtype", "fp8", "hi"][..],
-            "on the CPU it is f32 (the default) or f16",
-        ),
-        (
-            &["generate", "--kv-dtype", "bf16", "hi"][..],
-            "on the CPU it is f32 (the default) or f16",
-        ),
-        (
-            &[
-                "bench",
-                "--device",
-                "cuda",
-                "--kv-dtype",
-                "f16",
-                "--lengths",
-                "64",
-            ][..],
-            "the CUDA backend caches bf16 (its default), fp8 or int8",
-        ),
+        (&["generate", "--kv-dtype", "int4", "hi"][..], "not one of f32, f16 (CPU) or bf16, fp8, int8 (GPU)"),
+        (&["generate", "--kv-dtype", "fp8", "hi"][..], "on the CPU it is f32 (the default) or f16"),
+        (&["generate", "--kv-dtype", "bf16", "hi"][..], "on the CPU it is f32 (the default) or f16"),
+        (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16 (its default), fp8 or int8"),
     ] {
         let (ok, err, _) = duo(args);
         assert!(!ok && err.contains(want), "{args:?}: {err}");
-        assert!(
-            !err.contains("loading"),
-            "refused before the model loads: {err}"
-        );
+        assert!(!err.contains("loading"), "refused before the model loads: {err}");
     }
 }
 
@@ -225,84 +110,31 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     // SmolLM2's shipped head pattern at 0.5: 45 retrieval heads of 64 (f32: 2 x 64 x 4 bytes
     // per token each) and 45 streaming heads holding 64 + 256 tokens; full attention 90 heads.
     let heatmap = std::env::temp_dir().join(format!("duo-gates-{}.png", std::process::id()));
-    let pattern = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../patterns/SmolLM2-135M-Instruct/head"
-    );
+    let pattern = concat!(env!("CARGO_MANIFEST_DIR"), "/../../patterns/SmolLM2-135M-Instruct/head");
     let run = Command::new(env!("CARGO_BIN_EXE_duo"))
-        .args([
-            "pattern",
-            "show",
-            pattern,
-            "--kv-dtype",
-            "f32",
-            "--head-dim",
-            "64",
-            "--memory-gib",
-            "1",
-            "--heatmap",
-            heatmap.to_str().expect("utf-8"),
-        ])
+        .args(["pattern", "show", pattern, "--kv-dtype", "f32", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
         .output()
         .expect("duo runs");
     let _ = std::fs::remove_file(&heatmap);
     let out = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let (per_token, streaming, full_per_token) =
-        (45 * 2 * 64 * 4, 45 * 320 * 2 * 64 * 4, 90 * 2 * 64 * 4);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (per_token, streaming, full_per_token) = (45 * 2 * 64 * 4, 45 * 320 * 2 * 64 * 4, 90 * 2 * 64 * 4);
     let ours = ((1usize << 30) - streaming) / per_token;
     let full = (1usize << 30) / full_per_token;
-    assert!(
-        out.contains(&format!(
-            "{ours} tokens with this pattern, {full} with full attention"
-        )),
-        "{out}"
-    );
+    assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")), "{out}");
     // fp8: one byte per element and a 4-byte scale per row of 64.
     let run = Command::new(env!("CARGO_BIN_EXE_duo"))
-        .args([
-            "pattern",
-            "show",
-            pattern,
-            "--kv-dtype",
-            "fp8",
-            "--head-dim",
-            "64",
-            "--memory-gib",
-            "1",
-            "--heatmap",
-            heatmap.to_str().expect("utf-8"),
-        ])
+        .args(["pattern", "show", pattern, "--kv-dtype", "fp8", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
         .output()
         .expect("duo runs");
     let _ = std::fs::remove_file(&heatmap);
     let out = String::from_utf8_lossy(&run.stdout);
     let (per_token, streaming, full_per_token) = (45 * 2 * 68, 45 * 320 * 2 * 68, 90 * 2 * 68);
-    let (ours, full) = (
-        ((1usize << 30) - streaming) / per_token,
-        (1usize << 30) / full_per_token,
-    );
-    assert!(
-        out.contains(&format!(
-            "{ours} tokens with this pattern, {full} with full attention"
-        )) && out.contains("4-byte scale per row"),
-        "{out}"
-    );
+    let (ours, full) = (((1usize << 30) - streaming) / per_token, (1usize << 30) / full_per_token);
+    assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4-byte scale per row"), "{out}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--memory-gib", "0"]);
     assert!(!ok && err.contains("positive number of GiB"), "{err}");
-    let (ok, err, _) = duo(&[
-        "pattern",
-        "show",
-        pattern,
-        "--kv-dtype",
-        "int4",
-        "--memory-gib",
-        "1",
-    ]);
+    let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype", "int4", "--memory-gib", "1"]);
     assert!(!ok && err.contains("not one of"), "{err}");
 }
 
