@@ -35,12 +35,7 @@ pub trait KvElem: Copy + Send + Sync + std::fmt::Debug + PartialEq + 'static {
     ///
     /// # Safety
     /// `p` must point to eight readable elements.
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     #[allow(unsafe_code)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
@@ -58,12 +53,7 @@ impl KvElem for f32 {
     fn from_f32_slice(x: &[f32]) -> std::borrow::Cow<'_, [Self]> {
         std::borrow::Cow::Borrowed(x)
     }
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     #[inline(always)]
     #[allow(unsafe_code)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
@@ -85,12 +75,7 @@ impl KvElem for half::f16 {
     fn from_f32_slice(x: &[f32]) -> std::borrow::Cow<'_, [Self]> {
         std::borrow::Cow::Owned(x.iter().map(|&v| half::f16::from_f32(v)).collect())
     }
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     #[inline(always)]
     #[allow(unsafe_code)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
@@ -123,9 +108,7 @@ impl Visibility {
     pub fn sees(&self, i: usize, j: usize, cached: bool) -> bool {
         match *self {
             Visibility::Causal => j <= i,
-            Visibility::Lambda { sink, recent } => {
-                duo_core::cache_spec::lambda_sees(sink, recent, i, j)
-            }
+            Visibility::Lambda { sink, recent } => duo_core::cache_spec::lambda_sees(sink, recent, i, j),
             Visibility::CachedAndCausal => cached || j <= i,
         }
     }
@@ -161,11 +144,7 @@ impl<E: KvElem> KeySegment<'_, E> {
         match self.positions {
             Positions::List(p) => p.len(),
             Positions::Contiguous(_) => {
-                if self.keys.is_empty() {
-                    0
-                } else {
-                    (self.keys.len() - 1) / self.row_stride + 1
-                }
+                if self.keys.is_empty() { 0 } else { (self.keys.len() - 1) / self.row_stride + 1 }
             }
         }
     }
@@ -465,41 +444,19 @@ fn lambda_ranges(sink: usize, recent: usize, i: usize, start: usize, n: usize) -
 }
 
 /// Visible row ranges `[a, b)` (segment-relative) of a contiguous segment for query `i`.
-fn visible_ranges(
-    vis: Visibility,
-    i: usize,
-    start: usize,
-    n: usize,
-    cached: bool,
-) -> Vec<(usize, usize)> {
+fn visible_ranges(vis: Visibility, i: usize, start: usize, n: usize, cached: bool) -> Vec<(usize, usize)> {
     let end = start + n; // exclusive, absolute
     let causal_end = end.min(i + 1);
-    let clip = |a: usize, b: usize| {
-        if b > a {
-            Some((a - start, b - start))
-        } else {
-            None
-        }
-    };
+    let clip = |a: usize, b: usize| if b > a { Some((a - start, b - start)) } else { None };
     match vis {
         Visibility::Causal => clip(start, causal_end.max(start)).into_iter().collect(),
         Visibility::CachedAndCausal => {
-            if cached {
-                clip(start, end).into_iter().collect()
-            } else {
-                clip(start, causal_end.max(start)).into_iter().collect()
-            }
+            if cached { clip(start, end).into_iter().collect() } else { clip(start, causal_end.max(start)).into_iter().collect() }
         }
         Visibility::Lambda { sink, recent } => {
             let sink_end = causal_end.min(sink).max(start);
             let win_start = (i + 1).saturating_sub(recent).max(sink_end).max(start);
-            [
-                clip(start, sink_end),
-                clip(win_start, causal_end.max(win_start)),
-            ]
-            .into_iter()
-            .flatten()
-            .collect()
+            [clip(start, sink_end), clip(win_start, causal_end.max(win_start))].into_iter().flatten().collect()
         }
     }
 }
@@ -509,17 +466,8 @@ fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     // Eight lanes of multiply-adds over the chunks of 8, then the lanes summed in order.
     let mut s = [0.0f32; 8];
     let whole = a.len().min(b.len()) / 8 * 8;
-    let tail: f32 = a[whole..]
-        .iter()
-        .zip(&b[whole..])
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
+    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y.to_f32()).sum();
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     #[allow(unsafe_code)]
     // SAFETY: AVX2, FMA and F16C are enabled for the build (cfg); loads read a[c..c + 8] and
     // b[c..c + 8] with c + 8 <= whole <= both lengths; the store writes s's 8 lanes. Each lane
@@ -528,20 +476,11 @@ fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
         use std::arch::x86_64::*;
         let mut v = _mm256_setzero_ps();
         for c in (0..whole).step_by(8) {
-            v = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(c)),
-                E::load8(b.as_ptr().add(c)),
-                v,
-            );
+            v = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(c)), E::load8(b.as_ptr().add(c)), v);
         }
         _mm256_storeu_ps(s.as_mut_ptr(), v);
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
     for c in (0..whole).step_by(8) {
         for k in 0..8 {
             s[k] = a[c + k].mul_add(b[c + k].to_f32(), s[k]);
@@ -556,39 +495,14 @@ fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
 /// streams the cache from memory, measured slower with it (BENCHMARKS.md), so it keeps
 /// one key at a time.
 #[inline(always)]
-fn score_rows<E: KvElem>(
-    qrow: &[f32],
-    seg: &KeySegment<'_, E>,
-    n: usize,
-    row: impl Fn(usize) -> usize,
-    scale: f32,
-    scores: &mut [f32],
-    wide: bool,
-) {
+fn score_rows<E: KvElem>(qrow: &[f32], seg: &KeySegment<'_, E>, n: usize, row: impl Fn(usize) -> usize, scale: f32, scores: &mut [f32], wide: bool) {
     let hd = qrow.len();
     let key = |k: usize| &seg.keys[row(k) * seg.row_stride..][..hd];
     let mut k = 0;
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     if wide && hd.is_multiple_of(8) {
         while k + 8 <= n {
-            let d = simd::dot8(
-                qrow,
-                [
-                    key(k),
-                    key(k + 1),
-                    key(k + 2),
-                    key(k + 3),
-                    key(k + 4),
-                    key(k + 5),
-                    key(k + 6),
-                    key(k + 7),
-                ],
-            );
+            let d = simd::dot8(qrow, [key(k), key(k + 1), key(k + 2), key(k + 3), key(k + 4), key(k + 5), key(k + 6), key(k + 7)]);
             for (i, v) in d.into_iter().enumerate() {
                 scores[k + i] = v * scale;
             }
@@ -600,12 +514,7 @@ fn score_rows<E: KvElem>(
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
 #[allow(unsafe_code)]
 mod simd {
     //! Eight dot products at once, bit for bit [`super::dot`]: each key's 8 lanes take the
@@ -671,12 +580,7 @@ mod simd {
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
 #[allow(unsafe_code)]
 mod tiled {
     //! Prefill attention of many query rows over the same keys as two small matrix products
@@ -865,43 +769,19 @@ mod tiled {
         // SAFETY: AVX2/FMA as above; each load and store touches x[i .. i + 8], i + 8 <= len.
         unsafe {
             let (lo, hi) = (_mm256_set1_ps(-87.0), _mm256_set1_ps(88.0));
-            let (log2e, c1, c2) = (
-                _mm256_set1_ps(std::f32::consts::LOG2_E),
-                _mm256_set1_ps(0.693_145_75),
-                _mm256_set1_ps(1.428_606_8e-6),
-            );
-            let coef = [
-                0.001_393_8f32,
-                0.008_333_6,
-                0.041_666_5,
-                0.166_666_67,
-                0.5,
-                1.0,
-                1.0,
-            ]
-            .map(|c| _mm256_set1_ps(c));
+            let (log2e, c1, c2) = (_mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.693_145_75), _mm256_set1_ps(1.428_606_8e-6));
+            let coef = [0.001_393_8f32, 0.008_333_6, 0.041_666_5, 0.166_666_67, 0.5, 1.0, 1.0].map(|c| _mm256_set1_ps(c));
             let mv = _mm256_set1_ps(m);
             for i in (0..x.len()).step_by(8) {
-                let v = _mm256_min_ps(
-                    _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), mv), lo),
-                    hi,
-                );
-                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm256_mul_ps(v, log2e),
-                );
+                let v = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), mv), lo), hi);
+                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(v, log2e));
                 let r = _mm256_fnmadd_ps(n, c2, _mm256_fnmadd_ps(n, c1, v));
                 let mut p = coef[0];
                 for c in &coef[1..] {
                     p = _mm256_fmadd_ps(p, r, *c);
                 }
-                let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                    _mm256_cvtps_epi32(n),
-                    _mm256_set1_epi32(127),
-                ));
-                _mm256_storeu_ps(
-                    x.as_mut_ptr().add(i),
-                    _mm256_mul_ps(p, _mm256_castsi256_ps(bits)),
-                );
+                let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+                _mm256_storeu_ps(x.as_mut_ptr().add(i), _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
             }
         }
     }
@@ -912,11 +792,7 @@ mod tiled {
     /// more independent chains.
     pub(super) fn wide512() -> bool {
         static W: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *W.get_or_init(|| {
-            std::env::var_os("DUO_NO_AVX512").is_none()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512dq")
-        })
+        *W.get_or_init(|| std::env::var_os("DUO_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq"))
     }
 
     /// The two tile products, one body for each register width: `$w` lanes per register,
@@ -933,21 +809,8 @@ mod tiled {
             /// # Safety
             /// The CPU must have the features the function enables.
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $scores(
-                qs: &[&[f32]; R],
-                kt: &[f32],
-                hd: usize,
-                strips: usize,
-                scale: f32,
-                tile: &mut [f32],
-            ) {
-                assert!(
-                    kt.len() >= hd * BLOCK
-                        && tile.len() >= R * BLOCK
-                        && strips * 16 <= BLOCK
-                        && (strips * 16).is_multiple_of(2 * $w)
-                        && qs.iter().all(|q| q.len() >= hd)
-                );
+            pub(super) unsafe fn $scores(qs: &[&[f32]; R], kt: &[f32], hd: usize, strips: usize, scale: f32, tile: &mut [f32]) {
+                assert!(kt.len() >= hd * BLOCK && tile.len() >= R * BLOCK && strips * 16 <= BLOCK && (strips * 16).is_multiple_of(2 * $w) && qs.iter().all(|q| q.len() >= hd));
                 // SAFETY: the features are the caller's promise; loads read kt[d * BLOCK + s ..
                 // + 2w] with d < hd, s + 2w <= strips * 16 <= BLOCK, and q[d] with d < hd, all
                 // inside the slices checked above; stores write tile[r * BLOCK + s .. + 2w], r < 4.
@@ -979,20 +842,8 @@ mod tiled {
             /// # Safety
             /// The CPU must have the features the function enables.
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $values<E: KvElem>(
-                w: &[f32],
-                vals: &[E],
-                stride: usize,
-                n: usize,
-                hd: usize,
-                outs: &mut [&mut [f32]; R],
-            ) {
-                assert!(
-                    w.len() >= R * BLOCK
-                        && (1..=BLOCK).contains(&n)
-                        && vals.len() >= (n - 1) * stride + hd
-                        && hd.is_multiple_of(2 * $w)
-                );
+            pub(super) unsafe fn $values<E: KvElem>(w: &[f32], vals: &[E], stride: usize, n: usize, hd: usize, outs: &mut [&mut [f32]; R]) {
+                assert!(w.len() >= R * BLOCK && (1..=BLOCK).contains(&n) && vals.len() >= (n - 1) * stride + hd && hd.is_multiple_of(2 * $w));
                 let present = outs.iter().filter(|o| !o.is_empty()).count();
                 assert!(outs[..present].iter().all(|o| o.len() >= hd));
                 // SAFETY: the features are the caller's promise; value loads read vals[k * stride
@@ -1008,14 +859,8 @@ mod tiled {
                         }
                         let mut v = vals.as_ptr().add(c);
                         for k in 0..n {
-                            let v0 = {
-                                let $p = v;
-                                $load_kv
-                            };
-                            let v1 = {
-                                let $p = v.add($w);
-                                $load_kv
-                            };
+                            let v0 = { let $p = v; $load_kv };
+                            let v1 = { let $p = v.add($w); $load_kv };
                             for (r, ar) in a.iter_mut().enumerate() {
                                 let p = $set1(*w.as_ptr().add(r * BLOCK + k));
                                 ar[0] = $fmadd(p, v0, ar[0]);
@@ -1058,18 +903,8 @@ fn block_update<E: KvElem>(
 ) {
     let hd = qrow.len();
     let cnt = rows.len();
-    score_rows(
-        qrow,
-        seg,
-        cnt,
-        |k| rows.start + k,
-        scale,
-        &mut scores[..],
-        wide,
-    );
-    softmax_accumulate(&mut scores[..cnt], m, l, acc, |k| {
-        &seg.values[(rows.start + k) * seg.row_stride..][..hd]
-    });
+    score_rows(qrow, seg, cnt, |k| rows.start + k, scale, &mut scores[..], wide);
+    softmax_accumulate(&mut scores[..cnt], m, l, acc, |k| &seg.values[(rows.start + k) * seg.row_stride..][..hd]);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1086,28 +921,12 @@ fn gathered_update<E: KvElem>(
     wide: bool,
 ) {
     let hd = qrow.len();
-    score_rows(
-        qrow,
-        seg,
-        idx.len(),
-        |k| idx[k],
-        scale,
-        &mut scores[..],
-        wide,
-    );
-    softmax_accumulate(&mut scores[..idx.len()], m, l, acc, |k| {
-        &seg.values[idx[k] * seg.row_stride..][..hd]
-    });
+    score_rows(qrow, seg, idx.len(), |k| idx[k], scale, &mut scores[..], wide);
+    softmax_accumulate(&mut scores[..idx.len()], m, l, acc, |k| &seg.values[idx[k] * seg.row_stride..][..hd]);
 }
 
 #[inline(always)]
-fn softmax_accumulate<'v, E: KvElem>(
-    scores: &mut [f32],
-    m: &mut f32,
-    l: &mut f32,
-    acc: &mut [f32],
-    value: impl Fn(usize) -> &'v [E],
-) {
+fn softmax_accumulate<'v, E: KvElem>(scores: &mut [f32], m: &mut f32, l: &mut f32, acc: &mut [f32], value: impl Fn(usize) -> &'v [E]) {
     let bm = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if bm > *m {
         let c = fast_exp(*m - bm);
@@ -1153,12 +972,7 @@ fn softmax_accumulate<'v, E: KvElem>(
 /// `local[i] = p * v[i] + local[i]` (fused) for 64 elements.
 #[inline(always)]
 fn weighted_add<E: KvElem>(p: f32, v: &[E; 64], local: &mut [f32; 64]) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     #[allow(unsafe_code)]
     // SAFETY: AVX2, FMA and F16C are enabled for the build (cfg); every load and store
     // touches 8 of the 64 elements of `v` or `local`.
@@ -1166,20 +980,11 @@ fn weighted_add<E: KvElem>(p: f32, v: &[E; 64], local: &mut [f32; 64]) {
         use std::arch::x86_64::*;
         let pv = _mm256_set1_ps(p);
         for i in (0..64).step_by(8) {
-            let x = _mm256_fmadd_ps(
-                pv,
-                E::load8(v.as_ptr().add(i)),
-                _mm256_loadu_ps(local.as_ptr().add(i)),
-            );
+            let x = _mm256_fmadd_ps(pv, E::load8(v.as_ptr().add(i)), _mm256_loadu_ps(local.as_ptr().add(i)));
             _mm256_storeu_ps(local.as_mut_ptr().add(i), x);
         }
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
     for i in 0..64 {
         local[i] = p.mul_add(v[i].to_f32(), local[i]);
     }
@@ -1367,12 +1172,7 @@ pub fn reference_attention<E: KvElem>(
             for rr in 0..seg.len() {
                 if vis.sees(i, seg.position(rr), seg.cached) {
                     let k = &seg.keys[rr * seg.row_stride..][..head_dim];
-                    let s: f64 = qrow
-                        .iter()
-                        .zip(k)
-                        .map(|(a, b)| *a as f64 * b.to_f32() as f64)
-                        .sum::<f64>()
-                        * scale as f64;
+                    let s: f64 = qrow.iter().zip(k).map(|(a, b)| *a as f64 * b.to_f32() as f64).sum::<f64>() * scale as f64;
                     pairs.push((s, &seg.values[rr * seg.row_stride..][..head_dim]));
                 }
             }
@@ -1385,11 +1185,7 @@ pub fn reference_attention<E: KvElem>(
         let m = pairs.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = pairs.iter().map(|p| (p.0 - m).exp()).sum();
         for (d, o) in o.iter_mut().enumerate() {
-            *o = (pairs
-                .iter()
-                .map(|p| (p.0 - m).exp() * p.1[d].to_f32() as f64)
-                .sum::<f64>()
-                / z) as f32;
+            *o = (pairs.iter().map(|p| (p.0 - m).exp() * p.1[d].to_f32() as f64).sum::<f64>() / z) as f32;
         }
     }
 }
@@ -1404,12 +1200,7 @@ mod tests {
     }
 
     fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-        let num: f32 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).powi(2))
-            .sum::<f32>()
-            .sqrt();
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt();
         let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt().max(1e-12);
         num / den
     }
@@ -1418,13 +1209,7 @@ mod tests {
     fn fast_kernel_matches_reference_for_every_rule() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let hd = 24;
-        for &(cached_len, chunk, first) in &[
-            (0usize, 37usize, 0usize),
-            (53, 29, 53),
-            (300, 1, 300),
-            (5, 200, 5),
-            (0, 1, 0),
-        ] {
+        for &(cached_len, chunk, first) in &[(0usize, 37usize, 0usize), (53, 29, 53), (300, 1, 300), (5, 200, 5), (0, 1, 0)] {
             let stride = hd * 3; // rows interleaved with other heads
             let ck = random(cached_len * hd, &mut rng);
             let cv = random(cached_len * hd, &mut rng);
@@ -1432,50 +1217,24 @@ mod tests {
             let nv = random(chunk * stride, &mut rng);
             let q = random(chunk * stride, &mut rng);
             let segs = [
-                KeySegment {
-                    keys: &ck,
-                    values: &cv,
-                    row_stride: hd,
-                    positions: Positions::Contiguous(0),
-                    cached: true,
-                },
-                KeySegment {
-                    keys: &nk[..],
-                    values: &nv[..],
-                    row_stride: stride,
-                    positions: Positions::Contiguous(first),
-                    cached: false,
-                },
+                KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
+                KeySegment { keys: &nk[..], values: &nv[..], row_stride: stride, positions: Positions::Contiguous(first), cached: false },
             ];
             for vis in [
                 Visibility::Causal,
                 Visibility::CachedAndCausal,
-                Visibility::Lambda {
-                    sink: 4,
-                    recent: 16,
-                },
+                Visibility::Lambda { sink: 4, recent: 16 },
                 Visibility::Lambda { sink: 0, recent: 1 },
-                Visibility::Lambda {
-                    sink: 64,
-                    recent: 7,
-                },
+                Visibility::Lambda { sink: 64, recent: 7 },
             ] {
-                let qb = QueryBlock {
-                    queries: &q,
-                    row_stride: stride,
-                    first_position: first,
-                    shared_position: false,
-                };
+                let qb = QueryBlock { queries: &q, row_stride: stride, first_position: first, shared_position: false };
                 let mut fast = vec![f32::NAN; chunk * hd];
                 let mut slow = vec![f32::NAN; chunk * hd];
                 attend(qb, &segs, vis, hd, 0.3, &mut fast, hd);
                 reference_attention(qb, &segs, vis, hd, 0.3, &mut slow, hd);
                 assert!(fast.iter().all(|x| x.is_finite()), "every output written");
                 let e = max_rel(&fast, &slow);
-                assert!(
-                    e < 1e-5,
-                    "{vis:?} cached={cached_len} chunk={chunk}: rel err {e}"
-                );
+                assert!(e < 1e-5, "{vis:?} cached={cached_len} chunk={chunk}: rel err {e}");
             }
         }
     }
@@ -1484,18 +1243,12 @@ mod tests {
     /// the bits of the one-key-at-a-time kernel.
     #[test]
     fn eight_dots_at_once_are_eight_dots() {
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         {
             let mut rng = rand::rngs::StdRng::seed_from_u64(5);
             for n in [64usize, 128, 8, 256] {
                 let a = random(n, &mut rng);
-                let bs: Vec<Vec<f32>> = (0..8)
-                    .map(|_| random(n, &mut rng).into_iter().map(|x| x * 1e3).collect())
-                    .collect();
+                let bs: Vec<Vec<f32>> = (0..8).map(|_| random(n, &mut rng).into_iter().map(|x| x * 1e3).collect()).collect();
                 let got = simd::dot8(&a, std::array::from_fn(|j| bs[j].as_slice()));
                 for (g, b) in got.iter().zip(&bs) {
                     assert_eq!(g.to_bits(), dot(&a, b).to_bits(), "n {n}");
@@ -1533,17 +1286,7 @@ mod tests {
                             let mut j = a;
                             while j < b {
                                 let e = (j + BLOCK).min(b);
-                                block_update(
-                                    qrow,
-                                    seg,
-                                    j..e,
-                                    scale,
-                                    &mut scores,
-                                    &mut m,
-                                    &mut l,
-                                    &mut acc,
-                                    wide,
-                                );
+                                block_update(qrow, seg, j..e, scale, &mut scores, &mut m, &mut l, &mut acc, wide);
                                 j = e;
                             }
                         }
@@ -1557,33 +1300,13 @@ mod tests {
                                 idx[count] = rr;
                                 count += 1;
                                 if count == BLOCK {
-                                    gathered_update(
-                                        qrow,
-                                        seg,
-                                        &idx[..count],
-                                        scale,
-                                        &mut scores,
-                                        &mut m,
-                                        &mut l,
-                                        &mut acc,
-                                        wide,
-                                    );
+                                    gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc, wide);
                                     count = 0;
                                 }
                             }
                         }
                         if count > 0 {
-                            gathered_update(
-                                qrow,
-                                seg,
-                                &idx[..count],
-                                scale,
-                                &mut scores,
-                                &mut m,
-                                &mut l,
-                                &mut acc,
-                                wide,
-                            );
+                            gathered_update(qrow, seg, &idx[..count], scale, &mut scores, &mut m, &mut l, &mut acc, wide);
                         }
                     }
                 }
@@ -1604,69 +1327,27 @@ mod tests {
     fn rows_in_lockstep_match_each_row_alone() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         for hd in [64, 24] {
-            for vis in [
-                Visibility::Causal,
-                Visibility::CachedAndCausal,
-                Visibility::Lambda {
-                    sink: 4,
-                    recent: 40,
-                },
-            ] {
-                for (cached, chunk, first) in
-                    [(300usize, 37usize, 300usize), (0, 70, 0), (129, 8, 129)]
-                {
+            for vis in [Visibility::Causal, Visibility::CachedAndCausal, Visibility::Lambda { sink: 4, recent: 40 }] {
+                for (cached, chunk, first) in [(300usize, 37usize, 300usize), (0, 70, 0), (129, 8, 129)] {
                     let (ck, cv) = (random(cached * hd, &mut rng), random(cached * hd, &mut rng));
                     let (nk, nv) = (random(chunk * hd, &mut rng), random(chunk * hd, &mut rng));
                     let qs = random(chunk * hd, &mut rng);
                     let segs = [
-                        KeySegment {
-                            keys: &ck,
-                            values: &cv,
-                            row_stride: hd,
-                            positions: Positions::Contiguous(0),
-                            cached: true,
-                        },
-                        KeySegment {
-                            keys: &nk,
-                            values: &nv,
-                            row_stride: hd,
-                            positions: Positions::Contiguous(cached),
-                            cached: false,
-                        },
+                        KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
+                        KeySegment { keys: &nk, values: &nv, row_stride: hd, positions: Positions::Contiguous(cached), cached: false },
                     ];
                     let segs = if cached == 0 { &segs[1..] } else { &segs[..] };
-                    let q = QueryBlock {
-                        queries: &qs,
-                        row_stride: hd,
-                        first_position: first,
-                        shared_position: false,
-                    };
-                    let (mut got, mut want, mut exact) = (
-                        vec![0.0f32; chunk * hd],
-                        vec![0.0f32; chunk * hd],
-                        vec![0.0f32; chunk * hd],
-                    );
+                    let q = QueryBlock { queries: &qs, row_stride: hd, first_position: first, shared_position: false };
+                    let (mut got, mut want, mut exact) = (vec![0.0f32; chunk * hd], vec![0.0f32; chunk * hd], vec![0.0f32; chunk * hd]);
                     attend(q, segs, vis, hd, 0.125, &mut got, hd);
                     attend_row_by_row(q, segs, vis, hd, 0.125, &mut want, hd);
                     reference_attention(q, segs, vis, hd, 0.125, &mut exact, hd);
                     // Rows taken together (register tiles where head_dim allows) sum in another
                     // order than one row at a time; both stay as close to the f64 reference.
-                    assert!(
-                        max_rel(&got, &want) < 2e-6,
-                        "{vis:?} hd {hd} cached {cached} chunk {chunk}: {}",
-                        max_rel(&got, &want)
-                    );
-                    assert!(
-                        max_rel(&got, &exact) < 2e-6 && max_rel(&want, &exact) < 2e-6,
-                        "{vis:?} hd {hd} cached {cached} chunk {chunk}"
-                    );
+                    assert!(max_rel(&got, &want) < 2e-6, "{vis:?} hd {hd} cached {cached} chunk {chunk}: {}", max_rel(&got, &want));
+                    assert!(max_rel(&got, &exact) < 2e-6 && max_rel(&want, &exact) < 2e-6, "{vis:?} hd {hd} cached {cached} chunk {chunk}");
                     if hd % 16 != 0 {
-                        assert!(
-                            got.iter()
-                                .zip(&want)
-                                .all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "without tiles the bits are the row's alone"
-                        );
+                        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "without tiles the bits are the row's alone");
                     }
                 }
             }
@@ -1681,67 +1362,27 @@ mod tests {
             for (cached, chunk) in [(0usize, 8usize), (0, 130), (77, 41), (1000, 66), (64, 9)] {
                 let stride = hd * 2; // rows interleaved with another head's
                 let (ck, cv) = (random(cached * hd, &mut rng), random(cached * hd, &mut rng));
-                let (nk, nv) = (
-                    random(chunk * stride, &mut rng),
-                    random(chunk * stride, &mut rng),
-                );
+                let (nk, nv) = (random(chunk * stride, &mut rng), random(chunk * stride, &mut rng));
                 let qs = random(chunk * stride, &mut rng);
                 let segs = [
-                    KeySegment {
-                        keys: &ck,
-                        values: &cv,
-                        row_stride: hd,
-                        positions: Positions::Contiguous(0),
-                        cached: true,
-                    },
-                    KeySegment {
-                        keys: &nk,
-                        values: &nv,
-                        row_stride: stride,
-                        positions: Positions::Contiguous(cached),
-                        cached: false,
-                    },
+                    KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
+                    KeySegment { keys: &nk, values: &nv, row_stride: stride, positions: Positions::Contiguous(cached), cached: false },
                 ];
                 let segs = if cached == 0 { &segs[1..] } else { &segs[..] };
                 // The Λ rule too: windows shorter and longer than a tile, sinks across a block.
-                for vis in [
-                    Visibility::Causal,
-                    Visibility::CachedAndCausal,
-                    Visibility::Lambda { sink: 4, recent: 40 },
-                    Visibility::Lambda { sink: 70, recent: 9 },
-                ] {
-                    let q = QueryBlock {
-                        queries: &qs,
-                        row_stride: stride,
-                        first_position: cached,
-                        shared_position: false,
-                    };
-                    let (mut got, mut exact) =
-                        (vec![f32::NAN; chunk * hd], vec![0.0f32; chunk * hd]);
+                for vis in [Visibility::Causal, Visibility::CachedAndCausal, Visibility::Lambda { sink: 4, recent: 40 }, Visibility::Lambda { sink: 70, recent: 9 }] {
+                    let q = QueryBlock { queries: &qs, row_stride: stride, first_position: cached, shared_position: false };
+                    let (mut got, mut exact) = (vec![f32::NAN; chunk * hd], vec![0.0f32; chunk * hd]);
                     attend(q, segs, vis, hd, 0.09, &mut got, hd);
                     reference_attention(q, segs, vis, hd, 0.09, &mut exact, hd);
                     assert!(got.iter().all(|x| x.is_finite()), "every output written");
-                    assert!(
-                        max_rel(&got, &exact) < 2e-6,
-                        "{vis:?} hd {hd} cached {cached} chunk {chunk}: {}",
-                        max_rel(&got, &exact)
-                    );
+                    assert!(max_rel(&got, &exact) < 2e-6, "{vis:?} hd {hd} cached {cached} chunk {chunk}: {}", max_rel(&got, &exact));
                     // The same rows from row 3 on (other tile neighbours), where at least 8 remain.
                     if chunk >= 11 {
-                        let sub = QueryBlock {
-                            queries: &qs[3 * stride..],
-                            row_stride: stride,
-                            first_position: cached + 3,
-                            shared_position: false,
-                        };
+                        let sub = QueryBlock { queries: &qs[3 * stride..], row_stride: stride, first_position: cached + 3, shared_position: false };
                         let mut part = vec![0.0f32; (chunk - 3) * hd];
                         attend(sub, segs, vis, hd, 0.09, &mut part, hd);
-                        assert!(
-                            part.iter()
-                                .zip(&got[3 * hd..])
-                                .all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "a row's bits do not depend on its neighbours"
-                        );
+                        assert!(part.iter().zip(&got[3 * hd..]).all(|(a, b)| a.to_bits() == b.to_bits()), "a row's bits do not depend on its neighbours");
                     }
                 }
             }
@@ -1755,46 +1396,16 @@ mod tests {
         let (hd, qstride) = (64usize, 576usize);
         for t in (1..40).chain([63, 64, 65, 97, 361]) {
             let (k, v) = (random(t * hd, &mut rng), random(t * hd, &mut rng));
-            let q: Vec<f32> = random(t * qstride, &mut rng)
-                .into_iter()
-                .map(|x| x * 3.0)
-                .collect();
-            let seg = KeySegment {
-                keys: &k,
-                values: &v,
-                row_stride: hd,
-                positions: Positions::Contiguous(0),
-                cached: true,
-            };
+            let q: Vec<f32> = random(t * qstride, &mut rng).into_iter().map(|x| x * 3.0).collect();
+            let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
             let jobs: Vec<HeadJob> = (0..9)
-                .map(|h| HeadJob {
-                    queries: QueryBlock {
-                        queries: &q[h * hd..(t - 1) * qstride + h * hd + hd],
-                        row_stride: qstride,
-                        first_position: 0,
-                        shared_position: false,
-                    },
-                    segments: vec![seg],
-                    visibility: Visibility::Causal,
-                })
+                .map(|h| HeadJob { queries: QueryBlock { queries: &q[h * hd..(t - 1) * qstride + h * hd + hd], row_stride: qstride, first_position: 0, shared_position: false }, segments: vec![seg], visibility: Visibility::Causal })
                 .collect();
             let got = attend_heads(&jobs, hd, 0.125);
             for (h, job) in jobs.iter().enumerate() {
                 let mut want = vec![0.0f32; t * hd];
-                reference_attention(
-                    job.queries,
-                    &[seg],
-                    Visibility::Causal,
-                    hd,
-                    0.125,
-                    &mut want,
-                    hd,
-                );
-                assert!(
-                    max_rel(&got[h], &want) < 2e-6,
-                    "t {t} head {h}: {}",
-                    max_rel(&got[h], &want)
-                );
+                reference_attention(job.queries, &[seg], Visibility::Causal, hd, 0.125, &mut want, hd);
+                assert!(max_rel(&got[h], &want) < 2e-6, "t {t} head {h}: {}", max_rel(&got[h], &want));
             }
         }
     }
@@ -1807,69 +1418,23 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(17);
         let (hd, t, first) = (64usize, 512usize, 512usize);
         let (sk, sv) = (random(4 * hd, &mut rng), random(4 * hd, &mut rng));
-        let (k, v, q) = (
-            random(t * hd, &mut rng),
-            random(t * hd, &mut rng),
-            random(t * hd, &mut rng),
-        );
+        let (k, v, q) = (random(t * hd, &mut rng), random(t * hd, &mut rng), random(t * hd, &mut rng));
         let segs = vec![
-            KeySegment {
-                keys: &sk,
-                values: &sv,
-                row_stride: hd,
-                positions: Positions::Contiguous(0),
-                cached: true,
-            },
-            KeySegment {
-                keys: &k,
-                values: &v,
-                row_stride: hd,
-                positions: Positions::Contiguous(first),
-                cached: false,
-            },
+            KeySegment { keys: &sk, values: &sv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
+            KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(first), cached: false },
         ];
-        for vis in [
-            Visibility::Lambda {
-                sink: 4,
-                recent: 256,
-            },
-            Visibility::Causal,
-        ] {
-            let qb = QueryBlock {
-                queries: &q,
-                row_stride: hd,
-                first_position: first,
-                shared_position: false,
-            };
-            let tiles = attend_heads(
-                &[HeadJob {
-                    queries: qb,
-                    segments: segs.clone(),
-                    visibility: vis,
-                }],
-                hd,
-                0.125,
-            );
+        for vis in [Visibility::Lambda { sink: 4, recent: 256 }, Visibility::Causal] {
+            let qb = QueryBlock { queries: &q, row_stride: hd, first_position: first, shared_position: false };
+            let tiles = attend_heads(&[HeadJob { queries: qb, segments: segs.clone(), visibility: vis }], hd, 0.125);
             let mut single = vec![0.0f32; t * hd];
             attend(qb, &segs, vis, hd, 0.125, &mut single, hd);
-            assert!(
-                tiles[0]
-                    .iter()
-                    .zip(&single)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{vis:?}"
-            );
+            assert!(tiles[0].iter().zip(&single).all(|(a, b)| a.to_bits() == b.to_bits()), "{vis:?}");
         }
     }
 
     /// The 512-bit tiles give the 256-bit tiles' bits (each score and each output element
     /// is the same chain of fused multiply-adds), for f32 and f16 values.
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     #[test]
     #[allow(unsafe_code)]
     fn wide_tiles_give_the_narrow_tiles_bits() {
@@ -1882,18 +1447,12 @@ mod tests {
             let kt = random(hd * BLOCK, &mut rng);
             let q: Vec<Vec<f32>> = (0..tiled::R).map(|_| random(hd, &mut rng)).collect();
             let qs: [&[f32]; tiled::R] = std::array::from_fn(|i| q[i].as_slice());
-            let (mut a, mut b) = (
-                vec![0.0f32; tiled::R * BLOCK],
-                vec![0.0f32; tiled::R * BLOCK],
-            );
+            let (mut a, mut b) = (vec![0.0f32; tiled::R * BLOCK], vec![0.0f32; tiled::R * BLOCK]);
             // SAFETY: the build enables AVX2, FMA and F16C; the CPU reports AVX-512 F and DQ.
             unsafe { tiled::scores(&qs, &kt, hd, 4, 0.125, &mut a) };
             // SAFETY: as above.
             unsafe { tiled::scores512(&qs, &kt, hd, 4, 0.125, &mut b) };
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "scores, hd {hd}"
-            );
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "scores, hd {hd}");
             let w = random(tiled::R * BLOCK, &mut rng);
             let (stride, n) = (hd * 3, 61);
             let vals = random((n - 1) * stride + hd, &mut rng);
@@ -1902,31 +1461,19 @@ mod tests {
             let run = |wide: bool, f16: bool| -> Vec<f32> {
                 let mut o = base.clone();
                 let mut it = o.chunks_mut(hd);
-                let mut outs: [&mut [f32]; tiled::R] =
-                    std::array::from_fn(|_| it.next().expect("row"));
+                let mut outs: [&mut [f32]; tiled::R] = std::array::from_fn(|_| it.next().expect("row"));
                 match (wide, f16) {
                     // SAFETY: as above.
-                    (true, false) => unsafe {
-                        tiled::weighted_values512(&w, &vals, stride, n, hd, &mut outs)
-                    },
-                    (true, true) => unsafe {
-                        tiled::weighted_values512(&w, &vals16, stride, n, hd, &mut outs)
-                    },
-                    (false, false) => unsafe {
-                        tiled::weighted_values(&w, &vals, stride, n, hd, &mut outs)
-                    },
-                    (false, true) => unsafe {
-                        tiled::weighted_values(&w, &vals16, stride, n, hd, &mut outs)
-                    },
+                    (true, false) => unsafe { tiled::weighted_values512(&w, &vals, stride, n, hd, &mut outs) },
+                    (true, true) => unsafe { tiled::weighted_values512(&w, &vals16, stride, n, hd, &mut outs) },
+                    (false, false) => unsafe { tiled::weighted_values(&w, &vals, stride, n, hd, &mut outs) },
+                    (false, true) => unsafe { tiled::weighted_values(&w, &vals16, stride, n, hd, &mut outs) },
                 }
                 o
             };
             for f16 in [false, true] {
                 let (x, y) = (run(false, f16), run(true, f16));
-                assert!(
-                    x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "values, hd {hd}, f16 {f16}"
-                );
+                assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "values, hd {hd}, f16 {f16}");
             }
         }
     }
@@ -1940,20 +1487,9 @@ mod tests {
         let v = random(5 * hd, &mut rng);
         let q = random(hd, &mut rng);
         let ring_pos = [12usize, 13, 9, 10, 11];
-        let ring = KeySegment {
-            keys: &k,
-            values: &v,
-            row_stride: hd,
-            positions: Positions::List(&ring_pos),
-            cached: true,
-        };
+        let ring = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::List(&ring_pos), cached: true };
         let vis = Visibility::Lambda { sink: 0, recent: 4 }; // query at 13 sees 10..=13
-        let qb = QueryBlock {
-            queries: &q,
-            row_stride: hd,
-            first_position: 13,
-            shared_position: false,
-        };
+        let qb = QueryBlock { queries: &q, row_stride: hd, first_position: 13, shared_position: false };
         let mut fast = vec![0.0; hd];
         let mut slow = vec![0.0; hd];
         attend(qb, &[ring], vis, hd, 1.0, &mut fast, hd);
@@ -1961,21 +1497,9 @@ mod tests {
         assert!(max_rel(&fast, &slow) < 1e-5);
         // Sorted copy of the visible rows (positions 10, 11, 12, 13 = ring rows 3, 4, 0, 1).
         let order = [3usize, 4, 0, 1];
-        let sk: Vec<f32> = order
-            .iter()
-            .flat_map(|&r| k[r * hd..][..hd].to_vec())
-            .collect();
-        let sv: Vec<f32> = order
-            .iter()
-            .flat_map(|&r| v[r * hd..][..hd].to_vec())
-            .collect();
-        let sorted = KeySegment {
-            keys: &sk,
-            values: &sv,
-            row_stride: hd,
-            positions: Positions::Contiguous(10),
-            cached: true,
-        };
+        let sk: Vec<f32> = order.iter().flat_map(|&r| k[r * hd..][..hd].to_vec()).collect();
+        let sv: Vec<f32> = order.iter().flat_map(|&r| v[r * hd..][..hd].to_vec()).collect();
+        let sorted = KeySegment { keys: &sk, values: &sv, row_stride: hd, positions: Positions::Contiguous(10), cached: true };
         let mut dense = vec![0.0; hd];
         reference_attention(qb, &[sorted], Visibility::Causal, hd, 1.0, &mut dense, hd);
         assert!(max_rel(&fast, &dense) < 1e-5);
@@ -2005,43 +1529,16 @@ mod tests {
         let k = random(n * hd, &mut rng);
         let v = random(n * hd, &mut rng);
         let q = random(t * hd, &mut rng);
-        let seg = KeySegment {
-            keys: &k,
-            values: &v,
-            row_stride: hd,
-            positions: Positions::Contiguous(0),
-            cached: true,
-        };
-        let qb = QueryBlock {
-            queries: &q,
-            row_stride: hd,
-            first_position: 20,
-            shared_position: false,
-        };
+        let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
+        let qb = QueryBlock { queries: &q, row_stride: hd, first_position: 20, shared_position: false };
         let jobs = vec![
-            HeadJob {
-                queries: qb,
-                segments: vec![seg],
-                visibility: Visibility::Causal,
-            },
-            HeadJob {
-                queries: qb,
-                segments: vec![seg],
-                visibility: Visibility::Lambda { sink: 2, recent: 5 },
-            },
+            HeadJob { queries: qb, segments: vec![seg], visibility: Visibility::Causal },
+            HeadJob { queries: qb, segments: vec![seg], visibility: Visibility::Lambda { sink: 2, recent: 5 } },
         ];
         let outs = attend_heads(&jobs, hd, 0.25);
         for (job, out) in jobs.iter().zip(&outs) {
             let mut single = vec![0.0; t * hd];
-            attend(
-                job.queries,
-                &job.segments,
-                job.visibility,
-                hd,
-                0.25,
-                &mut single,
-                hd,
-            );
+            attend(job.queries, &job.segments, job.visibility, hd, 0.25, &mut single, hd);
             assert_eq!(out, &single);
         }
     }
