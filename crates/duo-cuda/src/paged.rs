@@ -98,11 +98,7 @@ impl PagedLayout {
 
     /// Retrieval blocks of a sequence of `tokens` tokens.
     pub fn retrieval_blocks(&self, tokens: usize) -> usize {
-        if self.n_retrieval() == 0 {
-            0
-        } else {
-            tokens.div_ceil(self.block_tokens)
-        }
+        if self.n_retrieval() == 0 { 0 } else { tokens.div_ceil(self.block_tokens) }
     }
 
     /// Blocks a sequence of `tokens` tokens holds with its rings sized for `ring`.
@@ -139,13 +135,7 @@ impl PagedLayout {
     /// The layer's head table: each head's index among the model's retrieval (or streaming)
     /// heads, in layer order.
     pub fn heads(&self, layer: usize) -> Vec<HeadEntry> {
-        let before = |want: bool| {
-            self.retrieval[..layer]
-                .iter()
-                .flatten()
-                .filter(|&&r| r == want)
-                .count()
-        };
+        let before = |want: bool| self.retrieval[..layer].iter().flatten().filter(|&&r| r == want).count();
         let (mut ret, mut st) = (before(true), before(false));
         self.retrieval[layer]
             .iter()
@@ -163,22 +153,14 @@ impl PagedLayout {
 
     /// Checks the shape against the model's layers and KV heads.
     pub fn validate(&self, n_layers: usize, n_kv_heads: usize) -> Result<()> {
-        if self.retrieval.len() != n_layers || self.retrieval.iter().any(|l| l.len() != n_kv_heads)
-        {
-            return Err(CudaError::Input(format!(
-                "the head pattern is not {n_layers} layers x {n_kv_heads} KV heads"
-            )));
+        if self.retrieval.len() != n_layers || self.retrieval.iter().any(|l| l.len() != n_kv_heads) {
+            return Err(CudaError::Input(format!("the head pattern is not {n_layers} layers x {n_kv_heads} KV heads")));
         }
         if !block_tokens_ok(self.block_tokens) {
-            return Err(CudaError::Input(format!(
-                "block size {} must be a power of two from 8 to 1024",
-                self.block_tokens
-            )));
+            return Err(CudaError::Input(format!("block size {} must be a power of two from 8 to 1024", self.block_tokens)));
         }
         if self.recent == 0 || self.max_chunk == 0 || self.max_tokens == 0 {
-            return Err(CudaError::Input(
-                "recent window, chunk and max_tokens must be positive".into(),
-            ));
+            return Err(CudaError::Input("recent window, chunk and max_tokens must be positive".into()));
         }
         Ok(())
     }
@@ -229,11 +211,7 @@ pub struct PagedArgs {
 impl PagedArgs {
     /// The same view of an fp8 cache whose row scales are at `kscale` and `vscale`.
     pub fn with_scales(self, kscale: u64, vscale: u64) -> Self {
-        Self {
-            kscale,
-            vscale,
-            ..self
-        }
+        Self { kscale, vscale, ..self }
     }
 }
 
@@ -299,16 +277,9 @@ impl Tables {
     pub fn row(&self, layout: &PagedLayout, e: HeadEntry, pos: usize) -> usize {
         let (bt, g) = (layout.block_tokens, layout.group());
         let (unit, r) = if e.kind == HeadEntry::RETRIEVAL {
-            (
-                self.retrieval[pos / bt] as usize * g + e.offset as usize,
-                pos % bt,
-            )
+            (self.retrieval[pos / bt] as usize * g + e.offset as usize, pos % bt)
         } else {
-            let at = if pos < e.sink as usize {
-                pos
-            } else {
-                layout.sink_pad() + (pos - e.sink as usize) % self.cap
-            };
+            let at = if pos < e.sink as usize { pos } else { layout.sink_pad() + (pos - e.sink as usize) % self.cap };
             let k = (at / bt) * layout.n_streaming() + e.offset as usize;
             (self.streaming[k / g] as usize * g + k % g, at % bt)
         };
@@ -341,11 +312,7 @@ pub struct Allocator {
 impl Allocator {
     /// `blocks` blocks and `slots` slots, all free.
     pub fn new(blocks: usize, slots: usize) -> Self {
-        Self {
-            blocks: (0..blocks as u32).rev().collect(),
-            slots: (0..slots as u32).rev().collect(),
-            total_blocks: blocks,
-        }
+        Self { blocks: (0..blocks as u32).rev().collect(), slots: (0..slots as u32).rev().collect(), total_blocks: blocks }
     }
 
     /// Blocks free.
@@ -397,22 +364,10 @@ mod tests {
     #[test]
     fn a_decode_ring_is_a_prefix_of_the_prefill_ring() {
         let l = layout();
-        let small = Tables {
-            retrieval: vec![],
-            streaming: (0..l.streaming_blocks(Ring::Decode) as u32).collect(),
-            cap: l.ring_rows(Ring::Decode),
-        };
-        let big = Tables {
-            streaming: (0..l.streaming_blocks(Ring::Prefill) as u32).collect(),
-            cap: l.ring_rows(Ring::Prefill),
-            ..small.clone()
-        };
+        let small = Tables { retrieval: vec![], streaming: (0..l.streaming_blocks(Ring::Decode) as u32).collect(), cap: l.ring_rows(Ring::Decode) };
+        let big = Tables { streaming: (0..l.streaming_blocks(Ring::Prefill) as u32).collect(), cap: l.ring_rows(Ring::Prefill), ..small.clone() };
         for layer in 0..3 {
-            for e in l
-                .heads(layer)
-                .into_iter()
-                .filter(|e| e.kind == HeadEntry::STREAMING)
-            {
+            for e in l.heads(layer).into_iter().filter(|e| e.kind == HeadEntry::STREAMING) {
                 // The same unit-major packing: sinks sit in the same rows either way.
                 for p in 0..l.sink {
                     assert_eq!(small.row(&l, e, p), big.row(&l, e, p));
@@ -434,15 +389,8 @@ mod tests {
         let value = |h: usize, p: usize| (h * 100_000 + p) as i64;
         let rows = 100 * l.group() * l.block_tokens;
         let mut pool = vec![-1i64; rows];
-        let heads: Vec<HeadEntry> = (0..3)
-            .flat_map(|layer| l.heads(layer))
-            .filter(|e| e.kind == HeadEntry::STREAMING)
-            .collect();
-        let mut t = Tables {
-            retrieval: vec![],
-            streaming: alloc.take(l.streaming_blocks(Ring::Prefill)).unwrap(),
-            cap: l.ring_rows(Ring::Prefill),
-        };
+        let heads: Vec<HeadEntry> = (0..3).flat_map(|layer| l.heads(layer)).filter(|e| e.kind == HeadEntry::STREAMING).collect();
+        let mut t = Tables { retrieval: vec![], streaming: alloc.take(l.streaming_blocks(Ring::Prefill)).unwrap(), cap: l.ring_rows(Ring::Prefill) };
         let write = |pool: &mut Vec<i64>, t: &Tables, from: usize, to: usize| {
             for e in &heads {
                 for p in from..to {
@@ -455,42 +403,32 @@ mod tests {
             let lo = (n - chunk + 1).saturating_sub(l.recent).max(l.sink);
             for e in &heads {
                 for p in (0..l.sink.min(n)).chain(lo..n) {
-                    assert_eq!(
-                        pool[t.row(&l, *e, p)],
-                        value(e.offset as usize, p),
-                        "head {} position {p} with {n} cached (chunk {chunk})",
-                        e.offset
-                    );
+                    assert_eq!(pool[t.row(&l, *e, p)], value(e.offset as usize, p), "head {} position {p} with {n} cached (chunk {chunk})", e.offset);
                 }
             }
         };
-        let resize =
-            |pool: &mut Vec<i64>, t: &mut Tables, alloc: &mut Allocator, n: usize, ring: Ring| {
-                let first = l.sink.max(n.saturating_sub(l.recent));
-                let moved: Vec<Vec<i64>> = heads
-                    .iter()
-                    .map(|e| (first..n).map(|p| pool[t.row(&l, *e, p)]).collect())
-                    .collect();
-                let want = l.streaming_blocks(ring);
-                if want > t.streaming.len() {
-                    t.streaming
-                        .extend(alloc.take(want - t.streaming.len()).unwrap());
-                } else {
-                    let tail = t.streaming.split_off(want);
-                    for &b in &tail {
-                        // A freed block may be reused by anyone: poison it.
-                        let rows = l.group() * l.block_tokens;
-                        pool[b as usize * rows..(b as usize + 1) * rows].fill(-7);
-                    }
-                    alloc.give(&tail);
+        let resize = |pool: &mut Vec<i64>, t: &mut Tables, alloc: &mut Allocator, n: usize, ring: Ring| {
+            let first = l.sink.max(n.saturating_sub(l.recent));
+            let moved: Vec<Vec<i64>> = heads.iter().map(|e| (first..n).map(|p| pool[t.row(&l, *e, p)]).collect()).collect();
+            let want = l.streaming_blocks(ring);
+            if want > t.streaming.len() {
+                t.streaming.extend(alloc.take(want - t.streaming.len()).unwrap());
+            } else {
+                let tail = t.streaming.split_off(want);
+                for &b in &tail {
+                    // A freed block may be reused by anyone: poison it.
+                    let rows = l.group() * l.block_tokens;
+                    pool[b as usize * rows..(b as usize + 1) * rows].fill(-7);
                 }
-                t.cap = l.ring_rows(ring);
-                for (e, vals) in heads.iter().zip(&moved) {
-                    for (p, v) in (first..n).zip(vals) {
-                        pool[t.row(&l, *e, p)] = *v;
-                    }
+                alloc.give(&tail);
+            }
+            t.cap = l.ring_rows(ring);
+            for (e, vals) in heads.iter().zip(&moved) {
+                for (p, v) in (first..n).zip(vals) {
+                    pool[t.row(&l, *e, p)] = *v;
                 }
-            };
+            }
+        };
         // Prefill 300 positions in chunks of 48, then 50 decode rows, then a 48-token chunk.
         let mut n = 0;
         while n < 300 {
@@ -514,68 +452,29 @@ mod tests {
     }
 
     fn layout() -> PagedLayout {
-        PagedLayout {
-            retrieval: vec![vec![true, false], vec![false, false], vec![false, true]],
-            sink: 4,
-            recent: 40,
-            block_tokens: 16,
-            max_chunk: 48,
-            max_tokens: 1000,
-            kv: KvType::Bf16,
-        }
+        PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 1000, kv: KvType::Bf16 }
     }
 
     #[test]
     fn sizes_follow_the_heads() {
         let l = layout();
         assert_eq!((l.n_retrieval(), l.n_streaming(), l.group()), (2, 4, 2));
-        assert_eq!(
-            (
-                l.sink_pad(),
-                l.ring_rows(Ring::Prefill),
-                l.head_units(Ring::Prefill)
-            ),
-            (16, 96, 7)
-        );
-        assert_eq!(
-            (l.ring_rows(Ring::Decode), l.head_units(Ring::Decode)),
-            (48, 4),
-            "recent 40 in whole units of 16"
-        );
-        assert_eq!(
-            l.streaming_blocks(Ring::Prefill),
-            14,
-            "4 heads x 7 units in blocks of 2 units"
-        );
+        assert_eq!((l.sink_pad(), l.ring_rows(Ring::Prefill), l.head_units(Ring::Prefill)), (16, 96, 7));
+        assert_eq!((l.ring_rows(Ring::Decode), l.head_units(Ring::Decode)), (48, 4), "recent 40 in whole units of 16");
+        assert_eq!(l.streaming_blocks(Ring::Prefill), 14, "4 heads x 7 units in blocks of 2 units");
         assert_eq!(l.streaming_blocks(Ring::Decode), 8);
         assert_eq!(l.blocks_for(0, Ring::Prefill), 14);
         assert_eq!(l.blocks_for(17, Ring::Prefill), 16);
         assert_eq!(l.blocks_for(17, Ring::Decode), 10);
         assert_eq!((l.max_blocks(), l.table_stride()), (63, 78));
         assert_eq!(l.block_bytes(64), 2 * 16 * 64 * 4);
-        let fp8 = PagedLayout {
-            kv: KvType::Fp8,
-            ..l.clone()
-        };
-        assert_eq!(
-            fp8.block_bytes(64),
-            2 * 16 * (64 + 4) * 2,
-            "bytes and a scale per row"
-        );
+        let fp8 = PagedLayout { kv: KvType::Fp8, ..l.clone() };
+        assert_eq!(fp8.block_bytes(64), 2 * 16 * (64 + 4) * 2, "bytes and a scale per row");
         let h = l.heads(2);
-        assert_eq!(
-            (h[0].kind, h[0].offset, h[1].kind, h[1].offset),
-            (HeadEntry::STREAMING, 3, HeadEntry::RETRIEVAL, 1)
-        );
-        let full = PagedLayout {
-            retrieval: vec![vec![true; 2]; 3],
-            ..l.clone()
-        };
+        assert_eq!((h[0].kind, h[0].offset, h[1].kind, h[1].offset), (HeadEntry::STREAMING, 3, HeadEntry::RETRIEVAL, 1));
+        let full = PagedLayout { retrieval: vec![vec![true; 2]; 3], ..l.clone() };
         assert_eq!((full.group(), full.streaming_blocks(Ring::Prefill)), (6, 0));
-        let streaming = PagedLayout {
-            retrieval: vec![vec![false; 2]; 3],
-            ..l
-        };
+        let streaming = PagedLayout { retrieval: vec![vec![false; 2]; 3], ..l };
         assert_eq!((streaming.group(), streaming.retrieval_blocks(500)), (6, 0));
     }
 
@@ -585,21 +484,10 @@ mod tests {
         let mut alloc = Allocator::new(200, 3);
         let mut seqs = Vec::new();
         // Two sequences with prefill-sized rings, one with a decode-sized ring.
-        for (n, ring) in [
-            (700, Ring::Prefill),
-            (700, Ring::Prefill),
-            (300, Ring::Decode),
-        ] {
+        for (n, ring) in [(700, Ring::Prefill), (700, Ring::Prefill), (300, Ring::Decode)] {
             let streaming = alloc.take(l.streaming_blocks(ring)).unwrap();
             let retrieval = alloc.take(l.retrieval_blocks(n)).unwrap();
-            seqs.push((
-                Tables {
-                    retrieval,
-                    streaming,
-                    cap: l.ring_rows(ring),
-                },
-                n,
-            ));
+            seqs.push((Tables { retrieval, streaming, cap: l.ring_rows(ring) }, n));
         }
         let mut seen = std::collections::HashMap::new();
         for (s, (t, n)) in seqs.iter().enumerate() {
@@ -607,23 +495,14 @@ mod tests {
                 for (g, e) in l.heads(layer).into_iter().enumerate() {
                     // What a chunk of max_chunk tokens ending at n needs: every position for a
                     // retrieval head; sinks and the last recent + chunk for a streaming head.
-                    let chunk = if t.cap == l.ring_rows(Ring::Prefill) {
-                        l.max_chunk
-                    } else {
-                        1
-                    };
-                    let live: Vec<usize> = if e.kind == HeadEntry::RETRIEVAL {
-                        (0..*n).collect()
-                    } else {
-                        (0..l.sink).chain(n - l.recent - chunk + 1..*n).collect()
-                    };
+                    let chunk = if t.cap == l.ring_rows(Ring::Prefill) { l.max_chunk } else { 1 };
+                    let live: Vec<usize> = if e.kind == HeadEntry::RETRIEVAL { (0..*n).collect() } else { (0..l.sink).chain(n - l.recent - chunk + 1..*n).collect() };
                     for p in live {
                         let row = t.row(&l, e, p);
                         assert!(row < 200 * l.group() * l.block_tokens);
                         if e.kind == HeadEntry::STREAMING && t.cap == l.ring_rows(Ring::Decode) {
                             // A decode-sized ring lives in the first blocks of the region.
-                            assert!(t.streaming[..l.streaming_blocks(Ring::Decode)]
-                                .contains(&((row / l.block_tokens / l.group()) as u32)));
+                            assert!(t.streaming[..l.streaming_blocks(Ring::Decode)].contains(&((row / l.block_tokens / l.group()) as u32)));
                         }
                         if let Some(prev) = seen.insert(row, (s, layer, g, p)) {
                             panic!("row {row} holds {prev:?} and {:?}", (s, layer, g, p));
