@@ -5,10 +5,10 @@
 //! [`crate::pool`]'s.
 
 use crate::ops::{hash_uniform, rms_norm_ref, rope_ref, round_bf16, silu_mul_ref, uniform_bf16};
+use duo_core::random_weights::{scale_for, RandomTensor};
 use crate::paged::PagedLayout;
 use crate::prefill_attention::HeadEntry;
 use crate::{CudaError, Result};
-use duo_core::random_weights::{scale_for, RandomTensor};
 
 /// The shape of the model the GPU runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,14 +40,7 @@ impl GpuConfig {
     /// own, so both rotate by exactly the same angles.
     pub fn from_model(c: &duo_core::config::ModelConfig) -> Self {
         let half_split = c.rope_style == duo_core::config::RopeStyle::HalfSplit;
-        let inv_freq = duo_kernels::ops::Rope::new(
-            c.head_dim,
-            c.rope_theta,
-            half_split,
-            c.rope_freq_factors.as_deref(),
-        )
-        .inv_freq()
-        .to_vec();
+        let inv_freq = duo_kernels::ops::Rope::new(c.head_dim, c.rope_theta, half_split, c.rope_freq_factors.as_deref()).inv_freq().to_vec();
         Self {
             n_layers: c.n_layers,
             hidden: c.hidden_size,
@@ -68,15 +61,8 @@ impl GpuConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if ![64, 128].contains(&self.head_dim)
-            || self.n_kv_heads == 0
-            || !self.n_heads.is_multiple_of(self.n_kv_heads)
-            || self.inv_freq.len() * 2 != self.head_dim
-        {
-            return Err(CudaError::Input(format!(
-                "unsupported shape: {} heads / {} KV heads of {} dims",
-                self.n_heads, self.n_kv_heads, self.head_dim
-            )));
+        if ![64, 128].contains(&self.head_dim) || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) || self.inv_freq.len() * 2 != self.head_dim {
+            return Err(CudaError::Input(format!("unsupported shape: {} heads / {} KV heads of {} dims", self.n_heads, self.n_kv_heads, self.head_dim)));
         }
         Ok(())
     }
@@ -170,60 +156,33 @@ impl HostLayer<'_> {
     }
 }
 
+
+
 /// The CPU reference: logits at every position of `tokens` from position `from` on
 /// (`[tokens.len() - from, vocab]`), for the seeded random model and the layout's masks.
 /// Meant for small shapes (it keeps every weight in `f32`).
-pub fn reference_logits(
-    c: &GpuConfig,
-    layout: &PagedLayout,
-    seed: u64,
-    tokens: &[u32],
-    from: usize,
-) -> Result<Vec<f32>> {
+pub fn reference_logits(c: &GpuConfig, layout: &PagedLayout, seed: u64, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
     c.validate()?;
     layout.validate(c.n_layers, c.n_kv_heads)?;
     let (h, d, nh, ng, f) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
     let t = tokens.len();
     let matmul = |x: &[f32], w: &[f32], out_dim: usize, in_dim: usize| -> Vec<f32> {
-        x.chunks(in_dim)
-            .flat_map(|row| {
-                (0..out_dim).map(move |o| {
-                    row.iter()
-                        .zip(&w[o * in_dim..][..in_dim])
-                        .map(|(a, b)| a * b)
-                        .sum::<f32>()
-                })
-            })
-            .collect()
+        x.chunks(in_dim).flat_map(|row| (0..out_dim).map(move |o| row.iter().zip(&w[o * in_dim..][..in_dim]).map(|(a, b)| a * b).sum::<f32>())).collect()
     };
     let mut x: Vec<f32> = tokens
         .iter()
-        .flat_map(|&tok| {
-            (0..h as u64).map(move |i| {
-                round_bf16(hash_uniform(
-                    RandomTensor::Embed.seed(seed),
-                    tok as u64 * h as u64 + i,
-                ))
-            })
-        })
+        .flat_map(|&tok| (0..h as u64).map(move |i| round_bf16(hash_uniform(RandomTensor::Embed.seed(seed), tok as u64 * h as u64 + i))))
         .collect();
     let ones = vec![1.0f32; h.max(f)];
     let scale = 1.0 / (d as f64).sqrt();
     for l in 0..c.n_layers {
-        let wqkv = uniform_bf16(
-            RandomTensor::Qkv(l).seed(seed),
-            c.qkv_dim() * h,
-            scale_for(h),
-        );
+        let wqkv = uniform_bf16(RandomTensor::Qkv(l).seed(seed), c.qkv_dim() * h, scale_for(h));
         let wo = uniform_bf16(RandomTensor::O(l).seed(seed), h * nh * d, scale_for(nh * d));
         let wgu = uniform_bf16(RandomTensor::GateUp(l).seed(seed), 2 * f * h, scale_for(h));
         let wd = uniform_bf16(RandomTensor::Down(l).seed(seed), h * f, scale_for(f));
         let xn = rms_norm_ref(&x, &ones[..h], c.eps);
         // The qkv and gate/up products come out of the GPU's matmuls as bf16.
-        let mut qkv: Vec<f32> = matmul(&xn, &wqkv, c.qkv_dim(), h)
-            .into_iter()
-            .map(round_bf16)
-            .collect();
+        let mut qkv: Vec<f32> = matmul(&xn, &wqkv, c.qkv_dim(), h).into_iter().map(round_bf16).collect();
         for (p, row) in qkv.chunks_mut(c.qkv_dim()).enumerate() {
             for hd in 0..nh + ng {
                 rope_ref(&mut row[hd * d..][..d], p, &c.inv_freq, c.half_split);
@@ -242,33 +201,16 @@ pub fn reference_logits(
         let mut att = vec![0.0f32; t * nh * d];
         for qh in 0..nh {
             let g = qh / (nh / ng);
-            let e = if layout.retrieval[l][g] {
-                HeadEntry::retrieval(0)
-            } else {
-                HeadEntry::streaming(0, layout.sink, layout.recent)
-            };
+            let e = if layout.retrieval[l][g] { HeadEntry::retrieval(0) } else { HeadEntry::streaming(0, layout.sink, layout.recent) };
             for i in 0..t {
                 let q = &qkv[i * c.qkv_dim() + qh * d..][..d];
                 let seen: Vec<usize> = (0..=i).filter(|&j| e.visible(i, j)).collect();
-                let s: Vec<f64> = seen
-                    .iter()
-                    .map(|&j| {
-                        q.iter()
-                            .zip(&qkv[j * c.qkv_dim() + (nh + g) * d..][..d])
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
+                let s: Vec<f64> = seen.iter().map(|&j| q.iter().zip(&qkv[j * c.qkv_dim() + (nh + g) * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
                 let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let w: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
                 let z: f64 = w.iter().sum();
                 for k in 0..d {
-                    let v: f64 = w
-                        .iter()
-                        .zip(&seen)
-                        .map(|(wi, &j)| wi * qkv[j * c.qkv_dim() + (nh + ng + g) * d + k] as f64)
-                        .sum();
+                    let v: f64 = w.iter().zip(&seen).map(|(wi, &j)| wi * qkv[j * c.qkv_dim() + (nh + ng + g) * d + k] as f64).sum();
                     att[(i * nh + qh) * d + k] = round_bf16((v / z) as f32);
                 }
             }
@@ -277,10 +219,7 @@ pub fn reference_logits(
             *xi += o;
         }
         let xn = rms_norm_ref(&x, &ones[..h], c.eps);
-        let gu: Vec<f32> = matmul(&xn, &wgu, 2 * f, h)
-            .into_iter()
-            .map(round_bf16)
-            .collect();
+        let gu: Vec<f32> = matmul(&xn, &wgu, 2 * f, h).into_iter().map(round_bf16).collect();
         let act = silu_mul_ref(&gu, f);
         for (xi, o) in x.iter_mut().zip(matmul(&act, &wd, h, f)) {
             *xi += o;
@@ -296,30 +235,9 @@ mod tests {
     use super::*;
 
     fn tiny() -> (GpuConfig, PagedLayout) {
-        let inv_freq: Vec<f32> = (0..32)
-            .map(|i| 10_000f32.powf(-(i as f32) / 32.0))
-            .collect();
-        let c = GpuConfig {
-            n_layers: 2,
-            hidden: 64,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 64,
-            ffn: 96,
-            vocab: 50,
-            eps: 1e-5,
-            inv_freq,
-            half_split: true,
-        };
-        let l = PagedLayout {
-            retrieval: vec![vec![true, false], vec![false, false]],
-            sink: 2,
-            recent: 5,
-            block_tokens: 16,
-            max_chunk: 8,
-            max_tokens: 100,
-            kv: crate::decode_attention::KvType::Bf16,
-        };
+        let inv_freq: Vec<f32> = (0..32).map(|i| 10_000f32.powf(-(i as f32) / 32.0)).collect();
+        let c = GpuConfig { n_layers: 2, hidden: 64, n_heads: 4, n_kv_heads: 2, head_dim: 64, ffn: 96, vocab: 50, eps: 1e-5, inv_freq, half_split: true };
+        let l = PagedLayout { retrieval: vec![vec![true, false], vec![false, false]], sink: 2, recent: 5, block_tokens: 16, max_chunk: 8, max_tokens: 100, kv: crate::decode_attention::KvType::Bf16 };
         (c, l)
     }
 
@@ -327,31 +245,14 @@ mod tests {
     fn a_window_longer_than_the_text_is_full_attention() {
         let (c, l) = tiny();
         let tokens: Vec<u32> = (0..12).map(|i| (i * 7 % 50) as u32).collect();
-        let full = PagedLayout {
-            retrieval: vec![vec![true; 2]; 2],
-            ..l.clone()
-        };
-        let wide = PagedLayout {
-            recent: 64,
-            ..l.clone()
-        };
+        let full = PagedLayout { retrieval: vec![vec![true; 2]; 2], ..l.clone() };
+        let wide = PagedLayout { recent: 64, ..l.clone() };
         let a = reference_logits(&c, &full, 3, &tokens, 0).unwrap();
         let b = reference_logits(&c, &wide, 3, &tokens, 0).unwrap();
-        assert_eq!(
-            a, b,
-            "every key is within the window: streaming heads see what retrieval heads see"
-        );
+        assert_eq!(a, b, "every key is within the window: streaming heads see what retrieval heads see");
         let narrow = reference_logits(&c, &l, 3, &tokens, 0).unwrap();
-        assert_eq!(
-            narrow[..7 * 50],
-            a[..7 * 50],
-            "positions 0..7 see everything within sink + recent"
-        );
-        assert_ne!(
-            narrow[11 * 50..],
-            a[11 * 50..],
-            "position 11 has lost keys 2..6"
-        );
+        assert_eq!(narrow[..7 * 50], a[..7 * 50], "positions 0..7 see everything within sink + recent");
+        assert_ne!(narrow[11 * 50..], a[11 * 50..], "position 11 has lost keys 2..6");
         assert_eq!(a.len(), 12 * 50);
         assert!(a.iter().all(|v| v.is_finite()));
     }
@@ -359,20 +260,11 @@ mod tests {
     #[test]
     fn wrong_shapes_are_refused() {
         let (c, l) = tiny();
-        let bad = PagedLayout {
-            retrieval: vec![vec![true; 3]; 2],
-            ..l.clone()
-        };
+        let bad = PagedLayout { retrieval: vec![vec![true; 3]; 2], ..l.clone() };
         assert!(reference_logits(&c, &bad, 0, &[1, 2], 0).is_err());
-        let bad = GpuConfig {
-            head_dim: 96,
-            ..c.clone()
-        };
+        let bad = GpuConfig { head_dim: 96, ..c.clone() };
         assert!(reference_logits(&bad, &l, 0, &[1, 2], 0).is_err());
-        let err = HostLayer::default()
-            .validate(&c, 0)
-            .unwrap_err()
-            .to_string();
+        let err = HostLayer::default().validate(&c, 0).unwrap_err().to_string();
         assert!(err.contains("layer 0 attn_norm"), "{err}");
     }
 
@@ -402,11 +294,7 @@ mod tests {
         assert!((g.inv_freq[1] - 10_000f32.powf(-2.0 / 64.0)).abs() < 1e-7);
         assert!(g.half_split);
         mc.rope_freq_factors = Some(vec![2.0; 32]);
-        assert_eq!(
-            GpuConfig::from_model(&mc).inv_freq[0],
-            0.5,
-            "frequency factors divide"
-        );
+        assert_eq!(GpuConfig::from_model(&mc).inv_freq[0], 0.5, "frequency factors divide");
     }
 }
 
@@ -422,6 +310,7 @@ mod gpu {
     use crate::Parity;
     use cudarc::driver::CudaSlice;
     use std::sync::Arc;
+
 
     /// One bf16 buffer holding `parts` one after the other: bf16 parts copied, GGUF blocks
     /// uploaded as they are and dequantised in place by the GPU.
@@ -490,11 +379,7 @@ mod gpu {
                 layers.push(LayerWeights {
                     attn_norm: gpu.upload(&vec![1.0f32; h])?,
                     qkv: random(c.qkv_dim() * h, RandomTensor::Qkv(l).seed(seed), h)?,
-                    o: random(
-                        h * c.n_heads * c.head_dim,
-                        RandomTensor::O(l).seed(seed),
-                        c.n_heads * c.head_dim,
-                    )?,
+                    o: random(h * c.n_heads * c.head_dim, RandomTensor::O(l).seed(seed), c.n_heads * c.head_dim)?,
                     ffn_norm: gpu.upload(&vec![1.0f32; h])?,
                     gate_up: random(2 * f * h, RandomTensor::GateUp(l).seed(seed), h)?,
                     down: random(h * f, RandomTensor::Down(l).seed(seed), f)?,
@@ -503,15 +388,7 @@ mod gpu {
             let lm_head = random(c.vocab * h, RandomTensor::LmHead.seed(seed), h)?;
             let inv_freq = gpu.upload(&c.inv_freq)?;
             gpu.sync()?;
-            Ok(Self {
-                config,
-                seed,
-                layers,
-                norm: ones,
-                embed: None,
-                lm_head: Some(lm_head),
-                inv_freq,
-            })
+            Ok(Self { config, seed, layers, norm: ones, embed: None, lm_head: Some(lm_head), inv_freq })
         }
 
         /// Uploads a checkpoint one tensor at a time: `matrix` yields the embedding table and
@@ -531,26 +408,13 @@ mod gpu {
                 return Err(size_error("the final norm", norm.len(), c.hidden));
             }
             let mut global = |which: GlobalMatrix| -> Result<Option<CudaSlice<u16>>> {
-                let Some(w) = matrix(which)? else {
-                    return Ok(None);
-                };
+                let Some(w) = matrix(which)? else { return Ok(None) };
                 if w.len() != c.vocab * c.hidden {
-                    return Err(size_error(
-                        if which == GlobalMatrix::Embed {
-                            "the embedding table"
-                        } else {
-                            "the LM head"
-                        },
-                        w.len(),
-                        c.vocab * c.hidden,
-                    ));
+                    return Err(size_error(if which == GlobalMatrix::Embed { "the embedding table" } else { "the LM head" }, w.len(), c.vocab * c.hidden));
                 }
                 Ok(Some(upload_parts(gpu, &[w])?))
             };
-            let embed =
-                Some(global(GlobalMatrix::Embed)?.ok_or_else(|| {
-                    CudaError::Input("a checkpoint needs an embedding table".into())
-                })?);
+            let embed = Some(global(GlobalMatrix::Embed)?.ok_or_else(|| CudaError::Input("a checkpoint needs an embedding table".into()))?);
             let lm_head = global(GlobalMatrix::LmHead)?;
             let (norm, inv_freq) = (gpu.upload(&norm)?, gpu.upload(&config.inv_freq)?);
             let mut layers = Vec::with_capacity(c.n_layers);
@@ -567,15 +431,7 @@ mod gpu {
                 });
             }
             gpu.sync()?;
-            Ok(Self {
-                config,
-                seed: 0,
-                layers,
-                norm,
-                embed,
-                lm_head,
-                inv_freq,
-            })
+            Ok(Self { config, seed: 0, layers, norm, embed, lm_head, inv_freq })
         }
 
         /// The seed of the random embedding rows (random weights).
@@ -584,27 +440,13 @@ mod gpu {
         }
 
         pub(crate) fn lm_head(&self) -> &CudaSlice<u16> {
-            self.lm_head
-                .as_ref()
-                .or(self.embed.as_ref())
-                .expect("random weights have an LM head; checkpoints an embedding table")
+            self.lm_head.as_ref().or(self.embed.as_ref()).expect("random weights have an LM head; checkpoints an embedding table")
         }
     }
 
     /// Greedy token of each `vocab` row (the lowest index among equals, as the GPU's argmax).
     fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
-        logits
-            .chunks(vocab)
-            .map(|r| {
-                r.iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-                    )
-                    .0 as u32
-            })
-            .collect()
+        logits.chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32).collect()
     }
 
     /// Max |a - b| relative to the largest |a|, and whether every greedy token agrees where
@@ -614,19 +456,12 @@ mod gpu {
         if want.len() != got.len() {
             return (f64::INFINITY, false);
         }
-        let err = want
-            .iter()
-            .zip(got)
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
-            .fold(0.0, f64::max)
-            / top;
+        let err = want.iter().zip(got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max) / top;
         let mut agree = true;
         for (wr, gr) in want.chunks(vocab).zip(got.chunks(vocab)) {
             let mut sorted: Vec<f32> = wr.to_vec();
             sorted.sort_by(|a, b| b.total_cmp(a));
-            if (sorted[0] - sorted[1]) as f64 > margin * top
-                && argmax_rows(wr, vocab) != argmax_rows(gr, vocab)
-            {
+            if (sorted[0] - sorted[1]) as f64 > margin * top && argmax_rows(wr, vocab) != argmax_rows(gr, vocab) {
                 agree = false;
             }
         }
@@ -636,40 +471,17 @@ mod gpu {
     /// Prefills `prompt` in chunks of `chunk` through `pool` alone, then `steps` greedy decode
     /// steps; returns the logits of the last prompt position and of each decode step, and
     /// every token (prompt and generated).
-    fn run_alone(
-        pool: &Arc<KvPool>,
-        prompt: &[u32],
-        chunk: usize,
-        steps: usize,
-    ) -> Result<(Vec<f32>, Vec<u32>)> {
+    fn run_alone(pool: &Arc<KvPool>, prompt: &[u32], chunk: usize, steps: usize) -> Result<(Vec<f32>, Vec<u32>)> {
         let mut seq = pool.sequence()?;
         run_seq(pool, &mut seq, prompt, chunk, steps)
     }
 
-    fn run_seq(
-        pool: &Arc<KvPool>,
-        seq: &mut PagedSeq,
-        prompt: &[u32],
-        chunk: usize,
-        steps: usize,
-    ) -> Result<(Vec<f32>, Vec<u32>)> {
+    fn run_seq(pool: &Arc<KvPool>, seq: &mut PagedSeq, prompt: &[u32], chunk: usize, steps: usize) -> Result<(Vec<f32>, Vec<u32>)> {
         let vocab = pool.vocab();
         let mut logits = Vec::new();
         for (i, c) in prompt.chunks(chunk).enumerate() {
             let last = (i + 1) * chunk >= prompt.len();
-            let out = pool.step(
-                &mut [],
-                Some(PrefillChunk {
-                    seq: &mut *seq,
-                    tokens: c,
-                    logits: if last {
-                        RowLogits::Last
-                    } else {
-                        RowLogits::None
-                    },
-                }),
-                false,
-            )?;
+            let out = pool.step(&mut [], Some(PrefillChunk { seq: &mut *seq, tokens: c, logits: if last { RowLogits::Last } else { RowLogits::None } }), false)?;
             logits = out.prefill;
         }
         let mut all_logits = logits.clone();
@@ -677,16 +489,7 @@ mod gpu {
         for _ in 0..steps {
             let next = argmax_rows(&logits, vocab)[0];
             tokens.push(next);
-            logits = pool
-                .step(
-                    &mut [DecodeRow {
-                        seq: &mut *seq,
-                        token: next,
-                    }],
-                    None,
-                    false,
-                )?
-                .decode;
+            logits = pool.step(&mut [DecodeRow { seq: &mut *seq, token: next }], None, false)?.decode;
             all_logits.extend_from_slice(&logits);
         }
         Ok((all_logits, tokens))
@@ -707,37 +510,12 @@ mod gpu {
     pub fn check_model(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
         let mut out = Vec::new();
         let config = |heads: usize, kv: usize, d: usize, half: bool| {
-            let inv_freq: Vec<f32> = (0..d / 2)
-                .map(|i| 10_000f32.powf(-2.0 * i as f32 / d as f32))
-                .collect();
-            GpuConfig {
-                n_layers: 3,
-                hidden: 128,
-                n_heads: heads,
-                n_kv_heads: kv,
-                head_dim: d,
-                ffn: 256,
-                vocab: 300,
-                eps: 1e-5,
-                inv_freq,
-                half_split: half,
-            }
+            let inv_freq: Vec<f32> = (0..d / 2).map(|i| 10_000f32.powf(-2.0 * i as f32 / d as f32)).collect();
+            GpuConfig { n_layers: 3, hidden: 128, n_heads: heads, n_kv_heads: kv, head_dim: d, ffn: 256, vocab: 300, eps: 1e-5, inv_freq, half_split: half }
         };
         use crate::decode_attention::KvType;
-        let layout = |max_tokens: usize, kv: KvType| PagedLayout {
-            retrieval: vec![vec![true, false], vec![false, false], vec![false, true]],
-            sink: 4,
-            recent: 40,
-            block_tokens: 16,
-            max_chunk: 48,
-            max_tokens,
-            kv,
-        };
-        let prompt = |n: usize, salt: u64| -> Vec<u32> {
-            (0..n as u64)
-                .map(|i| (hash_uniform(seed ^ salt, i).abs() * 299.0) as u32)
-                .collect()
-        };
+        let layout = |max_tokens: usize, kv: KvType| PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens, kv };
+        let prompt = |n: usize, salt: u64| -> Vec<u32> { (0..n as u64).map(|i| (hash_uniform(seed ^ salt, i).abs() * 299.0) as u32).collect() };
         // (name, heads, KV heads, head dim, half-split RoPE, prompt tokens, max_tokens, cache)
         let cases = [
             ("GQA", 4, 2, 64, true, 2990, 4096, KvType::Bf16),
@@ -746,16 +524,7 @@ mod gpu {
             ("GQA, fp8 cache", 4, 2, 64, true, 2990, 4096, KvType::Fp8),
             ("MHA, fp8 cache", 2, 2, 128, false, 2990, 4096, KvType::Fp8),
             ("GQA, int8 cache", 4, 2, 64, true, 2990, 4096, KvType::Int8),
-            (
-                "MHA, int8 cache",
-                2,
-                2,
-                128,
-                false,
-                2990,
-                4096,
-                KvType::Int8,
-            ),
+            ("MHA, int8 cache", 2, 2, 128, false, 2990, 4096, KvType::Int8),
         ];
         for (name, heads, kv, d, half, prompt_len, max_tokens, cache) in cases {
             let config = config(heads, kv, d, half);
@@ -769,19 +538,10 @@ mod gpu {
             // continuation) grows them again, moving the last `recent` positions each time.
             let decode_blocks = seq.blocks();
             let tail = prompt(30, 9);
-            let more = pool.step(
-                &mut [],
-                Some(PrefillChunk {
-                    seq: &mut seq,
-                    tokens: &tail,
-                    logits: RowLogits::All,
-                }),
-                false,
-            )?;
+            let more = pool.step(&mut [], Some(PrefillChunk { seq: &mut seq, tokens: &tail, logits: RowLogits::All }), false)?;
             got.extend(more.prefill);
             tokens.extend(&tail);
-            let ring_ok = decode_blocks == layout.blocks_for(prompt_len + 10, Ring::Decode)
-                && seq.blocks() == layout.blocks_for(prompt_len + 40, Ring::Prefill);
+            let ring_ok = decode_blocks == layout.blocks_for(prompt_len + 10, Ring::Decode) && seq.blocks() == layout.blocks_for(prompt_len + 40, Ring::Prefill);
             let want = reference_logits(&config, &layout, seed, &tokens, prompt_len - 1)?;
             let (err, agree) = compare(&want, &got, config.vocab, 2e-2);
             let graph_steps = pool.graph_steps();
@@ -792,124 +552,70 @@ mod gpu {
             });
         }
 
-        // Continuous batching in one pool against each sequence alone, bf16 and fp8 caches.
+        // Continuous batching in one pool against each sequence alone, bf16, fp8 and int8 caches.
         let config = config(4, 2, 64, true);
         let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
         for cache in [KvType::Bf16, KvType::Fp8, KvType::Int8] {
-            let layout = layout(2048, cache);
-            let (lens, steps) = ([700usize, 150, 1200], 12usize);
-            let blocks: usize = lens
-                .iter()
-                .map(|&n| layout.blocks_for(n + steps, Ring::Prefill))
-                .sum();
-            let shared = KvPool::new(
-                gpu.clone(),
-                w.clone(),
-                layout.clone(),
-                PoolConfig {
-                    blocks,
-                    max_seqs: 4,
-                    max_rows: 64,
-                    graphs: true,
-                },
-            )?;
-            let prompts: Vec<Vec<u32>> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| prompt(n, i as u64 + 1))
-                .collect();
-            let mut seqs: Vec<PagedSeq> = (0..lens.len())
-                .map(|_| shared.sequence())
-                .collect::<Result<_>>()?;
-            let mut done = vec![0usize; lens.len()];
-            let mut logits: Vec<Vec<f32>> = vec![Vec::new(); lens.len()];
-            let mut all: Vec<Vec<f32>> = vec![Vec::new(); lens.len()];
-            let mut generated = vec![0usize; lens.len()];
-            let mut tokens: Vec<Vec<u32>> = prompts.clone();
-            while generated.iter().any(|&g| g < steps) {
-                let prefilling = (0..lens.len()).find(|&i| done[i] < lens[i]);
-                let decoding: Vec<usize> = (0..lens.len())
-                    .filter(|&i| done[i] == lens[i] && generated[i] < steps)
-                    .collect();
-                let next: Vec<u32> = decoding
-                    .iter()
-                    .map(|&i| argmax_rows(&logits[i], config.vocab)[0])
-                    .collect();
-                let (mut dec, mut pre): (Vec<&mut PagedSeq>, Option<&mut PagedSeq>) =
-                    (Vec::new(), None);
-                for (i, s) in seqs.iter_mut().enumerate() {
-                    if decoding.contains(&i) {
-                        dec.push(s);
-                    } else if Some(i) == prefilling {
-                        pre = Some(s);
-                    }
-                }
-                let mut rows: Vec<DecodeRow> = dec
-                    .into_iter()
-                    .zip(&next)
-                    .map(|(seq, &token)| DecodeRow { seq, token })
-                    .collect();
-                let chunk = prefilling.map(|i| {
-                    let end = (done[i] + 48).min(lens[i]);
-                    (i, end, &prompts[i][done[i]..end])
-                });
-                let prefill = match (pre, &chunk) {
-                    (Some(seq), Some((i, end, toks))) => Some(PrefillChunk {
-                        seq,
-                        tokens: toks,
-                        logits: if *end == lens[*i] {
-                            RowLogits::Last
-                        } else {
-                            RowLogits::None
-                        },
-                    }),
-                    _ => None,
-                };
-                let got = shared.step(&mut rows, prefill, false)?;
-                for (r, &i) in decoding.iter().enumerate() {
-                    tokens[i].push(next[r]);
-                    logits[i] = got.decode[r * config.vocab..(r + 1) * config.vocab].to_vec();
-                    all[i].extend_from_slice(&logits[i]);
-                    generated[i] += 1;
-                }
-                if let Some((i, end, _)) = chunk {
-                    done[i] = end;
-                    if end == lens[i] {
-                        logits[i] = got.prefill.clone();
-                        all[i] = got.prefill;
-                    }
+        let layout = layout(2048, cache);
+        let (lens, steps) = ([700usize, 150, 1200], 12usize);
+        let blocks: usize = lens.iter().map(|&n| layout.blocks_for(n + steps, Ring::Prefill)).sum();
+        let shared = KvPool::new(gpu.clone(), w.clone(), layout.clone(), PoolConfig { blocks, max_seqs: 4, max_rows: 64, graphs: true })?;
+        let prompts: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &n)| prompt(n, i as u64 + 1)).collect();
+        let mut seqs: Vec<PagedSeq> = (0..lens.len()).map(|_| shared.sequence()).collect::<Result<_>>()?;
+        let mut done = vec![0usize; lens.len()];
+        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); lens.len()];
+        let mut all: Vec<Vec<f32>> = vec![Vec::new(); lens.len()];
+        let mut generated = vec![0usize; lens.len()];
+        let mut tokens: Vec<Vec<u32>> = prompts.clone();
+        while generated.iter().any(|&g| g < steps) {
+            let prefilling = (0..lens.len()).find(|&i| done[i] < lens[i]);
+            let decoding: Vec<usize> = (0..lens.len()).filter(|&i| done[i] == lens[i] && generated[i] < steps).collect();
+            let next: Vec<u32> = decoding.iter().map(|&i| argmax_rows(&logits[i], config.vocab)[0]).collect();
+            let (mut dec, mut pre): (Vec<&mut PagedSeq>, Option<&mut PagedSeq>) = (Vec::new(), None);
+            for (i, s) in seqs.iter_mut().enumerate() {
+                if decoding.contains(&i) {
+                    dec.push(s);
+                } else if Some(i) == prefilling {
+                    pre = Some(s);
                 }
             }
-            let (mut err, mut same_tokens, mut top) = (0.0f64, true, 0.0f64);
-            for (i, p) in prompts.iter().enumerate() {
-                // Alone in a pool of the same kind (a shared pool's constant split): a pool of one
-                // sequence splits by length, which reorders the partial sums.
-                let config = PoolConfig {
-                    blocks: layout.blocks_for(lens[i] + steps, Ring::Prefill),
-                    max_seqs: 4,
-                    max_rows: 64,
-                    graphs: true,
-                };
-                let alone = KvPool::new(gpu.clone(), w.clone(), layout.clone(), config)?;
-                let (want, want_tokens) = run_alone(&alone, p, 48, steps)?;
-                let got = &all[i];
-                top = want.iter().fold(top, |m, v| m.max(v.abs() as f64));
-                err = err.max(
-                    want.iter()
-                        .zip(got)
-                        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-                        .fold(
-                            if want.len() == got.len() {
-                                0.0
-                            } else {
-                                f64::INFINITY
-                            },
-                            f64::max,
-                        ),
-                );
-                same_tokens &= want_tokens == tokens[i];
+            let mut rows: Vec<DecodeRow> = dec.into_iter().zip(&next).map(|(seq, &token)| DecodeRow { seq, token }).collect();
+            let chunk = prefilling.map(|i| {
+                let end = (done[i] + 48).min(lens[i]);
+                (i, end, &prompts[i][done[i]..end])
+            });
+            let prefill = match (pre, &chunk) {
+                (Some(seq), Some((i, end, toks))) => Some(PrefillChunk { seq, tokens: toks, logits: if *end == lens[*i] { RowLogits::Last } else { RowLogits::None } }),
+                _ => None,
+            };
+            let got = shared.step(&mut rows, prefill, false)?;
+            for (r, &i) in decoding.iter().enumerate() {
+                tokens[i].push(next[r]);
+                logits[i] = got.decode[r * config.vocab..(r + 1) * config.vocab].to_vec();
+                all[i].extend_from_slice(&logits[i]);
+                generated[i] += 1;
             }
-            out.push(Parity {
+            if let Some((i, end, _)) = chunk {
+                done[i] = end;
+                if end == lens[i] {
+                    logits[i] = got.prefill.clone();
+                    all[i] = got.prefill;
+                }
+            }
+        }
+        let (mut err, mut same_tokens, mut top) = (0.0f64, true, 0.0f64);
+        for (i, p) in prompts.iter().enumerate() {
+            // Alone in a pool of the same kind (a shared pool's constant split): a pool of one
+            // sequence splits by length, which reorders the partial sums.
+            let config = PoolConfig { blocks: layout.blocks_for(lens[i] + steps, Ring::Prefill), max_seqs: 4, max_rows: 64, graphs: true };
+            let alone = KvPool::new(gpu.clone(), w.clone(), layout.clone(), config)?;
+            let (want, want_tokens) = run_alone(&alone, p, 48, steps)?;
+            let got = &all[i];
+            top = want.iter().fold(top, |m, v| m.max(v.abs() as f64));
+            err = err.max(want.iter().zip(got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(if want.len() == got.len() { 0.0 } else { f64::INFINITY }, f64::max));
+            same_tokens &= want_tokens == tokens[i];
+        }
+        out.push(Parity {
             case: format!("continuous batching, {cache:?} cache: 3 sequences ({lens:?} prompt tokens, {steps} decode steps each) in one pool vs each alone, tokens the same: {same_tokens}"),
             max_abs_err: if same_tokens { err / top.max(f64::MIN_POSITIVE) } else { f64::INFINITY },
             bound: 1e-5,
@@ -917,4 +623,5 @@ mod gpu {
         }
         Ok(out)
     }
+
 }
