@@ -286,13 +286,6 @@ pub fn attend_state<E: KvElem>(
         let n = seg.len();
         match seg.positions {
             Positions::Contiguous(start) => {
-                let ranges: Vec<Vec<(usize, usize)>> = (0..rows)
-                    .map(|r| visible_ranges(vis, q.position(r), start, n, seg.cached))
-                    .collect();
-                let first = ranges.iter().find_map(|rg| rg.first().map(|x| x.0));
-                let lockstep = ranges
-                    .iter()
-                    .all(|rg| rg.len() <= 1 && rg.first().is_none_or(|x| Some(x.0) == first));
                 #[cfg(all(
                     target_arch = "x86_64",
                     target_feature = "avx2",
@@ -310,6 +303,13 @@ pub fn attend_state<E: KvElem>(
                         continue;
                     }
                 }
+                let ranges: Vec<Vec<(usize, usize)>> = (0..rows)
+                    .map(|r| visible_ranges(vis, q.position(r), start, n, seg.cached))
+                    .collect();
+                let first = ranges.iter().find_map(|rg| rg.first().map(|x| x.0));
+                let lockstep = ranges
+                    .iter()
+                    .all(|rg| rg.len() <= 1 && rg.first().is_none_or(|x| Some(x.0) == first));
                 if let (true, Some(a)) = (lockstep, first) {
                     let ends: Vec<usize> = ranges
                         .iter()
@@ -435,7 +435,7 @@ pub fn attend_state<E: KvElem>(
 }
 
 /// A query's two ranges under the Λ rule (segment-relative, each possibly empty): its sinks,
-/// then its recent window; the ranges [`visible_ranges`] gives, in the same order.
+/// then its recent window (what [`visible_ranges`] gives under Λ, empty ones dropped).
 fn lambda_ranges(sink: usize, recent: usize, i: usize, start: usize, n: usize) -> ((usize, usize), (usize, usize)) {
     let causal_end = (start + n).min(i + 1).max(start);
     let sink_end = causal_end.min(sink).max(start);
@@ -454,9 +454,8 @@ fn visible_ranges(vis: Visibility, i: usize, start: usize, n: usize, cached: boo
             if cached { clip(start, end).into_iter().collect() } else { clip(start, causal_end.max(start)).into_iter().collect() }
         }
         Visibility::Lambda { sink, recent } => {
-            let sink_end = causal_end.min(sink).max(start);
-            let win_start = (i + 1).saturating_sub(recent).max(sink_end).max(start);
-            [clip(start, sink_end), clip(win_start, causal_end.max(win_start))].into_iter().flatten().collect()
+            let (sinks, window) = lambda_ranges(sink, recent, i, start, n);
+            [sinks, window].into_iter().filter(|r| r.1 > r.0).collect()
         }
     }
 }

@@ -35,11 +35,7 @@ impl Linear {
     fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
         let mut y = self.weight.forward(x, t)?;
         if let Some(b) = &self.bias {
-            for row in y.chunks_mut(self.out_dim) {
-                for (v, b) in row.iter_mut().zip(b) {
-                    *v += b;
-                }
-            }
+            add_bias(&mut y, b);
         }
         Ok(y)
     }
@@ -51,46 +47,28 @@ impl Linear {
 /// a decode step on many cores is mostly such sections), else one product each. Every
 /// output row is computed alone either way, so the outputs are the same bits.
 enum Stacked {
-    /// The stacked matrix, its (zero-filled where a part has none) bias, and each part's rows.
-    One(Linear, Vec<usize>),
+    /// The parts' rows in one matrix, with each part's rows and bias.
+    One(duo_kernels::quant::QuantMatrix, Vec<(usize, Option<Vec<f32>>)>),
     /// Parts whose weights cannot stack (different types or a candle matmul).
     Each(Vec<Linear>),
 }
 
 impl Stacked {
     fn new(parts: Vec<Linear>) -> Self {
-        let dims: Vec<usize> = parts.iter().map(|p| p.out_dim).collect();
         if parts.len() < 2 || !parts.iter().all(|p| matches!(p.weight, Weight::Native(_))) {
             return Stacked::Each(parts);
         }
-        let bias = parts.iter().any(|p| p.bias.is_some()).then(|| parts.iter().flat_map(|p| p.bias.clone().unwrap_or_else(|| vec![0.0; p.out_dim])).collect());
-        let mut keep = Vec::new();
-        let mats: Vec<duo_kernels::quant::QuantMatrix> = parts
-            .into_iter()
-            .filter_map(|p| match p.weight {
-                Weight::Native(m) => Some(m),
-                other => {
-                    keep.push(other);
-                    None
-                }
-            })
-            .collect();
-        match duo_kernels::quant::QuantMatrix::stack(mats) {
-            Ok(m) => Stacked::One(Linear { weight: Weight::Native(m), bias, out_dim: dims.iter().sum() }, dims),
-            Err(mats) => {
-                // Back to one product each, with their own biases.
-                let mut off = 0;
-                Stacked::Each(
-                    mats.into_iter()
-                        .zip(&dims)
-                        .map(|(m, &d)| {
-                            let b = bias.as_ref().map(|b: &Vec<f32>| b[off..off + d].to_vec());
-                            off += d;
-                            Linear { weight: Weight::Native(m), bias: b, out_dim: d }
-                        })
-                        .collect(),
-                )
+        let (mut mats, mut shapes) = (Vec::new(), Vec::new());
+        for p in parts {
+            if let Weight::Native(m) = p.weight {
+                mats.push(m);
+                shapes.push((p.out_dim, p.bias));
             }
+        }
+        match duo_kernels::quant::QuantMatrix::stack(mats) {
+            Ok(m) => Stacked::One(m, shapes),
+            // Back to one product each.
+            Err(mats) => Stacked::Each(mats.into_iter().zip(shapes).map(|(m, (out_dim, bias))| Linear { weight: Weight::Native(m), bias, out_dim }).collect()),
         }
     }
 
@@ -98,22 +76,25 @@ impl Stacked {
     fn forward(&self, x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
         match self {
             Stacked::Each(parts) => parts.iter().map(|p| p.forward(x, t)).collect(),
-            Stacked::One(all, dims) => {
-                let Weight::Native(m) = &all.weight else { return Err(ModelError::Input("a stacked projection is duo's kernel".into())) };
-                let mut parts = m.matmul_parts(x, t, dims);
-                if let Some(bias) = &all.bias {
-                    let mut off = 0;
-                    for (part, &d) in parts.iter_mut().zip(dims) {
-                        for row in part.chunks_mut(d) {
-                            for (v, b) in row.iter_mut().zip(&bias[off..off + d]) {
-                                *v += b;
-                            }
-                        }
-                        off += d;
+            Stacked::One(m, shapes) => {
+                let dims: Vec<usize> = shapes.iter().map(|s| s.0).collect();
+                let mut parts = m.matmul_parts(x, t, &dims);
+                for (part, (_, bias)) in parts.iter_mut().zip(shapes) {
+                    if let Some(b) = bias {
+                        add_bias(part, b);
                     }
                 }
                 Ok(parts)
             }
+        }
+    }
+}
+
+/// Adds `bias` to every row of `y` (rows of `bias.len()`).
+fn add_bias(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
         }
     }
 }
