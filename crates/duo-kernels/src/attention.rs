@@ -17,7 +17,6 @@
 //! [`reference_attention`] materialises every score in `f64` and is the parity oracle.
 
 use crate::ops::fast_exp;
-use rayon::prelude::*;
 
 /// How a cache stores a key or value element: `f32`, or `half::f16` for half the bytes.
 /// Attention computes in `f32` either way; an element is widened where it is read, so an
@@ -1085,9 +1084,7 @@ pub fn attend_heads<E: KvElem>(
             split
         })
         .collect();
-    let outs: Vec<Done> = tasks
-        .par_iter()
-        .map(|task| match *task {
+    let outs: Vec<Done> = crate::par::map(tasks.len(), |i| match tasks[i] {
             Task::Part(h, p) => {
                 let job = &jobs[h];
                 Done::Part(
@@ -1123,8 +1120,7 @@ pub fn attend_heads<E: KvElem>(
                 );
                 Done::Rows(h, r0, out)
             }
-        })
-        .collect();
+        });
     let mut result: Vec<Vec<f32>> = jobs
         .iter()
         .map(|j| vec![0.0; j.queries.rows(head_dim) * head_dim])

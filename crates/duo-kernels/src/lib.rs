@@ -20,4 +20,5 @@
 
 pub mod attention;
 pub mod ops;
+pub mod par;
 pub mod quant;

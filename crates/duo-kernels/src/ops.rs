@@ -3,12 +3,12 @@
 //! Numerics follow llama.cpp where it matters for token-for-token agreement: RMSNorm
 //! sums squares in `f64`, RoPE advances the angle by repeated multiplication in `f32`.
 
-use rayon::prelude::*;
+use crate::par;
 
 /// RMSNorm of each row of `x` (`[rows, dim]`) in place, times `weight` (`[dim]`).
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     let dim = weight.len();
-    x.par_chunks_mut(dim).for_each(|row| {
+    par::for_each_chunk_mut(x, dim, |_, row| {
         let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
         let scale = 1.0 / ((sum / dim as f64) as f32 + eps).sqrt();
         for (v, w) in row.iter_mut().zip(weight) {
@@ -54,7 +54,7 @@ impl Rope {
     /// row `r` being at position `first_position + r`.
     pub fn apply(&self, x: &mut [f32], heads: usize, first_position: usize) {
         let hd = self.inv_freq.len() * 2;
-        x.par_chunks_mut(heads * hd).enumerate().for_each(|(r, row)| {
+        par::for_each_chunk_mut(x, heads * hd, |r, row| {
             let pos = (first_position + r) as f32;
             let (cos, sin): (Vec<f32>, Vec<f32>) = self.inv_freq.iter().map(|f| {
                 let a = pos * f;
@@ -74,7 +74,8 @@ impl Rope {
 
 /// `gate = silu(gate) * up`, element-wise, in place.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
+    par::for_each_chunk_mut(gate, 4096, |c, g| {
+        let u = &up[c * 4096..c * 4096 + g.len()];
         for (g, u) in g.iter_mut().zip(u) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }

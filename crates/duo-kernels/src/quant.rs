@@ -13,7 +13,7 @@
 //! the parity oracle for the fast path (which differs only by activation rounding).
 
 use half::f16;
-use rayon::prelude::*;
+use crate::par::{self, DisjointChunks};
 
 /// Elements per block.
 pub const BLOCK: usize = 32;
@@ -180,7 +180,10 @@ impl QuantMatrix {
         // Activations of all tokens side by side, quantised in parallel: qs [t][k], d and s [t][nb].
         let (mut qs, mut ds, mut ss) = (vec![0i8; t * k], vec![0.0f32; t * nb], vec![0.0f32; t * nb]);
         let with_sum = self.kind == QuantKind::Q4_1;
-        x.par_chunks(k).zip(qs.par_chunks_mut(k)).zip(ds.par_chunks_mut(nb).zip(ss.par_chunks_mut(nb))).for_each(|((row, q), (d, s))| quantize_into(row, q, d, s, with_sum));
+        {
+            let (q, d, s) = (DisjointChunks::new(&mut qs, k), DisjointChunks::new(&mut ds, nb), DisjointChunks::new(&mut ss, nb));
+            par::for_each(t, |r| quantize_into(&x[r * k..(r + 1) * k], q.take(r), d.take(r), s.take(r), with_sum));
+        }
         // Tokens go in tiles of TT: a tile's activations (TT x k bytes) stay in L1 while the
         // ROWS weight rows of a work item run over them, instead of every row streaming all
         // tokens' activations from L2 (a token's arithmetic does not depend on its tile).
@@ -196,7 +199,7 @@ impl QuantMatrix {
         const ROWS: usize = 16;
         // Computed as [rows][t], then transposed.
         let mut out_t = vec![0.0f32; n * t];
-        out_t.par_chunks_mut(ROWS * t).enumerate().for_each(|(c, chunk)| {
+        par::for_each_chunk_mut(&mut out_t, ROWS * t, |c, chunk| {
             for &(t0, tn) in &tiles {
                 let (b0, b1) = (t0 * nb, (t0 + tn) * nb);
                 let acts = Acts {
@@ -227,7 +230,7 @@ impl QuantMatrix {
                 let rows = first..first + d;
                 first += d;
                 let mut out = vec![0.0f32; t * d];
-                out.par_chunks_mut(TB * d.max(1)).enumerate().for_each(|(c, rows_out)| {
+                par::for_each_chunk_mut(&mut out, TB * d.max(1), |c, rows_out| {
                     let t0 = c * TB;
                     let tn = rows_out.len() / d.max(1);
                     for r0 in rows.clone().step_by(TB) {

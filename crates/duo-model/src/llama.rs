@@ -17,6 +17,10 @@ use duo_kernels::ops::{rms_norm, swiglu, Rope};
 use duo_kv::SequenceKv;
 use std::sync::Arc;
 
+/// Chunks of at most this many tokens run as a decode step: with the pool's workers
+/// spinning for the whole pass instead of woken per parallel section.
+const TEAM_TOKENS: usize = 4;
+
 /// A projection: `y = x W^T (+ b)`.
 struct Linear {
     weight: Weight, // [out, in]
@@ -230,8 +234,17 @@ impl Model {
     /// Runs one chunk of `tokens` at positions `kv.tokens()..` through the model,
     /// appending to `kv`, and returns the requested logits.
     pub fn forward(&self, tokens: &[u32], kv: &mut SequenceKv, logits: Logits) -> Result<Vec<f32>> {
-        let hidden = self.hidden_states(tokens, kv)?;
-        self.logits(&hidden, tokens.len(), logits)
+        let mut pass = move || {
+            let hidden = self.hidden_states(tokens, kv)?;
+            self.logits(&hidden, tokens.len(), logits)
+        };
+        // A decode step's sections are small: the pool's workers spin through it (see
+        // `duo_kernels::par`). A prefill chunk's are large enough for rayon's fork-joins.
+        if tokens.len() <= TEAM_TOKENS {
+            duo_kernels::par::with_team(pass)
+        } else {
+            pass()
+        }
     }
 
     /// Like [`Model::forward`] but returns the final-norm hidden states `[t, hidden]`.
@@ -249,8 +262,10 @@ impl Model {
         if tokens.len() != kvs.len() {
             return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), kvs.len())));
         }
-        let hidden = self.run_segments(tokens, kvs)?;
-        self.logits(&hidden, tokens.len(), Logits::All)
+        duo_kernels::par::with_team(|| {
+            let hidden = self.run_segments(tokens, kvs)?;
+            self.logits(&hidden, tokens.len(), Logits::All)
+        })
     }
 
     /// The blocks over consecutive segments of `tokens`: segment `i` has one token per
