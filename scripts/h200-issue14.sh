@@ -77,7 +77,7 @@ elif [ "$step" = c ]; then
     b2) args=(--requests 8 --prompt-tokens 65536 --max-tokens 128);;
     *) read -r -a args <<< "$WL_ARGS";;
   esac
-  timeout 560 /tmp/venv/bin/python scripts/serve-bench.py --duo $D --methods "${METHODS:-full,duo,layer}" --random-prompts 1000 --vocab 128000 \
+  timeout ${BENCH_TIMEOUT:-560} /tmp/venv/bin/python scripts/serve-bench.py --duo $D --methods "${METHODS:-full,duo,layer}" --random-prompts 1000 --vocab 128000 \
     --probe-tokens 1024 --serve-args "$common" "${args[@]}" --out "$OUT/serve-$wl" > "$OUT/serve-$wl.txt" 2>&1
   echo "serve-bench exit $?"; cat "$OUT/serve-$wl.txt" | cut -c1-900; cat "$OUT/serve-$wl/summary.md" 2>/dev/null
 fi

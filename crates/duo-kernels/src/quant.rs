@@ -185,7 +185,7 @@ impl QuantMatrix {
             par::for_each(t, |r| quantize_into(&x[r * k..(r + 1) * k], q.take(r), d.take(r), s.take(r), with_sum));
         }
         // Tokens go in tiles of TT: a tile's activations (TT x k bytes) stay in L1 while the
-        // ROWS weight rows of a work item run over them, instead of every row streaming all
+        // weight rows of a work item run over them, instead of every row streaming all
         // tokens' activations from L2 (a token's arithmetic does not depend on its tile).
         const TT: usize = 64;
         let tiles: Vec<(usize, usize)> = (0..t).step_by(TT).map(|t0| (t0, (t - t0).min(TT))).collect();
@@ -196,10 +196,14 @@ impl QuantMatrix {
         } else {
             (Vec::new(), Vec::new())
         };
-        const ROWS: usize = 16;
+        // Weight rows per job: 16 keep a prefill tile's activations busy; a decode step's few
+        // tokens make each row's job tiny, so 4 rows give 16 threads enough jobs to share
+        // evenly (36 jobs of 16 rows for a 576-row projection left a quarter of them idle at
+        // the section's end). Each row is computed alone either way: the same bits.
+        let rows_per_job = if t <= 4 { 4 } else { 16 };
         // Computed as [rows][t], then transposed.
         let mut out_t = vec![0.0f32; n * t];
-        par::for_each_chunk_mut(&mut out_t, ROWS * t, |c, chunk| {
+        par::for_each_chunk_mut(&mut out_t, rows_per_job * t, |c, chunk| {
             for &(t0, tn) in &tiles {
                 let (b0, b1) = (t0 * nb, (t0 + tn) * nb);
                 let acts = Acts {
@@ -212,7 +216,7 @@ impl QuantMatrix {
                     nb,
                 };
                 for (ri, acc) in chunk.chunks_mut(t).enumerate() {
-                    let r = c * ROWS + ri;
+                    let r = c * rows_per_job + ri;
                     let row = RowRef {
                         data: &self.data[r * nb * bb..(r + 1) * nb * bb],
                         scales: &self.scales[r * nb..(r + 1) * nb],
@@ -222,6 +226,17 @@ impl QuantMatrix {
                 }
             }
         });
+        // One token: [rows][1] is already [1][rows]; each part is a plain copy.
+        if t == 1 {
+            let mut first = 0;
+            return dims
+                .iter()
+                .map(|&d| {
+                    first += d;
+                    out_t[first - d..first].to_vec()
+                })
+                .collect();
+        }
         // Back to [t][rows] of each part, in tiles of 32 x 32 so both sides stay in cache.
         const TB: usize = 32;
         let mut first = 0;
