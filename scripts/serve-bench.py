@@ -83,10 +83,16 @@ def one(url, prompt, max_tokens, out):
                 "itl": [b - a for a, b in zip(times, times[1:])]})
 
 
+PHASES = ["vllm:request_queue_time_seconds_sum", "vllm:request_prefill_time_seconds_sum",
+          "duo:prefill_steps_total", "duo:prefill_steps_seconds_total", "duo:decode_steps_total"]
+
+
 def probe_ttft(url, prompt):
     """Time to first token of one streamed request, measured in a separate Python process so
     that the benchmark's own streaming threads (and their GIL) do not delay it; also the
-    server's own count of running requests when it arrived."""
+    server's own count of running requests when it arrived, and how the server's counters
+    moved meanwhile (its queue and prefill time, and the steps that ran: nobody else is
+    admitted or prefilled while every other request decodes)."""
     code = ("import httpx, json, sys, time\n"
             "url, prompt = sys.argv[1], json.loads(sys.stdin.read())\n"
             "t0 = time.perf_counter()\n"
@@ -94,9 +100,12 @@ def probe_ttft(url, prompt):
             "    for line in r.iter_lines():\n"
             "        if line.startswith('data: ') and line != 'data: [DONE]' and json.loads(line[6:])['choices']:\n"
             "            print(time.perf_counter() - t0); break\n")
-    running = metric(httpx.get(url + "/metrics").text, "vllm:num_requests_running")
+    before = httpx.get(url + "/metrics").text
+    running = metric(before, "vllm:num_requests_running")
     out = subprocess.run([sys.executable, "-c", code, url], input=json.dumps(prompt), capture_output=True, text=True, check=True)
-    return float(out.stdout.strip()), int(running)
+    after = httpx.get(url + "/metrics").text
+    moved = {name: metric(after, name) - metric(before, name) for name in PHASES}
+    return float(out.stdout.strip()), int(running), moved
 
 
 def pct(xs, p):
@@ -200,6 +209,15 @@ def main():
                 "widest_step_over_floor": round(wide_s / floor_s, 2) if floor_s else 0,
                 "probe_tokens": a.probe_tokens, "probe_ttft_busy_s": round(busy[0], 3) if busy else 0,
                 "probe_running_when_sent": busy[1] if busy else 0,
+                # Where the busy probe's time went: its queue and prefill time as the server
+                # counted them, and the steps with a prefill chunk that ran until its first
+                # token arrived (the decode-only steps of the others run in between).
+                "probe_busy_queue_s": round(busy[2]["vllm:request_queue_time_seconds_sum"], 4) if busy else 0,
+                "probe_busy_prefill_s": round(busy[2]["vllm:request_prefill_time_seconds_sum"], 4) if busy else 0,
+                "probe_busy_prefill_steps": int(busy[2]["duo:prefill_steps_total"]) if busy else 0,
+                "probe_busy_prefill_step_s": round(busy[2]["duo:prefill_steps_seconds_total"], 4) if busy else 0,
+                "probe_busy_decode_steps": int(busy[2]["duo:decode_steps_total"]) if busy else 0,
+                "probe_idle_prefill_s": round(idle[2]["vllm:request_prefill_time_seconds_sum"], 4) if idle else 0,
                 "probe_ttft_idle_s": round(idle[0], 3) if idle else 0, "command": cmd,
             })
             print(json.dumps(rows[-1]), flush=True)
@@ -212,7 +230,7 @@ def main():
         w.writerows(rows)
     cols = ["method", "peak_running", "peak_kv_mib", "pool_blocks", "peak_blocks_used", "preemptions", "wall_s", "output_tok_per_s",
             "total_tok_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_ms", "itl_p99_ms", "decode_only_tok_per_s", "full_batch_decode_tok_per_s", "full_batch_steps", "widest_step_rows", "widest_step_ms", "widest_step_floor_ms",
-            "widest_step_over_floor", "probe_ttft_busy_s", "probe_ttft_idle_s", "e2e_p50_s", "decode_steps"]
+            "widest_step_over_floor", "probe_ttft_busy_s", "probe_busy_queue_s", "probe_busy_prefill_s", "probe_busy_prefill_steps", "probe_busy_prefill_step_s", "probe_ttft_idle_s", "probe_idle_prefill_s", "e2e_p50_s", "decode_steps"]
     with open(os.path.join(a.out, "summary.md"), "w") as f:
         f.write(f"{a.requests} streamed requests of {a.prompt_tokens} prompt tokens + {a.max_tokens} greedy tokens, sent at once; "
                 f"server flags `{a.serve_args}`, KV budget {a.kv_budget_mib or 'pool'} MiB; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

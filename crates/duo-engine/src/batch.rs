@@ -174,6 +174,33 @@ pub struct BatchStats {
     pub floor: std::sync::Mutex<Option<(usize, f64)>>,
     /// False once the engine thread has stopped (it panicked, or the engine was dropped).
     pub stopped: std::sync::atomic::AtomicBool,
+    /// Requests admitted, and their microseconds from submission to admission, summed: a
+    /// request's time to first token is this wait, then its prefill, then one sampling.
+    pub admitted: AtomicU64,
+    /// Summed microseconds of those waits.
+    pub queue_micros: AtomicU64,
+    /// Prompts prefilled (a preempted sequence's recompute not counted again).
+    pub prompts_prefilled: AtomicU64,
+    /// Summed microseconds from admission to the last prefill chunk's end.
+    pub prefill_micros: AtomicU64,
+    /// Steps that carried a prefill chunk (with or without decode rows).
+    pub prefill_steps: AtomicU64,
+    /// Summed microseconds of those steps.
+    pub prefill_step_micros: AtomicU64,
+}
+
+impl BatchStats {
+    /// Counts a prompt whose last chunk just ended, admitted at `admitted`.
+    fn prompt_done(&self, admitted: std::time::Instant) {
+        self.prompts_prefilled.fetch_add(1, Ordering::Relaxed);
+        self.prefill_micros.fetch_add(admitted.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a step with a prefill chunk that took `micros`.
+    fn prefill_step(&self, micros: u64) {
+        self.prefill_steps.fetch_add(1, Ordering::Relaxed);
+        self.prefill_step_micros.fetch_add(micros, Ordering::Relaxed);
+    }
 }
 
 /// The handle to the engine thread. Dropping it stops the thread once the running
@@ -316,7 +343,7 @@ impl BatchEngine {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::QueueFull { waiting });
         }
-        if self.tx.send(Queued { request, constraint }).is_err() {
+        if self.tx.send(Queued { request, constraint, submitted: std::time::Instant::now() }).is_err() {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Stopped);
         }
@@ -328,6 +355,7 @@ impl BatchEngine {
 struct Queued {
     request: Request,
     constraint: Option<Constraint>,
+    submitted: std::time::Instant,
 }
 
 /// A running sequence.
@@ -355,6 +383,8 @@ struct Running {
     logits: Option<Vec<f32>>,
     text: TextStream,
     finished: bool,
+    /// When it left the queue (its prefill time counts from here).
+    admitted: std::time::Instant,
 }
 
 struct Worker {
@@ -405,8 +435,10 @@ impl Worker {
     /// (`reserved` bytes counted against the budget, `arrival` its order); a request whose
     /// sampler or cache cannot be made fails, reported to its listener, instead.
     fn start(&self, q: Queued, make_kv: impl FnOnce() -> Result<Box<dyn Sequence>>, reserved: usize, arrival: u64) -> Option<Running> {
-        let Queued { request: r, constraint } = q;
+        let Queued { request: r, constraint, submitted } = q;
         self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+        self.stats.queue_micros.fetch_add(submitted.elapsed().as_micros() as u64, Ordering::Relaxed);
         let mut sink = r.sink;
         let made = Sampler::new(r.params.clone()).and_then(|s| Ok((s.with_prompt(&r.prompt).with_constraint(constraint), make_kv()?)));
         match made {
@@ -443,12 +475,15 @@ impl Worker {
         let last = end == s.prompt.len();
         let which = if last { Logits::Last } else { Logits::None };
         let Some(kv) = s.kv.as_mut() else { return };
+        let started = std::time::Instant::now();
         match self.engine.backend().forward(kv.as_mut(), &s.prompt[s.prefilled..end], which) {
             Ok(logits) => {
+                self.stats.prefill_step(started.elapsed().as_micros() as u64);
                 self.stats.prompt_tokens.fetch_add((end - s.prefilled) as u64, Ordering::Relaxed);
                 s.prefilled = end;
                 if last {
                     s.logits = Some(logits);
+                    self.stats.prompt_done(s.admitted);
                 }
             }
             Err(e) => fail(s, e.to_string()),
@@ -577,6 +612,7 @@ impl Running {
             logits: None,
             text: TextStream::new(stop),
             finished: false,
+            admitted: std::time::Instant::now(),
         }
     }
 
@@ -718,12 +754,16 @@ impl Worker {
             self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
         }
         let decode_only = chunk.is_none();
+        let with_prefill = chunk.is_some();
         let kv_read: usize = rows.iter().map(|(s, _)| s.bytes().total()).sum();
         let n_rows = rows.len();
         let started = std::time::Instant::now();
         let result = pool.step(&mut rows, chunk);
         let micros = started.elapsed().as_micros() as u64;
         drop(rows);
+        if with_prefill && result.is_ok() {
+            self.stats.prefill_step(micros);
+        }
         if decode_only && result.is_ok() {
             self.stats.decode_only_steps.fetch_add(1, Ordering::Relaxed);
             self.stats.decode_only_rows.fetch_add(n_rows as u64, Ordering::Relaxed);
@@ -749,6 +789,9 @@ impl Worker {
                     s.prefilled = end;
                     if end == s.prompt.len() {
                         s.logits = Some(out.prefill);
+                        if !s.resumed {
+                            self.stats.prompt_done(s.admitted);
+                        }
                     }
                 }
             }

@@ -110,6 +110,9 @@ impl Metrics {
         metric("duo:kv_blocks_total", "gauge", "KV blocks of the GPU pool (0 without a pool).", get(&engine.kv_blocks_total), "");
         metric("duo:kv_blocks_used", "gauge", "KV blocks held by running sequences.", get(&engine.kv_blocks_used), "");
         metric("duo:num_requests_running_peak", "gauge", "The most sequences that ran at once.", get(&engine.peak_running), "");
+        let seconds = |micros: &std::sync::atomic::AtomicU64| micros.load(Ordering::SeqCst) as f64 / 1e6;
+        metric("duo:prefill_steps_total", "counter", "Steps that carried a prefill chunk (with or without decode rows).", engine.prefill_steps.load(Ordering::SeqCst).to_string(), "");
+        metric("duo:prefill_steps_seconds_total", "counter", "Time of those steps.", seconds(&engine.prefill_step_micros).to_string(), "");
         metric("duo:decode_only_steps_total", "counter", "Steps that ran decode rows only.", engine.decode_only_steps.load(Ordering::SeqCst).to_string(), "");
         metric("duo:decode_only_rows_total", "counter", "Rows (tokens) of decode-only steps.", engine.decode_only_rows.load(Ordering::SeqCst).to_string(), "");
         metric("duo:decode_only_seconds_total", "counter", "Time of decode-only steps.", (engine.decode_only_micros.load(Ordering::SeqCst) as f64 / 1e6).to_string(), "");
@@ -137,6 +140,14 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP duo:requests_rejected_total Requests refused because the queue was full.\n# TYPE duo:requests_rejected_total counter");
         let _ = writeln!(out, "duo:requests_rejected_total{{{labels}}} {}", self.rejected_queue_full.load(Ordering::SeqCst));
+        // The engine's phases of a request's time to first token, as sums and counts.
+        let phases = [
+            ("vllm:request_queue_time_seconds", "Time from submission to admission (requests admitted).", seconds(&engine.queue_micros), engine.admitted.load(Ordering::SeqCst)),
+            ("vllm:request_prefill_time_seconds", "Time from admission to the end of the prompt's last prefill chunk (a preempted sequence's recompute not counted again).", seconds(&engine.prefill_micros), engine.prompts_prefilled.load(Ordering::SeqCst)),
+        ];
+        for (name, help, sum, count) in phases {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary\n{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}");
+        }
         self.ttft.render(&mut out, "vllm:time_to_first_token_seconds", "Time to first token.", &labels);
         self.itl.render(&mut out, "vllm:inter_token_latency_seconds", "Time between consecutive output tokens.", &labels);
         self.e2e.render(&mut out, "vllm:e2e_request_latency_seconds", "Request latency from arrival to the last token.", &labels);
