@@ -255,4 +255,9 @@ pub struct PatternShowArgs {
     /// Where to write the heatmap (default: DIR/gates.png).
     #[arg(long)]
     pub heatmap: Option<PathBuf>,
+    /// Also print how N GPUs would share the heads under tensor parallelism: the
+    /// contiguous split against duo's retrieval-aware placement (KV per GPU, the longest
+    /// context with --memory-gib per GPU, each layer's slowest GPU), and the placement.
+    #[arg(long)]
+    pub tensor_parallel: Option<usize>,
 }

@@ -391,6 +391,55 @@ fn longest_context(plan: &duo_core::CachePlan, budget: usize) -> usize {
     lo
 }
 
+/// `duo pattern show --tensor-parallel N`: the contiguous split engines use against the
+/// retrieval-aware placement (`duo_core::placement`), per GPU: retrieval heads, KV bytes at
+/// `tokens`, the longest context that fits `budget` bytes per GPU, and the retrieval heads
+/// each layer's slowest GPU holds (a step's attention time at long context); then the
+/// retrieval-aware placement layer by layer.
+fn show_placements(pattern: &duo_core::HeadPattern, gpus: usize, tokens: usize, budget: Option<usize>, plan_of: impl Fn(&duo_core::HeadPattern) -> duo_core::CachePlan) -> Result<()> {
+    use duo_core::Placement;
+    let placements = [Placement::contiguous(pattern, gpus)?, Placement::retrieval_aware(pattern, gpus)?];
+    let floor: usize = (0..pattern.n_layers()).map(|l| pattern.retrieval_per_layer()[l].div_ceil(gpus)).sum();
+    // Each GPU's share as a pattern of its own (its heads of every layer), so the cache
+    // arithmetic is the one every other figure uses.
+    let share = |p: &Placement, g: usize| -> Result<duo_core::HeadPattern> {
+        let rows = (0..pattern.n_layers()).map(|l| p.heads_on(l, g).iter().map(|&h| pattern.is_retrieval(l, h)).collect()).collect();
+        Ok(duo_core::HeadPattern::from_rows(rows)?)
+    };
+    println!("\ntensor parallelism over {gpus} GPUs ({} KV heads per GPU per layer), KV at {tokens} tokens:", pattern.n_kv_heads() / gpus);
+    let fit = if budget.is_some() { " | longest context per GPU budget" } else { "" };
+    println!("| placement | retrieval KV heads per GPU | KV GiB per GPU | largest / smallest{fit} | slowest GPU's retrieval heads, summed over layers (least possible: {floor}) |");
+    println!("|---|---|---|---|{}---|", if budget.is_some() { "---|" } else { "" });
+    for p in &placements {
+        let shares: Vec<duo_core::HeadPattern> = (0..gpus).map(|g| share(p, g)).collect::<Result<_>>()?;
+        let heads: Vec<String> = p.heads_per_gpu(pattern).iter().map(|h| h.retrieval.to_string()).collect();
+        let bytes: Vec<usize> = shares.iter().map(|s| plan_of(s).total_bytes(tokens)).collect();
+        let gib: Vec<String> = bytes.iter().map(|b| format!("{:.2}", *b as f64 / (1u64 << 30) as f64)).collect();
+        let (max, min) = (bytes.iter().copied().max().unwrap_or(0), bytes.iter().copied().min().unwrap_or(0));
+        let fits = match budget {
+            Some(b) => format!(" | {}", shares.iter().map(|s| longest_context(&plan_of(s), b)).min().unwrap_or(0)),
+            None => String::new(),
+        };
+        let name = match p.strategy() {
+            duo_core::Strategy::Contiguous => "contiguous",
+            duo_core::Strategy::RetrievalAware => "retrieval-aware",
+        };
+        println!("| {name} | {} | {} | {:.2}x{fits} | {} |", heads.join(" / "), gib.join(" / "), max as f64 / min.max(1) as f64, p.slowest_gpu_retrieval_heads(pattern));
+    }
+    println!("retrieval-aware placement, KV heads per GPU (* = retrieval):");
+    let aware = &placements[1];
+    for l in 0..pattern.n_layers() {
+        let per: Vec<String> = (0..gpus)
+            .map(|g| {
+                let heads: Vec<String> = aware.heads_on(l, g).iter().map(|&h| format!("{h}{}", if pattern.is_retrieval(l, h) { "*" } else { "" })).collect();
+                format!("gpu {g}: {}", heads.join(" "))
+            })
+            .collect();
+        println!("  layer {l:>2}  {}", per.join("  |  "));
+    }
+    Ok(())
+}
+
 fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let gates = HeadGates::load(&a.dir).with_context(|| format!("loading the pattern in {}", a.dir.display()))?;
     let pattern = match a.threshold {
@@ -468,6 +517,10 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
             theirs,
             ours as f64 / theirs.max(1) as f64
         );
+    }
+    if let Some(gpus) = a.tensor_parallel {
+        let budget = a.memory_gib.map(|gib| (gib * (1u64 << 30) as f64) as usize);
+        show_placements(&pattern, gpus, t, budget, |p| duo_core::CachePlan::new(p, a.head_dim, bytes, window).with_row_scales(scales))?;
     }
     let out = a.heatmap.clone().unwrap_or_else(|| a.dir.join("gates.png"));
     plot::gate_heatmap(&out, gates.rows(), &pattern)?;

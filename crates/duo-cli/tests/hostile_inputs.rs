@@ -139,6 +139,41 @@ fn pattern_show_prints_the_longest_context_that_fits() {
 }
 
 #[test]
+fn pattern_show_places_heads_for_tensor_parallelism() {
+    // SmolLM2's shipped head pattern at 0.5 over 3 GPUs (one KV head each per layer): 45
+    // retrieval heads deal out to 15 per GPU; 2 GPUs cannot split 3 heads.
+    let heatmap = std::env::temp_dir().join(format!("duo-gates-tp-{}.png", std::process::id()));
+    let pattern = concat!(env!("CARGO_MANIFEST_DIR"), "/../../patterns/SmolLM2-135M-Instruct/head");
+    let show = |dir: &str, gpus: &str| {
+        let run = Command::new(env!("CARGO_BIN_EXE_duo"))
+            .args(["pattern", "show", dir, "--tensor-parallel", gpus, "--context", "1000000", "--memory-gib", "100", "--heatmap", heatmap.to_str().expect("utf-8")])
+            .output()
+            .expect("duo runs");
+        (run.status.success(), String::from_utf8_lossy(&run.stdout).into_owned(), String::from_utf8_lossy(&run.stderr).into_owned())
+    };
+    let (ok, out, err) = show(pattern, "3");
+    assert!(ok, "{err}");
+    assert!(out.contains("| retrieval-aware | 15 / 15 / 15 | ") && out.contains("| 1.00x | "), "{out}");
+    assert!(out.contains("| contiguous | ") && out.contains("  layer 29  gpu 0: "), "{out}");
+    let _ = std::fs::remove_file(&heatmap);
+    let (ok, _, err) = show(pattern, "2");
+    assert!(!ok && err.contains("tensor-parallel") && err.contains("divides"), "{err}");
+    assert!(!heatmap.exists(), "a refused placement writes nothing");
+    // The official Llama-3-8B pattern (8 KV heads) at 0.5 on 2 GPUs, where ../shared is
+    // present: the contiguous split leaves 59 and 69 retrieval heads, the placement 64 each,
+    // and each layer's slowest GPU holds 81 against the least possible 71.
+    let official = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/duo-attention-patterns/Llama-3-8B-Instruct-Gradient-1048k");
+    if std::path::Path::new(official).exists() {
+        let (ok, out, err) = show(official, "2");
+        assert!(ok, "{err}");
+        assert!(out.contains("least possible: 71"), "{out}");
+        assert!(out.contains("| contiguous | 59 / 69 | ") && out.contains("| 1.17x | 3039077 | 81 |"), "{out}");
+        assert!(out.contains("| retrieval-aware | 64 / 64 | 30.53 / 30.53 | 1.00x | 3276480 | 71 |"), "{out}");
+        let _ = std::fs::remove_file(&heatmap);
+    }
+}
+
+#[test]
 fn eval_curve_draws_score_against_kv_bytes_from_finished_runs() {
     let root = std::env::temp_dir().join(format!("duo-curve-{}", std::process::id()));
     let (a, b) = (root.join("s025"), root.join("s075"));

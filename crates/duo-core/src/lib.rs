@@ -18,9 +18,11 @@ pub mod cache_spec;
 pub mod config;
 pub mod error;
 pub mod pattern;
+pub mod placement;
 pub mod random_weights;
 
 pub use cache_spec::{CachePlan, HeadKind, LayerCacheSpec};
 pub use config::{Architecture, ModelConfig, RopeStyle};
 pub use error::{CoreError, Result};
 pub use pattern::{HeadGates, HeadPattern, Layout};
+pub use placement::{Placement, Strategy};
