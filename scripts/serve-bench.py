@@ -83,7 +83,7 @@ def one(url, prompt, max_tokens, out):
                 "itl": [b - a for a, b in zip(times, times[1:])]})
 
 
-PHASES = ["vllm:request_queue_time_seconds_sum", "vllm:request_prefill_time_seconds_sum",
+PHASES = ["duo:request_queue_time_seconds_sum", "duo:request_prefill_time_seconds_sum",
           "duo:prefill_steps_total", "duo:prefill_steps_seconds_total", "duo:decode_steps_total"]
 
 
@@ -216,12 +216,12 @@ def main():
                 # Where the busy probe's time went: its queue and prefill time as the server
                 # counted them, and the steps with a prefill chunk that ran until its first
                 # token arrived (the decode-only steps of the others run in between).
-                "probe_busy_queue_s": round(busy[2]["vllm:request_queue_time_seconds_sum"], 4) if busy else 0,
-                "probe_busy_prefill_s": round(busy[2]["vllm:request_prefill_time_seconds_sum"], 4) if busy else 0,
+                "probe_busy_queue_s": round(busy[2]["duo:request_queue_time_seconds_sum"], 4) if busy else 0,
+                "probe_busy_prefill_s": round(busy[2]["duo:request_prefill_time_seconds_sum"], 4) if busy else 0,
                 "probe_busy_prefill_steps": int(busy[2]["duo:prefill_steps_total"]) if busy else 0,
                 "probe_busy_prefill_step_s": round(busy[2]["duo:prefill_steps_seconds_total"], 4) if busy else 0,
                 "probe_busy_decode_steps": int(busy[2]["duo:decode_steps_total"]) if busy else 0,
-                "probe_idle_prefill_s": round(idle[2]["vllm:request_prefill_time_seconds_sum"], 4) if idle else 0,
+                "probe_idle_prefill_s": round(idle[2]["duo:request_prefill_time_seconds_sum"], 4) if idle else 0,
                 "probe_ttft_idle_s": round(idle[0], 3) if idle else 0, "command": cmd,
             })
             print(json.dumps(rows[-1]), flush=True)

@@ -399,7 +399,7 @@ fn longest_context(plan: &duo_core::CachePlan, budget: usize) -> usize {
 fn show_placements(pattern: &duo_core::HeadPattern, gpus: usize, tokens: usize, budget: Option<usize>, plan_of: impl Fn(&duo_core::HeadPattern) -> duo_core::CachePlan) -> Result<()> {
     use duo_core::Placement;
     let placements = [Placement::contiguous(pattern, gpus)?, Placement::retrieval_aware(pattern, gpus)?];
-    let floor: usize = (0..pattern.n_layers()).map(|l| pattern.retrieval_per_layer()[l].div_ceil(gpus)).sum();
+    let floor: usize = pattern.retrieval_per_layer().iter().map(|r| r.div_ceil(gpus)).sum();
     // Each GPU's share as a pattern of its own (its heads of every layer), so the cache
     // arithmetic is the one every other figure uses.
     let share = |p: &Placement, g: usize| -> Result<duo_core::HeadPattern> {
@@ -446,6 +446,10 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         Some(t) => gates.binarise_threshold(t)?,
         None => gates.binarise_sparsity(a.sparsity, a.layout.parse()?)?,
     };
+    if let Some(gpus) = a.tensor_parallel {
+        // Checked before anything is printed.
+        duo_core::Placement::contiguous(&pattern, gpus)?;
+    }
     let per_layer = pattern.retrieval_per_layer();
     let (layers, heads) = (gates.n_layers(), gates.n_kv_heads());
     println!("pattern {}: {layers} layers x {heads} KV heads", a.dir.display());

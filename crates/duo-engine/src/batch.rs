@@ -385,6 +385,11 @@ struct Running {
     finished: bool,
     /// When it left the queue (its prefill time counts from here).
     admitted: std::time::Instant,
+    /// The token drawn from `logits` ahead of `sample_one` (see `draw_all`).
+    drawn: Option<Result<u32>>,
+    /// Whether its prompt's prefill has been counted (once, even if a preemption made it
+    /// prefill again).
+    prompt_counted: bool,
 }
 
 struct Worker {
@@ -437,10 +442,12 @@ impl Worker {
     fn start(&self, q: Queued, make_kv: impl FnOnce() -> Result<Box<dyn Sequence>>, reserved: usize, arrival: u64) -> Option<Running> {
         let Queued { request: r, constraint, submitted } = q;
         self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.stats.admitted.fetch_add(1, Ordering::Relaxed);
-        self.stats.queue_micros.fetch_add(submitted.elapsed().as_micros() as u64, Ordering::Relaxed);
         let mut sink = r.sink;
         let made = Sampler::new(r.params.clone()).and_then(|s| Ok((s.with_prompt(&r.prompt).with_constraint(constraint), make_kv()?)));
+        if made.is_ok() {
+            self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+            self.stats.queue_micros.fetch_add(submitted.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
         match made {
             Ok((sampler, kv)) => Some(Running::new(r.prompt, r.top_logprobs, sink, sampler, r.params.max_tokens, Some(kv), reserved, arrival, r.params.stop)),
             Err(e) => {
@@ -483,7 +490,10 @@ impl Worker {
                 s.prefilled = end;
                 if last {
                     s.logits = Some(logits);
-                    self.stats.prompt_done(s.admitted);
+                    if !s.prompt_counted {
+                        s.prompt_counted = true;
+                        self.stats.prompt_done(s.admitted);
+                    }
                 }
             }
             Err(e) => fail(s, e.to_string()),
@@ -496,6 +506,7 @@ impl Worker {
         let eos = &self.engine.config().eos_token_ids;
         let tok = &self.engine.tokenizer;
         let mut next: Vec<(usize, u32)> = Vec::new();
+        draw_all(running.iter_mut());
         for (i, s) in running.iter_mut().enumerate() {
             if let Some(id) = self.sample_one(s, tok, eos) {
                 next.push((i, id));
@@ -539,7 +550,7 @@ impl Worker {
         if let Some(id) = s.forced.pop_front() {
             return Some(id);
         }
-        let id = match s.sampler.sample(&logits) {
+        let id = match s.drawn.take().unwrap_or_else(|| s.sampler.sample(&logits)) {
             Ok(id) => id,
             Err(e) => {
                 fail(s, e.to_string());
@@ -613,6 +624,8 @@ impl Running {
             text: TextStream::new(stop),
             finished: false,
             admitted: std::time::Instant::now(),
+            drawn: None,
+            prompt_counted: false,
         }
     }
 
@@ -631,6 +644,7 @@ impl Worker {
         let eos = self.engine.config().eos_token_ids.clone();
         while self.intake(&rx, &mut waiting, &mut running) {
             self.admit_paged(&*pool, &mut waiting, &mut running, &mut arrivals);
+            draw_all(running.iter_mut().filter(|s| s.kv.is_some() && s.pending.is_none()));
             for s in running.iter_mut().filter(|s| s.kv.is_some()) {
                 if s.pending.is_none() {
                     s.pending = self.sample_one(s, tok, &eos);
@@ -789,7 +803,8 @@ impl Worker {
                     s.prefilled = end;
                     if end == s.prompt.len() {
                         s.logits = Some(out.prefill);
-                        if !s.resumed {
+                        if !s.prompt_counted {
+                            s.prompt_counted = true;
                             self.stats.prompt_done(s.admitted);
                         }
                     }
@@ -827,6 +842,23 @@ fn next_prefill(running: &[Running], chunk_size: usize, max_rows: usize) -> Opti
         .filter(|(_, s)| s.kv.is_some() && s.pending.is_none() && s.prefilled < s.prompt.len())
         .map(|(i, s)| (i, (s.prefilled + chunk_size).min(s.prompt.len())))
         .find(|&(i, end)| decoding + end - running[i].prefilled <= max_rows)
+}
+
+/// Draws the next token of every sequence in `rows` that has logits to sample (not a
+/// replayed one), on rayon's threads: a draw over a 128K vocabulary takes a fraction of a
+/// millisecond, and a step may have dozens of rows. Each sequence's own sampler draws in
+/// the same order as one at a time, so the tokens are the same; `sample_one` reports them.
+fn draw_all<'a>(rows: impl Iterator<Item = &'a mut Running>) {
+    use rayon::prelude::*;
+    let mut todo: Vec<&mut Running> = rows.filter(|s| s.drawn.is_none() && s.forced.is_empty() && s.logits.is_some() && s.live()).collect();
+    if todo.len() < 2 {
+        return;
+    }
+    todo.par_iter_mut().for_each(|s| {
+        if let Some(logits) = &s.logits {
+            s.drawn = Some(s.sampler.sample(logits));
+        }
+    });
 }
 
 fn finish(s: &mut Running, tokenizer: &duo_model::TextTokenizer, finish_reason: FinishReason) {

@@ -199,13 +199,12 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
     let full = *s.full_width.lock().unwrap();
     assert!(full.steps >= 1 && full.rows_per_step == widest && widest >= 2, "the full batch's decode steps are tallied: {full:?}, widest {widest}");
     assert!(full.tokens_per_second().is_some_and(|t| t > 0.0));
-    // The phases of time to first token: each request admitted and prefilled once (a
-    // resumed sequence's recompute is not a second prompt), and every prompt and recompute
-    // needed at least one step with a prefill chunk.
-    let preempted = s.preemptions.load(Ordering::SeqCst);
+    // The phases of time to first token: each request admitted and its prompt counted once
+    // (a resumed sequence's recompute is not a second prompt), each prompt at least one
+    // step with a prefill chunk.
     assert_eq!(s.admitted.load(Ordering::SeqCst), cases.len() as u64);
     assert_eq!(s.prompts_prefilled.load(Ordering::SeqCst), cases.len() as u64);
-    assert!(s.prefill_steps.load(Ordering::SeqCst) >= cases.len() as u64 + preempted, "a prefill step per prompt and per recompute");
+    assert!(s.prefill_steps.load(Ordering::SeqCst) >= cases.len() as u64, "a prefill step per prompt");
     assert!(s.prefill_micros.load(Ordering::SeqCst) > 0 && s.prefill_step_micros.load(Ordering::SeqCst) > 0);
     let t0 = Instant::now();
     while free.load(Ordering::SeqCst) < total && t0.elapsed() < Duration::from_secs(10) {

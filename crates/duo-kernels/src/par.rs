@@ -128,7 +128,10 @@ impl<'a, T> DisjointChunks<'a, T> {
 /// `DUO_NO_TEAM` set (every section then a rayon fork-join, to measure the difference).
 ///
 /// The workers spin (one core each) until `f` returns: meant for a decode step's
-/// milliseconds, not for anything that waits on I/O.
+/// milliseconds, not for anything that waits on I/O. It returns only once every worker of
+/// the pool has taken its turn in the team (a worker busy elsewhere joins late and leaves
+/// at once), so the pool should be one that this pass has to itself, as the CPU backend's
+/// is; work that others `install` on the pool meanwhile waits for the pass.
 pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var_os("DUO_NO_TEAM").is_some());
@@ -203,8 +206,16 @@ impl Team {
         let role = ROLE.with(|r| r.replace(Role::Helping));
         while self.work() {}
         ROLE.with(|r| r.set(role));
+        let mut spins = 0u32;
         while self.done.load(Ordering::Acquire) < n {
-            std::hint::spin_loop();
+            // A helper holding claimed jobs may have lost its core (more threads than
+            // cores): after a while, let it have this one.
+            spins = spins.saturating_add(1);
+            if spins < 1 << 14 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
         // Every job has returned: no helper holds `f` any more.
         if let Some(p) = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -232,7 +243,15 @@ impl Team {
                     let f: Task<'_> = unsafe { *(self.task.load(Ordering::Relaxed) as *const Task<'_>) };
                     for i in next..end {
                         if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
-                            self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+                            let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                            if first.is_none() {
+                                *first = Some(p);
+                            } else {
+                                // Dropped here, where a payload whose drop panics cannot
+                                // unwind past the count below (the leader waits on it).
+                                drop(first);
+                                let _ = catch_unwind(AssertUnwindSafe(move || drop(p)));
+                            }
                         }
                     }
                     self.done.fetch_add(end - next, Ordering::Release);
@@ -245,7 +264,9 @@ impl Team {
 
     /// A helper's loop: take jobs as sections are posted, until the leader stops.
     fn help(&self) {
-        ROLE.with(|r| r.set(Role::Helping));
+        // Rayon may run this broadcast job inside a wait of a thread that leads another
+        // team: its role comes back when the job ends.
+        let role = ROLE.with(|r| r.replace(Role::Helping));
         let mut idle = 0u32;
         loop {
             if self.work() {
@@ -264,7 +285,7 @@ impl Team {
                 std::thread::yield_now();
             }
         }
-        ROLE.with(|r| r.set(Role::Alone));
+        ROLE.with(|r| r.set(role));
     }
 }
 

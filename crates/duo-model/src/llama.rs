@@ -112,6 +112,16 @@ struct Block {
     down: Linear,        // [hidden, ffn]
 }
 
+/// Whether every product of the model is duo's own quantised kernel.
+fn all_native(blocks: &[Block], lm_head: &Weight) -> bool {
+    let native = |w: &Weight| matches!(w, Weight::Native(_));
+    let stacked = |s: &Stacked| match s {
+        Stacked::One(..) => true,
+        Stacked::Each(parts) => parts.iter().all(|p| native(&p.weight)),
+    };
+    native(lm_head) && blocks.iter().all(|b| stacked(&b.qkv) && native(&b.o.weight) && stacked(&b.gate_up) && native(&b.down.weight))
+}
+
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -131,6 +141,11 @@ pub struct Model {
     norm: Vec<f32>,  // [hidden]
     lm_head: Weight, // [vocab, hidden]
     rope: Rope,
+    /// Whether decode passes run as a spinning team (`duo_kernels::par`): only when every
+    /// product is duo's own kernel. Candle's products (other GGUF types, float weights)
+    /// split their work over candle's or rayon's threads, which spinning helpers would
+    /// starve.
+    decode_team: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -167,7 +182,8 @@ impl Model {
         }
         let norm = ck.f32(names::OUTPUT_NORM, &[h])?;
         let rope = Rope::new(hd, c.rope_theta, c.rope_style == RopeStyle::HalfSplit, c.rope_freq_factors.as_deref());
-        Ok(Self { config, embed, blocks, norm, lm_head, rope })
+        let decode_team = all_native(&blocks, &lm_head);
+        Ok(Self { config, embed, blocks, norm, lm_head, rope, decode_team })
     }
 
     /// A model of `config`'s shape with seeded random weights and unit norms: the values of
@@ -223,7 +239,8 @@ impl Model {
         let rope = Rope::new(hd, c.rope_theta, c.rope_style == RopeStyle::HalfSplit, c.rope_freq_factors.as_deref());
         let mut config = config;
         config.tie_embeddings = false;
-        Ok(Self { norm: vec![1.0; h], config, embed, blocks, lm_head, rope })
+        let decode_team = all_native(&blocks, &lm_head);
+        Ok(Self { norm: vec![1.0; h], config, embed, blocks, lm_head, rope, decode_team })
     }
 
     /// The configuration.
@@ -240,7 +257,7 @@ impl Model {
         };
         // A decode step's sections are small: the pool's workers spin through it (see
         // `duo_kernels::par`). A prefill chunk's are large enough for rayon's fork-joins.
-        if tokens.len() <= TEAM_TOKENS {
+        if self.decode_team && tokens.len() <= TEAM_TOKENS {
             duo_kernels::par::with_team(pass)
         } else {
             pass()
@@ -262,10 +279,15 @@ impl Model {
         if tokens.len() != kvs.len() {
             return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), kvs.len())));
         }
-        duo_kernels::par::with_team(|| {
+        let mut pass = || {
             let hidden = self.run_segments(tokens, kvs)?;
             self.logits(&hidden, tokens.len(), Logits::All)
-        })
+        };
+        if self.decode_team {
+            duo_kernels::par::with_team(pass)
+        } else {
+            pass()
+        }
     }
 
     /// The blocks over consecutive segments of `tokens`: segment `i` has one token per

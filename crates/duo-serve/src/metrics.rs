@@ -142,8 +142,8 @@ impl Metrics {
         let _ = writeln!(out, "duo:requests_rejected_total{{{labels}}} {}", self.rejected_queue_full.load(Ordering::SeqCst));
         // The engine's phases of a request's time to first token, as sums and counts.
         let phases = [
-            ("vllm:request_queue_time_seconds", "Time from submission to admission (requests admitted).", seconds(&engine.queue_micros), engine.admitted.load(Ordering::SeqCst)),
-            ("vllm:request_prefill_time_seconds", "Time from admission to the end of the prompt's last prefill chunk (a preempted sequence's recompute not counted again).", seconds(&engine.prefill_micros), engine.prompts_prefilled.load(Ordering::SeqCst)),
+            ("duo:request_queue_time_seconds", "Time from submission to admission (requests admitted).", seconds(&engine.queue_micros), engine.admitted.load(Ordering::SeqCst)),
+            ("duo:request_prefill_time_seconds", "Time from admission to the end of the prompt's last prefill chunk (a preempted sequence's recompute not counted again).", seconds(&engine.prefill_micros), engine.prompts_prefilled.load(Ordering::SeqCst)),
         ];
         for (name, help, sum, count) in phases {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary\n{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}");
