@@ -3,26 +3,8 @@
 //! worked), side by side in one run:
 //! `cargo run --release -p duo-engine --example sampler_speed`.
 
-use duo_engine::sampler::{Sampler, SamplingParams};
+use duo_engine::sampler::{reference_filtered_probs, Sampler, SamplingParams};
 use std::time::Instant;
-
-/// The full-sort baseline: every logit scaled, sorted, cut, normalised.
-fn full_sort(p: &SamplingParams, logits: &[f32]) -> usize {
-    let t = p.temperature.max(1e-6) as f64;
-    let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64 / t)).collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if p.top_k > 0 {
-        cand.truncate(p.top_k);
-    }
-    let m = cand[0].1;
-    let z: f64 = cand.iter().map(|c| (c.1 - m).exp()).sum();
-    let mut acc = 0.0;
-    let keep = cand.iter().position(|c| {
-        acc += (c.1 - m).exp() / z;
-        acc >= p.top_p as f64
-    });
-    keep.map_or(cand.len(), |i| i + 1)
-}
 
 fn main() {
     let vocab = 128_256;
@@ -49,7 +31,7 @@ fn main() {
         let t0 = Instant::now();
         let mut kept = 0;
         for _ in 0..runs {
-            kept += full_sort(&params, &logits);
+            kept += reference_filtered_probs(&params, &logits).len();
         }
         let base = t0.elapsed().as_secs_f64() * 1e3 / runs as f64;
         let mut s = Sampler::new(params.clone()).expect("valid parameters");

@@ -224,17 +224,19 @@ impl Sampler {
             };
             let z: f64 = logits.chunks(BLOCK).map(|b| fill(b, &mut w)).sum();
             let mut u = self.rng.gen::<f64>() * z;
+            // The first token whose cumulative weight exceeds u (strictly: a token of weight
+            // 0, such as one a grammar masked, is never drawn, even for u = 0).
             for (b, block) in logits.chunks(BLOCK).enumerate() {
                 let mass = fill(block, &mut w);
-                if u > mass {
+                if u >= mass {
                     u -= mass;
                     continue;
                 }
                 for (i, &x) in w[..block.len()].iter().enumerate() {
-                    u -= x;
-                    if u <= 0.0 {
+                    if u < x {
                         return (b * BLOCK + i) as u32;
                     }
+                    u -= x;
                 }
             }
             return argmax(logits);
@@ -242,10 +244,10 @@ impl Sampler {
         let probs = self.kept(logits, false);
         let mut u: f64 = self.rng.gen::<f64>();
         for &(id, p) in &probs {
-            u -= p;
-            if u <= 0.0 {
+            if u < p {
                 return id;
             }
+            u -= p;
         }
         probs.last().map(|x| x.0).unwrap_or_else(|| argmax(logits))
     }
@@ -330,10 +332,11 @@ impl Sampler {
 
 /// `e^x` for `x <= 0` in `f64`, to about 1e-15 relative, without branches or calls so
 /// that a loop over the vocabulary vectorises (the standard library's `exp` is a call per
-/// element: most of a sampled token's time with a 128K vocabulary). Below -700 it returns
-/// `e^-700` (1e-304): a probability that small is nothing to a draw.
+/// element: most of a sampled token's time with a 128K vocabulary). Below -700 (a masked
+/// token's `-inf` included) it is exactly 0.
 #[inline(always)]
 fn exp_nonpositive(x: f64) -> f64 {
+    let below = x < -700.0;
     let x = x.clamp(-700.0, 0.0);
     let n = (x * std::f64::consts::LOG2_E).round_ties_even();
     // x - n ln2 in two steps (ln2's high part has trailing zero bits, so n * HI is exact).
@@ -346,7 +349,11 @@ fn exp_nonpositive(x: f64) -> f64 {
     // 2^n from its exponent bits: n + 1023 is in [2, 1023], read as an integer from the
     // low mantissa bits of n + 1023 + 2^52.
     let bits = ((n + 1023.0 + 4_503_599_627_370_496.0).to_bits() & 0x7ff) << 52;
-    q * f64::from_bits(bits)
+    if below {
+        0.0
+    } else {
+        q * f64::from_bits(bits)
+    }
 }
 
 /// `1 / k!` for `k` in 0..=13.
@@ -366,6 +373,38 @@ const INV_FACTORIALS: [f64; 14] = [
     1.0 / 479_001_600.0,
     1.0 / 6_227_020_800.0,
 ];
+
+/// The parity oracle of [`Sampler::filtered_probs`]: the filters as first written, every
+/// logit scaled, the whole vocabulary sorted, then cut (and the baseline of
+/// `examples/sampler_speed.rs`).
+pub fn reference_filtered_probs(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> {
+    let t = p.temperature.max(1e-6) as f64;
+    let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64 / t)).collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if p.top_k > 0 {
+        cand.truncate(p.top_k);
+    }
+    let m = cand[0].1;
+    let z: f64 = cand.iter().map(|c| (c.1 - m).exp()).sum();
+    for c in cand.iter_mut() {
+        c.1 = (c.1 - m).exp() / z;
+    }
+    if p.min_p > 0.0 {
+        let floor = cand[0].1 * p.min_p as f64;
+        cand.retain(|c| c.1 >= floor);
+    }
+    if p.top_p < 1.0 {
+        let mut acc = 0.0;
+        if let Some(i) = cand.iter().position(|c| {
+            acc += c.1;
+            acc >= p.top_p as f64
+        }) {
+            cand.truncate(i + 1);
+        }
+    }
+    let z: f64 = cand.iter().map(|c| c.1).sum();
+    cand.iter().map(|&(i, q)| (i, q / z)).collect()
+}
 
 /// Index of the largest logit (the first on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -419,7 +458,8 @@ mod tests {
         }
         assert!(worst < 1e-14, "worst relative error {worst}");
         assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert!(exp_nonpositive(-1000.0) < 1e-300);
+        assert_eq!(exp_nonpositive(-1000.0), 0.0);
+        assert_eq!(exp_nonpositive(f64::NEG_INFINITY), 0.0);
     }
 
     /// An unfiltered draw over a vocabulary of several blocks: one token holds half the
@@ -428,6 +468,8 @@ mod tests {
     fn unfiltered_draws_cover_every_block_in_proportion() {
         let mut logits = vec![0.0f32; 2000];
         logits[1500] = (1999.0f32).ln();
+        // A masked token (a grammar's -inf) has weight 0 and is never drawn.
+        logits[0] = f32::NEG_INFINITY;
         let mut s = sampler(|p| p.seed = 9);
         let draws: Vec<u32> = (0..4000).map(|_| s.sample(&logits).unwrap()).collect();
         let half = draws.iter().filter(|&&d| d == 1500).count() as f64 / 4000.0;
@@ -435,37 +477,7 @@ mod tests {
         for block in 0..4 {
             assert!(draws.iter().any(|&d| d != 1500 && d as usize / 512 == block), "block {block} never drawn");
         }
-        assert!(draws.iter().all(|&d| d < 2000));
-    }
-
-    /// The filters as first written: sort the whole vocabulary, then cut.
-    fn reference_filtered(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> {
-        let t = p.temperature.max(1e-6) as f64;
-        let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64 / t)).collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
-            cand.truncate(p.top_k);
-        }
-        let m = cand[0].1;
-        let z: f64 = cand.iter().map(|c| (c.1 - m).exp()).sum();
-        for c in cand.iter_mut() {
-            c.1 = (c.1 - m).exp() / z;
-        }
-        if p.min_p > 0.0 {
-            let floor = cand[0].1 * p.min_p as f64;
-            cand.retain(|c| c.1 >= floor);
-        }
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            if let Some(i) = cand.iter().position(|c| {
-                acc += c.1;
-                acc >= p.top_p as f64
-            }) {
-                cand.truncate(i + 1);
-            }
-        }
-        let z: f64 = cand.iter().map(|c| c.1).sum();
-        cand.iter().map(|&(i, q)| (i, q / z)).collect()
+        assert!(draws.iter().all(|&d| d < 2000 && d != 0));
     }
 
     /// The filters without a full sort keep the same tokens in the same order with the same
@@ -484,7 +496,7 @@ mod tests {
             let logits: Vec<f32> = (0..vocab).map(|i| if i % 97 == 0 { 1.0 } else { next() * spread }).collect();
             for (top_k, top_p, min_p, temperature) in [(0, 1.0, 0.0, 1.0), (40, 1.0, 0.0, 0.7), (0, 0.9, 0.0, 1.0), (0, 0.999, 0.0, 1.3), (0, 1.0, 0.05, 1.0), (50, 0.8, 0.1, 1.0), (0, 0.95, 0.01, 0.8), (vocab + 5, 0.5, 0.0, 1.0)] {
                 let params = SamplingParams { temperature, top_k, top_p, min_p, ..Default::default() };
-                let want = reference_filtered(&params, &logits);
+                let want = reference_filtered_probs(&params, &logits);
                 let got = Sampler::new(params.clone()).unwrap().filtered_probs(&logits);
                 assert_eq!(got.len(), want.len(), "{params:?}, vocab {vocab}");
                 for (g, w) in got.iter().zip(&want) {

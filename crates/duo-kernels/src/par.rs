@@ -122,9 +122,16 @@ impl<'a, T> DisjointChunks<'a, T> {
     }
 }
 
+/// Pools smaller than this run a pass through rayon even inside [`with_team`]: with one
+/// helper there is little waking to save, and on the 2-core build machine the team was
+/// slower (decode at 2K 9.1 against 8.5 ms; its two vCPUs may share a core, so a spinning
+/// helper slows the leader's serial work). On 16 cores it is 1.4-1.6x faster, on 4 about
+/// even (BENCHMARKS.md, issue 20).
+const MIN_TEAM: usize = 4;
+
 /// Runs `f` on this thread with the current rayon pool's other workers spinning beside it,
 /// ready for the parallel sections `f` posts through this module. Called outside a pool, or
-/// inside a team, or in a pool of one thread, it just runs `f`; so it does with
+/// inside a team, or in a pool of fewer than [`MIN_TEAM`] threads, it just runs `f`; so it does with
 /// `DUO_NO_TEAM` set (every section then a rayon fork-join, to measure the difference).
 ///
 /// The workers spin (one core each) until `f` returns: meant for a decode step's
@@ -136,7 +143,7 @@ pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var_os("DUO_NO_TEAM").is_some());
     let me = match (ROLE.with(Cell::get), rayon::current_thread_index()) {
-        (Role::Alone, Some(me)) if !off && rayon::current_num_threads() > 1 => me,
+        (Role::Alone, Some(me)) if !off && rayon::current_num_threads() >= MIN_TEAM => me,
         _ => return f(),
     };
     let team = Team::new(rayon::current_num_threads());
@@ -303,7 +310,7 @@ mod tests {
     fn team_runs_every_job_once() {
         let sizes: Vec<usize> = (0..300).map(|s| (s * 37) % 1000).collect();
         let expect = |n: usize| -> Vec<u64> { (0..n).map(|i| (i as u64) * 3 + 1).collect() };
-        for threads in [2, 3, 4] {
+        for threads in [4, 5, 6] {
             let p = pool(threads);
             let (team, alone) = p.install(|| {
                 let run = || -> Vec<Vec<u64>> {
@@ -334,12 +341,13 @@ mod tests {
     /// finishes only if two threads run them at once.
     #[test]
     fn helpers_take_jobs() {
-        let p = pool(2);
+        let p = pool(MIN_TEAM);
         let threads_seen = p.install(|| {
             with_team(|| {
                 let ids = Mutex::new(std::collections::HashSet::new());
                 let arrived = AtomicUsize::new(0);
                 for_each(2, |_| {
+                    assert!(matches!(ROLE.with(Cell::get), Role::Helping), "a team's job");
                     ids.lock().expect("lock").insert(std::thread::current().id());
                     arrived.fetch_add(1, Ordering::SeqCst);
                     let start = std::time::Instant::now();
@@ -354,10 +362,18 @@ mod tests {
         assert_eq!(threads_seen, 2);
     }
 
+    /// A pool smaller than `MIN_TEAM` runs the pass through rayon.
+    #[test]
+    fn small_pools_do_not_form_a_team() {
+        let p = pool(MIN_TEAM - 1);
+        let roles = p.install(|| with_team(|| map(8, |_| matches!(ROLE.with(Cell::get), Role::Alone))));
+        assert!(roles.iter().all(|&alone| alone));
+    }
+
     /// `map` keeps order; nested sections inside a job run (serially) without deadlock.
     #[test]
     fn map_in_order_and_nested_sections() {
-        let p = pool(3);
+        let p = pool(MIN_TEAM + 1);
         let got = p.install(|| with_team(|| map(50, |i| map(7, |j| i * 10 + j).iter().sum::<usize>())));
         let want: Vec<usize> = (0..50).map(|i| (0..7).map(|j| i * 10 + j).sum()).collect();
         assert_eq!(got, want);
@@ -366,7 +382,7 @@ mod tests {
     /// A panicking job reaches the leader after the section ends, and the team stops.
     #[test]
     fn a_job_panic_reaches_the_leader() {
-        let p = pool(2);
+        let p = pool(MIN_TEAM);
         let r = p.install(|| {
             catch_unwind(AssertUnwindSafe(|| {
                 with_team(|| {
