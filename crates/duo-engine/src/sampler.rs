@@ -284,7 +284,17 @@ impl Sampler {
             let m = logits.iter().fold(f64::NEG_INFINITY, |a, &l| a.max(l as f64 / t));
             let weights: Vec<f64> = logits.iter().map(|&l| exp_nonpositive(l as f64 / t - m)).collect();
             let z: f64 = weights.iter().sum();
-            weights.iter().enumerate().map(|(i, &w)| (i as u32, w / z)).collect()
+            // Tokens no filter can keep are never paired: below min_p times the best (whose
+            // weight is 1), or, with top-p, below (1 - top_p) / vocab: all such tokens
+            // together weigh less than the tail top-p drops, so none can be in the nucleus.
+            let mut floor = 0.0f64;
+            if p.min_p > 0.0 {
+                floor = floor.max(p.min_p as f64 / z);
+            }
+            if p.top_p < 1.0 {
+                floor = floor.max((1.0 - p.top_p as f64) / logits.len() as f64 * (1.0 - 1e-9));
+            }
+            weights.iter().enumerate().filter(|&(_, &w)| w / z >= floor).map(|(i, &w)| (i as u32, w / z)).collect()
         };
         if p.min_p > 0.0 {
             // The most likely token's probability is exp(0) / z.
