@@ -396,9 +396,9 @@ fn longest_context(plan: &duo_core::CachePlan, budget: usize) -> usize {
 /// `tokens`, the longest context that fits `budget` bytes per GPU, and the retrieval heads
 /// each layer's slowest GPU holds (a step's attention time at long context); then the
 /// retrieval-aware placement layer by layer.
-fn show_placements(pattern: &duo_core::HeadPattern, gpus: usize, tokens: usize, budget: Option<usize>, plan_of: impl Fn(&duo_core::HeadPattern) -> duo_core::CachePlan) -> Result<()> {
+fn show_placements(pattern: &duo_core::HeadPattern, placements: &[duo_core::Placement; 2], tokens: usize, budget: Option<usize>, plan_of: impl Fn(&duo_core::HeadPattern) -> duo_core::CachePlan) -> Result<()> {
     use duo_core::Placement;
-    let placements = [Placement::contiguous(pattern, gpus)?, Placement::retrieval_aware(pattern, gpus)?];
+    let gpus = placements[0].gpus();
     let floor: usize = pattern.retrieval_per_layer().iter().map(|r| r.div_ceil(gpus)).sum();
     // Each GPU's share as a pattern of its own (its heads of every layer), so the cache
     // arithmetic is the one every other figure uses.
@@ -410,14 +410,15 @@ fn show_placements(pattern: &duo_core::HeadPattern, gpus: usize, tokens: usize, 
     let fit = if budget.is_some() { " | longest context per GPU budget" } else { "" };
     println!("| placement | retrieval KV heads per GPU | KV GiB per GPU | largest / smallest{fit} | slowest GPU's retrieval heads, summed over layers (least possible: {floor}) |");
     println!("|---|---|---|---|{}---|", if budget.is_some() { "---|" } else { "" });
-    for p in &placements {
+    for p in placements {
         let shares: Vec<duo_core::HeadPattern> = (0..gpus).map(|g| share(p, g)).collect::<Result<_>>()?;
+        let plans: Vec<duo_core::CachePlan> = shares.iter().map(&plan_of).collect();
         let heads: Vec<String> = p.heads_per_gpu(pattern).iter().map(|h| h.retrieval.to_string()).collect();
-        let bytes: Vec<usize> = shares.iter().map(|s| plan_of(s).total_bytes(tokens)).collect();
+        let bytes: Vec<usize> = plans.iter().map(|plan| plan.total_bytes(tokens)).collect();
         let gib: Vec<String> = bytes.iter().map(|b| format!("{:.2}", *b as f64 / (1u64 << 30) as f64)).collect();
         let (max, min) = (bytes.iter().copied().max().unwrap_or(0), bytes.iter().copied().min().unwrap_or(0));
         let fits = match budget {
-            Some(b) => format!(" | {}", shares.iter().map(|s| longest_context(&plan_of(s), b)).min().unwrap_or(0)),
+            Some(b) => format!(" | {}", plans.iter().map(|plan| longest_context(plan, b)).min().unwrap_or(0)),
             None => String::new(),
         };
         let name = match p.strategy() {
@@ -446,10 +447,11 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         Some(t) => gates.binarise_threshold(t)?,
         None => gates.binarise_sparsity(a.sparsity, a.layout.parse()?)?,
     };
-    if let Some(gpus) = a.tensor_parallel {
-        // Checked before anything is printed.
-        duo_core::Placement::contiguous(&pattern, gpus)?;
-    }
+    // Placed (and a GPU count that cannot split the heads refused) before anything is printed.
+    let placements = match a.tensor_parallel {
+        Some(gpus) => Some([duo_core::Placement::contiguous(&pattern, gpus)?, duo_core::Placement::retrieval_aware(&pattern, gpus)?]),
+        None => None,
+    };
     let per_layer = pattern.retrieval_per_layer();
     let (layers, heads) = (gates.n_layers(), gates.n_kv_heads());
     println!("pattern {}: {layers} layers x {heads} KV heads", a.dir.display());
@@ -522,9 +524,9 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
             ours as f64 / theirs.max(1) as f64
         );
     }
-    if let Some(gpus) = a.tensor_parallel {
+    if let Some(placements) = &placements {
         let budget = a.memory_gib.map(|gib| (gib * (1u64 << 30) as f64) as usize);
-        show_placements(&pattern, gpus, t, budget, |p| duo_core::CachePlan::new(p, a.head_dim, bytes, window).with_row_scales(scales))?;
+        show_placements(&pattern, placements, t, budget, |p| duo_core::CachePlan::new(p, a.head_dim, bytes, window).with_row_scales(scales))?;
     }
     let out = a.heatmap.clone().unwrap_or_else(|| a.dir.join("gates.png"));
     plot::gate_heatmap(&out, gates.rows(), &pattern)?;

@@ -490,10 +490,7 @@ impl Worker {
                 s.prefilled = end;
                 if last {
                     s.logits = Some(logits);
-                    if !s.prompt_counted {
-                        s.prompt_counted = true;
-                        self.stats.prompt_done(s.admitted);
-                    }
+                    s.prompt_done(&self.stats);
                 }
             }
             Err(e) => fail(s, e.to_string()),
@@ -632,6 +629,14 @@ impl Running {
     fn live(&self) -> bool {
         !self.finished && !self.sink.is_closed()
     }
+
+    /// Its prompt's last chunk just ended: counted once, not again after a preemption.
+    fn prompt_done(&mut self, stats: &BatchStats) {
+        if !self.prompt_counted {
+            self.prompt_counted = true;
+            stats.prompt_done(self.admitted);
+        }
+    }
 }
 
 /// The paged engine loop (a backend with a [`KvPool`]).
@@ -768,14 +773,13 @@ impl Worker {
             self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
         }
         let decode_only = chunk.is_none();
-        let with_prefill = chunk.is_some();
         let kv_read: usize = rows.iter().map(|(s, _)| s.bytes().total()).sum();
         let n_rows = rows.len();
         let started = std::time::Instant::now();
         let result = pool.step(&mut rows, chunk);
         let micros = started.elapsed().as_micros() as u64;
         drop(rows);
-        if with_prefill && result.is_ok() {
+        if !decode_only && result.is_ok() {
             self.stats.prefill_step(micros);
         }
         if decode_only && result.is_ok() {
@@ -803,10 +807,7 @@ impl Worker {
                     s.prefilled = end;
                     if end == s.prompt.len() {
                         s.logits = Some(out.prefill);
-                        if !s.prompt_counted {
-                            s.prompt_counted = true;
-                            self.stats.prompt_done(s.admitted);
-                        }
+                        s.prompt_done(&self.stats);
                     }
                 }
             }

@@ -181,7 +181,7 @@ mod tests {
         let gate: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
         let up: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
         let want: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("pool");
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(crate::par::MIN_TEAM).build().expect("pool");
         let (alone, team) = pool.install(|| {
             let (mut a, mut b) = (gate.clone(), gate.clone());
             swiglu(&mut a, &up);

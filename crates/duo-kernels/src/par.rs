@@ -127,7 +127,7 @@ impl<'a, T> DisjointChunks<'a, T> {
 /// slower (decode at 2K 9.1 against 8.5 ms; its two vCPUs may share a core, so a spinning
 /// helper slows the leader's serial work). On 16 cores it is 1.4-1.6x faster, on 4 about
 /// even (BENCHMARKS.md, issue 20).
-const MIN_TEAM: usize = 4;
+pub const MIN_TEAM: usize = 4;
 
 /// Runs `f` on this thread with the current rayon pool's other workers spinning beside it,
 /// ready for the parallel sections `f` posts through this module. Called outside a pool, or

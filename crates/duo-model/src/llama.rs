@@ -251,13 +251,22 @@ impl Model {
     /// Runs one chunk of `tokens` at positions `kv.tokens()..` through the model,
     /// appending to `kv`, and returns the requested logits.
     pub fn forward(&self, tokens: &[u32], kv: &mut SequenceKv, logits: Logits) -> Result<Vec<f32>> {
-        let mut pass = move || {
+        let mut pass = || {
             let hidden = self.hidden_states(tokens, kv)?;
             self.logits(&hidden, tokens.len(), logits)
         };
-        // A decode step's sections are small: the pool's workers spin through it (see
-        // `duo_kernels::par`). A prefill chunk's are large enough for rayon's fork-joins.
-        if self.decode_team && tokens.len() <= TEAM_TOKENS {
+        // A prefill chunk's sections are large enough for rayon's fork-joins.
+        if tokens.len() <= TEAM_TOKENS {
+            self.decode_pass(pass)
+        } else {
+            pass()
+        }
+    }
+
+    /// Runs a decode pass: as a spinning team (`duo_kernels::par`: a decode step's sections
+    /// are small) where every product is duo's own kernel, else as it is.
+    fn decode_pass<R>(&self, pass: impl FnOnce() -> R) -> R {
+        if self.decode_team {
             duo_kernels::par::with_team(pass)
         } else {
             pass()
@@ -279,15 +288,10 @@ impl Model {
         if tokens.len() != kvs.len() {
             return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), kvs.len())));
         }
-        let mut pass = || {
+        self.decode_pass(|| {
             let hidden = self.run_segments(tokens, kvs)?;
             self.logits(&hidden, tokens.len(), Logits::All)
-        };
-        if self.decode_team {
-            duo_kernels::par::with_team(pass)
-        } else {
-            pass()
-        }
+        })
     }
 
     /// The blocks over consecutive segments of `tokens`: segment `i` has one token per

@@ -115,7 +115,7 @@ impl Metrics {
         metric("duo:prefill_steps_seconds_total", "counter", "Time of those steps.", seconds(&engine.prefill_step_micros).to_string(), "");
         metric("duo:decode_only_steps_total", "counter", "Steps that ran decode rows only.", engine.decode_only_steps.load(Ordering::SeqCst).to_string(), "");
         metric("duo:decode_only_rows_total", "counter", "Rows (tokens) of decode-only steps.", engine.decode_only_rows.load(Ordering::SeqCst).to_string(), "");
-        metric("duo:decode_only_seconds_total", "counter", "Time of decode-only steps.", (engine.decode_only_micros.load(Ordering::SeqCst) as f64 / 1e6).to_string(), "");
+        metric("duo:decode_only_seconds_total", "counter", "Time of decode-only steps.", seconds(&engine.decode_only_micros).to_string(), "");
         let (rows, micros, kv) = *engine.widest_step.lock().unwrap_or_else(|e| e.into_inner());
         metric("duo:widest_decode_step_rows", "gauge", "Rows of the latest decode-only step with the most rows.", rows.to_string(), "");
         metric("duo:widest_decode_step_seconds", "gauge", "Its time.", (micros as f64 / 1e6).to_string(), "");
