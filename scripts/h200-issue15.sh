@@ -7,8 +7,9 @@
 #       PyTorch's SDPA; leaves the model's first part and llama.cpp in /tmp
 #   b   carry .gpu/bin, .gpu/bin2 (cuda_backend.xz), .gpu/model.part2, .gpu/niah,
 #       .gpu/wheels-httpx: duo and llama.cpp on 16 CPU threads (and duo's thread scaling); the passkey and
-#       needle grids on the GPU with bf16 and fp8 caches; an fp8 server under serve-check;
-#       the decode step of a Llama-3-8B-shaped model, bf16 vs fp8, and the longest contexts
+#       needle grids on the GPU with each cache type (KVS); a quantised server under
+#       serve-check (SERVE_KV); the decode step of a Llama-3-8B-shaped model per cache type
+#       (STEP_KVS), and the longest contexts (LONGEST)
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/h200-common.sh"
@@ -18,7 +19,7 @@ grep -m1 -o "avx512_vnni\|avx512vnni" /proc/cpuinfo | head -1 >> "$OUT/cpu.txt";
 if [ "$step" = a ]; then
   cp .gpu/model.part1 /tmp/duo/model.part1
   timeout 300 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"
-  grep -E "^FAIL|Fp8|fp8" "$OUT/cuda-check.txt" | cut -c1-240 | head -40
+  grep -E "^FAIL|Fp8|fp8|Int4" "$OUT/cuda-check.txt" | cut -c1-240 | head -60
   grep -E "time decode|split sweep|time prefill" "$OUT/cuda-check.txt"
   timeout 120 python3 scripts/torch_decode_attention.py --out "$OUT/decode-attention-torch.json" 2>&1 | tee "$OUT/decode-attention-torch.txt" | tail -8
   # llama.cpp's build for the next call (it needs the whole model, which step b joins).
@@ -65,11 +66,13 @@ elif [ "$step" = b ]; then
   # The decode step of Llama-3-8B's shape with each cache type (synthetic KV, the official
   # pattern at 0.5), then the longest contexts of the byte caches.
   P=.gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k
-  for kv in bf16 fp8 int8; do
+  for kv in ${STEP_KVS:-bf16 fp8 int8}; do
     timeout 150 $D bench --device cuda --random-weights llama-3-8b --pattern $P --kv-dtype $kv --methods full,duo,layer --sparsity 0.5 --lengths 32768,131072,524288 \
       --max-prefill 0 --decode-tokens 8 --out "$OUT/step-$kv" > "$OUT/step-$kv.txt" 2>&1; echo "step $kv exit $?"; grep -E "^\| (full|duo|layer)" "$OUT/step-$kv.txt"
   done
-  for spec in "int8 duo 3700000,3800000" "int8 full 1850000,1900000" "int8 layer 3700000,3800000"; do
+  # LONGEST: ";"-separated "dtype method lengths" (default: int8's).
+  IFS=';' read -ra specs <<< "${LONGEST:-int8 duo 3700000,3800000;int8 full 1850000,1900000;int8 layer 3700000,3800000}"
+  for spec in "${specs[@]}"; do
     set -- $spec
     timeout 150 $D bench --device cuda --random-weights llama-3-8b --pattern $P --kv-dtype $1 --methods $2 --sparsity 0.5 --lengths $3 --max-prefill 0 --decode-tokens 4 \
       --out "$OUT/longest-$1-$2" > "$OUT/longest-$1-$2.txt" 2>&1; echo "longest $spec exit $?"; grep -E "^\| (full|duo|layer)|does not fit|error" "$OUT/longest-$1-$2.txt" | cut -c1-300

@@ -55,7 +55,8 @@ pub struct MethodArgs {
     pub device: Device,
     /// Element type of the KV cache: f32 (the CPU's default) or f16 (half the memory) on the
     /// CPU; bf16 (the GPU's default), fp8 (e4m3) or int8 on the GPU (one byte per element and
-    /// a 4-byte scale per row of head_dim: about half of bf16).
+    /// a 4-byte scale per row of head_dim: about half of bf16), or int4 (4 bits per element
+    /// and a 4-byte step and minimum per row: about a quarter).
     #[arg(long)]
     pub kv_dtype: Option<String>,
 }
@@ -95,7 +96,7 @@ impl MethodArgs {
         let kv_dtype: Option<KvDtype> = self.kv_dtype.as_deref().map(str::parse).transpose()?;
         match (self.device, kv_dtype) {
             (Device::Cpu, Some(d)) if d.is_gpu() => anyhow::bail!("--kv-dtype {}: a GPU cache; on the CPU it is f32 (the default) or f16", self.kv_dtype.as_deref().unwrap_or_default()),
-            (Device::Cuda(_), Some(d)) if !d.is_gpu() => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8 or int8", self.kv_dtype.as_deref().unwrap_or_default()),
+            (Device::Cuda(_), Some(d)) if !d.is_gpu() => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8, int8 or int4", self.kv_dtype.as_deref().unwrap_or_default()),
             _ => {}
         }
         Ok(MethodSpec {
@@ -239,7 +240,8 @@ pub struct PatternShowArgs {
     #[arg(long, default_value_t = 2, conflicts_with = "kv_dtype")]
     pub bytes_per_element: usize,
     /// The cache's element type instead of --bytes-per-element: f32, f16, bf16, fp8 or int8
-    /// (one byte and a 4-byte scale per row of head_dim).
+    /// (one byte and a 4-byte scale per row of head_dim), int4 (4 bits and a 4-byte step and
+    /// minimum per row).
     #[arg(long)]
     pub kv_dtype: Option<String>,
     /// Also print the longest context whose KV cache fits in this many GiB, with this

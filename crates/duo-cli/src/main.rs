@@ -191,6 +191,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
                 (DecodeKernel::Tensor, KvType::Bf16),
                 (DecodeKernel::Tensor, KvType::Fp8),
                 (DecodeKernel::Tensor, KvType::Int8),
+                (DecodeKernel::Tensor, KvType::Int4),
             ] {
                 let split = (rows > 1).then_some(duo_cuda::pool::DECODE_SPLIT);
                 let (ms, bytes) = time_decode_attention(
@@ -199,7 +200,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
                 if kernel == DecodeKernel::Tensor && kv == KvType::Bf16 {
                     bf16_ms = ms;
                 }
-                let vs = if kv.is_bytes() {
+                let vs = if kv.is_quantised() {
                     format!(", {:.2}x the bf16 time", ms / bf16_ms)
                 } else {
                     String::new()
@@ -213,10 +214,11 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
             }
         }
     }
-    // Split lengths of one long row over an fp8 cache (half the bytes of bf16 per split).
-    for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
-        let mut line = format!("split sweep, fp8, Llama-3-8B layer, {name:<8} 1 x 131072 tokens:");
-        for split in [1024usize, 2048, 4096, 8192] {
+    // Split lengths of one long row over quantised caches (a half and a quarter of the bytes
+    // of bf16 per split).
+    for (name, kinds, kv) in [("full", [true; 8], KvType::Fp8), ("duo 0.5", duo, KvType::Fp8), ("full", [true; 8], KvType::Int4), ("duo 0.5", duo, KvType::Int4)] {
+        let mut line = format!("split sweep, {kv:?}, Llama-3-8B layer, {name:<8} 1 x 131072 tokens:");
+        for split in [1024usize, 2048, 4096, 8192, 16384] {
             let (ms, bytes) = time_decode_attention(
                 &gpu,
                 32,
@@ -227,7 +229,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
                 64,
                 Some(split),
                 DecodeKernel::Tensor,
-                KvType::Fp8,
+                kv,
                 30,
             )?;
             line += &format!(" {split}: {ms:.3} ms {:.0} GB/s;", bytes as f64 / ms / 1e6);
@@ -236,7 +238,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
     }
     for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
-            for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8] {
+            for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
                 let (ms, flops) = duo_cuda::time_prefill_attention(&gpu, &kinds, t, first, kv, 3)?;
                 println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}, {kv:?}: {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);
             }
@@ -471,33 +473,29 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let pure_stream = per_layer.iter().filter(|&&c| c == 0).count();
     println!("layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}", layers - pure_full - pure_stream);
     let window = duo_core::cache_spec::Window::new(a.sink, a.recent)?;
-    let (bytes, scales) = match &a.kv_dtype {
+    let (bits, scales) = match &a.kv_dtype {
         Some(d) => {
             let d = d.parse::<duo_engine::KvDtype>()?;
-            (d.bytes(), d.scale_bytes())
+            (d.bits(), d.scale_bytes())
         }
-        None => (a.bytes_per_element, 0),
+        None => (8 * a.bytes_per_element, 0),
     };
-    if bytes == 0 {
+    if bits == 0 {
         bail!("--bytes-per-element must be at least 1");
     }
     if !(1..=4096).contains(&a.head_dim) {
         bail!("--head-dim must be from 1 to 4096 (got {})", a.head_dim);
     }
-    let plan =
-        duo_core::CachePlan::new(&pattern, a.head_dim, bytes, window).with_row_scales(scales);
-    let full = duo_core::CachePlan::new(
-        &duo_core::HeadPattern::all_retrieval(layers, heads),
-        a.head_dim,
-        bytes,
-        window,
-    )
-    .with_row_scales(scales);
+    let plan_for = |p: &duo_core::HeadPattern| {
+        duo_core::CachePlan::new(p, a.head_dim, 0, window).with_element_bits(bits).with_row_scales(scales)
+    };
+    let plan = plan_for(&pattern);
+    let full = plan_for(&duo_core::HeadPattern::all_retrieval(layers, heads));
     let t = a.context;
-    let element = if scales > 0 {
-        format!("{bytes} byte/element + {scales}-byte scale per row")
-    } else {
-        format!("{bytes} bytes/element")
+    let element = match (bits, scales) {
+        (b, 0) => format!("{} bytes/element", b / 8),
+        (8, s) => format!("1 byte/element + {s}-byte scale per row"),
+        (b, s) => format!("{b} bits/element + {s}-byte scale per row"),
     };
     println!(
         "KV cache at {t} tokens (head_dim {}, {element}, sink {}, recent {}): {:.1} MiB vs {:.1} MiB full attention ({:.2}x less)",
@@ -526,7 +524,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     }
     if let Some(placements) = &placements {
         let budget = a.memory_gib.map(|gib| (gib * (1u64 << 30) as f64) as usize);
-        show_placements(&pattern, placements, t, budget, |p| duo_core::CachePlan::new(p, a.head_dim, bytes, window).with_row_scales(scales))?;
+        show_placements(&pattern, placements, t, budget, plan_for)?;
     }
     let out = a.heatmap.clone().unwrap_or_else(|| a.dir.join("gates.png"));
     plot::gate_heatmap(&out, gates.rows(), &pattern)?;

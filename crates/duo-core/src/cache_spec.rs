@@ -65,10 +65,10 @@ pub struct LayerCacheSpec {
     pub kinds: Vec<HeadKind>,
     /// Dimension of one head.
     pub head_dim: usize,
-    /// Bytes per stored element (4 for f32, 2 for f16/bf16, 1 for fp8).
-    pub bytes_per_element: usize,
-    /// Bytes of scales per cached row (one position of one head, keys or values): 4 for an
-    /// fp8 cache's row scale, else 0.
+    /// Bits per stored element (32 for f32, 16 for f16/bf16, 8 for fp8/int8, 4 for int4).
+    pub bits_per_element: usize,
+    /// Bytes of scales per cached row (one position of one head, keys or values): 4 for a
+    /// quantised cache's row scale word, else 0.
     pub scale_bytes_per_row: usize,
     /// The streaming window.
     pub window: Window,
@@ -87,7 +87,7 @@ impl LayerCacheSpec {
 
     /// Bytes of keys plus values for one head holding `entries` tokens.
     pub fn bytes_per_head(&self, entries: usize) -> usize {
-        2 * (self.head_dim * self.bytes_per_element + self.scale_bytes_per_row) * entries
+        2 * (self.head_dim * self.bits_per_element / 8 + self.scale_bytes_per_row) * entries
     }
 
     /// Bytes held by the retrieval heads after `tokens` tokens.
@@ -119,12 +119,20 @@ impl CachePlan {
                     .map(|&r| if r { HeadKind::Retrieval } else { HeadKind::Streaming })
                     .collect(),
                 head_dim,
-                bytes_per_element,
+                bits_per_element: 8 * bytes_per_element,
                 scale_bytes_per_row: 0,
                 window,
             })
             .collect();
         Self { layers }
+    }
+
+    /// The same plan for elements of `bits` (int4: 4) instead of the bytes it was built with.
+    pub fn with_element_bits(mut self, bits: usize) -> Self {
+        for l in &mut self.layers {
+            l.bits_per_element = bits;
+        }
+        self
     }
 
     /// The same plan for a cache that also keeps `bytes` of scales per row (fp8: 4).
@@ -182,5 +190,9 @@ mod tests {
         assert_eq!(plan.streaming_bytes(1000), 2 * (128 + 4) * 320);
         let bf16 = CachePlan::new(&pattern, 128, 2, Window::new(64, 256).unwrap());
         assert!(plan.total_bytes(100_000) < bf16.total_bytes(100_000) * 53 / 100, "about half of bf16, scales included");
+        // int4: half a byte per element and a 4-byte step and minimum per row.
+        let int4 = plan.clone().with_element_bits(4);
+        assert_eq!(int4.retrieval_bytes(1000), 2 * (64 + 4) * 1000);
+        assert_eq!(int4.streaming_bytes(100), 2 * (64 + 4) * 100);
     }
 }

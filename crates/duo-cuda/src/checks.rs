@@ -52,7 +52,7 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
             for (case, x, layout) in prefill_attention::cases(seed) {
                 out.push(prefill(gpu, &case, &x, &layout, seed)?);
                 // The same problem over byte caches, against the reference on the dequantised cache.
-                for kv in [KvType::Fp8, KvType::Int8] {
+                for kv in [KvType::Fp8, KvType::Int8, KvType::Int4] {
                     let xq = prefill_attention::PrefillInput {
                         keys: kv.round_rows(&x.keys, x.head_dim),
                         values: kv.round_rows(&x.values, x.head_dim),
@@ -129,7 +129,7 @@ fn prefill(
     let mut paged = layout.paged_args(gpu.addr(&tab));
     // The cache as stored: bf16 bits, or bytes with row scales (the keys and values given
     // are already what the byte cache holds, so quantising them again gives the same values).
-    let (k, v, _scales) = if layout.kv.is_bytes() {
+    let (k, v, _scales) = if layout.kv.is_quantised() {
         let ((kb, ks), (vb, vs)) = (
             layout.kv.quantise_rows(&keys, d)?,
             layout.kv.quantise_rows(&values, d)?,
@@ -266,6 +266,8 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         (false, 64, KvType::Fp8),
         (true, 128, KvType::Int8),
         (false, 64, KvType::Int8),
+        (true, 128, KvType::Int4),
+        (false, 64, KvType::Int4),
     ] {
         let (nh, ng) = (4usize, 2usize);
         let inv: Vec<f32> = (0..d / 2)
@@ -308,7 +310,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         );
         let tab = gpu.upload(&decode_attention::table_rows(&layout, &tables))?;
         // Poison: 0x7f7f as bf16, NaN as e4m3; scales -1.
-        let poison = vec![0x7fu8; pool_rows * d * kv.bytes()];
+        let poison = vec![0x7fu8; kv.bytes_for(pool_rows * d)];
         let (qg, kg, vg) = (
             gpu.zeros::<f32>(t * nh * d)?,
             gpu.upload(&poison)?,
@@ -319,7 +321,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             gpu.upload(&vec![-1.0f32; pool_rows])?,
         );
         let mut paged = layout.paged_args(gpu.addr(&tab));
-        if kv.is_bytes() {
+        if kv.is_quantised() {
             paged = paged.with_scales(gpu.addr(&ksg), gpu.addr(&vsg));
         }
         gpu.rope_append(
@@ -342,7 +344,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         let (gks, gvs) = (gpu.download(&ksg)?, gpu.download(&vsg)?);
         let cached = |bytes: &[u8], scales: &[f32]| -> Vec<f32> {
             match kv {
-                KvType::Fp8 | KvType::Int8 => kv.dequantise_rows(bytes, scales, d),
+                KvType::Fp8 | KvType::Int8 | KvType::Int4 => kv.dequantise_rows(bytes, scales, d),
                 _ => bytes
                     .chunks(2)
                     .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
@@ -363,28 +365,28 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
                     let row = tables[slot as usize].row(&layout, heads[hh - nh], pos);
                     written.insert(row);
                     let values = &qkv[r * stride + (nh + ng + hh - nh) * d..][..d];
-                    if kv.is_bytes() {
+                    if kv.is_quantised() {
                         // Values (bf16 inputs) quantise exactly as the host does. Keys come
                         // from a rotation whose sin/cos differ by a few ulp between GPU and
                         // CPU: within half a step of the exact rotation (e4m3: 1/16 of the
                         // value; int8: half the row's scale), measured relative to the row's
                         // largest key; their scale is the host's (fp8: or its neighbour where
                         // the largest key moved by an ulp across a power of two; int8: within
-                        // a few ulp).
+                        // a few ulp; int4: step and minimum within an f16 ulp, and half a step
+                        // plus the f16 rounding of the dequantised value).
                         err = err.max(max_err(&kv.round_rows(values, d), &gv[row * d..][..d]));
                         let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
                         let vmax = values.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-                        let (want, want_v) = if kv == KvType::Fp8 {
-                            (crate::fp8::row_scale(amax), crate::fp8::row_scale(vmax))
-                        } else {
-                            (crate::int8::row_scale(amax), crate::int8::row_scale(vmax))
+                        let (want, want_v) = match kv {
+                            KvType::Fp8 => (crate::fp8::row_scale(amax), crate::fp8::row_scale(vmax)),
+                            KvType::Int8 => (crate::int8::row_scale(amax), crate::int8::row_scale(vmax)),
+                            _ => (crate::int4::quantise_row(&v).1, crate::int4::quantise_row(values).1),
                         };
-                        let half_step = |x: f32| {
-                            if kv == KvType::Fp8 {
-                                x.abs() / 16.0
-                            } else {
-                                want * 0.5 * (1.0 + 1e-5)
-                            }
+                        let step4 = crate::int4::params_of(want).0.to_f32();
+                        let half_step = |x: f32| match kv {
+                            KvType::Fp8 => x.abs() / 16.0,
+                            KvType::Int8 => want * 0.5 * (1.0 + 1e-5),
+                            _ => step4 * 0.52 + x.abs() * 1e-3,
                         };
                         let rel = v
                             .iter()
@@ -394,12 +396,16 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
                             })
                             .fold(0.0, f64::max);
                         err = err.max(rel);
-                        let key_scale_ok = if kv == KvType::Fp8 {
-                            [want, want * 2.0, want / 2.0].contains(&gks[row])
-                        } else {
-                            (gks[row] - want).abs() <= want * 1e-5
+                        let key_scale_ok = match kv {
+                            KvType::Fp8 => [want, want * 2.0, want / 2.0].contains(&gks[row]),
+                            KvType::Int8 => (gks[row] - want).abs() <= want * 1e-5,
+                            _ => {
+                                let ((gs, gz), (ws, wz)) = (crate::int4::params_of(gks[row]), crate::int4::params_of(want));
+                                (gs.to_f32() - ws.to_f32()).abs() <= ws.to_f32() * 1e-3
+                                    && (gz.to_f32() - wz.to_f32()).abs() <= wz.to_f32().abs() * 1e-3 + 1e-6
+                            }
                         };
-                        scales_off += usize::from(!key_scale_ok) + usize::from(gvs[row] != want_v);
+                        scales_off += usize::from(!key_scale_ok) + usize::from(gvs[row].to_bits() != want_v.to_bits());
                     } else {
                         let values: Vec<f32> = values.iter().map(|&x| round_bf16(x)).collect();
                         err = err.max(max_err(&values, &gv[row * d..][..d]));
@@ -412,7 +418,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             }
         }
         // Every other row is untouched (the padding row wrote nothing).
-        let row_bytes = d * kv.bytes();
+        let row_bytes = kv.bytes_for(d);
         let stray = (0..pool_rows)
             .filter(|r| !written.contains(r))
             .filter(|&r| {
@@ -420,7 +426,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
                     .iter()
                     .chain(&gv_bytes[r * row_bytes..][..row_bytes])
                     .any(|&b| b != 0x7f)
-                    || (kv.is_bytes() && (gks[r] != -1.0 || gvs[r] != -1.0))
+                    || (kv.is_quantised() && (gks[r] != -1.0 || gvs[r] != -1.0))
             })
             .count();
         out.push(Parity {
@@ -624,8 +630,8 @@ pub fn time_prefill_attention(
     let (tables, blocks) = shuffled_tables(&layout, n, 1);
     let elems = blocks * layout.block_elems(d);
     let (k, v) = (
-        gpu.zeros::<u8>(elems * kv.bytes())?,
-        gpu.zeros::<u8>(elems * kv.bytes())?,
+        gpu.zeros::<u8>(kv.bytes_for(elems))?,
+        gpu.zeros::<u8>(kv.bytes_for(elems))?,
     );
     let (ks, vs) = (
         gpu.zeros::<f32>(blocks * layout.block_rows())?,
@@ -645,7 +651,7 @@ pub fn time_prefill_attention(
     let tab = gpu.upload(&decode_attention::table_rows(&layout, &[tables]))?;
     let state = gpu.upload(&[0i32, first as i32])?;
     let mut args = layout.paged_args(gpu.addr(&tab));
-    if kv.is_bytes() {
+    if kv.is_quantised() {
         args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
     }
     let run = || {

@@ -32,37 +32,49 @@ pub enum KvType {
     /// 1 byte per element (int8) and an `f32` scale per row ([`crate::int8`]): the
     /// tensor-core kernels only.
     Int8,
+    /// 4 bits per element and a 32-bit word per row holding an f16 step and minimum
+    /// ([`crate::int4`]): the tensor-core kernels only.
+    Int4,
 }
 
 impl KvType {
-    /// Bytes per element.
-    pub fn bytes(self) -> usize {
+    /// Bits per element.
+    pub fn bits(self) -> usize {
         match self {
-            KvType::F32 => 4,
-            KvType::Bf16 => 2,
-            KvType::Fp8 | KvType::Int8 => 1,
+            KvType::F32 => 32,
+            KvType::Bf16 => 16,
+            KvType::Fp8 | KvType::Int8 => 8,
+            KvType::Int4 => 4,
         }
     }
 
-    /// Whether the cache holds a byte per element and a scale per row (fp8 or int8).
-    pub fn is_bytes(self) -> bool {
-        matches!(self, KvType::Fp8 | KvType::Int8)
+    /// Bytes of `elems` elements (without the row scales).
+    pub fn bytes_for(self, elems: usize) -> usize {
+        elems * self.bits() / 8
+    }
+
+    /// Whether the cache holds quantised codes and a 32-bit scale word per row (fp8, int8
+    /// or int4).
+    pub fn is_quantised(self) -> bool {
+        matches!(self, KvType::Fp8 | KvType::Int8 | KvType::Int4)
     }
 
     /// Bytes of scales per cached row (one row: `head_dim` keys or values).
     pub fn scale_bytes(self) -> usize {
-        if self.is_bytes() {
+        if self.is_quantised() {
             4
         } else {
             0
         }
     }
 
-    /// How the kernels tell the byte formats apart (`Paged::kv_format`): 1 e4m3, 2 int8, else 0.
+    /// How the kernels tell the quantised formats apart (`Paged::kv_format`): 1 e4m3, 2 int8,
+    /// 3 int4, else 0.
     pub fn format_code(self) -> i32 {
         match self {
             KvType::Fp8 => 1,
             KvType::Int8 => 2,
+            KvType::Int4 => 3,
             _ => 0,
         }
     }
@@ -73,6 +85,7 @@ impl KvType {
         match self {
             KvType::Fp8 => Ok(crate::fp8::quantise_rows(values, head_dim)),
             KvType::Int8 => Ok(crate::int8::quantise_rows(values, head_dim)),
+            KvType::Int4 => Ok(crate::int4::quantise_rows(values, head_dim)),
             _ => Err(CudaError::Input(format!(
                 "a {self:?} cache has no bytes and scales"
             ))),
@@ -93,6 +106,7 @@ impl KvType {
                 let (b, s) = crate::int8::quantise_rows(values, head_dim);
                 crate::int8::dequantise_rows(&b, &s, head_dim)
             }
+            KvType::Int4 => crate::int4::round_rows(values, head_dim),
         }
     }
 
@@ -101,6 +115,7 @@ impl KvType {
         match self {
             KvType::Fp8 => crate::fp8::dequantise_rows(bytes, scales, head_dim),
             KvType::Int8 => crate::int8::dequantise_rows(bytes, scales, head_dim),
+            KvType::Int4 => crate::int4::dequantise_rows(bytes, scales, head_dim),
             _ => vec![0.0; bytes.len()],
         }
     }
@@ -119,8 +134,8 @@ pub fn rounded_to(kv: KvType, x: &DecodeInput) -> DecodeInput {
 /// `head_dim * kpw / 32` elements, which must fill whole 16-byte loads, and at most 4 keys.
 pub fn keys_per_warp_fits(head_dim: usize, kpw: usize, kv: KvType) -> bool {
     [1, 2, 4].contains(&kpw)
-        && head_dim * kpw / 32 * kv.bytes() >= 16
-        && (head_dim * kpw / 32 * kv.bytes()).is_multiple_of(16)
+        && kv.bytes_for(head_dim * kpw / 32) >= 16
+        && kv.bytes_for(head_dim * kpw / 32).is_multiple_of(16)
 }
 
 /// Which partial kernel a decode launch runs.
@@ -140,7 +155,7 @@ impl DecodeKernel {
     pub fn fits(self, head_dim: usize, group: usize, kv: KvType) -> bool {
         match self {
             DecodeKernel::Cores(kpw) => {
-                !kv.is_bytes()
+                !kv.is_quantised()
                     && keys_per_warp_fits(head_dim, kpw, kv)
                     && group * head_dim * kpw / 32 <= 64
             }
@@ -165,13 +180,16 @@ impl DecodeKernel {
 }
 
 /// Dynamic shared memory of the tensor-core partial kernel: three stages of 64-key K and V
-/// tiles, rows padded by 8 elements (the merge reuses them). An fp8 cache has five stages of
-/// its bytes (rows padded by 16) and row scales, and each warp its 16 keys' values
-/// dequantised to f16 beside them.
+/// tiles, rows padded by 8 elements (the merge reuses them). A quantised cache has five
+/// stages (int4: eight) of its raw rows (padded by 16 bytes) and row scales, and each warp
+/// its 16 keys' values dequantised to f16 beside them.
 pub fn tensor_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     match kv {
-        KvType::Fp8 | KvType::Int8 => {
-            5 * 2 * 64 * (head_dim + 16) + 5 * 2 * 64 * 4 + 4 * 16 * (head_dim + 8) * 2
+        KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
+            let stages = if kv == KvType::Int4 { 8 } else { 5 };
+            stages * 2 * 64 * (kv.bytes_for(head_dim) + 16)
+                + stages * 2 * 64 * 4
+                + 4 * 16 * (head_dim + 8) * 2
         }
         _ => 3 * 2 * 64 * (head_dim + 8) * 2,
     }
@@ -543,13 +561,18 @@ pub const TENSOR_SOURCE: &str = r#"
 #define TPAD (HEAD_DIM + 8)
 #define TILE_ELEMS (TILE * TPAD)
 #ifdef KV_BYTES
-// A byte cache (fp8 or int8): stages hold raw rows (bytes, padded by 16) and their scales;
-// the tensor cores run in f16 (see TENSOR_CORE_HELPERS). A stage is half a bf16 stage, so
-// five stages keep as many bytes in flight as bf16's three (a stream at the copy bandwidth
-// needs them: measured, three fp8 stages read at half the bandwidth).
+// A quantised cache (fp8, int8, int4): stages hold raw rows (ROW_BYTES, padded by 16) and
+// their scales; the tensor cores run in f16 (see TENSOR_CORE_HELPERS). A byte stage is half a
+// bf16 stage, so five stages keep as many bytes in flight as bf16's three (a stream at the
+// copy bandwidth needs them: measured, three fp8 stages read at half the bandwidth); int4's
+// are a quarter, and eight of them fit beside two blocks per multiprocessor.
+#ifdef KV_INT4
+#define STAGES 8
+#else
 #define STAGES 5
+#endif
 typedef unsigned char kv_t;
-#define RPAD (HEAD_DIM + 16)
+#define RPAD (ROW_BYTES + 16)
 #define RAW_TILE (TILE * RPAD)
 #define PACK pack_h
 #define MMA mma_h
@@ -599,13 +622,26 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             qa[kk][x] = r < GROUP ? PACK(qb[r * HEAD_DIM + c] * scale_log2, qb[r * HEAD_DIM + c + 1] * scale_log2) : 0u;
         }
     }
+#ifdef KV_INT4
+    // Each query row's sum (rows gr and gr + 8), of the f16 values the tensor cores see.
+    float qsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; kk++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) qsum[x & 1] += h2f(qa[kk][x] & 0xffffu) + h2f(qa[kk][x] >> 16);
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        qsum[i] += __shfl_xor_sync(0xffffffff, qsum[i], 1);
+        qsum[i] += __shfl_xor_sync(0xffffffff, qsum[i], 2);
+    }
+#endif
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int n_tiles = (end - begin + TILE - 1) / TILE;
     // A tile is copied in 16-byte chunks, NCH per thread; chunk j of this thread holds key
     // row (threadIdx.x + 128 j) / CPR of the tile.
 #ifdef KV_BYTES
-#define CPR (HEAD_DIM / 16)
+#define CPR (ROW_BYTES / 16)
 #else
 #define CPR (HEAD_DIM / 8)
 #endif
@@ -645,7 +681,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             const int r = i / CPR, c = (i % CPR) * 16;
             const int t = t0 + r;
             const bool live = t < end;
-            const size_t at = live ? (size_t)kv_row_from(pg, e, pos_of(t), cap, ent[j]) * HEAD_DIM + c : 0;
+            const size_t at = live ? (size_t)kv_row_from(pg, e, pos_of(t), cap, ent[j]) * ROW_BYTES + c : 0;
             cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vr + r * RPAD + c, values + at, live ? 16 : 0);
         }
@@ -712,12 +748,30 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             for (int j = 0; j < HEAD_DIM / 32; j++) {
                 const int i = lane + 32 * j;
                 const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
-                dequant16<true>(kr + RAW_TILE + r * RPAD + c, scale_h2(ksc[TILE + r]), conv + r * TPAD + c);
+                dequant_row16(kr + RAW_TILE + r * RPAD, c, ksc[TILE + r], conv + r * TPAD + c);
             }
             __syncwarp();
         }
         const bf16_t* vs = conv;
-        const unsigned char* kq = kr + (HEAD_DIM / 4) * tq;
+        const unsigned char* kq = kr + (ROW_BYTES / 4) * tq;
+#ifdef KV_INT4
+        // Two words (16 codes) of keys gr and gr + 8 at a time: word w's pairs 0-1 are the
+        // k-slots of product 2w, pairs 2-3 those of product 2w + 1 (the codes, exact in f16;
+        // the step and minimum apply to the scores below).
+#pragma unroll
+        for (int w = 0; w < HEAD_DIM / 32; w += 2) {
+            const uint2 a = *reinterpret_cast<const uint2*>(kq + gr * RPAD + 4 * w);
+            const uint2 b = *reinterpret_cast<const uint2*>(kq + (gr + 8) * RPAD + 4 * w);
+            MMA(sc[0], qa[2 * w], nib2_h(a.x, 0), nib2_h(a.x, 1));
+            MMA(sc[0], qa[2 * w + 1], nib2_h(a.x, 2), nib2_h(a.x, 3));
+            MMA(sc[0], qa[2 * w + 2], nib2_h(a.y, 0), nib2_h(a.y, 1));
+            MMA(sc[0], qa[2 * w + 3], nib2_h(a.y, 2), nib2_h(a.y, 3));
+            MMA(sc[1], qa[2 * w], nib2_h(b.x, 0), nib2_h(b.x, 1));
+            MMA(sc[1], qa[2 * w + 1], nib2_h(b.x, 2), nib2_h(b.x, 3));
+            MMA(sc[1], qa[2 * w + 2], nib2_h(b.y, 0), nib2_h(b.y, 1));
+            MMA(sc[1], qa[2 * w + 3], nib2_h(b.y, 2), nib2_h(b.y, 3));
+        }
+#else
 #pragma unroll
         for (int h16 = 0; h16 < HEAD_DIM / 64; h16++) {
             const uint4 a = *reinterpret_cast<const uint4*>(kq + gr * RPAD + 16 * h16);
@@ -729,6 +783,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
                 MMA(sc[1], qa[4 * h16 + j], bytes2_h(wb[j] & 0xffffu), bytes2_h(wb[j] >> 16));
             }
         }
+#endif
 #else
         const bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS + warp * 16 * TPAD;
         const bf16_t* vs = ks + TILE_ELEMS;
@@ -740,7 +795,16 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             MMA(sc[1], qa[kk], kb[2], kb[3]);
         }
 #endif
-#ifdef KV_BYTES
+#if defined(KV_INT4)
+        // q . (n step + min) = step (q . n) + min (sum of q), per key.
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const uint2 w2 = *reinterpret_cast<const uint2*>(ksc + 8 * j + 2 * tq);
+            const float s0 = h2f(w2.x & 0xffffu), z0 = h2f(w2.x >> 16), s1 = h2f(w2.y & 0xffffu), z1 = h2f(w2.y >> 16);
+            sc[j][0] = sc[j][0] * s0 + z0 * qsum[0]; sc[j][1] = sc[j][1] * s1 + z1 * qsum[0];
+            sc[j][2] = sc[j][2] * s0 + z0 * qsum[1]; sc[j][3] = sc[j][3] * s1 + z1 * qsum[1];
+        }
+#elif defined(KV_BYTES)
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             const float2 s2 = *reinterpret_cast<const float2*>(ksc + 8 * j + 2 * tq);
@@ -1032,7 +1096,7 @@ mod gpu {
                 );
                 (gpu.addr(&k16), gpu.addr(&v16))
             }
-            KvType::Fp8 | KvType::Int8 => {
+            KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
                 let ((kb, ksc), (vb, vsc)) =
                     (kv.quantise_rows(&keys, d)?, kv.quantise_rows(&values, d)?);
                 (k8, v8, ks, vs) = (
@@ -1089,10 +1153,10 @@ mod gpu {
         let (tables, blocks) = place_tables(&layout, &all, 7);
         let elems = blocks * layout.block_elems(head_dim);
         let (k, v) = (
-            gpu.zeros::<u8>(elems * kv.bytes())?,
-            gpu.zeros::<u8>(elems * kv.bytes())?,
+            gpu.zeros::<u8>(kv.bytes_for(elems))?,
+            gpu.zeros::<u8>(kv.bytes_for(elems))?,
         );
-        let scale_rows = if kv.is_bytes() {
+        let scale_rows = if kv.is_quantised() {
             blocks * layout.block_rows()
         } else {
             1
@@ -1127,7 +1191,7 @@ mod gpu {
         );
         let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
         let mut args = layout.paged_args(gpu.addr(&tab));
-        if kv.is_bytes() {
+        if kv.is_quantised() {
             args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
         }
         let run = || {
@@ -1165,7 +1229,7 @@ mod gpu {
             .sum();
         Ok((
             ms,
-            rows * per_row * (head_dim * kv.bytes() + kv.scale_bytes()) * 2,
+            rows * per_row * (kv.bytes_for(head_dim) + kv.scale_bytes()) * 2,
         ))
     }
 
@@ -1216,7 +1280,7 @@ mod gpu {
             (4, 256, &[true, false], 8, 20, 64, &[1000, 21]),     // widest head
         ];
         let mut out = Vec::new();
-        for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8] {
+        for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
             for (i, (h, d, kinds, sink, recent, bt, tokens)) in cases.iter().enumerate() {
                 let layout = layer_layout(
                     kinds,
@@ -1342,7 +1406,8 @@ mod tests {
                 && !DecodeKernel::Tensor.fits(128, 4, KvType::F32)
         );
         assert!(
-            tensor_smem_bytes(128, KvType::Fp8) * 2 <= 227 * 1024,
+            tensor_smem_bytes(128, KvType::Fp8) * 2 <= 227 * 1024
+                && tensor_smem_bytes(128, KvType::Int4) * 2 <= 227 * 1024,
             "two fp8 blocks fit a multiprocessor"
         );
     }

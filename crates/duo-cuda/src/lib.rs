@@ -27,6 +27,7 @@ mod checks;
 pub mod decode_attention;
 pub mod dequant;
 pub mod fp8;
+pub mod int4;
 pub mod int8;
 pub mod model;
 pub mod ops;

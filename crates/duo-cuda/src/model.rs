@@ -189,7 +189,7 @@ pub fn reference_logits(c: &GpuConfig, layout: &PagedLayout, seed: u64, tokens: 
             }
             // Keys and values as the cache holds them: bf16, or byte rows (keys quantised from
             // their f32 rotation, as the GPU does).
-            if layout.kv.is_bytes() {
+            if layout.kv.is_quantised() {
                 let cached = layout.kv.round_rows(&row[nh * d..], d);
                 row[nh * d..].copy_from_slice(&cached);
             } else {
@@ -525,6 +525,8 @@ mod gpu {
             ("MHA, fp8 cache", 2, 2, 128, false, 2990, 4096, KvType::Fp8),
             ("GQA, int8 cache", 4, 2, 64, true, 2990, 4096, KvType::Int8),
             ("MHA, int8 cache", 2, 2, 128, false, 2990, 4096, KvType::Int8),
+            ("GQA, int4 cache", 4, 2, 64, true, 2990, 4096, KvType::Int4),
+            ("MHA, int4 cache", 2, 2, 128, false, 2990, 4096, KvType::Int4),
         ];
         for (name, heads, kv, d, half, prompt_len, max_tokens, cache) in cases {
             let config = config(heads, kv, d, half);
@@ -555,7 +557,7 @@ mod gpu {
         // Continuous batching in one pool against each sequence alone, bf16, fp8 and int8 caches.
         let config = config(4, 2, 64, true);
         let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
-        for cache in [KvType::Bf16, KvType::Fp8, KvType::Int8] {
+        for cache in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
         let layout = layout(2048, cache);
         let (lens, steps) = ([700usize, 150, 1200], 12usize);
         let blocks: usize = lens.iter().map(|&n| layout.blocks_for(n + steps, Ring::Prefill)).sum();

@@ -66,8 +66,8 @@ __device__ float block_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
     if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
     __syncthreads();
-    float m = 0.f;
-    for (int i = 0; i < (int)blockDim.x / 32; i++) m = fmaxf(m, part[i]);
+    float m = part[0];
+    for (int i = 1; i < (int)blockDim.x / 32; i++) m = fmaxf(m, part[i]);
     __syncthreads();  // part is reused by the next call
     return m;
 }
@@ -89,11 +89,46 @@ __device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
     return r;
 }
 
-// Stores elements a and b of a cached row: bf16, or (scales set) bytes with the row's scale,
-// which thread 0 writes to `scales[row]`: e4m3 (format 1) or int8 (format 2: amax / 127,
-// round to nearest even, as crate::int8). Every thread of the block calls it.
+// f32 to f16 bits, to nearest even (values here are within f16's range).
+__device__ __forceinline__ unsigned short to_h(float f) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+__device__ __forceinline__ float from_h(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Stores elements a and b of a cached row: bf16, or (scales set) codes with the row's scale,
+// which thread 0 writes to `scales[row]`: e4m3 (format 1), int8 (format 2: amax / 127,
+// round to nearest even, as crate::int8) or int4 (format 3: an f16 step and minimum, codes
+// staged in shared memory and packed a word of 8 at a time, as crate::int4). Every thread
+// of the block calls it.
 __device__ __forceinline__ void store_row_pair(void* cache, float* scales, int format, size_t row, int head_dim, int a, int b, float x0, float x1) {
-    if (scales && format == 2) {
+    if (scales && format == 3) {
+        const float limit = 32768.f;
+        const float hi = fminf(fmaxf(block_max(fmaxf(x0, x1)), -limit), limit);
+        const float lo = fminf(fmaxf(-block_max(-fminf(x0, x1)), -limit), limit);
+        unsigned short sh = to_h((hi - lo) / 15.f);
+        if (!(from_h(sh) > 0.f)) sh = 0x3c00;  // a constant row steps by 1
+        const unsigned short zh = to_h(lo);
+        const float st = from_h(sh), z = from_h(zh);
+        __shared__ unsigned char codes[256];
+        codes[a] = (unsigned char)max(0, min(15, __float2int_rn((x0 - z) / st)));
+        codes[b] = (unsigned char)max(0, min(15, __float2int_rn((x1 - z) / st)));
+        __syncthreads();
+        if (threadIdx.x < head_dim / 8) {
+            // Nibble j < 4 of word w holds value 8w + 2j, nibble 4 + j value 8w + 2j + 1.
+            const unsigned char* c = codes + 8 * threadIdx.x;
+            unsigned w = 0;
+            for (int j = 0; j < 4; j++) w |= ((unsigned)c[2 * j] << (4 * j)) | ((unsigned)c[2 * j + 1] << (16 + 4 * j));
+            reinterpret_cast<unsigned*>(cache)[row * (head_dim / 8) + threadIdx.x] = w;
+        }
+        __syncthreads();  // codes is reused by the next row
+        if (threadIdx.x == 0) scales[row] = __uint_as_float((unsigned)sh | ((unsigned)zh << 16));
+    } else if (scales && format == 2) {
         const float amax = block_max(fmaxf(fabsf(x0), fabsf(x1)));
         const float s = amax > 0.f && amax <= 3.402823e38f ? amax / 127.f : 1.f;
         signed char* c = (signed char*)cache + row * head_dim;

@@ -129,7 +129,7 @@ impl PagedLayout {
 
     /// Bytes of one block, keys and values, row scales included.
     pub fn block_bytes(&self, head_dim: usize) -> usize {
-        self.block_rows() * (head_dim * self.kv.bytes() + self.kv.scale_bytes()) * 2
+        self.block_rows() * (self.kv.bytes_for(head_dim) + self.kv.scale_bytes()) * 2
     }
 
     /// The layer's head table: each head's index among the model's retrieval (or streaming)

@@ -169,7 +169,7 @@ impl Buffers {
 
     /// 16-bit words of the ring scratch: rows, then (fp8) a scale of two words per row.
     fn scratch_elems(w: &GpuWeights, layout: &PagedLayout) -> usize {
-        let row_words = w.config.head_dim * layout.kv.bytes() / 2 + layout.kv.scale_bytes() / 2;
+        let row_words = layout.kv.bytes_for(w.config.head_dim) / 2 + layout.kv.scale_bytes() / 2;
         layout.n_streaming() * 2 * layout.recent * row_words
     }
 
@@ -293,20 +293,20 @@ impl KvPool {
             )));
         }
         if layout.kv == KvType::F32
-            || (layout.kv.is_bytes()
+            || (layout.kv.is_quantised()
                 && !DecodeKernel::Tensor.fits(c.head_dim, c.n_heads / c.n_kv_heads, layout.kv))
         {
             return Err(CudaError::Input(format!(
-                "a {:?} KV cache is not supported here: pools cache bf16, or fp8 for heads of 64 or 128 dims with at most 16 query heads per KV head (these: {} dims, {})",
+                "a {:?} KV cache is not supported here: pools cache bf16, or fp8, int8 and int4 for heads of 64 or 128 dims with at most 16 query heads per KV head (these: {} dims, {})",
                 layout.kv,
                 c.head_dim,
                 c.n_heads / c.n_kv_heads
             )));
         }
-        let bytes = config.blocks * layout.block_elems(c.head_dim) * layout.kv.bytes();
+        let bytes = layout.kv.bytes_for(config.blocks * layout.block_elems(c.head_dim));
         let keys = gpu.zeros::<u8>(bytes)?;
         let values = gpu.zeros::<u8>(bytes)?;
-        let scale_rows = if layout.kv.is_bytes() {
+        let scale_rows = if layout.kv.is_quantised() {
             config.blocks * layout.block_rows()
         } else {
             1
@@ -346,7 +346,7 @@ impl KvPool {
     fn paged(&self) -> crate::paged::PagedArgs {
         let g = &*self.gpu;
         let args = self.layout.paged_args(g.addr(&self.tables));
-        if self.layout.kv.is_bytes() {
+        if self.layout.kv.is_quantised() {
             args.with_scales(g.addr(&self.key_scales), g.addr(&self.value_scales))
         } else {
             args
@@ -519,7 +519,7 @@ impl KvPool {
         let (g, l) = (&*self.gpu, &self.layout);
         let row = s.slot as usize * l.table_stride();
         let paged = self.paged();
-        let row_bytes = self.w.config.head_dim * l.kv.bytes();
+        let row_bytes = l.kv.bytes_for(self.w.config.head_dim);
         let first = l.sink.max(s.tokens.saturating_sub(l.recent));
         let count = s.tokens.saturating_sub(first);
         let (kc, vc, scratch) = (
@@ -1035,7 +1035,7 @@ impl KvPool {
             .chain(&seq.tables.streaming)
             .enumerate()
         {
-            let at = (blk as usize * elems * self.layout.kv.bytes()) as u64;
+            let at = self.layout.kv.bytes_for(blk as usize * elems) as u64;
             let (sk, sv) = (
                 seed.wrapping_add(2 * i as u64),
                 seed.wrapping_add(2 * i as u64 + 1),
@@ -1078,7 +1078,7 @@ impl KvPool {
             .collect();
         let g = &*self.gpu;
         let list = g.upload(&block_pairs)?;
-        let words = self.layout.block_elems(self.w.config.head_dim) * self.layout.kv.bytes() / 2;
+        let words = self.layout.kv.bytes_for(self.layout.block_elems(self.w.config.head_dim)) / 2;
         g.copy_blocks(
             g.addr(&self.keys),
             g.addr(&self.values),
@@ -1088,7 +1088,7 @@ impl KvPool {
             block_pairs.len() / 2,
             words,
         )?;
-        if self.layout.kv.is_bytes() {
+        if self.layout.kv.is_quantised() {
             // Scales: an f32 is two 16-bit words.
             g.copy_blocks(
                 g.addr(&self.key_scales),

@@ -220,8 +220,14 @@ __device__ __forceinline__ void mma_h(float* d, const unsigned* a, unsigned b0, 
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-#if defined(KV_FP8) || defined(KV_INT8)
+#if defined(KV_FP8) || defined(KV_INT8) || defined(KV_INT4)
 #define KV_BYTES 1
+#endif
+// Bytes of a cached row of a quantised cache: a byte per value, or int4's two per byte.
+#ifdef KV_INT4
+#define ROW_BYTES (HEAD_DIM / 2)
+#else
+#define ROW_BYTES HEAD_DIM
 #endif
 // Two cache bytes (the low 16 bits of x) to an f16 pair, exactly: e4m3 by conversion; int8
 // (two's complement) as f16 1024 + (b ^ 0x80) built by a byte permute, less 1152.
@@ -259,6 +265,51 @@ __device__ __forceinline__ void dequant16(const unsigned char* src, unsigned s2,
     *reinterpret_cast<uint4*>(dst) = make_uint4(h[0], h[1], h[2], h[3]);
     *reinterpret_cast<uint4*>(dst + 8) = make_uint4(h[4], h[5], h[6], h[7]);
 }
+
+// int4 (crate::int4): the pair of values (2j, 2j + 1) of a word of 8 codes as an exact f16
+// pair (the codes, 0..15), by masking the word into the mantissas of f16 1024 and taking
+// 1024 away.
+__device__ __forceinline__ unsigned nib2_h(unsigned w, int j) {
+    unsigned r = ((w >> (4 * j)) & 0x000f000fu) | 0x64006400u;
+    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64006400u));
+    return r;
+}
+// A row's int4 scale word (f16 step low, f16 minimum high) as the pairs (step, step) and
+// (min, min).
+__device__ __forceinline__ void int4_params(float word, unsigned* s2, unsigned* z2) {
+    const unsigned u = __float_as_uint(word);
+    *s2 = __byte_perm(u, 0, 0x1010);
+    *z2 = __byte_perm(u, 0, 0x3232);
+}
+// One f16 to f32.
+__device__ __forceinline__ float h2f(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+#ifdef KV_BYTES
+// 16 values of a quantised row from value c (`row` its bytes in shared memory, `word` its
+// scale) to f16 in shared memory: byte codes times the scale, or int4's n * step + min (one
+// f16 fused multiply-add, as crate::int4::value).
+__device__ __forceinline__ void dequant_row16(const unsigned char* row, int c, float word, unsigned short* dst) {
+#ifdef KV_INT4
+    const uint2 x = *reinterpret_cast<const uint2*>(row + c / 2);
+    unsigned s2, z2, h[8];
+    int4_params(word, &s2, &z2);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        h[j] = nib2_h(x.x, j);
+        h[4 + j] = nib2_h(x.y, j);
+        asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(h[j]) : "r"(s2), "r"(z2));
+        asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(h[4 + j]) : "r"(s2), "r"(z2));
+    }
+    *reinterpret_cast<uint4*>(dst) = make_uint4(h[0], h[1], h[2], h[3]);
+    *reinterpret_cast<uint4*>(dst + 8) = make_uint4(h[4], h[5], h[6], h[7]);
+#else
+    dequant16<true>(row + c, scale_h2(word), dst);
+#endif
+}
+#endif
 
 // 16 bytes global -> shared without passing through registers; `bytes` 0 writes zeros.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
@@ -300,10 +351,11 @@ __device__ __forceinline__ int row_pos(int4 e, int r, int win) { return e.w == 1
 #define STAGE_ELEMS (BK * KPAD)
 #define Q_ELEMS (BQ * KPAD)
 #ifdef KV_BYTES
-// A byte cache (fp8 or int8): two stages of raw rows (bytes, padded by 16) and their scales
-// after the queries, then the tile's K and V dequantised to f16 (the tensor cores run in f16).
+// A quantised cache (fp8, int8, int4): two stages of raw rows (ROW_BYTES, padded by 16) and
+// their scales after the queries, then the tile's K and V dequantised to f16 (the tensor
+// cores run in f16).
 typedef unsigned char kv_t;
-#define RPAD (HEAD_DIM + 16)
+#define RPAD (ROW_BYTES + 16)
 #define RAW_TILE (BK * RPAD)
 #define PACK pack_h
 #define MMA mma_h
@@ -372,10 +424,10 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
     bf16_t* conv = reinterpret_cast<bf16_t*>(scl + 4 * BK);                        // K, V: [BK][KPAD] each (f16)
     auto load_tile = [&](int r0, int stage) {
         unsigned char* kr = raw + stage * 2 * RAW_TILE;
-        for (int i = threadIdx.x; i < BK * HEAD_DIM / 16; i += blockDim.x) {
-            const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
+        for (int i = threadIdx.x; i < BK * ROW_BYTES / 16; i += blockDim.x) {
+            const int r = i / (ROW_BYTES / 16), c = (i % (ROW_BYTES / 16)) * 16;
             const bool live = r0 + r < rows;
-            const size_t at = (size_t)(live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * HEAD_DIM + c;
+            const size_t at = (size_t)(live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * ROW_BYTES + c;
             cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
             cp_async16(kr + RAW_TILE + r * RPAD + c, values + at, live ? 16 : 0);
         }
@@ -413,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         for (int i = threadIdx.x; i < 2 * BK * HEAD_DIM / 16; i += blockDim.x) {
             const int kv = i / (BK * HEAD_DIM / 16), j = i % (BK * HEAD_DIM / 16);
             const int r = j / (HEAD_DIM / 16), c = (j % (HEAD_DIM / 16)) * 16;
-            dequant16<true>(raw + (stage * 2 + kv) * RAW_TILE + r * RPAD + c, scale_h2(scl[(stage * 2 + kv) * BK + r]), conv + (kv * BK + r) * KPAD + c);
+            dequant_row16(raw + (stage * 2 + kv) * RAW_TILE + r * RPAD, c, scl[(stage * 2 + kv) * BK + r], conv + (kv * BK + r) * KPAD + c);
         }
         __syncthreads();
         const bf16_t* ks = conv;

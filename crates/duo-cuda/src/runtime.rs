@@ -99,6 +99,7 @@ fn byte_format_option(kv: KvType) -> Option<String> {
     match kv {
         KvType::Fp8 => Some("-DKV_FP8=1".into()),
         KvType::Int8 => Some("-DKV_INT8=1".into()),
+        KvType::Int4 => Some("-DKV_INT4=1".into()),
         _ => None,
     }
 }
@@ -167,7 +168,7 @@ pub fn compile_all() -> Option<Result<usize>> {
         ("dequant", crate::dequant::SOURCE.into(), vec![]),
     ];
     for d in [64, 128] {
-        for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8] {
+        for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
             jobs.push((
                 "prefill_attention",
                 prefill_source(),
@@ -189,6 +190,8 @@ pub fn compile_all() -> Option<Result<usize>> {
         (16, 128, KvType::Fp8, DecodeKernel::Tensor),
         (3, 64, KvType::Int8, DecodeKernel::Tensor),
         (4, 128, KvType::Int8, DecodeKernel::Tensor),
+        (3, 64, KvType::Int4, DecodeKernel::Tensor),
+        (4, 128, KvType::Int4, DecodeKernel::Tensor),
     ];
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
@@ -518,6 +521,14 @@ impl Gpu {
                 self.fill_f32(kscale, rows, 1.0 / 256.0)?;
                 self.fill_f32(vscale, rows, 1.0 / 256.0)
             }
+            KvType::Int4 => {
+                // Random codes; every row steps by 1/8 from -1 (the word of f16 0.125 and -1).
+                let word = f32::from_bits(0xbc00_3000);
+                self.fill_uniform_e4m3(keys, elems / 2, sk)?;
+                self.fill_uniform_e4m3(values, elems / 2, sv)?;
+                self.fill_f32(kscale, rows, word)?;
+                self.fill_f32(vscale, rows, word)
+            }
             KvType::Bf16 => {
                 self.fill_uniform(keys, elems, sk, 1.0)?;
                 self.fill_uniform(values, elems, sv, 1.0)
@@ -677,7 +688,7 @@ impl Gpu {
                 a.kernel, a.group, a.head_dim, a.kv
             )));
         }
-        if a.kv.is_bytes() != (paged.kscale != 0) {
+        if a.kv.is_quantised() != (paged.kscale != 0) {
             return Err(CudaError::Input(format!(
                 "decode attention over a {:?} cache (row scales given: {})",
                 a.kv,
@@ -755,7 +766,7 @@ impl Gpu {
         kv: KvType,
         out: u64,
     ) -> Result<()> {
-        if kv == KvType::F32 || kv.is_bytes() != (paged.kscale != 0) {
+        if kv == KvType::F32 || kv.is_quantised() != (paged.kscale != 0) {
             return Err(CudaError::Input(format!(
                 "prefill attention over a {kv:?} cache (row scales given: {})",
                 paged.kscale != 0
@@ -838,9 +849,9 @@ impl Gpu {
 /// 16) and row scales, and one tile of K and V dequantised to f16 follows.
 fn prefill_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     match kv {
-        KvType::Fp8 | KvType::Int8 => {
+        KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
             128 * (head_dim + 8) * 2
-                + 4 * 64 * (head_dim + 16)
+                + 4 * 64 * (kv.bytes_for(head_dim) + 16)
                 + 4 * 64 * 4
                 + 2 * 64 * (head_dim + 8) * 2
         }

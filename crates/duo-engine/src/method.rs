@@ -38,7 +38,8 @@ impl std::str::FromStr for Method {
 /// How the KV cache stores keys and values. The CPU backend caches `f32` (the default) or
 /// `f16` (half the memory; attention still computes in `f32`); the CUDA backend caches bf16
 /// (the default), fp8 (e4m3 with a power-of-two scale per row: half of bf16's bytes plus 4
-/// per row) or int8 (the same bytes, a scale of `amax / 127` per row: more accurate).
+/// per row), int8 (the same bytes, a scale of `amax / 127` per row: more accurate) or int4
+/// (a quarter of bf16's bytes plus an f16 step and minimum per row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvDtype {
     /// 4 bytes per element.
@@ -51,26 +52,29 @@ pub enum KvDtype {
     Fp8,
     /// 1 byte per element (int8) and a 4-byte scale per row of `head_dim`.
     Int8,
+    /// 4 bits per element (asymmetric int4) and a 4-byte step and minimum per row.
+    Int4,
 }
 
 impl KvDtype {
-    /// Bytes per element.
-    pub fn bytes(self) -> usize {
+    /// Bits per element.
+    pub fn bits(self) -> usize {
         match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 | KvDtype::Bf16 => 2,
-            KvDtype::Fp8 | KvDtype::Int8 => 1,
+            KvDtype::F32 => 32,
+            KvDtype::F16 | KvDtype::Bf16 => 16,
+            KvDtype::Fp8 | KvDtype::Int8 => 8,
+            KvDtype::Int4 => 4,
         }
     }
 
     /// Bytes of scales per cached row (one position of one head, keys or values).
     pub fn scale_bytes(self) -> usize {
-        if matches!(self, KvDtype::Fp8 | KvDtype::Int8) { 4 } else { 0 }
+        if matches!(self, KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4) { 4 } else { 0 }
     }
 
     /// Whether the CUDA backend caches this type (else the CPU backend does).
     pub fn is_gpu(self) -> bool {
-        matches!(self, KvDtype::Bf16 | KvDtype::Fp8 | KvDtype::Int8)
+        matches!(self, KvDtype::Bf16 | KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4)
     }
 }
 
@@ -83,7 +87,8 @@ impl std::str::FromStr for KvDtype {
             "bf16" => KvDtype::Bf16,
             "fp8" => KvDtype::Fp8,
             "int8" => KvDtype::Int8,
-            _ => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("`{s}` is not one of f32, f16 (CPU) or bf16, fp8, int8 (GPU)") }),
+            "int4" => KvDtype::Int4,
+            _ => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("`{s}` is not one of f32, f16 (CPU) or bf16, fp8, int8, int4 (GPU)") }),
         })
     }
 }

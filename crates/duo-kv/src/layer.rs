@@ -91,15 +91,15 @@ fn reserve_heads<E: KvElem>(heads: &mut [HeadCache<E>], tokens: usize) {
 }
 
 impl LayerKv {
-    /// Empty caches following `spec`: `f32` elements for 4 bytes per element, `f16` for 2.
+    /// Empty caches following `spec`: `f32` elements for 32 bits per element, `f16` for 16.
     ///
     /// # Panics
-    /// On another element size (the plans of the CPU backend are 4 or 2 bytes).
+    /// On another element size (the plans of the CPU backend are 32 or 16 bits).
     pub fn new(spec: LayerCacheSpec) -> Self {
-        let heads = match spec.bytes_per_element {
-            4 => LayerHeads::F32(new_heads(&spec)),
-            2 => LayerHeads::F16(new_heads(&spec)),
-            b => panic!("a CPU cache holds 4-byte (f32) or 2-byte (f16) elements, not {b}-byte ones"),
+        let heads = match spec.bits_per_element {
+            32 => LayerHeads::F32(new_heads(&spec)),
+            16 => LayerHeads::F16(new_heads(&spec)),
+            b => panic!("a CPU cache holds 32-bit (f32) or 16-bit (f16) elements, not {b}-bit ones"),
         };
         Self { spec, heads }
     }

@@ -116,7 +116,8 @@ impl CudaBackend {
             None | Some(KvDtype::Bf16) => KvType::Bf16,
             Some(KvDtype::Fp8) => KvType::Fp8,
             Some(KvDtype::Int8) => KvType::Int8,
-            Some(d) => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("the CUDA backend caches bf16, fp8 or int8, not {d:?}") }),
+            Some(KvDtype::Int4) => KvType::Int4,
+            Some(d) => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("the CUDA backend caches bf16, fp8, int8 or int4, not {d:?}") }),
         };
         Ok(PagedLayout {
             retrieval: (0..self.config.n_layers).map(|l| method.pattern.layer(l).to_vec()).collect(),

@@ -205,9 +205,9 @@ pub trait KvPool: Send + Sync {
 /// The method's cache plan with its element size (the method's `--kv-dtype`, else the
 /// backend's own): the one formula for bytes held.
 pub fn kv_plan(backend: &dyn Backend, method: &ResolvedMethod) -> CachePlan {
-    let bytes = method.kv_dtype.map_or(backend.kv_element_bytes(), |d| d.bytes());
+    let bits = method.kv_dtype.map_or(8 * backend.kv_element_bytes(), |d| d.bits());
     let scales = method.kv_dtype.map_or(0, |d| d.scale_bytes());
-    CachePlan::new(&method.pattern, backend.config().head_dim, bytes, method.window).with_row_scales(scales)
+    CachePlan::new(&method.pattern, backend.config().head_dim, 0, method.window).with_element_bits(bits).with_row_scales(scales)
 }
 
 /// Bytes held after `tokens` tokens under `plan`, by head kind.
