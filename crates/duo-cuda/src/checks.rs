@@ -359,6 +359,10 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             for hh in 0..nh + ng {
                 let mut v = qkv[r * stride + hh * d..][..d].to_vec();
                 rope_ref(&mut v, pos, &inv, half_split);
+                if kv == KvType::Int4 {
+                    // Queries and keys leave in the Hadamard basis of an int4 cache.
+                    crate::int4::hadamard(&mut v);
+                }
                 if hh < nh {
                     err = err.max(max_err(&v, &gq[(r * nh + hh) * d..][..d]));
                 } else if slot >= 0 {

@@ -110,6 +110,15 @@ impl KvType {
         }
     }
 
+    /// Keys as a model's cache makes them, seen in their own basis: [`KvType::round_rows`],
+    /// except that int4 quantises keys in a Hadamard basis ([`crate::int4::round_key_rows`]).
+    pub fn round_key_rows(self, keys: &[f32], head_dim: usize) -> Vec<f32> {
+        match self {
+            KvType::Int4 => crate::int4::round_key_rows(keys, head_dim),
+            _ => self.round_rows(keys, head_dim),
+        }
+    }
+
     /// Bytes and scales back to values (a byte cache; others give their input's length of zeros).
     pub fn dequantise_rows(self, bytes: &[u8], scales: &[f32], head_dim: usize) -> Vec<f32> {
         match self {

@@ -15,6 +15,13 @@
 //! * The step and minimum are f16 so that the kernels dequantise with one f16 fused
 //!   multiply-add per pair of values (`n * s + z`, rounded once to f16), which this module
 //!   reproduces bit for bit.
+//! * Keys are cached in a Hadamard basis ([`hadamard`], applied after RoPE to keys and
+//!   queries alike, so `q . k` is unchanged): RoPE'd keys carry a few outlier channels that
+//!   would set a row's range and leave the other channels two or three codes; the rotation
+//!   spreads every channel over all of them (QuaRot's observation), and per-row int4 keys
+//!   then lose less (measured on the passkey grid at 1K-8K: full attention's teacher-forced
+//!   mean 0.708 -> 0.782, bf16's 0.871; EVALUATION.md). Values stay in their own basis:
+//!   turning them as well (and attention's outputs back) measured no better (0.791).
 //! * Codes are laid out for the kernels' unpacking: within each 32-bit word of 8 values,
 //!   nibble `j < 4` holds value `2j` and nibble `4 + j` value `2j + 1`, so that masking the
 //!   word (shifted by `4j`) with `0x000f000f` yields the pair of values `(2j, 2j + 1)` in the
@@ -105,6 +112,38 @@ pub fn dequantise_rows(bytes: &[u8], words: &[f32], head_dim: usize) -> Vec<f32>
         .collect()
 }
 
+/// The orthonormal Walsh-Hadamard transform of `x` (a power-of-two length), in place, in the
+/// kernels' order (stages h = 1, 2, 4, ...: pairs j, j + h become sum and difference; then
+/// a scale of `1 / sqrt(len)`). It is its own inverse.
+pub fn hadamard(x: &mut [f32]) {
+    let n = x.len();
+    let mut h = 1;
+    while h < n {
+        for j in (0..n).step_by(2 * h) {
+            for k in j..j + h {
+                let (a, b) = (x[k], x[k + h]);
+                x[k] = a + b;
+                x[k + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+    let s = 1.0 / (n as f32).sqrt();
+    for v in x {
+        *v *= s;
+    }
+}
+
+/// Keys as the int4 cache makes them, back in their own basis: each row turned into the
+/// Hadamard basis, quantised, dequantised and turned back (what `q . k` sees).
+pub fn round_key_rows(keys: &[f32], head_dim: usize) -> Vec<f32> {
+    let mut turned = keys.to_vec();
+    turned.chunks_mut(head_dim).for_each(hadamard);
+    let mut back = round_rows(&turned, head_dim);
+    back.chunks_mut(head_dim).for_each(hadamard);
+    back
+}
+
 /// `values` as the int4 cache holds them (quantised and dequantised, row by row).
 pub fn round_rows(values: &[f32], head_dim: usize) -> Vec<f32> {
     let (bytes, words) = quantise_rows(values, head_dim);
@@ -151,6 +190,26 @@ mod tests {
             }
         }
         assert_eq!(dequantise_rows(&bytes, &[w], 16), row);
+    }
+
+    #[test]
+    fn the_rotation_is_orthonormal_and_spreads_an_outlier_channel() {
+        let row: Vec<f32> = (0..64).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0 + if i == 5 { 40.0 } else { 0.0 }).collect();
+        let q: Vec<f32> = (0..64).map(|i| ((i * 11 % 13) as f32 - 6.0) / 6.0).collect();
+        let (mut r, mut qr) = (row.clone(), q.clone());
+        hadamard(&mut r);
+        hadamard(&mut qr);
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        assert!((dot(&r, &qr) - dot(&row, &q)).abs() < 1e-3, "q . k unchanged");
+        let mut back = r.clone();
+        hadamard(&mut back);
+        assert!(back.iter().zip(&row).all(|(a, b)| (a - b).abs() < 1e-4), "its own inverse");
+        // The outlier (40 in one channel) no longer sets the range alone: the row's error
+        // (root mean square) shrinks with the step.
+        let err = |got: &[f32]| (got.iter().zip(&row).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / 64.0).sqrt();
+        let plain = round_rows(&row, 64);
+        let turned = round_key_rows(&row, 64);
+        assert!(err(&turned) < err(&plain) * 0.6, "turned {} vs plain {}", err(&turned), err(&plain));
     }
 
     #[test]

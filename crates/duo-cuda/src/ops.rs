@@ -148,6 +148,26 @@ __device__ __forceinline__ void store_row_pair(void* cache, float* scales, int f
     }
 }
 
+// An orthonormal Walsh-Hadamard transform of a head's values, in place: thread i holds
+// elements a and b (of head_dim / 2 threads) and `buf` has head_dim floats. Butterflies in the
+// order of crate::int4::hadamard (stage h = 1, 2, 4, ...: pair j, j + h -> sum, difference),
+// then a scale of 1 / sqrt(head_dim). Every thread of the block calls it.
+__device__ __forceinline__ void hadamard_pair(float* buf, int head_dim, int a, int b, float* y0, float* y1) {
+    buf[a] = *y0; buf[b] = *y1;
+    __syncthreads();
+    const int i = threadIdx.x;
+    for (int h = 1; h < head_dim; h *= 2) {
+        const int j = (i / h) * 2 * h + i % h;
+        const float x = buf[j], y = buf[j + h];
+        __syncthreads();
+        buf[j] = x + y; buf[j + h] = x - y;
+        __syncthreads();
+    }
+    const float s = 1.f / sqrtf((float)head_dim);
+    *y0 = buf[a] * s; *y1 = buf[b] * s;
+    __syncthreads();  // buf is reused by the next call
+}
+
 // Rotates the step's queries and keys (row t: sequence slot row_slot[t], position
 // row_pos[t]), writes queries as f32 and keys/values into the paged cache rows of their
 // positions (`kv_row`): bf16, or fp8 with a scale per row where pg.kscale is set (keys are
@@ -166,7 +186,13 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, c
     float s, c;
     sincosf((float)pos * inv_freq[i], &s, &c);
     const float x0 = bf(x[a]), x1 = bf(x[b]);
-    const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+    float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+    __shared__ float buf[256];
+    if (pg.kv_format == 3 && (h < n_heads || slot >= 0)) {
+        // An int4 cache holds keys in a Hadamard basis (crate::int4), so queries turn with
+        // them: q . k is unchanged.
+        hadamard_pair(buf, head_dim, a, b, &y0, &y1);
+    }
     if (h < n_heads) {
         float* q = q_out + (size_t)t * n_heads * head_dim + h * head_dim;
         q[a] = y0; q[b] = y1;
