@@ -84,7 +84,8 @@ def one(url, prompt, max_tokens, out):
 
 
 PHASES = ["duo:request_queue_time_seconds_sum", "duo:request_prefill_time_seconds_sum",
-          "duo:prefill_steps_total", "duo:prefill_steps_seconds_total", "duo:decode_steps_total"]
+          "duo:prefill_steps_total", "duo:prefill_steps_seconds_total", "duo:decode_steps_total",
+          "vllm:time_to_first_token_seconds_sum"]
 
 
 def probe_ttft(url, prompt):
@@ -221,6 +222,10 @@ def main():
                 "probe_busy_prefill_steps": int(busy[2]["duo:prefill_steps_total"]) if busy else 0,
                 "probe_busy_prefill_step_s": round(busy[2]["duo:prefill_steps_seconds_total"], 4) if busy else 0,
                 "probe_busy_decode_steps": int(busy[2]["duo:decode_steps_total"]) if busy else 0,
+                # The server's own time to first token (request read to first token sent):
+                # what the client's figure adds beyond it is transport and client.
+                "probe_busy_server_ttft_s": round(busy[2]["vllm:time_to_first_token_seconds_sum"], 4) if busy else 0,
+                "probe_idle_server_ttft_s": round(idle[2]["vllm:time_to_first_token_seconds_sum"], 4) if idle else 0,
                 "probe_idle_prefill_s": round(idle[2]["duo:request_prefill_time_seconds_sum"], 4) if idle else 0,
                 "probe_ttft_idle_s": round(idle[0], 3) if idle else 0, "command": cmd,
             })
@@ -234,7 +239,7 @@ def main():
         w.writerows(rows)
     cols = ["method", "peak_running", "peak_kv_mib", "pool_blocks", "peak_blocks_used", "preemptions", "wall_s", "output_tok_per_s",
             "total_tok_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_ms", "itl_p99_ms", "decode_only_tok_per_s", "full_batch_decode_tok_per_s", "full_batch_steps", "widest_step_rows", "widest_step_ms", "widest_step_floor_ms",
-            "widest_step_over_floor", "probe_ttft_busy_s", "probe_busy_queue_s", "probe_busy_prefill_s", "probe_busy_prefill_steps", "probe_busy_prefill_step_s", "probe_ttft_idle_s", "probe_idle_prefill_s", "e2e_p50_s", "decode_steps"]
+            "widest_step_over_floor", "probe_ttft_busy_s", "probe_busy_server_ttft_s", "probe_busy_queue_s", "probe_busy_prefill_s", "probe_busy_prefill_steps", "probe_busy_prefill_step_s", "probe_ttft_idle_s", "probe_idle_server_ttft_s", "probe_idle_prefill_s", "e2e_p50_s", "decode_steps"]
     with open(os.path.join(a.out, "summary.md"), "w") as f:
         f.write(f"{a.requests} streamed requests of {a.prompt_tokens} prompt tokens + {a.max_tokens} greedy tokens, sent at once; "
                 f"server flags `{a.serve_args}`, KV budget {a.kv_budget_mib or 'pool'} MiB; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

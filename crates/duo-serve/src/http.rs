@@ -118,7 +118,9 @@ async fn read_body(State(state): State<Arc<AppState>>, request: HttpRequest, nex
 
 /// Serves `router` on `listener` until `shutdown` resolves: one HTTP/1.1 connection per
 /// task, with the header (and keep-alive idle) timeout of `config` enforced by hyper's
-/// timer, so a client that opens a connection and sends nothing is dropped.
+/// timer, so a client that opens a connection and sends nothing is dropped. Sockets send
+/// without Nagle's delay: a streamed token is a small write that must leave at once, not
+/// wait for the acknowledgement of the previous one (up to the peer's delayed-ACK time).
 pub async fn serve(listener: tokio::net::TcpListener, router: Router, header_timeout: std::time::Duration, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     tokio::pin!(shutdown);
@@ -135,6 +137,9 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, header_tim
             },
             _ = &mut shutdown => return Ok(()),
         };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
