@@ -162,6 +162,15 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     // What cannot be evaluated at all (random weights) is refused before anything else.
     g.method.model_source()?;
     let base = g.method.spec()?;
+    // An accuracy study may round the CPU cache as a 4-bit scheme would hold it
+    // (`DUO_SIMULATE_KV`, duo_kv::KvSim): a bad value is refused here, as is asking it of the
+    // GPU, whose cache is never simulated.
+    if let Some(sim) = duo_kv::KvSim::from_env().map_err(anyhow::Error::msg)? {
+        if matches!(g.method.device, duo_engine::Device::Cuda(_)) {
+            bail!("{}: simulated caches are the CPU cache's; the GPU has --kv-dtype int4", duo_kv::sim::ENV);
+        }
+        eprintln!("duo eval: the KV cache is rounded as a 4-bit cache would hold it ({sim:?}, from {}); its memory is unchanged", duo_kv::sim::ENV);
+    }
     let needs_corpus = tasks.iter().any(|t| matches!(t, Task::Niah { .. }));
     let haystack = match &g.haystack {
         Some(dir) => Haystack::from_dir(dir)?,

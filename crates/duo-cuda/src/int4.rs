@@ -29,24 +29,13 @@
 
 use half::f16;
 
-/// The largest magnitude a row keeps: values beyond are clipped to it, so that neither the
-/// minimum nor `15 * step + minimum` can leave f16's finite range (65,504).
-pub const LIMIT: f32 = 32768.0;
+pub use duo_kernels::kv4::{code, group_params as row_params, hadamard, value, LIMIT};
 
 /// Where value `d` of a row lives: its byte and the shift of its nibble in that byte.
 pub fn code_at(d: usize) -> (usize, u32) {
     let (word, j) = (d / 8, d % 8);
     let nibble = if j % 2 == 0 { j / 2 } else { 4 + j / 2 };
     (word * 4 + nibble / 2, (nibble % 2) as u32 * 4)
-}
-
-/// The f16 step and minimum of a row whose smallest value is `lo` and largest `hi` (both
-/// clipped to `±LIMIT`): the step spans the range in 15 codes (1 for a constant row).
-pub fn row_params(lo: f32, hi: f32) -> (f16, f16) {
-    let (lo, hi) = (lo.clamp(-LIMIT, LIMIT), hi.clamp(-LIMIT, LIMIT));
-    let step = f16::from_f32((hi - lo) / 15.0);
-    let step = if step.to_f32() > 0.0 { step } else { f16::ONE };
-    (step, f16::from_f32(lo))
 }
 
 /// The 32-bit word of a row's step and minimum (step in the low half), as the `f32` whose
@@ -59,18 +48,6 @@ pub fn scale_word(step: f16, min: f16) -> f32 {
 pub fn params_of(word: f32) -> (f16, f16) {
     let b = word.to_bits();
     (f16::from_bits(b as u16), f16::from_bits((b >> 16) as u16))
-}
-
-/// The code of `x` in a row of step `s` and minimum `z`: nearest (ties to even), 0..=15.
-pub fn code(x: f32, step: f16, min: f16) -> u8 {
-    ((x - min.to_f32()) / step.to_f32()).round_ties_even().clamp(0.0, 15.0) as u8
-}
-
-/// What code `n` holds in a row of step `s` and minimum `z`: `n * s + z` rounded once to f16.
-pub fn value(n: u8, step: f16, min: f16) -> f32 {
-    // Exact in f64 (a 4-bit by 11-bit product plus an f16), then one rounding, as the
-    // kernels' f16 fused multiply-add.
-    f16::from_f64(n as f64 * step.to_f64() + min.to_f64()).to_f32()
 }
 
 /// One row quantised: its `len / 2` bytes and its scale word.
@@ -88,13 +65,7 @@ pub fn quantise_row(row: &[f32]) -> (Vec<u8>, f32) {
 
 /// Rows of `head_dim` values quantised: all bytes, then one scale word per row.
 pub fn quantise_rows(values: &[f32], head_dim: usize) -> (Vec<u8>, Vec<f32>) {
-    let (mut bytes, mut words) = (Vec::with_capacity(values.len() / 2), Vec::with_capacity(values.len() / head_dim));
-    for r in values.chunks(head_dim) {
-        let (b, w) = quantise_row(r);
-        bytes.extend(b);
-        words.push(w);
-    }
-    (bytes, words)
+    crate::fp8::quantise_rows_with(values, head_dim, quantise_row)
 }
 
 /// What quantised rows hold.
@@ -110,28 +81,6 @@ pub fn dequantise_rows(bytes: &[u8], words: &[f32], head_dim: usize) -> Vec<f32>
             })
         })
         .collect()
-}
-
-/// The orthonormal Walsh-Hadamard transform of `x` (a power-of-two length), in place, in the
-/// kernels' order (stages h = 1, 2, 4, ...: pairs j, j + h become sum and difference; then
-/// a scale of `1 / sqrt(len)`). It is its own inverse.
-pub fn hadamard(x: &mut [f32]) {
-    let n = x.len();
-    let mut h = 1;
-    while h < n {
-        for j in (0..n).step_by(2 * h) {
-            for k in j..j + h {
-                let (a, b) = (x[k], x[k + h]);
-                x[k] = a + b;
-                x[k + h] = a - b;
-            }
-        }
-        h *= 2;
-    }
-    let s = 1.0 / (n as f32).sqrt();
-    for v in x {
-        *v *= s;
-    }
 }
 
 /// Keys as the int4 cache makes them, back in their own basis: each row turned into the

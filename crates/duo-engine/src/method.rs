@@ -165,9 +165,11 @@ pub struct ResolvedMethod {
 }
 
 impl ResolvedMethod {
-    /// A fresh, empty cache for one sequence.
+    /// A fresh, empty cache for one sequence (rounding as `DUO_SIMULATE_KV` asks, for
+    /// accuracy studies: [`duo_kv::KvSim`]; an unreadable value is refused by `duo eval`
+    /// before any cache is made, and means exact here).
     pub fn new_cache(&self) -> SequenceKv {
-        SequenceKv::new(&self.plan, self.prefill)
+        SequenceKv::new(&self.plan, self.prefill).with_sim(duo_kv::KvSim::from_env().ok().flatten())
     }
 }
 

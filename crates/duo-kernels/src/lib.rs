@@ -19,6 +19,7 @@
 //! ```
 
 pub mod attention;
+pub mod kv4;
 pub mod ops;
 pub mod par;
 pub mod quant;

@@ -1,6 +1,7 @@
 //! A layer's caches and the hybrid attention over them; a sequence's layers.
 
 use crate::cache::{HeadCache, RetrievalHead, StreamingHead};
+use crate::sim::KvSim;
 use duo_core::cache_spec::{CachePlan, HeadKind, LayerCacheSpec};
 use duo_kernels::attention::{attend_heads, HeadJob, KeySegment, KvElem, Positions, QueryBlock, Visibility};
 use half::f16;
@@ -50,6 +51,8 @@ impl KvBytes {
 pub struct LayerKv {
     spec: LayerCacheSpec,
     heads: LayerHeads,
+    /// A simulated 4-bit cache's rounding ([`KvSim`]), if any.
+    sim: Option<KvSim>,
 }
 
 /// A layer's heads in the element type its spec asks for: 4 bytes `f32`, 2 bytes `f16`.
@@ -101,7 +104,7 @@ impl LayerKv {
             16 => LayerHeads::F16(new_heads(&spec)),
             b => panic!("a CPU cache holds 32-bit (f32) or 16-bit (f16) elements, not {b}-bit ones"),
         };
-        Self { spec, heads }
+        Self { spec, heads, sim: None }
     }
 
     /// The spec this layer was built from.
@@ -136,9 +139,20 @@ impl LayerKv {
     /// the chunk. `q` is `[t, n_heads * head_dim]` and `k`, `v` are
     /// `[t, n_kv_heads * head_dim]`, all after RoPE. Returns `[t, n_heads * head_dim]`.
     pub fn attend(&mut self, q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode) -> Vec<f32> {
+        let rounded;
+        let (k, v) = match self.sim {
+            Some(sim) => {
+                let retrieval: Vec<bool> = self.spec.kinds.iter().map(|k| *k == HeadKind::Retrieval).collect();
+                let (mut k, mut v) = (k.to_vec(), v.to_vec());
+                sim.round_chunk(&mut k, &mut v, &retrieval, self.spec.head_dim);
+                rounded = (k, v);
+                (&rounded.0[..], &rounded.1[..])
+            }
+            None => (k, v),
+        };
         match &mut self.heads {
-            LayerHeads::F32(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode),
-            LayerHeads::F16(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode),
+            LayerHeads::F32(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode, self.sim),
+            LayerHeads::F16(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode, self.sim),
         }
     }
 }
@@ -147,7 +161,7 @@ impl LayerKv {
 /// the chunk rounded to `E` too, so a query sees the chunk's keys as later queries will see
 /// them from the cache.
 #[allow(clippy::too_many_arguments)]
-fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode) -> Vec<f32> {
+fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode, sim: Option<KvSim>) -> Vec<f32> {
     let hd = spec.head_dim;
     let n_kv = heads.len();
     let kv_stride = n_kv * hd;
@@ -159,8 +173,19 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
     for (g, head) in heads.iter_mut().enumerate() {
         if let HeadCache::Retrieval(h) = head {
             h.reserve(t);
+            let before = h.len();
             for r in 0..t {
                 h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..]);
+            }
+            if let Some(sim) = sim {
+                // The blocks this append completed (or, lagged, the ones before them), rounded
+                // as a per-channel scheme holds them.
+                let from = (before / crate::sim::CHANNEL_BLOCK).saturating_sub(1) * crate::sim::CHANNEL_BLOCK;
+                let mut keys: Vec<f32> = h.keys[from * hd..].iter().map(|e| e.to_f32()).collect();
+                sim.round_blocks(&mut keys, before - from, hd);
+                for (e, x) in h.keys[from * hd..].iter_mut().zip(keys) {
+                    *e = E::from_f32(x);
+                }
             }
         }
     }
@@ -243,6 +268,15 @@ impl SequenceKv {
     /// Empty caches for a plan.
     pub fn new(plan: &CachePlan, mode: PrefillMode) -> Self {
         Self { layers: plan.layers.iter().cloned().map(LayerKv::new).collect(), tokens: 0, peak: KvBytes::default(), mode }
+    }
+
+    /// The same caches rounding what they hold as the 4-bit scheme `sim` would
+    /// ([`KvSim`]; `None`: exact).
+    pub fn with_sim(mut self, sim: Option<KvSim>) -> Self {
+        for l in &mut self.layers {
+            l.sim = sim;
+        }
+        self
     }
 
     /// Tokens processed so far (the next token's position).

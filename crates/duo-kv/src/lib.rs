@@ -17,6 +17,8 @@
 
 mod cache;
 mod layer;
+pub mod sim;
 
 pub use cache::{HeadCache, RetrievalHead, StreamingHead};
 pub use layer::{KvBytes, LayerKv, PrefillMode, SequenceKv};
+pub use sim::KvSim;

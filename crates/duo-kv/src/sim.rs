@@ -1,0 +1,120 @@
+//! A 4-bit KV cache simulated on the CPU, for accuracy studies: the cache still holds `f32`
+//! (or `f16`) elements, but every key and value is rounded as a 4-bit scheme would hold it
+//! ([`duo_kernels::kv4`]), so the passkey and needle grids can compare schemes before one is
+//! built into the GPU's kernels. No memory is saved. Chosen with the environment variable
+//! `DUO_SIMULATE_KV` (read when a sequence's cache is made; `duo eval` checks it first).
+
+use duo_kernels::kv4;
+
+/// The environment variable that turns the simulation on.
+pub const ENV: &str = "DUO_SIMULATE_KV";
+
+/// Positions per block of per-channel key groups ([`KvSim::Channels`]).
+pub const CHANNEL_BLOCK: usize = 64;
+
+/// Which 4-bit scheme the cache's rounding follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvSim {
+    /// Keys and values per row (one position of one head), as they are.
+    Rows,
+    /// Values per row; keys per row in a Hadamard basis: the GPU's `--kv-dtype int4`.
+    RowsTurned,
+    /// KIVI: a retrieval head's keys per channel over each complete block of
+    /// [`CHANNEL_BLOCK`] positions (the partial last block exact), streaming heads' keys as
+    /// [`KvSim::RowsTurned`]; values per row.
+    Channels,
+    /// [`KvSim::Channels`] with streaming heads exact (a streaming window kept in 16 bits
+    /// beside 4-bit retrieval heads).
+    ChannelsExactStreaming,
+    /// Values per row, keys exact: how much of the loss is the values'.
+    ValuesOnly,
+    /// [`KvSim::ChannelsExactStreaming`], with a block's keys rounded only once the next
+    /// block is complete too (64 to 127 recent positions exact, as KIVI's residual).
+    ChannelsLagged,
+}
+
+impl std::str::FromStr for KvSim {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "int4-rows" => Ok(KvSim::Rows),
+            "int4-rows-turned" => Ok(KvSim::RowsTurned),
+            "int4-channels" => Ok(KvSim::Channels),
+            "int4-channels-exact-streaming" => Ok(KvSim::ChannelsExactStreaming),
+            "int4-values" => Ok(KvSim::ValuesOnly),
+            "int4-channels-lagged" => Ok(KvSim::ChannelsLagged),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-channels, int4-channels-exact-streaming, int4-channels-lagged or int4-values")),
+        }
+    }
+}
+
+impl KvSim {
+    /// The scheme `DUO_SIMULATE_KV` asks for (`None` when unset or empty).
+    pub fn from_env() -> Result<Option<KvSim>, String> {
+        match std::env::var(ENV) {
+            Ok(s) if !s.is_empty() => s.parse().map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Rounds a chunk's keys (`retrieval[g]`: whether KV head `g` is a retrieval head) and
+    /// values, rows of `heads * head_dim`, as they will be cached: every value row; keys
+    /// by rows, except a retrieval head's under [`KvSim::Channels`] (rounded by blocks once
+    /// cached, [`KvSim::round_blocks`]).
+    pub fn round_chunk(self, k: &mut [f32], v: &mut [f32], retrieval: &[bool], head_dim: usize) {
+        for (g, &is_retrieval) in retrieval.iter().cycle().take(k.len() / head_dim).enumerate() {
+            let at = g * head_dim..(g + 1) * head_dim;
+            if matches!(self, KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged) && !is_retrieval {
+                continue;
+            }
+            kv4::round_rows(&mut v[at.clone()], head_dim);
+            match self {
+                KvSim::Rows => kv4::round_rows(&mut k[at], head_dim),
+                KvSim::RowsTurned => kv4::round_rows_turned(&mut k[at], head_dim),
+                KvSim::Channels if !is_retrieval => kv4::round_rows_turned(&mut k[at], head_dim),
+                KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
+            }
+        }
+    }
+
+    /// Under [`KvSim::Channels`], rounds the blocks of a retrieval head's keys (`keys`, rows
+    /// of `head_dim`) that the last append completed (those past the first `before` rows).
+    pub fn round_blocks(self, keys: &mut [f32], before: usize, head_dim: usize) {
+        if !matches!(self, KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged) {
+            return;
+        }
+        let lag = usize::from(self == KvSim::ChannelsLagged);
+        let rows = keys.len() / head_dim;
+        for b in (before / CHANNEL_BLOCK).saturating_sub(lag)..(rows / CHANNEL_BLOCK).saturating_sub(lag) {
+            kv4::round_channels(&mut keys[b * CHANNEL_BLOCK * head_dim..(b + 1) * CHANNEL_BLOCK * head_dim], head_dim);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_bad_ones_are_refused_by_name() {
+        assert_eq!("int4-channels".parse::<KvSim>(), Ok(KvSim::Channels));
+        assert!("int3".parse::<KvSim>().unwrap_err().contains("int4-rows-turned"));
+    }
+
+    #[test]
+    fn only_complete_blocks_are_rounded_and_each_once() {
+        let hd = 4;
+        let keys: Vec<f32> = (0..(2 * CHANNEL_BLOCK + 10) * hd).map(|i| (i * 7919 % 1000) as f32 / 997.0).collect();
+        let mut got = keys.clone();
+        KvSim::Channels.round_blocks(&mut got, CHANNEL_BLOCK - 3, hd);
+        let first = CHANNEL_BLOCK * hd;
+        assert_ne!(got[..first], keys[..first], "block 0 completed by this append: rounded");
+        assert_ne!(got[first..2 * first], keys[first..2 * first], "block 1 as well");
+        assert_eq!(got[2 * first..], keys[2 * first..], "the partial block stays exact");
+        let again = got.clone();
+        KvSim::Channels.round_blocks(&mut got, 2 * CHANNEL_BLOCK + 10, hd);
+        assert_eq!(got, again);
+        KvSim::Rows.round_blocks(&mut got, 0, hd);
+        assert_eq!(got, again, "row schemes round at append, not here");
+    }
+}
