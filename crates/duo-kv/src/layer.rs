@@ -455,6 +455,58 @@ mod tests {
     }
 
     #[test]
+    fn a_simulated_4_bit_cache_attends_over_what_its_scheme_holds() {
+        use duo_kernels::kv4;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let (hd, n_heads, n_kv, t) = (16usize, 4usize, 2usize, 150usize);
+        let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
+        let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
+        let window = Window::new(3, 11).unwrap();
+        let q = random(t * n_heads * hd, &mut rng);
+        let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
+        let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+        let run = |sim: KvSim, chunk: usize| {
+            let mut seq = SequenceKv::new(&CachePlan::new(&pattern, hd, 4, window), PrefillMode::Lambda).with_sim(Some(sim));
+            let mut out = Vec::new();
+            for s in (0..t).step_by(chunk) {
+                let e = (s + chunk).min(t);
+                out.extend(seq.layer_mut(0).attend(&q[s * n_heads * hd..e * n_heads * hd], &k[s * n_kv * hd..e * n_kv * hd], &v[s * n_kv * hd..e * n_kv * hd], s, n_heads, PrefillMode::Lambda));
+                seq.advance(e - s);
+            }
+            out
+        };
+        let row = |r: usize, g: usize| r * n_kv * hd + g * hd..r * n_kv * hd + (g + 1) * hd;
+        // Rows in a Hadamard basis (the GPU's int4): every key and value row, whatever the chunks.
+        let (mut k1, mut v1) = (k.clone(), v.clone());
+        for r in 0..t {
+            for g in 0..n_kv {
+                kv4::round_rows_turned(&mut k1[row(r, g)], hd);
+                kv4::round_rows(&mut v1[row(r, g)], hd);
+            }
+        }
+        let want = dense_oracle(&q, &k1, &v1, n_heads, &kinds, hd, &lambda);
+        for chunk in [1usize, 16, 1000] {
+            assert!(rel(&run(KvSim::RowsTurned, chunk), &want) < 1e-5, "rows turned, chunk {chunk}");
+        }
+        // Lagged channels in one chunk: the retrieval head's first block of 64 keys by
+        // channels (the second waits for a third), its values by rows; the streaming head exact.
+        let (mut k2, mut v2) = (k.clone(), v.clone());
+        let mut block: Vec<f32> = (0..64).flat_map(|r| k[row(r, 0)].to_vec()).collect();
+        kv4::round_channels(&mut block, hd);
+        for r in 0..t {
+            if r < 64 {
+                k2[row(r, 0)].copy_from_slice(&block[r * hd..(r + 1) * hd]);
+            }
+            kv4::round_rows(&mut v2[row(r, 0)], hd);
+        }
+        let want = dense_oracle(&q, &k2, &v2, n_heads, &kinds, hd, &lambda);
+        let got = run(KvSim::ChannelsLagged, 1000);
+        assert!(rel(&got, &want) < 1e-5, "{}", rel(&got, &want));
+        let exact = dense_oracle(&q, &k, &v, n_heads, &kinds, hd, &lambda);
+        assert!(rel(&got, &exact) > 1e-4, "the rounding is real");
+    }
+
+    #[test]
     fn all_retrieval_equals_full_attention() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let (hd, n_heads, n_kv, t) = (8, 4, 2, 40);
