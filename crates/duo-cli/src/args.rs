@@ -240,8 +240,8 @@ pub struct PatternShowArgs {
     #[arg(long, default_value_t = 2, conflicts_with = "kv_dtype")]
     pub bytes_per_element: usize,
     /// The cache's element type instead of --bytes-per-element: f32, f16, bf16, fp8 or int8
-    /// (one byte and a 4-byte scale per row of head_dim), int4 (4 bits and a 4-byte step and
-    /// minimum per row).
+    /// (one byte and a 4-byte scale per row of head_dim), or int4 (4 bits and a 4-byte step
+    /// and minimum per row).
     #[arg(long)]
     pub kv_dtype: Option<String>,
     /// Also print the longest context whose KV cache fits in this many GiB, with this

@@ -165,7 +165,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     // An accuracy study may round the CPU cache as a 4-bit scheme would hold it
     // (`DUO_SIMULATE_KV`, duo_kv::KvSim): a bad value is refused here, as is asking it of the
     // GPU, whose cache is never simulated.
-    if let Some(sim) = duo_kv::KvSim::from_env().map_err(anyhow::Error::msg)? {
+    let simulate = duo_kv::KvSim::from_env().map_err(anyhow::Error::msg)?;
+    if let Some(sim) = simulate {
         if matches!(g.method.device, duo_engine::Device::Cuda(_)) {
             bail!("{}: simulated caches are the CPU cache's; the GPU has --kv-dtype int4", duo_kv::sim::ENV);
         }
@@ -191,7 +192,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     let mut runners = Vec::new();
     for &m in &methods {
         let spec = m.spec(&base, g.layer_pattern.as_ref());
-        let resolved = spec.resolve(model.config()).with_context(|| format!("method {}", m.name()))?;
+        let resolved = duo_engine::ResolvedMethod { simulate, ..spec.resolve(model.config()).with_context(|| format!("method {}", m.name()))? };
         runners.push((m, Runner::new(&model, resolved)));
     }
     let mut table = Vec::new();

@@ -94,10 +94,11 @@ fn a_thread_count_of_zero_is_refused() {
 #[test]
 fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
     for (args, want) in [
-        (&["generate", "--kv-dtype", "int4", "hi"][..], "not one of f32, f16 (CPU) or bf16, fp8, int8 (GPU)"),
+        (&["generate", "--kv-dtype", "int3", "hi"][..], "not one of f32, f16 (CPU) or bf16, fp8, int8, int4 (GPU)"),
+        (&["generate", "--kv-dtype", "int4", "hi"][..], "on the CPU it is f32 (the default) or f16"),
         (&["generate", "--kv-dtype", "fp8", "hi"][..], "on the CPU it is f32 (the default) or f16"),
         (&["generate", "--kv-dtype", "bf16", "hi"][..], "on the CPU it is f32 (the default) or f16"),
-        (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16 (its default), fp8 or int8"),
+        (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16 (its default), fp8, int8 or int4"),
     ] {
         let (ok, err, _) = duo(args);
         assert!(!ok && err.contains(want), "{args:?}: {err}");
@@ -134,7 +135,17 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4-byte scale per row"), "{out}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--memory-gib", "0"]);
     assert!(!ok && err.contains("positive number of GiB"), "{err}");
-    let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype", "int4", "--memory-gib", "1"]);
+    // int4: half a byte per element and a 4-byte step and minimum per row of 64.
+    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
+        .args(["pattern", "show", pattern, "--kv-dtype", "int4", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
+        .output()
+        .expect("duo runs");
+    let _ = std::fs::remove_file(&heatmap);
+    let out = String::from_utf8_lossy(&run.stdout);
+    let (per_token, streaming, full_per_token) = (45 * 2 * 36, 45 * 320 * 2 * 36, 90 * 2 * 36);
+    let (ours, full) = (((1usize << 30) - streaming) / per_token, (1usize << 30) / full_per_token);
+    assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4 bits/element"), "{out}");
+    let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype", "int3", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")]);
     assert!(!ok && err.contains("not one of"), "{err}");
 }
 

@@ -135,7 +135,8 @@ impl CachePlan {
         self
     }
 
-    /// The same plan for a cache that also keeps `bytes` of scales per row (fp8: 4).
+    /// The same plan for a cache that also keeps `bytes` of scales per row (fp8, int8,
+    /// int4: 4).
     pub fn with_row_scales(mut self, bytes: usize) -> Self {
         for l in &mut self.layers {
             l.scale_bytes_per_row = bytes;

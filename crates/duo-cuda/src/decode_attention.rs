@@ -574,7 +574,8 @@ pub const TENSOR_SOURCE: &str = r#"
 // their scales; the tensor cores run in f16 (see TENSOR_CORE_HELPERS). A byte stage is half a
 // bf16 stage, so five stages keep as many bytes in flight as bf16's three (a stream at the
 // copy bandwidth needs them: measured, three fp8 stages read at half the bandwidth); int4's
-// are a quarter, and eight of them fit beside two blocks per multiprocessor.
+// are a quarter, and eight (as many bytes in flight as two bf16 stages) are the most that
+// leave room for two blocks per multiprocessor.
 #ifdef KV_INT4
 #define STAGES 8
 #else
@@ -744,11 +745,12 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
         // Scores of this warp's 16 keys: n-tile j holds keys 8j..8j+7.
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #ifdef KV_BYTES
-        // Keys straight from their bytes: lane (gr, tq) holds keys gr and gr + 8, dims
+        // Keys straight from their codes: lane (gr, tq) holds keys gr and gr + 8, dims
         // (HEAD_DIM / 4) tq.. (the permutation of the queries above), four per product, each
-        // pair an f16x2 B register. Values go to f16 in shared memory (times their row scale,
-        // exact: powers of two), as P V reads them transposed; the keys' scales multiply the
-        // scores.
+        // pair an f16x2 B register. Values go to f16 in shared memory (dequant_row16: times
+        // their row scale, or int4's step and minimum), as P V reads them transposed; the
+        // keys' scales multiply the scores (int4: step times the score plus minimum times
+        // the query's sum).
         const float* ksc = scl + (tile % STAGES) * 2 * TILE + warp * 16;
         const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + warp * 16 * RPAD;
         {

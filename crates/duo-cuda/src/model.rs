@@ -553,7 +553,8 @@ mod gpu {
             // (measured on the H200: 3.2e-2 and 3.5e-2 of the largest logit, against
             // 0.9e-2 for int8) while greedy tokens still agree.
             let bound = if cache == KvType::Int4 { 5e-2 } else { 2e-2 };
-            let (err, agree) = compare(&want, &got, config.vocab, 2e-2);
+            // A row whose top two logits are closer than the bound may change its argmax.
+            let (err, agree) = compare(&want, &got, config.vocab, bound);
             let graph_steps = pool.graph_steps();
             out.push(Parity {
                 case: format!("whole model {name} ({heads} heads / {kv} KV of {d}), {prompt_len}-token chunked prefill + 10 decode steps ({graph_steps} from graphs, max_tokens {max_tokens}) + a 30-token chunk, greedy tokens agree: {agree}, blocks as the rings resize: {ring_ok}"),

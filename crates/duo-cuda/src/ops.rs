@@ -170,8 +170,9 @@ __device__ __forceinline__ void hadamard_pair(float* buf, int head_dim, int a, i
 
 // Rotates the step's queries and keys (row t: sequence slot row_slot[t], position
 // row_pos[t]), writes queries as f32 and keys/values into the paged cache rows of their
-// positions (`kv_row`): bf16, or fp8 with a scale per row where pg.kscale is set (keys are
-// quantised from their f32 rotation). qkv rows (bf16) are [q (heads * D) | k (kv * D) | v (kv * D)].
+// positions (`kv_row`): bf16, or codes with a scale word per row where pg.kscale is set
+// (fp8, int8, int4; keys are quantised from their f32 rotation; over int4, queries and keys
+// are turned into the Hadamard basis first). qkv rows (bf16) are [q (heads * D) | k (kv * D) | v (kv * D)].
 // A row whose slot is negative is padding: nothing is written to the cache.
 // Grid (T, heads + kv), D/2 threads.
 extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, const int* row_pos, const float* inv_freq,

@@ -188,7 +188,9 @@ impl PagedLayout {
 pub struct PagedArgs {
     /// Device address of the tables (`i32`, one row of `stride` per slot).
     pub tables: u64,
-    /// Device address of the keys' row scales (`f32`, one per pool row) of an fp8 cache, else 0.
+    /// Device address of the keys' row scales (one 32-bit word per pool row: an `f32`
+    /// scale, or int4's f16 step and minimum, moved as bits, never as floats) of a quantised
+    /// cache, else 0.
     pub kscale: u64,
     /// The values' row scales, as `kscale`.
     pub vscale: u64,
@@ -204,12 +206,12 @@ pub struct PagedArgs {
     pub sink_pad: i32,
     /// log2 of the block size.
     pub block_log2: i32,
-    /// A byte cache's format ([`KvType::format_code`]): 1 e4m3, 2 int8, else 0.
+    /// A quantised cache's format ([`KvType::format_code`]): 1 e4m3, 2 int8, 3 int4, else 0.
     pub kv_format: i32,
 }
 
 impl PagedArgs {
-    /// The same view of an fp8 cache whose row scales are at `kscale` and `vscale`.
+    /// The same view of a quantised cache whose row scales are at `kscale` and `vscale`.
     pub fn with_scales(self, kscale: u64, vscale: u64) -> Self {
         Self { kscale, vscale, ..self }
     }

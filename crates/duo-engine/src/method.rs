@@ -162,14 +162,15 @@ pub struct ResolvedMethod {
     pub kv_dtype: Option<KvDtype>,
     /// The per-layer cache specs of a CPU cache: f32 elements, or f16 when asked.
     pub plan: CachePlan,
+    /// A CPU cache that rounds what it holds as a 4-bit scheme would, for accuracy studies
+    /// ([`duo_kv::KvSim`]; `duo eval` sets it from `DUO_SIMULATE_KV`); `None`: exact.
+    pub simulate: Option<duo_kv::KvSim>,
 }
 
 impl ResolvedMethod {
-    /// A fresh, empty cache for one sequence (rounding as `DUO_SIMULATE_KV` asks, for
-    /// accuracy studies: [`duo_kv::KvSim`]; an unreadable value is refused by `duo eval`
-    /// before any cache is made, and means exact here).
+    /// A fresh, empty cache for one sequence.
     pub fn new_cache(&self) -> SequenceKv {
-        SequenceKv::new(&self.plan, self.prefill).with_sim(duo_kv::KvSim::from_env().ok().flatten())
+        SequenceKv::new(&self.plan, self.prefill).with_sim(self.simulate)
     }
 }
 
@@ -227,7 +228,7 @@ impl MethodSpec {
             _ => 4,
         };
         let plan = CachePlan::new(&pattern, config.head_dim, cpu_bytes, window);
-        Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, kv_dtype: self.kv_dtype, plan })
+        Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, kv_dtype: self.kv_dtype, plan, simulate: None })
     }
 }
 

@@ -28,11 +28,31 @@ pub fn code(x: f32, step: f16, min: f16) -> u8 {
     ((x - min.to_f32()) / step.to_f32()).round_ties_even().clamp(0.0, 15.0) as u8
 }
 
-/// What code `n` holds in a group of `step` and `min`: `n * step + min` rounded once to f16.
+/// What code `n` holds in a group of `step` and `min`: `n * step + min` rounded once to f16,
+/// as the GPU kernels' f16 fused multiply-add rounds it.
 pub fn value(n: u8, step: f16, min: f16) -> f32 {
-    // Exact in f64 (a 4-bit by 11-bit product plus an f16), then one rounding, as the
-    // GPU kernels' f16 fused multiply-add.
-    f16::from_f64(n as f64 * step.to_f64() + min.to_f64()).to_f32()
+    // Exact in f64: a 4-bit by 11-bit product plus an f16.
+    f16_nearest(n as f64 * step.to_f64() + min.to_f64()).to_f32()
+}
+
+/// `x` rounded once to the nearest f16, ties to even. `half`'s conversion from f64 may pass
+/// through f32 (with F16C) and round twice: 135.93749 goes to f32's 135.9375, a tie, then to
+/// 136 instead of 135.875. Its answer is one f16 step off at most, so the nearest of it and
+/// its two neighbours is the single rounding.
+pub fn f16_nearest(x: f64) -> f16 {
+    let c = f16::from_f64(x);
+    let mut best = c;
+    for bits in [c.to_bits().wrapping_sub(1), c.to_bits().wrapping_add(1)] {
+        let n = f16::from_bits(bits);
+        if !n.is_finite() {
+            continue;
+        }
+        let (d, db) = ((n.to_f64() - x).abs(), (best.to_f64() - x).abs());
+        if d < db || (d == db && bits % 2 == 0) {
+            best = n;
+        }
+    }
+    best
 }
 
 /// The smallest and largest of `xs`.
@@ -100,6 +120,32 @@ pub fn round_channels(x: &mut [f32], head_dim: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_round_once_to_the_nearest_f16() {
+        // The case where f64 -> f32 -> f16 rounds twice (to 136).
+        let (step, min) = (f16::from_f32(11.328125), f16::from_bits(0x8000 | 114));
+        assert_eq!(value(12, step, min), 135.875);
+        // Every value is within half an f16 step of the exact sum, and on a tie even.
+        let mut checked = 0;
+        for sb in (0x0400u16..0x7800).step_by(37) {
+            for mb in (0u16..0xfbff).step_by(401) {
+                let (step, min) = (f16::from_bits(sb), f16::from_bits(mb));
+                for n in 0..16u8 {
+                    let exact = n as f64 * step.to_f64() + min.to_f64();
+                    if !min.is_finite() || exact.abs() > 60000.0 {
+                        continue;
+                    }
+                    let got = f16::from_f32(value(n, step, min));
+                    let ulp = (f16::from_bits(got.to_bits() | 1).to_f64() - f16::from_bits(got.to_bits() & !1).to_f64()).abs();
+                    let d = (got.to_f64() - exact).abs();
+                    assert!(d < ulp / 2.0 || (d == ulp / 2.0 && got.to_bits() % 2 == 0) || (exact.abs() < 1e-4 && d <= 6e-8), "n {n} step {step} min {min}: {got} for {exact}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 100_000, "{checked}");
+    }
 
     #[test]
     fn channels_keep_a_small_channel_that_rows_lose_in_a_big_ones_steps() {

@@ -177,7 +177,7 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
             for r in 0..t {
                 h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..]);
             }
-            if let Some(sim) = sim {
+            if let Some(sim) = sim.filter(|s| s.by_channels()) {
                 // The blocks this append completed (or, lagged, the ones before them), rounded
                 // as a per-channel scheme holds them.
                 let from = (before / crate::sim::CHANNEL_BLOCK).saturating_sub(1) * crate::sim::CHANNEL_BLOCK;

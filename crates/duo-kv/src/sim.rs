@@ -1,8 +1,9 @@
 //! A 4-bit KV cache simulated on the CPU, for accuracy studies: the cache still holds `f32`
 //! (or `f16`) elements, but every key and value is rounded as a 4-bit scheme would hold it
 //! ([`duo_kernels::kv4`]), so the passkey and needle grids can compare schemes before one is
-//! built into the GPU's kernels. No memory is saved. Chosen with the environment variable
-//! `DUO_SIMULATE_KV` (read when a sequence's cache is made; `duo eval` checks it first).
+//! built into the GPU's kernels. No memory is saved. `duo eval` takes the scheme from the
+//! environment variable `DUO_SIMULATE_KV` (refusing a bad value, and the GPU); nothing
+//! else simulates.
 
 use duo_kernels::kv4;
 
@@ -17,7 +18,9 @@ pub const CHANNEL_BLOCK: usize = 64;
 pub enum KvSim {
     /// Keys and values per row (one position of one head), as they are.
     Rows,
-    /// Values per row; keys per row in a Hadamard basis: the GPU's `--kv-dtype int4`.
+    /// Values per row; keys per row in a Hadamard basis: the GPU's `--kv-dtype int4` (whose
+    /// decode kernel applies step and minimum to the scores in f32 rather than rounding each
+    /// key to f16: a difference of half an f16 ulp per key).
     RowsTurned,
     /// KIVI: a retrieval head's keys per channel over each complete block of
     /// [`CHANNEL_BLOCK`] positions (the partial last block exact), streaming heads' keys as
@@ -49,6 +52,11 @@ impl std::str::FromStr for KvSim {
 }
 
 impl KvSim {
+    /// Whether retrieval heads' keys are rounded by channel blocks once cached.
+    pub fn by_channels(self) -> bool {
+        matches!(self, KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged)
+    }
+
     /// The scheme `DUO_SIMULATE_KV` asks for (`None` when unset or empty).
     pub fn from_env() -> Result<Option<KvSim>, String> {
         match std::env::var(ENV) {
@@ -59,8 +67,9 @@ impl KvSim {
 
     /// Rounds a chunk's keys (`retrieval[g]`: whether KV head `g` is a retrieval head) and
     /// values, rows of `heads * head_dim`, as they will be cached: every value row; keys
-    /// by rows, except a retrieval head's under [`KvSim::Channels`] (rounded by blocks once
-    /// cached, [`KvSim::round_blocks`]).
+    /// by rows, except a retrieval head's under the channel schemes (rounded by blocks once
+    /// cached, [`KvSim::round_blocks`]); a streaming head's rows not at all under
+    /// [`KvSim::ChannelsExactStreaming`] and [`KvSim::ChannelsLagged`].
     pub fn round_chunk(self, k: &mut [f32], v: &mut [f32], retrieval: &[bool], head_dim: usize) {
         for (g, &is_retrieval) in retrieval.iter().cycle().take(k.len() / head_dim).enumerate() {
             let at = g * head_dim..(g + 1) * head_dim;
@@ -77,10 +86,11 @@ impl KvSim {
         }
     }
 
-    /// Under [`KvSim::Channels`], rounds the blocks of a retrieval head's keys (`keys`, rows
-    /// of `head_dim`) that the last append completed (those past the first `before` rows).
+    /// Under the channel schemes, rounds the blocks of a retrieval head's keys (`keys`, rows
+    /// of `head_dim`) that the last append completed (those past the first `before` rows;
+    /// lagged, the blocks before them).
     pub fn round_blocks(self, keys: &mut [f32], before: usize, head_dim: usize) {
-        if !matches!(self, KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged) {
+        if !self.by_channels() {
             return;
         }
         let lag = usize::from(self == KvSim::ChannelsLagged);
