@@ -487,7 +487,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         bail!("--head-dim must be from 1 to 4096 (got {})", a.head_dim);
     }
     let plan_for = |p: &duo_core::HeadPattern| {
-        duo_core::CachePlan::new(p, a.head_dim, 0, window).with_element_bits(bits).with_row_scales(scales)
+        duo_core::CachePlan::with_bits(p, a.head_dim, bits, window).with_row_scales(scales)
     };
     let plan = plan_for(&pattern);
     let full = plan_for(&duo_core::HeadPattern::all_retrieval(layers, heads));

@@ -109,8 +109,13 @@ pub struct CachePlan {
 }
 
 impl CachePlan {
-    /// Builds the plan for a head pattern.
+    /// Builds the plan for a head pattern whose cache stores elements of `bytes_per_element`.
     pub fn new(pattern: &HeadPattern, head_dim: usize, bytes_per_element: usize, window: Window) -> Self {
+        Self::with_bits(pattern, head_dim, 8 * bytes_per_element, window)
+    }
+
+    /// Builds the plan for elements of `bits_per_element` (int4: 4).
+    pub fn with_bits(pattern: &HeadPattern, head_dim: usize, bits_per_element: usize, window: Window) -> Self {
         let layers = (0..pattern.n_layers())
             .map(|l| LayerCacheSpec {
                 kinds: pattern
@@ -119,20 +124,12 @@ impl CachePlan {
                     .map(|&r| if r { HeadKind::Retrieval } else { HeadKind::Streaming })
                     .collect(),
                 head_dim,
-                bits_per_element: 8 * bytes_per_element,
+                bits_per_element,
                 scale_bytes_per_row: 0,
                 window,
             })
             .collect();
         Self { layers }
-    }
-
-    /// The same plan for elements of `bits` (int4: 4) instead of the bytes it was built with.
-    pub fn with_element_bits(mut self, bits: usize) -> Self {
-        for l in &mut self.layers {
-            l.bits_per_element = bits;
-        }
-        self
     }
 
     /// The same plan for a cache that also keeps `bytes` of scales per row (fp8, int8,
@@ -192,7 +189,7 @@ mod tests {
         let bf16 = CachePlan::new(&pattern, 128, 2, Window::new(64, 256).unwrap());
         assert!(plan.total_bytes(100_000) < bf16.total_bytes(100_000) * 53 / 100, "about half of bf16, scales included");
         // int4: half a byte per element and a 4-byte step and minimum per row.
-        let int4 = plan.clone().with_element_bits(4);
+        let int4 = CachePlan::with_bits(&pattern, 128, 4, Window::new(64, 256).unwrap()).with_row_scales(4);
         assert_eq!(int4.retrieval_bytes(1000), 2 * (64 + 4) * 1000);
         assert_eq!(int4.streaming_bytes(100), 2 * (64 + 4) * 100);
     }

@@ -207,7 +207,7 @@ pub trait KvPool: Send + Sync {
 pub fn kv_plan(backend: &dyn Backend, method: &ResolvedMethod) -> CachePlan {
     let bits = method.kv_dtype.map_or(8 * backend.kv_element_bytes(), |d| d.bits());
     let scales = method.kv_dtype.map_or(0, |d| d.scale_bytes());
-    CachePlan::new(&method.pattern, backend.config().head_dim, 0, method.window).with_element_bits(bits).with_row_scales(scales)
+    CachePlan::with_bits(&method.pattern, backend.config().head_dim, bits, method.window).with_row_scales(scales)
 }
 
 /// Bytes held after `tokens` tokens under `plan`, by head kind.
