@@ -493,6 +493,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let full = plan_for(&duo_core::HeadPattern::all_retrieval(layers, heads));
     let t = a.context;
     let element = match (bits, scales) {
+        (8, 0) => "1 byte/element".to_string(),
         (b, 0) => format!("{} bytes/element", b / 8),
         (8, s) => format!("1 byte/element + {s}-byte scale per row"),
         (b, s) => format!("{b} bits/element + {s}-byte scale per row"),
