@@ -34,6 +34,8 @@ pub enum KvSim {
     /// [`KvSim::ChannelsExactStreaming`], with a block's keys rounded only once the next
     /// block is complete too (64 to 127 recent positions exact, as KIVI's residual).
     ChannelsLagged,
+    /// Keys in 8 bits per row (`amax / 127`, the GPU's int8), values in 4 bits per row.
+    Keys8Values4,
 }
 
 impl std::str::FromStr for KvSim {
@@ -46,7 +48,8 @@ impl std::str::FromStr for KvSim {
             "int4-channels-exact-streaming" => Ok(KvSim::ChannelsExactStreaming),
             "int4-values" => Ok(KvSim::ValuesOnly),
             "int4-channels-lagged" => Ok(KvSim::ChannelsLagged),
-            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-channels, int4-channels-exact-streaming, int4-channels-lagged or int4-values")),
+            "int8-keys-int4-values" => Ok(KvSim::Keys8Values4),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values or int8-keys-int4-values")),
         }
     }
 }
@@ -81,6 +84,7 @@ impl KvSim {
                 KvSim::Rows => kv4::round_rows(&mut k[at], head_dim),
                 KvSim::RowsTurned => kv4::round_rows_turned(&mut k[at], head_dim),
                 KvSim::Channels if !is_retrieval => kv4::round_rows_turned(&mut k[at], head_dim),
+                KvSim::Keys8Values4 => round_rows_int8(&mut k[at]),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
@@ -98,6 +102,15 @@ impl KvSim {
         for b in (before / CHANNEL_BLOCK).saturating_sub(lag)..(rows / CHANNEL_BLOCK).saturating_sub(lag) {
             kv4::round_channels(&mut keys[b * CHANNEL_BLOCK * head_dim..(b + 1) * CHANNEL_BLOCK * head_dim], head_dim);
         }
+    }
+}
+
+/// A row rounded as an int8 row holds it: `amax / 127` steps, ties to even (`duo_cuda::int8`).
+fn round_rows_int8(row: &mut [f32]) {
+    let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = if amax > 0.0 && amax.is_finite() { amax / 127.0 } else { 1.0 };
+    for v in row {
+        *v = (*v / scale).round_ties_even().clamp(-127.0, 127.0) * scale;
     }
 }
 
