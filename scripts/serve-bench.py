@@ -102,12 +102,16 @@ def probe_ttft(url, prompt):
             "client = httpx.Client(timeout=3600)\n"
             "t0 = time.perf_counter()\n"
             "with client.stream('POST', url + '/v1/completions', json={'prompt': prompt, 'max_tokens': 2, 'temperature': 0, 'stream': True, 'ignore_eos': True}) as r:\n"
+            "    if r.status_code != 200:\n"
+            "        sys.exit(f'the probe was refused ({r.status_code}): {r.read().decode()} (is --vocab the model\\'s?)')\n"
             "    for line in r.iter_lines():\n"
             "        if line.startswith('data: ') and line != 'data: [DONE]' and json.loads(line[6:])['choices']:\n"
             "            print(time.perf_counter() - t0); break\n")
     before = httpx.get(url + "/metrics").text
     running = metric(before, "vllm:num_requests_running")
-    out = subprocess.run([sys.executable, "-c", code, url], input=json.dumps(prompt), capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, url], input=json.dumps(prompt), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr.strip())
     after = httpx.get(url + "/metrics").text
     moved = {name: metric(after, name) - metric(before, name) for name in PHASES}
     return float(out.stdout.strip()), int(running), moved
