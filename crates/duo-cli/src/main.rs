@@ -522,6 +522,13 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
             theirs,
             ours as f64 / theirs.max(1) as f64
         );
+        // The same budget with every cache type duo has, side by side.
+        println!("| KV cache | bytes per token beyond the window | longest context, this pattern | longest context, full attention |\n|---|---|---|---|");
+        for (name, bits, scales) in [("f32 (CPU)", 32, 0), ("f16 (CPU) / bf16 (GPU)", 16, 0), ("fp8 / int8 (GPU)", 8, 4), ("int4 (GPU)", 4, 4)] {
+            let plan_of = |p: &duo_core::HeadPattern| duo_core::CachePlan::with_bits(p, a.head_dim, bits, window).with_row_scales(scales);
+            let (mine, all) = (plan_of(&pattern), plan_of(&duo_core::HeadPattern::all_retrieval(layers, heads)));
+            println!("| {name} | {} | {} | {} |", mine.retrieval_bytes(1), longest_context(&mine, budget), longest_context(&all, budget));
+        }
     }
     if let Some(placements) = &placements {
         let budget = a.memory_gib.map(|gib| (gib * (1u64 << 30) as f64) as usize);

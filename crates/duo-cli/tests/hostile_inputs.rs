@@ -145,6 +145,8 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     let (per_token, streaming, full_per_token) = (45 * 2 * 36, 45 * 320 * 2 * 36, 90 * 2 * 36);
     let (ours, full) = (((1usize << 30) - streaming) / per_token, (1usize << 30) / full_per_token);
     assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4 bits/element"), "{out}");
+    // The table of every cache type at the same budget has int4's row with the same figures.
+    assert!(out.contains(&format!("| int4 (GPU) | {per_token} | {ours} | {full} |")), "{out}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype", "int3", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")]);
     assert!(!ok && err.contains("not one of"), "{err}");
 }
