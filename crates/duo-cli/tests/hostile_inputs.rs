@@ -108,45 +108,40 @@ fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
 
 #[test]
 fn pattern_show_prints_the_longest_context_that_fits() {
-    // SmolLM2's shipped head pattern at 0.5: 45 retrieval heads of 64 (f32: 2 x 64 x 4 bytes
-    // per token each) and 45 streaming heads holding 64 + 256 tokens; full attention 90 heads.
+    // SmolLM2's shipped head pattern at 0.5: 45 retrieval heads of 64 and 45 streaming heads
+    // holding 64 + 256 tokens; full attention 90 heads. `row` is the bytes of one cached row
+    // (keys or values of one position of one head), scales included.
     let heatmap = std::env::temp_dir().join(format!("duo-gates-{}.png", std::process::id()));
     let pattern = concat!(env!("CARGO_MANIFEST_DIR"), "/../../patterns/SmolLM2-135M-Instruct/head");
-    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
-        .args(["pattern", "show", pattern, "--kv-dtype", "f32", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
-        .output()
-        .expect("duo runs");
-    let _ = std::fs::remove_file(&heatmap);
-    let out = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let (per_token, streaming, full_per_token) = (45 * 2 * 64 * 4, 45 * 320 * 2 * 64 * 4, 90 * 2 * 64 * 4);
-    let ours = ((1usize << 30) - streaming) / per_token;
-    let full = (1usize << 30) / full_per_token;
+    let show = |dtype: &str| {
+        let run = Command::new(env!("CARGO_BIN_EXE_duo"))
+            .args(["pattern", "show", pattern, "--kv-dtype", dtype, "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
+            .output()
+            .expect("duo runs");
+        let _ = std::fs::remove_file(&heatmap);
+        assert!(run.status.success(), "{dtype}: {}", String::from_utf8_lossy(&run.stderr));
+        String::from_utf8_lossy(&run.stdout).into_owned()
+    };
+    let fits = |row: usize| {
+        let (per_token, streaming, full_per_token) = (45 * 2 * row, 45 * 320 * 2 * row, 90 * 2 * row);
+        (per_token, ((1usize << 30) - streaming) / per_token, (1usize << 30) / full_per_token)
+    };
+    // f32: 4 bytes per element.
+    let out = show("f32");
+    let (_, ours, full) = fits(64 * 4);
     assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")), "{out}");
     // fp8: one byte per element and a 4-byte scale per row of 64.
-    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
-        .args(["pattern", "show", pattern, "--kv-dtype", "fp8", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
-        .output()
-        .expect("duo runs");
-    let _ = std::fs::remove_file(&heatmap);
-    let out = String::from_utf8_lossy(&run.stdout);
-    let (per_token, streaming, full_per_token) = (45 * 2 * 68, 45 * 320 * 2 * 68, 90 * 2 * 68);
-    let (ours, full) = (((1usize << 30) - streaming) / per_token, (1usize << 30) / full_per_token);
+    let out = show("fp8");
+    let (_, ours, full) = fits(68);
     assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4-byte scale per row"), "{out}");
+    // int4: half a byte per element and a 4-byte step and minimum per row; the table of every
+    // cache type at the same budget has int4's row with the same figures.
+    let out = show("int4");
+    let (per_token, ours, full) = fits(36);
+    assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4 bits/element"), "{out}");
+    assert!(out.contains(&format!("| int4 (GPU) | {per_token} | {ours} | {full} |")), "{out}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--memory-gib", "0"]);
     assert!(!ok && err.contains("positive number of GiB"), "{err}");
-    // int4: half a byte per element and a 4-byte step and minimum per row of 64.
-    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
-        .args(["pattern", "show", pattern, "--kv-dtype", "int4", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
-        .output()
-        .expect("duo runs");
-    let _ = std::fs::remove_file(&heatmap);
-    let out = String::from_utf8_lossy(&run.stdout);
-    let (per_token, streaming, full_per_token) = (45 * 2 * 36, 45 * 320 * 2 * 36, 90 * 2 * 36);
-    let (ours, full) = (((1usize << 30) - streaming) / per_token, (1usize << 30) / full_per_token);
-    assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4 bits/element"), "{out}");
-    // The table of every cache type at the same budget has int4's row with the same figures.
-    assert!(out.contains(&format!("| int4 (GPU) | {per_token} | {ours} | {full} |")), "{out}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype", "int3", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")]);
     assert!(!ok && err.contains("not one of"), "{err}");
 }

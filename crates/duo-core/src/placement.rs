@@ -49,7 +49,7 @@ impl Placement {
     /// Checks that `gpus` can split the pattern's layers evenly.
     fn check(pattern: &HeadPattern, gpus: usize) -> Result<usize> {
         let heads = pattern.n_kv_heads();
-        if gpus == 0 || heads % gpus != 0 {
+        if gpus == 0 || !heads.is_multiple_of(gpus) {
             return Err(CoreError::InvalidSetting {
                 name: "tensor-parallel",
                 value: gpus.to_string(),
