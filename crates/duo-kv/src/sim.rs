@@ -18,6 +18,9 @@ pub const CHANNEL_BLOCK: usize = 64;
 pub enum KvSim {
     /// Keys and values per row (one position of one head), as they are.
     Rows,
+    /// [`KvSim::RowsTurned`] for retrieval heads, streaming heads exact: the GPU's int4 with
+    /// its streaming window kept in 16 bits (`--kv-dtype-streaming`, not built yet).
+    RowsTurnedExactStreaming,
     /// Values per row; keys per row in a Hadamard basis: the GPU's `--kv-dtype int4` (whose
     /// decode kernel applies step and minimum to the scores in f32 rather than rounding each
     /// key to f16: a difference of half an f16 ulp per key).
@@ -44,12 +47,13 @@ impl std::str::FromStr for KvSim {
         match s {
             "int4-rows" => Ok(KvSim::Rows),
             "int4-rows-turned" => Ok(KvSim::RowsTurned),
+            "int4-rows-turned-exact-streaming" => Ok(KvSim::RowsTurnedExactStreaming),
             "int4-channels" => Ok(KvSim::Channels),
             "int4-channels-exact-streaming" => Ok(KvSim::ChannelsExactStreaming),
             "int4-values" => Ok(KvSim::ValuesOnly),
             "int4-channels-lagged" => Ok(KvSim::ChannelsLagged),
             "int8-keys-int4-values" => Ok(KvSim::Keys8Values4),
-            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values or int8-keys-int4-values")),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values or int8-keys-int4-values")),
         }
     }
 }
@@ -72,17 +76,18 @@ impl KvSim {
     /// values, rows of `heads * head_dim`, as they will be cached: every value row; keys
     /// by rows, except a retrieval head's under the channel schemes (rounded by blocks once
     /// cached, [`KvSim::round_blocks`]); a streaming head's rows not at all under
-    /// [`KvSim::ChannelsExactStreaming`] and [`KvSim::ChannelsLagged`].
+    /// [`KvSim::ChannelsExactStreaming`], [`KvSim::ChannelsLagged`] and
+    /// [`KvSim::RowsTurnedExactStreaming`].
     pub fn round_chunk(self, k: &mut [f32], v: &mut [f32], retrieval: &[bool], head_dim: usize) {
         for (g, &is_retrieval) in retrieval.iter().cycle().take(k.len() / head_dim).enumerate() {
             let at = g * head_dim..(g + 1) * head_dim;
-            if matches!(self, KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged) && !is_retrieval {
+            if matches!(self, KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::RowsTurnedExactStreaming) && !is_retrieval {
                 continue;
             }
             kv4::round_rows(&mut v[at.clone()], head_dim);
             match self {
                 KvSim::Rows => kv4::round_rows(&mut k[at], head_dim),
-                KvSim::RowsTurned => kv4::round_rows_turned(&mut k[at], head_dim),
+                KvSim::RowsTurned | KvSim::RowsTurnedExactStreaming => kv4::round_rows_turned(&mut k[at], head_dim),
                 KvSim::Channels if !is_retrieval => kv4::round_rows_turned(&mut k[at], head_dim),
                 KvSim::Keys8Values4 => round_rows_int8(&mut k[at]),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
