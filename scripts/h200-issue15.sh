@@ -22,6 +22,10 @@ if [ "$step" = a ]; then
   grep -E "^FAIL|Fp8|fp8|Int4" "$OUT/cuda-check.txt" | cut -c1-240 | head -60
   grep -E "time decode|split sweep|time prefill" "$OUT/cuda-check.txt"
   timeout 120 python3 scripts/torch_decode_attention.py --out "$OUT/decode-attention-torch.json" 2>&1 | tee "$OUT/decode-attention-torch.txt" | tail -8
+  # The peers' decode and prefill attention on the same shapes (SDPA, FlexAttention, and
+  # FlashAttention-4 where .gpu/fa4 holds its unpacked wheels).
+  [ -d .gpu/fa4 ] && export PYTHONPATH=$PWD/.gpu/fa4:$PWD/.gpu/fa4/nvidia_cutlass_dsl/dsl_packages
+  timeout 300 python3 scripts/attention_peers.py --out "$OUT/attention-peers.json" 2>&1 | tee "$OUT/attention-peers.txt" | tail -14
   # llama.cpp's build for the next call (it needs the whole model, which step b joins).
   mkdir -p /tmp/llama && tar -xJf .gpu/llama/site.tar.xz -C /tmp/llama && ls /tmp/llama
 elif [ "$step" = b ]; then
