@@ -26,6 +26,9 @@ if [ "$step" = a ]; then
   # FlashAttention-4 where .gpu/fa4 holds its unpacked wheels).
   [ -d .gpu/fa4 ] && export PYTHONPATH=$PWD/.gpu/fa4:$PWD/.gpu/fa4/nvidia_cutlass_dsl/dsl_packages
   timeout 300 python3 scripts/attention_peers.py --out "$OUT/attention-peers.json" 2>&1 | tee "$OUT/attention-peers.txt" | tail -14
+  # ... and duo's on the same shapes beside them, ratios included (bench's --attention-peers).
+  timeout 200 $D bench --device cuda --random-weights llama-3-8b --methods full --lengths 32768 --max-prefill 0 --decode-tokens 4 \
+    --attention-peers "$OUT/attention-peers.json" --out "$OUT/bench-attention" > "$OUT/bench-attention.txt" 2>&1; echo "bench attention exit $?"; cat "$OUT/bench-attention/attention.md" 2>/dev/null
   # llama.cpp's build for the next call (it needs the whole model, which step b joins).
   mkdir -p /tmp/llama && tar -xJf .gpu/llama/site.tar.xz -C /tmp/llama && ls /tmp/llama
 elif [ "$step" = b ]; then

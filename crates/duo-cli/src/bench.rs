@@ -46,6 +46,11 @@ pub struct BenchArgs {
     /// and the curves.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// The peers' attention kernels (scripts/attention_peers.py --out, measured in the same
+    /// device call): duo's decode and prefill attention on the same Llama-3-8B layer shapes,
+    /// timed here, and the ratios (CUDA; written to attention.md in --out too).
+    #[arg(long)]
+    pub attention_peers: Option<PathBuf>,
     #[command(flatten)]
     pub method: MethodArgs,
 }
@@ -97,6 +102,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for name in &a.methods {
         method_args(&a.method, name)?.spec()?;
     }
+    let peers = match (&a.attention_peers, device) {
+        (Some(path), Device::Cuda(_)) => Some(peer_rows(path)?),
+        (Some(_), _) => anyhow::bail!("--attention-peers compares GPU kernels: use it with --device cuda"),
+        (None, _) => None,
+    };
     // Shapes and arguments are checked before any device is opened or model read.
     let random_config = a.method.random_weights.as_deref().map(duo_model::random::shape).transpose()?;
     let load = Load::start();
@@ -194,7 +204,77 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rows.extend(baseline_rows(path, &c, b.kv_element_bytes(), &floor_ms)?);
         names.push("pytorch".into());
     }
-    write(&a, &rows, &names, &format!("{label}; {machine}; loaded in {:.2} s, peak anonymous host memory during the load {:.0} MiB", load.0, load.1 as f64 / MIB))
+    write(&a, &rows, &names, &format!("{label}; {machine}; loaded in {:.2} s, peak anonymous host memory during the load {:.0} MiB", load.0, load.1 as f64 / MIB))?;
+    if let (Some(peers), Device::Cuda(ordinal)) = (peers, device) {
+        let table = attention_table(ordinal, &peers)?;
+        println!("{table}");
+        if let Some(dir) = &a.out {
+            std::fs::write(dir.join("attention.md"), &table)?;
+        }
+    }
+    Ok(())
+}
+
+/// One row of scripts/attention_peers.py: a peer kernel's time on one shape.
+struct PeerRow {
+    kernel: String,
+    phase: String,
+    layer: String,
+    /// Decode: cached tokens; prefill: (chunk, first).
+    shape: (usize, usize),
+    ms: f64,
+}
+
+fn peer_rows(path: &std::path::Path) -> Result<Vec<PeerRow>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let rows = v["rows"].as_array().with_context(|| format!("{}: no `rows` list (is it scripts/attention_peers.py's output?)", path.display()))?;
+    rows.iter()
+        .map(|r| {
+            let field = |k: &str| r[k].as_str().map(str::to_string).with_context(|| format!("{}: a row without `{k}`", path.display()));
+            let num = |k: &str| r[k].as_u64().map(|n| n as usize).with_context(|| format!("{}: a row without `{k}`", path.display()));
+            let phase = field("phase")?;
+            let shape = match phase.as_str() {
+                "decode" => (num("tokens")?, 0),
+                "prefill" => (num("chunk")?, num("first")?),
+                p => anyhow::bail!("{}: unknown phase `{p}`", path.display()),
+            };
+            let layer = field("layer")?;
+            if layer != "full" && layer != "duo 0.5" {
+                anyhow::bail!("{}: unknown layer `{layer}`", path.display());
+            }
+            Ok(PeerRow { kernel: field("kernel")?, phase, layer, shape, ms: r["ms"].as_f64().with_context(|| format!("{}: a row without `ms`", path.display()))? })
+        })
+        .collect()
+}
+
+/// duo's attention on each peer row's shape (the Llama-3-8B layer: 32 query / 8 KV heads of
+/// 128, bf16; duo 0.5 = 4 retrieval and 4 streaming KV heads), each shape timed once, and
+/// the table of both.
+fn attention_table(ordinal: usize, peers: &[PeerRow]) -> Result<String> {
+    use duo_cuda::decode_attention::{time_decode_attention, DecodeKernel, KvType};
+    let gpu = duo_cuda::Gpu::new(ordinal)?;
+    let kinds = |layer: &str| if layer == "full" { vec![true; 8] } else { vec![true, true, true, true, false, false, false, false] };
+    let mut duo_ms: std::collections::HashMap<(String, String, (usize, usize)), f64> = Default::default();
+    let mut table = String::from("| attention | layer | shape | peer | peer ms | duo ms | duo / peer time |\n|---|---|---|---|---|---|---|\n");
+    for p in peers {
+        let key = (p.phase.clone(), p.layer.clone(), p.shape);
+        let ms = match duo_ms.get(&key) {
+            Some(&ms) => ms,
+            None => {
+                let ms = if p.phase == "decode" {
+                    time_decode_attention(&gpu, 32, 128, &kinds(&p.layer), p.shape.0, 1, 64, None, DecodeKernel::best(128, 4, KvType::Bf16, 2), KvType::Bf16, 50)?.0
+                } else {
+                    duo_cuda::time_prefill_attention(&gpu, &kinds(&p.layer), p.shape.0, p.shape.1, KvType::Bf16, 3)?.0
+                };
+                duo_ms.insert(key, ms);
+                ms
+            }
+        };
+        let shape = if p.phase == "decode" { format!("1 x {} tokens", p.shape.0) } else { format!("{} queries after {}", p.shape.0, p.shape.1) };
+        table.push_str(&format!("| {} | {} | {shape} | {} | {:.3} | {ms:.3} | {:.2}x |\n", p.phase, p.layer, p.kernel, p.ms, ms / p.ms));
+    }
+    Ok(table)
 }
 
 /// Times a model load and samples the process's anonymous memory (`RssAnon`) meanwhile.

@@ -107,6 +107,20 @@ fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
 }
 
 #[test]
+fn attention_peers_are_refused_off_the_gpu_and_when_malformed_before_any_device_opens() {
+    let (ok, err, _) = duo(&["bench", "--attention-peers", "peers.json", "--lengths", "64"]);
+    assert!(!ok && err.contains("use it with --device cuda"), "{err}");
+    let bad = std::env::temp_dir().join(format!("duo-peers-{}.json", std::process::id()));
+    for (text, want) in [("not json", "is not JSON"), ("{\"rows\": [{\"phase\": \"decode\", \"layer\": \"full\", \"kernel\": \"sdpa\"}]}", "a row without `tokens`"), ("{\"rows\": 3}", "no `rows` list")] {
+        std::fs::write(&bad, text).expect("temp file");
+        let (ok, err, _) = duo(&["bench", "--device", "cuda", "--attention-peers", bad.to_str().expect("utf-8"), "--lengths", "64"]);
+        assert!(!ok && err.contains(want), "{text}: {err}");
+        assert!(!err.contains("CUDA driver") && !err.contains("loading"), "refused before the device opens: {err}");
+    }
+    let _ = std::fs::remove_file(&bad);
+}
+
+#[test]
 fn pattern_show_prints_the_longest_context_that_fits() {
     // SmolLM2's shipped head pattern at 0.5: 45 retrieval heads of 64 and 45 streaming heads
     // holding 64 + 256 tokens; full attention 90 heads. `row` is the bytes of one cached row
