@@ -39,6 +39,8 @@ pub enum KvSim {
     ChannelsLagged,
     /// Keys in 8 bits per row (`amax / 127`, the GPU's int8), values in 4 bits per row.
     Keys8Values4,
+    /// [`KvSim::Keys8Values4`] for retrieval heads, streaming heads exact.
+    Keys8Values4ExactStreaming,
 }
 
 impl std::str::FromStr for KvSim {
@@ -53,7 +55,8 @@ impl std::str::FromStr for KvSim {
             "int4-values" => Ok(KvSim::ValuesOnly),
             "int4-channels-lagged" => Ok(KvSim::ChannelsLagged),
             "int8-keys-int4-values" => Ok(KvSim::Keys8Values4),
-            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values or int8-keys-int4-values")),
+            "int8-keys-int4-values-exact-streaming" => Ok(KvSim::Keys8Values4ExactStreaming),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values or int8-keys-int4-values-exact-streaming")),
         }
     }
 }
@@ -81,7 +84,7 @@ impl KvSim {
     pub fn round_chunk(self, k: &mut [f32], v: &mut [f32], retrieval: &[bool], head_dim: usize) {
         for (g, &is_retrieval) in retrieval.iter().cycle().take(k.len() / head_dim).enumerate() {
             let at = g * head_dim..(g + 1) * head_dim;
-            if matches!(self, KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::RowsTurnedExactStreaming) && !is_retrieval {
+            if matches!(self, KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::RowsTurnedExactStreaming | KvSim::Keys8Values4ExactStreaming) && !is_retrieval {
                 continue;
             }
             kv4::round_rows(&mut v[at.clone()], head_dim);
@@ -89,7 +92,7 @@ impl KvSim {
                 KvSim::Rows => kv4::round_rows(&mut k[at], head_dim),
                 KvSim::RowsTurned | KvSim::RowsTurnedExactStreaming => kv4::round_rows_turned(&mut k[at], head_dim),
                 KvSim::Channels if !is_retrieval => kv4::round_rows_turned(&mut k[at], head_dim),
-                KvSim::Keys8Values4 => round_rows_int8(&mut k[at]),
+                KvSim::Keys8Values4 | KvSim::Keys8Values4ExactStreaming => round_rows_int8(&mut k[at]),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
