@@ -29,21 +29,11 @@ try:
 except ImportError:
     sys.exit("attention_peers.py needs PyTorch with CUDA")
 
+from torch_decode_attention import timed  # beside this script: CUDA-event timing
+
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 GROUP = HEADS // KV_HEADS
 SINK, RECENT = 64, 256
-
-
-def timed(f, iters):
-    f()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        f()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / iters
 
 
 def causal_pairs(chunk, first):

@@ -486,11 +486,13 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     if !(1..=4096).contains(&a.head_dim) {
         bail!("--head-dim must be from 1 to 4096 (got {})", a.head_dim);
     }
-    let plan_for = |p: &duo_core::HeadPattern| {
+    let plan_with = |p: &duo_core::HeadPattern, bits: usize, scales: usize| {
         duo_core::CachePlan::with_bits(p, a.head_dim, bits, window).with_row_scales(scales)
     };
+    let plan_for = |p: &duo_core::HeadPattern| plan_with(p, bits, scales);
+    let all_retrieval = duo_core::HeadPattern::all_retrieval(layers, heads);
     let plan = plan_for(&pattern);
-    let full = plan_for(&duo_core::HeadPattern::all_retrieval(layers, heads));
+    let full = plan_for(&all_retrieval);
     let t = a.context;
     let element = match (bits, scales) {
         (8, 0) => "1 byte/element".to_string(),
@@ -524,9 +526,9 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         );
         // The same budget with every cache type duo has, side by side.
         println!("| KV cache | bytes per token beyond the window | longest context, this pattern | longest context, full attention |\n|---|---|---|---|");
-        for (name, bits, scales) in [("f32 (CPU)", 32, 0), ("f16 (CPU) / bf16 (GPU)", 16, 0), ("fp8 / int8 (GPU)", 8, 4), ("int4 (GPU)", 4, 4)] {
-            let plan_of = |p: &duo_core::HeadPattern| duo_core::CachePlan::with_bits(p, a.head_dim, bits, window).with_row_scales(scales);
-            let (mine, all) = (plan_of(&pattern), plan_of(&duo_core::HeadPattern::all_retrieval(layers, heads)));
+        use duo_engine::KvDtype;
+        for (name, d) in [("f32 (CPU)", KvDtype::F32), ("f16 (CPU) / bf16 (GPU)", KvDtype::Bf16), ("fp8 / int8 (GPU)", KvDtype::Int8), ("int4 (GPU)", KvDtype::Int4)] {
+            let (mine, all) = (plan_with(&pattern, d.bits(), d.scale_bytes()), plan_with(&all_retrieval, d.bits(), d.scale_bytes()));
             println!("| {name} | {} | {} | {} |", mine.retrieval_bytes(1), longest_context(&mine, budget), longest_context(&all, budget));
         }
     }

@@ -86,17 +86,17 @@ pub fn dequantise_rows(bytes: &[u8], words: &[f32], head_dim: usize) -> Vec<f32>
 /// Keys as the int4 cache makes them, back in their own basis: each row turned into the
 /// Hadamard basis, quantised, dequantised and turned back (what `q . k` sees).
 pub fn round_key_rows(keys: &[f32], head_dim: usize) -> Vec<f32> {
-    let mut turned = keys.to_vec();
-    turned.chunks_mut(head_dim).for_each(hadamard);
-    let mut back = round_rows(&turned, head_dim);
-    back.chunks_mut(head_dim).for_each(hadamard);
-    back
+    let mut x = keys.to_vec();
+    duo_kernels::kv4::round_rows_turned(&mut x, head_dim);
+    x
 }
 
-/// `values` as the int4 cache holds them (quantised and dequantised, row by row).
+/// `values` as the int4 cache holds them (quantised and dequantised, row by row: the same
+/// arithmetic as packing and unpacking, `duo_kernels::kv4`).
 pub fn round_rows(values: &[f32], head_dim: usize) -> Vec<f32> {
-    let (bytes, words) = quantise_rows(values, head_dim);
-    dequantise_rows(&bytes, &words, head_dim)
+    let mut x = values.to_vec();
+    duo_kernels::kv4::round_rows(&mut x, head_dim);
+    x
 }
 
 #[cfg(test)]
@@ -109,7 +109,9 @@ mod tests {
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 0.7) * (1 + i / 64) as f32 + (i / 64) as f32)
             .collect();
         let back = round_rows(&values, 64);
-        let (_, words) = quantise_rows(&values, 64);
+        let (bytes, words) = quantise_rows(&values, 64);
+        // Packing and unpacking the codes gives exactly what the rounding says.
+        assert_eq!(dequantise_rows(&bytes, &words, 64), back);
         for ((row, got), &w) in values.chunks(64).zip(back.chunks(64)).zip(&words) {
             let s = params_of(w).0.to_f32();
             let lo = row.iter().copied().fold(f32::INFINITY, f32::min);

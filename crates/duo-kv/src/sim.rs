@@ -18,13 +18,13 @@ pub const CHANNEL_BLOCK: usize = 64;
 pub enum KvSim {
     /// Keys and values per row (one position of one head), as they are.
     Rows,
-    /// [`KvSim::RowsTurned`] for retrieval heads, streaming heads exact: the GPU's int4 with
-    /// its streaming window kept in 16 bits (`--kv-dtype-streaming`, not built yet).
-    RowsTurnedExactStreaming,
     /// Values per row; keys per row in a Hadamard basis: the GPU's `--kv-dtype int4` (whose
     /// decode kernel applies step and minimum to the scores in f32 rather than rounding each
     /// key to f16: a difference of half an f16 ulp per key).
     RowsTurned,
+    /// [`KvSim::RowsTurned`] for retrieval heads, streaming heads exact: the GPU's int4 with
+    /// its streaming window kept in 16 bits (`--kv-dtype-streaming`, not built yet).
+    RowsTurnedExactStreaming,
     /// KIVI: a retrieval head's keys per channel over each complete block of
     /// [`CHANNEL_BLOCK`] positions (the partial last block exact), streaming heads' keys as
     /// [`KvSim::RowsTurned`]; values per row.
@@ -67,6 +67,11 @@ impl KvSim {
         matches!(self, KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged)
     }
 
+    /// Whether streaming heads are left exact (a 16-bit streaming window).
+    pub fn streaming_exact(self) -> bool {
+        matches!(self, KvSim::RowsTurnedExactStreaming | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::Keys8Values4ExactStreaming)
+    }
+
     /// The scheme `DUO_SIMULATE_KV` asks for (`None` when unset or empty).
     pub fn from_env() -> Result<Option<KvSim>, String> {
         match std::env::var(ENV) {
@@ -78,13 +83,12 @@ impl KvSim {
     /// Rounds a chunk's keys (`retrieval[g]`: whether KV head `g` is a retrieval head) and
     /// values, rows of `heads * head_dim`, as they will be cached: every value row; keys
     /// by rows, except a retrieval head's under the channel schemes (rounded by blocks once
-    /// cached, [`KvSim::round_blocks`]); a streaming head's rows not at all under
-    /// [`KvSim::ChannelsExactStreaming`], [`KvSim::ChannelsLagged`] and
-    /// [`KvSim::RowsTurnedExactStreaming`].
+    /// cached, [`KvSim::round_blocks`]); a streaming head's rows not at all where
+    /// [`KvSim::streaming_exact`].
     pub fn round_chunk(self, k: &mut [f32], v: &mut [f32], retrieval: &[bool], head_dim: usize) {
         for (g, &is_retrieval) in retrieval.iter().cycle().take(k.len() / head_dim).enumerate() {
             let at = g * head_dim..(g + 1) * head_dim;
-            if matches!(self, KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::RowsTurnedExactStreaming | KvSim::Keys8Values4ExactStreaming) && !is_retrieval {
+            if self.streaming_exact() && !is_retrieval {
                 continue;
             }
             kv4::round_rows(&mut v[at.clone()], head_dim);
