@@ -239,6 +239,11 @@ fn peer_rows(path: &std::path::Path) -> Result<Vec<PeerRow>> {
                 "prefill" => (num("chunk")?, num("first")?),
                 p => anyhow::bail!("{}: unknown phase `{p}`", path.display()),
             };
+            // Shapes the timing can allocate on one GPU: at most 16M cached tokens and a
+            // chunk of at most 1M queries.
+            if shape.0 == 0 || shape.0 > 1 << 24 || shape.1 > 1 << 24 || (phase == "prefill" && shape.0 > 1 << 20) {
+                anyhow::bail!("{}: a {phase} row's shape {shape:?} is outside 1..16M tokens (chunks up to 1M)", path.display());
+            }
             let layer = field("layer")?;
             if layer != "full" && layer != "duo 0.5" {
                 anyhow::bail!("{}: unknown layer `{layer}`", path.display());

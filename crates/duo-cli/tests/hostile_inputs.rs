@@ -111,7 +111,7 @@ fn attention_peers_are_refused_off_the_gpu_and_when_malformed_before_any_device_
     let (ok, err, _) = duo(&["bench", "--attention-peers", "peers.json", "--lengths", "64"]);
     assert!(!ok && err.contains("use it with --device cuda"), "{err}");
     let bad = std::env::temp_dir().join(format!("duo-peers-{}.json", std::process::id()));
-    for (text, want) in [("not json", "is not JSON"), ("{\"rows\": [{\"phase\": \"decode\", \"layer\": \"full\", \"kernel\": \"sdpa\"}]}", "a row without `tokens`"), ("{\"rows\": 3}", "no `rows` list")] {
+    for (text, want) in [("not json", "is not JSON"), ("{\"rows\": [{\"phase\": \"decode\", \"layer\": \"full\", \"kernel\": \"sdpa\"}]}", "a row without `tokens`"), ("{\"rows\": 3}", "no `rows` list"), ("{\"rows\": [{\"phase\": \"decode\", \"layer\": \"full\", \"kernel\": \"sdpa\", \"tokens\": 1000000000000, \"ms\": 1.0}]}", "outside 1..16M tokens")] {
         std::fs::write(&bad, text).expect("temp file");
         let (ok, err, _) = duo(&["bench", "--device", "cuda", "--attention-peers", bad.to_str().expect("utf-8"), "--lengths", "64"]);
         assert!(!ok && err.contains(want), "{text}: {err}");
