@@ -90,27 +90,42 @@ def prefill_rows(dev, iters, out, fa4):
         def causal(b, h, q_idx, kv_idx):
             return q_idx + first >= kv_idx
 
-        def hybrid(b, h, q_idx, kv_idx):
-            # Query heads of the first half of the KV heads are retrieval heads (causal), the
-            # rest streaming (Λ: sinks and the recent window).
+        def streaming(b, h, q_idx, kv_idx):
+            # Λ: the sinks and the recent window, causal.
             p = q_idx + first
-            seen = p >= kv_idx
-            return seen & ((h < HEADS // 2) | (kv_idx < SINK) | (p - kv_idx < RECENT))
+            return (p >= kv_idx) & ((kv_idx < SINK) | (p - kv_idx < RECENT))
 
         mask = create_block_mask(causal, B=None, H=None, Q_LEN=chunk, KV_LEN=n, device=dev)
         ms = timed(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True), iters)
         out.append({"kernel": "flex", "phase": "prefill", "layer": "full", "chunk": chunk, "first": first, "ms": round(ms, 2), "tflops": round(full_flops / ms / 1e9)})
-        mask = create_block_mask(hybrid, B=None, H=HEADS, Q_LEN=chunk, KV_LEN=n, device=dev)
+        # The duo 0.5 layer as two calls, as the reference implementation runs it: the first
+        # half of the KV heads (and their query heads) retrieval, causal; the rest streaming,
+        # Λ. (One call with a per-head mask would need the whole heads x queries x keys mask
+        # built densely first: 64 GiB at 128K.)
+        lambda_mask = create_block_mask(streaming, B=None, H=None, Q_LEN=chunk, KV_LEN=n, device=dev)
+        half = KV_HEADS // 2
+        qr, qs = q[:, : half * GROUP].contiguous(), q[:, half * GROUP :].contiguous()
+        kr, vr = k[:, :half].contiguous(), v[:, :half].contiguous()
+        ks, vs = k[:, half:].contiguous(), v[:, half:].contiguous()
+
+        def duo():
+            flex(qr, kr, vr, block_mask=mask, enable_gqa=True)
+            flex(qs, ks, vs, block_mask=lambda_mask, enable_gqa=True)
+
         # As duo's timings count a duo layer: its retrieval heads' causal work (the streaming
         # heads' Λ work is a few percent of it).
         duo_flops = 4 * HEAD_DIM * causal_pairs(chunk, first) * (HEADS // 2)
-        ms = timed(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True), iters)
+        ms = timed(duo, iters)
+        del qr, qs, kr, vr, ks, vs
         out.append({"kernel": "flex", "phase": "prefill", "layer": "duo 0.5", "chunk": chunk, "first": first, "ms": round(ms, 2), "tflops": round(duo_flops / ms / 1e9)})
         if fa4 is not None:
             # [batch, tokens, heads, head_dim]; causal=True aligns the queries to the keys' end.
             qt, kt, vt = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-            ms = timed(lambda: fa4(qt, kt, vt, causal=True), iters)
-            out.append({"kernel": "fa4", "phase": "prefill", "layer": "full", "chunk": chunk, "first": first, "ms": round(ms, 2), "tflops": round(full_flops / ms / 1e9)})
+            try:
+                ms = timed(lambda: fa4(qt, kt, vt, causal=True), iters)
+                out.append({"kernel": "fa4", "phase": "prefill", "layer": "full", "chunk": chunk, "first": first, "ms": round(ms, 2), "tflops": round(full_flops / ms / 1e9)})
+            except Exception as e:  # noqa: BLE001 - its rows are left out, the others kept
+                print(f"FlashAttention-4 failed: {type(e).__name__}: {str(e)[:400]}", file=sys.stderr)
             del qt, kt, vt
         del q, k, v
 
@@ -129,8 +144,14 @@ def main():
         fa4 = None
         print("FlashAttention-4 is not importable: its rows are left out", file=sys.stderr)
     rows = []
-    decode_rows(dev, 50, rows)
-    prefill_rows(dev, a.iters, rows, fa4)
+    # A peer that fails (out of memory, a compiler's refusal) loses its own rows, not the
+    # others': what was measured is still written.
+    for phase in (lambda: decode_rows(dev, 50, rows), lambda: prefill_rows(dev, a.iters, rows, fa4)):
+        try:
+            phase()
+        except Exception as e:  # noqa: BLE001 - reported, and the rows so far are kept
+            print(f"a peer failed: {type(e).__name__}: {str(e)[:400]}", file=sys.stderr)
+            torch.cuda.empty_cache()
     for r in rows:
         if r["phase"] == "decode":
             print(f"peer decode attention, Llama-3-8B layer, {r['layer']:<8} 1 x {r['tokens']:>6} tokens, {r['kernel']}: {r['ms']:.3f} ms, {r['gb_s']} GB/s")

@@ -74,6 +74,9 @@ enum Command {
         /// Parity only: no kernel timings.
         #[arg(long)]
         no_timings: bool,
+        /// Only these kernel timings, comma-separated: decode, split, prefill (default: all).
+        #[arg(long)]
+        timings: Option<String>,
     },
 }
 
@@ -108,7 +111,7 @@ fn main() {
         Command::Demo(a) => eval::demo(a),
         Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
         Command::Serve(a) => serve::run(a),
-        Command::CudaCheck { seed, only, no_timings } => cuda_check(seed, only.as_deref(), no_timings),
+        Command::CudaCheck { seed, only, no_timings, timings } => cuda_check(seed, only.as_deref(), no_timings, timings.as_deref()),
         Command::RandomCheckpoint { shape, out, seed } => random_checkpoint(&shape, &out, seed),
     };
     if let Err(e) = result {
@@ -134,7 +137,12 @@ fn random_checkpoint(shape: &str, out: &std::path::Path, seed: u64) -> Result<()
     Ok(())
 }
 
-fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
+fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&str>) -> Result<()> {
+    const TIMINGS: [&str; 3] = ["decode", "split", "prefill"];
+    let timed: Vec<&str> = timings.map_or(TIMINGS.to_vec(), |t| t.split(',').map(str::trim).collect());
+    if let Some(bad) = timed.iter().find(|t| !TIMINGS.contains(t)) {
+        bail!("--timings {bad}: the timings are {}", TIMINGS.join(", "));
+    }
     let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(0)?);
     println!("{}", gpu.name());
     let groups: Vec<&str> = only.map_or(duo_cuda::CHECK_GROUPS.to_vec(), |o| {
@@ -178,7 +186,8 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
         gpu.copy_bandwidth()? / 1e9
     );
     let duo = [true, true, true, true, false, false, false, false];
-    for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
+    let decode_layers: &[(&str, [bool; 8])] = if timed.contains(&"decode") { &[("full", [true; 8]), ("duo 0.5", duo)] } else { &[] };
+    for &(name, kinds) in decode_layers {
         for (tokens, rows) in [
             (131_072usize, 1usize),
             (524_288, 1),
@@ -216,7 +225,12 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
     }
     // Split lengths of one long row over quantised caches (a half and a quarter of the bytes
     // of bf16 per split).
-    for (name, kinds, kv) in [("full", [true; 8], KvType::Fp8), ("duo 0.5", duo, KvType::Fp8), ("full", [true; 8], KvType::Int4), ("duo 0.5", duo, KvType::Int4)] {
+    let sweeps: &[(&str, [bool; 8], KvType)] = if timed.contains(&"split") {
+        &[("full", [true; 8], KvType::Fp8), ("duo 0.5", duo, KvType::Fp8), ("full", [true; 8], KvType::Int4), ("duo 0.5", duo, KvType::Int4)]
+    } else {
+        &[]
+    };
+    for &(name, kinds, kv) in sweeps {
         let mut line = format!("split sweep, {kv:?}, Llama-3-8B layer, {name:<8} 1 x 131072 tokens:");
         for split in [1024usize, 2048, 4096, 8192, 16384] {
             let (ms, bytes) = time_decode_attention(
@@ -236,7 +250,8 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool) -> Result<()> {
         }
         println!("{line}");
     }
-    for (name, kinds) in [("full", [true; 8]), ("duo 0.5", duo)] {
+    let prefill_layers: &[(&str, [bool; 8])] = if timed.contains(&"prefill") { &[("full", [true; 8]), ("duo 0.5", duo)] } else { &[] };
+    for &(name, kinds) in prefill_layers {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
             for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
                 let (ms, flops) = duo_cuda::time_prefill_attention(&gpu, &kinds, t, first, kv, 3)?;

@@ -193,15 +193,47 @@ impl DecodeKernel {
 /// stages (int4: eight) of its raw rows (padded by 16 bytes) and row scales, and each warp
 /// its 16 keys' values dequantised to f16 beside them.
 pub fn tensor_smem_bytes(head_dim: usize, kv: KvType) -> usize {
+    let stages = tensor_stages(kv);
     match kv {
         KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
-            let stages = if kv == KvType::Int4 { 8 } else { 5 };
             stages * 2 * 64 * (kv.bytes_for(head_dim) + 16)
                 + stages * 2 * 64 * 4
                 + 4 * 16 * (head_dim + 8) * 2
         }
-        _ => 3 * 2 * 64 * (head_dim + 8) * 2,
+        _ => stages * 2 * 64 * (head_dim + 8) * 2,
     }
+}
+
+/// Pipeline stages of the tensor-core partial kernel over a `kv` cache: as many bytes in
+/// flight as two blocks per multiprocessor leave room for (see [`TENSOR_SOURCE`]). For
+/// measuring other depths, `DUO_DECODE_STAGES` overrides it (and `DUO_DECODE_MIN_BLOCKS`
+/// the blocks per multiprocessor the compiler plans registers for, default 2).
+pub fn tensor_stages(kv: KvType) -> usize {
+    if let Some(n) = tuning("DUO_DECODE_STAGES") {
+        return n.clamp(2, 16);
+    }
+    match kv {
+        KvType::Int4 => 8,
+        KvType::Fp8 | KvType::Int8 => 5,
+        _ => 3,
+    }
+}
+
+/// Blocks per multiprocessor the tensor-core partial kernel's registers are planned for.
+pub fn tensor_min_blocks() -> usize {
+    tuning("DUO_DECODE_MIN_BLOCKS").map_or(2, |n| n.clamp(1, 4))
+}
+
+/// The L2 prefetch size the tensor-core kernel's copies ask for (0, 128 or 256 bytes;
+/// `DUO_DECODE_L2_PREFETCH` overrides it). 128 measured 2-3% faster than none on the H200
+/// (bf16, 131K-524K tokens and 25 x 16K, `scripts/h200-decode-lab.sh`), 256 no faster.
+pub fn tensor_l2_prefetch() -> usize {
+    tuning("DUO_DECODE_L2_PREFETCH").map_or(128, |n| if n >= 256 { 256 } else if n >= 128 { 128 } else { 0 })
+}
+
+/// A numeric tuning override from the environment (unset or unparsable: none).
+fn tuning(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.trim().parse().ok()
 }
 
 /// Fewest keys per split.
@@ -575,25 +607,20 @@ pub const TENSOR_SOURCE: &str = r#"
 // bf16 stage, so five stages keep as many bytes in flight as bf16's three (a stream at the
 // copy bandwidth needs them: measured, three fp8 stages read at half the bandwidth); int4's
 // are a quarter, and eight (as many bytes in flight as two bf16 stages) are the most that
-// leave room for two blocks per multiprocessor.
-#ifdef KV_INT4
-#define STAGES 8
-#else
-#define STAGES 5
-#endif
+// leave room for two blocks per multiprocessor. STAGES and MIN_BLOCKS come from the host
+// (tensor_stages, tensor_min_blocks), which sizes the shared memory from the same numbers.
 typedef unsigned char kv_t;
 #define RPAD (ROW_BYTES + 16)
 #define RAW_TILE (TILE * RPAD)
 #define PACK pack_h
 #define MMA mma_h
 #else
-#define STAGES 3
 typedef bf16_t kv_t;
 #define PACK pack
 #define MMA mma
 #endif
 
-extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
+extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial_tc(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
     int split, int n_splits, float scale_log2,
@@ -665,8 +692,17 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
 #ifdef KV_BYTES
     int sent;  // the entry of the row whose scale this thread copies
 #endif
+    // A retrieval head's tiles that start on a block of at least a tile's tokens are each one
+    // run of consecutive rows: one table entry per tile, and each row its first row's plus
+    // its index (no per-row lookup).
+    const bool page_tiles = e.w == 0 && pg.block_log2 >= 6 && (begin & (TILE - 1)) == 0;
+    long long row0 = 0;  // that first row, for the next tile to copy
     auto fetch_entries = [&](int tile) {
         const int t0 = begin + tile * TILE;
+        if (page_tiles) {
+            row0 = t0 < end ? kv_row_from(pg, e, t0, cap, trow[kv_entry_at(pg, e, t0, cap)]) : 0;
+            return;
+        }
 #pragma unroll
         for (int j = 0; j < NCH; j++) {
             const int t = t0 + (threadIdx.x + j * 128) / CPR;
@@ -691,14 +727,15 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             const int r = i / CPR, c = (i % CPR) * 16;
             const int t = t0 + r;
             const bool live = t < end;
-            const size_t at = live ? (size_t)kv_row_from(pg, e, pos_of(t), cap, ent[j]) * ROW_BYTES + c : 0;
+            const long long row = page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
+            const size_t at = live ? (size_t)row * ROW_BYTES + c : 0;
             cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vr + r * RPAD + c, values + at, live ? 16 : 0);
         }
         // Row scales: threads 0-63 the keys', 64-127 the values'.
         const int r = threadIdx.x % TILE, t = t0 + r;
         const bool live = t < end;
-        const long long row = live ? kv_row_from(pg, e, pos_of(t), cap, sent) : 0;
+        const long long row = !live ? 0 : page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, sent);
         cp_async4(scl + ((tile % STAGES) * 2 + threadIdx.x / TILE) * TILE + r, (threadIdx.x < TILE ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
     };
 #else
@@ -713,7 +750,8 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             const int r = i / CPR, c = (i % CPR) * 8;
             const int t = t0 + r;
             const bool live = t < end;
-            const size_t at = live ? (size_t)kv_row_from(pg, e, pos_of(t), cap, ent[j]) * HEAD_DIM + c : 0;
+            const long long row = page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
+            const size_t at = live ? (size_t)row * HEAD_DIM + c : 0;
             cp_async16(ks + r * TPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
         }
@@ -830,6 +868,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
                 for (int x = 0; x < 4; x++)
                     if (k0 + 8 * j + 2 * tq + (x & 1) >= end) sc[j][x] = NEG_INF;
         }
+        float cf[2];  // each row's rescaling of what it has summed (1 while its maximum holds)
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
             float mx = fmaxf(fmaxf(sc[0][2 * hf], sc[0][2 * hf + 1]), fmaxf(sc[1][2 * hf], sc[1][2 * hf + 1]));
@@ -848,8 +887,13 @@ extern "C" __global__ void __launch_bounds__(128, 2) duo_decode_partial_tc(
             }
             l[hf] = l[hf] * c + sum;
             m[hf] = nm;
+            cf[hf] = c;
+        }
+        // Past the first tiles a row's maximum rarely moves: the warp skips the rescaling of
+        // its output fragments (HEAD_DIM / 2 multiplications per lane) when no row's did.
+        if (__any_sync(0xffffffff, cf[0] != 1.f || cf[1] != 1.f)) {
 #pragma unroll
-            for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][2 * hf] *= c; o[i][2 * hf + 1] *= c; }
+            for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][0] *= cf[0]; o[i][1] *= cf[0]; o[i][2] *= cf[1]; o[i][3] *= cf[1]; }
         }
         // P (16 rows x 16 keys) as an A fragment, straight from the score fragments.
         const unsigned pa[4] = {PACK(sc[0][0], sc[0][1]), PACK(sc[0][2], sc[0][3]), PACK(sc[1][0], sc[1][1]), PACK(sc[1][2], sc[1][3])};
@@ -934,7 +978,7 @@ pub fn split_for(kernel: DecodeKernel, lens: &[u32], rows: usize) -> usize {
     }
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as f64;
     let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len;
-    let want = (max_len * heads / 264.0).max(1.0);
+    let want = (max_len * heads / (132 * tensor_min_blocks()) as f64).max(1.0);
     (1usize << (want.log2().round() as u32)).clamp(512, 8192)
 }
 
@@ -976,7 +1020,11 @@ mod gpu {
             .sum::<usize>()
             + 3;
         let mut perm: Vec<u32> = (0..total as u32).collect();
-        perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        // (DUO_TIME_PLACEMENT=contiguous keeps the blocks in order, for measuring what the
+        // scattering costs.)
+        if std::env::var("DUO_TIME_PLACEMENT").as_deref() != Ok("contiguous") {
+            perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        }
         let mut alloc = Allocator::new(total, tokens.len());
         let tables = tokens
             .iter()
@@ -1163,9 +1211,12 @@ mod gpu {
         let all = vec![tokens; rows];
         let (tables, blocks) = place_tables(&layout, &all, 7);
         let elems = blocks * layout.block_elems(head_dim);
+        // The values' buffer may start DUO_TIME_V_SKEW bytes (a multiple of 256) into its
+        // allocation, for measuring whether keys and values at the same offsets collide.
+        let skew = tuning("DUO_TIME_V_SKEW").unwrap_or(0) / 256 * 256;
         let (k, v) = (
             gpu.zeros::<u8>(kv.bytes_for(elems))?,
-            gpu.zeros::<u8>(kv.bytes_for(elems))?,
+            gpu.zeros::<u8>(kv.bytes_for(elems) + skew)?,
         );
         let scale_rows = if kv.is_quantised() {
             blocks * layout.block_rows()
@@ -1180,7 +1231,7 @@ mod gpu {
         }
         gpu.fill_synthetic_rows(
             kv,
-            (gpu.addr(&k), gpu.addr(&v)),
+            (gpu.addr(&k), gpu.addr(&v) + skew as u64),
             (gpu.addr(&ks), gpu.addr(&vs)),
             blocks * layout.block_rows(),
             head_dim,
@@ -1210,7 +1261,7 @@ mod gpu {
                 &launch,
                 gpu.addr(&q),
                 gpu.addr(&k),
-                gpu.addr(&v),
+                gpu.addr(&v) + skew as u64,
                 gpu.addr(&heads),
                 gpu.addr(&slots),
                 gpu.addr(&pos),

@@ -313,7 +313,13 @@ __device__ __forceinline__ void dequant_row16(const unsigned char* row, int c, f
 
 // 16 bytes global -> shared without passing through registers; `bytes` 0 writes zeros.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+#if CP_L2_PREFETCH == 256
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
+#elif CP_L2_PREFETCH == 128
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
+#endif
 }
 // 4 bytes global -> shared (the L1-allocating form: `cg` copies 16 bytes only).
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, int bytes) {

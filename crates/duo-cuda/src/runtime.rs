@@ -142,6 +142,18 @@ fn decode_source(
         }
         DecodeKernel::Tensor => {
             options.extend(byte_format_option(kv));
+            options.push(format!(
+                "-DSTAGES={}",
+                crate::decode_attention::tensor_stages(kv)
+            ));
+            options.push(format!(
+                "-DMIN_BLOCKS={}",
+                crate::decode_attention::tensor_min_blocks()
+            ));
+            options.push(format!(
+                "-DCP_L2_PREFETCH={}",
+                crate::decode_attention::tensor_l2_prefetch()
+            ));
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Where the decode-attention kernel's time goes (issue 16), in one call of the device tool
+# from the repository root on the GPU host; carry .gpu/bin (duo.xz).
+#   1. the decode kernels' parity (`duo cuda-check --only decode`), also with each of
+#      env PARITY_VARS' settings (as VARIANTS' below);
+#   2. duo's decode timings (tensor-core bf16 rows) at the shipped settings and at others:
+#      env VARIANTS, space-separated variants, each comma-separated NAME=VALUE settings of
+#      DUO_DECODE_STAGES, _MIN_BLOCKS, _QK_CHAINS, _L2_PREFETCH, DUO_TIME_PLACEMENT,
+#      DUO_TIME_V_SKEW;
+#   3. with NCU=1, Nsight Compute on duo's partial kernel (full layer, 1 x 131072 tokens;
+#      env NCU_VARS: settings as above) and, with NCU_SDPA=1, on PyTorch SDPA's decode kernels on the same shape: bandwidth, occupancy, issue.
+set -uo pipefail
+source "$(dirname "$0")/h200-common.sh"
+for pv in default ${PARITY_VARS:-}; do
+  vars=""; [ "$pv" = default ] || vars=${pv//,/ }
+  timeout 200 env $vars $D cuda-check --only decode --no-timings > "$OUT/decode-parity.txt" 2>&1
+  echo "decode parity ($pv) exit $?: $(grep -c '^ok' "$OUT/decode-parity.txt") ok"; grep "^FAIL" "$OUT/decode-parity.txt" | head
+done
+i=0
+for v in default ${VARIANTS:-DUO_DECODE_L2_PREFETCH=128 DUO_DECODE_L2_PREFETCH=256 DUO_TIME_PLACEMENT=contiguous DUO_TIME_V_SKEW=4352}; do
+  i=$((i + 1)); vars=""; [ "$v" = default ] || vars=${v//,/ }
+  timeout 120 env $vars $D cuda-check --only ops --timings decode > "$OUT/decode-$i.txt" 2>&1
+  echo "== $v (exit $?)"; grep -E "Tensor +Bf16" "$OUT/decode-$i.txt" | sed 's/time decode attention, Llama-3-8B layer, //'
+done
+[ "${NCU:-0}" = 1 ] || exit 0
+NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats"
+timeout 240 env ${NCU_VARS:-} $NCU -k duo_decode_partial_tc --launch-skip 5 --launch-count 1 $D cuda-check --only ops --timings decode > "$OUT/ncu-duo.txt" 2>&1; echo "ncu duo exit $?"
+grep -E "duo_decode|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Issued Warp|No Eligible|L2 Hit|Block Limit" "$OUT/ncu-duo.txt" | head -60
+[ "${NCU_SDPA:-0}" = 1 ] || exit 0
+cat > /tmp/sdpa_one.py <<'PY'
+import torch, torch.nn.functional as F
+q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16, device="cuda")
+k = torch.randn(1, 8, 131072, 128, dtype=torch.bfloat16, device="cuda"); v = torch.randn_like(k)
+for _ in range(8): F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+torch.cuda.synchronize()
+PY
+timeout 240 $NCU --launch-skip 12 --launch-count 2 python3 /tmp/sdpa_one.py > "$OUT/ncu-sdpa.txt" 2>&1; echo "ncu sdpa exit $?"
+grep -E "^  [a-zA-Z_].*\(|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Issued Warp|No Eligible|L2 Hit" "$OUT/ncu-sdpa.txt" | cut -c1-160 | head -30
