@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// timed here, and the ratios (CUDA; written to attention.md in --out too).
     #[arg(long)]
     pub attention_peers: Option<PathBuf>,
+    /// Sequences decoding together (CUDA): each length's rows then time one step of this many
+    /// sequences in a serving pool (the server's batched path, seeded random KV for each),
+    /// and the decode column is milliseconds per step of all of them.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     #[command(flatten)]
     pub method: MethodArgs,
 }
@@ -101,6 +106,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     for name in &a.methods {
         method_args(&a.method, name)?.spec()?;
+    }
+    if a.batch == 0 || (a.batch > 1 && !matches!(device, Device::Cuda(_))) {
+        anyhow::bail!("--batch takes 1 sequence, or several on a paging backend (--device cuda)");
+    }
+    if a.batch > duo_cuda::pool::MAX_SEQS {
+        anyhow::bail!("--batch takes at most {} sequences", duo_cuda::pool::MAX_SEQS);
     }
     let peers = match (&a.attention_peers, device) {
         (Some(path), Device::Cuda(_)) => Some(peer_rows(path)?),
@@ -159,6 +170,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
             b.greedy_step(seq.as_mut(), t)?;
         }
         for &n in &a.lengths {
+            if a.batch > 1 {
+                match batched_row(b, &method, &plan, n, &a) {
+                    Ok(mut row) => {
+                        row.method = format!("{name} (batch {})", a.batch);
+                        row.floor_ms = floor_ms(row.kv.total());
+                        eprintln!(
+                            "{:<13} {:>8} tokens x {}: decode {:>8.2} ms/step ({:.1} tok/s){}, KV {:>9.2} MiB",
+                            name,
+                            n,
+                            a.batch,
+                            row.decode_ms,
+                            a.batch as f64 * 1000.0 / row.decode_ms,
+                            row.floor_ms.map_or(String::new(), |f| format!(" (floor {f:.2}, {:.2}x)", row.decode_ms / f)),
+                            row.kv.total() as f64 / MIB
+                        );
+                        rows.push(row);
+                    }
+                    Err(e) => eprintln!("{name:<13} {n:>8} tokens x {}: does not fit ({e:#})", a.batch),
+                }
+                continue;
+            }
             let mut seq = match b.new_sequence(&method, n + a.decode_tokens) {
                 Ok(s) => s,
                 Err(e) => {
@@ -199,7 +231,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rows.push(row);
         }
     }
-    let mut names = a.methods.clone();
+    let mut names: Vec<String> = if a.batch > 1 { a.methods.iter().map(|m| format!("{m} (batch {})", a.batch)).collect() } else { a.methods.clone() };
     if let Some(path) = &a.baseline {
         rows.extend(baseline_rows(path, &c, b.kv_element_bytes(), &floor_ms)?);
         names.push("pytorch".into());
@@ -211,6 +243,49 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(dir) = &a.out {
             std::fs::write(dir.join("attention.md"), &table)?;
         }
+    }
+    Ok(())
+}
+
+/// One length's row of `--batch`: `a.batch` sequences of `n` seeded random tokens of KV in a
+/// serving pool (sized as the server sizes it, 90% of the card), then decode steps of all
+/// of them at once through the pool's step (the server's path, logits back to the host and
+/// each row's argmax taken there); milliseconds per step, the KV of every row.
+fn batched_row(b: &dyn Backend, method: &duo_engine::ResolvedMethod, plan: &duo_core::cache_spec::CachePlan, n: usize, a: &BenchArgs) -> Result<Row> {
+    let options = backend::PoolOptions { max_num_seqs: a.batch, max_num_batched_tokens: a.batch.max(16), ..Default::default() };
+    let pool = b.kv_pool(method, &options)?.context("this backend has no serving pool")?;
+    let mut seqs = Vec::with_capacity(a.batch);
+    for i in 0..a.batch {
+        let mut seq = pool.new_sequence()?;
+        b.fill_synthetic(seq.as_mut(), n, a.method.seed() + i as u64)?;
+        seqs.push(seq);
+    }
+    let vocab = b.config().vocab_size;
+    let mut next = vec![1000u32; a.batch];
+    for _ in 0..warm_steps(a.method.device) {
+        pool_step(pool.as_ref(), &mut seqs, &mut next, vocab)?;
+    }
+    let timed = a.decode_tokens - warm_steps(a.method.device);
+    let t = Instant::now();
+    for _ in 0..timed {
+        pool_step(pool.as_ref(), &mut seqs, &mut next, vocab)?;
+    }
+    let decode_ms = t.elapsed().as_secs_f64() * 1000.0 / timed as f64;
+    let one = backend::plan_bytes(plan, seqs[0].tokens());
+    let kv = duo_kv::KvBytes { retrieval: one.retrieval * a.batch, streaming: one.streaming * a.batch };
+    Ok(Row { method: String::new(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s: None, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: None })
+}
+
+/// One decode step of every sequence of `seqs` (token `next[i]` to sequence `i`), then
+/// each row's greedy next token into `next`.
+fn pool_step(pool: &dyn backend::KvPool, seqs: &mut [Box<dyn backend::Sequence>], next: &mut [u32], vocab: usize) -> Result<()> {
+    let mut rows: Vec<(&mut dyn backend::Sequence, u32)> = Vec::with_capacity(seqs.len());
+    for (s, &t) in seqs.iter_mut().zip(next.iter()) {
+        rows.push((s.as_mut(), t));
+    }
+    let out = pool.step(&mut rows, None)?;
+    for (i, t) in next.iter_mut().enumerate() {
+        *t = duo_engine::sampler::argmax(&out.decode[i * vocab..(i + 1) * vocab]);
     }
     Ok(())
 }

@@ -191,6 +191,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
         for (tokens, rows) in [
             (131_072usize, 1usize),
             (524_288, 1),
+            (131_072, 9),
             (16_384, 25),
             (4096, 64),
         ] {

@@ -121,6 +121,19 @@ fn attention_peers_are_refused_off_the_gpu_and_when_malformed_before_any_device_
 }
 
 #[test]
+fn a_batched_bench_is_refused_off_the_gpu_and_out_of_range_before_any_device_opens() {
+    for (args, want) in [
+        (&["bench", "--batch", "4", "--lengths", "64"][..], "several on a paging backend (--device cuda)"),
+        (&["bench", "--device", "cuda", "--batch", "0", "--lengths", "64"][..], "--batch takes 1 sequence"),
+        (&["bench", "--device", "cuda", "--batch", "100000", "--lengths", "64"][..], "--batch takes at most"),
+    ] {
+        let (ok, err, _) = duo(args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("CUDA driver") && !err.contains("loading"), "refused before the device opens: {err}");
+    }
+}
+
+#[test]
 fn pattern_show_prints_the_longest_context_that_fits() {
     // SmolLM2's shipped head pattern at 0.5: 45 retrieval heads of 64 and 45 streaming heads
     // holding 64 + 256 tokens; full attention 90 heads. `row` is the bytes of one cached row

@@ -231,6 +231,12 @@ pub fn tensor_l2_prefetch() -> usize {
     tuning("DUO_DECODE_L2_PREFETCH").map_or(128, |n| if n >= 256 { 256 } else if n >= 128 { 128 } else { 0 })
 }
 
+/// Whether the tensor-core kernel copies a bf16 tile's keys and values in two phases
+/// (`DUO_DECODE_KV_PHASES=1`; default interleaved row by row).
+pub fn tensor_kv_phases() -> bool {
+    tuning("DUO_DECODE_KV_PHASES") == Some(1)
+}
+
 /// A numeric tuning override from the environment (unset or unparsable: none).
 fn tuning(name: &str) -> Option<usize> {
     std::env::var(name).ok()?.trim().parse().ok()
@@ -753,8 +759,23 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const long long row = page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
             const size_t at = live ? (size_t)row * HEAD_DIM + c : 0;
             cp_async16(ks + r * TPAD + c, keys + at, live ? 16 : 0);
+#if !KV_PHASES
+            cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
+#endif
+        }
+#if KV_PHASES
+        // The tile's values after all its keys (KV_PHASES: two streams one after the other).
+#pragma unroll
+        for (int j = 0; j < NCH; j++) {
+            const int i = threadIdx.x + j * 128;
+            const int r = i / CPR, c = (i % CPR) * 8;
+            const int t = t0 + r;
+            const bool live = t < end;
+            const long long row = page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
+            const size_t at = live ? (size_t)row * HEAD_DIM + c : 0;
             cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
         }
+#endif
     };
 #endif
     fetch_entries(0);
