@@ -77,6 +77,11 @@ pub struct StepOut {
     pub next: Vec<u32>,
     /// The prefill chunk's logits as asked.
     pub prefill: Vec<f32>,
+    /// Whether the step ran as every later step of its shape will: a replayed CUDA graph, or
+    /// launch by launch where this shape is never captured (prefill chunks, graphs off).
+    /// False for the first steps of a new decode shape (the one that runs launch by launch
+    /// before its capture, and the capture's): their times say little about a steady load.
+    pub steady: bool,
 }
 
 /// Rows whose logits one LM-head product computes when a chunk's every row is asked for.
@@ -720,11 +725,13 @@ impl KvPool {
 
         let logit_rows = if bsz > 0 { padded } else { 0 };
         let key: GraphKey = (padded, shapes.clone());
+        let mut steady = true;
         if prefill.is_none() && self.config.graphs && !st.uncapturable.contains(&key) {
             if let Some(i) = st.graphs.iter().position(|(k, _)| *k == key) {
                 st.graphs[i].1.launch()?;
                 st.graph_steps += 1;
             } else if st.pending.as_ref() == Some(&key) {
+                steady = false;
                 let stream = &g.stream;
                 stream
                     .begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -751,12 +758,13 @@ impl KvPool {
             } else {
                 self.forward(&st.b, rows, padded, &shapes, 0, logit_rows)?;
                 st.pending = Some(key);
+                steady = false;
             }
         } else {
             self.forward(&st.b, rows, padded, &shapes, chunk, logit_rows)?;
         }
 
-        let mut out = StepOut::default();
+        let mut out = StepOut { steady, ..StepOut::default() };
         if bsz > 0 {
             if greedy {
                 g.argmax_rows(g.addr(&st.b.logits), c.vocab, bsz, g.addr(&st.b.next))?;

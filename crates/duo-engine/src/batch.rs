@@ -163,7 +163,7 @@ pub struct BatchStats {
     pub decode_only_rows: AtomicU64,
     /// Microseconds of those steps (the backend's step, sampling excluded).
     pub decode_only_micros: AtomicU64,
-    /// The latest decode-only step with the most rows: its rows, microseconds and the KV
+    /// The latest steady decode-only step with the most rows: its rows, microseconds and the KV
     /// bytes its sequences held (what it read), for its bandwidth floor.
     pub widest_step: std::sync::Mutex<(usize, u64, usize)>,
     /// Decode-only steps as wide as the widest so far (the batch full): the decode
@@ -786,6 +786,10 @@ impl Worker {
             self.stats.decode_only_steps.fetch_add(1, Ordering::Relaxed);
             self.stats.decode_only_rows.fetch_add(n_rows as u64, Ordering::Relaxed);
             self.stats.decode_only_micros.fetch_add(micros, Ordering::Relaxed);
+        }
+        // The widest step and the full-batch tally take steady steps only: the first steps of a
+        // new shape (launch by launch, then a graph's capture) would stand for the width.
+        if decode_only && result.as_ref().is_ok_and(|o| o.steady) {
             let mut w = self.stats.widest_step.lock().unwrap_or_else(|e| e.into_inner());
             if n_rows >= w.0 {
                 *w = (n_rows, micros, kv_read);

@@ -50,6 +50,13 @@ struct CpuBlockPool {
     free: Arc<AtomicUsize>,
     total: usize,
     block: usize,
+    /// Decode widths stepped so far: as a GPU pool's graphs, a width's first step is not
+    /// steady (`PoolStep::steady`), later ones are.
+    widths: std::sync::Mutex<std::collections::HashSet<usize>>,
+    /// The widest steady decode-only step.
+    max_steady: AtomicUsize,
+    /// Steady decode-only steps of each width.
+    steady_steps: std::sync::Mutex<std::collections::HashMap<usize, u64>>,
 }
 
 fn blocked(s: &mut dyn Sequence) -> &mut Blocked {
@@ -108,7 +115,14 @@ impl KvPool for CpuBlockPool {
             return Err(EngineError::Backend("pool full".into()));
         }
         let backend = self.engine.backend();
-        let mut out = PoolStep::default();
+        let width = decode.len();
+        let decode_only = prefill.is_none();
+        let steady = !decode_only || !self.widths.lock().unwrap().insert(width);
+        if steady && decode_only {
+            self.max_steady.fetch_max(width, Ordering::SeqCst);
+            *self.steady_steps.lock().unwrap().entry(width).or_default() += 1;
+        }
+        let mut out = PoolStep { steady, ..PoolStep::default() };
         if !decode.is_empty() {
             let tokens: Vec<u32> = decode.iter().map(|(_, t)| *t).collect();
             let mut inner: Vec<&mut dyn Sequence> = Vec::new();
@@ -163,8 +177,8 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
 
     let total = 36;
     let free = Arc::new(AtomicUsize::new(total));
-    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total, block: 16 });
-    let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget: 0, max_waiting: 16, max_running: 8 }, Some(pool));
+    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total, block: 16, widths: Default::default(), max_steady: AtomicUsize::new(0), steady_steps: Default::default() });
+    let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget: 0, max_waiting: 16, max_running: 8 }, Some(pool.clone()));
     assert_eq!(engine.kv_bytes_for(100), (1 + 7) * 1024, "bytes are the blocks held");
     let err = engine.check(600, &SamplingParams { max_tokens: 10, ..Default::default() }, None).unwrap_err().to_string();
     assert!(err.contains("budget"), "a request larger than the whole pool is refused: {err}");
@@ -198,6 +212,8 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
     let widest = s.widest_step.lock().unwrap().0;
     let full = *s.full_width.lock().unwrap();
     assert!(full.steps >= 1 && full.rows_per_step == widest && widest >= 2, "the full batch's decode steps are tallied: {full:?}, widest {widest}");
+    assert_eq!(widest, pool.max_steady.load(Ordering::SeqCst), "the widest step is the widest steady one (a width's first step is not)");
+    assert_eq!(full.steps, pool.steady_steps.lock().unwrap()[&widest], "the full-batch tally counts that width's steady steps, not its first");
     assert!(full.tokens_per_second().is_some_and(|t| t > 0.0));
     // The phases of time to first token: each request admitted and its prompt counted once
     // (a resumed sequence's recompute is not a second prompt), each prompt at least one
@@ -220,7 +236,7 @@ fn a_request_that_fills_the_whole_idle_pool_runs() {
     // 100 blocks of 2 tokens (one for the streaming heads): 197 tokens take all 100, more
     // than the 1% watermark leaves while anything else runs.
     let free = Arc::new(AtomicUsize::new(100));
-    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total: 100, block: 2 });
+    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total: 100, block: 2, widths: Default::default(), max_steady: AtomicUsize::new(0), steady_steps: Default::default() });
     let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget: 0, max_waiting: 4, max_running: 4 }, Some(pool));
     let params = SamplingParams { max_tokens: 1, ..Default::default() };
     assert!(engine.check(198, &params, None).is_err(), "199 tokens need 1 + 100 blocks");

@@ -117,7 +117,7 @@ impl Metrics {
         metric("duo:decode_only_rows_total", "counter", "Rows (tokens) of decode-only steps.", engine.decode_only_rows.load(Ordering::SeqCst).to_string(), "");
         metric("duo:decode_only_seconds_total", "counter", "Time of decode-only steps.", seconds(&engine.decode_only_micros).to_string(), "");
         let (rows, micros, kv) = *engine.widest_step.lock().unwrap_or_else(|e| e.into_inner());
-        metric("duo:widest_decode_step_rows", "gauge", "Rows of the latest decode-only step with the most rows.", rows.to_string(), "");
+        metric("duo:widest_decode_step_rows", "gauge", "Rows of the latest steady (graph-replayed) decode-only step with the most rows.", rows.to_string(), "");
         metric("duo:widest_decode_step_seconds", "gauge", "Its time.", (micros as f64 / 1e6).to_string(), "");
         metric("duo:widest_decode_step_kv_bytes", "gauge", "KV bytes its sequences held.", kv.to_string(), "");
         let full = *engine.full_width.lock().unwrap_or_else(|e| e.into_inner());

@@ -346,6 +346,6 @@ impl super::KvPool for ServingPool {
             None => None,
         };
         let out = self.pool.step(&mut rows, chunk, false)?;
-        Ok(PoolStep { decode: out.decode, prefill: out.prefill })
+        Ok(PoolStep { decode: out.decode, prefill: out.prefill, steady: out.steady })
     }
 }

@@ -170,6 +170,9 @@ pub struct PoolStep {
     pub decode: Vec<f32>,
     /// The prefill chunk's logits (its last row, when asked for).
     pub prefill: Vec<f32>,
+    /// Whether the step ran as every later step of its shape will (not the first steps of a
+    /// new shape, which a backend may run slower while it prepares, e.g. captures a graph).
+    pub steady: bool,
 }
 
 /// A pool of KV blocks that many sequences draw from as they grow (vLLM's paged cache), and
