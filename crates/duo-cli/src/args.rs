@@ -53,10 +53,11 @@ pub struct MethodArgs {
     /// CUDA backend).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
-    /// Element type of the KV cache: f32 (the CPU's default) or f16 (half the memory) on the
-    /// CPU; bf16 (the GPU's default), fp8 (e4m3) or int8 on the GPU (one byte per element and
-    /// a 4-byte scale per row of head_dim: about half of bf16), or int4 (4 bits per element
-    /// and a 4-byte step and minimum per row: about a quarter).
+    /// Element type of the KV cache: f32 (the CPU's default), f16 (half the memory) or int8
+    /// (alias q8: one byte per element and a 4-byte scale per row of head_dim, about a quarter)
+    /// on the CPU; bf16 (the GPU's default), fp8 (e4m3) or int8 on the GPU (about half of
+    /// bf16), or int4 (4 bits per element and a 4-byte step and minimum per row: about a
+    /// quarter).
     #[arg(long)]
     pub kv_dtype: Option<String>,
 }
@@ -95,8 +96,8 @@ impl MethodArgs {
     pub fn spec(&self) -> Result<MethodSpec> {
         let kv_dtype: Option<KvDtype> = self.kv_dtype.as_deref().map(str::parse).transpose()?;
         match (self.device, kv_dtype) {
-            (Device::Cpu, Some(d)) if d.is_gpu() => anyhow::bail!("--kv-dtype {}: a GPU cache; on the CPU it is f32 (the default) or f16", self.kv_dtype.as_deref().unwrap_or_default()),
-            (Device::Cuda(_), Some(d)) if !d.is_gpu() => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8, int8 or int4", self.kv_dtype.as_deref().unwrap_or_default()),
+            (Device::Cpu, Some(d)) if !d.on_cpu() => anyhow::bail!("--kv-dtype {}: a GPU cache; on the CPU it is f32 (the default), f16 or int8 (q8)", self.kv_dtype.as_deref().unwrap_or_default()),
+            (Device::Cuda(_), Some(d)) if !d.on_gpu() => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8, int8 or int4", self.kv_dtype.as_deref().unwrap_or_default()),
             _ => {}
         }
         Ok(MethodSpec {

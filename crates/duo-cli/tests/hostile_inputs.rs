@@ -94,10 +94,10 @@ fn a_thread_count_of_zero_is_refused() {
 #[test]
 fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
     for (args, want) in [
-        (&["generate", "--kv-dtype", "int3", "hi"][..], "not one of f32, f16 (CPU) or bf16, fp8, int8, int4 (GPU)"),
-        (&["generate", "--kv-dtype", "int4", "hi"][..], "on the CPU it is f32 (the default) or f16"),
-        (&["generate", "--kv-dtype", "fp8", "hi"][..], "on the CPU it is f32 (the default) or f16"),
-        (&["generate", "--kv-dtype", "bf16", "hi"][..], "on the CPU it is f32 (the default) or f16"),
+        (&["generate", "--kv-dtype", "int3", "hi"][..], "not one of f32, f16, int8 (CPU) or bf16, fp8, int8, int4 (GPU)"),
+        (&["generate", "--kv-dtype", "int4", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
+        (&["generate", "--kv-dtype", "fp8", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
+        (&["generate", "--kv-dtype", "bf16", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
         (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16 (its default), fp8, int8 or int4"),
     ] {
         let (ok, err, _) = duo(args);

@@ -8,24 +8,14 @@
 //! times less error in a dot product, at the same bytes (measured on the passkey and needle
 //! grids, EVALUATION.md). Rounding is to nearest even, as PTX `cvt.rni`.
 
-/// The scale of a row whose largest magnitude is `amax` (1 for a row of zeros).
-pub fn row_scale(amax: f32) -> f32 {
-    if amax > 0.0 && amax.is_finite() {
-        amax / 127.0
-    } else {
-        1.0
-    }
-}
+pub use duo_kernels::kv8::row_scale;
 
-/// One row quantised: its bytes (two's complement) and its scale.
+/// One row quantised: its bytes (two's complement) and its scale (the arithmetic is
+/// [`duo_kernels::kv8`]'s, which the CPU's int8 cache shares).
 pub fn quantise_row(row: &[f32]) -> (Vec<u8>, f32) {
-    let scale = row_scale(row.iter().fold(0.0f32, |m, v| m.max(v.abs())));
-    (
-        row.iter()
-            .map(|&v| (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8 as u8)
-            .collect(),
-        scale,
-    )
+    let mut codes = Vec::with_capacity(row.len());
+    let scale = duo_kernels::kv8::encode_row(row, &mut codes);
+    (codes.into_iter().map(|c| c as u8).collect(), scale)
 }
 
 /// Rows of `head_dim` values quantised: all bytes, then one scale per row.

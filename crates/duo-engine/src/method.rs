@@ -72,9 +72,14 @@ impl KvDtype {
         if matches!(self, KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4) { 4 } else { 0 }
     }
 
-    /// Whether the CUDA backend caches this type (else the CPU backend does).
-    pub fn is_gpu(self) -> bool {
+    /// Whether the CUDA backend caches this type.
+    pub fn on_gpu(self) -> bool {
         matches!(self, KvDtype::Bf16 | KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4)
+    }
+
+    /// Whether the CPU backend caches this type (int8: the GPU's rows, `duo_kernels::kv8`).
+    pub fn on_cpu(self) -> bool {
+        matches!(self, KvDtype::F32 | KvDtype::F16 | KvDtype::Int8)
     }
 }
 
@@ -86,9 +91,10 @@ impl std::str::FromStr for KvDtype {
             "f16" => KvDtype::F16,
             "bf16" => KvDtype::Bf16,
             "fp8" => KvDtype::Fp8,
-            "int8" => KvDtype::Int8,
+            // q8: llama.cpp's name for its 8-bit cache (here the same int8 rows).
+            "int8" | "q8" => KvDtype::Int8,
             "int4" => KvDtype::Int4,
-            _ => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("`{s}` is not one of f32, f16 (CPU) or bf16, fp8, int8, int4 (GPU)") }),
+            _ => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("`{s}` is not one of f32, f16, int8 (CPU) or bf16, fp8, int8, int4 (GPU)") }),
         })
     }
 }
@@ -223,11 +229,13 @@ impl MethodSpec {
                 }
             },
         };
-        let cpu_bytes = match self.kv_dtype {
-            Some(KvDtype::F16) => 2,
-            _ => 4,
+        // The CPU cache's plan (the GPU's pool counts its own): f32, f16, or int8 rows with a
+        // 4-byte scale each.
+        let plan = match self.kv_dtype {
+            Some(KvDtype::F16) => CachePlan::with_bits(&pattern, config.head_dim, 16, window),
+            Some(KvDtype::Int8) => CachePlan::with_bits(&pattern, config.head_dim, 8, window).with_row_scales(4),
+            _ => CachePlan::with_bits(&pattern, config.head_dim, 32, window),
         };
-        let plan = CachePlan::new(&pattern, config.head_dim, cpu_bytes, window);
         Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, kv_dtype: self.kv_dtype, plan, simulate: None })
     }
 }

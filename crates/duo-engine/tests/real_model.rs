@@ -228,6 +228,38 @@ fn an_f16_cache_holds_half_the_bytes_and_keeps_the_logits() {
 }
 
 #[test]
+fn an_int8_cache_holds_a_quarter_of_the_bytes_and_a_scale_per_row_and_keeps_the_logits() {
+    // Retrieval and streaming heads (a seeded random half) through prefill chunks and decode
+    // steps.
+    let m = model();
+    let text: String = "The passkey is 7 3 1 9. Remember it. ".repeat(30);
+    let prompt = m.tokenizer.encode(&text, true).expect("encode");
+    let duo = MethodSpec { method: Method::Random, sparsity: Some(0.5), chunk: 128, sink: 16, recent: 64, seed: 3, ..Default::default() };
+    let int8 = MethodSpec { kv_dtype: Some(duo_engine::KvDtype::Int8), ..duo.clone() };
+    let (a, b) = (last_logits(&duo, &prompt), last_logits(&int8, &prompt));
+    let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+    eprintln!("int8 cache: mean logit difference {mean}");
+    assert!(mean < 0.3 && mean > 0.0, "8-bit rows move the logits a little: {mean}");
+    assert_eq!(duo_engine::sampler::argmax(&a), duo_engine::sampler::argmax(&b));
+    let run = |spec: &MethodSpec| {
+        let runner = Runner::new(m, spec.resolve(m.config()).expect("method"));
+        let params = SamplingParams { max_tokens: 12, ignore_eos: true, ..Default::default() };
+        let out = runner.generate(&prompt, &params, |_| true).expect("generate");
+        let mut kv = runner.new_sequence(prompt.len()).expect("sequence");
+        runner.prefill(&prompt, kv.as_mut(), |_| {}).expect("prefill");
+        (out.completion_token_ids, kv.bytes())
+    };
+    let ((want, f32_bytes), (got, int8_bytes)) = (run(&duo), run(&int8));
+    assert_eq!(&got[..4], &want[..4], "greedy decoding starts the same");
+    let hd = m.config().head_dim;
+    // Per row: 4 * hd bytes in f32; hd bytes and a 4-byte scale in int8.
+    assert_eq!(int8_bytes.retrieval * 4 * hd, f32_bytes.retrieval * (hd + 4));
+    assert_eq!(int8_bytes.streaming * 4 * hd, f32_bytes.streaming * (hd + 4));
+    // q8 is int8's other name.
+    assert_eq!("q8".parse::<duo_engine::KvDtype>().expect("q8"), duo_engine::KvDtype::Int8);
+}
+
+#[test]
 fn prompt_longer_than_the_context_is_an_error_with_both_numbers() {
     let m = model();
     let runner = Runner::new(m, full().resolve(m.config()).expect("method"));

@@ -18,12 +18,22 @@
 
 use crate::ops::fast_exp;
 
-/// How a cache stores a key or value element: `f32`, or `half::f16` for half the bytes.
-/// Attention computes in `f32` either way; an element is widened where it is read, so an
-/// `f32` cache gives exactly the bits it gave before caches could be `f16`.
+/// How a cache stores a key or value element: `f32`, `half::f16` for half the bytes, or `i8`
+/// codes with a scale per row for a quarter ([`crate::kv8`]; the scales ride beside the rows
+/// in [`KeySegment`]). Attention computes in `f32` either way; an element is widened where it
+/// is read (a row's scale multiplies its score, and its weight in the values), so an `f32`
+/// cache gives exactly the bits it gave before caches could be anything else.
 pub trait KvElem: Copy + Send + Sync + std::fmt::Debug + PartialEq + 'static {
     /// Bytes per element.
     const BYTES: usize;
+    /// Whether each row carries a scale (`i8`): then a cached row is [`Self::encode_row`]'s.
+    const ROW_SCALED: bool = false;
+    /// `row` appended to `out` as this type caches it; returns the row's scale (1 where rows
+    /// carry none).
+    fn encode_row(row: &[f32], out: &mut Vec<Self>) -> f32 {
+        out.extend(row.iter().map(|&x| Self::from_f32(x)));
+        1.0
+    }
     /// The element nearest `x`.
     fn from_f32(x: f32) -> Self;
     /// Its value (exact).
@@ -85,6 +95,36 @@ impl KvElem for half::f16 {
     }
 }
 
+impl KvElem for i8 {
+    const BYTES: usize = 1;
+    const ROW_SCALED: bool = true;
+    fn encode_row(row: &[f32], out: &mut Vec<Self>) -> f32 {
+        crate::kv8::encode_row(row, out)
+    }
+    /// The code nearest `x` at scale 1 (rows are encoded with their own scale by
+    /// [`KvElem::encode_row`]).
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        crate::kv8::code(x, 1.0)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32_slice(x: &[f32]) -> std::borrow::Cow<'_, [Self]> {
+        std::borrow::Cow::Owned(x.iter().map(|&v| Self::from_f32(v)).collect())
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees eight readable bytes at `p`; AVX2 is enabled for the
+        // build (cfg above).
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
+    }
+}
+
 /// Which (query, key) pairs are visible, by absolute position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Visibility {
@@ -135,9 +175,25 @@ pub struct KeySegment<'a, E: KvElem = f32> {
     pub positions: Positions<'a>,
     /// Whether the rows come from the cache (before the current chunk).
     pub cached: bool,
+    /// Each key row's scale (row-scaled elements, [`KvElem::ROW_SCALED`]), by row; empty: 1.
+    pub key_scales: &'a [f32],
+    /// Each value row's scale, likewise.
+    pub value_scales: &'a [f32],
 }
 
 impl<E: KvElem> KeySegment<'_, E> {
+    /// Row `r`'s key scale.
+    #[inline(always)]
+    fn key_scale(&self, r: usize) -> f32 {
+        if self.key_scales.is_empty() { 1.0 } else { self.key_scales[r] }
+    }
+
+    /// Row `r`'s value scale.
+    #[inline(always)]
+    fn value_scale(&self, r: usize) -> f32 {
+        if self.value_scales.is_empty() { 1.0 } else { self.value_scales[r] }
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         match self.positions {
@@ -487,7 +543,8 @@ fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     s.iter().sum::<f32>() + tail
 }
 
-/// `scores[k] = dot(qrow, key(row(k))) * scale` for `k < n`; with `wide`, eight keys at a
+/// `scores[k] = dot(qrow, key(row(k))) * scale` (times the key row's scale for row-scaled
+/// elements) for `k < n`; with `wide`, eight keys at a
 /// time where the head dimension is a multiple of 8 (the same bits as [`dot`], see
 /// `simd::dot8`). Prefill (many query rows) gains from it; a single decode row, which only
 /// streams the cache from memory, measured slower with it (BENCHMARKS.md), so it keeps
@@ -502,13 +559,13 @@ fn score_rows<E: KvElem>(qrow: &[f32], seg: &KeySegment<'_, E>, n: usize, row: i
         while k + 8 <= n {
             let d = simd::dot8(qrow, [key(k), key(k + 1), key(k + 2), key(k + 3), key(k + 4), key(k + 5), key(k + 6), key(k + 7)]);
             for (i, v) in d.into_iter().enumerate() {
-                scores[k + i] = v * scale;
+                scores[k + i] = if E::ROW_SCALED { v * (scale * seg.key_scale(row(k + i))) } else { v * scale };
             }
             k += 8;
         }
     }
     for (k, sc) in scores.iter_mut().enumerate().take(n).skip(k) {
-        *sc = dot(qrow, key(k)) * scale;
+        *sc = if E::ROW_SCALED { dot(qrow, key(k)) * (scale * seg.key_scale(row(k))) } else { dot(qrow, key(k)) * scale };
     }
 }
 
@@ -652,8 +709,9 @@ mod tiled {
             let nk = e - j;
             let strips = nk.div_ceil(16);
             for k in 0..nk {
+                let ks = seg.key_scale(j + k);
                 for (d, &x) in key(j + k).iter().enumerate() {
-                    kt[d * BLOCK + k] = x.to_f32();
+                    kt[d * BLOCK + k] = if E::ROW_SCALED { x.to_f32() * ks } else { x.to_f32() };
                 }
             }
             for k in nk..strips * 16 {
@@ -721,6 +779,16 @@ mod tiled {
                         let (head, tail) = rest.split_at_mut(hd);
                         *o = head;
                         rest = tail;
+                    }
+                }
+                if used > 0 && E::ROW_SCALED {
+                    // Row-scaled values: each key's weight times its value row's scale (the
+                    // sums above took the weights alone).
+                    for r in group.clone() {
+                        let row = &mut tile[(r - g) * BLOCK..(r - g + 1) * BLOCK];
+                        for (k, w) in row[..used].iter_mut().enumerate() {
+                            *w *= seg.value_scale(j + k);
+                        }
                     }
                 }
                 if used > 0 {
@@ -902,7 +970,7 @@ fn block_update<E: KvElem>(
     let hd = qrow.len();
     let cnt = rows.len();
     score_rows(qrow, seg, cnt, |k| rows.start + k, scale, &mut scores[..], wide);
-    softmax_accumulate(&mut scores[..cnt], m, l, acc, |k| &seg.values[(rows.start + k) * seg.row_stride..][..hd]);
+    softmax_accumulate(&mut scores[..cnt], m, l, acc, |k| &seg.values[(rows.start + k) * seg.row_stride..][..hd], |k| seg.value_scale(rows.start + k));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -920,11 +988,11 @@ fn gathered_update<E: KvElem>(
 ) {
     let hd = qrow.len();
     score_rows(qrow, seg, idx.len(), |k| idx[k], scale, &mut scores[..], wide);
-    softmax_accumulate(&mut scores[..idx.len()], m, l, acc, |k| &seg.values[idx[k] * seg.row_stride..][..hd]);
+    softmax_accumulate(&mut scores[..idx.len()], m, l, acc, |k| &seg.values[idx[k] * seg.row_stride..][..hd], |k| seg.value_scale(idx[k]));
 }
 
 #[inline(always)]
-fn softmax_accumulate<'v, E: KvElem>(scores: &mut [f32], m: &mut f32, l: &mut f32, acc: &mut [f32], value: impl Fn(usize) -> &'v [E]) {
+fn softmax_accumulate<'v, E: KvElem>(scores: &mut [f32], m: &mut f32, l: &mut f32, acc: &mut [f32], value: impl Fn(usize) -> &'v [E], value_scale: impl Fn(usize) -> f32) {
     let bm = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if bm > *m {
         let c = fast_exp(*m - bm);
@@ -952,7 +1020,8 @@ fn softmax_accumulate<'v, E: KvElem>(scores: &mut [f32], m: &mut f32, l: &mut f3
                 sum += p;
             }
             let v: &[E; W] = value(k)[c..c + W].try_into().expect("64 values");
-            weighted_add(p, v, &mut local);
+            // A row-scaled value row weighs its weight times its scale (the sum takes the weight).
+            weighted_add(if E::ROW_SCALED { p * value_scale(k) } else { p }, v, &mut local);
         }
         acc[c..c + W].copy_from_slice(&local);
     }
@@ -960,8 +1029,9 @@ fn softmax_accumulate<'v, E: KvElem>(scores: &mut [f32], m: &mut f32, l: &mut f3
         if whole == 0 {
             sum += p;
         }
+        let pw = if E::ROW_SCALED { p * value_scale(k) } else { p };
         for (a, v) in acc[whole..].iter_mut().zip(&value(k)[whole..]) {
-            *a = p.mul_add(v.to_f32(), *a);
+            *a = pw.mul_add(v.to_f32(), *a);
         }
     }
     *l = sum;
@@ -1021,10 +1091,13 @@ fn decode_parts<'a, E: KvElem>(
                 for a in (0..n).step_by(DECODE_PART_KEYS) {
                     let b = (a + DECODE_PART_KEYS).min(n);
                     let (lo, hi) = (a * seg.row_stride, (b - 1) * seg.row_stride + head_dim);
+                    let rows = |s: &'a [f32]| if s.is_empty() { s } else { &s[a..b] };
                     parts.push(vec![KeySegment {
                         keys: &seg.keys[lo..hi],
                         values: &seg.values[lo..hi],
                         positions: Positions::Contiguous(start + a),
+                        key_scales: rows(seg.key_scales),
+                        value_scales: rows(seg.value_scales),
                         ..*seg
                     }]);
                 }
@@ -1162,13 +1235,13 @@ pub fn reference_attention<E: KvElem>(
     for r in 0..q.rows(head_dim) {
         let i = q.position(r);
         let qrow = &q.queries[r * q.row_stride..][..head_dim];
-        let mut pairs: Vec<(f64, &[E])> = Vec::new();
+        let mut pairs: Vec<(f64, &[E], f64)> = Vec::new();
         for seg in segments {
             for rr in 0..seg.len() {
                 if vis.sees(i, seg.position(rr), seg.cached) {
                     let k = &seg.keys[rr * seg.row_stride..][..head_dim];
-                    let s: f64 = qrow.iter().zip(k).map(|(a, b)| *a as f64 * b.to_f32() as f64).sum::<f64>() * scale as f64;
-                    pairs.push((s, &seg.values[rr * seg.row_stride..][..head_dim]));
+                    let s: f64 = qrow.iter().zip(k).map(|(a, b)| *a as f64 * b.to_f32() as f64).sum::<f64>() * scale as f64 * seg.key_scale(rr) as f64;
+                    pairs.push((s, &seg.values[rr * seg.row_stride..][..head_dim], seg.value_scale(rr) as f64));
                 }
             }
         }
@@ -1180,7 +1253,7 @@ pub fn reference_attention<E: KvElem>(
         let m = pairs.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = pairs.iter().map(|p| (p.0 - m).exp()).sum();
         for (d, o) in o.iter_mut().enumerate() {
-            *o = (pairs.iter().map(|p| (p.0 - m).exp() * p.1[d].to_f32() as f64).sum::<f64>() / z) as f32;
+            *o = (pairs.iter().map(|p| (p.0 - m).exp() * p.1[d].to_f32() as f64 * p.2).sum::<f64>() / z) as f32;
         }
     }
 }
@@ -1212,8 +1285,8 @@ mod tests {
             let nv = random(chunk * stride, &mut rng);
             let q = random(chunk * stride, &mut rng);
             let segs = [
-                KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
-                KeySegment { keys: &nk[..], values: &nv[..], row_stride: stride, positions: Positions::Contiguous(first), cached: false },
+                KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &[], value_scales: &[] },
+                KeySegment { keys: &nk[..], values: &nv[..], row_stride: stride, positions: Positions::Contiguous(first), cached: false, key_scales: &[], value_scales: &[] },
             ];
             for vis in [
                 Visibility::Causal,
@@ -1232,6 +1305,68 @@ mod tests {
                 assert!(e < 1e-5, "{vis:?} cached={cached_len} chunk={chunk}: rel err {e}");
             }
         }
+    }
+
+    /// Rows as an int8 cache holds them: codes and a scale per row (`head_dim` apart).
+    fn int8_rows(x: &[f32], hd: usize) -> (Vec<i8>, Vec<f32>) {
+        let mut codes = Vec::with_capacity(x.len());
+        let scales = x.chunks(hd).map(|r| i8::encode_row(r, &mut codes)).collect();
+        (codes, scales)
+    }
+
+    #[test]
+    fn int8_rows_with_their_scales_match_the_reference_on_every_path() {
+        // Every path that reads keys and values: one row (split by keys past 512), query heads
+        // at one position, many rows (register tiles, causal and Λ), and a ring; against the
+        // f64 reference over the same codes and scales, and that reference against the f32
+        // one over the dequantised rows (the same numbers).
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let hd = 32;
+        for &(cached, chunk) in &[(700usize, 1usize), (1300, 1), (90, 40), (0, 70), (3, 9)] {
+            let ck = random(cached * hd, &mut rng);
+            let cv = random(cached * hd, &mut rng);
+            let nk: Vec<f32> = random(chunk * hd, &mut rng).into_iter().map(|x| x * 4.0).collect();
+            let nv = random(chunk * hd, &mut rng);
+            let q: Vec<f32> = random(chunk.max(4) * hd, &mut rng).into_iter().map(|x| x * 2.0).collect();
+            let ((cki, cks), (cvi, cvs)) = (int8_rows(&ck, hd), int8_rows(&cv, hd));
+            let ((nki, nks), (nvi, nvs)) = (int8_rows(&nk, hd), int8_rows(&nv, hd));
+            let deq = |c: &[i8], s: &[f32]| -> Vec<f32> { c.chunks(hd).zip(s).flat_map(|(r, &sc)| r.iter().map(move |&b| b as f32 * sc)).collect() };
+            let (ckf, cvf, nkf, nvf) = (deq(&cki, &cks), deq(&cvi, &cvs), deq(&nki, &nks), deq(&nvi, &nvs));
+            let segs = [
+                KeySegment { keys: &cki[..], values: &cvi[..], row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &cks, value_scales: &cvs },
+                KeySegment { keys: &nki[..], values: &nvi[..], row_stride: hd, positions: Positions::Contiguous(cached), cached: false, key_scales: &nks, value_scales: &nvs },
+            ];
+            let segs_f32 = [
+                KeySegment { keys: &ckf[..], values: &cvf[..], row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &[], value_scales: &[] },
+                KeySegment { keys: &nkf[..], values: &nvf[..], row_stride: hd, positions: Positions::Contiguous(cached), cached: false, key_scales: &[], value_scales: &[] },
+            ];
+            for vis in [Visibility::Causal, Visibility::Lambda { sink: 4, recent: 16 }] {
+                for shared in [false, true] {
+                    let rows = if shared { 4 } else { chunk };
+                    let qb = QueryBlock { queries: &q[..rows * hd], row_stride: hd, first_position: cached + chunk - 1, shared_position: shared };
+                    let qb = if shared { qb } else { QueryBlock { first_position: cached, ..qb } };
+                    let (mut slow, mut slow32) = (vec![f32::NAN; rows * hd], vec![f32::NAN; rows * hd]);
+                    reference_attention(qb, &segs, vis, hd, 0.2, &mut slow, hd);
+                    reference_attention(qb, &segs_f32, vis, hd, 0.2, &mut slow32, hd);
+                    assert!(max_rel(&slow, &slow32) < 1e-6, "scaled codes are their dequantised rows");
+                    let jobs = [HeadJob { queries: qb, segments: segs.to_vec(), visibility: vis }];
+                    let fast = attend_heads(&jobs, hd, 0.2).remove(0);
+                    let e = max_rel(&fast, &slow);
+                    assert!(fast.iter().all(|x| x.is_finite()) && e < 1e-5, "{vis:?} cached={cached} chunk={chunk} shared={shared}: rel err {e}");
+                }
+            }
+        }
+        // A ring (rows listed out of order) of int8 rows.
+        let (k, v) = (random(6 * hd, &mut rng), random(6 * hd, &mut rng));
+        let ((ki, ks), (vi, vs)) = (int8_rows(&k, hd), int8_rows(&v, hd));
+        let pos = [12usize, 13, 8, 9, 10, 11];
+        let ring = KeySegment { keys: &ki[..], values: &vi[..], row_stride: hd, positions: Positions::List(&pos), cached: true, key_scales: &ks, value_scales: &vs };
+        let q = random(hd, &mut rng);
+        let qb = QueryBlock { queries: &q, row_stride: hd, first_position: 14, shared_position: false };
+        let (mut fast, mut slow) = (vec![0.0; hd], vec![0.0; hd]);
+        attend(qb, &[ring], Visibility::Lambda { sink: 0, recent: 5 }, hd, 0.2, &mut fast, hd);
+        reference_attention(qb, &[ring], Visibility::Lambda { sink: 0, recent: 5 }, hd, 0.2, &mut slow, hd);
+        assert!(max_rel(&fast, &slow) < 1e-5);
     }
 
     /// Eight keys at a time give the bits `dot` gives one at a time, and the whole kernel
@@ -1328,8 +1463,8 @@ mod tests {
                     let (nk, nv) = (random(chunk * hd, &mut rng), random(chunk * hd, &mut rng));
                     let qs = random(chunk * hd, &mut rng);
                     let segs = [
-                        KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
-                        KeySegment { keys: &nk, values: &nv, row_stride: hd, positions: Positions::Contiguous(cached), cached: false },
+                        KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &[], value_scales: &[] },
+                        KeySegment { keys: &nk, values: &nv, row_stride: hd, positions: Positions::Contiguous(cached), cached: false, key_scales: &[], value_scales: &[] },
                     ];
                     let segs = if cached == 0 { &segs[1..] } else { &segs[..] };
                     let q = QueryBlock { queries: &qs, row_stride: hd, first_position: first, shared_position: false };
@@ -1360,8 +1495,8 @@ mod tests {
                 let (nk, nv) = (random(chunk * stride, &mut rng), random(chunk * stride, &mut rng));
                 let qs = random(chunk * stride, &mut rng);
                 let segs = [
-                    KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
-                    KeySegment { keys: &nk, values: &nv, row_stride: stride, positions: Positions::Contiguous(cached), cached: false },
+                    KeySegment { keys: &ck, values: &cv, row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &[], value_scales: &[] },
+                    KeySegment { keys: &nk, values: &nv, row_stride: stride, positions: Positions::Contiguous(cached), cached: false, key_scales: &[], value_scales: &[] },
                 ];
                 let segs = if cached == 0 { &segs[1..] } else { &segs[..] };
                 // The Λ rule too: windows shorter and longer than a tile, sinks across a block.
@@ -1392,7 +1527,7 @@ mod tests {
         for t in (1..40).chain([63, 64, 65, 97, 361]) {
             let (k, v) = (random(t * hd, &mut rng), random(t * hd, &mut rng));
             let q: Vec<f32> = random(t * qstride, &mut rng).into_iter().map(|x| x * 3.0).collect();
-            let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
+            let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &[], value_scales: &[] };
             let jobs: Vec<HeadJob> = (0..9)
                 .map(|h| HeadJob { queries: QueryBlock { queries: &q[h * hd..(t - 1) * qstride + h * hd + hd], row_stride: qstride, first_position: 0, shared_position: false }, segments: vec![seg], visibility: Visibility::Causal })
                 .collect();
@@ -1415,8 +1550,8 @@ mod tests {
         let (sk, sv) = (random(4 * hd, &mut rng), random(4 * hd, &mut rng));
         let (k, v, q) = (random(t * hd, &mut rng), random(t * hd, &mut rng), random(t * hd, &mut rng));
         let segs = vec![
-            KeySegment { keys: &sk, values: &sv, row_stride: hd, positions: Positions::Contiguous(0), cached: true },
-            KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(first), cached: false },
+            KeySegment { keys: &sk, values: &sv, row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &[], value_scales: &[] },
+            KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(first), cached: false, key_scales: &[], value_scales: &[] },
         ];
         for vis in [Visibility::Lambda { sink: 4, recent: 256 }, Visibility::Causal] {
             let qb = QueryBlock { queries: &q, row_stride: hd, first_position: first, shared_position: false };
@@ -1482,7 +1617,7 @@ mod tests {
         let v = random(5 * hd, &mut rng);
         let q = random(hd, &mut rng);
         let ring_pos = [12usize, 13, 9, 10, 11];
-        let ring = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::List(&ring_pos), cached: true };
+        let ring = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::List(&ring_pos), cached: true, key_scales: &[], value_scales: &[] };
         let vis = Visibility::Lambda { sink: 0, recent: 4 }; // query at 13 sees 10..=13
         let qb = QueryBlock { queries: &q, row_stride: hd, first_position: 13, shared_position: false };
         let mut fast = vec![0.0; hd];
@@ -1494,7 +1629,7 @@ mod tests {
         let order = [3usize, 4, 0, 1];
         let sk: Vec<f32> = order.iter().flat_map(|&r| k[r * hd..][..hd].to_vec()).collect();
         let sv: Vec<f32> = order.iter().flat_map(|&r| v[r * hd..][..hd].to_vec()).collect();
-        let sorted = KeySegment { keys: &sk, values: &sv, row_stride: hd, positions: Positions::Contiguous(10), cached: true };
+        let sorted = KeySegment { keys: &sk, values: &sv, row_stride: hd, positions: Positions::Contiguous(10), cached: true, key_scales: &[], value_scales: &[] };
         let mut dense = vec![0.0; hd];
         reference_attention(qb, &[sorted], Visibility::Causal, hd, 1.0, &mut dense, hd);
         assert!(max_rel(&fast, &dense) < 1e-5);
@@ -1524,7 +1659,7 @@ mod tests {
         let k = random(n * hd, &mut rng);
         let v = random(n * hd, &mut rng);
         let q = random(t * hd, &mut rng);
-        let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
+        let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &[], value_scales: &[] };
         let qb = QueryBlock { queries: &q, row_stride: hd, first_position: 20, shared_position: false };
         let jobs = vec![
             HeadJob { queries: qb, segments: vec![seg], visibility: Visibility::Causal },
@@ -1558,7 +1693,9 @@ mod tests {
                         values: &vec![0.0; n * hd],
                         row_stride: hd,
                         positions: Positions::Contiguous(0),
-                        cached: true
+                        cached: true,
+                        key_scales: &[],
+                        value_scales: &[],
                     }],
                     hd
                 )
@@ -1576,6 +1713,8 @@ mod tests {
                     row_stride: hd,
                     positions: Positions::List(&ring_pos),
                     cached: true,
+                    key_scales: &[],
+                    value_scales: &[],
                 },
                 KeySegment {
                     keys: &k,
@@ -1583,6 +1722,8 @@ mod tests {
                     row_stride: hd,
                     positions: Positions::Contiguous(0),
                     cached: true,
+                    key_scales: &[],
+                    value_scales: &[],
                 },
             ];
             let qb = QueryBlock {
@@ -1645,6 +1786,8 @@ mod tests {
                 row_stride: hd,
                 positions: Positions::Contiguous(0),
                 cached: true,
+                key_scales: &[],
+                value_scales: &[],
             };
             for vis in [
                 Visibility::Causal,

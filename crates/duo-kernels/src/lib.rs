@@ -12,7 +12,7 @@
 //! let q = [1.0f32, 0.0];
 //! let k = [1.0f32, 0.0, 0.0, 1.0];
 //! let v = [1.0f32, 2.0, 3.0, 4.0];
-//! let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
+//! let seg = KeySegment { keys: &k, values: &v, row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &[], value_scales: &[] };
 //! let mut out = [0.0f32; 2];
 //! attend(QueryBlock { queries: &q, row_stride: hd, first_position: 1, shared_position: false }, &[seg], Visibility::Causal, hd, 1.0, &mut out, hd);
 //! assert!(out[0] > 1.0 && out[0] < 3.0);
@@ -20,6 +20,7 @@
 
 pub mod attention;
 pub mod kv4;
+pub mod kv8;
 pub mod ops;
 pub mod par;
 pub mod quant;

@@ -1,5 +1,6 @@
-//! The two per-head caches, over `f32` or `f16` elements ([`KvElem`]): keys and values
-//! arrive as `f32` and are rounded once, when cached.
+//! The two per-head caches, over `f32`, `f16` or `i8` elements ([`KvElem`]): keys and values
+//! arrive as `f32` and are rounded once, when cached (`i8` rows with a scale each, kept beside
+//! the rows: empty for the other types).
 
 use duo_core::cache_spec::Window;
 use duo_kernels::attention::KvElem;
@@ -12,12 +13,16 @@ pub struct RetrievalHead<E: KvElem = f32> {
     pub keys: Vec<E>,
     /// Values, `[len, head_dim]`.
     pub values: Vec<E>,
+    /// Each key row's scale (row-scaled elements only, else empty).
+    pub key_scales: Vec<f32>,
+    /// Each value row's scale, likewise.
+    pub value_scales: Vec<f32>,
 }
 
 impl<E: KvElem> RetrievalHead<E> {
     /// An empty cache for heads of `head_dim`.
     pub fn new(head_dim: usize) -> Self {
-        Self { head_dim, keys: Vec::new(), values: Vec::new() }
+        Self { head_dim, keys: Vec::new(), values: Vec::new(), key_scales: Vec::new(), value_scales: Vec::new() }
     }
 
     /// Tokens held.
@@ -32,8 +37,12 @@ impl<E: KvElem> RetrievalHead<E> {
 
     /// Appends one token.
     pub fn append(&mut self, key: &[f32], value: &[f32]) {
-        self.keys.extend(key[..self.head_dim].iter().map(|&x| E::from_f32(x)));
-        self.values.extend(value[..self.head_dim].iter().map(|&x| E::from_f32(x)));
+        let ks = E::encode_row(&key[..self.head_dim], &mut self.keys);
+        let vs = E::encode_row(&value[..self.head_dim], &mut self.values);
+        if E::ROW_SCALED {
+            self.key_scales.push(ks);
+            self.value_scales.push(vs);
+        }
     }
 
     /// Makes the capacity at least `tokens` tokens in total, in one exact allocation.
@@ -41,6 +50,10 @@ impl<E: KvElem> RetrievalHead<E> {
         let want = tokens * self.head_dim;
         self.keys.reserve_exact(want.saturating_sub(self.keys.len()));
         self.values.reserve_exact(want.saturating_sub(self.values.len()));
+        if E::ROW_SCALED {
+            self.key_scales.reserve_exact(tokens.saturating_sub(self.key_scales.len()));
+            self.value_scales.reserve_exact(tokens.saturating_sub(self.value_scales.len()));
+        }
     }
 
     /// Capacity in tokens (allocated, not necessarily filled).
@@ -52,6 +65,10 @@ impl<E: KvElem> RetrievalHead<E> {
     pub fn reserve(&mut self, tokens: usize) {
         self.keys.reserve(tokens * self.head_dim);
         self.values.reserve(tokens * self.head_dim);
+        if E::ROW_SCALED {
+            self.key_scales.reserve(tokens);
+            self.value_scales.reserve(tokens);
+        }
     }
 }
 
@@ -70,6 +87,15 @@ pub struct StreamingHead<E: KvElem = f32> {
     pub ring_values: Vec<E>,
     /// Absolute position held in each ring slot.
     pub ring_positions: Vec<usize>,
+    /// Row scales (row-scaled elements only, else empty): sink keys, sink values, ring keys,
+    /// ring values, row by row as the rows above.
+    pub sink_key_scales: Vec<f32>,
+    /// See `sink_key_scales`.
+    pub sink_value_scales: Vec<f32>,
+    /// See `sink_key_scales`.
+    pub ring_key_scales: Vec<f32>,
+    /// See `sink_key_scales`.
+    pub ring_value_scales: Vec<f32>,
     /// Slot the next token overwrites once the ring is full.
     next_slot: usize,
 }
@@ -85,6 +111,10 @@ impl<E: KvElem> StreamingHead<E> {
             ring_keys: Vec::with_capacity(window.recent * head_dim),
             ring_values: Vec::with_capacity(window.recent * head_dim),
             ring_positions: Vec::with_capacity(window.recent),
+            sink_key_scales: Vec::new(),
+            sink_value_scales: Vec::new(),
+            ring_key_scales: Vec::new(),
+            ring_value_scales: Vec::new(),
             next_slot: 0,
         }
     }
@@ -108,21 +138,30 @@ impl<E: KvElem> StreamingHead<E> {
     /// into the ring, overwriting its oldest slot once it holds `recent` tokens.
     pub fn append(&mut self, key: &[f32], value: &[f32], position: usize) {
         let hd = self.head_dim;
-        let (key, value) = (key[..hd].iter().map(|&x| E::from_f32(x)), value[..hd].iter().map(|&x| E::from_f32(x)));
+        let (key, value) = (&key[..hd], &value[..hd]);
+        let scaled = E::ROW_SCALED;
         if self.sink_len() < self.window.sink {
-            self.sink_keys.extend(key);
-            self.sink_values.extend(value);
+            let (ks, vs) = (E::encode_row(key, &mut self.sink_keys), E::encode_row(value, &mut self.sink_values));
+            if scaled {
+                self.sink_key_scales.push(ks);
+                self.sink_value_scales.push(vs);
+            }
         } else if self.ring_positions.len() < self.window.recent {
-            self.ring_keys.extend(key);
-            self.ring_values.extend(value);
+            let (ks, vs) = (E::encode_row(key, &mut self.ring_keys), E::encode_row(value, &mut self.ring_values));
+            if scaled {
+                self.ring_key_scales.push(ks);
+                self.ring_value_scales.push(vs);
+            }
             self.ring_positions.push(position);
         } else {
             let s = self.next_slot;
-            for (d, x) in self.ring_keys[s * hd..(s + 1) * hd].iter_mut().zip(key) {
-                *d = x;
-            }
-            for (d, x) in self.ring_values[s * hd..(s + 1) * hd].iter_mut().zip(value) {
-                *d = x;
+            let (mut kr, mut vr) = (Vec::with_capacity(hd), Vec::with_capacity(hd));
+            let (ks, vs) = (E::encode_row(key, &mut kr), E::encode_row(value, &mut vr));
+            self.ring_keys[s * hd..(s + 1) * hd].copy_from_slice(&kr);
+            self.ring_values[s * hd..(s + 1) * hd].copy_from_slice(&vr);
+            if scaled {
+                self.ring_key_scales[s] = ks;
+                self.ring_value_scales[s] = vs;
             }
             self.ring_positions[s] = position;
             self.next_slot = (s + 1) % self.window.recent;
@@ -236,6 +275,23 @@ mod tests {
         }
         assert_eq!(s.sink_keys[0].to_f32(), 0.25);
         assert_eq!((s.ring_keys[0].to_f32(), s.ring_positions[0]), (2.25, 2));
+    }
+
+    #[test]
+    fn int8_heads_keep_a_scale_per_row_beside_their_codes() {
+        let mut h: RetrievalHead<i8> = RetrievalHead::new(2);
+        h.append(&[1.27, -0.5], &[0.0, 0.0]);
+        assert_eq!((h.keys.clone(), h.key_scales.clone()), (vec![127, -50], vec![0.01]));
+        assert_eq!((h.values.clone(), h.value_scales.clone()), (vec![0, 0], vec![1.0]), "a row of zeros: scale 1");
+        let mut s: StreamingHead<i8> = StreamingHead::new(1, Window::new(1, 2).unwrap());
+        for p in 0..5 {
+            s.append(&[p as f32 + 1.0], &[-(p as f32) - 1.0], p);
+        }
+        // Sink: position 0; ring slots after positions 3 and 4 overwrote 1 and 2.
+        assert_eq!((s.sink_keys.clone(), s.sink_key_scales.clone()), (vec![127], vec![1.0 / 127.0]));
+        assert_eq!(s.ring_positions, vec![3, 4]);
+        assert_eq!(s.ring_key_scales, vec![4.0 / 127.0, 5.0 / 127.0]);
+        assert_eq!((s.ring_values.clone(), s.ring_value_scales.clone()), (vec![-127, -127], vec![4.0 / 127.0, 5.0 / 127.0]));
     }
 
     #[test]

@@ -55,11 +55,13 @@ pub struct LayerKv {
     sim: Option<KvSim>,
 }
 
-/// A layer's heads in the element type its spec asks for: 4 bytes `f32`, 2 bytes `f16`.
+/// A layer's heads in the element type its spec asks for: 4 bytes `f32`, 2 bytes `f16`, 1
+/// byte `i8` (with a scale per row).
 #[derive(Debug, Clone)]
 enum LayerHeads {
     F32(Vec<HeadCache<f32>>),
     F16(Vec<HeadCache<f16>>),
+    I8(Vec<HeadCache<i8>>),
 }
 
 fn new_heads<E: KvElem>(spec: &LayerCacheSpec) -> Vec<HeadCache<E>> {
@@ -94,15 +96,17 @@ fn reserve_heads<E: KvElem>(heads: &mut [HeadCache<E>], tokens: usize) {
 }
 
 impl LayerKv {
-    /// Empty caches following `spec`: `f32` elements for 32 bits per element, `f16` for 16.
+    /// Empty caches following `spec`: `f32` elements for 32 bits per element, `f16` for 16,
+    /// `i8` rows with a scale each for 8.
     ///
     /// # Panics
-    /// On another element size (the plans of the CPU backend are 32 or 16 bits).
+    /// On another element size (the plans of the CPU backend are 32, 16 or 8 bits).
     pub fn new(spec: LayerCacheSpec) -> Self {
         let heads = match spec.bits_per_element {
             32 => LayerHeads::F32(new_heads(&spec)),
             16 => LayerHeads::F16(new_heads(&spec)),
-            b => panic!("a CPU cache holds 32-bit (f32) or 16-bit (f16) elements, not {b}-bit ones"),
+            8 => LayerHeads::I8(new_heads(&spec)),
+            b => panic!("a CPU cache holds 32-bit (f32), 16-bit (f16) or 8-bit (int8) elements, not {b}-bit ones"),
         };
         Self { spec, heads, sim: None }
     }
@@ -117,6 +121,7 @@ impl LayerKv {
         match &self.heads {
             LayerHeads::F32(h) => h.iter().map(HeadCache::len).collect(),
             LayerHeads::F16(h) => h.iter().map(HeadCache::len).collect(),
+            LayerHeads::I8(h) => h.iter().map(HeadCache::len).collect(),
         }
     }
 
@@ -125,6 +130,7 @@ impl LayerKv {
         match &self.heads {
             LayerHeads::F32(h) => heads_bytes(&self.spec, h),
             LayerHeads::F16(h) => heads_bytes(&self.spec, h),
+            LayerHeads::I8(h) => heads_bytes(&self.spec, h),
         }
     }
 
@@ -132,6 +138,7 @@ impl LayerKv {
         match &mut self.heads {
             LayerHeads::F32(h) => reserve_heads(h, tokens),
             LayerHeads::F16(h) => reserve_heads(h, tokens),
+            LayerHeads::I8(h) => reserve_heads(h, tokens),
         }
     }
 
@@ -153,6 +160,7 @@ impl LayerKv {
         match &mut self.heads {
             LayerHeads::F32(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode, self.sim),
             LayerHeads::F16(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode, self.sim),
+            LayerHeads::I8(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode, self.sim),
         }
     }
 }
@@ -177,7 +185,7 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
             for r in 0..t {
                 h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..]);
             }
-            if let Some(sim) = sim.filter(|s| s.by_channels()) {
+            if let Some(sim) = sim.filter(|s| s.by_channels() && !E::ROW_SCALED) {
                 // The blocks this append completed (or, lagged, the ones before them), rounded
                 // as a per-channel scheme holds them.
                 let from = (before / crate::sim::CHANNEL_BLOCK).saturating_sub(1) * crate::sim::CHANNEL_BLOCK;
@@ -192,7 +200,8 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
     let window = spec.window;
     // The chunk as the cache will hold it (borrowed for f32), for streaming heads.
     let any_streaming = heads.iter().any(|h| matches!(h, HeadCache::Streaming(_)));
-    let (kc, vc) = if any_streaming { (E::from_f32_slice(k), E::from_f32_slice(v)) } else { (E::from_f32_slice(&[]), E::from_f32_slice(&[])) };
+    let ((kc, kcs), (vc, vcs)) = if any_streaming { (chunk_as::<E>(k, t, n_kv, hd), chunk_as::<E>(v, t, n_kv, hd)) } else { (chunk_as::<E>(&[], 0, n_kv, hd), chunk_as::<E>(&[], 0, n_kv, hd)) };
+
     // A decode step (one position) attends once per KV head for all the query heads that
     // share it, so each cached key and value is read once for the group (each head's rows keep
     // the bits they get alone); a chunk attends once per query head over its positions.
@@ -207,7 +216,7 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
             };
             let (segments, visibility) = match &heads[g] {
                 HeadCache::Retrieval(h) => (
-                    vec![KeySegment { keys: &h.keys, values: &h.values, row_stride: hd, positions: Positions::Contiguous(0), cached: true }],
+                    vec![KeySegment { keys: &h.keys, values: &h.values, row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &h.key_scales, value_scales: &h.value_scales }],
                     Visibility::Causal,
                 ),
                 HeadCache::Streaming(h) => {
@@ -217,9 +226,11 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
                         row_stride: kv_stride,
                         positions: Positions::Contiguous(first_position),
                         cached: false,
+                        key_scales: head_scales(&kcs, g),
+                        value_scales: head_scales(&vcs, g),
                     };
-                    let sink = KeySegment { keys: &h.sink_keys, values: &h.sink_values, row_stride: hd, positions: Positions::Contiguous(0), cached: true };
-                    let ring = KeySegment { keys: &h.ring_keys, values: &h.ring_values, row_stride: hd, positions: Positions::List(&h.ring_positions), cached: true };
+                    let sink = KeySegment { keys: &h.sink_keys, values: &h.sink_values, row_stride: hd, positions: Positions::Contiguous(0), cached: true, key_scales: &h.sink_key_scales, value_scales: &h.sink_value_scales };
+                    let ring = KeySegment { keys: &h.ring_keys, values: &h.ring_values, row_stride: hd, positions: Positions::List(&h.ring_positions), cached: true, key_scales: &h.ring_key_scales, value_scales: &h.ring_value_scales };
                     let vis = match mode {
                         PrefillMode::Lambda => Visibility::Lambda { sink: window.sink, recent: window.recent },
                         PrefillMode::Reference => Visibility::CachedAndCausal,
@@ -254,6 +265,27 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
     }
     out
     }
+
+/// Head `g`'s row scales of [`chunk_as`]'s (none for elements without).
+fn head_scales(s: &[Vec<f32>], g: usize) -> &[f32] {
+    s.get(g).map_or(&[], |x| x.as_slice())
+}
+
+/// `x` (`t` rows of `n_kv` heads of `hd`) as a cache of `E` holds it: its elements (borrowed
+/// for `f32`) and, for row-scaled elements, each head's row scales (`[n_kv][t]`; else none).
+fn chunk_as<E: KvElem>(x: &[f32], t: usize, n_kv: usize, hd: usize) -> (std::borrow::Cow<'_, [E]>, Vec<Vec<f32>>) {
+    if !E::ROW_SCALED {
+        return (E::from_f32_slice(x), Vec::new());
+    }
+    let mut codes = Vec::with_capacity(x.len());
+    let mut scales = vec![Vec::with_capacity(t); n_kv];
+    for r in 0..t {
+        for (g, s) in scales.iter_mut().enumerate() {
+            s.push(E::encode_row(&x[(r * n_kv + g) * hd..][..hd], &mut codes));
+        }
+    }
+    (std::borrow::Cow::Owned(codes), scales)
+}
 
 /// The caches of one sequence: one [`LayerKv`] per layer, plus bookkeeping.
 #[derive(Debug, Clone)]
@@ -355,7 +387,7 @@ mod tests {
                 let kk: Vec<f32> = rows.iter().flat_map(|&j| k[j * n_kv * hd + g * hd..][..hd].to_vec()).collect();
                 let vv: Vec<f32> = rows.iter().flat_map(|&j| v[j * n_kv * hd + g * hd..][..hd].to_vec()).collect();
                 let pos: Vec<usize> = rows.clone();
-                let seg = KeySegment { keys: &kk, values: &vv, row_stride: hd, positions: Positions::List(&pos), cached: true };
+                let seg = KeySegment { keys: &kk, values: &vv, row_stride: hd, positions: Positions::List(&pos), cached: true, key_scales: &[], value_scales: &[] };
                 let qb = QueryBlock { queries: &q[i * n_heads * hd + qh * hd..][..hd], row_stride: hd, first_position: i, shared_position: false };
                 let mut o = vec![0.0; hd];
                 reference_attention(qb, &[seg], Visibility::CachedAndCausal, hd, 1.0 / (hd as f32).sqrt(), &mut o, hd);
@@ -372,9 +404,12 @@ mod tests {
 
     #[allow(clippy::too_many_arguments)]
     fn run_chunked_bytes(pattern: &HeadPattern, window: Window, mode: PrefillMode, chunk: usize, q: &[f32], k: &[f32], v: &[f32], n_heads: usize, hd: usize, bytes: usize) -> (Vec<f32>, SequenceKv) {
-        let plan = CachePlan::new(pattern, hd, bytes, window);
-        let mut seq = SequenceKv::new(&plan, mode);
-        let n_kv = pattern.n_kv_heads();
+        run_chunked_plan(&CachePlan::new(pattern, hd, bytes, window), mode, chunk, q, k, v, n_heads, hd)
+    }
+
+    fn run_chunked_plan(plan: &CachePlan, mode: PrefillMode, chunk: usize, q: &[f32], k: &[f32], v: &[f32], n_heads: usize, hd: usize) -> (Vec<f32>, SequenceKv) {
+        let mut seq = SequenceKv::new(plan, mode);
+        let n_kv = plan.layers[0].kinds.len();
         let t = k.len() / (n_kv * hd);
         let mut out = Vec::new();
         let mut s = 0;
@@ -424,6 +459,36 @@ mod tests {
                     let want_ref = dense_oracle(&q, &k, &v, n_heads, &kinds, hd, &reference);
                     assert!(rel(&got_ref, &want_ref) < 1e-5, "reference heads={n_heads}/{n_kv} t={t} chunk={chunk}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn int8_caches_attend_over_their_rounded_rows_and_hold_a_quarter_of_the_bytes_and_a_scale() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        // Heads of 64 (register tiles in prefill) and 16; GQA 3:1 with both kinds; decode
+        // steps (chunk 1, a ring overwritten) and whole chunks.
+        for (hd, t) in [(64usize, 150usize), (16, 47)] {
+            let (n_heads, n_kv) = (6usize, 2usize);
+            let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
+            let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
+            let window = Window::new(3, 11).unwrap();
+            let q = random(t * n_heads * hd, &mut rng);
+            let round = |mut x: Vec<f32>| -> Vec<f32> {
+                x.chunks_mut(hd).for_each(duo_kernels::kv8::round_row);
+                x
+            };
+            let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
+            let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+            let want = dense_oracle(&q, &round(k.clone()), &round(v.clone()), n_heads, &kinds, hd, &lambda);
+            let plan = CachePlan::with_bits(&pattern, hd, 8, window).with_row_scales(4);
+            for chunk in [1usize, 16, 1000] {
+                let (got, seq) = run_chunked_plan(&plan, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
+                assert!(rel(&got, &want) < 1e-5, "hd {hd} chunk {chunk}: {}", rel(&got, &want));
+                let b = seq.bytes();
+                assert_eq!((b.retrieval, b.streaming), (2 * (hd + 4) * t, 2 * (hd + 4) * t.min(14)), "a byte per element and a 4-byte scale per row");
+                let (f32_out, _) = run_chunked(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
+                assert!(rel(&got, &f32_out) > 1e-5, "the rounding is real");
             }
         }
     }

@@ -96,7 +96,7 @@ impl KvSim {
                 KvSim::Rows => kv4::round_rows(&mut k[at], head_dim),
                 KvSim::RowsTurned | KvSim::RowsTurnedExactStreaming => kv4::round_rows_turned(&mut k[at], head_dim),
                 KvSim::Channels if !is_retrieval => kv4::round_rows_turned(&mut k[at], head_dim),
-                KvSim::Keys8Values4 | KvSim::Keys8Values4ExactStreaming => round_rows_int8(&mut k[at]),
+                KvSim::Keys8Values4 | KvSim::Keys8Values4ExactStreaming => duo_kernels::kv8::round_row(&mut k[at]),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
@@ -117,14 +117,6 @@ impl KvSim {
     }
 }
 
-/// A row rounded as an int8 row holds it: `amax / 127` steps, ties to even (`duo_cuda::int8`).
-fn round_rows_int8(row: &mut [f32]) {
-    let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let scale = if amax > 0.0 && amax.is_finite() { amax / 127.0 } else { 1.0 };
-    for v in row {
-        *v = (*v / scale).round_ties_even().clamp(-127.0, 127.0) * scale;
-    }
-}
 
 #[cfg(test)]
 mod tests {
