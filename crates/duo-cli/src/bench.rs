@@ -187,7 +187,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         );
                         rows.push(row);
                     }
-                    Err(e) => eprintln!("{name:<13} {n:>8} tokens x {}: does not fit ({e:#})", a.batch),
+                    Err(e) => eprintln!("{name:<13} {n:>8} tokens x {}: could not run ({e:#})", a.batch),
                 }
                 continue;
             }
@@ -421,7 +421,7 @@ fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, elem
 fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<()> {
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String, none: &str| v.map_or(none.to_string(), f);
     let mut table = String::from(
-        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token | floor ms | over floor | KV MiB (retrieval + streaming) | memory in use MiB |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token (with --batch: ms/step) | floor ms | over floor | KV MiB (retrieval + streaming) | memory in use MiB |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         table.push_str(&format!(

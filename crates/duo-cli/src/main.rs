@@ -543,7 +543,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         // The same budget with every cache type duo has, side by side.
         println!("| KV cache | bytes per token beyond the window | longest context, this pattern | longest context, full attention |\n|---|---|---|---|");
         use duo_engine::KvDtype;
-        for (name, d) in [("f32 (CPU)", KvDtype::F32), ("f16 (CPU) / bf16 (GPU)", KvDtype::Bf16), ("fp8 / int8 (GPU)", KvDtype::Int8), ("int4 (GPU)", KvDtype::Int4)] {
+        for (name, d) in [("f32 (CPU)", KvDtype::F32), ("f16 (CPU) / bf16 (GPU)", KvDtype::Bf16), ("int8 (CPU, GPU) / fp8 (GPU)", KvDtype::Int8), ("int4 (GPU)", KvDtype::Int4)] {
             let (mine, all) = (plan_with(&pattern, d.bits(), d.scale_bytes()), plan_with(&all_retrieval, d.bits(), d.scale_bytes()));
             println!("| {name} | {} | {} | {} |", mine.retrieval_bytes(1), longest_context(&mine, budget), longest_context(&all, budget));
         }

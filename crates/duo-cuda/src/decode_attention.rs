@@ -188,10 +188,10 @@ impl DecodeKernel {
     }
 }
 
-/// Dynamic shared memory of the tensor-core partial kernel: three stages of 64-key K and V
-/// tiles, rows padded by 8 elements (the merge reuses them). A quantised cache has five
-/// stages (int4: eight) of its raw rows (padded by 16 bytes) and row scales, and each warp
-/// its 16 keys' values dequantised to f16 beside them.
+/// Dynamic shared memory of the tensor-core partial kernel: [`tensor_stages`] (bf16: three)
+/// stages of 64-key K and V tiles, rows padded by 8 elements (the merge reuses them). A
+/// quantised cache's stages (five; int4: eight) hold its raw rows (padded by 16 bytes) and
+/// row scales, and each warp its 16 keys' values dequantised to f16 beside them.
 pub fn tensor_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     let stages = tensor_stages(kv);
     match kv {
@@ -231,15 +231,16 @@ pub fn tensor_l2_prefetch() -> usize {
     tuning("DUO_DECODE_L2_PREFETCH").map_or(128, |n| if n >= 256 { 256 } else if n >= 128 { 128 } else { 0 })
 }
 
-/// Whether the tensor-core kernel copies a bf16 tile's keys and values in two phases
-/// (`DUO_DECODE_KV_PHASES=1`; default interleaved row by row).
-pub fn tensor_kv_phases() -> bool {
-    tuning("DUO_DECODE_KV_PHASES") == Some(1)
-}
-
-/// A numeric tuning override from the environment (unset or unparsable: none).
-fn tuning(name: &str) -> Option<usize> {
-    std::env::var(name).ok()?.trim().parse().ok()
+/// A numeric tuning override from the environment (unset or unparsable: none), read once
+/// per process: the kernels compiled with a value and the launches sized by it must agree.
+fn tuning(name: &'static str) -> Option<usize> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static READ: OnceLock<Mutex<HashMap<&'static str, Option<usize>>>> = OnceLock::new();
+    let mut read = READ.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    *read
+        .entry(name)
+        .or_insert_with(|| std::env::var(name).ok()?.trim().parse().ok())
 }
 
 /// Fewest keys per split.
@@ -759,23 +760,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const long long row = page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
             const size_t at = live ? (size_t)row * HEAD_DIM + c : 0;
             cp_async16(ks + r * TPAD + c, keys + at, live ? 16 : 0);
-#if !KV_PHASES
-            cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
-#endif
-        }
-#if KV_PHASES
-        // The tile's values after all its keys (KV_PHASES: two streams one after the other).
-#pragma unroll
-        for (int j = 0; j < NCH; j++) {
-            const int i = threadIdx.x + j * 128;
-            const int r = i / CPR, c = (i % CPR) * 8;
-            const int t = t0 + r;
-            const bool live = t < end;
-            const long long row = page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
-            const size_t at = live ? (size_t)row * HEAD_DIM + c : 0;
             cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
         }
-#endif
     };
 #endif
     fetch_entries(0);
@@ -988,7 +974,8 @@ pub fn batch_split(lens: &[u32], rows: usize) -> usize {
 
 /// Keys per split for `kernel` over `rows` rows whose KV heads show `lens` (at the longest
 /// row), in a pool whose rows need not be independent of the batch. The tensor-core kernel
-/// holds two blocks per multiprocessor (264 on the H200); one row runs fastest with about one
+/// holds [`tensor_min_blocks`] blocks per multiprocessor (two: 264 on the H200's 132); one
+/// row runs fastest with about one
 /// wave of blocks, splits a power of two from 512 to 8,192 keys (measured on the H200 over
 /// 512-8,192, BENCHMARKS.md: full 128K 4,096 is best, 0.148 ms against 0.158 at 2,048; duo
 /// 128K 2,048, 0.087 against 0.109 at 1,024; 512K 8,192 for both). A batch, and the CUDA-core
@@ -1032,8 +1019,8 @@ mod gpu {
     }
 
     /// Every row's tables, with blocks handed out in a seeded shuffled order (so no row's
-    /// blocks are contiguous), and the pool's size in blocks.
-    fn place_tables(layout: &PagedLayout, tokens: &[usize], seed: u64) -> (Vec<Tables>, usize) {
+    /// blocks are contiguous; `contiguous`: in order), and the pool's size in blocks.
+    fn place_tables(layout: &PagedLayout, tokens: &[usize], seed: u64, contiguous: bool) -> (Vec<Tables>, usize) {
         use rand::{seq::SliceRandom, SeedableRng};
         let total: usize = tokens
             .iter()
@@ -1041,9 +1028,7 @@ mod gpu {
             .sum::<usize>()
             + 3;
         let mut perm: Vec<u32> = (0..total as u32).collect();
-        // (DUO_TIME_PLACEMENT=contiguous keeps the blocks in order, for measuring what the
-        // scattering costs.)
-        if std::env::var("DUO_TIME_PLACEMENT").as_deref() != Ok("contiguous") {
+        if !contiguous {
             perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
         }
         let mut alloc = Allocator::new(total, tokens.len());
@@ -1134,7 +1119,7 @@ mod gpu {
             )));
         }
         let (h, d) = (x.n_heads, x.head_dim);
-        let (tables, blocks) = place_tables(layout, &x.tokens, seed);
+        let (tables, blocks) = place_tables(layout, &x.tokens, seed, false);
         // Unused rows are poisoned: a read outside a row's blocks shows in the result.
         let rows = blocks * layout.group() * layout.block_tokens;
         let (mut keys, mut values) = (vec![1e3f32; rows * d], vec![1e3f32; rows * d]);
@@ -1230,7 +1215,10 @@ mod gpu {
             ..layer_layout(kinds, 64, 256, block_tokens, tokens)
         };
         let all = vec![tokens; rows];
-        let (tables, blocks) = place_tables(&layout, &all, 7);
+        // DUO_TIME_PLACEMENT=contiguous keeps the blocks in order, for measuring what the
+        // scattering costs (timings only: parity always scatters).
+        let contiguous = std::env::var("DUO_TIME_PLACEMENT").as_deref() == Ok("contiguous");
+        let (tables, blocks) = place_tables(&layout, &all, 7, contiguous);
         let elems = blocks * layout.block_elems(head_dim);
         // The values' buffer may start DUO_TIME_V_SKEW bytes (a multiple of 256) into its
         // allocation, for measuring whether keys and values at the same offsets collide.

@@ -154,10 +154,6 @@ fn decode_source(
                 "-DCP_L2_PREFETCH={}",
                 crate::decode_attention::tensor_l2_prefetch()
             ));
-            options.push(format!(
-                "-DKV_PHASES={}",
-                u8::from(crate::decode_attention::tensor_kv_phases())
-            ));
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS

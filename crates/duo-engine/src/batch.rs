@@ -168,6 +168,7 @@ pub struct BatchStats {
     pub widest_step: std::sync::Mutex<(usize, u64, usize)>,
     /// Decode-only steps as wide as the widest so far (the batch full): the decode
     /// throughput with the batch full, averaged over every such step.
+    /// (Steady steps only, as `widest_step`.)
     pub full_width: std::sync::Mutex<FullWidthSteps>,
     /// Bytes of weights a step reads and the device's measured copy bandwidth (bytes/s),
     /// where the backend knows them: the floor of a decode step.

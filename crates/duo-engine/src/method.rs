@@ -35,8 +35,9 @@ impl std::str::FromStr for Method {
     }
 }
 
-/// How the KV cache stores keys and values. The CPU backend caches `f32` (the default) or
-/// `f16` (half the memory; attention still computes in `f32`); the CUDA backend caches bf16
+/// How the KV cache stores keys and values. The CPU backend caches `f32` (the default),
+/// `f16` (half the memory) or int8 (the GPU's int8 rows: a quarter of `f32`'s bytes plus a
+/// 4-byte scale per row; attention still computes in `f32`); the CUDA backend caches bf16
 /// (the default), fp8 (e4m3 with a power-of-two scale per row: half of bf16's bytes plus 4
 /// per row), int8 (the same bytes, a scale of `amax / 127` per row: more accurate) or int4
 /// (a quarter of bf16's bytes plus an f16 step and minimum per row).
@@ -229,13 +230,10 @@ impl MethodSpec {
                 }
             },
         };
-        // The CPU cache's plan (the GPU's pool counts its own): f32, f16, or int8 rows with a
-        // 4-byte scale each.
-        let plan = match self.kv_dtype {
-            Some(KvDtype::F16) => CachePlan::with_bits(&pattern, config.head_dim, 16, window),
-            Some(KvDtype::Int8) => CachePlan::with_bits(&pattern, config.head_dim, 8, window).with_row_scales(4),
-            _ => CachePlan::with_bits(&pattern, config.head_dim, 32, window),
-        };
+        // The CPU cache's plan (the GPU's pool counts its own): f32 unless a CPU type is asked
+        // for (f16, or int8 rows with a 4-byte scale each).
+        let cpu = self.kv_dtype.filter(|d| d.on_cpu()).unwrap_or(KvDtype::F32);
+        let plan = CachePlan::with_bits(&pattern, config.head_dim, cpu.bits(), window).with_row_scales(cpu.scale_bytes());
         Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, kv_dtype: self.kv_dtype, plan, simulate: None })
     }
 }

@@ -34,6 +34,13 @@ pub trait KvElem: Copy + Send + Sync + std::fmt::Debug + PartialEq + 'static {
         out.extend(row.iter().map(|&x| Self::from_f32(x)));
         1.0
     }
+    /// `row` written over `out` (as long as `row`) as this type caches it; returns its scale.
+    fn encode_into(row: &[f32], out: &mut [Self]) -> f32 {
+        for (o, &x) in out.iter_mut().zip(row) {
+            *o = Self::from_f32(x);
+        }
+        1.0
+    }
     /// The element nearest `x`.
     fn from_f32(x: f32) -> Self;
     /// Its value (exact).
@@ -101,8 +108,11 @@ impl KvElem for i8 {
     fn encode_row(row: &[f32], out: &mut Vec<Self>) -> f32 {
         crate::kv8::encode_row(row, out)
     }
-    /// The code nearest `x` at scale 1 (rows are encoded with their own scale by
-    /// [`KvElem::encode_row`]).
+    fn encode_into(row: &[f32], out: &mut [Self]) -> f32 {
+        crate::kv8::encode_into(row, out)
+    }
+    /// The code nearest `x` at scale 1: a code, not a value (a cache encodes each row with
+    /// its own scale, [`KvElem::encode_row`]; only that is how an int8 cache holds values).
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         crate::kv8::code(x, 1.0)
@@ -111,6 +121,7 @@ impl KvElem for i8 {
     fn to_f32(self) -> f32 {
         self as f32
     }
+    /// Codes at scale 1, as [`Self::from_f32`] (not a cache's rows).
     fn from_f32_slice(x: &[f32]) -> std::borrow::Cow<'_, [Self]> {
         std::borrow::Cow::Owned(x.iter().map(|&v| Self::from_f32(v)).collect())
     }
@@ -328,6 +339,10 @@ pub fn attend_state<E: KvElem>(
     scale: f32,
 ) -> SoftmaxState {
     let rows = q.rows(head_dim);
+    debug_assert!(
+        segments.iter().all(|s| !E::ROW_SCALED || (s.key_scales.len() == s.len() && s.value_scales.len() == s.len())),
+        "row-scaled elements come with a key and a value scale for every row"
+    );
     // Rows that share a position (a decode step's query heads) take the one-row paths only,
     // so each gets the bits it would get alone.
     let wide = rows >= 8 && !q.shared_position;
@@ -1321,8 +1336,8 @@ mod tests {
         // f64 reference over the same codes and scales, and that reference against the f32
         // one over the dequantised rows (the same numbers).
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let hd = 32;
-        for &(cached, chunk) in &[(700usize, 1usize), (1300, 1), (90, 40), (0, 70), (3, 9)] {
+        // Heads of 32 take the register tiles for many rows; heads of 24 eight keys at a time.
+        for &(hd, cached, chunk) in &[(32usize, 700usize, 1usize), (32, 1300, 1), (32, 90, 40), (32, 0, 70), (32, 3, 9), (24, 90, 40), (24, 0, 17)] {
             let ck = random(cached * hd, &mut rng);
             let cv = random(cached * hd, &mut rng);
             let nk: Vec<f32> = random(chunk * hd, &mut rng).into_iter().map(|x| x * 4.0).collect();
@@ -1357,6 +1372,7 @@ mod tests {
             }
         }
         // A ring (rows listed out of order) of int8 rows.
+        let hd = 32;
         let (k, v) = (random(6 * hd, &mut rng), random(6 * hd, &mut rng));
         let ((ki, ks), (vi, vs)) = (int8_rows(&k, hd), int8_rows(&v, hd));
         let pos = [12usize, 13, 8, 9, 10, 11];

@@ -29,6 +29,15 @@ pub fn encode_row(row: &[f32], out: &mut Vec<i8>) -> f32 {
     scale
 }
 
+/// `row`'s codes written over `out` (as long as `row`); returns its scale.
+pub fn encode_into(row: &[f32], out: &mut [i8]) -> f32 {
+    let scale = row_scale(row.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = code(x, scale);
+    }
+    scale
+}
+
 /// `row` as its 8-bit row holds it: each value replaced by `code * scale`.
 pub fn round_row(row: &mut [f32]) {
     let scale = row_scale(row.iter().fold(0.0f32, |m, v| m.max(v.abs())));

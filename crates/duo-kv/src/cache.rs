@@ -155,10 +155,8 @@ impl<E: KvElem> StreamingHead<E> {
             self.ring_positions.push(position);
         } else {
             let s = self.next_slot;
-            let (mut kr, mut vr) = (Vec::with_capacity(hd), Vec::with_capacity(hd));
-            let (ks, vs) = (E::encode_row(key, &mut kr), E::encode_row(value, &mut vr));
-            self.ring_keys[s * hd..(s + 1) * hd].copy_from_slice(&kr);
-            self.ring_values[s * hd..(s + 1) * hd].copy_from_slice(&vr);
+            let ks = E::encode_into(key, &mut self.ring_keys[s * hd..(s + 1) * hd]);
+            let vs = E::encode_into(value, &mut self.ring_values[s * hd..(s + 1) * hd]);
             if scaled {
                 self.ring_key_scales[s] = ks;
                 self.ring_value_scales[s] = vs;

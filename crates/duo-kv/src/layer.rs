@@ -185,6 +185,7 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
             for r in 0..t {
                 h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..]);
             }
+            // (Never an int8 cache: `duo eval` refuses simulating one, as it would round twice.)
             if let Some(sim) = sim.filter(|s| s.by_channels() && !E::ROW_SCALED) {
                 // The blocks this append completed (or, lagged, the ones before them), rounded
                 // as a per-channel scheme holds them.
@@ -487,6 +488,18 @@ mod tests {
                 assert!(rel(&got, &want) < 1e-5, "hd {hd} chunk {chunk}: {}", rel(&got, &want));
                 let b = seq.bytes();
                 assert_eq!((b.retrieval, b.streaming), (2 * (hd + 4) * t, 2 * (hd + 4) * t.min(14)), "a byte per element and a 4-byte scale per row");
+                // What the heads hold: codes and a scale per row, nothing else.
+                let LayerHeads::I8(heads) = &seq.layers()[0].heads else { panic!("an int8 plan makes i8 heads") };
+                match (&heads[0], &heads[1]) {
+                    (HeadCache::Retrieval(r), HeadCache::Streaming(s)) => {
+                        assert_eq!((r.keys.len(), r.values.len(), r.key_scales.len(), r.value_scales.len()), (t * hd, t * hd, t, t));
+                        let held = s.len();
+                        assert_eq!(held, t.min(14));
+                        assert_eq!(s.sink_keys.len() + s.ring_keys.len(), held * hd);
+                        assert_eq!((s.sink_key_scales.len() + s.ring_key_scales.len(), s.sink_value_scales.len() + s.ring_value_scales.len()), (held, held));
+                    }
+                    _ => panic!("head 0 retrieval, head 1 streaming"),
+                }
                 let (f32_out, _) = run_chunked(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
                 assert!(rel(&got, &f32_out) > 1e-5, "the rounding is real");
             }

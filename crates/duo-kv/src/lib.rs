@@ -4,8 +4,9 @@
 //! The cache owns all KV memory; the model hands it the new keys and values of a chunk
 //! (after RoPE, at their absolute positions) and gets the attention output back from
 //! [`LayerKv::attend`]. Streaming heads are never re-indexed: their keys keep the
-//! positions they were rotated with, as in the DuoAttention reference. Elements are `f32`
-//! or `f16` (half the bytes), as the plan's element size says; attention computes in `f32`.
+//! positions they were rotated with, as in the DuoAttention reference. Elements are `f32`,
+//! `f16` (half the bytes) or `i8` rows with a scale each (a quarter, `duo_kernels::kv8`), as
+//! the plan's element size says; attention computes in `f32`.
 //!
 //! ```
 //! use duo_core::cache_spec::Window;

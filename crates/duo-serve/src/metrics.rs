@@ -121,7 +121,7 @@ impl Metrics {
         metric("duo:widest_decode_step_seconds", "gauge", "Its time.", (micros as f64 / 1e6).to_string(), "");
         metric("duo:widest_decode_step_kv_bytes", "gauge", "KV bytes its sequences held.", kv.to_string(), "");
         let full = *engine.full_width.lock().unwrap_or_else(|e| e.into_inner());
-        metric("duo:full_width_decode_steps", "gauge", "Decode-only steps as wide as the widest (the batch full); restarts at a wider step.", full.steps.to_string(), "");
+        metric("duo:full_width_decode_steps", "gauge", "Steady decode-only steps as wide as the widest (the batch full); restarts at a wider step.", full.steps.to_string(), "");
         metric("duo:full_width_decode_rows", "gauge", "Rows of each of those steps.", full.rows_per_step.to_string(), "");
         metric("duo:full_width_decode_seconds", "gauge", "Their total time.", (full.micros as f64 / 1e6).to_string(), "");
         if let Some((weights, bandwidth)) = *engine.floor.lock().unwrap_or_else(|e| e.into_inner()) {

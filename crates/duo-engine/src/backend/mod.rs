@@ -172,6 +172,9 @@ pub struct PoolStep {
     pub prefill: Vec<f32>,
     /// Whether the step ran as every later step of its shape will (not the first steps of a
     /// new shape, which a backend may run slower while it prepares, e.g. captures a graph).
+    /// Only steady steps feed the serving statistics' widest step and full-batch tally, so a
+    /// pool whose steps are all alike sets it on every step (`PoolStep::default()` leaves it
+    /// false).
     pub steady: bool,
 }
 
