@@ -464,28 +464,40 @@ mod tests {
         }
     }
 
+    /// One retrieval and one streaming KV head (GQA 3:1, window 3 + 11) over `t` random tokens
+    /// of heads of `hd`, through a cache of `plan`, in decode steps (chunk 1, the ring
+    /// overwritten), chunks of 16 and one chunk: each run's output against the dense oracle
+    /// over keys and values as `round` holds them, then `check(chunk, sequence, output, the
+    /// f32 cache's output)`.
+    fn rounded_cache_case(hd: usize, t: usize, seed: u64, plan: impl Fn(&HeadPattern, Window) -> CachePlan, round: impl Fn(Vec<f32>) -> Vec<f32>, check: impl Fn(usize, &SequenceKv, &[f32], &[f32])) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (n_heads, n_kv) = (6usize, 2usize);
+        let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
+        let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
+        let window = Window::new(3, 11).unwrap();
+        let q = random(t * n_heads * hd, &mut rng);
+        let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
+        let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+        let want = dense_oracle(&q, &round(k.clone()), &round(v.clone()), n_heads, &kinds, hd, &lambda);
+        let plan = plan(&pattern, window);
+        for chunk in [1usize, 16, 1000] {
+            let (got, seq) = run_chunked_plan(&plan, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
+            assert!(rel(&got, &want) < 1e-5, "hd {hd} chunk {chunk}: {}", rel(&got, &want));
+            let (f32_out, _) = run_chunked(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
+            check(chunk, &seq, &got, &f32_out);
+        }
+    }
+
     #[test]
     fn int8_caches_attend_over_their_rounded_rows_and_hold_a_quarter_of_the_bytes_and_a_scale() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        // Heads of 64 (register tiles in prefill) and 16; GQA 3:1 with both kinds; decode
-        // steps (chunk 1, a ring overwritten) and whole chunks.
+        // Heads of 64 (register tiles in prefill) and 16.
         for (hd, t) in [(64usize, 150usize), (16, 47)] {
-            let (n_heads, n_kv) = (6usize, 2usize);
-            let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
-            let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
-            let window = Window::new(3, 11).unwrap();
-            let q = random(t * n_heads * hd, &mut rng);
             let round = |mut x: Vec<f32>| -> Vec<f32> {
                 x.chunks_mut(hd).for_each(duo_kernels::kv8::round_row);
                 x
             };
-            let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
-            let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
-            let want = dense_oracle(&q, &round(k.clone()), &round(v.clone()), n_heads, &kinds, hd, &lambda);
-            let plan = CachePlan::with_bits(&pattern, hd, 8, window).with_row_scales(4);
-            for chunk in [1usize, 16, 1000] {
-                let (got, seq) = run_chunked_plan(&plan, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
-                assert!(rel(&got, &want) < 1e-5, "hd {hd} chunk {chunk}: {}", rel(&got, &want));
+            let plan = |p: &HeadPattern, w: Window| CachePlan::with_bits(p, hd, 8, w).with_row_scales(4);
+            rounded_cache_case(hd, t, 9, plan, round, |_, seq, got, f32_out| {
                 let b = seq.bytes();
                 assert_eq!((b.retrieval, b.streaming), (2 * (hd + 4) * t, 2 * (hd + 4) * t.min(14)), "a byte per element and a 4-byte scale per row");
                 // What the heads hold: codes and a scale per row, nothing else.
@@ -500,35 +512,22 @@ mod tests {
                     }
                     _ => panic!("head 0 retrieval, head 1 streaming"),
                 }
-                let (f32_out, _) = run_chunked(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
-                assert!(rel(&got, &f32_out) > 1e-5, "the rounding is real");
-            }
+                assert!(rel(got, f32_out) > 1e-5, "the rounding is real");
+            });
         }
     }
 
     #[test]
     fn f16_caches_attend_over_the_rounded_keys_and_hold_half_the_bytes() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
-        // Heads of 64 (the register-tiled prefill path) and 16; GQA 3:1 with both kinds.
+        // Heads of 64 (the register-tiled prefill path) and 16.
         for (hd, t) in [(64usize, 150usize), (16, 47)] {
-            let (n_heads, n_kv) = (6usize, 2usize);
-            let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
-            let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
-            let window = Window::new(3, 11).unwrap();
-            let q = random(t * n_heads * hd, &mut rng);
             let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect() };
-            let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
-            let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
-            let want = dense_oracle(&q, &round(k.clone()), &round(v.clone()), n_heads, &kinds, hd, &lambda);
-            for chunk in [1usize, 16, 1000] {
-                let (got, seq) = run_chunked_bytes(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd, 2);
-                assert!(rel(&got, &want) < 1e-5, "hd {hd} chunk {chunk}: {}", rel(&got, &want));
+            rounded_cache_case(hd, t, 6, |p, w| CachePlan::new(p, hd, 2, w), round, |_, seq, got, f32_out| {
                 let b = seq.bytes();
                 assert_eq!((b.retrieval, b.streaming), (2 * hd * 2 * t, 2 * hd * 2 * t.min(14)), "half the bytes of f32");
                 // And not the unrounded cache's result (the rounding is real).
-                let (f32_out, _) = run_chunked(&pattern, window, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
-                assert!(rel(&got, &f32_out) > 1e-6);
-            }
+                assert!(rel(got, f32_out) > 1e-6);
+            });
         }
     }
 
