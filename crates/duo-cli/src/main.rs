@@ -138,7 +138,7 @@ fn random_checkpoint(shape: &str, out: &std::path::Path, seed: u64) -> Result<()
 }
 
 fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&str>) -> Result<()> {
-    const TIMINGS: [&str; 3] = ["decode", "split", "prefill"];
+    const TIMINGS: [&str; 4] = ["decode", "split", "prefill", "gemv"];
     let timed: Vec<&str> = timings.map_or(TIMINGS.to_vec(), |t| t.split(',').map(str::trim).collect());
     if let Some(bad) = timed.iter().find(|t| !TIMINGS.contains(t)) {
         bail!("--timings {bad}: the timings are {}", TIMINGS.join(", "));
@@ -250,6 +250,18 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             line += &format!(" {split}: {ms:.3} ms {:.0} GB/s;", bytes as f64 / ms / 1e6);
         }
         println!("{line}");
+    }
+    // A decode step's products on Llama-3-8B's shapes (qkv, o, gate/up, down, LM head) at 1
+    // to 4 rows: cuBLAS against duo's matrix-vector kernel, as bandwidth of the weights.
+    if timed.contains(&"gemv") {
+        for (name, k, n) in [("qkv", 4096usize, 6144usize), ("o", 4096, 4096), ("gate/up", 4096, 28672), ("down", 14336, 4096), ("LM head", 4096, 128256)] {
+            for t in [1usize, 4] {
+                let blas = duo_cuda::time_linear(&gpu, t, k, n, false, 100)?;
+                let own = duo_cuda::time_linear(&gpu, t, k, n, true, 100)?;
+                let gb = (k * n * 2) as f64 / 1e6;
+                println!("time linear, Llama-3-8B {name:<8} {t} x [{n} x {k}]: cuBLAS {blas:.4} ms ({:.0} GB/s), duo gemv {own:.4} ms ({:.0} GB/s), {:.2}x", gb / blas, gb / own, blas / own);
+            }
+        }
     }
     let prefill_layers: &[(&str, [bool; 8])] = if timed.contains(&"prefill") { &[("full", [true; 8]), ("duo 0.5", duo)] } else { &[] };
     for &(name, kinds) in prefill_layers {

@@ -604,7 +604,53 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         max_abs_err: max_err(&want, &got),
         bound: 1e-2,
     });
+    // duo's matrix-vector kernel on the first 1 and 4 rows of the same product: accumulating
+    // into y (f32), and written as bf16.
+    for rows in [1usize, 4] {
+        let yg = gpu.upload(&y0[..rows * m])?;
+        gpu.gemv(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yg), rows, k, m, 1.0, false)?;
+        let got = gpu.download(&yg)?;
+        let plus: Vec<f32> = want[..rows * m].iter().zip(&y0).map(|(w, y)| w + y).collect();
+        out.push(Parity {
+            case: format!("gemv (duo's): [{rows} x {k}] x [{m} x {k}]^T + y"),
+            max_abs_err: max_err(&plus, &got),
+            bound: 1e-3,
+        });
+        let yb = gpu.zeros::<u16>(rows * m)?;
+        gpu.gemv(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yb), rows, k, m, 0.0, true)?;
+        out.push(Parity {
+            case: format!("gemv (duo's, bf16 out): [{rows} x {k}] x [{m} x {k}]^T"),
+            max_abs_err: max_err(&want[..rows * m], &bf16_to_f32(&gpu.download(&yb)?)),
+            bound: 1e-2,
+        });
+    }
     Ok(out)
+}
+
+/// Milliseconds of one `[t x in_dim] x [out_dim x in_dim]^T` product (bf16 in, f32 out) by
+/// cuBLAS or (`own`) duo's matrix-vector kernel, mean of `iters` after a warm-up; random
+/// weights. For the decode step's products at a few rows, which only stream the weights.
+pub fn time_linear(gpu: &Gpu, t: usize, in_dim: usize, out_dim: usize, own: bool, iters: usize) -> Result<f64> {
+    let w = gpu.zeros::<u16>(in_dim * out_dim)?;
+    gpu.fill_uniform(gpu.addr(&w), in_dim * out_dim, 3, 0.02)?;
+    let x = gpu.zeros::<u16>(t * in_dim)?;
+    gpu.fill_uniform(gpu.addr(&x), t * in_dim, 4, 1.0)?;
+    let y = gpu.zeros::<f32>(t * out_dim)?;
+    let run = || {
+        if own {
+            gpu.gemv(gpu.addr(&x), gpu.addr(&w), gpu.addr(&y), t, in_dim, out_dim, 0.0, false)
+        } else {
+            gpu.gemm(gpu.addr(&x), gpu.addr(&w), gpu.addr(&y), t, in_dim, out_dim, 0.0, false)
+        }
+    };
+    run()?;
+    gpu.sync()?;
+    let started = std::time::Instant::now();
+    for _ in 0..iters.max(1) {
+        run()?;
+    }
+    gpu.sync()?;
+    Ok(started.elapsed().as_secs_f64() * 1000.0 / iters.max(1) as f64)
 }
 
 /// Milliseconds of one prefill-attention launch for a Llama-3-8B layer (32 query / 8 KV

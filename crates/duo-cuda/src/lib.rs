@@ -38,7 +38,7 @@ pub mod prefill_attention;
 #[cfg(feature = "cuda")]
 pub mod runtime;
 #[cfg(feature = "cuda")]
-pub use checks::{check, check_group, time_prefill_attention, CHECK_GROUPS};
+pub use checks::{check, check_group, time_linear, time_prefill_attention, CHECK_GROUPS};
 #[cfg(feature = "cuda")]
 pub use runtime::Gpu;
 

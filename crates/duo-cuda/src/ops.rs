@@ -261,6 +261,68 @@ extern "C" __global__ void copy_blocks(const bf16_t* sk, const bf16_t* sv, bf16_
     for (long long i = threadIdx.x; i < elems / 8; i += blockDim.x) to[i] = from[i];
 }
 
+// y[t, n] = sum_k x[t, k] w[n, k] (+ beta y[t, n] when beta != 0; f32 or bf16 out) for at most
+// GEMV_ROWS rows t: a decode step's matrix-vector products, which only stream the weights. One
+// warp per output n, each lane 8 consecutive weights (16 bytes) a load, four loads in flight;
+// weights bypass the L1 (read once), the x rows stay in it (every warp reads them).
+#define GEMV_ROWS 4
+extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, void* y,
+                                                           int rows, int in_dim, int out_dim, float beta, int y_bf16) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n = blockIdx.x * 8 + warp;
+    if (n >= out_dim) return;
+    const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)n * in_dim);
+    const int chunks = in_dim / 8;
+    float acc[GEMV_ROWS] = {0.f, 0.f, 0.f, 0.f};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * 4) {
+        uint4 wv[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int c = c0 + 32 * u;
+            if (c < chunks) {
+                asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(wv[u].x), "=r"(wv[u].y), "=r"(wv[u].z), "=r"(wv[u].w) : "l"(wr + c));
+            } else {
+                wv[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int c = c0 + 32 * u;
+            if (c >= chunks) break;
+            const unsigned ww[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+#pragma unroll
+            for (int t = 0; t < GEMV_ROWS; t++) {
+                if (t >= rows) break;
+                const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * in_dim) + c);
+                const unsigned xx[4] = {xv.x, xv.y, xv.z, xv.w};
+                float s = acc[t];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    s = fmaf(__uint_as_float(ww[i] << 16), __uint_as_float(xx[i] << 16), s);
+                    s = fmaf(__uint_as_float(ww[i] & 0xffff0000u), __uint_as_float(xx[i] & 0xffff0000u), s);
+                }
+                acc[t] = s;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_ROWS; t++) {
+        if (t >= rows) break;
+        float s = acc[t];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        if (lane == 0) {
+            const size_t at = (size_t)t * out_dim + n;
+            if (y_bf16) reinterpret_cast<bf16_t*>(y)[at] = to_bf(s);
+            else {
+                float* yf = reinterpret_cast<float*>(y);
+                yf[at] = beta == 0.f ? s : s + beta * yf[at];
+            }
+        }
+    }
+}
+
 // out[t, i] = bf16(silu(gate) * up), rows of gu (bf16) being [gate (inter) | up (inter)].
 extern "C" __global__ void silu_mul(const bf16_t* gu, bf16_t* out, int rows, int inter) {
     const size_t n = (size_t)rows * inter;

@@ -912,7 +912,7 @@ impl KvPool {
         for (l, lw) in w.layers.iter().enumerate() {
             let heads = g.addr(&self.heads[l]);
             g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), rows, h, c.eps)?;
-            g.gemm(
+            g.linear(
                 a16(&b.xn),
                 a16(&lw.qkv),
                 a16(&b.qkv),
@@ -972,9 +972,9 @@ impl KvPool {
                     out,
                 )?;
             }
-            g.gemm(a16(&b.att), a16(&lw.o), a(&b.x), rows, qd, h, 1.0, false)?;
+            g.linear(a16(&b.att), a16(&lw.o), a(&b.x), rows, qd, h, 1.0, false)?;
             g.rms_norm(a(&b.x), a(&lw.ffn_norm), a16(&b.xn), rows, h, c.eps)?;
-            g.gemm(
+            g.linear(
                 a16(&b.xn),
                 a16(&lw.gate_up),
                 a16(&b.gu),
@@ -985,7 +985,7 @@ impl KvPool {
                 true,
             )?;
             g.silu_mul(a16(&b.gu), a16(&b.act), rows, c.ffn)?;
-            g.gemm(
+            g.linear(
                 a16(&b.act),
                 a16(&lw.down),
                 a(&b.x),
@@ -998,7 +998,7 @@ impl KvPool {
         }
         if logit_rows > 0 {
             g.rms_norm(a(&b.x), a(&w.norm), a16(&b.xn), logit_rows, h, c.eps)?;
-            g.gemm(
+            g.linear(
                 a16(&b.xn),
                 a16(w.lm_head()),
                 a(&b.logits),

@@ -61,6 +61,9 @@ pub struct Gpu {
     _blas_workspace: CudaSlice<u8>,
 }
 
+/// Rows [`Gpu::gemv`] takes at most (`GEMV_ROWS` in [`crate::ops::SOURCE`]).
+pub const GEMV_ROWS: usize = 4;
+
 /// Bytes of cuBLAS's workspace.
 const BLAS_WORKSPACE: usize = 32 << 20;
 
@@ -636,6 +639,54 @@ impl Gpu {
             )
         }
         .map_err(driver)
+    }
+
+    /// [`Gpu::gemm`]'s product for at most [`GEMV_ROWS`] rows by duo's own kernel (one warp per
+    /// output, the weights streamed once): `in_dim` a multiple of 8.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        t: usize,
+        in_dim: usize,
+        out_dim: usize,
+        beta: f32,
+        y_bf16: bool,
+    ) -> Result<()> {
+        if t == 0 || t > GEMV_ROWS || !in_dim.is_multiple_of(8) {
+            return Err(CudaError::Input(format!(
+                "gemv takes 1 to {GEMV_ROWS} rows of a multiple of 8 values ({t} rows of {in_dim})"
+            )));
+        }
+        let f = self.op("gemv_bf16")?;
+        let (rows, i, o, yb) = (t as i32, in_dim as i32, out_dim as i32, i32::from(y_bf16));
+        launch!(self, f, (out_dim.div_ceil(8) as u32, 1, 1), 256, &x, &w, &y, &rows, &i, &o, &beta, &yb)
+    }
+
+    /// A linear layer's product, `y = x W^T (+ beta y)`, by the kernel that suits it: duo's
+    /// [`Gpu::gemv`] for a few rows where `DUO_GEMV=1` (measured against cuBLAS in
+    /// BENCHMARKS.md), else cuBLAS ([`Gpu::gemm`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        t: usize,
+        in_dim: usize,
+        out_dim: usize,
+        beta: f32,
+        y_bf16: bool,
+    ) -> Result<()> {
+        static USE_GEMV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let gemv = *USE_GEMV.get_or_init(|| std::env::var("DUO_GEMV").as_deref() == Ok("1"));
+        if gemv && t <= GEMV_ROWS && in_dim.is_multiple_of(8) {
+            self.gemv(x, w, y, t, in_dim, out_dim, beta, y_bf16)
+        } else {
+            self.gemm(x, w, y, t, in_dim, out_dim, beta, y_bf16)
+        }
     }
 
     fn decode_kernels(
