@@ -121,6 +121,19 @@ fn attention_peers_are_refused_off_the_gpu_and_when_malformed_before_any_device_
 }
 
 #[test]
+fn simulating_a_4_bit_cache_over_an_int8_one_is_refused_before_loading() {
+    // It would round twice (the simulation rounds an f32 or f16 cache).
+    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
+        .args(["eval", "passkey", "--kv-dtype", "q8", "--lengths", "500", "--depths", "0.5", "--methods", "full", "--out", "/nonexistent/duo-sim"])
+        .env("DUO_SIMULATE_KV", "int4-rows")
+        .output()
+        .expect("duo runs");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && err.contains("not an int8 one"), "{err}");
+    assert!(!err.contains("loading"), "refused before the model loads: {err}");
+}
+
+#[test]
 fn a_batched_bench_is_refused_off_the_gpu_and_out_of_range_before_any_device_opens() {
     for (args, want) in [
         (&["bench", "--batch", "4", "--lengths", "64"][..], "several on a paging backend (--device cuda)"),
