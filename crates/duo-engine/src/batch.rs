@@ -188,6 +188,8 @@ pub struct BatchStats {
     pub prefill_steps: AtomicU64,
     /// Summed microseconds of those steps.
     pub prefill_step_micros: AtomicU64,
+    /// Steps that ran a whole prompt of one chunk alone, decode rows waiting one step.
+    pub prefill_alone_steps: AtomicU64,
 }
 
 impl BatchStats {
@@ -238,7 +240,7 @@ impl BatchEngine {
             stats.kv_blocks_total.store(p.total_blocks(), Ordering::SeqCst);
             *stats.floor.lock().unwrap_or_else(|e| e.into_inner()) = engine.backend().decode_floor().ok().flatten();
         }
-        let worker = Worker { engine: engine.clone(), method, plan: plan.clone(), config, stats: stats.clone(), pool: pool.clone() };
+        let worker = Worker { engine: engine.clone(), method, plan: plan.clone(), config, stats: stats.clone(), pool: pool.clone(), last_alone: Default::default() };
         std::thread::Builder::new()
             .name("duo-engine".into())
             .spawn(move || {
@@ -400,6 +402,8 @@ struct Worker {
     config: BatchConfig,
     stats: Arc<BatchStats>,
     pool: Option<Arc<dyn KvPool>>,
+    /// Whether the last paged step was a prompt's prefill alone (see `paged_step`).
+    last_alone: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -722,6 +726,13 @@ impl Worker {
     /// One step: the pending token of every running sequence, and the next prefill chunk of
     /// the oldest sequence still prefilling (the same chunks as alone). When the blocks the
     /// step needs are not free, the youngest sequence is preempted until they are.
+    ///
+    /// A prompt that fits in one chunk runs alone (the decode rows wait one step), unless the
+    /// step before was one too: its first token then comes after its prefill and at most the
+    /// step in flight when it arrived, instead of after a step that also carries every decode
+    /// row's attention; the decode rows lose only the weights' shared read (their next token
+    /// came after the mixed step anyway). Longer prompts share steps with the decode rows, so
+    /// that decoding never waits more than one step in two.
     fn paged_step(&self, pool: &dyn KvPool, running: &mut [Running]) {
         let chunk_size = self.method.chunk.min(pool.max_chunk()).max(1);
         let prefill = loop {
@@ -755,12 +766,22 @@ impl Worker {
             s.logits = None;
             self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         };
+        let alone = prefill.is_some_and(|(i, end)| running[i].prefilled == 0 && end == running[i].prompt.len())
+            && running.iter().any(|s| s.kv.is_some() && s.pending.is_some())
+            && !self.last_alone.load(Ordering::Relaxed);
+        self.last_alone.store(alone, Ordering::Relaxed);
+        if alone {
+            self.stats.prefill_alone_steps.fetch_add(1, Ordering::Relaxed);
+        }
         let mut rows: Vec<(&mut dyn Sequence, u32)> = Vec::new();
         let mut row_of: Vec<usize> = Vec::new();
         let mut chunk: Option<(&mut dyn Sequence, &[u32], bool)> = None;
         for (i, s) in running.iter_mut().enumerate() {
             let Running { kv: Some(kv), pending, prompt, prefilled, .. } = s else { continue };
             if let Some(t) = *pending {
+                if alone {
+                    continue;
+                }
                 rows.push((kv.as_mut(), t));
                 row_of.push(i);
             } else if let Some((_, end)) = prefill.filter(|p| p.0 == i) {

@@ -57,6 +57,8 @@ struct CpuBlockPool {
     max_steady: AtomicUsize,
     /// Steady decode-only steps of each width.
     steady_steps: std::sync::Mutex<std::collections::HashMap<usize, u64>>,
+    /// Kinds of the steps in order: (decode rows, with a prefill chunk).
+    kinds: std::sync::Mutex<Vec<(usize, bool)>>,
 }
 
 fn blocked(s: &mut dyn Sequence) -> &mut Blocked {
@@ -117,6 +119,7 @@ impl KvPool for CpuBlockPool {
         let backend = self.engine.backend();
         let width = decode.len();
         let decode_only = prefill.is_none();
+        self.kinds.lock().unwrap().push((width, !decode_only));
         let steady = !decode_only || !self.widths.lock().unwrap().insert(width);
         if steady && decode_only {
             self.max_steady.fetch_max(width, Ordering::SeqCst);
@@ -177,7 +180,7 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
 
     let total = 36;
     let free = Arc::new(AtomicUsize::new(total));
-    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total, block: 16, widths: Default::default(), max_steady: AtomicUsize::new(0), steady_steps: Default::default() });
+    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total, block: 16, widths: Default::default(), max_steady: AtomicUsize::new(0), steady_steps: Default::default(), kinds: Default::default() });
     let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget: 0, max_waiting: 16, max_running: 8 }, Some(pool.clone()));
     assert_eq!(engine.kv_bytes_for(100), (1 + 7) * 1024, "bytes are the blocks held");
     let err = engine.check(600, &SamplingParams { max_tokens: 10, ..Default::default() }, None).unwrap_err().to_string();
@@ -214,6 +217,11 @@ fn preempted_requests_resume_with_the_tokens_they_give_alone() {
     assert!(full.steps >= 1 && full.rows_per_step == widest && widest >= 2, "the full batch's decode steps are tallied: {full:?}, widest {widest}");
     assert_eq!(widest, pool.max_steady.load(Ordering::SeqCst), "the widest step is the widest steady one (a width's first step is not)");
     assert_eq!(full.steps, pool.steady_steps.lock().unwrap()[&widest], "the full-batch tally counts that width's steady steps, not its first");
+    // Prompts of one chunk arriving while others decode ran alone (steps with a prefill and no
+    // decode rows).
+    let alone = s.prefill_alone_steps.load(Ordering::SeqCst);
+    let kinds = pool.kinds.lock().unwrap().clone();
+    assert!(alone >= 1 && alone as usize <= kinds.iter().filter(|k| **k == (0, true)).count(), "{alone} alone steps in {kinds:?}");
     assert!(full.tokens_per_second().is_some_and(|t| t > 0.0));
     // The phases of time to first token: each request admitted and its prompt counted once
     // (a resumed sequence's recompute is not a second prompt), each prompt at least one
@@ -236,7 +244,7 @@ fn a_request_that_fills_the_whole_idle_pool_runs() {
     // 100 blocks of 2 tokens (one for the streaming heads): 197 tokens take all 100, more
     // than the 1% watermark leaves while anything else runs.
     let free = Arc::new(AtomicUsize::new(100));
-    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total: 100, block: 2, widths: Default::default(), max_steady: AtomicUsize::new(0), steady_steps: Default::default() });
+    let pool = Arc::new(CpuBlockPool { engine: model.clone(), method: method.clone(), free: free.clone(), total: 100, block: 2, widths: Default::default(), max_steady: AtomicUsize::new(0), steady_steps: Default::default(), kinds: Default::default() });
     let engine = BatchEngine::start_with_pool(model.clone(), method, BatchConfig { kv_budget: 0, max_waiting: 4, max_running: 4 }, Some(pool));
     let params = SamplingParams { max_tokens: 1, ..Default::default() };
     assert!(engine.check(198, &params, None).is_err(), "199 tokens need 1 + 100 blocks");

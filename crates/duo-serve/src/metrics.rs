@@ -113,6 +113,7 @@ impl Metrics {
         let seconds = |micros: &std::sync::atomic::AtomicU64| micros.load(Ordering::SeqCst) as f64 / 1e6;
         metric("duo:prefill_steps_total", "counter", "Steps that carried a prefill chunk (with or without decode rows).", engine.prefill_steps.load(Ordering::SeqCst).to_string(), "");
         metric("duo:prefill_steps_seconds_total", "counter", "Time of those steps.", seconds(&engine.prefill_step_micros).to_string(), "");
+        metric("duo:prefill_alone_steps_total", "counter", "Steps that ran a one-chunk prompt alone while others were decoding.", engine.prefill_alone_steps.load(Ordering::SeqCst).to_string(), "");
         metric("duo:decode_only_steps_total", "counter", "Steps that ran decode rows only.", engine.decode_only_steps.load(Ordering::SeqCst).to_string(), "");
         metric("duo:decode_only_rows_total", "counter", "Rows (tokens) of decode-only steps.", engine.decode_only_rows.load(Ordering::SeqCst).to_string(), "");
         metric("duo:decode_only_seconds_total", "counter", "Time of decode-only steps.", seconds(&engine.decode_only_micros).to_string(), "");
