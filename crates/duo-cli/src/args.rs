@@ -60,6 +60,10 @@ pub struct MethodArgs {
     /// quarter).
     #[arg(long)]
     pub kv_dtype: Option<String>,
+    /// The streaming heads' own element type (CPU: f32, f16 or int8; default: --kv-dtype's):
+    /// their window is small, so keeping it exact beside a smaller retrieval cache costs little.
+    #[arg(long)]
+    pub kv_dtype_streaming: Option<String>,
 }
 
 impl MethodArgs {
@@ -100,6 +104,12 @@ impl MethodArgs {
             (Device::Cuda(_), Some(d)) if !d.on_gpu() => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8, int8 or int4", self.kv_dtype.as_deref().unwrap_or_default()),
             _ => {}
         }
+        let kv_dtype_streaming: Option<KvDtype> = self.kv_dtype_streaming.as_deref().map(str::parse).transpose()?;
+        match (self.device, kv_dtype_streaming) {
+            (Device::Cpu, Some(d)) if !d.on_cpu() => anyhow::bail!("--kv-dtype-streaming {}: on the CPU it is f32, f16 or int8 (q8)", self.kv_dtype_streaming.as_deref().unwrap_or_default()),
+            (Device::Cuda(_), Some(_)) => anyhow::bail!("--kv-dtype-streaming: the CUDA backend caches every head in one type (--kv-dtype); streaming heads of their own type are the CPU backend's for now"),
+            _ => {}
+        }
         Ok(MethodSpec {
             method: self.method.parse::<Method>()?,
             pattern: self.pattern_source(),
@@ -112,6 +122,7 @@ impl MethodArgs {
             prefill: self.prefill.parse().map_err(anyhow::Error::msg)?,
             chunk: self.chunk,
             kv_dtype,
+            kv_dtype_streaming,
         })
     }
 

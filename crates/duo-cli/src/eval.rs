@@ -170,7 +170,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         if matches!(g.method.device, duo_engine::Device::Cuda(_)) {
             bail!("{}: simulated caches are the CPU cache's; the GPU has --kv-dtype int4", duo_kv::sim::ENV);
         }
-        if base.kv_dtype.is_some_and(|d| d != duo_engine::KvDtype::F32 && d != duo_engine::KvDtype::F16) {
+        if [base.kv_dtype, base.kv_dtype_streaming].into_iter().flatten().any(|d| d != duo_engine::KvDtype::F32 && d != duo_engine::KvDtype::F16) {
             bail!("{}: a simulated cache rounds an f32 or f16 cache, not an int8 one (it would round twice)", duo_kv::sim::ENV);
         }
         eprintln!("duo eval: the KV cache is rounded as a 4-bit cache would hold it ({sim:?}, from {}); its memory is unchanged", duo_kv::sim::ENV);

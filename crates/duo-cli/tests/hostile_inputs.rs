@@ -99,6 +99,8 @@ fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
         (&["generate", "--kv-dtype", "fp8", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
         (&["generate", "--kv-dtype", "bf16", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
         (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16 (its default), fp8, int8 or int4"),
+        (&["generate", "--kv-dtype-streaming", "int4", "hi"][..], "on the CPU it is f32, f16 or int8"),
+        (&["bench", "--device", "cuda", "--kv-dtype-streaming", "bf16", "--lengths", "64"][..], "streaming heads of their own type are the CPU backend's"),
     ] {
         let (ok, err, _) = duo(args);
         assert!(!ok && err.contains(want), "{args:?}: {err}");

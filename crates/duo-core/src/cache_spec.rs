@@ -70,6 +70,10 @@ pub struct LayerCacheSpec {
     /// Bytes of scales per cached row (one position of one head, keys or values): 4 for a
     /// quantised cache's row scale word, else 0.
     pub scale_bytes_per_row: usize,
+    /// The streaming heads' own bits per element (`--kv-dtype-streaming`; else the same).
+    pub streaming_bits_per_element: usize,
+    /// The streaming heads' scale bytes per row, likewise.
+    pub streaming_scale_bytes_per_row: usize,
     /// The streaming window.
     pub window: Window,
 }
@@ -85,9 +89,19 @@ impl LayerCacheSpec {
         self.kinds.len() - self.n_retrieval()
     }
 
-    /// Bytes of keys plus values for one head holding `entries` tokens.
+    /// Bytes of keys plus values for one retrieval head holding `entries` tokens.
     pub fn bytes_per_head(&self, entries: usize) -> usize {
         2 * (self.head_dim * self.bits_per_element / 8 + self.scale_bytes_per_row) * entries
+    }
+
+    /// Bytes of keys plus values for one streaming head holding `entries` tokens.
+    pub fn bytes_per_streaming_head(&self, entries: usize) -> usize {
+        2 * (self.head_dim * self.streaming_bits_per_element / 8 + self.streaming_scale_bytes_per_row) * entries
+    }
+
+    /// Whether streaming heads store another element type than retrieval heads.
+    pub fn streaming_differs(&self) -> bool {
+        (self.streaming_bits_per_element, self.streaming_scale_bytes_per_row) != (self.bits_per_element, self.scale_bytes_per_row)
     }
 
     /// Bytes held by the retrieval heads after `tokens` tokens.
@@ -97,7 +111,7 @@ impl LayerCacheSpec {
 
     /// Bytes held by the streaming heads after `tokens` tokens.
     pub fn streaming_bytes(&self, tokens: usize) -> usize {
-        self.n_streaming() * self.bytes_per_head(tokens.min(self.window.capacity()))
+        self.n_streaming() * self.bytes_per_streaming_head(tokens.min(self.window.capacity()))
     }
 }
 
@@ -126,6 +140,8 @@ impl CachePlan {
                 head_dim,
                 bits_per_element,
                 scale_bytes_per_row: 0,
+                streaming_bits_per_element: bits_per_element,
+                streaming_scale_bytes_per_row: 0,
                 window,
             })
             .collect();
@@ -137,6 +153,17 @@ impl CachePlan {
     pub fn with_row_scales(mut self, bytes: usize) -> Self {
         for l in &mut self.layers {
             l.scale_bytes_per_row = bytes;
+            l.streaming_scale_bytes_per_row = bytes;
+        }
+        self
+    }
+
+    /// The same plan with the streaming heads in elements of `bits` and `scale_bytes` per row
+    /// (`--kv-dtype-streaming`: their window is small, so an exact one costs little).
+    pub fn with_streaming(mut self, bits: usize, scale_bytes: usize) -> Self {
+        for l in &mut self.layers {
+            l.streaming_bits_per_element = bits;
+            l.streaming_scale_bytes_per_row = scale_bytes;
         }
         self
     }

@@ -146,11 +146,13 @@ pub struct MethodSpec {
     /// Element type of the KV cache (`None`: the backend's own, f32 on the CPU, bf16 on
     /// the GPU).
     pub kv_dtype: Option<KvDtype>,
+    /// The streaming heads' own element type (`None`: `kv_dtype`'s); the CPU backend's.
+    pub kv_dtype_streaming: Option<KvDtype>,
 }
 
 impl Default for MethodSpec {
     fn default() -> Self {
-        Self { method: Method::Full, pattern: None, sparsity: None, threshold: None, layout: Layout::Head, sink: 64, recent: 256, seed: 0, prefill: PrefillMode::Lambda, chunk: 4096, kv_dtype: None }
+        Self { method: Method::Full, pattern: None, sparsity: None, threshold: None, layout: Layout::Head, sink: 64, recent: 256, seed: 0, prefill: PrefillMode::Lambda, chunk: 4096, kv_dtype: None, kv_dtype_streaming: None }
     }
 }
 
@@ -167,6 +169,8 @@ pub struct ResolvedMethod {
     pub chunk: usize,
     /// The cache's element type as asked (`None`: the backend's own).
     pub kv_dtype: Option<KvDtype>,
+    /// The streaming heads' element type as asked (`None`: `kv_dtype`'s).
+    pub kv_dtype_streaming: Option<KvDtype>,
     /// The per-layer cache specs of a CPU cache: f32 elements, or f16 when asked.
     pub plan: CachePlan,
     /// A CPU cache that rounds what it holds as a 4-bit scheme would, for accuracy studies
@@ -233,8 +237,11 @@ impl MethodSpec {
         // The CPU cache's plan (the GPU's pool counts its own): f32 unless a CPU type is asked
         // for (f16, or int8 rows with a 4-byte scale each).
         let cpu = self.kv_dtype.filter(|d| d.on_cpu()).unwrap_or(KvDtype::F32);
-        let plan = CachePlan::with_bits(&pattern, config.head_dim, cpu.bits(), window).with_row_scales(cpu.scale_bytes());
-        Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, kv_dtype: self.kv_dtype, plan, simulate: None })
+        let mut plan = CachePlan::with_bits(&pattern, config.head_dim, cpu.bits(), window).with_row_scales(cpu.scale_bytes());
+        if let Some(s) = self.kv_dtype_streaming.filter(|d| d.on_cpu()) {
+            plan = plan.with_streaming(s.bits(), s.scale_bytes());
+        }
+        Ok(ResolvedMethod { pattern, window, prefill: self.prefill, chunk: self.chunk, kv_dtype: self.kv_dtype, kv_dtype_streaming: self.kv_dtype_streaming, plan, simulate: None })
     }
 }
 

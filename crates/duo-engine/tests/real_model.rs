@@ -257,6 +257,11 @@ fn an_int8_cache_holds_a_quarter_of_the_bytes_and_a_scale_per_row_and_keeps_the_
     assert_eq!(int8_bytes.streaming * 4 * hd, f32_bytes.streaming * (hd + 4));
     // q8 is int8's other name.
     assert_eq!("q8".parse::<duo_engine::KvDtype>().expect("q8"), duo_engine::KvDtype::Int8);
+    // Streaming heads in their own type: int8 retrieval heads, exact (f32) streaming heads.
+    let mixed = MethodSpec { kv_dtype_streaming: Some(duo_engine::KvDtype::F32), ..int8.clone() };
+    let (mixed_tokens, mixed_bytes) = run(&mixed);
+    assert_eq!((mixed_bytes.retrieval, mixed_bytes.streaming), (int8_bytes.retrieval, f32_bytes.streaming));
+    assert_eq!(&mixed_tokens[..4], &want[..4]);
 }
 
 #[test]

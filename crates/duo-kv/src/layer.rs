@@ -50,7 +50,13 @@ impl KvBytes {
 #[derive(Debug, Clone)]
 pub struct LayerKv {
     spec: LayerCacheSpec,
+    /// Every head in the retrieval heads' element type (streaming heads too, unless they
+    /// have their own, `streaming`).
     heads: LayerHeads,
+    /// The streaming heads in their own element type (`--kv-dtype-streaming`), at their
+    /// positions (the retrieval positions of this set, and the streaming ones of `heads`,
+    /// are never used).
+    streaming: Option<LayerHeads>,
     /// A simulated 4-bit cache's rounding ([`KvSim`]), if any.
     sim: Option<KvSim>,
 }
@@ -74,17 +80,57 @@ fn new_heads<E: KvElem>(spec: &LayerCacheSpec) -> Vec<HeadCache<E>> {
         .collect()
 }
 
-/// Bytes held by `heads` under `spec`.
-fn heads_bytes<E: KvElem>(spec: &LayerCacheSpec, heads: &[HeadCache<E>]) -> KvBytes {
+/// Bytes held by the heads of `heads` of kind `only` (or all) under `spec`.
+fn heads_bytes<E: KvElem>(spec: &LayerCacheSpec, heads: &[HeadCache<E>], only: Option<HeadKind>) -> KvBytes {
     let mut b = KvBytes::default();
     for h in heads {
-        let bytes = spec.bytes_per_head(h.len());
         match h {
-            HeadCache::Retrieval(_) => b.retrieval += bytes,
-            HeadCache::Streaming(_) => b.streaming += bytes,
+            HeadCache::Retrieval(_) if only != Some(HeadKind::Streaming) => b.retrieval += spec.bytes_per_head(h.len()),
+            HeadCache::Streaming(_) if only != Some(HeadKind::Retrieval) => b.streaming += spec.bytes_per_streaming_head(h.len()),
+            _ => {}
         }
     }
     b
+}
+
+/// Heads for `spec` in elements of `bits` (32 `f32`, 16 `f16`, 8 `i8` with a scale per row).
+///
+/// # Panics
+/// On another element size (the plans of the CPU backend are 32, 16 or 8 bits).
+fn layer_heads(spec: &LayerCacheSpec, bits: usize) -> LayerHeads {
+    match bits {
+        32 => LayerHeads::F32(new_heads(spec)),
+        16 => LayerHeads::F16(new_heads(spec)),
+        8 => LayerHeads::I8(new_heads(spec)),
+        b => panic!("a CPU cache holds 32-bit (f32), 16-bit (f16) or 8-bit (int8) elements, not {b}-bit ones"),
+    }
+}
+
+impl LayerHeads {
+    fn lens(&self) -> Vec<usize> {
+        match self {
+            LayerHeads::F32(h) => h.iter().map(HeadCache::len).collect(),
+            LayerHeads::F16(h) => h.iter().map(HeadCache::len).collect(),
+            LayerHeads::I8(h) => h.iter().map(HeadCache::len).collect(),
+        }
+    }
+
+    fn bytes(&self, spec: &LayerCacheSpec, only: Option<HeadKind>) -> KvBytes {
+        match self {
+            LayerHeads::F32(h) => heads_bytes(spec, h, only),
+            LayerHeads::F16(h) => heads_bytes(spec, h, only),
+            LayerHeads::I8(h) => heads_bytes(spec, h, only),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attend(&mut self, spec: &LayerCacheSpec, q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode, sim: Option<KvSim>, only: Option<HeadKind>) -> Vec<f32> {
+        match self {
+            LayerHeads::F32(h) => attend_layer(spec, h, q, k, v, first_position, n_heads, mode, sim, only),
+            LayerHeads::F16(h) => attend_layer(spec, h, q, k, v, first_position, n_heads, mode, sim, only),
+            LayerHeads::I8(h) => attend_layer(spec, h, q, k, v, first_position, n_heads, mode, sim, only),
+        }
+    }
 }
 
 fn reserve_heads<E: KvElem>(heads: &mut [HeadCache<E>], tokens: usize) {
@@ -102,13 +148,9 @@ impl LayerKv {
     /// # Panics
     /// On another element size (the plans of the CPU backend are 32, 16 or 8 bits).
     pub fn new(spec: LayerCacheSpec) -> Self {
-        let heads = match spec.bits_per_element {
-            32 => LayerHeads::F32(new_heads(&spec)),
-            16 => LayerHeads::F16(new_heads(&spec)),
-            8 => LayerHeads::I8(new_heads(&spec)),
-            b => panic!("a CPU cache holds 32-bit (f32), 16-bit (f16) or 8-bit (int8) elements, not {b}-bit ones"),
-        };
-        Self { spec, heads, sim: None }
+        let heads = layer_heads(&spec, spec.bits_per_element);
+        let streaming = spec.streaming_differs().then(|| layer_heads(&spec, spec.streaming_bits_per_element));
+        Self { spec, heads, streaming, sim: None }
     }
 
     /// The spec this layer was built from.
@@ -118,19 +160,21 @@ impl LayerKv {
 
     /// Tokens held by each KV head.
     pub fn head_lens(&self) -> Vec<usize> {
-        match &self.heads {
-            LayerHeads::F32(h) => h.iter().map(HeadCache::len).collect(),
-            LayerHeads::F16(h) => h.iter().map(HeadCache::len).collect(),
-            LayerHeads::I8(h) => h.iter().map(HeadCache::len).collect(),
+        let main = self.heads.lens();
+        match &self.streaming {
+            None => main,
+            Some(s) => main.into_iter().zip(s.lens()).zip(&self.spec.kinds).map(|((m, s), k)| if *k == HeadKind::Streaming { s } else { m }).collect(),
         }
     }
 
     /// Bytes held now.
     pub fn bytes(&self) -> KvBytes {
-        match &self.heads {
-            LayerHeads::F32(h) => heads_bytes(&self.spec, h),
-            LayerHeads::F16(h) => heads_bytes(&self.spec, h),
-            LayerHeads::I8(h) => heads_bytes(&self.spec, h),
+        match &self.streaming {
+            None => self.heads.bytes(&self.spec, None),
+            Some(s) => {
+                let (r, st) = (self.heads.bytes(&self.spec, Some(HeadKind::Retrieval)), s.bytes(&self.spec, Some(HeadKind::Streaming)));
+                KvBytes { retrieval: r.retrieval, streaming: st.streaming }
+            }
         }
     }
 
@@ -157,19 +201,29 @@ impl LayerKv {
             }
             None => (k, v),
         };
-        match &mut self.heads {
-            LayerHeads::F32(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode, self.sim),
-            LayerHeads::F16(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode, self.sim),
-            LayerHeads::I8(h) => attend_layer(&self.spec, h, q, k, v, first_position, n_heads, mode, self.sim),
+        match &mut self.streaming {
+            None => self.heads.attend(&self.spec, q, k, v, first_position, n_heads, mode, self.sim, None),
+            Some(s) => {
+                // Two passes over disjoint heads (each leaves the others' outputs zero).
+                let mut out = self.heads.attend(&self.spec, q, k, v, first_position, n_heads, mode, self.sim, Some(HeadKind::Retrieval));
+                let st = s.attend(&self.spec, q, k, v, first_position, n_heads, mode, self.sim, Some(HeadKind::Streaming));
+                for (o, x) in out.iter_mut().zip(st) {
+                    *o += x;
+                }
+                out
+            }
         }
     }
 }
 
-/// [`LayerKv::attend`] over heads of element type `E`. A streaming head's chunk segment is
-/// the chunk rounded to `E` too, so a query sees the chunk's keys as later queries will see
-/// them from the cache.
+/// [`LayerKv::attend`] over heads of element type `E` (only those of kind `only`, if given:
+/// the others are neither attended, written nor appended to, and their outputs stay zero). A
+/// streaming head's chunk segment is the chunk rounded to `E` too, so a query sees the chunk's
+/// keys as later queries will see them from the cache.
 #[allow(clippy::too_many_arguments)]
-fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode, sim: Option<KvSim>) -> Vec<f32> {
+fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode, sim: Option<KvSim>, only: Option<HeadKind>) -> Vec<f32> {
+    let take_retrieval = only != Some(HeadKind::Streaming);
+    let take_streaming = only != Some(HeadKind::Retrieval);
     let hd = spec.head_dim;
     let n_kv = heads.len();
     let kv_stride = n_kv * hd;
@@ -179,7 +233,7 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
     let scale = 1.0 / (hd as f32).sqrt();
     // Retrieval heads cache the chunk first and then attend causally over the cache.
     for (g, head) in heads.iter_mut().enumerate() {
-        if let HeadCache::Retrieval(h) = head {
+        if let (HeadCache::Retrieval(h), true) = (head, take_retrieval) {
             h.reserve(t);
             let before = h.len();
             for r in 0..t {
@@ -200,16 +254,22 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
     }
     let window = spec.window;
     // The chunk as the cache will hold it (borrowed for f32), for streaming heads.
-    let any_streaming = heads.iter().any(|h| matches!(h, HeadCache::Streaming(_)));
+    let any_streaming = take_streaming && heads.iter().any(|h| matches!(h, HeadCache::Streaming(_)));
     let ((kc, kcs), (vc, vcs)) = if any_streaming { (chunk_as::<E>(k, t, n_kv, hd), chunk_as::<E>(v, t, n_kv, hd)) } else { (chunk_as::<E>(&[], 0, n_kv, hd), chunk_as::<E>(&[], 0, n_kv, hd)) };
 
     // A decode step (one position) attends once per KV head for all the query heads that
     // share it, so each cached key and value is read once for the group (each head's rows keep
     // the bits they get alone); a chunk attends once per query head over its positions.
     let grouped = t == 1 && group > 1;
+    let mut job_ids = Vec::with_capacity(n_heads);
     let out_heads = {
         let mut jobs = Vec::with_capacity(n_heads);
         for job in 0..if grouped { n_kv } else { n_heads } {
+            let g = if grouped { job } else { job / group };
+            if !(if matches!(heads[g], HeadCache::Retrieval(_)) { take_retrieval } else { take_streaming }) {
+                continue;
+            }
+            job_ids.push(job);
             let (g, queries) = if grouped {
                 (job, QueryBlock { queries: &q[job * group * hd..(job + 1) * group * hd], row_stride: hd, first_position, shared_position: true })
             } else {
@@ -245,7 +305,7 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
     };
     // Streaming heads cache the chunk after attending (they may drop part of it).
     for (g, head) in heads.iter_mut().enumerate() {
-        if let HeadCache::Streaming(h) = head {
+        if let (HeadCache::Streaming(h), true) = (head, take_streaming) {
             for r in 0..t {
                 h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..], first_position + r);
             }
@@ -254,11 +314,11 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
     let mut out = vec![0.0f32; t * q_stride];
     if grouped {
         // One position: job g's rows are query heads g * group.. in order.
-        for (g, o) in out_heads.iter().enumerate() {
+        for (&g, o) in job_ids.iter().zip(&out_heads) {
             out[g * group * hd..][..group * hd].copy_from_slice(o);
         }
     } else {
-        for (qh, o) in out_heads.iter().enumerate() {
+        for (&qh, o) in job_ids.iter().zip(&out_heads) {
             for r in 0..t {
                 out[r * q_stride + qh * hd..][..hd].copy_from_slice(&o[r * hd..][..hd]);
             }
@@ -514,6 +574,45 @@ mod tests {
                 }
                 assert!(rel(got, f32_out) > 1e-5, "the rounding is real");
             });
+        }
+    }
+
+    #[test]
+    fn streaming_heads_may_keep_their_own_element_type() {
+        // int8 retrieval heads beside exact (f32) streaming heads, and the reverse: each kind
+        // attends over its keys and values as its own type holds them, and its bytes are its
+        // type's.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let (hd, t, n_heads, n_kv) = (16usize, 60usize, 4usize, 2usize);
+        let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
+        let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
+        let window = Window::new(3, 11).unwrap();
+        let q = random(t * n_heads * hd, &mut rng);
+        let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
+        let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+        // Rows of head `g` (of 2) rounded as int8 rows.
+        let round_head = |x: &[f32], g: usize| -> Vec<f32> {
+            let mut x = x.to_vec();
+            for (i, row) in x.chunks_mut(hd).enumerate() {
+                if i % n_kv == g {
+                    duo_kernels::kv8::round_row(row);
+                }
+            }
+            x
+        };
+        for (int8_head, plan) in [
+            (0usize, CachePlan::with_bits(&pattern, hd, 8, window).with_row_scales(4).with_streaming(32, 0)),
+            (1, CachePlan::with_bits(&pattern, hd, 32, window).with_streaming(8, 4)),
+        ] {
+            let want = dense_oracle(&q, &round_head(&k, int8_head), &round_head(&v, int8_head), n_heads, &kinds, hd, &lambda);
+            for chunk in [1usize, 7, 1000] {
+                let (got, seq) = run_chunked_plan(&plan, PrefillMode::Lambda, chunk, &q, &k, &v, n_heads, hd);
+                assert!(rel(&got, &want) < 1e-5, "int8 head {int8_head}, chunk {chunk}: {}", rel(&got, &want));
+                let b = seq.bytes();
+                let (r_row, s_row) = if int8_head == 0 { (hd + 4, 4 * hd) } else { (4 * hd, hd + 4) };
+                assert_eq!((b.retrieval, b.streaming), (2 * r_row * t, 2 * s_row * 14), "int8 head {int8_head}, chunk {chunk}");
+                assert_eq!(seq.layers()[0].head_lens(), vec![t, 14]);
+            }
         }
     }
 

@@ -76,7 +76,7 @@ impl Backend for CpuBackend {
     }
 
     fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>> {
-        if let Some(d) = method.kv_dtype.filter(|d| !d.on_cpu()) {
+        if let Some(d) = [method.kv_dtype, method.kv_dtype_streaming].into_iter().flatten().find(|d| !d.on_cpu()) {
             return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("the CPU backend caches f32, f16 or int8 ({d:?} is the GPU's)") });
         }
         let mut kv = method.new_cache();

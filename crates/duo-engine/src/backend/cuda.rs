@@ -112,6 +112,9 @@ impl CudaBackend {
         if method.prefill != PrefillMode::Lambda {
             return Err(EngineError::InvalidParameter { name: "prefill", reason: "the CUDA backend prefills streaming heads with the Λ mask only (--prefill lambda)".into() });
         }
+        if method.kv_dtype_streaming.is_some_and(|s| Some(s) != method.kv_dtype) {
+            return Err(EngineError::InvalidParameter { name: "kv-dtype-streaming", reason: "the CUDA backend caches every head in one type (--kv-dtype); --kv-dtype-streaming is the CPU backend's".into() });
+        }
         let kv = match method.kv_dtype {
             None | Some(KvDtype::Bf16) => KvType::Bf16,
             Some(KvDtype::Fp8) => KvType::Fp8,

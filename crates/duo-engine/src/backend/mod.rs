@@ -213,7 +213,11 @@ pub trait KvPool: Send + Sync {
 pub fn kv_plan(backend: &dyn Backend, method: &ResolvedMethod) -> CachePlan {
     let bits = method.kv_dtype.map_or(8 * backend.kv_element_bytes(), |d| d.bits());
     let scales = method.kv_dtype.map_or(0, |d| d.scale_bytes());
-    CachePlan::with_bits(&method.pattern, backend.config().head_dim, bits, method.window).with_row_scales(scales)
+    let plan = CachePlan::with_bits(&method.pattern, backend.config().head_dim, bits, method.window).with_row_scales(scales);
+    match method.kv_dtype_streaming {
+        Some(s) => plan.with_streaming(s.bits(), s.scale_bytes()),
+        None => plan,
+    }
 }
 
 /// Bytes held after `tokens` tokens under `plan`, by head kind.
