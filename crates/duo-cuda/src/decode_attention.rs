@@ -231,6 +231,13 @@ pub fn tensor_l2_prefetch() -> usize {
     tuning("DUO_DECODE_L2_PREFETCH").map_or(128, |n| if n >= 256 { 256 } else if n >= 128 { 128 } else { 0 })
 }
 
+/// Whether each warp of the bf16 tensor-core kernel copies and waits for its own 16 keys of
+/// a tile (`DUO_DECODE_WARP_PIPE=1`: no block-wide barrier per tile), instead of the block
+/// sharing each tile (the default). A measurement knob until it is measured.
+pub fn tensor_warp_pipe() -> bool {
+    tuning("DUO_DECODE_WARP_PIPE") == Some(1)
+}
+
 /// A numeric tuning override from the environment (unset or unparsable: none), read once
 /// per process: the kernels compiled with a value and the launches sized by it must agree.
 fn tuning(name: &'static str) -> Option<usize> {
@@ -690,6 +697,17 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #define CPR (HEAD_DIM / 8)
 #endif
 #define NCH (TILE * CPR / 128)
+// Which row and 16-byte column of the tile chunk j of this thread copies: the block's 128
+// threads share the tile; with WARP_PIPE (bf16 only) each warp copies its own 16 keys, so
+// that a warp waits for its own rows and never for the block (__syncwarp, no
+// __syncthreads in the loop). Either way NCH chunks per thread.
+#if WARP_PIPE && !defined(KV_BYTES)
+#define CH_ROW(j) (warp * 16 + (lane + (j) * 32) / CPR)
+#define CH_COL(j) ((lane + (j) * 32) % CPR)
+#else
+#define CH_ROW(j) ((threadIdx.x + (j) * 128) / CPR)
+#define CH_COL(j) ((threadIdx.x + (j) * 128) % CPR)
+#endif
     const int cap = e.w == 0 ? 1 : slot_cap(pg, seq_slot);
     const int* trow = pg.tables + (size_t)seq_slot * pg.stride;
     auto pos_of = [&](int t) { return t + (t >= sinks ? gap : 0); };
@@ -712,7 +730,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         }
 #pragma unroll
         for (int j = 0; j < NCH; j++) {
-            const int t = t0 + (threadIdx.x + j * 128) / CPR;
+            const int t = t0 + CH_ROW(j);
             ent[j] = t < end ? trow[kv_entry_at(pg, e, pos_of(t), cap)] : 0;
         }
 #ifdef KV_BYTES
@@ -753,8 +771,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         const int t0 = begin + tile * TILE;
 #pragma unroll
         for (int j = 0; j < NCH; j++) {
-            const int i = threadIdx.x + j * 128;
-            const int r = i / CPR, c = (i % CPR) * 8;
+            const int r = CH_ROW(j), c = CH_COL(j) * 8;
             const int t = t0 + r;
             const bool live = t < end;
             const long long row = page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
@@ -781,7 +798,11 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 
     for (int tile = 0; tile < n_tiles; tile++) {
         cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
+#if WARP_PIPE && !defined(KV_BYTES)
+        __syncwarp();        // ... for every lane of this warp, which alone reads its rows
+#else
         __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
+#endif
         if (tile + STAGES - 1 < n_tiles) {
             load_tile(tile + STAGES - 1);
             fetch_entries(tile + STAGES);

@@ -157,6 +157,10 @@ fn decode_source(
                 "-DCP_L2_PREFETCH={}",
                 crate::decode_attention::tensor_l2_prefetch()
             ));
+            options.push(format!(
+                "-DWARP_PIPE={}",
+                u8::from(crate::decode_attention::tensor_warp_pipe())
+            ));
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS
