@@ -51,9 +51,10 @@ pub struct BenchArgs {
     /// timed here, and the ratios (CUDA; written to attention.md in --out too).
     #[arg(long)]
     pub attention_peers: Option<PathBuf>,
-    /// Sequences decoding together (CUDA): each length's rows then time one step of this many
-    /// sequences in a serving pool (the server's batched path, seeded random KV for each),
-    /// and the decode column is milliseconds per step of all of them.
+    /// Sequences decoding together: each length's rows then time one step of this many
+    /// sequences, seeded random KV for each (CUDA: in a serving pool, the server's batched
+    /// path; CPU: the backend's batched decode), and the decode column is milliseconds per
+    /// step of all of them.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     #[command(flatten)]
@@ -107,8 +108,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for name in &a.methods {
         method_args(&a.method, name)?.spec()?;
     }
-    if a.batch == 0 || (a.batch > 1 && !matches!(device, Device::Cuda(_))) {
-        anyhow::bail!("--batch takes 1 sequence, or several on a paging backend (--device cuda)");
+    if a.batch == 0 {
+        anyhow::bail!("--batch takes 1 sequence or more");
     }
     if a.batch > duo_cuda::pool::MAX_SEQS {
         anyhow::bail!("--batch takes at most {} sequences", duo_cuda::pool::MAX_SEQS);
@@ -204,7 +205,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 (Some(t0.elapsed().as_secs_f64()), duo_engine::sampler::argmax(&logits))
             } else {
                 b.fill_synthetic(seq.as_mut(), n, a.method.seed())?;
-                (None, 1000)
+                (None, 1000.min(limit - 1))
             };
             for _ in 0..warm_steps(device) {
                 next = b.greedy_step(seq.as_mut(), next)?;
@@ -247,28 +248,46 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One length's row of `--batch`: `a.batch` sequences of `n` seeded random tokens of KV in a
-/// serving pool (sized as the server sizes it, 90% of the card), then decode steps of all
-/// of them at once through the pool's step (the server's path, logits back to the host and
-/// each row's argmax taken there); milliseconds per step, the KV of every row.
+/// One length's row of `--batch`: `a.batch` sequences of `n` seeded random tokens of KV,
+/// then decode steps of all of them at once, logits back to the host and each row's argmax
+/// taken there: on a paging backend (CUDA) in a serving pool sized as the server sizes it
+/// (90% of the card) through the pool's step, the server's path; elsewhere (CPU) each
+/// sequence in its own cache through the backend's batched decode. Milliseconds per step,
+/// the KV of every row.
 fn batched_row(b: &dyn Backend, method: &duo_engine::ResolvedMethod, plan: &duo_core::cache_spec::CachePlan, n: usize, a: &BenchArgs) -> Result<Row> {
     let options = backend::PoolOptions { max_num_seqs: a.batch, max_num_batched_tokens: a.batch.max(16), ..Default::default() };
-    let pool = b.kv_pool(method, &options)?.context("this backend has no serving pool")?;
+    let pool = b.kv_pool(method, &options)?;
     let mut seqs = Vec::with_capacity(a.batch);
     for i in 0..a.batch {
-        let mut seq = pool.new_sequence()?;
+        let mut seq = match &pool {
+            Some(pool) => pool.new_sequence()?,
+            None => b.new_sequence(method, n + a.decode_tokens)?,
+        };
         b.fill_synthetic(seq.as_mut(), n, a.method.seed() + i as u64)?;
         seqs.push(seq);
     }
     let vocab = b.config().vocab_size;
-    let mut next = vec![1000u32; a.batch];
+    let mut next = vec![1000.min(vocab as u32 - 1); a.batch];
+    let step = |next: &mut [u32], seqs: &mut [Box<dyn backend::Sequence>]| -> Result<()> {
+        match &pool {
+            Some(pool) => pool_step(pool.as_ref(), seqs, next, vocab),
+            None => {
+                let mut rows: Vec<&mut dyn backend::Sequence> = seqs.iter_mut().map(|s| s.as_mut() as &mut dyn backend::Sequence).collect();
+                let logits = b.decode_batch(next, &mut rows)?;
+                for (i, t) in next.iter_mut().enumerate() {
+                    *t = duo_engine::sampler::argmax(&logits[i * vocab..(i + 1) * vocab]);
+                }
+                Ok(())
+            }
+        }
+    };
     for _ in 0..warm_steps(a.method.device) {
-        pool_step(pool.as_ref(), &mut seqs, &mut next, vocab)?;
+        step(&mut next, &mut seqs)?;
     }
     let timed = a.decode_tokens - warm_steps(a.method.device);
     let t = Instant::now();
     for _ in 0..timed {
-        pool_step(pool.as_ref(), &mut seqs, &mut next, vocab)?;
+        step(&mut next, &mut seqs)?;
     }
     let decode_ms = t.elapsed().as_secs_f64() * 1000.0 / timed as f64;
     let one = backend::plan_bytes(plan, seqs[0].tokens());

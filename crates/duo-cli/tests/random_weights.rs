@@ -89,3 +89,25 @@ fn bench_measures_a_random_model_of_the_given_shape() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("llama-3-8b"));
 }
+
+#[test]
+fn a_batched_bench_on_the_cpu_decodes_several_synthetic_caches_at_once() {
+    // Contexts past --max-prefill get seeded random KV on the CPU too, and --batch decodes
+    // that many sequences together: KV bytes are every sequence's (an int8 cache: a byte per
+    // element and a 4-byte scale per row).
+    let dir = tmp("batch-bench");
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, r#"{"model_type":"llama","hidden_size":128,"num_attention_heads":4,"num_key_value_heads":2,"num_hidden_layers":2,"intermediate_size":256,"vocab_size":512,"max_position_embeddings":1024}"#).expect("config");
+    let out_dir = dir.join("out");
+    let out = duo(&[
+        "bench", "--random-weights", cfg.to_str().expect("utf-8"), "--lengths", "300", "--max-prefill", "0", "--decode-tokens", "3",
+        "--methods", "full", "--batch", "3", "--kv-dtype", "int8", "--out", out_dir.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = std::fs::read_to_string(out_dir.join("bench.csv")).expect("bench.csv");
+    let row: Vec<String> = csv.lines().nth(1).expect("a row").split(',').map(String::from).collect();
+    assert_eq!((row[0].as_str(), row[2].as_str(), row[3].as_str()), ("full (batch 3)", "300", ""), "{row:?}");
+    // 3 sequences x 2 layers x 2 heads x (keys + values) x (32 bytes + 4) x 303 tokens.
+    assert_eq!(row[6].parse::<usize>().expect("retrieval bytes"), 3 * 2 * 2 * 2 * 36 * 303, "{row:?}");
+    assert!(row[4].parse::<f64>().expect("ms per step") > 0.0);
+}

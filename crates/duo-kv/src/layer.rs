@@ -123,6 +123,14 @@ impl LayerHeads {
         }
     }
 
+    fn append(&mut self, spec: &LayerCacheSpec, k: &[f32], v: &[f32], first_position: usize, only: Option<HeadKind>) {
+        match self {
+            LayerHeads::F32(h) => append_chunk(spec, h, k, v, first_position, only),
+            LayerHeads::F16(h) => append_chunk(spec, h, k, v, first_position, only),
+            LayerHeads::I8(h) => append_chunk(spec, h, k, v, first_position, only),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attend(&mut self, spec: &LayerCacheSpec, q: &[f32], k: &[f32], v: &[f32], first_position: usize, n_heads: usize, mode: PrefillMode, sim: Option<KvSim>, only: Option<HeadKind>) -> Vec<f32> {
         match self {
@@ -183,6 +191,25 @@ impl LayerKv {
             LayerHeads::F32(h) => reserve_heads(h, tokens),
             LayerHeads::F16(h) => reserve_heads(h, tokens),
             LayerHeads::I8(h) => reserve_heads(h, tokens),
+        }
+    }
+
+    /// Caches `n` tokens of seeded random keys and values at `first_position..` without
+    /// attending (what a prefill would leave, for decode measurements at lengths whose prefill
+    /// would take too long), in chunks of 1,024.
+    pub fn fill_synthetic(&mut self, first_position: usize, n: usize, seed: u64) {
+        let width = self.spec.kinds.len() * self.spec.head_dim;
+        for start in (0..n).step_by(1024) {
+            let t = 1024.min(n - start);
+            let s = seed.wrapping_mul(0x2545_f491_4f6c_dd1d).wrapping_add(start as u64);
+            let (k, v) = (synthetic_values(s, t * width), synthetic_values(!s, t * width));
+            match &mut self.streaming {
+                None => self.heads.append(&self.spec, &k, &v, first_position + start, None),
+                Some(st) => {
+                    self.heads.append(&self.spec, &k, &v, first_position + start, Some(HeadKind::Retrieval));
+                    st.append(&self.spec, &k, &v, first_position + start, Some(HeadKind::Streaming));
+                }
+            }
         }
     }
 
@@ -327,6 +354,45 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
     out
     }
 
+/// Appends a chunk's keys and values (`[t, n_kv * head_dim]`, at `first_position..`) to the
+/// heads of kind `only` (or all), without attending: what [`attend_layer`] caches.
+fn append_chunk<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], k: &[f32], v: &[f32], first_position: usize, only: Option<HeadKind>) {
+    let hd = spec.head_dim;
+    let kv_stride = heads.len() * hd;
+    let t = k.len() / kv_stride;
+    for (g, head) in heads.iter_mut().enumerate() {
+        match head {
+            HeadCache::Retrieval(h) if only != Some(HeadKind::Streaming) => {
+                h.reserve(t);
+                for r in 0..t {
+                    h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..]);
+                }
+            }
+            HeadCache::Streaming(h) if only != Some(HeadKind::Retrieval) => {
+                for r in 0..t {
+                    h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..], first_position + r);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Seeded pseudo-random values in [-1, 1) (splitmix64): synthetic keys and values.
+fn synthetic_values(seed: u64, count: usize) -> Vec<f32> {
+    let mut state = seed;
+    (0..count)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 /// Head `g`'s row scales of [`chunk_as`]'s (none for elements without).
 fn head_scales(s: &[Vec<f32>], g: usize) -> &[f32] {
     s.get(g).map_or(&[], |x| x.as_slice())
@@ -398,6 +464,17 @@ impl SequenceKv {
         for layer in &mut self.layers {
             layer.reserve(tokens);
         }
+    }
+
+    /// Pretends `n` more tokens were prefilled: every layer caches seeded random keys and
+    /// values for them ([`LayerKv::fill_synthetic`]), and the count advances.
+    pub fn fill_synthetic(&mut self, n: usize, seed: u64) {
+        let first = self.tokens;
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            layer.reserve(first + n);
+            layer.fill_synthetic(first, n, seed ^ (l as u64) << 32);
+        }
+        self.advance(n);
     }
 
     /// Records that a chunk of `t` tokens went through every layer.
@@ -575,6 +652,36 @@ mod tests {
                 assert!(rel(got, f32_out) > 1e-5, "the rounding is real");
             });
         }
+    }
+
+    #[test]
+    fn a_synthetic_fill_caches_what_a_prefill_would_hold_seeded() {
+        // Retrieval heads hold every token, streaming heads their window, at the right
+        // positions; the same seed gives the same cache (the same output of a decode step), a
+        // different one another; values in [-1, 1).
+        let pattern = HeadPattern::from_rows(vec![vec![true, false], vec![false, true]]).unwrap();
+        let window = Window::new(3, 11).unwrap();
+        let hd = 16;
+        let plan = CachePlan::new(&pattern, hd, 4, window);
+        let step = |seed: u64| {
+            let mut seq = SequenceKv::new(&plan, PrefillMode::Lambda);
+            seq.fill_synthetic(2500, seed);
+            assert_eq!(seq.tokens(), 2500);
+            assert_eq!(seq.layers()[0].head_lens(), vec![2500, 14]);
+            assert_eq!(seq.layers()[1].head_lens(), vec![14, 2500]);
+            let q = vec![0.5f32; 2 * hd];
+            let (k, v) = (vec![0.1f32; 2 * hd], vec![0.2f32; 2 * hd]);
+            seq.layer_mut(0).attend(&q, &k, &v, 2500, 2, PrefillMode::Lambda)
+        };
+        assert_eq!(step(5), step(5));
+        assert_ne!(step(5), step(6));
+        let mut a = SequenceKv::new(&plan, PrefillMode::Lambda);
+        a.fill_synthetic(1500, 9);
+        let LayerHeads::F32(heads) = &a.layers()[0].heads else { panic!("f32 heads") };
+        let (HeadCache::Retrieval(r), HeadCache::Streaming(st)) = (&heads[0], &heads[1]) else { panic!("kinds") };
+        assert_eq!(r.keys.len(), 1500 * hd);
+        assert!(r.keys.iter().all(|x| (-1.0..1.0).contains(x)) && r.keys.iter().any(|x| *x != r.keys[0]));
+        assert_eq!(st.positions_in_order(), [0, 1, 2].into_iter().chain(1489..1500).collect::<Vec<_>>());
     }
 
     #[test]

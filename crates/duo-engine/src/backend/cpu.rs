@@ -115,6 +115,12 @@ impl Backend for CpuBackend {
         proc_bytes("/proc/meminfo", "MemAvailable")
     }
 
+    fn fill_synthetic(&self, seq: &mut dyn Sequence, tokens: usize, seed: u64) -> Result<()> {
+        let s = downcast::<CpuSequence>(seq, "CPU")?;
+        s.kv.fill_synthetic(tokens, seed);
+        Ok(())
+    }
+
     fn memory_in_use(&self) -> Option<usize> {
         proc_bytes("/proc/self/status", "VmRSS")
     }
