@@ -7,7 +7,7 @@
 //! `--random-weights SHAPE` the model is built with seeded random weights of a real shape
 //! (e.g. Llama-3-8B), to measure scales whose checkpoints are not on the machine. Contexts
 //! longer than `--max-prefill` get seeded random keys and values instead of a prefill
-//! (backends that support it: CUDA), and only their decode is timed. Where the backend
+//! (CPU and CUDA), and only their decode is timed; `--batch B` decodes B such sequences at once. Where the backend
 //! measures its copy bandwidth (CUDA), each row shows the bandwidth floor of a decode step:
 //! the weight bytes read per step plus the KV bytes held, over that bandwidth.
 
