@@ -12,7 +12,7 @@
 #      env NCU_VARS: settings as above) and, with NCU_SDPA=1, on PyTorch SDPA's decode kernels on the same shape: bandwidth, occupancy, issue.
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
-for pv in default ${PARITY_VARS:-}; do
+for pv in default ${PARITY_VARS:-DUO_DECODE_WARP_PIPE=1}; do
   vars=""; [ "$pv" = default ] || vars=${pv//,/ }
   timeout 200 env $vars $D cuda-check --only decode --no-timings > "$OUT/decode-parity.txt" 2>&1
   echo "decode parity ($pv) exit $?: $(grep -c '^ok' "$OUT/decode-parity.txt") ok"; grep "^FAIL" "$OUT/decode-parity.txt" | head

@@ -690,7 +690,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int n_tiles = (end - begin + TILE - 1) / TILE;
     // A tile is copied in 16-byte chunks, NCH per thread; chunk j of this thread holds key
-    // row (threadIdx.x + 128 j) / CPR of the tile.
+    // row CH_ROW(j) of the tile (below).
 #ifdef KV_BYTES
 #define CPR (ROW_BYTES / 16)
 #else

@@ -261,7 +261,7 @@ extern "C" __global__ void copy_blocks(const bf16_t* sk, const bf16_t* sv, bf16_
     for (long long i = threadIdx.x; i < elems / 8; i += blockDim.x) to[i] = from[i];
 }
 
-// y[t, n] = sum_k x[t, k] w[n, k] (+ beta y[t, n] when beta != 0; f32 or bf16 out) for at most
+// y[t, n] = sum_k x[t, k] w[n, k] (+ beta y[t, n] when beta != 0, f32 out; or bf16 out) for at most
 // GEMV_ROWS rows t: a decode step's matrix-vector products, which only stream the weights. One
 // warp per output n, each lane 8 consecutive weights (16 bytes) a load, four loads in flight;
 // weights bypass the L1 (read once), the x rows stay in it (every warp reads them).

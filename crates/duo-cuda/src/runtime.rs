@@ -216,6 +216,13 @@ pub fn compile_all() -> Option<Result<usize>> {
         let (src, o) = decode_source(group, d, kv, kernel);
         jobs.push(("decode_attention", src, o));
     }
+    // The measurement knob's other side (DUO_DECODE_WARP_PIPE=1), whatever this process's
+    // environment says.
+    for (group, d) in [(3, 64), (4, 128)] {
+        let (src, o) = decode_source(group, d, KvType::Bf16, DecodeKernel::Tensor);
+        let o = o.into_iter().map(|x| if x.starts_with("-DWARP_PIPE=") { "-DWARP_PIPE=1".into() } else { x }).collect();
+        jobs.push(("decode_attention", src, o));
+    }
     let n = jobs.len();
     Some(
         jobs.into_iter()
@@ -645,8 +652,9 @@ impl Gpu {
         .map_err(driver)
     }
 
-    /// [`Gpu::gemm`]'s product for at most [`GEMV_ROWS`] rows by duo's own kernel (one warp per
-    /// output, the weights streamed once): `in_dim` a multiple of 8.
+    /// [`Gpu::gemm`]'s product for 1 to [`GEMV_ROWS`] rows by duo's own kernel (one warp per
+    /// output, the weights streamed once): `in_dim` a multiple of 8; accumulating (`beta`
+    /// not 0) into f32 outputs only.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv(
         &self,
@@ -663,6 +671,11 @@ impl Gpu {
             return Err(CudaError::Input(format!(
                 "gemv takes 1 to {GEMV_ROWS} rows of a multiple of 8 values ({t} rows of {in_dim})"
             )));
+        }
+        if y_bf16 && beta != 0.0 {
+            return Err(CudaError::Input(
+                "gemv accumulates (beta != 0) into f32 outputs only".into(),
+            ));
         }
         let f = self.op("gemv_bf16")?;
         let (rows, i, o, yb) = (t as i32, in_dim as i32, out_dim as i32, i32::from(y_bf16));
@@ -686,7 +699,7 @@ impl Gpu {
     ) -> Result<()> {
         static USE_GEMV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let gemv = *USE_GEMV.get_or_init(|| std::env::var("DUO_GEMV").as_deref() == Ok("1"));
-        if gemv && t <= GEMV_ROWS && in_dim.is_multiple_of(8) {
+        if gemv && (1..=GEMV_ROWS).contains(&t) && in_dim.is_multiple_of(8) && !(y_bf16 && beta != 0.0) {
             self.gemv(x, w, y, t, in_dim, out_dim, beta, y_bf16)
         } else {
             self.gemm(x, w, y, t, in_dim, out_dim, beta, y_bf16)

@@ -735,13 +735,20 @@ impl Worker {
     /// that decoding never waits more than one step in two.
     fn paged_step(&self, pool: &dyn KvPool, running: &mut [Running]) {
         let chunk_size = self.method.chunk.min(pool.max_chunk()).max(1);
-        let prefill = loop {
+        let after_alone = self.last_alone.load(Ordering::Relaxed);
+        let (prefill, alone) = loop {
             let prefill = next_prefill(running, chunk_size, pool.max_rows());
             let prefill_at = prefill.map(|p| p.0);
+            // A whole one-chunk prompt beside decoding rows runs alone (see above): then the
+            // rows take no blocks this step.
+            let alone = !after_alone
+                && prefill.is_some_and(|(i, end)| running[i].prefilled == 0 && end == running[i].prompt.len())
+                && running.iter().any(|s| s.kv.is_some() && s.pending.is_some());
             let mut need = 0usize;
             for (i, s) in running.iter_mut().enumerate() {
                 let Some(kv) = s.kv.as_mut() else { continue };
                 let more = match (s.pending, prefill) {
+                    (Some(_), _) if alone => continue,
                     (Some(_), _) => 1,
                     (None, Some((at, end))) if at == i => end - s.prefilled,
                     _ => continue,
@@ -749,7 +756,7 @@ impl Worker {
                 need += pool.blocks_needed(kv.as_mut(), more, s.pending.is_some()).unwrap_or(0);
             }
             if need <= pool.free_blocks() {
-                break prefill;
+                break (prefill, alone);
             }
             // The youngest sequence whose preemption helps: one that holds blocks or takes
             // part in this step (a just-admitted one waiting for its turn frees nothing).
@@ -766,13 +773,7 @@ impl Worker {
             s.logits = None;
             self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         };
-        let alone = prefill.is_some_and(|(i, end)| running[i].prefilled == 0 && end == running[i].prompt.len())
-            && running.iter().any(|s| s.kv.is_some() && s.pending.is_some())
-            && !self.last_alone.load(Ordering::Relaxed);
         self.last_alone.store(alone, Ordering::Relaxed);
-        if alone {
-            self.stats.prefill_alone_steps.fetch_add(1, Ordering::Relaxed);
-        }
         let mut rows: Vec<(&mut dyn Sequence, u32)> = Vec::new();
         let mut row_of: Vec<usize> = Vec::new();
         let mut chunk: Option<(&mut dyn Sequence, &[u32], bool)> = None;
@@ -803,6 +804,9 @@ impl Worker {
         drop(rows);
         if !decode_only && result.is_ok() {
             self.stats.prefill_step(micros);
+            if alone {
+                self.stats.prefill_alone_steps.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if decode_only && result.is_ok() {
             self.stats.decode_only_steps.fetch_add(1, Ordering::Relaxed);

@@ -171,7 +171,8 @@ pub struct ResolvedMethod {
     pub kv_dtype: Option<KvDtype>,
     /// The streaming heads' element type as asked (`None`: `kv_dtype`'s).
     pub kv_dtype_streaming: Option<KvDtype>,
-    /// The per-layer cache specs of a CPU cache: f32 elements, or f16 when asked.
+    /// The per-layer cache specs of a CPU cache: f32 elements, or f16 or int8 when asked (the
+    /// streaming heads' own type where `kv_dtype_streaming` gives one).
     pub plan: CachePlan,
     /// A CPU cache that rounds what it holds as a 4-bit scheme would, for accuracy studies
     /// ([`duo_kv::KvSim`]; `duo eval` sets it from `DUO_SIMULATE_KV`); `None`: exact.

@@ -119,6 +119,25 @@ impl<E: KvElem> StreamingHead<E> {
         }
     }
 
+    /// An empty cache that allocates nothing until it is appended to (a head whose rows
+    /// another set of heads holds, `--kv-dtype-streaming`).
+    pub fn unallocated(head_dim: usize, window: Window) -> Self {
+        Self {
+            head_dim,
+            window,
+            sink_keys: Vec::new(),
+            sink_values: Vec::new(),
+            ring_keys: Vec::new(),
+            ring_values: Vec::new(),
+            ring_positions: Vec::new(),
+            sink_key_scales: Vec::new(),
+            sink_value_scales: Vec::new(),
+            ring_key_scales: Vec::new(),
+            ring_value_scales: Vec::new(),
+            next_slot: 0,
+        }
+    }
+
     /// Tokens held (sinks plus ring).
     pub fn len(&self) -> usize {
         self.sink_len() + self.ring_positions.len()

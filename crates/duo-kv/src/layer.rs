@@ -70,12 +70,15 @@ enum LayerHeads {
     I8(Vec<HeadCache<i8>>),
 }
 
-fn new_heads<E: KvElem>(spec: &LayerCacheSpec) -> Vec<HeadCache<E>> {
+/// Every head of `spec` (streaming heads that `holds_streaming` says another set holds
+/// allocate nothing).
+fn new_heads<E: KvElem>(spec: &LayerCacheSpec, holds_streaming: bool) -> Vec<HeadCache<E>> {
     spec.kinds
         .iter()
         .map(|k| match k {
             HeadKind::Retrieval => HeadCache::Retrieval(RetrievalHead::new(spec.head_dim)),
-            HeadKind::Streaming => HeadCache::Streaming(StreamingHead::new(spec.head_dim, spec.window)),
+            HeadKind::Streaming if holds_streaming => HeadCache::Streaming(StreamingHead::new(spec.head_dim, spec.window)),
+            HeadKind::Streaming => HeadCache::Streaming(StreamingHead::unallocated(spec.head_dim, spec.window)),
         })
         .collect()
 }
@@ -97,11 +100,11 @@ fn heads_bytes<E: KvElem>(spec: &LayerCacheSpec, heads: &[HeadCache<E>], only: O
 ///
 /// # Panics
 /// On another element size (the plans of the CPU backend are 32, 16 or 8 bits).
-fn layer_heads(spec: &LayerCacheSpec, bits: usize) -> LayerHeads {
+fn layer_heads(spec: &LayerCacheSpec, bits: usize, holds_streaming: bool) -> LayerHeads {
     match bits {
-        32 => LayerHeads::F32(new_heads(spec)),
-        16 => LayerHeads::F16(new_heads(spec)),
-        8 => LayerHeads::I8(new_heads(spec)),
+        32 => LayerHeads::F32(new_heads(spec, holds_streaming)),
+        16 => LayerHeads::F16(new_heads(spec, holds_streaming)),
+        8 => LayerHeads::I8(new_heads(spec, holds_streaming)),
         b => panic!("a CPU cache holds 32-bit (f32), 16-bit (f16) or 8-bit (int8) elements, not {b}-bit ones"),
     }
 }
@@ -156,8 +159,10 @@ impl LayerKv {
     /// # Panics
     /// On another element size (the plans of the CPU backend are 32, 16 or 8 bits).
     pub fn new(spec: LayerCacheSpec) -> Self {
-        let heads = layer_heads(&spec, spec.bits_per_element);
-        let streaming = spec.streaming_differs().then(|| layer_heads(&spec, spec.streaming_bits_per_element));
+        // A second set only where this layer has streaming heads of another type.
+        let split = spec.streaming_differs() && spec.n_streaming() > 0;
+        let heads = layer_heads(&spec, spec.bits_per_element, !split);
+        let streaming = split.then(|| layer_heads(&spec, spec.streaming_bits_per_element, true));
         Self { spec, heads, streaming, sim: None }
     }
 
@@ -231,11 +236,14 @@ impl LayerKv {
         match &mut self.streaming {
             None => self.heads.attend(&self.spec, q, k, v, first_position, n_heads, mode, self.sim, None),
             Some(s) => {
-                // Two passes over disjoint heads (each leaves the others' outputs zero).
-                let mut out = self.heads.attend(&self.spec, q, k, v, first_position, n_heads, mode, self.sim, Some(HeadKind::Retrieval));
-                let st = s.attend(&self.spec, q, k, v, first_position, n_heads, mode, self.sim, Some(HeadKind::Streaming));
-                for (o, x) in out.iter_mut().zip(st) {
-                    *o += x;
+                // Two passes over disjoint heads (each leaves the others' outputs zero); a
+                // layer of streaming heads only (the layer layout) takes one.
+                let mut out = s.attend(&self.spec, q, k, v, first_position, n_heads, mode, self.sim, Some(HeadKind::Streaming));
+                if self.spec.n_retrieval() > 0 {
+                    let r = self.heads.attend(&self.spec, q, k, v, first_position, n_heads, mode, self.sim, Some(HeadKind::Retrieval));
+                    for (o, x) in out.iter_mut().zip(r) {
+                        *o += x;
+                    }
                 }
                 out
             }
@@ -682,6 +690,15 @@ mod tests {
         assert_eq!(r.keys.len(), 1500 * hd);
         assert!(r.keys.iter().all(|x| (-1.0..1.0).contains(x)) && r.keys.iter().any(|x| *x != r.keys[0]));
         assert_eq!(st.positions_in_order(), [0, 1, 2].into_iter().chain(1489..1500).collect::<Vec<_>>());
+        // Streaming heads of their own type (int8 beside f32): the fill reaches both sets.
+        let mixed = CachePlan::new(&pattern, hd, 4, window).with_streaming(8, 4);
+        let mut m = SequenceKv::new(&mixed, PrefillMode::Lambda);
+        m.fill_synthetic(700, 9);
+        assert_eq!(m.layers()[0].head_lens(), vec![700, 14]);
+        assert_eq!(m.bytes().streaming, 2 * 2 * (hd + 4) * 14, "two int8 streaming heads of 14 rows");
+        let Some(LayerHeads::I8(sh)) = &m.layers()[0].streaming else { panic!("an int8 streaming set") };
+        let HeadCache::Streaming(s8) = &sh[1] else { panic!("head 1 streams") };
+        assert_eq!((s8.ring_keys.len(), s8.ring_key_scales.len()), (11 * hd, 11));
     }
 
     #[test]
