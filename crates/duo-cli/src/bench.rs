@@ -268,26 +268,14 @@ fn batched_row(b: &dyn Backend, method: &duo_engine::ResolvedMethod, plan: &duo_
     }
     let vocab = b.config().vocab_size;
     let mut next = vec![1000.min(vocab as u32 - 1); a.batch];
-    let step = |next: &mut [u32], seqs: &mut [Box<dyn backend::Sequence>]| -> Result<()> {
-        match &pool {
-            Some(pool) => pool_step(pool.as_ref(), seqs, next, vocab),
-            None => {
-                let mut rows: Vec<&mut dyn backend::Sequence> = seqs.iter_mut().map(|s| s.as_mut() as &mut dyn backend::Sequence).collect();
-                let logits = b.decode_batch(next, &mut rows)?;
-                for (i, t) in next.iter_mut().enumerate() {
-                    *t = duo_engine::sampler::argmax(&logits[i * vocab..(i + 1) * vocab]);
-                }
-                Ok(())
-            }
-        }
-    };
+    let pool = pool.as_deref();
     for _ in 0..warm_steps(a.method.device) {
-        step(&mut next, &mut seqs)?;
+        batched_step(b, pool, &mut seqs, &mut next, vocab)?;
     }
     let timed = a.decode_tokens - warm_steps(a.method.device);
     let t = Instant::now();
     for _ in 0..timed {
-        step(&mut next, &mut seqs)?;
+        batched_step(b, pool, &mut seqs, &mut next, vocab)?;
     }
     let decode_ms = t.elapsed().as_secs_f64() * 1000.0 / timed as f64;
     let one = backend::plan_bytes(plan, seqs[0].tokens());
@@ -295,16 +283,22 @@ fn batched_row(b: &dyn Backend, method: &duo_engine::ResolvedMethod, plan: &duo_
     Ok(Row { method: String::new(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s: None, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: None })
 }
 
-/// One decode step of every sequence of `seqs` (token `next[i]` to sequence `i`), then
+/// One decode step of every sequence of `seqs` (token `next[i]` to sequence `i`), through
+/// `pool`'s step where the sequences live in one, else the backend's batched decode; then
 /// each row's greedy next token into `next`.
-fn pool_step(pool: &dyn backend::KvPool, seqs: &mut [Box<dyn backend::Sequence>], next: &mut [u32], vocab: usize) -> Result<()> {
-    let mut rows: Vec<(&mut dyn backend::Sequence, u32)> = Vec::with_capacity(seqs.len());
-    for (s, &t) in seqs.iter_mut().zip(next.iter()) {
-        rows.push((s.as_mut(), t));
-    }
-    let out = pool.step(&mut rows, None)?;
+fn batched_step(b: &dyn Backend, pool: Option<&dyn backend::KvPool>, seqs: &mut [Box<dyn backend::Sequence>], next: &mut [u32], vocab: usize) -> Result<()> {
+    let logits = match pool {
+        Some(pool) => {
+            let mut rows: Vec<(&mut dyn backend::Sequence, u32)> = seqs.iter_mut().zip(next.iter()).map(|(s, &t)| (s.as_mut() as &mut dyn backend::Sequence, t)).collect();
+            pool.step(&mut rows, None)?.decode
+        }
+        None => {
+            let mut rows: Vec<&mut dyn backend::Sequence> = seqs.iter_mut().map(|s| s.as_mut() as &mut dyn backend::Sequence).collect();
+            b.decode_batch(next, &mut rows)?
+        }
+    };
     for (i, t) in next.iter_mut().enumerate() {
-        *t = duo_engine::sampler::argmax(&out.decode[i * vocab..(i + 1) * vocab]);
+        *t = duo_engine::sampler::argmax(&logits[i * vocab..(i + 1) * vocab]);
     }
     Ok(())
 }

@@ -31,6 +31,10 @@ fn tmp(name: &str) -> TmpDir {
     TmpDir(d)
 }
 
+/// A tiny Llama shape: 2 layers, 2 KV heads of 32 dims (a retrieval head holds 2 * 32 * 4 =
+/// 256 bytes per token in f32).
+const TINY_LLAMA: &str = r#"{"model_type":"llama","hidden_size":128,"num_attention_heads":4,"num_key_value_heads":2,"num_hidden_layers":2,"intermediate_size":256,"vocab_size":512,"max_position_embeddings":1024}"#;
+
 #[test]
 fn accuracy_commands_refuse_random_weights() {
     let dir = tmp("refused");
@@ -56,8 +60,7 @@ fn accuracy_commands_refuse_random_weights() {
 fn bench_measures_a_random_model_of_the_given_shape() {
     let dir = tmp("random-bench");
     let cfg = dir.join("config.json");
-    // 2 layers, 2 KV heads of 32 dims: a retrieval head holds 2 * 32 * 4 = 256 bytes per token.
-    std::fs::write(&cfg, r#"{"model_type":"llama","hidden_size":128,"num_attention_heads":4,"num_key_value_heads":2,"num_hidden_layers":2,"intermediate_size":256,"vocab_size":512,"max_position_embeddings":1024}"#).expect("config");
+    std::fs::write(&cfg, TINY_LLAMA).expect("config");
     let out_dir = dir.join("out");
     let out = duo(&[
         "bench", "--random-weights", cfg.to_str().expect("utf-8"), "--lengths", "40,80", "--decode-tokens", "2",
@@ -97,7 +100,7 @@ fn a_batched_bench_on_the_cpu_decodes_several_synthetic_caches_at_once() {
     // element and a 4-byte scale per row).
     let dir = tmp("batch-bench");
     let cfg = dir.join("config.json");
-    std::fs::write(&cfg, r#"{"model_type":"llama","hidden_size":128,"num_attention_heads":4,"num_key_value_heads":2,"num_hidden_layers":2,"intermediate_size":256,"vocab_size":512,"max_position_embeddings":1024}"#).expect("config");
+    std::fs::write(&cfg, TINY_LLAMA).expect("config");
     let out_dir = dir.join("out");
     let out = duo(&[
         "bench", "--random-weights", cfg.to_str().expect("utf-8"), "--lengths", "300", "--max-prefill", "0", "--decode-tokens", "3",

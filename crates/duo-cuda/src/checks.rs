@@ -643,14 +643,7 @@ pub fn time_linear(gpu: &Gpu, t: usize, in_dim: usize, out_dim: usize, own: bool
             gpu.gemm(gpu.addr(&x), gpu.addr(&w), gpu.addr(&y), t, in_dim, out_dim, 0.0, false)
         }
     };
-    run()?;
-    gpu.sync()?;
-    let started = std::time::Instant::now();
-    for _ in 0..iters.max(1) {
-        run()?;
-    }
-    gpu.sync()?;
-    Ok(started.elapsed().as_secs_f64() * 1000.0 / iters.max(1) as f64)
+    gpu.time_ms(iters, run)
 }
 
 /// Milliseconds of one prefill-attention launch for a Llama-3-8B layer (32 query / 8 KV
@@ -720,14 +713,7 @@ pub fn time_prefill_attention(
             gpu.addr(&out),
         )
     };
-    run()?;
-    gpu.sync()?;
-    let started = std::time::Instant::now();
-    for _ in 0..iters {
-        run()?;
-    }
-    gpu.sync()?;
-    let ms = started.elapsed().as_secs_f64() * 1000.0 / iters as f64;
+    let ms = gpu.time_ms(iters, run)?;
     let pairs = (first * t + t * (t + 1) / 2) as f64; // visible (query, key) pairs of a causal head
     let flops = 4.0
         * pairs

@@ -240,7 +240,7 @@ pub fn tensor_warp_pipe() -> bool {
 
 /// A numeric tuning override from the environment (unset or unparsable: none), read once
 /// per process: the kernels compiled with a value and the launches sized by it must agree.
-fn tuning(name: &'static str) -> Option<usize> {
+pub(crate) fn tuning(name: &'static str) -> Option<usize> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static READ: OnceLock<Mutex<HashMap<&'static str, Option<usize>>>> = OnceLock::new();
@@ -1301,14 +1301,7 @@ mod gpu {
                 gpu.addr(&out),
             )
         };
-        run()?;
-        gpu.sync()?;
-        let started = std::time::Instant::now();
-        for _ in 0..iters.max(1) {
-            run()?;
-        }
-        gpu.sync()?;
-        let ms = started.elapsed().as_secs_f64() * 1000.0 / iters.max(1) as f64;
+        let ms = gpu.time_ms(iters, run)?;
         let per_row: usize = heads_v
             .iter()
             .map(|e| {

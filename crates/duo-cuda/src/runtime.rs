@@ -64,6 +64,12 @@ pub struct Gpu {
 /// Rows [`Gpu::gemv`] takes at most (`GEMV_ROWS` in [`crate::ops::SOURCE`]).
 pub const GEMV_ROWS: usize = 4;
 
+/// Whether [`Gpu::gemv`] takes a product of `t` rows of `in_dim` values with `beta` into an
+/// f32 (or `y_bf16`: bf16) output.
+fn gemv_takes(t: usize, in_dim: usize, beta: f32, y_bf16: bool) -> bool {
+    (1..=GEMV_ROWS).contains(&t) && in_dim.is_multiple_of(8) && !(y_bf16 && beta != 0.0)
+}
+
 /// Bytes of cuBLAS's workspace.
 const BLAS_WORKSPACE: usize = 32 << 20;
 
@@ -284,6 +290,19 @@ impl Gpu {
     /// Waits for the stream.
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver)
+    }
+
+    /// Milliseconds per call of `run` (its launches, queued back to back): the mean of
+    /// `iters` (at least 1) after one untimed call, the stream drained before and after.
+    pub fn time_ms(&self, iters: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+        run()?;
+        self.sync()?;
+        let started = std::time::Instant::now();
+        for _ in 0..iters.max(1) {
+            run()?;
+        }
+        self.sync()?;
+        Ok(started.elapsed().as_secs_f64() * 1000.0 / iters.max(1) as f64)
     }
 
     /// A zeroed buffer.
@@ -667,15 +686,10 @@ impl Gpu {
         beta: f32,
         y_bf16: bool,
     ) -> Result<()> {
-        if t == 0 || t > GEMV_ROWS || !in_dim.is_multiple_of(8) {
+        if !gemv_takes(t, in_dim, beta, y_bf16) {
             return Err(CudaError::Input(format!(
-                "gemv takes 1 to {GEMV_ROWS} rows of a multiple of 8 values ({t} rows of {in_dim})"
+                "gemv takes 1 to {GEMV_ROWS} rows of a multiple of 8 values ({t} rows of {in_dim}), accumulating (beta {beta}) into f32 outputs only (bf16 out: {y_bf16})"
             )));
-        }
-        if y_bf16 && beta != 0.0 {
-            return Err(CudaError::Input(
-                "gemv accumulates (beta != 0) into f32 outputs only".into(),
-            ));
         }
         let f = self.op("gemv_bf16")?;
         let (rows, i, o, yb) = (t as i32, in_dim as i32, out_dim as i32, i32::from(y_bf16));
@@ -697,9 +711,7 @@ impl Gpu {
         beta: f32,
         y_bf16: bool,
     ) -> Result<()> {
-        static USE_GEMV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let gemv = *USE_GEMV.get_or_init(|| std::env::var("DUO_GEMV").as_deref() == Ok("1"));
-        if gemv && (1..=GEMV_ROWS).contains(&t) && in_dim.is_multiple_of(8) && !(y_bf16 && beta != 0.0) {
+        if crate::decode_attention::tuning("DUO_GEMV") == Some(1) && gemv_takes(t, in_dim, beta, y_bf16) {
             self.gemv(x, w, y, t, in_dim, out_dim, beta, y_bf16)
         } else {
             self.gemm(x, w, y, t, in_dim, out_dim, beta, y_bf16)

@@ -267,13 +267,11 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
     let group = n_heads / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     // Retrieval heads cache the chunk first and then attend causally over the cache.
-    for (g, head) in heads.iter_mut().enumerate() {
-        if let (HeadCache::Retrieval(h), true) = (head, take_retrieval) {
-            h.reserve(t);
-            let before = h.len();
-            for r in 0..t {
-                h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..]);
-            }
+    if take_retrieval {
+        let before: Vec<usize> = heads.iter().map(HeadCache::len).collect();
+        append_chunk(spec, heads, k, v, first_position, Some(HeadKind::Retrieval));
+        for (head, before) in heads.iter_mut().zip(before) {
+            let HeadCache::Retrieval(h) = head else { continue };
             // (Never an int8 cache: `duo eval` refuses simulating one, as it would round twice.)
             if let Some(sim) = sim.filter(|s| s.by_channels() && !E::ROW_SCALED) {
                 // The blocks this append completed (or, lagged, the ones before them), rounded
@@ -339,12 +337,8 @@ fn attend_layer<E: KvElem>(spec: &LayerCacheSpec, heads: &mut [HeadCache<E>], q:
         attend_heads(&jobs, hd, scale)
     };
     // Streaming heads cache the chunk after attending (they may drop part of it).
-    for (g, head) in heads.iter_mut().enumerate() {
-        if let (HeadCache::Streaming(h), true) = (head, take_streaming) {
-            for r in 0..t {
-                h.append(&k[r * kv_stride + g * hd..], &v[r * kv_stride + g * hd..], first_position + r);
-            }
-        }
+    if take_streaming {
+        append_chunk(spec, heads, k, v, first_position, Some(HeadKind::Streaming));
     }
     let mut out = vec![0.0f32; t * q_stride];
     if grouped {
@@ -609,6 +603,35 @@ mod tests {
         }
     }
 
+    /// One retrieval and one streaming KV head (pattern, kinds, window 3 + 11) and `t` random
+    /// tokens of heads of `hd`: queries of `n_heads` heads, then keys and values of the two.
+    struct TwoKinds {
+        pattern: HeadPattern,
+        kinds: [HeadKind; 2],
+        window: Window,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+    }
+
+    fn two_kinds(hd: usize, t: usize, n_heads: usize, rng: &mut impl Rng) -> TwoKinds {
+        let q = random(t * n_heads * hd, rng);
+        let (k, v) = (random(t * 2 * hd, rng), random(t * 2 * hd, rng));
+        TwoKinds {
+            pattern: HeadPattern::from_rows(vec![vec![true, false]]).unwrap(),
+            kinds: [HeadKind::Retrieval, HeadKind::Streaming],
+            window: Window::new(3, 11).unwrap(),
+            q,
+            k,
+            v,
+        }
+    }
+
+    /// What query `i` of a head of `kind` sees of key `j` in [`two_kinds`]'s layer.
+    fn two_kinds_visible(kind: HeadKind, i: usize, j: usize) -> bool {
+        j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11)
+    }
+
     /// One retrieval and one streaming KV head (GQA 3:1, window 3 + 11) over `t` random tokens
     /// of heads of `hd`, through a cache of `plan`, in decode steps (chunk 1, the ring
     /// overwritten), chunks of 16 and one chunk: each run's output against the dense oracle
@@ -616,13 +639,9 @@ mod tests {
     /// f32 cache's output)`.
     fn rounded_cache_case(hd: usize, t: usize, seed: u64, plan: impl Fn(&HeadPattern, Window) -> CachePlan, round: impl Fn(Vec<f32>) -> Vec<f32>, check: impl Fn(usize, &SequenceKv, &[f32], &[f32])) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let (n_heads, n_kv) = (6usize, 2usize);
-        let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
-        let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
-        let window = Window::new(3, 11).unwrap();
-        let q = random(t * n_heads * hd, &mut rng);
-        let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
-        let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+        let n_heads = 6usize;
+        let TwoKinds { pattern, kinds, window, q, k, v } = two_kinds(hd, t, n_heads, &mut rng);
+        let lambda = two_kinds_visible;
         let want = dense_oracle(&q, &round(k.clone()), &round(v.clone()), n_heads, &kinds, hd, &lambda);
         let plan = plan(&pattern, window);
         for chunk in [1usize, 16, 1000] {
@@ -708,12 +727,8 @@ mod tests {
         // type's.
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
         let (hd, t, n_heads, n_kv) = (16usize, 60usize, 4usize, 2usize);
-        let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
-        let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
-        let window = Window::new(3, 11).unwrap();
-        let q = random(t * n_heads * hd, &mut rng);
-        let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
-        let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+        let TwoKinds { pattern, kinds, window, q, k, v } = two_kinds(hd, t, n_heads, &mut rng);
+        let lambda = two_kinds_visible;
         // Rows of head `g` (of 2) rounded as int8 rows.
         let round_head = |x: &[f32], g: usize| -> Vec<f32> {
             let mut x = x.to_vec();
@@ -759,12 +774,8 @@ mod tests {
         use duo_kernels::kv4;
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
         let (hd, n_heads, n_kv, t) = (16usize, 4usize, 2usize, 150usize);
-        let pattern = HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
-        let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
-        let window = Window::new(3, 11).unwrap();
-        let q = random(t * n_heads * hd, &mut rng);
-        let (k, v) = (random(t * n_kv * hd, &mut rng), random(t * n_kv * hd, &mut rng));
-        let lambda = |kind: HeadKind, i: usize, j: usize| j <= i && (kind == HeadKind::Retrieval || j < 3 || i - j < 11);
+        let TwoKinds { pattern, kinds, window, q, k, v } = two_kinds(hd, t, n_heads, &mut rng);
+        let lambda = two_kinds_visible;
         let run = |sim: KvSim, chunk: usize| {
             let mut seq = SequenceKv::new(&CachePlan::new(&pattern, hd, 4, window), PrefillMode::Lambda).with_sim(Some(sim));
             let mut out = Vec::new();
