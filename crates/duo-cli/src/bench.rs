@@ -257,6 +257,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
 fn batched_row(b: &dyn Backend, method: &duo_engine::ResolvedMethod, plan: &duo_core::cache_spec::CachePlan, n: usize, a: &BenchArgs) -> Result<Row> {
     let options = backend::PoolOptions { max_num_seqs: a.batch, max_num_batched_tokens: a.batch.max(16), ..Default::default() };
     let pool = b.kv_pool(method, &options)?;
+    // Without a pool (which sizes itself to the device) every sequence allocates its own
+    // cache: refuse a batch whose caches would not fit the memory there is, before any is made.
+    if let (None, Some(free)) = (&pool, b.available_memory()) {
+        let need = backend::plan_bytes(plan, n + a.decode_tokens).total() * a.batch;
+        if need > free {
+            anyhow::bail!("{} caches of {} tokens need {:.2} GiB, {:.2} GiB are available", a.batch, n + a.decode_tokens, need as f64 / GIB, free as f64 / GIB);
+        }
+    }
     let mut seqs = Vec::with_capacity(a.batch);
     for i in 0..a.batch {
         let mut seq = match &pool {

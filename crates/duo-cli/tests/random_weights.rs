@@ -113,4 +113,10 @@ fn a_batched_bench_on_the_cpu_decodes_several_synthetic_caches_at_once() {
     // 3 sequences x 2 layers x 2 heads x (keys + values) x (32 bytes + 4) x 303 tokens.
     assert_eq!(row[6].parse::<usize>().expect("retrieval bytes"), 3 * 2 * 2 * 2 * 36 * 303, "{row:?}");
     assert!(row[4].parse::<f64>().expect("ms per step") > 0.0);
+    // A batch whose caches exceed the memory there is is refused before any is allocated.
+    let cfg_long = dir.join("long.json");
+    std::fs::write(&cfg_long, TINY_LLAMA.replace("\"max_position_embeddings\":1024", "\"max_position_embeddings\":100000000")).expect("config");
+    let out = duo(&["bench", "--random-weights", cfg_long.to_str().expect("utf-8"), "--lengths", "50000000", "--max-prefill", "0", "--decode-tokens", "1", "--methods", "full", "--batch", "64"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("caches of 50000001 tokens need") && err.contains("GiB are available"), "{err}");
 }
