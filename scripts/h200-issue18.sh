@@ -4,11 +4,16 @@
 # EVALUATION.md), beside the shipped ones, then the passkey and needle grids with each. Calls
 # of the device tool made back to back (the machine stays warm; /tmp/duo carries over):
 #   a   carry .gpu/cuda (duo.xz from scripts/build-cuda.sh: the binary whose identification
-#       runs on the GPU through candle): unpacks it to /tmp/duo/duo-candle
-#   b   carry .gpu/model.part1: leaves it in /tmp/duo
-#   c   carry .gpu/model.part2, .gpu/niah: joins the model; identification of both layouts
-#       side by side (env STEPS, default 300; SINK, RECENT: 64, 1024), checkpointed every
-#       25 steps, for at most RUN_S seconds (default 500); repeat `c` to resume
+#       runs on the GPU through candle) and .gpu/ma (the model's first 44,000,000 bytes,
+#       `head -c 44000000`): unpacks the binary to /tmp/duo/duo-candle, leaves the part in /tmp
+#   c   carry .gpu/mb (the rest of the model, `tail -c +44000001`) and, to continue an
+#       earlier run, .gpu/id-resume/{head,layer}/state.json: joins the model; identification
+#       of both layouts side by side (env STEPS, default 500; SINK, RECENT: 64, 1024),
+#       checkpointed every 25 steps, for at most RUN_S seconds (default 500); repeat `c`
+#       (carrying nothing) to go on
+#   t   carry .gpu/mb (as c): where an identification step's time goes: 4 steps at 2K and
+#       at 8K for each query block of env BLOCKS (default "gpu 256"; gpu = the device's
+#       choice), one layout alone on the GPU, the seconds of each pass
 #   d   carry .gpu/niah: the grids (passkey, needle; 1K-8K, 5 depths) with the new patterns
 #       and with the shipped ones at the same window, on the GPU backend
 set -uo pipefail
@@ -19,18 +24,30 @@ D=/tmp/duo/duo-candle
 W="--sink ${SINK:-64} --recent ${RECENT:-1024}"
 export DUO_CACHE=/tmp/duo/cache
 case $step in
-  a) xz -dc .gpu/cuda/duo.xz > $D && chmod +x $D && $D --version ;;
-  b) cp .gpu/model.part1 /tmp/duo/model.part1 && ls -la /tmp/duo ;;
-  c)
+  a) xz -dc .gpu/cuda/duo.xz > $D && chmod +x $D && $D --version && cp .gpu/ma/part /tmp/duo/model.ma && ls -la /tmp/duo ;;
+  c|t)
     if [ ! -f $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-      cat /tmp/duo/model.part1 .gpu/model.part2 > /tmp/duo/model.gguf
+      cat /tmp/duo/model.ma .gpu/mb/part > /tmp/duo/model.gguf
       echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
       mkdir -p $DUO_CACHE && cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
       sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
     fi
+    if [ $step = t ]; then
+      for block in ${BLOCKS:-gpu 256}; do
+        flag=""; [ $block = gpu ] || flag="--attention-block $block"
+        for len in 2048 8192; do
+          timeout 200 $D identify --device cuda --out /tmp/duo/t-$block-$len --steps 4 --min-len $len --max-len $len $W $flag > /dev/null 2>&1
+          echo "block $block, $len tokens (exit $?): $(python3 -c "import json; print(json.load(open('/tmp/duo/t-$block-$len/config.json'))['run']['mean_seconds_per_step'])")"
+        done
+      done
+      exit 0
+    fi
     for layout in head layer; do
-      setsid timeout ${RUN_S:-500} $D identify --device cuda --out /tmp/duo/id-$layout --layout $layout --steps ${STEPS:-300} \
-        --min-len 2048 --max-len 8192 $W --checkpoint-every 25 --resume > /tmp/duo/id-$layout.log 2>&1 &
+      if [ -f .gpu/id-resume/$layout/state.json ] && [ ! -f /tmp/duo/id-$layout/state.json ]; then
+        mkdir -p /tmp/duo/id-$layout && cp .gpu/id-resume/$layout/state.json /tmp/duo/id-$layout/
+      fi
+      setsid timeout ${RUN_S:-500} $D identify --device cuda --out /tmp/duo/id-$layout --layout $layout --steps ${STEPS:-500} \
+        --min-len 2048 --max-len 8192 $W --checkpoint-every 25 --resume ${ID_FLAGS:-} > /tmp/duo/id-$layout.log 2>&1 &
     done
     wait
     for layout in head layer; do tail -c 400 /tmp/duo/id-$layout.log; mkdir -p "$OUT/id-$layout"; cp /tmp/duo/id-$layout/*.tsv /tmp/duo/id-$layout/*.json /tmp/duo/id-$layout/*.png "$OUT/id-$layout/" 2>/dev/null; done

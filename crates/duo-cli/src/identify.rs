@@ -71,6 +71,10 @@ pub struct IdentifyArgs {
     /// Training-free estimate instead of the optimisation: attention mass outside sink + recent, averaged over STEPS samples.
     #[arg(long)]
     pub estimate: bool,
+    /// Query block of the attention passes (default: 256 on the CPU, 512 on a GPU where
+    /// it fits); for measuring what it costs, the results do not depend on it beyond rounding.
+    #[arg(long)]
+    pub attention_block: Option<usize>,
     /// cpu, cuda or cuda:N (the gradient passes run on candle: a GPU needs the binary of
     /// scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu")]
@@ -93,6 +97,10 @@ pub(crate) fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
     std::panic::set_hook(Box::new(|_| {}));
     let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal));
     std::panic::set_hook(hook);
+    // f32 products on the tensor cores (TF32: 10 mantissa bits against the bf16 of the
+    // reference's training, 7): the teacher and the student round alike, so all-open gates
+    // still reproduce the teacher exactly.
+    candle_core::cuda::set_gemm_reduced_precision_f32(true);
     match opened {
         Ok(device) => device.with_context(|| format!("opening CUDA device {ordinal}")),
         Err(_) => bail!("no usable CUDA driver on this machine (libcuda.so.1 could not be loaded); run without --device cuda"),
@@ -176,7 +184,7 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
     }
     eprintln!("loading {} onto {} ...", path.display(), a.device);
     let load_start = Instant::now();
-    let model = DenseModel::load(&ck, &device)?;
+    let model = DenseModel::load(&ck, &device)?.with_block(a.attention_block);
     eprintln!("loaded in {:.1} s", load_start.elapsed().as_secs_f64());
     let trainer = Trainer::new(&model, &tokenizer, &haystack, settings.clone())?;
     let sha = duo_model::fetch::sha256_file(&path)?;
@@ -220,7 +228,11 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
         bar.set_position(state.step as u64);
         while state.step < settings.steps {
             let log = trainer.step(&mut state)?;
-            bar.set_message(format!("loss {:.5} (distill {:.5}) len {} {:.1}s/step", log.loss, log.distill, log.length, log.seconds));
+            let p = log.phases;
+            bar.set_message(format!(
+                "loss {:.5} (distill {:.5}) len {} {:.1}s/step (sample {:.2}, teacher {:.2}, student {:.2}, backward {:.2})",
+                log.loss, log.distill, log.length, log.seconds, log.sample_seconds, p.teacher, p.student, p.backward
+            ));
             bar.inc(1);
             if state.step % a.checkpoint_every.max(1) == 0 || state.step == settings.steps {
                 state.save(&state_path)?;
@@ -236,6 +248,19 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
             &[plot::Series { name: "total loss".into(), points: losses.iter().enumerate().map(|(i, &l)| (i as f64, l)).collect() }],
         )?;
         let seconds_per_step: Vec<(usize, f64)> = state.log.iter().map(|l| (l.length, l.seconds)).collect();
+        // Seconds per step by pass, over the steps that recorded them (the first, which
+        // loads the GPU's kernels, left out).
+        let timed: Vec<_> = state.log.iter().skip(1).filter(|l| l.phases.teacher > 0.0).collect();
+        let mean = |f: &dyn Fn(&duo_identify::train::StepLog) -> f64| timed.iter().map(|l| f(l)).sum::<f64>() / timed.len().max(1) as f64;
+        let phase_means = json!({
+            "steps": timed.len(),
+            "tokens": mean(&|l| l.length as f64),
+            "sample": mean(&|l| l.sample_seconds),
+            "teacher": mean(&|l| l.phases.teacher),
+            "student": mean(&|l| l.phases.student),
+            "backward": mean(&|l| l.phases.backward),
+            "step": mean(&|l| l.seconds),
+        });
         let rows = state.gate_values().rows(config.n_kv_heads);
         (
             rows,
@@ -243,6 +268,7 @@ pub fn run(a: IdentifyArgs) -> Result<()> {
                 "method": "DuoAttention optimisation (distillation + L1, AdamW)",
                 "final_loss": state.log.last().map(|l| l.loss),
                 "step_seconds_by_length": seconds_per_step,
+                "mean_seconds_per_step": phase_means,
             }),
         )
     };

@@ -18,7 +18,7 @@ pub fn mass_outside(model: &DenseModel, ids: &[u32], positions: Range<usize>, wi
     let device = model.device();
     let mut x = model.embed(ids)?;
     let mut out = Vec::with_capacity(c.n_layers);
-    let block = model.block();
+    let block = model.block(ids.len());
     for l in 0..c.n_layers {
         let qkv = model.qkv(l, &x)?;
         let (nkv, group, _, hd) = qkv.q.dims4()?;

@@ -51,6 +51,20 @@ pub struct LossAndGrad {
     pub regulariser: f64,
     /// d(total loss)/d(gate), same layout as [`GateValues::values`].
     pub grad: Vec<f32>,
+    /// Where the time went.
+    pub phases: PhaseSeconds,
+}
+
+/// Wall time of each pass of [`GatedModel::loss_and_grad`], the device synchronised at
+/// each boundary (on a GPU the host otherwise runs ahead of the kernels it queued).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PhaseSeconds {
+    /// The teacher's full-attention forward pass.
+    pub teacher: f64,
+    /// The student's forward pass without gradients (each layer's input kept).
+    pub student: f64,
+    /// The loss and the layer-by-layer recomputation with gradients.
+    pub backward: f64,
 }
 
 impl LossAndGrad {
@@ -86,7 +100,7 @@ impl<'a> GatedModel<'a> {
         let mut full = Vec::with_capacity(m.config().n_layers);
         for l in 0..m.config().n_layers {
             let qkv = m.qkv(l, &x)?;
-            let a = attention_with(&qkv, Span::Causal, m.block(), masks)?;
+            let a = attention_with(&qkv, Span::Causal, m.block(ids.len()), masks)?;
             x = m.finish_layer(l, &x, &a)?;
             full.push(a);
         }
@@ -98,7 +112,7 @@ impl<'a> GatedModel<'a> {
     fn student_layer(&self, l: usize, x: &Tensor, full: &Tensor, alpha: &Tensor, masks: &MaskCache) -> Result<Tensor> {
         let m = self.model;
         let qkv = m.qkv(l, x)?;
-        let stream = attention_with(&qkv, self.streaming, m.block(), masks)?;
+        let stream = attention_with(&qkv, self.streaming, m.block(x.dim(0)?), masks)?;
         let g = alpha.dim(0)?;
         let a = alpha.reshape((g, 1, 1, 1))?;
         let mixed = (full.broadcast_mul(&a)? + stream.broadcast_mul(&(1.0 - &a)?)?)?;
@@ -150,7 +164,9 @@ impl<'a> GatedModel<'a> {
         let m = self.model;
         let layers = m.config().n_layers;
         let masks = MaskCache::default();
+        let clock = PhaseClock::start(m.device())?;
         let teacher = self.teacher(ids, &positions, &masks)?;
+        let teacher_s = clock.lap()?;
         let alpha = |l: usize| self.alpha(gates, l);
 
         // No-grad student pass, keeping each layer's input.
@@ -161,6 +177,7 @@ impl<'a> GatedModel<'a> {
             inputs.push(x);
             x = next;
         }
+        let student_s = clock.lap()?;
 
         // Loss on the final hidden states, and its gradient with respect to them.
         let xv = Var::from_tensor(&x)?;
@@ -194,6 +211,27 @@ impl<'a> GatedModel<'a> {
             let sign = if *a > 0.0 { 1.0 } else if *a < 0.0 { -1.0 } else { 0.0 };
             *g += (reg * sign / n) as f32;
         }
-        Ok(LossAndGrad { distill, regulariser, grad })
+        let phases = PhaseSeconds { teacher: teacher_s, student: student_s, backward: clock.lap()? };
+        Ok(LossAndGrad { distill, regulariser, grad, phases })
+    }
+}
+
+/// Seconds between synchronised points of one device.
+struct PhaseClock<'d> {
+    device: &'d candle_core::Device,
+    last: std::cell::Cell<std::time::Instant>,
+}
+
+impl<'d> PhaseClock<'d> {
+    fn start(device: &'d candle_core::Device) -> Result<Self> {
+        device.synchronize()?;
+        Ok(Self { device, last: std::cell::Cell::new(std::time::Instant::now()) })
+    }
+
+    /// Seconds since the previous lap, once the device has finished its queued work.
+    fn lap(&self) -> Result<f64> {
+        self.device.synchronize()?;
+        let now = std::time::Instant::now();
+        Ok(now.duration_since(self.last.replace(now)).as_secs_f64())
     }
 }

@@ -17,7 +17,7 @@ pub mod gated;
 pub mod train;
 
 pub use dense::{DenseModel, Span};
-pub use gated::{GateValues, GatedModel};
+pub use gated::{GateValues, GatedModel, PhaseSeconds};
 pub use train::{IdentifySettings, Trainer, TrainState};
 
 /// Errors of identification.

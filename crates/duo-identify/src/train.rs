@@ -4,7 +4,7 @@
 //! Every step's sample is drawn from its own generator seeded by `(seed, step)`, so a run
 //! resumed from a checkpoint sees exactly the samples an uninterrupted run would.
 
-use crate::gated::{GateValues, GatedModel, LossAndGrad};
+use crate::gated::{GateValues, GatedModel, LossAndGrad, PhaseSeconds};
 use crate::{DenseModel, IdentifyError, Result, Span};
 use duo_model::TextTokenizer;
 use duo_tasks::{Haystack, PasskeySample, PasskeySpec};
@@ -126,6 +126,12 @@ pub struct StepLog {
     pub lr: f64,
     /// Wall time of the step.
     pub seconds: f64,
+    /// Drawing the sample (tokenising its text).
+    #[serde(default)]
+    pub sample_seconds: f64,
+    /// The passes of the step (zero in checkpoints written before they were recorded).
+    #[serde(default)]
+    pub phases: PhaseSeconds,
 }
 
 /// Everything needed to continue a run: gates, optimiser moments, history.
@@ -224,11 +230,14 @@ impl<'a> Trainer<'a> {
         Ok(self.settings.passkey_spec().sample(self.tokenizer, self.haystack, length, &mut rng)?)
     }
 
-    /// Loss and gradient of step `step`'s sample at the given gates.
-    pub fn loss_and_grad(&self, step: usize, gates: &GateValues) -> Result<(PasskeySample, LossAndGrad)> {
+    /// Loss and gradient of step `step`'s sample at the given gates, and the seconds the
+    /// sample took to draw.
+    pub fn loss_and_grad(&self, step: usize, gates: &GateValues) -> Result<(PasskeySample, LossAndGrad, f64)> {
+        let start = Instant::now();
         let sample = self.sample(step)?;
+        let sample_seconds = start.elapsed().as_secs_f64();
         let lg = self.gated.loss_and_grad(&sample.ids, sample.qa.clone(), gates, self.settings.reg)?;
-        Ok((sample, lg))
+        Ok((sample, lg, sample_seconds))
     }
 
     /// Runs the next step of `state`: clamp, loss and gradient, AdamW.
@@ -243,7 +252,7 @@ impl<'a> Trainer<'a> {
         for g in &mut state.gates {
             *g = g.clamp(0.0, 1.0);
         }
-        let (sample, lg) = self.loss_and_grad(state.step, &state.gate_values())?;
+        let (sample, lg, sample_seconds) = self.loss_and_grad(state.step, &state.gate_values())?;
         let lr = self.settings.lr_at(state.step);
         state.adamw(&lg.grad, lr);
         let log = StepLog {
@@ -253,6 +262,8 @@ impl<'a> Trainer<'a> {
             distill: lg.distill,
             lr,
             seconds: start.elapsed().as_secs_f64(),
+            sample_seconds,
+            phases: lg.phases,
         };
         state.log.push(log.clone());
         state.step += 1;
@@ -303,8 +314,19 @@ mod tests {
         let path = dir.join("state.json");
         let mut st = TrainState::new(IdentifySettings::default(), 3, 2);
         st.adamw(&[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 0.02);
+        st.log.push(StepLog { step: 0, length: 100, loss: 0.5, distill: 0.4, lr: 0.02, seconds: 1.0, sample_seconds: 0.0, phases: PhaseSeconds::default() });
         st.save(&path).expect("save");
         assert_eq!(TrainState::load(&path).expect("load"), st);
+        // A checkpoint written before the passes were timed still loads (zero times).
+        let mut old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        let entries = old["log"].as_array_mut().expect("log");
+        assert_eq!(entries.len(), 1);
+        for entry in entries {
+            let entry = entry.as_object_mut().expect("entry");
+            assert!(entry.remove("phases").is_some() && entry.remove("sample_seconds").is_some());
+        }
+        std::fs::write(&path, old.to_string()).expect("write");
+        assert_eq!(TrainState::load(&path).expect("old load").log, st.log);
         std::fs::write(&path, r#"{"settings": 1}"#).expect("write");
         assert!(TrainState::load(&path).is_err());
         std::fs::remove_dir_all(&dir).ok();

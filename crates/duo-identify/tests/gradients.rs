@@ -81,6 +81,18 @@ fn reference(qkv: &Qkv, sees: impl Fn(usize, usize) -> bool) -> Vec<f32> {
 }
 
 #[test]
+fn query_blocks_double_on_a_gpu_within_a_gibibyte_of_scores() {
+    use duo_identify::dense::query_block;
+    assert_eq!(query_block(9, 8192, false), 256, "the CPU keeps small blocks");
+    assert_eq!(query_block(9, 8192, true), 512, "SmolLM2 at 8K: 9 x 512 x 8192 x 4 B = 0.14 GiB");
+    assert_eq!(query_block(32, 16384, true), 512, "Llama-3-8B at 16K: 32 x 512 x 16384 x 4 B = 1 GiB");
+    assert_eq!(query_block(32, 32768, true), 256, "Llama-3-8B at 32K: 512 would need 2 GiB");
+    assert_eq!(query_block(32, 1 << 20, true), 256, "never below the CPU's block");
+    let model = DenseModel::random(tiny(RopeStyle::Interleaved), 1, &Device::Cpu).expect("model").with_block(Some(7));
+    assert_eq!(model.block(100), 7, "an explicit block wins");
+}
+
+#[test]
 fn blocked_attention_matches_dense_reference() {
     let qkv = random_qkv(2, 3, 29, 8, 5);
     for block in [1, 4, 7, 29, 64] {
@@ -211,6 +223,12 @@ fn training_is_deterministic_and_resumes_exactly() {
     let history = |s: &TrainState| s.log.iter().map(|l| (l.step, l.length, l.loss, l.distill, l.lr)).collect::<Vec<_>>();
     assert_eq!((&a.gates, &a.m, &a.v, history(&a)), (&b.gates, &b.m, &b.v, history(&b)), "same seed and settings, same run");
     assert!(a.gates.iter().all(|g| *g < 1.0), "gates moved: {:?}", a.gates);
+    for l in &a.log {
+        let p = l.phases;
+        let parts = l.sample_seconds + p.teacher + p.student + p.backward;
+        assert!(p.teacher > 0.0 && p.student > 0.0 && p.backward > 0.0, "every pass timed: {l:?}");
+        assert!(parts <= l.seconds, "the passes fit in the step: {parts} > {}", l.seconds);
+    }
     // Interrupt after one step, save, load, finish: the same run.
     let path = std::env::temp_dir().join(format!("duo-identify-resume-{}.json", std::process::id()));
     let mut c = TrainState::new(settings.clone(), 3, 2);
