@@ -93,6 +93,22 @@ fn query_blocks_double_on_a_gpu_within_a_gibibyte_of_scores() {
 }
 
 #[test]
+fn rope_tables_cached_for_a_longer_sequence_give_the_same_states() {
+    let fresh = DenseModel::random(tiny(RopeStyle::Interleaved), 3, &Device::Cpu).expect("model");
+    let reused = DenseModel::random(tiny(RopeStyle::Interleaved), 3, &Device::Cpu).expect("model");
+    let long = ids(90, 4);
+    let short = &long[..37];
+    reused.hidden_states(&long).expect("long first");
+    let a: Vec<f32> = fresh.hidden_states(short).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("fresh");
+    let b: Vec<f32> = reused.hidden_states(short).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("reused");
+    assert_eq!(a, b);
+    // And a longer one after a shorter one grows the tables.
+    let c: Vec<f32> = reused.hidden_states(&long).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("long again");
+    let d: Vec<f32> = fresh.hidden_states(&long).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("fresh long");
+    assert_eq!(c, d);
+}
+
+#[test]
 fn blocked_attention_matches_dense_reference() {
     let qkv = random_qkv(2, 3, 29, 8, 5);
     for block in [1, 4, 7, 29, 64] {
