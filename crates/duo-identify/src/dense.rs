@@ -4,7 +4,10 @@
 //! engine's quantised kernels: weights are dequantised to `f32` once, and each layer is
 //! written with candle primitives that all have a backward pass (candle's fused
 //! `rms_norm`, `softmax_last_dim` and `rope` kernels silently drop gradients, so RMSNorm,
-//! softmax and RoPE are spelled out here).
+//! softmax and RoPE are spelled out here). The passes no gradient flows through (the
+//! teacher's, and the student's first pass that only keeps each layer's input) take the
+//! fused RMSNorm and softmax instead: the choice is made per call from whether the input
+//! tracks a gradient, so a pass cannot silently lose one.
 //!
 //! Attention runs over query blocks against only the keys a block can see, so a
 //! Λ-shaped (sink + recent) attention costs time and memory linear in the length, and
@@ -181,9 +184,11 @@ impl DenseModel {
         Ok(self.embed.index_select(&ids, 0)?)
     }
 
-    /// The final RMSNorm.
+    /// The final RMSNorm, always from differentiable primitives: the teacher's target and
+    /// the student's output (which carries a gradient) must round alike, so that a student
+    /// equal to the teacher has a loss of exactly 0.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+        rms_norm_primitives(x, &self.norm, self.config.rms_norm_eps)
     }
 
     /// RMSNorm, q/k/v projections and RoPE of layer `l` for `x` (`[t, hidden]`, positions 0..t).
@@ -311,10 +316,30 @@ pub fn query_block(n_heads: usize, t: usize, gpu: bool) -> usize {
     (fits / CPU_BLOCK * CPU_BLOCK).clamp(CPU_BLOCK, 2 * CPU_BLOCK)
 }
 
-/// RMSNorm from differentiable primitives: `x / sqrt(mean(x^2) + eps) * w`.
+/// RMSNorm, `x / sqrt(mean(x^2) + eps) * w`: from differentiable primitives where a
+/// gradient can flow through `x` or `w`, else candle's fused kernel (the teacher's and the
+/// no-gradient student passes: one kernel instead of five).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if !x.track_op() && !w.track_op() {
+        return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?);
+    }
+    rms_norm_primitives(x, w, eps)
+}
+
+fn rms_norm_primitives(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let ms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?;
     Ok(x.broadcast_div(&ms.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension: differentiable primitives where a gradient can flow,
+/// else candle's fused kernel (one pass over the scores instead of five).
+pub fn softmax_last_dim(scores: &Tensor) -> Result<Tensor> {
+    if !scores.track_op() {
+        return Ok(candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?);
+    }
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let p = scores.broadcast_sub(&max)?.exp()?;
+    Ok(p.broadcast_div(&p.sum_keepdim(D::Minus1)?)?)
 }
 
 /// The additive masks of attention blocks, keyed by (block start, block end, span).
@@ -370,9 +395,7 @@ pub fn attention_with(qkv: &Qkv, span: Span, block: usize, masks: &MaskCache) ->
         let mask = masks.get(s, e, span, &keys, device)?;
         let qb = qkv.q.narrow(2, s, b)?.contiguous()?.reshape((nkv, group * b, hd))?;
         let scores = (qb.matmul(&kb.t()?)? * scale)?.reshape((nkv, group, b, keys.len()))?.broadcast_add(&mask)?;
-        let max = scores.max_keepdim(D::Minus1)?.detach();
-        let p = scores.broadcast_sub(&max)?.exp()?;
-        let p = p.broadcast_div(&p.sum_keepdim(D::Minus1)?)?;
+        let p = softmax_last_dim(&scores)?;
         let o = p.reshape((nkv, group * b, keys.len()))?.matmul(&vb)?.reshape((nkv, group, b, hd))?;
         outs.push(o);
     }
@@ -386,3 +409,38 @@ fn normal(rng: &mut StdRng) -> f32 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n = shape.0 * shape.1 * shape.2;
+        let data: Vec<f32> = (0..n).map(|_| normal(&mut rng) * 3.0).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()).expect("diff")
+    }
+
+    #[test]
+    fn fused_kernels_of_the_no_gradient_passes_match_the_differentiable_ones() {
+        let x = random((3, 17, 40), 1);
+        let w = random((1, 1, 40), 2).reshape(40).and_then(|w| (w * 0.1)? + 1.0).expect("w");
+        let tracked = Var::from_tensor(&x).expect("var");
+        assert!(!x.track_op() && tracked.as_tensor().track_op());
+        // Scores with masked (-1e30) entries, as attention makes them.
+        let mask = Tensor::from_vec((0..40).map(|j| if j % 7 == 3 { -1e30f32 } else { 0.0 }).collect::<Vec<_>>(), 40, &Device::Cpu).expect("mask");
+        let fused = softmax_last_dim(&x.broadcast_add(&mask).expect("add")).expect("fused");
+        let plain = softmax_last_dim(&tracked.as_tensor().broadcast_add(&mask).expect("add")).expect("plain");
+        assert!(max_diff(&fused, &plain) < 1e-6, "softmax: {}", max_diff(&fused, &plain));
+        let sums = fused.sum(D::Minus1).expect("sum").flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+        let fused = rms_norm(&x, &w, 1e-5).expect("fused");
+        let plain = rms_norm(tracked.as_tensor(), &w, 1e-5).expect("plain");
+        assert!(max_diff(&fused, &plain) < 1e-5, "rms_norm: {}", max_diff(&fused, &plain));
+    }
+}
