@@ -18,7 +18,9 @@
 //!   heads and Λ-shaped for streaming heads, in one launch per layer.
 //! * [`decode_attention`]: one decode step of attention for a whole layer, retrieval and
 //!   streaming heads in one launch, split across the sequence for long caches.
-//! * [`model`]: the weights on the GPU and the whole-model CPU reference.
+//! * [`model`]: the weights on the GPU and the whole-model CPU reference (also split over
+//!   ranks as tensor parallelism splits it).
+//! * [`shard`]: tensor parallelism's rows and columns of each weight per GPU.
 //! * [`pool`]: a pool of KV blocks and the batched step over many sequences (decode rows and
 //!   a prefill chunk in one forward pass; decode-only steps replayed as CUDA graphs).
 
@@ -37,6 +39,7 @@ pub mod pool;
 pub mod prefill_attention;
 #[cfg(feature = "cuda")]
 pub mod runtime;
+pub mod shard;
 #[cfg(feature = "cuda")]
 pub use checks::{check, check_group, time_linear, time_prefill_attention, CHECK_GROUPS};
 #[cfg(feature = "cuda")]

@@ -162,13 +162,30 @@ impl HostLayer<'_> {
 /// (`[tokens.len() - from, vocab]`), for the seeded random model and the layout's masks.
 /// Meant for small shapes (it keeps every weight in `f32`).
 pub fn reference_logits(c: &GpuConfig, layout: &PagedLayout, seed: u64, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
+    let all_heads: Vec<usize> = (0..c.n_kv_heads).collect();
+    reference_logits_split(c, layout, seed, tokens, from, &[vec![all_heads; c.n_layers]])
+}
+
+/// [`reference_logits`] with each layer split over ranks as tensor parallelism splits it
+/// ([`crate::shard`]): `ranks[r][l]` are the KV heads rank `r` holds in layer `l`. Each
+/// rank computes its heads' attention and its slice of the MLP from its own rows and
+/// columns of the weights; the partial outputs are summed (the all-reduce). One rank
+/// holding every head in order is the unsplit model, bit for bit.
+pub fn reference_logits_split(c: &GpuConfig, layout: &PagedLayout, seed: u64, tokens: &[u32], from: usize, ranks: &[Vec<Vec<usize>>]) -> Result<Vec<f32>> {
     c.validate()?;
     layout.validate(c.n_layers, c.n_kv_heads)?;
-    let (h, d, nh, ng, f) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
+    let world = ranks.len();
+    let local = crate::shard::shard_config(c, world)?;
+    if ranks.iter().any(|r| r.len() != c.n_layers) {
+        return Err(CudaError::Input(format!("every rank needs the KV heads of all {} layers", c.n_layers)));
+    }
+    let (h, d, nh, f) = (c.hidden, c.head_dim, c.n_heads, c.ffn);
+    let (lnh, lng, lf, lqkv) = (local.n_heads, local.n_kv_heads, local.ffn, local.qkv_dim());
     let t = tokens.len();
     let matmul = |x: &[f32], w: &[f32], out_dim: usize, in_dim: usize| -> Vec<f32> {
         x.chunks(in_dim).flat_map(|row| (0..out_dim).map(move |o| row.iter().zip(&w[o * in_dim..][..in_dim]).map(|(a, b)| a * b).sum::<f32>())).collect()
     };
+    let gather = crate::shard::gather_rows_cols::<f32>;
     let mut x: Vec<f32> = tokens
         .iter()
         .flat_map(|&tok| (0..h as u64).map(move |i| round_bf16(hash_uniform(RandomTensor::Embed.seed(seed), tok as u64 * h as u64 + i))))
@@ -180,51 +197,64 @@ pub fn reference_logits(c: &GpuConfig, layout: &PagedLayout, seed: u64, tokens: 
         let wo = uniform_bf16(RandomTensor::O(l).seed(seed), h * nh * d, scale_for(nh * d));
         let wgu = uniform_bf16(RandomTensor::GateUp(l).seed(seed), 2 * f * h, scale_for(h));
         let wd = uniform_bf16(RandomTensor::Down(l).seed(seed), h * f, scale_for(f));
+        let shards = ranks.iter().enumerate().map(|(r, heads)| crate::shard::layer_shard(c, &heads[l], r, world)).collect::<Result<Vec<_>>>()?;
         let xn = rms_norm_ref(&x, &ones[..h], c.eps);
-        // The qkv and gate/up products come out of the GPU's matmuls as bf16.
-        let mut qkv: Vec<f32> = matmul(&xn, &wqkv, c.qkv_dim(), h).into_iter().map(round_bf16).collect();
-        for (p, row) in qkv.chunks_mut(c.qkv_dim()).enumerate() {
-            for hd in 0..nh + ng {
-                rope_ref(&mut row[hd * d..][..d], p, &c.inv_freq, c.half_split);
-            }
-            // Keys and values as the cache holds them: bf16, or byte rows (keys quantised from
-            // their f32 rotation, as the GPU does).
-            if layout.kv.is_quantised() {
-                let keys = layout.kv.round_key_rows(&row[nh * d..(nh + ng) * d], d);
-                let values = layout.kv.round_rows(&row[(nh + ng) * d..], d);
-                row[nh * d..(nh + ng) * d].copy_from_slice(&keys);
-                row[(nh + ng) * d..].copy_from_slice(&values);
-            } else {
-                for v in &mut row[nh * d..] {
-                    *v = round_bf16(*v);
+        let mut attended = vec![0.0f32; t * h];
+        for s in &shards {
+            // The qkv and gate/up products come out of the GPU's matmuls as bf16.
+            let mut qkv: Vec<f32> = matmul(&xn, &gather(&wqkv, h, Some(&s.qkv_rows), None), lqkv, h).into_iter().map(round_bf16).collect();
+            for (p, row) in qkv.chunks_mut(lqkv).enumerate() {
+                for hd in 0..lnh + lng {
+                    rope_ref(&mut row[hd * d..][..d], p, &c.inv_freq, c.half_split);
+                }
+                // Keys and values as the cache holds them: bf16, or byte rows (keys quantised
+                // from their f32 rotation, as the GPU does).
+                if layout.kv.is_quantised() {
+                    let keys = layout.kv.round_key_rows(&row[lnh * d..(lnh + lng) * d], d);
+                    let values = layout.kv.round_rows(&row[(lnh + lng) * d..], d);
+                    row[lnh * d..(lnh + lng) * d].copy_from_slice(&keys);
+                    row[(lnh + lng) * d..].copy_from_slice(&values);
+                } else {
+                    for v in &mut row[lnh * d..] {
+                        *v = round_bf16(*v);
+                    }
                 }
             }
-        }
-        let mut att = vec![0.0f32; t * nh * d];
-        for qh in 0..nh {
-            let g = qh / (nh / ng);
-            let e = if layout.retrieval[l][g] { HeadEntry::retrieval(0) } else { HeadEntry::streaming(0, layout.sink, layout.recent) };
-            for i in 0..t {
-                let q = &qkv[i * c.qkv_dim() + qh * d..][..d];
-                let seen: Vec<usize> = (0..=i).filter(|&j| e.visible(i, j)).collect();
-                let s: Vec<f64> = seen.iter().map(|&j| q.iter().zip(&qkv[j * c.qkv_dim() + (nh + g) * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
-                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let w: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
-                let z: f64 = w.iter().sum();
-                for k in 0..d {
-                    let v: f64 = w.iter().zip(&seen).map(|(wi, &j)| wi * qkv[j * c.qkv_dim() + (nh + ng + g) * d + k] as f64).sum();
-                    att[(i * nh + qh) * d + k] = round_bf16((v / z) as f32);
+            let mut att = vec![0.0f32; t * lnh * d];
+            for qh in 0..lnh {
+                let g = qh / (lnh / lng);
+                let e = if layout.retrieval[l][s.kv_heads[g]] { HeadEntry::retrieval(0) } else { HeadEntry::streaming(0, layout.sink, layout.recent) };
+                for i in 0..t {
+                    let q = &qkv[i * lqkv + qh * d..][..d];
+                    let seen: Vec<usize> = (0..=i).filter(|&j| e.visible(i, j)).collect();
+                    let sc: Vec<f64> = seen.iter().map(|&j| q.iter().zip(&qkv[j * lqkv + (lnh + g) * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
+                    let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = sc.iter().map(|v| (v - m).exp()).collect();
+                    let z: f64 = w.iter().sum();
+                    for k in 0..d {
+                        let v: f64 = w.iter().zip(&seen).map(|(wi, &j)| wi * qkv[j * lqkv + (lnh + lng + g) * d + k] as f64).sum();
+                        att[(i * lnh + qh) * d + k] = round_bf16((v / z) as f32);
+                    }
                 }
             }
+            for (a, o) in attended.iter_mut().zip(matmul(&att, &gather(&wo, nh * d, None, Some(&s.o_cols)), h, lnh * d)) {
+                *a += o;
+            }
         }
-        for (xi, o) in x.iter_mut().zip(matmul(&att, &wo, h, nh * d)) {
-            *xi += o;
+        for (xi, a) in x.iter_mut().zip(&attended) {
+            *xi += a;
         }
         let xn = rms_norm_ref(&x, &ones[..h], c.eps);
-        let gu: Vec<f32> = matmul(&xn, &wgu, 2 * f, h).into_iter().map(round_bf16).collect();
-        let act = silu_mul_ref(&gu, f);
-        for (xi, o) in x.iter_mut().zip(matmul(&act, &wd, h, f)) {
-            *xi += o;
+        let mut mlp = vec![0.0f32; t * h];
+        for s in &shards {
+            let gu: Vec<f32> = matmul(&xn, &gather(&wgu, h, Some(&s.gate_up_rows), None), 2 * lf, h).into_iter().map(round_bf16).collect();
+            let act = silu_mul_ref(&gu, lf);
+            for (m, o) in mlp.iter_mut().zip(matmul(&act, &gather(&wd, f, None, Some(&s.down_cols)), h, lf)) {
+                *m += o;
+            }
+        }
+        for (xi, m) in x.iter_mut().zip(&mlp) {
+            *xi += m;
         }
     }
     let head = uniform_bf16(RandomTensor::LmHead.seed(seed), c.vocab * h, scale_for(h));
@@ -257,6 +287,36 @@ mod tests {
         assert_ne!(narrow[11 * 50..], a[11 * 50..], "position 11 has lost keys 2..6");
         assert_eq!(a.len(), 12 * 50);
         assert!(a.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn split_over_ranks_the_model_gives_the_same_logits() {
+        // 4 KV heads of 2 query heads each; retrieval heads placed unevenly by layer.
+        let inv_freq: Vec<f32> = (0..32).map(|i| 10_000f32.powf(-(i as f32) / 32.0)).collect();
+        let c = GpuConfig { n_layers: 3, hidden: 64, n_heads: 8, n_kv_heads: 4, head_dim: 64, ffn: 96, vocab: 40, eps: 1e-5, inv_freq, half_split: false };
+        let retrieval = vec![vec![true, true, false, false], vec![false, true, false, true], vec![true, false, false, false]];
+        let l = PagedLayout { retrieval: retrieval.clone(), sink: 2, recent: 4, block_tokens: 16, max_chunk: 8, max_tokens: 100, kv: crate::decode_attention::KvType::Bf16 };
+        let tokens: Vec<u32> = (0..14).map(|i| (i * 11 % 40) as u32).collect();
+        let whole = reference_logits(&c, &l, 5, &tokens, 0).unwrap();
+        let pattern = duo_core::pattern::HeadPattern::from_rows(retrieval).unwrap();
+        for placement in [duo_core::placement::Placement::retrieval_aware(&pattern, 2), duo_core::placement::Placement::contiguous(&pattern, 2)] {
+            let placement = placement.unwrap();
+            let ranks: Vec<Vec<Vec<usize>>> = (0..2).map(|r| (0..3).map(|layer| placement.heads_on(layer, r)).collect()).collect();
+            let split = reference_logits_split(&c, &l, 5, &tokens, 0, &ranks).unwrap();
+            let worst = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = whole.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            // Only the order of the partial sums differs (bf16 rounding of the products of
+            // the next layer may flip on a tie, hence a tolerance, not equality).
+            assert!(worst <= 2e-3 * scale, "{:?}: {worst} of {scale}", placement.strategy());
+        }
+        // A rank that swaps its KV heads' order (heads 1 and 0) is still the same model.
+        let swapped = vec![vec![vec![1, 0], vec![1, 0], vec![1, 0]], vec![vec![2, 3]; 3]];
+        let split = reference_logits_split(&c, &l, 5, &tokens, 0, &swapped).unwrap();
+        let worst = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 2e-3 * whole.iter().map(|v| v.abs()).fold(0f32, f32::max), "{worst}");
+        // A rank missing a layer's heads, or three ranks over four heads, is refused.
+        assert!(reference_logits_split(&c, &l, 5, &tokens, 0, &[vec![vec![0, 1, 2, 3]; 2]]).is_err());
+        assert!(reference_logits_split(&c, &l, 5, &tokens, 0, &[vec![vec![0]; 3], vec![vec![1]; 3], vec![vec![2]; 3]]).is_err());
     }
 
     #[test]
