@@ -68,7 +68,8 @@ enum Command {
         /// Seed of the random inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Only these groups of checks, comma-separated: ops, prefill, dequant, decode, model.
+        /// Only these groups of checks, comma-separated: ops, prefill, dequant, decode, model,
+        /// tp (tensor parallelism over every visible GPU; by default where two or more are visible).
         #[arg(long)]
         only: Option<String>,
         /// Parity only: no kernel timings.
@@ -145,20 +146,27 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
     }
     let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(0)?);
     println!("{}", gpu.name());
-    let groups: Vec<&str> = only.map_or(duo_cuda::CHECK_GROUPS.to_vec(), |o| {
-        o.split(',').map(str::trim).collect()
-    });
-    if let Some(bad) = groups.iter().find(|g| !duo_cuda::CHECK_GROUPS.contains(g)) {
-        bail!(
-            "--only {bad}: the groups are {}",
-            duo_cuda::CHECK_GROUPS.join(", ")
-        );
+    // Tensor parallelism ("tp") runs where two GPUs or more are visible, over all of them.
+    let visible = duo_cuda::runtime::device_count();
+    let mut every: Vec<&str> = duo_cuda::CHECK_GROUPS.to_vec();
+    if visible >= 2 {
+        every.push("tp");
+    }
+    let groups: Vec<&str> = only.map_or(every, |o| o.split(',').map(str::trim).collect());
+    if let Some(bad) = groups.iter().find(|g| !duo_cuda::CHECK_GROUPS.contains(g) && **g != "tp") {
+        bail!("--only {bad}: the groups are {}, tp", duo_cuda::CHECK_GROUPS.join(", "));
     }
     let (mut failed, mut total) = (0, 0);
     for group in groups {
         // Each group's results as it ends, so that a fault names the group it happened in.
         println!("checking {group}");
-        for r in duo_cuda::check_group(&gpu, group, seed)? {
+        let results = if group == "tp" {
+            let gpus = duo_cuda::runtime::open_gpus(visible.max(2))?;
+            duo_cuda::model::check_tensor_parallel(&gpus, seed)?
+        } else {
+            duo_cuda::check_group(&gpu, group, seed)?
+        };
+        for r in results {
             println!(
                 "{} {:<80} max |gpu - cpu| = {:.3e} (bound {:.0e})",
                 if r.ok() { "ok  " } else { "FAIL" },

@@ -20,7 +20,8 @@
 //!   streaming heads in one launch, split across the sequence for long caches.
 //! * [`model`]: the weights on the GPU and the whole-model CPU reference (also split over
 //!   ranks as tensor parallelism splits it).
-//! * [`shard`]: tensor parallelism's rows and columns of each weight per GPU.
+//! * [`shard`]: tensor parallelism's rows and columns of each weight per GPU; [`nccl`]: the
+//!   all-reduce between them (NCCL loaded at run time).
 //! * [`pool`]: a pool of KV blocks and the batched step over many sequences (decode rows and
 //!   a prefill chunk in one forward pass; decode-only steps replayed as CUDA graphs).
 
@@ -32,6 +33,8 @@ pub mod fp8;
 pub mod int4;
 pub mod int8;
 pub mod model;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ops;
 pub mod paged;
 #[cfg(feature = "cuda")]

@@ -496,6 +496,34 @@ mod gpu {
             Ok(Self { config, seed: 0, layers, norm, embed, lm_head, inv_freq })
         }
 
+        /// Rank `rank` of `world`'s shard of these weights under tensor parallelism
+        /// ([`crate::shard`]): in each layer the rows and columns of `kv_heads[layer]`
+        /// (global KV head indices, in the rank's order) and of its slice of the MLP,
+        /// gathered on the GPU into new buffers one layer at a time (each full layer freed
+        /// as it goes); norms, embeddings and the LM head stay whole.
+        pub fn into_shard(self, gpu: &Gpu, rank: usize, world: usize, kv_heads: &[Vec<usize>]) -> Result<GpuWeights> {
+            let c = self.config.clone();
+            let local = crate::shard::shard_config(&c, world)?;
+            if kv_heads.len() != c.n_layers {
+                return Err(CudaError::Input(format!("a shard needs the KV heads of all {} layers, got {}", c.n_layers, kv_heads.len())));
+            }
+            let GpuWeights { seed, layers, norm, embed, lm_head, inv_freq, .. } = self;
+            let mut sharded = Vec::with_capacity(layers.len());
+            for (l, lw) in layers.into_iter().enumerate() {
+                let s = crate::shard::layer_shard(&c, &kv_heads[l], rank, world)?;
+                sharded.push(LayerWeights {
+                    qkv: gpu.gather_bf16(&lw.qkv, c.hidden, Some(&s.qkv_rows), None)?,
+                    o: gpu.gather_bf16(&lw.o, c.n_heads * c.head_dim, None, Some(&s.o_cols))?,
+                    gate_up: gpu.gather_bf16(&lw.gate_up, c.hidden, Some(&s.gate_up_rows), None)?,
+                    down: gpu.gather_bf16(&lw.down, c.ffn, None, Some(&s.down_cols))?,
+                    attn_norm: lw.attn_norm,
+                    ffn_norm: lw.ffn_norm,
+                });
+            }
+            gpu.sync()?;
+            Ok(GpuWeights { config: local, seed, layers: sharded, norm, embed, lm_head, inv_freq })
+        }
+
         /// The seed of the random embedding rows (random weights).
         pub(crate) fn embed_seed(&self) -> u64 {
             RandomTensor::Embed.seed(self.seed)
@@ -555,6 +583,71 @@ mod gpu {
             all_logits.extend_from_slice(&logits);
         }
         Ok((all_logits, tokens))
+    }
+
+    /// Tensor parallelism over `gpus` (two or more): a small model whose layers mix
+    /// retrieval and streaming heads unevenly, split by the retrieval-aware and by the
+    /// contiguous placement, each rank's shard in its own pool linked through NCCL; a
+    /// chunked prefill and 10 greedy decode steps (graph-replayed after the first) run on
+    /// every rank at once, each on its own thread. Rank 0's logits against the unsplit
+    /// [`reference_logits`] (bound 2e-2, as the one-GPU model), every rank's tokens equal to
+    /// rank 0's, and the tokens equal to the same model's on one GPU.
+    pub fn check_tensor_parallel(gpus: &[Arc<Gpu>], seed: u64) -> Result<Vec<Parity>> {
+        let world = gpus.len();
+        if world < 2 {
+            return Err(CudaError::Input(format!("tensor parallelism needs two GPUs or more; {world} given")));
+        }
+        let n_kv = 2 * world;
+        let inv_freq: Vec<f32> = (0..32).map(|i| 10_000f32.powf(-2.0 * i as f32 / 64.0)).collect();
+        let config = GpuConfig { n_layers: 3, hidden: 128, n_heads: 2 * n_kv, n_kv_heads: n_kv, head_dim: 64, ffn: 64 * world, vocab: 300, eps: 1e-5, inv_freq, half_split: true };
+        // Layer 0: the first half retrieval (all on rank 0 when split contiguously); layer 1:
+        // every other head; layer 2: one retrieval head.
+        let retrieval: Vec<Vec<bool>> = vec![(0..n_kv).map(|h| h < n_kv / 2).collect(), (0..n_kv).map(|h| h % 2 == 1).collect(), (0..n_kv).map(|h| h == 0).collect()];
+        let layout = PagedLayout { retrieval: retrieval.clone(), sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 1024, kv: crate::decode_attention::KvType::Bf16 };
+        let prompt: Vec<u32> = (0..700u64).map(|i| (hash_uniform(seed ^ 77, i).abs() * 299.0) as u32).collect();
+        let (steps, chunk) = (10, 48);
+        let one = KvPool::single(gpus[0].clone(), Arc::new(GpuWeights::random(&gpus[0], config.clone(), seed)?), layout.clone())?;
+        let (_, one_tokens) = run_alone(&one, &prompt, chunk, steps)?;
+        drop(one);
+        let core = |e: duo_core::CoreError| CudaError::Input(e.to_string());
+        let pattern = duo_core::pattern::HeadPattern::from_rows(retrieval.clone()).map_err(core)?;
+        let ordinals: Vec<usize> = gpus.iter().map(|g| g.ctx.ordinal()).collect();
+        let mut out = Vec::new();
+        use duo_core::placement::Placement;
+        for placement in [Placement::retrieval_aware(&pattern, world).map_err(core)?, Placement::contiguous(&pattern, world).map_err(core)?] {
+            let links = crate::nccl::Link::all(&ordinals)?;
+            let mut pools = Vec::with_capacity(world);
+            for (r, gpu) in gpus.iter().enumerate() {
+                let heads: Vec<Vec<usize>> = (0..config.n_layers).map(|l| placement.heads_on(l, r)).collect();
+                let w = GpuWeights::random(gpu, config.clone(), seed)?.into_shard(gpu, r, world, &heads)?;
+                let rank_layout = PagedLayout { retrieval: heads.iter().enumerate().map(|(l, hs)| hs.iter().map(|&h| retrieval[l][h]).collect()).collect(), ..layout.clone() };
+                let blocks = rank_layout.blocks_for(rank_layout.max_tokens, Ring::Prefill);
+                let pool_config = PoolConfig { blocks, max_seqs: 1, max_rows: rank_layout.max_chunk, graphs: true };
+                pools.push(KvPool::linked(gpu.clone(), Arc::new(w), rank_layout, pool_config, Some(links[r].clone()))?);
+            }
+            let runs: Vec<Result<(Vec<f32>, Vec<u32>)>> = std::thread::scope(|s| {
+                let handles: Vec<_> = pools.iter().map(|pool| s.spawn(|| run_alone(pool, &prompt, chunk, steps))).collect();
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(CudaError::Driver("a rank's thread panicked".into())))).collect()
+            });
+            let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
+            let (got, tokens) = &runs[0];
+            let want = reference_logits(&config, &layout, seed, tokens, prompt.len() - 1)?;
+            let bound = 2e-2;
+            let (err, agree) = compare(&want, got, config.vocab, bound);
+            let ranks_agree = runs.iter().all(|(_, t)| t == tokens);
+            let as_one_gpu = *tokens == one_tokens;
+            let graph_steps = pools[0].graph_steps();
+            out.push(Parity {
+                case: format!(
+                    "tensor parallel over {world} GPUs, {:?} placement ({} heads / {n_kv} KV), 700-token chunked prefill + {steps} decode steps ({graph_steps} from graphs): greedy tokens agree with the reference: {agree}, every rank's tokens equal: {ranks_agree}, tokens equal to one GPU's: {as_one_gpu}",
+                    placement.strategy(),
+                    config.n_heads
+                ),
+                max_abs_err: if agree && ranks_agree && as_one_gpu && graph_steps > 0 { err } else { f64::INFINITY },
+                bound,
+            });
+        }
+        Ok(out)
     }
 
     /// The whole model on the pool against [`reference_logits`]: a small mixed layout

@@ -206,6 +206,18 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, c
     }
 }
 
+// out[i * n_cols + j] = in[rows[i] * in_cols + cols[j]] (bf16 words): one rank's rows and
+// columns of a weight matrix under tensor parallelism (crate::shard::gather_rows_cols).
+extern "C" __global__ void gather_bf16(const unsigned short* in, long long in_cols, const int* rows, int n_rows,
+    const int* cols, int n_cols, unsigned short* out)
+{
+    const size_t n = (size_t)n_rows * n_cols;
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
+        const size_t i = k / n_cols, j = k % n_cols;
+        out[k] = in[(size_t)rows[i] * in_cols + cols[j]];
+    }
+}
+
 // dst[pairs[2i]] = pairs[2i + 1] for i < n: block-table updates in one launch.
 extern "C" __global__ void scatter_i32(int* dst, const int* pairs, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) dst[pairs[2 * i]] = pairs[2 * i + 1];

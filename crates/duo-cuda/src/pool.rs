@@ -225,6 +225,11 @@ pub struct KvPool {
     tables: CudaSlice<i32>,
     heads: Vec<CudaSlice<i32>>,
     state: Mutex<State>,
+    /// Under tensor parallelism, this GPU's end of the communicator: the weights are this
+    /// rank's shard, and the two products of each layer that end in a partial sum (output
+    /// projection, down projection) are summed over the ranks in place. Rank 0 alone adds
+    /// the residual.
+    link: Option<Arc<crate::nccl::Link>>,
 }
 
 /// One sequence in a pool: its slot, its blocks, its length. Dropping it returns its blocks.
@@ -274,6 +279,20 @@ impl KvPool {
         w: Arc<GpuWeights>,
         layout: PagedLayout,
         config: PoolConfig,
+    ) -> Result<Arc<Self>> {
+        Self::linked(gpu, w, layout, config, None)
+    }
+
+    /// [`KvPool::new`] for one rank under tensor parallelism: `w` is the rank's shard
+    /// ([`GpuWeights::into_shard`]), `layout` its KV heads' kinds, `link` its end of the
+    /// communicator. Every rank's pool must run the same steps in the same order (each on
+    /// its own thread): each step's forward pass waits for the others at every layer.
+    pub fn linked(
+        gpu: Arc<Gpu>,
+        w: Arc<GpuWeights>,
+        layout: PagedLayout,
+        config: PoolConfig,
+        link: Option<Arc<crate::nccl::Link>>,
     ) -> Result<Arc<Self>> {
         let c = &w.config;
         layout.validate(c.n_layers, c.n_kv_heads)?;
@@ -344,7 +363,13 @@ impl KvPool {
             tables,
             heads,
             state: Mutex::new(state),
+            link,
         }))
+    }
+
+    /// This pool's end of the tensor-parallel communicator, if it is one rank of several.
+    pub fn link(&self) -> Option<&Arc<crate::nccl::Link>> {
+        self.link.as_ref()
     }
 
     /// The kernels' view of this pool (with its row scales where the cache is fp8).
@@ -900,6 +925,9 @@ impl KvPool {
         );
         let paged = self.paged();
         let (kc, vc) = (g.addr(&self.keys), g.addr(&self.values));
+        // The products that end in a partial sum add the residual on rank 0 only (one GPU:
+        // always), so that the sum over ranks holds it once.
+        let residual = if self.link.as_ref().is_some_and(|k| k.rank != 0) { 0.0 } else { 1.0 };
         g.embed(
             tokens,
             w.embed.as_ref().map_or(0, &a16),
@@ -972,7 +1000,8 @@ impl KvPool {
                     out,
                 )?;
             }
-            g.linear(a16(&b.att), a16(&lw.o), a(&b.x), rows, qd, h, 1.0, false)?;
+            g.linear(a16(&b.att), a16(&lw.o), a(&b.x), rows, qd, h, residual, false)?;
+            self.sum_over_ranks(a(&b.x), rows * h)?;
             g.rms_norm(a(&b.x), a(&lw.ffn_norm), a16(&b.xn), rows, h, c.eps)?;
             g.linear(
                 a16(&b.xn),
@@ -992,9 +1021,10 @@ impl KvPool {
                 rows,
                 c.ffn,
                 h,
-                1.0,
+                residual,
                 false,
             )?;
+            self.sum_over_ranks(a(&b.x), rows * h)?;
         }
         if logit_rows > 0 {
             g.rms_norm(a(&b.x), a(&w.norm), a16(&b.xn), logit_rows, h, c.eps)?;
@@ -1010,6 +1040,14 @@ impl KvPool {
             )?;
         }
         Ok(())
+    }
+
+    /// `x[..n] = sum over the ranks of x[..n]` (f32) under tensor parallelism, else nothing.
+    fn sum_over_ranks(&self, x: u64, n: usize) -> Result<()> {
+        match &self.link {
+            Some(link) => link.all_reduce_sum_f32(x, n, self.gpu.stream.cu_stream() as *mut std::ffi::c_void),
+            None => Ok(()),
+        }
     }
 
     /// Pretends `n` tokens were prefilled into the empty `seq`: takes its blocks and fills

@@ -237,6 +237,25 @@ pub fn compile_all() -> Option<Result<usize>> {
     )
 }
 
+/// GPUs the driver sees (0 where no driver can be loaded).
+pub fn device_count() -> usize {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let n = std::panic::catch_unwind(CudaContext::device_count);
+    std::panic::set_hook(hook);
+    n.ok().and_then(|n| n.ok()).map_or(0, |n| n.max(0) as usize)
+}
+
+/// Devices `0..n` opened for `n` ranks of tensor parallelism, or an error that says how
+/// many are visible when there are fewer.
+pub fn open_gpus(n: usize) -> Result<Vec<Arc<Gpu>>> {
+    let visible = device_count();
+    if n > visible {
+        return Err(CudaError::Input(format!("{n} GPUs asked for, {visible} visible")));
+    }
+    (0..n).map(|o| Gpu::new(o).map(Arc::new)).collect()
+}
+
 impl Gpu {
     /// Opens device `ordinal`. Where no driver can be loaded this is an error, not a panic.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -456,6 +475,30 @@ impl Gpu {
         let (r, i) = (rows as i32, inter as i32);
         let blocks = (rows * inter).div_ceil(256).min(8192) as u32;
         launch!(self, f, (blocks, 1, 1), 256, &gu, &out, &r, &i)
+    }
+
+    /// One rank's rows and columns of a bf16 matrix of `in_cols` columns at `input`:
+    /// `out[i][j] = in[rows[i]][cols[j]]` (every row or column where `None`), as a new
+    /// buffer ([`crate::shard::gather_rows_cols`] on the host).
+    pub fn gather_bf16(&self, input: &CudaSlice<u16>, in_cols: usize, rows: Option<&[u32]>, cols: Option<&[u32]>) -> Result<CudaSlice<u16>> {
+        let in_rows = input.len() / in_cols.max(1);
+        let all = |n: usize| (0..n as u32).collect::<Vec<u32>>();
+        let rows = rows.map_or_else(|| all(in_rows), <[u32]>::to_vec);
+        let cols = cols.map_or_else(|| all(in_cols), <[u32]>::to_vec);
+        if rows.iter().any(|&r| r as usize >= in_rows) || cols.iter().any(|&c| c as usize >= in_cols) {
+            return Err(CudaError::Input(format!("a gather outside a {in_rows} x {in_cols} matrix")));
+        }
+        let to_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        let (r, c) = (self.upload(&to_i32(&rows))?, self.upload(&to_i32(&cols))?);
+        let out = self.zeros::<u16>(rows.len() * cols.len())?;
+        let f = self.op("gather_bf16")?;
+        let (ic, nr, nc) = (in_cols as i64, rows.len() as i32, cols.len() as i32);
+        let blocks = (rows.len() * cols.len()).div_ceil(256).clamp(1, 65_535) as u32;
+        let (ia, ra, ca, oa) = (self.addr(input), self.addr(&r), self.addr(&c), self.addr(&out));
+        launch!(self, f, (blocks, 1, 1), 256, &ia, &ic, &ra, &nr, &ca, &nc, &oa)?;
+        // The index buffers are freed when they drop: wait for the kernel first.
+        self.sync()?;
+        Ok(out)
     }
 
     /// `*out = argmax(x[..n])` (i32).
