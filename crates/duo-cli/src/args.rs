@@ -64,6 +64,15 @@ pub struct MethodArgs {
     /// their window is small, so keeping it exact beside a smaller retrieval cache costs little.
     #[arg(long)]
     pub kv_dtype_streaming: Option<String>,
+    /// Split the model over GPUs 0..N-1 (tensor parallelism through NCCL; --device cuda):
+    /// each GPU holds its share of every layer's KV heads and of the MLP.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel: usize,
+    /// How KV heads are shared out among the GPUs: retrieval-aware (each GPU an equal share
+    /// of every layer's retrieval heads, from the duo pattern at --sparsity) or contiguous
+    /// (heads in index order, as other engines split them).
+    #[arg(long, default_value = "retrieval-aware")]
+    pub placement: String,
 }
 
 impl MethodArgs {
@@ -127,13 +136,55 @@ impl MethodArgs {
     }
 
     /// Loads the model onto `--device` (the device is opened first: without a driver this
-    /// fails before any model file is read) and resolves the method against it.
+    /// fails before any model file is read) and resolves the method against it; with
+    /// `--tensor-parallel N`, split over GPUs 0..N-1.
     pub fn load(&self) -> Result<(Engine, ResolvedMethod)> {
         let spec = self.spec()?;
         let source = self.model_source()?;
-        let engine = Engine::load(&source, self.device).with_context(|| format!("loading the model onto {}", self.device))?;
+        let engine = match self.tensor_parallel()? {
+            None => Engine::load(&source, self.device).with_context(|| format!("loading the model onto {}", self.device))?,
+            Some(gpus) => Engine::load_parallel(&source, gpus, |config| {
+                self.placement(config).map_err(|e| duo_engine::EngineError::InvalidParameter { name: "placement", reason: format!("{e:#}") })
+            })
+            .with_context(|| format!("loading the model onto GPUs 0..{}", gpus - 1))?,
+        };
         let resolved = spec.resolve(engine.config())?;
         Ok((engine, resolved))
+    }
+
+    /// The GPUs of `--tensor-parallel` when it asks for more than one (checked against the
+    /// device: GPUs 0..N-1 on the CUDA backend).
+    pub fn tensor_parallel(&self) -> Result<Option<usize>> {
+        if !["retrieval-aware", "aware", "contiguous"].contains(&self.placement.as_str()) {
+            anyhow::bail!("--placement {}: retrieval-aware or contiguous", self.placement);
+        }
+        match (self.tensor_parallel, self.device) {
+            (0, _) => anyhow::bail!("--tensor-parallel takes 1 GPU or more"),
+            (1, _) => Ok(None),
+            (n, Device::Cuda(0)) => Ok(Some(n)),
+            (n, Device::Cuda(d)) => anyhow::bail!("--tensor-parallel {n} runs on GPUs 0..{}; use --device cuda, not cuda:{d}", n - 1),
+            (n, Device::Cpu) => anyhow::bail!("--tensor-parallel {n} splits the model over GPUs: use it with --device cuda"),
+        }
+    }
+
+    /// Which GPU holds which KV heads under `--tensor-parallel`: `--placement` applied to the
+    /// duo head pattern these flags give at `--sparsity` (full attention and the layer layout
+    /// are balanced by any split of equal head counts); contiguous where there is no pattern.
+    pub fn placement(&self, config: &duo_core::config::ModelConfig) -> Result<duo_core::placement::Placement> {
+        use duo_core::placement::Placement;
+        let gpus = self.tensor_parallel;
+        let aware = match self.placement.as_str() {
+            "retrieval-aware" | "aware" => true,
+            "contiguous" => false,
+            other => anyhow::bail!("--placement {other}: retrieval-aware or contiguous"),
+        };
+        let all = duo_core::pattern::HeadPattern::from_rows(vec![vec![true; config.n_kv_heads]; config.n_layers])?;
+        if !aware || self.pattern_source().is_none() {
+            return Ok(Placement::contiguous(&all, gpus)?);
+        }
+        let duo = MethodArgs { method: "duo".into(), layout: "head".into(), ..self.clone() };
+        let pattern = duo.spec()?.resolve(config)?.pattern;
+        Ok(Placement::retrieval_aware(&pattern, gpus)?)
     }
 }
 

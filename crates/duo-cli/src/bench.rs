@@ -124,9 +124,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let load = Load::start();
     let (backend, label, token_limit): (Box<dyn Backend>, String, usize) = match (&a.method.random_weights, random_config) {
         (Some(shape), Some(config)) => {
-            eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed());
             let vocab = config.vocab_size;
-            (backend::random(device, config, a.method.seed())?, format!("{shape} (random weights)"), vocab)
+            let built = match a.method.tensor_parallel()? {
+                None => {
+                    eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed());
+                    backend::random(device, config, a.method.seed())?
+                }
+                Some(gpus) => {
+                    let placement = a.method.placement(&config)?;
+                    eprintln!("duo bench: building {shape} with seeded random weights (seed {}) over GPUs 0..{} ({:?} placement) ...", a.method.seed(), gpus - 1, placement.strategy());
+                    backend::random_parallel(placement, config, a.method.seed())?
+                }
+            };
+            (built, format!("{shape} (random weights)"), vocab)
         }
         _ => {
             let (e, _) = a.method.load()?;

@@ -63,3 +63,28 @@ fn gpu_bench_checks_its_arguments_before_the_gpu() {
         assert!(!err.contains("CUDA driver"), "{args:?} reached the GPU before checking: {err}");
     }
 }
+
+#[test]
+fn tensor_parallel_flags_and_the_gpu_count_are_checked_before_any_model_is_read() {
+    let model = ["--model", "/nonexistent/model.gguf", "Hello"];
+    for (flags, want) in [
+        (&["--tensor-parallel", "2"][..], "use it with --device cuda"),
+        (&["--device", "cuda:1", "--tensor-parallel", "2"][..], "runs on GPUs 0..1"),
+        (&["--device", "cuda", "--tensor-parallel", "0"][..], "1 GPU or more"),
+        (&["--device", "cuda", "--tensor-parallel", "2", "--placement", "diagonal"][..], "retrieval-aware or contiguous"),
+    ] {
+        let args: Vec<&str> = ["generate"].iter().chain(flags).chain(&model).copied().collect();
+        let o = duo(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("/nonexistent") && !err.contains("panicked"), "{args:?}: {err}");
+    }
+    // More GPUs than the machine has: counted before the model is read.
+    let visible = duo_cuda::runtime::device_count();
+    let asked = (visible + 1).max(2).to_string();
+    let args: Vec<&str> = ["generate", "--device", "cuda", "--tensor-parallel", &asked].iter().chain(&model).copied().collect();
+    let o = duo(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(&format!("{asked} GPUs asked for, {visible} visible")), "{err}");
+    assert!(!err.contains("/nonexistent"), "{err}");
+}

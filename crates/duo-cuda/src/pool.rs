@@ -386,13 +386,18 @@ impl KvPool {
     /// A pool for one sequence of up to `layout.max_tokens` tokens (and its forks made
     /// elsewhere): exactly the blocks that length needs.
     pub fn single(gpu: Arc<Gpu>, w: Arc<GpuWeights>, layout: PagedLayout) -> Result<Arc<Self>> {
+        Self::single_linked(gpu, w, layout, None)
+    }
+
+    /// [`KvPool::single`] for one rank under tensor parallelism (see [`KvPool::linked`]).
+    pub fn single_linked(gpu: Arc<Gpu>, w: Arc<GpuWeights>, layout: PagedLayout, link: Option<Arc<crate::nccl::Link>>) -> Result<Arc<Self>> {
         let config = PoolConfig {
             blocks: layout.blocks_for(layout.max_tokens, Ring::Prefill),
             max_seqs: 1,
             max_rows: layout.max_chunk,
             graphs: true,
         };
-        Self::new(gpu, w, layout, config)
+        Self::linked(gpu, w, layout, config, link)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

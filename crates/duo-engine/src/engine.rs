@@ -31,6 +31,17 @@ impl Engine {
         Ok(Self { tokenizer: f.tokenizer, template: f.template, path: f.path, backend, constraints: Default::default() })
     }
 
+    /// [`Engine::load`] split over GPUs 0..N by tensor parallelism: the GPUs are opened
+    /// first, then the model's files; `place` decides from the model's configuration (its
+    /// pattern resolved against it) which GPU holds which KV heads.
+    pub fn load_parallel(source: &ModelSource, gpus: usize, place: impl FnOnce(&ModelConfig) -> Result<duo_core::placement::Placement>) -> Result<Self> {
+        let opened = duo_cuda::runtime::open_gpus(gpus)?;
+        let f = ModelFiles::open(source)?;
+        let placement = place(&f.config)?;
+        let backend = backend::load_parallel(opened, placement, &f.checkpoint, f.config)?;
+        Ok(Self { tokenizer: f.tokenizer, template: f.template, path: f.path, backend, constraints: Default::default() })
+    }
+
     /// A fresh grammar constraint for structured output (the token trie is built on first use).
     pub fn constraint(&self, what: &crate::constraint::Structured) -> Result<crate::constraint::Constraint> {
         let factory = self.constraints.get_or_init(|| {

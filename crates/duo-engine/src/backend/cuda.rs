@@ -5,6 +5,13 @@
 //! Checkpoints go straight to the GPU: tensor by tensor, converted to bf16 on the host (a
 //! safetensors bf16 matrix is copied as it is; other types are converted or dequantised one
 //! tensor at a time) and uploaded block by block, so the host never holds the whole model.
+//!
+//! Tensor parallelism (`--tensor-parallel N`): the backend holds one [`Rank`] per GPU, each
+//! with its shard of the weights (the KV heads a placement gives it, `duo_cuda::shard`), its
+//! own pools and its end of an NCCL communicator. Every operation runs on all ranks at once,
+//! one thread each, with the same inputs; the all-reduces inside each forward pass keep
+//! them in step, and every rank ends with the same logits: rank 0's are returned. One GPU
+//! is the case of one rank.
 
 use super::{downcast, kv_plan, plan_bytes, Backend, Logits, PoolOptions, PoolStep, Sequence};
 use crate::error::{EngineError, Result};
@@ -16,6 +23,8 @@ use duo_cuda::dequant::QuantType;
 use duo_cuda::model::{GlobalMatrix, GpuConfig, GpuWeights, HostLayer, HostMatrix};
 use duo_cuda::paged::{PagedLayout, Ring};
 use duo_cuda::pool::{bucket, DecodeRow, KvPool, PagedSeq, PoolConfig, PrefillChunk, RowLogits};
+use duo_core::placement::Placement;
+use duo_cuda::nccl::Link;
 use duo_cuda::Gpu;
 use duo_kv::{KvBytes, PrefillMode};
 use duo_model::checkpoint::names;
@@ -23,15 +32,45 @@ use duo_model::Checkpoint;
 use std::any::Any;
 use std::sync::Arc;
 
-/// A model on one GPU.
-pub struct CudaBackend {
+/// One GPU of the backend: the whole model, or one rank's shard of it.
+struct Rank {
     gpu: Arc<Gpu>,
     weights: Arc<GpuWeights>,
-    config: ModelConfig,
-    ordinal: usize,
+    /// This GPU's end of the communicator (tensor parallelism only).
+    link: Option<Arc<Link>>,
+    /// The KV heads (model indices) this rank holds in each layer, in its order.
+    heads: Vec<Vec<usize>>,
     /// Device memory in use before the weights were loaded (other processes and this
     /// process's context): what `--gpu-memory-utilization` does not charge to duo.
     used_before: usize,
+}
+
+/// A model on one GPU, or split over several (tensor parallelism).
+pub struct CudaBackend {
+    ranks: Vec<Rank>,
+    /// How the KV heads were placed (tensor parallelism only).
+    placement: Option<Placement>,
+    config: ModelConfig,
+    ordinal: usize,
+}
+
+/// `f(rank)` for every rank, on a thread each when there are several (their forward passes
+/// wait for each other at every all-reduce); the results in rank order.
+fn on_ranks<I: Send, T: Send>(items: Vec<I>, f: impl Fn(I) -> duo_cuda::Result<T> + Sync) -> Result<Vec<T>> {
+    if items.len() == 1 {
+        return Ok(vec![f(items.into_iter().next().expect("one item"))?]);
+    }
+    let results: Vec<duo_cuda::Result<T>> = std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = items.into_iter().map(|item| s.spawn(move || f(item))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(duo_cuda::CudaError::Driver("a GPU's thread panicked".into())))).collect()
+    });
+    Ok(results.into_iter().collect::<duo_cuda::Result<Vec<T>>>()?)
+}
+
+/// Rank 0's result (every rank computes the same logits).
+fn first<T>(v: Vec<T>) -> T {
+    v.into_iter().next().expect("at least one rank")
 }
 
 /// The GPU's dequantisation of a GGUF type, where it has one.
@@ -62,7 +101,38 @@ impl CudaBackend {
     pub fn load(gpu: Arc<Gpu>, ordinal: usize, ck: &Checkpoint, config: ModelConfig) -> Result<Self> {
         supported(&config)?;
         let used_before = gpu.memory_used()?.0;
-        let c = &config;
+        let weights = Self::upload(&gpu, ck, &config)?;
+        Ok(Self::one(gpu, weights, config, ordinal, used_before))
+    }
+
+    fn one(gpu: Arc<Gpu>, weights: GpuWeights, config: ModelConfig, ordinal: usize, used_before: usize) -> Self {
+        let heads = vec![(0..config.n_kv_heads).collect(); config.n_layers];
+        Self { ranks: vec![Rank { gpu, weights: Arc::new(weights), link: None, heads, used_before }], placement: None, config, ordinal }
+    }
+
+    /// The model split over `gpus` (devices 0..n) by `placement`: each GPU uploads the
+    /// whole model (`upload`), keeps its shard and frees the rest, one GPU after the other.
+    pub fn parallel(gpus: Vec<Arc<Gpu>>, config: ModelConfig, placement: Placement, upload: impl Fn(&Gpu) -> Result<GpuWeights>) -> Result<Self> {
+        supported(&config)?;
+        let world = gpus.len();
+        if placement.gpus() != world {
+            return Err(EngineError::Backend(format!("a placement over {} GPUs for {world} GPUs", placement.gpus())));
+        }
+        let ordinals: Vec<usize> = (0..world).collect();
+        let links = Link::all(&ordinals)?;
+        let mut ranks = Vec::with_capacity(world);
+        for ((r, gpu), link) in gpus.into_iter().enumerate().zip(links) {
+            let used_before = gpu.memory_used()?.0;
+            let heads: Vec<Vec<usize>> = (0..config.n_layers).map(|l| placement.heads_on(l, r)).collect();
+            let weights = upload(&gpu)?.into_shard(&gpu, r, world, &heads)?;
+            ranks.push(Rank { gpu, weights: Arc::new(weights), link: Some(link), heads, used_before });
+        }
+        Ok(Self { ranks, placement: Some(placement), config, ordinal: 0 })
+    }
+
+    /// A checkpoint's weights on `gpu`, whole.
+    pub fn upload(gpu: &Gpu, ck: &Checkpoint, config: &ModelConfig) -> Result<GpuWeights> {
+        let c = config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let cuda_err = |e: duo_model::ModelError| duo_cuda::CudaError::Input(e.to_string());
         // GGUF blocks of the types the GPU dequantises go up as they are; everything else is
@@ -94,8 +164,7 @@ impl CudaBackend {
                 down: vec![m(names::DOWN, h, c.intermediate_size)?],
             })
         };
-        let weights = GpuWeights::load(&gpu, GpuConfig::from_model(c), ck.f32(names::OUTPUT_NORM, &[h])?, matrix, layer)?;
-        Ok(Self { gpu, weights: Arc::new(weights), config, ordinal, used_before })
+        Ok(GpuWeights::load(gpu, GpuConfig::from_model(c), ck.f32(names::OUTPUT_NORM, &[h])?, matrix, layer)?)
     }
 
     /// Seeded random bf16 weights of `config`'s shape, generated on the GPU.
@@ -103,7 +172,27 @@ impl CudaBackend {
         supported(&config)?;
         let used_before = gpu.memory_used()?.0;
         let weights = GpuWeights::random(&gpu, GpuConfig::from_model(&config), seed)?;
-        Ok(Self { gpu, weights: Arc::new(weights), config, ordinal, used_before })
+        Ok(Self::one(gpu, weights, config, ordinal, used_before))
+    }
+
+    /// GPUs the model runs on.
+    pub fn world(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// Rank `r`'s layout: `layout`'s kinds for its own KV heads, in its order.
+    fn rank_layout(&self, r: usize, layout: &PagedLayout) -> PagedLayout {
+        let retrieval = self.ranks[r].heads.iter().enumerate().map(|(l, hs)| hs.iter().map(|&h| layout.retrieval[l][h]).collect()).collect();
+        PagedLayout { retrieval, ..layout.clone() }
+    }
+
+    /// A one-sequence pool per rank for `layout`.
+    fn single_pools(&self, layout: &PagedLayout) -> Result<Vec<Arc<KvPool>>> {
+        let mut pools = Vec::with_capacity(self.world());
+        for (r, rank) in self.ranks.iter().enumerate() {
+            pools.push(KvPool::single_linked(rank.gpu.clone(), rank.weights.clone(), self.rank_layout(r, layout), rank.link.clone())?);
+        }
+        Ok(pools)
     }
 
     /// The paged layout of `method`: blocks of `block_tokens`, prefill chunks up to
@@ -137,63 +226,80 @@ impl CudaBackend {
 /// Positions per block of a single sequence's pool.
 const SINGLE_BLOCK_TOKENS: usize = 64;
 
-/// A sequence on the GPU (in its own pool, or in a serving pool) and the plan its bytes are
-/// counted by.
+/// A sequence on the GPU (in its own pool, or in a serving pool; one per rank under tensor
+/// parallelism, each in its rank's pool) and the plan its bytes are counted by.
 struct CudaSequence {
-    seq: PagedSeq,
+    seqs: Vec<PagedSeq>,
     plan: CachePlan,
 }
 
 impl Sequence for CudaSequence {
     fn tokens(&self) -> usize {
-        self.seq.tokens()
+        self.seqs[0].tokens()
     }
     fn bytes(&self) -> KvBytes {
-        plan_bytes(&self.plan, self.seq.tokens())
+        plan_bytes(&self.plan, self.tokens())
     }
     fn peak_bytes(&self) -> KvBytes {
         // Streaming heads hold their window at most, retrieval heads grow: bytes never shrink.
         self.bytes()
     }
     fn fork(&self) -> Result<Box<dyn Sequence>> {
-        let pool = self.seq.pool();
-        // A serving pool's sequence forks inside it; a single sequence into a pool of its own.
-        let into = if pool.config().max_seqs > 1 { pool.clone() } else { KvPool::single(pool.gpu().clone(), pool.weights().clone(), pool.layout().clone())? };
-        Ok(Box::new(CudaSequence { seq: pool.copy_to(&self.seq, &into)?, plan: self.plan.clone() }))
+        let mut seqs = Vec::with_capacity(self.seqs.len());
+        for seq in &self.seqs {
+            let pool = seq.pool();
+            // A serving pool's sequence forks inside it; a single sequence into a pool of its own.
+            let into = if pool.config().max_seqs > 1 { pool.clone() } else { KvPool::single_linked(pool.gpu().clone(), pool.weights().clone(), pool.layout().clone(), pool.link().cloned())? };
+            seqs.push(pool.copy_to(seq, &into)?);
+        }
+        Ok(Box::new(CudaSequence { seqs, plan: self.plan.clone() }))
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
 }
 
-impl CudaSequence {
-    /// Runs `tokens`: one token after a cached prefix is a decode step (a replayed CUDA graph),
-    /// more are prefill chunks. Returns the logits asked for.
-    fn run(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
-        let pool = self.seq.pool().clone();
-        if tokens.len() == 1 && self.seq.tokens() > 0 && logits != Logits::None {
-            return Ok(pool.step(&mut [DecodeRow { seq: &mut self.seq, token: tokens[0] }], None, false)?.decode);
-        }
-        let chunk = pool.layout().max_chunk;
-        let mut out = Vec::new();
-        for (i, c) in tokens.chunks(chunk).enumerate() {
-            let last = (i + 1) * chunk >= tokens.len();
-            let rows = match logits {
-                Logits::None => RowLogits::None,
-                Logits::Last if last => RowLogits::Last,
-                Logits::Last => RowLogits::None,
-                Logits::All => RowLogits::All,
-            };
-            let got = pool.step(&mut [], Some(PrefillChunk { seq: &mut self.seq, tokens: c, logits: rows }), false)?;
-            out.extend(got.prefill);
-        }
-        Ok(out)
+/// Runs `tokens` on one rank's sequence: one token after a cached prefix is a decode step (a
+/// replayed CUDA graph), more are prefill chunks. Returns the logits asked for.
+fn run_rank(seq: &mut PagedSeq, tokens: &[u32], logits: Logits) -> duo_cuda::Result<Vec<f32>> {
+    let pool = seq.pool().clone();
+    if tokens.len() == 1 && seq.tokens() > 0 && logits != Logits::None {
+        return Ok(pool.step(&mut [DecodeRow { seq, token: tokens[0] }], None, false)?.decode);
     }
+    let chunk = pool.layout().max_chunk;
+    let mut out = Vec::new();
+    for (i, c) in tokens.chunks(chunk).enumerate() {
+        let last = (i + 1) * chunk >= tokens.len();
+        let rows = match logits {
+            Logits::None => RowLogits::None,
+            Logits::Last if last => RowLogits::Last,
+            Logits::Last => RowLogits::None,
+            Logits::All => RowLogits::All,
+        };
+        let got = pool.step(&mut [], Some(PrefillChunk { seq: &mut *seq, tokens: c, logits: rows }), false)?;
+        out.extend(got.prefill);
+    }
+    Ok(out)
+}
+
+/// The sequences of `seqs` rank by rank: `[rank][sequence]`.
+fn by_rank(seqs: Vec<&mut CudaSequence>, world: usize) -> Vec<Vec<&mut PagedSeq>> {
+    let mut out: Vec<Vec<&mut PagedSeq>> = (0..world).map(|_| Vec::with_capacity(seqs.len())).collect();
+    for s in seqs {
+        for (r, seq) in s.seqs.iter_mut().enumerate() {
+            out[r].push(seq);
+        }
+    }
+    out
 }
 
 impl Backend for CudaBackend {
     fn describe(&self) -> String {
-        format!("{} (cuda:{})", self.gpu.name(), self.ordinal)
+        let gpu = self.ranks[0].gpu.name();
+        match &self.placement {
+            None => format!("{gpu} (cuda:{})", self.ordinal),
+            Some(p) => format!("{} x {gpu} (cuda:0-{}, tensor parallel, {:?} head placement)", self.world(), self.world() - 1, p.strategy()),
+        }
     }
 
     fn config(&self) -> &ModelConfig {
@@ -207,62 +313,85 @@ impl Backend for CudaBackend {
     fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>> {
         // One row more than asked: a decode step reads its own token's row.
         let layout = self.layout(method, SINGLE_BLOCK_TOKENS, method.chunk.min(max_tokens), max_tokens + 1)?;
-        let pool = KvPool::single(self.gpu.clone(), self.weights.clone(), layout)?;
-        Ok(Box::new(CudaSequence { seq: pool.sequence()?, plan: kv_plan(self, method) }))
+        let seqs = self.single_pools(&layout)?.iter().map(|pool| pool.sequence()).collect::<duo_cuda::Result<Vec<_>>>()?;
+        Ok(Box::new(CudaSequence { seqs, plan: kv_plan(self, method) }))
     }
 
     fn forward(&self, seq: &mut dyn Sequence, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             return Err(EngineError::InvalidParameter { name: "tokens", reason: "an empty chunk".into() });
         }
-        downcast::<CudaSequence>(seq, "CUDA")?.run(tokens, logits)
+        let s = downcast::<CudaSequence>(seq, "CUDA")?;
+        Ok(first(on_ranks(s.seqs.iter_mut().collect(), |seq| run_rank(seq, tokens, logits))?))
     }
 
     fn greedy_step(&self, seq: &mut dyn Sequence, token: u32) -> Result<u32> {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
-        let pool = s.seq.pool().clone();
-        let out = pool.step(&mut [DecodeRow { seq: &mut s.seq, token }], None, true)?;
-        Ok(out.next[0])
+        let next = on_ranks(s.seqs.iter_mut().collect(), |seq| {
+            let pool = seq.pool().clone();
+            Ok(pool.step(&mut [DecodeRow { seq, token }], None, true)?.next[0])
+        })?;
+        Ok(first(next))
     }
 
     fn decode_batch(&self, tokens: &[u32], seqs: &mut [&mut dyn Sequence]) -> Result<Vec<f32>> {
         if tokens.len() != seqs.len() {
             return Err(EngineError::Backend(format!("{} tokens for {} sequences", tokens.len(), seqs.len())));
         }
-        let mut rows = Vec::with_capacity(seqs.len());
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cuda = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
-            rows.push(&mut downcast::<CudaSequence>(&mut **s, "CUDA")?.seq);
+            cuda.push(downcast::<CudaSequence>(&mut **s, "CUDA")?);
         }
-        let Some(first) = rows.first().map(|s| s.pool().clone()) else { return Ok(Vec::new()) };
-        if rows.iter().all(|s| Arc::ptr_eq(s.pool(), &first)) && bucket(rows.len()) <= first.config().max_rows && rows.len() <= first.config().max_seqs {
-            let mut rows: Vec<DecodeRow> = rows.into_iter().zip(tokens).map(|(seq, &token)| DecodeRow { seq, token }).collect();
-            return Ok(first.step(&mut rows, None, false)?.decode);
-        }
-        // Sequences of different pools: one step each.
-        let mut out = Vec::new();
-        for (seq, &token) in rows.into_iter().zip(tokens) {
-            let pool = seq.pool().clone();
-            out.extend(pool.step(&mut [DecodeRow { seq, token }], None, false)?.decode);
-        }
-        Ok(out)
+        let ranks = by_rank(cuda, self.world());
+        let shared = ranks.iter().all(|rows| {
+            let first = rows[0].pool();
+            rows.iter().all(|s| Arc::ptr_eq(s.pool(), first)) && bucket(rows.len()) <= first.config().max_rows && rows.len() <= first.config().max_seqs
+        });
+        let out = on_ranks(ranks, |rows| {
+            if shared {
+                let pool = rows[0].pool().clone();
+                let mut rows: Vec<DecodeRow> = rows.into_iter().zip(tokens).map(|(seq, &token)| DecodeRow { seq, token }).collect();
+                return Ok(pool.step(&mut rows, None, false)?.decode);
+            }
+            // Sequences of different pools: one step each (in the same order on every rank).
+            let mut out = Vec::new();
+            for (seq, &token) in rows.into_iter().zip(tokens) {
+                let pool = seq.pool().clone();
+                out.extend(pool.step(&mut [DecodeRow { seq, token }], None, false)?.decode);
+            }
+            Ok(out)
+        })?;
+        Ok(first(out))
     }
 
     fn available_memory(&self) -> Option<usize> {
-        self.gpu.memory_used().ok().map(|(used, total)| total - used)
+        // The fullest GPU bounds what fits.
+        self.ranks.iter().map(|r| r.gpu.memory_used().ok().map(|(used, total)| total - used)).min().flatten()
     }
 
     fn memory_in_use(&self) -> Option<usize> {
-        self.gpu.memory_used().ok().map(|(used, _)| used)
+        self.ranks.iter().map(|r| r.gpu.memory_used().ok().map(|(used, _)| used)).sum()
     }
 
     fn fill_synthetic(&self, seq: &mut dyn Sequence, tokens: usize, seed: u64) -> Result<()> {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
-        let pool = s.seq.pool().clone();
-        Ok(pool.fill_synthetic(&mut s.seq, tokens, seed)?)
+        for seq in &mut s.seqs {
+            let pool = seq.pool().clone();
+            pool.fill_synthetic(seq, tokens, seed)?;
+        }
+        Ok(())
     }
 
     fn decode_floor(&self) -> Result<Option<(usize, f64)>> {
-        Ok(Some((self.weights.config.weight_bytes(), self.gpu.copy_bandwidth()?)))
+        // Under tensor parallelism each GPU reads its shard at its own bandwidth, in parallel:
+        // one rank's weights (the largest) at `world` times one GPU's bandwidth keeps the KV
+        // term (the whole model's, as the bench counts it) divided among the GPUs.
+        let weights = self.ranks.iter().map(|r| r.weights.config.weight_bytes()).max().unwrap_or(0);
+        let bandwidth = self.ranks[0].gpu.copy_bandwidth()?;
+        Ok(Some((weights * self.world(), bandwidth * self.world() as f64)))
     }
 
     fn kv_pool(&self, method: &ResolvedMethod, o: &PoolOptions) -> Result<Option<Arc<dyn super::KvPool>>> {
@@ -272,22 +401,35 @@ impl Backend for CudaBackend {
         // A decode-only step pads its rows to the graph bucket of the running sequences.
         let rows = o.max_num_batched_tokens.max(bucket(o.max_num_seqs)).max(chunk);
         let mut config = PoolConfig { blocks: 0, max_seqs: o.max_num_seqs, max_rows: rows, graphs: true };
-        let (used, total) = self.gpu.memory_used()?;
-        // vLLM's meaning: this process may use the fraction of the card; less what it holds
-        // now (weights; its context is counted with other processes' memory at load), the step
-        // buffers and tables, and room for cuBLAS and captured graphs; never more than is free.
-        let ours = used.saturating_sub(self.used_before);
-        let allowed = (o.gpu_memory_utilization * total as f64) as usize;
-        let overhead = KvPool::overhead_bytes(&self.weights, &layout, &config) + (768 << 20);
-        let budget = allowed.saturating_sub(ours + overhead).min((total - used).saturating_sub(overhead));
-        config.blocks = budget / layout.block_bytes(self.config.head_dim);
-        if let Some(n) = o.blocks_override {
-            if n * layout.block_bytes(self.config.head_dim) > budget {
-                return Err(EngineError::InvalidParameter { name: "num_gpu_blocks_override", reason: format!("{n} blocks need more than the {:.2} GiB the memory fraction leaves", budget as f64 / (1u64 << 30) as f64) });
+        // Every rank gets the same number of blocks (its blocks are its own heads' rows of the
+        // same positions): the fewest that any GPU's memory fraction leaves.
+        let mut blocks = usize::MAX;
+        let mut tightest = (0usize, 0usize, 0usize);
+        for (r, rank) in self.ranks.iter().enumerate() {
+            let rank_layout = self.rank_layout(r, &layout);
+            let (used, total) = rank.gpu.memory_used()?;
+            // vLLM's meaning: this process may use the fraction of the card; less what it holds
+            // now (weights; its context is counted with other processes' memory at load), the
+            // step buffers and tables, and room for cuBLAS and captured graphs; never more than
+            // is free.
+            let ours = used.saturating_sub(rank.used_before);
+            let allowed = (o.gpu_memory_utilization * total as f64) as usize;
+            let overhead = KvPool::overhead_bytes(&rank.weights, &rank_layout, &config) + (768 << 20);
+            let budget = allowed.saturating_sub(ours + overhead).min((total - used).saturating_sub(overhead));
+            let fits = budget / rank_layout.block_bytes(self.config.head_dim).max(1);
+            if fits < blocks {
+                blocks = fits;
+                tightest = (budget, total, used);
             }
-            config.blocks = n;
+            if let Some(n) = o.blocks_override {
+                if n * rank_layout.block_bytes(self.config.head_dim) > budget {
+                    return Err(EngineError::InvalidParameter { name: "num_gpu_blocks_override", reason: format!("{n} blocks need more than the {:.2} GiB the memory fraction leaves", budget as f64 / (1u64 << 30) as f64) });
+                }
+            }
         }
+        config.blocks = o.blocks_override.unwrap_or(blocks);
         if config.blocks < layout.blocks_for(layout.max_chunk + 1, Ring::Prefill) {
+            let (budget, total, used) = tightest;
             return Err(EngineError::Backend(format!(
                 "--gpu-memory-utilization {} leaves {:.2} GiB for KV blocks on this {:.1} GiB card ({:.2} GiB in use): not one sequence's first chunk fits",
                 o.gpu_memory_utilization,
@@ -296,59 +438,89 @@ impl Backend for CudaBackend {
                 used as f64 / (1u64 << 30) as f64
             )));
         }
-        let pool = KvPool::new(self.gpu.clone(), self.weights.clone(), layout, config)?;
-        Ok(Some(Arc::new(ServingPool { pool, plan: kv_plan(self, method) })))
+        let mut pools = Vec::with_capacity(self.world());
+        for (r, rank) in self.ranks.iter().enumerate() {
+            pools.push(KvPool::linked(rank.gpu.clone(), rank.weights.clone(), self.rank_layout(r, &layout), config, rank.link.clone())?);
+        }
+        Ok(Some(Arc::new(ServingPool { pools, plan: kv_plan(self, method) })))
     }
 }
 
-/// The serving pool as the engine sees it.
+/// The serving pool as the engine sees it: one pool per rank, stepped together.
 struct ServingPool {
-    pool: Arc<KvPool>,
+    pools: Vec<Arc<KvPool>>,
     plan: CachePlan,
 }
 
 impl super::KvPool for ServingPool {
     fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
-        Ok(Box::new(CudaSequence { seq: self.pool.sequence()?, plan: self.plan.clone() }))
+        let seqs = self.pools.iter().map(|p| p.sequence()).collect::<duo_cuda::Result<Vec<_>>>()?;
+        Ok(Box::new(CudaSequence { seqs, plan: self.plan.clone() }))
     }
     fn blocks_for(&self, tokens: usize) -> usize {
-        self.pool.layout().blocks_for(tokens, Ring::Prefill)
+        self.pools.iter().map(|p| p.layout().blocks_for(tokens, Ring::Prefill)).max().unwrap_or(0)
     }
     fn blocks_needed(&self, seq: &mut dyn Sequence, more: usize, decode: bool) -> Result<usize> {
         let ring = if decode { Ring::Decode } else { Ring::Prefill };
-        Ok(self.pool.blocks_needed(&downcast::<CudaSequence>(seq, "CUDA")?.seq, more, ring))
+        let s = downcast::<CudaSequence>(seq, "CUDA")?;
+        Ok(self.pools.iter().zip(&s.seqs).map(|(p, seq)| p.blocks_needed(seq, more, ring)).max().unwrap_or(0))
     }
     fn free_blocks(&self) -> usize {
-        self.pool.free_blocks()
+        self.pools.iter().map(|p| p.free_blocks()).min().unwrap_or(0)
     }
     fn total_blocks(&self) -> usize {
-        self.pool.config().blocks
+        self.pools[0].config().blocks
     }
     fn block_bytes(&self) -> usize {
-        self.pool.block_bytes()
+        // A block of positions over every GPU.
+        self.pools.iter().map(|p| p.block_bytes()).sum()
     }
     fn block_tokens(&self) -> usize {
-        self.pool.layout().block_tokens
+        self.pools[0].layout().block_tokens
     }
     fn max_rows(&self) -> usize {
-        self.pool.config().max_rows
+        self.pools[0].config().max_rows
     }
     fn max_seqs(&self) -> usize {
-        self.pool.config().max_seqs
+        self.pools[0].config().max_seqs
     }
     fn max_chunk(&self) -> usize {
-        self.pool.layout().max_chunk
+        self.pools[0].layout().max_chunk
     }
     fn step(&self, decode: &mut [(&mut dyn Sequence, u32)], prefill: Option<(&mut dyn Sequence, &[u32], bool)>) -> Result<PoolStep> {
-        let mut rows = Vec::with_capacity(decode.len());
-        for (s, token) in decode.iter_mut() {
-            rows.push(DecodeRow { seq: &mut downcast::<CudaSequence>(&mut **s, "CUDA")?.seq, token: *token });
+        let world = self.pools.len();
+        let tokens: Vec<u32> = decode.iter().map(|(_, t)| *t).collect();
+        let mut cuda = Vec::with_capacity(decode.len());
+        for (s, _) in decode.iter_mut() {
+            cuda.push(downcast::<CudaSequence>(&mut **s, "CUDA")?);
         }
-        let chunk = match prefill {
-            Some((s, tokens, last)) => Some(PrefillChunk { seq: &mut downcast::<CudaSequence>(s, "CUDA")?.seq, tokens, logits: if last { RowLogits::Last } else { RowLogits::None } }),
-            None => None,
+        let by = by_rank(cuda, world);
+        let (chunk, last) = match prefill {
+            Some((s, tokens, last)) => (Some((&mut downcast::<CudaSequence>(s, "CUDA")?.seqs, tokens)), last),
+            None => (None, false),
         };
-        let out = self.pool.step(&mut rows, chunk, false)?;
+        let mut chunks: Vec<Option<(&mut PagedSeq, &[u32])>> = match chunk {
+            Some((seqs, tokens)) => seqs.iter_mut().map(|s| Some((s, tokens))).collect(),
+            None => (0..world).map(|_| None).collect(),
+        };
+        // A step that cannot run on one rank must not start on the others (they would wait
+        // for it at the first all-reduce): the blocks are checked on every rank first.
+        for ((pool, rows), chunk) in self.pools.iter().zip(&by).zip(&chunks) {
+            let mut needed: usize = rows.iter().map(|s| pool.blocks_needed(s, 1, Ring::Decode)).sum();
+            if let Some((s, t)) = chunk {
+                needed += pool.blocks_needed(s, t.len(), Ring::Prefill);
+            }
+            if needed > pool.free_blocks() {
+                return Err(duo_cuda::CudaError::PoolFull { needed, free: pool.free_blocks() }.into());
+            }
+        }
+        let work: Vec<_> = self.pools.iter().zip(by).zip(chunks.drain(..)).collect();
+        let out = on_ranks(work, |((pool, rows), chunk)| {
+            let mut rows: Vec<DecodeRow> = rows.into_iter().zip(&tokens).map(|(seq, &token)| DecodeRow { seq, token }).collect();
+            let chunk = chunk.map(|(seq, tokens)| PrefillChunk { seq, tokens, logits: if last { RowLogits::Last } else { RowLogits::None } });
+            pool.step(&mut rows, chunk, false)
+        })?;
+        let out = first(out);
         Ok(PoolStep { decode: out.decode, prefill: out.prefill, steady: out.steady })
     }
 }

@@ -264,6 +264,25 @@ pub fn random(device: Device, config: ModelConfig, seed: u64) -> Result<Box<dyn 
     })
 }
 
+/// GPUs `0..placement.gpus()` opened for tensor parallelism (a clear error when fewer are
+/// visible), before any model file is read.
+pub fn open_parallel(placement: &duo_core::placement::Placement) -> Result<Vec<std::sync::Arc<duo_cuda::Gpu>>> {
+    Ok(duo_cuda::runtime::open_gpus(placement.gpus())?)
+}
+
+/// A checkpoint split over `gpus` by `placement` (tensor parallelism).
+pub fn load_parallel(gpus: Vec<std::sync::Arc<duo_cuda::Gpu>>, placement: duo_core::placement::Placement, checkpoint: &duo_model::Checkpoint, config: ModelConfig) -> Result<Box<dyn Backend>> {
+    let c = config.clone();
+    Ok(Box::new(cuda::CudaBackend::parallel(gpus, config, placement, |gpu| cuda::CudaBackend::upload(gpu, checkpoint, &c))?))
+}
+
+/// [`random`] split over GPUs `0..placement.gpus()` by `placement` (tensor parallelism).
+pub fn random_parallel(placement: duo_core::placement::Placement, config: ModelConfig, seed: u64) -> Result<Box<dyn Backend>> {
+    let gpus = open_parallel(&placement)?;
+    let shape = duo_cuda::model::GpuConfig::from_model(&config);
+    Ok(Box::new(cuda::CudaBackend::parallel(gpus, config, placement, |gpu| Ok(duo_cuda::model::GpuWeights::random(gpu, shape.clone(), seed)?))?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
