@@ -10,6 +10,10 @@
 #       PREFILL tokens (default 131072) on one GPU and on two
 #   b   carry .gpu/bin, .gpu/patterns/...: a random Llama-3-8B checkpoint on disk, then
 #       greedy tokens of full, duo and layer on one GPU and on two (duo generate), compared
+#   c   carry .gpu/bin, .gpu/ma (the default model's first 44,000,000 bytes): leaves them in /tmp
+#   d   carry .gpu/mb (the rest), .gpu/niah, .gpu/wheels-httpx: SmolLM2 (3 KV heads: 2 + 1
+#       per layer over two GPUs) greedy text of full, duo and layer on one GPU and on two;
+#       serve-check against `duo serve --tensor-parallel 2` (and a tiny pool of it)
 set -uo pipefail
 step=$1
 export NCCL_NVLS_ENABLE=0
@@ -47,4 +51,27 @@ case $step in
       done
       cmp -s "$OUT/gen-$method-1.txt" "$OUT/gen-$method-2.txt" && echo "$method: the same text on 1 and 2 GPUs" || { echo "$method: DIFFERENT"; tail -2 "$OUT/gen-$method-2.err"; }
     done ;;
+  c) cp .gpu/ma/part /tmp/duo/model.ma && ls -la /tmp/duo ;;
+  d)
+    cat /tmp/duo/model.ma .gpu/mb/part > /tmp/duo/model.gguf
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
+    export DUO_CACHE=/tmp/duo/cache; mkdir -p $DUO_CACHE
+    cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
+    sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
+    prompt="Write a short story about a lighthouse keeper who finds a message in a bottle."
+    for method in full duo layer; do
+      extra=""; m=$method; [ $method = layer ] && { extra="--layout layer"; m=duo; }
+      for tp in 1 2; do
+        timeout 120 $D generate --device cuda --method $m $extra --tensor-parallel $tp --max-tokens 64 --chat "$prompt" > "$OUT/smol-$method-$tp.txt" 2> "$OUT/smol-$method-$tp.err"
+        echo "$method on $tp GPU(s): exit $?"
+      done
+      cmp -s "$OUT/smol-$method-1.txt" "$OUT/smol-$method-2.txt" && echo "$method: the same text on 1 and 2 GPUs" || { echo "$method: DIFFERENT"; tail -2 "$OUT/smol-$method-2.err"; }
+    done
+    python3 -m venv --system-site-packages /tmp/venv > /dev/null && /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels-httpx httpx==0.28.1 > /dev/null 2>&1
+    $D serve --device cuda --tensor-parallel 2 --method duo --port 8123 --gpu-memory-utilization 0.15 > "$OUT/serve-8123.txt" 2>&1 &
+    $D serve --device cuda --tensor-parallel 2 --method duo --port 8124 --gpu-memory-utilization 0.15 --num-gpu-blocks-override 150 --max-running 12 > "$OUT/serve-8124.txt" 2>&1 &
+    for port in 8123 8124; do for i in $(seq 120); do curl -sf "localhost:$port/health" > /dev/null && break; sleep 0.5; done; done
+    timeout 300 /tmp/venv/bin/python scripts/serve-check.py --url http://127.0.0.1:8123 --tiny-url http://127.0.0.1:8124 \
+      --haystack .gpu/niah --out "$OUT/serve-check.json" > "$OUT/serve-check.txt" 2>&1; echo "serve-check exit $?"; cut -c1-1500 "$OUT/serve-check.txt"
+    kill %1 %2; wait ;;
 esac

@@ -444,7 +444,8 @@ fn show_placements(pattern: &duo_core::HeadPattern, placements: &[duo_core::Plac
         let rows = (0..pattern.n_layers()).map(|l| p.heads_on(l, g).iter().map(|&h| pattern.is_retrieval(l, h)).collect()).collect();
         Ok(duo_core::HeadPattern::from_rows(rows)?)
     };
-    println!("\ntensor parallelism over {gpus} GPUs ({} KV heads per GPU per layer), KV at {tokens} tokens:", pattern.n_kv_heads() / gpus);
+    let shares: Vec<String> = Placement::shares(pattern.n_kv_heads(), gpus)?.iter().map(usize::to_string).collect();
+    println!("\ntensor parallelism over {gpus} GPUs ({} KV heads per GPU per layer), KV at {tokens} tokens:", shares.join(" / "));
     let fit = if budget.is_some() { " | longest context per GPU budget" } else { "" };
     println!("| placement | retrieval KV heads per GPU | KV GiB per GPU | largest / smallest{fit} | slowest GPU's retrieval heads, summed over layers (least possible: {floor}) |");
     println!("|---|---|---|---|{}---|", if budget.is_some() { "---|" } else { "" });

@@ -191,7 +191,8 @@ fn pattern_show_prints_the_longest_context_that_fits() {
 #[test]
 fn pattern_show_places_heads_for_tensor_parallelism() {
     // SmolLM2's shipped head pattern at 0.5 over 3 GPUs (one KV head each per layer): 45
-    // retrieval heads deal out to 15 per GPU; 2 GPUs cannot split 3 heads.
+    // retrieval heads deal out to 15 per GPU; over 2 GPUs the first holds 2 heads of each
+    // layer, the second 1; 4 GPUs cannot each hold one of 3 heads.
     let heatmap = std::env::temp_dir().join(format!("duo-gates-tp-{}.png", std::process::id()));
     let pattern = concat!(env!("CARGO_MANIFEST_DIR"), "/../../patterns/SmolLM2-135M-Instruct/head");
     let show = |dir: &str, gpus: &str| {
@@ -207,7 +208,10 @@ fn pattern_show_places_heads_for_tensor_parallelism() {
     assert!(out.contains("| contiguous | ") && out.contains("  layer 29  gpu 0: "), "{out}");
     let _ = std::fs::remove_file(&heatmap);
     let (ok, out, err) = show(pattern, "2");
-    assert!(!ok && err.contains("tensor-parallel") && err.contains("divides"), "{err}");
+    assert!(ok && out.contains("over 2 GPUs (2 / 1 KV heads per GPU per layer)"), "{out}{err}");
+    let _ = std::fs::remove_file(&heatmap);
+    let (ok, out, err) = show(pattern, "4");
+    assert!(!ok && err.contains("tensor-parallel") && err.contains("each GPU holds at least one"), "{err}");
     assert!(out.is_empty(), "refused before printing anything: {out}");
     assert!(!heatmap.exists(), "a refused placement writes nothing");
     // The official Llama-3-8B pattern (8 KV heads) at 0.5 on 2 GPUs, where ../shared is

@@ -15,6 +15,10 @@
 //! any placement can do), giving each layer's remainder to the GPUs that hold the fewest
 //! retrieval heads so far, so that the totals differ by at most one head. Pure arithmetic on
 //! the pattern: computed once, printed by `duo pattern show --tensor-parallel N`.
+//!
+//! Where the GPUs do not divide a layer's KV heads (SmolLM2's 3 over 2 GPUs), the first
+//! `heads % gpus` GPUs hold one head more of every layer; each GPU still holds the same
+//! number of heads in every layer (its shard is a model of its own shape).
 
 use crate::error::{CoreError, Result};
 use crate::pattern::HeadPattern;
@@ -46,48 +50,54 @@ pub struct GpuHeads {
 }
 
 impl Placement {
-    /// Checks that `gpus` can split the pattern's layers evenly.
-    fn check(pattern: &HeadPattern, gpus: usize) -> Result<usize> {
-        let heads = pattern.n_kv_heads();
-        if gpus == 0 || !heads.is_multiple_of(gpus) {
+    /// KV heads each GPU holds in every layer: `heads / gpus`, one more on the first
+    /// `heads % gpus` GPUs; an error unless 1 <= gpus <= heads.
+    pub fn shares(heads: usize, gpus: usize) -> Result<Vec<usize>> {
+        if gpus == 0 || gpus > heads {
             return Err(CoreError::InvalidSetting {
                 name: "tensor-parallel",
                 value: gpus.to_string(),
-                expected: "a number of GPUs (at least 1) that divides the model's KV heads per layer",
+                expected: "a number of GPUs from 1 to the model's KV heads per layer (each GPU holds at least one)",
             });
         }
-        Ok(heads / gpus)
+        Ok((0..gpus).map(|g| heads / gpus + usize::from(g < heads % gpus)).collect())
     }
 
-    /// The split engines use: heads in order, `heads / gpus` per GPU.
+    /// The split engines use: heads in order, GPU 0 the first share, and so on.
     pub fn contiguous(pattern: &HeadPattern, gpus: usize) -> Result<Self> {
-        let per = Self::check(pattern, gpus)?;
-        let gpu_of = (0..pattern.n_layers()).map(|_| (0..pattern.n_kv_heads()).map(|h| h / per).collect()).collect();
-        Ok(Self { strategy: Strategy::Contiguous, gpus, gpu_of })
+        let shares = Self::shares(pattern.n_kv_heads(), gpus)?;
+        let row: Vec<usize> = shares.iter().enumerate().flat_map(|(g, &n)| std::iter::repeat_n(g, n)).collect();
+        Ok(Self { strategy: Strategy::Contiguous, gpus, gpu_of: vec![row; pattern.n_layers()] })
     }
 
     /// Retrieval heads dealt out evenly per layer, remainders to the GPUs with the fewest so
     /// far (ties to the lower GPU index); every GPU keeps `heads / gpus` heads per layer.
     /// Deterministic: a pattern always gives the same placement.
     pub fn retrieval_aware(pattern: &HeadPattern, gpus: usize) -> Result<Self> {
-        let per = Self::check(pattern, gpus)?;
+        let shares = Self::shares(pattern.n_kv_heads(), gpus)?;
         let mut held = vec![0usize; gpus];
         let mut gpu_of = Vec::with_capacity(pattern.n_layers());
         for layer in 0..pattern.n_layers() {
             let kinds = pattern.layer(layer);
             let r = kinds.iter().filter(|&&k| k).count();
-            // Quota of retrieval heads per GPU in this layer: r / gpus each, one more for the
-            // r % gpus GPUs that hold the fewest so far.
+            // Quota of retrieval heads per GPU in this layer: r / gpus each (a share is never
+            // smaller), the rest one at a time to the GPUs with room that hold the fewest so far.
             let mut order: Vec<usize> = (0..gpus).collect();
             order.sort_by_key(|&g| (held[g], g));
             let mut quota = vec![r / gpus; gpus];
-            for &g in order.iter().take(r % gpus) {
-                quota[g] += 1;
+            let mut rest = r - quota.iter().sum::<usize>();
+            while rest > 0 {
+                for &g in &order {
+                    if rest > 0 && quota[g] < shares[g] {
+                        quota[g] += 1;
+                        rest -= 1;
+                    }
+                }
             }
             // Retrieval heads (in index order) fill the quotas GPU by GPU, streaming heads
-            // fill each GPU up to `per`.
+            // fill each GPU up to its share.
             let mut retrieval_room = quota.clone();
-            let mut streaming_room: Vec<usize> = quota.iter().map(|q| per - q).collect();
+            let mut streaming_room: Vec<usize> = quota.iter().zip(&shares).map(|(q, n)| n - q).collect();
             let mut row = Vec::with_capacity(kinds.len());
             for &is_retrieval in kinds {
                 let room = if is_retrieval { &mut retrieval_room } else { &mut streaming_room };
@@ -234,12 +244,41 @@ mod tests {
     }
 
     #[test]
-    fn gpus_must_divide_the_heads() {
+    fn every_gpu_needs_a_head() {
         let p = seeded(4, 8, 1);
-        for bad in [0, 3, 16] {
+        for bad in [0, 9, 16] {
             let err = Placement::retrieval_aware(&p, bad).unwrap_err().to_string();
             assert!(err.contains("tensor-parallel"), "{err}");
             assert!(Placement::contiguous(&p, bad).is_err());
         }
+    }
+
+    /// GPUs that do not divide the heads: the first `heads % gpus` hold one more of every
+    /// layer, and retrieval heads still go no more than `ceil(r / gpus)` to any GPU.
+    #[test]
+    fn uneven_shares_keep_each_gpus_count_in_every_layer() {
+        assert_eq!(Placement::shares(3, 2).expect("shares"), vec![2, 1]);
+        assert_eq!(Placement::shares(8, 3).expect("shares"), vec![3, 3, 2]);
+        for seed in 0..30u64 {
+            for (heads, gpus) in [(3, 2), (8, 3), (5, 4)] {
+                let p = seeded(12, heads, seed * 17 + heads as u64);
+                let shares = Placement::shares(heads, gpus).expect("shares");
+                for placement in [Placement::contiguous(&p, gpus), Placement::retrieval_aware(&p, gpus)] {
+                    let placement = placement.expect("placement");
+                    for layer in 0..12 {
+                        for (g, &n) in shares.iter().enumerate() {
+                            assert_eq!(placement.heads_on(layer, g).len(), n, "layer {layer}, gpu {g}");
+                        }
+                    }
+                }
+                let a = Placement::retrieval_aware(&p, gpus).expect("placement");
+                let floor: usize = (0..12).map(|l| p.layer(l).iter().filter(|&&k| k).count().div_ceil(gpus)).sum();
+                assert_eq!(a.slowest_gpu_retrieval_heads(&p), floor, "seed {seed}, {heads} heads on {gpus}");
+            }
+        }
+        // All three of a layer's heads retrieval on 2 GPUs: two on GPU 0 (its share), one on GPU 1.
+        let p = pattern(&[&[true, true, true]]);
+        let a = Placement::retrieval_aware(&p, 2).expect("placement");
+        assert_eq!((a.heads_on(0, 0), a.heads_on(0, 1)), (vec![0, 1], vec![2]));
     }
 }

@@ -175,12 +175,10 @@ pub fn reference_logits_split(c: &GpuConfig, layout: &PagedLayout, seed: u64, to
     c.validate()?;
     layout.validate(c.n_layers, c.n_kv_heads)?;
     let world = ranks.len();
-    let local = crate::shard::shard_config(c, world)?;
     if ranks.iter().any(|r| r.len() != c.n_layers) {
         return Err(CudaError::Input(format!("every rank needs the KV heads of all {} layers", c.n_layers)));
     }
     let (h, d, nh, f) = (c.hidden, c.head_dim, c.n_heads, c.ffn);
-    let (lnh, lng, lf, lqkv) = (local.n_heads, local.n_kv_heads, local.ffn, local.qkv_dim());
     let t = tokens.len();
     let matmul = |x: &[f32], w: &[f32], out_dim: usize, in_dim: usize| -> Vec<f32> {
         x.chunks(in_dim).flat_map(|row| (0..out_dim).map(move |o| row.iter().zip(&w[o * in_dim..][..in_dim]).map(|(a, b)| a * b).sum::<f32>())).collect()
@@ -198,9 +196,16 @@ pub fn reference_logits_split(c: &GpuConfig, layout: &PagedLayout, seed: u64, to
         let wgu = uniform_bf16(RandomTensor::GateUp(l).seed(seed), 2 * f * h, scale_for(h));
         let wd = uniform_bf16(RandomTensor::Down(l).seed(seed), h * f, scale_for(f));
         let shards = ranks.iter().enumerate().map(|(r, heads)| crate::shard::layer_shard(c, &heads[l], r, world)).collect::<Result<Vec<_>>>()?;
+        let mut held: Vec<usize> = shards.iter().flat_map(|s| s.kv_heads.iter().copied()).collect();
+        held.sort_unstable();
+        if held != (0..c.n_kv_heads).collect::<Vec<_>>() {
+            return Err(CudaError::Input(format!("layer {l}: the ranks hold KV heads {held:?}, not each of the {} once", c.n_kv_heads)));
+        }
         let xn = rms_norm_ref(&x, &ones[..h], c.eps);
         let mut attended = vec![0.0f32; t * h];
         for s in &shards {
+            let local = crate::shard::shard_config(c, s.kv_heads.len(), world)?;
+            let (lnh, lng, lqkv) = (local.n_heads, local.n_kv_heads, local.qkv_dim());
             // The qkv and gate/up products come out of the GPU's matmuls as bf16.
             let mut qkv: Vec<f32> = matmul(&xn, &gather(&wqkv, h, Some(&s.qkv_rows), None), lqkv, h).into_iter().map(round_bf16).collect();
             for (p, row) in qkv.chunks_mut(lqkv).enumerate() {
@@ -246,6 +251,7 @@ pub fn reference_logits_split(c: &GpuConfig, layout: &PagedLayout, seed: u64, to
         }
         let xn = rms_norm_ref(&x, &ones[..h], c.eps);
         let mut mlp = vec![0.0f32; t * h];
+        let lf = f / world;
         for s in &shards {
             let gu: Vec<f32> = matmul(&xn, &gather(&wgu, h, Some(&s.gate_up_rows), None), 2 * lf, h).into_iter().map(round_bf16).collect();
             let act = silu_mul_ref(&gu, lf);
@@ -314,9 +320,18 @@ mod tests {
         let split = reference_logits_split(&c, &l, 5, &tokens, 0, &swapped).unwrap();
         let worst = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst <= 2e-3 * whole.iter().map(|v| v.abs()).fold(0f32, f32::max), "{worst}");
-        // A rank missing a layer's heads, or three ranks over four heads, is refused.
+        // Three ranks over four heads (2 + 1 + 1; the MLP width 96 in thirds) are the same model too.
+        let pattern3 = pattern.clone();
+        let uneven = duo_core::placement::Placement::retrieval_aware(&pattern3, 3).unwrap();
+        let ranks: Vec<Vec<Vec<usize>>> = (0..3).map(|r| (0..3).map(|layer| uneven.heads_on(layer, r)).collect()).collect();
+        assert_eq!(ranks.iter().map(|r| r[0].len()).collect::<Vec<_>>(), vec![2, 1, 1]);
+        let split = reference_logits_split(&c, &l, 5, &tokens, 0, &ranks).unwrap();
+        let worst = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 2e-3 * whole.iter().map(|v| v.abs()).fold(0f32, f32::max), "uneven: {worst}");
+        // A rank missing a layer's heads, or a head held twice, is refused.
         assert!(reference_logits_split(&c, &l, 5, &tokens, 0, &[vec![vec![0, 1, 2, 3]; 2]]).is_err());
-        assert!(reference_logits_split(&c, &l, 5, &tokens, 0, &[vec![vec![0]; 3], vec![vec![1]; 3], vec![vec![2]; 3]]).is_err());
+        assert!(reference_logits_split(&c, &l, 5, &tokens, 0, &[vec![vec![0, 0]; 3], vec![vec![1, 2]; 3]]).is_err());
+        assert!(reference_logits_split(&c, &l, 5, &tokens, 0, &[vec![vec![0, 1]; 3], vec![vec![1, 2]; 3]]).is_err(), "head 3 held by none");
     }
 
     #[test]
@@ -503,10 +518,11 @@ mod gpu {
         /// as it goes); norms, embeddings and the LM head stay whole.
         pub fn into_shard(self, gpu: &Gpu, rank: usize, world: usize, kv_heads: &[Vec<usize>]) -> Result<GpuWeights> {
             let c = self.config.clone();
-            let local = crate::shard::shard_config(&c, world)?;
-            if kv_heads.len() != c.n_layers {
-                return Err(CudaError::Input(format!("a shard needs the KV heads of all {} layers, got {}", c.n_layers, kv_heads.len())));
+            let per_layer = kv_heads.first().map_or(0, Vec::len);
+            if kv_heads.len() != c.n_layers || kv_heads.iter().any(|hs| hs.len() != per_layer) {
+                return Err(CudaError::Input(format!("a shard needs the same number of KV heads in each of the {} layers", c.n_layers)));
             }
+            let local = crate::shard::shard_config(&c, per_layer, world)?;
             let GpuWeights { seed, layers, norm, embed, lm_head, inv_freq, .. } = self;
             let mut sharded = Vec::with_capacity(layers.len());
             for (l, lw) in layers.into_iter().enumerate() {
@@ -597,7 +613,16 @@ mod gpu {
         if world < 2 {
             return Err(CudaError::Input(format!("tensor parallelism needs two GPUs or more; {world} given")));
         }
-        let n_kv = 2 * world;
+        let mut out = Vec::new();
+        // Twice as many KV heads as GPUs, and one fewer (an uneven split, as SmolLM2's 3 over 2).
+        for n_kv in [2 * world, 2 * world - 1] {
+            out.extend(check_tensor_parallel_heads(gpus, n_kv, seed)?);
+        }
+        Ok(out)
+    }
+
+    fn check_tensor_parallel_heads(gpus: &[Arc<Gpu>], n_kv: usize, seed: u64) -> Result<Vec<Parity>> {
+        let world = gpus.len();
         let inv_freq: Vec<f32> = (0..32).map(|i| 10_000f32.powf(-2.0 * i as f32 / 64.0)).collect();
         let config = GpuConfig { n_layers: 3, hidden: 128, n_heads: 2 * n_kv, n_kv_heads: n_kv, head_dim: 64, ffn: 64 * world, vocab: 300, eps: 1e-5, inv_freq, half_split: true };
         // Layer 0: the first half retrieval (all on rank 0 when split contiguously); layer 1:

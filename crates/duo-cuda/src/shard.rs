@@ -40,22 +40,25 @@ pub struct LayerShard {
     pub down_cols: Vec<u32>,
 }
 
-/// The shape of one rank's shard: a model with `1 / world` of the heads and MLP width.
-pub fn shard_config(c: &GpuConfig, world: usize) -> Result<GpuConfig> {
-    if world == 0 || !c.n_kv_heads.is_multiple_of(world) || !c.ffn.is_multiple_of(world) {
+/// The shape of a rank's shard holding `kv_heads` KV heads per layer (with their query
+/// heads) and `1 / world` of the MLP width: a model of its own.
+pub fn shard_config(c: &GpuConfig, kv_heads: usize, world: usize) -> Result<GpuConfig> {
+    if world == 0 || !c.ffn.is_multiple_of(world) || kv_heads == 0 || kv_heads > c.n_kv_heads {
         return Err(CudaError::Input(format!(
-            "--tensor-parallel {world} must divide the model's {} KV heads and its MLP width {}",
+            "a shard of {kv_heads} of the model's {} KV heads over {world} GPUs (which must divide its MLP width {})",
             c.n_kv_heads, c.ffn
         )));
     }
-    Ok(GpuConfig { n_heads: c.n_heads / world, n_kv_heads: c.n_kv_heads / world, ffn: c.ffn / world, ..c.clone() })
+    let group = c.n_heads / c.n_kv_heads;
+    Ok(GpuConfig { n_heads: kv_heads * group, n_kv_heads: kv_heads, ffn: c.ffn / world, ..c.clone() })
 }
 
 /// The rows and columns rank `rank` of `world` keeps of one layer holding `kv_heads`
-/// (global KV head indices, `n_kv_heads / world` of them).
+/// (global KV head indices, distinct).
 pub fn layer_shard(c: &GpuConfig, kv_heads: &[usize], rank: usize, world: usize) -> Result<LayerShard> {
-    let local = shard_config(c, world)?;
-    if rank >= world || kv_heads.len() != local.n_kv_heads || kv_heads.iter().any(|&h| h >= c.n_kv_heads) {
+    let local = shard_config(c, kv_heads.len(), world)?;
+    let distinct = kv_heads.iter().collect::<std::collections::BTreeSet<_>>().len() == kv_heads.len();
+    if rank >= world || !distinct || kv_heads.iter().any(|&h| h >= c.n_kv_heads) {
         return Err(CudaError::Input(format!("rank {rank} of {world} cannot hold KV heads {kv_heads:?} of {}", c.n_kv_heads)));
     }
     let (d, group) = (c.head_dim, c.n_heads / c.n_kv_heads);
@@ -135,7 +138,7 @@ mod tests {
                     let global_query = block[0] as usize / c.head_dim;
                     assert_eq!(global_query / group, s.kv_heads[i / group]);
                 }
-                assert_eq!(s.qkv_rows.len(), shard_config(&c, 2).expect("config").qkv_dim());
+                assert_eq!(s.qkv_rows.len(), shard_config(&c, 2, 2).expect("config").qkv_dim());
             }
         }
     }
@@ -143,9 +146,12 @@ mod tests {
     #[test]
     fn shards_that_do_not_divide_or_do_not_fit_are_refused() {
         let c = config();
-        assert!(shard_config(&c, 3).is_err());
-        assert!(shard_config(&c, 0).is_err());
-        assert!(layer_shard(&c, &[0], 0, 2).is_err(), "too few heads");
+        assert!(shard_config(&c, 2, 5).is_err(), "5 does not divide the MLP width 12");
+        assert!(shard_config(&c, 2, 0).is_err());
+        assert!(shard_config(&c, 0, 2).is_err(), "no heads");
+        assert!(shard_config(&c, 5, 2).is_err(), "more heads than the model");
+        assert_eq!(shard_config(&c, 3, 3).expect("uneven").n_heads, 6, "3 KV heads of 2 query heads each");
+        assert!(layer_shard(&c, &[0, 0], 0, 2).is_err(), "a head twice");
         assert!(layer_shard(&c, &[0, 4], 0, 2).is_err(), "a head outside the model");
         assert!(layer_shard(&c, &[0, 1], 2, 2).is_err(), "a rank outside the world");
     }
