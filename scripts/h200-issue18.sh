@@ -10,7 +10,7 @@
 #       earlier run, .gpu/id-resume/{head,layer}/state.json: joins the model; identification
 #       of both layouts side by side (env STEPS, default 500; SINK, RECENT: 64, 1024),
 #       checkpointed every 25 steps, for at most RUN_S seconds (default 500); repeat `c`
-#       (carrying nothing) to go on
+#       (carrying nothing) to go on. On the two-GPU host DEV_LAYER=1 gives each layout a GPU
 #   t   carry .gpu/mb (as c): where an identification step's time goes: 4 steps at 2K and
 #       at 8K for each query block of env BLOCKS (default "gpu 256"; gpu = the device's
 #       choice), one layout alone on the GPU, the seconds of each pass
@@ -46,7 +46,8 @@ case $step in
       if [ -f .gpu/id-resume/$layout/state.json ] && [ ! -f /tmp/duo/id-$layout/state.json ]; then
         mkdir -p /tmp/duo/id-$layout && cp .gpu/id-resume/$layout/state.json /tmp/duo/id-$layout/
       fi
-      setsid timeout ${RUN_S:-500} $D identify --device cuda --out /tmp/duo/id-$layout --layout $layout --steps ${STEPS:-500} \
+      dev=cuda; [ $layout = head ] && dev=cuda:${DEV_HEAD:-0}; [ $layout = layer ] && dev=cuda:${DEV_LAYER:-0}
+      setsid timeout ${RUN_S:-500} $D identify --device $dev --out /tmp/duo/id-$layout --layout $layout --steps ${STEPS:-500} \
         --min-len 2048 --max-len 8192 $W --checkpoint-every 25 --resume ${ID_FLAGS:-} > /tmp/duo/id-$layout.log 2>&1 &
     done
     wait
