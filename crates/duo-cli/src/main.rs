@@ -87,6 +87,7 @@ enum Command {
 static ALLOCATOR: duo_model::budget::BudgetAllocator = duo_model::budget::BudgetAllocator;
 
 fn main() {
+    keep_nvlink_multicast_off();
     duo_model::budget::keep_step_buffers_mapped();
     // Warnings (e.g. the server's ignored request fields) show by default; DUO_LOG=info|debug for more.
     let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -427,6 +428,17 @@ fn longest_context(plan: &duo_core::CachePlan, budget: usize) -> usize {
         if plan.total_bytes(mid) <= budget { lo = mid } else { hi = mid }
     }
     lo
+}
+
+/// NVLink multicast (NCCL's NVLS) stays off in every process duo starts: on shared GPU hosts
+/// a program that uses it can take the GPUs out of service. Set before any thread exists,
+/// so no other thread reads the environment while it changes.
+#[allow(unsafe_code)]
+fn keep_nvlink_multicast_off() {
+    if std::env::var("NCCL_NVLS_ENABLE").as_deref() != Ok("0") {
+        // SAFETY: called first in `main`, while the process has one thread.
+        unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
+    }
 }
 
 /// `duo pattern show --tensor-parallel N`: the contiguous split engines use against the

@@ -628,9 +628,11 @@ mod gpu {
         // Layer 0: the first half retrieval (all on rank 0 when split contiguously); layer 1:
         // every other head; layer 2: one retrieval head.
         let retrieval: Vec<Vec<bool>> = vec![(0..n_kv).map(|h| h < n_kv / 2).collect(), (0..n_kv).map(|h| h % 2 == 1).collect(), (0..n_kv).map(|h| h == 0).collect()];
-        let layout = PagedLayout { retrieval: retrieval.clone(), sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 1024, kv: crate::decode_attention::KvType::Bf16 };
-        let prompt: Vec<u32> = (0..700u64).map(|i| (hash_uniform(seed ^ 77, i).abs() * 299.0) as u32).collect();
-        let (steps, chunk) = (10, 48);
+        // The decode steps cross 2,048 tokens, where the length bucket of the captured graphs
+        // changes: every rank must re-capture at the same step.
+        let layout = PagedLayout { retrieval: retrieval.clone(), sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 4096, kv: crate::decode_attention::KvType::Bf16 };
+        let prompt: Vec<u32> = (0..2040u64).map(|i| (hash_uniform(seed ^ 77, i).abs() * 299.0) as u32).collect();
+        let (steps, chunk) = (16, 48);
         let one = KvPool::single(gpus[0].clone(), Arc::new(GpuWeights::random(&gpus[0], config.clone(), seed)?), layout.clone())?;
         let (_, one_tokens) = run_alone(&one, &prompt, chunk, steps)?;
         drop(one);
@@ -664,7 +666,7 @@ mod gpu {
             let graph_steps = pools[0].graph_steps();
             out.push(Parity {
                 case: format!(
-                    "tensor parallel over {world} GPUs, {:?} placement ({} heads / {n_kv} KV), 700-token chunked prefill + {steps} decode steps ({graph_steps} from graphs): greedy tokens agree with the reference: {agree}, every rank's tokens equal: {ranks_agree}, tokens equal to one GPU's: {as_one_gpu}",
+                    "tensor parallel over {world} GPUs, {:?} placement ({} heads / {n_kv} KV), 2040-token chunked prefill + {steps} decode steps ({graph_steps} from graphs): greedy tokens agree with the reference: {agree}, every rank's tokens equal: {ranks_agree}, tokens equal to one GPU's: {as_one_gpu}",
                     placement.strategy(),
                     config.n_heads
                 ),

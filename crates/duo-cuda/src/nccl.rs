@@ -12,25 +12,33 @@
 
 use crate::{CudaError, Result};
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 type Comm = *mut c_void;
 type InitAll = unsafe extern "C" fn(*mut Comm, c_int, *const c_int) -> c_int;
 type AllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> c_int;
-type Destroy = unsafe extern "C" fn(Comm) -> c_int;
+type OneComm = unsafe extern "C" fn(Comm) -> c_int;
+type NoArgs = unsafe extern "C" fn() -> c_int;
 type ErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 type Version = unsafe extern "C" fn(*mut c_int) -> c_int;
 
 /// `ncclFloat32` and `ncclSum` in NCCL's headers (stable since NCCL 2.0).
 const NCCL_FLOAT32: c_int = 7;
 const NCCL_SUM: c_int = 0;
+/// Capturing NCCL calls in CUDA graphs needs NCCL 2.9, `ncclCommFinalize` 2.14.
+const MIN_VERSION: i32 = 21_400;
 
 /// The loaded library and the entry points duo calls.
 pub struct Nccl {
     _lib: libloading::Library,
     init_all: InitAll,
     all_reduce: AllReduce,
-    destroy: Destroy,
+    finalize: OneComm,
+    destroy: OneComm,
+    abort: OneComm,
+    group_start: NoArgs,
+    group_end: NoArgs,
     error_string: ErrorString,
     /// `ncclGetVersion`'s code (e.g. 22803 for 2.28.3).
     pub version: i32,
@@ -45,9 +53,12 @@ impl Nccl {
     }
 
     fn open() -> std::result::Result<Nccl, String> {
-        // Before NCCL's first call reads its environment. SAFETY: duo sets no other
-        // variable concurrently, and NCCL is not loaded yet, so nothing reads it meanwhile.
-        unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
+        // Before NCCL's first call reads its environment. `duo` sets it first thing in
+        // `main`, before any thread exists, so this only runs for other users of the crate.
+        if std::env::var("NCCL_NVLS_ENABLE").as_deref() != Ok("0") {
+            // SAFETY: NCCL is not loaded yet; no thread of this crate reads the environment.
+            unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
+        }
         let names: Vec<String> = std::env::var("DUO_NCCL_LIB").ok().into_iter().chain(["libnccl.so.2".into(), "libnccl.so".into()]).collect();
         let mut errors = Vec::new();
         for name in &names {
@@ -68,12 +79,19 @@ impl Nccl {
             };
             let init_all: InitAll = std::mem::transmute(sym(b"ncclCommInitAll\0")?);
             let all_reduce: AllReduce = std::mem::transmute(sym(b"ncclAllReduce\0")?);
-            let destroy: Destroy = std::mem::transmute(sym(b"ncclCommDestroy\0")?);
+            let finalize: OneComm = std::mem::transmute(sym(b"ncclCommFinalize\0")?);
+            let destroy: OneComm = std::mem::transmute(sym(b"ncclCommDestroy\0")?);
+            let abort: OneComm = std::mem::transmute(sym(b"ncclCommAbort\0")?);
+            let group_start: NoArgs = std::mem::transmute(sym(b"ncclGroupStart\0")?);
+            let group_end: NoArgs = std::mem::transmute(sym(b"ncclGroupEnd\0")?);
             let error_string: ErrorString = std::mem::transmute(sym(b"ncclGetErrorString\0")?);
             let get_version: Version = std::mem::transmute(sym(b"ncclGetVersion\0")?);
             let mut version = 0;
             get_version(&mut version);
-            Ok(Nccl { _lib: lib, init_all, all_reduce, destroy, error_string, version })
+            if version < MIN_VERSION {
+                return Err(format!("NCCL {version} is too old: duo needs 2.14 ({MIN_VERSION}) or later (NCCL calls captured in CUDA graphs, communicators finalised together)"));
+            }
+            Ok(Nccl { _lib: lib, init_all, all_reduce, finalize, destroy, abort, group_start, group_end, error_string, version })
         }
     }
 
@@ -87,20 +105,51 @@ impl Nccl {
     }
 }
 
-/// One GPU's end of a communicator over the GPUs of this process.
-pub struct Link {
+/// The communicators of one group of GPUs (one per GPU, made together), torn down together.
+struct Comms {
     nccl: Arc<Nccl>,
-    comm: Comm,
+    comms: Vec<Comm>,
+    /// Set once [`Link::abort_all`] has aborted them (their resources are gone).
+    aborted: AtomicBool,
+    /// Held while an operation runs on every rank: two at once could order their
+    /// collectives differently on different ranks and wait for each other forever.
+    turn: Mutex<()>,
+}
+
+// SAFETY: a communicator may be used from any thread, one call at a time; each rank's is
+// used by the thread that runs that rank's share of an operation, under `turn`.
+unsafe impl Send for Comms {}
+unsafe impl Sync for Comms {}
+
+impl Drop for Comms {
+    fn drop(&mut self) {
+        if self.aborted.load(Ordering::SeqCst) {
+            return;
+        }
+        let n = &self.nccl;
+        // SAFETY: the communicators were made by ncclCommInitAll and are finalised (as one
+        // group, as their shared state needs) and destroyed once, here.
+        unsafe {
+            (n.group_start)();
+            for &c in &self.comms {
+                (n.finalize)(c);
+            }
+            (n.group_end)();
+            for &c in &self.comms {
+                (n.destroy)(c);
+            }
+        }
+    }
+}
+
+/// One GPU's end of a group's communicator.
+pub struct Link {
+    group: Arc<Comms>,
     /// This GPU's rank.
     pub rank: usize,
     /// GPUs in the communicator.
     pub world: usize,
 }
-
-// SAFETY: a communicator may be used from any thread, one call at a time; each rank's
-// link is used by the thread that runs that rank's steps.
-unsafe impl Send for Link {}
-unsafe impl Sync for Link {}
 
 impl Link {
     /// One link per device of `ordinals` (rank `i` on device `ordinals[i]`).
@@ -111,22 +160,44 @@ impl Link {
         // SAFETY: `comms` has room for one communicator per device listed.
         nccl.check("initialising", unsafe { (nccl.init_all)(comms.as_mut_ptr(), devices.len() as c_int, devices.as_ptr()) })?;
         let world = devices.len();
-        Ok(comms.into_iter().enumerate().map(|(rank, comm)| Arc::new(Link { nccl: nccl.clone(), comm, rank, world })).collect())
+        let group = Arc::new(Comms { nccl, comms, aborted: AtomicBool::new(false), turn: Mutex::new(()) });
+        Ok((0..world).map(|rank| Arc::new(Link { group: group.clone(), rank, world })).collect())
     }
 
     /// `buf[..n] = sum over ranks of buf[..n]` (`f32`, in place), queued on `stream` (a
     /// `CUstream`): every rank must make the same call, in the same order.
     pub fn all_reduce_sum_f32(&self, buf: u64, n: usize, stream: *mut c_void) -> Result<()> {
+        let g = &self.group;
+        if g.aborted.load(Ordering::SeqCst) {
+            return Err(CudaError::Driver("the GPUs' communicator was aborted after an error on one of them".into()));
+        }
         let p = buf as *mut c_void;
         // SAFETY: `buf` holds `n` f32 on this rank's device; NCCL reads and writes it in
         // stream order.
-        self.nccl.check("all-reduce", unsafe { (self.nccl.all_reduce)(p, p, n, NCCL_FLOAT32, NCCL_SUM, self.comm, stream) })
+        g.nccl.check("all-reduce", unsafe { (g.nccl.all_reduce)(p, p, n, NCCL_FLOAT32, NCCL_SUM, g.comms[self.rank], stream) })
     }
-}
 
-impl Drop for Link {
-    fn drop(&mut self) {
-        // SAFETY: the communicator was made by ncclCommInitAll and is destroyed once.
-        unsafe { (self.nccl.destroy)(self.comm) };
+    /// Aborts every communicator of the group: after an error on one rank the others may be
+    /// waiting in a collective that will never complete; aborting ends those waits (with
+    /// errors). The group cannot be used again.
+    pub fn abort_all(&self) {
+        let g = &self.group;
+        if g.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for &c in &g.comms {
+            // SAFETY: each communicator is aborted once (guarded by `aborted`).
+            unsafe { (g.nccl.abort)(c) };
+        }
+    }
+
+    /// Whether the group was aborted.
+    pub fn aborted(&self) -> bool {
+        self.group.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Holds the group's turn: one operation on all ranks at a time.
+    pub fn turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.group.turn.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

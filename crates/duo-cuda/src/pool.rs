@@ -197,8 +197,12 @@ impl Buffers {
     }
 }
 
-/// Launch shapes that key a captured graph: padded rows and each layer's decode launch.
-type GraphKey = (usize, Vec<DecodeLaunch>);
+/// Launch shapes that key a captured graph: padded rows, the rows' length bucket and each
+/// layer's decode launch. The bucket is in the key although the launches follow from it:
+/// under tensor parallelism a rank whose heads all stream has launches that stop changing
+/// with the length, and every rank must capture and replay at the same steps (its NCCL
+/// calls are in the graph), so keys change on all ranks together.
+type GraphKey = (usize, usize, Vec<DecodeLaunch>);
 
 struct State {
     alloc: Allocator,
@@ -693,14 +697,9 @@ impl KvPool {
             }
         }
         // Launch shapes before any block is taken: a step that cannot run changes nothing.
-        let shapes = if bsz > 0 {
-            self.shapes(
-                decode.iter().map(|r| r.seq.tokens + 1).max().unwrap_or(1),
-                padded,
-            )
-        } else {
-            Vec::new()
-        };
+        let max_n = decode.iter().map(|r| r.seq.tokens + 1).max().unwrap_or(1);
+        let shapes = if bsz > 0 { self.shapes(max_n, padded) } else { Vec::new() };
+        let bucket_n = self.length_bucket(max_n);
 
         let mut st = self.lock();
         let st = &mut *st;
@@ -715,7 +714,7 @@ impl KvPool {
             }
             self.grow(st, &mut grows)?;
         }
-        self.run(st, decode, prefill, padded, shapes, greedy)
+        self.run(st, decode, prefill, padded, (bucket_n, shapes), greedy)
     }
 
     fn run(
@@ -724,7 +723,7 @@ impl KvPool {
         decode: &mut [DecodeRow],
         prefill: Option<PrefillChunk>,
         padded: usize,
-        shapes: Vec<DecodeLaunch>,
+        (bucket_n, shapes): (usize, Vec<DecodeLaunch>),
         greedy: bool,
     ) -> Result<StepOut> {
         let (g, c) = (&*self.gpu, &self.w.config);
@@ -754,7 +753,7 @@ impl KvPool {
         g.write(&meta, &mut st.b.meta)?;
 
         let logit_rows = if bsz > 0 { padded } else { 0 };
-        let key: GraphKey = (padded, shapes.clone());
+        let key: GraphKey = (padded, if self.link.is_some() { bucket_n } else { 0 }, shapes.clone());
         let mut steady = true;
         if prefill.is_none() && self.config.graphs && !st.uncapturable.contains(&key) {
             if let Some(i) = st.graphs.iter().position(|(k, _)| *k == key) {
@@ -860,11 +859,14 @@ impl KvPool {
     /// [`DECODE_SPLIT`] keys (a pool of one sequence: `split_for`'s), lengthened only when
     /// the partial buffers cannot hold every (row, split) (then rows are no longer
     /// independent of the batch, bit for bit).
+    /// `max_n` rounded up to 2048 (within the layout's longest sequence).
+    fn length_bucket(&self, max_n: usize) -> usize {
+        (max_n.div_ceil(2048) * 2048).min(self.layout.max_tokens).max(max_n)
+    }
+
     fn shapes(&self, max_n: usize, rows: usize) -> Vec<DecodeLaunch> {
         let c = &self.w.config;
-        let bucket_n = (max_n.div_ceil(2048) * 2048)
-            .min(self.layout.max_tokens)
-            .max(max_n);
+        let bucket_n = self.length_bucket(max_n);
         let short = (self.layout.sink + self.layout.recent).min(bucket_n) as u32;
         let kernel = DecodeKernel::best(
             c.head_dim,

@@ -55,14 +55,33 @@ pub struct CudaBackend {
 }
 
 /// `f(rank)` for every rank, on a thread each when there are several (their forward passes
-/// wait for each other at every all-reduce); the results in rank order.
-fn on_ranks<I: Send, T: Send>(items: Vec<I>, f: impl Fn(I) -> duo_cuda::Result<T> + Sync) -> Result<Vec<T>> {
-    if items.len() == 1 {
-        return Ok(vec![f(items.into_iter().next().expect("one item"))?]);
+/// wait for each other at every all-reduce); the results in rank order. Under tensor
+/// parallelism (`link`: any rank's) one such operation runs at a time, and an error on one
+/// rank aborts the group's communicators, so that the ranks waiting for it in a collective
+/// stop waiting; the backend cannot run again after that (its ranks may have taken
+/// different numbers of steps).
+fn on_ranks<I: Send, T: Send>(link: Option<&Arc<Link>>, items: Vec<I>, f: impl Fn(I) -> duo_cuda::Result<T> + Sync) -> Result<Vec<T>> {
+    let Some(link) = link else {
+        return items.into_iter().map(|i| f(i).map_err(EngineError::from)).collect();
+    };
+    let _turn = link.turn();
+    if link.aborted() {
+        return Err(EngineError::Backend("an earlier error on one GPU left the GPUs out of step; start duo again".into()));
     }
     let results: Vec<duo_cuda::Result<T>> = std::thread::scope(|s| {
         let f = &f;
-        let handles: Vec<_> = items.into_iter().map(|item| s.spawn(move || f(item))).collect();
+        let handles: Vec<_> = items
+            .into_iter()
+            .map(|item| {
+                s.spawn(move || {
+                    let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(item))).unwrap_or_else(|_| Err(duo_cuda::CudaError::Driver("a GPU's thread panicked".into())));
+                    if got.is_err() {
+                        link.abort_all();
+                    }
+                    got
+                })
+            })
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(duo_cuda::CudaError::Driver("a GPU's thread panicked".into())))).collect()
     });
     Ok(results.into_iter().collect::<duo_cuda::Result<Vec<T>>>()?)
@@ -127,6 +146,16 @@ impl CudaBackend {
             let weights = upload(&gpu)?.into_shard(&gpu, r, world, &heads)?;
             ranks.push(Rank { gpu, weights: Arc::new(weights), link: Some(link), heads, used_before });
         }
+        // NCCL sets up its connections and buffers at the first collective: one now, before
+        // any pool is sized from the free memory (and a broken link fails here, not mid-request).
+        let n = 1 << 20;
+        let link = ranks[0].link.clone();
+        on_ranks(link.as_ref(), ranks.iter().collect(), |rank| {
+            let buf = rank.gpu.zeros::<f32>(n)?;
+            let link = rank.link.as_ref().expect("every rank of a parallel backend has a link");
+            link.all_reduce_sum_f32(rank.gpu.addr(&buf), n, rank.gpu.stream.cu_stream() as *mut std::ffi::c_void)?;
+            rank.gpu.sync()
+        })?;
         Ok(Self { ranks, placement: Some(placement), config, ordinal: 0 })
     }
 
@@ -178,6 +207,11 @@ impl CudaBackend {
     /// GPUs the model runs on.
     pub fn world(&self) -> usize {
         self.ranks.len()
+    }
+
+    /// Rank 0's end of the communicator (tensor parallelism only).
+    fn link(&self) -> Option<&Arc<Link>> {
+        self.ranks[0].link.as_ref()
     }
 
     /// Rank `r`'s layout: `layout`'s kinds for its own KV heads, in its order.
@@ -322,12 +356,12 @@ impl Backend for CudaBackend {
             return Err(EngineError::InvalidParameter { name: "tokens", reason: "an empty chunk".into() });
         }
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
-        Ok(first(on_ranks(s.seqs.iter_mut().collect(), |seq| run_rank(seq, tokens, logits))?))
+        Ok(first(on_ranks(self.link(), s.seqs.iter_mut().collect(), |seq| run_rank(seq, tokens, logits))?))
     }
 
     fn greedy_step(&self, seq: &mut dyn Sequence, token: u32) -> Result<u32> {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
-        let next = on_ranks(s.seqs.iter_mut().collect(), |seq| {
+        let next = on_ranks(self.link(), s.seqs.iter_mut().collect(), |seq| {
             let pool = seq.pool().clone();
             Ok(pool.step(&mut [DecodeRow { seq, token }], None, true)?.next[0])
         })?;
@@ -350,7 +384,17 @@ impl Backend for CudaBackend {
             let first = rows[0].pool();
             rows.iter().all(|s| Arc::ptr_eq(s.pool(), first)) && bucket(rows.len()) <= first.config().max_rows && rows.len() <= first.config().max_seqs
         });
-        let out = on_ranks(ranks, |rows| {
+        if shared && self.world() > 1 {
+            // A step that cannot run on one rank must not start on the others.
+            for rows in &ranks {
+                let pool = rows[0].pool();
+                let needed: usize = rows.iter().map(|s| pool.blocks_needed(s, 1, Ring::Decode)).sum();
+                if needed > pool.free_blocks() {
+                    return Err(duo_cuda::CudaError::PoolFull { needed, free: pool.free_blocks() }.into());
+                }
+            }
+        }
+        let out = on_ranks(self.link(), ranks, |rows| {
             if shared {
                 let pool = rows[0].pool().clone();
                 let mut rows: Vec<DecodeRow> = rows.into_iter().zip(tokens).map(|(seq, &token)| DecodeRow { seq, token }).collect();
@@ -368,8 +412,10 @@ impl Backend for CudaBackend {
     }
 
     fn available_memory(&self) -> Option<usize> {
-        // The fullest GPU bounds what fits.
-        self.ranks.iter().map(|r| r.gpu.memory_used().ok().map(|(used, total)| total - used)).min().flatten()
+        // Each GPU holds its share of a sequence's cache: the fullest GPU's free memory times
+        // the GPUs (exact for equal shares; a GPU with a head more holds a little more).
+        let free = self.ranks.iter().map(|r| r.gpu.memory_used().ok().map(|(used, total)| total - used)).min().flatten();
+        free.map(|f| f * self.world())
     }
 
     fn memory_in_use(&self) -> Option<usize> {
@@ -378,6 +424,15 @@ impl Backend for CudaBackend {
 
     fn fill_synthetic(&self, seq: &mut dyn Sequence, tokens: usize, seed: u64) -> Result<()> {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
+        // Every rank's blocks first: a fill that fits on one GPU only would leave the ranks
+        // holding different lengths.
+        for seq in &s.seqs {
+            let pool = seq.pool();
+            let needed = pool.blocks_needed(seq, tokens, Ring::Prefill);
+            if needed > pool.free_blocks() {
+                return Err(duo_cuda::CudaError::PoolFull { needed, free: pool.free_blocks() }.into());
+            }
+        }
         for seq in &mut s.seqs {
             let pool = seq.pool().clone();
             pool.fill_synthetic(seq, tokens, seed)?;
@@ -428,7 +483,8 @@ impl Backend for CudaBackend {
             }
         }
         config.blocks = o.blocks_override.unwrap_or(blocks);
-        if config.blocks < layout.blocks_for(layout.max_chunk + 1, Ring::Prefill) {
+        let first_chunk = (0..self.world()).map(|r| self.rank_layout(r, &layout).blocks_for(layout.max_chunk + 1, Ring::Prefill)).max().unwrap_or(0);
+        if config.blocks < first_chunk {
             let (budget, total, used) = tightest;
             return Err(EngineError::Backend(format!(
                 "--gpu-memory-utilization {} leaves {:.2} GiB for KV blocks on this {:.1} GiB card ({:.2} GiB in use): not one sequence's first chunk fits",
@@ -515,7 +571,7 @@ impl super::KvPool for ServingPool {
             }
         }
         let work: Vec<_> = self.pools.iter().zip(by).zip(chunks.drain(..)).collect();
-        let out = on_ranks(work, |((pool, rows), chunk)| {
+        let out = on_ranks(self.pools[0].link(), work, |((pool, rows), chunk)| {
             let mut rows: Vec<DecodeRow> = rows.into_iter().zip(&tokens).map(|(seq, &token)| DecodeRow { seq, token }).collect();
             let chunk = chunk.map(|(seq, tokens)| PrefillChunk { seq, tokens, logits: if last { RowLogits::Last } else { RowLogits::None } });
             pool.step(&mut rows, chunk, false)
