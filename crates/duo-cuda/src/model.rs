@@ -129,6 +129,31 @@ pub enum GlobalMatrix {
     LmHead,
 }
 
+/// One rank's part of the model under tensor parallelism: which KV heads of each layer it
+/// holds (model indices, in its order), out of how many ranks. Weights are cut to it as each
+/// layer is uploaded ([`crate::shard`]), so a GPU never holds more than its shard and one
+/// whole layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSpec {
+    /// This rank.
+    pub rank: usize,
+    /// Ranks in all.
+    pub world: usize,
+    /// `kv_heads[layer]`: the KV heads this rank holds.
+    pub kv_heads: Vec<Vec<usize>>,
+}
+
+impl ShardSpec {
+    /// The shard's shape (checked: the same number of heads in every layer, one per layer).
+    pub fn config(&self, c: &GpuConfig) -> Result<GpuConfig> {
+        let per_layer = self.kv_heads.first().map_or(0, Vec::len);
+        if self.kv_heads.len() != c.n_layers || self.kv_heads.iter().any(|hs| hs.len() != per_layer) {
+            return Err(CudaError::Input(format!("a shard needs the same number of KV heads in each of the {} layers", c.n_layers)));
+        }
+        crate::shard::shard_config(c, per_layer, self.world)
+    }
+}
+
 fn size_error(what: &str, got: usize, want: usize) -> CudaError {
     CudaError::Input(format!("{what} has {got} values, the shape needs {want}"))
 }
@@ -423,6 +448,24 @@ mod gpu {
         pub(crate) down: CudaSlice<u16>,
     }
 
+    impl LayerWeights {
+        /// Layer `l` cut to `shard`'s rows and columns ([`crate::shard`]), gathered on the
+        /// GPU into new buffers (the whole layer freed when `self` drops); unchanged
+        /// without a shard. Norms are whole on every rank.
+        fn cut(self, gpu: &Gpu, c: &GpuConfig, shard: Option<&ShardSpec>, l: usize) -> Result<LayerWeights> {
+            let Some(spec) = shard else { return Ok(self) };
+            let s = crate::shard::layer_shard(c, &spec.kv_heads[l], spec.rank, spec.world)?;
+            Ok(LayerWeights {
+                qkv: gpu.gather_bf16(&self.qkv, c.hidden, Some(&s.qkv_rows), None)?,
+                o: gpu.gather_bf16(&self.o, c.n_heads * c.head_dim, None, Some(&s.o_cols))?,
+                gate_up: gpu.gather_bf16(&self.gate_up, c.hidden, Some(&s.gate_up_rows), None)?,
+                down: gpu.gather_bf16(&self.down, c.ffn, None, Some(&s.down_cols))?,
+                attn_norm: self.attn_norm,
+                ffn_norm: self.ffn_norm,
+            })
+        }
+    }
+
     /// The model's weights on the GPU.
     pub struct GpuWeights {
         /// The shape.
@@ -442,7 +485,14 @@ mod gpu {
         /// generated on the GPU. The embedding table is not stored: rows are generated from
         /// the token id when needed.
         pub fn random(gpu: &Gpu, config: GpuConfig, seed: u64) -> Result<Self> {
+            Self::random_shard(gpu, config, seed, None)
+        }
+
+        /// [`GpuWeights::random`], cut to `shard` (tensor parallelism) layer by layer: the
+        /// same weights as one GPU's, each rank keeping its rows and columns.
+        pub fn random_shard(gpu: &Gpu, config: GpuConfig, seed: u64, shard: Option<&ShardSpec>) -> Result<Self> {
             config.validate()?;
+            let local = shard.map(|s| s.config(&config)).transpose()?;
             let c = &config;
             let (h, f) = (c.hidden, c.ffn);
             let random = |n: usize, s: u64, in_dim: usize| -> Result<CudaSlice<u16>> {
@@ -453,19 +503,20 @@ mod gpu {
             let ones = gpu.upload(&vec![1.0f32; h])?;
             let mut layers = Vec::with_capacity(c.n_layers);
             for l in 0..c.n_layers {
-                layers.push(LayerWeights {
+                let whole = LayerWeights {
                     attn_norm: gpu.upload(&vec![1.0f32; h])?,
                     qkv: random(c.qkv_dim() * h, RandomTensor::Qkv(l).seed(seed), h)?,
                     o: random(h * c.n_heads * c.head_dim, RandomTensor::O(l).seed(seed), c.n_heads * c.head_dim)?,
                     ffn_norm: gpu.upload(&vec![1.0f32; h])?,
                     gate_up: random(2 * f * h, RandomTensor::GateUp(l).seed(seed), h)?,
                     down: random(h * f, RandomTensor::Down(l).seed(seed), f)?,
-                });
+                };
+                layers.push(whole.cut(gpu, c, shard, l)?);
             }
             let lm_head = random(c.vocab * h, RandomTensor::LmHead.seed(seed), h)?;
             let inv_freq = gpu.upload(&c.inv_freq)?;
             gpu.sync()?;
-            Ok(Self { config, seed, layers, norm: ones, embed: None, lm_head: Some(lm_head), inv_freq })
+            Ok(Self { config: local.unwrap_or(config), seed, layers, norm: ones, embed: None, lm_head: Some(lm_head), inv_freq })
         }
 
         /// Uploads a checkpoint one tensor at a time: `matrix` yields the embedding table and
@@ -476,10 +527,24 @@ mod gpu {
             gpu: &Gpu,
             config: GpuConfig,
             norm: Vec<f32>,
+            matrix: impl FnMut(GlobalMatrix) -> Result<Option<HostMatrix<'a>>>,
+            layer: impl FnMut(usize) -> Result<HostLayer<'a>>,
+        ) -> Result<Self> {
+            Self::load_shard(gpu, config, norm, matrix, layer, None)
+        }
+
+        /// [`GpuWeights::load`], each layer cut to `shard` (tensor parallelism) as soon as
+        /// it is on the GPU.
+        pub fn load_shard<'a>(
+            gpu: &Gpu,
+            config: GpuConfig,
+            norm: Vec<f32>,
             mut matrix: impl FnMut(GlobalMatrix) -> Result<Option<HostMatrix<'a>>>,
             mut layer: impl FnMut(usize) -> Result<HostLayer<'a>>,
+            shard: Option<&ShardSpec>,
         ) -> Result<Self> {
             config.validate()?;
+            let local = shard.map(|s| s.config(&config)).transpose()?;
             let c = &config;
             if norm.len() != c.hidden {
                 return Err(size_error("the final norm", norm.len(), c.hidden));
@@ -498,46 +563,18 @@ mod gpu {
             for l in 0..c.n_layers {
                 let w = layer(l)?;
                 w.validate(c, l)?;
-                layers.push(LayerWeights {
+                let whole = LayerWeights {
                     attn_norm: gpu.upload(&w.attn_norm)?,
                     qkv: upload_parts(gpu, &w.qkv)?,
                     o: upload_parts(gpu, &w.o)?,
                     ffn_norm: gpu.upload(&w.ffn_norm)?,
                     gate_up: upload_parts(gpu, &w.gate_up)?,
                     down: upload_parts(gpu, &w.down)?,
-                });
+                };
+                layers.push(whole.cut(gpu, c, shard, l)?);
             }
             gpu.sync()?;
-            Ok(Self { config, seed: 0, layers, norm, embed, lm_head, inv_freq })
-        }
-
-        /// Rank `rank` of `world`'s shard of these weights under tensor parallelism
-        /// ([`crate::shard`]): in each layer the rows and columns of `kv_heads[layer]`
-        /// (global KV head indices, in the rank's order) and of its slice of the MLP,
-        /// gathered on the GPU into new buffers one layer at a time (each full layer freed
-        /// as it goes); norms, embeddings and the LM head stay whole.
-        pub fn into_shard(self, gpu: &Gpu, rank: usize, world: usize, kv_heads: &[Vec<usize>]) -> Result<GpuWeights> {
-            let c = self.config.clone();
-            let per_layer = kv_heads.first().map_or(0, Vec::len);
-            if kv_heads.len() != c.n_layers || kv_heads.iter().any(|hs| hs.len() != per_layer) {
-                return Err(CudaError::Input(format!("a shard needs the same number of KV heads in each of the {} layers", c.n_layers)));
-            }
-            let local = crate::shard::shard_config(&c, per_layer, world)?;
-            let GpuWeights { seed, layers, norm, embed, lm_head, inv_freq, .. } = self;
-            let mut sharded = Vec::with_capacity(layers.len());
-            for (l, lw) in layers.into_iter().enumerate() {
-                let s = crate::shard::layer_shard(&c, &kv_heads[l], rank, world)?;
-                sharded.push(LayerWeights {
-                    qkv: gpu.gather_bf16(&lw.qkv, c.hidden, Some(&s.qkv_rows), None)?,
-                    o: gpu.gather_bf16(&lw.o, c.n_heads * c.head_dim, None, Some(&s.o_cols))?,
-                    gate_up: gpu.gather_bf16(&lw.gate_up, c.hidden, Some(&s.gate_up_rows), None)?,
-                    down: gpu.gather_bf16(&lw.down, c.ffn, None, Some(&s.down_cols))?,
-                    attn_norm: lw.attn_norm,
-                    ffn_norm: lw.ffn_norm,
-                });
-            }
-            gpu.sync()?;
-            Ok(GpuWeights { config: local, seed, layers: sharded, norm, embed, lm_head, inv_freq })
+            Ok(Self { config: local.unwrap_or(config), seed: 0, layers, norm, embed, lm_head, inv_freq })
         }
 
         /// The seed of the random embedding rows (random weights).
@@ -646,7 +683,8 @@ mod gpu {
             let mut pools = Vec::with_capacity(world);
             for (r, gpu) in gpus.iter().enumerate() {
                 let heads: Vec<Vec<usize>> = (0..config.n_layers).map(|l| placement.heads_on(l, r)).collect();
-                let w = GpuWeights::random(gpu, config.clone(), seed)?.into_shard(gpu, r, world, &heads)?;
+                let spec = ShardSpec { rank: r, world, kv_heads: heads.clone() };
+                let w = GpuWeights::random_shard(gpu, config.clone(), seed, Some(&spec))?;
                 let rank_layout = PagedLayout { retrieval: heads.iter().enumerate().map(|(l, hs)| hs.iter().map(|&h| retrieval[l][h]).collect()).collect(), ..layout.clone() };
                 let blocks = rank_layout.blocks_for(rank_layout.max_tokens, Ring::Prefill);
                 let pool_config = PoolConfig { blocks, max_seqs: 1, max_rows: rank_layout.max_chunk, graphs: true };

@@ -288,7 +288,7 @@ impl KvPool {
     }
 
     /// [`KvPool::new`] for one rank under tensor parallelism: `w` is the rank's shard
-    /// ([`GpuWeights::into_shard`]), `layout` its KV heads' kinds, `link` its end of the
+    /// ([`GpuWeights::random_shard`], [`GpuWeights::load_shard`]), `layout` its KV heads' kinds, `link` its end of the
     /// communicator. Every rank's pool must run the same steps in the same order (each on
     /// its own thread): each step's forward pass waits for the others at every layer.
     pub fn linked(

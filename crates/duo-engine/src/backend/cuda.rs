@@ -20,7 +20,7 @@ use duo_core::cache_spec::CachePlan;
 use duo_core::config::ModelConfig;
 use duo_cuda::decode_attention::KvType;
 use duo_cuda::dequant::QuantType;
-use duo_cuda::model::{GlobalMatrix, GpuConfig, GpuWeights, HostLayer, HostMatrix};
+use duo_cuda::model::{GlobalMatrix, GpuConfig, GpuWeights, HostLayer, HostMatrix, ShardSpec};
 use duo_cuda::paged::{PagedLayout, Ring};
 use duo_cuda::pool::{bucket, DecodeRow, KvPool, PagedSeq, PoolConfig, PrefillChunk, RowLogits};
 use duo_core::placement::Placement;
@@ -120,7 +120,7 @@ impl CudaBackend {
     pub fn load(gpu: Arc<Gpu>, ordinal: usize, ck: &Checkpoint, config: ModelConfig) -> Result<Self> {
         supported(&config)?;
         let used_before = gpu.memory_used()?.0;
-        let weights = Self::upload(&gpu, ck, &config)?;
+        let weights = Self::upload(&gpu, ck, &config, None)?;
         Ok(Self::one(gpu, weights, config, ordinal, used_before))
     }
 
@@ -129,9 +129,9 @@ impl CudaBackend {
         Self { ranks: vec![Rank { gpu, weights: Arc::new(weights), link: None, heads, used_before }], placement: None, config, ordinal }
     }
 
-    /// The model split over `gpus` (devices 0..n) by `placement`: each GPU uploads the
-    /// whole model (`upload`), keeps its shard and frees the rest, one GPU after the other.
-    pub fn parallel(gpus: Vec<Arc<Gpu>>, config: ModelConfig, placement: Placement, upload: impl Fn(&Gpu) -> Result<GpuWeights>) -> Result<Self> {
+    /// The model split over `gpus` (devices 0..n) by `placement`: each GPU uploads its
+    /// shard (`upload`, layer by layer, each layer cut as it arrives), one after the other.
+    pub fn parallel(gpus: Vec<Arc<Gpu>>, config: ModelConfig, placement: Placement, upload: impl Fn(&Gpu, &ShardSpec) -> Result<GpuWeights>) -> Result<Self> {
         supported(&config)?;
         let world = gpus.len();
         if placement.gpus() != world {
@@ -143,7 +143,7 @@ impl CudaBackend {
         for ((r, gpu), link) in gpus.into_iter().enumerate().zip(links) {
             let used_before = gpu.memory_used()?.0;
             let heads: Vec<Vec<usize>> = (0..config.n_layers).map(|l| placement.heads_on(l, r)).collect();
-            let weights = upload(&gpu)?.into_shard(&gpu, r, world, &heads)?;
+            let weights = upload(&gpu, &ShardSpec { rank: r, world, kv_heads: heads.clone() })?;
             ranks.push(Rank { gpu, weights: Arc::new(weights), link: Some(link), heads, used_before });
         }
         // NCCL sets up its connections and buffers at the first collective: one now, before
@@ -159,8 +159,8 @@ impl CudaBackend {
         Ok(Self { ranks, placement: Some(placement), config, ordinal: 0 })
     }
 
-    /// A checkpoint's weights on `gpu`, whole.
-    pub fn upload(gpu: &Gpu, ck: &Checkpoint, config: &ModelConfig) -> Result<GpuWeights> {
+    /// A checkpoint's weights on `gpu`: whole, or cut to `shard` layer by layer.
+    pub fn upload(gpu: &Gpu, ck: &Checkpoint, config: &ModelConfig, shard: Option<&ShardSpec>) -> Result<GpuWeights> {
         let c = config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let cuda_err = |e: duo_model::ModelError| duo_cuda::CudaError::Input(e.to_string());
@@ -193,7 +193,7 @@ impl CudaBackend {
                 down: vec![m(names::DOWN, h, c.intermediate_size)?],
             })
         };
-        Ok(GpuWeights::load(gpu, GpuConfig::from_model(c), ck.f32(names::OUTPUT_NORM, &[h])?, matrix, layer)?)
+        Ok(GpuWeights::load_shard(gpu, GpuConfig::from_model(c), ck.f32(names::OUTPUT_NORM, &[h])?, matrix, layer, shard)?)
     }
 
     /// Seeded random bf16 weights of `config`'s shape, generated on the GPU.

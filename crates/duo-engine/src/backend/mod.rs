@@ -273,14 +273,14 @@ pub fn open_parallel(placement: &duo_core::placement::Placement) -> Result<Vec<s
 /// A checkpoint split over `gpus` by `placement` (tensor parallelism).
 pub fn load_parallel(gpus: Vec<std::sync::Arc<duo_cuda::Gpu>>, placement: duo_core::placement::Placement, checkpoint: &duo_model::Checkpoint, config: ModelConfig) -> Result<Box<dyn Backend>> {
     let c = config.clone();
-    Ok(Box::new(cuda::CudaBackend::parallel(gpus, config, placement, |gpu| cuda::CudaBackend::upload(gpu, checkpoint, &c))?))
+    Ok(Box::new(cuda::CudaBackend::parallel(gpus, config, placement, |gpu, shard| cuda::CudaBackend::upload(gpu, checkpoint, &c, Some(shard)))?))
 }
 
 /// [`random`] split over GPUs `0..placement.gpus()` by `placement` (tensor parallelism).
 pub fn random_parallel(placement: duo_core::placement::Placement, config: ModelConfig, seed: u64) -> Result<Box<dyn Backend>> {
     let gpus = open_parallel(&placement)?;
     let shape = duo_cuda::model::GpuConfig::from_model(&config);
-    Ok(Box::new(cuda::CudaBackend::parallel(gpus, config, placement, |gpu| Ok(duo_cuda::model::GpuWeights::random(gpu, shape.clone(), seed)?))?))
+    Ok(Box::new(cuda::CudaBackend::parallel(gpus, config, placement, |gpu, shard| Ok(duo_cuda::model::GpuWeights::random_shard(gpu, shape.clone(), seed, Some(shard))?))?))
 }
 
 #[cfg(test)]
