@@ -6,8 +6,9 @@
 #   a   carry .gpu/cuda (duo.xz from scripts/build-cuda.sh: the binary whose identification
 #       runs on the GPU through candle) and .gpu/ma (the model's first 44,000,000 bytes,
 #       `head -c 44000000`): unpacks the binary to /tmp/duo/duo-candle, leaves the part in /tmp
-#   c   carry .gpu/mb (the rest of the model, `tail -c +44000001`) and, to continue an
-#       earlier run, .gpu/id-resume/{head,layer}/state.json: joins the model; identification
+#   c   carry .gpu/mb (the rest of the model, `tail -c +44000001`) and, to continue a run
+#       other than the one kept in evaluation/SmolLM2-135M-Instruct-identification-study/,
+#       .gpu/id-resume/{head,layer}/state.json: joins the model; identification
 #       of both layouts side by side (env STEPS, default 500; SINK, RECENT: 64, 1024),
 #       checkpointed every 25 steps, for at most RUN_S seconds (default 500); repeat `c`
 #       (carrying nothing) to go on. On the two-GPU host DEV_LAYER=1 gives each layout a GPU
@@ -43,8 +44,12 @@ case $step in
       exit 0
     fi
     for layout in head layer; do
-      if [ -f .gpu/id-resume/$layout/state.json ] && [ ! -f /tmp/duo/id-$layout/state.json ]; then
-        mkdir -p /tmp/duo/id-$layout && cp .gpu/id-resume/$layout/state.json /tmp/duo/id-$layout/
+      # Resume from a carried state (.gpu/id-resume), else from the one kept in the repository.
+      kept=evaluation/SmolLM2-135M-Instruct-identification-study/$layout-state-step250.json
+      if [ ! -f /tmp/duo/id-$layout/state.json ]; then
+        mkdir -p /tmp/duo/id-$layout
+        if [ -f .gpu/id-resume/$layout/state.json ]; then cp .gpu/id-resume/$layout/state.json /tmp/duo/id-$layout/
+        elif [ -f $kept ] && [ "${SINK:-64}/${RECENT:-1024}/${STEPS:-500}" = 64/1024/500 ]; then cp $kept /tmp/duo/id-$layout/state.json; fi
       fi
       dev=cuda; [ $layout = head ] && dev=cuda:${DEV_HEAD:-0}; [ $layout = layer ] && dev=cuda:${DEV_LAYER:-0}
       setsid timeout ${RUN_S:-500} $D identify --device $dev --out /tmp/duo/id-$layout --layout $layout --steps ${STEPS:-500} \
