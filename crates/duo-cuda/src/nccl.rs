@@ -114,6 +114,45 @@ struct Comms {
     /// Held while an operation runs on every rank: two at once could order their
     /// collectives differently on different ranks and wait for each other forever.
     turn: Mutex<()>,
+    /// Where the ranks agree on an outcome ([`Link::agree`]).
+    vote: Vote,
+}
+
+/// A vote of `world` threads, one round at a time: each says yes or no and waits for the
+/// others; the result is whether all said yes. A round ends early, with no, when `stop` is
+/// set (a voter that failed first never arrives).
+pub struct Vote {
+    world: usize,
+    /// (arrived, ayes, round, the last round's result).
+    state: Mutex<(usize, usize, u64, bool)>,
+    done: std::sync::Condvar,
+}
+
+impl Vote {
+    /// A vote among `world` threads.
+    pub fn new(world: usize) -> Self {
+        Self { world, state: Mutex::new((0, 0, 0, false)), done: std::sync::Condvar::new() }
+    }
+
+    /// This thread's `yes`; waits for the round's other voters (or `stop`).
+    pub fn cast(&self, yes: bool, stop: &AtomicBool) -> bool {
+        let mut v = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let round = v.2;
+        v.0 += 1;
+        v.1 += usize::from(yes);
+        if v.0 == self.world {
+            *v = (0, 0, round + 1, v.1 == self.world);
+            self.done.notify_all();
+            return v.3;
+        }
+        while v.2 == round {
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            v = self.done.wait_timeout(v, std::time::Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        v.3
+    }
 }
 
 // SAFETY: a communicator may be used from any thread, one call at a time; each rank's is
@@ -160,7 +199,7 @@ impl Link {
         // SAFETY: `comms` has room for one communicator per device listed.
         nccl.check("initialising", unsafe { (nccl.init_all)(comms.as_mut_ptr(), devices.len() as c_int, devices.as_ptr()) })?;
         let world = devices.len();
-        let group = Arc::new(Comms { nccl, comms, aborted: AtomicBool::new(false), turn: Mutex::new(()) });
+        let group = Arc::new(Comms { nccl, comms, aborted: AtomicBool::new(false), turn: Mutex::new(()), vote: Vote::new(world) });
         Ok((0..world).map(|rank| Arc::new(Link { group: group.clone(), rank, world })).collect())
     }
 
@@ -191,6 +230,16 @@ impl Link {
         }
     }
 
+    /// Whether every rank says `yes` (each rank calls this once, at the same point of the
+    /// same step, from its own thread): for decisions that must be the same on all ranks,
+    /// such as whether a captured graph is used (NCCL requires that every rank captures the
+    /// same collectives, or none).
+    /// A rank that never votes (it failed first) does not leave the others waiting: the
+    /// failure aborts the group, and an aborted group's vote is no.
+    pub fn agree(&self, yes: bool) -> bool {
+        self.group.vote.cast(yes, &self.group.aborted)
+    }
+
     /// Whether the group was aborted.
     pub fn aborted(&self) -> bool {
         self.group.aborted.load(Ordering::SeqCst)
@@ -199,5 +248,43 @@ impl Link {
     /// Holds the group's turn: one operation on all ranks at a time.
     pub fn turn(&self) -> std::sync::MutexGuard<'_, ()> {
         self.group.turn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rounds(world: usize, votes: &[Vec<bool>], stop: &AtomicBool) -> Vec<Vec<bool>> {
+        let vote = Vote::new(world);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world).map(|r| {
+                let vote = &vote;
+                s.spawn(move || votes.iter().map(|round| vote.cast(round[r], stop)).collect::<Vec<bool>>())
+            }).collect();
+            handles.into_iter().map(|h| h.join().expect("voter")).collect()
+        })
+    }
+
+    #[test]
+    fn every_voter_learns_whether_all_said_yes_round_after_round() {
+        let stop = AtomicBool::new(false);
+        let votes = vec![vec![true, true, true], vec![true, false, true], vec![true, true, true], vec![false, false, false]];
+        for per_voter in rounds(3, &votes, &stop) {
+            assert_eq!(per_voter, vec![true, false, true, false]);
+        }
+    }
+
+    #[test]
+    fn a_voter_that_never_comes_does_not_hold_the_others_once_stopped() {
+        let vote = Vote::new(2);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| vote.cast(true, &stop));
+            std::thread::sleep(std::time::Duration::from_millis(120));
+            assert!(!waiting.is_finished(), "waits for the second voter");
+            stop.store(true, Ordering::SeqCst);
+            assert!(!waiting.join().expect("voter"), "a stopped vote is no");
+        });
     }
 }

@@ -768,8 +768,12 @@ impl KvPool {
                 let captured = self.forward(&st.b, rows, padded, &shapes, 0, logit_rows);
                 let ended = stream.end_capture(drv::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(driver);
                 st.pending = None;
+                // Under tensor parallelism every rank uses its graph or none does (a graph
+                // holds the rank's NCCL calls; NCCL needs the same ones captured everywhere).
+                let ok = matches!((&captured, &ended), (Ok(()), Ok(Some(_))));
+                let agreed = self.link.as_ref().is_none_or(|link| link.agree(ok));
                 match (captured, ended) {
-                    (Ok(()), Ok(Some(graph))) => {
+                    (Ok(()), Ok(Some(graph))) if agreed => {
                         let graph = StepGraph::new(graph);
                         graph.launch()?;
                         if st.graphs.len() >= MAX_GRAPHS {
