@@ -2,10 +2,11 @@
 # Tensor parallelism over the two-GPU H200 host (issue 17), in calls of the device tool with
 # kind nvidia-h200-x2, from the repository root there. NCCL_NVLS_ENABLE=0 is set here and by
 # duo itself before NCCL loads.
-#   a   carry .gpu/bin (duo.xz), .gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k: the
+#   a   carry .gpu/bin (duo.xz), .gpu/patterns (the official Llama-3-8B and Llama-2-7B ones): the
 #       tp parity group (both placements against the unsplit reference and one GPU's
 #       tokens) and the model group; then Llama-3-8B-shaped random weights, duo 0.5 with the
-#       official pattern: a decode step at 1M tokens on one GPU, on two with each placement;
+#       official pattern: a decode step at 1M tokens on one GPU, on two with each placement
+#       (and Llama-2-7B's at 0.75 and 512K);
 #       the longest contexts (env LONGEST_1, LONGEST_2: tokens of synthetic KV); prefill of
 #       PREFILL tokens (default 131072) on one GPU and on two
 #   b   carry .gpu/bin, .gpu/patterns/...: a random Llama-3-8B checkpoint on disk, then
@@ -29,6 +30,14 @@ case $step in
       name=${run%%:*}; flags=${run#*:}
       timeout 150 $D bench $common --methods full,duo --lengths 1048576 $flags --out "$OUT/step-$name" > "$OUT/step-$name.txt" 2>&1
       echo "== decode step, $name (exit $?)"; grep -E "tokens:|could not|does not fit|Error|error" "$OUT/step-$name.txt" | cut -c1-200
+    done
+    # Llama-2-7B (MHA, 32 KV heads) with its official pattern at 0.75: the step at 512K, both placements.
+    P2=.gpu/patterns/Llama-2-7B-32K-Instruct
+    for run in "one:" "aware:--tensor-parallel 2" "contiguous:--tensor-parallel 2 --placement contiguous"; do
+      name=${run%%:*}; flags=${run#*:}
+      timeout 120 $D bench --device cuda --random-weights llama-2-7b --pattern $P2 --sparsity 0.75 --sink 128 --recent 256 --max-prefill 0 --decode-tokens 10 \
+        --methods duo --lengths 524288 $flags --out "$OUT/l2-$name" > "$OUT/l2-$name.txt" 2>&1
+      echo "== Llama-2-7B decode step, $name (exit $?)"; grep -E "tokens:|does not fit|rror" "$OUT/l2-$name.txt" | cut -c1-200
     done
     timeout 120 $D bench $common --methods duo --lengths ${LONGEST_1:-1900000} --out "$OUT/longest-one" > "$OUT/longest-one.txt" 2>&1
     echo "== longest, one GPU (exit $?)"; grep -E "tokens:|does not fit|rror" "$OUT/longest-one.txt" | cut -c1-200
