@@ -15,6 +15,8 @@
 #   t   carry .gpu/mb (as c): where an identification step's time goes: 4 steps at 2K and
 #       at 8K for each query block of env BLOCKS (default "gpu 256"; gpu = the device's
 #       choice), one layout alone on the GPU, the seconds of each pass
+#   p   (after c or t, the model in place) Nsight Compute's per-kernel summary of one
+#       identification step at 2K tokens: which of candle's kernels the step's time is in
 #   d   carry .gpu/niah: the grids (passkey, needle; 1K-8K, 5 depths) with the new patterns
 #       and with the shipped ones at the same window, on the GPU backend
 set -uo pipefail
@@ -26,12 +28,18 @@ W="--sink ${SINK:-64} --recent ${RECENT:-1024}"
 export DUO_CACHE=/tmp/duo/cache
 case $step in
   a) xz -dc .gpu/cuda/duo.xz > $D && chmod +x $D && $D --version && cp .gpu/ma/part /tmp/duo/model.ma && ls -la /tmp/duo ;;
-  c|t)
+  c|t|p)
     if [ ! -f $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
       cat /tmp/duo/model.ma .gpu/mb/part > /tmp/duo/model.gguf
       echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
       mkdir -p $DUO_CACHE && cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
       sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
+    fi
+    if [ $step = p ]; then
+      timeout 400 ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+        $D identify --device cuda --out /tmp/duo/p --steps 1 --min-len 2048 --max-len 2048 $W > "$OUT/ncu-identify.txt" 2>&1
+      echo "ncu exit $?"; grep -E "^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/ncu-identify.txt" | paste - - | awk '{print $NF, $0}' | sort -rn | head -25 | cut -c1-200
+      exit 0
     fi
     if [ $step = t ]; then
       for block in ${BLOCKS:-gpu 256}; do
