@@ -203,9 +203,11 @@ impl Link {
         Ok((0..world).map(|rank| Arc::new(Link { group: group.clone(), rank, world })).collect())
     }
 
-    /// `buf[..n] = sum over ranks of buf[..n]` (`f32`, in place), queued on `stream` (a
-    /// `CUstream`): every rank must make the same call, in the same order.
-    pub fn all_reduce_sum_f32(&self, buf: u64, n: usize, stream: *mut c_void) -> Result<()> {
+    /// `buf[..n] = sum over ranks of buf[..n]` (`f32`, in place; `buf` a device address on
+    /// this rank's GPU), queued on `stream`: every rank must make the same call, in the same
+    /// order.
+    pub fn all_reduce_sum_f32(&self, buf: u64, n: usize, stream: &cudarc::driver::CudaStream) -> Result<()> {
+        let stream = stream.cu_stream() as *mut c_void;
         let g = &self.group;
         if g.aborted.load(Ordering::SeqCst) {
             return Err(CudaError::Driver("the GPUs' communicator was aborted after an error on one of them".into()));

@@ -1056,7 +1056,7 @@ impl KvPool {
     /// `x[..n] = sum over the ranks of x[..n]` (f32) under tensor parallelism, else nothing.
     fn sum_over_ranks(&self, x: u64, n: usize) -> Result<()> {
         match &self.link {
-            Some(link) => link.all_reduce_sum_f32(x, n, self.gpu.stream.cu_stream() as *mut std::ffi::c_void),
+            Some(link) => link.all_reduce_sum_f32(x, n, &self.gpu.stream),
             None => Ok(()),
         }
     }

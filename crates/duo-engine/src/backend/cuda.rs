@@ -153,7 +153,7 @@ impl CudaBackend {
         on_ranks(link.as_ref(), ranks.iter().collect(), |rank| {
             let buf = rank.gpu.zeros::<f32>(n)?;
             let link = rank.link.as_ref().expect("every rank of a parallel backend has a link");
-            link.all_reduce_sum_f32(rank.gpu.addr(&buf), n, rank.gpu.stream.cu_stream() as *mut std::ffi::c_void)?;
+            link.all_reduce_sum_f32(rank.gpu.addr(&buf), n, &rank.gpu.stream)?;
             rank.gpu.sync()
         })?;
         Ok(Self { ranks, placement: Some(placement), config, ordinal: 0 })
