@@ -561,7 +561,7 @@ impl super::KvPool for ServingPool {
         };
         // A step that cannot run on one rank must not start on the others (they would wait
         // for it at the first all-reduce): the blocks are checked on every rank first.
-        for ((pool, rows), chunk) in self.pools.iter().zip(&by).zip(&chunks) {
+        for ((pool, rows), chunk) in self.pools.iter().zip(&by).zip(&chunks).filter(|_| world > 1) {
             let mut needed: usize = rows.iter().map(|s| pool.blocks_needed(s, 1, Ring::Decode)).sum();
             if let Some((s, t)) = chunk {
                 needed += pool.blocks_needed(s, t.len(), Ring::Prefill);
