@@ -426,7 +426,7 @@ impl Backend for CudaBackend {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
         // Every rank's blocks first: a fill that fits on one GPU only would leave the ranks
         // holding different lengths.
-        for seq in &s.seqs {
+        for seq in s.seqs.iter().filter(|_| self.world() > 1) {
             let pool = seq.pool();
             let needed = pool.blocks_needed(seq, tokens, Ring::Prefill);
             if needed > pool.free_blocks() {
