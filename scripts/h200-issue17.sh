@@ -13,8 +13,9 @@
 #       greedy tokens of full, duo and layer on one GPU and on two (duo generate), compared
 #   c   carry .gpu/bin, .gpu/ma (the default model's first 44,000,000 bytes): leaves them in /tmp
 #   d   carry .gpu/mb (the rest), .gpu/niah, .gpu/wheels-httpx: SmolLM2 (3 KV heads: 2 + 1
-#       per layer over two GPUs) greedy text of full, duo and layer on one GPU and on two;
-#       serve-check against `duo serve --tensor-parallel 2` (and a tiny pool of it)
+#       per layer over two GPUs) greedy text of full, duo and layer on one GPU and on two,
+#       and of duo as two processes (--tp-rank, --tp-rendezvous); serve-check against
+#       `duo serve --tensor-parallel 2` (and a tiny pool of it)
 set -uo pipefail
 step=$1
 export NCCL_NVLS_ENABLE=0
@@ -76,6 +77,14 @@ case $step in
       done
       cmp -s "$OUT/smol-$method-1.txt" "$OUT/smol-$method-2.txt" && echo "$method: the same text on 1 and 2 GPUs" || { echo "$method: DIFFERENT"; tail -2 "$OUT/smol-$method-2.err"; }
     done
+    # The same split as two processes, one GPU each (how hosts beyond one are run): both
+    # ranks print the same text, which must be one GPU's.
+    for r in 0 1; do
+      timeout 120 $D generate --device cuda:$r --method duo --tensor-parallel 2 --tp-rank $r --tp-rendezvous 127.0.0.1:29511 \
+        --max-tokens 64 --chat "$prompt" > "$OUT/smol-duo-rank$r.txt" 2> "$OUT/smol-duo-rank$r.err" &
+    done
+    wait
+    for r in 0 1; do cmp -s "$OUT/smol-duo-1.txt" "$OUT/smol-duo-rank$r.txt" && echo "rank $r of two processes: one GPU's text" || { echo "rank $r: DIFFERENT"; tail -3 "$OUT/smol-duo-rank$r.err"; }; done
     python3 -m venv --system-site-packages /tmp/venv > /dev/null && /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels-httpx httpx==0.28.1 > /dev/null 2>&1
     $D serve --device cuda --tensor-parallel 2 --method duo --port 8123 --gpu-memory-utilization 0.15 > "$OUT/serve-8123.txt" 2>&1 &
     $D serve --device cuda --tensor-parallel 2 --method duo --port 8124 --gpu-memory-utilization 0.15 --num-gpu-blocks-override 150 --max-running 12 > "$OUT/serve-8124.txt" 2>&1 &

@@ -73,6 +73,26 @@ pub struct MethodArgs {
     /// (heads in index order, as other engines split them).
     #[arg(long, default_value = "retrieval-aware")]
     pub placement: String,
+    /// This process's rank of a tensor-parallel group spanning processes or hosts (one GPU
+    /// each, --device cuda:N being this process's; every rank runs the same command);
+    /// needs --tp-rendezvous.
+    #[arg(long, requires = "tp_rendezvous")]
+    pub tp_rank: Option<usize>,
+    /// HOST:PORT where rank 0 of a multi-process group listens for the others (rank 0
+    /// binds it; the others connect to it).
+    #[arg(long, requires = "tp_rank")]
+    pub tp_rendezvous: Option<String>,
+}
+
+/// How `--tensor-parallel` runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parallel {
+    /// One GPU.
+    One,
+    /// GPUs 0..N-1, all driven by this process.
+    InProcess(usize),
+    /// This process's rank of a group spanning processes.
+    Process(duo_engine::backend::ProcessRank),
 }
 
 impl MethodArgs {
@@ -141,27 +161,37 @@ impl MethodArgs {
     pub fn load(&self) -> Result<(Engine, ResolvedMethod)> {
         let spec = self.spec()?;
         let source = self.model_source()?;
-        let engine = match self.tensor_parallel()? {
-            None => Engine::load(&source, self.device).with_context(|| format!("loading the model onto {}", self.device))?,
-            Some(gpus) => Engine::load_parallel(&source, gpus, |config| {
-                self.placement(config).map_err(|e| duo_engine::EngineError::InvalidParameter { name: "placement", reason: format!("{e:#}") })
-            })
-            .with_context(|| format!("loading the model onto GPUs 0..{}", gpus - 1))?,
+        let place = |config: &duo_core::config::ModelConfig| self.placement(config).map_err(|e| duo_engine::EngineError::InvalidParameter { name: "placement", reason: format!("{e:#}") });
+        let engine = match self.parallel()? {
+            Parallel::One => Engine::load(&source, self.device).with_context(|| format!("loading the model onto {}", self.device))?,
+            Parallel::InProcess(gpus) => Engine::load_parallel(&source, gpus, place).with_context(|| format!("loading the model onto GPUs 0..{}", gpus - 1))?,
+            Parallel::Process(at) => Engine::load_rank(&source, &at, place).with_context(|| format!("loading rank {} of {} onto {}", at.rank, at.world, self.device))?,
         };
         let resolved = spec.resolve(engine.config())?;
         Ok((engine, resolved))
     }
 
-    /// The GPUs of `--tensor-parallel` when it asks for more than one (checked against the
-    /// device: GPUs 0..N-1 on the CUDA backend).
-    pub fn tensor_parallel(&self) -> Result<Option<usize>> {
+    /// How `--tensor-parallel`, `--tp-rank` and `--tp-rendezvous` ask the model to run
+    /// (checked against the device: GPUs 0..N-1 of this process, or one GPU per process).
+    pub fn parallel(&self) -> Result<Parallel> {
         if !["retrieval-aware", "aware", "contiguous"].contains(&self.placement.as_str()) {
             anyhow::bail!("--placement {}: retrieval-aware or contiguous", self.placement);
         }
-        match (self.tensor_parallel, self.device) {
+        let n = self.tensor_parallel;
+        if let (Some(rank), Some(rendezvous)) = (self.tp_rank, &self.tp_rendezvous) {
+            let Device::Cuda(ordinal) = self.device else { anyhow::bail!("--tp-rank runs one rank on a GPU: use it with --device cuda[:N]") };
+            if n < 2 || rank >= n {
+                anyhow::bail!("--tp-rank {rank} must be below --tensor-parallel {n} (2 or more ranks)");
+            }
+            if !rendezvous.contains(':') {
+                anyhow::bail!("--tp-rendezvous {rendezvous}: HOST:PORT");
+            }
+            return Ok(Parallel::Process(duo_engine::backend::ProcessRank { ordinal, rank, world: n, rendezvous: rendezvous.clone() }));
+        }
+        match (n, self.device) {
             (0, _) => anyhow::bail!("--tensor-parallel takes 1 GPU or more"),
-            (1, _) => Ok(None),
-            (n, Device::Cuda(0)) => Ok(Some(n)),
+            (1, _) => Ok(Parallel::One),
+            (n, Device::Cuda(0)) => Ok(Parallel::InProcess(n)),
             (n, Device::Cuda(d)) => anyhow::bail!("--tensor-parallel {n} runs on GPUs 0..{}; use --device cuda, not cuda:{d}", n - 1),
             (n, Device::Cpu) => anyhow::bail!("--tensor-parallel {n} splits the model over GPUs: use it with --device cuda"),
         }

@@ -125,15 +125,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (backend, label, token_limit): (Box<dyn Backend>, String, usize) = match (&a.method.random_weights, random_config) {
         (Some(shape), Some(config)) => {
             let vocab = config.vocab_size;
-            let built = match a.method.tensor_parallel()? {
-                None => {
+            let built = match a.method.parallel()? {
+                crate::args::Parallel::One => {
                     eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed());
                     backend::random(device, config, a.method.seed())?
                 }
-                Some(gpus) => {
+                crate::args::Parallel::InProcess(gpus) => {
                     let placement = a.method.placement(&config)?;
                     eprintln!("duo bench: building {shape} with seeded random weights (seed {}) over GPUs 0..{} ({:?} placement) ...", a.method.seed(), gpus - 1, placement.strategy());
                     backend::random_parallel(placement, config, a.method.seed())?
+                }
+                crate::args::Parallel::Process(at) => {
+                    let placement = a.method.placement(&config)?;
+                    eprintln!("duo bench: building {shape} with seeded random weights (seed {}), rank {} of {} on {device} ({:?} placement) ...", a.method.seed(), at.rank, at.world, placement.strategy());
+                    backend::random_rank(&at, placement, config, a.method.seed())?
                 }
             };
             (built, format!("{shape} (random weights)"), vocab)

@@ -118,6 +118,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.prefill_chunk == 0 {
         bail!("--prefill-chunk must be at least 1");
     }
+    if let crate::args::Parallel::Process(_) = a.method.parallel()? {
+        bail!("duo serve drives all of its GPUs from one process (--tensor-parallel N); --tp-rank (one rank per process, for hosts beyond one) is for bench, generate, score and eval, whose ranks all run the same command");
+    }
     let spec = duo_engine::MethodSpec { chunk: a.prefill_chunk, ..a.method.spec()? };
     let model_id = a.served_model_name.clone().unwrap_or_else(|| match &a.method.model {
         None => "SmolLM2-135M-Instruct".to_string(),

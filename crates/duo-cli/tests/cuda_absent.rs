@@ -72,6 +72,10 @@ fn tensor_parallel_flags_and_the_gpu_count_are_checked_before_any_model_is_read(
         (&["--device", "cuda:1", "--tensor-parallel", "2"][..], "runs on GPUs 0..1"),
         (&["--device", "cuda", "--tensor-parallel", "0"][..], "1 GPU or more"),
         (&["--device", "cuda", "--tensor-parallel", "2", "--placement", "diagonal"][..], "retrieval-aware or contiguous"),
+        (&["--device", "cuda", "--tensor-parallel", "2", "--tp-rank", "2", "--tp-rendezvous", "h:1"][..], "must be below --tensor-parallel 2"),
+        (&["--device", "cuda", "--tensor-parallel", "2", "--tp-rank", "1", "--tp-rendezvous", "nowhere"][..], "HOST:PORT"),
+        (&["--tensor-parallel", "2", "--tp-rank", "1", "--tp-rendezvous", "h:1"][..], "--device cuda"),
+        (&["--device", "cuda", "--tensor-parallel", "2", "--tp-rank", "1"][..], "--tp-rendezvous"),
     ] {
         let args: Vec<&str> = ["generate"].iter().chain(flags).chain(&model).copied().collect();
         let o = duo(&args);
@@ -79,6 +83,10 @@ fn tensor_parallel_flags_and_the_gpu_count_are_checked_before_any_model_is_read(
         assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("/nonexistent") && !err.contains("panicked"), "{args:?}: {err}");
     }
+    // A multi-process rank does not serve.
+    let o = duo(&["serve", "--device", "cuda", "--tensor-parallel", "2", "--tp-rank", "0", "--tp-rendezvous", "127.0.0.1:1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("drives all of its GPUs from one process"), "{err}");
     // More GPUs than the machine has: counted before the model is read.
     let visible = duo_cuda::runtime::device_count();
     let asked = (visible + 1).max(2).to_string();

@@ -21,7 +21,8 @@
 //! * [`model`]: the weights on the GPU and the whole-model CPU reference (also split over
 //!   ranks as tensor parallelism splits it).
 //! * [`shard`]: tensor parallelism's rows and columns of each weight per GPU; [`nccl`]: the
-//!   all-reduce between them (NCCL loaded at run time).
+//!   all-reduce between them (NCCL loaded at run time); [`rendezvous`]: how the processes of
+//!   a group spanning hosts exchange NCCL's id.
 //! * [`pool`]: a pool of KV blocks and the batched step over many sequences (decode rows and
 //!   a prefill chunk in one forward pass; decode-only steps replayed as CUDA graphs).
 
@@ -42,6 +43,7 @@ pub mod pool;
 pub mod prefill_attention;
 #[cfg(feature = "cuda")]
 pub mod runtime;
+pub mod rendezvous;
 pub mod shard;
 #[cfg(feature = "cuda")]
 pub use checks::{check, check_group, time_linear, time_prefill_attention, CHECK_GROUPS};

@@ -10,6 +10,7 @@
 
 #![allow(unsafe_code)] // a C library loaded at run time: each call's contract is stated where it is made
 
+use crate::rendezvous::ID_BYTES;
 use crate::{CudaError, Result};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 type Comm = *mut c_void;
 type InitAll = unsafe extern "C" fn(*mut Comm, c_int, *const c_int) -> c_int;
+type UniqueId = unsafe extern "C" fn(*mut [u8; ID_BYTES]) -> c_int;
+type InitRank = unsafe extern "C" fn(*mut Comm, c_int, [u8; ID_BYTES], c_int) -> c_int;
 type AllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> c_int;
 type OneComm = unsafe extern "C" fn(Comm) -> c_int;
 type NoArgs = unsafe extern "C" fn() -> c_int;
@@ -33,6 +36,8 @@ const MIN_VERSION: i32 = 21_400;
 pub struct Nccl {
     _lib: libloading::Library,
     init_all: InitAll,
+    unique_id: UniqueId,
+    init_rank: InitRank,
     all_reduce: AllReduce,
     finalize: OneComm,
     destroy: OneComm,
@@ -78,6 +83,8 @@ impl Nccl {
                 lib.get::<*const c_void>(name).map(|s| *s).map_err(|e| format!("NCCL lacks {}: {e}", String::from_utf8_lossy(name)))
             };
             let init_all: InitAll = std::mem::transmute(sym(b"ncclCommInitAll\0")?);
+            let unique_id: UniqueId = std::mem::transmute(sym(b"ncclGetUniqueId\0")?);
+            let init_rank: InitRank = std::mem::transmute(sym(b"ncclCommInitRank\0")?);
             let all_reduce: AllReduce = std::mem::transmute(sym(b"ncclAllReduce\0")?);
             let finalize: OneComm = std::mem::transmute(sym(b"ncclCommFinalize\0")?);
             let destroy: OneComm = std::mem::transmute(sym(b"ncclCommDestroy\0")?);
@@ -91,8 +98,16 @@ impl Nccl {
             if version < MIN_VERSION {
                 return Err(format!("NCCL {version} is too old: duo needs 2.14 ({MIN_VERSION}) or later (NCCL calls captured in CUDA graphs, communicators finalised together)"));
             }
-            Ok(Nccl { _lib: lib, init_all, all_reduce, finalize, destroy, abort, group_start, group_end, error_string, version })
+            Ok(Nccl { _lib: lib, init_all, unique_id, init_rank, all_reduce, finalize, destroy, abort, group_start, group_end, error_string, version })
         }
+    }
+
+    /// A new group's id (rank 0 makes it and hands it to the others, [`crate::rendezvous`]).
+    pub fn unique_id(&self) -> Result<[u8; ID_BYTES]> {
+        let mut id = [0u8; ID_BYTES];
+        // SAFETY: ncclGetUniqueId writes the 128 bytes of an ncclUniqueId.
+        self.check("making an id", unsafe { (self.unique_id)(&mut id) })?;
+        Ok(id)
     }
 
     fn check(&self, what: &str, code: c_int) -> Result<()> {
@@ -114,45 +129,6 @@ struct Comms {
     /// Held while an operation runs on every rank: two at once could order their
     /// collectives differently on different ranks and wait for each other forever.
     turn: Mutex<()>,
-    /// Where the ranks agree on an outcome ([`Link::agree`]).
-    vote: Vote,
-}
-
-/// A vote of `world` threads, one round at a time: each says yes or no and waits for the
-/// others; the result is whether all said yes. A round ends early, with no, when `stop` is
-/// set (a voter that failed first never arrives).
-pub struct Vote {
-    world: usize,
-    /// (arrived, ayes, round, the last round's result).
-    state: Mutex<(usize, usize, u64, bool)>,
-    done: std::sync::Condvar,
-}
-
-impl Vote {
-    /// A vote among `world` threads.
-    pub fn new(world: usize) -> Self {
-        Self { world, state: Mutex::new((0, 0, 0, false)), done: std::sync::Condvar::new() }
-    }
-
-    /// This thread's `yes`; waits for the round's other voters (or `stop`).
-    pub fn cast(&self, yes: bool, stop: &AtomicBool) -> bool {
-        let mut v = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let round = v.2;
-        v.0 += 1;
-        v.1 += usize::from(yes);
-        if v.0 == self.world {
-            *v = (0, 0, round + 1, v.1 == self.world);
-            self.done.notify_all();
-            return v.3;
-        }
-        while v.2 == round {
-            if stop.load(Ordering::SeqCst) {
-                return false;
-            }
-            v = self.done.wait_timeout(v, std::time::Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
-        }
-        v.3
-    }
 }
 
 // SAFETY: a communicator may be used from any thread, one call at a time; each rank's is
@@ -184,6 +160,8 @@ impl Drop for Comms {
 /// One GPU's end of a group's communicator.
 pub struct Link {
     group: Arc<Comms>,
+    /// This GPU's communicator among the group's (those of this process).
+    local: usize,
     /// This GPU's rank.
     pub rank: usize,
     /// GPUs in the communicator.
@@ -199,8 +177,19 @@ impl Link {
         // SAFETY: `comms` has room for one communicator per device listed.
         nccl.check("initialising", unsafe { (nccl.init_all)(comms.as_mut_ptr(), devices.len() as c_int, devices.as_ptr()) })?;
         let world = devices.len();
-        let group = Arc::new(Comms { nccl, comms, aborted: AtomicBool::new(false), turn: Mutex::new(()), vote: Vote::new(world) });
-        Ok((0..world).map(|rank| Arc::new(Link { group: group.clone(), rank, world })).collect())
+        let group = Arc::new(Comms { nccl, comms, aborted: AtomicBool::new(false), turn: Mutex::new(()) });
+        Ok((0..world).map(|rank| Arc::new(Link { group: group.clone(), local: rank, rank, world })).collect())
+    }
+
+    /// This process's one rank of a group spanning processes (hosts): `id` from rank 0
+    /// ([`crate::rendezvous`]); the current device must be the rank's GPU.
+    pub fn one(id: [u8; ID_BYTES], rank: usize, world: usize) -> Result<Arc<Link>> {
+        let nccl = Nccl::load()?;
+        let mut comm: Comm = std::ptr::null_mut();
+        // SAFETY: `comm` receives one communicator; the id is one rank 0 made.
+        nccl.check("joining the group", unsafe { (nccl.init_rank)(&mut comm, world as c_int, id, rank as c_int) })?;
+        let group = Arc::new(Comms { nccl, comms: vec![comm], aborted: AtomicBool::new(false), turn: Mutex::new(()) });
+        Ok(Arc::new(Link { group, local: 0, rank, world }))
     }
 
     /// `buf[..n] = sum over ranks of buf[..n]` (`f32`, in place; `buf` a device address on
@@ -215,7 +204,7 @@ impl Link {
         let p = buf as *mut c_void;
         // SAFETY: `buf` holds `n` f32 on this rank's device; NCCL reads and writes it in
         // stream order.
-        g.nccl.check("all-reduce", unsafe { (g.nccl.all_reduce)(p, p, n, NCCL_FLOAT32, NCCL_SUM, g.comms[self.rank], stream) })
+        g.nccl.check("all-reduce", unsafe { (g.nccl.all_reduce)(p, p, n, NCCL_FLOAT32, NCCL_SUM, g.comms[self.local], stream) })
     }
 
     /// Aborts every communicator of the group: after an error on one rank the others may be
@@ -232,16 +221,6 @@ impl Link {
         }
     }
 
-    /// Whether every rank says `yes` (each rank calls this once, at the same point of the
-    /// same step, from its own thread): for decisions that must be the same on all ranks,
-    /// such as whether a captured graph is used (NCCL requires that every rank captures the
-    /// same collectives, or none).
-    /// A rank that never votes (it failed first) does not leave the others waiting: the
-    /// failure aborts the group, and an aborted group's vote is no.
-    pub fn agree(&self, yes: bool) -> bool {
-        self.group.vote.cast(yes, &self.group.aborted)
-    }
-
     /// Whether the group was aborted.
     pub fn aborted(&self) -> bool {
         self.group.aborted.load(Ordering::SeqCst)
@@ -250,43 +229,5 @@ impl Link {
     /// Holds the group's turn: one operation on all ranks at a time.
     pub fn turn(&self) -> std::sync::MutexGuard<'_, ()> {
         self.group.turn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rounds(world: usize, votes: &[Vec<bool>], stop: &AtomicBool) -> Vec<Vec<bool>> {
-        let vote = Vote::new(world);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..world).map(|r| {
-                let vote = &vote;
-                s.spawn(move || votes.iter().map(|round| vote.cast(round[r], stop)).collect::<Vec<bool>>())
-            }).collect();
-            handles.into_iter().map(|h| h.join().expect("voter")).collect()
-        })
-    }
-
-    #[test]
-    fn every_voter_learns_whether_all_said_yes_round_after_round() {
-        let stop = AtomicBool::new(false);
-        let votes = vec![vec![true, true, true], vec![true, false, true], vec![true, true, true], vec![false, false, false]];
-        for per_voter in rounds(3, &votes, &stop) {
-            assert_eq!(per_voter, vec![true, false, true, false]);
-        }
-    }
-
-    #[test]
-    fn a_voter_that_never_comes_does_not_hold_the_others_once_stopped() {
-        let vote = Vote::new(2);
-        let stop = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let waiting = s.spawn(|| vote.cast(true, &stop));
-            std::thread::sleep(std::time::Duration::from_millis(120));
-            assert!(!waiting.is_finished(), "waits for the second voter");
-            stop.store(true, Ordering::SeqCst);
-            assert!(!waiting.join().expect("voter"), "a stopped vote is no");
-        });
     }
 }

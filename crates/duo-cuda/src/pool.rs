@@ -771,7 +771,10 @@ impl KvPool {
                 // Under tensor parallelism every rank uses its graph or none does (a graph
                 // holds the rank's NCCL calls; NCCL needs the same ones captured everywhere).
                 let ok = matches!((&captured, &ended), (Ok(()), Ok(Some(_))));
-                let agreed = self.link.as_ref().is_none_or(|link| link.agree(ok));
+                let agreed = match &self.link {
+                    None => true,
+                    Some(link) => self.all_ranks_say(link, ok)?,
+                };
                 match (captured, ended) {
                     (Ok(()), Ok(Some(graph))) if agreed => {
                         let graph = StepGraph::new(graph);
@@ -1051,6 +1054,17 @@ impl KvPool {
             )?;
         }
         Ok(())
+    }
+
+    /// Whether every rank of `link`'s group says `yes`: a one-value all-reduce (in the same
+    /// place of the same step on every rank, outside any capture), so it holds across
+    /// processes as within one.
+    fn all_ranks_say(&self, link: &crate::nccl::Link, yes: bool) -> Result<bool> {
+        let g = &*self.gpu;
+        let flag = g.upload(&[if yes { 1.0f32 } else { 0.0 }])?;
+        link.all_reduce_sum_f32(g.addr(&flag), 1, &g.stream)?;
+        let sum = g.stream.clone_dtoh(&flag).map_err(driver)?;
+        Ok(sum[0] as usize == link.world)
     }
 
     /// `x[..n] = sum over the ranks of x[..n]` (f32) under tensor parallelism, else nothing.

@@ -300,6 +300,12 @@ impl Gpu {
         self.ctx.name().unwrap_or_else(|_| "CUDA GPU".into())
     }
 
+    /// Makes this GPU's context the calling thread's current one (for libraries that use
+    /// the current device, such as NCCL's communicator set-up).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(driver)
+    }
+
     /// Bytes in use on the device (all processes) and the card's total.
     pub fn memory_used(&self) -> Result<(usize, usize)> {
         let (free, total) = self.ctx.mem_get_info().map_err(driver)?;

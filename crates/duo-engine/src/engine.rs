@@ -42,6 +42,17 @@ impl Engine {
         Ok(Self { tokenizer: f.tokenizer, template: f.template, path: f.path, backend, constraints: Default::default() })
     }
 
+    /// [`Engine::load_parallel`] for this process's rank of a group spanning processes
+    /// (hosts): its GPU opened first, then the files; the group's communicator made through
+    /// rank 0's rendezvous.
+    pub fn load_rank(source: &ModelSource, at: &backend::ProcessRank, place: impl FnOnce(&ModelConfig) -> Result<duo_core::placement::Placement>) -> Result<Self> {
+        let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(at.ordinal)?);
+        let f = ModelFiles::open(source)?;
+        let placement = place(&f.config)?;
+        let backend = backend::load_rank(gpu, at, placement, &f.checkpoint, f.config)?;
+        Ok(Self { tokenizer: f.tokenizer, template: f.template, path: f.path, backend, constraints: Default::default() })
+    }
+
     /// A fresh grammar constraint for structured output (the token trie is built on first use).
     pub fn constraint(&self, what: &crate::constraint::Structured) -> Result<crate::constraint::Constraint> {
         let factory = self.constraints.get_or_init(|| {

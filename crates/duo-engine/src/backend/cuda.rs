@@ -45,9 +45,13 @@ struct Rank {
     used_before: usize,
 }
 
-/// A model on one GPU, or split over several (tensor parallelism).
+/// A model on one GPU, or split over several (tensor parallelism): all of them driven by
+/// this process, or this process's one rank of a group spanning processes.
 pub struct CudaBackend {
+    /// The ranks this process drives.
     ranks: Vec<Rank>,
+    /// Ranks in the whole group (this process's and other processes').
+    world: usize,
     /// How the KV heads were placed (tensor parallelism only).
     placement: Option<Placement>,
     config: ModelConfig,
@@ -126,21 +130,44 @@ impl CudaBackend {
 
     fn one(gpu: Arc<Gpu>, weights: GpuWeights, config: ModelConfig, ordinal: usize, used_before: usize) -> Self {
         let heads = vec![(0..config.n_kv_heads).collect(); config.n_layers];
-        Self { ranks: vec![Rank { gpu, weights: Arc::new(weights), link: None, heads, used_before }], placement: None, config, ordinal }
+        Self { ranks: vec![Rank { gpu, weights: Arc::new(weights), link: None, heads, used_before }], world: 1, placement: None, config, ordinal }
     }
 
-    /// The model split over `gpus` (devices 0..n) by `placement`: each GPU uploads its
-    /// shard (`upload`, layer by layer, each layer cut as it arrives), one after the other.
+    /// The model split over `gpus` (devices 0..n of this process) by `placement`: each GPU
+    /// uploads its shard (`upload`, layer by layer, each layer cut as it arrives), one after
+    /// the other.
     pub fn parallel(gpus: Vec<Arc<Gpu>>, config: ModelConfig, placement: Placement, upload: impl Fn(&Gpu, &ShardSpec) -> Result<GpuWeights>) -> Result<Self> {
+        let ordinals: Vec<usize> = (0..gpus.len()).collect();
+        let links = Link::all(&ordinals)?;
+        Self::ranks(gpus.into_iter().zip(links).collect(), config, placement, upload)
+    }
+
+    /// This process's rank `rank` of a group of `world` processes (hosts), on `gpu`: the id
+    /// of the group's communicator comes from rank 0 at `rendezvous` (rank 0 makes it and
+    /// hands it out), then the rank uploads its shard as [`CudaBackend::parallel`] does.
+    pub fn one_rank(gpu: Arc<Gpu>, rank: usize, world: usize, rendezvous: &str, config: ModelConfig, placement: Placement, upload: impl Fn(&Gpu, &ShardSpec) -> Result<GpuWeights>) -> Result<Self> {
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+        let id = if rank == 0 {
+            let id = duo_cuda::nccl::Nccl::load()?.unique_id()?;
+            duo_cuda::rendezvous::serve(rendezvous, world, &id, WAIT)?;
+            id
+        } else {
+            duo_cuda::rendezvous::fetch(rendezvous, rank, world, WAIT)?
+        };
+        gpu.bind()?;
+        let link = Link::one(id, rank, world)?;
+        Self::ranks(vec![(gpu, link)], config, placement, upload)
+    }
+
+    fn ranks(gpus: Vec<(Arc<Gpu>, Arc<Link>)>, config: ModelConfig, placement: Placement, upload: impl Fn(&Gpu, &ShardSpec) -> Result<GpuWeights>) -> Result<Self> {
         supported(&config)?;
-        let world = gpus.len();
+        let world = gpus.first().map_or(0, |(_, l)| l.world);
         if placement.gpus() != world {
             return Err(EngineError::Backend(format!("a placement over {} GPUs for {world} GPUs", placement.gpus())));
         }
-        let ordinals: Vec<usize> = (0..world).collect();
-        let links = Link::all(&ordinals)?;
-        let mut ranks = Vec::with_capacity(world);
-        for ((r, gpu), link) in gpus.into_iter().enumerate().zip(links) {
+        let mut ranks = Vec::with_capacity(gpus.len());
+        for (gpu, link) in gpus {
+            let r = link.rank;
             let used_before = gpu.memory_used()?.0;
             let heads: Vec<Vec<usize>> = (0..config.n_layers).map(|l| placement.heads_on(l, r)).collect();
             let weights = upload(&gpu, &ShardSpec { rank: r, world, kv_heads: heads.clone() })?;
@@ -156,7 +183,8 @@ impl CudaBackend {
             link.all_reduce_sum_f32(rank.gpu.addr(&buf), n, &rank.gpu.stream)?;
             rank.gpu.sync()
         })?;
-        Ok(Self { ranks, placement: Some(placement), config, ordinal: 0 })
+        let ordinal = ranks[0].gpu.ctx.ordinal();
+        Ok(Self { ranks, world, placement: Some(placement), config, ordinal })
     }
 
     /// A checkpoint's weights on `gpu`: whole, or cut to `shard` layer by layer.
@@ -204,8 +232,13 @@ impl CudaBackend {
         Ok(Self::one(gpu, weights, config, ordinal, used_before))
     }
 
-    /// GPUs the model runs on.
+    /// GPUs the model runs on (in every process of its group).
     pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// GPUs this process drives.
+    fn local(&self) -> usize {
         self.ranks.len()
     }
 
@@ -222,7 +255,7 @@ impl CudaBackend {
 
     /// A one-sequence pool per rank for `layout`.
     fn single_pools(&self, layout: &PagedLayout) -> Result<Vec<Arc<KvPool>>> {
-        let mut pools = Vec::with_capacity(self.world());
+        let mut pools = Vec::with_capacity(self.local());
         for (r, rank) in self.ranks.iter().enumerate() {
             pools.push(KvPool::single_linked(rank.gpu.clone(), rank.weights.clone(), self.rank_layout(r, layout), rank.link.clone())?);
         }
@@ -332,7 +365,8 @@ impl Backend for CudaBackend {
         let gpu = self.ranks[0].gpu.name();
         match &self.placement {
             None => format!("{gpu} (cuda:{})", self.ordinal),
-            Some(p) => format!("{} x {gpu} (cuda:0-{}, tensor parallel, {:?} head placement)", self.world(), self.world() - 1, p.strategy()),
+            Some(p) if self.local() == self.world() => format!("{} x {gpu} (cuda:0-{}, tensor parallel, {:?} head placement)", self.world(), self.world() - 1, p.strategy()),
+            Some(p) => format!("{gpu} (cuda:{}, rank {} of {} processes, tensor parallel, {:?} head placement)", self.ordinal, self.ranks[0].link.as_ref().map_or(0, |l| l.rank), self.world(), p.strategy()),
         }
     }
 
@@ -379,12 +413,12 @@ impl Backend for CudaBackend {
         for s in seqs.iter_mut() {
             cuda.push(downcast::<CudaSequence>(&mut **s, "CUDA")?);
         }
-        let ranks = by_rank(cuda, self.world());
+        let ranks = by_rank(cuda, self.local());
         let shared = ranks.iter().all(|rows| {
             let first = rows[0].pool();
             rows.iter().all(|s| Arc::ptr_eq(s.pool(), first)) && bucket(rows.len()) <= first.config().max_rows && rows.len() <= first.config().max_seqs
         });
-        if shared && self.world() > 1 {
+        if shared && self.local() > 1 {
             // A step that cannot run on one rank must not start on the others.
             for rows in &ranks {
                 let pool = rows[0].pool();
@@ -426,7 +460,7 @@ impl Backend for CudaBackend {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
         // Every rank's blocks first: a fill that fits on one GPU only would leave the ranks
         // holding different lengths.
-        for seq in s.seqs.iter().filter(|_| self.world() > 1) {
+        for seq in s.seqs.iter().filter(|_| self.local() > 1) {
             let pool = seq.pool();
             let needed = pool.blocks_needed(seq, tokens, Ring::Prefill);
             if needed > pool.free_blocks() {
@@ -483,7 +517,7 @@ impl Backend for CudaBackend {
             }
         }
         config.blocks = o.blocks_override.unwrap_or(blocks);
-        let first_chunk = (0..self.world()).map(|r| self.rank_layout(r, &layout).blocks_for(layout.max_chunk + 1, Ring::Prefill)).max().unwrap_or(0);
+        let first_chunk = (0..self.local()).map(|r| self.rank_layout(r, &layout).blocks_for(layout.max_chunk + 1, Ring::Prefill)).max().unwrap_or(0);
         if config.blocks < first_chunk {
             let (budget, total, used) = tightest;
             return Err(EngineError::Backend(format!(
@@ -494,7 +528,7 @@ impl Backend for CudaBackend {
                 used as f64 / (1u64 << 30) as f64
             )));
         }
-        let mut pools = Vec::with_capacity(self.world());
+        let mut pools = Vec::with_capacity(self.local());
         for (r, rank) in self.ranks.iter().enumerate() {
             pools.push(KvPool::linked(rank.gpu.clone(), rank.weights.clone(), self.rank_layout(r, &layout), config, rank.link.clone())?);
         }

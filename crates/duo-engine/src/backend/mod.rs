@@ -283,6 +283,33 @@ pub fn random_parallel(placement: duo_core::placement::Placement, config: ModelC
     Ok(Box::new(cuda::CudaBackend::parallel(gpus, config, placement, |gpu, shard| Ok(duo_cuda::model::GpuWeights::random_shard(gpu, shape.clone(), seed, Some(shard))?))?))
 }
 
+/// This process's rank of a tensor-parallel group spanning processes (hosts): where it is,
+/// and where rank 0 hands out the group's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessRank {
+    /// The GPU of this process it runs on.
+    pub ordinal: usize,
+    /// Its rank.
+    pub rank: usize,
+    /// Ranks in the group.
+    pub world: usize,
+    /// `HOST:PORT` where rank 0 listens.
+    pub rendezvous: String,
+}
+
+/// A checkpoint's shard for this process's rank of a group spanning processes.
+pub fn load_rank(gpu: std::sync::Arc<duo_cuda::Gpu>, at: &ProcessRank, placement: duo_core::placement::Placement, checkpoint: &duo_model::Checkpoint, config: ModelConfig) -> Result<Box<dyn Backend>> {
+    let c = config.clone();
+    Ok(Box::new(cuda::CudaBackend::one_rank(gpu, at.rank, at.world, &at.rendezvous, config, placement, |gpu, shard| cuda::CudaBackend::upload(gpu, checkpoint, &c, Some(shard)))?))
+}
+
+/// [`random`]'s shard for this process's rank of a group spanning processes.
+pub fn random_rank(at: &ProcessRank, placement: duo_core::placement::Placement, config: ModelConfig, seed: u64) -> Result<Box<dyn Backend>> {
+    let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(at.ordinal)?);
+    let shape = duo_cuda::model::GpuConfig::from_model(&config);
+    Ok(Box::new(cuda::CudaBackend::one_rank(gpu, at.rank, at.world, &at.rendezvous, config, placement, |gpu, shard| Ok(duo_cuda::model::GpuWeights::random_shard(gpu, shape.clone(), seed, Some(shard))?))?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
