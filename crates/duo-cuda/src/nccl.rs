@@ -18,17 +18,24 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 type Comm = *mut c_void;
 type InitAll = unsafe extern "C" fn(*mut Comm, c_int, *const c_int) -> c_int;
-type UniqueId = unsafe extern "C" fn(*mut [u8; ID_BYTES]) -> c_int;
-type InitRank = unsafe extern "C" fn(*mut Comm, c_int, [u8; ID_BYTES], c_int) -> c_int;
+/// `ncclUniqueId` as C declares it (a struct of 128 chars, passed by value).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawId {
+    internal: [c_char; ID_BYTES],
+}
+type UniqueId = unsafe extern "C" fn(*mut RawId) -> c_int;
+type InitRank = unsafe extern "C" fn(*mut Comm, c_int, RawId, c_int) -> c_int;
 type AllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> c_int;
 type OneComm = unsafe extern "C" fn(Comm) -> c_int;
 type NoArgs = unsafe extern "C" fn() -> c_int;
 type ErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 type Version = unsafe extern "C" fn(*mut c_int) -> c_int;
 
-/// `ncclFloat32` and `ncclSum` in NCCL's headers (stable since NCCL 2.0).
+/// `ncclFloat32`, `ncclSum` and `ncclMin` in NCCL's headers (stable since NCCL 2.0).
 const NCCL_FLOAT32: c_int = 7;
 const NCCL_SUM: c_int = 0;
+const NCCL_MIN: c_int = 3;
 /// Capturing NCCL calls in CUDA graphs needs NCCL 2.9, `ncclCommFinalize` 2.14.
 const MIN_VERSION: i32 = 21_400;
 
@@ -104,10 +111,10 @@ impl Nccl {
 
     /// A new group's id (rank 0 makes it and hands it to the others, [`crate::rendezvous`]).
     pub fn unique_id(&self) -> Result<[u8; ID_BYTES]> {
-        let mut id = [0u8; ID_BYTES];
+        let mut raw = RawId { internal: [0; ID_BYTES] };
         // SAFETY: ncclGetUniqueId writes the 128 bytes of an ncclUniqueId.
-        self.check("making an id", unsafe { (self.unique_id)(&mut id) })?;
-        Ok(id)
+        self.check("making an id", unsafe { (self.unique_id)(&mut raw) })?;
+        Ok(raw.internal.map(|c| c as u8))
     }
 
     fn check(&self, what: &str, code: c_int) -> Result<()> {
@@ -187,7 +194,8 @@ impl Link {
         let nccl = Nccl::load()?;
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: `comm` receives one communicator; the id is one rank 0 made.
-        nccl.check("joining the group", unsafe { (nccl.init_rank)(&mut comm, world as c_int, id, rank as c_int) })?;
+        let raw = RawId { internal: id.map(|b| b as c_char) };
+        nccl.check("joining the group", unsafe { (nccl.init_rank)(&mut comm, world as c_int, raw, rank as c_int) })?;
         let group = Arc::new(Comms { nccl, comms: vec![comm], aborted: AtomicBool::new(false), turn: Mutex::new(()) });
         Ok(Arc::new(Link { group, local: 0, rank, world }))
     }
@@ -196,6 +204,15 @@ impl Link {
     /// this rank's GPU), queued on `stream`: every rank must make the same call, in the same
     /// order.
     pub fn all_reduce_sum_f32(&self, buf: u64, n: usize, stream: &cudarc::driver::CudaStream) -> Result<()> {
+        self.all_reduce_f32(buf, n, stream, NCCL_SUM)
+    }
+
+    /// [`Link::all_reduce_sum_f32`] with the smallest value instead of the sum.
+    pub fn all_reduce_min_f32(&self, buf: u64, n: usize, stream: &cudarc::driver::CudaStream) -> Result<()> {
+        self.all_reduce_f32(buf, n, stream, NCCL_MIN)
+    }
+
+    fn all_reduce_f32(&self, buf: u64, n: usize, stream: &cudarc::driver::CudaStream, op: c_int) -> Result<()> {
         let stream = stream.cu_stream() as *mut c_void;
         let g = &self.group;
         if g.aborted.load(Ordering::SeqCst) {
@@ -204,20 +221,26 @@ impl Link {
         let p = buf as *mut c_void;
         // SAFETY: `buf` holds `n` f32 on this rank's device; NCCL reads and writes it in
         // stream order.
-        g.nccl.check("all-reduce", unsafe { (g.nccl.all_reduce)(p, p, n, NCCL_FLOAT32, NCCL_SUM, g.comms[self.local], stream) })
+        g.nccl.check("all-reduce", unsafe { (g.nccl.all_reduce)(p, p, n, NCCL_FLOAT32, op, g.comms[self.local], stream) })
     }
 
     /// Aborts every communicator of the group: after an error on one rank the others may be
     /// waiting in a collective that will never complete; aborting ends those waits (with
     /// errors). The group cannot be used again.
+    /// Each communicator is aborted on a thread of its own that nobody waits for: from
+    /// NCCL 2.26 an abort returns only once the CUDA graphs holding the communicator's
+    /// operations are destroyed, and those live in pools the caller still holds.
     pub fn abort_all(&self) {
         let g = &self.group;
         if g.aborted.swap(true, Ordering::SeqCst) {
             return;
         }
-        for &c in &g.comms {
-            // SAFETY: each communicator is aborted once (guarded by `aborted`).
-            unsafe { (g.nccl.abort)(c) };
+        for i in 0..g.comms.len() {
+            let group = g.clone();
+            std::thread::spawn(move || {
+                // SAFETY: each communicator is aborted once (guarded by `aborted`).
+                unsafe { (group.nccl.abort)(group.comms[i]) };
+            });
         }
     }
 

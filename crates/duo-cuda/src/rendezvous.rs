@@ -67,8 +67,13 @@ pub fn fetch(addr: &str, rank: usize, world: usize, timeout: Duration) -> Result
         return Err(err(format!("rank {rank} is not one of ranks 1..{world} that fetch the id")));
     }
     let deadline = Instant::now() + timeout;
-    let target = addr.to_socket_addrs().map_err(|e| err(format!("{addr}: {e}")))?.next().ok_or_else(|| err(format!("{addr} resolves to nothing")))?;
-    loop {
+    let targets: Vec<std::net::SocketAddr> = addr.to_socket_addrs().map_err(|e| err(format!("{addr}: {e}")))?.collect();
+    if targets.is_empty() {
+        return Err(err(format!("{addr} resolves to nothing")));
+    }
+    for attempt in 0usize.. {
+        // Every address the name resolves to, in turn (localhost: ::1 and 127.0.0.1).
+        let target = targets[attempt % targets.len()];
         match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
             Ok(mut stream) => {
                 stream.set_read_timeout(Some(timeout)).map_err(|e| err(e.to_string()))?;
@@ -91,6 +96,7 @@ pub fn fetch(addr: &str, rank: usize, world: usize, timeout: Duration) -> Result
             }
         }
     }
+    unreachable!("the loop returns")
 }
 
 #[cfg(test)]

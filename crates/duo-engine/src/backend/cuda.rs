@@ -60,10 +60,12 @@ pub struct CudaBackend {
 
 /// `f(rank)` for every rank, on a thread each when there are several (their forward passes
 /// wait for each other at every all-reduce); the results in rank order. Under tensor
-/// parallelism (`link`: any rank's) one such operation runs at a time, and an error on one
-/// rank aborts the group's communicators, so that the ranks waiting for it in a collective
-/// stop waiting; the backend cannot run again after that (its ranks may have taken
-/// different numbers of steps).
+/// parallelism (`link`: any rank's) one such operation runs at a time. A rank that fails
+/// while others are still running after a grace period (they wait for it in a collective)
+/// aborts the group's communicators, which ends those waits with errors, and so does a
+/// step that failed on some ranks only (they are out of step); the backend refuses to run
+/// after either. A failure on every rank alike (a bad input, refused before any GPU work)
+/// leaves it usable.
 fn on_ranks<I: Send, T: Send>(link: Option<&Arc<Link>>, items: Vec<I>, f: impl Fn(I) -> duo_cuda::Result<T> + Sync) -> Result<Vec<T>> {
     let Some(link) = link else {
         return items.into_iter().map(|i| f(i).map_err(EngineError::from)).collect();
@@ -72,15 +74,19 @@ fn on_ranks<I: Send, T: Send>(link: Option<&Arc<Link>>, items: Vec<I>, f: impl F
     if link.aborted() {
         return Err(EngineError::Backend("an earlier error on one GPU left the GPUs out of step; start duo again".into()));
     }
+    let n = items.len();
+    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let results: Vec<duo_cuda::Result<T>> = std::thread::scope(|s| {
         let f = &f;
         let handles: Vec<_> = items
             .into_iter()
             .map(|item| {
+                let finished = finished.clone();
                 s.spawn(move || {
                     let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(item))).unwrap_or_else(|_| Err(duo_cuda::CudaError::Driver("a GPU's thread panicked".into())));
+                    finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if got.is_err() {
-                        link.abort_all();
+                        abort_unless_all_finish(link.clone(), finished, n);
                     }
                     got
                 })
@@ -88,7 +94,28 @@ fn on_ranks<I: Send, T: Send>(link: Option<&Arc<Link>>, items: Vec<I>, f: impl F
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(duo_cuda::CudaError::Driver("a GPU's thread panicked".into())))).collect()
     });
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if failed > 0 && failed < n {
+        link.abort_all();
+    }
     Ok(results.into_iter().collect::<duo_cuda::Result<Vec<T>>>()?)
+}
+
+/// After a rank's error: the group's communicators are aborted unless every rank of this
+/// process has finished within two seconds (a rank still running is waiting for the
+/// failed one in a collective). Watched from a thread of its own, so the failed rank
+/// returns at once.
+fn abort_unless_all_finish(link: Arc<Link>, finished: Arc<std::sync::atomic::AtomicUsize>, n: usize) {
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            if finished.load(std::sync::atomic::Ordering::SeqCst) == n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        link.abort_all();
+    });
 }
 
 /// Rank 0's result (every rank computes the same logits).
@@ -242,6 +269,24 @@ impl CudaBackend {
         self.ranks.len()
     }
 
+    /// The smallest `value` over the processes of a group spanning processes (each gives
+    /// its own); `value` itself otherwise. Every process reaches the same calls in the same
+    /// order (they run the same command), so this pairs up like the forward passes'
+    /// collectives: decisions one process would otherwise take alone (does it fit, how many
+    /// blocks) come out the same everywhere.
+    fn group_min(&self, value: f32) -> Result<f32> {
+        if self.local() == self.world() {
+            return Ok(value);
+        }
+        let rank = &self.ranks[0];
+        let link = rank.link.as_ref().expect("a rank of a group has a link");
+        let _turn = link.turn();
+        let buf = rank.gpu.upload(&[value])?;
+        link.all_reduce_min_f32(rank.gpu.addr(&buf), 1, &rank.gpu.stream)?;
+        let got = rank.gpu.stream.clone_dtoh(&buf).map_err(|e| duo_cuda::CudaError::Driver(e.to_string()))?;
+        Ok(got[0])
+    }
+
     /// Rank 0's end of the communicator (tensor parallelism only).
     fn link(&self) -> Option<&Arc<Link>> {
         self.ranks[0].link.as_ref()
@@ -381,8 +426,12 @@ impl Backend for CudaBackend {
     fn new_sequence(&self, method: &ResolvedMethod, max_tokens: usize) -> Result<Box<dyn Sequence>> {
         // One row more than asked: a decode step reads its own token's row.
         let layout = self.layout(method, SINGLE_BLOCK_TOKENS, method.chunk.min(max_tokens), max_tokens + 1)?;
-        let seqs = self.single_pools(&layout)?.iter().map(|pool| pool.sequence()).collect::<duo_cuda::Result<Vec<_>>>()?;
-        Ok(Box::new(CudaSequence { seqs, plan: kv_plan(self, method) }))
+        let made = self.single_pools(&layout).and_then(|pools| Ok(pools.iter().map(|pool| pool.sequence()).collect::<duo_cuda::Result<Vec<_>>>()?));
+        // Across processes, a sequence that fits on one GPU only fits nowhere.
+        if self.group_min(if made.is_ok() { 1.0 } else { 0.0 })? < 1.0 {
+            return Err(made.err().unwrap_or_else(|| EngineError::Backend("this sequence does not fit on another rank's GPU".into())));
+        }
+        Ok(Box::new(CudaSequence { seqs: made?, plan: kv_plan(self, method) }))
     }
 
     fn forward(&self, seq: &mut dyn Sequence, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
@@ -448,8 +497,10 @@ impl Backend for CudaBackend {
     fn available_memory(&self) -> Option<usize> {
         // Each GPU holds its share of a sequence's cache: the fullest GPU's free memory times
         // the GPUs (exact for equal shares; a GPU with a head more holds a little more).
-        let free = self.ranks.iter().map(|r| r.gpu.memory_used().ok().map(|(used, total)| total - used)).min().flatten();
-        free.map(|f| f * self.world())
+        let free = self.ranks.iter().map(|r| r.gpu.memory_used().ok().map(|(used, total)| total - used)).min().flatten()?;
+        // Across processes, the fullest GPU of any (f32 bytes: rounded by at most 1e-7).
+        let free = if self.local() == self.world() { free } else { self.group_min(free as f32).ok()? as usize };
+        Some(free * self.world())
     }
 
     fn memory_in_use(&self) -> Option<usize> {
@@ -516,7 +567,7 @@ impl Backend for CudaBackend {
                 }
             }
         }
-        config.blocks = o.blocks_override.unwrap_or(blocks);
+        config.blocks = self.group_min(o.blocks_override.unwrap_or(blocks) as f32)? as usize;
         let first_chunk = (0..self.local()).map(|r| self.rank_layout(r, &layout).blocks_for(layout.max_chunk + 1, Ring::Prefill)).max().unwrap_or(0);
         if config.blocks < first_chunk {
             let (budget, total, used) = tightest;
