@@ -269,6 +269,25 @@ impl CudaBackend {
         self.ranks.len()
     }
 
+    /// Across processes, rank 0's `tokens` on every rank: each process samples from its
+    /// own logits, which are the same on identical GPUs but need not be bit for bit on
+    /// others, and a rank that fed a different token would mix a different sequence into
+    /// every later all-reduce. (Token ids below 2^24 are exact as f32.) `tokens` itself
+    /// within one process.
+    fn group_tokens(&self, tokens: &[u32]) -> Result<Vec<u32>> {
+        if self.local() == self.world() || tokens.is_empty() {
+            return Ok(tokens.to_vec());
+        }
+        let rank = &self.ranks[0];
+        let link = rank.link.as_ref().expect("a rank of a group has a link");
+        let _turn = link.turn();
+        let mine: Vec<f32> = tokens.iter().map(|&t| if link.rank == 0 { t as f32 } else { 0.0 }).collect();
+        let buf = rank.gpu.upload(&mine)?;
+        link.all_reduce_sum_f32(rank.gpu.addr(&buf), mine.len(), &rank.gpu.stream)?;
+        let got = rank.gpu.stream.clone_dtoh(&buf).map_err(|e| duo_cuda::CudaError::Driver(e.to_string()))?;
+        Ok(got.iter().map(|&t| t as u32).collect())
+    }
+
     /// The smallest `value` over the processes of a group spanning processes (each gives
     /// its own); `value` itself otherwise. Every process reaches the same calls in the same
     /// order (they run the same command), so this pairs up like the forward passes'
@@ -438,11 +457,13 @@ impl Backend for CudaBackend {
         if tokens.is_empty() {
             return Err(EngineError::InvalidParameter { name: "tokens", reason: "an empty chunk".into() });
         }
+        let tokens = &self.group_tokens(tokens)?;
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
         Ok(first(on_ranks(self.link(), s.seqs.iter_mut().collect(), |seq| run_rank(seq, tokens, logits))?))
     }
 
     fn greedy_step(&self, seq: &mut dyn Sequence, token: u32) -> Result<u32> {
+        let token = self.group_tokens(&[token])?[0];
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
         let next = on_ranks(self.link(), s.seqs.iter_mut().collect(), |seq| {
             let pool = seq.pool().clone();
@@ -458,6 +479,7 @@ impl Backend for CudaBackend {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
+        let tokens = &self.group_tokens(tokens)?;
         let mut cuda = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
             cuda.push(downcast::<CudaSequence>(&mut **s, "CUDA")?);
