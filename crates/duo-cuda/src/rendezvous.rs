@@ -42,10 +42,12 @@ pub fn serve(addr: &str, world: usize, id: &[u8; ID_BYTES], timeout: Duration) -
             Err(e) => return Err(err(e.to_string())),
         };
         stream.set_nonblocking(false).map_err(|e| err(e.to_string()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| err(e.to_string()))?;
+        // A rank sends its 4 bytes at once; a silent connection is not one of ours (a port
+        // scan, a half-open connection) and is dropped after 2 s.
+        stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| err(e.to_string()))?;
         let mut rank = [0u8; 4];
         if stream.read_exact(&mut rank).is_err() {
-            continue; // not one of ours (a port scan, a half-open connection)
+            continue;
         }
         let rank = u32::from_le_bytes(rank) as usize;
         if rank == 0 || rank >= world || seen[rank] {
