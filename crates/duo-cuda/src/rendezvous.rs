@@ -126,6 +126,21 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_stranger_does_not_stop_the_group() {
+        let addr = free_addr();
+        let id = [9u8; ID_BYTES];
+        std::thread::scope(|s| {
+            let a = addr.clone();
+            let server = s.spawn(move || serve(&a, 2, &id, Duration::from_secs(10)));
+            std::thread::sleep(Duration::from_millis(100));
+            let _stranger = TcpStream::connect(&addr).expect("connect");
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(fetch(&addr, 1, 2, Duration::from_secs(10)).expect("fetch"), id);
+            server.join().expect("thread").expect("served");
+        });
+    }
+
+    #[test]
     fn a_mis_launched_group_fails_at_start_with_a_message() {
         let id = [3u8; ID_BYTES];
         // A rank started for a different world size.
