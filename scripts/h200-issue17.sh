@@ -11,8 +11,9 @@
 #       PREFILL tokens (default 131072) on one GPU and on two
 #   b   carry .gpu/bin, .gpu/patterns/...: a random Llama-3-8B checkpoint on disk, then
 #       greedy tokens of full, duo and layer on one GPU and on two (duo generate), compared
-#   c   carry .gpu/bin, .gpu/ma (the default model's first 44,000,000 bytes): leaves them in /tmp
-#   d   carry .gpu/mb (the rest), .gpu/niah, .gpu/wheels-httpx: SmolLM2 (3 KV heads: 2 + 1
+#   c   carry .gpu/bin, .gpu/ma (model.xz.part1: the default model packed by `xz -6`, its
+#       first 43,000,000 bytes): leaves them in /tmp
+#   d   carry .gpu/mb (model.xz.part2, the rest), .gpu/niah, .gpu/wheels-httpx: SmolLM2 (3 KV heads: 2 + 1
 #       per layer over two GPUs) greedy text of full, duo and layer on one GPU and on two,
 #       and of duo as two processes (--tp-rank, --tp-rendezvous); serve-check against
 #       `duo serve --tensor-parallel 2` (and a tiny pool of it)
@@ -61,9 +62,9 @@ case $step in
       done
       cmp -s "$OUT/gen-$method-1.txt" "$OUT/gen-$method-2.txt" && echo "$method: the same text on 1 and 2 GPUs" || { echo "$method: DIFFERENT"; tail -2 "$OUT/gen-$method-2.err"; }
     done ;;
-  c) cp .gpu/ma/part /tmp/duo/model.ma && ls -la /tmp/duo ;;
+  c) cp .gpu/ma/model.xz.part1 /tmp/duo/model.ma && ls -la /tmp/duo ;;
   d)
-    cat /tmp/duo/model.ma .gpu/mb/part > /tmp/duo/model.gguf
+    cat /tmp/duo/model.ma .gpu/mb/model.xz.part2 | xz -dc > /tmp/duo/model.gguf
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
     export DUO_CACHE=/tmp/duo/cache; mkdir -p $DUO_CACHE
     cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -4,9 +4,11 @@
 # EVALUATION.md), beside the shipped ones, then the passkey and needle grids with each. Calls
 # of the device tool made back to back (the machine stays warm; /tmp/duo carries over):
 #   a   carry .gpu/cuda (duo.xz from scripts/build-cuda.sh: the binary whose identification
-#       runs on the GPU through candle) and .gpu/ma (the model's first 44,000,000 bytes,
-#       `head -c 44000000`): unpacks the binary to /tmp/duo/duo-candle, leaves the part in /tmp
-#   c   carry .gpu/mb (the rest of the model, `tail -c +44000001`) and, to continue a run
+#       runs on the GPU through candle) and .gpu/ma (model.xz.part1: the first 43,000,000
+#       bytes of the default model packed by `xz -6`; the 64 MiB a call carries holds the
+#       binary, this part and the repository): unpacks the binary to /tmp/duo/duo-candle,
+#       leaves the part in /tmp
+#   c   carry .gpu/mb (model.xz.part2, the rest of the packed model) and, to continue a run
 #       other than the one kept in evaluation/SmolLM2-135M-Instruct-identification-study/,
 #       .gpu/id-resume/{head,layer}/state.json: joins the model; identification
 #       of both layouts side by side (env STEPS, default 500; SINK, RECENT: 64, 1024),
@@ -27,10 +29,10 @@ D=/tmp/duo/duo-candle
 W="--sink ${SINK:-64} --recent ${RECENT:-1024}"
 export DUO_CACHE=/tmp/duo/cache
 case $step in
-  a) xz -dc .gpu/cuda/duo.xz > $D && chmod +x $D && $D --version && cp .gpu/ma/part /tmp/duo/model.ma && ls -la /tmp/duo ;;
+  a) xz -dc .gpu/cuda/duo.xz > $D && chmod +x $D && $D --version && cp .gpu/ma/model.xz.part1 /tmp/duo/model.ma && ls -la /tmp/duo ;;
   c|t|p)
     if [ ! -f $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-      cat /tmp/duo/model.ma .gpu/mb/part > /tmp/duo/model.gguf
+      cat /tmp/duo/model.ma .gpu/mb/model.xz.part2 | xz -dc > /tmp/duo/model.gguf
       echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
       mkdir -p $DUO_CACHE && cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
       sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
