@@ -23,7 +23,8 @@ export NCCL_NVLS_ENABLE=0
 source "$(dirname "$0")/h200-common.sh"
 nvidia-smi topo -m | head -4 > "$OUT/topo.txt"
 P=.gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k
-common="--device cuda --random-weights llama-3-8b --pattern $P --sparsity 0.5 --sink 128 --recent 256 --max-prefill 0 --decode-tokens 10"
+shape="--device cuda --random-weights llama-3-8b --pattern $P --sparsity 0.5 --sink 128 --recent 256"
+common="$shape --max-prefill 0 --decode-tokens 10"
 case $step in
   a)
     timeout 300 $D cuda-check --only tp,model --no-timings > "$OUT/cuda-check.txt" 2>&1
@@ -47,7 +48,7 @@ case $step in
     echo "== longest, two GPUs (exit $?)"; grep -E "tokens:|does not fit|rror" "$OUT/longest-two.txt" | cut -c1-200
     for run in "one:" "two:--tensor-parallel 2"; do
       name=${run%%:*}; flags=${run#*:}
-      timeout 150 $D bench ${common/--max-prefill 0/--max-prefill ${PREFILL:-131072}} --methods duo --lengths ${PREFILL:-131072} --decode-tokens 3 $flags --out "$OUT/prefill-$name" > "$OUT/prefill-$name.txt" 2>&1
+      timeout 150 $D bench $shape --max-prefill ${PREFILL:-131072} --methods duo --lengths ${PREFILL:-131072} --decode-tokens 3 $flags --out "$OUT/prefill-$name" > "$OUT/prefill-$name.txt" 2>&1
       echo "== prefill, $name (exit $?)"; grep -E "tokens:|rror" "$OUT/prefill-$name.txt" | cut -c1-200
     done ;;
   b)
