@@ -472,10 +472,7 @@ fn show_placements(pattern: &duo_core::HeadPattern, placements: &[duo_core::Plac
             Some(b) => format!(" | {}", plans.iter().map(|plan| longest_context(plan, b)).min().unwrap_or(0)),
             None => String::new(),
         };
-        let name = match p.strategy() {
-            duo_core::Strategy::Contiguous => "contiguous",
-            duo_core::Strategy::RetrievalAware => "retrieval-aware",
-        };
+        let name = p.strategy().to_string();
         println!("| {name} | {} | {} | {:.2}x{fits} | {} |", heads.join(" / "), gib.join(" / "), max as f64 / min.max(1) as f64, p.slowest_gpu_retrieval_heads(pattern));
     }
     println!("retrieval-aware placement, KV heads per GPU (* = retrieval):");

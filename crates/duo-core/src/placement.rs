@@ -32,6 +32,16 @@ pub enum Strategy {
     RetrievalAware,
 }
 
+impl std::fmt::Display for Strategy {
+    /// As `--placement` spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::Contiguous => "contiguous",
+            Strategy::RetrievalAware => "retrieval-aware",
+        })
+    }
+}
+
 /// `gpu_of[layer][kv_head]`: the GPU that holds each KV head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {

@@ -704,7 +704,7 @@ mod gpu {
             let graph_steps = pools[0].graph_steps();
             out.push(Parity {
                 case: format!(
-                    "tensor parallel over {world} GPUs, {:?} placement ({} heads / {n_kv} KV), 2040-token chunked prefill + {steps} decode steps ({graph_steps} from graphs): greedy tokens agree with the reference: {agree}, every rank's tokens equal: {ranks_agree}, tokens equal to one GPU's: {as_one_gpu}",
+                    "tensor parallel over {world} GPUs, {} placement ({} heads / {n_kv} KV), 2040-token chunked prefill + {steps} decode steps ({graph_steps} from graphs): greedy tokens agree with the reference: {agree}, every rank's tokens equal: {ranks_agree}, tokens equal to one GPU's: {as_one_gpu}",
                     placement.strategy(),
                     config.n_heads
                 ),

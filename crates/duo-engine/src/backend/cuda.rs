@@ -429,8 +429,8 @@ impl Backend for CudaBackend {
         let gpu = self.ranks[0].gpu.name();
         match &self.placement {
             None => format!("{gpu} (cuda:{})", self.ordinal),
-            Some(p) if self.local() == self.world() => format!("{} x {gpu} (cuda:0-{}, tensor parallel, {:?} head placement)", self.world(), self.world() - 1, p.strategy()),
-            Some(p) => format!("{gpu} (cuda:{}, rank {} of {} processes, tensor parallel, {:?} head placement)", self.ordinal, self.ranks[0].link.as_ref().map_or(0, |l| l.rank), self.world(), p.strategy()),
+            Some(p) if self.local() == self.world() => format!("{} x {gpu} (cuda:0-{}, tensor parallel, {} head placement)", self.world(), self.world() - 1, p.strategy()),
+            Some(p) => format!("{gpu} (cuda:{}, rank {} of {} processes, tensor parallel, {} head placement)", self.ordinal, self.ranks[0].link.as_ref().map_or(0, |l| l.rank), self.world(), p.strategy()),
         }
     }
 
