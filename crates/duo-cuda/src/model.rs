@@ -677,6 +677,9 @@ mod gpu {
         let pattern = duo_core::pattern::HeadPattern::from_rows(retrieval.clone()).map_err(core)?;
         let ordinals: Vec<usize> = gpus.iter().map(|g| g.ctx.ordinal()).collect();
         let mut out = Vec::new();
+        // The CPU reference (seconds at 2K tokens) once per token sequence: the placements
+        // run the same tokens when they agree.
+        let mut references: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
         use duo_core::placement::Placement;
         for placement in [Placement::retrieval_aware(&pattern, world).map_err(core)?, Placement::contiguous(&pattern, world).map_err(core)?] {
             let links = crate::nccl::Link::all(&ordinals)?;
@@ -696,9 +699,12 @@ mod gpu {
             });
             let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
             let (got, tokens) = &runs[0];
-            let want = reference_logits(&config, &layout, seed, tokens, prompt.len() - 1)?;
+            if !references.iter().any(|(t, _)| t == tokens) {
+                references.push((tokens.clone(), reference_logits(&config, &layout, seed, tokens, prompt.len() - 1)?));
+            }
+            let want = &references.iter().find(|(t, _)| t == tokens).expect("just made").1;
             let bound = 2e-2;
-            let (err, agree) = compare(&want, got, config.vocab, bound);
+            let (err, agree) = compare(want, got, config.vocab, bound);
             let ranks_agree = runs.iter().all(|(_, t)| t == tokens);
             let as_one_gpu = *tokens == one_tokens;
             let graph_steps = pools[0].graph_steps();
