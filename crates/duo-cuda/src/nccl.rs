@@ -207,9 +207,14 @@ impl Link {
         self.all_reduce_f32(buf, n, stream, NCCL_SUM)
     }
 
-    /// [`Link::all_reduce_sum_f32`] with the smallest value instead of the sum.
-    pub fn all_reduce_min_f32(&self, buf: u64, n: usize, stream: &cudarc::driver::CudaStream) -> Result<()> {
-        self.all_reduce_f32(buf, n, stream, NCCL_MIN)
+    /// `values` reduced over the ranks (their sum, or with `min` their smallest) and
+    /// returned to the host: every rank makes the same call at the same point. For the few
+    /// decisions the ranks must take together (using a captured graph, whether a sequence
+    /// fits, the tokens to run), within one process or across several.
+    pub fn reduce_on_host(&self, gpu: &crate::Gpu, values: &[f32], min: bool) -> Result<Vec<f32>> {
+        let buf = gpu.upload(values)?;
+        self.all_reduce_f32(gpu.addr(&buf), values.len(), &gpu.stream, if min { NCCL_MIN } else { NCCL_SUM })?;
+        gpu.stream.clone_dtoh(&buf).map_err(|e| CudaError::Driver(e.to_string()))
     }
 
     fn all_reduce_f32(&self, buf: u64, n: usize, stream: &cudarc::driver::CudaStream, op: c_int) -> Result<()> {

@@ -1060,11 +1060,7 @@ impl KvPool {
     /// place of the same step on every rank, outside any capture), so it holds across
     /// processes as within one.
     fn all_ranks_say(&self, link: &crate::nccl::Link, yes: bool) -> Result<bool> {
-        let g = &*self.gpu;
-        let flag = g.upload(&[if yes { 1.0f32 } else { 0.0 }])?;
-        link.all_reduce_sum_f32(g.addr(&flag), 1, &g.stream)?;
-        let sum = g.stream.clone_dtoh(&flag).map_err(driver)?;
-        Ok(sum[0] as usize == link.world)
+        Ok(link.reduce_on_host(&self.gpu, &[if yes { 1.0 } else { 0.0 }], true)?[0] == 1.0)
     }
 
     /// `x[..n] = sum over the ranks of x[..n]` (f32) under tensor parallelism, else nothing.

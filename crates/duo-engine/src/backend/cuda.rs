@@ -282,10 +282,7 @@ impl CudaBackend {
         let link = rank.link.as_ref().expect("a rank of a group has a link");
         let _turn = link.turn();
         let mine: Vec<f32> = tokens.iter().map(|&t| if link.rank == 0 { t as f32 } else { 0.0 }).collect();
-        let buf = rank.gpu.upload(&mine)?;
-        link.all_reduce_sum_f32(rank.gpu.addr(&buf), mine.len(), &rank.gpu.stream)?;
-        let got = rank.gpu.stream.clone_dtoh(&buf).map_err(|e| duo_cuda::CudaError::Driver(e.to_string()))?;
-        Ok(got.iter().map(|&t| t as u32).collect())
+        Ok(link.reduce_on_host(&rank.gpu, &mine, false)?.iter().map(|&t| t as u32).collect())
     }
 
     /// The smallest `value` over the processes of a group spanning processes (each gives
@@ -300,10 +297,7 @@ impl CudaBackend {
         let rank = &self.ranks[0];
         let link = rank.link.as_ref().expect("a rank of a group has a link");
         let _turn = link.turn();
-        let buf = rank.gpu.upload(&[value])?;
-        link.all_reduce_min_f32(rank.gpu.addr(&buf), 1, &rank.gpu.stream)?;
-        let got = rank.gpu.stream.clone_dtoh(&buf).map_err(|e| duo_cuda::CudaError::Driver(e.to_string()))?;
-        Ok(got[0])
+        Ok(link.reduce_on_host(&rank.gpu, &[value], true)?[0])
     }
 
     /// Rank 0's end of the communicator (tensor parallelism only).
