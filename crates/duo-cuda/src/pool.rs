@@ -505,22 +505,38 @@ impl KvPool {
     /// Gives each `(sequence, new tokens, ring)` the blocks it needs, all or none: first
     /// resizes rings (shrinking ones give their tail blocks back, growing ones take more; the
     /// last `recent` positions move), then takes retrieval blocks; writes every table change.
-    fn grow(&self, st: &mut State, grows: &mut [(&mut PagedSeq, usize, Ring)]) -> Result<()> {
-        let needed: usize = grows
-            .iter()
-            .map(|(s, more, ring)| self.blocks_needed(s, *more, *ring))
-            .sum();
-        let freed: usize = grows
-            .iter()
-            .map(|(s, _, ring)| self.blocks_freed(s, *ring))
-            .sum();
-        let free = st.alloc.free_blocks();
+    /// Whether one step of `decode` rows and a `prefill` chunk of that many tokens has the
+    /// blocks it needs ([`CudaError::PoolFull`] if not): the check [`KvPool::step`] makes
+    /// before it changes anything, for callers that run one step on several pools (tensor
+    /// parallelism) and must know on every pool before any starts.
+    pub fn step_room(&self, decode: &[&PagedSeq], prefill: Option<(&PagedSeq, usize)>) -> Result<()> {
+        let grows = decode.iter().map(|&s| (s, 1, Ring::Decode)).chain(prefill.map(|(s, n)| (s, n, Ring::Prefill)));
+        let free = self.lock().alloc.free_blocks();
+        self.room(free, grows).map(|_| ())
+    }
+
+    /// [`KvPool::step_room`] for [`KvPool::fill_synthetic`] of `n` tokens.
+    pub fn fill_room(&self, seq: &PagedSeq, n: usize) -> Result<()> {
+        let free = self.lock().alloc.free_blocks();
+        self.room(free, std::iter::once((seq, n, Ring::Decode))).map(|_| ())
+    }
+
+    /// The blocks `grows` need, or [`CudaError::PoolFull`] where those `free` and those
+    /// their rings give back do not cover them.
+    fn room<'s>(&self, free: usize, grows: impl Iterator<Item = (&'s PagedSeq, usize, Ring)> + Clone) -> Result<usize> {
+        let needed: usize = grows.clone().map(|(s, more, ring)| self.blocks_needed(s, more, ring)).sum();
+        let freed: usize = grows.map(|(s, _, ring)| self.blocks_freed(s, ring)).sum();
         if needed > free + freed {
             return Err(CudaError::PoolFull {
                 needed: needed - freed.min(needed),
                 free,
             });
         }
+        Ok(needed)
+    }
+
+    fn grow(&self, st: &mut State, grows: &mut [(&mut PagedSeq, usize, Ring)]) -> Result<()> {
+        let needed = self.room(st.alloc.free_blocks(), grows.iter().map(|(s, more, ring)| (&**s, *more, *ring)))?;
         // Shrinking rings first: the blocks they free may serve the others.
         for want in [Ring::Decode, Ring::Prefill] {
             for (s, _, ring) in grows.iter_mut() {

@@ -486,11 +486,7 @@ impl Backend for CudaBackend {
         if shared && self.local() > 1 {
             // A step that cannot run on one rank must not start on the others.
             for rows in &ranks {
-                let pool = rows[0].pool();
-                let needed: usize = rows.iter().map(|s| pool.blocks_needed(s, 1, Ring::Decode)).sum();
-                if needed > pool.free_blocks() {
-                    return Err(duo_cuda::CudaError::PoolFull { needed, free: pool.free_blocks() }.into());
-                }
+                rows[0].pool().step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), None)?;
             }
         }
         let out = on_ranks(self.link(), ranks, |rows| {
@@ -528,11 +524,7 @@ impl Backend for CudaBackend {
         // Every rank's blocks first: a fill that fits on one GPU only would leave the ranks
         // holding different lengths.
         for seq in s.seqs.iter().filter(|_| self.local() > 1) {
-            let pool = seq.pool();
-            let needed = pool.blocks_needed(seq, tokens, Ring::Prefill);
-            if needed > pool.free_blocks() {
-                return Err(duo_cuda::CudaError::PoolFull { needed, free: pool.free_blocks() }.into());
-            }
+            seq.pool().fill_room(seq, tokens)?;
         }
         for seq in &mut s.seqs {
             let pool = seq.pool().clone();
@@ -663,13 +655,7 @@ impl super::KvPool for ServingPool {
         // A step that cannot run on one rank must not start on the others (they would wait
         // for it at the first all-reduce): the blocks are checked on every rank first.
         for ((pool, rows), chunk) in self.pools.iter().zip(&by).zip(&chunks).filter(|_| world > 1) {
-            let mut needed: usize = rows.iter().map(|s| pool.blocks_needed(s, 1, Ring::Decode)).sum();
-            if let Some((s, t)) = chunk {
-                needed += pool.blocks_needed(s, t.len(), Ring::Prefill);
-            }
-            if needed > pool.free_blocks() {
-                return Err(duo_cuda::CudaError::PoolFull { needed, free: pool.free_blocks() }.into());
-            }
+            pool.step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), chunk.as_ref().map(|(s, t)| (&**s, t.len())))?;
         }
         let work: Vec<_> = self.pools.iter().zip(by).zip(chunks.drain(..)).collect();
         let out = on_ranks(self.pools[0].link(), work, |((pool, rows), chunk)| {
