@@ -450,19 +450,15 @@ fn show_placements(pattern: &duo_core::HeadPattern, placements: &[duo_core::Plac
     use duo_core::Placement;
     let gpus = placements[0].gpus();
     let floor: usize = pattern.retrieval_per_layer().iter().map(|r| r.div_ceil(gpus)).sum();
-    // Each GPU's share as a pattern of its own (its heads of every layer), so the cache
-    // arithmetic is the one every other figure uses.
-    let share = |p: &Placement, g: usize| -> Result<duo_core::HeadPattern> {
-        let rows = (0..pattern.n_layers()).map(|l| p.heads_on(l, g).iter().map(|&h| pattern.is_retrieval(l, h)).collect()).collect();
-        Ok(duo_core::HeadPattern::from_rows(rows)?)
-    };
     let shares: Vec<String> = Placement::shares(pattern.n_kv_heads(), gpus)?.iter().map(usize::to_string).collect();
     println!("\ntensor parallelism over {gpus} GPUs ({} KV heads per GPU per layer), KV at {tokens} tokens:", shares.join(" / "));
     let fit = if budget.is_some() { " | longest context per GPU budget" } else { "" };
     println!("| placement | retrieval KV heads per GPU | KV GiB per GPU | largest / smallest{fit} | slowest GPU's retrieval heads, summed over layers (least possible: {floor}) |");
     println!("|---|---|---|---|{}---|", if budget.is_some() { "---|" } else { "" });
     for p in placements {
-        let shares: Vec<duo_core::HeadPattern> = (0..gpus).map(|g| share(p, g)).collect::<Result<_>>()?;
+        // Each GPU's share as a pattern of its own (its heads of every layer), so the cache
+        // arithmetic is the one every other figure uses.
+        let shares: Vec<duo_core::HeadPattern> = (0..gpus).map(|g| p.share(pattern, g)).collect::<duo_core::Result<_>>()?;
         let plans: Vec<duo_core::CachePlan> = shares.iter().map(&plan_of).collect();
         let heads: Vec<String> = p.heads_per_gpu(pattern).iter().map(|h| h.retrieval.to_string()).collect();
         let bytes: Vec<usize> = plans.iter().map(|plan| plan.total_bytes(tokens)).collect();

@@ -143,6 +143,16 @@ impl Placement {
         (0..self.gpu_of[layer].len()).filter(|&h| self.gpu_of[layer][h] == gpu).collect()
     }
 
+    /// The KV heads of every layer on `gpu`, in index order: `[layer][..]`, that GPU's shard.
+    pub fn heads_of(&self, gpu: usize) -> Vec<Vec<usize>> {
+        (0..self.gpu_of.len()).map(|layer| self.heads_on(layer, gpu)).collect()
+    }
+
+    /// `pattern` as `gpu` holds it: the kinds of its own heads, layer by layer, in its order.
+    pub fn share(&self, pattern: &HeadPattern, gpu: usize) -> Result<HeadPattern> {
+        HeadPattern::from_rows(self.heads_of(gpu).iter().enumerate().map(|(l, hs)| hs.iter().map(|&h| pattern.is_retrieval(l, h)).collect()).collect())
+    }
+
     /// Retrieval and streaming heads per GPU, summed over layers.
     pub fn heads_per_gpu(&self, pattern: &HeadPattern) -> Vec<GpuHeads> {
         let mut out = vec![GpuHeads::default(); self.gpus];

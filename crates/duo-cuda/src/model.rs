@@ -332,7 +332,7 @@ mod tests {
         let pattern = duo_core::pattern::HeadPattern::from_rows(retrieval).unwrap();
         for placement in [duo_core::placement::Placement::retrieval_aware(&pattern, 2), duo_core::placement::Placement::contiguous(&pattern, 2)] {
             let placement = placement.unwrap();
-            let ranks: Vec<Vec<Vec<usize>>> = (0..2).map(|r| (0..3).map(|layer| placement.heads_on(layer, r)).collect()).collect();
+            let ranks: Vec<Vec<Vec<usize>>> = (0..2).map(|r| placement.heads_of(r)).collect();
             let split = reference_logits_split(&c, &l, 5, &tokens, 0, &ranks).unwrap();
             let worst = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             let scale = whole.iter().map(|v| v.abs()).fold(0f32, f32::max);
@@ -348,7 +348,7 @@ mod tests {
         // Three ranks over four heads (2 + 1 + 1; the MLP width 96 in thirds) are the same model too.
         let pattern3 = pattern.clone();
         let uneven = duo_core::placement::Placement::retrieval_aware(&pattern3, 3).unwrap();
-        let ranks: Vec<Vec<Vec<usize>>> = (0..3).map(|r| (0..3).map(|layer| uneven.heads_on(layer, r)).collect()).collect();
+        let ranks: Vec<Vec<Vec<usize>>> = (0..3).map(|r| uneven.heads_of(r)).collect();
         assert_eq!(ranks.iter().map(|r| r[0].len()).collect::<Vec<_>>(), vec![2, 1, 1]);
         let split = reference_logits_split(&c, &l, 5, &tokens, 0, &ranks).unwrap();
         let worst = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -685,10 +685,10 @@ mod gpu {
             let links = crate::nccl::Link::all(&ordinals)?;
             let mut pools = Vec::with_capacity(world);
             for (r, gpu) in gpus.iter().enumerate() {
-                let heads: Vec<Vec<usize>> = (0..config.n_layers).map(|l| placement.heads_on(l, r)).collect();
-                let spec = ShardSpec { rank: r, world, kv_heads: heads.clone() };
+                let heads = placement.heads_of(r);
+                let rank_layout = layout.for_heads(&heads);
+                let spec = ShardSpec { rank: r, world, kv_heads: heads };
                 let w = GpuWeights::random_shard(gpu, config.clone(), seed, Some(&spec))?;
-                let rank_layout = PagedLayout { retrieval: heads.iter().enumerate().map(|(l, hs)| hs.iter().map(|&h| retrieval[l][h]).collect()).collect(), ..layout.clone() };
                 let blocks = rank_layout.blocks_for(rank_layout.max_tokens, Ring::Prefill);
                 let pool_config = PoolConfig { blocks, max_seqs: 1, max_rows: rank_layout.max_chunk, graphs: true };
                 pools.push(KvPool::linked(gpu.clone(), Arc::new(w), rank_layout, pool_config, Some(links[r].clone()))?);

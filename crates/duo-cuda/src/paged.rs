@@ -54,6 +54,13 @@ pub struct PagedLayout {
 }
 
 impl PagedLayout {
+    /// This layout as a rank that holds `heads[layer]` (model indices, in its order) sees it
+    /// under tensor parallelism: those heads' kinds, everything else the same.
+    pub fn for_heads(&self, heads: &[Vec<usize>]) -> PagedLayout {
+        let retrieval = heads.iter().enumerate().map(|(l, hs)| hs.iter().map(|&h| self.retrieval[l][h]).collect()).collect();
+        PagedLayout { retrieval, ..self.clone() }
+    }
+
     /// Retrieval heads of the whole model.
     pub fn n_retrieval(&self) -> usize {
         self.retrieval.iter().flatten().filter(|&&r| r).count()

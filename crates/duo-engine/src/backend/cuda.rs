@@ -196,7 +196,7 @@ impl CudaBackend {
         for (gpu, link) in gpus {
             let r = link.rank;
             let used_before = gpu.memory_used()?.0;
-            let heads: Vec<Vec<usize>> = (0..config.n_layers).map(|l| placement.heads_on(l, r)).collect();
+            let heads = placement.heads_of(r);
             let weights = upload(&gpu, &ShardSpec { rank: r, world, kv_heads: heads.clone() })?;
             ranks.push(Rank { gpu, weights: Arc::new(weights), link: Some(link), heads, used_before });
         }
@@ -307,8 +307,7 @@ impl CudaBackend {
 
     /// Rank `r`'s layout: `layout`'s kinds for its own KV heads, in its order.
     fn rank_layout(&self, r: usize, layout: &PagedLayout) -> PagedLayout {
-        let retrieval = self.ranks[r].heads.iter().enumerate().map(|(l, hs)| hs.iter().map(|&h| layout.retrieval[l][h]).collect()).collect();
-        PagedLayout { retrieval, ..layout.clone() }
+        layout.for_heads(&self.ranks[r].heads)
     }
 
     /// A one-sequence pool per rank for `layout`.
