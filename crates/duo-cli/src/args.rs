@@ -72,7 +72,7 @@ pub struct MethodArgs {
     /// of every layer's retrieval heads, from the duo pattern at --sparsity) or contiguous
     /// (heads in index order, as other engines split them).
     #[arg(long, default_value = "retrieval-aware")]
-    pub placement: String,
+    pub placement: duo_core::placement::Strategy,
     /// This process's rank of a tensor-parallel group spanning processes or hosts (one GPU
     /// each, --device cuda:N being this process's; every rank runs the same command);
     /// needs --tp-rendezvous.
@@ -174,9 +174,6 @@ impl MethodArgs {
     /// How `--tensor-parallel`, `--tp-rank` and `--tp-rendezvous` ask the model to run
     /// (checked against the device: GPUs 0..N-1 of this process, or one GPU per process).
     pub fn parallel(&self) -> Result<Parallel> {
-        if !["retrieval-aware", "aware", "contiguous"].contains(&self.placement.as_str()) {
-            anyhow::bail!("--placement {}: retrieval-aware or contiguous", self.placement);
-        }
         let n = self.tensor_parallel;
         if let (Some(rank), Some(rendezvous)) = (self.tp_rank, &self.tp_rendezvous) {
             let Device::Cuda(ordinal) = self.device else { anyhow::bail!("--tp-rank runs one rank on a GPU: use it with --device cuda[:N]") };
@@ -201,15 +198,10 @@ impl MethodArgs {
     /// duo head pattern these flags give at `--sparsity` (full attention and the layer layout
     /// are balanced by any split of equal head counts); contiguous where there is no pattern.
     pub fn placement(&self, config: &duo_core::config::ModelConfig) -> Result<duo_core::placement::Placement> {
-        use duo_core::placement::Placement;
+        use duo_core::placement::{Placement, Strategy};
         let gpus = self.tensor_parallel;
-        let aware = match self.placement.as_str() {
-            "retrieval-aware" | "aware" => true,
-            "contiguous" => false,
-            other => anyhow::bail!("--placement {other}: retrieval-aware or contiguous"),
-        };
         let all = duo_core::pattern::HeadPattern::from_rows(vec![vec![true; config.n_kv_heads]; config.n_layers])?;
-        if !aware || self.pattern_source().is_none() {
+        if self.placement == Strategy::Contiguous || self.pattern_source().is_none() {
             return Ok(Placement::contiguous(&all, gpus)?);
         }
         let duo = MethodArgs { method: "duo".into(), layout: "head".into(), ..self.clone() };

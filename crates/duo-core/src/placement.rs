@@ -42,6 +42,19 @@ impl std::fmt::Display for Strategy {
     }
 }
 
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    /// `--placement`'s spellings (`aware` short for `retrieval-aware`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "retrieval-aware" | "aware" => Ok(Strategy::RetrievalAware),
+            "contiguous" => Ok(Strategy::Contiguous),
+            other => Err(format!("`{other}` is not a placement: retrieval-aware or contiguous")),
+        }
+    }
+}
+
 /// `gpu_of[layer][kv_head]`: the GPU that holds each KV head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
@@ -261,6 +274,15 @@ mod tests {
         assert_ne!(a.gpu_of(0, 0), a.gpu_of(0, 1));
         // Layer 2's single retrieval head goes to the GPU with fewer so far (a tie: GPU 0).
         assert_eq!(a.gpu_of(2, 0), 0);
+    }
+
+    #[test]
+    fn strategies_read_back_as_they_print() {
+        for s in [Strategy::Contiguous, Strategy::RetrievalAware] {
+            assert_eq!(s.to_string().parse::<Strategy>(), Ok(s));
+        }
+        assert_eq!("aware".parse::<Strategy>(), Ok(Strategy::RetrievalAware));
+        assert!("diagonal".parse::<Strategy>().unwrap_err().contains("retrieval-aware or contiguous"));
     }
 
     #[test]
