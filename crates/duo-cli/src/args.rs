@@ -164,8 +164,14 @@ impl MethodArgs {
         let place = |config: &duo_core::config::ModelConfig| self.placement(config).map_err(|e| duo_engine::EngineError::InvalidParameter { name: "placement", reason: format!("{e:#}") });
         let engine = match self.parallel()? {
             Parallel::One => Engine::load(&source, self.device).with_context(|| format!("loading the model onto {}", self.device))?,
-            Parallel::InProcess(gpus) => Engine::load_parallel(&source, gpus, place).with_context(|| format!("loading the model onto GPUs 0..{}", gpus - 1))?,
-            Parallel::Process(at) => Engine::load_rank(&source, &at, place).with_context(|| format!("loading rank {} of {} onto {}", at.rank, at.world, self.device))?,
+            Parallel::InProcess(gpus) => {
+                let what = format!("loading the model onto GPUs 0..{}", gpus - 1);
+                Engine::load_split(&source, duo_engine::backend::Shards::in_process(gpus).context(what.clone())?, place).context(what)?
+            }
+            Parallel::Process(at) => {
+                let what = format!("loading rank {} of {} onto {}", at.rank, at.world, self.device);
+                Engine::load_split(&source, duo_engine::backend::Shards::rank(at).context(what.clone())?, place).context(what)?
+            }
         };
         let resolved = spec.resolve(engine.config())?;
         Ok((engine, resolved))

@@ -133,12 +133,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 crate::args::Parallel::InProcess(gpus) => {
                     let placement = a.method.placement(&config)?;
                     eprintln!("duo bench: building {shape} with seeded random weights (seed {}) over GPUs 0..{} ({} placement) ...", a.method.seed(), gpus - 1, placement.strategy());
-                    backend::random_parallel(placement, config, a.method.seed())?
+                    backend::random_split(backend::Shards::in_process(gpus)?, placement, config, a.method.seed())?
                 }
                 crate::args::Parallel::Process(at) => {
                     let placement = a.method.placement(&config)?;
                     eprintln!("duo bench: building {shape} with seeded random weights (seed {}), rank {} of {} on {device} ({} placement) ...", a.method.seed(), at.rank, at.world, placement.strategy());
-                    backend::random_rank(&at, placement, config, a.method.seed())?
+                    backend::random_split(backend::Shards::rank(at)?, placement, config, a.method.seed())?
                 }
             };
             (built, format!("{shape} (random weights)"), vocab)

@@ -27,30 +27,22 @@ impl Engine {
     pub fn load(source: &ModelSource, device: Device) -> Result<Self> {
         let opened = backend::open(device)?;
         let f = ModelFiles::open(source)?;
-        let backend = backend::load(opened, &f.checkpoint, f.config)?;
-        Ok(Self { tokenizer: f.tokenizer, template: f.template, path: f.path, backend, constraints: Default::default() })
+        let backend = backend::load(opened, &f.checkpoint, f.config.clone())?;
+        Ok(Self::assemble(f, backend))
     }
 
-    /// [`Engine::load`] split over GPUs 0..N by tensor parallelism: the GPUs are opened
-    /// first, then the model's files; `place` decides from the model's configuration (its
+    /// [`Engine::load`] split by tensor parallelism over `shards` (opened by the caller,
+    /// before any model file is read); `place` decides from the model's configuration (its
     /// pattern resolved against it) which GPU holds which KV heads.
-    pub fn load_parallel(source: &ModelSource, gpus: usize, place: impl FnOnce(&ModelConfig) -> Result<duo_core::placement::Placement>) -> Result<Self> {
-        let opened = duo_cuda::runtime::open_gpus(gpus)?;
+    pub fn load_split(source: &ModelSource, shards: backend::Shards, place: impl FnOnce(&ModelConfig) -> Result<duo_core::placement::Placement>) -> Result<Self> {
         let f = ModelFiles::open(source)?;
         let placement = place(&f.config)?;
-        let backend = backend::load_parallel(opened, placement, &f.checkpoint, f.config)?;
-        Ok(Self { tokenizer: f.tokenizer, template: f.template, path: f.path, backend, constraints: Default::default() })
+        let backend = backend::load_split(shards, placement, &f.checkpoint, f.config.clone())?;
+        Ok(Self::assemble(f, backend))
     }
 
-    /// [`Engine::load_parallel`] for this process's rank of a group spanning processes
-    /// (hosts): its GPU opened first, then the files; the group's communicator made through
-    /// rank 0's rendezvous.
-    pub fn load_rank(source: &ModelSource, at: &backend::ProcessRank, place: impl FnOnce(&ModelConfig) -> Result<duo_core::placement::Placement>) -> Result<Self> {
-        let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(at.ordinal)?);
-        let f = ModelFiles::open(source)?;
-        let placement = place(&f.config)?;
-        let backend = backend::load_rank(gpu, at, placement, &f.checkpoint, f.config)?;
-        Ok(Self { tokenizer: f.tokenizer, template: f.template, path: f.path, backend, constraints: Default::default() })
+    fn assemble(f: ModelFiles, backend: Box<dyn Backend>) -> Self {
+        Self { tokenizer: f.tokenizer, template: f.template, path: f.path, backend, constraints: Default::default() }
     }
 
     /// A fresh grammar constraint for structured output (the token trie is built on first use).

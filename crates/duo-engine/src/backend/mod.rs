@@ -264,25 +264,6 @@ pub fn random(device: Device, config: ModelConfig, seed: u64) -> Result<Box<dyn 
     })
 }
 
-/// GPUs `0..placement.gpus()` opened for tensor parallelism (a clear error when fewer are
-/// visible), before any model file is read.
-pub fn open_parallel(placement: &duo_core::placement::Placement) -> Result<Vec<std::sync::Arc<duo_cuda::Gpu>>> {
-    Ok(duo_cuda::runtime::open_gpus(placement.gpus())?)
-}
-
-/// A checkpoint split over `gpus` by `placement` (tensor parallelism).
-pub fn load_parallel(gpus: Vec<std::sync::Arc<duo_cuda::Gpu>>, placement: duo_core::placement::Placement, checkpoint: &duo_model::Checkpoint, config: ModelConfig) -> Result<Box<dyn Backend>> {
-    let c = config.clone();
-    Ok(Box::new(cuda::CudaBackend::parallel(gpus, config, placement, |gpu, shard| cuda::CudaBackend::upload(gpu, checkpoint, &c, Some(shard)))?))
-}
-
-/// [`random`] split over GPUs `0..placement.gpus()` by `placement` (tensor parallelism).
-pub fn random_parallel(placement: duo_core::placement::Placement, config: ModelConfig, seed: u64) -> Result<Box<dyn Backend>> {
-    let gpus = open_parallel(&placement)?;
-    let shape = duo_cuda::model::GpuConfig::from_model(&config);
-    Ok(Box::new(cuda::CudaBackend::parallel(gpus, config, placement, |gpu, shard| Ok(duo_cuda::model::GpuWeights::random_shard(gpu, shape.clone(), seed, Some(shard))?))?))
-}
-
 /// This process's rank of a tensor-parallel group spanning processes (hosts): where it is,
 /// and where rank 0 hands out the group's id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,17 +278,44 @@ pub struct ProcessRank {
     pub rendezvous: String,
 }
 
-/// A checkpoint's shard for this process's rank of a group spanning processes.
-pub fn load_rank(gpu: std::sync::Arc<duo_cuda::Gpu>, at: &ProcessRank, placement: duo_core::placement::Placement, checkpoint: &duo_model::Checkpoint, config: ModelConfig) -> Result<Box<dyn Backend>> {
-    let c = config.clone();
-    Ok(Box::new(cuda::CudaBackend::one_rank(gpu, at.rank, at.world, &at.rendezvous, config, placement, |gpu, shard| cuda::CudaBackend::upload(gpu, checkpoint, &c, Some(shard)))?))
+/// Where the shards of a model split by tensor parallelism go, opened before any model
+/// file is read (too few GPUs, or none, is the first error a user sees).
+pub enum Shards {
+    /// GPUs 0..N, all driven by this process.
+    InProcess(Vec<std::sync::Arc<duo_cuda::Gpu>>),
+    /// This process's one rank of a group spanning processes, on its GPU.
+    Rank(std::sync::Arc<duo_cuda::Gpu>, ProcessRank),
 }
 
-/// [`random`]'s shard for this process's rank of a group spanning processes.
-pub fn random_rank(at: &ProcessRank, placement: duo_core::placement::Placement, config: ModelConfig, seed: u64) -> Result<Box<dyn Backend>> {
-    let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(at.ordinal)?);
+impl Shards {
+    /// GPUs 0..n of this process.
+    pub fn in_process(n: usize) -> Result<Self> {
+        Ok(Shards::InProcess(duo_cuda::runtime::open_gpus(n)?))
+    }
+
+    /// This process's rank `at`.
+    pub fn rank(at: ProcessRank) -> Result<Self> {
+        Ok(Shards::Rank(std::sync::Arc::new(duo_cuda::Gpu::new(at.ordinal)?), at))
+    }
+
+    fn backend(self, config: ModelConfig, placement: duo_core::placement::Placement, upload: impl Fn(&duo_cuda::Gpu, &duo_cuda::model::ShardSpec) -> Result<duo_cuda::model::GpuWeights>) -> Result<Box<dyn Backend>> {
+        Ok(Box::new(match self {
+            Shards::InProcess(gpus) => cuda::CudaBackend::parallel(gpus, config, placement, upload)?,
+            Shards::Rank(gpu, at) => cuda::CudaBackend::one_rank(gpu, at.rank, at.world, &at.rendezvous, config, placement, upload)?,
+        }))
+    }
+}
+
+/// A checkpoint split over `shards` by `placement` (tensor parallelism).
+pub fn load_split(shards: Shards, placement: duo_core::placement::Placement, checkpoint: &duo_model::Checkpoint, config: ModelConfig) -> Result<Box<dyn Backend>> {
+    let c = config.clone();
+    shards.backend(config, placement, |gpu, shard| cuda::CudaBackend::upload(gpu, checkpoint, &c, Some(shard)))
+}
+
+/// [`random`] split over `shards` by `placement` (tensor parallelism).
+pub fn random_split(shards: Shards, placement: duo_core::placement::Placement, config: ModelConfig, seed: u64) -> Result<Box<dyn Backend>> {
     let shape = duo_cuda::model::GpuConfig::from_model(&config);
-    Ok(Box::new(cuda::CudaBackend::one_rank(gpu, at.rank, at.world, &at.rendezvous, config, placement, |gpu, shard| Ok(duo_cuda::model::GpuWeights::random_shard(gpu, shape.clone(), seed, Some(shard))?))?))
+    shards.backend(config, placement, |gpu, shard| Ok(duo_cuda::model::GpuWeights::random_shard(gpu, shape.clone(), seed, Some(shard))?))
 }
 
 #[cfg(test)]
