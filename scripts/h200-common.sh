@@ -11,6 +11,21 @@ for f in duo cuda_backend; do [ -f ".gpu/bin/$f.xz" ] && xz -dc ".gpu/bin/$f.xz"
 join_model() {
   cp .gpu/model.part2 /tmp/duo/model.part2
   cat /tmp/duo/model.part1 /tmp/duo/model.part2 > /tmp/duo/model.gguf
+  cache_model
+}
+
+# The same from the xz-packed parts (.gpu/ma/model.xz.part1 left in /tmp as
+# /tmp/duo/model.ma by an earlier call, .gpu/mb/model.xz.part2 carried by this one);
+# nothing to do where an earlier call on this warm machine already put the model in place.
+join_packed_model() {
+  export DUO_CACHE=/tmp/duo/cache
+  [ -f $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf ] && return 0
+  cat /tmp/duo/model.ma .gpu/mb/model.xz.part2 | xz -dc > /tmp/duo/model.gguf
+  cache_model
+}
+
+# /tmp/duo/model.gguf checked and put where duo looks for the default model.
+cache_model() {
   echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
   export DUO_CACHE=/tmp/duo/cache
   mkdir -p $DUO_CACHE

@@ -65,14 +65,7 @@ case $step in
     done ;;
   c) cp .gpu/ma/model.xz.part1 /tmp/duo/model.ma && ls -la /tmp/duo ;;
   d)
-    export DUO_CACHE=/tmp/duo/cache; mkdir -p $DUO_CACHE
-    # The model may already be there (scripts/h200-issue18.sh c on this warm machine).
-    if [ ! -f $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-      cat /tmp/duo/model.ma .gpu/mb/model.xz.part2 | xz -dc > /tmp/duo/model.gguf
-      echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
-      cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
-      sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
-    fi
+    join_packed_model  # (already in place after scripts/h200-issue18.sh c on this warm machine)
     prompt="Write a short story about a lighthouse keeper who finds a message in a bottle."
     for method in full duo layer; do
       extra=""; m=$method; [ $method = layer ] && { extra="--layout layer"; m=duo; }

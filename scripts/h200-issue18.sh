@@ -23,20 +23,14 @@
 #       and with the shipped ones at the same window, on the GPU backend
 set -uo pipefail
 step=$1
-mkdir -p /tmp/duo "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/h200-common.sh"
 D=/tmp/duo/duo-candle
 W="--sink ${SINK:-64} --recent ${RECENT:-1024}"
 export DUO_CACHE=/tmp/duo/cache
 case $step in
   a) xz -dc .gpu/cuda/duo.xz > $D && chmod +x $D && $D --version && cp .gpu/ma/model.xz.part1 /tmp/duo/model.ma && ls -la /tmp/duo ;;
   c|t|p)
-    if [ ! -f $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-      cat /tmp/duo/model.ma .gpu/mb/model.xz.part2 | xz -dc > /tmp/duo/model.gguf
-      echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1
-      mkdir -p $DUO_CACHE && cp /tmp/duo/model.gguf $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
-      sha256sum $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
-    fi
+    join_packed_model
     if [ $step = p ]; then
       timeout 400 ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
         $D identify --device cuda --out /tmp/duo/p --steps 1 --min-len 2048 --max-len 2048 $W > "$OUT/ncu-identify.txt" 2>&1
