@@ -19,6 +19,11 @@
 #       choice), one layout alone on the GPU, the seconds of each pass
 #   p   (after c or t, the model in place) Nsight Compute's per-kernel summary of one
 #       identification step at 2K tokens: which of candle's kernels the step's time is in
+#   e   carry .gpu/mb, .gpu/niah and .gpu/id-resume (the states to finish): `c` to the end,
+#       then with the trained patterns at sink 64 + recent 1024: the passkey and needle grids
+#       for all five methods, the RULER-style table (and the shipped patterns' duo and layer
+#       rows at the same window), the sparsity sweep at 8K (0.25, 0.75); everything in one
+#       archive, $OUT/study.tar.xz (the device tool brings back 8 files at most)
 #   d   carry .gpu/niah: the grids (passkey, needle; 1K-8K, 5 depths) with the new patterns
 #       and with the shipped ones at the same window, on the GPU backend
 set -uo pipefail
@@ -29,6 +34,26 @@ W="--sink ${SINK:-64} --recent ${RECENT:-1024}"
 export DUO_CACHE=/tmp/duo/cache
 case $step in
   a) xz -dc .gpu/cuda/duo.xz > $D && chmod +x $D && $D --version && cp .gpu/ma/model.xz.part1 /tmp/duo/model.ma && ls -la /tmp/duo ;;
+  e)
+    RUN_S=${RUN_S:-400} bash "$0" c > "$OUT/identify.txt" 2>&1; tail -n 12 "$OUT/identify.txt"
+    R=/tmp/duo/study; rm -rf $R; mkdir -p $R; cp -r /tmp/duo/id-head /tmp/duo/id-layer $R/
+    pats="--pattern /tmp/duo/id-head --layer-pattern /tmp/duo/id-layer"
+    grid="--lengths 1000,2000,4000,8000 --depths 0.1,0.3,0.5,0.7,0.9"
+    for task in passkey niah; do
+      extra="--haystack .gpu/niah"; [ $task = passkey ] && extra="--words 32"
+      timeout 200 $D eval $task --device cuda $pats $W --sparsity 0.5 $grid $extra --out $R/$task > $R/$task.txt 2>&1
+      echo "$task exit $?"; grep -E "^\| (full|duo|layer|streaming|random) " $R/$task/summary.md | cut -c1-120
+      for sp in 0.25 0.75; do
+        timeout 120 $D eval $task --device cuda $pats $W --sparsity $sp --lengths 8000 --depths 0.1,0.3,0.5,0.7,0.9 \
+          --methods duo,layer $extra --out $R/$task-$sp > $R/$task-$sp.txt 2>&1
+        echo "$task $sp exit $?"; grep -E "^\| (duo|layer) " $R/$task-$sp/summary.md | cut -c1-120
+      done
+    done
+    timeout 240 $D eval ruler --device cuda $pats $W --sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.2,0.5,0.8 \
+      --haystack .gpu/niah --out $R/ruler > $R/ruler.txt 2>&1; echo "ruler exit $?"
+    timeout 120 $D eval ruler --device cuda $W --sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.2,0.5,0.8 \
+      --methods duo,layer --haystack .gpu/niah --out $R/ruler-shipped > $R/ruler-shipped.txt 2>&1; echo "ruler shipped exit $?"
+    tar -C /tmp/duo -cJf "$OUT/study.tar.xz" study; ls -la "$OUT" ;;
   c|t|p)
     join_packed_model
     if [ $step = p ]; then
@@ -49,7 +74,7 @@ case $step in
     fi
     for layout in head layer; do
       # Resume from a carried state (.gpu/id-resume), else from the one kept in the repository.
-      kept=evaluation/SmolLM2-135M-Instruct-identification-study/$layout-state-step250.json
+      kept=evaluation/SmolLM2-135M-Instruct-identification-study/$layout-state-step500.json
       if [ ! -f /tmp/duo/id-$layout/state.json ]; then
         mkdir -p /tmp/duo/id-$layout
         if [ -f .gpu/id-resume/$layout/state.json ]; then cp .gpu/id-resume/$layout/state.json /tmp/duo/id-$layout/

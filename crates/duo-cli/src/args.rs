@@ -28,12 +28,13 @@ pub struct MethodArgs {
     /// head (DuoAttention) or layer (ZigzagAttention: whole layers).
     #[arg(long, default_value = "head")]
     pub layout: String,
-    /// Attention-sink tokens kept by streaming heads.
-    #[arg(long, default_value_t = MethodSpec::default().sink)]
-    pub sink: usize,
-    /// Recent tokens kept by streaming heads.
-    #[arg(long, default_value_t = MethodSpec::default().recent)]
-    pub recent: usize,
+    /// Attention-sink tokens kept by streaming heads (default: the pattern's trained window,
+    /// `sink_size` in its config.json, else 64).
+    #[arg(long)]
+    pub sink: Option<usize>,
+    /// Recent tokens kept by streaming heads (default: the pattern's `recent_size`, else 256).
+    #[arg(long)]
+    pub recent: Option<usize>,
     /// Seed for sampling, data generation and `--method random` (default 0, so every command
     /// is deterministic; `duo serve` without it samples each request without a `seed` with a
     /// fresh one, as OpenAI's API does).
@@ -339,12 +340,12 @@ pub struct PatternShowArgs {
     /// pattern and with full attention (weights and activations not counted).
     #[arg(long)]
     pub memory_gib: Option<f64>,
-    /// Sink tokens.
-    #[arg(long, default_value_t = MethodSpec::default().sink)]
-    pub sink: usize,
-    /// Recent tokens.
-    #[arg(long, default_value_t = MethodSpec::default().recent)]
-    pub recent: usize,
+    /// Sink tokens (default: the pattern's `sink_size`, else 64).
+    #[arg(long)]
+    pub sink: Option<usize>,
+    /// Recent tokens (default: the pattern's `recent_size`, else 256).
+    #[arg(long)]
+    pub recent: Option<usize>,
     /// Where to write the heatmap (default: DIR/gates.png).
     #[arg(long)]
     pub heatmap: Option<PathBuf>,

@@ -514,7 +514,8 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let pure_full = per_layer.iter().filter(|&&c| c == heads).count();
     let pure_stream = per_layer.iter().filter(|&&c| c == 0).count();
     println!("layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}", layers - pure_full - pure_stream);
-    let window = duo_core::cache_spec::Window::new(a.sink, a.recent)?;
+    let (sink, recent) = gates.trained_window()?.unwrap_or(duo_engine::method::DEFAULT_WINDOW);
+    let window = duo_core::cache_spec::Window::new(a.sink.unwrap_or(sink), a.recent.unwrap_or(recent))?;
     let (bits, scales) = match &a.kv_dtype {
         Some(d) => {
             let d = d.parse::<duo_engine::KvDtype>()?;
@@ -545,8 +546,8 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     println!(
         "KV cache at {t} tokens (head_dim {}, {element}, sink {}, recent {}): {:.1} MiB vs {:.1} MiB full attention ({:.2}x less)",
         a.head_dim,
-        a.sink,
-        a.recent,
+        window.sink,
+        window.recent,
         plan.total_bytes(t) as f64 / (1 << 20) as f64,
         full.total_bytes(t) as f64 / (1 << 20) as f64,
         full.total_bytes(t) as f64 / plan.total_bytes(t).max(1) as f64

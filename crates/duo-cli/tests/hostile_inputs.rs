@@ -151,7 +151,8 @@ fn a_batched_bench_out_of_range_is_refused_before_any_device_opens() {
 #[test]
 fn pattern_show_prints_the_longest_context_that_fits() {
     // SmolLM2's shipped head pattern at 0.5: 45 retrieval heads of 64 and 45 streaming heads
-    // holding 64 + 256 tokens; full attention 90 heads. `row` is the bytes of one cached row
+    // holding the window the pattern was trained with (its config.json: 64 + 1024 tokens);
+    // full attention 90 heads. `row` is the bytes of one cached row
     // (keys or values of one position of one head), scales included.
     let heatmap = std::env::temp_dir().join(format!("duo-gates-{}.png", std::process::id()));
     let pattern = concat!(env!("CARGO_MANIFEST_DIR"), "/../../patterns/SmolLM2-135M-Instruct/head");
@@ -165,7 +166,7 @@ fn pattern_show_prints_the_longest_context_that_fits() {
         String::from_utf8_lossy(&run.stdout).into_owned()
     };
     let fits = |row: usize| {
-        let (per_token, streaming, full_per_token) = (45 * 2 * row, 45 * 320 * 2 * row, 90 * 2 * row);
+        let (per_token, streaming, full_per_token) = (45 * 2 * row, 45 * 1088 * 2 * row, 90 * 2 * row);
         (per_token, ((1usize << 30) - streaming) / per_token, (1usize << 30) / full_per_token)
     };
     // f32: 4 bytes per element.
@@ -182,6 +183,11 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     let (per_token, ours, full) = fits(36);
     assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4 bits/element"), "{out}");
     assert!(out.contains(&format!("| int4 (GPU) | {per_token} | {ours} | {full} |")), "{out}");
+    assert!(out.contains("sink 64, recent 1024)"), "the pattern's trained window by default: {out}");
+    // A window given on the command line wins.
+    let run = Command::new(env!("CARGO_BIN_EXE_duo")).args(["pattern", "show", pattern, "--recent", "256", "--heatmap", heatmap.to_str().expect("utf-8")]).output().expect("duo runs");
+    let _ = std::fs::remove_file(&heatmap);
+    assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("sink 64, recent 256)"), "{}", String::from_utf8_lossy(&run.stdout));
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--memory-gib", "0"]);
     assert!(!ok && err.contains("positive number of GiB"), "{err}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype", "int3", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")]);
@@ -216,7 +222,8 @@ fn pattern_show_places_heads_for_tensor_parallelism() {
     assert!(!heatmap.exists(), "a refused placement writes nothing");
     // The official Llama-3-8B pattern (8 KV heads) at 0.5 on 2 GPUs, where ../shared is
     // present: the contiguous split leaves 59 and 69 retrieval heads, the placement 64 each,
-    // and each layer's slowest GPU holds 81 against the least possible 71.
+    // and each layer's slowest GPU holds 81 against the least possible 71 (streaming heads
+    // hold the pattern's trained window, sink 128 + recent 256).
     let official = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/duo-attention-patterns/Llama-3-8B-Instruct-Gradient-1048k");
     if !std::path::Path::new(official).exists() {
         eprintln!("{official} is absent: the official pattern's figures are not checked");
@@ -224,8 +231,8 @@ fn pattern_show_places_heads_for_tensor_parallelism() {
         let (ok, out, err) = show(official, "2");
         assert!(ok, "{err}");
         assert!(out.contains("least possible: 71"), "{out}");
-        assert!(out.contains("| contiguous | 59 / 69 | ") && out.contains("| 1.17x | 3039077 | 81 |"), "{out}");
-        assert!(out.contains("| retrieval-aware | 64 / 64 | 30.53 / 30.53 | 1.00x | 3276480 | 71 |"), "{out}");
+        assert!(out.contains("| contiguous | 59 / 69 | ") && out.contains("| 1.17x | 3039022 | 81 |"), "{out}");
+        assert!(out.contains("| retrieval-aware | 64 / 64 | 30.53 / 30.53 | 1.00x | 3276416 | 71 |"), "{out}");
         let _ = std::fs::remove_file(&heatmap);
     }
 }

@@ -144,6 +144,27 @@ impl HeadGates {
         Ok(gates)
     }
 
+    /// The streaming window the gates were trained against: `sink_size` and `recent_size`
+    /// of `config.json` (the reference's keys), `None` where the config names neither. Gates
+    /// measure how much a head needs beyond that window, so it is the window to deploy them
+    /// with unless told otherwise.
+    pub fn trained_window(&self) -> Result<Option<(usize, usize)>> {
+        let read = |key: &str| -> Result<Option<usize>> {
+            match self.config.get(key) {
+                None => Ok(None),
+                Some(v) => v.as_u64().and_then(|n| usize::try_from(n).ok()).map(Some).ok_or_else(|| CoreError::MalformedPattern {
+                    path: PathBuf::from(CONFIG_FILE),
+                    reason: format!("`{key}` is {v}, not a whole number of tokens"),
+                }),
+            }
+        };
+        match (read("sink_size")?, read("recent_size")?) {
+            (Some(sink), Some(recent)) => Ok(Some((sink, recent))),
+            (None, None) => Ok(None),
+            _ => Err(CoreError::MalformedPattern { path: PathBuf::from(CONFIG_FILE), reason: "names one of `sink_size` and `recent_size` without the other".into() }),
+        }
+    }
+
     /// Writes the table and `config.json` into `dir` (created if missing).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let io = |path: PathBuf| move |source| CoreError::Io { path, source };
@@ -359,6 +380,19 @@ mod tests {
     }
 
     #[test]
+    fn the_trained_window_is_read_from_the_config_and_malformed_ones_are_refused() {
+        let table = Path::new("t/full_attention_heads.tsv");
+        let with = |config: &str| HeadGates::parse("0.5\t1\n", Some(config), table).unwrap().trained_window();
+        assert_eq!(with(r#"{"sink_size": 64, "recent_size": 1024, "seed": 1}"#).unwrap(), Some((64, 1024)));
+        assert_eq!(with(r#"{"seed": 1}"#).unwrap(), None);
+        assert_eq!(HeadGates::parse("0.5\t1\n", None, table).unwrap().trained_window().unwrap(), None);
+        for bad in [r#"{"sink_size": 64}"#, r#"{"recent_size": 8}"#, r#"{"sink_size": -1, "recent_size": 8}"#, r#"{"sink_size": 64, "recent_size": "many"}"#, r#"{"sink_size": 1.5, "recent_size": 8}"#] {
+            let e = with(bad).unwrap_err();
+            assert!(matches!(e, CoreError::MalformedPattern { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn six_official_patterns_load_with_their_shapes() {
         let expected = [
             ("Llama-2-7B-32K-Instruct", 32, 32),
@@ -375,6 +409,7 @@ mod tests {
             assert_eq!((g.n_layers(), g.n_kv_heads()), (l, h), "{name}");
             assert!(g.rows().iter().flatten().all(|&x| (0.0..=1.0).contains(&x)), "{name}: clipped");
             assert_eq!(g.config["sink_size"], 128, "{name}: config.json read");
+            assert_eq!(g.trained_window().unwrap(), Some((128, 256)), "{name}: trained with sink 128 + recent 256");
             g.check_shape(l, h).unwrap();
             assert!(matches!(g.check_shape(l, h + 1), Err(CoreError::PatternShape { .. })));
         }

@@ -120,7 +120,14 @@ impl PatternSource {
     }
 }
 
-/// Everything the user says about attention.
+/// The streaming window (sink, recent) where neither the user nor the pattern names one:
+/// the reference's evaluation default.
+pub const DEFAULT_WINDOW: (usize, usize) = (64, 256);
+
+/// Everything the user says about attention. The streaming window the user leaves out is
+/// the one the pattern was trained against (`sink_size` and `recent_size` in its
+/// `config.json`: a gate says how much a head needs beyond that window), else
+/// [`DEFAULT_WINDOW`].
 #[derive(Debug, Clone)]
 pub struct MethodSpec {
     /// The method.
@@ -133,10 +140,10 @@ pub struct MethodSpec {
     pub threshold: Option<f32>,
     /// Head or layer layout.
     pub layout: Layout,
-    /// Attention-sink tokens.
-    pub sink: usize,
-    /// Recent-window tokens.
-    pub recent: usize,
+    /// Attention-sink tokens (`None`: the pattern's trained window, else [`DEFAULT_WINDOW`]).
+    pub sink: Option<usize>,
+    /// Recent-window tokens (`None`: as `sink`).
+    pub recent: Option<usize>,
     /// Seed for `random`.
     pub seed: u64,
     /// How streaming heads see chunked prefill.
@@ -152,7 +159,7 @@ pub struct MethodSpec {
 
 impl Default for MethodSpec {
     fn default() -> Self {
-        Self { method: Method::Full, pattern: None, sparsity: None, threshold: None, layout: Layout::Head, sink: 64, recent: 256, seed: 0, prefill: PrefillMode::Lambda, chunk: 4096, kv_dtype: None, kv_dtype_streaming: None }
+        Self { method: Method::Full, pattern: None, sparsity: None, threshold: None, layout: Layout::Head, sink: None, recent: None, seed: 0, prefill: PrefillMode::Lambda, chunk: 4096, kv_dtype: None, kv_dtype_streaming: None }
     }
 }
 
@@ -196,14 +203,22 @@ impl MethodSpec {
         if self.sparsity.is_some() && self.threshold.is_some() {
             return Err(EngineError::InvalidParameter { name: "threshold", reason: "give either --sparsity or --threshold, not both".into() });
         }
+        // The gates, read once: full attention needs none (nor their window).
+        let gates = match (self.method, &self.pattern) {
+            (Method::Full, _) | (_, None) => None,
+            (_, Some(p)) => Some(p.load(self.layout)?),
+        };
+        let trained = gates.as_ref().map(HeadGates::trained_window).transpose()?.flatten();
+        let (sink, recent) = trained.unwrap_or(DEFAULT_WINDOW);
+        let (sink, recent) = (self.sink.unwrap_or(sink), self.recent.unwrap_or(recent));
         // Windows beyond the context would never fill; bounding them here keeps every
         // allocation derived from them (CPU rings, GPU window rows) within the model's size.
-        for (name, value) in [("sink", self.sink), ("recent", self.recent)] {
+        for (name, value) in [("sink", sink), ("recent", recent)] {
             if value > config.context_length {
                 return Err(EngineError::InvalidParameter { name, reason: format!("{value} tokens exceed the model's context of {}", config.context_length) });
             }
         }
-        let window = Window::new(self.sink, self.recent)?;
+        let window = Window::new(sink, recent)?;
         let sparsity = self.sparsity.unwrap_or(0.5);
         let binarise = |gates: &HeadGates| -> Result<HeadPattern> {
             gates.check_shape(layers, kv)?;
@@ -213,16 +228,15 @@ impl MethodSpec {
                 None => gates.binarise_sparsity(sparsity, self.layout)?,
             })
         };
-        let load = || -> Result<Option<HeadGates>> { self.pattern.as_ref().map(|p| p.load(self.layout)).transpose() };
         let pattern = match self.method {
             Method::Full => HeadPattern::all_retrieval(layers, kv),
             Method::Streaming => HeadPattern::all_streaming(layers, kv),
             Method::Duo => {
-                let gates = load()?.ok_or(EngineError::InvalidParameter { name: "pattern", reason: "--method duo needs --pattern DIR (a folder with full_attention_heads.tsv)".into() })?;
-                binarise(&gates)?
+                let gates = gates.as_ref().ok_or(EngineError::InvalidParameter { name: "pattern", reason: "--method duo needs --pattern DIR (a folder with full_attention_heads.tsv)".into() })?;
+                binarise(gates)?
             }
-            Method::Random => match load()? {
-                Some(g) => HeadPattern::random_per_layer(&binarise(&g)?, self.seed),
+            Method::Random => match &gates {
+                Some(g) => HeadPattern::random_per_layer(&binarise(g)?, self.seed),
                 None => {
                     if self.layout == Layout::Layer {
                         let full_layers = ((1.0 - sparsity) * layers as f64).round() as usize;
@@ -254,10 +268,47 @@ mod tests {
     fn windows_longer_than_the_context_are_refused_by_name() {
         let config = duo_model::random::shape("smollm2-135m").expect("preset");
         for (sink, recent, name) in [(1usize << 40, 256, "sink"), (64, usize::MAX, "recent"), (8193, 1, "sink")] {
-            let e = MethodSpec { sink, recent, ..Default::default() }.resolve(&config).unwrap_err();
+            let e = MethodSpec { sink: Some(sink), recent: Some(recent), ..Default::default() }.resolve(&config).unwrap_err();
             assert!(matches!(e, EngineError::InvalidParameter { name: n, .. } if n == name), "{e}");
             assert!(e.to_string().contains("8192"), "{e}");
         }
-        assert!(MethodSpec { sink: 8192, recent: 8192, ..Default::default() }.resolve(&config).is_ok());
+        assert!(MethodSpec { sink: Some(8192), recent: Some(8192), ..Default::default() }.resolve(&config).is_ok());
+    }
+
+    #[test]
+    fn the_window_left_out_is_the_patterns_trained_one_and_a_given_one_wins() {
+        let config = duo_model::random::shape("smollm2-135m").expect("preset");
+        let dir = std::env::temp_dir().join(format!("duo-window-{}", std::process::id()));
+        let mut gates = HeadGates::new((0..config.n_layers).map(|l| (0..config.n_kv_heads).map(|h| ((l * 7 + h * 3) % 10) as f32 / 10.0).collect()).collect()).unwrap();
+        gates.config = serde_json::json!({"sink_size": 32, "recent_size": 512});
+        gates.save(&dir).unwrap();
+        let spec = |method, sink, recent| MethodSpec { method, pattern: Some(PatternSource::Path(dir.clone())), sink, recent, ..Default::default() };
+        let window = |s: MethodSpec| s.resolve(&config).unwrap().window;
+        for method in [Method::Duo, Method::Streaming, Method::Random] {
+            assert_eq!(window(spec(method, None, None)), Window::new(32, 512).unwrap(), "{method:?}: the trained window");
+            assert_eq!(window(spec(method, Some(4), None)), Window::new(4, 512).unwrap(), "{method:?}: --sink alone");
+            assert_eq!(window(spec(method, None, Some(100))), Window::new(32, 100).unwrap(), "{method:?}: --recent alone");
+        }
+        // Without a pattern, or one whose config names no window: the default.
+        let (sink, recent) = DEFAULT_WINDOW;
+        assert_eq!(window(MethodSpec { method: Method::Streaming, ..Default::default() }), Window::new(sink, recent).unwrap());
+        gates.config = serde_json::json!({"seed": 1});
+        gates.save(&dir).unwrap();
+        assert_eq!(window(spec(Method::Duo, None, None)), Window::new(sink, recent).unwrap());
+        // A window the config names badly is an error, not a silent default.
+        gates.config = serde_json::json!({"sink_size": "sixty-four", "recent_size": 256});
+        gates.save(&dir).unwrap();
+        assert!(spec(Method::Duo, None, None).resolve(&config).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_shipped_patterns_deploy_with_the_window_they_were_trained_with() {
+        let config = duo_model::random::shape("smollm2-135m").expect("preset");
+        for layout in [Layout::Head, Layout::Layer] {
+            let trained = crate::shipped::gates(layout).unwrap().trained_window().unwrap().expect("the shipped config names its window");
+            let resolved = MethodSpec { method: Method::Duo, pattern: Some(PatternSource::Shipped), layout, ..Default::default() }.resolve(&config).unwrap();
+            assert_eq!(resolved.window, Window::new(trained.0, trained.1).unwrap(), "{layout:?}");
+        }
     }
 }

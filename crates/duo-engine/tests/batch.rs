@@ -33,7 +33,7 @@ impl EventSink for ChannelSink {
 fn batched_requests_match_running_alone_and_free_their_kv() {
     let model = Arc::new(Engine::load(&ModelSource::Default, Device::Cpu).expect("default model"));
     // Small windows and chunks, so streaming heads wrap and prefills interleave with decode.
-    let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout: Layout::Head, sink: 8, recent: 24, chunk: 48, ..Default::default() };
+    let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout: Layout::Head, sink: Some(8), recent: Some(24), chunk: 48, ..Default::default() };
     let method = spec.resolve(model.config()).expect("method");
     let text = "The quick brown fox jumps over the lazy dog. Once upon a time in a small village by the sea, there lived an old fisherman who told stories every evening. ";
     let base = model.tokenizer.encode(&text.repeat(8), true).expect("encode");

@@ -162,7 +162,7 @@ impl EventSink for ChannelSink {
 #[test]
 fn preempted_requests_resume_with_the_tokens_they_give_alone() {
     let model = Arc::new(Engine::load(&ModelSource::Default, Device::Cpu).expect("default model"));
-    let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout: Layout::Head, sink: 8, recent: 24, chunk: 32, ..Default::default() };
+    let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout: Layout::Head, sink: Some(8), recent: Some(24), chunk: 32, ..Default::default() };
     let method = spec.resolve(model.config()).expect("method");
     let text = "The harbour town woke slowly. Fishermen mended nets while gulls argued over the morning catch. ";
     let base = model.tokenizer.encode(&text.repeat(10), true).expect("encode");

@@ -159,7 +159,7 @@ fn kv_bytes_follow_the_formula_and_streaming_stays_constant() {
     let text: String = "The quick brown fox jumps over the lazy dog. ".repeat(200);
     let all = m.tokenizer.encode(&text, true).expect("encode");
     for layout in [Layout::Head, Layout::Layer] {
-        let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout, sink: 16, recent: 64, chunk: 100, seed: 3, ..Default::default() };
+        let spec = MethodSpec { method: Method::Random, sparsity: Some(0.5), layout, sink: Some(16), recent: Some(64), chunk: 100, seed: 3, ..Default::default() };
         let method = spec.resolve(c).expect("resolve");
         // Half of 90 KV heads either way: 45 heads, or 15 whole layers of 3.
         assert_eq!(method.pattern.retrieval_count(), 45);
@@ -201,9 +201,9 @@ fn chunked_prefill_matches_one_chunk_for_full_attention_and_lambda_differs_only_
         assert_eq!(duo_engine::sampler::argmax(&one), duo_engine::sampler::argmax(&chunked), "chunk {chunk}");
     }
     // Streaming heads: reference mode's first chunk is dense, so with one chunk it equals full attention.
-    let stream_ref = last_logits(&MethodSpec { method: Method::Streaming, prefill: PrefillMode::Reference, chunk: 4096, sink: 4, recent: 16, ..Default::default() }, &prompt);
+    let stream_ref = last_logits(&MethodSpec { method: Method::Streaming, prefill: PrefillMode::Reference, chunk: 4096, sink: Some(4), recent: Some(16), ..Default::default() }, &prompt);
     assert_eq!(stream_ref, one);
-    let stream_lambda = last_logits(&MethodSpec { method: Method::Streaming, chunk: 4096, sink: 4, recent: 16, ..Default::default() }, &prompt);
+    let stream_lambda = last_logits(&MethodSpec { method: Method::Streaming, chunk: 4096, sink: Some(4), recent: Some(16), ..Default::default() }, &prompt);
     assert!(stream_lambda.iter().zip(&one).any(|(a, b)| (a - b).abs() > 1e-3), "the Λ mask changes the result");
 }
 
@@ -234,7 +234,7 @@ fn an_int8_cache_holds_a_quarter_of_the_bytes_and_a_scale_per_row_and_keeps_the_
     let m = model();
     let text: String = "The passkey is 7 3 1 9. Remember it. ".repeat(30);
     let prompt = m.tokenizer.encode(&text, true).expect("encode");
-    let duo = MethodSpec { method: Method::Random, sparsity: Some(0.5), chunk: 128, sink: 16, recent: 64, seed: 3, ..Default::default() };
+    let duo = MethodSpec { method: Method::Random, sparsity: Some(0.5), chunk: 128, sink: Some(16), recent: Some(64), seed: 3, ..Default::default() };
     let int8 = MethodSpec { kv_dtype: Some(duo_engine::KvDtype::Int8), ..duo.clone() };
     let (a, b) = (last_logits(&duo, &prompt), last_logits(&int8, &prompt));
     let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;

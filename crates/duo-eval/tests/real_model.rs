@@ -15,7 +15,7 @@ fn full_attention_retrieves_what_a_small_window_cannot() {
     let cell = grid.prompt(&model.tokenizer, 500, 0.1).expect("prompt");
     assert_eq!(cell.prompt.len() + cell.answer.len(), 500);
     assert_eq!(grid.prompt(&model.tokenizer, 500, 0.1).expect("again"), cell, "cells are seeded");
-    let base = MethodSpec { sink: 4, recent: 32, ..Default::default() };
+    let base = MethodSpec { sink: Some(4), recent: Some(32), ..Default::default() };
     let c = model.config();
     let run = |m: EvalMethod| {
         let resolved = m.spec(&base, None).resolve(c).expect("resolve");
@@ -39,7 +39,7 @@ fn ruler_tasks_have_exact_lengths_and_separate_full_from_streaming() {
     use duo_tasks::RulerTask;
     let model = Engine::load(&ModelSource::Default, Device::Cpu).expect("default model");
     let c = model.config();
-    let base = MethodSpec { sink: 4, recent: 32, ..Default::default() };
+    let base = MethodSpec { sink: Some(4), recent: Some(32), ..Default::default() };
     for task in RulerTask::ALL {
         let grid = Grid { task: Task::Ruler(task), haystack: Haystack::Generated, lengths: vec![600], depths: vec![0.3], hint_words: 4, seed: 5 };
         let cell = grid.prompt(&model.tokenizer, 600, 0.3).expect("prompt");
