@@ -7,7 +7,9 @@
 #      env VARIANTS, space-separated variants, each comma-separated NAME=VALUE settings of
 #      DUO_DECODE_STAGES, _MIN_BLOCKS, _L2_PREFETCH (0, 128: the default, 256), _WARP_PIPE
 #      (1: each warp copies and waits for its own keys, bf16), DUO_TIME_PLACEMENT
-#      (contiguous), DUO_TIME_V_SKEW (bytes);
+#      (contiguous), DUO_TIME_V_SKEW (bytes), DUO_DECODE_V_SMEM (1: values of a byte cache
+#      through shared memory); env ROWS: which timing rows to print (a regular expression,
+#      default the tensor-core bf16 ones);
 #   3. with NCU=1, Nsight Compute on duo's partial kernel (full layer, 1 x 131072 tokens;
 #      env NCU_VARS: settings as above) and, with NCU_SDPA=1, on PyTorch SDPA's decode kernels on the same shape: bandwidth, occupancy, issue.
 set -uo pipefail
@@ -21,7 +23,7 @@ i=0
 for v in default ${VARIANTS:-DUO_DECODE_WARP_PIPE=1 DUO_DECODE_WARP_PIPE=1,DUO_DECODE_STAGES=4,DUO_DECODE_MIN_BLOCKS=1 DUO_DECODE_L2_PREFETCH=0}; do
   i=$((i + 1)); vars=""; [ "$v" = default ] || vars=${v//,/ }
   timeout 120 env $vars $D cuda-check --only ops --timings decode > "$OUT/decode-$i.txt" 2>&1
-  echo "== $v (exit $?)"; grep -E "Tensor +Bf16" "$OUT/decode-$i.txt" | sed 's/time decode attention, Llama-3-8B layer, //'
+  echo "== $v (exit $?)"; grep -E "${ROWS:-Tensor +Bf16}" "$OUT/decode-$i.txt" | sed 's/time decode attention, Llama-3-8B layer, //'
 done
 [ "${NCU:-0}" = 1 ] || exit 0
 NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats"

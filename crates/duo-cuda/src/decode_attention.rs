@@ -188,17 +188,18 @@ impl DecodeKernel {
     }
 }
 
-/// Dynamic shared memory of the tensor-core partial kernel: [`tensor_stages`] (bf16: three)
-/// stages of 64-key K and V tiles, rows padded by 8 elements (the merge reuses them). A
-/// quantised cache's stages (five; int4: eight) hold its raw rows (padded by 16 bytes) and
-/// row scales, and each warp its 16 keys' values dequantised to f16 beside them.
-pub fn tensor_smem_bytes(head_dim: usize, kv: KvType) -> usize {
+/// Dynamic shared memory of the tensor-core partial kernel for heads of `head_dim` with
+/// `group` query heads each: [`tensor_stages`] (bf16: three) stages of 64-key K and V tiles,
+/// rows padded by 8 elements (the merge reuses them). A quantised cache's stages (five;
+/// int4: eight) hold its raw rows (padded by 16 bytes) and row scales, and, where values do
+/// not go from their codes straight to the tensor cores ([`tensor_values_in_registers`],
+/// up to 8 query heads), each warp its 16 keys' values dequantised to f16 beside them.
+pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
     let stages = tensor_stages(kv);
     match kv {
         KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
-            stages * 2 * 64 * (kv.bytes_for(head_dim) + 16)
-                + stages * 2 * 64 * 4
-                + 4 * 16 * (head_dim + 8) * 2
+            let converted = if tensor_values_in_registers() && group <= 8 { 0 } else { 4 * 16 * (head_dim + 8) * 2 };
+            stages * 2 * 64 * (kv.bytes_for(head_dim) + 16) + stages * 2 * 64 * 4 + converted
         }
         _ => stages * 2 * 64 * (head_dim + 8) * 2,
     }
@@ -236,6 +237,14 @@ pub fn tensor_l2_prefetch() -> usize {
 /// sharing each tile (the default). A measurement knob until it is measured.
 pub fn tensor_warp_pipe() -> bool {
     tuning("DUO_DECODE_WARP_PIPE") == Some(1)
+}
+
+/// Whether the tensor-core kernel over a quantised cache takes values from their codes
+/// straight into the tensor cores (the default, for up to 8 query heads per KV head; see
+/// `V_REGS` in [`TENSOR_SOURCE`]) rather than through an f16 copy in shared memory
+/// (`DUO_DECODE_V_SMEM=1`, the previous form, kept to measure one against the other).
+pub fn tensor_values_in_registers() -> bool {
+    tuning("DUO_DECODE_V_SMEM") != Some(1)
 }
 
 /// A numeric tuning override from the environment (unset or unparsable: none), read once
@@ -625,6 +634,26 @@ pub const TENSOR_SOURCE: &str = r#"
 // (tensor_stages, tensor_min_blocks), which sizes the shared memory from the same numbers.
 typedef unsigned char kv_t;
 #define RPAD (ROW_BYTES + 16)
+// N 32-bit words from shared memory at p (aligned to 4 N bytes) in one load.
+template <int N>
+__device__ __forceinline__ void load_words(const unsigned char* p, unsigned* w) {
+    if (N == 4) { const uint4 x = *reinterpret_cast<const uint4*>(p); w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w; }
+    else if (N == 2) { const uint2 x = *reinterpret_cast<const uint2*>(p); w[0] = x.x; w[1] = x.y; }
+    else { w[0] = *reinterpret_cast<const unsigned*>(p); }
+}
+// Values straight from their codes into the tensor cores (V_REGS, up to 8 query heads per
+// KV head): the product is taken transposed, O^T = V^T P^T, so that the values are the A
+// operand (rows = head dimensions, k = the warp's 16 keys) and the softmax weights the B
+// operand (n = the query heads, straight from the score fragments). A lane's A fragments
+// need two keys' codes of one dimension per register: it reads its HEAD_DIM / 8 dimensions
+// (dims permuted: fragment row gr of product i is dim (HEAD_DIM / 8) gr + 2 i, row gr + 8 the
+// next) from each of its four key rows and pairs the rows' bytes by byte permutes. Each key's
+// scale (int4: step) multiplies its weight instead of its values; int4's minimum adds
+// `sum(P min)` to every dimension of the row (kept beside the softmax sum). No dequantised
+// copy in shared memory, and half the products of the m16 form for heads of <= 8 queries.
+#if V_REGS && GROUP <= 8
+#define VREG 1
+#endif
 #define RAW_TILE (TILE * RPAD)
 #define PACK pack_h
 #define MMA mma_h
@@ -791,10 +820,20 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         cp_async_commit();
     }
 
-    float o[HEAD_DIM / 8][4];
+#ifdef VREG
+    // O^T fragments: product i's rows are dims (HEAD_DIM / 8) gr + 2 i (+ 1), columns the
+    // query heads 2 tq and 2 tq + 1.
+#define O_FRAGS (HEAD_DIM / 16)
+#else
+#define O_FRAGS (HEAD_DIM / 8)
+#endif
+    float o[O_FRAGS][4];
 #pragma unroll
-    for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][0] = 0.f; o[i][1] = 0.f; o[i][2] = 0.f; o[i][3] = 0.f; }
+    for (int i = 0; i < O_FRAGS; i++) { o[i][0] = 0.f; o[i][1] = 0.f; o[i][2] = 0.f; o[i][3] = 0.f; }
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows gr and gr + 8
+#if defined(VREG) && defined(KV_INT4)
+    float pmin = 0.f;  // row gr's sum of weight times value minimum (this lane's keys)
+#endif
 
     for (int tile = 0; tile < n_tiles; tile++) {
         cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
@@ -819,6 +858,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         // the query's sum).
         const float* ksc = scl + (tile % STAGES) * 2 * TILE + warp * 16;
         const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + warp * 16 * RPAD;
+#ifndef VREG
         {
             __syncwarp();  // the previous tile's value fragments are read
 #pragma unroll
@@ -830,6 +870,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             __syncwarp();
         }
         const bf16_t* vs = conv;
+#endif
         const unsigned char* kq = kr + (ROW_BYTES / 4) * tq;
 #ifdef KV_INT4
         // Two words (16 codes) of keys gr and gr + 8 at a time: word w's pairs 0-1 are the
@@ -896,9 +937,16 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
                 for (int x = 0; x < 4; x++)
                     if (k0 + 8 * j + 2 * tq + (x & 1) >= end) sc[j][x] = NEG_INF;
         }
-        float cf[2];  // each row's rescaling of what it has summed (1 while its maximum holds)
+        float cf[2] = {1.f, 1.f};  // each row's rescaling of what it has summed (1 while its maximum holds)
+        // Rows gr + 8 are query heads 8-15: with at most 8 per KV head they hold nothing, and
+        // their weights are zero (no exponentials spent on them).
+#define SOFTMAX_HALVES (GROUP > 8 ? 2 : 1)
+#if GROUP <= 8
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
+        for (int j = 0; j < 2; j++) { sc[j][2] = 0.f; sc[j][3] = 0.f; }
+#endif
+#pragma unroll
+        for (int hf = 0; hf < SOFTMAX_HALVES; hf++) {
             float mx = fmaxf(fmaxf(sc[0][2 * hf], sc[0][2 * hf + 1]), fmaxf(sc[1][2 * hf], sc[1][2 * hf + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
@@ -919,6 +967,67 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         }
         // Past the first tiles a row's maximum rarely moves: the warp skips the rescaling of
         // its output fragments (HEAD_DIM / 2 multiplications per lane) when no row's did.
+#ifdef VREG
+        if (__any_sync(0xffffffff, cf[0] != 1.f || cf[1] != 1.f)) {
+            // Columns are query heads 2 tq and 2 tq + 1, whose factors lanes 8 tq and 8 tq + 4 hold.
+            const float c0 = __shfl_sync(0xffffffff, cf[0], 8 * tq), c1 = __shfl_sync(0xffffffff, cf[0], 8 * tq + 4);
+#pragma unroll
+            for (int i = 0; i < O_FRAGS; i++) { o[i][0] *= c0; o[i][1] *= c1; o[i][2] *= c0; o[i][3] *= c1; }
+#ifdef KV_INT4
+            pmin *= cf[0];
+#endif
+        }
+        // P^T as the B operand (k = keys 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9; n = query head
+        // gr), each weight times its key's value scale (int4: step).
+        const float* vsc = ksc + TILE;
+        unsigned pb[2];
+#ifdef KV_INT4
+        {
+            const uint2 w0 = *reinterpret_cast<const uint2*>(vsc + 2 * tq), w1 = *reinterpret_cast<const uint2*>(vsc + 8 + 2 * tq);
+            pb[0] = PACK(sc[0][0] * h2f(w0.x & 0xffffu), sc[0][1] * h2f(w0.y & 0xffffu));
+            pb[1] = PACK(sc[1][0] * h2f(w1.x & 0xffffu), sc[1][1] * h2f(w1.y & 0xffffu));
+            pmin += sc[0][0] * h2f(w0.x >> 16) + sc[0][1] * h2f(w0.y >> 16) + sc[1][0] * h2f(w1.x >> 16) + sc[1][1] * h2f(w1.y >> 16);
+        }
+#else
+        {
+            const float2 s0 = *reinterpret_cast<const float2*>(vsc + 2 * tq), s1 = *reinterpret_cast<const float2*>(vsc + 8 + 2 * tq);
+            pb[0] = PACK(sc[0][0] * s0.x, sc[0][1] * s0.y);
+            pb[1] = PACK(sc[1][0] * s1.x, sc[1][1] * s1.y);
+        }
+#endif
+        // This lane's HEAD_DIM / 8 dimensions of keys 2 tq, 2 tq + 1 (a, b) and 2 tq + 8,
+        // 2 tq + 9 (c, d) of the warp's 16, as 32-bit words.
+#define VW (ROW_BYTES / 32)
+        unsigned va[VW], vb_[VW], vc[VW], vd[VW];
+        {
+            const unsigned char* vr = kr + RAW_TILE + (ROW_BYTES / 8) * gr;
+            load_words<VW>(vr + (2 * tq) * RPAD, va);
+            load_words<VW>(vr + (2 * tq + 1) * RPAD, vb_);
+            load_words<VW>(vr + (2 * tq + 8) * RPAD, vc);
+            load_words<VW>(vr + (2 * tq + 9) * RPAD, vd);
+        }
+#pragma unroll
+        for (int i = 0; i < O_FRAGS; i++) {
+            unsigned a[4];
+#ifdef KV_INT4
+            // Word i / 4 holds this lane's dims 8 (i / 4) ..; value 2 j of a word is nibble j,
+            // value 2 j + 1 nibble j + 4 (crate::int4): dims 2 i and 2 i + 1 are nibble i % 4
+            // of the low and of the high half-word.
+            const int w = i / 4, j = i % 4;
+            const unsigned ab_lo = __byte_perm(va[w], vb_[w], 0x5410), ab_hi = __byte_perm(va[w], vb_[w], 0x7632);
+            const unsigned cd_lo = __byte_perm(vc[w], vd[w], 0x5410), cd_hi = __byte_perm(vc[w], vd[w], 0x7632);
+            a[0] = nib2_h(ab_lo, j); a[1] = nib2_h(ab_hi, j); a[2] = nib2_h(cd_lo, j); a[3] = nib2_h(cd_hi, j);
+#else
+            // Word i / 2 holds dims 4 (i / 2) ..: dims 2 i and 2 i + 1 are its bytes 0-1 (i
+            // even) or 2-3, each paired with the same byte of the other key.
+            const int w = i / 2;
+            const unsigned sel = (i & 1) ? 0x7362u : 0x5140u;
+            const unsigned ab = __byte_perm(va[w], vb_[w], sel), cd = __byte_perm(vc[w], vd[w], sel);
+            a[0] = bytes2_h(ab & 0xffffu); a[1] = bytes2_h(ab >> 16); a[2] = bytes2_h(cd & 0xffffu); a[3] = bytes2_h(cd >> 16);
+#endif
+            MMA(o[i], a, pb[0], pb[1]);
+        }
+#else
         if (__any_sync(0xffffffff, cf[0] != 1.f || cf[1] != 1.f)) {
 #pragma unroll
             for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][0] *= cf[0]; o[i][1] *= cf[0]; o[i][2] *= cf[1]; o[i][3] *= cf[1]; }
@@ -933,6 +1042,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             MMA(o[i], pa, vb[0], vb[1]);
             MMA(o[i + 1], pa, vb[2], vb[3]);
         }
+#endif
     }
     cp_async_wait_0();
     __syncthreads();  // the stages are reused for the merge below
@@ -949,13 +1059,36 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         const int r = gr + 8 * hf;
         if (r < GROUP) {
             if (tq == 0) { wm[warp * 16 + r] = m[hf]; wl[warp * 16 + r] = sum; }
+#ifndef VREG
 #pragma unroll
             for (int i = 0; i < HEAD_DIM / 8; i++) {
                 wo[(warp * GROUP + r) * HEAD_DIM + 8 * i + 2 * tq] = o[i][2 * hf];
                 wo[(warp * GROUP + r) * HEAD_DIM + 8 * i + 2 * tq + 1] = o[i][2 * hf + 1];
             }
+#endif
         }
     }
+#ifdef VREG
+#ifdef KV_INT4
+    // Row gr's sum(P min) over the warp's keys, added to each of its dimensions below.
+    pmin += __shfl_xor_sync(0xffffffff, pmin, 1);
+    pmin += __shfl_xor_sync(0xffffffff, pmin, 2);
+    float* wz = wo + 4 * GROUP * HEAD_DIM;  // [4][16]
+    if (tq == 0 && gr < GROUP) wz[warp * 16 + gr] = pmin;
+    __syncwarp();
+#endif
+#pragma unroll
+    for (int i = 0; i < O_FRAGS; i++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const int r = 2 * tq + (x & 1), c = (HEAD_DIM / 8) * gr + 2 * i + (x >> 1);
+#ifdef KV_INT4
+            if (r < GROUP) wo[(warp * GROUP + r) * HEAD_DIM + c] = o[i][x] + wz[warp * 16 + r];
+#else
+            if (r < GROUP) wo[(warp * GROUP + r) * HEAD_DIM + c] = o[i][x];
+#endif
+        }
+#endif
     __syncthreads();
     for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += 128) {
         const int r = idx / HEAD_DIM, c = idx % HEAD_DIM;
@@ -1491,8 +1624,8 @@ mod tests {
                 && !DecodeKernel::Tensor.fits(128, 4, KvType::F32)
         );
         assert!(
-            tensor_smem_bytes(128, KvType::Fp8) * 2 <= 227 * 1024
-                && tensor_smem_bytes(128, KvType::Int4) * 2 <= 227 * 1024,
+            [1, 4, 16].iter().all(|&group| tensor_smem_bytes(128, group, KvType::Fp8) * 2 <= 227 * 1024
+                && tensor_smem_bytes(128, group, KvType::Int4) * 2 <= 227 * 1024),
             "two fp8 blocks fit a multiprocessor"
         );
     }

@@ -167,6 +167,10 @@ fn decode_source(
                 "-DWARP_PIPE={}",
                 u8::from(crate::decode_attention::tensor_warp_pipe())
             ));
+            options.push(format!(
+                "-DV_REGS={}",
+                u8::from(crate::decode_attention::tensor_values_in_registers())
+            ));
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS
@@ -217,6 +221,9 @@ pub fn compile_all() -> Option<Result<usize>> {
         (4, 128, KvType::Int8, DecodeKernel::Tensor),
         (3, 64, KvType::Int4, DecodeKernel::Tensor),
         (4, 128, KvType::Int4, DecodeKernel::Tensor),
+        (8, 128, KvType::Fp8, DecodeKernel::Tensor),
+        (1, 128, KvType::Int4, DecodeKernel::Tensor),
+        (1, 64, KvType::Int8, DecodeKernel::Tensor),
     ];
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
@@ -227,6 +234,12 @@ pub fn compile_all() -> Option<Result<usize>> {
     for (group, d) in [(3, 64), (4, 128)] {
         let (src, o) = decode_source(group, d, KvType::Bf16, DecodeKernel::Tensor);
         let o = o.into_iter().map(|x| if x.starts_with("-DWARP_PIPE=") { "-DWARP_PIPE=1".into() } else { x }).collect();
+        jobs.push(("decode_attention", src, o));
+    }
+    // And DUO_DECODE_V_SMEM's (values through shared memory) over each byte cache.
+    for (group, d, kv) in [(4, 128, KvType::Fp8), (3, 64, KvType::Int8), (4, 128, KvType::Int4)] {
+        let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
+        let o = o.into_iter().map(|x| if x.starts_with("-DV_REGS=") { "-DV_REGS=0".into() } else { x }).collect();
         jobs.push(("decode_attention", src, o));
     }
     let n = jobs.len();
@@ -795,7 +808,7 @@ impl Gpu {
             .map_err(driver)?;
         if kernel == DecodeKernel::Tensor {
             // Three stages of K and V tiles exceed the 48 KiB a kernel gets without asking.
-            allow_dynamic_smem(&partial, tensor_smem_bytes(head_dim, kv))?;
+            allow_dynamic_smem(&partial, tensor_smem_bytes(head_dim, group, kv))?;
         }
         let k = (
             partial,
@@ -843,7 +856,7 @@ impl Gpu {
         if a.kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (
                 std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(),
-                tensor_smem_bytes(a.head_dim, a.kv) as u32,
+                tensor_smem_bytes(a.head_dim, a.group, a.kv) as u32,
             );
             launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &scale_log2, &pm, &pl, &pa)?;
         } else {
