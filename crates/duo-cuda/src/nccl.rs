@@ -136,6 +136,9 @@ struct Comms {
     /// Held while an operation runs on every rank: two at once could order their
     /// collectives differently on different ranks and wait for each other forever.
     turn: Mutex<()>,
+    /// Told when the group is aborted here (a group spanning processes: the other
+    /// processes' alarm, [`crate::rendezvous::Watch::raise`]).
+    on_abort: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 // SAFETY: a communicator may be used from any thread, one call at a time; each rank's is
@@ -184,7 +187,7 @@ impl Link {
         // SAFETY: `comms` has room for one communicator per device listed.
         nccl.check("initialising", unsafe { (nccl.init_all)(comms.as_mut_ptr(), devices.len() as c_int, devices.as_ptr()) })?;
         let world = devices.len();
-        let group = Arc::new(Comms { nccl, comms, aborted: AtomicBool::new(false), turn: Mutex::new(()) });
+        let group = Arc::new(Comms { nccl, comms, aborted: AtomicBool::new(false), turn: Mutex::new(()), on_abort: Mutex::new(None) });
         Ok((0..world).map(|rank| Arc::new(Link { group: group.clone(), local: rank, rank, world })).collect())
     }
 
@@ -196,7 +199,7 @@ impl Link {
         // SAFETY: `comm` receives one communicator; the id is one rank 0 made.
         let raw = RawId { internal: id.map(|b| b as c_char) };
         nccl.check("joining the group", unsafe { (nccl.init_rank)(&mut comm, world as c_int, raw, rank as c_int) })?;
-        let group = Arc::new(Comms { nccl, comms: vec![comm], aborted: AtomicBool::new(false), turn: Mutex::new(()) });
+        let group = Arc::new(Comms { nccl, comms: vec![comm], aborted: AtomicBool::new(false), turn: Mutex::new(()), on_abort: Mutex::new(None) });
         Ok(Arc::new(Link { group, local: 0, rank, world }))
     }
 
@@ -240,6 +243,9 @@ impl Link {
         if g.aborted.swap(true, Ordering::SeqCst) {
             return;
         }
+        if let Some(tell) = g.on_abort.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            tell();
+        }
         for i in 0..g.comms.len() {
             let group = g.clone();
             std::thread::spawn(move || {
@@ -247,6 +253,12 @@ impl Link {
                 unsafe { (group.nccl.abort)(group.comms[i]) };
             });
         }
+    }
+
+    /// `tell` runs when the group is aborted in this process (once): how the ranks of other
+    /// processes learn of it.
+    pub fn on_abort(&self, tell: impl Fn() + Send + Sync + 'static) {
+        *self.group.on_abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(tell));
     }
 
     /// Whether the group was aborted.

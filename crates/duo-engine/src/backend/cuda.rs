@@ -172,17 +172,31 @@ impl CudaBackend {
     /// This process's rank `rank` of a group of `world` processes (hosts), on `gpu`: the id
     /// of the group's communicator comes from rank 0 at `rendezvous` (rank 0 makes it and
     /// hands it out), then the rank uploads its shard as [`CudaBackend::parallel`] does.
+    /// The rendezvous connections stay open as the group's alarm
+    /// ([`duo_cuda::rendezvous::Watch`]): this process aborting its communicator tells the
+    /// others, and another process's failure or end aborts this one's, so that no rank
+    /// waits for ever in a collective for a peer that is gone.
     pub fn one_rank(gpu: Arc<Gpu>, rank: usize, world: usize, rendezvous: &str, config: ModelConfig, placement: Placement, upload: impl Fn(&Gpu, &ShardSpec) -> Result<GpuWeights>) -> Result<Self> {
         const WAIT: std::time::Duration = std::time::Duration::from_secs(300);
-        let id = if rank == 0 {
+        let (id, peers) = if rank == 0 {
             let id = duo_cuda::nccl::Nccl::load()?.unique_id()?;
-            duo_cuda::rendezvous::serve(rendezvous, world, &id, WAIT)?;
-            id
+            (id, duo_cuda::rendezvous::serve(rendezvous, world, &id, WAIT)?)
         } else {
-            duo_cuda::rendezvous::fetch(rendezvous, rank, world, WAIT)?
+            let (id, to_rank0) = duo_cuda::rendezvous::fetch(rendezvous, rank, world, WAIT)?;
+            (id, vec![(0, to_rank0)])
         };
         gpu.bind()?;
         let link = Link::one(id, rank, world)?;
+        let weak = Arc::downgrade(&link);
+        let watch = duo_cuda::rendezvous::Watch::start(peers, move |why| {
+            eprintln!("duo: tensor-parallel rank {rank}: {why}; aborting this rank's communicator");
+            if let Some(link) = weak.upgrade() {
+                link.abort_all();
+            }
+        })?;
+        // The link owns the watch (and so keeps it as long as the backend lives); the watch
+        // holds the link weakly.
+        link.on_abort(move || watch.raise());
         Self::ranks(vec![(gpu, link)], config, placement, upload)
     }
 
