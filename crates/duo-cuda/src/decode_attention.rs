@@ -190,8 +190,8 @@ impl DecodeKernel {
 
 /// Dynamic shared memory of the tensor-core partial kernel for heads of `head_dim` with
 /// `group` query heads each: [`tensor_stages`] (bf16: three) stages of 64-key K and V tiles,
-/// rows padded by 8 elements (the merge reuses them). A quantised cache's stages (five;
-/// int4: eight) hold its raw rows (padded by 16 bytes) and row scales, and, where values do
+/// rows padded by 8 elements (the merge reuses them). A quantised cache's stages hold its
+/// raw rows (padded by 16 bytes) and row scales, and, where values do
 /// not go from their codes straight to the tensor cores ([`tensor_values_in_registers`],
 /// up to 8 query heads), each warp its 16 keys' values dequantised to f16 beside them.
 pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
@@ -205,24 +205,37 @@ pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
     }
 }
 
-/// Pipeline stages of the tensor-core partial kernel over a `kv` cache: as many bytes in
-/// flight as two blocks per multiprocessor leave room for (see [`TENSOR_SOURCE`]). For
-/// measuring other depths, `DUO_DECODE_STAGES` overrides it (and `DUO_DECODE_MIN_BLOCKS`
-/// the blocks per multiprocessor the compiler plans registers for, default 2).
+/// Pipeline stages of the tensor-core partial kernel over a `kv` cache, with
+/// [`tensor_min_blocks`] blocks per multiprocessor: measured on the H200 (BENCHMARKS.md,
+/// "Values from their codes into the tensor cores"). bf16 and fp8 keep bytes in flight with
+/// two blocks of deep pipelines (three and five stages); int8 and int4, whose tiles cost more
+/// work per byte, run faster with more warps per multiprocessor and shallower pipelines
+/// (int8: three stages at four blocks; int4: four at three), at every batch size but one
+/// row of a duo layer. For measuring others, `DUO_DECODE_STAGES` and `DUO_DECODE_MIN_BLOCKS`
+/// override both for every cache type.
 pub fn tensor_stages(kv: KvType) -> usize {
     if let Some(n) = tuning("DUO_DECODE_STAGES") {
         return n.clamp(2, 16);
     }
     match kv {
-        KvType::Int4 => 8,
-        KvType::Fp8 | KvType::Int8 => 5,
+        KvType::Int4 => 4,
+        KvType::Int8 => 3,
+        KvType::Fp8 => 5,
         _ => 3,
     }
 }
 
-/// Blocks per multiprocessor the tensor-core partial kernel's registers are planned for.
-pub fn tensor_min_blocks() -> usize {
-    tuning("DUO_DECODE_MIN_BLOCKS").map_or(2, |n| n.clamp(1, 4))
+/// Blocks per multiprocessor the tensor-core partial kernel over a `kv` cache plans its
+/// registers for (and [`split_for`] sizes one row's splits by); see [`tensor_stages`].
+pub fn tensor_min_blocks(kv: KvType) -> usize {
+    if let Some(n) = tuning("DUO_DECODE_MIN_BLOCKS") {
+        return n.clamp(1, 4);
+    }
+    match kv {
+        KvType::Int4 => 3,
+        KvType::Int8 => 4,
+        _ => 2,
+    }
 }
 
 /// The L2 prefetch size the tensor-core kernel's copies ask for (0, 128 or 256 bytes;
@@ -627,11 +640,11 @@ pub const TENSOR_SOURCE: &str = r#"
 #ifdef KV_BYTES
 // A quantised cache (fp8, int8, int4): stages hold raw rows (ROW_BYTES, padded by 16) and
 // their scales; the tensor cores run in f16 (see TENSOR_CORE_HELPERS). A byte stage is half a
-// bf16 stage, so five stages keep as many bytes in flight as bf16's three (a stream at the
-// copy bandwidth needs them: measured, three fp8 stages read at half the bandwidth); int4's
-// are a quarter, and eight (as many bytes in flight as two bf16 stages) are the most that
-// leave room for two blocks per multiprocessor. STAGES and MIN_BLOCKS come from the host
-// (tensor_stages, tensor_min_blocks), which sizes the shared memory from the same numbers.
+// bf16 stage, so fp8's five stages keep as many bytes in flight as bf16's three; int8 and
+// int4, with more work per byte, gain more from more blocks per multiprocessor (three int8
+// stages at four blocks, four int4 stages at three) than from deep pipelines. STAGES and
+// MIN_BLOCKS come from the host (tensor_stages, tensor_min_blocks), which sizes the shared
+// memory and the splits from the same numbers.
 typedef unsigned char kv_t;
 #define RPAD (ROW_BYTES + 16)
 // N 32-bit words from shared memory at p (aligned to 4 N bytes) in one load.
@@ -1126,21 +1139,22 @@ pub fn batch_split(lens: &[u32], rows: usize) -> usize {
     want.clamp(MIN_SPLIT, 2048).div_ceil(64) * 64
 }
 
-/// Keys per split for `kernel` over `rows` rows whose KV heads show `lens` (at the longest
-/// row), in a pool whose rows need not be independent of the batch. The tensor-core kernel
-/// holds [`tensor_min_blocks`] blocks per multiprocessor (two: 264 on the H200's 132); one
+/// Keys per split for `kernel` over a `kv` cache and `rows` rows whose KV heads show `lens`
+/// (at the longest row), in a pool whose rows need not be independent of the batch. The
+/// tensor-core kernel holds [`tensor_min_blocks`] blocks per multiprocessor (bf16: two, 264
+/// on the H200's 132); one
 /// row runs fastest with about one
 /// wave of blocks, splits a power of two from 512 to 8,192 keys (measured on the H200 over
 /// 512-8,192, BENCHMARKS.md: full 128K 4,096 is best, 0.148 ms against 0.158 at 2,048; duo
 /// 128K 2,048, 0.087 against 0.109 at 1,024; 512K 8,192 for both). A batch, and the CUDA-core
 /// kernel, take [`batch_split`] (many waves; at 25 x 16K within 3% of the best split).
-pub fn split_for(kernel: DecodeKernel, lens: &[u32], rows: usize) -> usize {
+pub fn split_for(kernel: DecodeKernel, kv: KvType, lens: &[u32], rows: usize) -> usize {
     if kernel != DecodeKernel::Tensor || rows > 1 {
         return batch_split(lens, rows);
     }
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as f64;
     let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len;
-    let want = (max_len * heads / (132 * tensor_min_blocks()) as f64).max(1.0);
+    let want = (max_len * heads / (132 * tensor_min_blocks(kv)) as f64).max(1.0);
     (1usize << (want.log2().round() as u32)).clamp(512, 8192)
 }
 
@@ -1238,7 +1252,7 @@ mod gpu {
             })
             .collect();
         let split = split
-            .unwrap_or_else(|| split_for(kernel, &lens, tokens.len()))
+            .unwrap_or_else(|| split_for(kernel, kv, &lens, tokens.len()))
             .max(1);
         let max_len = *lens.iter().max().unwrap_or(&1) as usize;
         DecodeLaunch {
@@ -1634,32 +1648,32 @@ mod tests {
     fn one_row_on_tensor_cores_takes_about_one_wave() {
         let duo_128k = [131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320];
         assert_eq!(
-            split_for(DecodeKernel::Tensor, &[131_072; 8], 1),
+            split_for(DecodeKernel::Tensor, KvType::Bf16, &[131_072; 8], 1),
             4096,
             "8 x 32 blocks"
         );
         assert_eq!(
-            split_for(DecodeKernel::Tensor, &duo_128k, 1),
+            split_for(DecodeKernel::Tensor, KvType::Bf16, &duo_128k, 1),
             2048,
             "4 long heads x 64 blocks"
         );
         assert_eq!(
-            split_for(DecodeKernel::Tensor, &[524_288; 8], 1),
+            split_for(DecodeKernel::Tensor, KvType::Bf16, &[524_288; 8], 1),
             8192,
             "the longest split"
         );
         assert_eq!(
-            split_for(DecodeKernel::Tensor, &[4096; 8], 1),
+            split_for(DecodeKernel::Tensor, KvType::Bf16, &[4096; 8], 1),
             512,
             "the shortest split"
         );
         assert_eq!(
-            split_for(DecodeKernel::Tensor, &[16_384; 8], 25),
+            split_for(DecodeKernel::Tensor, KvType::Bf16, &[16_384; 8], 25),
             batch_split(&[16_384; 8], 25),
             "a batch: many waves"
         );
         assert_eq!(
-            split_for(DecodeKernel::Cores(2), &[131_072; 8], 1),
+            split_for(DecodeKernel::Cores(2), KvType::Bf16, &[131_072; 8], 1),
             batch_split(&[131_072; 8], 1)
         );
     }

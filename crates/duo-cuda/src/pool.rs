@@ -905,7 +905,7 @@ impl KvPool {
                     .collect();
                 let max_len = *lens.iter().max().unwrap_or(&1) as usize;
                 let mut split = if self.config.max_seqs == 1 {
-                    split_for(kernel, &lens, rows)
+                    split_for(kernel, self.layout.kv, &lens, rows)
                 } else {
                     DECODE_SPLIT
                 };

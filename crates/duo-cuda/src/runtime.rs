@@ -157,7 +157,7 @@ fn decode_source(
             ));
             options.push(format!(
                 "-DMIN_BLOCKS={}",
-                crate::decode_attention::tensor_min_blocks()
+                crate::decode_attention::tensor_min_blocks(kv)
             ));
             options.push(format!(
                 "-DCP_L2_PREFETCH={}",
