@@ -213,9 +213,10 @@ impl MethodSpec {
         let (sink, recent) = (self.sink.unwrap_or(sink), self.recent.unwrap_or(recent));
         // Windows beyond the context would never fill; bounding them here keeps every
         // allocation derived from them (CPU rings, GPU window rows) within the model's size.
-        for (name, value) in [("sink", sink), ("recent", recent)] {
+        for (name, value, given) in [("sink", sink, self.sink.is_some()), ("recent", recent, self.recent.is_some())] {
             if value > config.context_length {
-                return Err(EngineError::InvalidParameter { name, reason: format!("{value} tokens exceed the model's context of {}", config.context_length) });
+                let from = if given { "" } else { " (the window the pattern's config.json names)" };
+                return Err(EngineError::InvalidParameter { name, reason: format!("{value} tokens{from} exceed the model's context of {}", config.context_length) });
             }
         }
         let window = Window::new(sink, recent)?;
@@ -295,10 +296,16 @@ mod tests {
         gates.config = serde_json::json!({"seed": 1});
         gates.save(&dir).unwrap();
         assert_eq!(window(spec(Method::Duo, None, None)), Window::new(sink, recent).unwrap());
-        // A window the config names badly is an error, not a silent default.
+        // A window the config names badly is an error, not a silent default; one beyond the
+        // context says where it came from.
         gates.config = serde_json::json!({"sink_size": "sixty-four", "recent_size": 256});
         gates.save(&dir).unwrap();
         assert!(spec(Method::Duo, None, None).resolve(&config).is_err());
+        gates.config = serde_json::json!({"sink_size": 64, "recent_size": 100_000});
+        gates.save(&dir).unwrap();
+        let e = spec(Method::Duo, None, None).resolve(&config).unwrap_err().to_string();
+        assert!(e.contains("recent") && e.contains("config.json") && e.contains("8192"), "{e}");
+        assert!(spec(Method::Duo, None, Some(512)).resolve(&config).is_ok(), "a given window overrides it");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
