@@ -342,6 +342,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let device = model.backend().describe();
     let pattern = method.pattern.clone();
+    let window = method.window;
     let gen = Runner::new(&model, method).generate(&ids, &params, on_text)?;
     if a.json {
         let out = json!({
@@ -357,12 +358,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
             "kv_cache_bytes_streaming": gen.peak_kv.streaming,
             "retrieval_kv_heads": pattern.retrieval_count(),
             "streaming_kv_heads": pattern.streaming_count(),
+            "streaming_window": {"sink": window.sink, "recent": window.recent},
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!();
         eprintln!(
-            "[{device}: {} prompt tokens, {:.1} tok/s prefill; {} new tokens, {:.1} tok/s decode; KV peak {:.2} MiB ({} retrieval / {} streaming KV heads); finish: {:?}]",
+            "[{device}: {} prompt tokens, {:.1} tok/s prefill; {} new tokens, {:.1} tok/s decode; KV peak {:.2} MiB ({} retrieval / {} streaming KV heads, window {} + {}); finish: {:?}]",
             gen.prompt_token_ids.len(),
             gen.prefill_tokens_per_s(),
             gen.completion_token_ids.len(),
@@ -370,6 +372,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
             gen.peak_kv.total() as f64 / (1 << 20) as f64,
             pattern.retrieval_count(),
             pattern.streaming_count(),
+            window.sink,
+            window.recent,
             gen.finish_reason
         );
     }
