@@ -240,6 +240,13 @@ fn run_grid(model: &duo_engine::Engine, runners: &[(EvalMethod, Runner)], method
     let command: Vec<String> = std::env::args().collect();
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(out.join("command.txt"))?;
     std::io::Write::write_all(&mut log, format!("{}\n", command.join(" ")).as_bytes())?;
+    // What the flags left to defaults resolved to (the window comes from the pattern).
+    for (m, runner) in runners {
+        let (p, w) = (&runner.method.pattern, runner.method.window);
+        let window = if p.streaming_count() == 0 { String::new() } else { format!(", streaming window {} + {}", w.sink, w.recent) };
+        let line = format!("#   {}: {} retrieval / {} streaming KV heads{window}\n", m.name(), p.retrieval_count(), p.streaming_count());
+        std::io::Write::write_all(&mut log, line.as_bytes())?;
+    }
 
     let total = grid_spec.lengths.len() * grid_spec.depths.len() * methods.len();
     let bar = ProgressBar::new(total as u64);
