@@ -28,7 +28,13 @@ common="$shape --max-prefill 0 --decode-tokens 10"
 case $step in
   a)
     timeout 300 $D cuda-check --only tp,model --no-timings > "$OUT/cuda-check.txt" 2>&1
-    echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"; grep -E "^FAIL|tensor parallel|error" "$OUT/cuda-check.txt" | cut -c1-300
+    rc=$?; echo "cuda-check exit $rc: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"; grep -E "^FAIL|tensor parallel|error" "$OUT/cuda-check.txt" | cut -c1-300
+    # NCCL warns that CUDA graphs over several GPUs of one process may deadlock; if the check
+    # hung (timeout), once more without NCCL's graph mixing, to tell which.
+    if [ $rc = 124 ]; then
+      NCCL_GRAPH_MIXING_SUPPORT=0 timeout 200 $D cuda-check --only tp --no-timings > "$OUT/cuda-check-nomix.txt" 2>&1
+      echo "cuda-check without graph mixing exit $?"; grep -E "^FAIL|tensor parallel|error" "$OUT/cuda-check-nomix.txt" | cut -c1-300
+    fi
     for run in "one:" "aware:--tensor-parallel 2" "contiguous:--tensor-parallel 2 --placement contiguous"; do
       name=${run%%:*}; flags=${run#*:}
       timeout 150 $D bench $common --methods full,duo --lengths 1048576 $flags --out "$OUT/step-$name" > "$OUT/step-$name.txt" 2>&1

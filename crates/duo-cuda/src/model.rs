@@ -694,7 +694,19 @@ mod gpu {
                 pools.push(KvPool::linked(gpu.clone(), Arc::new(w), rank_layout, pool_config, Some(links[r].clone()))?);
             }
             let runs: Vec<Result<(Vec<f32>, Vec<u32>)>> = std::thread::scope(|s| {
-                let handles: Vec<_> = pools.iter().map(|pool| s.spawn(|| run_alone(pool, &prompt, chunk, steps))).collect();
+                // A rank that fails aborts the group: the others would wait for it for ever.
+                let handles: Vec<_> = pools
+                    .iter()
+                    .map(|pool| {
+                        s.spawn(|| {
+                            let got = run_alone(pool, &prompt, chunk, steps);
+                            if got.is_err() {
+                                pool.link().expect("a linked pool").abort_all();
+                            }
+                            got
+                        })
+                    })
+                    .collect();
                 handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(CudaError::Driver("a rank's thread panicked".into())))).collect()
             });
             let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;

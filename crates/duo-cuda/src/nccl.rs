@@ -148,7 +148,9 @@ unsafe impl Sync for Comms {}
 
 impl Drop for Comms {
     fn drop(&mut self) {
-        if self.aborted.load(Ordering::SeqCst) {
+        // Marked aborted first: an alarm arriving while the communicators finalise (a peer
+        // process ending at the same time) then finds nothing to abort.
+        if self.aborted.swap(true, Ordering::SeqCst) {
             return;
         }
         let n = &self.nccl;

@@ -234,6 +234,10 @@ pub struct KvPool {
     /// projection, down projection) are summed over the ranks in place. Rank 0 alone adds
     /// the residual.
     link: Option<Arc<crate::nccl::Link>>,
+    /// Whether steps copy logits (or greedy tokens) back to the host: off for the ranks of
+    /// a tensor-parallel process past its first, whose logits equal the first's (a chunk's
+    /// every row of a large vocabulary is gigabytes).
+    host_logits: std::sync::atomic::AtomicBool,
 }
 
 /// One sequence in a pool: its slot, its blocks, its length. Dropping it returns its blocks.
@@ -368,7 +372,20 @@ impl KvPool {
             heads,
             state: Mutex::new(state),
             link,
+            host_logits: std::sync::atomic::AtomicBool::new(true),
         }))
+    }
+
+    /// Whether steps return logits (and greedy tokens) to the host; see
+    /// [`KvPool::host_logits`]. Without them a step returns empty ones (its forward pass,
+    /// collectives included, is unchanged).
+    pub fn set_host_logits(&self, on: bool) {
+        self.host_logits.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether steps return logits to the host (the default).
+    pub fn host_logits(&self) -> bool {
+        self.host_logits.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// This pool's end of the tensor-parallel communicator, if it is one rank of several.
@@ -817,7 +834,8 @@ impl KvPool {
         }
 
         let mut out = StepOut { steady, ..StepOut::default() };
-        if bsz > 0 {
+        let host = self.host_logits();
+        if bsz > 0 && host {
             if greedy {
                 g.argmax_rows(g.addr(&st.b.logits), c.vocab, bsz, g.addr(&st.b.next))?;
                 let ids = g
@@ -832,7 +850,7 @@ impl KvPool {
                     .map_err(driver)?;
             }
         }
-        if let Some(p) = &prefill {
+        if let Some(p) = prefill.as_ref().filter(|_| host) {
             out.prefill = match p.logits {
                 RowLogits::None => Vec::new(),
                 RowLogits::Last => self.row_logits(&st.b, rows - 1, 1)?,

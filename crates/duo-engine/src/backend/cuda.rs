@@ -65,7 +65,10 @@ pub struct CudaBackend {
 /// aborts the group's communicators, which ends those waits with errors, and so does a
 /// step that failed on some ranks only (they are out of step); the backend refuses to run
 /// after either. A failure on every rank alike (a bad input, refused before any GPU work)
-/// leaves it usable.
+/// leaves it usable within one process; across processes this one cannot know how the
+/// others fared, so any failure aborts the group (its alarm tells the other processes,
+/// [`duo_cuda::rendezvous::Watch`]). What can be checked before a step (room for it) is
+/// agreed across processes first ([`Group::all`]), so that it fails everywhere alike.
 fn on_ranks<I: Send, T: Send>(link: Option<&Arc<Link>>, items: Vec<I>, f: impl Fn(I) -> duo_cuda::Result<T> + Sync) -> Result<Vec<T>> {
     let Some(link) = link else {
         return items.into_iter().map(|i| f(i).map_err(EngineError::from)).collect();
@@ -95,7 +98,7 @@ fn on_ranks<I: Send, T: Send>(link: Option<&Arc<Link>>, items: Vec<I>, f: impl F
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(duo_cuda::CudaError::Driver("a GPU's thread panicked".into())))).collect()
     });
     let failed = results.iter().filter(|r| r.is_err()).count();
-    if failed > 0 && failed < n {
+    if failed > 0 && (failed < n || link.world > n) {
         link.abort_all();
     }
     Ok(results.into_iter().collect::<duo_cuda::Result<Vec<T>>>()?)
@@ -116,6 +119,70 @@ fn abort_unless_all_finish(link: Arc<Link>, finished: Arc<std::sync::atomic::Ato
         }
         link.abort_all();
     });
+}
+
+/// Agreement among the processes of a tensor-parallel group spanning processes (one rank
+/// each; `local`: the ranks of this process). Every process reaches the same calls in the
+/// same order (they run the same command), so each pairs up like the forward passes'
+/// collectives: decisions one process would otherwise take alone (does it fit, how many
+/// blocks, which token) come out the same everywhere. Within one process, or without a
+/// group, each is the identity.
+struct Group<'a> {
+    link: Option<&'a Arc<Link>>,
+    gpu: &'a Arc<duo_cuda::Gpu>,
+    local: usize,
+}
+
+impl Group<'_> {
+    /// The link, where the group spans processes.
+    fn across(&self) -> Option<&Arc<Link>> {
+        self.link.filter(|l| l.world > self.local)
+    }
+
+    /// The smallest `value` over the processes (each gives its own).
+    fn min(&self, value: f32) -> Result<f32> {
+        let Some(link) = self.across() else { return Ok(value) };
+        let _turn = link.turn();
+        Ok(link.reduce_on_host(self.gpu, &[value], true)?[0])
+    }
+
+    /// The smallest count over the processes: each is rounded down to an f32 first (above
+    /// 2^24 an f32 cannot hold every integer, and rounding up would promise blocks or
+    /// bytes that are not there).
+    fn min_count(&self, value: usize) -> Result<usize> {
+        Ok(self.min(f32_at_most(value))? as usize)
+    }
+
+    /// Whether `ok` holds on every process.
+    fn all(&self, ok: bool) -> Result<bool> {
+        Ok(self.min(if ok { 1.0 } else { 0.0 })? >= 1.0)
+    }
+
+    /// `local` if every process's check passed, else its error, or one saying another rank
+    /// refused (so that all return an error together and none starts the operation).
+    fn agree(&self, local: Result<()>) -> Result<()> {
+        if self.all(local.is_ok())? {
+            return local;
+        }
+        local.and(Err(EngineError::Backend("another rank of the tensor-parallel group refused this operation (its process says why)".into())))
+    }
+
+    /// Rank 0's `tokens` on every rank: each process samples from its own logits, which
+    /// are the same on identical GPUs but need not be bit for bit on others, and a rank that
+    /// fed a different token would mix a different sequence into every later all-reduce.
+    /// (Token ids below 2^24 are exact as f32.)
+    fn tokens(&self, tokens: &[u32]) -> Result<Vec<u32>> {
+        let Some(link) = self.across().filter(|_| !tokens.is_empty()) else { return Ok(tokens.to_vec()) };
+        let _turn = link.turn();
+        let mine: Vec<f32> = tokens.iter().map(|&t| if link.rank == 0 { t as f32 } else { 0.0 }).collect();
+        Ok(link.reduce_on_host(self.gpu, &mine, false)?.iter().map(|&t| t as u32).collect())
+    }
+}
+
+/// The largest f32 not above `value` (exact up to 2^24).
+fn f32_at_most(value: usize) -> f32 {
+    let f = value as f32;
+    if f as f64 > value as f64 { f.next_down() } else { f }
 }
 
 /// Rank 0's result (every rank computes the same logits).
@@ -164,7 +231,7 @@ impl CudaBackend {
     /// uploads its shard (`upload`, layer by layer, each layer cut as it arrives), one after
     /// the other.
     pub fn parallel(gpus: Vec<Arc<Gpu>>, config: ModelConfig, placement: Placement, upload: impl Fn(&Gpu, &ShardSpec) -> Result<GpuWeights>) -> Result<Self> {
-        let ordinals: Vec<usize> = (0..gpus.len()).collect();
+        let ordinals: Vec<usize> = gpus.iter().map(|g| g.ctx.ordinal()).collect();
         let links = Link::all(&ordinals)?;
         Self::ranks(gpus.into_iter().zip(links).collect(), config, placement, upload)
     }
@@ -283,35 +350,9 @@ impl CudaBackend {
         self.ranks.len()
     }
 
-    /// Across processes, rank 0's `tokens` on every rank: each process samples from its
-    /// own logits, which are the same on identical GPUs but need not be bit for bit on
-    /// others, and a rank that fed a different token would mix a different sequence into
-    /// every later all-reduce. (Token ids below 2^24 are exact as f32.) `tokens` itself
-    /// within one process.
-    fn group_tokens(&self, tokens: &[u32]) -> Result<Vec<u32>> {
-        if self.local() == self.world() || tokens.is_empty() {
-            return Ok(tokens.to_vec());
-        }
-        let rank = &self.ranks[0];
-        let link = rank.link.as_ref().expect("a rank of a group has a link");
-        let _turn = link.turn();
-        let mine: Vec<f32> = tokens.iter().map(|&t| if link.rank == 0 { t as f32 } else { 0.0 }).collect();
-        Ok(link.reduce_on_host(&rank.gpu, &mine, false)?.iter().map(|&t| t as u32).collect())
-    }
-
-    /// The smallest `value` over the processes of a group spanning processes (each gives
-    /// its own); `value` itself otherwise. Every process reaches the same calls in the same
-    /// order (they run the same command), so this pairs up like the forward passes'
-    /// collectives: decisions one process would otherwise take alone (does it fit, how many
-    /// blocks) come out the same everywhere.
-    fn group_min(&self, value: f32) -> Result<f32> {
-        if self.local() == self.world() {
-            return Ok(value);
-        }
-        let rank = &self.ranks[0];
-        let link = rank.link.as_ref().expect("a rank of a group has a link");
-        let _turn = link.turn();
-        Ok(link.reduce_on_host(&rank.gpu, &[value], true)?[0])
+    /// The group of processes this backend's ranks belong to.
+    fn group(&self) -> Group<'_> {
+        Group { link: self.ranks[0].link.as_ref(), gpu: &self.ranks[0].gpu, local: self.local() }
     }
 
     /// Rank 0's end of the communicator (tensor parallelism only).
@@ -328,7 +369,9 @@ impl CudaBackend {
     fn single_pools(&self, layout: &PagedLayout) -> Result<Vec<Arc<KvPool>>> {
         let mut pools = Vec::with_capacity(self.local());
         for (r, rank) in self.ranks.iter().enumerate() {
-            pools.push(KvPool::single_linked(rank.gpu.clone(), rank.weights.clone(), self.rank_layout(r, layout), rank.link.clone())?);
+            let pool = KvPool::single_linked(rank.gpu.clone(), rank.weights.clone(), self.rank_layout(r, layout), rank.link.clone())?;
+            pool.set_host_logits(r == 0);
+            pools.push(pool);
         }
         Ok(pools)
     }
@@ -387,7 +430,13 @@ impl Sequence for CudaSequence {
         for seq in &self.seqs {
             let pool = seq.pool();
             // A serving pool's sequence forks inside it; a single sequence into a pool of its own.
-            let into = if pool.config().max_seqs > 1 { pool.clone() } else { KvPool::single_linked(pool.gpu().clone(), pool.weights().clone(), pool.layout().clone(), pool.link().cloned())? };
+            let into = if pool.config().max_seqs > 1 {
+                pool.clone()
+            } else {
+                let own = KvPool::single_linked(pool.gpu().clone(), pool.weights().clone(), pool.layout().clone(), pool.link().cloned())?;
+                own.set_host_logits(pool.host_logits());
+                own
+            };
             seqs.push(pool.copy_to(seq, &into)?);
         }
         Ok(Box::new(CudaSequence { seqs, plan: self.plan.clone() }))
@@ -454,7 +503,7 @@ impl Backend for CudaBackend {
         let layout = self.layout(method, SINGLE_BLOCK_TOKENS, method.chunk.min(max_tokens), max_tokens + 1)?;
         let made = self.single_pools(&layout).and_then(|pools| Ok(pools.iter().map(|pool| pool.sequence()).collect::<duo_cuda::Result<Vec<_>>>()?));
         // Across processes, a sequence that fits on one GPU only fits nowhere.
-        if self.group_min(if made.is_ok() { 1.0 } else { 0.0 })? < 1.0 {
+        if !self.group().all(made.is_ok())? {
             return Err(made.err().unwrap_or_else(|| EngineError::Backend("this sequence does not fit on another rank's GPU".into())));
         }
         Ok(Box::new(CudaSequence { seqs: made?, plan: kv_plan(self, method) }))
@@ -464,17 +513,19 @@ impl Backend for CudaBackend {
         if tokens.is_empty() {
             return Err(EngineError::InvalidParameter { name: "tokens", reason: "an empty chunk".into() });
         }
-        let tokens = &self.group_tokens(tokens)?;
+        let tokens = &self.group().tokens(tokens)?;
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
         Ok(first(on_ranks(self.link(), s.seqs.iter_mut().collect(), |seq| run_rank(seq, tokens, logits))?))
     }
 
     fn greedy_step(&self, seq: &mut dyn Sequence, token: u32) -> Result<u32> {
-        let token = self.group_tokens(&[token])?[0];
+        let token = self.group().tokens(&[token])?[0];
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
         let next = on_ranks(self.link(), s.seqs.iter_mut().collect(), |seq| {
             let pool = seq.pool().clone();
-            Ok(pool.step(&mut [DecodeRow { seq, token }], None, true)?.next[0])
+            // Ranks that do not read their logits back (in-process ranks past the first) have
+            // no token; rank 0's is the one returned.
+            Ok(pool.step(&mut [DecodeRow { seq, token }], None, true)?.next.first().copied().unwrap_or(0))
         })?;
         Ok(first(next))
     }
@@ -486,7 +537,8 @@ impl Backend for CudaBackend {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let tokens = &self.group_tokens(tokens)?;
+        let group = self.group();
+        let tokens = &group.tokens(tokens)?;
         let mut cuda = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
             cuda.push(downcast::<CudaSequence>(&mut **s, "CUDA")?);
@@ -496,11 +548,10 @@ impl Backend for CudaBackend {
             let first = rows[0].pool();
             rows.iter().all(|s| Arc::ptr_eq(s.pool(), first)) && bucket(rows.len()) <= first.config().max_rows && rows.len() <= first.config().max_seqs
         });
-        if shared && self.local() > 1 {
+        if shared && (self.local() > 1 || group.across().is_some()) {
             // A step that cannot run on one rank must not start on the others.
-            for rows in &ranks {
-                rows[0].pool().step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), None)?;
-            }
+            let room = ranks.iter().try_for_each(|rows| Ok::<_, EngineError>(rows[0].pool().step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), None)?));
+            group.agree(room)?;
         }
         let out = on_ranks(self.link(), ranks, |rows| {
             if shared {
@@ -523,8 +574,8 @@ impl Backend for CudaBackend {
         // Each GPU holds its share of a sequence's cache: the fullest GPU's free memory times
         // the GPUs (exact for equal shares; a GPU with a head more holds a little more).
         let free = self.ranks.iter().map(|r| r.gpu.memory_used().ok().map(|(used, total)| total - used)).min().flatten()?;
-        // Across processes, the fullest GPU of any (f32 bytes: rounded by at most 1e-7).
-        let free = if self.local() == self.world() { free } else { self.group_min(free as f32).ok()? as usize };
+        // Across processes, the fullest GPU of any.
+        let free = self.group().min_count(free).ok()?;
         Some(free * self.world())
     }
 
@@ -534,10 +585,12 @@ impl Backend for CudaBackend {
 
     fn fill_synthetic(&self, seq: &mut dyn Sequence, tokens: usize, seed: u64) -> Result<()> {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
-        // Every rank's blocks first: a fill that fits on one GPU only would leave the ranks
-        // holding different lengths.
-        for seq in s.seqs.iter().filter(|_| self.local() > 1) {
-            seq.pool().fill_room(seq, tokens)?;
+        // Every rank's blocks first (in every process): a fill that fits on one GPU only would
+        // leave the ranks holding different lengths.
+        let group = self.group();
+        if self.local() > 1 || group.across().is_some() {
+            let room = s.seqs.iter().try_for_each(|seq| Ok::<_, EngineError>(seq.pool().fill_room(seq, tokens)?));
+            group.agree(room)?;
         }
         for seq in &mut s.seqs {
             let pool = seq.pool().clone();
@@ -566,6 +619,7 @@ impl Backend for CudaBackend {
         // same positions): the fewest that any GPU's memory fraction leaves.
         let mut blocks = usize::MAX;
         let mut tightest = (0usize, 0usize, 0usize);
+        let mut refused: Result<()> = Ok(());
         for (r, rank) in self.ranks.iter().enumerate() {
             let rank_layout = self.rank_layout(r, &layout);
             let (used, total) = rank.gpu.memory_used()?;
@@ -582,17 +636,17 @@ impl Backend for CudaBackend {
                 blocks = fits;
                 tightest = (budget, total, used);
             }
-            if let Some(n) = o.blocks_override {
-                if n * rank_layout.block_bytes(self.config.head_dim) > budget {
-                    return Err(EngineError::InvalidParameter { name: "num_gpu_blocks_override", reason: format!("{n} blocks need more than the {:.2} GiB the memory fraction leaves", budget as f64 / (1u64 << 30) as f64) });
-                }
+            if let Some(n) = o.blocks_override.filter(|n| n * rank_layout.block_bytes(self.config.head_dim) > budget) {
+                refused = refused.and(Err(EngineError::InvalidParameter { name: "num_gpu_blocks_override", reason: format!("{n} blocks need more than the {:.2} GiB the memory fraction leaves", budget as f64 / (1u64 << 30) as f64) }));
             }
         }
-        config.blocks = self.group_min(o.blocks_override.unwrap_or(blocks) as f32)? as usize;
+        // Every process takes part in each agreement below before any of them may fail.
+        let group = self.group();
+        config.blocks = group.min_count(o.blocks_override.unwrap_or(blocks))?;
         let first_chunk = (0..self.local()).map(|r| self.rank_layout(r, &layout).blocks_for(layout.max_chunk + 1, Ring::Prefill)).max().unwrap_or(0);
-        if config.blocks < first_chunk {
+        if refused.is_ok() && config.blocks < first_chunk {
             let (budget, total, used) = tightest;
-            return Err(EngineError::Backend(format!(
+            refused = Err(EngineError::Backend(format!(
                 "--gpu-memory-utilization {} leaves {:.2} GiB for KV blocks on this {:.1} GiB card ({:.2} GiB in use): not one sequence's first chunk fits",
                 o.gpu_memory_utilization,
                 budget as f64 / (1u64 << 30) as f64,
@@ -600,9 +654,13 @@ impl Backend for CudaBackend {
                 used as f64 / (1u64 << 30) as f64
             )));
         }
+        group.agree(refused)?;
         let mut pools = Vec::with_capacity(self.local());
         for (r, rank) in self.ranks.iter().enumerate() {
-            pools.push(KvPool::linked(rank.gpu.clone(), rank.weights.clone(), self.rank_layout(r, &layout), config, rank.link.clone())?);
+            let pool = KvPool::linked(rank.gpu.clone(), rank.weights.clone(), self.rank_layout(r, &layout), config, rank.link.clone())?;
+            // Every rank computes the same logits: the first of this process reads them back.
+            pool.set_host_logits(r == 0);
+            pools.push(pool);
         }
         Ok(Some(Arc::new(ServingPool { pools, plan: kv_plan(self, method) })))
     }
@@ -651,7 +709,8 @@ impl super::KvPool for ServingPool {
     }
     fn step(&self, decode: &mut [(&mut dyn Sequence, u32)], prefill: Option<(&mut dyn Sequence, &[u32], bool)>) -> Result<PoolStep> {
         let world = self.pools.len();
-        let tokens: Vec<u32> = decode.iter().map(|(_, t)| *t).collect();
+        let group = Group { link: self.pools[0].link(), gpu: self.pools[0].gpu(), local: world };
+        let tokens: Vec<u32> = group.tokens(&decode.iter().map(|(_, t)| *t).collect::<Vec<u32>>())?;
         let mut cuda = Vec::with_capacity(decode.len());
         for (s, _) in decode.iter_mut() {
             cuda.push(downcast::<CudaSequence>(&mut **s, "CUDA")?);
@@ -666,9 +725,13 @@ impl super::KvPool for ServingPool {
             None => (0..world).map(|_| None).collect(),
         };
         // A step that cannot run on one rank must not start on the others (they would wait
-        // for it at the first all-reduce): the blocks are checked on every rank first.
-        for ((pool, rows), chunk) in self.pools.iter().zip(&by).zip(&chunks).filter(|_| world > 1) {
-            pool.step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), chunk.as_ref().map(|(s, t)| (&**s, t.len())))?;
+        // for it at the first all-reduce): the blocks are checked on every rank, in every
+        // process, first.
+        if world > 1 || group.across().is_some() {
+            let room = self.pools.iter().zip(&by).zip(&chunks).try_for_each(|((pool, rows), chunk)| {
+                Ok::<_, EngineError>(pool.step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), chunk.as_ref().map(|(s, t)| (&**s, t.len())))?)
+            });
+            group.agree(room)?;
         }
         let work: Vec<_> = self.pools.iter().zip(by).zip(chunks.drain(..)).collect();
         let out = on_ranks(self.pools[0].link(), work, |((pool, rows), chunk)| {
@@ -678,5 +741,22 @@ impl super::KvPool for ServingPool {
         })?;
         let out = first(out);
         Ok(PoolStep { decode: out.decode, prefill: out.prefill, steady: out.steady })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_agreed_as_f32_are_never_rounded_up() {
+        for v in [0usize, 1, 4095, 1 << 24, (1 << 24) + 1, (1 << 24) + 3, 123_456_789, 141_000_000_000 / 8192, usize::MAX >> 20] {
+            let f = f32_at_most(v);
+            assert!(f as f64 <= v as f64, "{v} -> {f}");
+            // And it is the nearest such f32: the next one up is above v.
+            assert!((f.next_up() as f64) > v as f64, "{v} -> {f}");
+        }
+        assert_eq!(f32_at_most(16_777_217) as usize, 16_777_216);
+        assert_eq!(f32_at_most(5_000_000) as usize, 5_000_000);
     }
 }
