@@ -12,7 +12,7 @@
 #   b   carry .gpu/bin, .gpu/patterns/...: a random Llama-3-8B checkpoint on disk, then
 #       greedy tokens of full, duo and layer on one GPU and on two (duo generate), compared
 #   c   carry .gpu/bin, .gpu/ma (model.xz.part1: the default model packed by `xz -6`, its
-#       first 43,000,000 bytes): leaves them in /tmp
+#       first 41,500,000 bytes): leaves them in /tmp
 #   d   carry .gpu/mb (model.xz.part2, the rest), .gpu/niah, .gpu/wheels-httpx: SmolLM2 (3 KV heads: 2 + 1
 #       per layer over two GPUs) greedy text of full, duo and layer on one GPU and on two,
 #       and of duo as two processes (--tp-rank, --tp-rendezvous); serve-check against

@@ -4,7 +4,7 @@
 # EVALUATION.md), beside the shipped ones, then the passkey and needle grids with each. Calls
 # of the device tool made back to back (the machine stays warm; /tmp/duo carries over):
 #   a   carry .gpu/cuda (duo.xz from scripts/build-cuda.sh: the binary whose identification
-#       runs on the GPU through candle) and .gpu/ma (model.xz.part1: the first 43,000,000
+#       runs on the GPU through candle) and .gpu/ma (model.xz.part1: the first 41,500,000
 #       bytes of the default model packed by `xz -6`; the 64 MiB a call carries holds the
 #       binary, this part and the repository): unpacks the binary to /tmp/duo/duo-candle,
 #       leaves the part in /tmp
