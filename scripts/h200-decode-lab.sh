@@ -8,7 +8,8 @@
 #      DUO_DECODE_STAGES, _MIN_BLOCKS, _L2_PREFETCH (0, 128: the default, 256), _WARP_PIPE
 #      (1: each warp copies and waits for its own keys, bf16), DUO_TIME_PLACEMENT
 #      (contiguous), DUO_TIME_V_SKEW (bytes), DUO_DECODE_V_SMEM (1: values of a byte cache
-#      through shared memory); env ROWS: which timing rows to print (a regular expression,
+#      through shared memory), DUO_DECODE_TILE (128: byte caches copy and wait per 128 keys,
+#      each warp two 16-key slices); env ROWS: which timing rows to print (a regular expression,
 #      default the tensor-core bf16 ones);
 #   3. with NCU=1, Nsight Compute on duo's partial kernel (full layer, 1 x 131072 tokens;
 #      env NCU_VARS: settings as above) and, with NCU_SDPA=1, on PyTorch SDPA's decode kernels on the same shape: bandwidth, occupancy, issue.

@@ -199,7 +199,8 @@ pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
     match kv {
         KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
             let converted = if tensor_values_in_registers() && group <= 8 { 0 } else { 4 * 16 * (head_dim + 8) * 2 };
-            stages * 2 * 64 * (kv.bytes_for(head_dim) + 16) + stages * 2 * 64 * 4 + converted
+            let tile = tensor_byte_tile();
+            stages * 2 * tile * (kv.bytes_for(head_dim) + 16) + stages * 2 * tile * 4 + converted
         }
         _ => stages * 2 * 64 * (head_dim + 8) * 2,
     }
@@ -217,12 +218,21 @@ pub fn tensor_stages(kv: KvType) -> usize {
     if let Some(n) = tuning("DUO_DECODE_STAGES") {
         return n.clamp(2, 16);
     }
-    match kv {
-        KvType::Int4 => 4,
-        KvType::Int8 => 3,
-        KvType::Fp8 => 5,
-        _ => 3,
-    }
+    let keys: usize = match kv {
+        KvType::Int4 => 4 * 64,
+        KvType::Int8 => 3 * 64,
+        KvType::Fp8 => 5 * 64,
+        _ => return 3,
+    };
+    // About as many keys in flight with larger tiles (at least two stages).
+    keys.div_ceil(tensor_byte_tile()).max(2)
+}
+
+/// Keys per pipeline stage of the tensor-core kernel over a quantised cache: 64, or 128
+/// with `DUO_DECODE_TILE=128` (each warp two 16-key slices per stage: half the barriers and
+/// rounds of copies per key; a measurement knob until it is measured). bf16 stays at 64.
+pub fn tensor_byte_tile() -> usize {
+    if tuning("DUO_DECODE_TILE") == Some(128) { 128 } else { 64 }
 }
 
 /// Blocks per multiprocessor the tensor-core partial kernel over a `kv` cache plans its
@@ -634,7 +644,15 @@ extern "C" __global__ void duo_decode_partial(
 /// per key. Queries and softmax weights enter as bf16 (as in the prefill kernel), so its
 /// parity bound is the prefill kernel's `1e-2`.
 pub const TENSOR_SOURCE: &str = r#"
+// Keys per pipeline stage: 64, or BYTE_TILE for a quantised cache (DUO_DECODE_TILE=128, a
+// measurement knob: each warp then takes two 16-key slices per stage, one barrier and one
+// round of copies per 128 keys).
+#if defined(KV_BYTES) && defined(BYTE_TILE)
+#define TILE BYTE_TILE
+#else
 #define TILE 64
+#endif
+#define WARP_KEYS (TILE / 4)
 #define TPAD (HEAD_DIM + 8)
 #define TILE_ELEMS (TILE * TPAD)
 #ifdef KV_BYTES
@@ -762,7 +780,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // A retrieval head's tiles that start on a block of at least a tile's tokens are each one
     // run of consecutive rows: one table entry per tile, and each row its first row's plus
     // its index (no per-row lookup).
-    const bool page_tiles = e.w == 0 && pg.block_log2 >= 6 && (begin & (TILE - 1)) == 0;
+    const bool page_tiles = e.w == 0 && (1 << pg.block_log2) >= TILE && (begin & (TILE - 1)) == 0;
     long long row0 = 0;  // that first row, for the next tile to copy
     auto fetch_entries = [&](int tile) {
         const int t0 = begin + tile * TILE;
@@ -799,11 +817,14 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vr + r * RPAD + c, values + at, live ? 16 : 0);
         }
-        // Row scales: threads 0-63 the keys', 64-127 the values'.
+        // Row scales, keys' then values' (2 TILE of them): thread x copies row x % TILE's.
         const int r = threadIdx.x % TILE, t = t0 + r;
         const bool live = t < end;
         const long long row = !live ? 0 : page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, sent);
-        cp_async4(scl + ((tile % STAGES) * 2 + threadIdx.x / TILE) * TILE + r, (threadIdx.x < TILE ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
+#pragma unroll
+        for (int idx = threadIdx.x; idx < 2 * TILE; idx += 128) {
+            cp_async4(scl + ((tile % STAGES) * 2 + idx / TILE) * TILE + r, (idx < TILE ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
+        }
     };
 #else
     bf16_t* smem = reinterpret_cast<bf16_t*>(smem_raw);
@@ -860,7 +881,11 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             fetch_entries(tile + STAGES);
         }
         cp_async_commit();
-        // Scores of this warp's 16 keys: n-tile j holds keys 8j..8j+7.
+        // The warp's WARP_KEYS keys of the tile, 16 at a time (wk: the first of them).
+#pragma unroll
+        for (int sub = 0; sub < WARP_KEYS / 16; sub++) {
+        const int wk = warp * WARP_KEYS + sub * 16;
+        // Scores of these 16 keys: n-tile j holds keys 8j..8j+7.
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #ifdef KV_BYTES
         // Keys straight from their codes: lane (gr, tq) holds keys gr and gr + 8, dims
@@ -869,8 +894,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         // their row scale, or int4's step and minimum), as P V reads them transposed; the
         // keys' scales multiply the scores (int4: step times the score plus minimum times
         // the query's sum).
-        const float* ksc = scl + (tile % STAGES) * 2 * TILE + warp * 16;
-        const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + warp * 16 * RPAD;
+        const float* ksc = scl + (tile % STAGES) * 2 * TILE + wk;
+        const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + wk * RPAD;
 #ifndef VREG
         {
             __syncwarp();  // the previous tile's value fragments are read
@@ -916,7 +941,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         }
 #endif
 #else
-        const bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS + warp * 16 * TPAD;
+        const bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS + wk * TPAD;
         const bf16_t* vs = ks + TILE_ELEMS;
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
@@ -942,7 +967,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             sc[j][0] *= s2.x; sc[j][1] *= s2.y; sc[j][2] *= s2.x; sc[j][3] *= s2.y;
         }
 #endif
-        const int k0 = begin + tile * TILE + warp * 16;
+        const int k0 = begin + tile * TILE + wk;
         if (k0 + 16 > end) {
 #pragma unroll
             for (int j = 0; j < 2; j++)
@@ -1056,6 +1081,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             MMA(o[i + 1], pa, vb[2], vb[3]);
         }
 #endif
+        }  // the warp's next 16 keys
     }
     cp_async_wait_0();
     __syncthreads();  // the stages are reused for the merge below

@@ -171,6 +171,10 @@ fn decode_source(
                 "-DV_REGS={}",
                 u8::from(crate::decode_attention::tensor_values_in_registers())
             ));
+            options.push(format!(
+                "-DBYTE_TILE={}",
+                crate::decode_attention::tensor_byte_tile()
+            ));
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS
@@ -236,11 +240,14 @@ pub fn compile_all() -> Option<Result<usize>> {
         let o = o.into_iter().map(|x| if x.starts_with("-DWARP_PIPE=") { "-DWARP_PIPE=1".into() } else { x }).collect();
         jobs.push(("decode_attention", src, o));
     }
-    // And DUO_DECODE_V_SMEM's (values through shared memory) over each byte cache.
-    for (group, d, kv) in [(4, 128, KvType::Fp8), (3, 64, KvType::Int8), (4, 128, KvType::Int4)] {
+    // And DUO_DECODE_V_SMEM's (values through shared memory) and DUO_DECODE_TILE=128's over
+    // each byte cache.
+    for (group, d, kv) in [(4, 128, KvType::Fp8), (3, 64, KvType::Int8), (4, 128, KvType::Int4), (16, 128, KvType::Fp8)] {
         let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
-        let o = o.into_iter().map(|x| if x.starts_with("-DV_REGS=") { "-DV_REGS=0".into() } else { x }).collect();
-        jobs.push(("decode_attention", src, o));
+        let smem: Vec<String> = o.iter().map(|x| if x.starts_with("-DV_REGS=") { "-DV_REGS=0".into() } else { x.clone() }).collect();
+        let wide: Vec<String> = o.iter().map(|x| if x.starts_with("-DBYTE_TILE=") { "-DBYTE_TILE=128".into() } else { x.clone() }).collect();
+        jobs.push(("decode_attention", src.clone(), smem));
+        jobs.push(("decode_attention", src, wide));
     }
     let n = jobs.len();
     Some(
