@@ -218,14 +218,14 @@ pub fn tensor_stages(kv: KvType) -> usize {
     if let Some(n) = tuning("DUO_DECODE_STAGES") {
         return n.clamp(2, 16);
     }
-    let keys: usize = match kv {
-        KvType::Int4 => 4 * 64,
-        KvType::Int8 => 3 * 64,
-        KvType::Fp8 => 5 * 64,
+    let stages_of_64: usize = match kv {
+        KvType::Int4 => 4,
+        KvType::Int8 => 3,
+        KvType::Fp8 => 5,
         _ => return 3,
     };
-    // About as many keys in flight with larger tiles (at least two stages).
-    keys.div_ceil(tensor_byte_tile()).max(2)
+    // As many keys in flight (all stages but the one being read) with larger tiles.
+    (stages_of_64 - 1).div_ceil(tensor_byte_tile() / 64) + 1
 }
 
 /// Keys per pipeline stage of the tensor-core kernel over a quantised cache: 64, or 128
@@ -235,8 +235,9 @@ pub fn tensor_byte_tile() -> usize {
     if tuning("DUO_DECODE_TILE") == Some(128) { 128 } else { 64 }
 }
 
-/// Blocks per multiprocessor the tensor-core partial kernel over a `kv` cache plans its
-/// registers for (and [`split_for`] sizes one row's splits by); see [`tensor_stages`].
+/// Blocks per multiprocessor the tensor-core partial kernel over a `kv` cache is meant to
+/// run with; see [`tensor_stages`]. What a launch plans for is [`tensor_blocks`]: this, or
+/// fewer where the shared memory holds fewer.
 pub fn tensor_min_blocks(kv: KvType) -> usize {
     if let Some(n) = tuning("DUO_DECODE_MIN_BLOCKS") {
         return n.clamp(1, 4);
@@ -246,6 +247,21 @@ pub fn tensor_min_blocks(kv: KvType) -> usize {
         KvType::Int8 => 4,
         _ => 2,
     }
+}
+
+/// Shared memory of one multiprocessor of the H100/H200 (228 KiB), and what the driver
+/// reserves per resident block (1 KiB).
+const SMEM_PER_SM: usize = 228 * 1024;
+const SMEM_PER_BLOCK_RESERVED: usize = 1024;
+
+/// Blocks per multiprocessor the tensor-core partial kernel for heads of `head_dim` with
+/// `group` query heads over a `kv` cache plans its registers for (`MIN_BLOCKS`) and
+/// [`split_for`] sizes one row's splits by: [`tensor_min_blocks`], or as many as the shared
+/// memory holds where that is fewer (promising more would cap the registers for blocks
+/// that can never be resident).
+pub fn tensor_blocks(head_dim: usize, group: usize, kv: KvType) -> usize {
+    let fit = SMEM_PER_SM / (tensor_smem_bytes(head_dim, group, kv) + SMEM_PER_BLOCK_RESERVED);
+    tensor_min_blocks(kv).min(fit).max(1)
 }
 
 /// The L2 prefetch size the tensor-core kernel's copies ask for (0, 128 or 256 bytes;
@@ -678,9 +694,11 @@ __device__ __forceinline__ void load_words(const unsigned char* p, unsigned* w) 
 // operand (n = the query heads, straight from the score fragments). A lane's A fragments
 // need two keys' codes of one dimension per register: it reads its HEAD_DIM / 8 dimensions
 // (dims permuted: fragment row gr of product i is dim (HEAD_DIM / 8) gr + 2 i, row gr + 8 the
-// next) from each of its four key rows and pairs the rows' bytes by byte permutes. Each key's
-// scale (int4: step) multiplies its weight instead of its values; int4's minimum adds
-// `sum(P min)` to every dimension of the row (kept beside the softmax sum). No dequantised
+// next) from each of its four key rows and pairs the rows' bytes by byte permutes, then
+// scales each pair in f16 by its two keys' row scales (int4: step and minimum, one fused
+// multiply-add): the values the previous form dequantised into shared memory, with the same
+// roundings, but in registers. (Folding the scales into the weights instead would be cheaper
+// but rounds weight times scale to f16, which underflows for small scales.) No dequantised
 // copy in shared memory, and half the products of the m16 form for heads of <= 8 queries.
 #if V_REGS && GROUP <= 8
 #define VREG 1
@@ -780,12 +798,18 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // A retrieval head's tiles that start on a block of at least a tile's tokens are each one
     // run of consecutive rows: one table entry per tile, and each row its first row's plus
     // its index (no per-row lookup).
-    const bool page_tiles = e.w == 0 && (1 << pg.block_log2) >= TILE && (begin & (TILE - 1)) == 0;
-    long long row0 = 0;  // that first row, for the next tile to copy
+    // (A tile of 128 keys is two such runs of 64, each its own entry.)
+    const bool page_tiles = e.w == 0 && pg.block_log2 >= 6 && (begin & 63) == 0;
+    long long row0[TILE / 64] = {};  // each 64-row run's first row, for the next tile to copy
+#define PAGED_ROW(r) (row0[(r) / 64] + (r) % 64)
     auto fetch_entries = [&](int tile) {
         const int t0 = begin + tile * TILE;
         if (page_tiles) {
-            row0 = t0 < end ? kv_row_from(pg, e, t0, cap, trow[kv_entry_at(pg, e, t0, cap)]) : 0;
+#pragma unroll
+            for (int h = 0; h < TILE / 64; h++) {
+                const int t = t0 + 64 * h;
+                row0[h] = t < end ? kv_row_from(pg, e, t, cap, trow[kv_entry_at(pg, e, t, cap)]) : 0;
+            }
             return;
         }
 #pragma unroll
@@ -812,7 +836,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const int r = i / CPR, c = (i % CPR) * 16;
             const int t = t0 + r;
             const bool live = t < end;
-            const long long row = page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
+            const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
             const size_t at = live ? (size_t)row * ROW_BYTES + c : 0;
             cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vr + r * RPAD + c, values + at, live ? 16 : 0);
@@ -820,7 +844,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         // Row scales, keys' then values' (2 TILE of them): thread x copies row x % TILE's.
         const int r = threadIdx.x % TILE, t = t0 + r;
         const bool live = t < end;
-        const long long row = !live ? 0 : page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, sent);
+        const long long row = !live ? 0 : page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, sent);
 #pragma unroll
         for (int idx = threadIdx.x; idx < 2 * TILE; idx += 128) {
             cp_async4(scl + ((tile % STAGES) * 2 + idx / TILE) * TILE + r, (idx < TILE ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
@@ -837,7 +861,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const int r = CH_ROW(j), c = CH_COL(j) * 8;
             const int t = t0 + r;
             const bool live = t < end;
-            const long long row = page_tiles ? row0 + r : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
+            const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
             const size_t at = live ? (size_t)row * HEAD_DIM + c : 0;
             cp_async16(ks + r * TPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
@@ -865,9 +889,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #pragma unroll
     for (int i = 0; i < O_FRAGS; i++) { o[i][0] = 0.f; o[i][1] = 0.f; o[i][2] = 0.f; o[i][3] = 0.f; }
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows gr and gr + 8
-#if defined(VREG) && defined(KV_INT4)
-    float pmin = 0.f;  // row gr's sum of weight times value minimum (this lane's keys)
-#endif
 
     for (int tile = 0; tile < n_tiles; tile++) {
         cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
@@ -1011,26 +1032,25 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const float c0 = __shfl_sync(0xffffffff, cf[0], 8 * tq), c1 = __shfl_sync(0xffffffff, cf[0], 8 * tq + 4);
 #pragma unroll
             for (int i = 0; i < O_FRAGS; i++) { o[i][0] *= c0; o[i][1] *= c1; o[i][2] *= c0; o[i][3] *= c1; }
-#ifdef KV_INT4
-            pmin *= cf[0];
-#endif
         }
-        // P^T as the B operand (k = keys 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9; n = query head
-        // gr), each weight times its key's value scale (int4: step).
+        // P^T as the B operand (k = keys 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9; n = query head gr).
+        const unsigned pb[2] = {PACK(sc[0][0], sc[0][1]), PACK(sc[1][0], sc[1][1])};
+        // The row scales of keys (2 tq, 2 tq + 1) and (2 tq + 8, 2 tq + 9) as f16 pairs, low
+        // half the first key's: int4's steps (s) and minima (z), or the byte caches' scales.
         const float* vsc = ksc + TILE;
-        unsigned pb[2];
 #ifdef KV_INT4
+        unsigned s_ab, z_ab, s_cd, z_cd;
         {
             const uint2 w0 = *reinterpret_cast<const uint2*>(vsc + 2 * tq), w1 = *reinterpret_cast<const uint2*>(vsc + 8 + 2 * tq);
-            pb[0] = PACK(sc[0][0] * h2f(w0.x & 0xffffu), sc[0][1] * h2f(w0.y & 0xffffu));
-            pb[1] = PACK(sc[1][0] * h2f(w1.x & 0xffffu), sc[1][1] * h2f(w1.y & 0xffffu));
-            pmin += sc[0][0] * h2f(w0.x >> 16) + sc[0][1] * h2f(w0.y >> 16) + sc[1][0] * h2f(w1.x >> 16) + sc[1][1] * h2f(w1.y >> 16);
+            s_ab = __byte_perm(w0.x, w0.y, 0x5410); z_ab = __byte_perm(w0.x, w0.y, 0x7632);
+            s_cd = __byte_perm(w1.x, w1.y, 0x5410); z_cd = __byte_perm(w1.x, w1.y, 0x7632);
         }
 #else
+        unsigned s_ab, s_cd;
         {
             const float2 s0 = *reinterpret_cast<const float2*>(vsc + 2 * tq), s1 = *reinterpret_cast<const float2*>(vsc + 8 + 2 * tq);
-            pb[0] = PACK(sc[0][0] * s0.x, sc[0][1] * s0.y);
-            pb[1] = PACK(sc[1][0] * s1.x, sc[1][1] * s1.y);
+            s_ab = pack_h(s0.x, s0.y);
+            s_cd = pack_h(s1.x, s1.y);
         }
 #endif
         // This lane's HEAD_DIM / 8 dimensions of keys 2 tq, 2 tq + 1 (a, b) and 2 tq + 8,
@@ -1055,6 +1075,11 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const unsigned ab_lo = __byte_perm(va[w], vb_[w], 0x5410), ab_hi = __byte_perm(va[w], vb_[w], 0x7632);
             const unsigned cd_lo = __byte_perm(vc[w], vd[w], 0x5410), cd_hi = __byte_perm(vc[w], vd[w], 0x7632);
             a[0] = nib2_h(ab_lo, j); a[1] = nib2_h(ab_hi, j); a[2] = nib2_h(cd_lo, j); a[3] = nib2_h(cd_hi, j);
+            // n * step + min per value (as crate::int4::value, and dequant_row16).
+            asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a[0]) : "r"(s_ab), "r"(z_ab));
+            asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a[1]) : "r"(s_ab), "r"(z_ab));
+            asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a[2]) : "r"(s_cd), "r"(z_cd));
+            asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a[3]) : "r"(s_cd), "r"(z_cd));
 #else
             // Word i / 2 holds dims 4 (i / 2) ..: dims 2 i and 2 i + 1 are its bytes 0-1 (i
             // even) or 2-3, each paired with the same byte of the other key.
@@ -1062,6 +1087,11 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const unsigned sel = (i & 1) ? 0x7362u : 0x5140u;
             const unsigned ab = __byte_perm(va[w], vb_[w], sel), cd = __byte_perm(vc[w], vd[w], sel);
             a[0] = bytes2_h(ab & 0xffffu); a[1] = bytes2_h(ab >> 16); a[2] = bytes2_h(cd & 0xffffu); a[3] = bytes2_h(cd >> 16);
+            // Codes times their rows' scales (as dequant16).
+            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a[0]) : "r"(s_ab));
+            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a[1]) : "r"(s_ab));
+            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a[2]) : "r"(s_cd));
+            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a[3]) : "r"(s_cd));
 #endif
             MMA(o[i], a, pb[0], pb[1]);
         }
@@ -1108,24 +1138,12 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         }
     }
 #ifdef VREG
-#ifdef KV_INT4
-    // Row gr's sum(P min) over the warp's keys, added to each of its dimensions below.
-    pmin += __shfl_xor_sync(0xffffffff, pmin, 1);
-    pmin += __shfl_xor_sync(0xffffffff, pmin, 2);
-    float* wz = wo + 4 * GROUP * HEAD_DIM;  // [4][16]
-    if (tq == 0 && gr < GROUP) wz[warp * 16 + gr] = pmin;
-    __syncwarp();
-#endif
 #pragma unroll
     for (int i = 0; i < O_FRAGS; i++)
 #pragma unroll
         for (int x = 0; x < 4; x++) {
             const int r = 2 * tq + (x & 1), c = (HEAD_DIM / 8) * gr + 2 * i + (x >> 1);
-#ifdef KV_INT4
-            if (r < GROUP) wo[(warp * GROUP + r) * HEAD_DIM + c] = o[i][x] + wz[warp * 16 + r];
-#else
             if (r < GROUP) wo[(warp * GROUP + r) * HEAD_DIM + c] = o[i][x];
-#endif
         }
 #endif
     __syncthreads();
@@ -1165,22 +1183,22 @@ pub fn batch_split(lens: &[u32], rows: usize) -> usize {
     want.clamp(MIN_SPLIT, 2048).div_ceil(64) * 64
 }
 
-/// Keys per split for `kernel` over a `kv` cache and `rows` rows whose KV heads show `lens`
-/// (at the longest row), in a pool whose rows need not be independent of the batch. The
-/// tensor-core kernel holds [`tensor_min_blocks`] blocks per multiprocessor (bf16: two, 264
-/// on the H200's 132); one
+/// Keys per split for `kernel` and `rows` rows whose KV heads show `lens` (at the longest
+/// row), in a pool whose rows need not be independent of the batch. The tensor-core kernel
+/// holds `blocks` blocks per multiprocessor ([`tensor_blocks`]; bf16: two, 264 on the
+/// H200's 132); one
 /// row runs fastest with about one
 /// wave of blocks, splits a power of two from 512 to 8,192 keys (measured on the H200 over
 /// 512-8,192, BENCHMARKS.md: full 128K 4,096 is best, 0.148 ms against 0.158 at 2,048; duo
 /// 128K 2,048, 0.087 against 0.109 at 1,024; 512K 8,192 for both). A batch, and the CUDA-core
 /// kernel, take [`batch_split`] (many waves; at 25 x 16K within 3% of the best split).
-pub fn split_for(kernel: DecodeKernel, kv: KvType, lens: &[u32], rows: usize) -> usize {
+pub fn split_for(kernel: DecodeKernel, blocks: usize, lens: &[u32], rows: usize) -> usize {
     if kernel != DecodeKernel::Tensor || rows > 1 {
         return batch_split(lens, rows);
     }
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as f64;
     let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len;
-    let want = (max_len * heads / (132 * tensor_min_blocks(kv)) as f64).max(1.0);
+    let want = (max_len * heads / (132 * blocks.max(1)) as f64).max(1.0);
     (1usize << (want.log2().round() as u32)).clamp(512, 8192)
 }
 
@@ -1278,7 +1296,7 @@ mod gpu {
             })
             .collect();
         let split = split
-            .unwrap_or_else(|| split_for(kernel, kv, &lens, tokens.len()))
+            .unwrap_or_else(|| split_for(kernel, tensor_blocks(head_dim, n_heads / x_heads.len(), kv), &lens, tokens.len()))
             .max(1);
         let max_len = *lens.iter().max().unwrap_or(&1) as usize;
         DecodeLaunch {
@@ -1668,38 +1686,50 @@ mod tests {
                 && tensor_smem_bytes(128, group, KvType::Int4) * 2 <= 227 * 1024),
             "two fp8 blocks fit a multiprocessor"
         );
+        // The blocks a launch plans for are resident at once, for every type, head size and
+        // group; and the measured defaults hold where the memory allows (up to 8 query heads).
+        for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
+            for d in [64, 128] {
+                for group in 1..=16 {
+                    let b = tensor_blocks(d, group, kv);
+                    assert!(b >= 1 && b * (tensor_smem_bytes(d, group, kv) + 1024) <= 228 * 1024, "{kv:?} {d} x {group}: {b} blocks");
+                }
+                assert_eq!(tensor_blocks(d, 4, kv), tensor_min_blocks(kv), "{kv:?} {d}");
+            }
+        }
+        assert_eq!(tensor_blocks(128, 16, KvType::Int8), 3, "the f16 value copy leaves room for three int8 blocks");
     }
 
     #[test]
     fn one_row_on_tensor_cores_takes_about_one_wave() {
         let duo_128k = [131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320];
         assert_eq!(
-            split_for(DecodeKernel::Tensor, KvType::Bf16, &[131_072; 8], 1),
+            split_for(DecodeKernel::Tensor, 2, &[131_072; 8], 1),
             4096,
             "8 x 32 blocks"
         );
         assert_eq!(
-            split_for(DecodeKernel::Tensor, KvType::Bf16, &duo_128k, 1),
+            split_for(DecodeKernel::Tensor, 2, &duo_128k, 1),
             2048,
             "4 long heads x 64 blocks"
         );
         assert_eq!(
-            split_for(DecodeKernel::Tensor, KvType::Bf16, &[524_288; 8], 1),
+            split_for(DecodeKernel::Tensor, 2, &[524_288; 8], 1),
             8192,
             "the longest split"
         );
         assert_eq!(
-            split_for(DecodeKernel::Tensor, KvType::Bf16, &[4096; 8], 1),
+            split_for(DecodeKernel::Tensor, 2, &[4096; 8], 1),
             512,
             "the shortest split"
         );
         assert_eq!(
-            split_for(DecodeKernel::Tensor, KvType::Bf16, &[16_384; 8], 25),
+            split_for(DecodeKernel::Tensor, 2, &[16_384; 8], 25),
             batch_split(&[16_384; 8], 25),
             "a batch: many waves"
         );
         assert_eq!(
-            split_for(DecodeKernel::Cores(2), KvType::Bf16, &[131_072; 8], 1),
+            split_for(DecodeKernel::Cores(2), 2, &[131_072; 8], 1),
             batch_split(&[131_072; 8], 1)
         );
     }

@@ -17,7 +17,7 @@
 //! Invariant: a sequence's rows are computed from its own tokens, blocks and positions only;
 //! nothing a kernel does for row `i` reads another row.
 
-use crate::decode_attention::{split_for, DecodeKernel, KvType, MIN_SPLIT};
+use crate::decode_attention::{split_for, tensor_blocks, DecodeKernel, KvType, MIN_SPLIT};
 use crate::model::GpuWeights;
 use crate::paged::{Allocator, PagedLayout, Ring, Tables};
 use crate::prefill_attention::HeadEntry;
@@ -923,7 +923,7 @@ impl KvPool {
                     .collect();
                 let max_len = *lens.iter().max().unwrap_or(&1) as usize;
                 let mut split = if self.config.max_seqs == 1 {
-                    split_for(kernel, self.layout.kv, &lens, rows)
+                    split_for(kernel, tensor_blocks(c.head_dim, c.n_heads / c.n_kv_heads, self.layout.kv), &lens, rows)
                 } else {
                     DECODE_SPLIT
                 };

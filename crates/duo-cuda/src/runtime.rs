@@ -157,7 +157,7 @@ fn decode_source(
             ));
             options.push(format!(
                 "-DMIN_BLOCKS={}",
-                crate::decode_attention::tensor_min_blocks(kv)
+                crate::decode_attention::tensor_blocks(head_dim, group, kv)
             ));
             options.push(format!(
                 "-DCP_L2_PREFETCH={}",
