@@ -364,7 +364,7 @@ impl MaskCache {
 /// The additive mask of queries `s..e` over `keys`: 0 where [`Span::sees`], -1e30 elsewhere,
 /// `[e - s, keys]`. Built on the device from the positions (exact as `f32` below 2^24):
 /// an 8K sample's blocks were 50 million host-built values a step, uploaded.
-fn span_mask(s: usize, e: usize, span: Span, keys: &[usize], device: &Device) -> Result<Tensor> {
+pub(crate) fn span_mask(s: usize, e: usize, span: Span, keys: &[usize], device: &Device) -> Result<Tensor> {
     let (b, k) = (e - s, keys.len());
     let i = Tensor::arange(s as u32, e as u32, device)?.to_dtype(candle_core::DType::F32)?.reshape((b, 1))?;
     let j = Tensor::from_vec(keys.iter().map(|&j| j as f32).collect::<Vec<f32>>(), (1, k), device)?;
