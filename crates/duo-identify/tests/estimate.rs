@@ -1,32 +1,14 @@
 //! The training-free estimate (attention mass outside the streaming window) against a
 //! direct f64 computation on a small random model.
 
+mod common;
+
 use candle_core::Device;
-use duo_core::{Architecture, ModelConfig, RopeStyle};
+use common::tiny;
+use duo_core::RopeStyle;
 use duo_identify::dense::attention;
 use duo_identify::estimate::mass_outside;
 use duo_identify::{DenseModel, Span};
-
-fn tiny() -> ModelConfig {
-    ModelConfig {
-        architecture: Architecture::Llama,
-        n_layers: 3,
-        hidden_size: 32,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 8,
-        intermediate_size: 48,
-        vocab_size: 64,
-        context_length: 256,
-        rope_theta: 10000.0,
-        rope_style: RopeStyle::Interleaved,
-        rope_freq_factors: None,
-        rms_norm_eps: 1e-5,
-        tie_embeddings: true,
-        bos_token_id: None,
-        eos_token_ids: vec![0],
-    }
-}
 
 /// Per layer and KV head: the mean over query heads and `positions` of the softmax mass on
 /// keys the full (causal) attention sees and `window` does not, in f64.
@@ -60,7 +42,7 @@ fn reference(model: &DenseModel, ids: &[u32], positions: std::ops::Range<usize>,
 #[test]
 fn mass_outside_the_window_matches_a_direct_computation() {
     // Blocks of 7 queries: the loss positions span several, the last one partial.
-    let model = DenseModel::random(tiny(), 5, &Device::Cpu).expect("model").with_block(Some(7));
+    let model = DenseModel::random(tiny(RopeStyle::Interleaved), 5, &Device::Cpu).expect("model").with_block(Some(7));
     let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 64).collect();
     let window = Span::Lambda { sink: 2, recent: 5 };
     let got = mass_outside(&model, &ids, 22..40, window).expect("estimate");

@@ -1,33 +1,15 @@
 //! The gate gradients of the layer-by-layer backward pass against finite differences of
 //! the loss, and the attention blocks against a dense reference, on small random models.
 
+mod common;
+
 use candle_core::{Device, Tensor};
-use duo_core::{Architecture, ModelConfig, RopeStyle};
+use common::tiny;
+use duo_core::RopeStyle;
 use duo_identify::dense::{attention, Qkv};
 use duo_identify::{DenseModel, GateValues, GatedModel, Span};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn tiny(style: RopeStyle) -> ModelConfig {
-    ModelConfig {
-        architecture: Architecture::Llama,
-        n_layers: 3,
-        hidden_size: 32,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 8,
-        intermediate_size: 48,
-        vocab_size: 64,
-        context_length: 256,
-        rope_theta: 10000.0,
-        rope_style: style,
-        rope_freq_factors: None,
-        rms_norm_eps: 1e-5,
-        tie_embeddings: true,
-        bos_token_id: None,
-        eos_token_ids: vec![0],
-    }
-}
 
 fn ids(n: usize, seed: u64) -> Vec<u32> {
     let mut rng = StdRng::seed_from_u64(seed);
