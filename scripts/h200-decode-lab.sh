@@ -11,14 +11,31 @@
 #      through shared memory), DUO_DECODE_TILE (128: byte caches copy and wait per 128 keys,
 #      each warp two 16-key slices); env ROWS: which timing rows to print (a regular expression,
 #      default the tensor-core bf16 ones);
-#   3. with NCU=1, Nsight Compute on duo's partial kernel (full layer, 1 x 131072 tokens;
+#   3. with MODEL=1, the whole model's parity (`cuda-check --only model`: every cache type,
+#      continuous batching); with STEP_KVS (e.g. "bf16 fp8 int8 int4"; carry .gpu/patterns
+#      too), the whole decode step of the Llama-3-8B shape, full and duo 0.5 at 128K and 512K,
+#      per cache type;
+#   4. with NCU=1, Nsight Compute on duo's partial kernel (full layer, 1 x 131072 tokens;
 #      env NCU_VARS: settings as above) and, with NCU_SDPA=1, on PyTorch SDPA's decode kernels on the same shape: bandwidth, occupancy, issue.
+# Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
+pack() { tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/"; }
+trap pack EXIT
+n=0
 for pv in default ${PARITY_VARS:-DUO_DECODE_WARP_PIPE=1}; do
-  vars=""; [ "$pv" = default ] || vars=${pv//,/ }
-  timeout 200 env $vars $D cuda-check --only decode --no-timings > "$OUT/decode-parity.txt" 2>&1
-  echo "decode parity ($pv) exit $?: $(grep -c '^ok' "$OUT/decode-parity.txt") ok"; grep "^FAIL" "$OUT/decode-parity.txt" | head
+  n=$((n + 1)); vars=""; [ "$pv" = default ] || vars=${pv//,/ }
+  timeout 200 env $vars $D cuda-check --only decode --no-timings > "$OUT/decode-parity-$n.txt" 2>&1
+  echo "decode parity ($pv) exit $?: $(grep -c '^ok' "$OUT/decode-parity-$n.txt") ok"; grep "^FAIL" "$OUT/decode-parity-$n.txt" | head
+done
+if [ "${MODEL:-0}" = 1 ]; then
+  timeout 300 $D cuda-check --only model --no-timings > "$OUT/model-parity.txt" 2>&1
+  echo "model parity exit $?: $(grep -c '^ok' "$OUT/model-parity.txt") ok"; grep "^FAIL" "$OUT/model-parity.txt" | head
+fi
+for kv in ${STEP_KVS:-}; do
+  timeout 60 $D bench --device cuda --random-weights llama-3-8b --pattern .gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k --kv-dtype $kv \
+    --methods full,duo --sparsity 0.5 --sink 64 --recent 256 --lengths 131072,524288 --max-prefill 0 --decode-tokens 8 > "$OUT/step-$kv.txt" 2>&1
+  echo "step $kv exit $?"; grep -E "^\| (full|duo)" "$OUT/step-$kv.txt" | cut -d'|' -f2,4,7-9
 done
 i=0
 for v in default ${VARIANTS:-DUO_DECODE_WARP_PIPE=1 DUO_DECODE_WARP_PIPE=1,DUO_DECODE_STAGES=4,DUO_DECODE_MIN_BLOCKS=1 DUO_DECODE_L2_PREFETCH=0}; do
