@@ -9,14 +9,16 @@
 #      (1: each warp copies and waits for its own keys, bf16), DUO_TIME_PLACEMENT
 #      (contiguous), DUO_TIME_V_SKEW (bytes), DUO_DECODE_V_SMEM (1: values of a byte cache
 #      through shared memory), DUO_DECODE_TILE (128: byte caches copy and wait per 128 keys,
-#      each warp two 16-key slices); env ROWS: which timing rows to print (a regular expression,
-#      default the tensor-core bf16 ones);
+#      each warp two 16-key slices), DUO_TIME_KV (one cache type's tensor-core rows alone);
+#      env ROWS: which timing rows to print (a regular expression, default the tensor-core
+#      bf16 ones); env TIMINGS: cuda-check's --timings (default decode; decode,split adds the
+#      quantised caches' split sweep);
 #   3. with MODEL=1, the whole model's parity (`cuda-check --only model`: every cache type,
 #      continuous batching); with STEP_KVS (e.g. "bf16 fp8 int8 int4"; carry .gpu/patterns
 #      too), the whole decode step of the Llama-3-8B shape, full and duo 0.5 at 128K and 512K,
 #      per cache type;
 #   4. with NCU=1, Nsight Compute on duo's partial kernel (full layer, 1 x 131072 tokens;
-#      env NCU_VARS: settings as above) and, with NCU_SDPA=1, on PyTorch SDPA's decode kernels on the same shape: bandwidth, occupancy, issue.
+#      env NCU_VARS: settings as above, e.g. DUO_TIME_KV=fp8 for the fp8 kernel) and, with NCU_SDPA=1, on PyTorch SDPA's decode kernels on the same shape: bandwidth, occupancy, issue.
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
@@ -40,7 +42,7 @@ done
 i=0
 for v in default ${VARIANTS:-DUO_DECODE_WARP_PIPE=1 DUO_DECODE_WARP_PIPE=1,DUO_DECODE_STAGES=4,DUO_DECODE_MIN_BLOCKS=1 DUO_DECODE_L2_PREFETCH=0}; do
   i=$((i + 1)); vars=""; [ "$v" = default ] || vars=${v//,/ }
-  timeout 120 env $vars $D cuda-check --only ops --timings decode > "$OUT/decode-$i.txt" 2>&1
+  timeout 120 env $vars $D cuda-check --only ops --timings ${TIMINGS:-decode} > "$OUT/decode-$i.txt" 2>&1
   echo "== $v (exit $?)"; grep -E "${ROWS:-Tensor +Bf16}" "$OUT/decode-$i.txt" | sed 's/time decode attention, Llama-3-8B layer, //'
 done
 [ "${NCU:-0}" = 1 ] || exit 0

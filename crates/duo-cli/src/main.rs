@@ -204,14 +204,27 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             (16_384, 25),
             (4096, 64),
         ] {
-            let mut bf16_ms = 0.0;
+            let mut bf16_ms = f64::NAN;
+            // DUO_TIME_KV=fp8|int8|int4|bf16 times that cache type's tensor-core kernel alone
+            // (so that a profiler's first launches of the kernel are its).
+            let only: Option<KvType> = match std::env::var("DUO_TIME_KV").as_deref() {
+                Ok("bf16") => Some(KvType::Bf16),
+                Ok("fp8") => Some(KvType::Fp8),
+                Ok("int8") => Some(KvType::Int8),
+                Ok("int4") => Some(KvType::Int4),
+                Ok(other) => bail!("DUO_TIME_KV={other}: bf16, fp8, int8 or int4"),
+                Err(_) => None,
+            };
             for (kernel, kv) in [
                 (DecodeKernel::Cores(2), KvType::Bf16),
                 (DecodeKernel::Tensor, KvType::Bf16),
                 (DecodeKernel::Tensor, KvType::Fp8),
                 (DecodeKernel::Tensor, KvType::Int8),
                 (DecodeKernel::Tensor, KvType::Int4),
-            ] {
+            ]
+            .into_iter()
+            .filter(|&(kernel, kv)| only.is_none_or(|o| kernel == DecodeKernel::Tensor && kv == o))
+            {
                 let split = (rows > 1).then_some(duo_cuda::pool::DECODE_SPLIT);
                 let (ms, bytes) = time_decode_attention(
                     &gpu, 32, 128, &kinds, tokens, rows, 64, split, kernel, kv, 50,
@@ -219,7 +232,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
                 if kernel == DecodeKernel::Tensor && kv == KvType::Bf16 {
                     bf16_ms = ms;
                 }
-                let vs = if kv.is_quantised() {
+                let vs = if kv.is_quantised() && bf16_ms.is_finite() {
                     format!(", {:.2}x the bf16 time", ms / bf16_ms)
                 } else {
                     String::new()
