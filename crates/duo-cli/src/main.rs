@@ -531,8 +531,15 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let pure_full = per_layer.iter().filter(|&&c| c == heads).count();
     let pure_stream = per_layer.iter().filter(|&&c| c == 0).count();
     println!("layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}", layers - pure_full - pure_stream);
-    let (sink, recent) = gates.trained_window()?.unwrap_or(duo_engine::method::DEFAULT_WINDOW);
+    let trained = gates.trained_window()?;
+    let (sink, recent) = trained.unwrap_or(duo_engine::method::DEFAULT_WINDOW);
     let window = duo_core::cache_spec::Window::new(a.sink.unwrap_or(sink), a.recent.unwrap_or(recent))?;
+    let from = match (trained, a.sink.is_some() || a.recent.is_some()) {
+        (_, true) => "as given",
+        (Some(_), false) => "the window the pattern was trained against (its config.json)",
+        (None, false) => "the default: the pattern's config.json names none",
+    };
+    println!("streaming window: sink {} + recent {} ({from})", window.sink, window.recent);
     let (bits, scales) = match &a.kv_dtype {
         Some(d) => {
             let d = d.parse::<duo_engine::KvDtype>()?;

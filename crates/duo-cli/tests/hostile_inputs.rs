@@ -183,11 +183,11 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     let (per_token, ours, full) = fits(36);
     assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4 bits/element"), "{out}");
     assert!(out.contains(&format!("| int4 (GPU) | {per_token} | {ours} | {full} |")), "{out}");
-    assert!(out.contains("sink 64, recent 1024)"), "the pattern's trained window by default: {out}");
+    assert!(out.contains("sink 64, recent 1024)") && out.contains("streaming window: sink 64 + recent 1024 (the window the pattern was trained against"), "the pattern's trained window by default: {out}");
     // A window given on the command line wins.
     let run = Command::new(env!("CARGO_BIN_EXE_duo")).args(["pattern", "show", pattern, "--recent", "256", "--heatmap", heatmap.to_str().expect("utf-8")]).output().expect("duo runs");
     let _ = std::fs::remove_file(&heatmap);
-    assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("sink 64, recent 256)"), "{}", String::from_utf8_lossy(&run.stdout));
+    assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("sink 64, recent 256)") && String::from_utf8_lossy(&run.stdout).contains("(as given)"), "{}", String::from_utf8_lossy(&run.stdout));
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--memory-gib", "0"]);
     assert!(!ok && err.contains("positive number of GiB"), "{err}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype", "int3", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")]);
