@@ -536,7 +536,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let window = duo_core::cache_spec::Window::new(a.sink.unwrap_or(sink), a.recent.unwrap_or(recent))?;
     let from = match (trained, a.sink.is_some() || a.recent.is_some()) {
         (_, true) => "as given",
-        (Some(_), false) => "the window the pattern was trained against (its config.json)",
+        (Some(_), false) => "the window the pattern was trained against, from its config.json",
         (None, false) => "the default: the pattern's config.json names none",
     };
     println!("streaming window: sink {} + recent {} ({from})", window.sink, window.recent);
