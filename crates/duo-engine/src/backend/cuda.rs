@@ -252,19 +252,40 @@ impl CudaBackend {
             let (id, to_rank0) = duo_cuda::rendezvous::fetch(rendezvous, rank, world, WAIT)?;
             (id, vec![(0, to_rank0)])
         };
-        gpu.bind()?;
-        let link = Link::one(id, rank, world)?;
-        let weak = Arc::downgrade(&link);
-        let watch = duo_cuda::rendezvous::Watch::start(peers, move |why| {
-            eprintln!("duo: tensor-parallel rank {rank}: {why}; aborting this rank's communicator");
-            if let Some(link) = weak.upgrade() {
-                link.abort_all();
+        // The alarm is watched from before the communicator exists: a peer that fails while
+        // the group forms (NCCL's join waits for every rank) ends this process too, since
+        // there is no communicator to abort yet.
+        let joined: Arc<std::sync::OnceLock<std::sync::Weak<Link>>> = Arc::default();
+        let link_of = joined.clone();
+        let watch = duo_cuda::rendezvous::Watch::start(peers, move |why| match link_of.get() {
+            Some(weak) => {
+                eprintln!("duo: tensor-parallel rank {rank}: {why}; aborting this rank's communicator");
+                if let Some(link) = weak.upgrade() {
+                    link.abort_all();
+                }
+            }
+            None => {
+                eprintln!("duo: tensor-parallel rank {rank}: {why} while the group was forming; stopping");
+                std::process::exit(1);
             }
         })?;
+        // A failure here leaves the others waiting in the join: they are told, not said
+        // goodbye to.
+        let link = match gpu.bind().and_then(|()| Link::one(id, rank, world)) {
+            Ok(link) => link,
+            Err(e) => {
+                watch.raise();
+                return Err(e.into());
+            }
+        };
+        let _ = joined.set(Arc::downgrade(&link));
         // The link owns the watch (and so keeps it as long as the backend lives); the watch
         // holds the link weakly.
         link.on_abort(move || watch.raise());
-        Self::ranks(vec![(gpu, link)], config, placement, upload)
+        // A rank whose upload fails aborts the group (the others would wait for it at their
+        // first collective), which also tells them.
+        let group = link.clone();
+        Self::ranks(vec![(gpu, link)], config, placement, upload).inspect_err(|_| group.abort_all())
     }
 
     fn ranks(gpus: Vec<(Arc<Gpu>, Arc<Link>)>, config: ModelConfig, placement: Placement, upload: impl Fn(&Gpu, &ShardSpec) -> Result<GpuWeights>) -> Result<Self> {
