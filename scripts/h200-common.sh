@@ -3,6 +3,10 @@
 D=/tmp/duo/duo
 mkdir -p /tmp/duo "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# Everything under $OUT packed into $OUT/results.tgz: the device tool brings back at most 8
+# files (use as `trap pack_out EXIT` where a step writes more).
+pack_out() { tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/" && ls -la "$OUT"; }
+
 # The stripped, xz-packed binaries built on the build machine (those that were carried).
 for f in duo cuda_backend; do [ -f ".gpu/bin/$f.xz" ] && xz -dc ".gpu/bin/$f.xz" > "/tmp/duo/$f" && chmod +x "/tmp/duo/$f"; done
 

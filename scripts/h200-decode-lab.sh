@@ -22,8 +22,7 @@
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
-pack() { tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/"; }
-trap pack EXIT
+trap pack_out EXIT
 n=0
 for pv in default ${PARITY_VARS:-DUO_DECODE_WARP_PIPE=1}; do
   n=$((n + 1)); vars=""; [ "$pv" = default ] || vars=${pv//,/ }

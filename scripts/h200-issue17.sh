@@ -17,10 +17,13 @@
 #       per layer over two GPUs) greedy text of full, duo and layer on one GPU and on two,
 #       and of duo as two processes (--tp-rank, --tp-rendezvous); serve-check against
 #       `duo serve --tensor-parallel 2` (and a tiny pool of it)
+# Each step's files come back packed in $OUT/results.tgz.
 set -uo pipefail
 step=$1
 export NCCL_NVLS_ENABLE=0
 source "$(dirname "$0")/h200-common.sh"
+# Steps a, b and d write more files than the device tool brings back.
+trap pack_out EXIT
 nvidia-smi topo -m | head -4 > "$OUT/topo.txt"
 P=.gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k
 shape="--device cuda --random-weights llama-3-8b --pattern $P --sparsity 0.5 --sink 128 --recent 256"

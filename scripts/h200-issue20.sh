@@ -49,4 +49,4 @@ elif [ "$step" = b ]; then
   fi
 fi
 # Everything in one archive (the device tool brings back 8 files at most).
-tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/" && ls -la "$OUT"
+pack_out

@@ -96,6 +96,28 @@ pub enum Parallel {
     Process(duo_engine::backend::ProcessRank),
 }
 
+impl Parallel {
+    /// Where the model goes, in words: `device`, GPUs 0..N-1, or this process's rank.
+    pub fn describe(&self, device: Device) -> String {
+        match self {
+            Parallel::One => device.to_string(),
+            Parallel::InProcess(n) => format!("GPUs 0..{}", n - 1),
+            Parallel::Process(at) => format!("rank {} of {} on {device}", at.rank, at.world),
+        }
+    }
+
+    /// The GPUs a split model's shards go to, opened (before any model file is read; too
+    /// few GPUs is the error a user sees first); `None` for one GPU.
+    pub fn shards(self) -> duo_engine::Result<Option<duo_engine::backend::Shards>> {
+        use duo_engine::backend::Shards;
+        match self {
+            Parallel::One => Ok(None),
+            Parallel::InProcess(gpus) => Shards::in_process(gpus).map(Some),
+            Parallel::Process(at) => Shards::rank(at).map(Some),
+        }
+    }
+}
+
 impl MethodArgs {
     /// The model to load.
     pub fn model_source(&self) -> Result<ModelSource> {
@@ -163,17 +185,13 @@ impl MethodArgs {
         let spec = self.spec()?;
         let source = self.model_source()?;
         let place = |config: &duo_core::config::ModelConfig| self.placement(config).map_err(|e| duo_engine::EngineError::InvalidParameter { name: "placement", reason: format!("{e:#}") });
-        let engine = match self.parallel()? {
-            Parallel::One => Engine::load(&source, self.device).with_context(|| format!("loading the model onto {}", self.device))?,
-            Parallel::InProcess(gpus) => {
-                let what = format!("loading the model onto GPUs 0..{}", gpus - 1);
-                Engine::load_split(&source, duo_engine::backend::Shards::in_process(gpus).context(what.clone())?, place).context(what)?
-            }
-            Parallel::Process(at) => {
-                let what = format!("loading rank {} of {} onto {}", at.rank, at.world, self.device);
-                Engine::load_split(&source, duo_engine::backend::Shards::rank(at).context(what.clone())?, place).context(what)?
-            }
-        };
+        let parallel = self.parallel()?;
+        let what = format!("loading the model onto {}", parallel.describe(self.device));
+        let engine = match parallel.shards().context(what.clone())? {
+            None => Engine::load(&source, self.device),
+            Some(shards) => Engine::load_split(&source, shards, place),
+        }
+        .context(what)?;
         let resolved = spec.resolve(engine.config())?;
         Ok((engine, resolved))
     }
@@ -207,7 +225,7 @@ impl MethodArgs {
     pub fn placement(&self, config: &duo_core::config::ModelConfig) -> Result<duo_core::placement::Placement> {
         use duo_core::placement::{Placement, Strategy};
         let gpus = self.tensor_parallel;
-        let all = duo_core::pattern::HeadPattern::from_rows(vec![vec![true; config.n_kv_heads]; config.n_layers])?;
+        let all = duo_core::pattern::HeadPattern::all_retrieval(config.n_layers, config.n_kv_heads);
         if self.placement == Strategy::Contiguous || self.pattern_source().is_none() {
             return Ok(Placement::contiguous(&all, gpus)?);
         }

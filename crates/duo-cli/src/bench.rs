@@ -125,20 +125,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (backend, label, token_limit): (Box<dyn Backend>, String, usize) = match (&a.method.random_weights, random_config) {
         (Some(shape), Some(config)) => {
             let vocab = config.vocab_size;
-            let built = match a.method.parallel()? {
-                crate::args::Parallel::One => {
-                    eprintln!("duo bench: building {shape} with seeded random weights (seed {}) on {device} ...", a.method.seed());
+            let parallel = a.method.parallel()?;
+            let place = parallel.describe(device);
+            // The placement (its pattern read and checked) before any GPU is opened.
+            let placement = match parallel {
+                crate::args::Parallel::One => None,
+                _ => Some(a.method.placement(&config)?),
+            };
+            let building = format!("duo bench: building {shape} with seeded random weights (seed {}) on {place}", a.method.seed());
+            let built = match (parallel.shards()?, placement) {
+                (Some(shards), Some(placement)) => {
+                    eprintln!("{building} ({} placement) ...", placement.strategy());
+                    backend::random_split(shards, placement, config, a.method.seed())?
+                }
+                _ => {
+                    eprintln!("{building} ...");
                     backend::random(device, config, a.method.seed())?
-                }
-                crate::args::Parallel::InProcess(gpus) => {
-                    let placement = a.method.placement(&config)?;
-                    eprintln!("duo bench: building {shape} with seeded random weights (seed {}) over GPUs 0..{} ({} placement) ...", a.method.seed(), gpus - 1, placement.strategy());
-                    backend::random_split(backend::Shards::in_process(gpus)?, placement, config, a.method.seed())?
-                }
-                crate::args::Parallel::Process(at) => {
-                    let placement = a.method.placement(&config)?;
-                    eprintln!("duo bench: building {shape} with seeded random weights (seed {}), rank {} of {} on {device} ({} placement) ...", a.method.seed(), at.rank, at.world, placement.strategy());
-                    backend::random_split(backend::Shards::rank(at)?, placement, config, a.method.seed())?
                 }
             };
             (built, format!("{shape} (random weights)"), vocab)

@@ -87,7 +87,7 @@ enum Command {
 static ALLOCATOR: duo_model::budget::BudgetAllocator = duo_model::budget::BudgetAllocator;
 
 fn main() {
-    keep_nvlink_multicast_off();
+    duo_cuda::nccl::keep_nvlink_multicast_off();
     duo_model::budget::keep_step_buffers_mapped();
     // Warnings (e.g. the server's ignored request fields) show by default; DUO_LOG=info|debug for more.
     let filter = tracing_subscriber::EnvFilter::try_from_env("DUO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -195,6 +195,16 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
         gpu.copy_bandwidth()? / 1e9
     );
     let duo = [true, true, true, true, false, false, false, false];
+    // DUO_TIME_KV=fp8|int8|int4|bf16 times that cache type's tensor-core kernel alone (so
+    // that a profiler's first launches of the kernel are its).
+    let only: Option<KvType> = match std::env::var("DUO_TIME_KV").as_deref() {
+        Ok("bf16") => Some(KvType::Bf16),
+        Ok("fp8") => Some(KvType::Fp8),
+        Ok("int8") => Some(KvType::Int8),
+        Ok("int4") => Some(KvType::Int4),
+        Ok(other) => bail!("DUO_TIME_KV={other}: bf16, fp8, int8 or int4"),
+        Err(_) => None,
+    };
     let decode_layers: &[(&str, [bool; 8])] = if timed.contains(&"decode") { &[("full", [true; 8]), ("duo 0.5", duo)] } else { &[] };
     for &(name, kinds) in decode_layers {
         for (tokens, rows) in [
@@ -205,16 +215,6 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             (4096, 64),
         ] {
             let mut bf16_ms = f64::NAN;
-            // DUO_TIME_KV=fp8|int8|int4|bf16 times that cache type's tensor-core kernel alone
-            // (so that a profiler's first launches of the kernel are its).
-            let only: Option<KvType> = match std::env::var("DUO_TIME_KV").as_deref() {
-                Ok("bf16") => Some(KvType::Bf16),
-                Ok("fp8") => Some(KvType::Fp8),
-                Ok("int8") => Some(KvType::Int8),
-                Ok("int4") => Some(KvType::Int4),
-                Ok(other) => bail!("DUO_TIME_KV={other}: bf16, fp8, int8 or int4"),
-                Err(_) => None,
-            };
             for (kernel, kv) in [
                 (DecodeKernel::Cores(2), KvType::Bf16),
                 (DecodeKernel::Tensor, KvType::Bf16),
@@ -447,17 +447,6 @@ fn longest_context(plan: &duo_core::CachePlan, budget: usize) -> usize {
     lo
 }
 
-/// NVLink multicast (NCCL's NVLS) stays off in every process duo starts: on shared GPU hosts
-/// a program that uses it can take the GPUs out of service. Set before any thread exists,
-/// so no other thread reads the environment while it changes.
-#[allow(unsafe_code)]
-fn keep_nvlink_multicast_off() {
-    if std::env::var("NCCL_NVLS_ENABLE").as_deref() != Ok("0") {
-        // SAFETY: called first in `main`, while the process has one thread.
-        unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
-    }
-}
-
 /// `duo pattern show --tensor-parallel N`: the contiguous split engines use against the
 /// retrieval-aware placement (`duo_core::placement`), per GPU: retrieval heads, KV bytes at
 /// `tokens`, the longest context that fits `budget` bytes per GPU, and the retrieval heads
@@ -532,8 +521,8 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let pure_stream = per_layer.iter().filter(|&&c| c == 0).count();
     println!("layers all-retrieval: {pure_full}, all-streaming: {pure_stream}, mixed: {}", layers - pure_full - pure_stream);
     let trained = gates.trained_window()?;
-    let (sink, recent) = trained.unwrap_or(duo_engine::method::DEFAULT_WINDOW);
-    let window = duo_core::cache_spec::Window::new(a.sink.unwrap_or(sink), a.recent.unwrap_or(recent))?;
+    let (sink, recent) = duo_engine::method::deploy_window(a.sink, a.recent, trained);
+    let window = duo_core::cache_spec::Window::new(sink, recent)?;
     let from = match (trained, a.sink.is_some() || a.recent.is_some()) {
         (_, true) => "as given",
         (Some(_), false) => "the window the pattern was trained against, from its config.json",

@@ -677,7 +677,7 @@ pub const TENSOR_SOURCE: &str = r#"
 // bf16 stage, so fp8's five stages keep as many bytes in flight as bf16's three; int8 and
 // int4, with more work per byte, gain more from more blocks per multiprocessor (three int8
 // stages at four blocks, four int4 stages at three) than from deep pipelines. STAGES and
-// MIN_BLOCKS come from the host (tensor_stages, tensor_min_blocks), which sizes the shared
+// MIN_BLOCKS come from the host (tensor_stages, tensor_blocks), which sizes the shared
 // memory and the splits from the same numbers.
 typedef unsigned char kv_t;
 #define RPAD (ROW_BYTES + 16)
@@ -795,10 +795,9 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #ifdef KV_BYTES
     int sent;  // the entry of the row whose scale this thread copies
 #endif
-    // A retrieval head's tiles that start on a block of at least a tile's tokens are each one
-    // run of consecutive rows: one table entry per tile, and each row its first row's plus
-    // its index (no per-row lookup).
-    // (A tile of 128 keys is two such runs of 64, each its own entry.)
+    // A retrieval head's 64-key runs that start on a block of at least 64 tokens are each one
+    // run of consecutive rows: one table entry per run (a tile of 128 keys has two), and
+    // each row its run's first row plus its index (no per-row lookup).
     const bool page_tiles = e.w == 0 && pg.block_log2 >= 6 && (begin & 63) == 0;
     long long row0[TILE / 64] = {};  // each 64-row run's first row, for the next tile to copy
 #define PAGED_ROW(r) (row0[(r) / 64] + (r) % 64)
@@ -911,9 +910,9 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #ifdef KV_BYTES
         // Keys straight from their codes: lane (gr, tq) holds keys gr and gr + 8, dims
         // (HEAD_DIM / 4) tq.. (the permutation of the queries above), four per product, each
-        // pair an f16x2 B register. Values go to f16 in shared memory (dequant_row16: times
-        // their row scale, or int4's step and minimum), as P V reads them transposed; the
-        // keys' scales multiply the scores (int4: step times the score plus minimum times
+        // pair an f16x2 B register. Without VREG, values go to f16 in shared memory
+        // (dequant_row16: times their row scale, or int4's step and minimum), as P V reads
+        // them transposed; the keys' scales multiply the scores (int4: step times the score plus minimum times
         // the query's sum).
         const float* ksc = scl + (tile % STAGES) * 2 * TILE + wk;
         const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + wk * RPAD;

@@ -65,12 +65,9 @@ impl Nccl {
     }
 
     fn open() -> std::result::Result<Nccl, String> {
-        // Before NCCL's first call reads its environment. `duo` sets it first thing in
-        // `main`, before any thread exists, so this only runs for other users of the crate.
-        if std::env::var("NCCL_NVLS_ENABLE").as_deref() != Ok("0") {
-            // SAFETY: NCCL is not loaded yet; no thread of this crate reads the environment.
-            unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
-        }
+        // Before NCCL's first call reads its environment. `duo` does it first thing in
+        // `main`, before any thread exists, so this only matters for other users of the crate.
+        keep_nvlink_multicast_off();
         let names: Vec<String> = std::env::var("DUO_NCCL_LIB").ok().into_iter().chain(["libnccl.so.2".into(), "libnccl.so".into()]).collect();
         let mut errors = Vec::new();
         for name in &names {
@@ -127,6 +124,17 @@ impl Nccl {
     }
 }
 
+/// Sets `NCCL_NVLS_ENABLE=0` unless it is so already: NVLink multicast (NCCL's NVLS) stays
+/// off in every process duo starts, since on shared GPU hosts a program that uses it can take
+/// the GPUs out of service. Call it while the process has one thread (first in `main`), or at
+/// least before NCCL is loaded: changing the environment races with threads that read it.
+pub fn keep_nvlink_multicast_off() {
+    if std::env::var("NCCL_NVLS_ENABLE").as_deref() != Ok("0") {
+        // SAFETY: the callers' contract above: no other thread reads the environment now.
+        unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
+    }
+}
+
 /// The communicators of one group of GPUs (one per GPU, made together), torn down together.
 struct Comms {
     nccl: Arc<Nccl>,
@@ -139,6 +147,12 @@ struct Comms {
     /// Told when the group is aborted here (a group spanning processes: the other
     /// processes' alarm, [`crate::rendezvous::Watch::raise`]).
     on_abort: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl Comms {
+    fn new(nccl: Arc<Nccl>, comms: Vec<Comm>) -> Arc<Self> {
+        Arc::new(Comms { nccl, comms, aborted: AtomicBool::new(false), turn: Mutex::new(()), on_abort: Mutex::new(None) })
+    }
 }
 
 // SAFETY: a communicator may be used from any thread, one call at a time; each rank's is
@@ -189,7 +203,7 @@ impl Link {
         // SAFETY: `comms` has room for one communicator per device listed.
         nccl.check("initialising", unsafe { (nccl.init_all)(comms.as_mut_ptr(), devices.len() as c_int, devices.as_ptr()) })?;
         let world = devices.len();
-        let group = Arc::new(Comms { nccl, comms, aborted: AtomicBool::new(false), turn: Mutex::new(()), on_abort: Mutex::new(None) });
+        let group = Comms::new(nccl, comms);
         Ok((0..world).map(|rank| Arc::new(Link { group: group.clone(), local: rank, rank, world })).collect())
     }
 
@@ -201,8 +215,7 @@ impl Link {
         // SAFETY: `comm` receives one communicator; the id is one rank 0 made.
         let raw = RawId { internal: id.map(|b| b as c_char) };
         nccl.check("joining the group", unsafe { (nccl.init_rank)(&mut comm, world as c_int, raw, rank as c_int) })?;
-        let group = Arc::new(Comms { nccl, comms: vec![comm], aborted: AtomicBool::new(false), turn: Mutex::new(()), on_abort: Mutex::new(None) });
-        Ok(Arc::new(Link { group, local: 0, rank, world }))
+        Ok(Arc::new(Link { group: Comms::new(nccl, vec![comm]), local: 0, rank, world }))
     }
 
     /// `buf[..n] = sum over ranks of buf[..n]` (`f32`, in place; `buf` a device address on
@@ -220,6 +233,12 @@ impl Link {
         let buf = gpu.upload(values)?;
         self.all_reduce_f32(gpu.addr(&buf), values.len(), &gpu.stream, if min { NCCL_MIN } else { NCCL_SUM })?;
         gpu.stream.clone_dtoh(&buf).map_err(|e| CudaError::Driver(e.to_string()))
+    }
+
+    /// Whether `yes` holds on every rank: [`Link::reduce_on_host`]'s minimum of one value
+    /// (every rank asks at the same point).
+    pub fn all_say(&self, gpu: &crate::Gpu, yes: bool) -> Result<bool> {
+        Ok(self.reduce_on_host(gpu, &[if yes { 1.0 } else { 0.0 }], true)?[0] >= 1.0)
     }
 
     fn all_reduce_f32(&self, buf: u64, n: usize, stream: &cudarc::driver::CudaStream, op: c_int) -> Result<()> {

@@ -806,7 +806,7 @@ impl KvPool {
                 let ok = matches!((&captured, &ended), (Ok(()), Ok(Some(_))));
                 let agreed = match &self.link {
                     None => true,
-                    Some(link) => self.all_ranks_say(link, ok)?,
+                    Some(link) => link.all_say(&self.gpu, ok)?,
                 };
                 match (captured, ended) {
                     (Ok(()), Ok(Some(graph))) if agreed => {
@@ -1088,13 +1088,6 @@ impl KvPool {
             )?;
         }
         Ok(())
-    }
-
-    /// Whether every rank of `link`'s group says `yes`: a one-value all-reduce (in the same
-    /// place of the same step on every rank, outside any capture), so it holds across
-    /// processes as within one.
-    fn all_ranks_say(&self, link: &crate::nccl::Link, yes: bool) -> Result<bool> {
-        Ok(link.reduce_on_host(&self.gpu, &[if yes { 1.0 } else { 0.0 }], true)?[0] == 1.0)
     }
 
     /// `x[..n] = sum over the ranks of x[..n]` (f32) under tensor parallelism, else nothing.

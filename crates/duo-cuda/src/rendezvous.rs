@@ -170,17 +170,23 @@ impl Watch {
     /// Raises the alarm for a failure of this process: every peer is told, once (rank 0's
     /// peers are all the others; another rank's alarm reaches them through rank 0).
     pub fn raise(&self) {
-        if !self.fired.swap(true, Ordering::SeqCst) {
-            self.tell(ABORT);
-        }
+        self.fire();
     }
 
     /// An alarm from a peer: passed on to every peer (rank 0 relays it), then acted on.
     fn alarm(&self, why: String) {
-        if !self.fired.swap(true, Ordering::SeqCst) {
-            self.tell(ABORT);
+        if self.fire() {
             (self.on_alarm)(why);
         }
+    }
+
+    /// Tells every peer to abort, the first time only; whether this was the first.
+    fn fire(&self) -> bool {
+        let first = !self.fired.swap(true, Ordering::SeqCst);
+        if first {
+            self.tell(ABORT);
+        }
+        first
     }
 
     /// Whether an alarm was raised here or received.

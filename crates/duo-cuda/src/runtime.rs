@@ -237,17 +237,14 @@ pub fn compile_all() -> Option<Result<usize>> {
     // environment says.
     for (group, d) in [(3, 64), (4, 128)] {
         let (src, o) = decode_source(group, d, KvType::Bf16, DecodeKernel::Tensor);
-        let o = o.into_iter().map(|x| if x.starts_with("-DWARP_PIPE=") { "-DWARP_PIPE=1".into() } else { x }).collect();
-        jobs.push(("decode_attention", src, o));
+        jobs.push(("decode_attention", src, with_define(&o, "WARP_PIPE", "1")));
     }
     // And DUO_DECODE_V_SMEM's (values through shared memory) and DUO_DECODE_TILE=128's over
     // each byte cache.
     for (group, d, kv) in [(4, 128, KvType::Fp8), (3, 64, KvType::Int8), (4, 128, KvType::Int4), (16, 128, KvType::Fp8)] {
         let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
-        let smem: Vec<String> = o.iter().map(|x| if x.starts_with("-DV_REGS=") { "-DV_REGS=0".into() } else { x.clone() }).collect();
-        let wide: Vec<String> = o.iter().map(|x| if x.starts_with("-DBYTE_TILE=") { "-DBYTE_TILE=128".into() } else { x.clone() }).collect();
-        jobs.push(("decode_attention", src.clone(), smem));
-        jobs.push(("decode_attention", src, wide));
+        jobs.push(("decode_attention", src.clone(), with_define(&o, "V_REGS", "0")));
+        jobs.push(("decode_attention", src, with_define(&o, "BYTE_TILE", "128")));
     }
     let n = jobs.len();
     Some(
@@ -255,6 +252,13 @@ pub fn compile_all() -> Option<Result<usize>> {
             .try_for_each(|(name, src, o)| compile(&src, name, o).map(|_| ()))
             .map(|_| n),
     )
+}
+
+/// NVRTC `options` with `-DNAME=...` set to `value` (what a measurement knob's other side
+/// compiles with, whatever this process's environment says).
+fn with_define(options: &[String], name: &str, value: &str) -> Vec<String> {
+    let prefix = format!("-D{name}=");
+    options.iter().map(|x| if x.starts_with(&prefix) { format!("{prefix}{value}") } else { x.clone() }).collect()
 }
 
 /// GPUs the driver sees (0 where no driver can be loaded).

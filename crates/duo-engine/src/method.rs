@@ -124,6 +124,14 @@ impl PatternSource {
 /// the reference's evaluation default.
 pub const DEFAULT_WINDOW: (usize, usize) = (64, 256);
 
+/// The streaming window (sink, recent) to deploy with: each part the user gives, else the
+/// window the pattern's gates were trained against (`trained`, from its `config.json`),
+/// else [`DEFAULT_WINDOW`].
+pub fn deploy_window(sink: Option<usize>, recent: Option<usize>, trained: Option<(usize, usize)>) -> (usize, usize) {
+    let (s, r) = trained.unwrap_or(DEFAULT_WINDOW);
+    (sink.unwrap_or(s), recent.unwrap_or(r))
+}
+
 /// Everything the user says about attention. The streaming window the user leaves out is
 /// the one the pattern was trained against (`sink_size` and `recent_size` in its
 /// `config.json`: a gate says how much a head needs beyond that window), else
@@ -209,8 +217,7 @@ impl MethodSpec {
             (_, Some(p)) => Some(p.load(self.layout)?),
         };
         let trained = gates.as_ref().map(HeadGates::trained_window).transpose()?.flatten();
-        let (sink, recent) = trained.unwrap_or(DEFAULT_WINDOW);
-        let (sink, recent) = (self.sink.unwrap_or(sink), self.recent.unwrap_or(recent));
+        let (sink, recent) = deploy_window(self.sink, self.recent, trained);
         // Windows beyond the context would never fill; bounding them here keeps every
         // allocation derived from them (CPU rings, GPU window rows) within the model's size.
         for (name, value, given) in [("sink", sink, self.sink.is_some()), ("recent", recent, self.recent.is_some())] {

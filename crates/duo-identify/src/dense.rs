@@ -344,7 +344,7 @@ pub fn softmax_last_dim(scores: &Tensor) -> Result<Tensor> {
 
 /// The additive masks of attention blocks, keyed by (block start, block end, span).
 /// A mask depends only on its key, so one sequence's passes over all layers share them:
-/// built once on the host and uploaded once instead of once per layer and pass.
+/// built once (on the device, [`span_mask`]) instead of once per layer and pass.
 #[derive(Debug, Default)]
 pub struct MaskCache {
     masks: RefCell<HashMap<(usize, usize, Span), Tensor>>,

@@ -155,7 +155,9 @@ impl Group<'_> {
 
     /// Whether `ok` holds on every process.
     fn all(&self, ok: bool) -> Result<bool> {
-        Ok(self.min(if ok { 1.0 } else { 0.0 })? >= 1.0)
+        let Some(link) = self.across() else { return Ok(ok) };
+        let _turn = link.turn();
+        Ok(link.all_say(self.gpu, ok)?)
     }
 
     /// `local` if every process's check passed, else its error, or one saying another rank
@@ -165,6 +167,17 @@ impl Group<'_> {
             return local;
         }
         local.and(Err(EngineError::Backend("another rank of the tensor-parallel group refused this operation (its process says why)".into())))
+    }
+
+    /// `check` (whether an operation fits on every rank of this process) agreed over the
+    /// group before any rank starts it: where there are several ranks, a step that could
+    /// not run on one must not start on the others (they would wait for it at the first
+    /// all-reduce). One GPU alone finds out by itself and runs no check.
+    fn check_all(&self, check: impl FnOnce() -> Result<()>) -> Result<()> {
+        if self.local == 1 && self.across().is_none() {
+            return Ok(());
+        }
+        self.agree(check())
     }
 
     /// Rank 0's `tokens` on every rank: each process samples from its own logits, which
@@ -569,10 +582,8 @@ impl Backend for CudaBackend {
             let first = rows[0].pool();
             rows.iter().all(|s| Arc::ptr_eq(s.pool(), first)) && bucket(rows.len()) <= first.config().max_rows && rows.len() <= first.config().max_seqs
         });
-        if shared && (self.local() > 1 || group.across().is_some()) {
-            // A step that cannot run on one rank must not start on the others.
-            let room = ranks.iter().try_for_each(|rows| Ok::<_, EngineError>(rows[0].pool().step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), None)?));
-            group.agree(room)?;
+        if shared {
+            group.check_all(|| ranks.iter().try_for_each(|rows| Ok(rows[0].pool().step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), None)?)))?;
         }
         let out = on_ranks(self.link(), ranks, |rows| {
             if shared {
@@ -608,11 +619,7 @@ impl Backend for CudaBackend {
         let s = downcast::<CudaSequence>(seq, "CUDA")?;
         // Every rank's blocks first (in every process): a fill that fits on one GPU only would
         // leave the ranks holding different lengths.
-        let group = self.group();
-        if self.local() > 1 || group.across().is_some() {
-            let room = s.seqs.iter().try_for_each(|seq| Ok::<_, EngineError>(seq.pool().fill_room(seq, tokens)?));
-            group.agree(room)?;
-        }
+        self.group().check_all(|| s.seqs.iter().try_for_each(|seq| Ok(seq.pool().fill_room(seq, tokens)?)))?;
         for seq in &mut s.seqs {
             let pool = seq.pool().clone();
             pool.fill_synthetic(seq, tokens, seed)?;
@@ -745,15 +752,10 @@ impl super::KvPool for ServingPool {
             Some((seqs, tokens)) => seqs.iter_mut().map(|s| Some((s, tokens))).collect(),
             None => (0..world).map(|_| None).collect(),
         };
-        // A step that cannot run on one rank must not start on the others (they would wait
-        // for it at the first all-reduce): the blocks are checked on every rank, in every
-        // process, first.
-        if world > 1 || group.across().is_some() {
-            let room = self.pools.iter().zip(&by).zip(&chunks).try_for_each(|((pool, rows), chunk)| {
-                Ok::<_, EngineError>(pool.step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), chunk.as_ref().map(|(s, t)| (&**s, t.len())))?)
-            });
-            group.agree(room)?;
-        }
+        // The blocks are checked on every rank, in every process, first.
+        group.check_all(|| {
+            self.pools.iter().zip(&by).zip(&chunks).try_for_each(|((pool, rows), chunk)| Ok(pool.step_room(&rows.iter().map(|s| &**s).collect::<Vec<_>>(), chunk.as_ref().map(|(s, t)| (&**s, t.len())))?))
+        })?;
         let work: Vec<_> = self.pools.iter().zip(by).zip(chunks.drain(..)).collect();
         let out = on_ranks(self.pools[0].link(), work, |((pool, rows), chunk)| {
             let mut rows: Vec<DecodeRow> = rows.into_iter().zip(&tokens).map(|(seq, &token)| DecodeRow { seq, token }).collect();
