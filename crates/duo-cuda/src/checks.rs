@@ -237,8 +237,9 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         bound: 0.0,
     });
 
-    // RMSNorm, rows of 4096 and 576.
-    for (rows, dim) in [(3usize, 4096usize), (5, 576)] {
+    // RMSNorm: rows of 4096 and 576 (one float4 per thread), 8192 (two), 4098 and 20000
+    // (the scalar loop).
+    for (rows, dim) in [(3usize, 4096usize), (5, 576), (2, 8192), (2, 4098), (1, 20000)] {
         let xv = random(seed + 1, rows * dim, 3.0);
         let wv = random(seed + 2, dim, 1.5);
         let (xg, wg, og) = (
@@ -520,30 +521,32 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         bound: 0.0,
     });
 
-    // Argmax of several rows at once.
-    let rows3: Vec<f32> = random(seed + 10, 3 * 1000, 1.0);
-    let want: Vec<i32> = rows3
-        .chunks(1000)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
-                .0 as i32
-        })
-        .collect();
-    let (lg, ig) = (gpu.upload(&rows3)?, gpu.zeros::<i32>(3)?);
-    gpu.argmax_rows(gpu.addr(&lg), 1000, 3, gpu.addr(&ig))?;
-    let wrong = gpu
-        .download(&ig)?
-        .iter()
-        .zip(&want)
-        .filter(|(a, b)| a != b)
-        .count();
-    out.push(Parity {
-        case: "argmax_rows: 3 rows of 1000, rows wrong".into(),
-        max_abs_err: wrong as f64,
-        bound: 0.0,
-    });
+    // Argmax of several rows at once: rows of 16-byte loads (1000) and of single ones (999).
+    for n in [1000usize, 999] {
+        let rows3: Vec<f32> = random(seed + 10, 3 * n, 1.0);
+        let want: Vec<i32> = rows3
+            .chunks(n)
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                    .0 as i32
+            })
+            .collect();
+        let (lg, ig) = (gpu.upload(&rows3)?, gpu.zeros::<i32>(3)?);
+        gpu.argmax_rows(gpu.addr(&lg), n, 3, gpu.addr(&ig))?;
+        let wrong = gpu
+            .download(&ig)?
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a != b)
+            .count();
+        out.push(Parity {
+            case: format!("argmax_rows: 3 rows of {n}, rows wrong"),
+            max_abs_err: wrong as f64,
+            bound: 0.0,
+        });
+    }
 
     // cuBLAS product: bf16 in, f32 out, accumulate into y (beta = 1).
     let (t, k, m) = (5usize, 4096usize, 300usize);

@@ -321,6 +321,16 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
 #endif
 }
+// 16 bytes global -> shared, all of them, to a shared-space address (no conversion, no size).
+__device__ __forceinline__ void cp_async16_full(unsigned dst, const void* src) {
+#if CP_L2_PREFETCH == 256
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(dst), "l"(src));
+#elif CP_L2_PREFETCH == 128
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" :: "r"(dst), "l"(src));
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src));
+#endif
+}
 // 4 bytes global -> shared (the L1-allocating form: `cg` copies 16 bytes only).
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, int bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));

@@ -79,15 +79,22 @@ unsafe impl cudarc::driver::DeviceRepr for PagedArgs {}
 
 /// Compiles `source` after the paged-cache helper ([`PREFIX`]).
 fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
+    let tag: String = options.iter().map(|o| o.trim_start_matches("-D").replace('=', "")).collect::<Vec<_>>().join("-");
     let opts = CompileOptions {
         arch: Some("sm_90"),
         options,
         ..Default::default()
     };
-    compile_ptx_with_opts(format!("{PREFIX}{source}"), opts).map_err(|e| CudaError::Compile {
+    let ptx = compile_ptx_with_opts(format!("{PREFIX}{source}"), opts).map_err(|e| CudaError::Compile {
         name,
         log: e.to_string(),
-    })
+    })?;
+    // A kernel developer's view of what NVRTC made (`ptxas -v`, `cuobjdump -sass` on it):
+    // DUO_PTX_DIR=folder writes each compilation's PTX there, named by kernel and options.
+    if let Some(dir) = std::env::var_os("DUO_PTX_DIR") {
+        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("{name}-{tag}.ptx")), ptx.to_src());
+    }
+    Ok(ptx)
 }
 
 /// Lets `f` take `bytes` of dynamic shared memory (beyond the 48 KiB it gets without asking).
@@ -446,7 +453,9 @@ impl Gpu {
     ) -> Result<()> {
         let f = self.op("rms_norm")?;
         let d = dim as i32;
-        launch!(self, f, (rows as u32, 1, 1), 256, &x, &w, &out, &d, &eps)
+        // A float4 of the row per thread (up to 4 each past 4,096 dims).
+        let threads = (dim.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32;
+        launch!(self, f, (rows as u32, 1, 1), threads, &x, &w, &out, &d, &eps)
     }
 
     /// RoPE of `t` rows of `qkv` (row `i`: slot `row_slot[i]`, position `row_pos[i]`);
@@ -769,9 +778,12 @@ impl Gpu {
         launch!(self, f, (out_dim.div_ceil(8) as u32, 1, 1), 256, &x, &w, &y, &rows, &i, &o, &beta, &yb)
     }
 
-    /// A linear layer's product, `y = x W^T (+ beta y)`, by the kernel that suits it: duo's
-    /// [`Gpu::gemv`] for a few rows where `DUO_GEMV=1` (measured against cuBLAS in
-    /// BENCHMARKS.md), else cuBLAS ([`Gpu::gemm`]).
+    /// A linear layer's product, `y = x W^T (+ beta y)`, by the kernel that suits it: cuBLAS
+    /// ([`Gpu::gemm`]), or duo's [`Gpu::gemv`] for a few rows where `DUO_GEMV=1`. Measured
+    /// (BENCHMARKS.md): duo's kernel is faster on one row of the attention output (9.1 against
+    /// 15.2 us on the H200: cuBLAS splits it and adds a reduction), but a whole step gains at
+    /// most 1% with it on every one-row product into f32, and a product whose kernel depends
+    /// on the batch's row count would make a sequence's logits depend on its neighbours.
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
@@ -784,7 +796,12 @@ impl Gpu {
         beta: f32,
         y_bf16: bool,
     ) -> Result<()> {
-        if crate::decode_attention::tuning("DUO_GEMV") == Some(1) && gemv_takes(t, in_dim, beta, y_bf16) {
+        let ours = match crate::decode_attention::tuning("DUO_GEMV") {
+            Some(0) => false,
+            Some(_) => true,
+            None => false,
+        };
+        if ours && gemv_takes(t, in_dim, beta, y_bf16) {
             self.gemv(x, w, y, t, in_dim, out_dim, beta, y_bf16)
         } else {
             self.gemm(x, w, y, t, in_dim, out_dim, beta, y_bf16)
