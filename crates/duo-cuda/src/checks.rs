@@ -4,7 +4,7 @@ use crate::decode_attention::KvType;
 use crate::ops::{bf16_bits, hash_uniform, rms_norm_ref, rope_ref, round_bf16, silu_mul_ref};
 use crate::paged::{PagedLayout, Ring, Tables};
 use crate::prefill_attention::{self, HeadEntry};
-use crate::runtime::Gpu;
+use crate::runtime::{Gpu, PrefillKernel};
 use crate::{decode_attention, model, Parity, Result};
 use std::sync::Arc;
 
@@ -50,7 +50,11 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
         "prefill" => {
             let mut out = Vec::new();
             for (case, x, layout) in prefill_attention::cases(seed) {
-                out.push(prefill(gpu, &case, &x, &layout, seed)?);
+                out.push(prefill(gpu, &case, &x, &layout, seed, PrefillKernel::Mma)?);
+                // Hopper's wgmma kernel where it runs, on the same problem.
+                if gpu.wgmma_prefill_runs(x.head_dim, KvType::Bf16) {
+                    out.push(prefill(gpu, &format!("{case}, wgmma"), &x, &layout, seed, PrefillKernel::Wgmma)?);
+                }
                 // The same problem over byte caches, against the reference on the dequantised cache.
                 for kv in [KvType::Fp8, KvType::Int8, KvType::Int4] {
                     let xq = prefill_attention::PrefillInput {
@@ -67,6 +71,7 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
                             ..layout.clone()
                         },
                         seed,
+                        PrefillKernel::Mma,
                     )?);
                 }
             }
@@ -107,6 +112,7 @@ fn prefill(
     x: &prefill_attention::PrefillInput,
     layout: &PagedLayout,
     seed: u64,
+    kernel: PrefillKernel,
 ) -> Result<Parity> {
     let want = prefill_attention::reference(x)?;
     let (t, h, d, n) = (x.tokens(), x.n_heads, x.head_dim, x.positions());
@@ -150,7 +156,8 @@ fn prefill(
             None,
         )
     };
-    gpu.prefill_attention(
+    gpu.prefill_attention_with(
+        kernel,
         gpu.addr(&q),
         gpu.addr(&k),
         gpu.addr(&v),
@@ -662,6 +669,19 @@ pub fn time_prefill_attention(
     kv: KvType,
     iters: usize,
 ) -> Result<(f64, f64)> {
+    time_prefill_attention_with(gpu, gpu.prefill_kernel_for(128, kv), retrieval, t, first, kv, iters)
+}
+
+/// [`time_prefill_attention`] by the given kernel.
+pub fn time_prefill_attention_with(
+    gpu: &Gpu,
+    kernel: PrefillKernel,
+    retrieval: &[bool],
+    t: usize,
+    first: usize,
+    kv: KvType,
+    iters: usize,
+) -> Result<(f64, f64)> {
     let (h, d) = (32usize, 128usize);
     let n = first + t;
     let layout = PagedLayout {
@@ -701,7 +721,8 @@ pub fn time_prefill_attention(
         args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
     }
     let run = || {
-        gpu.prefill_attention(
+        gpu.prefill_attention_with(
+            kernel,
             gpu.addr(&q),
             gpu.addr(&k),
             gpu.addr(&v),

@@ -268,6 +268,13 @@ __device__ __forceinline__ int slot_cap(const Paged& p, int slot) {
 __device__ __forceinline__ long long kv_row(const Paged& p, int4 e, int slot, int pos) {
     return kv_row_cap(p, e, slot, pos, e.w == 0 ? 1 : slot_cap(p, slot));
 }
+// The first cache row of a retrieval head's 64 rows from position r0 (a multiple of 64, the
+// whole tile before `rows`) where they are one run of consecutive rows (blocks of at least 64
+// tokens): the prefill kernels' one table lookup per tile instead of one per copied chunk.
+// Else -1.
+__device__ __forceinline__ long long page_run(const Paged& p, int4 e, int slot, int r0, int rows) {
+    return e.w == 0 && p.block_log2 >= 6 && (r0 & 63) == 0 && r0 + 64 <= rows ? kv_row(p, e, slot, r0) : -1;
+}
 "#;
 
 /// One slot's table row on the host, and the same lookup as `kv_row`.

@@ -440,27 +440,29 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
     bf16_t* conv = reinterpret_cast<bf16_t*>(scl + 4 * BK);                        // K, V: [BK][KPAD] each (f16)
     auto load_tile = [&](int r0, int stage) {
         unsigned char* kr = raw + stage * 2 * RAW_TILE;
+        const long long run = page_run(pg, e, slot, r0, rows);
         for (int i = threadIdx.x; i < BK * ROW_BYTES / 16; i += blockDim.x) {
             const int r = i / (ROW_BYTES / 16), c = (i % (ROW_BYTES / 16)) * 16;
             const bool live = r0 + r < rows;
-            const size_t at = (size_t)(live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * ROW_BYTES + c;
+            const size_t at = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * ROW_BYTES + c;
             cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
             cp_async16(kr + RAW_TILE + r * RPAD + c, values + at, live ? 16 : 0);
         }
         // Row scales: threads 0-63 the keys', 64-127 the values'.
         const int r = threadIdx.x % BK;
         const bool live = r0 + r < rows;
-        const long long row = live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0;
+        const long long row = run >= 0 ? run + r : live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0;
         cp_async4(scl + (stage * 2 + threadIdx.x / BK) * BK + r, (threadIdx.x < BK ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
     };
 #else
     auto load_tile = [&](int r0, int stage) {
         bf16_t* ks = smem + Q_ELEMS + stage * STAGE_ELEMS;
         bf16_t* vs = smem + Q_ELEMS + (2 + stage) * STAGE_ELEMS;
+        const long long run = page_run(pg, e, slot, r0, rows);
         for (int i = threadIdx.x; i < BK * HEAD_DIM / 8; i += blockDim.x) {
             const int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
             const bool live = r0 + r < rows;
-            const size_t at = (size_t)(live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * HEAD_DIM + c;
+            const size_t at = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * HEAD_DIM + c;
             cp_async16(ks + r * KPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vs + r * KPAD + c, values + at, live ? 16 : 0);
         }
@@ -601,6 +603,226 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
                 for (int i = 0; i < HEAD_DIM / 8; i++)
                     *reinterpret_cast<unsigned*>(out + (size_t)r * qs + h * HEAD_DIM + 8 * i + 2 * tq) = pack(o[mt][i][2 * hf] * inv, o[mt][i][2 * hf + 1] * inv);
             }
+        }
+    }
+}
+"#;
+
+/// One warpgroup-wide `wgmma` product, m64 x `n` x k16, bf16 in, f32 accumulators: a CUDA
+/// function `name(float* d, const unsigned* a, unsigned long long b, int accumulate)` with A
+/// (64 x 16) in registers (each warp's 16 rows as an `mma.sync` m16n8k16 A fragment) and B
+/// from a shared-memory descriptor, K-major, or with `trans` MN-major. `accumulate` 0
+/// overwrites `d`. `d[4 t + x]` holds row `gr + 8 (x >> 1)` of the warp's 16, column
+/// `8 t + 2 tq + (x & 1)` (the `mma.sync` accumulator layout, repeated over n / 8 tiles).
+pub fn wgmma_function(name: &str, n: usize, trans: bool) -> String {
+    let acc = n / 2;
+    let d: Vec<String> = (0..acc).map(|i| format!("%{i}")).collect();
+    let outs: Vec<String> = (0..acc).map(|i| format!("\"+f\"(d[{i}])")).collect();
+    format!(
+        "__device__ __forceinline__ void {name}(float* d, const unsigned* a, unsigned long long b, int accumulate) {{\n    asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{s}, 0;\\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{dl}}}, {{%{a0}, %{a1}, %{a2}, %{a3}}}, %{b}, p, 1, 1, {t};\\n}}\\n\"\n        : {outs}\n        : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b), \"r\"(accumulate));\n}}\n",
+        s = acc + 5,
+        dl = d.join(", "),
+        a0 = acc,
+        a1 = acc + 1,
+        a2 = acc + 2,
+        a3 = acc + 3,
+        b = acc + 4,
+        t = u8::from(trans),
+        outs = outs.join(", "),
+    )
+}
+
+/// The Hopper prefill kernel (after [`TENSOR_CORE_HELPERS`] and the `wgmma` functions
+/// `wg_qk` (n = 64 keys, K-major) and `wg_pv` (n = `HEAD_DIM`, MN-major), compiled for
+/// `sm_90a`): bf16 caches, heads of 64 or 128.
+///
+/// The same walk, masks and online softmax as [`SOURCE`], on Hopper's warpgroup
+/// instructions: a block of two warpgroups takes 128 queries of one head (64 each), the
+/// queries stay in registers as the A operand of `wgmma.mma_async` m64n64k16 (`Q K^T`, the
+/// keys read by the tensor cores straight from shared memory through a matrix descriptor),
+/// and the softmax weights, packed to bf16 in registers, are the A operand of m64n`HEAD_DIM`k16
+/// (`P V`, the values read transposed from shared memory). One instruction per warpgroup
+/// does what 8 to 16 `mma.sync` and their `ldmatrix` loads did. Tiles of 64 keys and values
+/// come by `cp.async` into "core matrices" (8 rows x 16 bytes, contiguous), the layout the
+/// descriptors read without swizzling: K-major for the keys (leading offset: the next 8
+/// dimensions, 128 bytes; stride: the next 8 keys), and the same tile read MN-major for the
+/// values (leading offset: the next 8 keys; stride: the next 8 dimensions, 128 bytes) —
+/// measured on the H200 with a probe of both readings.
+pub const WG_SOURCE: &str = r#"
+#define WG_BQ 128
+#define WG_BK 64
+#define ROW_CORES (HEAD_DIM / 8)
+#define WG_TILE_BYTES (WG_BK * HEAD_DIM * 2)
+
+__device__ __forceinline__ int wg_row_pos(int4 e, int r, int win) { return e.w == 1 && r >= e.y ? win + r - e.y : r; }
+__device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr >> 4) & 0x3fffu) | ((unsigned long long)((lbo >> 4) & 0x3fffu) << 16)
+         | ((unsigned long long)((sbo >> 4) & 0x3fffu) << 32);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+extern "C" __global__ void __launch_bounds__(256, 1) duo_prefill_attention_wg(
+    const float* __restrict__ q, const bf16_t* __restrict__ keys, const bf16_t* __restrict__ values,
+    const int4* __restrict__ heads, const int* __restrict__ state, Paged pg, int T, int n_heads, int group,
+    float scale_log2, bf16_t* __restrict__ out)
+{
+    const int h = blockIdx.y, qt = gridDim.x - 1 - blockIdx.x;  // longest query tiles first
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int slot = state[0], p0 = state[1];
+    const int4 e = heads[h / group];
+    const int n = p0 + T;
+    const int win = e.w == 1 ? max(e.y, n - slot_cap(pg, slot)) : 0;
+    const int rows = e.w == 0 ? n : min(n, e.y) + (n > e.y ? n - win : 0);
+    const int q_lo = p0 + qt * WG_BQ, q_hi = min(n, q_lo + WG_BQ) - 1;
+    // This thread's two query rows (chunk rows): row0 and row0 + 8.
+    const int row0 = qt * WG_BQ + wg * 64 + warp * 16 + gr;
+    const size_t qs = (size_t)n_heads * HEAD_DIM;
+
+    // The queries as A fragments, bf16, scaled for exp2 (zero past the chunk).
+    unsigned qa[HEAD_DIM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const int r = row0 + (x & 1) * 8, c = kk * 16 + (x >> 1) * 8 + 2 * tq;
+            unsigned v = 0u;
+            if (r < T) {
+                const float2 f = *reinterpret_cast<const float2*>(q + (size_t)r * qs + h * HEAD_DIM + c);
+                v = pack(f.x * scale_log2, f.y * scale_log2);
+            }
+            qa[kk][x] = v;
+        }
+    }
+
+    float o[HEAD_DIM / 2];
+#pragma unroll
+    for (int i = 0; i < HEAD_DIM / 2; i++) o[i] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows row0, row0 + 8
+
+    auto next_tile = [&](int r) -> int {
+        for (; r < rows; r += WG_BK) {
+            if (wg_row_pos(e, r, win) > q_hi) return rows;
+            const int r1 = min(rows, r + WG_BK) - 1;
+            if (!(e.w == 1 && r >= e.y && q_lo - wg_row_pos(e, r1, win) >= e.z)) return r;
+        }
+        return rows;
+    };
+    // [WG_STAGES][K, V][WG_BK / 8][ROW_CORES] core matrices of 128 bytes.
+    extern __shared__ __align__(128) unsigned char wsm[];
+    const unsigned sbase = smem_addr(wsm);
+    auto load_tile = [&](int r0, int stage) {
+        unsigned char* ks = wsm + stage * 2 * WG_TILE_BYTES;
+        const long long run = page_run(pg, e, slot, r0, rows);
+        for (int i = threadIdx.x; i < WG_BK * ROW_CORES; i += blockDim.x) {
+            // Consecutive threads fill consecutive 16-byte rows of a core matrix.
+            const int kr = (i % 8) + 8 * (i / (8 * ROW_CORES)), c8 = (i / 8) % ROW_CORES;
+            const int off = ((kr / 8) * ROW_CORES + c8) * 128 + (kr % 8) * 16;
+            const bool live = r0 + kr < rows;
+            const size_t at = (size_t)(run >= 0 ? run + kr : live ? kv_row(pg, e, slot, wg_row_pos(e, r0 + kr, win)) : 0) * HEAD_DIM + c8 * 8;
+            cp_async16(ks + off, keys + at, live ? 16 : 0);
+            cp_async16(ks + WG_TILE_BYTES + off, values + at, live ? 16 : 0);
+        }
+    };
+
+    // WG_STAGES - 1 tiles in flight: `issue` is the next tile to copy, `cur` the one computed.
+    int cur = next_tile(0), issue = cur;
+#pragma unroll
+    for (int st = 0; st < WG_STAGES - 1; st++) {
+        if (issue < rows) {
+            load_tile(issue, st);
+            issue = next_tile(issue + WG_BK);
+        }
+        cp_async_commit();
+    }
+    for (int it = 0; cur < rows; it++) {
+        const int stage = it % WG_STAGES;
+        if (issue < rows) {
+            load_tile(issue, (it + WG_STAGES - 1) % WG_STAGES);
+            issue = next_tile(issue + WG_BK);
+        }
+        cp_async_commit();
+        cp_async_wait<WG_STAGES - 1>();
+        // The copies (generic proxy) before the tensor cores read them (async proxy).
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+        const unsigned ka = sbase + stage * 2 * WG_TILE_BYTES, va = ka + WG_TILE_BYTES;
+        const int r0 = cur, r1 = min(rows, r0 + WG_BK) - 1;
+        const int kp_lo = wg_row_pos(e, r0, win), kp_hi = wg_row_pos(e, r1, win);
+
+        // S = Q K^T: keys are n (stride: 8 keys = ROW_CORES cores), dims k (8 dims = 128 bytes).
+        float s[WG_BK / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; kk++) wg_qk(s, qa[kk], wg_desc(ka + kk * 256, 128, ROW_CORES * 128), kk > 0);
+        wg_commit();
+        wg_wait();
+
+        const bool full = r0 + WG_BK <= rows && kp_hi <= q_lo && (e.w == 0 || r1 < e.y || q_hi - kp_lo < e.z);
+        if (!full) {
+#pragma unroll
+            for (int j = 0; j < WG_BK / 8; j++)
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    const int r = r0 + 8 * j + 2 * tq + (x & 1);
+                    const int qp = p0 + row0 + (x >> 1) * 8;
+                    const int kp = wg_row_pos(e, r, win);
+                    const bool vis = r < rows && kp <= qp && (e.w == 0 || kp < e.y || qp - kp < e.z);
+                    if (!vis) s[4 * j + x] = NEG_INF;
+                }
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < WG_BK / 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hf], s[4 * j + 2 * hf + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float nm = fmaxf(m[hf], mx);
+            const float base = nm == NEG_INF ? 0.f : nm;
+            const float c = fast_exp2(m[hf] - base);
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < WG_BK / 8; j++) {
+                s[4 * j + 2 * hf] = fast_exp2(s[4 * j + 2 * hf] - base);
+                s[4 * j + 2 * hf + 1] = fast_exp2(s[4 * j + 2 * hf + 1] - base);
+                sum += s[4 * j + 2 * hf] + s[4 * j + 2 * hf + 1];
+            }
+            l[hf] = l[hf] * c + sum;
+            m[hf] = nm;
+#pragma unroll
+            for (int i = 0; i < HEAD_DIM / 8; i++) { o[4 * i + 2 * hf] *= c; o[4 * i + 2 * hf + 1] *= c; }
+        }
+        // O += P V: P (bf16) as A fragments straight from the score accumulators; values are
+        // k (8 keys = ROW_CORES cores), dims n (8 dims = 128 bytes), read transposed.
+        unsigned pa[WG_BK / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; kk++) {
+            pa[kk][0] = pack(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = pack(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; kk++) wg_pv(o, pa[kk], wg_desc(va + kk * 2 * ROW_CORES * 128, ROW_CORES * 128, 128), 1);
+        wg_commit();
+        wg_wait();
+        __syncthreads();  // the next iteration loads into this stage
+        cur = next_tile(cur + WG_BK);
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float sum = l[hf];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int r = row0 + hf * 8;
+        if (r < T) {
+#pragma unroll
+            for (int i = 0; i < HEAD_DIM / 8; i++)
+                *reinterpret_cast<unsigned*>(out + (size_t)r * qs + h * HEAD_DIM + 8 * i + 2 * tq) = pack(o[4 * i + 2 * hf] * inv, o[4 * i + 2 * hf + 1] * inv);
         }
     }
 }

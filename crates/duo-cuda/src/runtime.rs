@@ -55,6 +55,9 @@ pub struct Gpu {
     ops: Arc<CudaModule>,
     decode: Mutex<Vec<(DecodeKey, DecodeKernels)>>,
     prefill: Mutex<Vec<((usize, KvType), CudaFunction)>>,
+    prefill_wg: Mutex<Vec<(usize, CudaFunction)>>,
+    /// Compute capability 9.x (Hopper): the `wgmma` prefill kernel runs.
+    hopper: bool,
     dequant: Mutex<Option<CudaFunction>>,
     /// cuBLAS's fixed workspace (so captured products allocate nothing); it lives as long as
     /// the handle that uses it.
@@ -77,11 +80,16 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 // `struct Paged` it is passed as (two 8-byte-aligned words of pointer then `int`s).
 unsafe impl cudarc::driver::DeviceRepr for PagedArgs {}
 
-/// Compiles `source` after the paged-cache helper ([`PREFIX`]).
+/// Compiles `source` after the paged-cache helper ([`PREFIX`]) for `sm_90`.
 fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
+    compile_for("sm_90", source, name, options)
+}
+
+/// [`compile`] for the architecture `arch` (`sm_90a`: Hopper's own instructions, `wgmma`).
+fn compile_for(arch: &'static str, source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
     let tag: String = options.iter().map(|o| o.trim_start_matches("-D").replace('=', "")).collect::<Vec<_>>().join("-");
     let opts = CompileOptions {
-        arch: Some("sm_90"),
+        arch: Some(arch),
         options,
         ..Default::default()
     };
@@ -125,6 +133,27 @@ fn prefill_options(head_dim: usize, kv: KvType) -> Vec<String> {
     let mut o = vec![format!("-DHEAD_DIM={head_dim}")];
     o.extend(byte_format_option(kv));
     o
+}
+
+/// The Hopper prefill kernel's source for heads of `head_dim` (64 or 128), after the helpers
+/// and the two `wgmma` products it uses.
+fn prefill_wg_source(head_dim: usize) -> String {
+    use crate::prefill_attention::{wgmma_function, TENSOR_CORE_HELPERS, WG_SOURCE};
+    format!(
+        "{TENSOR_CORE_HELPERS}{}{}{WG_SOURCE}",
+        wgmma_function("wg_qk", 64, false),
+        wgmma_function("wg_pv", head_dim, true)
+    )
+}
+
+/// Which prefill kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// `mma.sync` (every cache type, any CUDA GPU duo runs on): [`crate::prefill_attention::SOURCE`].
+    Mma,
+    /// Hopper's `wgmma` (bf16 caches, heads of 64 or 128, compute capability 9.0):
+    /// [`crate::prefill_attention::WG_SOURCE`].
+    Wgmma,
 }
 
 /// The prefill kernel's source, after the tensor-core helpers it uses.
@@ -236,6 +265,9 @@ pub fn compile_all() -> Option<Result<usize>> {
         (1, 128, KvType::Int4, DecodeKernel::Tensor),
         (1, 64, KvType::Int8, DecodeKernel::Tensor),
     ];
+    for d in [64, 128] {
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d), prefill_wg_options(d)));
+    }
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
         jobs.push(("decode_attention", src, o));
@@ -256,7 +288,10 @@ pub fn compile_all() -> Option<Result<usize>> {
     let n = jobs.len();
     Some(
         jobs.into_iter()
-            .try_for_each(|(name, src, o)| compile(&src, name, o).map(|_| ()))
+            .try_for_each(|(name, src, o)| {
+                let arch = if name.ends_with("_wg") { "sm_90a" } else { "sm_90" };
+                compile_for(arch, &src, name, o).map(|_| ())
+            })
             .map(|_| n),
     )
 }
@@ -312,6 +347,7 @@ impl Gpu {
             .load_module(compile(crate::ops::SOURCE, "ops", vec![])?)
             .map_err(driver)?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver)?;
+        let hopper = ctx.compute_capability().map_err(driver)?.0 == 9;
         let gpu = Self {
             ctx,
             stream,
@@ -319,6 +355,8 @@ impl Gpu {
             ops,
             decode: Mutex::new(Vec::new()),
             prefill: Mutex::new(Vec::new()),
+            prefill_wg: Mutex::new(Vec::new()),
+            hopper,
             dequant: Mutex::new(None),
             _blas_workspace: workspace,
         };
@@ -948,17 +986,81 @@ impl Gpu {
         kv: KvType,
         out: u64,
     ) -> Result<()> {
+        let kernel = self.prefill_kernel_for(head_dim, kv);
+        self.prefill_attention_with(kernel, q, kc, vc, heads, state, paged, t, n_heads, group, head_dim, kv, out)
+    }
+
+    /// [`Gpu::prefill_attention`] by the given kernel (the parity checks run both).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_attention_with(
+        &self,
+        kernel: PrefillKernel,
+        q: u64,
+        kc: u64,
+        vc: u64,
+        heads: u64,
+        state: u64,
+        paged: PagedArgs,
+        t: usize,
+        n_heads: usize,
+        group: usize,
+        head_dim: usize,
+        kv: KvType,
+        out: u64,
+    ) -> Result<()> {
+        if kernel == PrefillKernel::Wgmma && !self.wgmma_prefill_runs(head_dim, kv) {
+            return Err(CudaError::Input(format!(
+                "the wgmma prefill kernel takes bf16 caches with heads of 64 or 128 on compute capability 9.x (a {kv:?} cache, heads of {head_dim}, Hopper: {})",
+                self.hopper
+            )));
+        }
         if kv == KvType::F32 || kv.is_quantised() != (paged.kscale != 0) {
             return Err(CudaError::Input(format!(
                 "prefill attention over a {kv:?} cache (row scales given: {})",
                 paged.kscale != 0
             )));
         }
-        let f = self.prefill_kernel(head_dim, kv)?;
         let (tt, h, g) = (t as i32, n_heads as i32, group as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (head_dim as f32).sqrt();
+        let grid = (t.div_ceil(128) as u32, n_heads as u32, 1);
+        if kernel == PrefillKernel::Wgmma {
+            let f = self.prefill_wg_kernel(head_dim)?;
+            let smem = prefill_wg_smem_bytes(head_dim) as u32;
+            return launch!(smem smem; self, f, grid, 256, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out);
+        }
+        let f = self.prefill_kernel(head_dim, kv)?;
         let smem = prefill_smem_bytes(head_dim, kv) as u32;
-        launch!(smem smem; self, f, (t.div_ceil(128) as u32, n_heads as u32, 1), 128, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out)
+        launch!(smem smem; self, f, grid, 128, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out)
+    }
+
+    /// The prefill kernel for a `kv` cache with heads of `head_dim`: [`PrefillKernel::Mma`],
+    /// or [`PrefillKernel::Wgmma`] where it runs and `DUO_PREFILL_WG=1` asks for it (its
+    /// first form is slower: 207 against 255 TFLOPS on the H200, BENCHMARKS.md).
+    pub fn prefill_kernel_for(&self, head_dim: usize, kv: KvType) -> PrefillKernel {
+        if self.wgmma_prefill_runs(head_dim, kv) && crate::decode_attention::tuning("DUO_PREFILL_WG") == Some(1) {
+            PrefillKernel::Wgmma
+        } else {
+            PrefillKernel::Mma
+        }
+    }
+
+    /// Whether [`PrefillKernel::Wgmma`] takes a `kv` cache with heads of `head_dim` here:
+    /// bf16, heads of 64 or 128, compute capability 9.x.
+    pub fn wgmma_prefill_runs(&self, head_dim: usize, kv: KvType) -> bool {
+        self.hopper && kv == KvType::Bf16 && matches!(head_dim, 64 | 128)
+    }
+
+    fn prefill_wg_kernel(&self, head_dim: usize) -> Result<CudaFunction> {
+        let mut cache = self.prefill_wg.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, k)) = cache.iter().find(|(d, _)| *d == head_dim) {
+            return Ok(k.clone());
+        }
+        let ptx = compile_for("sm_90a", &prefill_wg_source(head_dim), "prefill_attention_wg", prefill_wg_options(head_dim))?;
+        let m = self.ctx.load_module(ptx).map_err(driver)?;
+        let k = m.load_function("duo_prefill_attention_wg").map_err(driver)?;
+        allow_dynamic_smem(&k, prefill_wg_smem_bytes(head_dim))?;
+        cache.push((head_dim, k.clone()));
+        Ok(k)
     }
 
     /// Dequantises `n` values of type `ty` from the raw GGUF blocks at `src` into bf16 at `out`.
@@ -1029,6 +1131,22 @@ impl Gpu {
 /// Dynamic shared memory of the prefill kernel: 128 queries and two stages of 64-row K and V
 /// tiles, rows padded by 8 elements; over an fp8 cache the stages hold bytes (rows padded by
 /// 16) and row scales, and one tile of K and V dequantised to f16 follows.
+/// The Hopper prefill kernel's shared memory: [`prefill_wg_stages`] stages of a 64-key K and
+/// V tile.
+fn prefill_wg_smem_bytes(head_dim: usize) -> usize {
+    prefill_wg_stages() * 2 * 64 * head_dim * 2
+}
+
+/// Pipeline stages of the Hopper prefill kernel (`DUO_PREFILL_WG_STAGES`, 2 to 4; default 3).
+fn prefill_wg_stages() -> usize {
+    crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(3, |n| n.clamp(2, 4))
+}
+
+/// The Hopper prefill kernel's NVRTC options.
+fn prefill_wg_options(head_dim: usize) -> Vec<String> {
+    vec![format!("-DHEAD_DIM={head_dim}"), format!("-DWG_STAGES={}", prefill_wg_stages())]
+}
+
 fn prefill_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     match kv {
         KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
