@@ -663,13 +663,44 @@ __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.alig
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
 
-extern "C" __global__ void __launch_bounds__(256, 1) duo_prefill_attention_wg(
+// mbarrier helpers (shared-space addresses), for the warp-specialised form (WS).
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" :: "r"(bar) : "memory");
+}
+// This thread's cp.async copies issued so far arrive on `bar` once they land (no pending
+// count added: the barrier's expected count includes the arrival).
+__device__ __forceinline__ void mbar_arrive_copies(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nLAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra LAB_WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+
+// WS = 1: three warpgroups, one copying (its registers given back: setmaxnreg) and two
+// computing, each tile stage handed over by mbarriers (full: the producer's copies landed;
+// empty: both consumers are done with it), so no block-wide barrier per tile and the copies
+// of the next stages run while the consumers compute. WS = 0: two warpgroups that copy and
+// compute in turn, a block barrier per tile (the first form, measured).
+#ifndef WS
+#define WS 0
+#endif
+#define WG_THREADS (WS ? 384 : 256)
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attention_wg(
     const float* __restrict__ q, const bf16_t* __restrict__ keys, const bf16_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ state, Paged pg, int T, int n_heads, int group,
     float scale_log2, bf16_t* __restrict__ out)
 {
     const int h = blockIdx.y, qt = gridDim.x - 1 - blockIdx.x;  // longest query tiles first
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int wgi = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    // The computing warpgroup's index (0, 1): WS puts the copying one first.
+    const int wg = WS ? wgi - 1 : wgi;
     const int slot = state[0], p0 = state[1];
     const int4 e = heads[h / group];
     const int n = p0 + T;
@@ -679,6 +710,56 @@ extern "C" __global__ void __launch_bounds__(256, 1) duo_prefill_attention_wg(
     // This thread's two query rows (chunk rows): row0 and row0 + 8.
     const int row0 = qt * WG_BQ + wg * 64 + warp * 16 + gr;
     const size_t qs = (size_t)n_heads * HEAD_DIM;
+
+    auto next_tile = [&](int r) -> int {
+        for (; r < rows; r += WG_BK) {
+            if (wg_row_pos(e, r, win) > q_hi) return rows;
+            const int r1 = min(rows, r + WG_BK) - 1;
+            if (!(e.w == 1 && r >= e.y && q_lo - wg_row_pos(e, r1, win) >= e.z)) return r;
+        }
+        return rows;
+    };
+    // [WG_STAGES][K, V][WG_BK / 8][ROW_CORES] core matrices of 128 bytes (then, with WS, the
+    // stages' full and empty barriers).
+    extern __shared__ __align__(128) unsigned char wsm[];
+    const unsigned sbase = smem_addr(wsm);
+    // Tile r0 into `stage`, by `threads` threads from `tid`.
+    auto load_tile = [&](int r0, int stage, int tid, int threads) {
+        unsigned char* ks = wsm + stage * 2 * WG_TILE_BYTES;
+        const long long run = page_run(pg, e, slot, r0, rows);
+        for (int i = tid; i < WG_BK * ROW_CORES; i += threads) {
+            // Consecutive threads fill consecutive 16-byte rows of a core matrix.
+            const int kr = (i % 8) + 8 * (i / (8 * ROW_CORES)), c8 = (i / 8) % ROW_CORES;
+            const int off = ((kr / 8) * ROW_CORES + c8) * 128 + (kr % 8) * 16;
+            const bool live = r0 + kr < rows;
+            const size_t at = (size_t)(run >= 0 ? run + kr : live ? kv_row(pg, e, slot, wg_row_pos(e, r0 + kr, win)) : 0) * HEAD_DIM + c8 * 8;
+            cp_async16(ks + off, keys + at, live ? 16 : 0);
+            cp_async16(ks + WG_TILE_BYTES + off, values + at, live ? 16 : 0);
+        }
+    };
+#if WS
+    const unsigned full0 = sbase + WG_STAGES * 2 * WG_TILE_BYTES, empty0 = full0 + 8 * WG_STAGES;
+    if (threadIdx.x == 0) {
+        for (int st = 0; st < WG_STAGES; st++) { mbar_init(full0 + 8 * st, 128); mbar_init(empty0 + 8 * st, 2); }
+    }
+    __syncthreads();
+    if (wgi == 0) {
+        // The copying warpgroup: the block's tiles in order, each stage once both computing
+        // warpgroups have released it.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        int cur = next_tile(0);
+        for (int it = 0; cur < rows; it++) {
+            const int stage = it % WG_STAGES;
+            if (it >= WG_STAGES) mbar_wait(empty0 + 8 * stage, ((it / WG_STAGES) - 1) & 1);
+            load_tile(cur, stage, threadIdx.x, 128);
+            mbar_arrive_copies(full0 + 8 * stage);
+            cur = next_tile(cur + WG_BK);
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+#endif
 
     // The queries as A fragments, bf16, scaled for exp2 (zero past the chunk).
     unsigned qa[HEAD_DIM / 16][4];
@@ -701,57 +782,12 @@ extern "C" __global__ void __launch_bounds__(256, 1) duo_prefill_attention_wg(
     for (int i = 0; i < HEAD_DIM / 2; i++) o[i] = 0.f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows row0, row0 + 8
 
-    auto next_tile = [&](int r) -> int {
-        for (; r < rows; r += WG_BK) {
-            if (wg_row_pos(e, r, win) > q_hi) return rows;
-            const int r1 = min(rows, r + WG_BK) - 1;
-            if (!(e.w == 1 && r >= e.y && q_lo - wg_row_pos(e, r1, win) >= e.z)) return r;
-        }
-        return rows;
-    };
-    // [WG_STAGES][K, V][WG_BK / 8][ROW_CORES] core matrices of 128 bytes.
-    extern __shared__ __align__(128) unsigned char wsm[];
-    const unsigned sbase = smem_addr(wsm);
-    auto load_tile = [&](int r0, int stage) {
-        unsigned char* ks = wsm + stage * 2 * WG_TILE_BYTES;
-        const long long run = page_run(pg, e, slot, r0, rows);
-        for (int i = threadIdx.x; i < WG_BK * ROW_CORES; i += blockDim.x) {
-            // Consecutive threads fill consecutive 16-byte rows of a core matrix.
-            const int kr = (i % 8) + 8 * (i / (8 * ROW_CORES)), c8 = (i / 8) % ROW_CORES;
-            const int off = ((kr / 8) * ROW_CORES + c8) * 128 + (kr % 8) * 16;
-            const bool live = r0 + kr < rows;
-            const size_t at = (size_t)(run >= 0 ? run + kr : live ? kv_row(pg, e, slot, wg_row_pos(e, r0 + kr, win)) : 0) * HEAD_DIM + c8 * 8;
-            cp_async16(ks + off, keys + at, live ? 16 : 0);
-            cp_async16(ks + WG_TILE_BYTES + off, values + at, live ? 16 : 0);
-        }
-    };
-
-    // WG_STAGES - 1 tiles in flight: `issue` is the next tile to copy, `cur` the one computed.
-    int cur = next_tile(0), issue = cur;
-#pragma unroll
-    for (int st = 0; st < WG_STAGES - 1; st++) {
-        if (issue < rows) {
-            load_tile(issue, st);
-            issue = next_tile(issue + WG_BK);
-        }
-        cp_async_commit();
-    }
-    for (int it = 0; cur < rows; it++) {
-        const int stage = it % WG_STAGES;
-        if (issue < rows) {
-            load_tile(issue, (it + WG_STAGES - 1) % WG_STAGES);
-            issue = next_tile(issue + WG_BK);
-        }
-        cp_async_commit();
-        cp_async_wait<WG_STAGES - 1>();
-        // The copies (generic proxy) before the tensor cores read them (async proxy).
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        __syncthreads();
+    // One tile: S = Q K^T, the mask, the online softmax, O += P V.
+    auto compute_tile = [&](int r0, int stage) {
         const unsigned ka = sbase + stage * 2 * WG_TILE_BYTES, va = ka + WG_TILE_BYTES;
-        const int r0 = cur, r1 = min(rows, r0 + WG_BK) - 1;
+        const int r1 = min(rows, r0 + WG_BK) - 1;
         const int kp_lo = wg_row_pos(e, r0, win), kp_hi = wg_row_pos(e, r1, win);
-
-        // S = Q K^T: keys are n (stride: 8 keys = ROW_CORES cores), dims k (8 dims = 128 bytes).
+        // Keys are n (stride: 8 keys = ROW_CORES cores), dims k (8 dims = 128 bytes).
         float s[WG_BK / 2];
         wg_fence();
 #pragma unroll
@@ -772,6 +808,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) duo_prefill_attention_wg(
                     if (!vis) s[4 * j + x] = NEG_INF;
                 }
         }
+        float cf[2];
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
             float mx = NEG_INF;
@@ -791,8 +828,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) duo_prefill_attention_wg(
             }
             l[hf] = l[hf] * c + sum;
             m[hf] = nm;
+            cf[hf] = c;
+        }
+        // Past the first tiles a row's maximum rarely moves: the warp skips rescaling its
+        // output accumulators when none of its rows' did.
+        if (__any_sync(0xffffffff, cf[0] != 1.f || cf[1] != 1.f)) {
 #pragma unroll
-            for (int i = 0; i < HEAD_DIM / 8; i++) { o[4 * i + 2 * hf] *= c; o[4 * i + 2 * hf + 1] *= c; }
+            for (int i = 0; i < HEAD_DIM / 8; i++) { o[4 * i] *= cf[0]; o[4 * i + 1] *= cf[0]; o[4 * i + 2] *= cf[1]; o[4 * i + 3] *= cf[1]; }
         }
         // O += P V: P (bf16) as A fragments straight from the score accumulators; values are
         // k (8 keys = ROW_CORES cores), dims n (8 dims = 128 bytes), read transposed.
@@ -809,9 +851,47 @@ extern "C" __global__ void __launch_bounds__(256, 1) duo_prefill_attention_wg(
         for (int kk = 0; kk < WG_BK / 16; kk++) wg_pv(o, pa[kk], wg_desc(va + kk * 2 * ROW_CORES * 128, ROW_CORES * 128, 128), 1);
         wg_commit();
         wg_wait();
+    };
+
+#if WS
+    int cur = next_tile(0);
+    for (int it = 0; cur < rows; it++) {
+        const int stage = it % WG_STAGES;
+        mbar_wait(full0 + 8 * stage, (it / WG_STAGES) & 1);
+        // The copies (generic proxy) before the tensor cores read them (async proxy).
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        compute_tile(cur, stage);
+        // This warpgroup's products have read the stage: one arrival per warpgroup.
+        if (threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * stage);
+        cur = next_tile(cur + WG_BK);
+    }
+#else
+    // WG_STAGES - 1 tiles in flight: `issue` is the next tile to copy, `cur` the one computed.
+    int cur = next_tile(0), issue = cur;
+#pragma unroll
+    for (int st = 0; st < WG_STAGES - 1; st++) {
+        if (issue < rows) {
+            load_tile(issue, st, threadIdx.x, blockDim.x);
+            issue = next_tile(issue + WG_BK);
+        }
+        cp_async_commit();
+    }
+    for (int it = 0; cur < rows; it++) {
+        const int stage = it % WG_STAGES;
+        if (issue < rows) {
+            load_tile(issue, (it + WG_STAGES - 1) % WG_STAGES, threadIdx.x, blockDim.x);
+            issue = next_tile(issue + WG_BK);
+        }
+        cp_async_commit();
+        cp_async_wait<WG_STAGES - 1>();
+        // The copies (generic proxy) before the tensor cores read them (async proxy).
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+        compute_tile(cur, stage);
         __syncthreads();  // the next iteration loads into this stage
         cur = next_tile(cur + WG_BK);
     }
+#endif
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         float sum = l[hf];

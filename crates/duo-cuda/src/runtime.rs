@@ -267,6 +267,9 @@ pub fn compile_all() -> Option<Result<usize>> {
     ];
     for d in [64, 128] {
         jobs.push(("prefill_attention_wg", prefill_wg_source(d), prefill_wg_options(d)));
+        // And the other side of DUO_PREFILL_WS, whatever this process's environment says.
+        let ws = if prefill_wg_specialised() { "0" } else { "1" };
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d), with_define(&prefill_wg_options(d), "WS", ws)));
     }
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
@@ -1026,7 +1029,8 @@ impl Gpu {
         if kernel == PrefillKernel::Wgmma {
             let f = self.prefill_wg_kernel(head_dim)?;
             let smem = prefill_wg_smem_bytes(head_dim) as u32;
-            return launch!(smem smem; self, f, grid, 256, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out);
+            let threads = if prefill_wg_specialised() { 384 } else { 256 };
+            return launch!(smem smem; self, f, grid, threads, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out);
         }
         let f = self.prefill_kernel(head_dim, kv)?;
         let smem = prefill_smem_bytes(head_dim, kv) as u32;
@@ -1132,9 +1136,16 @@ impl Gpu {
 /// tiles, rows padded by 8 elements; over an fp8 cache the stages hold bytes (rows padded by
 /// 16) and row scales, and one tile of K and V dequantised to f16 follows.
 /// The Hopper prefill kernel's shared memory: [`prefill_wg_stages`] stages of a 64-key K and
-/// V tile.
+/// V tile (and, warp-specialised, two mbarriers per stage).
 fn prefill_wg_smem_bytes(head_dim: usize) -> usize {
-    prefill_wg_stages() * 2 * 64 * head_dim * 2
+    prefill_wg_stages() * (2 * 64 * head_dim * 2 + if prefill_wg_specialised() { 16 } else { 0 })
+}
+
+/// Whether the Hopper prefill kernel runs warp-specialised (`DUO_PREFILL_WS=1`: a copying
+/// warpgroup and two computing ones handing stages over by mbarriers; not yet measured)
+/// rather than as two warpgroups that copy and compute in turn.
+fn prefill_wg_specialised() -> bool {
+    crate::decode_attention::tuning("DUO_PREFILL_WS") == Some(1)
 }
 
 /// Pipeline stages of the Hopper prefill kernel (`DUO_PREFILL_WG_STAGES`, 2 to 4; default 3).
@@ -1144,7 +1155,11 @@ fn prefill_wg_stages() -> usize {
 
 /// The Hopper prefill kernel's NVRTC options.
 fn prefill_wg_options(head_dim: usize) -> Vec<String> {
-    vec![format!("-DHEAD_DIM={head_dim}"), format!("-DWG_STAGES={}", prefill_wg_stages())]
+    vec![
+        format!("-DHEAD_DIM={head_dim}"),
+        format!("-DWG_STAGES={}", prefill_wg_stages()),
+        format!("-DWS={}", u8::from(prefill_wg_specialised())),
+    ]
 }
 
 fn prefill_smem_bytes(head_dim: usize, kv: KvType) -> usize {
