@@ -156,7 +156,7 @@ fn prefill(
             None,
         )
     };
-    gpu.prefill_attention_with(
+    gpu.prefill_attention(
         kernel,
         gpu.addr(&q),
         gpu.addr(&k),
@@ -721,7 +721,7 @@ pub fn time_prefill_attention_with(
         args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
     }
     let run = || {
-        gpu.prefill_attention_with(
+        gpu.prefill_attention(
             kernel,
             gpu.addr(&q),
             gpu.addr(&k),

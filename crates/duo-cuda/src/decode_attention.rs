@@ -1038,25 +1038,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         for (int j = 0; j < 2; j++) { sc[j][2] = 0.f; sc[j][3] = 0.f; }
 #endif
 #pragma unroll
-        for (int hf = 0; hf < SOFTMAX_HALVES; hf++) {
-            float mx = fmaxf(fmaxf(sc[0][2 * hf], sc[0][2 * hf + 1]), fmaxf(sc[1][2 * hf], sc[1][2 * hf + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            const float nm = fmaxf(m[hf], mx);
-            // A row that has seen no key yet subtracts 0: exp2(-inf) = 0 and its sums stay 0.
-            const float base = nm == NEG_INF ? 0.f : nm;
-            const float c = fast_exp2(m[hf] - base);
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                sc[j][2 * hf] = fast_exp2(sc[j][2 * hf] - base);
-                sc[j][2 * hf + 1] = fast_exp2(sc[j][2 * hf + 1] - base);
-                sum += sc[j][2 * hf] + sc[j][2 * hf + 1];
-            }
-            l[hf] = l[hf] * c + sum;
-            m[hf] = nm;
-            cf[hf] = c;
-        }
+        for (int hf = 0; hf < SOFTMAX_HALVES; hf++) cf[hf] = softmax_row<2>(&sc[0][2 * hf], m[hf], l[hf]);
         // Past the first tiles a row's maximum rarely moves: the warp skips the rescaling of
         // its output fragments (HEAD_DIM / 2 multiplications per lane) when no row's did.
 #ifdef VREG

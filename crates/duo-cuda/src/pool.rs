@@ -1034,6 +1034,7 @@ impl KvPool {
                 let q = a(&b.q) + (decode_rows * qd * 4) as u64;
                 let out = a16(&b.att) + (decode_rows * qd * 2) as u64;
                 g.prefill_attention(
+                    g.prefill_kernel_for(c.head_dim, self.layout.kv),
                     q,
                     kc,
                     vc,

@@ -199,6 +199,33 @@ __device__ __forceinline__ float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
     return r;
 }
+// One row's online-softmax step over the N score pairs p[4 j], p[4 j + 1] this lane holds of
+// it in mma accumulator tiles (the quad's other lanes hold its other columns): the row's
+// maximum over the quad, the pairs replaced by exp2(score - maximum) in place, the running
+// maximum `m` and this lane's running sum `l` updated. Returns the factor the row's output
+// so far is scaled by. A row that has seen no key yet subtracts 0: exp2(-inf) = 0 and its
+// sums stay 0.
+template <int N>
+__device__ __forceinline__ float softmax_row(float* p, float& m, float& l) {
+    float mx = fmaxf(p[0], p[1]);
+#pragma unroll
+    for (int j = 1; j < N; j++) mx = fmaxf(mx, fmaxf(p[4 * j], p[4 * j + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float nm = fmaxf(m, mx);
+    const float base = nm == NEG_INF ? 0.f : nm;
+    const float c = fast_exp2(m - base);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+        p[4 * j] = fast_exp2(p[4 * j] - base);
+        p[4 * j + 1] = fast_exp2(p[4 * j + 1] - base);
+        sum += p[4 * j] + p[4 * j + 1];
+    }
+    l = l * c + sum;
+    m = nm;
+    return c;
+}
 
 __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -539,25 +566,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
                 const int x = mt * 2 + hf;
-                float mx = NEG_INF;
-#pragma unroll
-                for (int j = 0; j < BK / 8; j++) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hf], s[mt][j][2 * hf + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-                const float nm = fmaxf(m[x], mx);
-                // A row that has seen no key yet subtracts 0: exp2(-inf) = 0 everywhere, and
-                // its output and sum are still zero, so scaling them by 0 changes nothing.
-                const float base = nm == NEG_INF ? 0.f : nm;
-                const float c = fast_exp2(m[x] - base);
-                float sum = 0.f;
-#pragma unroll
-                for (int j = 0; j < BK / 8; j++) {
-                    s[mt][j][2 * hf] = fast_exp2(s[mt][j][2 * hf] - base);
-                    s[mt][j][2 * hf + 1] = fast_exp2(s[mt][j][2 * hf + 1] - base);
-                    sum += s[mt][j][2 * hf] + s[mt][j][2 * hf + 1];
-                }
-                l[x] = l[x] * c + sum;
-                m[x] = nm;
+                const float c = softmax_row<BK / 8>(&s[mt][0][2 * hf], m[x], l[x]);
 #pragma unroll
                 for (int i = 0; i < HEAD_DIM / 8; i++) { o[mt][i][2 * hf] *= c; o[mt][i][2 * hf + 1] *= c; }
             }
@@ -810,26 +819,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
         }
         float cf[2];
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            float mx = NEG_INF;
-#pragma unroll
-            for (int j = 0; j < WG_BK / 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hf], s[4 * j + 2 * hf + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            const float nm = fmaxf(m[hf], mx);
-            const float base = nm == NEG_INF ? 0.f : nm;
-            const float c = fast_exp2(m[hf] - base);
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < WG_BK / 8; j++) {
-                s[4 * j + 2 * hf] = fast_exp2(s[4 * j + 2 * hf] - base);
-                s[4 * j + 2 * hf + 1] = fast_exp2(s[4 * j + 2 * hf + 1] - base);
-                sum += s[4 * j + 2 * hf] + s[4 * j + 2 * hf + 1];
-            }
-            l[hf] = l[hf] * c + sum;
-            m[hf] = nm;
-            cf[hf] = c;
-        }
+        for (int hf = 0; hf < 2; hf++) cf[hf] = softmax_row<WG_BK / 8>(&s[2 * hf], m[hf], l[hf]);
         // Past the first tiles a row's maximum rarely moves: the warp skips rescaling its
         // output accumulators when none of its rows' did.
         if (__any_sync(0xffffffff, cf[0] != 1.f || cf[1] != 1.f)) {

@@ -971,31 +971,11 @@ impl Gpu {
     }
 
     /// Prefill attention of `t` queries (`q`, f32 `[t, n_heads * head_dim]`) of the sequence
-    /// `state = [slot, first position]` over its paged cache (bf16, or fp8 with the row
-    /// scales `paged` points to) into `out` (bf16, same shape).
+    /// `state = [slot, first position]` over its paged cache (bf16, or a byte cache with the
+    /// row scales `paged` points to) into `out` (bf16, same shape), by `kernel`
+    /// ([`Gpu::prefill_kernel_for`] picks the default; the parity checks run both).
     #[allow(clippy::too_many_arguments)]
     pub fn prefill_attention(
-        &self,
-        q: u64,
-        kc: u64,
-        vc: u64,
-        heads: u64,
-        state: u64,
-        paged: PagedArgs,
-        t: usize,
-        n_heads: usize,
-        group: usize,
-        head_dim: usize,
-        kv: KvType,
-        out: u64,
-    ) -> Result<()> {
-        let kernel = self.prefill_kernel_for(head_dim, kv);
-        self.prefill_attention_with(kernel, q, kc, vc, heads, state, paged, t, n_heads, group, head_dim, kv, out)
-    }
-
-    /// [`Gpu::prefill_attention`] by the given kernel (the parity checks run both).
-    #[allow(clippy::too_many_arguments)]
-    pub fn prefill_attention_with(
         &self,
         kernel: PrefillKernel,
         q: u64,
