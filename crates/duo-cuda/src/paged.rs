@@ -467,6 +467,28 @@ mod tests {
         check(&pool, &t, n, l.max_chunk);
     }
 
+    /// What the kernels' page runs (`page_run`, and the decode kernel's `page_tiles`) rely
+    /// on: with blocks of 64 tokens or more, a retrieval head's 64 positions from a multiple
+    /// of 64 sit in consecutive rows, whatever blocks the table hands out; with blocks of 32
+    /// they do not (the kernels then look up every row).
+    #[test]
+    fn retrieval_runs_of_64_positions_are_consecutive_rows_in_blocks_of_64_or_more() {
+        for block_tokens in [32usize, 64, 128] {
+            let l = PagedLayout { block_tokens, ..layout() };
+            // Blocks handed out in a scrambled order.
+            let retrieval: Vec<u32> = (0..16u32).map(|i| (i * 7 + 3) % 16).collect();
+            let t = Tables { retrieval, streaming: vec![], cap: 0 };
+            let mut all_runs = true;
+            for e in l.heads(0).into_iter().chain(l.heads(2)).filter(|e| e.kind == HeadEntry::RETRIEVAL) {
+                for r0 in (0..16 * block_tokens - 63).step_by(64) {
+                    let first = t.row(&l, e, r0);
+                    all_runs &= (0..64).all(|k| t.row(&l, e, r0 + k) == first + k);
+                }
+            }
+            assert_eq!(all_runs, block_tokens >= 64, "blocks of {block_tokens}");
+        }
+    }
+
     fn layout() -> PagedLayout {
         PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 1000, kv: KvType::Bf16 }
     }

@@ -985,6 +985,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_wgmma_function_numbers_its_operands_in_order() {
+        // m64n128: 64 accumulators (%0..%63), then A's four registers, the descriptor and
+        // the accumulate flag; the transpose flag is an immediate.
+        let f = wgmma_function("pv", 128, true);
+        assert_eq!(f.matches("\"+f\"(d[").count(), 64);
+        assert!(f.contains("m64n128k16.f32.bf16.bf16 {%0, %1,"));
+        assert!(f.contains("%63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;"));
+        assert!(f.contains("setp.ne.b32 p, %69, 0;"));
+        let g = wgmma_function("qk", 64, false);
+        assert!(g.contains("%31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;") && g.contains("setp.ne.b32 p, %37, 0;"));
+    }
+
+    #[test]
     fn streaming_heads_see_the_lambda() {
         let e = HeadEntry::streaming(0, 4, 8);
         assert!(e.visible(19, 12) && !e.visible(19, 11) && e.visible(19, 3) && !e.visible(19, 20));
