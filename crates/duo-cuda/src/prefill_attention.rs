@@ -792,18 +792,17 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows row0, row0 + 8
 
     // One tile: S = Q K^T, the mask, the online softmax, O += P V.
-    auto compute_tile = [&](int r0, int stage) {
-        const unsigned ka = sbase + stage * 2 * WG_TILE_BYTES, va = ka + WG_TILE_BYTES;
+    // A tile's pieces: the stage's addresses, Q K^T issued, the mask and online softmax of
+    // its scores (returning each row's rescaling factor), P packed, P V issued.
+    auto stage_keys = [&](int stage) { return sbase + stage * 2 * WG_TILE_BYTES; };
+    // Keys are n (stride: 8 keys = ROW_CORES cores), dims k (8 dims = 128 bytes).
+    auto issue_qk = [&](float* s, int stage) {
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; kk++) wg_qk(s, qa[kk], wg_desc(stage_keys(stage) + kk * 256, 128, ROW_CORES * 128), kk > 0);
+    };
+    auto softmax_tile = [&](float* s, int r0, float* cf) {
         const int r1 = min(rows, r0 + WG_BK) - 1;
         const int kp_lo = wg_row_pos(e, r0, win), kp_hi = wg_row_pos(e, r1, win);
-        // Keys are n (stride: 8 keys = ROW_CORES cores), dims k (8 dims = 128 bytes).
-        float s[WG_BK / 2];
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; kk++) wg_qk(s, qa[kk], wg_desc(ka + kk * 256, 128, ROW_CORES * 128), kk > 0);
-        wg_commit();
-        wg_wait();
-
         const bool full = r0 + WG_BK <= rows && kp_hi <= q_lo && (e.w == 0 || r1 < e.y || q_hi - kp_lo < e.z);
         if (!full) {
 #pragma unroll
@@ -817,18 +816,20 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
                     if (!vis) s[4 * j + x] = NEG_INF;
                 }
         }
-        float cf[2];
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) cf[hf] = softmax_row<WG_BK / 8>(&s[2 * hf], m[hf], l[hf]);
-        // Past the first tiles a row's maximum rarely moves: the warp skips rescaling its
-        // output accumulators when none of its rows' did.
+    };
+    // Past the first tiles a row's maximum rarely moves: the warp skips rescaling its output
+    // accumulators when none of its rows' did.
+    auto rescale = [&](const float* cf) {
         if (__any_sync(0xffffffff, cf[0] != 1.f || cf[1] != 1.f)) {
 #pragma unroll
             for (int i = 0; i < HEAD_DIM / 8; i++) { o[4 * i] *= cf[0]; o[4 * i + 1] *= cf[0]; o[4 * i + 2] *= cf[1]; o[4 * i + 3] *= cf[1]; }
         }
-        // O += P V: P (bf16) as A fragments straight from the score accumulators; values are
-        // k (8 keys = ROW_CORES cores), dims n (8 dims = 128 bytes), read transposed.
-        unsigned pa[WG_BK / 16][4];
+    };
+    // P (bf16) as A fragments straight from the score accumulators.
+    unsigned pa[WG_BK / 16][4];
+    auto pack_p = [&](const float* s) {
 #pragma unroll
         for (int kk = 0; kk < WG_BK / 16; kk++) {
             pa[kk][0] = pack(s[8 * kk], s[8 * kk + 1]);
@@ -836,14 +837,63 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
             pa[kk][2] = pack(s[8 * kk + 4], s[8 * kk + 5]);
             pa[kk][3] = pack(s[8 * kk + 6], s[8 * kk + 7]);
         }
-        wg_fence();
+    };
+    // Values are k (8 keys = ROW_CORES cores), dims n (8 dims = 128 bytes), read transposed.
+    auto issue_pv = [&](int stage) {
 #pragma unroll
-        for (int kk = 0; kk < WG_BK / 16; kk++) wg_pv(o, pa[kk], wg_desc(va + kk * 2 * ROW_CORES * 128, ROW_CORES * 128, 128), 1);
+        for (int kk = 0; kk < WG_BK / 16; kk++) wg_pv(o, pa[kk], wg_desc(stage_keys(stage) + WG_TILE_BYTES + kk * 2 * ROW_CORES * 128, ROW_CORES * 128, 128), 1);
+    };
+    // One tile, each product waited for: S = Q K^T, the mask, the online softmax, O += P V.
+    auto compute_tile = [&](int r0, int stage) {
+        float s[WG_BK / 2], cf[2];
+        wg_fence();
+        issue_qk(s, stage);
+        wg_commit();
+        wg_wait();
+        softmax_tile(s, r0, cf);
+        rescale(cf);
+        pack_p(s);
+        wg_fence();
+        issue_pv(stage);
         wg_commit();
         wg_wait();
     };
 
-#if WS
+#if WS == 2
+    // Each tile's Q K^T runs on the tensor cores with the previous tile's P V, and its
+    // softmax while that P V finishes (the FlashAttention-3 order): the warpgroup waits for
+    // S, computes its softmax, then waits for P V, rescales O and packs the new P.
+    int cur = next_tile(0), prev_stage = 0;
+    bool have_p = false;
+    for (int it = 0; cur < rows; it++) {
+        const int stage = it % WG_STAGES;
+        mbar_wait(full0 + 8 * stage, (it / WG_STAGES) & 1);
+        // The copies (generic proxy) before the tensor cores read them (async proxy).
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        float s[WG_BK / 2], cf[2];
+        wg_fence();
+        issue_qk(s, stage);
+        wg_commit();
+        if (have_p) issue_pv(prev_stage);
+        wg_commit();
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // S is in
+        softmax_tile(s, cur, cf);
+        wg_wait();  // the previous P V is in: its stage is free, O may change
+        if (have_p && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * prev_stage);
+        rescale(cf);
+        pack_p(s);
+        have_p = true;
+        prev_stage = stage;
+        cur = next_tile(cur + WG_BK);
+    }
+    if (have_p) {
+        wg_fence();
+        issue_pv(prev_stage);
+        wg_commit();
+        wg_wait();
+        if (threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * prev_stage);
+    }
+#elif WS
     int cur = next_tile(0);
     for (int it = 0; cur < rows; it++) {
         const int stage = it % WG_STAGES;

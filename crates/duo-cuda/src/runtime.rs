@@ -267,9 +267,10 @@ pub fn compile_all() -> Option<Result<usize>> {
     ];
     for d in [64, 128] {
         jobs.push(("prefill_attention_wg", prefill_wg_source(d), prefill_wg_options(d)));
-        // And the other side of DUO_PREFILL_WS, whatever this process's environment says.
-        let ws = if prefill_wg_specialised() { "0" } else { "1" };
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d), with_define(&prefill_wg_options(d), "WS", ws)));
+        // And the other forms of DUO_PREFILL_WS, whatever this process's environment says.
+        for ws in ["0", "1", "2"].into_iter().filter(|w| *w != prefill_wg_specialised().to_string()) {
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d), with_define(&prefill_wg_options(d), "WS", ws)));
+        }
     }
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
@@ -1009,7 +1010,7 @@ impl Gpu {
         if kernel == PrefillKernel::Wgmma {
             let f = self.prefill_wg_kernel(head_dim)?;
             let smem = prefill_wg_smem_bytes(head_dim) as u32;
-            let threads = if prefill_wg_specialised() { 384 } else { 256 };
+            let threads = if prefill_wg_specialised() > 0 { 384 } else { 256 };
             return launch!(smem smem; self, f, grid, threads, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out);
         }
         let f = self.prefill_kernel(head_dim, kv)?;
@@ -1118,14 +1119,16 @@ impl Gpu {
 /// The Hopper prefill kernel's shared memory: [`prefill_wg_stages`] stages of a 64-key K and
 /// V tile (and, warp-specialised, two mbarriers per stage).
 fn prefill_wg_smem_bytes(head_dim: usize) -> usize {
-    prefill_wg_stages() * (2 * 64 * head_dim * 2 + if prefill_wg_specialised() { 16 } else { 0 })
+    prefill_wg_stages() * (2 * 64 * head_dim * 2 + if prefill_wg_specialised() > 0 { 16 } else { 0 })
 }
 
-/// Whether the Hopper prefill kernel runs warp-specialised (`DUO_PREFILL_WS=1`: a copying
-/// warpgroup and two computing ones handing stages over by mbarriers; not yet measured)
-/// rather than as two warpgroups that copy and compute in turn.
-fn prefill_wg_specialised() -> bool {
-    crate::decode_attention::tuning("DUO_PREFILL_WS") == Some(1)
+/// How the Hopper prefill kernel is organised (`DUO_PREFILL_WS`): 0, two warpgroups that
+/// copy and compute in turn (measured); 1, warp-specialised, a copying warpgroup and two
+/// computing ones handing stages over by mbarriers; 2, the same with each tile's `Q K^T`
+/// overlapping the previous tile's `P V` and its softmax overlapping that `P V`'s end. 1 and
+/// 2 are compiled, not yet run on a GPU.
+fn prefill_wg_specialised() -> u8 {
+    crate::decode_attention::tuning("DUO_PREFILL_WS").map_or(0, |n| n.min(2) as u8)
 }
 
 /// Pipeline stages of the Hopper prefill kernel (`DUO_PREFILL_WG_STAGES`, 2 to 4; default 3).
@@ -1138,7 +1141,7 @@ fn prefill_wg_options(head_dim: usize) -> Vec<String> {
     vec![
         format!("-DHEAD_DIM={head_dim}"),
         format!("-DWG_STAGES={}", prefill_wg_stages()),
-        format!("-DWS={}", u8::from(prefill_wg_specialised())),
+        format!("-DWS={}", prefill_wg_specialised()),
     ]
 }
 
