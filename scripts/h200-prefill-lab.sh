@@ -2,7 +2,7 @@
 # Prefill attention on the H200 (issue 16), in one call of the device tool from the
 # repository root on the GPU host; carry .gpu/bin (duo.xz) and .gpu/patterns.
 #   1. the prefill kernels' parity (`duo cuda-check --only prefill`: mma.sync and, on Hopper,
-#      wgmma on the same problems);
+#      wgmma on the same problems), also with each of env VARIANTS' settings;
 #   2. their timings on a Llama-3-8B layer (16K chunks after 16K and 114K cached tokens);
 #   3. with MODEL=1, the whole model's parity, and a full-attention prefill of env PREFILL
 #      tokens (default 131072) with the default kernel and with DUO_PREFILL_WG=0.
@@ -10,10 +10,17 @@
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
 trap pack_out EXIT
-timeout 200 $D cuda-check --only prefill --no-timings > "$OUT/prefill-parity.txt" 2>&1
-echo "prefill parity exit $?: $(grep -c '^ok' "$OUT/prefill-parity.txt") ok"; grep -E "^FAIL|wgmma" "$OUT/prefill-parity.txt" | cut -c1-220 | head -20
-timeout 200 $D cuda-check --only ops --timings prefill > "$OUT/prefill-timings.txt" 2>&1
-echo "prefill timings exit $?"; grep -E "time prefill" "$OUT/prefill-timings.txt" | grep Bf16 | sed 's/time prefill attention, Llama-3-8B layer, //'
+# Each variant (env VARIANTS, space-separated, each comma-separated NAME=VALUE settings, e.g.
+# DUO_PREFILL_WS=2,DUO_PREFILL_WG_STAGES=4): parity, then the bf16 timings (the wgmma rows
+# take the variant's form).
+i=0
+for v in default ${VARIANTS:-}; do
+  i=$((i + 1)); vars=""; [ "$v" = default ] || vars=${v//,/ }
+  timeout 100 env $vars $D cuda-check --only prefill --no-timings > "$OUT/prefill-parity-$i.txt" 2>&1
+  echo "== $v: prefill parity exit $?: $(grep -c '^ok' "$OUT/prefill-parity-$i.txt") ok"; grep -E "^FAIL" "$OUT/prefill-parity-$i.txt" | cut -c1-220 | head -8
+  timeout 200 env $vars $D cuda-check --only ops --timings prefill > "$OUT/prefill-timings-$i.txt" 2>&1
+  echo "prefill timings exit $?"; grep -E "time prefill" "$OUT/prefill-timings-$i.txt" | grep Bf16 | sed 's/time prefill attention, Llama-3-8B layer, //'
+done
 [ "${MODEL:-0}" = 1 ] || exit 0
 timeout 300 $D cuda-check --only model --no-timings > "$OUT/model-parity.txt" 2>&1
 echo "model parity exit $?: $(grep -c '^ok' "$OUT/model-parity.txt") ok"; grep "^FAIL" "$OUT/model-parity.txt" | head
