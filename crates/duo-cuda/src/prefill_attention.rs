@@ -671,6 +671,19 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lb
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Pins registers an in-flight wgmma reads or writes in place: the compiler may not move
+// arithmetic on them across the wgmma fences and waits around this (which take no register
+// operands themselves).
+template <int N>
+__device__ __forceinline__ void pin(float* x) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(x[i]) :: "memory");
+}
+template <int N>
+__device__ __forceinline__ void pin(unsigned* x) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+r"(x[i]) :: "memory");
+}
 
 // mbarrier helpers (shared-space addresses), for the warp-specialised form (WS).
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
@@ -698,6 +711,9 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 // compute in turn, a block barrier per tile (the first form, measured).
 #ifndef WS
 #define WS 0
+#endif
+#if WS == 2 && WG_STAGES < 2
+#error "the overlapped form holds two stages at once: WG_STAGES >= 2"
 #endif
 #define WG_THREADS (WS ? 384 : 256)
 
@@ -846,17 +862,22 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // One tile, each product waited for: S = Q K^T, the mask, the online softmax, O += P V.
     auto compute_tile = [&](int r0, int stage) {
         float s[WG_BK / 2], cf[2];
+        pin<HEAD_DIM / 2>(o);
         wg_fence();
         issue_qk(s, stage);
         wg_commit();
         wg_wait();
+        pin<WG_BK / 2>(s);
         softmax_tile(s, r0, cf);
         rescale(cf);
         pack_p(s);
+        pin<HEAD_DIM / 2>(o);
+        pin<WG_BK / 4>(&pa[0][0]);
         wg_fence();
         issue_pv(stage);
         wg_commit();
         wg_wait();
+        pin<HEAD_DIM / 2>(o);
     };
 
 #if WS == 2
@@ -871,14 +892,18 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
         // The copies (generic proxy) before the tensor cores read them (async proxy).
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         float s[WG_BK / 2], cf[2];
+        pin<HEAD_DIM / 2>(o);
+        pin<WG_BK / 4>(&pa[0][0]);
         wg_fence();
         issue_qk(s, stage);
         wg_commit();
         if (have_p) issue_pv(prev_stage);
         wg_commit();
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // S is in
+        pin<WG_BK / 2>(s);
         softmax_tile(s, cur, cf);
         wg_wait();  // the previous P V is in: its stage is free, O may change
+        pin<HEAD_DIM / 2>(o);
         if (have_p && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * prev_stage);
         rescale(cf);
         pack_p(s);
@@ -887,10 +912,13 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
         cur = next_tile(cur + WG_BK);
     }
     if (have_p) {
+        pin<HEAD_DIM / 2>(o);
+        pin<WG_BK / 4>(&pa[0][0]);
         wg_fence();
         issue_pv(prev_stage);
         wg_commit();
         wg_wait();
+        pin<HEAD_DIM / 2>(o);
         if (threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * prev_stage);
     }
 #elif WS

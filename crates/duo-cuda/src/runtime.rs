@@ -1044,6 +1044,25 @@ impl Gpu {
         let m = self.ctx.load_module(ptx).map_err(driver)?;
         let k = m.load_function("duo_prefill_attention_wg").map_err(driver)?;
         allow_dynamic_smem(&k, prefill_wg_smem_bytes(head_dim))?;
+        // The warp-specialised forms move registers between warpgroups (40 to the copying
+        // one, 232 to each computing one): that needs exactly 168 per thread at launch, or
+        // the computing warpgroups would wait for registers forever.
+        if prefill_wg_specialised() > 0 {
+            // SAFETY: `k` is a function of a loaded module; reading an attribute changes nothing.
+            let regs = unsafe {
+                cudarc::driver::result::function::get_function_attribute(
+                    k.cu_function(),
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS,
+                )
+            }
+            .map_err(driver)?;
+            if regs != 168 {
+                return Err(CudaError::Input(format!(
+                    "the warp-specialised prefill kernel (DUO_PREFILL_WS={}) was built with {regs} registers per thread; it needs 168",
+                    prefill_wg_specialised()
+                )));
+            }
+        }
         cache.push((head_dim, k.clone()));
         Ok(k)
     }
