@@ -108,6 +108,18 @@ pub fn round_rows_turned(x: &mut [f32], head_dim: usize) {
     }
 }
 
+/// Rows rounded in a Hadamard basis as groups of `group` consecutive values (each with its
+/// own step and minimum: `head_dim / group` pairs per row instead of one), turned back.
+pub fn round_groups_turned(x: &mut [f32], head_dim: usize, group: usize) {
+    for row in x.chunks_mut(head_dim) {
+        hadamard(row);
+        for g in (0..row.len()).step_by(group) {
+            round_group(row, g..(g + group).min(row.len()));
+        }
+        hadamard(row);
+    }
+}
+
 /// A block of rows of `head_dim` values rounded channel by channel (each channel's values
 /// over the block one group), in place: KIVI's key quantisation.
 pub fn round_channels(x: &mut [f32], head_dim: usize) {
@@ -120,6 +132,28 @@ pub fn round_channels(x: &mut [f32], head_dim: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finer_groups_round_closer_and_a_whole_row_group_is_the_row_scheme() {
+        let hd = 64;
+        // Rows with a few large channels, as keys have.
+        let x: Vec<f32> = (0..hd * 50)
+            .map(|i| {
+                let v = ((i * 7919 + 13) % 1000) as f32 / 500.0 - 1.0;
+                if i % hd == 5 || i % hd == 40 { v * 12.0 } else { v }
+            })
+            .collect();
+        let err = |y: &[f32]| y.iter().zip(&x).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        let mut rows = x.clone();
+        round_rows_turned(&mut rows, hd);
+        let mut whole = x.clone();
+        round_groups_turned(&mut whole, hd, hd);
+        assert_eq!(whole, rows);
+        let (mut g32, mut g16) = (x.clone(), x.clone());
+        round_groups_turned(&mut g32, hd, 32);
+        round_groups_turned(&mut g16, hd, 16);
+        assert!(err(&g16) < err(&g32) && err(&g32) < err(&rows), "{} {} {}", err(&g16), err(&g32), err(&rows));
+    }
 
     #[test]
     fn values_round_once_to_the_nearest_f16() {

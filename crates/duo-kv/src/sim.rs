@@ -42,6 +42,10 @@ pub enum KvSim {
     Keys8Values4,
     /// [`KvSim::Keys8Values4`] for retrieval heads, streaming heads exact.
     Keys8Values4ExactStreaming,
+    /// Values per row; keys in a Hadamard basis per group of this many values (a step and
+    /// minimum per group: 16 or 32), the group-wise asymmetric scheme at a finer grain than
+    /// the row.
+    GroupsTurned(usize),
 }
 
 impl std::str::FromStr for KvSim {
@@ -57,7 +61,9 @@ impl std::str::FromStr for KvSim {
             "int4-channels-lagged" => Ok(KvSim::ChannelsLagged),
             "int8-keys-int4-values" => Ok(KvSim::Keys8Values4),
             "int8-keys-int4-values-exact-streaming" => Ok(KvSim::Keys8Values4ExactStreaming),
-            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values or int8-keys-int4-values-exact-streaming")),
+            "int4-g16-turned" => Ok(KvSim::GroupsTurned(16)),
+            "int4-g32-turned" => Ok(KvSim::GroupsTurned(32)),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int4-g16-turned or int4-g32-turned")),
         }
     }
 }
@@ -98,6 +104,7 @@ impl KvSim {
                 KvSim::RowsTurned | KvSim::RowsTurnedExactStreaming => kv4::round_rows_turned(&mut k[at], head_dim),
                 KvSim::Channels if !is_retrieval => kv4::round_rows_turned(&mut k[at], head_dim),
                 KvSim::Keys8Values4 | KvSim::Keys8Values4ExactStreaming => duo_kernels::kv8::round_row(&mut k[at]),
+                KvSim::GroupsTurned(group) => kv4::round_groups_turned(&mut k[at], head_dim, group),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
@@ -127,6 +134,7 @@ mod tests {
     fn names_parse_and_bad_ones_are_refused_by_name() {
         assert_eq!("int4-channels".parse::<KvSim>(), Ok(KvSim::Channels));
         assert!("int3".parse::<KvSim>().unwrap_err().contains("int4-rows-turned"));
+        assert_eq!("int4-g16-turned".parse::<KvSim>(), Ok(KvSim::GroupsTurned(16)));
     }
 
     #[test]
