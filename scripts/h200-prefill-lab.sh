@@ -4,12 +4,19 @@
 #   1. the prefill kernels' parity (`duo cuda-check --only prefill`: mma.sync and, on Hopper,
 #      wgmma on the same problems), also with each of env VARIANTS' settings;
 #   2. their timings on a Llama-3-8B layer (16K chunks after 16K and 114K cached tokens);
+#   0. with PROBE=1, scripts/probes/wgmma_swizzle_probe.cu compiled and run;
 #   3. with MODEL=1, the whole model's parity, and a full-attention prefill of env PREFILL
 #      tokens (default 131072) with the default kernel and with DUO_PREFILL_WG=0.
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
 trap pack_out EXIT
+# With PROBE=1 first: which descriptor fields read 128-byte-swizzled tiles (nvcc on the host).
+if [ "${PROBE:-0}" = 1 ]; then
+  nvcc -gencode arch=compute_90a,code=sm_90a -O2 -o /tmp/duo/swz scripts/probes/wgmma_swizzle_probe.cu > "$OUT/probe.txt" 2>&1
+  for m in 0 1 2 3 4 5; do timeout 20 /tmp/duo/swz $m >> "$OUT/probe.txt" 2>&1; done
+  grep "^mode" "$OUT/probe.txt"
+fi
 # Each variant (env VARIANTS, space-separated, each comma-separated NAME=VALUE settings, e.g.
 # DUO_PREFILL_WS=2,DUO_PREFILL_WG_STAGES=4): parity, then the bf16 timings (the wgmma rows
 # take the variant's form).
