@@ -44,8 +44,7 @@ extern "C" __global__ void embed(const int* tokens, const bf16_t* table, unsigne
         x[(size_t)t * hidden + i] = table ? bf(table[row + i]) : bf(to_bf(hash_uniform(seed, row + i) * scale));
 }
 
-// out[t] = bf16(x[t] / rms(x[t]) * w), one block of 256 threads per row.
-// One row per block. The row stays in registers between the sum of squares and the
+// out[t] = bf16(x[t] / rms(x[t]) * w), one row per block. The row stays in registers between the sum of squares and the
 // output (up to RMS_VECS float4 per thread; the host gives dim / 4 threads, rounded up to a
 // warp, at most 1024), loaded in one round of 16-byte loads: a decode step's single row is
 // then one memory round trip, not the 16 dependent loads of a 256-thread loop (14 us per
@@ -376,11 +375,10 @@ extern "C" __global__ void silu_mul(const bf16_t* gu, bf16_t* out, int rows, int
     }
 }
 
-// The index of the largest value of each row of n (the lowest index among equals). One block
-// of 1024 threads per row.
-// Each block one row; the lowest index among equal maxima. Rows whose length is a multiple
-// of 4 are read in 16-byte loads, four in flight per thread (one 1024-thread block over a
-// 128K vocabulary: 51 us with one float per load, each waiting for the last).
+// The index of the largest value of each row of n (the lowest index among equals), one block
+// of 1024 threads per row. Rows whose length is a multiple of 4 are read in 16-byte loads,
+// four in flight per thread (over a 128K vocabulary: 51 us with one float per load, each
+// waiting for the last).
 __device__ __forceinline__ void argmax_take(float v, int i, float* best, int* at) {
     if (v > *best || (v == *best && i < *at)) { *best = v; *at = i; }
 }

@@ -838,12 +838,7 @@ impl Gpu {
         beta: f32,
         y_bf16: bool,
     ) -> Result<()> {
-        let ours = match crate::decode_attention::tuning("DUO_GEMV") {
-            Some(0) => false,
-            Some(_) => true,
-            None => false,
-        };
-        if ours && gemv_takes(t, in_dim, beta, y_bf16) {
+        if crate::decode_attention::tuning("DUO_GEMV") == Some(1) && gemv_takes(t, in_dim, beta, y_bf16) {
             self.gemv(x, w, y, t, in_dim, out_dim, beta, y_bf16)
         } else {
             self.gemm(x, w, y, t, in_dim, out_dim, beta, y_bf16)
@@ -1020,7 +1015,7 @@ impl Gpu {
 
     /// The prefill kernel for a `kv` cache with heads of `head_dim`: [`PrefillKernel::Mma`],
     /// or [`PrefillKernel::Wgmma`] where it runs and `DUO_PREFILL_WG=1` asks for it (its
-    /// first form is slower: 207 against 255 TFLOPS on the H200, BENCHMARKS.md).
+    /// first form is slower: 221 against 281 TFLOPS on the H200, BENCHMARKS.md).
     pub fn prefill_kernel_for(&self, head_dim: usize, kv: KvType) -> PrefillKernel {
         if self.wgmma_prefill_runs(head_dim, kv) && crate::decode_attention::tuning("DUO_PREFILL_WG") == Some(1) {
             PrefillKernel::Wgmma
