@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Where a decode step's time goes (issue 16), in one call of the device tool from the
 # repository root on the GPU host; carry .gpu/bin (duo.xz) and .gpu/patterns.
-#   1. every kernel of the Llama-3-8B decode step (full attention, bf16 KV, 131,072 tokens of
-#      synthetic KV) timed alone by Nsight Compute (graph nodes one by one): its name and
-#      duration, to set against the step's time and floor that `duo bench` prints;
+#   1. every kernel of the Llama-3-8B decode steps (env METHOD, default full; bf16 KV, env
+#      LENGTH tokens of synthetic KV, default 131,072) timed alone by Nsight Compute (graph
+#      nodes one by one): names and durations, to set against the step's time and floor that
+#      `duo bench` prints (the last steps in the file are at LENGTH);
 #   2. with KV_TYPES (e.g. "fp8 int4"), Nsight Compute's sections on the quantised decode
 #      kernel of each cache type (full layer, 1 x 131,072 tokens): bandwidth, occupancy,
 #      warp stalls.
@@ -13,8 +14,10 @@ source "$(dirname "$0")/h200-common.sh"
 trap pack_out EXIT
 BENCH="bench --device cuda --random-weights llama-3-8b --pattern .gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k --sink 64 --recent 256 --max-prefill 0 --decode-tokens 3 --lengths ${LENGTH:-131072} --methods ${METHOD:-full}"
 timeout 60 $D $BENCH > "$OUT/step.txt" 2>&1; grep -E "^\| (full|duo|layer)" "$OUT/step.txt" | cut -d'|' -f2,4,7-9
+# The synthetic fill's kernels are left out (1,265 of them at 128K: with them the first 2,500
+# launches never reached a step at the bench's length, session 14).
 timeout 300 ncu --clock-control none --graph-profiling node --metrics gpu__time_duration.sum --csv --print-units base \
-  --launch-count ${LAUNCHES:-2500} $D $BENCH > "$OUT/step-kernels.csv" 2> "$OUT/step-kernels.err"
+  -k 'regex:^(?!fill_)' --launch-count ${LAUNCHES:-1400} $D $BENCH > "$OUT/step-kernels.csv" 2> "$OUT/step-kernels.err"
 echo "ncu step exit $?: $(grep -c gpu__time_duration "$OUT/step-kernels.csv") kernels timed"
 for kv in ${KV_TYPES:-}; do
   timeout 150 env DUO_TIME_KV=$kv ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
