@@ -7,7 +7,7 @@
 #      `duo bench` prints (the last steps in the file are at LENGTH);
 #   2. with KV_TYPES (e.g. "fp8 int4"), Nsight Compute's sections on the quantised decode
 #      kernel of each cache type (full layer, 1 x 131,072 tokens): bandwidth, occupancy,
-#      warp stalls.
+#      warp stalls; with SOURCE=1 also its per-source-line counters.
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
@@ -19,9 +19,12 @@ timeout 60 $D $BENCH > "$OUT/step.txt" 2>&1; grep -E "^\| (full|duo|layer)" "$OU
 timeout 300 ncu --clock-control none --graph-profiling node --metrics gpu__time_duration.sum --csv --print-units base \
   -k 'regex:^(?!fill_)' --launch-count ${LAUNCHES:-1400} $D $BENCH > "$OUT/step-kernels.csv" 2> "$OUT/step-kernels.err"
 echo "ncu step exit $?: $(grep -c gpu__time_duration "$OUT/step-kernels.csv") kernels timed"
+# With SOURCE=1 the kernels carry line numbers and Nsight Compute adds its per-line counters
+# (where in the source the warps stall and the instructions go).
+[ "${SOURCE:-0}" = 1 ] && export DUO_NVRTC_LINEINFO=1 && SRC="--section SourceCounters" || SRC=""
 for kv in ${KV_TYPES:-}; do
   timeout 150 env DUO_TIME_KV=$kv ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats --section InstructionStats \
+    --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats --section InstructionStats $SRC \
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     -k duo_decode_partial_tc --launch-skip 5 --launch-count 1 $D cuda-check --only ops --timings decode > "$OUT/ncu-$kv.txt" 2>&1
   echo "ncu $kv exit $?"

@@ -86,8 +86,12 @@ fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cud
 }
 
 /// [`compile`] for the architecture `arch` (`sm_90a`: Hopper's own instructions, `wgmma`).
-fn compile_for(arch: &'static str, source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
+fn compile_for(arch: &'static str, source: &str, name: &'static str, mut options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
     let tag: String = options.iter().map(|o| o.trim_start_matches("-D").replace('=', "")).collect::<Vec<_>>().join("-");
+    // DUO_NVRTC_LINEINFO=1: source lines in the code, for Nsight Compute's per-line counters.
+    if std::env::var("DUO_NVRTC_LINEINFO").is_ok_and(|v| v == "1") {
+        options.push("-lineinfo".into());
+    }
     let opts = CompileOptions {
         arch: Some(arch),
         options,
