@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Nsight Compute on the two prefill kernels (mma.sync and Hopper's wgmma), Llama-3-8B layer,
 # a 16K chunk after 16K cached tokens (issue 16), from the repository root on the GPU host;
-# carry .gpu/bin. Results in $OUT/results.tgz.
+# carry .gpu/bin. Results in $OUT/results.tgz. The tensor pipes' use is the hmma-pipe
+# counter, for both kernels (the gmma-pipe one read n/a on the H200, session 14).
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
 trap pack_out EXIT
 for k in duo_prefill_attention duo_prefill_attention_wg; do
   timeout 200 ncu --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy \
-    --section MemoryWorkloadAnalysis --section InstructionStats --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active" \
+    --section MemoryWorkloadAnalysis --section InstructionStats --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active" \
     -k $k --launch-count 1 $D cuda-check --only ops --timings prefill > "$OUT/ncu-$k.txt" 2>&1
   echo "== $k (exit $?)"
   grep -E "Duration|Compute \(SM\) Throughput|Issued Warp|No Eligible|Achieved Occupancy|Registers Per|Executed Instructions  |tensor_op|Memory Throughput|L1/TEX Hit|L2 Hit" "$OUT/ncu-$k.txt" | head -16

@@ -826,8 +826,9 @@ impl Gpu {
 
     /// A linear layer's product, `y = x W^T (+ beta y)`, by the kernel that suits it: cuBLAS
     /// ([`Gpu::gemm`]), or duo's [`Gpu::gemv`] for a few rows where `DUO_GEMV=1`. Measured
-    /// (BENCHMARKS.md): duo's kernel is faster on one row of the attention output (9.1 against
-    /// 15.2 us on the H200: cuBLAS splits it and adds a reduction), but a whole step gains at
+    /// (BENCHMARKS.md): duo's kernel is faster on one row of the attention output (9.1 us
+    /// against cuBLAS's 13.4 on the H200, whose split product and reduction took 12.0 + 3.6 us
+    /// in a step's profile), but a whole step gains at
     /// most 1% with it on every one-row product into f32, and a product whose kernel depends
     /// on the batch's row count would make a sequence's logits depend on its neighbours.
     #[allow(clippy::too_many_arguments)]
@@ -1131,9 +1132,6 @@ impl Gpu {
     }
 }
 
-/// Dynamic shared memory of the prefill kernel: 128 queries and two stages of 64-row K and V
-/// tiles, rows padded by 8 elements; over an fp8 cache the stages hold bytes (rows padded by
-/// 16) and row scales, and one tile of K and V dequantised to f16 follows.
 /// The Hopper prefill kernel's shared memory: [`prefill_wg_stages`] stages of a 64-key K and
 /// V tile (and, warp-specialised, two mbarriers per stage).
 fn prefill_wg_smem_bytes(head_dim: usize) -> usize {
@@ -1163,6 +1161,9 @@ fn prefill_wg_options(head_dim: usize) -> Vec<String> {
     ]
 }
 
+/// Dynamic shared memory of the prefill kernel: 128 queries and two stages of 64-row K and V
+/// tiles, rows padded by 8 elements; over an fp8 cache the stages hold bytes (rows padded by
+/// 16) and row scales, and one tile of K and V dequantised to f16 follows.
 fn prefill_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     match kv {
         KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
