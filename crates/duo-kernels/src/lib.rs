@@ -19,6 +19,7 @@
 //! ```
 
 pub mod attention;
+pub mod fp8;
 pub mod kv4;
 pub mod kv8;
 pub mod ops;

@@ -46,6 +46,9 @@ pub enum KvSim {
     /// minimum per group: 16 or 32), the group-wise asymmetric scheme at a finer grain than
     /// the row.
     GroupsTurned(usize),
+    /// Keys as the GPU's fp8 rows (e4m3 with a power-of-two row scale), values in 4 bits per
+    /// row: a mixed cache whose keys the faster fp8 decode path would read.
+    Fp8KeysValues4,
 }
 
 impl std::str::FromStr for KvSim {
@@ -63,7 +66,8 @@ impl std::str::FromStr for KvSim {
             "int8-keys-int4-values-exact-streaming" => Ok(KvSim::Keys8Values4ExactStreaming),
             "int4-g16-turned" => Ok(KvSim::GroupsTurned(16)),
             "int4-g32-turned" => Ok(KvSim::GroupsTurned(32)),
-            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int4-g16-turned or int4-g32-turned")),
+            "fp8-keys-int4-values" => Ok(KvSim::Fp8KeysValues4),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int4-g16-turned, int4-g32-turned or fp8-keys-int4-values")),
         }
     }
 }
@@ -105,6 +109,7 @@ impl KvSim {
                 KvSim::Channels if !is_retrieval => kv4::round_rows_turned(&mut k[at], head_dim),
                 KvSim::Keys8Values4 | KvSim::Keys8Values4ExactStreaming => duo_kernels::kv8::round_row(&mut k[at]),
                 KvSim::GroupsTurned(group) => kv4::round_groups_turned(&mut k[at], head_dim, group),
+                KvSim::Fp8KeysValues4 => duo_kernels::fp8::round_row(&mut k[at]),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
@@ -135,6 +140,7 @@ mod tests {
         assert_eq!("int4-channels".parse::<KvSim>(), Ok(KvSim::Channels));
         assert!("int3".parse::<KvSim>().unwrap_err().contains("int4-rows-turned"));
         assert_eq!("int4-g16-turned".parse::<KvSim>(), Ok(KvSim::GroupsTurned(16)));
+        assert_eq!("fp8-keys-int4-values".parse::<KvSim>(), Ok(KvSim::Fp8KeysValues4));
     }
 
     #[test]
