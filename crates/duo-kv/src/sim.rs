@@ -49,6 +49,10 @@ pub enum KvSim {
     /// Keys as the GPU's fp8 rows (e4m3 with a power-of-two row scale), values in 4 bits per
     /// row: a mixed cache whose keys the faster fp8 decode path would read.
     Fp8KeysValues4,
+    /// Keys in 6 bits per row (`amax / 31`, symmetric, ties to even), values in 4 bits per
+    /// row: between the int8 keys that meet the accuracy bound and the int4 ones that do not,
+    /// at 0.66 of int8-keys-int4-values' bytes per token.
+    Keys6Values4,
 }
 
 impl std::str::FromStr for KvSim {
@@ -67,8 +71,22 @@ impl std::str::FromStr for KvSim {
             "int4-g16-turned" => Ok(KvSim::GroupsTurned(16)),
             "int4-g32-turned" => Ok(KvSim::GroupsTurned(32)),
             "fp8-keys-int4-values" => Ok(KvSim::Fp8KeysValues4),
-            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int4-g16-turned, int4-g32-turned or fp8-keys-int4-values")),
+            "int6-keys-int4-values" => Ok(KvSim::Keys6Values4),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int4-g16-turned, int4-g32-turned, fp8-keys-int4-values or int6-keys-int4-values")),
         }
+    }
+}
+
+/// `row` rounded to symmetric `amax / levels` steps (ties to even): 31 levels each side is a
+/// 6-bit row, 127 the int8 one ([`duo_kernels::kv8::round_row`]).
+fn round_row_bits(row: &mut [f32], levels: f32) {
+    let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if !(amax > 0.0 && amax.is_finite()) {
+        return;
+    }
+    let scale = amax / levels;
+    for x in row {
+        *x = (*x / scale).round_ties_even().clamp(-levels, levels) * scale;
     }
 }
 
@@ -110,6 +128,7 @@ impl KvSim {
                 KvSim::Keys8Values4 | KvSim::Keys8Values4ExactStreaming => duo_kernels::kv8::round_row(&mut k[at]),
                 KvSim::GroupsTurned(group) => kv4::round_groups_turned(&mut k[at], head_dim, group),
                 KvSim::Fp8KeysValues4 => duo_kernels::fp8::round_row(&mut k[at]),
+                KvSim::Keys6Values4 => round_row_bits(&mut k[at], 31.0),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
@@ -141,6 +160,24 @@ mod tests {
         assert!("int3".parse::<KvSim>().unwrap_err().contains("int4-rows-turned"));
         assert_eq!("int4-g16-turned".parse::<KvSim>(), Ok(KvSim::GroupsTurned(16)));
         assert_eq!("fp8-keys-int4-values".parse::<KvSim>(), Ok(KvSim::Fp8KeysValues4));
+        assert_eq!("int6-keys-int4-values".parse::<KvSim>(), Ok(KvSim::Keys6Values4));
+    }
+
+    #[test]
+    fn a_six_bit_row_has_31_steps_each_side_and_127_is_the_int8_row() {
+        let row: Vec<f32> = (0..64).map(|i| ((i * 37 % 29) as f32 - 14.0) * 0.31).collect();
+        let mut six = row.clone();
+        round_row_bits(&mut six, 31.0);
+        let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let mut levels: Vec<i32> = six.iter().map(|v| (v / (amax / 31.0)).round() as i32).collect();
+        levels.sort();
+        levels.dedup();
+        assert!(levels.iter().all(|l| l.abs() <= 31) && levels.len() > 20, "{levels:?}");
+        assert!(six.iter().zip(&row).all(|(a, b)| (a - b).abs() <= amax / 31.0 / 2.0 * 1.0001));
+        let (mut eight, mut want) = (row.clone(), row.clone());
+        round_row_bits(&mut eight, 127.0);
+        duo_kernels::kv8::round_row(&mut want);
+        assert_eq!(eight, want);
     }
 
     #[test]
