@@ -843,30 +843,39 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             cp_async16_full(v_dst + off, vbase + at);
         }
     };
+    // A tile's keys and values from `t0` into the stage at byte `stage_at` of shared memory
+    // (K, then V `tile_bytes` on; rows of `row_bytes` in the pool, `pad` apart here): a whole
+    // page-run tile by copy_run_tile, else chunk by chunk, each row looked up (the rows past
+    // `end` zero-filled). Both caches' forms, bf16 rows and byte rows alike.
+    auto copy_tile = [&](int t0, unsigned stage_at, unsigned tile_bytes, int row_bytes, int pad) {
+        const char* kbase = reinterpret_cast<const char*>(keys);
+        const char* vbase = reinterpret_cast<const char*>(values);
+#if !(WARP_PIPE && !defined(KV_BYTES))
+        if (page_tiles && t0 + TILE <= end) {
+            copy_run_tile(smem_base + stage_at, smem_base + stage_at + tile_bytes, kbase, vbase, row_bytes, pad);
+            return;
+        }
+#endif
+        unsigned char* kd = smem_raw + stage_at;
+        unsigned char* vd = kd + tile_bytes;
+#pragma unroll
+        for (int j = 0; j < NCH; j++) {
+            const int r = CH_ROW(j), c = CH_COL(j) * 16;
+            const int t = t0 + r;
+            const bool live = t < end;
+            const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
+            const size_t at = live ? (size_t)row * row_bytes + c : 0;
+            cp_async16(kd + r * pad + c, kbase + at, live ? 16 : 0);
+            cp_async16(vd + r * pad + c, vbase + at, live ? 16 : 0);
+        }
+    };
 #ifdef KV_BYTES
     unsigned char* raw = smem_raw;                                         // [STAGES][K, V][TILE][RPAD]
     float* scl = reinterpret_cast<float*>(smem_raw + STAGES * 2 * RAW_TILE);  // [STAGES][K, V][TILE]
     bf16_t* conv = reinterpret_cast<bf16_t*>(scl + STAGES * 2 * TILE) + warp * 16 * TPAD;  // this warp's V (f16)
     auto load_tile = [&](int tile) {
-        unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE;
-        unsigned char* vr = kr + RAW_TILE;
         const int t0 = begin + tile * TILE;
-        if (page_tiles && t0 + TILE <= end) {
-            const unsigned kd = smem_base + (tile % STAGES) * 2 * RAW_TILE;
-            copy_run_tile(kd, kd + RAW_TILE, reinterpret_cast<const char*>(keys), reinterpret_cast<const char*>(values), ROW_BYTES, RPAD);
-        } else {
-#pragma unroll
-            for (int j = 0; j < NCH; j++) {
-                const int i = threadIdx.x + j * 128;
-                const int r = i / CPR, c = (i % CPR) * 16;
-                const int t = t0 + r;
-                const bool live = t < end;
-                const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
-                const size_t at = live ? (size_t)row * ROW_BYTES + c : 0;
-                cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
-                cp_async16(vr + r * RPAD + c, values + at, live ? 16 : 0);
-            }
-        }
+        copy_tile(t0, (tile % STAGES) * 2 * RAW_TILE, RAW_TILE, ROW_BYTES, RPAD);
         // Row scales, keys' then values' (2 TILE of them): thread x copies row x % TILE's.
         const int r = threadIdx.x % TILE, t = t0 + r;
         const bool live = t < end;
@@ -879,26 +888,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #else
     bf16_t* smem = reinterpret_cast<bf16_t*>(smem_raw);
     auto load_tile = [&](int tile) {
-        bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS;
-        bf16_t* vs = ks + TILE_ELEMS;
-        const int t0 = begin + tile * TILE;
-#if !WARP_PIPE
-        if (page_tiles && t0 + TILE <= end) {
-            const unsigned kd = smem_base + (tile % STAGES) * 2 * TILE_ELEMS * 2;
-            copy_run_tile(kd, kd + TILE_ELEMS * 2, reinterpret_cast<const char*>(keys), reinterpret_cast<const char*>(values), HEAD_DIM * 2, TPAD * 2);
-            return;
-        }
-#endif
-#pragma unroll
-        for (int j = 0; j < NCH; j++) {
-            const int r = CH_ROW(j), c = CH_COL(j) * 8;
-            const int t = t0 + r;
-            const bool live = t < end;
-            const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
-            const size_t at = live ? (size_t)row * HEAD_DIM + c : 0;
-            cp_async16(ks + r * TPAD + c, keys + at, live ? 16 : 0);
-            cp_async16(vs + r * TPAD + c, values + at, live ? 16 : 0);
-        }
+        copy_tile(begin + tile * TILE, (tile % STAGES) * 2 * TILE_ELEMS * 2, TILE_ELEMS * 2, HEAD_DIM * 2, TPAD * 2);
     };
 #endif
     fetch_entries(0);
