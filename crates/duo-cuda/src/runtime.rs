@@ -87,7 +87,12 @@ fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cud
 
 /// [`compile`] for the architecture `arch` (`sm_90a`: Hopper's own instructions, `wgmma`).
 fn compile_for(arch: &'static str, source: &str, name: &'static str, mut options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
-    let tag: String = options.iter().map(|o| o.trim_start_matches("-D").replace('=', "")).collect::<Vec<_>>().join("-");
+    // A kernel developer's view of what NVRTC made (`ptxas -v`, `cuobjdump -sass` on it):
+    // DUO_PTX_DIR=folder writes each compilation's PTX there, named by kernel and defines.
+    let ptx_file = std::env::var_os("DUO_PTX_DIR").map(|dir| {
+        let tag = options.iter().filter_map(|o| o.strip_prefix("-D")).map(|d| d.replace('=', "")).collect::<Vec<_>>().join("-");
+        std::path::Path::new(&dir).join(format!("{name}-{tag}.ptx"))
+    });
     // DUO_NVRTC_LINEINFO=1: source lines in the code, for Nsight Compute's per-line counters.
     if std::env::var("DUO_NVRTC_LINEINFO").is_ok_and(|v| v == "1") {
         options.push("-lineinfo".into());
@@ -101,10 +106,8 @@ fn compile_for(arch: &'static str, source: &str, name: &'static str, mut options
         name,
         log: e.to_string(),
     })?;
-    // A kernel developer's view of what NVRTC made (`ptxas -v`, `cuobjdump -sass` on it):
-    // DUO_PTX_DIR=folder writes each compilation's PTX there, named by kernel and options.
-    if let Some(dir) = std::env::var_os("DUO_PTX_DIR") {
-        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("{name}-{tag}.ptx")), ptx.to_src());
+    if let Some(file) = ptx_file {
+        let _ = std::fs::write(file, ptx.to_src());
     }
     Ok(ptx)
 }
