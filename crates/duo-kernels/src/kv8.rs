@@ -40,15 +40,44 @@ pub fn encode_into(row: &[f32], out: &mut [i8]) -> f32 {
 
 /// `row` as its 8-bit row holds it: each value replaced by `code * scale`.
 pub fn round_row(row: &mut [f32]) {
-    let scale = row_scale(row.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+    round_row_levels(row, 127);
+}
+
+/// `row` rounded to `levels` symmetric steps of `amax / levels` each side (ties to even; a
+/// row of zeros, or one that is not finite, takes steps of 1): 127 is the 8-bit row, 31 a
+/// 6-bit one (the KV simulation's).
+pub fn round_row_levels(row: &mut [f32], levels: u8) {
+    let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let l = levels as f32;
+    let scale = if amax > 0.0 && amax.is_finite() { amax / l } else { 1.0 };
     for x in row {
-        *x = code(*x, scale) as f32 * scale;
+        // Through an integer, as the 8-bit codes go: a NaN becomes code 0.
+        *x = ((*x / scale).round_ties_even().clamp(-l, l) as i32) as f32 * scale;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_six_bit_row_has_31_steps_each_side() {
+        let row: Vec<f32> = (0..64).map(|i| ((i * 37 % 29) as f32 - 14.0) * 0.31).collect();
+        let mut six = row.clone();
+        round_row_levels(&mut six, 31);
+        let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let mut steps: Vec<i32> = six.iter().map(|v| (v / (amax / 31.0)).round() as i32).collect();
+        steps.sort();
+        steps.dedup();
+        assert!(steps.iter().all(|l| l.abs() <= 31) && steps.len() > 20, "{steps:?}");
+        assert!(six.iter().zip(&row).all(|(a, b)| (a - b).abs() <= amax / 31.0 / 2.0 * 1.0001));
+        // 127 levels: the codes and scale of the 8-bit row.
+        let mut eight = row.clone();
+        round_row(&mut eight);
+        let mut codes = Vec::new();
+        let scale = encode_row(&row, &mut codes);
+        assert!(eight.iter().zip(&codes).all(|(v, &c)| *v == c as f32 * scale));
+    }
 
     #[test]
     fn ties_go_to_even_and_the_largest_is_exact() {

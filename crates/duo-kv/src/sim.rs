@@ -77,19 +77,6 @@ impl std::str::FromStr for KvSim {
     }
 }
 
-/// `row` rounded to symmetric `amax / levels` steps (ties to even): 31 levels each side is a
-/// 6-bit row, 127 the int8 one ([`duo_kernels::kv8::round_row`]).
-fn round_row_bits(row: &mut [f32], levels: f32) {
-    let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    if !(amax > 0.0 && amax.is_finite()) {
-        return;
-    }
-    let scale = amax / levels;
-    for x in row {
-        *x = (*x / scale).round_ties_even().clamp(-levels, levels) * scale;
-    }
-}
-
 impl KvSim {
     /// Whether retrieval heads' keys are rounded by channel blocks once cached.
     pub fn by_channels(self) -> bool {
@@ -128,7 +115,7 @@ impl KvSim {
                 KvSim::Keys8Values4 | KvSim::Keys8Values4ExactStreaming => duo_kernels::kv8::round_row(&mut k[at]),
                 KvSim::GroupsTurned(group) => kv4::round_groups_turned(&mut k[at], head_dim, group),
                 KvSim::Fp8KeysValues4 => duo_kernels::fp8::round_row(&mut k[at]),
-                KvSim::Keys6Values4 => round_row_bits(&mut k[at], 31.0),
+                KvSim::Keys6Values4 => duo_kernels::kv8::round_row_levels(&mut k[at], 31),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
@@ -161,23 +148,6 @@ mod tests {
         assert_eq!("int4-g16-turned".parse::<KvSim>(), Ok(KvSim::GroupsTurned(16)));
         assert_eq!("fp8-keys-int4-values".parse::<KvSim>(), Ok(KvSim::Fp8KeysValues4));
         assert_eq!("int6-keys-int4-values".parse::<KvSim>(), Ok(KvSim::Keys6Values4));
-    }
-
-    #[test]
-    fn a_six_bit_row_has_31_steps_each_side_and_127_is_the_int8_row() {
-        let row: Vec<f32> = (0..64).map(|i| ((i * 37 % 29) as f32 - 14.0) * 0.31).collect();
-        let mut six = row.clone();
-        round_row_bits(&mut six, 31.0);
-        let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let mut levels: Vec<i32> = six.iter().map(|v| (v / (amax / 31.0)).round() as i32).collect();
-        levels.sort();
-        levels.dedup();
-        assert!(levels.iter().all(|l| l.abs() <= 31) && levels.len() > 20, "{levels:?}");
-        assert!(six.iter().zip(&row).all(|(a, b)| (a - b).abs() <= amax / 31.0 / 2.0 * 1.0001));
-        let (mut eight, mut want) = (row.clone(), row.clone());
-        round_row_bits(&mut eight, 127.0);
-        duo_kernels::kv8::round_row(&mut want);
-        assert_eq!(eight, want);
     }
 
     #[test]
