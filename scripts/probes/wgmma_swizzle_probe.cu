@@ -23,13 +23,9 @@ __device__ __forceinline__ uint64_t desc(unsigned addr, unsigned lbo, unsigned s
 // Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled region (rows of 128 bytes).
 __host__ __device__ __forceinline__ unsigned swz(unsigned r, unsigned c) { return r * 128 + ((c ^ (r & 7)) * 16); }
 
-__device__ __forceinline__ void wg64(float* d, const unsigned* a, uint64_t b, int trans) {
-    if (trans) asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]),"+f"(d[1]),"+f"(d[2]),"+f"(d[3]),"+f"(d[4]),"+f"(d[5]),"+f"(d[6]),"+f"(d[7]),"+f"(d[8]),"+f"(d[9]),"+f"(d[10]),"+f"(d[11]),"+f"(d[12]),"+f"(d[13]),"+f"(d[14]),"+f"(d[15]),
-          "+f"(d[16]),"+f"(d[17]),"+f"(d[18]),"+f"(d[19]),"+f"(d[20]),"+f"(d[21]),"+f"(d[22]),"+f"(d[23]),"+f"(d[24]),"+f"(d[25]),"+f"(d[26]),"+f"(d[27]),"+f"(d[28]),"+f"(d[29]),"+f"(d[30]),"+f"(d[31])
-        : "r"(a[0]),"r"(a[1]),"r"(a[2]),"r"(a[3]), "l"(b), "r"(0));
-    else asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+// One m64n64k16, B K-major (modes 0-1).
+__device__ __forceinline__ void wg64(float* d, const unsigned* a, uint64_t b) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
         : "+f"(d[0]),"+f"(d[1]),"+f"(d[2]),"+f"(d[3]),"+f"(d[4]),"+f"(d[5]),"+f"(d[6]),"+f"(d[7]),"+f"(d[8]),"+f"(d[9]),"+f"(d[10]),"+f"(d[11]),"+f"(d[12]),"+f"(d[13]),"+f"(d[14]),"+f"(d[15]),
           "+f"(d[16]),"+f"(d[17]),"+f"(d[18]),"+f"(d[19]),"+f"(d[20]),"+f"(d[21]),"+f"(d[22]),"+f"(d[23]),"+f"(d[24]),"+f"(d[25]),"+f"(d[26]),"+f"(d[27]),"+f"(d[28]),"+f"(d[29]),"+f"(d[30]),"+f"(d[31])
@@ -74,7 +70,7 @@ __global__ void probe(const unsigned short* A, const unsigned short* Bsrc, float
         for (int i = 0; i < 32; i++) d[i] = 0.f;
         const uint64_t b = desc(base + (mode == 0 ? 32 : 96), 16, 1024);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-        wg64(d, a, b, 0);
+        wg64(d, a, b);
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
         for (int t = 0; t < 8; t++) {
