@@ -75,7 +75,7 @@ enum Command {
         /// Parity only: no kernel timings.
         #[arg(long)]
         no_timings: bool,
-        /// Only these kernel timings, comma-separated: decode, split, prefill (default: all).
+        /// Only these kernel timings, comma-separated: decode, split, prefill, gemv, tp (the all-reduce, where two GPUs or more are visible) (default: all).
         #[arg(long)]
         timings: Option<String>,
     },
@@ -140,7 +140,7 @@ fn random_checkpoint(shape: &str, out: &std::path::Path, seed: u64) -> Result<()
 }
 
 fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&str>) -> Result<()> {
-    const TIMINGS: [&str; 4] = ["decode", "split", "prefill", "gemv"];
+    const TIMINGS: [&str; 5] = ["decode", "split", "prefill", "gemv", "tp"];
     let timed: Vec<&str> = timings.map_or(TIMINGS.to_vec(), |t| t.split(',').map(str::trim).collect());
     if let Some(bad) = timed.iter().find(|t| !TIMINGS.contains(t)) {
         bail!("--timings {bad}: the timings are {}", TIMINGS.join(", "));
@@ -194,6 +194,34 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
         "copy bandwidth {:.0} GB/s (read + written)",
         gpu.copy_bandwidth()? / 1e9
     );
+    // The all-reduce of tensor parallelism over every visible GPU (two or more): a decode
+    // row, 16 rows, and prefill chunks of 1,024 and 4,096 rows of Llama-3-8B's 4,096 values.
+    // With it, the decode attention one GPU of two runs at 1M tokens (16 query / 4 KV heads
+    // of a Llama-3-8B layer) beside the whole layer's on one GPU: whether half a layer
+    // streams its cache as fast per byte.
+    if timed.contains(&"tp") {
+        use duo_cuda::decode_attention::{time_decode_attention, DecodeKernel, KvType};
+        let shapes: [(&str, usize, &[bool]); 4] = [
+            ("whole layer, full", 32, &[true; 8]),
+            ("whole layer, duo 0.5", 32, &[true, true, true, true, false, false, false, false]),
+            ("half a layer, full", 16, &[true; 4]),
+            ("half a layer, duo 0.5", 16, &[true, true, false, false]),
+        ];
+        for (name, heads, kinds) in shapes {
+            let (ms, bytes) = time_decode_attention(&gpu, heads, 128, kinds, 1 << 20, 1, 64, None, DecodeKernel::Tensor, KvType::Bf16, 20)?;
+            println!("time decode attention, Llama-3-8B {name:<22} 1 x 1048576 tokens, Bf16: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s", bytes as f64 / 1e6, bytes as f64 / ms / 1e6);
+        }
+    }
+    if timed.contains(&"tp") && visible >= 2 {
+        let gpus = duo_cuda::runtime::open_gpus(visible)?;
+        for (n, eager, graph) in duo_cuda::model::time_all_reduce(&gpus, &[4096, 16 * 4096, 1024 * 4096, 4096 * 4096], 64)? {
+            println!(
+                "time all-reduce over {visible} GPUs, {n:>8} f32 ({:>6.2} MB): {eager:8.1} us launched one by one, {graph:8.1} us from a graph ({:.0} GB/s)",
+                n as f64 * 4e-6,
+                n as f64 * 4e-3 / graph
+            );
+        }
+    }
     let duo = [true, true, true, true, false, false, false, false];
     // DUO_TIME_KV=fp8|int8|int4|bf16 times that cache type's tensor-core kernel alone (so
     // that a profiler's first launches of the kernel are its).
