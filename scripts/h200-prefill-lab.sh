@@ -7,7 +7,7 @@
 #   0. with PROBE=1, scripts/probes/wgmma_swizzle_probe.cu compiled and run;
 #   3. with MODEL=1, the whole model's parity, and a full-attention prefill of env PREFILL
 #      tokens (default 131072) with the default kernel and with each of env MODEL_VARS'
-#      settings (default DUO_PREFILL_WG=1; e.g. DUO_PREFILL_WG=1,DUO_PREFILL_WS=2).
+#      settings (default DUO_PREFILL_WG=0, the mma.sync kernel; e.g. DUO_PREFILL_WS=1).
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
@@ -32,7 +32,7 @@ done
 [ "${MODEL:-0}" = 1 ] || exit 0
 timeout 300 $D cuda-check --only model --no-timings > "$OUT/model-parity.txt" 2>&1
 echo "model parity exit $?: $(grep -c '^ok' "$OUT/model-parity.txt") ok"; grep "^FAIL" "$OUT/model-parity.txt" | head
-for v in default ${MODEL_VARS-DUO_PREFILL_WG=1}; do
+for v in default ${MODEL_VARS-DUO_PREFILL_WG=0}; do
   vars=""; [ "$v" = default ] || vars=${v//,/ }
   timeout 150 env $vars $D bench --device cuda --random-weights llama-3-8b --methods full --lengths ${PREFILL:-131072} --decode-tokens 4 > "$OUT/prefill-$v.txt" 2>&1
   echo "prefill ($v) exit $?"; grep -E "^\| full" "$OUT/prefill-$v.txt" | cut -d'|' -f2,4-9

@@ -1021,11 +1021,12 @@ impl Gpu {
         launch!(smem smem; self, f, grid, 128, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out)
     }
 
-    /// The prefill kernel for a `kv` cache with heads of `head_dim`: [`PrefillKernel::Mma`],
-    /// or [`PrefillKernel::Wgmma`] where it runs and `DUO_PREFILL_WG=1` asks for it (its
-    /// first form is slower: 221 against 281 TFLOPS on the H200, BENCHMARKS.md).
+    /// The prefill kernel for a `kv` cache with heads of `head_dim`: [`PrefillKernel::Wgmma`]
+    /// where it runs (its warp-specialised form: 305-338 against 270-290 TFLOPS for the
+    /// `mma.sync` kernel on the H200, BENCHMARKS.md) unless `DUO_PREFILL_WG=0`, else
+    /// [`PrefillKernel::Mma`].
     pub fn prefill_kernel_for(&self, head_dim: usize, kv: KvType) -> PrefillKernel {
-        if self.wgmma_prefill_runs(head_dim, kv) && crate::decode_attention::tuning("DUO_PREFILL_WG") == Some(1) {
+        if self.wgmma_prefill_runs(head_dim, kv) && crate::decode_attention::tuning("DUO_PREFILL_WG") != Some(0) {
             PrefillKernel::Wgmma
         } else {
             PrefillKernel::Mma
@@ -1142,17 +1143,19 @@ fn prefill_wg_smem_bytes(head_dim: usize) -> usize {
 }
 
 /// How the Hopper prefill kernel is organised (`DUO_PREFILL_WS`): 0, two warpgroups that
-/// copy and compute in turn (measured); 1, warp-specialised, a copying warpgroup and two
-/// computing ones handing stages over by mbarriers; 2, the same with each tile's `Q K^T`
-/// overlapping the previous tile's `P V` and its softmax overlapping that `P V`'s end. 1 and
-/// 2 are compiled, not yet run on a GPU.
+/// copy and compute in turn; 1, warp-specialised, a copying warpgroup and two computing
+/// ones handing stages over by mbarriers; 2 (the default), the same with each tile's
+/// `Q K^T` overlapping the previous tile's `P V` and its softmax overlapping that `P V`'s
+/// end. On the H200 (Llama-3-8B layer, 16K chunk at 16K / 114K): 0 224 / 227 TFLOPS, 1 327 /
+/// 319, 2 with four stages 328 / 338.
 fn prefill_wg_specialised() -> u8 {
-    crate::decode_attention::tuning("DUO_PREFILL_WS").map_or(0, |n| n.min(2) as u8)
+    crate::decode_attention::tuning("DUO_PREFILL_WS").map_or(2, |n| n.min(2) as u8)
 }
 
-/// Pipeline stages of the Hopper prefill kernel (`DUO_PREFILL_WG_STAGES`, 2 to 4; default 3).
+/// Pipeline stages of the Hopper prefill kernel (`DUO_PREFILL_WG_STAGES`, 2 to 4; default 4,
+/// the fastest measured with the warp-specialised forms).
 fn prefill_wg_stages() -> usize {
-    crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(3, |n| n.clamp(2, 4))
+    crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(4, |n| n.clamp(2, 4))
 }
 
 /// The Hopper prefill kernel's NVRTC options.
