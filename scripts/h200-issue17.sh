@@ -17,10 +17,10 @@
 #       per layer over two GPUs) greedy text of full, duo and layer on one GPU and on two,
 #       and of duo as two processes (--tp-rank, --tp-rendezvous); serve-check against
 #       `duo serve --tensor-parallel 2` (and a tiny pool of it)
-#   e   carry .gpu/bin, .gpu/ma (and .gpu/patterns): the all-reduce timed alone, the 1M duo step
-#       under each NCCL protocol, the one-GPU decode and prefill parity (and the
-#       warp-specialised wgmma forms'); leaves the model's first part in /tmp as c does
-#   g   carry .gpu/bin: the tp parity and timings (all-reduce, half a layer's decode attention),
+#   e   carry .gpu/bin, .gpu/patterns, .gpu/ma: the all-reduce timed alone, the 1M duo step
+#       under each NCCL protocol, the one-GPU decode and prefill parity (and the wgmma
+#       kernel's other forms'); leaves the model's first part in /tmp as c does
+#   g   carry .gpu/bin, .gpu/patterns: the tp parity and timings (all-reduce, half a layer's decode attention),
 #       the 128K duo step on one GPU and on two
 #   f   carry .gpu/mb (after e or c on the same warm machine): SmolLM2's greedy tokens on one
 #       GPU and on two, where they part, and each continuation scored on both
@@ -84,7 +84,7 @@ case $step in
     cp .gpu/ma/model.xz.part1 /tmp/duo/model.ma
     # Where a two-GPU step's time goes: the all-reduce alone (one by one and from a graph),
     # and the 1M-token duo step under each of NCCL's protocols; the one-GPU kernels' parity.
-    timeout 120 $D cuda-check --only tp --timings tp > "$OUT/allreduce.txt" 2>&1
+    timeout 120 $D cuda-check --only ops --timings tp > "$OUT/allreduce.txt" 2>&1
     echo "all-reduce timings exit $?"; grep -E "^time all-reduce|^FAIL|rror" "$OUT/allreduce.txt" | cut -c1-200
     for proto in default LL LL128 Simple; do
       env=""; [ $proto = default ] || env="NCCL_PROTO=$proto"
@@ -93,8 +93,8 @@ case $step in
     done
     timeout 200 $D cuda-check --only decode,prefill --no-timings > "$OUT/parity.txt" 2>&1
     echo "decode + prefill parity exit $?: $(grep -c '^ok' "$OUT/parity.txt") ok"; grep -E "^FAIL" "$OUT/parity.txt" | cut -c1-200 | head
-    for ws in 1 2; do
-      timeout 60 env DUO_PREFILL_WG=1 DUO_PREFILL_WS=$ws $D cuda-check --only prefill --no-timings > "$OUT/ws$ws-parity.txt" 2>&1
+    for ws in 0 1; do
+      timeout 60 env DUO_PREFILL_WS=$ws $D cuda-check --only prefill --no-timings > "$OUT/ws$ws-parity.txt" 2>&1
       echo "warp-specialised wgmma form $ws: parity exit $?: $(grep -c '^ok' "$OUT/ws$ws-parity.txt") ok"; grep -E "^FAIL" "$OUT/ws$ws-parity.txt" | cut -c1-200 | head -4
     done ;;
   g)

@@ -649,7 +649,7 @@ mod gpu {
     /// Tensor parallelism over `gpus` (two or more): a small model whose layers mix
     /// retrieval and streaming heads unevenly, split by the retrieval-aware and by the
     /// contiguous placement, each rank's shard in its own pool linked through NCCL; a
-    /// chunked prefill and 10 greedy decode steps (graph-replayed after the first) run on
+    /// chunked prefill and 16 greedy decode steps (graph-replayed after the first two) run on
     /// every rank at once, each on its own thread. Rank 0's logits against the unsplit
     /// [`reference_logits`] (bound 2e-2, as the one-GPU model), every rank's tokens equal to
     /// rank 0's, and the same model on one GPU fed rank 0's tokens: its logits within the same
@@ -682,39 +682,35 @@ mod gpu {
         let links = crate::nccl::Link::all(&ordinals)?;
         let mut rows = Vec::new();
         for &n in counts {
+            // The ranks start each timed run together (else the first to start would count
+            // the other's lag in waking): each arrival counts, and a rank waits (at most a
+            // few seconds: a failed rank never arrives) until all have.
+            let arrived = std::sync::atomic::AtomicUsize::new(0);
+            let world = gpus.len();
+            let together = &|round: usize| -> Result<()> {
+                arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while arrived.load(std::sync::atomic::Ordering::SeqCst) < round * world {
+                    if std::time::Instant::now() > deadline {
+                        return Err(CudaError::Driver("another GPU's thread did not reach the timed all-reduces".into()));
+                    }
+                    std::hint::spin_loop();
+                }
+                Ok(())
+            };
             let per_rank: Vec<Result<(f64, f64)>> = std::thread::scope(|s| {
                 let handles: Vec<_> = gpus
                     .iter()
                     .zip(&links)
                     .map(|(gpu, link)| {
                         s.spawn(move || -> Result<(f64, f64)> {
-                            gpu.ctx.bind_to_thread().map_err(driver)?;
-                            let buf = gpu.zeros::<f32>(n)?;
-                            let x = gpu.addr(&buf);
-                            let stream = &gpu.stream;
-                            for _ in 0..3 {
-                                link.all_reduce_sum_f32(x, n, stream)?;
+                            // A rank that fails aborts the group: the others would wait for
+                            // it in a collective for ever.
+                            let timed = time_all_reduce_rank(gpu, link, n, iters, together);
+                            if timed.is_err() {
+                                link.abort_all();
                             }
-                            gpu.sync()?;
-                            let t = std::time::Instant::now();
-                            for _ in 0..iters {
-                                link.all_reduce_sum_f32(x, n, stream)?;
-                            }
-                            gpu.sync()?;
-                            let eager = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
-                            stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver)?;
-                            let queued = (0..iters).try_for_each(|_| link.all_reduce_sum_f32(x, n, stream));
-                            let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(driver)?;
-                            queued?;
-                            let graph = graph.ok_or_else(|| CudaError::Driver("an empty graph was captured".into()))?;
-                            graph.launch().map_err(driver)?;
-                            gpu.sync()?;
-                            let t = std::time::Instant::now();
-                            for _ in 0..3 {
-                                graph.launch().map_err(driver)?;
-                            }
-                            gpu.sync()?;
-                            Ok((eager, t.elapsed().as_secs_f64() * 1e6 / (3 * iters) as f64))
+                            timed
                         })
                     })
                     .collect();
@@ -727,6 +723,40 @@ mod gpu {
             rows.push((n, eager, graph));
         }
         Ok(rows)
+    }
+
+    /// One rank's share of [`time_all_reduce`]: microseconds per all-reduce of `n` values,
+    /// launched one by one and replayed from a graph.
+    fn time_all_reduce_rank(gpu: &Arc<Gpu>, link: &crate::nccl::Link, n: usize, iters: usize, together: &(dyn Fn(usize) -> Result<()> + Sync)) -> Result<(f64, f64)> {
+        gpu.ctx.bind_to_thread().map_err(driver)?;
+        let buf = gpu.zeros::<f32>(n)?;
+        let x = gpu.addr(&buf);
+        let stream = &gpu.stream;
+        for _ in 0..3 {
+            link.all_reduce_sum_f32(x, n, stream)?;
+        }
+        gpu.sync()?;
+        together(1)?;
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            link.all_reduce_sum_f32(x, n, stream)?;
+        }
+        gpu.sync()?;
+        let eager = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
+        stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver)?;
+        let queued = (0..iters).try_for_each(|_| link.all_reduce_sum_f32(x, n, stream));
+        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(driver)?;
+        queued?;
+        let graph = graph.ok_or_else(|| CudaError::Driver("an empty graph was captured".into()))?;
+        graph.launch().map_err(driver)?;
+        gpu.sync()?;
+        together(2)?;
+        let t = std::time::Instant::now();
+        for _ in 0..3 {
+            graph.launch().map_err(driver)?;
+        }
+        gpu.sync()?;
+        Ok((eager, t.elapsed().as_secs_f64() * 1e6 / (3 * iters) as f64))
     }
 
     fn check_tensor_parallel_heads(gpus: &[Arc<Gpu>], n_kv: usize, seed: u64) -> Result<Vec<Parity>> {

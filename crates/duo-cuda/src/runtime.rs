@@ -55,7 +55,9 @@ pub struct Gpu {
     ops: Arc<CudaModule>,
     decode: Mutex<Vec<(DecodeKey, DecodeKernels)>>,
     prefill: Mutex<Vec<((usize, KvType), CudaFunction)>>,
-    prefill_wg: Mutex<Vec<(usize, CudaFunction)>>,
+    /// The wgmma prefill kernel per head size, or why it could not be made (kept, so that a
+    /// failure is met once and the `mma.sync` kernel takes over).
+    prefill_wg: Mutex<Vec<(usize, std::result::Result<CudaFunction, String>)>>,
     /// Compute capability 9.x (Hopper): the `wgmma` prefill kernel runs.
     hopper: bool,
     dequant: Mutex<Option<CudaFunction>>,
@@ -274,9 +276,13 @@ pub fn compile_all() -> Option<Result<usize>> {
     ];
     for d in [64, 128] {
         jobs.push(("prefill_attention_wg", prefill_wg_source(d), prefill_wg_options(d)));
-        // And the other forms of DUO_PREFILL_WS, whatever this process's environment says.
+        // And the other forms of DUO_PREFILL_WS and DUO_PREFILL_WG_STAGES, whatever this
+        // process's environment says.
         for ws in ["0", "1", "2"].into_iter().filter(|w| *w != prefill_wg_specialised().to_string()) {
             jobs.push(("prefill_attention_wg", prefill_wg_source(d), with_define(&prefill_wg_options(d), "WS", ws)));
+        }
+        for stages in ["2", "3", "4"].into_iter().filter(|s| *s != prefill_wg_stages().to_string()) {
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d), with_define(&prefill_wg_options(d), "WG_STAGES", stages)));
         }
     }
     for (group, d, kv, kernel) in decode {
@@ -1025,11 +1031,16 @@ impl Gpu {
     /// where it runs (its warp-specialised form: 305-338 against 270-290 TFLOPS for the
     /// `mma.sync` kernel on the H200, BENCHMARKS.md) unless `DUO_PREFILL_WG=0`, else
     /// [`PrefillKernel::Mma`].
+    /// Where the wgmma kernel cannot be made here (NVRTC or the driver refuses it, or the
+    /// driver's compiler gives it other than the 168 registers per thread its warpgroups
+    /// share out), a warning says why, once, and the `mma.sync` kernel runs instead.
     pub fn prefill_kernel_for(&self, head_dim: usize, kv: KvType) -> PrefillKernel {
-        if self.wgmma_prefill_runs(head_dim, kv) && crate::decode_attention::tuning("DUO_PREFILL_WG") != Some(0) {
-            PrefillKernel::Wgmma
-        } else {
-            PrefillKernel::Mma
+        if !self.wgmma_prefill_runs(head_dim, kv) || crate::decode_attention::tuning("DUO_PREFILL_WG") == Some(0) {
+            return PrefillKernel::Mma;
+        }
+        match self.prefill_wg_kernel(head_dim) {
+            Ok(_) => PrefillKernel::Wgmma,
+            Err(_) => PrefillKernel::Mma,
         }
     }
 
@@ -1041,9 +1052,18 @@ impl Gpu {
 
     fn prefill_wg_kernel(&self, head_dim: usize) -> Result<CudaFunction> {
         let mut cache = self.prefill_wg.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, k)) = cache.iter().find(|(d, _)| *d == head_dim) {
-            return Ok(k.clone());
+        if let Some((_, made)) = cache.iter().find(|(d, _)| *d == head_dim) {
+            return made.clone().map_err(CudaError::Input);
         }
+        let made = self.make_prefill_wg_kernel(head_dim).map_err(|e| e.to_string());
+        if let Err(why) = &made {
+            tracing::warn!("the Hopper prefill kernel for heads of {head_dim} cannot run here ({why}); prefill uses the mma.sync kernel");
+        }
+        cache.push((head_dim, made.clone()));
+        made.map_err(CudaError::Input)
+    }
+
+    fn make_prefill_wg_kernel(&self, head_dim: usize) -> Result<CudaFunction> {
         let ptx = compile_for("sm_90a", &prefill_wg_source(head_dim), "prefill_attention_wg", prefill_wg_options(head_dim))?;
         let m = self.ctx.load_module(ptx).map_err(driver)?;
         let k = m.load_function("duo_prefill_attention_wg").map_err(driver)?;
@@ -1067,7 +1087,6 @@ impl Gpu {
                 )));
             }
         }
-        cache.push((head_dim, k.clone()));
         Ok(k)
     }
 
