@@ -57,8 +57,8 @@ pub struct MethodArgs {
     /// Element type of the KV cache: f32 (the CPU's default), f16 (half the memory) or int8
     /// (alias q8: one byte per element and a 4-byte scale per row of head_dim, about a quarter)
     /// on the CPU; bf16 (the GPU's default), fp8 (e4m3) or int8 on the GPU (about half of
-    /// bf16), or int4 (4 bits per element and a 4-byte step and minimum per row: about a
-    /// quarter).
+    /// bf16), int4 (4 bits per element and a 4-byte step and minimum per row: about a
+    /// quarter), or k8v4 (int8 keys and int4 values: about three eighths, int8's accuracy).
     #[arg(long)]
     pub kv_dtype: Option<String>,
     /// The streaming heads' own element type (CPU: f32, f16 or int8; default: --kv-dtype's):
@@ -153,7 +153,7 @@ impl MethodArgs {
         let kv_dtype: Option<KvDtype> = self.kv_dtype.as_deref().map(str::parse).transpose()?;
         match (self.device, kv_dtype) {
             (Device::Cpu, Some(d)) if !d.on_cpu() => anyhow::bail!("--kv-dtype {}: a GPU cache; on the CPU it is f32 (the default), f16 or int8 (q8)", self.kv_dtype.as_deref().unwrap_or_default()),
-            (Device::Cuda(_), Some(d)) if !d.on_gpu() => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8, int8 or int4", self.kv_dtype.as_deref().unwrap_or_default()),
+            (Device::Cuda(_), Some(d)) if !d.on_gpu() => anyhow::bail!("--kv-dtype {}: the CUDA backend caches bf16 (its default), fp8, int8, int4 or k8v4", self.kv_dtype.as_deref().unwrap_or_default()),
             _ => {}
         }
         let kv_dtype_streaming: Option<KvDtype> = self.kv_dtype_streaming.as_deref().map(str::parse).transpose()?;

@@ -230,7 +230,8 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
         Ok("fp8") => Some(KvType::Fp8),
         Ok("int8") => Some(KvType::Int8),
         Ok("int4") => Some(KvType::Int4),
-        Ok(other) => bail!("DUO_TIME_KV={other}: bf16, fp8, int8 or int4"),
+        Ok("k8v4") => Some(KvType::K8V4),
+        Ok(other) => bail!("DUO_TIME_KV={other}: bf16, fp8, int8, int4 or k8v4"),
         Err(_) => None,
     };
     let decode_layers: &[(&str, [bool; 8])] = if timed.contains(&"decode") { &[("full", [true; 8]), ("duo 0.5", duo)] } else { &[] };
@@ -249,6 +250,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
                 (DecodeKernel::Tensor, KvType::Fp8),
                 (DecodeKernel::Tensor, KvType::Int8),
                 (DecodeKernel::Tensor, KvType::Int4),
+                (DecodeKernel::Tensor, KvType::K8V4),
             ]
             .into_iter()
             .filter(|&(kernel, kv)| only.is_none_or(|o| kernel == DecodeKernel::Tensor && kv == o))
@@ -316,7 +318,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
     let prefill_layers: &[(&str, [bool; 8])] = if timed.contains(&"prefill") { &[("full", [true; 8]), ("duo 0.5", duo)] } else { &[] };
     for &(name, kinds) in prefill_layers {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
-            for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
+            for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
                 // The mma.sync kernel (every GPU's), and Hopper's wgmma kernel beside it where it runs.
                 use duo_cuda::runtime::PrefillKernel;
                 let (ms, flops) = duo_cuda::time_prefill_attention_with(&gpu, PrefillKernel::Mma, &kinds, t, first, kv, 3)?;
@@ -588,6 +590,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         (8, 0) => "1 byte/element".to_string(),
         (b, 0) => format!("{} bytes/element", b / 8),
         (8, s) => format!("1 byte/element + {s}-byte scale per row"),
+        (6, s) => format!("keys 8 and values 4 bits/element, each + {s}-byte scale per row"),
         (b, s) => format!("{b} bits/element + {s}-byte scale per row"),
     };
     println!(
@@ -617,7 +620,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         // The same budget with every cache type duo has, side by side.
         println!("| KV cache | bytes per token beyond the window | longest context, this pattern | longest context, full attention |\n|---|---|---|---|");
         use duo_engine::KvDtype;
-        for (name, d) in [("f32 (CPU)", KvDtype::F32), ("f16 (CPU) / bf16 (GPU)", KvDtype::Bf16), ("int8 (CPU, GPU) / fp8 (GPU)", KvDtype::Int8), ("int4 (GPU)", KvDtype::Int4)] {
+        for (name, d) in [("f32 (CPU)", KvDtype::F32), ("f16 (CPU) / bf16 (GPU)", KvDtype::Bf16), ("int8 (CPU, GPU) / fp8 (GPU)", KvDtype::Int8), ("k8v4: int8 keys, int4 values (GPU)", KvDtype::K8V4), ("int4 (GPU)", KvDtype::Int4)] {
             let (mine, all) = (plan_with(&pattern, d.bits(), d.scale_bytes()), plan_with(&all_retrieval, d.bits(), d.scale_bytes()));
             println!("| {name} | {} | {} | {} |", mine.retrieval_bytes(1), longest_context(&mine, budget), longest_context(&all, budget));
         }

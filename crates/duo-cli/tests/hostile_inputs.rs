@@ -94,11 +94,12 @@ fn a_thread_count_of_zero_is_refused() {
 #[test]
 fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
     for (args, want) in [
-        (&["generate", "--kv-dtype", "int3", "hi"][..], "not one of f32, f16, int8 (CPU) or bf16, fp8, int8, int4 (GPU)"),
+        (&["generate", "--kv-dtype", "int3", "hi"][..], "not one of f32, f16, int8 (CPU) or bf16, fp8, int8, int4, k8v4 (GPU)"),
+        (&["generate", "--kv-dtype", "k8v4", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
         (&["generate", "--kv-dtype", "int4", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
         (&["generate", "--kv-dtype", "fp8", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
         (&["generate", "--kv-dtype", "bf16", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
-        (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16 (its default), fp8, int8 or int4"),
+        (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16 (its default), fp8, int8, int4 or k8v4"),
         (&["generate", "--kv-dtype-streaming", "int4", "hi"][..], "on the CPU it is f32, f16 or int8"),
         (&["bench", "--device", "cuda", "--kv-dtype-streaming", "bf16", "--lengths", "64"][..], "streaming heads of their own type are the CPU backend's"),
     ] {
@@ -183,6 +184,12 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     let (per_token, ours, full) = fits(36);
     assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("4 bits/element"), "{out}");
     assert!(out.contains(&format!("| int4 (GPU) | {per_token} | {ours} | {full} |")), "{out}");
+    // k8v4: a key row of 64 bytes and a value row of 32, each with its 4-byte word (52 a side
+    // on average); the table's k8v4 row has the same figures.
+    let out = show("k8v4");
+    let (per_token, ours, full) = fits(52);
+    assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("keys 8 and values 4 bits/element"), "{out}");
+    assert!(out.contains(&format!("| k8v4: int8 keys, int4 values (GPU) | {per_token} | {ours} | {full} |")), "{out}");
     assert!(out.contains("sink 64, recent 1024)") && out.contains("streaming window: sink 64 + recent 1024 (the window the pattern was trained against"), "the pattern's trained window by default: {out}");
     // A window given on the command line wins.
     let run = Command::new(env!("CARGO_BIN_EXE_duo")).args(["pattern", "show", pattern, "--recent", "256", "--heatmap", heatmap.to_str().expect("utf-8")]).output().expect("duo runs");

@@ -56,9 +56,9 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
                     out.push(prefill(gpu, &format!("{case}, wgmma"), &x, &layout, seed, PrefillKernel::Wgmma)?);
                 }
                 // The same problem over byte caches, against the reference on the dequantised cache.
-                for kv in [KvType::Fp8, KvType::Int8, KvType::Int4] {
+                for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
                     let xq = prefill_attention::PrefillInput {
-                        keys: kv.round_rows(&x.keys, x.head_dim),
+                        keys: kv.key().round_rows(&x.keys, x.head_dim),
                         values: kv.round_rows(&x.values, x.head_dim),
                         ..x.clone()
                     };
@@ -137,7 +137,7 @@ fn prefill(
     // are already what the byte cache holds, so quantising them again gives the same values).
     let (k, v, _scales) = if layout.kv.is_quantised() {
         let ((kb, ks), (vb, vs)) = (
-            layout.kv.quantise_rows(&keys, d)?,
+            layout.kv.key().quantise_rows(&keys, d)?,
             layout.kv.quantise_rows(&values, d)?,
         );
         let scales = (gpu.upload(&ks)?, gpu.upload(&vs)?);
@@ -276,7 +276,11 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         (false, 64, KvType::Int8),
         (true, 128, KvType::Int4),
         (false, 64, KvType::Int4),
+        (true, 128, KvType::K8V4),
+        (false, 64, KvType::K8V4),
     ] {
+        // Keys and values each in their side's type (K8V4: int8 and int4).
+        let (kt, vt) = (kv.key(), kv.value());
         let (nh, ng) = (4usize, 2usize);
         let inv: Vec<f32> = (0..d / 2)
             .map(|i| 500_000f32.powf(-2.0 * i as f32 / d as f32))
@@ -318,11 +322,10 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         );
         let tab = gpu.upload(&decode_attention::table_rows(&layout, &tables))?;
         // Poison: 0x7f7f as bf16, NaN as e4m3; scales -1.
-        let poison = vec![0x7fu8; kv.bytes_for(pool_rows * d)];
         let (qg, kg, vg) = (
             gpu.zeros::<f32>(t * nh * d)?,
-            gpu.upload(&poison)?,
-            gpu.upload(&poison)?,
+            gpu.upload(&vec![0x7fu8; kt.bytes_for(pool_rows * d)])?,
+            gpu.upload(&vec![0x7fu8; vt.bytes_for(pool_rows * d)])?,
         );
         let (ksg, vsg) = (
             gpu.upload(&vec![-1.0f32; pool_rows])?,
@@ -350,16 +353,16 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         )?;
         let (gq, gk_bytes, gv_bytes) = (gpu.download(&qg)?, gpu.download(&kg)?, gpu.download(&vg)?);
         let (gks, gvs) = (gpu.download(&ksg)?, gpu.download(&vsg)?);
-        let cached = |bytes: &[u8], scales: &[f32]| -> Vec<f32> {
-            match kv {
-                KvType::Fp8 | KvType::Int8 | KvType::Int4 => kv.dequantise_rows(bytes, scales, d),
+        let cached = |ty: KvType, bytes: &[u8], scales: &[f32]| -> Vec<f32> {
+            match ty {
+                KvType::Fp8 | KvType::Int8 | KvType::Int4 => ty.dequantise_rows(bytes, scales, d),
                 _ => bytes
                     .chunks(2)
                     .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
                     .collect(),
             }
         };
-        let (gk, gv) = (cached(&gk_bytes, &gks), cached(&gv_bytes, &gvs));
+        let (gk, gv) = (cached(kt, &gk_bytes, &gks), cached(vt, &gv_bytes, &gvs));
         let (mut err, mut scales_off) = (0.0f64, 0usize);
         let mut written = std::collections::HashSet::new();
         let stride = (nh + 2 * ng) * d;
@@ -367,8 +370,8 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             for hh in 0..nh + ng {
                 let mut v = qkv[r * stride + hh * d..][..d].to_vec();
                 rope_ref(&mut v, pos, &inv, half_split);
-                if kv == KvType::Int4 {
-                    // Queries and keys leave in the Hadamard basis of an int4 cache.
+                if kt == KvType::Int4 {
+                    // Queries and keys leave in the Hadamard basis of int4 keys.
                     crate::int4::hadamard(&mut v);
                 }
                 if hh < nh {
@@ -386,16 +389,21 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
                         // the largest key moved by an ulp across a power of two; int8: within
                         // a few ulp; int4: step and minimum within an f16 ulp, and half a step
                         // plus the f16 rounding of the dequantised value).
-                        err = err.max(max_err(&kv.round_rows(values, d), &gv[row * d..][..d]));
+                        err = err.max(max_err(&vt.round_rows(values, d), &gv[row * d..][..d]));
                         let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
                         let vmax = values.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-                        let (want, want_v) = match kv {
-                            KvType::Fp8 => (crate::fp8::row_scale(amax), crate::fp8::row_scale(vmax)),
-                            KvType::Int8 => (crate::int8::row_scale(amax), crate::int8::row_scale(vmax)),
-                            _ => (crate::int4::quantise_row(&v).1, crate::int4::quantise_row(values).1),
+                        let want = match kt {
+                            KvType::Fp8 => crate::fp8::row_scale(amax),
+                            KvType::Int8 => crate::int8::row_scale(amax),
+                            _ => crate::int4::quantise_row(&v).1,
+                        };
+                        let want_v = match vt {
+                            KvType::Fp8 => crate::fp8::row_scale(vmax),
+                            KvType::Int8 => crate::int8::row_scale(vmax),
+                            _ => crate::int4::quantise_row(values).1,
                         };
                         let step4 = crate::int4::params_of(want).0.to_f32();
-                        let half_step = |x: f32| match kv {
+                        let half_step = |x: f32| match kt {
                             KvType::Fp8 => x.abs() / 16.0,
                             KvType::Int8 => want * 0.5 * (1.0 + 1e-5),
                             _ => step4 * 0.52 + x.abs() * 1e-3,
@@ -408,7 +416,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
                             })
                             .fold(0.0, f64::max);
                         err = err.max(rel);
-                        let key_scale_ok = match kv {
+                        let key_scale_ok = match kt {
                             KvType::Fp8 => [want, want * 2.0, want / 2.0].contains(&gks[row]),
                             KvType::Int8 => (gks[row] - want).abs() <= want * 1e-5,
                             _ => {
@@ -430,13 +438,13 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             }
         }
         // Every other row is untouched (the padding row wrote nothing).
-        let row_bytes = kv.bytes_for(d);
+        let (k_row, v_row) = (kt.bytes_for(d), vt.bytes_for(d));
         let stray = (0..pool_rows)
             .filter(|r| !written.contains(r))
             .filter(|&r| {
-                gk_bytes[r * row_bytes..][..row_bytes]
+                gk_bytes[r * k_row..][..k_row]
                     .iter()
-                    .chain(&gv_bytes[r * row_bytes..][..row_bytes])
+                    .chain(&gv_bytes[r * v_row..][..v_row])
                     .any(|&b| b != 0x7f)
                     || (kv.is_quantised() && (gks[r] != -1.0 || gvs[r] != -1.0))
             })
@@ -479,14 +487,14 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         bound: 0.0,
     });
 
-    // Block copies and table updates.
-    let elems = 3 * 64;
-    let data: Vec<u16> = bf16_bits(&random(seed + 6, 2 * 4 * elems, 1.0));
+    // Block copies and table updates; value blocks half as wide as key blocks (as K8V4's).
+    let (elems, v_elems) = (3 * 64, 3 * 32);
+    let data: Vec<u16> = bf16_bits(&random(seed + 6, 4 * (elems + v_elems), 1.0));
     let (sk, sv) = (
         gpu.upload(&data[..4 * elems])?,
         gpu.upload(&data[4 * elems..])?,
     );
-    let (dk, dv) = (gpu.zeros::<u16>(4 * elems)?, gpu.zeros::<u16>(4 * elems)?);
+    let (dk, dv) = (gpu.zeros::<u16>(4 * elems)?, gpu.zeros::<u16>(4 * v_elems)?);
     let pairs = gpu.upload(&[2i32, 0, 0, 3])?;
     gpu.copy_blocks(
         gpu.addr(&sk),
@@ -495,15 +503,16 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         gpu.addr(&dv),
         gpu.addr(&pairs),
         2,
-        elems,
+        (elems, v_elems),
     )?;
     let (gk, gv) = (gpu.download(&dk)?, gpu.download(&dv)?);
     let mut want_k = vec![0u16; 4 * elems];
     want_k[..elems].copy_from_slice(&data[2 * elems..3 * elems]);
     want_k[3 * elems..].copy_from_slice(&data[..elems]);
-    let mut want_v = vec![0u16; 4 * elems];
-    want_v[..elems].copy_from_slice(&data[6 * elems..7 * elems]);
-    want_v[3 * elems..].copy_from_slice(&data[4 * elems..5 * elems]);
+    let sv_host = &data[4 * elems..];
+    let mut want_v = vec![0u16; 4 * v_elems];
+    want_v[..v_elems].copy_from_slice(&sv_host[2 * v_elems..3 * v_elems]);
+    want_v[3 * v_elems..].copy_from_slice(&sv_host[..v_elems]);
     let tab = gpu.upload(&[0i32; 10])?;
     let patch = gpu.upload(&[7i32, 42, 1, -5])?;
     gpu.scatter_i32(gpu.addr(&tab), gpu.addr(&patch), 2)?;
@@ -696,8 +705,8 @@ pub fn time_prefill_attention_with(
     let (tables, blocks) = shuffled_tables(&layout, n, 1);
     let elems = blocks * layout.block_elems(d);
     let (k, v) = (
-        gpu.zeros::<u8>(kv.bytes_for(elems))?,
-        gpu.zeros::<u8>(kv.bytes_for(elems))?,
+        gpu.zeros::<u8>(kv.key_bytes_for(elems))?,
+        gpu.zeros::<u8>(kv.value_bytes_for(elems))?,
     );
     let (ks, vs) = (
         gpu.zeros::<f32>(blocks * layout.block_rows())?,

@@ -35,28 +35,55 @@ pub enum KvType {
     /// 4 bits per element and a 32-bit word per row holding an f16 step and minimum
     /// ([`crate::int4`]): the tensor-core kernels only.
     Int4,
+    /// Keys as [`KvType::Int8`], values as [`KvType::Int4`] (EVALUATION.md: the keys carry
+    /// the 4-bit cache's accuracy loss, the values hardly any): 0.75 bytes per element and
+    /// a 32-bit word per row; the tensor-core kernels only.
+    K8V4,
 }
 
 impl KvType {
-    /// Bits per element.
+    /// Bits per element, averaged over keys and values (K8V4: 6).
     pub fn bits(self) -> usize {
         match self {
             KvType::F32 => 32,
             KvType::Bf16 => 16,
             KvType::Fp8 | KvType::Int8 => 8,
+            KvType::K8V4 => 6,
             KvType::Int4 => 4,
         }
     }
 
-    /// Bytes of `elems` elements (without the row scales).
+    /// How keys are stored: this type, or K8V4's int8.
+    pub fn key(self) -> KvType {
+        if self == KvType::K8V4 { KvType::Int8 } else { self }
+    }
+
+    /// How values are stored: this type, or K8V4's int4.
+    pub fn value(self) -> KvType {
+        if self == KvType::K8V4 { KvType::Int4 } else { self }
+    }
+
+    /// Bytes of `elems` elements (without the row scales) of one side, keys or values, of
+    /// a cache whose sides are alike; K8V4's sides differ ([`KvType::key_bytes_for`],
+    /// [`KvType::value_bytes_for`]), and this is their mean.
     pub fn bytes_for(self, elems: usize) -> usize {
         elems * self.bits() / 8
     }
 
-    /// Whether the cache holds quantised codes and a 32-bit scale word per row (fp8, int8
-    /// or int4).
+    /// Bytes of `elems` keys (without the row scales).
+    pub fn key_bytes_for(self, elems: usize) -> usize {
+        self.key().bytes_for(elems)
+    }
+
+    /// Bytes of `elems` values (without the row scales).
+    pub fn value_bytes_for(self, elems: usize) -> usize {
+        self.value().bytes_for(elems)
+    }
+
+    /// Whether the cache holds quantised codes and a 32-bit scale word per row (fp8, int8,
+    /// int4 or K8V4).
     pub fn is_quantised(self) -> bool {
-        matches!(self, KvType::Fp8 | KvType::Int8 | KvType::Int4)
+        matches!(self, KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4)
     }
 
     /// Bytes of scales per cached row (one row: `head_dim` keys or values).
@@ -69,20 +96,22 @@ impl KvType {
     }
 
     /// How the kernels tell the quantised formats apart (`Paged::kv_format`): 1 e4m3, 2 int8,
-    /// 3 int4, else 0.
+    /// 3 int4, 4 K8V4 (keys 2, values 3), else 0.
     pub fn format_code(self) -> i32 {
         match self {
             KvType::Fp8 => 1,
             KvType::Int8 => 2,
             KvType::Int4 => 3,
+            KvType::K8V4 => 4,
             _ => 0,
         }
     }
 
     /// Rows of `head_dim` values as a byte cache stores them: bytes, then a scale per row
-    /// (exactly as the kernels quantise). Not a byte cache: an input error.
+    /// (exactly as the kernels quantise; K8V4's values, [`KvType::value`] gives its keys').
+    /// Not a byte cache: an input error.
     pub fn quantise_rows(self, values: &[f32], head_dim: usize) -> Result<(Vec<u8>, Vec<f32>)> {
-        match self {
+        match self.value() {
             KvType::Fp8 => Ok(crate::fp8::quantise_rows(values, head_dim)),
             KvType::Int8 => Ok(crate::int8::quantise_rows(values, head_dim)),
             KvType::Int4 => Ok(crate::int4::quantise_rows(values, head_dim)),
@@ -93,9 +122,9 @@ impl KvType {
     }
 
     /// `values` as this cache holds them (rounded, or quantised and dequantised by rows of
-    /// `head_dim`): what a kernel over this cache sees.
+    /// `head_dim`): what a kernel over this cache sees (K8V4: its values).
     pub fn round_rows(self, values: &[f32], head_dim: usize) -> Vec<f32> {
-        match self {
+        match self.value() {
             KvType::F32 => values.to_vec(),
             KvType::Bf16 => values
                 .iter()
@@ -107,21 +136,24 @@ impl KvType {
                 crate::int8::dequantise_rows(&b, &s, head_dim)
             }
             KvType::Int4 => crate::int4::round_rows(values, head_dim),
+            KvType::K8V4 => unreachable!("value() is never K8V4"),
         }
     }
 
-    /// Keys as a model's cache makes them, seen in their own basis: [`KvType::round_rows`],
-    /// except that int4 quantises keys in a Hadamard basis ([`crate::int4::round_key_rows`]).
+    /// Keys as a model's cache makes them, seen in their own basis: [`KvType::round_rows`]
+    /// of the key type, except that int4 quantises keys in a Hadamard basis
+    /// ([`crate::int4::round_key_rows`]).
     pub fn round_key_rows(self, keys: &[f32], head_dim: usize) -> Vec<f32> {
-        match self {
+        match self.key() {
             KvType::Int4 => crate::int4::round_key_rows(keys, head_dim),
-            _ => self.round_rows(keys, head_dim),
+            k => k.round_rows(keys, head_dim),
         }
     }
 
-    /// Bytes and scales back to values (a byte cache; others give their input's length of zeros).
+    /// Bytes and scales back to values (a byte cache; others give their input's length of
+    /// zeros; K8V4's values, [`KvType::value`] gives its keys').
     pub fn dequantise_rows(self, bytes: &[u8], scales: &[f32], head_dim: usize) -> Vec<f32> {
-        match self {
+        match self.value() {
             KvType::Fp8 => crate::fp8::dequantise_rows(bytes, scales, head_dim),
             KvType::Int8 => crate::int8::dequantise_rows(bytes, scales, head_dim),
             KvType::Int4 => crate::int4::dequantise_rows(bytes, scales, head_dim),
@@ -133,7 +165,7 @@ impl KvType {
 /// `x` with keys and values as a `kv` cache holds them, for the reference.
 pub fn rounded_to(kv: KvType, x: &DecodeInput) -> DecodeInput {
     DecodeInput {
-        keys: kv.round_rows(&x.keys, x.head_dim),
+        keys: kv.key().round_rows(&x.keys, x.head_dim),
         values: kv.round_rows(&x.values, x.head_dim),
         ..x.clone()
     }
@@ -197,10 +229,11 @@ impl DecodeKernel {
 pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
     let stages = tensor_stages(kv);
     match kv {
-        KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
+        KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4 => {
             let converted = if tensor_values_in_registers() && group <= 8 { 0 } else { 4 * 16 * (head_dim + 8) * 2 };
             let tile = tensor_byte_tile();
-            stages * 2 * tile * (kv.bytes_for(head_dim) + 16) + stages * 2 * tile * 4 + converted
+            // Key and value rows alike padded to the wider (the keys').
+            stages * 2 * tile * (kv.key_bytes_for(head_dim) + 16) + stages * 2 * tile * 4 + converted
         }
         _ => stages * 2 * 64 * (head_dim + 8) * 2,
     }
@@ -222,7 +255,7 @@ pub fn tensor_stages(kv: KvType) -> usize {
     }
     let stages_of_64: usize = match kv {
         KvType::Int4 => 4,
-        KvType::Int8 => 3,
+        KvType::Int8 | KvType::K8V4 => 3,
         KvType::Fp8 => 5,
         _ => return 3,
     };
@@ -245,7 +278,7 @@ pub fn tensor_min_blocks(kv: KvType) -> usize {
         return n.clamp(1, 4);
     }
     match kv {
-        KvType::Int4 | KvType::Int8 => 4,
+        KvType::Int4 | KvType::Int8 | KvType::K8V4 => 4,
         _ => 2,
     }
 }
@@ -673,7 +706,7 @@ pub const TENSOR_SOURCE: &str = r#"
 #define TPAD (HEAD_DIM + 8)
 #define TILE_ELEMS (TILE * TPAD)
 #ifdef KV_BYTES
-// A quantised cache (fp8, int8, int4): stages hold raw rows (ROW_BYTES, padded by 16) and
+// A quantised cache (fp8, int8, int4, K8V4): stages hold raw rows (ROW_BYTES, padded by 16) and
 // their scales; the tensor cores run in f16 (see TENSOR_CORE_HELPERS). A byte stage is half a
 // bf16 stage, so fp8's five stages keep as many bytes in flight as bf16's three; int8 and
 // int4, with more work per byte, gain more from more blocks per multiprocessor (three int8
@@ -752,7 +785,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             qa[kk][x] = r < GROUP ? PACK(qb[r * HEAD_DIM + c] * scale_log2, qb[r * HEAD_DIM + c + 1] * scale_log2) : 0u;
         }
     }
-#ifdef KV_INT4
+#ifdef KEY_INT4
     // Each query row's sum (rows gr and gr + 8), of the f16 values the tensor cores see.
     float qsum[2] = {0.f, 0.f};
 #pragma unroll
@@ -830,29 +863,31 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // int4 and bf16 unchanged (BENCHMARKS.md).
 #define RS (128 / CPR)
     const unsigned smem_base = smem_addr(smem_raw);
-    auto copy_run_tile = [&](unsigned k_dst, unsigned v_dst, const char* kbase, const char* vbase, int row_bytes, int pad) {
+    // Value rows are as wide as key rows (`row_bytes`), or (K8V4) narrower (`v_row_bytes`):
+    // then a thread copies its chunk of a value row only where the row has one.
+    auto copy_run_tile = [&](unsigned k_dst, unsigned v_dst, const char* kbase, const char* vbase, int row_bytes, int v_row_bytes, int pad) {
         const int r = threadIdx.x / CPR, c = (threadIdx.x % CPR) * 16;
-        long long first[TILE / 64];
+        long long first[TILE / 64], v_first[TILE / 64];
 #pragma unroll
-        for (int h = 0; h < TILE / 64; h++) first[h] = (row0[h] + r) * row_bytes + c;
+        for (int h = 0; h < TILE / 64; h++) { first[h] = (row0[h] + r) * row_bytes + c; v_first[h] = (row0[h] + r) * v_row_bytes + c; }
 #pragma unroll
         for (int j = 0; j < NCH; j++) {
-            const long long at = first[(j * RS) / 64] + (long long)((j * RS) % 64) * row_bytes;
+            const int run = (j * RS) / 64, in_run = (j * RS) % 64;
             const unsigned off = (r + j * RS) * pad + c;
-            cp_async16_full(k_dst + off, kbase + at);
-            cp_async16_full(v_dst + off, vbase + at);
+            cp_async16_full(k_dst + off, kbase + first[run] + (long long)in_run * row_bytes);
+            if (c < v_row_bytes) cp_async16_full(v_dst + off, vbase + v_first[run] + (long long)in_run * v_row_bytes);
         }
     };
     // A tile's keys and values from `t0` into the stage at byte `stage_at` of shared memory
     // (K, then V `tile_bytes` on; rows of `row_bytes` in the pool, `pad` apart here): a whole
     // page-run tile by copy_run_tile, else chunk by chunk, each row looked up (the rows past
     // `end` zero-filled). Both caches' forms, bf16 rows and byte rows alike.
-    auto copy_tile = [&](int t0, unsigned stage_at, unsigned tile_bytes, int row_bytes, int pad) {
+    auto copy_tile = [&](int t0, unsigned stage_at, unsigned tile_bytes, int row_bytes, int v_row_bytes, int pad) {
         const char* kbase = reinterpret_cast<const char*>(keys);
         const char* vbase = reinterpret_cast<const char*>(values);
 #if !(WARP_PIPE && !defined(KV_BYTES))
         if (page_tiles && t0 + TILE <= end) {
-            copy_run_tile(smem_base + stage_at, smem_base + stage_at + tile_bytes, kbase, vbase, row_bytes, pad);
+            copy_run_tile(smem_base + stage_at, smem_base + stage_at + tile_bytes, kbase, vbase, row_bytes, v_row_bytes, pad);
             return;
         }
 #endif
@@ -864,9 +899,9 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const int t = t0 + r;
             const bool live = t < end;
             const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
-            const size_t at = live ? (size_t)row * row_bytes + c : 0;
+            const size_t at = live ? (size_t)row * row_bytes + c : 0, v_at = live ? (size_t)row * v_row_bytes + c : 0;
             cp_async16(kd + r * pad + c, kbase + at, live ? 16 : 0);
-            cp_async16(vd + r * pad + c, vbase + at, live ? 16 : 0);
+            if (c < v_row_bytes) cp_async16(vd + r * pad + c, vbase + v_at, live ? 16 : 0);
         }
     };
 #ifdef KV_BYTES
@@ -875,7 +910,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     bf16_t* conv = reinterpret_cast<bf16_t*>(scl + STAGES * 2 * TILE) + warp * 16 * TPAD;  // this warp's V (f16)
     auto load_tile = [&](int tile) {
         const int t0 = begin + tile * TILE;
-        copy_tile(t0, (tile % STAGES) * 2 * RAW_TILE, RAW_TILE, ROW_BYTES, RPAD);
+        copy_tile(t0, (tile % STAGES) * 2 * RAW_TILE, RAW_TILE, K_ROW_BYTES, V_ROW_BYTES, RPAD);
         // Row scales, keys' then values' (2 TILE of them): thread x copies row x % TILE's.
         const int r = threadIdx.x % TILE, t = t0 + r;
         const bool live = t < end;
@@ -888,7 +923,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #else
     bf16_t* smem = reinterpret_cast<bf16_t*>(smem_raw);
     auto load_tile = [&](int tile) {
-        copy_tile(begin + tile * TILE, (tile % STAGES) * 2 * TILE_ELEMS * 2, TILE_ELEMS * 2, HEAD_DIM * 2, TPAD * 2);
+        copy_tile(begin + tile * TILE, (tile % STAGES) * 2 * TILE_ELEMS * 2, TILE_ELEMS * 2, HEAD_DIM * 2, HEAD_DIM * 2, TPAD * 2);
     };
 #endif
     fetch_entries(0);
@@ -947,14 +982,14 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             for (int j = 0; j < HEAD_DIM / 32; j++) {
                 const int i = lane + 32 * j;
                 const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
-                dequant_row16(kr + RAW_TILE + r * RPAD, c, ksc[TILE + r], conv + r * TPAD + c);
+                dequant_row16<VAL_IS_INT4>(kr + RAW_TILE + r * RPAD, c, ksc[TILE + r], conv + r * TPAD + c);
             }
             __syncwarp();
         }
         const bf16_t* vs = conv;
 #endif
-        const unsigned char* kq = kr + (ROW_BYTES / 4) * tq;
-#ifdef KV_INT4
+        const unsigned char* kq = kr + (K_ROW_BYTES / 4) * tq;
+#ifdef KEY_INT4
         // Two words (16 codes) of keys gr and gr + 8 at a time: word w's pairs 0-1 are the
         // k-slots of product 2w, pairs 2-3 those of product 2w + 1 (the codes, exact in f16;
         // the step and minimum apply to the scores below).
@@ -995,7 +1030,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             MMA(sc[1], qa[kk], kb[2], kb[3]);
         }
 #endif
-#if defined(KV_INT4)
+#if defined(KEY_INT4)
         // q . (n step + min) = step (q . n) + min (sum of q), per key.
 #pragma unroll
         for (int j = 0; j < 2; j++) {
@@ -1043,7 +1078,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         // The row scales of keys (2 tq, 2 tq + 1) and (2 tq + 8, 2 tq + 9) as f16 pairs, low
         // half the first key's: int4's steps (s) and minima (z), or the byte caches' scales.
         const float* vsc = ksc + TILE;
-#ifdef KV_INT4
+#ifdef VAL_INT4
         unsigned s_ab, z_ab, s_cd, z_cd;
         {
             const uint2 w0 = *reinterpret_cast<const uint2*>(vsc + 2 * tq), w1 = *reinterpret_cast<const uint2*>(vsc + 8 + 2 * tq);
@@ -1060,10 +1095,10 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #endif
         // This lane's HEAD_DIM / 8 dimensions of keys 2 tq, 2 tq + 1 (a, b) and 2 tq + 8,
         // 2 tq + 9 (c, d) of the warp's 16, as 32-bit words.
-#define VW (ROW_BYTES / 32)
+#define VW (V_ROW_BYTES / 32)
         unsigned va[VW], vb_[VW], vc[VW], vd[VW];
         {
-            const unsigned char* vr = kr + RAW_TILE + (ROW_BYTES / 8) * gr;
+            const unsigned char* vr = kr + RAW_TILE + (V_ROW_BYTES / 8) * gr;
             load_words<VW>(vr + (2 * tq) * RPAD, va);
             load_words<VW>(vr + (2 * tq + 1) * RPAD, vb_);
             load_words<VW>(vr + (2 * tq + 8) * RPAD, vc);
@@ -1072,7 +1107,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #pragma unroll
         for (int i = 0; i < O_FRAGS; i++) {
             unsigned a[4];
-#ifdef KV_INT4
+#ifdef VAL_INT4
             // Word i / 4 holds this lane's dims 8 (i / 4) ..; value 2 j of a word is nibble j,
             // value 2 j + 1 nibble j + 4 (crate::int4): dims 2 i and 2 i + 1 are nibble i % 4
             // of the low and of the high half-word.
@@ -1378,9 +1413,9 @@ mod gpu {
                 );
                 (gpu.addr(&k16), gpu.addr(&v16))
             }
-            KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
+            KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4 => {
                 let ((kb, ksc), (vb, vsc)) =
-                    (kv.quantise_rows(&keys, d)?, kv.quantise_rows(&values, d)?);
+                    (kv.key().quantise_rows(&keys, d)?, kv.quantise_rows(&values, d)?);
                 (k8, v8, ks, vs) = (
                     gpu.upload(&kb)?,
                     gpu.upload(&vb)?,
@@ -1441,8 +1476,8 @@ mod gpu {
         // allocation, for measuring whether keys and values at the same offsets collide.
         let skew = tuning("DUO_TIME_V_SKEW").unwrap_or(0) / 256 * 256;
         let (k, v) = (
-            gpu.zeros::<u8>(kv.bytes_for(elems))?,
-            gpu.zeros::<u8>(kv.bytes_for(elems) + skew)?,
+            gpu.zeros::<u8>(kv.key_bytes_for(elems))?,
+            gpu.zeros::<u8>(kv.value_bytes_for(elems) + skew)?,
         );
         let scale_rows = if kv.is_quantised() {
             blocks * layout.block_rows()
@@ -1510,7 +1545,7 @@ mod gpu {
             .sum();
         Ok((
             ms,
-            rows * per_row * (kv.bytes_for(head_dim) + kv.scale_bytes()) * 2,
+            rows * per_row * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 2 * kv.scale_bytes()),
         ))
     }
 
@@ -1561,7 +1596,7 @@ mod gpu {
             (4, 256, &[true, false], 8, 20, 64, &[1000, 21]),     // widest head
         ];
         let mut out = Vec::new();
-        for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
+        for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
             for (i, (h, d, kinds, sink, recent, bt, tokens)) in cases.iter().enumerate() {
                 let layout = layer_layout(
                     kinds,
@@ -1610,6 +1645,32 @@ pub use gpu::{
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn k8v4_holds_keys_as_int8_and_values_as_int4() {
+        let kv = KvType::K8V4;
+        assert_eq!((kv.key(), kv.value()), (KvType::Int8, KvType::Int4));
+        assert_eq!((kv.key_bytes_for(128), kv.value_bytes_for(128), kv.scale_bytes()), (128, 64, 4));
+        assert_eq!(KvType::Int4.key_bytes_for(128), 64, "other types are alike on both sides");
+        assert_eq!(kv.format_code(), 4);
+        assert!(kv.is_quantised());
+        // A block of 16 rows: keys 128 bytes a row, values 64, a 4-byte word each.
+        let layout = crate::paged::PagedLayout { retrieval: vec![vec![true]], sink: 4, recent: 16, block_tokens: 16, max_chunk: 8, max_tokens: 64, kv };
+        assert_eq!(layout.block_bytes(128), 16 * (128 + 64 + 8));
+        // Keys round as int8 rows, values as int4 rows, exactly as those caches do.
+        let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        assert_eq!(kv.round_key_rows(&x, 128), KvType::Int8.round_rows(&x, 128));
+        assert_eq!(kv.round_rows(&x, 128), KvType::Int4.round_rows(&x, 128));
+        assert_ne!(kv.round_key_rows(&x, 128), kv.round_rows(&x, 128), "the two sides differ");
+        let (bytes, scales) = kv.quantise_rows(&x, 128).expect("a byte cache");
+        assert_eq!((bytes.len(), scales.len()), (128, 2), "values: half a byte each");
+        let (kb, _) = kv.key().quantise_rows(&x, 128).expect("a byte cache");
+        assert_eq!(kb.len(), 256, "keys: a byte each");
+        assert_eq!(kv.dequantise_rows(&bytes, &scales, 128), KvType::Int4.round_rows(&x, 128));
+        // Its decode kernel runs as int8's: three stages, four blocks.
+        assert_eq!((tensor_stages(kv), tensor_min_blocks(kv)), (tensor_stages(KvType::Int8), tensor_min_blocks(KvType::Int8)));
+        assert_eq!(tensor_smem_bytes(128, 4, kv), tensor_smem_bytes(128, 4, KvType::Int8));
+    }
 
     #[test]
     fn splits_fill_the_card_within_256_to_2048_keys() {

@@ -230,9 +230,10 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, c
     } else if (slot >= 0) {
         const int g = h - n_heads;
         const size_t r = (size_t)kv_row(pg, heads[g], slot, pos);
-        store_row_pair(kc, pg.kscale, pg.kv_format, r, head_dim, a, b, y0, y1);
+        // K8V4 (format 4): keys as int8 (2), values as int4 (3).
+        store_row_pair(kc, pg.kscale, pg.kv_format == 4 ? 2 : pg.kv_format, r, head_dim, a, b, y0, y1);
         const bf16_t* v = row + (n_heads + n_kv + g) * head_dim;
-        store_row_pair(vc, pg.vscale, pg.kv_format, r, head_dim, a, b, bf(v[a]), bf(v[b]));
+        store_row_pair(vc, pg.vscale, pg.kv_format == 4 ? 3 : pg.kv_format, r, head_dim, a, b, bf(v[a]), bf(v[b]));
     }
 }
 
@@ -255,24 +256,26 @@ extern "C" __global__ void scatter_i32(int* dst, const int* pairs, int n) {
 
 // Moves the ring rows of positions first..first+count of every streaming head of `slot`
 // between a ring of `cap` rows and `scratch` ([head][keys, values][count][row], then an fp8
-// cache's row scales [head][keys, values][count]); a row is `row_u16` 16-bit words.
+// cache's row scales [head][keys, values][count]); a key row is `row_u16` 16-bit words, a
+// value row `v_row_u16` (as many, or K8V4's half), each scratch row `row_u16`.
 // to_scratch = 1 reads the ring, 0 writes it. A ring changes size in two launches (out
 // with the old size, in with the new), so rows that overlap are never read after being
 // overwritten. Grid (streaming heads, 2): y = 0 keys, 1 values; 128 threads.
 extern "C" __global__ void ring_move(unsigned short* kc, unsigned short* vc, unsigned short* scratch, Paged pg, int slot, int cap, int sink,
-    int first, int count, int row_u16, int to_scratch)
+    int first, int count, int row_u16, int v_row_u16, int to_scratch)
 {
     const int h = blockIdx.x;
     unsigned short* cache = blockIdx.y == 0 ? kc : vc;
+    const int words = blockIdx.y == 0 ? row_u16 : v_row_u16;
     float* scales = blockIdx.y == 0 ? pg.kscale : pg.vscale;
     float* scratch_scales = reinterpret_cast<float*>(scratch + (size_t)gridDim.x * 2 * count * row_u16);
     const int4 e = make_int4(h, sink, 0, 1);
     for (int i = 0; i < count; i++) {
         const long long row = kv_row_cap(pg, e, slot, first + i, cap);
-        unsigned short* ring = cache + (size_t)row * row_u16;
+        unsigned short* ring = cache + (size_t)row * words;
         const size_t at = ((size_t)h * 2 + blockIdx.y) * count + i;
         unsigned short* s = scratch + at * row_u16;
-        for (int c = threadIdx.x; c < row_u16; c += blockDim.x) {
+        for (int c = threadIdx.x; c < words; c += blockDim.x) {
             if (to_scratch) s[c] = ring[c]; else ring[c] = s[c];
         }
         if (scales && threadIdx.x == 0) {
@@ -295,9 +298,11 @@ extern "C" __global__ void fill_f32(float* out, unsigned long long n, float valu
         out[i] = value;
 }
 
-// Copies whole blocks of `elems` 16-bit words: block pairs[2i] of (sk, sv) to block
-// pairs[2i + 1] of (dk, dv). Grid (n, 2): y = 0 keys, 1 values; 256 threads.
-extern "C" __global__ void copy_blocks(const bf16_t* sk, const bf16_t* sv, bf16_t* dk, bf16_t* dv, const int* pairs, long long elems) {
+// Copies whole blocks of 16-bit words, `elems` a key block and `v_elems` a value block (as
+// many, or K8V4's half): block pairs[2i] of (sk, sv) to block pairs[2i + 1] of (dk, dv).
+// Grid (n, 2): y = 0 keys, 1 values; 256 threads.
+extern "C" __global__ void copy_blocks(const bf16_t* sk, const bf16_t* sv, bf16_t* dk, bf16_t* dv, const int* pairs, long long k_elems, long long v_elems) {
+    const long long elems = blockIdx.y == 0 ? k_elems : v_elems;
     const uint4* from = reinterpret_cast<const uint4*>((blockIdx.y == 0 ? sk : sv) + (size_t)pairs[2 * blockIdx.x] * elems);
     uint4* to = reinterpret_cast<uint4*>((blockIdx.y == 0 ? dk : dv) + (size_t)pairs[2 * blockIdx.x + 1] * elems);
     for (long long i = threadIdx.x; i < elems / 8; i += blockDim.x) to[i] = from[i];

@@ -136,7 +136,7 @@ impl PagedLayout {
 
     /// Bytes of one block, keys and values, row scales included.
     pub fn block_bytes(&self, head_dim: usize) -> usize {
-        self.block_rows() * (self.kv.bytes_for(head_dim) + self.kv.scale_bytes()) * 2
+        self.block_rows() * (self.kv.key_bytes_for(head_dim) + self.kv.value_bytes_for(head_dim) + 2 * self.kv.scale_bytes())
     }
 
     /// The layer's head table: each head's index among the model's retrieval (or streaming)

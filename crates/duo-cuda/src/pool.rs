@@ -172,9 +172,10 @@ impl Buffers {
         })
     }
 
-    /// 16-bit words of the ring scratch: rows, then (fp8) a scale of two words per row.
+    /// 16-bit words of the ring scratch: rows (each as wide as a key row, the wider),
+    /// then (a quantised cache) a scale of two words per row.
     fn scratch_elems(w: &GpuWeights, layout: &PagedLayout) -> usize {
-        let row_words = layout.kv.bytes_for(w.config.head_dim) / 2 + layout.kv.scale_bytes() / 2;
+        let row_words = layout.kv.key_bytes_for(w.config.head_dim) / 2 + layout.kv.scale_bytes() / 2;
         layout.n_streaming() * 2 * layout.recent * row_words
     }
 
@@ -329,15 +330,15 @@ impl KvPool {
                 && !DecodeKernel::Tensor.fits(c.head_dim, c.n_heads / c.n_kv_heads, layout.kv))
         {
             return Err(CudaError::Input(format!(
-                "a {:?} KV cache is not supported here: pools cache bf16, or fp8, int8 and int4 for heads of 64 or 128 dims with at most 16 query heads per KV head (these: {} dims, {})",
+                "a {:?} KV cache is not supported here: pools cache bf16, or fp8, int8, int4 and K8V4 for heads of 64 or 128 dims with at most 16 query heads per KV head (these: {} dims, {})",
                 layout.kv,
                 c.head_dim,
                 c.n_heads / c.n_kv_heads
             )));
         }
-        let bytes = layout.kv.bytes_for(config.blocks * layout.block_elems(c.head_dim));
-        let keys = gpu.zeros::<u8>(bytes)?;
-        let values = gpu.zeros::<u8>(bytes)?;
+        let elems = config.blocks * layout.block_elems(c.head_dim);
+        let keys = gpu.zeros::<u8>(layout.kv.key_bytes_for(elems))?;
+        let values = gpu.zeros::<u8>(layout.kv.value_bytes_for(elems))?;
         let scale_rows = if layout.kv.is_quantised() {
             config.blocks * layout.block_rows()
         } else {
@@ -591,7 +592,7 @@ impl KvPool {
         let (g, l) = (&*self.gpu, &self.layout);
         let row = s.slot as usize * l.table_stride();
         let paged = self.paged();
-        let row_bytes = l.kv.bytes_for(self.w.config.head_dim);
+        let row_bytes = (l.kv.key_bytes_for(self.w.config.head_dim), l.kv.value_bytes_for(self.w.config.head_dim));
         let first = l.sink.max(s.tokens.saturating_sub(l.recent));
         let count = s.tokens.saturating_sub(first);
         let (kc, vc, scratch) = (
@@ -1130,7 +1131,7 @@ impl KvPool {
             .chain(&seq.tables.streaming)
             .enumerate()
         {
-            let at = self.layout.kv.bytes_for(blk as usize * elems) as u64;
+            let (at, v_at) = (self.layout.kv.key_bytes_for(blk as usize * elems) as u64, self.layout.kv.value_bytes_for(blk as usize * elems) as u64);
             let (sk, sv) = (
                 seed.wrapping_add(2 * i as u64),
                 seed.wrapping_add(2 * i as u64 + 1),
@@ -1138,7 +1139,7 @@ impl KvPool {
             let s_at = (blk as usize * rows * 4) as u64;
             g.fill_synthetic_rows(
                 self.layout.kv,
-                (k + at, v + at),
+                (k + at, v + v_at),
                 (ks + s_at, vs + s_at),
                 rows,
                 self.w.config.head_dim,
@@ -1173,7 +1174,8 @@ impl KvPool {
             .collect();
         let g = &*self.gpu;
         let list = g.upload(&block_pairs)?;
-        let words = self.layout.kv.bytes_for(self.layout.block_elems(self.w.config.head_dim)) / 2;
+        let elems = self.layout.block_elems(self.w.config.head_dim);
+        let words = (self.layout.kv.key_bytes_for(elems) / 2, self.layout.kv.value_bytes_for(elems) / 2);
         g.copy_blocks(
             g.addr(&self.keys),
             g.addr(&self.values),
@@ -1192,7 +1194,7 @@ impl KvPool {
                 g.addr(&into.value_scales),
                 g.addr(&list),
                 block_pairs.len() / 2,
-                2 * self.layout.block_rows(),
+                (2 * self.layout.block_rows(), 2 * self.layout.block_rows()),
             )?;
         }
         g.sync()?;

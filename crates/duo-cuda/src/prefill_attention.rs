@@ -247,20 +247,39 @@ __device__ __forceinline__ void mma_h(float* d, const unsigned* a, unsigned b0, 
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-#if defined(KV_FP8) || defined(KV_INT8) || defined(KV_INT4)
+#if defined(KV_FP8) || defined(KV_INT8) || defined(KV_INT4) || defined(KV_K8V4)
 #define KV_BYTES 1
 #endif
-// Bytes of a cached row of a quantised cache: a byte per value, or int4's two per byte.
-#ifdef KV_INT4
-#define ROW_BYTES (HEAD_DIM / 2)
-#else
-#define ROW_BYTES HEAD_DIM
+// Each side's format: KEY_INT4 / VAL_INT4 where that side holds int4 (int4, and K8V4's
+// values), BYTES_INT8 where the byte side(s) hold int8 (int8, and K8V4's keys) rather than
+// e4m3.
+#if defined(KV_INT4)
+#define KEY_INT4 1
+#define VAL_INT4 1
+#elif defined(KV_K8V4)
+#define VAL_INT4 1
+#define BYTES_INT8 1
+#elif defined(KV_INT8)
+#define BYTES_INT8 1
 #endif
+// Bytes of a cached row of a quantised cache, keys' and values': a byte per value, or
+// int4's two per byte. ROW_BYTES, the wider, is what a staged row is padded from.
+#ifdef KEY_INT4
+#define K_ROW_BYTES (HEAD_DIM / 2)
+#else
+#define K_ROW_BYTES HEAD_DIM
+#endif
+#ifdef VAL_INT4
+#define V_ROW_BYTES (HEAD_DIM / 2)
+#else
+#define V_ROW_BYTES HEAD_DIM
+#endif
+#define ROW_BYTES K_ROW_BYTES
 // Two cache bytes (the low 16 bits of x) to an f16 pair, exactly: e4m3 by conversion; int8
 // (two's complement) as f16 1024 + (b ^ 0x80) built by a byte permute, less 1152.
 __device__ __forceinline__ unsigned bytes2_h(unsigned x) {
     unsigned r;
-#ifdef KV_INT8
+#ifdef BYTES_INT8
     r = __byte_perm(x ^ 0x8080u, 0x64646464u, 0x4140);
     asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
 #else
@@ -316,10 +335,11 @@ __device__ __forceinline__ float h2f(unsigned short h) {
 }
 #ifdef KV_BYTES
 // 16 values of a quantised row from value c (`row` its bytes in shared memory, `word` its
-// scale) to f16 in shared memory: byte codes times the scale, or int4's n * step + min (one
-// f16 fused multiply-add, as crate::int4::value).
+// scale) to f16 in shared memory: byte codes times the scale, or (INT4: the side holds
+// int4) n * step + min (one f16 fused multiply-add, as crate::int4::value).
+template <bool INT4>
 __device__ __forceinline__ void dequant_row16(const unsigned char* row, int c, float word, unsigned short* dst) {
-#ifdef KV_INT4
+    if (INT4) {
     const uint2 x = *reinterpret_cast<const uint2*>(row + c / 2);
     unsigned s2, z2, h[8];
     int4_params(word, &s2, &z2);
@@ -332,10 +352,20 @@ __device__ __forceinline__ void dequant_row16(const unsigned char* row, int c, f
     }
     *reinterpret_cast<uint4*>(dst) = make_uint4(h[0], h[1], h[2], h[3]);
     *reinterpret_cast<uint4*>(dst + 8) = make_uint4(h[4], h[5], h[6], h[7]);
-#else
+    } else {
     dequant16<true>(row + c, scale_h2(word), dst);
-#endif
+    }
 }
+#ifdef KEY_INT4
+#define KEY_IS_INT4 true
+#else
+#define KEY_IS_INT4 false
+#endif
+#ifdef VAL_INT4
+#define VAL_IS_INT4 true
+#else
+#define VAL_IS_INT4 false
+#endif
 #endif
 
 // 16 bytes global -> shared without passing through registers; `bytes` 0 writes zeros.
@@ -394,7 +424,7 @@ __device__ __forceinline__ int row_pos(int4 e, int r, int win) { return e.w == 1
 #define STAGE_ELEMS (BK * KPAD)
 #define Q_ELEMS (BQ * KPAD)
 #ifdef KV_BYTES
-// A quantised cache (fp8, int8, int4): two stages of raw rows (ROW_BYTES, padded by 16) and
+// A quantised cache (fp8, int8, int4, K8V4): two stages of raw rows (ROW_BYTES, padded by 16) and
 // their scales after the queries, then the tile's K and V dequantised to f16 (the tensor
 // cores run in f16).
 typedef unsigned char kv_t;
@@ -468,12 +498,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
     auto load_tile = [&](int r0, int stage) {
         unsigned char* kr = raw + stage * 2 * RAW_TILE;
         const long long run = page_run(pg, e, slot, r0, rows);
-        for (int i = threadIdx.x; i < BK * ROW_BYTES / 16; i += blockDim.x) {
-            const int r = i / (ROW_BYTES / 16), c = (i % (ROW_BYTES / 16)) * 16;
+        for (int i = threadIdx.x; i < BK * K_ROW_BYTES / 16; i += blockDim.x) {
+            const int r = i / (K_ROW_BYTES / 16), c = (i % (K_ROW_BYTES / 16)) * 16;
             const bool live = r0 + r < rows;
-            const size_t at = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * ROW_BYTES + c;
-            cp_async16(kr + r * RPAD + c, keys + at, live ? 16 : 0);
-            cp_async16(kr + RAW_TILE + r * RPAD + c, values + at, live ? 16 : 0);
+            const size_t row = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0);
+            cp_async16(kr + r * RPAD + c, keys + row * K_ROW_BYTES + c, live ? 16 : 0);
+            // A value row is as wide as a key row, or (K8V4) half as wide.
+            if (c < V_ROW_BYTES) cp_async16(kr + RAW_TILE + r * RPAD + c, values + row * V_ROW_BYTES + c, live ? 16 : 0);
         }
         // Row scales: threads 0-63 the keys', 64-127 the values'.
         const int r = threadIdx.x % BK;
@@ -510,7 +541,11 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         for (int i = threadIdx.x; i < 2 * BK * HEAD_DIM / 16; i += blockDim.x) {
             const int kv = i / (BK * HEAD_DIM / 16), j = i % (BK * HEAD_DIM / 16);
             const int r = j / (HEAD_DIM / 16), c = (j % (HEAD_DIM / 16)) * 16;
-            dequant_row16(raw + (stage * 2 + kv) * RAW_TILE + r * RPAD, c, scl[(stage * 2 + kv) * BK + r], conv + (kv * BK + r) * KPAD + c);
+            const unsigned char* src = raw + (stage * 2 + kv) * RAW_TILE + r * RPAD;
+            const float word = scl[(stage * 2 + kv) * BK + r];
+            unsigned short* dst = conv + (kv * BK + r) * KPAD + c;
+            if (kv) dequant_row16<VAL_IS_INT4>(src, c, word, dst);
+            else dequant_row16<KEY_IS_INT4>(src, c, word, dst);
         }
         __syncthreads();
         const bf16_t* ks = conv;

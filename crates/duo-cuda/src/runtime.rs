@@ -133,6 +133,7 @@ fn byte_format_option(kv: KvType) -> Option<String> {
         KvType::Fp8 => Some("-DKV_FP8=1".into()),
         KvType::Int8 => Some("-DKV_INT8=1".into()),
         KvType::Int4 => Some("-DKV_INT4=1".into()),
+        KvType::K8V4 => Some("-DKV_K8V4=1".into()),
         _ => None,
     }
 }
@@ -246,7 +247,7 @@ pub fn compile_all() -> Option<Result<usize>> {
         ("dequant", crate::dequant::SOURCE.into(), vec![]),
     ];
     for d in [64, 128] {
-        for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
+        for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
             jobs.push((
                 "prefill_attention",
                 prefill_source(),
@@ -273,6 +274,9 @@ pub fn compile_all() -> Option<Result<usize>> {
         (8, 128, KvType::Fp8, DecodeKernel::Tensor),
         (1, 128, KvType::Int4, DecodeKernel::Tensor),
         (1, 64, KvType::Int8, DecodeKernel::Tensor),
+        (3, 64, KvType::K8V4, DecodeKernel::Tensor),
+        (4, 128, KvType::K8V4, DecodeKernel::Tensor),
+        (16, 128, KvType::K8V4, DecodeKernel::Tensor),
     ];
     for d in [64, 128] {
         jobs.push(("prefill_attention_wg", prefill_wg_source(d), prefill_wg_options(d)));
@@ -297,7 +301,7 @@ pub fn compile_all() -> Option<Result<usize>> {
     }
     // And DUO_DECODE_V_SMEM's (values through shared memory) and DUO_DECODE_TILE=128's over
     // each byte cache.
-    for (group, d, kv) in [(4, 128, KvType::Fp8), (3, 64, KvType::Int8), (4, 128, KvType::Int4), (16, 128, KvType::Fp8)] {
+    for (group, d, kv) in [(4, 128, KvType::Fp8), (3, 64, KvType::Int8), (4, 128, KvType::Int4), (16, 128, KvType::Fp8), (4, 128, KvType::K8V4)] {
         let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
         jobs.push(("decode_attention", src.clone(), with_define(&o, "V_REGS", "0")));
         jobs.push(("decode_attention", src, with_define(&o, "BYTE_TILE", "128")));
@@ -624,7 +628,8 @@ impl Gpu {
 
     /// Moves the ring rows of positions `first..first + count` of every streaming head of
     /// `slot` between its ring (of `cap` rows) and `scratch`: out of the ring when
-    /// `to_scratch`, into it otherwise. A row is `row_bytes` bytes (even); an fp8 cache's
+    /// `to_scratch`, into it otherwise. A key row is `row_bytes` bytes, a value row
+    /// `v_row_bytes` (both even; `scratch` holds rows of `row_bytes`); a quantised cache's
     /// row scales move too (after the rows in `scratch`).
     #[allow(clippy::too_many_arguments)]
     pub fn ring_move(
@@ -639,20 +644,21 @@ impl Gpu {
         sink: usize,
         first: usize,
         count: usize,
-        row_bytes: usize,
+        (row_bytes, v_row_bytes): (usize, usize),
         to_scratch: bool,
     ) -> Result<()> {
         if n_streaming == 0 || count == 0 {
             return Ok(());
         }
         let f = self.op("ring_move")?;
-        let (sl, c, sk, fi, co, hd, ts) = (
+        let (sl, c, sk, fi, co, hd, vd, ts) = (
             slot as i32,
             cap as i32,
             sink as i32,
             first as i32,
             count as i32,
             (row_bytes / 2) as i32,
+            (v_row_bytes / 2) as i32,
             i32::from(to_scratch),
         );
         launch!(
@@ -670,6 +676,7 @@ impl Gpu {
             &fi,
             &co,
             &hd,
+            &vd,
             &ts
         )
     }
@@ -711,6 +718,13 @@ impl Gpu {
                 self.fill_f32(kscale, rows, word)?;
                 self.fill_f32(vscale, rows, word)
             }
+            KvType::K8V4 => {
+                let word = f32::from_bits(0xbc00_3000);
+                self.fill_uniform_e4m3(keys, elems, sk)?;
+                self.fill_uniform_e4m3(values, elems / 2, sv)?;
+                self.fill_f32(kscale, rows, 1.0 / 256.0)?;
+                self.fill_f32(vscale, rows, word)
+            }
             KvType::Bf16 => {
                 self.fill_uniform(keys, elems, sk, 1.0)?;
                 self.fill_uniform(values, elems, sv, 1.0)
@@ -728,8 +742,9 @@ impl Gpu {
         launch!(self, f, (1024, 1, 1), 256, &out, &n64, &value)
     }
 
-    /// Copies `n` whole blocks of `elems` 16-bit words each (a multiple of 8): block `pairs[2i]` of the source
-    /// keys and values to block `pairs[2i + 1]` of the destination's.
+    /// Copies `n` whole blocks, of `k_elems` 16-bit words each for keys and `v_elems` for
+    /// values (multiples of 8): block `pairs[2i]` of the source keys and values to block
+    /// `pairs[2i + 1]` of the destination's.
     #[allow(clippy::too_many_arguments)]
     pub fn copy_blocks(
         &self,
@@ -739,13 +754,13 @@ impl Gpu {
         dst_v: u64,
         pairs: u64,
         n: usize,
-        elems: usize,
+        (k_elems, v_elems): (usize, usize),
     ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
         let f = self.op("copy_blocks")?;
-        let e = elems as i64;
+        let (e, ve) = (k_elems as i64, v_elems as i64);
         launch!(
             self,
             f,
@@ -756,7 +771,8 @@ impl Gpu {
             &dst_k,
             &dst_v,
             &pairs,
-            &e
+            &e,
+            &ve
         )
     }
 
@@ -1188,12 +1204,13 @@ fn prefill_wg_options(head_dim: usize) -> Vec<String> {
 
 /// Dynamic shared memory of the prefill kernel: 128 queries and two stages of 64-row K and V
 /// tiles, rows padded by 8 elements; over an fp8 cache the stages hold bytes (rows padded by
-/// 16) and row scales, and one tile of K and V dequantised to f16 follows.
+/// 16; K8V4's value rows padded as its wider key rows) and row scales, and one tile of K
+/// and V dequantised to f16 follows.
 fn prefill_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     match kv {
-        KvType::Fp8 | KvType::Int8 | KvType::Int4 => {
+        KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4 => {
             128 * (head_dim + 8) * 2
-                + 4 * 64 * (kv.bytes_for(head_dim) + 16)
+                + 4 * 64 * (kv.key_bytes_for(head_dim) + 16)
                 + 4 * 64 * 4
                 + 2 * 64 * (head_dim + 8) * 2
         }

@@ -55,6 +55,10 @@ pub enum KvDtype {
     Int8,
     /// 4 bits per element (asymmetric int4) and a 4-byte step and minimum per row.
     Int4,
+    /// Keys as int8, values as int4 (0.75 bytes per element, a 4-byte word per row of
+    /// each): within int4's memory reach less a quarter, and of int8's accuracy
+    /// (EVALUATION.md).
+    K8V4,
 }
 
 impl KvDtype {
@@ -64,18 +68,20 @@ impl KvDtype {
             KvDtype::F32 => 32,
             KvDtype::F16 | KvDtype::Bf16 => 16,
             KvDtype::Fp8 | KvDtype::Int8 => 8,
+            // The mean of the keys' 8 and the values' 4 (a row of each per position).
+            KvDtype::K8V4 => 6,
             KvDtype::Int4 => 4,
         }
     }
 
     /// Bytes of scales per cached row (one position of one head, keys or values).
     pub fn scale_bytes(self) -> usize {
-        if matches!(self, KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4) { 4 } else { 0 }
+        if matches!(self, KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4 | KvDtype::K8V4) { 4 } else { 0 }
     }
 
     /// Whether the CUDA backend caches this type.
     pub fn on_gpu(self) -> bool {
-        matches!(self, KvDtype::Bf16 | KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4)
+        matches!(self, KvDtype::Bf16 | KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4 | KvDtype::K8V4)
     }
 
     /// Whether the CPU backend caches this type (int8: the GPU's rows, `duo_kernels::kv8`).
@@ -95,7 +101,8 @@ impl std::str::FromStr for KvDtype {
             // q8: llama.cpp's name for its 8-bit cache (here the same int8 rows).
             "int8" | "q8" => KvDtype::Int8,
             "int4" => KvDtype::Int4,
-            _ => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("`{s}` is not one of f32, f16, int8 (CPU) or bf16, fp8, int8, int4 (GPU)") }),
+            "k8v4" => KvDtype::K8V4,
+            _ => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("`{s}` is not one of f32, f16, int8 (CPU) or bf16, fp8, int8, int4, k8v4 (GPU)") }),
         })
     }
 }

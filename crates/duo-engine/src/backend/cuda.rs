@@ -424,7 +424,8 @@ impl CudaBackend {
             Some(KvDtype::Fp8) => KvType::Fp8,
             Some(KvDtype::Int8) => KvType::Int8,
             Some(KvDtype::Int4) => KvType::Int4,
-            Some(d) => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("the CUDA backend caches bf16, fp8, int8 or int4, not {d:?}") }),
+            Some(KvDtype::K8V4) => KvType::K8V4,
+            Some(d) => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("the CUDA backend caches bf16, fp8, int8, int4 or k8v4, not {d:?}") }),
         };
         Ok(PagedLayout {
             retrieval: (0..self.config.n_layers).map(|l| method.pattern.layer(l).to_vec()).collect(),
