@@ -59,7 +59,7 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
                 for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
                     let xq = prefill_attention::PrefillInput {
                         keys: kv.key().round_rows(&x.keys, x.head_dim),
-                        values: kv.round_rows(&x.values, x.head_dim),
+                        values: kv.value().round_rows(&x.values, x.head_dim),
                         ..x.clone()
                     };
                     out.push(prefill(
@@ -138,7 +138,7 @@ fn prefill(
     let (k, v, _scales) = if layout.kv.is_quantised() {
         let ((kb, ks), (vb, vs)) = (
             layout.kv.key().quantise_rows(&keys, d)?,
-            layout.kv.quantise_rows(&values, d)?,
+            layout.kv.value().quantise_rows(&values, d)?,
         );
         let scales = (gpu.upload(&ks)?, gpu.upload(&vs)?);
         paged = paged.with_scales(gpu.addr(&scales.0), gpu.addr(&scales.1));

@@ -63,10 +63,11 @@ impl KvType {
         if self == KvType::K8V4 { KvType::Int4 } else { self }
     }
 
-    /// Bytes of `elems` elements (without the row scales) of one side, keys or values, of
-    /// a cache whose sides are alike; K8V4's sides differ ([`KvType::key_bytes_for`],
-    /// [`KvType::value_bytes_for`]), and this is their mean.
+    /// Bytes of `elems` elements (without the row scales) of a cache whose keys and values
+    /// are alike. K8V4's sides differ: asking it is a programming error (a panic); use
+    /// [`KvType::key_bytes_for`] or [`KvType::value_bytes_for`].
     pub fn bytes_for(self, elems: usize) -> usize {
+        assert!(self != KvType::K8V4, "K8V4's keys and values differ in width: ask key_bytes_for or value_bytes_for");
         elems * self.bits() / 8
     }
 
@@ -108,10 +109,10 @@ impl KvType {
     }
 
     /// Rows of `head_dim` values as a byte cache stores them: bytes, then a scale per row
-    /// (exactly as the kernels quantise; K8V4's values, [`KvType::value`] gives its keys').
-    /// Not a byte cache: an input error.
+    /// (exactly as the kernels quantise). Not a byte cache of one format (K8V4: ask its
+    /// [`KvType::key`] or [`KvType::value`]): an input error.
     pub fn quantise_rows(self, values: &[f32], head_dim: usize) -> Result<(Vec<u8>, Vec<f32>)> {
-        match self.value() {
+        match self {
             KvType::Fp8 => Ok(crate::fp8::quantise_rows(values, head_dim)),
             KvType::Int8 => Ok(crate::int8::quantise_rows(values, head_dim)),
             KvType::Int4 => Ok(crate::int4::quantise_rows(values, head_dim)),
@@ -122,9 +123,10 @@ impl KvType {
     }
 
     /// `values` as this cache holds them (rounded, or quantised and dequantised by rows of
-    /// `head_dim`): what a kernel over this cache sees (K8V4: its values).
+    /// `head_dim`): what a kernel over this cache sees. K8V4's sides differ: asking it is a
+    /// programming error (a panic); ask its [`KvType::key`] or [`KvType::value`].
     pub fn round_rows(self, values: &[f32], head_dim: usize) -> Vec<f32> {
-        match self.value() {
+        match self {
             KvType::F32 => values.to_vec(),
             KvType::Bf16 => values
                 .iter()
@@ -136,7 +138,7 @@ impl KvType {
                 crate::int8::dequantise_rows(&b, &s, head_dim)
             }
             KvType::Int4 => crate::int4::round_rows(values, head_dim),
-            KvType::K8V4 => unreachable!("value() is never K8V4"),
+            KvType::K8V4 => panic!("K8V4's keys and values round differently: ask key() or value()"),
         }
     }
 
@@ -150,10 +152,10 @@ impl KvType {
         }
     }
 
-    /// Bytes and scales back to values (a byte cache; others give their input's length of
-    /// zeros; K8V4's values, [`KvType::value`] gives its keys').
+    /// Bytes and scales back to values (a byte cache of one format; others, K8V4 included
+    /// (ask its [`KvType::key`] or [`KvType::value`]), give their input's length of zeros).
     pub fn dequantise_rows(self, bytes: &[u8], scales: &[f32], head_dim: usize) -> Vec<f32> {
-        match self.value() {
+        match self {
             KvType::Fp8 => crate::fp8::dequantise_rows(bytes, scales, head_dim),
             KvType::Int8 => crate::int8::dequantise_rows(bytes, scales, head_dim),
             KvType::Int4 => crate::int4::dequantise_rows(bytes, scales, head_dim),
@@ -166,7 +168,7 @@ impl KvType {
 pub fn rounded_to(kv: KvType, x: &DecodeInput) -> DecodeInput {
     DecodeInput {
         keys: kv.key().round_rows(&x.keys, x.head_dim),
-        values: kv.round_rows(&x.values, x.head_dim),
+        values: kv.value().round_rows(&x.values, x.head_dim),
         ..x.clone()
     }
 }
@@ -1415,7 +1417,7 @@ mod gpu {
             }
             KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4 => {
                 let ((kb, ksc), (vb, vsc)) =
-                    (kv.key().quantise_rows(&keys, d)?, kv.quantise_rows(&values, d)?);
+                    (kv.key().quantise_rows(&keys, d)?, kv.value().quantise_rows(&values, d)?);
                 (k8, v8, ks, vs) = (
                     gpu.upload(&kb)?,
                     gpu.upload(&vb)?,
@@ -1660,13 +1662,17 @@ mod tests {
         // Keys round as int8 rows, values as int4 rows, exactly as those caches do.
         let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
         assert_eq!(kv.round_key_rows(&x, 128), KvType::Int8.round_rows(&x, 128));
-        assert_eq!(kv.round_rows(&x, 128), KvType::Int4.round_rows(&x, 128));
-        assert_ne!(kv.round_key_rows(&x, 128), kv.round_rows(&x, 128), "the two sides differ");
-        let (bytes, scales) = kv.quantise_rows(&x, 128).expect("a byte cache");
+        assert_eq!(kv.value().round_rows(&x, 128), KvType::Int4.round_rows(&x, 128));
+        assert_ne!(kv.round_key_rows(&x, 128), kv.value().round_rows(&x, 128), "the two sides differ");
+        let (bytes, scales) = kv.value().quantise_rows(&x, 128).expect("a byte cache");
         assert_eq!((bytes.len(), scales.len()), (128, 2), "values: half a byte each");
         let (kb, _) = kv.key().quantise_rows(&x, 128).expect("a byte cache");
         assert_eq!(kb.len(), 256, "keys: a byte each");
-        assert_eq!(kv.dequantise_rows(&bytes, &scales, 128), KvType::Int4.round_rows(&x, 128));
+        assert_eq!(kv.value().dequantise_rows(&bytes, &scales, 128), KvType::Int4.round_rows(&x, 128));
+        // Its sides differ, so the one-format questions are refused rather than answered for
+        // one side.
+        assert!(kv.quantise_rows(&x, 128).is_err());
+        assert!(std::panic::catch_unwind(|| kv.round_rows(&x, 128)).is_err() && std::panic::catch_unwind(|| kv.bytes_for(128)).is_err());
         // Its decode kernel runs as int8's: three stages, four blocks.
         assert_eq!((tensor_stages(kv), tensor_min_blocks(kv)), (tensor_stages(KvType::Int8), tensor_min_blocks(KvType::Int8)));
         assert_eq!(tensor_smem_bytes(128, 4, kv), tensor_smem_bytes(128, 4, KvType::Int8));
@@ -1754,7 +1760,7 @@ mod tests {
         );
         // The blocks a launch plans for are resident at once, for every type, head size and
         // group; and the measured defaults hold where the memory allows (up to 8 query heads).
-        for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4] {
+        for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
             for d in [64, 128] {
                 for group in 1..=16 {
                     let b = tensor_blocks(d, group, kv);

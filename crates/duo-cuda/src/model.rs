@@ -241,7 +241,7 @@ pub fn reference_logits_split(c: &GpuConfig, layout: &PagedLayout, seed: u64, to
                 // from their f32 rotation, as the GPU does).
                 if layout.kv.is_quantised() {
                     let keys = layout.kv.round_key_rows(&row[lnh * d..(lnh + lng) * d], d);
-                    let values = layout.kv.round_rows(&row[(lnh + lng) * d..], d);
+                    let values = layout.kv.value().round_rows(&row[(lnh + lng) * d..], d);
                     row[lnh * d..(lnh + lng) * d].copy_from_slice(&keys);
                     row[(lnh + lng) * d..].copy_from_slice(&values);
                 } else {

@@ -301,7 +301,7 @@ pub fn compile_all() -> Option<Result<usize>> {
     }
     // And DUO_DECODE_V_SMEM's (values through shared memory) and DUO_DECODE_TILE=128's over
     // each byte cache.
-    for (group, d, kv) in [(4, 128, KvType::Fp8), (3, 64, KvType::Int8), (4, 128, KvType::Int4), (16, 128, KvType::Fp8), (4, 128, KvType::K8V4)] {
+    for (group, d, kv) in [(4, 128, KvType::Fp8), (3, 64, KvType::Int8), (4, 128, KvType::Int4), (16, 128, KvType::Fp8), (4, 128, KvType::K8V4), (16, 64, KvType::K8V4)] {
         let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
         jobs.push(("decode_attention", src.clone(), with_define(&o, "V_REGS", "0")));
         jobs.push(("decode_attention", src, with_define(&o, "BYTE_TILE", "128")));
