@@ -21,7 +21,8 @@
 #       under each NCCL protocol, the one-GPU decode and prefill parity (and the wgmma
 #       kernel's other forms'); leaves the model's first part in /tmp as c does
 #   g   carry .gpu/bin, .gpu/patterns: the tp parity and timings (all-reduce, half a layer's decode attention),
-#       the 128K duo step on one GPU and on two
+#       the 128K duo step on one GPU and on two; the overlapped prefill (DUO_TP_OVERLAP=1):
+#       its parity and 128K of prefill beside the plain one
 #   f   carry .gpu/mb (after e or c on the same warm machine): SmolLM2's greedy tokens on one
 #       GPU and on two, where they part, and each continuation scored on both
 # Each step's files come back packed in $OUT/results.tgz.
@@ -107,6 +108,15 @@ case $step in
       IFS=: read -r name flags env <<< "$run"
       timeout 100 env $env $D bench $common --methods duo --lengths 131072 $flags --out "$OUT/step128k-$name" > "$OUT/step128k-$name.txt" 2>&1
       echo "== duo step at 128K, $name (exit $?)"; grep -E "tokens:|rror" "$OUT/step128k-$name.txt" | cut -c1-200
+    done
+    # The prefill's all-reduces overlapped with the other half chunk's work (DUO_TP_OVERLAP=1):
+    # its parity, then 128K of prefill on one GPU, on two, and on two overlapped.
+    timeout 150 env DUO_TP_OVERLAP=1 $D cuda-check --only tp --no-timings > "$OUT/tp-check-overlap.txt" 2>&1
+    echo "tp check, overlapped prefill: exit $?"; grep -E "^FAIL|rror" "$OUT/tp-check-overlap.txt" | cut -c1-300
+    for run in "one::" "two:--tensor-parallel 2:" "two-overlap:--tensor-parallel 2:DUO_TP_OVERLAP=1"; do
+      IFS=: read -r name flags env <<< "$run"
+      timeout 150 env $env $D bench $shape --max-prefill ${PREFILL:-131072} --methods duo --lengths ${PREFILL:-131072} --decode-tokens 3 $flags --out "$OUT/prefill-$name" > "$OUT/prefill-$name.txt" 2>&1
+      echo "== prefill, $name (exit $?)"; grep -E "tokens:|rror" "$OUT/prefill-$name.txt" | cut -c1-200
     done ;;
   f)
     # SmolLM2 on one GPU and on two: where the greedy tokens part, and how close the two

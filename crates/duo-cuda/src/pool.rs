@@ -154,7 +154,7 @@ impl Buffers {
         let r = c.max_rows;
         let qd = g.n_heads * g.head_dim;
         Ok(Self {
-            meta: gpu.zeros(3 * r + 2)?,
+            meta: gpu.zeros(3 * r + 4)?,
             x: gpu.zeros(r * g.hidden)?,
             xn: gpu.zeros(r * g.hidden)?,
             qkv: gpu.zeros(r * g.qkv_dim())?,
@@ -239,6 +239,10 @@ pub struct KvPool {
     /// a tensor-parallel process past its first, whose logits equal the first's (a chunk's
     /// every row of a large vocabulary is gigabytes).
     host_logits: std::sync::atomic::AtomicBool,
+    /// Under tensor parallelism with `DUO_TP_OVERLAP=1`: a second stream for the prefill's
+    /// all-reduces, so that one half of a chunk's sum crosses NVLink while the other half
+    /// computes ([`KvPool::prefill_layers_overlapped`]). A measurement knob until measured.
+    comm: Option<Arc<cudarc::driver::CudaStream>>,
 }
 
 /// One sequence in a pool: its slot, its blocks, its length. Dropping it returns its blocks.
@@ -360,6 +364,10 @@ impl KvPool {
             uncapturable: Vec::new(),
             graph_steps: 0,
         };
+        let comm = match &link {
+            Some(_) if crate::decode_attention::tuning("DUO_TP_OVERLAP") == Some(1) => Some(gpu.ctx.new_stream().map_err(driver)?),
+            _ => None,
+        };
         Ok(Arc::new(Self {
             gpu,
             w,
@@ -372,6 +380,7 @@ impl KvPool {
             tables,
             heads,
             state: Mutex::new(state),
+            comm,
             link,
             host_logits: std::sync::atomic::AtomicBool::new(true),
         }))
@@ -764,8 +773,9 @@ impl KvPool {
         let bsz = decode.len();
         let chunk = prefill.as_ref().map_or(0, |p| p.tokens.len());
         let rows = padded + chunk;
-        // Row metadata: tokens, slots, positions, then the prefill chunk's [slot, first].
-        let mut meta = vec![0i32; 3 * rows + 2];
+        // Row metadata: tokens, slots, positions, then the prefill chunk's [slot, first], and
+        // that of its second half (for the overlapped prefill under tensor parallelism).
+        let mut meta = vec![0i32; 3 * rows + 4];
         for (i, r) in decode.iter().enumerate() {
             meta[i] = r.token as i32;
             meta[rows + i] = r.seq.slot as i32;
@@ -783,6 +793,8 @@ impl KvPool {
             }
             meta[3 * rows] = p.seq.slot as i32;
             meta[3 * rows + 1] = p.seq.tokens as i32;
+            meta[3 * rows + 2] = p.seq.slot as i32;
+            meta[3 * rows + 3] = (p.seq.tokens + p.tokens.len() / 2) as i32;
         }
         g.write(&meta, &mut st.b.meta)?;
 
@@ -986,7 +998,14 @@ impl KvPool {
             h,
             rows,
         )?;
-        for (l, lw) in w.layers.iter().enumerate() {
+        let overlapped = match (&self.comm, &self.link) {
+            (Some(comm), Some(link)) if decode_rows == 0 && chunk == rows && chunk >= 2 => {
+                self.prefill_layers_overlapped(b, chunk, comm, link, residual)?;
+                true
+            }
+            _ => false,
+        };
+        for (l, lw) in w.layers.iter().enumerate().filter(|_| !overlapped) {
             let heads = g.addr(&self.heads[l]);
             g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), rows, h, c.eps)?;
             g.linear(
@@ -1088,6 +1107,85 @@ impl KvPool {
                 0.0,
                 false,
             )?;
+        }
+        Ok(())
+    }
+
+    /// Every layer of a prefill-only step of `chunk` rows under tensor parallelism, the
+    /// chunk cut in two halves so that each half's all-reduce (on `comm`) overlaps the other
+    /// half's work (on the main stream): per layer, half A's attention block and then B's,
+    /// each followed by its sum; then A's MLP once A's sum is in, B's once B's is. Half B's
+    /// attention sees half A's keys (appended before it on the main stream), as two
+    /// consecutive chunks would; every rank makes the same all-reduces in the same order.
+    /// Ends with the main stream waiting for the last sums.
+    fn prefill_layers_overlapped(&self, b: &Buffers, chunk: usize, comm: &Arc<cudarc::driver::CudaStream>, link: &crate::nccl::Link, residual: f32) -> Result<()> {
+        let (g, c, w) = (&*self.gpu, &self.w.config, &*self.w);
+        let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
+        let (a, a16) = (|s: &CudaSlice<f32>| g.addr(s), |s: &CudaSlice<u16>| g.addr(s));
+        let meta = g.addr(&b.meta);
+        let rows = chunk;
+        let (slots, pos, pre) = (meta + 4 * rows as u64, meta + 8 * rows as u64, meta + 12 * rows as u64);
+        let paged = self.paged();
+        let (kc, vc) = (g.addr(&self.keys), g.addr(&self.values));
+        let halves = [(0usize, chunk / 2), (chunk / 2, chunk - chunk / 2)];
+        // The event after each half's latest sum: the main stream waits for it before it
+        // touches that half's rows of `x` again.
+        let mut summed: [Option<cudarc::driver::CudaEvent>; 2] = [None, None];
+        let sum_half = |off: usize, n: usize| -> Result<cudarc::driver::CudaEvent> {
+            let ready = g.stream.record_event(None).map_err(driver)?;
+            comm.wait(&ready).map_err(driver)?;
+            link.all_reduce_sum_f32(a(&b.x) + (off * h * 4) as u64, n * h, comm)?;
+            comm.record_event(None).map_err(driver)
+        };
+        for (l, lw) in w.layers.iter().enumerate() {
+            let heads = g.addr(&self.heads[l]);
+            for (i, &(off, n)) in halves.iter().enumerate() {
+                if let Some(e) = &summed[i] {
+                    g.stream.wait(e).map_err(driver)?;
+                }
+                let x = a(&b.x) + (off * h * 4) as u64;
+                let xn = a16(&b.xn) + (off * h * 2) as u64;
+                let qkv = a16(&b.qkv) + (off * kvd * 2) as u64;
+                let q = a(&b.q) + (off * qd * 4) as u64;
+                let att = a16(&b.att) + (off * qd * 2) as u64;
+                g.rms_norm(x, a(&lw.attn_norm), xn, n, h, c.eps)?;
+                g.linear(xn, a16(&lw.qkv), qkv, n, h, kvd, 0.0, true)?;
+                g.rope_append(qkv, slots + (off * 4) as u64, pos + (off * 4) as u64, a(&w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, q, kc, vc, n, paged)?;
+                g.prefill_attention(
+                    g.prefill_kernel_for(c.head_dim, self.layout.kv),
+                    q,
+                    kc,
+                    vc,
+                    heads,
+                    pre + (8 * i) as u64,
+                    paged,
+                    n,
+                    c.n_heads,
+                    c.n_heads / c.n_kv_heads,
+                    c.head_dim,
+                    self.layout.kv,
+                    att,
+                )?;
+                g.linear(att, a16(&lw.o), x, n, qd, h, residual, false)?;
+                summed[i] = Some(sum_half(off, n)?);
+            }
+            for (i, &(off, n)) in halves.iter().enumerate() {
+                if let Some(e) = &summed[i] {
+                    g.stream.wait(e).map_err(driver)?;
+                }
+                let x = a(&b.x) + (off * h * 4) as u64;
+                let xn = a16(&b.xn) + (off * h * 2) as u64;
+                let gu = a16(&b.gu) + (off * 2 * c.ffn * 2) as u64;
+                let act = a16(&b.act) + (off * c.ffn * 2) as u64;
+                g.rms_norm(x, a(&lw.ffn_norm), xn, n, h, c.eps)?;
+                g.linear(xn, a16(&lw.gate_up), gu, n, h, 2 * c.ffn, 0.0, true)?;
+                g.silu_mul(gu, act, n, c.ffn)?;
+                g.linear(act, a16(&lw.down), x, n, c.ffn, h, residual, false)?;
+                summed[i] = Some(sum_half(off, n)?);
+            }
+        }
+        for e in summed.iter().flatten() {
+            g.stream.wait(e).map_err(driver)?;
         }
         Ok(())
     }
