@@ -218,6 +218,12 @@ impl Link {
         Ok(Arc::new(Link { group: Comms::new(nccl, vec![comm]), local: 0, rank, world }))
     }
 
+    /// Whether every rank of the group is in this process ([`Link::all`]) rather than one
+    /// per process ([`Link::one`]).
+    pub fn in_one_process(&self) -> bool {
+        self.group.comms.len() == self.world
+    }
+
     /// `buf[..n] = sum over ranks of buf[..n]` (`f32`, in place; `buf` a device address on
     /// this rank's GPU), queued on `stream`: every rank must make the same call, in the same
     /// order.

@@ -183,7 +183,7 @@ impl Buffers {
     fn bytes(w: &GpuWeights, c: &PoolConfig, layout: &PagedLayout) -> usize {
         let g = &w.config;
         let (r, qd) = (c.max_rows, g.n_heads * g.head_dim);
-        4 * (3 * r + 2)
+        4 * (3 * r + 4)
             + r * (4 * g.hidden
                 + 2 * g.hidden
                 + 2 * g.qkv_dim()
@@ -239,7 +239,7 @@ pub struct KvPool {
     /// a tensor-parallel process past its first, whose logits equal the first's (a chunk's
     /// every row of a large vocabulary is gigabytes).
     host_logits: std::sync::atomic::AtomicBool,
-    /// Under tensor parallelism with `DUO_TP_OVERLAP=1`: a second stream for the prefill's
+    /// Under tensor parallelism within one process with `DUO_TP_OVERLAP=1`: a second stream for the prefill's
     /// all-reduces, so that one half of a chunk's sum crosses NVLink while the other half
     /// computes ([`KvPool::prefill_layers_overlapped`]). A measurement knob until measured.
     comm: Option<Arc<cudarc::driver::CudaStream>>,
@@ -364,8 +364,11 @@ impl KvPool {
             uncapturable: Vec::new(),
             graph_steps: 0,
         };
+        // Only where every rank is in this process (they share its environment, so all take
+        // the same path); across processes each would read its own, and ranks sending
+        // differently cut sums would hang NCCL.
         let comm = match &link {
-            Some(_) if crate::decode_attention::tuning("DUO_TP_OVERLAP") == Some(1) => Some(gpu.ctx.new_stream().map_err(driver)?),
+            Some(l) if l.in_one_process() && crate::decode_attention::tuning("DUO_TP_OVERLAP") == Some(1) => Some(gpu.ctx.new_stream().map_err(driver)?),
             _ => None,
         };
         Ok(Arc::new(Self {
