@@ -368,7 +368,13 @@ impl KvPool {
         // the same path); across processes each would read its own, and ranks sending
         // differently cut sums would hang NCCL.
         let comm = match &link {
-            Some(l) if l.in_one_process() && crate::decode_attention::tuning("DUO_TP_OVERLAP") == Some(1) => Some(gpu.ctx.new_stream().map_err(driver)?),
+            Some(l) if l.in_one_process() && crate::decode_attention::tuning("DUO_TP_OVERLAP") == Some(1) => {
+                // The highest priority, so that the sums' kernels get multiprocessors while
+                // the other half's products hold them.
+                gpu.ctx.bind_to_thread().map_err(driver)?;
+                let (_, highest) = cudarc::driver::result::stream::get_priority_range().map_err(driver)?;
+                Some(gpu.ctx.new_stream_with_priority(highest).map_err(driver)?)
+            }
             _ => None,
         };
         Ok(Arc::new(Self {
