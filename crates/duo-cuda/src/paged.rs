@@ -275,6 +275,19 @@ __device__ __forceinline__ long long kv_row(const Paged& p, int4 e, int slot, in
 __device__ __forceinline__ long long page_run(const Paged& p, int4 e, int slot, int r0, int rows) {
     return e.w == 0 && p.block_log2 >= 6 && (r0 & 63) == 0 && r0 + 64 <= rows ? kv_row(p, e, slot, r0) : -1;
 }
+// The prefill kernels' walk over a head's `rows` rows: row r's position (a streaming head's
+// rows are its sinks, then its ring's positions from `win`).
+__device__ __forceinline__ int walk_pos(int4 e, int r, int win) { return e.w == 1 && r >= e.y ? win + r - e.y : r; }
+// The first tile of `tile` rows at or after row r that some query of positions q_lo..q_hi
+// sees (rows' positions only increase), or `rows` when there is none.
+__device__ __forceinline__ int next_seen_tile(int4 e, int r, int rows, int win, int q_lo, int q_hi, int tile) {
+    for (; r < rows; r += tile) {
+        if (walk_pos(e, r, win) > q_hi) return rows;
+        const int r1 = min(rows, r + tile) - 1;
+        if (!(e.w == 1 && r >= e.y && q_lo - walk_pos(e, r1, win) >= e.z)) return r;
+    }
+    return rows;
+}
 "#;
 
 /// One slot's table row on the host, and the same lookup as `kv_row`.

@@ -417,7 +417,6 @@ pub const SOURCE: &str = r#"
 #define KPAD (HEAD_DIM + 8)
 #define VPAD (BK + 8)
 
-__device__ __forceinline__ int row_pos(int4 e, int r, int win) { return e.w == 1 && r >= e.y ? win + r - e.y : r; }
 
 // Shared memory: the block's queries (bf16, pre-scaled), then two stages of K and V tiles;
 // rows padded to KPAD so that ldmatrix reads are free of bank conflicts.
@@ -481,16 +480,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
 #pragma unroll
     for (int x = 0; x < 4; x++) { m[x] = NEG_INF; l[x] = 0.f; }
 
-    // The next tile at or after row r that some query sees (rows' positions only increase),
-    // or `rows` when there is none.
-    auto next_tile = [&](int r) -> int {
-        for (; r < rows; r += BK) {
-            if (row_pos(e, r, win) > q_hi) return rows;
-            const int r1 = min(rows, r + BK) - 1;
-            if (!(e.w == 1 && r >= e.y && q_lo - row_pos(e, r1, win) >= e.z)) return r;
-        }
-        return rows;
-    };
+    auto next_tile = [&](int r) { return next_seen_tile(e, r, rows, win, q_lo, q_hi, BK); };
 #ifdef KV_BYTES
     unsigned char* raw = reinterpret_cast<unsigned char*>(smem + Q_ELEMS);        // [2][K, V][BK][RPAD]
     float* scl = reinterpret_cast<float*>(raw + 4 * RAW_TILE);                    // [2][K, V][BK]
@@ -501,7 +491,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         for (int i = threadIdx.x; i < BK * K_ROW_BYTES / 16; i += blockDim.x) {
             const int r = i / (K_ROW_BYTES / 16), c = (i % (K_ROW_BYTES / 16)) * 16;
             const bool live = r0 + r < rows;
-            const size_t row = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0);
+            const size_t row = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, walk_pos(e, r0 + r, win)) : 0);
             cp_async16(kr + r * RPAD + c, keys + row * K_ROW_BYTES + c, live ? 16 : 0);
             // A value row is as wide as a key row, or (K8V4) half as wide.
             if (c < V_ROW_BYTES) cp_async16(kr + RAW_TILE + r * RPAD + c, values + row * V_ROW_BYTES + c, live ? 16 : 0);
@@ -509,7 +499,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         // Row scales: threads 0-63 the keys', 64-127 the values'.
         const int r = threadIdx.x % BK;
         const bool live = r0 + r < rows;
-        const long long row = run >= 0 ? run + r : live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0;
+        const long long row = run >= 0 ? run + r : live ? kv_row(pg, e, slot, walk_pos(e, r0 + r, win)) : 0;
         cp_async4(scl + (stage * 2 + threadIdx.x / BK) * BK + r, (threadIdx.x < BK ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
     };
 #else
@@ -520,7 +510,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         for (int i = threadIdx.x; i < BK * HEAD_DIM / 8; i += blockDim.x) {
             const int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
             const bool live = r0 + r < rows;
-            const size_t at = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, row_pos(e, r0 + r, win)) : 0) * HEAD_DIM + c;
+            const size_t at = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, walk_pos(e, r0 + r, win)) : 0) * HEAD_DIM + c;
             cp_async16(ks + r * KPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vs + r * KPAD + c, values + at, live ? 16 : 0);
         }
@@ -555,7 +545,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         const bf16_t* vs = smem + Q_ELEMS + (2 + stage) * STAGE_ELEMS;
 #endif
         const int r0 = cur, r1 = min(rows, r0 + BK) - 1;
-        const int kp_lo = row_pos(e, r0, win), kp_hi = row_pos(e, r1, win);
+        const int kp_lo = walk_pos(e, r0, win), kp_hi = walk_pos(e, r1, win);
 
         float s[2][BK / 8][4];
 #pragma unroll
@@ -591,7 +581,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
                     for (int x = 0; x < 4; x++) {
                         const int r = r0 + 8 * j + 2 * tq + (x & 1);
                         const int qp = p0 + row0 + mt * 16 + (x >> 1) * 8;
-                        const int kp = row_pos(e, r, win);
+                        const int kp = walk_pos(e, r, win);
                         const bool vis = r < rows && kp <= qp && (e.w == 0 || kp < e.y || qp - kp < e.z);
                         if (!vis) s[mt][j][x] = NEG_INF;
                     }
@@ -698,7 +688,6 @@ pub const WG_SOURCE: &str = r#"
 #define ROW_CORES (HEAD_DIM / 8)
 #define WG_TILE_BYTES (WG_BK * HEAD_DIM * 2)
 
-__device__ __forceinline__ int wg_row_pos(int4 e, int r, int win) { return e.w == 1 && r >= e.y ? win + r - e.y : r; }
 __device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lbo, unsigned sbo) {
     return (unsigned long long)((addr >> 4) & 0x3fffu) | ((unsigned long long)((lbo >> 4) & 0x3fffu) << 16)
          | ((unsigned long long)((sbo >> 4) & 0x3fffu) << 32);
@@ -771,14 +760,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     const int row0 = qt * WG_BQ + wg * 64 + warp * 16 + gr;
     const size_t qs = (size_t)n_heads * HEAD_DIM;
 
-    auto next_tile = [&](int r) -> int {
-        for (; r < rows; r += WG_BK) {
-            if (wg_row_pos(e, r, win) > q_hi) return rows;
-            const int r1 = min(rows, r + WG_BK) - 1;
-            if (!(e.w == 1 && r >= e.y && q_lo - wg_row_pos(e, r1, win) >= e.z)) return r;
-        }
-        return rows;
-    };
+    auto next_tile = [&](int r) { return next_seen_tile(e, r, rows, win, q_lo, q_hi, WG_BK); };
     // [WG_STAGES][K, V][WG_BK / 8][ROW_CORES] core matrices of 128 bytes (then, with WS, the
     // stages' full and empty barriers).
     extern __shared__ __align__(128) unsigned char wsm[];
@@ -792,7 +774,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
             const int kr = (i % 8) + 8 * (i / (8 * ROW_CORES)), c8 = (i / 8) % ROW_CORES;
             const int off = ((kr / 8) * ROW_CORES + c8) * 128 + (kr % 8) * 16;
             const bool live = r0 + kr < rows;
-            const size_t at = (size_t)(run >= 0 ? run + kr : live ? kv_row(pg, e, slot, wg_row_pos(e, r0 + kr, win)) : 0) * HEAD_DIM + c8 * 8;
+            const size_t at = (size_t)(run >= 0 ? run + kr : live ? kv_row(pg, e, slot, walk_pos(e, r0 + kr, win)) : 0) * HEAD_DIM + c8 * 8;
             cp_async16(ks + off, keys + at, live ? 16 : 0);
             cp_async16(ks + WG_TILE_BYTES + off, values + at, live ? 16 : 0);
         }
@@ -853,7 +835,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     };
     auto softmax_tile = [&](float* s, int r0, float* cf) {
         const int r1 = min(rows, r0 + WG_BK) - 1;
-        const int kp_lo = wg_row_pos(e, r0, win), kp_hi = wg_row_pos(e, r1, win);
+        const int kp_lo = walk_pos(e, r0, win), kp_hi = walk_pos(e, r1, win);
         const bool full = r0 + WG_BK <= rows && kp_hi <= q_lo && (e.w == 0 || r1 < e.y || q_hi - kp_lo < e.z);
         if (!full) {
 #pragma unroll
@@ -862,7 +844,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
                 for (int x = 0; x < 4; x++) {
                     const int r = r0 + 8 * j + 2 * tq + (x & 1);
                     const int qp = p0 + row0 + (x >> 1) * 8;
-                    const int kp = wg_row_pos(e, r, win);
+                    const int kp = walk_pos(e, r, win);
                     const bool vis = r < rows && kp <= qp && (e.w == 0 || kp < e.y || qp - kp < e.z);
                     if (!vis) s[4 * j + x] = NEG_INF;
                 }
