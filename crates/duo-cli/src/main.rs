@@ -200,10 +200,11 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
     // With it, the decode attention one GPU of two runs at 1M tokens (16 query / 4 KV heads
     // of a Llama-3-8B layer) beside the whole layer's on one GPU: whether half a layer
     // streams its cache as fast per byte.
+    let duo = [true, true, true, true, false, false, false, false];
     if timed.contains(&"tp") {
         let shapes: [(&str, usize, &[bool]); 4] = [
             ("whole layer, full", 32, &[true; 8]),
-            ("whole layer, duo 0.5", 32, &[true, true, true, true, false, false, false, false]),
+            ("whole layer, duo 0.5", 32, &duo),
             ("half a layer, full", 16, &[true; 4]),
             ("half a layer, duo 0.5", 16, &[true, true, false, false]),
         ];
@@ -222,7 +223,6 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             );
         }
     }
-    let duo = [true, true, true, true, false, false, false, false];
     // DUO_TIME_KV=fp8|int8|int4|bf16 times that cache type's tensor-core kernel alone (so
     // that a profiler's first launches of the kernel are its).
     let only: Option<KvType> = match std::env::var("DUO_TIME_KV").as_deref() {
@@ -565,13 +565,8 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         (None, false) => "the default: the pattern's config.json names none",
     };
     println!("streaming window: sink {} + recent {} ({from})", window.sink, window.recent);
-    let (bits, scales) = match &a.kv_dtype {
-        Some(d) => {
-            let d = d.parse::<duo_engine::KvDtype>()?;
-            (d.bits(), d.scale_bytes())
-        }
-        None => (8 * a.bytes_per_element, 0),
-    };
+    let dtype = a.kv_dtype.as_deref().map(str::parse::<duo_engine::KvDtype>).transpose()?;
+    let (bits, scales) = dtype.map_or((8 * a.bytes_per_element, 0), |d| (d.bits(), d.scale_bytes()));
     if bits == 0 {
         bail!("--bytes-per-element must be at least 1");
     }
@@ -586,12 +581,12 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     let plan = plan_for(&pattern);
     let full = plan_for(&all_retrieval);
     let t = a.context;
-    let element = match (bits, scales) {
-        (8, 0) => "1 byte/element".to_string(),
-        (b, 0) => format!("{} bytes/element", b / 8),
-        (8, s) => format!("1 byte/element + {s}-byte scale per row"),
-        (6, s) => format!("keys 8 and values 4 bits/element, each + {s}-byte scale per row"),
-        (b, s) => format!("{b} bits/element + {s}-byte scale per row"),
+    let element = match (dtype, bits, scales) {
+        (Some(duo_engine::KvDtype::K8V4), _, s) => format!("keys 8 and values 4 bits/element, each + {s}-byte scale per row"),
+        (_, 8, 0) => "1 byte/element".to_string(),
+        (_, b, 0) => format!("{} bytes/element", b / 8),
+        (_, 8, s) => format!("1 byte/element + {s}-byte scale per row"),
+        (_, b, s) => format!("{b} bits/element + {s}-byte scale per row"),
     };
     println!(
         "KV cache at {t} tokens (head_dim {}, {element}, sink {}, recent {}): {:.1} MiB vs {:.1} MiB full attention ({:.2}x less)",

@@ -391,17 +391,16 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
                         // plus the f16 rounding of the dequantised value).
                         err = err.max(max_err(&vt.round_rows(values, d), &gv[row * d..][..d]));
                         let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-                        let vmax = values.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-                        let want = match kt {
-                            KvType::Fp8 => crate::fp8::row_scale(amax),
-                            KvType::Int8 => crate::int8::row_scale(amax),
-                            _ => crate::int4::quantise_row(&v).1,
+                        // The scale word the host gives a row in a side's type.
+                        let scale_of = |ty: KvType, row: &[f32]| {
+                            let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                            match ty {
+                                KvType::Fp8 => crate::fp8::row_scale(max),
+                                KvType::Int8 => crate::int8::row_scale(max),
+                                _ => crate::int4::quantise_row(row).1,
+                            }
                         };
-                        let want_v = match vt {
-                            KvType::Fp8 => crate::fp8::row_scale(vmax),
-                            KvType::Int8 => crate::int8::row_scale(vmax),
-                            _ => crate::int4::quantise_row(values).1,
-                        };
+                        let (want, want_v) = (scale_of(kt, &v), scale_of(vt, values));
                         let step4 = crate::int4::params_of(want).0.to_f32();
                         let half_step = |x: f32| match kt {
                             KvType::Fp8 => x.abs() / 16.0,

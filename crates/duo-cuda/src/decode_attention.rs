@@ -42,17 +42,6 @@ pub enum KvType {
 }
 
 impl KvType {
-    /// Bits per element, averaged over keys and values (K8V4: 6).
-    pub fn bits(self) -> usize {
-        match self {
-            KvType::F32 => 32,
-            KvType::Bf16 => 16,
-            KvType::Fp8 | KvType::Int8 => 8,
-            KvType::K8V4 => 6,
-            KvType::Int4 => 4,
-        }
-    }
-
     /// How keys are stored: this type, or K8V4's int8.
     pub fn key(self) -> KvType {
         if self == KvType::K8V4 { KvType::Int8 } else { self }
@@ -67,8 +56,14 @@ impl KvType {
     /// are alike. K8V4's sides differ: asking it is a programming error (a panic); use
     /// [`KvType::key_bytes_for`] or [`KvType::value_bytes_for`].
     pub fn bytes_for(self, elems: usize) -> usize {
-        assert!(self != KvType::K8V4, "K8V4's keys and values differ in width: ask key_bytes_for or value_bytes_for");
-        elems * self.bits() / 8
+        let bits = match self {
+            KvType::F32 => 32,
+            KvType::Bf16 => 16,
+            KvType::Fp8 | KvType::Int8 => 8,
+            KvType::Int4 => 4,
+            KvType::K8V4 => panic!("K8V4's keys and values differ in width: ask key_bytes_for or value_bytes_for"),
+        };
+        elems * bits / 8
     }
 
     /// Bytes of `elems` keys (without the row scales).

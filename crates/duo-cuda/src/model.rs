@@ -698,31 +698,36 @@ mod gpu {
                 }
                 Ok(())
             };
-            let per_rank: Vec<Result<(f64, f64)>> = std::thread::scope(|s| {
-                let handles: Vec<_> = gpus
-                    .iter()
-                    .zip(&links)
-                    .map(|(gpu, link)| {
-                        s.spawn(move || -> Result<(f64, f64)> {
-                            // A rank that fails aborts the group: the others would wait for
-                            // it in a collective for ever.
-                            let timed = time_all_reduce_rank(gpu, link, n, iters, together);
-                            if timed.is_err() {
-                                link.abort_all();
-                            }
-                            timed
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(CudaError::Driver("a rank's thread panicked".into())))).collect()
-            });
-            let per_rank = per_rank.into_iter().collect::<Result<Vec<_>>>()?;
+            let per_rank = on_each_rank(&links, |r| time_all_reduce_rank(&gpus[r], &links[r], n, iters, together))?;
             // The slowest rank sets the pace.
             let eager = per_rank.iter().map(|r| r.0).fold(0.0, f64::max);
             let graph = per_rank.iter().map(|r| r.1).fold(0.0, f64::max);
             rows.push((n, eager, graph));
         }
         Ok(rows)
+    }
+
+    /// `f(r)` for every rank `r` of `links` at once, each on a thread of its own; the results
+    /// in rank order. A rank that fails (or panics) aborts the group: the others would wait
+    /// for it in a collective for ever.
+    fn on_each_rank<T: Send>(links: &[Arc<crate::nccl::Link>], f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+        std::thread::scope(|s| {
+            let f = &f;
+            let handles: Vec<_> = links
+                .iter()
+                .enumerate()
+                .map(|(r, link)| {
+                    s.spawn(move || {
+                        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(r))).unwrap_or_else(|_| Err(CudaError::Driver("a rank's thread panicked".into())));
+                        if got.is_err() {
+                            link.abort_all();
+                        }
+                        got
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(CudaError::Driver("a rank's thread panicked".into())))).collect::<Result<Vec<_>>>()
+        })
     }
 
     /// One rank's share of [`time_all_reduce`]: microseconds per all-reduce of `n` values,
@@ -794,23 +799,7 @@ mod gpu {
                 let pool_config = PoolConfig { blocks, max_seqs: 1, max_rows: rank_layout.max_chunk, graphs: true };
                 pools.push(KvPool::linked(gpu.clone(), Arc::new(w), rank_layout, pool_config, Some(links[r].clone()))?);
             }
-            let runs: Vec<Result<(Vec<f32>, Vec<u32>)>> = std::thread::scope(|s| {
-                // A rank that fails aborts the group: the others would wait for it for ever.
-                let handles: Vec<_> = pools
-                    .iter()
-                    .map(|pool| {
-                        s.spawn(|| {
-                            let got = run_alone(pool, &prompt, chunk, steps);
-                            if got.is_err() {
-                                pool.link().expect("a linked pool").abort_all();
-                            }
-                            got
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(CudaError::Driver("a rank's thread panicked".into())))).collect()
-            });
-            let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
+            let runs = on_each_rank(&links, |r| run_alone(&pools[r], &prompt, chunk, steps))?;
             let (got, tokens) = &runs[0];
             if !references.iter().any(|(t, _)| t == tokens) {
                 references.push((tokens.clone(), reference_logits(&config, &layout, seed, tokens, prompt.len() - 1)?));
@@ -905,7 +894,7 @@ mod gpu {
             });
         }
 
-        // Continuous batching in one pool against each sequence alone, bf16, fp8 and int8 caches.
+        // Continuous batching in one pool against each sequence alone, with every cache type.
         let config = config(4, 2, 64, true);
         let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
         for cache in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {

@@ -983,7 +983,7 @@ impl KvPool {
         logit_rows: usize,
     ) -> Result<()> {
         let (g, c, w) = (&*self.gpu, &self.w.config, &*self.w);
-        let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
+        let h = c.hidden;
         let a = |s: &CudaSlice<f32>| g.addr(s);
         let a16 = |s: &CudaSlice<u16>| g.addr(s);
         let meta = g.addr(&b.meta);
@@ -1007,102 +1007,27 @@ impl KvPool {
             h,
             rows,
         )?;
-        let overlapped = match (&self.comm, &self.link) {
+        match (&self.comm, &self.link) {
             (Some(comm), Some(link)) if decode_rows == 0 && chunk == rows && chunk >= 2 => {
                 self.prefill_layers_overlapped(b, chunk, comm, link, residual)?;
-                true
             }
-            _ => false,
-        };
-        for (l, lw) in w.layers.iter().enumerate().filter(|_| !overlapped) {
-            let heads = g.addr(&self.heads[l]);
-            g.rms_norm(a(&b.x), a(&lw.attn_norm), a16(&b.xn), rows, h, c.eps)?;
-            g.linear(
-                a16(&b.xn),
-                a16(&lw.qkv),
-                a16(&b.qkv),
-                rows,
-                h,
-                kvd,
-                0.0,
-                true,
-            )?;
-            g.rope_append(
-                a16(&b.qkv),
-                slots,
-                pos,
-                a(&w.inv_freq),
-                heads,
-                c.n_heads,
-                c.n_kv_heads,
-                c.head_dim,
-                c.half_split,
-                a(&b.q),
-                kc,
-                vc,
-                rows,
-                paged,
-            )?;
-            if decode_rows > 0 {
-                let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
-                g.decode_attention(
-                    &shapes[l],
-                    a(&b.q),
-                    kc,
-                    vc,
-                    heads,
-                    slots,
-                    pos,
-                    paged,
-                    parts,
-                    0,
-                    a16(&b.att),
-                )?;
+            _ => {
+                for (l, lw) in w.layers.iter().enumerate() {
+                    let heads = g.addr(&self.heads[l]);
+                    self.attention_input(b, lw, heads, paged, rows, (0, rows))?;
+                    if decode_rows > 0 {
+                        let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
+                        g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, paged, parts, 0, a16(&b.att))?;
+                    }
+                    if chunk > 0 {
+                        self.prefill_rows(b, heads, paged, pre, (decode_rows, chunk))?;
+                    }
+                    self.output_projection(b, lw, (0, rows), residual)?;
+                    self.sum_over_ranks(a(&b.x), rows * h)?;
+                    self.mlp(b, lw, (0, rows), residual)?;
+                    self.sum_over_ranks(a(&b.x), rows * h)?;
+                }
             }
-            if chunk > 0 {
-                let q = a(&b.q) + (decode_rows * qd * 4) as u64;
-                let out = a16(&b.att) + (decode_rows * qd * 2) as u64;
-                g.prefill_attention(
-                    g.prefill_kernel_for(c.head_dim, self.layout.kv),
-                    q,
-                    kc,
-                    vc,
-                    heads,
-                    pre,
-                    paged,
-                    chunk,
-                    c.n_heads,
-                    c.n_heads / c.n_kv_heads,
-                    c.head_dim,
-                    self.layout.kv,
-                    out,
-                )?;
-            }
-            g.linear(a16(&b.att), a16(&lw.o), a(&b.x), rows, qd, h, residual, false)?;
-            self.sum_over_ranks(a(&b.x), rows * h)?;
-            g.rms_norm(a(&b.x), a(&lw.ffn_norm), a16(&b.xn), rows, h, c.eps)?;
-            g.linear(
-                a16(&b.xn),
-                a16(&lw.gate_up),
-                a16(&b.gu),
-                rows,
-                h,
-                2 * c.ffn,
-                0.0,
-                true,
-            )?;
-            g.silu_mul(a16(&b.gu), a16(&b.act), rows, c.ffn)?;
-            g.linear(
-                a16(&b.act),
-                a16(&lw.down),
-                a(&b.x),
-                rows,
-                c.ffn,
-                h,
-                residual,
-                false,
-            )?;
-            self.sum_over_ranks(a(&b.x), rows * h)?;
         }
         if logit_rows > 0 {
             g.rms_norm(a(&b.x), a(&w.norm), a16(&b.xn), logit_rows, h, c.eps)?;
@@ -1120,6 +1045,65 @@ impl KvPool {
         Ok(())
     }
 
+    /// Rows `off..off + n` of a step of `rows` rows through a layer's attention input:
+    /// RMSNorm, the q/k/v product, RoPE, with queries to `b.q` (f32) and keys and values
+    /// appended to the cache rows of their positions.
+    fn attention_input(&self, b: &Buffers, lw: &crate::model::LayerWeights, heads: u64, paged: crate::paged::PagedArgs, rows: usize, (off, n): (usize, usize)) -> Result<()> {
+        let (g, c) = (&*self.gpu, &self.w.config);
+        let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
+        let (x, xn, qkv, q) = (g.addr(&b.x) + (off * h * 4) as u64, g.addr(&b.xn) + (off * h * 2) as u64, g.addr(&b.qkv) + (off * kvd * 2) as u64, g.addr(&b.q) + (off * qd * 4) as u64);
+        // Row metadata ([`KvPool::step`]): tokens, slots, positions, `rows` of each.
+        let meta = g.addr(&b.meta);
+        let (slots, pos) = (meta + (4 * (rows + off)) as u64, meta + (4 * (2 * rows + off)) as u64);
+        g.rms_norm(x, g.addr(&lw.attn_norm), xn, n, h, c.eps)?;
+        g.linear(xn, g.addr(&lw.qkv), qkv, n, h, kvd, 0.0, true)?;
+        g.rope_append(qkv, slots, pos, g.addr(&self.w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, q, g.addr(&self.keys), g.addr(&self.values), n, paged)
+    }
+
+    /// Prefill attention of rows `off..off + n` (their queries in `b.q`, their output to
+    /// `b.att`), the sequence's `[slot, first position]` at `state`, by the GPU's default
+    /// prefill kernel.
+    fn prefill_rows(&self, b: &Buffers, heads: u64, paged: crate::paged::PagedArgs, state: u64, (off, n): (usize, usize)) -> Result<()> {
+        let (g, c) = (&*self.gpu, &self.w.config);
+        let qd = c.n_heads * c.head_dim;
+        g.prefill_attention(
+            g.prefill_kernel_for(c.head_dim, self.layout.kv),
+            g.addr(&b.q) + (off * qd * 4) as u64,
+            g.addr(&self.keys),
+            g.addr(&self.values),
+            heads,
+            state,
+            paged,
+            n,
+            c.n_heads,
+            c.n_heads / c.n_kv_heads,
+            c.head_dim,
+            self.layout.kv,
+            g.addr(&b.att) + (off * qd * 2) as u64,
+        )
+    }
+
+    /// The output projection of rows `off..off + n` of `b.att` into `b.x`, adding the
+    /// residual where `residual` is 1.
+    fn output_projection(&self, b: &Buffers, lw: &crate::model::LayerWeights, (off, n): (usize, usize), residual: f32) -> Result<()> {
+        let (g, c) = (&*self.gpu, &self.w.config);
+        let (h, qd) = (c.hidden, c.n_heads * c.head_dim);
+        g.linear(g.addr(&b.att) + (off * qd * 2) as u64, g.addr(&lw.o), g.addr(&b.x) + (off * h * 4) as u64, n, qd, h, residual, false)
+    }
+
+    /// Rows `off..off + n` of `b.x` through a layer's MLP: RMSNorm, gate/up, SiLU, and the
+    /// down projection back into `b.x`, adding the residual where `residual` is 1.
+    fn mlp(&self, b: &Buffers, lw: &crate::model::LayerWeights, (off, n): (usize, usize), residual: f32) -> Result<()> {
+        let (g, c) = (&*self.gpu, &self.w.config);
+        let h = c.hidden;
+        let (x, xn) = (g.addr(&b.x) + (off * h * 4) as u64, g.addr(&b.xn) + (off * h * 2) as u64);
+        let (gu, act) = (g.addr(&b.gu) + (off * 2 * c.ffn * 2) as u64, g.addr(&b.act) + (off * c.ffn * 2) as u64);
+        g.rms_norm(x, g.addr(&lw.ffn_norm), xn, n, h, c.eps)?;
+        g.linear(xn, g.addr(&lw.gate_up), gu, n, h, 2 * c.ffn, 0.0, true)?;
+        g.silu_mul(gu, act, n, c.ffn)?;
+        g.linear(act, g.addr(&lw.down), x, n, c.ffn, h, residual, false)
+    }
+
     /// Every layer of a prefill-only step of `chunk` rows under tensor parallelism, the
     /// chunk cut in two halves so that each half's all-reduce (on `comm`) overlaps the other
     /// half's work (on the main stream): per layer, half A's attention block and then B's,
@@ -1128,75 +1112,36 @@ impl KvPool {
     /// consecutive chunks would; every rank makes the same all-reduces in the same order.
     /// Ends with the main stream waiting for the last sums.
     fn prefill_layers_overlapped(&self, b: &Buffers, chunk: usize, comm: &Arc<cudarc::driver::CudaStream>, link: &crate::nccl::Link, residual: f32) -> Result<()> {
-        let (g, c, w) = (&*self.gpu, &self.w.config, &*self.w);
-        let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
-        let (a, a16) = (|s: &CudaSlice<f32>| g.addr(s), |s: &CudaSlice<u16>| g.addr(s));
-        let meta = g.addr(&b.meta);
-        let rows = chunk;
-        let (slots, pos, pre) = (meta + 4 * rows as u64, meta + 8 * rows as u64, meta + 12 * rows as u64);
-        let paged = self.paged();
-        let (kc, vc) = (g.addr(&self.keys), g.addr(&self.values));
+        let (g, h, paged) = (&*self.gpu, self.w.config.hidden, self.paged());
+        // The halves' [slot, first position] pairs follow the rows' metadata ([`KvPool::step`]).
+        let pre = g.addr(&b.meta) + (12 * chunk) as u64;
         let halves = [(0usize, chunk / 2), (chunk / 2, chunk - chunk / 2)];
         // The event after each half's latest sum: the main stream waits for it before it
         // touches that half's rows of `x` again.
         let mut summed: [Option<cudarc::driver::CudaEvent>; 2] = [None, None];
-        let sum_half = |off: usize, n: usize| -> Result<cudarc::driver::CudaEvent> {
+        let sum_half = |(off, n): (usize, usize)| -> Result<cudarc::driver::CudaEvent> {
             let ready = g.stream.record_event(None).map_err(driver)?;
             comm.wait(&ready).map_err(driver)?;
-            link.all_reduce_sum_f32(a(&b.x) + (off * h * 4) as u64, n * h, comm)?;
+            link.all_reduce_sum_f32(g.addr(&b.x) + (off * h * 4) as u64, n * h, comm)?;
             comm.record_event(None).map_err(driver)
         };
-        for (l, lw) in w.layers.iter().enumerate() {
+        let wait_for = |e: &Option<cudarc::driver::CudaEvent>| e.as_ref().map_or(Ok(()), |e| g.stream.wait(e).map_err(driver));
+        for (l, lw) in self.w.layers.iter().enumerate() {
             let heads = g.addr(&self.heads[l]);
-            for (i, &(off, n)) in halves.iter().enumerate() {
-                if let Some(e) = &summed[i] {
-                    g.stream.wait(e).map_err(driver)?;
-                }
-                let x = a(&b.x) + (off * h * 4) as u64;
-                let xn = a16(&b.xn) + (off * h * 2) as u64;
-                let qkv = a16(&b.qkv) + (off * kvd * 2) as u64;
-                let q = a(&b.q) + (off * qd * 4) as u64;
-                let att = a16(&b.att) + (off * qd * 2) as u64;
-                g.rms_norm(x, a(&lw.attn_norm), xn, n, h, c.eps)?;
-                g.linear(xn, a16(&lw.qkv), qkv, n, h, kvd, 0.0, true)?;
-                g.rope_append(qkv, slots + (off * 4) as u64, pos + (off * 4) as u64, a(&w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, q, kc, vc, n, paged)?;
-                g.prefill_attention(
-                    g.prefill_kernel_for(c.head_dim, self.layout.kv),
-                    q,
-                    kc,
-                    vc,
-                    heads,
-                    pre + (8 * i) as u64,
-                    paged,
-                    n,
-                    c.n_heads,
-                    c.n_heads / c.n_kv_heads,
-                    c.head_dim,
-                    self.layout.kv,
-                    att,
-                )?;
-                g.linear(att, a16(&lw.o), x, n, qd, h, residual, false)?;
-                summed[i] = Some(sum_half(off, n)?);
+            for (i, &half) in halves.iter().enumerate() {
+                wait_for(&summed[i])?;
+                self.attention_input(b, lw, heads, paged, chunk, half)?;
+                self.prefill_rows(b, heads, paged, pre + (8 * i) as u64, half)?;
+                self.output_projection(b, lw, half, residual)?;
+                summed[i] = Some(sum_half(half)?);
             }
-            for (i, &(off, n)) in halves.iter().enumerate() {
-                if let Some(e) = &summed[i] {
-                    g.stream.wait(e).map_err(driver)?;
-                }
-                let x = a(&b.x) + (off * h * 4) as u64;
-                let xn = a16(&b.xn) + (off * h * 2) as u64;
-                let gu = a16(&b.gu) + (off * 2 * c.ffn * 2) as u64;
-                let act = a16(&b.act) + (off * c.ffn * 2) as u64;
-                g.rms_norm(x, a(&lw.ffn_norm), xn, n, h, c.eps)?;
-                g.linear(xn, a16(&lw.gate_up), gu, n, h, 2 * c.ffn, 0.0, true)?;
-                g.silu_mul(gu, act, n, c.ffn)?;
-                g.linear(act, a16(&lw.down), x, n, c.ffn, h, residual, false)?;
-                summed[i] = Some(sum_half(off, n)?);
+            for (i, &half) in halves.iter().enumerate() {
+                wait_for(&summed[i])?;
+                self.mlp(b, lw, half, residual)?;
+                summed[i] = Some(sum_half(half)?);
             }
         }
-        for e in summed.iter().flatten() {
-            g.stream.wait(e).map_err(driver)?;
-        }
-        Ok(())
+        summed.iter().try_for_each(wait_for)
     }
 
     /// `x[..n] = sum over the ranks of x[..n]` (f32) under tensor parallelism, else nothing.

@@ -690,8 +690,9 @@ impl Gpu {
     }
 
     /// Seeded random keys and values for `rows` cache rows of `head_dim` (a `kv` cache: bf16
-    /// values in [-1, 1), or bytes with every row's scale 2^-8 at `scales`), for measurements
-    /// whose timing does not depend on what the cache says.
+    /// values in [-1, 1), or bytes with every row's scale word at `scales`), for measurements
+    /// whose timing does not depend on what the cache says. Each side as its type holds it
+    /// ([`KvType::key`], [`KvType::value`]).
     #[allow(clippy::too_many_arguments)]
     pub fn fill_synthetic_rows(
         &self,
@@ -702,34 +703,26 @@ impl Gpu {
         head_dim: usize,
         (sk, sv): (u64, u64),
     ) -> Result<()> {
+        self.fill_synthetic_side(kv.key(), keys, kscale, rows, head_dim, sk)?;
+        self.fill_synthetic_side(kv.value(), values, vscale, rows, head_dim, sv)
+    }
+
+    /// One side (keys or values) of [`Gpu::fill_synthetic_rows`] in a cache of type `ty`.
+    fn fill_synthetic_side(&self, ty: KvType, data: u64, scales: u64, rows: usize, head_dim: usize, seed: u64) -> Result<()> {
         let elems = rows * head_dim;
-        match kv {
+        match ty {
+            // Random codes; every row's scale 2^-8.
             KvType::Fp8 | KvType::Int8 => {
-                self.fill_uniform_e4m3(keys, elems, sk)?;
-                self.fill_uniform_e4m3(values, elems, sv)?;
-                self.fill_f32(kscale, rows, 1.0 / 256.0)?;
-                self.fill_f32(vscale, rows, 1.0 / 256.0)
+                self.fill_uniform_e4m3(data, elems, seed)?;
+                self.fill_f32(scales, rows, 1.0 / 256.0)
             }
+            // Random codes; every row steps by 1/8 from -1 (the word of f16 0.125 and -1).
             KvType::Int4 => {
-                // Random codes; every row steps by 1/8 from -1 (the word of f16 0.125 and -1).
-                let word = f32::from_bits(0xbc00_3000);
-                self.fill_uniform_e4m3(keys, elems / 2, sk)?;
-                self.fill_uniform_e4m3(values, elems / 2, sv)?;
-                self.fill_f32(kscale, rows, word)?;
-                self.fill_f32(vscale, rows, word)
+                self.fill_uniform_e4m3(data, elems / 2, seed)?;
+                self.fill_f32(scales, rows, f32::from_bits(0xbc00_3000))
             }
-            KvType::K8V4 => {
-                let word = f32::from_bits(0xbc00_3000);
-                self.fill_uniform_e4m3(keys, elems, sk)?;
-                self.fill_uniform_e4m3(values, elems / 2, sv)?;
-                self.fill_f32(kscale, rows, 1.0 / 256.0)?;
-                self.fill_f32(vscale, rows, word)
-            }
-            KvType::Bf16 => {
-                self.fill_uniform(keys, elems, sk, 1.0)?;
-                self.fill_uniform(values, elems, sv, 1.0)
-            }
-            KvType::F32 => Err(CudaError::Input(
+            KvType::Bf16 => self.fill_uniform(data, elems, seed, 1.0),
+            KvType::F32 | KvType::K8V4 => Err(CudaError::Input(
                 "synthetic caches are bf16 or bytes".into(),
             )),
         }
