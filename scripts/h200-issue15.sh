@@ -9,7 +9,12 @@
 #       .gpu/wheels-httpx: duo and llama.cpp on 16 CPU threads (and duo's thread scaling); the passkey and
 #       needle grids on the GPU with each cache type (KVS); a quantised server under
 #       serve-check (SERVE_KV); the decode step of a Llama-3-8B-shaped model per cache type
-#       (STEP_KVS), and the longest contexts (LONGEST)
+#       (STEP_KVS), and the longest contexts (LONGEST); with .gpu/mb carried instead of
+#       .gpu/model.part2 it joins the xz-packed model that step k left
+#   k   carry .gpu/bin, .gpu/ma, .gpu/patterns: every parity group and kernel timing
+#       (`duo cuda-check`), the decode step of the Llama-3-8B shape per cache type (STEP_KVS)
+#       and the longest contexts (LONGEST), no model needed; leaves the xz-packed model's
+#       first part in /tmp for step b
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/h200-common.sh"
@@ -31,8 +36,13 @@ if [ "$step" = a ]; then
     --attention-peers "$OUT/attention-peers.json" --out "$OUT/bench-attention" > "$OUT/bench-attention.txt" 2>&1; echo "bench attention exit $?"; cat "$OUT/bench-attention/attention.md" 2>/dev/null
   # llama.cpp's build for the next call (it needs the whole model, which step b joins).
   mkdir -p /tmp/llama && tar -xJf .gpu/llama/site.tar.xz -C /tmp/llama && ls /tmp/llama
+elif [ "$step" = k ]; then
+  cp .gpu/ma/model.xz.part1 /tmp/duo/model.ma
+  timeout 330 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"
+  grep -E "^FAIL|K8V4|k8v4" "$OUT/cuda-check.txt" | cut -c1-240 | head -40
+  grep -E "time decode|time prefill" "$OUT/cuda-check.txt" | head -40
 elif [ "$step" = b ]; then
-  join_model
+  if [ -d .gpu/mb ]; then join_packed_model; else join_model; fi
   M=$DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
   if [ "${CPU:-0}" = 1 ]; then
     # The CPU: duo and llama.cpp side by side on 16 threads, then duo's thread scaling.
@@ -68,8 +78,12 @@ elif [ "$step" = b ]; then
     --haystack .gpu/niah --out "$OUT/serve-check-$kvs.json" > "$OUT/serve-check-$kvs.txt" 2>&1; echo "serve-check $kvs exit $?"; tail -6 "$OUT/serve-check-$kvs.txt" | cut -c1-400
   curl -s localhost:8123/metrics | grep -E "^(vllm|duo):(num_requests|kv_blocks|num_preemptions|kv_cache)" | head -8
   kill %1 %2; wait
-  ( cd /tmp/duo && DUO_CACHE=/tmp/duo/cache timeout 200 ./cuda_backend --test-threads 1 ) > "$OUT/cuda-backend-tests.txt" 2>&1
-  echo "cuda_backend tests exit $?"; grep -E "test result|panicked" "$OUT/cuda-backend-tests.txt"
+  if [ -x /tmp/duo/cuda_backend ]; then
+    ( cd /tmp/duo && DUO_CACHE=/tmp/duo/cache timeout 200 ./cuda_backend --test-threads 1 ) > "$OUT/cuda-backend-tests.txt" 2>&1
+    echo "cuda_backend tests exit $?"; grep -E "test result|panicked" "$OUT/cuda-backend-tests.txt"
+  fi
+fi
+if [ "$step" = b ] || [ "$step" = k ]; then
   # The decode step of Llama-3-8B's shape with each cache type (synthetic KV, the official
   # pattern at 0.5), then the longest contexts of the byte caches.
   P=.gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k
