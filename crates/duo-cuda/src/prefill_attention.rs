@@ -676,21 +676,49 @@ pub fn wgmma_function(name: &str, n: usize, trans: bool) -> String {
 /// keys read by the tensor cores straight from shared memory through a matrix descriptor),
 /// and the softmax weights, packed to bf16 in registers, are the A operand of m64n`HEAD_DIM`k16
 /// (`P V`, the values read transposed from shared memory). One instruction per warpgroup
-/// does what 8 to 16 `mma.sync` and their `ldmatrix` loads did. Tiles of 64 keys and values
-/// come by `cp.async` into "core matrices" (8 rows x 16 bytes, contiguous), the layout the
-/// descriptors read without swizzling: K-major for the keys (leading offset: the next 8
-/// dimensions, 128 bytes; stride: the next 8 keys), and the same tile read MN-major for the
-/// values (leading offset: the next 8 keys; stride: the next 8 dimensions, 128 bytes) —
-/// measured on the H200 with a probe of both readings.
+/// does what 8 to 16 `mma.sync` and their `ldmatrix` loads did. Tiles of 128 keys and values
+/// (`WG_BK`, 64 as a knob) come by `cp.async` into the 128-byte-swizzled layout (`WG_SWIZZLE`:
+/// one column block of 128-byte rows per 64 dimensions, a row's 16-byte chunks permuted by the
+/// row index mod 8), read K-major for the keys (a k16 step 32 bytes along the row; stride: 8
+/// keys, 1,024 bytes) and MN-major for the values (leading offset: the next column block;
+/// stride: 8 keys) — the descriptor fields measured on the H200 by
+/// `scripts/probes/wgmma_swizzle_probe.cu`. The swizzle lets a warp copy whole 128-byte lines
+/// without shared-memory bank conflicts; the unswizzled core matrices it replaced made a warp
+/// read half lines and bound the kernel by L2 (BENCHMARKS.md, session 16).
 pub const WG_SOURCE: &str = r#"
 #define WG_BQ 128
+// Keys per tile: 64, or 128 (`DUO_PREFILL_WG_BK`: half the per-tile barriers, waits and
+// softmax reductions, twice the score registers).
+#ifndef WG_BK
 #define WG_BK 64
+#endif
+#if WG_BK != 64 && WG_BK != 128
+#error "WG_BK is 64 or 128"
+#endif
 #define ROW_CORES (HEAD_DIM / 8)
 #define WG_TILE_BYTES (WG_BK * HEAD_DIM * 2)
 
+// WG_SWIZZLE = 1 (the default): K and V tiles in the 128-byte-swizzled layout (rows of 128
+// bytes, one column block per 64 dimensions, a row's 16-byte chunks permuted by the row's
+// index mod 8), which lets the copying warps read whole 128-byte lines of the cache (a
+// warp's 32 chunks are whole rows) and still write shared memory without bank conflicts.
+// 0: unswizzled core matrices (8 rows x 16 bytes), where a warp reads half lines: on the H200
+// that form's L2 traffic ran at 89% of its peak (Nsight Compute), the prefill's limit.
+#ifndef WG_SWIZZLE
+#define WG_SWIZZLE 1
+#endif
+#define WG_COLBLOCK (WG_BK * 128)
 __device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lbo, unsigned sbo) {
     return (unsigned long long)((addr >> 4) & 0x3fffu) | ((unsigned long long)((lbo >> 4) & 0x3fffu) << 16)
-         | ((unsigned long long)((sbo >> 4) & 0x3fffu) << 32);
+         | ((unsigned long long)((sbo >> 4) & 0x3fffu) << 32) | (WG_SWIZZLE ? 1ull << 62 : 0ull);
+}
+// Byte offset in a tile of row `kr`'s 16-byte chunk `c8`.
+__device__ __forceinline__ int wg_chunk_at(int kr, int c8) {
+#if WG_SWIZZLE
+    return (c8 / 8) * WG_COLBLOCK + kr * 128 + (((c8 % 8) ^ (kr % 8)) * 16);
+#else
+    return ((kr / 8) * ROW_CORES + c8) * 128 + (kr % 8) * 16;
+#endif
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -736,6 +764,16 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 #ifndef WS
 #define WS 0
 #endif
+// PINGPONG = 1 (with WS = 2): the two computing warpgroups take turns issuing their
+// products, each handing the turn to the other by a named barrier once its own are issued,
+// so that one warpgroup's softmax runs while the other's products hold the tensor cores
+// (FlashAttention-3's inter-warpgroup schedule). Barrier 1 + w is warpgroup w's turn.
+#ifndef PINGPONG
+#define PINGPONG 0
+#endif
+#if PINGPONG && WS != 2
+#error "PINGPONG needs WS = 2"
+#endif
 #if WS == 2 && WG_STAGES < 2
 #error "the overlapped form holds two stages at once: WG_STAGES >= 2"
 #endif
@@ -763,18 +801,30 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     auto next_tile = [&](int r) { return next_seen_tile(e, r, rows, win, q_lo, q_hi, WG_BK); };
     // [WG_STAGES][K, V][WG_BK / 8][ROW_CORES] core matrices of 128 bytes (then, with WS, the
     // stages' full and empty barriers).
-    extern __shared__ __align__(128) unsigned char wsm[];
-    const unsigned sbase = smem_addr(wsm);
+    extern __shared__ __align__(128) unsigned char wsm_raw[];
+    // Swizzled tiles start at 1,024-byte boundaries (the swizzle reads address bits 4-9);
+    // the host gives 1,024 bytes more.
+    const unsigned sbase = (smem_addr(wsm_raw) + 1023u) & ~1023u;
+    unsigned char* wsm = wsm_raw + (sbase - smem_addr(wsm_raw));
     // Tile r0 into `stage`, by `threads` threads from `tid`.
     auto load_tile = [&](int r0, int stage, int tid, int threads) {
         unsigned char* ks = wsm + stage * 2 * WG_TILE_BYTES;
-        const long long run = page_run(pg, e, slot, r0, rows);
+        // One table lookup per 64 rows on one page (page runs are 64 rows long).
+        long long runs[WG_BK / 64];
+#pragma unroll
+        for (int h64 = 0; h64 < WG_BK / 64; h64++) runs[h64] = page_run(pg, e, slot, r0 + 64 * h64, rows);
         for (int i = tid; i < WG_BK * ROW_CORES; i += threads) {
+#if WG_SWIZZLE
+            // Consecutive threads copy consecutive chunks of a row: whole lines.
+            const int kr = i / ROW_CORES, c8 = i % ROW_CORES;
+#else
             // Consecutive threads fill consecutive 16-byte rows of a core matrix.
             const int kr = (i % 8) + 8 * (i / (8 * ROW_CORES)), c8 = (i / 8) % ROW_CORES;
-            const int off = ((kr / 8) * ROW_CORES + c8) * 128 + (kr % 8) * 16;
+#endif
+            const int off = wg_chunk_at(kr, c8);
             const bool live = r0 + kr < rows;
-            const size_t at = (size_t)(run >= 0 ? run + kr : live ? kv_row(pg, e, slot, walk_pos(e, r0 + kr, win)) : 0) * HEAD_DIM + c8 * 8;
+            const long long run = WG_BK == 64 || kr < 64 ? runs[0] : runs[WG_BK / 64 - 1];
+            const size_t at = (size_t)(run >= 0 ? run + kr % 64 : live ? kv_row(pg, e, slot, walk_pos(e, r0 + kr, win)) : 0) * HEAD_DIM + c8 * 8;
             cp_async16(ks + off, keys + at, live ? 16 : 0);
             cp_async16(ks + WG_TILE_BYTES + off, values + at, live ? 16 : 0);
         }
@@ -831,7 +881,16 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // Keys are n (stride: 8 keys = ROW_CORES cores), dims k (8 dims = 128 bytes).
     auto issue_qk = [&](float* s, int stage) {
 #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; kk++) wg_qk(s, qa[kk], wg_desc(stage_keys(stage) + kk * 256, 128, ROW_CORES * 128), kk > 0);
+        for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
+#if WG_SWIZZLE
+            // Swizzled K-major: a k16 step is 32 bytes into the row of its column block;
+            // 8 keys are 1,024 bytes.
+            const unsigned long long d = wg_desc(stage_keys(stage) + (kk / 4) * WG_COLBLOCK + (kk % 4) * 32, 16, 1024);
+#else
+            const unsigned long long d = wg_desc(stage_keys(stage) + kk * 256, 128, ROW_CORES * 128);
+#endif
+            wg_qk(s, qa[kk], d, kk > 0);
+        }
     };
     auto softmax_tile = [&](float* s, int r0, float* cf) {
         const int r1 = min(rows, r0 + WG_BK) - 1;
@@ -874,7 +933,16 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // Values are k (8 keys = ROW_CORES cores), dims n (8 dims = 128 bytes), read transposed.
     auto issue_pv = [&](int stage) {
 #pragma unroll
-        for (int kk = 0; kk < WG_BK / 16; kk++) wg_pv(o, pa[kk], wg_desc(stage_keys(stage) + WG_TILE_BYTES + kk * 2 * ROW_CORES * 128, ROW_CORES * 128, 128), 1);
+        for (int kk = 0; kk < WG_BK / 16; kk++) {
+#if WG_SWIZZLE
+            // Swizzled MN-major (transposed): 16 keys are 2,048 bytes; the leading offset
+            // steps between 64-dimension column blocks, the stride between 8-key groups.
+            const unsigned long long d = wg_desc(stage_keys(stage) + WG_TILE_BYTES + kk * 2048, WG_COLBLOCK, 1024);
+#else
+            const unsigned long long d = wg_desc(stage_keys(stage) + WG_TILE_BYTES + kk * 2 * ROW_CORES * 128, ROW_CORES * 128, 128);
+#endif
+            wg_pv(o, pa[kk], d, 1);
+        }
     };
     // One tile, each product waited for: S = Q K^T, the mask, the online softmax, O += P V.
     auto compute_tile = [&](int r0, int stage) {
@@ -903,6 +971,14 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // S, computes its softmax, then waits for P V, rescales O and packs the new P.
     int cur = next_tile(0), prev_stage = 0;
     bool have_p = false;
+#if PINGPONG
+    // Both warpgroups walk the same tiles, so they take the same number of turns: warpgroup 0
+    // goes first, and warpgroup 1 does not hand over after its last turn (every barrier's
+    // arrivals are matched when the block ends).
+    auto turn_wait = [&]() { asm volatile("bar.sync %0, 256;" :: "r"(1 + wg) : "memory"); };
+    auto turn_pass = [&]() { asm volatile("bar.arrive %0, 256;" :: "r"(2 - wg) : "memory"); };
+    if (wg == 1 && cur < rows) turn_pass();
+#endif
     for (int it = 0; cur < rows; it++) {
         const int stage = it % WG_STAGES;
         mbar_wait(full0 + 8 * stage, (it / WG_STAGES) & 1);
@@ -911,11 +987,17 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
         float s[WG_BK / 2], cf[2];
         pin<HEAD_DIM / 2>(o);
         pin<WG_BK / 4>(&pa[0][0]);
+#if PINGPONG
+        turn_wait();
+#endif
         wg_fence();
         issue_qk(s, stage);
         wg_commit();
         if (have_p) issue_pv(prev_stage);
         wg_commit();
+#if PINGPONG
+        turn_pass();
+#endif
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // S is in
         pin<WG_BK / 2>(s);
         softmax_tile(s, cur, cf);
@@ -931,9 +1013,15 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     if (have_p) {
         pin<HEAD_DIM / 2>(o);
         pin<WG_BK / 4>(&pa[0][0]);
+#if PINGPONG
+        turn_wait();
+#endif
         wg_fence();
         issue_pv(prev_stage);
         wg_commit();
+#if PINGPONG
+        if (wg == 0) turn_pass();
+#endif
         wg_wait();
         pin<HEAD_DIM / 2>(o);
         if (threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * prev_stage);

@@ -147,11 +147,11 @@ fn prefill_options(head_dim: usize, kv: KvType) -> Vec<String> {
 
 /// The Hopper prefill kernel's source for heads of `head_dim` (64 or 128), after the helpers
 /// and the two `wgmma` products it uses.
-fn prefill_wg_source(head_dim: usize) -> String {
+fn prefill_wg_source(head_dim: usize, keys_per_tile: usize) -> String {
     use crate::prefill_attention::{wgmma_function, TENSOR_CORE_HELPERS, WG_SOURCE};
     format!(
         "{TENSOR_CORE_HELPERS}{}{}{WG_SOURCE}",
-        wgmma_function("wg_qk", 64, false),
+        wgmma_function("wg_qk", keys_per_tile, false),
         wgmma_function("wg_pv", head_dim, true)
     )
 }
@@ -279,15 +279,25 @@ pub fn compile_all() -> Option<Result<usize>> {
         (16, 128, KvType::K8V4, DecodeKernel::Tensor),
     ];
     for d in [64, 128] {
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d), prefill_wg_options(d)));
-        // And the other forms of DUO_PREFILL_WS and DUO_PREFILL_WG_STAGES, whatever this
-        // process's environment says.
-        for ws in ["0", "1", "2"].into_iter().filter(|w| *w != prefill_wg_specialised().to_string()) {
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d), with_define(&prefill_wg_options(d), "WS", ws)));
+        let (bk, options) = (prefill_wg_keys_per_tile(), prefill_wg_options(d));
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk), options.clone()));
+        // And the other forms of DUO_PREFILL_WS, DUO_PREFILL_WG_STAGES, DUO_PREFILL_WG_BK,
+        // DUO_PREFILL_PINGPONG and DUO_PREFILL_SWIZZLE, whatever this process's environment says (the default form's
+        // other knobs kept).
+        let base = with_define(&with_define(&with_define(&options, "WG_BK", "64"), "WG_STAGES", "4"), "PINGPONG", "0");
+        let base = with_define(&base, "WG_SWIZZLE", "1");
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64), with_define(&with_define(&base, "WS", "2"), "WG_SWIZZLE", "0")));
+        for ws in ["0", "1"] {
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64), with_define(&with_define(&base, "WS", ws), "PINGPONG", "0")));
         }
-        for stages in ["2", "3", "4"].into_iter().filter(|s| *s != prefill_wg_stages().to_string()) {
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d), with_define(&prefill_wg_options(d), "WG_STAGES", stages)));
+        for stages in ["2", "3"] {
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64), with_define(&base, "WG_STAGES", stages)));
         }
+        let ws2 = with_define(&base, "WS", "2");
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64), with_define(&ws2, "PINGPONG", "1")));
+        let wide = with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3");
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128), wide.clone()));
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128), with_define(&wide, "PINGPONG", "1")));
     }
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
@@ -1037,8 +1047,9 @@ impl Gpu {
     }
 
     /// The prefill kernel for a `kv` cache with heads of `head_dim`: [`PrefillKernel::Wgmma`]
-    /// where it runs (its warp-specialised form: 305-338 against 270-290 TFLOPS for the
-    /// `mma.sync` kernel on the H200, BENCHMARKS.md) unless `DUO_PREFILL_WG=0`, else
+    /// where it runs (its warp-specialised form with swizzled 128-key tiles: 413-457 against
+    /// 272-291 TFLOPS for the `mma.sync` kernel on the H200, BENCHMARKS.md) unless
+    /// `DUO_PREFILL_WG=0`, else
     /// [`PrefillKernel::Mma`].
     /// Where the wgmma kernel cannot be made here (NVRTC or the driver refuses it, or the
     /// driver's compiler gives it other than the 168 registers per thread its warpgroups
@@ -1073,7 +1084,12 @@ impl Gpu {
     }
 
     fn make_prefill_wg_kernel(&self, head_dim: usize) -> Result<CudaFunction> {
-        let ptx = compile_for("sm_90a", &prefill_wg_source(head_dim), "prefill_attention_wg", prefill_wg_options(head_dim))?;
+        let ptx = compile_for(
+            "sm_90a",
+            &prefill_wg_source(head_dim, prefill_wg_keys_per_tile()),
+            "prefill_attention_wg",
+            prefill_wg_options(head_dim),
+        )?;
         let m = self.ctx.load_module(ptx).map_err(driver)?;
         let k = m.load_function("duo_prefill_attention_wg").map_err(driver)?;
         allow_dynamic_smem(&k, prefill_wg_smem_bytes(head_dim))?;
@@ -1164,10 +1180,11 @@ impl Gpu {
     }
 }
 
-/// The Hopper prefill kernel's shared memory: [`prefill_wg_stages`] stages of a 64-key K and
-/// V tile (and, warp-specialised, two mbarriers per stage).
+/// The Hopper prefill kernel's shared memory: [`prefill_wg_stages`] stages of a K and V tile
+/// of [`prefill_wg_keys_per_tile`] keys (and, warp-specialised, two mbarriers per stage).
 fn prefill_wg_smem_bytes(head_dim: usize) -> usize {
-    prefill_wg_stages() * (2 * 64 * head_dim * 2 + if prefill_wg_specialised() > 0 { 16 } else { 0 })
+    // And 1,024 bytes for the kernel to start its tiles at a 1,024-byte boundary.
+    prefill_wg_stages() * (2 * prefill_wg_keys_per_tile() * head_dim * 2 + if prefill_wg_specialised() > 0 { 16 } else { 0 }) + 1024
 }
 
 /// How the Hopper prefill kernel is organised (`DUO_PREFILL_WS`): 0, two warpgroups that
@@ -1180,10 +1197,32 @@ fn prefill_wg_specialised() -> u8 {
     crate::decode_attention::tuning("DUO_PREFILL_WS").map_or(2, |n| n.min(2) as u8)
 }
 
-/// Pipeline stages of the Hopper prefill kernel (`DUO_PREFILL_WG_STAGES`, 2 to 4; default 4,
-/// the fastest measured with the warp-specialised forms).
+/// Pipeline stages of the Hopper prefill kernel (`DUO_PREFILL_WG_STAGES`, 2 to 4): as many
+/// as fit, the fastest measured (4 with tiles of 64 keys; 3 with tiles of 128 keys, which
+/// take 64 KiB a stage for heads of 128; 2 stages of 128 unswizzled keys ran at 220 TFLOPS
+/// against 336 with 3).
 fn prefill_wg_stages() -> usize {
-    crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(4, |n| n.clamp(2, 4))
+    let most = if prefill_wg_keys_per_tile() == 128 { 3 } else { 4 };
+    crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(most, |n| n.clamp(2, most))
+}
+
+/// Keys per tile of the Hopper prefill kernel (`DUO_PREFILL_WG_BK`: 128, the default, or 64).
+/// With swizzled tiles on the H200 (Llama-3-8B layer, 16K chunk at 16K / 114K): 128 keys 450
+/// / 457 TFLOPS, 64 keys 429 / 440.
+fn prefill_wg_keys_per_tile() -> usize {
+    if crate::decode_attention::tuning("DUO_PREFILL_WG_BK") == Some(64) { 64 } else { 128 }
+}
+
+/// Whether the Hopper prefill kernel's tiles are 128-byte swizzled (`DUO_PREFILL_SWIZZLE`,
+/// default 1; 0: unswizzled core matrices, the session-15 form).
+fn prefill_wg_swizzle() -> bool {
+    crate::decode_attention::tuning("DUO_PREFILL_SWIZZLE") != Some(0)
+}
+
+/// Whether the two computing warpgroups of the Hopper prefill kernel take turns at the
+/// tensor cores (`DUO_PREFILL_PINGPONG=1`; only with `DUO_PREFILL_WS=2`).
+fn prefill_wg_pingpong() -> bool {
+    prefill_wg_specialised() == 2 && crate::decode_attention::tuning("DUO_PREFILL_PINGPONG") == Some(1)
 }
 
 /// The Hopper prefill kernel's NVRTC options.
@@ -1192,6 +1231,9 @@ fn prefill_wg_options(head_dim: usize) -> Vec<String> {
         format!("-DHEAD_DIM={head_dim}"),
         format!("-DWG_STAGES={}", prefill_wg_stages()),
         format!("-DWS={}", prefill_wg_specialised()),
+        format!("-DWG_BK={}", prefill_wg_keys_per_tile()),
+        format!("-DPINGPONG={}", u8::from(prefill_wg_pingpong())),
+        format!("-DWG_SWIZZLE={}", u8::from(prefill_wg_swizzle())),
     ]
 }
 
