@@ -55,24 +55,23 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
                 if gpu.wgmma_prefill_runs(x.head_dim, KvType::Bf16) {
                     out.push(prefill(gpu, &format!("{case}, wgmma"), &x, &layout, seed, PrefillKernel::Wgmma)?);
                 }
-                // The same problem over byte caches, against the reference on the dequantised cache.
+                // The same problem over byte caches, against the reference on the dequantised
+                // cache, by each kernel that takes them here.
                 for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
                     let xq = prefill_attention::PrefillInput {
                         keys: kv.key().round_rows(&x.keys, x.head_dim),
                         values: kv.value().round_rows(&x.values, x.head_dim),
                         ..x.clone()
                     };
-                    out.push(prefill(
-                        gpu,
-                        &format!("{case}, {kv:?} cache"),
-                        &xq,
-                        &PagedLayout {
-                            kv,
-                            ..layout.clone()
-                        },
-                        seed,
-                        PrefillKernel::Mma,
-                    )?);
+                    let layout = PagedLayout {
+                        kv,
+                        ..layout.clone()
+                    };
+                    out.push(prefill(gpu, &format!("{case}, {kv:?} cache"), &xq, &layout, seed, PrefillKernel::Mma)?);
+                    if gpu.wgmma_prefill_runs(x.head_dim, kv) {
+                        let name = format!("{case}, {kv:?} cache, wgmma");
+                        out.push(prefill(gpu, &name, &xq, &layout, seed, PrefillKernel::Wgmma)?);
+                    }
                 }
             }
             Ok(out)

@@ -1124,7 +1124,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const unsigned sel = (i & 1) ? 0x7362u : 0x5140u;
             const unsigned ab = __byte_perm(va[w], vb_[w], sel), cd = __byte_perm(vc[w], vd[w], sel);
             a[0] = bytes2_h(ab & 0xffffu); a[1] = bytes2_h(ab >> 16); a[2] = bytes2_h(cd & 0xffffu); a[3] = bytes2_h(cd >> 16);
-            // Codes times their rows' scales (as dequant16).
+            // Codes times their rows' scales (as dequant_row16).
             asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a[0]) : "r"(s_ab));
             asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a[1]) : "r"(s_ab));
             asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a[2]) : "r"(s_cd));

@@ -293,25 +293,6 @@ __device__ __forceinline__ unsigned scale_h2(float s) {
     asm("cvt.rn.f16x2.f32 %0, %1, %1;" : "=r"(r) : "f"(s));
     return r;
 }
-// 16 cache bytes to 16 f16 (both in shared memory), times the f16 pair `s2` where SCALED.
-template <bool SCALED>
-__device__ __forceinline__ void dequant16(const unsigned char* src, unsigned s2, unsigned short* dst) {
-    const uint4 x = *reinterpret_cast<const uint4*>(src);
-    const unsigned w[4] = {x.x, x.y, x.z, x.w};
-    unsigned h[8];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        h[2 * i] = bytes2_h(w[i] & 0xffffu);
-        h[2 * i + 1] = bytes2_h(w[i] >> 16);
-        if (SCALED) {
-            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h[2 * i]) : "r"(s2));
-            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h[2 * i + 1]) : "r"(s2));
-        }
-    }
-    *reinterpret_cast<uint4*>(dst) = make_uint4(h[0], h[1], h[2], h[3]);
-    *reinterpret_cast<uint4*>(dst + 8) = make_uint4(h[4], h[5], h[6], h[7]);
-}
-
 // int4 (crate::int4): the pair of values (2j, 2j + 1) of a word of 8 codes as an exact f16
 // pair (the codes, 0..15), by masking the word into the mantissas of f16 1024 and taking
 // 1024 away.
@@ -337,24 +318,39 @@ __device__ __forceinline__ float h2f(unsigned short h) {
 // 16 values of a quantised row from value c (`row` its bytes in shared memory, `word` its
 // scale) to f16 in shared memory: byte codes times the scale, or (INT4: the side holds
 // int4) n * step + min (one f16 fused multiply-add, as crate::int4::value).
+// The same into eight registers (values c..c+15 as f16 pairs), from shared or global memory.
+template <bool INT4>
+__device__ __forceinline__ void dequant_row16_regs(const unsigned char* row, int c, float word, unsigned* h) {
+    if (INT4) {
+        const uint2 x = *reinterpret_cast<const uint2*>(row + c / 2);
+        unsigned s2, z2;
+        int4_params(word, &s2, &z2);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            h[j] = nib2_h(x.x, j);
+            h[4 + j] = nib2_h(x.y, j);
+            asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(h[j]) : "r"(s2), "r"(z2));
+            asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(h[4 + j]) : "r"(s2), "r"(z2));
+        }
+    } else {
+        const uint4 x = *reinterpret_cast<const uint4*>(row + c);
+        const unsigned w[4] = {x.x, x.y, x.z, x.w};
+        const unsigned s2 = scale_h2(word);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            h[2 * i] = bytes2_h(w[i] & 0xffffu);
+            h[2 * i + 1] = bytes2_h(w[i] >> 16);
+            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h[2 * i]) : "r"(s2));
+            asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h[2 * i + 1]) : "r"(s2));
+        }
+    }
+}
 template <bool INT4>
 __device__ __forceinline__ void dequant_row16(const unsigned char* row, int c, float word, unsigned short* dst) {
-    if (INT4) {
-    const uint2 x = *reinterpret_cast<const uint2*>(row + c / 2);
-    unsigned s2, z2, h[8];
-    int4_params(word, &s2, &z2);
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        h[j] = nib2_h(x.x, j);
-        h[4 + j] = nib2_h(x.y, j);
-        asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(h[j]) : "r"(s2), "r"(z2));
-        asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(h[4 + j]) : "r"(s2), "r"(z2));
-    }
+    unsigned h[8];
+    dequant_row16_regs<INT4>(row, c, word, h);
     *reinterpret_cast<uint4*>(dst) = make_uint4(h[0], h[1], h[2], h[3]);
     *reinterpret_cast<uint4*>(dst + 8) = make_uint4(h[4], h[5], h[6], h[7]);
-    } else {
-    dequant16<true>(row + c, scale_h2(word), dst);
-    }
 }
 #ifdef KEY_INT4
 #define KEY_IS_INT4 true
@@ -642,18 +638,19 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
 }
 "#;
 
-/// One warpgroup-wide `wgmma` product, m64 x `n` x k16, bf16 in, f32 accumulators: a CUDA
+/// One warpgroup-wide `wgmma` product, m64 x `n` x k16, bf16 (or with `f16`, f16) in, f32
+/// accumulators: a CUDA
 /// function `name(float* d, const unsigned* a, unsigned long long b, int accumulate)` with A
 /// (64 x 16) in registers (each warp's 16 rows as an `mma.sync` m16n8k16 A fragment) and B
 /// from a shared-memory descriptor, K-major, or with `trans` MN-major. `accumulate` 0
 /// overwrites `d`. `d[4 t + x]` holds row `gr + 8 (x >> 1)` of the warp's 16, column
 /// `8 t + 2 tq + (x & 1)` (the `mma.sync` accumulator layout, repeated over n / 8 tiles).
-pub fn wgmma_function(name: &str, n: usize, trans: bool) -> String {
+pub fn wgmma_function(name: &str, n: usize, trans: bool, f16: bool) -> String {
     let acc = n / 2;
     let d: Vec<String> = (0..acc).map(|i| format!("%{i}")).collect();
     let outs: Vec<String> = (0..acc).map(|i| format!("\"+f\"(d[{i}])")).collect();
     format!(
-        "__device__ __forceinline__ void {name}(float* d, const unsigned* a, unsigned long long b, int accumulate) {{\n    asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{s}, 0;\\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{dl}}}, {{%{a0}, %{a1}, %{a2}, %{a3}}}, %{b}, p, 1, 1, {t};\\n}}\\n\"\n        : {outs}\n        : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b), \"r\"(accumulate));\n}}\n",
+        "__device__ __forceinline__ void {name}(float* d, const unsigned* a, unsigned long long b, int accumulate) {{\n    asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{s}, 0;\\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{dl}}}, {{%{a0}, %{a1}, %{a2}, %{a3}}}, %{b}, p, 1, 1, {t};\\n}}\\n\"\n        : {outs}\n        : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b), \"r\"(accumulate));\n}}\n",
         s = acc + 5,
         dl = d.join(", "),
         a0 = acc,
@@ -662,6 +659,7 @@ pub fn wgmma_function(name: &str, n: usize, trans: bool) -> String {
         a3 = acc + 3,
         b = acc + 4,
         t = u8::from(trans),
+        ty = if f16 { "f16" } else { "bf16" },
         outs = outs.join(", "),
     )
 }
@@ -778,9 +776,22 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 #error "the overlapped form holds two stages at once: WG_STAGES >= 2"
 #endif
 #define WG_THREADS (WS ? 384 : 256)
+// A quantised cache (KV_FP8, KV_INT8, KV_INT4, KV_K8V4): the copying warpgroup reads each
+// tile's codes and row scales, dequantises them to f16 (as the mma.sync kernel does) and
+// writes the swizzled tile, so the products run in f16 on tiles laid out as bf16's.
+#ifdef KV_BYTES
+#if !WS
+#error "a quantised cache needs the warp-specialised form (WS >= 1)"
+#endif
+typedef unsigned char wg_kv_t;
+#define WG_PACK pack_h
+#else
+typedef bf16_t wg_kv_t;
+#define WG_PACK pack
+#endif
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attention_wg(
-    const float* __restrict__ q, const bf16_t* __restrict__ keys, const bf16_t* __restrict__ values,
+    const float* __restrict__ q, const wg_kv_t* __restrict__ keys, const wg_kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ state, Paged pg, int T, int n_heads, int group,
     float scale_log2, bf16_t* __restrict__ out)
 {
@@ -813,6 +824,25 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
         long long runs[WG_BK / 64];
 #pragma unroll
         for (int h64 = 0; h64 < WG_BK / 64; h64++) runs[h64] = page_run(pg, e, slot, r0 + 64 * h64, rows);
+#ifdef KV_BYTES
+        // Consecutive threads take consecutive 16-value pieces of a row (whole lines of
+        // codes); each piece's two f16 chunks go to their swizzled places. Rows past the
+        // head's are zeros.
+        for (int i = tid; i < WG_BK * (HEAD_DIM / 16); i += threads) {
+            const int kr = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
+            const long long run = WG_BK == 64 || kr < 64 ? runs[0] : runs[WG_BK / 64 - 1];
+            unsigned hk[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u}, hv[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+            if (r0 + kr < rows) {
+                const long long row = run >= 0 ? run + kr % 64 : kv_row(pg, e, slot, walk_pos(e, r0 + kr, win));
+                dequant_row16_regs<KEY_IS_INT4>(keys + row * K_ROW_BYTES, c, __ldg(pg.kscale + row), hk);
+                dequant_row16_regs<VAL_IS_INT4>(values + row * V_ROW_BYTES, c, __ldg(pg.vscale + row), hv);
+            }
+            *reinterpret_cast<uint4*>(ks + wg_chunk_at(kr, c / 8)) = make_uint4(hk[0], hk[1], hk[2], hk[3]);
+            *reinterpret_cast<uint4*>(ks + wg_chunk_at(kr, c / 8 + 1)) = make_uint4(hk[4], hk[5], hk[6], hk[7]);
+            *reinterpret_cast<uint4*>(ks + WG_TILE_BYTES + wg_chunk_at(kr, c / 8)) = make_uint4(hv[0], hv[1], hv[2], hv[3]);
+            *reinterpret_cast<uint4*>(ks + WG_TILE_BYTES + wg_chunk_at(kr, c / 8 + 1)) = make_uint4(hv[4], hv[5], hv[6], hv[7]);
+        }
+#else
         for (int i = tid; i < WG_BK * ROW_CORES; i += threads) {
 #if WG_SWIZZLE
             // Consecutive threads copy consecutive chunks of a row: whole lines.
@@ -828,6 +858,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
             cp_async16(ks + off, keys + at, live ? 16 : 0);
             cp_async16(ks + WG_TILE_BYTES + off, values + at, live ? 16 : 0);
         }
+#endif
     };
 #if WS
     const unsigned full0 = sbase + WG_STAGES * 2 * WG_TILE_BYTES, empty0 = full0 + 8 * WG_STAGES;
@@ -844,7 +875,13 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
             const int stage = it % WG_STAGES;
             if (it >= WG_STAGES) mbar_wait(empty0 + 8 * stage, ((it / WG_STAGES) - 1) & 1);
             load_tile(cur, stage, threadIdx.x, 128);
+#ifdef KV_BYTES
+            // This thread's stores, made visible to the tensor cores' reads, are done.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            mbar_arrive(full0 + 8 * stage);
+#else
             mbar_arrive_copies(full0 + 8 * stage);
+#endif
             cur = next_tile(cur + WG_BK);
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
@@ -863,7 +900,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
             unsigned v = 0u;
             if (r < T) {
                 const float2 f = *reinterpret_cast<const float2*>(q + (size_t)r * qs + h * HEAD_DIM + c);
-                v = pack(f.x * scale_log2, f.y * scale_log2);
+                v = WG_PACK(f.x * scale_log2, f.y * scale_log2);
             }
             qa[kk][x] = v;
         }
@@ -924,10 +961,10 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     auto pack_p = [&](const float* s) {
 #pragma unroll
         for (int kk = 0; kk < WG_BK / 16; kk++) {
-            pa[kk][0] = pack(s[8 * kk], s[8 * kk + 1]);
-            pa[kk][1] = pack(s[8 * kk + 2], s[8 * kk + 3]);
-            pa[kk][2] = pack(s[8 * kk + 4], s[8 * kk + 5]);
-            pa[kk][3] = pack(s[8 * kk + 6], s[8 * kk + 7]);
+            pa[kk][0] = WG_PACK(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = WG_PACK(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = WG_PACK(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = WG_PACK(s[8 * kk + 6], s[8 * kk + 7]);
         }
     };
     // Values are k (8 keys = ROW_CORES cores), dims n (8 dims = 128 bytes), read transposed.
@@ -1171,13 +1208,15 @@ mod tests {
     fn a_wgmma_function_numbers_its_operands_in_order() {
         // m64n128: 64 accumulators (%0..%63), then A's four registers, the descriptor and
         // the accumulate flag; the transpose flag is an immediate.
-        let f = wgmma_function("pv", 128, true);
+        let f = wgmma_function("pv", 128, true, false);
         assert_eq!(f.matches("\"+f\"(d[").count(), 64);
         assert!(f.contains("m64n128k16.f32.bf16.bf16 {%0, %1,"));
         assert!(f.contains("%63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;"));
         assert!(f.contains("setp.ne.b32 p, %69, 0;"));
-        let g = wgmma_function("qk", 64, false);
+        let g = wgmma_function("qk", 64, false, false);
         assert!(g.contains("%31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;") && g.contains("setp.ne.b32 p, %37, 0;"));
+        // Over a quantised cache the products take f16.
+        assert!(wgmma_function("qk", 128, false, true).contains("m64n128k16.f32.f16.f16 {%0,"));
     }
 
     #[test]

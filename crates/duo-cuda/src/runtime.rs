@@ -57,7 +57,7 @@ pub struct Gpu {
     prefill: Mutex<Vec<((usize, KvType), CudaFunction)>>,
     /// The wgmma prefill kernel per head size, or why it could not be made (kept, so that a
     /// failure is met once and the `mma.sync` kernel takes over).
-    prefill_wg: Mutex<Vec<(usize, std::result::Result<CudaFunction, String>)>>,
+    prefill_wg: Mutex<Vec<((usize, KvType), std::result::Result<CudaFunction, String>)>>,
     /// Compute capability 9.x (Hopper): the `wgmma` prefill kernel runs.
     hopper: bool,
     dequant: Mutex<Option<CudaFunction>>,
@@ -147,12 +147,15 @@ fn prefill_options(head_dim: usize, kv: KvType) -> Vec<String> {
 
 /// The Hopper prefill kernel's source for heads of `head_dim` (64 or 128), after the helpers
 /// and the two `wgmma` products it uses.
-fn prefill_wg_source(head_dim: usize, keys_per_tile: usize) -> String {
+fn prefill_wg_source(head_dim: usize, keys_per_tile: usize, kv: KvType) -> String {
     use crate::prefill_attention::{wgmma_function, TENSOR_CORE_HELPERS, WG_SOURCE};
+    // A quantised cache's tiles are dequantised to f16 (exact for its codes), so its
+    // products take f16.
+    let f16 = kv.is_quantised();
     format!(
         "{TENSOR_CORE_HELPERS}{}{}{WG_SOURCE}",
-        wgmma_function("wg_qk", keys_per_tile, false),
-        wgmma_function("wg_pv", head_dim, true)
+        wgmma_function("wg_qk", keys_per_tile, false, f16),
+        wgmma_function("wg_pv", head_dim, true, f16)
     )
 }
 
@@ -161,8 +164,8 @@ fn prefill_wg_source(head_dim: usize, keys_per_tile: usize) -> String {
 pub enum PrefillKernel {
     /// `mma.sync` (every cache type, any CUDA GPU duo runs on): [`crate::prefill_attention::SOURCE`].
     Mma,
-    /// Hopper's `wgmma` (bf16 caches, heads of 64 or 128, compute capability 9.0):
-    /// [`crate::prefill_attention::WG_SOURCE`].
+    /// Hopper's `wgmma` (bf16 and quantised caches, heads of 64 or 128, compute capability
+    /// 9.0): [`crate::prefill_attention::WG_SOURCE`].
     Wgmma,
 }
 
@@ -279,25 +282,32 @@ pub fn compile_all() -> Option<Result<usize>> {
         (16, 128, KvType::K8V4, DecodeKernel::Tensor),
     ];
     for d in [64, 128] {
-        let (bk, options) = (prefill_wg_keys_per_tile(), prefill_wg_options(d));
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk), options.clone()));
+        let (bk, options) = (prefill_wg_keys_per_tile(), prefill_wg_options(d, KvType::Bf16));
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, KvType::Bf16), options.clone()));
+        // Over each quantised cache, as this process would build it (and where the
+        // environment asks for the unspecialised form, the specialised one).
+        for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
+            let o = prefill_wg_options(d, kv);
+            let o = if prefill_wg_specialised() == 0 { with_define(&o, "WS", "2") } else { o };
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, kv), o));
+        }
         // And the other forms of DUO_PREFILL_WS, DUO_PREFILL_WG_STAGES, DUO_PREFILL_WG_BK,
         // DUO_PREFILL_PINGPONG and DUO_PREFILL_SWIZZLE, whatever this process's environment says (the default form's
         // other knobs kept).
         let base = with_define(&with_define(&with_define(&options, "WG_BK", "64"), "WG_STAGES", "4"), "PINGPONG", "0");
         let base = with_define(&base, "WG_SWIZZLE", "1");
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64), with_define(&with_define(&base, "WS", "2"), "WG_SWIZZLE", "0")));
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&with_define(&base, "WS", "2"), "WG_SWIZZLE", "0")));
         for ws in ["0", "1"] {
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64), with_define(&with_define(&base, "WS", ws), "PINGPONG", "0")));
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&with_define(&base, "WS", ws), "PINGPONG", "0")));
         }
         for stages in ["2", "3"] {
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64), with_define(&base, "WG_STAGES", stages)));
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&base, "WG_STAGES", stages)));
         }
         let ws2 = with_define(&base, "WS", "2");
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64), with_define(&ws2, "PINGPONG", "1")));
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&ws2, "PINGPONG", "1")));
         let wide = with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3");
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128), wide.clone()));
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128), with_define(&wide, "PINGPONG", "1")));
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), wide.clone()));
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), with_define(&wide, "PINGPONG", "1")));
     }
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
@@ -1022,7 +1032,7 @@ impl Gpu {
     ) -> Result<()> {
         if kernel == PrefillKernel::Wgmma && !self.wgmma_prefill_runs(head_dim, kv) {
             return Err(CudaError::Input(format!(
-                "the wgmma prefill kernel takes bf16 caches with heads of 64 or 128 on compute capability 9.x (a {kv:?} cache, heads of {head_dim}, Hopper: {})",
+                "the wgmma prefill kernel takes bf16 and quantised caches (these in its warp-specialised forms) with heads of 64 or 128 on compute capability 9.x (a {kv:?} cache, heads of {head_dim}, Hopper: {})",
                 self.hopper
             )));
         }
@@ -1036,7 +1046,7 @@ impl Gpu {
         let scale_log2 = std::f32::consts::LOG2_E / (head_dim as f32).sqrt();
         let grid = (t.div_ceil(128) as u32, n_heads as u32, 1);
         if kernel == PrefillKernel::Wgmma {
-            let f = self.prefill_wg_kernel(head_dim)?;
+            let f = self.prefill_wg_kernel(head_dim, kv)?;
             let smem = prefill_wg_smem_bytes(head_dim) as u32;
             let threads = if prefill_wg_specialised() > 0 { 384 } else { 256 };
             return launch!(smem smem; self, f, grid, threads, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out);
@@ -1050,45 +1060,54 @@ impl Gpu {
     /// where it runs (its warp-specialised form with swizzled 128-key tiles: 413-457 against
     /// 272-291 TFLOPS for the `mma.sync` kernel on the H200, BENCHMARKS.md) unless
     /// `DUO_PREFILL_WG=0`, else
-    /// [`PrefillKernel::Mma`].
+    /// [`PrefillKernel::Mma`]. Over a quantised cache the `mma.sync` kernel stays the default
+    /// (`DUO_PREFILL_WG_QUANTISED=1` picks the wgmma kernel): the wgmma kernel's copying
+    /// warpgroup dequantises through its 40 registers and cannot keep enough loads in flight
+    /// (on the H200, 1.13-1.18x the `mma.sync` kernel after 16K cached tokens, 0.8-1.0x after
+    /// 114K, a 128K k8v4 prefill 24.4 s against 22.6 s).
     /// Where the wgmma kernel cannot be made here (NVRTC or the driver refuses it, or the
     /// driver's compiler gives it other than the 168 registers per thread its warpgroups
     /// share out), a warning says why, once, and the `mma.sync` kernel runs instead.
     pub fn prefill_kernel_for(&self, head_dim: usize, kv: KvType) -> PrefillKernel {
-        if !self.wgmma_prefill_runs(head_dim, kv) || crate::decode_attention::tuning("DUO_PREFILL_WG") == Some(0) {
+        let tuning = crate::decode_attention::tuning;
+        let quantised_off = kv.is_quantised() && tuning("DUO_PREFILL_WG_QUANTISED") != Some(1);
+        if !self.wgmma_prefill_runs(head_dim, kv) || tuning("DUO_PREFILL_WG") == Some(0) || quantised_off {
             return PrefillKernel::Mma;
         }
-        match self.prefill_wg_kernel(head_dim) {
+        match self.prefill_wg_kernel(head_dim, kv) {
             Ok(_) => PrefillKernel::Wgmma,
             Err(_) => PrefillKernel::Mma,
         }
     }
 
     /// Whether [`PrefillKernel::Wgmma`] takes a `kv` cache with heads of `head_dim` here:
-    /// bf16, heads of 64 or 128, compute capability 9.x.
+    /// heads of 64 or 128, compute capability 9.x, a bf16 cache, or a quantised one (fp8,
+    /// int8, int4, K8V4) where the kernel is warp-specialised (`DUO_PREFILL_WS` 1 or 2: its
+    /// copying warpgroup dequantises the tiles).
     pub fn wgmma_prefill_runs(&self, head_dim: usize, kv: KvType) -> bool {
-        self.hopper && kv == KvType::Bf16 && matches!(head_dim, 64 | 128)
+        let cache = kv == KvType::Bf16 || (kv.is_quantised() && prefill_wg_specialised() > 0);
+        self.hopper && cache && matches!(head_dim, 64 | 128)
     }
 
-    fn prefill_wg_kernel(&self, head_dim: usize) -> Result<CudaFunction> {
+    fn prefill_wg_kernel(&self, head_dim: usize, kv: KvType) -> Result<CudaFunction> {
         let mut cache = self.prefill_wg.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, made)) = cache.iter().find(|(d, _)| *d == head_dim) {
+        if let Some((_, made)) = cache.iter().find(|(key, _)| *key == (head_dim, kv)) {
             return made.clone().map_err(CudaError::Input);
         }
-        let made = self.make_prefill_wg_kernel(head_dim).map_err(|e| e.to_string());
+        let made = self.make_prefill_wg_kernel(head_dim, kv).map_err(|e| e.to_string());
         if let Err(why) = &made {
-            tracing::warn!("the Hopper prefill kernel for heads of {head_dim} cannot run here ({why}); prefill uses the mma.sync kernel");
+            tracing::warn!("the Hopper prefill kernel for heads of {head_dim} over a {kv:?} cache cannot run here ({why}); prefill uses the mma.sync kernel");
         }
-        cache.push((head_dim, made.clone()));
+        cache.push(((head_dim, kv), made.clone()));
         made.map_err(CudaError::Input)
     }
 
-    fn make_prefill_wg_kernel(&self, head_dim: usize) -> Result<CudaFunction> {
+    fn make_prefill_wg_kernel(&self, head_dim: usize, kv: KvType) -> Result<CudaFunction> {
         let ptx = compile_for(
             "sm_90a",
-            &prefill_wg_source(head_dim, prefill_wg_keys_per_tile()),
+            &prefill_wg_source(head_dim, prefill_wg_keys_per_tile(), kv),
             "prefill_attention_wg",
-            prefill_wg_options(head_dim),
+            prefill_wg_options(head_dim, kv),
         )?;
         let m = self.ctx.load_module(ptx).map_err(driver)?;
         let k = m.load_function("duo_prefill_attention_wg").map_err(driver)?;
@@ -1225,16 +1244,18 @@ fn prefill_wg_pingpong() -> bool {
     prefill_wg_specialised() == 2 && crate::decode_attention::tuning("DUO_PREFILL_PINGPONG") == Some(1)
 }
 
-/// The Hopper prefill kernel's NVRTC options.
-fn prefill_wg_options(head_dim: usize) -> Vec<String> {
-    vec![
+/// The Hopper prefill kernel's NVRTC options for heads of `head_dim` over a `kv` cache.
+fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
+    let mut o = vec![
         format!("-DHEAD_DIM={head_dim}"),
         format!("-DWG_STAGES={}", prefill_wg_stages()),
         format!("-DWS={}", prefill_wg_specialised()),
         format!("-DWG_BK={}", prefill_wg_keys_per_tile()),
         format!("-DPINGPONG={}", u8::from(prefill_wg_pingpong())),
         format!("-DWG_SWIZZLE={}", u8::from(prefill_wg_swizzle())),
-    ]
+    ];
+    o.extend(byte_format_option(kv));
+    o
 }
 
 /// Dynamic shared memory of the prefill kernel: 128 queries and two stages of 64-row K and V
