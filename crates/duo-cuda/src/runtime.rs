@@ -45,6 +45,9 @@ type DecodeKernels = (CudaFunction, CudaFunction);
 /// A compiled decode kernel pair is specific to (group, head_dim, KV type, kernel).
 type DecodeKey = (usize, usize, KvType, DecodeKernel);
 
+/// A kernel compiled and loaded once, or why it could not be (kept, so the warning is said once).
+type MadeKernel = std::result::Result<CudaFunction, String>;
+
 /// One GPU: context, stream, cuBLAS and the compiled kernels.
 pub struct Gpu {
     /// The context (device 0 unless told otherwise).
@@ -57,7 +60,7 @@ pub struct Gpu {
     prefill: Mutex<Vec<((usize, KvType), CudaFunction)>>,
     /// The wgmma prefill kernel per head size, or why it could not be made (kept, so that a
     /// failure is met once and the `mma.sync` kernel takes over).
-    prefill_wg: Mutex<Vec<((usize, KvType), std::result::Result<CudaFunction, String>)>>,
+    prefill_wg: Mutex<Vec<((usize, KvType), MadeKernel)>>,
     /// Compute capability 9.x (Hopper): the `wgmma` prefill kernel runs.
     hopper: bool,
     dequant: Mutex<Option<CudaFunction>>,
