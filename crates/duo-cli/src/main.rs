@@ -319,11 +319,13 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
     for &(name, kinds) in prefill_layers {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
             for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
-                // The mma.sync kernel (every GPU's), and Hopper's wgmma kernel beside it where it runs.
+                // The mma.sync kernel (every GPU's), and Hopper's wgmma kernel beside it where it
+                // runs (over quantised caches where it is chosen: DUO_PREFILL_WG_QUANTISED=1).
                 use duo_cuda::runtime::PrefillKernel;
                 let (ms, flops) = duo_cuda::time_prefill_attention_with(&gpu, PrefillKernel::Mma, &kinds, t, first, kv, 3)?;
                 println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}, {kv:?}: {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);
-                if gpu.wgmma_prefill_runs(128, kv) {
+                let wgmma = if kv.is_quantised() { gpu.prefill_kernel_for(128, kv) == PrefillKernel::Wgmma } else { gpu.wgmma_prefill_runs(128, kv) };
+                if wgmma {
                     let (ms, flops) = duo_cuda::time_prefill_attention_with(&gpu, PrefillKernel::Wgmma, &kinds, t, first, kv, 3)?;
                     println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}, {kv:?} (wgmma kernel): {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);
                 }

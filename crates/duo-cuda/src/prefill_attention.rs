@@ -785,7 +785,11 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 #endif
 typedef unsigned char wg_kv_t;
 #define WG_PACK pack_h
+// One raw slot: a tile's key and value codes and both sides' row scales; two slots.
+#define WG_RAW_SLOT (WG_BK * (K_ROW_BYTES + V_ROW_BYTES) + 2 * WG_BK * 4)
+#define WG_RAW_BYTES (2 * WG_RAW_SLOT)
 #else
+#define WG_RAW_BYTES 0
 typedef bf16_t wg_kv_t;
 #define WG_PACK pack
 #endif
@@ -817,32 +821,15 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // the host gives 1,024 bytes more.
     const unsigned sbase = (smem_addr(wsm_raw) + 1023u) & ~1023u;
     unsigned char* wsm = wsm_raw + (sbase - smem_addr(wsm_raw));
-    // Tile r0 into `stage`, by `threads` threads from `tid`.
+#ifndef KV_BYTES
+    // Tile r0 into `stage`, by `threads` threads from `tid` (a quantised cache's tiles come
+    // through the raw ring instead: load_raw, convert_raw).
     auto load_tile = [&](int r0, int stage, int tid, int threads) {
         unsigned char* ks = wsm + stage * 2 * WG_TILE_BYTES;
         // One table lookup per 64 rows on one page (page runs are 64 rows long).
         long long runs[WG_BK / 64];
 #pragma unroll
         for (int h64 = 0; h64 < WG_BK / 64; h64++) runs[h64] = page_run(pg, e, slot, r0 + 64 * h64, rows);
-#ifdef KV_BYTES
-        // Consecutive threads take consecutive 16-value pieces of a row (whole lines of
-        // codes); each piece's two f16 chunks go to their swizzled places. Rows past the
-        // head's are zeros.
-        for (int i = tid; i < WG_BK * (HEAD_DIM / 16); i += threads) {
-            const int kr = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
-            const long long run = WG_BK == 64 || kr < 64 ? runs[0] : runs[WG_BK / 64 - 1];
-            unsigned hk[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u}, hv[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-            if (r0 + kr < rows) {
-                const long long row = run >= 0 ? run + kr % 64 : kv_row(pg, e, slot, walk_pos(e, r0 + kr, win));
-                dequant_row16_regs<KEY_IS_INT4>(keys + row * K_ROW_BYTES, c, __ldg(pg.kscale + row), hk);
-                dequant_row16_regs<VAL_IS_INT4>(values + row * V_ROW_BYTES, c, __ldg(pg.vscale + row), hv);
-            }
-            *reinterpret_cast<uint4*>(ks + wg_chunk_at(kr, c / 8)) = make_uint4(hk[0], hk[1], hk[2], hk[3]);
-            *reinterpret_cast<uint4*>(ks + wg_chunk_at(kr, c / 8 + 1)) = make_uint4(hk[4], hk[5], hk[6], hk[7]);
-            *reinterpret_cast<uint4*>(ks + WG_TILE_BYTES + wg_chunk_at(kr, c / 8)) = make_uint4(hv[0], hv[1], hv[2], hv[3]);
-            *reinterpret_cast<uint4*>(ks + WG_TILE_BYTES + wg_chunk_at(kr, c / 8 + 1)) = make_uint4(hv[4], hv[5], hv[6], hv[7]);
-        }
-#else
         for (int i = tid; i < WG_BK * ROW_CORES; i += threads) {
 #if WG_SWIZZLE
             // Consecutive threads copy consecutive chunks of a row: whole lines.
@@ -858,10 +845,60 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
             cp_async16(ks + off, keys + at, live ? 16 : 0);
             cp_async16(ks + WG_TILE_BYTES + off, values + at, live ? 16 : 0);
         }
-#endif
     };
+#else
+    // The raw ring after the stages: two slots, each a tile's key codes, value codes and
+    // both sides' row scales as stored (rows past the head's zero-filled, which dequantise
+    // to zeros).
+    unsigned char* raw0 = wsm + WG_STAGES * 2 * WG_TILE_BYTES;
+    // Tile r0's codes and scales into raw slot `slot_raw` by `cp.async` (the 128 copying threads).
+    auto load_raw = [&](int r0, int slot_raw, int tid) {
+        unsigned char* rk = raw0 + slot_raw * WG_RAW_SLOT;
+        unsigned char* rv = rk + WG_BK * K_ROW_BYTES;
+        float* sc = reinterpret_cast<float*>(rv + WG_BK * V_ROW_BYTES);
+        long long runs[WG_BK / 64];
+#pragma unroll
+        for (int h64 = 0; h64 < WG_BK / 64; h64++) runs[h64] = page_run(pg, e, slot, r0 + 64 * h64, rows);
+        auto row_of = [&](int kr) -> long long {
+            const long long run = WG_BK == 64 || kr < 64 ? runs[0] : runs[WG_BK / 64 - 1];
+            return run >= 0 ? run + kr % 64 : r0 + kr < rows ? kv_row(pg, e, slot, walk_pos(e, r0 + kr, win)) : 0;
+        };
+        for (int i = tid; i < WG_BK * (K_ROW_BYTES / 16); i += 128) {
+            const int kr = i / (K_ROW_BYTES / 16), c = (i % (K_ROW_BYTES / 16)) * 16;
+            cp_async16(rk + kr * K_ROW_BYTES + c, keys + row_of(kr) * K_ROW_BYTES + c, r0 + kr < rows ? 16 : 0);
+        }
+        for (int i = tid; i < WG_BK * (V_ROW_BYTES / 16); i += 128) {
+            const int kr = i / (V_ROW_BYTES / 16), c = (i % (V_ROW_BYTES / 16)) * 16;
+            cp_async16(rv + kr * V_ROW_BYTES + c, values + row_of(kr) * V_ROW_BYTES + c, r0 + kr < rows ? 16 : 0);
+        }
+        for (int i = tid; i < 2 * WG_BK; i += 128) {
+            const int kr = i % WG_BK;
+            cp_async4(sc + i, (i < WG_BK ? pg.kscale : pg.vscale) + row_of(kr), r0 + kr < rows ? 4 : 0);
+        }
+    };
+    // Raw slot `slot_raw` dequantised to f16 into `stage`'s swizzled tiles (as the mma.sync
+    // kernel's dequant_row16): consecutive threads take consecutive 16-value pieces of a row.
+    auto convert_raw = [&](int slot_raw, int stage, int tid) {
+        unsigned char* ks = wsm + stage * 2 * WG_TILE_BYTES;
+        const unsigned char* rk = raw0 + slot_raw * WG_RAW_SLOT;
+        const unsigned char* rv = rk + WG_BK * K_ROW_BYTES;
+        const float* sc = reinterpret_cast<const float*>(rv + WG_BK * V_ROW_BYTES);
+        for (int i = tid; i < WG_BK * (HEAD_DIM / 16); i += 128) {
+            const int kr = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
+            unsigned h[8];
+            dequant_row16_regs<KEY_IS_INT4>(rk + kr * K_ROW_BYTES, c, sc[kr], h);
+            *reinterpret_cast<uint4*>(ks + wg_chunk_at(kr, c / 8)) = make_uint4(h[0], h[1], h[2], h[3]);
+            *reinterpret_cast<uint4*>(ks + wg_chunk_at(kr, c / 8 + 1)) = make_uint4(h[4], h[5], h[6], h[7]);
+            dequant_row16_regs<VAL_IS_INT4>(rv + kr * V_ROW_BYTES, c, sc[WG_BK + kr], h);
+            *reinterpret_cast<uint4*>(ks + WG_TILE_BYTES + wg_chunk_at(kr, c / 8)) = make_uint4(h[0], h[1], h[2], h[3]);
+            *reinterpret_cast<uint4*>(ks + WG_TILE_BYTES + wg_chunk_at(kr, c / 8 + 1)) = make_uint4(h[4], h[5], h[6], h[7]);
+        }
+    };
+    // The copying warpgroup's own barrier (1 and 2 are the computing warpgroups' turns).
+    auto copiers_sync = [&]() { asm volatile("bar.sync 3, 128;" ::: "memory"); };
+#endif
 #if WS
-    const unsigned full0 = sbase + WG_STAGES * 2 * WG_TILE_BYTES, empty0 = full0 + 8 * WG_STAGES;
+    const unsigned full0 = sbase + WG_STAGES * 2 * WG_TILE_BYTES + WG_RAW_BYTES, empty0 = full0 + 8 * WG_STAGES;
     if (threadIdx.x == 0) {
         for (int st = 0; st < WG_STAGES; st++) { mbar_init(full0 + 8 * st, 128); mbar_init(empty0 + 8 * st, 2); }
     }
@@ -871,19 +908,34 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
         // warpgroups have released it.
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         int cur = next_tile(0);
+#ifdef KV_BYTES
+        // A quantised cache: the next tile's codes are copied into the raw ring while this
+        // tile's are dequantised into its stage, so no load waits in registers.
+        if (cur < rows) load_raw(cur, 0, threadIdx.x);
+        cp_async_commit();
+        for (int it = 0; cur < rows; it++) {
+            const int stage = it % WG_STAGES, nxt = next_tile(cur + WG_BK);
+            if (nxt < rows) load_raw(nxt, (it + 1) & 1, threadIdx.x);
+            cp_async_commit();
+            cp_async_wait_1();  // this thread's copies of this tile have landed
+            copiers_sync();     // and everyone's
+            if (it >= WG_STAGES) mbar_wait(empty0 + 8 * stage, ((it / WG_STAGES) - 1) & 1);
+            convert_raw(it & 1, stage, threadIdx.x);
+            // This thread's stores, made visible to the tensor cores' reads, are done.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            mbar_arrive(full0 + 8 * stage);
+            copiers_sync();     // every thread is done with this raw slot before it is refilled
+            cur = nxt;
+        }
+#else
         for (int it = 0; cur < rows; it++) {
             const int stage = it % WG_STAGES;
             if (it >= WG_STAGES) mbar_wait(empty0 + 8 * stage, ((it / WG_STAGES) - 1) & 1);
             load_tile(cur, stage, threadIdx.x, 128);
-#ifdef KV_BYTES
-            // This thread's stores, made visible to the tensor cores' reads, are done.
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            mbar_arrive(full0 + 8 * stage);
-#else
             mbar_arrive_copies(full0 + 8 * stage);
-#endif
             cur = next_tile(cur + WG_BK);
         }
+#endif
         asm volatile("cp.async.wait_all;" ::: "memory");
         return;
     }

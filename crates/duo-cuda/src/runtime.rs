@@ -292,7 +292,9 @@ pub fn compile_all() -> Option<Result<usize>> {
         for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
             let o = prefill_wg_options(d, kv);
             let o = if prefill_wg_specialised() == 0 { with_define(&o, "WS", "2") } else { o };
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, kv), o));
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, kv), o.clone()));
+            let narrow = with_define(&with_define(&with_define(&o, "WG_BK", "64"), "WG_STAGES", "4"), "WS", "2");
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, kv), narrow));
         }
         // And the other forms of DUO_PREFILL_WS, DUO_PREFILL_WG_STAGES, DUO_PREFILL_WG_BK,
         // DUO_PREFILL_PINGPONG and DUO_PREFILL_SWIZZLE, whatever this process's environment says (the default form's
@@ -1050,7 +1052,7 @@ impl Gpu {
         let grid = (t.div_ceil(128) as u32, n_heads as u32, 1);
         if kernel == PrefillKernel::Wgmma {
             let f = self.prefill_wg_kernel(head_dim, kv)?;
-            let smem = prefill_wg_smem_bytes(head_dim) as u32;
+            let smem = prefill_wg_smem_bytes(head_dim, kv) as u32;
             let threads = if prefill_wg_specialised() > 0 { 384 } else { 256 };
             return launch!(smem smem; self, f, grid, threads, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out);
         }
@@ -1064,10 +1066,11 @@ impl Gpu {
     /// 272-291 TFLOPS for the `mma.sync` kernel on the H200, BENCHMARKS.md) unless
     /// `DUO_PREFILL_WG=0`, else
     /// [`PrefillKernel::Mma`]. Over a quantised cache the `mma.sync` kernel stays the default
-    /// (`DUO_PREFILL_WG_QUANTISED=1` picks the wgmma kernel): the wgmma kernel's copying
-    /// warpgroup dequantises through its 40 registers and cannot keep enough loads in flight
-    /// (on the H200, 1.13-1.18x the `mma.sync` kernel after 16K cached tokens, 0.8-1.0x after
-    /// 114K, a 128K k8v4 prefill 24.4 s against 22.6 s).
+    /// (`DUO_PREFILL_WG_QUANTISED=1` picks the wgmma kernel): with its copying warpgroup
+    /// dequantising loads in registers the wgmma kernel measured 1.13-1.18x the `mma.sync`
+    /// kernel after 16K cached tokens but 0.8-1.0x after 114K on the H200 (a 128K k8v4
+    /// prefill 24.4 s against 22.6 s); the raw-ring form that replaced it has not run on a
+    /// GPU yet (BENCHMARKS.md).
     /// Where the wgmma kernel cannot be made here (NVRTC or the driver refuses it, or the
     /// driver's compiler gives it other than the 168 registers per thread its warpgroups
     /// share out), a warning says why, once, and the `mma.sync` kernel runs instead.
@@ -1114,7 +1117,7 @@ impl Gpu {
         )?;
         let m = self.ctx.load_module(ptx).map_err(driver)?;
         let k = m.load_function("duo_prefill_attention_wg").map_err(driver)?;
-        allow_dynamic_smem(&k, prefill_wg_smem_bytes(head_dim))?;
+        allow_dynamic_smem(&k, prefill_wg_smem_bytes(head_dim, kv))?;
         // The warp-specialised forms move registers between warpgroups (40 to the copying
         // one, 232 to each computing one): that needs exactly 168 per thread at launch, or
         // the computing warpgroups would wait for registers forever.
@@ -1203,10 +1206,14 @@ impl Gpu {
 }
 
 /// The Hopper prefill kernel's shared memory: [`prefill_wg_stages`] stages of a K and V tile
-/// of [`prefill_wg_keys_per_tile`] keys (and, warp-specialised, two mbarriers per stage).
-fn prefill_wg_smem_bytes(head_dim: usize) -> usize {
+/// of [`prefill_wg_keys_per_tile`] keys (and, warp-specialised, two mbarriers per stage);
+/// over a quantised cache also two raw slots of a tile's codes and row scales.
+fn prefill_wg_smem_bytes(head_dim: usize, kv: KvType) -> usize {
+    let bk = prefill_wg_keys_per_tile();
+    let barriers = if prefill_wg_specialised() > 0 { 16 } else { 0 };
+    let raw = if kv.is_quantised() { 2 * bk * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8) } else { 0 };
     // And 1,024 bytes for the kernel to start its tiles at a 1,024-byte boundary.
-    prefill_wg_stages() * (2 * prefill_wg_keys_per_tile() * head_dim * 2 + if prefill_wg_specialised() > 0 { 16 } else { 0 }) + 1024
+    prefill_wg_stages(head_dim, kv) * (2 * bk * head_dim * 2 + barriers) + raw + 1024
 }
 
 /// How the Hopper prefill kernel is organised (`DUO_PREFILL_WS`): 0, two warpgroups that
@@ -1219,12 +1226,16 @@ fn prefill_wg_specialised() -> u8 {
     crate::decode_attention::tuning("DUO_PREFILL_WS").map_or(2, |n| n.min(2) as u8)
 }
 
-/// Pipeline stages of the Hopper prefill kernel (`DUO_PREFILL_WG_STAGES`, 2 to 4): as many
-/// as fit, the fastest measured (4 with tiles of 64 keys; 3 with tiles of 128 keys, which
-/// take 64 KiB a stage for heads of 128; 2 stages of 128 unswizzled keys ran at 220 TFLOPS
-/// against 336 with 3).
-fn prefill_wg_stages() -> usize {
-    let most = if prefill_wg_keys_per_tile() == 128 { 3 } else { 4 };
+/// Pipeline stages of the Hopper prefill kernel for heads of `head_dim` over a `kv` cache
+/// (`DUO_PREFILL_WG_STAGES`, 2 to 4): as many as fit, the fastest measured (4 with tiles of 64
+/// keys; 3 with tiles of 128 keys, which take 64 KiB a stage for heads of 128; 2 stages of 128
+/// unswizzled keys ran at 220 TFLOPS against 336 with 3), fewer where a quantised cache's raw
+/// slots leave less of the 227 KiB a block may have.
+fn prefill_wg_stages(head_dim: usize, kv: KvType) -> usize {
+    let bk = prefill_wg_keys_per_tile();
+    let raw = if kv.is_quantised() { 2 * bk * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8) } else { 0 };
+    let fits = (227 * 1024 - raw - 1024) / (2 * bk * head_dim * 2 + 16);
+    let most = (if bk == 128 { 3 } else { 4 }).min(fits).max(2);
     crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(most, |n| n.clamp(2, most))
 }
 
@@ -1251,7 +1262,7 @@ fn prefill_wg_pingpong() -> bool {
 fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
     let mut o = vec![
         format!("-DHEAD_DIM={head_dim}"),
-        format!("-DWG_STAGES={}", prefill_wg_stages()),
+        format!("-DWG_STAGES={}", prefill_wg_stages(head_dim, kv)),
         format!("-DWS={}", prefill_wg_specialised()),
         format!("-DWG_BK={}", prefill_wg_keys_per_tile()),
         format!("-DPINGPONG={}", u8::from(prefill_wg_pingpong())),
