@@ -1330,3 +1330,27 @@ impl StepGraph {
         self.0.launch().map_err(driver)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hopper_prefill_form_fits_a_block_of_shared_memory() {
+        // Stages, tiles, raw slots and barriers within the 227 KiB a block may have, and at
+        // least the two stages the overlapped form holds at once.
+        for d in [64, 128] {
+            for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
+                let (stages, bytes) = (prefill_wg_stages(d, kv), prefill_wg_smem_bytes(d, kv));
+                assert!(stages >= 2, "{kv:?}, heads of {d}: {stages} stages");
+                assert!(bytes <= 227 * 1024, "{kv:?}, heads of {d}: {bytes} bytes");
+            }
+        }
+        // Heads of 128 over bf16 keep three stages of 128 keys; a k8v4 cache's raw slots (two
+        // tiles of codes and scales, 50 KiB) leave room for two.
+        assert_eq!(prefill_wg_stages(128, KvType::Bf16), 3);
+        assert_eq!(prefill_wg_stages(128, KvType::K8V4), 2);
+        assert_eq!(prefill_wg_smem_bytes(128, KvType::Bf16), 3 * (65_536 + 16) + 1024);
+        assert_eq!(prefill_wg_smem_bytes(128, KvType::K8V4), 2 * (65_536 + 16) + 2 * 128 * (128 + 64 + 8) + 1024);
+    }
+}
