@@ -285,16 +285,17 @@ pub fn compile_all() -> Option<Result<usize>> {
         (16, 128, KvType::K8V4, DecodeKernel::Tensor),
     ];
     for d in [64, 128] {
-        let (bk, options) = (prefill_wg_keys_per_tile(), prefill_wg_options(d, KvType::Bf16));
+        let (bk, options) = (prefill_wg_keys_per_tile(KvType::Bf16), prefill_wg_options(d, KvType::Bf16));
         jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, KvType::Bf16), options.clone()));
         // Over each quantised cache, as this process would build it (and where the
         // environment asks for the unspecialised form, the specialised one).
         for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
             let o = prefill_wg_options(d, kv);
             let o = if prefill_wg_specialised() == 0 { with_define(&o, "WS", "2") } else { o };
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, kv), o.clone()));
-            let narrow = with_define(&with_define(&with_define(&o, "WG_BK", "64"), "WG_STAGES", "4"), "WS", "2");
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, kv), narrow));
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), o.clone()));
+            // And 128-key tiles (two stages with heads of 128).
+            let wide = with_define(&with_define(&o, "WG_BK", "128"), "WG_STAGES", if d == 128 { "2" } else { "3" });
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, kv), wide));
         }
         // And the other forms of DUO_PREFILL_WS, DUO_PREFILL_WG_STAGES, DUO_PREFILL_WG_BK,
         // DUO_PREFILL_PINGPONG and DUO_PREFILL_SWIZZLE, whatever this process's environment says (the default form's
@@ -1111,7 +1112,7 @@ impl Gpu {
     fn make_prefill_wg_kernel(&self, head_dim: usize, kv: KvType) -> Result<CudaFunction> {
         let ptx = compile_for(
             "sm_90a",
-            &prefill_wg_source(head_dim, prefill_wg_keys_per_tile(), kv),
+            &prefill_wg_source(head_dim, prefill_wg_keys_per_tile(kv), kv),
             "prefill_attention_wg",
             prefill_wg_options(head_dim, kv),
         )?;
@@ -1209,7 +1210,7 @@ impl Gpu {
 /// of [`prefill_wg_keys_per_tile`] keys (and, warp-specialised, two mbarriers per stage);
 /// over a quantised cache also two raw slots of a tile's codes and row scales.
 fn prefill_wg_smem_bytes(head_dim: usize, kv: KvType) -> usize {
-    let bk = prefill_wg_keys_per_tile();
+    let bk = prefill_wg_keys_per_tile(kv);
     let barriers = if prefill_wg_specialised() > 0 { 16 } else { 0 };
     let raw = if kv.is_quantised() { 2 * bk * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8) } else { 0 };
     // And 1,024 bytes for the kernel to start its tiles at a 1,024-byte boundary.
@@ -1232,18 +1233,25 @@ fn prefill_wg_specialised() -> u8 {
 /// unswizzled keys ran at 220 TFLOPS against 336 with 3), fewer where a quantised cache's raw
 /// slots leave less of the 227 KiB a block may have.
 fn prefill_wg_stages(head_dim: usize, kv: KvType) -> usize {
-    let bk = prefill_wg_keys_per_tile();
+    let bk = prefill_wg_keys_per_tile(kv);
     let raw = if kv.is_quantised() { 2 * bk * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8) } else { 0 };
     let fits = (227 * 1024 - raw - 1024) / (2 * bk * head_dim * 2 + 16);
     let most = (if bk == 128 { 3 } else { 4 }).min(fits).max(2);
     crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(most, |n| n.clamp(2, most))
 }
 
-/// Keys per tile of the Hopper prefill kernel (`DUO_PREFILL_WG_BK`: 128, the default, or 64).
-/// With swizzled tiles on the H200 (Llama-3-8B layer, 16K chunk at 16K / 114K): 128 keys 450
-/// / 457 TFLOPS, 64 keys 429 / 440.
-fn prefill_wg_keys_per_tile() -> usize {
-    if crate::decode_attention::tuning("DUO_PREFILL_WG_BK") == Some(64) { 64 } else { 128 }
+/// Keys per tile of the Hopper prefill kernel over a `kv` cache (`DUO_PREFILL_WG_BK`: 128 or
+/// 64). bf16: 128 (with swizzled tiles on the H200, Llama-3-8B layer, 16K chunk at 16K / 114K:
+/// 128 keys 450 / 457 TFLOPS, 64 keys 429 / 440). Quantised: 64, so that four stages fit
+/// beside the raw ring (128 keys leave room for two with heads of 128, and with two the
+/// computing warpgroups would wait for each tile's conversion).
+fn prefill_wg_keys_per_tile(kv: KvType) -> usize {
+    match crate::decode_attention::tuning("DUO_PREFILL_WG_BK") {
+        Some(64) => 64,
+        Some(128) => 128,
+        _ if kv.is_quantised() => 64,
+        _ => 128,
+    }
 }
 
 /// Whether the Hopper prefill kernel's tiles are 128-byte swizzled (`DUO_PREFILL_SWIZZLE`,
@@ -1264,7 +1272,7 @@ fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
         format!("-DHEAD_DIM={head_dim}"),
         format!("-DWG_STAGES={}", prefill_wg_stages(head_dim, kv)),
         format!("-DWS={}", prefill_wg_specialised()),
-        format!("-DWG_BK={}", prefill_wg_keys_per_tile()),
+        format!("-DWG_BK={}", prefill_wg_keys_per_tile(kv)),
         format!("-DPINGPONG={}", u8::from(prefill_wg_pingpong())),
         format!("-DWG_SWIZZLE={}", u8::from(prefill_wg_swizzle())),
     ];
@@ -1346,11 +1354,15 @@ mod tests {
                 assert!(bytes <= 227 * 1024, "{kv:?}, heads of {d}: {bytes} bytes");
             }
         }
-        // Heads of 128 over bf16 keep three stages of 128 keys; a k8v4 cache's raw slots (two
-        // tiles of codes and scales, 50 KiB) leave room for two.
-        assert_eq!(prefill_wg_stages(128, KvType::Bf16), 3);
-        assert_eq!(prefill_wg_stages(128, KvType::K8V4), 2);
-        assert_eq!(prefill_wg_smem_bytes(128, KvType::Bf16), 3 * (65_536 + 16) + 1024);
-        assert_eq!(prefill_wg_smem_bytes(128, KvType::K8V4), 2 * (65_536 + 16) + 2 * 128 * (128 + 64 + 8) + 1024);
+        // With the default forms (no DUO_PREFILL_* knob set): heads of 128 over bf16 keep three
+        // stages of 128 keys; a k8v4 cache takes 64-key tiles, four stages beside its raw slots
+        // (two tiles of codes and scales).
+        let knobs = ["DUO_PREFILL_WS", "DUO_PREFILL_WG_STAGES", "DUO_PREFILL_WG_BK"];
+        if knobs.iter().all(|k| std::env::var_os(k).is_none()) {
+            assert_eq!(prefill_wg_stages(128, KvType::Bf16), 3);
+            assert_eq!(prefill_wg_stages(128, KvType::K8V4), 4);
+            assert_eq!(prefill_wg_smem_bytes(128, KvType::Bf16), 3 * (65_536 + 16) + 1024);
+            assert_eq!(prefill_wg_smem_bytes(128, KvType::K8V4), 4 * (32_768 + 16) + 2 * 64 * (128 + 64 + 8) + 1024);
+        }
     }
 }
