@@ -1071,6 +1071,7 @@ impl KvPool {
             g.addr(&b.q) + (off * qd * 4) as u64,
             g.addr(&self.keys),
             g.addr(&self.values),
+            self.keys.len(),
             heads,
             state,
             paged,

@@ -754,6 +754,26 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
         "@!done bra LAB_WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
 
+// WG_TMA = 1 (`DUO_PREFILL_TMA=1`; bf16, swizzled, warp-specialised): a tile that is whole
+// page runs comes by bulk tensor copies (TMA), one thread issuing a 64-row x 128-byte box per
+// page run and column block, the tensor map (the host's, per launch) over the cache's rows
+// with the 128-byte swizzle, the layout `wg_chunk_at` describes; other tiles (streaming heads,
+// a partial last tile, blocks under 64 rows) by the copying threads as before.
+#ifndef WG_TMA
+#define WG_TMA 0
+#endif
+// A CUtensorMap as the driver encodes it (128 opaque bytes, 64-byte aligned).
+struct __align__(64) TmaMap { unsigned long long v[16]; };
+// One arrival on `bar` that also expects `bytes` more of transfers before its phase completes.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+// The box at (column c0, row c1) of `map` into shared memory at `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const TmaMap* map, int c0, int c1, unsigned bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+
 // WS = 1: three warpgroups, one copying (its registers given back: setmaxnreg) and two
 // computing, each tile stage handed over by mbarriers (full: the producer's copies landed;
 // empty: both consumers are done with it), so no block-wide barrier per tile and the copies
@@ -776,6 +796,9 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 #error "the overlapped form holds two stages at once: WG_STAGES >= 2"
 #endif
 #define WG_THREADS (WS ? 384 : 256)
+#if WG_TMA && (!WS || !WG_SWIZZLE || defined(KV_FP8) || defined(KV_INT8) || defined(KV_INT4) || defined(KV_K8V4))
+#error "TMA copies take bf16 tiles into the swizzled layout, in the warp-specialised forms"
+#endif
 // A quantised cache (KV_FP8, KV_INT8, KV_INT4, KV_K8V4): the copying warpgroup reads each
 // tile's codes and row scales, dequantises them to f16 (as the mma.sync kernel does) and
 // writes the swizzled tile, so the products run in f16 on tiles laid out as bf16's.
@@ -797,7 +820,11 @@ typedef bf16_t wg_kv_t;
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attention_wg(
     const float* __restrict__ q, const wg_kv_t* __restrict__ keys, const wg_kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ state, Paged pg, int T, int n_heads, int group,
-    float scale_log2, bf16_t* __restrict__ out)
+    float scale_log2, bf16_t* __restrict__ out
+#if WG_TMA
+    , const __grid_constant__ TmaMap tm_keys, const __grid_constant__ TmaMap tm_values
+#endif
+    )
 {
     const int h = blockIdx.y, qt = gridDim.x - 1 - blockIdx.x;  // longest query tiles first
     const int wgi = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
@@ -899,6 +926,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
 #endif
 #if WS
     const unsigned full0 = sbase + WG_STAGES * 2 * WG_TILE_BYTES + WG_RAW_BYTES, empty0 = full0 + 8 * WG_STAGES;
+#if WG_TMA
+    auto stage_base = [&](int stage) { return sbase + stage * 2 * WG_TILE_BYTES; };
+#endif
     if (threadIdx.x == 0) {
         for (int st = 0; st < WG_STAGES; st++) { mbar_init(full0 + 8 * st, 128); mbar_init(empty0 + 8 * st, 2); }
     }
@@ -931,6 +961,35 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
         for (int it = 0; cur < rows; it++) {
             const int stage = it % WG_STAGES;
             if (it >= WG_STAGES) mbar_wait(empty0 + 8 * stage, ((it / WG_STAGES) - 1) & 1);
+#if WG_TMA
+            // A tile of whole page runs: one thread's bulk copies (the barrier's 128 arrivals:
+            // its own with the bytes to expect, and the other threads' plain ones).
+            long long runs[WG_BK / 64];
+            bool whole = true;
+#pragma unroll
+            for (int h64 = 0; h64 < WG_BK / 64; h64++) {
+                runs[h64] = page_run(pg, e, slot, cur + 64 * h64, rows);
+                whole = whole && runs[h64] >= 0;
+            }
+            if (whole) {
+                if (threadIdx.x == 0) {
+                    const unsigned ks = stage_base(stage);
+                    mbar_arrive_expect_tx(full0 + 8 * stage, 2 * WG_TILE_BYTES);
+#pragma unroll
+                    for (int h64 = 0; h64 < WG_BK / 64; h64++)
+#pragma unroll
+                        for (int cb = 0; cb < HEAD_DIM / 64; cb++) {
+                            const unsigned at = cb * WG_COLBLOCK + h64 * 64 * 128;
+                            tma_load_2d(ks + at, &tm_keys, cb * 64, (int)runs[h64], full0 + 8 * stage);
+                            tma_load_2d(ks + WG_TILE_BYTES + at, &tm_values, cb * 64, (int)runs[h64], full0 + 8 * stage);
+                        }
+                } else {
+                    mbar_arrive(full0 + 8 * stage);
+                }
+                cur = next_tile(cur + WG_BK);
+                continue;
+            }
+#endif
             load_tile(cur, stage, threadIdx.x, 128);
             mbar_arrive_copies(full0 + 8 * stage);
             cur = next_tile(cur + WG_BK);

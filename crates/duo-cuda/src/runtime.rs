@@ -310,6 +310,7 @@ pub fn compile_all() -> Option<Result<usize>> {
             jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&base, "WG_STAGES", stages)));
         }
         let ws2 = with_define(&base, "WS", "2");
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), with_define(&with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3"), "WG_TMA", "1")));
         jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&ws2, "PINGPONG", "1")));
         let wide = with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3");
         jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), wide.clone()));
@@ -1017,7 +1018,8 @@ impl Gpu {
 
     /// Prefill attention of `t` queries (`q`, f32 `[t, n_heads * head_dim]`) of the sequence
     /// `state = [slot, first position]` over its paged cache (bf16, or a byte cache with the
-    /// row scales `paged` points to) into `out` (bf16, same shape), by `kernel`
+    /// row scales `paged` points to; `kv_bytes` the size of the keys' buffer, which the bulk
+    /// copies' tensor maps bound) into `out` (bf16, same shape), by `kernel`
     /// ([`Gpu::prefill_kernel_for`] picks the default; the parity checks run both).
     #[allow(clippy::too_many_arguments)]
     pub fn prefill_attention(
@@ -1026,6 +1028,7 @@ impl Gpu {
         q: u64,
         kc: u64,
         vc: u64,
+        kv_bytes: usize,
         heads: u64,
         state: u64,
         paged: PagedArgs,
@@ -1055,6 +1058,11 @@ impl Gpu {
             let f = self.prefill_wg_kernel(head_dim, kv)?;
             let smem = prefill_wg_smem_bytes(head_dim, kv) as u32;
             let threads = if prefill_wg_specialised() > 0 { 384 } else { 256 };
+            if prefill_wg_tma(kv) {
+                let rows = kv_bytes / (head_dim * 2);
+                let (tk, tv) = (TensorMap::rows_of(kc, rows, head_dim)?, TensorMap::rows_of(vc, rows, head_dim)?);
+                return launch!(smem smem; self, f, grid, threads, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out, &tk, &tv);
+            }
             return launch!(smem smem; self, f, grid, threads, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out);
         }
         let f = self.prefill_kernel(head_dim, kv)?;
@@ -1260,6 +1268,60 @@ fn prefill_wg_swizzle() -> bool {
     crate::decode_attention::tuning("DUO_PREFILL_SWIZZLE") != Some(0)
 }
 
+/// Whether whole-page-run tiles of the Hopper prefill kernel come by bulk tensor copies (TMA;
+/// `DUO_PREFILL_TMA=1`, bf16 caches with swizzled tiles in a warp-specialised form).
+fn prefill_wg_tma(kv: KvType) -> bool {
+    kv == KvType::Bf16
+        && prefill_wg_swizzle()
+        && prefill_wg_specialised() > 0
+        && crate::decode_attention::tuning("DUO_PREFILL_TMA") == Some(1)
+}
+
+/// A CUtensorMap as the kernels take it (by value, `__grid_constant__`): 128 bytes the driver
+/// encodes, 64-byte aligned.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TensorMap([u64; 16]);
+
+// SAFETY: plain bytes, passed by value as the kernel's `TmaMap` parameter.
+unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+impl TensorMap {
+    /// The map of `rows` bf16 rows of `head_dim` at `base`, read in boxes of 64 rows x 64
+    /// values (128 bytes) with the 128-byte swizzle, as the prefill kernel's tiles are laid out.
+    fn rows_of(base: u64, rows: usize, head_dim: usize) -> Result<Self> {
+        use cudarc::driver::sys;
+        if rows == 0 || rows > u32::MAX as usize || base % 16 != 0 {
+            return Err(CudaError::Input(format!("a tensor map over {rows} rows at {base:#x}")));
+        }
+        let mut map = TensorMap([0; 16]);
+        let dims = [head_dim as u64, rows as u64];
+        let strides = [(head_dim * 2) as u64];
+        let (boxes, steps) = ([64u32, 64], [1u32, 1]);
+        // SAFETY: `map` is 128 writable bytes, 64-byte aligned; the arrays hold `rank` (and
+        // `rank - 1` strides) entries; the driver only encodes, it reads no device memory.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                (&mut map as *mut TensorMap).cast(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2,
+                base as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                steps.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        }
+        .result()
+        .map_err(driver)?;
+        Ok(map)
+    }
+}
+
 /// Whether the two computing warpgroups of the Hopper prefill kernel take turns at the
 /// tensor cores (`DUO_PREFILL_PINGPONG=1`; only with `DUO_PREFILL_WS=2`).
 fn prefill_wg_pingpong() -> bool {
@@ -1275,6 +1337,7 @@ fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
         format!("-DWG_BK={}", prefill_wg_keys_per_tile(kv)),
         format!("-DPINGPONG={}", u8::from(prefill_wg_pingpong())),
         format!("-DWG_SWIZZLE={}", u8::from(prefill_wg_swizzle())),
+        format!("-DWG_TMA={}", u8::from(prefill_wg_tma(kv))),
     ];
     o.extend(byte_format_option(kv));
     o
