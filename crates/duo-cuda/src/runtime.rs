@@ -1291,7 +1291,7 @@ impl TensorMap {
     /// values (128 bytes) with the 128-byte swizzle, as the prefill kernel's tiles are laid out.
     fn rows_of(base: u64, rows: usize, head_dim: usize) -> Result<Self> {
         use cudarc::driver::sys;
-        if rows == 0 || rows > u32::MAX as usize || base % 16 != 0 {
+        if rows == 0 || rows > u32::MAX as usize || !base.is_multiple_of(16) {
             return Err(CudaError::Input(format!("a tensor map over {rows} rows at {base:#x}")));
         }
         let mut map = TensorMap([0; 16]);
