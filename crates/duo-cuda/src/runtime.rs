@@ -301,7 +301,7 @@ pub fn compile_all() -> Option<Result<usize>> {
         // DUO_PREFILL_PINGPONG and DUO_PREFILL_SWIZZLE, whatever this process's environment says (the default form's
         // other knobs kept).
         let base = with_define(&with_define(&with_define(&options, "WG_BK", "64"), "WG_STAGES", "4"), "PINGPONG", "0");
-        let base = with_define(&base, "WG_SWIZZLE", "1");
+        let base = with_define(&with_define(&base, "WG_SWIZZLE", "1"), "WG_TMA", "0");
         jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&with_define(&base, "WS", "2"), "WG_SWIZZLE", "0")));
         for ws in ["0", "1"] {
             jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&with_define(&base, "WS", ws), "PINGPONG", "0")));
@@ -1291,7 +1291,8 @@ impl TensorMap {
     /// values (128 bytes) with the 128-byte swizzle, as the prefill kernel's tiles are laid out.
     fn rows_of(base: u64, rows: usize, head_dim: usize) -> Result<Self> {
         use cudarc::driver::sys;
-        if rows == 0 || rows > u32::MAX as usize || !base.is_multiple_of(16) {
+        // The kernel's row coordinate is a signed 32-bit one.
+        if rows == 0 || rows > i32::MAX as usize || !base.is_multiple_of(16) {
             return Err(CudaError::Input(format!("a tensor map over {rows} rows at {base:#x}")));
         }
         let mut map = TensorMap([0; 16]);
