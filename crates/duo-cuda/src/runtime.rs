@@ -1076,7 +1076,7 @@ impl Gpu {
     /// `DUO_PREFILL_WG=0`, else
     /// [`PrefillKernel::Mma`]. Over a quantised cache the `mma.sync` kernel stays the default
     /// (`DUO_PREFILL_WG_QUANTISED=1` picks the wgmma kernel): with its copying warpgroup
-    /// dequantising loads in registers the wgmma kernel measured 1.13-1.18x the `mma.sync`
+    /// dequantising loads in registers the wgmma kernel measured 1.09-1.18x the `mma.sync`
     /// kernel after 16K cached tokens but 0.8-1.0x after 114K on the H200 (a 128K k8v4
     /// prefill 24.4 s against 22.6 s); the raw-ring form that replaced it has not run on a
     /// GPU yet (BENCHMARKS.md).
