@@ -9,7 +9,9 @@
 //! longer than `--max-prefill` get seeded random keys and values instead of a prefill
 //! (CPU and CUDA), and only their decode is timed; `--batch B` decodes B such sequences at once. Where the backend
 //! measures its copy bandwidth (CUDA), each row shows the bandwidth floor of a decode step:
-//! the weight bytes read per step plus the KV bytes held, over that bandwidth.
+//! the weight bytes read per step plus the KV bytes held, over that bandwidth; where it
+//! measures its matrix-product rate (CUDA), each prefill's compute floor: the FLOPs the
+//! method needs ([`prefill_flops`]) over that rate.
 
 use crate::args::MethodArgs;
 use anyhow::{Context, Result};
@@ -71,6 +73,28 @@ struct Row {
     /// Process memory (CPU) or device memory in use (GPU) with this run's cache alive.
     memory: usize,
     floor_ms: Option<f64>,
+    /// The prefill's compute floor in seconds (FLOPs over the measured product rate).
+    prefill_floor_s: Option<f64>,
+}
+
+/// FLOPs of a prefill of `n` tokens by a method with `pattern` and streaming `window`, counted
+/// as the work the method needs: every projection and the MLP for each token (2 per
+/// multiply-add), the output head for the last token, and attention at 4 x head_dim per
+/// visible (query head, key) pair: causal for retrieval heads, the sink + recent window
+/// (the Λ mask) for streaming heads.
+pub(crate) fn prefill_flops(c: &duo_core::config::ModelConfig, pattern: &duo_core::pattern::HeadPattern, window: duo_core::cache_spec::Window, n: usize) -> f64 {
+    let (h, q, kv) = (c.hidden_size as f64, (c.n_heads * c.head_dim) as f64, (c.n_kv_heads * c.head_dim) as f64);
+    let per_token_layer = 2.0 * (h * (q + 2.0 * kv) + q * h + 3.0 * h * c.intermediate_size as f64);
+    let products = per_token_layer * c.n_layers as f64 * n as f64 + 2.0 * h * c.vocab_size as f64;
+    let causal = n as f64 * (n as f64 + 1.0) / 2.0;
+    let (sink, recent) = (window.sink, window.recent);
+    // Keys query q sees under the Λ mask: the sinks, then the recent ones past them.
+    let lambda: f64 = (0..n).map(|q| (q + 1).min(sink) + (q + 1).saturating_sub(sink.max((q + 1).saturating_sub(recent)))).map(|k| k as f64).sum();
+    let group = (c.n_heads / c.n_kv_heads) as f64;
+    let pairs: f64 = (0..c.n_layers)
+        .flat_map(|l| pattern.layer(l).iter().map(|&r| if r { causal } else { lambda }))
+        .sum();
+    products + 4.0 * c.head_dim as f64 * group * pairs
 }
 
 pub(crate) fn method_args(base: &MethodArgs, name: &str) -> Result<MethodArgs> {
@@ -172,6 +196,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         eprintln!("duo bench: {label} ({} layers, {} KV heads/layer) on {machine}", c.n_layers, c.n_kv_heads);
     }
     let floor_ms = |kv: usize| floor.map(|(w, bw)| (w + kv) as f64 / bw * 1000.0);
+    let product_rate = if a.lengths.iter().any(|&n| n <= a.max_prefill) { b.product_rate()? } else { None };
+    if let Some(rate) = product_rate {
+        eprintln!("duo bench: matrix products at {:.0} TFLOPS (a prefill's compute floor is its FLOPs over this)", rate / 1e12);
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.method.seed());
     let limit = token_limit as u32;
     // At least the warm-up's 64 tokens, also when every length gets synthetic KV.
@@ -235,12 +263,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let decode_ms = t1.elapsed().as_secs_f64() * 1000.0 / timed as f64;
             let kv = backend::plan_bytes(&plan, seq.tokens());
             let kv_bytes = kv.total();
-            let row = Row { method: name.clone(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: floor_ms(kv_bytes) };
+            let prefill_floor_s = match (prefill_s, product_rate) {
+                (Some(_), Some(rate)) => Some(prefill_flops(&c, &method.pattern, method.window, n) / rate),
+                _ => None,
+            };
+            let row = Row { method: name.clone(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: floor_ms(kv_bytes), prefill_floor_s };
             eprintln!(
-                "{:<13} {:>8} tokens: prefill {}, decode {:>8.2} ms/token{}, KV {:>9.2} MiB, memory in use {:>9.1} MiB",
+                "{:<13} {:>8} tokens: prefill {}{}, decode {:>8.2} ms/token{}, KV {:>9.2} MiB, memory in use {:>9.1} MiB",
                 name,
                 n,
                 prefill_s.map_or("synthetic KV".into(), |s| format!("{s:>8.2} s ({:>8.1} tok/s)", n as f64 / s)),
+                match (prefill_s, prefill_floor_s) {
+                    (Some(s), Some(f)) => format!(" (compute floor {f:.2} s, {:.2}x)", s / f),
+                    _ => String::new(),
+                },
                 decode_ms,
                 row.floor_ms.map_or(String::new(), |f| format!(" (floor {f:.2}, {:.2}x)", decode_ms / f)),
                 kv_bytes as f64 / MIB,
@@ -251,7 +287,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut names: Vec<String> = if a.batch > 1 { a.methods.iter().map(|m| format!("{m} (batch {})", a.batch)).collect() } else { a.methods.clone() };
     if let Some(path) = &a.baseline {
-        rows.extend(baseline_rows(path, &c, b.kv_element_bytes(), &floor_ms)?);
+        rows.extend(baseline_rows(path, &c, b.kv_element_bytes(), &floor_ms, product_rate)?);
         names.push("pytorch".into());
     }
     write(&a, &rows, &names, &format!("{label}; {machine}; loaded in {:.2} s, peak anonymous host memory during the load {:.0} MiB", load.0, load.1 as f64 / MIB))?;
@@ -305,7 +341,7 @@ fn batched_row(b: &dyn Backend, method: &duo_engine::ResolvedMethod, plan: &duo_
     let decode_ms = t.elapsed().as_secs_f64() * 1000.0 / timed as f64;
     let one = backend::plan_bytes(plan, seqs[0].tokens());
     let kv = duo_kv::KvBytes { retrieval: one.retrieval * a.batch, streaming: one.streaming * a.batch };
-    Ok(Row { method: String::new(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s: None, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: None })
+    Ok(Row { method: String::new(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s: None, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: None, prefill_floor_s: None })
 }
 
 /// One decode step of every sequence of `seqs` (token `next[i]` to sequence `i`), through
@@ -430,7 +466,8 @@ impl Load {
 }
 
 /// The rows of a PyTorch baseline JSON (scripts/torch_baseline.py).
-fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, element: usize, floor_ms: &dyn Fn(usize) -> Option<f64>) -> Result<Vec<Row>> {
+fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, element: usize, floor_ms: &dyn Fn(usize) -> Option<f64>, product_rate: Option<f64>) -> Result<Vec<Row>> {
+    let full = duo_core::pattern::HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads);
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let rows_json: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{} is not a JSON list of baseline rows", path.display()))?;
     let mut rows = Vec::new();
@@ -450,6 +487,8 @@ fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, elem
             kv: duo_kv::KvBytes { retrieval: kv_bytes, streaming: 0 },
             memory: (r["device_used_gib"].as_f64().unwrap_or(0.0) * GIB) as usize,
             floor_ms: floor_ms(kv_bytes),
+            // Full attention's work, as duo's full row counts it.
+            prefill_floor_s: product_rate.map(|rate| prefill_flops(c, &full, duo_core::cache_spec::Window { sink: 0, recent: 0 }, tokens) / rate),
         });
     }
     Ok(rows)
@@ -459,11 +498,11 @@ fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, elem
 fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<()> {
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String, none: &str| v.map_or(none.to_string(), f);
     let mut table = String::from(
-        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token (with --batch: ms/step) | floor ms | over floor | KV MiB (retrieval + streaming) | memory in use MiB |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token (with --batch: ms/step) | floor ms | over floor | KV MiB (retrieval + streaming) | memory in use MiB | prefill floor s | prefill over floor |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.2} ({:.2} + {:.2}) | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.2} ({:.2} + {:.2}) | {:.1} | {} | {} |\n",
             r.method,
             r.retrieval_heads,
             r.tokens,
@@ -475,14 +514,19 @@ fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<(
             r.kv.total() as f64 / MIB,
             r.kv.retrieval as f64 / MIB,
             r.kv.streaming as f64 / MIB,
-            r.memory as f64 / MIB
+            r.memory as f64 / MIB,
+            opt(r.prefill_floor_s, &|f| format!("{f:.2}"), "-"),
+            match (r.prefill_s, r.prefill_floor_s) {
+                (Some(s), Some(f)) => format!("{:.2}x", s / f),
+                _ => "-".into(),
+            }
         ));
     }
     print!("{table}");
-    let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,floor_ms,kv_bytes_retrieval,kv_bytes_streaming,memory_bytes\n");
+    let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,floor_ms,kv_bytes_retrieval,kv_bytes_streaming,memory_bytes,prefill_floor_s\n");
     for r in rows {
         let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
-        csv.push_str(&format!("{},{},{},{},{:.4},{},{},{},{}\n", r.method, r.retrieval_heads, r.tokens, f(r.prefill_s), r.decode_ms, f(r.floor_ms), r.kv.retrieval, r.kv.streaming, r.memory));
+        csv.push_str(&format!("{},{},{},{},{:.4},{},{},{},{},{}\n", r.method, r.retrieval_heads, r.tokens, f(r.prefill_s), r.decode_ms, f(r.floor_ms), r.kv.retrieval, r.kv.streaming, r.memory, f(r.prefill_floor_s)));
     }
     if let Some(p) = &a.csv {
         std::fs::write(p, &csv).with_context(|| format!("writing {}", p.display()))?;
@@ -505,3 +549,34 @@ fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<(
 
 const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_flops;
+    use duo_core::cache_spec::{lambda_sees, Window};
+    use duo_core::pattern::HeadPattern;
+
+    #[test]
+    fn a_full_prefill_of_llama_3_8b_at_128k_counts_what_benchmarks_claims() {
+        // BENCHMARKS.md: 4.5e15 FLOPs of causal attention and 1.8e15 of products, 6.3e15.
+        let c = duo_model::random::shape("llama-3-8b").unwrap();
+        let full = HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads);
+        let flops = prefill_flops(&c, &full, Window { sink: 64, recent: 256 }, 131_072);
+        assert!((flops / 6.33e15 - 1.0).abs() < 0.01, "{flops:e}");
+    }
+
+    #[test]
+    fn streaming_heads_count_the_pairs_the_lambda_mask_shows() {
+        let c = duo_model::random::shape("llama-3-8b").unwrap();
+        let (full, streaming) = (HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads), HeadPattern::all_streaming(c.n_layers, c.n_kv_heads));
+        for (sink, recent, n) in [(4, 16, 300), (64, 256, 200), (1, 2, 5), (0, 8, 40)] {
+            let w = Window { sink, recent };
+            let causal = (n * (n + 1) / 2) as f64;
+            let seen = (0..n).flat_map(|q| (0..=q).map(move |k| (q, k))).filter(|&(q, k)| lambda_sees(sink, recent, q, k)).count() as f64;
+            // Every query head of every layer: 4 x head_dim per pair.
+            let per_pair = 4.0 * (c.head_dim * c.n_heads * c.n_layers) as f64;
+            let diff = prefill_flops(&c, &full, w, n) - prefill_flops(&c, &streaming, w, n);
+            assert!((diff - per_pair * (causal - seen)).abs() < 1.0, "sink {sink} recent {recent} n {n}: {diff} vs {}", per_pair * (causal - seen));
+        }
+    }
+}

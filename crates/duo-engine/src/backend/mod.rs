@@ -114,6 +114,12 @@ pub trait Backend: Send + Sync {
     fn decode_floor(&self) -> Result<Option<(usize, f64)>> {
         Ok(None)
     }
+    /// The rate of the backend's matrix products in FLOP/s, measured (a large bf16 product by
+    /// the library the engine's products use), where the backend measures it (CUDA): a
+    /// prefill's compute floor is its FLOPs over this.
+    fn product_rate(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
     /// One shared KV pool for serving `method`, where the backend pages its caches (CUDA);
     /// `None` where each sequence owns its memory (CPU: the server reserves bytes instead).
     fn kv_pool(&self, _method: &ResolvedMethod, _options: &PoolOptions) -> Result<Option<Arc<dyn KvPool>>> {
