@@ -762,6 +762,39 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 #ifndef WG_TMA
 #define WG_TMA 0
 #endif
+// WG_SOFTMAX_TREE = 1 (`DUO_PREFILL_SOFTMAX_TREE=1`): a row's maximum and sum over a tile
+// by four independent partial results instead of one chain of N dependent steps (Nsight
+// Compute put the kernel's largest stall on fixed-latency dependencies once the swizzle
+// had lifted the L2 limit). The maximum is the same; the sum differs by rounding order.
+#ifndef WG_SOFTMAX_TREE
+#define WG_SOFTMAX_TREE 0
+#endif
+template <int N>
+__device__ __forceinline__ float softmax_row_tree(float* p, float& m, float& l) {
+    static_assert(N >= 4, "four partial results need four pairs");
+    float a[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) a[k] = fmaxf(p[4 * k], p[4 * k + 1]);
+#pragma unroll
+    for (int j = 4; j < N; j++) a[j % 4] = fmaxf(a[j % 4], fmaxf(p[4 * j], p[4 * j + 1]));
+    float mx = fmaxf(fmaxf(a[0], a[1]), fmaxf(a[2], a[3]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float nm = fmaxf(m, mx);
+    const float base = nm == NEG_INF ? 0.f : nm;
+    const float c = fast_exp2(m - base);
+    float sums[4];
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+        p[4 * j] = fast_exp2(p[4 * j] - base);
+        p[4 * j + 1] = fast_exp2(p[4 * j + 1] - base);
+        const float pair = p[4 * j] + p[4 * j + 1];
+        sums[j % 4] = j < 4 ? pair : sums[j % 4] + pair;
+    }
+    l = l * c + ((sums[0] + sums[1]) + (sums[2] + sums[3]));
+    m = nm;
+    return c;
+}
 // A CUtensorMap as the driver encodes it (128 opaque bytes, 64-byte aligned).
 struct __align__(64) TmaMap { unsigned long long v[16]; };
 // One arrival on `bar` that also expects `bytes` more of transfers before its phase completes.
@@ -1057,7 +1090,13 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
                 }
         }
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) cf[hf] = softmax_row<WG_BK / 8>(&s[2 * hf], m[hf], l[hf]);
+        for (int hf = 0; hf < 2; hf++) {
+#if WG_SOFTMAX_TREE
+            cf[hf] = softmax_row_tree<WG_BK / 8>(&s[2 * hf], m[hf], l[hf]);
+#else
+            cf[hf] = softmax_row<WG_BK / 8>(&s[2 * hf], m[hf], l[hf]);
+#endif
+        }
     };
     // Past the first tiles a row's maximum rarely moves: the warp skips rescaling its output
     // accumulators when none of its rows' did.

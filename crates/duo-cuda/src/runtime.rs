@@ -301,7 +301,7 @@ pub fn compile_all() -> Option<Result<usize>> {
         // DUO_PREFILL_PINGPONG and DUO_PREFILL_SWIZZLE, whatever this process's environment says (the default form's
         // other knobs kept).
         let base = with_define(&with_define(&with_define(&options, "WG_BK", "64"), "WG_STAGES", "4"), "PINGPONG", "0");
-        let base = with_define(&with_define(&base, "WG_SWIZZLE", "1"), "WG_TMA", "0");
+        let base = with_define(&with_define(&with_define(&base, "WG_SWIZZLE", "1"), "WG_TMA", "0"), "WG_SOFTMAX_TREE", "0");
         jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&with_define(&base, "WS", "2"), "WG_SWIZZLE", "0")));
         for ws in ["0", "1"] {
             jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&with_define(&base, "WS", ws), "PINGPONG", "0")));
@@ -310,6 +310,8 @@ pub fn compile_all() -> Option<Result<usize>> {
             jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&base, "WG_STAGES", stages)));
         }
         let ws2 = with_define(&base, "WS", "2");
+        let tree = with_define(&with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3"), "WG_SOFTMAX_TREE", "1");
+        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), tree));
         jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), with_define(&with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3"), "WG_TMA", "1")));
         jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&ws2, "PINGPONG", "1")));
         let wide = with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3");
@@ -1339,6 +1341,7 @@ fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
         format!("-DPINGPONG={}", u8::from(prefill_wg_pingpong())),
         format!("-DWG_SWIZZLE={}", u8::from(prefill_wg_swizzle())),
         format!("-DWG_TMA={}", u8::from(prefill_wg_tma(kv))),
+        format!("-DWG_SOFTMAX_TREE={}", u8::from(crate::decode_attention::tuning("DUO_PREFILL_SOFTMAX_TREE") == Some(1))),
     ];
     o.extend(byte_format_option(kv));
     o
