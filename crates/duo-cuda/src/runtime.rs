@@ -1270,6 +1270,30 @@ fn prefill_wg_swizzle() -> bool {
     crate::decode_attention::tuning("DUO_PREFILL_SWIZZLE") != Some(0)
 }
 
+/// The Hopper prefill kernel's form for heads of `head_dim` over a `kv` cache as this process
+/// builds it (the `DUO_PREFILL_*` knobs read), e.g. "WS=2, 128-key tiles, 3 stages, swizzled":
+/// what a measurement's output should name.
+pub fn prefill_wg_form(head_dim: usize, kv: KvType) -> String {
+    let mut form = format!(
+        "WS={}, {}-key tiles, {} stages, {}",
+        prefill_wg_specialised(),
+        prefill_wg_keys_per_tile(kv),
+        prefill_wg_stages(head_dim, kv),
+        if prefill_wg_swizzle() { "swizzled" } else { "unswizzled" }
+    );
+    for (on, name) in [
+        (prefill_wg_pingpong(), "ping-pong"),
+        (prefill_wg_tma(kv), "TMA"),
+        (crate::decode_attention::tuning("DUO_PREFILL_SOFTMAX_TREE") == Some(1), "softmax tree"),
+    ] {
+        if on {
+            form.push_str(", ");
+            form.push_str(name);
+        }
+    }
+    form
+}
+
 /// Whether whole-page-run tiles of the Hopper prefill kernel come by bulk tensor copies (TMA;
 /// `DUO_PREFILL_TMA=1`, bf16 caches with swizzled tiles in a warp-specialised form).
 fn prefill_wg_tma(kv: KvType) -> bool {
@@ -1426,6 +1450,8 @@ mod tests {
         // (two tiles of codes and scales).
         let knobs = ["DUO_PREFILL_WS", "DUO_PREFILL_WG_STAGES", "DUO_PREFILL_WG_BK"];
         if knobs.iter().all(|k| std::env::var_os(k).is_none()) {
+            assert!(prefill_wg_form(128, KvType::Bf16).starts_with("WS=2, 128-key tiles, 3 stages, swizzled"));
+            assert!(prefill_wg_form(128, KvType::K8V4).starts_with("WS=2, 64-key tiles, 4 stages, swizzled"));
             assert_eq!(prefill_wg_stages(128, KvType::Bf16), 3);
             assert_eq!(prefill_wg_stages(128, KvType::K8V4), 4);
             assert_eq!(prefill_wg_smem_bytes(128, KvType::Bf16), 3 * (65_536 + 16) + 1024);
