@@ -874,8 +874,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     const size_t qs = (size_t)n_heads * HEAD_DIM;
 
     auto next_tile = [&](int r) { return next_seen_tile(e, r, rows, win, q_lo, q_hi, WG_BK); };
-    // [WG_STAGES][K, V][WG_BK / 8][ROW_CORES] core matrices of 128 bytes (then, with WS, the
-    // stages' full and empty barriers).
+    // [WG_STAGES][K, V] tiles of WG_TILE_BYTES (laid out as wg_chunk_at says), then over a
+    // quantised cache the raw ring (WG_RAW_BYTES), then, with WS, the stages' full and empty
+    // barriers.
     extern __shared__ __align__(128) unsigned char wsm_raw[];
     // Swizzled tiles start at 1,024-byte boundaries (the swizzle reads address bits 4-9);
     // the host gives 1,024 bytes more.
@@ -1059,7 +1060,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // A tile's pieces: the stage's addresses, Q K^T issued, the mask and online softmax of
     // its scores (returning each row's rescaling factor), P packed, P V issued.
     auto stage_keys = [&](int stage) { return sbase + stage * 2 * WG_TILE_BYTES; };
-    // Keys are n (stride: 8 keys = ROW_CORES cores), dims k (8 dims = 128 bytes).
+    // Keys are n, dims k: the descriptors of wg_chunk_at's layout (swizzled or not).
     auto issue_qk = [&](float* s, int stage) {
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
@@ -1117,7 +1118,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
             pa[kk][3] = WG_PACK(s[8 * kk + 6], s[8 * kk + 7]);
         }
     };
-    // Values are k (8 keys = ROW_CORES cores), dims n (8 dims = 128 bytes), read transposed.
+    // Values are k, dims n, read transposed: the descriptors of wg_chunk_at's layout.
     auto issue_pv = [&](int stage) {
 #pragma unroll
         for (int kk = 0; kk < WG_BK / 16; kk++) {
