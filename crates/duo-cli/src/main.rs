@@ -148,15 +148,6 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
     }
     let gpu = std::sync::Arc::new(duo_cuda::Gpu::new(0)?);
     println!("{}", gpu.name());
-    // The prefill kernels' forms as built here, so that the timings below name what they ran.
-    use duo_cuda::decode_attention::KvType;
-    let kinds = [KvType::Bf16, KvType::Int8].map(|kv| format!("{kv:?} {:?}", gpu.prefill_kernel_for(128, kv)));
-    println!(
-        "prefill kernels for heads of 128: {}; the wgmma form over bf16: {}; over quantised caches: {}",
-        kinds.join(", "),
-        duo_cuda::runtime::prefill_wg_form(128, KvType::Bf16),
-        duo_cuda::runtime::prefill_wg_form(128, KvType::Int8)
-    );
     // Tensor parallelism ("tp") runs where two GPUs or more are visible, over all of them.
     let visible = duo_cuda::runtime::device_count();
     let mut every: Vec<&str> = duo_cuda::CHECK_GROUPS.to_vec();
@@ -199,7 +190,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
     // half of them streaming (64 + 256 tokens), in one fused launch over a paged pool (blocks
     // of 64); bf16 and fp8 caches side by side on the tensor cores, the CUDA-core kernel (the
     // reference path) beside them; one long sequence, then batches.
-    use duo_cuda::decode_attention::{time_decode_attention, DecodeKernel};
+    use duo_cuda::decode_attention::{time_decode_attention, DecodeKernel, KvType};
     println!(
         "copy bandwidth {:.0} GB/s (read + written)",
         gpu.copy_bandwidth()? / 1e9
@@ -325,6 +316,16 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
         }
     }
     let prefill_layers: &[(&str, [bool; 8])] = if timed.contains(&"prefill") { &[("full", [true; 8]), ("duo 0.5", duo)] } else { &[] };
+    if !prefill_layers.is_empty() {
+        // The prefill kernels' forms as built here, so that the timings below name what ran.
+        let kinds = [KvType::Bf16, KvType::Int8].map(|kv| format!("{kv:?} {:?}", gpu.prefill_kernel_for(128, kv)));
+        println!(
+            "prefill kernels for heads of 128: {}; the wgmma form over bf16: {}; over quantised caches: {}",
+            kinds.join(", "),
+            duo_cuda::runtime::prefill_wg_form(128, KvType::Bf16),
+            duo_cuda::runtime::prefill_wg_form(128, KvType::Int8)
+        );
+    }
     for &(name, kinds) in prefill_layers {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
             for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {

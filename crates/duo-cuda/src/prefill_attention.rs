@@ -204,25 +204,38 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // maximum over the quad, the pairs replaced by exp2(score - maximum) in place, the running
 // maximum `m` and this lane's running sum `l` updated. Returns the factor the row's output
 // so far is scaled by. A row that has seen no key yet subtracts 0: exp2(-inf) = 0 and its
-// sums stay 0.
-template <int N>
+// sums stay 0. With TREE the row's maximum and sum are four independent partial results
+// (chains a quarter as long; the maximum is the same, the sum differs by rounding order),
+// else one chain each.
+template <int N, bool TREE = false>
 __device__ __forceinline__ float softmax_row(float* p, float& m, float& l) {
-    float mx = fmaxf(p[0], p[1]);
+    constexpr int K = TREE ? 4 : 1;
+    static_assert(N >= K, "a partial result per pair at least");
+    float part[K];
 #pragma unroll
-    for (int j = 1; j < N; j++) mx = fmaxf(mx, fmaxf(p[4 * j], p[4 * j + 1]));
+    for (int k = 0; k < K; k++) part[k] = fmaxf(p[4 * k], p[4 * k + 1]);
+#pragma unroll
+    for (int j = K; j < N; j++) part[j % K] = fmaxf(part[j % K], fmaxf(p[4 * j], p[4 * j + 1]));
+    float mx = part[0];
+    if (TREE) mx = fmaxf(fmaxf(part[0], part[1 % K]), fmaxf(part[2 % K], part[3 % K]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
     const float nm = fmaxf(m, mx);
     const float base = nm == NEG_INF ? 0.f : nm;
     const float c = fast_exp2(m - base);
-    float sum = 0.f;
+    float sum[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) sum[k] = 0.f;
 #pragma unroll
     for (int j = 0; j < N; j++) {
         p[4 * j] = fast_exp2(p[4 * j] - base);
         p[4 * j + 1] = fast_exp2(p[4 * j + 1] - base);
-        sum += p[4 * j] + p[4 * j + 1];
+        if (TREE && j < K) sum[j % K] = p[4 * j] + p[4 * j + 1];
+        else sum[j % K] += p[4 * j] + p[4 * j + 1];
     }
-    l = l * c + sum;
+    float total = sum[0];
+    if (TREE) total = (sum[0] + sum[1 % K]) + (sum[2 % K] + sum[3 % K]);
+    l = l * c + total;
     m = nm;
     return c;
 }
@@ -315,10 +328,9 @@ __device__ __forceinline__ float h2f(unsigned short h) {
     return f;
 }
 #ifdef KV_BYTES
-// 16 values of a quantised row from value c (`row` its bytes in shared memory, `word` its
-// scale) to f16 in shared memory: byte codes times the scale, or (INT4: the side holds
-// int4) n * step + min (one f16 fused multiply-add, as crate::int4::value).
-// The same into eight registers (values c..c+15 as f16 pairs), from shared or global memory.
+// 16 values of a quantised row from value c (`row` its bytes, in shared or global memory;
+// `word` its scale) to f16 pairs in eight registers: byte codes times the scale, or (INT4:
+// the side holds int4) n * step + min (one f16 fused multiply-add, as crate::int4::value).
 template <bool INT4>
 __device__ __forceinline__ void dequant_row16_regs(const unsigned char* row, int c, float word, unsigned* h) {
     if (INT4) {
@@ -345,6 +357,7 @@ __device__ __forceinline__ void dequant_row16_regs(const unsigned char* row, int
         }
     }
 }
+// The same to 16 f16 at `dst` (shared memory).
 template <bool INT4>
 __device__ __forceinline__ void dequant_row16(const unsigned char* row, int c, float word, unsigned short* dst) {
     unsigned h[8];
@@ -763,38 +776,12 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 #define WG_TMA 0
 #endif
 // WG_SOFTMAX_TREE = 1 (`DUO_PREFILL_SOFTMAX_TREE=1`): a row's maximum and sum over a tile
-// by four independent partial results instead of one chain of N dependent steps (Nsight
-// Compute put the kernel's largest stall on fixed-latency dependencies once the swizzle
-// had lifted the L2 limit). The maximum is the same; the sum differs by rounding order.
+// by four independent partial results (softmax_row's TREE) instead of one chain of N
+// dependent steps (Nsight Compute put the kernel's largest stall on fixed-latency
+// dependencies once the swizzle had lifted the L2 limit).
 #ifndef WG_SOFTMAX_TREE
 #define WG_SOFTMAX_TREE 0
 #endif
-template <int N>
-__device__ __forceinline__ float softmax_row_tree(float* p, float& m, float& l) {
-    static_assert(N >= 4, "four partial results need four pairs");
-    float a[4];
-#pragma unroll
-    for (int k = 0; k < 4; k++) a[k] = fmaxf(p[4 * k], p[4 * k + 1]);
-#pragma unroll
-    for (int j = 4; j < N; j++) a[j % 4] = fmaxf(a[j % 4], fmaxf(p[4 * j], p[4 * j + 1]));
-    float mx = fmaxf(fmaxf(a[0], a[1]), fmaxf(a[2], a[3]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-    const float nm = fmaxf(m, mx);
-    const float base = nm == NEG_INF ? 0.f : nm;
-    const float c = fast_exp2(m - base);
-    float sums[4];
-#pragma unroll
-    for (int j = 0; j < N; j++) {
-        p[4 * j] = fast_exp2(p[4 * j] - base);
-        p[4 * j + 1] = fast_exp2(p[4 * j + 1] - base);
-        const float pair = p[4 * j] + p[4 * j + 1];
-        sums[j % 4] = j < 4 ? pair : sums[j % 4] + pair;
-    }
-    l = l * c + ((sums[0] + sums[1]) + (sums[2] + sums[3]));
-    m = nm;
-    return c;
-}
 // A CUtensorMap as the driver encodes it (128 opaque bytes, 64-byte aligned).
 struct __align__(64) TmaMap { unsigned long long v[16]; };
 // One arrival on `bar` that also expects `bytes` more of transfers before its phase completes.
@@ -882,15 +869,26 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // the host gives 1,024 bytes more.
     const unsigned sbase = (smem_addr(wsm_raw) + 1023u) & ~1023u;
     unsigned char* wsm = wsm_raw + (sbase - smem_addr(wsm_raw));
+    // A stage's key tile (its value tile follows, WG_TILE_BYTES on).
+    auto stage_keys = [&](int stage) { return sbase + stage * 2 * WG_TILE_BYTES; };
+    // The page runs of the tile at row r0, one per 64 rows (page runs are 64 rows long; -1
+    // where the rows are not one), so that a run costs one table lookup.
+    auto tile_runs = [&](int r0, long long* runs) {
+#pragma unroll
+        for (int h64 = 0; h64 < WG_BK / 64; h64++) runs[h64] = page_run(pg, e, slot, r0 + 64 * h64, rows);
+    };
+    // The cache row of the tile's row kr: from its run, else looked up (0 past the head's rows).
+    auto tile_row = [&](const long long* runs, int r0, int kr) -> long long {
+        const long long run = WG_BK == 64 || kr < 64 ? runs[0] : runs[WG_BK / 64 - 1];
+        return run >= 0 ? run + kr % 64 : r0 + kr < rows ? kv_row(pg, e, slot, walk_pos(e, r0 + kr, win)) : 0;
+    };
 #ifndef KV_BYTES
     // Tile r0 into `stage`, by `threads` threads from `tid` (a quantised cache's tiles come
     // through the raw ring instead: load_raw, convert_raw).
     auto load_tile = [&](int r0, int stage, int tid, int threads) {
         unsigned char* ks = wsm + stage * 2 * WG_TILE_BYTES;
-        // One table lookup per 64 rows on one page (page runs are 64 rows long).
         long long runs[WG_BK / 64];
-#pragma unroll
-        for (int h64 = 0; h64 < WG_BK / 64; h64++) runs[h64] = page_run(pg, e, slot, r0 + 64 * h64, rows);
+        tile_runs(r0, runs);
         for (int i = tid; i < WG_BK * ROW_CORES; i += threads) {
 #if WG_SWIZZLE
             // Consecutive threads copy consecutive chunks of a row: whole lines.
@@ -901,8 +899,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
 #endif
             const int off = wg_chunk_at(kr, c8);
             const bool live = r0 + kr < rows;
-            const long long run = WG_BK == 64 || kr < 64 ? runs[0] : runs[WG_BK / 64 - 1];
-            const size_t at = (size_t)(run >= 0 ? run + kr % 64 : live ? kv_row(pg, e, slot, walk_pos(e, r0 + kr, win)) : 0) * HEAD_DIM + c8 * 8;
+            const size_t at = (size_t)tile_row(runs, r0, kr) * HEAD_DIM + c8 * 8;
             cp_async16(ks + off, keys + at, live ? 16 : 0);
             cp_async16(ks + WG_TILE_BYTES + off, values + at, live ? 16 : 0);
         }
@@ -918,12 +915,8 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
         unsigned char* rv = rk + WG_BK * K_ROW_BYTES;
         float* sc = reinterpret_cast<float*>(rv + WG_BK * V_ROW_BYTES);
         long long runs[WG_BK / 64];
-#pragma unroll
-        for (int h64 = 0; h64 < WG_BK / 64; h64++) runs[h64] = page_run(pg, e, slot, r0 + 64 * h64, rows);
-        auto row_of = [&](int kr) -> long long {
-            const long long run = WG_BK == 64 || kr < 64 ? runs[0] : runs[WG_BK / 64 - 1];
-            return run >= 0 ? run + kr % 64 : r0 + kr < rows ? kv_row(pg, e, slot, walk_pos(e, r0 + kr, win)) : 0;
-        };
+        tile_runs(r0, runs);
+        auto row_of = [&](int kr) { return tile_row(runs, r0, kr); };
         for (int i = tid; i < WG_BK * (K_ROW_BYTES / 16); i += 128) {
             const int kr = i / (K_ROW_BYTES / 16), c = (i % (K_ROW_BYTES / 16)) * 16;
             cp_async16(rk + kr * K_ROW_BYTES + c, keys + row_of(kr) * K_ROW_BYTES + c, r0 + kr < rows ? 16 : 0);
@@ -960,9 +953,6 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
 #endif
 #if WS
     const unsigned full0 = sbase + WG_STAGES * 2 * WG_TILE_BYTES + WG_RAW_BYTES, empty0 = full0 + 8 * WG_STAGES;
-#if WG_TMA
-    auto stage_base = [&](int stage) { return sbase + stage * 2 * WG_TILE_BYTES; };
-#endif
     if (threadIdx.x == 0) {
         for (int st = 0; st < WG_STAGES; st++) { mbar_init(full0 + 8 * st, 128); mbar_init(empty0 + 8 * st, 2); }
     }
@@ -999,15 +989,13 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
             // A tile of whole page runs: one thread's bulk copies (the barrier's 128 arrivals:
             // its own with the bytes to expect, and the other threads' plain ones).
             long long runs[WG_BK / 64];
+            tile_runs(cur, runs);
             bool whole = true;
 #pragma unroll
-            for (int h64 = 0; h64 < WG_BK / 64; h64++) {
-                runs[h64] = page_run(pg, e, slot, cur + 64 * h64, rows);
-                whole = whole && runs[h64] >= 0;
-            }
+            for (int h64 = 0; h64 < WG_BK / 64; h64++) whole = whole && runs[h64] >= 0;
             if (whole) {
                 if (threadIdx.x == 0) {
-                    const unsigned ks = stage_base(stage);
+                    const unsigned ks = stage_keys(stage);
                     mbar_arrive_expect_tx(full0 + 8 * stage, 2 * WG_TILE_BYTES);
 #pragma unroll
                     for (int h64 = 0; h64 < WG_BK / 64; h64++)
@@ -1057,9 +1045,8 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows row0, row0 + 8
 
     // One tile: S = Q K^T, the mask, the online softmax, O += P V.
-    // A tile's pieces: the stage's addresses, Q K^T issued, the mask and online softmax of
-    // its scores (returning each row's rescaling factor), P packed, P V issued.
-    auto stage_keys = [&](int stage) { return sbase + stage * 2 * WG_TILE_BYTES; };
+    // A tile's pieces: Q K^T issued, the mask and online softmax of its scores (returning
+    // each row's rescaling factor), P packed, P V issued.
     // Keys are n, dims k: the descriptors of wg_chunk_at's layout (swizzled or not).
     auto issue_qk = [&](float* s, int stage) {
 #pragma unroll
@@ -1091,13 +1078,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
                 }
         }
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-#if WG_SOFTMAX_TREE
-            cf[hf] = softmax_row_tree<WG_BK / 8>(&s[2 * hf], m[hf], l[hf]);
-#else
-            cf[hf] = softmax_row<WG_BK / 8>(&s[2 * hf], m[hf], l[hf]);
-#endif
-        }
+        for (int hf = 0; hf < 2; hf++) cf[hf] = softmax_row<WG_BK / 8, WG_SOFTMAX_TREE == 1>(&s[2 * hf], m[hf], l[hf]);
     };
     // Past the first tiles a row's maximum rarely moves: the warp skips rescaling its output
     // accumulators when none of its rows' did.

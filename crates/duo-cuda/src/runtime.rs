@@ -300,23 +300,21 @@ pub fn compile_all() -> Option<Result<usize>> {
         // And the other forms of DUO_PREFILL_WS, DUO_PREFILL_WG_STAGES, DUO_PREFILL_WG_BK,
         // DUO_PREFILL_PINGPONG and DUO_PREFILL_SWIZZLE, whatever this process's environment says (the default form's
         // other knobs kept).
-        let base = with_define(&with_define(&with_define(&options, "WG_BK", "64"), "WG_STAGES", "4"), "PINGPONG", "0");
-        let base = with_define(&with_define(&with_define(&base, "WG_SWIZZLE", "1"), "WG_TMA", "0"), "WG_SOFTMAX_TREE", "0");
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&with_define(&base, "WS", "2"), "WG_SWIZZLE", "0")));
-        for ws in ["0", "1"] {
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&with_define(&base, "WS", ws), "PINGPONG", "0")));
-        }
-        for stages in ["2", "3"] {
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&base, "WG_STAGES", stages)));
-        }
-        let ws2 = with_define(&base, "WS", "2");
-        let tree = with_define(&with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3"), "WG_SOFTMAX_TREE", "1");
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), tree));
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), with_define(&with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3"), "WG_TMA", "1")));
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, KvType::Bf16), with_define(&ws2, "PINGPONG", "1")));
-        let wide = with_define(&with_define(&ws2, "WG_BK", "128"), "WG_STAGES", "3");
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), wide.clone()));
-        jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, KvType::Bf16), with_define(&wide, "PINGPONG", "1")));
+        let set = |o: &[String], pairs: &[(&str, &str)]| pairs.iter().fold(o.to_vec(), |o, (name, value)| with_define(&o, name, value));
+        let plain = [("WS", "2"), ("PINGPONG", "0"), ("WG_SWIZZLE", "1"), ("WG_TMA", "0"), ("WG_SOFTMAX_TREE", "0")];
+        let narrow = set(&set(&options, &plain), &[("WG_BK", "64"), ("WG_STAGES", "4")]);
+        let wide = set(&set(&options, &plain), &[("WG_BK", "128"), ("WG_STAGES", "3")]);
+        let bf16 = |bk: usize| prefill_wg_source(d, bk, KvType::Bf16);
+        jobs.push(("prefill_attention_wg", bf16(64), set(&narrow, &[("WG_SWIZZLE", "0")])));
+        jobs.push(("prefill_attention_wg", bf16(64), set(&narrow, &[("WS", "0")])));
+        jobs.push(("prefill_attention_wg", bf16(64), set(&narrow, &[("WS", "1")])));
+        jobs.push(("prefill_attention_wg", bf16(64), set(&narrow, &[("WG_STAGES", "2")])));
+        jobs.push(("prefill_attention_wg", bf16(64), set(&narrow, &[("WG_STAGES", "3")])));
+        jobs.push(("prefill_attention_wg", bf16(64), set(&narrow, &[("PINGPONG", "1")])));
+        jobs.push(("prefill_attention_wg", bf16(128), wide.clone()));
+        jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("PINGPONG", "1")])));
+        jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("WG_TMA", "1")])));
+        jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("WG_SOFTMAX_TREE", "1")])));
     }
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
@@ -1222,9 +1220,18 @@ impl Gpu {
 fn prefill_wg_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     let bk = prefill_wg_keys_per_tile(kv);
     let barriers = if prefill_wg_specialised() > 0 { 16 } else { 0 };
-    let raw = if kv.is_quantised() { 2 * bk * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8) } else { 0 };
     // And 1,024 bytes for the kernel to start its tiles at a 1,024-byte boundary.
-    prefill_wg_stages(head_dim, kv) * (2 * bk * head_dim * 2 + barriers) + raw + 1024
+    prefill_wg_stages(head_dim, kv) * (2 * bk * head_dim * 2 + barriers) + prefill_wg_raw_bytes(head_dim, kv) + 1024
+}
+
+/// The Hopper prefill kernel's raw ring over a quantised cache (the kernel's `WG_RAW_BYTES`):
+/// two slots of a tile's key and value codes and both sides' 4-byte row scales; 0 over bf16.
+fn prefill_wg_raw_bytes(head_dim: usize, kv: KvType) -> usize {
+    if kv.is_quantised() {
+        2 * prefill_wg_keys_per_tile(kv) * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8)
+    } else {
+        0
+    }
 }
 
 /// How the Hopper prefill kernel is organised (`DUO_PREFILL_WS`): 0, two warpgroups that
@@ -1244,8 +1251,7 @@ fn prefill_wg_specialised() -> u8 {
 /// slots leave less of the 227 KiB a block may have.
 fn prefill_wg_stages(head_dim: usize, kv: KvType) -> usize {
     let bk = prefill_wg_keys_per_tile(kv);
-    let raw = if kv.is_quantised() { 2 * bk * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8) } else { 0 };
-    let fits = (227 * 1024 - raw - 1024) / (2 * bk * head_dim * 2 + 16);
+    let fits = (227 * 1024 - prefill_wg_raw_bytes(head_dim, kv) - 1024) / (2 * bk * head_dim * 2 + 16);
     let most = (if bk == 128 { 3 } else { 4 }).min(fits).max(2);
     crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(most, |n| n.clamp(2, most))
 }
@@ -1284,7 +1290,7 @@ pub fn prefill_wg_form(head_dim: usize, kv: KvType) -> String {
     for (on, name) in [
         (prefill_wg_pingpong(), "ping-pong"),
         (prefill_wg_tma(kv), "TMA"),
-        (crate::decode_attention::tuning("DUO_PREFILL_SOFTMAX_TREE") == Some(1), "softmax tree"),
+        (prefill_wg_softmax_tree(), "softmax tree"),
     ] {
         if on {
             form.push_str(", ");
@@ -1349,6 +1355,12 @@ impl TensorMap {
     }
 }
 
+/// Whether the Hopper prefill kernel takes a row's maximum and sum over a tile as four
+/// partial results (`DUO_PREFILL_SOFTMAX_TREE=1`).
+fn prefill_wg_softmax_tree() -> bool {
+    crate::decode_attention::tuning("DUO_PREFILL_SOFTMAX_TREE") == Some(1)
+}
+
 /// Whether the two computing warpgroups of the Hopper prefill kernel take turns at the
 /// tensor cores (`DUO_PREFILL_PINGPONG=1`; only with `DUO_PREFILL_WS=2`).
 fn prefill_wg_pingpong() -> bool {
@@ -1365,7 +1377,7 @@ fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
         format!("-DPINGPONG={}", u8::from(prefill_wg_pingpong())),
         format!("-DWG_SWIZZLE={}", u8::from(prefill_wg_swizzle())),
         format!("-DWG_TMA={}", u8::from(prefill_wg_tma(kv))),
-        format!("-DWG_SOFTMAX_TREE={}", u8::from(crate::decode_attention::tuning("DUO_PREFILL_SOFTMAX_TREE") == Some(1))),
+        format!("-DWG_SOFTMAX_TREE={}", u8::from(prefill_wg_softmax_tree())),
     ];
     o.extend(byte_format_option(kv));
     o
