@@ -315,7 +315,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             }
         }
     }
-    let prefill_layers: &[(&str, [bool; 8])] = if timed.contains(&"prefill") { &[("full", [true; 8]), ("duo 0.5", duo)] } else { &[] };
+    let prefill_layers: &[(&str, [bool; 8])] = if timed.contains(&"prefill") { &[("full", [true; 8]), ("duo 0.5", duo), ("stream", [false; 8])] } else { &[] };
     if !prefill_layers.is_empty() {
         // The prefill kernels' forms as built here, so that the timings below name what ran.
         let kinds = [KvType::Bf16, KvType::Int8].map(|kv| format!("{kv:?} {:?}", gpu.prefill_kernel_for(128, kv)));
@@ -330,7 +330,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
             for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
                 // The mma.sync kernel (every GPU's), and Hopper's wgmma kernel beside it where it
-                // runs (over quantised caches where it is chosen: DUO_PREFILL_WG_QUANTISED=1).
+                // runs (over quantised caches where it is chosen: unless DUO_PREFILL_WG_QUANTISED=0).
                 use duo_cuda::runtime::PrefillKernel;
                 let (ms, flops) = duo_cuda::time_prefill_attention_with(&gpu, PrefillKernel::Mma, &kinds, t, first, kv, 3)?;
                 println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}, {kv:?}: {ms:.2} ms, {:.0} TFLOPS (causal retrieval work)", first + t, flops / ms / 1e9);

@@ -56,8 +56,8 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
                     out.push(prefill(gpu, &format!("{case}, wgmma"), &x, &layout, seed, PrefillKernel::Wgmma)?);
                 }
                 // The same problem over byte caches, against the reference on the dequantised
-                // cache, by the mma.sync kernel and, where it is chosen for them here
-                // (DUO_PREFILL_WG_QUANTISED=1 on Hopper), the wgmma kernel.
+                // cache, by the mma.sync kernel and, where it is chosen for them here (on
+                // Hopper unless DUO_PREFILL_WG_QUANTISED=0), the wgmma kernel.
                 for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
                     let xq = prefill_attention::PrefillInput {
                         keys: kv.key().round_rows(&x.keys, x.head_dim),

@@ -278,9 +278,16 @@ __device__ __forceinline__ long long page_run(const Paged& p, int4 e, int slot, 
 // The prefill kernels' walk over a head's `rows` rows: row r's position (a streaming head's
 // rows are its sinks, then its ring's positions from `win`).
 __device__ __forceinline__ int walk_pos(int4 e, int r, int win) { return e.w == 1 && r >= e.y ? win + r - e.y : r; }
-// The first tile of `tile` rows at or after row r that some query of positions q_lo..q_hi
-// sees (rows' positions only increase), or `rows` when there is none.
+// The first tile of `tile` rows at or after row r (tiles start at multiples of `tile`) that
+// some query of positions q_lo..q_hi sees (rows' positions only increase), or `rows` when
+// there is none. A streaming head's ring rows before the window of q_lo (the row of position
+// q_lo - recent + 1) are skipped in one step: a chunk's ring holds the whole chunk, so a
+// tile by tile walk would cost a late query tile hundreds of steps.
 __device__ __forceinline__ int next_seen_tile(int4 e, int r, int rows, int win, int q_lo, int q_hi, int tile) {
+    if (e.w == 1 && r >= e.y) {
+        const int first = q_lo - e.z + 1 - win + e.y;
+        if (first > r) r += (first - r) / tile * tile;
+    }
     for (; r < rows; r += tile) {
         if (walk_pos(e, r, win) > q_hi) return rows;
         const int r1 = min(rows, r + tile) - 1;

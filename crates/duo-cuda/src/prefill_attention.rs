@@ -459,7 +459,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
     const int slot = state[0], p0 = state[1];
     const int4 e = heads[h / group];
     const int n = p0 + T;
-    const int win = e.w == 1 ? max(e.y, n - slot_cap(pg, slot)) : 0;
+    // A streaming head's ring rows (read once: every row lookup below takes it).
+    const int cap = e.w == 1 ? slot_cap(pg, slot) : 1;
+    const int win = e.w == 1 ? max(e.y, n - cap) : 0;
     const int rows = e.w == 0 ? n : min(n, e.y) + (n > e.y ? n - win : 0);
     const int q_lo = p0 + qt * BQ, q_hi = min(n, q_lo + BQ) - 1;
     // This lane's four query rows (chunk rows): m-tile mt, half hf -> warp*32 + mt*16 + hf*8 + gr.
@@ -500,7 +502,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         for (int i = threadIdx.x; i < BK * K_ROW_BYTES / 16; i += blockDim.x) {
             const int r = i / (K_ROW_BYTES / 16), c = (i % (K_ROW_BYTES / 16)) * 16;
             const bool live = r0 + r < rows;
-            const size_t row = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, walk_pos(e, r0 + r, win)) : 0);
+            const size_t row = (size_t)(run >= 0 ? run + r : live ? kv_row_cap(pg, e, slot, walk_pos(e, r0 + r, win), cap) : 0);
             cp_async16(kr + r * RPAD + c, keys + row * K_ROW_BYTES + c, live ? 16 : 0);
             // A value row is as wide as a key row, or (K8V4) half as wide.
             if (c < V_ROW_BYTES) cp_async16(kr + RAW_TILE + r * RPAD + c, values + row * V_ROW_BYTES + c, live ? 16 : 0);
@@ -508,7 +510,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         // Row scales: threads 0-63 the keys', 64-127 the values'.
         const int r = threadIdx.x % BK;
         const bool live = r0 + r < rows;
-        const long long row = run >= 0 ? run + r : live ? kv_row(pg, e, slot, walk_pos(e, r0 + r, win)) : 0;
+        const long long row = run >= 0 ? run + r : live ? kv_row_cap(pg, e, slot, walk_pos(e, r0 + r, win), cap) : 0;
         cp_async4(scl + (stage * 2 + threadIdx.x / BK) * BK + r, (threadIdx.x < BK ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
     };
 #else
@@ -519,7 +521,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         for (int i = threadIdx.x; i < BK * HEAD_DIM / 8; i += blockDim.x) {
             const int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
             const bool live = r0 + r < rows;
-            const size_t at = (size_t)(run >= 0 ? run + r : live ? kv_row(pg, e, slot, walk_pos(e, r0 + r, win)) : 0) * HEAD_DIM + c;
+            const size_t at = (size_t)(run >= 0 ? run + r : live ? kv_row_cap(pg, e, slot, walk_pos(e, r0 + r, win), cap) : 0) * HEAD_DIM + c;
             cp_async16(ks + r * KPAD + c, keys + at, live ? 16 : 0);
             cp_async16(vs + r * KPAD + c, values + at, live ? 16 : 0);
         }
@@ -767,7 +769,7 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
         "@!done bra LAB_WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
 
-// WG_TMA = 1 (`DUO_PREFILL_TMA=1`; bf16, swizzled, warp-specialised): a tile that is whole
+// WG_TMA = 1 (the host's default; `DUO_PREFILL_TMA=0` off; bf16, swizzled, warp-specialised): a tile that is whole
 // page runs comes by bulk tensor copies (TMA), one thread issuing a 64-row x 128-byte box per
 // page run and column block, the tensor map (the host's, per launch) over the cache's rows
 // with the 128-byte swizzle, the layout `wg_chunk_at` describes; other tiles (streaming heads,
@@ -775,7 +777,7 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 #ifndef WG_TMA
 #define WG_TMA 0
 #endif
-// WG_SOFTMAX_TREE = 1 (`DUO_PREFILL_SOFTMAX_TREE=1`): a row's maximum and sum over a tile
+// WG_SOFTMAX_TREE = 1 (the host's default; `DUO_PREFILL_SOFTMAX_TREE=0` off): a row's maximum and sum over a tile
 // by four independent partial results (softmax_row's TREE) instead of one chain of N
 // dependent steps (Nsight Compute put the kernel's largest stall on fixed-latency
 // dependencies once the swizzle had lifted the L2 limit).
@@ -853,7 +855,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     const int slot = state[0], p0 = state[1];
     const int4 e = heads[h / group];
     const int n = p0 + T;
-    const int win = e.w == 1 ? max(e.y, n - slot_cap(pg, slot)) : 0;
+    // A streaming head's ring rows (read once: every row lookup below takes it).
+    const int cap = e.w == 1 ? slot_cap(pg, slot) : 1;
+    const int win = e.w == 1 ? max(e.y, n - cap) : 0;
     const int rows = e.w == 0 ? n : min(n, e.y) + (n > e.y ? n - win : 0);
     const int q_lo = p0 + qt * WG_BQ, q_hi = min(n, q_lo + WG_BQ) - 1;
     // This thread's two query rows (chunk rows): row0 and row0 + 8.
@@ -880,7 +884,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // The cache row of the tile's row kr: from its run, else looked up (0 past the head's rows).
     auto tile_row = [&](const long long* runs, int r0, int kr) -> long long {
         const long long run = WG_BK == 64 || kr < 64 ? runs[0] : runs[WG_BK / 64 - 1];
-        return run >= 0 ? run + kr % 64 : r0 + kr < rows ? kv_row(pg, e, slot, walk_pos(e, r0 + kr, win)) : 0;
+        return run >= 0 ? run + kr % 64 : r0 + kr < rows ? kv_row_cap(pg, e, slot, walk_pos(e, r0 + kr, win), cap) : 0;
     };
 #ifndef KV_BYTES
     // Tile r0 into `stage`, by `threads` threads from `tid` (a quantised cache's tiles come
@@ -1299,7 +1303,7 @@ pub fn cases(seed: u64) -> Vec<(String, PrefillInput, crate::paged::PagedLayout)
         usize,
         usize,
     );
-    let specs: [Case; 5] = [
+    let specs: [Case; 6] = [
         (4, 128, &[true, false], 0, 200, 8, 40, 64), // first chunk: sinks fill, then the ring
         (8, 128, &[true, false], 1000, 130, 16, 100, 16), // later chunk, ring wrapped
         (3, 64, &[false, true, false], 300, 77, 4, 64, 32), // SmolLM2-like MHA
@@ -1314,6 +1318,7 @@ pub fn cases(seed: u64) -> Vec<(String, PrefillInput, crate::paged::PagedLayout)
             256,
             64,
         ),
+        (6, 64, &[true, false, true], 256, 200, 4, 64, 64), // heads of 64, whole page-run tiles
     ];
     for (i, (h, d, kinds, p0, t, sink, recent, bt)) in specs.iter().enumerate() {
         let n = p0 + t;

@@ -293,9 +293,9 @@ pub fn compile_all() -> Option<Result<usize>> {
             let o = prefill_wg_options(d, kv);
             let o = if prefill_wg_specialised() == 0 { with_define(&o, "WS", "2") } else { o };
             jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), o.clone()));
-            // And 128-key tiles (two stages with heads of 128).
-            let wide = with_define(&with_define(&o, "WG_BK", "128"), "WG_STAGES", if d == 128 { "2" } else { "3" });
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 128, kv), wide));
+            // And 64-key tiles in four stages (DUO_PREFILL_WG_BK=64).
+            let narrow = with_define(&with_define(&o, "WG_BK", "64"), "WG_STAGES", "4");
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, kv), narrow));
         }
         // And the other forms of DUO_PREFILL_WS, DUO_PREFILL_WG_STAGES, DUO_PREFILL_WG_BK,
         // DUO_PREFILL_PINGPONG and DUO_PREFILL_SWIZZLE, whatever this process's environment says (the default form's
@@ -1071,21 +1071,17 @@ impl Gpu {
     }
 
     /// The prefill kernel for a `kv` cache with heads of `head_dim`: [`PrefillKernel::Wgmma`]
-    /// where it runs (its warp-specialised form with swizzled 128-key tiles: 413-457 against
-    /// 272-291 TFLOPS for the `mma.sync` kernel on the H200, BENCHMARKS.md) unless
-    /// `DUO_PREFILL_WG=0`, else
-    /// [`PrefillKernel::Mma`]. Over a quantised cache the `mma.sync` kernel stays the default
-    /// (`DUO_PREFILL_WG_QUANTISED=1` picks the wgmma kernel): with its copying warpgroup
-    /// dequantising loads in registers the wgmma kernel measured 1.09-1.18x the `mma.sync`
-    /// kernel after 16K cached tokens but 0.8-1.0x after 114K on the H200 (a 128K k8v4
-    /// prefill 24.4 s against 22.6 s); the raw-ring form that replaced it has not run on a
-    /// GPU yet (BENCHMARKS.md).
+    /// where it runs (bf16: its warp-specialised form with swizzled 128-key tiles brought by
+    /// TMA, 641-739 against 272-291 TFLOPS for the `mma.sync` kernel on the H200; quantised
+    /// caches, its raw-ring form: a 128K k8v4 prefill 18.0 s against 22.6 s, BENCHMARKS.md)
+    /// unless `DUO_PREFILL_WG=0` (or, for quantised caches only,
+    /// `DUO_PREFILL_WG_QUANTISED=0`), else [`PrefillKernel::Mma`].
     /// Where the wgmma kernel cannot be made here (NVRTC or the driver refuses it, or the
     /// driver's compiler gives it other than the 168 registers per thread its warpgroups
     /// share out), a warning says why, once, and the `mma.sync` kernel runs instead.
     pub fn prefill_kernel_for(&self, head_dim: usize, kv: KvType) -> PrefillKernel {
         let tuning = crate::decode_attention::tuning;
-        let quantised_off = kv.is_quantised() && tuning("DUO_PREFILL_WG_QUANTISED") != Some(1);
+        let quantised_off = kv.is_quantised() && tuning("DUO_PREFILL_WG_QUANTISED") == Some(0);
         if !self.wgmma_prefill_runs(head_dim, kv) || tuning("DUO_PREFILL_WG") == Some(0) || quantised_off {
             return PrefillKernel::Mma;
         }
@@ -1258,14 +1254,12 @@ fn prefill_wg_stages(head_dim: usize, kv: KvType) -> usize {
 
 /// Keys per tile of the Hopper prefill kernel over a `kv` cache (`DUO_PREFILL_WG_BK`: 128 or
 /// 64). bf16: 128 (with swizzled tiles on the H200, Llama-3-8B layer, 16K chunk at 16K / 114K:
-/// 128 keys 450 / 457 TFLOPS, 64 keys 429 / 440). Quantised: 64, so that four stages fit
-/// beside the raw ring (128 keys leave room for two with heads of 128, and with two the
-/// computing warpgroups would wait for each tile's conversion).
-fn prefill_wg_keys_per_tile(kv: KvType) -> usize {
+/// 128 keys 450 / 457 TFLOPS, 64 keys 429 / 440). Quantised too, though with heads of 128
+/// only two stages then fit beside the raw ring (a 128K k8v4 prefill of Llama-3-8B: 128 keys
+/// in two stages 18.0 s, 64 keys in four 19.1 s).
+fn prefill_wg_keys_per_tile(_kv: KvType) -> usize {
     match crate::decode_attention::tuning("DUO_PREFILL_WG_BK") {
         Some(64) => 64,
-        Some(128) => 128,
-        _ if kv.is_quantised() => 64,
         _ => 128,
     }
 }
@@ -1301,12 +1295,13 @@ pub fn prefill_wg_form(head_dim: usize, kv: KvType) -> String {
 }
 
 /// Whether whole-page-run tiles of the Hopper prefill kernel come by bulk tensor copies (TMA;
-/// `DUO_PREFILL_TMA=1`, bf16 caches with swizzled tiles in a warp-specialised form).
+/// bf16 caches with swizzled tiles in a warp-specialised form; the default, measured 1.57-1.61x
+/// the copying warps' form on the H200, BENCHMARKS.md; `DUO_PREFILL_TMA=0` turns it off).
 fn prefill_wg_tma(kv: KvType) -> bool {
     kv == KvType::Bf16
         && prefill_wg_swizzle()
         && prefill_wg_specialised() > 0
-        && crate::decode_attention::tuning("DUO_PREFILL_TMA") == Some(1)
+        && crate::decode_attention::tuning("DUO_PREFILL_TMA") != Some(0)
 }
 
 /// A CUtensorMap as the kernels take it (by value, `__grid_constant__`): 128 bytes the driver
@@ -1356,9 +1351,10 @@ impl TensorMap {
 }
 
 /// Whether the Hopper prefill kernel takes a row's maximum and sum over a tile as four
-/// partial results (`DUO_PREFILL_SOFTMAX_TREE=1`).
+/// partial results (the default, measured 0.3-1.7% faster with TMA on the H200;
+/// `DUO_PREFILL_SOFTMAX_TREE=0` takes one chain).
 fn prefill_wg_softmax_tree() -> bool {
-    crate::decode_attention::tuning("DUO_PREFILL_SOFTMAX_TREE") == Some(1)
+    crate::decode_attention::tuning("DUO_PREFILL_SOFTMAX_TREE") != Some(0)
 }
 
 /// Whether the two computing warpgroups of the Hopper prefill kernel take turns at the
