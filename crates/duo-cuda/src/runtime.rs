@@ -296,12 +296,17 @@ pub fn compile_all() -> Option<Result<usize>> {
             // And 64-key tiles in four stages (DUO_PREFILL_WG_BK=64).
             let narrow = with_define(&with_define(&o, "WG_BK", "64"), "WG_STAGES", "4");
             jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, kv), narrow));
+            // And the tiles' rows looked up into shared memory (DUO_PREFILL_SHARED_ROWS=1).
+            if kv == KvType::K8V4 {
+                let shared = with_define(&o, "WG_SHARED_ROWS", "1");
+                jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), shared));
+            }
         }
         // And the other forms of DUO_PREFILL_WS, DUO_PREFILL_WG_STAGES, DUO_PREFILL_WG_BK,
         // DUO_PREFILL_PINGPONG and DUO_PREFILL_SWIZZLE, whatever this process's environment says (the default form's
         // other knobs kept).
         let set = |o: &[String], pairs: &[(&str, &str)]| pairs.iter().fold(o.to_vec(), |o, (name, value)| with_define(&o, name, value));
-        let plain = [("WS", "2"), ("PINGPONG", "0"), ("WG_SWIZZLE", "1"), ("WG_TMA", "0"), ("WG_SOFTMAX_TREE", "0")];
+        let plain = [("WS", "2"), ("PINGPONG", "0"), ("WG_SWIZZLE", "1"), ("WG_TMA", "0"), ("WG_SOFTMAX_TREE", "0"), ("WG_SHARED_ROWS", "0")];
         let narrow = set(&set(&options, &plain), &[("WG_BK", "64"), ("WG_STAGES", "4")]);
         let wide = set(&set(&options, &plain), &[("WG_BK", "128"), ("WG_STAGES", "3")]);
         let bf16 = |bk: usize| prefill_wg_source(d, bk, KvType::Bf16);
@@ -315,6 +320,7 @@ pub fn compile_all() -> Option<Result<usize>> {
         jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("PINGPONG", "1")])));
         jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("WG_TMA", "1")])));
         jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("WG_SOFTMAX_TREE", "1")])));
+        jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("WG_TMA", "1"), ("WG_SHARED_ROWS", "1")])));
     }
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
@@ -1217,7 +1223,26 @@ fn prefill_wg_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     let bk = prefill_wg_keys_per_tile(kv);
     let barriers = if prefill_wg_specialised() > 0 { 16 } else { 0 };
     // And 1,024 bytes for the kernel to start its tiles at a 1,024-byte boundary.
-    prefill_wg_stages(head_dim, kv) * (2 * bk * head_dim * 2 + barriers) + prefill_wg_raw_bytes(head_dim, kv) + 1024
+    prefill_wg_stages(head_dim, kv) * (2 * bk * head_dim * 2 + barriers)
+        + prefill_wg_raw_bytes(head_dim, kv)
+        + prefill_wg_shared_rows_bytes(kv)
+        + 1024
+}
+
+/// Whether the Hopper prefill kernel's copying warpgroup looks up a tile's rows once into
+/// shared memory (`DUO_PREFILL_SHARED_ROWS=1`, warp-specialised forms; the kernel's
+/// `WG_SHARED_ROWS`) where the tile is not whole page runs.
+fn prefill_wg_shared_rows() -> bool {
+    prefill_wg_specialised() > 0 && crate::decode_attention::tuning("DUO_PREFILL_SHARED_ROWS") == Some(1)
+}
+
+/// The shared memory of [`prefill_wg_shared_rows`]: a tile's rows as 8-byte indices.
+fn prefill_wg_shared_rows_bytes(kv: KvType) -> usize {
+    if prefill_wg_shared_rows() {
+        prefill_wg_keys_per_tile(kv) * 8
+    } else {
+        0
+    }
 }
 
 /// The Hopper prefill kernel's raw ring over a quantised cache (the kernel's `WG_RAW_BYTES`):
@@ -1247,7 +1272,7 @@ fn prefill_wg_specialised() -> u8 {
 /// slots leave less of the 227 KiB a block may have.
 fn prefill_wg_stages(head_dim: usize, kv: KvType) -> usize {
     let bk = prefill_wg_keys_per_tile(kv);
-    let fits = (227 * 1024 - prefill_wg_raw_bytes(head_dim, kv) - 1024) / (2 * bk * head_dim * 2 + 16);
+    let fits = (227 * 1024 - prefill_wg_raw_bytes(head_dim, kv) - prefill_wg_shared_rows_bytes(kv) - 1024) / (2 * bk * head_dim * 2 + 16);
     let most = (if bk == 128 { 3 } else { 4 }).min(fits).max(2);
     crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(most, |n| n.clamp(2, most))
 }
@@ -1285,6 +1310,7 @@ pub fn prefill_wg_form(head_dim: usize, kv: KvType) -> String {
         (prefill_wg_pingpong(), "ping-pong"),
         (prefill_wg_tma(kv), "TMA"),
         (prefill_wg_softmax_tree(), "softmax tree"),
+        (prefill_wg_shared_rows(), "shared rows"),
     ] {
         if on {
             form.push_str(", ");
@@ -1374,6 +1400,7 @@ fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
         format!("-DWG_SWIZZLE={}", u8::from(prefill_wg_swizzle())),
         format!("-DWG_TMA={}", u8::from(prefill_wg_tma(kv))),
         format!("-DWG_SOFTMAX_TREE={}", u8::from(prefill_wg_softmax_tree())),
+        format!("-DWG_SHARED_ROWS={}", u8::from(prefill_wg_shared_rows())),
     ];
     o.extend(byte_format_option(kv));
     o
@@ -1454,16 +1481,17 @@ mod tests {
             }
         }
         // With the default forms (no DUO_PREFILL_* knob set): heads of 128 over bf16 keep three
-        // stages of 128 keys; a k8v4 cache takes 64-key tiles, four stages beside its raw slots
+        // stages of 128 keys; a k8v4 cache 128-key tiles too, two stages beside its raw slots
         // (two tiles of codes and scales).
         let knobs = ["DUO_PREFILL_WS", "DUO_PREFILL_WG_STAGES", "DUO_PREFILL_WG_BK"];
         if knobs.iter().all(|k| std::env::var_os(k).is_none()) {
             assert!(prefill_wg_form(128, KvType::Bf16).starts_with("WS=2, 128-key tiles, 3 stages, swizzled"));
-            assert!(prefill_wg_form(128, KvType::K8V4).starts_with("WS=2, 64-key tiles, 4 stages, swizzled"));
+            assert!(prefill_wg_form(128, KvType::K8V4).starts_with("WS=2, 128-key tiles, 2 stages, swizzled"));
             assert_eq!(prefill_wg_stages(128, KvType::Bf16), 3);
-            assert_eq!(prefill_wg_stages(128, KvType::K8V4), 4);
+            assert_eq!(prefill_wg_stages(128, KvType::K8V4), 2);
+            assert_eq!(prefill_wg_stages(64, KvType::K8V4), 3);
             assert_eq!(prefill_wg_smem_bytes(128, KvType::Bf16), 3 * (65_536 + 16) + 1024);
-            assert_eq!(prefill_wg_smem_bytes(128, KvType::K8V4), 4 * (32_768 + 16) + 2 * 64 * (128 + 64 + 8) + 1024);
+            assert_eq!(prefill_wg_smem_bytes(128, KvType::K8V4), 2 * (65_536 + 16) + 2 * 128 * (128 + 64 + 8) + 1024);
         }
     }
 }
