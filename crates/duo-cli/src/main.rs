@@ -223,8 +223,9 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             );
         }
     }
-    // DUO_TIME_KV=fp8|int8|int4|bf16 times that cache type's tensor-core kernel alone (so
-    // that a profiler's first launches of the kernel are its).
+    // DUO_TIME_KV=bf16|fp8|int8|int4|k8v4 times that cache type's kernels alone (decode: the
+    // tensor-core kernel; prefill: both), so that a profiler's first launches of a kernel are
+    // its; DUO_TIME_LAYER=full|duo|stream does the same for the prefill timings' layers.
     let only: Option<KvType> = match std::env::var("DUO_TIME_KV").as_deref() {
         Ok("bf16") => Some(KvType::Bf16),
         Ok("fp8") => Some(KvType::Fp8),
@@ -315,7 +316,18 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             }
         }
     }
-    let prefill_layers: &[(&str, [bool; 8])] = if timed.contains(&"prefill") { &[("full", [true; 8]), ("duo 0.5", duo), ("stream", [false; 8])] } else { &[] };
+    let layer_only = std::env::var("DUO_TIME_LAYER").ok();
+    if let Some(l) = layer_only.as_deref().filter(|l| !["full", "duo", "stream"].contains(l)) {
+        bail!("DUO_TIME_LAYER={l}: full, duo or stream");
+    }
+    let prefill_layers: Vec<(&str, [bool; 8])> = if timed.contains(&"prefill") {
+        [("full", [true; 8]), ("duo 0.5", duo), ("stream", [false; 8])]
+            .into_iter()
+            .filter(|(name, _)| layer_only.as_deref().is_none_or(|l| name.starts_with(l)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     if !prefill_layers.is_empty() {
         // The prefill kernels' forms as built here, so that the timings below name what ran.
         let kinds = [KvType::Bf16, KvType::Int8].map(|kv| format!("{kv:?} {:?}", gpu.prefill_kernel_for(128, kv)));
@@ -326,9 +338,9 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             duo_cuda::runtime::prefill_wg_form(128, KvType::Int8)
         );
     }
-    for &(name, kinds) in prefill_layers {
+    for &(name, kinds) in &prefill_layers {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
-            for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
+            for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4].into_iter().filter(|&kv| only.is_none_or(|o| kv == o)) {
                 // The mma.sync kernel (every GPU's), and Hopper's wgmma kernel beside it where it
                 // runs (over quantised caches where it is chosen: unless DUO_PREFILL_WG_QUANTISED=0).
                 use duo_cuda::runtime::PrefillKernel;
