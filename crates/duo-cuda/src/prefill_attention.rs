@@ -842,9 +842,19 @@ __device__ __forceinline__ void tma_load_2d(unsigned dst, const TmaMap* map, int
 #endif
 typedef unsigned char wg_kv_t;
 #define WG_PACK pack_h
-// One raw slot: a tile's key and value codes and both sides' row scales; two slots.
+// One raw slot: a tile's key and value codes and both sides' row scales. WG_RAW_SLOTS of
+// them: 2 (the default), the next tile's codes land while this one's are converted; 1
+// (`DUO_PREFILL_RAW_SLOTS=1`), the next tile's are copied once this one's are converted, which
+// leaves room for a third stage of 128-key tiles with heads of 128, so that the copying warps
+// can convert a tile ahead while the computing warpgroups hold two stages (WS = 2).
 #define WG_RAW_SLOT (WG_BK * (K_ROW_BYTES + V_ROW_BYTES) + 2 * WG_BK * 4)
-#define WG_RAW_BYTES (2 * WG_RAW_SLOT)
+#ifndef WG_RAW_SLOTS
+#define WG_RAW_SLOTS 2
+#endif
+#if WG_RAW_SLOTS != 1 && WG_RAW_SLOTS != 2
+#error "the raw ring has one or two slots"
+#endif
+#define WG_RAW_BYTES (WG_RAW_SLOTS * WG_RAW_SLOT)
 #else
 #define WG_RAW_BYTES 0
 typedef bf16_t wg_kv_t;
@@ -1004,19 +1014,32 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
         cp_async_commit();
         for (int it = 0; cur < rows; it++) {
             const int stage = it % WG_STAGES, nxt = next_tile(cur + WG_BK);
+#if WG_RAW_SLOTS == 2
 #if WG_SHARED_ROWS
             if (nxt < rows) share_rows(nxt, threadIdx.x);
 #endif
             if (nxt < rows) load_raw(nxt, (it + 1) & 1, threadIdx.x);
             cp_async_commit();
             cp_async_wait_1();  // this thread's copies of this tile have landed
+#else
+            asm volatile("cp.async.wait_all;" ::: "memory");  // this thread's copies of this tile have landed
+#endif
             copiers_sync();     // and everyone's
             if (it >= WG_STAGES) mbar_wait(empty0 + 8 * stage, ((it / WG_STAGES) - 1) & 1);
-            convert_raw(it & 1, stage, threadIdx.x);
+            convert_raw(WG_RAW_SLOTS == 2 ? it & 1 : 0, stage, threadIdx.x);
             // This thread's stores, made visible to the tensor cores' reads, are done.
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             mbar_arrive(full0 + 8 * stage);
             copiers_sync();     // every thread is done with this raw slot before it is refilled
+#if WG_RAW_SLOTS == 1
+            // The one slot is free: the next tile's codes come while the computing warpgroups
+            // take this one.
+#if WG_SHARED_ROWS
+            if (nxt < rows) share_rows(nxt, threadIdx.x);
+#endif
+            if (nxt < rows) load_raw(nxt, 0, threadIdx.x);
+            cp_async_commit();
+#endif
             cur = nxt;
         }
 #else

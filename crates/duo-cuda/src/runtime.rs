@@ -296,10 +296,15 @@ pub fn compile_all() -> Option<Result<usize>> {
             // And 64-key tiles in four stages (DUO_PREFILL_WG_BK=64).
             let narrow = with_define(&with_define(&o, "WG_BK", "64"), "WG_STAGES", "4");
             jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, kv), narrow));
-            // And the tiles' rows looked up into shared memory (DUO_PREFILL_SHARED_ROWS=1).
+            // And the tiles' rows looked up into shared memory (DUO_PREFILL_SHARED_ROWS=1), and
+            // one raw slot beside three stages (DUO_PREFILL_RAW_SLOTS=1).
             if kv == KvType::K8V4 {
                 let shared = with_define(&o, "WG_SHARED_ROWS", "1");
                 jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), shared));
+            }
+            if matches!(kv, KvType::K8V4 | KvType::Fp8) {
+                let one = with_define(&with_define(&o, "WG_RAW_SLOTS", "1"), "WG_STAGES", "3");
+                jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), one));
             }
         }
         // And the other forms of DUO_PREFILL_WS, DUO_PREFILL_WG_STAGES, DUO_PREFILL_WG_BK,
@@ -1229,6 +1234,17 @@ fn prefill_wg_smem_bytes(head_dim: usize, kv: KvType) -> usize {
         + 1024
 }
 
+/// The raw ring's slots over a quantised cache (`DUO_PREFILL_RAW_SLOTS`: 2, the default, or 1,
+/// which leaves room for a third stage of 128-key tiles with heads of 128; the kernel's
+/// `WG_RAW_SLOTS`).
+fn prefill_wg_raw_slots() -> usize {
+    if crate::decode_attention::tuning("DUO_PREFILL_RAW_SLOTS") == Some(1) {
+        1
+    } else {
+        2
+    }
+}
+
 /// Whether the Hopper prefill kernel's copying warpgroup looks up a tile's rows once into
 /// shared memory (`DUO_PREFILL_SHARED_ROWS=1`, warp-specialised forms; the kernel's
 /// `WG_SHARED_ROWS`) where the tile is not whole page runs.
@@ -1246,10 +1262,11 @@ fn prefill_wg_shared_rows_bytes(kv: KvType) -> usize {
 }
 
 /// The Hopper prefill kernel's raw ring over a quantised cache (the kernel's `WG_RAW_BYTES`):
-/// two slots of a tile's key and value codes and both sides' 4-byte row scales; 0 over bf16.
+/// [`prefill_wg_raw_slots`] slots of a tile's key and value codes and both sides' 4-byte row
+/// scales; 0 over bf16.
 fn prefill_wg_raw_bytes(head_dim: usize, kv: KvType) -> usize {
     if kv.is_quantised() {
-        2 * prefill_wg_keys_per_tile(kv) * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8)
+        prefill_wg_raw_slots() * prefill_wg_keys_per_tile(kv) * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8)
     } else {
         0
     }
@@ -1311,6 +1328,7 @@ pub fn prefill_wg_form(head_dim: usize, kv: KvType) -> String {
         (prefill_wg_tma(kv), "TMA"),
         (prefill_wg_softmax_tree(), "softmax tree"),
         (prefill_wg_shared_rows(), "shared rows"),
+        (kv.is_quantised() && prefill_wg_raw_slots() == 1, "one raw slot"),
     ] {
         if on {
             form.push_str(", ");
@@ -1401,6 +1419,7 @@ fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
         format!("-DWG_TMA={}", u8::from(prefill_wg_tma(kv))),
         format!("-DWG_SOFTMAX_TREE={}", u8::from(prefill_wg_softmax_tree())),
         format!("-DWG_SHARED_ROWS={}", u8::from(prefill_wg_shared_rows())),
+        format!("-DWG_RAW_SLOTS={}", prefill_wg_raw_slots()),
     ];
     o.extend(byte_format_option(kv));
     o
