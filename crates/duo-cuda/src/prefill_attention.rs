@@ -914,15 +914,17 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // The tile's rows in shared memory (after the stages' barriers): share_rows looks up tile
     // r0's rows, one per copying thread, between two barriers (everyone done reading the
     // previous tile's; everyone's written).
-    long long* shared_rows = reinterpret_cast<long long*>(wsm + WG_STAGES * 2 * WG_TILE_BYTES + WG_RAW_BYTES + 16 * WG_STAGES);
+    // Rows as 32-bit numbers (the host refuses a cache of more rows), so that with one raw
+    // slot three stages still fit beside them.
+    unsigned* shared_rows = reinterpret_cast<unsigned*>(wsm + WG_STAGES * 2 * WG_TILE_BYTES + WG_RAW_BYTES + 16 * WG_STAGES);
     auto share_rows = [&](int r0, int tid) {
         long long runs[WG_BK / 64];
         tile_runs(r0, runs);
         copiers_sync();
-        for (int kr = tid; kr < WG_BK; kr += 128) shared_rows[kr] = tile_row(runs, r0, kr);
+        for (int kr = tid; kr < WG_BK; kr += 128) shared_rows[kr] = (unsigned)tile_row(runs, r0, kr);
         copiers_sync();
     };
-    auto copy_row = [&](const long long*, int, int kr) { return shared_rows[kr]; };
+    auto copy_row = [&](const long long*, int, int kr) { return (long long)shared_rows[kr]; };
 #else
     auto copy_row = [&](const long long* runs, int r0, int kr) { return tile_row(runs, r0, kr); };
 #endif
@@ -1022,10 +1024,15 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
             cp_async_commit();
             cp_async_wait_1();  // this thread's copies of this tile have landed
 #else
+            // The stage first, so that this tile's codes land while the computing warpgroups
+            // free it.
+            if (it >= WG_STAGES) mbar_wait(empty0 + 8 * stage, ((it / WG_STAGES) - 1) & 1);
             asm volatile("cp.async.wait_all;" ::: "memory");  // this thread's copies of this tile have landed
 #endif
             copiers_sync();     // and everyone's
+#if WG_RAW_SLOTS == 2
             if (it >= WG_STAGES) mbar_wait(empty0 + 8 * stage, ((it / WG_STAGES) - 1) & 1);
+#endif
             convert_raw(WG_RAW_SLOTS == 2 ? it & 1 : 0, stage, threadIdx.x);
             // This thread's stores, made visible to the tensor cores' reads, are done.
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");

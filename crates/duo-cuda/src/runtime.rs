@@ -304,7 +304,10 @@ pub fn compile_all() -> Option<Result<usize>> {
             }
             if matches!(kv, KvType::K8V4 | KvType::Fp8) {
                 let one = with_define(&with_define(&o, "WG_RAW_SLOTS", "1"), "WG_STAGES", "3");
-                jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), one));
+                jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), one.clone()));
+                if kv == KvType::Fp8 {
+                    jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), with_define(&one, "WG_SHARED_ROWS", "1")));
+                }
             }
         }
         // And the other forms of DUO_PREFILL_WS, DUO_PREFILL_WG_STAGES, DUO_PREFILL_WG_BK,
@@ -1069,6 +1072,13 @@ impl Gpu {
             let f = self.prefill_wg_kernel(head_dim, kv)?;
             let smem = prefill_wg_smem_bytes(head_dim, kv) as u32;
             let threads = if prefill_wg_specialised() > 0 { 384 } else { 256 };
+            // Shared row lookups keep a tile's rows as 32-bit numbers.
+            if prefill_wg_shared_rows() && kv_bytes / kv.key_bytes_for(head_dim) > u32::MAX as usize {
+                return Err(CudaError::Input(format!(
+                    "DUO_PREFILL_SHARED_ROWS=1 takes caches of at most {} rows ({kv_bytes} bytes of {kv:?} keys given)",
+                    u32::MAX
+                )));
+            }
             if prefill_wg_tma(kv) {
                 let rows = kv_bytes / (head_dim * 2);
                 let (tk, tv) = (TensorMap::rows_of(kc, rows, head_dim)?, TensorMap::rows_of(vc, rows, head_dim)?);
@@ -1252,10 +1262,10 @@ fn prefill_wg_shared_rows() -> bool {
     prefill_wg_specialised() > 0 && crate::decode_attention::tuning("DUO_PREFILL_SHARED_ROWS") == Some(1)
 }
 
-/// The shared memory of [`prefill_wg_shared_rows`]: a tile's rows as 8-byte indices.
+/// The shared memory of [`prefill_wg_shared_rows`]: a tile's rows as 4-byte indices.
 fn prefill_wg_shared_rows_bytes(kv: KvType) -> usize {
     if prefill_wg_shared_rows() {
-        prefill_wg_keys_per_tile(kv) * 8
+        prefill_wg_keys_per_tile(kv) * 4
     } else {
         0
     }
@@ -1502,7 +1512,7 @@ mod tests {
         // With the default forms (no DUO_PREFILL_* knob set): heads of 128 over bf16 keep three
         // stages of 128 keys; a k8v4 cache 128-key tiles too, two stages beside its raw slots
         // (two tiles of codes and scales).
-        let knobs = ["DUO_PREFILL_WS", "DUO_PREFILL_WG_STAGES", "DUO_PREFILL_WG_BK"];
+        let knobs = ["DUO_PREFILL_WS", "DUO_PREFILL_WG_STAGES", "DUO_PREFILL_WG_BK", "DUO_PREFILL_RAW_SLOTS", "DUO_PREFILL_SHARED_ROWS"];
         if knobs.iter().all(|k| std::env::var_os(k).is_none()) {
             assert!(prefill_wg_form(128, KvType::Bf16).starts_with("WS=2, 128-key tiles, 3 stages, swizzled"));
             assert!(prefill_wg_form(128, KvType::K8V4).starts_with("WS=2, 128-key tiles, 2 stages, swizzled"));
