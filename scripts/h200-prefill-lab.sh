@@ -7,7 +7,9 @@
 #   0. with PROBE=1, scripts/probes/wgmma_swizzle_probe.cu compiled and run;
 #   3. with MODEL=1, the whole model's parity, and a full-attention prefill of env PREFILL
 #      tokens (default 131072) with the default kernel and with each of env MODEL_VARS'
-#      settings (default DUO_PREFILL_WG=0, the mma.sync kernel; e.g. DUO_PREFILL_WS=1).
+#      settings (default DUO_PREFILL_WG=0, the mma.sync kernel; e.g. DUO_PREFILL_WS=1), then
+#      the default kernel with each prefill chunk of env CHUNKS (e.g. "8192 16384"; duo's
+#      default chunk is 4,096 tokens, PyTorch's baseline prefills in chunks of 16,384).
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
@@ -36,4 +38,8 @@ for v in default ${MODEL_VARS-DUO_PREFILL_WG=0}; do
   vars=""; [ "$v" = default ] || vars=${v//,/ }
   timeout 150 env $vars $D bench --device cuda --random-weights llama-3-8b --methods full --lengths ${PREFILL:-131072} --decode-tokens 4 > "$OUT/prefill-$v.txt" 2>&1
   echo "prefill ($v) exit $?"; grep -E "^\| full" "$OUT/prefill-$v.txt" | cut -d'|' -f2,4-9
+done
+for c in ${CHUNKS:-}; do
+  timeout 150 $D bench --device cuda --random-weights llama-3-8b --methods full --lengths ${PREFILL:-131072} --chunk $c --decode-tokens 4 > "$OUT/prefill-chunk$c.txt" 2>&1
+  echo "prefill (chunk $c) exit $?"; grep -E "^\| full" "$OUT/prefill-chunk$c.txt" | cut -d'|' -f2,4-5,12-13
 done
