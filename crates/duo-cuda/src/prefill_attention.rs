@@ -911,11 +911,10 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     // The copying warpgroup's own barrier (1 and 2 are the computing warpgroups' turns).
     auto copiers_sync = [&]() { asm volatile("bar.sync 3, 128;" ::: "memory"); };
 #if WG_SHARED_ROWS
-    // The tile's rows in shared memory (after the stages' barriers): share_rows looks up tile
-    // r0's rows, one per copying thread, between two barriers (everyone done reading the
-    // previous tile's; everyone's written).
-    // Rows as 32-bit numbers (the host refuses a cache of more rows), so that with one raw
-    // slot three stages still fit beside them.
+    // The tile's rows in shared memory (after the stages' barriers), as 32-bit numbers (the
+    // host refuses a cache of more rows) so that three stages fit beside one raw slot:
+    // share_rows looks up tile r0's rows, one per copying thread, between two barriers
+    // (everyone done reading the previous tile's; everyone's written).
     unsigned* shared_rows = reinterpret_cast<unsigned*>(wsm + WG_STAGES * 2 * WG_TILE_BYTES + WG_RAW_BYTES + 16 * WG_STAGES);
     auto share_rows = [&](int r0, int tid) {
         long long runs[WG_BK / 64];
