@@ -338,14 +338,14 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             duo_cuda::runtime::prefill_wg_form(128, KvType::Int8)
         );
     }
+    // The rate of the causal retrieval work, or what a layer without any is.
+    let rate = |ms: f64, flops: f64| if flops > 0.0 { format!("{:.0} TFLOPS (causal retrieval work)", flops / ms / 1e9) } else { "streaming heads only".to_string() };
     for &(name, kinds) in &prefill_layers {
         for (t, first) in [(16_384usize, 16_384usize), (16_384, 114_688)] {
             for kv in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4].into_iter().filter(|&kv| only.is_none_or(|o| kv == o)) {
                 // The mma.sync kernel (every GPU's), and Hopper's wgmma kernel beside it where it
                 // runs (over quantised caches where it is chosen: unless DUO_PREFILL_WG_QUANTISED=0).
                 use duo_cuda::runtime::PrefillKernel;
-                // The rate of the causal retrieval work, or what a layer without any is.
-                let rate = |ms: f64, flops: f64| if flops > 0.0 { format!("{:.0} TFLOPS (causal retrieval work)", flops / ms / 1e9) } else { "streaming heads only".to_string() };
                 let (ms, flops) = duo_cuda::time_prefill_attention_with(&gpu, PrefillKernel::Mma, &kinds, t, first, kv, 3)?;
                 println!("time prefill attention, Llama-3-8B layer, {name:<8} chunk {t} at {first}..{}, {kv:?}: {ms:.2} ms, {}", first + t, rate(ms, flops));
                 let wgmma = if kv.is_quantised() { gpu.prefill_kernel_for(128, kv) == PrefillKernel::Wgmma } else { gpu.wgmma_prefill_runs(128, kv) };

@@ -285,14 +285,14 @@ pub fn compile_all() -> Option<Result<usize>> {
         (16, 128, KvType::K8V4, DecodeKernel::Tensor),
     ];
     for d in [64, 128] {
-        let (bk, options) = (prefill_wg_keys_per_tile(KvType::Bf16), prefill_wg_options(d, KvType::Bf16));
+        let (bk, options) = (prefill_wg_keys_per_tile(), prefill_wg_options(d, KvType::Bf16));
         jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, KvType::Bf16), options.clone()));
         // Over each quantised cache, as this process would build it (and where the
         // environment asks for the unspecialised form, the specialised one).
         for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
             let o = prefill_wg_options(d, kv);
             let o = if prefill_wg_specialised() == 0 { with_define(&o, "WS", "2") } else { o };
-            jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), o.clone()));
+            jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, kv), o.clone()));
             // And 64-key tiles in four stages (DUO_PREFILL_WG_BK=64).
             let narrow = with_define(&with_define(&o, "WG_BK", "64"), "WG_STAGES", "4");
             jobs.push(("prefill_attention_wg", prefill_wg_source(d, 64, kv), narrow));
@@ -300,13 +300,13 @@ pub fn compile_all() -> Option<Result<usize>> {
             // one raw slot beside three stages (DUO_PREFILL_RAW_SLOTS=1).
             if kv == KvType::K8V4 {
                 let shared = with_define(&o, "WG_SHARED_ROWS", "1");
-                jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), shared));
+                jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, kv), shared));
             }
             if matches!(kv, KvType::K8V4 | KvType::Fp8) {
                 let one = with_define(&with_define(&o, "WG_RAW_SLOTS", "1"), "WG_STAGES", "3");
-                jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), one.clone()));
+                jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, kv), one.clone()));
                 if kv == KvType::Fp8 {
-                    jobs.push(("prefill_attention_wg", prefill_wg_source(d, prefill_wg_keys_per_tile(kv), kv), with_define(&one, "WG_SHARED_ROWS", "1")));
+                    jobs.push(("prefill_attention_wg", prefill_wg_source(d, bk, kv), with_define(&one, "WG_SHARED_ROWS", "1")));
                 }
             }
         }
@@ -1072,15 +1072,16 @@ impl Gpu {
             let f = self.prefill_wg_kernel(head_dim, kv)?;
             let smem = prefill_wg_smem_bytes(head_dim, kv) as u32;
             let threads = if prefill_wg_specialised() > 0 { 384 } else { 256 };
-            // Shared row lookups keep a tile's rows as 32-bit numbers.
-            if prefill_wg_shared_rows() && kv_bytes / kv.key_bytes_for(head_dim) > u32::MAX as usize {
+            // The cache's rows: shared row lookups keep them as 32-bit numbers, the bulk
+            // copies' tensor maps are bounded by them.
+            let rows = kv_bytes / kv.key_bytes_for(head_dim);
+            if prefill_wg_shared_rows() && rows > u32::MAX as usize {
                 return Err(CudaError::Input(format!(
                     "DUO_PREFILL_SHARED_ROWS=1 takes caches of at most {} rows ({kv_bytes} bytes of {kv:?} keys given)",
                     u32::MAX
                 )));
             }
             if prefill_wg_tma(kv) {
-                let rows = kv_bytes / (head_dim * 2);
                 let (tk, tv) = (TensorMap::rows_of(kc, rows, head_dim)?, TensorMap::rows_of(vc, rows, head_dim)?);
                 return launch!(smem smem; self, f, grid, threads, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out, &tk, &tv);
             }
@@ -1137,7 +1138,7 @@ impl Gpu {
     fn make_prefill_wg_kernel(&self, head_dim: usize, kv: KvType) -> Result<CudaFunction> {
         let ptx = compile_for(
             "sm_90a",
-            &prefill_wg_source(head_dim, prefill_wg_keys_per_tile(kv), kv),
+            &prefill_wg_source(head_dim, prefill_wg_keys_per_tile(), kv),
             "prefill_attention_wg",
             prefill_wg_options(head_dim, kv),
         )?;
@@ -1233,14 +1234,15 @@ impl Gpu {
 
 /// The Hopper prefill kernel's shared memory: [`prefill_wg_stages`] stages of a K and V tile
 /// of [`prefill_wg_keys_per_tile`] keys (and, warp-specialised, two mbarriers per stage);
-/// over a quantised cache also two raw slots of a tile's codes and row scales.
+/// over a quantised cache also the raw ring ([`prefill_wg_raw_bytes`]), and with shared row
+/// lookups a tile's rows ([`prefill_wg_shared_rows_bytes`]).
 fn prefill_wg_smem_bytes(head_dim: usize, kv: KvType) -> usize {
-    let bk = prefill_wg_keys_per_tile(kv);
+    let bk = prefill_wg_keys_per_tile();
     let barriers = if prefill_wg_specialised() > 0 { 16 } else { 0 };
     // And 1,024 bytes for the kernel to start its tiles at a 1,024-byte boundary.
     prefill_wg_stages(head_dim, kv) * (2 * bk * head_dim * 2 + barriers)
         + prefill_wg_raw_bytes(head_dim, kv)
-        + prefill_wg_shared_rows_bytes(kv)
+        + prefill_wg_shared_rows_bytes()
         + 1024
 }
 
@@ -1263,9 +1265,9 @@ fn prefill_wg_shared_rows() -> bool {
 }
 
 /// The shared memory of [`prefill_wg_shared_rows`]: a tile's rows as 4-byte indices.
-fn prefill_wg_shared_rows_bytes(kv: KvType) -> usize {
+fn prefill_wg_shared_rows_bytes() -> usize {
     if prefill_wg_shared_rows() {
-        prefill_wg_keys_per_tile(kv) * 4
+        prefill_wg_keys_per_tile() * 4
     } else {
         0
     }
@@ -1276,7 +1278,7 @@ fn prefill_wg_shared_rows_bytes(kv: KvType) -> usize {
 /// scales; 0 over bf16.
 fn prefill_wg_raw_bytes(head_dim: usize, kv: KvType) -> usize {
     if kv.is_quantised() {
-        prefill_wg_raw_slots() * prefill_wg_keys_per_tile(kv) * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8)
+        prefill_wg_raw_slots() * prefill_wg_keys_per_tile() * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 8)
     } else {
         0
     }
@@ -1298,22 +1300,19 @@ fn prefill_wg_specialised() -> u8 {
 /// unswizzled keys ran at 220 TFLOPS against 336 with 3), fewer where a quantised cache's raw
 /// slots leave less of the 227 KiB a block may have.
 fn prefill_wg_stages(head_dim: usize, kv: KvType) -> usize {
-    let bk = prefill_wg_keys_per_tile(kv);
-    let fits = (227 * 1024 - prefill_wg_raw_bytes(head_dim, kv) - prefill_wg_shared_rows_bytes(kv) - 1024) / (2 * bk * head_dim * 2 + 16);
+    let bk = prefill_wg_keys_per_tile();
+    let fits = (227 * 1024 - prefill_wg_raw_bytes(head_dim, kv) - prefill_wg_shared_rows_bytes() - 1024) / (2 * bk * head_dim * 2 + 16);
     let most = (if bk == 128 { 3 } else { 4 }).min(fits).max(2);
     crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(most, |n| n.clamp(2, most))
 }
 
-/// Keys per tile of the Hopper prefill kernel over a `kv` cache (`DUO_PREFILL_WG_BK`: 128 or
-/// 64). bf16: 128 (with swizzled tiles on the H200, Llama-3-8B layer, 16K chunk at 16K / 114K:
-/// 128 keys 450 / 457 TFLOPS, 64 keys 429 / 440). Quantised too, though with heads of 128
-/// only two stages then fit beside the raw ring (a 128K k8v4 prefill of Llama-3-8B: 128 keys
-/// in two stages 18.0 s, 64 keys in four 19.1 s).
-fn prefill_wg_keys_per_tile(_kv: KvType) -> usize {
-    match crate::decode_attention::tuning("DUO_PREFILL_WG_BK") {
-        Some(64) => 64,
-        _ => 128,
-    }
+/// Keys per tile of the Hopper prefill kernel, every cache type (`DUO_PREFILL_WG_BK`: 128, the
+/// default, or 64). bf16 with swizzled tiles on the H200 (Llama-3-8B layer, 16K chunk at 16K /
+/// 114K): 128 keys 450 / 457 TFLOPS, 64 keys 429 / 440. Quantised caches too, though with
+/// heads of 128 only two stages then fit beside the raw ring (a 128K k8v4 prefill of
+/// Llama-3-8B: 128 keys in two stages 18.0 s, 64 keys in four 19.1 s).
+fn prefill_wg_keys_per_tile() -> usize {
+    if crate::decode_attention::tuning("DUO_PREFILL_WG_BK") == Some(64) { 64 } else { 128 }
 }
 
 /// Whether the Hopper prefill kernel's tiles are 128-byte swizzled (`DUO_PREFILL_SWIZZLE`,
@@ -1329,7 +1328,7 @@ pub fn prefill_wg_form(head_dim: usize, kv: KvType) -> String {
     let mut form = format!(
         "WS={}, {}-key tiles, {} stages, {}",
         prefill_wg_specialised(),
-        prefill_wg_keys_per_tile(kv),
+        prefill_wg_keys_per_tile(),
         prefill_wg_stages(head_dim, kv),
         if prefill_wg_swizzle() { "swizzled" } else { "unswizzled" }
     );
@@ -1423,7 +1422,7 @@ fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
         format!("-DHEAD_DIM={head_dim}"),
         format!("-DWG_STAGES={}", prefill_wg_stages(head_dim, kv)),
         format!("-DWS={}", prefill_wg_specialised()),
-        format!("-DWG_BK={}", prefill_wg_keys_per_tile(kv)),
+        format!("-DWG_BK={}", prefill_wg_keys_per_tile()),
         format!("-DPINGPONG={}", u8::from(prefill_wg_pingpong())),
         format!("-DWG_SWIZZLE={}", u8::from(prefill_wg_swizzle())),
         format!("-DWG_TMA={}", u8::from(prefill_wg_tma(kv))),
