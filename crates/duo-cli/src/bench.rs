@@ -73,8 +73,10 @@ struct Row {
     /// Process memory (CPU) or device memory in use (GPU) with this run's cache alive.
     memory: usize,
     floor_ms: Option<f64>,
-    /// The prefill's compute floor in seconds (FLOPs over the measured product rate).
+    /// The prefill's compute floor in seconds: FLOPs over the product rate measured in a
+    /// burst (the card's highest clock) and sustained for seconds (at its power limit).
     prefill_floor_s: Option<f64>,
+    prefill_sustained_floor_s: Option<f64>,
 }
 
 /// FLOPs of a prefill of `n` tokens by a method with `pattern` and streaming `window`, counted
@@ -207,7 +209,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         None
     };
     if let Some(rate) = product_rate {
-        eprintln!("duo bench: matrix products at {:.0} TFLOPS (a prefill's compute floor is its FLOPs over this)", rate / 1e12);
+        eprintln!(
+            "duo bench: matrix products at {:.0} TFLOPS in a burst, {:.0} sustained for 2 s (a prefill's compute floor is its FLOPs over these)",
+            rate.burst / 1e12,
+            rate.sustained / 1e12
+        );
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.method.seed());
     let limit = token_limit as u32;
@@ -272,18 +278,28 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let decode_ms = t1.elapsed().as_secs_f64() * 1000.0 / timed as f64;
             let kv = backend::plan_bytes(&plan, seq.tokens());
             let kv_bytes = kv.total();
-            let prefill_floor_s = match (prefill_s, product_rate) {
-                (Some(_), Some(rate)) => Some(prefill_flops(&c, &method.pattern, method.window, n) / rate),
-                _ => None,
+            let flops = prefill_flops(&c, &method.pattern, method.window, n);
+            let floor = |rate: fn(&backend::ProductRate) -> f64| prefill_s.and(product_rate.as_ref()).map(|r| flops / rate(r));
+            let (prefill_floor_s, prefill_sustained_floor_s) = (floor(|r| r.burst), floor(|r| r.sustained));
+            let row = Row {
+                method: name.clone(),
+                retrieval_heads: method.pattern.retrieval_count(),
+                tokens: n,
+                prefill_s,
+                decode_ms,
+                kv,
+                memory: b.memory_in_use().unwrap_or(0),
+                floor_ms: floor_ms(kv_bytes),
+                prefill_floor_s,
+                prefill_sustained_floor_s,
             };
-            let row = Row { method: name.clone(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: floor_ms(kv_bytes), prefill_floor_s };
             eprintln!(
                 "{:<13} {:>8} tokens: prefill {}{}, decode {:>8.2} ms/token{}, KV {:>9.2} MiB, memory in use {:>9.1} MiB",
                 name,
                 n,
                 prefill_s.map_or("synthetic KV".into(), |s| format!("{s:>8.2} s ({:>8.1} tok/s)", n as f64 / s)),
-                match (prefill_s, prefill_floor_s) {
-                    (Some(s), Some(f)) => format!(" (compute floor {f:.2} s, {:.2}x)", s / f),
+                match (prefill_s, prefill_floor_s, prefill_sustained_floor_s) {
+                    (Some(s), Some(f), Some(g)) => format!(" (compute floor {f:.2} s in a burst, {:.2}x; {g:.2} s sustained, {:.2}x)", s / f, s / g),
                     _ => String::new(),
                 },
                 decode_ms,
@@ -350,7 +366,7 @@ fn batched_row(b: &dyn Backend, method: &duo_engine::ResolvedMethod, plan: &duo_
     let decode_ms = t.elapsed().as_secs_f64() * 1000.0 / timed as f64;
     let one = backend::plan_bytes(plan, seqs[0].tokens());
     let kv = duo_kv::KvBytes { retrieval: one.retrieval * a.batch, streaming: one.streaming * a.batch };
-    Ok(Row { method: String::new(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s: None, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: None, prefill_floor_s: None })
+    Ok(Row { method: String::new(), retrieval_heads: method.pattern.retrieval_count(), tokens: n, prefill_s: None, decode_ms, kv, memory: b.memory_in_use().unwrap_or(0), floor_ms: None, prefill_floor_s: None, prefill_sustained_floor_s: None })
 }
 
 /// One decode step of every sequence of `seqs` (token `next[i]` to sequence `i`), through
@@ -475,7 +491,7 @@ impl Load {
 }
 
 /// The rows of a PyTorch baseline JSON (scripts/torch_baseline.py).
-fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, element: usize, floor_ms: &dyn Fn(usize) -> Option<f64>, product_rate: Option<f64>) -> Result<Vec<Row>> {
+fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, element: usize, floor_ms: &dyn Fn(usize) -> Option<f64>, product_rate: Option<backend::ProductRate>) -> Result<Vec<Row>> {
     let full = duo_core::pattern::HeadPattern::all_retrieval(c.n_layers, c.n_kv_heads);
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let rows_json: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{} is not a JSON list of baseline rows", path.display()))?;
@@ -497,7 +513,8 @@ fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, elem
             memory: (r["device_used_gib"].as_f64().unwrap_or(0.0) * GIB) as usize,
             floor_ms: floor_ms(kv_bytes),
             // Full attention's work, as duo's full row counts it.
-            prefill_floor_s: product_rate.map(|rate| prefill_flops(c, &full, duo_core::cache_spec::Window { sink: 0, recent: 0 }, tokens) / rate),
+            prefill_floor_s: product_rate.map(|rate| prefill_flops(c, &full, duo_core::cache_spec::Window { sink: 0, recent: 0 }, tokens) / rate.burst),
+            prefill_sustained_floor_s: product_rate.map(|rate| prefill_flops(c, &full, duo_core::cache_spec::Window { sink: 0, recent: 0 }, tokens) / rate.sustained),
         });
     }
     Ok(rows)
@@ -507,7 +524,7 @@ fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, elem
 fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<()> {
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String, none: &str| v.map_or(none.to_string(), f);
     let mut table = String::from(
-        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token (with --batch: ms/step) | floor ms | over floor | KV MiB (retrieval + streaming) | memory in use MiB | prefill floor s | prefill over floor |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | retrieval KV heads | context | prefill s | prefill tok/s | decode ms/token (with --batch: ms/step) | floor ms | over floor | KV MiB (retrieval + streaming) | memory in use MiB | prefill floor s (burst / sustained) | prefill over floor (burst / sustained) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         table.push_str(&format!(
@@ -524,18 +541,34 @@ fn write(a: &BenchArgs, rows: &[Row], names: &[String], title: &str) -> Result<(
             r.kv.retrieval as f64 / MIB,
             r.kv.streaming as f64 / MIB,
             r.memory as f64 / MIB,
-            opt(r.prefill_floor_s, &|f| format!("{f:.2}"), "-"),
-            match (r.prefill_s, r.prefill_floor_s) {
-                (Some(s), Some(f)) => format!("{:.2}x", s / f),
+            match (r.prefill_floor_s, r.prefill_sustained_floor_s) {
+                (Some(f), Some(g)) => format!("{f:.2} / {g:.2}"),
+                _ => "-".into(),
+            },
+            match (r.prefill_s, r.prefill_floor_s, r.prefill_sustained_floor_s) {
+                (Some(s), Some(f), Some(g)) => format!("{:.2}x / {:.2}x", s / f, s / g),
                 _ => "-".into(),
             }
         ));
     }
     print!("{table}");
-    let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,floor_ms,kv_bytes_retrieval,kv_bytes_streaming,memory_bytes,prefill_floor_s\n");
+    let mut csv = String::from("method,retrieval_kv_heads,context,prefill_s,decode_ms_per_token,floor_ms,kv_bytes_retrieval,kv_bytes_streaming,memory_bytes,prefill_floor_s,prefill_sustained_floor_s\n");
     for r in rows {
         let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
-        csv.push_str(&format!("{},{},{},{},{:.4},{},{},{},{},{}\n", r.method, r.retrieval_heads, r.tokens, f(r.prefill_s), r.decode_ms, f(r.floor_ms), r.kv.retrieval, r.kv.streaming, r.memory, f(r.prefill_floor_s)));
+        csv.push_str(&format!(
+            "{},{},{},{},{:.4},{},{},{},{},{},{}\n",
+            r.method,
+            r.retrieval_heads,
+            r.tokens,
+            f(r.prefill_s),
+            r.decode_ms,
+            f(r.floor_ms),
+            r.kv.retrieval,
+            r.kv.streaming,
+            r.memory,
+            f(r.prefill_floor_s),
+            f(r.prefill_sustained_floor_s)
+        ));
     }
     if let Some(p) = &a.csv {
         std::fs::write(p, &csv).with_context(|| format!("writing {}", p.display()))?;

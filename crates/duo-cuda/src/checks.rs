@@ -646,6 +646,21 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     Ok(out)
 }
 
+/// Milliseconds of one 8192 x 8192 x 8192 product by cuBLAS (bf16 in, f32 out): in a burst
+/// (the mean of 10 after a warm-up), and sustained (the mean over `sustained_s` seconds of
+/// products back to back, after one second of them). The two differ on a card that reaches its
+/// power limit: an H200 runs a 14 ms burst at 1,980 MHz and 774-783 TFLOPS, then holds 690 W
+/// at 1,425-1,665 MHz (BENCHMARKS.md, session 18), so a prefill of several seconds has the
+/// sustained rate as its floor.
+pub fn time_product_burst_and_sustained(gpu: &Gpu, sustained_s: f64) -> Result<(f64, f64)> {
+    let n = 8192;
+    let burst = time_linear(gpu, n, n, n, false, 10)?;
+    let reps = |seconds: f64| (seconds * 1000.0 / burst).ceil().max(1.0) as usize;
+    time_linear(gpu, n, n, n, false, reps(1.0))?;
+    let sustained = time_linear(gpu, n, n, n, false, reps(sustained_s))?;
+    Ok((burst, sustained))
+}
+
 /// Milliseconds of one `[t x in_dim] x [out_dim x in_dim]^T` product (bf16 in, f32 out) by
 /// cuBLAS or (`own`) duo's matrix-vector kernel, mean of `iters` after a warm-up; random
 /// weights. For the decode step's products at a few rows, which only stream the weights.

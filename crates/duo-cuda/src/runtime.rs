@@ -1075,9 +1075,9 @@ impl Gpu {
             // The cache's rows: shared row lookups keep them as 32-bit numbers, the bulk
             // copies' tensor maps are bounded by them.
             let rows = kv_bytes / kv.key_bytes_for(head_dim);
-            if prefill_wg_shared_rows() && rows > u32::MAX as usize {
+            if prefill_wg_shared_rows(kv) && rows > u32::MAX as usize {
                 return Err(CudaError::Input(format!(
-                    "DUO_PREFILL_SHARED_ROWS=1 takes caches of at most {} rows ({kv_bytes} bytes of {kv:?} keys given)",
+                    "the prefill kernel's shared row lookups (DUO_PREFILL_SHARED_ROWS=0 turns them off) take caches of at most {} rows ({kv_bytes} bytes of {kv:?} keys given)",
                     u32::MAX
                 )));
             }
@@ -1242,7 +1242,7 @@ fn prefill_wg_smem_bytes(head_dim: usize, kv: KvType) -> usize {
     // And 1,024 bytes for the kernel to start its tiles at a 1,024-byte boundary.
     prefill_wg_stages(head_dim, kv) * (2 * bk * head_dim * 2 + barriers)
         + prefill_wg_raw_bytes(head_dim, kv)
-        + prefill_wg_shared_rows_bytes()
+        + prefill_wg_shared_rows_bytes(kv)
         + 1024
 }
 
@@ -1258,15 +1258,20 @@ fn prefill_wg_raw_slots() -> usize {
 }
 
 /// Whether the Hopper prefill kernel's copying warpgroup looks up a tile's rows once into
-/// shared memory (`DUO_PREFILL_SHARED_ROWS=1`, warp-specialised forms; the kernel's
-/// `WG_SHARED_ROWS`) where the tile is not whole page runs.
-fn prefill_wg_shared_rows() -> bool {
-    prefill_wg_specialised() > 0 && crate::decode_attention::tuning("DUO_PREFILL_SHARED_ROWS") == Some(1)
+/// shared memory (warp-specialised forms; the kernel's `WG_SHARED_ROWS`) where the tile is not
+/// whole page runs. The default over bf16 (`DUO_PREFILL_SHARED_ROWS=0` turns it off): an
+/// all-streaming layer's 16K chunk on the H200 took 1.28 ms without it and 0.60 ms with it,
+/// the duo 0.5 layer's at 16K 5.06 and 4.76 ms, full layers the same within the runs' spread
+/// (BENCHMARKS.md, session 18). Over quantised caches only with `DUO_PREFILL_SHARED_ROWS=1`
+/// (not yet measured there; those forms then spill a few registers).
+fn prefill_wg_shared_rows(kv: KvType) -> bool {
+    let asked = crate::decode_attention::tuning("DUO_PREFILL_SHARED_ROWS");
+    prefill_wg_specialised() > 0 && if kv.is_quantised() { asked == Some(1) } else { asked != Some(0) }
 }
 
 /// The shared memory of [`prefill_wg_shared_rows`]: a tile's rows as 4-byte indices.
-fn prefill_wg_shared_rows_bytes() -> usize {
-    if prefill_wg_shared_rows() {
+fn prefill_wg_shared_rows_bytes(kv: KvType) -> usize {
+    if prefill_wg_shared_rows(kv) {
         prefill_wg_keys_per_tile() * 4
     } else {
         0
@@ -1301,7 +1306,7 @@ fn prefill_wg_specialised() -> u8 {
 /// slots leave less of the 227 KiB a block may have.
 fn prefill_wg_stages(head_dim: usize, kv: KvType) -> usize {
     let bk = prefill_wg_keys_per_tile();
-    let fits = (227 * 1024 - prefill_wg_raw_bytes(head_dim, kv) - prefill_wg_shared_rows_bytes() - 1024) / (2 * bk * head_dim * 2 + 16);
+    let fits = (227 * 1024 - prefill_wg_raw_bytes(head_dim, kv) - prefill_wg_shared_rows_bytes(kv) - 1024) / (2 * bk * head_dim * 2 + 16);
     let most = (if bk == 128 { 3 } else { 4 }).min(fits).max(2);
     crate::decode_attention::tuning("DUO_PREFILL_WG_STAGES").map_or(most, |n| n.clamp(2, most))
 }
@@ -1336,7 +1341,7 @@ pub fn prefill_wg_form(head_dim: usize, kv: KvType) -> String {
         (prefill_wg_pingpong(), "ping-pong"),
         (prefill_wg_tma(kv), "TMA"),
         (prefill_wg_softmax_tree(), "softmax tree"),
-        (prefill_wg_shared_rows(), "shared rows"),
+        (prefill_wg_shared_rows(kv), "shared rows"),
         (kv.is_quantised() && prefill_wg_raw_slots() == 1, "one raw slot"),
     ] {
         if on {
@@ -1427,7 +1432,7 @@ fn prefill_wg_options(head_dim: usize, kv: KvType) -> Vec<String> {
         format!("-DWG_SWIZZLE={}", u8::from(prefill_wg_swizzle())),
         format!("-DWG_TMA={}", u8::from(prefill_wg_tma(kv))),
         format!("-DWG_SOFTMAX_TREE={}", u8::from(prefill_wg_softmax_tree())),
-        format!("-DWG_SHARED_ROWS={}", u8::from(prefill_wg_shared_rows())),
+        format!("-DWG_SHARED_ROWS={}", u8::from(prefill_wg_shared_rows(kv))),
         format!("-DWG_RAW_SLOTS={}", prefill_wg_raw_slots()),
     ];
     o.extend(byte_format_option(kv));
@@ -1518,7 +1523,11 @@ mod tests {
             assert_eq!(prefill_wg_stages(128, KvType::Bf16), 3);
             assert_eq!(prefill_wg_stages(128, KvType::K8V4), 2);
             assert_eq!(prefill_wg_stages(64, KvType::K8V4), 3);
-            assert_eq!(prefill_wg_smem_bytes(128, KvType::Bf16), 3 * (65_536 + 16) + 1024);
+            // bf16 looks a tile's rows up into shared memory by default (4 bytes a row), the
+            // quantised forms do not.
+            assert!(prefill_wg_form(128, KvType::Bf16).contains("shared rows"));
+            assert!(!prefill_wg_form(128, KvType::K8V4).contains("shared rows"));
+            assert_eq!(prefill_wg_smem_bytes(128, KvType::Bf16), 3 * (65_536 + 16) + 128 * 4 + 1024);
             assert_eq!(prefill_wg_smem_bytes(128, KvType::K8V4), 2 * (65_536 + 16) + 2 * 128 * (128 + 64 + 8) + 1024);
         }
     }

@@ -637,12 +637,12 @@ impl Backend for CudaBackend {
         Ok(Some((weights * self.world(), bandwidth * self.world() as f64)))
     }
 
-    fn product_rate(&self) -> Result<Option<f64>> {
-        // One 8192 x 8192 x 8192 product by cuBLAS (bf16 in, f32 accumulation), the mean of
-        // 10 after a warm-up; under tensor parallelism every GPU runs its share at this rate.
-        let n = 8192usize;
-        let ms = duo_cuda::time_linear(&self.ranks[0].gpu, n, n, n, false, 10)?;
-        Ok(Some(2.0 * (n as f64).powi(3) / (ms / 1000.0) * self.world() as f64))
+    fn product_rate(&self) -> Result<Option<super::ProductRate>> {
+        // 8192 x 8192 x 8192 products by cuBLAS (bf16 in, f32 accumulation), in a burst and
+        // over two seconds; under tensor parallelism every GPU runs its share at these rates.
+        let (burst, sustained) = duo_cuda::time_product_burst_and_sustained(&self.ranks[0].gpu, 2.0)?;
+        let rate = |ms: f64| 2.0 * 8192f64.powi(3) / (ms / 1000.0) * self.world() as f64;
+        Ok(Some(super::ProductRate { burst: rate(burst), sustained: rate(sustained) }))
     }
 
     fn kv_pool(&self, method: &ResolvedMethod, o: &PoolOptions) -> Result<Option<Arc<dyn super::KvPool>>> {

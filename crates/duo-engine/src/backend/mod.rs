@@ -71,6 +71,16 @@ pub trait Sequence: Send {
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
+/// A backend's measured matrix-product rates in FLOP/s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProductRate {
+    /// Over a burst of products (milliseconds): the card at its highest clock.
+    pub burst: f64,
+    /// Over seconds of products back to back: a card that reaches its power limit lowers
+    /// its clock, so this is the floor of work that takes seconds (a long prefill).
+    pub sustained: f64,
+}
+
 /// A model loaded on some hardware: makes sequences and runs tokens through them.
 pub trait Backend: Send + Sync {
     /// What runs the model, for people (`cpu (2 threads)`, `NVIDIA H200 (cuda:0)`).
@@ -114,10 +124,10 @@ pub trait Backend: Send + Sync {
     fn decode_floor(&self) -> Result<Option<(usize, f64)>> {
         Ok(None)
     }
-    /// The rate of the backend's matrix products in FLOP/s, measured (a large bf16 product by
-    /// the library the engine's products use), where the backend measures it (CUDA): a
-    /// prefill's compute floor is its FLOPs over this.
-    fn product_rate(&self) -> Result<Option<f64>> {
+    /// The rates of the backend's matrix products, measured (a large bf16 product by the
+    /// library the engine's products use), where the backend measures them (CUDA): a
+    /// prefill's compute floor is its FLOPs over these.
+    fn product_rate(&self) -> Result<Option<ProductRate>> {
         Ok(None)
     }
     /// One shared KV pool for serving `method`, where the backend pages its caches (CUDA);
