@@ -302,6 +302,14 @@ pub fn tensor_l2_prefetch() -> usize {
     tuning("DUO_DECODE_L2_PREFETCH").map_or(128, |n| if n >= 256 { 256 } else if n >= 128 { 128 } else { 0 })
 }
 
+/// Whether the split merge lists a head's live splits in shared memory and reads only those,
+/// sixteen at a time (`DUO_DECODE_MERGE_COMPACT=1`, the kernel's `MERGE_COMPACT`), instead of
+/// reading every split and branching on each (the default). A measurement knob until it is
+/// measured.
+pub fn merge_compact() -> bool {
+    tuning("DUO_DECODE_MERGE_COMPACT") == Some(1)
+}
+
 /// Whether each warp of the bf16 tensor-core kernel copies and waits for its own 16 keys of
 /// a tile (`DUO_DECODE_WARP_PIPE=1`: no block-wide barrier per tile), instead of the block
 /// sharing each tile (the default). A measurement knob until it is measured.
@@ -471,11 +479,66 @@ __device__ __forceinline__ void visible_positions(int4 e, int n, int* len, int* 
 }
 
 // Merges the splits of one (row, query head): grid rows x query heads, HEAD_DIM threads.
-// Partial maxima are in natural-log units.
+// Partial maxima are in natural-log units; a split without keys has maximum -inf and is
+// skipped.
+//
+// MERGE_COMPACT = 1 (`DUO_DECODE_MERGE_COMPACT=1`; built, not yet run on a GPU): the block
+// first takes the maximum of all splits' maxima (one load per thread per HEAD_DIM splits),
+// then, HEAD_DIM splits at a time, lists the live ones with their weights in shared memory (in
+// split order, so the sums run in the order of the default form), and each thread sums its
+// dimension over that list sixteen splits at a time, its loads independent of each other. A
+// layer whose splits are sized by its longest head leaves most of a streaming head's splits
+// empty; the default form reads every split and branches on each (the H200 took 18.6 us per
+// launch over 65-129 mostly empty splits, 9.4 us over 33 live ones: 0.3-0.6 ms of a 128K
+// decode step, BENCHMARKS.md, session 18).
+#ifndef MERGE_COMPACT
+#define MERGE_COMPACT 0
+#endif
 extern "C" __global__ void duo_decode_merge(
     const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
     int n_splits, float* __restrict__ out, unsigned short* __restrict__ out_bf16)
 {
+#if MERGE_COMPACT
+    __shared__ float live_w[HEAD_DIM], warp_max[HEAD_DIM / 32];
+    __shared__ int live_s[HEAD_DIM], warp_live[HEAD_DIM / 32];
+    const int h = blockIdx.x, c = threadIdx.x, lane = c & 31, warp = c >> 5;
+    const float* pm = part_m + (size_t)h * n_splits;
+    const float* pl = part_l + (size_t)h * n_splits;
+    const float* pa = part_acc + (size_t)h * n_splits * HEAD_DIM;
+    float mm = NEG_INF;
+    for (int s = c; s < n_splits; s += HEAD_DIM) mm = fmaxf(mm, pm[s]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    if (lane == 0) warp_max[warp] = mm;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < HEAD_DIM / 32; w++) mm = fmaxf(mm, warp_max[w]);
+    float l = 0.f, a = 0.f;
+    for (int base = 0; base < n_splits; base += HEAD_DIM) {
+        const int s = base + c;
+        const float ms = s < n_splits ? pm[s] : NEG_INF;
+        const bool live = ms != NEG_INF;
+        const unsigned ballot = __ballot_sync(0xffffffffu, live);
+        if (lane == 0) warp_live[warp] = __popc(ballot);
+        __syncthreads();
+        int at = __popc(ballot & ((1u << lane) - 1u)), count = 0;
+#pragma unroll
+        for (int w = 0; w < HEAD_DIM / 32; w++) {
+            at += w < warp ? warp_live[w] : 0;
+            count += warp_live[w];
+        }
+        if (live) { live_w[at] = __expf(ms - mm); live_s[at] = s; }
+        __syncthreads();
+#pragma unroll 16
+        for (int i = 0; i < count; i++) {
+            const float w = live_w[i];
+            const int si = live_s[i];
+            l += pl[si] * w;
+            a += pa[(size_t)si * HEAD_DIM + c] * w;
+        }
+        __syncthreads();
+    }
+#else
     const int h = blockIdx.x, c = threadIdx.x;
     float mm = NEG_INF;
 #pragma unroll 8
@@ -489,6 +552,7 @@ extern "C" __global__ void duo_decode_merge(
         l += part_l[h * n_splits + s] * w;
         a += part_acc[((size_t)h * n_splits + s) * HEAD_DIM + c] * w;
     }
+#endif
     const float r = a / l;
     if (out) out[h * HEAD_DIM + c] = r;
     if (out_bf16) {

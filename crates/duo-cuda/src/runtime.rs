@@ -193,6 +193,9 @@ fn decode_source(
         format!("-DGROUP={group}"),
         format!("-DPER_LANE={}", head_dim / 32),
     ];
+    if crate::decode_attention::merge_compact() {
+        options.push("-DMERGE_COMPACT=1".into());
+    }
     let source = match kernel {
         DecodeKernel::Cores(kpw) => {
             options.push(format!("-DKPW={kpw}"));
@@ -332,6 +335,15 @@ pub fn compile_all() -> Option<Result<usize>> {
     }
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
+        jobs.push(("decode_attention", src, o));
+    }
+    // The compact split merge (DUO_DECODE_MERGE_COMPACT=1) for heads of 64 and 128, with
+    // both partial kernels.
+    for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
+        let (src, mut o) = decode_source(group, d, KvType::Bf16, kernel);
+        if !crate::decode_attention::merge_compact() {
+            o.push("-DMERGE_COMPACT=1".into());
+        }
         jobs.push(("decode_attention", src, o));
     }
     // The measurement knob's other side (DUO_DECODE_WARP_PIPE=1), whatever this process's
