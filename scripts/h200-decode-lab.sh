@@ -17,6 +17,7 @@
 #      continuous batching); with STEP_KVS (e.g. "bf16 fp8 int8 int4"; carry .gpu/patterns
 #      too), the whole decode step of the Llama-3-8B shape, full and duo 0.5 at 128K and 512K,
 #      per cache type;
+#   with TORCH=1, PyTorch SDPA's decode attention on the same shapes before duo's timings;
 #   4. with NCU=1, Nsight Compute on duo's partial kernel (full layer, 1 x 131072 tokens;
 #      env NCU_VARS: settings as above, e.g. DUO_TIME_KV=fp8 for the fp8 kernel) and, with NCU_SDPA=1, on PyTorch SDPA's decode kernels on the same shape: bandwidth, occupancy, issue.
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
@@ -38,6 +39,11 @@ for kv in ${STEP_KVS:-}; do
     --methods full,duo --sparsity 0.5 --sink 64 --recent 256 --lengths 131072,524288 --max-prefill 0 --decode-tokens 8 > "$OUT/step-$kv.txt" 2>&1
   echo "step $kv exit $?"; grep -E "^\| (full|duo)" "$OUT/step-$kv.txt" | cut -d'|' -f2,4,7-9
 done
+# With TORCH=1, PyTorch SDPA's decode attention on the same shapes first (the peer in the
+# same call).
+if [ "${TORCH:-0}" = 1 ]; then
+  timeout 120 python3 scripts/torch_decode_attention.py --out "$OUT/decode-attention-torch.json" 2>&1 | tee "$OUT/decode-attention-torch.txt" | tail -8
+fi
 i=0
 for v in default ${VARIANTS:-DUO_DECODE_WARP_PIPE=1 DUO_DECODE_WARP_PIPE=1,DUO_DECODE_STAGES=4,DUO_DECODE_MIN_BLOCKS=1 DUO_DECODE_L2_PREFETCH=0}; do
   i=$((i + 1)); vars=""; [ "$v" = default ] || vars=${v//,/ }
