@@ -12,7 +12,7 @@ D=/tmp/duo/duo; mkdir -p /tmp/duo "$OUT"
 xz -dc .gpu/bin/duo.xz > $D && chmod +x $D
 # The compact merge first (its parity), then the step with and without it, side by side.
 export DUO_DECODE_MERGE_COMPACT=1
-timeout 80 $D cuda-check --only decode --no-timings > "$OUT/decode-parity.txt" 2>&1
+timeout 200 $D cuda-check --only decode --no-timings > "$OUT/decode-parity.txt" 2>&1
 echo "decode parity (compact merge) exit $?: $(grep -c '^ok' "$OUT/decode-parity.txt") ok, $(grep -c '^FAIL' "$OUT/decode-parity.txt") failed"; grep "^FAIL" "$OUT/decode-parity.txt" | cut -c1-200 | head -5
 for v in 0 1; do
   timeout 60 env DUO_DECODE_MERGE_COMPACT=$v $D bench --device cuda --random-weights llama-3-8b --pattern .gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5 --methods full,duo,layer --lengths 32768,131072 --max-prefill 0 --decode-tokens 8 > "$OUT/step-compact$v.txt" 2>&1

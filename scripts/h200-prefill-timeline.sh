@@ -20,7 +20,7 @@ for c in ${CHUNKS:-4096 16384}; do
   timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum \
     $D bench --device cuda --random-weights llama-3-8b --methods full --lengths $n --chunk $c --decode-tokens 3 > "$OUT/ncu-chunk$c.csv" 2> "$OUT/ncu-chunk$c.err"
   echo "ncu exit $?"
-  python3 scripts/kernel_times.py "$OUT/ncu-chunk$c.csv" | tee "$OUT/kernels-chunk$c.txt" | head -24
+  python3 scripts/kernel_times.py "$OUT/ncu-chunk$c.csv" > "$OUT/kernels-chunk$c.txt"; head -24 "$OUT/kernels-chunk$c.txt"
 done
 for v in ${QUANT_VARIANTS:-}; do
   vars=""; [ "$v" = default ] || vars=${v//,/ }

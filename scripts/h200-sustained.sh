@@ -38,7 +38,7 @@ kill $logger
 python3 - "$OUT/clocks.csv" "$OUT/marks.txt" <<'PY'
 import sys
 rows = [l.strip().split(", ") for l in open(sys.argv[1]) if l[0].isdigit()]
-print(f"{len(rows)} samples; SM clock MHz, power W, reasons (every 10th sample):")
+print(f"{len(rows)} samples; time, SM clock, power, temperature C, clock event reasons (every 10th sample):")
 for r in rows[::10]:
     print("  ", r[0].split()[1], r[1], r[3], r[5], r[6])
 PY

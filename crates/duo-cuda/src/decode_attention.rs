@@ -488,9 +488,10 @@ __device__ __forceinline__ void visible_positions(int4 e, int n, int* len, int* 
 // split order, so the sums run in the order of the default form), and each thread sums its
 // dimension over that list sixteen splits at a time, its loads independent of each other. A
 // layer whose splits are sized by its longest head leaves most of a streaming head's splits
-// empty; the default form reads every split and branches on each (the H200 took 18.6 us per
-// launch over 65-129 mostly empty splits, 9.4 us over 33 live ones: 0.3-0.6 ms of a 128K
-// decode step, BENCHMARKS.md, session 18).
+// empty; the default form reads every split and branches on each (on the H200, 18.6 us a
+// launch over 65-257 mostly empty splits and 9.4 us over 33 live ones, means that include
+// short warm-up steps: 0.3-0.4 ms of a 128K full decode step, 0.6-0.8 ms of a duo 0.5 one,
+// BENCHMARKS.md, session 18).
 #ifndef MERGE_COMPACT
 #define MERGE_COMPACT 0
 #endif
@@ -1413,14 +1414,16 @@ mod gpu {
     }
 
     /// Runs the fused decode attention on the GPU over a paged pool of `block_tokens`
-    /// (copying inputs in and the output out) with `kernel`.
-    /// `x.heads` must be `layer_layout`'s heads.
+    /// (copying inputs in and the output out) with `kernel`, in splits of `split` keys (or
+    /// the launch's own choice). `x.heads` must be `layer_layout`'s heads.
+    #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         gpu: &Gpu,
         x: &DecodeInput,
         layout: &PagedLayout,
         kv: KvType,
         kernel: DecodeKernel,
+        split: Option<usize>,
         seed: u64,
     ) -> Result<Vec<f32>> {
         x.validate()?;
@@ -1447,18 +1450,20 @@ mod gpu {
                 }
             }
         }
-        let launch = launch_for(&x.heads, h, d, &x.tokens, kv, None, kernel);
+        let launch = launch_for(&x.heads, h, d, &x.tokens, kv, split, kernel);
         let heads = gpu.upload(&HeadEntry::table(&x.heads))?;
         let tab = gpu.upload(&table_rows(layout, &tables))?;
         let slots: Vec<i32> = (0..x.tokens.len() as i32).collect();
         let pos: Vec<i32> = x.tokens.iter().map(|&n| n as i32 - 1).collect();
         let (slots, pos, q) = (gpu.upload(&slots)?, gpu.upload(&pos)?, gpu.upload(&x.q)?);
         let out = gpu.zeros::<f32>(x.tokens.len() * h * d)?;
+        // The partials start as NaN: what an empty split leaves unwritten must not reach the
+        // merged result.
         let parts_n = x.tokens.len() * h * launch.n_splits;
         let (pm, pl, pa) = (
-            gpu.zeros::<f32>(parts_n)?,
-            gpu.zeros::<f32>(parts_n)?,
-            gpu.zeros::<f32>(parts_n * d)?,
+            gpu.upload(&vec![f32::NAN; parts_n])?,
+            gpu.upload(&vec![f32::NAN; parts_n])?,
+            gpu.upload(&vec![f32::NAN; parts_n * d])?,
         );
         let (k32, v32, k16, v16, k8, v8, ks, vs);
         let mut paged = layout.paged_args(gpu.addr(&tab));
@@ -1612,7 +1617,9 @@ mod gpu {
 
     /// Parity on random inputs over shuffled paged pools: GQA and MHA groups, head dims 64,
     /// 128 and 256, several rows of different lengths in one launch, retrieval caches from 1 to
-    /// 40,000 tokens next to streaming heads (sinks + recent), blocks of 16 to 128 tokens.
+    /// 40,000 tokens next to streaming heads (sinks + recent), blocks of 16 to 128 tokens; and
+    /// splits forced small, so that a head has more splits than the merge's threads (a duo
+    /// layer's streaming heads leave most of theirs empty).
     pub fn check(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         // (query heads, head dim, kinds, sink, recent, block tokens, row lengths)
         type Case = (
@@ -1624,7 +1631,11 @@ mod gpu {
             usize,
             &'static [usize],
         );
-        let cases: [Case; 6] = [
+        // Cases 6 and 7 take the fewest keys a split may have (MIN_SPLIT, 256): 157 splits of
+        // a 40,000-token head of 128 and 79 of a 20,000-token head of 64, so that the merge's
+        // HEAD_DIM threads list a head's splits in two rounds.
+        let small_split = |i: usize| if i >= 6 { Some(MIN_SPLIT) } else { None };
+        let cases: [Case; 8] = [
             (
                 9,
                 64,
@@ -1655,6 +1666,16 @@ mod gpu {
                 &[300, 256, 257, 513, 1, 2, 3],
             ), // boundaries, MHA
             (4, 256, &[true, false], 8, 20, 64, &[1000, 21]),     // widest head
+            (
+                32,
+                128,
+                &[false, true, false, false, false, false, false, false],
+                64,
+                256,
+                64,
+                &[40_000, 700],
+            ), // one retrieval head, small splits
+            (9, 64, &[true, false, true], 64, 256, 64, &[20_000, 100]), // small splits, heads of 64
         ];
         let mut out = Vec::new();
         for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
@@ -1678,7 +1699,8 @@ mod gpu {
                     DecodeKernel::Cores(1),
                 ];
                 for kernel in kernels.into_iter().filter(|k| k.fits(*d, group, kv)) {
-                    let got = decode_attention(gpu, &x, &layout, kv, kernel, seed + i as u64)?;
+                    let split = small_split(i);
+                    let got = decode_attention(gpu, &x, &layout, kv, kernel, split, seed + i as u64)?;
                     let err = want
                         .iter()
                         .zip(&got)
@@ -1690,7 +1712,8 @@ mod gpu {
                     } else {
                         1e-4
                     };
-                    out.push(Parity { case: format!("paged decode attention {kv:?}, {kernel:?}, blocks of {bt}: {h} heads x {d}, kinds {kinds:?}, rows {tokens:?}"), max_abs_err: err, bound });
+                    let split = split.map_or(String::new(), |s| format!(", splits of {s}"));
+                    out.push(Parity { case: format!("paged decode attention {kv:?}, {kernel:?}, blocks of {bt}{split}: {h} heads x {d}, kinds {kinds:?}, rows {tokens:?}"), max_abs_err: err, bound });
                 }
             }
         }

@@ -193,9 +193,7 @@ fn decode_source(
         format!("-DGROUP={group}"),
         format!("-DPER_LANE={}", head_dim / 32),
     ];
-    if crate::decode_attention::merge_compact() {
-        options.push("-DMERGE_COMPACT=1".into());
-    }
+    options.push(format!("-DMERGE_COMPACT={}", u8::from(crate::decode_attention::merge_compact())));
     let source = match kernel {
         DecodeKernel::Cores(kpw) => {
             options.push(format!("-DKPW={kpw}"));
@@ -331,20 +329,19 @@ pub fn compile_all() -> Option<Result<usize>> {
         jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("PINGPONG", "1")])));
         jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("WG_TMA", "1")])));
         jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("WG_SOFTMAX_TREE", "1")])));
-        jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("WG_TMA", "1"), ("WG_SHARED_ROWS", "1")])));
+        // The bf16 default without shared row lookups (DUO_PREFILL_SHARED_ROWS=0).
+        jobs.push(("prefill_attention_wg", bf16(128), set(&wide, &[("WG_TMA", "1"), ("WG_SOFTMAX_TREE", "1")])));
     }
     for (group, d, kv, kernel) in decode {
         let (src, o) = decode_source(group, d, kv, kernel);
         jobs.push(("decode_attention", src, o));
     }
-    // The compact split merge (DUO_DECODE_MERGE_COMPACT=1) for heads of 64 and 128, with
-    // both partial kernels.
+    // The split merge's other form (DUO_DECODE_MERGE_COMPACT, whatever this process's
+    // environment says) for heads of 64 and 128, with both partial kernels.
+    let other_merge = if crate::decode_attention::merge_compact() { "0" } else { "1" };
     for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
-        let (src, mut o) = decode_source(group, d, KvType::Bf16, kernel);
-        if !crate::decode_attention::merge_compact() {
-            o.push("-DMERGE_COMPACT=1".into());
-        }
-        jobs.push(("decode_attention", src, o));
+        let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
+        jobs.push(("decode_attention", src, with_define(&o, "MERGE_COMPACT", other_merge)));
     }
     // The measurement knob's other side (DUO_DECODE_WARP_PIPE=1), whatever this process's
     // environment says.
