@@ -18,7 +18,7 @@
 #      too), the whole decode step of the Llama-3-8B shape, full and duo 0.5 at 128K and 512K,
 #      per cache type;
 #   with TORCH=1, PyTorch SDPA's decode attention on the same shapes before duo's timings;
-#   4. with NCU=1, Nsight Compute on duo's partial kernel (full layer, 1 x 131072 tokens;
+#   4. with NCU=1 (and SOURCE=1: per-line counters), Nsight Compute on duo's partial kernel (full layer, 1 x 131072 tokens;
 #      env NCU_VARS: settings as above, e.g. DUO_TIME_KV=fp8 for the fp8 kernel) and, with NCU_SDPA=1, on PyTorch SDPA's decode kernels on the same shape: bandwidth, occupancy, issue.
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
@@ -51,7 +51,11 @@ for v in default ${VARIANTS:-DUO_DECODE_WARP_PIPE=1 DUO_DECODE_WARP_PIPE=1,DUO_D
   echo "== $v (exit $?)"; grep -E "${ROWS:-Tensor +Bf16}" "$OUT/decode-$i.txt" | sed 's/time decode attention, Llama-3-8B layer, //'
 done
 [ "${NCU:-0}" = 1 ] || exit 0
-NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats"
+# SOURCE=1 adds the per-line counters (NVRTC builds with -lineinfo): which source lines the
+# partial kernel's instructions and stalls come from.
+src=""
+if [ "${SOURCE:-0}" = 1 ]; then export DUO_NVRTC_LINEINFO=1; src="--section SourceCounters --section InstructionStats"; fi
+NCU="ncu --clock-control none $src --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats"
 timeout 240 env ${NCU_VARS:-} $NCU -k duo_decode_partial_tc --launch-skip 5 --launch-count 1 $D cuda-check --only ops --timings decode > "$OUT/ncu-duo.txt" 2>&1; echo "ncu duo exit $?"
 grep -E "duo_decode|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Issued Warp|No Eligible|L2 Hit|Block Limit" "$OUT/ncu-duo.txt" | head -60
 [ "${NCU_SDPA:-0}" = 1 ] || exit 0
