@@ -503,6 +503,8 @@ fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, elem
             continue;
         }
         let kv_bytes = tokens * c.n_layers * c.n_kv_heads * c.head_dim * 2 * element;
+        // Full attention's work, as duo's full row counts it.
+        let flops = prefill_flops(c, &full, duo_core::cache_spec::Window { sink: 0, recent: 0 }, tokens);
         rows.push(Row {
             method: "pytorch".into(),
             retrieval_heads: c.n_layers * c.n_kv_heads,
@@ -512,9 +514,8 @@ fn baseline_rows(path: &std::path::Path, c: &duo_core::config::ModelConfig, elem
             kv: duo_kv::KvBytes { retrieval: kv_bytes, streaming: 0 },
             memory: (r["device_used_gib"].as_f64().unwrap_or(0.0) * GIB) as usize,
             floor_ms: floor_ms(kv_bytes),
-            // Full attention's work, as duo's full row counts it.
-            prefill_floor_s: product_rate.map(|rate| prefill_flops(c, &full, duo_core::cache_spec::Window { sink: 0, recent: 0 }, tokens) / rate.burst),
-            prefill_sustained_floor_s: product_rate.map(|rate| prefill_flops(c, &full, duo_core::cache_spec::Window { sink: 0, recent: 0 }, tokens) / rate.sustained),
+            prefill_floor_s: product_rate.map(|rate| flops / rate.burst),
+            prefill_sustained_floor_s: product_rate.map(|rate| flops / rate.sustained),
         });
     }
     Ok(rows)

@@ -8,13 +8,17 @@ use crate::runtime::{Gpu, PrefillKernel};
 use crate::{decode_attention, model, Parity, Result};
 use std::sync::Arc;
 
-fn max_err(want: &[f32], got: &[f32]) -> f64 {
+/// The largest absolute difference of `got` from `want`; infinite where their lengths differ
+/// or a difference is NaN (`f64::max` would pass over a NaN, and a kernel that writes one
+/// would look exact).
+pub(crate) fn max_err(want: &[f32], got: &[f32]) -> f64 {
     if want.len() != got.len() {
         return f64::INFINITY;
     }
     want.iter()
         .zip(got)
         .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .map(|e| if e.is_nan() { f64::INFINITY } else { e })
         .fold(0.0, f64::max)
 }
 
@@ -648,16 +652,17 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
 
 /// Milliseconds of one 8192 x 8192 x 8192 product by cuBLAS (bf16 in, f32 out): in a burst
 /// (the mean of 10 after a warm-up), and sustained (the mean over `sustained_s` seconds of
-/// products back to back, after one second of them). The two differ on a card that reaches its
-/// power limit: an H200 runs a 14 ms burst at 1,980 MHz and 774-783 TFLOPS, then holds 690 W
-/// at 1,425-1,665 MHz (BENCHMARKS.md, session 18), so a prefill of several seconds has the
-/// sustained rate as its floor.
+/// products back to back, after one second of them), all on the same operands. The two differ
+/// on a card that reaches its power limit: an H200 runs a 14 ms burst at 1,980 MHz and 774-788
+/// TFLOPS, then holds about 700 W at 1.4-1.7 GHz (BENCHMARKS.md, session 18), so a prefill of
+/// several seconds has the sustained rate as its floor.
 pub fn time_product_burst_and_sustained(gpu: &Gpu, sustained_s: f64) -> Result<(f64, f64)> {
     let n = 8192;
-    let burst = time_linear(gpu, n, n, n, false, 10)?;
+    let mut run = linear_product(gpu, n, n, n, false)?;
+    let burst = gpu.time_ms(10, &mut run)?;
     let reps = |seconds: f64| (seconds * 1000.0 / burst).ceil().max(1.0) as usize;
-    time_linear(gpu, n, n, n, false, reps(1.0))?;
-    let sustained = time_linear(gpu, n, n, n, false, reps(sustained_s))?;
+    gpu.time_ms(reps(1.0), &mut run)?;
+    let sustained = gpu.time_ms(reps(sustained_s), &mut run)?;
     Ok((burst, sustained))
 }
 
@@ -665,19 +670,23 @@ pub fn time_product_burst_and_sustained(gpu: &Gpu, sustained_s: f64) -> Result<(
 /// cuBLAS or (`own`) duo's matrix-vector kernel, mean of `iters` after a warm-up; random
 /// weights. For the decode step's products at a few rows, which only stream the weights.
 pub fn time_linear(gpu: &Gpu, t: usize, in_dim: usize, out_dim: usize, own: bool, iters: usize) -> Result<f64> {
+    gpu.time_ms(iters, linear_product(gpu, t, in_dim, out_dim, own)?)
+}
+
+/// One launch of [`time_linear`]'s product, over operands (random weights) made once.
+fn linear_product(gpu: &Gpu, t: usize, in_dim: usize, out_dim: usize, own: bool) -> Result<impl FnMut() -> Result<()> + '_> {
     let w = gpu.zeros::<u16>(in_dim * out_dim)?;
     gpu.fill_uniform(gpu.addr(&w), in_dim * out_dim, 3, 0.02)?;
     let x = gpu.zeros::<u16>(t * in_dim)?;
     gpu.fill_uniform(gpu.addr(&x), t * in_dim, 4, 1.0)?;
     let y = gpu.zeros::<f32>(t * out_dim)?;
-    let run = || {
+    Ok(move || {
         if own {
             gpu.gemv(gpu.addr(&x), gpu.addr(&w), gpu.addr(&y), t, in_dim, out_dim, 0.0, false)
         } else {
             gpu.gemm(gpu.addr(&x), gpu.addr(&w), gpu.addr(&y), t, in_dim, out_dim, 0.0, false)
         }
-    };
-    gpu.time_ms(iters, run)
+    })
 }
 
 /// Milliseconds of one prefill-attention launch for a Llama-3-8B layer (32 query / 8 KV

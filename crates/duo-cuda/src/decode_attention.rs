@@ -1621,7 +1621,8 @@ mod gpu {
     /// splits forced small, so that a head has more splits than the merge's threads (a duo
     /// layer's streaming heads leave most of theirs empty).
     pub fn check(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
-        // (query heads, head dim, kinds, sink, recent, block tokens, row lengths)
+        // (query heads, head dim, kinds, sink, recent, block tokens, row lengths, keys per
+        // split: the launch's own choice, or forced)
         type Case = (
             usize,
             usize,
@@ -1630,11 +1631,8 @@ mod gpu {
             usize,
             usize,
             &'static [usize],
+            Option<usize>,
         );
-        // Cases 6 and 7 take the fewest keys a split may have (MIN_SPLIT, 256): 157 splits of
-        // a 40,000-token head of 128 and 79 of a 20,000-token head of 64, so that the merge's
-        // HEAD_DIM threads list a head's splits in two rounds.
-        let small_split = |i: usize| if i >= 6 { Some(MIN_SPLIT) } else { None };
         let cases: [Case; 8] = [
             (
                 9,
@@ -1644,8 +1642,9 @@ mod gpu {
                 256,
                 64,
                 &[1, 57, 320, 1000],
+                None,
             ), // SmolLM2-like
-            (32, 64, &[true, false], 4, 40, 64, &[700, 5, 2049]), // 16 query heads per KV head
+            (32, 64, &[true, false], 4, 40, 64, &[700, 5, 2049], None), // 16 query heads per KV head
             (
                 32,
                 128,
@@ -1654,8 +1653,9 @@ mod gpu {
                 256,
                 16,
                 &[4096, 9000, 17],
+                None,
             ), // Llama-3-8B-like, mixed
-            (32, 128, &[true; 8], 64, 256, 128, &[40_000]),       // one long row
+            (32, 128, &[true; 8], 64, 256, 128, &[40_000], None), // one long row
             (
                 8,
                 128,
@@ -1664,8 +1664,12 @@ mod gpu {
                 100,
                 32,
                 &[300, 256, 257, 513, 1, 2, 3],
+                None,
             ), // boundaries, MHA
-            (4, 256, &[true, false], 8, 20, 64, &[1000, 21]),     // widest head
+            (4, 256, &[true, false], 8, 20, 64, &[1000, 21], None), // widest head
+            // The fewest keys a split may have (MIN_SPLIT, 256): 157 splits of a 40,000-token
+            // head of 128 and 79 of a 20,000-token head of 64, so that the merge's HEAD_DIM
+            // threads list a head's splits in two rounds.
             (
                 32,
                 128,
@@ -1674,12 +1678,13 @@ mod gpu {
                 256,
                 64,
                 &[40_000, 700],
+                Some(MIN_SPLIT),
             ), // one retrieval head, small splits
-            (9, 64, &[true, false, true], 64, 256, 64, &[20_000, 100]), // small splits, heads of 64
+            (9, 64, &[true, false, true], 64, 256, 64, &[20_000, 100], Some(MIN_SPLIT)), // small splits, heads of 64
         ];
         let mut out = Vec::new();
         for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
-            for (i, (h, d, kinds, sink, recent, bt, tokens)) in cases.iter().enumerate() {
+            for (i, (h, d, kinds, sink, recent, bt, tokens, split)) in cases.iter().enumerate() {
                 let layout = layer_layout(
                     kinds,
                     *sink,
@@ -1699,13 +1704,8 @@ mod gpu {
                     DecodeKernel::Cores(1),
                 ];
                 for kernel in kernels.into_iter().filter(|k| k.fits(*d, group, kv)) {
-                    let split = small_split(i);
-                    let got = decode_attention(gpu, &x, &layout, kv, kernel, split, seed + i as u64)?;
-                    let err = want
-                        .iter()
-                        .zip(&got)
-                        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-                        .fold(0.0, f64::max);
+                    let got = decode_attention(gpu, &x, &layout, kv, kernel, *split, seed + i as u64)?;
+                    let err = crate::checks::max_err(&want, &got);
                     // The tensor-core kernel rounds queries and softmax weights to bf16.
                     let bound = if kernel == DecodeKernel::Tensor {
                         1e-2

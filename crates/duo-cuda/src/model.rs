@@ -600,7 +600,7 @@ mod gpu {
         if want.len() != got.len() {
             return (f64::INFINITY, false);
         }
-        let err = want.iter().zip(got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max) / top;
+        let err = crate::checks::max_err(want, got) / top;
         let mut agree = true;
         for (wr, gr) in want.chunks(vocab).zip(got.chunks(vocab)) {
             let mut sorted: Vec<f32> = wr.to_vec();

@@ -192,8 +192,8 @@ fn decode_source(
     let mut options = vec![
         format!("-DGROUP={group}"),
         format!("-DPER_LANE={}", head_dim / 32),
+        format!("-DMERGE_COMPACT={}", u8::from(crate::decode_attention::merge_compact())),
     ];
-    options.push(format!("-DMERGE_COMPACT={}", u8::from(crate::decode_attention::merge_compact())));
     let source = match kernel {
         DecodeKernel::Cores(kpw) => {
             options.push(format!("-DKPW={kpw}"));
