@@ -6,11 +6,12 @@
 //! values" — softmax does not care about their order, and keys are cached after RoPE — so
 //! one kernel covers both: the head's kind says which positions it sees, and each position's
 //! row is found through the sequence's block table ([`crate::paged`]). A long retrieval cache
-//! is split across the sequence (split-K): grid `(KV heads, splits, sequences)`, each
+//! is split across the sequence (split-K): one block per (KV head, split) and sequence, each
 //! block reads its slice of one KV head's keys and values once for all the query heads that
 //! share it (GQA) and reduces them with an online softmax into partials (max, sum, weighted
-//! values); a second small kernel merges the partials. Streaming heads have few keys, so
-//! their blocks beyond the first split exit at once.
+//! values); a second small kernel merges the partials. A streaming head's few keys come in
+//! splits of their own, one 64-key tile each, so that its window costs one tile's latency
+//! rather than a walk through every tile ([`crate::runtime::DecodeLaunch`]).
 //!
 //! Storage is `f32` (as the CPU cache) or bf16 ([`KvType`]), accumulation `f32`; the parity
 //! bound against the `f64` reference (on the same rounded cache for bf16) is `1e-4` absolute
@@ -303,11 +304,12 @@ pub fn tensor_l2_prefetch() -> usize {
 }
 
 /// Whether the split merge lists a head's live splits in shared memory and reads only those,
-/// sixteen at a time (`DUO_DECODE_MERGE_COMPACT=1`, the kernel's `MERGE_COMPACT`), instead of
-/// reading every split and branching on each (the default). A measurement knob until it is
-/// measured.
+/// sixteen at a time (the kernel's `MERGE_COMPACT`, the default), instead of reading every
+/// split and branching on each (`DUO_DECODE_MERGE_COMPACT=0`). Measured on the H200
+/// (BENCHMARKS.md, session 19): a 128K decode step 1-2.5% faster (full 8.98 to 8.86 ms, duo
+/// 0.5 7.29 to 7.11), decode parity and the whole model's unchanged.
 pub fn merge_compact() -> bool {
-    tuning("DUO_DECODE_MERGE_COMPACT") == Some(1)
+    tuning("DUO_DECODE_MERGE_COMPACT") != Some(0)
 }
 
 /// Whether each warp of the bf16 tensor-core kernel copies and waits for its own 16 keys of
@@ -478,11 +480,40 @@ __device__ __forceinline__ void visible_positions(int4 e, int n, int* len, int* 
     }
 }
 
+// The (KV head, split) a partial block reads and that split's keys. `short_split == 0`: the
+// grid's x is every head's `n_splits` splits of `long_split` keys, head-minor. Otherwise it
+// lists every retrieval head's (its bit set in `retrieval`) `n_splits` splits of
+// `long_split` keys, then every streaming head's `short_splits` of `short_split` keys (it
+// shows at most sinks + recent), split-major, so that neighbouring blocks read different
+// heads. A streaming head's window walked by one block in 64-key tiles, each waiting on its
+// block-table lookups and then its copies, outlasted a long head's whole split.
+__device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_split, unsigned long long retrieval,
+                                           int short_splits, int short_split, int* g, int* s, int* split) {
+    int j = blockIdx.x;
+    *split = long_split;
+    if (short_split == 0) { *g = j % n_kv; *s = j / n_kv; return; }
+    const unsigned long long all = n_kv >= 64 ? ~0ull : (1ull << n_kv) - 1ull;
+    unsigned long long m = retrieval & all;
+    int r = __popcll(m);
+    if (j >= r * n_splits) { j -= r * n_splits; m = ~retrieval & all; r = n_kv - r; *split = short_split; }
+    *s = j / r;
+    for (int i = j % r; i > 0; i--) m &= m - 1;  // drop the lowest set bits: the (j % r)-th head
+    *g = __ffsll((long long)m) - 1;
+}
+
+// Splits of the merge's head `h` (row-major over rows x query heads) that partial blocks
+// wrote (of `n_splits` slots per head): every one, or a streaming head's `short_splits`.
+__device__ __forceinline__ int head_splits(int h, int n_kv, int n_splits, unsigned long long retrieval, int short_splits, int short_split) {
+    if (short_split == 0) return n_splits;
+    const int g = (h % (n_kv * GROUP)) / GROUP;
+    return (retrieval >> g) & 1ull ? n_splits : short_splits;
+}
+
 // Merges the splits of one (row, query head): grid rows x query heads, HEAD_DIM threads.
 // Partial maxima are in natural-log units; a split without keys has maximum -inf and is
 // skipped.
 //
-// MERGE_COMPACT = 1 (`DUO_DECODE_MERGE_COMPACT=1`; built, not yet run on a GPU): the block
+// MERGE_COMPACT = 1 (the default; `DUO_DECODE_MERGE_COMPACT=0` the other form): the block
 // first takes the maximum of all splits' maxima (one load per thread per HEAD_DIM splits),
 // then, HEAD_DIM splits at a time, lists the live ones with their weights in shared memory (in
 // split order, so the sums run in the order of the default form), and each thread sums its
@@ -497,8 +528,12 @@ __device__ __forceinline__ void visible_positions(int4 e, int n, int* len, int* 
 #endif
 extern "C" __global__ void duo_decode_merge(
     const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
-    int n_splits, float* __restrict__ out, unsigned short* __restrict__ out_bf16)
+    int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split,
+    float* __restrict__ out, unsigned short* __restrict__ out_bf16)
 {
+    // Partials are laid out n_splits per head; a streaming head's past its first
+    // short_splits were never written.
+    const int live_splits = head_splits(blockIdx.x, n_kv, n_splits, retrieval, short_splits, short_split);
 #if MERGE_COMPACT
     __shared__ float live_w[HEAD_DIM], warp_max[HEAD_DIM / 32];
     __shared__ int live_s[HEAD_DIM], warp_live[HEAD_DIM / 32];
@@ -507,7 +542,7 @@ extern "C" __global__ void duo_decode_merge(
     const float* pl = part_l + (size_t)h * n_splits;
     const float* pa = part_acc + (size_t)h * n_splits * HEAD_DIM;
     float mm = NEG_INF;
-    for (int s = c; s < n_splits; s += HEAD_DIM) mm = fmaxf(mm, pm[s]);
+    for (int s = c; s < live_splits; s += HEAD_DIM) mm = fmaxf(mm, pm[s]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
     if (lane == 0) warp_max[warp] = mm;
@@ -515,9 +550,9 @@ extern "C" __global__ void duo_decode_merge(
 #pragma unroll
     for (int w = 0; w < HEAD_DIM / 32; w++) mm = fmaxf(mm, warp_max[w]);
     float l = 0.f, a = 0.f;
-    for (int base = 0; base < n_splits; base += HEAD_DIM) {
+    for (int base = 0; base < live_splits; base += HEAD_DIM) {
         const int s = base + c;
-        const float ms = s < n_splits ? pm[s] : NEG_INF;
+        const float ms = s < live_splits ? pm[s] : NEG_INF;
         const bool live = ms != NEG_INF;
         const unsigned ballot = __ballot_sync(0xffffffffu, live);
         if (lane == 0) warp_live[warp] = __popc(ballot);
@@ -543,10 +578,10 @@ extern "C" __global__ void duo_decode_merge(
     const int h = blockIdx.x, c = threadIdx.x;
     float mm = NEG_INF;
 #pragma unroll 8
-    for (int s = 0; s < n_splits; s++) mm = fmaxf(mm, part_m[h * n_splits + s]);
+    for (int s = 0; s < live_splits; s++) mm = fmaxf(mm, part_m[h * n_splits + s]);
     float l = 0.f, a = 0.f;
 #pragma unroll 8
-    for (int s = 0; s < n_splits; s++) {
+    for (int s = 0; s < live_splits; s++) {
         const float ms = part_m[h * n_splits + s];
         if (ms == NEG_INF) continue;
         const float w = __expf(ms - mm);
@@ -613,21 +648,24 @@ __device__ __forceinline__ void unpack(const uint4* r, float* out) {
     }
 }
 
-// Grid (KV heads, splits, decode rows): row b is sequence slot row_slot[b] at position
+// Grid (the layer's (KV head, split) list of `block_work`, 1, decode rows): row b is
+// sequence slot row_slot[b] at position
 // row_pos[b] (its own token already appended); a negative slot is padding.
 extern "C" __global__ void duo_decode_partial(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
-    int split, int n_splits, float scale,
+    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, float scale,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
-    const int g = blockIdx.x, s = blockIdx.y, b = blockIdx.z;
+    const int b = blockIdx.z;
+    int g, s, split;
+    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, &g, &s, &split);
     const int seq_slot = row_slot[b];
     if (seq_slot < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int sub = lane / LANES, first = (lane % LANES) * DIMS;
     const int4 e = heads[g];
-    const int n_heads = gridDim.x * GROUP;
+    const int n_heads = n_kv * GROUP;
     q += (size_t)b * n_heads * HEAD_DIM;
     int len_i, sinks, gap;
     visible_positions(e, row_pos[b] + 1, &len_i, &sinks, &gap);
@@ -811,15 +849,17 @@ typedef bf16_t kv_t;
 extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial_tc(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
-    int split, int n_splits, float scale_log2,
+    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, float scale_log2,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
-    const int g = blockIdx.x, s = blockIdx.y, b = blockIdx.z;
+    const int b = blockIdx.z;
+    int g, s, split;
+    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, &g, &s, &split);
     const int seq_slot = row_slot[b];
     if (seq_slot < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
     const int4 e = heads[g];
-    const int n_heads = gridDim.x * GROUP;
+    const int n_heads = n_kv * GROUP;
     int len, sinks, gap;
     visible_positions(e, row_pos[b] + 1, &len, &sinks, &gap);
     const int begin = s * split, end = min(len, begin + split);
@@ -1401,16 +1441,10 @@ mod gpu {
             .unwrap_or_else(|| split_for(kernel, tensor_blocks(head_dim, n_heads / x_heads.len(), kv), &lens, tokens.len()))
             .max(1);
         let max_len = *lens.iter().max().unwrap_or(&1) as usize;
-        DecodeLaunch {
-            n_kv: x_heads.len(),
-            group: n_heads / x_heads.len(),
-            head_dim,
-            split,
-            n_splits: max_len.div_ceil(split),
-            rows: tokens.len(),
-            kv,
-            kernel,
-        }
+        let kinds: Vec<bool> = x_heads.iter().map(|e| e.kind == HeadEntry::RETRIEVAL).collect();
+        let short_len = x_heads.iter().filter(|e| e.kind != HeadEntry::RETRIEVAL).map(|e| (e.sink + e.recent) as usize).max().unwrap_or(0);
+        let shape = (n_heads / x_heads.len(), head_dim, tokens.len(), kv, kernel);
+        DecodeLaunch::for_layer(&kinds, shape, split, max_len.div_ceil(split), short_len.min(max_len), usize::MAX)
     }
 
     /// Runs the fused decode attention on the GPU over a paged pool of `block_tokens`

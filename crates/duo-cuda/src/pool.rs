@@ -956,16 +956,8 @@ impl KvPool {
                 }
                 // Holds because a pool never has more rows than PART_PAIRS (checked in `new`).
                 debug_assert!(max_len.div_ceil(split) * rows <= PART_PAIRS);
-                DecodeLaunch {
-                    n_kv: c.n_kv_heads,
-                    group: c.n_heads / c.n_kv_heads,
-                    head_dim: c.head_dim,
-                    split,
-                    n_splits: max_len.div_ceil(split),
-                    rows,
-                    kv: self.layout.kv,
-                    kernel,
-                }
+                let shape = (c.n_heads / c.n_kv_heads, c.head_dim, rows, self.layout.kv, kernel);
+                DecodeLaunch::for_layer(&self.layout.retrieval[l], shape, split, max_len.div_ceil(split), short as usize, PART_PAIRS / rows.max(1))
             })
             .collect()
     }

@@ -989,19 +989,21 @@ impl Gpu {
         }
         let (partial, merge) = self.decode_kernels(a.group, a.head_dim, a.kv, a.kernel)?;
         let (split, ns) = (a.split as i32, a.n_splits as i32);
+        let (n_kv, retrieval) = (a.n_kv as i32, a.retrieval);
+        let (short_splits, short_split) = (a.short_splits as i32, a.short_split as i32);
         let (pm, pl, pa) = parts;
-        let grid = (a.n_kv as u32, a.n_splits as u32, a.rows as u32);
+        let grid = (a.blocks() as u32, 1, a.rows as u32);
         if a.kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (
                 std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(),
                 tensor_smem_bytes(a.head_dim, a.group, a.kv) as u32,
             );
-            launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &scale_log2, &pm, &pl, &pa)?;
+            launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale_log2, &pm, &pl, &pa)?;
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
             launch!(
                 self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged,
-                &split, &ns, &scale, &pm, &pl, &pa
+                &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale, &pm, &pl, &pa
             )?;
         }
         let threads = a.head_dim as u32;
@@ -1014,6 +1016,10 @@ impl Gpu {
             &pl,
             &pa,
             &ns,
+            &n_kv,
+            &retrieval,
+            &short_splits,
+            &short_split,
             &out,
             &out_bf16
         )
@@ -1473,16 +1479,82 @@ pub struct DecodeLaunch {
     pub group: usize,
     /// 64, 128 or 256.
     pub head_dim: usize,
-    /// Keys per split.
+    /// Keys per split of a retrieval head.
     pub split: usize,
-    /// Splits (grid y); blocks past a head's rows exit at once.
+    /// A retrieval head's splits, and the partial slots of every head; blocks past a row's
+    /// keys exit at once.
     pub n_splits: usize,
+    /// Bit `g` set: KV head `g` is a retrieval head (with `short_split` not 0).
+    pub retrieval: u64,
+    /// A streaming head's splits, each of `short_split` keys: enough for its sinks and
+    /// recent window. `short_split` 0: every head is split as a retrieval head (a layer of
+    /// retrieval heads only or of more than 64 KV heads, or partial buffers too small).
+    pub short_splits: usize,
+    /// Keys per split of a streaming head (0: as a retrieval head's).
+    pub short_split: usize,
     /// Decode rows, one sequence each (grid z).
     pub rows: usize,
     /// Cache element type.
     pub kv: KvType,
     /// The partial kernel.
     pub kernel: DecodeKernel,
+}
+
+/// Fewest keys per split of a streaming head: one 64-key tile of the tensor-core kernel.
+pub const SHORT_SPLIT: usize = 64;
+
+/// Streaming-head blocks a launch aims at: one wave of the bf16 tensor-core kernel on the
+/// H200 (132 multiprocessors, two blocks each). A window of 320 keys walked by one block
+/// took longer than a long head's split (at 32K tokens, one row, a duo 0.5 decode step of
+/// Llama-3-8B 5.78 ms against 5.37 in 64-key splits, BENCHMARKS.md session 19), but with
+/// many rows one block per window already fills the card, and more only add blocks.
+const STREAMING_BLOCKS: usize = 264;
+
+impl DecodeLaunch {
+    /// A layer's launch: heads `kinds` (true = retrieval), `(group, head_dim, rows, kv,
+    /// kernel)`, retrieval heads in `n_splits` splits of `split` keys, each streaming head
+    /// showing at most `short_len` keys, in splits of a multiple of [`SHORT_SPLIT`] keys,
+    /// as many as keep the rows' streaming blocks within [`STREAMING_BLOCKS`], where the
+    /// partial buffers hold `max_slots` slots per head (else as a retrieval head).
+    pub fn for_layer(
+        kinds: &[bool],
+        (group, head_dim, rows, kv, kernel): (usize, usize, usize, KvType, DecodeKernel),
+        split: usize,
+        n_splits: usize,
+        short_len: usize,
+        max_slots: usize,
+    ) -> Self {
+        let streaming = kinds.iter().filter(|&&r| !r).count().max(1);
+        let tiles = short_len.div_ceil(SHORT_SPLIT).max(1);
+        let want = (STREAMING_BLOCKS / (rows.max(1) * streaming)).clamp(1, tiles);
+        let short_split = tiles.div_ceil(want) * SHORT_SPLIT;
+        let short_splits = short_len.div_ceil(short_split).max(1);
+        let slots = n_splits.max(short_splits);
+        let listed = kinds.len() <= 64 && kinds.contains(&false) && slots <= max_slots;
+        DecodeLaunch {
+            n_kv: kinds.len(),
+            group,
+            head_dim,
+            split,
+            n_splits: if listed { slots } else { n_splits },
+            retrieval: if listed { kinds.iter().enumerate().filter(|(_, &r)| r).map(|(g, _)| 1u64 << g).sum() } else { 0 },
+            short_splits: if listed { short_splits } else { n_splits },
+            short_split: if listed { short_split } else { 0 },
+            rows,
+            kv,
+            kernel,
+        }
+    }
+
+    /// Partial blocks per row (grid x): every retrieval head's splits and every streaming
+    /// head's short ones (the kernels' `block_work`).
+    pub fn blocks(&self) -> usize {
+        if self.short_split == 0 {
+            return self.n_kv * self.n_splits;
+        }
+        let r = self.retrieval.count_ones() as usize;
+        r * self.n_splits + (self.n_kv - r) * self.short_splits
+    }
 }
 
 /// A captured decode step that may move between threads with its pool (cudarc leaves
@@ -1510,6 +1582,68 @@ impl StepGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernels' `block_work` in Rust: the (KV head, split, keys per split) of block `j`.
+    fn block_work(a: &DecodeLaunch, j: usize) -> (usize, usize, usize) {
+        if a.short_split == 0 {
+            return (j % a.n_kv, j / a.n_kv, a.split);
+        }
+        let retrieval: Vec<usize> = (0..a.n_kv).filter(|g| a.retrieval >> g & 1 == 1).collect();
+        let streaming: Vec<usize> = (0..a.n_kv).filter(|g| a.retrieval >> g & 1 == 0).collect();
+        let listed = retrieval.len() * a.n_splits;
+        if j < listed {
+            (retrieval[j % retrieval.len()], j / retrieval.len(), a.split)
+        } else {
+            (streaming[(j - listed) % streaming.len()], (j - listed) / streaming.len(), a.short_split)
+        }
+    }
+
+    /// Every key a layer's heads show read by exactly one block, within its head's slots.
+    fn covers(a: &DecodeLaunch, kinds: &[bool], long_len: usize, short_len: usize) {
+        let mut seen = std::collections::HashSet::new();
+        for j in 0..a.blocks() {
+            let (g, s, split) = block_work(a, j);
+            assert!(s < a.n_splits, "block {j}: head {g} split {s} past {} slots", a.n_splits);
+            let len = if kinds[g] { long_len } else { short_len };
+            for k in (s * split).min(len)..((s + 1) * split).min(len) {
+                assert!(seen.insert((g, k)), "block {j} reads head {g} key {k} again");
+            }
+        }
+        let want: usize = kinds.iter().map(|&r| if r { long_len } else { short_len }).sum();
+        assert_eq!(seen.len(), want, "every key read");
+    }
+
+    #[test]
+    fn a_layers_blocks_read_every_key_once_and_streaming_windows_in_tiles() {
+        let shape = (4, 128, 1, KvType::Bf16, DecodeKernel::Tensor);
+        // Split 512: 257 splits of a 131,073-key retrieval head; 5 tiles of a 320-key window.
+        let kinds = [false, true, false, false, true, false, false, false];
+        let a = DecodeLaunch::for_layer(&kinds, shape, 512, 257, 320, usize::MAX);
+        assert_eq!((a.retrieval, a.short_splits, a.short_split, a.n_splits), (0b1_0010, 5, 64, 257));
+        assert_eq!(a.blocks(), 2 * 257 + 6 * 5, "not 8 x 257");
+        covers(&a, &kinds, 131_073, 320);
+        // Neighbouring blocks read different heads.
+        assert_ne!(block_work(&a, 0).0, block_work(&a, 1).0);
+        // Many rows: fewer, longer streaming splits (64 rows x 6 heads fill the card with one
+        // each; 9 rows x 6 heads: 3 of 128 keys, as 5 of 64 would make 270 blocks).
+        let many = DecodeLaunch::for_layer(&kinds, (4, 128, 64, KvType::Bf16, DecodeKernel::Tensor), 512, 9, 320, usize::MAX);
+        assert_eq!((many.short_splits, many.short_split), (1, 320));
+        let nine = DecodeLaunch::for_layer(&kinds, (4, 128, 9, KvType::Bf16, DecodeKernel::Tensor), 512, 257, 320, usize::MAX);
+        assert_eq!((nine.short_splits, nine.short_split), (3, 128));
+        covers(&nine, &kinds, 131_073, 320);
+        // Streaming heads only: their tiles set the partial slots.
+        let b = DecodeLaunch::for_layer(&[false; 4], shape, 512, 1, 320, usize::MAX);
+        assert_eq!((b.n_splits, b.blocks()), (5, 20));
+        covers(&b, &[false; 4], 0, 320);
+        // Every head a retrieval one, over 64 heads, or too few partial slots: every head
+        // gets every split of the retrieval heads' size (and the mask is unused).
+        for (kinds, slots) in [(vec![true; 8], usize::MAX), (vec![false; 65], usize::MAX), (vec![true, false], 4)] {
+            let c = DecodeLaunch::for_layer(&kinds, shape, 2048, 3, 320, slots);
+            assert_eq!((c.short_split, c.blocks(), c.retrieval), (0, kinds.len() * 3, 0));
+            assert_eq!(block_work(&c, kinds.len() + 1), (1, 1, 2048));
+            covers(&c, &kinds, 5000, 320);
+        }
+    }
 
     #[test]
     fn every_hopper_prefill_form_fits_a_block_of_shared_memory() {
