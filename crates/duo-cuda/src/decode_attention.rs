@@ -1338,10 +1338,28 @@ pub fn split_for(kernel: DecodeKernel, blocks: usize, lens: &[u32], rows: usize)
     if kernel != DecodeKernel::Tensor || rows > 1 {
         return batch_split(lens, rows);
     }
+    if tuning("DUO_DECODE_SPLIT_FILL") == Some(1) {
+        return fill_split(blocks, lens);
+    }
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as f64;
     let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len;
     let want = (max_len * heads / (132 * blocks.max(1)) as f64).max(1.0);
     (1usize << (want.log2().round() as u32)).clamp(512, 8192)
+}
+
+/// Keys per split for one row that fill one wave of `blocks` blocks per multiprocessor
+/// exactly: the long heads' splits as many as the wave holds for each, each a multiple of 64
+/// keys, from 512 to 8,192 (`DUO_DECODE_SPLIT_FILL=1`; built, not yet measured). The power of
+/// two of [`split_for`] lands a duo layer's long blocks anywhere from 195 to 325 against the
+/// H200's 264 (five retrieval heads at 128K: 325 blocks, 1.23 waves, 3.09 TB/s; BENCHMARKS.md
+/// session 19); here five heads take 52 splits of 2,560 keys, 260 blocks.
+pub fn fill_split(blocks: usize, lens: &[u32]) -> usize {
+    let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
+    // The long heads: a streaming window's few keys take blocks of their own, one tile each
+    // (`crate::runtime::DecodeLaunch::for_layer`), which come and go within the wave.
+    let long = lens.iter().filter(|&&l| 2 * l as usize >= max_len).count().max(1);
+    let per_head = (132 * blocks.max(1) / long).max(1);
+    (max_len.div_ceil(per_head).div_ceil(64) * 64).clamp(512, 8192)
 }
 
 #[cfg(feature = "cuda")]
@@ -1444,7 +1462,7 @@ mod gpu {
         let kinds: Vec<bool> = x_heads.iter().map(|e| e.kind == HeadEntry::RETRIEVAL).collect();
         let short_len = x_heads.iter().filter(|e| e.kind != HeadEntry::RETRIEVAL).map(|e| (e.sink + e.recent) as usize).max().unwrap_or(0);
         let shape = (n_heads / x_heads.len(), head_dim, tokens.len(), kv, kernel);
-        DecodeLaunch::for_layer(&kinds, shape, split, max_len.div_ceil(split), short_len.min(max_len), usize::MAX)
+        DecodeLaunch::for_layer(&kinds, shape, split, max_len.div_ceil(split), short_len.min(max_len), tokens.len(), usize::MAX)
     }
 
     /// Runs the fused decode attention on the GPU over a paged pool of `block_tokens`
@@ -1886,6 +1904,22 @@ mod tests {
             }
         }
         assert_eq!(tensor_blocks(128, 16, KvType::Int8), 3, "the f16 value copy leaves room for three int8 blocks");
+    }
+
+    #[test]
+    fn a_filling_split_gives_one_wave_of_long_blocks() {
+        // Retrieval heads of 131,073 keys beside streaming windows of 384, two blocks on each
+        // of 132 multiprocessors: (heads, keys per split, long blocks).
+        for (long, split, blocks) in [(8, 4032, 264), (6, 3008, 264), (5, 2560, 260), (4, 2048, 260), (3, 1536, 258), (2, 1024, 258), (1, 512, 257)] {
+            let lens: Vec<u32> = (0..8).map(|g| if g < long { 131_073 } else { 384 }).collect();
+            let got = fill_split(2, &lens);
+            assert_eq!(got, split, "{long} long heads");
+            assert!(got % 64 == 0);
+            assert_eq!(long * 131_073usize.div_ceil(got), blocks, "{long} long heads");
+            assert!(long * 131_073usize.div_ceil(got) <= 264);
+        }
+        assert_eq!(fill_split(2, &[524_288; 8]), 8192, "the longest split: two waves");
+        assert_eq!(fill_split(2, &[4096; 8]), 512, "the shortest split");
     }
 
     #[test]

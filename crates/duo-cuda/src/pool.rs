@@ -957,7 +957,9 @@ impl KvPool {
                 // Holds because a pool never has more rows than PART_PAIRS (checked in `new`).
                 debug_assert!(max_len.div_ceil(split) * rows <= PART_PAIRS);
                 let shape = (c.n_heads / c.n_kv_heads, c.head_dim, rows, self.layout.kv, kernel);
-                DecodeLaunch::for_layer(&self.layout.retrieval[l], shape, split, max_len.div_ceil(split), short as usize, PART_PAIRS / rows.max(1))
+                // A streaming window's splits from the pool's constants, not this step's rows.
+                let max_rows = bucket(self.config.max_seqs);
+                DecodeLaunch::for_layer(&self.layout.retrieval[l], shape, split, max_len.div_ceil(split), short as usize, self.config.max_seqs, PART_PAIRS / max_rows)
             })
             .collect()
     }

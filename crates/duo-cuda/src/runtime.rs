@@ -1504,29 +1504,34 @@ pub struct DecodeLaunch {
 pub const SHORT_SPLIT: usize = 64;
 
 /// Streaming-head blocks a launch aims at: one wave of the bf16 tensor-core kernel on the
-/// H200 (132 multiprocessors, two blocks each). A window of 320 keys walked by one block
+/// H200 (132 multiprocessors, two blocks each). A window of 384 keys walked by one block
 /// took longer than a long head's split (at 32K tokens, one row, a duo 0.5 decode step of
-/// Llama-3-8B 5.78 ms against 5.37 in 64-key splits, BENCHMARKS.md session 19), but with
-/// many rows one block per window already fills the card, and more only add blocks.
+/// Llama-3-8B 5.78 ms against 5.39 in 64-key splits, BENCHMARKS.md session 19), but with
+/// many rows one block per window already fills the card, and more only add blocks (64 rows
+/// x 4K: 0.162 ms a launch in one split, 0.171 in tiles).
 const STREAMING_BLOCKS: usize = 264;
 
 impl DecodeLaunch {
     /// A layer's launch: heads `kinds` (true = retrieval), `(group, head_dim, rows, kv,
     /// kernel)`, retrieval heads in `n_splits` splits of `split` keys, each streaming head
     /// showing at most `short_len` keys, in splits of a multiple of [`SHORT_SPLIT`] keys,
-    /// as many as keep the rows' streaming blocks within [`STREAMING_BLOCKS`], where the
-    /// partial buffers hold `max_slots` slots per head (else as a retrieval head).
+    /// as many as keep `streaming_rows` rows' streaming blocks within [`STREAMING_BLOCKS`],
+    /// where the partial buffers hold `max_slots` slots per head (else as a retrieval head).
+    /// A pool passes its own constants (its most sequences, its buffers' slots for its
+    /// largest batch), never the step's row count: a row's splits, and so its rounding, must
+    /// not depend on its neighbours.
     pub fn for_layer(
         kinds: &[bool],
         (group, head_dim, rows, kv, kernel): (usize, usize, usize, KvType, DecodeKernel),
         split: usize,
         n_splits: usize,
         short_len: usize,
+        streaming_rows: usize,
         max_slots: usize,
     ) -> Self {
         let streaming = kinds.iter().filter(|&&r| !r).count().max(1);
         let tiles = short_len.div_ceil(SHORT_SPLIT).max(1);
-        let want = (STREAMING_BLOCKS / (rows.max(1) * streaming)).clamp(1, tiles);
+        let want = (STREAMING_BLOCKS / (streaming_rows.max(1) * streaming)).clamp(1, tiles);
         let short_split = tiles.div_ceil(want) * SHORT_SPLIT;
         let short_splits = short_len.div_ceil(short_split).max(1);
         let slots = n_splits.max(short_splits);
@@ -1618,7 +1623,7 @@ mod tests {
         let shape = (4, 128, 1, KvType::Bf16, DecodeKernel::Tensor);
         // Split 512: 257 splits of a 131,073-key retrieval head; 5 tiles of a 320-key window.
         let kinds = [false, true, false, false, true, false, false, false];
-        let a = DecodeLaunch::for_layer(&kinds, shape, 512, 257, 320, usize::MAX);
+        let a = DecodeLaunch::for_layer(&kinds, shape, 512, 257, 320, 1, usize::MAX);
         assert_eq!((a.retrieval, a.short_splits, a.short_split, a.n_splits), (0b1_0010, 5, 64, 257));
         assert_eq!(a.blocks(), 2 * 257 + 6 * 5, "not 8 x 257");
         covers(&a, &kinds, 131_073, 320);
@@ -1626,19 +1631,22 @@ mod tests {
         assert_ne!(block_work(&a, 0).0, block_work(&a, 1).0);
         // Many rows: fewer, longer streaming splits (64 rows x 6 heads fill the card with one
         // each; 9 rows x 6 heads: 3 of 128 keys, as 5 of 64 would make 270 blocks).
-        let many = DecodeLaunch::for_layer(&kinds, (4, 128, 64, KvType::Bf16, DecodeKernel::Tensor), 512, 9, 320, usize::MAX);
+        let many = DecodeLaunch::for_layer(&kinds, (4, 128, 64, KvType::Bf16, DecodeKernel::Tensor), 512, 9, 320, 64, usize::MAX);
         assert_eq!((many.short_splits, many.short_split), (1, 320));
-        let nine = DecodeLaunch::for_layer(&kinds, (4, 128, 9, KvType::Bf16, DecodeKernel::Tensor), 512, 257, 320, usize::MAX);
+        let nine = DecodeLaunch::for_layer(&kinds, (4, 128, 9, KvType::Bf16, DecodeKernel::Tensor), 512, 257, 320, 9, usize::MAX);
         assert_eq!((nine.short_splits, nine.short_split), (3, 128));
         covers(&nine, &kinds, 131_073, 320);
+        // A pool sized for 64 sequences splits a lone row's windows as it would 64 rows'.
+        let lone = DecodeLaunch::for_layer(&kinds, shape, 512, 257, 320, 64, usize::MAX);
+        assert_eq!((lone.rows, lone.short_splits, lone.short_split), (1, 1, 320));
         // Streaming heads only: their tiles set the partial slots.
-        let b = DecodeLaunch::for_layer(&[false; 4], shape, 512, 1, 320, usize::MAX);
+        let b = DecodeLaunch::for_layer(&[false; 4], shape, 512, 1, 320, 1, usize::MAX);
         assert_eq!((b.n_splits, b.blocks()), (5, 20));
         covers(&b, &[false; 4], 0, 320);
         // Every head a retrieval one, over 64 heads, or too few partial slots: every head
         // gets every split of the retrieval heads' size (and the mask is unused).
         for (kinds, slots) in [(vec![true; 8], usize::MAX), (vec![false; 65], usize::MAX), (vec![true, false], 4)] {
-            let c = DecodeLaunch::for_layer(&kinds, shape, 2048, 3, 320, slots);
+            let c = DecodeLaunch::for_layer(&kinds, shape, 2048, 3, 320, 1, slots);
             assert_eq!((c.short_split, c.blocks(), c.retrieval), (0, kinds.len() * 3, 0));
             assert_eq!(block_work(&c, kinds.len() + 1), (1, 1, 2048));
             covers(&c, &kinds, 5000, 320);
