@@ -312,6 +312,14 @@ pub fn merge_compact() -> bool {
     tuning("DUO_DECODE_MERGE_COMPACT") != Some(0)
 }
 
+/// Whether the tensor-core kernel's last block of each (row, KV head) merges the head's
+/// splits itself (`DUO_DECODE_FUSED_MERGE=1`, the kernel's `FUSED_MERGE`: one launch a
+/// layer instead of two), instead of the merge kernel (the default). A measurement knob
+/// until it is measured.
+pub fn fused_merge() -> bool {
+    tuning("DUO_DECODE_FUSED_MERGE") == Some(1)
+}
+
 /// Whether each warp of the bf16 tensor-core kernel copies and waits for its own 16 keys of
 /// a tile (`DUO_DECODE_WARP_PIPE=1`: no block-wide barrier per tile), instead of the block
 /// sharing each tile (the default). A measurement knob until it is measured.
@@ -500,6 +508,82 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
     for (int i = j % r; i > 0; i--) m &= m - 1;  // drop the lowest set bits: the (j % r)-th head
     *g = __ffsll((long long)m) - 1;
 }
+
+// FUSED_MERGE = 1 (`DUO_DECODE_FUSED_MERGE=1`, the tensor-core kernel; built, not yet run on
+// a GPU): the last block of a (row, KV head) to finish merges its query heads' splits into
+// the outputs, so a layer's decode attention is one launch, not two. Every block of the head
+// (empty splits too) counts itself in `done[row * n_kv + g]` once its partials are written
+// (the fence first, as in CUDA's threadFenceReduction sample); the block whose count completes
+// the head's splits reads them back through L2 (`__ldcg`: another multiprocessor's L1 may
+// hold stale lines), writes the outputs and leaves the count at 0 for the next launch (and a
+// graph's replays); `done` 0: no merge here (the host launches the merge kernel: a head's
+// weights did not fit). `scratch`: GROUP x `live` floats of shared memory no longer in use. The
+// sums run in split order, as the merge kernel's; the weights' sum by warps. The separate
+// merge's launch and its split-by-split reads cost 0.33 ms of a duo 0.5 step at 128K under
+// Nsight Compute (10.2 us a launch, BENCHMARKS.md session 19).
+#ifndef FUSED_MERGE
+#define FUSED_MERGE 0
+#endif
+#if FUSED_MERGE
+__device__ void merge_if_last(int* __restrict__ done, int b, int g, int n_kv, int live, int n_splits,
+    const float* part_m, const float* part_l, const float* part_acc,
+    float* __restrict__ out, unsigned short* __restrict__ out_bf16, float* scratch) {
+    __shared__ int ticket;
+    __shared__ float head_max[GROUP], head_sum[GROUP];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) ticket = atomicAdd(done + b * n_kv + g, 1);
+    __syncthreads();
+    if (ticket != live - 1) return;
+    __threadfence();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const size_t h0 = (size_t)b * n_kv * GROUP + (size_t)g * GROUP;  // the first query head's row
+    for (int r = warp; r < GROUP; r += warps) {
+        const float* pm = part_m + (h0 + r) * n_splits;
+        float mm = NEG_INF;
+        for (int s = lane; s < live; s += 32) mm = fmaxf(mm, __ldcg(pm + s));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+        if (lane == 0) head_max[r] = mm;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < GROUP * live; i += blockDim.x) {
+        const int r = i / live, s = i % live;
+        const float ms = __ldcg(part_m + (h0 + r) * n_splits + s);
+        scratch[i] = ms == NEG_INF ? 0.f : __expf(ms - head_max[r]);
+    }
+    __syncthreads();
+    for (int r = warp; r < GROUP; r += warps) {
+        const float* pl = part_l + (h0 + r) * n_splits;
+        float l = 0.f;
+        for (int s = lane; s < live; s += 32) l += scratch[r * live + s] == 0.f ? 0.f : __ldcg(pl + s) * scratch[r * live + s];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        if (lane == 0) head_sum[r] = l;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < GROUP * HEAD_DIM; i += blockDim.x) {
+        const int r = i / HEAD_DIM, c = i % HEAD_DIM;
+        const float* pa = part_acc + (h0 + r) * n_splits * HEAD_DIM + c;
+        const float* w = scratch + r * live;
+        float a = 0.f;
+#pragma unroll 8
+        for (int s = 0; s < live; s++) {
+            const float ws = w[s];
+            if (ws != 0.f) a += __ldcg(pa + (size_t)s * HEAD_DIM) * ws;  // an empty split's values were never written
+        }
+        const float v = a / head_sum[r];
+        const size_t at = (h0 + r) * HEAD_DIM + c;
+        if (out) out[at] = v;
+        if (out_bf16) {
+            unsigned u = __float_as_uint(v);
+            u += 0x7fffu + ((u >> 16) & 1u);
+            out_bf16[at] = (unsigned short)(u >> 16);
+        }
+    }
+    if (threadIdx.x == 0) done[b * n_kv + g] = 0;
+}
+#endif
 
 // Splits of the merge's head `h` (row-major over rows x query heads) that partial blocks
 // wrote (of `n_splits` slots per head): every one, or a streaming head's `short_splits`.
@@ -850,7 +934,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
     int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, float scale_log2,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,
+    int* __restrict__ done, float* __restrict__ out, unsigned short* __restrict__ out_bf16)
 {
     const int b = blockIdx.z;
     int g, s, split;
@@ -864,9 +949,16 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     visible_positions(e, row_pos[b] + 1, &len, &sinks, &gap);
     const int begin = s * split, end = min(len, begin + split);
     const size_t p_first = ((size_t)b * n_heads + g * GROUP) * n_splits + s;  // row 0's partial
+#if FUSED_MERGE
+    extern __shared__ __align__(16) unsigned char fused_scratch[];
+    const int live = short_split == 0 || ((retrieval >> g) & 1ull) ? n_splits : short_splits;
+#endif
     if (begin >= end) {
         // A split past this head's keys: an empty partial, which the merge skips.
         if (threadIdx.x < GROUP) { part_m[p_first + (size_t)threadIdx.x * n_splits] = NEG_INF; part_l[p_first + (size_t)threadIdx.x * n_splits] = 0.f; }
+#if FUSED_MERGE
+        if (done) merge_if_last(done, b, g, n_kv, live, n_splits, part_m, part_l, part_acc, out, out_bf16, reinterpret_cast<float*>(fused_scratch));
+#endif
         return;
     }
 
@@ -1305,6 +1397,10 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         part_acc[p * HEAD_DIM + c] = acc;
         if (c == 0) { part_m[p] = mm * 0.69314718056f; part_l[p] = ll; }
     }
+#if FUSED_MERGE
+    __syncthreads();  // wm, wl and wo are read; the stages become the merge's scratch
+    if (done) merge_if_last(done, b, g, n_kv, live, n_splits, part_m, part_l, part_acc, out, out_bf16, reinterpret_cast<float*>(smem_raw));
+#endif
 }
 "#;
 
@@ -1544,7 +1640,9 @@ mod gpu {
                 (gpu.addr(&k8), gpu.addr(&v8))
             }
         };
-        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
+        // Each (row, KV head)'s count of finished splits for the fused merge, left at 0.
+        let done = gpu.zeros::<i32>(x.tokens.len() * x.heads.len())?;
+        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa), gpu.addr(&done));
         gpu.decode_attention(
             &launch,
             gpu.addr(&q),
@@ -1630,7 +1728,8 @@ mod gpu {
             gpu.zeros::<f32>(parts_n)?,
             gpu.zeros::<f32>(parts_n * head_dim)?,
         );
-        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
+        let done = gpu.zeros::<i32>(rows * launch.n_kv)?;
+        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa), gpu.addr(&done));
         let mut args = layout.paged_args(gpu.addr(&tab));
         if kv.is_quantised() {
             args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
@@ -1914,7 +2013,7 @@ mod tests {
             let lens: Vec<u32> = (0..8).map(|g| if g < long { 131_073 } else { 384 }).collect();
             let got = fill_split(2, &lens);
             assert_eq!(got, split, "{long} long heads");
-            assert!(got % 64 == 0);
+            assert!(got.is_multiple_of(64));
             assert_eq!(long * 131_073usize.div_ceil(got), blocks, "{long} long heads");
             assert!(long * 131_073usize.div_ceil(got) <= 264);
         }

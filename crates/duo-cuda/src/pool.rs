@@ -135,6 +135,9 @@ struct Buffers {
     part_m: CudaSlice<f32>,
     part_l: CudaSlice<f32>,
     part_acc: CudaSlice<f32>,
+    /// Finished splits per (row, KV head), for the fused merge (`DUO_DECODE_FUSED_MERGE=1`);
+    /// every launch leaves them 0.
+    part_done: CudaSlice<i32>,
     patches: CudaSlice<i32>,
     /// Ring rows on their way between two ring sizes: `[streaming head][k, v][recent][d]`.
     scratch: CudaSlice<u16>,
@@ -167,6 +170,7 @@ impl Buffers {
             part_m: gpu.zeros(PART_PAIRS * g.n_heads)?,
             part_l: gpu.zeros(PART_PAIRS * g.n_heads)?,
             part_acc: gpu.zeros(PART_PAIRS * g.n_heads * g.head_dim)?,
+            part_done: gpu.zeros(PART_PAIRS * g.n_kv_heads)?,
             patches: gpu.zeros(2 * 1024)?,
             scratch: gpu.zeros(Self::scratch_elems(w, layout))?,
         })
@@ -193,6 +197,7 @@ impl Buffers {
                 + 2 * g.ffn)
             + logit_rows(c) * (4 * g.vocab + 4)
             + PART_PAIRS * g.n_heads * (8 + 4 * g.head_dim)
+            + PART_PAIRS * g.n_kv_heads * 4
             + 8 * 1024
             + 2 * Self::scratch_elems(w, layout)
     }
@@ -957,9 +962,11 @@ impl KvPool {
                 // Holds because a pool never has more rows than PART_PAIRS (checked in `new`).
                 debug_assert!(max_len.div_ceil(split) * rows <= PART_PAIRS);
                 let shape = (c.n_heads / c.n_kv_heads, c.head_dim, rows, self.layout.kv, kernel);
-                // A streaming window's splits from the pool's constants, not this step's rows.
+                // A streaming window's splits from the pool's constants (its whole window, its
+                // most sequences), not this step's rows or lengths.
                 let max_rows = bucket(self.config.max_seqs);
-                DecodeLaunch::for_layer(&self.layout.retrieval[l], shape, split, max_len.div_ceil(split), short as usize, self.config.max_seqs, PART_PAIRS / max_rows)
+                let window = self.layout.sink + self.layout.recent;
+                DecodeLaunch::for_layer(&self.layout.retrieval[l], shape, split, max_len.div_ceil(split), window, self.config.max_seqs, PART_PAIRS / max_rows)
             })
             .collect()
     }
@@ -1010,7 +1017,7 @@ impl KvPool {
                     let heads = g.addr(&self.heads[l]);
                     self.attention_input(b, lw, heads, paged, rows, (0, rows))?;
                     if decode_rows > 0 {
-                        let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
+                        let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc), g.addr(&b.part_done));
                         g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, paged, parts, 0, a16(&b.att))?;
                     }
                     if chunk > 0 {

@@ -204,6 +204,7 @@ fn decode_source(
         }
         DecodeKernel::Tensor => {
             options.extend(byte_format_option(kv));
+            options.push(format!("-DFUSED_MERGE={}", u8::from(crate::decode_attention::fused_merge())));
             options.push(format!(
                 "-DSTAGES={}",
                 crate::decode_attention::tensor_stages(kv)
@@ -342,6 +343,12 @@ pub fn compile_all() -> Option<Result<usize>> {
     for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
         let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
         jobs.push(("decode_attention", src, with_define(&o, "MERGE_COMPACT", other_merge)));
+    }
+    // The fused merge's other side (DUO_DECODE_FUSED_MERGE), over bf16 and a byte cache.
+    let other_fused = if crate::decode_attention::fused_merge() { "0" } else { "1" };
+    for (group, d, kv) in [(4, 128, KvType::Bf16), (3, 64, KvType::Bf16), (1, 128, KvType::Bf16), (4, 128, KvType::Int4), (16, 64, KvType::Fp8)] {
+        let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
+        jobs.push(("decode_attention", src, with_define(&o, "FUSED_MERGE", other_fused)));
     }
     // The measurement knob's other side (DUO_DECODE_WARP_PIPE=1), whatever this process's
     // environment says.
@@ -957,8 +964,11 @@ impl Gpu {
     }
 
     /// One decode step of attention for a layer and `a.rows` sequences (row `b`: slot
-    /// `row_slot[b]` at position `row_pos[b]`): partials over `(n_kv, n_splits, rows)`
-    /// blocks, then the merge into `out` (f32, or 0) and `out_bf16` (or 0).
+    /// `row_slot[b]` at position `row_pos[b]`): partials over `a.blocks()` blocks a row,
+    /// then the merge into `out` (f32, or 0) and `out_bf16` (or 0). `parts`: the partials'
+    /// maxima, sums and values (`a.n_splits` slots per row and query head), and a count per
+    /// row and KV head, all 0 (`DUO_DECODE_FUSED_MERGE=1`: the partial kernel merges, and
+    /// leaves them 0).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         &self,
@@ -970,7 +980,7 @@ impl Gpu {
         row_slot: u64,
         row_pos: u64,
         paged: PagedArgs,
-        parts: (u64, u64, u64),
+        parts: (u64, u64, u64, u64),
         out: u64,
         out_bf16: u64,
     ) -> Result<()> {
@@ -991,14 +1001,21 @@ impl Gpu {
         let (split, ns) = (a.split as i32, a.n_splits as i32);
         let (n_kv, retrieval) = (a.n_kv as i32, a.retrieval);
         let (short_splits, short_split) = (a.short_splits as i32, a.short_split as i32);
-        let (pm, pl, pa) = parts;
+        let (pm, pl, pa, done) = parts;
         let grid = (a.blocks() as u32, 1, a.rows as u32);
         if a.kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (
                 std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(),
                 tensor_smem_bytes(a.head_dim, a.group, a.kv) as u32,
             );
-            launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale_log2, &pm, &pl, &pa)?;
+            // The kernel's last block of each head merges where its scratch, a head's weights
+            // (GROUP x splits floats), fits the stages' shared memory.
+            let fused = crate::decode_attention::fused_merge() && 4 * a.group * a.n_splits <= smem as usize;
+            let done = if fused { done } else { 0 };
+            launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale_log2, &pm, &pl, &pa, &done, &out, &out_bf16)?;
+            if fused {
+                return Ok(());
+            }
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
             launch!(
@@ -1517,9 +1534,9 @@ impl DecodeLaunch {
     /// showing at most `short_len` keys, in splits of a multiple of [`SHORT_SPLIT`] keys,
     /// as many as keep `streaming_rows` rows' streaming blocks within [`STREAMING_BLOCKS`],
     /// where the partial buffers hold `max_slots` slots per head (else as a retrieval head).
-    /// A pool passes its own constants (its most sequences, its buffers' slots for its
-    /// largest batch), never the step's row count: a row's splits, and so its rounding, must
-    /// not depend on its neighbours.
+    /// A pool passes its own constants (its window, its most sequences, its buffers' slots for
+    /// its largest batch), never the step's rows or lengths: a row's splits, and so its
+    /// rounding, must not depend on its neighbours.
     pub fn for_layer(
         kinds: &[bool],
         (group, head_dim, rows, kv, kernel): (usize, usize, usize, KvType, DecodeKernel),
@@ -1535,7 +1552,10 @@ impl DecodeLaunch {
         let short_split = tiles.div_ceil(want) * SHORT_SPLIT;
         let short_splits = short_len.div_ceil(short_split).max(1);
         let slots = n_splits.max(short_splits);
-        let listed = kinds.len() <= 64 && kinds.contains(&false) && slots <= max_slots;
+        // Gated on the window's splits alone (constants of a pool), not on the retrieval
+        // heads' (which follow the batch's longest row): a caller whose `rows * n_splits`
+        // fits its buffers has room for the slots too.
+        let listed = kinds.len() <= 64 && kinds.contains(&false) && short_splits <= max_slots;
         DecodeLaunch {
             n_kv: kinds.len(),
             group,
@@ -1636,6 +1656,9 @@ mod tests {
         let nine = DecodeLaunch::for_layer(&kinds, (4, 128, 9, KvType::Bf16, DecodeKernel::Tensor), 512, 257, 320, 9, usize::MAX);
         assert_eq!((nine.short_splits, nine.short_split), (3, 128));
         covers(&nine, &kinds, 131_073, 320);
+        // The retrieval heads' splits outgrowing the slots do not change a window's.
+        let grown = DecodeLaunch::for_layer(&kinds, shape, 512, 257, 320, 1, 16);
+        assert_eq!((grown.short_splits, grown.short_split, grown.n_splits), (5, 64, 257));
         // A pool sized for 64 sequences splits a lone row's windows as it would 64 rows'.
         let lone = DecodeLaunch::for_layer(&kinds, shape, 512, 257, 320, 64, usize::MAX);
         assert_eq!((lone.rows, lone.short_splits, lone.short_split), (1, 1, 320));
