@@ -18,7 +18,7 @@
 //! nothing a kernel does for row `i` reads another row.
 
 use crate::decode_attention::{split_for, tensor_blocks, DecodeKernel, KvType, MIN_SPLIT};
-use crate::model::GpuWeights;
+use crate::model::{GpuConfig, GpuWeights};
 use crate::paged::{Allocator, PagedLayout, Ring, Tables};
 use crate::prefill_attention::HeadEntry;
 use crate::runtime::{driver, DecodeLaunch, Gpu, StepGraph};
@@ -933,42 +933,7 @@ impl KvPool {
     }
 
     fn shapes(&self, max_n: usize, rows: usize) -> Vec<DecodeLaunch> {
-        let c = &self.w.config;
-        let bucket_n = self.length_bucket(max_n);
-        let short = (self.layout.sink + self.layout.recent).min(bucket_n) as u32;
-        let kernel = DecodeKernel::best(
-            c.head_dim,
-            c.n_heads / c.n_kv_heads,
-            self.layout.kv,
-            DECODE_KEYS_PER_WARP,
-        );
-        (0..c.n_layers)
-            .map(|l| {
-                let lens: Vec<u32> = self.layout.retrieval[l]
-                    .iter()
-                    .map(|&r| if r { bucket_n as u32 } else { short })
-                    .collect();
-                let max_len = *lens.iter().max().unwrap_or(&1) as usize;
-                let mut split = if self.config.max_seqs == 1 {
-                    split_for(kernel, tensor_blocks(c.head_dim, c.n_heads / c.n_kv_heads, self.layout.kv), &lens, rows)
-                } else {
-                    DECODE_SPLIT
-                };
-                if max_len.div_ceil(split) * rows > PART_PAIRS {
-                    split = (max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT))
-                        .div_ceil(64)
-                        * 64;
-                }
-                // Holds because a pool never has more rows than PART_PAIRS (checked in `new`).
-                debug_assert!(max_len.div_ceil(split) * rows <= PART_PAIRS);
-                let shape = (c.n_heads / c.n_kv_heads, c.head_dim, rows, self.layout.kv, kernel);
-                // A streaming window's splits from the pool's constants (its whole window, its
-                // most sequences), not this step's rows or lengths.
-                let max_rows = bucket(self.config.max_seqs);
-                let window = self.layout.sink + self.layout.recent;
-                DecodeLaunch::for_layer(&self.layout.retrieval[l], shape, split, max_len.div_ceil(split), window, self.config.max_seqs, PART_PAIRS / max_rows)
-            })
-            .collect()
+        decode_shapes(&self.w.config, &self.layout, &self.config, self.length_bucket(max_n), rows)
     }
 
     /// Every launch of one forward over `rows` rows: decode rows `0..decode_rows` (the
@@ -1254,5 +1219,103 @@ impl KvPool {
         g.sync()?;
         copy.tokens = seq.tokens;
         Ok(copy)
+    }
+}
+
+/// A pool's decode launch shapes for rows whose longest is `bucket_n` tokens (a length
+/// bucket), one per layer: splits of [`DECODE_SPLIT`] keys (a pool of one sequence:
+/// `split_for`'s), lengthened only when the partial buffers cannot hold every (row, split)
+/// (then rows are no longer independent of the batch, bit for bit); a streaming window's
+/// splits from the pool's constants (its whole window, its most sequences), never the step's
+/// rows or lengths.
+fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_n: usize, rows: usize) -> Vec<DecodeLaunch> {
+    let short = (layout.sink + layout.recent).min(bucket_n) as u32;
+    let group = c.n_heads / c.n_kv_heads;
+    let kernel = DecodeKernel::best(c.head_dim, group, layout.kv, DECODE_KEYS_PER_WARP);
+    let (window, max_rows) = (layout.sink + layout.recent, bucket(pool.max_seqs));
+    (0..c.n_layers)
+        .map(|l| {
+            let lens: Vec<u32> = layout.retrieval[l].iter().map(|&r| if r { bucket_n as u32 } else { short }).collect();
+            let max_len = *lens.iter().max().unwrap_or(&1) as usize;
+            let mut split = if pool.max_seqs == 1 {
+                split_for(kernel, tensor_blocks(c.head_dim, group, layout.kv), &lens, rows)
+            } else {
+                DECODE_SPLIT
+            };
+            if max_len.div_ceil(split) * rows > PART_PAIRS {
+                split = (max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT)).div_ceil(64) * 64;
+            }
+            // Holds because a pool never has more rows than PART_PAIRS (checked in `new`).
+            debug_assert!(max_len.div_ceil(split) * rows <= PART_PAIRS);
+            let shape = (group, c.head_dim, rows, layout.kv, kernel);
+            DecodeLaunch::for_layer(&layout.retrieval[l], shape, split, max_len.div_ceil(split), window, pool.max_seqs, PART_PAIRS / max_rows)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(n_layers: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> GpuConfig {
+        GpuConfig { n_layers, hidden: n_heads * head_dim, n_heads, n_kv_heads, head_dim, ffn: 4 * n_heads * head_dim, vocab: 1000, eps: 1e-5, inv_freq: vec![1.0; head_dim / 2], half_split: true }
+    }
+
+    fn layout(retrieval: Vec<Vec<bool>>, kv: KvType) -> PagedLayout {
+        PagedLayout { retrieval, sink: 128, recent: 256, block_tokens: 64, max_chunk: 4096, max_tokens: 1 << 20, kv }
+    }
+
+    fn pool(max_seqs: usize) -> PoolConfig {
+        PoolConfig { blocks: 1, max_seqs, max_rows: max_seqs + 4096, graphs: true }
+    }
+
+    #[test]
+    fn a_rows_launch_does_not_depend_on_its_neighbours() {
+        // Llama-3-8B's shape: a mixed layer, a streaming layer, a full layer.
+        let c = config(3, 32, 8, 128);
+        let kinds = vec![vec![true, false, false, true, false, true, false, false], vec![false; 8], vec![true; 8]];
+        for kv in [KvType::Bf16, KvType::Int4] {
+            let l = layout(kinds.clone(), kv);
+            for max_seqs in [2, 8, 64, 1024] {
+                let p = pool(max_seqs);
+                for bucket_n in [2048, 32_768, 131_072] {
+                    let alone = decode_shapes(&c, &l, &p, bucket_n, 1);
+                    for rows in [2, bucket(max_seqs)] {
+                        let batch = decode_shapes(&c, &l, &p, bucket_n, rows);
+                        for (a, b) in alone.iter().zip(&batch) {
+                            let at = format!("{kv:?}, {max_seqs} seqs, {bucket_n} tokens, {rows} rows");
+                            // A streaming window's splits never follow the batch (a layer without
+                            // windows, `short_split` 0, splits every head as a retrieval head).
+                            assert_eq!((a.short_split, a.retrieval), (b.short_split, b.retrieval), "{at}");
+                            if a.short_split > 0 {
+                                assert_eq!(a.short_splits, b.short_splits, "{at}");
+                            }
+                            // A retrieval head's neither, unless the partial buffers cannot
+                            // hold every row's splits (the documented exception).
+                            if bucket_n.div_ceil(DECODE_SPLIT) * rows <= PART_PAIRS {
+                                assert_eq!(a.split, b.split, "{at}");
+                            } else {
+                                assert!(b.split >= a.split, "{at}"); // longer, where a layer has long heads
+                            }
+                            assert!(b.rows * b.n_splits <= PART_PAIRS, "{at}: {b:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_pool_of_one_reads_windows_in_tiles_and_a_large_one_in_one_split() {
+        let c = config(1, 32, 8, 128);
+        let l = layout(vec![vec![true, false, false, true, false, true, false, false]], KvType::Bf16);
+        let one = &decode_shapes(&c, &l, &pool(1), 131_072, 1)[0];
+        assert_eq!((one.short_split, one.short_splits, one.retrieval), (64, 6, 0b10_1001), "a 384-key window in 6 tiles");
+        assert_eq!(one.blocks(), 3 * one.n_splits + 5 * 6);
+        let many = &decode_shapes(&c, &l, &pool(64), 131_072, 64)[0];
+        assert_eq!((many.short_split, many.short_splits), (384, 1), "64 rows x 5 windows fill the card already");
+        // A layer of retrieval heads only: every head split alike.
+        let full = &decode_shapes(&c, &layout(vec![vec![true; 8]], KvType::Bf16), &pool(1), 131_072, 1)[0];
+        assert_eq!((full.short_split, full.blocks()), (0, 8 * full.n_splits));
     }
 }
