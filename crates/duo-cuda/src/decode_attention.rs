@@ -489,7 +489,8 @@ __device__ __forceinline__ void visible_positions(int4 e, int n, int* len, int* 
 }
 
 // The (KV head, split) a partial block reads and that split's keys. `short_split == 0`: the
-// grid's x is every head's `n_splits` splits of `long_split` keys, head-minor. Otherwise it
+// grid is (KV heads, `n_splits` splits of `long_split` keys), so blockIdx gives both for free
+// (the list's arithmetic put about 240 instructions before a block's first load). Otherwise it
 // lists every retrieval head's (its bit set in `retrieval`) `n_splits` splits of
 // `long_split` keys, then every streaming head's `short_splits` of `short_split` keys (it
 // shows at most sinks + recent), split-major, so that neighbouring blocks read different
@@ -499,7 +500,7 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
                                            int short_splits, int short_split, int* g, int* s, int* split) {
     int j = blockIdx.x;
     *split = long_split;
-    if (short_split == 0) { *g = j % n_kv; *s = j / n_kv; return; }
+    if (short_split == 0) { *g = j; *s = blockIdx.y; return; }
     const unsigned long long all = n_kv >= 64 ? ~0ull : (1ull << n_kv) - 1ull;
     unsigned long long m = retrieval & all;
     int r = __popcll(m);
@@ -732,7 +733,8 @@ __device__ __forceinline__ void unpack(const uint4* r, float* out) {
     }
 }
 
-// Grid (the layer's (KV head, split) list of `block_work`, 1, decode rows): row b is
+// Grid (the layer's (KV head, split) list of `block_work`, 1, decode rows), or (KV heads,
+// splits, decode rows) where every head is split alike: row b is
 // sequence slot row_slot[b] at position
 // row_pos[b] (its own token already appended); a negative slot is padding.
 extern "C" __global__ void duo_decode_partial(

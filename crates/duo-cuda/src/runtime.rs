@@ -1002,7 +1002,12 @@ impl Gpu {
         let (n_kv, retrieval) = (a.n_kv as i32, a.retrieval);
         let (short_splits, short_split) = (a.short_splits as i32, a.short_split as i32);
         let (pm, pl, pa, done) = parts;
-        let grid = (a.blocks() as u32, 1, a.rows as u32);
+        // A listed layer's blocks in grid x (the kernels' `block_work`); else (KV heads, splits).
+        let grid = if a.short_split == 0 {
+            (a.n_kv as u32, a.n_splits as u32, a.rows as u32)
+        } else {
+            (a.blocks() as u32, 1, a.rows as u32)
+        };
         if a.kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (
                 std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(),
@@ -1571,8 +1576,9 @@ impl DecodeLaunch {
         }
     }
 
-    /// Partial blocks per row (grid x): every retrieval head's splits and every streaming
-    /// head's short ones (the kernels' `block_work`).
+    /// Partial blocks per row: every retrieval head's splits and every streaming head's
+    /// short ones (grid x, the kernels' `block_work`), or (`short_split` 0) KV heads x
+    /// splits (grid x and y).
     pub fn blocks(&self) -> usize {
         if self.short_split == 0 {
             return self.n_kv * self.n_splits;
