@@ -9,7 +9,8 @@
 #      their official patterns at 32K and 128K tokens, full, duo 0.5 and layer 0.5, by each
 #      binary in turn (env PREV_VARS: the previous binary's settings, e.g. its best knobs;
 #      the same binary as both, with knobs in NEW_VARS, compares settings);
-#   3. the decode-attention kernel timings (`cuda-check --only ops --timings decode`) by each.
+#   3. the decode-attention kernel timings (`cuda-check --only ops --timings decode`) by each,
+#      after (TORCH=1) PyTorch SDPA's decode attention on the same shapes, the peer in the call.
 set -uo pipefail
 mkdir -p /tmp/duo "$OUT"
 for b in duo prev; do xz -dc .gpu/bin/$b.xz > /tmp/duo/$b && chmod +x /tmp/duo/$b; done
@@ -25,10 +26,17 @@ for shape in llama-3-8b:Llama-3-8B-Instruct-Gradient-1048k llama-2-7b:Llama-2-7B
     echo "== ${shape%%:*} $b ($vars) exit $?"; grep -E "tokens: " "$OUT/step-${shape%%:*}-$b.txt" | sed 's/prefill synthetic KV, //; s/, memory in use.*//'
   done
 done
+# All of step 3 in one file (the device tool brings back at most 8).
+if [ "${TORCH:-0}" = 1 ]; then
+  echo "== torch" >> "$OUT/decode.txt"
+  timeout 120 python3 scripts/torch_decode_attention.py --out /tmp/duo/decode-attention-torch.json >> "$OUT/decode.txt" 2>&1
+  grep -E "copy bandwidth|torch sdpa" "$OUT/decode.txt" | sed 's/decode attention, Llama-3-8B layer, //'
+fi
 for b in prev duo; do
   vars=$new_vars; [ $b = prev ] && vars=$prev_vars
-  timeout 120 env $vars /tmp/duo/$b cuda-check --only ops --timings decode > "$OUT/decode-$b.txt" 2>&1
-  echo "== decode attention $b (exit $?)"; grep -E "${ROWS:-Tensor +Bf16}" "$OUT/decode-$b.txt" | sed 's/time decode attention, Llama-3-8B layer, //'
+  timeout 120 env $vars /tmp/duo/$b cuda-check --only ops --timings decode > /tmp/duo/decode-$b.txt 2>&1
+  echo "== decode attention $b (exit $?)"; grep -E "${ROWS:-Tensor +Bf16}" /tmp/duo/decode-$b.txt | sed 's/time decode attention, Llama-3-8B layer, //'
+  { echo "== $b ($vars)"; cat /tmp/duo/decode-$b.txt; } >> "$OUT/decode.txt"
 done
 # The whole model's parity last (the longest step; a call cut short keeps the rest).
 timeout ${MODEL_TIMEOUT:-200} env $new_vars /tmp/duo/duo cuda-check --only model --no-timings > "$OUT/model-parity.txt" 2>&1
