@@ -1245,10 +1245,12 @@ fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_
             if max_len.div_ceil(split) * rows > PART_PAIRS {
                 split = (max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT)).div_ceil(64) * 64;
             }
-            // Holds because a pool never has more rows than PART_PAIRS (checked in `new`).
-            debug_assert!(max_len.div_ceil(split) * rows <= PART_PAIRS);
             let shape = (group, c.head_dim, rows, layout.kv, kernel);
-            DecodeLaunch::for_layer(&layout.retrieval[l], shape, split, max_len.div_ceil(split), window, pool.max_seqs, PART_PAIRS / max_rows)
+            let launch = DecodeLaunch::for_layer(&layout.retrieval[l], shape, split, max_len.div_ceil(split), window, pool.max_seqs, PART_PAIRS / max_rows);
+            // Holds because a pool never has more rows than PART_PAIRS (checked in `new`) and
+            // a window's splits are gated by the slots its largest batch leaves.
+            debug_assert!(launch.n_splits * rows <= PART_PAIRS);
+            launch
         })
         .collect()
 }
