@@ -488,6 +488,18 @@ __device__ __forceinline__ void visible_positions(int4 e, int n, int* len, int* 
     }
 }
 
+// Splits of KV head `g` that partial blocks write (of `n_splits` slots per head): every one,
+// or a streaming head's `short_splits` where windows are split on their own.
+__device__ __forceinline__ int kv_head_splits(int g, int n_splits, unsigned long long retrieval, int short_splits, int short_split) {
+    return short_split == 0 || ((retrieval >> g) & 1ull) ? n_splits : short_splits;
+}
+
+// kv_head_splits for the merge's head `h` (row-major over rows x query heads).
+__device__ __forceinline__ int head_splits(int h, int n_kv, int n_splits, unsigned long long retrieval, int short_splits, int short_split) {
+    if (short_split == 0) return n_splits;
+    return kv_head_splits((h % (n_kv * GROUP)) / GROUP, n_splits, retrieval, short_splits, short_split);
+}
+
 // The (KV head, split) a partial block reads and that split's keys. `short_split == 0`: the
 // grid is (KV heads, `n_splits` splits of `long_split` keys), so blockIdx gives both for free
 // (the list's arithmetic put about 240 instructions before a block's first load). Otherwise it
@@ -576,23 +588,12 @@ __device__ void merge_if_last(int* __restrict__ done, int b, int g, int n_kv, in
         const float v = a / head_sum[r];
         const size_t at = (h0 + r) * HEAD_DIM + c;
         if (out) out[at] = v;
-        if (out_bf16) {
-            unsigned u = __float_as_uint(v);
-            u += 0x7fffu + ((u >> 16) & 1u);
-            out_bf16[at] = (unsigned short)(u >> 16);
-        }
+        if (out_bf16) out_bf16[at] = to_bf(v);  // TENSOR_CORE_HELPERS' (FUSED_MERGE is the tensor-core kernel's)
     }
     if (threadIdx.x == 0) done[b * n_kv + g] = 0;
 }
 #endif
 
-// Splits of the merge's head `h` (row-major over rows x query heads) that partial blocks
-// wrote (of `n_splits` slots per head): every one, or a streaming head's `short_splits`.
-__device__ __forceinline__ int head_splits(int h, int n_kv, int n_splits, unsigned long long retrieval, int short_splits, int short_split) {
-    if (short_split == 0) return n_splits;
-    const int g = (h % (n_kv * GROUP)) / GROUP;
-    return (retrieval >> g) & 1ull ? n_splits : short_splits;
-}
 
 // Merges the splits of one (row, query head): grid rows x query heads, HEAD_DIM threads.
 // Partial maxima are in natural-log units; a split without keys has maximum -inf and is
@@ -602,12 +603,11 @@ __device__ __forceinline__ int head_splits(int h, int n_kv, int n_splits, unsign
 // first takes the maximum of all splits' maxima (one load per thread per HEAD_DIM splits),
 // then, HEAD_DIM splits at a time, lists the live ones with their weights in shared memory (in
 // split order, so the sums run in the order of the default form), and each thread sums its
-// dimension over that list sixteen splits at a time, its loads independent of each other. A
-// layer whose splits are sized by its longest head leaves most of a streaming head's splits
-// empty; the default form reads every split and branches on each (on the H200, 18.6 us a
-// launch over 65-257 mostly empty splits and 9.4 us over 33 live ones, means that include
-// short warm-up steps: 0.3-0.4 ms of a 128K full decode step, 0.6-0.8 ms of a duo 0.5 one,
-// BENCHMARKS.md, session 18).
+// dimension over that list sixteen splits at a time, its loads independent of each other.
+// The other form reads every split and branches on each: when a layer's splits were sized by
+// its longest head, a streaming head's were nearly all empty (on the H200, 18.6 us a launch
+// over 65-257 mostly empty splits, BENCHMARKS.md session 18); the compact one took a 128K
+// decode step from 8.98 to 8.86 ms (full) and 7.29 to 7.11 (duo 0.5, session 19).
 #ifndef MERGE_COMPACT
 #define MERGE_COMPACT 0
 #endif
@@ -953,7 +953,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     const size_t p_first = ((size_t)b * n_heads + g * GROUP) * n_splits + s;  // row 0's partial
 #if FUSED_MERGE
     extern __shared__ __align__(16) unsigned char fused_scratch[];
-    const int live = short_split == 0 || ((retrieval >> g) & 1ull) ? n_splits : short_splits;
+    const int live = kv_head_splits(g, n_splits, retrieval, short_splits, short_split);
 #endif
     if (begin >= end) {
         // A split past this head's keys: an empty partial, which the merge skips.

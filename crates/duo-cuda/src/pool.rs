@@ -1229,10 +1229,10 @@ impl KvPool {
 /// splits from the pool's constants (its whole window, its most sequences), never the step's
 /// rows or lengths.
 fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_n: usize, rows: usize) -> Vec<DecodeLaunch> {
-    let short = (layout.sink + layout.recent).min(bucket_n) as u32;
+    let (window, max_rows) = (layout.sink + layout.recent, bucket(pool.max_seqs));
+    let short = window.min(bucket_n) as u32;
     let group = c.n_heads / c.n_kv_heads;
     let kernel = DecodeKernel::best(c.head_dim, group, layout.kv, DECODE_KEYS_PER_WARP);
-    let (window, max_rows) = (layout.sink + layout.recent, bucket(pool.max_seqs));
     (0..c.n_layers)
         .map(|l| {
             let lens: Vec<u32> = layout.retrieval[l].iter().map(|&r| if r { bucket_n as u32 } else { short }).collect();
