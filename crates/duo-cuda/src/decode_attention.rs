@@ -312,14 +312,6 @@ pub fn merge_compact() -> bool {
     tuning("DUO_DECODE_MERGE_COMPACT") != Some(0)
 }
 
-/// Whether the tensor-core kernel's last block of each (row, KV head) merges the head's
-/// splits itself (`DUO_DECODE_FUSED_MERGE=1`, the kernel's `FUSED_MERGE`: one launch a
-/// layer instead of two), instead of the merge kernel (the default). A measurement knob
-/// until it is measured.
-pub fn fused_merge() -> bool {
-    tuning("DUO_DECODE_FUSED_MERGE") == Some(1)
-}
-
 /// Whether each warp of the bf16 tensor-core kernel copies and waits for its own 16 keys of
 /// a tile (`DUO_DECODE_WARP_PIPE=1`: no block-wide barrier per tile), instead of the block
 /// sharing each tile (the default). A measurement knob until it is measured.
@@ -522,77 +514,6 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
     *g = __ffsll((long long)m) - 1;
 }
 
-// FUSED_MERGE = 1 (`DUO_DECODE_FUSED_MERGE=1`, the tensor-core kernel; built, not yet run on
-// a GPU): the last block of a (row, KV head) to finish merges its query heads' splits into
-// the outputs, so a layer's decode attention is one launch, not two. Every block of the head
-// (empty splits too) counts itself in `done[row * n_kv + g]` once its partials are written
-// (the fence first, as in CUDA's threadFenceReduction sample); the block whose count completes
-// the head's splits reads them back through L2 (`__ldcg`: another multiprocessor's L1 may
-// hold stale lines), writes the outputs and leaves the count at 0 for the next launch (and a
-// graph's replays); `done` 0: no merge here (the host launches the merge kernel: a head's
-// weights did not fit). `scratch`: GROUP x `live` floats of shared memory no longer in use. The
-// sums run in split order, as the merge kernel's; the weights' sum by warps. The separate
-// merge's launch and its split-by-split reads cost 0.33 ms of a duo 0.5 step at 128K under
-// Nsight Compute (10.2 us a launch, BENCHMARKS.md session 19).
-#ifndef FUSED_MERGE
-#define FUSED_MERGE 0
-#endif
-#if FUSED_MERGE
-__device__ void merge_if_last(int* __restrict__ done, int b, int g, int n_kv, int live, int n_splits,
-    const float* part_m, const float* part_l, const float* part_acc,
-    float* __restrict__ out, unsigned short* __restrict__ out_bf16, float* scratch) {
-    __shared__ int ticket;
-    __shared__ float head_max[GROUP], head_sum[GROUP];
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) ticket = atomicAdd(done + b * n_kv + g, 1);
-    __syncthreads();
-    if (ticket != live - 1) return;
-    __threadfence();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const size_t h0 = (size_t)b * n_kv * GROUP + (size_t)g * GROUP;  // the first query head's row
-    for (int r = warp; r < GROUP; r += warps) {
-        const float* pm = part_m + (h0 + r) * n_splits;
-        float mm = NEG_INF;
-        for (int s = lane; s < live; s += 32) mm = fmaxf(mm, __ldcg(pm + s));
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-        if (lane == 0) head_max[r] = mm;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < GROUP * live; i += blockDim.x) {
-        const int r = i / live, s = i % live;
-        const float ms = __ldcg(part_m + (h0 + r) * n_splits + s);
-        scratch[i] = ms == NEG_INF ? 0.f : __expf(ms - head_max[r]);
-    }
-    __syncthreads();
-    for (int r = warp; r < GROUP; r += warps) {
-        const float* pl = part_l + (h0 + r) * n_splits;
-        float l = 0.f;
-        for (int s = lane; s < live; s += 32) l += scratch[r * live + s] == 0.f ? 0.f : __ldcg(pl + s) * scratch[r * live + s];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-        if (lane == 0) head_sum[r] = l;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < GROUP * HEAD_DIM; i += blockDim.x) {
-        const int r = i / HEAD_DIM, c = i % HEAD_DIM;
-        const float* pa = part_acc + (h0 + r) * n_splits * HEAD_DIM + c;
-        const float* w = scratch + r * live;
-        float a = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < live; s++) {
-            const float ws = w[s];
-            if (ws != 0.f) a += __ldcg(pa + (size_t)s * HEAD_DIM) * ws;  // an empty split's values were never written
-        }
-        const float v = a / head_sum[r];
-        const size_t at = (h0 + r) * HEAD_DIM + c;
-        if (out) out[at] = v;
-        if (out_bf16) out_bf16[at] = to_bf(v);  // TENSOR_CORE_HELPERS' (FUSED_MERGE is the tensor-core kernel's)
-    }
-    if (threadIdx.x == 0) done[b * n_kv + g] = 0;
-}
-#endif
 
 
 // Merges the splits of one (row, query head): grid rows x query heads, HEAD_DIM threads.
@@ -901,6 +822,16 @@ pub const TENSOR_SOURCE: &str = r#"
 // memory and the splits from the same numbers.
 typedef unsigned char kv_t;
 #define RPAD (ROW_BYTES + 16)
+// Staged int4 key rows lie KPAD apart, unpadded: a lane reads 16 bytes (8 at 64 dims) of
+// row gr and row gr + 8, so the eight lanes of a quarter-warp read two rows, 128 bytes, and
+// those rows must not share banks, which the 80 bytes of RPAD broke (two wavefronts each
+// where one does, as the copies' writes). Value rows keep RPAD: a lane reads four rows'
+// words at 2 tq (+ 1, + 8, + 9), which padding spreads over the banks.
+#ifdef KEY_INT4
+#define KPAD K_ROW_BYTES
+#else
+#define KPAD RPAD
+#endif
 // N 32-bit words from shared memory at p (aligned to 4 N bytes) in one load.
 template <int N>
 __device__ __forceinline__ void load_words(const unsigned char* p, unsigned* w) {
@@ -936,8 +867,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
     int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, float scale_log2,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,
-    int* __restrict__ done, float* __restrict__ out, unsigned short* __restrict__ out_bf16)
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
     const int b = blockIdx.z;
     int g, s, split;
@@ -951,16 +881,9 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     visible_positions(e, row_pos[b] + 1, &len, &sinks, &gap);
     const int begin = s * split, end = min(len, begin + split);
     const size_t p_first = ((size_t)b * n_heads + g * GROUP) * n_splits + s;  // row 0's partial
-#if FUSED_MERGE
-    extern __shared__ __align__(16) unsigned char fused_scratch[];
-    const int live = kv_head_splits(g, n_splits, retrieval, short_splits, short_split);
-#endif
     if (begin >= end) {
         // A split past this head's keys: an empty partial, which the merge skips.
         if (threadIdx.x < GROUP) { part_m[p_first + (size_t)threadIdx.x * n_splits] = NEG_INF; part_l[p_first + (size_t)threadIdx.x * n_splits] = 0.f; }
-#if FUSED_MERGE
-        if (done) merge_if_last(done, b, g, n_kv, live, n_splits, part_m, part_l, part_acc, out, out_bf16, reinterpret_cast<float*>(fused_scratch));
-#endif
         return;
     }
 
@@ -1061,7 +984,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     const unsigned smem_base = smem_addr(smem_raw);
     // Value rows are as wide as key rows (`row_bytes`), or (K8V4) narrower (`v_row_bytes`):
     // then a thread copies its chunk of a value row only where the row has one.
-    auto copy_run_tile = [&](unsigned k_dst, unsigned v_dst, const char* kbase, const char* vbase, int row_bytes, int v_row_bytes, int pad) {
+    auto copy_run_tile = [&](unsigned k_dst, unsigned v_dst, const char* kbase, const char* vbase, int row_bytes, int v_row_bytes, int pad, int v_pad) {
         const int r = threadIdx.x / CPR, c = (threadIdx.x % CPR) * 16;
         long long first[TILE / 64], v_first[TILE / 64];
 #pragma unroll
@@ -1069,21 +992,21 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #pragma unroll
         for (int j = 0; j < NCH; j++) {
             const int run = (j * RS) / 64, in_run = (j * RS) % 64;
-            const unsigned off = (r + j * RS) * pad + c;
-            cp_async16_full(k_dst + off, kbase + first[run] + (long long)in_run * row_bytes);
-            if (c < v_row_bytes) cp_async16_full(v_dst + off, vbase + v_first[run] + (long long)in_run * v_row_bytes);
+            cp_async16_full(k_dst + (r + j * RS) * pad + c, kbase + first[run] + (long long)in_run * row_bytes);
+            if (c < v_row_bytes) cp_async16_full(v_dst + (r + j * RS) * v_pad + c, vbase + v_first[run] + (long long)in_run * v_row_bytes);
         }
     };
     // A tile's keys and values from `t0` into the stage at byte `stage_at` of shared memory
-    // (K, then V `tile_bytes` on; rows of `row_bytes` in the pool, `pad` apart here): a whole
+    // (K, then V `tile_bytes` on; rows of `row_bytes` in the pool, `pad` apart here, values
+    // `v_pad`): a whole
     // page-run tile by copy_run_tile, else chunk by chunk, each row looked up (the rows past
     // `end` zero-filled). Both caches' forms, bf16 rows and byte rows alike.
-    auto copy_tile = [&](int t0, unsigned stage_at, unsigned tile_bytes, int row_bytes, int v_row_bytes, int pad) {
+    auto copy_tile = [&](int t0, unsigned stage_at, unsigned tile_bytes, int row_bytes, int v_row_bytes, int pad, int v_pad) {
         const char* kbase = reinterpret_cast<const char*>(keys);
         const char* vbase = reinterpret_cast<const char*>(values);
 #if !(WARP_PIPE && !defined(KV_BYTES))
         if (page_tiles && t0 + TILE <= end) {
-            copy_run_tile(smem_base + stage_at, smem_base + stage_at + tile_bytes, kbase, vbase, row_bytes, v_row_bytes, pad);
+            copy_run_tile(smem_base + stage_at, smem_base + stage_at + tile_bytes, kbase, vbase, row_bytes, v_row_bytes, pad, v_pad);
             return;
         }
 #endif
@@ -1097,16 +1020,16 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
             const size_t at = live ? (size_t)row * row_bytes + c : 0, v_at = live ? (size_t)row * v_row_bytes + c : 0;
             cp_async16(kd + r * pad + c, kbase + at, live ? 16 : 0);
-            if (c < v_row_bytes) cp_async16(vd + r * pad + c, vbase + v_at, live ? 16 : 0);
+            if (c < v_row_bytes) cp_async16(vd + r * v_pad + c, vbase + v_at, live ? 16 : 0);
         }
     };
 #ifdef KV_BYTES
-    unsigned char* raw = smem_raw;                                         // [STAGES][K, V][TILE][RPAD]
+    unsigned char* raw = smem_raw;                                         // [STAGES][K, V][TILE][RPAD] (keys KPAD apart)
     float* scl = reinterpret_cast<float*>(smem_raw + STAGES * 2 * RAW_TILE);  // [STAGES][K, V][TILE]
     bf16_t* conv = reinterpret_cast<bf16_t*>(scl + STAGES * 2 * TILE) + warp * 16 * TPAD;  // this warp's V (f16)
     auto load_tile = [&](int tile) {
         const int t0 = begin + tile * TILE;
-        copy_tile(t0, (tile % STAGES) * 2 * RAW_TILE, RAW_TILE, K_ROW_BYTES, V_ROW_BYTES, RPAD);
+        copy_tile(t0, (tile % STAGES) * 2 * RAW_TILE, RAW_TILE, K_ROW_BYTES, V_ROW_BYTES, KPAD, RPAD);
         // Row scales, keys' then values' (2 TILE of them): thread x copies row x % TILE's.
         const int r = threadIdx.x % TILE, t = t0 + r;
         const bool live = t < end;
@@ -1119,7 +1042,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #else
     bf16_t* smem = reinterpret_cast<bf16_t*>(smem_raw);
     auto load_tile = [&](int tile) {
-        copy_tile(begin + tile * TILE, (tile % STAGES) * 2 * TILE_ELEMS * 2, TILE_ELEMS * 2, HEAD_DIM * 2, HEAD_DIM * 2, TPAD * 2);
+        copy_tile(begin + tile * TILE, (tile % STAGES) * 2 * TILE_ELEMS * 2, TILE_ELEMS * 2, HEAD_DIM * 2, HEAD_DIM * 2, TPAD * 2, TPAD * 2);
     };
 #endif
     fetch_entries(0);
@@ -1170,7 +1093,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         // them transposed; the keys' scales multiply the scores (int4: step times the score plus minimum times
         // the query's sum).
         const float* ksc = scl + (tile % STAGES) * 2 * TILE + wk;
-        const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + wk * RPAD;
+        const unsigned char* kr = raw + (tile % STAGES) * 2 * RAW_TILE + wk * KPAD;  // the warp's key rows
+        const unsigned char* vr0 = raw + (tile % STAGES) * 2 * RAW_TILE + RAW_TILE + wk * RPAD;  // its value rows
 #ifndef VREG
         {
             __syncwarp();  // the previous tile's value fragments are read
@@ -1178,7 +1102,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             for (int j = 0; j < HEAD_DIM / 32; j++) {
                 const int i = lane + 32 * j;
                 const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
-                dequant_row16<VAL_IS_INT4>(kr + RAW_TILE + r * RPAD, c, ksc[TILE + r], conv + r * TPAD + c);
+                dequant_row16<VAL_IS_INT4>(vr0 + r * RPAD, c, ksc[TILE + r], conv + r * TPAD + c);
             }
             __syncwarp();
         }
@@ -1187,26 +1111,27 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         const unsigned char* kq = kr + (K_ROW_BYTES / 4) * tq;
 #ifdef KEY_INT4
         // Two words (16 codes) of keys gr and gr + 8 at a time: word w's pairs 0-1 are the
-        // k-slots of product 2w, pairs 2-3 those of product 2w + 1 (the codes, exact in f16;
-        // the step and minimum apply to the scores below).
+        // k-slots of product 2w, pairs 2-3 those of product 2w + 1, each as 1024 + the code
+        // (exact in f16; the bias, the step and the minimum apply to the scores below, so a
+        // code costs one logic op, not two and a subtraction).
 #pragma unroll
         for (int w = 0; w < HEAD_DIM / 32; w += 2) {
-            const uint2 a = *reinterpret_cast<const uint2*>(kq + gr * RPAD + 4 * w);
-            const uint2 b = *reinterpret_cast<const uint2*>(kq + (gr + 8) * RPAD + 4 * w);
-            MMA(sc[0], qa[2 * w], nib2_h(a.x, 0), nib2_h(a.x, 1));
-            MMA(sc[0], qa[2 * w + 1], nib2_h(a.x, 2), nib2_h(a.x, 3));
-            MMA(sc[0], qa[2 * w + 2], nib2_h(a.y, 0), nib2_h(a.y, 1));
-            MMA(sc[0], qa[2 * w + 3], nib2_h(a.y, 2), nib2_h(a.y, 3));
-            MMA(sc[1], qa[2 * w], nib2_h(b.x, 0), nib2_h(b.x, 1));
-            MMA(sc[1], qa[2 * w + 1], nib2_h(b.x, 2), nib2_h(b.x, 3));
-            MMA(sc[1], qa[2 * w + 2], nib2_h(b.y, 0), nib2_h(b.y, 1));
-            MMA(sc[1], qa[2 * w + 3], nib2_h(b.y, 2), nib2_h(b.y, 3));
+            const uint2 a = *reinterpret_cast<const uint2*>(kq + gr * KPAD + 4 * w);
+            const uint2 b = *reinterpret_cast<const uint2*>(kq + (gr + 8) * KPAD + 4 * w);
+            MMA(sc[0], qa[2 * w], nib2_biased(a.x, 0), nib2_biased(a.x, 1));
+            MMA(sc[0], qa[2 * w + 1], nib2_biased(a.x, 2), nib2_biased(a.x, 3));
+            MMA(sc[0], qa[2 * w + 2], nib2_biased(a.y, 0), nib2_biased(a.y, 1));
+            MMA(sc[0], qa[2 * w + 3], nib2_biased(a.y, 2), nib2_biased(a.y, 3));
+            MMA(sc[1], qa[2 * w], nib2_biased(b.x, 0), nib2_biased(b.x, 1));
+            MMA(sc[1], qa[2 * w + 1], nib2_biased(b.x, 2), nib2_biased(b.x, 3));
+            MMA(sc[1], qa[2 * w + 2], nib2_biased(b.y, 0), nib2_biased(b.y, 1));
+            MMA(sc[1], qa[2 * w + 3], nib2_biased(b.y, 2), nib2_biased(b.y, 3));
         }
 #else
 #pragma unroll
         for (int h16 = 0; h16 < HEAD_DIM / 64; h16++) {
-            const uint4 a = *reinterpret_cast<const uint4*>(kq + gr * RPAD + 16 * h16);
-            const uint4 b = *reinterpret_cast<const uint4*>(kq + (gr + 8) * RPAD + 16 * h16);
+            const uint4 a = *reinterpret_cast<const uint4*>(kq + gr * KPAD + 16 * h16);
+            const uint4 b = *reinterpret_cast<const uint4*>(kq + (gr + 8) * KPAD + 16 * h16);
             const unsigned wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
@@ -1227,11 +1152,16 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         }
 #endif
 #if defined(KEY_INT4)
-        // q . (n step + min) = step (q . n) + min (sum of q), per key.
+        // q . (n step + min) = step (q . n) + min (sum of q), per key, where the products
+        // summed q . (1024 + n): step times that plus (min - 1024 step) times the sum of q.
+        // The bias's share of a score, 1024 step (sum of q), cancels in f32 (relative error
+        // 2^-24 of it, as the tensor cores' f32 sums of q . (1024 + n)): far below the f16
+        // rounding of the queries and the bf16 of the weights.
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             const uint2 w2 = *reinterpret_cast<const uint2*>(ksc + 8 * j + 2 * tq);
-            const float s0 = h2f(w2.x & 0xffffu), z0 = h2f(w2.x >> 16), s1 = h2f(w2.y & 0xffffu), z1 = h2f(w2.y >> 16);
+            const float s0 = h2f(w2.x & 0xffffu), s1 = h2f(w2.y & 0xffffu);
+            const float z0 = h2f(w2.x >> 16) - 1024.f * s0, z1 = h2f(w2.y >> 16) - 1024.f * s1;
             sc[j][0] = sc[j][0] * s0 + z0 * qsum[0]; sc[j][1] = sc[j][1] * s1 + z1 * qsum[0];
             sc[j][2] = sc[j][2] * s0 + z0 * qsum[1]; sc[j][3] = sc[j][3] * s1 + z1 * qsum[1];
         }
@@ -1294,7 +1224,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #define VW (V_ROW_BYTES / 32)
         unsigned va[VW], vb_[VW], vc[VW], vd[VW];
         {
-            const unsigned char* vr = kr + RAW_TILE + (V_ROW_BYTES / 8) * gr;
+            const unsigned char* vr = vr0 + (V_ROW_BYTES / 8) * gr;
             load_words<VW>(vr + (2 * tq) * RPAD, va);
             load_words<VW>(vr + (2 * tq + 1) * RPAD, vb_);
             load_words<VW>(vr + (2 * tq + 8) * RPAD, vc);
@@ -1399,10 +1329,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         part_acc[p * HEAD_DIM + c] = acc;
         if (c == 0) { part_m[p] = mm * 0.69314718056f; part_l[p] = ll; }
     }
-#if FUSED_MERGE
-    __syncthreads();  // wm, wl and wo are read; the stages become the merge's scratch
-    if (done) merge_if_last(done, b, g, n_kv, live, n_splits, part_m, part_l, part_acc, out, out_bf16, reinterpret_cast<float*>(smem_raw));
-#endif
 }
 "#;
 
@@ -1424,33 +1350,25 @@ pub fn batch_split(lens: &[u32], rows: usize) -> usize {
 }
 
 /// Keys per split for `kernel` and `rows` rows whose KV heads show `lens` (at the longest
-/// row), in a pool whose rows need not be independent of the batch. The tensor-core kernel
-/// holds `blocks` blocks per multiprocessor ([`tensor_blocks`]; bf16: two, 264 on the
-/// H200's 132); one
-/// row runs fastest with about one
-/// wave of blocks, splits a power of two from 512 to 8,192 keys (measured on the H200 over
-/// 512-8,192, BENCHMARKS.md: full 128K 4,096 is best, 0.148 ms against 0.158 at 2,048; duo
-/// 128K 2,048, 0.087 against 0.109 at 1,024; 512K 8,192 for both). A batch, and the CUDA-core
-/// kernel, take [`batch_split`] (many waves; at 25 x 16K within 3% of the best split).
+/// row), in a pool whose rows need not be independent of the batch: one row on the tensor-core
+/// kernel takes [`fill_split`] (about one wave of blocks), a batch and the CUDA-core kernel
+/// [`batch_split`] (many waves; at 25 x 16K within 3% of the best split).
 pub fn split_for(kernel: DecodeKernel, blocks: usize, lens: &[u32], rows: usize) -> usize {
     if kernel != DecodeKernel::Tensor || rows > 1 {
         return batch_split(lens, rows);
     }
-    if tuning("DUO_DECODE_SPLIT_FILL") == Some(1) {
-        return fill_split(blocks, lens);
-    }
-    let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as f64;
-    let heads = lens.iter().map(|&l| l as f64).sum::<f64>() / max_len;
-    let want = (max_len * heads / (132 * blocks.max(1)) as f64).max(1.0);
-    (1usize << (want.log2().round() as u32)).clamp(512, 8192)
+    fill_split(blocks, lens)
 }
 
-/// Keys per split for one row that fill one wave of `blocks` blocks per multiprocessor
-/// exactly: the long heads' splits as many as the wave holds for each, each a multiple of 64
-/// keys, from 512 to 8,192 (`DUO_DECODE_SPLIT_FILL=1`; built, not yet measured). The power of
-/// two of [`split_for`] lands a duo layer's long blocks anywhere from 195 to 325 against the
-/// H200's 264 (five retrieval heads at 128K: 325 blocks, 1.23 waves, 3.09 TB/s; BENCHMARKS.md
-/// session 19); here five heads take 52 splits of 2,560 keys, 260 blocks.
+/// Keys per split for one row on the tensor-core kernel, which holds `blocks` blocks per
+/// multiprocessor ([`tensor_blocks`]; bf16: two, 264 on the H200's 132): the long heads'
+/// splits as many as one wave holds for each, each a multiple of 64 keys, from 512 to 8,192.
+/// One row runs fastest with about one wave (measured on the H200 over powers of two from 512
+/// to 8,192, BENCHMARKS.md: full 128K 4,096 best, 0.148 ms against 0.158 at 2,048; 512K
+/// 8,192). A power of two landed a duo layer's long blocks anywhere from 195 to 325 against
+/// the wave's 264 (five retrieval heads at 128K: 325 blocks, 1.23 waves, 3.09 TB/s); filling
+/// the wave (five heads: 52 splits of 2,560 keys, 260 blocks) measured a Llama-3-8B duo 0.5
+/// step at 128K 7.06 -> 6.92 ms and full and layer steps unchanged (BENCHMARKS.md, session 20).
 pub fn fill_split(blocks: usize, lens: &[u32]) -> usize {
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
     // The long heads: a streaming window's few keys take blocks of their own, one tile each
@@ -1642,9 +1560,7 @@ mod gpu {
                 (gpu.addr(&k8), gpu.addr(&v8))
             }
         };
-        // Each (row, KV head)'s count of finished splits for the fused merge, left at 0.
-        let done = gpu.zeros::<i32>(x.tokens.len() * x.heads.len())?;
-        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa), gpu.addr(&done));
+        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
         gpu.decode_attention(
             &launch,
             gpu.addr(&q),
@@ -1730,8 +1646,7 @@ mod gpu {
             gpu.zeros::<f32>(parts_n)?,
             gpu.zeros::<f32>(parts_n * head_dim)?,
         );
-        let done = gpu.zeros::<i32>(rows * launch.n_kv)?;
-        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa), gpu.addr(&done));
+        let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
         let mut args = layout.paged_args(gpu.addr(&tab));
         if kv.is_quantised() {
             args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
@@ -2028,8 +1943,8 @@ mod tests {
         let duo_128k = [131_072, 131_072, 131_072, 131_072, 320, 320, 320, 320];
         assert_eq!(
             split_for(DecodeKernel::Tensor, 2, &[131_072; 8], 1),
-            4096,
-            "8 x 32 blocks"
+            4032,
+            "8 x 33 blocks"
         );
         assert_eq!(
             split_for(DecodeKernel::Tensor, 2, &duo_128k, 1),

@@ -135,9 +135,6 @@ struct Buffers {
     part_m: CudaSlice<f32>,
     part_l: CudaSlice<f32>,
     part_acc: CudaSlice<f32>,
-    /// Finished splits per (row, KV head), for the fused merge (`DUO_DECODE_FUSED_MERGE=1`);
-    /// every launch leaves them 0.
-    part_done: CudaSlice<i32>,
     patches: CudaSlice<i32>,
     /// Ring rows on their way between two ring sizes: `[streaming head][k, v][recent][d]`.
     scratch: CudaSlice<u16>,
@@ -170,7 +167,6 @@ impl Buffers {
             part_m: gpu.zeros(PART_PAIRS * g.n_heads)?,
             part_l: gpu.zeros(PART_PAIRS * g.n_heads)?,
             part_acc: gpu.zeros(PART_PAIRS * g.n_heads * g.head_dim)?,
-            part_done: gpu.zeros(PART_PAIRS * g.n_kv_heads)?,
             patches: gpu.zeros(2 * 1024)?,
             scratch: gpu.zeros(Self::scratch_elems(w, layout))?,
         })
@@ -982,7 +978,7 @@ impl KvPool {
                     let heads = g.addr(&self.heads[l]);
                     self.attention_input(b, lw, heads, paged, rows, (0, rows))?;
                     if decode_rows > 0 {
-                        let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc), g.addr(&b.part_done));
+                        let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
                         g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, paged, parts, 0, a16(&b.att))?;
                     }
                     if chunk > 0 {

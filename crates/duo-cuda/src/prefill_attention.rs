@@ -306,11 +306,18 @@ __device__ __forceinline__ unsigned scale_h2(float s) {
     asm("cvt.rn.f16x2.f32 %0, %1, %1;" : "=r"(r) : "f"(s));
     return r;
 }
-// int4 (crate::int4): the pair of values (2j, 2j + 1) of a word of 8 codes as an exact f16
-// pair (the codes, 0..15), by masking the word into the mantissas of f16 1024 and taking
-// 1024 away.
+// int4 (crate::int4): the pair of values (2j, 2j + 1) of a word of 8 codes as the f16 pair
+// (1024 + n, 1024 + n'), exact: the codes masked into the mantissas of f16 1024 by one
+// three-input logic op ((w >> 4j) & mask | exponent; written out, ptxas emits an AND and an
+// OR, as only one operand of its LOP3 may be an immediate).
+__device__ __forceinline__ unsigned nib2_biased(unsigned w, int j) {
+    unsigned r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w >> (4 * j)), "r"(0x000f000fu), "r"(0x64006400u));
+    return r;
+}
+// The same pair as the codes themselves (0..15): 1024 taken away.
 __device__ __forceinline__ unsigned nib2_h(unsigned w, int j) {
-    unsigned r = ((w >> (4 * j)) & 0x000f000fu) | 0x64006400u;
+    unsigned r = nib2_biased(w, j);
     asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64006400u));
     return r;
 }

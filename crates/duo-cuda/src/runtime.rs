@@ -204,7 +204,6 @@ fn decode_source(
         }
         DecodeKernel::Tensor => {
             options.extend(byte_format_option(kv));
-            options.push(format!("-DFUSED_MERGE={}", u8::from(crate::decode_attention::fused_merge())));
             options.push(format!(
                 "-DSTAGES={}",
                 crate::decode_attention::tensor_stages(kv)
@@ -343,12 +342,6 @@ pub fn compile_all() -> Option<Result<usize>> {
     for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
         let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
         jobs.push(("decode_attention", src, with_define(&o, "MERGE_COMPACT", other_merge)));
-    }
-    // The fused merge's other side (DUO_DECODE_FUSED_MERGE), over bf16 and a byte cache.
-    let other_fused = if crate::decode_attention::fused_merge() { "0" } else { "1" };
-    for (group, d, kv) in [(4, 128, KvType::Bf16), (3, 64, KvType::Bf16), (1, 128, KvType::Bf16), (4, 128, KvType::Int4), (16, 64, KvType::Fp8)] {
-        let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
-        jobs.push(("decode_attention", src, with_define(&o, "FUSED_MERGE", other_fused)));
     }
     // The measurement knob's other side (DUO_DECODE_WARP_PIPE=1), whatever this process's
     // environment says.
@@ -966,9 +959,7 @@ impl Gpu {
     /// One decode step of attention for a layer and `a.rows` sequences (row `b`: slot
     /// `row_slot[b]` at position `row_pos[b]`): partials over `a.blocks()` blocks a row,
     /// then the merge into `out` (f32, or 0) and `out_bf16` (or 0). `parts`: the partials'
-    /// maxima, sums and values (`a.n_splits` slots per row and query head), and a count per
-    /// row and KV head, all 0 (`DUO_DECODE_FUSED_MERGE=1`: the partial kernel merges, and
-    /// leaves them 0).
+    /// maxima, sums and values (`a.n_splits` slots per row and query head).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         &self,
@@ -980,7 +971,7 @@ impl Gpu {
         row_slot: u64,
         row_pos: u64,
         paged: PagedArgs,
-        parts: (u64, u64, u64, u64),
+        parts: (u64, u64, u64),
         out: u64,
         out_bf16: u64,
     ) -> Result<()> {
@@ -1001,7 +992,7 @@ impl Gpu {
         let (split, ns) = (a.split as i32, a.n_splits as i32);
         let (n_kv, retrieval) = (a.n_kv as i32, a.retrieval);
         let (short_splits, short_split) = (a.short_splits as i32, a.short_split as i32);
-        let (pm, pl, pa, done) = parts;
+        let (pm, pl, pa) = parts;
         // A listed layer's blocks in grid x (the kernels' `block_work`); else (KV heads, splits).
         let grid = if a.short_split == 0 {
             (a.n_kv as u32, a.n_splits as u32, a.rows as u32)
@@ -1013,14 +1004,7 @@ impl Gpu {
                 std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(),
                 tensor_smem_bytes(a.head_dim, a.group, a.kv) as u32,
             );
-            // The kernel's last block of each head merges where its scratch, a head's weights
-            // (GROUP x splits floats), fits the stages' shared memory.
-            let fused = crate::decode_attention::fused_merge() && 4 * a.group * a.n_splits <= smem as usize;
-            let done = if fused { done } else { 0 };
-            launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale_log2, &pm, &pl, &pa, &done, &out, &out_bf16)?;
-            if fused {
-                return Ok(());
-            }
+            launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale_log2, &pm, &pl, &pa)?;
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
             launch!(
