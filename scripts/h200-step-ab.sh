@@ -7,12 +7,14 @@
 #      NEW_VARS' settings (comma-separated NAME=VALUE) as everything else of this build;
 #   2. a whole decode step (random weights, synthetic KV) of Llama-3-8B and Llama-2-7B with
 #      their official patterns at 32K and 128K tokens, full, duo 0.5 and layer 0.5, by each
-#      binary in turn (env PREV_VARS: the previous binary's settings, e.g. its best knobs;
+#      binary in turn, for each cache type in env KVS (default bf16; e.g. "bf16 int4") (env PREV_VARS: the previous binary's settings, e.g. its best knobs;
 #      the same binary as both, with knobs in NEW_VARS, compares settings);
 #   3. the decode-attention kernel timings (`cuda-check --only ops --timings decode`) by each,
 #      after (TORCH=1) PyTorch SDPA's decode attention on the same shapes, the peer in the call.
 set -uo pipefail
 mkdir -p /tmp/duo "$OUT"
+# The device tool brings back at most 8 files: more (KVS beyond bf16) leave as one archive.
+trap '[ "$(ls "$OUT" | wc -l)" -gt 8 ] && tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/"' EXIT
 for b in duo prev; do xz -dc .gpu/bin/$b.xz > /tmp/duo/$b && chmod +x /tmp/duo/$b; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 new_vars=${NEW_VARS:-}; new_vars=${new_vars//,/ }; prev_vars=${PREV_VARS:-}; prev_vars=${prev_vars//,/ }
@@ -22,8 +24,11 @@ echo "decode parity exit $?: $(grep -c '^ok' "$OUT/decode-parity.txt") ok, $(gre
 for shape in llama-3-8b:Llama-3-8B-Instruct-Gradient-1048k llama-2-7b:Llama-2-7B-32K-Instruct; do
   for b in prev duo; do
     vars=$new_vars; [ $b = prev ] && vars=$prev_vars
-    timeout 90 env $vars /tmp/duo/$b bench --device cuda --random-weights ${shape%%:*} --pattern .gpu/patterns/${shape#*:} --sparsity 0.5 --methods full,duo,layer --lengths 32768,131072 --max-prefill 0 --decode-tokens 8 > "$OUT/step-${shape%%:*}-$b.txt" 2>&1
-    echo "== ${shape%%:*} $b ($vars) exit $?"; grep -E "tokens: " "$OUT/step-${shape%%:*}-$b.txt" | sed 's/prefill synthetic KV, //; s/, memory in use.*//'
+    for kv in ${KVS:-bf16}; do
+      f="$OUT/step-${shape%%:*}-$b.txt"; [ "$kv" = bf16 ] || f="$OUT/step-${shape%%:*}-$kv-$b.txt"
+      timeout 90 env $vars /tmp/duo/$b bench --device cuda --random-weights ${shape%%:*} --pattern .gpu/patterns/${shape#*:} --kv-dtype $kv --sparsity 0.5 --methods full,duo,layer --lengths 32768,131072 --max-prefill 0 --decode-tokens 8 > "$f" 2>&1
+      echo "== ${shape%%:*} $kv $b ($vars) exit $?"; grep -E "tokens: " "$f" | sed 's/prefill synthetic KV, //; s/, memory in use.*//'
+    done
   done
 done
 # All of step 3 in one file (the device tool brings back at most 8).
