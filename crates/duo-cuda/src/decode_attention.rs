@@ -319,6 +319,19 @@ pub fn tensor_warp_pipe() -> bool {
     tuning("DUO_DECODE_WARP_PIPE") == Some(1)
 }
 
+/// Whether the split merge runs a head on [`merge_block`] threads in two rounds of loads
+/// (`DUO_DECODE_MERGE_WIDE=1`, the kernel's `MERGE_WIDE`) instead of the compact form's
+/// `head_dim` threads (the default). A measurement knob until it is measured.
+pub fn merge_wide() -> bool {
+    tuning("DUO_DECODE_MERGE_WIDE") == Some(1)
+}
+
+/// Threads of the wide merge's block for heads of `head_dim` (`MERGE_BLOCK` in the kernel):
+/// as many whole groups of `head_dim` as 512 threads hold, one at least.
+pub fn merge_block(head_dim: usize) -> usize {
+    (512 / head_dim).max(1) * head_dim
+}
+
 /// Whether the tensor-core kernel over a quantised cache takes values from their codes
 /// straight into the tensor cores (the default, for up to 8 query heads per KV head; see
 /// `V_REGS` in [`TENSOR_SOURCE`]) rather than through an f16 copy in shared memory
@@ -540,7 +553,27 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
 #ifndef MERGE_COMPACT
 #define MERGE_COMPACT 0
 #endif
-extern "C" __global__ void duo_decode_merge(
+//
+// MERGE_WIDE = 1 (`DUO_DECODE_MERGE_WIDE=1`, a measurement knob): MERGE_BLOCK threads a
+// head, MERGE_PARTS groups of HEAD_DIM, in two rounds of global loads instead of one per
+// sixteen splits: every thread loads one split's maximum (the block's maximum by shuffles
+// and shared memory; the live splits and their weights listed in shared memory by the
+// threads that loaded them), then group k sums list entries k, k + MERGE_PARTS, ... (for 64
+// splits sixteen independent loads each) and the groups add up in order. The compact form's block of HEAD_DIM threads walks
+// 64 splits in four dependent rounds after two more for the weights: 10.2 us a launch on the
+// H200 for data that moves in well under one (BENCHMARKS.md session 19).
+#ifndef MERGE_WIDE
+#define MERGE_WIDE 0
+#endif
+#define MERGE_THREADS 512
+#define MERGE_PARTS (HEAD_DIM >= MERGE_THREADS ? 1 : MERGE_THREADS / HEAD_DIM)
+#define MERGE_BLOCK (MERGE_PARTS * HEAD_DIM)  // MERGE_THREADS where HEAD_DIM divides it (64, 128)
+#if MERGE_WIDE
+#define MERGE_BOUNDS __launch_bounds__(MERGE_BLOCK)
+#else
+#define MERGE_BOUNDS
+#endif
+extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
     const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
     int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split,
     float* __restrict__ out, unsigned short* __restrict__ out_bf16)
@@ -548,7 +581,63 @@ extern "C" __global__ void duo_decode_merge(
     // Partials are laid out n_splits per head; a streaming head's past its first
     // short_splits were never written.
     const int live_splits = head_splits(blockIdx.x, n_kv, n_splits, retrieval, short_splits, short_split);
-#if MERGE_COMPACT
+#if MERGE_WIDE
+    __shared__ float live_w[MERGE_BLOCK], warp_max[MERGE_BLOCK / 32], group_a[MERGE_PARTS][HEAD_DIM], group_l[MERGE_PARTS];  // group 0's slots unused
+    __shared__ int live_s[MERGE_BLOCK], warp_live[MERGE_BLOCK / 32];
+    const int h = blockIdx.x, t = threadIdx.x, c = t % HEAD_DIM, group = t / HEAD_DIM, lane = t & 31, warp = t >> 5;
+    const float* pm = part_m + (size_t)h * n_splits;
+    const float* pl = part_l + (size_t)h * n_splits;
+    const float* pa = part_acc + (size_t)h * n_splits * HEAD_DIM;
+    const float m0 = t < live_splits ? pm[t] : NEG_INF;  // this thread's split of the first round
+    float mm = m0;
+    for (int s = t + MERGE_BLOCK; s < live_splits; s += MERGE_BLOCK) mm = fmaxf(mm, pm[s]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    if (lane == 0) warp_max[warp] = mm;
+    __syncthreads();
+    mm = warp_max[0];
+#pragma unroll
+    for (int w = 1; w < MERGE_BLOCK / 32; w++) mm = fmaxf(mm, warp_max[w]);
+    float l = 0.f, a = 0.f;
+    for (int base = 0; base < live_splits; base += MERGE_BLOCK) {
+        // This round's live splits listed in split order with their weights (as the compact
+        // form's), so that every load below is of a written split and none waits on a test.
+        const int s = base + t;
+        const float ms = base == 0 ? m0 : s < live_splits ? pm[s] : NEG_INF;
+        const bool live = ms != NEG_INF;
+        const unsigned ballot = __ballot_sync(0xffffffffu, live);
+        if (base > 0) __syncthreads();  // the previous round's list is read
+        if (lane == 0) warp_live[warp] = __popc(ballot);
+        __syncthreads();
+        int at = __popc(ballot & ((1u << lane) - 1u)), count = 0;
+#pragma unroll
+        for (int w = 0; w < MERGE_BLOCK / 32; w++) {
+            at += w < warp ? warp_live[w] : 0;
+            count += warp_live[w];
+        }
+        if (live) { live_w[at] = __expf(ms - mm); live_s[at] = s; }
+        __syncthreads();
+        // A counted loop (entries group + MERGE_PARTS k): with the stride in its condition the
+        // compiler unrolled it with an exit test after every entry, one load in flight.
+        const int mine = count > group ? (count - group + MERGE_PARTS - 1) / MERGE_PARTS : 0;
+#pragma unroll 16
+        for (int k = 0; k < mine; k++) {
+            const int i = group + k * MERGE_PARTS;
+            const float w = live_w[i];
+            const int si = live_s[i];
+            l += pl[si] * w;
+            a += pa[(size_t)si * HEAD_DIM + c] * w;
+        }
+    }
+    if (group > 0) {
+        group_a[group][c] = a;
+        if (c == 0) group_l[group] = l;
+    }
+    __syncthreads();
+    if (group > 0) return;
+#pragma unroll
+    for (int g = 1; g < MERGE_PARTS; g++) { a += group_a[g][c]; l += group_l[g]; }
+#elif MERGE_COMPACT
     __shared__ float live_w[HEAD_DIM], warp_max[HEAD_DIM / 32];
     __shared__ int live_s[HEAD_DIM], warp_live[HEAD_DIM / 32];
     const int h = blockIdx.x, c = threadIdx.x, lane = c & 31, warp = c >> 5;

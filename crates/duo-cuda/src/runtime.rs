@@ -193,6 +193,7 @@ fn decode_source(
         format!("-DGROUP={group}"),
         format!("-DPER_LANE={}", head_dim / 32),
         format!("-DMERGE_COMPACT={}", u8::from(crate::decode_attention::merge_compact())),
+        format!("-DMERGE_WIDE={}", u8::from(crate::decode_attention::merge_wide())),
     ];
     let source = match kernel {
         DecodeKernel::Cores(kpw) => {
@@ -345,6 +346,12 @@ pub fn compile_all() -> Option<Result<usize>> {
     for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
         let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
         jobs.push(("decode_attention", src, with_define(&o, "MERGE_COMPACT", other_merge)));
+    }
+    // And the wide merge's other side (DUO_DECODE_MERGE_WIDE).
+    let other_wide = if crate::decode_attention::merge_wide() { "0" } else { "1" };
+    for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
+        let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
+        jobs.push(("decode_attention", src, with_define(&o, "MERGE_WIDE", other_wide)));
     }
     // The measurement knob's other side (DUO_DECODE_WARP_PIPE=1), whatever this process's
     // environment says.
@@ -1021,7 +1028,7 @@ impl Gpu {
                 &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale, &pm, &pl, &pa
             )?;
         }
-        let threads = a.head_dim as u32;
+        let threads = if crate::decode_attention::merge_wide() { crate::decode_attention::merge_block(a.head_dim) } else { a.head_dim } as u32;
         launch!(
             self,
             merge,
