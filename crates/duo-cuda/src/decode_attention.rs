@@ -1863,7 +1863,7 @@ mod gpu {
             &'static [usize],
             Option<usize>,
         );
-        let cases: [Case; 8] = [
+        let cases: [Case; 9] = [
             (
                 9,
                 64,
@@ -1911,6 +1911,9 @@ mod gpu {
                 Some(MIN_SPLIT),
             ), // one retrieval head, small splits
             (9, 64, &[true, false, true], 64, 256, 64, &[20_000, 100], Some(MIN_SPLIT)), // small splits, heads of 64
+            // More splits than the wide merge's 512 threads take in one round (547), as a
+            // pool's 2,048-key splits give a row past a million tokens.
+            (9, 64, &[false, true, false], 64, 256, 64, &[140_000, 3], Some(MIN_SPLIT)),
         ];
         let mut out = Vec::new();
         for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
