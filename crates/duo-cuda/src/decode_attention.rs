@@ -340,14 +340,6 @@ pub fn tensor_values_in_registers() -> bool {
     tuning("DUO_DECODE_V_SMEM") != Some(1)
 }
 
-/// Whether int4 values read in registers enter a bf16 product, their steps joined to the
-/// weights and the bias and minima applied per query head after the last tile
-/// (`DUO_DECODE_INT4_V_BF16=1`, the kernel's `V_BF16`), instead of being dequantised pair by
-/// pair in f16 (the default). A measurement knob until it is measured.
-pub fn int4_values_bf16() -> bool {
-    tuning("DUO_DECODE_INT4_V_BF16") == Some(1)
-}
-
 /// A numeric tuning override from the environment (unset or unparsable: none), read once
 /// per process: the kernels compiled with a value and the launches sized by it must agree.
 pub(crate) fn tuning(name: &'static str) -> Option<usize> {
@@ -906,6 +898,9 @@ pub const TENSOR_SOURCE: &str = r#"
 #else
 #define TILE 64
 #endif
+#if TILE % 64 != 0
+#error "a tile is whole 64-key runs (the scale copies take 2 TILE / 128 per thread)"
+#endif
 #define WARP_KEYS (TILE / 4)
 #define TPAD (HEAD_DIM + 8)
 #define TILE_ELEMS (TILE * TPAD)
@@ -950,26 +945,6 @@ __device__ __forceinline__ void load_words(const unsigned char* p, unsigned* w) 
 // copy in shared memory, and half the products of the m16 form for heads of <= 8 queries.
 #if V_REGS && GROUP <= 8
 #define VREG 1
-#endif
-// V_BF16 (`DUO_DECODE_INT4_V_BF16=1`, int4 values in registers; a measurement knob): the
-// values' product in bf16 instead of f16. A value is n step + min; in f16 the step cannot
-// join the weights (weight x step underflows), so each pair of codes is dequantised in f16
-// (a subtraction and an FMA a pair). bf16 has f32's range: the weights times their keys'
-// steps pack as bf16 (as the bf16 cache's weights do), the codes enter as bf16 128 + n (one
-// logic op a pair), and what is left is per query head, not per value: 128 times the head's
-// sum of the packed weights (one more product, against ones, in `ob`) out, and the head's
-// sum of weight x minimum (`zs`, f32) in, both after the last tile.
-#if defined(VREG) && defined(VAL_INT4) && V_BF16
-#define VBF 1
-#define V_MMA mma
-// bf16 128 + n for the code pair (2j, 2j + 1) of each half of w (exact: 128's mantissa has 7 bits).
-__device__ __forceinline__ unsigned nib2_bf_biased(unsigned w, int j) {
-    unsigned r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w >> (4 * j)), "r"(0x000f000fu), "r"(0x43004300u));
-    return r;
-}
-#else
-#define V_MMA MMA
 #endif
 #define RAW_TILE (TILE * RPAD)
 #define PACK pack_h
@@ -1186,11 +1161,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     float o[O_FRAGS][4];
 #pragma unroll
     for (int i = 0; i < O_FRAGS; i++) { o[i][0] = 0.f; o[i][1] = 0.f; o[i][2] = 0.f; o[i][3] = 0.f; }
-#ifdef VBF
-    // ones x P'^T: each query head's sum of its packed weights (columns as o's, every row
-    // alike), and this lane's share of row gr's sum of weight x minimum.
-    float ob[4] = {0.f, 0.f, 0.f, 0.f}, zs = 0.f;
-#endif
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows gr and gr + 8
 
     for (int tile = 0; tile < n_tiles; tile++) {
@@ -1324,32 +1294,13 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const float c0 = __shfl_sync(0xffffffff, cf[0], 8 * tq), c1 = __shfl_sync(0xffffffff, cf[0], 8 * tq + 4);
 #pragma unroll
             for (int i = 0; i < O_FRAGS; i++) { o[i][0] *= c0; o[i][1] *= c1; o[i][2] *= c0; o[i][3] *= c1; }
-#ifdef VBF
-            ob[0] *= c0; ob[1] *= c1; ob[2] *= c0; ob[3] *= c1;
-            zs *= cf[0];
-#endif
         }
-        const float* vsc = ksc + TILE;
-#ifdef VBF
-        // P^T diag(step) as the B operand, in bf16 (k = keys 2 tq, 2 tq + 1, 2 tq + 8,
-        // 2 tq + 9; n = query head gr); the minima's share in f32.
-        unsigned pb[2];
-        {
-            const uint2 w0 = *reinterpret_cast<const uint2*>(vsc + 2 * tq), w1 = *reinterpret_cast<const uint2*>(vsc + 8 + 2 * tq);
-            pb[0] = pack(sc[0][0] * h2f(w0.x & 0xffffu), sc[0][1] * h2f(w0.y & 0xffffu));
-            pb[1] = pack(sc[1][0] * h2f(w1.x & 0xffffu), sc[1][1] * h2f(w1.y & 0xffffu));
-            zs += sc[0][0] * h2f(w0.x >> 16) + sc[0][1] * h2f(w0.y >> 16) + sc[1][0] * h2f(w1.x >> 16) + sc[1][1] * h2f(w1.y >> 16);
-            const unsigned ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
-            mma(ob, ones, pb[0], pb[1]);
-        }
-#else
         // P^T as the B operand (k = keys 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9; n = query head gr).
         const unsigned pb[2] = {PACK(sc[0][0], sc[0][1]), PACK(sc[1][0], sc[1][1])};
-#endif
         // The row scales of keys (2 tq, 2 tq + 1) and (2 tq + 8, 2 tq + 9) as f16 pairs, low
         // half the first key's: int4's steps (s) and minima (z), or the byte caches' scales.
-#if defined(VBF)
-#elif defined(VAL_INT4)
+        const float* vsc = ksc + TILE;
+#ifdef VAL_INT4
         unsigned s_ab, z_ab, s_cd, z_cd;
         {
             const uint2 w0 = *reinterpret_cast<const uint2*>(vsc + 2 * tq), w1 = *reinterpret_cast<const uint2*>(vsc + 8 + 2 * tq);
@@ -1385,16 +1336,12 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const int w = i / 4, j = i % 4;
             const unsigned ab_lo = __byte_perm(va[w], vb_[w], 0x5410), ab_hi = __byte_perm(va[w], vb_[w], 0x7632);
             const unsigned cd_lo = __byte_perm(vc[w], vd[w], 0x5410), cd_hi = __byte_perm(vc[w], vd[w], 0x7632);
-#ifdef VBF
-            a[0] = nib2_bf_biased(ab_lo, j); a[1] = nib2_bf_biased(ab_hi, j); a[2] = nib2_bf_biased(cd_lo, j); a[3] = nib2_bf_biased(cd_hi, j);
-#else
             a[0] = nib2_h(ab_lo, j); a[1] = nib2_h(ab_hi, j); a[2] = nib2_h(cd_lo, j); a[3] = nib2_h(cd_hi, j);
             // n * step + min per value (as crate::int4::value, and dequant_row16).
             asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a[0]) : "r"(s_ab), "r"(z_ab));
             asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a[1]) : "r"(s_ab), "r"(z_ab));
             asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a[2]) : "r"(s_cd), "r"(z_cd));
             asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a[3]) : "r"(s_cd), "r"(z_cd));
-#endif
 #else
             // Word i / 2 holds dims 4 (i / 2) ..: dims 2 i and 2 i + 1 are its bytes 0-1 (i
             // even) or 2-3, each paired with the same byte of the other key.
@@ -1408,7 +1355,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a[2]) : "r"(s_cd));
             asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a[3]) : "r"(s_cd));
 #endif
-            V_MMA(o[i], a, pb[0], pb[1]);
+            MMA(o[i], a, pb[0], pb[1]);
         }
 #else
         if (__any_sync(0xffffffff, cf[0] != 1.f || cf[1] != 1.f)) {
@@ -1430,19 +1377,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     }
     cp_async_wait_0();
     __syncthreads();  // the stages are reused for the merge below
-#ifdef VBF
-    // Each query head's bias out (128 x its packed weights' sum) and its minima's share in:
-    // columns 2 tq and 2 tq + 1 are rows gr = 2 tq and 2 tq + 1 of the scores, whose sums
-    // lanes 8 tq and 8 tq + 4 hold once each quad has added its lanes' shares.
-    zs += __shfl_xor_sync(0xffffffff, zs, 1);
-    zs += __shfl_xor_sync(0xffffffff, zs, 2);
-    {
-        const float z0 = __shfl_sync(0xffffffff, zs, 8 * tq), z1 = __shfl_sync(0xffffffff, zs, 8 * tq + 4);
-        const float d0 = z0 - 128.f * ob[0], d1 = z1 - 128.f * ob[1];
-#pragma unroll
-        for (int i = 0; i < O_FRAGS; i++) { o[i][0] += d0; o[i][1] += d1; o[i][2] += d0; o[i][3] += d1; }
-    }
-#endif
 
     // Merge the 4 warps' states per query head; maxima leave in natural-log units.
     float* wm = reinterpret_cast<float*>(smem_raw);  // [4][16]

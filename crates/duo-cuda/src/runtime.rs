@@ -229,9 +229,6 @@ fn decode_source(
                 "-DBYTE_TILE={}",
                 crate::decode_attention::tensor_byte_tile()
             ));
-            if kv.is_quantised() && kv.value() == KvType::Int4 {
-                options.push(format!("-DV_BF16={}", u8::from(crate::decode_attention::int4_values_bf16())));
-            }
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS
@@ -365,12 +362,6 @@ pub fn compile_all() -> Option<Result<usize>> {
         let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
         jobs.push(("decode_attention", src.clone(), with_define(&o, "V_REGS", "0")));
         jobs.push(("decode_attention", src, with_define(&o, "BYTE_TILE", "128")));
-    }
-    // And DUO_DECODE_INT4_V_BF16's other side over the caches with int4 values.
-    let other_v_bf16 = if crate::decode_attention::int4_values_bf16() { "0" } else { "1" };
-    for (group, d, kv) in [(4, 128, KvType::Int4), (3, 64, KvType::Int4), (1, 128, KvType::Int4), (8, 64, KvType::Int4), (4, 128, KvType::K8V4)] {
-        let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
-        jobs.push(("decode_attention", src, with_define(&o, "V_BF16", other_v_bf16)));
     }
     let n = jobs.len();
     Some(
