@@ -2022,6 +2022,16 @@ mod tests {
     }
 
     #[test]
+    fn the_wide_merge_takes_whole_groups_of_a_head_up_to_512_threads() {
+        // (head_dim, threads): groups of head_dim threads each sum every group-th split, so a
+        // block must be a whole number of them; the kernel's MERGE_BLOCK is the same number.
+        for (d, threads) in [(64, 512), (128, 512), (96, 480), (160, 480), (256, 512), (512, 512), (1024, 1024)] {
+            assert_eq!(merge_block(d), threads, "heads of {d}");
+            assert!(merge_block(d).is_multiple_of(d) && merge_block(d).is_multiple_of(32), "heads of {d}");
+        }
+    }
+
+    #[test]
     fn a_filling_split_gives_one_wave_of_long_blocks() {
         // Retrieval heads of 131,073 keys beside streaming windows of 384, two blocks on each
         // of 132 multiprocessors: (heads, keys per split, long blocks).
