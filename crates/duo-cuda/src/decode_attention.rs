@@ -573,6 +573,7 @@ extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
     // Partials are laid out n_splits per head; a streaming head's past its first
     // short_splits were never written.
     const int live_splits = head_splits(blockIdx.x, n_kv, n_splits, retrieval, short_splits, short_split);
+    pdl_wait();  // the partial kernel's output (DUO_PDL=1: this block may start before it ends)
 #if MERGE_WIDE
     __shared__ float live_w[MERGE_BLOCK], warp_max[MERGE_BLOCK / 32], group_a[MERGE_PARTS][HEAD_DIM], group_l[MERGE_PARTS];  // group 0's slots unused
     __shared__ int live_s[MERGE_BLOCK], warp_live[MERGE_BLOCK / 32];
@@ -753,6 +754,7 @@ extern "C" __global__ void duo_decode_partial(
     int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, float scale,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
+    pdl_launch_dependents();  // as the tensor-core kernel
     const int b = blockIdx.z;
     int g, s, split;
     block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, &g, &s, &split);
@@ -784,6 +786,7 @@ extern "C" __global__ void duo_decode_partial(
         if (shared_tab) return (((size_t)stab[(pos >> pg.block_log2) - tab0] * pg.group + e.x) << pg.block_log2) + (pos & bmask);
         return (size_t)kv_row(pg, e, seq_slot, pos);
     };
+    pdl_wait();  // the queries and this step's rows (the tables above are older)
     float qr[GROUP][DIMS], acc[GROUP][DIMS], m[GROUP], l[GROUP];
 #pragma unroll
     for (int j = 0; j < GROUP; j++) {
@@ -961,6 +964,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, float scale_log2,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
+    pdl_launch_dependents();  // the merge may be placed (DUO_PDL=1); it waits for this grid
     const int b = blockIdx.z;
     int g, s, split;
     block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, &g, &s, &split);
@@ -979,6 +983,9 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         return;
     }
 
+    // The queries and this step's key and value rows come from RoPE + append: under DUO_PDL=1
+    // this block may have started before it finished (an empty split needs neither).
+    pdl_wait();
     // The queries as A fragments (rows = the GROUP query heads, zero beyond), scaled for exp2.
     const float* qb = q + ((size_t)b * n_heads + g * GROUP) * HEAD_DIM;
     unsigned qa[HEAD_DIM / 16][4];

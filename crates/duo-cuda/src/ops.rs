@@ -209,6 +209,7 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, c
     const int4* heads, int n_heads, int n_kv, int head_dim, int half_split,
     float* q_out, void* kc, void* vc, Paged pg)
 {
+    pdl_launch_dependents();  // the decode partial kernel may be placed (DUO_PDL=1); it waits for this grid
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
     const int slot = row_slot[t], pos = row_pos[t];
     const bf16_t* row = qkv + (size_t)t * (n_heads + 2 * n_kv) * head_dim;

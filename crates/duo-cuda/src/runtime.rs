@@ -41,6 +41,20 @@ macro_rules! launch {
     }};
 }
 
+/// `launch!` as a programmatic dependent of the kernel before it in the stream where `$pdl`
+/// holds ([`Gpu::launch_programmatic`]; the kernel calls `pdl_wait()` before it reads what
+/// that kernel wrote), else the ordinary way.
+macro_rules! launch_dependent {
+    ($pdl:expr; smem $smem:expr; $gpu:expr, $f:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {{
+        if $pdl {
+            let mut params: Vec<*mut std::ffi::c_void> = vec![$( ($arg) as *const _ as *mut std::ffi::c_void ),*];
+            $gpu.launch_programmatic(&$f, $grid, ($block, 1, 1), $smem, &mut params)
+        } else {
+            launch!(smem $smem; $gpu, $f, $grid, $block, $($arg),*)
+        }
+    }};
+}
+
 type DecodeKernels = (CudaFunction, CudaFunction);
 /// A compiled decode kernel pair is specific to (group, head_dim, KV type, kernel).
 type DecodeKey = (usize, usize, KvType, DecodeKernel);
@@ -85,6 +99,24 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 // `struct Paged` it is passed as (two 8-byte-aligned words of pointer then `int`s).
 unsafe impl cudarc::driver::DeviceRepr for PagedArgs {}
 
+/// Programmatic dependent launch (Hopper), in every kernel's source: a kernel launched as a
+/// programmatic dependent of the one before it in the stream ([`Gpu::launch_programmatic`])
+/// may start while its predecessor runs, so `pdl_wait()` must come before it reads anything
+/// its predecessor wrote; `pdl_launch_dependents()` lets the dependent start (else it may at
+/// the predecessor's exit). Both are no-ops in a kernel launched the ordinary way.
+const PDL_SOURCE: &str = r#"
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+"#;
+
+/// Whether a decode layer's partial and merge kernels launch as programmatic dependents of
+/// the kernel before each (RoPE + append, then the partial kernel): their blocks are placed
+/// and run their set-up while the predecessor finishes, instead of after it
+/// (`DUO_PDL=1`). A measurement knob until it is measured.
+pub fn programmatic_launch() -> bool {
+    crate::decode_attention::tuning("DUO_PDL") == Some(1)
+}
+
 /// Compiles `source` after the paged-cache helper ([`PREFIX`]) for `sm_90`.
 fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
     compile_for("sm_90", source, name, options)
@@ -107,7 +139,7 @@ fn compile_for(arch: &'static str, source: &str, name: &'static str, mut options
         options,
         ..Default::default()
     };
-    let ptx = compile_ptx_with_opts(format!("{PREFIX}{source}"), opts).map_err(|e| CudaError::Compile {
+    let ptx = compile_ptx_with_opts(format!("{PREFIX}{PDL_SOURCE}{source}"), opts).map_err(|e| CudaError::Compile {
         name,
         log: e.to_string(),
     })?;
@@ -1006,21 +1038,22 @@ impl Gpu {
         } else {
             (a.blocks() as u32, 1, a.rows as u32)
         };
+        let pdl = programmatic_launch();
         if a.kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (
                 std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(),
                 tensor_smem_bytes(a.head_dim, a.group, a.kv) as u32,
             );
-            launch!(smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale_log2, &pm, &pl, &pa)?;
+            launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale_log2, &pm, &pl, &pa)?;
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
-            launch!(
+            launch_dependent!(pdl; smem 0;
                 self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged,
                 &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale, &pm, &pl, &pa
             )?;
         }
         let threads = if crate::decode_attention::merge_wide() { crate::decode_attention::merge_block(a.head_dim) } else { a.head_dim } as u32;
-        launch!(
+        launch_dependent!(pdl; smem 0;
             self,
             merge,
             ((a.rows * a.n_kv * a.group) as u32, 1, 1),
@@ -1036,6 +1069,45 @@ impl Gpu {
             &out,
             &out_bf16
         )
+    }
+
+    /// Launches `f` as a programmatic dependent of the kernel before it in the stream
+    /// (`cuLaunchKernelEx` with programmatic stream serialization; `params` point at the
+    /// kernel's arguments in order). Its blocks may start before that kernel has finished:
+    /// `f` must `pdl_wait()` before reading what that kernel wrote. Captured into a CUDA
+    /// graph, the launch becomes a programmatic edge.
+    pub(crate) fn launch_programmatic(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().map_err(driver)?;
+        // SAFETY: a zeroed attribute is a valid plain-data value; the id and its field are set.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `params` points at values of the kernel's argument types, in its order
+        // (the callers' `launch_dependent!` lists them as `launch!` would); the config and
+        // attribute outlive the call.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(driver)
     }
 
     fn prefill_kernel(&self, head_dim: usize, kv: KvType) -> Result<CudaFunction> {
