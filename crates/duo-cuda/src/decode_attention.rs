@@ -977,15 +977,16 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     visible_positions(e, row_pos[b] + 1, &len, &sinks, &gap);
     const int begin = s * split, end = min(len, begin + split);
     const size_t p_first = ((size_t)b * n_heads + g * GROUP) * n_splits + s;  // row 0's partial
+    // The queries and this step's key and value rows come from RoPE + append: under DUO_PDL=1
+    // this block may have started before it finished, so everything below waits for it, an
+    // empty split's partials too (the kernel before may read them, as a timing loop's merge).
+    pdl_wait();
     if (begin >= end) {
         // A split past this head's keys: an empty partial, which the merge skips.
         if (threadIdx.x < GROUP) { part_m[p_first + (size_t)threadIdx.x * n_splits] = NEG_INF; part_l[p_first + (size_t)threadIdx.x * n_splits] = 0.f; }
         return;
     }
 
-    // The queries and this step's key and value rows come from RoPE + append: under DUO_PDL=1
-    // this block may have started before it finished (an empty split needs neither).
-    pdl_wait();
     // The queries as A fragments (rows = the GROUP query heads, zero beyond), scaled for exp2.
     const float* qb = q + ((size_t)b * n_heads + g * GROUP) * HEAD_DIM;
     unsigned qa[HEAD_DIM / 16][4];

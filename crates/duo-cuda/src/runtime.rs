@@ -47,7 +47,7 @@ macro_rules! launch {
 macro_rules! launch_dependent {
     ($pdl:expr; smem $smem:expr; $gpu:expr, $f:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {{
         if $pdl {
-            let mut params: Vec<*mut std::ffi::c_void> = vec![$( ($arg) as *const _ as *mut std::ffi::c_void ),*];
+            let mut params = [$( ($arg) as *const _ as *mut std::ffi::c_void ),*];
             $gpu.launch_programmatic(&$f, $grid, ($block, 1, 1), $smem, &mut params)
         } else {
             launch!(smem $smem; $gpu, $f, $grid, $block, $($arg),*)
@@ -102,8 +102,9 @@ unsafe impl cudarc::driver::DeviceRepr for PagedArgs {}
 /// Programmatic dependent launch (Hopper), in every kernel's source: a kernel launched as a
 /// programmatic dependent of the one before it in the stream ([`Gpu::launch_programmatic`])
 /// may start while its predecessor runs, so `pdl_wait()` must come before it reads anything
-/// its predecessor wrote; `pdl_launch_dependents()` lets the dependent start (else it may at
-/// the predecessor's exit). Both are no-ops in a kernel launched the ordinary way.
+/// its predecessor wrote; `pdl_launch_dependents()` lets the next kernel, where that one is
+/// launched as a dependent, start now (else it may at this kernel's exit), whichever way this
+/// one was launched. The wait returns at once in a kernel launched the ordinary way.
 const PDL_SOURCE: &str = r#"
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
