@@ -25,6 +25,8 @@
 //!   a group spanning hosts exchange NCCL's id.
 //! * [`pool`]: a pool of KV blocks and the batched step over many sequences (decode rows and
 //!   a prefill chunk in one forward pass; decode-only steps replayed as CUDA graphs).
+//! * [`kernel_cache`]: NVRTC's output kept between processes, so each kernel form is compiled
+//!   once per machine, not once per process.
 
 #[cfg(feature = "cuda")]
 mod checks;
@@ -33,6 +35,7 @@ pub mod dequant;
 pub mod fp8;
 pub mod int4;
 pub mod int8;
+pub mod kernel_cache;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -120,11 +120,28 @@ pub fn programmatic_launch() -> bool {
 
 /// Compiles `source` after the paged-cache helper ([`PREFIX`]) for `sm_90`.
 fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
-    compile_for("sm_90", source, name, options)
+    compile_for("sm_90", source, name, options, true)
 }
 
-/// [`compile`] for the architecture `arch` (`sm_90a`: Hopper's own instructions, `wgmma`).
-fn compile_for(arch: &'static str, source: &str, name: &'static str, mut options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
+/// NVRTC's version, part of a kept kernel's key ("unknown" where it cannot be asked).
+fn nvrtc_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        std::panic::catch_unwind(|| {
+            let (mut major, mut minor) = (0, 0);
+            // SAFETY: two out-parameters NVRTC writes; a library that cannot be loaded panics
+            // (dynamic loading), which is caught.
+            unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+            format!("{major}.{minor}")
+        })
+        .unwrap_or_else(|_| "unknown".into())
+    })
+}
+
+/// [`compile`] for the architecture `arch` (`sm_90a`: Hopper's own instructions, `wgmma`);
+/// `cache`: take and keep the PTX in [`crate::kernel_cache`]'s folder (every use but
+/// [`compile_all`], whose point is to compile).
+fn compile_for(arch: &'static str, source: &str, name: &'static str, mut options: Vec<String>, cache: bool) -> Result<cudarc::nvrtc::Ptx> {
     // A kernel developer's view of what NVRTC made (`ptxas -v`, `cuobjdump -sass` on it):
     // DUO_PTX_DIR=folder writes each compilation's PTX there, named by kernel and defines.
     let ptx_file = std::env::var_os("DUO_PTX_DIR").map(|dir| {
@@ -135,15 +152,21 @@ fn compile_for(arch: &'static str, source: &str, name: &'static str, mut options
     if std::env::var("DUO_NVRTC_LINEINFO").is_ok_and(|v| v == "1") {
         options.push("-lineinfo".into());
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options,
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(format!("{PREFIX}{PDL_SOURCE}{source}"), opts).map_err(|e| CudaError::Compile {
-        name,
-        log: e.to_string(),
+    let full = format!("{PREFIX}{PDL_SOURCE}{source}");
+    let folder = if cache { crate::kernel_cache::folder() } else { None };
+    let key = crate::kernel_cache::key(&[arch, name, &options.join("\n"), nvrtc_version(), &full]);
+    let text = crate::kernel_cache::get_or_compile(folder.as_deref(), name, key, || {
+        let opts = CompileOptions {
+            arch: Some(arch),
+            options,
+            ..Default::default()
+        };
+        compile_ptx_with_opts(full.as_str(), opts).map(|p| p.to_src()).map_err(|e| CudaError::Compile {
+            name,
+            log: e.to_string(),
+        })
     })?;
+    let ptx = cudarc::nvrtc::Ptx::from_src(text);
     if let Some(file) = ptx_file {
         let _ = std::fs::write(file, ptx.to_src());
     }
@@ -277,7 +300,7 @@ pub fn compile_all() -> Option<Result<usize>> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let loaded = std::panic::catch_unwind(|| {
-        compile("extern \"C\" __global__ void k() {}", "probe", vec![]).is_ok()
+        compile_for("sm_90", "extern \"C\" __global__ void k() {}", "probe", vec![], false).is_ok()
     });
     std::panic::set_hook(hook);
     if !matches!(loaded, Ok(true)) {
@@ -401,7 +424,7 @@ pub fn compile_all() -> Option<Result<usize>> {
         jobs.into_iter()
             .try_for_each(|(name, src, o)| {
                 let arch = if name.ends_with("_wg") { "sm_90a" } else { "sm_90" };
-                compile_for(arch, &src, name, o).map(|_| ())
+                compile_for(arch, &src, name, o, false).map(|_| ())
             })
             .map(|_| n),
     )
@@ -1242,6 +1265,7 @@ impl Gpu {
             &prefill_wg_source(head_dim, prefill_wg_keys_per_tile(), kv),
             "prefill_attention_wg",
             prefill_wg_options(head_dim, kv),
+            true,
         )?;
         let m = self.ctx.load_module(ptx).map_err(driver)?;
         let k = m.load_function("duo_prefill_attention_wg").map_err(driver)?;

@@ -1,0 +1,144 @@
+//! Compiled kernels kept between processes: NVRTC's PTX for one (source, options,
+//! architecture, NVRTC version) in a folder, so that a process compiles only what no earlier
+//! one did.
+//!
+//! Why: every process compiles each kernel form it uses at first use, about a second a form
+//! on the build machine. A parity run (`duo cuda-check --only decode`) compiles some ninety
+//! forms, a benchmark ten, a server's first requests a few: seconds of start-up each time,
+//! and a large share of a short call on a lent GPU. The driver caches the machine code it
+//! builds from PTX, not NVRTC's work.
+//!
+//! A file is named by its kernel and a 64-bit FNV-1a hash of everything its PTX depends on.
+//! It is written under a temporary name and renamed into place, so a reader never sees half
+//! a file; a file that cannot be read or written only means compiling again.
+
+use std::path::{Path, PathBuf};
+
+/// The folder kept compiled kernels go to: `DUO_KERNEL_CACHE` (empty or `0`: none kept), else
+/// `$XDG_CACHE_HOME/duo/kernels`, else `~/.cache/duo/kernels`.
+pub fn folder() -> Option<PathBuf> {
+    match std::env::var_os("DUO_KERNEL_CACHE") {
+        Some(v) if v.is_empty() || v == "0" => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|d| d.join("duo").join("kernels")),
+    }
+}
+
+/// 64-bit FNV-1a over `parts`, each followed by a separator byte, so that moving text from one
+/// part to the next changes the key.
+pub fn key(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in part.as_bytes().iter().chain(std::iter::once(&0x1f)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The file of kernel `name` under `key` in `folder`.
+pub fn file(folder: &Path, name: &str, key: u64) -> PathBuf {
+    folder.join(format!("{name}-{key:016x}.ptx"))
+}
+
+/// The PTX kept in `folder` for `name` and `key`, or else `compile()`'s, which is then kept
+/// there (with no folder: `compile()`'s, kept nowhere).
+pub fn get_or_compile<E>(
+    folder: Option<&Path>,
+    name: &str,
+    key: u64,
+    compile: impl FnOnce() -> Result<String, E>,
+) -> Result<String, E> {
+    let Some(folder) = folder else { return compile() };
+    let path = file(folder, name, key);
+    if let Ok(ptx) = std::fs::read_to_string(&path) {
+        return Ok(ptx);
+    }
+    let ptx = compile()?;
+    // A new name per process and call, so that writers never share a temporary file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = folder.join(format!(".{name}-{key:016x}.{}.{n}.tmp", std::process::id()));
+    let kept = std::fs::create_dir_all(folder)
+        .and_then(|()| std::fs::write(&tmp, &ptx))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = kept {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::debug!("compiled kernel {name} not kept in {}: {e}", folder.display());
+    }
+    Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn temp_folder(tag: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        std::env::temp_dir().join(format!("duo-kernel-cache-{tag}-{}-{nanos}", std::process::id()))
+    }
+
+    #[test]
+    fn a_key_changes_with_every_part_and_with_where_parts_split() {
+        let base = key(&["sm_90", "decode", "-DGROUP=4", "source"]);
+        assert_eq!(base, key(&["sm_90", "decode", "-DGROUP=4", "source"]), "the same inputs, the same key");
+        for other in [
+            key(&["sm_90a", "decode", "-DGROUP=4", "source"]),
+            key(&["sm_90", "prefill", "-DGROUP=4", "source"]),
+            key(&["sm_90", "decode", "-DGROUP=8", "source"]),
+            key(&["sm_90", "decode", "-DGROUP=4", "source "]),
+            key(&["sm_90", "decode", "-DGROUP=4s", "ource"]),
+            key(&["sm_90", "decode", "-DGROUP=4"]),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+
+    #[test]
+    fn a_kept_kernel_is_read_back_instead_of_compiled_again() {
+        let folder = temp_folder("roundtrip");
+        let compiles = Cell::new(0);
+        let compile = |text: &str| {
+            compiles.set(compiles.get() + 1);
+            Ok::<_, String>(text.to_string())
+        };
+        let first = get_or_compile(Some(&folder), "decode", 7, || compile("// ptx one")).unwrap();
+        let again = get_or_compile(Some(&folder), "decode", 7, || compile("// a different compile")).unwrap();
+        assert_eq!((first.as_str(), again.as_str(), compiles.get()), ("// ptx one", "// ptx one", 1), "the second call reads the file");
+        let other = get_or_compile(Some(&folder), "decode", 8, || compile("// ptx two")).unwrap();
+        assert_eq!((other.as_str(), compiles.get()), ("// ptx two", 2), "another key compiles");
+        // Only the kept files remain: no temporary file is left behind.
+        let mut names: Vec<String> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, vec![format!("decode-{:016x}.ptx", 7), format!("decode-{:016x}.ptx", 8)]);
+        // A failed compile keeps nothing and says why.
+        let failed = get_or_compile(Some(&folder), "decode", 9, || Err::<String, _>("no NVRTC".to_string()));
+        assert_eq!(failed, Err("no NVRTC".to_string()));
+        assert!(!file(&folder, "decode", 9).exists());
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+
+    #[test]
+    fn without_a_folder_or_with_one_that_cannot_be_written_it_compiles_each_time() {
+        let compiles = Cell::new(0);
+        for _ in 0..2 {
+            let got = get_or_compile(None, "ops", 1, || {
+                compiles.set(compiles.get() + 1);
+                Ok::<_, ()>("// ptx".to_string())
+            });
+            assert_eq!(got, Ok("// ptx".to_string()));
+        }
+        assert_eq!(compiles.get(), 2);
+        // A folder under a regular file cannot be made: the kernel still comes back.
+        let blocker = temp_folder("blocker");
+        std::fs::write(&blocker, b"a file").unwrap();
+        let under = blocker.join("kernels");
+        assert_eq!(get_or_compile(Some(&under), "ops", 1, || Ok::<_, ()>("// ptx".to_string())), Ok("// ptx".to_string()));
+        std::fs::remove_file(&blocker).unwrap();
+    }
+}
