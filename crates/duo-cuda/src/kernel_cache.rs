@@ -10,9 +10,15 @@
 //!
 //! A file is named by its kernel and a 64-bit FNV-1a hash of everything its PTX depends on.
 //! It is written under a temporary name and renamed into place, so a reader never sees half
-//! a file; a file that cannot be read or written only means compiling again.
+//! a file; a file that cannot be read or written only means compiling again. The folder keeps
+//! the [`KEEP`] files used last (a read touches its file): each build of duo that changes a
+//! kernel adds new ones, and a cache that only grows would fill a disk over upgrades.
 
 use std::path::{Path, PathBuf};
+
+/// Files the folder keeps, the most recently used (one build's forms are about a hundred,
+/// 14 MB; this keeps a few builds' worth).
+pub const KEEP: usize = 512;
 
 /// The folder kept compiled kernels go to: `DUO_KERNEL_CACHE` (empty or `0`: none kept), else
 /// `$XDG_CACHE_HOME/duo/kernels`, else `~/.cache/duo/kernels`.
@@ -46,16 +52,30 @@ pub fn file(folder: &Path, name: &str, key: u64) -> PathBuf {
 }
 
 /// The PTX kept in `folder` for `name` and `key`, or else `compile()`'s, which is then kept
-/// there (with no folder: `compile()`'s, kept nowhere).
+/// there (with no folder: `compile()`'s, kept nowhere); the folder keeps its [`KEEP`] most
+/// recently used files.
 pub fn get_or_compile<E>(
     folder: Option<&Path>,
     name: &str,
     key: u64,
     compile: impl FnOnce() -> Result<String, E>,
 ) -> Result<String, E> {
+    get_or_compile_keeping(folder, name, key, KEEP, compile)
+}
+
+/// [`get_or_compile`], keeping the `keep` most recently used files.
+pub fn get_or_compile_keeping<E>(
+    folder: Option<&Path>,
+    name: &str,
+    key: u64,
+    keep: usize,
+    compile: impl FnOnce() -> Result<String, E>,
+) -> Result<String, E> {
     let Some(folder) = folder else { return compile() };
     let path = file(folder, name, key);
     if let Ok(ptx) = std::fs::read_to_string(&path) {
+        // Used now: the last file the folder would give up.
+        let _ = std::fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok(ptx);
     }
     let ptx = compile()?;
@@ -66,11 +86,33 @@ pub fn get_or_compile<E>(
     let kept = std::fs::create_dir_all(folder)
         .and_then(|()| std::fs::write(&tmp, &ptx))
         .and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = kept {
-        let _ = std::fs::remove_file(&tmp);
-        tracing::debug!("compiled kernel {name} not kept in {}: {e}", folder.display());
+    match kept {
+        Ok(()) => prune(folder, keep),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::debug!("compiled kernel {name} not kept in {}: {e}", folder.display());
+        }
     }
     Ok(ptx)
+}
+
+/// Removes all but the `keep` most recently used kept files of `folder` (other files, and
+/// files another process removes first, are left alone).
+fn prune(folder: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(folder) else { return };
+    let mut kept: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ptx"))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    if kept.len() <= keep {
+        return;
+    }
+    kept.sort();
+    for (_, p) in &kept[..kept.len() - keep] {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 #[cfg(test)]
@@ -120,6 +162,28 @@ mod tests {
         let failed = get_or_compile(Some(&folder), "decode", 9, || Err::<String, _>("no NVRTC".to_string()));
         assert_eq!(failed, Err("no NVRTC".to_string()));
         assert!(!file(&folder, "decode", 9).exists());
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+
+    #[test]
+    fn the_folder_keeps_the_files_used_last() {
+        let folder = temp_folder("prune");
+        let hour = std::time::Duration::from_secs(3600);
+        let start = std::time::SystemTime::now() - 10 * hour;
+        // Three kept kernels, used an hour apart (oldest first), and a file that is not one.
+        for k in 0..3u64 {
+            get_or_compile_keeping(Some(&folder), "k", k, 3, || Ok::<_, ()>(format!("// {k}"))).unwrap();
+            let f = std::fs::File::options().write(true).open(file(&folder, "k", k)).unwrap();
+            f.set_modified(start + (k as u32) * hour).unwrap();
+        }
+        std::fs::write(folder.join("notes.txt"), b"not a kernel").unwrap();
+        // Reading kernel 0 makes it the most recent; a fourth kernel then pushes out the
+        // least recently used, kernel 1.
+        assert_eq!(get_or_compile_keeping(Some(&folder), "k", 0, 3, || Err(())), Ok("// 0".to_string()));
+        get_or_compile_keeping(Some(&folder), "k", 3, 3, || Ok::<_, ()>("// 3".to_string())).unwrap();
+        let present: Vec<bool> = (0..4).map(|k| file(&folder, "k", k).exists()).collect();
+        assert_eq!(present, vec![true, false, true, true]);
+        assert!(folder.join("notes.txt").exists(), "other files stay");
         std::fs::remove_dir_all(&folder).unwrap();
     }
 
