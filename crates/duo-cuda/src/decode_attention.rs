@@ -980,7 +980,16 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // The queries and this step's key and value rows come from RoPE + append: under DUO_PDL=1
     // this block may have started before it finished, so everything below waits for it, an
     // empty split's partials too (the kernel before may read them, as a timing loop's merge).
-    pdl_wait();
+    // PDL_EARLY (DUO_PDL=2): a block whose split ends before the newest key never reads a row
+    // RoPE + append writes (it writes only the step's own row: a retrieval head's newest, a
+    // streaming head's ring slot of a position no longer shown), so it copies its first
+    // tiles before waiting; only its queries wait.
+#if PDL_EARLY
+    const bool early = end < len;
+#else
+    const bool early = false;
+#endif
+    if (!early) pdl_wait();
     if (begin >= end) {
         // A split past this head's keys: an empty partial, which the merge skips.
         if (threadIdx.x < GROUP) { part_m[p_first + (size_t)threadIdx.x * n_splits] = NEG_INF; part_l[p_first + (size_t)threadIdx.x * n_splits] = 0.f; }
@@ -990,6 +999,10 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // The queries as A fragments (rows = the GROUP query heads, zero beyond), scaled for exp2.
     const float* qb = q + ((size_t)b * n_heads + g * GROUP) * HEAD_DIM;
     unsigned qa[HEAD_DIM / 16][4];
+#ifdef KEY_INT4
+    float qsum[2] = {0.f, 0.f};  // each query row's sum (rows gr and gr + 8)
+#endif
+    auto load_queries = [&]() {
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
 #pragma unroll
@@ -1005,8 +1018,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         }
     }
 #ifdef KEY_INT4
-    // Each query row's sum (rows gr and gr + 8), of the f16 values the tensor cores see.
-    float qsum[2] = {0.f, 0.f};
+    // Each query row's sum, of the f16 values the tensor cores see.
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; kk++)
 #pragma unroll
@@ -1017,6 +1029,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         qsum[i] += __shfl_xor_sync(0xffffffff, qsum[i], 2);
     }
 #endif
+    };
+    if (!early) load_queries();
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int n_tiles = (end - begin + TILE - 1) / TILE;
@@ -1157,6 +1171,10 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             fetch_entries(t + 1);
         }
         cp_async_commit();
+    }
+    if (early) {
+        pdl_wait();  // the first tiles are on their way; the queries come from RoPE + append
+        load_queries();
     }
 
 #ifdef VREG

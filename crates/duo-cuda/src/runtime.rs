@@ -115,7 +115,14 @@ __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepc
 /// and run their set-up while the predecessor finishes, instead of after it
 /// (`DUO_PDL=1`). A measurement knob until it is measured.
 pub fn programmatic_launch() -> bool {
-    crate::decode_attention::tuning("DUO_PDL") == Some(1)
+    crate::decode_attention::tuning("DUO_PDL").is_some_and(|n| n >= 1)
+}
+
+/// `DUO_PDL=2`: as [`programmatic_launch`], and a tensor-core partial block whose split ends
+/// before the newest key copies its first tiles before waiting for RoPE + append (the
+/// kernel's `PDL_EARLY`). A measurement knob until it is measured.
+pub fn programmatic_early_tiles() -> bool {
+    crate::decode_attention::tuning("DUO_PDL") == Some(2)
 }
 
 /// Compiles `source` after the paged-cache helper ([`PREFIX`]) for `sm_90`.
@@ -285,6 +292,9 @@ fn decode_source(
                 "-DBYTE_TILE={}",
                 crate::decode_attention::tensor_byte_tile()
             ));
+            if programmatic_early_tiles() {
+                options.push("-DPDL_EARLY=1".into());
+            }
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS
@@ -399,6 +409,14 @@ pub fn compile_all() -> Option<Result<usize>> {
     for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
         let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
         jobs.push(("decode_attention", src, with_define(&o, "MERGE_COMPACT", other_merge)));
+    }
+    // And DUO_PDL=2's early tiles, over bf16 and int4.
+    for (group, d, kv) in [(4, 128, KvType::Bf16), (3, 64, KvType::Bf16), (4, 128, KvType::Int4)] {
+        let (src, mut o) = decode_source(group, d, kv, DecodeKernel::Tensor);
+        if !o.iter().any(|x| x == "-DPDL_EARLY=1") {
+            o.push("-DPDL_EARLY=1".into());
+        }
+        jobs.push(("decode_attention", src, o));
     }
     // And the wide merge's other side (DUO_DECODE_MERGE_WIDE).
     let other_wide = if crate::decode_attention::merge_wide() { "0" } else { "1" };
