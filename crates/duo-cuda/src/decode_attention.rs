@@ -981,9 +981,11 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // this block may have started before it finished, so everything below waits for it, an
     // empty split's partials too (the kernel before may read them, as a timing loop's merge).
     // PDL_EARLY (DUO_PDL=2): a block whose split ends before the newest key never reads a row
-    // RoPE + append writes (it writes only the step's own row: a retrieval head's newest, a
-    // streaming head's ring slot of a position no longer shown), so it copies its first
-    // tiles before waiting; only its queries wait.
+    // RoPE + append writes (for this sequence it writes only the step's own row: a retrieval
+    // head's newest, a streaming head's ring slot of a position no longer shown, as a ring
+    // holds at least `recent` rows; a prefill chunk's rows in the same step are another
+    // sequence's blocks), so it copies its first tiles before waiting; only its queries wait.
+    // This holds only where the kernel before is RoPE + append (`Gpu::decode_attention`).
 #if PDL_EARLY
     const bool early = end < len;
 #else

@@ -120,7 +120,11 @@ pub fn programmatic_launch() -> bool {
 
 /// `DUO_PDL=2`: as [`programmatic_launch`], and a tensor-core partial block whose split ends
 /// before the newest key copies its first tiles before waiting for RoPE + append (the
-/// kernel's `PDL_EARLY`). A measurement knob until it is measured.
+/// kernel's `PDL_EARLY`). A measurement knob until it is measured. Sound only while the
+/// kernel launched just before [`Gpu::decode_attention`] writes no cache row but the step's
+/// own (RoPE + append, as the pool's step has it), each sequence appears once in a step, and
+/// a streaming ring holds at least `recent` rows: a cache-writing kernel put in between
+/// (a ring move, a block copy, synthetic rows) would race with the early copies.
 pub fn programmatic_early_tiles() -> bool {
     crate::decode_attention::tuning("DUO_PDL") == Some(2)
 }
