@@ -546,14 +546,13 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
 #define MERGE_COMPACT 0
 #endif
 //
-// MERGE_WIDE = 1 (`DUO_DECODE_MERGE_WIDE=1`, a measurement knob): MERGE_BLOCK threads a
-// head, MERGE_PARTS groups of HEAD_DIM, in two rounds of global loads instead of one per
-// sixteen splits: every thread loads one split's maximum (the block's maximum by shuffles
-// and shared memory; the live splits and their weights listed in shared memory by the
-// threads that loaded them), then group k sums list entries k, k + MERGE_PARTS, ... (for 64
-// splits sixteen independent loads each) and the groups add up in order. The compact form's block of HEAD_DIM threads walks
-// 64 splits in four dependent rounds after two more for the weights: 10.2 us a launch on the
-// H200 for data that moves in well under one (BENCHMARKS.md session 19).
+// MERGE_WIDE = 1 (`DUO_DECODE_MERGE_WIDE=1`, a measurement knob): the compact form with
+// MERGE_BLOCK threads a head, MERGE_PARTS groups of HEAD_DIM: every thread takes one split's
+// maximum and lists it, then group k sums list entries k, k + MERGE_PARTS, ... (for 64 splits
+// sixteen independent loads each, where one group of HEAD_DIM threads walks them in four
+// dependent rounds of sixteen) and the groups add up in order. The compact merge took
+// 10.2 us a launch on the H200 for data that moves in well under one (BENCHMARKS.md
+// session 19).
 #ifndef MERGE_WIDE
 #define MERGE_WIDE 0
 #endif
@@ -574,80 +573,33 @@ extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
     // short_splits were never written.
     const int live_splits = head_splits(blockIdx.x, n_kv, n_splits, retrieval, short_splits, short_split);
     pdl_wait();  // the partial kernel's output (DUO_PDL=1: this block may start before it ends)
+#if MERGE_COMPACT || MERGE_WIDE
+    // One body for both forms: the compact one is a single group of HEAD_DIM threads (M_PARTS
+    // 1), the wide one MERGE_PARTS groups; each round lists up to M_BLOCK splits.
 #if MERGE_WIDE
-    __shared__ float live_w[MERGE_BLOCK], warp_max[MERGE_BLOCK / 32], group_a[MERGE_PARTS][HEAD_DIM], group_l[MERGE_PARTS];  // group 0's slots unused
-    __shared__ int live_s[MERGE_BLOCK], warp_live[MERGE_BLOCK / 32];
-    const int h = blockIdx.x, t = threadIdx.x, c = t % HEAD_DIM, group = t / HEAD_DIM, lane = t & 31, warp = t >> 5;
-    const float* pm = part_m + (size_t)h * n_splits;
-    const float* pl = part_l + (size_t)h * n_splits;
-    const float* pa = part_acc + (size_t)h * n_splits * HEAD_DIM;
-    const float m0 = t < live_splits ? pm[t] : NEG_INF;  // this thread's split of the first round
-    float mm = m0;
-    for (int s = t + MERGE_BLOCK; s < live_splits; s += MERGE_BLOCK) mm = fmaxf(mm, pm[s]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-    if (lane == 0) warp_max[warp] = mm;
-    __syncthreads();
-    mm = warp_max[0];
-#pragma unroll
-    for (int w = 1; w < MERGE_BLOCK / 32; w++) mm = fmaxf(mm, warp_max[w]);
-    float l = 0.f, a = 0.f;
-    for (int base = 0; base < live_splits; base += MERGE_BLOCK) {
-        // This round's live splits listed in split order with their weights (as the compact
-        // form's), so that every load below is of a written split and none waits on a test.
-        const int s = base + t;
-        const float ms = base == 0 ? m0 : s < live_splits ? pm[s] : NEG_INF;
-        const bool live = ms != NEG_INF;
-        const unsigned ballot = __ballot_sync(0xffffffffu, live);
-        if (base > 0) __syncthreads();  // the previous round's list is read
-        if (lane == 0) warp_live[warp] = __popc(ballot);
-        __syncthreads();
-        int at = __popc(ballot & ((1u << lane) - 1u)), count = 0;
-#pragma unroll
-        for (int w = 0; w < MERGE_BLOCK / 32; w++) {
-            at += w < warp ? warp_live[w] : 0;
-            count += warp_live[w];
-        }
-        if (live) { live_w[at] = __expf(ms - mm); live_s[at] = s; }
-        __syncthreads();
-        // A counted loop (entries group + MERGE_PARTS k): with the stride in its condition the
-        // compiler unrolled it with an exit test after every entry, one load in flight.
-        const int mine = count > group ? (count - group + MERGE_PARTS - 1) / MERGE_PARTS : 0;
-#pragma unroll 16
-        for (int k = 0; k < mine; k++) {
-            const int i = group + k * MERGE_PARTS;
-            const float w = live_w[i];
-            const int si = live_s[i];
-            l += pl[si] * w;
-            a += pa[(size_t)si * HEAD_DIM + c] * w;
-        }
-    }
-    if (group > 0) {
-        group_a[group][c] = a;
-        if (c == 0) group_l[group] = l;
-    }
-    __syncthreads();
-    if (group > 0) return;
-#pragma unroll
-    for (int g = 1; g < MERGE_PARTS; g++) { a += group_a[g][c]; l += group_l[g]; }
-#elif MERGE_COMPACT
-    __shared__ float live_w[HEAD_DIM], warp_max[HEAD_DIM / 32];
-    __shared__ int live_s[HEAD_DIM], warp_live[HEAD_DIM / 32];
-    const int h = blockIdx.x, c = threadIdx.x, lane = c & 31, warp = c >> 5;
+#define M_PARTS MERGE_PARTS
+#else
+#define M_PARTS 1
+#endif
+#define M_BLOCK (M_PARTS * HEAD_DIM)
+    __shared__ float live_w[M_BLOCK], warp_max[M_BLOCK / 32];
+    __shared__ int live_s[M_BLOCK], warp_live[M_BLOCK / 32];
+    const int h = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int c = M_PARTS > 1 ? t % HEAD_DIM : t, group = M_PARTS > 1 ? t / HEAD_DIM : 0;  // one group: the block is a head's dims
     const float* pm = part_m + (size_t)h * n_splits;
     const float* pl = part_l + (size_t)h * n_splits;
     const float* pa = part_acc + (size_t)h * n_splits * HEAD_DIM;
     float mm = NEG_INF;
-    for (int s = c; s < live_splits; s += HEAD_DIM) mm = fmaxf(mm, pm[s]);
+    for (int s = t; s < live_splits; s += M_BLOCK) mm = fmaxf(mm, pm[s]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
     if (lane == 0) warp_max[warp] = mm;
     __syncthreads();
 #pragma unroll
-    for (int w = 0; w < HEAD_DIM / 32; w++) mm = fmaxf(mm, warp_max[w]);
+    for (int w = 0; w < M_BLOCK / 32; w++) mm = fmaxf(mm, warp_max[w]);
     float l = 0.f, a = 0.f;
-    for (int base = 0; base < live_splits; base += HEAD_DIM) {
-        const int s = base + c;
+    for (int base = 0; base < live_splits; base += M_BLOCK) {
+        const int s = base + t;
         const float ms = s < live_splits ? pm[s] : NEG_INF;
         const bool live = ms != NEG_INF;
         const unsigned ballot = __ballot_sync(0xffffffffu, live);
@@ -655,14 +607,22 @@ extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
         __syncthreads();
         int at = __popc(ballot & ((1u << lane) - 1u)), count = 0;
 #pragma unroll
-        for (int w = 0; w < HEAD_DIM / 32; w++) {
+        for (int w = 0; w < M_BLOCK / 32; w++) {
             at += w < warp ? warp_live[w] : 0;
             count += warp_live[w];
         }
         if (live) { live_w[at] = __expf(ms - mm); live_s[at] = s; }
         __syncthreads();
+#if M_PARTS > 1
+        // A counted loop (entries group + M_PARTS k): with the stride in its condition the
+        // compiler unrolled it with an exit test after every entry, one load in flight.
+        const int mine = count > group ? (count - group + M_PARTS - 1) / M_PARTS : 0;
+#else
+        const int mine = count;
+#endif
 #pragma unroll 16
-        for (int i = 0; i < count; i++) {
+        for (int k = 0; k < mine; k++) {
+            const int i = group + k * M_PARTS;
             const float w = live_w[i];
             const int si = live_s[i];
             l += pl[si] * w;
@@ -670,6 +630,17 @@ extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
         }
         __syncthreads();
     }
+#if M_PARTS > 1
+    __shared__ float group_a[M_PARTS][HEAD_DIM], group_l[M_PARTS];  // group 0's slots unused
+    if (group > 0) {
+        group_a[group][c] = a;
+        if (c == 0) group_l[group] = l;
+    }
+    __syncthreads();
+    if (group > 0) return;
+#pragma unroll
+    for (int g = 1; g < M_PARTS; g++) { a += group_a[g][c]; l += group_l[g]; }
+#endif
 #else
     const int h = blockIdx.x, c = threadIdx.x;
     float mm = NEG_INF;
