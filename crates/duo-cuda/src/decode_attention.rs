@@ -303,15 +303,6 @@ pub fn tensor_l2_prefetch() -> usize {
     tuning("DUO_DECODE_L2_PREFETCH").map_or(128, |n| if n >= 256 { 256 } else if n >= 128 { 128 } else { 0 })
 }
 
-/// Whether the split merge lists a head's live splits in shared memory and reads only those,
-/// sixteen at a time (the kernel's `MERGE_COMPACT`, the default), instead of reading every
-/// split and branching on each (`DUO_DECODE_MERGE_COMPACT=0`). Measured on the H200
-/// (BENCHMARKS.md, session 19): a 128K decode step 1-2.5% faster (full 8.98 to 8.86 ms, duo
-/// 0.5 7.29 to 7.11), decode parity and the whole model's unchanged.
-pub fn merge_compact() -> bool {
-    tuning("DUO_DECODE_MERGE_COMPACT") != Some(0)
-}
-
 /// Whether each warp of the bf16 tensor-core kernel copies and waits for its own 16 keys of
 /// a tile (`DUO_DECODE_WARP_PIPE=1`: no block-wide barrier per tile), instead of the block
 /// sharing each tile (the default). A measurement knob until it is measured.
@@ -319,11 +310,13 @@ pub fn tensor_warp_pipe() -> bool {
     tuning("DUO_DECODE_WARP_PIPE") == Some(1)
 }
 
-/// Whether the split merge runs a head on [`merge_block`] threads in two rounds of loads
-/// (`DUO_DECODE_MERGE_WIDE=1`, the kernel's `MERGE_WIDE`) instead of the compact form's
-/// `head_dim` threads (the default). A measurement knob until it is measured.
+/// Whether the split merge runs a head on [`merge_block`] threads, groups of `head_dim`
+/// summing the listed splits side by side (the kernel's `MERGE_WIDE`, the default), instead
+/// of one group of `head_dim` threads (`DUO_DECODE_MERGE_WIDE=0`). Measured on the H200
+/// (BENCHMARKS.md, session 21): a 128K Llama-3-8B step no slower for any method and cache,
+/// duo 0.5 1.5-3.5% faster (bf16 6.89-6.93 to 6.78-6.79 ms, int4 5.98-6.01 to 5.79-5.80).
 pub fn merge_wide() -> bool {
-    tuning("DUO_DECODE_MERGE_WIDE") == Some(1)
+    tuning("DUO_DECODE_MERGE_WIDE") != Some(0)
 }
 
 /// Threads of the wide merge's block for heads of `head_dim` (`MERGE_BLOCK` in the kernel):
@@ -529,41 +522,36 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
 
 
 
-// Merges the splits of one (row, query head): grid rows x query heads, HEAD_DIM threads.
-// Partial maxima are in natural-log units; a split without keys has maximum -inf and is
-// skipped.
+// Merges the splits of one (row, query head): grid rows x query heads, MERGE_BLOCK threads
+// (HEAD_DIM where MERGE_WIDE is 0). Partial maxima are in natural-log units; a split without
+// keys has maximum -inf and is skipped.
 //
-// MERGE_COMPACT = 1 (the default; `DUO_DECODE_MERGE_COMPACT=0` the other form): the block
-// first takes the maximum of all splits' maxima (one load per thread per HEAD_DIM splits),
-// then, HEAD_DIM splits at a time, lists the live ones with their weights in shared memory (in
-// split order, so the sums run in the order of the default form), and each thread sums its
-// dimension over that list sixteen splits at a time, its loads independent of each other.
-// The other form reads every split and branches on each: when a layer's splits were sized by
-// its longest head, a streaming head's were nearly all empty (on the H200, 18.6 us a launch
-// over 65-257 mostly empty splits, BENCHMARKS.md session 18); the compact one took a 128K
-// decode step from 8.98 to 8.86 ms (full) and 7.29 to 7.11 (duo 0.5, session 19).
-#ifndef MERGE_COMPACT
-#define MERGE_COMPACT 0
-#endif
-//
-// MERGE_WIDE = 1 (`DUO_DECODE_MERGE_WIDE=1`, a measurement knob): the compact form with
-// MERGE_BLOCK threads a head, MERGE_PARTS groups of HEAD_DIM: every thread takes one split's
-// maximum and lists it, then group k sums list entries k, k + MERGE_PARTS, ... (for 64 splits
-// sixteen independent loads each, where one group of HEAD_DIM threads walks them in four
-// dependent rounds of sixteen) and the groups add up in order. The compact merge took
-// 10.2 us a launch on the H200 for data that moves in well under one (BENCHMARKS.md
-// session 19).
+// The block first takes the maximum of all splits' maxima, then, a block's worth of splits at
+// a time, lists the live ones with their weights in shared memory (in split order), so no
+// thread branches on an empty split: when a layer's splits were sized by its longest head, a
+// streaming head's were nearly all empty (on the H200, 18.6 us a launch over 65-257 mostly
+// empty splits, BENCHMARKS.md session 18; listing them took a 128K decode step from 8.98 to
+// 8.86 ms, session 19). MERGE_PARTS groups of HEAD_DIM threads then sum the list, group k
+// entries k, k + MERGE_PARTS, ... (for 64 splits sixteen independent loads a thread, where one
+// group walks them in four dependent rounds of sixteen), and the groups add up in order.
+// MERGE_WIDE = 0 (`DUO_DECODE_MERGE_WIDE=0`) keeps one group: the form before session 21,
+// whose merge took 10.2 us a launch for data that moves in well under one; the groups took
+// duo 0.5 decode attention at 1 x 128K from 0.080 to 0.077 ms (int4 0.047 to 0.043) and a
+// 128K Llama-3-8B duo step from 6.89-6.93 to 6.78-6.79 ms (BENCHMARKS.md session 21).
 #ifndef MERGE_WIDE
-#define MERGE_WIDE 0
+#define MERGE_WIDE 1
 #endif
 #define MERGE_THREADS 512
 #define MERGE_PARTS (HEAD_DIM >= MERGE_THREADS ? 1 : MERGE_THREADS / HEAD_DIM)
 #define MERGE_BLOCK (MERGE_PARTS * HEAD_DIM)  // MERGE_THREADS where HEAD_DIM divides it (64, 128)
 #if MERGE_WIDE
 #define MERGE_BOUNDS __launch_bounds__(MERGE_BLOCK)
+#define M_PARTS MERGE_PARTS
 #else
 #define MERGE_BOUNDS
+#define M_PARTS 1
 #endif
+#define M_BLOCK (M_PARTS * HEAD_DIM)
 extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
     const float* __restrict__ part_m, const float* __restrict__ part_l, const float* __restrict__ part_acc,
     int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split,
@@ -573,15 +561,7 @@ extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
     // short_splits were never written.
     const int live_splits = head_splits(blockIdx.x, n_kv, n_splits, retrieval, short_splits, short_split);
     pdl_wait();  // the partial kernel's output (DUO_PDL=1: this block may start before it ends)
-#if MERGE_COMPACT || MERGE_WIDE
-    // One body for both forms: the compact one is a single group of HEAD_DIM threads (M_PARTS
-    // 1), the wide one MERGE_PARTS groups; each round lists up to M_BLOCK splits.
-#if MERGE_WIDE
-#define M_PARTS MERGE_PARTS
-#else
-#define M_PARTS 1
-#endif
-#define M_BLOCK (M_PARTS * HEAD_DIM)
+    // Each round lists up to M_BLOCK splits.
     __shared__ float live_w[M_BLOCK], warp_max[M_BLOCK / 32];
     __shared__ int live_s[M_BLOCK], warp_live[M_BLOCK / 32];
     const int h = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
@@ -640,21 +620,6 @@ extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
     if (group > 0) return;
 #pragma unroll
     for (int g = 1; g < M_PARTS; g++) { a += group_a[g][c]; l += group_l[g]; }
-#endif
-#else
-    const int h = blockIdx.x, c = threadIdx.x;
-    float mm = NEG_INF;
-#pragma unroll 8
-    for (int s = 0; s < live_splits; s++) mm = fmaxf(mm, part_m[h * n_splits + s]);
-    float l = 0.f, a = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < live_splits; s++) {
-        const float ms = part_m[h * n_splits + s];
-        if (ms == NEG_INF) continue;
-        const float w = __expf(ms - mm);
-        l += part_l[h * n_splits + s] * w;
-        a += part_acc[((size_t)h * n_splits + s) * HEAD_DIM + c] * w;
-    }
 #endif
     const float r = a / l;
     if (out) out[h * HEAD_DIM + c] = r;
@@ -951,18 +916,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // The queries and this step's key and value rows come from RoPE + append: under DUO_PDL=1
     // this block may have started before it finished, so everything below waits for it, an
     // empty split's partials too (the kernel before may read them, as a timing loop's merge).
-    // PDL_EARLY (DUO_PDL=2): a block whose split ends before the newest key never reads a row
-    // RoPE + append writes (for this sequence it writes only the step's own row: a retrieval
-    // head's newest, a streaming head's ring slot of a position no longer shown, as a ring
-    // holds at least `recent` rows; a prefill chunk's rows in the same step are another
-    // sequence's blocks), so it copies its first tiles before waiting; only its queries wait.
-    // This holds only where the kernel before is RoPE + append (`Gpu::decode_attention`).
-#if PDL_EARLY
-    const bool early = end < len;
-#else
-    const bool early = false;
-#endif
-    if (!early) pdl_wait();
+    pdl_wait();
     if (begin >= end) {
         // A split past this head's keys: an empty partial, which the merge skips.
         if (threadIdx.x < GROUP) { part_m[p_first + (size_t)threadIdx.x * n_splits] = NEG_INF; part_l[p_first + (size_t)threadIdx.x * n_splits] = 0.f; }
@@ -972,10 +926,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // The queries as A fragments (rows = the GROUP query heads, zero beyond), scaled for exp2.
     const float* qb = q + ((size_t)b * n_heads + g * GROUP) * HEAD_DIM;
     unsigned qa[HEAD_DIM / 16][4];
-#ifdef KEY_INT4
-    float qsum[2] = {0.f, 0.f};  // each query row's sum (rows gr and gr + 8)
-#endif
-    auto load_queries = [&]() {
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
 #pragma unroll
@@ -991,7 +941,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         }
     }
 #ifdef KEY_INT4
-    // Each query row's sum, of the f16 values the tensor cores see.
+    // Each query row's sum (rows gr and gr + 8), of the f16 values the tensor cores see.
+    float qsum[2] = {0.f, 0.f};
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; kk++)
 #pragma unroll
@@ -1002,8 +953,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         qsum[i] += __shfl_xor_sync(0xffffffff, qsum[i], 2);
     }
 #endif
-    };
-    if (!early) load_queries();
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int n_tiles = (end - begin + TILE - 1) / TILE;
@@ -1144,10 +1093,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             fetch_entries(t + 1);
         }
         cp_async_commit();
-    }
-    if (early) {
-        pdl_wait();  // the first tiles are on their way; the queries come from RoPE + append
-        load_queries();
     }
 
 #ifdef VREG

@@ -113,20 +113,13 @@ __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepc
 /// Whether a decode layer's partial and merge kernels launch as programmatic dependents of
 /// the kernel before each (RoPE + append, then the partial kernel): their blocks are placed
 /// and run their set-up while the predecessor finishes, instead of after it
-/// (`DUO_PDL=1`). A measurement knob until it is measured.
+/// (`DUO_PDL=1`). Off by default: on the H200 (BENCHMARKS.md, session 21) it took a bf16
+/// 128K Llama-3-8B full step from 8.94-8.97 to 8.80-8.81 ms but made layer 0.5 slower
+/// (6.69 to 6.75) and every int4 step 2-3% slower (full 6.43 to 6.59-6.61 with the wide
+/// merge); letting partial blocks copy their first tiles before the wait measured no better
+/// and was dropped.
 pub fn programmatic_launch() -> bool {
-    crate::decode_attention::tuning("DUO_PDL").is_some_and(|n| n >= 1)
-}
-
-/// `DUO_PDL=2`: as [`programmatic_launch`], and a tensor-core partial block whose split ends
-/// before the newest key copies its first tiles before waiting for RoPE + append (the
-/// kernel's `PDL_EARLY`). A measurement knob until it is measured. Sound only while the
-/// kernel launched just before [`Gpu::decode_attention`] writes no cache row but the step's
-/// own (RoPE + append, as the pool's step has it), each sequence appears once in a step, and
-/// a streaming ring holds at least `recent` rows: a cache-writing kernel put in between
-/// (a ring move, a block copy, synthetic rows) would race with the early copies.
-pub fn programmatic_early_tiles() -> bool {
-    crate::decode_attention::tuning("DUO_PDL") == Some(2)
+    crate::decode_attention::tuning("DUO_PDL") == Some(1)
 }
 
 /// Compiles `source` after the paged-cache helper ([`PREFIX`]) for `sm_90`.
@@ -259,7 +252,6 @@ fn decode_source(
     let mut options = vec![
         format!("-DGROUP={group}"),
         format!("-DPER_LANE={}", head_dim / 32),
-        format!("-DMERGE_COMPACT={}", u8::from(crate::decode_attention::merge_compact())),
         format!("-DMERGE_WIDE={}", u8::from(crate::decode_attention::merge_wide())),
     ];
     let source = match kernel {
@@ -296,9 +288,6 @@ fn decode_source(
                 "-DBYTE_TILE={}",
                 crate::decode_attention::tensor_byte_tile()
             ));
-            if programmatic_early_tiles() {
-                options.push("-DPDL_EARLY=1".into());
-            }
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS
@@ -407,22 +396,8 @@ pub fn compile_all() -> Option<Result<usize>> {
         let (src, o) = decode_source(group, d, kv, kernel);
         jobs.push(("decode_attention", src, o));
     }
-    // The split merge's other form (DUO_DECODE_MERGE_COMPACT, whatever this process's
-    // environment says) for heads of 64 and 128, with both partial kernels.
-    let other_merge = if crate::decode_attention::merge_compact() { "0" } else { "1" };
-    for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
-        let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
-        jobs.push(("decode_attention", src, with_define(&o, "MERGE_COMPACT", other_merge)));
-    }
-    // And DUO_PDL=2's early tiles, over bf16 and int4.
-    for (group, d, kv) in [(4, 128, KvType::Bf16), (3, 64, KvType::Bf16), (4, 128, KvType::Int4)] {
-        let (src, mut o) = decode_source(group, d, kv, DecodeKernel::Tensor);
-        if !o.iter().any(|x| x == "-DPDL_EARLY=1") {
-            o.push("-DPDL_EARLY=1".into());
-        }
-        jobs.push(("decode_attention", src, o));
-    }
-    // And the wide merge's other side (DUO_DECODE_MERGE_WIDE).
+    // The split merge's other form (DUO_DECODE_MERGE_WIDE, whatever this process's environment
+    // says) for heads of 64 and 128, with both partial kernels.
     let other_wide = if crate::decode_attention::merge_wide() { "0" } else { "1" };
     for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
         let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
