@@ -1409,6 +1409,7 @@ pub fn split_for(kernel: DecodeKernel, blocks: usize, lens: &[u32], rows: usize)
 /// the wave's 264 (five retrieval heads at 128K: 325 blocks, 1.23 waves, 3.09 TB/s); filling
 /// the wave (five heads: 52 splits of 2,560 keys, 260 blocks) measured a Llama-3-8B duo 0.5
 /// step at 128K 7.06 -> 6.92 ms and full and layer steps unchanged (BENCHMARKS.md, session 20).
+/// Two and three waves measured no faster (session 21).
 pub fn fill_split(blocks: usize, lens: &[u32]) -> usize {
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
     // The long heads: a streaming window's few keys take blocks of their own, one tile each
@@ -1691,8 +1692,11 @@ mod gpu {
         if kv.is_quantised() {
             args = args.with_scales(gpu.addr(&ks), gpu.addr(&vs));
         }
+        // DUO_TIME_PARTIAL_ONLY=1 times the partial kernel alone (no merge), for seeing what
+        // the merge and its launch add.
+        let merged = std::env::var("DUO_TIME_PARTIAL_ONLY").as_deref() != Ok("1");
         let run = || {
-            gpu.decode_attention(
+            gpu.decode_attention_parts(
                 &launch,
                 gpu.addr(&q),
                 gpu.addr(&k),
@@ -1702,8 +1706,7 @@ mod gpu {
                 gpu.addr(&pos),
                 args,
                 parts,
-                0,
-                gpu.addr(&out),
+                merged.then(|| (0, gpu.addr(&out))),
             )
         };
         let ms = gpu.time_ms(iters, run)?;

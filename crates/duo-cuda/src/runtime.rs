@@ -1035,6 +1035,25 @@ impl Gpu {
         out: u64,
         out_bf16: u64,
     ) -> Result<()> {
+        self.decode_attention_parts(a, q, kc, vc, heads, row_slot, row_pos, paged, parts, Some((out, out_bf16)))
+    }
+
+    /// [`Gpu::decode_attention`], the merge left out where `out` is `None` (the partials only:
+    /// for timing the partial kernel alone).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn decode_attention_parts(
+        &self,
+        a: &DecodeLaunch,
+        q: u64,
+        kc: u64,
+        vc: u64,
+        heads: u64,
+        row_slot: u64,
+        row_pos: u64,
+        paged: PagedArgs,
+        parts: (u64, u64, u64),
+        out: Option<(u64, u64)>,
+    ) -> Result<()> {
         if !a.kernel.fits(a.head_dim, a.group, a.kv) {
             return Err(CudaError::Input(format!(
                 "{:?} does not suit {} query heads per KV head of {} dims ({:?})",
@@ -1073,6 +1092,7 @@ impl Gpu {
                 &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale, &pm, &pl, &pa
             )?;
         }
+        let Some((out, out_bf16)) = out else { return Ok(()) };
         let threads = if crate::decode_attention::merge_wide() { crate::decode_attention::merge_block(a.head_dim) } else { a.head_dim } as u32;
         launch_dependent!(pdl; smem 0;
             self,
