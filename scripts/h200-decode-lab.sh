@@ -5,8 +5,8 @@
 #      env PARITY_VARS' settings (as VARIANTS' below);
 #   2. duo's decode timings (tensor-core bf16 rows) at the shipped settings and at others:
 #      env VARIANTS, space-separated variants, each comma-separated NAME=VALUE settings of
-#      DUO_DECODE_STAGES, _MIN_BLOCKS, _L2_PREFETCH (0, 128: the default, 256), _WARP_PIPE
-#      (1: each warp copies and waits for its own keys, bf16), DUO_TIME_PLACEMENT
+#      DUO_DECODE_STAGES, _MIN_BLOCKS, _L2_PREFETCH (0, 128: the default, 256),
+#      DUO_DECODE_MERGE_WIDE (0: one group a merge block), DUO_PDL (1), DUO_TIME_PLACEMENT
 #      (contiguous), DUO_TIME_V_SKEW (bytes), DUO_DECODE_V_SMEM (1: values of a byte cache
 #      through shared memory), DUO_DECODE_TILE (128: byte caches copy and wait per 128 keys,
 #      each warp two 16-key slices), DUO_TIME_KV (one cache type's tensor-core rows alone);
@@ -25,7 +25,7 @@ set -uo pipefail
 source "$(dirname "$0")/h200-common.sh"
 trap pack_out EXIT
 n=0
-for pv in default ${PARITY_VARS:-DUO_DECODE_WARP_PIPE=1}; do
+for pv in default ${PARITY_VARS:-DUO_PDL=1}; do
   n=$((n + 1)); vars=""; [ "$pv" = default ] || vars=${pv//,/ }
   timeout 200 env $vars $D cuda-check --only decode --no-timings > "$OUT/decode-parity-$n.txt" 2>&1
   echo "decode parity ($pv) exit $?: $(grep -c '^ok' "$OUT/decode-parity-$n.txt") ok"; grep "^FAIL" "$OUT/decode-parity-$n.txt" | head
@@ -45,7 +45,7 @@ if [ "${TORCH:-0}" = 1 ]; then
   timeout 120 python3 scripts/torch_decode_attention.py --out "$OUT/decode-attention-torch.json" 2>&1 | tee "$OUT/decode-attention-torch.txt" | tail -8
 fi
 i=0
-for v in default ${VARIANTS:-DUO_DECODE_WARP_PIPE=1 DUO_DECODE_WARP_PIPE=1,DUO_DECODE_STAGES=4,DUO_DECODE_MIN_BLOCKS=1 DUO_DECODE_L2_PREFETCH=0}; do
+for v in default ${VARIANTS:-DUO_PDL=1 DUO_DECODE_STAGES=4,DUO_DECODE_MIN_BLOCKS=1 DUO_DECODE_L2_PREFETCH=0}; do
   i=$((i + 1)); vars=""; [ "$v" = default ] || vars=${v//,/ }
   timeout 120 env $vars $D cuda-check --only ops --timings ${TIMINGS:-decode} > "$OUT/decode-$i.txt" 2>&1
   echo "== $v (exit $?)"; grep -E "${ROWS:-Tensor +Bf16}" "$OUT/decode-$i.txt" | sed 's/time decode attention, Llama-3-8B layer, //'

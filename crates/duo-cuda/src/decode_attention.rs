@@ -303,13 +303,6 @@ pub fn tensor_l2_prefetch() -> usize {
     tuning("DUO_DECODE_L2_PREFETCH").map_or(128, |n| if n >= 256 { 256 } else if n >= 128 { 128 } else { 0 })
 }
 
-/// Whether each warp of the bf16 tensor-core kernel copies and waits for its own 16 keys of
-/// a tile (`DUO_DECODE_WARP_PIPE=1`: no block-wide barrier per tile), instead of the block
-/// sharing each tile (the default). A measurement knob until it is measured.
-pub fn tensor_warp_pipe() -> bool {
-    tuning("DUO_DECODE_WARP_PIPE") == Some(1)
-}
-
 /// Whether the split merge runs a head on [`merge_block`] threads, groups of `head_dim`
 /// summing the listed splits side by side (the kernel's `MERGE_WIDE`, the default), instead
 /// of one group of `head_dim` threads (`DUO_DECODE_MERGE_WIDE=0`). Measured on the H200
@@ -965,16 +958,11 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #endif
 #define NCH (TILE * CPR / 128)
 // Which row and 16-byte column of the tile chunk j of this thread copies: the block's 128
-// threads share the tile; with WARP_PIPE (bf16 only) each warp copies its own 16 keys, so
-// that a warp waits for its own rows and never for the block (__syncwarp, no
-// __syncthreads in the loop). Either way NCH chunks per thread.
-#if WARP_PIPE && !defined(KV_BYTES)
-#define CH_ROW(j) (warp * 16 + (lane + (j) * 32) / CPR)
-#define CH_COL(j) ((lane + (j) * 32) % CPR)
-#else
+// threads share the tile, NCH chunks each. (Each warp copying and waiting for its own 16
+// keys, without a block-wide barrier per tile, measured no faster on the H200: BENCHMARKS.md
+// session 12.)
 #define CH_ROW(j) ((threadIdx.x + (j) * 128) / CPR)
 #define CH_COL(j) ((threadIdx.x + (j) * 128) % CPR)
-#endif
     const int cap = e.w == 0 ? 1 : slot_cap(pg, seq_slot);
     const int* trow = pg.tables + (size_t)seq_slot * pg.stride;
     auto pos_of = [&](int t) { return t + (t >= sinks ? gap : 0); };
@@ -1040,12 +1028,10 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     auto copy_tile = [&](int t0, unsigned stage_at, unsigned tile_bytes, int row_bytes, int v_row_bytes, int pad, int v_pad) {
         const char* kbase = reinterpret_cast<const char*>(keys);
         const char* vbase = reinterpret_cast<const char*>(values);
-#if !(WARP_PIPE && !defined(KV_BYTES))
         if (page_tiles && t0 + TILE <= end) {
             copy_run_tile(smem_base + stage_at, smem_base + stage_at + tile_bytes, kbase, vbase, row_bytes, v_row_bytes, pad, v_pad);
             return;
         }
-#endif
         unsigned char* kd = smem_raw + stage_at;
         unsigned char* vd = kd + tile_bytes;
 #pragma unroll
@@ -1109,11 +1095,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 
     for (int tile = 0; tile < n_tiles; tile++) {
         cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
-#if WARP_PIPE && !defined(KV_BYTES)
-        __syncwarp();        // ... for every lane of this warp, which alone reads its rows
-#else
         __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
-#endif
         if (tile + STAGES - 1 < n_tiles) {
             load_tile(tile + STAGES - 1);
             fetch_entries(tile + STAGES);

@@ -277,10 +277,6 @@ fn decode_source(
                 crate::decode_attention::tensor_l2_prefetch()
             ));
             options.push(format!(
-                "-DWARP_PIPE={}",
-                u8::from(crate::decode_attention::tensor_warp_pipe())
-            ));
-            options.push(format!(
                 "-DV_REGS={}",
                 u8::from(crate::decode_attention::tensor_values_in_registers())
             ));
@@ -402,12 +398,6 @@ pub fn compile_all() -> Option<Result<usize>> {
     for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
         let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
         jobs.push(("decode_attention", src, with_define(&o, "MERGE_WIDE", other_wide)));
-    }
-    // The measurement knob's other side (DUO_DECODE_WARP_PIPE=1), whatever this process's
-    // environment says.
-    for (group, d) in [(3, 64), (4, 128)] {
-        let (src, o) = decode_source(group, d, KvType::Bf16, DecodeKernel::Tensor);
-        jobs.push(("decode_attention", src, with_define(&o, "WARP_PIPE", "1")));
     }
     // And DUO_DECODE_V_SMEM's (values through shared memory) and DUO_DECODE_TILE=128's over
     // each byte cache.
