@@ -1594,8 +1594,7 @@ mod gpu {
             gpu.addr(&pos),
             paged,
             parts,
-            gpu.addr(&out),
-            0,
+            Some((gpu.addr(&out), 0)),
         )?;
         gpu.download(&out)
     }
@@ -1678,7 +1677,7 @@ mod gpu {
         // the merge and its launch add.
         let merged = std::env::var("DUO_TIME_PARTIAL_ONLY").as_deref() != Ok("1");
         let run = || {
-            gpu.decode_attention_parts(
+            gpu.decode_attention(
                 &launch,
                 gpu.addr(&q),
                 gpu.addr(&k),

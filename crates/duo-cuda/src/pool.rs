@@ -979,7 +979,7 @@ impl KvPool {
                     self.attention_input(b, lw, heads, paged, rows, (0, rows))?;
                     if decode_rows > 0 {
                         let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
-                        g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, paged, parts, 0, a16(&b.att))?;
+                        g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, paged, parts, Some((0, a16(&b.att))))?;
                     }
                     if chunk > 0 {
                         self.prefill_rows(b, heads, paged, pre, (decode_rows, chunk))?;

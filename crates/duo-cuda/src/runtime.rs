@@ -1008,30 +1008,11 @@ impl Gpu {
 
     /// One decode step of attention for a layer and `a.rows` sequences (row `b`: slot
     /// `row_slot[b]` at position `row_pos[b]`): partials over `a.blocks()` blocks a row,
-    /// then the merge into `out` (f32, or 0) and `out_bf16` (or 0). `parts`: the partials'
-    /// maxima, sums and values (`a.n_splits` slots per row and query head).
+    /// then the merge into `out = Some((f32 out or 0, bf16 out or 0))`; `None` leaves the
+    /// merge out (the partials only: for timing the partial kernel alone). `parts`: the
+    /// partials' maxima, sums and values (`a.n_splits` slots per row and query head).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
-        &self,
-        a: &DecodeLaunch,
-        q: u64,
-        kc: u64,
-        vc: u64,
-        heads: u64,
-        row_slot: u64,
-        row_pos: u64,
-        paged: PagedArgs,
-        parts: (u64, u64, u64),
-        out: u64,
-        out_bf16: u64,
-    ) -> Result<()> {
-        self.decode_attention_parts(a, q, kc, vc, heads, row_slot, row_pos, paged, parts, Some((out, out_bf16)))
-    }
-
-    /// [`Gpu::decode_attention`], the merge left out where `out` is `None` (the partials only:
-    /// for timing the partial kernel alone).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn decode_attention_parts(
         &self,
         a: &DecodeLaunch,
         q: u64,
