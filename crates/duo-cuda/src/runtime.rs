@@ -131,15 +131,25 @@ fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cud
 fn nvrtc_version() -> &'static str {
     static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     VERSION.get_or_init(|| {
-        std::panic::catch_unwind(|| {
+        quietly(|| {
             let (mut major, mut minor) = (0, 0);
             // SAFETY: two out-parameters NVRTC writes; a library that cannot be loaded panics
             // (dynamic loading), which is caught.
             unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
             format!("{major}.{minor}")
         })
-        .unwrap_or_else(|_| "unknown".into())
+        .unwrap_or_else(|| "unknown".into())
     })
+}
+
+/// `f`'s value, or `None` where it panics, without the panic's message: cudarc's dynamic
+/// loading panics where a CUDA library is missing, which here is an answer, not a failure.
+fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let value = std::panic::catch_unwind(f);
+    std::panic::set_hook(hook);
+    value.ok()
 }
 
 /// [`compile`] for the architecture `arch` (`sm_90a`: Hopper's own instructions, `wgmma`);
@@ -296,13 +306,8 @@ fn decode_source(
 /// Compiles every kernel source with each set of options duo uses, without a device: the
 /// build check that NVRTC accepts them (`None` where NVRTC cannot be loaded here).
 pub fn compile_all() -> Option<Result<usize>> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let loaded = std::panic::catch_unwind(|| {
-        compile_for("sm_90", "extern \"C\" __global__ void k() {}", "probe", vec![], false).is_ok()
-    });
-    std::panic::set_hook(hook);
-    if !matches!(loaded, Ok(true)) {
+    let loaded = quietly(|| compile_for("sm_90", "extern \"C\" __global__ void k() {}", "probe", vec![], false).is_ok());
+    if loaded != Some(true) {
         return None;
     }
     let mut jobs: Vec<(&'static str, String, Vec<String>)> = vec![
@@ -426,11 +431,7 @@ fn with_define(options: &[String], name: &str, value: &str) -> Vec<String> {
 
 /// GPUs the driver sees (0 where no driver can be loaded).
 pub fn device_count() -> usize {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let n = std::panic::catch_unwind(CudaContext::device_count);
-    std::panic::set_hook(hook);
-    n.ok().and_then(|n| n.ok()).map_or(0, |n| n.max(0) as usize)
+    quietly(CudaContext::device_count).and_then(|n| n.ok()).map_or(0, |n| n.max(0) as usize)
 }
 
 /// Devices `0..n` opened for `n` ranks of tensor parallelism, or an error that says how
@@ -447,13 +448,9 @@ impl Gpu {
     /// Opens device `ordinal`. Where no driver can be loaded this is an error, not a panic.
     pub fn new(ordinal: usize) -> Result<Self> {
         // The driver library is loaded on first use; where it is missing the loader panics.
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let opened = std::panic::catch_unwind(|| CudaContext::new(ordinal));
-        std::panic::set_hook(hook);
-        let ctx = match opened {
-            Ok(c) => c.map_err(driver)?,
-            Err(_) => {
+        let ctx = match quietly(|| CudaContext::new(ordinal)) {
+            Some(c) => c.map_err(driver)?,
+            None => {
                 return Err(CudaError::Driver(
                     "no usable CUDA driver on this machine (libcuda.so.1 could not be loaded)"
                         .into(),
