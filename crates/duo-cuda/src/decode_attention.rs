@@ -313,10 +313,14 @@ pub fn merge_wide() -> bool {
 }
 
 /// Threads of the wide merge's block for heads of `head_dim` (`MERGE_BLOCK` in the kernel):
-/// as many whole groups of `head_dim` as 512 threads hold, one at least.
+/// as many whole groups of `head_dim` as [`MERGE_THREADS`] threads hold, one at least.
 pub fn merge_block(head_dim: usize) -> usize {
-    (512 / head_dim).max(1) * head_dim
+    (MERGE_THREADS / head_dim).max(1) * head_dim
 }
+
+/// The wide merge's width in threads before rounding to whole heads ([`merge_block`]; the
+/// kernel's `MERGE_THREADS`, given to NVRTC by the host so the two cannot disagree).
+pub const MERGE_THREADS: usize = 512;
 
 /// Whether the tensor-core kernel over a quantised cache takes values from their codes
 /// straight into the tensor cores (the default, for up to 8 query heads per KV head; see
@@ -534,7 +538,9 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
 #ifndef MERGE_WIDE
 #define MERGE_WIDE 1
 #endif
-#define MERGE_THREADS 512
+#ifndef MERGE_THREADS
+#error "MERGE_THREADS comes from the host (decode_attention::MERGE_THREADS)"
+#endif
 #define MERGE_PARTS (HEAD_DIM >= MERGE_THREADS ? 1 : MERGE_THREADS / HEAD_DIM)
 #define MERGE_BLOCK (MERGE_PARTS * HEAD_DIM)  // MERGE_THREADS where HEAD_DIM divides it (64, 128)
 #if MERGE_WIDE

@@ -263,6 +263,7 @@ fn decode_source(
         format!("-DGROUP={group}"),
         format!("-DPER_LANE={}", head_dim / 32),
         format!("-DMERGE_WIDE={}", u8::from(crate::decode_attention::merge_wide())),
+        format!("-DMERGE_THREADS={}", crate::decode_attention::MERGE_THREADS),
     ];
     let source = match kernel {
         DecodeKernel::Cores(kpw) => {
