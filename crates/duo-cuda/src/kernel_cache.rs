@@ -10,7 +10,10 @@
 //!
 //! A file is named by its kernel and a 64-bit FNV-1a hash of everything its PTX depends on.
 //! It is written under a temporary name and renamed into place, so a reader never sees half
-//! a file; a file that cannot be read or written only means compiling again. The folder keeps
+//! a file; its first line holds the hash of the PTX after it, so a file damaged since (a disk
+//! error, an edit) is compiled again and replaced rather than handed to the driver, which
+//! would refuse it in every later run. A file that cannot be read or written only means
+//! compiling again. The folder keeps
 //! the [`KEEP`] files used last (a read touches its file): each build of duo that changes a
 //! kernel adds new ones, and a cache that only grows would fill a disk over upgrades.
 
@@ -73,7 +76,7 @@ pub fn get_or_compile_keeping<E>(
 ) -> Result<String, E> {
     let Some(folder) = folder else { return compile() };
     let path = file(folder, name, key);
-    if let Ok(ptx) = std::fs::read_to_string(&path) {
+    if let Some(ptx) = std::fs::read_to_string(&path).ok().and_then(|text| checked(&text).map(str::to_owned)) {
         // Used now: the last file the folder would give up.
         let _ = std::fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok(ptx);
@@ -84,7 +87,7 @@ pub fn get_or_compile_keeping<E>(
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = folder.join(format!(".{name}-{key:016x}.{}.{n}.tmp", std::process::id()));
     let kept = std::fs::create_dir_all(folder)
-        .and_then(|()| std::fs::write(&tmp, &ptx))
+        .and_then(|()| std::fs::write(&tmp, format!("{}{ptx}", header(&ptx))))
         .and_then(|()| std::fs::rename(&tmp, &path));
     match kept {
         Ok(()) => prune(folder, keep),
@@ -94,6 +97,17 @@ pub fn get_or_compile_keeping<E>(
         }
     }
     Ok(ptx)
+}
+
+/// A kept file's first line: the hash of the PTX that follows it.
+fn header(ptx: &str) -> String {
+    format!("// duo kernel cache {:016x}\n", key(&[ptx]))
+}
+
+/// The PTX of a kept file's text, where its first line is the header of what follows.
+fn checked(text: &str) -> Option<&str> {
+    let (first, ptx) = text.split_once('\n')?;
+    (format!("{first}\n") == header(ptx)).then_some(ptx)
 }
 
 /// Removes all but the `keep` most recently used kept files of `folder` (other files, and
@@ -158,6 +172,17 @@ mod tests {
         let mut names: Vec<String> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         assert_eq!(names, vec![format!("decode-{:016x}.ptx", 7), format!("decode-{:016x}.ptx", 8)]);
+        // A kept file damaged since (here: one character of its PTX changed, then one cut
+        // off) is compiled again and replaced.
+        for damage in [|t: &str| t.replacen("one", "0ne", 1), |t: &str| t[..t.len() - 1].to_string()] {
+            let path = file(&folder, "decode", 7);
+            std::fs::write(&path, damage(&std::fs::read_to_string(&path).unwrap())).unwrap();
+            let before = compiles.get();
+            let got = get_or_compile(Some(&folder), "decode", 7, || compile("// ptx one")).unwrap();
+            assert_eq!((got.as_str(), compiles.get()), ("// ptx one", before + 1));
+            let again = get_or_compile(Some(&folder), "decode", 7, || compile("// not read")).unwrap();
+            assert_eq!((again.as_str(), compiles.get()), ("// ptx one", before + 1), "the replacement is read back");
+        }
         // A failed compile keeps nothing and says why.
         let failed = get_or_compile(Some(&folder), "decode", 9, || Err::<String, _>("no NVRTC".to_string()));
         assert_eq!(failed, Err("no NVRTC".to_string()));
