@@ -355,6 +355,11 @@ pub struct PatternShowArgs {
     /// and minimum per row).
     #[arg(long)]
     pub kv_dtype: Option<String>,
+    /// The streaming heads' own element type (the same names): their window is small, so an
+    /// exact one costs little. Runs take any mix of f32, f16 and int8 on the CPU; the CUDA
+    /// backend keeps every head in one type for now.
+    #[arg(long)]
+    pub kv_dtype_streaming: Option<String>,
     /// Also print the longest context whose KV cache fits in this many GiB, with this
     /// pattern and with full attention (weights and activations not counted).
     #[arg(long)]

@@ -599,8 +599,13 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     if !(1..=4096).contains(&a.head_dim) {
         bail!("--head-dim must be from 1 to 4096 (got {})", a.head_dim);
     }
+    let streaming = a.kv_dtype_streaming.as_deref().map(str::parse::<duo_engine::KvDtype>).transpose()?;
     let plan_with = |p: &duo_core::HeadPattern, bits: usize, scales: usize| {
-        duo_core::CachePlan::with_bits(p, a.head_dim, bits, window).with_row_scales(scales)
+        let plan = duo_core::CachePlan::with_bits(p, a.head_dim, bits, window).with_row_scales(scales);
+        match streaming {
+            Some(s) => plan.with_streaming(s.bits(), s.scale_bytes()),
+            None => plan,
+        }
     };
     let plan_for = |p: &duo_core::HeadPattern| plan_with(p, bits, scales);
     let all_retrieval = duo_core::HeadPattern::all_retrieval(layers, heads);
@@ -613,6 +618,10 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         (_, b, 0) => format!("{} bytes/element", b / 8),
         (_, 8, s) => format!("1 byte/element + {s}-byte scale per row"),
         (_, b, s) => format!("{b} bits/element + {s}-byte scale per row"),
+    };
+    let element = match a.kv_dtype_streaming.as_deref() {
+        Some(s) => format!("{element}; streaming heads {s}"),
+        None => element,
     };
     println!(
         "KV cache at {t} tokens (head_dim {}, {element}, sink {}, recent {}): {:.1} MiB vs {:.1} MiB full attention ({:.2}x less)",
@@ -639,7 +648,8 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
             ours as f64 / theirs.max(1) as f64
         );
         // The same budget with every cache type duo has, side by side.
-        println!("| KV cache | bytes per token beyond the window | longest context, this pattern | longest context, full attention |\n|---|---|---|---|");
+        let kv_cache = a.kv_dtype_streaming.as_deref().map_or("KV cache".to_string(), |s| format!("KV cache (streaming heads {s})"));
+        println!("| {kv_cache} | bytes per token beyond the window | longest context, this pattern | longest context, full attention |\n|---|---|---|---|");
         use duo_engine::KvDtype;
         for (name, d) in [("f32 (CPU)", KvDtype::F32), ("f16 (CPU) / bf16 (GPU)", KvDtype::Bf16), ("int8 (CPU, GPU) / fp8 (GPU)", KvDtype::Int8), ("k8v4: int8 keys, int4 values (GPU)", KvDtype::K8V4), ("int4 (GPU)", KvDtype::Int4)] {
             let (mine, all) = (plan_with(&pattern, d.bits(), d.scale_bytes()), plan_with(&all_retrieval, d.bits(), d.scale_bytes()));

@@ -195,6 +195,20 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     let run = Command::new(env!("CARGO_BIN_EXE_duo")).args(["pattern", "show", pattern, "--recent", "256", "--heatmap", heatmap.to_str().expect("utf-8")]).output().expect("duo runs");
     let _ = std::fs::remove_file(&heatmap);
     assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("sink 64, recent 256)") && String::from_utf8_lossy(&run.stdout).contains("(as given)"), "{}", String::from_utf8_lossy(&run.stdout));
+    // Streaming heads of their own type: int4 retrieval rows (36 bytes) beside an f16 window
+    // (128-byte rows), here and in the table's int4 row; full attention has no streaming heads.
+    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
+        .args(["pattern", "show", pattern, "--kv-dtype", "int4", "--kv-dtype-streaming", "f16", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
+        .output()
+        .expect("duo runs");
+    let _ = std::fs::remove_file(&heatmap);
+    let out = String::from_utf8_lossy(&run.stdout);
+    let (per_token, window) = (45 * 2 * 36, 45 * 1088 * 2 * 128);
+    let (ours, full) = (((1usize << 30) - window) / per_token, (1usize << 30) / (90 * 2 * 36));
+    assert!(run.status.success() && out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("streaming heads f16"), "{out}");
+    assert!(out.contains(&format!("| int4 (GPU) | {per_token} | {ours} | {full} |")), "{out}");
+    let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype-streaming", "int3", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("not one of"), "{err}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--memory-gib", "0"]);
     assert!(!ok && err.contains("positive number of GiB"), "{err}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype", "int3", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")]);
