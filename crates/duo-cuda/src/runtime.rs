@@ -125,7 +125,9 @@ pub fn programmatic_launch() -> bool {
 /// Whether RMSNorm, RoPE + append and SiLU x up launch as programmatic dependents of the
 /// kernel before each (`DUO_PDL_OPS=1`, the ops' `OPS_PDL`): a step has about 100 such
 /// boundaries (three a layer), at 1-2 us of launch gap each. A measurement knob until it is
-/// measured; off, the ops' PTX is what it was without it.
+/// measured (one GPU first: under tensor parallelism an RMSNorm also follows a wait on the
+/// NCCL stream's event, which a programmatic launch is believed, not yet seen, to honour);
+/// off, the ops' PTX is what it was without it.
 pub fn programmatic_ops() -> bool {
     crate::decode_attention::tuning("DUO_PDL_OPS") == Some(1)
 }
