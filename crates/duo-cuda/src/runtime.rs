@@ -327,8 +327,9 @@ pub fn compile_all() -> Option<Result<usize>> {
         return None;
     }
     let mut jobs: Vec<(&'static str, String, Vec<String>)> = vec![
-        ("ops", crate::ops::SOURCE.into(), ops_options()),
-        ("ops", crate::ops::SOURCE.into(), if programmatic_ops() { vec![] } else { vec!["-DOPS_PDL=1".into()] }),
+        // The ops in both forms of DUO_PDL_OPS.
+        ("ops", crate::ops::SOURCE.into(), vec![]),
+        ("ops", crate::ops::SOURCE.into(), vec!["-DOPS_PDL=1".into()]),
         ("dequant", crate::dequant::SOURCE.into(), vec![]),
     ];
     for d in [64, 128] {
