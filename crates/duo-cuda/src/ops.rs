@@ -30,16 +30,6 @@ __device__ __forceinline__ float hash_uniform(unsigned long long seed, unsigned 
     return (float)(z >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
 }
 
-// OPS_PDL = 1 (`DUO_PDL_OPS=1`, a measurement knob): RMSNorm, RoPE + append and SiLU x up
-// are launched as programmatic dependents of the kernel before each (mostly a cuBLAS
-// product), so their blocks are placed while it finishes; each waits for it before reading
-// or writing anything. Off, the wait is not compiled in.
-#if OPS_PDL
-#define OPS_WAIT() pdl_wait()
-#else
-#define OPS_WAIT() ((void)0)
-#endif
-
 extern "C" __global__ void fill_uniform_bf16(bf16_t* out, unsigned long long n, unsigned long long seed, float scale) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x)
@@ -62,7 +52,6 @@ extern "C" __global__ void embed(const int* tokens, const bf16_t* table, unsigne
 // scalar loop.
 #define RMS_VECS 4
 extern "C" __global__ void __launch_bounds__(1024) rms_norm(const float* x, const float* w, bf16_t* out, int dim, float eps) {
-    OPS_WAIT();
     const float* row = x + (size_t)blockIdx.x * dim;
     bf16_t* o = out + (size_t)blockIdx.x * dim;
     const bool vec = dim % 4 == 0 && dim / 4 <= RMS_VECS * (int)blockDim.x;
@@ -221,7 +210,6 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, c
     float* q_out, void* kc, void* vc, Paged pg)
 {
     pdl_launch_dependents();  // the decode partial kernel may be placed (DUO_PDL=1); it waits for this grid
-    OPS_WAIT();
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
     const int slot = row_slot[t], pos = row_pos[t];
     const bf16_t* row = qkv + (size_t)t * (n_heads + 2 * n_kv) * head_dim;
@@ -385,7 +373,6 @@ extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16_t* __rest
 
 // out[t, i] = bf16(silu(gate) * up), rows of gu (bf16) being [gate (inter) | up (inter)].
 extern "C" __global__ void silu_mul(const bf16_t* gu, bf16_t* out, int rows, int inter) {
-    OPS_WAIT();
     const size_t n = (size_t)rows * inter;
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
         const size_t t = k / inter, i = k % inter;

@@ -122,21 +122,6 @@ pub fn programmatic_launch() -> bool {
     crate::decode_attention::tuning("DUO_PDL") == Some(1)
 }
 
-/// Whether RMSNorm, RoPE + append and SiLU x up launch as programmatic dependents of the
-/// kernel before each (`DUO_PDL_OPS=1`, the ops' `OPS_PDL`): a step has about 100 such
-/// boundaries (three a layer), at 1-2 us of launch gap each. A measurement knob until it is
-/// measured (one GPU first: under tensor parallelism an RMSNorm also follows a wait on the
-/// NCCL stream's event, which a programmatic launch is believed, not yet seen, to honour);
-/// off, the ops' PTX is what it was without it.
-pub fn programmatic_ops() -> bool {
-    crate::decode_attention::tuning("DUO_PDL_OPS") == Some(1)
-}
-
-/// The ops module's NVRTC options.
-fn ops_options() -> Vec<String> {
-    if programmatic_ops() { vec!["-DOPS_PDL=1".into()] } else { vec![] }
-}
-
 /// Compiles `source` after the paged-cache helper ([`PREFIX`]) for `sm_90`.
 fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
     compile_for("sm_90", source, name, options, true)
@@ -327,9 +312,7 @@ pub fn compile_all() -> Option<Result<usize>> {
         return None;
     }
     let mut jobs: Vec<(&'static str, String, Vec<String>)> = vec![
-        // The ops in both forms of DUO_PDL_OPS.
         ("ops", crate::ops::SOURCE.into(), vec![]),
-        ("ops", crate::ops::SOURCE.into(), vec!["-DOPS_PDL=1".into()]),
         ("dequant", crate::dequant::SOURCE.into(), vec![]),
     ];
     for d in [64, 128] {
@@ -480,7 +463,7 @@ impl Gpu {
         let stream = ctx.new_stream().map_err(driver)?;
         let blas = CudaBlas::new(stream.clone()).map_err(driver)?;
         let ops = ctx
-            .load_module(compile(crate::ops::SOURCE, "ops", ops_options())?)
+            .load_module(compile(crate::ops::SOURCE, "ops", vec![])?)
             .map_err(driver)?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver)?;
         let hopper = ctx.compute_capability().map_err(driver)?.0 == 9;
@@ -629,7 +612,7 @@ impl Gpu {
         let d = dim as i32;
         // A float4 of the row per thread (up to 4 each past 4,096 dims).
         let threads = (dim.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32;
-        launch_dependent!(programmatic_ops(); smem 0; self, f, (rows as u32, 1, 1), threads, &x, &w, &out, &d, &eps)
+        launch!(self, f, (rows as u32, 1, 1), threads, &x, &w, &out, &d, &eps)
     }
 
     /// RoPE of `t` rows of `qkv` (row `i`: slot `row_slot[i]`, position `row_pos[i]`);
@@ -661,7 +644,7 @@ impl Gpu {
             i32::from(half_split),
         );
         let threads = (head_dim / 2) as u32;
-        launch_dependent!(programmatic_ops(); smem 0;
+        launch!(
             self,
             f,
             (t as u32, (n_heads + n_kv) as u32, 1),
@@ -687,7 +670,7 @@ impl Gpu {
         let f = self.op("silu_mul")?;
         let (r, i) = (rows as i32, inter as i32);
         let blocks = (rows * inter).div_ceil(256).min(8192) as u32;
-        launch_dependent!(programmatic_ops(); smem 0; self, f, (blocks, 1, 1), 256, &gu, &out, &r, &i)
+        launch!(self, f, (blocks, 1, 1), 256, &gu, &out, &r, &i)
     }
 
     /// One rank's rows and columns of a bf16 matrix of `in_cols` columns at `input`:
