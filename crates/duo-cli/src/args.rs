@@ -160,7 +160,12 @@ impl MethodArgs {
         let kv_dtype_streaming: Option<KvDtype> = self.kv_dtype_streaming.as_deref().map(str::parse).transpose()?;
         match (self.device, kv_dtype_streaming) {
             (Device::Cpu, Some(d)) if !d.on_cpu() => anyhow::bail!("--kv-dtype-streaming {}: on the CPU it is f32, f16 or int8 (q8)", self.kv_dtype_streaming.as_deref().unwrap_or_default()),
-            (Device::Cuda(_), Some(_)) => anyhow::bail!("--kv-dtype-streaming: the CUDA backend caches every head in one type (--kv-dtype); streaming heads of their own type are the CPU backend's for now"),
+            // Streaming rows of another type span whole rows of the cache's, keys and values
+            // alike (duo-cuda's `paged`): bf16 windows beside fp8, int8 or int4.
+            (Device::Cuda(_), Some(d)) if d != kv_dtype.unwrap_or(KvDtype::Bf16) && !(d == KvDtype::Bf16 && matches!(kv_dtype, Some(KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4))) => anyhow::bail!(
+                "--kv-dtype-streaming {}: the CUDA backend keeps streaming heads in the cache's type (--kv-dtype, bf16 by default), or in bf16 beside an fp8, int8 or int4 cache",
+                self.kv_dtype_streaming.as_deref().unwrap_or_default()
+            ),
             _ => {}
         }
         Ok(MethodSpec {

@@ -101,7 +101,9 @@ fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
         (&["generate", "--kv-dtype", "bf16", "hi"][..], "on the CPU it is f32 (the default), f16 or int8 (q8)"),
         (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16 (its default), fp8, int8, int4 or k8v4"),
         (&["generate", "--kv-dtype-streaming", "int4", "hi"][..], "on the CPU it is f32, f16 or int8"),
-        (&["bench", "--device", "cuda", "--kv-dtype-streaming", "bf16", "--lengths", "64"][..], "streaming heads of their own type are the CPU backend's"),
+        (&["bench", "--device", "cuda", "--kv-dtype", "int4", "--kv-dtype-streaming", "fp8", "--lengths", "64"][..], "keeps streaming heads in the cache's type"),
+        (&["bench", "--device", "cuda", "--kv-dtype-streaming", "int4", "--lengths", "64"][..], "or in bf16 beside an fp8, int8 or int4 cache"),
+        (&["bench", "--device", "cuda", "--kv-dtype", "k8v4", "--kv-dtype-streaming", "bf16", "--lengths", "64"][..], "or in bf16 beside an fp8, int8 or int4 cache"),
     ] {
         let (ok, err, _) = duo(args);
         assert!(!ok && err.contains(want), "{args:?}: {err}");

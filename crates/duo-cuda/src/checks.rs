@@ -70,6 +70,7 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
                     };
                     let layout = PagedLayout {
                         kv,
+                        kv_streaming: kv,
                         ..layout.clone()
                     };
                     out.push(prefill(gpu, &format!("{case}, {kv:?} cache"), &xq, &layout, seed, PrefillKernel::Mma)?);
@@ -298,6 +299,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             max_chunk: 8,
             max_tokens: 1200,
             kv,
+            kv_streaming: kv,
         };
         let rows_at: [(i32, usize); 4] = [(0, 1000), (0, 1001), (1, 2), (-1, 7)];
         let t = rows_at.len();
@@ -725,6 +727,7 @@ pub fn time_prefill_attention_with(
         max_chunk: t,
         max_tokens: n,
         kv,
+        kv_streaming: kv,
     };
     let (tables, blocks) = shuffled_tables(&layout, n, 1);
     let elems = blocks * layout.block_elems(d);

@@ -502,10 +502,13 @@ __device__ __forceinline__ int head_splits(int h, int n_kv, int n_splits, unsign
 // `long_split` keys, then every streaming head's `short_splits` of `short_split` keys (it
 // shows at most sinks + recent), split-major, so that neighbouring blocks read different
 // heads. A streaming head's window walked by one block in 64-key tiles, each waiting on its
-// block-table lookups and then its copies, outlasted a long head's whole split.
+// block-table lookups and then its copies, outlasted a long head's whole split. A launch
+// may run part of the list from entry `block0` on: where streaming heads keep their own
+// cache type, the retrieval heads' entries and the streaming heads' run in two launches of
+// kernels compiled for each type (`Gpu::decode_attention`).
 __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_split, unsigned long long retrieval,
-                                           int short_splits, int short_split, int* g, int* s, int* split) {
-    int j = blockIdx.x;
+                                           int short_splits, int short_split, int block0, int* g, int* s, int* split) {
+    int j = blockIdx.x + block0;
     *split = long_split;
     if (short_split == 0) { *g = j; *s = blockIdx.y; return; }
     const unsigned long long all = n_kv >= 64 ? ~0ull : (1ull << n_kv) - 1ull;
@@ -686,13 +689,13 @@ __device__ __forceinline__ void unpack(const uint4* r, float* out) {
 extern "C" __global__ void duo_decode_partial(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
-    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, float scale,
+    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, int block0, float scale,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
     pdl_launch_dependents();  // as the tensor-core kernel
     const int b = blockIdx.z;
     int g, s, split;
-    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, &g, &s, &split);
+    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, block0, &g, &s, &split);
     const int seq_slot = row_slot[b];
     if (seq_slot < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -896,13 +899,13 @@ typedef bf16_t kv_t;
 extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial_tc(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
-    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, float scale_log2,
+    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, int block0, float scale_log2,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
     pdl_launch_dependents();  // the merge may be placed (DUO_PDL=1); it waits for this grid
     const int b = blockIdx.z;
     int g, s, split;
-    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, &g, &s, &split);
+    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, block0, &g, &s, &split);
     const int seq_slot = row_slot[b];
     if (seq_slot < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
@@ -1432,6 +1435,7 @@ mod gpu {
             max_chunk: 1,
             max_tokens,
             kv: KvType::Bf16,
+            kv_streaming: KvType::Bf16,
         }
     }
 
@@ -1536,18 +1540,31 @@ mod gpu {
         // Unused rows are poisoned: a read outside a row's blocks shows in the result.
         let rows = blocks * layout.group() * layout.block_tokens;
         let (mut keys, mut values) = (vec![1e3f32; rows * d], vec![1e3f32; rows * d]);
+        // Where streaming heads keep bf16 beside the cache's type (`layout.split_types()`),
+        // their rows (in their own units) go in over the quantised bytes below.
+        let mut windows: Vec<(usize, &[f32], &[f32])> = Vec::new();
         for (b, &n) in x.tokens.iter().enumerate() {
             for (g, &e) in x.heads.iter().enumerate() {
                 let base = x.key_offset(b, g);
                 for p in 0..n {
                     // In order of position: the ring keeps the latest.
                     let r = tables[b].row(layout, e, p);
-                    keys[r * d..][..d].copy_from_slice(&x.keys[base + p * d..][..d]);
-                    values[r * d..][..d].copy_from_slice(&x.values[base + p * d..][..d]);
+                    let (k, v) = (&x.keys[base + p * d..][..d], &x.values[base + p * d..][..d]);
+                    if layout.split_types() && e.kind == HeadEntry::STREAMING {
+                        windows.push((r, k, v));
+                    } else {
+                        keys[r * d..][..d].copy_from_slice(k);
+                        values[r * d..][..d].copy_from_slice(v);
+                    }
                 }
             }
         }
-        let launch = launch_for(&x.heads, h, d, &x.tokens, kv, split, kernel);
+        let mut launch = launch_for(&x.heads, h, d, &x.tokens, kv, split, kernel);
+        if layout.split_types() {
+            let kinds: Vec<bool> = x.heads.iter().map(|e| e.kind == HeadEntry::RETRIEVAL).collect();
+            let st = crate::runtime::StreamingKernel { kv: layout.kv_streaming, kernel: DecodeKernel::Tensor, units_per_block: layout.streaming_group() };
+            launch = launch.with_streaming_type(&kinds, st)?;
+        }
         let heads = gpu.upload(&HeadEntry::table(&x.heads))?;
         let tab = gpu.upload(&table_rows(layout, &tables))?;
         let slots: Vec<i32> = (0..x.tokens.len() as i32).collect();
@@ -1577,8 +1594,18 @@ mod gpu {
                 (gpu.addr(&k16), gpu.addr(&v16))
             }
             KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4 => {
-                let ((kb, ksc), (vb, vsc)) =
+                let ((mut kb, ksc), (mut vb, vsc)) =
                     (kv.key().quantise_rows(&keys, d)?, kv.value().quantise_rows(&values, d)?);
+                // (Read later by row order: a later position of a ring row overwrites.)
+                for (r, k, v) in &windows {
+                    let (kw, vw) = (crate::ops::bf16_bits(k), crate::ops::bf16_bits(v));
+                    for (bytes, words) in [(&mut kb, kw), (&mut vb, vw)] {
+                        let at = r * 2 * d;
+                        for (i, w) in words.iter().enumerate() {
+                            bytes[at + 2 * i..][..2].copy_from_slice(&w.to_le_bytes());
+                        }
+                    }
+                }
                 (k8, v8, ks, vs) = (
                     gpu.upload(&kb)?,
                     gpu.upload(&vb)?,
@@ -1589,6 +1616,9 @@ mod gpu {
                 (gpu.addr(&k8), gpu.addr(&v8))
             }
         };
+        if !windows.is_empty() && !kv.is_quantised() {
+            return Err(CudaError::Input(format!("bf16 windows beside a {kv:?} cache")));
+        }
         let parts = (gpu.addr(&pm), gpu.addr(&pl), gpu.addr(&pa));
         gpu.decode_attention(
             &launch,
@@ -1626,6 +1656,7 @@ mod gpu {
     ) -> Result<(f64, usize)> {
         let layout = PagedLayout {
             kv,
+            kv_streaming: kv,
             ..layer_layout(kinds, 64, 256, block_tokens, tokens)
         };
         let all = vec![tokens; rows];
@@ -1818,6 +1849,37 @@ mod gpu {
                 }
             }
         }
+        // Streaming heads in bf16 beside a quantised cache: the layer's two launches (each
+        // kind by its type's kernel, one merge), against the reference with each head's rows
+        // rounded as its kind keeps them. Every case with both kinds, and one of streaming
+        // heads only.
+        for kv in [KvType::Fp8, KvType::Int8, KvType::Int4] {
+            let all_streaming: Case = (8, 128, &[false, false], 16, 100, 32, &[300, 7], None);
+            for (i, (h, d, kinds, sink, recent, bt, tokens, split)) in cases.iter().copied().chain([all_streaming]).enumerate() {
+                if !kinds.contains(&false) || !DecodeKernel::Tensor.fits(d, h / kinds.len(), kv) {
+                    continue;
+                }
+                let layout = PagedLayout { kv, kv_streaming: KvType::Bf16, ..layer_layout(kinds, sink, recent, bt, *tokens.iter().max().unwrap_or(&1)) };
+                let x = random_input(seed + 100 + i as u64, h, d, layout.heads(0), tokens);
+                let mut rounded = x.clone();
+                for (b, &len) in tokens.iter().enumerate() {
+                    for (g, e) in x.heads.iter().enumerate() {
+                        let ty = layout.kv_of(e.kind == HeadEntry::RETRIEVAL);
+                        let (at, n) = (x.key_offset(b, g), len * d);
+                        rounded.keys[at..][..n].copy_from_slice(&ty.key().round_rows(&x.keys[at..][..n], d));
+                        rounded.values[at..][..n].copy_from_slice(&ty.value().round_rows(&x.values[at..][..n], d));
+                    }
+                }
+                let want = reference(&rounded)?;
+                let got = decode_attention(gpu, &x, &layout, kv, DecodeKernel::Tensor, split, seed + i as u64)?;
+                let split = split.map_or(String::new(), |s| format!(", splits of {s}"));
+                out.push(Parity {
+                    case: format!("paged decode attention {kv:?} with bf16 windows (two launches), Tensor, blocks of {bt}{split}: {h} heads x {d}, kinds {kinds:?}, rows {tokens:?}"),
+                    max_abs_err: crate::checks::max_err(&want, &got),
+                    bound: 1e-2,
+                });
+            }
+        }
         Ok(out)
     }
 }
@@ -1840,7 +1902,7 @@ mod tests {
         assert_eq!(kv.format_code(), 4);
         assert!(kv.is_quantised());
         // A block of 16 rows: keys 128 bytes a row, values 64, a 4-byte word each.
-        let layout = crate::paged::PagedLayout { retrieval: vec![vec![true]], sink: 4, recent: 16, block_tokens: 16, max_chunk: 8, max_tokens: 64, kv };
+        let layout = crate::paged::PagedLayout { retrieval: vec![vec![true]], sink: 4, recent: 16, block_tokens: 16, max_chunk: 8, max_tokens: 64, kv, kv_streaming: kv };
         assert_eq!(layout.block_bytes(128), 16 * (128 + 64 + 8));
         // Keys round as int8 rows, values as int4 rows, exactly as those caches do.
         let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();

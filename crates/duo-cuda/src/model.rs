@@ -238,15 +238,21 @@ pub fn reference_logits_split(c: &GpuConfig, layout: &PagedLayout, seed: u64, to
                     rope_ref(&mut row[hd * d..][..d], p, &c.inv_freq, c.half_split);
                 }
                 // Keys and values as the cache holds them: bf16, or byte rows (keys quantised
-                // from their f32 rotation, as the GPU does).
-                if layout.kv.is_quantised() {
-                    let keys = layout.kv.round_key_rows(&row[lnh * d..(lnh + lng) * d], d);
-                    let values = layout.kv.value().round_rows(&row[(lnh + lng) * d..], d);
-                    row[lnh * d..(lnh + lng) * d].copy_from_slice(&keys);
-                    row[(lnh + lng) * d..].copy_from_slice(&values);
-                } else {
-                    for v in &mut row[lnh * d..] {
-                        *v = round_bf16(*v);
+                // from their f32 rotation, as the GPU does), in each head's kind's type.
+                for g in 0..lng {
+                    let kv = layout.kv_of(layout.retrieval[l][s.kv_heads[g]]);
+                    let (k_at, v_at) = ((lnh + g) * d, (lnh + lng + g) * d);
+                    if kv.is_quantised() {
+                        let keys = kv.round_key_rows(&row[k_at..][..d], d);
+                        let values = kv.value().round_rows(&row[v_at..][..d], d);
+                        row[k_at..][..d].copy_from_slice(&keys);
+                        row[v_at..][..d].copy_from_slice(&values);
+                    } else {
+                        for at in [k_at, v_at] {
+                            for v in &mut row[at..][..d] {
+                                *v = round_bf16(*v);
+                            }
+                        }
                     }
                 }
             }
@@ -300,7 +306,7 @@ mod tests {
     fn tiny() -> (GpuConfig, PagedLayout) {
         let inv_freq: Vec<f32> = (0..32).map(|i| 10_000f32.powf(-(i as f32) / 32.0)).collect();
         let c = GpuConfig { n_layers: 2, hidden: 64, n_heads: 4, n_kv_heads: 2, head_dim: 64, ffn: 96, vocab: 50, eps: 1e-5, inv_freq, half_split: true };
-        let l = PagedLayout { retrieval: vec![vec![true, false], vec![false, false]], sink: 2, recent: 5, block_tokens: 16, max_chunk: 8, max_tokens: 100, kv: crate::decode_attention::KvType::Bf16 };
+        let l = PagedLayout { retrieval: vec![vec![true, false], vec![false, false]], sink: 2, recent: 5, block_tokens: 16, max_chunk: 8, max_tokens: 100, kv: crate::decode_attention::KvType::Bf16, kv_streaming: crate::decode_attention::KvType::Bf16 };
         (c, l)
     }
 
@@ -326,7 +332,7 @@ mod tests {
         let inv_freq: Vec<f32> = (0..32).map(|i| 10_000f32.powf(-(i as f32) / 32.0)).collect();
         let c = GpuConfig { n_layers: 3, hidden: 64, n_heads: 8, n_kv_heads: 4, head_dim: 64, ffn: 96, vocab: 40, eps: 1e-5, inv_freq, half_split: false };
         let retrieval = vec![vec![true, true, false, false], vec![false, true, false, true], vec![true, false, false, false]];
-        let l = PagedLayout { retrieval: retrieval.clone(), sink: 2, recent: 4, block_tokens: 16, max_chunk: 8, max_tokens: 100, kv: crate::decode_attention::KvType::Bf16 };
+        let l = PagedLayout { retrieval: retrieval.clone(), sink: 2, recent: 4, block_tokens: 16, max_chunk: 8, max_tokens: 100, kv: crate::decode_attention::KvType::Bf16, kv_streaming: crate::decode_attention::KvType::Bf16 };
         let tokens: Vec<u32> = (0..14).map(|i| (i * 11 % 40) as u32).collect();
         let whole = reference_logits(&c, &l, 5, &tokens, 0).unwrap();
         let scale = whole.iter().map(|v| v.abs()).fold(0f32, f32::max);
@@ -773,7 +779,7 @@ mod gpu {
         let retrieval: Vec<Vec<bool>> = vec![(0..n_kv).map(|h| h < n_kv / 2).collect(), (0..n_kv).map(|h| h % 2 == 1).collect(), (0..n_kv).map(|h| h == 0).collect()];
         // The decode steps cross 2,048 tokens, where the length bucket of the captured graphs
         // changes: every rank must re-capture at the same step.
-        let layout = PagedLayout { retrieval: retrieval.clone(), sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 4096, kv: crate::decode_attention::KvType::Bf16 };
+        let layout = PagedLayout { retrieval: retrieval.clone(), sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 4096, kv: crate::decode_attention::KvType::Bf16, kv_streaming: crate::decode_attention::KvType::Bf16 };
         // 2,039 tokens: the last chunk (23 rows) has halves of unequal length.
         let prompt: Vec<u32> = (0..2039u64).map(|i| (hash_uniform(seed ^ 77, i).abs() * 299.0) as u32).collect();
         let (steps, chunk) = (16, 48);
@@ -844,21 +850,27 @@ mod gpu {
             GpuConfig { n_layers: 3, hidden: 128, n_heads: heads, n_kv_heads: kv, head_dim: d, ffn: 256, vocab: 300, eps: 1e-5, inv_freq, half_split: half }
         };
         use crate::decode_attention::KvType;
-        let layout = |max_tokens: usize, kv: KvType| PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens, kv };
+        // Layers with both kinds and one of streaming heads only; streaming heads in the
+        // cache's type, or (`kv_streaming`) bf16 windows beside a quantised cache.
+        let layout = |max_tokens: usize, (kv, kv_streaming): (KvType, KvType)| PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens, kv, kv_streaming };
+        let same = |kv: KvType| (kv, kv);
         let prompt = |n: usize, salt: u64| -> Vec<u32> { (0..n as u64).map(|i| (hash_uniform(seed ^ salt, i).abs() * 299.0) as u32).collect() };
         // (name, heads, KV heads, head dim, half-split RoPE, prompt tokens, max_tokens, cache)
         let cases = [
-            ("GQA", 4, 2, 64, true, 2990, 4096, KvType::Bf16),
-            ("MHA", 2, 2, 128, false, 2990, 4096, KvType::Bf16),
-            ("GQA, short sequence", 4, 2, 64, true, 90, 131, KvType::Bf16),
-            ("GQA, fp8 cache", 4, 2, 64, true, 2990, 4096, KvType::Fp8),
-            ("MHA, fp8 cache", 2, 2, 128, false, 2990, 4096, KvType::Fp8),
-            ("GQA, int8 cache", 4, 2, 64, true, 2990, 4096, KvType::Int8),
-            ("MHA, int8 cache", 2, 2, 128, false, 2990, 4096, KvType::Int8),
-            ("GQA, int4 cache", 4, 2, 64, true, 2990, 4096, KvType::Int4),
-            ("MHA, int4 cache", 2, 2, 128, false, 2990, 4096, KvType::Int4),
-            ("GQA, K8V4 cache", 4, 2, 64, true, 2990, 4096, KvType::K8V4),
-            ("MHA, K8V4 cache", 2, 2, 128, false, 2990, 4096, KvType::K8V4),
+            ("GQA", 4, 2, 64, true, 2990, 4096, same(KvType::Bf16)),
+            ("MHA", 2, 2, 128, false, 2990, 4096, same(KvType::Bf16)),
+            ("GQA, short sequence", 4, 2, 64, true, 90, 131, same(KvType::Bf16)),
+            ("GQA, fp8 cache", 4, 2, 64, true, 2990, 4096, same(KvType::Fp8)),
+            ("MHA, fp8 cache", 2, 2, 128, false, 2990, 4096, same(KvType::Fp8)),
+            ("GQA, int8 cache", 4, 2, 64, true, 2990, 4096, same(KvType::Int8)),
+            ("MHA, int8 cache", 2, 2, 128, false, 2990, 4096, same(KvType::Int8)),
+            ("GQA, int4 cache", 4, 2, 64, true, 2990, 4096, same(KvType::Int4)),
+            ("MHA, int4 cache", 2, 2, 128, false, 2990, 4096, same(KvType::Int4)),
+            ("GQA, K8V4 cache", 4, 2, 64, true, 2990, 4096, same(KvType::K8V4)),
+            ("MHA, K8V4 cache", 2, 2, 128, false, 2990, 4096, same(KvType::K8V4)),
+            ("GQA, int4 cache, bf16 windows", 4, 2, 64, true, 2990, 4096, (KvType::Int4, KvType::Bf16)),
+            ("MHA, fp8 cache, bf16 windows", 2, 2, 128, false, 2990, 4096, (KvType::Fp8, KvType::Bf16)),
+            ("GQA, int8 cache, bf16 windows", 4, 2, 64, true, 2990, 4096, (KvType::Int8, KvType::Bf16)),
         ];
         for (name, heads, kv, d, half, prompt_len, max_tokens, cache) in cases {
             let config = config(heads, kv, d, half);
@@ -883,7 +895,7 @@ mod gpu {
             // (measured on the H200: 3.2e-2 and 3.5e-2 of the largest logit, against
             // 0.9e-2 for int8) while greedy tokens still agree. K8V4 (int8 keys, int4
             // values) is held to int4's bound until measured.
-            let bound = if matches!(cache, KvType::Int4 | KvType::K8V4) { 5e-2 } else { 2e-2 };
+            let bound = if matches!(cache.0, KvType::Int4 | KvType::K8V4) { 5e-2 } else { 2e-2 };
             // A row whose top two logits are closer than the bound may change its argmax.
             let (err, agree) = compare(&want, &got, config.vocab, bound);
             let graph_steps = pool.graph_steps();
@@ -897,7 +909,7 @@ mod gpu {
         // Continuous batching in one pool against each sequence alone, with every cache type.
         let config = config(4, 2, 64, true);
         let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
-        for cache in [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
+        for cache in [same(KvType::Bf16), same(KvType::Fp8), same(KvType::Int8), same(KvType::Int4), same(KvType::K8V4), (KvType::Int4, KvType::Bf16)] {
         let layout = layout(2048, cache);
         let (lens, steps) = ([700usize, 150, 1200], 12usize);
         let blocks: usize = lens.iter().map(|&n| layout.blocks_for(n + steps, Ring::Prefill)).sum();
@@ -958,7 +970,7 @@ mod gpu {
             same_tokens &= want_tokens == tokens[i];
         }
         out.push(Parity {
-            case: format!("continuous batching, {cache:?} cache: 3 sequences ({lens:?} prompt tokens, {steps} decode steps each) in one pool vs each alone, tokens the same: {same_tokens}"),
+            case: format!("continuous batching, {} cache: 3 sequences ({lens:?} prompt tokens, {steps} decode steps each) in one pool vs each alone, tokens the same: {same_tokens}", if cache.0 == cache.1 { format!("{:?}", cache.0) } else { format!("{:?} (bf16 windows)", cache.0) }),
             max_abs_err: if same_tokens { err / top.max(f64::MIN_POSITIVE) } else { f64::INFINITY },
             bound: 1e-5,
         });

@@ -18,6 +18,15 @@
 //! * A streaming region is packed unit-major (ring unit `u` of every streaming head, then
 //!   unit `u + 1`), so the decode ring is a prefix of the prefill ring's blocks: shrinking
 //!   frees the tail blocks, growing appends them.
+//! * Streaming heads may keep their rows in a wider type than retrieval heads
+//!   (`kv_streaming`: bf16 windows beside an fp8, int8 or int4 cache,
+//!   `--kv-dtype-streaming`). A
+//!   block is then still `group()` units of the retrieval type's rows, and in a streaming
+//!   region the same bytes hold `streaming_group()` units of the wider rows: `group()` is
+//!   padded to a multiple of the width ratio so that they divide evenly. The kernels see
+//!   two views of one pool ([`PagedLayout::paged_args`], [`PagedLayout::streaming_args`]);
+//!   a kernel compiled for one type runs each kind's heads in its own launch. The wider
+//!   type keeps no row scales, so the scale words stay the retrieval rows' alone.
 //! * Tables live in device memory, one row per *slot* (a running sequence), so a captured
 //!   step and the kernels read them without host involvement: `[retrieval blocks | streaming
 //!   blocks | ring rows]` of `table_stride()` entries.
@@ -51,6 +60,8 @@ pub struct PagedLayout {
     pub max_tokens: usize,
     /// How keys and values are stored (bf16, or fp8 with row scales).
     pub kv: KvType,
+    /// How streaming heads store theirs: `kv`, or bf16 beside an fp8, int8 or int4 `kv`.
+    pub kv_streaming: KvType,
 }
 
 impl PagedLayout {
@@ -71,12 +82,42 @@ impl PagedLayout {
         self.retrieval.iter().flatten().filter(|&&r| !r).count()
     }
 
-    /// Units per block: one per retrieval head (per streaming head when there is none).
+    /// How many rows of the retrieval type one streaming row spans: 1 where both kinds
+    /// share a type; bf16 beside fp8 or int8 2, beside int4 4. One row index addresses a
+    /// key row and a value row, so keys and values must widen alike: K8V4's keys would
+    /// widen twice, its values four times, and it keeps its windows in its own type.
+    pub fn streaming_width(&self) -> usize {
+        if self.kv_streaming == self.kv {
+            return 1;
+        }
+        // 256 elements: a whole number of bytes in every type.
+        self.kv_streaming.key_bytes_for(256).div_ceil(self.kv.key_bytes_for(256).max(1))
+    }
+
+    /// Units per block: one per retrieval head (per streaming head when there is none),
+    /// padded to a multiple of [`PagedLayout::streaming_width`].
     pub fn group(&self) -> usize {
-        match self.n_retrieval() {
+        let heads = match self.n_retrieval() {
             0 => self.n_streaming().max(1),
             n => n,
-        }
+        };
+        heads.div_ceil(self.streaming_width()) * self.streaming_width()
+    }
+
+    /// Units of streaming rows a block holds: `group()` where both kinds share a type.
+    pub fn streaming_group(&self) -> usize {
+        self.group() / self.streaming_width()
+    }
+
+    /// The cache type of a retrieval (`true`) or streaming head.
+    pub fn kv_of(&self, retrieval: bool) -> KvType {
+        if retrieval { self.kv } else { self.kv_streaming }
+    }
+
+    /// Whether the two kinds of head keep different types, so that every kernel over the
+    /// cache runs once per kind.
+    pub fn split_types(&self) -> bool {
+        self.kv_streaming != self.kv
     }
 
     /// Sink rows rounded up to whole units.
@@ -100,7 +141,7 @@ impl PagedLayout {
 
     /// Blocks holding a sequence's streaming regions.
     pub fn streaming_blocks(&self, ring: Ring) -> usize {
-        (self.n_streaming() * self.head_units(ring)).div_ceil(self.group())
+        (self.n_streaming() * self.head_units(ring)).div_ceil(self.streaming_group())
     }
 
     /// Retrieval blocks of a sequence of `tokens` tokens.
@@ -139,6 +180,13 @@ impl PagedLayout {
         self.block_rows() * (self.kv.key_bytes_for(head_dim) + self.kv.value_bytes_for(head_dim) + 2 * self.kv.scale_bytes())
     }
 
+    /// The layer's head table for the launches of one kind where the kinds keep different
+    /// types ([`PagedLayout::split_types`]): the other kind's heads are [`HeadEntry::SKIP`].
+    pub fn heads_of_kind(&self, layer: usize, retrieval: bool) -> Vec<HeadEntry> {
+        let want = if retrieval { HeadEntry::RETRIEVAL } else { HeadEntry::STREAMING };
+        self.heads(layer).into_iter().map(|e| if e.kind == want { e } else { HeadEntry::skip() }).collect()
+    }
+
     /// The layer's head table: each head's index among the model's retrieval (or streaming)
     /// heads, in layer order.
     pub fn heads(&self, layer: usize) -> Vec<HeadEntry> {
@@ -169,6 +217,12 @@ impl PagedLayout {
         if self.recent == 0 || self.max_chunk == 0 || self.max_tokens == 0 {
             return Err(CudaError::Input("recent window, chunk and max_tokens must be positive".into()));
         }
+        if self.split_types() && !(self.kv_streaming == KvType::Bf16 && matches!(self.kv, KvType::Fp8 | KvType::Int8 | KvType::Int4)) {
+            return Err(CudaError::Input(format!(
+                "streaming heads cached as {:?} beside {:?}: on the GPU they keep the cache's type, or bf16 beside an fp8, int8 or int4 cache",
+                self.kv_streaming, self.kv
+            )));
+        }
         Ok(())
     }
 
@@ -186,6 +240,16 @@ impl PagedLayout {
             block_log2: self.block_tokens.trailing_zeros() as i32,
             kv_format: self.kv.format_code(),
         }
+    }
+
+    /// The streaming heads' view of the same pool: their units per block and their type
+    /// (without row scales when that is bf16; `paged` is [`PagedLayout::paged_args`]'s view,
+    /// scales included). The same view where both kinds share a type.
+    pub fn streaming_args(&self, paged: PagedArgs) -> PagedArgs {
+        if !self.split_types() {
+            return paged;
+        }
+        PagedArgs { group: self.streaming_group() as i32, kv_format: self.kv_streaming.format_code(), kscale: 0, vscale: 0, ..paged }
     }
 }
 
@@ -309,15 +373,18 @@ pub struct Tables {
 }
 
 impl Tables {
-    /// The pool row holding `pos` for head `e` (the reference of `kv_row`).
+    /// The pool row holding `pos` for head `e` (the reference of `kv_row`): a streaming
+    /// head's in rows of its own type ([`PagedLayout::kv_streaming`]).
     pub fn row(&self, layout: &PagedLayout, e: HeadEntry, pos: usize) -> usize {
         let (bt, g) = (layout.block_tokens, layout.group());
         let (unit, r) = if e.kind == HeadEntry::RETRIEVAL {
             (self.retrieval[pos / bt] as usize * g + e.offset as usize, pos % bt)
         } else {
             let at = if pos < e.sink as usize { pos } else { layout.sink_pad() + (pos - e.sink as usize) % self.cap };
+            // A streaming row of its own type: units of `streaming_group()` a block.
+            let sg = layout.streaming_group();
             let k = (at / bt) * layout.n_streaming() + e.offset as usize;
-            (self.streaming[k / g] as usize * g + k % g, at % bt)
+            (self.streaming[k / sg] as usize * sg + k % sg, at % bt)
         };
         unit * bt + r
     }
@@ -510,7 +577,7 @@ mod tests {
     }
 
     fn layout() -> PagedLayout {
-        PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 1000, kv: KvType::Bf16 }
+        PagedLayout { retrieval: vec![vec![true, false], vec![false, false], vec![false, true]], sink: 4, recent: 40, block_tokens: 16, max_chunk: 48, max_tokens: 1000, kv: KvType::Bf16, kv_streaming: KvType::Bf16 }
     }
 
     #[test]
@@ -526,7 +593,7 @@ mod tests {
         assert_eq!(l.blocks_for(17, Ring::Decode), 10);
         assert_eq!((l.max_blocks(), l.table_stride()), (63, 78));
         assert_eq!(l.block_bytes(64), 2 * 16 * 64 * 4);
-        let fp8 = PagedLayout { kv: KvType::Fp8, ..l.clone() };
+        let fp8 = PagedLayout { kv: KvType::Fp8, kv_streaming: KvType::Fp8, ..l.clone() };
         assert_eq!(fp8.block_bytes(64), 2 * 16 * (64 + 4) * 2, "bytes and a scale per row");
         let h = l.heads(2);
         assert_eq!((h[0].kind, h[0].offset, h[1].kind, h[1].offset), (HeadEntry::STREAMING, 3, HeadEntry::RETRIEVAL, 1));
@@ -569,6 +636,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Streaming heads in bf16 beside a quantised cache: a block's bytes hold fewer of
+    /// their (wider) units, `group()` padded so that they divide evenly; no byte of any live
+    /// key or value row belongs to two rows, and every row stays inside its block's bytes.
+    #[test]
+    fn bf16_windows_beside_a_quantised_cache_share_no_byte() {
+        let d = 64;
+        for (kv, width) in [(KvType::Fp8, 2), (KvType::Int8, 2), (KvType::Int4, 4)] {
+            let l = PagedLayout { kv, kv_streaming: KvType::Bf16, ..layout() };
+            l.validate(3, 2).unwrap();
+            assert_eq!((l.streaming_width(), l.group(), l.streaming_group()), (width, width.max(2), width.max(2) / width), "{kv:?}: 2 retrieval heads padded to whole streaming units");
+            let mut alloc = Allocator::new(300, 3);
+            let mut seqs = Vec::new();
+            for (n, ring) in [(700, Ring::Prefill), (300, Ring::Decode), (5, Ring::Prefill)] {
+                let streaming = alloc.take(l.streaming_blocks(ring)).unwrap();
+                let retrieval = alloc.take(l.retrieval_blocks(n)).unwrap();
+                seqs.push((Tables { retrieval, streaming, cap: l.ring_rows(ring) }, n));
+            }
+            for key in [true, false] {
+                let bytes = |t: KvType| if key { t.key_bytes_for(d) } else { t.value_bytes_for(d) };
+                let block_bytes = l.block_rows() * bytes(kv);
+                let mut spans = Vec::new();
+                for (t, n) in &seqs {
+                    for layer in 0..3 {
+                        for e in l.heads(layer) {
+                            let retrieval = e.kind == HeadEntry::RETRIEVAL;
+                            let w = bytes(l.kv_of(retrieval));
+                            let live: Vec<usize> = if retrieval { (0..*n).collect() } else { (0..l.sink.min(*n)).chain(n.saturating_sub(l.recent).max(l.sink)..*n).collect() };
+                            for p in live {
+                                let at = t.row(&l, e, p) * w;
+                                let block = (at / block_bytes) as u32;
+                                let own = if retrieval { &t.retrieval } else { &t.streaming };
+                                assert!(own.contains(&block) && (at + w - 1) / block_bytes == at / block_bytes, "{kv:?} (keys: {key}): layer {layer} head {} position {p} outside its blocks: byte {at} of {w}, block {block}, {own:?}", e.offset);
+                                spans.push((at, at + w));
+                            }
+                        }
+                    }
+                }
+                spans.sort_unstable();
+                for pair in spans.windows(2) {
+                    assert!(pair[0].1 <= pair[1].0, "{kv:?} (keys: {key}): bytes {:?} and {:?} overlap", pair[0], pair[1]);
+                }
+            }
+        }
+        // What one row index cannot address: a narrower window, two quantised types, or
+        // K8V4's sides widening unalike.
+        for (kv, kv_streaming) in [(KvType::Bf16, KvType::Int4), (KvType::Int4, KvType::Fp8), (KvType::Bf16, KvType::F32), (KvType::K8V4, KvType::Bf16)] {
+            let l = PagedLayout { kv, kv_streaming, ..layout() };
+            assert!(l.validate(3, 2).is_err(), "{kv:?} with {kv_streaming:?} windows");
+        }
+        let same = PagedLayout { kv: KvType::Int4, kv_streaming: KvType::Int4, ..layout() };
+        assert_eq!((same.streaming_width(), same.group(), same.split_types()), (1, 2, false));
     }
 
     #[test]

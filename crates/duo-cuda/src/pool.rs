@@ -21,7 +21,7 @@ use crate::decode_attention::{split_for, tensor_blocks, DecodeKernel, KvType, MI
 use crate::model::{GpuConfig, GpuWeights};
 use crate::paged::{Allocator, PagedLayout, Ring, Tables};
 use crate::prefill_attention::HeadEntry;
-use crate::runtime::{driver, DecodeLaunch, Gpu, StepGraph};
+use crate::runtime::{driver, DecodeLaunch, Gpu, StepGraph, StreamingKernel};
 use crate::{CudaError, Result};
 use cudarc::driver::{sys as drv, CudaSlice};
 use std::sync::{Arc, Mutex};
@@ -172,10 +172,11 @@ impl Buffers {
         })
     }
 
-    /// 16-bit words of the ring scratch: rows (each as wide as a key row, the wider),
-    /// then (a quantised cache) a scale of two words per row.
+    /// 16-bit words of the ring scratch: streaming rows (each as wide as a key row, the
+    /// wider), then (a quantised cache) a scale of two words per row.
     fn scratch_elems(w: &GpuWeights, layout: &PagedLayout) -> usize {
-        let row_words = layout.kv.key_bytes_for(w.config.head_dim) / 2 + layout.kv.scale_bytes() / 2;
+        let kv = layout.kv_streaming;
+        let row_words = kv.key_bytes_for(w.config.head_dim) / 2 + kv.scale_bytes() / 2;
         layout.n_streaming() * 2 * layout.recent * row_words
     }
 
@@ -230,6 +231,10 @@ pub struct KvPool {
     value_scales: CudaSlice<f32>,
     tables: CudaSlice<i32>,
     heads: Vec<CudaSlice<i32>>,
+    /// Where the kinds keep different types ([`PagedLayout::split_types`]): each layer's
+    /// tables for the retrieval heads' launches and the streaming heads' (the other kind
+    /// [`HeadEntry::SKIP`]); else empty.
+    kind_heads: Vec<(CudaSlice<i32>, CudaSlice<i32>)>,
     state: Mutex<State>,
     /// Under tensor parallelism, this GPU's end of the communicator: the weights are this
     /// rank's shard, and the two products of each layer that end in a partial sum (output
@@ -355,6 +360,18 @@ impl KvPool {
         let heads = (0..c.n_layers)
             .map(|l| gpu.upload(&HeadEntry::table(&layout.heads(l))))
             .collect::<Result<Vec<_>>>()?;
+        let kind_heads = if layout.split_types() {
+            (0..c.n_layers)
+                .map(|l| Ok((gpu.upload(&HeadEntry::table(&layout.heads_of_kind(l, true)))?, gpu.upload(&HeadEntry::table(&layout.heads_of_kind(l, false)))?)))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        // Every layer's decode launch can be made (a layer with both kinds in two types needs
+        // the listed form): checked once here, so that no step fails on it later.
+        if layout.split_types() {
+            decode_shapes(c, &layout, &config, layout.max_tokens, bucket(config.max_seqs))?;
+        }
         let b = Buffers::new(&gpu, &w, &config, &layout)?;
         gpu.sync()?;
         let state = State {
@@ -389,6 +406,7 @@ impl KvPool {
             value_scales,
             tables,
             heads,
+            kind_heads,
             state: Mutex::new(state),
             comm,
             link,
@@ -422,6 +440,11 @@ impl KvPool {
         } else {
             args
         }
+    }
+
+    /// The streaming heads' view of this pool: [`KvPool::paged`] where both kinds share a type.
+    fn paged_streaming(&self) -> crate::paged::PagedArgs {
+        self.layout.streaming_args(self.paged())
     }
 
     /// A pool for one sequence of up to `layout.max_tokens` tokens (and its forks made
@@ -610,8 +633,8 @@ impl KvPool {
         }
         let (g, l) = (&*self.gpu, &self.layout);
         let row = s.slot as usize * l.table_stride();
-        let paged = self.paged();
-        let row_bytes = (l.kv.key_bytes_for(self.w.config.head_dim), l.kv.value_bytes_for(self.w.config.head_dim));
+        let paged = self.paged_streaming();
+        let row_bytes = (l.kv_streaming.key_bytes_for(self.w.config.head_dim), l.kv_streaming.value_bytes_for(self.w.config.head_dim));
         let first = l.sink.max(s.tokens.saturating_sub(l.recent));
         let count = s.tokens.saturating_sub(first);
         let (kc, vc, scratch) = (
@@ -751,7 +774,7 @@ impl KvPool {
         }
         // Launch shapes before any block is taken: a step that cannot run changes nothing.
         let max_n = decode.iter().map(|r| r.seq.tokens + 1).max().unwrap_or(1);
-        let shapes = if bsz > 0 { self.shapes(max_n, padded) } else { Vec::new() };
+        let shapes = if bsz > 0 { self.shapes(max_n, padded)? } else { Vec::new() };
         let bucket_n = self.length_bucket(max_n);
 
         let mut st = self.lock();
@@ -928,7 +951,7 @@ impl KvPool {
         (max_n.div_ceil(2048) * 2048).min(self.layout.max_tokens).max(max_n)
     }
 
-    fn shapes(&self, max_n: usize, rows: usize) -> Vec<DecodeLaunch> {
+    fn shapes(&self, max_n: usize, rows: usize) -> Result<Vec<DecodeLaunch>> {
         decode_shapes(&self.w.config, &self.layout, &self.config, self.length_bucket(max_n), rows)
     }
 
@@ -976,13 +999,13 @@ impl KvPool {
             _ => {
                 for (l, lw) in w.layers.iter().enumerate() {
                     let heads = g.addr(&self.heads[l]);
-                    self.attention_input(b, lw, heads, paged, rows, (0, rows))?;
+                    self.attention_input(b, lw, l, paged, rows, (0, rows))?;
                     if decode_rows > 0 {
                         let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
                         g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, paged, parts, Some((0, a16(&b.att))))?;
                     }
                     if chunk > 0 {
-                        self.prefill_rows(b, heads, paged, pre, (decode_rows, chunk))?;
+                        self.prefill_rows(b, l, paged, pre, (decode_rows, chunk))?;
                     }
                     self.output_projection(b, lw, (0, rows), residual)?;
                     self.sum_over_ranks(a(&b.x), rows * h)?;
@@ -1010,7 +1033,7 @@ impl KvPool {
     /// Rows `off..off + n` of a step of `rows` rows through a layer's attention input:
     /// RMSNorm, the q/k/v product, RoPE, with queries to `b.q` (f32) and keys and values
     /// appended to the cache rows of their positions.
-    fn attention_input(&self, b: &Buffers, lw: &crate::model::LayerWeights, heads: u64, paged: crate::paged::PagedArgs, rows: usize, (off, n): (usize, usize)) -> Result<()> {
+    fn attention_input(&self, b: &Buffers, lw: &crate::model::LayerWeights, layer: usize, paged: crate::paged::PagedArgs, rows: usize, (off, n): (usize, usize)) -> Result<()> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
         let (x, xn, qkv, q) = (g.addr(&b.x) + (off * h * 4) as u64, g.addr(&b.xn) + (off * h * 2) as u64, g.addr(&b.qkv) + (off * kvd * 2) as u64, g.addr(&b.q) + (off * qd * 4) as u64);
@@ -1019,31 +1042,58 @@ impl KvPool {
         let (slots, pos) = (meta + (4 * (rows + off)) as u64, meta + (4 * (2 * rows + off)) as u64);
         g.rms_norm(x, g.addr(&lw.attn_norm), xn, n, h, c.eps)?;
         g.linear(xn, g.addr(&lw.qkv), qkv, n, h, kvd, 0.0, true)?;
-        g.rope_append(qkv, slots, pos, g.addr(&self.w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, q, g.addr(&self.keys), g.addr(&self.values), n, paged)
+        let rope = |heads: u64, paged: crate::paged::PagedArgs| {
+            g.rope_append(qkv, slots, pos, g.addr(&self.w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, q, g.addr(&self.keys), g.addr(&self.values), n, paged)
+        };
+        let heads = g.addr(&self.heads[layer]);
+        match self.kinds_of(layer) {
+            // Each kind's heads (and their queries) with its own view of the pool.
+            Some((ret, st)) => {
+                rope(ret, paged)?;
+                rope(st, self.paged_streaming())
+            }
+            None => rope(heads, paged),
+        }
+    }
+
+    /// Where the kinds keep different types: `layer`'s tables for the retrieval heads'
+    /// launches and the streaming heads'.
+    fn kinds_of(&self, layer: usize) -> Option<(u64, u64)> {
+        self.kind_heads.get(layer).map(|(r, s)| (self.gpu.addr(r), self.gpu.addr(s)))
     }
 
     /// Prefill attention of rows `off..off + n` (their queries in `b.q`, their output to
     /// `b.att`), the sequence's `[slot, first position]` at `state`, by the GPU's default
     /// prefill kernel.
-    fn prefill_rows(&self, b: &Buffers, heads: u64, paged: crate::paged::PagedArgs, state: u64, (off, n): (usize, usize)) -> Result<()> {
+    fn prefill_rows(&self, b: &Buffers, layer: usize, paged: crate::paged::PagedArgs, state: u64, (off, n): (usize, usize)) -> Result<()> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let qd = c.n_heads * c.head_dim;
-        g.prefill_attention(
-            g.prefill_kernel_for(c.head_dim, self.layout.kv),
-            g.addr(&b.q) + (off * qd * 4) as u64,
-            g.addr(&self.keys),
-            g.addr(&self.values),
-            self.keys.len(),
-            heads,
-            state,
-            paged,
-            n,
-            c.n_heads,
-            c.n_heads / c.n_kv_heads,
-            c.head_dim,
-            self.layout.kv,
-            g.addr(&b.att) + (off * qd * 2) as u64,
-        )
+        let run = |heads: u64, paged: crate::paged::PagedArgs, kv: KvType| {
+            g.prefill_attention(
+                g.prefill_kernel_for(c.head_dim, kv),
+                g.addr(&b.q) + (off * qd * 4) as u64,
+                g.addr(&self.keys),
+                g.addr(&self.values),
+                self.keys.len(),
+                heads,
+                state,
+                paged,
+                n,
+                c.n_heads,
+                c.n_heads / c.n_kv_heads,
+                c.head_dim,
+                kv,
+                g.addr(&b.att) + (off * qd * 2) as u64,
+            )
+        };
+        let heads = g.addr(&self.heads[layer]);
+        match self.kinds_of(layer) {
+            Some((ret, st)) => {
+                run(ret, paged, self.layout.kv)?;
+                run(st, self.paged_streaming(), self.layout.kv_streaming)
+            }
+            None => run(heads, paged, self.layout.kv),
+        }
     }
 
     /// The output projection of rows `off..off + n` of `b.att` into `b.x`, adding the
@@ -1090,11 +1140,10 @@ impl KvPool {
         };
         let wait_for = |e: &Option<cudarc::driver::CudaEvent>| e.as_ref().map_or(Ok(()), |e| g.stream.wait(e).map_err(driver));
         for (l, lw) in self.w.layers.iter().enumerate() {
-            let heads = g.addr(&self.heads[l]);
             for (i, &half) in halves.iter().enumerate() {
                 wait_for(&summed[i])?;
-                self.attention_input(b, lw, heads, paged, chunk, half)?;
-                self.prefill_rows(b, heads, paged, pre + (8 * i) as u64, half)?;
+                self.attention_input(b, lw, l, paged, chunk, half)?;
+                self.prefill_rows(b, l, paged, pre + (8 * i) as u64, half)?;
                 self.output_projection(b, lw, half, residual)?;
                 summed[i] = Some(sum_half(half)?);
             }
@@ -1139,6 +1188,7 @@ impl KvPool {
             self.gpu.addr(&self.values),
         );
         let (ks, vs) = (g.addr(&self.key_scales), g.addr(&self.value_scales));
+        let n_retrieval = seq.tables.retrieval.len();
         for (i, &blk) in seq
             .tables
             .retrieval
@@ -1152,8 +1202,11 @@ impl KvPool {
                 seed.wrapping_add(2 * i as u64 + 1),
             );
             let s_at = (blk as usize * rows * 4) as u64;
+            // A streaming block holds rows of the streaming heads' type (as many as their
+            // units a block); a bf16 one has no scales.
+            let (kv, rows) = if i < n_retrieval { (self.layout.kv, rows) } else { (self.layout.kv_streaming, self.layout.streaming_group() * self.layout.block_tokens) };
             g.fill_synthetic_rows(
-                self.layout.kv,
+                kv,
                 (k + at, v + v_at),
                 (ks + s_at, vs + s_at),
                 rows,
@@ -1224,11 +1277,17 @@ impl KvPool {
 /// (then rows are no longer independent of the batch, bit for bit); a streaming window's
 /// splits from the pool's constants (its whole window, its most sequences), never the step's
 /// rows or lengths.
-fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_n: usize, rows: usize) -> Vec<DecodeLaunch> {
+fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_n: usize, rows: usize) -> Result<Vec<DecodeLaunch>> {
     let (window, max_rows) = (layout.sink + layout.recent, bucket(pool.max_seqs));
     let short = window.min(bucket_n) as u32;
     let group = c.n_heads / c.n_kv_heads;
     let kernel = DecodeKernel::best(c.head_dim, group, layout.kv, DECODE_KEYS_PER_WARP);
+    // Streaming heads in a type of their own: their launch's kernel and view.
+    let streaming = layout.split_types().then(|| StreamingKernel {
+        kv: layout.kv_streaming,
+        kernel: DecodeKernel::best(c.head_dim, group, layout.kv_streaming, DECODE_KEYS_PER_WARP),
+        units_per_block: layout.streaming_group(),
+    });
     (0..c.n_layers)
         .map(|l| {
             let lens: Vec<u32> = layout.retrieval[l].iter().map(|&r| if r { bucket_n as u32 } else { short }).collect();
@@ -1246,7 +1305,10 @@ fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_
             // Holds because a pool never has more rows than PART_PAIRS (checked in `new`) and
             // a window's splits are gated by the slots its largest batch leaves.
             debug_assert!(launch.n_splits * rows <= PART_PAIRS);
-            launch
+            match streaming {
+                Some(st) => launch.with_streaming_type(&layout.retrieval[l], st),
+                None => Ok(launch),
+            }
         })
         .collect()
 }
@@ -1260,7 +1322,7 @@ mod tests {
     }
 
     fn layout(retrieval: Vec<Vec<bool>>, kv: KvType) -> PagedLayout {
-        PagedLayout { retrieval, sink: 128, recent: 256, block_tokens: 64, max_chunk: 4096, max_tokens: 1 << 20, kv }
+        PagedLayout { retrieval, sink: 128, recent: 256, block_tokens: 64, max_chunk: 4096, max_tokens: 1 << 20, kv, kv_streaming: kv }
     }
 
     fn pool(max_seqs: usize) -> PoolConfig {
@@ -1277,9 +1339,9 @@ mod tests {
             for max_seqs in [2, 8, 64, 1024] {
                 let p = pool(max_seqs);
                 for bucket_n in [2048, 32_768, 131_072] {
-                    let alone = decode_shapes(&c, &l, &p, bucket_n, 1);
+                    let alone = decode_shapes(&c, &l, &p, bucket_n, 1).expect("shapes");
                     for rows in [2, bucket(max_seqs)] {
-                        let batch = decode_shapes(&c, &l, &p, bucket_n, rows);
+                        let batch = decode_shapes(&c, &l, &p, bucket_n, rows).expect("shapes");
                         for (a, b) in alone.iter().zip(&batch) {
                             let at = format!("{kv:?}, {max_seqs} seqs, {bucket_n} tokens, {rows} rows");
                             // A streaming window's splits never follow the batch (a layer without
@@ -1307,13 +1369,13 @@ mod tests {
     fn a_pool_of_one_reads_windows_in_tiles_and_a_large_one_in_one_split() {
         let c = config(1, 32, 8, 128);
         let l = layout(vec![vec![true, false, false, true, false, true, false, false]], KvType::Bf16);
-        let one = &decode_shapes(&c, &l, &pool(1), 131_072, 1)[0];
+        let one = &decode_shapes(&c, &l, &pool(1), 131_072, 1).expect("shapes")[0];
         assert_eq!((one.short_split, one.short_splits, one.retrieval), (64, 6, 0b10_1001), "a 384-key window in 6 tiles");
         assert_eq!(one.blocks(), 3 * one.n_splits + 5 * 6);
-        let many = &decode_shapes(&c, &l, &pool(64), 131_072, 64)[0];
+        let many = &decode_shapes(&c, &l, &pool(64), 131_072, 64).expect("shapes")[0];
         assert_eq!((many.short_split, many.short_splits), (384, 1), "64 rows x 5 windows fill the card already");
         // A layer of retrieval heads only: every head split alike.
-        let full = &decode_shapes(&c, &layout(vec![vec![true; 8]], KvType::Bf16), &pool(1), 131_072, 1)[0];
+        let full = &decode_shapes(&c, &layout(vec![vec![true; 8]], KvType::Bf16), &pool(1), 131_072, 1).expect("shapes")[0];
         assert_eq!((full.short_split, full.blocks()), (0, 8 * full.n_splits));
     }
 }

@@ -41,6 +41,14 @@ impl HeadEntry {
     pub const RETRIEVAL: i32 = 0;
     /// Keeps the sinks and a ring of the latest positions.
     pub const STREAMING: i32 = 1;
+    /// Not this launch's head: where the two kinds keep different types, each kernel runs
+    /// once per kind, and a head of the other kind does nothing (its blocks return at once).
+    pub const SKIP: i32 = 2;
+
+    /// A head another launch runs ([`HeadEntry::SKIP`]).
+    pub fn skip() -> Self {
+        Self { offset: 0, sink: 0, recent: 0, kind: Self::SKIP }
+    }
 
     /// The retrieval head of index `index`.
     pub fn retrieval(index: usize) -> Self {
@@ -465,6 +473,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
     const int slot = state[0], p0 = state[1];
     const int4 e = heads[h / group];
+    if (e.w == 2) return;  // another launch's head (HeadEntry::SKIP)
     const int n = p0 + T;
     // A streaming head's ring rows (read once: every row lookup below takes it).
     const int cap = e.w == 1 ? slot_cap(pg, slot) : 1;
@@ -884,6 +893,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
     const int wg = WS ? wgi - 1 : wgi;
     const int slot = state[0], p0 = state[1];
     const int4 e = heads[h / group];
+    if (e.w == 2) return;  // another launch's head (HeadEntry::SKIP)
     const int n = p0 + T;
     // A streaming head's ring rows (read once: every row lookup below takes it).
     const int cap = e.w == 1 ? slot_cap(pg, slot) : 1;
@@ -1404,6 +1414,7 @@ pub fn cases(seed: u64) -> Vec<(String, PrefillInput, crate::paged::PagedLayout)
             max_chunk: *t,
             max_tokens: n,
             kv: crate::decode_attention::KvType::Bf16,
+            kv_streaming: crate::decode_attention::KvType::Bf16,
         };
         let x = random_input(seed + i as u64, *h, *d, layout.heads(0), *t, *p0);
         out.push((format!("paged prefill attention: {h} heads x {d}, kinds {kinds:?}, positions {p0}..{n}, sink {sink} recent {recent}, blocks of {bt}"), x, layout));

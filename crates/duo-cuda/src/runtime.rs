@@ -1036,30 +1036,33 @@ impl Gpu {
                 paged.kscale != 0
             )));
         }
-        let (partial, merge) = self.decode_kernels(a.group, a.head_dim, a.kv, a.kernel)?;
-        let (split, ns) = (a.split as i32, a.n_splits as i32);
-        let (n_kv, retrieval) = (a.n_kv as i32, a.retrieval);
+        let (_, merge) = self.decode_kernels(a.group, a.head_dim, a.kv, a.kernel)?;
+        let (ns, n_kv, retrieval) = (a.n_splits as i32, a.n_kv as i32, a.retrieval);
         let (short_splits, short_split) = (a.short_splits as i32, a.short_split as i32);
         let (pm, pl, pa) = parts;
-        // A listed layer's blocks in grid x (the kernels' `block_work`); else (KV heads, splits).
-        let grid = if a.short_split == 0 {
-            (a.n_kv as u32, a.n_splits as u32, a.rows as u32)
-        } else {
-            (a.blocks() as u32, 1, a.rows as u32)
-        };
         let pdl = programmatic_launch();
-        if a.kernel == DecodeKernel::Tensor {
-            let (scale_log2, smem) = (
-                std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(),
-                tensor_smem_bytes(a.head_dim, a.group, a.kv) as u32,
-            );
-            launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale_log2, &pm, &pl, &pa)?;
-        } else {
-            let scale = 1.0 / (a.head_dim as f32).sqrt();
-            launch_dependent!(pdl; smem 0;
-                self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged,
-                &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &scale, &pm, &pl, &pa
-            )?;
+        let rows = a.rows as u32;
+        // A listed layer's blocks in grid x (the kernels' `block_work`); else (KV heads, splits).
+        let whole = if a.short_split == 0 { (a.n_kv as u32, a.n_splits as u32, rows) } else { (a.blocks() as u32, 1, rows) };
+        match a.streaming {
+            None => self.decode_partials(a, (a.kv, a.kernel), (q, kc, vc, heads, row_slot, row_pos), paged, parts, whole, 0)?,
+            Some(st) => {
+                // The streaming heads' own view of the pool (their rows' units and type).
+                let scales = if st.kv.is_quantised() { (paged.kscale, paged.vscale) } else { (0, 0) };
+                let streaming = PagedArgs { group: st.units_per_block as i32, kv_format: st.kv.format_code(), kscale: scales.0, vscale: scales.1, ..paged };
+                let inputs = (q, kc, vc, heads, row_slot, row_pos);
+                if a.short_split == 0 {
+                    // Not listed: a layer of streaming heads only (DecodeLaunch::with_streaming_type).
+                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, whole, 0)?;
+                } else {
+                    // The list's retrieval entries, then its streaming ones, each by its type's kernel.
+                    let listed = a.retrieval.count_ones() as usize * a.n_splits;
+                    if listed > 0 {
+                        self.decode_partials(a, (a.kv, a.kernel), inputs, paged, parts, (listed as u32, 1, rows), 0)?;
+                    }
+                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, ((a.blocks() - listed) as u32, 1, rows), listed as i32)?;
+                }
+            }
         }
         let Some((out, out_bf16)) = out else { return Ok(()) };
         let threads = if crate::decode_attention::merge_wide() { crate::decode_attention::merge_block(a.head_dim) } else { a.head_dim } as u32;
@@ -1079,6 +1082,38 @@ impl Gpu {
             &out,
             &out_bf16
         )
+    }
+
+    /// One partial launch of `a` by the kernel for `kv` (`(type, kernel)`) over `paged`'s view:
+    /// `grid`, its blocks entries `block0..` of the layer's list (`block_work`).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_partials(
+        &self,
+        a: &DecodeLaunch,
+        (kv, kernel): (KvType, DecodeKernel),
+        (q, kc, vc, heads, row_slot, row_pos): (u64, u64, u64, u64, u64, u64),
+        paged: PagedArgs,
+        (pm, pl, pa): (u64, u64, u64),
+        grid: (u32, u32, u32),
+        block0: i32,
+    ) -> Result<()> {
+        if !kernel.fits(a.head_dim, a.group, kv) {
+            return Err(CudaError::Input(format!("{kernel:?} does not suit {} query heads per KV head of {} dims ({kv:?})", a.group, a.head_dim)));
+        }
+        let (partial, _) = self.decode_kernels(a.group, a.head_dim, kv, kernel)?;
+        let (split, ns, n_kv, retrieval) = (a.split as i32, a.n_splits as i32, a.n_kv as i32, a.retrieval);
+        let (short_splits, short_split) = (a.short_splits as i32, a.short_split as i32);
+        let pdl = programmatic_launch();
+        if kernel == DecodeKernel::Tensor {
+            let (scale_log2, smem) = (std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(), tensor_smem_bytes(a.head_dim, a.group, kv) as u32);
+            launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale_log2, &pm, &pl, &pa)
+        } else {
+            let scale = 1.0 / (a.head_dim as f32).sqrt();
+            launch_dependent!(pdl; smem 0;
+                self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged,
+                &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale, &pm, &pl, &pa
+            )
+        }
     }
 
     /// Launches `f` as a programmatic dependent of the kernel before it in the stream
@@ -1594,6 +1629,21 @@ pub struct DecodeLaunch {
     pub kv: KvType,
     /// The partial kernel.
     pub kernel: DecodeKernel,
+    /// Where the layer's streaming heads keep a type of their own
+    /// ([`crate::paged::PagedLayout::split_types`]): their kernel, run over their entries
+    /// of the list in a launch of its own ([`DecodeLaunch::with_streaming_type`]).
+    pub streaming: Option<StreamingKernel>,
+}
+
+/// The streaming heads' launch of a layer whose two kinds of head keep different cache types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamingKernel {
+    /// Their cache type.
+    pub kv: KvType,
+    /// Their partial kernel.
+    pub kernel: DecodeKernel,
+    /// Units of their rows a block holds ([`crate::paged::PagedLayout::streaming_group`]).
+    pub units_per_block: usize,
 }
 
 /// Fewest keys per split of a streaming head: one 64-key tile of the tensor-core kernel.
@@ -1647,7 +1697,25 @@ impl DecodeLaunch {
             rows,
             kv,
             kernel,
+            streaming: None,
         }
+    }
+
+    /// This launch with the layer's streaming heads (`kinds`: true = retrieval) in their own
+    /// type: its streaming entries then run by `streaming.kernel` in a second launch. A layer
+    /// without streaming heads is unchanged. Both kinds in one layer need the listed form
+    /// (at most 64 KV heads, the window's splits within the partial slots): else an error.
+    pub fn with_streaming_type(self, kinds: &[bool], streaming: StreamingKernel) -> Result<Self> {
+        if !kinds.contains(&false) {
+            return Ok(self);
+        }
+        if kinds.contains(&true) && self.short_split == 0 {
+            return Err(CudaError::Input(format!(
+                "a layer of {} KV heads with both kinds cannot keep streaming heads in a type of their own (at most 64 KV heads, and partial slots for the window's splits)",
+                kinds.len()
+            )));
+        }
+        Ok(Self { streaming: Some(streaming), ..self })
     }
 
     /// Partial blocks per row: every retrieval head's splits and every streaming head's

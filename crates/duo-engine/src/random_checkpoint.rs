@@ -205,7 +205,7 @@ mod tests {
         let method = MethodSpec::default().resolve(got).expect("full");
         let mut seq = engine.backend().new_sequence(&method, 40).expect("sequence");
         let ours = engine.backend().forward(seq.as_mut(), &tokens, Logits::Last).expect("forward");
-        let layout = duo_cuda::paged::PagedLayout { retrieval: vec![vec![true]; 2], sink: 4, recent: 64, block_tokens: 16, max_chunk: 64, max_tokens: 64, kv: duo_cuda::decode_attention::KvType::Bf16 };
+        let layout = duo_cuda::paged::PagedLayout { retrieval: vec![vec![true]; 2], sink: 4, recent: 64, block_tokens: 16, max_chunk: 64, max_tokens: 64, kv: duo_cuda::decode_attention::KvType::Bf16, kv_streaming: duo_cuda::decode_attention::KvType::Bf16 };
         let gc = duo_cuda::model::GpuConfig::from_model(got);
         let want = duo_cuda::model::reference_logits(&gc, &layout, 7, &tokens, 39).expect("reference");
         let top = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));

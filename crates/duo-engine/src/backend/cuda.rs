@@ -416,17 +416,24 @@ impl CudaBackend {
         if method.prefill != PrefillMode::Lambda {
             return Err(EngineError::InvalidParameter { name: "prefill", reason: "the CUDA backend prefills streaming heads with the Λ mask only (--prefill lambda)".into() });
         }
-        if method.kv_dtype_streaming.is_some_and(|s| Some(s) != method.kv_dtype) {
-            return Err(EngineError::InvalidParameter { name: "kv-dtype-streaming", reason: "the CUDA backend caches every head in one type (--kv-dtype); --kv-dtype-streaming is the CPU backend's".into() });
-        }
-        let kv = match method.kv_dtype {
-            None | Some(KvDtype::Bf16) => KvType::Bf16,
-            Some(KvDtype::Fp8) => KvType::Fp8,
-            Some(KvDtype::Int8) => KvType::Int8,
-            Some(KvDtype::Int4) => KvType::Int4,
-            Some(KvDtype::K8V4) => KvType::K8V4,
-            Some(d) => return Err(EngineError::InvalidParameter { name: "kv-dtype", reason: format!("the CUDA backend caches bf16, fp8, int8, int4 or k8v4, not {d:?}") }),
+        let gpu_type = |d: Option<KvDtype>, name: &'static str| match d {
+            None | Some(KvDtype::Bf16) => Ok(KvType::Bf16),
+            Some(KvDtype::Fp8) => Ok(KvType::Fp8),
+            Some(KvDtype::Int8) => Ok(KvType::Int8),
+            Some(KvDtype::Int4) => Ok(KvType::Int4),
+            Some(KvDtype::K8V4) => Ok(KvType::K8V4),
+            Some(d) => Err(EngineError::InvalidParameter { name, reason: format!("the CUDA backend caches bf16, fp8, int8, int4 or k8v4, not {d:?}") }),
         };
+        let kv = gpu_type(method.kv_dtype, "kv-dtype")?;
+        let kv_streaming = match method.kv_dtype_streaming {
+            None => kv,
+            Some(d) => gpu_type(Some(d), "kv-dtype-streaming")?,
+        };
+        // Streaming rows of their own type span whole rows of the cache's, keys and values
+        // alike (crate duo-cuda's `paged`): bf16 windows beside fp8, int8 or int4.
+        if kv_streaming != kv && !(kv_streaming == KvType::Bf16 && matches!(kv, KvType::Fp8 | KvType::Int8 | KvType::Int4)) {
+            return Err(EngineError::InvalidParameter { name: "kv-dtype-streaming", reason: format!("the CUDA backend keeps streaming heads in the cache's type, or in bf16 beside an fp8, int8 or int4 cache, not {kv_streaming:?} beside {kv:?}") });
+        }
         Ok(PagedLayout {
             retrieval: (0..self.config.n_layers).map(|l| method.pattern.layer(l).to_vec()).collect(),
             sink: method.window.sink,
@@ -435,6 +442,7 @@ impl CudaBackend {
             max_chunk: max_chunk.max(1),
             max_tokens,
             kv,
+            kv_streaming,
         })
     }
 }
