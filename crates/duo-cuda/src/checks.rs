@@ -356,7 +356,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             gpu.addr(&kg),
             gpu.addr(&vg),
             t,
-            paged,
+            (paged, layout.streaming_args(paged)),
         )?;
         let (gq, gk_bytes, gv_bytes) = (gpu.download(&qg)?, gpu.download(&kg)?, gpu.download(&vg)?);
         let (gks, gvs) = (gpu.download(&ksg)?, gpu.download(&vsg)?);

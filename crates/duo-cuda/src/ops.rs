@@ -203,17 +203,21 @@ __device__ __forceinline__ void hadamard_pair(float* buf, int head_dim, int a, i
 // positions (`kv_row`): bf16, or codes with a scale word per row where pg.kscale is set
 // (fp8, int8, int4; keys are quantised from their f32 rotation; over int4, queries and keys
 // are turned into the Hadamard basis first). qkv rows (bf16) are [q (heads * D) | k (kv * D) | v (kv * D)].
-// A row whose slot is negative is padding: nothing is written to the cache. A KV head whose
-// entry is HeadEntry::SKIP (kind 2) is another launch's, with its query heads: where the two
-// kinds of head keep different types, each kind's launch has its own view of the pool.
+// A row whose slot is negative is padding: nothing is written to the cache. Each KV head
+// (and its query heads: over int4 they turn with its keys) takes its kind's view of the pool,
+// pg_streaming a streaming head's: where the kinds keep different types (bf16 windows
+// beside a quantised cache) the two differ in units per block and format. A head whose entry
+// is HeadEntry::SKIP (kind 2) is another launch's.
 // Grid (T, heads + kv), D/2 threads.
 extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, const int* row_pos, const float* inv_freq,
     const int4* heads, int n_heads, int n_kv, int head_dim, int half_split,
-    float* q_out, void* kc, void* vc, Paged pg)
+    float* q_out, void* kc, void* vc, Paged pg_retrieval, Paged pg_streaming)
 {
     pdl_launch_dependents();  // the decode partial kernel may be placed (DUO_PDL=1); it waits for this grid
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
-    if (heads[h < n_heads ? h / (n_heads / n_kv) : h - n_heads].w == 2) return;
+    const int kind = heads[h < n_heads ? h / (n_heads / n_kv) : h - n_heads].w;
+    if (kind == 2) return;
+    const Paged& pg = kind == 1 ? pg_streaming : pg_retrieval;
     const int slot = row_slot[t], pos = row_pos[t];
     const bf16_t* row = qkv + (size_t)t * (n_heads + 2 * n_kv) * head_dim;
     const bf16_t* x = row + h * head_dim;

@@ -1042,18 +1042,9 @@ impl KvPool {
         let (slots, pos) = (meta + (4 * (rows + off)) as u64, meta + (4 * (2 * rows + off)) as u64);
         g.rms_norm(x, g.addr(&lw.attn_norm), xn, n, h, c.eps)?;
         g.linear(xn, g.addr(&lw.qkv), qkv, n, h, kvd, 0.0, true)?;
-        let rope = |heads: u64, paged: crate::paged::PagedArgs| {
-            g.rope_append(qkv, slots, pos, g.addr(&self.w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, q, g.addr(&self.keys), g.addr(&self.values), n, paged)
-        };
+        // Each kind's heads (and their queries) with its own view of the pool, in one launch.
         let heads = g.addr(&self.heads[layer]);
-        match self.kinds_of(layer) {
-            // Each kind's heads (and their queries) with its own view of the pool.
-            Some((ret, st)) => {
-                rope(ret, paged)?;
-                rope(st, self.paged_streaming())
-            }
-            None => rope(heads, paged),
-        }
+        g.rope_append(qkv, slots, pos, g.addr(&self.w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, q, g.addr(&self.keys), g.addr(&self.values), n, (paged, self.layout.streaming_args(paged)))
     }
 
     /// Where the kinds keep different types: `layer`'s tables for the retrieval heads'

@@ -81,6 +81,16 @@ pub struct Gpu {
     /// cuBLAS's fixed workspace (so captured products allocate nothing); it lives as long as
     /// the handle that uses it.
     _blas_workspace: CudaSlice<u8>,
+    /// A second stream, made on first use: a layer whose streaming heads keep their own cache
+    /// type runs their decode partials on it beside the retrieval heads' (ordered by events
+    /// both ways, so a captured step holds them as two branches of its graph).
+    side: std::sync::OnceLock<Arc<CudaStream>>,
+}
+
+/// Launches on a stream other than the GPU's own (the `launch!` macro takes any value with
+/// a `stream`).
+struct OnStream<'a> {
+    stream: &'a Arc<CudaStream>,
 }
 
 /// Rows [`Gpu::gemv`] takes at most (`GEMV_ROWS` in [`crate::ops::SOURCE`]).
@@ -458,7 +468,9 @@ impl Gpu {
                 ))
             }
         };
-        // SAFETY: this crate runs all work on one stream, in order; no cross-stream events needed.
+        // SAFETY: this crate runs its work on one stream, in order; the one exception (the side
+        // stream of `Gpu::decode_attention`) launches with raw addresses only, ordered by
+        // explicit events, so cudarc's per-buffer events are not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver)?;
         let blas = CudaBlas::new(stream.clone()).map_err(driver)?;
@@ -478,6 +490,7 @@ impl Gpu {
             hopper,
             dequant: Mutex::new(None),
             _blas_workspace: workspace,
+            side: std::sync::OnceLock::new(),
         };
         gpu.set_blas_workspace(gpu.addr(&gpu._blas_workspace), BLAS_WORKSPACE)?;
         Ok(gpu)
@@ -617,7 +630,9 @@ impl Gpu {
 
     /// RoPE of `t` rows of `qkv` (row `i`: slot `row_slot[i]`, position `row_pos[i]`);
     /// queries to `q` (f32), keys and values to their paged cache rows (bf16, or fp8 with row
-    /// scales where `paged` has them).
+    /// scales where `paged` has them): `paged` is the pool's view for retrieval heads and its
+    /// view for streaming heads ([`crate::paged::PagedLayout::streaming_args`]; the same
+    /// view twice where both kinds keep one type).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_append(
         &self,
@@ -634,7 +649,7 @@ impl Gpu {
         kc: u64,
         vc: u64,
         t: usize,
-        paged: PagedArgs,
+        (paged, paged_streaming): (PagedArgs, PagedArgs),
     ) -> Result<()> {
         let f = self.op("rope_append")?;
         let (h, g, d, hs) = (
@@ -661,7 +676,8 @@ impl Gpu {
             &q,
             &kc,
             &vc,
-            &paged
+            &paged,
+            &paged_streaming
         )
     }
 
@@ -1045,22 +1061,25 @@ impl Gpu {
         // A listed layer's blocks in grid x (the kernels' `block_work`); else (KV heads, splits).
         let whole = if a.short_split == 0 { (a.n_kv as u32, a.n_splits as u32, rows) } else { (a.blocks() as u32, 1, rows) };
         match a.streaming {
-            None => self.decode_partials(a, (a.kv, a.kernel), (q, kc, vc, heads, row_slot, row_pos), paged, parts, whole, 0)?,
+            None => self.decode_partials(a, (a.kv, a.kernel), (q, kc, vc, heads, row_slot, row_pos), paged, parts, whole, 0, None)?,
             Some(st) => {
                 // The streaming heads' own view of the pool (their rows' units and type).
                 let scales = if st.kv.is_quantised() { (paged.kscale, paged.vscale) } else { (0, 0) };
                 let streaming = PagedArgs { group: st.units_per_block as i32, kv_format: st.kv.format_code(), kscale: scales.0, vscale: scales.1, ..paged };
                 let inputs = (q, kc, vc, heads, row_slot, row_pos);
-                if a.short_split == 0 {
-                    // Not listed: a layer of streaming heads only (DecodeLaunch::with_streaming_type).
-                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, whole, 0)?;
+                let listed = a.retrieval.count_ones() as usize * a.n_splits;
+                if a.short_split == 0 || listed == 0 {
+                    // A layer of streaming heads only (unlisted where DecodeLaunch::with_streaming_type
+                    // allows it): one launch by their type's kernel.
+                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, whole, 0, None)?;
                 } else {
-                    // The list's retrieval entries, then its streaming ones, each by its type's kernel.
-                    let listed = a.retrieval.count_ones() as usize * a.n_splits;
-                    if listed > 0 {
-                        self.decode_partials(a, (a.kv, a.kernel), inputs, paged, parts, (listed as u32, 1, rows), 0)?;
-                    }
-                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, ((a.blocks() - listed) as u32, 1, rows), listed as i32)?;
+                    // The list's streaming entries on the side stream, beside its retrieval
+                    // ones on the GPU's, each by its type's kernel; the merge waits for both.
+                    let side = self.side_stream()?;
+                    side.wait(&self.stream.record_event(None).map_err(driver)?).map_err(driver)?;
+                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, ((a.blocks() - listed) as u32, 1, rows), listed as i32, Some(side))?;
+                    self.decode_partials(a, (a.kv, a.kernel), inputs, paged, parts, (listed as u32, 1, rows), 0, None)?;
+                    self.stream.wait(&side.record_event(None).map_err(driver)?).map_err(driver)?;
                 }
             }
         }
@@ -1084,8 +1103,18 @@ impl Gpu {
         )
     }
 
+    /// The side stream ([`Gpu::side`]), made on first use.
+    fn side_stream(&self) -> Result<&Arc<CudaStream>> {
+        if let Some(s) = self.side.get() {
+            return Ok(s);
+        }
+        let s = self.ctx.new_stream().map_err(driver)?;
+        Ok(self.side.get_or_init(|| s))
+    }
+
     /// One partial launch of `a` by the kernel for `kv` (`(type, kernel)`) over `paged`'s view:
-    /// `grid`, its blocks entries `block0..` of the layer's list (`block_work`).
+    /// `grid`, its blocks entries `block0..` of the layer's list (`block_work`); on `side`
+    /// where given (never a programmatic launch there), else on the GPU's stream.
     #[allow(clippy::too_many_arguments)]
     fn decode_partials(
         &self,
@@ -1096,6 +1125,7 @@ impl Gpu {
         (pm, pl, pa): (u64, u64, u64),
         grid: (u32, u32, u32),
         block0: i32,
+        side: Option<&Arc<CudaStream>>,
     ) -> Result<()> {
         if !kernel.fits(a.head_dim, a.group, kv) {
             return Err(CudaError::Input(format!("{kernel:?} does not suit {} query heads per KV head of {} dims ({kv:?})", a.group, a.head_dim)));
@@ -1106,9 +1136,17 @@ impl Gpu {
         let pdl = programmatic_launch();
         if kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(), tensor_smem_bytes(a.head_dim, a.group, kv) as u32);
+            if let Some(stream) = side {
+                let on = OnStream { stream };
+                return launch!(smem smem; on, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale_log2, &pm, &pl, &pa);
+            }
             launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale_log2, &pm, &pl, &pa)
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
+            if let Some(stream) = side {
+                let on = OnStream { stream };
+                return launch!(smem 0; on, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale, &pm, &pl, &pa);
+            }
             launch_dependent!(pdl; smem 0;
                 self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged,
                 &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale, &pm, &pl, &pa
