@@ -81,16 +81,6 @@ pub struct Gpu {
     /// cuBLAS's fixed workspace (so captured products allocate nothing); it lives as long as
     /// the handle that uses it.
     _blas_workspace: CudaSlice<u8>,
-    /// A second stream, made on first use: a layer whose streaming heads keep their own cache
-    /// type runs their decode partials on it beside the retrieval heads' (ordered by events
-    /// both ways, so a captured step holds them as two branches of its graph).
-    side: std::sync::OnceLock<Arc<CudaStream>>,
-}
-
-/// Launches on a stream other than the GPU's own (the `launch!` macro takes any value with
-/// a `stream`).
-struct OnStream<'a> {
-    stream: &'a Arc<CudaStream>,
 }
 
 /// Rows [`Gpu::gemv`] takes at most (`GEMV_ROWS` in [`crate::ops::SOURCE`]).
@@ -468,9 +458,7 @@ impl Gpu {
                 ))
             }
         };
-        // SAFETY: this crate runs its work on one stream, in order; the one exception (the side
-        // stream of `Gpu::decode_attention`) launches with raw addresses only, ordered by
-        // explicit events, so cudarc's per-buffer events are not needed.
+        // SAFETY: this crate runs all work on one stream, in order; no cross-stream events needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver)?;
         let blas = CudaBlas::new(stream.clone()).map_err(driver)?;
@@ -490,7 +478,6 @@ impl Gpu {
             hopper,
             dequant: Mutex::new(None),
             _blas_workspace: workspace,
-            side: std::sync::OnceLock::new(),
         };
         gpu.set_blas_workspace(gpu.addr(&gpu._blas_workspace), BLAS_WORKSPACE)?;
         Ok(gpu)
@@ -1061,7 +1048,7 @@ impl Gpu {
         // A listed layer's blocks in grid x (the kernels' `block_work`); else (KV heads, splits).
         let whole = if a.short_split == 0 { (a.n_kv as u32, a.n_splits as u32, rows) } else { (a.blocks() as u32, 1, rows) };
         match a.streaming {
-            None => self.decode_partials(a, (a.kv, a.kernel), (q, kc, vc, heads, row_slot, row_pos), paged, parts, whole, 0, None)?,
+            None => self.decode_partials(a, (a.kv, a.kernel), (q, kc, vc, heads, row_slot, row_pos), paged, parts, whole, 0)?,
             Some(st) => {
                 // The streaming heads' own view of the pool (their rows' units and type).
                 let scales = if st.kv.is_quantised() { (paged.kscale, paged.vscale) } else { (0, 0) };
@@ -1071,15 +1058,13 @@ impl Gpu {
                 if a.short_split == 0 || listed == 0 {
                     // A layer of streaming heads only (unlisted where DecodeLaunch::with_streaming_type
                     // allows it): one launch by their type's kernel.
-                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, whole, 0, None)?;
+                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, whole, 0)?;
                 } else {
-                    // The list's streaming entries on the side stream, beside its retrieval
-                    // ones on the GPU's, each by its type's kernel; the merge waits for both.
-                    let side = self.side_stream()?;
-                    side.wait(&self.stream.record_event(None).map_err(driver)?).map_err(driver)?;
-                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, ((a.blocks() - listed) as u32, 1, rows), listed as i32, Some(side))?;
-                    self.decode_partials(a, (a.kv, a.kernel), inputs, paged, parts, (listed as u32, 1, rows), 0, None)?;
-                    self.stream.wait(&side.record_event(None).map_err(driver)?).map_err(driver)?;
+                    // The list's retrieval entries, then its streaming ones, each by its
+                    // type's kernel. (The streaming launch on a second stream beside the
+                    // retrieval one, event-ordered, measured no faster: BENCHMARKS.md, session 22.)
+                    self.decode_partials(a, (a.kv, a.kernel), inputs, paged, parts, (listed as u32, 1, rows), 0)?;
+                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, ((a.blocks() - listed) as u32, 1, rows), listed as i32)?;
                 }
             }
         }
@@ -1103,18 +1088,8 @@ impl Gpu {
         )
     }
 
-    /// The side stream ([`Gpu::side`]), made on first use.
-    fn side_stream(&self) -> Result<&Arc<CudaStream>> {
-        if let Some(s) = self.side.get() {
-            return Ok(s);
-        }
-        let s = self.ctx.new_stream().map_err(driver)?;
-        Ok(self.side.get_or_init(|| s))
-    }
-
     /// One partial launch of `a` by the kernel for `kv` (`(type, kernel)`) over `paged`'s view:
-    /// `grid`, its blocks entries `block0..` of the layer's list (`block_work`); on `side`
-    /// where given (never a programmatic launch there), else on the GPU's stream.
+    /// `grid`, its blocks entries `block0..` of the layer's list (`block_work`).
     #[allow(clippy::too_many_arguments)]
     fn decode_partials(
         &self,
@@ -1125,7 +1100,6 @@ impl Gpu {
         (pm, pl, pa): (u64, u64, u64),
         grid: (u32, u32, u32),
         block0: i32,
-        side: Option<&Arc<CudaStream>>,
     ) -> Result<()> {
         if !kernel.fits(a.head_dim, a.group, kv) {
             return Err(CudaError::Input(format!("{kernel:?} does not suit {} query heads per KV head of {} dims ({kv:?})", a.group, a.head_dim)));
@@ -1136,17 +1110,9 @@ impl Gpu {
         let pdl = programmatic_launch();
         if kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(), tensor_smem_bytes(a.head_dim, a.group, kv) as u32);
-            if let Some(stream) = side {
-                let on = OnStream { stream };
-                return launch!(smem smem; on, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale_log2, &pm, &pl, &pa);
-            }
             launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale_log2, &pm, &pl, &pa)
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
-            if let Some(stream) = side {
-                let on = OnStream { stream };
-                return launch!(smem 0; on, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale, &pm, &pl, &pa);
-            }
             launch_dependent!(pdl; smem 0;
                 self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged,
                 &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale, &pm, &pl, &pa
