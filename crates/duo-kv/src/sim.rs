@@ -24,7 +24,7 @@ pub enum KvSim {
     /// key to f16: a difference of half an f16 ulp per key).
     RowsTurned,
     /// [`KvSim::RowsTurned`] for retrieval heads, streaming heads exact: the GPU's int4 with
-    /// its streaming window kept in 16 bits (`--kv-dtype-streaming`, not built yet).
+    /// its streaming window kept in 16 bits (`--kv-dtype int4 --kv-dtype-streaming bf16`).
     RowsTurnedExactStreaming,
     /// KIVI: a retrieval head's keys per channel over each complete block of
     /// [`CHANNEL_BLOCK`] positions (the partial last block exact), streaming heads' keys as
