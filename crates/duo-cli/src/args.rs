@@ -62,8 +62,9 @@ pub struct MethodArgs {
     /// CPU within 0.03 of the exact cache, where int4 is not).
     #[arg(long)]
     pub kv_dtype: Option<String>,
-    /// The streaming heads' own element type (CPU: f32, f16 or int8; default: --kv-dtype's):
-    /// their window is small, so keeping it exact beside a smaller retrieval cache costs little.
+    /// The streaming heads' own element type (default: --kv-dtype's; CPU: f32, f16 or int8;
+    /// GPU: bf16 beside an fp8, int8 or int4 cache): their window is small, so keeping it
+    /// exact beside a smaller retrieval cache costs little.
     #[arg(long)]
     pub kv_dtype_streaming: Option<String>,
     /// Split the model over GPUs 0..N-1 (tensor parallelism through NCCL; --device cuda):
@@ -362,7 +363,7 @@ pub struct PatternShowArgs {
     pub kv_dtype: Option<String>,
     /// The streaming heads' own element type (the same names): their window is small, so an
     /// exact one costs little. Runs take any mix of f32, f16 and int8 on the CPU; the CUDA
-    /// backend keeps every head in one type for now.
+    /// backend takes bf16 windows beside an fp8, int8 or int4 cache.
     #[arg(long)]
     pub kv_dtype_streaming: Option<String>,
     /// Also print the longest context whose KV cache fits in this many GiB, with this

@@ -87,7 +87,7 @@ impl PagedLayout {
     /// key row and a value row, so keys and values must widen alike: K8V4's keys would
     /// widen twice, its values four times, and it keeps its windows in its own type.
     pub fn streaming_width(&self) -> usize {
-        if self.kv_streaming == self.kv {
+        if !self.split_types() {
             return 1;
         }
         // 256 elements: a whole number of bytes in every type.
@@ -115,9 +115,10 @@ impl PagedLayout {
     }
 
     /// Whether the two kinds of head keep different types, so that every kernel over the
-    /// cache runs once per kind.
+    /// cache runs once per kind (never where there are no streaming heads: a layout of
+    /// retrieval heads only, or a tensor-parallel rank's, keeps one type and unpadded blocks).
     pub fn split_types(&self) -> bool {
-        self.kv_streaming != self.kv
+        self.kv_streaming != self.kv && self.n_streaming() > 0
     }
 
     /// Sink rows rounded up to whole units.
@@ -217,7 +218,7 @@ impl PagedLayout {
         if self.recent == 0 || self.max_chunk == 0 || self.max_tokens == 0 {
             return Err(CudaError::Input("recent window, chunk and max_tokens must be positive".into()));
         }
-        if self.split_types() && !(self.kv_streaming == KvType::Bf16 && matches!(self.kv, KvType::Fp8 | KvType::Int8 | KvType::Int4)) {
+        if self.kv_streaming != self.kv && !(self.kv_streaming == KvType::Bf16 && matches!(self.kv, KvType::Fp8 | KvType::Int8 | KvType::Int4)) {
             return Err(CudaError::Input(format!(
                 "streaming heads cached as {:?} beside {:?}: on the GPU they keep the cache's type, or bf16 beside an fp8, int8 or int4 cache",
                 self.kv_streaming, self.kv
@@ -689,6 +690,10 @@ mod tests {
         }
         let same = PagedLayout { kv: KvType::Int4, kv_streaming: KvType::Int4, ..layout() };
         assert_eq!((same.streaming_width(), same.group(), same.split_types()), (1, 2, false));
+        // No streaming heads (full attention, or a rank that holds retrieval heads only): one
+        // type, blocks unpadded.
+        let full = PagedLayout { retrieval: vec![vec![true; 2]; 3], kv: KvType::Int4, kv_streaming: KvType::Bf16, ..layout() };
+        assert_eq!((full.streaming_width(), full.group(), full.split_types()), (1, 6, false));
     }
 
     #[test]

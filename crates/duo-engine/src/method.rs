@@ -168,7 +168,8 @@ pub struct MethodSpec {
     /// Element type of the KV cache (`None`: the backend's own, f32 on the CPU, bf16 on
     /// the GPU).
     pub kv_dtype: Option<KvDtype>,
-    /// The streaming heads' own element type (`None`: `kv_dtype`'s); the CPU backend's.
+    /// The streaming heads' own element type (`None`: `kv_dtype`'s): on the CPU any of its
+    /// types, on the GPU bf16 beside an fp8, int8 or int4 cache.
     pub kv_dtype_streaming: Option<KvDtype>,
 }
 
