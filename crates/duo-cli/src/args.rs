@@ -63,7 +63,7 @@ pub struct MethodArgs {
     #[arg(long)]
     pub kv_dtype: Option<String>,
     /// The streaming heads' own element type (default: --kv-dtype's; CPU: f32, f16 or int8;
-    /// GPU: bf16 beside an fp8, int8 or int4 cache): their window is small, so keeping it
+    /// GPU: bf16 beside an fp8, int8, int4 or k8v4 cache): their window is small, so keeping it
     /// exact beside a smaller retrieval cache costs little.
     #[arg(long)]
     pub kv_dtype_streaming: Option<String>,
@@ -161,10 +161,10 @@ impl MethodArgs {
         let kv_dtype_streaming: Option<KvDtype> = self.kv_dtype_streaming.as_deref().map(str::parse).transpose()?;
         match (self.device, kv_dtype_streaming) {
             (Device::Cpu, Some(d)) if !d.on_cpu() => anyhow::bail!("--kv-dtype-streaming {}: on the CPU it is f32, f16 or int8 (q8)", self.kv_dtype_streaming.as_deref().unwrap_or_default()),
-            // Streaming rows of another type span whole rows of the cache's, keys and values
-            // alike (duo-cuda's `paged`): bf16 windows beside fp8, int8 or int4.
-            (Device::Cuda(_), Some(d)) if d != kv_dtype.unwrap_or(KvDtype::Bf16) && !(d == KvDtype::Bf16 && matches!(kv_dtype, Some(KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4))) => anyhow::bail!(
-                "--kv-dtype-streaming {}: the CUDA backend keeps streaming heads in the cache's type (--kv-dtype, bf16 by default), or in bf16 beside an fp8, int8 or int4 cache",
+            // Streaming rows of another type span whole rows of the cache's (duo-cuda's
+            // `paged`): bf16 windows beside fp8, int8, int4 or k8v4.
+            (Device::Cuda(_), Some(d)) if d != kv_dtype.unwrap_or(KvDtype::Bf16) && !(d == KvDtype::Bf16 && matches!(kv_dtype, Some(KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4 | KvDtype::K8V4))) => anyhow::bail!(
+                "--kv-dtype-streaming {}: the CUDA backend keeps streaming heads in the cache's type (--kv-dtype, bf16 by default), or in bf16 beside an fp8, int8, int4 or k8v4 cache",
                 self.kv_dtype_streaming.as_deref().unwrap_or_default()
             ),
             _ => {}
@@ -363,7 +363,7 @@ pub struct PatternShowArgs {
     pub kv_dtype: Option<String>,
     /// The streaming heads' own element type (the same names): their window is small, so an
     /// exact one costs little. Runs take any mix of f32, f16 and int8 on the CPU; the CUDA
-    /// backend takes bf16 windows beside an fp8, int8 or int4 cache.
+    /// backend takes bf16 windows beside an fp8, int8, int4 or k8v4 cache.
     #[arg(long)]
     pub kv_dtype_streaming: Option<String>,
     /// Also print the longest context whose KV cache fits in this many GiB, with this

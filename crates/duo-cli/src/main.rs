@@ -72,6 +72,11 @@ enum Command {
         /// tp (tensor parallelism over every visible GPU; by default where two or more are visible).
         #[arg(long)]
         only: Option<String>,
+        /// Only the decode and model groups' cases whose name contains one of these texts,
+        /// separated by `|` (e.g. "K8V4 with bf16 windows|K8V4 cache, bf16 windows"); the
+        /// other groups run whole.
+        #[arg(long)]
+        cases: Option<String>,
         /// Parity only: no kernel timings.
         #[arg(long)]
         no_timings: bool,
@@ -113,7 +118,7 @@ fn main() {
         Command::Demo(a) => eval::demo(a),
         Command::Pattern(PatternCommand::Show(a)) => pattern_show(a),
         Command::Serve(a) => serve::run(a),
-        Command::CudaCheck { seed, only, no_timings, timings } => cuda_check(seed, only.as_deref(), no_timings, timings.as_deref()),
+        Command::CudaCheck { seed, only, cases, no_timings, timings } => cuda_check(seed, only.as_deref(), cases.as_deref(), no_timings, timings.as_deref()),
         Command::RandomCheckpoint { shape, out, seed } => random_checkpoint(&shape, &out, seed),
     };
     if let Err(e) = result {
@@ -139,7 +144,7 @@ fn random_checkpoint(shape: &str, out: &std::path::Path, seed: u64) -> Result<()
     Ok(())
 }
 
-fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&str>) -> Result<()> {
+fn cuda_check(seed: u64, only: Option<&str>, cases: Option<&str>, no_timings: bool, timings: Option<&str>) -> Result<()> {
     // "tp" only when asked for (it allocates 4 GiB caches and, with two GPUs, an NCCL group).
     const TIMINGS: [&str; 5] = ["decode", "split", "prefill", "gemv", "tp"];
     let timed: Vec<&str> = timings.map_or(TIMINGS[..4].to_vec(), |t| t.split(',').map(str::trim).collect());
@@ -166,7 +171,7 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
             let gpus = duo_cuda::runtime::open_gpus(visible.max(2))?;
             duo_cuda::model::check_tensor_parallel(&gpus, seed)?
         } else {
-            duo_cuda::check_group(&gpu, group, seed)?
+            duo_cuda::check_group(&gpu, group, seed, cases)?
         };
         for r in results {
             println!(
@@ -182,6 +187,9 @@ fn cuda_check(seed: u64, only: Option<&str>, no_timings: bool, timings: Option<&
     }
     if failed > 0 {
         bail!("{failed} of {total} kernel parity checks failed");
+    }
+    if let (Some(c), 0) = (cases, total) {
+        bail!("--cases {c}: no case of the groups run has such a name");
     }
     if no_timings {
         return Ok(());
@@ -600,14 +608,17 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         bail!("--head-dim must be from 1 to 4096 (got {})", a.head_dim);
     }
     let streaming = a.kv_dtype_streaming.as_deref().map(str::parse::<duo_engine::KvDtype>).transpose()?;
-    let plan_with = |p: &duo_core::HeadPattern, bits: usize, scales: usize| {
+    // A GPU bf16 window beside a quantised cache takes whole rows of the cache's type (its
+    // paged pool), scale words included: as many as `gpu_window_width` says.
+    let plan_with = |p: &duo_core::HeadPattern, cache: Option<duo_engine::KvDtype>, bits: usize, scales: usize| {
         let plan = duo_core::CachePlan::with_bits(p, a.head_dim, bits, window).with_row_scales(scales);
-        match streaming {
-            Some(s) => plan.with_streaming(s.bits(), s.scale_bytes()),
-            None => plan,
+        match (streaming, cache.zip(streaming).and_then(|(c, s)| c.gpu_window_width(s))) {
+            (Some(_), Some(width)) => plan.with_streaming(width * bits, width * scales),
+            (Some(s), None) => plan.with_streaming(s.bits(), s.scale_bytes()),
+            (None, _) => plan,
         }
     };
-    let plan_for = |p: &duo_core::HeadPattern| plan_with(p, bits, scales);
+    let plan_for = |p: &duo_core::HeadPattern| plan_with(p, dtype, bits, scales);
     let all_retrieval = duo_core::HeadPattern::all_retrieval(layers, heads);
     let plan = plan_for(&pattern);
     let full = plan_for(&all_retrieval);
@@ -619,9 +630,10 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         (_, 8, s) => format!("1 byte/element + {s}-byte scale per row"),
         (_, b, s) => format!("{b} bits/element + {s}-byte scale per row"),
     };
-    let element = match a.kv_dtype_streaming.as_deref() {
-        Some(s) => format!("{element}; streaming heads {s}"),
-        None => element,
+    let element = match (a.kv_dtype_streaming.as_deref(), dtype.zip(streaming).and_then(|(c, s)| c.gpu_window_width(s))) {
+        (Some(s), Some(width)) => format!("{element}; streaming heads {s}, each row in the bytes of {width} of the cache's rows as the GPU's pool keeps it"),
+        (Some(s), None) => format!("{element}; streaming heads {s}"),
+        (None, _) => element,
     };
     println!(
         "KV cache at {t} tokens (head_dim {}, {element}, sink {}, recent {}): {:.1} MiB vs {:.1} MiB full attention ({:.2}x less)",
@@ -652,7 +664,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
         println!("| {kv_cache} | bytes per token beyond the window | longest context, this pattern | longest context, full attention |\n|---|---|---|---|");
         use duo_engine::KvDtype;
         for (name, d) in [("f32 (CPU)", KvDtype::F32), ("f16 (CPU) / bf16 (GPU)", KvDtype::Bf16), ("int8 (CPU, GPU) / fp8 (GPU)", KvDtype::Int8), ("k8v4: int8 keys, int4 values (GPU)", KvDtype::K8V4), ("int4 (GPU)", KvDtype::Int4)] {
-            let (mine, all) = (plan_with(&pattern, d.bits(), d.scale_bytes()), plan_with(&all_retrieval, d.bits(), d.scale_bytes()));
+            let (mine, all) = (plan_with(&pattern, Some(d), d.bits(), d.scale_bytes()), plan_with(&all_retrieval, Some(d), d.bits(), d.scale_bytes()));
             println!("| {name} | {} | {} | {} |", mine.retrieval_bytes(1), longest_context(&mine, budget), longest_context(&all, budget));
         }
     }

@@ -102,8 +102,8 @@ fn kv_element_types_the_device_does_not_have_are_refused_before_loading() {
         (&["bench", "--device", "cuda", "--kv-dtype", "f16", "--lengths", "64"][..], "the CUDA backend caches bf16 (its default), fp8, int8, int4 or k8v4"),
         (&["generate", "--kv-dtype-streaming", "int4", "hi"][..], "on the CPU it is f32, f16 or int8"),
         (&["bench", "--device", "cuda", "--kv-dtype", "int4", "--kv-dtype-streaming", "fp8", "--lengths", "64"][..], "keeps streaming heads in the cache's type"),
-        (&["bench", "--device", "cuda", "--kv-dtype-streaming", "int4", "--lengths", "64"][..], "or in bf16 beside an fp8, int8 or int4 cache"),
-        (&["bench", "--device", "cuda", "--kv-dtype", "k8v4", "--kv-dtype-streaming", "bf16", "--lengths", "64"][..], "or in bf16 beside an fp8, int8 or int4 cache"),
+        (&["bench", "--device", "cuda", "--kv-dtype-streaming", "int4", "--lengths", "64"][..], "or in bf16 beside an fp8, int8, int4 or k8v4 cache"),
+        (&["bench", "--device", "cuda", "--kv-dtype", "k8v4", "--kv-dtype-streaming", "int8", "--lengths", "64"][..], "or in bf16 beside an fp8, int8, int4 or k8v4 cache"),
     ] {
         let (ok, err, _) = duo(args);
         assert!(!ok && err.contains(want), "{args:?}: {err}");
@@ -209,6 +209,18 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     let (ours, full) = (((1usize << 30) - window) / per_token, (1usize << 30) / (90 * 2 * 36));
     assert!(run.status.success() && out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("streaming heads f16"), "{out}");
     assert!(out.contains(&format!("| int4 (GPU) | {per_token} | {ours} | {full} |")), "{out}");
+    // The GPU's bf16 window beside k8v4: a window row takes the bytes of four k8v4 rows
+    // (keys 64 + 4, values 32 + 4 bytes each), 416 bytes a position and head, not bf16's 256.
+    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
+        .args(["pattern", "show", pattern, "--kv-dtype", "k8v4", "--kv-dtype-streaming", "bf16", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
+        .output()
+        .expect("duo runs");
+    let _ = std::fs::remove_file(&heatmap);
+    let out = String::from_utf8_lossy(&run.stdout);
+    let (per_token, window) = (45 * 2 * 52, 45 * 1088 * 4 * (68 + 36));
+    let (ours, full) = (((1usize << 30) - window) / per_token, (1usize << 30) / (90 * 2 * 52));
+    assert!(run.status.success() && out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("in the bytes of 4 of the cache's rows"), "{out}");
+    assert!(out.contains(&format!("| k8v4: int8 keys, int4 values (GPU) | {per_token} | {ours} | {full} |")), "{out}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype-streaming", "int3", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")]);
     assert!(!ok && err.contains("not one of"), "{err}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--memory-gib", "0"]);

@@ -41,14 +41,23 @@ pub const CHECK_GROUPS: [&str; 5] = ["ops", "prefill", "dequant", "decode", "mod
 pub fn check(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
     let mut out = Vec::new();
     for group in CHECK_GROUPS {
-        out.extend(check_group(gpu, group, seed)?);
+        out.extend(check_group(gpu, group, seed, None)?);
     }
     Ok(out)
 }
 
+/// Whether a case runs under a `cases` filter (`duo cuda-check --cases`): texts separated by
+/// `|`, one of which the case's name (its start, known before it runs) contains; every case
+/// without a filter.
+pub fn case_wanted(cases: Option<&str>, name: &str) -> bool {
+    cases.is_none_or(|c| c.split('|').any(|part| name.contains(part)))
+}
+
 /// One group of [`CHECK_GROUPS`]: the small kernels, prefill attention (bf16 and fp8 caches),
-/// GGUF dequantisation, decode attention, or the whole model and its pools.
-pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>> {
+/// GGUF dequantisation, decode attention, or the whole model and its pools. `cases`
+/// ([`case_wanted`]) picks among the decode and model groups' cases, so that a short call to
+/// a GPU can run the few that a change touches; the other groups run whole.
+pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64, cases: Option<&str>) -> Result<Vec<Parity>> {
     match group {
         "ops" => ops(gpu, seed),
         "prefill" => {
@@ -83,8 +92,8 @@ pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64) -> Result<Vec<Parity>
             Ok(out)
         }
         "dequant" => dequant(gpu, seed),
-        "decode" => decode_attention::check_kernel(gpu, seed),
-        "model" => model::check_model(gpu, seed),
+        "decode" => decode_attention::check_kernel(gpu, seed, cases),
+        "model" => model::check_model(gpu, seed, cases),
         other => Err(crate::CudaError::Input(format!(
             "no check group {other}: the groups are {}",
             CHECK_GROUPS.join(", ")
@@ -782,4 +791,21 @@ pub fn time_prefill_attention_with(
         * (h / retrieval.len()) as f64
         * retrieval.iter().filter(|&&r| r).count() as f64;
     Ok((ms, flops))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::case_wanted;
+
+    #[test]
+    fn a_case_filter_takes_any_of_its_texts() {
+        assert!(case_wanted(None, "whole model GQA "));
+        let f = Some("K8V4 with bf16 windows|K8V4 cache, bf16 windows");
+        assert!(case_wanted(f, "paged decode attention K8V4 with bf16 windows"));
+        assert!(case_wanted(f, "whole model MHA, K8V4 cache, bf16 windows "));
+        assert!(case_wanted(f, "continuous batching, K8V4 cache, bf16 windows"));
+        assert!(!case_wanted(f, "paged decode attention K8V4, "));
+        assert!(!case_wanted(f, "whole model GQA, K8V4 cache "));
+        assert!(!case_wanted(f, "continuous batching, K8V4 cache"));
+    }
 }

@@ -740,7 +740,7 @@ extern "C" __global__ void duo_decode_partial(
         const unsigned t = begin + warp * KPW + sub;
         if (t < end) {
             const size_t row = row_of(t + (t >= (unsigned)sinks ? gap : 0));
-            load_raw(keys + row * HEAD_DIM, first, kr);
+            load_raw(keys + key_row(pg, row) * HEAD_DIM, first, kr);
             load_raw(values + row * HEAD_DIM, first, vr);
         }
     }
@@ -751,7 +751,7 @@ extern "C" __global__ void duo_decode_partial(
         const unsigned tn = t + stride;
         if (tn < end) {
             const size_t row = row_of(tn + (tn >= (unsigned)sinks ? gap : 0));
-            load_raw(keys + row * HEAD_DIM, first, kn);
+            load_raw(keys + key_row(pg, row) * HEAD_DIM, first, kn);
             load_raw(values + row * HEAD_DIM, first, vn);
         }
         float k[DIMS], v[DIMS];
@@ -971,6 +971,14 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 // keys, without a block-wide barrier per tile, measured no faster on the H200: BENCHMARKS.md
 // session 12.)
 #define CH_ROW(j) ((threadIdx.x + (j) * 128) / CPR)
+// Key rows spaced out (PagedArgs::key_shift) are only ever bf16 windows' (beside K8V4), so a
+// byte cache's kernel never shifts: its copies keep their instructions (ptxas: one int4 form
+// spilled 40 bytes more with the shift read from the arguments).
+#ifdef KV_BYTES
+#define KEY_ROW(r) (r)
+#else
+#define KEY_ROW(r) key_row(pg, r)
+#endif
 #define CH_COL(j) ((threadIdx.x + (j) * 128) % CPR)
     const int cap = e.w == 0 ? 1 : slot_cap(pg, seq_slot);
     const int* trow = pg.tables + (size_t)seq_slot * pg.stride;
@@ -1049,7 +1057,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const int t = t0 + r;
             const bool live = t < end;
             const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
-            const size_t at = live ? (size_t)row * row_bytes + c : 0, v_at = live ? (size_t)row * v_row_bytes + c : 0;
+            // A streaming head's key row in its view (KEY_ROW; page runs are retrieval heads').
+            const size_t at = live ? (size_t)KEY_ROW(row) * row_bytes + c : 0, v_at = live ? (size_t)row * v_row_bytes + c : 0;
             cp_async16(kd + r * pad + c, kbase + at, live ? 16 : 0);
             if (c < v_row_bytes) cp_async16(vd + r * v_pad + c, vbase + v_at, live ? 16 : 0);
         }
@@ -1542,7 +1551,8 @@ mod gpu {
         let (mut keys, mut values) = (vec![1e3f32; rows * d], vec![1e3f32; rows * d]);
         // Where streaming heads keep bf16 beside the cache's type (`layout.split_types()`),
         // their rows (in their own units) go in over the quantised bytes below.
-        let mut windows: Vec<(usize, &[f32], &[f32])> = Vec::new();
+        // (value row, key row, keys, values): the key row spaced out where the view says so.
+        let mut windows: Vec<(usize, usize, &[f32], &[f32])> = Vec::new();
         for (b, &n) in x.tokens.iter().enumerate() {
             for (g, &e) in x.heads.iter().enumerate() {
                 let base = x.key_offset(b, g);
@@ -1551,7 +1561,7 @@ mod gpu {
                     let r = tables[b].row(layout, e, p);
                     let (k, v) = (&x.keys[base + p * d..][..d], &x.values[base + p * d..][..d]);
                     if layout.split_types() && e.kind == HeadEntry::STREAMING {
-                        windows.push((r, k, v));
+                        windows.push((r, tables[b].key_row(layout, e, p), k, v));
                     } else {
                         keys[r * d..][..d].copy_from_slice(k);
                         values[r * d..][..d].copy_from_slice(v);
@@ -1562,7 +1572,7 @@ mod gpu {
         let mut launch = launch_for(&x.heads, h, d, &x.tokens, kv, split, kernel);
         if layout.split_types() {
             let kinds: Vec<bool> = x.heads.iter().map(|e| e.kind == HeadEntry::RETRIEVAL).collect();
-            let st = crate::runtime::StreamingKernel { kv: layout.kv_streaming, kernel: DecodeKernel::Tensor, units_per_block: layout.streaming_group() };
+            let st = crate::runtime::StreamingKernel { kv: layout.kv_streaming, kernel: DecodeKernel::Tensor, units_per_block: layout.streaming_group(), key_shift: layout.streaming_key_shift() };
             launch = launch.with_streaming_type(&kinds, st)?;
         }
         let heads = gpu.upload(&HeadEntry::table(&x.heads))?;
@@ -1597,10 +1607,10 @@ mod gpu {
                 let ((mut kb, ksc), (mut vb, vsc)) =
                     (kv.key().quantise_rows(&keys, d)?, kv.value().quantise_rows(&values, d)?);
                 // (Read later by row order: a later position of a ring row overwrites.)
-                for (r, k, v) in &windows {
+                for (r, kr, k, v) in &windows {
                     let (kw, vw) = (crate::ops::bf16_bits(k), crate::ops::bf16_bits(v));
-                    for (bytes, words) in [(&mut kb, kw), (&mut vb, vw)] {
-                        let at = r * 2 * d;
+                    for (bytes, words, row) in [(&mut kb, kw, kr), (&mut vb, vw, r)] {
+                        let at = row * 2 * d;
                         for (i, w) in words.iter().enumerate() {
                             bytes[at + 2 * i..][..2].copy_from_slice(&w.to_le_bytes());
                         }
@@ -1749,7 +1759,7 @@ mod gpu {
     /// 40,000 tokens next to streaming heads (sinks + recent), blocks of 16 to 128 tokens; and
     /// splits forced small, so that a head has more splits than the merge's threads (a duo
     /// layer's streaming heads leave most of theirs empty).
-    pub fn check(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
+    pub fn check(gpu: &Gpu, seed: u64, cases: Option<&str>) -> Result<Vec<Parity>> {
         // (query heads, head dim, kinds, sink, recent, block tokens, row lengths, keys per
         // split: the launch's own choice, or forced)
         type Case = (
@@ -1762,7 +1772,7 @@ mod gpu {
             &'static [usize],
             Option<usize>,
         );
-        let cases: [Case; 9] = [
+        let layer_cases: [Case; 9] = [
             (
                 9,
                 64,
@@ -1816,7 +1826,10 @@ mod gpu {
         ];
         let mut out = Vec::new();
         for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
-            for (i, (h, d, kinds, sink, recent, bt, tokens, split)) in cases.iter().enumerate() {
+            if !crate::checks::case_wanted(cases, &format!("paged decode attention {kv:?}, ")) {
+                continue;
+            }
+            for (i, (h, d, kinds, sink, recent, bt, tokens, split)) in layer_cases.iter().enumerate() {
                 let layout = layer_layout(
                     kinds,
                     *sink,
@@ -1853,9 +1866,12 @@ mod gpu {
         // kind by its type's kernel, one merge), against the reference with each head's rows
         // rounded as its kind keeps them. Every case with both kinds, and one of streaming
         // heads only.
-        for kv in [KvType::Fp8, KvType::Int8, KvType::Int4] {
+        for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
+            if !crate::checks::case_wanted(cases, &format!("paged decode attention {kv:?} with bf16 windows")) {
+                continue;
+            }
             let all_streaming: Case = (8, 128, &[false, false], 16, 100, 32, &[300, 7], None);
-            for (i, (h, d, kinds, sink, recent, bt, tokens, split)) in cases.iter().copied().chain([all_streaming]).enumerate() {
+            for (i, (h, d, kinds, sink, recent, bt, tokens, split)) in layer_cases.iter().copied().chain([all_streaming]).enumerate() {
                 if !kinds.contains(&false) || !DecodeKernel::Tensor.fits(d, h / kinds.len(), kv) {
                     continue;
                 }

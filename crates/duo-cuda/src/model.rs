@@ -843,7 +843,7 @@ mod gpu {
     /// logits are compared with the same sequence run alone and its tokens must be the same.
     /// Not bit for bit: the decode splits and cuBLAS's kernels follow the number of rows, so
     /// sums are ordered differently (bound 1e-5 of the largest logit).
-    pub fn check_model(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
+    pub fn check_model(gpu: &Arc<Gpu>, seed: u64, cases: Option<&str>) -> Result<Vec<Parity>> {
         let mut out = Vec::new();
         let config = |heads: usize, kv: usize, d: usize, half: bool| {
             let inv_freq: Vec<f32> = (0..d / 2).map(|i| 10_000f32.powf(-2.0 * i as f32 / d as f32)).collect();
@@ -856,7 +856,7 @@ mod gpu {
         let same = |kv: KvType| (kv, kv);
         let prompt = |n: usize, salt: u64| -> Vec<u32> { (0..n as u64).map(|i| (hash_uniform(seed ^ salt, i).abs() * 299.0) as u32).collect() };
         // (name, heads, KV heads, head dim, half-split RoPE, prompt tokens, max_tokens, cache)
-        let cases = [
+        let model_cases = [
             ("GQA", 4, 2, 64, true, 2990, 4096, same(KvType::Bf16)),
             ("MHA", 2, 2, 128, false, 2990, 4096, same(KvType::Bf16)),
             ("GQA, short sequence", 4, 2, 64, true, 90, 131, same(KvType::Bf16)),
@@ -871,8 +871,13 @@ mod gpu {
             ("GQA, int4 cache, bf16 windows", 4, 2, 64, true, 2990, 4096, (KvType::Int4, KvType::Bf16)),
             ("MHA, fp8 cache, bf16 windows", 2, 2, 128, false, 2990, 4096, (KvType::Fp8, KvType::Bf16)),
             ("GQA, int8 cache, bf16 windows", 4, 2, 64, true, 2990, 4096, (KvType::Int8, KvType::Bf16)),
+            ("GQA, K8V4 cache, bf16 windows", 4, 2, 64, true, 2990, 4096, (KvType::K8V4, KvType::Bf16)),
+            ("MHA, K8V4 cache, bf16 windows", 2, 2, 128, false, 2990, 4096, (KvType::K8V4, KvType::Bf16)),
         ];
-        for (name, heads, kv, d, half, prompt_len, max_tokens, cache) in cases {
+        for (name, heads, kv, d, half, prompt_len, max_tokens, cache) in model_cases {
+            if !crate::checks::case_wanted(cases, &format!("whole model {name} ")) {
+                continue;
+            }
             let config = config(heads, kv, d, half);
             let layout = layout(max_tokens, cache);
             let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
@@ -909,7 +914,11 @@ mod gpu {
         // Continuous batching in one pool against each sequence alone, with every cache type.
         let config = config(4, 2, 64, true);
         let w = Arc::new(GpuWeights::random(gpu, config.clone(), seed)?);
-        for cache in [same(KvType::Bf16), same(KvType::Fp8), same(KvType::Int8), same(KvType::Int4), same(KvType::K8V4), (KvType::Int4, KvType::Bf16)] {
+        for cache in [same(KvType::Bf16), same(KvType::Fp8), same(KvType::Int8), same(KvType::Int4), same(KvType::K8V4), (KvType::Int4, KvType::Bf16), (KvType::K8V4, KvType::Bf16)] {
+        let name = if cache.0 == cache.1 { format!("continuous batching, {:?} cache", cache.0) } else { format!("continuous batching, {:?} cache, bf16 windows", cache.0) };
+        if !crate::checks::case_wanted(cases, &name) {
+            continue;
+        }
         let layout = layout(2048, cache);
         let (lens, steps) = ([700usize, 150, 1200], 12usize);
         let blocks: usize = lens.iter().map(|&n| layout.blocks_for(n + steps, Ring::Prefill)).sum();
@@ -970,7 +979,7 @@ mod gpu {
             same_tokens &= want_tokens == tokens[i];
         }
         out.push(Parity {
-            case: format!("continuous batching, {} cache: 3 sequences ({lens:?} prompt tokens, {steps} decode steps each) in one pool vs each alone, tokens the same: {same_tokens}", if cache.0 == cache.1 { format!("{:?}", cache.0) } else { format!("{:?} (bf16 windows)", cache.0) }),
+            case: format!("{name}: 3 sequences ({lens:?} prompt tokens, {steps} decode steps each) in one pool vs each alone, tokens the same: {same_tokens}"),
             max_abs_err: if same_tokens { err / top.max(f64::MIN_POSITIVE) } else { f64::INFINITY },
             bound: 1e-5,
         });

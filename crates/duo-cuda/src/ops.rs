@@ -239,7 +239,7 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, c
         const int g = h - n_heads;
         const size_t r = (size_t)kv_row(pg, heads[g], slot, pos);
         // K8V4 (format 4): keys as int8 (2), values as int4 (3).
-        store_row_pair(kc, pg.kscale, pg.kv_format == 4 ? 2 : pg.kv_format, r, head_dim, a, b, y0, y1);
+        store_row_pair(kc, pg.kscale, pg.kv_format == 4 ? 2 : pg.kv_format, (size_t)key_row(pg, r), head_dim, a, b, y0, y1);
         const bf16_t* v = row + (n_heads + n_kv + g) * head_dim;
         store_row_pair(vc, pg.vscale, pg.kv_format == 4 ? 3 : pg.kv_format, r, head_dim, a, b, bf(v[a]), bf(v[b]));
     }
@@ -280,7 +280,7 @@ extern "C" __global__ void ring_move(unsigned short* kc, unsigned short* vc, uns
     const int4 e = make_int4(h, sink, 0, 1);
     for (int i = 0; i < count; i++) {
         const long long row = kv_row_cap(pg, e, slot, first + i, cap);
-        unsigned short* ring = cache + (size_t)row * words;
+        unsigned short* ring = cache + (size_t)(blockIdx.y == 0 ? key_row(pg, row) : row) * words;
         const size_t at = ((size_t)h * 2 + blockIdx.y) * count + i;
         unsigned short* s = scratch + at * row_u16;
         for (int c = threadIdx.x; c < words; c += blockDim.x) {

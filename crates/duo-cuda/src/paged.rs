@@ -19,7 +19,7 @@
 //!   unit `u + 1`), so the decode ring is a prefix of the prefill ring's blocks: shrinking
 //!   frees the tail blocks, growing appends them.
 //! * Streaming heads may keep their rows in a wider type than retrieval heads
-//!   (`kv_streaming`: bf16 windows beside an fp8, int8 or int4 cache,
+//!   (`kv_streaming`: bf16 windows beside an fp8, int8, int4 or k8v4 cache,
 //!   `--kv-dtype-streaming`). A
 //!   block is then still `group()` units of the retrieval type's rows, and in a streaming
 //!   region the same bytes hold `streaming_group()` units of the wider rows: `group()` is
@@ -27,6 +27,11 @@
 //!   two views of one pool ([`PagedLayout::paged_args`], [`PagedLayout::streaming_args`]);
 //!   a kernel compiled for one type runs each kind's heads in its own launch. The wider
 //!   type keeps no row scales, so the scale words stay the retrieval rows' alone.
+//! * One row index addresses a key row and a value row. Where the two sides widen unalike
+//!   (k8v4: int8 keys widen twice to bf16, int4 values four times), the width is the
+//!   values' and a streaming key row sits at `row << key_shift` (one bf16 key row in every
+//!   second slot of the key bytes): half of a streaming block's key bytes stay unused, a few
+//!   hundred kilobytes per sequence, and the kernels keep one row lookup for both sides.
 //! * Tables live in device memory, one row per *slot* (a running sequence), so a captured
 //!   step and the kernels read them without host involvement: `[retrieval blocks | streaming
 //!   blocks | ring rows]` of `table_stride()` entries.
@@ -60,7 +65,7 @@ pub struct PagedLayout {
     pub max_tokens: usize,
     /// How keys and values are stored (bf16, or fp8 with row scales).
     pub kv: KvType,
-    /// How streaming heads store theirs: `kv`, or bf16 beside an fp8, int8 or int4 `kv`.
+    /// How streaming heads store theirs: `kv`, or bf16 beside an fp8, int8, int4 or k8v4 `kv`.
     pub kv_streaming: KvType,
 }
 
@@ -83,15 +88,35 @@ impl PagedLayout {
     }
 
     /// How many rows of the retrieval type one streaming row spans: 1 where both kinds
-    /// share a type; bf16 beside fp8 or int8 2, beside int4 4. One row index addresses a
-    /// key row and a value row, so keys and values must widen alike: K8V4's keys would
-    /// widen twice, its values four times, and it keeps its windows in its own type.
+    /// share a type; bf16 beside fp8 or int8 2, beside int4 or k8v4 4 (the wider of the two
+    /// sides' ratios: k8v4's int4 values).
     pub fn streaming_width(&self) -> usize {
         if !self.split_types() {
             return 1;
         }
+        let (k, v) = self.side_widths();
+        k.max(v)
+    }
+
+    /// How many rows of the retrieval type one streaming key row and one value row span.
+    fn side_widths(&self) -> (usize, usize) {
         // 256 elements: a whole number of bytes in every type.
-        self.kv_streaming.key_bytes_for(256).div_ceil(self.kv.key_bytes_for(256).max(1))
+        let ratio = |wide: usize, narrow: usize| wide.div_ceil(narrow.max(1));
+        (
+            ratio(self.kv_streaming.key_bytes_for(256), self.kv.key_bytes_for(256)),
+            ratio(self.kv_streaming.value_bytes_for(256), self.kv.value_bytes_for(256)),
+        )
+    }
+
+    /// log2 of how far apart a streaming head's key rows sit, in rows of its own type: 0
+    /// where keys widen as much as values, 1 for bf16 beside k8v4 (keys widen twice, values
+    /// four times, so the block's key bytes hold twice the rows its values hold).
+    pub fn streaming_key_shift(&self) -> u32 {
+        if !self.split_types() {
+            return 0;
+        }
+        let (k, v) = self.side_widths();
+        (k.max(v) / k).trailing_zeros()
     }
 
     /// Units per block: one per retrieval head (per streaming head when there is none),
@@ -218,9 +243,9 @@ impl PagedLayout {
         if self.recent == 0 || self.max_chunk == 0 || self.max_tokens == 0 {
             return Err(CudaError::Input("recent window, chunk and max_tokens must be positive".into()));
         }
-        if self.kv_streaming != self.kv && !(self.kv_streaming == KvType::Bf16 && matches!(self.kv, KvType::Fp8 | KvType::Int8 | KvType::Int4)) {
+        if self.kv_streaming != self.kv && !(self.kv_streaming == KvType::Bf16 && matches!(self.kv, KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4)) {
             return Err(CudaError::Input(format!(
-                "streaming heads cached as {:?} beside {:?}: on the GPU they keep the cache's type, or bf16 beside an fp8, int8 or int4 cache",
+                "streaming heads cached as {:?} beside {:?}: on the GPU they keep the cache's type, or bf16 beside an fp8, int8, int4 or k8v4 cache",
                 self.kv_streaming, self.kv
             )));
         }
@@ -240,17 +265,26 @@ impl PagedLayout {
             sink_pad: self.sink_pad() as i32,
             block_log2: self.block_tokens.trailing_zeros() as i32,
             kv_format: self.kv.format_code(),
+            key_shift: 0,
         }
     }
 
-    /// The streaming heads' view of the same pool: their units per block and their type
+    /// The streaming heads' view of the same pool: their units per block, their type
     /// (without row scales when that is bf16; `paged` is [`PagedLayout::paged_args`]'s view,
-    /// scales included). The same view where both kinds share a type.
+    /// scales included) and their key rows' spacing. The same view where both kinds share a
+    /// type.
     pub fn streaming_args(&self, paged: PagedArgs) -> PagedArgs {
         if !self.split_types() {
             return paged;
         }
-        PagedArgs { group: self.streaming_group() as i32, kv_format: self.kv_streaming.format_code(), kscale: 0, vscale: 0, ..paged }
+        PagedArgs {
+            group: self.streaming_group() as i32,
+            kv_format: self.kv_streaming.format_code(),
+            kscale: 0,
+            vscale: 0,
+            key_shift: self.streaming_key_shift() as i32,
+            ..paged
+        }
     }
 }
 
@@ -280,6 +314,9 @@ pub struct PagedArgs {
     pub block_log2: i32,
     /// A quantised cache's format ([`KvType::format_code`]): 1 e4m3, 2 int8, 3 int4, else 0.
     pub kv_format: i32,
+    /// A key row of this view lives at row `row << key_shift` of the view's key rows (value
+    /// rows at `row`): 1 only in bf16 windows beside k8v4 ([`PagedLayout::streaming_key_shift`]).
+    pub key_shift: i32,
 }
 
 impl PagedArgs {
@@ -303,7 +340,9 @@ pub enum Ring {
 /// `kv_row_cap` the same for a streaming ring of `cap` rows (the slot's own, in the last
 /// entry of its table row, for `kv_row`).
 pub const PREFIX: &str = r#"
-struct Paged { const int* tables; float* kscale; float* vscale; int stride, streaming_at, group, n_streaming, sink_pad, block_log2, kv_format; };
+struct Paged { const int* tables; float* kscale; float* vscale; int stride, streaming_at, group, n_streaming, sink_pad, block_log2, kv_format, key_shift; };
+// A view's key rows are `key_shift` apart (PagedArgs::key_shift): the row a key is at.
+__device__ __forceinline__ long long key_row(const Paged& p, long long row) { return row << p.key_shift; }
 // kv_row_cap in two halves, so that a kernel may load a table entry early and finish the row
 // later: the entry's index in the slot's table row, then the row from the entry.
 __device__ __forceinline__ int kv_entry_at(const Paged& p, int4 e, int pos, int cap) {
@@ -388,6 +427,14 @@ impl Tables {
             (self.streaming[k / sg] as usize * sg + k % sg, at % bt)
         };
         unit * bt + r
+    }
+
+    /// The row of the keys at `pos` for head `e` in rows of its kind's type: [`Tables::row`],
+    /// or for a streaming head of a view whose key rows are spaced out
+    /// ([`PagedLayout::streaming_key_shift`]) that row shifted (the reference of `key_row`).
+    pub fn key_row(&self, layout: &PagedLayout, e: HeadEntry, pos: usize) -> usize {
+        let shift = if e.kind == HeadEntry::RETRIEVAL { 0 } else { layout.streaming_key_shift() };
+        self.row(layout, e, pos) << shift
     }
 
     /// The device form of one slot's table row.
@@ -645,10 +692,11 @@ mod tests {
     #[test]
     fn bf16_windows_beside_a_quantised_cache_share_no_byte() {
         let d = 64;
-        for (kv, width) in [(KvType::Fp8, 2), (KvType::Int8, 2), (KvType::Int4, 4)] {
+        for (kv, width, key_shift) in [(KvType::Fp8, 2, 0), (KvType::Int8, 2, 0), (KvType::Int4, 4, 0), (KvType::K8V4, 4, 1)] {
             let l = PagedLayout { kv, kv_streaming: KvType::Bf16, ..layout() };
             l.validate(3, 2).unwrap();
             assert_eq!((l.streaming_width(), l.group(), l.streaming_group()), (width, width.max(2), width.max(2) / width), "{kv:?}: 2 retrieval heads padded to whole streaming units");
+            assert_eq!((l.streaming_key_shift(), l.streaming_args(l.paged_args(0)).key_shift, l.paged_args(0).key_shift), (key_shift, key_shift as i32, 0));
             let mut alloc = Allocator::new(300, 3);
             let mut seqs = Vec::new();
             for (n, ring) in [(700, Ring::Prefill), (300, Ring::Decode), (5, Ring::Prefill)] {
@@ -667,7 +715,7 @@ mod tests {
                             let w = bytes(l.kv_of(retrieval));
                             let live: Vec<usize> = if retrieval { (0..*n).collect() } else { (0..l.sink.min(*n)).chain(n.saturating_sub(l.recent).max(l.sink)..*n).collect() };
                             for p in live {
-                                let at = t.row(&l, e, p) * w;
+                                let at = if key { t.key_row(&l, e, p) } else { t.row(&l, e, p) } * w;
                                 let block = (at / block_bytes) as u32;
                                 let own = if retrieval { &t.retrieval } else { &t.streaming };
                                 assert!(own.contains(&block) && (at + w - 1) / block_bytes == at / block_bytes, "{kv:?} (keys: {key}): layer {layer} head {} position {p} outside its blocks: byte {at} of {w}, block {block}, {own:?}", e.offset);
@@ -682,9 +730,8 @@ mod tests {
                 }
             }
         }
-        // What one row index cannot address: a narrower window, two quantised types, or
-        // K8V4's sides widening unalike.
-        for (kv, kv_streaming) in [(KvType::Bf16, KvType::Int4), (KvType::Int4, KvType::Fp8), (KvType::Bf16, KvType::F32), (KvType::K8V4, KvType::Bf16)] {
+        // What the views cannot address: a narrower window, two quantised types.
+        for (kv, kv_streaming) in [(KvType::Bf16, KvType::Int4), (KvType::Int4, KvType::Fp8), (KvType::Bf16, KvType::F32), (KvType::K8V4, KvType::Int4), (KvType::Int8, KvType::K8V4)] {
             let l = PagedLayout { kv, kv_streaming, ..layout() };
             assert!(l.validate(3, 2).is_err(), "{kv:?} with {kv_streaming:?} windows");
         }
@@ -694,6 +741,18 @@ mod tests {
         // type, blocks unpadded.
         let full = PagedLayout { retrieval: vec![vec![true; 2]; 3], kv: KvType::Int4, kv_streaming: KvType::Bf16, ..layout() };
         assert_eq!((full.streaming_width(), full.group(), full.split_types()), (1, 6, false));
+    }
+
+    /// `PagedArgs` goes to the kernels by value as `struct Paged` of [`PREFIX`]: three
+    /// 8-byte addresses, then eight 32-bit fields in the same order.
+    #[test]
+    fn the_kernels_view_has_the_cuda_structs_layout() {
+        assert_eq!(std::mem::size_of::<PagedArgs>(), 3 * 8 + 8 * 4);
+        let fields = PREFIX.split("struct Paged {").nth(1).and_then(|s| s.split("};").next()).expect("struct Paged in PREFIX");
+        assert!(fields.trim().ends_with("int stride, streaming_at, group, n_streaming, sink_pad, block_log2, kv_format, key_shift;"), "{fields}");
+        let a = PagedLayout { kv: KvType::K8V4, kv_streaming: KvType::Bf16, ..layout() }.paged_args(7);
+        let base = &a as *const PagedArgs as usize;
+        assert_eq!((&a.stride as *const i32 as usize - base, &a.key_shift as *const i32 as usize - base), (24, 52));
     }
 
     #[test]

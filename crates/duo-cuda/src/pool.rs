@@ -1194,16 +1194,17 @@ impl KvPool {
             );
             let s_at = (blk as usize * rows * 4) as u64;
             // A streaming block holds rows of the streaming heads' type (as many as their
-            // units a block); a bf16 one has no scales.
-            let (kv, rows) = if i < n_retrieval { (self.layout.kv, rows) } else { (self.layout.kv_streaming, self.layout.streaming_group() * self.layout.block_tokens) };
-            g.fill_synthetic_rows(
-                kv,
-                (k + at, v + v_at),
-                (ks + s_at, vs + s_at),
-                rows,
-                self.w.config.head_dim,
-                (sk, sv),
-            )?;
+            // units a block, their keys' spaced `streaming_key_shift` apart); a bf16 one has
+            // no scales.
+            let (kv, rows, key_rows) = if i < n_retrieval {
+                (self.layout.kv, rows, rows)
+            } else {
+                let rows = self.layout.streaming_group() * self.layout.block_tokens;
+                (self.layout.kv_streaming, rows, rows << self.layout.streaming_key_shift())
+            };
+            let d = self.w.config.head_dim;
+            g.fill_synthetic_side(kv.key(), k + at, ks + s_at, key_rows, d, sk)?;
+            g.fill_synthetic_side(kv.value(), v + v_at, vs + s_at, rows, d, sv)?;
         }
         seq.tokens = n;
         g.sync()
@@ -1278,6 +1279,7 @@ fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_
         kv: layout.kv_streaming,
         kernel: DecodeKernel::best(c.head_dim, group, layout.kv_streaming, DECODE_KEYS_PER_WARP),
         units_per_block: layout.streaming_group(),
+        key_shift: layout.streaming_key_shift(),
     });
     (0..c.n_layers)
         .map(|l| {

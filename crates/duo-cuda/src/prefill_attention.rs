@@ -537,9 +537,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) duo_prefill_attention(
         for (int i = threadIdx.x; i < BK * HEAD_DIM / 8; i += blockDim.x) {
             const int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
             const bool live = r0 + r < rows;
-            const size_t at = (size_t)(run >= 0 ? run + r : live ? kv_row_cap(pg, e, slot, walk_pos(e, r0 + r, win), cap) : 0) * HEAD_DIM + c;
-            cp_async16(ks + r * KPAD + c, keys + at, live ? 16 : 0);
-            cp_async16(vs + r * KPAD + c, values + at, live ? 16 : 0);
+            const long long row = run >= 0 ? run + r : live ? kv_row_cap(pg, e, slot, walk_pos(e, r0 + r, win), cap) : 0;
+            cp_async16(ks + r * KPAD + c, keys + (size_t)key_row(pg, row) * HEAD_DIM + c, live ? 16 : 0);
+            cp_async16(vs + r * KPAD + c, values + (size_t)row * HEAD_DIM + c, live ? 16 : 0);
         }
     };
 #endif
@@ -962,9 +962,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) duo_prefill_attentio
 #endif
             const int off = wg_chunk_at(kr, c8);
             const bool live = r0 + kr < rows;
-            const size_t at = (size_t)copy_row(runs, r0, kr) * HEAD_DIM + c8 * 8;
-            cp_async16(ks + off, keys + at, live ? 16 : 0);
-            cp_async16(ks + WG_TILE_BYTES + off, values + at, live ? 16 : 0);
+            const long long row = copy_row(runs, r0, kr);
+            cp_async16(ks + off, keys + (size_t)key_row(pg, row) * HEAD_DIM + c8 * 8, live ? 16 : 0);
+            cp_async16(ks + WG_TILE_BYTES + off, values + (size_t)row * HEAD_DIM + c8 * 8, live ? 16 : 0);
         }
     };
 #else

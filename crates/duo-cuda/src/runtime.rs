@@ -809,7 +809,7 @@ impl Gpu {
     }
 
     /// One side (keys or values) of [`Gpu::fill_synthetic_rows`] in a cache of type `ty`.
-    fn fill_synthetic_side(&self, ty: KvType, data: u64, scales: u64, rows: usize, head_dim: usize, seed: u64) -> Result<()> {
+    pub(crate) fn fill_synthetic_side(&self, ty: KvType, data: u64, scales: u64, rows: usize, head_dim: usize, seed: u64) -> Result<()> {
         let elems = rows * head_dim;
         match ty {
             // Random codes; every row's scale 2^-8.
@@ -1052,7 +1052,7 @@ impl Gpu {
             Some(st) => {
                 // The streaming heads' own view of the pool (their rows' units and type).
                 let scales = if st.kv.is_quantised() { (paged.kscale, paged.vscale) } else { (0, 0) };
-                let streaming = PagedArgs { group: st.units_per_block as i32, kv_format: st.kv.format_code(), kscale: scales.0, vscale: scales.1, ..paged };
+                let streaming = PagedArgs { group: st.units_per_block as i32, kv_format: st.kv.format_code(), kscale: scales.0, vscale: scales.1, key_shift: st.key_shift as i32, ..paged };
                 let inputs = (q, kc, vc, heads, row_slot, row_pos);
                 let listed = a.retrieval.count_ones() as usize * a.n_splits;
                 if a.short_split == 0 || listed == 0 {
@@ -1648,6 +1648,8 @@ pub struct StreamingKernel {
     pub kernel: DecodeKernel,
     /// Units of their rows a block holds ([`crate::paged::PagedLayout::streaming_group`]).
     pub units_per_block: usize,
+    /// How far apart their key rows sit ([`crate::paged::PagedLayout::streaming_key_shift`]).
+    pub key_shift: u32,
 }
 
 /// Fewest keys per split of a streaming head: one 64-key tile of the tensor-core kernel.

@@ -79,6 +79,19 @@ impl KvDtype {
         if matches!(self, KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4 | KvDtype::K8V4) { 4 } else { 0 }
     }
 
+    /// How many rows of this GPU cache type one bf16 window row spans in the GPU's paged
+    /// pool (`streaming` bf16 beside fp8 or int8: 2, beside int4 or k8v4: 4; duo-cuda's
+    /// `PagedLayout::streaming_width`): there a window row takes the bytes, scale words
+    /// included, of that many of the cache's rows. `None` where the pair is not the GPU's
+    /// bf16 window beside a quantised cache.
+    pub fn gpu_window_width(self, streaming: KvDtype) -> Option<usize> {
+        match (self, streaming) {
+            (KvDtype::Fp8 | KvDtype::Int8, KvDtype::Bf16) => Some(2),
+            (KvDtype::Int4 | KvDtype::K8V4, KvDtype::Bf16) => Some(4),
+            _ => None,
+        }
+    }
+
     /// Whether the CUDA backend caches this type.
     pub fn on_gpu(self) -> bool {
         matches!(self, KvDtype::Bf16 | KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4 | KvDtype::K8V4)
@@ -169,7 +182,7 @@ pub struct MethodSpec {
     /// the GPU).
     pub kv_dtype: Option<KvDtype>,
     /// The streaming heads' own element type (`None`: `kv_dtype`'s): on the CPU any of its
-    /// types, on the GPU bf16 beside an fp8, int8 or int4 cache.
+    /// types, on the GPU bf16 beside an fp8, int8, int4 or k8v4 cache.
     pub kv_dtype_streaming: Option<KvDtype>,
 }
 

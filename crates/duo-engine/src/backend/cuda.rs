@@ -429,10 +429,10 @@ impl CudaBackend {
             None => kv,
             Some(d) => gpu_type(Some(d), "kv-dtype-streaming")?,
         };
-        // Streaming rows of their own type span whole rows of the cache's, keys and values
-        // alike (crate duo-cuda's `paged`): bf16 windows beside fp8, int8 or int4.
-        if kv_streaming != kv && !(kv_streaming == KvType::Bf16 && matches!(kv, KvType::Fp8 | KvType::Int8 | KvType::Int4)) {
-            return Err(EngineError::InvalidParameter { name: "kv-dtype-streaming", reason: format!("the CUDA backend keeps streaming heads in the cache's type, or in bf16 beside an fp8, int8 or int4 cache, not {kv_streaming:?} beside {kv:?}") });
+        // Streaming rows of their own type span whole rows of the cache's (crate duo-cuda's
+        // `paged`): bf16 windows beside fp8, int8, int4 or k8v4.
+        if kv_streaming != kv && !(kv_streaming == KvType::Bf16 && matches!(kv, KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4)) {
+            return Err(EngineError::InvalidParameter { name: "kv-dtype-streaming", reason: format!("the CUDA backend keeps streaming heads in the cache's type, or in bf16 beside an fp8, int8, int4 or k8v4 cache, not {kv_streaming:?} beside {kv:?}") });
         }
         Ok(PagedLayout {
             retrieval: (0..self.config.n_layers).map(|l| method.pattern.layer(l).to_vec()).collect(),
