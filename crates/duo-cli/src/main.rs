@@ -612,11 +612,7 @@ fn pattern_show(a: args::PatternShowArgs) -> Result<()> {
     // paged pool), scale words included: as many as `gpu_window_width` says.
     let plan_with = |p: &duo_core::HeadPattern, cache: Option<duo_engine::KvDtype>, bits: usize, scales: usize| {
         let plan = duo_core::CachePlan::with_bits(p, a.head_dim, bits, window).with_row_scales(scales);
-        match (streaming, cache.zip(streaming).and_then(|(c, s)| c.gpu_window_width(s))) {
-            (Some(_), Some(width)) => plan.with_streaming(width * bits, width * scales),
-            (Some(s), None) => plan.with_streaming(s.bits(), s.scale_bytes()),
-            (None, _) => plan,
-        }
+        duo_engine::backend::with_streaming_dtype(plan, cache, streaming, bits, scales)
     };
     let plan_for = |p: &duo_core::HeadPattern| plan_with(p, dtype, bits, scales);
     let all_retrieval = duo_core::HeadPattern::all_retrieval(layers, heads);

@@ -18,7 +18,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::{EngineError, Result};
-use crate::method::ResolvedMethod;
+use crate::method::{KvDtype, ResolvedMethod};
 use duo_core::cache_spec::CachePlan;
 use duo_core::config::ModelConfig;
 use duo_kv::KvBytes;
@@ -230,9 +230,19 @@ pub fn kv_plan(backend: &dyn Backend, method: &ResolvedMethod) -> CachePlan {
     let bits = method.kv_dtype.map_or(8 * backend.kv_element_bytes(), |d| d.bits());
     let scales = method.kv_dtype.map_or(0, |d| d.scale_bytes());
     let plan = CachePlan::with_bits(&method.pattern, backend.config().head_dim, bits, method.window).with_row_scales(scales);
-    match method.kv_dtype_streaming {
-        Some(s) => plan.with_streaming(s.bits(), s.scale_bytes()),
-        None => plan,
+    with_streaming_dtype(plan, method.kv_dtype, method.kv_dtype_streaming, bits, scales)
+}
+
+/// `plan` (a cache of `cache`, `bits` per element and `scales` bytes a row) with its
+/// streaming heads in `streaming`. A GPU bf16 window beside a quantised cache spans whole
+/// rows of the cache's type in the GPU's pool ([`KvDtype::gpu_window_width`]), scale words
+/// included, so a window row counts as that many of them: the bytes it takes, not the 16 bits
+/// per element it keeps.
+pub fn with_streaming_dtype(plan: CachePlan, cache: Option<KvDtype>, streaming: Option<KvDtype>, bits: usize, scales: usize) -> CachePlan {
+    match (streaming, cache.zip(streaming).and_then(|(c, s)| c.gpu_window_width(s))) {
+        (Some(_), Some(width)) => plan.with_streaming(width * bits, width * scales),
+        (Some(s), None) => plan.with_streaming(s.bits(), s.scale_bytes()),
+        (None, _) => plan,
     }
 }
 
@@ -337,6 +347,27 @@ pub fn random_split(shards: Shards, placement: duo_core::placement::Placement, c
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A window row of the GPU's bf16 beside an int4 cache takes four int4 rows' bytes (36
+    /// bytes a side at head_dim 64), beside k8v4 four of its rows (keys 68, values 36 bytes);
+    /// the CPU's f16 window beside int8 its own 128 bytes a side.
+    #[test]
+    fn a_gpu_window_counts_the_cache_rows_it_spans() {
+        let pattern = duo_core::HeadPattern::from_rows(vec![vec![true, false]]).unwrap();
+        let window = duo_core::cache_spec::Window { sink: 4, recent: 12 };
+        let plan = |cache: KvDtype, streaming: Option<KvDtype>| {
+            let base = CachePlan::with_bits(&pattern, 64, cache.bits(), window).with_row_scales(cache.scale_bytes());
+            with_streaming_dtype(base, Some(cache), streaming, cache.bits(), cache.scale_bytes())
+        };
+        // 16 positions of one streaming head, keys and values.
+        assert_eq!(plan(KvDtype::Int4, Some(KvDtype::Bf16)).streaming_bytes(100), 16 * 2 * 4 * 36);
+        assert_eq!(plan(KvDtype::K8V4, Some(KvDtype::Bf16)).streaming_bytes(100), 16 * 4 * (68 + 36));
+        assert_eq!(plan(KvDtype::Fp8, Some(KvDtype::Bf16)).streaming_bytes(100), 16 * 2 * 2 * 68);
+        assert_eq!(plan(KvDtype::Int8, Some(KvDtype::F16)).streaming_bytes(100), 16 * 2 * 128);
+        assert_eq!(plan(KvDtype::Int4, None).streaming_bytes(100), 16 * 2 * 36);
+        // Retrieval heads keep the cache's rows whatever the window.
+        assert_eq!(plan(KvDtype::K8V4, Some(KvDtype::Bf16)).retrieval_bytes(100), plan(KvDtype::K8V4, None).retrieval_bytes(100));
+    }
 
     #[test]
     fn devices_parse_and_print() {
