@@ -159,15 +159,16 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     // (keys or values of one position of one head), scales included.
     let heatmap = std::env::temp_dir().join(format!("duo-gates-{}.png", std::process::id()));
     let pattern = concat!(env!("CARGO_MANIFEST_DIR"), "/../../patterns/SmolLM2-135M-Instruct/head");
-    let show = |dtype: &str| {
-        let run = Command::new(env!("CARGO_BIN_EXE_duo"))
-            .args(["pattern", "show", pattern, "--kv-dtype", dtype, "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
-            .output()
-            .expect("duo runs");
+    // `dtype` and, where given, the streaming heads' own type.
+    let show_with = |dtype: &str, streaming: Option<&str>| {
+        let mut args = vec!["pattern", "show", pattern, "--kv-dtype", dtype, "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")];
+        args.extend(streaming.map(|s| ["--kv-dtype-streaming", s]).into_iter().flatten());
+        let run = Command::new(env!("CARGO_BIN_EXE_duo")).args(&args).output().expect("duo runs");
         let _ = std::fs::remove_file(&heatmap);
-        assert!(run.status.success(), "{dtype}: {}", String::from_utf8_lossy(&run.stderr));
+        assert!(run.status.success(), "{dtype} {streaming:?}: {}", String::from_utf8_lossy(&run.stderr));
         String::from_utf8_lossy(&run.stdout).into_owned()
     };
+    let show = |dtype: &str| show_with(dtype, None);
     let fits = |row: usize| {
         let (per_token, streaming, full_per_token) = (45 * 2 * row, 45 * 1088 * 2 * row, 90 * 2 * row);
         (per_token, ((1usize << 30) - streaming) / per_token, (1usize << 30) / full_per_token)
@@ -199,27 +200,17 @@ fn pattern_show_prints_the_longest_context_that_fits() {
     assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("sink 64, recent 256)") && String::from_utf8_lossy(&run.stdout).contains("(as given)"), "{}", String::from_utf8_lossy(&run.stdout));
     // Streaming heads of their own type: int4 retrieval rows (36 bytes) beside an f16 window
     // (128-byte rows), here and in the table's int4 row; full attention has no streaming heads.
-    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
-        .args(["pattern", "show", pattern, "--kv-dtype", "int4", "--kv-dtype-streaming", "f16", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
-        .output()
-        .expect("duo runs");
-    let _ = std::fs::remove_file(&heatmap);
-    let out = String::from_utf8_lossy(&run.stdout);
+    let out = show_with("int4", Some("f16"));
     let (per_token, window) = (45 * 2 * 36, 45 * 1088 * 2 * 128);
     let (ours, full) = (((1usize << 30) - window) / per_token, (1usize << 30) / (90 * 2 * 36));
-    assert!(run.status.success() && out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("streaming heads f16"), "{out}");
+    assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("streaming heads f16"), "{out}");
     assert!(out.contains(&format!("| int4 (GPU) | {per_token} | {ours} | {full} |")), "{out}");
     // The GPU's bf16 window beside k8v4: a window row takes the bytes of four k8v4 rows
     // (keys 64 + 4, values 32 + 4 bytes each), 416 bytes a position and head, not bf16's 256.
-    let run = Command::new(env!("CARGO_BIN_EXE_duo"))
-        .args(["pattern", "show", pattern, "--kv-dtype", "k8v4", "--kv-dtype-streaming", "bf16", "--head-dim", "64", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")])
-        .output()
-        .expect("duo runs");
-    let _ = std::fs::remove_file(&heatmap);
-    let out = String::from_utf8_lossy(&run.stdout);
+    let out = show_with("k8v4", Some("bf16"));
     let (per_token, window) = (45 * 2 * 52, 45 * 1088 * 4 * (68 + 36));
     let (ours, full) = (((1usize << 30) - window) / per_token, (1usize << 30) / (90 * 2 * 52));
-    assert!(run.status.success() && out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("in the bytes of 4 of the cache's rows"), "{out}");
+    assert!(out.contains(&format!("{ours} tokens with this pattern, {full} with full attention")) && out.contains("in the bytes of 4 of the cache's rows"), "{out}");
     assert!(out.contains(&format!("| k8v4: int8 keys, int4 values (GPU) | {per_token} | {ours} | {full} |")), "{out}");
     let (ok, err, _) = duo(&["pattern", "show", pattern, "--kv-dtype-streaming", "int3", "--memory-gib", "1", "--heatmap", heatmap.to_str().expect("utf-8")]);
     assert!(!ok && err.contains("not one of"), "{err}");
