@@ -15,6 +15,8 @@
 #       (`duo cuda-check`), the decode step of the Llama-3-8B shape per cache type (STEP_KVS)
 #       and the longest contexts (LONGEST), no model needed; leaves the xz-packed model's
 #       first part in /tmp for step b
+# KVS and STEP_KVS entries name a cache type, or a type and the streaming heads' own joined by
+# "+" (k8v4+bf16: bf16 windows beside a k8v4 cache, --kv-dtype-streaming).
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/h200-common.sh"
@@ -57,11 +59,12 @@ elif [ "$step" = b ]; then
     fi
   fi
   # The GPU grids with each cache type, same cells (KVS, default: all three).
-  for kv in ${KVS:-bf16 fp8 int8}; do
+  for spec in ${KVS:-bf16 fp8 int8}; do
+    kv=${spec%%+*}; st=""; [ "$spec" != "$kv" ] && st="--kv-dtype-streaming ${spec#*+}"
     for task in passkey niah; do
       extra=""; [ $task = niah ] && extra="--haystack .gpu/niah"; [ $task = passkey ] && extra="--words 32"
-      timeout 200 $D eval $task --device cuda --kv-dtype $kv --sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.1,0.3,0.5,0.7,0.9 \
-        --methods full,duo,layer $extra --out "$OUT/grid-$kv-$task" > "$OUT/grid-$kv-$task.txt" 2>&1; echo "$kv $task exit $?"; grep -E "^\| (full|duo|layer) " "$OUT/grid-$kv-$task/summary.md" | cut -c1-200
+      timeout 200 $D eval $task --device cuda --kv-dtype $kv $st --sparsity 0.5 --lengths 1000,2000,4000,8000 --depths 0.1,0.3,0.5,0.7,0.9 \
+        --methods full,duo,layer $extra --out "$OUT/grid-$spec-$task" > "$OUT/grid-$spec-$task.txt" 2>&1; echo "$spec $task exit $?"; grep -E "^\| (full|duo|layer) " "$OUT/grid-$spec-$task/summary.md" | cut -c1-200
     done
   done
   # Servers with a byte cache (SERVE_KV, default int8): concurrent requests equal alone,
@@ -87,9 +90,10 @@ if [ "$step" = b ] || [ "$step" = k ]; then
   # The decode step of Llama-3-8B's shape with each cache type (synthetic KV, the official
   # pattern at 0.5), then the longest contexts of the byte caches.
   P=.gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k
-  for kv in ${STEP_KVS:-bf16 fp8 int8}; do
-    timeout 150 $D bench --device cuda --random-weights llama-3-8b --pattern $P --kv-dtype $kv --methods full,duo,layer --sparsity 0.5 --lengths 32768,131072,524288 \
-      --max-prefill 0 --decode-tokens 8 --out "$OUT/step-$kv" > "$OUT/step-$kv.txt" 2>&1; echo "step $kv exit $?"; grep -E "^\| (full|duo|layer)" "$OUT/step-$kv.txt"
+  for spec in ${STEP_KVS:-bf16 fp8 int8}; do
+    kv=${spec%%+*}; st=""; [ "$spec" != "$kv" ] && st="--kv-dtype-streaming ${spec#*+}"
+    timeout 150 $D bench --device cuda --random-weights llama-3-8b --pattern $P --kv-dtype $kv $st --methods full,duo,layer --sparsity 0.5 --lengths 32768,131072,524288 \
+      --max-prefill 0 --decode-tokens 8 --out "$OUT/step-$spec" > "$OUT/step-$spec.txt" 2>&1; echo "step $spec exit $?"; grep -E "^\| (full|duo|layer)" "$OUT/step-$spec.txt"
   done
   # LONGEST: ";"-separated "dtype method lengths" (default: int8's).
   IFS=';' read -ra specs <<< "${LONGEST:-int8 duo 3700000,3800000;int8 full 1850000,1900000;int8 layer 3700000,3800000}"
