@@ -20,9 +20,11 @@ fn gpu_commands_fail_clearly_without_a_driver() {
     }
     let out_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda-absent-{}", std::process::id()));
     let out = out_dir.to_str().expect("utf-8");
-    let cases: [&[&str]; 7] = [
+    let cases: [&[&str]; 8] = [
         &["cuda-check"],
         &["bench", "--device", "cuda", "--random-weights", "smollm2-135m", "--lengths", "64", "--out", out],
+        // bf16 windows beside k8v4: a pair the GPU takes, so it gets as far as the device.
+        &["bench", "--device", "cuda", "--kv-dtype", "k8v4", "--kv-dtype-streaming", "bf16", "--random-weights", "smollm2-135m", "--lengths", "64", "--out", out],
         &["bench", "--device", "cuda:1", "--model", "/nonexistent/model.gguf", "--lengths", "64", "--out", out],
         &["generate", "--device", "cuda", "--model", "/nonexistent/model.gguf", "Hello"],
         &["score", "--device", "cuda", "--model", "/nonexistent/model.gguf", "--text-file", "/nonexistent/t.txt"],
