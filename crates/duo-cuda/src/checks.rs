@@ -47,10 +47,12 @@ pub fn check(gpu: &Arc<Gpu>, seed: u64) -> Result<Vec<Parity>> {
 }
 
 /// Whether a case runs under a `cases` filter (`duo cuda-check --cases`): texts separated by
-/// `|`, one of which the case's name (its start, known before it runs) contains; every case
-/// without a filter.
+/// `|`, one of which the start of the case's name (what is known before it runs: the group's
+/// words and the cache, not the kernel or the shape) contains, ignoring case; empty texts
+/// match nothing. Every case runs without a filter.
 pub fn case_wanted(cases: Option<&str>, name: &str) -> bool {
-    cases.is_none_or(|c| c.split('|').any(|part| name.contains(part)))
+    let name = name.to_lowercase();
+    cases.is_none_or(|c| c.split('|').map(str::trim).any(|part| !part.is_empty() && name.contains(&part.to_lowercase())))
 }
 
 /// One group of [`CHECK_GROUPS`]: the small kernels, prefill attention (bf16 and fp8 caches),
@@ -807,5 +809,9 @@ mod tests {
         assert!(!case_wanted(f, "paged decode attention K8V4, "));
         assert!(!case_wanted(f, "whole model GQA, K8V4 cache "));
         assert!(!case_wanted(f, "continuous batching, K8V4 cache"));
+        // Case is ignored; empty texts select nothing.
+        assert!(case_wanted(Some("int4 cache, bf16 windows"), "continuous batching, Int4 cache, bf16 windows"));
+        assert!(!case_wanted(Some(""), "whole model GQA "));
+        assert!(!case_wanted(Some("|"), "whole model GQA "));
     }
 }

@@ -30,8 +30,11 @@
 //! * One row index addresses a key row and a value row. Where the two sides widen unalike
 //!   (k8v4: int8 keys widen twice to bf16, int4 values four times), the width is the
 //!   values' and a streaming key row sits at `row << key_shift` (one bf16 key row in every
-//!   second slot of the key bytes): half of a streaming block's key bytes stay unused, a few
-//!   hundred kilobytes per sequence, and the kernels keep one row lookup for both sides.
+//!   second slot of the key bytes): half of a streaming block's key bytes stay unused
+//!   (`2 x head_dim` bytes per streaming head and ring row: about 6 MB a sequence for
+//!   SmolLM2's window, 10 MB for Llama-3-8B's 0.5 pattern with a 64 + 256 window while it
+//!   decodes, more while a prefill-sized ring is held), and the kernels keep one row lookup
+//!   for both sides.
 //! * Tables live in device memory, one row per *slot* (a running sequence), so a captured
 //!   step and the kernels read them without host involvement: `[retrieval blocks | streaming
 //!   blocks | ring rows]` of `table_stride()` entries.

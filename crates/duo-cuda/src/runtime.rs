@@ -1231,7 +1231,9 @@ impl Gpu {
                 )));
             }
             if prefill_wg_tma(kv) {
-                let (tk, tv) = (TensorMap::rows_of(kc, rows, head_dim)?, TensorMap::rows_of(vc, rows, head_dim)?);
+                // A view whose key rows are spaced out (bf16 windows beside K8V4) has that many
+                // times fewer value rows than the key bytes hold.
+                let (tk, tv) = (TensorMap::rows_of(kc, rows, head_dim)?, TensorMap::rows_of(vc, rows >> paged.key_shift, head_dim)?);
                 return launch!(smem smem; self, f, grid, threads, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out, &tk, &tv);
             }
             return launch!(smem smem; self, f, grid, threads, &q, &kc, &vc, &heads, &state, &paged, &tt, &h, &g, &scale_log2, &out);

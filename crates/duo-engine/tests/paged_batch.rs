@@ -119,11 +119,11 @@ impl KvPool for CpuBlockPool {
         let backend = self.engine.backend();
         let width = decode.len();
         let decode_only = prefill.is_none();
-        self.kinds.lock().unwrap().push((width, !decode_only));
-        let steady = !decode_only || !self.widths.lock().unwrap().insert(width);
+        self.kinds.lock().expect("an unpoisoned lock").push((width, !decode_only));
+        let steady = !decode_only || !self.widths.lock().expect("an unpoisoned lock").insert(width);
         if steady && decode_only {
             self.max_steady.fetch_max(width, Ordering::SeqCst);
-            *self.steady_steps.lock().unwrap().entry(width).or_default() += 1;
+            *self.steady_steps.lock().expect("an unpoisoned lock").entry(width).or_default() += 1;
         }
         let mut out = PoolStep { steady, ..PoolStep::default() };
         if !decode.is_empty() {
