@@ -28,6 +28,17 @@ join_packed_model() {
   cache_model
 }
 
+# The same from three xz-packed parts (scripts/gpu-prep.sh), one carried per call: each call
+# stashes its part in /tmp (`stash_part N`, .gpu/mN carried), and the one that holds all
+# three joins them; nothing to do where an earlier call already put the model in place.
+stash_part() { cp ".gpu/m$1/p" "/tmp/duo/m$1"; ls -la /tmp/duo | grep -E " m[123]$" || true; }
+join_three_parts() {
+  export DUO_CACHE=/tmp/duo/cache
+  [ -f $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf ] && return 0
+  cat /tmp/duo/m1 /tmp/duo/m2 /tmp/duo/m3 | xz -dc > /tmp/duo/model.gguf
+  cache_model
+}
+
 # /tmp/duo/model.gguf checked and put where duo looks for the default model.
 cache_model() {
   echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/duo/model.gguf" | sha256sum -c || exit 1

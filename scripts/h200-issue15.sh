@@ -15,6 +15,8 @@
 #       (`duo cuda-check`), the decode step of the Llama-3-8B shape per cache type (STEP_KVS)
 #       and the longest contexts (LONGEST), no model needed; leaves the xz-packed model's
 #       first part in /tmp for step b
+#   p1, p2  carry .gpu/m1 (then .gpu/m2): the model's part left in /tmp for step b, which
+#       carries .gpu/m3 with .gpu/bin, .gpu/niah and .gpu/patterns (scripts/gpu-prep.sh)
 # KVS and STEP_KVS entries name a cache type, or a type and the streaming heads' own joined by
 # "+" (k8v4+bf16: bf16 windows beside a k8v4 cache, --kv-dtype-streaming).
 set -uo pipefail
@@ -43,8 +45,10 @@ elif [ "$step" = k ]; then
   timeout 330 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"
   grep -E "^FAIL|K8V4|k8v4" "$OUT/cuda-check.txt" | cut -c1-240 | head -40
   grep -E "time decode|time prefill" "$OUT/cuda-check.txt" | head -40
+elif [ "$step" = p1 ] || [ "$step" = p2 ]; then
+  stash_part "${step#p}"
 elif [ "$step" = b ]; then
-  if [ -d .gpu/mb ]; then join_packed_model; else join_model; fi
+  if [ -d .gpu/m3 ]; then stash_part 3; join_three_parts; elif [ -d .gpu/mb ]; then join_packed_model; else join_model; fi
   M=$DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
   if [ "${CPU:-0}" = 1 ]; then
     # The CPU: duo and llama.cpp side by side on 16 threads, then duo's thread scaling.
@@ -69,7 +73,9 @@ elif [ "$step" = b ]; then
   done
   # Servers with a byte cache (SERVE_KV, default int8): concurrent requests equal alone,
   # preemptions in a tiny pool, a disconnect. Started one after the other (each counts the
-  # memory the other holds).
+  # memory the other holds). Only where the client's wheels were carried (.gpu/wheels-httpx)
+  # and SERVE_KV is not set empty.
+  if [ -d .gpu/wheels-httpx ] && [ -n "${SERVE_KV-int8}" ]; then
   python3 -m venv --system-site-packages /tmp/venv > /dev/null && /tmp/venv/bin/pip install --quiet --no-index --find-links .gpu/wheels-httpx httpx==0.28.1 > /dev/null 2>&1
   kvs=${SERVE_KV:-int8}
   $D serve --device cuda --kv-dtype $kvs --port 8123 --method duo --gpu-memory-utilization 0.15 > "$OUT/serve-8123.txt" 2>&1 &
@@ -81,6 +87,7 @@ elif [ "$step" = b ]; then
     --haystack .gpu/niah --out "$OUT/serve-check-$kvs.json" > "$OUT/serve-check-$kvs.txt" 2>&1; echo "serve-check $kvs exit $?"; tail -6 "$OUT/serve-check-$kvs.txt" | cut -c1-400
   curl -s localhost:8123/metrics | grep -E "^(vllm|duo):(num_requests|kv_blocks|num_preemptions|kv_cache)" | head -8
   kill %1 %2; wait
+  fi
   if [ -x /tmp/duo/cuda_backend ]; then
     ( cd /tmp/duo && DUO_CACHE=/tmp/duo/cache timeout 200 ./cuda_backend --test-threads 1 ) > "$OUT/cuda-backend-tests.txt" 2>&1
     echo "cuda_backend tests exit $?"; grep -E "test result|panicked" "$OUT/cuda-backend-tests.txt"
@@ -95,8 +102,8 @@ if [ "$step" = b ] || [ "$step" = k ]; then
     timeout 150 $D bench --device cuda --random-weights llama-3-8b --pattern $P --kv-dtype $kv $st --methods full,duo,layer --sparsity 0.5 --lengths 32768,131072,524288 \
       --max-prefill 0 --decode-tokens 8 --out "$OUT/step-$spec" > "$OUT/step-$spec.txt" 2>&1; echo "step $spec exit $?"; grep -E "^\| (full|duo|layer)" "$OUT/step-$spec.txt"
   done
-  # LONGEST: ";"-separated "dtype method lengths" (default: int8's).
-  IFS=';' read -ra specs <<< "${LONGEST:-int8 duo 3700000,3800000;int8 full 1850000,1900000;int8 layer 3700000,3800000}"
+  # LONGEST: ";"-separated "dtype method lengths" (default: int8's; LONGEST="" runs none).
+  IFS=';' read -ra specs <<< "${LONGEST-int8 duo 3700000,3800000;int8 full 1850000,1900000;int8 layer 3700000,3800000}"
   for spec in "${specs[@]}"; do
     set -- $spec
     timeout 150 $D bench --device cuda --random-weights llama-3-8b --pattern $P --kv-dtype $1 --methods $2 --sparsity 0.5 --lengths $3 --max-prefill 0 --decode-tokens 4 \
