@@ -72,10 +72,11 @@ enum Command {
         /// tp (tensor parallelism over every visible GPU; by default where two or more are visible).
         #[arg(long)]
         only: Option<String>,
-        /// Only the decode and model groups' cases whose name starts with words containing one
-        /// of these texts, separated by `|`, ignoring case: the group's words and the cache
-        /// (e.g. "K8V4 with bf16 windows|K8V4 cache, bf16 windows"), not the kernel or the
-        /// shape. The other groups run whole; no decode or model case matched is an error.
+        /// Only the prefill, decode and model groups' cases whose name starts with words
+        /// containing one of these texts, separated by `|`, ignoring case: the group's words and
+        /// the cache (e.g. "K8V4 with bf16 windows|K8V4 cache, bf16 windows"), not the decode kernel or
+        /// the shape; a prefill case by its whole printed name (e.g. "Int4 cache, wgmma"). The
+        /// other groups run whole; no such case matched is an error.
         #[arg(long)]
         cases: Option<String>,
         /// Parity only: no kernel timings.
@@ -174,7 +175,7 @@ fn cuda_check(seed: u64, only: Option<&str>, cases: Option<&str>, no_timings: bo
         } else {
             duo_cuda::check_group(&gpu, group, seed, cases)?
         };
-        if matches!(group, "decode" | "model") {
+        if matches!(group, "prefill" | "decode" | "model") {
             filtered += results.len();
         }
         for r in results {
@@ -193,7 +194,7 @@ fn cuda_check(seed: u64, only: Option<&str>, cases: Option<&str>, no_timings: bo
         bail!("{failed} of {total} kernel parity checks failed");
     }
     if let (Some(c), 0) = (cases, filtered) {
-        bail!("--cases {c}: no decode or model case of the groups run has such a name");
+        bail!("--cases {c}: no prefill, decode or model case of the groups run has such a name");
     }
     if no_timings {
         return Ok(());

@@ -57,23 +57,28 @@ pub fn case_wanted(cases: Option<&str>, name: &str) -> bool {
 
 /// One group of [`CHECK_GROUPS`]: the small kernels, prefill attention (bf16 and fp8 caches),
 /// GGUF dequantisation, decode attention, or the whole model and its pools. `cases`
-/// ([`case_wanted`]) picks among the decode and model groups' cases, so that a short call to
-/// a GPU can run the few that a change touches; the other groups run whole.
+/// ([`case_wanted`]) picks among the prefill, decode and model groups' cases, so that a short
+/// call to a GPU can run the few that a change touches; the other groups run whole.
 pub fn check_group(gpu: &Arc<Gpu>, group: &str, seed: u64, cases: Option<&str>) -> Result<Vec<Parity>> {
     match group {
         "ops" => ops(gpu, seed),
         "prefill" => {
             let mut out = Vec::new();
             for (case, x, layout) in prefill_attention::cases(seed) {
-                out.push(prefill(gpu, &case, &x, &layout, seed, PrefillKernel::Mma)?);
+                if case_wanted(cases, &case) {
+                    out.push(prefill(gpu, &case, &x, &layout, seed, PrefillKernel::Mma)?);
+                }
                 // Hopper's wgmma kernel where it runs, on the same problem.
-                if gpu.wgmma_prefill_runs(x.head_dim, KvType::Bf16) {
+                if gpu.wgmma_prefill_runs(x.head_dim, KvType::Bf16) && case_wanted(cases, &format!("{case}, wgmma")) {
                     out.push(prefill(gpu, &format!("{case}, wgmma"), &x, &layout, seed, PrefillKernel::Wgmma)?);
                 }
                 // The same problem over byte caches, against the reference on the dequantised
                 // cache, by the mma.sync kernel and, where it is chosen for them here (on
                 // Hopper unless DUO_PREFILL_WG_QUANTISED=0), the wgmma kernel.
                 for kv in [KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
+                    if !case_wanted(cases, &format!("{case}, {kv:?} cache")) {
+                        continue;
+                    }
                     let xq = prefill_attention::PrefillInput {
                         keys: kv.key().round_rows(&x.keys, x.head_dim),
                         values: kv.value().round_rows(&x.values, x.head_dim),
