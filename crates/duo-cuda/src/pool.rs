@@ -1358,6 +1358,27 @@ mod tests {
         }
     }
 
+    /// bf16 windows beside a quantised cache: every layer with streaming heads launches them
+    /// by the bf16 kernel with their view of the pool (units a block, key rows' spacing); a
+    /// layer of retrieval heads keeps one launch.
+    #[test]
+    fn bf16_windows_launch_on_their_own_with_their_view() {
+        let c = config(3, 32, 8, 128);
+        let kinds = vec![vec![true, false, false, true, false, true, false, false], vec![false; 8], vec![true; 8]];
+        for (kv, width, key_shift) in [(KvType::Fp8, 2, 0), (KvType::Int4, 4, 0), (KvType::K8V4, 4, 1)] {
+            let l = PagedLayout { kv_streaming: KvType::Bf16, ..layout(kinds.clone(), kv) };
+            assert_eq!(l.group(), 12, "11 retrieval heads padded to whole window units");
+            for max_seqs in [1, 64] {
+                let shapes = decode_shapes(&c, &l, &pool(max_seqs), 131_072, 1).expect("shapes");
+                let want = Some(StreamingKernel { kv: KvType::Bf16, kernel: DecodeKernel::Tensor, units_per_block: 12 / width, key_shift });
+                assert_eq!((shapes[0].streaming, shapes[1].streaming), (want, want), "{kv:?}, {max_seqs} seqs");
+                assert!(shapes[0].short_split > 0, "a mixed layer lists its windows' splits after the retrieval heads'");
+                assert_eq!(shapes[2].streaming, None, "{kv:?}: a layer of retrieval heads");
+                assert_eq!((shapes[0].kv, shapes[2].kv), (kv, kv), "retrieval heads keep the cache's type");
+            }
+        }
+    }
+
     #[test]
     fn a_pool_of_one_reads_windows_in_tiles_and_a_large_one_in_one_split() {
         let c = config(1, 32, 8, 128);
