@@ -163,7 +163,7 @@ impl MethodArgs {
             (Device::Cpu, Some(d)) if !d.on_cpu() => anyhow::bail!("--kv-dtype-streaming {}: on the CPU it is f32, f16 or int8 (q8)", self.kv_dtype_streaming.as_deref().unwrap_or_default()),
             // Streaming rows of another type span whole rows of the cache's (duo-cuda's
             // `paged`): bf16 windows beside fp8, int8, int4 or k8v4.
-            (Device::Cuda(_), Some(d)) if d != kv_dtype.unwrap_or(KvDtype::Bf16) && !(d == KvDtype::Bf16 && matches!(kv_dtype, Some(KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4 | KvDtype::K8V4))) => anyhow::bail!(
+            (Device::Cuda(_), Some(d)) if !kv_dtype.unwrap_or(KvDtype::Bf16).gpu_takes_streaming(d) => anyhow::bail!(
                 "--kv-dtype-streaming {}: the CUDA backend keeps streaming heads in the cache's type (--kv-dtype, bf16 by default), or in bf16 beside an fp8, int8, int4 or k8v4 cache",
                 self.kv_dtype_streaming.as_deref().unwrap_or_default()
             ),

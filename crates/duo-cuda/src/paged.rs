@@ -46,6 +46,23 @@ use crate::decode_attention::KvType;
 use crate::prefill_attention::HeadEntry;
 use crate::{CudaError, Result};
 
+/// How many rows of a `kv` cache one streaming row of `streaming` spans in a pool, keys and
+/// values: (1, 1) where the types are the same; bf16 beside fp8 or int8 (2, 2), beside int4
+/// (4, 4), beside K8V4 (2, 4). `None` where a pool cannot keep streaming heads in `streaming`
+/// beside `kv`: a narrower window, or two quantised types. The one rule the layout, the engine
+/// and the command line check a pair against.
+pub fn window_widths(kv: KvType, streaming: KvType) -> Option<(usize, usize)> {
+    if streaming == kv {
+        return Some((1, 1));
+    }
+    if streaming != KvType::Bf16 || !matches!(kv, KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4) {
+        return None;
+    }
+    // 256 elements: a whole number of bytes in every type.
+    let ratio = |wide: usize, narrow: usize| wide.div_ceil(narrow.max(1));
+    Some((ratio(streaming.key_bytes_for(256), kv.key_bytes_for(256)), ratio(streaming.value_bytes_for(256), kv.value_bytes_for(256))))
+}
+
 /// Whether `n` positions per block is a size the kernels take: a power of two from 8 to 1024.
 pub fn block_tokens_ok(n: usize) -> bool {
     n.is_power_of_two() && (8..=1024).contains(&n)
@@ -101,14 +118,10 @@ impl PagedLayout {
         k.max(v)
     }
 
-    /// How many rows of the retrieval type one streaming key row and one value row span.
+    /// How many rows of the retrieval type one streaming key row and one value row span
+    /// ([`window_widths`]; a pair [`PagedLayout::validate`] refuses counts as one type).
     fn side_widths(&self) -> (usize, usize) {
-        // 256 elements: a whole number of bytes in every type.
-        let ratio = |wide: usize, narrow: usize| wide.div_ceil(narrow.max(1));
-        (
-            ratio(self.kv_streaming.key_bytes_for(256), self.kv.key_bytes_for(256)),
-            ratio(self.kv_streaming.value_bytes_for(256), self.kv.value_bytes_for(256)),
-        )
+        window_widths(self.kv, self.kv_streaming).unwrap_or((1, 1))
     }
 
     /// log2 of how far apart a streaming head's key rows sit, in rows of its own type: 0
@@ -246,7 +259,7 @@ impl PagedLayout {
         if self.recent == 0 || self.max_chunk == 0 || self.max_tokens == 0 {
             return Err(CudaError::Input("recent window, chunk and max_tokens must be positive".into()));
         }
-        if self.kv_streaming != self.kv && !(self.kv_streaming == KvType::Bf16 && matches!(self.kv, KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4)) {
+        if window_widths(self.kv, self.kv_streaming).is_none() {
             return Err(CudaError::Input(format!(
                 "streaming heads cached as {:?} beside {:?}: on the GPU they keep the cache's type, or bf16 beside an fp8, int8, int4 or k8v4 cache",
                 self.kv_streaming, self.kv
@@ -654,17 +667,24 @@ mod tests {
         assert_eq!((streaming.group(), streaming.retrieval_blocks(500)), (6, 0));
     }
 
+    /// Sequences of `(tokens, ring)` placed in a fresh pool of `blocks` blocks, streaming
+    /// blocks first: each one's tables and tokens.
+    fn place(l: &PagedLayout, blocks: usize, seqs: &[(usize, Ring)]) -> Vec<(Tables, usize)> {
+        let mut alloc = Allocator::new(blocks, seqs.len());
+        seqs.iter()
+            .map(|&(n, ring)| {
+                let streaming = alloc.take(l.streaming_blocks(ring)).unwrap();
+                let retrieval = alloc.take(l.retrieval_blocks(n)).unwrap();
+                (Tables { retrieval, streaming, cap: l.ring_rows(ring) }, n)
+            })
+            .collect()
+    }
+
     #[test]
     fn live_rows_never_collide_within_or_across_sequences() {
         let l = layout();
-        let mut alloc = Allocator::new(200, 3);
-        let mut seqs = Vec::new();
         // Two sequences with prefill-sized rings, one with a decode-sized ring.
-        for (n, ring) in [(700, Ring::Prefill), (700, Ring::Prefill), (300, Ring::Decode)] {
-            let streaming = alloc.take(l.streaming_blocks(ring)).unwrap();
-            let retrieval = alloc.take(l.retrieval_blocks(n)).unwrap();
-            seqs.push((Tables { retrieval, streaming, cap: l.ring_rows(ring) }, n));
-        }
+        let seqs = place(&l, 200, &[(700, Ring::Prefill), (700, Ring::Prefill), (300, Ring::Decode)]);
         let mut seen = std::collections::HashMap::new();
         for (s, (t, n)) in seqs.iter().enumerate() {
             for layer in 0..3 {
@@ -700,13 +720,7 @@ mod tests {
             l.validate(3, 2).unwrap();
             assert_eq!((l.streaming_width(), l.group(), l.streaming_group()), (width, width.max(2), width.max(2) / width), "{kv:?}: 2 retrieval heads padded to whole streaming units");
             assert_eq!((l.streaming_key_shift(), l.streaming_args(l.paged_args(0)).key_shift, l.paged_args(0).key_shift), (key_shift, key_shift as i32, 0));
-            let mut alloc = Allocator::new(300, 3);
-            let mut seqs = Vec::new();
-            for (n, ring) in [(700, Ring::Prefill), (300, Ring::Decode), (5, Ring::Prefill)] {
-                let streaming = alloc.take(l.streaming_blocks(ring)).unwrap();
-                let retrieval = alloc.take(l.retrieval_blocks(n)).unwrap();
-                seqs.push((Tables { retrieval, streaming, cap: l.ring_rows(ring) }, n));
-            }
+            let seqs = place(&l, 300, &[(700, Ring::Prefill), (300, Ring::Decode), (5, Ring::Prefill)]);
             for key in [true, false] {
                 let bytes = |t: KvType| if key { t.key_bytes_for(d) } else { t.value_bytes_for(d) };
                 let block_bytes = l.block_rows() * bytes(kv);

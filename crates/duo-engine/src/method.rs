@@ -81,20 +81,39 @@ impl KvDtype {
 
     /// How many rows of this GPU cache type one bf16 window row spans in the GPU's paged
     /// pool (`streaming` bf16 beside fp8 or int8: 2, beside int4 or k8v4: 4; duo-cuda's
-    /// `PagedLayout::streaming_width`): there a window row takes the bytes, scale words
-    /// included, of that many of the cache's rows. `None` where the pair is not the GPU's
-    /// bf16 window beside a quantised cache.
+    /// `paged::window_widths`, the wider side's): there a window row takes the bytes, scale
+    /// words included, of that many of the cache's rows. `None` where the pair is not the
+    /// GPU's bf16 window beside a quantised cache.
     pub fn gpu_window_width(self, streaming: KvDtype) -> Option<usize> {
-        match (self, streaming) {
-            (KvDtype::Fp8 | KvDtype::Int8, KvDtype::Bf16) => Some(2),
-            (KvDtype::Int4 | KvDtype::K8V4, KvDtype::Bf16) => Some(4),
-            _ => None,
+        let (kv, st) = (self.gpu()?, streaming.gpu()?);
+        if kv == st {
+            return None;
+        }
+        duo_cuda::paged::window_widths(kv, st).map(|(k, v)| k.max(v))
+    }
+
+    /// Whether the GPU may keep streaming heads in `streaming` beside a cache of this type:
+    /// the same type, or a bf16 window ([`KvDtype::gpu_window_width`]).
+    pub fn gpu_takes_streaming(self, streaming: KvDtype) -> bool {
+        streaming == self || self.gpu_window_width(streaming).is_some()
+    }
+
+    /// The CUDA backend's cache type for this one, where it has it.
+    pub fn gpu(self) -> Option<duo_cuda::decode_attention::KvType> {
+        use duo_cuda::decode_attention::KvType;
+        match self {
+            KvDtype::Bf16 => Some(KvType::Bf16),
+            KvDtype::Fp8 => Some(KvType::Fp8),
+            KvDtype::Int8 => Some(KvType::Int8),
+            KvDtype::Int4 => Some(KvType::Int4),
+            KvDtype::K8V4 => Some(KvType::K8V4),
+            KvDtype::F32 | KvDtype::F16 => None,
         }
     }
 
     /// Whether the CUDA backend caches this type.
     pub fn on_gpu(self) -> bool {
-        matches!(self, KvDtype::Bf16 | KvDtype::Fp8 | KvDtype::Int8 | KvDtype::Int4 | KvDtype::K8V4)
+        self.gpu().is_some()
     }
 
     /// Whether the CPU backend caches this type (int8: the GPU's rows, `duo_kernels::kv8`).

@@ -417,12 +417,8 @@ impl CudaBackend {
             return Err(EngineError::InvalidParameter { name: "prefill", reason: "the CUDA backend prefills streaming heads with the Λ mask only (--prefill lambda)".into() });
         }
         let gpu_type = |d: Option<KvDtype>, name: &'static str| match d {
-            None | Some(KvDtype::Bf16) => Ok(KvType::Bf16),
-            Some(KvDtype::Fp8) => Ok(KvType::Fp8),
-            Some(KvDtype::Int8) => Ok(KvType::Int8),
-            Some(KvDtype::Int4) => Ok(KvType::Int4),
-            Some(KvDtype::K8V4) => Ok(KvType::K8V4),
-            Some(d) => Err(EngineError::InvalidParameter { name, reason: format!("the CUDA backend caches bf16, fp8, int8, int4 or k8v4, not {d:?}") }),
+            None => Ok(KvType::Bf16),
+            Some(d) => d.gpu().ok_or_else(|| EngineError::InvalidParameter { name, reason: format!("the CUDA backend caches bf16, fp8, int8, int4 or k8v4, not {d:?}") }),
         };
         let kv = gpu_type(method.kv_dtype, "kv-dtype")?;
         let kv_streaming = match method.kv_dtype_streaming {
@@ -431,7 +427,7 @@ impl CudaBackend {
         };
         // Streaming rows of their own type span whole rows of the cache's (crate duo-cuda's
         // `paged`): bf16 windows beside fp8, int8, int4 or k8v4.
-        if kv_streaming != kv && !(kv_streaming == KvType::Bf16 && matches!(kv, KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4)) {
+        if duo_cuda::paged::window_widths(kv, kv_streaming).is_none() {
             return Err(EngineError::InvalidParameter { name: "kv-dtype-streaming", reason: format!("the CUDA backend keeps streaming heads in the cache's type, or in bf16 beside an fp8, int8, int4 or k8v4 cache, not {kv_streaming:?} beside {kv:?}") });
         }
         Ok(PagedLayout {
