@@ -1572,7 +1572,7 @@ mod gpu {
         let mut launch = launch_for(&x.heads, h, d, &x.tokens, kv, split, kernel);
         if layout.split_types() {
             let kinds: Vec<bool> = x.heads.iter().map(|e| e.kind == HeadEntry::RETRIEVAL).collect();
-            let st = crate::runtime::StreamingKernel { kv: layout.kv_streaming, kernel: DecodeKernel::Tensor, units_per_block: layout.streaming_group(), key_shift: layout.streaming_key_shift() };
+            let st = crate::runtime::StreamingKernel { kv: layout.kv_streaming, kernel: DecodeKernel::Tensor };
             launch = launch.with_streaming_type(&kinds, st)?;
         }
         let heads = gpu.upload(&HeadEntry::table(&x.heads))?;
@@ -1638,7 +1638,7 @@ mod gpu {
             gpu.addr(&heads),
             gpu.addr(&slots),
             gpu.addr(&pos),
-            paged,
+            (paged, layout.streaming_args(paged)),
             parts,
             Some((gpu.addr(&out), 0)),
         )?;
@@ -1732,7 +1732,7 @@ mod gpu {
                 gpu.addr(&heads),
                 gpu.addr(&slots),
                 gpu.addr(&pos),
-                args,
+                (args, layout.streaming_args(args)),
                 parts,
                 merged.then(|| (0, gpu.addr(&out))),
             )

@@ -979,6 +979,8 @@ impl KvPool {
             meta + 12 * rows as u64,
         );
         let paged = self.paged();
+        // Both kinds' views of the pool (the same twice where they keep one type).
+        let views = (paged, self.layout.streaming_args(paged));
         let (kc, vc) = (g.addr(&self.keys), g.addr(&self.values));
         // The products that end in a partial sum add the residual on rank 0 only (one GPU:
         // always), so that the sum over ranks holds it once.
@@ -1002,7 +1004,7 @@ impl KvPool {
                     self.attention_input(b, lw, l, paged, rows, (0, rows))?;
                     if decode_rows > 0 {
                         let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
-                        g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, paged, parts, Some((0, a16(&b.att))))?;
+                        g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, views, parts, Some((0, a16(&b.att))))?;
                     }
                     if chunk > 0 {
                         self.prefill_rows(b, l, paged, pre, (decode_rows, chunk))?;
@@ -1278,8 +1280,6 @@ fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_
     let streaming = layout.split_types().then(|| StreamingKernel {
         kv: layout.kv_streaming,
         kernel: DecodeKernel::best(c.head_dim, group, layout.kv_streaming, DECODE_KEYS_PER_WARP),
-        units_per_block: layout.streaming_group(),
-        key_shift: layout.streaming_key_shift(),
     });
     (0..c.n_layers)
         .map(|l| {
@@ -1359,18 +1359,19 @@ mod tests {
     }
 
     /// bf16 windows beside a quantised cache: every layer with streaming heads launches them
-    /// by the bf16 kernel with their view of the pool (units a block, key rows' spacing); a
-    /// layer of retrieval heads keeps one launch.
+    /// by the bf16 kernel (over the pool's streaming view, `PagedLayout::streaming_args`,
+    /// whose units and key spacing `paged`'s tests check); a layer of retrieval heads keeps
+    /// one launch.
     #[test]
     fn bf16_windows_launch_on_their_own_with_their_view() {
         let c = config(3, 32, 8, 128);
         let kinds = vec![vec![true, false, false, true, false, true, false, false], vec![false; 8], vec![true; 8]];
-        for (kv, width, key_shift) in [(KvType::Fp8, 2, 0), (KvType::Int4, 4, 0), (KvType::K8V4, 4, 1)] {
+        for kv in [KvType::Fp8, KvType::Int4, KvType::K8V4] {
             let l = PagedLayout { kv_streaming: KvType::Bf16, ..layout(kinds.clone(), kv) };
             assert_eq!(l.group(), 12, "11 retrieval heads padded to whole window units");
             for max_seqs in [1, 64] {
                 let shapes = decode_shapes(&c, &l, &pool(max_seqs), 131_072, 1).expect("shapes");
-                let want = Some(StreamingKernel { kv: KvType::Bf16, kernel: DecodeKernel::Tensor, units_per_block: 12 / width, key_shift });
+                let want = Some(StreamingKernel { kv: KvType::Bf16, kernel: DecodeKernel::Tensor });
                 assert_eq!((shapes[0].streaming, shapes[1].streaming), (want, want), "{kv:?}, {max_seqs} seqs");
                 assert!(shapes[0].short_split > 0, "a mixed layer lists its windows' splits after the retrieval heads'");
                 assert_eq!(shapes[2].streaming, None, "{kv:?}: a layer of retrieval heads");

@@ -1012,6 +1012,8 @@ impl Gpu {
     /// then the merge into `out = Some((f32 out or 0, bf16 out or 0))`; `None` leaves the
     /// merge out (the partials only: for timing the partial kernel alone). `parts`: the
     /// partials' maxima, sums and values (`a.n_splits` slots per row and query head).
+    /// `paged` is the pool's view for retrieval heads and its view for streaming heads
+    /// ([`crate::paged::PagedLayout::streaming_args`]), which `a.streaming`'s launch reads.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         &self,
@@ -1022,7 +1024,7 @@ impl Gpu {
         heads: u64,
         row_slot: u64,
         row_pos: u64,
-        paged: PagedArgs,
+        (paged, paged_streaming): (PagedArgs, PagedArgs),
         parts: (u64, u64, u64),
         out: Option<(u64, u64)>,
     ) -> Result<()> {
@@ -1051,8 +1053,7 @@ impl Gpu {
             None => self.decode_partials(a, (a.kv, a.kernel), (q, kc, vc, heads, row_slot, row_pos), paged, parts, whole, 0)?,
             Some(st) => {
                 // The streaming heads' own view of the pool (their rows' units and type).
-                let scales = if st.kv.is_quantised() { (paged.kscale, paged.vscale) } else { (0, 0) };
-                let streaming = PagedArgs { group: st.units_per_block as i32, kv_format: st.kv.format_code(), kscale: scales.0, vscale: scales.1, key_shift: st.key_shift as i32, ..paged };
+                let streaming = paged_streaming;
                 let inputs = (q, kc, vc, heads, row_slot, row_pos);
                 let listed = a.retrieval.count_ones() as usize * a.n_splits;
                 if a.short_split == 0 || listed == 0 {
@@ -1648,10 +1649,6 @@ pub struct StreamingKernel {
     pub kv: KvType,
     /// Their partial kernel.
     pub kernel: DecodeKernel,
-    /// Units of their rows a block holds ([`crate::paged::PagedLayout::streaming_group`]).
-    pub units_per_block: usize,
-    /// How far apart their key rows sit ([`crate::paged::PagedLayout::streaming_key_shift`]).
-    pub key_shift: u32,
 }
 
 /// Fewest keys per split of a streaming head: one 64-key tile of the tensor-core kernel.
