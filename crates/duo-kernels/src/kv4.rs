@@ -108,6 +108,16 @@ pub fn round_rows_turned(x: &mut [f32], head_dim: usize) {
     }
 }
 
+/// Rows rounded as groups of `group` consecutive values, each with its own step and minimum
+/// (`head_dim / group` pairs per row instead of one), in place.
+pub fn round_groups(x: &mut [f32], head_dim: usize, group: usize) {
+    for row in x.chunks_mut(head_dim) {
+        for g in (0..row.len()).step_by(group) {
+            round_group(row, g..(g + group).min(row.len()));
+        }
+    }
+}
+
 /// Rows rounded in a Hadamard basis as groups of `group` consecutive values (each with its
 /// own step and minimum: `head_dim / group` pairs per row instead of one), turned back.
 pub fn round_groups_turned(x: &mut [f32], head_dim: usize, group: usize) {

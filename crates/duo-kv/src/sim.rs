@@ -42,6 +42,10 @@ pub enum KvSim {
     Keys8Values4,
     /// [`KvSim::Keys8Values4`] for retrieval heads, streaming heads exact.
     Keys8Values4ExactStreaming,
+    /// Keys as [`KvSim::Keys8Values4`]; values in 4 bits per group of this many values (a
+    /// step and minimum per group: 16 or 32) instead of per row: whether full attention's
+    /// loss with k8v4 is the values' row-wide step.
+    Keys8ValueGroups(usize),
     /// Values per row; keys in a Hadamard basis per group of this many values (a step and
     /// minimum per group: 16 or 32), the group-wise asymmetric scheme at a finer grain than
     /// the row.
@@ -68,11 +72,13 @@ impl std::str::FromStr for KvSim {
             "int4-channels-lagged" => Ok(KvSim::ChannelsLagged),
             "int8-keys-int4-values" => Ok(KvSim::Keys8Values4),
             "int8-keys-int4-values-exact-streaming" => Ok(KvSim::Keys8Values4ExactStreaming),
+            "int8-keys-int4-values-g16" => Ok(KvSim::Keys8ValueGroups(16)),
+            "int8-keys-int4-values-g32" => Ok(KvSim::Keys8ValueGroups(32)),
             "int4-g16-turned" => Ok(KvSim::GroupsTurned(16)),
             "int4-g32-turned" => Ok(KvSim::GroupsTurned(32)),
             "fp8-keys-int4-values" => Ok(KvSim::Fp8KeysValues4),
             "int6-keys-int4-values" => Ok(KvSim::Keys6Values4),
-            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int4-g16-turned, int4-g32-turned, fp8-keys-int4-values or int6-keys-int4-values")),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int8-keys-int4-values-g16, int8-keys-int4-values-g32, int4-g16-turned, int4-g32-turned, fp8-keys-int4-values or int6-keys-int4-values")),
         }
     }
 }
@@ -107,12 +113,15 @@ impl KvSim {
             if self.streaming_exact() && !is_retrieval {
                 continue;
             }
-            kv4::round_rows(&mut v[at.clone()], head_dim);
+            match self {
+                KvSim::Keys8ValueGroups(group) => kv4::round_groups(&mut v[at.clone()], head_dim, group),
+                _ => kv4::round_rows(&mut v[at.clone()], head_dim),
+            }
             match self {
                 KvSim::Rows => kv4::round_rows(&mut k[at], head_dim),
                 KvSim::RowsTurned | KvSim::RowsTurnedExactStreaming => kv4::round_rows_turned(&mut k[at], head_dim),
                 KvSim::Channels if !is_retrieval => kv4::round_rows_turned(&mut k[at], head_dim),
-                KvSim::Keys8Values4 | KvSim::Keys8Values4ExactStreaming => duo_kernels::kv8::round_row(&mut k[at]),
+                KvSim::Keys8Values4 | KvSim::Keys8Values4ExactStreaming | KvSim::Keys8ValueGroups(_) => duo_kernels::kv8::round_row(&mut k[at]),
                 KvSim::GroupsTurned(group) => kv4::round_groups_turned(&mut k[at], head_dim, group),
                 KvSim::Fp8KeysValues4 => duo_kernels::fp8::round_row(&mut k[at]),
                 KvSim::Keys6Values4 => duo_kernels::kv8::round_row_levels(&mut k[at], 31),
@@ -148,6 +157,23 @@ mod tests {
         assert_eq!("int4-g16-turned".parse::<KvSim>(), Ok(KvSim::GroupsTurned(16)));
         assert_eq!("fp8-keys-int4-values".parse::<KvSim>(), Ok(KvSim::Fp8KeysValues4));
         assert_eq!("int6-keys-int4-values".parse::<KvSim>(), Ok(KvSim::Keys6Values4));
+        assert_eq!("int8-keys-int4-values-g32".parse::<KvSim>(), Ok(KvSim::Keys8ValueGroups(32)));
+    }
+
+    #[test]
+    fn value_groups_round_values_closer_and_keys_as_int8_rows() {
+        let hd = 64;
+        // Rows with one large channel each, so that a row-wide step is coarse.
+        let rows: Vec<f32> = (0..hd * 20).map(|i| if i % hd == (i / hd) % hd { 9.0 } else { ((i * 7919 % 1000) as f32 / 500.0) - 1.0 }).collect();
+        let err = |a: &[f32]| a.iter().zip(&rows).map(|(x, y)| (x - y) * (x - y)).sum::<f32>();
+        let retrieval = [true];
+        let (mut k_rows, mut v_rows) = (rows.clone(), rows.clone());
+        KvSim::Keys8Values4.round_chunk(&mut k_rows, &mut v_rows, &retrieval, hd);
+        let (mut k_groups, mut v_groups) = (rows.clone(), rows.clone());
+        KvSim::Keys8ValueGroups(32).round_chunk(&mut k_groups, &mut v_groups, &retrieval, hd);
+        assert_eq!(k_groups, k_rows, "keys round as int8 rows in both");
+        assert!(err(&v_groups) < err(&v_rows) * 0.8, "groups {} vs rows {}", err(&v_groups), err(&v_rows));
+        assert_ne!(v_groups, rows, "values are rounded");
     }
 
     #[test]
