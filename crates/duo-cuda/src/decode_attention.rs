@@ -1523,7 +1523,9 @@ pub fn split_for(kernel: DecodeKernel, blocks: usize, lens: &[u32], rows: usize)
     if kernel != DecodeKernel::Tensor || rows > 1 {
         return batch_split(lens, rows);
     }
-    fill_split(blocks, lens)
+    let split = fill_split(blocks, lens);
+    // Whole 128-key tiles under DUO_DECODE_PHASED, so that no split ends in half a tile.
+    if tensor_phased() { split.div_ceil(128) * 128 } else { split }
 }
 
 /// Keys per split for one row on the tensor-core kernel, which holds `blocks` blocks per
