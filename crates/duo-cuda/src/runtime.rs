@@ -1064,20 +1064,18 @@ impl Gpu {
         match a.streaming {
             None => self.decode_partials(a, (a.kv, a.kernel), (q, kc, vc, heads, row_slot, row_pos), paged, parts, whole, 0)?,
             Some(st) => {
-                // The streaming heads' own view of the pool (their rows' units and type).
-                let streaming = paged_streaming;
                 let inputs = (q, kc, vc, heads, row_slot, row_pos);
                 let listed = a.retrieval.count_ones() as usize * a.n_splits;
                 if a.short_split == 0 || listed == 0 {
                     // A layer of streaming heads only (unlisted where DecodeLaunch::with_streaming_type
                     // allows it): one launch by their type's kernel.
-                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, whole, 0)?;
+                    self.decode_partials(a, (st.kv, st.kernel), inputs, paged_streaming, parts, whole, 0)?;
                 } else {
                     // The list's retrieval entries, then its streaming ones, each by its
                     // type's kernel. (The streaming launch on a second stream beside the
                     // retrieval one, event-ordered, measured no faster: BENCHMARKS.md, session 22.)
                     self.decode_partials(a, (a.kv, a.kernel), inputs, paged, parts, (listed as u32, 1, rows), 0)?;
-                    self.decode_partials(a, (st.kv, st.kernel), inputs, streaming, parts, ((a.blocks() - listed) as u32, 1, rows), listed as i32)?;
+                    self.decode_partials(a, (st.kv, st.kernel), inputs, paged_streaming, parts, ((a.blocks() - listed) as u32, 1, rows), listed as i32)?;
                 }
             }
         }

@@ -123,9 +123,7 @@ pub fn round_groups(x: &mut [f32], head_dim: usize, group: usize) {
 pub fn round_groups_turned(x: &mut [f32], head_dim: usize, group: usize) {
     for row in x.chunks_mut(head_dim) {
         hadamard(row);
-        for g in (0..row.len()).step_by(group) {
-            round_group(row, g..(g + group).min(row.len()));
-        }
+        round_groups(row, head_dim, group);
         hadamard(row);
     }
 }
