@@ -233,9 +233,6 @@ pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
             // Key and value rows alike padded to the wider (the keys').
             stages * 2 * tile * (kv.key_bytes_for(head_dim) + 16) + stages * 2 * tile * 4 + converted
         }
-        // Three one-matrix slots of 128 keys, whatever DUO_DECODE_STAGES says (the schedule
-        // is fixed): the bytes of three 64-key stages.
-        KvType::Bf16 if tensor_phased() => 3 * 128 * (head_dim + 8) * 2,
         _ => stages * 2 * 64 * (head_dim + 8) * 2,
     }
 }
@@ -269,15 +266,6 @@ pub fn tensor_stages(kv: KvType) -> usize {
 /// rounds of copies per key; a measurement knob until it is measured). bf16 stays at 64.
 pub fn tensor_byte_tile() -> usize {
     if tuning("DUO_DECODE_TILE") == Some(128) { 128 } else { 64 }
-}
-
-/// Whether the bf16 tensor-core kernel takes cuDNN's schedule (`DUO_DECODE_PHASED=1`, a
-/// measurement knob, off): 128-key tiles whose keys and values are copied as separate items
-/// into three one-matrix slots (the same shared memory as three 64-key stages), so each copy
-/// is one 32 KiB run of one matrix. Built in session 24 after the device time ran out: not yet
-/// run on a GPU.
-pub fn tensor_phased() -> bool {
-    tuning("DUO_DECODE_PHASED") == Some(1)
 }
 
 /// Blocks per multiprocessor the tensor-core partial kernel over a `kv` cache is meant to
@@ -848,19 +836,8 @@ pub const TENSOR_SOURCE: &str = r#"
 // round of copies per 128 keys).
 #if defined(KV_BYTES) && defined(BYTE_TILE)
 #define TILE BYTE_TILE
-#elif !defined(KV_BYTES) && defined(PHASED) && PHASED
-#define TILE 128
 #else
 #define TILE 64
-#endif
-// PHASED (bf16 only, DUO_DECODE_PHASED=1, a measurement knob): cuDNN's decode schedule, which
-// reads the DRAM at 90% of its peak where this kernel reads at 78% (BENCHMARKS.md, session
-// 11): 128-key tiles whose keys and values are copied as separate items into three slots of
-// one matrix each (the shared memory of three 64-key stages), keys of tile i+1 while tile i's
-// scores are taken, its values while tile i's values are summed: two items in flight, two
-// barriers per 128 keys, each copy one 32 KiB run of one matrix instead of 16 KiB of each.
-#if defined(PHASED) && PHASED && !defined(KV_BYTES)
-#define PHASED_BF16 1
 #endif
 #if TILE % 64 != 0
 #error "a tile is whole 64-key runs (the scale copies take 2 TILE / 128 per thread)"
@@ -1060,7 +1037,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     const unsigned smem_base = smem_addr(smem_raw);
     // Value rows are as wide as key rows (`row_bytes`), or (K8V4) narrower (`v_row_bytes`):
     // then a thread copies its chunk of a value row only where the row has one.
-    auto copy_run_tile = [&](unsigned k_dst, unsigned v_dst, const char* kbase, const char* vbase, int row_bytes, int v_row_bytes, int pad, int v_pad, int which) {
+    auto copy_run_tile = [&](unsigned k_dst, unsigned v_dst, const char* kbase, const char* vbase, int row_bytes, int v_row_bytes, int pad, int v_pad) {
         const int r = threadIdx.x / CPR, c = (threadIdx.x % CPR) * 16;
         long long first[TILE / 64], v_first[TILE / 64];
 #pragma unroll
@@ -1068,8 +1045,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #pragma unroll
         for (int j = 0; j < NCH; j++) {
             const int run = (j * RS) / 64, in_run = (j * RS) % 64;
-            if (which & 1) cp_async16_full(k_dst + (r + j * RS) * pad + c, kbase + first[run] + (long long)in_run * row_bytes);
-            if ((which & 2) && c < v_row_bytes) cp_async16_full(v_dst + (r + j * RS) * v_pad + c, vbase + v_first[run] + (long long)in_run * v_row_bytes);
+            cp_async16_full(k_dst + (r + j * RS) * pad + c, kbase + first[run] + (long long)in_run * row_bytes);
+            if (c < v_row_bytes) cp_async16_full(v_dst + (r + j * RS) * v_pad + c, vbase + v_first[run] + (long long)in_run * v_row_bytes);
         }
     };
     // A tile's keys and values from `t0` into the stage at byte `stage_at` of shared memory
@@ -1077,12 +1054,11 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // `v_pad`): a whole
     // page-run tile by copy_run_tile, else chunk by chunk, each row looked up (the rows past
     // `end` zero-filled). Both caches' forms, bf16 rows and byte rows alike.
-    // `which`: 1 the keys only, 2 the values only (PHASED_BF16), 3 both.
-    auto copy_tile = [&](int t0, unsigned stage_at, unsigned tile_bytes, int row_bytes, int v_row_bytes, int pad, int v_pad, int which) {
+    auto copy_tile = [&](int t0, unsigned stage_at, unsigned tile_bytes, int row_bytes, int v_row_bytes, int pad, int v_pad) {
         const char* kbase = reinterpret_cast<const char*>(keys);
         const char* vbase = reinterpret_cast<const char*>(values);
         if (page_tiles && t0 + TILE <= end) {
-            copy_run_tile(smem_base + stage_at, smem_base + stage_at + tile_bytes, kbase, vbase, row_bytes, v_row_bytes, pad, v_pad, which);
+            copy_run_tile(smem_base + stage_at, smem_base + stage_at + tile_bytes, kbase, vbase, row_bytes, v_row_bytes, pad, v_pad);
             return;
         }
         unsigned char* kd = smem_raw + stage_at;
@@ -1095,8 +1071,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
             // A streaming head's key row in its view (KEY_ROW; page runs are retrieval heads').
             const size_t at = live ? (size_t)KEY_ROW(row) * row_bytes + c : 0, v_at = live ? (size_t)row * v_row_bytes + c : 0;
-            if (which & 1) cp_async16(kd + r * pad + c, kbase + at, live ? 16 : 0);
-            if ((which & 2) && c < v_row_bytes) cp_async16(vd + r * v_pad + c, vbase + v_at, live ? 16 : 0);
+            cp_async16(kd + r * pad + c, kbase + at, live ? 16 : 0);
+            if (c < v_row_bytes) cp_async16(vd + r * v_pad + c, vbase + v_at, live ? 16 : 0);
         }
     };
 #ifdef KV_BYTES
@@ -1105,7 +1081,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     bf16_t* conv = reinterpret_cast<bf16_t*>(scl + STAGES * 2 * TILE) + warp * 16 * TPAD;  // this warp's V (f16)
     auto load_tile = [&](int tile) {
         const int t0 = begin + tile * TILE;
-        copy_tile(t0, (tile % STAGES) * 2 * RAW_TILE, RAW_TILE, K_ROW_BYTES, V_ROW_BYTES, KPAD, RPAD, 3);
+        copy_tile(t0, (tile % STAGES) * 2 * RAW_TILE, RAW_TILE, K_ROW_BYTES, V_ROW_BYTES, KPAD, RPAD);
         // Row scales, keys' then values' (2 TILE of them): thread x copies row x % TILE's. A
         // fixed count of copies per thread (one, or two for 128-key tiles): a loop from
         // threadIdx.x, whose trip count the compiler cannot know, compiled to a remainder
@@ -1119,102 +1095,13 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             cp_async4(scl + ((tile % STAGES) * 2 + idx / TILE) * TILE + r, (idx < TILE ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
         }
     };
-#elif defined(PHASED_BF16)
-    bf16_t* smem = reinterpret_cast<bf16_t*>(smem_raw);  // [3][TILE][TPAD]: one matrix a slot
-    // Item 2 t: tile t's keys, item 2 t + 1 its values; item n goes to slot n % 3 (a
-    // values-only copy with no offset between the matrices writes its values at the slot).
-    auto load_keys = [&](int tile) {
-        copy_tile(begin + tile * TILE, ((2 * tile) % 3) * TILE_ELEMS * 2, 0, HEAD_DIM * 2, HEAD_DIM * 2, TPAD * 2, TPAD * 2, 1);
-    };
-    auto load_values = [&](int tile) {
-        copy_tile(begin + tile * TILE, ((2 * tile + 1) % 3) * TILE_ELEMS * 2, 0, HEAD_DIM * 2, HEAD_DIM * 2, TPAD * 2, TPAD * 2, 2);
-    };
 #else
     bf16_t* smem = reinterpret_cast<bf16_t*>(smem_raw);
     auto load_tile = [&](int tile) {
-        copy_tile(begin + tile * TILE, (tile % STAGES) * 2 * TILE_ELEMS * 2, TILE_ELEMS * 2, HEAD_DIM * 2, HEAD_DIM * 2, TPAD * 2, TPAD * 2, 3);
+        copy_tile(begin + tile * TILE, (tile % STAGES) * 2 * TILE_ELEMS * 2, TILE_ELEMS * 2, HEAD_DIM * 2, HEAD_DIM * 2, TPAD * 2, TPAD * 2);
     };
 #endif
     fetch_entries(0);
-#ifdef PHASED_BF16
-    load_keys(0);
-    cp_async_commit();
-    load_values(0);
-    cp_async_commit();
-    if (n_tiles > 1) fetch_entries(1);
-    float o[HEAD_DIM / 8][4];
-#pragma unroll
-    for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][0] = 0.f; o[i][1] = 0.f; o[i][2] = 0.f; o[i][3] = 0.f; }
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows gr and gr + 8
-    for (int tile = 0; tile < n_tiles; tile++) {
-        // Keys of this tile in (its values may still fly); the slot of the previous tile's
-        // values is free for the next tile's keys once every warp has summed them.
-        cp_async_wait<1>();
-        __syncthreads();
-        if (tile + 1 < n_tiles) load_keys(tile + 1);
-        cp_async_commit();
-        // This warp's WARP_KEYS keys: n-tile j holds keys 8j..8j+7.
-        const bf16_t* ks = smem + ((2 * tile) % 3) * TILE_ELEMS + warp * WARP_KEYS * TPAD;
-        float sc[WARP_KEYS / 8][4];
-#pragma unroll
-        for (int j = 0; j < WARP_KEYS / 8; j++) { sc[j][0] = 0.f; sc[j][1] = 0.f; sc[j][2] = 0.f; sc[j][3] = 0.f; }
-#pragma unroll
-        for (int sub = 0; sub < WARP_KEYS / 16; sub++)
-#pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
-                unsigned kb[4];
-                ldmatrix_x4(kb, ks + (sub * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * TPAD + kk * 16 + ((lane >> 3) & 1) * 8);
-                MMA(sc[2 * sub], qa[kk], kb[0], kb[1]);
-                MMA(sc[2 * sub + 1], qa[kk], kb[2], kb[3]);
-            }
-        const int k0 = begin + tile * TILE + warp * WARP_KEYS;
-        if (k0 + WARP_KEYS > end) {
-#pragma unroll
-            for (int j = 0; j < WARP_KEYS / 8; j++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    if (k0 + 8 * j + 2 * tq + (x & 1) >= end) sc[j][x] = NEG_INF;
-        }
-        float cf[2] = {1.f, 1.f};
-#if GROUP <= 8
-#pragma unroll
-        for (int j = 0; j < WARP_KEYS / 8; j++) { sc[j][2] = 0.f; sc[j][3] = 0.f; }
-#endif
-#pragma unroll
-        for (int hf = 0; hf < (GROUP > 8 ? 2 : 1); hf++) cf[hf] = softmax_row<WARP_KEYS / 8>(&sc[0][2 * hf], m[hf], l[hf]);
-        if (__any_sync(0xffffffff, cf[0] != 1.f || cf[1] != 1.f)) {
-#pragma unroll
-            for (int i = 0; i < HEAD_DIM / 8; i++) { o[i][0] *= cf[0]; o[i][1] *= cf[0]; o[i][2] *= cf[1]; o[i][3] *= cf[1]; }
-        }
-        unsigned pa[WARP_KEYS / 16][4];
-#pragma unroll
-        for (int sub = 0; sub < WARP_KEYS / 16; sub++) {
-            pa[sub][0] = PACK(sc[2 * sub][0], sc[2 * sub][1]);
-            pa[sub][1] = PACK(sc[2 * sub][2], sc[2 * sub][3]);
-            pa[sub][2] = PACK(sc[2 * sub + 1][0], sc[2 * sub + 1][1]);
-            pa[sub][3] = PACK(sc[2 * sub + 1][2], sc[2 * sub + 1][3]);
-        }
-        // Values of this tile in (the next tile's keys may still fly); this tile's keys'
-        // slot is free for the next tile's values once every warp has taken its scores.
-        cp_async_wait<1>();
-        __syncthreads();
-        if (tile + 1 < n_tiles) {
-            load_values(tile + 1);
-            if (tile + 2 < n_tiles) fetch_entries(tile + 2);
-        }
-        cp_async_commit();
-        const bf16_t* vs = smem + ((2 * tile + 1) % 3) * TILE_ELEMS + warp * WARP_KEYS * TPAD;
-#pragma unroll
-        for (int sub = 0; sub < WARP_KEYS / 16; sub++)
-#pragma unroll
-            for (int i = 0; i < HEAD_DIM / 8; i += 2) {
-                unsigned vb[4];
-                ldmatrix_x4_trans(vb, vs + (sub * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * TPAD + (i + (lane >> 4)) * 8);
-                MMA(o[i], pa[sub], vb[0], vb[1]);
-                MMA(o[i + 1], pa[sub], vb[2], vb[3]);
-            }
-    }
-#else
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) {
         if (t < n_tiles) {
@@ -1444,7 +1331,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #endif
         }  // the warp's next 16 keys
     }
-#endif  // PHASED_BF16
     cp_async_wait_0();
     __syncthreads();  // the stages are reused for the merge below
 
@@ -1523,9 +1409,7 @@ pub fn split_for(kernel: DecodeKernel, blocks: usize, lens: &[u32], rows: usize)
     if kernel != DecodeKernel::Tensor || rows > 1 {
         return batch_split(lens, rows);
     }
-    let split = fill_split(blocks, lens);
-    // Whole 128-key tiles under DUO_DECODE_PHASED, so that no split ends in half a tile.
-    if tensor_phased() { split.div_ceil(128) * 128 } else { split }
+    fill_split(blocks, lens)
 }
 
 /// Keys per split for one row on the tensor-core kernel, which holds `blocks` blocks per

@@ -295,9 +295,6 @@ fn decode_source(
                 "-DBYTE_TILE={}",
                 crate::decode_attention::tensor_byte_tile()
             ));
-            if kv == KvType::Bf16 && crate::decode_attention::tensor_phased() {
-                options.push("-DPHASED=1".into());
-            }
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS
@@ -414,15 +411,6 @@ pub fn compile_all() -> Option<Result<usize>> {
         let (src, o) = decode_source(group, d, kv, DecodeKernel::Tensor);
         jobs.push(("decode_attention", src.clone(), with_define(&o, "V_REGS", "0")));
         jobs.push(("decode_attention", src, with_define(&o, "BYTE_TILE", "128")));
-    }
-    // And DUO_DECODE_PHASED=1's over bf16 (cuDNN's schedule: 128-key tiles, keys and values
-    // copied as separate items).
-    for (group, d) in [(4, 128), (3, 64), (16, 64), (1, 128)] {
-        let (src, mut o) = decode_source(group, d, KvType::Bf16, DecodeKernel::Tensor);
-        if !o.iter().any(|x| x.starts_with("-DPHASED=")) {
-            o.push("-DPHASED=1".into());
-        }
-        jobs.push(("decode_attention", src, o));
     }
     let n = jobs.len();
     Some(
