@@ -57,6 +57,15 @@ pub enum KvSim {
     /// row: between the int8 keys that meet the accuracy bound and the int4 ones that do not,
     /// at 0.66 of int8-keys-int4-values' bytes per token.
     Keys6Values4,
+    /// Keys and values as the GPU's fp8 rows (e4m3, a power-of-two scale per row): the
+    /// simulation of `--kv-dtype fp8`, to compare the turned form below against.
+    Fp8Rows,
+    /// Values as [`KvSim::Fp8Rows`]; keys as fp8 rows in a Hadamard basis: whether spreading
+    /// a key's few large (RoPE's slow) channels over all of them takes back fp8's loss. An
+    /// e4m3 value keeps 3 mantissa bits whatever its size, so turning cannot shrink the
+    /// relative error of one element; it evens out the products q_i k_i, and a score's error
+    /// (the sum of their independent errors) is smallest when no few products dominate it.
+    Fp8RowsTurned,
 }
 
 impl std::str::FromStr for KvSim {
@@ -78,7 +87,9 @@ impl std::str::FromStr for KvSim {
             "int4-g32-turned" => Ok(KvSim::GroupsTurned(32)),
             "fp8-keys-int4-values" => Ok(KvSim::Fp8KeysValues4),
             "int6-keys-int4-values" => Ok(KvSim::Keys6Values4),
-            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int8-keys-int4-values-g16, int8-keys-int4-values-g32, int4-g16-turned, int4-g32-turned, fp8-keys-int4-values or int6-keys-int4-values")),
+            "fp8-rows" => Ok(KvSim::Fp8Rows),
+            "fp8-rows-turned" => Ok(KvSim::Fp8RowsTurned),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int8-keys-int4-values-g16, int8-keys-int4-values-g32, int4-g16-turned, int4-g32-turned, fp8-keys-int4-values, int6-keys-int4-values, fp8-rows or fp8-rows-turned")),
         }
     }
 }
@@ -115,6 +126,7 @@ impl KvSim {
             }
             match self {
                 KvSim::Keys8ValueGroups(group) => kv4::round_groups(&mut v[at.clone()], head_dim, group),
+                KvSim::Fp8Rows | KvSim::Fp8RowsTurned => duo_kernels::fp8::round_row(&mut v[at.clone()]),
                 _ => kv4::round_rows(&mut v[at.clone()], head_dim),
             }
             match self {
@@ -125,6 +137,13 @@ impl KvSim {
                 KvSim::GroupsTurned(group) => kv4::round_groups_turned(&mut k[at], head_dim, group),
                 KvSim::Fp8KeysValues4 => duo_kernels::fp8::round_row(&mut k[at]),
                 KvSim::Keys6Values4 => duo_kernels::kv8::round_row_levels(&mut k[at], 31),
+                KvSim::Fp8Rows => duo_kernels::fp8::round_row(&mut k[at]),
+                KvSim::Fp8RowsTurned => {
+                    let key = &mut k[at];
+                    kv4::hadamard(key);
+                    duo_kernels::fp8::round_row(key);
+                    kv4::hadamard(key);
+                }
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
@@ -174,6 +193,38 @@ mod tests {
         assert_eq!(k_groups, k_rows, "keys round as int8 rows in both");
         assert!(err(&v_groups) < err(&v_rows) * 0.8, "groups {} vs rows {}", err(&v_groups), err(&v_rows));
         assert_ne!(v_groups, rows, "values are rounded");
+    }
+
+    #[test]
+    fn fp8_keys_turned_score_closer_where_query_and_key_share_a_large_channel() {
+        let hd = 64;
+        // Rows whose channels 3 and 35 are large (as RoPE's slow channels are in queries and
+        // keys alike), the rest uniform in (-1, 1). (The rounding errors must be as
+        // independent as real data's: with a few repeated values they line up with the
+        // query's signs and add coherently in either basis.)
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let keys: Vec<f32> = (0..hd * 40).map(|j| if matches!(j % hd, 3 | 35) { 15.5 + 7.5 * uniform() } else { uniform() }).collect();
+        let query: Vec<f32> = (0..hd).map(|i| if matches!(i, 3 | 35) { 10.0 } else { 0.5 * uniform() }).collect();
+        let score_err = |k: &[f32]| {
+            k.chunks(hd).zip(keys.chunks(hd)).map(|(a, b)| {
+                let d: f32 = a.iter().zip(b).zip(&query).map(|((x, y), q)| (x - y) * q).sum();
+                d * d
+            }).sum::<f32>()
+        };
+        let (mut k_plain, mut v_plain) = (keys.clone(), keys.clone());
+        KvSim::Fp8Rows.round_chunk(&mut k_plain, &mut v_plain, &[true], hd);
+        let (mut k_turned, mut v_turned) = (keys.clone(), keys.clone());
+        KvSim::Fp8RowsTurned.round_chunk(&mut k_turned, &mut v_turned, &[true], hd);
+        assert_eq!(v_turned, v_plain, "values round as fp8 rows in both");
+        assert_ne!(v_plain, keys, "and are rounded");
+        assert!(score_err(&k_turned) < score_err(&k_plain) * 0.5, "turned {} vs plain {}", score_err(&k_turned), score_err(&k_plain));
+        assert_eq!("fp8-rows-turned".parse::<KvSim>(), Ok(KvSim::Fp8RowsTurned));
     }
 
     #[test]
