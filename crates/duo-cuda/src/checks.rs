@@ -393,8 +393,8 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             for hh in 0..nh + ng {
                 let mut v = qkv[r * stride + hh * d..][..d].to_vec();
                 rope_ref(&mut v, pos, &inv, half_split);
-                if kt == KvType::Int4 {
-                    // Queries and keys leave in the Hadamard basis of int4 keys.
+                if kt.turns_keys() {
+                    // Queries and keys leave in the Hadamard basis of int4 and fp8 keys.
                     crate::int4::hadamard(&mut v);
                 }
                 if hh < nh {

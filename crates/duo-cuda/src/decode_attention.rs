@@ -94,6 +94,7 @@ impl KvType {
 
     /// How the kernels tell the quantised formats apart (`Paged::kv_format`): 1 e4m3, 2 int8,
     /// 3 int4, 4 K8V4 (keys 2, values 3), else 0.
+    /// Mirrored by `rope_append`'s test of which formats turn keys ([`KvType::turns_keys`]).
     pub fn format_code(self) -> i32 {
         match self {
             KvType::Fp8 => 1,
@@ -139,13 +140,22 @@ impl KvType {
     }
 
     /// Keys as a model's cache makes them, seen in their own basis: [`KvType::round_rows`]
-    /// of the key type, except that int4 quantises keys in a Hadamard basis
-    /// ([`crate::int4::round_key_rows`]).
+    /// of the key type, except that int4 and fp8 quantise keys in a Hadamard basis
+    /// ([`crate::int4::round_key_rows`], [`crate::fp8::round_key_rows`]).
     pub fn round_key_rows(self, keys: &[f32], head_dim: usize) -> Vec<f32> {
         match self.key() {
             KvType::Int4 => crate::int4::round_key_rows(keys, head_dim),
+            KvType::Fp8 => crate::fp8::round_key_rows(keys, head_dim),
             k => k.round_rows(keys, head_dim),
         }
+    }
+
+    /// Whether the cache holds keys in a Hadamard basis (int4 and fp8 keys: RoPE + append
+    /// turns a head's queries and keys alike, so `q . k` is unchanged and the decode and
+    /// prefill kernels never turn anything back). int8 keys are left as they are: their
+    /// uniform grid is fine enough (EVALUATION.md).
+    pub fn turns_keys(self) -> bool {
+        matches!(self.key(), KvType::Int4 | KvType::Fp8)
     }
 
     /// Bytes and scales back to values (a byte cache of one format; others, K8V4 included
@@ -1920,6 +1930,25 @@ pub use gpu::{
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn int4_and_fp8_hold_keys_in_a_hadamard_basis_and_the_others_as_they_are() {
+        let kinds = [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4];
+        let turned: Vec<bool> = kinds.iter().map(|k| k.turns_keys()).collect();
+        assert_eq!(turned, [false, true, false, true, false]);
+        // fp8 keys: each row turned, rounded as an fp8 row, turned back; values plain rows.
+        let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 + if i % 128 == 5 { 30.0 } else { 0.0 }).collect();
+        let mut want = x.clone();
+        for row in want.chunks_mut(128) {
+            crate::int4::hadamard(row);
+            let rounded = KvType::Fp8.round_rows(row, 128);
+            row.copy_from_slice(&rounded);
+            crate::int4::hadamard(row);
+        }
+        assert_eq!(KvType::Fp8.round_key_rows(&x, 128), want);
+        assert_ne!(KvType::Fp8.round_key_rows(&x, 128), KvType::Fp8.round_rows(&x, 128));
+        assert_eq!(KvType::Int8.round_key_rows(&x, 128), KvType::Int8.round_rows(&x, 128));
+    }
 
     #[test]
     fn k8v4_holds_keys_as_int8_and_values_as_int4() {

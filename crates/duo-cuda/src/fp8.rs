@@ -49,6 +49,15 @@ pub(crate) fn dequantise_rows_with(bytes: &[u8], scales: &[f32], head_dim: usize
     bytes.chunks(head_dim).zip(scales).flat_map(|(row, &s)| row.iter().map(move |&b| value(b) * s)).collect()
 }
 
+/// Keys as the fp8 cache makes them, back in their own basis: each row turned into the
+/// Hadamard basis, quantised, dequantised and turned back (what `q . k` sees; RoPE + append
+/// turns queries and keys alike, as for int4).
+pub fn round_key_rows(keys: &[f32], head_dim: usize) -> Vec<f32> {
+    let mut x = keys.to_vec();
+    x.chunks_mut(head_dim).for_each(duo_kernels::fp8::round_row_turned);
+    x
+}
+
 /// `values` as the fp8 cache holds them (quantised and dequantised, row by row).
 pub fn round_rows(values: &[f32], head_dim: usize) -> Vec<f32> {
     let (bytes, scales) = quantise_rows(values, head_dim);

@@ -201,10 +201,10 @@ __device__ __forceinline__ void hadamard_pair(float* buf, int head_dim, int a, i
 // Rotates the step's queries and keys (row t: sequence slot row_slot[t], position
 // row_pos[t]), writes queries as f32 and keys/values into the paged cache rows of their
 // positions (`kv_row`): bf16, or codes with a scale word per row where pg.kscale is set
-// (fp8, int8, int4; keys are quantised from their f32 rotation; over int4, queries and keys
-// are turned into the Hadamard basis first). qkv rows (bf16) are [q (heads * D) | k (kv * D) | v (kv * D)].
+// (fp8, int8, int4; keys are quantised from their f32 rotation; over int4 and fp8, queries
+// and keys are turned into the Hadamard basis first). qkv rows (bf16) are [q (heads * D) | k (kv * D) | v (kv * D)].
 // A row whose slot is negative is padding: nothing is written to the cache. Each KV head
-// (and its query heads: over int4 they turn with its keys) takes its kind's view of the pool,
+// (and its query heads: over int4 and fp8 they turn with its keys) takes its kind's view of the pool,
 // pg_streaming a streaming head's: where the kinds keep different types (bf16 windows
 // beside a quantised cache) the two differ in units per block and format. A head whose entry
 // is HeadEntry::SKIP (kind 2) is another launch's.
@@ -227,9 +227,9 @@ extern "C" __global__ void rope_append(const bf16_t* qkv, const int* row_slot, c
     const float x0 = bf(x[a]), x1 = bf(x[b]);
     float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
     __shared__ float buf[256];
-    if (pg.kv_format == 3 && (h < n_heads || slot >= 0)) {
-        // An int4 cache holds keys in a Hadamard basis (crate::int4), so queries turn with
-        // them: q . k is unchanged.
+    if ((pg.kv_format == 3 || pg.kv_format == 1) && (h < n_heads || slot >= 0)) {
+        // An int4 or fp8 cache holds keys in a Hadamard basis (KvType::turns_keys), so
+        // queries turn with them: q . k is unchanged.
         hadamard_pair(buf, head_dim, a, b, &y0, &y1);
     }
     if (h < n_heads) {

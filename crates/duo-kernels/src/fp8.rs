@@ -67,6 +67,17 @@ pub fn round_row(row: &mut [f32]) {
     }
 }
 
+/// A key `row` as the fp8 cache holds it, seen in its own basis: turned into the Hadamard
+/// basis ([`crate::kv4::hadamard`]), rounded as an fp8 row, turned back. e4m3's relative error
+/// per element is the same in either basis; turning evens out the products `q_i k_i` that a
+/// score sums (RoPE's slow channels are large in queries and keys alike), so their errors no
+/// longer come from a few elements, and the score's error shrinks (EVALUATION.md).
+pub fn round_row_turned(row: &mut [f32]) {
+    crate::kv4::hadamard(row);
+    round_row(row);
+    crate::kv4::hadamard(row);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

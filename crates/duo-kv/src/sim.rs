@@ -138,12 +138,7 @@ impl KvSim {
                 KvSim::Fp8KeysValues4 => duo_kernels::fp8::round_row(&mut k[at]),
                 KvSim::Keys6Values4 => duo_kernels::kv8::round_row_levels(&mut k[at], 31),
                 KvSim::Fp8Rows => duo_kernels::fp8::round_row(&mut k[at]),
-                KvSim::Fp8RowsTurned => {
-                    let key = &mut k[at];
-                    kv4::hadamard(key);
-                    duo_kernels::fp8::round_row(key);
-                    kv4::hadamard(key);
-                }
+                KvSim::Fp8RowsTurned => duo_kernels::fp8::round_row_turned(&mut k[at]),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
