@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Fills .gpu/ (ignored by git) with what the GPU host's calls carry, from a fresh checkout:
 #   .gpu/bin/duo.xz      the stripped release binary (the host has no Rust)
+#   .gpu/bin/kc.tar.xz   every kernel form's PTX, compiled here by NVRTC 13.0 (the host's),
+#                        unpacked into the host's kernel cache by scripts/h200-common.sh: a
+#                        fresh machine then loads instead of compiling (minutes of a call)
 #   .gpu/m1/p .. m3/p    the default model, xz-packed, in three parts of about 29 MiB: with
 #                        the working tree (about 20 MiB) and the binary one part fits in a
 #                        call's 64 MiB; calls 1 and 2 leave theirs in /tmp on the warm machine
@@ -17,6 +20,10 @@ cargo build --release -p duo-cli
 mkdir -p .gpu/bin .gpu/m1 .gpu/m2 .gpu/m3 .gpu/patterns
 strip -o .gpu/bin/duo target/release/duo
 xz -T2 -6 -f .gpu/bin/duo
+kc=$(mktemp -d)
+DUO_KERNEL_CACHE=$kc cargo test --release -p duo-cuda --features cuda --test nvrtc
+tar -C "$kc" -cf - . | xz -T2 -6 > .gpu/bin/kc.tar.xz
+rm -rf "$kc"
 xz -T2 -6 -c "$model" > .gpu/model.xz
 split -n 3 -d .gpu/model.xz .gpu/model.xz.
 for i in 1 2 3; do mv ".gpu/model.xz.0$((i - 1))" ".gpu/m$i/p"; done

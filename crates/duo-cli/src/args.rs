@@ -56,8 +56,8 @@ pub struct MethodArgs {
     pub device: Device,
     /// Element type of the KV cache: f32 (the CPU's default), f16 (half the memory) or int8
     /// (alias q8: one byte per element and a 4-byte scale per row of head_dim, about a quarter)
-    /// on the CPU; bf16 (the GPU's default), fp8 (e4m3) or int8 on the GPU (about half of
-    /// bf16), int4 (4 bits per element and a 4-byte step and minimum per row: about a
+    /// on the CPU; bf16 (the GPU's default), fp8 (e4m3, keys in a Hadamard basis) or int8 on
+    /// the GPU (about half of bf16), int4 (4 bits per element and a 4-byte step and minimum per row: about a
     /// quarter), or k8v4 (int8 keys and int4 values: about three eighths; simulated on the
     /// CPU within 0.03 of the exact cache, where int4 is not).
     #[arg(long)]

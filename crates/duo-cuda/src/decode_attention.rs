@@ -27,8 +27,8 @@ pub enum KvType {
     F32,
     /// 2 bytes per element: half the bytes a decode step reads.
     Bf16,
-    /// 1 byte per element (e4m3) and an `f32` scale per row ([`crate::fp8`]): the
-    /// tensor-core kernels only.
+    /// 1 byte per element (e4m3) and an `f32` scale per row ([`crate::fp8`]), keys in a
+    /// Hadamard basis ([`KvType::turns_keys`]): the tensor-core kernels only.
     Fp8,
     /// 1 byte per element (int8) and an `f32` scale per row ([`crate::int8`]): the
     /// tensor-core kernels only.

@@ -13,6 +13,9 @@
 //!   multiplications, on the GPU in f16 as well as in f32. Its exponent is clamped to
 //!   `[-24, 15]` so that the scale is exactly an f16 (the kernels scale values in f16).
 //! * Rounding is to nearest even with saturation at ±448 (PTX `cvt.rn.satfinite.e4m3x2.f32`).
+//! * Keys are quantised in a Hadamard basis ([`round_key_rows`]; RoPE + append turns queries
+//!   and keys alike, as for int4): on the H200 it took fp8's passkey loss from up to 0.045 to
+//!   up to 0.017 per length, within 0.005 over every cell (EVALUATION.md, session 25).
 
 pub use duo_kernels::fp8::{e4m3_from_f32, e4m3_to_f32, row_scale, E4M3_MAX};
 

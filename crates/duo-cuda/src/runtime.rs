@@ -305,7 +305,10 @@ fn decode_source(
 }
 
 /// Compiles every kernel source with each set of options duo uses, without a device: the
-/// build check that NVRTC accepts them (`None` where NVRTC cannot be loaded here).
+/// build check that NVRTC accepts them (`None` where NVRTC cannot be loaded here). Where
+/// `DUO_KERNEL_CACHE` names a folder, the PTX is also kept there under the keys a process on
+/// a GPU looks for (the same architecture, options and NVRTC version), so a folder filled on
+/// a build machine spares a fresh GPU host minutes of compiling (`scripts/gpu-prep.sh`).
 pub fn compile_all() -> Option<Result<usize>> {
     let loaded = quietly(|| compile_for("sm_90", "extern \"C\" __global__ void k() {}", "probe", vec![], false).is_ok());
     if loaded != Some(true) {
@@ -413,11 +416,12 @@ pub fn compile_all() -> Option<Result<usize>> {
         jobs.push(("decode_attention", src, with_define(&o, "BYTE_TILE", "128")));
     }
     let n = jobs.len();
+    let fill_cache = std::env::var_os("DUO_KERNEL_CACHE").is_some_and(|v| !v.is_empty() && v != "0");
     Some(
         jobs.into_iter()
             .try_for_each(|(name, src, o)| {
                 let arch = if name.ends_with("_wg") { "sm_90a" } else { "sm_90" };
-                compile_for(arch, &src, name, o, false).map(|_| ())
+                compile_for(arch, &src, name, o, fill_cache).map(|_| ())
             })
             .map(|_| n),
     )
