@@ -243,17 +243,8 @@ pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
             // Key and value rows alike padded to the wider (the keys').
             stages * 2 * tile * (kv.key_bytes_for(head_dim) + 16) + stages * 2 * tile * 4 + converted
         }
-        // Swizzled unpadded tiles and an 8-byte mbarrier per stage.
-        KvType::Bf16 if tensor_bulk_copies() => stages * 2 * 64 * head_dim * 2 + 8 * stages,
         _ => stages * 2 * 64 * (head_dim + 8) * 2,
     }
-}
-
-/// Whether the bf16 tensor-core kernel brings whole page-run tiles by bulk tensor copies
-/// (TMA) into swizzled stages (`DUO_DECODE_TMA=1`, a measurement knob, off; the kernel
-/// source's DEC_TMA says how).
-pub fn tensor_bulk_copies() -> bool {
-    tuning("DUO_DECODE_TMA") == Some(1)
 }
 
 /// Pipeline stages of the tensor-core partial kernel over a `kv` cache, with
@@ -864,23 +855,6 @@ pub const TENSOR_SOURCE: &str = r#"
 #define WARP_KEYS (TILE / 4)
 #define TPAD (HEAD_DIM + 8)
 #define TILE_ELEMS (TILE * TPAD)
-// DEC_TMA = 1 (bf16 only, DUO_DECODE_TMA=1, a measurement knob): a tile of whole page runs
-// comes by bulk tensor copies (TMA: one thread issues a 64-row x 128-byte box per run and
-// column block of keys and of values, where cp.async takes 16 bytes a thread), the stage's
-// mbarrier counting the bytes; other tiles (streaming heads, a partial last tile, blocks under
-// 64 rows) by every thread's cp.async, arriving on the same mbarrier. Stages take the
-// prefill's 128-byte-swizzled layout (one column block of 128-byte rows per 64 dimensions, a
-// row's 16-byte chunks permuted by the row index mod 8: sw_at), which the bulk copies write
-// and which keeps ldmatrix free of bank conflicts without padding. Whether cuDNN's faster
-// decode (4.44 TB/s against this kernel's 3.9: BENCHMARKS.md) is its copy instruction.
-#if defined(DEC_TMA) && DEC_TMA && !defined(KV_BYTES)
-#define TMA_BF16 1
-#define TILE_SW (TILE * HEAD_DIM * 2)  // bytes of a swizzled K or V tile
-// Byte offset in a swizzled tile of row r's 16-byte chunk c16.
-__device__ __forceinline__ unsigned sw_at(int r, int c16) {
-    return (c16 / 8) * (TILE * 128) + r * 128 + (((c16 % 8) ^ (r % 8)) * 16);
-}
-#endif
 #ifdef KV_BYTES
 // A quantised cache (fp8, int8, int4, K8V4): stages hold raw rows (ROW_BYTES, padded by 16) and
 // their scales; the tensor cores run in f16 (see TENSOR_CORE_HELPERS). A byte stage is half a
@@ -936,11 +910,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
     int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, int block0, float scale_log2,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc
-#ifdef TMA_BF16
-    , const __grid_constant__ TmaMap tm_keys, const __grid_constant__ TmaMap tm_values
-#endif
-    )
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
     pdl_launch_dependents();  // the merge may be placed (DUO_PDL=1); it waits for this grid
     const int b = blockIdx.z;
@@ -996,11 +966,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     }
 #endif
 
-#ifdef TMA_BF16
-    extern __shared__ __align__(1024) unsigned char smem_raw[];  // the swizzle's 1,024-byte period
-#else
     extern __shared__ __align__(16) unsigned char smem_raw[];
-#endif
     const int n_tiles = (end - begin + TILE - 1) / TILE;
     // A tile is copied in 16-byte chunks, NCH per thread; chunk j of this thread holds key
     // row CH_ROW(j) of the tile (below).
@@ -1139,53 +1105,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             cp_async4(scl + ((tile % STAGES) * 2 + idx / TILE) * TILE + r, (idx < TILE ? pg.kscale : pg.vscale) + row, live ? 4 : 0);
         }
     };
-#elif defined(TMA_BF16)
-    // Stage st: keys at st * 2 TILE_SW, values TILE_SW on; the stages' mbarriers after them,
-    // each expecting 128 arrivals a phase (one per thread; a bulk tile's issuing thread adds
-    // the bytes to expect).
-    const unsigned bar0 = smem_base + STAGES * 2 * TILE_SW;
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int st = 0; st < STAGES; st++) mbar_init(bar0 + 8 * st, 128);
-    }
-    __syncthreads();
-    auto load_tile = [&](int tile) {
-        const int t0 = begin + tile * TILE, st = tile % STAGES;
-        const unsigned kdst = smem_base + st * 2 * TILE_SW, bar = bar0 + 8 * st;
-        if (page_tiles && t0 + TILE <= end) {
-            if (threadIdx.x == 0) {
-                // The stage was last read by ldmatrix (the generic proxy): ordered before the
-                // bulk copies' writes (the async proxy).
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                mbar_arrive_expect_tx(bar, 2 * TILE_SW);
-#pragma unroll
-                for (int h = 0; h < TILE / 64; h++)
-#pragma unroll
-                    for (int cb = 0; cb < HEAD_DIM / 64; cb++) {
-                        const unsigned at = cb * (TILE * 128) + h * 64 * 128;
-                        tma_load_2d(kdst + at, &tm_keys, cb * 64, (int)row0[h], bar);
-                        tma_load_2d(kdst + TILE_SW + at, &tm_values, cb * 64, (int)row0[h], bar);
-                    }
-            } else {
-                mbar_arrive(bar);
-            }
-            return;
-        }
-        const char* kbase = reinterpret_cast<const char*>(keys);
-        const char* vbase = reinterpret_cast<const char*>(values);
-        unsigned char* kd = smem_raw + st * 2 * TILE_SW;
-#pragma unroll
-        for (int j = 0; j < NCH; j++) {
-            const int r = CH_ROW(j), c = CH_COL(j);
-            const int t = t0 + r;
-            const bool live = t < end;
-            const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
-            const size_t at = live ? (size_t)KEY_ROW(row) * HEAD_DIM * 2 + c * 16 : 0, v_at = live ? (size_t)row * HEAD_DIM * 2 + c * 16 : 0;
-            cp_async16(kd + sw_at(r, c), kbase + at, live ? 16 : 0);
-            cp_async16(kd + TILE_SW + sw_at(r, c), vbase + v_at, live ? 16 : 0);
-        }
-        mbar_arrive_copies(bar);
-    };
 #else
     bf16_t* smem = reinterpret_cast<bf16_t*>(smem_raw);
     auto load_tile = [&](int tile) {
@@ -1215,13 +1134,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows gr and gr + 8
 
     for (int tile = 0; tile < n_tiles; tile++) {
-#ifdef TMA_BF16
-        mbar_wait(bar0 + 8 * (tile % STAGES), (tile / STAGES) & 1);  // this tile's stage is in
-        __syncthreads();     // every thread is done with the stage reloaded below
-#else
         cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
         __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
-#endif
         if (tile + STAGES - 1 < n_tiles) {
             load_tile(tile + STAGES - 1);
             fetch_entries(tile + STAGES);
@@ -1288,16 +1202,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             }
         }
 #endif
-#elif defined(TMA_BF16)
-        const unsigned char* kst = smem_raw + (tile % STAGES) * 2 * TILE_SW;
-        const unsigned char* vst = kst + TILE_SW;
-#pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
-            unsigned kb[4];
-            ldmatrix_x4(kb, kst + sw_at(wk + (lane & 7) + ((lane >> 4) & 1) * 8, 2 * kk + ((lane >> 3) & 1)));
-            MMA(sc[0], qa[kk], kb[0], kb[1]);
-            MMA(sc[1], qa[kk], kb[2], kb[3]);
-        }
 #else
         const bf16_t* ks = smem + (tile % STAGES) * 2 * TILE_ELEMS + wk * TPAD;
         const bf16_t* vs = ks + TILE_ELEMS;
@@ -1430,11 +1334,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         for (int i = 0; i < HEAD_DIM / 8; i += 2) {
             // Keys 0..15 of the warp (rows), dims 8i.. and 8(i+1).. (columns), transposed.
             unsigned vb[4];
-#ifdef TMA_BF16
-            ldmatrix_x4_trans(vb, vst + sw_at(wk + (lane & 7) + ((lane >> 3) & 1) * 8, i + (lane >> 4)));
-#else
             ldmatrix_x4_trans(vb, vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * TPAD + (i + (lane >> 4)) * 8);
-#endif
             MMA(o[i], pa, vb[0], vb[1]);
             MMA(o[i + 1], pa, vb[2], vb[3]);
         }

@@ -695,43 +695,7 @@ pub fn wgmma_function(name: &str, n: usize, trans: bool, f16: bool) -> String {
     )
 }
 
-/// mbarriers and bulk tensor copies (TMA), shared by the Hopper prefill kernel's
-/// warp-specialised form and the decode kernel's bulk-copy form (`DUO_DECODE_TMA=1`): placed
-/// after [`TENSOR_CORE_HELPERS`] in both sources.
-pub const BULK_COPY_HELPERS: &str = r#"
-// mbarrier helpers (shared-space addresses).
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" :: "r"(bar) : "memory");
-}
-// This thread's cp.async copies issued so far arrive on `bar` once they land (no pending
-// count added: the barrier's expected count includes the arrival).
-__device__ __forceinline__ void mbar_arrive_copies(unsigned bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nLAB_WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra LAB_WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
-}
-
-// A CUtensorMap as the driver encodes it (128 opaque bytes, 64-byte aligned).
-struct __align__(64) TmaMap { unsigned long long v[16]; };
-// One arrival on `bar` that also expects `bytes` more of transfers before its phase completes.
-__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" :: "r"(bar), "r"(bytes) : "memory");
-}
-// The box at (column c0, row c1) of `map` into shared memory at `dst`, completing on `bar`.
-__device__ __forceinline__ void tma_load_2d(unsigned dst, const TmaMap* map, int c0, int c1, unsigned bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-                 :: "r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
-}
-"#;
-
-/// The Hopper prefill kernel (after [`TENSOR_CORE_HELPERS`], [`BULK_COPY_HELPERS`] and the `wgmma` functions
+/// The Hopper prefill kernel (after [`TENSOR_CORE_HELPERS`] and the `wgmma` functions
 /// `wg_qk` (n = 64 keys, K-major) and `wg_pv` (n = `HEAD_DIM`, MN-major), compiled for
 /// `sm_90a`): bf16 caches, heads of 64 or 128.
 ///
@@ -802,6 +766,25 @@ __device__ __forceinline__ void pin(unsigned* x) {
     for (int i = 0; i < N; i++) asm volatile("" : "+r"(x[i]) :: "memory");
 }
 
+// mbarrier helpers (shared-space addresses), for the warp-specialised form (WS).
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" :: "r"(bar) : "memory");
+}
+// This thread's cp.async copies issued so far arrive on `bar` once they land (no pending
+// count added: the barrier's expected count includes the arrival).
+__device__ __forceinline__ void mbar_arrive_copies(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nLAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra LAB_WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+
 // WG_TMA = 1 (the host's default; `DUO_PREFILL_TMA=0` off; bf16, swizzled, warp-specialised): a tile that is whole
 // page runs comes by bulk tensor copies (TMA), one thread issuing a 64-row x 128-byte box per
 // page run and column block, the tensor map (the host's, per launch) over the cache's rows
@@ -817,6 +800,18 @@ __device__ __forceinline__ void pin(unsigned* x) {
 #ifndef WG_SOFTMAX_TREE
 #define WG_SOFTMAX_TREE 0
 #endif
+// A CUtensorMap as the driver encodes it (128 opaque bytes, 64-byte aligned).
+struct __align__(64) TmaMap { unsigned long long v[16]; };
+// One arrival on `bar` that also expects `bytes` more of transfers before its phase completes.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+// The box at (column c0, row c1) of `map` into shared memory at `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const TmaMap* map, int c0, int c1, unsigned bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+
 // WS = 1: three warpgroups, one copying (its registers given back: setmaxnreg) and two
 // computing, each tile stage handed over by mbarriers (full: the producer's copies landed;
 // empty: both consumers are done with it), so no block-wide barrier per tile and the copies

@@ -221,12 +221,12 @@ fn prefill_options(head_dim: usize, kv: KvType) -> Vec<String> {
 /// The Hopper prefill kernel's source for heads of `head_dim` (64 or 128), after the helpers
 /// and the two `wgmma` products it uses.
 fn prefill_wg_source(head_dim: usize, keys_per_tile: usize, kv: KvType) -> String {
-    use crate::prefill_attention::{wgmma_function, BULK_COPY_HELPERS, TENSOR_CORE_HELPERS, WG_SOURCE};
+    use crate::prefill_attention::{wgmma_function, TENSOR_CORE_HELPERS, WG_SOURCE};
     // A quantised cache's tiles are dequantised to f16 (exact for its codes), so its
     // products take f16.
     let f16 = kv.is_quantised();
     format!(
-        "{TENSOR_CORE_HELPERS}{BULK_COPY_HELPERS}{}{}{WG_SOURCE}",
+        "{TENSOR_CORE_HELPERS}{}{}{WG_SOURCE}",
         wgmma_function("wg_qk", keys_per_tile, false, f16),
         wgmma_function("wg_pv", head_dim, true, f16)
     )
@@ -295,13 +295,9 @@ fn decode_source(
                 "-DBYTE_TILE={}",
                 crate::decode_attention::tensor_byte_tile()
             ));
-            if kv == KvType::Bf16 && crate::decode_attention::tensor_bulk_copies() {
-                options.push("-DDEC_TMA=1".into());
-            }
             format!(
-                "{}{}{COMMON_SOURCE}{TENSOR_SOURCE}",
-                crate::prefill_attention::TENSOR_CORE_HELPERS,
-                crate::prefill_attention::BULK_COPY_HELPERS
+                "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
+                crate::prefill_attention::TENSOR_CORE_HELPERS
             )
         }
     };
@@ -411,15 +407,6 @@ pub fn compile_all() -> Option<Result<usize>> {
     for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
         let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
         jobs.push(("decode_attention", src, with_define(&o, "MERGE_WIDE", other_wide)));
-    }
-    // And DUO_DECODE_TMA=1's bulk copies over bf16 (heads of 64 and 128).
-    for (group, d) in [(4, 128), (3, 64), (16, 128)] {
-        let (src, o) = decode_source(group, d, KvType::Bf16, DecodeKernel::Tensor);
-        let mut o = o;
-        if !o.iter().any(|x| x.starts_with("-DDEC_TMA=")) {
-            o.push("-DDEC_TMA=1".into());
-        }
-        jobs.push(("decode_attention", src, o));
     }
     // And DUO_DECODE_V_SMEM's (values through shared memory) and DUO_DECODE_TILE=128's over
     // each byte cache.
@@ -1126,13 +1113,6 @@ impl Gpu {
         let pdl = programmatic_launch();
         if kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(), tensor_smem_bytes(a.head_dim, a.group, kv) as u32);
-            if kv == KvType::Bf16 && crate::decode_attention::tensor_bulk_copies() {
-                // Maps over as many rows as a box coordinate reaches: the kernel's boxes start at
-                // page runs of the pool (retrieval heads' rows, never a spaced-out view's), and a
-                // map's extent is only its bound, never read past a box.
-                let (tk, tv) = (TensorMap::rows_of(kc, i32::MAX as usize, a.head_dim)?, TensorMap::rows_of(vc, i32::MAX as usize, a.head_dim)?);
-                return launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale_log2, &pm, &pl, &pa, &tk, &tv);
-            }
             launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale_log2, &pm, &pl, &pa)
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
