@@ -66,6 +66,9 @@ pub enum KvSim {
     /// relative error of one element; it evens out the products q_i k_i, and a score's error
     /// (the sum of their independent errors) is smallest when no few products dominate it.
     Fp8RowsTurned,
+    /// Keys as [`KvSim::Fp8RowsTurned`], values exact: how much of turned fp8's remaining
+    /// loss is the values'.
+    Fp8KeysTurned,
 }
 
 impl std::str::FromStr for KvSim {
@@ -89,7 +92,8 @@ impl std::str::FromStr for KvSim {
             "int6-keys-int4-values" => Ok(KvSim::Keys6Values4),
             "fp8-rows" => Ok(KvSim::Fp8Rows),
             "fp8-rows-turned" => Ok(KvSim::Fp8RowsTurned),
-            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int8-keys-int4-values-g16, int8-keys-int4-values-g32, int4-g16-turned, int4-g32-turned, fp8-keys-int4-values, int6-keys-int4-values, fp8-rows or fp8-rows-turned")),
+            "fp8-keys-turned" => Ok(KvSim::Fp8KeysTurned),
+            _ => Err(format!("{ENV}={s}: expected int4-rows, int4-rows-turned, int4-rows-turned-exact-streaming, int4-channels, int4-channels-exact-streaming, int4-channels-lagged, int4-values, int8-keys-int4-values, int8-keys-int4-values-exact-streaming, int8-keys-int4-values-g16, int8-keys-int4-values-g32, int4-g16-turned, int4-g32-turned, fp8-keys-int4-values, int6-keys-int4-values, fp8-rows, fp8-rows-turned or fp8-keys-turned")),
         }
     }
 }
@@ -127,6 +131,7 @@ impl KvSim {
             match self {
                 KvSim::Keys8ValueGroups(group) => kv4::round_groups(&mut v[at.clone()], head_dim, group),
                 KvSim::Fp8Rows | KvSim::Fp8RowsTurned => duo_kernels::fp8::round_row(&mut v[at.clone()]),
+                KvSim::Fp8KeysTurned => {}
                 _ => kv4::round_rows(&mut v[at.clone()], head_dim),
             }
             match self {
@@ -138,7 +143,7 @@ impl KvSim {
                 KvSim::Fp8KeysValues4 => duo_kernels::fp8::round_row(&mut k[at]),
                 KvSim::Keys6Values4 => duo_kernels::kv8::round_row_levels(&mut k[at], 31),
                 KvSim::Fp8Rows => duo_kernels::fp8::round_row(&mut k[at]),
-                KvSim::Fp8RowsTurned => duo_kernels::fp8::round_row_turned(&mut k[at]),
+                KvSim::Fp8RowsTurned | KvSim::Fp8KeysTurned => duo_kernels::fp8::round_row_turned(&mut k[at]),
                 KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::ValuesOnly => {}
             }
         }
@@ -220,6 +225,9 @@ mod tests {
         assert_ne!(v_plain, keys, "and are rounded");
         assert!(score_err(&k_turned) < score_err(&k_plain) * 0.5, "turned {} vs plain {}", score_err(&k_turned), score_err(&k_plain));
         assert_eq!("fp8-rows-turned".parse::<KvSim>(), Ok(KvSim::Fp8RowsTurned));
+        let (mut k_only, mut v_exact) = (keys.clone(), keys.clone());
+        KvSim::Fp8KeysTurned.round_chunk(&mut k_only, &mut v_exact, &[true], hd);
+        assert_eq!((k_only, v_exact), (k_turned, keys.clone()), "fp8-keys-turned: the same keys, exact values");
     }
 
     #[test]
