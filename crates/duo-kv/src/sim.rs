@@ -1,8 +1,9 @@
-//! A 4-bit KV cache simulated on the CPU, for accuracy studies: the cache still holds `f32`
-//! (or `f16`; never int8, which `duo eval` refuses) elements, but every key and value is
-//! rounded as a 4-bit scheme would hold it
-//! ([`duo_kernels::kv4`]), so the passkey and needle grids can compare schemes before one is
-//! built into the GPU's kernels. No memory is saved. `duo eval` takes the scheme from the
+//! A quantised KV cache simulated on the CPU, for accuracy studies: the cache still holds
+//! `f32` (or `f16`; never int8, which `duo eval` refuses) elements, but every key and value is
+//! rounded as a scheme would hold it (4-bit ones: [`duo_kernels::kv4`]; 8-bit keys:
+//! [`duo_kernels::kv8`]; fp8: [`duo_kernels::fp8`], the GPU's rows and, since session 25,
+//! its keys in a Hadamard basis), so the passkey and needle grids can compare schemes before
+//! one is built into the GPU's kernels. No memory is saved. `duo eval` takes the scheme from the
 //! environment variable `DUO_SIMULATE_KV` (refusing a bad value, and the GPU); nothing
 //! else simulates.
 
