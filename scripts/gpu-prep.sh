@@ -21,6 +21,10 @@ mkdir -p .gpu/bin .gpu/m1 .gpu/m2 .gpu/m3 .gpu/patterns
 strip -o .gpu/bin/duo target/release/duo
 xz -T2 -6 -f .gpu/bin/duo
 kc=$(mktemp -d)
+trap 'rm -rf "$kc"' EXIT
+# The PTX is kept under keys that name NVRTC's version: the host's is 13.0, which the test
+# fetches where no NVRTC loads here (another version on the library path would fill the
+# folder with keys the host never asks for).
 DUO_KERNEL_CACHE=$kc cargo test --release -p duo-cuda --features cuda --test nvrtc
 tar -C "$kc" -cf - . | xz -T2 -6 > .gpu/bin/kc.tar.xz
 rm -rf "$kc"

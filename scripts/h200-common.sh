@@ -11,8 +11,9 @@ pack_out() { tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv 
 for f in duo cuda_backend; do [ -f ".gpu/bin/$f.xz" ] && xz -dc ".gpu/bin/$f.xz" > "/tmp/duo/$f" && chmod +x "/tmp/duo/$f"; done
 # The kernels' PTX compiled on the build machine (scripts/gpu-prep.sh), into the kernel cache
 # every script uses (DUO_KERNEL_CACHE=/tmp/duo/kc): forms found there are not compiled again.
-export DUO_KERNEL_CACHE=${DUO_KERNEL_CACHE:-/tmp/duo/kc}
-if [ -f .gpu/bin/kc.tar.xz ]; then mkdir -p "$DUO_KERNEL_CACHE" && xz -dc .gpu/bin/kc.tar.xz | tar -C "$DUO_KERNEL_CACHE" -xf - && echo "kernel cache: $(ls "$DUO_KERNEL_CACHE" | wc -l) forms"; fi
+# (Set but empty or 0: keep none, as duo reads it; nothing is unpacked then.)
+export DUO_KERNEL_CACHE=${DUO_KERNEL_CACHE-/tmp/duo/kc}
+if [ -f .gpu/bin/kc.tar.xz ] && [ -n "$DUO_KERNEL_CACHE" ] && [ "$DUO_KERNEL_CACHE" != 0 ]; then mkdir -p "$DUO_KERNEL_CACHE" && xz -dc .gpu/bin/kc.tar.xz | tar -C "$DUO_KERNEL_CACHE" -xf - && echo "kernel cache: $(ls "$DUO_KERNEL_CACHE" | wc -l) forms"; fi
 
 # The default model from its two parts (part 1 left in /tmp by the previous call, part 2
 # carried by this one), checked, and put where duo looks for it.

@@ -28,7 +28,8 @@ trap pack_out EXIT
 n=0
 for pv in default ${PARITY_VARS:-DUO_PDL=1}; do
   n=$((n + 1)); vars=""; [ "$pv" = default ] || vars=${pv//,/ }
-  # The first run compiles every kernel form (a cold kernel cache): more time.
+  # The first run compiles the forms the kernel cache lacks (all of them where no filled
+  # cache was carried: .gpu/bin/kc.tar.xz, scripts/gpu-prep.sh): more time.
   timeout $([ $n = 1 ] && echo 400 || echo 200) env $vars $D cuda-check --only decode --no-timings > "$OUT/decode-parity-$n.txt" 2>&1
   echo "decode parity ($pv) exit $?: $(grep -c '^ok' "$OUT/decode-parity-$n.txt") ok"; grep "^FAIL" "$OUT/decode-parity-$n.txt" | head
 done

@@ -162,18 +162,18 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     // What cannot be evaluated at all (random weights) is refused before anything else.
     g.method.model_source()?;
     let base = g.method.spec()?;
-    // An accuracy study may round the CPU cache as a 4-bit scheme would hold it
+    // An accuracy study may round the CPU cache as a quantised scheme would hold it
     // (`DUO_SIMULATE_KV`, duo_kv::KvSim): a bad value is refused here, as is asking it of the
     // GPU, whose cache is never simulated.
     let simulate = duo_kv::KvSim::from_env().map_err(anyhow::Error::msg)?;
     if let Some(sim) = simulate {
         if matches!(g.method.device, duo_engine::Device::Cuda(_)) {
-            bail!("{}: simulated caches are the CPU cache's; the GPU has --kv-dtype int4", duo_kv::sim::ENV);
+            bail!("{}: simulated caches are the CPU cache's; the GPU has real ones (--kv-dtype fp8, int8, int4, k8v4)", duo_kv::sim::ENV);
         }
         if [base.kv_dtype, base.kv_dtype_streaming].into_iter().flatten().any(|d| d != duo_engine::KvDtype::F32 && d != duo_engine::KvDtype::F16) {
             bail!("{}: a simulated cache rounds an f32 or f16 cache, not an int8 one (it would round twice)", duo_kv::sim::ENV);
         }
-        eprintln!("duo eval: the KV cache is rounded as a 4-bit cache would hold it ({sim:?}, from {}); its memory is unchanged", duo_kv::sim::ENV);
+        eprintln!("duo eval: the KV cache is rounded as a quantised cache would hold it ({sim:?}, from {}); its memory is unchanged", duo_kv::sim::ENV);
     }
     let needs_corpus = tasks.iter().any(|t| matches!(t, Task::Niah { .. }));
     let haystack = match &g.haystack {
@@ -191,6 +191,9 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     let lengths = parse_list(&g.lengths, "lengths")?;
     let depths = parse_list(&g.depths, "depths")?;
     let (model, _) = g.method.load()?;
+    if let Some(sim) = simulate {
+        sim.check_head_dim(model.config().head_dim).map_err(anyhow::Error::msg)?;
+    }
     // Resolve every method first: a missing or misshapen pattern fails before any work.
     let mut runners = Vec::new();
     for &m in &methods {

@@ -288,7 +288,8 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
 
     // RoPE + append into a paged cache: rows of two sequences at their own positions
     // (one past its streaming sinks, its ring wrapped), and a padding row that writes nothing;
-    // bf16 caches, then fp8 caches (e4m3 bytes and a scale per row).
+    // every cache type at heads of 128 and 64 (bf16; fp8, int8, int4 and K8V4 codes with a
+    // scale word per row; int4 and fp8 keys, with their queries, in a Hadamard basis).
     for (half_split, d, kv) in [
         (true, 128usize, KvType::Bf16),
         (false, 64, KvType::Bf16),

@@ -105,6 +105,21 @@ impl KvSim {
         matches!(self, KvSim::Channels | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged)
     }
 
+    /// Whether the scheme turns rows by a Hadamard transform somewhere (which takes a
+    /// power-of-two `head_dim`: [`KvSim::check_head_dim`]).
+    pub fn turns(self) -> bool {
+        matches!(self, KvSim::RowsTurned | KvSim::RowsTurnedExactStreaming | KvSim::Channels | KvSim::GroupsTurned(_) | KvSim::Fp8RowsTurned | KvSim::Fp8KeysTurned)
+    }
+
+    /// Refuses a scheme that turns rows for heads of `head_dim` that is not a power of two
+    /// (the Walsh-Hadamard transform's length), before any rounding would panic.
+    pub fn check_head_dim(self, head_dim: usize) -> Result<(), String> {
+        if self.turns() && !head_dim.is_power_of_two() {
+            return Err(format!("{ENV}={self:?} turns rows by a Hadamard transform, which needs heads of a power-of-two size, not {head_dim}"));
+        }
+        Ok(())
+    }
+
     /// Whether streaming heads are left exact (a 16-bit streaming window).
     pub fn streaming_exact(self) -> bool {
         matches!(self, KvSim::RowsTurnedExactStreaming | KvSim::ChannelsExactStreaming | KvSim::ChannelsLagged | KvSim::Keys8Values4ExactStreaming)
@@ -178,6 +193,12 @@ mod tests {
         assert_eq!("fp8-keys-int4-values".parse::<KvSim>(), Ok(KvSim::Fp8KeysValues4));
         assert_eq!("int6-keys-int4-values".parse::<KvSim>(), Ok(KvSim::Keys6Values4));
         assert_eq!("int8-keys-int4-values-g32".parse::<KvSim>(), Ok(KvSim::Keys8ValueGroups(32)));
+        // Turning schemes need power-of-two heads; the others take any.
+        assert!(KvSim::Fp8RowsTurned.check_head_dim(96).unwrap_err().contains("96"));
+        assert!(KvSim::RowsTurned.check_head_dim(80).is_err());
+        assert_eq!(KvSim::Fp8RowsTurned.check_head_dim(64), Ok(()));
+        assert_eq!(KvSim::Keys8Values4.check_head_dim(96), Ok(()));
+        assert_eq!(KvSim::Fp8Rows.check_head_dim(80), Ok(()));
     }
 
     #[test]
