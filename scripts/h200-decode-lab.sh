@@ -58,9 +58,9 @@ done
 # partial kernel's instructions and stalls come from.
 src=""
 if [ "${SOURCE:-0}" = 1 ]; then export DUO_NVRTC_LINEINFO=1; src="--section SourceCounters --section InstructionStats"; fi
-NCU="ncu --clock-control none $src --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats"
+NCU="ncu --clock-control none $src --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats"
 timeout 240 env ${NCU_VARS:-} $NCU -k duo_decode_partial_tc --launch-skip 5 --launch-count 1 $D cuda-check --only ops --timings decode > "$OUT/ncu-duo.txt" 2>&1; echo "ncu duo exit $?"
-grep -E "duo_decode|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Issued Warp|No Eligible|L2 Hit|Block Limit" "$OUT/ncu-duo.txt" | head -60
+grep -E "duo_decode|DRAM Throughput|Memory Throughput|L2 Cache Throughput|Duration|Achieved Occupancy|Registers Per|Issued Warp|No Eligible|L2 Hit|Block Limit" "$OUT/ncu-duo.txt" | head -60
 [ "${NCU_SDPA:-0}" = 1 ] || exit 0
 cat > /tmp/sdpa_one.py <<'PY'
 import torch, torch.nn.functional as F
@@ -70,4 +70,4 @@ for _ in range(8): F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 torch.cuda.synchronize()
 PY
 timeout 240 $NCU --launch-skip 12 --launch-count 2 python3 /tmp/sdpa_one.py > "$OUT/ncu-sdpa.txt" 2>&1; echo "ncu sdpa exit $?"
-grep -E "^  [a-zA-Z_].*\(|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Issued Warp|No Eligible|L2 Hit" "$OUT/ncu-sdpa.txt" | cut -c1-160 | head -30
+grep -E "^  [a-zA-Z_].*\(|DRAM Throughput|L2 Cache Throughput|Duration|Achieved Occupancy|Registers Per|Issued Warp|No Eligible|L2 Hit" "$OUT/ncu-sdpa.txt" | cut -c1-160 | head -30
