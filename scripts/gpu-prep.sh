@@ -27,7 +27,6 @@ trap 'rm -rf "$kc"' EXIT
 # folder with keys the host never asks for).
 DUO_KERNEL_CACHE=$kc cargo test --release -p duo-cuda --features cuda --test nvrtc
 tar -C "$kc" -cf - . | xz -T2 -6 > .gpu/bin/kc.tar.xz
-rm -rf "$kc"
 xz -T2 -6 -c "$model" > .gpu/model.xz
 split -n 3 -d .gpu/model.xz .gpu/model.xz.
 for i in 1 2 3; do mv ".gpu/model.xz.0$((i - 1))" ".gpu/m$i/p"; done

@@ -9,8 +9,8 @@
 #      DUO_DECODE_MERGE_WIDE (0: one group a merge block), DUO_PDL (1), DUO_TIME_PLACEMENT
 #      (contiguous), DUO_TIME_V_SKEW (bytes), DUO_DECODE_V_SMEM (1: values of a byte cache
 #      through shared memory), DUO_DECODE_TILE (128: byte caches copy and wait per 128 keys,
-#      each warp two 16-key slices), DUO_TIME_KV (one cache
-#      type's tensor-core rows alone);
+#      each warp two 16-key slices), DUO_TIME_KV (one cache type's
+#      tensor-core rows alone);
 #      env ROWS: which timing rows to print (a regular expression, default the tensor-core
 #      bf16 ones); env TIMINGS: cuda-check's --timings (default decode; decode,split adds the
 #      quantised caches' split sweep);

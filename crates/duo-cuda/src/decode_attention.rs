@@ -94,7 +94,8 @@ impl KvType {
 
     /// How the kernels tell the quantised formats apart (`Paged::kv_format`): 1 e4m3, 2 int8,
     /// 3 int4, 4 K8V4 (keys 2, values 3), else 0.
-    /// Mirrored by `rope_append`'s test of which formats turn keys ([`KvType::turns_keys`]).
+    /// Mirrored by `rope_append`'s test of which formats turn keys ([`KvType::turns_keys`];
+    /// `ops`' tests hold the two to the same formats).
     pub fn format_code(self) -> i32 {
         match self {
             KvType::Fp8 => 1,

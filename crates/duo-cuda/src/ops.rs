@@ -513,6 +513,20 @@ mod tests {
     }
 
     #[test]
+    fn rope_append_turns_exactly_the_formats_whose_keys_kv_type_turns() {
+        use crate::decode_attention::KvType;
+        // The kernel tests `Paged::kv_format` codes where the host asks KvType::turns_keys;
+        // the two must name the same formats (K8V4's keys are int8's: not turned).
+        let line = SOURCE.lines().find(|l| l.contains("&& (h < n_heads || slot >= 0))")).expect("rope_append's turn test");
+        let mut in_kernel: Vec<i32> = line.split("pg.kv_format == ").skip(1).map(|x| x.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()).collect();
+        in_kernel.sort_unstable();
+        let kinds = [KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4];
+        let mut on_host: Vec<i32> = kinds.iter().filter(|k| k.turns_keys()).map(|k| k.format_code()).collect();
+        on_host.sort_unstable();
+        assert_eq!(in_kernel, on_host, "{line}");
+    }
+
+    #[test]
     fn rms_norm_of_a_constant_row_is_the_weight() {
         let out = rms_norm_ref(&[3.0; 8], &[0.5; 8], 0.0);
         assert!(out.iter().all(|v| (v - 0.5).abs() < 1e-3));

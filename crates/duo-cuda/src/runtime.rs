@@ -416,7 +416,9 @@ pub fn compile_all() -> Option<Result<usize>> {
         jobs.push(("decode_attention", src, with_define(&o, "BYTE_TILE", "128")));
     }
     let n = jobs.len();
-    let fill_cache = std::env::var_os("DUO_KERNEL_CACHE").is_some_and(|v| !v.is_empty() && v != "0");
+    // Only a folder asked for by name (kernel_cache::folder then refuses an empty or 0 one):
+    // never the default one under the home folder.
+    let fill_cache = std::env::var_os("DUO_KERNEL_CACHE").is_some();
     Some(
         jobs.into_iter()
             .try_for_each(|(name, src, o)| {

@@ -202,6 +202,35 @@ mod tests {
     }
 
     #[test]
+    fn a_scheme_turns_rows_exactly_when_it_says_so() {
+        // What `turns` claims (and check_head_dim refuses on) is what round_chunk does: the
+        // Hadamard transform, the only part that needs a power-of-two row, panics on rows of
+        // 96 values; every other rounding takes them. Both head kinds, so that a scheme that
+        // turns only streaming heads (Channels) is caught too.
+        let all = [
+            KvSim::Rows, KvSim::RowsTurned, KvSim::RowsTurnedExactStreaming, KvSim::Channels, KvSim::ChannelsExactStreaming,
+            KvSim::ValuesOnly, KvSim::ChannelsLagged, KvSim::Keys8Values4, KvSim::Keys8Values4ExactStreaming,
+            KvSim::Keys8ValueGroups(16), KvSim::Keys8ValueGroups(32), KvSim::GroupsTurned(16), KvSim::GroupsTurned(32),
+            KvSim::Fp8KeysValues4, KvSim::Keys6Values4, KvSim::Fp8Rows, KvSim::Fp8RowsTurned, KvSim::Fp8KeysTurned,
+        ];
+        let hd = 96;
+        let rows: Vec<f32> = (0..2 * hd).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let panicked: Vec<bool> = all
+            .iter()
+            .map(|&sim| {
+                let (mut k, mut v) = (rows.clone(), rows.clone());
+                std::panic::catch_unwind(move || sim.round_chunk(&mut k, &mut v, &[true, false], hd)).is_err()
+            })
+            .collect();
+        std::panic::set_hook(hook);
+        for (sim, turned) in all.iter().zip(panicked) {
+            assert_eq!(sim.turns(), turned, "{sim:?}");
+        }
+    }
+
+    #[test]
     fn value_groups_round_values_closer_and_keys_as_int8_rows() {
         let hd = 64;
         // Rows with one large channel each, so that a row-wide step is coarse.
