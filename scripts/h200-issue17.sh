@@ -104,7 +104,7 @@ case $step in
     # duo's own matrix-vector products).
     timeout 150 $D cuda-check --only tp --timings tp > "$OUT/tp-check.txt" 2>&1
     echo "tp check exit $?"; grep -E "^ok|^FAIL|^time|rror" "$OUT/tp-check.txt" | cut -c1-330
-    for run in "one::" "two:--tensor-parallel 2:" "two-gemv:--tensor-parallel 2:DUO_GEMV=1"; do
+    for run in "one::" "two:--tensor-parallel 2:" "two-gemv:--tensor-parallel 2:DUO_STEP_GEMV=1"; do
       IFS=: read -r name flags env <<< "$run"
       timeout 100 env $env $D bench $common --methods duo --lengths 131072 $flags --out "$OUT/step128k-$name" > "$OUT/step128k-$name.txt" 2>&1
       echo "== duo step at 128K, $name (exit $?)"; grep -E "tokens:|rror" "$OUT/step128k-$name.txt" | cut -c1-200

@@ -5,7 +5,7 @@
 #   2. the whole decode step of env SHAPE (default llama-3-8b; or llama-2-7b), env METHODS
 #      (default full,duo,layer) at env SPARSITY (0.5) and LENGTHS (default 131072,524288), per
 #      cache type in env STEP_KVS (default "bf16 fp8 int4"), and with each of env STEP_VARS'
-#      settings (e.g. DUO_GEMV=0; comma-separated NAME=VALUE) for bf16;
+#      settings (e.g. DUO_STEP_GEMV=1; comma-separated NAME=VALUE) for bf16;
 #   3. the decode kernels' timings per cache type (`cuda-check --only ops --timings decode`),
 #      also with each of env TIME_VARS' settings.
 # Everything lands in $OUT/results.tgz.

@@ -646,25 +646,64 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         max_abs_err: max_err(&want, &got),
         bound: 1e-2,
     });
-    // duo's matrix-vector kernel on the first 1 and 4 rows of the same product: accumulating
-    // into y (f32), and written as bf16.
-    for rows in [1usize, 4] {
-        let yg = gpu.upload(&y0[..rows * m])?;
-        gpu.gemv(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yg), rows, k, m, 1.0, false)?;
-        let got = gpu.download(&yg)?;
-        let plus: Vec<f32> = want[..rows * m].iter().zip(&y0).map(|(w, y)| w + y).collect();
-        out.push(Parity {
-            case: format!("gemv (duo's): [{rows} x {k}] x [{m} x {k}]^T + y"),
-            max_abs_err: max_err(&plus, &got),
-            bound: 1e-3,
-        });
-        let yb = gpu.zeros::<u16>(rows * m)?;
-        gpu.gemv(gpu.addr(&xg), gpu.addr(&wg), gpu.addr(&yb), rows, k, m, 0.0, true)?;
-        out.push(Parity {
-            case: format!("gemv (duo's, bf16 out): [{rows} x {k}] x [{m} x {k}]^T"),
-            max_abs_err: max_err(&want[..rows * m], &bf16_to_f32(&gpu.download(&yb)?)),
-            bound: 1e-2,
-        });
+    out.extend(gemv_parity(gpu, seed)?);
+    Ok(out)
+}
+
+/// duo's matrix-vector kernel ([`Gpu::gemv_fused`]) against f64 references, on widths of one
+/// group of chunks or less (576: SmolLM2's hidden size), a partial last group (1,544) and
+/// seven groups (14,336), at 1, 3 and 8 rows: bf16 rows into f32 plus the residual; f32 rows
+/// through RMSNorm into bf16; the same into SiLU pairs. And batch invariance: a row's result
+/// in a launch of 8 rows is bit for bit its result alone.
+fn gemv_parity(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
+    use crate::runtime::{GemvInput, GemvOutput};
+    let mut out = Vec::new();
+    let dot = |x: &[f32], w: &[f32]| x.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+    for (k, m) in [(576usize, 200usize), (1544, 96), (4096, 300), (14336, 64)] {
+        let rows = crate::runtime::GEMV_ROWS;
+        let bf = |v: Vec<f32>| v.into_iter().map(round_bf16).collect::<Vec<f32>>();
+        let xv = bf(random(seed + 11, rows * k, 1.0));
+        let xf: Vec<f32> = random(seed + 12, rows * k, 3.0).iter().map(|v| v + 0.5).collect();
+        let norm: Vec<f32> = random(seed + 13, k, 0.5).iter().map(|v| 1.0 + v).collect();
+        let wv = bf(random(seed + 14, 2 * m * k, 0.02));
+        let y0 = random(seed + 15, rows * m, 1.0);
+        let (xg, xfg, ng, wg) = (gpu.upload(&bf16_bits(&xv))?, gpu.upload(&xf)?, gpu.upload(&norm)?, gpu.upload(&bf16_bits(&wv))?);
+        let normed = |at: usize| GemvInput::Normed { x: gpu.addr(&xfg) + (at * k * 4) as u64, norm: gpu.addr(&ng), eps: 1e-5 };
+        let xn = rms_norm_ref(&xf, &norm, 1e-5);
+        for t in [1usize, 3, 8] {
+            // (RMSNorm in where its rows fit the kernel's shared memory.)
+            let norms = Gpu::gemv_takes(t, k, normed(0));
+            let yg = gpu.upload(&y0[..t * m])?;
+            gpu.gemv_fused(GemvInput::Bf16(gpu.addr(&xg)), gpu.addr(&wg), GemvOutput::F32 { y: gpu.addr(&yg), beta: 1.0 }, t, k, m)?;
+            let want: Vec<f32> = (0..t * m).map(|i| y0[i] + dot(&xv[i / m * k..][..k], &wv[i % m * k..][..k]) as f32).collect();
+            out.push(Parity { case: format!("gemv (duo's): [{t} x {k}] x [{m} x {k}]^T + y"), max_abs_err: max_err(&want, &gpu.download(&yg)?), bound: 1e-3 });
+            if !norms {
+                continue;
+            }
+            let yb = gpu.zeros::<u16>(t * m)?;
+            gpu.gemv_fused(normed(0), gpu.addr(&wg), GemvOutput::Bf16(gpu.addr(&yb)), t, k, m)?;
+            let want: Vec<f32> = (0..t * m).map(|i| dot(&xn[i / m * k..][..k], &wv[i % m * k..][..k]) as f32).collect();
+            let got = bf16_to_f32(&gpu.download(&yb)?);
+            // (Products up to 3 in size: a bf16 output's half step is up to 2^-8, and the
+            // normalised inputs round at the GPU's scale, one float step from the f64 one.)
+            out.push(Parity { case: format!("gemv (duo's, RMSNorm in, bf16 out): [{t} x {k}] x [{m} x {k}]^T"), max_abs_err: max_err(&want, &got), bound: 2e-2 });
+            // [gate | up] of m rows each: the reference rounds both to bf16 before the SiLU.
+            let ya = gpu.zeros::<u16>(t * m)?;
+            gpu.gemv_fused(normed(0), gpu.addr(&wg), GemvOutput::SiluPairs(gpu.addr(&ya)), t, k, 2 * m)?;
+            let gu: Vec<f32> = (0..t * 2 * m).map(|i| round_bf16(dot(&xn[i / (2 * m) * k..][..k], &wv[i % (2 * m) * k..][..k]) as f32)).collect();
+            let want = silu_mul_ref(&gu, m);
+            out.push(Parity { case: format!("gemv (duo's, RMSNorm in, SiLU pairs out): [{t} x {k}] x [{} x {k}]^T", 2 * m), max_abs_err: max_err(&want, &bf16_to_f32(&gpu.download(&ya)?)), bound: 2e-2 });
+        }
+        // Row 5 of an 8-row launch against row 5 alone: the same bits (through RMSNorm where
+        // 8 rows of it fit).
+        let norms = Gpu::gemv_takes(rows, k, normed(0));
+        let input = |at: usize| if norms { normed(at) } else { GemvInput::Bf16(gpu.addr(&xg) + (at * k * 2) as u64) };
+        let (all, one) = (gpu.zeros::<u16>(rows * m)?, gpu.zeros::<u16>(m)?);
+        gpu.gemv_fused(input(0), gpu.addr(&wg), GemvOutput::SiluPairs(gpu.addr(&all)), rows, k, 2 * m)?;
+        gpu.gemv_fused(input(5), gpu.addr(&wg), GemvOutput::SiluPairs(gpu.addr(&one)), 1, k, 2 * m)?;
+        let (all, one) = (gpu.download(&all)?, gpu.download(&one)?);
+        let differ = all[5 * m..6 * m].iter().zip(&one).filter(|(a, b)| a != b).count();
+        out.push(Parity { case: format!("gemv (duo's): row 5 of 8 against it alone, [{k} x {}], values that differ", 2 * m), max_abs_err: differ as f64, bound: 0.0 });
     }
     Ok(out)
 }
@@ -701,7 +740,8 @@ fn linear_product(gpu: &Gpu, t: usize, in_dim: usize, out_dim: usize, own: bool)
     let y = gpu.zeros::<f32>(t * out_dim)?;
     Ok(move || {
         if own {
-            gpu.gemv(gpu.addr(&x), gpu.addr(&w), gpu.addr(&y), t, in_dim, out_dim, 0.0, false)
+            let y = crate::runtime::GemvOutput::F32 { y: gpu.addr(&y), beta: 0.0 };
+            gpu.gemv_fused(crate::runtime::GemvInput::Bf16(gpu.addr(&x)), gpu.addr(&w), y, t, in_dim, out_dim)
         } else {
             gpu.gemm(gpu.addr(&x), gpu.addr(&w), gpu.addr(&y), t, in_dim, out_dim, 0.0, false)
         }

@@ -574,6 +574,8 @@ extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
     // short_splits were never written.
     const int live_splits = head_splits(blockIdx.x, n_kv, n_splits, retrieval, short_splits, short_split);
     pdl_wait();  // the partial kernel's output (DUO_PDL=1: this block may start before it ends)
+    // The output projection after it (Gpu::gemv_fused) may start asking for its weights.
+    pdl_launch_dependents();
     // Each round lists up to M_BLOCK splits.
     __shared__ float live_w[M_BLOCK], warp_max[M_BLOCK / 32];
     __shared__ int live_s[M_BLOCK], warp_live[M_BLOCK / 32];

@@ -316,66 +316,186 @@ extern "C" __global__ void copy_blocks(const bf16_t* sk, const bf16_t* sv, bf16_
     for (long long i = threadIdx.x; i < elems / 8; i += blockDim.x) to[i] = from[i];
 }
 
-// y[t, n] = sum_k x[t, k] w[n, k] (+ beta y[t, n] when beta != 0, f32 out; or bf16 out) for at most
-// GEMV_ROWS rows t: a decode step's matrix-vector products, which only stream the weights. One
-// warp per output n, each lane 8 consecutive weights (16 bytes) a load, four loads in flight;
-// weights bypass the L1 (read once), the x rows stay in it (every warp reads them).
-#define GEMV_ROWS 4
-extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, void* y,
-                                                           int rows, int in_dim, int out_dim, float beta, int y_bf16) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int n = blockIdx.x * 8 + warp;
-    if (n >= out_dim) return;
-    const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)n * in_dim);
-    const int chunks = in_dim / 8;
-    float acc[GEMV_ROWS] = {0.f, 0.f, 0.f, 0.f};
-    for (int c0 = lane; c0 < chunks; c0 += 32 * 4) {
-        uint4 wv[4];
+// A decode step's matrix-vector products, y[t, n] = sum_k in[t, k] w[n, k] for at most
+// GEMV_ROWS rows t, which only stream the weights, with the small kernels around them folded
+// in: the input is either bf16 rows, or f32 rows that each block puts through RMSNorm
+// itself (`norm` set: into shared memory, as `rms_norm` would write them), and the output is
+// f32 (out_mode 0, plus beta y where beta != 0), bf16 (1), or bf16(silu(gate) * up) of a
+// [gate | up] product (2: a warp takes gate row n and up row n + out_dim / 2 in turn and
+// writes one value, as `silu_mul` would from the bf16 pair). Persistent: each warp takes
+// output rows first, first + stride, ..., a row in items of 32 x GEMV_UNROLL 16-byte chunks,
+// copied by cp.async into the warp's own ring of GEMV_STAGES items in shared memory (each
+// lane copies and reads only its own chunks, so the lanes never wait for each other), so
+// that GEMV_STAGES - 1 items a warp are in flight without holding registers. A row's sum
+// has one order whatever the grid and the row count (batch invariance). Launched as a
+// programmatic dependent (Gpu::gemv_fused): the first items are asked for before the wait for
+// the kernel before, as nothing in a step writes weights.
+#define GEMV_ROWS 8
+#define GEMV_WARPS 8
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 4
+#endif
+#ifndef GEMV_STAGES
+#define GEMV_STAGES 4
+#endif
+#ifndef GEMV_BLOCKS
+#define GEMV_BLOCKS 2
+#endif
+#define GEMV_ITEM (32 * GEMV_UNROLL)
+// A warp's work, items in order: unit k (output row first + k * stride), its part r (gate,
+// then up: row + r * units), its group g of chunks. A cursor steps through them without
+// dividing (per item, index arithmetic would cost as much as the sums).
+struct GemvWork { int first, stride, units, per_unit, groups, chunks, items; };
+struct GemvCursor {
+    int k, r, g;
+    __device__ __forceinline__ void step(const GemvWork& s) {
+        if (++g == s.groups) { g = 0; if (++r == s.per_unit) { r = 0; ++k; } }
+    }
+};
+// This lane's chunks of the cursor's item into its slots of `stage`, as one cp.async group
+// (an empty group past the last item, so that every lane counts the same groups).
+__device__ __forceinline__ void gemv_issue(uint4* stage, const bf16_t* w, const GemvWork& s, const GemvCursor& at, bool live) {
+    const int lane = threadIdx.x % 32;
+    if (live) {
+        const size_t n = (size_t)(s.first + at.k * s.stride) + (size_t)at.r * s.units;
+        const uint4* row = reinterpret_cast<const uint4*>(w + n * (size_t)s.chunks * 8);
+        const int c0 = at.g * GEMV_ITEM + lane;
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < GEMV_UNROLL; u++) {
             const int c = c0 + 32 * u;
-            if (c < chunks) {
-                asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                             : "=r"(wv[u].x), "=r"(wv[u].y), "=r"(wv[u].z), "=r"(wv[u].w) : "l"(wr + c));
-            } else {
-                wv[u] = make_uint4(0, 0, 0, 0);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const int c = c0 + 32 * u;
-            if (c >= chunks) break;
-            const unsigned ww[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
-#pragma unroll
-            for (int t = 0; t < GEMV_ROWS; t++) {
-                if (t >= rows) break;
-                const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * in_dim) + c);
-                const unsigned xx[4] = {xv.x, xv.y, xv.z, xv.w};
-                float s = acc[t];
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    s = fmaf(__uint_as_float(ww[i] << 16), __uint_as_float(xx[i] << 16), s);
-                    s = fmaf(__uint_as_float(ww[i] & 0xffff0000u), __uint_as_float(xx[i] & 0xffff0000u), s);
-                }
-                acc[t] = s;
+            if (c < s.chunks) {
+                const unsigned dst = (unsigned)__cvta_generic_to_shared(stage + lane + 32 * u);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(row + c) : "memory");
             }
         }
     }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+__device__ __forceinline__ void gemv_sum(const uint4* stage, const GemvWork& s, const GemvCursor& at, const uint4* in, int rows,
+                                         float (&acc)[GEMV_ROWS], float (&gate)[GEMV_ROWS], void* y, int out_dim, float beta, int out_mode) {
+    const int lane = threadIdx.x % 32, g = at.g;
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++) {
+        const int c = g * GEMV_ITEM + lane + 32 * u;
+        if (c >= s.chunks) break;
+        const uint4 wv = stage[lane + 32 * u];
+        const unsigned ww[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+        for (int t = 0; t < GEMV_ROWS; t++) {
+            if (t >= rows) break;
+            const uint4 xv = in[(size_t)t * s.chunks + c];
+            const unsigned xx[4] = {xv.x, xv.y, xv.z, xv.w};
+            float a = acc[t];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                a = fmaf(__uint_as_float(ww[i] << 16), __uint_as_float(xx[i] << 16), a);
+                a = fmaf(__uint_as_float(ww[i] & 0xffff0000u), __uint_as_float(xx[i] & 0xffff0000u), a);
+            }
+            acc[t] = a;
+        }
+    }
+    if (g != s.groups - 1) return;
+    const int r = at.r, n = s.first + at.k * s.stride;
 #pragma unroll
     for (int t = 0; t < GEMV_ROWS; t++) {
         if (t >= rows) break;
-        float s = acc[t];
+        float v = acc[t];
+        acc[t] = 0.f;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        if (lane == 0) {
-            const size_t at = (size_t)t * out_dim + n;
-            if (y_bf16) reinterpret_cast<bf16_t*>(y)[at] = to_bf(s);
-            else {
-                float* yf = reinterpret_cast<float*>(y);
-                yf[at] = beta == 0.f ? s : s + beta * yf[at];
-            }
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        if (out_mode == 2 && r == 0) { gate[t] = v; continue; }
+        if (lane != 0) continue;
+        if (out_mode == 0) {
+            float* yf = reinterpret_cast<float*>(y) + (size_t)t * out_dim + n;
+            *yf = beta == 0.f ? v : v + beta * *yf;
+        } else if (out_mode == 1) {
+            reinterpret_cast<bf16_t*>(y)[(size_t)t * out_dim + n] = to_bf(v);
+        } else {
+            const float gv = bf(to_bf(gate[t])), uv = bf(to_bf(v));
+            reinterpret_cast<bf16_t*>(y)[(size_t)t * s.units + n] = to_bf(gv / (1.f + expf(-gv)) * uv);
         }
     }
+}
+// Dynamic shared memory: the warps' rings (GEMV_WARPS x GEMV_STAGES items), then the
+// normalised rows where `norm` is set, or a copy of the bf16 rows where `stage_x` is (the L1
+// beside the rings is too small to keep a 14,336-wide row: every warp would read it from
+// the L2 again).
+extern "C" __global__ void __launch_bounds__(256, GEMV_BLOCKS) gemv_fused(const void* x, const float* norm, float eps, const bf16_t* __restrict__ w,
+                                                              void* y, int rows, int in_dim, int out_dim, float beta, int out_mode, int stage_x) {
+    extern __shared__ __align__(16) uint4 gemv_smem[];
+    __shared__ float part[GEMV_WARPS];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    GemvWork s;
+    s.chunks = in_dim / 8;
+    s.groups = (s.chunks + GEMV_ITEM - 1) / GEMV_ITEM;
+    s.per_unit = out_mode == 2 ? 2 : 1;
+    s.units = out_dim / s.per_unit;
+    s.stride = gridDim.x * GEMV_WARPS;
+    s.first = blockIdx.x * GEMV_WARPS + warp;
+    const int mine = s.first < s.units ? (s.units - s.first + s.stride - 1) / s.stride : 0;
+    s.items = mine * s.per_unit * s.groups;
+    uint4* ring = gemv_smem + (size_t)warp * GEMV_STAGES * GEMV_ITEM;
+    GemvCursor issue = {0, 0, 0}, sum = {0, 0, 0};
+#pragma unroll
+    for (int j = 0; j < GEMV_STAGES - 1; j++) {
+        gemv_issue(ring + j * GEMV_ITEM, w, s, issue, j < s.items);
+        issue.step(s);
+    }
+    pdl_wait();
+    const uint4* in = reinterpret_cast<const uint4*>(x);
+    if (norm != nullptr) {
+        uint4* xs = gemv_smem + (size_t)GEMV_WARPS * GEMV_STAGES * GEMV_ITEM;
+        for (int t = 0; t < rows; t++) {
+            const float4* xr = reinterpret_cast<const float4*>(x) + (size_t)t * (in_dim / 4);
+            float sq = 0.f;
+#pragma unroll 4
+            for (int i = threadIdx.x; i < in_dim / 4; i += blockDim.x) {
+                const float4 v = xr[i];
+                sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
+            for (int d = 16; d > 0; d >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, d);
+            if (lane == 0) part[warp] = sq;
+            __syncthreads();
+            float total = 0.f;
+            for (int i = 0; i < GEMV_WARPS; i++) total += part[i];
+            const float scale = rsqrtf(total / in_dim + eps);
+            const float4* g4 = reinterpret_cast<const float4*>(norm);
+#pragma unroll 2
+            for (int i = threadIdx.x; i < s.chunks; i += blockDim.x) {
+                const float4 a = xr[2 * i], b = xr[2 * i + 1], ga = g4[2 * i], gb = g4[2 * i + 1];
+                uint4 o;
+                o.x = to_bf(a.x * scale * ga.x) | ((unsigned)to_bf(a.y * scale * ga.y) << 16);
+                o.y = to_bf(a.z * scale * ga.z) | ((unsigned)to_bf(a.w * scale * ga.w) << 16);
+                o.z = to_bf(b.x * scale * gb.x) | ((unsigned)to_bf(b.y * scale * gb.y) << 16);
+                o.w = to_bf(b.z * scale * gb.z) | ((unsigned)to_bf(b.w * scale * gb.w) << 16);
+                xs[(size_t)t * s.chunks + i] = o;
+            }
+            __syncthreads();  // part[] is the next row's, and every warp reads every row
+        }
+        in = xs;
+    } else if (stage_x) {
+        uint4* xs = gemv_smem + (size_t)GEMV_WARPS * GEMV_STAGES * GEMV_ITEM;
+        for (int i = threadIdx.x; i < rows * s.chunks; i += blockDim.x) xs[i] = in[i];
+        __syncthreads();
+        in = xs;
+    }
+    float acc[GEMV_ROWS], gate[GEMV_ROWS];
+#pragma unroll
+    for (int t = 0; t < GEMV_ROWS; t++) { acc[t] = 0.f; gate[t] = 0.f; }
+    int slot = 0;  // item j's: j % GEMV_STAGES
+    for (int j = 0; j < s.items; j++) {
+        // Item j's group is in once at most GEMV_STAGES - 2 later ones are pending; the
+        // slot before it, whose last reader was item j - 1, takes item j + GEMV_STAGES - 1.
+        asm volatile("cp.async.wait_group %0;" :: "n"(GEMV_STAGES - 2) : "memory");
+        const int free = slot == 0 ? GEMV_STAGES - 1 : slot - 1;
+        gemv_issue(ring + free * GEMV_ITEM, w, s, issue, j + GEMV_STAGES - 1 < s.items);
+        issue.step(s);
+        gemv_sum(ring + slot * GEMV_ITEM, s, sum, in, rows, acc, gate, y, out_dim, beta, out_mode);
+        sum.step(s);
+        slot = slot == GEMV_STAGES - 1 ? 0 : slot + 1;
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    pdl_launch_dependents();
 }
 
 // out[t, i] = bf16(silu(gate) * up), rows of gu (bf16) being [gate (inter) | up (inter)].

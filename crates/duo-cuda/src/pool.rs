@@ -21,7 +21,7 @@ use crate::decode_attention::{split_for, tensor_blocks, DecodeKernel, KvType, MI
 use crate::model::{GpuConfig, GpuWeights};
 use crate::paged::{Allocator, PagedLayout, Ring, Tables};
 use crate::prefill_attention::HeadEntry;
-use crate::runtime::{driver, DecodeLaunch, Gpu, StepGraph, StreamingKernel};
+use crate::runtime::{driver, DecodeLaunch, GemvInput, GemvOutput, Gpu, StepGraph, StreamingKernel};
 use crate::{CudaError, Result};
 use cudarc::driver::{sys as drv, CudaSlice};
 use std::sync::{Arc, Mutex};
@@ -999,9 +999,12 @@ impl KvPool {
                 self.prefill_layers_overlapped(b, chunk, comm, link, residual)?;
             }
             _ => {
+                // A decode step's few rows take duo's matrix-vector products with the norms
+                // and SiLU folded in; a chunk's rows (and many decode rows) cuBLAS's.
+                let fused = self.fused_rows(decode_rows);
                 for (l, lw) in w.layers.iter().enumerate() {
                     let heads = g.addr(&self.heads[l]);
-                    self.attention_input(b, lw, l, paged, rows, (0, rows))?;
+                    self.attention_input(b, lw, l, paged, rows, (0, rows), fused)?;
                     if decode_rows > 0 {
                         let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
                         g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, views, parts, Some((0, a16(&b.att))))?;
@@ -1009,9 +1012,9 @@ impl KvPool {
                     if chunk > 0 {
                         self.prefill_rows(b, l, paged, pre, (decode_rows, chunk))?;
                     }
-                    self.output_projection(b, lw, (0, rows), residual)?;
+                    self.output_projection(b, lw, (0, rows), residual, fused)?;
                     self.sum_over_ranks(a(&b.x), rows * h)?;
-                    self.mlp(b, lw, (0, rows), residual)?;
+                    self.mlp(b, lw, (0, rows), residual, fused)?;
                     self.sum_over_ranks(a(&b.x), rows * h)?;
                 }
             }
@@ -1032,18 +1035,40 @@ impl KvPool {
         Ok(())
     }
 
+    /// How many of a step's `decode_rows` leading rows take [`Gpu::gemv_fused`]: all of
+    /// them where there are at most [`crate::runtime::GEMV_ROWS`] and the kernel takes the
+    /// model's widths ([`crate::runtime::step_gemv`]), else none.
+    fn fused_rows(&self, decode_rows: usize) -> usize {
+        let c = &self.w.config;
+        let normed = GemvInput::Normed { x: 0, norm: 0, eps: 0.0 };
+        let takes = Gpu::gemv_takes(decode_rows, c.hidden, normed)
+            && [c.n_heads * c.head_dim, c.ffn].iter().all(|&k| Gpu::gemv_takes(decode_rows, k, GemvInput::Bf16(0)));
+        if crate::runtime::step_gemv() && takes { decode_rows } else { 0 }
+    }
+
     /// Rows `off..off + n` of a step of `rows` rows through a layer's attention input:
     /// RMSNorm, the q/k/v product, RoPE, with queries to `b.q` (f32) and keys and values
-    /// appended to the cache rows of their positions.
-    fn attention_input(&self, b: &Buffers, lw: &crate::model::LayerWeights, layer: usize, paged: crate::paged::PagedArgs, rows: usize, (off, n): (usize, usize)) -> Result<()> {
+    /// appended to the cache rows of their positions. The first `fused` rows of the range
+    /// take [`Gpu::gemv_fused`] (the norm folded into the product), the rest RMSNorm and
+    /// cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_input(&self, b: &Buffers, lw: &crate::model::LayerWeights, layer: usize, paged: crate::paged::PagedArgs, rows: usize, (off, n): (usize, usize), fused: usize) -> Result<()> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let (h, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.qkv_dim());
         let (x, xn, qkv, q) = (g.addr(&b.x) + (off * h * 4) as u64, g.addr(&b.xn) + (off * h * 2) as u64, g.addr(&b.qkv) + (off * kvd * 2) as u64, g.addr(&b.q) + (off * qd * 4) as u64);
         // Row metadata ([`KvPool::step`]): tokens, slots, positions, `rows` of each.
         let meta = g.addr(&b.meta);
         let (slots, pos) = (meta + (4 * (rows + off)) as u64, meta + (4 * (2 * rows + off)) as u64);
-        g.rms_norm(x, g.addr(&lw.attn_norm), xn, n, h, c.eps)?;
-        g.linear(xn, g.addr(&lw.qkv), qkv, n, h, kvd, 0.0, true)?;
+        let f = fused.min(n);
+        if f > 0 {
+            let input = GemvInput::Normed { x, norm: g.addr(&lw.attn_norm), eps: c.eps };
+            g.gemv_fused(input, g.addr(&lw.qkv), GemvOutput::Bf16(qkv), f, h, kvd)?;
+        }
+        if n > f {
+            let (x, xn, qkv) = (x + (f * h * 4) as u64, xn + (f * h * 2) as u64, qkv + (f * kvd * 2) as u64);
+            g.rms_norm(x, g.addr(&lw.attn_norm), xn, n - f, h, c.eps)?;
+            g.linear(xn, g.addr(&lw.qkv), qkv, n - f, h, kvd, 0.0, true)?;
+        }
         // Each kind's heads (and their queries) with its own view of the pool, in one launch.
         let heads = g.addr(&self.heads[layer]);
         g.rope_append(qkv, slots, pos, g.addr(&self.w.inv_freq), heads, c.n_heads, c.n_kv_heads, c.head_dim, c.half_split, q, g.addr(&self.keys), g.addr(&self.values), n, (paged, self.layout.streaming_args(paged)))
@@ -1090,24 +1115,45 @@ impl KvPool {
     }
 
     /// The output projection of rows `off..off + n` of `b.att` into `b.x`, adding the
-    /// residual where `residual` is 1.
-    fn output_projection(&self, b: &Buffers, lw: &crate::model::LayerWeights, (off, n): (usize, usize), residual: f32) -> Result<()> {
+    /// residual where `residual` is 1; the first `fused` rows by [`Gpu::gemv_fused`].
+    fn output_projection(&self, b: &Buffers, lw: &crate::model::LayerWeights, (off, n): (usize, usize), residual: f32, fused: usize) -> Result<()> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let (h, qd) = (c.hidden, c.n_heads * c.head_dim);
-        g.linear(g.addr(&b.att) + (off * qd * 2) as u64, g.addr(&lw.o), g.addr(&b.x) + (off * h * 4) as u64, n, qd, h, residual, false)
+        let (att, x) = (g.addr(&b.att) + (off * qd * 2) as u64, g.addr(&b.x) + (off * h * 4) as u64);
+        let f = fused.min(n);
+        if f > 0 {
+            g.gemv_fused(GemvInput::Bf16(att), g.addr(&lw.o), GemvOutput::F32 { y: x, beta: residual }, f, qd, h)?;
+        }
+        if n > f {
+            g.linear(att + (f * qd * 2) as u64, g.addr(&lw.o), x + (f * h * 4) as u64, n - f, qd, h, residual, false)?;
+        }
+        Ok(())
     }
 
     /// Rows `off..off + n` of `b.x` through a layer's MLP: RMSNorm, gate/up, SiLU, and the
-    /// down projection back into `b.x`, adding the residual where `residual` is 1.
-    fn mlp(&self, b: &Buffers, lw: &crate::model::LayerWeights, (off, n): (usize, usize), residual: f32) -> Result<()> {
+    /// down projection back into `b.x`, adding the residual where `residual` is 1. The first
+    /// `fused` rows take two [`Gpu::gemv_fused`] launches (the norm and the SiLU folded into
+    /// the gate/up product), the rest the four kernels.
+    fn mlp(&self, b: &Buffers, lw: &crate::model::LayerWeights, (off, n): (usize, usize), residual: f32, fused: usize) -> Result<()> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let h = c.hidden;
         let (x, xn) = (g.addr(&b.x) + (off * h * 4) as u64, g.addr(&b.xn) + (off * h * 2) as u64);
         let (gu, act) = (g.addr(&b.gu) + (off * 2 * c.ffn * 2) as u64, g.addr(&b.act) + (off * c.ffn * 2) as u64);
-        g.rms_norm(x, g.addr(&lw.ffn_norm), xn, n, h, c.eps)?;
-        g.linear(xn, g.addr(&lw.gate_up), gu, n, h, 2 * c.ffn, 0.0, true)?;
-        g.silu_mul(gu, act, n, c.ffn)?;
-        g.linear(act, g.addr(&lw.down), x, n, c.ffn, h, residual, false)
+        let f = fused.min(n);
+        if f > 0 {
+            let input = GemvInput::Normed { x, norm: g.addr(&lw.ffn_norm), eps: c.eps };
+            g.gemv_fused(input, g.addr(&lw.gate_up), GemvOutput::SiluPairs(act), f, h, 2 * c.ffn)?;
+            g.gemv_fused(GemvInput::Bf16(act), g.addr(&lw.down), GemvOutput::F32 { y: x, beta: residual }, f, c.ffn, h)?;
+        }
+        if n > f {
+            let (x, xn) = (x + (f * h * 4) as u64, xn + (f * h * 2) as u64);
+            let (gu, act) = (gu + (f * 2 * c.ffn * 2) as u64, act + (f * c.ffn * 2) as u64);
+            g.rms_norm(x, g.addr(&lw.ffn_norm), xn, n - f, h, c.eps)?;
+            g.linear(xn, g.addr(&lw.gate_up), gu, n - f, h, 2 * c.ffn, 0.0, true)?;
+            g.silu_mul(gu, act, n - f, c.ffn)?;
+            g.linear(act, g.addr(&lw.down), x, n - f, c.ffn, h, residual, false)?;
+        }
+        Ok(())
     }
 
     /// Every layer of a prefill-only step of `chunk` rows under tensor parallelism, the
@@ -1135,14 +1181,14 @@ impl KvPool {
         for (l, lw) in self.w.layers.iter().enumerate() {
             for (i, &half) in halves.iter().enumerate() {
                 wait_for(&summed[i])?;
-                self.attention_input(b, lw, l, paged, chunk, half)?;
+                self.attention_input(b, lw, l, paged, chunk, half, 0)?;
                 self.prefill_rows(b, l, paged, pre + (8 * i) as u64, half)?;
-                self.output_projection(b, lw, half, residual)?;
+                self.output_projection(b, lw, half, residual, 0)?;
                 summed[i] = Some(sum_half(half)?);
             }
             for (i, &half) in halves.iter().enumerate() {
                 wait_for(&summed[i])?;
-                self.mlp(b, lw, half, residual)?;
+                self.mlp(b, lw, half, residual, 0)?;
                 summed[i] = Some(sum_half(half)?);
             }
         }

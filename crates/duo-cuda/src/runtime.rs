@@ -83,13 +83,93 @@ pub struct Gpu {
     _blas_workspace: CudaSlice<u8>,
 }
 
-/// Rows [`Gpu::gemv`] takes at most (`GEMV_ROWS` in [`crate::ops::SOURCE`]).
-pub const GEMV_ROWS: usize = 4;
+/// Rows [`Gpu::gemv_fused`] takes at most (`GEMV_ROWS` in [`crate::ops::SOURCE`]).
+pub const GEMV_ROWS: usize = 8;
 
-/// Whether [`Gpu::gemv`] takes a product of `t` rows of `in_dim` values with `beta` into an
-/// f32 (or `y_bf16`: bf16) output.
-fn gemv_takes(t: usize, in_dim: usize, beta: f32, y_bf16: bool) -> bool {
-    (1..=GEMV_ROWS).contains(&t) && in_dim.is_multiple_of(8) && !(y_bf16 && beta != 0.0)
+/// Shared memory [`Gpu::gemv_fused`] may give a block for its normalised rows (rows x
+/// inputs x 2 bytes), so that two blocks still fit on a multiprocessor (228 KiB).
+const GEMV_SMEM: usize = 100 << 10;
+
+/// [`Gpu::gemv_fused`]'s blocks a multiprocessor at most (`GEMV_BLOCKS` in its source).
+fn gemv_blocks() -> usize {
+    crate::decode_attention::tuning("DUO_GEMV_BLOCKS").unwrap_or(2).clamp(1, 8)
+}
+
+/// Bytes of [`Gpu::gemv_fused`]'s weight rings in a block: 8 warps x `GEMV_STAGES` items of
+/// 32 lanes x `GEMV_UNROLL` 16-byte chunks.
+fn gemv_ring_bytes() -> usize {
+    let unroll = crate::decode_attention::tuning("DUO_GEMV_UNROLL").unwrap_or(4);
+    let stages = crate::decode_attention::tuning("DUO_GEMV_STAGES").unwrap_or(4);
+    8 * stages * unroll * 32 * 16
+}
+
+/// The ops source's options: the matrix-vector kernel's shape where the environment sets it
+/// (`DUO_GEMV_UNROLL`, `DUO_GEMV_STAGES`, `DUO_GEMV_BLOCKS`; none by default, so the default key is unchanged).
+fn ops_options() -> Vec<String> {
+    let mut o = Vec::new();
+    if let Some(u) = crate::decode_attention::tuning("DUO_GEMV_UNROLL") {
+        o.push(format!("-DGEMV_UNROLL={u}"));
+    }
+    if crate::decode_attention::tuning("DUO_GEMV_BLOCKS").is_some() {
+        o.push(format!("-DGEMV_BLOCKS={}", gemv_blocks()));
+    }
+    if let Some(p) = crate::decode_attention::tuning("DUO_GEMV_STAGES") {
+        o.push(format!("-DGEMV_STAGES={p}"));
+    }
+    o
+}
+
+/// What [`Gpu::gemv_fused`] multiplies: bf16 rows, or f32 rows put through RMSNorm with
+/// weights `norm` (f32) and `eps` on the way, as [`Gpu::rms_norm`] would write them.
+#[derive(Clone, Copy, Debug)]
+pub enum GemvInput {
+    /// The address of bf16 rows.
+    Bf16(u64),
+    /// f32 rows at `x`, normalised on the way.
+    Normed {
+        /// The rows (f32).
+        x: u64,
+        /// The norm's weights (f32, one per input).
+        norm: u64,
+        /// The norm's epsilon.
+        eps: f32,
+    },
+}
+
+/// Where [`Gpu::gemv_fused`] puts its product: f32 (plus `beta` times what is there), bf16,
+/// or, of a `[gate | up]` product, `bf16(silu(gate) * up)` as [`Gpu::silu_mul`] would write
+/// it from the bf16 pair (half the product's width).
+#[derive(Clone, Copy, Debug)]
+pub enum GemvOutput {
+    /// f32 rows at `y`, `y = product + beta * y`.
+    F32 {
+        /// The rows (f32).
+        y: u64,
+        /// What the old values count (0: not read).
+        beta: f32,
+    },
+    /// bf16 rows at the address.
+    Bf16(u64),
+    /// bf16 rows of half the product's width at the address.
+    SiluPairs(u64),
+}
+
+/// Whether a decode step's products of at most [`GEMV_ROWS`] rows run on duo's
+/// [`Gpu::gemv_fused`] with the step's norms and SiLU folded in (`DUO_STEP_GEMV=1`). Off by
+/// default: on the H200 (BENCHMARKS.md, session 26) a one-row Llama-3-8B step takes the same
+/// time either way (128K full 9.01-9.05 ms against cuBLAS's 9.06: its qkv, o and down are as
+/// fast or faster alone, gate/up 0.90x), and at 4 rows its products are 0.17-1.12x of
+/// cuBLAS's, so a batch would be slower; and a product whose kernel depended on the row
+/// count would make a sequence's logits depend on its neighbours.
+pub fn step_gemv() -> bool {
+    crate::decode_attention::tuning("DUO_STEP_GEMV") == Some(1)
+}
+
+/// Whether [`Gpu::gemv_fused`] launches as a programmatic dependent, so that its first
+/// weights are on their way while the kernel before it finishes (`DUO_GEMV_PDL=0`: the
+/// ordinary way, for measuring what that brings).
+fn gemv_programmatic() -> bool {
+    crate::decode_attention::tuning("DUO_GEMV_PDL") != Some(0)
 }
 
 /// Bytes of cuBLAS's workspace.
@@ -315,7 +395,7 @@ pub fn compile_all() -> Option<Result<usize>> {
         return None;
     }
     let mut jobs: Vec<(&'static str, String, Vec<String>)> = vec![
-        ("ops", crate::ops::SOURCE.into(), vec![]),
+        ("ops", crate::ops::SOURCE.into(), ops_options()),
         ("dequant", crate::dequant::SOURCE.into(), vec![]),
     ];
     for d in [64, 128] {
@@ -469,7 +549,7 @@ impl Gpu {
         let stream = ctx.new_stream().map_err(driver)?;
         let blas = CudaBlas::new(stream.clone()).map_err(driver)?;
         let ops = ctx
-            .load_module(compile(crate::ops::SOURCE, "ops", vec![])?)
+            .load_module(compile(crate::ops::SOURCE, "ops", ops_options())?)
             .map_err(driver)?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver)?;
         let hopper = ctx.compute_capability().map_err(driver)?.0 == 9;
@@ -924,38 +1004,66 @@ impl Gpu {
         .map_err(driver)
     }
 
-    /// [`Gpu::gemm`]'s product for 1 to [`GEMV_ROWS`] rows by duo's own kernel (one warp per
-    /// output, the weights streamed once): `in_dim` a multiple of 8; accumulating (`beta`
-    /// not 0) into f32 outputs only.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv(
-        &self,
-        x: u64,
-        w: u64,
-        y: u64,
-        t: usize,
-        in_dim: usize,
-        out_dim: usize,
-        beta: f32,
-        y_bf16: bool,
-    ) -> Result<()> {
-        if !gemv_takes(t, in_dim, beta, y_bf16) {
-            return Err(CudaError::Input(format!(
-                "gemv takes 1 to {GEMV_ROWS} rows of a multiple of 8 values ({t} rows of {in_dim}), accumulating (beta {beta}) into f32 outputs only (bf16 out: {y_bf16})"
-            )));
-        }
-        let f = self.op("gemv_bf16")?;
-        let (rows, i, o, yb) = (t as i32, in_dim as i32, out_dim as i32, i32::from(y_bf16));
-        launch!(self, f, (out_dim.div_ceil(8) as u32, 1, 1), 256, &x, &w, &y, &rows, &i, &o, &beta, &yb)
+    /// Whether [`Gpu::gemv_fused`] takes `t` rows of `in_dim` values from `input`.
+    pub fn gemv_takes(t: usize, in_dim: usize, input: GemvInput) -> bool {
+        (1..=GEMV_ROWS).contains(&t)
+            && in_dim.is_multiple_of(8)
+            && (matches!(input, GemvInput::Bf16(_)) || t * in_dim * 2 <= GEMV_SMEM)
     }
 
-    /// A linear layer's product, `y = x W^T (+ beta y)`, by the kernel that suits it: cuBLAS
-    /// ([`Gpu::gemm`]), or duo's [`Gpu::gemv`] for a few rows where `DUO_GEMV=1`. Measured
-    /// (BENCHMARKS.md): duo's kernel is faster on one row of the attention output (9.1 us
-    /// against cuBLAS's 13.4 on the H200, whose split product and reduction took 12.0 + 3.6 us
-    /// in a step's profile), but a whole step gains at
-    /// most 1% with it on every one-row product into f32, and a product whose kernel depends
-    /// on the batch's row count would make a sequence's logits depend on its neighbours.
+    /// `out = in W^T` for 1 to [`GEMV_ROWS`] rows by duo's own matrix-vector kernel (the
+    /// weights `w`, bf16 `[out_dim, in_dim]`, streamed once; `in_dim` a multiple of 8), with
+    /// the RMSNorm before it ([`GemvInput::Normed`]) and the SiLU after it
+    /// ([`GemvOutput::SiluPairs`], `out_dim` the gate and up rows together) folded in.
+    /// A row's sums have one order whatever the row count, so a decode row's product does
+    /// not depend on its neighbours. Launched as a programmatic dependent of the kernel
+    /// before it ([`gemv_programmatic`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_fused(&self, input: GemvInput, w: u64, out: GemvOutput, t: usize, in_dim: usize, out_dim: usize) -> Result<()> {
+        if !Self::gemv_takes(t, in_dim, input) || (matches!(out, GemvOutput::SiluPairs(_)) && !out_dim.is_multiple_of(2)) {
+            return Err(CudaError::Input(format!(
+                "gemv takes 1 to {GEMV_ROWS} rows of a multiple of 8 values ({t} rows of {in_dim}; normed rows at most {GEMV_SMEM} bytes of bf16), an even width for SiLU pairs ({out_dim})"
+            )));
+        }
+        let f = self.op("gemv_fused")?;
+        // Normalised rows always sit in shared memory, bf16 rows where they fit beside the
+        // rings of GEMV_BLOCKS blocks.
+        let rows_bytes = t * in_dim * 2;
+        let room = ((228 << 10) / gemv_blocks()).saturating_sub(gemv_ring_bytes() + 1024);
+        let (x, norm, eps, staged) = match input {
+            GemvInput::Bf16(x) => (x, 0u64, 0f32, rows_bytes <= room),
+            GemvInput::Normed { x, norm, eps } => (x, norm, eps, true),
+        };
+        let smem = gemv_ring_bytes() + if staged { rows_bytes } else { 0 };
+        let stage_x = i32::from(staged && norm == 0);
+        let (y, beta, mode) = match out {
+            GemvOutput::F32 { y, beta } => (y, beta, 0i32),
+            GemvOutput::Bf16(y) => (y, 0.0, 1),
+            GemvOutput::SiluPairs(y) => (y, 0.0, 2),
+        };
+        if smem > 48 << 10 {
+            allow_dynamic_smem(&f, gemv_ring_bytes() + GEMV_SMEM)?;
+        }
+        let units = if mode == 2 { out_dim / 2 } else { out_dim };
+        // As many blocks as fit at once (a multiprocessor's 228 KiB, 1 KiB of it the
+        // system's per block), at most GEMV_BLOCKS each.
+        let per_sm = gemv_blocks().min((228 << 10) / (smem + 1024)).max(1);
+        let blocks = units.div_ceil(8).min(per_sm * self.multiprocessors()?).max(1) as u32;
+        let (rows, i, o) = (t as i32, in_dim as i32, out_dim as i32);
+        launch_dependent!(gemv_programmatic(); smem smem as u32; self, f, (blocks, 1, 1), 256, &x, &norm, &eps, &w, &y, &rows, &i, &o, &beta, &mode, &stage_x)
+    }
+
+    /// The GPU's multiprocessors.
+    pub fn multiprocessors(&self) -> Result<usize> {
+        let n = self
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver)?;
+        Ok(n.max(1) as usize)
+    }
+
+    /// A linear layer's product, `y = x W^T (+ beta y)`, by cuBLAS ([`Gpu::gemm`]). (A
+    /// decode step's few rows take [`Gpu::gemv_fused`] instead, where the caller asks.)
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
@@ -968,11 +1076,7 @@ impl Gpu {
         beta: f32,
         y_bf16: bool,
     ) -> Result<()> {
-        if crate::decode_attention::tuning("DUO_GEMV") == Some(1) && gemv_takes(t, in_dim, beta, y_bf16) {
-            self.gemv(x, w, y, t, in_dim, out_dim, beta, y_bf16)
-        } else {
-            self.gemm(x, w, y, t, in_dim, out_dim, beta, y_bf16)
-        }
+        self.gemm(x, w, y, t, in_dim, out_dim, beta, y_bf16)
     }
 
     fn decode_kernels(
@@ -1831,6 +1935,42 @@ mod tests {
             assert_eq!(block_work(&c, kinds.len() + 1), (1, 1, 2048));
             covers(&c, &kinds, 5000, 320);
         }
+    }
+
+    /// The value of `#define name` in the ops source.
+    fn ops_define(name: &str) -> usize {
+        let line = crate::ops::SOURCE
+            .lines()
+            .find(|l| l.trim_start().strip_prefix("#define ").is_some_and(|r| r.split_whitespace().next() == Some(name)))
+            .unwrap_or_else(|| panic!("no #define {name}"));
+        line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    }
+
+    #[test]
+    fn the_matrix_vector_kernels_shape_is_the_one_its_launch_assumes() {
+        // The host's row limit, ring size and blocks per multiprocessor mirror the kernel's
+        // defines (with no DUO_GEMV_* knob set).
+        assert_eq!(GEMV_ROWS, ops_define("GEMV_ROWS"));
+        assert_eq!(ops_define("GEMV_WARPS"), 8, "the launch's 256 threads");
+        if ["DUO_GEMV_UNROLL", "DUO_GEMV_STAGES", "DUO_GEMV_BLOCKS"].iter().all(|k| std::env::var_os(k).is_none()) {
+            assert!(ops_options().is_empty(), "the default key");
+            assert_eq!(gemv_ring_bytes(), ops_define("GEMV_WARPS") * ops_define("GEMV_STAGES") * ops_define("GEMV_UNROLL") * 32 * 16);
+            assert_eq!(gemv_blocks(), ops_define("GEMV_BLOCKS"));
+            // Two blocks' rings and a row of Llama-3-8B's 14,336 down inputs fit one
+            // multiprocessor, so the down product reads its row from shared memory.
+            assert!(2 * (gemv_ring_bytes() + 14_336 * 2 + 1024) <= 228 << 10);
+        }
+    }
+
+    #[test]
+    fn the_matrix_vector_kernel_refuses_what_it_cannot_take() {
+        let normed = GemvInput::Normed { x: 0, norm: 0, eps: 1e-5 };
+        assert!(Gpu::gemv_takes(1, 4096, normed) && Gpu::gemv_takes(GEMV_ROWS, 4096, normed));
+        assert!(!Gpu::gemv_takes(0, 4096, GemvInput::Bf16(0)), "no rows");
+        assert!(!Gpu::gemv_takes(GEMV_ROWS + 1, 4096, GemvInput::Bf16(0)), "more rows than its sums");
+        assert!(!Gpu::gemv_takes(1, 4100, GemvInput::Bf16(0)), "not whole 16-byte chunks");
+        // Normalised rows live in shared memory; bf16 rows need not.
+        assert!(!Gpu::gemv_takes(GEMV_ROWS, 8192, normed) && Gpu::gemv_takes(GEMV_ROWS, 8192, GemvInput::Bf16(0)));
     }
 
     #[test]
