@@ -479,6 +479,8 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         });
     }
 
+    out.extend(rope_append_split_types(gpu, seed)?);
+
     // SiLU x up.
     let (rows, inter) = (3usize, 14336usize);
     let gu: Vec<f32> = random(seed + 4, rows * 2 * inter, 6.0)
@@ -647,6 +649,116 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         bound: 1e-2,
     });
     out.extend(gemv_parity(gpu, seed)?);
+    Ok(out)
+}
+
+/// RoPE + append where streaming heads keep bf16 rows beside a quantised cache whose keys are
+/// turned (fp8, int4: `--kv-dtype-streaming bf16`): a retrieval head's keys and its queries
+/// leave in the Hadamard basis and quantised, a streaming head's keys and queries in RoPE's
+/// own, as bf16 rows at the streaming view's (wider) rows. (The whole-model check cannot see
+/// a wrong basis here: q . k is the same in both, so long as the pair agrees.)
+fn rope_append_split_types(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
+    let mut out = Vec::new();
+    let (nh, ng, d) = (4usize, 2usize, 128usize);
+    for kv in [KvType::Fp8, KvType::Int4] {
+        let (kt, vt) = (kv.key(), kv.value());
+        let layout = PagedLayout {
+            retrieval: vec![vec![true, false]],
+            sink: 4,
+            recent: 16,
+            block_tokens: 16,
+            max_chunk: 8,
+            max_tokens: 1200,
+            kv,
+            kv_streaming: KvType::Bf16,
+        };
+        assert!(layout.split_types() && kt.turns_keys());
+        // One sequence (slot 0): two rows in the ring, one in the sinks.
+        let positions = [1000usize, 1001, 2];
+        let t = positions.len();
+        let (tables, blocks) = shuffled_tables(&layout, 1002, seed);
+        let heads = layout.heads(0);
+        let pool_rows = blocks * layout.group() * layout.block_tokens;
+        let inv: Vec<f32> = (0..d / 2).map(|i| 500_000f32.powf(-2.0 * i as f32 / d as f32)).collect();
+        let qkv: Vec<f32> = random(seed + 21, t * (nh + 2 * ng) * d, 2.0).into_iter().map(round_bf16).collect();
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let (qkvg, sg, pg, invg, hg) = (
+            gpu.upload(&bf16_bits(&qkv))?,
+            gpu.upload(&vec![0i32; t])?,
+            gpu.upload(&pos)?,
+            gpu.upload(&inv)?,
+            gpu.upload(&HeadEntry::table(&heads))?,
+        );
+        let tab = gpu.upload(&decode_attention::table_rows(&layout, std::slice::from_ref(&tables)))?;
+        let (qg, kg, vg) = (
+            gpu.zeros::<f32>(t * nh * d)?,
+            gpu.upload(&vec![0x7fu8; kt.bytes_for(pool_rows * d)])?,
+            gpu.upload(&vec![0x7fu8; vt.bytes_for(pool_rows * d)])?,
+        );
+        let (ksg, vsg) = (gpu.upload(&vec![-1.0f32; pool_rows])?, gpu.upload(&vec![-1.0f32; pool_rows])?);
+        let paged = layout.paged_args(gpu.addr(&tab)).with_scales(gpu.addr(&ksg), gpu.addr(&vsg));
+        gpu.rope_append(
+            gpu.addr(&qkvg),
+            gpu.addr(&sg),
+            gpu.addr(&pg),
+            gpu.addr(&invg),
+            gpu.addr(&hg),
+            nh,
+            ng,
+            d,
+            true,
+            gpu.addr(&qg),
+            gpu.addr(&kg),
+            gpu.addr(&vg),
+            t,
+            (paged, layout.streaming_args(paged)),
+        )?;
+        let (gq, gk, gv) = (gpu.download(&qg)?, gpu.download(&kg)?, gpu.download(&vg)?);
+        let (gks, gvs) = (gpu.download(&ksg)?, gpu.download(&vsg)?);
+        // A bf16 row of the streaming view: `row` counts rows of 2 x d bytes.
+        let bf16_row = |bytes: &[u8], row: usize| -> Vec<f32> {
+            bytes[row * 2 * d..][..2 * d].chunks(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
+        };
+        let stride = (nh + 2 * ng) * d;
+        let (mut q_err, mut ret_err, mut st_err) = (0.0f64, 0.0f64, 0.0f64);
+        for (r, &p) in positions.iter().enumerate() {
+            for hh in 0..nh + ng {
+                // Query head hh reads KV head hh / (nh / ng); KV head g is hh - nh.
+                let g = if hh < nh { hh / (nh / ng) } else { hh - nh };
+                let retrieval = heads[g].kind == HeadEntry::RETRIEVAL;
+                let mut v = qkv[r * stride + hh * d..][..d].to_vec();
+                rope_ref(&mut v, p, &inv, true);
+                if retrieval {
+                    crate::int4::hadamard(&mut v);
+                }
+                if hh < nh {
+                    q_err = q_err.max(max_err(&v, &gq[(r * nh + hh) * d..][..d]));
+                    continue;
+                }
+                let values = &qkv[r * stride + (nh + ng + g) * d..][..d];
+                let row = tables.row(&layout, heads[g], p);
+                if retrieval {
+                    // Its type's codes and scale, within a step of the turned key (4-bit
+                    // codes: half a step is 1/15 of the row's largest key), as a share of
+                    // that largest key; the values exactly as the host quantises them.
+                    let keys = kt.dequantise_rows(&gk[row * kt.bytes_for(d)..][..kt.bytes_for(d)], &gks[row..row + 1], d);
+                    let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
+                    ret_err = ret_err.max(max_err(&v, &keys) / amax / 5.0);
+                    let vals = vt.dequantise_rows(&gv[row * vt.bytes_for(d)..][..vt.bytes_for(d)], &gvs[row..row + 1], d);
+                    ret_err = ret_err.max(max_err(&vt.round_rows(values, d), &vals));
+                } else {
+                    let keys: Vec<f32> = v.iter().map(|&x| round_bf16(x)).collect();
+                    st_err = st_err.max(max_err(&keys, &bf16_row(&gk, tables.key_row(&layout, heads[g], p))));
+                    let vals: Vec<f32> = values.iter().map(|&x| round_bf16(x)).collect();
+                    st_err = st_err.max(max_err(&vals, &bf16_row(&gv, row)));
+                }
+            }
+        }
+        let case = |what: &str| format!("rope_append ({kv:?} beside bf16 windows): {what}, {nh} q + {ng} kv heads of {d}");
+        out.push(Parity { case: case("queries, turned for the retrieval head's only"), max_abs_err: q_err, bound: 2e-2 });
+        out.push(Parity { case: case("the retrieval head's rows, keys turned (error / 5 x its largest key)"), max_abs_err: ret_err, bound: 2e-2 });
+        out.push(Parity { case: case("the streaming head's bf16 rows, keys not turned"), max_abs_err: st_err, bound: 2e-2 });
+    }
     Ok(out)
 }
 
