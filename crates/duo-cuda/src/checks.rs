@@ -308,16 +308,7 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         let inv: Vec<f32> = (0..d / 2)
             .map(|i| 500_000f32.powf(-2.0 * i as f32 / d as f32))
             .collect();
-        let layout = PagedLayout {
-            retrieval: vec![vec![true, false]],
-            sink: 4,
-            recent: 16,
-            block_tokens: 16,
-            max_chunk: 8,
-            max_tokens: 1200,
-            kv,
-            kv_streaming: kv,
-        };
+        let layout = rope_layout(kv, kv);
         let rows_at: [(i32, usize); 4] = [(0, 1000), (0, 1001), (1, 2), (-1, 7)];
         let t = rows_at.len();
         let (t0, blocks0) = shuffled_tables(&layout, 1002, seed);
@@ -335,48 +326,8 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             .into_iter()
             .map(round_bf16)
             .collect();
-        let slots: Vec<i32> = rows_at.iter().map(|r| r.0).collect();
-        let pos: Vec<i32> = rows_at.iter().map(|r| r.1 as i32).collect();
-        let (qkvg, sg, pg, invg, hg) = (
-            gpu.upload(&bf16_bits(&qkv))?,
-            gpu.upload(&slots)?,
-            gpu.upload(&pos)?,
-            gpu.upload(&inv)?,
-            gpu.upload(&HeadEntry::table(&heads))?,
-        );
-        let tab = gpu.upload(&decode_attention::table_rows(&layout, &tables))?;
-        // Poison: 0x7f7f as bf16, NaN as e4m3; scales -1.
-        let (qg, kg, vg) = (
-            gpu.zeros::<f32>(t * nh * d)?,
-            gpu.upload(&vec![0x7fu8; kt.bytes_for(pool_rows * d)])?,
-            gpu.upload(&vec![0x7fu8; vt.bytes_for(pool_rows * d)])?,
-        );
-        let (ksg, vsg) = (
-            gpu.upload(&vec![-1.0f32; pool_rows])?,
-            gpu.upload(&vec![-1.0f32; pool_rows])?,
-        );
-        let mut paged = layout.paged_args(gpu.addr(&tab));
-        if kv.is_quantised() {
-            paged = paged.with_scales(gpu.addr(&ksg), gpu.addr(&vsg));
-        }
-        gpu.rope_append(
-            gpu.addr(&qkvg),
-            gpu.addr(&sg),
-            gpu.addr(&pg),
-            gpu.addr(&invg),
-            gpu.addr(&hg),
-            nh,
-            ng,
-            d,
-            half_split,
-            gpu.addr(&qg),
-            gpu.addr(&kg),
-            gpu.addr(&vg),
-            t,
-            (paged, layout.streaming_args(paged)),
-        )?;
-        let (gq, gk_bytes, gv_bytes) = (gpu.download(&qg)?, gpu.download(&kg)?, gpu.download(&vg)?);
-        let (gks, gvs) = (gpu.download(&ksg)?, gpu.download(&vsg)?);
+        let Appended { q: gq, k: gk_bytes, v: gv_bytes, ks: gks, vs: gvs } =
+            run_rope_append(gpu, &layout, &tables, blocks, &rows_at, &qkv, &inv, (nh, ng, d), half_split)?;
         let cached = |ty: KvType, bytes: &[u8], scales: &[f32]| -> Vec<f32> {
             match ty {
                 KvType::Fp8 | KvType::Int8 | KvType::Int4 => ty.dequantise_rows(bytes, scales, d),
@@ -652,6 +603,89 @@ fn ops(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     Ok(out)
 }
 
+/// The RoPE + append checks' pool: one layer of a retrieval and a streaming KV head (sinks of
+/// 4, a window of 16), blocks of 16 positions, streaming heads in `kv_streaming`.
+fn rope_layout(kv: KvType, kv_streaming: KvType) -> PagedLayout {
+    PagedLayout {
+        retrieval: vec![vec![true, false]],
+        sink: 4,
+        recent: 16,
+        block_tokens: 16,
+        max_chunk: 8,
+        max_tokens: 1200,
+        kv,
+        kv_streaming,
+    }
+}
+
+/// What [`Gpu::rope_append`] left in [`run_rope_append`]'s pool: the queries (f32), the key
+/// and value bytes and their row scales (poisoned beforehand: bytes 0x7f, scales -1).
+struct Appended {
+    q: Vec<f32>,
+    k: Vec<u8>,
+    v: Vec<u8>,
+    ks: Vec<f32>,
+    vs: Vec<f32>,
+}
+
+/// RoPE (`inv` frequencies) + append of `qkv` (bf16 values, rows of `(nh + 2 ng) x d`) at
+/// `rows_at` (slot, position) rows (slot -1: a padding row) into a poisoned pool of `blocks`
+/// blocks of `layout` under `tables` (one per slot), scales given where the cache is quantised.
+#[allow(clippy::too_many_arguments)]
+fn run_rope_append(
+    gpu: &Gpu,
+    layout: &PagedLayout,
+    tables: &[Tables],
+    blocks: usize,
+    rows_at: &[(i32, usize)],
+    qkv: &[f32],
+    inv: &[f32],
+    (nh, ng, d): (usize, usize, usize),
+    half_split: bool,
+) -> Result<Appended> {
+    let (kt, vt) = (layout.kv.key(), layout.kv.value());
+    let t = rows_at.len();
+    let pool_rows = blocks * layout.group() * layout.block_tokens;
+    let slots: Vec<i32> = rows_at.iter().map(|r| r.0).collect();
+    let pos: Vec<i32> = rows_at.iter().map(|r| r.1 as i32).collect();
+    let (qkvg, sg, pg, invg, hg) = (
+        gpu.upload(&bf16_bits(qkv))?,
+        gpu.upload(&slots)?,
+        gpu.upload(&pos)?,
+        gpu.upload(inv)?,
+        gpu.upload(&HeadEntry::table(&layout.heads(0)))?,
+    );
+    let tab = gpu.upload(&decode_attention::table_rows(layout, tables))?;
+    // Poison: 0x7f7f as bf16, NaN as e4m3; scales -1.
+    let (qg, kg, vg) = (
+        gpu.zeros::<f32>(t * nh * d)?,
+        gpu.upload(&vec![0x7fu8; kt.bytes_for(pool_rows * d)])?,
+        gpu.upload(&vec![0x7fu8; vt.bytes_for(pool_rows * d)])?,
+    );
+    let (ksg, vsg) = (gpu.upload(&vec![-1.0f32; pool_rows])?, gpu.upload(&vec![-1.0f32; pool_rows])?);
+    let mut paged = layout.paged_args(gpu.addr(&tab));
+    if layout.kv.is_quantised() {
+        paged = paged.with_scales(gpu.addr(&ksg), gpu.addr(&vsg));
+    }
+    gpu.rope_append(
+        gpu.addr(&qkvg),
+        gpu.addr(&sg),
+        gpu.addr(&pg),
+        gpu.addr(&invg),
+        gpu.addr(&hg),
+        nh,
+        ng,
+        d,
+        half_split,
+        gpu.addr(&qg),
+        gpu.addr(&kg),
+        gpu.addr(&vg),
+        t,
+        (paged, layout.streaming_args(paged)),
+    )?;
+    Ok(Appended { q: gpu.download(&qg)?, k: gpu.download(&kg)?, v: gpu.download(&vg)?, ks: gpu.download(&ksg)?, vs: gpu.download(&vsg)? })
+}
+
 /// RoPE + append where streaming heads keep bf16 rows beside a quantised cache whose keys are
 /// turned (fp8, int4: `--kv-dtype-streaming bf16`): a retrieval head's keys and its queries
 /// leave in the Hadamard basis and quantised, a streaming head's keys and queries in RoPE's
@@ -662,59 +696,18 @@ fn rope_append_split_types(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     let (nh, ng, d) = (4usize, 2usize, 128usize);
     for kv in [KvType::Fp8, KvType::Int4] {
         let (kt, vt) = (kv.key(), kv.value());
-        let layout = PagedLayout {
-            retrieval: vec![vec![true, false]],
-            sink: 4,
-            recent: 16,
-            block_tokens: 16,
-            max_chunk: 8,
-            max_tokens: 1200,
-            kv,
-            kv_streaming: KvType::Bf16,
-        };
+        let layout = rope_layout(kv, KvType::Bf16);
         assert!(layout.split_types() && kt.turns_keys());
         // One sequence (slot 0): two rows in the ring, one in the sinks.
         let positions = [1000usize, 1001, 2];
         let t = positions.len();
         let (tables, blocks) = shuffled_tables(&layout, 1002, seed);
         let heads = layout.heads(0);
-        let pool_rows = blocks * layout.group() * layout.block_tokens;
         let inv: Vec<f32> = (0..d / 2).map(|i| 500_000f32.powf(-2.0 * i as f32 / d as f32)).collect();
         let qkv: Vec<f32> = random(seed + 21, t * (nh + 2 * ng) * d, 2.0).into_iter().map(round_bf16).collect();
-        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        let (qkvg, sg, pg, invg, hg) = (
-            gpu.upload(&bf16_bits(&qkv))?,
-            gpu.upload(&vec![0i32; t])?,
-            gpu.upload(&pos)?,
-            gpu.upload(&inv)?,
-            gpu.upload(&HeadEntry::table(&heads))?,
-        );
-        let tab = gpu.upload(&decode_attention::table_rows(&layout, std::slice::from_ref(&tables)))?;
-        let (qg, kg, vg) = (
-            gpu.zeros::<f32>(t * nh * d)?,
-            gpu.upload(&vec![0x7fu8; kt.bytes_for(pool_rows * d)])?,
-            gpu.upload(&vec![0x7fu8; vt.bytes_for(pool_rows * d)])?,
-        );
-        let (ksg, vsg) = (gpu.upload(&vec![-1.0f32; pool_rows])?, gpu.upload(&vec![-1.0f32; pool_rows])?);
-        let paged = layout.paged_args(gpu.addr(&tab)).with_scales(gpu.addr(&ksg), gpu.addr(&vsg));
-        gpu.rope_append(
-            gpu.addr(&qkvg),
-            gpu.addr(&sg),
-            gpu.addr(&pg),
-            gpu.addr(&invg),
-            gpu.addr(&hg),
-            nh,
-            ng,
-            d,
-            true,
-            gpu.addr(&qg),
-            gpu.addr(&kg),
-            gpu.addr(&vg),
-            t,
-            (paged, layout.streaming_args(paged)),
-        )?;
-        let (gq, gk, gv) = (gpu.download(&qg)?, gpu.download(&kg)?, gpu.download(&vg)?);
-        let (gks, gvs) = (gpu.download(&ksg)?, gpu.download(&vsg)?);
+        let rows_at: Vec<(i32, usize)> = positions.iter().map(|&p| (0, p)).collect();
+        let Appended { q: gq, k: gk, v: gv, ks: gks, vs: gvs } =
+            run_rope_append(gpu, &layout, std::slice::from_ref(&tables), blocks, &rows_at, &qkv, &inv, (nh, ng, d), true)?;
         // A bf16 row of the streaming view: `row` counts rows of 2 x d bytes.
         let bf16_row = |bytes: &[u8], row: usize| -> Vec<f32> {
             bytes[row * 2 * d..][..2 * d].chunks(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
