@@ -755,16 +755,18 @@ fn rope_append_split_types(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     Ok(out)
 }
 
-/// duo's matrix-vector kernel ([`Gpu::gemv_fused`]) against f64 references, on widths of one
-/// group of chunks or less (576: SmolLM2's hidden size), a partial last group (1,544) and
-/// seven groups (14,336), at 1, 3 and 8 rows: bf16 rows into f32 plus the residual; f32 rows
-/// through RMSNorm into bf16; the same into SiLU pairs. And batch invariance: a row's result
-/// in a launch of 8 rows is bit for bit its result alone.
+/// duo's matrix-vector kernel ([`Gpu::gemv_fused`]) against f64 references, on input widths
+/// of one item of chunks or less (576: SmolLM2's hidden size; an item is 1,024 values by
+/// default), a partial last item (1,544), four (4,096) and fourteen (14,336), and at 2,500
+/// outputs (SiLU pairs: 5,000 rows) more output rows than the grid's warps, so that a warp
+/// moves on to further rows; at 1, 3 and 8 rows: bf16 rows into f32 plus the residual; f32
+/// rows through RMSNorm into bf16; the same into SiLU pairs. And batch invariance: a row's
+/// result in a launch of 8 rows is bit for bit its result alone.
 fn gemv_parity(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     use crate::runtime::{GemvInput, GemvOutput};
     let mut out = Vec::new();
     let dot = |x: &[f32], w: &[f32]| x.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
-    for (k, m) in [(576usize, 200usize), (1544, 96), (4096, 300), (14336, 64)] {
+    for (k, m) in [(576usize, 200usize), (1544, 96), (4096, 300), (4096, 2500), (14336, 64)] {
         let rows = crate::runtime::GEMV_ROWS;
         let bf = |v: Vec<f32>| v.into_iter().map(round_bf16).collect::<Vec<f32>>();
         let xv = bf(random(seed + 11, rows * k, 1.0));

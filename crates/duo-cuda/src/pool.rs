@@ -1036,13 +1036,16 @@ impl KvPool {
     }
 
     /// How many of a step's `decode_rows` leading rows take [`Gpu::gemv_fused`]: all of
-    /// them where there are at most [`crate::runtime::GEMV_ROWS`] and the kernel takes the
-    /// model's widths ([`crate::runtime::step_gemv`]), else none.
+    /// them in a pool whose every step's decode rows (at most its largest bucket) the kernel
+    /// takes at the model's widths, where asked ([`crate::runtime::step_gemv`]); none in any
+    /// other pool. Never some steps one way and some the other, so that a row's products do
+    /// not depend on how many rows share its step.
     fn fused_rows(&self, decode_rows: usize) -> usize {
-        let c = &self.w.config;
+        let (c, most) = (&self.w.config, bucket(self.config.max_seqs));
         let normed = GemvInput::Normed { x: 0, norm: 0, eps: 0.0 };
-        let takes = Gpu::gemv_takes(decode_rows, c.hidden, normed)
-            && [c.n_heads * c.head_dim, c.ffn].iter().all(|&k| Gpu::gemv_takes(decode_rows, k, GemvInput::Bf16(0)));
+        let takes = Gpu::gemv_takes(most, c.hidden, normed)
+            && [c.n_heads * c.head_dim, c.ffn].iter().all(|&k| Gpu::gemv_takes(most, k, GemvInput::Bf16(0)));
+        debug_assert!(decode_rows <= most);
         if crate::runtime::step_gemv() && takes { decode_rows } else { 0 }
     }
 

@@ -77,6 +77,8 @@ pub struct Gpu {
     prefill_wg: Mutex<Vec<((usize, KvType), MadeKernel)>>,
     /// Compute capability 9.x (Hopper): the `wgmma` prefill kernel runs.
     hopper: bool,
+    /// Its multiprocessors.
+    sms: usize,
     dequant: Mutex<Option<CudaFunction>>,
     /// cuBLAS's fixed workspace (so captured products allocate nothing); it lives as long as
     /// the handle that uses it.
@@ -87,8 +89,14 @@ pub struct Gpu {
 pub const GEMV_ROWS: usize = 8;
 
 /// Shared memory [`Gpu::gemv_fused`] may give a block for its normalised rows (rows x
-/// inputs x 2 bytes), so that two blocks still fit on a multiprocessor (228 KiB).
+/// inputs x 2 bytes) beside its rings: Llama-3-8B's 8 rows of 4,096 (64 KiB) run one block a
+/// multiprocessor, up to 6 (48 KiB) two.
 const GEMV_SMEM: usize = 100 << 10;
+
+/// Shared memory a block may have on the H100/H200 (227 KiB, static and dynamic together),
+/// and what [`Gpu::gemv_fused`]'s kernel declares statically (its `part[]`, with room).
+const BLOCK_SMEM: usize = 227 << 10;
+const GEMV_STATIC_SMEM: usize = 64;
 
 /// [`Gpu::gemv_fused`]'s blocks a multiprocessor at most (`GEMV_BLOCKS` in its source).
 fn gemv_blocks() -> usize {
@@ -98,23 +106,33 @@ fn gemv_blocks() -> usize {
 /// Bytes of [`Gpu::gemv_fused`]'s weight rings in a block: 8 warps x `GEMV_STAGES` items of
 /// 32 lanes x `GEMV_UNROLL` 16-byte chunks.
 fn gemv_ring_bytes() -> usize {
-    let unroll = crate::decode_attention::tuning("DUO_GEMV_UNROLL").unwrap_or(4);
-    let stages = crate::decode_attention::tuning("DUO_GEMV_STAGES").unwrap_or(4);
-    8 * stages * unroll * 32 * 16
+    8 * gemv_stages() * gemv_unroll() * 32 * 16
+}
+
+/// [`Gpu::gemv_fused`]'s 16-byte chunks a lane an item (`GEMV_UNROLL`).
+fn gemv_unroll() -> usize {
+    crate::decode_attention::tuning("DUO_GEMV_UNROLL").unwrap_or(4).clamp(1, 16)
+}
+
+/// [`Gpu::gemv_fused`]'s items a warp's ring (`GEMV_STAGES`; two at least: one being summed
+/// while the next is copied).
+fn gemv_stages() -> usize {
+    crate::decode_attention::tuning("DUO_GEMV_STAGES").unwrap_or(4).clamp(2, 16)
 }
 
 /// The ops source's options: the matrix-vector kernel's shape where the environment sets it
 /// (`DUO_GEMV_UNROLL`, `DUO_GEMV_STAGES`, `DUO_GEMV_BLOCKS`; none by default, so the default key is unchanged).
 fn ops_options() -> Vec<String> {
+    // (The values the host sizes the launch by, clamped alike.)
     let mut o = Vec::new();
-    if let Some(u) = crate::decode_attention::tuning("DUO_GEMV_UNROLL") {
-        o.push(format!("-DGEMV_UNROLL={u}"));
+    if crate::decode_attention::tuning("DUO_GEMV_UNROLL").is_some() {
+        o.push(format!("-DGEMV_UNROLL={}", gemv_unroll()));
     }
     if crate::decode_attention::tuning("DUO_GEMV_BLOCKS").is_some() {
         o.push(format!("-DGEMV_BLOCKS={}", gemv_blocks()));
     }
-    if let Some(p) = crate::decode_attention::tuning("DUO_GEMV_STAGES") {
-        o.push(format!("-DGEMV_STAGES={p}"));
+    if crate::decode_attention::tuning("DUO_GEMV_STAGES").is_some() {
+        o.push(format!("-DGEMV_STAGES={}", gemv_stages()));
     }
     o
 }
@@ -157,10 +175,11 @@ pub enum GemvOutput {
 /// Whether a decode step's products of at most [`GEMV_ROWS`] rows run on duo's
 /// [`Gpu::gemv_fused`] with the step's norms and SiLU folded in (`DUO_STEP_GEMV=1`). Off by
 /// default: on the H200 (BENCHMARKS.md, session 26) a one-row Llama-3-8B step takes the same
-/// time either way (128K full 9.01-9.05 ms against cuBLAS's 9.06: its qkv, o and down are as
-/// fast or faster alone, gate/up 0.90x), and at 4 rows its products are 0.17-1.12x of
-/// cuBLAS's, so a batch would be slower; and a product whose kernel depended on the row
-/// count would make a sequence's logits depend on its neighbours.
+/// time either way (128K full 9.01-9.05 ms against cuBLAS's 9.06: alone its qkv is 1.29x and
+/// o 2.31x of cuBLAS's speed, down 0.99x, gate/up 0.90x), and at 4 rows its products are
+/// 0.17-1.12x of cuBLAS's, so a batch would be slower. A pool takes it for every step or for
+/// none (`KvPool`'s `fused_rows`): a product whose kernel depended on the step's row count
+/// would make a sequence's logits depend on its neighbours.
 pub fn step_gemv() -> bool {
     crate::decode_attention::tuning("DUO_STEP_GEMV") == Some(1)
 }
@@ -553,6 +572,10 @@ impl Gpu {
             .map_err(driver)?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver)?;
         let hopper = ctx.compute_capability().map_err(driver)?.0 == 9;
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver)?
+            .max(1) as usize;
         let gpu = Self {
             ctx,
             stream,
@@ -562,6 +585,7 @@ impl Gpu {
             prefill: Mutex::new(Vec::new()),
             prefill_wg: Mutex::new(Vec::new()),
             hopper,
+            sms,
             dequant: Mutex::new(None),
             _blas_workspace: workspace,
         };
@@ -1029,7 +1053,7 @@ impl Gpu {
         // Normalised rows always sit in shared memory, bf16 rows where they fit beside the
         // rings of GEMV_BLOCKS blocks.
         let rows_bytes = t * in_dim * 2;
-        let room = ((228 << 10) / gemv_blocks()).saturating_sub(gemv_ring_bytes() + 1024);
+        let room = ((228 << 10) / gemv_blocks()).saturating_sub(gemv_ring_bytes() + 1024 + GEMV_STATIC_SMEM);
         let (x, norm, eps, staged) = match input {
             GemvInput::Bf16(x) => (x, 0u64, 0f32, rows_bytes <= room),
             GemvInput::Normed { x, norm, eps } => (x, norm, eps, true),
@@ -1041,25 +1065,27 @@ impl Gpu {
             GemvOutput::Bf16(y) => (y, 0.0, 1),
             GemvOutput::SiluPairs(y) => (y, 0.0, 2),
         };
-        if smem > 48 << 10 {
-            allow_dynamic_smem(&f, gemv_ring_bytes() + GEMV_SMEM)?;
+        if smem + GEMV_STATIC_SMEM > BLOCK_SMEM {
+            return Err(CudaError::Input(format!(
+                "gemv's rings ({} bytes: DUO_GEMV_STAGES x DUO_GEMV_UNROLL too large) and {t} rows of {in_dim} exceed a block's {BLOCK_SMEM} bytes of shared memory",
+                gemv_ring_bytes()
+            )));
+        }
+        if smem + GEMV_STATIC_SMEM > 48 << 10 {
+            allow_dynamic_smem(&f, smem)?;
         }
         let units = if mode == 2 { out_dim / 2 } else { out_dim };
         // As many blocks as fit at once (a multiprocessor's 228 KiB, 1 KiB of it the
         // system's per block), at most GEMV_BLOCKS each.
         let per_sm = gemv_blocks().min((228 << 10) / (smem + 1024)).max(1);
-        let blocks = units.div_ceil(8).min(per_sm * self.multiprocessors()?).max(1) as u32;
+        let blocks = units.div_ceil(8).min(per_sm * self.sms).max(1) as u32;
         let (rows, i, o) = (t as i32, in_dim as i32, out_dim as i32);
         launch_dependent!(gemv_programmatic(); smem smem as u32; self, f, (blocks, 1, 1), 256, &x, &norm, &eps, &w, &y, &rows, &i, &o, &beta, &mode, &stage_x)
     }
 
     /// The GPU's multiprocessors.
-    pub fn multiprocessors(&self) -> Result<usize> {
-        let n = self
-            .ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(driver)?;
-        Ok(n.max(1) as usize)
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
     }
 
     /// A linear layer's product, `y = x W^T (+ beta y)`, by cuBLAS ([`Gpu::gemm`]). (A
@@ -1958,7 +1984,7 @@ mod tests {
             assert_eq!(gemv_blocks(), ops_define("GEMV_BLOCKS"));
             // Two blocks' rings and a row of Llama-3-8B's 14,336 down inputs fit one
             // multiprocessor, so the down product reads its row from shared memory.
-            assert!(2 * (gemv_ring_bytes() + 14_336 * 2 + 1024) <= 228 << 10);
+            assert!(2 * (gemv_ring_bytes() + 14_336 * 2 + GEMV_STATIC_SMEM + 1024) <= 228 << 10);
         }
     }
 
