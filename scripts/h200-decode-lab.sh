@@ -58,9 +58,12 @@ done
 # partial kernel's instructions and stalls come from.
 src=""
 if [ "${SOURCE:-0}" = 1 ]; then export DUO_NVRTC_LINEINFO=1; src="--section SourceCounters --section InstructionStats"; fi
-NCU="ncu --clock-control none $src --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats"
+NCU="ncu --clock-control none --print-details all $src --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats"
 timeout 240 env ${NCU_VARS:-} $NCU -k duo_decode_partial_tc --launch-skip 5 --launch-count 1 $D cuda-check --only ops --timings decode > "$OUT/ncu-duo.txt" 2>&1; echo "ncu duo exit $?"
 grep -E "duo_decode|DRAM Throughput|Memory Throughput|L2 Cache Throughput|Duration|Achieved Occupancy|Registers Per|Issued Warp|No Eligible|L2 Hit|Block Limit" "$OUT/ncu-duo.txt" | head -60
+# (The memory tables, with --print-details all: L1 and L2 requests, sectors and hits by kind
+# of access, the question of session 26's call 8: why a third or more of the partial
+# kernel's L2 sector requests hit where cuDNN's kernel's do not.)
 [ "${NCU_SDPA:-0}" = 1 ] || exit 0
 cat > /tmp/sdpa_one.py <<'PY'
 import torch, torch.nn.functional as F
