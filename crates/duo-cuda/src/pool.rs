@@ -113,6 +113,15 @@ pub const DECODE_SPLIT: usize = 2048;
 /// Graphs kept at once (each holds its launches' parameters; old ones are dropped).
 const MAX_GRAPHS: usize = 24;
 
+/// Whether [`Gpu::gemv_fused`] takes every decode step a pool of `pool` can make for a
+/// model of `c` (at most `bucket(max_seqs)` decode rows: its normalised hidden rows and its
+/// attention-output and MLP rows), so that the pool can take it for all of them.
+fn pool_takes_gemv(c: &GpuConfig, pool: &PoolConfig) -> bool {
+    let most = bucket(pool.max_seqs);
+    let normed = GemvInput::Normed { x: 0, norm: 0, eps: 0.0 };
+    Gpu::gemv_takes(most, c.hidden, normed) && [c.n_heads * c.head_dim, c.ffn].iter().all(|&k| Gpu::gemv_takes(most, k, GemvInput::Bf16(0)))
+}
+
 /// The padded row count of a decode-only step with `b` rows (the graph bucket).
 pub fn bucket(b: usize) -> usize {
     match b {
@@ -1041,12 +1050,8 @@ impl KvPool {
     /// other pool. Never some steps one way and some the other, so that a row's products do
     /// not depend on how many rows share its step.
     fn fused_rows(&self, decode_rows: usize) -> usize {
-        let (c, most) = (&self.w.config, bucket(self.config.max_seqs));
-        let normed = GemvInput::Normed { x: 0, norm: 0, eps: 0.0 };
-        let takes = Gpu::gemv_takes(most, c.hidden, normed)
-            && [c.n_heads * c.head_dim, c.ffn].iter().all(|&k| Gpu::gemv_takes(most, k, GemvInput::Bf16(0)));
-        debug_assert!(decode_rows <= most);
-        if crate::runtime::step_gemv() && takes { decode_rows } else { 0 }
+        debug_assert!(decode_rows <= bucket(self.config.max_seqs));
+        if crate::runtime::step_gemv() && pool_takes_gemv(&self.w.config, &self.config) { decode_rows } else { 0 }
     }
 
     /// Rows `off..off + n` of a step of `rows` rows through a layer's attention input:
@@ -1369,6 +1374,24 @@ mod tests {
 
     fn pool(max_seqs: usize) -> PoolConfig {
         PoolConfig { blocks: 1, max_seqs, max_rows: max_seqs + 4096, graphs: true }
+    }
+
+    #[test]
+    fn a_pool_takes_the_fused_products_for_every_step_or_for_none() {
+        // Llama-3-8B's widths: up to 8 sequences every step's rows fit (8 normalised rows of
+        // 4,096 in shared memory); 9 make steps of 16 rows, past the kernel's 8.
+        let l3 = config(1, 32, 8, 128);
+        for seqs in [1, 2, 5, 8] {
+            assert!(pool_takes_gemv(&l3, &pool(seqs)), "{seqs} sequences");
+        }
+        assert!(!pool_takes_gemv(&l3, &pool(9)));
+        // A hidden size of 8,192: 6 rows fit (bucket 8 does not), so a pool of 5 sequences,
+        // whose steps pad to 8 rows, takes it for none of them.
+        let wide = config(1, 64, 8, 128);
+        assert!(pool_takes_gemv(&wide, &pool(4)) && !pool_takes_gemv(&wide, &pool(5)));
+        // Widths not in whole 16-byte chunks: never.
+        let odd = GpuConfig { ffn: 1001, ..config(1, 4, 2, 64) };
+        assert!(!pool_takes_gemv(&odd, &pool(1)));
     }
 
     #[test]
