@@ -801,6 +801,25 @@ fn gemv_parity(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             let want = silu_mul_ref(&gu, m);
             out.push(Parity { case: format!("gemv (duo's, RMSNorm in, SiLU pairs out): [{t} x {k}] x [{} x {k}]^T", 2 * m), max_abs_err: max_err(&want, &bf16_to_f32(&gpu.download(&ya)?)), bound: 2e-2 });
         }
+        // The SiLU in the input rows (rows of [gate | up], twice k wide): against the f64
+        // product of silu_mul's reference, and bit for bit against silu_mul then the product.
+        for t in [1usize, 3] {
+            let gu_rows = bf(random(seed + 16, t * 2 * k, 3.0));
+            if !Gpu::gemv_takes(t, k, GemvInput::SiluOf(0)) {
+                continue;
+            }
+            let (gug, act) = (gpu.upload(&bf16_bits(&gu_rows))?, gpu.zeros::<u16>(t * k)?);
+            let (y1, y2) = (gpu.zeros::<f32>(t * m)?, gpu.zeros::<f32>(t * m)?);
+            gpu.gemv_fused(GemvInput::SiluOf(gpu.addr(&gug)), gpu.addr(&wg), GemvOutput::F32 { y: gpu.addr(&y1), beta: 0.0 }, t, k, m)?;
+            gpu.silu_mul(gpu.addr(&gug), gpu.addr(&act), t, k)?;
+            gpu.gemv_fused(GemvInput::Bf16(gpu.addr(&act)), gpu.addr(&wg), GemvOutput::F32 { y: gpu.addr(&y2), beta: 0.0 }, t, k, m)?;
+            let a = silu_mul_ref(&gu_rows, k);
+            let want: Vec<f32> = (0..t * m).map(|i| dot(&a[i / m * k..][..k], &wv[i % m * k..][..k]) as f32).collect();
+            let (got1, got2) = (gpu.download(&y1)?, gpu.download(&y2)?);
+            out.push(Parity { case: format!("gemv (duo's, SiLU of [gate | up] in): [{t} x {k}] x [{m} x {k}]^T"), max_abs_err: max_err(&want, &got1), bound: 1e-3 });
+            let differ = got1.iter().zip(&got2).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            out.push(Parity { case: format!("gemv (duo's): SiLU in its input against silu_mul then it, [{t} x {k}], values that differ"), max_abs_err: differ as f64, bound: 0.0 });
+        }
         // Row 5 of an 8-row launch against row 5 alone: the same bits (through RMSNorm where
         // 8 rows of it fit).
         let norms = Gpu::gemv_takes(rows, k, normed(0));

@@ -417,9 +417,10 @@ __device__ __forceinline__ void gemv_sum(const uint4* stage, const GemvWork& s, 
     }
 }
 // Dynamic shared memory: the warps' rings (GEMV_WARPS x GEMV_STAGES items), then the
-// normalised rows where `norm` is set, or a copy of the bf16 rows where `stage_x` is (the L1
-// beside the rings is too small to keep a 14,336-wide row: every warp would read it from
-// the L2 again).
+// normalised rows where `norm` is set, or, where `stage_x` is 1, a copy of the bf16 rows (the
+// L1 beside the rings is too small to keep a 14,336-wide row: every warp would read it from
+// the L2 again), or, where it is 2, bf16(silu(gate) * up) of bf16 [gate | up] rows of twice
+// in_dim, exactly as `silu_mul` writes them (the SiLU before the down product).
 extern "C" __global__ void __launch_bounds__(256, GEMV_BLOCKS) gemv_fused(const void* x, const float* norm, float eps, const bf16_t* __restrict__ w,
                                                               void* y, int rows, int in_dim, int out_dim, float beta, int out_mode, int stage_x) {
     extern __shared__ __align__(16) uint4 gemv_smem[];
@@ -475,7 +476,23 @@ extern "C" __global__ void __launch_bounds__(256, GEMV_BLOCKS) gemv_fused(const 
         in = xs;
     } else if (stage_x) {
         uint4* xs = gemv_smem + (size_t)GEMV_WARPS * GEMV_STAGES * GEMV_ITEM;
-        for (int i = threadIdx.x; i < rows * s.chunks; i += blockDim.x) xs[i] = in[i];
+        if (stage_x == 1) {
+            for (int i = threadIdx.x; i < rows * s.chunks; i += blockDim.x) xs[i] = in[i];
+        } else {
+            for (int i = threadIdx.x; i < rows * s.chunks; i += blockDim.x) {
+                const int t = i / s.chunks, c = i % s.chunks;
+                const uint4 g4 = in[(size_t)t * 2 * s.chunks + c], u4 = in[(size_t)t * 2 * s.chunks + s.chunks + c];
+                const unsigned gw[4] = {g4.x, g4.y, g4.z, g4.w}, uw[4] = {u4.x, u4.y, u4.z, u4.w};
+                unsigned o[4];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const float g0 = bf((bf16_t)(gw[k] & 0xffffu)), g1 = bf((bf16_t)(gw[k] >> 16));
+                    const float u0 = bf((bf16_t)(uw[k] & 0xffffu)), u1 = bf((bf16_t)(uw[k] >> 16));
+                    o[k] = to_bf(g0 / (1.f + expf(-g0)) * u0) | ((unsigned)to_bf(g1 / (1.f + expf(-g1)) * u1) << 16);
+                }
+                xs[i] = make_uint4(o[0], o[1], o[2], o[3]);
+            }
+        }
         __syncthreads();
         in = xs;
     }

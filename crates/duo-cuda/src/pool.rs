@@ -21,7 +21,7 @@ use crate::decode_attention::{split_for, tensor_blocks, DecodeKernel, KvType, MI
 use crate::model::{GpuConfig, GpuWeights};
 use crate::paged::{Allocator, PagedLayout, Ring, Tables};
 use crate::prefill_attention::HeadEntry;
-use crate::runtime::{driver, DecodeLaunch, GemvInput, GemvOutput, Gpu, StepGraph, StreamingKernel};
+use crate::runtime::{driver, DecodeLaunch, GemvInput, GemvOutput, Gpu, StepGemv, StepGraph, StreamingKernel};
 use crate::{CudaError, Result};
 use cudarc::driver::{sys as drv, CudaSlice};
 use std::sync::{Arc, Mutex};
@@ -1051,7 +1051,7 @@ impl KvPool {
     /// not depend on how many rows share its step.
     fn fused_rows(&self, decode_rows: usize) -> usize {
         debug_assert!(decode_rows <= bucket(self.config.max_seqs));
-        if crate::runtime::step_gemv() && pool_takes_gemv(&self.w.config, &self.config) { decode_rows } else { 0 }
+        if crate::runtime::step_gemv() != StepGemv::Cublas && pool_takes_gemv(&self.w.config, &self.config) { decode_rows } else { 0 }
     }
 
     /// Rows `off..off + n` of a step of `rows` rows through a layer's attention input:
@@ -1148,10 +1148,22 @@ impl KvPool {
         let (x, xn) = (g.addr(&b.x) + (off * h * 4) as u64, g.addr(&b.xn) + (off * h * 2) as u64);
         let (gu, act) = (g.addr(&b.gu) + (off * 2 * c.ffn * 2) as u64, g.addr(&b.act) + (off * c.ffn * 2) as u64);
         let f = fused.min(n);
-        if f > 0 {
+        let down = GemvOutput::F32 { y: x, beta: residual };
+        if f > 0 && crate::runtime::step_gemv() == StepGemv::FusedBesideCublasGateUp {
+            // gate/up on cuBLAS; the SiLU inside the down product's input where its rows fit
+            // (else its kernel: the same bits either way).
+            g.rms_norm(x, g.addr(&lw.ffn_norm), xn, f, h, c.eps)?;
+            g.linear(xn, g.addr(&lw.gate_up), gu, f, h, 2 * c.ffn, 0.0, true)?;
+            if Gpu::gemv_takes(f, c.ffn, GemvInput::SiluOf(gu)) {
+                g.gemv_fused(GemvInput::SiluOf(gu), g.addr(&lw.down), down, f, c.ffn, h)?;
+            } else {
+                g.silu_mul(gu, act, f, c.ffn)?;
+                g.gemv_fused(GemvInput::Bf16(act), g.addr(&lw.down), down, f, c.ffn, h)?;
+            }
+        } else if f > 0 {
             let input = GemvInput::Normed { x, norm: g.addr(&lw.ffn_norm), eps: c.eps };
             g.gemv_fused(input, g.addr(&lw.gate_up), GemvOutput::SiluPairs(act), f, h, 2 * c.ffn)?;
-            g.gemv_fused(GemvInput::Bf16(act), g.addr(&lw.down), GemvOutput::F32 { y: x, beta: residual }, f, c.ffn, h)?;
+            g.gemv_fused(GemvInput::Bf16(act), g.addr(&lw.down), down, f, c.ffn, h)?;
         }
         if n > f {
             let (x, xn) = (x + (f * h * 4) as u64, xn + (f * h * 2) as u64);

@@ -143,6 +143,10 @@ fn ops_options() -> Vec<String> {
 pub enum GemvInput {
     /// The address of bf16 rows.
     Bf16(u64),
+    /// bf16 `[gate | up]` rows (twice the product's input width) at the address, the
+    /// product's input being `bf16(silu(gate) * up)` as [`Gpu::silu_mul`] writes it: its
+    /// rows must fit the block's shared memory beside the rings.
+    SiluOf(u64),
     /// f32 rows at `x`, normalised on the way.
     Normed {
         /// The rows (f32).
@@ -172,16 +176,34 @@ pub enum GemvOutput {
     SiluPairs(u64),
 }
 
-/// Whether a decode step's products of at most [`GEMV_ROWS`] rows run on duo's
-/// [`Gpu::gemv_fused`] with the step's norms and SiLU folded in (`DUO_STEP_GEMV=1`). Off by
-/// default: on the H200 (BENCHMARKS.md, session 26) a one-row Llama-3-8B step takes the same
-/// time either way (128K full 9.01-9.05 ms against cuBLAS's 9.06: alone its qkv is 1.29x and
-/// o 2.31x of cuBLAS's speed, down 0.99x, gate/up 0.90x), and at 4 rows its products are
-/// 0.17-1.12x of cuBLAS's, so a batch would be slower. A pool takes it for every step or for
-/// none (`KvPool`'s `fused_rows`): a product whose kernel depended on the step's row count
-/// would make a sequence's logits depend on its neighbours.
-pub fn step_gemv() -> bool {
-    crate::decode_attention::tuning("DUO_STEP_GEMV") == Some(1)
+/// How a decode step's products of at most [`GEMV_ROWS`] rows run (`DUO_STEP_GEMV`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepGemv {
+    /// cuBLAS, with the RMSNorms and the SiLU as kernels of their own (the default).
+    Cublas,
+    /// Every product on duo's [`Gpu::gemv_fused`], the norms and the SiLU folded in (`=1`).
+    /// On the H200 (BENCHMARKS.md, session 26) a one-row Llama-3-8B step takes the same time
+    /// as with cuBLAS (128K full 9.01-9.05 ms against 9.06: alone its qkv is 1.29x and o
+    /// 2.31x of cuBLAS's speed, down 0.99x, gate/up 0.90x), and at 4 rows its products are
+    /// 0.17-1.12x of cuBLAS's, so a batch would be slower.
+    Fused,
+    /// qkv, o and down on [`Gpu::gemv_fused`] (the first norm folded into qkv, the SiLU into
+    /// down's input rows where they fit its shared memory), gate/up on cuBLAS after an RMSNorm
+    /// kernel (`=2`): the products where duo's kernel measured as fast or faster, and the
+    /// one where it did not left to cuBLAS. Built after session 26's device time; not yet
+    /// measured.
+    FusedBesideCublasGateUp,
+}
+
+/// The [`StepGemv`] `DUO_STEP_GEMV` asks for. Whichever it is, a pool takes duo's kernel for
+/// every step or for none (`KvPool`'s `fused_rows`): a product whose kernel depended on the
+/// step's row count would make a sequence's logits depend on its neighbours.
+pub fn step_gemv() -> StepGemv {
+    match crate::decode_attention::tuning("DUO_STEP_GEMV") {
+        Some(1) => StepGemv::Fused,
+        Some(2) => StepGemv::FusedBesideCublasGateUp,
+        _ => StepGemv::Cublas,
+    }
 }
 
 /// Whether [`Gpu::gemv_fused`] launches as a programmatic dependent, so that its first
@@ -1030,9 +1052,14 @@ impl Gpu {
 
     /// Whether [`Gpu::gemv_fused`] takes `t` rows of `in_dim` values from `input`.
     pub fn gemv_takes(t: usize, in_dim: usize, input: GemvInput) -> bool {
+        let rows_bytes = t * in_dim * 2;
         (1..=GEMV_ROWS).contains(&t)
             && in_dim.is_multiple_of(8)
-            && (matches!(input, GemvInput::Bf16(_)) || t * in_dim * 2 <= GEMV_SMEM)
+            && match input {
+                GemvInput::Bf16(_) => true,
+                GemvInput::Normed { .. } => rows_bytes <= GEMV_SMEM,
+                GemvInput::SiluOf(_) => gemv_ring_bytes() + rows_bytes + GEMV_STATIC_SMEM <= BLOCK_SMEM,
+            }
     }
 
     /// `out = in W^T` for 1 to [`GEMV_ROWS`] rows by duo's own matrix-vector kernel (the
@@ -1054,12 +1081,14 @@ impl Gpu {
         // rings of GEMV_BLOCKS blocks.
         let rows_bytes = t * in_dim * 2;
         let room = ((228 << 10) / gemv_blocks()).saturating_sub(gemv_ring_bytes() + 1024 + GEMV_STATIC_SMEM);
-        let (x, norm, eps, staged) = match input {
-            GemvInput::Bf16(x) => (x, 0u64, 0f32, rows_bytes <= room),
-            GemvInput::Normed { x, norm, eps } => (x, norm, eps, true),
+        // (stage: 0 none, 1 the bf16 rows copied, 2 their SiLU computed into shared memory.)
+        let (x, norm, eps, stage_x) = match input {
+            GemvInput::Bf16(x) => (x, 0u64, 0f32, i32::from(rows_bytes <= room)),
+            GemvInput::SiluOf(gu) => (gu, 0, 0.0, 2),
+            GemvInput::Normed { x, norm, eps } => (x, norm, eps, 0),
         };
+        let staged = stage_x != 0 || norm != 0;
         let smem = gemv_ring_bytes() + if staged { rows_bytes } else { 0 };
-        let stage_x = i32::from(staged && norm == 0);
         let (y, beta, mode) = match out {
             GemvOutput::F32 { y, beta } => (y, beta, 0i32),
             GemvOutput::Bf16(y) => (y, 0.0, 1),
@@ -1997,6 +2026,12 @@ mod tests {
         assert!(!Gpu::gemv_takes(1, 4100, GemvInput::Bf16(0)), "not whole 16-byte chunks");
         // Normalised rows live in shared memory; bf16 rows need not.
         assert!(!Gpu::gemv_takes(GEMV_ROWS, 8192, normed) && Gpu::gemv_takes(GEMV_ROWS, 8192, GemvInput::Bf16(0)));
+        // The SiLU's rows are made in shared memory: one or a few of Llama-3-8B's 14,336
+        // (28 KiB each) beside the rings, never eight.
+        if std::env::var_os("DUO_GEMV_STAGES").is_none() && std::env::var_os("DUO_GEMV_UNROLL").is_none() {
+            assert!(Gpu::gemv_takes(1, 14_336, GemvInput::SiluOf(0)) && Gpu::gemv_takes(4, 14_336, GemvInput::SiluOf(0)));
+            assert!(!Gpu::gemv_takes(GEMV_ROWS, 14_336, GemvInput::SiluOf(0)));
+        }
     }
 
     #[test]
