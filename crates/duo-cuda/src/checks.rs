@@ -760,8 +760,11 @@ fn rope_append_split_types(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
 /// default), a partial last item (1,544), four (4,096) and fourteen (14,336), and at 2,500
 /// outputs (SiLU pairs: 5,000 rows) more output rows than the grid's warps, so that a warp
 /// moves on to further rows; at 1, 3 and 8 rows: bf16 rows into f32 plus the residual; f32
-/// rows through RMSNorm into bf16; the same into SiLU pairs. And batch invariance: a row's
-/// result in a launch of 8 rows is bit for bit its result alone.
+/// rows through RMSNorm into bf16; the same into SiLU pairs; bf16 [gate | up] rows whose SiLU
+/// is the input, against `silu_mul`'s reference and bit for bit against `silu_mul` then the
+/// product (gates up to +-3, and a few past +-88, where expf saturates). And batch
+/// invariance: a row's result in a launch of 8 rows is bit for bit its result alone, and a
+/// SiLU-input row's in a launch of 3.
 fn gemv_parity(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
     use crate::runtime::{GemvInput, GemvOutput};
     let mut out = Vec::new();
@@ -804,7 +807,12 @@ fn gemv_parity(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
         // The SiLU in the input rows (rows of [gate | up], twice k wide): against the f64
         // product of silu_mul's reference, and bit for bit against silu_mul then the product.
         for t in [1usize, 3] {
-            let gu_rows = bf(random(seed + 16, t * 2 * k, 3.0));
+            let mut gu_rows = bf(random(seed + 16, t * 2 * k, 3.0));
+            // A few gates where expf underflows or overflows (their SiLU exact either way: the
+            // gate, or zero).
+            for (i, v) in [(3usize, 90.0f32), (11, -95.0), (7, -100.0)] {
+                gu_rows[i] = v;
+            }
             if !Gpu::gemv_takes(t, k, GemvInput::SiluOf(0)) {
                 continue;
             }
@@ -819,6 +827,13 @@ fn gemv_parity(gpu: &Gpu, seed: u64) -> Result<Vec<Parity>> {
             out.push(Parity { case: format!("gemv (duo's, SiLU of [gate | up] in): [{t} x {k}] x [{m} x {k}]^T"), max_abs_err: max_err(&want, &got1), bound: 1e-3 });
             let differ = got1.iter().zip(&got2).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
             out.push(Parity { case: format!("gemv (duo's): SiLU in its input against silu_mul then it, [{t} x {k}], values that differ"), max_abs_err: differ as f64, bound: 0.0 });
+            if t == 3 {
+                // Row 2 of the 3 alone: the same bits.
+                let one = gpu.zeros::<f32>(m)?;
+                gpu.gemv_fused(GemvInput::SiluOf(gpu.addr(&gug) + (2 * 2 * k * 2) as u64), gpu.addr(&wg), GemvOutput::F32 { y: gpu.addr(&one), beta: 0.0 }, 1, k, m)?;
+                let differ = got1[2 * m..].iter().zip(&gpu.download(&one)?).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                out.push(Parity { case: format!("gemv (duo's, SiLU in): row 2 of 3 against it alone, [{k} x {m}], values that differ"), max_abs_err: differ as f64, bound: 0.0 });
+            }
         }
         // Row 5 of an 8-row launch against row 5 alone: the same bits (through RMSNorm where
         // 8 rows of it fit).

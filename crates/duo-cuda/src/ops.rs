@@ -316,10 +316,15 @@ extern "C" __global__ void copy_blocks(const bf16_t* sk, const bf16_t* sv, bf16_
     for (long long i = threadIdx.x; i < elems / 8; i += blockDim.x) to[i] = from[i];
 }
 
+// bf16(silu(g) * u) as every kernel here writes it (silu_mul, gemv_fused's SiLU pairs and
+// its SiLU input rows): one function, so the three agree bit for bit.
+__device__ __forceinline__ bf16_t silu_mul_bf(float g, float u) { return to_bf(g / (1.f + expf(-g)) * u); }
+
 // A decode step's matrix-vector products, y[t, n] = sum_k in[t, k] w[n, k] for at most
 // GEMV_ROWS rows t, which only stream the weights, with the small kernels around them folded
-// in: the input is either bf16 rows, or f32 rows that each block puts through RMSNorm
-// itself (`norm` set: into shared memory, as `rms_norm` would write them), and the output is
+// in: the input is bf16 rows, f32 rows that each block puts through RMSNorm itself (`norm`
+// set: into shared memory, as `rms_norm` would write them), or bf16 [gate | up] rows whose
+// SiLU each block computes into shared memory (`stage_x` 2), and the output is
 // f32 (out_mode 0, plus beta y where beta != 0), bf16 (1), or bf16(silu(gate) * up) of a
 // [gate | up] product (2: a warp takes gate row n and up row n + out_dim / 2 in turn and
 // writes one value, as `silu_mul` would from the bf16 pair). Persistent: each warp takes
@@ -412,7 +417,7 @@ __device__ __forceinline__ void gemv_sum(const uint4* stage, const GemvWork& s, 
             reinterpret_cast<bf16_t*>(y)[(size_t)t * out_dim + n] = to_bf(v);
         } else {
             const float gv = bf(to_bf(gate[t])), uv = bf(to_bf(v));
-            reinterpret_cast<bf16_t*>(y)[(size_t)t * s.units + n] = to_bf(gv / (1.f + expf(-gv)) * uv);
+            reinterpret_cast<bf16_t*>(y)[(size_t)t * s.units + n] = silu_mul_bf(gv, uv);
         }
     }
 }
@@ -488,7 +493,7 @@ extern "C" __global__ void __launch_bounds__(256, GEMV_BLOCKS) gemv_fused(const 
                 for (int k = 0; k < 4; k++) {
                     const float g0 = bf((bf16_t)(gw[k] & 0xffffu)), g1 = bf((bf16_t)(gw[k] >> 16));
                     const float u0 = bf((bf16_t)(uw[k] & 0xffffu)), u1 = bf((bf16_t)(uw[k] >> 16));
-                    o[k] = to_bf(g0 / (1.f + expf(-g0)) * u0) | ((unsigned)to_bf(g1 / (1.f + expf(-g1)) * u1) << 16);
+                    o[k] = silu_mul_bf(g0, u0) | ((unsigned)silu_mul_bf(g1, u1) << 16);
                 }
                 xs[i] = make_uint4(o[0], o[1], o[2], o[3]);
             }
@@ -521,7 +526,7 @@ extern "C" __global__ void silu_mul(const bf16_t* gu, bf16_t* out, int rows, int
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
         const size_t t = k / inter, i = k % inter;
         const float g = bf(gu[t * 2 * inter + i]), u = bf(gu[t * 2 * inter + inter + i]);
-        out[k] = to_bf(g / (1.f + expf(-g)) * u);
+        out[k] = silu_mul_bf(g, u);
     }
 }
 

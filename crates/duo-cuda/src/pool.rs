@@ -1047,8 +1047,10 @@ impl KvPool {
     /// How many of a step's `decode_rows` leading rows take [`Gpu::gemv_fused`]: all of
     /// them in a pool whose every step's decode rows (at most its largest bucket) the kernel
     /// takes at the model's widths, where asked ([`crate::runtime::step_gemv`]); none in any
-    /// other pool. Never some steps one way and some the other, so that a row's products do
-    /// not depend on how many rows share its step.
+    /// other pool. Never some steps one way and some the other, so that a row's products on
+    /// duo's kernel do not depend on how many rows share its step (under
+    /// [`StepGemv::FusedBesideCublasGateUp`] the gate/up product is cuBLAS's, whose kernel
+    /// may change with the row count, as on the default path).
     fn fused_rows(&self, decode_rows: usize) -> usize {
         debug_assert!(decode_rows <= bucket(self.config.max_seqs));
         if crate::runtime::step_gemv() != StepGemv::Cublas && pool_takes_gemv(&self.w.config, &self.config) { decode_rows } else { 0 }
@@ -1141,7 +1143,10 @@ impl KvPool {
     /// Rows `off..off + n` of `b.x` through a layer's MLP: RMSNorm, gate/up, SiLU, and the
     /// down projection back into `b.x`, adding the residual where `residual` is 1. The first
     /// `fused` rows take two [`Gpu::gemv_fused`] launches (the norm and the SiLU folded into
-    /// the gate/up product), the rest the four kernels.
+    /// the gate/up product) under [`StepGemv::Fused`], or RMSNorm, cuBLAS's gate/up and one
+    /// [`Gpu::gemv_fused`] launch with the SiLU in its input rows (or `silu_mul` before it,
+    /// where the rows do not fit) under [`StepGemv::FusedBesideCublasGateUp`]; the rest the
+    /// four kernels.
     fn mlp(&self, b: &Buffers, lw: &crate::model::LayerWeights, (off, n): (usize, usize), residual: f32, fused: usize) -> Result<()> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let h = c.hidden;

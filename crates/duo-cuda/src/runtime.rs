@@ -191,13 +191,15 @@ pub enum StepGemv {
     /// down's input rows where they fit its shared memory), gate/up on cuBLAS after an RMSNorm
     /// kernel (`=2`): the products where duo's kernel measured as fast or faster, and the
     /// one where it did not left to cuBLAS. Built after session 26's device time; not yet
-    /// measured.
+    /// measured (every block computes the SiLU of every row, so at several rows the separate
+    /// kernel may be cheaper). Not batch-invariant: cuBLAS's gate/up, as on the default path.
     FusedBesideCublasGateUp,
 }
 
 /// The [`StepGemv`] `DUO_STEP_GEMV` asks for. Whichever it is, a pool takes duo's kernel for
 /// every step or for none (`KvPool`'s `fused_rows`): a product whose kernel depended on the
-/// step's row count would make a sequence's logits depend on its neighbours.
+/// step's row count would make a sequence's logits depend on its neighbours. (cuBLAS's
+/// products, the default's and `=2`'s gate/up, choose their kernel by the row count.)
 pub fn step_gemv() -> StepGemv {
     match crate::decode_attention::tuning("DUO_STEP_GEMV") {
         Some(1) => StepGemv::Fused,
@@ -1064,8 +1066,9 @@ impl Gpu {
 
     /// `out = in W^T` for 1 to [`GEMV_ROWS`] rows by duo's own matrix-vector kernel (the
     /// weights `w`, bf16 `[out_dim, in_dim]`, streamed once; `in_dim` a multiple of 8), with
-    /// the RMSNorm before it ([`GemvInput::Normed`]) and the SiLU after it
-    /// ([`GemvOutput::SiluPairs`], `out_dim` the gate and up rows together) folded in.
+    /// the RMSNorm before it ([`GemvInput::Normed`]), the SiLU after it
+    /// ([`GemvOutput::SiluPairs`], `out_dim` the gate and up rows together) or the SiLU before
+    /// it ([`GemvInput::SiluOf`]) folded in.
     /// A row's sums have one order whatever the row count, so a decode row's product does
     /// not depend on its neighbours. Launched as a programmatic dependent of the kernel
     /// before it ([`gemv_programmatic`]).
@@ -1073,12 +1076,12 @@ impl Gpu {
     pub fn gemv_fused(&self, input: GemvInput, w: u64, out: GemvOutput, t: usize, in_dim: usize, out_dim: usize) -> Result<()> {
         if !Self::gemv_takes(t, in_dim, input) || (matches!(out, GemvOutput::SiluPairs(_)) && !out_dim.is_multiple_of(2)) {
             return Err(CudaError::Input(format!(
-                "gemv takes 1 to {GEMV_ROWS} rows of a multiple of 8 values ({t} rows of {in_dim}; normed rows at most {GEMV_SMEM} bytes of bf16), an even width for SiLU pairs ({out_dim})"
+                "gemv takes 1 to {GEMV_ROWS} rows of a multiple of 8 values ({t} rows of {in_dim}; normed rows at most {GEMV_SMEM} bytes of bf16, SiLU input rows as many as fit a block's {BLOCK_SMEM} bytes beside the rings), an even width for SiLU pairs ({out_dim})"
             )));
         }
         let f = self.op("gemv_fused")?;
-        // Normalised rows always sit in shared memory, bf16 rows where they fit beside the
-        // rings of GEMV_BLOCKS blocks.
+        // Normalised rows and SiLU input rows always sit in shared memory, bf16 rows where
+        // they fit beside the rings of GEMV_BLOCKS blocks.
         let rows_bytes = t * in_dim * 2;
         let room = ((228 << 10) / gemv_blocks()).saturating_sub(gemv_ring_bytes() + 1024 + GEMV_STATIC_SMEM);
         // (stage: 0 none, 1 the bf16 rows copied, 2 their SiLU computed into shared memory.)
