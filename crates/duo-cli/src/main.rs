@@ -328,6 +328,18 @@ fn cuda_check(seed: u64, only: Option<&str>, cases: Option<&str>, no_timings: bo
                 println!("time linear, Llama-3-8B {name:<8} {t} x [{n} x {k}]: cuBLAS {blas:.4} ms ({:.0} GB/s), duo gemv {own:.4} ms ({:.0} GB/s), {:.2}x", gb / blas, gb / own, blas / own);
             }
         }
+        // The same products as a step runs them with the kernels around them: RMSNorm before
+        // qkv and gate/up, the SiLU after gate/up or before down; separate kernels and cuBLAS
+        // against duo's kernel with them folded in (DUO_STEP_GEMV=1 and =2's forms).
+        use duo_cuda::StepProduct::{DownSiluIn, GateUpNormedSilu, QkvNormed};
+        for (name, which, k, n) in [("norm+qkv", QkvNormed, 4096usize, 6144usize), ("norm+gate/up+SiLU", GateUpNormedSilu, 4096, 28672), ("SiLU+down", DownSiluIn, 14336, 4096)] {
+            for t in [1usize, 4] {
+                let apart = duo_cuda::time_step_product(&gpu, which, t, k, n, false, 100)?;
+                let fused = duo_cuda::time_step_product(&gpu, which, t, k, n, true, 100)?;
+                let gb = (k * n * 2) as f64 / 1e6;
+                println!("time step product, Llama-3-8B {name:<17} {t} x [{n} x {k}]: kernels and cuBLAS {apart:.4} ms ({:.0} GB/s), duo fused {fused:.4} ms ({:.0} GB/s), {:.2}x", gb / apart, gb / fused, apart / fused);
+            }
+        }
     }
     let layer_only = std::env::var("DUO_TIME_LAYER").ok();
     if let Some(l) = layer_only.as_deref().filter(|l| !["full", "duo", "stream"].contains(l)) {

@@ -872,6 +872,52 @@ pub fn time_linear(gpu: &Gpu, t: usize, in_dim: usize, out_dim: usize, own: bool
     gpu.time_ms(iters, linear_product(gpu, t, in_dim, out_dim, own)?)
 }
 
+/// A decode step's product with the kernels around it, as [`time_step_product`] times it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepProduct {
+    /// RMSNorm of the f32 rows, then the q/k/v product into bf16.
+    QkvNormed,
+    /// RMSNorm, the gate/up product, the SiLU (out: half the width, bf16).
+    GateUpNormedSilu,
+    /// The SiLU of [gate | up] rows, then the down product added into f32 rows.
+    DownSiluIn,
+}
+
+/// Milliseconds of one of a decode step's products of `t` rows (`[out_dim x in_dim]` weights,
+/// random) with the kernels around it, mean of `iters` after a warm-up: by the separate
+/// kernels and cuBLAS, or (`own`) by [`Gpu::gemv_fused`] with them folded in (for down, its
+/// SiLU-input form; the pools run it only where `t` rows fit, [`Gpu::gemv_takes`]).
+pub fn time_step_product(gpu: &Gpu, which: StepProduct, t: usize, in_dim: usize, out_dim: usize, own: bool, iters: usize) -> Result<f64> {
+    use crate::runtime::{GemvInput, GemvOutput};
+    let w = gpu.zeros::<u16>(in_dim * out_dim)?;
+    gpu.fill_uniform(gpu.addr(&w), in_dim * out_dim, 3, 0.02)?;
+    let (x, norm) = (gpu.upload(&random(5, t * in_dim, 2.0))?, gpu.upload(&vec![1.0f32; in_dim])?);
+    // bf16 scratch: the normalised rows, or [gate | up] rows (2 x in_dim for down).
+    let (xn, gu) = (gpu.zeros::<u16>(t * in_dim)?, gpu.zeros::<u16>(t * 2 * in_dim.max(out_dim))?);
+    gpu.fill_uniform(gpu.addr(&gu), t * 2 * in_dim.max(out_dim), 6, 3.0)?;
+    let (act, y) = (gpu.zeros::<u16>(t * in_dim.max(out_dim))?, gpu.zeros::<f32>(t * out_dim)?);
+    let (xa, na, wa, xna, gua, acta, ya) = (gpu.addr(&x), gpu.addr(&norm), gpu.addr(&w), gpu.addr(&xn), gpu.addr(&gu), gpu.addr(&act), gpu.addr(&y));
+    let normed = GemvInput::Normed { x: xa, norm: na, eps: 1e-5 };
+    gpu.time_ms(iters, move || match (which, own) {
+        (StepProduct::QkvNormed, true) => gpu.gemv_fused(normed, wa, GemvOutput::Bf16(gua), t, in_dim, out_dim),
+        (StepProduct::QkvNormed, false) => {
+            gpu.rms_norm(xa, na, xna, t, in_dim, 1e-5)?;
+            gpu.linear(xna, wa, gua, t, in_dim, out_dim, 0.0, true)
+        }
+        (StepProduct::GateUpNormedSilu, true) => gpu.gemv_fused(normed, wa, GemvOutput::SiluPairs(acta), t, in_dim, out_dim),
+        (StepProduct::GateUpNormedSilu, false) => {
+            gpu.rms_norm(xa, na, xna, t, in_dim, 1e-5)?;
+            gpu.linear(xna, wa, gua, t, in_dim, out_dim, 0.0, true)?;
+            gpu.silu_mul(gua, acta, t, out_dim / 2)
+        }
+        (StepProduct::DownSiluIn, true) => gpu.gemv_fused(GemvInput::SiluOf(gua), wa, GemvOutput::F32 { y: ya, beta: 1.0 }, t, in_dim, out_dim),
+        (StepProduct::DownSiluIn, false) => {
+            gpu.silu_mul(gua, acta, t, in_dim)?;
+            gpu.linear(acta, wa, ya, t, in_dim, out_dim, 1.0, false)
+        }
+    })
+}
+
 /// One launch of [`time_linear`]'s product, over operands (random weights) made once.
 fn linear_product(gpu: &Gpu, t: usize, in_dim: usize, out_dim: usize, own: bool) -> Result<impl FnMut() -> Result<()> + '_> {
     let w = gpu.zeros::<u16>(in_dim * out_dim)?;

@@ -49,7 +49,7 @@ pub mod runtime;
 pub mod rendezvous;
 pub mod shard;
 #[cfg(feature = "cuda")]
-pub use checks::{case_wanted, check, check_group, time_linear, time_product_burst_and_sustained, time_prefill_attention, time_prefill_attention_with, CHECK_GROUPS};
+pub use checks::{case_wanted, check, check_group, time_linear, time_product_burst_and_sustained, time_prefill_attention, time_prefill_attention_with, time_step_product, StepProduct, CHECK_GROUPS};
 #[cfg(feature = "cuda")]
 pub use runtime::Gpu;
 
