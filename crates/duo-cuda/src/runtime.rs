@@ -1081,12 +1081,14 @@ impl Gpu {
         }
         let f = self.op("gemv_fused")?;
         // Normalised rows and SiLU input rows always sit in shared memory, bf16 rows where
-        // they fit beside the rings of GEMV_BLOCKS blocks.
+        // they fit beside the rings of one block (then fewer blocks a multiprocessor, below:
+        // read from the L2 by every warp instead, down's four 14,336-wide rows ran at 0.17x
+        // of cuBLAS's speed in session 26; staged at one block, not yet measured).
         let rows_bytes = t * in_dim * 2;
-        let room = ((228 << 10) / gemv_blocks()).saturating_sub(gemv_ring_bytes() + 1024 + GEMV_STATIC_SMEM);
+        let fits_one_block = gemv_ring_bytes() + rows_bytes + GEMV_STATIC_SMEM <= BLOCK_SMEM;
         // (stage: 0 none, 1 the bf16 rows copied, 2 their SiLU computed into shared memory.)
         let (x, norm, eps, stage_x) = match input {
-            GemvInput::Bf16(x) => (x, 0u64, 0f32, i32::from(rows_bytes <= room)),
+            GemvInput::Bf16(x) => (x, 0u64, 0f32, i32::from(fits_one_block)),
             GemvInput::SiluOf(gu) => (gu, 0, 0.0, 2),
             GemvInput::Normed { x, norm, eps } => (x, norm, eps, 0),
         };
