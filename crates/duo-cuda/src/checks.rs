@@ -902,18 +902,18 @@ pub fn time_step_product(gpu: &Gpu, which: StepProduct, t: usize, in_dim: usize,
         (StepProduct::QkvNormed, true) => gpu.gemv_fused(normed, wa, GemvOutput::Bf16(gua), t, in_dim, out_dim),
         (StepProduct::QkvNormed, false) => {
             gpu.rms_norm(xa, na, xna, t, in_dim, 1e-5)?;
-            gpu.linear(xna, wa, gua, t, in_dim, out_dim, 0.0, true)
+            gpu.gemm(xna, wa, gua, t, in_dim, out_dim, 0.0, true)
         }
         (StepProduct::GateUpNormedSilu, true) => gpu.gemv_fused(normed, wa, GemvOutput::SiluPairs(acta), t, in_dim, out_dim),
         (StepProduct::GateUpNormedSilu, false) => {
             gpu.rms_norm(xa, na, xna, t, in_dim, 1e-5)?;
-            gpu.linear(xna, wa, gua, t, in_dim, out_dim, 0.0, true)?;
+            gpu.gemm(xna, wa, gua, t, in_dim, out_dim, 0.0, true)?;
             gpu.silu_mul(gua, acta, t, out_dim / 2)
         }
         (StepProduct::DownSiluIn, true) => gpu.gemv_fused(GemvInput::SiluOf(gua), wa, GemvOutput::F32 { y: ya, beta: 1.0 }, t, in_dim, out_dim),
         (StepProduct::DownSiluIn, false) => {
             gpu.silu_mul(gua, acta, t, in_dim)?;
-            gpu.linear(acta, wa, ya, t, in_dim, out_dim, 1.0, false)
+            gpu.gemm(acta, wa, ya, t, in_dim, out_dim, 1.0, false)
         }
     })
 }

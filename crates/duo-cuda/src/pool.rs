@@ -1030,7 +1030,7 @@ impl KvPool {
         }
         if logit_rows > 0 {
             g.rms_norm(a(&b.x), a(&w.norm), a16(&b.xn), logit_rows, h, c.eps)?;
-            g.linear(
+            g.gemm(
                 a16(&b.xn),
                 a16(w.lm_head()),
                 a(&b.logits),
@@ -1077,7 +1077,7 @@ impl KvPool {
         if n > f {
             let (x, xn, qkv) = (x + (f * h * 4) as u64, xn + (f * h * 2) as u64, qkv + (f * kvd * 2) as u64);
             g.rms_norm(x, g.addr(&lw.attn_norm), xn, n - f, h, c.eps)?;
-            g.linear(xn, g.addr(&lw.qkv), qkv, n - f, h, kvd, 0.0, true)?;
+            g.gemm(xn, g.addr(&lw.qkv), qkv, n - f, h, kvd, 0.0, true)?;
         }
         // Each kind's heads (and their queries) with its own view of the pool, in one launch.
         let heads = g.addr(&self.heads[layer]);
@@ -1135,7 +1135,7 @@ impl KvPool {
             g.gemv_fused(GemvInput::Bf16(att), g.addr(&lw.o), GemvOutput::F32 { y: x, beta: residual }, f, qd, h)?;
         }
         if n > f {
-            g.linear(att + (f * qd * 2) as u64, g.addr(&lw.o), x + (f * h * 4) as u64, n - f, qd, h, residual, false)?;
+            g.gemm(att + (f * qd * 2) as u64, g.addr(&lw.o), x + (f * h * 4) as u64, n - f, qd, h, residual, false)?;
         }
         Ok(())
     }
@@ -1158,7 +1158,7 @@ impl KvPool {
             // gate/up on cuBLAS; the SiLU inside the down product's input where its rows fit
             // (else its kernel: the same bits either way).
             g.rms_norm(x, g.addr(&lw.ffn_norm), xn, f, h, c.eps)?;
-            g.linear(xn, g.addr(&lw.gate_up), gu, f, h, 2 * c.ffn, 0.0, true)?;
+            g.gemm(xn, g.addr(&lw.gate_up), gu, f, h, 2 * c.ffn, 0.0, true)?;
             if Gpu::gemv_takes(f, c.ffn, GemvInput::SiluOf(gu)) {
                 g.gemv_fused(GemvInput::SiluOf(gu), g.addr(&lw.down), down, f, c.ffn, h)?;
             } else {
@@ -1174,9 +1174,9 @@ impl KvPool {
             let (x, xn) = (x + (f * h * 4) as u64, xn + (f * h * 2) as u64);
             let (gu, act) = (gu + (f * 2 * c.ffn * 2) as u64, act + (f * c.ffn * 2) as u64);
             g.rms_norm(x, g.addr(&lw.ffn_norm), xn, n - f, h, c.eps)?;
-            g.linear(xn, g.addr(&lw.gate_up), gu, n - f, h, 2 * c.ffn, 0.0, true)?;
+            g.gemm(xn, g.addr(&lw.gate_up), gu, n - f, h, 2 * c.ffn, 0.0, true)?;
             g.silu_mul(gu, act, n - f, c.ffn)?;
-            g.linear(act, g.addr(&lw.down), x, n - f, c.ffn, h, residual, false)?;
+            g.gemm(act, g.addr(&lw.down), x, n - f, c.ffn, h, residual, false)?;
         }
         Ok(())
     }

@@ -1117,28 +1117,6 @@ impl Gpu {
         launch_dependent!(gemv_programmatic(); smem smem as u32; self, f, (blocks, 1, 1), 256, &x, &norm, &eps, &w, &y, &rows, &i, &o, &beta, &mode, &stage_x)
     }
 
-    /// The GPU's multiprocessors.
-    pub fn multiprocessors(&self) -> usize {
-        self.sms
-    }
-
-    /// A linear layer's product, `y = x W^T (+ beta y)`, by cuBLAS ([`Gpu::gemm`]). (A
-    /// decode step's few rows take [`Gpu::gemv_fused`] instead, where the caller asks.)
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear(
-        &self,
-        x: u64,
-        w: u64,
-        y: u64,
-        t: usize,
-        in_dim: usize,
-        out_dim: usize,
-        beta: f32,
-        y_bf16: bool,
-    ) -> Result<()> {
-        self.gemm(x, w, y, t, in_dim, out_dim, beta, y_bf16)
-    }
-
     fn decode_kernels(
         &self,
         group: usize,
