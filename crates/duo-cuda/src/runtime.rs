@@ -109,6 +109,12 @@ fn gemv_ring_bytes() -> usize {
     8 * gemv_stages() * gemv_unroll() * 32 * 16
 }
 
+/// Whether `rows_bytes` of staged input rows fit one [`Gpu::gemv_fused`] block beside rings
+/// of `ring` bytes (and the kernel's static shared memory).
+fn gemv_fits_block(ring: usize, rows_bytes: usize) -> bool {
+    ring + rows_bytes + GEMV_STATIC_SMEM <= BLOCK_SMEM
+}
+
 /// [`Gpu::gemv_fused`]'s 16-byte chunks a lane an item (`GEMV_UNROLL`).
 fn gemv_unroll() -> usize {
     crate::decode_attention::tuning("DUO_GEMV_UNROLL").unwrap_or(4).clamp(1, 16)
@@ -1060,7 +1066,7 @@ impl Gpu {
             && match input {
                 GemvInput::Bf16(_) => true,
                 GemvInput::Normed { .. } => rows_bytes <= GEMV_SMEM,
-                GemvInput::SiluOf(_) => gemv_ring_bytes() + rows_bytes + GEMV_STATIC_SMEM <= BLOCK_SMEM,
+                GemvInput::SiluOf(_) => gemv_fits_block(gemv_ring_bytes(), rows_bytes),
             }
     }
 
@@ -1084,25 +1090,24 @@ impl Gpu {
         // they fit beside the rings of one block (then fewer blocks a multiprocessor, below:
         // read from the L2 by every warp instead, down's four 14,336-wide rows ran at 0.17x
         // of cuBLAS's speed in session 26; staged at one block, not yet measured).
-        let rows_bytes = t * in_dim * 2;
-        let fits_one_block = gemv_ring_bytes() + rows_bytes + GEMV_STATIC_SMEM <= BLOCK_SMEM;
+        let (ring, rows_bytes) = (gemv_ring_bytes(), t * in_dim * 2);
         // (stage: 0 none, 1 the bf16 rows copied, 2 their SiLU computed into shared memory.)
         let (x, norm, eps, stage_x) = match input {
-            GemvInput::Bf16(x) => (x, 0u64, 0f32, i32::from(fits_one_block)),
+            GemvInput::Bf16(x) => (x, 0u64, 0f32, i32::from(gemv_fits_block(ring, rows_bytes))),
             GemvInput::SiluOf(gu) => (gu, 0, 0.0, 2),
             GemvInput::Normed { x, norm, eps } => (x, norm, eps, 0),
         };
         let staged = stage_x != 0 || norm != 0;
-        let smem = gemv_ring_bytes() + if staged { rows_bytes } else { 0 };
+        let staged_bytes = if staged { rows_bytes } else { 0 };
+        let smem = ring + staged_bytes;
         let (y, beta, mode) = match out {
             GemvOutput::F32 { y, beta } => (y, beta, 0i32),
             GemvOutput::Bf16(y) => (y, 0.0, 1),
             GemvOutput::SiluPairs(y) => (y, 0.0, 2),
         };
-        if smem + GEMV_STATIC_SMEM > BLOCK_SMEM {
+        if !gemv_fits_block(ring, staged_bytes) {
             return Err(CudaError::Input(format!(
-                "gemv's rings ({} bytes: DUO_GEMV_STAGES x DUO_GEMV_UNROLL too large) and {t} rows of {in_dim} exceed a block's {BLOCK_SMEM} bytes of shared memory",
-                gemv_ring_bytes()
+                "gemv's rings ({ring} bytes: DUO_GEMV_STAGES x DUO_GEMV_UNROLL too large) and {t} rows of {in_dim} exceed a block's {BLOCK_SMEM} bytes of shared memory"
             )));
         }
         if smem + GEMV_STATIC_SMEM > 48 << 10 {
