@@ -341,6 +341,13 @@ pub fn tensor_values_in_registers() -> bool {
     tuning("DUO_DECODE_V_SMEM") != Some(1)
 }
 
+/// Whether the tensor-core partial kernel records each block's multiprocessor and instants
+/// (`DUO_DECODE_TRACE=1`; `Gpu::decode_trace`), for the decode timings to show how one
+/// launch's blocks share the card. A measurement only: it adds a store per block.
+pub fn decode_trace() -> bool {
+    tuning("DUO_DECODE_TRACE") == Some(1)
+}
+
 /// A numeric tuning override from the environment (unset or unparsable: none), read once
 /// per process: the kernels compiled with a value and the launches sized by it must agree.
 pub(crate) fn tuning(name: &'static str) -> Option<usize> {
@@ -355,6 +362,105 @@ pub(crate) fn tuning(name: &'static str) -> Option<usize> {
 
 /// Fewest keys per split.
 pub const MIN_SPLIT: usize = 256;
+
+/// How a long head's keys are split among partial blocks: every split of `split` keys
+/// (`lead` 0), or `lead` splits of `split` keys and then splits of `tail` keys. The kernel
+/// takes both forms (`block_work`); the second is [`fill_splits`]'s for one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Splits {
+    /// Keys per split (the lead splits', where `lead` > 0).
+    pub split: usize,
+    /// Splits of `split` keys before the short ones (0: all of them).
+    pub lead: usize,
+    /// Keys per split past the lead ones.
+    pub tail: usize,
+}
+
+impl Splits {
+    /// Every split of `split` keys.
+    pub fn uniform(split: usize) -> Self {
+        Splits { split: split.max(1), lead: 0, tail: 0 }
+    }
+
+    /// Splits that hold a head of `len` keys.
+    pub fn count(&self, len: usize) -> usize {
+        let lead_keys = self.lead * self.split;
+        if self.lead == 0 || len <= lead_keys {
+            len.div_ceil(self.split)
+        } else {
+            self.lead + (len - lead_keys).div_ceil(self.tail)
+        }
+    }
+
+    /// Split `s`'s first key and its keys (before a head's end cuts it).
+    pub fn range(&self, s: usize) -> (usize, usize) {
+        if self.lead == 0 || s < self.lead {
+            (s * self.split, self.split)
+        } else {
+            (self.lead * self.split + (s - self.lead) * self.tail, self.tail)
+        }
+    }
+}
+
+/// The share (percent) of a block's fair share of a one-row launch that each lead split of
+/// [`fill_splits`] takes (`DUO_DECODE_LEAD`, 0 to 95, default 90; 0: uniform splits,
+/// [`fill_split`]). A one-row launch is one wave of equal blocks (two at 512K, whose splits
+/// stop at 8,192 keys), and the H200's multiprocessors do not stream alike: traced at 1 x 128K
+/// (session 27, `DUO_DECODE_TRACE=1`), 24 of the 132 took their two 2 MB splits in 93-103 us
+/// where the rest took 116-129, and the launch waited for the slowest (9.7% of the
+/// multiprocessors' time idle; 6.3% with lead splits, but each short split's block waits
+/// about 3.7 us for its first tile, so the launch itself measured no faster). Whole steps
+/// measured faster with them where a block's fair share is long ([`LEAD_MIN_FAIR`]):
+/// Llama-3-8B 512K full 21.30 -> 20.90 ms, duo 0.5 13.76 -> 13.03, 128K full 9.13 -> 9.03;
+/// and slower where it is short (duo 128K 6.96 -> 7.12, full 32K 5.87 -> 6.09; BENCHMARKS.md).
+pub fn lead_share() -> usize {
+    tuning("DUO_DECODE_LEAD").unwrap_or(90).min(95)
+}
+
+/// Fewest keys of a block's fair share of a one-row launch (the longest head's keys over its
+/// blocks in one wave) for which [`fill_splits`] takes lead splits: 1.5 MB of bf16 keys and
+/// values a block, where each short split's wait for its first tile costs little beside the
+/// time the lead splits save at the end.
+pub const LEAD_MIN_FAIR: usize = 3072;
+
+/// Keys per split past the lead ones in [`fill_splits`] (`DUO_DECODE_TAIL`, a multiple of
+/// 64 from 64 to 8,192; default 512).
+pub fn tail_split() -> usize {
+    (tuning("DUO_DECODE_TAIL").unwrap_or(512).clamp(64, 8192)) / 64 * 64
+}
+
+/// A one-row launch's long-head splits on the tensor-core kernel: with a [`lead_share`], one
+/// wave of lead splits of that share of a block's fair share (a multiple of 64 keys), then
+/// [`tail_split`]-key splits that multiprocessors take as they free up; else (or where the
+/// fair share is under [`LEAD_MIN_FAIR`] keys) [`fill_split`]'s uniform splits.
+pub fn fill_splits(blocks: usize, lens: &[u32]) -> Splits {
+    fill_splits_with(blocks, lens, lead_share(), tail_split())
+}
+
+/// [`fill_splits`] with lead splits of `share` percent of a block's fair share and `tail`-key
+/// splits after them.
+pub fn fill_splits_with(blocks: usize, lens: &[u32], share: usize, tail: usize) -> Splits {
+    let uniform = Splits::uniform(fill_split(blocks, lens));
+    if share == 0 {
+        return uniform;
+    }
+    let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
+    let long = lens.iter().filter(|&&l| 2 * l as usize >= max_len).count().max(1);
+    let per_head = (132 * blocks.max(1) / long).max(1);
+    let split = max_len * share / (100 * per_head) / 64 * 64;
+    if split < 512 || max_len / per_head < LEAD_MIN_FAIR {
+        return uniform;
+    }
+    Splits { split, lead: per_head, tail }
+}
+
+/// [`split_for`] as [`Splits`]: [`fill_splits`] where one row runs on the tensor-core kernel.
+pub fn splits_for(kernel: DecodeKernel, blocks: usize, lens: &[u32], rows: usize) -> Splits {
+    if kernel == DecodeKernel::Tensor && rows <= 1 {
+        return fill_splits(blocks, lens);
+    }
+    Splits::uniform(split_for(kernel, blocks, lens, rows))
+}
 
 /// The inputs of one decode step of one layer for several sequences (decode rows).
 #[derive(Debug, Clone)]
@@ -517,18 +623,33 @@ __device__ __forceinline__ int head_splits(int h, int n_kv, int n_splits, unsign
 // may run part of the list from entry `block0` on: where streaming heads keep their own
 // cache type, the retrieval heads' entries and the streaming heads' run in two launches of
 // kernels compiled for each type (`Gpu::decode_attention`).
+//
+// A long head's splits are alike (`lead_splits` 0), or (a row on the tensor-core kernel,
+// `DecodeLaunch::lead_splits`) its first `lead_splits` hold `long_split` keys each and the
+// rest `tail_split` each: the long splits take about one wave, the short ones follow as
+// multiprocessors free up, so the faster multiprocessors take more of them. `*begin` is the
+// split's first key, `*split` its keys.
 __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_split, unsigned long long retrieval,
-                                           int short_splits, int short_split, int block0, int* g, int* s, int* split) {
+                                           int short_splits, int short_split, int block0, int lead_splits, int tail_split,
+                                           int* g, int* s, int* begin, int* split) {
     int j = blockIdx.x + block0;
     *split = long_split;
-    if (short_split == 0) { *g = j; *s = blockIdx.y; return; }
+    if (short_split == 0) {
+        *g = j; *s = blockIdx.y;
+        if (lead_splits > 0 && *s >= lead_splits) { *begin = lead_splits * long_split + (*s - lead_splits) * tail_split; *split = tail_split; }
+        else *begin = *s * long_split;
+        return;
+    }
     const unsigned long long all = n_kv >= 64 ? ~0ull : (1ull << n_kv) - 1ull;
     unsigned long long m = retrieval & all;
     int r = __popcll(m);
-    if (j >= r * n_splits) { j -= r * n_splits; m = ~retrieval & all; r = n_kv - r; *split = short_split; }
+    const bool long_head = j < r * n_splits;
+    if (!long_head) { j -= r * n_splits; m = ~retrieval & all; r = n_kv - r; *split = short_split; }
     *s = j / r;
     for (int i = j % r; i > 0; i--) m &= m - 1;  // drop the lowest set bits: the (j % r)-th head
     *g = __ffsll((long long)m) - 1;
+    if (long_head && lead_splits > 0 && *s >= lead_splits) { *begin = lead_splits * long_split + (*s - lead_splits) * tail_split; *split = tail_split; }
+    else *begin = *s * *split;
 }
 
 
@@ -702,13 +823,14 @@ __device__ __forceinline__ void unpack(const uint4* r, float* out) {
 extern "C" __global__ void duo_decode_partial(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
-    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, int block0, float scale,
+    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, int block0,
+    int lead_splits, int tail_split, float scale,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
     pdl_launch_dependents();  // as the tensor-core kernel
     const int b = blockIdx.z;
-    int g, s, split;
-    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, block0, &g, &s, &split);
+    int g, s, first_key, split;
+    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, block0, lead_splits, tail_split, &g, &s, &first_key, &split);
     const int seq_slot = row_slot[b];
     if (seq_slot < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -719,7 +841,7 @@ extern "C" __global__ void duo_decode_partial(
     int len_i, sinks, gap;
     visible_positions(e, row_pos[b] + 1, &len_i, &sinks, &gap);
     const unsigned len = len_i;
-    const unsigned begin = (unsigned)s * split;
+    const unsigned begin = (unsigned)first_key;
     const unsigned end = min(len, begin + (unsigned)split);
     // A retrieval head's split covers consecutive positions: its block-table entries go to
     // shared memory first, so no key load waits on a table load from global memory.
@@ -909,16 +1031,27 @@ typedef bf16_t kv_t;
 #define MMA mma
 #endif
 
+#ifdef DUO_TRACE
+// A measurement of where one launch's time goes (DUO_DECODE_TRACE=1, timings only): per
+// block its multiprocessor, its first and last instants on the global timer (ns) and its
+// cycles from entry to its first tile in shared memory and to its end (`Gpu::decode_trace`).
+__device__ unsigned long long duo_trace[5 * 4096];
+#endif
 extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial_tc(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
-    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, int block0, float scale_log2,
+    int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, int block0,
+    int lead_splits, int tail_split, float scale_log2,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
+#ifdef DUO_TRACE
+    unsigned long long tr_t0, tr_c0 = clock64(), tr_c1 = 0;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(tr_t0));
+#endif
     pdl_launch_dependents();  // the merge may be placed (DUO_PDL=1); it waits for this grid
     const int b = blockIdx.z;
-    int g, s, split;
-    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, block0, &g, &s, &split);
+    int g, s, first_key, split;
+    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, block0, lead_splits, tail_split, &g, &s, &first_key, &split);
     const int seq_slot = row_slot[b];
     if (seq_slot < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
@@ -926,7 +1059,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     const int n_heads = n_kv * GROUP;
     int len, sinks, gap;
     visible_positions(e, row_pos[b] + 1, &len, &sinks, &gap);
-    const int begin = s * split, end = min(len, begin + split);
+    const int begin = first_key, end = min(len, begin + split);
     const size_t p_first = ((size_t)b * n_heads + g * GROUP) * n_splits + s;  // row 0's partial
     // The queries and this step's key and value rows come from RoPE + append: under DUO_PDL=1
     // this block may have started before it finished, so everything below waits for it, an
@@ -1139,6 +1272,9 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     for (int tile = 0; tile < n_tiles; tile++) {
         cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
         __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
+#ifdef DUO_TRACE
+        if (tile == 0) tr_c1 = clock64();
+#endif
         if (tile + STAGES - 1 < n_tiles) {
             load_tile(tile + STAGES - 1);
             fetch_entries(tile + STAGES);
@@ -1394,6 +1530,16 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         part_acc[p * HEAD_DIM + c] = acc;
         if (c == 0) { part_m[p] = mm * 0.69314718056f; part_l[p] = ll; }
     }
+#ifdef DUO_TRACE
+    const unsigned tr_i = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (threadIdx.x == 0 && tr_i < 4096) {
+        unsigned long long t1, sm;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
+        asm volatile("{ .reg .u32 r; mov.u32 r, %%smid; cvt.u64.u32 %0, r; }" : "=l"(sm));
+        unsigned long long* at = duo_trace + 5 * tr_i;
+        at[0] = sm; at[1] = tr_t0; at[2] = t1; at[3] = tr_c1 - tr_c0; at[4] = clock64() - tr_c0;
+    }
+#endif
 }
 "#;
 
@@ -1524,7 +1670,7 @@ mod gpu {
         head_dim: usize,
         tokens: &[usize],
         kv: KvType,
-        split: Option<usize>,
+        splits: Option<Splits>,
         kernel: DecodeKernel,
     ) -> DecodeLaunch {
         let max_n = *tokens.iter().max().unwrap_or(&1);
@@ -1538,18 +1684,16 @@ mod gpu {
                 }
             })
             .collect();
-        let split = split
-            .unwrap_or_else(|| split_for(kernel, tensor_blocks(head_dim, n_heads / x_heads.len(), kv), &lens, tokens.len()))
-            .max(1);
+        let splits = splits.unwrap_or_else(|| splits_for(kernel, tensor_blocks(head_dim, n_heads / x_heads.len(), kv), &lens, tokens.len()));
         let max_len = *lens.iter().max().unwrap_or(&1) as usize;
         let kinds: Vec<bool> = x_heads.iter().map(|e| e.kind == HeadEntry::RETRIEVAL).collect();
         let short_len = x_heads.iter().filter(|e| e.kind != HeadEntry::RETRIEVAL).map(|e| (e.sink + e.recent) as usize).max().unwrap_or(0);
         let shape = (n_heads / x_heads.len(), head_dim, tokens.len(), kv, kernel);
-        DecodeLaunch::for_layer(&kinds, shape, split, max_len.div_ceil(split), short_len.min(max_len), tokens.len(), usize::MAX)
+        DecodeLaunch::for_layer(&kinds, shape, splits.split, splits.count(max_len), short_len.min(max_len), tokens.len(), usize::MAX).with_splits(splits)
     }
 
     /// Runs the fused decode attention on the GPU over a paged pool of `block_tokens`
-    /// (copying inputs in and the output out) with `kernel`, in splits of `split` keys (or
+    /// (copying inputs in and the output out) with `kernel`, its long heads in `splits` (or
     /// the launch's own choice). `x.heads` must be `layer_layout`'s heads.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
@@ -1558,7 +1702,7 @@ mod gpu {
         layout: &PagedLayout,
         kv: KvType,
         kernel: DecodeKernel,
-        split: Option<usize>,
+        split: Option<Splits>,
         seed: u64,
     ) -> Result<Vec<f32>> {
         x.validate()?;
@@ -1727,7 +1871,7 @@ mod gpu {
             (1, 2),
         )?;
         let heads_v = layout.heads(0);
-        let launch = launch_for(&heads_v, n_heads, head_dim, &all, kv, split, kernel);
+        let launch = launch_for(&heads_v, n_heads, head_dim, &all, kv, split.map(Splits::uniform), kernel);
         let heads = gpu.upload(&HeadEntry::table(&heads_v))?;
         let tab = gpu.upload(&table_rows(&layout, &tables))?;
         let slots = gpu.upload(&(0..rows as i32).collect::<Vec<_>>())?;
@@ -1763,6 +1907,17 @@ mod gpu {
             )
         };
         let ms = gpu.time_ms(iters, run)?;
+        if decode_trace() && kernel == DecodeKernel::Tensor {
+            // One more launch into a cleared record, then each block's line (stderr).
+            let group = n_heads / kinds.len();
+            gpu.decode_trace(group, head_dim, kv, 0, true)?;
+            run()?;
+            let blocks = launch.blocks() * rows;
+            let label = format!("{kv:?} {rows}x{tokens} {}", if kinds.iter().all(|&k| k) { "full" } else { "mixed" });
+            for (i, t) in gpu.decode_trace(group, head_dim, kv, blocks, false)?.iter().enumerate() {
+                eprintln!("trace {label} block {i} sm {} t0 {} t1 {} first {} end {}", t[0], t[1], t[2], t[3], t[4]);
+            }
+        }
         let per_row: usize = heads_v
             .iter()
             .map(|e| {
@@ -1777,6 +1932,15 @@ mod gpu {
             ms,
             rows * per_row * (kv.key_bytes_for(head_dim) + kv.value_bytes_for(head_dim) + 2 * kv.scale_bytes()),
         ))
+    }
+
+    /// A parity case's forced splits, as its label says them.
+    fn split_label(s: Splits) -> String {
+        if s.lead == 0 {
+            format!(", splits of {}", s.split)
+        } else {
+            format!(", {} splits of {} then splits of {}", s.lead, s.split, s.tail)
+        }
     }
 
     /// Parity on random inputs over shuffled paged pools: GQA and MHA groups, head dims 64,
@@ -1795,9 +1959,14 @@ mod gpu {
             usize,
             usize,
             &'static [usize],
-            Option<usize>,
+            Option<Splits>,
         );
-        let layer_cases: [Case; 9] = [
+        let small = Some(Splits::uniform(MIN_SPLIT));
+        // Lead splits then short ones (`fill_splits`' form): 5 of 2,048 keys, then 512-key
+        // splits, over heads that end in a lead split, at its end, in the first short split and
+        // well past it, so that some blocks begin past a row's keys.
+        let led = Some(Splits { split: 2048, lead: 5, tail: 512 });
+        let layer_cases: [Case; 11] = [
             (
                 9,
                 64,
@@ -1842,12 +2011,23 @@ mod gpu {
                 256,
                 64,
                 &[40_000, 700],
-                Some(MIN_SPLIT),
+                small,
             ), // one retrieval head, small splits
-            (9, 64, &[true, false, true], 64, 256, 64, &[20_000, 100], Some(MIN_SPLIT)), // small splits, heads of 64
+            (9, 64, &[true, false, true], 64, 256, 64, &[20_000, 100], small), // small splits, heads of 64
             // More splits than the wide merge's 512 threads take in one round (547), as a
             // pool's 2,048-key splits give a row past a million tokens.
-            (9, 64, &[false, true, false], 64, 256, 64, &[140_000, 3], Some(MIN_SPLIT)),
+            (9, 64, &[false, true, false], 64, 256, 64, &[140_000, 3], small),
+            (32, 128, &[true; 8], 64, 256, 64, &[15_000, 10_240, 10_241, 6_000], led), // lead and short splits, full layer
+            (
+                32,
+                128,
+                &[true, false, true, false, false, false, true, false],
+                64,
+                256,
+                16,
+                &[13_000, 300],
+                led,
+            ), // lead and short splits beside streaming heads' windows
         ];
         let mut out = Vec::new();
         for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
@@ -1882,7 +2062,7 @@ mod gpu {
                     } else {
                         1e-4
                     };
-                    let split = split.map_or(String::new(), |s| format!(", splits of {s}"));
+                    let split = split.map_or(String::new(), split_label);
                     out.push(Parity { case: format!("paged decode attention {kv:?}, {kernel:?}, blocks of {bt}{split}: {h} heads x {d}, kinds {kinds:?}, rows {tokens:?}"), max_abs_err: err, bound });
                 }
             }
@@ -1913,7 +2093,7 @@ mod gpu {
                 }
                 let want = reference(&rounded)?;
                 let got = decode_attention(gpu, &x, &layout, kv, DecodeKernel::Tensor, split, seed + i as u64)?;
-                let split = split.map_or(String::new(), |s| format!(", splits of {s}"));
+                let split = split.map_or(String::new(), split_label);
                 out.push(Parity {
                     case: format!("paged decode attention {kv:?} with bf16 windows (two launches), Tensor, blocks of {bt}{split}: {h} heads x {d}, kinds {kinds:?}, rows {tokens:?}"),
                     max_abs_err: crate::checks::max_err(&want, &got),
@@ -2085,6 +2265,42 @@ mod tests {
             assert_eq!(merge_block(d), threads, "heads of {d}");
             assert!(merge_block(d).is_multiple_of(d) && merge_block(d).is_multiple_of(32), "heads of {d}");
         }
+    }
+
+    #[test]
+    fn lead_and_short_splits_cover_a_head_once_in_order() {
+        let s = Splits { split: 2048, lead: 5, tail: 512 };
+        for len in [1, 2047, 2048, 6000, 10_240, 10_241, 15_000] {
+            let n = s.count(len);
+            let mut next = 0;
+            for i in 0..n {
+                let (begin, keys) = s.range(i);
+                assert_eq!(begin, next, "len {len}, split {i}");
+                assert!(begin < len, "len {len}: split {i} begins past the head");
+                next = begin + keys;
+            }
+            assert!(next >= len, "len {len}: {n} splits end at {next}");
+        }
+        assert_eq!((s.count(10_240), s.count(10_241), s.count(15_000)), (5, 6, 15));
+        assert_eq!(Splits::uniform(4032).count(131_072), 33);
+    }
+
+    #[test]
+    fn lead_splits_take_their_share_of_one_wave_and_short_ones_the_rest() {
+        // A full Llama-3-8B layer at 128K, two blocks a multiprocessor: 33 blocks a head,
+        // a fair share of 3,971 keys.
+        let full = fill_splits_with(2, &[131_072; 8], 80, 512);
+        assert_eq!((full.split, full.lead, full.tail), (3136, 33, 512));
+        assert_eq!(full.count(131_072), 33 + (131_072 - 33 * 3136usize).div_ceil(512));
+        // Four long heads of eight at 512K: 66 blocks a head, a fair share of 7,943 keys.
+        let duo = fill_splits_with(2, &[524_288, 320, 524_288, 320, 524_288, 320, 524_288, 320], 80, 512);
+        assert_eq!((duo.split, duo.lead), (6336, 66));
+        // No share: fill_split's uniform splits; a fair share under LEAD_MIN_FAIR (the same
+        // four heads at 128K: 1,985 keys; a full layer at 16K): the same.
+        assert_eq!(fill_splits_with(2, &[131_072; 8], 0, 512), Splits::uniform(fill_split(2, &[131_072; 8])));
+        let mixed_128k = [131_072, 320, 131_072, 320, 131_072, 320, 131_072, 320];
+        assert_eq!(fill_splits_with(2, &mixed_128k, 80, 512), Splits::uniform(fill_split(2, &mixed_128k)));
+        assert_eq!(fill_splits_with(2, &[16_384; 8], 80, 512), Splits::uniform(fill_split(2, &[16_384; 8])));
     }
 
     #[test]

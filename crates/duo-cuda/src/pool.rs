@@ -17,7 +17,7 @@
 //! Invariant: a sequence's rows are computed from its own tokens, blocks and positions only;
 //! nothing a kernel does for row `i` reads another row.
 
-use crate::decode_attention::{split_for, tensor_blocks, DecodeKernel, KvType, MIN_SPLIT};
+use crate::decode_attention::{splits_for, tensor_blocks, DecodeKernel, KvType, Splits, MIN_SPLIT};
 use crate::model::{GpuConfig, GpuWeights};
 use crate::paged::{Allocator, PagedLayout, Ring, Tables};
 use crate::prefill_attention::HeadEntry;
@@ -952,7 +952,7 @@ impl KvPool {
 
     /// Decode launch shapes for rows of up to `max_n` tokens: lengths rounded up to 2048
     /// (so shapes, and captured graphs, change rarely as sequences grow), splits of
-    /// [`DECODE_SPLIT`] keys (a pool of one sequence: `split_for`'s), lengthened only when
+    /// [`DECODE_SPLIT`] keys (a pool of one sequence: `splits_for`'s), lengthened only when
     /// the partial buffers cannot hold every (row, split) (then rows are no longer
     /// independent of the batch, bit for bit).
     /// `max_n` rounded up to 2048 (within the layout's longest sequence).
@@ -1338,7 +1338,7 @@ impl KvPool {
 
 /// A pool's decode launch shapes for rows whose longest is `bucket_n` tokens (a length
 /// bucket), one per layer: splits of [`DECODE_SPLIT`] keys (a pool of one sequence:
-/// `split_for`'s), lengthened only when the partial buffers cannot hold every (row, split)
+/// `splits_for`'s), made uniform and lengthened only when the partial buffers cannot hold every (row, split)
 /// (then rows are no longer independent of the batch, bit for bit); a streaming window's
 /// splits from the pool's constants (its whole window, its most sequences), never the step's
 /// rows or lengths.
@@ -1356,16 +1356,17 @@ fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_
         .map(|l| {
             let lens: Vec<u32> = layout.retrieval[l].iter().map(|&r| if r { bucket_n as u32 } else { short }).collect();
             let max_len = *lens.iter().max().unwrap_or(&1) as usize;
-            let mut split = if pool.max_seqs == 1 {
-                split_for(kernel, tensor_blocks(c.head_dim, group, layout.kv), &lens, rows)
+            let mut splits = if pool.max_seqs == 1 {
+                splits_for(kernel, tensor_blocks(c.head_dim, group, layout.kv), &lens, rows)
             } else {
-                DECODE_SPLIT
+                Splits::uniform(DECODE_SPLIT)
             };
-            if max_len.div_ceil(split) * rows > PART_PAIRS {
-                split = (max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT)).div_ceil(64) * 64;
+            if splits.count(max_len) * rows > PART_PAIRS {
+                splits = Splits::uniform((max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT)).div_ceil(64) * 64);
             }
             let shape = (group, c.head_dim, rows, layout.kv, kernel);
-            let launch = DecodeLaunch::for_layer(&layout.retrieval[l], shape, split, max_len.div_ceil(split), window, pool.max_seqs, PART_PAIRS / max_rows);
+            let launch = DecodeLaunch::for_layer(&layout.retrieval[l], shape, splits.split, splits.count(max_len), window, pool.max_seqs, PART_PAIRS / max_rows)
+                .with_splits(splits);
             // Holds because a pool never has more rows than PART_PAIRS (checked in `new`) and
             // a window's splits are gated by the slots its largest batch leaves.
             debug_assert!(launch.n_splits * rows <= PART_PAIRS);

@@ -416,6 +416,9 @@ fn decode_source(
                 "-DCP_L2_PREFETCH={}",
                 crate::decode_attention::tensor_l2_prefetch()
             ));
+            if crate::decode_attention::decode_trace() {
+                options.push("-DDUO_TRACE=1".into());
+            }
             options.push(format!(
                 "-DV_REGS={}",
                 u8::from(crate::decode_attention::tensor_values_in_registers())
@@ -1160,6 +1163,33 @@ impl Gpu {
         Ok(k)
     }
 
+    /// The per-block record of the last launch of the tensor-core partial kernel for this
+    /// shape, compiled with `DUO_DECODE_TRACE=1` (a measurement, never on otherwise): its
+    /// first `blocks` blocks' (multiprocessor, first and last instant in ns, cycles to its
+    /// first tile, cycles to its end); `clear` zeroes the record instead (and returns none).
+    pub fn decode_trace(&self, group: usize, head_dim: usize, kv: KvType, blocks: usize, clear: bool) -> Result<Vec<[u64; 5]>> {
+        if !crate::decode_attention::decode_trace() {
+            return Err(CudaError::Input("decode_trace needs DUO_DECODE_TRACE=1".into()));
+        }
+        let (partial, _) = self.decode_kernels(group, head_dim, kv, DecodeKernel::Tensor)?;
+        self.sync()?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: the function's module lives in the kernel cache as long as `self`; the
+        // record is a plain device array of 5 x 4096 u64 (`duo_trace` in the kernel).
+        unsafe {
+            cudarc::driver::sys::cuFuncGetModule(&mut module, partial.cu_function()).result().map_err(driver)?;
+            let name = std::ffi::CString::new("duo_trace").expect("no NUL");
+            let (ptr, bytes) = cudarc::driver::result::module::get_global(module, name).map_err(driver)?;
+            if clear {
+                cudarc::driver::result::memset_d8_sync(ptr, 0, bytes).map_err(driver)?;
+                return Ok(Vec::new());
+            }
+            let mut raw = vec![0u64; bytes / 8];
+            cudarc::driver::result::memcpy_dtoh_sync(&mut raw, ptr).map_err(driver)?;
+            Ok(raw.chunks_exact(5).take(blocks).map(|c| [c[0], c[1], c[2], c[3], c[4]]).collect())
+        }
+    }
+
     /// One decode step of attention for a layer and `a.rows` sequences (row `b`: slot
     /// `row_slot[b]` at position `row_pos[b]`): partials over `a.blocks()` blocks a row,
     /// then the merge into `out = Some((f32 out or 0, bf16 out or 0))`; `None` leaves the
@@ -1259,15 +1289,16 @@ impl Gpu {
         let (partial, _) = self.decode_kernels(a.group, a.head_dim, kv, kernel)?;
         let (split, ns, n_kv, retrieval) = (a.split as i32, a.n_splits as i32, a.n_kv as i32, a.retrieval);
         let (short_splits, short_split) = (a.short_splits as i32, a.short_split as i32);
+        let (lead, tail) = (a.lead_splits as i32, a.tail_split as i32);
         let pdl = programmatic_launch();
         if kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(), tensor_smem_bytes(a.head_dim, a.group, kv) as u32);
-            launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale_log2, &pm, &pl, &pa)
+            launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &lead, &tail, &scale_log2, &pm, &pl, &pa)
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
             launch_dependent!(pdl; smem 0;
                 self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged,
-                &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &scale, &pm, &pl, &pa
+                &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &lead, &tail, &scale, &pm, &pl, &pa
             )
         }
     }
@@ -1781,6 +1812,11 @@ pub struct DecodeLaunch {
     pub short_splits: usize,
     /// Keys per split of a streaming head (0: as a retrieval head's).
     pub short_split: usize,
+    /// Long splits of a long head before its short ones (0: every split of `split` keys):
+    /// splits `lead_splits..` hold `tail_split` keys each ([`crate::decode_attention::Splits`]).
+    pub lead_splits: usize,
+    /// Keys per split of a long head past its `lead_splits` long ones.
+    pub tail_split: usize,
     /// Decode rows, one sequence each (grid z).
     pub rows: usize,
     /// Cache element type.
@@ -1850,11 +1886,19 @@ impl DecodeLaunch {
             retrieval: if listed { kinds.iter().enumerate().filter(|(_, &r)| r).map(|(g, _)| 1u64 << g).sum() } else { 0 },
             short_splits: if listed { short_splits } else { n_splits },
             short_split: if listed { short_split } else { 0 },
+            lead_splits: 0,
+            tail_split: 0,
             rows,
             kv,
             kernel,
             streaming: None,
         }
+    }
+
+    /// This launch with its long heads split by `splits` (whose `count` of the longest head's
+    /// keys gave `n_splits` to [`DecodeLaunch::for_layer`]).
+    pub fn with_splits(self, splits: crate::decode_attention::Splits) -> Self {
+        Self { split: splits.split, lead_splits: splits.lead, tail_split: splits.tail, ..self }
     }
 
     /// This launch with the layer's streaming heads (`kinds`: true = retrieval) in their own
