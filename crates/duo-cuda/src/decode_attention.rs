@@ -1961,6 +1961,7 @@ mod gpu {
             &'static [usize],
             Option<Splits>,
         );
+        const LLAMA3_MIXED: &[bool] = &[true, false, true, false, false, false, true, false];
         let small = Some(Splits::uniform(MIN_SPLIT));
         // Lead splits then short ones (`fill_splits`' form): 5 of 2,048 keys, then 512-key
         // splits, over heads that end in a lead split, at its end, in the first short split and
@@ -1978,16 +1979,7 @@ mod gpu {
                 None,
             ), // SmolLM2-like
             (32, 64, &[true, false], 4, 40, 64, &[700, 5, 2049], None), // 16 query heads per KV head
-            (
-                32,
-                128,
-                &[true, false, true, false, false, false, true, false],
-                64,
-                256,
-                16,
-                &[4096, 9000, 17],
-                None,
-            ), // Llama-3-8B-like, mixed
+            (32, 128, LLAMA3_MIXED, 64, 256, 16, &[4096, 9000, 17], None), // Llama-3-8B-like, mixed
             (32, 128, &[true; 8], 64, 256, 128, &[40_000], None), // one long row
             (
                 8,
@@ -2018,16 +2010,7 @@ mod gpu {
             // pool's 2,048-key splits give a row past a million tokens.
             (9, 64, &[false, true, false], 64, 256, 64, &[140_000, 3], small),
             (32, 128, &[true; 8], 64, 256, 64, &[15_000, 10_240, 10_241, 6_000], led), // lead and short splits, full layer
-            (
-                32,
-                128,
-                &[true, false, true, false, false, false, true, false],
-                64,
-                256,
-                16,
-                &[13_000, 300],
-                led,
-            ), // lead and short splits beside streaming heads' windows
+            (32, 128, LLAMA3_MIXED, 64, 256, 16, &[13_000, 300], led), // lead and short splits beside streaming heads' windows
         ];
         let mut out = Vec::new();
         for kv in [KvType::F32, KvType::Bf16, KvType::Fp8, KvType::Int8, KvType::Int4, KvType::K8V4] {
