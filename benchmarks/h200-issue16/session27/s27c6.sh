@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 27, call 6: blocks that take further splits (DUO_DECODE_TAKE=1: a long head's blocks
+# Session 27, call 6 (NOT RUN: the device time ran out while no machine could be started;
+# it needs take.diff applied, as the next session's first call): blocks that take further splits (DUO_DECODE_TAKE=1: a long head's blocks
 # each begin with a lead split, then take its 512-key splits from a counter, copying a split's
 # first tiles while they finish the one before), against lead splits as shipped.
 #   1. decode parity of the shipped kernels (their copy and partial code was reshaped for the

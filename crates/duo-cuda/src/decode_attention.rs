@@ -237,8 +237,7 @@ impl DecodeKernel {
 /// up to 8 query heads), each warp its 16 keys' values dequantised to f16 beside them.
 pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
     let stages = tensor_stages(kv);
-    let take = if take_splits() { take_bytes(head_dim, group) } else { 0 };
-    take + match kv {
+    match kv {
         KvType::Fp8 | KvType::Int8 | KvType::Int4 | KvType::K8V4 => {
             let converted = if tensor_values_in_registers() && group <= 8 { 0 } else { 4 * 16 * (head_dim + 8) * 2 };
             let tile = tensor_byte_tile();
@@ -247,21 +246,6 @@ pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
         }
         _ => stages * 2 * 64 * (head_dim + 8) * 2,
     }
-}
-
-/// Shared memory past the stages where blocks take further splits ([`take_splits`]): the
-/// stream's ring of split indices (48 bytes) and the four warps' states for a split's partial
-/// (maxima and sums for 16 rows, and GROUP x `head_dim` values, each f32).
-pub fn take_bytes(head_dim: usize, group: usize) -> usize {
-    48 + (2 * 4 * 16 + 4 * group * head_dim) * 4
-}
-
-/// Whether a one-row launch's blocks take its short splits from a counter as they finish
-/// (`DUO_DECODE_TAKE=1`; `runtime::DecodeLaunch::takes`), copying a split's first tiles while
-/// they finish the one before: lead splits ([`fill_splits`]) without each short split's block
-/// waiting for its first tile. A measurement form until it is measured.
-pub fn take_splits() -> bool {
-    tuning("DUO_DECODE_TAKE") == Some(1)
 }
 
 /// Pipeline stages of the tensor-core partial kernel over a `kv` cache, with
@@ -644,14 +628,12 @@ __device__ __forceinline__ int head_splits(int h, int n_kv, int n_splits, unsign
 // `DecodeLaunch::lead_splits`) its first `lead_splits` hold `long_split` keys each and the
 // rest `tail_split` each: the long splits take about one wave, the short ones follow as
 // multiprocessors free up, so the faster multiprocessors take more of them. `*begin` is the
-// split's first key, `*split` its keys. `per_long`: the list's blocks per long head (its
-// splits, or, where blocks take further splits (the tensor-core kernel's TAKE), its lead ones).
-__device__ __forceinline__ void block_work(int n_kv, int per_long, int long_split, unsigned long long retrieval,
+// split's first key, `*split` its keys.
+__device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_split, unsigned long long retrieval,
                                            int short_splits, int short_split, int block0, int lead_splits, int tail_split,
-                                           int* g, int* s, int* begin, int* split, bool* is_long) {
+                                           int* g, int* s, int* begin, int* split) {
     int j = blockIdx.x + block0;
     *split = long_split;
-    *is_long = true;
     if (short_split == 0) {
         *g = j; *s = blockIdx.y;
         if (lead_splits > 0 && *s >= lead_splits) { *begin = lead_splits * long_split + (*s - lead_splits) * tail_split; *split = tail_split; }
@@ -661,9 +643,8 @@ __device__ __forceinline__ void block_work(int n_kv, int per_long, int long_spli
     const unsigned long long all = n_kv >= 64 ? ~0ull : (1ull << n_kv) - 1ull;
     unsigned long long m = retrieval & all;
     int r = __popcll(m);
-    const bool long_head = j < r * per_long;
-    *is_long = long_head;
-    if (!long_head) { j -= r * per_long; m = ~retrieval & all; r = n_kv - r; *split = short_split; }
+    const bool long_head = j < r * n_splits;
+    if (!long_head) { j -= r * n_splits; m = ~retrieval & all; r = n_kv - r; *split = short_split; }
     *s = j / r;
     for (int i = j % r; i > 0; i--) m &= m - 1;  // drop the lowest set bits: the (j % r)-th head
     *g = __ffsll((long long)m) - 1;
@@ -843,14 +824,13 @@ extern "C" __global__ void duo_decode_partial(
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
     int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, int block0,
-    int lead_splits, int tail_split, int long_blocks, float scale,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned* __restrict__ take)
+    int lead_splits, int tail_split, float scale,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
     pdl_launch_dependents();  // as the tensor-core kernel
     const int b = blockIdx.z;
     int g, s, first_key, split;
-    bool is_long;
-    block_work(n_kv, long_blocks, long_split, retrieval, short_splits, short_split, block0, lead_splits, tail_split, &g, &s, &first_key, &split, &is_long);
+    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, block0, lead_splits, tail_split, &g, &s, &first_key, &split);
     const int seq_slot = row_slot[b];
     if (seq_slot < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -1061,8 +1041,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     const float* __restrict__ q, const kv_t* __restrict__ keys, const kv_t* __restrict__ values,
     const int4* __restrict__ heads, const int* __restrict__ row_slot, const int* __restrict__ row_pos, Paged pg,
     int long_split, int n_splits, int n_kv, unsigned long long retrieval, int short_splits, int short_split, int block0,
-    int lead_splits, int tail_split, int long_blocks, float scale_log2,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned* __restrict__ take)
+    int lead_splits, int tail_split, float scale_log2,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc)
 {
 #ifdef DUO_TRACE
     unsigned long long tr_t0, tr_c0 = clock64(), tr_c1 = 0;
@@ -1071,8 +1051,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     pdl_launch_dependents();  // the merge may be placed (DUO_PDL=1); it waits for this grid
     const int b = blockIdx.z;
     int g, s, first_key, split;
-    bool is_long;
-    block_work(n_kv, long_blocks, long_split, retrieval, short_splits, short_split, block0, lead_splits, tail_split, &g, &s, &first_key, &split, &is_long);
+    block_work(n_kv, n_splits, long_split, retrieval, short_splits, short_split, block0, lead_splits, tail_split, &g, &s, &first_key, &split);
     const int seq_slot = row_slot[b];
     if (seq_slot < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
@@ -1081,25 +1060,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     int len, sinks, gap;
     visible_positions(e, row_pos[b] + 1, &len, &sinks, &gap);
     const int begin = first_key, end = min(len, begin + split);
-    const size_t p_head = ((size_t)b * n_heads + g * GROUP) * n_splits;  // split 0 of query row 0
-    const size_t p_first = p_head + s;  // row 0's partial
-#ifdef TAKE
-    // Blocks that take further splits (`DUO_DECODE_TAKE=1`): a long head's `long_blocks` blocks
-    // each begin with their lead split `s`, then take the head's short splits in turn from a
-    // counter (`take`: claims and finished blocks per row and KV head, zero between launches),
-    // copying a split's first tiles while they finish the one before, one partial per split
-    // (so a row's sums do not depend on which block took what). The last block to finish
-    // zeroes the counters; the block whose claim was the head's first past its keys marks
-    // every later slot empty.
-    const bool taking = take != nullptr && is_long && lead_splits > 0;
-    unsigned* const counter = taking ? take + 2 * ((size_t)b * n_kv + g) : nullptr;
-    auto take_done = [&]() {
-        if (taking && threadIdx.x == 0) {
-            __threadfence();
-            if (atomicAdd(counter + 1, 1u) == (unsigned)long_blocks - 1u) { atomicExch(counter, 0u); atomicExch(counter + 1, 0u); }
-        }
-    };
-#endif
+    const size_t p_first = ((size_t)b * n_heads + g * GROUP) * n_splits + s;  // row 0's partial
     // The queries and this step's key and value rows come from RoPE + append: under DUO_PDL=1
     // this block may have started before it finished, so everything below waits for it, an
     // empty split's partials too (the kernel before may read them, as a timing loop's merge).
@@ -1107,9 +1068,6 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     if (begin >= end) {
         // A split past this head's keys: an empty partial, which the merge skips.
         if (threadIdx.x < GROUP) { part_m[p_first + (size_t)threadIdx.x * n_splits] = NEG_INF; part_l[p_first + (size_t)threadIdx.x * n_splits] = 0.f; }
-#ifdef TAKE
-        take_done();
-#endif
         return;
     }
 
@@ -1195,24 +1153,24 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #else
 #define PAGED_ROW(r) (row0[(r) / 64] + (r) % 64)
 #endif
-    // The entries of the tile of keys `t0..` of a split that ends at `lim`.
-    auto fetch_entries = [&](int t0, int lim) {
+    auto fetch_entries = [&](int tile) {
+        const int t0 = begin + tile * TILE;
         if (page_tiles) {
 #pragma unroll
             for (int h = 0; h < TILE / 64; h++) {
                 const int t = t0 + 64 * h;
-                row0[h] = t < lim ? kv_row_from(pg, e, t, cap, trow[kv_entry_at(pg, e, t, cap)]) : 0;
+                row0[h] = t < end ? kv_row_from(pg, e, t, cap, trow[kv_entry_at(pg, e, t, cap)]) : 0;
             }
             return;
         }
 #pragma unroll
         for (int j = 0; j < NCH; j++) {
             const int t = t0 + CH_ROW(j);
-            ent[j] = t < lim ? trow[kv_entry_at(pg, e, pos_of(t), cap)] : 0;
+            ent[j] = t < end ? trow[kv_entry_at(pg, e, pos_of(t), cap)] : 0;
         }
 #ifdef KV_BYTES
         const int t = t0 + threadIdx.x % TILE;
-        sent = t < lim ? trow[kv_entry_at(pg, e, pos_of(t), cap)] : 0;
+        sent = t < end ? trow[kv_entry_at(pg, e, pos_of(t), cap)] : 0;
 #endif
     };
     // A whole tile of a retrieval head's page run (page_tiles, every key before `end`): each
@@ -1241,11 +1199,11 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     // (K, then V `tile_bytes` on; rows of `row_bytes` in the pool, `pad` apart here, values
     // `v_pad`): a whole
     // page-run tile by copy_run_tile, else chunk by chunk, each row looked up (the rows past
-    // the split's end `lim` zero-filled). Both caches' forms, bf16 rows and byte rows alike.
-    auto copy_tile = [&](int t0, int lim, unsigned stage_at, unsigned tile_bytes, int row_bytes, int v_row_bytes, int pad, int v_pad) {
+    // `end` zero-filled). Both caches' forms, bf16 rows and byte rows alike.
+    auto copy_tile = [&](int t0, unsigned stage_at, unsigned tile_bytes, int row_bytes, int v_row_bytes, int pad, int v_pad) {
         const char* kbase = reinterpret_cast<const char*>(keys);
         const char* vbase = reinterpret_cast<const char*>(values);
-        if (page_tiles && t0 + TILE <= lim) {
+        if (page_tiles && t0 + TILE <= end) {
             copy_run_tile(smem_base + stage_at, smem_base + stage_at + tile_bytes, kbase, vbase, row_bytes, v_row_bytes, pad, v_pad);
             return;
         }
@@ -1255,7 +1213,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         for (int j = 0; j < NCH; j++) {
             const int r = CH_ROW(j), c = CH_COL(j) * 16;
             const int t = t0 + r;
-            const bool live = t < lim;
+            const bool live = t < end;
             const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
             // A streaming head's key row in its view (KEY_ROW; page runs are retrieval heads').
             const size_t at = live ? (size_t)KEY_ROW(row) * row_bytes + c : 0, v_at = live ? (size_t)row * v_row_bytes + c : 0;
@@ -1267,20 +1225,15 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     unsigned char* raw = smem_raw;                                         // [STAGES][K, V][TILE][RPAD] (keys KPAD apart)
     float* scl = reinterpret_cast<float*>(smem_raw + STAGES * 2 * RAW_TILE);  // [STAGES][K, V][TILE]
     bf16_t* conv = reinterpret_cast<bf16_t*>(scl + STAGES * 2 * TILE) + warp * 16 * TPAD;  // this warp's V (f16)
-#ifdef VREG
-#define STAGE_BYTES (STAGES * 2 * RAW_TILE + STAGES * 2 * TILE * 4)
-#else
-#define STAGE_BYTES (STAGES * 2 * RAW_TILE + STAGES * 2 * TILE * 4 + 4 * 16 * TPAD * 2)
-#endif
-    // The tile of keys `t0..` of a split that ends at `lim` into the stage of stream tile `tile`.
-    auto load_tile = [&](int t0, int lim, int tile) {
-        copy_tile(t0, lim, (tile % STAGES) * 2 * RAW_TILE, RAW_TILE, K_ROW_BYTES, V_ROW_BYTES, KPAD, RPAD);
+    auto load_tile = [&](int tile) {
+        const int t0 = begin + tile * TILE;
+        copy_tile(t0, (tile % STAGES) * 2 * RAW_TILE, RAW_TILE, K_ROW_BYTES, V_ROW_BYTES, KPAD, RPAD);
         // Row scales, keys' then values' (2 TILE of them): thread x copies row x % TILE's. A
         // fixed count of copies per thread (one, or two for 128-key tiles): a loop from
         // threadIdx.x, whose trip count the compiler cannot know, compiled to a remainder
         // loop of about 30 instructions a tile (the int4 kernel's profile, BENCHMARKS.md).
         const int r = threadIdx.x % TILE, t = t0 + r;
-        const bool live = t < lim;
+        const bool live = t < end;
         const long long row = !live ? 0 : page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, sent);
 #pragma unroll
         for (int k = 0; k < 2 * TILE / 128; k++) {
@@ -1290,89 +1243,19 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
     };
 #else
     bf16_t* smem = reinterpret_cast<bf16_t*>(smem_raw);
-#define STAGE_BYTES (STAGES * 2 * TILE_ELEMS * 2)
-    auto load_tile = [&](int t0, int lim, int tile) {
-        copy_tile(t0, lim, (tile % STAGES) * 2 * TILE_ELEMS * 2, TILE_ELEMS * 2, HEAD_DIM * 2, HEAD_DIM * 2, TPAD * 2, TPAD * 2);
+    auto load_tile = [&](int tile) {
+        copy_tile(begin + tile * TILE, (tile % STAGES) * 2 * TILE_ELEMS * 2, TILE_ELEMS * 2, HEAD_DIM * 2, HEAD_DIM * 2, TPAD * 2, TPAD * 2);
     };
 #endif
-#ifdef TAKE
-    // The stream of splits this block computes, by ordinal: split indices in `ring` (-1: the
-    // stream ends there), eight deep (the copies run at most STAGES - 1 tiles ahead of the
-    // compute, the claims two splits ahead of the copies); ring[8]: this block's claim was the
-    // head's first past its keys. Past the stages (the host's `tensor_smem_bytes` counts it),
-    // then the warps' states for each split's partial (`emit`).
-    int* ring = reinterpret_cast<int*>(smem_raw + STAGE_BYTES);
-    float* epi = reinterpret_cast<float*>(smem_raw + STAGE_BYTES + 48);
-    const int lead_keys = lead_splits * long_split;
-    const int n_live = !taking ? 0 : len <= lead_keys ? (len + long_split - 1) / long_split : lead_splits + (len - lead_keys + tail_split - 1) / tail_split;
-    const int first_dead = max(n_live, lead_splits);
-    // A claimed split index as the stream holds it (thread 0 only).
-    auto settle = [&](int idx) {
-        if (idx < 0) return -1;
-        if (idx >= n_live) { if (idx == first_dead) ring[8] = 1; return -1; }
-        return idx;
-    };
-    auto claim = [&]() { return lead_splits + (int)atomicAdd(counter, 1u); };
-    if (threadIdx.x == 0) {
-        ring[8] = 0;
-        ring[0] = s;
-        ring[1] = taking ? settle(claim()) : -1;
-        ring[2] = ring[1] < 0 ? -1 : settle(claim());
-    }
-    __syncthreads();
-    int pend = -1, pend_ord = -1;  // thread 0: a claim made, not yet in the ring
-    bool dead_seen = ring[2] < 0;
-    auto publish = [&]() {
-        if (threadIdx.x == 0 && pend_ord >= 0) {
-            const int idx = dead_seen ? -1 : settle(pend);
-            ring[pend_ord & 7] = idx;
-            if (idx < 0) dead_seen = true;
-            pend_ord = -1;
-        }
-    };
-    // A cursor over the stream: ordinal `ord`, its split `idx` of keys [b0, e0), tile tt of nt.
-    struct Cur { int ord, tt, nt, b0, e0, idx; };
-    auto enter = [&](Cur& c, int ord) {
-        c.ord = ord; c.tt = 0;
-        c.idx = ord == 0 ? s : ring[ord & 7];
-        if (c.idx < 0) { c.nt = 0; return; }
-        if (ord == 0) { c.b0 = begin; c.e0 = end; }
-        else if (c.idx < lead_splits) { c.b0 = c.idx * long_split; c.e0 = min(len, c.b0 + long_split); }
-        else { c.b0 = lead_keys + (c.idx - lead_splits) * tail_split; c.e0 = min(len, c.b0 + tail_split); }
-        c.nt = (c.e0 - c.b0 + TILE - 1) / TILE;
-    };
-    Cur lc, cc;  // the next tile to copy, the tile to compute
-    enter(lc, 0);
-    enter(cc, 0);
-    // Copies the next tile into the stage of stream tile `tile`; entering a split, thread 0
-    // claims the one two further on.
-    auto copy_next = [&](int tile) {
-        load_tile(lc.b0 + lc.tt * TILE, lc.e0, tile);
-        if (++lc.tt >= lc.nt) {
-            enter(lc, lc.ord + 1);
-            if (lc.nt > 0 && threadIdx.x == 0) { pend = dead_seen ? -1 : claim(); pend_ord = lc.ord + 2; }
-        }
-        if (lc.nt > 0) fetch_entries(lc.b0 + lc.tt * TILE, lc.e0);
-    };
-    fetch_entries(lc.b0, lc.e0);
-#pragma unroll
-    for (int t = 0; t < STAGES - 1; t++) {
-        if (lc.nt > 0) copy_next(t);
-        cp_async_commit();
-        publish();
-        __syncthreads();
-    }
-#else
-    fetch_entries(begin, end);
+    fetch_entries(0);
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) {
         if (t < n_tiles) {
-            load_tile(begin + t * TILE, end, t);
-            fetch_entries(begin + (t + 1) * TILE, end);
+            load_tile(t);
+            fetch_entries(t + 1);
         }
         cp_async_commit();
     }
-#endif
 
 #ifdef VREG
     // O^T fragments: product i's rows are dims (HEAD_DIM / 8) gr + 2 i (+ 1), columns the
@@ -1385,80 +1268,17 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #pragma unroll
     for (int i = 0; i < O_FRAGS; i++) { o[i][0] = 0.f; o[i][1] = 0.f; o[i][2] = 0.f; o[i][3] = 0.f; }
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows gr and gr + 8
-    // Merges the 4 warps' states per query head into the partial of slot `pf` (query row 0;
-    // rows `n_splits` apart) through `wm` in shared memory ([4][16] maxima, [4][16] sums,
-    // [4][GROUP][HEAD_DIM] values); maxima leave in natural-log units.
-    auto emit = [&](size_t pf, float* wm) {
-        float* wl = wm + 4 * 16;
-        float* wo = wl + 4 * 16;
-    #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            float sum = l[hf];
-            sum += __shfl_xor_sync(0xffffffff, sum, 1);
-            sum += __shfl_xor_sync(0xffffffff, sum, 2);
-            const int r = gr + 8 * hf;
-            if (r < GROUP) {
-                if (tq == 0) { wm[warp * 16 + r] = m[hf]; wl[warp * 16 + r] = sum; }
-    #ifndef VREG
-    #pragma unroll
-                for (int i = 0; i < HEAD_DIM / 8; i++) {
-                    wo[(warp * GROUP + r) * HEAD_DIM + 8 * i + 2 * tq] = o[i][2 * hf];
-                    wo[(warp * GROUP + r) * HEAD_DIM + 8 * i + 2 * tq + 1] = o[i][2 * hf + 1];
-                }
-    #endif
-            }
-        }
-    #ifdef VREG
-    #pragma unroll
-        for (int i = 0; i < O_FRAGS; i++)
-    #pragma unroll
-            for (int x = 0; x < 4; x++) {
-                const int r = 2 * tq + (x & 1), c = (HEAD_DIM / 8) * gr + 2 * i + (x >> 1);
-                if (r < GROUP) wo[(warp * GROUP + r) * HEAD_DIM + c] = o[i][x];
-            }
-    #endif
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += 128) {
-            const int r = idx / HEAD_DIM, c = idx % HEAD_DIM;
-            float mm = NEG_INF;
-    #pragma unroll
-            for (int w = 0; w < 4; w++) mm = fmaxf(mm, wm[w * 16 + r]);
-            float ll = 0.f, acc = 0.f;
-    #pragma unroll
-            for (int w = 0; w < 4; w++) {
-                const float cw = wm[w * 16 + r] == NEG_INF ? 0.f : fast_exp2(wm[w * 16 + r] - mm);
-                ll += wl[w * 16 + r] * cw;
-                acc += wo[(w * GROUP + r) * HEAD_DIM + c] * cw;
-            }
-            const size_t p = pf + (size_t)r * n_splits;
-            part_acc[p * HEAD_DIM + c] = acc;
-            if (c == 0) { part_m[p] = mm * 0.69314718056f; part_l[p] = ll; }
-        }
-    };
 
-#ifdef TAKE
-    for (int tile = 0; cc.nt > 0; tile++) {
-        const int c_b0 = cc.b0 + cc.tt * TILE, c_e0 = cc.e0;  // this tile's first key, its split's end
-        cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
-        publish();
-        __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
-#ifdef DUO_TRACE
-        if (tile == 0) tr_c1 = clock64();
-#endif
-        if (lc.nt > 0) copy_next(tile + STAGES - 1);
-#else
     for (int tile = 0; tile < n_tiles; tile++) {
-        const int c_b0 = begin + tile * TILE, c_e0 = end;  // this tile's first key, the split's end
         cp_async_wait<STAGES - 2>();   // this tile's group is in (newer ones may still fly)
         __syncthreads();     // ... for every thread; and the stage reloaded below is consumed
 #ifdef DUO_TRACE
         if (tile == 0) tr_c1 = clock64();
 #endif
         if (tile + STAGES - 1 < n_tiles) {
-            load_tile(begin + (tile + STAGES - 1) * TILE, end, tile + STAGES - 1);
-            fetch_entries(begin + (tile + STAGES) * TILE, end);
+            load_tile(tile + STAGES - 1);
+            fetch_entries(tile + STAGES);
         }
-#endif
         cp_async_commit();
         // The warp's WARP_KEYS keys of the tile, 16 at a time (wk: the first of them).
 #pragma unroll
@@ -1553,13 +1373,13 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             sc[j][0] *= s2.x; sc[j][1] *= s2.y; sc[j][2] *= s2.x; sc[j][3] *= s2.y;
         }
 #endif
-        const int k0 = c_b0 + wk;
-        if (k0 + 16 > c_e0) {
+        const int k0 = begin + tile * TILE + wk;
+        if (k0 + 16 > end) {
 #pragma unroll
             for (int j = 0; j < 2; j++)
 #pragma unroll
                 for (int x = 0; x < 4; x++)
-                    if (k0 + 8 * j + 2 * tq + (x & 1) >= c_e0) sc[j][x] = NEG_INF;
+                    if (k0 + 8 * j + 2 * tq + (x & 1) >= end) sc[j][x] = NEG_INF;
         }
         float cf[2] = {1.f, 1.f};  // each row's rescaling of what it has summed (1 while its maximum holds)
         // Rows gr + 8 are query heads 8-15: with at most 8 per KV head they hold nothing, and
@@ -1659,35 +1479,57 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         }
 #endif
         }  // the warp's next 16 keys
-#ifdef TAKE
-        if (++cc.tt >= cc.nt) {
-            // The split's last tile: its partial, and a fresh state for the next split.
-            emit(p_head + cc.idx, epi);
-#pragma unroll
-            for (int i = 0; i < O_FRAGS; i++) { o[i][0] = 0.f; o[i][1] = 0.f; o[i][2] = 0.f; o[i][3] = 0.f; }
-            m[0] = NEG_INF; m[1] = NEG_INF; l[0] = 0.f; l[1] = 0.f;
-            enter(cc, cc.ord + 1);
-        }
-#endif
     }
-#ifdef TAKE
-    cp_async_wait_0();
-    __syncthreads();  // ring[8] as thread 0 left it
-    if (taking && ring[8]) {
-        // This block's claim was the head's first past its keys: the slots from there on are
-        // never taken; empty partials, which the merge skips.
-        for (int i = threadIdx.x; i < (n_splits - first_dead) * GROUP; i += 128) {
-            const size_t p = p_head + (size_t)(i % GROUP) * n_splits + first_dead + i / GROUP;
-            part_m[p] = NEG_INF;
-            part_l[p] = 0.f;
-        }
-    }
-    take_done();
-#else
     cp_async_wait_0();
     __syncthreads();  // the stages are reused for the merge below
-    emit(p_first, reinterpret_cast<float*>(smem_raw));
+
+    // Merge the 4 warps' states per query head; maxima leave in natural-log units.
+    float* wm = reinterpret_cast<float*>(smem_raw);  // [4][16]
+    float* wl = wm + 4 * 16;                        // [4][16]
+    float* wo = wl + 4 * 16;                        // [4][GROUP][HEAD_DIM]
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float sum = l[hf];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        const int r = gr + 8 * hf;
+        if (r < GROUP) {
+            if (tq == 0) { wm[warp * 16 + r] = m[hf]; wl[warp * 16 + r] = sum; }
+#ifndef VREG
+#pragma unroll
+            for (int i = 0; i < HEAD_DIM / 8; i++) {
+                wo[(warp * GROUP + r) * HEAD_DIM + 8 * i + 2 * tq] = o[i][2 * hf];
+                wo[(warp * GROUP + r) * HEAD_DIM + 8 * i + 2 * tq + 1] = o[i][2 * hf + 1];
+            }
 #endif
+        }
+    }
+#ifdef VREG
+#pragma unroll
+    for (int i = 0; i < O_FRAGS; i++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const int r = 2 * tq + (x & 1), c = (HEAD_DIM / 8) * gr + 2 * i + (x >> 1);
+            if (r < GROUP) wo[(warp * GROUP + r) * HEAD_DIM + c] = o[i][x];
+        }
+#endif
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += 128) {
+        const int r = idx / HEAD_DIM, c = idx % HEAD_DIM;
+        float mm = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < 4; w++) mm = fmaxf(mm, wm[w * 16 + r]);
+        float ll = 0.f, acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            const float cw = wm[w * 16 + r] == NEG_INF ? 0.f : fast_exp2(wm[w * 16 + r] - mm);
+            ll += wl[w * 16 + r] * cw;
+            acc += wo[(w * GROUP + r) * HEAD_DIM + c] * cw;
+        }
+        const size_t p = p_first + (size_t)r * n_splits;
+        part_acc[p * HEAD_DIM + c] = acc;
+        if (c == 0) { part_m[p] = mm * 0.69314718056f; part_l[p] = ll; }
+    }
 #ifdef DUO_TRACE
     const unsigned tr_i = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     if (threadIdx.x == 0 && tr_i < 4096) {

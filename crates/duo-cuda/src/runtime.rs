@@ -83,14 +83,7 @@ pub struct Gpu {
     /// cuBLAS's fixed workspace (so captured products allocate nothing); it lives as long as
     /// the handle that uses it.
     _blas_workspace: CudaSlice<u8>,
-    /// The decode partial kernel's counters where blocks take further splits (two per row
-    /// and KV head, [`TAKE_COUNTERS`] in all; each launch leaves them zero).
-    take_counters: CudaSlice<u32>,
 }
-
-/// Counters of [`Gpu`]'s for decode blocks that take further splits: 2 per (row, KV head), so
-/// a launch of at most 4,096 (row, KV head) pairs takes splits ([`DecodeLaunch::takes`]).
-pub const TAKE_COUNTERS: usize = 8192;
 
 /// Rows [`Gpu::gemv_fused`] takes at most (`GEMV_ROWS` in [`crate::ops::SOURCE`]).
 pub const GEMV_ROWS: usize = 8;
@@ -426,9 +419,6 @@ fn decode_source(
             if crate::decode_attention::decode_trace() {
                 options.push("-DDUO_TRACE=1".into());
             }
-            if crate::decode_attention::take_splits() {
-                options.push("-DTAKE=1".into());
-            }
             options.push(format!(
                 "-DV_REGS={}",
                 u8::from(crate::decode_attention::tensor_values_in_registers())
@@ -614,7 +604,6 @@ impl Gpu {
             .load_module(compile(crate::ops::SOURCE, "ops", ops_options())?)
             .map_err(driver)?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver)?;
-        let take_counters = stream.alloc_zeros::<u32>(TAKE_COUNTERS).map_err(driver)?;
         let hopper = ctx.compute_capability().map_err(driver)?.0 == 9;
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -632,7 +621,6 @@ impl Gpu {
             sms,
             dequant: Mutex::new(None),
             _blas_workspace: workspace,
-            take_counters,
         };
         gpu.set_blas_workspace(gpu.addr(&gpu._blas_workspace), BLAS_WORKSPACE)?;
         Ok(gpu)
@@ -1243,12 +1231,12 @@ impl Gpu {
         let pdl = programmatic_launch();
         let rows = a.rows as u32;
         // A listed layer's blocks in grid x (the kernels' `block_work`); else (KV heads, splits).
-        let whole = if a.short_split == 0 { (a.n_kv as u32, a.long_blocks() as u32, rows) } else { (a.blocks() as u32, 1, rows) };
+        let whole = if a.short_split == 0 { (a.n_kv as u32, a.n_splits as u32, rows) } else { (a.blocks() as u32, 1, rows) };
         match a.streaming {
             None => self.decode_partials(a, (a.kv, a.kernel), (q, kc, vc, heads, row_slot, row_pos), paged, parts, whole, 0)?,
             Some(st) => {
                 let inputs = (q, kc, vc, heads, row_slot, row_pos);
-                let listed = a.retrieval.count_ones() as usize * a.long_blocks();
+                let listed = a.retrieval.count_ones() as usize * a.n_splits;
                 if a.short_split == 0 || listed == 0 {
                     // A layer of streaming heads only (unlisted where DecodeLaunch::with_streaming_type
                     // allows it): one launch by their type's kernel.
@@ -1301,17 +1289,16 @@ impl Gpu {
         let (partial, _) = self.decode_kernels(a.group, a.head_dim, kv, kernel)?;
         let (split, ns, n_kv, retrieval) = (a.split as i32, a.n_splits as i32, a.n_kv as i32, a.retrieval);
         let (short_splits, short_split) = (a.short_splits as i32, a.short_split as i32);
-        let (lead, tail, long_blocks) = (a.lead_splits as i32, a.tail_split as i32, a.long_blocks() as i32);
-        let take = if a.takes() && kernel == DecodeKernel::Tensor { self.addr(&self.take_counters) } else { 0 };
+        let (lead, tail) = (a.lead_splits as i32, a.tail_split as i32);
         let pdl = programmatic_launch();
         if kernel == DecodeKernel::Tensor {
             let (scale_log2, smem) = (std::f32::consts::LOG2_E / (a.head_dim as f32).sqrt(), tensor_smem_bytes(a.head_dim, a.group, kv) as u32);
-            launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &lead, &tail, &long_blocks, &scale_log2, &pm, &pl, &pa, &take)
+            launch_dependent!(pdl; smem smem; self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged, &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &lead, &tail, &scale_log2, &pm, &pl, &pa)
         } else {
             let scale = 1.0 / (a.head_dim as f32).sqrt();
             launch_dependent!(pdl; smem 0;
                 self, partial, grid, 128, &q, &kc, &vc, &heads, &row_slot, &row_pos, &paged,
-                &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &lead, &tail, &long_blocks, &scale, &pm, &pl, &pa, &take
+                &split, &ns, &n_kv, &retrieval, &short_splits, &short_split, &block0, &lead, &tail, &scale, &pm, &pl, &pa
             )
         }
     }
@@ -1931,39 +1918,15 @@ impl DecodeLaunch {
         Ok(Self { streaming: Some(streaming), ..self })
     }
 
-    /// Whether a long head's blocks take further splits from a counter
-    /// (`DUO_DECODE_TAKE=1`, [`crate::decode_attention::take_splits`]): its lead splits one a
-    /// block, its short ones taken as blocks finish. Where the launch has lead splits on the
-    /// tensor-core kernel, whole 64-key runs, and counters for its (row, KV head) pairs.
-    pub fn takes(&self) -> bool {
-        crate::decode_attention::take_splits()
-            && self.kernel == DecodeKernel::Tensor
-            && self.lead_splits > 0
-            && self.n_splits >= self.lead_splits
-            && self.split % 64 == 0
-            && self.tail_split % 64 == 0
-            && self.tail_split > 0
-            && 2 * self.rows * self.n_kv <= TAKE_COUNTERS
-    }
-
-    /// Blocks per long head: its splits, or (where blocks take further ones) its lead splits.
-    pub fn long_blocks(&self) -> usize {
-        if self.takes() {
-            self.lead_splits
-        } else {
-            self.n_splits
-        }
-    }
-
-    /// Partial blocks per row: every retrieval head's [`DecodeLaunch::long_blocks`] and every
-    /// streaming head's short splits (grid x, the kernels' `block_work`), or (`short_split`
-    /// 0) KV heads x long blocks (grid x and y).
+    /// Partial blocks per row: every retrieval head's splits and every streaming head's
+    /// short ones (grid x, the kernels' `block_work`), or (`short_split` 0) KV heads x
+    /// splits (grid x and y).
     pub fn blocks(&self) -> usize {
         if self.short_split == 0 {
-            return self.n_kv * self.long_blocks();
+            return self.n_kv * self.n_splits;
         }
         let r = self.retrieval.count_ones() as usize;
-        r * self.long_blocks() + (self.n_kv - r) * self.short_splits
+        r * self.n_splits + (self.n_kv - r) * self.short_splits
     }
 }
 
@@ -2003,7 +1966,7 @@ mod tests {
         }
         let retrieval: Vec<usize> = (0..a.n_kv).filter(|g| a.retrieval >> g & 1 == 1).collect();
         let streaming: Vec<usize> = (0..a.n_kv).filter(|g| a.retrieval >> g & 1 == 0).collect();
-        let listed = retrieval.len() * a.long_blocks();
+        let listed = retrieval.len() * a.n_splits;
         if j < listed {
             let s = j / retrieval.len();
             let (begin, keys) = long.range(s);
@@ -2069,9 +2032,8 @@ mod tests {
         // key still read once, the short splits' blocks after every lead one.
         let led = crate::decode_attention::Splits { split: 2048, lead: 5, tail: 512 };
         for kinds in [vec![true; 8], kinds.to_vec()] {
-            let n = led.count(15_000);
-            let d = DecodeLaunch::for_layer(&kinds, shape, led.split, n, 320, 1, usize::MAX).with_splits(led);
-            assert_eq!((d.n_splits, d.long_blocks()), (15, 15));
+            let d = DecodeLaunch::for_layer(&kinds, shape, led.split, led.count(15_000), 320, 1, usize::MAX).with_splits(led);
+            assert_eq!(d.n_splits, 15);
             covers(&d, &kinds, 15_000, 320);
             let long = kinds.iter().filter(|&&k| k).count();
             assert_eq!(block_work(&d, 5 * long).2, 5 * 2048, "the first short split follows the lead ones");
