@@ -388,7 +388,7 @@ impl Splits {
         if self.lead == 0 || len <= lead_keys {
             len.div_ceil(self.split)
         } else {
-            self.lead + (len - lead_keys).div_ceil(self.tail)
+            self.lead + (len - lead_keys).div_ceil(self.tail.max(1))
         }
     }
 
@@ -404,8 +404,8 @@ impl Splits {
 
 /// The share (percent) of a block's fair share of a one-row launch that each lead split of
 /// [`fill_splits`] takes (`DUO_DECODE_LEAD`, 0 to 95, default 90; 0: uniform splits,
-/// [`fill_split`]). A one-row launch is one wave of equal blocks (two at 512K, whose splits
-/// stop at 8,192 keys), and the H200's multiprocessors do not stream alike: traced at 1 x 128K
+/// [`fill_split`]). A one-row launch is one wave of equal blocks (two at 512K, where
+/// `fill_split`'s splits stop at 8,192 keys), and the H200's multiprocessors do not stream alike: traced at 1 x 128K
 /// (session 27, `DUO_DECODE_TRACE=1`), 24 of the 132 took their two 2 MB splits in 93-103 us
 /// where the rest took 116-129, and the launch waited for the slowest (9.7% of the
 /// multiprocessors' time idle; 6.3% with lead splits, but each short split's block waits
@@ -437,10 +437,11 @@ pub fn fill_splits(blocks: usize, lens: &[u32]) -> Splits {
     fill_splits_with(blocks, lens, lead_share(), tail_split())
 }
 
-/// [`fill_splits`] with lead splits of `share` percent of a block's fair share and `tail`-key
-/// splits after them.
+/// [`fill_splits`] with lead splits of `share` percent (at most 95) of a block's fair share
+/// and `tail`-key splits after them (a multiple of 64, 64 at least).
 pub fn fill_splits_with(blocks: usize, lens: &[u32], share: usize, tail: usize) -> Splits {
     let uniform = Splits::uniform(fill_split(blocks, lens));
+    let (share, tail) = (share.min(95), (tail / 64).max(1) * 64);
     if share == 0 {
         return uniform;
     }
@@ -454,9 +455,11 @@ pub fn fill_splits_with(blocks: usize, lens: &[u32], share: usize, tail: usize) 
     Splits { split, lead: per_head, tail }
 }
 
-/// [`split_for`] as [`Splits`]: [`fill_splits`] where one row runs on the tensor-core kernel.
-pub fn splits_for(kernel: DecodeKernel, blocks: usize, lens: &[u32], rows: usize) -> Splits {
-    if kernel == DecodeKernel::Tensor && rows <= 1 {
+/// [`split_for`] as [`Splits`]: [`fill_splits`] where one row runs on the tensor-core kernel
+/// over a bf16 cache (the form lead splits were measured on; quantised caches keep uniform
+/// splits until they are).
+pub fn splits_for(kernel: DecodeKernel, kv: KvType, blocks: usize, lens: &[u32], rows: usize) -> Splits {
+    if kernel == DecodeKernel::Tensor && kv == KvType::Bf16 && rows <= 1 {
         return fill_splits(blocks, lens);
     }
     Splits::uniform(split_for(kernel, blocks, lens, rows))
@@ -1684,7 +1687,7 @@ mod gpu {
                 }
             })
             .collect();
-        let splits = splits.unwrap_or_else(|| splits_for(kernel, tensor_blocks(head_dim, n_heads / x_heads.len(), kv), &lens, tokens.len()));
+        let splits = splits.unwrap_or_else(|| splits_for(kernel, kv, tensor_blocks(head_dim, n_heads / x_heads.len(), kv), &lens, tokens.len()));
         let max_len = *lens.iter().max().unwrap_or(&1) as usize;
         let kinds: Vec<bool> = x_heads.iter().map(|e| e.kind == HeadEntry::RETRIEVAL).collect();
         let short_len = x_heads.iter().filter(|e| e.kind != HeadEntry::RETRIEVAL).map(|e| (e.sink + e.recent) as usize).max().unwrap_or(0);
@@ -1914,7 +1917,11 @@ mod gpu {
             run()?;
             let blocks = launch.blocks() * rows;
             let label = format!("{kv:?} {rows}x{tokens} {}", if kinds.iter().all(|&k| k) { "full" } else { "mixed" });
-            for (i, t) in gpu.decode_trace(group, head_dim, kv, blocks, false)?.iter().enumerate() {
+            if blocks > 4096 {
+                eprintln!("trace {label}: {blocks} blocks, the first 4096 kept");
+            }
+            // Blocks that wrote nothing (past a row's keys) are left out.
+            for (i, t) in gpu.decode_trace(group, head_dim, kv, blocks, false)?.iter().enumerate().filter(|(_, t)| t[1] != 0) {
                 eprintln!("trace {label} block {i} sm {} t0 {} t1 {} first {} end {}", t[0], t[1], t[2], t[3], t[4]);
             }
         }
@@ -2284,6 +2291,10 @@ mod tests {
         let mixed_128k = [131_072, 320, 131_072, 320, 131_072, 320, 131_072, 320];
         assert_eq!(fill_splits_with(2, &mixed_128k, 80, 512), Splits::uniform(fill_split(2, &mixed_128k)));
         assert_eq!(fill_splits_with(2, &[16_384; 8], 80, 512), Splits::uniform(fill_split(2, &[16_384; 8])));
+        // Short splits never of 0 keys; only bf16 caches take lead splits.
+        assert_eq!(fill_splits_with(2, &[131_072; 8], 80, 0).tail, 64);
+        assert_eq!(splits_for(DecodeKernel::Tensor, KvType::Fp8, 2, &[131_072; 8], 1), Splits::uniform(fill_split(2, &[131_072; 8])));
+        assert_eq!(splits_for(DecodeKernel::Tensor, KvType::Bf16, 2, &[131_072; 8], 2), Splits::uniform(split_for(DecodeKernel::Tensor, 2, &[131_072; 8], 2)));
     }
 
     #[test]

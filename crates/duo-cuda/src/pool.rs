@@ -107,7 +107,7 @@ const DECODE_KEYS_PER_WARP: usize = 2;
 /// the sums). 2,048 was the best or within 5% of the best constant from 512 to 8,192 for
 /// the tensor-core kernel on the H200 at 25 x 16K and 64 x 4K rows, and 1.4-1.7x faster than
 /// 512 for one long row (BENCHMARKS.md, issue 16). A pool of one sequence has nothing to be
-/// independent of and takes `split_for`'s length.
+/// independent of and takes `splits_for`'s splits.
 pub const DECODE_SPLIT: usize = 2048;
 
 /// Graphs kept at once (each holds its launches' parameters; old ones are dropped).
@@ -1357,7 +1357,7 @@ fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_
             let lens: Vec<u32> = layout.retrieval[l].iter().map(|&r| if r { bucket_n as u32 } else { short }).collect();
             let max_len = *lens.iter().max().unwrap_or(&1) as usize;
             let mut splits = if pool.max_seqs == 1 {
-                splits_for(kernel, tensor_blocks(c.head_dim, group, layout.kv), &lens, rows)
+                splits_for(kernel, layout.kv, tensor_blocks(c.head_dim, group, layout.kv), &lens, rows)
             } else {
                 Splits::uniform(DECODE_SPLIT)
             };

@@ -1163,10 +1163,12 @@ impl Gpu {
         Ok(k)
     }
 
-    /// The per-block record of the last launch of the tensor-core partial kernel for this
-    /// shape, compiled with `DUO_DECODE_TRACE=1` (a measurement, never on otherwise): its
-    /// first `blocks` blocks' (multiprocessor, first and last instant in ns, cycles to its
-    /// first tile, cycles to its end); `clear` zeroes the record instead (and returns none).
+    /// The per-block record of the tensor-core partial kernel for this shape, compiled with
+    /// `DUO_DECODE_TRACE=1` (a measurement, never on otherwise): its first `blocks` blocks'
+    /// (multiprocessor, first and last instant in ns, cycles to its first tile, cycles to its
+    /// end), each as the last launch since a clear left it (all zero: no block wrote it, as one
+    /// past a row's keys); at most 4,096 blocks are kept. `clear` zeroes the record instead (and
+    /// returns none).
     pub fn decode_trace(&self, group: usize, head_dim: usize, kv: KvType, blocks: usize, clear: bool) -> Result<Vec<[u64; 5]>> {
         if !crate::decode_attention::decode_trace() {
             return Err(CudaError::Input("decode_trace needs DUO_DECODE_TRACE=1".into()));
@@ -1182,6 +1184,8 @@ impl Gpu {
             let (ptr, bytes) = cudarc::driver::result::module::get_global(module, name).map_err(driver)?;
             if clear {
                 cudarc::driver::result::memset_d8_sync(ptr, 0, bytes).map_err(driver)?;
+                // (On the legacy stream, which this context's own stream does not wait for.)
+                self.ctx.synchronize().map_err(driver)?;
                 return Ok(Vec::new());
             }
             let mut raw = vec![0u64; bytes / 8];
@@ -1799,7 +1803,7 @@ pub struct DecodeLaunch {
     pub group: usize,
     /// 64, 128 or 256.
     pub head_dim: usize,
-    /// Keys per split of a retrieval head.
+    /// Keys per split of a retrieval head (its lead splits', where `lead_splits` > 0).
     pub split: usize,
     /// A retrieval head's splits, and the partial slots of every head; blocks past a row's
     /// keys exit at once.
