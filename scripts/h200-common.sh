@@ -7,8 +7,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # files (use as `trap pack_out EXIT` where a step writes more).
 pack_out() { tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/" && ls -la "$OUT"; }
 
-# The stripped, xz-packed binaries built on the build machine (those that were carried).
-for f in duo cuda_backend; do [ -f ".gpu/bin/$f.xz" ] && xz -dc ".gpu/bin/$f.xz" > "/tmp/duo/$f" && chmod +x "/tmp/duo/$f"; done
+# The stripped, xz-packed binaries built on the build machine (those that were carried;
+# duo-take: a build of the same tree with a patch under test, for the scripts that name it).
+for f in duo duo-take cuda_backend; do [ -f ".gpu/bin/$f.xz" ] && xz -dc ".gpu/bin/$f.xz" > "/tmp/duo/$f" && chmod +x "/tmp/duo/$f"; done
 # The kernels' PTX compiled on the build machine (scripts/gpu-prep.sh), into the kernel cache
 # every script uses (DUO_KERNEL_CACHE=/tmp/duo/kc): forms found there are not compiled again.
 # (Set but empty or 0: keep none, as duo reads it; nothing is unpacked then.)
