@@ -29,5 +29,9 @@ for v in shipped take; do
   timeout 60 $run bench --device cuda --random-weights llama-3-8b --pattern $P --methods full,duo,layer --sparsity 0.5 --lengths 131072,524288 \
     --max-prefill 0 --decode-tokens 8 > "$f" 2>&1; echo "== $v exit $? ($((SECONDS - start)) s): $(grep -E "^(full|duo|layer) " "$f" | sed 's/ tokens: prefill synthetic KV, decode//; s/ ms\/token (floor [0-9.]*, / (/; s/), KV .*/)/' | tr -s ' ' | tr '\n' ';')"
 done
+# Taking where blocks are short too (a duo layer's four long heads from about 66K tokens).
+f="$OUT/step-take-leadmin1024.txt"
+timeout 60 env DUO_DECODE_TAKE=1 DUO_DECODE_LEAD_MIN=1024 $DT bench --device cuda --random-weights llama-3-8b --pattern $P --methods full,duo,layer --sparsity 0.5 --lengths 32768,131072 \
+  --max-prefill 0 --decode-tokens 8 > "$f" 2>&1; echo "== take, lead min 1024 exit $? ($((SECONDS - start)) s): $(grep -E "^(full|duo|layer) " "$f" | sed 's/ tokens: prefill synthetic KV, decode//; s/ ms\/token (floor [0-9.]*, / (/; s/), KV .*/)/' | tr -s ' ' | tr '\n' ';')"
 DUO_DECODE_TAKE=1 timeout 90 $DT cuda-check --only decode --no-timings --cases "paged decode attention Bf16," > "$OUT/parity-take.txt" 2>&1; echo "parity (take) exit $?: $(grep -c '^ok' "$OUT/parity-take.txt") ok ($((SECONDS - start)) s)"; grep -E "^FAIL|^error" "$OUT/parity-take.txt" | cut -c1-200 | head
 timeout 60 $DT cuda-check --only decode --no-timings --cases "paged decode attention Int4," > "$OUT/parity-int4.txt" 2>&1; echo "parity (duo-take, int4) exit $?: $(grep -c '^ok' "$OUT/parity-int4.txt") ok ($((SECONDS - start)) s)"; grep -E "^FAIL|^error" "$OUT/parity-int4.txt" | cut -c1-200 | head
