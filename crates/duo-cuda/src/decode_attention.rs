@@ -423,6 +423,11 @@ pub fn lead_share() -> usize {
 /// time the lead splits save at the end.
 pub const LEAD_MIN_FAIR: usize = 3072;
 
+/// [`LEAD_MIN_FAIR`], or `DUO_DECODE_LEAD_MIN` (keys) for measuring others.
+pub fn lead_min_fair() -> usize {
+    tuning("DUO_DECODE_LEAD_MIN").unwrap_or(LEAD_MIN_FAIR)
+}
+
 /// Keys per split past the lead ones in [`fill_splits`] (`DUO_DECODE_TAIL`, a multiple of
 /// 64 from 64 to 8,192; default 512).
 pub fn tail_split() -> usize {
@@ -432,14 +437,15 @@ pub fn tail_split() -> usize {
 /// A one-row launch's long-head splits on the tensor-core kernel: with a [`lead_share`], one
 /// wave of lead splits of that share of a block's fair share (a multiple of 64 keys), then
 /// [`tail_split`]-key splits that multiprocessors take as they free up; else (or where the
-/// fair share is under [`LEAD_MIN_FAIR`] keys) [`fill_split`]'s uniform splits.
+/// fair share is under [`lead_min_fair`] keys) [`fill_split`]'s uniform splits.
 pub fn fill_splits(blocks: usize, lens: &[u32]) -> Splits {
-    fill_splits_with(blocks, lens, lead_share(), tail_split())
+    fill_splits_with(blocks, lens, lead_share(), tail_split(), lead_min_fair())
 }
 
 /// [`fill_splits`] with lead splits of `share` percent (at most 95) of a block's fair share
-/// and `tail`-key splits after them (a multiple of 64, 64 at least).
-pub fn fill_splits_with(blocks: usize, lens: &[u32], share: usize, tail: usize) -> Splits {
+/// and `tail`-key splits after them (a multiple of 64, 64 at least), where that fair share is
+/// at least `min_fair` keys.
+pub fn fill_splits_with(blocks: usize, lens: &[u32], share: usize, tail: usize, min_fair: usize) -> Splits {
     let uniform = Splits::uniform(fill_split(blocks, lens));
     let (share, tail) = (share.min(95), (tail / 64).max(1) * 64);
     if share == 0 {
@@ -449,7 +455,7 @@ pub fn fill_splits_with(blocks: usize, lens: &[u32], share: usize, tail: usize) 
     let long = lens.iter().filter(|&&l| 2 * l as usize >= max_len).count().max(1);
     let per_head = (132 * blocks.max(1) / long).max(1);
     let split = max_len * share / (100 * per_head) / 64 * 64;
-    if split < 512 || max_len / per_head < LEAD_MIN_FAIR {
+    if split < 512 || max_len / per_head < min_fair {
         return uniform;
     }
     Splits { split, lead: per_head, tail }
@@ -2279,20 +2285,22 @@ mod tests {
     fn lead_splits_take_their_share_of_one_wave_and_short_ones_the_rest() {
         // A full Llama-3-8B layer at 128K, two blocks a multiprocessor: 33 blocks a head,
         // a fair share of 3,971 keys.
-        let full = fill_splits_with(2, &[131_072; 8], 80, 512);
+        let full = fill_splits_with(2, &[131_072; 8], 80, 512, LEAD_MIN_FAIR);
         assert_eq!((full.split, full.lead, full.tail), (3136, 33, 512));
         assert_eq!(full.count(131_072), 33 + (131_072 - 33 * 3136usize).div_ceil(512));
         // Four long heads of eight at 512K: 66 blocks a head, a fair share of 7,943 keys.
-        let duo = fill_splits_with(2, &[524_288, 320, 524_288, 320, 524_288, 320, 524_288, 320], 80, 512);
+        let duo = fill_splits_with(2, &[524_288, 320, 524_288, 320, 524_288, 320, 524_288, 320], 80, 512, LEAD_MIN_FAIR);
         assert_eq!((duo.split, duo.lead), (6336, 66));
         // No share: fill_split's uniform splits; a fair share under LEAD_MIN_FAIR (the same
         // four heads at 128K: 1,985 keys; a full layer at 16K): the same.
-        assert_eq!(fill_splits_with(2, &[131_072; 8], 0, 512), Splits::uniform(fill_split(2, &[131_072; 8])));
+        assert_eq!(fill_splits_with(2, &[131_072; 8], 0, 512, LEAD_MIN_FAIR), Splits::uniform(fill_split(2, &[131_072; 8])));
         let mixed_128k = [131_072, 320, 131_072, 320, 131_072, 320, 131_072, 320];
-        assert_eq!(fill_splits_with(2, &mixed_128k, 80, 512), Splits::uniform(fill_split(2, &mixed_128k)));
-        assert_eq!(fill_splits_with(2, &[16_384; 8], 80, 512), Splits::uniform(fill_split(2, &[16_384; 8])));
+        assert_eq!(fill_splits_with(2, &mixed_128k, 80, 512, LEAD_MIN_FAIR), Splits::uniform(fill_split(2, &mixed_128k)));
+        assert_eq!(fill_splits_with(2, &[16_384; 8], 80, 512, LEAD_MIN_FAIR), Splits::uniform(fill_split(2, &[16_384; 8])));
         // Short splits never of 0 keys; only bf16 caches take lead splits.
-        assert_eq!(fill_splits_with(2, &[131_072; 8], 80, 0).tail, 64);
+        assert_eq!(fill_splits_with(2, &[131_072; 8], 80, 0, LEAD_MIN_FAIR).tail, 64);
+        // A lower threshold takes the four long heads at 128K too.
+        assert_eq!(fill_splits_with(2, &mixed_128k, 80, 512, 1024).lead, 66);
         assert_eq!(splits_for(DecodeKernel::Tensor, KvType::Fp8, 2, &[131_072; 8], 1), Splits::uniform(fill_split(2, &[131_072; 8])));
         assert_eq!(splits_for(DecodeKernel::Tensor, KvType::Bf16, 2, &[131_072; 8], 2), Splits::uniform(split_for(DecodeKernel::Tensor, 2, &[131_072; 8], 2)));
     }
