@@ -294,8 +294,8 @@ pub fn tensor_min_blocks(kv: KvType) -> usize {
 
 /// Shared memory of one multiprocessor of the H100/H200 (228 KiB), and what the driver
 /// reserves per resident block (1 KiB).
-const SMEM_PER_SM: usize = 228 * 1024;
-const SMEM_PER_BLOCK_RESERVED: usize = 1024;
+pub(crate) const SMEM_PER_SM: usize = 228 * 1024;
+pub(crate) const SMEM_PER_BLOCK_RESERVED: usize = 1024;
 
 /// Blocks per multiprocessor the tensor-core partial kernel for heads of `head_dim` with
 /// `group` query heads over a `kv` cache plans its registers for (`MIN_BLOCKS`) and
@@ -451,9 +451,7 @@ pub fn fill_splits_with(blocks: usize, lens: &[u32], share: usize, tail: usize, 
     if share == 0 {
         return uniform;
     }
-    let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
-    let long = lens.iter().filter(|&&l| 2 * l as usize >= max_len).count().max(1);
-    let per_head = (132 * blocks.max(1) / long).max(1);
+    let (max_len, per_head) = one_wave(blocks, lens);
     let split = max_len * share / (100 * per_head) / 64 * 64;
     if split < 512 || max_len / per_head < min_fair {
         return uniform;
@@ -1591,12 +1589,18 @@ pub fn split_for(kernel: DecodeKernel, blocks: usize, lens: &[u32], rows: usize)
 /// step at 128K 7.06 -> 6.92 ms and full and layer steps unchanged (BENCHMARKS.md, session 20).
 /// Two and three waves measured no faster (session 21).
 pub fn fill_split(blocks: usize, lens: &[u32]) -> usize {
+    let (max_len, per_head) = one_wave(blocks, lens);
+    (max_len.div_ceil(per_head).div_ceil(64) * 64).clamp(512, 8192)
+}
+
+/// The longest head's keys of a one-row launch over KV heads showing `lens`, and the blocks
+/// each long head gets in one wave of `blocks` blocks a multiprocessor on the H200's 132.
+fn one_wave(blocks: usize, lens: &[u32]) -> (usize, usize) {
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1) as usize;
     // The long heads: a streaming window's few keys take blocks of their own, one tile each
     // (`crate::runtime::DecodeLaunch::for_layer`), which come and go within the wave.
     let long = lens.iter().filter(|&&l| 2 * l as usize >= max_len).count().max(1);
-    let per_head = (132 * blocks.max(1) / long).max(1);
-    (max_len.div_ceil(per_head).div_ceil(64) * 64).clamp(512, 8192)
+    (max_len, (132 * blocks.max(1) / long).max(1))
 }
 
 #[cfg(feature = "cuda")]
@@ -1698,7 +1702,7 @@ mod gpu {
         let kinds: Vec<bool> = x_heads.iter().map(|e| e.kind == HeadEntry::RETRIEVAL).collect();
         let short_len = x_heads.iter().filter(|e| e.kind != HeadEntry::RETRIEVAL).map(|e| (e.sink + e.recent) as usize).max().unwrap_or(0);
         let shape = (n_heads / x_heads.len(), head_dim, tokens.len(), kv, kernel);
-        DecodeLaunch::for_layer(&kinds, shape, splits.split, splits.count(max_len), short_len.min(max_len), tokens.len(), usize::MAX).with_splits(splits)
+        DecodeLaunch::for_layer_split(&kinds, shape, splits, max_len, short_len.min(max_len), tokens.len(), usize::MAX)
     }
 
     /// Runs the fused decode attention on the GPU over a paged pool of `block_tokens`

@@ -1365,8 +1365,7 @@ fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_
                 splits = Splits::uniform((max_len.div_ceil(PART_PAIRS / rows.max(1)).max(MIN_SPLIT)).div_ceil(64) * 64);
             }
             let shape = (group, c.head_dim, rows, layout.kv, kernel);
-            let launch = DecodeLaunch::for_layer(&layout.retrieval[l], shape, splits.split, splits.count(max_len), window, pool.max_seqs, PART_PAIRS / max_rows)
-                .with_splits(splits);
+            let launch = DecodeLaunch::for_layer_split(&layout.retrieval[l], shape, splits, max_len, window, pool.max_seqs, PART_PAIRS / max_rows);
             // Holds because a pool never has more rows than PART_PAIRS (checked in `new`) and
             // a window's splits are gated by the slots its largest batch leaves.
             debug_assert!(launch.n_splits * rows <= PART_PAIRS);

@@ -6,7 +6,7 @@
 //! order, which is also what stream capture needs.
 #![allow(unsafe_code)] // kernel launches and cuBLAS calls are unsafe by nature; sizes are checked by callers
 
-use crate::decode_attention::{tensor_smem_bytes, DecodeKernel, KvType};
+use crate::decode_attention::{tensor_smem_bytes, DecodeKernel, KvType, SMEM_PER_BLOCK_RESERVED, SMEM_PER_SM};
 use crate::paged::{PagedArgs, PREFIX};
 use crate::{CudaError, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -196,9 +196,10 @@ pub enum StepGemv {
     /// qkv, o and down on [`Gpu::gemv_fused`] (the first norm folded into qkv, the SiLU into
     /// down's input rows where they fit its shared memory), gate/up on cuBLAS after an RMSNorm
     /// kernel (`=2`): the products where duo's kernel measured as fast or faster, and the
-    /// one where it did not left to cuBLAS. Built after session 26's device time; not yet
-    /// measured (every block computes the SiLU of every row, so at several rows the separate
-    /// kernel may be cheaper). Not batch-invariant: cuBLAS's gate/up, as on the default path.
+    /// one where it did not left to cuBLAS. On the H200 (BENCHMARKS.md, session 27) a one-row
+    /// Llama-3-8B step takes the same time as the default (128K full 9.00-9.02 ms against
+    /// 8.97-9.01; alone, SiLU + down at 1 row measured 0.92x of the separate kernels and
+    /// cuBLAS). Not batch-invariant: cuBLAS's gate/up, as on the default path.
     FusedBesideCublasGateUp,
 }
 
@@ -1092,7 +1093,7 @@ impl Gpu {
         // Normalised rows and SiLU input rows always sit in shared memory, bf16 rows where
         // they fit beside the rings of one block (then fewer blocks a multiprocessor, below:
         // read from the L2 by every warp instead, down's four 14,336-wide rows ran at 0.17x
-        // of cuBLAS's speed in session 26; staged at one block, not yet measured).
+        // of cuBLAS's speed in session 26; staged at one block, 0.41x in session 27).
         let (ring, rows_bytes) = (gemv_ring_bytes(), t * in_dim * 2);
         // (stage: 0 none, 1 the bf16 rows copied, 2 their SiLU computed into shared memory.)
         let (x, norm, eps, stage_x) = match input {
@@ -1119,7 +1120,7 @@ impl Gpu {
         let units = if mode == 2 { out_dim / 2 } else { out_dim };
         // As many blocks as fit at once (a multiprocessor's 228 KiB, 1 KiB of it the
         // system's per block), at most GEMV_BLOCKS each.
-        let per_sm = gemv_blocks().min((228 << 10) / (smem + 1024)).max(1);
+        let per_sm = gemv_blocks().min(SMEM_PER_SM / (smem + SMEM_PER_BLOCK_RESERVED)).max(1);
         let blocks = units.div_ceil(8).min(per_sm * self.sms).max(1) as u32;
         let (rows, i, o) = (t as i32, in_dim as i32, out_dim as i32);
         launch_dependent!(gemv_programmatic(); smem smem as u32; self, f, (blocks, 1, 1), 256, &x, &norm, &eps, &w, &y, &rows, &i, &o, &beta, &mode, &stage_x)
@@ -1899,10 +1900,19 @@ impl DecodeLaunch {
         }
     }
 
-    /// This launch with its long heads split by `splits` (whose `count` of the longest head's
-    /// keys gave `n_splits` to [`DecodeLaunch::for_layer`]).
-    pub fn with_splits(self, splits: crate::decode_attention::Splits) -> Self {
-        Self { split: splits.split, lead_splits: splits.lead, tail_split: splits.tail, ..self }
+    /// [`DecodeLaunch::for_layer`] with its long heads split by `splits`, as many splits as
+    /// hold the longest head's `max_len` keys.
+    pub fn for_layer_split(
+        kinds: &[bool],
+        shape: (usize, usize, usize, KvType, DecodeKernel),
+        splits: crate::decode_attention::Splits,
+        max_len: usize,
+        short_len: usize,
+        streaming_rows: usize,
+        max_slots: usize,
+    ) -> Self {
+        let launch = Self::for_layer(kinds, shape, splits.split, splits.count(max_len), short_len, streaming_rows, max_slots);
+        Self { lead_splits: splits.lead, tail_split: splits.tail, ..launch }
     }
 
     /// This launch with the layer's streaming heads (`kinds`: true = retrieval) in their own
@@ -2036,7 +2046,7 @@ mod tests {
         // key still read once, the short splits' blocks after every lead one.
         let led = crate::decode_attention::Splits { split: 2048, lead: 5, tail: 512 };
         for kinds in [vec![true; 8], kinds.to_vec()] {
-            let d = DecodeLaunch::for_layer(&kinds, shape, led.split, led.count(15_000), 320, 1, usize::MAX).with_splits(led);
+            let d = DecodeLaunch::for_layer_split(&kinds, shape, led, 15_000, 320, 1, usize::MAX);
             assert_eq!(d.n_splits, 15);
             covers(&d, &kinds, 15_000, 320);
             let long = kinds.iter().filter(|&&k| k).count();
@@ -2065,7 +2075,7 @@ mod tests {
             assert_eq!(gemv_blocks(), ops_define("GEMV_BLOCKS"));
             // Two blocks' rings and a row of Llama-3-8B's 14,336 down inputs fit one
             // multiprocessor, so the down product reads its row from shared memory.
-            assert!(2 * (gemv_ring_bytes() + 14_336 * 2 + GEMV_STATIC_SMEM + 1024) <= 228 << 10);
+            assert!(2 * (gemv_ring_bytes() + 14_336 * 2 + GEMV_STATIC_SMEM + SMEM_PER_BLOCK_RESERVED) <= SMEM_PER_SM);
         }
     }
 
