@@ -231,8 +231,9 @@ impl DecodeKernel {
 
 /// Dynamic shared memory of the tensor-core partial kernel for heads of `head_dim` with
 /// `group` query heads each: [`tensor_stages`] (bf16: three) stages of 64-key K and V tiles,
-/// rows padded by 8 elements (the merge reuses them). A quantised cache's stages hold its
-/// raw rows (padded by 16 bytes) and row scales, and, where values do
+/// rows swizzled ([`tensor_swizzle`]) or padded by 8 elements (the merge reuses them). A
+/// quantised cache's stages hold its raw rows (padded by [`tensor_byte_pad`] bytes) and row
+/// scales, and, where values do
 /// not go from their codes straight to the tensor cores ([`tensor_values_in_registers`],
 /// up to 8 query heads), each warp its 16 keys' values dequantised to f16 beside them.
 pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
@@ -242,9 +243,9 @@ pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
             let converted = if tensor_values_in_registers() && group <= 8 { 0 } else { 4 * 16 * (head_dim + 8) * 2 };
             let tile = tensor_byte_tile();
             // Key and value rows alike padded to the wider (the keys').
-            stages * 2 * tile * (kv.key_bytes_for(head_dim) + 16) + stages * 2 * tile * 4 + converted
+            stages * 2 * tile * (kv.key_bytes_for(head_dim) + tensor_byte_pad()) + stages * 2 * tile * 4 + converted
         }
-        _ => stages * 2 * 64 * (head_dim + 8) * 2,
+        _ => stages * 2 * 64 * (head_dim + if tensor_swizzle() { 0 } else { 8 }) * 2,
     }
 }
 
@@ -332,6 +333,22 @@ pub fn merge_block(head_dim: usize) -> usize {
 /// The wide merge's width in threads before rounding to whole heads ([`merge_block`]; the
 /// kernel's `MERGE_THREADS`, given to NVRTC by the host so the two cannot disagree).
 pub const MERGE_THREADS: usize = 512;
+
+/// Whether the tensor-core kernel's bf16 stages hold rows of swizzled 16-byte chunks (the
+/// default) rather than rows padded by 16 bytes (`DUO_DECODE_SWIZZLE=0`, the form before
+/// session 28). The padding put every odd row's 32-byte sectors across a 32-byte boundary of
+/// shared memory, and the L2 was asked for each of those sectors twice: 1.5 times the
+/// sectors the cache holds (Nsight Compute on the H200, BENCHMARKS.md, session 28).
+pub fn tensor_swizzle() -> bool {
+    tuning("DUO_DECODE_SWIZZLE") != Some(0)
+}
+
+/// Bytes past each raw row of a quantised cache in the tensor-core kernel's stages: 16 (the
+/// default) or 32 (`DUO_DECODE_BYTE_PAD=32`, every row then on a 32-byte boundary, as
+/// [`tensor_swizzle`] does for bf16, with two-way bank conflicts on the keys' reads).
+pub fn tensor_byte_pad() -> usize {
+    if tuning("DUO_DECODE_BYTE_PAD") == Some(32) { 32 } else { 16 }
+}
 
 /// Whether the tensor-core kernel over a quantised cache takes values from their codes
 /// straight into the tensor cores (the default, for up to 8 query heads per KV head; see
@@ -985,7 +1002,22 @@ pub const TENSOR_SOURCE: &str = r#"
 #error "a tile is whole 64-key runs (the scale copies take 2 TILE / 128 per thread)"
 #endif
 #define WARP_KEYS (TILE / 4)
+// bf16 stages: rows of HEAD_DIM elements whose 16-byte chunks are swizzled (KV_SWIZZLE, the
+// default: chunk c of tile row r lies at chunk c ^ (r & 7) of its row), or rows padded by 8
+// elements (KV_SWIZZLE=0). Both keep ldmatrix's eight rows on distinct banks; the padding
+// leaves every odd row 16 bytes off a 32-byte boundary, and a cp.async whose 32-byte sector
+// lands across one is asked of the L2 twice: Nsight Compute counted 24 sectors a warp's copy
+// of 512 bytes against 16 (BENCHMARKS.md, session 28). The swizzle keeps each sector in one
+// aligned 32-byte unit of shared memory.
+#if !defined(KV_BYTES) && KV_SWIZZLE
+#define TPAD HEAD_DIM
+#define SWZ(r, c) ((c) ^ (((r) & 7) << 4))
+#else
 #define TPAD (HEAD_DIM + 8)
+#define SWZ(r, c) (c)
+#endif
+// The element offset of tile row r's column col (a multiple of 8) in a bf16 stage.
+#define SOFF(r, col) ((r) * TPAD + SWZ(r, (col) * 2) / 2)
 #define TILE_ELEMS (TILE * TPAD)
 #ifdef KV_BYTES
 // A quantised cache (fp8, int8, int4, K8V4): stages hold raw rows (ROW_BYTES, padded by 16) and
@@ -996,7 +1028,10 @@ pub const TENSOR_SOURCE: &str = r#"
 // MIN_BLOCKS come from the host (tensor_stages, tensor_blocks), which sizes the shared
 // memory and the splits from the same numbers.
 typedef unsigned char kv_t;
-#define RPAD (ROW_BYTES + 16)
+// BYTE_PAD (16, the default, or 32: DUO_DECODE_BYTE_PAD): 16 leaves odd rows 16 bytes off
+// a 32-byte boundary, as bf16's padding did (see KV_SWIZZLE); 32 keeps every row aligned to
+// 32 bytes at the price of two-way bank conflicts on the keys' reads.
+#define RPAD (ROW_BYTES + BYTE_PAD)
 // Staged int4 key rows lie KPAD apart, unpadded: a lane reads 16 bytes (8 at 64 dims) of
 // row gr and row gr + 8, so the eight lanes of a quarter-warp read two rows, 128 bytes, and
 // those rows must not share banks, which the 80 bytes of RPAD broke (two wavefronts each
@@ -1198,8 +1233,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #pragma unroll
         for (int j = 0; j < NCH; j++) {
             const int run = (j * RS) / 64, in_run = (j * RS) % 64;
-            cp_async16_full(k_dst + (r + j * RS) * pad + c, kbase + first[run] + (long long)in_run * row_bytes);
-            if (c < v_row_bytes) cp_async16_full(v_dst + (r + j * RS) * v_pad + c, vbase + v_first[run] + (long long)in_run * v_row_bytes);
+            cp_async16_full(k_dst + (r + j * RS) * pad + SWZ(r + j * RS, c), kbase + first[run] + (long long)in_run * row_bytes);
+            if (c < v_row_bytes) cp_async16_full(v_dst + (r + j * RS) * v_pad + SWZ(r + j * RS, c), vbase + v_first[run] + (long long)in_run * v_row_bytes);
         }
     };
     // A tile's keys and values from `t0` into the stage at byte `stage_at` of shared memory
@@ -1224,8 +1259,8 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             const long long row = page_tiles ? PAGED_ROW(r) : kv_row_from(pg, e, pos_of(t), cap, ent[j]);
             // A streaming head's key row in its view (KEY_ROW; page runs are retrieval heads').
             const size_t at = live ? (size_t)KEY_ROW(row) * row_bytes + c : 0, v_at = live ? (size_t)row * v_row_bytes + c : 0;
-            cp_async16(kd + r * pad + c, kbase + at, live ? 16 : 0);
-            if (c < v_row_bytes) cp_async16(vd + r * v_pad + c, vbase + v_at, live ? 16 : 0);
+            cp_async16(kd + r * pad + SWZ(r, c), kbase + at, live ? 16 : 0);
+            if (c < v_row_bytes) cp_async16(vd + r * v_pad + SWZ(r, c), vbase + v_at, live ? 16 : 0);
         }
     };
 #ifdef KV_BYTES
@@ -1354,7 +1389,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
             unsigned kb[4];
-            ldmatrix_x4(kb, ks + ((lane & 7) + ((lane >> 4) & 1) * 8) * TPAD + kk * 16 + ((lane >> 3) & 1) * 8);
+            ldmatrix_x4(kb, ks + SOFF((lane & 7) + ((lane >> 4) & 1) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
             MMA(sc[0], qa[kk], kb[0], kb[1]);
             MMA(sc[1], qa[kk], kb[2], kb[3]);
         }
@@ -1480,7 +1515,7 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
         for (int i = 0; i < HEAD_DIM / 8; i += 2) {
             // Keys 0..15 of the warp (rows), dims 8i.. and 8(i+1).. (columns), transposed.
             unsigned vb[4];
-            ldmatrix_x4_trans(vb, vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * TPAD + (i + (lane >> 4)) * 8);
+            ldmatrix_x4_trans(vb, vs + SOFF((lane & 7) + ((lane >> 3) & 1) * 8, (i + (lane >> 4)) * 8));
             MMA(o[i], pa, vb[0], vb[1]);
             MMA(o[i + 1], pa, vb[2], vb[3]);
         }

@@ -417,6 +417,14 @@ fn decode_source(
                 "-DCP_L2_PREFETCH={}",
                 crate::decode_attention::tensor_l2_prefetch()
             ));
+            options.push(format!(
+                "-DKV_SWIZZLE={}",
+                u8::from(crate::decode_attention::tensor_swizzle())
+            ));
+            options.push(format!(
+                "-DBYTE_PAD={}",
+                crate::decode_attention::tensor_byte_pad()
+            ));
             if crate::decode_attention::decode_trace() {
                 options.push("-DDUO_TRACE=1".into());
             }
