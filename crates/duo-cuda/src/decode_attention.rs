@@ -243,7 +243,10 @@ pub fn tensor_smem_bytes(head_dim: usize, group: usize, kv: KvType) -> usize {
             let converted = if tensor_values_in_registers() && group <= 8 { 0 } else { 4 * 16 * (head_dim + 8) * 2 };
             let tile = tensor_byte_tile();
             // Key and value rows alike padded to the wider (the keys').
-            stages * 2 * tile * (kv.key_bytes_for(head_dim) + tensor_byte_pad()) + stages * 2 * tile * 4 + converted
+            let row = kv.key_bytes_for(head_dim);
+            // Rows of 128 bytes swizzled, not padded (the kernel's RPAD).
+            let pad = if tensor_swizzle() && row == 128 { 0 } else { tensor_byte_pad() };
+            stages * 2 * tile * (row + pad) + stages * 2 * tile * 4 + converted
         }
         _ => stages * 2 * 64 * (head_dim + if tensor_swizzle() { 0 } else { 8 }) * 2,
     }
@@ -334,9 +337,9 @@ pub fn merge_block(head_dim: usize) -> usize {
 /// kernel's `MERGE_THREADS`, given to NVRTC by the host so the two cannot disagree).
 pub const MERGE_THREADS: usize = 512;
 
-/// Whether the tensor-core kernel's bf16 stages hold rows of swizzled 16-byte chunks (the
-/// default) rather than rows padded by 16 bytes (`DUO_DECODE_SWIZZLE=0`, the form before
-/// session 28). The padding put every odd row's 32-byte sectors across a 32-byte boundary of
+/// Whether the tensor-core kernel's bf16 stages, and a quantised cache's raw rows of 128
+/// bytes, hold rows of swizzled 16-byte chunks (the default) rather than rows padded by 16
+/// bytes (`DUO_DECODE_SWIZZLE=0`, the form before session 28). The padding put every odd row's 32-byte sectors across a 32-byte boundary of
 /// shared memory, and the L2 was asked for each of those sectors twice: 1.5 times the
 /// sectors the cache holds (Nsight Compute on the H200, BENCHMARKS.md, session 28).
 pub fn tensor_swizzle() -> bool {
@@ -1008,16 +1011,27 @@ pub const TENSOR_SOURCE: &str = r#"
 // leaves every odd row 16 bytes off a 32-byte boundary, and a cp.async whose 32-byte sector
 // lands across one is asked of the L2 twice: Nsight Compute counted 24 sectors a warp's copy
 // of 512 bytes against 16 (BENCHMARKS.md, session 28). The swizzle keeps each sector in one
-// aligned 32-byte unit of shared memory.
-#if !defined(KV_BYTES) && KV_SWIZZLE
+// aligned 32-byte unit of shared memory. (A quantised cache's f16 values in shared memory,
+// `conv`, stay padded: no copy writes them.)
+#if KV_SWIZZLE && !defined(KV_BYTES)
 #define TPAD HEAD_DIM
-#define SWZ(r, c) ((c) ^ (((r) & 7) << 4))
+#define SWZ_T(r, c) ((c) ^ (((r) & 7) << 4))
 #else
 #define TPAD (HEAD_DIM + 8)
+#define SWZ_T(r, c) (c)
+#endif
+// The element offset of tile row r's column col (a multiple of 8) in a bf16 tile.
+#define SOFF(r, col) ((r) * TPAD + SWZ_T(r, (col) * 2) / 2)
+// Where byte c (a multiple of 8) of a staged row r lies in it: bf16 stages as above; raw rows
+// of 128 bytes (fp8, int8, K8V4 at heads of 128) swizzled the same way (their reads then
+// land on distinct banks as the padded rows' did); shorter raw rows (int4, heads of 64)
+// padded (RPAD below), where a swizzle within 64 bytes would put a load's rows on half
+// the banks.
+#if KV_SWIZZLE && (!defined(KV_BYTES) || ROW_BYTES == 128)
+#define SWZ(r, c) ((c) ^ (((r) & 7) << 4))
+#else
 #define SWZ(r, c) (c)
 #endif
-// The element offset of tile row r's column col (a multiple of 8) in a bf16 stage.
-#define SOFF(r, col) ((r) * TPAD + SWZ(r, (col) * 2) / 2)
 #define TILE_ELEMS (TILE * TPAD)
 #ifdef KV_BYTES
 // A quantised cache (fp8, int8, int4, K8V4): stages hold raw rows (ROW_BYTES, padded by 16) and
@@ -1028,10 +1042,15 @@ pub const TENSOR_SOURCE: &str = r#"
 // MIN_BLOCKS come from the host (tensor_stages, tensor_blocks), which sizes the shared
 // memory and the splits from the same numbers.
 typedef unsigned char kv_t;
-// BYTE_PAD (16, the default, or 32: DUO_DECODE_BYTE_PAD): 16 leaves odd rows 16 bytes off
-// a 32-byte boundary, as bf16's padding did (see KV_SWIZZLE); 32 keeps every row aligned to
-// 32 bytes at the price of two-way bank conflicts on the keys' reads.
+// Rows of 128 bytes are swizzled (SWZ) and unpadded; others are padded by BYTE_PAD (16, the
+// default, or 32: DUO_DECODE_BYTE_PAD): 16 leaves odd rows 16 bytes off a 32-byte boundary,
+// as bf16's padding did (see KV_SWIZZLE); 32 keeps every row aligned to 32 bytes at the
+// price of two-way bank conflicts on 128-byte keys' reads (measured: session 28).
+#if KV_SWIZZLE && ROW_BYTES == 128
+#define RPAD ROW_BYTES
+#else
 #define RPAD (ROW_BYTES + BYTE_PAD)
+#endif
 // Staged int4 key rows lie KPAD apart, unpadded: a lane reads 16 bytes (8 at 64 dims) of
 // row gr and row gr + 8, so the eight lanes of a quarter-warp read two rows, 128 bytes, and
 // those rows must not share banks, which the 80 bytes of RPAD broke (two wavefronts each
@@ -1345,14 +1364,17 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
             for (int j = 0; j < HEAD_DIM / 32; j++) {
                 const int i = lane + 32 * j;
                 const int r = i / (HEAD_DIM / 16), c = (i % (HEAD_DIM / 16)) * 16;
-                dequant_row16<VAL_IS_INT4>(vr0 + r * RPAD, c, ksc[TILE + r], conv + r * TPAD + c);
+                // Its bytes at cb of the row, where the swizzle put them (dequant_row16 reads
+                // at c, or c / 2 for int4 values).
+                const int cb = VAL_IS_INT4 ? c / 2 : c;
+                dequant_row16<VAL_IS_INT4>(vr0 + r * RPAD + SWZ(r, cb) - cb, c, ksc[TILE + r], conv + r * TPAD + c);
             }
             __syncwarp();
         }
         const bf16_t* vs = conv;
 #endif
-        const unsigned char* kq = kr + (K_ROW_BYTES / 4) * tq;
 #ifdef KEY_INT4
+        const unsigned char* kq = kr + (K_ROW_BYTES / 4) * tq;  // int4 rows are never swizzled
         // Two words (16 codes) of keys gr and gr + 8 at a time: word w's pairs 0-1 are the
         // k-slots of product 2w, pairs 2-3 those of product 2w + 1, each as 1024 + the code
         // (exact in f16; the bias, the step and the minimum apply to the scores below, so a
@@ -1373,8 +1395,11 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #else
 #pragma unroll
         for (int h16 = 0; h16 < HEAD_DIM / 64; h16++) {
-            const uint4 a = *reinterpret_cast<const uint4*>(kq + gr * KPAD + 16 * h16);
-            const uint4 b = *reinterpret_cast<const uint4*>(kq + (gr + 8) * KPAD + 16 * h16);
+            // The lane's bytes of rows gr and gr + 8 (one place in both: the swizzle takes the
+            // row's index modulo 8).
+            const int at = SWZ(gr, (K_ROW_BYTES / 4) * tq + 16 * h16);
+            const uint4 a = *reinterpret_cast<const uint4*>(kr + gr * KPAD + at);
+            const uint4 b = *reinterpret_cast<const uint4*>(kr + (gr + 8) * KPAD + at);
             const unsigned wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
@@ -1467,11 +1492,12 @@ extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) duo_decode_partial
 #define VW (V_ROW_BYTES / 32)
         unsigned va[VW], vb_[VW], vc[VW], vd[VW];
         {
-            const unsigned char* vr = vr0 + (V_ROW_BYTES / 8) * gr;
-            load_words<VW>(vr + (2 * tq) * RPAD, va);
-            load_words<VW>(vr + (2 * tq + 1) * RPAD, vb_);
-            load_words<VW>(vr + (2 * tq + 8) * RPAD, vc);
-            load_words<VW>(vr + (2 * tq + 9) * RPAD, vd);
+            // The lane's bytes of rows 2 tq (and 2 tq + 8) and 2 tq + 1 (and 2 tq + 9).
+            const int at0 = SWZ(2 * tq, (V_ROW_BYTES / 8) * gr), at1 = SWZ(2 * tq + 1, (V_ROW_BYTES / 8) * gr);
+            load_words<VW>(vr0 + (2 * tq) * RPAD + at0, va);
+            load_words<VW>(vr0 + (2 * tq + 1) * RPAD + at1, vb_);
+            load_words<VW>(vr0 + (2 * tq + 8) * RPAD + at0, vc);
+            load_words<VW>(vr0 + (2 * tq + 9) * RPAD + at1, vd);
         }
 #pragma unroll
         for (int i = 0; i < O_FRAGS; i++) {
