@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Session 28, call 4: swizzled stages for bf16 and for quantised rows of 128 bytes (fp8, int8,
 # K8V4), the new default, against the padded rows (DUO_DECODE_SWIZZLE=0), one binary, the
-# same call, PyTorch's SDPA first. Carry .gpu/bin, .gpu/patterns and .gpu/m1 (stashed for
-# call 6's model check).
+# same call, PyTorch's SDPA first. Carry .gpu/bin and .gpu/patterns.
 set -uo pipefail
 source scripts/h200-common.sh
 trap pack_out EXIT
-stash_part 1
+
 start=$SECONDS
 timeout 120 python3 scripts/torch_decode_attention.py --out "$OUT/decode-attention-torch.json" > "$OUT/decode-attention-torch.txt" 2>&1; echo "torch exit $? ($((SECONDS - start)) s)"; tail -8 "$OUT/decode-attention-torch.txt"
 for v in 1 0 1; do
