@@ -327,6 +327,14 @@ pub fn merge_wide() -> bool {
     tuning("DUO_DECODE_MERGE_WIDE") != Some(0)
 }
 
+/// Whether the wide merge takes a head's splits in one pass, each group of `head_dim`
+/// threads keeping its own running maximum (`MERGE_ONEPASS`, the default), rather than
+/// first the maximum of all splits, then a list of the live ones in shared memory
+/// (`DUO_DECODE_MERGE_ONEPASS=0`, the form of sessions 19-27).
+pub fn merge_onepass() -> bool {
+    tuning("DUO_DECODE_MERGE_ONEPASS") != Some(0)
+}
+
 /// Threads of the wide merge's block for heads of `head_dim` (`MERGE_BLOCK` in the kernel):
 /// as many whole groups of `head_dim` as [`MERGE_THREADS`] threads hold, one at least.
 pub fn merge_block(head_dim: usize) -> usize {
@@ -700,6 +708,9 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
 #ifndef MERGE_WIDE
 #define MERGE_WIDE 1
 #endif
+#ifndef MERGE_ONEPASS
+#define MERGE_ONEPASS 1
+#endif
 #ifndef MERGE_THREADS
 #error "MERGE_THREADS comes from the host (decode_attention::MERGE_THREADS)"
 #endif
@@ -724,6 +735,66 @@ extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
     pdl_wait();  // the partial kernel's output (DUO_PDL=1: this block may start before it ends)
     // The output projection after it (Gpu::gemv_fused) may start asking for its weights.
     pdl_launch_dependents();
+#if MERGE_ONEPASS && M_PARTS > 1
+    // One pass (MERGE_ONEPASS, the default; DUO_DECODE_MERGE_ONEPASS=0 for the listing form
+    // below): group k of M_PARTS takes splits k, k + M_PARTS, ..., eight at a time with their
+    // maxima, sums and values loaded together, and keeps its own running maximum (rescaling
+    // what it has summed when it rises); the groups then meet in shared memory. One round
+    // trip to the partials where the listing form takes three (maxima, maxima again, then
+    // sums and values), and no barrier until the groups meet. A split without keys (maximum
+    // -inf) adds nothing; its values, never written, are read but never summed.
+    const int h = blockIdx.x, t = threadIdx.x;
+    const int c = t % HEAD_DIM, group = t / HEAD_DIM;
+    const float* pm = part_m + (size_t)h * n_splits;
+    const float* pl = part_l + (size_t)h * n_splits;
+    const float* pa = part_acc + (size_t)h * n_splits * HEAD_DIM;
+    float mx = NEG_INF, l = 0.f, a = 0.f;
+    const int mine = live_splits > group ? (live_splits - group + M_PARTS - 1) / M_PARTS : 0;
+    for (int k0 = 0; k0 < mine; k0 += 8) {
+        float ms[8], ls[8], as[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            // All three loaded at once (not the sum and values after the maximum, which
+            // would be a second round trip); a split without keys then counts as zeros.
+            const int si = group + (k0 + j) * M_PARTS;
+            const bool in = k0 + j < mine;
+            ms[j] = in ? pm[si] : NEG_INF;
+            ls[j] = in ? pl[si] : 0.f;
+            as[j] = in ? pa[(size_t)si * HEAD_DIM + c] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) if (ms[j] == NEG_INF) { ls[j] = 0.f; as[j] = 0.f; }
+        float m2 = mx;
+#pragma unroll
+        for (int j = 0; j < 8; j++) m2 = fmaxf(m2, ms[j]);
+        if (m2 == NEG_INF) continue;
+        const float cf = __expf(mx - m2);  // 0 while nothing was summed (mx -inf)
+        l *= cf;
+        a *= cf;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float w = __expf(ms[j] - m2);  // 0 for a split without keys
+            l += ls[j] * w;
+            a += as[j] * w;
+        }
+        mx = m2;
+    }
+    __shared__ float group_m[M_PARTS], group_l[M_PARTS], group_a[M_PARTS][HEAD_DIM];
+    group_a[group][c] = a;
+    if (c == 0) { group_m[group] = mx; group_l[group] = l; }
+    __syncthreads();
+    if (group > 0) return;
+    float top = NEG_INF;
+#pragma unroll
+    for (int g = 0; g < M_PARTS; g++) top = fmaxf(top, group_m[g]);
+    l = 0.f; a = 0.f;
+#pragma unroll
+    for (int g = 0; g < M_PARTS; g++) {
+        const float w = __expf(group_m[g] - top);  // 0 for a group without keys
+        l += group_l[g] * w;
+        a += group_a[g][c] * w;
+    }
+#else
     // Each round lists up to M_BLOCK splits.
     __shared__ float live_w[M_BLOCK], warp_max[M_BLOCK / 32];
     __shared__ int live_s[M_BLOCK], warp_live[M_BLOCK / 32];
@@ -783,6 +854,7 @@ extern "C" __global__ void MERGE_BOUNDS duo_decode_merge(
     if (group > 0) return;
 #pragma unroll
     for (int g = 1; g < M_PARTS; g++) { a += group_a[g][c]; l += group_l[g]; }
+#endif
 #endif
     const float r = a / l;
     if (out) out[h * HEAD_DIM + c] = r;

@@ -393,6 +393,7 @@ fn decode_source(
         format!("-DGROUP={group}"),
         format!("-DPER_LANE={}", head_dim / 32),
         format!("-DMERGE_WIDE={}", u8::from(crate::decode_attention::merge_wide())),
+        format!("-DMERGE_ONEPASS={}", u8::from(crate::decode_attention::merge_onepass())),
         format!("-DMERGE_THREADS={}", crate::decode_attention::MERGE_THREADS),
     ];
     let source = match kernel {
@@ -548,6 +549,12 @@ pub fn compile_all() -> Option<Result<usize>> {
     for (group, d, kernel) in [(4, 128, DecodeKernel::Tensor), (3, 64, DecodeKernel::Tensor), (1, 64, DecodeKernel::Cores(4))] {
         let (src, o) = decode_source(group, d, KvType::Bf16, kernel);
         jobs.push(("decode_attention", src, with_define(&o, "MERGE_WIDE", other_wide)));
+    }
+    // And the other form of its wide merge (DUO_DECODE_MERGE_ONEPASS).
+    let other_onepass = if crate::decode_attention::merge_onepass() { "0" } else { "1" };
+    for (group, d) in [(4, 128), (3, 64)] {
+        let (src, o) = decode_source(group, d, KvType::Bf16, DecodeKernel::Tensor);
+        jobs.push(("decode_attention", src, with_define(&o, "MERGE_ONEPASS", other_onepass)));
     }
     // And DUO_DECODE_V_SMEM's (values through shared memory) and DUO_DECODE_TILE=128's over
     // each byte cache.
