@@ -693,12 +693,15 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
 // (HEAD_DIM where MERGE_WIDE is 0). Partial maxima are in natural-log units; a split without
 // keys has maximum -inf and is skipped.
 //
-// The block first takes the maximum of all splits' maxima, then, a block's worth of splits at
-// a time, lists the live ones with their weights in shared memory (in split order), so no
-// thread branches on an empty split: when a layer's splits were sized by its longest head, a
-// streaming head's were nearly all empty (on the H200, 18.6 us a launch over 65-257 mostly
-// empty splits, BENCHMARKS.md session 18; listing them took a 128K decode step from 8.98 to
-// 8.86 ms, session 19). MERGE_PARTS groups of HEAD_DIM threads then sum the list, group k
+// Two forms of the wide merge: in one pass (MERGE_ONEPASS, the default since session 28: one
+// round trip to the partials, below), or the listing form, which first takes the maximum of
+// all splits' maxima, then, a block's worth of splits at a time, lists the live ones with
+// their weights in shared memory (in split order), so no thread branches on an empty split:
+// when a layer's splits were sized by its longest head, a streaming head's were nearly all
+// empty (on the H200, 18.6 us a launch over 65-257 mostly empty splits, BENCHMARKS.md
+// session 18; listing them took a 128K decode step from 8.98 to 8.86 ms, session 19; since
+// then a streaming head's window has splits of its own, and the one-pass form measured
+// 0.135 -> 0.131 ms at 1 x 128K, session 28). MERGE_PARTS groups of HEAD_DIM threads then sum the list, group k
 // entries k, k + MERGE_PARTS, ... (for 64 splits sixteen independent loads a thread, where one
 // group walks them in four dependent rounds of sixteen), and the groups add up in order.
 // MERGE_WIDE = 0 (`DUO_DECODE_MERGE_WIDE=0`) keeps one group: the form before session 21,
