@@ -4,10 +4,13 @@
 #   .gpu/bin/kc.tar.xz   every kernel form's PTX, compiled here by NVRTC 13.0 (the host's),
 #                        unpacked into the host's kernel cache by scripts/h200-common.sh: a
 #                        fresh machine then loads instead of compiling (minutes of a call)
-#   .gpu/m1/p .. m3/p    the default model, xz-packed, in three parts of about 29 MiB: with
-#                        the working tree (about 20 MiB) and the binary one part fits in a
-#                        call's 64 MiB; calls 1 and 2 leave theirs in /tmp on the warm machine
-#                        (scripts/h200-common.sh: stash_part, join_three_parts)
+#   .gpu/m1/p .. mN/p    the default model, xz-packed, in DUO_MODEL_PARTS parts (4: about
+#                        22 MiB each): with the working tree (33 MiB in session 28) and the
+#                        binary (7 MiB) one part fits in a call's 64 MiB, which three parts
+#                        no longer did; each call but the last leaves its part in /tmp on
+#                        the warm machine, the last joins them (scripts/h200-common.sh:
+#                        stash_part, join_parts), so the calls must follow each other within
+#                        the 30 s the machine stays warm
 #   .gpu/patterns/       the official Llama-3-8B pattern (bench's Llama-3-8B shape)
 #   .gpu/niah            the needle haystack (the needle grids)
 # The model comes from duo's cache: run `cargo run --release -p duo-cli -- demo` once first.
@@ -17,7 +20,9 @@ cd "$root"
 model=${DUO_CACHE:-$HOME/.cache/duo}/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$model" ] || { echo "no $model: run \`cargo run --release -p duo-cli -- demo\` once to fetch it" >&2; exit 1; }
 cargo build --release -p duo-cli
-mkdir -p .gpu/bin .gpu/m1 .gpu/m2 .gpu/m3 .gpu/patterns
+parts=${DUO_MODEL_PARTS:-4}
+rm -rf .gpu/m[0-9]
+mkdir -p .gpu/bin .gpu/patterns
 strip -o .gpu/bin/duo target/release/duo
 xz -T2 -6 -f .gpu/bin/duo
 kc=$(mktemp -d)
@@ -28,11 +33,11 @@ trap 'rm -rf "$kc"' EXIT
 DUO_KERNEL_CACHE=$kc cargo test --release -p duo-cuda --features cuda --test nvrtc
 tar -C "$kc" -cf - . | xz -T2 -6 > .gpu/bin/kc.tar.xz
 xz -T2 -6 -c "$model" > .gpu/model.xz
-split -n 3 -d .gpu/model.xz .gpu/model.xz.
-for i in 1 2 3; do mv ".gpu/model.xz.0$((i - 1))" ".gpu/m$i/p"; done
+split -n "$parts" -d .gpu/model.xz .gpu/model.xz.
+for i in $(seq 1 "$parts"); do mkdir -p ".gpu/m$i" && mv ".gpu/model.xz.0$((i - 1))" ".gpu/m$i/p"; done
 rm .gpu/model.xz
 shared=$root/../shared/reference
 rm -rf .gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k .gpu/niah
 cp -r "$shared/duo-attention-patterns/Llama-3-8B-Instruct-Gradient-1048k" .gpu/patterns/
 cp -r "$shared/niah-haystack-paul-graham" .gpu/niah
-du -sh .gpu/bin .gpu/m1 .gpu/m2 .gpu/m3 .gpu/patterns .gpu/niah
+du -sh .gpu/bin .gpu/m[0-9] .gpu/patterns .gpu/niah

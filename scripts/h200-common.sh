@@ -34,16 +34,21 @@ join_packed_model() {
   cache_model
 }
 
-# The same from three xz-packed parts (scripts/gpu-prep.sh), one carried per call: each call
-# stashes its part in /tmp (`stash_part N`, .gpu/mN carried), and the one that holds all
-# three joins them; nothing to do where an earlier call already put the model in place.
-stash_part() { cp ".gpu/m$1/p" "/tmp/duo/m$1"; ls -la /tmp/duo | grep -E " m[123]$" || true; }
-join_three_parts() {
+# The same from the xz-packed parts (scripts/gpu-prep.sh), one carried per call: each call
+# stashes its part in /tmp (`stash_part N`, .gpu/mN carried), and the one that holds them
+# all joins them (`join_parts`: /tmp/duo/m1, m2, ... in order, the checksum below catching a
+# missing one); nothing to do where an earlier call already put the model in place.
+stash_part() { cp ".gpu/m$1/p" "/tmp/duo/m$1"; ls -la /tmp/duo | grep -E " m[0-9]$" || true; }
+join_parts() {
   export DUO_CACHE=/tmp/duo/cache
   [ -f $DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf ] && return 0
-  cat /tmp/duo/m1 /tmp/duo/m2 /tmp/duo/m3 | xz -dc > /tmp/duo/model.gguf
+  local i=1 files=()
+  while [ -f "/tmp/duo/m$i" ]; do files+=("/tmp/duo/m$i"); i=$((i + 1)); done
+  cat "${files[@]}" | xz -dc > /tmp/duo/model.gguf
   cache_model
 }
+# The name the scripts of sessions 24-25 call it by (three parts then).
+join_three_parts() { join_parts; }
 
 # /tmp/duo/model.gguf checked and put where duo looks for the default model.
 cache_model() {

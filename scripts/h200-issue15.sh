@@ -15,8 +15,9 @@
 #       (`duo cuda-check`), the decode step of the Llama-3-8B shape per cache type (STEP_KVS)
 #       and the longest contexts (LONGEST), no model needed; leaves the xz-packed model's
 #       first part in /tmp for step b
-#   p1, p2  carry .gpu/m1 (then .gpu/m2): the model's part left in /tmp for step b, which
-#       carries .gpu/m3 with .gpu/bin, .gpu/niah and .gpu/patterns (scripts/gpu-prep.sh)
+#   p1, p2, ...  carry .gpu/m1 (then .gpu/m2, ...): the model's part left in /tmp for step
+#       b, which carries the last part with .gpu/bin, .gpu/niah and .gpu/patterns
+#       (scripts/gpu-prep.sh)
 # KVS and STEP_KVS entries name a cache type, or a type and the streaming heads' own joined by
 # "+" (k8v4+bf16: bf16 windows beside a k8v4 cache, --kv-dtype-streaming).
 set -uo pipefail
@@ -45,10 +46,11 @@ elif [ "$step" = k ]; then
   timeout 330 $D cuda-check > "$OUT/cuda-check.txt" 2>&1; echo "cuda-check exit $?: $(grep -c '^ok' "$OUT/cuda-check.txt") ok"
   grep -E "^FAIL|K8V4|k8v4" "$OUT/cuda-check.txt" | cut -c1-240 | head -40
   grep -E "time decode|time prefill" "$OUT/cuda-check.txt" | head -40
-elif [ "$step" = p1 ] || [ "$step" = p2 ]; then
+elif [[ $step =~ ^p[0-9]$ ]]; then
   stash_part "${step#p}"
 elif [ "$step" = b ]; then
-  if [ -d .gpu/m3 ]; then stash_part 3; join_three_parts; elif [ -d .gpu/mb ]; then join_packed_model; else join_model; fi
+  last=$(ls -d .gpu/m[0-9] 2>/dev/null | sort | tail -1)
+  if [ -n "$last" ]; then stash_part "${last#.gpu/m}"; join_parts; elif [ -d .gpu/mb ]; then join_packed_model; else join_model; fi
   M=$DUO_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
   if [ "${CPU:-0}" = 1 ]; then
     # The CPU: duo and llama.cpp side by side on 16 threads, then duo's thread scaling.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Session 28, call 5: decode parity of every case with the swizzled stages (the default); the host's kernel cache brought back (the
-# forms the checks compiled there). Carry .gpu/bin. (The whole model's check, s28-model.sh, was
+# forms the checks compiled there). Carry .gpu/bin. (The whole model's check, scripts/h200-model-check.sh since, was
 # not run: the tree, 33 MiB, and a model part no longer fit a call's 64 MiB together.)
 set -uo pipefail
 source scripts/h200-common.sh
