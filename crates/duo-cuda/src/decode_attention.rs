@@ -1109,7 +1109,7 @@ pub const TENSOR_SOURCE: &str = r#"
 #endif
 #define TILE_ELEMS (TILE * TPAD)
 #ifdef KV_BYTES
-// A quantised cache (fp8, int8, int4, K8V4): stages hold raw rows (ROW_BYTES, padded by 16) and
+// A quantised cache (fp8, int8, int4, K8V4): stages hold raw rows (ROW_BYTES, see RPAD) and
 // their scales; the tensor cores run in f16 (see TENSOR_CORE_HELPERS). A byte stage is half a
 // bf16 stage, so fp8's five stages keep as many bytes in flight as bf16's three; int8 and
 // int4, with more work per byte, gain more from more blocks per multiprocessor (three int8

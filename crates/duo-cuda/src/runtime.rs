@@ -556,6 +556,17 @@ pub fn compile_all() -> Option<Result<usize>> {
         let (src, o) = decode_source(group, d, KvType::Bf16, DecodeKernel::Tensor);
         jobs.push(("decode_attention", src, with_define(&o, "MERGE_ONEPASS", other_onepass)));
     }
+    // And the stages' other layouts (DUO_DECODE_SWIZZLE, DUO_DECODE_BYTE_PAD=32) for bf16 and
+    // a cache of 128-byte rows, and the other pad for int4's.
+    let other_swizzle = if crate::decode_attention::tensor_swizzle() { "0" } else { "1" };
+    let other_pad = if crate::decode_attention::tensor_byte_pad() == 32 { "16" } else { "32" };
+    for kv in [KvType::Bf16, KvType::Fp8, KvType::Int4] {
+        let (src, o) = decode_source(4, 128, kv, DecodeKernel::Tensor);
+        jobs.push(("decode_attention", src.clone(), with_define(&o, "KV_SWIZZLE", other_swizzle)));
+        if kv != KvType::Bf16 {
+            jobs.push(("decode_attention", src, with_define(&with_define(&o, "KV_SWIZZLE", "0"), "BYTE_PAD", other_pad)));
+        }
+    }
     // And DUO_DECODE_V_SMEM's (values through shared memory) and DUO_DECODE_TILE=128's over
     // each byte cache.
     for (group, d, kv) in [(4, 128, KvType::Fp8), (3, 64, KvType::Int8), (4, 128, KvType::Int4), (16, 128, KvType::Fp8), (4, 128, KvType::K8V4), (16, 64, KvType::K8V4)] {
