@@ -405,38 +405,22 @@ fn decode_source(
             format!("{COMMON_SOURCE}{CORES_SOURCE}")
         }
         DecodeKernel::Tensor => {
+            use crate::decode_attention as d;
             options.extend(byte_format_option(kv));
-            options.push(format!(
-                "-DSTAGES={}",
-                crate::decode_attention::tensor_stages(kv)
-            ));
-            options.push(format!(
-                "-DMIN_BLOCKS={}",
-                crate::decode_attention::tensor_blocks(head_dim, group, kv)
-            ));
-            options.push(format!(
-                "-DCP_L2_PREFETCH={}",
-                crate::decode_attention::tensor_l2_prefetch()
-            ));
-            options.push(format!(
-                "-DKV_SWIZZLE={}",
-                u8::from(crate::decode_attention::tensor_swizzle())
-            ));
-            options.push(format!(
-                "-DBYTE_PAD={}",
-                crate::decode_attention::tensor_byte_pad()
-            ));
-            if crate::decode_attention::decode_trace() {
-                options.push("-DDUO_TRACE=1".into());
+            // In this order: the kernel cache's keys hash the options as listed.
+            let mut defines = vec![
+                ("STAGES", d::tensor_stages(kv)),
+                ("MIN_BLOCKS", d::tensor_blocks(head_dim, group, kv)),
+                ("CP_L2_PREFETCH", d::tensor_l2_prefetch()),
+                ("KV_SWIZZLE", usize::from(d::tensor_swizzle())),
+                ("BYTE_PAD", d::tensor_byte_pad()),
+            ];
+            if d::decode_trace() {
+                defines.push(("DUO_TRACE", 1));
             }
-            options.push(format!(
-                "-DV_REGS={}",
-                u8::from(crate::decode_attention::tensor_values_in_registers())
-            ));
-            options.push(format!(
-                "-DBYTE_TILE={}",
-                crate::decode_attention::tensor_byte_tile()
-            ));
+            defines.push(("V_REGS", usize::from(d::tensor_values_in_registers())));
+            defines.push(("BYTE_TILE", d::tensor_byte_tile()));
+            options.extend(defines.into_iter().map(|(name, value)| format!("-D{name}={value}")));
             format!(
                 "{}{COMMON_SOURCE}{TENSOR_SOURCE}",
                 crate::prefill_attention::TENSOR_CORE_HELPERS
