@@ -21,6 +21,7 @@ model=${DUO_CACHE:-$HOME/.cache/duo}/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$model" ] || { echo "no $model: run \`cargo run --release -p duo-cli -- demo\` once to fetch it" >&2; exit 1; }
 cargo build --release -p duo-cli
 parts=${DUO_MODEL_PARTS:-4}
+[[ $parts =~ ^[1-9]$ ]] || { echo "DUO_MODEL_PARTS=$parts: expected 1 to 9 parts" >&2; exit 1; }
 rm -rf .gpu/m[0-9]
 mkdir -p .gpu/bin .gpu/patterns
 strip -o .gpu/bin/duo target/release/duo
@@ -34,7 +35,7 @@ DUO_KERNEL_CACHE=$kc cargo test --release -p duo-cuda --features cuda --test nvr
 tar -C "$kc" -cf - . | xz -T2 -6 > .gpu/bin/kc.tar.xz
 xz -T2 -6 -c "$model" > .gpu/model.xz
 split -n "$parts" -d .gpu/model.xz .gpu/model.xz.
-for i in $(seq 1 "$parts"); do mkdir -p ".gpu/m$i" && mv ".gpu/model.xz.0$((i - 1))" ".gpu/m$i/p"; done
+for i in $(seq 1 "$parts"); do mkdir -p ".gpu/m$i" && mv ".gpu/model.xz.$(printf %02d $((i - 1)))" ".gpu/m$i/p"; done
 rm .gpu/model.xz
 shared=$root/../shared/reference
 rm -rf .gpu/patterns/Llama-3-8B-Instruct-Gradient-1048k .gpu/niah

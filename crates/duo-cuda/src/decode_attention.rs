@@ -347,16 +347,18 @@ pub const MERGE_THREADS: usize = 512;
 
 /// Whether the tensor-core kernel's bf16 stages, and a quantised cache's raw rows of 128
 /// bytes, hold rows of swizzled 16-byte chunks (the default) rather than rows padded by 16
-/// bytes (`DUO_DECODE_SWIZZLE=0`, the form before session 28). The padding put every odd row's 32-byte sectors across a 32-byte boundary of
-/// shared memory, and the L2 was asked for each of those sectors twice: 1.5 times the
-/// sectors the cache holds (Nsight Compute on the H200, BENCHMARKS.md, session 28).
+/// bytes (`DUO_DECODE_SWIZZLE=0`, the form before session 28). The padding put every odd
+/// row's 32-byte sectors across a 32-byte boundary of shared memory, and the L2 was asked for
+/// each of those sectors twice: 1.5 times the sectors the cache holds (Nsight Compute on the
+/// H200, BENCHMARKS.md, session 28).
 pub fn tensor_swizzle() -> bool {
     tuning("DUO_DECODE_SWIZZLE") != Some(0)
 }
 
-/// Bytes past each raw row of a quantised cache in the tensor-core kernel's stages: 16 (the
-/// default) or 32 (`DUO_DECODE_BYTE_PAD=32`, every row then on a 32-byte boundary, as
-/// [`tensor_swizzle`] does for bf16, with two-way bank conflicts on the keys' reads).
+/// Bytes past each raw row of a quantised cache that is not swizzled (rows other than 128
+/// bytes, or any with `DUO_DECODE_SWIZZLE=0`) in the tensor-core kernel's stages: 16 (the
+/// default) or 32 (`DUO_DECODE_BYTE_PAD=32`, every row then on a 32-byte boundary, as the
+/// swizzle keeps them, with two-way bank conflicts on 128-byte keys' reads).
 pub fn tensor_byte_pad() -> usize {
     if tuning("DUO_DECODE_BYTE_PAD") == Some(32) { 32 } else { 16 }
 }
@@ -433,8 +435,9 @@ impl Splits {
 /// The share (percent) of a block's fair share of a one-row launch that each lead split of
 /// [`fill_splits`] takes (`DUO_DECODE_LEAD`, 0 to 95, default 90; 0: uniform splits,
 /// [`fill_split`]). A one-row launch is one wave of equal blocks (two at 512K, where
-/// `fill_split`'s splits stop at 8,192 keys), and the H200's multiprocessors do not stream alike: traced at 1 x 128K
-/// (session 27, `DUO_DECODE_TRACE=1`), 24 of the 132 took their two 2 MB splits in 93-103 us
+/// `fill_split`'s splits stop at 8,192 keys), and the H200's multiprocessors do not stream
+/// alike: traced at 1 x 128K (session 27, `DUO_DECODE_TRACE=1`), 24 of the 132 took their
+/// two 2 MB splits in 93-103 us
 /// where the rest took 116-129, and the launch waited for the slowest (9.7% of the
 /// multiprocessors' time idle; 6.3% with lead splits, but each short split's block waits
 /// about 3.7 us for its first tile, so the launch itself measured no faster). Whole steps
@@ -701,9 +704,10 @@ __device__ __forceinline__ void block_work(int n_kv, int n_splits, int long_spli
 // empty (on the H200, 18.6 us a launch over 65-257 mostly empty splits, BENCHMARKS.md
 // session 18; listing them took a 128K decode step from 8.98 to 8.86 ms, session 19; since
 // then a streaming head's window has splits of its own, and the one-pass form measured
-// 0.135 -> 0.131 ms at 1 x 128K, session 28). MERGE_PARTS groups of HEAD_DIM threads then sum the list, group k
-// entries k, k + MERGE_PARTS, ... (for 64 splits sixteen independent loads a thread, where one
-// group walks them in four dependent rounds of sixteen), and the groups add up in order.
+// 0.135 -> 0.131 ms at 1 x 128K, session 28). MERGE_PARTS groups of HEAD_DIM threads then
+// sum the list, group k entries k, k + MERGE_PARTS, ... (for 64 splits sixteen independent
+// loads a thread, where one group walks them in four dependent rounds of sixteen), and the
+// groups add up in order.
 // MERGE_WIDE = 0 (`DUO_DECODE_MERGE_WIDE=0`) keeps one group: the form before session 21,
 // whose merge took 10.2 us a launch for data that moves in well under one; the groups took
 // duo 0.5 decode attention at 1 x 128K from 0.080 to 0.077 ms (int4 0.047 to 0.043) and a

@@ -1338,8 +1338,8 @@ impl KvPool {
 
 /// A pool's decode launch shapes for rows whose longest is `bucket_n` tokens (a length
 /// bucket), one per layer: splits of [`DECODE_SPLIT`] keys (a pool of one sequence:
-/// `splits_for`'s), made uniform and lengthened only when the partial buffers cannot hold every (row, split)
-/// (then rows are no longer independent of the batch, bit for bit); a streaming window's
+/// `splits_for`'s), made uniform and lengthened only when the partial buffers cannot hold
+/// every (row, split) (then rows are no longer independent of the batch, bit for bit); a streaming window's
 /// splits from the pool's constants (its whole window, its most sequences), never the step's
 /// rows or lengths.
 fn decode_shapes(c: &GpuConfig, layout: &PagedLayout, pool: &PoolConfig, bucket_n: usize, rows: usize) -> Result<Vec<DecodeLaunch>> {
