@@ -82,7 +82,7 @@ enum Command {
         /// Parity only: no kernel timings.
         #[arg(long)]
         no_timings: bool,
-        /// Only these kernel timings, comma-separated: decode, split, prefill, gemv, tp (the all-reduce where two GPUs or more are visible, and half a layer's decode attention at 1M tokens) (default: all but tp).
+        /// Only these kernel timings, comma-separated: decode, split, prefill, gemv, tp (the all-reduce where two GPUs or more are visible, and half a layer's decode attention at 1M tokens), bytes (one row's decode attention over a range of lengths and at equal bytes: the launch's fixed part) (default: all but tp and bytes).
         #[arg(long)]
         timings: Option<String>,
     },
@@ -147,8 +147,9 @@ fn random_checkpoint(shape: &str, out: &std::path::Path, seed: u64) -> Result<()
 }
 
 fn cuda_check(seed: u64, only: Option<&str>, cases: Option<&str>, no_timings: bool, timings: Option<&str>) -> Result<()> {
-    // "tp" only when asked for (it allocates 4 GiB caches and, with two GPUs, an NCCL group).
-    const TIMINGS: [&str; 5] = ["decode", "split", "prefill", "gemv", "tp"];
+    // "tp" only when asked for (it allocates 4 GiB caches and, with two GPUs, an NCCL group),
+    // "bytes" too (a measurement of what a launch costs beside its bytes).
+    const TIMINGS: [&str; 6] = ["decode", "split", "prefill", "gemv", "tp", "bytes"];
     let timed: Vec<&str> = timings.map_or(TIMINGS[..4].to_vec(), |t| t.split(',').map(str::trim).collect());
     if let Some(bad) = timed.iter().find(|t| !TIMINGS.contains(t)) {
         bail!("--timings {bad}: the timings are {}", TIMINGS.join(", "));
@@ -284,6 +285,34 @@ fn cuda_check(seed: u64, only: Option<&str>, cases: Option<&str>, no_timings: bo
                 println!(
                     "time decode attention, Llama-3-8B layer, {name:<8} {rows:>2} x {tokens:>6} tokens, {:<8} {kv:?}: {ms:.3} ms per launch, {:.0} MB of KV read, {:.0} GB/s{vs}",
                     format!("{kernel:?}"),
+                    bytes as f64 / 1e6,
+                    bytes as f64 / ms / 1e6
+                );
+            }
+        }
+    }
+    // "bytes" (only when asked for): what a launch costs beside its bytes. The full layer over
+    // a range of lengths (its time against its bytes: the fixed part is the intercept), over
+    // 65,536 tokens (the bytes of the duo 0.5 layer at 131,072), and the duo 0.5 layer's four
+    // retrieval KV heads alone (16 query heads) at 131,072, beside the duo 0.5 layer itself:
+    // whether the streaming heads cost anything in the launch, and what half the bytes cost
+    // with the same fixed part. PyTorch's peers are in scripts/torch_decode_attention.py.
+    if timed.contains(&"bytes") {
+        let rows: [(&str, usize, &[bool], usize); 8] = [
+            ("full", 32, &[true; 8], 2048),
+            ("full", 32, &[true; 8], 8192),
+            ("full", 32, &[true; 8], 32_768),
+            ("full", 32, &[true; 8], 65_536),
+            ("full", 32, &[true; 8], 131_072),
+            ("retrieval half", 16, &[true; 4], 131_072),
+            ("duo 0.5", 32, &duo, 131_072),
+            ("full", 32, &[true; 8], 262_144),
+        ];
+        for kv in [KvType::Bf16, KvType::Fp8, KvType::Int4] {
+            for &(name, heads, kinds, tokens) in &rows {
+                let (ms, bytes) = time_decode_attention(&gpu, heads, 128, kinds, tokens, 1, 64, None, DecodeKernel::Tensor, kv, 100)?;
+                println!(
+                    "time decode attention bytes, Llama-3-8B {name:<14} ({heads} query heads) 1 x {tokens:>6} tokens, {kv:?}: {ms:.4} ms per launch, {:.1} MB of KV read, {:.0} GB/s",
                     bytes as f64 / 1e6,
                     bytes as f64 / ms / 1e6
                 );
