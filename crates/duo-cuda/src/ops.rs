@@ -576,18 +576,6 @@ extern "C" __global__ void argmax(const float* x, int n, int* out) {
     if (threadIdx.x == 0) *out = si[0];
 }
 
-// Asks the L2 to fetch `bytes` (a multiple of 16) at `base` (16-byte aligned): each thread one
-// bulk prefetch of up to `chunk` bytes, which the copy engine completes after the thread has
-// gone. Nothing is written. A decode step launches it on a second stream for the next
-// product's weights while the small kernel before that product runs, when the memory would
-// otherwise idle (`DUO_STEP_PREFETCH`).
-extern "C" __global__ void prefetch_l2(const char* base, unsigned long long bytes, unsigned int chunk) {
-    const unsigned long long off = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) * chunk;
-    if (off >= bytes) return;
-    const unsigned int n = bytes - off < chunk ? (unsigned int)(bytes - off) : chunk;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(base + off), "r"(n) : "memory");
-}
-
 "#;
 
 pub use duo_core::random_weights::hash_uniform;

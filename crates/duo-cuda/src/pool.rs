@@ -258,10 +258,6 @@ pub struct KvPool {
     /// all-reduces, so that one half of a chunk's sum crosses NVLink while the other half
     /// computes ([`KvPool::prefill_layers_overlapped`]). A measurement knob until measured.
     comm: Option<Arc<cudarc::driver::CudaStream>>,
-    /// With `DUO_STEP_PREFETCH` (MiB, [`crate::runtime::step_prefetch`]): a second stream on
-    /// which a decode step asks the L2 for each product's first weights while the small
-    /// kernel before the product runs ([`KvPool::prefetch_weights`]). A measurement knob.
-    prefetch: Option<(Arc<cudarc::driver::CudaStream>, usize)>,
 }
 
 /// One sequence in a pool: its slot, its blocks, its length. Dropping it returns its blocks.
@@ -408,10 +404,6 @@ impl KvPool {
             }
             _ => None,
         };
-        let prefetch = match crate::runtime::step_prefetch() {
-            0 => None,
-            bytes => Some((gpu.ctx.new_stream().map_err(driver)?, bytes)),
-        };
         Ok(Arc::new(Self {
             gpu,
             w,
@@ -426,7 +418,6 @@ impl KvPool {
             kind_heads,
             state: Mutex::new(state),
             comm,
-            prefetch,
             link,
             host_logits: std::sync::atomic::AtomicBool::new(true),
         }))
@@ -1020,30 +1011,20 @@ impl KvPool {
                 // A decode step's few rows take duo's matrix-vector products with the norms
                 // and SiLU folded in; a chunk's rows (and many decode rows) cuBLAS's.
                 let fused = self.fused_rows(decode_rows);
-                // Where asked, a decode step's products find their first weights in the L2.
-                let fetch = |weights: u64, bytes: usize| if chunk == 0 && decode_rows > 0 { self.prefetch_weights(weights, bytes) } else { Ok(()) };
-                let (qkv_bytes, o_bytes) = (h * c.qkv_dim() * 2, c.n_heads * c.head_dim * h * 2);
-                let (gate_up_bytes, down_bytes) = (h * 2 * c.ffn * 2, c.ffn * h * 2);
                 for (l, lw) in w.layers.iter().enumerate() {
                     let heads = g.addr(&self.heads[l]);
-                    fetch(a16(&lw.qkv), qkv_bytes)?;
                     self.attention_input(b, lw, l, paged, rows, (0, rows), fused)?;
                     if decode_rows > 0 {
                         let parts = (a(&b.part_m), a(&b.part_l), a(&b.part_acc));
-                        let then = || fetch(a16(&lw.o), o_bytes);
-                        g.decode_attention_then(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, views, parts, Some((0, a16(&b.att))), then)?;
+                        g.decode_attention(&shapes[l], a(&b.q), kc, vc, heads, slots, pos, views, parts, Some((0, a16(&b.att))))?;
                     }
                     if chunk > 0 {
                         self.prefill_rows(b, l, paged, pre, (decode_rows, chunk))?;
                     }
                     self.output_projection(b, lw, (0, rows), residual, fused)?;
                     self.sum_over_ranks(a(&b.x), rows * h)?;
-                    fetch(a16(&lw.gate_up), gate_up_bytes)?;
-                    self.mlp(b, lw, (0, rows), residual, fused, || fetch(a16(&lw.down), down_bytes))?;
+                    self.mlp(b, lw, (0, rows), residual, fused)?;
                     self.sum_over_ranks(a(&b.x), rows * h)?;
-                }
-                if chunk == 0 && decode_rows > 0 {
-                    self.join_prefetch()?;
                 }
             }
         }
@@ -1166,7 +1147,7 @@ impl KvPool {
     /// [`Gpu::gemv_fused`] launch with the SiLU in its input rows (or `silu_mul` before it,
     /// where the rows do not fit) under [`StepGemv::FusedBesideCublasGateUp`]; the rest the
     /// four kernels.
-    fn mlp(&self, b: &Buffers, lw: &crate::model::LayerWeights, (off, n): (usize, usize), residual: f32, fused: usize, before_down: impl Fn() -> Result<()>) -> Result<()> {
+    fn mlp(&self, b: &Buffers, lw: &crate::model::LayerWeights, (off, n): (usize, usize), residual: f32, fused: usize) -> Result<()> {
         let (g, c) = (&*self.gpu, &self.w.config);
         let h = c.hidden;
         let (x, xn) = (g.addr(&b.x) + (off * h * 4) as u64, g.addr(&b.xn) + (off * h * 2) as u64);
@@ -1178,7 +1159,6 @@ impl KvPool {
             // (else its kernel: the same bits either way).
             g.rms_norm(x, g.addr(&lw.ffn_norm), xn, f, h, c.eps)?;
             g.gemm(xn, g.addr(&lw.gate_up), gu, f, h, 2 * c.ffn, 0.0, true)?;
-            before_down()?;
             if Gpu::gemv_takes(f, c.ffn, GemvInput::SiluOf(gu)) {
                 g.gemv_fused(GemvInput::SiluOf(gu), g.addr(&lw.down), down, f, c.ffn, h)?;
             } else {
@@ -1188,7 +1168,6 @@ impl KvPool {
         } else if f > 0 {
             let input = GemvInput::Normed { x, norm: g.addr(&lw.ffn_norm), eps: c.eps };
             g.gemv_fused(input, g.addr(&lw.gate_up), GemvOutput::SiluPairs(act), f, h, 2 * c.ffn)?;
-            before_down()?;
             g.gemv_fused(GemvInput::Bf16(act), g.addr(&lw.down), down, f, c.ffn, h)?;
         }
         if n > f {
@@ -1196,9 +1175,6 @@ impl KvPool {
             let (gu, act) = (gu + (f * 2 * c.ffn * 2) as u64, act + (f * c.ffn * 2) as u64);
             g.rms_norm(x, g.addr(&lw.ffn_norm), xn, n - f, h, c.eps)?;
             g.gemm(xn, g.addr(&lw.gate_up), gu, n - f, h, 2 * c.ffn, 0.0, true)?;
-            if f == 0 {
-                before_down()?;
-            }
             g.silu_mul(gu, act, n - f, c.ffn)?;
             g.gemm(act, g.addr(&lw.down), x, n - f, c.ffn, h, residual, false)?;
         }
@@ -1237,29 +1213,11 @@ impl KvPool {
             }
             for (i, &half) in halves.iter().enumerate() {
                 wait_for(&summed[i])?;
-                self.mlp(b, lw, half, residual, 0, || Ok(()))?;
+                self.mlp(b, lw, half, residual, 0)?;
                 summed[i] = Some(sum_half(half)?);
             }
         }
         summed.iter().try_for_each(wait_for)
-    }
-
-    /// With `DUO_STEP_PREFETCH`: the prefetch stream waits for the main stream's work so far,
-    /// then asks the L2 for the first `bytes` (at most the knob's) of `weights`, beside the
-    /// main stream's next kernels; [`KvPool::join_prefetch`] ends the step's fork. Else nothing.
-    fn prefetch_weights(&self, weights: u64, bytes: usize) -> Result<()> {
-        let Some((side, most)) = &self.prefetch else { return Ok(()) };
-        let ready = self.gpu.stream.record_event(None).map_err(driver)?;
-        side.wait(&ready).map_err(driver)?;
-        self.gpu.prefetch_l2(side, weights, bytes.min(*most))
-    }
-
-    /// The main stream waits for the prefetch stream's work (a captured step's fork joined,
-    /// as capture requires); nothing without `DUO_STEP_PREFETCH`.
-    fn join_prefetch(&self) -> Result<()> {
-        let Some((side, _)) = &self.prefetch else { return Ok(()) };
-        let done = side.record_event(None).map_err(driver)?;
-        self.gpu.stream.wait(&done).map_err(driver)
     }
 
     /// `x[..n] = sum over the ranks of x[..n]` (f32) under tensor parallelism, else nothing.

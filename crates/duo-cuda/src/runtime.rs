@@ -252,14 +252,6 @@ pub fn programmatic_launch() -> bool {
     crate::decode_attention::tuning("DUO_PDL") == Some(1)
 }
 
-/// Bytes of each product's weights a decode step asks the L2 for ahead of the product
-/// ([`Gpu::prefetch_l2`] on a second stream, beside the small kernel before it: the norm, the
-/// split merge, the SiLU), so that memory that would idle while they run fetches what the
-/// product reads first: `DUO_STEP_PREFETCH` MiB (0, the default: none).
-pub fn step_prefetch() -> usize {
-    crate::decode_attention::tuning("DUO_STEP_PREFETCH").unwrap_or(0).min(1 << 10) << 20
-}
-
 /// Compiles `source` after the paged-cache helper ([`PREFIX`]) for `sm_90`.
 fn compile(source: &str, name: &'static str, options: Vec<String>) -> Result<cudarc::nvrtc::Ptx> {
     compile_for("sm_90", source, name, options, true)
@@ -830,26 +822,6 @@ impl Gpu {
         )
     }
 
-    /// Asks the L2 for the first `bytes` at `addr` (rounded down to 16 bytes; `addr` 16-byte
-    /// aligned) on `stream`, in bulk prefetches of 64 KiB: the kernel ends once they are
-    /// asked for, and writes nothing ([`step_prefetch`]).
-    pub fn prefetch_l2(&self, stream: &CudaStream, addr: u64, bytes: usize) -> Result<()> {
-        const CHUNK: u32 = 64 << 10;
-        let bytes = (bytes / 16 * 16) as u64;
-        if bytes == 0 {
-            return Ok(());
-        }
-        let f = self.op("prefetch_l2")?;
-        let threads = bytes.div_ceil(CHUNK as u64) as u32;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&addr);
-        b.arg(&bytes);
-        b.arg(&CHUNK);
-        let cfg = LaunchConfig { grid_dim: (threads.div_ceil(128), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the kernel's three arguments, in order; it reads nothing and writes nothing.
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(driver)
-    }
-
     /// `out = bf16(silu(gate) * up)` for `rows` rows of `[gate | up]`.
     pub fn silu_mul(&self, gu: u64, out: u64, rows: usize, inter: usize) -> Result<()> {
         let f = self.op("silu_mul")?;
@@ -1254,26 +1226,6 @@ impl Gpu {
         parts: (u64, u64, u64),
         out: Option<(u64, u64)>,
     ) -> Result<()> {
-        self.decode_attention_then(a, q, kc, vc, heads, row_slot, row_pos, (paged, paged_streaming), parts, out, || Ok(()))
-    }
-
-    /// [`Gpu::decode_attention`], with `between` run after the partials' launches and before
-    /// the merge's (a decode step asks for the next product's weights there).
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode_attention_then(
-        &self,
-        a: &DecodeLaunch,
-        q: u64,
-        kc: u64,
-        vc: u64,
-        heads: u64,
-        row_slot: u64,
-        row_pos: u64,
-        (paged, paged_streaming): (PagedArgs, PagedArgs),
-        parts: (u64, u64, u64),
-        out: Option<(u64, u64)>,
-        between: impl FnOnce() -> Result<()>,
-    ) -> Result<()> {
         if !a.kernel.fits(a.head_dim, a.group, a.kv) {
             return Err(CudaError::Input(format!(
                 "{:?} does not suit {} query heads per KV head of {} dims ({:?})",
@@ -1314,7 +1266,6 @@ impl Gpu {
             }
         }
         let Some((out, out_bf16)) = out else { return Ok(()) };
-        between()?;
         let threads = if crate::decode_attention::merge_wide() { crate::decode_attention::merge_block(a.head_dim) } else { a.head_dim } as u32;
         launch_dependent!(pdl; smem 0;
             self,
