@@ -1011,6 +1011,7 @@ impl KvPool {
                 // A decode step's few rows take duo's matrix-vector products with the norms
                 // and SiLU folded in; a chunk's rows (and many decode rows) cuBLAS's.
                 let fused = self.fused_rows(decode_rows);
+                let mlp_fused = if crate::runtime::step_gemv() == StepGemv::FusedAttention { 0 } else { fused };
                 for (l, lw) in w.layers.iter().enumerate() {
                     let heads = g.addr(&self.heads[l]);
                     self.attention_input(b, lw, l, paged, rows, (0, rows), fused)?;
@@ -1023,7 +1024,7 @@ impl KvPool {
                     }
                     self.output_projection(b, lw, (0, rows), residual, fused)?;
                     self.sum_over_ranks(a(&b.x), rows * h)?;
-                    self.mlp(b, lw, (0, rows), residual, fused)?;
+                    self.mlp(b, lw, (0, rows), residual, mlp_fused)?;
                     self.sum_over_ranks(a(&b.x), rows * h)?;
                 }
             }

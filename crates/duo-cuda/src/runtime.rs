@@ -201,6 +201,11 @@ pub enum StepGemv {
     /// 8.97-9.01; alone, SiLU + down at 1 row measured 0.92x of the separate kernels and
     /// cuBLAS). Not batch-invariant: cuBLAS's gate/up, as on the default path.
     FusedBesideCublasGateUp,
+    /// qkv (the first norm folded in) and o on [`Gpu::gemv_fused`], the MLP as by default
+    /// (`=3`): the two products small enough that a launch's fixed part weighs most, where
+    /// cuBLAS streams at 73% and 51% of the copy bandwidth (BENCHMARKS.md, session 29).
+    /// Not batch-invariant: cuBLAS's MLP, as on the default path.
+    FusedAttention,
 }
 
 /// The [`StepGemv`] `DUO_STEP_GEMV` asks for. Whichever it is, a pool takes duo's kernel for
@@ -211,6 +216,7 @@ pub fn step_gemv() -> StepGemv {
     match crate::decode_attention::tuning("DUO_STEP_GEMV") {
         Some(1) => StepGemv::Fused,
         Some(2) => StepGemv::FusedBesideCublasGateUp,
+        Some(3) => StepGemv::FusedAttention,
         _ => StepGemv::Cublas,
     }
 }
