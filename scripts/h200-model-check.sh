@@ -6,7 +6,7 @@
 #   bash scripts/h200-model-check.sh
 #
 # with EXTRA_VARS (e.g. DUO_STEP_GEMV=1) in the check's environment. The check reads no model
-# file (sessions 24-28 carried the default model in parts beside it, which it never opened).
+# file (until session 29 the default model was carried beside it, in parts; it is not read).
 set -uo pipefail
 [ $# -eq 0 ] || { echo "usage: [EXTRA_VARS=...] $0" >&2; exit 2; }
 source scripts/h200-common.sh
