@@ -203,8 +203,9 @@ pub enum StepGemv {
     FusedBesideCublasGateUp,
     /// qkv (the first norm folded in) and o on [`Gpu::gemv_fused`], the MLP as by default
     /// (`=3`): the two products small enough that a launch's fixed part weighs most, where
-    /// cuBLAS streams at 73% and 51% of the copy bandwidth (BENCHMARKS.md, session 29).
-    /// Not batch-invariant: cuBLAS's MLP, as on the default path.
+    /// cuBLAS streams at 73% and 51% of the copy bandwidth (BENCHMARKS.md, session 29: a
+    /// one-row step 0.5-1.5% faster on the H100, the same on the H200). Not batch-invariant:
+    /// cuBLAS's MLP, as on the default path.
     FusedAttention,
 }
 
