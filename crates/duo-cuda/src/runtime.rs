@@ -1619,8 +1619,9 @@ fn prefill_wg_raw_slots() -> usize {
 /// whole page runs. The default over bf16 (`DUO_PREFILL_SHARED_ROWS=0` turns it off): an
 /// all-streaming layer's 16K chunk on the H200 took 1.28 ms without it and 0.60 ms with it,
 /// the duo 0.5 layer's at 16K 5.06 and 4.76 ms, full layers the same within the runs' spread
-/// (BENCHMARKS.md, session 18). Over quantised caches only with `DUO_PREFILL_SHARED_ROWS=1`
-/// (not yet measured there; those forms then spill a few registers).
+/// (BENCHMARKS.md, session 18). Over quantised caches only with `DUO_PREFILL_SHARED_ROWS=1`:
+/// there a full layer's 16K chunk measured slower (k8v4: 21.80 -> 23.88 ms, those forms
+/// spilling 36-44 bytes of registers) though an all-streaming one gained (1.44 -> 0.93 ms).
 fn prefill_wg_shared_rows(kv: KvType) -> bool {
     let asked = crate::decode_attention::tuning("DUO_PREFILL_SHARED_ROWS");
     prefill_wg_specialised() > 0 && if kv.is_quantised() { asked == Some(1) } else { asked != Some(0) }
